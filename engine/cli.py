@@ -1,0 +1,111 @@
+"""`rlhf`: every stage as a plain command. Imports stay light until a command needs torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from engine.config import STAGES, RecipeError
+from engine.data.records import DataError
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("stage", choices=("sft", "rm"))
+    parser.add_argument("recipe", help="recipe YAML, e.g. configs/tiny.yaml")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set sft.train.lr=1e-5 (or train.lr=1e-5 for this stage)",
+    )
+    parser.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF pipeline: SFT, reward model, PPO.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the embedded tiny demo")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True)
+    init = demo_sub.add_parser("init", help="write the tiny model, tokenizer and data sets")
+    init.add_argument("folder", nargs="?", default="demo")
+
+    train = sub.add_parser("train", help="run a stage in this process")
+    _add_recipe_args(train)
+    train.add_argument("--resume-run", type=int, default=None, metavar="ID",
+                       help="continue run ID from its newest checkpoint (same run, same metric history)")
+
+    launch = sub.add_parser("launch", help="run a stage through `accelerate launch`")
+    _add_recipe_args(launch)
+    launch.add_argument("--accelerate-config", required=True, help="e.g. configs/accelerate/cpu.yaml")
+    launch.add_argument("--num-processes", type=int, default=None)
+
+    check = sub.add_parser("check", help="validate a recipe and print it resolved")
+    check.add_argument("recipe")
+    check.add_argument("--stage", choices=STAGES, default=None)
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    runs = sub.add_parser("runs", help="list the runs in runs.db")
+    runs.add_argument("--db", default=None)
+    return parser
+
+
+def _cmd_runs(db: str | None) -> int:
+    from engine.store import Store, default_db_path
+
+    with Store(db or default_db_path()) as store:
+        rows = store.runs()
+    print(f"{'id':>4} {'stage':5} {'name':16} {'status':9} {'step':>11} {'started':19}")
+    for run in rows:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"])) if run["started"] else "-"
+        step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
+        print(f"{run['id']:>4} {run['stage']:5} {run['name'][:16]:16} {run['status']:9} {step:>11} {started}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from engine.demo import init_demo
+
+            paths = init_demo(args.folder)
+            print(f"demo written to {args.folder}/: " + ", ".join(sorted(paths)))
+            return 0
+        if args.command == "check":
+            from engine.config import load_recipe
+
+            recipe = load_recipe(args.recipe, args.overrides, args.stage)
+            print(json.dumps(recipe.model_dump(), indent=2, ensure_ascii=False))
+            return 0
+        if args.command == "runs":
+            return _cmd_runs(args.db)
+        if args.command == "train":
+            from engine.run import RUN_ID_ENV
+            from engine.train import configure_logging, run_stage
+
+            overrides = list(args.overrides)
+            if args.resume_run is not None:
+                os.environ[RUN_ID_ENV] = str(args.resume_run)
+                overrides.append(f"{args.stage}.resume_from_checkpoint=true")
+            configure_logging()
+            run_id = run_stage(args.stage, args.recipe, overrides, args.db)
+            print(f"run {run_id} finished")
+            return 0
+        if args.command == "launch":
+            from engine.launch import run_foreground
+
+            run_id, code = run_foreground(
+                args.stage, args.recipe, args.overrides, args.accelerate_config, args.num_processes, args.db
+            )
+            print(f"run {run_id} exited with code {code}")
+            return code
+    except (RecipeError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Typed recipes: YAML in, validated pydantic models out, with dotted `--set` overrides.
+
+A recipe describes one pipeline (a base model and its SFT, reward-model and PPO stages). Every error
+names the file, the dotted field, the line where YAML put it, and what was wrong, and is raised before
+any model or data set is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("sft", "rm", "ppo")
+Stage = Literal["sft", "rm", "ppo"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file, field and line."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Section):
+    path: str = Field(description="Hub id or local folder of a causal LM (Hugging Face format).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype: auto = bfloat16 on a CUDA device that supports it, else float32."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint.")
+
+
+class DataSource(_Section):
+    path: str = Field(description="Local .json/.jsonl/.parquet file or folder, or a hub data set id.")
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "preference", "hh"] = Field(
+        "auto", description="Record format; auto detects it per record from the keys."
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Share in the mixture: 1 = every record once, 0.5 = a seeded half, 2 = twice."
+    )
+    split: str = Field("train", description="Split to read when the source goes through `datasets`.")
+    limit: int | None = Field(None, gt=0, description="Read at most this many records from the source.")
+
+
+class LoraSpec(_Section):
+    r: int = Field(8, gt=0, description="Adapter rank.")
+    alpha: int = Field(16, gt=0, description="Adapter scaling numerator (lora_alpha).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear."
+    )
+
+
+class TrainArgs(_Section):
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training set (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps to run; -1 = derive from epochs.")
+    batch_size: int = Field(8, gt=0, description="Sequences per device per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    max_length: int = Field(512, gt=8, description="Tokens per sequence; longer ones are truncated (SFT) or dropped (RM).")
+    logging_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
+    save_steps: int = Field(500, gt=0, description="Save a checkpoint every N optimizer steps.")
+    save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints.")
+    eval_ratio: float = Field(0.0, ge=0, lt=1, description="Share of records held out for evaluation.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (default: at each save).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Mixed precision: auto = bf16 on a CUDA device that supports it, else fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+
+
+class SFTStage(_Section):
+    model: ModelSpec | None = Field(None, description="Model to fine-tune; default: the recipe's model.")
+    data: list[DataSource] = Field(min_length=1, description="Instruction/chat sources, mixed by weight.")
+    train: TrainArgs = Field(default_factory=TrainArgs, description="Optimisation settings.")
+    packing: bool = Field(False, description="Pack several conversations into each max_length sequence.")
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of the full model.")
+    num_layers_unfrozen: int = Field(-1, ge=-1, description="Train only the top N decoder layers; -1 = all.")
+    resume_from_checkpoint: str | bool | None = Field(
+        None, description="A checkpoint folder, or true for the newest one in this run's folder."
+    )
+
+    @model_validator(mode="after")
+    def _lora_or_freeze(self) -> SFTStage:
+        if self.lora is not None and self.num_layers_unfrozen != -1:
+            raise ValueError("lora and num_layers_unfrozen cannot be combined: LoRA already freezes the base")
+        return self
+
+
+class RMStage(_Section):
+    model: ModelSpec | None = Field(None, description="Trunk to train as reward model; default: the recipe's model.")
+    data: list[DataSource] = Field(min_length=1, description="Preference sources (prompt/chosen/rejected or HH).")
+    train: TrainArgs = Field(
+        default_factory=lambda: TrainArgs(eval_ratio=0.1), description="Optimisation settings."
+    )
+    num_layers_unfrozen: int = Field(-1, ge=-1, description="Train only the top N decoder layers (+ head); -1 = all.")
+    resume_from_checkpoint: str | bool | None = Field(
+        None, description="A checkpoint folder, or true for the newest one in this run's folder."
+    )
+
+
+class PPOStage(_Section):
+    """Hydra PPO settings (trlx vocabulary); the trainer that reads them is its own module."""
+
+    model: ModelSpec | None = Field(None, description="Policy to start from (the SFT output).")
+    reward_model: str | None = Field(None, description="Reward model folder (the RM output).")
+    prompts: list[DataSource] = Field(default_factory=list, description="Prompt sources for rollouts.")
+    num_layers_unfrozen: int = Field(2, ge=1, description="k: top layers trained in the policy branch.")
+    value_layers: int = Field(2, ge=1, description="k_v: top layers copied into the value branch.")
+    steps: int = Field(100, gt=0, description="PPO steps (rollout + optimisation rounds).")
+    rollout_batch_size: int = Field(64, gt=0, description="Prompts per rollout.")
+    minibatch_size: int = Field(8, gt=0, description="Sequences per PPO minibatch.")
+    ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout.")
+    lr: float = Field(1e-6, gt=0, description="Learning rate of policy and value branches.")
+    init_kl_coef: float = Field(0.05, ge=0, description="Initial KL penalty coefficient.")
+    target_kl: float | None = Field(6.0, gt=0, description="Adaptive KL target; null = fixed coefficient.")
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive KL controller horizon.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip.")
+    vf_coef: float = Field(1.0, ge=0, description="Value loss weight.")
+    max_new_tokens: int = Field(128, gt=0, description="Tokens generated per response.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+
+    @model_validator(mode="after")
+    def _layers(self) -> PPOStage:
+        if self.value_layers < self.num_layers_unfrozen:
+            raise ValueError(
+                f"value_layers ({self.value_layers}) must be >= num_layers_unfrozen ({self.num_layers_unfrozen})"
+            )
+        return self
+
+
+class Recipe(_Section):
+    name: str = Field(description="Short name shown in the run table.")
+    model: ModelSpec = Field(description="Base model of the pipeline.")
+    seed: int = Field(42, description="Seed for data mixing, initialisation and sampling.")
+    output_root: str = Field("runs", description="Folder under which each run gets runs/<id>/.")
+    sft: SFTStage | None = None
+    rm: RMStage | None = None
+    ppo: PPOStage | None = None
+
+    def stage(self, stage: Stage) -> SFTStage | RMStage | PPOStage:
+        section = getattr(self, stage)
+        if section is None:
+            raise RecipeError(f"recipe {self.name!r} has no '{stage}' section")
+        return section
+
+    def stage_model(self, stage: Stage) -> ModelSpec:
+        section = self.stage(stage)
+        return section.model or self.model
+
+
+def _node_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map every key path of a YAML document to its 1-based line, so errors can point at it."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = (*path, str(key.value))
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, str(i)))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[int(key)]
+            continue
+        if not isinstance(node.get(key), (dict, list)):
+            node[key] = {}
+        node = node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_override(item: str, stage: Stage | None = None) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", typed value). Values are read as YAML (numbers, booleans, lists)."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set sft.train.lr=1e-5")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise RecipeError(f"--set {item!r}: value is not valid YAML ({err})") from None
+    # A key that is not a recipe field is taken relative to the stage being run: `train.lr` = `sft.train.lr`.
+    if stage is not None and key.split(".")[0] not in Recipe.model_fields:
+        key = f"{stage}.{key}"
+    return key, value
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), stage: Stage | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError naming the file, field and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read recipe ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+        lines = _node_lines(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping (name, model, sft, rm, ppo)")
+
+    origin: dict[str, str] = {}
+    for item in overrides:
+        key, value = parse_override(item, stage)
+        try:
+            _set_dotted(data, key, value)
+        except (ValueError, IndexError, TypeError):
+            raise RecipeError(f"--set {item!r}: {key} does not address a field of {path}") from None
+        origin[key] = f"--set {item}"
+
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_describe(err, path, lines, origin)) from None
+    if stage is not None:
+        recipe.stage(stage)
+    return recipe
+
+
+def _describe(err: ValidationError, path: Path, lines: dict[tuple[str, ...], int], origin: dict[str, str]) -> str:
+    problems = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        field = ".".join(loc) or "(top level)"
+        # Point at the override when the field came from one; else the nearest line YAML knows.
+        source = next((o for key, o in origin.items() if field == key or field.startswith(key + ".")), None)
+        if source is None:
+            probe = loc
+            while probe and probe not in lines:
+                probe = probe[:-1]
+            line = lines.get(probe)
+            source = f"{path}:{line}" if line else str(path)
+        message = e["msg"]
+        if e["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling)"
+        elif e["type"] == "missing":
+            message = "required field is missing"
+        problems.append(f"{source}: {field}: {message}")
+    return "invalid recipe\n  " + "\n  ".join(problems)
+
+
+def recipe_to_json(recipe: Recipe) -> str:
+    return recipe.model_dump_json(indent=None)

@@ -1,0 +1,85 @@
+"""What the SFT and reward-model stages share around trl's trainers: arguments, eval split, resume, callbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engine.config import TrainArgs
+from engine.models import cuda_available, precision_flags
+from engine.run import RunHandle
+from engine.track import GracefulStop, StoreCallback
+
+
+def training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval: bool) -> dict[str, Any]:
+    """Keyword arguments common to SFTConfig and RewardConfig (both are TrainingArguments)."""
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        learning_rate=train.lr,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=train.weight_decay,
+        lr_scheduler_type=train.lr_scheduler,
+        max_length=train.max_length,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        activation_checkpointing=train.gradient_checkpointing,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda_available(),
+        **precision_flags(train),
+    )
+    if has_eval:
+        kwargs.update(eval_strategy="steps", eval_steps=train.eval_steps or train.save_steps)
+    return kwargs
+
+
+def split_eval(dataset: Any, ratio: float, seed: int) -> tuple[Any, Any | None]:
+    """Hold out `ratio` of the records (at least one) for evaluation."""
+    if ratio <= 0:
+        return dataset, None
+    n_eval = max(1, round(len(dataset) * ratio))
+    if n_eval >= len(dataset):
+        raise ValueError(f"eval_ratio={ratio} leaves no training record of {len(dataset)}")
+    parts = dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def resume_target(value: str | bool | None, output_dir: Path) -> str | bool | None:
+    """A checkpoint folder to resume from; `True` picks the newest in this run's folder, if any."""
+    if value is True:
+        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        return str(checkpoints[-1]) if checkpoints else None
+    if isinstance(value, str):
+        if not (Path(value) / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a checkpoint folder (no trainer_state.json)")
+        return value
+    return None
+
+
+def evaluated_at(trainer: Any, step: int) -> bool:
+    return any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history)
+
+
+def callbacks(handle: RunHandle) -> tuple[list[Any], GracefulStop]:
+    stop = GracefulStop()
+    return [StoreCallback(handle.store, handle.run_id), stop], stop
+
+
+def finish(trainer: Any, handle: RunHandle, stop: GracefulStop, final_dir: Path) -> None:
+    """Record how the run ended and where its exported model lies."""
+    if stop.stopped:
+        handle.status = "stopped"
+        return
+    if handle.store is not None:
+        metrics = trainer.state.log_history[-1] if trainer.state.log_history else {}
+        handle.store.add_checkpoint(handle.run_id, trainer.state.global_step, str(final_dir), metrics)

@@ -1,0 +1,155 @@
+"""`accelerate launch` for a stage: argument list (never a shell), run registration, exit status.
+
+The run is registered in runs.db before the processes start, so every rank knows its id. The child
+gets its own session and process group: a stop signals the whole group (accelerate, torchrun and every
+rank) at once. Output goes to `runs/<id>/train.log` and, in the foreground, to the terminal too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import yaml
+
+from engine.config import RecipeError, Stage
+from engine.run import DB_ENV, RUN_ID_ENV, register_run
+from engine.store import Store, default_db_path
+from engine.train import validate
+
+LOG_NAME = "train.log"
+
+
+def read_accelerate_config(path: str | os.PathLike) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: accelerate config not found") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: accelerate config is not valid YAML ({err})") from None
+    if not isinstance(data, dict) or "distributed_type" not in data:
+        raise RecipeError(f"{path}: not an accelerate config (no distributed_type)")
+    return data
+
+
+def accelerate_argv(
+    stage: Stage,
+    recipe_path: str,
+    overrides: list[str],
+    accelerate_config: str,
+    num_processes: int | None = None,
+    db_path: str | None = None,
+) -> list[str]:
+    """`python -m accelerate.commands.launch … -m engine.train STAGE RECIPE --set …` as a list."""
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
+    if num_processes is not None:
+        argv += ["--num_processes", str(num_processes)]
+    argv += ["-m", "engine.train", stage, str(recipe_path)]
+    for item in overrides:
+        argv += ["--set", item]
+    if db_path is not None:
+        argv += ["--db", str(db_path)]
+    return argv
+
+
+def launch_env(accelerate: dict, run_id: int, db_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env[RUN_ID_ENV] = str(run_id)
+    env[DB_ENV] = str(db_path)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if accelerate.get("use_cpu"):
+        # accelerate only starts several CPU ranks (gloo, through torchrun) for MULTI_GPU with this set.
+        env["ACCELERATE_USE_CPU"] = "true"
+    return env
+
+
+def prepare(
+    stage: Stage,
+    recipe_path: str,
+    overrides: list[str],
+    accelerate_config: str,
+    num_processes: int | None = None,
+    db_path: str | os.PathLike | None = None,
+) -> tuple[int, list[str], dict[str, str], Path]:
+    """Validate everything, register the run; returns (run id, argv, env, log path). Nothing started yet."""
+    recipe = validate(stage, recipe_path, overrides)
+    accelerate = read_accelerate_config(accelerate_config)
+    if num_processes is not None and num_processes < 1:
+        raise RecipeError(f"--num-processes must be at least 1, got {num_processes}")
+    db = Path(db_path or default_db_path()).resolve()
+    with Store(db) as store:
+        run_id = register_run(store, stage, recipe, recipe_path, overrides)
+        output_dir = Path(store.run(run_id)["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    argv = accelerate_argv(stage, recipe_path, overrides, accelerate_config, num_processes, str(db))
+    return run_id, argv, launch_env(accelerate, run_id, db), output_dir / LOG_NAME
+
+
+def record_exit(db_path: str | os.PathLike, run_id: int, exit_code: int) -> str:
+    """Final status from the exit code, unless the trainer already recorded how it ended."""
+    with Store(db_path) as store:
+        run = store.run(run_id)
+        status = run["status"]
+        if status in ("pending", "running"):
+            if exit_code == 0:
+                status = "done"
+            elif exit_code in (-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM, 128 + signal.SIGKILL):
+                status = "stopped"
+            else:
+                status = "failed"
+        elif status == "done" and exit_code != 0:
+            status = "failed"  # a rank other than 0 failed after rank 0 finished
+        store.update_run(run_id, status=status, exit_code=exit_code, ended=run["ended"] or time.time())
+    return status
+
+
+def _pump(source: IO[bytes], log: IO[bytes], echo: IO[bytes] | None) -> None:
+    for chunk in iter(lambda: source.read1(65536), b""):
+        log.write(chunk)
+        log.flush()
+        if echo is not None:
+            echo.write(chunk)
+            echo.flush()
+
+
+def run_foreground(
+    stage: Stage,
+    recipe_path: str,
+    overrides: list[str],
+    accelerate_config: str,
+    num_processes: int | None = None,
+    db_path: str | os.PathLike | None = None,
+    echo: bool = True,
+) -> tuple[int, int]:
+    """Launch and wait, teeing output to train.log. Returns (run id, exit code)."""
+    run_id, argv, env, log_path = prepare(stage, recipe_path, overrides, accelerate_config, num_processes, db_path)
+    db = env[DB_ENV]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        with Store(db) as store:
+            store.update_run(run_id, pid=proc.pid, pgid=proc.pid)
+
+        def forward(signum: int, frame: object) -> None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            assert proc.stdout is not None
+            _pump(proc.stdout, log, sys.stdout.buffer if echo else None)
+            exit_code = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    record_exit(db, run_id, exit_code)
+    return run_id, exit_code

@@ -1,0 +1,113 @@
+"""Loading models and tokenizers, choosing precision, and freezing the bottom of a decoder stack."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from engine.config import ModelSpec, TrainArgs
+
+if TYPE_CHECKING:
+    import torch
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cuda_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def torch_dtype(spec: ModelSpec) -> "torch.dtype":
+    import torch
+
+    if spec.dtype == "auto":
+        return torch.bfloat16 if cuda_bf16() else torch.float32
+    return getattr(torch, spec.dtype)
+
+
+def precision_flags(train: TrainArgs) -> dict[str, bool]:
+    """`bf16`/`fp16` keyword arguments of TrainingArguments for the recipe's precision."""
+    precision = train.precision
+    if precision == "auto":
+        precision = "bf16" if cuda_bf16() else "fp32"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token is None:
+        # A distinct pad keeps the reward head's "last real token" well defined; eos is the fallback.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(spec: ModelSpec) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        spec.path, dtype=torch_dtype(spec), trust_remote_code=spec.trust_remote_code
+    )
+
+
+def load_reward_trunk(spec: ModelSpec, pad_token_id: int) -> Any:
+    """A causal-LM trunk with a fresh scalar head (`num_labels=1`), read at the last non-pad token."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        spec.path,
+        num_labels=1,
+        pad_token_id=pad_token_id,
+        dtype=torch_dtype(spec),
+        trust_remote_code=spec.trust_remote_code,
+    )
+
+
+def decoder_layers(model: "torch.nn.Module") -> "torch.nn.ModuleList":
+    """The model's own stack of decoder layers (BLOOM `transformer.h`, Llama `model.layers`, …)."""
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    count = config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"{type(model).__name__}: no list of {count} decoder layers found")
+
+
+def freeze_bottom_layers(model: "torch.nn.Module", num_layers_unfrozen: int) -> None:
+    """Train only the top `num_layers_unfrozen` decoder layers and everything above them.
+
+    The embeddings and the bottom layers are frozen. Anything that is neither (final norm, LM head or
+    reward head) stays trainable, except a head tied to the frozen embeddings, which freezes with them.
+    -1 leaves the model as it is; 0 freezes every decoder layer.
+    """
+    if num_layers_unfrozen < 0:
+        return
+    layers = decoder_layers(model)
+    if num_layers_unfrozen > len(layers):
+        raise ValueError(f"num_layers_unfrozen={num_layers_unfrozen} but the model has {len(layers)} layers")
+    frozen = list(layers)[: len(layers) - num_layers_unfrozen]
+    for module in [model.get_input_embeddings(), *frozen]:
+        for param in module.parameters():
+            param.requires_grad_(False)
+    # Position embeddings and embedding norms (BLOOM's word_embeddings_layernorm) sit below layer 0 too.
+    first = layers[0]
+    for name, module in model.named_modules():
+        if module is first:
+            break
+        if any(tag in name.split(".")[-1] for tag in ("emb", "wpe", "wte")):
+            for param in module.parameters():
+                param.requires_grad_(False)
+
+
+def count_parameters(model: "torch.nn.Module") -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

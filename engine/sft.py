@@ -1,0 +1,91 @@
+"""The SFT stage: trl's SFTTrainer on the recipe's data mixture, loss on assistant tokens only.
+
+Conversations are rendered with the recipe's template and tokenized here (with an assistant mask), so
+the trainer receives `input_ids` + `assistant_masks` and builds labels that are -100 everywhere else.
+The final model is exported as a plain Hugging Face folder (LoRA adapters merged) in `<run>/final`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from engine import hf_trainer
+from engine.config import Recipe, SFTStage
+from engine.data import load_conversations
+from engine.models import freeze_bottom_layers, load_causal_lm, load_tokenizer
+from engine.run import RunHandle
+from engine.template import tokenize_conversation
+
+log = logging.getLogger(__name__)
+
+
+def build_dataset(tokenizer: Any, stage: SFTStage, seed: int) -> Any:
+    import datasets
+
+    conversations, reports = load_conversations(stage.data, seed)
+    for report in reports:
+        log.info("sft data: %s", report.summary())
+    rows = [tokenize_conversation(tokenizer, turns, stage.train.max_length) for turns in conversations]
+    rows = [r for r in rows if any(r["assistant_masks"])]  # a prompt that fills max_length teaches nothing
+    if not rows:
+        raise ValueError(f"every conversation is longer than max_length={stage.train.max_length} before its answer")
+    return datasets.Dataset.from_list(rows)
+
+
+def lora_config(stage: SFTStage) -> Any:
+    if stage.lora is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=stage.lora.r,
+        lora_alpha=stage.lora.alpha,
+        lora_dropout=stage.lora.dropout,
+        target_modules=stage.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
+    """Train, export `<run>/final`, return its path."""
+    from trl import SFTConfig, SFTTrainer
+
+    stage = recipe.stage("sft")
+    assert isinstance(stage, SFTStage)
+    spec = recipe.stage_model("sft")
+    tokenizer = load_tokenizer(spec)
+    dataset = build_dataset(tokenizer, stage, recipe.seed)  # data errors surface before the model loads
+    train_set, eval_set = hf_trainer.split_eval(dataset, stage.train.eval_ratio, recipe.seed)
+
+    model = load_causal_lm(spec)
+    freeze_bottom_layers(model, stage.num_layers_unfrozen)
+    args = SFTConfig(
+        **hf_trainer.training_kwargs(stage.train, handle.output_dir, recipe.seed, eval_set is not None),
+        packing=stage.packing,
+    )
+    callbacks, stop = hf_trainer.callbacks(handle)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        peft_config=lora_config(stage),
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=hf_trainer.resume_target(stage.resume_from_checkpoint, handle.output_dir))
+
+    final = handle.output_dir / "final"
+    if not stop.stopped:
+        if stage.lora is None:
+            trainer.save_model(str(final))  # every rank: sharded or ZeRO-3 weights are gathered for it
+        elif trainer.is_world_process_zero():
+            # Downstream stages load a plain model, so the adapters are merged into the base weights.
+            trainer.model.merge_and_unload().save_pretrained(final)
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(final)
+    trainer.accelerator.wait_for_everyone()
+    hf_trainer.finish(trainer, handle, stop, final)
+    return final

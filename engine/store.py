@@ -1,0 +1,280 @@
+"""runs.db: the one place runs, metrics, checkpoints and samples live. Shared by engine and console.
+
+SQLite in WAL mode, so readers never block the writer. Every write is one `BEGIN IMMEDIATE`
+transaction: SQLite admits one writer at a time and `metrics.seq` is assigned inside it, so rows commit
+in seq order and a reader that polls `seq > last` can neither miss nor repeat a row. `run_seq` numbers a
+run's own rows 1, 2, 3… with no gap, which is what lets a test (or a user) check that nothing was lost.
+
+Only light imports here: the console reads the store without loading torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import sqlite_utils
+
+BUSY_TIMEOUT_S = 60.0
+RUN_STATUSES = ("pending", "running", "done", "failed", "stopped", "diverged")
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db["runs"].create(
+        {
+            "id": int,
+            "name": str,
+            "stage": str,
+            "recipe": str,  # path of the recipe file as given
+            "config": str,  # resolved recipe, JSON
+            "overrides": str,  # JSON list of --set items
+            "status": str,
+            "pid": int,
+            "pgid": int,
+            "host": str,
+            "world_size": int,
+            "exit_code": int,
+            "error": str,
+            "created": float,
+            "started": float,
+            "ended": float,
+            "output_dir": str,
+            "total_steps": int,
+            "step": int,
+        },
+        pk="id",
+        not_null={"stage", "status", "created"},
+        defaults={"status": "pending"},
+    )
+    db.execute(
+        """CREATE TABLE metrics (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            run_seq INTEGER NOT NULL,
+            step INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            value REAL,
+            wall_time REAL NOT NULL,
+            UNIQUE (run_id, run_seq)
+        )"""
+    )
+    db.execute("CREATE INDEX metrics_run_name ON metrics(run_id, name, step)")
+    db["checkpoints"].create(
+        {"id": int, "run_id": int, "step": int, "path": str, "metrics": str, "full_state": int, "created": float},
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["checkpoints"].create_index(["run_id", "step"])
+    db["samples"].create(
+        {"id": int, "run_id": int, "step": int, "prompt": str, "response": str, "score": float, "created": float},
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["samples"].create_index(["run_id", "step"])
+
+
+# Append only: migration i brings a database from version i to i + 1.
+MIGRATIONS = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def connect(path: str | os.PathLike) -> sqlite_utils.Database:
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    db = sqlite_utils.Database(conn)
+    db.enable_wal()
+    db.execute("PRAGMA synchronous = NORMAL")  # safe in WAL: a power cut may lose the last commits, never corrupt
+    db.execute("PRAGMA foreign_keys = ON")
+    return db
+
+
+class Store:
+    """A connection to runs.db. Safe to share between threads (calls are serialised by a lock)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = connect(self.path)
+        self._lock = threading.RLock()
+        self._next_run_seq: dict[int, int] = {}
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema ---------------------------------------------------------------------------------------
+    @contextmanager
+    def _write(self) -> Iterator[sqlite_utils.Database]:
+        """One immediate write transaction: takes the write lock up front, so it waits instead of failing."""
+        with self._lock:
+            self.db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.conn.rollback()
+                raise
+            self.db.conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: schema version {version} is newer than this rlhf-console knows "
+                    f"({SCHEMA_VERSION}); upgrade rlhf-console to open it"
+                )
+            for target, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+                migration(db)
+                db.execute(f"PRAGMA user_version = {target}")
+
+    @property
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    # -- runs -----------------------------------------------------------------------------------------
+    def create_run(
+        self,
+        *,
+        stage: str,
+        name: str,
+        recipe: str,
+        config: str,
+        overrides: Iterable[str] = (),
+        output_root: str = "runs",
+    ) -> int:
+        with self._write() as db:
+            table = db["runs"]
+            table.insert(
+                {
+                    "stage": stage,
+                    "name": name,
+                    "recipe": recipe,
+                    "config": config,
+                    "overrides": json.dumps(list(overrides)),
+                    "status": "pending",
+                    "created": time.time(),
+                    "host": socket.gethostname(),
+                }
+            )
+            run_id = table.last_pk
+            table.update(run_id, {"output_dir": str(Path(output_root) / str(run_id))})
+        return int(run_id)
+
+    def update_run(self, run_id: int, **fields: Any) -> None:
+        if "status" in fields and fields["status"] not in RUN_STATUSES:
+            raise StoreError(f"unknown run status {fields['status']!r}")
+        with self._write() as db:
+            db["runs"].update(run_id, fields)
+
+    def run(self, run_id: int) -> dict[str, Any]:
+        with self._lock:
+            try:
+                return self.db["runs"].get(run_id)
+            except sqlite_utils.db.NotFoundError:
+                raise StoreError(f"{self.path}: no run {run_id}") from None
+
+    def runs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db["runs"].rows_where(order_by="id"))
+
+    # -- metrics --------------------------------------------------------------------------------------
+    def log_metrics(self, run_id: int, step: int, values: Mapping[str, Any], wall_time: float | None = None) -> int:
+        """Append one step's numeric metrics in a single transaction; returns how many rows were written."""
+        now = time.time() if wall_time is None else wall_time
+        items = [(k, float(v)) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if not items:
+            return 0
+        with self._write() as db:
+            next_seq = self._next_run_seq.get(run_id)
+            if next_seq is None:
+                last = db.execute("SELECT MAX(run_seq) FROM metrics WHERE run_id = ?", [run_id]).fetchone()[0]
+                next_seq = (last or 0) + 1
+            rows = [
+                (run_id, next_seq + i, step, name, value if math.isfinite(value) else None, now)
+                for i, (name, value) in enumerate(items)
+            ]
+            db.conn.executemany(
+                "INSERT INTO metrics (run_id, run_seq, step, name, value, wall_time) VALUES (?, ?, ?, ?, ?, ?)", rows
+            )
+            db.conn.execute("UPDATE runs SET step = MAX(COALESCE(step, 0), ?) WHERE id = ?", [step, run_id])
+            self._next_run_seq[run_id] = next_seq + len(rows)
+        return len(rows)
+
+    def metrics_since(self, seq: int = 0, run_id: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Rows with seq > `seq`, oldest first: the console's incremental poll."""
+        sql = "SELECT seq, run_id, run_seq, step, name, value, wall_time FROM metrics WHERE seq > ?"
+        params: list[Any] = [seq]
+        if run_id is not None:
+            sql += " AND run_id = ?"
+            params.append(run_id)
+        sql += " ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self._lock:
+            cursor = self.db.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def last_value(self, run_id: int, name: str) -> float | None:
+        with self._lock:
+            row = self.db.execute(
+                "SELECT value FROM metrics WHERE run_id = ? AND name = ? ORDER BY seq DESC LIMIT 1", [run_id, name]
+            ).fetchone()
+        return None if row is None else row[0]
+
+    # -- checkpoints and samples ------------------------------------------------------------------------
+    def add_checkpoint(
+        self, run_id: int, step: int, path: str, metrics: Mapping[str, Any] | None = None, full_state: bool = False
+    ) -> None:
+        with self._write() as db:
+            db["checkpoints"].insert(
+                {
+                    "run_id": run_id,
+                    "step": step,
+                    "path": path,
+                    "metrics": json.dumps(dict(metrics or {})),
+                    "full_state": int(full_state),
+                    "created": time.time(),
+                }
+            )
+
+    def checkpoints(self, run_id: int) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db["checkpoints"].rows_where("run_id = ?", [run_id], order_by="step, id"))
+
+    def add_samples(self, run_id: int, step: int, samples: Iterable[tuple[str, str, float | None]]) -> None:
+        now = time.time()
+        with self._write() as db:
+            db["samples"].insert_all(
+                {"run_id": run_id, "step": step, "prompt": p, "response": r, "score": s, "created": now}
+                for p, r, s in samples
+            )
+
+    def samples(self, run_id: int, step: int | None = None) -> list[dict[str, Any]]:
+        where, params = ("run_id = ?", [run_id]) if step is None else ("run_id = ? AND step = ?", [run_id, step])
+        with self._lock:
+            return list(self.db["samples"].rows_where(where, params, order_by="step, id"))
+
+
+def default_db_path() -> Path:
+    return Path(os.environ.get("RLHF_DB", "runs.db"))

@@ -1,0 +1,75 @@
+"""The rank-0 metric sink and the graceful stop, as Trainer callbacks.
+
+`StoreCallback` writes every `on_log` of the Trainer (trl's own metric names) to runs.db and records each
+checkpoint. `GracefulStop` turns SIGTERM into "save a checkpoint, then stop" on every rank at the same
+step, so a stop never loses more than the step in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from engine.store import Store
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class StoreCallback(TrainerCallback):
+    def __init__(self, store: Store | None, run_id: int):
+        self.store = store
+        self.run_id = run_id
+        self.last_logs: dict[str, float] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.store is not None and state.is_world_process_zero:
+            self.store.update_run(self.run_id, total_steps=state.max_steps)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.store is None or not state.is_world_process_zero or not logs:
+            return
+        self.store.log_metrics(self.run_id, state.global_step, logs)
+        self.last_logs.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.store is None or not state.is_world_process_zero:
+            return
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.store.add_checkpoint(self.run_id, state.global_step, str(path), self.last_logs, full_state=True)
+
+
+class GracefulStop(TrainerCallback):
+    """SIGTERM -> save a checkpoint and end training at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def _agreed(self) -> bool:
+        # Ranks must agree, or one would enter the checkpoint's collectives alone and hang.
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested
+        import torch
+
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._agreed():
+            self.stopped = True
+            control.should_save = True
+            control.should_training_stop = True

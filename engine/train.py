@@ -1,0 +1,87 @@
+"""Run one stage of a recipe in this process: `python -m engine.train sft RECIPE [--set k=v ...]`.
+
+This is what `rlhf train` calls directly and what every rank runs under `accelerate launch -m`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from engine.config import Recipe, RecipeError, Stage, load_recipe
+from engine.run import tracked_run
+from engine.store import default_db_path
+
+RUNNERS = {"sft": "engine.sft:run_sft", "rm": "engine.reward:run_rm"}
+
+
+def _runner(stage: Stage):
+    if stage not in RUNNERS:
+        raise RecipeError(f"stage {stage!r} has no trainer yet (available: {', '.join(RUNNERS)})")
+    module, name = RUNNERS[stage].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _local_only(path: str) -> bool:
+    """A path that can only mean a local file or folder (a hub id is `name` or `owner/name`)."""
+    data_file = Path(path).suffix.lower() in (".json", ".jsonl", ".ndjson", ".parquet")
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or data_file
+
+
+def validate(stage: Stage, recipe_path: str, overrides: list[str]) -> Recipe:
+    """Everything that can be checked without loading a model; raises RecipeError."""
+    recipe = load_recipe(recipe_path, overrides, stage)
+    _runner(stage)
+    section = recipe.stage(stage)
+    where = f"{stage}.model.path" if section.model is not None else "model.path"
+    paths = [(where, recipe.stage_model(stage).path)]
+    for field in ("data", "prompts"):
+        for i, source in enumerate(getattr(section, field, [])):
+            paths.append((f"{stage}.{field}.{i}.path", source.path))
+    for field, path in paths:
+        if _local_only(path) and not Path(path).expanduser().exists():
+            raise RecipeError(f"{recipe_path}: {field}: {path!r} does not exist")
+    return recipe
+
+
+def run_stage(stage: Stage, recipe_path: str, overrides: list[str], db_path: str | None = None) -> int:
+    """Validate, register (unless a launcher did), train. Returns the run id."""
+    recipe = validate(stage, recipe_path, overrides)
+    runner = _runner(stage)
+    from transformers import set_seed
+
+    with tracked_run(db_path or default_db_path(), stage, recipe, recipe_path, overrides) as handle:
+        set_seed(recipe.seed)
+        runner(recipe, handle)
+    return handle.run_id
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.train")
+    parser.add_argument("stage", choices=sorted(RUNNERS))
+    parser.add_argument("recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--db", default=None)
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        run_stage(args.stage, args.recipe, args.overrides, args.db)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
