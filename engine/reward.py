@@ -52,6 +52,7 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
     tokenizer = load_tokenizer(spec)
     dataset = build_dataset(tokenizer, stage, recipe.seed)  # data errors surface before the model loads
     train_set, eval_set = hf_trainer.split_eval(dataset, stage.train.eval_ratio, recipe.seed)
+    resume = hf_trainer.resume_target(stage.resume_from_checkpoint, handle.output_dir)
 
     model = load_reward_trunk(spec, tokenizer.pad_token_id)
     freeze_bottom_layers(model, stage.num_layers_unfrozen)
@@ -67,7 +68,7 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=hf_trainer.resume_target(stage.resume_from_checkpoint, handle.output_dir))
+    trainer.train(resume_from_checkpoint=resume)
     if eval_set is not None and not stop.stopped and not hf_trainer.evaluated_at(trainer, trainer.state.global_step):
         trainer.evaluate()  # the held-out accuracy and margin of the final weights, logged like the others
 

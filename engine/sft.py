@@ -58,6 +58,7 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
     tokenizer = load_tokenizer(spec)
     dataset = build_dataset(tokenizer, stage, recipe.seed)  # data errors surface before the model loads
     train_set, eval_set = hf_trainer.split_eval(dataset, stage.train.eval_ratio, recipe.seed)
+    resume = hf_trainer.resume_target(stage.resume_from_checkpoint, handle.output_dir)
 
     model = load_causal_lm(spec)
     freeze_bottom_layers(model, stage.num_layers_unfrozen)
@@ -75,7 +76,7 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
         peft_config=lora_config(stage),
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=hf_trainer.resume_target(stage.resume_from_checkpoint, handle.output_dir))
+    trainer.train(resume_from_checkpoint=resume)
 
     final = handle.output_dir / "final"
     if not stop.stopped:

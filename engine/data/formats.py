@@ -177,9 +177,9 @@ def detect_format(record: dict, kind: str) -> str:
         return "sharegpt"
     if "messages" in keys:
         return "messages"
-    if {"instruction", "output"} <= keys:
+    if "instruction" in keys:
         return "alpaca"
-    if {"prompt", "completion"} <= keys:
+    if "completion" in keys:
         return "prompt_completion"
     raise ValueError(
         f"keys {sorted(keys)}: expected instruction+output (Alpaca/BELLE), conversations (ShareGPT), "

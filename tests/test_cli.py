@@ -1,0 +1,101 @@
+import importlib
+import json
+import pkgutil
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import REPO, RLHF, TINY
+
+
+def rlhf(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*RLHF, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_recipe_fails_fast_naming_the_field(workdir):
+    bad = workdir / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("    lr: 3.0e-3", "    lr: -1"))
+    result = rlhf("train", "sft", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}:" in result.stderr and "sft.train.lr: Input should be greater than 0" in result.stderr
+    assert not (workdir / "runs.db").exists()  # nothing was registered or started
+    result = rlhf("launch", "rm", str(TINY), "--accelerate-config", str(REPO / "configs/accelerate/cpu.yaml"),
+                  "--set", "rm.data.0.path=demo/data/missing.jsonl")
+    assert result.returncode == 2 and "rm.data.0.path: 'demo/data/missing.jsonl' does not exist" in result.stderr
+    assert not (workdir / "runs.db").exists()
+
+
+def test_recipe_errors_come_before_torch_is_imported(workdir):
+    code = (
+        "import sys\nfrom engine.train import validate\nfrom engine.config import RecipeError\n"
+        f"try:\n    validate('sft', {str(TINY)!r}, ['sft.train.epochs=0'])\nexcept RecipeError as e:\n    print(e)\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "sft.train.epochs" in out and "torch not loaded" in out
+
+
+def test_check_prints_the_resolved_recipe(workdir):
+    result = rlhf("check", str(TINY), "--stage", "rm", "--set", "train.lr=0.5")
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["rm"]["train"]["lr"] == 0.5
+
+
+def test_missing_data_is_reported_without_a_traceback(workdir):
+    empty = workdir / "empty.jsonl"
+    empty.write_text('{"instruction": "only"}\n')
+    result = rlhf("train", "sft", str(TINY), "--set", f"sft.data=[{{path: {empty}}}]")
+    assert result.returncode == 2
+    assert f"{empty}: no usable sft record; first problem: {empty}:1: missing 'output'" in result.stderr
+    assert "Traceback" not in result.stderr
+    runs = rlhf("runs")
+    assert " failed " in runs.stdout  # the run was registered and says why it ended
+
+
+def test_accelerate_configs_load_with_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    names = {p.name for p in (REPO / "configs" / "accelerate").glob("*.yaml")}
+    assert {"cpu.yaml", "cpu_ddp.yaml", "gpu.yaml", "ddp.yaml", "zero2.yaml", "zero3.yaml", "multinode.yaml"} <= names
+    for name in names:
+        config = load_config_from_file(str(REPO / "configs" / "accelerate" / name))
+        assert config.distributed_type is not None, name
+    zero3 = yaml.safe_load((REPO / "configs/accelerate/zero3.yaml").read_text())
+    assert zero3["deepspeed_config"]["zero_stage"] == 3 and zero3["mixed_precision"] == "bf16"
+
+
+def test_import_hygiene():
+    """engine never imports Textual; console never imports torch or transformers."""
+    engine_modules = [m.name for m in pkgutil.walk_packages([str(REPO / "engine")], "engine.")]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {engine_modules!r}:\n    importlib.import_module(name)\n"
+        "assert not any(m == 'textual' or m.startswith('textual.') for m in sys.modules), 'engine imported textual'\n"
+        "import console\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    console_modules = [m.name for m in pkgutil.walk_packages([str(REPO / "console")], "console.")]
+    code = (
+        "import importlib, sys\nimport console\n"
+        f"for name in {console_modules!r}:\n    importlib.import_module(name)\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'accelerate', 'datasets', 'peft') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_demo_loads_through_the_auto_classes(demo_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_dir / "model")
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "model")
+    assert model.config.model_type == "bloom" and model.config.n_layer == 4 and model.config.hidden_size == 64
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("</s>", "<pad>", "<s>")
+    assert len({tok.eos_token_id, tok.pad_token_id, tok.bos_token_id, tok.unk_token_id}) == 4
+    text = "Translate the word into Chinese. 苹果 </s>"
+    assert tok.decode(tok(text)["input_ids"]) == text  # byte-level: lossless on both languages
+    assert model.get_input_embeddings().num_embeddings == len(tok)
+    for name in ("sft_alpaca.jsonl", "sft_sharegpt.json", "sft_messages.jsonl", "preferences.jsonl",
+                 "preferences_hh.jsonl", "prompts.jsonl"):
+        assert (demo_dir / "data" / name).stat().st_size > 0

@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from engine.config import RecipeError, load_recipe
+from tests.conftest import REPO, TINY
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_shipped_recipes_validate():
+    tiny = load_recipe(TINY)
+    assert tiny.sft is not None and tiny.rm is not None and tiny.ppo is not None
+    seed = load_recipe(REPO / "configs" / "bloomz-7b1-mt.yaml")
+    assert seed.model.path == "bigscience/bloomz-7b1-mt"
+    assert seed.ppo.num_layers_unfrozen == 2 and seed.ppo.value_layers == 2
+
+
+def test_overrides_are_typed_and_stage_relative():
+    recipe = load_recipe(TINY, ["sft.train.lr=1e-5", "train.max_steps=7", "rm.num_layers_unfrozen=1",
+                                "sft.packing=true", "sft.data.0.weight=2"], stage="sft")
+    assert recipe.sft.train.lr == 1e-5
+    assert recipe.sft.train.max_steps == 7  # `train.max_steps` is taken relative to the stage being run
+    assert recipe.rm.num_layers_unfrozen == 1
+    assert recipe.sft.packing is True
+    assert recipe.sft.data[0].weight == 2.0
+
+
+def test_unknown_field_is_named_with_file_and_line(tmp_path):
+    path = write(tmp_path, "name: x\nmodel:\n  path: m\nsft:\n  data:\n    - {path: d.jsonl}\n  train:\n    lrr: 1\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert f"{path}:8: sft.train.lrr: unknown field" in str(err.value)
+
+
+def test_wrong_value_is_named_with_file_and_line(tmp_path):
+    path = write(tmp_path, "name: x\nmodel:\n  path: m\nsft:\n  data:\n    - {path: d.jsonl, weight: -1}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert f"{path}:6: sft.data.0.weight" in message and "greater than 0" in message
+
+
+def test_missing_field_and_bad_override_are_named(tmp_path):
+    path = write(tmp_path, "name: x\n")
+    with pytest.raises(RecipeError, match=r"model: required field is missing"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"--set sft.train.lr=fast: sft.train.lr: Input should be a valid number"):
+        load_recipe(TINY, ["sft.train.lr=fast"])
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        load_recipe(TINY, ["sft.train.lr"])
+
+
+def test_structural_errors(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match=r"recipe.yaml:2: not valid YAML"):
+        load_recipe(write(tmp_path, "name: x\n  model: 1\n"))
+    with pytest.raises(RecipeError, match="has no 'ppo' section"):
+        load_recipe(write(tmp_path, "name: x\nmodel: {path: m}\n"), stage="ppo")
+    with pytest.raises(RecipeError, match=r"value_layers \(1\) must be >= num_layers_unfrozen \(2\)"):
+        load_recipe(TINY, ["ppo.num_layers_unfrozen=2", "ppo.value_layers=1"])
+    with pytest.raises(RecipeError, match="lora and num_layers_unfrozen cannot be combined"):
+        load_recipe(TINY, ["sft.lora={r: 4}", "sft.num_layers_unfrozen=1"])

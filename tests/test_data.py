@@ -1,0 +1,147 @@
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from engine.config import DataSource
+from engine.data import DataError, load_conversations, load_preferences
+from engine.data.records import read_records
+from engine.template import Turn
+
+Q, A = Turn("user", "q"), Turn("assistant", "a")
+
+
+def jsonl(path: Path, records: list, raw_lines: dict[int, str] | None = None) -> str:
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    for index, text in (raw_lines or {}).items():
+        lines.insert(index, text)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def convs(path: str, **kw) -> list:
+    return load_conversations([DataSource(path=path, **kw)])[0]
+
+
+def test_alpaca_with_and_without_input(tmp_path):
+    path = jsonl(tmp_path / "a.jsonl", [
+        {"instruction": "Translate", "input": "apple", "output": "苹果"},
+        {"instruction": "Say hi", "input": "", "output": "hi"},
+    ])
+    got = sorted(convs(path), key=lambda c: c[0].content)
+    assert got == [(Turn("user", "Say hi"), Turn("assistant", "hi")),
+                   (Turn("user", "Translate\napple"), Turn("assistant", "苹果"))]
+
+
+@pytest.mark.parametrize("assistant", ["gpt", "assistant"])
+def test_sharegpt_multi_turn(tmp_path, assistant):
+    record = {"conversations": [
+        {"from": "system", "value": "be nice"},
+        {"from": "human", "value": "q1"}, {"from": assistant, "value": "a1"},
+        {"from": "human", "value": "q2"}, {"from": assistant, "value": "a2"},
+        {"from": "human", "value": "unanswered"},
+    ]}
+    (conv,) = convs(jsonl(tmp_path / "s.jsonl", [record]))
+    assert conv == (Turn("user", "q1"), Turn("assistant", "a1"), Turn("user", "q2"), Turn("assistant", "a2"))
+
+
+def test_messages_and_prompt_completion(tmp_path):
+    path = jsonl(tmp_path / "m.jsonl", [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"prompt": "q", "completion": "a"},
+        {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]},
+    ])
+    assert convs(path) == [(Q, A)] * 3
+
+
+def test_malformed_lines_are_counted_and_reported_with_line_numbers(tmp_path, caplog):
+    path = jsonl(tmp_path / "bad.jsonl", [
+        {"instruction": "q", "output": "a"},
+        {"instruction": "q"},
+        {"messages": [{"role": "assistant", "content": "a"}]},
+    ], raw_lines={1: "{not json"})
+    with caplog.at_level(logging.WARNING):
+        items, (report,) = load_conversations([DataSource(path=path)])
+    assert len(items) == 1 and report.used == 1 and report.malformed == 3
+    assert report.examples[0].startswith(f"{path}:2: not valid JSON")
+    assert report.examples[1].startswith(f"{path}:3: ")
+    assert report.examples[2] == f"{path}:4: turn 1 is from assistant, expected user (turns must alternate)"
+    assert f"{path}:2" in caplog.text
+
+
+def test_json_array_reports_the_line_of_each_record(tmp_path):
+    path = tmp_path / "arr.json"
+    path.write_text('[\n  {"instruction": "q", "output": "a"},\n\n  {"instruction": "q"}\n]\n', encoding="utf-8")
+    assert [r.where for r in read_records(str(path))] == [f"{path}:2", f"{path}:4"]
+    items, (report,) = load_conversations([DataSource(path=str(path))])
+    assert report.examples == [f"{path}:4: missing 'output'"]
+
+
+def test_belle_style_json_lines_named_json(tmp_path):
+    path = jsonl(tmp_path / "belle.json", [{"instruction": "q", "input": "", "output": "a"}])
+    assert convs(path) == [(Q, A)]
+
+
+def test_parquet_and_datasets_folder(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "q", "completion": "a"}] * 3), tmp_path / "p.parquet")
+    assert convs(str(tmp_path / "p.parquet")) == [(Q, A)] * 3
+    # A folder goes through `datasets.load_dataset`, the same call a hub id takes.
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    jsonl(folder / "train.jsonl", [{"instruction": "q", "output": "a"}] * 2)
+    assert convs(str(folder)) == [(Q, A)] * 2
+
+
+def test_a_source_without_usable_records_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="no usable sft record; first problem: .*:1: missing 'output'"):
+        convs(jsonl(tmp_path / "bad.jsonl", [{"instruction": "q"}]))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match="the source is empty"):
+        convs(str(empty))
+    with pytest.raises(DataError, match="no such file"):
+        convs(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match="unsupported file type"):
+        (tmp_path / "x.csv").write_text("a\n")
+        convs(str(tmp_path / "x.csv"))
+
+
+def test_declared_format_is_enforced(tmp_path):
+    path = jsonl(tmp_path / "m.jsonl", [{"prompt": "q", "completion": "a"}, {"instruction": "q", "output": "a"}])
+    items, (report,) = load_conversations([DataSource(path=path, format="alpaca")])
+    assert len(items) == 1 and report.malformed == 1
+
+
+def test_mixture_weights_and_limit(tmp_path):
+    a = jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": "x"} for i in range(10)])
+    b = jsonl(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "x"} for i in range(10)])
+    items, reports = load_conversations([DataSource(path=a, weight=0.5), DataSource(path=b, weight=2)], seed=1)
+    names = [c[0].content for c in items]
+    assert sum(n.startswith("a") for n in names) == 5 and len(set(n for n in names if n.startswith("a"))) == 5
+    assert sum(n.startswith("b") for n in names) == 20 and len(set(n for n in names if n.startswith("b"))) == 10
+    assert [r.taken for r in reports] == [5, 20]
+    again, _ = load_conversations([DataSource(path=a, weight=0.5), DataSource(path=b, weight=2)], seed=1)
+    assert again == items  # the seed fixes the mixture
+    assert len(convs(a, limit=3)) == 3
+
+
+def test_preference_formats(tmp_path):
+    path = jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "q", "chosen": "good", "rejected": "bad"},
+        {"chosen": "\n\nHuman: q1\n\nAssistant: a1\n\nHuman: q2\n\nAssistant: good",
+         "rejected": "\n\nHuman: q1\n\nAssistant: a1\n\nHuman: q2\n\nAssistant: bad"},
+        {"chosen": "\n\nHuman: q\n\nAssistant: good", "rejected": "\n\nHuman: other\n\nAssistant: bad"},
+        {"prompt": [{"role": "user", "content": "q"}],
+         "chosen": [{"role": "assistant", "content": "good"}], "rejected": [{"role": "assistant", "content": "bad"}]},
+    ])
+    pairs, (report,) = load_preferences([DataSource(path=path)])
+    assert report.malformed == 1 and "do not share the same prompt" in report.examples[0]
+    by_len = sorted(pairs, key=lambda p: len(p.prompt))
+    assert by_len[0].prompt == (Q,) and (by_len[0].chosen, by_len[0].rejected) == ("good", "bad")
+    hh = by_len[-1]
+    assert hh.prompt == (Turn("user", "q1"), Turn("assistant", "a1"), Turn("user", "q2"))
+    assert (hh.chosen, hh.rejected) == ("good", "bad")

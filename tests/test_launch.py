@@ -1,0 +1,120 @@
+"""Runs through the real `accelerate launch`: one CPU process, and two gloo ranks through torchrun."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.launch import accelerate_argv, run_foreground
+from engine.store import Store
+from tests.conftest import REPO, RLHF, TINY
+from tests.helpers import metric, run_row
+
+ACCEL = REPO / "configs" / "accelerate"
+
+
+def follow(db: str, stop: threading.Event, seen: list) -> None:
+    """A console-style reader: poll seq > last until told to stop, then once more."""
+    with Store(db) as reader:
+        last = 0
+        while True:
+            finished = stop.is_set()
+            for row in reader.metrics_since(last):
+                seen.append(row)
+                last = row["seq"]
+            if finished:
+                return
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("config, world", [("cpu.yaml", 1), ("cpu_ddp.yaml", 2)])
+def test_accelerate_launch_writes_every_metric_once(workdir, config, world):
+    db = os.environ["RLHF_DB"]
+    seen: list = []
+    stop = threading.Event()
+    reader = threading.Thread(target=follow, args=(db, stop, seen))
+    reader.start()
+    try:
+        run_id, code = run_foreground("sft", str(TINY), ["train.max_steps=6", "train.logging_steps=1"],
+                                      str(ACCEL / config), echo=False)
+    finally:
+        stop.set()
+        reader.join()
+    assert code == 0
+    run = run_row(run_id)
+    assert run["status"] == "done" and run["exit_code"] == 0 and run["world_size"] == world
+    assert run["pgid"] == run["pid"]
+    log = (Path(run["output_dir"]) / "train.log").read_text()
+    assert "sft data:" in log
+
+    with Store(db) as store:
+        rows = store.metrics_since(0, run_id=run_id)
+    assert [r["run_seq"] for r in rows] == list(range(1, len(rows) + 1))  # no gap, no duplicate
+    assert [r["seq"] for r in seen if r["run_id"] == run_id] == [r["seq"] for r in rows]  # the reader saw each once
+    assert [s for s, _ in metric(run_id, "loss")] == [1, 2, 3, 4, 5, 6]  # rank 0 only: one row per step
+
+
+def test_two_ranks_split_the_data(workdir):
+    """With two ranks each step sees twice the sequences: the epoch advances twice as fast."""
+    one, _ = run_foreground("sft", str(TINY), ["train.max_steps=2", "train.logging_steps=1"],
+                            str(ACCEL / "cpu.yaml"), echo=False)
+    two, _ = run_foreground("sft", str(TINY), ["train.max_steps=2", "train.logging_steps=1"],
+                            str(ACCEL / "cpu_ddp.yaml"), echo=False)
+    epoch_one, epoch_two = metric(one, "epoch")[-1][1], metric(two, "epoch")[-1][1]
+    assert epoch_two == pytest.approx(2 * epoch_one, rel=0.1)
+
+
+def test_argv_has_no_shell_and_carries_overrides():
+    argv = accelerate_argv("rm", "r.yaml", ["train.lr=1e-5", "name=a b"], "c.yaml", 2, "x.db")
+    assert argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert argv[argv.index("--num_processes") + 1] == "2"
+    assert argv[argv.index("-m", 3):][:4] == ["-m", "engine.train", "rm", "r.yaml"]
+    assert "name=a b" in argv and argv[-2:] == ["--db", "x.db"]
+
+
+def test_a_crashing_run_is_recorded_as_failed_with_its_exit_code(workdir):
+    (workdir / "broken").mkdir()
+    (workdir / "broken" / "config.json").write_text("{not json")
+    run_id, code = run_foreground("sft", str(TINY), ["model.path=broken"], str(ACCEL / "cpu.yaml"), echo=False)
+    assert code != 0
+    run = run_row(run_id)
+    assert run["status"] == "failed" and run["exit_code"] == code
+    assert "Traceback" in (Path(run["output_dir"]) / "train.log").read_text()
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(workdir):
+    args = [*RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=2000", "--set", "train.logging_steps=1",
+            "--set", "train.save_steps=1000"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists("runs.db") and _logged_steps(1) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    run = run_row(1)
+    assert run["status"] == "stopped"
+    stopped_at = run["step"]
+    with Store(os.environ["RLHF_DB"]) as store:
+        (checkpoint,) = store.checkpoints(1)
+    assert checkpoint["step"] == stopped_at and Path(checkpoint["path"]).is_dir()
+
+    resumed = subprocess.run([*RLHF, "train", "sft", str(TINY), "--resume-run", "1", "--set",
+                              f"train.max_steps={stopped_at + 2}", "--set", "train.logging_steps=1"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [s for s, _ in metric(1, "loss")]
+    assert steps == list(range(1, stopped_at + 3))  # continues without a gap or a repeated step
+    assert run_row(1)["status"] == "done"
+
+
+def _logged_steps(run_id: int) -> int:
+    try:
+        return len(metric(run_id, "loss"))
+    except Exception:
+        return 0

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from engine.config import DataSource
+from engine.data import load_preferences
+from engine.template import tokenize_pair
+from engine.train import run_stage
+from tests.conftest import TINY
+from tests.helpers import metric, run_row
+
+
+def test_reward_model_learns_a_separable_preference_and_exports(workdir):
+    run_id = run_stage("rm", str(TINY), ["train.max_steps=20", "train.logging_steps=1", "train.eval_steps=10"])
+    run = run_row(run_id)
+    assert run["status"] == "done"
+    accuracy = metric(run_id, "eval_accuracy")
+    assert [s for s, _ in accuracy] == [10, 20]
+    assert accuracy[-1][1] >= 0.8 and metric(run_id, "eval_margin")[-1][1] > 0
+    losses = [v for _, v in metric(run_id, "loss")]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    for name in ("accuracy", "margin", "mean_reward", "learning_rate", "grad_norm"):
+        assert len(metric(run_id, name)) == 20, name
+
+    # The export is a plain sequence-classification folder; score pairs with it independently.
+    final = Path(run["output_dir"]) / "final"
+    model = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
+    pairs, _ = load_preferences([DataSource(path="demo/data/preferences.jsonl")])
+    wins = 0
+    with torch.no_grad():
+        for pair in pairs[:40]:
+            ids = [tokenize_pair(tok, pair.prompt, answer) for answer in (pair.chosen, pair.rejected)]
+            width = max(map(len, ids))
+            batch = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
+            scores = model(input_ids=batch, attention_mask=(batch != tok.pad_token_id).long()).logits.squeeze(-1)
+            wins += int(scores[0] > scores[1])
+    assert wins >= 32  # well above the 20 of chance
+
+
+def test_reward_head_reads_the_last_real_token(workdir):
+    """Padding after the last token must not change the score."""
+    model = AutoModelForSequenceClassification.from_pretrained("demo/model", num_labels=1, pad_token_id=3).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    padded = torch.tensor([[5, 6, 7, 8, 3, 3]])
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        b = model(input_ids=padded, attention_mask=(padded != 3).long()).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_num_layers_unfrozen_freezes_the_trunk_bottom(workdir):
+    run_id = run_stage("rm", str(TINY), ["train.max_steps=3", "num_layers_unfrozen=1", "train.eval_ratio=0"])
+    trained = load_file(Path(run_row(run_id)["output_dir"]) / "final" / "model.safetensors")
+    base = load_file(workdir / "demo" / "model" / "model.safetensors")
+    changed = {name for name, value in base.items() if not torch.equal(trained[name], value)}
+    top = {name for name in base if name.startswith(("transformer.h.3.", "transformer.ln_f."))}
+    assert changed <= top  # embeddings and layers 0-2 untouched
+    # Every top weight trains; ln_f.bias may not: it adds the same constant to r_chosen and r_rejected,
+    # so the pairwise loss has no gradient for it.
+    assert {n for n in top if n.endswith(".weight")} <= changed
+    assert "score.weight" in trained

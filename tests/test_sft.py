@@ -1,0 +1,106 @@
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.config import load_recipe
+from engine.models import load_tokenizer
+from engine.sft import build_dataset
+from engine.template import Turn, render_prompt
+from engine.train import run_stage
+from tests.conftest import TINY
+from tests.helpers import metric, run_row
+
+
+def test_only_assistant_tokens_carry_labels(workdir):
+    """The dataset the trainer actually trains on: labels are the ids on answers and -100 elsewhere."""
+    from trl import SFTConfig, SFTTrainer
+
+    recipe = load_recipe(TINY)
+    tokenizer = load_tokenizer(recipe.model)
+    dataset = build_dataset(tokenizer, recipe.sft, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.path)
+    args = SFTConfig(output_dir=str(workdir / "o"), report_to="none", max_length=192, bf16=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    checked = 0
+    by_ids = {tuple(r["input_ids"]): r["assistant_masks"] for r in dataset}
+    for row in trainer.train_dataset:
+        mask = by_ids[tuple(row["input_ids"])]
+        expected = [t if m else -100 for t, m in zip(row["input_ids"], mask)]
+        assert row["labels"] == expected
+        text = tokenizer.decode([t for t in row["labels"] if t != -100])
+        assert text.startswith(" ") and text.endswith("</s>")  # answers only, each closed by </s>
+        assert "USER:" not in text and "ASSISTANT:" not in text and "A chat between" not in text
+        checked += 1
+    assert checked == len(dataset) > 100
+
+
+def test_sft_loss_falls_and_the_export_reloads_and_generates(workdir):
+    run_id = run_stage("sft", str(TINY), ["train.max_steps=24", "train.logging_steps=1", "train.save_steps=12"])
+    run = run_row(run_id)
+    assert run["status"] == "done" and run["step"] == 24 and run["total_steps"] == 24
+    losses = [v for _, v in metric(run_id, "loss")]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4
+    assert [s for s, _ in metric(run_id, "mean_token_accuracy")] == list(range(1, 25))
+
+    final = Path(run["output_dir"]) / "final"
+    assert (final / "model.safetensors").is_file() and (workdir / "runs" / str(run_id) / "checkpoint-12").is_dir()
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    prompt = tok(render_prompt([Turn("user", "What is 2 plus 3?")]), return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+    trained = load_file(final / "model.safetensors")
+    base = load_file(workdir / "demo" / "model" / "model.safetensors")
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+def test_frozen_bottom_layers_do_not_change(workdir):
+    run_id = run_stage("sft", str(TINY), ["train.max_steps=3", "num_layers_unfrozen=1"])
+    trained = load_file(Path(run_row(run_id)["output_dir"]) / "final" / "model.safetensors")
+    base = load_file(workdir / "demo" / "model" / "model.safetensors")
+    for name, value in base.items():
+        top = name.startswith("transformer.h.3.") or name.startswith("transformer.ln_f")
+        assert torch.equal(trained[name], value) != top, name
+
+
+def test_lora_exports_a_plain_merged_model(workdir):
+    run_id = run_stage("sft", str(TINY), ["train.max_steps=3", "lora={r: 4, alpha: 8}", "train.lr=0.05"])
+    final = Path(run_row(run_id)["output_dir"]) / "final"
+    assert not (final / "adapter_config.json").exists()
+    trained = load_file(final / "model.safetensors")
+    base = load_file(workdir / "demo" / "model" / "model.safetensors")
+    assert set(trained) == set(base)  # no lora_A/lora_B left: adapters are merged
+    changed = [k for k in base if not torch.equal(trained[k], base[k])]
+    assert changed and all(".h." in k for k in changed)
+    AutoModelForCausalLM.from_pretrained(final)
+
+
+def test_packing_runs(workdir):
+    run_id = run_stage("sft", str(TINY), ["train.max_steps=3", "packing=true", "train.max_length=256"])
+    assert run_row(run_id)["status"] == "done"
+    assert len(metric(run_id, "loss")) >= 1
+
+
+def test_resume_continues_the_same_run(workdir):
+    import os
+
+    run_id = run_stage("sft", str(TINY), ["train.max_steps=4", "train.logging_steps=1", "train.save_steps=2"])
+    os.environ["RLHF_RUN_ID"] = str(run_id)
+    try:
+        again = run_stage("sft", str(TINY), ["train.max_steps=6", "train.logging_steps=1", "train.save_steps=2",
+                                             "resume_from_checkpoint=true"])
+    finally:
+        del os.environ["RLHF_RUN_ID"]
+    assert again == run_id
+    assert [s for s, _ in metric(run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert run_row(run_id)["status"] == "done"
+
+
+def test_a_bad_resume_path_fails_the_run(workdir):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        run_stage("sft", str(TINY), ["resume_from_checkpoint=nowhere"])
+    assert run_row(1)["status"] == "failed" and "not a checkpoint folder" in run_row(1)["error"]

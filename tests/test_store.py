@@ -1,0 +1,112 @@
+import multiprocessing as mp
+import sqlite3
+import threading
+
+import pytest
+
+from engine.store import SCHEMA_VERSION, Store, StoreError
+
+
+def new_run(store: Store, stage: str = "sft") -> int:
+    return store.create_run(stage=stage, name="t", recipe="r.yaml", config="{}", output_root="runs")
+
+
+def test_schema_is_created_once_and_wal_is_on(tmp_path):
+    path = tmp_path / "runs.db"
+    with Store(path) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert {"runs", "metrics", "checkpoints", "samples"} <= set(store.db.table_names())
+        run_id = new_run(store)
+    with Store(path) as store:  # reopening migrates nothing and keeps the data
+        assert store.schema_version == SCHEMA_VERSION
+        assert store.run(run_id)["output_dir"] == f"runs/{run_id}"
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "runs.db"
+    Store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this rlhf-console knows"):
+        Store(path)
+
+
+def test_metrics_run_seq_continues_and_non_numbers_are_skipped(tmp_path):
+    with Store(tmp_path / "runs.db") as store:
+        a, b = new_run(store), new_run(store, "rm")
+        assert store.log_metrics(a, 1, {"loss": 1.0, "note": "text", "flag": True, "bad": float("nan")}) == 2
+        store.log_metrics(b, 1, {"loss": 2.0})
+        store.log_metrics(a, 2, {"loss": 0.5})
+    with Store(tmp_path / "runs.db") as store:  # a new writer (a resumed run) continues the numbering
+        store.log_metrics(a, 3, {"loss": 0.25})
+        rows = store.metrics_since(0, run_id=a)
+        assert [(r["run_seq"], r["step"], r["name"]) for r in rows] == [
+            (1, 1, "loss"), (2, 1, "bad"), (3, 2, "loss"), (4, 3, "loss")]
+        assert rows[1]["value"] is None  # NaN is kept as a row (the console shows the gap), stored as NULL
+        assert store.run(a)["step"] == 3
+        assert store.last_value(a, "loss") == 0.25
+        assert [r["seq"] for r in store.metrics_since(rows[0]["seq"], limit=2)] == [rows[0]["seq"] + 1, rows[0]["seq"] + 2]
+
+
+def test_unknown_status_is_refused(tmp_path):
+    with Store(tmp_path / "runs.db") as store:
+        run_id = new_run(store)
+        with pytest.raises(StoreError):
+            store.update_run(run_id, status="finished")
+
+
+def test_checkpoints_and_samples(tmp_path):
+    with Store(tmp_path / "runs.db") as store:
+        run_id = new_run(store, "ppo")
+        store.add_checkpoint(run_id, 10, "runs/1/checkpoint-10", {"loss": 1.0}, full_state=True)
+        store.add_samples(run_id, 1, [("p1", "r1", 0.5), ("p2", "r2", None)])
+        store.add_samples(run_id, 2, [("p3", "r3", 1.5)])
+        assert [c["step"] for c in store.checkpoints(run_id)] == [10]
+        assert [s["prompt"] for s in store.samples(run_id)] == ["p1", "p2", "p3"]
+        assert [s["response"] for s in store.samples(run_id, step=1)] == ["r1", "r2"]
+
+
+def _writer(path: str, run_id: int, steps: int) -> None:
+    with Store(path) as store:
+        for step in range(1, steps + 1):
+            store.log_metrics(run_id, step, {"loss": 1.0 / step, "lr": 0.1, "acc": step / steps})
+
+
+def test_polling_reader_sees_every_row_once_under_concurrent_writers(tmp_path):
+    path = str(tmp_path / "runs.db")
+    with Store(path) as store:
+        runs = [new_run(store) for _ in range(3)]
+    seen: list[dict] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with Store(path) as reader:
+            last = 0
+            while True:
+                finished = done.is_set()  # read before polling: one more poll after the writers end
+                for row in reader.metrics_since(last):
+                    seen.append(row)
+                    last = row["seq"]
+                if finished:
+                    return
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    ctx = mp.get_context("spawn")
+    writers = [ctx.Process(target=_writer, args=(path, run_id, 300)) for run_id in runs]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    done.set()
+    reader.join()
+
+    seqs = [r["seq"] for r in seen]
+    assert len(seqs) == len(set(seqs)) == 3 * 300 * 3
+    assert seqs == sorted(seqs)
+    for run_id in runs:
+        assert sorted(r["run_seq"] for r in seen if r["run_id"] == run_id) == list(range(1, 901))
