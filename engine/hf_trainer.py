@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +55,24 @@ def split_eval(dataset: Any, ratio: float, seed: int) -> tuple[Any, Any | None]:
     return parts["train"], parts["test"]
 
 
-def resume_target(value: str | bool | None, output_dir: Path) -> str | bool | None:
-    """A checkpoint folder to resume from; `True` picks the newest in this run's folder, if any."""
+def resume_target(value: str | bool | None, handle: RunHandle) -> str | None:
+    """A checkpoint folder to resume from; `True` picks the newest in this run's folder, if any.
+
+    Metrics this run logged after that checkpoint are dropped: that stretch of training is redone, and
+    keeping both would show each of its steps twice.
+    """
+    target: str | None = None
     if value is True:
-        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        return str(checkpoints[-1]) if checkpoints else None
-    if isinstance(value, str):
+        checkpoints = sorted(handle.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        target = str(checkpoints[-1]) if checkpoints else None
+    elif isinstance(value, str):
         if not (Path(value) / "trainer_state.json").is_file():
             raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a checkpoint folder (no trainer_state.json)")
-        return value
-    return None
+        target = value
+    if target is not None and handle.store is not None:
+        step = json.loads((Path(target) / "trainer_state.json").read_text())["global_step"]
+        handle.store.drop_metrics_after(handle.run_id, step)
+    return target
 
 
 def evaluated_at(trainer: Any, step: int) -> bool:

@@ -52,7 +52,7 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
     tokenizer = load_tokenizer(spec)
     dataset = build_dataset(tokenizer, stage, recipe.seed)  # data errors surface before the model loads
     train_set, eval_set = hf_trainer.split_eval(dataset, stage.train.eval_ratio, recipe.seed)
-    resume = hf_trainer.resume_target(stage.resume_from_checkpoint, handle.output_dir)
+    resume = hf_trainer.resume_target(stage.resume_from_checkpoint, handle)
 
     model = load_reward_trunk(spec, tokenizer.pad_token_id)
     freeze_bottom_layers(model, stage.num_layers_unfrozen)

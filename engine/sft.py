@@ -48,6 +48,14 @@ def lora_config(stage: SFTStage) -> Any:
     )
 
 
+def packing_strategy(model: Any) -> str:
+    """BFD keeps whole conversations apart only with a flash-attention kernel (it packs padding-free and
+    separates them by position ids); with any other kernel it would let them attend to each other and run
+    one huge sequence, so those models get classic wrapped packing."""
+    kernel = getattr(model.config, "_attn_implementation", None) or ""
+    return "bfd" if "flash" in kernel else "wrapped"
+
+
 def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
     """Train, export `<run>/final`, return its path."""
     from trl import SFTConfig, SFTTrainer
@@ -58,13 +66,14 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
     tokenizer = load_tokenizer(spec)
     dataset = build_dataset(tokenizer, stage, recipe.seed)  # data errors surface before the model loads
     train_set, eval_set = hf_trainer.split_eval(dataset, stage.train.eval_ratio, recipe.seed)
-    resume = hf_trainer.resume_target(stage.resume_from_checkpoint, handle.output_dir)
+    resume = hf_trainer.resume_target(stage.resume_from_checkpoint, handle)
 
     model = load_causal_lm(spec)
     freeze_bottom_layers(model, stage.num_layers_unfrozen)
     args = SFTConfig(
         **hf_trainer.training_kwargs(stage.train, handle.output_dir, recipe.seed, eval_set is not None),
         packing=stage.packing,
+        packing_strategy=packing_strategy(model),
     )
     callbacks, stop = hf_trainer.callbacks(handle)
     trainer = SFTTrainer(

@@ -219,6 +219,15 @@ class Store:
             self._next_run_seq[run_id] = next_seq + len(rows)
         return len(rows)
 
+    def drop_metrics_after(self, run_id: int, step: int) -> int:
+        """Forget a run's rows logged after `step`: on resume from that step's checkpoint they describe
+        training that is about to be redone. The tail goes, so run_seq stays gapless."""
+        with self._write() as db:
+            deleted = db.conn.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, step]).rowcount
+            db.conn.execute("UPDATE runs SET step = ? WHERE id = ?", [step, run_id])
+            self._next_run_seq.pop(run_id, None)
+        return deleted
+
     def metrics_since(self, seq: int = 0, run_id: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Rows with seq > `seq`, oldest first: the console's incremental poll."""
         sql = "SELECT seq, run_id, run_seq, step, name, value, wall_time FROM metrics WHERE seq > ?"

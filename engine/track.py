@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ class GracefulStop(TrainerCallback):
     def __init__(self) -> None:
         self.requested = False
         self.stopped = False
-        signal.signal(signal.SIGTERM, self._on_signal)
+        if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
+            signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.requested = True

@@ -51,6 +51,19 @@ def test_metrics_run_seq_continues_and_non_numbers_are_skipped(tmp_path):
         assert [r["seq"] for r in store.metrics_since(rows[0]["seq"], limit=2)] == [rows[0]["seq"] + 1, rows[0]["seq"] + 2]
 
 
+def test_dropping_a_tail_keeps_run_seq_gapless(tmp_path):
+    with Store(tmp_path / "runs.db") as store:
+        run_id = new_run(store)
+        for step in range(1, 6):
+            store.log_metrics(run_id, step, {"loss": 1.0, "lr": 0.1})
+        assert store.drop_metrics_after(run_id, 3) == 4
+        assert store.run(run_id)["step"] == 3
+    with Store(tmp_path / "runs.db") as store:
+        store.log_metrics(run_id, 4, {"loss": 0.5})
+        rows = store.metrics_since(0, run_id=run_id)
+        assert [(r["run_seq"], r["step"]) for r in rows][-3:] == [(5, 3), (6, 3), (7, 4)]
+
+
 def test_unknown_status_is_refused(tmp_path):
     with Store(tmp_path / "runs.db") as store:
         run_id = new_run(store)
