@@ -44,17 +44,6 @@ def training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval: boo
     return kwargs
 
 
-def split_eval(dataset: Any, ratio: float, seed: int) -> tuple[Any, Any | None]:
-    """Hold out `ratio` of the records (at least one) for evaluation."""
-    if ratio <= 0:
-        return dataset, None
-    n_eval = max(1, round(len(dataset) * ratio))
-    if n_eval >= len(dataset):
-        raise ValueError(f"eval_ratio={ratio} leaves no training record of {len(dataset)}")
-    parts = dataset.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
-    return parts["train"], parts["test"]
-
-
 def resume_target(value: str | bool | None, handle: RunHandle) -> str | None:
     """A checkpoint folder to resume from; `True` picks the newest in this run's folder, if any.
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from engine import hf_trainer
 from engine.config import Recipe, RMStage
-from engine.data import load_preferences
+from engine.data import DataError, load_preferences
 from engine.models import freeze_bottom_layers, load_reward_trunk, load_tokenizer
 from engine.run import RunHandle
 from engine.template import tokenize_pair
@@ -22,24 +22,30 @@ from engine.template import tokenize_pair
 log = logging.getLogger(__name__)
 
 
-def build_dataset(tokenizer: Any, stage: RMStage, seed: int) -> Any:
+def _tokenized(tokenizer: Any, pairs: list, max_length: int) -> Any:
     import datasets
 
-    pairs, reports = load_preferences(stage.data, seed)
-    for report in reports:
-        log.info("rm data: %s", report.summary())
-    limit = stage.train.max_length
     rows = []
     for pair in pairs:
         chosen = tokenize_pair(tokenizer, pair.prompt, pair.chosen)
         rejected = tokenize_pair(tokenizer, pair.prompt, pair.rejected)
-        if len(chosen) <= limit and len(rejected) <= limit:
+        if len(chosen) <= max_length and len(rejected) <= max_length:
             rows.append({"chosen_ids": chosen, "rejected_ids": rejected})
     if not rows:
-        raise ValueError(f"every preference pair is longer than max_length={limit}")
+        raise DataError(f"rm.train.max_length={max_length}: every preference pair is longer")
     if len(rows) < len(pairs):
-        log.warning("rm data: %d pairs longer than max_length=%d dropped", len(pairs) - len(rows), limit)
+        log.warning("rm data: %d pairs longer than max_length=%d dropped", len(pairs) - len(rows), max_length)
     return datasets.Dataset.from_list(rows)
+
+
+def build_datasets(tokenizer: Any, stage: RMStage, seed: int) -> tuple[Any, Any | None]:
+    """Tokenized (train, eval) sets of `chosen_ids` / `rejected_ids`; eval is None without eval_ratio."""
+    mixture = load_preferences(stage.data, seed, stage.train.eval_ratio)
+    for report in mixture.reports:
+        log.info("rm data: %s", report.summary())
+    train = _tokenized(tokenizer, mixture.train, stage.train.max_length)
+    held_out = _tokenized(tokenizer, mixture.eval, stage.train.max_length) if mixture.eval else None
+    return train, held_out
 
 
 def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
@@ -50,15 +56,15 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
     assert isinstance(stage, RMStage)
     spec = recipe.stage_model("rm")
     tokenizer = load_tokenizer(spec)
-    dataset = build_dataset(tokenizer, stage, recipe.seed)  # data errors surface before the model loads
-    train_set, eval_set = hf_trainer.split_eval(dataset, stage.train.eval_ratio, recipe.seed)
+    train_set, eval_set = build_datasets(tokenizer, stage, recipe.seed)  # data errors before the model loads
     resume = hf_trainer.resume_target(stage.resume_from_checkpoint, handle)
 
-    model = load_reward_trunk(spec, tokenizer.pad_token_id)
-    freeze_bottom_layers(model, stage.num_layers_unfrozen)
+    # Config before model: see run_sft (distributed set-up and ZeRO-3 sharded loading).
     args = RewardConfig(
         **hf_trainer.training_kwargs(stage.train, handle.output_dir, recipe.seed, eval_set is not None),
     )
+    model = load_reward_trunk(spec, tokenizer.pad_token_id)
+    freeze_bottom_layers(model, stage.num_layers_unfrozen)
     callbacks, stop = hf_trainer.callbacks(handle)
     trainer = RewardTrainer(
         model=model,

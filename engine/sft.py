@@ -13,7 +13,7 @@ from typing import Any
 
 from engine import hf_trainer
 from engine.config import Recipe, SFTStage
-from engine.data import load_conversations
+from engine.data import DataError, load_conversations
 from engine.models import freeze_bottom_layers, load_causal_lm, load_tokenizer
 from engine.run import RunHandle
 from engine.template import tokenize_conversation
@@ -21,17 +21,24 @@ from engine.template import tokenize_conversation
 log = logging.getLogger(__name__)
 
 
-def build_dataset(tokenizer: Any, stage: SFTStage, seed: int) -> Any:
+def _tokenized(tokenizer: Any, conversations: list, max_length: int) -> Any:
     import datasets
 
-    conversations, reports = load_conversations(stage.data, seed)
-    for report in reports:
-        log.info("sft data: %s", report.summary())
-    rows = [tokenize_conversation(tokenizer, turns, stage.train.max_length) for turns in conversations]
+    rows = [tokenize_conversation(tokenizer, turns, max_length) for turns in conversations]
     rows = [r for r in rows if any(r["assistant_masks"])]  # a prompt that fills max_length teaches nothing
     if not rows:
-        raise ValueError(f"every conversation is longer than max_length={stage.train.max_length} before its answer")
+        raise DataError(f"sft.train.max_length={max_length}: every conversation is longer before its answer")
     return datasets.Dataset.from_list(rows)
+
+
+def build_datasets(tokenizer: Any, stage: SFTStage, seed: int) -> tuple[Any, Any | None]:
+    """Tokenized (train, eval) sets: `input_ids` + `assistant_masks`; eval is None without eval_ratio."""
+    mixture = load_conversations(stage.data, seed, stage.train.eval_ratio)
+    for report in mixture.reports:
+        log.info("sft data: %s", report.summary())
+    train = _tokenized(tokenizer, mixture.train, stage.train.max_length)
+    held_out = _tokenized(tokenizer, mixture.eval, stage.train.max_length) if mixture.eval else None
+    return train, held_out
 
 
 def lora_config(stage: SFTStage) -> Any:
@@ -64,17 +71,18 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
     assert isinstance(stage, SFTStage)
     spec = recipe.stage_model("sft")
     tokenizer = load_tokenizer(spec)
-    dataset = build_dataset(tokenizer, stage, recipe.seed)  # data errors surface before the model loads
-    train_set, eval_set = hf_trainer.split_eval(dataset, stage.train.eval_ratio, recipe.seed)
+    train_set, eval_set = build_datasets(tokenizer, stage, recipe.seed)  # data errors before the model loads
     resume = hf_trainer.resume_target(stage.resume_from_checkpoint, handle)
 
-    model = load_causal_lm(spec)
-    freeze_bottom_layers(model, stage.num_layers_unfrozen)
+    # The config comes first: building it sets up torch.distributed and DeepSpeed's ZeRO-3 context, and
+    # only a model loaded after that is sharded as it loads instead of whole on every rank.
     args = SFTConfig(
         **hf_trainer.training_kwargs(stage.train, handle.output_dir, recipe.seed, eval_set is not None),
         packing=stage.packing,
-        packing_strategy=packing_strategy(model),
     )
+    model = load_causal_lm(spec)
+    args.packing_strategy = packing_strategy(model)
+    freeze_bottom_layers(model, stage.num_layers_unfrozen)
     callbacks, stop = hf_trainer.callbacks(handle)
     trainer = SFTTrainer(
         model=model,

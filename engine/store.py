@@ -53,10 +53,11 @@ def _v1(db: sqlite_utils.Database) -> None:
             "output_dir": str,
             "total_steps": int,
             "step": int,
+            "history_version": int,  # bumped when a resume drops metrics: readers reload the run
         },
         pk="id",
         not_null={"stage", "status", "created"},
-        defaults={"status": "pending"},
+        defaults={"status": "pending", "history_version": 0},
     )
     db.execute(
         """CREATE TABLE metrics (
@@ -109,7 +110,6 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = connect(self.path)
         self._lock = threading.RLock()
-        self._next_run_seq: dict[int, int] = {}
         self._migrate()
 
     def close(self) -> None:
@@ -204,10 +204,9 @@ class Store:
         if not items:
             return 0
         with self._write() as db:
-            next_seq = self._next_run_seq.get(run_id)
-            if next_seq is None:
-                last = db.execute("SELECT MAX(run_seq) FROM metrics WHERE run_id = ?", [run_id]).fetchone()[0]
-                next_seq = (last or 0) + 1
+            # Read inside the write lock, so any number of writers (or a resume) keep run_seq gapless.
+            last = db.execute("SELECT MAX(run_seq) FROM metrics WHERE run_id = ?", [run_id]).fetchone()[0]
+            next_seq = (last or 0) + 1
             rows = [
                 (run_id, next_seq + i, step, name, value if math.isfinite(value) else None, now)
                 for i, (name, value) in enumerate(items)
@@ -216,16 +215,18 @@ class Store:
                 "INSERT INTO metrics (run_id, run_seq, step, name, value, wall_time) VALUES (?, ?, ?, ?, ?, ?)", rows
             )
             db.conn.execute("UPDATE runs SET step = MAX(COALESCE(step, 0), ?) WHERE id = ?", [step, run_id])
-            self._next_run_seq[run_id] = next_seq + len(rows)
         return len(rows)
 
     def drop_metrics_after(self, run_id: int, step: int) -> int:
         """Forget a run's rows logged after `step`: on resume from that step's checkpoint they describe
-        training that is about to be redone. The tail goes, so run_seq stays gapless."""
+        training that is about to be redone. The tail goes, so run_seq stays gapless; `history_version`
+        goes up so that a reader that already drew those rows knows to reload the run."""
         with self._write() as db:
             deleted = db.conn.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, step]).rowcount
-            db.conn.execute("UPDATE runs SET step = ? WHERE id = ?", [step, run_id])
-            self._next_run_seq.pop(run_id, None)
+            db.conn.execute(
+                "UPDATE runs SET step = ?, history_version = history_version + ? WHERE id = ?",
+                [step, int(deleted > 0), run_id],
+            )
         return deleted
 
     def metrics_since(self, seq: int = 0, run_id: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:
@@ -266,6 +267,14 @@ class Store:
                     "created": time.time(),
                 }
             )
+
+    def prune_checkpoints(self, run_id: int) -> int:
+        """Forget full-state checkpoints whose folder is gone (rotated out by save_total_limit)."""
+        with self._write() as db:
+            rows = db.execute("SELECT id, path FROM checkpoints WHERE run_id = ? AND full_state = 1", [run_id])
+            gone = [(row_id,) for row_id, path in rows.fetchall() if not Path(path).exists()]
+            db.conn.executemany("DELETE FROM checkpoints WHERE id = ?", gone)
+        return len(gone)
 
     def checkpoints(self, run_id: int) -> list[dict[str, Any]]:
         with self._lock:

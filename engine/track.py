@@ -7,7 +7,6 @@ step, so a stop never loses more than the step in flight.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from pathlib import Path
@@ -16,10 +15,6 @@ from typing import Any
 from transformers import TrainerCallback
 
 from engine.store import Store
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 class StoreCallback(TrainerCallback):
@@ -43,6 +38,7 @@ class StoreCallback(TrainerCallback):
             return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         self.store.add_checkpoint(self.run_id, state.global_step, str(path), self.last_logs, full_state=True)
+        self.store.prune_checkpoints(self.run_id)
 
 
 class GracefulStop(TrainerCallback):

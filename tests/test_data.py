@@ -21,7 +21,12 @@ def jsonl(path: Path, records: list, raw_lines: dict[int, str] | None = None) ->
 
 
 def convs(path: str, **kw) -> list:
-    return load_conversations([DataSource(path=path, **kw)])[0]
+    return load_conversations([DataSource(path=path, **kw)]).train
+
+
+def loaded(loader, *sources, **kw):
+    mixture = loader(list(sources), **kw)
+    return mixture.train, mixture.reports
 
 
 def test_alpaca_with_and_without_input(tmp_path):
@@ -62,7 +67,7 @@ def test_malformed_lines_are_counted_and_reported_with_line_numbers(tmp_path, ca
         {"messages": [{"role": "assistant", "content": "a"}]},
     ], raw_lines={1: "{not json"})
     with caplog.at_level(logging.WARNING):
-        items, (report,) = load_conversations([DataSource(path=path)])
+        items, (report,) = loaded(load_conversations, DataSource(path=path))
     assert len(items) == 1 and report.used == 1 and report.malformed == 3
     assert report.examples[0].startswith(f"{path}:2: not valid JSON")
     assert report.examples[1].startswith(f"{path}:3: ")
@@ -74,7 +79,7 @@ def test_json_array_reports_the_line_of_each_record(tmp_path):
     path = tmp_path / "arr.json"
     path.write_text('[\n  {"instruction": "q", "output": "a"},\n\n  {"instruction": "q"}\n]\n', encoding="utf-8")
     assert [r.where for r in read_records(str(path))] == [f"{path}:2", f"{path}:4"]
-    items, (report,) = load_conversations([DataSource(path=str(path))])
+    items, (report,) = loaded(load_conversations, DataSource(path=str(path)))
     assert report.examples == [f"{path}:4: missing 'output'"]
 
 
@@ -112,19 +117,19 @@ def test_a_source_without_usable_records_is_an_error(tmp_path):
 
 def test_declared_format_is_enforced(tmp_path):
     path = jsonl(tmp_path / "m.jsonl", [{"prompt": "q", "completion": "a"}, {"instruction": "q", "output": "a"}])
-    items, (report,) = load_conversations([DataSource(path=path, format="alpaca")])
+    items, (report,) = loaded(load_conversations, DataSource(path=path, format="alpaca"))
     assert len(items) == 1 and report.malformed == 1
 
 
 def test_mixture_weights_and_limit(tmp_path):
     a = jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": "x"} for i in range(10)])
     b = jsonl(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "x"} for i in range(10)])
-    items, reports = load_conversations([DataSource(path=a, weight=0.5), DataSource(path=b, weight=2)], seed=1)
+    items, reports = loaded(load_conversations, DataSource(path=a, weight=0.5), DataSource(path=b, weight=2), seed=1)
     names = [c[0].content for c in items]
     assert sum(n.startswith("a") for n in names) == 5 and len(set(n for n in names if n.startswith("a"))) == 5
     assert sum(n.startswith("b") for n in names) == 20 and len(set(n for n in names if n.startswith("b"))) == 10
     assert [r.taken for r in reports] == [5, 20]
-    again, _ = load_conversations([DataSource(path=a, weight=0.5), DataSource(path=b, weight=2)], seed=1)
+    again, _ = loaded(load_conversations, DataSource(path=a, weight=0.5), DataSource(path=b, weight=2), seed=1)
     assert again == items  # the seed fixes the mixture
     assert len(convs(a, limit=3)) == 3
 
@@ -138,10 +143,24 @@ def test_preference_formats(tmp_path):
         {"prompt": [{"role": "user", "content": "q"}],
          "chosen": [{"role": "assistant", "content": "good"}], "rejected": [{"role": "assistant", "content": "bad"}]},
     ])
-    pairs, (report,) = load_preferences([DataSource(path=path)])
+    pairs, (report,) = loaded(load_preferences, DataSource(path=path))
     assert report.malformed == 1 and "do not share the same prompt" in report.examples[0]
     by_len = sorted(pairs, key=lambda p: len(p.prompt))
     assert by_len[0].prompt == (Q,) and (by_len[0].chosen, by_len[0].rejected) == ("good", "bad")
     hh = by_len[-1]
     assert hh.prompt == (Turn("user", "q1"), Turn("assistant", "a1"), Turn("user", "q2"))
     assert (hh.chosen, hh.rejected) == ("good", "bad")
+
+
+def test_eval_is_held_out_per_source_before_weighting(tmp_path):
+    a = jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": "x"} for i in range(20)])
+    b = jsonl(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "x"} for i in range(10)])
+    mixture = load_conversations([DataSource(path=a, weight=3), DataSource(path=b)], seed=0, eval_ratio=0.1)
+    held = {c[0].content for c in mixture.eval}
+    trained = {c[0].content for c in mixture.train}
+    assert len(mixture.eval) == 3 and sum(h.startswith("a") for h in held) == 2  # 10 % of each source
+    assert not held & trained  # weighting copies training records only
+    assert len(mixture.train) == 18 * 3 + 9
+    assert [(r.taken, r.held_out) for r in mixture.reports] == [(54, 2), (9, 1)]
+    with pytest.raises(DataError, match="holds out no record"):
+        load_conversations([DataSource(path=b)], eval_ratio=0.01)

@@ -4,9 +4,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from engine.config import DataSource
+from engine.config import load_recipe
 from engine.data import load_preferences
-from engine.template import tokenize_pair
+from engine.models import load_reward_trunk, load_tokenizer
+from engine.template import Turn, tokenize_pair
 from engine.train import run_stage
 from tests.conftest import TINY
 from tests.helpers import metric, run_row
@@ -29,27 +30,38 @@ def test_reward_model_learns_a_separable_preference_and_exports(workdir):
     model = AutoModelForSequenceClassification.from_pretrained(final).eval()
     tok = AutoTokenizer.from_pretrained(final)
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
-    pairs, _ = load_preferences([DataSource(path="demo/data/preferences.jsonl")])
+    recipe = load_recipe(TINY)
+    pairs = load_preferences(recipe.rm.data, recipe.seed, recipe.rm.train.eval_ratio).eval  # never trained on
+    assert len(pairs) >= 10
     wins = 0
     with torch.no_grad():
-        for pair in pairs[:40]:
+        for pair in pairs:
             ids = [tokenize_pair(tok, pair.prompt, answer) for answer in (pair.chosen, pair.rejected)]
             width = max(map(len, ids))
             batch = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
             scores = model(input_ids=batch, attention_mask=(batch != tok.pad_token_id).long()).logits.squeeze(-1)
             wins += int(scores[0] > scores[1])
-    assert wins >= 32  # well above the 20 of chance
+    assert wins >= 0.8 * len(pairs)  # chance is a half
 
 
 def test_reward_head_reads_the_last_real_token(workdir):
-    """Padding after the last token must not change the score."""
-    model = AutoModelForSequenceClassification.from_pretrained("demo/model", num_labels=1, pad_token_id=3).eval()
-    ids = torch.tensor([[5, 6, 7, 8]])
-    padded = torch.tensor([[5, 6, 7, 8, 3, 3]])
+    """The trunk as the RM stage loads it: padding after the answer must not change the score, and the
+    pad token must differ from the answer's closing </s> (else the head would read the token before it)."""
+    spec = load_recipe(TINY).model
+    tok = load_tokenizer(spec)
+    model = load_reward_trunk(spec, tok.pad_token_id).eval()
+    assert tok.pad_token_id != tok.eos_token_id
+    ids = tokenize_pair(tok, (Turn("user", "What is 1 plus 1?"),), "1 plus 1 is 2.")
+    assert ids[-1] == tok.eos_token_id
+    single = torch.tensor([ids])
+    padded = torch.tensor([ids + [tok.pad_token_id] * 5])
+    truncated = torch.tensor([ids[:-1]])
     with torch.no_grad():
-        a = model(input_ids=ids).logits
-        b = model(input_ids=padded, attention_mask=(padded != 3).long()).logits
+        a = model(input_ids=single).logits
+        b = model(input_ids=padded, attention_mask=(padded != tok.pad_token_id).long()).logits
+        c = model(input_ids=truncated).logits
     assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, c)  # the </s> itself is read
 
 
 def test_num_layers_unfrozen_freezes_the_trunk_bottom(workdir):

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.config import load_recipe
 from engine.models import load_tokenizer
-from engine.sft import build_dataset
+from engine.sft import build_datasets
 from engine.template import Turn, render_prompt
 from engine.train import run_stage
 from tests.conftest import TINY
@@ -21,7 +21,7 @@ def test_only_assistant_tokens_carry_labels(workdir):
 
     recipe = load_recipe(TINY)
     tokenizer = load_tokenizer(recipe.model)
-    dataset = build_dataset(tokenizer, recipe.sft, seed=0)
+    dataset, _ = build_datasets(tokenizer, recipe.sft, seed=0)
     model = AutoModelForCausalLM.from_pretrained(recipe.model.path)
     args = SFTConfig(output_dir=str(workdir / "o"), report_to="none", max_length=192, bf16=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -35,7 +35,7 @@ def test_only_assistant_tokens_carry_labels(workdir):
         assert text.startswith(" ") and text.endswith("</s>")  # answers only, each closed by </s>
         assert "USER:" not in text and "ASSISTANT:" not in text and "A chat between" not in text
         checked += 1
-    assert checked == len(dataset) > 100
+    assert checked == len(dataset) > 90
 
 
 def test_sft_loss_falls_and_the_export_reloads_and_generates(workdir):

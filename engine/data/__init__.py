@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Generic, Sequence, TypeVar
 
 from engine.config import DataSource
 from engine.data.formats import (
@@ -22,7 +22,7 @@ from engine.data.formats import (
 from engine.data.records import DataError, read_records
 from engine.template import Conversation
 
-__all__ = ["DataError", "SourceReport", "load_conversations", "load_preferences", "PreferencePair"]
+__all__ = ["DataError", "Mixture", "PreferencePair", "SourceReport", "load_conversations", "load_preferences"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,13 +35,15 @@ class SourceReport:
     used: int = 0
     malformed: int = 0
     examples: list[str] = field(default_factory=list)  # "file:line: reason", the first few
-    taken: int = 0  # records after weighting
+    taken: int = 0  # training records after weighting
+    held_out: int = 0  # evaluation records
 
     def summary(self) -> str:
         text = f"{self.path}: {self.used} records"
         if self.malformed:
             text += f", {self.malformed} malformed skipped"
-        return text + f", {self.taken} in the mixture"
+        text += f", {self.taken} in the training mixture"
+        return text + (f", {self.held_out} held out" if self.held_out else "")
 
 
 def _read_source(source: DataSource, kind: str, adapters: dict[str, Callable[[dict], T]]) -> tuple[list[T], SourceReport]:
@@ -81,29 +83,48 @@ def _weighted(items: list[T], weight: float, rng: random.Random) -> list[T]:
     return taken
 
 
+@dataclass
+class Mixture(Generic[T]):
+    train: list[T]
+    eval: list[T]  # held out per source before weighting, so no record is in both
+    reports: list[SourceReport]
+
+
 def _mix(
-    sources: Sequence[DataSource], seed: int, kind: str, adapters: dict[str, Callable[[dict], T]]
-) -> tuple[list[T], list[SourceReport]]:
+    sources: Sequence[DataSource],
+    seed: int,
+    kind: str,
+    adapters: dict[str, Callable[[dict], T]],
+    eval_ratio: float,
+) -> Mixture[T]:
     rng = random.Random(seed)
-    mixture: list[T] = []
-    reports = []
+    mixture = Mixture([], [], [])
     for source in sources:
         items, report = _read_source(source, kind, adapters)
+        rng.shuffle(items)
+        n_eval = round(len(items) * eval_ratio)
+        held_out, items = items[:n_eval], items[n_eval:]
+        if not items:
+            raise DataError(f"{source.path}: eval_ratio={eval_ratio} leaves no training record of {report.used}")
         taken = _weighted(items, source.weight, rng)
         if not taken:
             raise DataError(f"{source.path}: weight {source.weight} selects no record of {len(items)}")
         report.taken = len(taken)
-        mixture.extend(taken)
-        reports.append(report)
-    rng.shuffle(mixture)
-    return mixture, reports
+        report.held_out = len(held_out)
+        mixture.train.extend(taken)
+        mixture.eval.extend(held_out)
+        mixture.reports.append(report)
+    if eval_ratio > 0 and not mixture.eval:
+        raise DataError(f"eval_ratio={eval_ratio} holds out no record: the sources are too small; raise it or set 0")
+    rng.shuffle(mixture.train)
+    return mixture
 
 
-def load_conversations(sources: Sequence[DataSource], seed: int = 0) -> tuple[list[Conversation], list[SourceReport]]:
+def load_conversations(sources: Sequence[DataSource], seed: int = 0, eval_ratio: float = 0.0) -> Mixture[Conversation]:
     """SFT conversations from all sources, mixed by weight and shuffled with `seed`."""
-    return _mix(sources, seed, "sft", SFT_FORMATS)
+    return _mix(sources, seed, "sft", SFT_FORMATS, eval_ratio)
 
 
-def load_preferences(sources: Sequence[DataSource], seed: int = 0) -> tuple[list[PreferencePair], list[SourceReport]]:
+def load_preferences(sources: Sequence[DataSource], seed: int = 0, eval_ratio: float = 0.0) -> Mixture[PreferencePair]:
     """Preference pairs from all sources, mixed by weight and shuffled with `seed`."""
-    return _mix(sources, seed, "preference", PREFERENCE_FORMATS)
+    return _mix(sources, seed, "preference", PREFERENCE_FORMATS, eval_ratio)

@@ -42,33 +42,36 @@ def write_data(folder: Path, pairs: list[QA]) -> dict[str, Path]:
         "sft_alpaca.jsonl", "sft_sharegpt.json", "sft_messages.jsonl", "sft_prompt_completion.jsonl",
         "preferences.jsonl", "preferences_hh.jsonl", "prompts.jsonl",
     )}
-    quarter = len(pairs) // 4
-    _write_jsonl(files["sft_alpaca.jsonl"], [
-        {"instruction": qa.instruction, "input": qa.input, "output": qa.answer} for qa in pairs
-    ])
-    conversations = []
-    for first, second in zip(pairs[0::2], pairs[1::2]):
-        conversations.append({"conversations": [
-            {"from": "human", "value": first.question}, {"from": "gpt", "value": first.answer},
-            {"from": "human", "value": second.question}, {"from": "gpt", "value": second.answer},
-        ]})
-    files["sft_sharegpt.json"].write_text(json.dumps(conversations, ensure_ascii=False, indent=1), encoding="utf-8")
+    # Sources are disjoint slices, so a record held out of one is not trained on through another.
+    q = len(pairs) // 4
     _write_jsonl(files["sft_messages.jsonl"], [
         {"messages": [{"role": "user", "content": qa.question}, {"role": "assistant", "content": qa.answer}]}
-        for qa in pairs[:quarter]
+        for qa in pairs[:q]
     ])
     _write_jsonl(files["sft_prompt_completion.jsonl"], [
-        {"prompt": qa.question, "completion": qa.answer} for qa in pairs[quarter : 2 * quarter]
+        {"prompt": qa.question, "completion": qa.answer} for qa in pairs[q : 2 * q]
     ])
+    _write_jsonl(files["sft_alpaca.jsonl"], [
+        {"instruction": qa.instruction, "input": qa.input, "output": qa.answer} for qa in pairs[2 * q : 3 * q]
+    ])
+    rest = pairs[3 * q :]
+    conversations = [
+        {"conversations": [
+            {"from": "human", "value": first.question}, {"from": "gpt", "value": first.answer},
+            {"from": "human", "value": second.question}, {"from": "gpt", "value": second.answer},
+        ]}
+        for first, second in zip(rest[0::2], rest[1::2])
+    ]
+    files["sft_sharegpt.json"].write_text(json.dumps(conversations, ensure_ascii=False, indent=1), encoding="utf-8")
     _write_jsonl(files["preferences.jsonl"], [
-        {"prompt": qa.question, "chosen": qa.answer, "rejected": qa.bad_answer} for qa in pairs
+        {"prompt": qa.question, "chosen": qa.answer, "rejected": qa.bad_answer} for qa in pairs[q:]
     ])
     _write_jsonl(files["preferences_hh.jsonl"], [
         {
             "chosen": f"\n\nHuman: {qa.question}\n\nAssistant: {qa.answer}",
             "rejected": f"\n\nHuman: {qa.question}\n\nAssistant: {qa.bad_answer}",
         }
-        for qa in pairs[:quarter]
+        for qa in pairs[:q]
     ])
     _write_jsonl(files["prompts.jsonl"], [{"prompt": qa.question} for qa in pairs])
     return files
