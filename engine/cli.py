@@ -82,29 +82,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "runs":
             return _cmd_runs(args.db)
         if args.command == "train":
-            from engine.run import RUN_ID_ENV
-            from engine.train import configure_logging, run_stage
+            from engine.run import RUN_ID_ENV, check_resumable
+            from engine.store import default_db_path
+            from engine.train import EXIT_STOPPED, configure_logging, run_stage
 
             overrides = list(args.overrides)
             if args.resume_run is not None:
+                check_resumable(args.db or default_db_path(), args.resume_run, args.stage)
                 os.environ[RUN_ID_ENV] = str(args.resume_run)
                 overrides.append(f"{args.stage}.resume_from_checkpoint=true")
             configure_logging()
-            run_id = run_stage(args.stage, args.recipe, overrides, args.db)
+            run_id, status = run_stage(args.stage, args.recipe, overrides, args.db)
+            if status == "stopped":
+                print(f"run {run_id} stopped; continue it with: rlhf train {args.stage} {args.recipe} --resume-run {run_id}")
+                return EXIT_STOPPED
             print(f"run {run_id} finished")
             return 0
-        if args.command == "launch":
-            from engine.launch import run_foreground
+        assert args.command == "launch"
+        from engine.launch import run_foreground
 
-            run_id, code = run_foreground(
-                args.stage, args.recipe, args.overrides, args.accelerate_config, args.num_processes, args.db
-            )
-            print(f"run {run_id} exited with code {code}")
-            return code
+        run_id, code = run_foreground(
+            args.stage, args.recipe, args.overrides, args.accelerate_config, args.num_processes, args.db
+        )
+        print(f"run {run_id} exited with code {code}")
+        return code
     except (RecipeError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 STAGES = ("sft", "rm", "ppo")
 Stage = Literal["sft", "rm", "ppo"]
@@ -19,6 +19,25 @@ Stage = Literal["sft", "rm", "ppo"]
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, field and line."""
+
+
+class RecipeSource:
+    """Where each field of a loaded recipe came from: a line of its file, or a --set override."""
+
+    def __init__(self, path: Path, lines: dict[tuple[str, ...], int], origin: dict[str, str]):
+        self.path = path
+        self.lines = lines
+        self.origin = origin  # dotted key -> "--set key=value"
+
+    def locate(self, field: str) -> str:
+        for key, override in self.origin.items():
+            if field == key or field.startswith(key + "."):
+                return override
+        probe = tuple(field.split(".")) if field else ()
+        while probe and probe not in self.lines:
+            probe = probe[:-1]
+        line = self.lines.get(probe)
+        return f"{self.path}:{line}" if line else str(self.path)
 
 
 class _Section(BaseModel):
@@ -151,11 +170,16 @@ class Recipe(_Section):
     sft: SFTStage | None = None
     rm: RMStage | None = None
     ppo: PPOStage | None = None
+    _source: RecipeSource | None = PrivateAttr(None)
+
+    def where(self, field: str) -> str:
+        """`file:line` (or the `--set` item) that gave `field`, for error messages."""
+        return self._source.locate(field) if self._source is not None else field
 
     def stage(self, stage: Stage) -> SFTStage | RMStage | PPOStage:
         section = getattr(self, stage)
         if section is None:
-            raise RecipeError(f"recipe {self.name!r} has no '{stage}' section")
+            raise RecipeError(f"{self.where('')}: recipe {self.name!r} has no '{stage}' section")
         return section
 
     def stage_model(self, stage: Stage) -> ModelSpec:
@@ -247,34 +271,27 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
             raise RecipeError(f"--set {item!r}: {key} does not address a field of {path}") from None
         origin[key] = f"--set {item}"
 
+    source = RecipeSource(path, lines, origin)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_describe(err, path, lines, origin)) from None
+        raise RecipeError(_describe(err, source)) from None
+    recipe._source = source
     if stage is not None:
         recipe.stage(stage)
     return recipe
 
 
-def _describe(err: ValidationError, path: Path, lines: dict[tuple[str, ...], int], origin: dict[str, str]) -> str:
+def _describe(err: ValidationError, source: RecipeSource) -> str:
     problems = []
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"])
-        field = ".".join(loc) or "(top level)"
-        # Point at the override when the field came from one; else the nearest line YAML knows.
-        source = next((o for key, o in origin.items() if field == key or field.startswith(key + ".")), None)
-        if source is None:
-            probe = loc
-            while probe and probe not in lines:
-                probe = probe[:-1]
-            line = lines.get(probe)
-            source = f"{path}:{line}" if line else str(path)
+        field = ".".join(str(p) for p in e["loc"])
         message = e["msg"]
         if e["type"] == "extra_forbidden":
             message = "unknown field (check the spelling)"
         elif e["type"] == "missing":
             message = "required field is missing"
-        problems.append(f"{source}: {field}: {message}")
+        problems.append(f"{source.locate(field)}: {field or '(top level)'}: {message}")
     return "invalid recipe\n  " + "\n  ".join(problems)
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.config import TrainArgs
+from engine.config import RecipeError, TrainArgs
 from engine.models import cuda_available, precision_flags
 from engine.run import RunHandle
 from engine.track import GracefulStop, StoreCallback
@@ -37,6 +37,7 @@ def training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval: boo
         data_seed=seed,
         dataloader_num_workers=0,
         dataloader_pin_memory=cuda_available(),
+        ddp_find_unused_parameters=False,  # every trainable parameter is used; the search costs a graph walk
         **precision_flags(train),
     )
     if has_eval:
@@ -53,10 +54,13 @@ def resume_target(value: str | bool | None, handle: RunHandle) -> str | None:
     target: str | None = None
     if value is True:
         checkpoints = sorted(handle.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        target = str(checkpoints[-1]) if checkpoints else None
+        if not checkpoints:
+            # Starting over under the same run id would write every step twice into its history.
+            raise RecipeError(f"resume_from_checkpoint: {handle.output_dir} has no checkpoint to resume from")
+        target = str(checkpoints[-1])
     elif isinstance(value, str):
         if not (Path(value) / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a checkpoint folder (no trainer_state.json)")
+            raise RecipeError(f"resume_from_checkpoint: {value} is not a checkpoint folder (no trainer_state.json)")
         target = value
     if target is not None and handle.store is not None:
         step = json.loads((Path(target) / "trainer_state.json").read_text())["global_step"]

@@ -2,7 +2,8 @@
 
 The run is registered in runs.db before the processes start, so every rank knows its id. The child
 gets its own session and process group: a stop signals the whole group (accelerate, torchrun and every
-rank) at once. Output goes to `runs/<id>/train.log` and, in the foreground, to the terminal too.
+rank) at once, and a lost terminal does not reach it. It writes straight to `runs/<id>/train.log`; the
+foreground launcher echoes that file, so the run never depends on the launcher's own output.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from typing import IO
 import yaml
 
 from engine.config import RecipeError, Stage
-from engine.run import DB_ENV, RUN_ID_ENV, register_run
+from engine.run import DB_ENV, LAUNCHED_ENV, RUN_ID_ENV, register_run
 from engine.store import Store, default_db_path
 from engine.train import validate
 
 LOG_NAME = "train.log"
+# How long a stopped run may take to write its checkpoint before it is killed. torchrun kills its ranks
+# 30 s after a SIGTERM unless told otherwise, far too soon for a 7B model's optimizer state.
+STOP_GRACE_S = 600
 
 
 def read_accelerate_config(path: str | os.PathLike) -> dict:
@@ -61,7 +65,9 @@ def launch_env(accelerate: dict, run_id: int, db_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env[RUN_ID_ENV] = str(run_id)
     env[DB_ENV] = str(db_path)
+    env[LAUNCHED_ENV] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_S))
     if accelerate.get("use_cpu"):
         # accelerate only starts several CPU ranks (gloo, through torchrun) for MULTI_GPU with this set.
         env["ACCELERATE_USE_CPU"] = "true"
@@ -81,6 +87,14 @@ def prepare(
     accelerate = read_accelerate_config(accelerate_config)
     if num_processes is not None and num_processes < 1:
         raise RecipeError(f"--num-processes must be at least 1, got {num_processes}")
+    sharded = accelerate["distributed_type"] == "FSDP" or (
+        accelerate["distributed_type"] == "DEEPSPEED" and (accelerate.get("deepspeed_config") or {}).get("zero_stage") == 3
+    )
+    if stage == "sft" and recipe.sft.lora is not None and sharded:
+        raise RecipeError(
+            f"{recipe.where('sft.lora')}: sft.lora: merging adapters is not supported with parameter sharding "
+            f"({accelerate_config}); use zero2.yaml or ddp.yaml"
+        )
     db = Path(db_path or default_db_path()).resolve()
     with Store(db) as store:
         run_id = register_run(store, stage, recipe, recipe_path, overrides)
@@ -90,31 +104,42 @@ def prepare(
     return run_id, argv, launch_env(accelerate, run_id, db), output_dir / LOG_NAME
 
 
-def record_exit(db_path: str | os.PathLike, run_id: int, exit_code: int) -> str:
-    """Final status from the exit code, unless the trainer already recorded how it ended."""
+def record_exit(db_path: str | os.PathLike, run_id: int, exit_code: int, stop_requested: bool = False) -> str:
+    """Final status from the exit code, unless the trainer already recorded how it ended.
+
+    A run killed without being asked to stop (the OOM killer's SIGKILL, say) has failed.
+    """
     with Store(db_path) as store:
         run = store.run(run_id)
         status = run["status"]
         if status in ("pending", "running"):
             if exit_code == 0:
                 status = "done"
-            elif exit_code in (-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM, 128 + signal.SIGKILL):
-                status = "stopped"
             else:
-                status = "failed"
+                status = "stopped" if stop_requested else "failed"
         elif status == "done" and exit_code != 0:
             status = "failed"  # a rank other than 0 failed after rank 0 finished
         store.update_run(run_id, status=status, exit_code=exit_code, ended=run["ended"] or time.time())
     return status
 
 
-def _pump(source: IO[bytes], log: IO[bytes], echo: IO[bytes] | None) -> None:
-    for chunk in iter(lambda: source.read1(65536), b""):
-        log.write(chunk)
-        log.flush()
-        if echo is not None:
-            echo.write(chunk)
-            echo.flush()
+def _echo_until_exit(proc: subprocess.Popen, log_path: Path, offset: int, out: IO[bytes] | None) -> int:
+    """Copy what the run appends to its log to `out` until it exits; returns its exit code."""
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        while True:
+            exit_code = proc.poll()
+            chunk = log.read()
+            if chunk and out is not None:
+                try:
+                    out.write(chunk)
+                    out.flush()
+                except OSError:  # the terminal went away: keep waiting, stop echoing
+                    out = None
+            if exit_code is not None and not chunk:
+                return exit_code
+            if not chunk:
+                time.sleep(0.2)
 
 
 def run_foreground(
@@ -126,30 +151,37 @@ def run_foreground(
     db_path: str | os.PathLike | None = None,
     echo: bool = True,
 ) -> tuple[int, int]:
-    """Launch and wait, teeing output to train.log. Returns (run id, exit code)."""
+    """Launch and wait, echoing train.log. Returns (run id, exit code).
+
+    Ctrl-C or SIGTERM asks the run to stop (it saves a checkpoint); a second one kills it. A hang-up
+    leaves the run going.
+    """
     run_id, argv, env, log_path = prepare(stage, recipe_path, overrides, accelerate_config, num_processes, db_path)
     db = env[DB_ENV]
     with open(log_path, "ab") as log:
+        offset = log.tell()
         proc = subprocess.Popen(
-            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        with Store(db) as store:
-            store.update_run(run_id, pid=proc.pid, pgid=proc.pid)
+    with Store(db) as store:
+        store.update_run(run_id, pid=proc.pid, pgid=proc.pid)
 
-        def forward(signum: int, frame: object) -> None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    asked = 0
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    def forward(signum: int, frame: object) -> None:
+        nonlocal asked
+        asked += 1
         try:
-            assert proc.stdout is not None
-            _pump(proc.stdout, log, sys.stdout.buffer if echo else None)
-            exit_code = proc.wait()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-    record_exit(db, run_id, exit_code)
+            os.killpg(proc.pid, signal.SIGTERM if asked == 1 else signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward if s != signal.SIGHUP else signal.SIG_IGN) for s in handled}
+    try:
+        exit_code = _echo_until_exit(proc, log_path, offset, sys.stdout.buffer if echo else None)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    record_exit(db, run_id, exit_code, stop_requested=asked > 0)
     return run_id, exit_code

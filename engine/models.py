@@ -105,9 +105,3 @@ def freeze_bottom_layers(model: "torch.nn.Module", num_layers_unfrozen: int) -> 
         if any(tag in name.split(".")[-1] for tag in ("emb", "wpe", "wte")):
             for param in module.parameters():
                 param.requires_grad_(False)
-
-
-def count_parameters(model: "torch.nn.Module") -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total

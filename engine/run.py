@@ -1,24 +1,31 @@
 """A run's life in runs.db: registered, running, then done, stopped or failed (with the reason).
 
 A launcher registers the run and hands its id to every rank through `RLHF_RUN_ID`; a run started
-in-process registers itself. Only rank 0 writes.
+in-process registers itself, or continues an earlier run (`rlhf train --resume-run`). Only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from engine.config import Recipe, Stage, recipe_to_json
-from engine.store import Store
+from engine.config import Recipe, RecipeError, Stage, recipe_to_json
+from engine.store import Store, StoreError
 
 RUN_ID_ENV = "RLHF_RUN_ID"
 DB_ENV = "RLHF_DB"
+LAUNCHED_ENV = "RLHF_LAUNCHED"  # set by the launcher, which records the process group it started
+
+
+class StopRequested(Exception):
+    """SIGTERM before training started: nothing to checkpoint yet, the run just ends as stopped."""
 
 
 @dataclass
@@ -40,6 +47,26 @@ def register_run(store: Store, stage: Stage, recipe: Recipe, recipe_path: str, o
     )
 
 
+def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> dict[str, Any]:
+    """The run to continue, or a RecipeError saying why it cannot be."""
+    try:
+        with Store(db_path) as store:
+            run = store.run(run_id)
+    except StoreError as err:
+        raise RecipeError(str(err)) from None
+    if run["stage"] != stage:
+        raise RecipeError(f"run {run_id} is a {run['stage']} run, not {stage}")
+    if run["status"] in ("pending", "running"):
+        raise RecipeError(f"run {run_id} is {run['status']} (pid {run['pid']}); stop it before resuming")
+    if not any(Path(run["output_dir"]).glob("checkpoint-*")):
+        raise RecipeError(f"run {run_id} has no checkpoint in {run['output_dir']} to resume from")
+    return run
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise StopRequested()
+
+
 @contextmanager
 def tracked_run(
     db_path: str | os.PathLike, stage: Stage, recipe: Recipe, recipe_path: str, overrides: list[str]
@@ -49,22 +76,27 @@ def tracked_run(
     given = os.environ.get(RUN_ID_ENV)
     if given is None and world > 1:
         raise RuntimeError(f"a run with {world} processes needs {RUN_ID_ENV}: start it with `rlhf launch`")
+    if threading.current_thread() is threading.main_thread():
+        # Until the trainer installs its own graceful handler, a stop has nothing to save: end now.
+        signal.signal(signal.SIGTERM, _raise_stop)
     store = Store(db_path) if rank == 0 else None
-    if given is not None:
-        run_id = int(given)
-    else:
-        assert store is not None
-        run_id = register_run(store, stage, recipe, recipe_path, overrides)
-    output_dir = Path(recipe.output_root) / str(run_id)
-    handle = RunHandle(run_id, output_dir, store)
+    run_id = int(given) if given is not None else register_run(store, stage, recipe, recipe_path, overrides)
+    handle = RunHandle(run_id, Path(recipe.output_root) / str(run_id), store)
     if store is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        fields = {"status": "running", "started": time.time(), "world_size": world}
-        if given is None:  # in-process run; a launcher records the process group it started itself
-            fields.update(pid=os.getpid(), pgid=os.getpgid(0))
+        handle.output_dir.mkdir(parents=True, exist_ok=True)
+        fields: dict[str, Any] = {"status": "running", "started": time.time(), "world_size": world,
+                                  "ended": None, "exit_code": None, "error": None}
+        if os.environ.get(LAUNCHED_ENV) != "1":
+            fields["pid"] = os.getpid()
+            # Only a group leader may be signalled as a group: anything else would hit our parent too.
+            fields["pgid"] = os.getpgid(0) if os.getpgid(0) == os.getpid() else None
         store.update_run(run_id, **fields)
     try:
         yield handle
+    except StopRequested:
+        if store is not None:
+            store.update_run(run_id, status="stopped", ended=time.time())
+        handle.status = "stopped"
     except BaseException as err:
         if store is not None:
             status = "stopped" if isinstance(err, KeyboardInterrupt) else "failed"

@@ -64,11 +64,6 @@ def render_prompt(turns: Sequence[Turn]) -> str:
     return render(turns)
 
 
-def render_answer(answer: str) -> str:
-    """An assistant answer as it follows a rendered prompt."""
-    return f" {answer}{END_OF_TURN}"
-
-
 def tokenize_conversation(tokenizer: Any, turns: Sequence[Turn], max_length: int | None = None) -> dict[str, list[int]]:
     """Token ids of the rendered conversation and a mask that is 1 exactly on assistant tokens.
 

@@ -12,17 +12,13 @@ import sys
 from pathlib import Path
 
 from engine.config import Recipe, RecipeError, Stage, load_recipe
+from engine.data.records import DataError
 from engine.run import tracked_run
 from engine.store import default_db_path
 
 RUNNERS = {"sft": "engine.sft:run_sft", "rm": "engine.reward:run_rm"}
-
-
-def _runner(stage: Stage):
-    if stage not in RUNNERS:
-        raise RecipeError(f"stage {stage!r} has no trainer yet (available: {', '.join(RUNNERS)})")
-    module, name = RUNNERS[stage].split(":")
-    return getattr(importlib.import_module(module), name)
+EXIT_STOPPED = 143  # 128 + SIGTERM: a stopped run is not a success a script should chain on from
+EXIT_BAD_INPUT = 2
 
 
 def _local_only(path: str) -> bool:
@@ -32,31 +28,32 @@ def _local_only(path: str) -> bool:
 
 
 def validate(stage: Stage, recipe_path: str, overrides: list[str]) -> Recipe:
-    """Everything that can be checked without loading a model; raises RecipeError."""
+    """Everything that can be checked without loading torch or a model; raises RecipeError."""
+    if stage not in RUNNERS:
+        raise RecipeError(f"stage {stage!r} has no trainer yet (available: {', '.join(RUNNERS)})")
     recipe = load_recipe(recipe_path, overrides, stage)
-    _runner(stage)
     section = recipe.stage(stage)
-    where = f"{stage}.model.path" if section.model is not None else "model.path"
-    paths = [(where, recipe.stage_model(stage).path)]
+    paths = [(f"{stage}.model.path" if section.model is not None else "model.path", recipe.stage_model(stage).path)]
     for field in ("data", "prompts"):
         for i, source in enumerate(getattr(section, field, [])):
             paths.append((f"{stage}.{field}.{i}.path", source.path))
     for field, path in paths:
         if _local_only(path) and not Path(path).expanduser().exists():
-            raise RecipeError(f"{recipe_path}: {field}: {path!r} does not exist")
+            raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} does not exist")
     return recipe
 
 
-def run_stage(stage: Stage, recipe_path: str, overrides: list[str], db_path: str | None = None) -> int:
-    """Validate, register (unless a launcher did), train. Returns the run id."""
+def run_stage(stage: Stage, recipe_path: str, overrides: list[str], db_path: str | None = None) -> tuple[int, str]:
+    """Validate, register (unless a launcher did), train. Returns (run id, final status)."""
     recipe = validate(stage, recipe_path, overrides)
-    runner = _runner(stage)
+    module, name = RUNNERS[stage].split(":")
+    runner = getattr(importlib.import_module(module), name)
     from transformers import set_seed
 
     with tracked_run(db_path or default_db_path(), stage, recipe, recipe_path, overrides) as handle:
         set_seed(recipe.seed)
         runner(recipe, handle)
-    return handle.run_id
+    return handle.run_id, handle.status
 
 
 def configure_logging() -> None:
@@ -76,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     try:
-        run_stage(args.stage, args.recipe, args.overrides, args.db)
-    except RecipeError as err:
+        _, status = run_stage(args.stage, args.recipe, args.overrides, args.db)
+    except (RecipeError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
+    return EXIT_STOPPED if status == "stopped" else 0
 
 
 if __name__ == "__main__":

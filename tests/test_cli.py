@@ -15,25 +15,33 @@ def rlhf(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 
 def test_bad_recipe_fails_fast_naming_the_field(workdir):
     bad = workdir / "bad.yaml"
-    bad.write_text(TINY.read_text().replace("    lr: 3.0e-3", "    lr: -1"))
+    text = TINY.read_text()
+    bad.write_text(text.replace("    lr: 3.0e-3", "    lr: -1"))
+    line = text.splitlines().index("    lr: 3.0e-3") + 1
     result = rlhf("train", "sft", str(bad))
     assert result.returncode == 2
-    assert f"{bad}:" in result.stderr and "sft.train.lr: Input should be greater than 0" in result.stderr
+    assert f"{bad}:{line}: sft.train.lr: Input should be greater than 0" in result.stderr
     assert not (workdir / "runs.db").exists()  # nothing was registered or started
     result = rlhf("launch", "rm", str(TINY), "--accelerate-config", str(REPO / "configs/accelerate/cpu.yaml"),
                   "--set", "rm.data.0.path=demo/data/missing.jsonl")
-    assert result.returncode == 2 and "rm.data.0.path: 'demo/data/missing.jsonl' does not exist" in result.stderr
+    assert result.returncode == 2
+    assert "--set rm.data.0.path=demo/data/missing.jsonl: rm.data.0.path: 'demo/data/missing.jsonl' does not exist" \
+        in result.stderr
     assert not (workdir / "runs.db").exists()
 
 
-def test_recipe_errors_come_before_torch_is_imported(workdir):
+def test_validation_and_registration_do_not_load_torch(workdir):
+    """What the console calls to check and start a run must stay light."""
     code = (
-        "import sys\nfrom engine.train import validate\nfrom engine.config import RecipeError\n"
+        "import sys\nfrom engine.launch import prepare\nfrom engine.train import validate\n"
+        "from engine.config import RecipeError\n"
         f"try:\n    validate('sft', {str(TINY)!r}, ['sft.train.epochs=0'])\nexcept RecipeError as e:\n    print(e)\n"
+        f"run_id, argv, env, log = prepare('rm', {str(TINY)!r}, [], {str(REPO / 'configs/accelerate/cpu.yaml')!r})\n"
+        "print('registered', run_id)\n"
         "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
-    assert "sft.train.epochs" in out and "torch not loaded" in out
+    assert "sft.train.epochs" in out and "registered 1" in out and "torch not loaded" in out
 
 
 def test_check_prints_the_resolved_recipe(workdir):

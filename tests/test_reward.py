@@ -14,7 +14,7 @@ from tests.helpers import metric, run_row
 
 
 def test_reward_model_learns_a_separable_preference_and_exports(workdir):
-    run_id = run_stage("rm", str(TINY), ["train.max_steps=20", "train.logging_steps=1", "train.eval_steps=10"])
+    run_id, _ = run_stage("rm", str(TINY), ["train.max_steps=20", "train.logging_steps=1", "train.eval_steps=10"])
     run = run_row(run_id)
     assert run["status"] == "done"
     accuracy = metric(run_id, "eval_accuracy")
@@ -65,7 +65,7 @@ def test_reward_head_reads_the_last_real_token(workdir):
 
 
 def test_num_layers_unfrozen_freezes_the_trunk_bottom(workdir):
-    run_id = run_stage("rm", str(TINY), ["train.max_steps=3", "num_layers_unfrozen=1", "train.eval_ratio=0"])
+    run_id, _ = run_stage("rm", str(TINY), ["train.max_steps=3", "num_layers_unfrozen=1", "train.eval_ratio=0"])
     trained = load_file(Path(run_row(run_id)["output_dir"]) / "final" / "model.safetensors")
     base = load_file(workdir / "demo" / "model" / "model.safetensors")
     changed = {name for name, value in base.items() if not torch.equal(trained[name], value)}

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.config import load_recipe
+from engine.config import RecipeError, load_recipe
 from engine.models import load_tokenizer
 from engine.sft import build_datasets
 from engine.template import Turn, render_prompt
@@ -39,7 +39,7 @@ def test_only_assistant_tokens_carry_labels(workdir):
 
 
 def test_sft_loss_falls_and_the_export_reloads_and_generates(workdir):
-    run_id = run_stage("sft", str(TINY), ["train.max_steps=24", "train.logging_steps=1", "train.save_steps=12"])
+    run_id, _ = run_stage("sft", str(TINY), ["train.max_steps=24", "train.logging_steps=1", "train.save_steps=12"])
     run = run_row(run_id)
     assert run["status"] == "done" and run["step"] == 24 and run["total_steps"] == 24
     losses = [v for _, v in metric(run_id, "loss")]
@@ -60,7 +60,7 @@ def test_sft_loss_falls_and_the_export_reloads_and_generates(workdir):
 
 
 def test_frozen_bottom_layers_do_not_change(workdir):
-    run_id = run_stage("sft", str(TINY), ["train.max_steps=3", "num_layers_unfrozen=1"])
+    run_id, _ = run_stage("sft", str(TINY), ["train.max_steps=3", "num_layers_unfrozen=1"])
     trained = load_file(Path(run_row(run_id)["output_dir"]) / "final" / "model.safetensors")
     base = load_file(workdir / "demo" / "model" / "model.safetensors")
     for name, value in base.items():
@@ -69,7 +69,7 @@ def test_frozen_bottom_layers_do_not_change(workdir):
 
 
 def test_lora_exports_a_plain_merged_model(workdir):
-    run_id = run_stage("sft", str(TINY), ["train.max_steps=3", "lora={r: 4, alpha: 8}", "train.lr=0.05"])
+    run_id, _ = run_stage("sft", str(TINY), ["train.max_steps=3", "lora={r: 4, alpha: 8}", "train.lr=0.05"])
     final = Path(run_row(run_id)["output_dir"]) / "final"
     assert not (final / "adapter_config.json").exists()
     trained = load_file(final / "model.safetensors")
@@ -81,7 +81,7 @@ def test_lora_exports_a_plain_merged_model(workdir):
 
 
 def test_packing_fills_each_sequence(workdir):
-    run_id = run_stage("sft", str(TINY), ["train.max_steps=3", "packing=true", "train.max_length=256",
+    run_id, _ = run_stage("sft", str(TINY), ["train.max_steps=3", "packing=true", "train.max_length=256",
                                           "train.logging_steps=1", "train.eval_ratio=0"])
     assert run_row(run_id)["status"] == "done"
     # 16 rows of 256 tokens per step; unpacked, the demo's conversations average well under 100 tokens.
@@ -91,7 +91,7 @@ def test_packing_fills_each_sequence(workdir):
 
 
 def test_gradient_checkpointing_trains(workdir):
-    run_id = run_stage("sft", str(TINY), ["train.max_steps=2", "train.gradient_checkpointing=true",
+    run_id, _ = run_stage("sft", str(TINY), ["train.max_steps=2", "train.gradient_checkpointing=true",
                                           "train.eval_ratio=0"])
     assert run_row(run_id)["status"] == "done" and len(metric(run_id, "loss")) == 2
 
@@ -102,16 +102,16 @@ def test_resume_after_a_hard_kill_redoes_the_lost_steps_once(workdir):
 
     from engine.store import Store
 
-    run_id = run_stage("sft", str(TINY), ["train.max_steps=4", "train.logging_steps=1", "train.save_steps=3"])
+    run_id, _ = run_stage("sft", str(TINY), ["train.max_steps=4", "train.logging_steps=1", "train.save_steps=3"])
     # As if killed after logging step 4 but before its checkpoint landed.
     shutil.rmtree(workdir / "runs" / str(run_id) / "checkpoint-4")
     os.environ["RLHF_RUN_ID"] = str(run_id)
     try:
-        again = run_stage("sft", str(TINY), ["train.max_steps=6", "train.logging_steps=1", "train.save_steps=3",
-                                             "resume_from_checkpoint=true"])
+        again, status = run_stage("sft", str(TINY), ["train.max_steps=6", "train.logging_steps=1",
+                                                     "train.save_steps=3", "resume_from_checkpoint=true"])
     finally:
         del os.environ["RLHF_RUN_ID"]
-    assert again == run_id
+    assert (again, status) == (run_id, "done")
     assert [s for s, _ in metric(run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     with Store(os.environ["RLHF_DB"]) as store:
         rows = store.metrics_since(0, run_id=run_id)
@@ -120,6 +120,6 @@ def test_resume_after_a_hard_kill_redoes_the_lost_steps_once(workdir):
 
 
 def test_a_bad_resume_path_fails_the_run(workdir):
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+    with pytest.raises(RecipeError, match="not a checkpoint folder"):
         run_stage("sft", str(TINY), ["resume_from_checkpoint=nowhere"])
     assert run_row(1)["status"] == "failed" and "not a checkpoint folder" in run_row(1)["error"]
