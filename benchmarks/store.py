@@ -100,8 +100,8 @@ def main() -> None:
     results = [(label, measure(n, args.steps, args.metrics, per_row)) for label, n, per_row in cases]
     base = results[0][1]["rows_per_s"]
     print(f"runs.db: {args.steps} steps x {args.metrics} metrics per writer, reader polling every {POLL_S}s\n")
-    print(f"| case | rows | seconds | rows/s | vs baseline | lost | duplicated |")
-    print(f"|---|---:|---:|---:|---:|---:|---:|")
+    print("| case | rows | seconds | rows/s | vs baseline | lost | duplicated |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for label, r in results:
         print(f"| {label} | {r['rows']} | {r['seconds']:.2f} | {r['rows_per_s']:,.0f} | "
               f"{r['rows_per_s'] / base:.1f}x | {r['lost']} | {r['duplicated']} |")

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging()
             run_id, status = run_stage(args.stage, args.recipe, overrides, args.db)
             if status == "stopped":
-                print(f"run {run_id} stopped; continue it with: rlhf train {args.stage} {args.recipe} --resume-run {run_id}")
+                resume = f"rlhf train {args.stage} {args.recipe} --resume-run {run_id}"
+                print(f"run {run_id} stopped; continue it with: {resume}")
                 return EXIT_STOPPED
             print(f"run {run_id} finished")
             return 0

@@ -85,7 +85,9 @@ class TrainArgs(_Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule."
     )
-    max_length: int = Field(512, gt=8, description="Tokens per sequence; longer ones are truncated (SFT) or dropped (RM).")
+    max_length: int = Field(
+        512, gt=8, description="Tokens per sequence; longer ones are truncated (SFT) or dropped (RM)."
+    )
     logging_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     save_steps: int = Field(500, gt=0, description="Save a checkpoint every N optimizer steps.")
     save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints.")

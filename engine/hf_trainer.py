@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from engine.config import RecipeError, TrainArgs
+from engine.data import Mixture
 from engine.models import cuda_available, precision_flags
 from engine.run import RunHandle
 from engine.track import GracefulStop, StoreCallback
@@ -43,6 +45,16 @@ def training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval: boo
     if has_eval:
         kwargs.update(eval_strategy="steps", eval_steps=train.eval_steps or train.save_steps)
     return kwargs
+
+
+log = logging.getLogger(__name__)
+
+
+def tokenized_splits(mixture: Mixture, tokenize: Callable[[list], Any], stage: str) -> tuple[Any, Any | None]:
+    """Report each source, then tokenize the training and (if any) held-out records."""
+    for report in mixture.reports:
+        log.info("%s data: %s", stage, report.summary())
+    return tokenize(mixture.train), (tokenize(mixture.eval) if mixture.eval else None)
 
 
 def resume_target(value: str | bool | None, handle: RunHandle) -> str | None:

@@ -87,9 +87,9 @@ def prepare(
     accelerate = read_accelerate_config(accelerate_config)
     if num_processes is not None and num_processes < 1:
         raise RecipeError(f"--num-processes must be at least 1, got {num_processes}")
-    sharded = accelerate["distributed_type"] == "FSDP" or (
-        accelerate["distributed_type"] == "DEEPSPEED" and (accelerate.get("deepspeed_config") or {}).get("zero_stage") == 3
-    )
+    zero_stage = (accelerate.get("deepspeed_config") or {}).get("zero_stage")
+    kind = accelerate["distributed_type"]
+    sharded = kind == "FSDP" or (kind == "DEEPSPEED" and zero_stage == 3)
     if stage == "sft" and recipe.sft.lora is not None and sharded:
         raise RecipeError(
             f"{recipe.where('sft.lora')}: sft.lora: merging adapters is not supported with parameter sharding "

@@ -41,11 +41,8 @@ def _tokenized(tokenizer: Any, pairs: list, max_length: int) -> Any:
 def build_datasets(tokenizer: Any, stage: RMStage, seed: int) -> tuple[Any, Any | None]:
     """Tokenized (train, eval) sets of `chosen_ids` / `rejected_ids`; eval is None without eval_ratio."""
     mixture = load_preferences(stage.data, seed, stage.train.eval_ratio)
-    for report in mixture.reports:
-        log.info("rm data: %s", report.summary())
-    train = _tokenized(tokenizer, mixture.train, stage.train.max_length)
-    held_out = _tokenized(tokenizer, mixture.eval, stage.train.max_length) if mixture.eval else None
-    return train, held_out
+    max_length = stage.train.max_length
+    return hf_trainer.tokenized_splits(mixture, lambda items: _tokenized(tokenizer, items, max_length), "rm")
 
 
 def run_rm(recipe: Recipe, handle: RunHandle) -> Path:

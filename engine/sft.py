@@ -7,7 +7,6 @@ The final model is exported as a plain Hugging Face folder (LoRA adapters merged
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,6 @@ from engine.data import DataError, load_conversations
 from engine.models import freeze_bottom_layers, load_causal_lm, load_tokenizer
 from engine.run import RunHandle
 from engine.template import tokenize_conversation
-
-log = logging.getLogger(__name__)
 
 
 def _tokenized(tokenizer: Any, conversations: list, max_length: int) -> Any:
@@ -34,11 +31,8 @@ def _tokenized(tokenizer: Any, conversations: list, max_length: int) -> Any:
 def build_datasets(tokenizer: Any, stage: SFTStage, seed: int) -> tuple[Any, Any | None]:
     """Tokenized (train, eval) sets: `input_ids` + `assistant_masks`; eval is None without eval_ratio."""
     mixture = load_conversations(stage.data, seed, stage.train.eval_ratio)
-    for report in mixture.reports:
-        log.info("sft data: %s", report.summary())
-    train = _tokenized(tokenizer, mixture.train, stage.train.max_length)
-    held_out = _tokenized(tokenizer, mixture.eval, stage.train.max_length) if mixture.eval else None
-    return train, held_out
+    max_length = stage.train.max_length
+    return hf_trainer.tokenized_splits(mixture, lambda items: _tokenized(tokenizer, items, max_length), "sft")
 
 
 def lora_config(stage: SFTStage) -> Any:

@@ -61,7 +61,8 @@ def test_accelerate_launch_writes_every_metric_once(workdir, config, world):
 
 def test_two_ranks_split_the_data(workdir):
     """One epoch of 64 conversations at 16 per rank: 4 steps on one rank, 2 on two."""
-    data = ["sft.data=[{path: demo/data/sft_alpaca.jsonl, limit: 32, weight: 2}]", "train.eval_ratio=0", "train.epochs=1"]
+    data = ["sft.data=[{path: demo/data/sft_alpaca.jsonl, limit: 32, weight: 2}]",
+            "train.eval_ratio=0", "train.epochs=1"]
     one, _ = run_foreground("sft", str(TINY), data, str(ACCEL / "cpu.yaml"), echo=False)
     two, _ = run_foreground("sft", str(TINY), data, str(ACCEL / "cpu_ddp.yaml"), echo=False)
     assert (run_row(one)["total_steps"], run_row(two)["total_steps"]) == (4, 2)

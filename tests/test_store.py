@@ -48,7 +48,8 @@ def test_metrics_run_seq_continues_and_non_numbers_are_skipped(tmp_path):
         assert rows[1]["value"] is None  # NaN is kept as a row (the console shows the gap), stored as NULL
         assert store.run(a)["step"] == 3
         assert store.last_value(a, "loss") == 0.25
-        assert [r["seq"] for r in store.metrics_since(rows[0]["seq"], limit=2)] == [rows[0]["seq"] + 1, rows[0]["seq"] + 2]
+        first = rows[0]["seq"]
+        assert [r["seq"] for r in store.metrics_since(first, limit=2)] == [first + 1, first + 2]
 
 
 def test_dropping_a_tail_keeps_run_seq_gapless(tmp_path):

@@ -1,6 +1,6 @@
-from engine.template import SYSTEM, TEMPLATE, Turn, check_conversation, render, render_prompt, tokenize_conversation
-
 import pytest
+
+from engine.template import SYSTEM, TEMPLATE, Turn, check_conversation, render, render_prompt, tokenize_conversation
 
 DESIGN_TEMPLATE = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "

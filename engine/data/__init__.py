@@ -46,7 +46,9 @@ class SourceReport:
         return text + (f", {self.held_out} held out" if self.held_out else "")
 
 
-def _read_source(source: DataSource, kind: str, adapters: dict[str, Callable[[dict], T]]) -> tuple[list[T], SourceReport]:
+def _read_source(
+    source: DataSource, kind: str, adapters: dict[str, Callable[[dict], T]]
+) -> tuple[list[T], SourceReport]:
     report = SourceReport(source.path)
     items: list[T] = []
     for raw in read_records(source.path, source.split, source.limit):
