@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(launch)
     launch.add_argument("--accelerate-config", required=True, help="e.g. configs/accelerate/cpu.yaml")
     launch.add_argument("--num-processes", type=int, default=None)
+    launch.add_argument("--run-id", type=int, default=None,
+                        help="multi-node: on machines with machine_rank > 0, the run id machine 0 printed")
 
     check = sub.add_parser("check", help="validate a recipe and print it resolved")
     check.add_argument("recipe")
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         from engine.launch import run_foreground
 
         run_id, code = run_foreground(
-            args.stage, args.recipe, args.overrides, args.accelerate_config, args.num_processes, args.db
+            args.stage, args.recipe, args.overrides, args.accelerate_config, args.num_processes, args.db,
+            run_id=args.run_id,
         )
         print(f"run {run_id} exited with code {code}")
         return code

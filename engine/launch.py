@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -74,6 +75,15 @@ def launch_env(accelerate: dict, run_id: int, db_path: Path) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class Prepared:
+    run_id: int
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    registered: bool  # False on the other machines of a multi-node run: the first machine's runs.db has it
+
+
 def prepare(
     stage: Stage,
     recipe_path: str,
@@ -81,8 +91,13 @@ def prepare(
     accelerate_config: str,
     num_processes: int | None = None,
     db_path: str | os.PathLike | None = None,
-) -> tuple[int, list[str], dict[str, str], Path]:
-    """Validate everything, register the run; returns (run id, argv, env, log path). Nothing started yet."""
+    run_id: int | None = None,
+) -> Prepared:
+    """Validate everything and register the run; nothing is started yet.
+
+    On a machine with `machine_rank > 0` nothing is registered: pass the run id the first machine got,
+    so every machine writes into the same runs/<id>.
+    """
     recipe = validate(stage, recipe_path, overrides)
     accelerate = read_accelerate_config(accelerate_config)
     if num_processes is not None and num_processes < 1:
@@ -96,12 +111,25 @@ def prepare(
             f"({accelerate_config}); use zero2.yaml or ddp.yaml"
         )
     db = Path(db_path or default_db_path()).resolve()
-    with Store(db) as store:
-        run_id = register_run(store, stage, recipe, recipe_path, overrides)
-        output_dir = Path(store.run(run_id)["output_dir"])
+    machine_rank = int(accelerate.get("machine_rank") or 0)
+    if machine_rank > 0:
+        if run_id is None:
+            raise RecipeError(
+                f"{accelerate_config}: machine_rank is {machine_rank}: pass --run-id with the id that the launch "
+                "on machine 0 printed"
+            )
+        output_dir = Path(recipe.output_root) / str(run_id)
+    else:
+        if run_id is not None:
+            raise RecipeError(
+                f"--run-id is for the other machines of a multi-node run; {accelerate_config} is machine 0"
+            )
+        with Store(db) as store:
+            run_id = register_run(store, stage, recipe, recipe_path, overrides)
+            output_dir = Path(store.run(run_id)["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
     argv = accelerate_argv(stage, recipe_path, overrides, accelerate_config, num_processes, str(db))
-    return run_id, argv, launch_env(accelerate, run_id, db), output_dir / LOG_NAME
+    return Prepared(run_id, argv, launch_env(accelerate, run_id, db), output_dir / LOG_NAME, machine_rank == 0)
 
 
 def record_exit(db_path: str | os.PathLike, run_id: int, exit_code: int, stop_requested: bool = False) -> str:
@@ -150,21 +178,26 @@ def run_foreground(
     num_processes: int | None = None,
     db_path: str | os.PathLike | None = None,
     echo: bool = True,
+    run_id: int | None = None,
 ) -> tuple[int, int]:
     """Launch and wait, echoing train.log. Returns (run id, exit code).
 
     Ctrl-C or SIGTERM asks the run to stop (it saves a checkpoint); a second one kills it. A hang-up
     leaves the run going.
     """
-    run_id, argv, env, log_path = prepare(stage, recipe_path, overrides, accelerate_config, num_processes, db_path)
-    db = env[DB_ENV]
-    with open(log_path, "ab") as log:
+    run = prepare(stage, recipe_path, overrides, accelerate_config, num_processes, db_path, run_id)
+    db = run.env[DB_ENV]
+    if echo:
+        print(f"run {run.run_id}: logging to {run.log_path}", file=sys.stderr, flush=True)
+    with open(run.log_path, "ab") as log:
         offset = log.tell()
         proc = subprocess.Popen(
-            argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            run.argv, env=run.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-    with Store(db) as store:
-        store.update_run(run_id, pid=proc.pid, pgid=proc.pid)
+    if run.registered:
+        with Store(db) as store:
+            store.update_run(run.run_id, pid=proc.pid, pgid=proc.pid)
 
     asked = 0
 
@@ -179,9 +212,10 @@ def run_foreground(
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, forward if s != signal.SIGHUP else signal.SIG_IGN) for s in handled}
     try:
-        exit_code = _echo_until_exit(proc, log_path, offset, sys.stdout.buffer if echo else None)
+        exit_code = _echo_until_exit(proc, run.log_path, offset, sys.stdout.buffer if echo else None)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    record_exit(db, run_id, exit_code, stop_requested=asked > 0)
-    return run_id, exit_code
+    if run.registered:
+        record_exit(db, run.run_id, exit_code, stop_requested=asked > 0)
+    return run.run_id, exit_code

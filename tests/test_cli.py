@@ -35,8 +35,8 @@ def test_validation_and_registration_do_not_load_torch(workdir):
         "import sys\nfrom engine.launch import prepare\nfrom engine.train import validate\n"
         "from engine.config import RecipeError\n"
         f"try:\n    validate('sft', {str(TINY)!r}, ['sft.train.epochs=0'])\nexcept RecipeError as e:\n    print(e)\n"
-        f"run_id, argv, env, log = prepare('rm', {str(TINY)!r}, [], {str(REPO / 'configs/accelerate/cpu.yaml')!r})\n"
-        "print('registered', run_id)\n"
+        f"run = prepare('rm', {str(TINY)!r}, [], {str(REPO / 'configs/accelerate/cpu.yaml')!r})\n"
+        "print('registered', run.run_id)\n"
         "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout

@@ -165,6 +165,21 @@ def test_lora_with_parameter_sharding_is_refused_before_launch(workdir):
     assert not (workdir / "runs.db").exists()
 
 
+def test_other_machines_of_a_multi_node_run_join_without_registering(workdir):
+    from engine.config import RecipeError
+    from engine.launch import prepare
+
+    second = workdir / "machine1.yaml"
+    second.write_text((ACCEL / "multinode.yaml").read_text().replace("machine_rank: 0", "machine_rank: 1"))
+    with pytest.raises(RecipeError, match="machine_rank is 1: pass --run-id"):
+        prepare("sft", str(TINY), [], str(second))
+    run = prepare("sft", str(TINY), [], str(second), run_id=12)
+    assert not run.registered and run.env["RLHF_RUN_ID"] == "12" and run.log_path == Path("runs/12/train.log")
+    assert not (workdir / "runs.db").exists() or not Store(workdir / "runs.db").runs()
+    with pytest.raises(RecipeError, match="--run-id is for the other machines"):
+        prepare("sft", str(TINY), [], str(ACCEL / "multinode.yaml"), run_id=12)
+
+
 def _logged_steps(run_id: int) -> int:
     try:
         return len(metric(run_id, "loss"))
