@@ -1,0 +1,174 @@
+"""The hydra: one frozen trunk, three branches — policy, reference, value.
+
+    embeddings + layers[0 : L-k_v] ... layers[L-k]   frozen trunk (shared)
+        ├── layers[L-k:]  + final norm + LM head        policy   (the model's own modules, trainable)
+        ├── copy of layers[L-k:] + norm + LM head       reference (frozen, taken before training)
+        └── copy of layers[L-k_v:] + norm + scalar head value    (trainable; hangs off the frozen trunk)
+
+One forward of the causal LM computes the trunk once and the policy on top of it. Pre-forward hooks on
+layers L-k and L-k_v catch what the model itself passes to them — hidden state, attention mask, ALiBi or
+rotary position embeddings — and the reference and value layers run on exactly those inputs. Nothing
+about an architecture is re-implemented here, so BLOOM (ALiBi) and Llama/Qwen (rotary) work alike.
+
+An LM head tied to the frozen embeddings (BLOOM, small Llamas) is frozen with them, and the reference
+shares it instead of copying it: the values are identical by construction.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.models import decoder_layers
+
+_NORM_NAMES = ("ln_f", "norm", "final_layernorm", "final_layer_norm")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the last decoder layer (BLOOM `ln_f`, Llama `norm`)."""
+    base = model.base_model
+    for name in _NORM_NAMES:
+        module = getattr(base, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"{type(model).__name__}: no final norm found (looked for {', '.join(_NORM_NAMES)})")
+
+
+def check_layers(num_layers: int, k: int, k_v: int) -> None:
+    if not 1 <= k <= k_v < num_layers:
+        raise ValueError(
+            f"hydra needs 1 <= num_layers_unfrozen (k={k}) <= value_layers (k_v={k_v}) < layers ({num_layers})"
+        )
+
+
+@dataclass
+class HydraOutput:
+    logits: torch.Tensor  # policy, [B, T, V]
+    values: torch.Tensor | None  # [B, T]
+    ref_logits: torch.Tensor | None  # [B, T, V]
+
+
+class _Capture:
+    """Pre-forward hook that keeps the (args, kwargs) a decoder layer is called with."""
+
+    def __init__(self, layer: nn.Module):
+        self.call: tuple[tuple, dict] | None = None
+        self.handle = layer.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.call = (args, kwargs)
+
+    def remove(self) -> tuple[tuple, dict]:
+        self.handle.remove()
+        if self.call is None:
+            raise RuntimeError("the hooked decoder layer was not called")
+        return self.call
+
+
+def _run_layers(layers: nn.ModuleList, call: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = call
+    hidden = args[0]
+    for layer in layers:
+        out = layer(hidden, *args[1:], **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+class Hydra(nn.Module):
+    def __init__(self, model: nn.Module, num_layers_unfrozen: int, value_layers: int):
+        super().__init__()
+        layers = decoder_layers(model)
+        self.num_layers = len(layers)
+        check_layers(self.num_layers, num_layers_unfrozen, value_layers)
+        self.k, self.k_v = num_layers_unfrozen, value_layers
+        self.policy = model
+        top = list(layers)[self.num_layers - self.k :]
+        norm = final_norm(model)
+        head = model.get_output_embeddings()
+
+        model.requires_grad_(False)
+        for module in (*top, norm, head):
+            module.requires_grad_(True)
+        tied = head.weight is model.get_input_embeddings().weight
+        if tied:
+            head.requires_grad_(False)  # it is the frozen embedding matrix
+
+        self.ref_layers = _frozen_copy(nn.ModuleList(top))
+        self.ref_norm = _frozen_copy(norm)
+        # A frozen head is shared, not copied: it never changes, and it can be the largest matrix of all.
+        self.ref_head = head if tied else _frozen_copy(head)
+
+        self.value_layers = copy.deepcopy(nn.ModuleList(list(layers)[self.num_layers - self.k_v :]))
+        self.value_norm = copy.deepcopy(norm)
+        self.value_layers.requires_grad_(True)
+        self.value_norm.requires_grad_(True)
+        hidden = model.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1, bias=False, dtype=head.weight.dtype, device=head.weight.device)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+
+    # The decoder layers inside the policy model, where the branches join it.
+    @property
+    def _layers(self) -> nn.ModuleList:
+        return decoder_layers(self.policy)
+
+    def init_value_from(self, reward_model: nn.Module) -> None:
+        """Start the value branch from a reward model of the same architecture (its top k_v layers,
+        final norm and scalar head)."""
+        rm_layers = decoder_layers(reward_model)
+        if len(rm_layers) != self.num_layers or reward_model.config.hidden_size != self.value_head.in_features:
+            raise ValueError("the reward model's shape differs from the policy's: cannot initialise the value branch")
+        top = list(rm_layers)[self.num_layers - self.k_v :]
+        self.value_layers.load_state_dict(nn.ModuleList(top).state_dict())
+        self.value_norm.load_state_dict(final_norm(reward_model).state_dict())
+        score = getattr(reward_model, "score", None)
+        if score is None or score.weight.shape != self.value_head.weight.shape:
+            raise ValueError("the reward model has no scalar `score` head of the value head's shape")
+        self.value_head.load_state_dict({"weight": score.weight.detach().clone()})
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        with_values: bool = True,
+        with_ref: bool = False,
+    ) -> HydraOutput:
+        layers = self._layers
+        policy_call = _Capture(layers[self.num_layers - self.k]) if with_ref else None
+        value_call = _Capture(layers[self.num_layers - self.k_v]) if with_values else None
+        try:
+            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        finally:
+            captured = [c.remove() if c else None for c in (policy_call, value_call)]
+        ref_logits = values = None
+        if with_ref:
+            with torch.no_grad():
+                ref_logits = self.ref_head(self.ref_norm(_run_layers(self.ref_layers, captured[0])))
+        if with_values:
+            hidden = self.value_norm(_run_layers(self.value_layers, captured[1]))
+            values = self.value_head(hidden).squeeze(-1)
+        return HydraOutput(logits=logits, values=values, ref_logits=ref_logits)
+
+    def branch_state(self) -> dict[str, Any]:
+        """Reference and value branches, for a full-state checkpoint beside the exported policy."""
+        return {
+            "ref_layers": self.ref_layers.state_dict(),
+            "ref_norm": self.ref_norm.state_dict(),
+            "value_layers": self.value_layers.state_dict(),
+            "value_norm": self.value_norm.state_dict(),
+            "value_head": self.value_head.state_dict(),
+        }
+
+    def load_branch_state(self, state: dict[str, Any]) -> None:
+        for name, module_state in state.items():
+            getattr(self, name).load_state_dict(module_state)
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(module)
+    clone.requires_grad_(False)
+    return clone

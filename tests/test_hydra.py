@@ -1,0 +1,105 @@
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from engine.ppo.hydra import Hydra
+
+
+def tiny(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "bloom":  # ALiBi, tied head
+        return BloomForCausalLM(BloomConfig(vocab_size=96, hidden_size=32, n_layer=4, n_head=4)).eval()
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,  # rotary
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(3, 96, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded prompt
+    return ids, mask
+
+
+def train_a_little(hydra: Hydra, steps: int = 3) -> None:
+    params = [p for p in hydra.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    ids, mask = batch()
+    for _ in range(steps):
+        out = hydra(ids, mask, with_values=True)
+        loss = out.logits.float().logsumexp(-1).mean() + out.values.pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("kind", ["bloom", "llama"])
+def test_trunk_once_matches_three_separate_forwards(kind):
+    model = tiny(kind)
+    original = copy.deepcopy(model)
+    hydra = Hydra(model, num_layers_unfrozen=1, value_layers=2)
+    train_a_little(hydra)  # the policy and value branches now differ from the reference
+    ids, mask = batch()
+    with torch.no_grad():
+        out = hydra(ids, mask, with_values=True, with_ref=True)
+        policy = model(input_ids=ids, attention_mask=mask).logits
+        reference = original(input_ids=ids, attention_mask=mask).logits
+        # The value branch as a whole model: the original with its top k_v layers and norm replaced.
+        value_model = copy.deepcopy(original)
+        layers = value_model.base_model.h if kind == "bloom" else value_model.base_model.layers
+        for i, layer in enumerate(hydra.value_layers):
+            layers[len(layers) - 2 + i] = layer
+        if kind == "bloom":
+            value_model.base_model.ln_f = hydra.value_norm
+        else:
+            value_model.base_model.norm = hydra.value_norm
+        hidden = value_model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        values = hydra.value_head(hidden).squeeze(-1)
+    keep = mask.bool()
+    assert torch.allclose(out.logits[keep], policy[keep], atol=1e-5)
+    assert torch.allclose(out.ref_logits[keep], reference[keep], atol=1e-5)
+    assert torch.allclose(out.values[keep], values[keep], atol=1e-5)
+    assert not torch.allclose(out.logits[keep], out.ref_logits[keep], atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["bloom", "llama"])
+def test_what_trains_and_what_never_changes(kind):
+    model = tiny(kind)
+    hydra = Hydra(model, num_layers_unfrozen=1, value_layers=2)
+    before = {name: p.detach().clone() for name, p in hydra.named_parameters(remove_duplicate=False)}
+    ids, mask = batch()
+    with torch.no_grad():
+        start = hydra(ids, mask, with_ref=True)
+    assert torch.equal(start.logits, start.ref_logits)  # step 0: KL to the reference is exactly 0
+    train_a_little(hydra)
+    after = dict(hydra.named_parameters(remove_duplicate=False))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    layer = "transformer.h" if kind == "bloom" else "model.layers"
+    assert not {n for n in changed if n.startswith("ref_")}  # the reference never changes
+    trunk = {n for n in before if n.startswith(f"policy.{layer}.") and not n.startswith(f"policy.{layer}.3.")}
+    assert trunk and not trunk & changed  # nor does the trunk, embeddings included
+    assert not {n for n in changed if "embed" in n}
+    assert {n for n in before if n.startswith(f"policy.{layer}.3.") and n.endswith("weight")} <= changed
+    assert {n for n in before if n.startswith("value_") and n.endswith("weight")} <= changed
+    policy_storage = {p.data_ptr() for p in hydra.policy.parameters()}
+    value_params = [*hydra.value_layers.parameters(), *hydra.value_norm.parameters(), *hydra.value_head.parameters()]
+    assert not policy_storage & {p.data_ptr() for p in value_params}  # the value branch shares nothing
+
+
+def test_layer_counts_are_checked():
+    for k, k_v in [(0, 1), (2, 1), (1, 4), (4, 4)]:
+        with pytest.raises(ValueError, match="1 <= num_layers_unfrozen"):
+            Hydra(tiny("bloom"), k, k_v)
+
+
+def test_exported_policy_loads_plainly_and_matches(tmp_path):
+    hydra = Hydra(tiny("llama"), num_layers_unfrozen=2, value_layers=2)
+    train_a_little(hydra)
+    hydra.policy.save_pretrained(tmp_path / "policy")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids, attention_mask=mask).logits, hydra(ids, mask).logits, atol=1e-6)

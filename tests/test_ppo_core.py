@@ -1,0 +1,81 @@
+import math
+
+import pytest
+import torch
+
+from engine.ppo.core import KLController, RunningMoments, gae, policy_loss, value_loss, whiten
+
+
+def test_gae_matches_a_hand_computation():
+    values = torch.tensor([[0.5, 1.0, 2.0, 9.0]])
+    rewards = torch.tensor([[0.0, 1.0, 3.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the 4th token is padding: its value and reward are ignored
+    gamma, lam = 0.9, 0.5
+    d2 = 3.0 + gamma * 0.0 - 2.0  # last real token: nothing after it
+    d1 = 1.0 + gamma * 2.0 - 1.0
+    d0 = 0.0 + gamma * 1.0 - 0.5
+    a2 = d2
+    a1 = d1 + gamma * lam * a2
+    a0 = d0 + gamma * lam * a1
+    advantages, returns = gae(values, rewards, mask, gamma, lam)
+    assert torch.allclose(advantages, torch.tensor([[a0, a1, a2, 0.0]]))
+    assert torch.allclose(returns, torch.tensor([[a0 + 0.5, a1 + 1.0, a2 + 2.0, 0.0]]))
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5]]))
+    new = torch.log(torch.tensor([[0.75, 0.25, 0.55]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    mask = torch.ones(1, 3)
+    loss, stats = policy_loss(new, old, adv, mask, cliprange=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(0.5, 0.8) = 0.8 (clipped); token 2: -2.2
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
+    assert stats["policy/clipfrac"].item() == pytest.approx(2 / 3)
+    assert stats["ratio"].item() == pytest.approx((1.5 + 0.5 + 1.1) / 3)
+    expected_kl = sum((r - 1) - math.log(r) for r in (1.5, 0.5, 1.1)) / 3
+    assert stats["policy/approx_kl"].item() == pytest.approx(expected_kl, rel=1e-5)
+    masked, _ = policy_loss(new, old, adv, torch.tensor([[1.0, 1.0, 0.0]]), cliprange=0.2)
+    assert masked.item() == pytest.approx((-1.2 + 0.8) / 2)
+
+
+def test_clipped_value_loss_by_hand():
+    old = torch.tensor([[1.0, 1.0]])
+    new = torch.tensor([[2.0, 1.1]])
+    returns = torch.tensor([[3.0, 0.0]])
+    loss, stats = value_loss(new, old, returns, torch.ones(1, 2), cliprange_value=0.5)
+    # token 0: clipped value 1.5 -> max((2-3)^2, (1.5-3)^2) = 2.25; token 1: within the clip -> 1.21
+    assert loss.item() == pytest.approx(0.5 * (2.25 + 1.21) / 2)
+    assert stats["values/clipfrac"].item() == pytest.approx(0.5)
+    assert stats["values/values_error"].item() == pytest.approx((1.0 + 1.21) / 2)
+
+
+def test_whiten_uses_only_real_tokens():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    out = whiten(x, mask)
+    assert torch.allclose(out, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4)
+
+
+def test_adaptive_kl_moves_toward_its_target_and_fixed_does_not():
+    high = KLController(0.1, target=1.0, horizon=100)
+    high.update(current_kl=5.0, n_steps=10)  # KL too high: the penalty grows, by at most 20 % x n/horizon
+    assert high.value == pytest.approx(0.1 * 1.02)
+    low = KLController(0.1, target=1.0, horizon=100)
+    low.update(current_kl=0.9, n_steps=10)
+    assert low.value == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+    fixed = KLController(0.1)
+    fixed.update(current_kl=5.0, n_steps=10)
+    assert fixed.value == 0.1
+
+
+def test_running_moments_match_the_whole_sample():
+    torch.manual_seed(0)
+    xs = torch.randn(300) * 3 + 2
+    moments = RunningMoments()
+    for chunk in xs.split(64):
+        moments.update(chunk)
+    assert moments.mean == pytest.approx(xs.mean().item(), rel=1e-4)
+    assert moments.std == pytest.approx(xs.std().item(), rel=1e-3)
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert restored.std == moments.std
