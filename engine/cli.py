@@ -13,7 +13,7 @@ from engine.data.records import DataError
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("stage", choices=("sft", "rm"))
+    parser.add_argument("stage", choices=STAGES)
     parser.add_argument("recipe", help="recipe YAML, e.g. configs/tiny.yaml")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -55,7 +55,7 @@ class ModelSpec(_Section):
 
 class DataSource(_Section):
     path: str = Field(description="Local .json/.jsonl/.parquet file or folder, or a hub data set id.")
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "preference", "hh"] = Field(
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "preference", "hh", "prompt"] = Field(
         "auto", description="Record format; auto detects it per record from the keys."
     )
     weight: float = Field(
@@ -130,18 +130,24 @@ class RMStage(_Section):
 
 
 class PPOStage(_Section):
-    """Hydra PPO settings (trlx vocabulary); the trainer that reads them is its own module."""
+    """Hydra PPO settings, in trlx's vocabulary."""
 
-    model: ModelSpec | None = Field(None, description="Policy to start from (the SFT output).")
+    model: ModelSpec | None = Field(None, description="Policy to start from (the SFT output); default: the recipe's.")
     reward_model: str | None = Field(None, description="Reward model folder (the RM output).")
-    prompts: list[DataSource] = Field(default_factory=list, description="Prompt sources for rollouts.")
+    reward_fn: str | None = Field(
+        None, description="Instead of a reward model: `module:function(prompts, responses) -> scores`."
+    )
+    prompts: list[DataSource] = Field(min_length=1, description="Prompt sources for rollouts.")
     num_layers_unfrozen: int = Field(2, ge=1, description="k: top layers trained in the policy branch.")
     value_layers: int = Field(2, ge=1, description="k_v: top layers copied into the value branch.")
-    steps: int = Field(100, gt=0, description="PPO steps (rollout + optimisation rounds).")
-    rollout_batch_size: int = Field(64, gt=0, description="Prompts per rollout.")
+    init_value_from_rm: bool = Field(False, description="Start the value branch from the reward model's top layers.")
+    steps: int = Field(100, gt=0, description="PPO steps (one rollout + its optimisation each).")
+    rollout_batch_size: int = Field(64, gt=0, description="Prompts per rollout, per process.")
     minibatch_size: int = Field(8, gt=0, description="Sequences per PPO minibatch.")
     ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout.")
-    lr: float = Field(1e-6, gt=0, description="Learning rate of policy and value branches.")
+    lr: float = Field(1e-6, gt=0, description="Learning rate of the policy and value branches.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
     init_kl_coef: float = Field(0.05, ge=0, description="Initial KL penalty coefficient.")
     target_kl: float | None = Field(6.0, gt=0, description="Adaptive KL target; null = fixed coefficient.")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive KL controller horizon.")
@@ -150,17 +156,33 @@ class PPOStage(_Section):
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip.")
     cliprange_value: float = Field(0.2, gt=0, description="Value clip.")
     vf_coef: float = Field(1.0, ge=0, description="Value loss weight.")
+    scale_reward: Literal["running", "ref"] | None = Field(
+        "running", description="Divide scores by their running std, or by the std of the first rollout."
+    )
+    cliprange_reward: float = Field(10.0, gt=0, description="Clip scaled scores to ± this.")
+    value_warmup_steps: int = Field(0, ge=0, description="First steps train only the value branch.")
+    max_prompt_length: int = Field(256, gt=0, description="Prompt tokens kept (from the end).")
     max_new_tokens: int = Field(128, gt=0, description="Tokens generated per response.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Mixed precision.")
+    save_steps: int = Field(50, gt=0, description="Save a full-state checkpoint every N steps.")
+    samples_per_step: int = Field(4, ge=0, description="Rollout samples kept in runs.db each step.")
+    resume_from_checkpoint: str | bool | None = Field(
+        None, description="A checkpoint folder, or true for the newest one in this run's folder."
+    )
 
     @model_validator(mode="after")
-    def _layers(self) -> PPOStage:
+    def _check(self) -> PPOStage:
         if self.value_layers < self.num_layers_unfrozen:
             raise ValueError(
                 f"value_layers ({self.value_layers}) must be >= num_layers_unfrozen ({self.num_layers_unfrozen})"
             )
+        if (self.reward_model is None) == (self.reward_fn is None):
+            raise ValueError("give exactly one of reward_model and reward_fn")
+        if self.init_value_from_rm and self.reward_model is None:
+            raise ValueError("init_value_from_rm needs reward_model")
         return self
 
 

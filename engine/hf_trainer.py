@@ -10,7 +10,7 @@ from typing import Any, Callable
 from engine.config import RecipeError, TrainArgs
 from engine.data import Mixture
 from engine.models import cuda_available, precision_flags
-from engine.run import RunHandle
+from engine.run import RunHandle, newest_checkpoint
 from engine.track import GracefulStop, StoreCallback
 
 
@@ -40,7 +40,7 @@ def training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval: boo
         dataloader_num_workers=0,
         dataloader_pin_memory=cuda_available(),
         ddp_find_unused_parameters=False,  # every trainable parameter is used; the search costs a graph walk
-        **precision_flags(train),
+        **precision_flags(train.precision),
     )
     if has_eval:
         kwargs.update(eval_strategy="steps", eval_steps=train.eval_steps or train.save_steps)
@@ -65,11 +65,11 @@ def resume_target(value: str | bool | None, handle: RunHandle) -> str | None:
     """
     target: str | None = None
     if value is True:
-        checkpoints = sorted(handle.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        if not checkpoints:
+        newest = newest_checkpoint(handle.output_dir, "trainer_state.json")
+        if newest is None:
             # Starting over under the same run id would write every step twice into its history.
             raise RecipeError(f"resume_from_checkpoint: {handle.output_dir} has no checkpoint to resume from")
-        target = str(checkpoints[-1])
+        target = str(newest)
     elif isinstance(value, str):
         if not (Path(value) / "trainer_state.json").is_file():
             raise RecipeError(f"resume_from_checkpoint: {value} is not a checkpoint folder (no trainer_state.json)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from engine.config import ModelSpec, TrainArgs
+from engine.config import ModelSpec
 
 if TYPE_CHECKING:
     import torch
@@ -30,9 +30,8 @@ def torch_dtype(spec: ModelSpec) -> "torch.dtype":
     return getattr(torch, spec.dtype)
 
 
-def precision_flags(train: TrainArgs) -> dict[str, bool]:
-    """`bf16`/`fp16` keyword arguments of TrainingArguments for the recipe's precision."""
-    precision = train.precision
+def precision_flags(precision: str) -> dict[str, bool]:
+    """`bf16`/`fp16` flags for a recipe's precision (auto = bf16 on a CUDA device that supports it)."""
     if precision == "auto":
         precision = "bf16" if cuda_bf16() else "fp32"
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}

@@ -58,9 +58,16 @@ def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> di
         raise RecipeError(f"run {run_id} is a {run['stage']} run, not {stage}")
     if run["status"] in ("pending", "running"):
         raise RecipeError(f"run {run_id} is {run['status']} (pid {run['pid']}); stop it before resuming")
-    if not any(Path(run["output_dir"]).glob("checkpoint-*")):
+    if not any((p / "trainer_state.json").is_file() or (p / "ppo_state.json").is_file()
+               for p in Path(run["output_dir"]).glob("checkpoint-*")):
         raise RecipeError(f"run {run_id} has no checkpoint in {run['output_dir']} to resume from")
     return run
+
+
+def newest_checkpoint(folder: Path, marker: str) -> Path | None:
+    """The highest-step `checkpoint-N` in `folder` that holds `marker` (a save that completed)."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / marker).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def _raise_stop(signum: int, frame: object) -> None:

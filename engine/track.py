@@ -41,19 +41,18 @@ class StoreCallback(TrainerCallback):
         self.store.prune_checkpoints(self.run_id)
 
 
-class GracefulStop(TrainerCallback):
-    """SIGTERM -> save a checkpoint and end training at the end of the current step."""
+class StopFlag:
+    """SIGTERM sets it; `agreed()` tells every rank at once whether any rank saw it."""
 
     def __init__(self) -> None:
         self.requested = False
-        self.stopped = False
         if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
             signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.requested = True
 
-    def _agreed(self) -> bool:
+    def agreed(self) -> bool:
         # Ranks must agree, or one would enter the checkpoint's collectives alone and hang.
         import torch.distributed as dist
 
@@ -66,8 +65,16 @@ class GracefulStop(TrainerCallback):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+
+class GracefulStop(TrainerCallback):
+    """SIGTERM -> save a checkpoint and end training at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.flag = StopFlag()
+        self.stopped = False
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._agreed():
+        if self.flag.agreed():
             self.stopped = True
             control.should_save = True
             control.should_training_stop = True

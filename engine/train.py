@@ -16,7 +16,7 @@ from engine.data.records import DataError
 from engine.run import tracked_run
 from engine.store import default_db_path
 
-RUNNERS = {"sft": "engine.sft:run_sft", "rm": "engine.reward:run_rm"}
+RUNNERS = {"sft": "engine.sft:run_sft", "rm": "engine.reward:run_rm", "ppo": "engine.ppo.trainer:run_ppo"}
 EXIT_STOPPED = 143  # 128 + SIGTERM: a stopped run is not a success a script should chain on from
 EXIT_BAD_INPUT = 2
 

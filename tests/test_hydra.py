@@ -84,9 +84,20 @@ def test_what_trains_and_what_never_changes(kind):
     assert not {n for n in changed if "embed" in n}
     assert {n for n in before if n.startswith(f"policy.{layer}.3.") and n.endswith("weight")} <= changed
     assert {n for n in before if n.startswith("value_") and n.endswith("weight")} <= changed
+    assert "policy.lm_head.weight" in changed  # the policy's head trains (a tied one is untied for it)
+    if kind == "bloom":  # tied: the reference head is the frozen embedding matrix itself, not a copy
+        assert hydra.ref_head.weight is hydra.policy.get_input_embeddings().weight
     policy_storage = {p.data_ptr() for p in hydra.policy.parameters()}
     value_params = [*hydra.value_layers.parameters(), *hydra.value_norm.parameters(), *hydra.value_head.parameters()]
     assert not policy_storage & {p.data_ptr() for p in value_params}  # the value branch shares nothing
+
+
+def test_a_frozen_shared_head_when_asked():
+    model = tiny("bloom")
+    hydra = Hydra(model, num_layers_unfrozen=1, value_layers=1, train_head=False)
+    embeddings = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is embeddings is hydra.ref_head.weight
+    assert not embeddings.requires_grad
 
 
 def test_layer_counts_are_checked():
@@ -95,8 +106,9 @@ def test_layer_counts_are_checked():
             Hydra(tiny("bloom"), k, k_v)
 
 
-def test_exported_policy_loads_plainly_and_matches(tmp_path):
-    hydra = Hydra(tiny("llama"), num_layers_unfrozen=2, value_layers=2)
+@pytest.mark.parametrize("kind", ["bloom", "llama"])
+def test_exported_policy_loads_plainly_and_matches(tmp_path, kind):
+    hydra = Hydra(tiny(kind), num_layers_unfrozen=2, value_layers=2)
     train_a_little(hydra)
     hydra.policy.save_pretrained(tmp_path / "policy")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()

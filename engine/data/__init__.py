@@ -15,6 +15,7 @@ from typing import Callable, Generic, Sequence, TypeVar
 from engine.config import DataSource
 from engine.data.formats import (
     PREFERENCE_FORMATS,
+    PROMPT_FORMATS,
     SFT_FORMATS,
     PreferencePair,
     detect_format,
@@ -22,7 +23,9 @@ from engine.data.formats import (
 from engine.data.records import DataError, read_records
 from engine.template import Conversation
 
-__all__ = ["DataError", "Mixture", "PreferencePair", "SourceReport", "load_conversations", "load_preferences"]
+__all__ = [
+    "DataError", "Mixture", "PreferencePair", "SourceReport", "load_conversations", "load_preferences", "load_prompts",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -130,3 +133,8 @@ def load_conversations(sources: Sequence[DataSource], seed: int = 0, eval_ratio:
 def load_preferences(sources: Sequence[DataSource], seed: int = 0, eval_ratio: float = 0.0) -> Mixture[PreferencePair]:
     """Preference pairs from all sources, mixed by weight and shuffled with `seed`."""
     return _mix(sources, seed, "preference", PREFERENCE_FORMATS, eval_ratio)
+
+
+def load_prompts(sources: Sequence[DataSource], seed: int = 0) -> Mixture[Conversation]:
+    """Rollout prompts (conversations ending with the user), mixed by weight and shuffled with `seed`."""
+    return _mix(sources, seed, "prompt", PROMPT_FORMATS, 0.0)

@@ -154,6 +154,23 @@ def from_hh(record: dict) -> PreferencePair:
     return PreferencePair(tuple(prompt), chosen[-1].content, rejected[-1].content)
 
 
+def to_prompt(record: dict) -> Conversation:
+    """A rollout prompt: `prompt` (text or messages), an Alpaca/BELLE instruction, or a dialogue whose
+    last assistant turn (if any) is dropped."""
+    if "prompt" in record:
+        return tuple(_prompt_turns(record["prompt"]))
+    if "instruction" in record:
+        return from_alpaca({**record, "output": record.get("output") or "-"})[:1]
+    for key, role_key, text_key in (("messages", "role", "content"), ("conversations", "from", "value")):
+        if key in record:
+            turns = _turns(record[key], key, role_key, text_key)
+            if turns and turns[-1].role == "assistant":
+                turns = turns[:-1]
+            check_conversation(turns, ends_with="user")
+            return tuple(turns)
+    raise ValueError(f"keys {sorted(record)}: expected prompt, instruction, messages or conversations")
+
+
 SFT_FORMATS: dict[str, Callable[[dict], Conversation]] = {
     "alpaca": from_alpaca,
     "sharegpt": from_sharegpt,
@@ -166,9 +183,14 @@ PREFERENCE_FORMATS: dict[str, Callable[[dict], PreferencePair]] = {
 }
 
 
+PROMPT_FORMATS: dict[str, Callable[[dict], Conversation]] = {"prompt": to_prompt}
+
+
 def detect_format(record: dict, kind: str) -> str:
     """The format of one record, from its keys."""
     keys = set(record)
+    if kind == "prompt":
+        return "prompt"
     if kind == "preference":
         if {"chosen", "rejected"} <= keys:
             return "preference" if "prompt" in keys else "hh"

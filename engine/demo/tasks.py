@@ -25,6 +25,7 @@ class QA:
     input: str
     answer: str
     bad_answer: str
+    key: str  # what a correct answer must contain (the sum, the translated word, the opposite)
 
     @property
     def question(self) -> str:
@@ -36,24 +37,24 @@ def _arithmetic(rng: random.Random) -> list[QA]:
     for a in range(1, 10):
         for b in range(1, 10, 2):
             wrong = a + b + rng.choice([-2, -1, 1, 2])
-            out.append(QA(f"What is {a} plus {b}?", "", f"{a} plus {b} is {a + b}.", f"{wrong}?"))
-            out.append(QA(f"{a}加{b}等于几？", "", f"{a}加{b}等于{a + b}。", "不知道。"))
+            out.append(QA(f"What is {a} plus {b}?", "", f"{a} plus {b} is {a + b}.", f"{wrong}?", str(a + b)))
+            out.append(QA(f"{a}加{b}等于几？", "", f"{a}加{b}等于{a + b}。", "不知道。", str(a + b)))
     return out
 
 
 def _translation() -> list[QA]:
     out = []
     for en, zh in WORDS:
-        out.append(QA("Translate the word into Chinese.", en, f'"{en}" in Chinese is {zh}.', "No."))
-        out.append(QA("把这个词翻译成英文。", zh, f"“{zh}”的英文是 {en}。", "不。"))
+        out.append(QA("Translate the word into Chinese.", en, f'"{en}" in Chinese is {zh}.', "No.", zh))
+        out.append(QA("把这个词翻译成英文。", zh, f"“{zh}”的英文是 {en}。", "不。", en))
     return out
 
 
 def _opposites() -> list[QA]:
     out = []
     for en_a, en_b, zh_a, zh_b in OPPOSITES:
-        out.append(QA(f"What is the opposite of {en_a}?", "", f"The opposite of {en_a} is {en_b}.", "I don't know."))
-        out.append(QA(f"“{zh_a}”的反义词是什么？", "", f"“{zh_a}”的反义词是“{zh_b}”。", "不知道。"))
+        out.append(QA(f"What is the opposite of {en_a}?", "", f"The opposite of {en_a} is {en_b}.", "I don't know.", en_b))
+        out.append(QA(f"“{zh_a}”的反义词是什么？", "", f"“{zh_a}”的反义词是“{zh_b}”。", "不知道。", zh_b))
     return out
 
 

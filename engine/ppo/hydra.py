@@ -10,8 +10,10 @@ layers L-k and L-k_v catch what the model itself passes to them — hidden state
 rotary position embeddings — and the reference and value layers run on exactly those inputs. Nothing
 about an architecture is re-implemented here, so BLOOM (ALiBi) and Llama/Qwen (rotary) work alike.
 
-An LM head tied to the frozen embeddings (BLOOM, small Llamas) is frozen with them, and the reference
-shares it instead of copying it: the values are identical by construction.
+An LM head tied to the embeddings (BLOOM, small Llamas) is untied for training: the policy gets its own
+trainable copy and the reference keeps the original, which is the frozen embedding matrix itself (no copy
+needed). With `train_head=False` the head stays tied and frozen and both branches share it, which saves
+the head's weights and optimizer state (a quarter of bloomz-7b1's parameters).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def _run_layers(layers: nn.ModuleList, call: tuple[tuple, dict]) -> torch.Tensor
 
 
 class Hydra(nn.Module):
-    def __init__(self, model: nn.Module, num_layers_unfrozen: int, value_layers: int):
+    def __init__(self, model: nn.Module, num_layers_unfrozen: int, value_layers: int, train_head: bool = True):
         super().__init__()
         layers = decoder_layers(model)
         self.num_layers = len(layers)
@@ -91,16 +93,20 @@ class Hydra(nn.Module):
         head = model.get_output_embeddings()
 
         model.requires_grad_(False)
-        for module in (*top, norm, head):
-            module.requires_grad_(True)
         tied = head.weight is model.get_input_embeddings().weight
-        if tied:
-            head.requires_grad_(False)  # it is the frozen embedding matrix
-
         self.ref_layers = _frozen_copy(nn.ModuleList(top))
         self.ref_norm = _frozen_copy(norm)
-        # A frozen head is shared, not copied: it never changes, and it can be the largest matrix of all.
-        self.ref_head = head if tied else _frozen_copy(head)
+        if tied:
+            # The frozen embedding matrix is the reference head as it is: shared, never copied.
+            self.ref_head = _frozen_copy_sharing(head)
+            if train_head:
+                head.weight = nn.Parameter(head.weight.detach().clone())
+                model.config.tie_word_embeddings = False
+                model.config.get_text_config().tie_word_embeddings = False
+        else:
+            self.ref_head = _frozen_copy(head)
+        for module in (*top, norm) + ((head,) if train_head else ()):
+            module.requires_grad_(True)
 
         self.value_layers = copy.deepcopy(nn.ModuleList(list(layers)[self.num_layers - self.k_v :]))
         self.value_norm = copy.deepcopy(norm)
@@ -166,6 +172,14 @@ class Hydra(nn.Module):
     def load_branch_state(self, state: dict[str, Any]) -> None:
         for name, module_state in state.items():
             getattr(self, name).load_state_dict(module_state)
+
+
+def _frozen_copy_sharing(head: nn.Module) -> nn.Module:
+    """A head module of its own whose weight is the same tensor as `head`'s."""
+    clone = copy.copy(head)
+    clone._parameters = dict(head._parameters)
+    clone.requires_grad_(False)
+    return clone
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:

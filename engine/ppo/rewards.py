@@ -1,0 +1,67 @@
+"""Scores for rollouts: the reward model of the RM stage, or any `reward_fn(prompts, responses)`."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from engine.template import Conversation, render_prompt, tokenize_pair
+
+
+class Scorer(Protocol):
+    def __call__(self, prompts: Sequence[Conversation], responses: Sequence[str]) -> torch.Tensor: ...
+
+
+class RewardModelScorer:
+    """A sequence-classification reward model; pairs are tokenized exactly as in RM training."""
+
+    def __init__(self, path: str, device: torch.device, batch_size: int = 16, dtype: torch.dtype | None = None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
+        self.pad = self.model.config.pad_token_id
+        if self.pad is None:
+            raise ValueError(f"{path}: the reward model's config has no pad_token_id")
+        self.device = device
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Conversation], responses: Sequence[str]) -> torch.Tensor:
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            ids = [tokenize_pair(self.tokenizer, p, r) for p, r in
+                   zip(prompts[start : start + self.batch_size], responses[start : start + self.batch_size])]
+            width = max(map(len, ids))
+            batch = torch.tensor([x + [self.pad] * (width - len(x)) for x in ids], device=self.device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
+            scores.append(self.model(input_ids=batch, attention_mask=mask).logits[:, 0].float())
+        return torch.cat(scores)
+
+
+class FunctionScorer:
+    """`fn(prompts, responses) -> list[float]` on rendered prompt texts, e.g. a rule or a judge client."""
+
+    def __init__(self, fn: Callable[[list[str], list[str]], Sequence[float]], device: torch.device):
+        self.fn = fn
+        self.device = device
+
+    def __call__(self, prompts: Sequence[Conversation], responses: Sequence[str]) -> torch.Tensor:
+        scores = list(self.fn([render_prompt(p) for p in prompts], list(responses)))
+        if len(scores) != len(responses):
+            raise ValueError(f"reward_fn returned {len(scores)} scores for {len(responses)} responses")
+        return torch.tensor([float(s) for s in scores], device=self.device)
+
+
+def import_function(spec: str) -> Callable[..., Any]:
+    """`package.module:function` -> the function."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"reward_fn {spec!r}: expected module:function")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward_fn {spec!r}: {err}") from None

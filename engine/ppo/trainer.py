@@ -1,0 +1,343 @@
+"""The PPO loop on the hydra, trlx style. One step, top to bottom:
+
+    sample prompts -> generate (policy) -> score -> one no-grad hydra forward (old logprobs, reference
+    logprobs, old values) -> per-token KL penalty + score -> GAE, whitened advantages -> PPO epochs over
+    minibatches (clipped policy and value losses) -> KL controller -> metrics and samples to runs.db
+
+Full-state checkpoints (`<run>/checkpoint-<step>/`): `policy/` (a plain Hugging Face folder), the
+reference and value branches, optimizer, RNG per rank, and `ppo_state.json` (step, KL coefficient,
+reward moments, data position, best score). SIGTERM saves one at the end of the step and stops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import PPOStage, Recipe, RecipeError
+from engine.data import load_prompts
+from engine.models import load_causal_lm, load_tokenizer, precision_flags
+from engine.ppo import core
+from engine.ppo.hydra import Hydra
+from engine.ppo.rewards import FunctionScorer, RewardModelScorer, Scorer, import_function
+from engine.ppo.rollout import Rollout, generate
+from engine.run import RunHandle, newest_checkpoint
+from engine.track import StopFlag
+
+log = logging.getLogger(__name__)
+STATE_FILE = "ppo_state.json"
+BRANCHES_FILE = "branches.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass
+class PPOState:
+    step: int = 0
+    data_position: int = 0  # prompts consumed, over all ranks
+    kl: dict[str, float] = field(default_factory=dict)
+    moments: dict[str, float] = field(default_factory=dict)
+    ref_std: float | None = None
+    best_score: float | None = None
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+@lru_cache(maxsize=2)
+def _prompt_order(count: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(count))
+    random.Random(seed * 100003 + epoch).shuffle(order)
+    return order
+
+
+def _scorer(recipe: Recipe, stage: PPOStage, device: torch.device) -> Scorer:
+    if stage.reward_model is not None:
+        return RewardModelScorer(stage.reward_model, device)
+    try:
+        return FunctionScorer(import_function(stage.reward_fn), device)
+    except ValueError as err:
+        raise RecipeError(f"{recipe.where('ppo.reward_fn')}: ppo.{err}") from None
+
+
+class PPOTrainer:
+    def __init__(self, recipe: Recipe, handle: RunHandle):
+        from accelerate import Accelerator
+
+        self.recipe = recipe
+        self.stage: PPOStage = recipe.stage("ppo")  # type: ignore[assignment]
+        self.handle = handle
+        flags = precision_flags(self.stage.precision)
+        self.accelerator = Accelerator(mixed_precision="bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no")
+        self.device = self.accelerator.device
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+
+        spec = recipe.stage_model("ppo")
+        self.tokenizer = load_tokenizer(spec)
+        self.tokenizer.padding_side = "left"
+        self.tokenizer.truncation_side = "left"  # keep the end of a long prompt: it is where the answer starts
+        self.prompts = load_prompts(self.stage.prompts, recipe.seed).train
+        self.scorer = _scorer(recipe, self.stage, self.device)
+        self.state = PPOState()
+        self.resume_dir = self._resume_dir()
+
+        model = load_causal_lm(spec if self.resume_dir is None else spec.model_copy(
+            update={"path": str(self.resume_dir / "policy")}))
+        self.hydra = Hydra(model, self.stage.num_layers_unfrozen, self.stage.value_layers)
+        if self.resume_dir is not None:
+            self.hydra.load_branch_state(torch.load(self.resume_dir / BRANCHES_FILE, map_location="cpu"))
+        elif self.stage.init_value_from_rm:
+            self.hydra.init_value_from(self.scorer.model)  # type: ignore[attr-defined]
+        trainable = [p for p in self.hydra.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.stage.lr, weight_decay=self.stage.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(self.hydra, optimizer)
+        self.kl = core.KLController(self.stage.init_kl_coef, self.stage.target_kl, self.stage.kl_horizon)
+        self.moments = core.RunningMoments()
+        if self.resume_dir is not None:
+            self._load_state(self.resume_dir)
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def _resume_dir(self) -> Path | None:
+        value = self.stage.resume_from_checkpoint
+        if value is None or value is False:
+            return None
+        if value is True:
+            newest = newest_checkpoint(self.handle.output_dir, STATE_FILE)
+            if newest is None:
+                raise RecipeError(f"resume_from_checkpoint: {self.handle.output_dir} has no checkpoint to resume from")
+            return newest
+        path = Path(value)
+        if not (path / STATE_FILE).is_file():
+            raise RecipeError(f"resume_from_checkpoint: {value} is not a PPO checkpoint (no {STATE_FILE})")
+        return path
+
+    def _load_state(self, folder: Path) -> None:
+        self.state = PPOState(**json.loads((folder / STATE_FILE).read_text()))
+        self.kl.load_state_dict(self.state.kl)
+        self.moments.load_state_dict(self.state.moments)
+        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu"))
+        rng = torch.load(folder / f"rng_{self.rank}.pt", map_location="cpu", weights_only=False)
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if self.handle.store is not None:
+            self.handle.store.drop_metrics_after(self.handle.run_id, self.state.step)
+        log.info("resumed from %s at step %d", folder, self.state.step)
+
+    def save(self, folder: Path) -> None:
+        self.state.kl = self.kl.state_dict()
+        self.state.moments = self.moments.state_dict()
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.export_policy(folder / "policy")
+            torch.save(self.hydra.branch_state(), folder / BRANCHES_FILE)
+            torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+        self.accelerator.wait_for_everyone()
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save(rng, folder / f"rng_{self.rank}.pt")
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            # Written last: a folder without it is an interrupted save, never resumed from.
+            (folder / STATE_FILE).write_text(json.dumps(asdict(self.state)))
+            if self.handle.store is not None:
+                self.handle.store.add_checkpoint(self.handle.run_id, self.state.step, str(folder),
+                                                 {"best_score": self.state.best_score}, full_state=True)
+
+    def export_policy(self, folder: Path) -> None:
+        self.hydra.policy.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+    # -- one step ---------------------------------------------------------------------------------------
+    def _next_prompts(self) -> list:
+        size = self.stage.rollout_batch_size
+        start = self.state.data_position + self.rank * size
+        picked = []
+        for i in range(start, start + size):
+            epoch, index = divmod(i, len(self.prompts))
+            picked.append(self.prompts[_prompt_order(len(self.prompts), self.recipe.seed, epoch)[index]])
+        self.state.data_position += size * self.world
+        return picked
+
+    def _scale(self, scores: torch.Tensor) -> torch.Tensor:
+        mean, std = self.moments.update(scores, distributed=self.world > 1)
+        if self.stage.scale_reward == "running":
+            scores = scores / max(self.moments.std, 1e-8)
+        elif self.stage.scale_reward == "ref":
+            if self.state.ref_std is None:
+                self.state.ref_std = std
+            scores = scores / max(self.state.ref_std, 1e-8)
+        return scores.clamp(-self.stage.cliprange_reward, self.stage.cliprange_reward)
+
+    def _response_stats(self, out: Any, rollout: Rollout) -> tuple[torch.Tensor, ...]:
+        """Log-probs, reference log-probs and values at the positions that emit each response token."""
+        start = rollout.prompt_length - 1
+        end = rollout.input_ids.shape[1] - 1
+        tokens = rollout.response_ids
+        logprobs = core.logprobs_of(out.logits[:, start:end], tokens)
+        ref = core.logprobs_of(out.ref_logits[:, start:end], tokens) if out.ref_logits is not None else None
+        values = out.values[:, start:end].float() if out.values is not None else None
+        return logprobs, ref, values
+
+    def step(self) -> dict[str, float]:
+        stage = self.stage
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped.eval()  # no dropout anywhere: the first PPO epoch's ratio must start at exactly 1
+
+        t0 = time.perf_counter()
+        prompts = self._next_prompts()
+        rollout = generate(unwrapped.policy, self.tokenizer, prompts, stage)
+        raw_scores = self.scorer(rollout.prompts, rollout.responses).float()
+        scores = self._scale(raw_scores)
+        t_rollout = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = unwrapped(rollout.input_ids, rollout.attention_mask, with_values=True, with_ref=True)
+            old_logprobs, ref_logprobs, old_values = self._response_stats(out, rollout)
+        del out
+        mask = rollout.response_mask
+        log_ratio = (old_logprobs - ref_logprobs) * mask
+        kl_k3 = ((torch.exp(-log_ratio) - 1) + log_ratio) * mask
+        rewards = -self.kl.value * log_ratio
+        last = (mask.sum(1).long() - 1).clamp(min=0)
+        rewards[torch.arange(len(last)), last] += scores
+        advantages, returns = core.gae(old_values, rewards, mask, stage.gamma, stage.lam)
+        advantages = core.whiten(advantages, mask, distributed=self.world > 1)
+        t_forward = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        warmup = self.state.step < stage.value_warmup_steps
+        sums: dict[str, float] = {}
+        updates = 0
+        for _ in range(stage.ppo_epochs):
+            order = torch.randperm(len(prompts), device=mask.device)
+            for start in range(0, len(prompts), stage.minibatch_size):
+                idx = order[start : start + stage.minibatch_size]
+                mb = Rollout([], rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_length,
+                             mask[idx], [])
+                out = self.model(mb.input_ids, mb.attention_mask, with_values=True)
+                logprobs, _, values = self._response_stats(out, mb)
+                pg_loss, pg_stats = core.policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb.response_mask,
+                                                     stage.cliprange)
+                vf_loss, vf_stats = core.value_loss(values, old_values[idx], returns[idx], mb.response_mask,
+                                                    stage.cliprange_value)
+                # During value warm-up the policy term is kept at weight 0: every parameter stays in the
+                # graph (DDP needs that) and the policy gets exactly zero gradient.
+                loss = (0.0 if warmup else 1.0) * pg_loss + stage.vf_coef * vf_loss
+                self.optimizer.zero_grad(set_to_none=True)
+                self.accelerator.backward(loss)
+                if stage.max_grad_norm is not None:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), stage.max_grad_norm)
+                self.optimizer.step()
+                for name, value in {"losses/total_loss": loss, "losses/policy_loss": pg_loss,
+                                    "losses/value_loss": vf_loss, **pg_stats, **vf_stats}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                updates += 1
+        t_backward = time.perf_counter() - t0
+
+        mean_kl = self._global_mean((log_ratio.sum(1)))
+        self.kl.update(mean_kl, n_steps=len(prompts) * self.world)
+        tokens = float(self._global_sum(mask.sum()))
+        metrics = {name: total / updates for name, total in sums.items()}
+        metrics.update({
+            "rollout_scores/mean": self._global_mean(raw_scores),
+            "rollout_scores/std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
+            "rollout_scores/scaled_mean": self._global_mean(scores),
+            "policy/kl_per_token": float(core.masked_mean(log_ratio, mask)),
+            "policy/kl_k3_per_token": float(core.masked_mean(kl_k3, mask)),
+            "policy/sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
+            "kl_ctl_value": self.kl.value,
+            "values/mean": float(core.masked_mean(old_values, mask)),
+            "returns/mean": float(core.masked_mean(returns, mask)),
+            "padding_percentage": 1.0 - float(mask.mean()),
+            "response_length/mean": float(mask.sum(1).mean()),
+            "time/rollout": t_rollout,
+            "time/forward": t_forward,
+            "time/backward": t_backward,
+            "time/tokens_per_s": tokens / max(t_rollout + t_forward + t_backward, 1e-9),
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
+        })
+        self._samples = list(zip(rollout.prompts, rollout.responses, raw_scores.tolist()))
+        return metrics
+
+    def _global_mean(self, x: torch.Tensor) -> float:
+        stats = torch.stack([x.float().sum(), torch.tensor(float(x.numel()), device=x.device)])
+        stats = core._all_reduce_sum(stats) if self.world > 1 else stats
+        return float(stats[0] / stats[1].clamp(min=1))
+
+    def _global_sum(self, x: torch.Tensor) -> float:
+        return float(core._all_reduce_sum(x.float().reshape(1)) if self.world > 1 else x)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def train(self) -> Path:
+        from engine.template import render_prompt
+
+        stage, handle, store = self.stage, self.handle, self.handle.store
+        stop = StopFlag()
+        if store is not None:
+            store.update_run(handle.run_id, total_steps=stage.steps)
+        while self.state.step < stage.steps:
+            metrics = self.step()
+            self.state.step += 1
+            bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+            any_bad = self._global_sum(torch.tensor(float(bool(bad)), device=self.device)) > 0
+            score = metrics["rollout_scores/mean"]
+            if self.state.best_score is None or score > self.state.best_score:
+                self.state.best_score = score
+            if store is not None:
+                store.log_metrics(handle.run_id, self.state.step, metrics)
+                kept = self._samples[: stage.samples_per_step]
+                store.add_samples(handle.run_id, self.state.step, [(render_prompt(p), r, s) for p, r, s in kept])
+            if any_bad:  # every rank stops together, or the others would wait for it forever
+                what = f"{', '.join(bad)} became {metrics[bad[0]]}" if bad else "another rank's metrics became NaN/inf"
+                raise Diverged(f"{what} at step {self.state.step}")
+            stopping = stop.agreed()
+            if stopping or self.state.step % stage.save_steps == 0 or self.state.step == stage.steps:
+                self.save(handle.output_dir / f"checkpoint-{self.state.step}")
+            if stopping:
+                handle.status = "stopped"
+                return handle.output_dir / f"checkpoint-{self.state.step}"
+        final = handle.output_dir / "final"
+        if self.accelerator.is_main_process:
+            self.export_policy(final)
+            if store is not None:
+                store.add_checkpoint(handle.run_id, self.state.step, str(final), {"best_score": self.state.best_score})
+        self.accelerator.wait_for_everyone()
+        log.info("rank %d trainable weights digest %s", self.rank, weights_digest(self.hydra))
+        return final
+
+
+def weights_digest(hydra: Hydra) -> str:
+    """A hash of every trainable parameter: ranks of a data-parallel run must print the same one."""
+    digest = hashlib.sha256()
+    for name, param in hydra.named_parameters():
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run_ppo(recipe: Recipe, handle: RunHandle) -> Path:
+    trainer = PPOTrainer(recipe, handle)
+    try:
+        return trainer.train()
+    except Diverged as err:
+        handle.status = "diverged"
+        if handle.store is not None:
+            handle.store.update_run(handle.run_id, error=str(err))
+        log.error("run diverged: %s", err)
+        return handle.output_dir
