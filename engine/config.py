@@ -55,9 +55,9 @@ class ModelSpec(_Section):
 
 class DataSource(_Section):
     path: str = Field(description="Local .json/.jsonl/.parquet file or folder, or a hub data set id.")
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "preference", "hh", "prompt"] = Field(
-        "auto", description="Record format; auto detects it per record from the keys."
-    )
+    format: Literal[
+        "auto", "alpaca", "sharegpt", "messages", "prompt_completion", "preference", "hh", "prompt"
+    ] = Field("auto", description="Record format; auto detects it per record from the keys.")
     weight: float = Field(
         1.0, gt=0, description="Share in the mixture: 1 = every record once, 0.5 = a seeded half, 2 = twice."
     )

@@ -53,7 +53,8 @@ def _translation() -> list[QA]:
 def _opposites() -> list[QA]:
     out = []
     for en_a, en_b, zh_a, zh_b in OPPOSITES:
-        out.append(QA(f"What is the opposite of {en_a}?", "", f"The opposite of {en_a} is {en_b}.", "I don't know.", en_b))
+        answer = f"The opposite of {en_a} is {en_b}."
+        out.append(QA(f"What is the opposite of {en_a}?", "", answer, "I don't know.", en_b))
         out.append(QA(f"“{zh_a}”的反义词是什么？", "", f"“{zh_a}”的反义词是“{zh_b}”。", "不知道。", zh_b))
     return out
 

@@ -24,7 +24,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_mean_var(x: torch.Tensor, mask: torch.Tensor, distributed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_mean_var(
+    x: torch.Tensor, mask: torch.Tensor, distributed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased variance over the masked entries, across ranks when `distributed`."""
     stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
     if distributed:

@@ -96,9 +96,10 @@ class Hydra(nn.Module):
         tied = head.weight is model.get_input_embeddings().weight
         self.ref_layers = _frozen_copy(nn.ModuleList(top))
         self.ref_norm = _frozen_copy(norm)
+        self.ref_head_shared = tied
         if tied:
             # The frozen embedding matrix is the reference head as it is: shared, never copied.
-            self.ref_head = _frozen_copy_sharing(head)
+            self.ref_head = _linear_sharing(model.get_input_embeddings().weight)
             if train_head:
                 head.weight = nn.Parameter(head.weight.detach().clone())
                 model.config.tie_word_embeddings = False
@@ -160,26 +161,39 @@ class Hydra(nn.Module):
         return HydraOutput(logits=logits, values=values, ref_logits=ref_logits)
 
     def branch_state(self) -> dict[str, Any]:
-        """Reference and value branches, for a full-state checkpoint beside the exported policy."""
-        return {
+        """Reference and value branches, for a full-state checkpoint beside the exported policy.
+
+        A reference head that is the embedding matrix is not saved: the policy folder holds it.
+        """
+        state: dict[str, Any] = {
             "ref_layers": self.ref_layers.state_dict(),
             "ref_norm": self.ref_norm.state_dict(),
             "value_layers": self.value_layers.state_dict(),
             "value_norm": self.value_norm.state_dict(),
             "value_head": self.value_head.state_dict(),
+            "ref_head_shared": self.ref_head_shared,
         }
+        if not self.ref_head_shared:
+            state["ref_head"] = self.ref_head.state_dict()
+        return state
 
     def load_branch_state(self, state: dict[str, Any]) -> None:
+        """Restore the branches of `branch_state` onto a hydra built from the saved policy."""
+        state = dict(state)
+        self.ref_head_shared = state.pop("ref_head_shared")
+        if self.ref_head_shared:
+            self.ref_head = _linear_sharing(self.policy.get_input_embeddings().weight)
         for name, module_state in state.items():
             getattr(self, name).load_state_dict(module_state)
 
 
-def _frozen_copy_sharing(head: nn.Module) -> nn.Module:
-    """A head module of its own whose weight is the same tensor as `head`'s."""
-    clone = copy.copy(head)
-    clone._parameters = dict(head._parameters)
-    clone.requires_grad_(False)
-    return clone
+def _linear_sharing(weight: nn.Parameter) -> nn.Linear:
+    """A frozen bias-free linear head whose weight is `weight` itself (the embedding matrix)."""
+    vocab, hidden = weight.shape
+    head = nn.Linear(hidden, vocab, bias=False, device="meta")
+    head.weight = weight
+    head.requires_grad_(False)
+    return head
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:

@@ -1,0 +1,127 @@
+"""The PPO stage end to end on the tiny demo, with rule rewards (tests/ppo_rewards.py)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from engine.launch import run_foreground
+from engine.ppo.hydra import Hydra
+from engine.store import Store
+from engine.train import run_stage
+from tests.conftest import REPO, RLHF, TINY
+from tests.helpers import metric, run_row
+
+TOY = ["reward_fn=tests.ppo_rewards:share_of_letter_a", "lr=3e-3", "rollout_batch_size=32", "max_new_tokens=8"]
+TRLX_NAMES = [
+    "rollout_scores/mean", "rollout_scores/std", "policy/approx_kl", "policy/clipfrac", "policy/kl_per_token",
+    "kl_ctl_value", "losses/total_loss", "losses/policy_loss", "losses/value_loss", "values/mean",
+    "values/values_error", "values/clipfrac", "returns/mean", "ratio", "padding_percentage", "time/rollout",
+    "time/forward", "time/backward", "time/tokens_per_s", "learning_rate",
+]
+
+
+def values(run_id: int, name: str) -> list[float]:
+    return [v for _, v in metric(run_id, name)]
+
+
+def test_reward_rises_and_the_kl_controller_follows_its_target(workdir):
+    run_id, status = run_stage("ppo", str(TINY), [*TOY, "steps=24", "target_kl=1.0", "kl_horizon=1000"])
+    assert status == "done"
+    scores = values(run_id, "rollout_scores/mean")
+    assert len(scores) == 24
+    assert sum(scores[-4:]) / 4 > 3 * sum(scores[:4]) / 4  # the toy reward climbs clearly
+    for name in TRLX_NAMES:
+        assert [s for s, _ in metric(run_id, name)] == list(range(1, 25)), name
+    assert values(run_id, "policy/kl_per_token")[0] == 0.0  # step 0: the policy is the reference
+    # Adaptive control: the coefficient moves up when the KL is above target and down when below.
+    coef = [0.05] + values(run_id, "kl_ctl_value")
+    kl = [v * v for v in values(run_id, "policy/sqrt_kl")]
+    for before, after, current in zip(coef, coef[1:], kl):
+        assert (after > before) == (current > 1.0), (before, after, current)
+    with Store(os.environ["RLHF_DB"]) as store:
+        samples = store.samples(run_id)
+        assert len(samples) == 24 * 4 and {s["step"] for s in samples} == set(range(1, 25))
+        assert all(s["prompt"].endswith("\nASSISTANT:") for s in samples)
+    final = Path(run_row(run_id)["output_dir"]) / "final"
+    AutoModelForCausalLM.from_pretrained(final)  # the policy is a plain Hugging Face folder
+
+
+def test_resume_reproduces_an_uninterrupted_run(workdir):
+    """Weights, optimizer, KL coefficient, reward statistics, data position and RNG all come back: the
+    resumed run's steps 4-6 are the uninterrupted run's steps 4-6."""
+    whole, _ = run_stage("ppo", str(TINY), [*TOY, "steps=6", "save_steps=100"])
+    part, _ = run_stage("ppo", str(TINY), [*TOY, "steps=3", "save_steps=100"])
+    state = json.loads((Path(run_row(part)["output_dir"]) / "checkpoint-3" / "ppo_state.json").read_text())
+    assert state["step"] == 3 and state["data_position"] == 3 * 32
+    assert state["kl"]["value"] == values(part, "kl_ctl_value")[-1]
+    resumed = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", str(part),
+                              *sum((["--set", o] for o in [*TOY, "steps=6", "save_steps=100"]), [])],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [s for s, _ in metric(part, "kl_ctl_value")] == list(range(1, 7))
+    for name in ("rollout_scores/mean", "kl_ctl_value", "losses/total_loss", "values/mean"):
+        assert values(part, name) == pytest.approx(values(whole, name), rel=1e-5, abs=1e-7), name
+
+
+def test_sigterm_saves_full_state_and_stops(workdir):
+    proc = subprocess.Popen([*RLHF, "train", "ppo", str(TINY), *sum((["--set", o] for o in [*TOY, "steps=500"]), [])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists("runs.db") and _steps(1) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    run = run_row(1)
+    assert run["status"] == "stopped" and run["step"] < 500
+    folder = Path(run["output_dir"]) / f"checkpoint-{run['step']}"
+    for name in ("ppo_state.json", "branches.pt", "optimizer.pt", "rng_0.pt", "policy/model.safetensors"):
+        assert (folder / name).is_file(), name
+
+
+def test_divergence_stops_the_run_and_names_the_metric(workdir):
+    run_id, status = run_stage("ppo", str(TINY), ["reward_fn=tests.ppo_rewards:nan_after_a_while", "steps=5",
+                                                  "rollout_batch_size=4", "max_new_tokens=4"])
+    assert status == "diverged"
+    run = run_row(run_id)
+    assert run["status"] == "diverged" and "rollout_scores/mean" in run["error"] and "at step 1" in run["error"]
+
+
+def test_two_ranks_agree_on_the_weights(workdir):
+    run_id, code = run_foreground("ppo", str(TINY), [*TOY, "steps=2", "rollout_batch_size=8"],
+                                  str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml"), echo=False)
+    assert code == 0
+    run = run_row(run_id)
+    assert run["status"] == "done" and run["world_size"] == 2
+    log = (Path(run["output_dir"]) / "train.log").read_text()
+    digests = dict(re.findall(r"rank (\d) trainable weights digest (\w+)", log))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    assert len(values(run_id, "rollout_scores/mean")) == 2  # rank 0 alone writes
+
+
+def test_value_branch_starts_from_the_reward_model(workdir):
+    """Initialised from the RM, the value at the last token is the RM's score of the sequence."""
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained("demo/model", num_labels=1, pad_token_id=3).eval()
+    policy = AutoModelForCausalLM.from_pretrained("demo/model").eval()
+    hydra = Hydra(policy, num_layers_unfrozen=1, value_layers=2)
+    hydra.init_value_from(rm)
+    ids = torch.randint(4, 500, (2, 7))
+    with torch.no_grad():
+        out = hydra(ids, torch.ones_like(ids))
+        assert torch.allclose(out.values[:, -1], rm(input_ids=ids).logits[:, 0], atol=1e-5)
+
+
+def _steps(run_id: int) -> int:
+    try:
+        return len(metric(run_id, "kl_ctl_value"))
+    except Exception:
+        return 0
