@@ -82,9 +82,27 @@ def test_sigterm_saves_full_state_and_stops(workdir):
     assert proc.returncode == 143, err[-2000:]
     run = run_row(1)
     assert run["status"] == "stopped" and run["step"] < 500
-    folder = Path(run["output_dir"]) / f"checkpoint-{run['step']}"
+    stopped_at = run["step"]
+    folder = Path(run["output_dir"]) / f"checkpoint-{stopped_at}"
     for name in ("ppo_state.json", "branches.pt", "optimizer.pt", "rng_0.pt", "policy/model.safetensors"):
         assert (folder / name).is_file(), name
+    saved_kl = json.loads((folder / "ppo_state.json").read_text())["kl"]["value"]
+    assert saved_kl == values(1, "kl_ctl_value")[-1]
+
+    resumed = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", "1",
+                              *sum((["--set", o] for o in [*TOY, f"steps={stopped_at + 2}"]), [])],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [s for s, _ in metric(1, "kl_ctl_value")] == list(range(1, stopped_at + 3))
+    assert run_row(1)["status"] == "done"
+
+
+def test_value_warmup_leaves_the_policy_untouched(workdir):
+    run_id, _ = run_stage("ppo", str(TINY), [*TOY, "steps=3", "value_warmup_steps=2"])
+    kl = values(run_id, "policy/kl_per_token")
+    assert kl[:3] == [0.0, 0.0, 0.0]  # rollouts of steps 1-3 come from a policy still equal to the reference
+    value_loss = values(run_id, "losses/value_loss")
+    assert value_loss[2] < value_loss[0]  # while the value branch learns
 
 
 def test_divergence_stops_the_run_and_names_the_metric(workdir):
