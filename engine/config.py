@@ -156,6 +156,9 @@ class PPOStage(_Section):
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip.")
     cliprange_value: float = Field(0.2, gt=0, description="Value clip.")
     vf_coef: float = Field(1.0, ge=0, description="Value loss weight.")
+    score_baseline: Literal["none", "reference"] = Field(
+        "none", description="reference: subtract the score of the reference's own answer (one per prompt)."
+    )
     scale_reward: Literal["running", "ref"] | None = Field(
         "running", description="Divide scores by their running std, or by the std of the first rollout."
     )

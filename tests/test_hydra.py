@@ -92,6 +92,24 @@ def test_what_trains_and_what_never_changes(kind):
     assert not policy_storage & {p.data_ptr() for p in value_params}  # the value branch shares nothing
 
 
+@pytest.mark.parametrize("kind", ["bloom", "llama"])
+def test_as_reference_is_the_reference_branch_and_puts_everything_back(kind):
+    model = tiny(kind)
+    hydra = Hydra(model, num_layers_unfrozen=2, value_layers=2)
+    train_a_little(hydra)
+    ids, mask = batch()
+    with torch.no_grad():
+        out = hydra(ids, mask, with_ref=True)
+        with hydra.as_reference() as reference:
+            swapped = reference(input_ids=ids, attention_mask=mask).logits
+            assert reference.generate(ids[1:2], max_new_tokens=3, do_sample=False).shape == (1, 12)
+        after = hydra(ids, mask).logits
+    keep = mask.bool()
+    assert torch.allclose(swapped[keep], out.ref_logits[keep], atol=1e-5)
+    assert torch.equal(after, out.logits)
+    assert any(p.requires_grad for p in hydra.policy.get_output_embeddings().parameters())
+
+
 def test_a_frozen_shared_head_when_asked():
     model = tiny("bloom")
     hydra = Hydra(model, num_layers_unfrozen=1, value_layers=1, train_head=False)

@@ -105,6 +105,16 @@ def test_value_warmup_leaves_the_policy_untouched(workdir):
     assert value_loss[2] < value_loss[0]  # while the value branch learns
 
 
+def test_reference_score_baseline(workdir):
+    run_id, _ = run_stage("ppo", str(TINY), [*TOY, "steps=2", "score_baseline=reference", "rollout_batch_size=8",
+                                             "scale_reward=null"])
+    baseline = values(run_id, "rollout_scores/reference_mean")
+    raw = values(run_id, "rollout_scores/mean")
+    scaled = values(run_id, "rollout_scores/scaled_mean")
+    assert len(baseline) == 2 and baseline[0] > 0
+    assert scaled == pytest.approx([r - b for r, b in zip(raw, baseline)], abs=1e-6)
+
+
 def test_divergence_stops_the_run_and_names_the_metric(workdir):
     run_id, status = run_stage("ppo", str(TINY), ["reward_fn=tests.ppo_rewards:nan_after_a_while", "steps=5",
                                                   "rollout_batch_size=4", "max_new_tokens=4"])

@@ -19,8 +19,9 @@ the head's weights and optimizer state (a quarter of bloomz-7b1's parameters).
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -30,14 +31,16 @@ from engine.models import decoder_layers
 _NORM_NAMES = ("ln_f", "norm", "final_layernorm", "final_layer_norm")
 
 
+def _final_norm_name(model: nn.Module) -> str:
+    for name in _NORM_NAMES:
+        if isinstance(getattr(model.base_model, name, None), nn.Module):
+            return name
+    raise ValueError(f"{type(model).__name__}: no final norm found (looked for {', '.join(_NORM_NAMES)})")
+
+
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm applied after the last decoder layer (BLOOM `ln_f`, Llama `norm`)."""
-    base = model.base_model
-    for name in _NORM_NAMES:
-        module = getattr(base, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise ValueError(f"{type(model).__name__}: no final norm found (looked for {', '.join(_NORM_NAMES)})")
+    return getattr(model.base_model, _final_norm_name(model))
 
 
 def check_layers(num_layers: int, k: int, k_v: int) -> None:
@@ -159,6 +162,29 @@ class Hydra(nn.Module):
             hidden = self.value_norm(_run_layers(self.value_layers, captured[1]))
             values = self.value_head(hidden).squeeze(-1)
         return HydraOutput(logits=logits, values=values, ref_logits=ref_logits)
+
+    @contextmanager
+    def as_reference(self) -> Iterator[nn.Module]:
+        """The policy model with the reference branch swapped in, e.g. to generate the reference's own
+        answers with the model's `generate`. No gradients; everything is put back on exit."""
+        layers = self._layers
+        top = range(self.num_layers - self.k, self.num_layers)
+        own_layers = [layers[i] for i in top]
+        norm_name = _final_norm_name(self.policy)
+        own_norm = getattr(self.policy.base_model, norm_name)
+        own_head = self.policy.get_output_embeddings()
+        try:
+            for i, ref in zip(top, self.ref_layers):
+                layers[i] = ref
+            setattr(self.policy.base_model, norm_name, self.ref_norm)
+            self.policy.set_output_embeddings(self.ref_head)
+            with torch.no_grad():
+                yield self.policy
+        finally:
+            for i, own in zip(top, own_layers):
+                layers[i] = own
+            setattr(self.policy.base_model, norm_name, own_norm)
+            self.policy.set_output_embeddings(own_head)
 
     def branch_state(self) -> dict[str, Any]:
         """Reference and value branches, for a full-state checkpoint beside the exported policy.

@@ -48,6 +48,7 @@ class PPOState:
     moments: dict[str, float] = field(default_factory=dict)
     ref_std: float | None = None
     best_score: float | None = None
+    reference_scores: dict[str, float] = field(default_factory=dict)  # rendered prompt -> baseline score
 
 
 class Diverged(RuntimeError):
@@ -172,6 +173,21 @@ class PPOTrainer:
         self.state.data_position += size * self.world
         return picked
 
+    def _reference_scores(self, prompts: list) -> torch.Tensor:
+        """The score of the reference branch's own answer to each prompt, sampled once per prompt."""
+        from engine.template import render_prompt
+
+        cache = self.state.reference_scores
+        keys = [render_prompt(p) for p in prompts]
+        missing = list({k: p for k, p in zip(keys, prompts) if k not in cache}.items())
+        if missing:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            with unwrapped.as_reference() as reference:
+                rollout = generate(reference, self.tokenizer, [p for _, p in missing], self.stage)
+            for (key, _), score in zip(missing, self.scorer(rollout.prompts, rollout.responses).tolist()):
+                cache[key] = score
+        return torch.tensor([cache[k] for k in keys], device=self.device)
+
     def _scale(self, scores: torch.Tensor) -> torch.Tensor:
         mean, std = self.moments.update(scores, distributed=self.world > 1)
         if self.stage.scale_reward == "running":
@@ -201,7 +217,8 @@ class PPOTrainer:
         prompts = self._next_prompts()
         rollout = generate(unwrapped.policy, self.tokenizer, prompts, stage)
         raw_scores = self.scorer(rollout.prompts, rollout.responses).float()
-        scores = self._scale(raw_scores)
+        baseline = self._reference_scores(prompts) if stage.score_baseline == "reference" else None
+        scores = self._scale(raw_scores - baseline if baseline is not None else raw_scores)
         t_rollout = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -271,6 +288,8 @@ class PPOTrainer:
             "time/tokens_per_s": tokens / max(t_rollout + t_forward + t_backward, 1e-9),
             "learning_rate": self.optimizer.param_groups[0]["lr"],
         })
+        if baseline is not None:
+            metrics["rollout_scores/reference_mean"] = self._global_mean(baseline)
         self._samples = list(zip(rollout.prompts, rollout.responses, raw_scores.tolist()))
         return metrics
 
