@@ -141,6 +141,9 @@ class PPOStage(_Section):
     num_layers_unfrozen: int = Field(2, ge=1, description="k: top layers trained in the policy branch.")
     value_layers: int = Field(2, ge=1, description="k_v: top layers copied into the value branch.")
     init_value_from_rm: bool = Field(False, description="Start the value branch from the reward model's top layers.")
+    train_head: bool = Field(
+        True, description="Train the policy's LM head (a tied one is untied); false keeps it frozen and shared."
+    )
     steps: int = Field(100, gt=0, description="PPO steps (one rollout + its optimisation each).")
     rollout_batch_size: int = Field(64, gt=0, description="Prompts per rollout, per process.")
     minibatch_size: int = Field(8, gt=0, description="Sequences per PPO minibatch.")

@@ -95,7 +95,7 @@ class PPOTrainer:
 
         model = load_causal_lm(spec if self.resume_dir is None else spec.model_copy(
             update={"path": str(self.resume_dir / "policy")}))
-        self.hydra = Hydra(model, self.stage.num_layers_unfrozen, self.stage.value_layers)
+        self.hydra = Hydra(model, self.stage.num_layers_unfrozen, self.stage.value_layers, self.stage.train_head)
         if self.resume_dir is not None:
             self.hydra.load_branch_state(torch.load(self.resume_dir / BRANCHES_FILE, map_location="cpu"))
         elif self.stage.init_value_from_rm:
