@@ -144,6 +144,9 @@ class PPOStage(_Section):
     train_head: bool = Field(
         True, description="Train the policy's LM head (a tied one is untied); false keeps it frozen and shared."
     )
+    lora: LoraSpec | None = Field(
+        None, description="LoRA on the top k layers: policy = adapters on, reference = off; the head is frozen."
+    )
     steps: int = Field(100, gt=0, description="PPO steps (one rollout + its optimisation each).")
     rollout_batch_size: int = Field(64, gt=0, description="Prompts per rollout, per process.")
     minibatch_size: int = Field(8, gt=0, description="Sequences per PPO minibatch.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from engine.config import ModelSpec
+from engine.config import LoraSpec, ModelSpec
 
 if TYPE_CHECKING:
     import torch
@@ -104,3 +104,13 @@ def freeze_bottom_layers(model: "torch.nn.Module", num_layers_unfrozen: int) -> 
         if any(tag in name.split(".")[-1] for tag in ("emb", "wpe", "wte")):
             for param in module.parameters():
                 param.requires_grad_(False)
+
+
+def lora_config(spec: LoraSpec) -> Any:
+    """A peft LoraConfig for a causal LM from the recipe's `lora` section."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+    )

@@ -13,7 +13,7 @@ from typing import Any
 from engine import hf_trainer
 from engine.config import Recipe, SFTStage
 from engine.data import DataError, load_conversations
-from engine.models import freeze_bottom_layers, load_causal_lm, load_tokenizer
+from engine.models import freeze_bottom_layers, load_causal_lm, load_tokenizer, lora_config
 from engine.run import RunHandle
 from engine.template import tokenize_conversation
 
@@ -33,20 +33,6 @@ def build_datasets(tokenizer: Any, stage: SFTStage, seed: int) -> tuple[Any, Any
     mixture = load_conversations(stage.data, seed, stage.train.eval_ratio)
     max_length = stage.train.max_length
     return hf_trainer.tokenized_splits(mixture, lambda items: _tokenized(tokenizer, items, max_length), "sft")
-
-
-def lora_config(stage: SFTStage) -> Any:
-    if stage.lora is None:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=stage.lora.r,
-        lora_alpha=stage.lora.alpha,
-        lora_dropout=stage.lora.dropout,
-        target_modules=stage.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
 
 
 def packing_strategy(model: Any) -> str:
@@ -84,7 +70,7 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        peft_config=lora_config(stage),
+        peft_config=lora_config(stage.lora) if stage.lora is not None else None,
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)

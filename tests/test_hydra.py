@@ -133,3 +133,47 @@ def test_exported_policy_loads_plainly_and_matches(tmp_path, kind):
     ids, mask = batch()
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids, attention_mask=mask).logits, hydra(ids, mask).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bloom", "llama"])
+def test_lora_mode_shares_everything_but_the_adapters(kind, tmp_path):
+    from peft import LoraConfig
+
+    model = tiny(kind)
+    original = copy.deepcopy(model)
+    hydra = Hydra(model, num_layers_unfrozen=1, value_layers=2, lora=LoraConfig(r=4, lora_alpha=8,
+                                                                              target_modules="all-linear"))
+    trainable = {n for n, p in hydra.named_parameters() if p.requires_grad}
+    adapters = {n for n in trainable if "lora_" in n}
+    assert adapters and all(".3." in n for n in adapters)  # adapters on the top layer only: the trunk is shared
+    assert trainable - adapters == {n for n in trainable if n.startswith("value_")}
+    # Adapters start at zero: policy == reference; after training the reference still is the base model.
+    ids, mask = batch()
+    with torch.no_grad():
+        start = hydra(ids, mask, with_ref=True)
+    assert torch.equal(start.logits, start.ref_logits)
+    lora_b = [p for n, p in hydra.named_parameters() if "lora_B" in n]
+    train_a_little(hydra)
+    assert all(p.abs().sum() > 0 for p in lora_b)  # the adapters get gradients and move
+    with torch.no_grad():
+        for p in lora_b:  # ...then move them far, so that policy and reference differ clearly
+            p.normal_(0, 0.5)
+        out = hydra(ids, mask, with_ref=True, with_values=True)
+        reference = original(input_ids=ids, attention_mask=mask).logits
+        with hydra.as_reference() as ref_model:
+            swapped = ref_model(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert torch.allclose(out.ref_logits[keep], reference[keep], atol=1e-5)
+    assert torch.allclose(swapped[keep], reference[keep], atol=1e-5)
+    assert (out.logits[keep] - reference[keep]).abs().max() > 1e-2
+    hydra.export(tmp_path / "policy")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
+    assert not any("lora" in n for n, _ in loaded.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids, attention_mask=mask).logits[keep], out.logits[keep], atol=1e-5)
+    # Resume: a fresh hydra on the base model takes the adapters and the value branch back.
+    again = Hydra(copy.deepcopy(original), 1, 2, lora=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    again.load_branch_state(hydra.branch_state())
+    with torch.no_grad():
+        restored = again(ids, mask, with_values=True)
+    assert torch.allclose(restored.logits, out.logits, atol=1e-6) and torch.allclose(restored.values, out.values)

@@ -115,6 +115,22 @@ def test_reference_score_baseline(workdir):
     assert scaled == pytest.approx([r - b for r, b in zip(raw, baseline)], abs=1e-6)
 
 
+def test_lora_mode_trains_exports_and_resumes(workdir):
+    lora = [*TOY, "lora={r: 4, alpha: 16}", "lr=1e-2"]
+    run_id, status = run_stage("ppo", str(TINY), [*lora, "steps=2"])
+    assert status == "done" and values(run_id, "policy/kl_per_token")[0] == 0.0
+    assert values(run_id, "policy/kl_per_token")[1] != 0.0  # the adapters moved the policy
+    final = Path(run_row(run_id)["output_dir"]) / "final"
+    assert not (final / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(final)
+    os.environ["RLHF_RUN_ID"] = str(run_id)
+    try:
+        _, status = run_stage("ppo", str(TINY), [*lora, "steps=3", "resume_from_checkpoint=true"])
+    finally:
+        del os.environ["RLHF_RUN_ID"]
+    assert status == "done" and [s for s, _ in metric(run_id, "kl_ctl_value")] == [1, 2, 3]
+
+
 def test_divergence_stops_the_run_and_names_the_metric(workdir):
     run_id, status = run_stage("ppo", str(TINY), ["reward_fn=tests.ppo_rewards:nan_after_a_while", "steps=5",
                                                   "rollout_batch_size=4", "max_new_tokens=4"])

@@ -10,6 +10,10 @@ layers L-k and L-k_v catch what the model itself passes to them — hidden state
 rotary position embeddings — and the reference and value layers run on exactly those inputs. Nothing
 about an architecture is re-implemented here, so BLOOM (ALiBi) and Llama/Qwen (rotary) work alike.
 
+LoRA mode (`lora=`): adapters on the top k layers only, so the trunk stays shared; the policy is the
+model with adapters on, the reference the same layers with adapters off (no copies at all), and the head
+stays frozen. The value branch is as above.
+
 An LM head tied to the embeddings (BLOOM, small Llamas) is untied for training: the policy gets its own
 trainable copy and the reference keeps the original, which is the frozen embedding matrix itself (no copy
 needed). With `train_head=False` the head stays tied and frozen and both branches share it, which saves
@@ -19,6 +23,7 @@ the head's weights and optimizer state (a quarter of bloomz-7b1's parameters).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -84,18 +89,56 @@ def _run_layers(layers: nn.ModuleList, call: tuple[tuple, dict]) -> torch.Tensor
 
 
 class Hydra(nn.Module):
-    def __init__(self, model: nn.Module, num_layers_unfrozen: int, value_layers: int, train_head: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        num_layers_unfrozen: int,
+        value_layers: int,
+        train_head: bool = True,
+        lora: Any | None = None,
+    ):
+        """`lora`: a peft LoraConfig (its layers_to_transform is set here to the top k layers)."""
         super().__init__()
         layers = decoder_layers(model)
         self.num_layers = len(layers)
         check_layers(self.num_layers, num_layers_unfrozen, value_layers)
         self.k, self.k_v = num_layers_unfrozen, value_layers
-        self.policy = model
         top = list(layers)[self.num_layers - self.k :]
         norm = final_norm(model)
         head = model.get_output_embeddings()
-
         model.requires_grad_(False)
+
+        # The value branch copies plain layers, so it is taken before any adapter wraps them.
+        self.value_layers = copy.deepcopy(nn.ModuleList(list(layers)[self.num_layers - self.k_v :]))
+        self.value_norm = copy.deepcopy(norm)
+        self.value_layers.requires_grad_(True)
+        self.value_norm.requires_grad_(True)
+        hidden = model.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1, bias=False, dtype=head.weight.dtype, device=head.weight.device)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+
+        self.lora = lora is not None
+        self.ref_head_shared = False
+        if self.lora:
+            from peft import get_peft_model
+
+            targets = lora.target_modules
+            if isinstance(targets, str):
+                if targets != "all-linear":
+                    raise ValueError("hydra LoRA takes target_modules as a list of names, or all-linear")
+                # peft takes layers_to_transform only with a list: name the Linear modules of a layer.
+                targets = sorted({n.rsplit(".", 1)[-1] for n, m in top[0].named_modules() if isinstance(m, nn.Linear)})
+            lora = dataclasses.replace(
+                lora,
+                target_modules=targets,
+                layers_to_transform=list(range(self.num_layers - self.k, self.num_layers)),
+                layers_pattern=_layers_attribute(model),
+            )
+            self.policy = get_peft_model(model, lora)
+            self.ref_layers = self.ref_norm = self.ref_head = None  # the adapters switched off
+            return
+
+        self.policy = model
         tied = head.weight is model.get_input_embeddings().weight
         self.ref_layers = _frozen_copy(nn.ModuleList(top))
         self.ref_norm = _frozen_copy(norm)
@@ -112,18 +155,20 @@ class Hydra(nn.Module):
         for module in (*top, norm) + ((head,) if train_head else ()):
             module.requires_grad_(True)
 
-        self.value_layers = copy.deepcopy(nn.ModuleList(list(layers)[self.num_layers - self.k_v :]))
-        self.value_norm = copy.deepcopy(norm)
-        self.value_layers.requires_grad_(True)
-        self.value_norm.requires_grad_(True)
-        hidden = model.config.get_text_config().hidden_size
-        self.value_head = nn.Linear(hidden, 1, bias=False, dtype=head.weight.dtype, device=head.weight.device)
-        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+    @property
+    def lm(self) -> nn.Module:
+        """The transformers model itself (under the peft wrapper in LoRA mode)."""
+        return self.policy.get_base_model() if self.lora else self.policy
 
     # The decoder layers inside the policy model, where the branches join it.
     @property
     def _layers(self) -> nn.ModuleList:
-        return decoder_layers(self.policy)
+        return decoder_layers(self.lm)
+
+    def export(self, folder: Any) -> None:
+        """The policy as a plain Hugging Face folder (in LoRA mode, a merged copy; training goes on)."""
+        model = copy.deepcopy(self.policy).merge_and_unload() if self.lora else self.policy
+        model.save_pretrained(folder)
 
     def init_value_from(self, reward_model: nn.Module) -> None:
         """Start the value branch from a reward model of the same architecture (its top k_v layers,
@@ -156,17 +201,31 @@ class Hydra(nn.Module):
             captured = [c.remove() if c else None for c in (policy_call, value_call)]
         ref_logits = values = None
         if with_ref:
-            with torch.no_grad():
-                ref_logits = self.ref_head(self.ref_norm(_run_layers(self.ref_layers, captured[0])))
+            with torch.no_grad(), self._reference_weights() as (ref_layers, ref_norm, ref_head):
+                ref_logits = ref_head(ref_norm(_run_layers(ref_layers, captured[0])))
         if with_values:
             hidden = self.value_norm(_run_layers(self.value_layers, captured[1]))
             values = self.value_head(hidden).squeeze(-1)
         return HydraOutput(logits=logits, values=values, ref_logits=ref_logits)
 
     @contextmanager
+    def _reference_weights(self) -> Iterator[tuple[nn.Module, nn.Module, nn.Module]]:
+        """(top layers, final norm, head) of the reference branch."""
+        if not self.lora:
+            yield self.ref_layers, self.ref_norm, self.ref_head
+            return
+        top = nn.ModuleList(list(self._layers)[self.num_layers - self.k :])
+        with self.policy.disable_adapter():
+            yield top, final_norm(self.lm), self.lm.get_output_embeddings()
+
+    @contextmanager
     def as_reference(self) -> Iterator[nn.Module]:
         """The policy model with the reference branch swapped in, e.g. to generate the reference's own
         answers with the model's `generate`. No gradients; everything is put back on exit."""
+        if self.lora:
+            with torch.no_grad(), self.policy.disable_adapter():
+                yield self.policy
+            return
         layers = self._layers
         top = range(self.num_layers - self.k, self.num_layers)
         own_layers = [layers[i] for i in top]
@@ -192,13 +251,17 @@ class Hydra(nn.Module):
         A reference head that is the embedding matrix is not saved: the policy folder holds it.
         """
         state: dict[str, Any] = {
-            "ref_layers": self.ref_layers.state_dict(),
-            "ref_norm": self.ref_norm.state_dict(),
             "value_layers": self.value_layers.state_dict(),
             "value_norm": self.value_norm.state_dict(),
             "value_head": self.value_head.state_dict(),
             "ref_head_shared": self.ref_head_shared,
         }
+        if self.lora:
+            from peft import get_peft_model_state_dict
+
+            state["adapter"] = get_peft_model_state_dict(self.policy)
+            return state
+        state.update(ref_layers=self.ref_layers.state_dict(), ref_norm=self.ref_norm.state_dict())
         if not self.ref_head_shared:
             state["ref_head"] = self.ref_head.state_dict()
         return state
@@ -207,10 +270,22 @@ class Hydra(nn.Module):
         """Restore the branches of `branch_state` onto a hydra built from the saved policy."""
         state = dict(state)
         self.ref_head_shared = state.pop("ref_head_shared")
+        adapter = state.pop("adapter", None)
+        if adapter is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.policy, adapter)
         if self.ref_head_shared:
             self.ref_head = _linear_sharing(self.policy.get_input_embeddings().weight)
         for name, module_state in state.items():
             getattr(self, name).load_state_dict(module_state)
+
+
+def _layers_attribute(model: nn.Module) -> str:
+    """The attribute name of the decoder-layer list (`h`, `layers`), which peft's layers_pattern wants."""
+    layers = decoder_layers(model)
+    name = next(name for name, module in model.named_modules() if module is layers)
+    return name.rsplit(".", 1)[-1]
 
 
 def _linear_sharing(weight: nn.Parameter) -> nn.Linear:

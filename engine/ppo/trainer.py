@@ -26,7 +26,7 @@ import torch
 
 from engine.config import PPOStage, Recipe, RecipeError
 from engine.data import load_prompts
-from engine.models import load_causal_lm, load_tokenizer, precision_flags
+from engine.models import load_causal_lm, load_tokenizer, lora_config, precision_flags
 from engine.ppo import core
 from engine.ppo.hydra import Hydra
 from engine.ppo.rewards import FunctionScorer, RewardModelScorer, Scorer, import_function
@@ -93,9 +93,12 @@ class PPOTrainer:
         self.state = PPOState()
         self.resume_dir = self._resume_dir()
 
-        model = load_causal_lm(spec if self.resume_dir is None else spec.model_copy(
-            update={"path": str(self.resume_dir / "policy")}))
-        self.hydra = Hydra(model, self.stage.num_layers_unfrozen, self.stage.value_layers, self.stage.train_head)
+        # Resuming starts from the saved policy; in LoRA mode from the base model plus the saved adapters.
+        from_saved = self.resume_dir is not None and self.stage.lora is None
+        saved = spec.model_copy(update={"path": str(self.resume_dir / "policy")}) if from_saved else spec
+        model = load_causal_lm(saved)
+        self.hydra = Hydra(model, self.stage.num_layers_unfrozen, self.stage.value_layers, self.stage.train_head,
+                           lora_config(self.stage.lora) if self.stage.lora is not None else None)
         if self.resume_dir is not None:
             self.hydra.load_branch_state(torch.load(self.resume_dir / BRANCHES_FILE, map_location="cpu"))
         elif self.stage.init_value_from_rm:
@@ -159,7 +162,7 @@ class PPOTrainer:
                                                  {"best_score": self.state.best_score}, full_state=True)
 
     def export_policy(self, folder: Path) -> None:
-        self.hydra.policy.save_pretrained(folder)
+        self.hydra.export(folder)
         self.tokenizer.save_pretrained(folder)
 
     # -- one step ---------------------------------------------------------------------------------------
