@@ -131,6 +131,24 @@ def test_lora_mode_trains_exports_and_resumes(workdir):
     assert status == "done" and [s for s, _ in metric(run_id, "kl_ctl_value")] == [1, 2, 3]
 
 
+def test_rewards_from_the_reward_model_stage(workdir):
+    rm_run, _ = run_stage("rm", str(TINY), ["train.max_steps=4", "train.eval_ratio=0"])
+    rm_path = Path(run_row(rm_run)["output_dir"]) / "final"
+    run_id, status = run_stage("ppo", str(TINY), [f"reward_model={rm_path}", "reward_fn=null", "init_value_from_rm=true",
+                                                  "steps=2", "rollout_batch_size=8", "max_new_tokens=6"])
+    assert status == "done"
+    with Store(os.environ["RLHF_DB"]) as store:
+        samples = store.samples(run_id, step=1)
+    # The stored score is the reward model's own score of that prompt and response.
+    from engine.ppo.rewards import RewardModelScorer
+    from engine.template import Turn
+
+    scorer = RewardModelScorer(str(rm_path), torch.device("cpu"))
+    question = samples[0]["prompt"].split("USER: ", 1)[1].rsplit("\nASSISTANT:", 1)[0]
+    again = scorer([(Turn("user", question),)], [samples[0]["response"]])
+    assert again.item() == pytest.approx(samples[0]["score"], abs=1e-4)
+
+
 def test_divergence_stops_the_run_and_names_the_metric(workdir):
     run_id, status = run_stage("ppo", str(TINY), ["reward_fn=tests.ppo_rewards:nan_after_a_while", "steps=5",
                                                   "rollout_batch_size=4", "max_new_tokens=4"])
