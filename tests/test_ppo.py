@@ -134,8 +134,8 @@ def test_lora_mode_trains_exports_and_resumes(workdir):
 def test_rewards_from_the_reward_model_stage(workdir):
     rm_run, _ = run_stage("rm", str(TINY), ["train.max_steps=4", "train.eval_ratio=0"])
     rm_path = Path(run_row(rm_run)["output_dir"]) / "final"
-    run_id, status = run_stage("ppo", str(TINY), [f"reward_model={rm_path}", "reward_fn=null", "init_value_from_rm=true",
-                                                  "steps=2", "rollout_batch_size=8", "max_new_tokens=6"])
+    with_rm = [f"reward_model={rm_path}", "reward_fn=null", "init_value_from_rm=true"]
+    run_id, status = run_stage("ppo", str(TINY), [*with_rm, "steps=2", "rollout_batch_size=8", "max_new_tokens=6"])
     assert status == "done"
     with Store(os.environ["RLHF_DB"]) as store:
         samples = store.samples(run_id, step=1)
