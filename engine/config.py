@@ -152,6 +152,8 @@ class PPOStage(_Section):
     minibatch_size: int = Field(8, gt=0, description="Sequences per PPO minibatch.")
     ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout.")
     lr: float = Field(1e-6, gt=0, description="Learning rate of the policy and value branches.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Schedule over `steps`.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
     init_kl_coef: float = Field(0.05, ge=0, description="Initial KL penalty coefficient.")
@@ -177,6 +179,7 @@ class PPOStage(_Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Mixed precision.")
     save_steps: int = Field(50, gt=0, description="Save a full-state checkpoint every N steps.")
+    save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints.")
     samples_per_step: int = Field(4, ge=0, description="Rollout samples kept in runs.db each step.")
     resume_from_checkpoint: str | bool | None = Field(
         None, description="A checkpoint folder, or true for the newest one in this run's folder."

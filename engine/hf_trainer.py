@@ -76,7 +76,7 @@ def resume_target(value: str | bool | None, handle: RunHandle) -> str | None:
         target = value
     if target is not None and handle.store is not None:
         step = json.loads((Path(target) / "trainer_state.json").read_text())["global_step"]
-        handle.store.drop_metrics_after(handle.run_id, step)
+        handle.store.drop_history_after(handle.run_id, step)
     return target
 
 

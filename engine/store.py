@@ -217,12 +217,14 @@ class Store:
             db.conn.execute("UPDATE runs SET step = MAX(COALESCE(step, 0), ?) WHERE id = ?", [step, run_id])
         return len(rows)
 
-    def drop_metrics_after(self, run_id: int, step: int) -> int:
-        """Forget a run's rows logged after `step`: on resume from that step's checkpoint they describe
-        training that is about to be redone. The tail goes, so run_seq stays gapless; `history_version`
-        goes up so that a reader that already drew those rows knows to reload the run."""
+    def drop_history_after(self, run_id: int, step: int) -> int:
+        """Forget a run's metrics and samples logged after `step`: on resume from that step's checkpoint
+        they describe training that is about to be redone. The tail goes, so run_seq stays gapless;
+        `history_version` goes up so that a reader that already drew those rows knows to reload the run.
+        Returns the number of metric rows dropped."""
         with self._write() as db:
             deleted = db.conn.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, step]).rowcount
+            db.conn.execute("DELETE FROM samples WHERE run_id = ? AND step > ?", [run_id, step])
             db.conn.execute(
                 "UPDATE runs SET step = ?, history_version = history_version + ? WHERE id = ?",
                 [step, int(deleted > 0), run_id],

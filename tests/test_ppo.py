@@ -84,7 +84,7 @@ def test_sigterm_saves_full_state_and_stops(workdir):
     assert run["status"] == "stopped" and run["step"] < 500
     stopped_at = run["step"]
     folder = Path(run["output_dir"]) / f"checkpoint-{stopped_at}"
-    for name in ("ppo_state.json", "branches.pt", "optimizer.pt", "rng_0.pt", "policy/model.safetensors"):
+    for name in ("ppo_state.json", "branches.pt", "optimizer.pt", "rank_0.pt", "policy/model.safetensors"):
         assert (folder / name).is_file(), name
     saved_kl = json.loads((folder / "ppo_state.json").read_text())["kl"]["value"]
     assert saved_kl == values(1, "kl_ctl_value")[-1]

@@ -57,7 +57,7 @@ def test_dropping_a_tail_keeps_run_seq_gapless(tmp_path):
         run_id = new_run(store)
         for step in range(1, 6):
             store.log_metrics(run_id, step, {"loss": 1.0, "lr": 0.1})
-        assert store.drop_metrics_after(run_id, 3) == 4
+        assert store.drop_history_after(run_id, 3) == 4
         assert store.run(run_id)["step"] == 3
     with Store(tmp_path / "runs.db") as store:
         store.log_metrics(run_id, 4, {"loss": 0.5})

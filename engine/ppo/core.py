@@ -138,7 +138,7 @@ class RunningMoments:
         """Fold in a batch; returns the batch's own (mean, std)."""
         ones = torch.ones_like(xs)
         mean, var = masked_mean_var(xs, ones, distributed)
-        n = float(_all_reduce_sum(torch.tensor(float(xs.numel()))) if distributed else xs.numel())
+        n = float(_all_reduce_sum(torch.tensor(float(xs.numel()), device=xs.device)) if distributed else xs.numel())
         batch_var = float(var) * (n - 1) / n if n > 1 else 0.0  # population variance for the merge
         delta = float(mean) - self.mean
         total = self.count + n

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -97,11 +98,17 @@ class Hydra(nn.Module):
         train_head: bool = True,
         lora: Any | None = None,
     ):
-        """`lora`: a peft LoraConfig (its layers_to_transform is set here to the top k layers)."""
+        """`lora`: a peft LoraConfig (its layers_to_transform is set here to the top k layers).
+
+        Trainable parts are kept in float32 whatever the model's dtype (bf16 updates of lr ~1e-6 would
+        round away); run the hydra under autocast when the frozen parts are bf16/fp16.
+        """
         super().__init__()
         layers = decoder_layers(model)
         self.num_layers = len(layers)
         check_layers(self.num_layers, num_layers_unfrozen, value_layers)
+        _check_uniform_layers(model, self.num_layers - value_layers)
+        self.takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         self.k, self.k_v = num_layers_unfrozen, value_layers
         top = list(layers)[self.num_layers - self.k :]
         norm = final_norm(model)
@@ -111,10 +118,10 @@ class Hydra(nn.Module):
         # The value branch copies plain layers, so it is taken before any adapter wraps them.
         self.value_layers = copy.deepcopy(nn.ModuleList(list(layers)[self.num_layers - self.k_v :]))
         self.value_norm = copy.deepcopy(norm)
-        self.value_layers.requires_grad_(True)
-        self.value_norm.requires_grad_(True)
+        self.value_layers.to(torch.float32).requires_grad_(True)
+        self.value_norm.to(torch.float32).requires_grad_(True)
         hidden = model.config.get_text_config().hidden_size
-        self.value_head = nn.Linear(hidden, 1, bias=False, dtype=head.weight.dtype, device=head.weight.device)
+        self.value_head = nn.Linear(hidden, 1, bias=False, dtype=torch.float32, device=head.weight.device)
         nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
 
         self.lora = lora is not None
@@ -150,10 +157,12 @@ class Hydra(nn.Module):
                 head.weight = nn.Parameter(head.weight.detach().clone())
                 model.config.tie_word_embeddings = False
                 model.config.get_text_config().tie_word_embeddings = False
-        else:
+        elif train_head:
             self.ref_head = _frozen_copy(head)
+        else:  # untied and frozen: both branches use the one head
+            self.ref_head = head
         for module in (*top, norm) + ((head,) if train_head else ()):
-            module.requires_grad_(True)
+            module.to(torch.float32).requires_grad_(True)
 
     @property
     def lm(self) -> nn.Module:
@@ -165,10 +174,16 @@ class Hydra(nn.Module):
     def _layers(self) -> nn.ModuleList:
         return decoder_layers(self.lm)
 
-    def export(self, folder: Any) -> None:
-        """The policy as a plain Hugging Face folder (in LoRA mode, a merged copy; training goes on)."""
-        model = copy.deepcopy(self.policy).merge_and_unload() if self.lora else self.policy
-        model.save_pretrained(folder)
+    def export(self, folder: Any, merge: bool = True) -> None:
+        """The policy as a plain Hugging Face folder. In LoRA mode a merged copy (training goes on), or
+        with `merge=False` only the adapters (cheap, for checkpoints)."""
+        if self.lora and merge:
+            copy.deepcopy(self.policy).merge_and_unload().save_pretrained(folder)
+        else:
+            self.policy.save_pretrained(folder)
+
+    def value_branch_parameters(self) -> list[nn.Parameter]:
+        return [*self.value_layers.parameters(), *self.value_norm.parameters(), *self.value_head.parameters()]
 
     def init_value_from(self, reward_model: nn.Module) -> None:
         """Start the value branch from a reward model of the same architecture (its top k_v layers,
@@ -191,18 +206,29 @@ class Hydra(nn.Module):
         *,
         with_values: bool = True,
         with_ref: bool = False,
+        logits_to_keep: int = 0,
     ) -> HydraOutput:
+        """Policy (and reference) logits of the last `logits_to_keep` positions (0 = all), values of all."""
         layers = self._layers
         policy_call = _Capture(layers[self.num_layers - self.k]) if with_ref else None
         value_call = _Capture(layers[self.num_layers - self.k_v]) if with_values else None
+        extra = {}
+        if attention_mask is not None and self.takes_position_ids:
+            # As `generate` numbers a left-padded prompt: rotary models must score at the sampled positions.
+            positions = attention_mask.long().cumsum(-1) - 1
+            extra["position_ids"] = positions.masked_fill(attention_mask == 0, 1)
         try:
-            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = self.policy(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=logits_to_keep,
+                **extra,
+            ).logits
         finally:
             captured = [c.remove() if c else None for c in (policy_call, value_call)]
         ref_logits = values = None
         if with_ref:
             with torch.no_grad(), self._reference_weights() as (ref_layers, ref_norm, ref_head):
-                ref_logits = ref_head(ref_norm(_run_layers(ref_layers, captured[0])))
+                hidden = _run_layers(ref_layers, captured[0])
+                ref_logits = ref_head(ref_norm(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
         if with_values:
             hidden = self.value_norm(_run_layers(self.value_layers, captured[1]))
             values = self.value_head(hidden).squeeze(-1)
@@ -279,6 +305,14 @@ class Hydra(nn.Module):
             self.ref_head = _linear_sharing(self.policy.get_input_embeddings().weight)
         for name, module_state in state.items():
             getattr(self, name).load_state_dict(module_state)
+
+
+def _check_uniform_layers(model: nn.Module, first_branch_layer: int) -> None:
+    """The branches reuse one layer's inputs for every layer above it; models that give layers different
+    masks (sliding-window or local/global layers) would be scored wrongly, so they are refused."""
+    kinds = getattr(model.config.get_text_config(), "layer_types", None)
+    if kinds and len(set(kinds[first_branch_layer:])) > 1:
+        raise ValueError(f"the top layers mix attention types {sorted(set(kinds[first_branch_layer:]))}: not supported")
 
 
 def _layers_attribute(model: nn.Module) -> str:

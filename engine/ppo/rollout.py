@@ -33,8 +33,11 @@ def generate(policy: Any, tokenizer: Any, prompts: Sequence[Conversation], setti
         [render_prompt(p) for p in prompts], return_tensors="pt", padding=True, truncation=True,
         max_length=settings.max_prompt_length,
     ).to(device)
-    sequences = policy.generate(
-        **encoded,
+    from transformers import GenerationConfig
+
+    # A fresh config: a checkpoint's own defaults (repetition penalty, minimum length, extra stop ids)
+    # would sample from a distribution other than the one PPO scores.
+    sampling = GenerationConfig(
         do_sample=True,
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
@@ -44,6 +47,7 @@ def generate(policy: Any, tokenizer: Any, prompts: Sequence[Conversation], setti
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
     )
+    sequences = policy.generate(**encoded, generation_config=sampling)
     prompt_length = encoded["input_ids"].shape[1]
     response = sequences[:, prompt_length:]
     is_eos = response == tokenizer.eos_token_id

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -37,7 +38,11 @@ from engine.track import StopFlag
 log = logging.getLogger(__name__)
 STATE_FILE = "ppo_state.json"
 BRANCHES_FILE = "branches.pt"
-OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_FILE = "optimizer.pt"  # optimizer, scheduler and fp16 grad-scaler state
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank}.pt"  # RNG states and reference-score cache of one rank
 
 
 @dataclass
@@ -48,7 +53,6 @@ class PPOState:
     moments: dict[str, float] = field(default_factory=dict)
     ref_std: float | None = None
     best_score: float | None = None
-    reference_scores: dict[str, float] = field(default_factory=dict)  # rendered prompt -> baseline score
 
 
 class Diverged(RuntimeError):
@@ -103,13 +107,26 @@ class PPOTrainer:
             self.hydra.load_branch_state(torch.load(self.resume_dir / BRANCHES_FILE, map_location="cpu"))
         elif self.stage.init_value_from_rm:
             self.hydra.init_value_from(self.scorer.model)  # type: ignore[attr-defined]
+        if self.accelerator.mixed_precision == "no" and any(p.dtype != torch.float32 for p in model.parameters()):
+            raise RecipeError(f"{recipe.where('ppo.precision')}: ppo.precision: a {model.dtype} model needs bf16 "
+                              "or fp16 precision (its trainable branches train in float32 under autocast)")
+        from transformers import get_scheduler
+
+        value_params = {id(p) for p in self.hydra.value_branch_parameters()}
         trainable = [p for p in self.hydra.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.stage.lr, weight_decay=self.stage.weight_decay)
+        groups = [{"params": [p for p in trainable if id(p) not in value_params]},  # group 0: the policy
+                  {"params": [p for p in trainable if id(p) in value_params]}]
+        optimizer = torch.optim.AdamW(groups, lr=self.stage.lr, weight_decay=self.stage.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.hydra, optimizer)
+        self.scheduler = get_scheduler(self.stage.lr_scheduler, self.optimizer, self.stage.warmup_steps,
+                                       self.stage.steps)
         self.kl = core.KLController(self.stage.init_kl_coef, self.stage.target_kl, self.stage.kl_horizon)
         self.moments = core.RunningMoments()
+        self.reference_scores: dict[str, float] = {}  # rendered prompt -> its baseline score, per rank
         if self.resume_dir is not None:
             self._load_state(self.resume_dir)
+        else:  # ranks sample independently (the weights are broadcast from rank 0 anyway)
+            torch.manual_seed(recipe.seed * 7919 + self.rank)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _resume_dir(self) -> Path | None:
@@ -130,14 +147,19 @@ class PPOTrainer:
         self.state = PPOState(**json.loads((folder / STATE_FILE).read_text()))
         self.kl.load_state_dict(self.state.kl)
         self.moments.load_state_dict(self.state.moments)
-        self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu"))
-        rng = torch.load(folder / f"rng_{self.rank}.pt", map_location="cpu", weights_only=False)
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available() and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        saved = torch.load(folder / OPTIMIZER_FILE, map_location="cpu")
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if saved["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(saved["scaler"])
+        mine = torch.load(folder / _rank_file(self.rank), map_location="cpu", weights_only=False)
+        random.setstate(mine["python"])
+        torch.set_rng_state(mine["torch"])
+        if torch.cuda.is_available() and mine.get("cuda") is not None:
+            torch.cuda.set_rng_state_all(mine["cuda"])
+        self.reference_scores = mine["reference_scores"]
         if self.handle.store is not None:
-            self.handle.store.drop_metrics_after(self.handle.run_id, self.state.step)
+            self.handle.store.drop_history_after(self.handle.run_id, self.state.step)
         log.info("resumed from %s at step %d", folder, self.state.step)
 
     def save(self, folder: Path) -> None:
@@ -146,23 +168,37 @@ class PPOTrainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
-            self.export_policy(folder / "policy")
+            self.export_policy(folder / "policy", merge=False)
             torch.save(self.hydra.branch_state(), folder / BRANCHES_FILE)
-            torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+            scaler = self.accelerator.scaler
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None}, folder / OPTIMIZER_FILE)
         self.accelerator.wait_for_everyone()
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save(rng, folder / f"rng_{self.rank}.pt")
+        mine = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "reference_scores": self.reference_scores}
+        torch.save(mine, folder / _rank_file(self.rank))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             # Written last: a folder without it is an interrupted save, never resumed from.
             (folder / STATE_FILE).write_text(json.dumps(asdict(self.state)))
+            self._rotate(keep=folder)
             if self.handle.store is not None:
                 self.handle.store.add_checkpoint(self.handle.run_id, self.state.step, str(folder),
                                                  {"best_score": self.state.best_score}, full_state=True)
+                self.handle.store.prune_checkpoints(self.handle.run_id)
 
-    def export_policy(self, folder: Path) -> None:
-        self.hydra.export(folder)
+    def _rotate(self, keep: Path) -> None:
+        limit = self.stage.save_total_limit
+        if limit is None:
+            return
+        done = sorted((p for p in self.handle.output_dir.glob("checkpoint-*") if (p / STATE_FILE).is_file()),
+                      key=lambda p: int(p.name.split("-")[-1]))
+        for old in [p for p in done if p != keep][: max(len(done) - limit, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def export_policy(self, folder: Path, merge: bool = True) -> None:
+        self.hydra.export(folder, merge)
         self.tokenizer.save_pretrained(folder)
 
     # -- one step ---------------------------------------------------------------------------------------
@@ -180,7 +216,7 @@ class PPOTrainer:
         """The score of the reference branch's own answer to each prompt, sampled once per prompt."""
         from engine.template import render_prompt
 
-        cache = self.state.reference_scores
+        cache = self.reference_scores
         keys = [render_prompt(p) for p in prompts]
         missing = list({k: p for k, p in zip(keys, prompts) if k not in cache}.items())
         if missing:
@@ -201,15 +237,28 @@ class PPOTrainer:
             scores = scores / max(self.state.ref_std, 1e-8)
         return scores.clamp(-self.stage.cliprange_reward, self.stage.cliprange_reward)
 
-    def _response_stats(self, out: Any, rollout: Rollout) -> tuple[torch.Tensor, ...]:
-        """Log-probs, reference log-probs and values at the positions that emit each response token."""
-        start = rollout.prompt_length - 1
-        end = rollout.input_ids.shape[1] - 1
-        tokens = rollout.response_ids
-        logprobs = core.logprobs_of(out.logits[:, start:end], tokens)
-        ref = core.logprobs_of(out.ref_logits[:, start:end], tokens) if out.ref_logits is not None else None
-        values = out.values[:, start:end].float() if out.values is not None else None
+    def _forward(self, model: Any, batch: Rollout, with_ref: bool) -> tuple[torch.Tensor, ...]:
+        """Log-probs, reference log-probs and values at the positions that emit each response token.
+
+        Only the last R + 1 positions get logits: a prompt's logits would cost [B, P, vocab] for nothing.
+        """
+        response = batch.response_ids.shape[1]
+        with self.accelerator.autocast():
+            out = model(batch.input_ids, batch.attention_mask, with_values=True, with_ref=with_ref,
+                        logits_to_keep=response + 1)
+        tokens = batch.response_ids
+        logprobs = core.logprobs_of(out.logits[:, :-1], tokens)
+        ref = core.logprobs_of(out.ref_logits[:, :-1], tokens) if out.ref_logits is not None else None
+        values = out.values[:, batch.prompt_length - 1 : -1].float()
         return logprobs, ref, values
+
+    def _minibatches(self, rollout: Rollout, order: torch.Tensor) -> list[tuple[torch.Tensor, Rollout]]:
+        size = self.stage.minibatch_size
+        return [
+            (idx, Rollout([], rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_length,
+                          rollout.response_mask[idx], []))
+            for idx in order.split(size)
+        ]
 
     def step(self) -> dict[str, float]:
         stage = self.stage
@@ -218,17 +267,18 @@ class PPOTrainer:
 
         t0 = time.perf_counter()
         prompts = self._next_prompts()
-        rollout = generate(unwrapped.policy, self.tokenizer, prompts, stage)
+        with self.accelerator.autocast():
+            rollout = generate(unwrapped.policy, self.tokenizer, prompts, stage)
         raw_scores = self.scorer(rollout.prompts, rollout.responses).float()
         baseline = self._reference_scores(prompts) if stage.score_baseline == "reference" else None
         scores = self._scale(raw_scores - baseline if baseline is not None else raw_scores)
         t_rollout = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        with torch.no_grad():
-            out = unwrapped(rollout.input_ids, rollout.attention_mask, with_values=True, with_ref=True)
-            old_logprobs, ref_logprobs, old_values = self._response_stats(out, rollout)
-        del out
+        with torch.no_grad():  # in minibatches: the whole rollout's logits at once would not fit for real models
+            parts = [self._forward(unwrapped, mb, with_ref=True)
+                     for _, mb in self._minibatches(rollout, torch.arange(len(prompts), device=self.device))]
+            old_logprobs, ref_logprobs, old_values = (torch.cat(p) for p in zip(*parts))
         mask = rollout.response_mask
         log_ratio = (old_logprobs - ref_logprobs) * mask
         kl_k3 = ((torch.exp(-log_ratio) - 1) + log_ratio) * mask
@@ -240,24 +290,20 @@ class PPOTrainer:
         t_forward = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        # Value warm-up: the policy's parameter group gets learning rate 0, so it does not move at all
+        # (weight decay included) while its graph stays whole for DDP.
         warmup = self.state.step < stage.value_warmup_steps
+        self.optimizer.param_groups[0]["lr"] = 0.0 if warmup else self.scheduler.get_last_lr()[0]
         sums: dict[str, float] = {}
         updates = 0
         for _ in range(stage.ppo_epochs):
-            order = torch.randperm(len(prompts), device=mask.device)
-            for start in range(0, len(prompts), stage.minibatch_size):
-                idx = order[start : start + stage.minibatch_size]
-                mb = Rollout([], rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_length,
-                             mask[idx], [])
-                out = self.model(mb.input_ids, mb.attention_mask, with_values=True)
-                logprobs, _, values = self._response_stats(out, mb)
+            for idx, mb in self._minibatches(rollout, torch.randperm(len(prompts), device=mask.device)):
+                logprobs, _, values = self._forward(self.model, mb, with_ref=False)
                 pg_loss, pg_stats = core.policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb.response_mask,
                                                      stage.cliprange)
                 vf_loss, vf_stats = core.value_loss(values, old_values[idx], returns[idx], mb.response_mask,
                                                     stage.cliprange_value)
-                # During value warm-up the policy term is kept at weight 0: every parameter stays in the
-                # graph (DDP needs that) and the policy gets exactly zero gradient.
-                loss = (0.0 if warmup else 1.0) * pg_loss + stage.vf_coef * vf_loss
+                loss = pg_loss + stage.vf_coef * vf_loss
                 self.optimizer.zero_grad(set_to_none=True)
                 self.accelerator.backward(loss)
                 if stage.max_grad_norm is not None:
@@ -267,6 +313,8 @@ class PPOTrainer:
                                     "losses/value_loss": vf_loss, **pg_stats, **vf_stats}.items():
                     sums[name] = sums.get(name, 0.0) + float(value.detach())
                 updates += 1
+        lr_used = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
         t_backward = time.perf_counter() - t0
 
         mean_kl = self._global_mean((log_ratio.sum(1)))
@@ -275,21 +323,22 @@ class PPOTrainer:
         metrics = {name: total / updates for name, total in sums.items()}
         metrics.update({
             "rollout_scores/mean": self._global_mean(raw_scores),
-            "rollout_scores/std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
+            "rollout_scores/std": math.sqrt(float(core.masked_mean_var(raw_scores, torch.ones_like(raw_scores),
+                                                                        self.world > 1)[1])),
             "rollout_scores/scaled_mean": self._global_mean(scores),
-            "policy/kl_per_token": float(core.masked_mean(log_ratio, mask)),
-            "policy/kl_k3_per_token": float(core.masked_mean(kl_k3, mask)),
+            "policy/kl_per_token": self._global_masked_mean(log_ratio, mask),
+            "policy/kl_k3_per_token": self._global_masked_mean(kl_k3, mask),
             "policy/sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
             "kl_ctl_value": self.kl.value,
-            "values/mean": float(core.masked_mean(old_values, mask)),
-            "returns/mean": float(core.masked_mean(returns, mask)),
-            "padding_percentage": 1.0 - float(mask.mean()),
-            "response_length/mean": float(mask.sum(1).mean()),
+            "values/mean": self._global_masked_mean(old_values, mask),
+            "returns/mean": self._global_masked_mean(returns, mask),
+            "padding_percentage": 1.0 - self._global_mean(mask),
+            "response_length/mean": self._global_mean(mask.sum(1)),
             "time/rollout": t_rollout,
             "time/forward": t_forward,
             "time/backward": t_backward,
             "time/tokens_per_s": tokens / max(t_rollout + t_forward + t_backward, 1e-9),
-            "learning_rate": self.optimizer.param_groups[0]["lr"],
+            "learning_rate": lr_used,
         })
         if baseline is not None:
             metrics["rollout_scores/reference_mean"] = self._global_mean(baseline)
@@ -300,6 +349,9 @@ class PPOTrainer:
         stats = torch.stack([x.float().sum(), torch.tensor(float(x.numel()), device=x.device)])
         stats = core._all_reduce_sum(stats) if self.world > 1 else stats
         return float(stats[0] / stats[1].clamp(min=1))
+
+    def _global_masked_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        return float(core.masked_mean_var(x.float(), mask, distributed=self.world > 1)[0])
 
     def _global_sum(self, x: torch.Tensor) -> float:
         return float(core._all_reduce_sum(x.float().reshape(1)) if self.world > 1 else x)
