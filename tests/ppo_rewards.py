@@ -6,6 +6,6 @@ def share_of_letter_a(prompts: list[str], responses: list[str]) -> list[float]:
     return [r.count("a") / max(len(r), 1) for r in responses]
 
 
-def nan_after_a_while(prompts: list[str], responses: list[str]) -> list[float]:
-    """Scores that turn into NaN once the responses contain a zero: exercises the divergence guard."""
+def always_nan(prompts: list[str], responses: list[str]) -> list[float]:
+    """A broken scorer: exercises the divergence guard."""
     return [float("nan")] * len(responses)

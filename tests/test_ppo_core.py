@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from engine.ppo.core import KLController, RunningMoments, gae, policy_loss, value_loss, whiten
+from engine.ppo.core import KLController, RunningMoments, gae, policy_loss, shaped_rewards, value_loss, whiten
 
 
 def test_gae_matches_a_hand_computation():
@@ -20,6 +20,13 @@ def test_gae_matches_a_hand_computation():
     advantages, returns = gae(values, rewards, mask, gamma, lam)
     assert torch.allclose(advantages, torch.tensor([[a0, a1, a2, 0.0]]))
     assert torch.allclose(returns, torch.tensor([[a0 + 0.5, a1 + 1.0, a2 + 2.0, 0.0]]))
+
+
+def test_rewards_are_the_kl_penalty_plus_the_score_on_the_last_real_token():
+    log_ratio = torch.tensor([[0.1, 0.2, 0.3], [0.5, -0.5, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards = shaped_rewards(log_ratio, mask, torch.tensor([2.0, -1.0]), kl_coef=0.5)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1, -0.15 + 2.0], [-0.25, 0.25 - 1.0, 0.0]]))
 
 
 def test_clipped_policy_loss_by_hand():

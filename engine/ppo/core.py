@@ -66,6 +66,15 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def shaped_rewards(log_ratio: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: −β·(log π − log π_ref) on every response token, plus the sequence's score on
+    its last real token."""
+    rewards = -kl_coef * log_ratio * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(last), device=rewards.device), last] += scores
+    return rewards
+
+
 def policy_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

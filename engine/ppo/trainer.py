@@ -66,6 +66,16 @@ def _prompt_order(count: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
+def prompt_indices(position: int, rank: int, world: int, size: int, count: int, seed: int) -> list[int]:
+    """The prompts rank `rank` takes at global `position`: ranks take consecutive slices of one shuffled
+    order per epoch, so together they see every prompt once per epoch."""
+    picked = []
+    for i in range(position + rank * size, position + (rank + 1) * size):
+        epoch, index = divmod(i, count)
+        picked.append(_prompt_order(count, seed, epoch)[index])
+    return picked
+
+
 def _scorer(recipe: Recipe, stage: PPOStage, device: torch.device) -> Scorer:
     if stage.reward_model is not None:
         return RewardModelScorer(stage.reward_model, device)
@@ -204,13 +214,10 @@ class PPOTrainer:
     # -- one step ---------------------------------------------------------------------------------------
     def _next_prompts(self) -> list:
         size = self.stage.rollout_batch_size
-        start = self.state.data_position + self.rank * size
-        picked = []
-        for i in range(start, start + size):
-            epoch, index = divmod(i, len(self.prompts))
-            picked.append(self.prompts[_prompt_order(len(self.prompts), self.recipe.seed, epoch)[index]])
+        indices = prompt_indices(self.state.data_position, self.rank, self.world, size, len(self.prompts),
+                                 self.recipe.seed)
         self.state.data_position += size * self.world
-        return picked
+        return [self.prompts[i] for i in indices]
 
     def _reference_scores(self, prompts: list) -> torch.Tensor:
         """The score of the reference branch's own answer to each prompt, sampled once per prompt."""
@@ -282,9 +289,7 @@ class PPOTrainer:
         mask = rollout.response_mask
         log_ratio = (old_logprobs - ref_logprobs) * mask
         kl_k3 = ((torch.exp(-log_ratio) - 1) + log_ratio) * mask
-        rewards = -self.kl.value * log_ratio
-        last = (mask.sum(1).long() - 1).clamp(min=0)
-        rewards[torch.arange(len(last)), last] += scores
+        rewards = core.shaped_rewards(log_ratio, mask, scores, self.kl.value)
         advantages, returns = core.gae(old_values, rewards, mask, stage.gamma, stage.lam)
         advantages = core.whiten(advantages, mask, distributed=self.world > 1)
         t_forward = time.perf_counter() - t0
