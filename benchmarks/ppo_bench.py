@@ -40,6 +40,12 @@ def _rss_bytes() -> int:
 
 
 def _build(setup: str, shape: str, device: str, k: int, k_v: int):
+    """Models of one set-up, built straight on the device (a 7B model initialised on the CPU takes minutes).
+
+    On CUDA every set-up trains the way the trainer does: frozen parts bf16, trainable parts float32
+    master weights under bf16 autocast (Hydra casts its branches itself; the separate policy and value
+    models are float32 here). On the CPU everything is float32.
+    """
     import torch
     from torch import nn
     from transformers import BloomConfig, BloomForCausalLM, BloomForSequenceClassification
@@ -47,23 +53,27 @@ def _build(setup: str, shape: str, device: str, k: int, k_v: int):
     from engine.ppo.hydra import Hydra
 
     hidden, layers, heads, vocab, *_ = SHAPES[shape]
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    frozen_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config = BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads, pad_token_id=0)
     seq_config = BloomConfig(**{**config.to_dict(), "num_labels": 1})
 
-    def lm() -> nn.Module:
-        return BloomForCausalLM(config).to(device=device, dtype=dtype)
+    def make(cls, cfg, dtype) -> nn.Module:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return cls(cfg).eval()
+        finally:
+            torch.set_default_dtype(previous)
 
-    def scalar() -> nn.Module:
-        return BloomForSequenceClassification(seq_config).to(device=device, dtype=dtype)
-
-    reward = scalar().eval().requires_grad_(False)
+    reward = make(BloomForSequenceClassification, seq_config, frozen_dtype).requires_grad_(False)
     if setup.startswith("hydra"):
-        hydra = Hydra(lm().eval(), num_layers_unfrozen=k, value_layers=k_v, train_head=setup == "hydra")
+        base = make(BloomForCausalLM, config, frozen_dtype)
+        hydra = Hydra(base, num_layers_unfrozen=k, value_layers=k_v, train_head=setup == "hydra")
         return {"hydra": hydra, "reward": reward}
-    policy = lm().eval()
-    reference = lm().eval().requires_grad_(False)
-    value = scalar().eval()
+    policy = make(BloomForCausalLM, config, torch.float32)
+    reference = make(BloomForCausalLM, config, frozen_dtype).requires_grad_(False)
+    value = make(BloomForSequenceClassification, seq_config, torch.float32)
     return {"policy": policy, "reference": reference, "value": value, "reward": reward}
 
 
@@ -74,24 +84,28 @@ def _values_of(model, ids, mask):
 
 
 def ppo_step(models: dict, ids, mask, prompt: int, minibatch: int, optimizer) -> None:
+    """Score the rollout, then one epoch of minibatch updates; only response positions get logits."""
+    import contextlib
+
     import torch
 
     from engine.ppo import core
 
-    start, end = prompt - 1, ids.shape[1] - 1
+    keep = ids.shape[1] - prompt + 1  # logits for positions P-1 .. L-1, as the trainer asks for
     tokens = ids[:, prompt:]
     rmask = mask[:, prompt:].float()
-    with torch.no_grad():
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if ids.is_cuda else contextlib.nullcontext())
+    with torch.no_grad(), autocast:
         if "hydra" in models:
-            out = models["hydra"](ids, mask, with_values=True, with_ref=True)
+            out = models["hydra"](ids, mask, with_values=True, with_ref=True, logits_to_keep=keep)
             old_logits, ref_logits, old_values = out.logits, out.ref_logits, out.values.float()
         else:
-            old_logits = models["policy"](input_ids=ids, attention_mask=mask).logits
-            ref_logits = models["reference"](input_ids=ids, attention_mask=mask).logits
+            old_logits = models["policy"](input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+            ref_logits = models["reference"](input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
             old_values = _values_of(models["value"], ids, mask)
-        old_logprobs = core.logprobs_of(old_logits[:, start:end], tokens)
-        ref_logprobs = core.logprobs_of(ref_logits[:, start:end], tokens)
-        old_values = old_values[:, start:end]
+        old_logprobs = core.logprobs_of(old_logits[:, :-1], tokens)
+        ref_logprobs = core.logprobs_of(ref_logits[:, :-1], tokens)
+        old_values = old_values[:, prompt - 1:-1]
         scores = models["reward"](input_ids=ids, attention_mask=mask).logits[:, 0].float()
         del old_logits, ref_logits
     rewards = -0.05 * (old_logprobs - ref_logprobs) * rmask
@@ -100,15 +114,16 @@ def ppo_step(models: dict, ids, mask, prompt: int, minibatch: int, optimizer) ->
     advantages = core.whiten(advantages, rmask)
     for first in range(0, ids.shape[0], minibatch):
         sl = slice(first, first + minibatch)
-        if "hydra" in models:
-            out = models["hydra"](ids[sl], mask[sl], with_values=True)
-            logits, values = out.logits, out.values.float()
-        else:
-            logits = models["policy"](input_ids=ids[sl], attention_mask=mask[sl]).logits
-            values = _values_of(models["value"], ids[sl], mask[sl])
-        logprobs = core.logprobs_of(logits[:, start:end], tokens[sl])
-        pg, _ = core.policy_loss(logprobs, old_logprobs[sl], advantages[sl], rmask[sl], 0.2)
-        vf, _ = core.value_loss(values[:, start:end], old_values[sl], returns[sl], rmask[sl], 0.2)
+        with autocast:
+            if "hydra" in models:
+                out = models["hydra"](ids[sl], mask[sl], with_values=True, logits_to_keep=keep)
+                logits, values = out.logits, out.values.float()
+            else:
+                logits = models["policy"](input_ids=ids[sl], attention_mask=mask[sl], logits_to_keep=keep).logits
+                values = _values_of(models["value"], ids[sl], mask[sl])
+            logprobs = core.logprobs_of(logits[:, :-1], tokens[sl])
+            pg, _ = core.policy_loss(logprobs, old_logprobs[sl], advantages[sl], rmask[sl], 0.2)
+            vf, _ = core.value_loss(values[:, prompt - 1:-1], old_values[sl], returns[sl], rmask[sl], 0.2)
         optimizer.zero_grad(set_to_none=True)
         (pg + vf).backward()
         optimizer.step()
@@ -194,7 +209,45 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def print_memory(rows: list[dict[str, dict]]) -> None:
+    print("| shape | set-up | parameters | trainable params | peak memory | peak vs separate | params vs separate |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        base = row["separate"]
+        for result in row.values():
+            if "error" in result:
+                print(f"| {result['shape']} | {result['setup']} | {result['error']} | | | | |")
+                continue
+            ratios = "- | -"
+            if result is not base and "error" not in base:
+                ratios = (f"{result['peak_bytes'] / base['peak_bytes']:.2f}x | "
+                          f"{result['param_bytes'] / base['param_bytes']:.2f}x")
+            print(f"| {result['shape']} | {result['setup']} | {gib(result['param_bytes'])} | "
+                  f"{result['trainable_params']:,} | {gib(result['peak_bytes'])} | {ratios} |")
+
+
+def print_speed(rows: list[dict[str, dict]]) -> None:
+    print("| shape | set-up | step (s) | vs separate |")
+    print("|---|---|---:|---:|")
+    for row in rows:
+        base = row["separate"]
+        for result in row.values():
+            if "error" in result:
+                print(f"| {result['shape']} | {result['setup']} | {result['error']} | - |")
+                continue
+            ratio = "-" if result is base or "error" in base else f"{result['step_s'] / base['step_s']:.2f}x"
+            print(f"| {result['shape']} | {result['setup']} | {result['step_s']:.3f} | {ratio} |")
+
+
 if __name__ == "__main__":
+    if "--one" not in sys.argv:  # both tables from one measurement (what a GPU lease can afford)
+        args = main_args("PPO step memory and time: hydra vs four separate models")
+        rows = run_all(args.shape, args.device, args.k, args.k_v, args.steps)
+        print(f"PPO step on {args.device}, k={args.k}, k_v={args.k_v}, median of {args.steps} steps\n")
+        print_memory(rows)
+        print()
+        print_speed(rows)
+        sys.exit(0)
     parser = argparse.ArgumentParser()
     parser.add_argument("--one", choices=SETUPS, required=True)
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
