@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--num-processes", type=int, default=None)
     launch.add_argument("--run-id", type=int, default=None,
                         help="multi-node: on machines with machine_rank > 0, the run id machine 0 printed")
+    launch.add_argument("--resume-run", type=int, default=None, metavar="ID",
+                        help="continue run ID from its newest full-state checkpoint")
+    launch.add_argument("--detach", action="store_true",
+                        help="print the run id and return; the run goes on in its own session")
+
+    console = sub.add_parser("console", help="open the terminal console (the default with no command)")
+    console.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
 
     check = sub.add_parser("check", help="validate a recipe and print it resolved")
     check.add_argument("recipe")
@@ -67,6 +74,13 @@ def _cmd_runs(db: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] == "console":
+        # The console's start-up must stay fast: it needs none of the parser's imports.
+        from console.app import run_console
+
+        db = argv[argv.index("--db") + 1] if "--db" in argv[:-1] else None
+        return run_console(db)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
@@ -102,13 +116,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {run_id} finished")
             return 0
         assert args.command == "launch"
-        from engine.launch import run_foreground
+        from engine.launch import prepare, start_detached, supervise
 
-        run_id, code = run_foreground(
-            args.stage, args.recipe, args.overrides, args.accelerate_config, args.num_processes, args.db,
-            run_id=args.run_id,
-        )
-        print(f"run {run_id} exited with code {code}")
+        run = prepare(args.stage, args.recipe, args.overrides, args.accelerate_config, args.num_processes,
+                      args.db, args.run_id, resume_run=args.resume_run)
+        if args.detach:
+            start_detached(run)
+            print(f"run {run.run_id} started; its log: {run.log_path}")
+            return 0
+        print(f"run {run.run_id}: logging to {run.log_path}", file=sys.stderr, flush=True)
+        code = supervise(run, echo=True)
+        print(f"run {run.run_id} exited with code {code}")
         return code
     except (RecipeError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

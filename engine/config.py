@@ -18,7 +18,14 @@ Stage = Literal["sft", "rm", "ppo"]
 
 
 class RecipeError(ValueError):
-    """A recipe that cannot be used; the message names the file, field and line."""
+    """A recipe that cannot be used; the message names the file, field and line.
+
+    `fields` maps each offending dotted field to its problem, so a form can show it on the field.
+    """
+
+    def __init__(self, message: str, fields: dict[str, str] | None = None):
+        super().__init__(message)
+        self.fields = dict(fields or {})
 
 
 class RecipeSource:
@@ -304,22 +311,24 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
         try:
             _set_dotted(data, key, value)
         except (ValueError, IndexError, TypeError):
-            raise RecipeError(f"--set {item!r}: {key} does not address a field of {path}") from None
+            raise RecipeError(f"--set {item!r}: {key} does not address a field of {path}",
+                              {key: "not a field of this recipe"}) from None
         origin[key] = f"--set {item}"
 
     source = RecipeSource(path, lines, origin)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_describe(err, source)) from None
+        raise _describe(err, source) from None
     recipe._source = source
     if stage is not None:
         recipe.stage(stage)
     return recipe
 
 
-def _describe(err: ValidationError, source: RecipeSource) -> str:
+def _describe(err: ValidationError, source: RecipeSource) -> RecipeError:
     problems = []
+    fields: dict[str, str] = {}
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"])
         message = e["msg"]
@@ -328,7 +337,8 @@ def _describe(err: ValidationError, source: RecipeSource) -> str:
         elif e["type"] == "missing":
             message = "required field is missing"
         problems.append(f"{source.locate(field)}: {field or '(top level)'}: {message}")
-    return "invalid recipe\n  " + "\n  ".join(problems)
+        fields.setdefault(field, message)
+    return RecipeError("invalid recipe\n  " + "\n  ".join(problems), fields)
 
 
 def recipe_to_json(recipe: Recipe) -> str:

@@ -4,27 +4,34 @@ The run is registered in runs.db before the processes start, so every rank knows
 gets its own session and process group: a stop signals the whole group (accelerate, torchrun and every
 rank) at once, and a lost terminal does not reach it. It writes straight to `runs/<id>/train.log`; the
 foreground launcher echoes that file, so the run never depends on the launcher's own output.
+
+A detached start (the console's) puts a supervisor in between: `python -m engine.launch supervise`, in a
+session of its own with stdin closed, waits for the run and records its exit code. It is not in the run's
+process group, so even a SIGKILL of the run leaves it alive to record how the run ended.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
 import yaml
 
 from engine.config import RecipeError, Stage
-from engine.run import DB_ENV, LAUNCHED_ENV, RUN_ID_ENV, register_run
+from engine.run import DB_ENV, LAUNCHED_ENV, RUN_ID_ENV, check_resumable, register_run
 from engine.store import Store, default_db_path
 from engine.train import validate
 
 LOG_NAME = "train.log"
+LAUNCH_NAME = "launch.json"
 # How long a stopped run may take to write its checkpoint before it is killed. torchrun kills its ranks
 # 30 s after a SIGTERM unless told otherwise, far too soon for a 7B model's optimizer state.
 STOP_GRACE_S = 600
@@ -63,12 +70,13 @@ def accelerate_argv(
 
 
 def launch_env(accelerate: dict, run_id: int, db_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    """The variables a run needs on top of the launcher's own environment (only these are written down)."""
+    env: dict[str, str] = {}
     env[RUN_ID_ENV] = str(run_id)
     env[DB_ENV] = str(db_path)
     env[LAUNCHED_ENV] = "1"
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_S))
+    env["PYTHONUNBUFFERED"] = os.environ.get("PYTHONUNBUFFERED", "1")
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_S))
     if accelerate.get("use_cpu"):
         # accelerate only starts several CPU ranks (gloo, through torchrun) for MULTI_GPU with this set.
         env["ACCELERATE_USE_CPU"] = "true"
@@ -79,9 +87,22 @@ def launch_env(accelerate: dict, run_id: int, db_path: Path) -> dict[str, str]:
 class Prepared:
     run_id: int
     argv: list[str]
-    env: dict[str, str]
+    env: dict[str, str]  # added to the launcher's environment
     log_path: Path
     registered: bool  # False on the other machines of a multi-node run: the first machine's runs.db has it
+    db_path: Path
+
+    def save(self) -> Path:
+        """Write down how the run starts (`runs/<id>/launch.json`): the supervisor reads it back."""
+        path = self.log_path.parent / LAUNCH_NAME
+        data = {**asdict(self), "log_path": str(self.log_path), "db_path": str(self.db_path)}
+        path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Prepared:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(**{**data, "log_path": Path(data["log_path"]), "db_path": Path(data["db_path"])})
 
 
 def prepare(
@@ -92,12 +113,18 @@ def prepare(
     num_processes: int | None = None,
     db_path: str | os.PathLike | None = None,
     run_id: int | None = None,
+    resume_run: int | None = None,
 ) -> Prepared:
     """Validate everything and register the run; nothing is started yet.
 
     On a machine with `machine_rank > 0` nothing is registered: pass the run id the first machine got,
-    so every machine writes into the same runs/<id>.
+    so every machine writes into the same runs/<id>. `resume_run` continues that run from its newest
+    full-state checkpoint, under its own id.
     """
+    db = Path(db_path or default_db_path()).resolve()
+    if resume_run is not None:
+        check_resumable(db, resume_run, stage)
+        overrides = [*overrides, f"{stage}.resume_from_checkpoint=true"]
     recipe = validate(stage, recipe_path, overrides)
     accelerate = read_accelerate_config(accelerate_config)
     if num_processes is not None and num_processes < 1:
@@ -110,7 +137,6 @@ def prepare(
             f"{recipe.where('sft.lora')}: sft.lora: merging adapters is not supported with parameter sharding "
             f"({accelerate_config}); use zero2.yaml or ddp.yaml"
         )
-    db = Path(db_path or default_db_path()).resolve()
     machine_rank = int(accelerate.get("machine_rank") or 0)
     if machine_rank > 0:
         if run_id is None:
@@ -124,22 +150,45 @@ def prepare(
             raise RecipeError(
                 f"--run-id is for the other machines of a multi-node run; {accelerate_config} is machine 0"
             )
+        launch = json.dumps({"accelerate_config": str(accelerate_config), "num_processes": num_processes})
         with Store(db) as store:
-            run_id = register_run(store, stage, recipe, recipe_path, overrides)
+            if resume_run is None:
+                run_id = register_run(store, stage, recipe, recipe_path, overrides)
+            else:
+                run_id = resume_run
+                store.update_run(run_id, status="pending", exit_code=None, error=None, ended=None,
+                                 stop_requested=None)
+            store.update_run(run_id, launch=launch)
             output_dir = Path(store.run(run_id)["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
     argv = accelerate_argv(stage, recipe_path, overrides, accelerate_config, num_processes, str(db))
-    return Prepared(run_id, argv, launch_env(accelerate, run_id, db), output_dir / LOG_NAME, machine_rank == 0)
+    env = launch_env(accelerate, run_id, db)
+    return Prepared(run_id, argv, env, output_dir / LOG_NAME, machine_rank == 0, db)
 
 
-def record_exit(db_path: str | os.PathLike, run_id: int, exit_code: int, stop_requested: bool = False) -> str:
+def log_tail(path: Path, max_bytes: int = 4000) -> str:
+    """The end of a log, for a run that died before it could say why itself."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - max_bytes))
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def record_exit(
+    db_path: str | os.PathLike, run_id: int, exit_code: int, stop_requested: bool = False,
+    log_path: Path | None = None,
+) -> str:
     """Final status from the exit code, unless the trainer already recorded how it ended.
 
-    A run killed without being asked to stop (the OOM killer's SIGKILL, say) has failed.
+    A run killed without being asked to stop (the OOM killer's SIGKILL, say) has failed; a failure the
+    trainer could not describe (it died before its first line of Python) gets the end of its log.
     """
     with Store(db_path) as store:
         run = store.run(run_id)
         status = run["status"]
+        stop_requested = stop_requested or run.get("stop_requested") is not None
         if status in ("pending", "running"):
             if exit_code == 0:
                 status = "done"
@@ -147,7 +196,10 @@ def record_exit(db_path: str | os.PathLike, run_id: int, exit_code: int, stop_re
                 status = "stopped" if stop_requested else "failed"
         elif status == "done" and exit_code != 0:
             status = "failed"  # a rank other than 0 failed after rank 0 finished
-        store.update_run(run_id, status=status, exit_code=exit_code, ended=run["ended"] or time.time())
+        fields = {"status": status, "exit_code": exit_code, "ended": run["ended"] or time.time()}
+        if status == "failed" and not run["error"] and log_path is not None:
+            fields["error"] = log_tail(log_path) or f"exited with code {exit_code} before writing to its log"
+        store.update_run(run_id, **fields)
     return status
 
 
@@ -186,14 +238,23 @@ def run_foreground(
     leaves the run going.
     """
     run = prepare(stage, recipe_path, overrides, accelerate_config, num_processes, db_path, run_id)
-    db = run.env[DB_ENV]
     if echo:
         print(f"run {run.run_id}: logging to {run.log_path}", file=sys.stderr, flush=True)
+    return run.run_id, supervise(run, echo)
+
+
+def supervise(run: Prepared, echo: bool = False) -> int:
+    """Start a prepared run in its own process group, wait for it, record its exit; returns the exit code.
+
+    Ctrl-C or SIGTERM asks the run to stop (it saves a checkpoint); a second one kills it. A hang-up
+    leaves the run going.
+    """
+    db = run.db_path
     with open(run.log_path, "ab") as log:
         offset = log.tell()
         proc = subprocess.Popen(
-            run.argv, env=run.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            run.argv, env={**os.environ, **run.env}, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )
     if run.registered:
         with Store(db) as store:
@@ -213,9 +274,81 @@ def run_foreground(
     previous = {s: signal.signal(s, forward if s != signal.SIGHUP else signal.SIG_IGN) for s in handled}
     try:
         exit_code = _echo_until_exit(proc, run.log_path, offset, sys.stdout.buffer if echo else None)
+        # A signalled `accelerate launch` may die before the trainer under it has saved its checkpoint:
+        # the run is over only when its whole process group is.
+        while group_alive(proc.pid):
+            time.sleep(0.2)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if run.registered:
-        record_exit(db, run.run_id, exit_code, stop_requested=asked > 0)
-    return run.run_id, exit_code
+        record_exit(db, run.run_id, exit_code, stop_requested=asked > 0, log_path=run.log_path)
+    return exit_code
+
+
+def start_detached(run: Prepared) -> int:
+    """Start the run's supervisor in a session of its own and return its pid at once.
+
+    Nothing ties it to the caller: no shared process group, stdin closed, output to the run's log. The
+    caller (the console) may exit or lose its terminal; the run and its bookkeeping carry on.
+    """
+    launch_file = run.save()
+    argv = [sys.executable, "-m", "engine.launch", "supervise", str(launch_file)]
+    with open(run.log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True)
+    return proc.pid
+
+
+def group_alive(pgid: int | None) -> bool:
+    """Whether any process of the group is still there (on this machine)."""
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def request_stop(db_path: str | os.PathLike, run_id: int) -> int | None:
+    """SIGTERM to the run's process group (the trainer saves a checkpoint and exits); returns the pgid.
+
+    The request is written down first, so that a run that must then be killed still counts as stopped.
+    """
+    with Store(db_path) as store:
+        run = store.run(run_id)
+        if run["status"] not in ("pending", "running"):
+            raise RecipeError(f"run {run_id} is {run['status']}: nothing to stop")
+        store.update_run(run_id, stop_requested=time.time())
+    pgid = run["pgid"]
+    if pgid and group_alive(pgid):
+        os.killpg(pgid, signal.SIGTERM)
+    return pgid
+
+
+def kill_group(pgid: int) -> bool:
+    """SIGKILL a run's group after its grace period; False if it had already gone."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.launch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sup = sub.add_parser("supervise", help="run a prepared launch (runs/<id>/launch.json) and record its exit")
+    sup.add_argument("launch_file")
+    args = parser.parse_args(argv)
+    run = Prepared.load(args.launch_file)
+    code = supervise(run, echo=False)
+    print(f"[rlhf] run {run.run_id} exited with code {code}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

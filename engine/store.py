@@ -86,8 +86,15 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["samples"].create_index(["run_id", "step"])
 
 
+def _v2(db: sqlite_utils.Database) -> None:
+    # How the run was launched (accelerate config, processes), so that a console can resume it the same
+    # way; and when a stop was asked for, so that a run killed after its grace period counts as stopped.
+    db["runs"].add_column("launch", str)
+    db["runs"].add_column("stop_requested", float)
+
+
 # Append only: migration i brings a database from version i to i + 1.
-MIGRATIONS = [_v1]
+MIGRATIONS = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -195,6 +202,28 @@ class Store:
     def runs(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self.db["runs"].rows_where(order_by="id"))
+
+    def delete_run(self, run_id: int) -> None:
+        """Forget a run and everything it logged (its files on disk are the caller's business)."""
+        with self._write() as db:
+            for table in ("metrics", "samples", "checkpoints"):
+                db.conn.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+            if db.conn.execute("DELETE FROM runs WHERE id = ?", [run_id]).rowcount == 0:
+                raise StoreError(f"{self.path}: no run {run_id}")
+
+    def metrics_of(self, run_id: int, up_to_seq: int) -> list[dict[str, Any]]:
+        """A run's rows with seq <= `up_to_seq`: what a reader reloads when the run's history changed."""
+        with self._lock:
+            cursor = self.db.execute(
+                "SELECT seq, run_id, run_seq, step, name, value, wall_time FROM metrics "
+                "WHERE run_id = ? AND seq <= ? ORDER BY seq", [run_id, up_to_seq])
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def sample_steps(self, run_id: int) -> list[int]:
+        with self._lock:
+            rows = self.db.execute("SELECT DISTINCT step FROM samples WHERE run_id = ? ORDER BY step", [run_id])
+            return [r[0] for r in rows.fetchall()]
 
     # -- metrics --------------------------------------------------------------------------------------
     def log_metrics(self, run_id: int, step: int, values: Mapping[str, Any], wall_time: float | None = None) -> int:

@@ -39,7 +39,7 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str]) -> Recipe:
             paths.append((f"{stage}.{field}.{i}.path", source.path))
     for field, path in paths:
         if _local_only(path) and not Path(path).expanduser().exists():
-            raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} does not exist")
+            raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} does not exist", {field: "does not exist"})
     return recipe
 
 

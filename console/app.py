@@ -1,0 +1,358 @@
+"""The Textual app: `rlhf console [--db runs.db]`.
+
+The App owns every worker (a screen's workers die with it): one follows runs.db (`seq > cursor`), one
+tails the selected run's log by byte offset, one samples the GPUs. Workers post messages; the App's
+handlers update its state (`history`, `runs`) and call down into the screens. It never owns a training
+process: runs start through engine.launch's detached supervisor and outlive the console.
+
+Heavy imports (sqlite-utils pulls pandas; engine.launch pulls pydantic) happen inside the workers, after
+the first frame.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.worker import get_current_worker
+
+from console.messages import (
+    ActionDone,
+    GpuRead,
+    HistoryReset,
+    LogRead,
+    MetricsPolled,
+    RunsPolled,
+    SamplesLoaded,
+    StoreFailed,
+)
+from console.series import History
+
+POLL_S = 0.5
+LOG_POLL_S = 0.25
+GPU_POLL_S = 1.0
+ACTIVE = ("pending", "running")
+
+
+class RlhfConsole(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "rlhf-console"
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark,f1", "help", "Help", key_display="?"),
+        Binding("g", "gpus", "GPUs"),
+        Binding("n", "launch", "New run"),
+    ]
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike = "runs.db",
+        configs_dir: str | os.PathLike = "configs",
+        stop_grace_s: float | None = None,
+        gpu_sampler: Callable[[], Any] | None = None,
+        poll_s: float = POLL_S,
+    ):
+        super().__init__()
+        self.db_path = Path(db_path).resolve()
+        self.configs_dir = Path(configs_dir)
+        self.stop_grace_s = stop_grace_s
+        self.gpu_sampler = gpu_sampler
+        self.poll_s = poll_s
+        self.history = History()
+        self.runs: dict[int, dict[str, Any]] = {}
+        self.store_error: str | None = None
+        self.loaded = False  # the first poll has arrived
+        self.log_target: tuple[int, Path] | None = None  # read by the log worker thread
+        self.gpu_readings: list[Any] | None = None
+        self.gpu_unavailable: str | None = None
+        self.gpu_history: dict[int, dict[str, list[float]]] = {}
+        self.gpu_pgids: dict[int, int | None] = {}
+        self._wake = threading.Event()  # set to make the store worker poll now (after an action)
+
+    # -- start-up -------------------------------------------------------------------------------------
+    def on_mount(self) -> None:
+        from console.screens.runs import RunsScreen
+
+        self.push_screen(RunsScreen())
+        self.follow_store()
+        self.follow_log()
+        self.sample_gpus()
+
+    @property
+    def home(self):
+        from console.screens.runs import RunsScreen
+
+        for screen in self.screen_stack:
+            if isinstance(screen, RunsScreen):
+                return screen
+        return None
+
+    # -- workers (threads) ----------------------------------------------------------------------------
+    @work(thread=True, group="store", exit_on_error=False)
+    def follow_store(self) -> None:
+        from console.follower import StoreFollower
+        from engine.store import StoreError
+
+        worker = get_current_worker()
+        try:
+            follower = StoreFollower(self.db_path)
+        except (StoreError, OSError) as err:
+            self.post_message(StoreFailed(str(err)))
+            return
+        try:
+            while not worker.is_cancelled:
+                messages, more = follower.poll()
+                for message in messages:
+                    self.post_message(message)
+                if not more:
+                    self._wake.wait(self.poll_s)
+                    self._wake.clear()
+        finally:
+            follower.close()
+
+    @work(thread=True, group="log", exit_on_error=False)
+    def follow_log(self) -> None:
+        from console.logtail import LogTail
+
+        worker = get_current_worker()
+        current, tail, last_pending = None, None, None
+        while not worker.is_cancelled:
+            target = self.log_target
+            if target != current:
+                current, tail, last_pending = target, (LogTail(target[1]) if target else None), None
+                reset = True
+            else:
+                reset = False
+            if tail is not None and current is not None:
+                lines, pending = tail.read()
+                if reset or lines or pending != last_pending:
+                    last_pending = pending
+                    self.post_message(LogRead(current[0], lines, pending, reset, tail.truncated_start))
+            time.sleep(LOG_POLL_S)
+
+    @work(thread=True, group="gpu", exit_on_error=False)
+    def sample_gpus(self) -> None:
+        from engine.gpu import GpuSampler, GpuUnavailable, process_group
+
+        worker = get_current_worker()
+        try:
+            sampler = (self.gpu_sampler or GpuSampler)()
+        except GpuUnavailable as err:
+            self.post_message(GpuRead(None, {}, unavailable=str(err)))
+            return
+        try:
+            while not worker.is_cancelled:
+                readings = sampler.read()
+                pgids = {pid: process_group(pid) for r in readings for pid in r.pids}
+                self.post_message(GpuRead(readings, pgids))
+                time.sleep(GPU_POLL_S)
+        finally:
+            sampler.close()
+
+    @work(thread=True, group="samples", exclusive=True, exit_on_error=False)
+    def load_samples(self, run_id: int, step: int | None) -> None:
+        from engine.store import Store
+
+        with Store(self.db_path) as store:
+            steps = store.sample_steps(run_id)
+            if step is None or step not in steps:
+                step = steps[-1] if steps else None
+            rows = store.samples(run_id, step) if step is not None else []
+        self.post_message(SamplesLoaded(run_id, steps, step, rows))
+
+    # -- handlers: state first, then the widgets --------------------------------------------------------
+    def on_runs_polled(self, message: RunsPolled) -> None:
+        self.runs = {run["id"]: run for run in message.runs}
+        for run_id in list(self.history.runs):
+            if run_id not in self.runs:
+                self.history.forget(run_id)
+        self.loaded = True
+        if self.home is not None:
+            self.home.runs_changed()
+
+    def on_metrics_polled(self, message: MetricsPolled) -> None:
+        changed = self.history.ingest(message.rows)
+        if self.home is not None:
+            self.home.metrics_changed(changed)
+
+    def on_history_reset(self, message: HistoryReset) -> None:
+        self.history.replace(message.run_id, message.history_version, message.rows)
+        if self.home is not None:
+            self.home.metrics_changed({message.run_id})
+
+    def on_store_failed(self, message: StoreFailed) -> None:
+        self.store_error = message.reason
+        self.notify(message.reason, title="runs.db", severity="error", timeout=30)
+
+    def on_log_read(self, message: LogRead) -> None:
+        if self.home is not None:
+            self.home.log_read(message)
+
+    def on_samples_loaded(self, message: SamplesLoaded) -> None:
+        if self.home is not None:
+            self.home.samples_loaded(message)
+
+    def on_gpu_read(self, message: GpuRead) -> None:
+        self.gpu_unavailable = message.unavailable
+        self.gpu_readings = message.readings
+        self.gpu_pgids = message.pgids
+        for reading in message.readings or []:
+            hist = self.gpu_history.setdefault(reading.index, {"util": [], "mem": []})
+            hist["util"].append(reading.utilization or 0.0)
+            hist["mem"].append(100.0 * reading.memory_used / max(reading.memory_total, 1))
+            for values in hist.values():
+                del values[:-120]  # two minutes at one sample a second
+        from console.screens.gpu import GpuScreen
+
+        if isinstance(self.screen, GpuScreen):
+            self.screen.refresh_readings()
+
+    def on_action_done(self, message: ActionDone) -> None:
+        self._wake.set()
+        if message.error:
+            if message.verb == "launch" and hasattr(self.screen, "launch_failed"):
+                self.screen.launch_failed(message.error, message.fields or {})
+                return
+            self.notify(message.error, title=f"{message.verb} failed", severity="error", timeout=15)
+            return
+        self.notify(f"run {message.run_id}: {message.verb} done" if message.verb != "launch"
+                    else f"run {message.run_id} started", title=message.verb)
+        if message.verb in ("launch", "resume"):
+            from console.screens.launch import LaunchScreen
+
+            if isinstance(self.screen, LaunchScreen):
+                self.screen.dismiss(message.run_id)
+            elif self.home is not None:
+                self.home.select_run(message.run_id)
+
+    # -- actions on runs (each runs in a thread: they import engine.launch) -----------------------------
+    def runs_using_gpu(self, pids: Iterable[int]) -> list[int]:
+        pgids = {self.gpu_pgids.get(pid) for pid in pids} - {None}
+        return sorted(run_id for run_id, run in self.runs.items()
+                      if run.get("pgid") in pgids and run["status"] in ACTIVE)
+
+    @work(thread=True, group="actions", exit_on_error=False)
+    def launch_run(self, stage: str, recipe: str, overrides: list[str], accelerate_config: str,
+                   num_processes: int | None) -> None:
+        from engine.config import RecipeError
+        from engine.data.records import DataError
+        from engine.launch import prepare, start_detached
+
+        try:
+            run = prepare(stage, recipe, overrides, accelerate_config, num_processes, self.db_path)
+            start_detached(run)
+        except (RecipeError, DataError) as err:
+            self.post_message(ActionDone("launch", None, str(err), getattr(err, "fields", {})))
+            return
+        except OSError as err:
+            self.post_message(ActionDone("launch", None, f"could not start the run: {err}"))
+            return
+        self.post_message(ActionDone("launch", run.run_id))
+
+    @work(thread=True, group="actions", exit_on_error=False)
+    def resume_run(self, run_id: int) -> None:
+        import json
+
+        from engine.config import RecipeError
+        from engine.data.records import DataError
+        from engine.launch import prepare, start_detached
+
+        run = self.runs[run_id]
+        launch = json.loads(run.get("launch") or "null") or {}
+        accelerate = launch.get("accelerate_config") or str(self.configs_dir / "accelerate" / "cpu.yaml")
+        overrides = json.loads(run.get("overrides") or "[]")
+        try:
+            prepared = prepare(run["stage"], run["recipe"], overrides, accelerate, launch.get("num_processes"),
+                               self.db_path, resume_run=run_id)
+            start_detached(prepared)
+        except (RecipeError, DataError, OSError) as err:
+            self.post_message(ActionDone("resume", run_id, str(err)))
+            return
+        self.post_message(ActionDone("resume", run_id))
+
+    @work(thread=True, group="actions", exit_on_error=False)
+    def stop_run(self, run_id: int) -> None:
+        from engine.config import RecipeError
+        from engine.launch import STOP_GRACE_S, group_alive, kill_group, request_stop
+
+        try:
+            pgid = request_stop(self.db_path, run_id)
+        except (RecipeError, OSError) as err:
+            self.post_message(ActionDone("stop", run_id, str(err)))
+            return
+        self.post_message(ActionDone("stop", run_id))
+        # The grace period runs in this worker, so it survives screen changes (not a console restart:
+        # then the run only got its SIGTERM, which is what lets it save).
+        deadline = time.monotonic() + (self.stop_grace_s if self.stop_grace_s is not None else STOP_GRACE_S)
+        worker = get_current_worker()
+        while pgid and group_alive(pgid) and time.monotonic() < deadline and not worker.is_cancelled:
+            time.sleep(0.2)
+        if pgid and group_alive(pgid) and not worker.is_cancelled:
+            kill_group(pgid)
+            self.post_message(ActionDone("kill", run_id))
+
+    @work(thread=True, group="actions", exit_on_error=False)
+    def delete_run(self, run_id: int, delete_files: bool) -> None:
+        import shutil
+
+        from engine.store import Store, StoreError
+
+        run = self.runs.get(run_id)
+        if run is not None and run["status"] in ACTIVE:
+            self.post_message(ActionDone("delete", run_id, f"run {run_id} is {run['status']}: stop it first"))
+            return
+        try:
+            with Store(self.db_path) as store:
+                store.delete_run(run_id)
+        except StoreError as err:
+            self.post_message(ActionDone("delete", run_id, str(err)))
+            return
+        if delete_files and run is not None and run.get("output_dir"):
+            shutil.rmtree(run["output_dir"], ignore_errors=True)
+        self.post_message(ActionDone("delete", run_id))
+
+    # -- navigation -----------------------------------------------------------------------------------
+    def action_help(self) -> None:
+        from console.screens.help import HelpScreen
+
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_gpus(self) -> None:
+        from console.screens.gpu import GpuScreen
+
+        if not isinstance(self.screen, GpuScreen):
+            self.push_screen(GpuScreen())
+
+    def action_launch(self) -> None:
+        from console.screens.launch import LaunchScreen
+
+        if not isinstance(self.screen, LaunchScreen):
+            self.push_screen(LaunchScreen(self.configs_dir), self._launched)
+
+    def _launched(self, run_id: int | None) -> None:
+        if run_id is not None and self.home is not None:
+            self.home.select_run(run_id)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("New run", "Launch a stage from a recipe", self.action_launch)
+        yield SystemCommand("GPUs", "Utilisation, memory, temperature and power per GPU", self.action_gpus)
+        yield SystemCommand("Keys", "Every key binding", self.action_help)
+        home = self.home
+        if home is not None and screen is home:
+            yield from home.commands()
+
+
+def run_console(db: str | None = None) -> int:
+    """Entry point of `rlhf console` (and of `rlhf` with no command)."""
+    db_path = db or os.environ.get("RLHF_DB", "runs.db")
+    RlhfConsole(db_path).run()
+    return 0

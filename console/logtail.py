@@ -1,0 +1,66 @@
+"""Follow a run's train.log by byte offset: only new bytes are read, whatever the log's length.
+
+Progress bars (`\\r`-separated redraws) fold to their last state, ANSI colour codes are stripped, a
+line split across two reads is joined, and a log replaced by a shorter one starts over.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+TRACEBACK = "Traceback (most recent call last):"
+
+
+def clean_line(raw: str) -> str:
+    """What a terminal would finally show of one line: the last `\\r` redraw, without colour codes."""
+    text = ANSI.sub("", raw)
+    parts = [p for p in text.split("\r") if p.strip()]
+    return parts[-1].rstrip() if parts else ""
+
+
+def last_traceback(lines: list[str]) -> int | None:
+    """Index of the start of the last Python traceback in `lines`, if any."""
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].lstrip().startswith(TRACEBACK):
+            return i
+    return None
+
+
+class LogTail:
+    """Incremental reader of one log file. `read()` returns (new complete lines, the line in progress).
+
+    The first read starts `initial_bytes` from the end, so a week-long log opens at once.
+    """
+
+    def __init__(self, path: str | os.PathLike, initial_bytes: int = 256 * 1024):
+        self.path = Path(path)
+        self.initial_bytes = initial_bytes
+        self.offset: int | None = None
+        self._partial = b""
+        self.truncated_start = False  # the first read skipped the log's beginning
+
+    def read(self, max_bytes: int = 4 * 1024 * 1024) -> tuple[list[str], str]:
+        try:
+            with open(self.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if self.offset is None or size < self.offset:
+                    start = max(0, size - self.initial_bytes) if self.offset is None else 0
+                    self.truncated_start = start > 0
+                    self.offset, self._partial = start, b""
+                    if start:
+                        fh.seek(start)
+                        fh.readline()  # skip to the first whole line
+                        self.offset = fh.tell()
+                fh.seek(self.offset)
+                chunk = fh.read(max_bytes)
+        except FileNotFoundError:
+            return [], ""
+        self.offset += len(chunk)
+        data = self._partial + chunk
+        *complete, self._partial = data.split(b"\n")
+        lines = [clean_line(line.decode("utf-8", errors="replace")) for line in complete]
+        pending = clean_line(self._partial.decode("utf-8", errors="replace"))
+        return lines, pending

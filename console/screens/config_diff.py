@@ -1,0 +1,36 @@
+"""The changed keys of two runs' resolved configs (and their --set overrides)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import ModalScreen
+from textual.containers import Vertical
+from textual.widgets import DataTable, Static
+
+from console.diff import config_diff
+
+
+class ConfigDiffScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,q,d", "dismiss", "Close")]
+
+    def __init__(self, a: dict[str, Any], b: dict[str, Any]):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def compose(self) -> ComposeResult:
+        rows = config_diff(self.a["config"], self.b["config"])
+        overrides = config_diff({"overrides": json.loads(self.a.get("overrides") or "[]")},
+                                {"overrides": json.loads(self.b.get("overrides") or "[]")})
+        with Vertical(classes="dialog wide"):
+            yield Static(f"run {self.a['id']} vs run {self.b['id']}: {len(rows)} changed keys   (Esc closes)")
+            table = DataTable(zebra_stripes=True, cursor_type="row")
+            table.add_columns("key", f"run {self.a['id']}", f"run {self.b['id']}")
+            for key, left, right in rows + overrides:
+                table.add_row(key, left, right)
+            if not rows and not overrides:
+                table.add_row("(identical configs)", "", "")
+            yield table

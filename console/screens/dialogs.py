@@ -1,0 +1,67 @@
+"""Confirmations: stop, resume, delete. Enter/y confirms, Escape/n cancels."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Checkbox, Static
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    BINDINGS = [Binding("escape,n", "cancel", "Cancel"), Binding("y", "confirm", "Confirm")]
+
+    def __init__(self, question: str, verb: str):
+        super().__init__()
+        self.question, self.verb = question, verb
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(self.question, classes="question")
+            with Horizontal(classes="buttons"):
+                yield Button(f"{self.verb} (y)", variant="error", id="confirm")
+                yield Button("Cancel (n)", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#cancel", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "confirm")
+
+    def action_confirm(self) -> None:
+        self.dismiss(True)
+
+    def action_cancel(self) -> None:
+        self.dismiss(False)
+
+
+class DeleteScreen(ModalScreen[tuple[bool, bool]]):
+    """Returns (delete?, also delete the run's files?)."""
+
+    BINDINGS = [Binding("escape,n", "cancel", "Cancel"), Binding("y", "confirm", "Delete")]
+
+    def __init__(self, run_id: int, output_dir: str | None):
+        super().__init__()
+        self.run_id, self.output_dir = run_id, output_dir
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(f"Delete run {self.run_id} from runs.db (its metrics, samples and checkpoint list)?",
+                         classes="question")
+            yield Checkbox(f"also delete its files ({self.output_dir})", False, id="files")
+            with Horizontal(classes="buttons"):
+                yield Button("Delete (y)", variant="error", id="confirm")
+                yield Button("Cancel (n)", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#cancel", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss((event.button.id == "confirm", self.query_one("#files", Checkbox).value))
+
+    def action_confirm(self) -> None:
+        self.dismiss((True, self.query_one("#files", Checkbox).value))
+
+    def action_cancel(self) -> None:
+        self.dismiss((False, False))

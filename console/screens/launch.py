@@ -1,0 +1,293 @@
+"""Launch: a stage, a recipe from configs/, its main fields in a form, validated before anything starts.
+
+The form only turns the fields you changed into `--set` overrides, so the run's recipe stays the file
+plus a short, readable list. Validation is the engine's own (`engine.train.validate`): an error is shown
+under the field it names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.validation import Integer, Number
+from textual.widgets import Button, Footer, Input, Label, Select, Static
+
+
+@dataclass(frozen=True)
+class FormField:
+    name: str
+    label: str
+    stages: tuple[str, ...]
+    kind: str  # "text", "float", "int"
+
+
+FIELDS = (
+    FormField("model", "model", ("sft", "rm", "ppo"), "text"),
+    FormField("data", "data (first source)", ("sft", "rm", "ppo"), "text"),
+    FormField("lr", "learning rate", ("sft", "rm", "ppo"), "float"),
+    FormField("batch", "batch size", ("sft", "rm", "ppo"), "int"),
+    FormField("length", "epochs", ("sft", "rm"), "float"),
+    FormField("steps", "steps", ("ppo",), "int"),
+    FormField("k", "k (policy layers)", ("ppo",), "int"),
+    FormField("k_v", "k_v (value layers)", ("ppo",), "int"),
+    FormField("processes", "processes", ("sft", "rm", "ppo"), "int"),
+)
+
+
+def recipe_keys(stage: str, has_own_model: bool) -> dict[str, str]:
+    """Form field -> dotted recipe key, for a stage."""
+    keys = {"model": f"{stage}.model.path" if has_own_model else "model.path"}
+    if stage == "ppo":
+        keys.update(data="ppo.prompts.0.path", lr="ppo.lr", batch="ppo.rollout_batch_size", steps="ppo.steps",
+                    k="ppo.num_layers_unfrozen", k_v="ppo.value_layers")
+    else:
+        keys.update(data=f"{stage}.data.0.path", lr=f"{stage}.train.lr", batch=f"{stage}.train.batch_size",
+                    length=f"{stage}.train.epochs")
+    return keys
+
+
+def field_for_error(error_field: str, message: str, keys: dict[str, str]) -> str | None:
+    """Which form field a recipe error belongs to (exact key, or a section whose message names it)."""
+    for name, key in keys.items():
+        if error_field == key:
+            return name
+    for name, key in keys.items():
+        if key.startswith(error_field + ".") and key.rsplit(".", 1)[-1] in message:
+            return name
+    return None
+
+
+def _default_recipe(recipes: list[tuple[str, str]]) -> str | object:
+    # The tiny recipe is what a first launch on a CPU box can actually run.
+    for name, value in recipes:
+        if name == "tiny.yaml":
+            return value
+    return recipes[0][1] if recipes else Select.NULL
+
+
+class RecipeLoaded(Message):
+    def __init__(self, values: dict[str, str], keys: dict[str, str], error: str | None):
+        super().__init__()
+        self.values, self.keys, self.error = values, keys, error
+
+
+class Validated(Message):
+    def __init__(self, error: str | None, fields: dict[str, str], launch: bool):
+        super().__init__()
+        self.error, self.fields, self.launch = error, fields, launch
+
+
+class LaunchScreen(Screen[int | None]):
+    BINDINGS = [
+        Binding("escape", "cancel", "Back"),
+        Binding("ctrl+s", "launch", "Launch"),
+        Binding("ctrl+t", "validate", "Validate"),
+    ]
+
+    def __init__(self, configs_dir: Path):
+        super().__init__()
+        self.configs_dir = Path(configs_dir)
+        self.loaded: dict[str, str] = {}  # field -> value as in the recipe (unchanged fields add no override)
+        self.keys: dict[str, str] = {}
+
+    def recipes(self) -> list[Path]:
+        return sorted(p for p in self.configs_dir.glob("*.yaml"))
+
+    def accelerate_configs(self) -> list[Path]:
+        return sorted((self.configs_dir / "accelerate").glob("*.yaml"))
+
+    def compose(self) -> ComposeResult:
+        recipes = [(p.name, str(p)) for p in self.recipes()]
+        accel = [(p.name, str(p)) for p in self.accelerate_configs()]
+        default_accel = next((v for n, v in accel if n == "cpu.yaml"), accel[0][1] if accel else Select.NULL)
+        with VerticalScroll(id="launch-form"):
+            yield Static("[b]New run[/b]   Tab moves between fields · ctrl+t validates · ctrl+s launches · Esc")
+            with Horizontal(classes="row"):
+                yield Label("stage", classes="field-label")
+                yield Select([("sft", "sft"), ("rm", "rm"), ("ppo", "ppo")], value="sft", allow_blank=False,
+                             id="stage", compact=True)
+            with Horizontal(classes="row"):
+                yield Label("recipe", classes="field-label")
+                yield Select(recipes, value=_default_recipe(recipes), id="recipe", compact=True)
+            yield Static("", id="error-recipe", classes="field-error -empty")
+            for field in FIELDS:
+                validators = {"float": [Number()], "int": [Integer()]}.get(field.kind, [])
+                with Horizontal(classes=f"row field-{field.name}"):
+                    yield Label(field.label, classes="field-label")
+                    yield Input(id=f"field-{field.name}", validators=validators, valid_empty=True, compact=True)
+                yield Static("", id=f"error-{field.name}", classes="field-error -empty")
+            with Horizontal(classes="row"):
+                yield Label("accelerate config", classes="field-label")
+                yield Select(accel, value=default_accel, id="accelerate", compact=True)
+            yield Static("", id="error-general", classes="field-error -empty")
+            with Horizontal(classes="buttons"):
+                yield Button("Validate (ctrl+t)", id="validate", compact=True)
+                yield Button("Launch (ctrl+s)", variant="success", id="launch", compact=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#stage", Select).focus()
+        self._stage_changed()
+
+    @property
+    def stage(self) -> str:
+        return str(self.query_one("#stage", Select).value)
+
+    @property
+    def recipe(self) -> str | None:
+        value = self.query_one("#recipe", Select).value
+        return None if value is Select.NULL else str(value)
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        if event.select.id in ("stage", "recipe"):
+            self._stage_changed()
+
+    def _stage_changed(self) -> None:
+        for field in FIELDS:
+            for widget in self.query(f".field-{field.name}"):
+                widget.display = self.stage in field.stages
+        self.clear_errors()
+        if self.recipe:
+            self.load_recipe(self.stage, self.recipe)
+
+    @work(thread=True, exclusive=True, group="launch-form")
+    def load_recipe(self, stage: str, recipe: str) -> None:
+        from engine.config import RecipeError, load_recipe
+
+        try:
+            loaded = load_recipe(recipe)
+            section = loaded.stage(stage)
+        except RecipeError as err:
+            self.post_message(RecipeLoaded({}, recipe_keys(stage, False), str(err)))
+            return
+        keys = recipe_keys(stage, section.model is not None)
+        data = loaded.model_dump()
+        values = {}
+        for name, key in keys.items():
+            node: Any = data
+            for part in key.split("."):
+                node = node[int(part)] if isinstance(node, list) and part.isdigit() and int(part) < len(node) \
+                    else (node.get(part) if isinstance(node, dict) else None)
+                if node is None:
+                    break
+            values[name] = "" if node is None else str(node)
+        self.post_message(RecipeLoaded(values, keys, None))
+
+    def on_recipe_loaded(self, message: RecipeLoaded) -> None:
+        self.loaded, self.keys = message.values, message.keys
+        for name, value in message.values.items():
+            self.query_one(f"#field-{name}", Input).value = value
+        self.query_one("#field-processes", Input).value = ""
+        self._error("recipe", message.error or "")
+
+    # -- validation ------------------------------------------------------------------------------------
+    def overrides(self) -> list[str]:
+        items = []
+        for name, key in self.keys.items():
+            value = self.query_one(f"#field-{name}", Input).value.strip()
+            if value != self.loaded.get(name, ""):
+                items.append(f"{key}={value}")
+        return items
+
+    def processes(self) -> int | None:
+        value = self.query_one("#field-processes", Input).value.strip()
+        return int(value) if value.isdigit() else None
+
+    def _error(self, name: str, text: str) -> None:
+        widget = self.query_one(f"#error-{name}", Static)
+        widget.update(text)
+        widget.set_class(not text, "-empty")
+
+    def clear_errors(self) -> None:
+        for widget in self.query(".field-error"):
+            widget.update("")
+            widget.add_class("-empty")
+        for widget in self.query(Input):
+            widget.remove_class("-invalid-field")
+
+    def show_errors(self, error: str | None, fields: dict[str, str]) -> None:
+        self.clear_errors()
+        if error is None:
+            return
+        unplaced = not fields
+        for error_field, problem in fields.items():
+            name = field_for_error(error_field, problem, self.keys)
+            if name is None:
+                unplaced = True
+                continue
+            self._error(name, f"↑ {problem}")
+            self.query_one(f"#field-{name}", Input).add_class("-invalid-field")
+        if unplaced:
+            self._error("general", error)
+
+    def _local_errors(self) -> bool:
+        """Type errors the inputs' own validators found (a letter in the learning rate, say)."""
+        bad = False
+        for field in FIELDS:
+            widget = self.query_one(f"#field-{field.name}", Input)
+            if self.stage not in field.stages or not widget.value:
+                continue
+            result = widget.validate(widget.value)
+            if result is not None and not result.is_valid:
+                self._error(field.name, f"↑ not a valid {field.kind}")
+                widget.add_class("-invalid-field")
+                bad = True
+        return bad
+
+    @work(thread=True, exclusive=True, group="launch-validate")
+    def validate(self, stage: str, recipe: str, overrides: list[str], launch: bool) -> None:
+        from engine.config import RecipeError
+        from engine.data.records import DataError
+        from engine.train import validate
+
+        try:
+            validate(stage, recipe, overrides)
+        except (RecipeError, DataError) as err:
+            self.post_message(Validated(str(err), getattr(err, "fields", {}), launch))
+            return
+        self.post_message(Validated(None, {}, launch))
+
+    def on_validated(self, message: Validated) -> None:
+        self.show_errors(message.error, message.fields)
+        if message.error is None and message.launch:
+            accel = self.query_one("#accelerate", Select).value
+            if accel is Select.NULL:
+                self._error("general", "choose an accelerate config")
+                return
+            self.query_one("#launch", Button).disabled = True
+            self.app.launch_run(self.stage, self.recipe, self.overrides(), str(accel), self.processes())
+        elif message.error is None:
+            self.notify("the recipe is valid", title="validate")
+
+    def launch_failed(self, error: str, fields: dict[str, str]) -> None:
+        self.query_one("#launch", Button).disabled = False
+        self.show_errors(error, fields)
+
+    # -- actions ---------------------------------------------------------------------------------------
+    def _check(self, launch: bool) -> None:
+        self.clear_errors()
+        if self.recipe is None:
+            self._error("recipe", "no recipe in " + str(self.configs_dir))
+            return
+        if not self._local_errors():
+            self.validate(self.stage, self.recipe, self.overrides(), launch)
+
+    def action_validate(self) -> None:
+        self._check(launch=False)
+
+    def action_launch(self) -> None:
+        self._check(launch=True)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self._check(launch=event.button.id == "launch")

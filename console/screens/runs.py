@@ -1,0 +1,405 @@
+"""Home: the run table, and for the selected run its curves, log tail and PPO samples."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from textual.app import ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, OptionList, Static, TabbedContent, TabPane
+from textual.widgets.option_list import Option
+
+from console.messages import LogRead, SamplesLoaded
+from console.series import DEFAULT_METRIC, metric_groups
+from console.widgets.chart import ChartLine, MetricChart, run_colour
+from console.widgets.log_view import LogView
+from console.widgets.run_table import SORTS, RunTable, shown_status
+
+SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
+STATUSES = (None, "running", "pending", "stopping", "done", "failed", "stopped", "diverged")
+STAGES = (None, "sft", "rm", "ppo")
+REDRAW_S = 0.25  # at most four chart redraws a second, however fast rows arrive
+
+
+class RunsScreen(Screen):
+    BINDINGS = [
+        Binding("space", "mark", "Overlay"),
+        Binding("s", "smoothing(1)", "Smooth+"),
+        Binding("S", "smoothing(-1)", "Smooth-", show=False),
+        Binding("w", "x_axis", "Step/time"),
+        Binding("o", "sort", "Sort", show=False),
+        Binding("O", "sort_reverse", "Reverse sort", show=False),
+        Binding("f", "filter_status", "Filter status", show=False),
+        Binding("F", "filter_stage", "Filter stage", show=False),
+        Binding("x", "stop", "Stop"),
+        Binding("r", "resume", "Resume"),
+        Binding("delete,D", "delete", "Delete", show=False),
+        Binding("d", "diff", "Diff", show=False),
+        Binding("t", "traceback", "Traceback", show=False),
+        Binding("e", "follow_log", "Follow log", show=False),
+        Binding("1", "tab('curves')", "Curves", show=False),
+        Binding("2", "tab('log')", "Log", show=False),
+        Binding("3", "tab('samples')", "Samples", show=False),
+        Binding("left_square_bracket", "sample_step(-1)", "Prev samples", show=False),
+        Binding("right_square_bracket", "sample_step(1)", "Next samples", show=False),
+        Binding("comma", "metric(-1)", "Prev metric", show=False),
+        Binding("full_stop", "metric(1)", "Next metric", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.selected: int | None = None
+        self.marked: list[int] = []  # overlay order: also the two runs a diff compares
+        self.metric: str | None = None
+        self.smoothing = 1  # index into SMOOTHING
+        self.by_wall_time = False
+        self.status_filter = 0
+        self.stage_filter = 0
+        self._redraw_due = False
+        self._metric_names: list[str] = []
+        self.sample_steps: list[int] = []
+        self.sample_step: int | None = None
+        self.last_draw_points = 0
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="runs-top"):
+            yield RunTable(id="run-table")
+            yield Static("loading runs.db…", id="run-info")
+        with TabbedContent(id="tabs", initial="curves"):
+            with TabPane("Curves", id="curves"):
+                with Horizontal():
+                    yield OptionList(id="metric-list")
+                    yield MetricChart(id="chart")
+            with TabPane("Log", id="log"):
+                yield LogView(id="log-view")
+            with TabPane("Samples", id="samples"):
+                yield Static("", id="samples-head")
+                yield DataTable(id="samples-table", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#samples-table", DataTable).add_columns("score", "prompt", "response")
+        self.query_one(RunTable).focus()
+        if self.app.loaded:
+            self.runs_changed()
+
+    # -- called by the App when its state changed --------------------------------------------------------
+    def runs_changed(self) -> None:
+        table = self.query_one(RunTable)
+        self.marked = [r for r in self.marked if r in self.app.runs]
+        table.show(self.app.runs, self.app.history, set(self.marked))
+        if self.selected not in self.app.runs:
+            self._select(table.selected_run())
+        self._update_info()
+        if not self.app.runs:
+            self.query_one("#run-info", Static).update(
+                f"no runs yet in {self.app.db_path} — press n to launch one")
+
+    def metrics_changed(self, run_ids: set[int]) -> None:
+        if self.selected in run_ids or run_ids & set(self.marked):
+            self._update_metric_list()
+            self.schedule_redraw()
+        self.query_one(RunTable).show(self.app.runs, self.app.history, set(self.marked))
+
+    def log_read(self, message: LogRead) -> None:
+        if message.run_id == self.selected:
+            self.query_one(LogView).append(message.run_id, message.lines, message.pending, message.reset,
+                                           message.skipped_start)
+            if message.reset and not message.lines and not message.pending:
+                self._show_error_if_silent()
+
+    def samples_loaded(self, message: SamplesLoaded) -> None:
+        if message.run_id != self.selected:
+            return
+        self.sample_steps, self.sample_step = message.steps, message.step
+        table = self.query_one("#samples-table", DataTable)
+        table.clear()
+        for row in message.rows:
+            score = "-" if row["score"] is None else f"{row['score']:.3f}"
+            table.add_row(score, _one_line(row["prompt"]), _one_line(row["response"]))
+        where = (f"step {message.step} ({self.sample_steps.index(message.step) + 1} of {len(message.steps)})"
+                 if message.step is not None else "no samples recorded")
+        self.query_one("#samples-head", Static).update(f"run {message.run_id} samples: {where}   [ ] browse steps")
+
+    def select_run(self, run_id: int) -> None:
+        if self.query_one(RunTable).select(run_id):
+            self._select(run_id)
+
+    # -- selection --------------------------------------------------------------------------------------
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table.id == "run-table" and event.row_key.value is not None:
+            self._select(int(event.row_key.value))
+
+    def _select(self, run_id: int | None) -> None:
+        if run_id == self.selected:
+            return
+        self.selected = run_id
+        run = self.app.runs.get(run_id) if run_id is not None else None
+        log_view = self.query_one(LogView)
+        if run is None:
+            self.app.log_target = None
+            log_view.clear()
+        else:
+            from pathlib import Path
+
+            log_view.clear()
+            self.app.log_target = (run_id, Path(run["output_dir"]) / "train.log")
+        self.metric = None
+        self._update_metric_list()
+        self._update_info()
+        self.schedule_redraw()
+        if run is not None and self.query_one(TabbedContent).active == "samples":
+            self.app.load_samples(run_id, None)
+
+    def _show_error_if_silent(self) -> None:
+        run = self.app.runs.get(self.selected)
+        if run is None:
+            return
+        if run.get("error"):
+            self.query_one(LogView).append(run["id"], run["error"].splitlines(), "", False, False)
+        elif run.get("output_dir"):
+            self.query_one(LogView).append(run["id"], [], f"(nothing in {run['output_dir']}/train.log yet; a run "
+                                           "started with `rlhf train` logs to its own terminal)", False, False)
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if event.pane.id == "samples" and self.selected is not None:
+            self.app.load_samples(self.selected, self.sample_step)
+        if event.pane.id == "curves":
+            self.schedule_redraw()
+
+    # -- the chart ---------------------------------------------------------------------------------------
+    def _chart_runs(self) -> list[int]:
+        ids = list(self.marked)
+        if self.selected is not None and self.selected not in ids:
+            ids.insert(0, self.selected)
+        return ids
+
+    def _update_metric_list(self) -> None:
+        names: set[str] = set()
+        for run_id in self._chart_runs():
+            run = self.app.history.runs.get(run_id)
+            if run is not None:
+                names.update(run.series)
+        ordered = [n for group in metric_groups(names).values() for n in group]
+        if self.metric is None or self.metric not in names:
+            stage = self.app.runs.get(self.selected, {}).get("stage", "")
+            default = DEFAULT_METRIC.get(stage)
+            self.metric = default if default in names else (ordered[0] if ordered else None)
+        if ordered == self._metric_names:
+            self._highlight_metric()
+            return
+        self._metric_names = ordered
+        options: list[Option | None] = []
+        for group, members in metric_groups(names).items():
+            if len(members) > 1:
+                options.append(Option(f"[b]{group}/[/b]", id=f"group:{group}", disabled=True))
+            for name in members:
+                label = name.split("/", 1)[1] if len(members) > 1 and "/" in name else name
+                options.append(Option(("  " if len(members) > 1 else "") + label, id=name))
+        metric_list = self.query_one("#metric-list", OptionList)
+        metric_list.clear_options()
+        metric_list.add_options(options)
+        self._highlight_metric()
+
+    def _highlight_metric(self) -> None:
+        metric_list = self.query_one("#metric-list", OptionList)
+        if self.metric is not None:
+            try:
+                metric_list.highlighted = metric_list.get_option_index(self.metric)
+            except Exception:  # not listed yet
+                pass
+
+    def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
+        if event.option.id and not event.option.id.startswith("group:") and event.option.id != self.metric:
+            self.metric = event.option.id
+            self.schedule_redraw()
+
+    def schedule_redraw(self) -> None:
+        if not self._redraw_due:
+            self._redraw_due = True
+            self.set_timer(REDRAW_S if self.app.loaded else 0.01, self.redraw_chart)
+
+    def redraw_chart(self) -> None:
+        self._redraw_due = False
+        chart = self.query_one(MetricChart)
+        weight = SMOOTHING[self.smoothing]
+        lines = []
+        for run_id in self._chart_runs():
+            run = self.app.history.runs.get(run_id)
+            series = run.series.get(self.metric) if run is not None and self.metric else None
+            if series is None or not len(series):
+                continue
+            if self.by_wall_time:
+                walls = series.walls.view
+                x = (walls - walls[0]) / 60.0
+            else:
+                x = series.steps.view
+            lines.append(ChartLine(f"run {run_id}", run_colour(run_id), x, series.values.view,
+                                   series.smoothed(weight) if weight else None))
+        legend = "  ".join(f"[{run_colour(i)}]■ run {i}[/]" for i in self._chart_runs()
+                           if i in self.app.history.runs)
+        title = f"{self.metric or 'no metrics yet'}   {legend}   smoothing {weight:g}"
+        self.last_draw_points = chart.draw(title, lines, "minutes" if self.by_wall_time else "step")
+
+    # -- the info line -------------------------------------------------------------------------------------
+    def _update_info(self) -> None:
+        run = self.app.runs.get(self.selected) if self.selected is not None else None
+        table = self.query_one(RunTable)
+        filters = []
+        if table.status_filter:
+            filters.append(f"status={table.status_filter}")
+        if table.stage_filter:
+            filters.append(f"stage={table.stage_filter}")
+        sort = f"sort {table.sort_by}{' ↓' if table.sort_reverse else ' ↑'}"
+        extra = "  ".join([sort, *filters])
+        if run is None:
+            self.query_one("#run-info", Static).update(extra)
+            return
+        status = shown_status(run)
+        text = f"run {run['id']} {run['stage']} {run['name']} · {status}"
+        if run["exit_code"] is not None:
+            text += f" (exit {run['exit_code']})"
+        if status in ("failed", "diverged") and run.get("error"):
+            last = [line for line in run["error"].splitlines() if line.strip()]
+            text += f" · {last[-1][:60] if last else ''}"
+        self.query_one("#run-info", Static).update(f"{text}   {extra}")
+
+    # -- actions -------------------------------------------------------------------------------------------
+    def action_mark(self) -> None:
+        if self.selected is None:
+            return
+        if self.selected in self.marked:
+            self.marked.remove(self.selected)
+        else:
+            self.marked.append(self.selected)
+        self.query_one(RunTable).show(self.app.runs, self.app.history, set(self.marked))
+        self._update_metric_list()
+        self.schedule_redraw()
+
+    def action_smoothing(self, direction: int) -> None:
+        self.smoothing = max(0, min(len(SMOOTHING) - 1, self.smoothing + direction))
+        self.schedule_redraw()
+
+    def action_x_axis(self) -> None:
+        self.by_wall_time = not self.by_wall_time
+        self.schedule_redraw()
+
+    def action_sort(self) -> None:
+        table = self.query_one(RunTable)
+        table.sort_by = SORTS[(SORTS.index(table.sort_by) + 1) % len(SORTS)]
+        self.runs_changed()
+
+    def action_sort_reverse(self) -> None:
+        table = self.query_one(RunTable)
+        table.sort_reverse = not table.sort_reverse
+        self.runs_changed()
+
+    def action_filter_status(self) -> None:
+        self.status_filter = (self.status_filter + 1) % len(STATUSES)
+        self.query_one(RunTable).status_filter = STATUSES[self.status_filter]
+        self.runs_changed()
+
+    def action_filter_stage(self) -> None:
+        self.stage_filter = (self.stage_filter + 1) % len(STAGES)
+        self.query_one(RunTable).stage_filter = STAGES[self.stage_filter]
+        self.runs_changed()
+
+    def action_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+
+    def action_traceback(self) -> None:
+        self.action_tab("log")
+        if not self.query_one(LogView).jump_to_traceback():
+            self.notify("no traceback in the log's loaded lines")
+
+    def action_follow_log(self) -> None:
+        self.query_one(LogView).follow()
+
+    def action_metric(self, direction: int) -> None:
+        if not self._metric_names:
+            return
+        i = self._metric_names.index(self.metric) if self.metric in self._metric_names else 0
+        self.metric = self._metric_names[(i + direction) % len(self._metric_names)]
+        self._highlight_metric()
+        self.schedule_redraw()
+
+    def action_sample_step(self, direction: int) -> None:
+        if self.selected is None or not self.sample_steps:
+            return
+        i = self.sample_steps.index(self.sample_step) if self.sample_step in self.sample_steps else 0
+        i = max(0, min(len(self.sample_steps) - 1, i + direction))
+        self.app.load_samples(self.selected, self.sample_steps[i])
+
+    def _selected_run(self) -> dict[str, Any] | None:
+        run = self.app.runs.get(self.selected) if self.selected is not None else None
+        if run is None:
+            self.notify("no run selected")
+        return run
+
+    def action_stop(self) -> None:
+        from console.screens.dialogs import ConfirmScreen
+
+        run = self._selected_run()
+        if run is None:
+            return
+        if run["status"] not in ("pending", "running"):
+            self.notify(f"run {run['id']} is {run['status']}: nothing to stop")
+            return
+        question = (f"Stop run {run['id']} ({run['stage']} {run['name']})?\n\nIt gets SIGTERM, saves a "
+                    "checkpoint and exits; it is killed if it is still there after the grace period.")
+        self.app.push_screen(ConfirmScreen(question, "Stop"),
+                             lambda ok: self.app.stop_run(run["id"]) if ok else None)
+
+    def action_resume(self) -> None:
+        from console.screens.dialogs import ConfirmScreen
+
+        run = self._selected_run()
+        if run is None:
+            return
+        if run["status"] in ("pending", "running"):
+            self.notify(f"run {run['id']} is {run['status']}")
+            return
+        question = f"Resume run {run['id']} ({run['stage']} {run['name']}) from its last full-state checkpoint?"
+        self.app.push_screen(ConfirmScreen(question, "Resume"),
+                             lambda ok: self.app.resume_run(run["id"]) if ok else None)
+
+    def action_delete(self) -> None:
+        from console.screens.dialogs import DeleteScreen
+
+        run = self._selected_run()
+        if run is None:
+            return
+        if run["status"] in ("pending", "running"):
+            self.notify(f"run {run['id']} is {run['status']}: stop it first", severity="warning")
+            return
+
+        def done(choice: tuple[bool, bool] | None) -> None:
+            if choice and choice[0]:
+                self.app.delete_run(run["id"], choice[1])
+
+        self.app.push_screen(DeleteScreen(run["id"], run["output_dir"]), done)
+
+    def action_diff(self) -> None:
+        from console.screens.config_diff import ConfigDiffScreen
+
+        pair = self.marked[-2:] if len(self.marked) >= 2 else [*self.marked[-1:], self.selected]
+        if len(pair) != 2 or None in pair or pair[0] == pair[1]:
+            self.notify("mark a run with space, select another, then press d", title="config diff")
+            return
+        a, b = (self.app.runs[i] for i in pair)
+        self.app.push_screen(ConfigDiffScreen(a, b))
+
+    def commands(self) -> Iterable[SystemCommand]:
+        yield SystemCommand("Stop run", "SIGTERM the selected run's process group", self.action_stop)
+        yield SystemCommand("Resume run", "Continue the selected run from its checkpoint", self.action_resume)
+        yield SystemCommand("Delete run", "Forget the selected run (files kept unless asked)", self.action_delete)
+        yield SystemCommand("Config diff", "Changed keys between two runs", self.action_diff)
+        yield SystemCommand("Jump to traceback", "The last traceback in the log", self.action_traceback)
+        yield SystemCommand("Toggle x axis", "Step or wall time", self.action_x_axis)
+
+
+def _one_line(text: str, width: int = 200) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"

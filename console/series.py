@@ -1,0 +1,201 @@
+"""The console's copy of the metric history: appended to by each poll, read by the charts.
+
+Pure Python and numpy (no Textual, no torch), so the arithmetic is tested on its own. Nothing here grows
+with the number of polls: rows are appended to amortised arrays, smoothing is extended incrementally,
+and a chart asks for at most a few points per column of its width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+
+
+class _Column:
+    """A float64 array that grows by doubling: appending n rows costs O(n) overall."""
+
+    def __init__(self) -> None:
+        self._data = np.empty(64)
+        self.size = 0
+
+    def extend(self, values: list[float]) -> None:
+        need = self.size + len(values)
+        if need > len(self._data):
+            grown = np.empty(max(need, 2 * len(self._data)))
+            grown[: self.size] = self._data[: self.size]
+            self._data = grown
+        self._data[self.size:need] = values
+        self.size = need
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._data[: self.size]
+
+
+class Series:
+    """One metric of one run: steps, wall times and values in arrival order (which is step order)."""
+
+    def __init__(self) -> None:
+        self.steps = _Column()
+        self.walls = _Column()
+        self.values = _Column()
+        self._smoothed = _Column()
+        self._smooth_weight: float | None = None
+        self._ema_state = (0.0, 0.0)  # running (biased average, sum of weights) for the debiased EMA
+
+    def __len__(self) -> int:
+        return self.values.size
+
+    def extend(self, steps: list[float], walls: list[float], values: list[float]) -> None:
+        self.steps.extend(steps)
+        self.walls.extend(walls)
+        self.values.extend(values)
+
+    def smoothed(self, weight: float) -> np.ndarray:
+        """Debiased exponential moving average (TensorBoard's smoothing), extended only over new points.
+
+        NaN values (a non-finite metric) are carried through without poisoning the average.
+        """
+        if weight != self._smooth_weight:
+            self._smoothed = _Column()
+            self._smooth_weight = weight
+            self._ema_state = (0.0, 0.0)
+        done, total = self._smoothed.size, self.values.size
+        if done < total:
+            average, norm = self._ema_state
+            out = []
+            for v in self.values.view[done:total].tolist():
+                if math.isnan(v):
+                    out.append(math.nan)
+                    continue
+                average = weight * average + (1 - weight) * v
+                norm = weight * norm + (1 - weight)
+                out.append(average / norm if norm else v)
+            self._ema_state = (average, norm)
+            self._smoothed.extend(out)
+        return self._smoothed.view
+
+
+@dataclass
+class RunHistory:
+    run_id: int
+    history_version: int = 0
+    series: dict[str, Series] = field(default_factory=dict)
+    rows: int = 0
+
+    def add(self, rows: Iterable[Mapping]) -> None:
+        grouped: dict[str, tuple[list, list, list]] = {}
+        for row in rows:
+            value = row["value"]
+            cols = grouped.setdefault(row["name"], ([], [], []))
+            cols[0].append(float(row["step"]))
+            cols[1].append(float(row["wall_time"]))
+            cols[2].append(math.nan if value is None else float(value))
+        for name, (steps, walls, values) in grouped.items():
+            self.series.setdefault(name, Series()).extend(steps, walls, values)
+            self.rows += len(values)
+
+
+class History:
+    """Every followed run's metrics, fed by `seq > cursor` polls."""
+
+    def __init__(self) -> None:
+        self.runs: dict[int, RunHistory] = {}
+        self.cursor = 0  # highest seq seen
+
+    def ingest(self, rows: list[Mapping]) -> set[int]:
+        """Append polled rows (seq order); returns the ids of the runs that got new points."""
+        by_run: dict[int, list[Mapping]] = {}
+        for row in rows:
+            if row["seq"] <= self.cursor:
+                continue  # already seen: a poll that overlapped a reload
+            by_run.setdefault(row["run_id"], []).append(row)
+            self.cursor = row["seq"]
+        for run_id, run_rows in by_run.items():
+            self.runs.setdefault(run_id, RunHistory(run_id)).add(run_rows)
+        return set(by_run)
+
+    def replace(self, run_id: int, history_version: int, rows: list[Mapping]) -> None:
+        """A resume dropped part of the run's history: start the run over from the rows it has now."""
+        fresh = RunHistory(run_id, history_version)
+        fresh.add(rows)
+        self.runs[run_id] = fresh
+
+    def forget(self, run_id: int) -> None:
+        self.runs.pop(run_id, None)
+
+
+def downsample(x: np.ndarray, y: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most 2 points per bucket: each bucket's minimum and maximum, in x order.
+
+    A chart `buckets` cells wide cannot show more, and min/max keeps every spike a stride would drop.
+    """
+    n = len(x)
+    if n <= 2 * buckets or buckets <= 0:
+        return x, y
+    size = n // buckets
+    usable = size * buckets
+    ys = y[:usable].reshape(buckets, size)
+    clean = np.where(np.isnan(ys), np.nanmean(y) if np.isfinite(y).any() else 0.0, ys)
+    lo = clean.argmin(axis=1) + np.arange(buckets) * size
+    hi = clean.argmax(axis=1) + np.arange(buckets) * size
+    idx = np.sort(np.concatenate([lo, hi, np.arange(usable, n)]))
+    return x[idx], y[idx]
+
+
+def metric_groups(names: Iterable[str]) -> dict[str, list[str]]:
+    """Metric names grouped by their prefix before '/' (`losses/policy_loss` -> `losses`), sorted."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names):
+        groups.setdefault(name.split("/", 1)[0] if "/" in name else name, []).append(name)
+    return groups
+
+
+# What "best" means per stage: (metric, higher is better), the first one the run has.
+BEST = {
+    "sft": (("eval_loss", False), ("loss", False)),
+    "rm": (("eval_accuracy", True), ("accuracy", True)),
+    "ppo": (("rollout_scores/mean", True),),
+}
+
+# Which metrics a run's chart opens on.
+DEFAULT_METRIC = {"sft": "loss", "rm": "loss", "ppo": "rollout_scores/mean"}
+
+
+def best_metric(stage: str, run: RunHistory | None) -> tuple[str, float] | None:
+    if run is None:
+        return None
+    for name, higher in BEST.get(stage, ()):
+        series = run.series.get(name)
+        if series is not None and len(series):
+            values = series.values.view
+            if np.isnan(values).all():
+                continue
+            return name, float(np.nanmax(values) if higher else np.nanmin(values))
+    return None
+
+
+def eta_seconds(step: int | None, total: int | None, run: RunHistory | None, window: int = 64) -> float | None:
+    """Seconds to go, from the step rate over the last `window` logged points of the densest metric."""
+    if not step or not total or run is None or step >= total or not run.series:
+        return None
+    series = max(run.series.values(), key=len)
+    steps, walls = series.steps.view[-window:], series.walls.view[-window:]
+    if len(steps) < 2 or walls[-1] <= walls[0] or steps[-1] <= steps[0]:
+        return None
+    rate = (steps[-1] - steps[0]) / (walls[-1] - walls[0])
+    return (total - step) / rate
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

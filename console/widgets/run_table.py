@@ -1,0 +1,101 @@
+"""The run table: id, stage, recipe, status, step / total, ETA, best metric, started.
+
+Rows are updated in place (no flicker, the cursor stays on its run); sorting and the status/stage
+filter are the table's own state.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.text import Text
+from textual.widgets import DataTable
+
+from console.series import History, best_metric, eta_seconds, format_duration
+from console.widgets.chart import run_colour
+
+COLUMNS = ("id", "stage", "recipe", "status", "step", "ETA", "best", "started")
+SORTS = ("id", "stage", "status", "started")
+STATUS_STYLE = {"running": "bold green", "pending": "yellow", "done": "", "failed": "bold red",
+                "stopped": "magenta", "diverged": "bold red", "lost": "red"}
+
+
+def shown_status(run: dict[str, Any]) -> str:
+    if run["status"] in ("pending", "running") and run.get("stop_requested"):
+        return "stopping"
+    return run["status"]
+
+
+def cells(run: dict[str, Any], history: History, marked: bool) -> tuple:
+    status = shown_status(run)
+    step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
+    eta = format_duration(eta_seconds(run["step"], run["total_steps"], history.runs.get(run["id"])))
+    if run["status"] != "running":
+        eta = "-"
+    best = best_metric(run["stage"], history.runs.get(run["id"]))
+    started = time.strftime("%m-%d %H:%M", time.localtime(run["started"])) if run["started"] else "-"
+    mark = "●" if marked else " "
+    return (
+        Text(f"{mark}{run['id']}", style=run_colour(run["id"]) if marked else ""),
+        run["stage"],
+        run["name"] or "",
+        Text(status, style=STATUS_STYLE.get(status, "")),
+        step,
+        eta,
+        f"{best[1]:.4g}" if best else "-",
+        started,
+    )
+
+
+class RunTable(DataTable):
+    def __init__(self, **kwargs: Any):
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.sort_by = "id"
+        self.sort_reverse = True  # newest first
+        self.status_filter: str | None = None
+        self.stage_filter: str | None = None
+
+    def on_mount(self) -> None:
+        for name in COLUMNS:
+            self.add_column(name, key=name)
+
+    def visible(self, runs: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+        chosen = [r for r in runs.values()
+                  if (self.status_filter is None or shown_status(r) == self.status_filter)
+                  and (self.stage_filter is None or r["stage"] == self.stage_filter)]
+        key = {"id": lambda r: r["id"], "stage": lambda r: (r["stage"], r["id"]),
+               "status": lambda r: (shown_status(r), r["id"]), "started": lambda r: (r["started"] or 0, r["id"])}
+        return sorted(chosen, key=key[self.sort_by], reverse=self.sort_reverse)
+
+    def show(self, runs: dict[int, dict[str, Any]], history: History, marked: set[int]) -> None:
+        wanted = self.visible(runs)
+        wanted_keys = [str(r["id"]) for r in wanted]
+        current_keys = [row.key.value for row in self.ordered_rows]
+        selected = self.selected_run()
+        if current_keys != wanted_keys:
+            self.clear()
+            for run in wanted:
+                self.add_row(*cells(run, history, run["id"] in marked), key=str(run["id"]))
+            if selected is not None and str(selected) in wanted_keys:
+                self.move_cursor(row=wanted_keys.index(str(selected)))
+            return
+        for run in wanted:
+            for column, value in zip(COLUMNS, cells(run, history, run["id"] in marked)):
+                self.update_cell(str(run["id"]), column, value)
+
+    def selected_run(self) -> int | None:
+        if not self.row_count:
+            return None
+        try:
+            key = self.coordinate_to_cell_key(self.cursor_coordinate).row_key
+        except Exception:  # the cursor is past the last row while the table refills
+            return None
+        return int(key.value) if key.value is not None else None
+
+    def select(self, run_id: int) -> bool:
+        keys = [row.key.value for row in self.ordered_rows]
+        if str(run_id) not in keys:
+            return False
+        self.move_cursor(row=keys.index(str(run_id)))
+        return True

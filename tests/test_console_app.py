@@ -1,0 +1,299 @@
+"""The console driven by Textual's pilot, against real runs: real `accelerate launch` on CPU through the
+detached supervisor, the real runs.db, real logs. The GPU sampler is the only stand-in (no driver here)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from textual.widgets import Input, Static, TabbedContent
+
+from console.app import RlhfConsole
+from console.screens.config_diff import ConfigDiffScreen
+from console.screens.gpu import GpuScreen
+from console.screens.help import HelpScreen
+from console.screens.launch import LaunchScreen
+from console.widgets.log_view import LogView
+from engine.gpu import GpuUnavailable
+from engine.store import Store
+from tests.conftest import REPO, RLHF, TINY
+
+CONFIGS = REPO / "configs"
+CPU = str(CONFIGS / "accelerate" / "cpu.yaml")
+
+
+def sync(test):
+    """Run an async pilot test on its own event loop (no pytest asyncio plugin needed)."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+
+    return wrapper
+
+
+def no_gpu():
+    raise GpuUnavailable("no NVIDIA driver: NVML Shared Library Not Found")
+
+
+def console(**kwargs) -> RlhfConsole:
+    kwargs.setdefault("gpu_sampler", no_gpu)
+    return RlhfConsole(os.environ["RLHF_DB"], configs_dir=CONFIGS, poll_s=0.1, **kwargs)
+
+
+async def wait_for(pilot, predicate, timeout: float = 120.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await pilot.pause(0.1)
+
+
+def ended(app, run_id: int, status: str) -> bool:
+    """The run has that status and its supervisor has recorded the exit code (the very last write)."""
+    run = app.runs.get(run_id)
+    return run is not None and run["status"] == status and run["exit_code"] is not None
+
+
+def db_rows(run_id: int) -> list[dict]:
+    with Store(os.environ["RLHF_DB"]) as store:
+        return store.metrics_since(0, run_id=run_id)
+
+
+async def type_into(pilot, app, field: str, text: str) -> None:
+    widget = app.screen.query_one(f"#field-{field}", Input)
+    widget.focus()
+    widget.value = ""
+    await pilot.press(*text)
+
+
+@sync
+async def test_launch_from_the_form_runs_to_done_and_draws_its_curve(workdir):
+    app = console()
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded, 20, "the first poll")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20, "the form")
+        assert app.screen.query_one("#field-model", Input).value == "demo/model"
+        await type_into(pilot, app, "length", "1")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: len(app.runs) == 1, 60, "the run to be registered")
+        run_id = next(iter(app.runs))
+        await wait_for(pilot, lambda: ended(app, run_id, "done"), 180, "the run to finish")
+        home = app.home
+        assert app.screen is home and home.selected == run_id
+        run = app.runs[run_id]
+        assert run["exit_code"] == 0 and json.loads(run["overrides"]) == ["sft.train.epochs=1"]
+        assert json.loads(run["launch"])["accelerate_config"] == CPU
+        await wait_for(pilot, lambda: app.history.runs.get(run_id) is not None
+                       and app.history.runs[run_id].rows == len(db_rows(run_id)), 10, "every row")
+        await wait_for(pilot, lambda: home.last_draw_points > 0, 10, "the curve")
+        assert home.metric == "loss"
+        losses = [r["step"] for r in db_rows(run_id) if r["name"] == "loss"]
+        assert list(app.history.runs[run_id].series["loss"].steps.view) == losses
+        # its log is in view, progress bars folded
+        await pilot.press("2")
+        await wait_for(pilot, lambda: any("sft data:" in line for line in home.query_one(LogView).lines), 10,
+                       "the log tail")
+
+
+@sync
+async def test_a_bad_field_is_shown_on_the_field_before_anything_starts(workdir):
+    app = console()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.loaded, 20)
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20)
+        form = app.screen
+        await type_into(pilot, app, "batch", "0")
+        await pilot.press("ctrl+s")
+        error = form.query_one("#error-batch", Static)
+        await wait_for(pilot, lambda: "greater than 0" in str(error.render()), 20, "the field's error")
+        assert form.query_one("#field-batch", Input).has_class("-invalid-field")
+        await type_into(pilot, app, "batch", "4")
+        await type_into(pilot, app, "lr", "fast")
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: "not a valid float" in str(form.query_one("#error-lr", Static).render()), 5)
+        await type_into(pilot, app, "lr", "0.001")
+        await type_into(pilot, app, "data", "demo/data/missing.jsonl")
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: "does not exist" in str(form.query_one("#error-data", Static).render()), 20)
+        assert app.screen is form and app.runs == {}
+    assert not Path(os.environ["RLHF_DB"]).exists() or Store(os.environ["RLHF_DB"]).runs() == []
+
+
+@sync
+async def test_stop_then_resume_continues_the_same_history(workdir):
+    app = console(stop_grace_s=120)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded, 20)
+        app.launch_run("sft", str(TINY), ["train.max_steps=400", "train.logging_steps=1", "train.save_steps=1000"],
+                       CPU, None)
+        await wait_for(pilot, lambda: app.runs and next(iter(app.runs.values()))["status"] == "running", 120)
+        run_id = next(iter(app.runs))
+        await wait_for(pilot, lambda: (app.runs[run_id]["step"] or 0) >= 3, 120, "a few steps")
+        home = app.home
+        home.select_run(run_id)
+        await pilot.press("x")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: ended(app, run_id, "stopped"), 180, "the stop")
+        stopped = app.runs[run_id]
+        # 143: the trainer's own exit after saving; -15: `accelerate launch` itself died of the SIGTERM
+        assert stopped["exit_code"] in (143, -15) and stopped["stop_requested"] is not None
+        with Store(os.environ["RLHF_DB"]) as store:
+            (checkpoint,) = store.checkpoints(run_id)
+        assert checkpoint["step"] == stopped["step"] and Path(checkpoint["path"]).is_dir()
+        stopped_at = stopped["step"]
+        assert stopped_at < 400
+        await pilot.press("r")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: app.runs[run_id]["status"] in ("pending", "running"), 60, "the resume")
+        await wait_for(pilot, lambda: ended(app, run_id, "done"), 300, "the resumed run to finish")
+        rows = db_rows(run_id)
+        assert [r["run_seq"] for r in rows] == list(range(1, len(rows) + 1))
+        assert [r["step"] for r in rows if r["name"] == "loss"] == list(range(1, 401))
+        await wait_for(pilot, lambda: app.history.runs[run_id].rows == len(rows), 10)
+        assert list(app.history.runs[run_id].series["loss"].steps.view) == list(range(1, 401))
+
+
+@sync
+async def test_a_crash_shows_failed_with_exit_code_and_traceback(workdir):
+    app = console()
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded, 20)
+        # the folder exists, so validation passes; it holds no model, so loading it fails in the run
+        app.launch_run("sft", str(TINY), ["model.path=demo/data"], CPU, None)
+        await wait_for(pilot, lambda: app.runs and ended(app, next(iter(app.runs)), "failed"), 180)
+        run = next(iter(app.runs.values()))
+        assert run["exit_code"] not in (None, 0) and "Traceback" in run["error"]
+        home = app.home
+        home.select_run(run["id"])
+        await wait_for(pilot, lambda: any("Traceback" in line for line in home.query_one(LogView).lines), 20)
+        await pilot.press("t")
+        assert home.query_one(TabbedContent).active == "log"
+        info = str(home.query_one("#run-info", Static).render())
+        assert "failed" in info and f"exit {run['exit_code']}" in info
+
+
+@sync
+async def test_reattach_to_a_run_started_elsewhere(workdir):
+    started = subprocess.run([*RLHF, "launch", "sft", str(TINY), "--accelerate-config", CPU, "--detach",
+                              "--set", "train.epochs=1", "--set", "train.logging_steps=1"],
+                             capture_output=True, text=True, check=True)
+    assert "started" in started.stdout
+    app = console()
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: len(app.runs) == 1, 30)
+        run_id = next(iter(app.runs))
+        await wait_for(pilot, lambda: ended(app, run_id, "done"), 180)
+        await wait_for(pilot, lambda: app.history.runs[run_id].rows == len(db_rows(run_id)), 10)
+        assert app.home.selected == run_id
+
+
+@sync
+async def test_two_consoles_on_one_db_see_the_same_rows(workdir):
+    with Store(os.environ["RLHF_DB"]) as store:
+        run_id = store.create_run(stage="sft", name="hand", recipe="x.yaml", config="{}")
+        store.update_run(run_id, status="running", total_steps=300)
+
+    async def write():
+        with Store(os.environ["RLHF_DB"]) as store:
+            for step in range(1, 301):
+                store.log_metrics(run_id, step, {"loss": 1.0 / step, "learning_rate": 1e-3})
+                if step % 50 == 0:
+                    await asyncio.sleep(0.05)
+            store.update_run(run_id, status="done")
+
+    first, second = console(), console()
+    async with first.run_test(size=(80, 24)) as p1, second.run_test(size=(80, 24)) as p2:
+        await write()
+        for app, pilot in ((first, p1), (second, p2)):
+            await wait_for(pilot, lambda: app.runs.get(run_id, {}).get("status") == "done"
+                           and app.history.runs.get(run_id) is not None
+                           and app.history.runs[run_id].rows == 600, 20)
+            assert list(app.history.runs[run_id].series["loss"].steps.view) == list(range(1, 301))
+
+
+@sync
+async def test_gpu_panel_without_a_driver_and_the_rest_still_works(workdir):
+    app = console()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and app.gpu_unavailable is not None, 20)
+        await pilot.press("g")
+        assert isinstance(app.screen, GpuScreen)
+        status = str(app.screen.query_one("#gpu-status", Static).render())
+        assert "No GPU panel" in status and "NVML Shared Library Not Found" in status
+        await pilot.press("escape")
+        assert app.screen is app.home
+        await pilot.press("n")
+        assert isinstance(app.screen, LaunchScreen)
+
+
+@sync
+async def test_gpu_panel_shows_each_device_and_the_runs_on_it(workdir):
+    with Store(os.environ["RLHF_DB"]) as store:
+        run_id = store.create_run(stage="ppo", name="on-gpu", recipe="x.yaml", config="{}")
+        store.update_run(run_id, status="running", pgid=os.getpgid(0))
+    reading = SimpleNamespace(index=0, name="NVIDIA H100", utilization=87.0, memory_used=40 * 2**30,
+                              memory_total=80 * 2**30, temperature=71.0, power=512.0, power_limit=700.0,
+                              pids=(os.getpid(),))
+
+    class Sampler:
+        def read(self):
+            return [reading]
+
+        def close(self):
+            pass
+
+    app = console(gpu_sampler=Sampler)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and app.gpu_readings, 20)
+        await pilot.press("g")
+        await wait_for(pilot, lambda: app.screen.query("GpuCard"), 5)
+        await wait_for(pilot, lambda: f"run {run_id}" in str(app.screen.query_one(".stats", Static).render()), 5)
+        text = str(app.screen.query_one(".stats", Static).render())
+        assert "util 87%" in text and "40.0 / 80.0 GiB" in text and "512 W / 700 W" in text and "71°C" in text
+        await wait_for(pilot, lambda: len(app.gpu_history[0]["util"]) >= 2, 5, "a history")
+
+
+@sync
+async def test_config_diff_delete_help_and_palette(workdir):
+    with Store(os.environ["RLHF_DB"]) as store:
+        a = store.create_run(stage="sft", name="a", recipe="x.yaml", config=json.dumps({"lr": 1, "seed": 0}))
+        b = store.create_run(stage="sft", name="b", recipe="x.yaml", config=json.dumps({"lr": 2, "seed": 0}))
+        for run_id in (a, b):
+            store.update_run(run_id, status="done")
+    Path(workdir / "runs" / str(a)).mkdir(parents=True)
+    app = console()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: len(app.runs) == 2, 20)
+        home = app.home
+        home.select_run(a)
+        await pilot.press("space")
+        home.select_run(b)
+        await pilot.press("d")
+        assert isinstance(app.screen, ConfigDiffScreen)
+        table = app.screen.query_one("DataTable")
+        assert table.row_count == 1 and table.get_row_at(0) == ["lr", "1", "2"]
+        await pilot.press("escape")
+        home.select_run(a)
+        await pilot.press("D")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: a not in app.runs, 20, "the delete")
+        assert (workdir / "runs" / str(a)).is_dir()  # files kept unless asked
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        help_text = str(app.screen.query_one(Static).render())
+        assert "Stop" in help_text and "Resume" in help_text and "ctrl+p" in help_text
+        await pilot.press("escape")
+        await pilot.press("ctrl+p")
+        from textual.command import CommandPalette
+
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), 5)

@@ -1,0 +1,253 @@
+"""The console's arithmetic and readers, without Textual: metric history, smoothing, downsampling,
+log tail, config diff, store follower, GPU sampler (NVML spoken by a stand-in, as no driver exists here)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+
+from console.diff import config_diff
+from console.follower import StoreFollower
+from console.logtail import LogTail, clean_line, last_traceback
+from console.messages import HistoryReset, MetricsPolled, RunsPolled
+from console.series import History, Series, best_metric, downsample, eta_seconds, metric_groups
+from engine.store import Store
+
+
+def rows(run_id, start_seq, values, name="loss", start_step=1):
+    return [{"seq": start_seq + i, "run_id": run_id, "step": start_step + i, "name": name, "value": v,
+             "wall_time": 100.0 + i} for i, v in enumerate(values)]
+
+
+def test_history_ingests_each_seq_once_and_groups_by_run():
+    history = History()
+    assert history.ingest(rows(1, 1, [3.0, 2.0])) == {1}
+    assert history.ingest(rows(1, 2, [2.0, 1.0])) == {1}  # seq 2 again: only seq 3 is new
+    assert history.ingest(rows(2, 4, [5.0])) == {2}
+    assert list(history.runs[1].series["loss"].values.view) == [3.0, 2.0, 1.0]
+    assert history.cursor == 4
+    history.replace(1, 1, rows(1, 1, [3.0]))
+    assert list(history.runs[1].series["loss"].values.view) == [3.0]
+
+
+def test_debiased_ema_matches_hand_computation_and_extends_incrementally():
+    series = Series()
+    series.extend([1, 2], [0, 1], [1.0, 3.0])
+    w = 0.5
+    first = series.smoothed(w)
+    # debiased EMA: a1 = 0.5*1 / 0.5 = 1; a2 = (0.25*1 + 0.5*3) / 0.75 = 2.333…
+    assert first[0] == pytest.approx(1.0) and first[1] == pytest.approx(1.75 / 0.75)
+    series.extend([3], [2], [math.nan])
+    series.extend([4], [3], [5.0])
+    incremental = series.smoothed(w).copy()
+    fresh = Series()
+    fresh.extend([1, 2, 3, 4], [0, 1, 2, 3], [1.0, 3.0, math.nan, 5.0])
+    np.testing.assert_allclose(incremental, fresh.smoothed(w))
+    assert math.isnan(incremental[2]) and not math.isnan(incremental[3])
+    assert series.smoothed(0.9)[0] == pytest.approx(1.0)  # a new weight recomputes
+
+
+def test_downsample_keeps_every_bucket_extreme_and_bounds_the_points():
+    x = np.arange(100_000, dtype=float)
+    y = np.sin(x / 50.0)
+    y[31_337] = 40.0  # a spike a stride would drop
+    y[77_777] = -40.0
+    xs, ys = downsample(x, y, 200)
+    assert len(xs) <= 2 * 200 + 200 and 40.0 in ys and -40.0 in ys
+    assert np.all(np.diff(xs) > 0)  # still in x order
+    small_x, small_y = downsample(x[:50], y[:50], 200)
+    assert len(small_x) == 50
+
+
+def test_groups_best_and_eta():
+    assert metric_groups(["losses/value_loss", "kl_ctl_value", "losses/policy_loss"]) == {
+        "kl_ctl_value": ["kl_ctl_value"], "losses": ["losses/policy_loss", "losses/value_loss"]}
+    history = History()
+    history.ingest(rows(1, 1, [0.5, 0.9, 0.7], name="eval_accuracy"))
+    history.ingest(rows(1, 4, [3.0, 1.0], name="loss"))
+    assert best_metric("rm", history.runs[1]) == ("eval_accuracy", 0.9)
+    assert best_metric("sft", history.runs[1]) == ("loss", 1.0)
+    # three points one second apart, steps 1..3: one step a second, 7 steps to go of 10
+    assert eta_seconds(3, 10, history.runs[1]) == pytest.approx(7.0)
+    assert eta_seconds(10, 10, history.runs[1]) is None
+
+
+def test_log_lines_fold_progress_bars_and_strip_colour(tmp_path):
+    assert clean_line("\x1b[32mgreen\x1b[0m text") == "green text"
+    assert clean_line(" 10%|█  |\r 50%|█████|\r100%|██████████|") == "100%|██████████|"
+    log = tmp_path / "train.log"
+    log.write_bytes(b"first line\nsecond \xe4\xb8")  # a UTF-8 character cut in two by the writer
+    tail = LogTail(log)
+    lines, pending = tail.read()
+    assert lines == ["first line"] and pending.startswith("second")
+    with open(log, "ab") as fh:
+        fh.write(b"\xad\xe6\x96\x87 done\n 1/10\r 2/10")
+    lines, pending = tail.read()
+    assert lines == ["second 中文 done"] and pending == " 2/10"
+    offset = tail.offset
+    assert tail.read() == ([], " 2/10") and tail.offset == offset  # nothing new: nothing read
+    log.write_text("replaced\n")  # a shorter file: start over
+    assert tail.read()[0] == ["replaced"]
+
+
+def test_log_opens_at_its_end_and_finds_the_last_traceback(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("".join(f"line {i}\n" for i in range(100_000)))
+    tail = LogTail(log, initial_bytes=1000)
+    lines, _ = tail.read()
+    assert tail.truncated_start and lines[-1] == "line 99999" and len(lines) < 200
+    text = ["ok", "Traceback (most recent call last):", "  x", "E: one", "Traceback (most recent call last):", "E"]
+    assert last_traceback(text) == 4 and last_traceback(["fine"]) is None
+
+
+def test_config_diff_lists_changed_keys_only():
+    a = {"sft": {"train": {"lr": 0.001, "epochs": 1}, "data": [{"path": "a.jsonl"}]}, "seed": 0}
+    b = {"sft": {"train": {"lr": 0.002, "epochs": 1}, "data": [{"path": "b.jsonl"}]}, "seed": 0, "extra": True}
+    assert config_diff(a, b) == [("extra", "—", "true"), ("sft.data.0.path", "a.jsonl", "b.jsonl"),
+                                 ("sft.train.lr", "0.001", "0.002")]
+    assert config_diff(a, a) == []
+
+
+def _write_steps(db, run_id, steps, per_step=5):
+    with Store(db) as store:
+        for step in range(1, steps + 1):
+            store.log_metrics(run_id, step, {f"m{i}": float(step + i) for i in range(per_step)})
+
+
+def test_two_followers_see_two_writers_rows_exactly_once(tmp_path):
+    db = tmp_path / "runs.db"
+    with Store(db) as store:
+        ids = [store.create_run(stage="sft", name=f"r{i}", recipe="x.yaml", config="{}") for i in range(2)]
+    followers = [StoreFollower(db, batch=37) for _ in range(2)]  # a small batch: polls split the stream
+    histories = [History(), History()]
+    writers = [threading.Thread(target=_write_steps, args=(db, run_id, 200)) for run_id in ids]
+    for w in writers:
+        w.start()
+
+    def drain(follower, history):
+        messages, _ = follower.poll()
+        for m in messages:
+            if isinstance(m, MetricsPolled):
+                history.ingest(m.rows)
+
+    while any(w.is_alive() for w in writers):
+        for f, h in zip(followers, histories):
+            drain(f, h)
+    for w in writers:
+        w.join()
+    for f, h in zip(followers, histories):
+        for _ in range(100):
+            drain(f, h)
+        for run_id in ids:
+            run = h.runs[run_id]
+            assert run.rows == 200 * 5
+            assert list(run.series["m0"].steps.view) == list(range(1, 201))
+        f.close()
+
+
+def test_follower_reloads_a_run_whose_history_a_resume_rewrote(tmp_path):
+    db = tmp_path / "runs.db"
+    with Store(db) as store:
+        run_id = store.create_run(stage="sft", name="r", recipe="x.yaml", config="{}")
+    _write_steps(db, run_id, 10, per_step=1)
+    follower = StoreFollower(db)
+    messages, more = follower.poll()
+    assert isinstance(messages[0], RunsPolled) and isinstance(messages[1], MetricsPolled) and not more
+    with Store(db) as store:
+        store.drop_history_after(run_id, 6)
+    messages, _ = follower.poll()
+    reset = [m for m in messages if isinstance(m, HistoryReset)]
+    assert len(reset) == 1 and [r["step"] for r in reset[0].rows] == [1, 2, 3, 4, 5, 6]
+    follower.close()
+
+
+class _FakeNvml(types.ModuleType):
+    """Speaks pynvml's API for two GPUs, one of which reports no power reading (as MIG slices do)."""
+
+    class NVMLError(Exception):
+        pass
+
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self, pid):
+        super().__init__("pynvml")
+        self.pid = pid
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return types.SimpleNamespace(used=(h + 1) * 2**30, total=80 * 2**30)
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return types.SimpleNamespace(gpu=50 + h)
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        return 60
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        if h == 1:
+            raise self.NVMLError("Not Supported")
+        return 300_000
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        return 700_000
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return [types.SimpleNamespace(pid=self.pid)] if h == 0 else []
+
+    def nvmlDeviceGetName(self, h):
+        return b"NVIDIA H100 80GB HBM3"
+
+
+def test_gpu_sampler_reads_every_device_through_nvml(monkeypatch):
+    from engine.gpu import GpuSampler, process_group
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml(child.pid))
+        readings = GpuSampler().read()
+        assert [r.index for r in readings] == [0, 1]
+        assert readings[0].power == 300.0 and readings[1].power is None and readings[1].utilization == 51.0
+        assert readings[0].memory_used == 2**30 and readings[0].name == "NVIDIA H100 80GB HBM3"
+        assert readings[0].pids == (child.pid,) and process_group(child.pid) == child.pid
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_gpu_sampler_without_a_driver_says_so(monkeypatch):
+    from engine.gpu import GpuSampler, GpuUnavailable
+
+    fake = _FakeNvml(0)
+
+    def no_driver():
+        raise fake.NVMLError("NVML Shared Library Not Found")
+
+    fake.nvmlInit = no_driver
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with pytest.raises(GpuUnavailable, match="no NVIDIA driver: NVML Shared Library Not Found"):
+        GpuSampler()
+
+
+def test_console_imports_no_torch():
+    code = ("import sys, console.app, console.screens.runs, console.screens.launch, console.screens.gpu, "
+            "console.follower\n"
+            "bad = [m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules]\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
