@@ -33,7 +33,6 @@ from console.messages import (
     SamplesLoaded,
     StoreFailed,
 )
-from console.series import History
 
 POLL_S = 0.5
 LOG_POLL_S = 0.25
@@ -42,7 +41,7 @@ ACTIVE = ("pending", "running")
 
 
 class RlhfConsole(App):
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere find it too
     TITLE = "rlhf-console"
     BINDINGS = [
         Binding("q", "quit", "Quit"),
@@ -65,7 +64,7 @@ class RlhfConsole(App):
         self.stop_grace_s = stop_grace_s
         self.gpu_sampler = gpu_sampler
         self.poll_s = poll_s
-        self.history = History()
+        self._history = None
         self.runs: dict[int, dict[str, Any]] = {}
         self.store_error: str | None = None
         self.loaded = False  # the first poll has arrived
@@ -76,11 +75,25 @@ class RlhfConsole(App):
         self.gpu_pgids: dict[int, int | None] = {}
         self._wake = threading.Event()  # set to make the store worker poll now (after an action)
 
+    @property
+    def history(self):
+        """Every followed run's metrics (console.series.History), made on first use: numpy loads after the
+        first frame."""
+        if self._history is None:
+            from console.series import History
+
+            self._history = History()
+        return self._history
+
     # -- start-up -------------------------------------------------------------------------------------
     def on_mount(self) -> None:
         from console.screens.runs import RunsScreen
 
         self.push_screen(RunsScreen())
+        # After the first frame: the workers' imports (sqlite-utils, NVML) would compete with it for the GIL.
+        self.call_after_refresh(self._start_workers)
+
+    def _start_workers(self) -> None:
         self.follow_store()
         self.follow_log()
         self.sample_gpus()
@@ -353,6 +366,11 @@ class RlhfConsole(App):
 
 def run_console(db: str | None = None) -> int:
     """Entry point of `rlhf console` (and of `rlhf` with no command)."""
+    import sys
+
+    # sqlite-utils imports pandas if it can (0.3 s here) only to convert pandas values on insert, which
+    # the console never does: it starts without it.
+    sys.modules.setdefault("pandas", None)
     db_path = db or os.environ.get("RLHF_DB", "runs.db")
     RlhfConsole(db_path).run()
     return 0

@@ -45,6 +45,7 @@ class Series:
         self._smoothed = _Column()
         self._smooth_weight: float | None = None
         self._ema_state = (0.0, 0.0)  # running (biased average, sum of weights) for the debiased EMA
+        self._extremes = (0, math.nan, math.nan)  # (points seen, min, max), extended like the EMA
 
     def __len__(self) -> int:
         return self.values.size
@@ -53,6 +54,17 @@ class Series:
         self.steps.extend(steps)
         self.walls.extend(walls)
         self.values.extend(values)
+
+    def extremes(self) -> tuple[float, float]:
+        """(min, max) of the finite values, NaN if none; only the points added since the last call are read."""
+        seen, lo, hi = self._extremes
+        if seen < self.values.size:
+            new = self.values.view[seen:]
+            if np.isfinite(new).any():
+                lo = float(np.nanmin(new)) if math.isnan(lo) else min(lo, float(np.nanmin(new)))
+                hi = float(np.nanmax(new)) if math.isnan(hi) else max(hi, float(np.nanmax(new)))
+            self._extremes = (self.values.size, lo, hi)
+        return lo, hi
 
     def smoothed(self, weight: float) -> np.ndarray:
         """Debiased exponential moving average (TensorBoard's smoothing), extended only over new points.
@@ -171,10 +183,9 @@ def best_metric(stage: str, run: RunHistory | None) -> tuple[str, float] | None:
     for name, higher in BEST.get(stage, ()):
         series = run.series.get(name)
         if series is not None and len(series):
-            values = series.values.view
-            if np.isnan(values).all():
-                continue
-            return name, float(np.nanmax(values) if higher else np.nanmin(values))
+            lo, hi = series.extremes()
+            if not math.isnan(lo):
+                return name, hi if higher else lo
     return None
 
 

@@ -8,11 +8,10 @@ import os
 import sys
 import time
 
-from engine.config import STAGES, RecipeError
-from engine.data.records import DataError
-
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    from engine.config import STAGES
+
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("recipe", help="recipe YAML, e.g. configs/tiny.yaml")
     parser.add_argument(
@@ -23,6 +22,8 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.config import STAGES
+
     parser = argparse.ArgumentParser(prog="rlhf", description="RLHF pipeline: SFT, reward model, PPO.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
         db = argv[argv.index("--db") + 1] if "--db" in argv[:-1] else None
         return run_console(db)
+    from engine.config import RecipeError
+    from engine.data.records import DataError
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":

@@ -43,6 +43,7 @@ def test_wrong_value_is_named_with_file_and_line(tmp_path):
         load_recipe(path)
     message = str(err.value)
     assert f"{path}:6: sft.data.0.weight" in message and "greater than 0" in message
+    assert err.value.fields == {"sft.data.0.weight": "Input should be greater than 0"}  # for a form's field
 
 
 def test_missing_field_and_bad_override_are_named(tmp_path):

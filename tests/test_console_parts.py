@@ -246,8 +246,9 @@ def test_gpu_sampler_without_a_driver_says_so(monkeypatch):
 
 
 def test_console_imports_no_torch():
+    # What the console imports, including the engine modules its workers use to launch, stop and read.
     code = ("import sys, console.app, console.screens.runs, console.screens.launch, console.screens.gpu, "
-            "console.follower\n"
+            "console.follower, engine.launch, engine.gpu, engine.store, engine.train\n"
             "bad = [m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -185,3 +185,46 @@ def _logged_steps(run_id: int) -> int:
         return len(metric(run_id, "loss"))
     except Exception:
         return 0
+
+
+def test_a_run_that_dies_before_python_gets_its_log_as_the_error(workdir):
+    from engine.launch import record_exit
+
+    with Store(os.environ["RLHF_DB"]) as store:
+        run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+    log = workdir / "train.log"
+    log.write_text("x" * 10_000 + "\n/usr/bin/python: No module named engine.train\n")
+    assert record_exit(os.environ["RLHF_DB"], run_id, 1, log_path=log) == "failed"
+    run = run_row(run_id)
+    assert run["exit_code"] == 1 and run["error"].endswith("No module named engine.train\n")
+    assert len(run["error"]) <= 4000
+
+
+def test_stop_is_recorded_before_the_signal_and_refused_for_an_ended_run(workdir):
+    from engine.config import RecipeError
+    from engine.launch import record_exit, request_stop
+
+    with Store(os.environ["RLHF_DB"]) as store:
+        run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+        store.update_run(run_id, status="running")  # no process group: nothing to signal, still recorded
+    assert request_stop(os.environ["RLHF_DB"], run_id) is None
+    assert run_row(run_id)["stop_requested"] is not None
+    # killed after its grace period (SIGKILL, -9): a stop that was asked for, not a failure
+    assert record_exit(os.environ["RLHF_DB"], run_id, -9) == "stopped"
+    with pytest.raises(RecipeError, match="is stopped: nothing to stop"):
+        request_stop(os.environ["RLHF_DB"], run_id)
+
+
+def test_detached_launch_returns_at_once_and_the_supervisor_records_the_exit(workdir):
+    started = time.monotonic()
+    result = subprocess.run([*RLHF, "launch", "sft", str(TINY), "--accelerate-config", str(ACCEL / "cpu.yaml"),
+                             "--detach", "--set", "train.max_steps=2"], capture_output=True, text=True, check=True)
+    assert time.monotonic() - started < 20 and "run 1 started" in result.stdout
+    launch_file = Path("runs/1/launch.json").read_text()
+    assert "RLHF_RUN_ID" in launch_file and "PATH" not in launch_file  # only the run's own variables
+    deadline = time.monotonic() + 180
+    while run_row(1)["exit_code"] is None and time.monotonic() < deadline:
+        time.sleep(0.3)
+    run = run_row(1)
+    assert run["status"] == "done" and run["exit_code"] == 0 and run["step"] == 2
+    assert "[rlhf] run 1 exited with code 0" in Path("runs/1/train.log").read_text()

@@ -124,3 +124,35 @@ def test_polling_reader_sees_every_row_once_under_concurrent_writers(tmp_path):
     assert seqs == sorted(seqs)
     for run_id in runs:
         assert sorted(r["run_seq"] for r in seen if r["run_id"] == run_id) == list(range(1, 901))
+
+
+def test_a_version_1_database_migrates_forward_with_its_runs(tmp_path):
+    from engine.store import MIGRATIONS, connect
+
+    path = tmp_path / "runs.db"
+    db = connect(path)
+    MIGRATIONS[0](db)  # what the first release created
+    db.execute("PRAGMA user_version = 1")
+    db["runs"].insert({"stage": "sft", "name": "old", "status": "done", "created": 1.0})
+    db.conn.commit()
+    db.close()
+    with Store(path) as store:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        run = store.run(1)
+        assert run["name"] == "old" and run["launch"] is None and run["stop_requested"] is None
+        store.update_run(1, launch='{"accelerate_config": "cpu.yaml"}', stop_requested=2.0)
+
+
+def test_delete_run_forgets_everything_it_logged(tmp_path):
+    with Store(tmp_path / "runs.db") as store:
+        keep, gone = new_run(store), new_run(store)
+        for run_id in (keep, gone):
+            store.log_metrics(run_id, 1, {"loss": 1.0})
+            store.add_samples(run_id, 1, [("p", "r", 0.5)])
+            store.add_checkpoint(run_id, 1, "runs/x")
+        store.delete_run(gone)
+        assert [r["id"] for r in store.runs()] == [keep]
+        assert {r["run_id"] for r in store.metrics_since(0)} == {keep}
+        assert store.samples(gone) == [] and store.checkpoints(gone) == [] and len(store.samples(keep)) == 1
+        with pytest.raises(StoreError, match=f"no run {gone}"):
+            store.delete_run(gone)

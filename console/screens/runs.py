@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable
 
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.lazy import Lazy
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import DataTable, Footer, OptionList, Static, TabbedContent, TabPane
 from textual.widgets.option_list import Option
 
 from console.messages import LogRead, SamplesLoaded
-from console.series import DEFAULT_METRIC, metric_groups
-from console.widgets.chart import ChartLine, MetricChart, run_colour
+from console.colours import run_colour
 from console.widgets.log_view import LogView
 from console.widgets.run_table import SORTS, RunTable, shown_status
+from console.widgets.samples_view import SamplesView
 
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
 STATUSES = (None, "running", "pending", "stopping", "done", "failed", "stopped", "diverged")
 STAGES = (None, "sft", "rm", "ppo")
-REDRAW_S = 0.25  # at most four chart redraws a second, however fast rows arrive
+# Beyond this many overlaid runs, smoothed lines are drawn without their raw ones: ten faint raw lines
+# are noise on noise, and the raw lines are most of a redraw's cost.
+RAW_BESIDE_SMOOTHED = 3
+REDRAW_S = 1.0  # at most one chart redraw a second, however fast rows arrive
 
 
 class RunsScreen(Screen):
@@ -57,11 +63,15 @@ class RunsScreen(Screen):
         self.by_wall_time = False
         self.status_filter = 0
         self.stage_filter = 0
-        self._redraw_due = False
+        self._redraw_due = 0.0
+        self._redraw_timer: Timer | None = None
         self._metric_names: list[str] = []
         self.sample_steps: list[int] = []
         self.sample_step: int | None = None
         self.last_draw_points = 0
+        self._info = ""
+        self._chart_ready = False
+        self.log_view = LogView(id="log-view")  # held: it is mounted lazily, and log lines may come first
 
     def compose(self) -> ComposeResult:
         with Vertical(id="runs-top"):
@@ -71,17 +81,24 @@ class RunsScreen(Screen):
             with TabPane("Curves", id="curves"):
                 with Horizontal():
                     yield OptionList(id="metric-list")
-                    yield MetricChart(id="chart")
+                    yield Vertical(id="chart-slot")  # the chart mounts after the first frame (numpy, plot)
+            # Hidden at start: mounted just after the first frame, which they would only slow down.
             with TabPane("Log", id="log"):
-                yield LogView(id="log-view")
+                yield Lazy(self.log_view)
             with TabPane("Samples", id="samples"):
-                yield Static("", id="samples-head")
-                yield DataTable(id="samples-table", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+                yield Lazy(SamplesView(id="samples-view"))
+        yield Lazy(Footer())  # it recomposes at each focus change while the screen mounts: after the first frame
 
     def on_mount(self) -> None:
-        self.query_one("#samples-table", DataTable).add_columns("score", "prompt", "response")
         self.query_one(RunTable).focus()
+        self.call_after_refresh(self._mount_chart)
+
+    async def _mount_chart(self) -> None:
+        from console.widgets.chart import MetricChart
+
+        await self.query_one("#chart-slot").mount(MetricChart(id="chart"))
+        self._chart_ready = True
+        self.schedule_redraw()
         if self.app.loaded:
             self.runs_changed()
 
@@ -94,18 +111,18 @@ class RunsScreen(Screen):
             self._select(table.selected_run())
         self._update_info()
         if not self.app.runs:
-            self.query_one("#run-info", Static).update(
-                f"no runs yet in {self.app.db_path} — press n to launch one")
+            self._set_info(f"no runs yet in {self.app.db_path} — press n to launch one")
 
     def metrics_changed(self, run_ids: set[int]) -> None:
+        # best and ETA come from the metrics; only cells whose text changed are redrawn
+        self.query_one(RunTable).show(self.app.runs, self.app.history, set(self.marked))
         if self.selected in run_ids or run_ids & set(self.marked):
             self._update_metric_list()
-            self.schedule_redraw()
-        self.query_one(RunTable).show(self.app.runs, self.app.history, set(self.marked))
+            self.schedule_redraw(REDRAW_S)
 
     def log_read(self, message: LogRead) -> None:
         if message.run_id == self.selected:
-            self.query_one(LogView).append(message.run_id, message.lines, message.pending, message.reset,
+            self.log_view.append(message.run_id, message.lines, message.pending, message.reset,
                                            message.skipped_start)
             if message.reset and not message.lines and not message.pending:
                 self._show_error_if_silent()
@@ -114,14 +131,8 @@ class RunsScreen(Screen):
         if message.run_id != self.selected:
             return
         self.sample_steps, self.sample_step = message.steps, message.step
-        table = self.query_one("#samples-table", DataTable)
-        table.clear()
-        for row in message.rows:
-            score = "-" if row["score"] is None else f"{row['score']:.3f}"
-            table.add_row(score, _one_line(row["prompt"]), _one_line(row["response"]))
-        where = (f"step {message.step} ({self.sample_steps.index(message.step) + 1} of {len(message.steps)})"
-                 if message.step is not None else "no samples recorded")
-        self.query_one("#samples-head", Static).update(f"run {message.run_id} samples: {where}   [ ] browse steps")
+        for view in self.query(SamplesView):
+            view.show(message.run_id, message.steps, message.step, message.rows)
 
     def select_run(self, run_id: int) -> None:
         if self.query_one(RunTable).select(run_id):
@@ -137,7 +148,7 @@ class RunsScreen(Screen):
             return
         self.selected = run_id
         run = self.app.runs.get(run_id) if run_id is not None else None
-        log_view = self.query_one(LogView)
+        log_view = self.log_view
         if run is None:
             self.app.log_target = None
             log_view.clear()
@@ -158,9 +169,9 @@ class RunsScreen(Screen):
         if run is None:
             return
         if run.get("error"):
-            self.query_one(LogView).append(run["id"], run["error"].splitlines(), "", False, False)
+            self.log_view.append(run["id"], run["error"].splitlines(), "", False, False)
         elif run.get("output_dir"):
-            self.query_one(LogView).append(run["id"], [], f"(nothing in {run['output_dir']}/train.log yet; a run "
+            self.log_view.append(run["id"], [], f"(nothing in {run['output_dir']}/train.log yet; a run "
                                            "started with `rlhf train` logs to its own terminal)", False, False)
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
@@ -177,6 +188,8 @@ class RunsScreen(Screen):
         return ids
 
     def _update_metric_list(self) -> None:
+        from console.series import DEFAULT_METRIC, metric_groups
+
         names: set[str] = set()
         for run_id in self._chart_runs():
             run = self.app.history.runs.get(run_id)
@@ -216,17 +229,27 @@ class RunsScreen(Screen):
             self.metric = event.option.id
             self.schedule_redraw()
 
-    def schedule_redraw(self) -> None:
-        if not self._redraw_due:
-            self._redraw_due = True
-            self.set_timer(REDRAW_S if self.app.loaded else 0.01, self.redraw_chart)
+    def schedule_redraw(self, delay: float = 0.05) -> None:
+        """Coalesce redraws: a key press redraws at once, new rows of a live run at most every REDRAW_S."""
+        due = time.monotonic() + delay
+        if self._redraw_timer is not None:
+            if self._redraw_due <= due:
+                return
+            self._redraw_timer.stop()
+        self._redraw_due = due
+        self._redraw_timer = self.set_timer(delay, self.redraw_chart)
 
     def redraw_chart(self) -> None:
-        self._redraw_due = False
+        self._redraw_timer = None
+        from console.widgets.chart import ChartLine, MetricChart
+
+        if not self._chart_ready:
+            return  # it redraws once mounted
         chart = self.query_one(MetricChart)
         weight = SMOOTHING[self.smoothing]
         lines = []
-        for run_id in self._chart_runs():
+        chart_runs = self._chart_runs()
+        for run_id in chart_runs:
             run = self.app.history.runs.get(run_id)
             series = run.series.get(self.metric) if run is not None and self.metric else None
             if series is None or not len(series):
@@ -237,7 +260,8 @@ class RunsScreen(Screen):
             else:
                 x = series.steps.view
             lines.append(ChartLine(f"run {run_id}", run_colour(run_id), x, series.values.view,
-                                   series.smoothed(weight) if weight else None))
+                                   series.smoothed(weight) if weight else None,
+                                   show_raw=not weight or len(chart_runs) <= RAW_BESIDE_SMOOTHED))
         legend = "  ".join(f"[{run_colour(i)}]■ run {i}[/]" for i in self._chart_runs()
                            if i in self.app.history.runs)
         title = f"{self.metric or 'no metrics yet'}   {legend}   smoothing {weight:g}"
@@ -255,7 +279,7 @@ class RunsScreen(Screen):
         sort = f"sort {table.sort_by}{' ↓' if table.sort_reverse else ' ↑'}"
         extra = "  ".join([sort, *filters])
         if run is None:
-            self.query_one("#run-info", Static).update(extra)
+            self._set_info(extra)
             return
         status = shown_status(run)
         text = f"run {run['id']} {run['stage']} {run['name']} · {status}"
@@ -264,7 +288,12 @@ class RunsScreen(Screen):
         if status in ("failed", "diverged") and run.get("error"):
             last = [line for line in run["error"].splitlines() if line.strip()]
             text += f" · {last[-1][:60] if last else ''}"
-        self.query_one("#run-info", Static).update(f"{text}   {extra}")
+        self._set_info(f"{text}   {extra}")
+
+    def _set_info(self, text: str) -> None:
+        if text != self._info:  # an update re-lays out the screen even when the text is the same
+            self._info = text
+            self.query_one("#run-info", Static).update(text)
 
     # -- actions -------------------------------------------------------------------------------------------
     def action_mark(self) -> None:
@@ -311,11 +340,11 @@ class RunsScreen(Screen):
 
     def action_traceback(self) -> None:
         self.action_tab("log")
-        if not self.query_one(LogView).jump_to_traceback():
+        if not self.log_view.jump_to_traceback():
             self.notify("no traceback in the log's loaded lines")
 
     def action_follow_log(self) -> None:
-        self.query_one(LogView).follow()
+        self.log_view.follow()
 
     def action_metric(self, direction: int) -> None:
         if not self._metric_names:
@@ -398,8 +427,3 @@ class RunsScreen(Screen):
         yield SystemCommand("Config diff", "Changed keys between two runs", self.action_diff)
         yield SystemCommand("Jump to traceback", "The last traceback in the log", self.action_traceback)
         yield SystemCommand("Toggle x axis", "Step or wall time", self.action_x_axis)
-
-
-def _one_line(text: str, width: int = 200) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"

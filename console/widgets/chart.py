@@ -13,17 +13,10 @@ import numpy as np
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static
+from textual_hires_canvas import Canvas
 from textual_plot import HiResMode, PlotWidget
 
 from console.series import downsample
-
-# Stable colours: a run keeps its colour whatever else is overlaid.
-PALETTE = ("#4fc1ff", "#ffb454", "#7fd962", "#f07178", "#c792ea", "#ffd580", "#95e6cb", "#ff8f40")
-
-
-def run_colour(run_id: int) -> str:
-    return PALETTE[run_id % len(PALETTE)]
-
 
 @dataclass
 class ChartLine:
@@ -32,6 +25,16 @@ class ChartLine:
     x: np.ndarray
     raw: np.ndarray
     smooth: np.ndarray | None  # None: smoothing off
+    show_raw: bool = True  # with smoothing on: draw the raw line faintly behind the smoothed one
+
+
+class _BatchedPlot(PlotWidget):
+    """PlotWidget whose canvas refreshes once per frame: the canvas otherwise refreshes once per cell it
+    sets, which costs more than the drawing itself."""
+
+    def render(self):
+        with self.query_one("#plot", Canvas).batch_refresh():
+            return super().render()
 
 
 class MetricChart(Vertical):
@@ -43,7 +46,7 @@ class MetricChart(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static("", id="chart-title")
-        yield PlotWidget(allow_pan_and_zoom=False)
+        yield _BatchedPlot(allow_pan_and_zoom=False)
 
     @property
     def plot(self) -> PlotWidget:
@@ -55,7 +58,9 @@ class MetricChart(Vertical):
 
     def draw(self, title: str, lines: list[ChartLine], x_label: str) -> int:
         """Replace what is drawn; returns the number of points handed to the plot."""
-        self.query_one("#chart-title", Static).update(title)
+        heading = self.query_one("#chart-title", Static)
+        if str(heading.content) != title:
+            heading.update(title)
         plot = self.plot
         plot.clear()
         plot.set_xlabel(x_label)
@@ -64,11 +69,16 @@ class MetricChart(Vertical):
         for line in lines:
             if not len(line.x):
                 continue
-            x, y = downsample(line.x, line.raw, buckets)
-            faint = line.smooth is not None
-            plot.plot(x, y, line_style=f"dim {line.colour}" if faint else line.colour,
-                      hires_mode=HiResMode.BRAILLE)
-            drawn += len(x)
+            if line.smooth is None or line.show_raw:
+                x, y = downsample(line.x, line.raw, buckets)
+            if line.smooth is None:
+                plot.plot(x, y, line_style=line.colour, hires_mode=HiResMode.BRAILLE)
+                drawn += len(x)
+            elif line.show_raw:
+                # Behind a smoothed line the raw one is context: half-block cells draw its envelope at a
+                # quarter of braille's cost (noisy raw lines are most of a redraw's pixels).
+                plot.plot(x, y, line_style=f"dim {line.colour}", hires_mode=HiResMode.HALFBLOCK)
+                drawn += len(x)
             if line.smooth is not None:
                 xs, ys = downsample(line.x, line.smooth, buckets)
                 plot.plot(xs, ys, line_style=f"bold {line.colour}", hires_mode=HiResMode.BRAILLE)

@@ -25,32 +25,43 @@ class LogView(Vertical):
         self.lines: deque[str] = deque(maxlen=MAX_LINES)
         self.run_id: int | None = None
 
+        self.pending = ""
+
     def compose(self) -> ComposeResult:
         yield Log(max_lines=MAX_LINES, auto_scroll=True)
         yield Static("", id="log-progress")
 
+    def on_mount(self) -> None:
+        # Lines that arrived before the view was mounted (it mounts lazily) are kept in `lines`.
+        self.query_one(Log).write_lines(list(self.lines))
+        self.query_one("#log-progress", Static).update(self.pending)
+
     def append(self, run_id: int, lines: list[str], pending: str, reset: bool, skipped_start: bool) -> None:
-        log = self.query_one(Log)
         if reset or run_id != self.run_id:
             self.run_id = run_id
             self.lines.clear()
-            log.clear()
+            if self.is_mounted:
+                self.query_one(Log).clear()
             if skipped_start:
                 lines = ["… (earlier lines of the log skipped)", *lines]
         self.lines.extend(lines)
-        if lines:
-            log.write_lines(lines)
-        self.query_one("#log-progress", Static).update(pending)
+        self.pending = pending
+        if self.is_mounted:
+            if lines:
+                self.query_one(Log).write_lines(lines)
+            self.query_one("#log-progress", Static).update(pending)
 
     def clear(self, note: str = "") -> None:
         self.run_id = None
         self.lines.clear()
-        self.query_one(Log).clear()
-        self.query_one("#log-progress", Static).update(note)
+        self.pending = note
+        if self.is_mounted:
+            self.query_one(Log).clear()
+            self.query_one("#log-progress", Static).update(note)
 
     def jump_to_traceback(self) -> bool:
         index = last_traceback(list(self.lines))
-        if index is None:
+        if index is None or not self.is_mounted:
             return False
         log = self.query_one(Log)
         log.auto_scroll = False
@@ -58,6 +69,8 @@ class LogView(Vertical):
         return True
 
     def follow(self) -> None:
+        if not self.is_mounted:
+            return
         log = self.query_one(Log)
         log.auto_scroll = True
         log.scroll_end(animate=False)

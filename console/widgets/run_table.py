@@ -7,13 +7,16 @@ filter are the table's own state.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.widgets import DataTable
 
-from console.series import History, best_metric, eta_seconds, format_duration
-from console.widgets.chart import run_colour
+from console.colours import run_colour
+
+if TYPE_CHECKING:
+    from console.series import History
 
 COLUMNS = ("id", "stage", "recipe", "status", "step", "ETA", "best", "started")
 SORTS = ("id", "stage", "status", "started")
@@ -28,6 +31,8 @@ def shown_status(run: dict[str, Any]) -> str:
 
 
 def cells(run: dict[str, Any], history: History, marked: bool) -> tuple:
+    from console.series import best_metric, eta_seconds, format_duration  # numpy: not before the first frame
+
     status = shown_status(run)
     step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
     eta = format_duration(eta_seconds(run["step"], run["total_steps"], history.runs.get(run["id"])))
@@ -55,6 +60,7 @@ class RunTable(DataTable):
         self.sort_reverse = True  # newest first
         self.status_filter: str | None = None
         self.stage_filter: str | None = None
+        self._shown: dict[str, tuple] = {}  # row key -> cells as last drawn: only changed cells are redrawn
 
     def on_mount(self) -> None:
         for name in COLUMNS:
@@ -75,14 +81,23 @@ class RunTable(DataTable):
         selected = self.selected_run()
         if current_keys != wanted_keys:
             self.clear()
+            self._shown = {}
             for run in wanted:
-                self.add_row(*cells(run, history, run["id"] in marked), key=str(run["id"]))
+                row = cells(run, history, run["id"] in marked)
+                self.add_row(*row, key=str(run["id"]))
+                self._shown[str(run["id"])] = row
             if selected is not None and str(selected) in wanted_keys:
                 self.move_cursor(row=wanted_keys.index(str(selected)))
             return
         for run in wanted:
-            for column, value in zip(COLUMNS, cells(run, history, run["id"] in marked)):
-                self.update_cell(str(run["id"]), column, value)
+            key = str(run["id"])
+            row, before = cells(run, history, run["id"] in marked), self._shown.get(key, ())
+            for i, (column, value) in enumerate(zip(COLUMNS, row)):
+                if i >= len(before) or before[i] != value:
+                    # Widening a column re-lays out the whole screen: only when the text no longer fits.
+                    wider = cell_len(str(value)) > self.columns[column].content_width
+                    self.update_cell(key, column, value, update_width=wider)
+            self._shown[key] = row
 
     def selected_run(self) -> int | None:
         if not self.row_count:

@@ -1,0 +1,246 @@
+"""The console's costs, each against a baseline measured in the same run.
+
+    python benchmarks/console.py [--follow-seconds 20]
+
+1. Start to first frame: `python -m engine.cli console` in a fresh process until its first screen is
+   composed and painted (headless), against a bare Textual app. Target <= 0.5 s.
+2. CPU while following 10 live runs: the console (headless, one run selected and 9 overlaid) while 10
+   writer processes log, at a typical rate (a step a second, 20 metrics) and a busy one (10 steps a
+   second, 10 metrics); its CPU time over the window as a share of one core, against the same console
+   with an idle runs.db. Target <= 5 %.
+3. Redraw of a chart with 100,000 points (downsample + plot + canvas render), against 1,000 points and
+   against handing all 100,000 points to the plot library undownsampled. Target <= 30 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# The app paints its first frame, then `painted` runs (after two refreshes: compose, then paint).
+FIRST_FRAME = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+
+    def painted():
+        print(repr(time.time()), flush=True)
+        app.exit()
+
+    {app_code}
+
+    class Timed(App_):
+        def on_mount(self):
+            super().on_mount()
+            self.call_after_refresh(lambda: self.call_after_refresh(painted))
+
+    app = Timed()
+    app.run(headless=True, size=(80, 24))
+""")
+
+# The real entry point, `rlhf console --db DB`, with its App told to paint headless and report.
+CONSOLE_APP = """
+import engine.cli
+from textual.app import App
+from console.app import RlhfConsole
+
+class App_(RlhfConsole):
+    pass
+
+def _headless(self, **kwargs):
+    self.call_later(lambda: self.call_after_refresh(lambda: self.call_after_refresh(painted)))
+    return App.run(self, headless=True, size=(80, 24))
+
+RlhfConsole.run = _headless
+app = None
+
+def _track(self, *a, **k):
+    global app
+    app = self
+    _init(self, *a, **k)
+
+_init = RlhfConsole.__init__
+RlhfConsole.__init__ = _track
+engine.cli.main(["console", "--db", {db!r}])
+raise SystemExit(0)
+"""
+
+BARE_APP = """
+from textual.app import App
+from textual.widgets import Static
+
+class App_(App):
+    def compose(self):
+        yield Static("hello")
+
+    def on_mount(self):
+        pass
+"""
+
+
+def first_frame_s(app_code: str, repeats: int = 5) -> float:
+    """Median wall time from starting the interpreter to the first painted frame."""
+    script = FIRST_FRAME.format(repo=str(REPO), app_code=app_code.strip())
+    times = []
+    for _ in range(repeats):
+        start = time.time()
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-2000:])
+        times.append(float(out.stdout.strip().splitlines()[-1]) - start)
+    return statistics.median(times)
+
+
+def _writer(db: str, run_id: int, seconds: float, steps_per_s: float, metrics: int) -> None:
+    from engine.store import Store
+
+    with Store(db) as store:
+        step, end = 0, time.time() + seconds
+        while time.time() < end:
+            step += 1
+            store.log_metrics(run_id, step, {f"metric_{i}": step * 0.01 + i for i in range(metrics)})
+            time.sleep(1.0 / steps_per_s)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+FOLLOW = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {repo!r})
+    from console.app import RlhfConsole
+    class Following(RlhfConsole):
+        def on_runs_polled(self, message):
+            super().on_runs_polled(message)
+            home = self.home
+            if home is not None and not home.marked and len(self.runs) > 1:
+                home.marked = sorted(self.runs)[1:]  # 9 overlaid beside the selected one
+    Following({db!r}, gpu_sampler=None).run(headless=True, size=(160, 48))
+""")
+
+
+def follow_cpu(db: str, runs: int, seconds: float, steps_per_s: float = 1.0, metrics: int = 20) -> tuple[float, int]:
+    """CPU share of one core the console uses over `seconds`, and the rows written meanwhile."""
+    from engine.store import Store
+
+    with Store(db) as store:
+        ids = [store.create_run(stage="ppo", name=f"live{i}", recipe="x.yaml", config="{}") for i in range(runs)]
+        for run_id in ids:
+            store.update_run(run_id, status="running", total_steps=10_000)
+    proc = subprocess.Popen([sys.executable, "-c", FOLLOW.format(repo=str(REPO), db=db)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(3.0)  # start-up and first load are measured by the first benchmark
+    ctx = mp.get_context("spawn")
+    writers = [ctx.Process(target=_writer, args=(db, run_id, seconds + 2, steps_per_s, metrics)) for run_id in ids]
+    for w in writers:
+        w.start()
+    time.sleep(1.0)
+    cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
+    time.sleep(seconds)
+    cpu1, t1 = _cpu_seconds(proc.pid), time.monotonic()
+    for w in writers:
+        w.join()
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    with Store(db) as store:
+        rows = len(store.metrics_since(0))
+    return (cpu1 - cpu0) / (t1 - t0), rows
+
+
+def redraw_ms(points: int, downsampled: bool = True, repeats: int = 10) -> float:
+    import numpy as np
+
+    from console.app import RlhfConsole
+    from console.series import History
+    from console.widgets.chart import ChartLine, MetricChart
+
+    result: list[float] = []
+
+    async def run() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            app = RlhfConsole(Path(tmp) / "runs.db", gpu_sampler=None)
+            async with app.run_test(size=(160, 48)) as pilot:
+                await pilot.pause(0.5)
+                chart = app.home.query_one(MetricChart)
+                history = History()
+                history.ingest([{"seq": i + 1, "run_id": 1, "step": i + 1, "name": "loss",
+                                 "value": float(np.sin(i / 500) + np.random.rand()), "wall_time": i}
+                                for i in range(points)])
+                series = history.runs[1].series["loss"]
+                series.smoothed(0.9)
+                plot = chart.plot
+                for _ in range(repeats + 1):
+                    t0 = time.perf_counter()
+                    line = ChartLine("run 1", "#4fc1ff", series.steps.view, series.values.view,
+                                     series.smoothed(0.9))
+                    if downsampled:
+                        chart.draw("loss", [line], "step")
+                    else:
+                        plot.clear()
+                        plot.plot(line.x, line.raw)
+                        plot.plot(line.x, line.smooth)
+                    plot.render()  # the canvas work a frame does
+                    result.append((time.perf_counter() - t0) * 1000)
+
+    asyncio.run(run())
+    return statistics.median(result[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--follow-seconds", type=float, default=20.0)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = str(Path(tmp) / "runs.db")
+        from engine.store import Store
+
+        Store(db).close()
+        console_first = first_frame_s(CONSOLE_APP.format(db=db))
+        bare_first = first_frame_s(BARE_APP)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        idle_db = str(Path(tmp) / "idle.db")
+        idle_cpu, _ = follow_cpu(idle_db, 0, args.follow_seconds)
+    with tempfile.TemporaryDirectory() as tmp:
+        # A PPO run logs ~25 metrics a step, a step every few seconds; SFT logs every N steps.
+        live_cpu, rows = follow_cpu(str(Path(tmp) / "live.db"), 10, args.follow_seconds, 1.0, 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        busy_cpu, busy_rows = follow_cpu(str(Path(tmp) / "busy.db"), 10, args.follow_seconds, 10.0, 10)
+
+    big = redraw_ms(100_000)
+    small = redraw_ms(1_000)
+    raw = redraw_ms(100_000, downsampled=False, repeats=3)
+
+    print(f"Console benchmarks ({os.cpu_count()} cores, Python {sys.version.split()[0]})\n")
+    print("| measure | console | baseline | ratio | target |")
+    print("|---|---:|---:|---:|---|")
+    print(f"| start to first frame | {console_first:.3f} s | {bare_first:.3f} s (bare Textual app) | "
+          f"{console_first / bare_first:.2f}x | <= 0.5 s |")
+    for label, cpu, n in (("1 step/s x 20 metrics each", live_cpu, rows), ("10 steps/s x 10 metrics each", busy_cpu,
+                                                                           busy_rows)):
+        print(f"| CPU following 10 live runs, {label} ({n:,} rows in {args.follow_seconds:.0f} s) | "
+              f"{100 * cpu:.1f} % of a core | {100 * idle_cpu:.1f} % (no runs) | "
+              f"{cpu / max(idle_cpu, 1e-3):.0f}x | <= 5 % |")
+    print(f"| chart redraw, 100,000 points | {big:.1f} ms | {small:.1f} ms (1,000 points) | {big / small:.2f}x "
+          f"| <= 30 ms |")
+    print(f"| chart redraw, 100,000 points undownsampled | {raw:.1f} ms | {big:.1f} ms (downsampled) | "
+          f"{raw / big:.1f}x | - |")
+
+
+if __name__ == "__main__":
+    main()

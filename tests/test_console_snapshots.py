@@ -1,0 +1,113 @@
+"""Snapshots of the main screens at 80x24 and 160x48 (pytest-textual-snapshot).
+
+The runs.db behind them is written here with fixed times and values, so a snapshot changes only when
+the screen does. Update after an intended change: `pytest tests/test_console_snapshots.py --snapshot-update`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from console.app import RlhfConsole
+from engine.store import Store
+from tests.conftest import REPO
+
+T0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
+
+
+def no_gpu():
+    from engine.gpu import GpuUnavailable
+
+    raise GpuUnavailable("no NVIDIA driver: NVML Shared Library Not Found")
+
+
+def _run(store: Store, stage: str, name: str, config: dict, status: str, steps: int, metrics) -> int:
+    run_id = store.create_run(stage=stage, name=name, recipe=f"configs/{name}.yaml", config=json.dumps(config))
+    for step in range(1, steps + 1):
+        store.log_metrics(run_id, step, metrics(step), wall_time=T0 + 10 * step)
+    store.update_run(run_id, status=status, started=T0, ended=T0 + 10 * steps, total_steps=steps, step=steps,
+                     exit_code=0 if status == "done" else 1)
+    return run_id
+
+
+@pytest.fixture
+def snapshot_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "runs.db"
+    with Store(db) as store:
+        _run(store, "sft", "tiny", {"sft": {"lr": 0.003}}, "done", 60,
+             lambda s: {"loss": 6.0 * math.exp(-s / 20) + 0.3 * math.sin(s), "learning_rate": 0.003})
+        _run(store, "rm", "tiny", {"rm": {"lr": 0.002}}, "done", 40,
+             lambda s: {"loss": 0.7 * math.exp(-s / 15), "accuracy": min(1.0, 0.5 + s / 60), "margin": s / 10})
+        ppo = _run(store, "ppo", "tiny", {"ppo": {"lr": 0.0001}}, "failed", 80,
+                   lambda s: {"rollout_scores/mean": math.tanh(s / 30) + 0.1 * math.cos(s),
+                              "policy/approx_kl": 0.01 * s, "kl_ctl_value": 0.05 + 0.0005 * s,
+                              "losses/policy_loss": -0.01 * math.sin(s), "losses/value_loss": 1 / s})
+        store.update_run(ppo, error="Traceback (most recent call last):\nRuntimeError: boom")
+        out = Path(store.run(ppo)["output_dir"])
+    out.mkdir(parents=True)
+    (out / "train.log").write_text("step 1\n 10%|#  |\r100%|##########|\nTraceback (most recent call last):\n"
+                                   '  File "train.py", line 1\nRuntimeError: boom\n')
+    return db
+
+
+def app_for(db: Path) -> RlhfConsole:
+    return RlhfConsole(db, configs_dir=REPO / "configs", gpu_sampler=no_gpu, poll_s=0.05)
+
+
+async def settled(pilot) -> None:
+    """Wait for the first poll, the chart and the log to land, then for the screen to be idle."""
+    app = pilot.app
+    for _ in range(100):
+        home = app.home
+        if app.loaded and home is not None and home.last_draw_points and app.gpu_unavailable:
+            break
+        await pilot.pause(0.05)
+    await pilot.pause(0.5)
+    await pilot.wait_for_scheduled_animations()
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+def test_runs_screen(snap_compare, snapshot_db, size):
+    async def before(pilot):
+        await settled(pilot)
+
+    assert snap_compare(app_for(snapshot_db), terminal_size=size, run_before=before)
+
+
+def test_runs_screen_overlay_of_two_runs(snap_compare, snapshot_db):
+    async def before(pilot):
+        await settled(pilot)
+        await pilot.press("space", "down", "space", "s")
+        await settled(pilot)
+
+    assert snap_compare(app_for(snapshot_db), terminal_size=(160, 48), run_before=before)
+
+
+def test_failed_run_log_at_its_traceback(snap_compare, snapshot_db):
+    async def before(pilot):
+        await settled(pilot)
+        await pilot.press("2")
+        await pilot.pause(1.0)
+        await pilot.press("t")
+        await settled(pilot)
+
+    assert snap_compare(app_for(snapshot_db), terminal_size=(80, 24), run_before=before)
+
+
+@pytest.mark.parametrize("key", ["n", "g", "question_mark"])
+def test_other_screens(snap_compare, snapshot_db, key):
+    async def before(pilot):
+        await settled(pilot)
+        await pilot.press(key)
+        await pilot.pause(1.0)
+        await pilot.wait_for_scheduled_animations()
+
+    assert snap_compare(app_for(snapshot_db), terminal_size=(80, 24), run_before=before)

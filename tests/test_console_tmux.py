@@ -1,0 +1,101 @@
+"""End to end in a real terminal: the console in tmux (a private socket), a tiny SFT run launched from
+its form, the terminal killed mid-run as an SSH drop would, and a new console that finds the run finished
+with its whole history."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from engine.store import Store
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
+
+
+class Tmux:
+    def __init__(self, cwd, env):
+        self.socket = f"rlhf-test-{uuid.uuid4().hex[:8]}"
+        self.cwd, self.env = cwd, env
+
+    def _run(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True,
+                              env=self.env).stdout
+
+    def start(self, command: str, width: int = 100, height: int = 30) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", "new-session", "-d", "-x", str(width),
+                        "-y", str(height), "-c", str(self.cwd), command], check=True, env=self.env)
+
+    def keys(self, *keys: str) -> None:
+        self._run("send-keys", "-t", "0", *keys)
+
+    def screen(self) -> str:
+        return self._run("capture-pane", "-p", "-t", "0")
+
+    def wait_for(self, predicate, timeout: float, what: str) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.screen()
+            if predicate(text):
+                return text
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}; the screen:\n{self.screen()}")
+
+    def kill_server(self) -> None:
+        self._run("kill-server")
+
+
+def _row(text: str, run_id: int) -> str:
+    return next((line for line in text.splitlines() if line.strip().startswith(f"{run_id} ")), "")
+
+
+def test_launch_in_tmux_survive_the_terminal_and_reattach(workdir):
+    env = {**os.environ, "TERM": "xterm-256color"}
+    console = f"{sys.executable} -m engine.cli console --db {workdir / 'runs.db'}"
+    # The tiny recipe, long enough (84 steps) that the terminal surely dies while the run trains.
+    (workdir / "configs").mkdir()
+    (workdir / "configs" / "accelerate").symlink_to(REPO / "configs" / "accelerate")
+    tiny = (REPO / "configs" / "tiny.yaml").read_text()
+    assert "    epochs: 4\n" in tiny
+    (workdir / "configs" / "tiny.yaml").write_text(tiny.replace("    epochs: 4\n", "    epochs: 12\n", 1))
+    first = Tmux(workdir, env)
+    try:
+        first.start(console)
+        first.wait_for(lambda s: "no runs yet" in s, 30, "the empty run table")
+        first.keys("n")
+        first.wait_for(lambda s: "demo/model" in s, 30, "the form filled from configs/tiny.yaml")
+        first.keys("C-s")
+        first.wait_for(lambda s: "running" in _row(s, 1), 120, "run 1 running")
+        screen = first.wait_for(lambda s: any("\u2800" < ch <= "\u28ff" for ch in s), 120, "the loss curve")
+        assert "loss" in screen
+    finally:
+        first.kill_server()  # the terminal goes away mid-run, as an SSH drop would take it
+
+    with Store(workdir / "runs.db") as store:
+        assert store.run(1)["status"] in ("pending", "running")  # the run outlived its console
+
+    second = Tmux(workdir, env)
+    try:
+        second.start(console)
+        screen = second.wait_for(lambda s: "done" in _row(s, 1), 240, "run 1 done in a new console")
+        assert "84/84" in _row(screen, 1)
+        deadline = time.monotonic() + 60
+        with Store(workdir / "runs.db") as store:
+            while store.run(1)["exit_code"] is None and time.monotonic() < deadline:
+                time.sleep(0.2)  # "done" comes from the trainer; the exit code from its supervisor, last
+            run = store.run(1)
+            rows = store.metrics_since(0, run_id=1)
+        assert run["exit_code"] == 0
+        assert [r["run_seq"] for r in rows] == list(range(1, len(rows) + 1))
+        loss_steps = [r["step"] for r in rows if r["name"] == "loss"]
+        # logging_steps 2 over 84 steps (and step 1, which transformers always logs): the whole history
+        assert loss_steps == sorted(set(loss_steps)) and set(range(2, 85, 2)) <= set(loss_steps)
+        assert any("\u2800" < ch <= "\u28ff" for ch in screen)  # drawn from that history
+    finally:
+        second.kill_server()
