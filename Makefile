@@ -17,12 +17,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# The main job: build the embedded tiny demo, then run the tiny SFT and reward-model recipes.
+# The main job: the console on the embedded tiny demo, with a tiny SFT run already training in it
+# (detached: it goes on if the console quits). Press n to launch more, ? for every key.
 demo: setup
-	$(BIN)/rlhf demo init demo
-	$(BIN)/rlhf train sft configs/tiny.yaml
-	$(BIN)/rlhf train rm configs/tiny.yaml
-	$(BIN)/rlhf runs
+	test -d demo/model || $(BIN)/rlhf demo init demo
+	$(BIN)/rlhf launch sft configs/tiny.yaml --accelerate-config configs/accelerate/cpu.yaml --detach
+	$(BIN)/rlhf console
 
 test: setup
 	$(BIN)/python -m pytest -q
