@@ -293,7 +293,8 @@ class RlhfConsole(App):
     @work(thread=True, group="actions", exit_on_error=False)
     def stop_run(self, run_id: int) -> None:
         from engine.config import RecipeError
-        from engine.launch import STOP_GRACE_S, group_alive, kill_group, request_stop
+        from engine.launch import STOP_GRACE_S, request_stop
+        from engine.procs import group_alive, kill_group
 
         try:
             pgid = request_stop(self.db_path, run_id)

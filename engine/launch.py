@@ -26,6 +26,7 @@ from typing import IO
 import yaml
 
 from engine.config import RecipeError, Stage
+from engine.procs import group_alive
 from engine.run import DB_ENV, LAUNCHED_ENV, RUN_ID_ENV, check_resumable, register_run
 from engine.store import Store, default_db_path
 from engine.train import validate
@@ -300,19 +301,6 @@ def start_detached(run: Prepared) -> int:
     return proc.pid
 
 
-def group_alive(pgid: int | None) -> bool:
-    """Whether any process of the group is still there (on this machine)."""
-    if not pgid:
-        return False
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def request_stop(db_path: str | os.PathLike, run_id: int) -> int | None:
     """SIGTERM to the run's process group (the trainer saves a checkpoint and exits); returns the pgid.
 
@@ -327,15 +315,6 @@ def request_stop(db_path: str | os.PathLike, run_id: int) -> int | None:
     if pgid and group_alive(pgid):
         os.killpg(pgid, signal.SIGTERM)
     return pgid
-
-
-def kill_group(pgid: int) -> bool:
-    """SIGKILL a run's group after its grace period; False if it had already gone."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

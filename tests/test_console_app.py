@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from textual.widgets import Input, Static, TabbedContent
 
 from console.app import RlhfConsole
@@ -297,3 +296,30 @@ async def test_config_diff_delete_help_and_palette(workdir):
         from textual.command import CommandPalette
 
         await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), 5)
+
+
+@sync
+async def test_ppo_samples_browse_by_step_and_a_lost_run_is_shown_as_lost(workdir):
+    gone = subprocess.Popen(["true"], start_new_session=True)
+    gone.wait()
+    with Store(os.environ["RLHF_DB"]) as store:
+        run_id = store.create_run(stage="ppo", name="samples", recipe="x.yaml", config="{}")
+        store.update_run(run_id, status="running", pgid=gone.pid)  # its processes are gone
+        for step in (1, 2, 3):
+            store.log_metrics(run_id, step, {"rollout_scores/mean": 0.1 * step})
+            store.add_samples(run_id, step, [(f"prompt {step}.{i}", f"response {step}.{i}", 0.5 * i)
+                                             for i in range(2)])
+    app = console()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.loaded, 20)
+        home = app.home
+        table = home.query_one("RunTable")
+        assert "lost" in str(table.get_row(str(run_id))[3])
+        await pilot.press("3")
+        samples = home.query_one("#samples-table")
+        await wait_for(pilot, lambda: home.sample_step == 3 and samples.row_count == 2, 10, "the newest step")
+        assert samples.get_row_at(1)[1:] == ["prompt 3.1", "response 3.1"]
+        await pilot.press("left_square_bracket")
+        await wait_for(pilot, lambda: home.sample_step == 2, 10)
+        assert samples.get_row_at(0)[1] == "prompt 2.0"
+        assert "step 2 (2 of 3)" in str(home.query_one("#samples-head").render())

@@ -7,8 +7,8 @@ from typing import Any
 
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.screen import ModalScreen
 from textual.containers import Vertical
+from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
 from console.diff import config_diff

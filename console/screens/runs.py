@@ -14,14 +14,14 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Footer, OptionList, Static, TabbedContent, TabPane
 from textual.widgets.option_list import Option
 
-from console.messages import LogRead, SamplesLoaded
 from console.colours import run_colour
+from console.messages import LogRead, SamplesLoaded
 from console.widgets.log_view import LogView
 from console.widgets.run_table import SORTS, RunTable, shown_status
 from console.widgets.samples_view import SamplesView
 
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
-STATUSES = (None, "running", "pending", "stopping", "done", "failed", "stopped", "diverged")
+STATUSES = (None, "running", "pending", "stopping", "done", "failed", "stopped", "diverged", "lost")
 STAGES = (None, "sft", "rm", "ppo")
 # Beyond this many overlaid runs, smoothed lines are drawn without their raw ones: ten faint raw lines
 # are noise on noise, and the raw lines are most of a redraw's cost.

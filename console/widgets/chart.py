@@ -18,6 +18,7 @@ from textual_plot import HiResMode, PlotWidget
 
 from console.series import downsample
 
+
 @dataclass
 class ChartLine:
     label: str

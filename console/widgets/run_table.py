@@ -6,6 +6,7 @@ filter are the table's own state.
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from rich.text import Text
 from textual.widgets import DataTable
 
 from console.colours import run_colour
+from engine.procs import group_alive
 
 if TYPE_CHECKING:
     from console.series import History
@@ -24,9 +26,17 @@ STATUS_STYLE = {"running": "bold green", "pending": "yellow", "done": "", "faile
                 "stopped": "magenta", "diverged": "bold red", "lost": "red"}
 
 
+HOST = socket.gethostname()
+
+
 def shown_status(run: dict[str, Any]) -> str:
-    if run["status"] in ("pending", "running") and run.get("stop_requested"):
-        return "stopping"
+    """The stored status, or what the console can tell beyond it: a stop under way, or a run whose
+    processes are gone without anyone recording how it ended (its machine rebooted, say)."""
+    if run["status"] in ("pending", "running"):
+        if run.get("host") == HOST and run.get("pgid") and not group_alive(run["pgid"]):
+            return "lost"
+        if run.get("stop_requested"):
+            return "stopping"
     return run["status"]
 
 
