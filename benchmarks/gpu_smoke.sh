@@ -2,7 +2,8 @@
 # The GPU paths in one short pass, for a machine with one CUDA device:
 #   1. the tiny recipes (SFT, RM, PPO) in-process, where precision "auto" means bf16;
 #   2. the tiny SFT recipe through `accelerate launch` with configs/accelerate/gpu.yaml;
-#   3. the PPO step benchmark (hydra vs four separate models) at the GPU shapes.
+#   3. the PPO step benchmark (hydra vs four separate models) at the GPU shapes;
+#   4. the console's GPU panel against the real driver (benchmarks/gpu_panel_check.py).
 # Usage: benchmarks/gpu_smoke.sh [WORKDIR]   (default: a fresh temporary folder; the repo stays clean)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -29,3 +30,4 @@ done
 
 cd "$repo/benchmarks"
 "$python" ppo_bench.py --device cuda --steps 3
+"$python" gpu_panel_check.py
