@@ -12,6 +12,7 @@ the first frame.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ class RlhfConsole(App):
         self.gpu_history: dict[int, dict[str, list[float]]] = {}
         self.gpu_pgids: dict[int, int | None] = {}
         self._wake = threading.Event()  # set to make the store worker poll now (after an action)
+        self._samples_request = 0
 
     @property
     def history(self):
@@ -119,9 +121,17 @@ class RlhfConsole(App):
         except (StoreError, OSError) as err:
             self.post_message(StoreFailed(str(err)))
             return
+        failing = False
         try:
             while not worker.is_cancelled:
-                messages, more = follower.poll()
+                try:
+                    messages, more = follower.poll()
+                except sqlite3.Error as err:  # a locked or damaged file: say so once, keep trying
+                    if not failing:
+                        self.post_message(StoreFailed(f"{self.db_path}: {err}"))
+                    failing, more, messages = True, False, []
+                else:
+                    failing = False
                 for message in messages:
                     self.post_message(message)
                 if not more:
@@ -162,23 +172,30 @@ class RlhfConsole(App):
             return
         try:
             while not worker.is_cancelled:
-                readings = sampler.read()
+                try:
+                    readings = sampler.read()
+                except Exception as err:  # NVMLError (a GPU fell off the bus, the driver reloaded…)
+                    self.post_message(GpuRead(None, {}, unavailable=f"reading the GPUs failed: {err}"))
+                    return
                 pgids = {pid: process_group(pid) for r in readings for pid in r.pids}
                 self.post_message(GpuRead(readings, pgids))
                 time.sleep(GPU_POLL_S)
         finally:
             sampler.close()
 
-    @work(thread=True, group="samples", exclusive=True, exit_on_error=False)
+    @work(thread=True, group="samples", exit_on_error=False)
     def load_samples(self, run_id: int, step: int | None) -> None:
         from engine.store import Store
 
+        self._samples_request += 1
+        request = self._samples_request
         with Store(self.db_path) as store:
             steps = store.sample_steps(run_id)
             if step is None or step not in steps:
                 step = steps[-1] if steps else None
             rows = store.samples(run_id, step) if step is not None else []
-        self.post_message(SamplesLoaded(run_id, steps, step, rows))
+        if request == self._samples_request:  # a newer request supersedes this one
+            self.post_message(SamplesLoaded(run_id, steps, step, rows))
 
     # -- handlers: state first, then the widgets --------------------------------------------------------
     def on_runs_polled(self, message: RunsPolled) -> None:
@@ -202,7 +219,7 @@ class RlhfConsole(App):
 
     def on_store_failed(self, message: StoreFailed) -> None:
         self.store_error = message.reason
-        self.notify(message.reason, title="runs.db", severity="error", timeout=30)
+        self.notify(message.reason, title="runs.db", severity="error", timeout=30, markup=False)
 
     def on_log_read(self, message: LogRead) -> None:
         if self.home is not None:
@@ -233,7 +250,7 @@ class RlhfConsole(App):
             if message.verb == "launch" and hasattr(self.screen, "launch_failed"):
                 self.screen.launch_failed(message.error, message.fields or {})
                 return
-            self.notify(message.error, title=f"{message.verb} failed", severity="error", timeout=15)
+            self.notify(message.error, title=f"{message.verb} failed", severity="error", timeout=15, markup=False)
             return
         self.notify(f"run {message.run_id}: {message.verb} done" if message.verb != "launch"
                     else f"run {message.run_id} started", title=message.verb)
@@ -264,7 +281,7 @@ class RlhfConsole(App):
         except (RecipeError, DataError) as err:
             self.post_message(ActionDone("launch", None, str(err), getattr(err, "fields", {})))
             return
-        except OSError as err:
+        except Exception as err:  # StoreError, OSError: the form must hear of it, or it waits forever
             self.post_message(ActionDone("launch", None, f"could not start the run: {err}"))
             return
         self.post_message(ActionDone("launch", run.run_id))
@@ -273,32 +290,38 @@ class RlhfConsole(App):
     def resume_run(self, run_id: int) -> None:
         import json
 
-        from engine.config import RecipeError
-        from engine.data.records import DataError
         from engine.launch import prepare, start_detached
 
-        run = self.runs[run_id]
+        run = self.runs.get(run_id)
+        if run is None:
+            self.post_message(ActionDone("resume", run_id, f"run {run_id} is gone"))
+            return
         launch = json.loads(run.get("launch") or "null") or {}
-        accelerate = launch.get("accelerate_config") or str(self.configs_dir / "accelerate" / "cpu.yaml")
+        accelerate = launch.get("accelerate_config")
+        if not accelerate:
+            # Guessing (a CPU config for a GPU run, say) would be worse than asking.
+            self.post_message(ActionDone("resume", run_id, (
+                f"run {run_id} was started with `rlhf train`, not launched: resume it the same way, "
+                f"`rlhf train {run['stage']} {run['recipe']} --resume-run {run_id}`")))
+            return
         overrides = json.loads(run.get("overrides") or "[]")
         try:
             prepared = prepare(run["stage"], run["recipe"], overrides, accelerate, launch.get("num_processes"),
                                self.db_path, resume_run=run_id)
             start_detached(prepared)
-        except (RecipeError, DataError, OSError) as err:
+        except Exception as err:  # RecipeError, DataError, StoreError, OSError: every failure is reported
             self.post_message(ActionDone("resume", run_id, str(err)))
             return
         self.post_message(ActionDone("resume", run_id))
 
     @work(thread=True, group="actions", exit_on_error=False)
     def stop_run(self, run_id: int) -> None:
-        from engine.config import RecipeError
         from engine.launch import STOP_GRACE_S, request_stop
         from engine.procs import group_alive, kill_group
 
         try:
             pgid = request_stop(self.db_path, run_id)
-        except (RecipeError, OSError) as err:
+        except Exception as err:  # RecipeError, StoreError, OSError
             self.post_message(ActionDone("stop", run_id, str(err)))
             return
         self.post_message(ActionDone("stop", run_id))
@@ -319,17 +342,20 @@ class RlhfConsole(App):
         from engine.store import Store, StoreError
 
         run = self.runs.get(run_id)
-        if run is not None and run["status"] in ACTIVE:
-            self.post_message(ActionDone("delete", run_id, f"run {run_id} is {run['status']}: stop it first"))
-            return
-        try:
+        try:  # the store refuses a run that is active now, whatever this console last saw
             with Store(self.db_path) as store:
                 store.delete_run(run_id)
         except StoreError as err:
             self.post_message(ActionDone("delete", run_id, str(err)))
             return
         if delete_files and run is not None and run.get("output_dir"):
-            shutil.rmtree(run["output_dir"], ignore_errors=True)
+            folder = Path(run["output_dir"])
+            if folder.is_absolute():  # older rows hold a path relative to wherever the run was started
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                self.post_message(ActionDone("delete", run_id, f"run {run_id} is forgotten; its folder "
+                                             f"{folder} is relative to where it ran: delete it there"))
+                return
         self.post_message(ActionDone("delete", run_id))
 
     # -- navigation -----------------------------------------------------------------------------------

@@ -58,9 +58,21 @@ class LogTail:
                 chunk = fh.read(max_bytes)
         except FileNotFoundError:
             return [], ""
+        except OSError as err:  # unreadable (permissions, a folder): say so in place of the log
+            return [], f"cannot read {self.path}: {err.strerror}"
         self.offset += len(chunk)
         data = self._partial + chunk
         *complete, self._partial = data.split(b"\n")
+        self._partial = _last_redraw(self._partial)
         lines = [clean_line(line.decode("utf-8", errors="replace")) for line in complete]
         pending = clean_line(self._partial.decode("utf-8", errors="replace"))
         return lines, pending
+
+
+def _last_redraw(partial: bytes) -> bytes:
+    """A progress bar redraws with `\r` and may never end its line: keep only its last visible state,
+    so the unfinished line does not grow with every redraw."""
+    cut = partial.rfind(b"\r")
+    if cut > 0 and not partial[cut + 1:].strip():
+        cut = partial.rfind(b"\r", 0, cut)  # the last redraw is still empty: keep the one before it
+    return partial[cut:] if cut > 0 else partial

@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         # The console's start-up must stay fast: it needs none of the parser's imports.
         from console.app import run_console
 
-        db = argv[argv.index("--db") + 1] if "--db" in argv[:-1] else None
-        return run_console(db)
+        console = argparse.ArgumentParser(prog="rlhf console")
+        console.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
+        return run_console(console.parse_args(argv[1:]).db)
     from engine.config import RecipeError
     from engine.data.records import DataError
 

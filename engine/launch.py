@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from typing import IO
 import yaml
 
 from engine.config import RecipeError, Stage
-from engine.procs import group_alive
+from engine.procs import group_alive, kill_group
 from engine.run import DB_ENV, LAUNCHED_ENV, RUN_ID_ENV, check_resumable, register_run
 from engine.store import Store, default_db_path
 from engine.train import validate
@@ -36,6 +37,8 @@ LAUNCH_NAME = "launch.json"
 # How long a stopped run may take to write its checkpoint before it is killed. torchrun kills its ranks
 # 30 s after a SIGTERM unless told otherwise, far too soon for a 7B model's optimizer state.
 STOP_GRACE_S = 600
+# How long a run's other processes may outlive its launcher when nobody asked it to stop.
+LINGER_S = 60
 
 
 def read_accelerate_config(path: str | os.PathLike) -> dict:
@@ -157,8 +160,8 @@ def prepare(
                 run_id = register_run(store, stage, recipe, recipe_path, overrides)
             else:
                 run_id = resume_run
-                store.update_run(run_id, status="pending", exit_code=None, error=None, ended=None,
-                                 stop_requested=None)
+                if not store.claim_for_resume(run_id):
+                    raise RecipeError(f"run {run_id} is being resumed or is still running")
             store.update_run(run_id, launch=launch)
             output_dir = Path(store.run(run_id)["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -179,15 +182,19 @@ def log_tail(path: Path, max_bytes: int = 4000) -> str:
 
 def record_exit(
     db_path: str | os.PathLike, run_id: int, exit_code: int, stop_requested: bool = False,
-    log_path: Path | None = None,
+    log_path: Path | None = None, pgid: int | None = None,
 ) -> str:
     """Final status from the exit code, unless the trainer already recorded how it ended.
 
     A run killed without being asked to stop (the OOM killer's SIGKILL, say) has failed; a failure the
     trainer could not describe (it died before its first line of Python) gets the end of its log.
+    `pgid`: the group this supervisor started; if the row names another one, a resume has taken the run
+    over and this exit is not its to record.
     """
     with Store(db_path) as store:
         run = store.run(run_id)
+        if pgid is not None and run["pgid"] != pgid:
+            return run["status"]
         status = run["status"]
         stop_requested = stop_requested or run.get("stop_requested") is not None
         if status in ("pending", "running"):
@@ -257,9 +264,10 @@ def supervise(run: Prepared, echo: bool = False) -> int:
             run.argv, env={**os.environ, **run.env}, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
+    stop_asked = False
     if run.registered:
         with Store(db) as store:
-            store.update_run(run.run_id, pid=proc.pid, pgid=proc.pid)
+            stop_asked = store.set_process(run.run_id, proc.pid, proc.pid)
 
     asked = 0
 
@@ -274,17 +282,30 @@ def supervise(run: Prepared, echo: bool = False) -> int:
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, forward if s != signal.SIGHUP else signal.SIG_IGN) for s in handled}
     try:
+        if stop_asked:  # a stop came while the run had no process group yet: pass it on now
+            forward(signal.SIGTERM, None)
         exit_code = _echo_until_exit(proc, run.log_path, offset, sys.stdout.buffer if echo else None)
-        # A signalled `accelerate launch` may die before the trainer under it has saved its checkpoint:
-        # the run is over only when its whole process group is.
-        while group_alive(proc.pid):
-            time.sleep(0.2)
+        _wait_for_group(proc.pid, STOP_GRACE_S if (asked or stop_asked) else LINGER_S)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if run.registered:
-        record_exit(db, run.run_id, exit_code, stop_requested=asked > 0, log_path=run.log_path)
+        record_exit(db, run.run_id, exit_code, stop_requested=asked > 0, log_path=run.log_path, pgid=proc.pid)
     return exit_code
+
+
+def _wait_for_group(pgid: int, patience_s: float) -> None:
+    """A signalled `accelerate launch` may die before the trainer under it has saved its checkpoint: the
+    run is over only when its whole group is. A group that outlives `patience_s` (a rank hung in a
+    collective, a stray helper) is killed, so the exit is always recorded."""
+    deadline = time.monotonic() + patience_s
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if group_alive(pgid):
+        kill_group(pgid)
+        deadline = time.monotonic() + 10
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
 
 def start_detached(run: Prepared) -> int:
@@ -304,15 +325,22 @@ def start_detached(run: Prepared) -> int:
 def request_stop(db_path: str | os.PathLike, run_id: int) -> int | None:
     """SIGTERM to the run's process group (the trainer saves a checkpoint and exits); returns the pgid.
 
-    The request is written down first, so that a run that must then be killed still counts as stopped.
+    The request is written down first: a run that must then be killed still counts as stopped, and a
+    run whose group does not exist yet gets the signal from its supervisor once it does. A run whose
+    processes are gone without an exit on record (its machine rebooted) is closed as failed.
     """
     with Store(db_path) as store:
         run = store.run(run_id)
         if run["status"] not in ("pending", "running"):
             raise RecipeError(f"run {run_id} is {run['status']}: nothing to stop")
-        store.update_run(run_id, stop_requested=time.time())
-    pgid = run["pgid"]
-    if pgid and group_alive(pgid):
+        if run["host"] and run["host"] != socket.gethostname():
+            raise RecipeError(f"run {run_id} runs on {run['host']}: stop it there")
+        if run["pgid"] and not group_alive(run["pgid"]):
+            store.update_run(run_id, status="failed", ended=time.time(),
+                             error="its processes are gone and nothing recorded how it ended")
+            return None
+        pgid = store.mark_stop_requested(run_id)
+    if pgid:
         os.killpg(pgid, signal.SIGTERM)
     return pgid
 

@@ -58,6 +58,8 @@ def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> di
         raise RecipeError(f"run {run_id} is a {run['stage']} run, not {stage}")
     if run["status"] in ("pending", "running"):
         raise RecipeError(f"run {run_id} is {run['status']} (pid {run['pid']}); stop it before resuming")
+    if run.get("launch") and run["exit_code"] is None:
+        raise RecipeError(f"run {run_id} is still shutting down (its exit is not recorded yet); try again shortly")
     if not any((p / "trainer_state.json").is_file() or (p / "ppo_state.json").is_file()
                for p in Path(run["output_dir"]).glob("checkpoint-*")):
         raise RecipeError(f"run {run_id} has no checkpoint in {run['output_dir']} to resume from")

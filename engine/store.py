@@ -93,8 +93,16 @@ def _v2(db: sqlite_utils.Database) -> None:
     db["runs"].add_column("stop_requested", float)
 
 
+def _v3(db: sqlite_utils.Database) -> None:
+    # SQLite hands a deleted run's id to the next run; its folder (kept unless asked) would then hold two
+    # runs' logs and checkpoints. The highest id ever given out is kept here instead.
+    db["meta"].create({"key": str, "value": int}, pk="key")
+    last = db.execute("SELECT COALESCE(MAX(id), 0) FROM runs").fetchone()[0]
+    db["meta"].insert({"key": "last_run_id", "value": last})
+
+
 # Append only: migration i brings a database from version i to i + 1.
-MIGRATIONS = [_v1, _v2]
+MIGRATIONS = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -170,8 +178,13 @@ class Store:
     ) -> int:
         with self._write() as db:
             table = db["runs"]
+            last = db.execute("SELECT value FROM meta WHERE key = 'last_run_id'").fetchone()[0]
+            top = db.execute("SELECT COALESCE(MAX(id), 0) FROM runs").fetchone()[0]
+            run_id = max(last, top) + 1
+            db.execute("UPDATE meta SET value = ? WHERE key = 'last_run_id'", [run_id])
             table.insert(
                 {
+                    "id": run_id,
                     "stage": stage,
                     "name": name,
                     "recipe": recipe,
@@ -182,9 +195,37 @@ class Store:
                     "host": socket.gethostname(),
                 }
             )
-            run_id = table.last_pk
-            table.update(run_id, {"output_dir": str(Path(output_root) / str(run_id))})
+            # Absolute: a console started elsewhere must find (and, asked to, delete) the same folder.
+            table.update(run_id, {"output_dir": str(Path(output_root).resolve() / str(run_id))})
         return int(run_id)
+
+    def claim_for_resume(self, run_id: int) -> bool:
+        """Make an ended run pending again, in one transaction: of two resumes at once only one wins.
+
+        A launched run counts as ended only once its supervisor has recorded the exit code (its trainer
+        writes "stopped" before its processes are gone)."""
+        with self._write() as db:
+            changed = db.conn.execute(
+                "UPDATE runs SET status = 'pending', exit_code = NULL, error = NULL, ended = NULL, "
+                "stop_requested = NULL, pid = NULL, pgid = NULL WHERE id = ? "
+                "AND status NOT IN ('pending', 'running') AND (launch IS NULL OR exit_code IS NOT NULL)",
+                [run_id]).rowcount
+        return changed == 1
+
+    def mark_stop_requested(self, run_id: int) -> int | None:
+        """Write down a stop and return the run's process group, in one transaction with `set_process`'s:
+        either the stopper sees the group and signals it, or the supervisor sees the stop and passes it on.
+        """
+        with self._write() as db:
+            db.conn.execute("UPDATE runs SET stop_requested = ? WHERE id = ? AND status IN ('pending', 'running')",
+                            [time.time(), run_id])
+            return db.execute("SELECT pgid FROM runs WHERE id = ?", [run_id]).fetchone()[0]
+
+    def set_process(self, run_id: int, pid: int, pgid: int) -> bool:
+        """Record the run's processes; returns whether a stop was asked for before they existed."""
+        with self._write() as db:
+            db.conn.execute("UPDATE runs SET pid = ?, pgid = ? WHERE id = ?", [pid, pgid, run_id])
+            return db.execute("SELECT stop_requested FROM runs WHERE id = ?", [run_id]).fetchone()[0] is not None
 
     def update_run(self, run_id: int, **fields: Any) -> None:
         if "status" in fields and fields["status"] not in RUN_STATUSES:
@@ -206,6 +247,9 @@ class Store:
     def delete_run(self, run_id: int) -> None:
         """Forget a run and everything it logged (its files on disk are the caller's business)."""
         with self._write() as db:
+            row = db.execute("SELECT status FROM runs WHERE id = ?", [run_id]).fetchone()
+            if row is not None and row[0] in ("pending", "running"):
+                raise StoreError(f"run {run_id} is {row[0]}: stop it before deleting it")
             for table in ("metrics", "samples", "checkpoints"):
                 db.conn.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
             if db.conn.execute("DELETE FROM runs WHERE id = ?", [run_id]).rowcount == 0:

@@ -94,6 +94,12 @@ def test_log_lines_fold_progress_bars_and_strip_colour(tmp_path):
     assert tail.read() == ([], " 2/10") and tail.offset == offset  # nothing new: nothing read
     log.write_text("replaced\n")  # a shorter file: start over
     assert tail.read()[0] == ["replaced"]
+    with open(log, "a") as fh:  # a progress bar that never ends its line
+        for i in range(10_000):
+            fh.write(f"\r{i:>6}/10000 |{'#' * (i // 500)}|")
+        fh.write("\r")
+    assert tail.read() == ([], "  9999/10000 |###################|")
+    assert len(tail._partial) < 100  # only the last redraw is kept, not all 10,000
 
 
 def test_log_opens_at_its_end_and_finds_the_last_traceback(tmp_path):

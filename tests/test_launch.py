@@ -228,3 +228,16 @@ def test_detached_launch_returns_at_once_and_the_supervisor_records_the_exit(wor
     run = run_row(1)
     assert run["status"] == "done" and run["exit_code"] == 0 and run["step"] == 2
     assert "[rlhf] run 1 exited with code 0" in Path("runs/1/train.log").read_text()
+
+
+def test_stopping_a_run_whose_processes_vanished_closes_it_as_failed(workdir):
+    from engine.launch import request_stop
+
+    gone = subprocess.Popen(["true"], start_new_session=True)
+    gone.wait()
+    with Store(os.environ["RLHF_DB"]) as store:
+        run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+        store.update_run(run_id, status="running", pgid=gone.pid)
+    assert request_stop(os.environ["RLHF_DB"], run_id) is None
+    run = run_row(run_id)
+    assert run["status"] == "failed" and "processes are gone" in run["error"]

@@ -1,6 +1,7 @@
 import multiprocessing as mp
 import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,7 @@ def test_schema_is_created_once_and_wal_is_on(tmp_path):
         run_id = new_run(store)
     with Store(path) as store:  # reopening migrates nothing and keeps the data
         assert store.schema_version == SCHEMA_VERSION
-        assert store.run(run_id)["output_dir"] == f"runs/{run_id}"
+        assert store.run(run_id)["output_dir"] == str(Path("runs").resolve() / str(run_id))
 
 
 def test_a_newer_schema_is_refused(tmp_path):
@@ -137,16 +138,18 @@ def test_a_version_1_database_migrates_forward_with_its_runs(tmp_path):
     db.conn.commit()
     db.close()
     with Store(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.schema_version == SCHEMA_VERSION == 3
         run = store.run(1)
         assert run["name"] == "old" and run["launch"] is None and run["stop_requested"] is None
         store.update_run(1, launch='{"accelerate_config": "cpu.yaml"}', stop_requested=2.0)
+        assert new_run(store) == 2
 
 
 def test_delete_run_forgets_everything_it_logged(tmp_path):
     with Store(tmp_path / "runs.db") as store:
         keep, gone = new_run(store), new_run(store)
         for run_id in (keep, gone):
+            store.update_run(run_id, status="done")
             store.log_metrics(run_id, 1, {"loss": 1.0})
             store.add_samples(run_id, 1, [("p", "r", 0.5)])
             store.add_checkpoint(run_id, 1, "runs/x")
@@ -156,3 +159,21 @@ def test_delete_run_forgets_everything_it_logged(tmp_path):
         assert store.samples(gone) == [] and store.checkpoints(gone) == [] and len(store.samples(keep)) == 1
         with pytest.raises(StoreError, match=f"no run {gone}"):
             store.delete_run(gone)
+        assert new_run(store) == gone + 1  # a deleted run's id (and folder) is never handed out again
+        store.update_run(keep, status="running")
+        with pytest.raises(StoreError, match="is running: stop it before deleting it"):
+            store.delete_run(keep)
+
+
+def test_only_one_resume_claims_an_ended_run(tmp_path):
+    with Store(tmp_path / "runs.db") as store:
+        run_id = new_run(store)
+        store.update_run(run_id, status="stopped", launch="{}")  # launched: its exit is not recorded yet
+        assert not store.claim_for_resume(run_id)
+        store.update_run(run_id, exit_code=143, pgid=123, stop_requested=1.0)
+        assert store.claim_for_resume(run_id)
+        run = store.run(run_id)
+        assert run["status"] == "pending" and run["pgid"] is None and run["stop_requested"] is None
+        assert not store.claim_for_resume(run_id)  # a second resume of the same run loses
+        assert store.mark_stop_requested(run_id) is None  # no process group yet…
+        assert store.set_process(run_id, 456, 456)  # …so the supervisor learns of the stop itself

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -30,7 +31,7 @@ class ConfigDiffScreen(ModalScreen[None]):
             table = DataTable(zebra_stripes=True, cursor_type="row")
             table.add_columns("key", f"run {self.a['id']}", f"run {self.b['id']}")
             for key, left, right in rows + overrides:
-                table.add_row(key, left, right)
+                table.add_row(Text(key), Text(left), Text(right))
             if not rows and not overrides:
                 table.add_row("(identical configs)", "", "")
             yield table

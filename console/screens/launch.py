@@ -7,10 +7,12 @@ under the field it names.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -74,8 +76,9 @@ def _default_recipe(recipes: list[tuple[str, str]]) -> str | object:
 
 
 class RecipeLoaded(Message):
-    def __init__(self, values: dict[str, str], keys: dict[str, str], error: str | None):
+    def __init__(self, stage: str, recipe: str, values: dict[str, str], keys: dict[str, str], error: str | None):
         super().__init__()
+        self.stage, self.recipe = stage, recipe
         self.values, self.keys, self.error = values, keys, error
 
 
@@ -97,6 +100,7 @@ class LaunchScreen(Screen[int | None]):
         self.configs_dir = Path(configs_dir)
         self.loaded: dict[str, str] = {}  # field -> value as in the recipe (unchanged fields add no override)
         self.keys: dict[str, str] = {}
+        self._launching = False
 
     def recipes(self) -> list[Path]:
         return sorted(p for p in self.configs_dir.glob("*.yaml"))
@@ -166,7 +170,7 @@ class LaunchScreen(Screen[int | None]):
             loaded = load_recipe(recipe)
             section = loaded.stage(stage)
         except RecipeError as err:
-            self.post_message(RecipeLoaded({}, recipe_keys(stage, False), str(err)))
+            self.post_message(RecipeLoaded(stage, recipe, {}, recipe_keys(stage, False), str(err)))
             return
         keys = recipe_keys(stage, section.model is not None)
         data = loaded.model_dump()
@@ -179,22 +183,27 @@ class LaunchScreen(Screen[int | None]):
                 if node is None:
                     break
             values[name] = "" if node is None else str(node)
-        self.post_message(RecipeLoaded(values, keys, None))
+        self.post_message(RecipeLoaded(stage, recipe, values, keys, None))
 
     def on_recipe_loaded(self, message: RecipeLoaded) -> None:
+        if (message.stage, message.recipe) != (self.stage, self.recipe):
+            return  # an answer for an earlier choice that arrived late
         self.loaded, self.keys = message.values, message.keys
-        for name, value in message.values.items():
-            self.query_one(f"#field-{name}", Input).value = value
+        for field in FIELDS:  # a recipe that failed to load leaves no values behind to become overrides
+            if field.name != "processes":
+                self.query_one(f"#field-{field.name}", Input).value = message.values.get(field.name, "")
         self.query_one("#field-processes", Input).value = ""
         self._error("recipe", message.error or "")
 
     # -- validation ------------------------------------------------------------------------------------
     def overrides(self) -> list[str]:
+        kinds = {field.name: field.kind for field in FIELDS}
         items = []
         for name, key in self.keys.items():
             value = self.query_one(f"#field-{name}", Input).value.strip()
             if value != self.loaded.get(name, ""):
-                items.append(f"{key}={value}")
+                # --set values are YAML: a path must stay a string ("run #2.jsonl", "on", "a: b")
+                items.append(f"{key}={json.dumps(value) if kinds[name] == 'text' else value}")
         return items
 
     def processes(self) -> int | None:
@@ -203,7 +212,7 @@ class LaunchScreen(Screen[int | None]):
 
     def _error(self, name: str, text: str) -> None:
         widget = self.query_one(f"#error-{name}", Static)
-        widget.update(text)
+        widget.update(Text(text))  # messages quote paths and values: not markup
         widget.set_class(not text, "-empty")
 
     def clear_errors(self) -> None:
@@ -261,24 +270,34 @@ class LaunchScreen(Screen[int | None]):
             accel = self.query_one("#accelerate", Select).value
             if accel is Select.NULL:
                 self._error("general", "choose an accelerate config")
+                self._launching = False
                 return
             self.query_one("#launch", Button).disabled = True
             self.app.launch_run(self.stage, self.recipe, self.overrides(), str(accel), self.processes())
-        elif message.error is None:
+            return
+        self._launching = False
+        if message.error is None:
             self.notify("the recipe is valid", title="validate")
 
     def launch_failed(self, error: str, fields: dict[str, str]) -> None:
+        self._launching = False
         self.query_one("#launch", Button).disabled = False
         self.show_errors(error, fields)
 
     # -- actions ---------------------------------------------------------------------------------------
     def _check(self, launch: bool) -> None:
+        if self._launching:
+            return  # one launch per press, however fast the keys come
+        self._launching = launch
         self.clear_errors()
         if self.recipe is None:
             self._error("recipe", "no recipe in " + str(self.configs_dir))
+            self._launching = False
             return
-        if not self._local_errors():
-            self.validate(self.stage, self.recipe, self.overrides(), launch)
+        if self._local_errors():
+            self._launching = False
+            return
+        self.validate(self.stage, self.recipe, self.overrides(), launch)
 
     def action_validate(self) -> None:
         self._check(launch=False)

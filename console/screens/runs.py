@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
+from rich.text import Text
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -70,6 +71,7 @@ class RunsScreen(Screen):
         self.sample_step: int | None = None
         self.last_draw_points = 0
         self._info = ""
+        self._want_selected: int | None = None
         self._chart_ready = False
         self.log_view = LogView(id="log-view")  # held: it is mounted lazily, and log lines may come first
 
@@ -107,6 +109,9 @@ class RunsScreen(Screen):
         table = self.query_one(RunTable)
         self.marked = [r for r in self.marked if r in self.app.runs]
         table.show(self.app.runs, self.app.history, set(self.marked))
+        if self._want_selected in self.app.runs:  # a run launched here: selected once the table has it
+            self.select_run(self._want_selected)
+            self._want_selected = None
         if self.selected not in self.app.runs:
             self._select(table.selected_run())
         self._update_info()
@@ -137,6 +142,8 @@ class RunsScreen(Screen):
     def select_run(self, run_id: int) -> None:
         if self.query_one(RunTable).select(run_id):
             self._select(run_id)
+        else:
+            self._want_selected = run_id
 
     # -- selection --------------------------------------------------------------------------------------
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
@@ -293,7 +300,7 @@ class RunsScreen(Screen):
     def _set_info(self, text: str) -> None:
         if text != self._info:  # an update re-lays out the screen even when the text is the same
             self._info = text
-            self.query_one("#run-info", Static).update(text)
+            self.query_one("#run-info", Static).update(Text(text))  # run names, errors: not markup
 
     # -- actions -------------------------------------------------------------------------------------------
     def action_mark(self) -> None:

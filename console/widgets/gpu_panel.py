@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Sparkline, Static
@@ -53,8 +54,8 @@ class GpuPanel(VerticalScroll):
     def show(self, readings: list[Any] | None, unavailable: str | None, history: dict, runs_of) -> None:
         status = self.query_one("#gpu-status", Static)
         if unavailable:
-            status.update(f"[b]No GPU panel:[/b] {unavailable}.\n\nEverything else works: runs train on the "
-                          "CPU, and a console on a machine with an NVIDIA driver shows its GPUs here.")
+            status.update(Text.assemble(("No GPU panel: ", "bold"), f"{unavailable}.\n\nEverything else works: runs "
+                          "train on the CPU, and a console on a machine with an NVIDIA driver shows its GPUs here."))
             status.display = True
             return
         if readings is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Log, Static
@@ -34,7 +35,7 @@ class LogView(Vertical):
     def on_mount(self) -> None:
         # Lines that arrived before the view was mounted (it mounts lazily) are kept in `lines`.
         self.query_one(Log).write_lines(list(self.lines))
-        self.query_one("#log-progress", Static).update(self.pending)
+        self.query_one("#log-progress", Static).update(Text(self.pending))
 
     def append(self, run_id: int, lines: list[str], pending: str, reset: bool, skipped_start: bool) -> None:
         if reset or run_id != self.run_id:
@@ -49,7 +50,7 @@ class LogView(Vertical):
         if self.is_mounted:
             if lines:
                 self.query_one(Log).write_lines(lines)
-            self.query_one("#log-progress", Static).update(pending)
+            self.query_one("#log-progress", Static).update(Text(pending))
 
     def clear(self, note: str = "") -> None:
         self.run_id = None
@@ -57,7 +58,7 @@ class LogView(Vertical):
         self.pending = note
         if self.is_mounted:
             self.query_one(Log).clear()
-            self.query_one("#log-progress", Static).update(note)
+            self.query_one("#log-progress", Static).update(Text(note))
 
     def jump_to_traceback(self) -> bool:
         index = last_traceback(list(self.lines))

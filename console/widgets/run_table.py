@@ -54,7 +54,7 @@ def cells(run: dict[str, Any], history: History, marked: bool) -> tuple:
     return (
         Text(f"{mark}{run['id']}", style=run_colour(run["id"]) if marked else ""),
         run["stage"],
-        run["name"] or "",
+        Text(run["name"] or ""),  # a user's text: never read as markup
         Text(status, style=STATUS_STYLE.get(status, "")),
         step,
         eta,
@@ -90,14 +90,16 @@ class RunTable(DataTable):
         current_keys = [row.key.value for row in self.ordered_rows]
         selected = self.selected_run()
         if current_keys != wanted_keys:
-            self.clear()
-            self._shown = {}
-            for run in wanted:
-                row = cells(run, history, run["id"] in marked)
-                self.add_row(*row, key=str(run["id"]))
-                self._shown[str(run["id"])] = row
-            if selected is not None and str(selected) in wanted_keys:
-                self.move_cursor(row=wanted_keys.index(str(selected)))
+            # Refilling moves the cursor through row 0: the selection must not follow it there.
+            with self.prevent(DataTable.RowHighlighted):
+                self.clear()
+                self._shown = {}
+                for run in wanted:
+                    row = cells(run, history, run["id"] in marked)
+                    self.add_row(*row, key=str(run["id"]))
+                    self._shown[str(run["id"])] = row
+                if selected is not None and str(selected) in wanted_keys:
+                    self.move_cursor(row=wanted_keys.index(str(selected)))
             return
         for run in wanted:
             key = str(run["id"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
@@ -31,7 +32,8 @@ class SamplesView(Vertical):
         table.clear()
         for row in rows:
             score = "-" if row["score"] is None else f"{row['score']:.3f}"
-            table.add_row(score, _one_line(row["prompt"]), _one_line(row["response"]))
+            # model output is arbitrary text ("[/INST]", say): cells are Text, never markup
+            table.add_row(score, Text(_one_line(row["prompt"])), Text(_one_line(row["response"])))
         where = (f"step {step} ({steps.index(step) + 1} of {len(steps)})" if step is not None
                  else "no samples recorded")
-        self.query_one("#samples-head", Static).update(f"run {run_id} samples: {where}   [ ] browse steps")
+        self.query_one("#samples-head", Static).update(Text(f"run {run_id} samples: {where}   [ ] browse steps"))
