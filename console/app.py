@@ -35,7 +35,7 @@ from console.messages import (
     StoreFailed,
 )
 
-POLL_S = 0.5
+POLL_S = 1.0  # runs.db; a chart redraws at most once a second anyway
 LOG_POLL_S = 0.25
 GPU_POLL_S = 1.0
 ACTIVE = ("pending", "running")
