@@ -167,6 +167,20 @@ def test_two_ranks_agree_on_the_weights(workdir):
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
     assert len(values(run_id, "rollout_scores/mean")) == 2  # rank 0 alone writes
 
+    # Both ranks resume from the full-state checkpoint of step 2 and still agree after two more steps.
+    overrides = sum((["--set", o] for o in [*TOY, "steps=4", "rollout_batch_size=8"]), [])
+    resumed = subprocess.run([*RLHF, "launch", "ppo", str(TINY), "--accelerate-config",
+                              str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml"), "--resume-run", str(run_id),
+                              *overrides], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = run_row(run_id)
+    assert run["status"] == "done" and run["exit_code"] == 0 and run["step"] == 4
+    assert [s for s, _ in metric(run_id, "kl_ctl_value")] == [1, 2, 3, 4]  # continued, no gap or repeat
+    log = (Path(run["output_dir"]) / "train.log").read_text()
+    after = re.findall(r"rank (\d) trainable weights digest (\w+)", log)[2:]
+    assert {rank for rank, _ in after} == {"0", "1"} and len({digest for _, digest in after}) == 1
+    assert all(digest != digests["0"] for _, digest in after)  # they trained, and identically
+
 
 def test_ranks_split_every_epoch_of_prompts():
     from engine.ppo.trainer import prompt_indices
