@@ -317,10 +317,10 @@ class RlhfConsole(App):
     @work(thread=True, group="actions", exit_on_error=False)
     def stop_run(self, run_id: int) -> None:
         from engine.launch import STOP_GRACE_S, request_stop
-        from engine.procs import group_alive, kill_group
+        from engine.procs import kill_group, same_group
 
         try:
-            pgid = request_stop(self.db_path, run_id)
+            group = request_stop(self.db_path, run_id)
         except Exception as err:  # RecipeError, StoreError, OSError
             self.post_message(ActionDone("stop", run_id, str(err)))
             return
@@ -329,10 +329,10 @@ class RlhfConsole(App):
         # then the run only got its SIGTERM, which is what lets it save).
         deadline = time.monotonic() + (self.stop_grace_s if self.stop_grace_s is not None else STOP_GRACE_S)
         worker = get_current_worker()
-        while pgid and group_alive(pgid) and time.monotonic() < deadline and not worker.is_cancelled:
+        while group and same_group(*group) and time.monotonic() < deadline and not worker.is_cancelled:
             time.sleep(0.2)
-        if pgid and group_alive(pgid) and not worker.is_cancelled:
-            kill_group(pgid)
+        if group and same_group(*group) and not worker.is_cancelled:
+            kill_group(group[0])
             self.post_message(ActionDone("kill", run_id))
 
     @work(thread=True, group="actions", exit_on_error=False)

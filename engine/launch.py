@@ -27,7 +27,7 @@ from typing import IO
 import yaml
 
 from engine.config import RecipeError, Stage
-from engine.procs import group_alive, kill_group
+from engine.procs import group_alive, kill_group, process_start, same_group
 from engine.run import DB_ENV, LAUNCHED_ENV, RUN_ID_ENV, check_resumable, register_run
 from engine.store import Store, default_db_path
 from engine.train import validate
@@ -267,7 +267,7 @@ def supervise(run: Prepared, echo: bool = False) -> int:
     stop_asked = False
     if run.registered:
         with Store(db) as store:
-            stop_asked = store.set_process(run.run_id, proc.pid, proc.pid)
+            stop_asked = store.set_process(run.run_id, proc.pid, proc.pid, process_start(proc.pid))
 
     asked = 0
 
@@ -322,8 +322,9 @@ def start_detached(run: Prepared) -> int:
     return proc.pid
 
 
-def request_stop(db_path: str | os.PathLike, run_id: int) -> int | None:
-    """SIGTERM to the run's process group (the trainer saves a checkpoint and exits); returns the pgid.
+def request_stop(db_path: str | os.PathLike, run_id: int) -> tuple[int, int | None] | None:
+    """SIGTERM to the run's process group (the trainer saves a checkpoint and exits); returns the group
+    and its leader's start time (what a later SIGKILL must check), or None if there is no group yet.
 
     The request is written down first: a run that must then be killed still counts as stopped, and a
     run whose group does not exist yet gets the signal from its supervisor once it does. A run whose
@@ -335,14 +336,15 @@ def request_stop(db_path: str | os.PathLike, run_id: int) -> int | None:
             raise RecipeError(f"run {run_id} is {run['status']}: nothing to stop")
         if run["host"] and run["host"] != socket.gethostname():
             raise RecipeError(f"run {run_id} runs on {run['host']}: stop it there")
-        if run["pgid"] and not group_alive(run["pgid"]):
+        if run["pgid"] and not same_group(run["pgid"], run["pgid_started"]):
             store.update_run(run_id, status="failed", ended=time.time(),
                              error="its processes are gone and nothing recorded how it ended")
             return None
-        pgid = store.mark_stop_requested(run_id)
-    if pgid:
+        pgid, started = store.mark_stop_requested(run_id)
+    if pgid and same_group(pgid, started):
         os.killpg(pgid, signal.SIGTERM)
-    return pgid
+        return pgid, started
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

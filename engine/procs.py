@@ -7,6 +7,29 @@ import os
 import signal
 
 
+def process_start(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, from /proc), or None if it is gone or not Linux.
+
+    Recorded with a run's process group, so that a pid the kernel has since given to another program
+    is never taken for the run's."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def same_group(pgid: int | None, started: int | None) -> bool:
+    """The run's group is still there and still the run's.
+
+    While any member of a group lives, Linux hands its number to no new process; so a live group whose
+    leader has exited is still the run's, and a live leader is the run's if it started when recorded."""
+    if not group_alive(pgid):
+        return False
+    now = process_start(pgid)
+    return started is None or now is None or now == started
+
+
 def group_alive(pgid: int | None) -> bool:
     """Whether any process of the group is still there (on this machine)."""
     if not pgid:

@@ -101,8 +101,13 @@ def _v3(db: sqlite_utils.Database) -> None:
     db["meta"].insert({"key": "last_run_id", "value": last})
 
 
+def _v4(db: sqlite_utils.Database) -> None:
+    # When the run's group leader started: a stop must not signal a group that merely reuses its number.
+    db["runs"].add_column("pgid_started", int)
+
+
 # Append only: migration i brings a database from version i to i + 1.
-MIGRATIONS = [_v1, _v2, _v3]
+MIGRATIONS = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -207,24 +212,28 @@ class Store:
         with self._write() as db:
             changed = db.conn.execute(
                 "UPDATE runs SET status = 'pending', exit_code = NULL, error = NULL, ended = NULL, "
-                "stop_requested = NULL, pid = NULL, pgid = NULL WHERE id = ? "
+                "stop_requested = NULL, pid = NULL, pgid = NULL, pgid_started = NULL WHERE id = ? "
                 "AND status NOT IN ('pending', 'running') AND (launch IS NULL OR exit_code IS NOT NULL)",
                 [run_id]).rowcount
         return changed == 1
 
-    def mark_stop_requested(self, run_id: int) -> int | None:
-        """Write down a stop and return the run's process group, in one transaction with `set_process`'s:
+    def mark_stop_requested(self, run_id: int) -> tuple[int | None, int | None]:
+        """Write down a stop and return the run's (process group, its start), in one transaction with
+        `set_process`'s:
         either the stopper sees the group and signals it, or the supervisor sees the stop and passes it on.
         """
         with self._write() as db:
             db.conn.execute("UPDATE runs SET stop_requested = ? WHERE id = ? AND status IN ('pending', 'running')",
                             [time.time(), run_id])
-            return db.execute("SELECT pgid FROM runs WHERE id = ?", [run_id]).fetchone()[0]
+            pgid, started = db.execute("SELECT pgid, pgid_started FROM runs WHERE id = ?", [run_id]).fetchone()
+            return pgid, started
 
-    def set_process(self, run_id: int, pid: int, pgid: int) -> bool:
-        """Record the run's processes; returns whether a stop was asked for before they existed."""
+    def set_process(self, run_id: int, pid: int, pgid: int, started: int | None = None) -> bool:
+        """Record the run's processes (`started`: the leader's start time); returns whether a stop was
+        asked for before they existed."""
         with self._write() as db:
-            db.conn.execute("UPDATE runs SET pid = ?, pgid = ? WHERE id = ?", [pid, pgid, run_id])
+            db.conn.execute("UPDATE runs SET pid = ?, pgid = ?, pgid_started = ? WHERE id = ?",
+                            [pid, pgid, started, run_id])
             return db.execute("SELECT stop_requested FROM runs WHERE id = ?", [run_id]).fetchone()[0] is not None
 
     def update_run(self, run_id: int, **fields: Any) -> None:

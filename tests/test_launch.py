@@ -241,3 +241,23 @@ def test_stopping_a_run_whose_processes_vanished_closes_it_as_failed(workdir):
     assert request_stop(os.environ["RLHF_DB"], run_id) is None
     run = run_row(run_id)
     assert run["status"] == "failed" and "processes are gone" in run["error"]
+
+
+def test_a_group_number_taken_by_another_program_is_never_signalled(workdir):
+    from engine.launch import request_stop
+    from engine.procs import process_start, same_group
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        started = process_start(other.pid)
+        assert started is not None and same_group(other.pid, started)
+        assert not same_group(other.pid, started - 1)  # the same number, another process
+        with Store(os.environ["RLHF_DB"]) as store:
+            run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+            store.update_run(run_id, status="running", pgid=other.pid, pgid_started=started - 1)
+        assert request_stop(os.environ["RLHF_DB"], run_id) is None
+        assert run_row(run_id)["status"] == "failed"  # closed as vanished…
+        assert other.poll() is None  # …and the program that now has its number was left alone
+    finally:
+        other.kill()
+        other.wait()

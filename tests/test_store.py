@@ -138,7 +138,7 @@ def test_a_version_1_database_migrates_forward_with_its_runs(tmp_path):
     db.conn.commit()
     db.close()
     with Store(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 3
+        assert store.schema_version == SCHEMA_VERSION == 4
         run = store.run(1)
         assert run["name"] == "old" and run["launch"] is None and run["stop_requested"] is None
         store.update_run(1, launch='{"accelerate_config": "cpu.yaml"}', stop_requested=2.0)
@@ -175,5 +175,5 @@ def test_only_one_resume_claims_an_ended_run(tmp_path):
         run = store.run(run_id)
         assert run["status"] == "pending" and run["pgid"] is None and run["stop_requested"] is None
         assert not store.claim_for_resume(run_id)  # a second resume of the same run loses
-        assert store.mark_stop_requested(run_id) is None  # no process group yet…
+        assert store.mark_stop_requested(run_id) == (None, None)  # no process group yet…
         assert store.set_process(run_id, 456, 456)  # …so the supervisor learns of the stop itself

@@ -15,7 +15,7 @@ from rich.text import Text
 from textual.widgets import DataTable
 
 from console.colours import run_colour
-from engine.procs import group_alive
+from engine.procs import same_group
 
 if TYPE_CHECKING:
     from console.series import History
@@ -33,7 +33,7 @@ def shown_status(run: dict[str, Any]) -> str:
     """The stored status, or what the console can tell beyond it: a stop under way, or a run whose
     processes are gone without anyone recording how it ended (its machine rebooted, say)."""
     if run["status"] in ("pending", "running"):
-        if run.get("host") == HOST and run.get("pgid") and not group_alive(run["pgid"]):
+        if run.get("host") == HOST and run.get("pgid") and not same_group(run["pgid"], run.get("pgid_started")):
             return "lost"
         if run.get("stop_requested"):
             return "stopping"
