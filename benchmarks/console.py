@@ -29,7 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# The app paints its first frame, then `painted` runs (after two refreshes: compose, then paint).
+# Both apps report the same way: two refreshes after their mount (compose, then paint), `painted`
+# prints the time and exits.
 FIRST_FRAME = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
@@ -38,60 +39,49 @@ FIRST_FRAME = textwrap.dedent("""
         print(repr(time.time()), flush=True)
         app.exit()
 
-    {app_code}
+    def report_after_paint(app_class):
+        mount = app_class.on_mount
 
-    class Timed(App_):
         def on_mount(self):
-            super().on_mount()
+            global app
+            app = self
+            mount(self)
             self.call_after_refresh(lambda: self.call_after_refresh(painted))
 
-    app = Timed()
-    app.run(headless=True, size=(80, 24))
+        app_class.on_mount = on_mount
+
 """)
 
-# The real entry point, `rlhf console --db DB`, with its App told to paint headless and report.
+# The real entry point, `rlhf console --db DB`, painting headless.
 CONSOLE_APP = """
 import engine.cli
 from textual.app import App
 from console.app import RlhfConsole
 
-class App_(RlhfConsole):
-    pass
-
-def _headless(self, **kwargs):
-    self.call_later(lambda: self.call_after_refresh(lambda: self.call_after_refresh(painted)))
-    return App.run(self, headless=True, size=(80, 24))
-
-RlhfConsole.run = _headless
-app = None
-
-def _track(self, *a, **k):
-    global app
-    app = self
-    _init(self, *a, **k)
-
-_init = RlhfConsole.__init__
-RlhfConsole.__init__ = _track
+report_after_paint(RlhfConsole)
+RlhfConsole.run = lambda self, **kwargs: App.run(self, headless=True, size=(80, 24))
 engine.cli.main(["console", "--db", {db!r}])
-raise SystemExit(0)
 """
 
 BARE_APP = """
 from textual.app import App
 from textual.widgets import Static
 
-class App_(App):
+class Bare(App):
     def compose(self):
         yield Static("hello")
 
     def on_mount(self):
         pass
+
+report_after_paint(Bare)
+Bare().run(headless=True, size=(80, 24))
 """
 
 
 def first_frame_s(app_code: str, repeats: int = 5) -> float:
     """Median wall time from starting the interpreter to the first painted frame."""
-    script = FIRST_FRAME.format(repo=str(REPO), app_code=app_code.strip())
+    script = FIRST_FRAME.format(repo=str(REPO)) + app_code
     times = []
     for _ in range(repeats):
         start = time.time()

@@ -67,7 +67,6 @@ class RlhfConsole(App):
         self.poll_s = poll_s
         self._history = None
         self.runs: dict[int, dict[str, Any]] = {}
-        self.store_error: str | None = None
         self.loaded = False  # the first poll has arrived
         self.log_target: tuple[int, Path] | None = None  # read by the log worker thread
         self.gpu_readings: list[Any] | None = None
@@ -218,7 +217,6 @@ class RlhfConsole(App):
             self.home.metrics_changed({message.run_id})
 
     def on_store_failed(self, message: StoreFailed) -> None:
-        self.store_error = message.reason
         self.notify(message.reason, title="runs.db", severity="error", timeout=30, markup=False)
 
     def on_log_read(self, message: LogRead) -> None:

@@ -284,7 +284,8 @@ def supervise(run: Prepared, echo: bool = False) -> int:
     try:
         if stop_asked:  # a stop came while the run had no process group yet: pass it on now
             forward(signal.SIGTERM, None)
-        exit_code = _echo_until_exit(proc, run.log_path, offset, sys.stdout.buffer if echo else None)
+        # Detached, nobody reads the echo: just wait instead of re-reading the log as it grows.
+        exit_code = _echo_until_exit(proc, run.log_path, offset, sys.stdout.buffer) if echo else proc.wait()
         _wait_for_group(proc.pid, STOP_GRACE_S if (asked or stop_asked) else LINGER_S)
     finally:
         for s, handler in previous.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Iterable
 
 from rich.text import Text
@@ -62,8 +63,6 @@ class RunsScreen(Screen):
         self.metric: str | None = None
         self.smoothing = 1  # index into SMOOTHING
         self.by_wall_time = False
-        self.status_filter = 0
-        self.stage_filter = 0
         self._redraw_due = 0.0
         self._redraw_timer: Timer | None = None
         self._metric_names: list[str] = []
@@ -101,8 +100,6 @@ class RunsScreen(Screen):
         await self.query_one("#chart-slot").mount(MetricChart(id="chart"))
         self._chart_ready = True
         self.schedule_redraw()
-        if self.app.loaded:
-            self.runs_changed()
 
     # -- called by the App when its state changed --------------------------------------------------------
     def runs_changed(self) -> None:
@@ -128,7 +125,7 @@ class RunsScreen(Screen):
     def log_read(self, message: LogRead) -> None:
         if message.run_id == self.selected:
             self.log_view.append(message.run_id, message.lines, message.pending, message.reset,
-                                           message.skipped_start)
+                                 message.skipped_start)
             if message.reset and not message.lines and not message.pending:
                 self._show_error_if_silent()
 
@@ -155,15 +152,8 @@ class RunsScreen(Screen):
             return
         self.selected = run_id
         run = self.app.runs.get(run_id) if run_id is not None else None
-        log_view = self.log_view
-        if run is None:
-            self.app.log_target = None
-            log_view.clear()
-        else:
-            from pathlib import Path
-
-            log_view.clear()
-            self.app.log_target = (run_id, Path(run["output_dir"]) / "train.log")
+        self.log_view.clear()
+        self.app.log_target = None if run is None else (run_id, Path(run["output_dir"]) / "train.log")
         self.metric = None
         self._update_metric_list()
         self._update_info()
@@ -248,10 +238,10 @@ class RunsScreen(Screen):
 
     def redraw_chart(self) -> None:
         self._redraw_timer = None
-        from console.widgets.chart import ChartLine, MetricChart
-
         if not self._chart_ready:
             return  # it redraws once mounted
+        from console.widgets.chart import ChartLine, MetricChart
+
         chart = self.query_one(MetricChart)
         weight = SMOOTHING[self.smoothing]
         lines = []
@@ -269,8 +259,7 @@ class RunsScreen(Screen):
             lines.append(ChartLine(f"run {run_id}", run_colour(run_id), x, series.values.view,
                                    series.smoothed(weight) if weight else None,
                                    show_raw=not weight or len(chart_runs) <= RAW_BESIDE_SMOOTHED))
-        legend = "  ".join(f"[{run_colour(i)}]■ run {i}[/]" for i in self._chart_runs()
-                           if i in self.app.history.runs)
+        legend = "  ".join(f"[{run_colour(i)}]■ run {i}[/]" for i in chart_runs if i in self.app.history.runs)
         title = f"{self.metric or 'no metrics yet'}   {legend}   smoothing {weight:g}"
         self.last_draw_points = chart.draw(title, lines, "minutes" if self.by_wall_time else "step")
 
@@ -324,7 +313,7 @@ class RunsScreen(Screen):
 
     def action_sort(self) -> None:
         table = self.query_one(RunTable)
-        table.sort_by = SORTS[(SORTS.index(table.sort_by) + 1) % len(SORTS)]
+        table.sort_by = _after(SORTS, table.sort_by)
         self.runs_changed()
 
     def action_sort_reverse(self) -> None:
@@ -333,13 +322,13 @@ class RunsScreen(Screen):
         self.runs_changed()
 
     def action_filter_status(self) -> None:
-        self.status_filter = (self.status_filter + 1) % len(STATUSES)
-        self.query_one(RunTable).status_filter = STATUSES[self.status_filter]
+        table = self.query_one(RunTable)
+        table.status_filter = _after(STATUSES, table.status_filter)
         self.runs_changed()
 
     def action_filter_stage(self) -> None:
-        self.stage_filter = (self.stage_filter + 1) % len(STAGES)
-        self.query_one(RunTable).stage_filter = STAGES[self.stage_filter]
+        table = self.query_one(RunTable)
+        table.stage_filter = _after(STAGES, table.stage_filter)
         self.runs_changed()
 
     def action_tab(self, tab: str) -> None:
@@ -434,3 +423,8 @@ class RunsScreen(Screen):
         yield SystemCommand("Config diff", "Changed keys between two runs", self.action_diff)
         yield SystemCommand("Jump to traceback", "The last traceback in the log", self.action_traceback)
         yield SystemCommand("Toggle x axis", "Step or wall time", self.action_x_axis)
+
+
+def _after(choices: tuple, current: object) -> object:
+    """The choice after `current`, wrapping round: how the sort and filter keys cycle."""
+    return choices[(choices.index(current) + 1) % len(choices)]

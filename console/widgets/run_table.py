@@ -45,9 +45,9 @@ def cells(run: dict[str, Any], history: History, marked: bool) -> tuple:
 
     status = shown_status(run)
     step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
-    eta = format_duration(eta_seconds(run["step"], run["total_steps"], history.runs.get(run["id"])))
-    if run["status"] != "running":
-        eta = "-"
+    eta = "-"
+    if run["status"] == "running":
+        eta = format_duration(eta_seconds(run["step"], run["total_steps"], history.runs.get(run["id"])))
     best = best_metric(run["stage"], history.runs.get(run["id"]))
     started = time.strftime("%m-%d %H:%M", time.localtime(run["started"])) if run["started"] else "-"
     mark = "●" if marked else " "
