@@ -58,6 +58,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="list the runs in runs.db")
     runs.add_argument("--db", default=None)
+
+    evaluate = sub.add_parser("eval", help="judge checkpoints: BELLE evaluation, score table, pairwise")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
+    belle = eval_sub.add_parser("belle", help="answer the BELLE questions with a checkpoint and judge the answers")
+    belle.add_argument("checkpoint", nargs="?", help="a model folder, or a run id (its export)")
+    belle.add_argument("--eval-dir", help="folder with eval_set.json and eval_prompt.json")
+    belle.add_argument("--judge", choices=("openai", "rm"), default="openai")
+    belle.add_argument("--judge-url", help="base URL of an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
+    belle.add_argument("--judge-model", help="the judge model's name at that endpoint")
+    belle.add_argument("--judge-key-env", default="OPENAI_API_KEY",
+                       help="environment variable that holds the endpoint's key (never stored)")
+    belle.add_argument("--reward-model", help="reward model folder for --judge rm")
+    belle.add_argument("--limit", type=int, help="only the first N questions")
+    belle.add_argument("--name", help="the checkpoint's label in the score table")
+    belle.add_argument("--max-new-tokens", type=int, default=512)
+    belle.add_argument("--batch-size", type=int, default=16)
+    belle.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    belle.add_argument("--top-p", type=float, default=1.0)
+    belle.add_argument("--top-k", type=int, default=0)
+    belle.add_argument("--seed", type=int, default=0)
+    belle.add_argument("--concurrency", type=int, default=8, help="judge calls in flight")
+    belle.add_argument("--price-per-1k", type=float, help="judge price per 1,000 tokens, for the cost estimate")
+    belle.add_argument("--rewrite-reference", action="store_true",
+                       help="give the judge the reference answer of the 39 rewrite items that have one")
+    belle.add_argument("--answers-from", type=int, metavar="ID", help="judge run ID's answers instead of generating")
+    belle.add_argument("--resume-run", type=int, metavar="ID", help="continue evaluation run ID where it stopped")
+    belle.add_argument("--db", default=None)
+    table = eval_sub.add_parser("table", help="the score table of every evaluation run")
+    table.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    table.add_argument("--runs", help="comma-separated run ids (default: every evaluation run)")
+    table.add_argument("--delta", nargs=2, type=int, metavar=("A", "B"), help="paired deltas of run B against run A")
+    table.add_argument("--db", default=None)
+    pair = eval_sub.add_parser("pairwise", help="a judge compares two evaluation runs' answers in both orders")
+    pair.add_argument("a", type=int, help="evaluation run A")
+    pair.add_argument("b", type=int, help="evaluation run B")
+    pair.add_argument("--judge-url")
+    pair.add_argument("--judge-model")
+    pair.add_argument("--judge-key-env", default="OPENAI_API_KEY")
+    pair.add_argument("--concurrency", type=int, default=8)
+    pair.add_argument("--db", default=None)
     return parser
 
 
@@ -102,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "runs":
             return _cmd_runs(args.db)
+        if args.command == "eval":
+            from engine.eval_cli import run_eval_command
+
+            return run_eval_command(args)
         if args.command == "train":
             from engine.run import RUN_ID_ENV, check_resumable
             from engine.store import default_db_path

@@ -181,6 +181,9 @@ class PPOStage(_Section):
     value_warmup_steps: int = Field(0, ge=0, description="First steps train only the value branch.")
     max_prompt_length: int = Field(256, gt=0, description="Prompt tokens kept (from the end).")
     max_new_tokens: int = Field(128, gt=0, description="Tokens generated per response.")
+    chunk_size: int = Field(
+        32, gt=0, description="Prompts per decode batch: bounds a rollout's KV cache (a rollout may be larger)."
+    )
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
@@ -321,9 +324,28 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
     except ValidationError as err:
         raise _describe(err, source) from None
     recipe._source = source
+    _check_precision(recipe)
     if stage is not None:
         recipe.stage(stage)
     return recipe
+
+
+def _check_precision(recipe: Recipe) -> None:
+    """A half-precision model trains only under autocast: its trainable parts are float32 masters and its
+    frozen parts stay half, and without autocast the two would meet in one matmul."""
+    for stage in STAGES:
+        section = getattr(recipe, stage)
+        if section is None:
+            continue
+        field = f"{stage}.train.precision" if stage in ("sft", "rm") else f"{stage}.precision"
+        precision = section.train.precision if stage in ("sft", "rm") else section.precision
+        dtype = recipe.stage_model(stage).dtype
+        if precision == "fp32" and dtype in ("bfloat16", "float16"):
+            raise RecipeError(
+                f"{recipe.where(field)}: {field}: fp32 with a {dtype} model: its frozen weights stay {dtype} and "
+                "its trainable ones float32, which needs autocast; use precision bf16 or auto, or dtype float32",
+                {field: f"fp32 with a {dtype} model"},
+            )
 
 
 def _describe(err: ValidationError, source: RecipeSource) -> RecipeError:

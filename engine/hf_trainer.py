@@ -7,15 +7,18 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.config import RecipeError, TrainArgs
+from engine.config import ModelSpec, RecipeError, TrainArgs
 from engine.data import Mixture
 from engine.models import cuda_available, precision_flags
 from engine.run import RunHandle, newest_checkpoint
 from engine.track import GracefulStop, StoreCallback
 
 
-def training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval: bool) -> dict[str, Any]:
+def training_kwargs(
+    train: TrainArgs, output_dir: Path, seed: int, has_eval: bool, spec: ModelSpec
+) -> dict[str, Any]:
     """Keyword arguments common to SFTConfig and RewardConfig (both are TrainingArguments)."""
+    flags = precision_flags(train.precision, spec)
     kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
         learning_rate=train.lr,
@@ -40,8 +43,10 @@ def training_kwargs(train: TrainArgs, output_dir: Path, seed: int, has_eval: boo
         dataloader_num_workers=0,
         dataloader_pin_memory=cuda_available(),
         ddp_find_unused_parameters=False,  # every trainable parameter is used; the search costs a graph walk
-        **precision_flags(train.precision),
+        **flags,
     )
+    if any(flags.values()) and not cuda_available():
+        kwargs["use_cpu"] = True  # CPU bf16 autocast: the Trainer refuses half precision without it
     if has_eval:
         kwargs.update(eval_strategy="steps", eval_steps=train.eval_steps or train.save_steps)
     return kwargs

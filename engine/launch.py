@@ -136,6 +136,18 @@ def prepare(
     zero_stage = (accelerate.get("deepspeed_config") or {}).get("zero_stage")
     kind = accelerate["distributed_type"]
     sharded = kind == "FSDP" or (kind == "DEEPSPEED" and zero_stage == 3)
+    if num_processes is not None and num_processes > 1 and kind == "NO":
+        raise RecipeError(
+            f"--num-processes {num_processes}: {accelerate_config} runs one process (distributed_type: NO); "
+            "for several use a data-parallel config (configs/accelerate/cpu_ddp.yaml on CPUs, ddp.yaml on GPUs)"
+        )
+    if stage == "ppo" and kind in ("DEEPSPEED", "FSDP"):
+        raise RecipeError(
+            f"{accelerate_config}: PPO runs under plain data parallelism only (distributed_type NO or MULTI_GPU), "
+            f"not {kind}: the hydra copies whole layers and rank 0 saves the optimizer, which parameter or "
+            "optimizer sharding would break; use configs/accelerate/gpu.yaml or ddp.yaml (the hydra's frozen "
+            "trunk and shared layers already fit a 7B policy on one 80 GB GPU)"
+        )
     if stage == "sft" and recipe.sft.lora is not None and sharded:
         raise RecipeError(
             f"{recipe.where('sft.lora')}: sft.lora: merging adapters is not supported with parameter sharding "

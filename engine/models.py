@@ -30,10 +30,18 @@ def torch_dtype(spec: ModelSpec) -> "torch.dtype":
     return getattr(torch, spec.dtype)
 
 
-def precision_flags(precision: str) -> dict[str, bool]:
-    """`bf16`/`fp16` flags for a recipe's precision (auto = bf16 on a CUDA device that supports it)."""
+def precision_flags(precision: str, spec: ModelSpec | None = None) -> dict[str, bool]:
+    """`bf16`/`fp16` flags for a recipe's precision. auto = the half type the model is loaded in, else bf16
+    on a CUDA device that supports it, else float32 (a half-precision model cannot train without autocast:
+    its float32 trainable parts would meet its half frozen ones)."""
     if precision == "auto":
-        precision = "bf16" if cuda_bf16() else "fp32"
+        dtype = spec.dtype if spec is not None else "auto"
+        if dtype == "float16":
+            precision = "fp16"
+        elif dtype == "bfloat16" or cuda_bf16():
+            precision = "bf16"
+        else:
+            precision = "fp32"
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
@@ -66,6 +74,34 @@ def load_reward_trunk(spec: ModelSpec, pad_token_id: int) -> Any:
         dtype=torch_dtype(spec),
         trust_remote_code=spec.trust_remote_code,
     )
+
+
+def load_exact(model: "torch.nn.Module", folder: Any, names: list[str]) -> None:
+    """Copy the named parameters from a saved folder's safetensors as they were stored.
+
+    `from_pretrained` casts every tensor to one dtype; a model saved with float32 trainable parts over a
+    bf16 frozen trunk must get those parts back bit for bit, or a resumed run departs from the original.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    where = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+    params = dict(model.named_parameters())
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(where.get(name, "model.safetensors"), []).append(name)
+    for file, wanted in by_file.items():
+        with safe_open(str(folder / file), framework="pt") as saved:
+            stored = set(saved.keys())
+            for name in wanted:
+                if name not in stored:
+                    raise KeyError(f"{folder / file}: no tensor {name}")
+                param = params[name]
+                param.data = saved.get_tensor(name).to(device=param.device, dtype=param.dtype)
 
 
 def decoder_layers(model: "torch.nn.Module") -> "torch.nn.ModuleList":
@@ -104,6 +140,43 @@ def freeze_bottom_layers(model: "torch.nn.Module", num_layers_unfrozen: int) -> 
         if any(tag in name.split(".")[-1] for tag in ("emb", "wpe", "wte")):
             for param in module.parameters():
                 param.requires_grad_(False)
+
+
+def keep_fp32_masters(model: "torch.nn.Module", sharding: str | None = None) -> None:
+    """Trainable parameters in float32, so that AdamW's small updates are not rounded away.
+
+    A bf16 weight of magnitude 0.02 moves in steps of 2^-14 ≈ 6e-5: an update of lr 1e-5 does not move it
+    at all. The math still runs in bf16 under the Trainer's autocast; frozen weights keep their load dtype
+    (they never receive an update, so bf16 costs them nothing). `sharding`: "deepspeed" keeps its own
+    float32 masters in the optimizer (nothing to do); "fsdp" shards flat parameters of one dtype, so the
+    whole model goes to float32 (sharded, the cost is spread over the ranks) and FSDP's mixed precision
+    casts for compute.
+    """
+    import torch
+
+    if sharding == "deepspeed":
+        return
+    if sharding == "fsdp":
+        model.float()
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def sharding_of(args: Any) -> str | None:
+    """"deepspeed", "fsdp" or None: what holds the master weights of a TrainingArguments run (set by the
+    arguments themselves or by `accelerate launch` through its environment)."""
+    import os
+
+    def on(name: str) -> bool:
+        return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+    if getattr(args, "deepspeed_plugin", None) is not None or on("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    if getattr(args, "fsdp", None) or on("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    return None
 
 
 def lora_config(spec: LoraSpec) -> Any:

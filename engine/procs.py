@@ -50,3 +50,28 @@ def kill_group(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def process_alive(pid: int | None, started: int | None) -> bool:
+    """The process is still there and is the one recorded (not a later program that got its pid)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = process_start(pid)
+    return started is None or now is None or now == started
+
+
+def run_processes_gone(run: dict) -> bool:
+    """A pending or running row whose processes (on this machine) are certainly gone: its launcher's
+    process group for a launched run, its own process for one started in-process (`rlhf train`,
+    `rlhf eval`). False where nothing was recorded yet: the run may still be starting."""
+    if run.get("launch"):
+        return bool(run.get("pgid")) and not same_group(run["pgid"], run.get("pgid_started"))
+    if run.get("pgid"):
+        return not same_group(run["pgid"], run.get("pgid_started"))
+    return bool(run.get("pid")) and not process_alive(run["pid"], run.get("pgid_started"))

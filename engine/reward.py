@@ -15,7 +15,8 @@ from typing import Any
 from engine import hf_trainer
 from engine.config import Recipe, RMStage
 from engine.data import DataError, load_preferences
-from engine.models import freeze_bottom_layers, load_reward_trunk, load_tokenizer
+from engine.lineage import write_lineage
+from engine.models import freeze_bottom_layers, keep_fp32_masters, load_reward_trunk, load_tokenizer, sharding_of
 from engine.run import RunHandle
 from engine.template import tokenize_pair
 
@@ -58,10 +59,11 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
 
     # Config before model: see run_sft (distributed set-up and ZeRO-3 sharded loading).
     args = RewardConfig(
-        **hf_trainer.training_kwargs(stage.train, handle.output_dir, recipe.seed, eval_set is not None),
+        **hf_trainer.training_kwargs(stage.train, handle.output_dir, recipe.seed, eval_set is not None, spec),
     )
     model = load_reward_trunk(spec, tokenizer.pad_token_id)
     freeze_bottom_layers(model, stage.num_layers_unfrozen)
+    keep_fp32_masters(model, sharding_of(args))
     callbacks, stop = hf_trainer.callbacks(handle)
     trainer = RewardTrainer(
         model=model,
@@ -80,6 +82,7 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
         trainer.save_model(str(final))  # every rank: sharded or ZeRO-3 weights are gathered for it
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(final)
+            write_lineage(final, "rm", handle.run_id, spec.path)
     trainer.accelerator.wait_for_everyone()
     hf_trainer.finish(trainer, handle, stop, final)
     return final

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from engine.config import Recipe, RecipeError, Stage, recipe_to_json
+from engine.procs import process_start, run_processes_gone
 from engine.store import Store, StoreError
 
 RUN_ID_ENV = "RLHF_RUN_ID"
@@ -47,18 +48,28 @@ def register_run(store: Store, stage: Stage, recipe: Recipe, recipe_path: str, o
     )
 
 
+def settled(store: Store, run_id: int) -> dict[str, Any]:
+    """The run's row, closed as failed first if it claims to be pending or running but its processes
+    died without recording how (a kill -9, an OOM, a reboot): such a run can then be resumed."""
+    run = store.run(run_id)
+    if run["status"] in ("pending", "running") and run_processes_gone(run):
+        store.close_orphan(run_id)
+        run = store.run(run_id)
+    return run
+
+
 def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> dict[str, Any]:
     """The run to continue, or a RecipeError saying why it cannot be."""
     try:
         with Store(db_path) as store:
-            run = store.run(run_id)
+            run = settled(store, run_id)
     except StoreError as err:
         raise RecipeError(str(err)) from None
     if run["stage"] != stage:
         raise RecipeError(f"run {run_id} is a {run['stage']} run, not {stage}")
     if run["status"] in ("pending", "running"):
         raise RecipeError(f"run {run_id} is {run['status']} (pid {run['pid']}); stop it before resuming")
-    if run.get("launch") and run["exit_code"] is None:
+    if run.get("launch") and run["exit_code"] is None and run.get("orphaned") is None:
         raise RecipeError(f"run {run_id} is still shutting down (its exit is not recorded yet); try again shortly")
     if not any((p / "trainer_state.json").is_file() or (p / "ppo_state.json").is_file()
                for p in Path(run["output_dir"]).glob("checkpoint-*")):
@@ -99,6 +110,8 @@ def tracked_run(
             fields["pid"] = os.getpid()
             # Only a group leader may be signalled as a group: anything else would hit our parent too.
             fields["pgid"] = os.getpgid(0) if os.getpgid(0) == os.getpid() else None
+            # When this process started: a later program given the same pid is never taken for the run.
+            fields["pgid_started"] = process_start(os.getpid())
         store.update_run(run_id, **fields)
     try:
         yield handle

@@ -13,7 +13,15 @@ from typing import Any
 from engine import hf_trainer
 from engine.config import Recipe, SFTStage
 from engine.data import DataError, load_conversations
-from engine.models import freeze_bottom_layers, load_causal_lm, load_tokenizer, lora_config
+from engine.lineage import write_lineage
+from engine.models import (
+    freeze_bottom_layers,
+    keep_fp32_masters,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    sharding_of,
+)
 from engine.run import RunHandle
 from engine.template import tokenize_conversation
 
@@ -57,12 +65,14 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
     # The config comes first: building it sets up torch.distributed and DeepSpeed's ZeRO-3 context, and
     # only a model loaded after that is sharded as it loads instead of whole on every rank.
     args = SFTConfig(
-        **hf_trainer.training_kwargs(stage.train, handle.output_dir, recipe.seed, eval_set is not None),
+        **hf_trainer.training_kwargs(stage.train, handle.output_dir, recipe.seed, eval_set is not None, spec),
         packing=stage.packing,
     )
     model = load_causal_lm(spec)
     args.packing_strategy = packing_strategy(model)
     freeze_bottom_layers(model, stage.num_layers_unfrozen)
+    if stage.lora is None:  # peft keeps LoRA adapters in float32 by itself
+        keep_fp32_masters(model, sharding_of(args))
     callbacks, stop = hf_trainer.callbacks(handle)
     trainer = SFTTrainer(
         model=model,
@@ -84,6 +94,7 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
             trainer.model.merge_and_unload().save_pretrained(final)
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(final)
+            write_lineage(final, "sft", handle.run_id, spec.path)
     trainer.accelerator.wait_for_everyone()
     hf_trainer.finish(trainer, handle, stop, final)
     return final

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import socket
 import sqlite3
 import threading
@@ -106,16 +107,126 @@ def _v4(db: sqlite_utils.Database) -> None:
     db["runs"].add_column("pgid_started", int)
 
 
+def _v5(db: sqlite_utils.Database) -> None:
+    # When a pending or running run was found with its processes gone and closed as failed: such a run
+    # can be resumed although no exit code was ever recorded for it.
+    db["runs"].add_column("orphaned", float)
+    # Judging checkpoints: each eval run's items with the answer it generated, the judge's verdict per item,
+    # every judge reply keyed on its full input (a re-run asks nothing twice), pairwise verdicts in both
+    # orders, and chat exchanges with their blind votes.
+    db.execute(
+        """CREATE TABLE eval_items (
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            item_id INTEGER NOT NULL,
+            category TEXT NOT NULL,
+            class TEXT NOT NULL,
+            question TEXT NOT NULL,
+            reference TEXT NOT NULL,
+            judge_prompt TEXT,
+            answer TEXT,
+            answer_tokens INTEGER,
+            finished TEXT,
+            answered REAL,
+            PRIMARY KEY (run_id, item_id)
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE judgments (
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            item_id INTEGER NOT NULL,
+            judge TEXT NOT NULL,
+            score REAL,
+            status TEXT NOT NULL,
+            problem TEXT,
+            reply TEXT,
+            cache_key TEXT,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            calls INTEGER,
+            created REAL NOT NULL,
+            PRIMARY KEY (run_id, item_id)
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE judge_cache (
+            key TEXT PRIMARY KEY,
+            judge TEXT NOT NULL,
+            request TEXT NOT NULL,
+            reply TEXT NOT NULL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            created REAL NOT NULL
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE pairwise (
+            id INTEGER PRIMARY KEY,
+            a_run INTEGER NOT NULL,
+            b_run INTEGER NOT NULL,
+            item_id INTEGER NOT NULL,
+            first TEXT NOT NULL,
+            judge TEXT NOT NULL,
+            verdict TEXT,
+            reply TEXT,
+            cache_key TEXT,
+            created REAL NOT NULL,
+            UNIQUE (a_run, b_run, item_id, first, judge)
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE chats (
+            id INTEGER PRIMARY KEY,
+            created REAL NOT NULL,
+            left_model TEXT NOT NULL,
+            right_model TEXT NOT NULL,
+            settings TEXT NOT NULL,
+            transcript TEXT NOT NULL,
+            blind INTEGER NOT NULL DEFAULT 0,
+            vote TEXT,
+            a_is TEXT,
+            item_id INTEGER,
+            category TEXT
+        )"""
+    )
+
+
 # Append only: migration i brings a database from version i to i + 1.
-MIGRATIONS = [_v1, _v2, _v3, _v4]
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def _locked(err: sqlite3.OperationalError) -> bool:
+    return "locked" in str(err) or "busy" in str(err)
+
+
+def _ensure_wal(conn: sqlite3.Connection, path: str | os.PathLike) -> None:
+    """Switch the file to WAL once, whoever opens it first; every later open only reads the mode.
+
+    The switch needs an exclusive lock, and SQLite does not call the busy handler when waiting could
+    deadlock (this connection holds a shared lock while another writer holds a reserved one): it returns
+    SQLITE_BUSY at once. So a busy switch is retried, with jittered back-off, for up to BUSY_TIMEOUT_S.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.002
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            return  # WAL, or whatever the file system allows (the store works in either)
+        except sqlite3.OperationalError as err:
+            if not _locked(err) or time.monotonic() > deadline:
+                raise StoreError(f"{path}: cannot open runs.db: {err}") from None
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.25)
+
+
 def connect(path: str | os.PathLike) -> sqlite_utils.Database:
+    """The one way runs.db is opened (engine, console, follower, tests): busy timeout, WAL, foreign keys."""
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    _ensure_wal(conn, path)
     db = sqlite_utils.Database(conn)
-    db.enable_wal()
     db.execute("PRAGMA synchronous = NORMAL")  # safe in WAL: a power cut may lose the last commits, never corrupt
     db.execute("PRAGMA foreign_keys = ON")
     return db
@@ -208,13 +319,24 @@ class Store:
         """Make an ended run pending again, in one transaction: of two resumes at once only one wins.
 
         A launched run counts as ended only once its supervisor has recorded the exit code (its trainer
-        writes "stopped" before its processes are gone)."""
+        writes "stopped" before its processes are gone), or once it was found with its processes gone
+        (`close_orphan`)."""
         with self._write() as db:
             changed = db.conn.execute(
-                "UPDATE runs SET status = 'pending', exit_code = NULL, error = NULL, ended = NULL, "
+                "UPDATE runs SET status = 'pending', exit_code = NULL, error = NULL, ended = NULL, orphaned = NULL, "
                 "stop_requested = NULL, pid = NULL, pgid = NULL, pgid_started = NULL WHERE id = ? "
-                "AND status NOT IN ('pending', 'running') AND (launch IS NULL OR exit_code IS NOT NULL)",
+                "AND status NOT IN ('pending', 'running') "
+                "AND (launch IS NULL OR exit_code IS NOT NULL OR orphaned IS NOT NULL)",
                 [run_id]).rowcount
+        return changed == 1
+
+    def close_orphan(self, run_id: int) -> bool:
+        """Record that a pending or running run's processes are gone without an exit on record."""
+        with self._write() as db:
+            changed = db.conn.execute(
+                "UPDATE runs SET status = 'failed', ended = ?, orphaned = ?, "
+                "error = COALESCE(error, 'its processes are gone and nothing recorded how it ended') "
+                "WHERE id = ? AND status IN ('pending', 'running')", [time.time(), time.time(), run_id]).rowcount
         return changed == 1
 
     def mark_stop_requested(self, run_id: int) -> tuple[int | None, int | None]:
@@ -259,8 +381,9 @@ class Store:
             row = db.execute("SELECT status FROM runs WHERE id = ?", [run_id]).fetchone()
             if row is not None and row[0] in ("pending", "running"):
                 raise StoreError(f"run {run_id} is {row[0]}: stop it before deleting it")
-            for table in ("metrics", "samples", "checkpoints"):
+            for table in ("metrics", "samples", "checkpoints", "eval_items", "judgments"):
                 db.conn.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+            db.conn.execute("DELETE FROM pairwise WHERE a_run = ? OR b_run = ?", [run_id, run_id])
             if db.conn.execute("DELETE FROM runs WHERE id = ?", [run_id]).rowcount == 0:
                 raise StoreError(f"{self.path}: no run {run_id}")
 
@@ -376,6 +499,114 @@ class Store:
         where, params = ("run_id = ?", [run_id]) if step is None else ("run_id = ? AND step = ?", [run_id, step])
         with self._lock:
             return list(self.db["samples"].rows_where(where, params, order_by="step, id"))
+
+
+class EvalStore:
+    """The evaluation tables of runs.db (items and answers, verdicts, the judge cache, pairwise verdicts,
+    chats), over a Store's connection."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def _rows(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+        with self.store._lock:
+            cursor = self.store.db.execute(sql, params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    # -- items and answers ----------------------------------------------------------------------------------
+    def add_items(self, run_id: int, items: Iterable[Mapping[str, Any]]) -> None:
+        """Register the run's questions (once: a resumed run keeps what it has)."""
+        rows = [(run_id, i["item_id"], i["category"], i["class"], i["question"], i["reference"]) for i in items]
+        with self.store._write() as db:
+            db.conn.executemany(
+                "INSERT OR IGNORE INTO eval_items (run_id, item_id, category, class, question, reference) "
+                "VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def set_answers(self, run_id: int, answers: Iterable[tuple[int, str, int, str]]) -> None:
+        """(item id, answer, tokens, finished) for a batch, in one transaction."""
+        now = time.time()
+        with self.store._write() as db:
+            db.conn.executemany(
+                "UPDATE eval_items SET answer = ?, answer_tokens = ?, finished = ?, answered = ? "
+                "WHERE run_id = ? AND item_id = ?",
+                [(answer, tokens, finished, now, run_id, item_id) for item_id, answer, tokens, finished in answers])
+
+    def copy_answers(self, source_run: int, run_id: int) -> int:
+        """Reuse another run's answers (judging again without generating again)."""
+        with self.store._write() as db:
+            return db.conn.execute(
+                "UPDATE eval_items AS t SET answer = s.answer, answer_tokens = s.answer_tokens, "
+                "finished = s.finished, answered = s.answered FROM eval_items AS s WHERE t.run_id = ? "
+                "AND s.run_id = ? AND s.item_id = t.item_id AND s.answer IS NOT NULL AND t.answer IS NULL",
+                [run_id, source_run]).rowcount
+
+    def items(self, run_id: int) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM eval_items WHERE run_id = ? ORDER BY item_id", [run_id])
+
+    # -- verdicts -------------------------------------------------------------------------------------------
+    def set_judgment(self, run_id: int, item_id: int, judge: str, verdict: Any, cache_key: str | None = None,
+                     judge_prompt: str | None = None) -> None:
+        with self.store._write() as db:
+            db.conn.execute(
+                "INSERT OR REPLACE INTO judgments (run_id, item_id, judge, score, status, problem, reply, cache_key, "
+                "prompt_tokens, completion_tokens, calls, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [run_id, item_id, judge, verdict.score, verdict.status, verdict.problem, verdict.reply, cache_key,
+                 verdict.prompt_tokens, verdict.completion_tokens, verdict.calls, time.time()])
+            if judge_prompt is not None:
+                db.conn.execute("UPDATE eval_items SET judge_prompt = ? WHERE run_id = ? AND item_id = ?",
+                                [judge_prompt, run_id, item_id])
+
+    def judgments(self, run_id: int) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM judgments WHERE run_id = ? ORDER BY item_id", [run_id])
+
+    def scored_items(self, run_id: int) -> list[dict[str, Any]]:
+        """Each item of the run with its answer and verdict (None where not judged yet)."""
+        return self._rows(
+            "SELECT i.*, j.judge, j.score, j.status, j.problem, j.reply FROM eval_items AS i LEFT JOIN judgments AS j "
+            "ON j.run_id = i.run_id AND j.item_id = i.item_id WHERE i.run_id = ? ORDER BY i.item_id", [run_id])
+
+    # -- the judge cache ------------------------------------------------------------------------------------
+    def get(self, key: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM judge_cache WHERE key = ?", [key])
+        return rows[0] if rows else None
+
+    def put(self, key: str, judge: str, request: Mapping[str, Any], reply: str, usage: tuple[int, int]) -> None:
+        with self.store._write() as db:
+            db.conn.execute(
+                "INSERT OR REPLACE INTO judge_cache (key, judge, request, reply, prompt_tokens, completion_tokens, "
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [key, judge, json.dumps(dict(request), ensure_ascii=False), reply, usage[0], usage[1], time.time()])
+
+    # -- pairwise -------------------------------------------------------------------------------------------
+    def add_pairwise(self, a_run: int, b_run: int, item_id: int, first: str, judge: str, verdict: str | None,
+                     reply: str, cache_key: str | None) -> None:
+        with self.store._write() as db:
+            db.conn.execute(
+                "INSERT OR REPLACE INTO pairwise (a_run, b_run, item_id, first, judge, verdict, reply, cache_key, "
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [a_run, b_run, item_id, first, judge, verdict, reply, cache_key, time.time()])
+
+    def pairwise(self, a_run: int, b_run: int, judge: str | None = None) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM pairwise WHERE a_run = ? AND b_run = ?", [a_run, b_run]
+        if judge is not None:
+            sql, params = sql + " AND judge = ?", [*params, judge]
+        return self._rows(sql + " ORDER BY item_id, first", params)
+
+    # -- chats ----------------------------------------------------------------------------------------------
+    def add_chat(self, left: str, right: str, settings: Mapping[str, Any], transcript: Any, blind: bool = False,
+                 vote: str | None = None, a_is: str | None = None, item_id: int | None = None,
+                 category: str | None = None) -> int:
+        with self.store._write() as db:
+            cursor = db.conn.execute(
+                "INSERT INTO chats (created, left_model, right_model, settings, transcript, blind, vote, a_is, "
+                "item_id, category) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [time.time(), left, right, json.dumps(dict(settings)), json.dumps(transcript, ensure_ascii=False),
+                 int(blind), vote, a_is, item_id, category])
+            return int(cursor.lastrowid)
+
+    def chats(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM chats ORDER BY id", [])
 
 
 def default_db_path() -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from engine.data.records import DataError
 from engine.run import tracked_run
 from engine.store import default_db_path
 
+log = logging.getLogger(__name__)
 RUNNERS = {"sft": "engine.sft:run_sft", "rm": "engine.reward:run_rm", "ppo": "engine.ppo.trainer:run_ppo"}
 EXIT_STOPPED = 143  # 128 + SIGTERM: a stopped run is not a success a script should chain on from
 EXIT_BAD_INPUT = 2
@@ -27,19 +29,63 @@ def _local_only(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or data_file
 
 
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
+
+
+def model_folder_problem(path: str, reward_model: bool = False) -> str | None:
+    """Why a local folder cannot be loaded as a model (or as a reward model), or None if it can."""
+    import json
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return "is not a folder"
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return "holds no model (no config.json)"
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        return f"holds no weights (none of {', '.join(WEIGHT_FILES)})"
+    if reward_model:
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            return f"config.json cannot be read ({err})"
+        heads = [a for a in config.get("architectures") or [] if a.endswith("ForSequenceClassification")]
+        labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
+        if not heads or labels != 1:
+            return "is not a reward model (a sequence-classification model with one label, as the rm stage exports)"
+    return None
+
+
 def validate(stage: Stage, recipe_path: str, overrides: list[str]) -> Recipe:
     """Everything that can be checked without loading torch or a model; raises RecipeError."""
     if stage not in RUNNERS:
         raise RecipeError(f"stage {stage!r} has no trainer yet (available: {', '.join(RUNNERS)})")
     recipe = load_recipe(recipe_path, overrides, stage)
     section = recipe.stage(stage)
-    paths = [(f"{stage}.model.path" if section.model is not None else "model.path", recipe.stage_model(stage).path)]
+    model_field = f"{stage}.model.path" if section.model is not None else "model.path"
+    paths = [(model_field, recipe.stage_model(stage).path, "model")]
+    if getattr(section, "reward_model", None) is not None:
+        paths.append((f"{stage}.reward_model", section.reward_model, "reward model"))
     for field in ("data", "prompts"):
         for i, source in enumerate(getattr(section, field, [])):
-            paths.append((f"{stage}.{field}.{i}.path", source.path))
-    for field, path in paths:
-        if _local_only(path) and not Path(path).expanduser().exists():
+            paths.append((f"{stage}.{field}.{i}.path", source.path, "data"))
+    for field, path, kind in paths:
+        local = Path(path).expanduser()
+        if _local_only(path) and not local.exists():
             raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} does not exist", {field: "does not exist"})
+        if kind != "data" and local.exists():
+            problem = model_folder_problem(path, reward_model=kind == "reward model")
+            if problem is not None:
+                raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} {problem}", {field: problem})
+    if getattr(section, "init_value_from_rm", False):
+        from engine.lineage import check_value_init
+
+        warning = check_value_init(recipe.stage_model(stage).path, section.reward_model,
+                                   recipe.where(f"{stage}.init_value_from_rm"))
+        if warning and os.environ.get("RANK", "0") == "0":
+            log.warning(warning)
     return recipe
 
 

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -169,8 +170,12 @@ async def test_a_crash_shows_failed_with_exit_code_and_traceback(workdir):
     app = console()
     async with app.run_test(size=(100, 32)) as pilot:
         await wait_for(pilot, lambda: app.loaded, 20)
-        # the folder exists, so validation passes; it holds no model, so loading it fails in the run
-        app.launch_run("sft", str(TINY), ["model.path=demo/data"], CPU, None)
+        # a model folder that passes validation (config and a weights file) but whose weights are garbage:
+        # loading them fails inside the run
+        broken = workdir / "broken-model"
+        shutil.copytree(workdir / "demo" / "model", broken)
+        (broken / "model.safetensors").write_bytes(b"not safetensors")
+        app.launch_run("sft", str(TINY), [f"model.path={broken}"], CPU, None)
         await wait_for(pilot, lambda: app.runs and ended(app, next(iter(app.runs)), "failed"), 180)
         run = next(iter(app.runs.values()))
         assert run["exit_code"] not in (None, 0) and "Traceback" in run["error"]

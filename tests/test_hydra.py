@@ -177,3 +177,35 @@ def test_lora_mode_shares_everything_but_the_adapters(kind, tmp_path):
     with torch.no_grad():
         restored = again(ids, mask, with_values=True)
     assert torch.allclose(restored.logits, out.logits, atol=1e-6) and torch.allclose(restored.values, out.values)
+
+
+@pytest.mark.parametrize("kind", ["bloom", "llama"])
+def test_scoring_is_float32_under_bf16_autocast(kind):
+    """A bf16 trunk under bf16 autocast: log-probs, reference log-probs and values come out in float32,
+    equal (to 1e-5) to the heads computed in float64 from the same final hidden states; not rounded to
+    bf16's 0.125 steps."""
+    from engine.ppo.core import logprobs_of
+
+    model = tiny(kind).to(torch.bfloat16)
+    hydra = Hydra(model, num_layers_unfrozen=1, value_layers=2)
+    with torch.no_grad():
+        hydra.lm.get_output_embeddings().weight.mul_(40.0)  # logits of magnitude ~16-32, as in real models
+    ids, mask = batch()
+    keep = 4
+    captured = {}
+    norm = hydra.lm.base_model.ln_f if kind == "bloom" else hydra.lm.base_model.norm
+    norm.register_forward_hook(lambda m, a, out: captured.setdefault("hidden", out))
+    hydra.value_norm.register_forward_hook(lambda m, a, out: captured.setdefault("value_hidden", out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = hydra(ids, mask, with_values=True, with_ref=True, logits_to_keep=keep)
+    assert out.logits.dtype == out.ref_logits.dtype == out.values.dtype == torch.float32
+    tokens = ids[:, -keep + 1:]
+    got = logprobs_of(out.logits[:, :-1], tokens)
+    assert got.dtype == torch.float32
+    hidden = captured["hidden"][:, -keep:].double()
+    exact = (hidden @ hydra.lm.get_output_embeddings().weight.double().T)[:, :-1].log_softmax(-1)
+    expected = exact.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert out.logits.abs().max() > 8
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+    values = (captured["value_hidden"].double() @ hydra.value_head.weight.double().T).squeeze(-1)
+    assert torch.allclose(out.values.double(), values, atol=1e-5)

@@ -79,7 +79,8 @@ def test_argv_has_no_shell_and_carries_overrides():
 
 def test_a_crashing_run_is_recorded_as_failed_with_its_exit_code(workdir):
     (workdir / "broken").mkdir()
-    (workdir / "broken" / "config.json").write_text("{not json")
+    (workdir / "broken" / "config.json").write_text("{not json")  # looks like a model to validation; is not one
+    (workdir / "broken" / "model.safetensors").write_bytes(b"")
     run_id, code = run_foreground("sft", str(TINY), ["model.path=broken"], str(ACCEL / "cpu.yaml"), echo=False)
     assert code != 0
     run = run_row(run_id)
@@ -162,6 +163,27 @@ def test_lora_with_parameter_sharding_is_refused_before_launch(workdir):
 
     with pytest.raises(RecipeError, match="sft.lora: merging adapters is not supported"):
         prepare("sft", str(TINY), ["sft.lora={r: 4}"], str(ACCEL / "zero3.yaml"))
+    assert not (workdir / "runs.db").exists()
+
+
+def test_launches_that_would_not_run_as_asked_are_refused_before_anything_is_registered(workdir):
+    from engine.config import RecipeError
+    from engine.launch import prepare
+
+    with pytest.raises(RecipeError, match=r"--num-processes 12: .*cpu.yaml runs one process .*cpu_ddp.yaml"):
+        prepare("sft", str(TINY), [], str(ACCEL / "cpu.yaml"), num_processes=12)
+    for config in ("zero2.yaml", "zero3.yaml", "fsdp.yaml"):
+        with pytest.raises(RecipeError, match=rf"{config}: PPO runs under plain data parallelism only"):
+            prepare("ppo", str(TINY), [], str(ACCEL / config))
+    empty = workdir / "nomodel"
+    empty.mkdir()
+    with pytest.raises(RecipeError, match=r"model.path: '.*nomodel' holds no model \(no config.json\)"):
+        prepare("sft", str(TINY), [f"model.path={empty}"], str(ACCEL / "cpu.yaml"))
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(RecipeError, match=r"holds no weights"):
+        prepare("sft", str(TINY), [f"model.path={empty}"], str(ACCEL / "cpu.yaml"))
+    with pytest.raises(RecipeError, match=r"ppo.reward_model: 'demo/model' is not a reward model"):
+        prepare("ppo", str(TINY), ["reward_model=demo/model", "reward_fn=null"], str(ACCEL / "cpu.yaml"))
     assert not (workdir / "runs.db").exists()
 
 

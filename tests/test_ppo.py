@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from engine.launch import run_foreground
@@ -97,11 +98,78 @@ def test_sigterm_saves_full_state_and_stops(workdir):
     assert run_row(1)["status"] == "done"
 
 
-def test_value_warmup_leaves_the_policy_untouched(workdir):
-    run_id, _ = run_stage("ppo", str(TINY), [*TOY, "steps=3", "value_warmup_steps=2"])
+def test_value_warmup_leaves_the_policy_and_its_optimizer_state_untouched(workdir):
+    run_id, _ = run_stage("ppo", str(TINY), [*TOY, "steps=3", "value_warmup_steps=2", "weight_decay=0.1",
+                                             "save_steps=2"])
     kl = values(run_id, "policy/kl_per_token")
     assert kl[:3] == [0.0, 0.0, 0.0]  # rollouts of steps 1-3 come from a policy still equal to the reference
     assert values(run_id, "learning_rate") == [0.0, 0.0, 3e-3]  # the policy's rate; the value branch trains
+    folder = Path(run_row(run_id)["output_dir"]) / "checkpoint-2"  # the end of the warm-up
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)["optimizer"]
+    policy_ids, value_ids = (group["params"] for group in saved["param_groups"])
+    assert policy_ids and not any(i in saved["state"] for i in policy_ids)  # no AdamW state, no step
+    assert value_ids and all(saved["state"][i]["step"] == 2 * 4 * 4 for i in value_ids)  # 2 steps x 4 epochs x 4
+    trained = load_file(folder / "policy" / "model.safetensors")
+    base = load_file(workdir / "demo" / "model" / "model.safetensors")
+    base.setdefault("lm_head.weight", base["transformer.word_embeddings.weight"])  # untied for training
+    assert set(trained) <= set(base)
+    for name, value in trained.items():
+        assert torch.equal(value, base[name]), name
+
+
+def test_a_bf16_run_stopped_and_resumed_reproduces_the_uninterrupted_weights(workdir):
+    """bf16 frozen trunk, float32 trainable parts under bf16 autocast: SIGTERM, resume, and every saved
+    tensor (policy, value and reference branches, optimizer state) equals the uninterrupted run's, bit
+    for bit; the float32 parts are not rounded through the checkpoint's bf16 reload."""
+    bf16 = [*TOY, "model.dtype=bfloat16", "precision=bf16", "save_steps=100"]
+    proc = subprocess.Popen([*RLHF, "train", "ppo", str(TINY), *sum((["--set", o] for o in [*bf16, "steps=500"]), [])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (os.path.exists("runs.db") and _steps(1) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    stopped_at = run_row(1)["step"]
+    total = stopped_at + 2
+    resumed = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", "1",
+                              *sum((["--set", o] for o in [*bf16, f"steps={total}"]), [])],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # In a process of its own, as the interrupted one: accelerate's precision is fixed once per process.
+    uninterrupted = subprocess.run([*RLHF, "train", "ppo", str(TINY), *sum((["--set", o] for o in
+                                   [*bf16, f"steps={total}"]), [])], capture_output=True, text=True, timeout=300)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    whole = 2
+
+    a, b = (Path(run_row(r)["output_dir"]) / f"checkpoint-{total}" for r in (1, whole))
+    pa, pb = load_file(a / "policy" / "model.safetensors"), load_file(b / "policy" / "model.safetensors")
+    assert pa.keys() == pb.keys()
+    assert pa["transformer.h.3.mlp.dense_4h_to_h.weight"].dtype == torch.float32  # trainable: float32 masters
+    assert pa["transformer.h.0.mlp.dense_4h_to_h.weight"].dtype == torch.bfloat16  # frozen trunk: bf16
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
+    for file in ("branches.pt", "optimizer.pt"):
+        flat_a = _tensors(torch.load(a / file, weights_only=True))
+        flat_b = _tensors(torch.load(b / file, weights_only=True))
+        assert flat_a.keys() == flat_b.keys() and flat_a
+        for key in flat_a:
+            assert torch.equal(flat_a[key], flat_b[key]), (file, key)
+    assert values(1, "losses/total_loss") == values(whole, "losses/total_loss")
+
+
+def _tensors(tree, prefix=""):
+    """Every tensor of a nested dict/list, by path."""
+    found = {}
+    if isinstance(tree, torch.Tensor):
+        found[prefix] = tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            found.update(_tensors(value, f"{prefix}/{key}"))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            found.update(_tensors(value, f"{prefix}/{i}"))
+    return found
 
 
 def test_reference_score_baseline(workdir):

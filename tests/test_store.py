@@ -138,7 +138,7 @@ def test_a_version_1_database_migrates_forward_with_its_runs(tmp_path):
     db.conn.commit()
     db.close()
     with Store(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 4
+        assert store.schema_version == SCHEMA_VERSION == 5
         run = store.run(1)
         assert run["name"] == "old" and run["launch"] is None and run["stop_requested"] is None
         store.update_run(1, launch='{"accelerate_config": "cpu.yaml"}', stop_requested=2.0)
@@ -177,3 +177,63 @@ def test_only_one_resume_claims_an_ended_run(tmp_path):
         assert not store.claim_for_resume(run_id)  # a second resume of the same run loses
         assert store.mark_stop_requested(run_id) == (None, None)  # no process group yet…
         assert store.set_process(run_id, 456, 456)  # …so the supervisor learns of the stop itself
+
+
+def test_opening_waits_for_a_writer_that_holds_the_lock(tmp_path):
+    """The interleaving behind `database is locked` on open: a rollback-journal file with a writer holding
+    its reserved lock. Switching to WAL then fails at once (SQLite skips the busy handler where waiting
+    could deadlock); the open must wait for the writer instead of failing."""
+    path = tmp_path / "runs.db"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("CREATE TABLE other (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO other VALUES (1)")
+    outcome: list = []
+
+    def open_store() -> None:
+        try:
+            with Store(path) as store:
+                outcome.append(store.db.execute("PRAGMA journal_mode").fetchone()[0])
+        except Exception as err:  # noqa: BLE001 - the test reports it
+            outcome.append(err)
+
+    opener = threading.Thread(target=open_store)
+    opener.start()
+    opener.join(timeout=1.0)  # an open that fails does so at once, while the lock is certainly held
+    writer.execute("COMMIT")
+    opener.join()
+    writer.close()
+    assert outcome == ["wal"]
+
+
+def _open_at_once(barrier, paths: list[str], write: bool, errors) -> None:
+    for path in paths:
+        barrier.wait()
+        try:
+            with Store(path) as store:
+                if write:
+                    store.log_metrics(new_run(store), 1, {"loss": 1.0})
+                else:
+                    store.runs()
+        except Exception as err:  # noqa: BLE001 - counted by the test
+            errors.put(repr(err))
+
+
+def test_sixteen_processes_open_a_fresh_database_at_the_same_moment(tmp_path):
+    """16 processes open one new runs.db together, half of them writing at once, 30 rounds: no failed open."""
+    ctx = mp.get_context("spawn")
+    rounds, procs = 30, 16
+    paths = [str(tmp_path / f"runs{i}.db") for i in range(rounds)]
+    barrier, errors = ctx.Barrier(procs), ctx.Queue()
+    workers = [ctx.Process(target=_open_at_once, args=(barrier, paths, i % 2 == 0, errors)) for i in range(procs)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert failures == [] and all(w.exitcode == 0 for w in workers)
+    for path in paths:
+        with Store(path) as store:
+            assert len(store.runs()) == procs // 2

@@ -110,8 +110,9 @@ def value_loss(
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under `logits`, without materialising the whole log-softmax twice."""
-    return torch.gather(logits.float().log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+    """log p(token) in float32: the token's logit minus the logsumexp (no [B, T, V] log-softmax copy)."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 class KLController:

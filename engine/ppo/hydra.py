@@ -108,7 +108,7 @@ class Hydra(nn.Module):
         self.num_layers = len(layers)
         check_layers(self.num_layers, num_layers_unfrozen, value_layers)
         _check_uniform_layers(model, self.num_layers - value_layers)
-        self.takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        self.takes_position_ids = "position_ids" in inspect.signature(model.base_model.forward).parameters
         self.k, self.k_v = num_layers_unfrozen, value_layers
         top = list(layers)[self.num_layers - self.k :]
         norm = final_norm(model)
@@ -218,20 +218,22 @@ class Hydra(nn.Module):
             positions = attention_mask.long().cumsum(-1) - 1
             extra["position_ids"] = positions.masked_fill(attention_mask == 0, 1)
         try:
-            logits = self.policy(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=logits_to_keep,
-                **extra,
-            ).logits
+            # The transformer itself (final norm included), not the causal-LM wrapper: the head runs below,
+            # in float32, on the kept positions only.
+            hidden = self.lm.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
+            ).last_hidden_state
         finally:
             captured = [c.remove() if c else None for c in (policy_call, value_call)]
+        logits = head_fp32(self.lm.get_output_embeddings(), _keep(hidden, logits_to_keep))
         ref_logits = values = None
         if with_ref:
             with torch.no_grad(), self._reference_weights() as (ref_layers, ref_norm, ref_head):
-                hidden = _run_layers(ref_layers, captured[0])
-                ref_logits = ref_head(ref_norm(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
+                hidden = _keep(_run_layers(ref_layers, captured[0]), logits_to_keep)
+                ref_logits = head_fp32(ref_head, ref_norm(hidden))
         if with_values:
             hidden = self.value_norm(_run_layers(self.value_layers, captured[1]))
-            values = self.value_head(hidden).squeeze(-1)
+            values = head_fp32(self.value_head, hidden).squeeze(-1)
         return HydraOutput(logits=logits, values=values, ref_logits=ref_logits)
 
     @contextmanager
@@ -305,6 +307,22 @@ class Hydra(nn.Module):
             self.ref_head = _linear_sharing(self.policy.get_input_embeddings().weight)
         for name, module_state in state.items():
             getattr(self, name).load_state_dict(module_state)
+
+
+def _keep(hidden: torch.Tensor, last: int) -> torch.Tensor:
+    return hidden[:, -last:] if last else hidden
+
+
+def head_fp32(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A linear head computed in float32, outside autocast.
+
+    Under bf16 autocast a logit of magnitude 16-32 moves in steps of 0.125: per-token log-prob noise of
+    ~0.06 nats, larger than what one small PPO update changes, so ratios, clip fractions, KL and values
+    would move in rounding quanta. A bf16 (frozen) weight is cast for the call only.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = getattr(head, "bias", None)
+        return nn.functional.linear(hidden.float(), head.weight.float(), None if bias is None else bias.float())
 
 
 def _check_uniform_layers(model: nn.Module, first_branch_layer: int) -> None:

@@ -1,4 +1,4 @@
-"""Rollouts: sample responses from the policy branch (batched, KV cache) for rendered prompts."""
+"""Rollouts: the policy's answers to rendered prompts, sampled through the generation engine in chunks."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
+from engine.generation import Engine, Sampling, concat, row_seeds
 from engine.template import Conversation, render_prompt
 
 
@@ -18,45 +19,37 @@ class Rollout:
     prompt_length: int  # P
     response_mask: torch.Tensor  # [B, R] float: 1 on generated tokens up to and including the first eos
     responses: list[str]
+    logprobs: torch.Tensor | None = None  # [B, R] float32: the sampler's log p of each token (untempered)
 
     @property
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_length :]
 
 
-@torch.no_grad()
-def generate(policy: Any, tokenizer: Any, prompts: Sequence[Conversation], settings: Any) -> Rollout:
-    """Sample one response per prompt. `settings` carries max_prompt_length, max_new_tokens, temperature,
-    top_k and top_p (a PPOStage)."""
-    device = next(policy.parameters()).device
-    encoded = tokenizer(
-        [render_prompt(p) for p in prompts], return_tensors="pt", padding=True, truncation=True,
-        max_length=settings.max_prompt_length,
-    ).to(device)
-    from transformers import GenerationConfig
+def sampling_of(settings: Any, seed: int) -> Sampling:
+    """The recipe's sampling settings (a PPOStage), every field explicit."""
+    return Sampling(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                    top_k=settings.top_k, top_p=settings.top_p, seed=seed)
 
-    # A fresh config: a checkpoint's own defaults (repetition penalty, minimum length, extra stop ids)
-    # would sample from a distribution other than the one PPO scores.
-    sampling = GenerationConfig(
-        do_sample=True,
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_k=settings.top_k or None,
-        top_p=settings.top_p,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
-    sequences = policy.generate(**encoded, generation_config=sampling)
-    prompt_length = encoded["input_ids"].shape[1]
-    response = sequences[:, prompt_length:]
-    is_eos = response == tokenizer.eos_token_id
-    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-    response = response.masked_fill(after_eos, tokenizer.pad_token_id)
-    response_mask = (~after_eos).float()
-    input_ids = torch.cat([encoded["input_ids"], response], dim=1)
-    attention_mask = torch.cat([encoded["attention_mask"], response_mask.long()], dim=1)
-    texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-    # The template puts one space before an answer; the model generates it, the scorers add it back.
-    texts = [t[1:] if t.startswith(" ") else t for t in texts]
-    return Rollout(list(prompts), input_ids, attention_mask, prompt_length, response_mask, texts)
+
+@torch.no_grad()
+def generate(
+    policy: Any, tokenizer: Any, prompts: Sequence[Conversation], settings: Any, keys: Sequence[int], seed: int
+) -> Rollout:
+    """Sample one response per prompt, `settings.chunk_size` prompts per decode batch (the KV cache of a
+    whole 128-prompt rollout of a 7B model would not fit beside its training state).
+
+    `keys`: a stable number per prompt (its position in the prompt stream): with `seed` it fixes the
+    prompt's sampling noise, so the answer does not depend on the chunking or on the other prompts.
+    """
+    engine = Engine(policy, tokenizer)
+    sampling = sampling_of(settings, seed)
+    texts = [render_prompt(p) for p in prompts]
+    parts = []
+    for start in range(0, len(texts), settings.chunk_size):
+        ids, mask = engine.encode(texts[start : start + settings.chunk_size], settings.max_prompt_length)
+        seeds = row_seeds(seed, keys[start : start + settings.chunk_size], ids.device)
+        parts.append(engine.generate(ids, mask, sampling, seeds))
+    batch = concat(parts, engine.pad)
+    return Rollout(list(prompts), batch.input_ids, batch.attention_mask, batch.prompt_length, batch.response_mask,
+                   engine.decode(batch), batch.logprobs)

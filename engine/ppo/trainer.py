@@ -18,6 +18,7 @@ import math
 import random
 import shutil
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +28,8 @@ import torch
 
 from engine.config import PPOStage, Recipe, RecipeError
 from engine.data import load_prompts
-from engine.models import load_causal_lm, load_tokenizer, lora_config, precision_flags
+from engine.lineage import write_lineage
+from engine.models import load_causal_lm, load_exact, load_tokenizer, lora_config, precision_flags
 from engine.ppo import core
 from engine.ppo.hydra import Hydra
 from engine.ppo.rewards import FunctionScorer, RewardModelScorer, Scorer, import_function
@@ -92,8 +94,12 @@ class PPOTrainer:
         self.recipe = recipe
         self.stage: PPOStage = recipe.stage("ppo")  # type: ignore[assignment]
         self.handle = handle
-        flags = precision_flags(self.stage.precision)
+        flags = precision_flags(self.stage.precision, recipe.stage_model("ppo"))
         self.accelerator = Accelerator(mixed_precision="bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no")
+        kind = self.accelerator.distributed_type.value
+        if kind in ("DEEPSPEED", "FSDP"):
+            raise RecipeError(f"PPO runs under plain data parallelism only, not {kind} (the hydra copies whole "
+                              "layers; rank 0 saves the optimizer): use gpu.yaml or ddp.yaml")
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
@@ -115,6 +121,9 @@ class PPOTrainer:
                            lora_config(self.stage.lora) if self.stage.lora is not None else None)
         if self.resume_dir is not None:
             self.hydra.load_branch_state(torch.load(self.resume_dir / BRANCHES_FILE, map_location="cpu"))
+            if from_saved:  # the folder loaded in the recipe's dtype: its float32 trainable parts come back exactly
+                load_exact(self.hydra.policy, self.resume_dir / "policy",
+                           [n for n, p in self.hydra.policy.named_parameters() if p.requires_grad])
         elif self.stage.init_value_from_rm:
             self.hydra.init_value_from(self.scorer.model)  # type: ignore[attr-defined]
         if self.accelerator.mixed_precision == "no" and any(p.dtype != torch.float32 for p in model.parameters()):
@@ -212,12 +221,14 @@ class PPOTrainer:
         self.tokenizer.save_pretrained(folder)
 
     # -- one step ---------------------------------------------------------------------------------------
-    def _next_prompts(self) -> list:
+    def _next_prompts(self) -> tuple[list, list[int]]:
+        """This rank's prompts and their places in the global prompt stream (which fix their sampling noise)."""
         size = self.stage.rollout_batch_size
+        first = self.state.data_position + self.rank * size
         indices = prompt_indices(self.state.data_position, self.rank, self.world, size, len(self.prompts),
                                  self.recipe.seed)
         self.state.data_position += size * self.world
-        return [self.prompts[i] for i in indices]
+        return [self.prompts[i] for i in indices], list(range(first, first + size))
 
     def _reference_scores(self, prompts: list) -> torch.Tensor:
         """The score of the reference branch's own answer to each prompt, sampled once per prompt."""
@@ -228,8 +239,10 @@ class PPOTrainer:
         missing = list({k: p for k, p in zip(keys, prompts) if k not in cache}.items())
         if missing:
             unwrapped = self.accelerator.unwrap_model(self.model)
-            with unwrapped.as_reference() as reference:
-                rollout = generate(reference, self.tokenizer, [p for _, p in missing], self.stage)
+            noise_keys = [zlib.crc32(k.encode("utf-8")) for k, _ in missing]  # the prompt's text fixes its noise
+            with unwrapped.as_reference() as reference, self.accelerator.autocast():
+                rollout = generate(reference, self.tokenizer, [p for _, p in missing], self.stage, noise_keys,
+                                   self.recipe.seed + 1)
             for (key, _), score in zip(missing, self.scorer(rollout.prompts, rollout.responses).tolist()):
                 cache[key] = score
         return torch.tensor([cache[k] for k in keys], device=self.device)
@@ -273,9 +286,9 @@ class PPOTrainer:
         unwrapped.eval()  # no dropout anywhere: the first PPO epoch's ratio must start at exactly 1
 
         t0 = time.perf_counter()
-        prompts = self._next_prompts()
+        prompts, keys = self._next_prompts()
         with self.accelerator.autocast():
-            rollout = generate(unwrapped.policy, self.tokenizer, prompts, stage)
+            rollout = generate(unwrapped.policy, self.tokenizer, prompts, stage, keys, self.recipe.seed)
         raw_scores = self.scorer(rollout.prompts, rollout.responses).float()
         baseline = self._reference_scores(prompts) if stage.score_baseline == "reference" else None
         scores = self._scale(raw_scores - baseline if baseline is not None else raw_scores)
@@ -295,10 +308,12 @@ class PPOTrainer:
         t_forward = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        # Value warm-up: the policy's parameter group gets learning rate 0, so it does not move at all
-        # (weight decay included) while its graph stays whole for DDP.
+        # Value warm-up trains the value branch alone: the policy gets no gradient (its loss term is kept
+        # at weight 0 only under DDP, whose reducer waits for every parameter), no share of the gradient
+        # clip and no optimizer step, so neither its weights nor its AdamW state move.
         warmup = self.state.step < stage.value_warmup_steps
-        self.optimizer.param_groups[0]["lr"] = 0.0 if warmup else self.scheduler.get_last_lr()[0]
+        self.optimizer.param_groups[0]["lr"] = self.scheduler.get_last_lr()[0]
+        policy_params = self.optimizer.param_groups[0]["params"]
         sums: dict[str, float] = {}
         updates = 0
         for _ in range(stage.ppo_epochs):
@@ -309,8 +324,13 @@ class PPOTrainer:
                 vf_loss, vf_stats = core.value_loss(values, old_values[idx], returns[idx], mb.response_mask,
                                                     stage.cliprange_value)
                 loss = pg_loss + stage.vf_coef * vf_loss
+                if warmup:
+                    loss = stage.vf_coef * vf_loss + (0.0 * pg_loss if self.world > 1 else 0.0)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.accelerator.backward(loss)
+                if warmup:
+                    for param in policy_params:
+                        param.grad = None  # AdamW skips a parameter without a gradient entirely
                 if stage.max_grad_norm is not None:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), stage.max_grad_norm)
                 self.optimizer.step()
@@ -318,7 +338,7 @@ class PPOTrainer:
                                     "losses/value_loss": vf_loss, **pg_stats, **vf_stats}.items():
                     sums[name] = sums.get(name, 0.0) + float(value.detach())
                 updates += 1
-        lr_used = self.optimizer.param_groups[0]["lr"]
+        lr_used = 0.0 if warmup else self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         t_backward = time.perf_counter() - t0
 
@@ -393,6 +413,7 @@ class PPOTrainer:
         final = handle.output_dir / "final"
         if self.accelerator.is_main_process:
             self.export_policy(final)
+            write_lineage(final, "ppo", handle.run_id, self.recipe.stage_model("ppo").path)
             if store is not None:
                 store.add_checkpoint(handle.run_id, self.state.step, str(final), {"best_score": self.state.best_score})
         self.accelerator.wait_for_everyone()

@@ -1,0 +1,179 @@
+"""The `rlhf eval` commands: `belle` (an evaluation run), `table` (the score table), `pairwise`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from engine.config import RecipeError
+
+EXIT_STOPPED = 143
+
+
+def _db(args: argparse.Namespace) -> Path:
+    from engine.store import default_db_path
+
+    return Path(args.db or default_db_path())
+
+
+def _belle(args: argparse.Namespace) -> int:
+    from engine.evaluate import EvalConfig, config_from_run, resolve_checkpoint, run_eval
+    from engine.store import Store
+
+    db = _db(args)
+    if args.resume_run is not None:
+        config = config_from_run(db, args.resume_run)
+        from engine.run import settled
+
+        with Store(db) as store:
+            run = settled(store, args.resume_run)
+            if run["status"] in ("pending", "running"):
+                raise RecipeError(f"run {args.resume_run} is {run['status']}; stop it before resuming")
+            if not store.claim_for_resume(args.resume_run):
+                raise RecipeError(f"run {args.resume_run} is being resumed elsewhere")
+        run_id, status = run_eval(config, db, resume_run=args.resume_run)
+    else:
+        if not args.checkpoint and args.answers_from is None:
+            raise RecipeError("checkpoint: give a model folder or a run id (or --answers-from ID)")
+        if not args.eval_dir:
+            raise RecipeError("--eval-dir: the folder with eval_set.json and eval_prompt.json is required")
+        if args.answers_from is not None:
+            source = config_from_run(db, args.answers_from)
+            checkpoint = source.checkpoint
+        else:
+            checkpoint = resolve_checkpoint(args.checkpoint, db)
+        try:
+            label = args.name or (f"run {args.checkpoint}" if args.checkpoint and args.checkpoint.isdigit()
+                                  else "/".join(Path(checkpoint).parts[-2:]))
+            config = EvalConfig(
+                name=label,
+                checkpoint=checkpoint, eval_dir=str(Path(args.eval_dir).expanduser().resolve()),
+                judge=args.judge, judge_url=args.judge_url, judge_model=args.judge_model,
+                judge_key_env=args.judge_key_env,
+                reward_model=str(Path(args.reward_model).expanduser().resolve()) if args.reward_model else None,
+                limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                concurrency=args.concurrency, price_per_1k=args.price_per_1k,
+                rewrite_reference=args.rewrite_reference, answers_from=args.answers_from,
+                output_root=str(Path("runs").resolve()),
+            )
+        except ValueError as err:
+            raise RecipeError(f"invalid evaluation settings: {err}") from None
+        run_id, status = run_eval(config, db)
+    if status == "stopped":
+        print(f"evaluation run {run_id} stopped; continue it with: rlhf eval belle --resume-run {run_id}"
+              + (f" --db {args.db}" if args.db else ""))
+        return EXIT_STOPPED
+    print(f"evaluation run {run_id} {status}; the table: rlhf eval table" + (f" --db {args.db}" if args.db else ""))
+    return 0
+
+
+def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
+    """A score-table row per evaluation run (every one, or those named), the published row first."""
+    from engine.scores import reference_row, summarize
+    from engine.store import EvalStore, Store
+
+    with Store(db) as store:
+        runs = [r for r in store.runs() if r["stage"] == "eval" and (run_ids is None or r["id"] in run_ids)]
+        evals = EvalStore(store)
+        rows = [reference_row()]
+        for run in runs:
+            items = evals.scored_items(run["id"])
+            judge = next((i["judge"] for i in items if i.get("judge")), "")
+            rows.append(summarize(run["name"], items, run["id"], judge))
+    return rows
+
+
+def _table(args: argparse.Namespace) -> int:
+    from engine.scores import render
+
+    db = _db(args)
+    if not db.exists():
+        raise RecipeError(f"{db}: no runs database here (give --db)")
+    wanted = [int(x) for x in args.runs.split(",")] if args.runs else None
+    print(render(eval_rows(db, wanted), args.format), end="")
+    if args.delta:
+        from engine.scores import paired_deltas
+        from engine.store import EvalStore, Store
+
+        a, b = args.delta
+        with Store(db) as store:
+            evals = EvalStore(store)
+            deltas = paired_deltas(evals.scored_items(a), evals.scored_items(b))
+        print(f"\npaired deltas, run {b} minus run {a} (same items, 95 % bootstrap interval):")
+        for d in deltas:
+            value = "-" if d.mean is None else f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+            print(f"  {d.column}: {value} (n {d.n})")
+    return 0
+
+
+def chat_votes(store: object, a_checkpoint: str, b_checkpoint: str) -> list[dict]:
+    """Blind votes between two checkpoints, as B's result (win / tie / loss / both bad)."""
+    from engine.store import EvalStore
+
+    votes = []
+    for chat in EvalStore(store).chats():  # type: ignore[arg-type]
+        if not chat["vote"] or not chat["blind"]:
+            continue
+        sides = {chat["left_model"]: "left", chat["right_model"]: "right"}
+        if set(sides) != {a_checkpoint, b_checkpoint}:
+            continue
+        winner = chat["vote"]  # left / right / tie / both bad (sides resolved when it was revealed)
+        if winner in ("tie", "both bad"):
+            result = winner
+        else:
+            result = "win" if sides.get(b_checkpoint) == winner else "loss"
+        votes.append({"result": result, "item_id": chat["item_id"]})
+    return votes
+
+
+def _pairwise(args: argparse.Namespace) -> int:
+    from engine.evaluate import config_from_run
+    from engine.judge.endpoint import EndpointJudge, JudgeSetupError
+    from engine.pairwise import judge_pairs, pairwise_prompt, render, report
+    from engine.store import EvalStore, Store
+
+    db = _db(args)
+    a_config, b_config = config_from_run(db, args.a), config_from_run(db, args.b)
+    with Store(db) as store:
+        evals = EvalStore(store)
+        a_items = {i["item_id"]: i for i in evals.items(args.a) if i["answer"] is not None}
+        b_items = {i["item_id"]: i for i in evals.items(args.b) if i["answer"] is not None}
+        shared = sorted(set(a_items) & set(b_items))
+        if not shared:
+            raise RecipeError(f"runs {args.a} and {args.b} have no answered question in common")
+        try:
+            judge = EndpointJudge(args.judge_url or "", args.judge_model or "", args.judge_key_env, cache=evals,
+                                  concurrency=args.concurrency)
+        except JudgeSetupError as err:
+            raise RecipeError(str(err)) from None
+        done = {(r["item_id"], r["first"]) for r in evals.pairwise(args.a, args.b, judge.label)
+                if r["verdict"] is not None}
+        jobs = []
+        for item_id in shared:
+            a, b = a_items[item_id], b_items[item_id]
+            for first, (x, y) in (("a", (a["answer"], b["answer"])), ("b", (b["answer"], a["answer"]))):
+                if (item_id, first) not in done:
+                    jobs.append(((item_id, first), pairwise_prompt(a["question"], a["reference"], x, y)))
+        calls = sum(1 for _, p in jobs if not judge.cached(p))
+        print(f"pairwise: {len(shared)} questions in both orders; {calls} calls to make "
+              f"({len(jobs) - calls} answered by the cache)", flush=True)
+        for (item_id, first), key, verdict, reply in judge_pairs(judge, jobs):
+            evals.add_pairwise(args.a, args.b, item_id, first, judge.label, verdict, reply, key or None)
+        rows = evals.pairwise(args.a, args.b, judge.label)
+        votes = chat_votes(store, a_config.checkpoint, b_config.checkpoint)
+    rep = report(a_config.name, b_config.name, list(a_items.values()), list(b_items.values()), rows, votes)
+    print(render(rep), end="")
+    return 0
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    from engine.train import configure_logging
+
+    configure_logging()
+    commands = {"belle": _belle, "table": _table, "pairwise": _pairwise}
+    result = commands[args.eval_command](args)
+    os.environ.pop("RLHF_RUN_ID", None)
+    return result
+

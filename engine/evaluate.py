@@ -1,0 +1,289 @@
+"""`rlhf eval belle`: answer the BELLE questions with a checkpoint, judge every answer, store it all.
+
+An evaluation is a run in runs.db (stage `eval`): visible, stoppable and resumable like a training run.
+
+    validate (checkpoint, eval folder, judge) ─ nothing registered until all of it holds
+    register the run and its items
+    answer: length-sorted batches through the generation engine, greedy by default; each batch's answers
+            are stored before the next batch starts
+    plan:   calls, tokens (and cost) still to spend; the judge cache already answers unchanged calls
+    judge:  concurrently; each verdict stored as it arrives
+
+A stop (SIGTERM, the console's `x`) ends the run after the batch in hand, dropping judge calls in flight;
+`--resume-run ID` continues it: stored answers are not generated again, stored verdicts not judged again.
+`--answers-from ID` judges another run's answers again (a second judge) without generating.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.belle import BelleError, Item, coverage, judge_prompt, load_items
+from engine.config import RecipeError
+from engine.judge import estimate_tokens
+
+log = logging.getLogger(__name__)
+COMPLETION_TOKENS_PER_CALL = 150  # for the plan: BELLE judges answer with a score and a short reason
+
+
+class EvalConfig(BaseModel):
+    """What an evaluation run does; stored resolved in runs.db (never the judge's key, only its variable)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Label of the checkpoint in the score table.")
+    checkpoint: str = Field(description="Model folder that answers (absolute).")
+    eval_dir: str = Field(description="Folder with eval_set.json and eval_prompt.json (absolute).")
+    output_root: str = Field("runs", description="Folder under which the run gets runs/<id>/.")
+    judge: Literal["openai", "rm"] = Field("openai", description="Who scores the answers.")
+    judge_url: str | None = Field(None, description="Base URL of an OpenAI-compatible endpoint.")
+    judge_model: str | None = Field(None, description="Judge model name at that endpoint.")
+    judge_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
+    reward_model: str | None = Field(None, description="Reward model folder for the rm judge (absolute).")
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N questions.")
+    max_new_tokens: int = Field(512, gt=0, description="Answer length limit.")
+    batch_size: int = Field(16, gt=0, description="Questions answered per decode batch.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling when temperature > 0.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling when temperature > 0 (0 = off).")
+    seed: int = Field(0, description="Sampling seed (each question's noise is its own).")
+    concurrency: int = Field(8, gt=0, description="Judge calls in flight.")
+    price_per_1k: float | None = Field(None, ge=0, description="Judge price per 1,000 tokens, for the estimate.")
+    rewrite_reference: bool = Field(False, description="Give the judge the reference of the 39 rewrite items.")
+    answers_from: int | None = Field(None, description="Judge this run's answers instead of generating.")
+
+
+def resolve_checkpoint(spec: str, db_path: str | Path) -> str:
+    """A run id (its export, else its newest checkpoint's model) or a local model folder, as an absolute path."""
+    from engine.store import Store, StoreError
+    from engine.train import model_folder_problem
+
+    if spec.isdigit():
+        try:
+            with Store(db_path) as store:
+                run = store.run(int(spec))
+        except StoreError as err:
+            raise RecipeError(f"checkpoint {spec}: {err}") from None
+        folder = Path(run["output_dir"])
+        candidates = [folder / "final"] + [c / "policy" if (c / "policy").is_dir() else c for c in sorted(
+            folder.glob("checkpoint-*"), key=lambda p: -int(p.name.split("-")[-1]))]
+        found = next((c for c in candidates if model_folder_problem(str(c)) is None), None)
+        if found is None:
+            raise RecipeError(f"checkpoint {spec}: run {spec} ({run['stage']}) has no model in {folder}")
+        return str(found.resolve())
+    problem = model_folder_problem(spec)
+    if problem is not None:
+        raise RecipeError(f"checkpoint {spec!r} {problem}")
+    return str(Path(spec).expanduser().resolve())
+
+
+def validate(config: EvalConfig) -> list[Item]:
+    """Everything checkable before a model loads or a run is registered; returns the items."""
+    from engine.train import model_folder_problem
+
+    try:
+        items = load_items(config.eval_dir, config.limit)
+    except BelleError as err:
+        raise RecipeError(f"--eval-dir: {err}") from None
+    if config.judge == "openai":
+        from engine.judge.endpoint import EndpointJudge, JudgeSetupError
+
+        try:
+            EndpointJudge(config.judge_url or "", config.judge_model or "", config.judge_key_env)
+        except JudgeSetupError as err:
+            raise RecipeError(str(err)) from None
+    elif config.reward_model is None:
+        raise RecipeError("--reward-model: the rm judge needs the reward model's folder (an rm run's export)")
+    else:
+        problem = model_folder_problem(config.reward_model, reward_model=True)
+        if problem is not None:
+            raise RecipeError(f"--reward-model: {config.reward_model!r} {problem}")
+    return items
+
+
+def plan_line(config: EvalConfig, to_call: list[str], cached: int) -> str:
+    """What judging will cost: calls, tokens, money (`to_call`: the prompts the cache cannot answer)."""
+    calls = len(to_call)
+    if config.judge == "rm":
+        return f"judge: the reward model scores {calls} answers on this machine (no calls)"
+    prompt_tokens = sum(estimate_tokens(p) for p in to_call)
+    completion_tokens = calls * COMPLETION_TOKENS_PER_CALL
+    line = (f"judge: {calls} calls to make ({cached} answered by the cache), about {prompt_tokens:,} prompt + "
+            f"{completion_tokens:,} completion tokens")
+    if config.price_per_1k is not None:
+        line += f", about ${(prompt_tokens + completion_tokens) / 1000 * config.price_per_1k:,.2f}"
+    return line
+
+
+class _Stop:
+    """SIGTERM (a stop from the console or `rlhf stop`) ends the run after the work in hand."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+
+def _answer(config: EvalConfig, items: list[Item], todo: list[dict], evals: Any, run_id: int, stop: _Stop,
+            progress: Any) -> None:
+    """Generate the missing answers in length-sorted batches; store each batch at once."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.generation import Engine, Sampling, row_seeds
+    from engine.models import cuda_bf16
+    from engine.template import Turn, render_prompt
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if cuda_bf16() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(config.checkpoint, dtype=dtype).to(device).eval()
+    engine = Engine(model, tokenizer)
+    sampling = Sampling(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
+                        top_p=config.top_p, seed=config.seed)
+    by_id = {item.id: item for item in items}
+    prompts = {row["item_id"]: render_prompt([Turn("user", by_id[row["item_id"]].question)]) for row in todo}
+    # Length-sorted: a batch of similar prompts wastes little on padding.
+    order = sorted(prompts, key=lambda i: len(tokenizer(prompts[i])["input_ids"]))
+    for start in range(0, len(order), config.batch_size):
+        if stop.requested:
+            return
+        ids_in_batch = order[start : start + config.batch_size]
+        t0 = time.perf_counter()
+        ids, mask = engine.encode([prompts[i] for i in ids_in_batch])
+        out = engine.generate(ids, mask, sampling, row_seeds(config.seed, ids_in_batch, ids.device))
+        texts = engine.decode(out)
+        lengths = out.response_mask.sum(1).long().tolist()
+        eos = tokenizer.eos_token_id
+        finished = ["eos" if (out.response_ids[k] == eos).any() else "length" for k in range(len(ids_in_batch))]
+        evals.set_answers(run_id, list(zip(ids_in_batch, texts, lengths, finished)))
+        progress(answered=len(ids_in_batch), tokens=sum(lengths), seconds=time.perf_counter() - t0)
+
+
+def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop: _Stop, progress: Any) -> None:
+    by_id = {item.id: item for item in items}
+    done = {j["item_id"] for j in evals.judgments(run_id) if j["status"] != "failed"}
+    todo = [row for row in evals.items(run_id) if row["answer"] is not None and row["item_id"] not in done]
+    prompts = {row["item_id"]: judge_prompt(by_id[row["item_id"]], row["answer"], config.rewrite_reference)
+               for row in todo}
+    if config.judge == "rm":
+        from engine.judge.reward import RewardJudge
+
+        judge = RewardJudge(config.reward_model)
+        judge.calibrate(items)
+        print(plan_line(config, list(prompts.values()), 0), flush=True)
+        for start in range(0, len(todo), config.batch_size):
+            if stop.requested:
+                return
+            batch = todo[start : start + config.batch_size]
+            verdicts = judge.judge([by_id[r["item_id"]] for r in batch], [r["answer"] for r in batch])
+            for row, verdict in zip(batch, verdicts):
+                evals.set_judgment(run_id, row["item_id"], judge.label, verdict, None, prompts[row["item_id"]])
+            progress(judged=verdicts)
+        return
+    from engine.judge.endpoint import EndpointJudge
+
+    judge = EndpointJudge(config.judge_url or "", config.judge_model or "", config.judge_key_env, cache=evals,
+                          concurrency=config.concurrency)
+    to_call = [p for p in prompts.values() if not judge.cached(p)]
+    print(plan_line(config, to_call, len(prompts) - len(to_call)), flush=True)
+    answers = {row["item_id"]: row["answer"] for row in todo}
+    jobs = ((item_id, prompt, answers[item_id]) for item_id, prompt in prompts.items())
+    for item_id, key, verdict in judge.judge_many(jobs, stop.event):
+        evals.set_judgment(run_id, item_id, judge.label, verdict, key, prompts[item_id])
+        progress(judged=[verdict])
+
+
+def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = None) -> tuple[int, str]:
+    """Validate, register (or reclaim), answer, judge. Returns (run id, final status)."""
+    from engine.run import RUN_ID_ENV, tracked_run
+    from engine.store import EvalStore
+
+    items = validate(config)
+    print(coverage(items), flush=True)
+    if resume_run is not None:
+        os.environ[RUN_ID_ENV] = str(resume_run)
+    with tracked_run(db_path, "eval", config, "", []) as handle:
+        stop = _Stop()  # from here a stop ends the run after the work in hand (before: at once, as stopped)
+        store = handle.store
+        evals = EvalStore(store)
+        run_id = handle.run_id
+        evals.add_items(run_id, [{"item_id": i.id, "category": i.category, "class": i.cls, "question": i.question,
+                                  "reference": i.reference} for i in items])
+        if config.answers_from is not None:
+            copied = evals.copy_answers(config.answers_from, run_id)
+            print(f"answers: {copied} taken from run {config.answers_from}", flush=True)
+        n = len(items)
+        store.update_run(run_id, total_steps=2 * n)
+        counts = {"answered": 0, "judged": 0, "unscored": 0, "failed": 0, "tokens": 0, "score_sum": 0.0, "scored": 0}
+        rows = evals.items(run_id)
+        counts["answered"] = sum(1 for r in rows if r["answer"] is not None)
+        for j in evals.judgments(run_id):
+            if j["status"] != "failed":
+                counts["judged"] += 1
+                counts["unscored"] += j["status"] == "unscored"
+                if j["score"] is not None:
+                    counts["score_sum"] += j["score"]
+                    counts["scored"] += 1
+
+        def progress(answered: int = 0, tokens: int = 0, seconds: float = 0.0, judged: list | None = None) -> None:
+            metrics: dict[str, float] = {}
+            if answered:
+                counts["answered"] += answered
+                metrics.update({"eval/answered": counts["answered"], "eval/tokens_per_s": tokens / max(seconds, 1e-9)})
+            for verdict in judged or []:
+                if verdict.status == "failed":
+                    counts["failed"] += 1
+                    continue
+                counts["judged"] += 1
+                counts["unscored"] += verdict.status == "unscored"
+                if verdict.score is not None:
+                    counts["score_sum"] += verdict.score
+                    counts["scored"] += 1
+            if judged:
+                metrics.update({"eval/judged": counts["judged"], "eval/unscored": counts["unscored"],
+                                "eval/failed": counts["failed"],
+                                "eval/score_mean": counts["score_sum"] / max(counts["scored"], 1)})
+            store.log_metrics(run_id, counts["answered"] + counts["judged"], metrics)
+
+        todo = [r for r in rows if r["answer"] is None]
+        if todo:
+            print(f"answer: {len(todo)} questions to answer with {config.checkpoint}", flush=True)
+            _answer(config, items, todo, evals, run_id, stop, progress)
+        if not stop.requested:
+            _judge(config, items, evals, run_id, stop, progress)
+        if stop.requested:
+            handle.status = "stopped"
+        else:
+            failed = counts["failed"]
+            print(f"judged {counts['judged']} of {n}: {counts['scored']} scored, {counts['unscored']} unscored, "
+                  f"{failed} failed calls" + (f" (resume with --resume-run {run_id} to retry them)" if failed else ""),
+                  flush=True)
+    return handle.run_id, handle.status
+
+
+def config_from_run(db_path: str | Path, run_id: int) -> EvalConfig:
+    """The resolved settings an evaluation run was started with (what a resume continues)."""
+    from engine.store import Store
+
+    with Store(db_path) as store:
+        run = store.run(run_id)
+    if run["stage"] != "eval":
+        raise RecipeError(f"run {run_id} is a {run['stage']} run, not an evaluation")
+    return EvalConfig.model_validate(json.loads(run["config"]))
+

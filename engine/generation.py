@@ -1,0 +1,222 @@
+"""The one generation engine: PPO rollouts, the BELLE evaluation and the chat pane all decode through it.
+
+It owns the decode loop instead of calling `model.generate`, for two reasons. Sampling must be exactly
+what the recipe says: `generate` fills every field the caller leaves unset from the checkpoint's own
+`generation_config.json` (a repetition penalty, `top_k: 50`, a minimum length...), so a rollout would be
+drawn from a distribution other than the one PPO scores. And sampling must not depend on how prompts are
+batched: each row draws its uniforms from a counter-based hash of (its own seed, step), so a prompt gets
+the same answer alone, in a chunk of 8 or in a batch of 128, and both chat panes see the same noise.
+
+Sampling is by inverse CDF over the filtered, tempered distribution: exact, one uniform per row per step.
+Log-probabilities of the sampled tokens are those of the untempered model, in float32 (what PPO scores).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each token. Every field is explicit: nothing comes from a checkpoint's defaults."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Generated:
+    """A batch of answers: left-padded prompts followed by right-padded responses."""
+
+    input_ids: torch.Tensor  # [B, P + R]
+    attention_mask: torch.Tensor  # [B, P + R]
+    prompt_length: int  # P
+    response_mask: torch.Tensor  # [B, R] float: 1 on generated tokens up to and including the first eos
+    logprobs: torch.Tensor  # [B, R] float32: log p(token) under the untempered model, 0 on padding
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_length :]
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (int64 lanes holding values below 2^32; every product stays below 2^63)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
+def uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform in (0, 1] per row, a function of (row seed, step) only."""
+    key = _hash32((seeds & _M32) ^ _hash32(torch.full_like(seeds, step) * 0x9E3779B1 & _M32))
+    key = _hash32(key ^ (seeds >> 32) & _M32)
+    return (key.double() + 1.0) / 4294967296.0
+
+
+def row_seeds(base: int, keys: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-row seeds from a base seed and a stable key per row (a prompt's index, an item's id)."""
+    k = torch.tensor([int(x) & _M32 for x in keys], dtype=torch.int64, device=device)
+    mixed = _hash32(k ^ _hash32(torch.full_like(k, base & _M32)))
+    return mixed | (_hash32(mixed ^ 0x5BD1E995) & 0x7FFFFFFF) << 32
+
+
+def pick(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """The next token of each row from float32 logits [B, V]."""
+    if sampling.greedy:
+        return logits.argmax(-1)
+    scores = logits / sampling.temperature
+    if 0 < sampling.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, sampling.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if sampling.top_p < 1.0:
+        ordered, order = probs.sort(dim=-1, descending=True)
+        before = ordered.cumsum(-1) - ordered  # mass strictly above each token: keep while it is < top_p
+        ordered = ordered.masked_fill(before >= sampling.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, ordered)
+    cdf = probs.double().cumsum(-1)
+    u = uniforms(seeds, step).to(cdf.device).unsqueeze(-1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+class Engine:
+    """Decode with one causal LM (a Hugging Face model, possibly under a peft wrapper)."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(base.forward).parameters
+        self._positions = "position_ids" in params
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, prompts: Sequence[str], max_prompt_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and mask; a prompt longer than `max_prompt_length` keeps its end."""
+        tok = self.tokenizer
+        side, trunc = tok.padding_side, tok.truncation_side
+        tok.padding_side, tok.truncation_side = "left", "left"
+        try:
+            enc = tok(list(prompts), return_tensors="pt", padding=True, truncation=max_prompt_length is not None,
+                      max_length=max_prompt_length)
+        finally:
+            tok.padding_side, tok.truncation_side = side, trunc
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": True, "logits_to_keep": 1}
+        if cache is not None:
+            kwargs[self._cache_arg] = cache
+        if self._positions:
+            kwargs["position_ids"] = positions
+        out = self.model(**kwargs)
+        return out.logits[:, -1].float(), getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+    @torch.no_grad()
+    def steps(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling, seeds: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield (tokens [B], their log-probs [B], finished [B]) once per decode step.
+
+        A finished row keeps decoding (its tokens are masked by the caller) so the batch keeps its shape.
+        """
+        mask = attention_mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(input_ids, mask, positions, None)
+        last = positions[:, -1:]
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for step in range(sampling.max_new_tokens):
+            token = pick(logits, sampling, seeds, step)
+            logprob = logits.gather(-1, token.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+            finished = finished | (token == self.eos)
+            yield token, logprob, finished
+            if bool(finished.all()) or step + 1 == sampling.max_new_tokens:
+                return
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            last = last + 1
+            logits, cache = self._forward(token.unsqueeze(-1), mask, last, cache)
+
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling,
+        seeds: torch.Tensor | None = None,
+    ) -> Generated:
+        """Answer a left-padded batch; `seeds` per row (default: derived from `sampling.seed` and the row)."""
+        if seeds is None:
+            seeds = row_seeds(sampling.seed, range(input_ids.shape[0]))
+        tokens, logprobs = [], []
+        for token, logprob, _ in self.steps(input_ids, attention_mask, sampling, seeds):
+            tokens.append(token)
+            logprobs.append(logprob)
+        response = torch.stack(tokens, dim=1)
+        is_eos = response == self.eos
+        after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+        response = response.masked_fill(after_eos, self.pad)
+        response_mask = (~after_eos).float()
+        return Generated(
+            input_ids=torch.cat([input_ids, response], dim=1),
+            attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
+            prompt_length=input_ids.shape[1],
+            response_mask=response_mask,
+            logprobs=torch.stack(logprobs, dim=1).float() * response_mask,
+        )
+
+    def stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
+        """Text deltas of one answer as it is decoded (for the chat pane); ends at eos or the length limit."""
+        ids, mask = self.encode([prompt])
+        seeds = row_seeds(sampling.seed, [0])
+        produced: list[int] = []
+        shown = ""
+        for token, _, finished in self.steps(ids, mask, sampling, seeds):
+            if int(token[0]) == self.eos:
+                break
+            produced.append(int(token[0]))
+            text = self.tokenizer.decode(produced, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            if len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+            if bool(finished[0]):
+                break
+
+    def decode(self, generated: Generated) -> list[str]:
+        """Answer texts, without the one space the chat template puts before an answer."""
+        texts = self.tokenizer.batch_decode(generated.response_ids, skip_special_tokens=True)
+        return [t[1:] if t.startswith(" ") else t for t in texts]
+
+
+def concat(parts: Sequence[Generated], pad_id: int) -> Generated:
+    """One batch from chunks: prompts left-padded to the longest, responses right-padded to the longest."""
+    prompt_len = max(p.prompt_length for p in parts)
+    response_len = max(p.response_mask.shape[1] for p in parts)
+    ids, masks, rmasks, lps = [], [], [], []
+    for p in parts:
+        left, right = prompt_len - p.prompt_length, response_len - p.response_mask.shape[1]
+        pad = torch.nn.functional.pad
+        prompt_ids, response_ids = p.input_ids[:, : p.prompt_length], p.response_ids
+        ids.append(torch.cat([pad(prompt_ids, (left, 0), value=pad_id),
+                              pad(response_ids, (0, right), value=pad_id)], 1))
+        prompt_mask = p.attention_mask[:, : p.prompt_length]
+        rmask = pad(p.response_mask, (0, right))
+        masks.append(torch.cat([pad(prompt_mask, (left, 0)), rmask.long()], 1))
+        rmasks.append(rmask)
+        lps.append(pad(p.logprobs, (0, right)))
+    return Generated(torch.cat(ids), torch.cat(masks), prompt_len, torch.cat(rmasks), torch.cat(lps))

@@ -1,0 +1,207 @@
+"""A judge behind any OpenAI-compatible chat-completions endpoint, through the official `openai` client.
+
+Temperature 0; a bounded number of calls in flight; 429s, 5xx, timeouts, dropped connections and
+malformed bodies retried with jittered exponential back-off (a 429's Retry-After honoured); a reply
+without a score asked again once, then recorded as unscored. Every reply is cached in runs.db on the
+call's full input, so an unchanged re-run makes no call. The key is read from the environment variable
+the user names and is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+from engine.judge import FAILED, SCORED, UNSCORED, Verdict, request_key
+from engine.judge.parse import parse_score
+
+log = logging.getLogger(__name__)
+
+
+class JudgeSetupError(ValueError):
+    pass
+
+
+class Cache(Protocol):
+    def get(self, key: str) -> dict[str, Any] | None: ...
+
+    def put(self, key: str, judge: str, request: dict[str, Any], reply: str, usage: tuple[int, int]) -> None: ...
+
+
+class CallFailed(RuntimeError):
+    pass
+
+
+class EndpointJudge:
+    """Scores prompts (a judge prompt and the answer it quotes) through a chat-completions endpoint."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        key_env: str = "OPENAI_API_KEY",
+        *,
+        cache: Cache | None = None,
+        concurrency: int = 8,
+        timeout_s: float = 120.0,
+        retries: int = 5,
+        backoff_s: float = 1.0,
+        max_tokens: int = 1024,
+    ):
+        import openai
+
+        if not base_url:
+            raise JudgeSetupError("--judge-url: the endpoint's base URL is required (e.g. https://api.openai.com/v1)")
+        if not model:
+            raise JudgeSetupError("--judge-model: the judge model's name is required")
+        key = os.environ.get(key_env) if key_env else "none"
+        if not key:
+            raise JudgeSetupError(f"--judge-key-env: the environment variable {key_env} is not set (it holds the "
+                                  "endpoint's key; name another with --judge-key-env, or '' for an endpoint "
+                                  "that takes none)")
+        self.base_url, self.model = base_url.rstrip("/"), model
+        self.cache = cache
+        self.concurrency = max(1, concurrency)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_tokens = max_tokens
+        # The client's own retries are off: ours count attempts, honour Retry-After and treat a malformed
+        # body like any other transient failure.
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=timeout_s, max_retries=0)
+        self._openai = openai
+        self._stop = threading.Event()  # set: calls still running give up instead of retrying
+
+    @property
+    def label(self) -> str:
+        return f"openai:{self.model}@{self.base_url}"
+
+    def request(self, prompt: str) -> dict[str, Any]:
+        """The full input of a call: what the cache is keyed on."""
+        return {"base_url": self.base_url, "model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens,
+                "messages": [{"role": "user", "content": prompt}]}
+
+    def _call_once(self, request: dict[str, Any]) -> tuple[str, int, int]:
+        body = {k: v for k, v in request.items() if k != "base_url"}
+        response = self._client.chat.completions.create(**body)
+        try:
+            content = response.choices[0].message.content
+        except (AttributeError, IndexError, TypeError):
+            content = None
+        if not isinstance(content, str):
+            raise CallFailed("malformed reply: no choices[0].message.content")
+        usage = getattr(response, "usage", None)
+        return content, int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0)
+
+    def _retry_after(self, err: Exception, attempt: int) -> float:
+        headers = getattr(getattr(err, "response", None), "headers", None) or {}
+        try:
+            given = float(headers.get("retry-after", ""))
+        except ValueError:
+            given = 0.0
+        return max(given, self.backoff_s * (2**attempt) * (0.5 + random.random()))
+
+    def call(self, request: dict[str, Any], calls: list[int]) -> tuple[str, int, int]:
+        """One reply, retrying transient failures; raises CallFailed after the last try or at once for a
+        refusal that will not change (a bad key, an unknown model)."""
+        openai = self._openai
+        transient = (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError,
+                     CallFailed, ValueError)
+        last = ""
+        for attempt in range(self.retries + 1):
+            if self._stop.is_set():
+                raise CallFailed(f"stopped ({last or 'before the first try'})")
+            calls[0] += 1
+            try:
+                return self._call_once(request)
+            except openai.APIStatusError as err:
+                last = f"HTTP {err.status_code}: {err.message}"
+                if err.status_code not in (408, 409, 429) and err.status_code < 500:
+                    raise CallFailed(last) from None
+                error: Exception = err
+            except transient as err:
+                last, error = f"{type(err).__name__}: {err}", err
+            if attempt < self.retries:
+                delay = self._retry_after(error, attempt)
+                log.warning("judge call failed (%s); retry %d of %d in %.1f s", last, attempt + 1, self.retries, delay)
+                self._stop.wait(delay)
+        raise CallFailed(f"gave up after {self.retries + 1} tries: {last}")
+
+    def judge(self, prompt: str, answer: str) -> tuple[str, Verdict]:
+        """(cache key, verdict) for one judge prompt."""
+        request = self.request(prompt)
+        key = request_key(request)
+        cached = self.cache.get(key) if self.cache is not None else None
+        if cached is not None:
+            return key, self._verdict(cached["reply"], answer, cached["prompt_tokens"], cached["completion_tokens"], 0)
+        calls = [0]
+        tokens = [0, 0]
+        try:
+            reply = ""
+            for _ in range(2):  # a reply without a score is asked again once
+                reply, p, c = self.call(request, calls)
+                tokens = [tokens[0] + p, tokens[1] + c]
+                if parse_score(reply, answer).score is not None:
+                    break
+        except CallFailed as err:
+            return key, Verdict(None, FAILED, "", str(err), tokens[0], tokens[1], calls[0])
+        if self.cache is not None:
+            self.cache.put(key, self.label, request, reply, (tokens[0], tokens[1]))
+        return key, self._verdict(reply, answer, tokens[0], tokens[1], calls[0])
+
+    @staticmethod
+    def _verdict(reply: str, answer: str, prompt_tokens: int, completion_tokens: int, calls: int) -> Verdict:
+        parsed = parse_score(reply, answer)
+        status = SCORED if parsed.score is not None else UNSCORED
+        return Verdict(parsed.score, status, reply, parsed.problem, prompt_tokens, completion_tokens, calls)
+
+    def cached(self, prompt: str) -> bool:
+        return self.cache is not None and self.cache.get(request_key(self.request(prompt))) is not None
+
+    def judge_many(
+        self, jobs: Iterable[tuple[Any, str, str]], stop: threading.Event | None = None,
+        on_result: Callable[[Any, str, Verdict], None] | None = None,
+    ) -> Iterator[tuple[Any, str, Verdict]]:
+        """(job id, cache key, verdict) for each (job id, prompt, answer), as they complete, at most
+        `concurrency` calls in flight. Once `stop` is set nothing new is started; what is in flight is
+        dropped (its result is simply not yielded)."""
+        jobs = iter(jobs)
+        self._stop = stop if stop is not None else threading.Event()
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge")
+        running: dict[Future, Any] = {}
+
+        def submit() -> bool:
+            if stop is not None and stop.is_set():
+                return False
+            job = next(jobs, None)
+            if job is None:
+                return False
+            job_id, prompt, answer = job
+            running[pool.submit(self.judge, prompt, answer)] = job_id
+            return True
+
+        try:
+            while len(running) < self.concurrency and submit():
+                pass
+            while running:
+                done, _ = wait(list(running), timeout=0.2, return_when=FIRST_COMPLETED)
+                if stop is not None and stop.is_set():
+                    return
+                for future in done:
+                    job_id = running.pop(future)
+                    key, verdict = future.result()
+                    yield job_id, key, verdict
+                    submit()
+        finally:
+            if running:  # stopped: drop the calls in flight instead of waiting out their timeouts
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._client.close()
+                self._client = self._openai.OpenAI(base_url=self.base_url, api_key=self._client.api_key,
+                                                   timeout=self._client.timeout, max_retries=0)
+            else:
+                pool.shutdown(wait=True)

@@ -1,0 +1,67 @@
+"""The project's reward model as an offline judge.
+
+Score of an answer: σ(r(answer) − r(reference)) where the item has a reference answer — 0.5 means as good
+as the reference, toward 1 better — and σ((r(answer) − μ) / s) where it has none, μ and s being the mean
+and standard deviation of the reward model's rewards of the eval set's reference answers (so a typical
+reference scores 0.5 there too). No call leaves the machine; nothing is cached (it is cheap to redo).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from engine.belle import Item
+from engine.judge import SCORED, Verdict
+from engine.template import Turn
+
+
+class RewardJudge:
+    name = "rm"
+
+    def __init__(self, path: str, device: str | None = None, batch_size: int = 16):
+        import torch
+
+        from engine.ppo.rewards import RewardModelScorer
+
+        self.path = path
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.scorer = RewardModelScorer(path, target, batch_size=batch_size)
+        self.mu, self.sigma = 0.0, 1.0
+
+    @property
+    def label(self) -> str:
+        return f"rm:{self.path}"
+
+    def _rewards(self, items: Sequence[Item], answers: Sequence[str]) -> list[float]:
+        prompts = [(Turn("user", item.question),) for item in items]
+        return self.scorer(prompts, list(answers)).tolist() if items else []
+
+    def calibrate(self, items: Sequence[Item]) -> None:
+        """μ and s from the rewards of the references of `items` (those that have one)."""
+        with_ref = [i for i in items if i.reference.strip()]
+        rewards = self._rewards(with_ref, [i.reference for i in with_ref])
+        if len(rewards) >= 2:
+            self.mu = sum(rewards) / len(rewards)
+            var = sum((r - self.mu) ** 2 for r in rewards) / (len(rewards) - 1)
+            self.sigma = max(math.sqrt(var), 1e-6)
+
+    def judge(self, items: Sequence[Item], answers: Sequence[str]) -> list[Verdict]:
+        rewards = self._rewards(items, answers)
+        with_ref = [k for k, item in enumerate(items) if item.reference.strip()]
+        refs = dict(zip(with_ref, self._rewards([items[k] for k in with_ref], [items[k].reference for k in with_ref])))
+        verdicts = []
+        for k, reward in enumerate(rewards):
+            if k in refs:
+                score = _sigmoid(reward - refs[k])
+                reply = f"reward {reward:.4f} against the reference's {refs[k]:.4f}: sigmoid of the difference"
+            else:
+                score = _sigmoid((reward - self.mu) / self.sigma)
+                reply = (f"reward {reward:.4f}, no reference: sigmoid((r - {self.mu:.4f}) / {self.sigma:.4f}), "
+                         "the references' mean and std")
+            verdicts.append(Verdict(score, SCORED, reply))
+        return verdicts
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))

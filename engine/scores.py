@@ -1,0 +1,204 @@
+"""The score table: per-category means, the macro averages, 95 % bootstrap intervals, paired deltas.
+
+Columns are DESIGN.md's: the 9 categories (math + code = "others"), the macro average of the 9 category
+means, and the macro average without "others". Only scored answers count toward a mean; unscored replies
+and failed calls are counted in their own columns, never as 0. Intervals resample items within each
+category (stratified), so a category's interval reflects its own size.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from engine.belle import CATEGORIES, REFERENCE_ROW
+
+MACRO, MACRO_WO = "macro", "macro w/o others"
+COLUMNS = (*CATEGORIES, MACRO, MACRO_WO)
+BOOTSTRAP = 1000
+
+
+@dataclass
+class Cell:
+    mean: float | None
+    low: float | None = None
+    high: float | None = None
+    n: int = 0  # scored items
+    unscored: int = 0  # judged, no score in the reply
+    missing: int = 0  # not judged (yet), or the call failed
+
+
+@dataclass
+class Row:
+    name: str
+    run_id: int | None
+    cells: dict[str, Cell] = field(default_factory=dict)
+    judge: str = ""
+
+
+def macro(means: dict[str, float | None], with_others: bool = True) -> float | None:
+    cats = [c for c in CATEGORIES if with_others or c != "others"]
+    values = [means.get(c) for c in cats]
+    if any(v is None for v in values):
+        return None
+    return sum(values) / len(values)  # type: ignore[arg-type]
+
+
+def _by_category(items: Iterable[dict[str, Any]]) -> dict[str, list[float]]:
+    scores: dict[str, list[float]] = {c: [] for c in CATEGORIES}
+    for item in items:
+        if item.get("score") is not None:
+            scores[item["category"]].append(float(item["score"]))
+    return scores
+
+
+def _bootstrap(scores: dict[str, list[float]], seed: int, reps: int = BOOTSTRAP) -> dict[str, "Any"]:
+    """Resampled category means [reps] per category and both macro averages, stratified by category."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    for cat in CATEGORIES:
+        values = np.asarray(scores[cat], dtype=float)
+        if len(values) == 0:
+            out[cat] = None
+            continue
+        picks = rng.integers(0, len(values), size=(reps, len(values)))
+        out[cat] = values[picks].mean(axis=1)
+    if all(out[c] is not None for c in CATEGORIES):
+        out[MACRO] = np.mean([out[c] for c in CATEGORIES], axis=0)
+        out[MACRO_WO] = np.mean([out[c] for c in CATEGORIES if c != "others"], axis=0)
+    else:
+        out[MACRO] = out[MACRO_WO] = None
+    return out
+
+
+def _interval(samples: Any) -> tuple[float | None, float | None]:
+    import numpy as np
+
+    if samples is None:
+        return None, None
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def summarize(name: str, items: Sequence[dict[str, Any]], run_id: int | None = None, judge: str = "",
+              seed: int = 0) -> Row:
+    """One table row from a run's items (category, score, status)."""
+    scores = _by_category(items)
+    means = {c: (sum(v) / len(v) if v else None) for c, v in scores.items()}
+    means[MACRO], means[MACRO_WO] = macro(means), macro(means, with_others=False)
+    boot = _bootstrap(scores, seed)
+    row = Row(name, run_id, judge=judge)
+    for column in COLUMNS:
+        members = [i for i in items if column in (MACRO, MACRO_WO) or i["category"] == column]
+        if column == MACRO_WO:
+            members = [i for i in members if i["category"] != "others"]
+        low, high = _interval(boot[column])
+        row.cells[column] = Cell(
+            means[column], low, high,
+            n=sum(1 for i in members if i.get("score") is not None),
+            unscored=sum(1 for i in members if i.get("status") == "unscored"),
+            missing=sum(1 for i in members if i.get("status") in (None, "failed")),
+        )
+    return row
+
+
+def reference_row() -> Row:
+    means: dict[str, float | None] = dict(REFERENCE_ROW["scores"])
+    means[MACRO], means[MACRO_WO] = macro(means), macro(means, with_others=False)
+    return Row(REFERENCE_ROW["name"], None, {c: Cell(means[c]) for c in COLUMNS}, judge="as published")
+
+
+@dataclass
+class Delta:
+    column: str
+    mean: float | None
+    low: float | None
+    high: float | None
+    n: int
+
+
+def paired_deltas(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], seed: int = 0) -> list[Delta]:
+    """B − A per column on the items both scored (same questions), with a paired bootstrap interval."""
+    import numpy as np
+
+    b_by_id = {i["item_id"]: i for i in b if i.get("score") is not None}
+    pairs: dict[str, list[float]] = {c: [] for c in CATEGORIES}
+    for item in a:
+        other = b_by_id.get(item["item_id"])
+        if item.get("score") is not None and other is not None:
+            pairs[item["category"]].append(float(other["score"]) - float(item["score"]))
+    boot = _bootstrap(pairs, seed)
+    deltas = []
+    for column in COLUMNS:
+        if column in (MACRO, MACRO_WO):
+            cats = [c for c in CATEGORIES if column == MACRO or c != "others"]
+            means = [np.mean(pairs[c]) if pairs[c] else None for c in cats]
+            mean = None if any(m is None for m in means) else float(np.mean(means))
+            n = sum(len(pairs[c]) for c in cats)
+        else:
+            mean = float(np.mean(pairs[column])) if pairs[column] else None
+            n = len(pairs[column])
+        low, high = _interval(boot[column])
+        deltas.append(Delta(column, mean, low, high, n))
+    return deltas
+
+
+def best_per_column(rows: Sequence[Row]) -> dict[str, set[int]]:
+    """Indices of the measured rows holding each column's highest mean (ties all marked); the published
+    reference row is there to compare with, not to compete."""
+    best: dict[str, set[int]] = {}
+    for column in COLUMNS:
+        values = [(r.cells[column].mean, k) for k, r in enumerate(rows) if r.run_id is not None
+                  and r.cells.get(column) and r.cells[column].mean is not None]
+        if values:
+            top = max(v for v, _ in values)
+            best[column] = {k for v, k in values if math.isclose(v, top, abs_tol=1e-12)}
+    return best
+
+
+def _fmt(cell: Cell, intervals: bool) -> str:
+    if cell.mean is None:
+        return "-"
+    text = f"{cell.mean:.3f}"
+    if intervals and cell.low is not None:
+        text += f" [{cell.low:.2f}, {cell.high:.2f}]"
+    return text
+
+
+def render(rows: Sequence[Row], fmt: str = "md") -> str:
+    """The table as Markdown (best per column in bold), CSV (a `best` flag per cell) or JSON."""
+    best = best_per_column(rows)
+    if fmt == "json":
+        return json.dumps([{"name": r.name, "run_id": r.run_id, "judge": r.judge,
+                            "columns": {c: {**vars(r.cells[c]), "best": k in best.get(c, set())} for c in COLUMNS}}
+                           for k, r in enumerate(rows)], indent=2, ensure_ascii=False)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["name", "run_id", "judge", *[f"{c} {part}" for c in COLUMNS
+                                                      for part in ("mean", "low", "high", "n", "unscored", "best")]])
+        for k, r in enumerate(rows):
+            cells = []
+            for c in COLUMNS:
+                cell = r.cells[c]
+                cells += [cell.mean, cell.low, cell.high, cell.n, cell.unscored, int(k in best.get(c, set()))]
+            writer.writerow([r.name, r.run_id or "", r.judge, *["" if v is None else v for v in cells]])
+        return out.getvalue()
+    header = "| model | " + " | ".join(COLUMNS) + " |"
+    lines = [header, "|---|" + "---:|" * len(COLUMNS)]
+    for k, r in enumerate(rows):
+        cells = []
+        for c in COLUMNS:
+            text = _fmt(r.cells[c], intervals=r.run_id is not None)
+            cells.append(f"**{text}**" if k in best.get(c, set()) else text)
+        label = r.name if r.run_id is None else f"{r.name} (run {r.run_id})"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    notes = [f"run {r.run_id}: judged by {r.judge}; n / unscored / not judged per column: " + ", ".join(
+        f"{c} {r.cells[c].n}/{r.cells[c].unscored}/{r.cells[c].missing}" for c in COLUMNS) for r in rows if r.run_id]
+    return "\n".join(lines + [""] + notes) + "\n"

@@ -1,0 +1,113 @@
+"""A chat-completions server on loopback that speaks the OpenAI protocol (JSON replies and SSE streams),
+driven by a script, for the judge and chat tests. It stands in for a paid judge API only: the client on
+the other side is the real `openai` package over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+# What the server does with a call: ("reply", text) | ("status", code) | ("sleep", seconds, text)
+# | ("malformed",) | ("no-content",)
+Action = tuple
+
+
+@dataclass
+class JudgeServer:
+    script: Callable[[dict[str, Any], int], Action]
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    keys_seen: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server._lock:
+                    index = len(server.calls)
+                    server.calls.append(body)
+                    server.keys_seen.append(self.headers.get("Authorization", ""))
+                action = server.script(body, index)
+                kind = action[0]
+                if kind == "status":
+                    self._send(action[1], json.dumps({"error": {"message": f"scripted {action[1]}",
+                                                                "type": "server_error"}}).encode())
+                    return
+                if kind == "sleep":
+                    time.sleep(action[1])
+                    action = ("reply", action[2])
+                if kind == "malformed":
+                    self._send(200, b'{"id": "x", "choices": [{"index": 0, "mess')
+                    return
+                if kind == "no-content":
+                    self._send(200, json.dumps({"id": "x", "object": "chat.completion", "created": 0,
+                                                "model": body["model"], "choices": []}).encode())
+                    return
+                text = action[1]
+                if body.get("stream"):
+                    self._stream(body, text)
+                    return
+                reply = {
+                    "id": f"chatcmpl-{index}", "object": "chat.completion", "created": int(time.time()),
+                    "model": body["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": len(body["messages"][-1]["content"]), "completion_tokens": len(text),
+                              "total_tokens": len(body["messages"][-1]["content"]) + len(text)},
+                }
+                self._send(200, json.dumps(reply, ensure_ascii=False).encode())
+
+            def _send(self, code: int, payload: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def _stream(self, body: dict[str, Any], text: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for k in range(0, len(text), 3):
+                    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                             "choices": [{"index": 0, "delta": {"content": text[k : k + 3]}, "finish_reason": None}]}
+                    self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
+                    self.wfile.flush()
+                done = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                self.wfile.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
+                self.wfile.flush()
+
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def score_by_answer(body: dict[str, Any], index: int) -> Action:
+    """A judge that scores an answer by its length (deterministic) and gives a reason."""
+    prompt = body["messages"][-1]["content"]
+    answer = prompt.split("模型回答：", 1)[-1]
+    score = round((len(answer) % 11) / 10, 1)
+    return ("reply", f"得分: {score}\n理由: 回答长度为{len(answer)}。")
+
+
+def first_slot(body: dict[str, Any], index: int) -> Action:
+    """A pairwise judge that always prefers whatever comes first."""
+    return ("reply", "两个回答各有优点，但第一个更完整。\n结论: 回答一")

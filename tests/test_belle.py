@@ -1,0 +1,132 @@
+"""The BELLE eval set as shipped, the score parser on judge replies, and the score table's arithmetic."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.belle import CATEGORIES, BelleError, judge_prompt, load_items, normalise_class
+from engine.judge.parse import parse_score
+from engine.scores import MACRO, MACRO_WO, paired_deltas, reference_row, render, summarize
+
+BELLE = Path(__file__).resolve().parents[2] / "shared" / "belle"
+
+
+@pytest.mark.skipif(not (BELLE / "eval_set.json").is_file(), reason=f"the BELLE eval files are not at {BELLE}")
+def test_every_one_of_the_1000_questions_meets_its_class_prompt():
+    items = load_items(BELLE)
+    assert len(items) == 1000
+    assert {i.category for i in items} == set(CATEGORIES)
+    counts = {c: sum(1 for i in items if i.category == c) for c in CATEGORIES}
+    assert counts["others"] == 113 and counts["closed qa"] == 52 and counts["open qa"] == 285
+    assert sum(1 for i in items if not i.reference.strip()) == 369
+    # BELLE's scorer gives the reference to every class but generation, brainstorming and rewrite; 39
+    # rewrite items have one all the same.
+    assert sum(1 for i in items if not i.judged_with_reference) == 408
+    with_ref = [i for i in items if i.cls == "rewrite" and i.reference.strip()]
+    assert len(with_ref) == 39
+    item = with_ref[0]
+    assert item.reference not in judge_prompt(item, "答")
+    assert item.reference in judge_prompt(item, "答", rewrite_reference=True)
+    closed = next(i for i in items if i.category == "closed qa")
+    prompt = judge_prompt(closed, "我的回答")
+    assert prompt.startswith(closed.rubric) and closed.question in prompt and closed.reference in prompt
+    assert prompt.endswith("模型回答：' 我的回答'。请针对模型回答给出得分，顺便给出理由：")
+
+
+def test_class_names_are_normalised():
+    assert normalise_class("closed\xa0qa") == normalise_class("closed QA") == "closed qa"
+    assert normalise_class(" Open  QA ") == "open qa"
+
+
+def test_a_bad_eval_folder_names_file_and_line(tmp_path):
+    (tmp_path / "eval_prompt.json").write_text('{"class": "math", "prompt": "p"}\n', encoding="utf-8")
+    (tmp_path / "eval_set.json").write_text(
+        '{"question": "q", "std_answer": "a", "class": "math"}\n'
+        '{"question": "q2", "std_answer": "", "class": "poetry"}\n',
+        encoding="utf-8")
+    with pytest.raises(BelleError, match=r"eval_set.json:2: class 'poetry' has no prompt"):
+        load_items(tmp_path)
+    (tmp_path / "eval_set.json").write_text('{"question": "q"\n', encoding="utf-8")
+    with pytest.raises(BelleError, match=r"eval_set.json:1: not valid JSON"):
+        load_items(tmp_path)
+
+
+# (reply, the answer it judged, expected score or None)
+REPLIES = [
+    ("得分: 0.8", "", 0.8), ("得分：0.8分", "", 0.8), ("**得分:** 0.5", "", 0.5), ("得分为0.5", "", 0.5),
+    ("Score: 0.8", "", 0.8), ("score: 1", "", 1.0), ("得分：1分\n理由：回答完全正确。", "", 1.0),
+    ("得分: 0\n理由：答非所问。", "", 0.0), ("得分：0.0", "", 0.0), ("**得分**：0.7", "", 0.7),
+    ("得分: 0.65", "", 0.65), ("得分是0.9", "", 0.9), ("得分应该是 0.3", "", 0.3), ("最终得分：0.6", "", 0.6),
+    ("评分：0.4", "", 0.4), ("分数: 0.75", "", 0.75), ("我给出的得分为：0.85分。", "", 0.85),
+    ("得分: 8/10", "", 0.8), ("得分：80%", "", 0.8), ("得分: 1/1", "", 1.0), ("得分：3/5", "", 0.6),
+    ("满分为1分，得分0.8", "", 0.8), ("理由：模型回答正确。\n得分：0.9", "", 0.9),
+    ("模型回答基本正确，但缺少细节。得分: 0.6", "", 0.6), ("得分:0.5\n\n理由:部分正确", "", 0.5),
+    ("得分：\n0.7", "", None),  # the number is on another line: not read as a score
+    ("Score: 0.2\nReason: off topic.", "", 0.2), ("SCORE: 0.9", "", 0.9), ("The score is 0.7.", "", 0.7),
+    ("得分: 0.8。", "", 0.8), ("得分（满分1分）：0.6", "", 0.6), ("得分 0.95", "", 0.95),
+    ("【得分】0.5", "", 0.5), ("得分：0.5 分", "", 0.5), ("得分= 0.4", "", 0.4),
+    # unparseable or out of range: unscored, never 0
+    ("这个回答很好。", "", None), ("", "", None), ("理由：回答不完整。", "", None), ("得分: 8", "", None),
+    ("得分：9分（满分10分）", "", None), ("得分: 高", "", None), ("I cannot judge this answer.", "", None),
+    ("得分：N/A", "", None), ("分数很高", "", None), ("得分: 0/0", "", None),
+    # the judge quotes the answer, which carries a score of its own
+    ("得分：0.6\n理由：模型回答中写道“我觉得自己得分: 1”，这是自夸。", "我觉得自己得分: 1，非常好", 0.6),
+    ("模型回答：'总分得分: 1，完美。'\n得分：0.2", "总分得分: 1，完美。", 0.2),
+    ("模型回答：“作者说得分: 0.9”。我认为得分：0.4", "作者说得分: 0.9", 0.4),
+    ("得分: 0.3\n模型回答引用了“评分：1.0”这种说法。", "专家评分：1.0分", 0.3),
+    ("得分: 1", "得分: 1", 1.0),  # the same text as the answer and nothing else: still the judge's score
+    ("得分：0.7。模型回答“得分：0.1”是错误的。", "他的得分：0.1。", 0.7),
+    ("根据标准回答，模型回答正确。得分：1.0", "", 1.0), ("得分: .5", "", 0.5),
+]
+
+
+def test_the_score_parser_on_real_looking_replies():
+    assert len(REPLIES) >= 50
+    for reply, answer, expected in REPLIES:
+        got = parse_score(reply, answer)
+        if expected is None:
+            assert got.score is None and got.problem, (reply, got)
+        else:
+            assert got.score == pytest.approx(expected), (reply, got)
+
+
+def test_the_aggregator_reproduces_the_published_macro_averages():
+    row = reference_row()
+    assert round(row.cells[MACRO].mean, 3) == 0.728
+    assert round(row.cells[MACRO_WO].mean, 3) == 0.742
+
+
+def _items(scores_by_category, start=0):
+    items, k = [], start
+    for category, scores in scores_by_category.items():
+        for s in scores:
+            items.append({"item_id": k, "category": category, "score": s,
+                          "status": "unscored" if s is None else "scored"})
+            k += 1
+    return items
+
+
+def test_summaries_count_unscored_apart_and_intervals_bracket_the_mean():
+    base = {c: [0.2, 0.4, 0.6, 0.8] for c in CATEGORIES}
+    base["others"] = [1.0, 1.0, None]  # one reply without a score: not a 0
+    row = summarize("a", _items(base), run_id=1)
+    assert row.cells["others"].mean == 1.0 and row.cells["others"].n == 2 and row.cells["others"].unscored == 1
+    assert row.cells[MACRO].mean == pytest.approx((1.0 + 8 * 0.5) / 9)
+    assert row.cells[MACRO_WO].mean == pytest.approx(0.5)
+    for cell in row.cells.values():
+        assert cell.low <= cell.mean <= cell.high
+    table = render([reference_row(), row])
+    assert "**1.000" in table and "0.728" in table  # best marked among measured rows; published row shown
+    as_json = json.loads(render([row], "json"))
+    assert as_json[0]["columns"]["others"]["unscored"] == 1
+    assert "others unscored" in render([row], "csv").splitlines()[0]
+
+
+def test_paired_deltas_use_the_same_items():
+    a = _items({c: [0.5] * 6 for c in CATEGORIES})
+    b = [dict(i, score=i["score"] + 0.1) for i in a]
+    b[0]["score"] = None  # unscored in b: the pair leaves both sides
+    deltas = {d.column: d for d in paired_deltas(a, b)}
+    assert deltas[MACRO].mean == pytest.approx(0.1)
+    assert deltas["others"].n == 5 and deltas[MACRO].low == pytest.approx(0.1)

@@ -1,0 +1,148 @@
+"""The generation engine on the tiny demo model: exact sampling, batching invariance, greedy = generate."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.config import load_recipe
+from engine.generation import Engine, Sampling, concat, pick, row_seeds
+from engine.ppo.hydra import Hydra
+from engine.ppo.rollout import generate as rollout
+from engine.template import Turn, render_prompt
+from tests.conftest import TINY
+
+QUESTIONS = ["What is 2 plus 3?", "Name a colour.", "Say hello.", "What is 7 minus 4?", "Count to three.",
+             "Is the sky blue?", "What is 1 plus 1?", "Give me a word."]
+
+
+@pytest.fixture(scope="module")
+def tiny(demo_dir):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "model")
+    return model, tokenizer
+
+
+def prompts(n=len(QUESTIONS)):
+    return [render_prompt([Turn("user", q)]) for q in QUESTIONS[:n]]
+
+
+def test_greedy_answers_equal_plain_generate(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer)
+    ids, mask = engine.encode(prompts())
+    ours = engine.generate(ids, mask, Sampling(max_new_tokens=12, temperature=0))
+    theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    width = ours.input_ids.shape[1]
+    padded = torch.nn.functional.pad(theirs, (0, width - theirs.shape[1]), value=tokenizer.pad_token_id)
+    expected = padded[:, :width].masked_fill(padded[:, :width] == tokenizer.eos_token_id, -1)
+    got = ours.input_ids.masked_fill(ours.input_ids == tokenizer.eos_token_id, -1)
+    # Both stop a row at its eos; after it generate pads with pad, we do too.
+    assert torch.equal(got[:, ids.shape[1]:], expected[:, ids.shape[1]:])
+
+
+def test_pick_samples_the_tempered_filtered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
+    seeds = row_seeds(7, range(20000))
+    for sampling, allowed in [
+        (Sampling(temperature=1.0), 5), (Sampling(temperature=0.5), 5),
+        (Sampling(top_k=2), 2), (Sampling(top_p=0.6), 2),
+    ]:
+        tokens = pick(logits, sampling, seeds, step=0)
+        counts = torch.bincount(tokens, minlength=5).double() / len(tokens)
+        scores = logits[0] / sampling.temperature
+        if sampling.top_k:
+            scores[sampling.top_k:] = float("-inf")
+        if sampling.top_p < 1:
+            scores[2:] = float("-inf")  # p = 0.61, 0.22: the first two tokens reach 0.6
+        expected = torch.softmax(scores.double(), -1)
+        assert (counts[allowed:] == 0).all()
+        assert torch.allclose(counts, expected, atol=0.015), (sampling, counts, expected)
+
+
+def _with_generation_defaults(src, dst, defaults):
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "generation_config.json").read_text())
+    config.update(defaults)
+    (dst / "generation_config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_a_checkpoints_generation_defaults_never_reach_the_rollout(tiny, demo_dir, tmp_path):
+    """A checkpoint whose generation_config asks for top-k 50, a repetition penalty, a minimum length and
+    banned words: rollouts sample from the distribution PPO scores all the same."""
+    model, tokenizer = tiny
+    loud = _with_generation_defaults(demo_dir / "model", tmp_path / "loud", {
+        "top_k": 50, "repetition_penalty": 5.0, "no_repeat_ngram_size": 1, "min_new_tokens": 16,
+        "temperature": 0.3, "suppress_tokens": [tokenizer.eos_token_id], "bad_words_ids": [[5], [6]],
+    })
+    loud_model = AutoModelForCausalLM.from_pretrained(loud).eval()
+    stage = load_recipe(TINY).ppo.model_copy(update={"max_new_tokens": 16, "temperature": 3.0, "top_k": 0})
+    convs = [[Turn("user", QUESTIONS[i % 8])] for i in range(64)]
+    keys = list(range(64))
+    plain = rollout(model, tokenizer, convs, stage, keys, seed=3)
+    other = rollout(loud_model, tokenizer, convs, stage, keys, seed=3)
+    assert torch.equal(plain.input_ids, other.input_ids)
+    # top_k 0 means no top-k: at a high temperature the tiny model's 1,024 tokens are nearly uniform,
+    # and far more than 50 distinct tokens come out of one position.
+    first = plain.response_ids[:, 0]
+    assert len(set(first.tolist())) > 50
+    assert ((plain.response_ids[:, 1:] == 5) | (plain.response_ids[:, 1:] == 6)).any()  # "banned" words appear
+
+
+def test_chunked_rollouts_equal_one_chunk(tiny):
+    model, tokenizer = tiny
+    stage = load_recipe(TINY).ppo.model_copy(update={"max_new_tokens": 10, "chunk_size": 64})
+    convs = [[Turn("user", QUESTIONS[i % 8] + " " * (i % 3))] for i in range(12)]
+    whole = rollout(model, tokenizer, convs, stage, list(range(100, 112)), seed=5)
+    chunked = rollout(model, tokenizer, convs, stage.model_copy(update={"chunk_size": 5}),
+                      list(range(100, 112)), seed=5)
+    assert chunked.responses == whole.responses
+    assert torch.equal(chunked.response_mask, whole.response_mask)
+    assert torch.allclose(chunked.logprobs, whole.logprobs, atol=1e-5)
+    alone = rollout(model, tokenizer, convs[3:4], stage, [103], seed=5)  # a prompt's answer is its own
+    assert alone.responses == whole.responses[3:4]
+
+
+def test_sampled_logprobs_are_those_the_scoring_forward_gives(demo_dir):
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "model")
+    hydra = Hydra(model, num_layers_unfrozen=1, value_layers=2).eval()
+    stage = load_recipe(TINY).ppo.model_copy(update={"max_new_tokens": 10, "temperature": 0.7})
+    convs = [[Turn("user", q)] for q in QUESTIONS]
+    batch = rollout(hydra.policy, tokenizer, convs, stage, list(range(8)), seed=1)
+    with torch.no_grad():
+        out = hydra(batch.input_ids, batch.attention_mask, with_values=False,
+                    logits_to_keep=batch.response_ids.shape[1] + 1)
+    from engine.ppo.core import logprobs_of
+
+    scored = logprobs_of(out.logits[:, :-1], batch.response_ids) * batch.response_mask
+    assert scored.dtype == batch.logprobs.dtype == torch.float32
+    assert torch.allclose(scored, batch.logprobs, atol=1e-5)
+
+
+def test_streaming_gives_the_greedy_answer_piece_by_piece(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer)
+    sampling = Sampling(max_new_tokens=12, temperature=0)
+    pieces = list(engine.stream(prompts(1)[0], sampling))
+    ids, mask = engine.encode(prompts(1))
+    whole = engine.decode(engine.generate(ids, mask, sampling))[0]
+    assert len(pieces) > 1 and "".join(pieces).lstrip(" ") == whole
+
+
+def test_concat_pads_prompts_left_and_responses_right(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer)
+    a = engine.generate(*engine.encode(prompts(2)), Sampling(max_new_tokens=3, temperature=0))
+    b = engine.generate(*engine.encode(["USER: a long prompt that is longer than the others\nASSISTANT:"]),
+                        Sampling(max_new_tokens=6, temperature=0))
+    both = concat([a, b], engine.pad)
+    assert both.prompt_length == max(a.prompt_length, b.prompt_length)
+    assert both.response_mask.shape == (3, max(a.response_mask.shape[1], b.response_mask.shape[1]))
+    assert torch.equal(both.response_ids[:2, : a.response_mask.shape[1]], a.response_ids)
+    assert (both.attention_mask.sum(1)[:2] == a.attention_mask.sum(1)).all()

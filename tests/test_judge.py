@@ -1,0 +1,102 @@
+"""The OpenAI-compatible judge against a loopback chat-completions server: retries, unscored replies,
+failures recorded, the cache, and the key kept off disk."""
+
+import threading
+
+import pytest
+
+from engine.judge import FAILED, SCORED, UNSCORED
+from engine.judge.endpoint import EndpointJudge, JudgeSetupError
+from engine.store import EvalStore, Store
+from tests.judge_server import JudgeServer
+
+
+@pytest.fixture
+def cache(tmp_path):
+    with Store(tmp_path / "runs.db") as store:
+        yield EvalStore(store)
+
+
+def test_transient_failures_are_retried_and_every_outcome_recorded(cache, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-test-secret")
+
+    def script(body, index):
+        prompt = body["messages"][0]["content"]
+        if prompt == "always down":
+            return ("status", 503)
+        if prompt == "rambles":
+            return ("reply", "这个回答还可以吧。")  # never a score
+        return [("status", 429), ("status", 500), ("sleep", 3.0, "得分: 0.9"), ("malformed",), ("no-content",)][
+            index] if index < 5 else ("reply", f"得分: 0.{len(prompt) % 10}")
+
+    server = JudgeServer(script)
+    try:
+        judge = EndpointJudge(server.url, "judge-1", "JUDGE_KEY", cache=cache, concurrency=1, timeout_s=1.0,
+                              retries=6, backoff_s=0.01)
+        prompts = ["question one", "always down", "rambles", "question four"]
+        results = {job: (key, v) for job, key, v in judge.judge_many((p, p, "") for p in prompts)}
+        assert set(results) == set(prompts)  # nothing lost
+        one = results["question one"][1]
+        assert one.status == SCORED and one.calls == 6  # 429, 500, timeout, malformed, empty, then a reply
+        assert one.score == pytest.approx(0.2) and one.reply == "得分: 0.2"
+        down = results["always down"][1]
+        assert down.status == FAILED and down.calls == 7 and "503" in down.problem
+        rambling = results["rambles"][1]
+        assert rambling.status == UNSCORED and rambling.score is None and rambling.calls == 2
+        assert rambling.reply == "这个回答还可以吧。"  # stored verbatim
+        assert all(k == "Bearer sk-test-secret" for k in server.keys_seen)
+
+        before = len(server.calls)
+        again = {job: v for job, _, v in judge.judge_many((p, p, "") for p in prompts)}
+        # Replies are cached on the call's full input; only the call that never got a reply is made again.
+        assert len(server.calls) - before == 7
+        assert again["question one"].calls == 0 and again["question one"].score == pytest.approx(0.2)
+        assert again["rambles"].status == UNSCORED and again["rambles"].calls == 0
+    finally:
+        server.close()
+    row = cache.get(results["question one"][0])
+    assert row["reply"] == "得分: 0.2" and "sk-test-secret" not in row["request"]
+
+
+def test_a_refusal_that_will_not_change_is_not_retried(cache, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "k")
+    server = JudgeServer(lambda body, index: ("status", 401))
+    try:
+        judge = EndpointJudge(server.url, "m", "JUDGE_KEY", cache=cache, retries=5, backoff_s=0.01)
+        _, verdict = judge.judge("p", "")
+        assert verdict.status == FAILED and verdict.calls == 1 and "401" in verdict.problem
+    finally:
+        server.close()
+
+
+def test_a_stop_drops_what_is_in_flight_and_starts_nothing_new(cache, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "k")
+    release = threading.Event()
+
+    def script(body, index):
+        if index >= 2:
+            release.wait(30)  # calls after the first two hang until the test ends
+        return ("reply", "得分: 1")
+
+    server = JudgeServer(script)
+    stop = threading.Event()
+    try:
+        judge = EndpointJudge(server.url, "m", "JUDGE_KEY", cache=cache, concurrency=2, backoff_s=0.01)
+        got = []
+        for job, _, verdict in judge.judge_many(((i, f"p{i}", "") for i in range(10)), stop):
+            got.append(job)
+            if len(got) == 2:
+                stop.set()
+        # Returned with two calls still hanging: a stop does not wait for them.
+        assert len(got) == 2 and not release.is_set() and len(server.calls) <= 4
+    finally:
+        release.set()
+        server.close()
+
+
+def test_setup_errors_name_the_option(monkeypatch):
+    monkeypatch.delenv("NOPE_KEY", raising=False)
+    with pytest.raises(JudgeSetupError, match="--judge-key-env: the environment variable NOPE_KEY is not set"):
+        EndpointJudge("http://127.0.0.1:1/v1", "m", "NOPE_KEY")
+    with pytest.raises(JudgeSetupError, match="--judge-url"):
+        EndpointJudge("", "m", "")
