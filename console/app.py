@@ -58,8 +58,10 @@ class RlhfConsole(App):
         stop_grace_s: float | None = None,
         gpu_sampler: Callable[[], Any] | None = None,
         poll_s: float = POLL_S,
+        chat: tuple[str, str | None] | None = None,
     ):
         super().__init__()
+        self.initial_chat = chat  # `rlhf chat A [B]`: the chat screen opens over the runs
         self.db_path = Path(db_path).resolve()
         self.configs_dir = Path(configs_dir)
         self.stop_grace_s = stop_grace_s
@@ -91,6 +93,8 @@ class RlhfConsole(App):
         from console.screens.runs import RunsScreen
 
         self.push_screen(RunsScreen())
+        if self.initial_chat is not None:
+            self.open_chat(*self.initial_chat)
         # After the first frame: the workers' imports (sqlite-utils, NVML) would compete with it for the GIL.
         self.call_after_refresh(self._start_workers)
 
@@ -239,7 +243,7 @@ class RlhfConsole(App):
                 del values[:-120]  # two minutes at one sample a second
         from console.screens.gpu import GpuScreen
 
-        if isinstance(self.screen, GpuScreen):
+        if self.screen_stack and isinstance(self.screen, GpuScreen):  # none while the app shuts down
             self.screen.refresh_readings()
 
     def on_action_done(self, message: ActionDone) -> None:
@@ -249,6 +253,9 @@ class RlhfConsole(App):
                 self.screen.launch_failed(message.error, message.fields or {})
                 return
             self.notify(message.error, title=f"{message.verb} failed", severity="error", timeout=15, markup=False)
+            return
+        if message.note:
+            self.notify(message.note, title=message.verb, markup=False)
             return
         self.notify(f"run {message.run_id}: {message.verb} done" if message.verb != "launch"
                     else f"run {message.run_id} started", title=message.verb)
@@ -298,9 +305,10 @@ class RlhfConsole(App):
         accelerate = launch.get("accelerate_config")
         if not accelerate:
             # Guessing (a CPU config for a GPU run, say) would be worse than asking.
+            how = (f"`rlhf eval belle --resume-run {run_id}`" if run["stage"] == "eval" else
+                   f"`rlhf train {run['stage']} {run['recipe']} --resume-run {run_id}`")
             self.post_message(ActionDone("resume", run_id, (
-                f"run {run_id} was started with `rlhf train`, not launched: resume it the same way, "
-                f"`rlhf train {run['stage']} {run['recipe']} --resume-run {run_id}`")))
+                f"run {run_id} was started in its own terminal, not launched: resume it the same way, {how}")))
             return
         overrides = json.loads(run.get("overrides") or "[]")
         try:
@@ -356,6 +364,36 @@ class RlhfConsole(App):
                 return
         self.post_message(ActionDone("delete", run_id))
 
+    @work(thread=True, group="actions", exit_on_error=False)
+    def save_chat(self, record: dict[str, Any]) -> None:
+        """A chat exchange (and its blind vote, if any) into runs.db."""
+        from engine.store import EvalStore, Store
+
+        try:
+            with Store(self.db_path) as store:
+                chat_id = EvalStore(store).add_chat(
+                    record["left"], record["right"], record["settings"], record["transcript"], record["blind"],
+                    record["vote"], record["a_is"], record.get("item_id"), record.get("category"))
+        except Exception as err:  # StoreError, sqlite3.Error, OSError
+            self.post_message(ActionDone("save chat", None, str(err)))
+            return
+        what = "vote" if record["vote"] else "exchange"
+        self.post_message(ActionDone("save chat", None, note=f"{what} saved as chat {chat_id} in {self.db_path}"))
+
+    @work(thread=True, group="actions", exit_on_error=False)
+    def export_chats(self) -> None:
+        from console.screens.chat import export_chats
+        from engine.store import EvalStore, Store
+
+        try:
+            with Store(self.db_path) as store:
+                chats = EvalStore(store).chats()
+            md, jsonl = export_chats(chats, self.db_path.parent / "exports")
+        except Exception as err:  # StoreError, OSError
+            self.post_message(ActionDone("export chats", None, str(err)))
+            return
+        self.post_message(ActionDone("export chats", None, note=f"{len(chats)} chats written to {md} and {jsonl}"))
+
     # -- navigation -----------------------------------------------------------------------------------
     def action_help(self) -> None:
         from console.screens.help import HelpScreen
@@ -368,6 +406,11 @@ class RlhfConsole(App):
 
         if not isinstance(self.screen, GpuScreen):
             self.push_screen(GpuScreen())
+
+    def open_chat(self, left: str, right: str | None = None) -> None:
+        from console.screens.chat import ChatScreen
+
+        self.push_screen(ChatScreen(left, right))
 
     def action_launch(self) -> None:
         from console.screens.launch import LaunchScreen
@@ -389,7 +432,7 @@ class RlhfConsole(App):
             yield from home.commands()
 
 
-def run_console(db: str | None = None) -> int:
+def run_console(db: str | None = None, chat: tuple[str, str | None] | None = None) -> int:
     """Entry point of `rlhf console` (and of `rlhf` with no command)."""
     import sys
 
@@ -397,5 +440,5 @@ def run_console(db: str | None = None) -> int:
     # the console never does: it starts without it.
     sys.modules.setdefault("pandas", None)
     db_path = db or os.environ.get("RLHF_DB", "runs.db")
-    RlhfConsole(db_path).run()
+    RlhfConsole(db_path, chat=chat).run()
     return 0

@@ -64,3 +64,30 @@ class ActionDone(Message):
     run_id: int | None
     error: str | None = None
     fields: dict[str, str] | None = None
+    note: str | None = None  # what to tell the user when the action is not about one run
+
+
+@dataclass
+class ChatEvent(Message):
+    """A line from a chat generation worker (or its end: event "exit")."""
+
+    side: str  # left / right
+    event: dict[str, Any]
+
+
+@dataclass
+class BelleQuestion(Message):
+    """A BELLE question drawn for the chat (so a blind vote on it can be set against the judge)."""
+
+    item_id: int | None
+    category: str | None
+    question: str | None
+    error: str | None = None
+
+
+@dataclass
+class ChatModelsResolved(Message):
+    """The chat screen's model specs, resolved to folders or endpoints (or why they cannot be)."""
+
+    choices: dict[str, Any]  # side -> console.chat_client.ModelChoice
+    error: str | None = None

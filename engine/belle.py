@@ -29,7 +29,7 @@ OTHERS = ("math", "code")
 NO_REFERENCE = ("generation", "brainstorming", "rewrite")  # judged without the reference, as BELLE does
 # The seed's published row (DESIGN.md), shown beside measured rows.
 REFERENCE_ROW = {
-    "name": "bloomz-7b1-mt + SFT + RM + PPO (hydra value), published",
+    "name": "published: bloomz-7b1-mt + SFT + RM + PPO (hydra value)",
     "scores": dict(zip(CATEGORIES, (0.619, 0.873, 0.706, 0.934, 0.755, 0.619, 0.527, 0.908, 0.615))),
 }
 

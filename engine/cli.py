@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     belle.add_argument("--eval-dir", help="folder with eval_set.json and eval_prompt.json")
     belle.add_argument("--judge", choices=("openai", "rm"), default="openai")
     belle.add_argument("--judge-url", help="base URL of an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
-    belle.add_argument("--judge-model", help="the judge model's name at that endpoint")
+    belle.add_argument("--judge-model", default="gpt-3.5-turbo",
+                       help="the judge model's name at that endpoint (default: BELLE's own, gpt-3.5-turbo)")
     belle.add_argument("--judge-key-env", default="OPENAI_API_KEY",
                        help="environment variable that holds the endpoint's key (never stored)")
     belle.add_argument("--reward-model", help="reward model folder for --judge rm")
@@ -123,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         console = argparse.ArgumentParser(prog="rlhf console")
         console.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
         return run_console(console.parse_args(argv[1:]).db)
+    if argv[0] == "chat":
+        from console.app import run_console
+
+        chat = argparse.ArgumentParser(prog="rlhf chat", description="two checkpoints side by side in the console")
+        chat.add_argument("a", help="a model folder, a run id (its export), or openai:MODEL@BASE_URL")
+        chat.add_argument("b", nargs="?", help="the second model, the same ways")
+        chat.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
+        args = chat.parse_args(argv[1:])
+        return run_console(args.db, chat=(args.a, args.b))
     from engine.config import RecipeError
     from engine.data.records import DataError
 

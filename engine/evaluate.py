@@ -46,7 +46,7 @@ class EvalConfig(BaseModel):
     output_root: str = Field("runs", description="Folder under which the run gets runs/<id>/.")
     judge: Literal["openai", "rm"] = Field("openai", description="Who scores the answers.")
     judge_url: str | None = Field(None, description="Base URL of an OpenAI-compatible endpoint.")
-    judge_model: str | None = Field(None, description="Judge model name at that endpoint.")
+    judge_model: str | None = Field("gpt-3.5-turbo", description="Judge model name at that endpoint (BELLE's).")
     judge_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
     reward_model: str | None = Field(None, description="Reward model folder for the rm judge (absolute).")
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N questions.")

@@ -99,7 +99,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(base.forward).parameters
         self._positions = "position_ids" in params
@@ -120,6 +120,14 @@ class Engine:
         finally:
             tok.padding_side, tok.truncation_side = side, trunc
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and mask from token-id lists (a conversation tokenized piece by piece, as in
+        training)."""
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + list(r) for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        return ids, mask
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": True, "logits_to_keep": 1}
@@ -168,7 +176,7 @@ class Engine:
         response = torch.stack(tokens, dim=1)
         is_eos = response == self.eos
         after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
-        response = response.masked_fill(after_eos, self.pad)
+        response = response.masked_fill(after_eos, self.pad_id)
         response_mask = (~after_eos).float()
         return Generated(
             input_ids=torch.cat([input_ids, response], dim=1),
@@ -178,21 +186,23 @@ class Engine:
             logprobs=torch.stack(logprobs, dim=1).float() * response_mask,
         )
 
-    def stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
-        """Text deltas of one answer as it is decoded (for the chat pane); ends at eos or the length limit."""
-        ids, mask = self.encode([prompt])
+    def stream(self, prompt: str | Sequence[int], sampling: Sampling,
+               cancelled: Any = None) -> Iterator[tuple[str, int]]:
+        """(text delta, tokens so far) as one answer is decoded (for the chat pane); ends at eos, at the
+        length limit or when `cancelled()` turns true. `prompt`: text, or token ids."""
+        ids, mask = self.encode([prompt]) if isinstance(prompt, str) else self.left_pad([prompt])
         seeds = row_seeds(sampling.seed, [0])
         produced: list[int] = []
         shown = ""
         for token, _, finished in self.steps(ids, mask, sampling, seeds):
-            if int(token[0]) == self.eos:
+            if int(token[0]) == self.eos or (cancelled is not None and cancelled()):
                 break
             produced.append(int(token[0]))
             text = self.tokenizer.decode(produced, skip_special_tokens=True)
             if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
                 continue
             if len(text) > len(shown):
-                yield text[len(shown):]
+                yield text[len(shown):], len(produced)
                 shown = text
             if bool(finished[0]):
                 break

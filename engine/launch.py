@@ -27,7 +27,7 @@ from typing import IO
 import yaml
 
 from engine.config import RecipeError, Stage
-from engine.procs import group_alive, kill_group, process_start, same_group
+from engine.procs import group_alive, kill_group, process_alive, process_start, run_processes_gone, same_group
 from engine.run import DB_ENV, LAUNCHED_ENV, RUN_ID_ENV, check_resumable, register_run
 from engine.store import Store, default_db_path
 from engine.train import validate
@@ -349,14 +349,18 @@ def request_stop(db_path: str | os.PathLike, run_id: int) -> tuple[int, int | No
             raise RecipeError(f"run {run_id} is {run['status']}: nothing to stop")
         if run["host"] and run["host"] != socket.gethostname():
             raise RecipeError(f"run {run_id} runs on {run['host']}: stop it there")
-        if run["pgid"] and not same_group(run["pgid"], run["pgid_started"]):
-            store.update_run(run_id, status="failed", ended=time.time(),
-                             error="its processes are gone and nothing recorded how it ended")
+        if run_processes_gone(run):
+            store.close_orphan(run_id)
             return None
         pgid, started = store.mark_stop_requested(run_id)
-    if pgid and same_group(pgid, started):
+    # Only processes whose start time was recorded and still matches: a number the kernel has since given
+    # to another program is never signalled.
+    if pgid and started is not None and same_group(pgid, started):
         os.killpg(pgid, signal.SIGTERM)
         return pgid, started
+    if not pgid and run["pid"] and started is not None and not run.get("launch") and \
+            process_alive(run["pid"], started):
+        os.kill(run["pid"], signal.SIGTERM)  # `rlhf train` or `rlhf eval` run from a script: not a group leader
     return None
 
 

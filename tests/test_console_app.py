@@ -4,56 +4,26 @@ detached supervisor, the real runs.db, real logs. The GPU sampler is the only st
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 from textual.widgets import Input, Static, TabbedContent
 
-from console.app import RlhfConsole
 from console.screens.config_diff import ConfigDiffScreen
 from console.screens.gpu import GpuScreen
 from console.screens.help import HelpScreen
 from console.screens.launch import LaunchScreen
 from console.widgets.log_view import LogView
-from engine.gpu import GpuUnavailable
 from engine.store import Store
 from tests.conftest import REPO, RLHF, TINY
+from tests.pilot import console, sync, wait_for
 
 CONFIGS = REPO / "configs"
 CPU = str(CONFIGS / "accelerate" / "cpu.yaml")
-
-
-def sync(test):
-    """Run an async pilot test on its own event loop (no pytest asyncio plugin needed)."""
-
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return wrapper
-
-
-def no_gpu():
-    raise GpuUnavailable("no NVIDIA driver: NVML Shared Library Not Found")
-
-
-def console(**kwargs) -> RlhfConsole:
-    kwargs.setdefault("gpu_sampler", no_gpu)
-    return RlhfConsole(os.environ["RLHF_DB"], configs_dir=CONFIGS, poll_s=0.1, **kwargs)
-
-
-async def wait_for(pilot, predicate, timeout: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await pilot.pause(0.1)
 
 
 def ended(app, run_id: int, status: str) -> bool:

@@ -16,14 +16,9 @@ import pytest
 from console.app import RlhfConsole
 from engine.store import Store
 from tests.conftest import REPO
+from tests.pilot import no_gpu
 
 T0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
-
-
-def no_gpu():
-    from engine.gpu import GpuUnavailable
-
-    raise GpuUnavailable("no NVIDIA driver: NVML Shared Library Not Found")
 
 
 def _run(store: Store, stage: str, name: str, config: dict, status: str, steps: int, metrics) -> int:
@@ -111,3 +106,39 @@ def test_other_screens(snap_compare, snapshot_db, key):
         await pilot.wait_for_scheduled_animations()
 
     assert snap_compare(app_for(snapshot_db), terminal_size=(80, 24), run_before=before)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+def test_score_table(snap_compare, snapshot_db, size):
+    from engine.belle import CATEGORIES
+    from engine.judge import Verdict
+    from engine.store import EvalStore
+
+    with Store(snapshot_db) as store:
+        evals = EvalStore(store)
+        for name, base in (("sft export", 0.45), ("ppo export", 0.6)):
+            run_id = store.create_run(stage="eval", name=name, recipe="", config="{}")
+            items = [{"item_id": k, "category": CATEGORIES[k % 9], "class": CATEGORIES[k % 9],
+                      "question": f"question {k}", "reference": ""} for k in range(90)]
+            evals.add_items(run_id, items)
+            evals.set_answers(run_id, [(k, f"answer {k}", 5, "eos") for k in range(90)])
+            for k in range(90):
+                score = round(min(1.0, base + 0.05 * (k % 9) - 0.1 * ((k // 9) % 3)), 2)
+                verdict = (Verdict(None, "unscored", "no score") if k == 7
+                           else Verdict(score, "scored", f"得分: {score}"))
+                evals.set_judgment(run_id, k, "openai:judge@http://127.0.0.1/v1", verdict)
+            store.update_run(run_id, status="done", started=T0, ended=T0 + 60)
+
+    async def before(pilot):
+        await settled(pilot)
+        await pilot.press("v")
+        for _ in range(100):
+            table = pilot.app.screen.query("ScoreTable")
+            if table and table.first().row_count == 3:
+                break
+            await pilot.pause(0.05)
+        await pilot.press("right", "down")
+        await pilot.pause(0.3)
+        await pilot.wait_for_scheduled_animations()
+
+    assert snap_compare(app_for(snapshot_db), terminal_size=size, run_before=before)

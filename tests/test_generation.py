@@ -129,7 +129,7 @@ def test_streaming_gives_the_greedy_answer_piece_by_piece(tiny):
     model, tokenizer = tiny
     engine = Engine(model, tokenizer)
     sampling = Sampling(max_new_tokens=12, temperature=0)
-    pieces = list(engine.stream(prompts(1)[0], sampling))
+    pieces = [text for text, _ in engine.stream(prompts(1)[0], sampling)]
     ids, mask = engine.encode(prompts(1))
     whole = engine.decode(engine.generate(ids, mask, sampling))[0]
     assert len(pieces) > 1 and "".join(pieces).lstrip(" ") == whole
@@ -141,7 +141,7 @@ def test_concat_pads_prompts_left_and_responses_right(tiny):
     a = engine.generate(*engine.encode(prompts(2)), Sampling(max_new_tokens=3, temperature=0))
     b = engine.generate(*engine.encode(["USER: a long prompt that is longer than the others\nASSISTANT:"]),
                         Sampling(max_new_tokens=6, temperature=0))
-    both = concat([a, b], engine.pad)
+    both = concat([a, b], engine.pad_id)
     assert both.prompt_length == max(a.prompt_length, b.prompt_length)
     assert both.response_mask.shape == (3, max(a.response_mask.shape[1], b.response_mask.shape[1]))
     assert torch.equal(both.response_ids[:2, : a.response_mask.shape[1]], a.response_ids)

@@ -1,10 +1,11 @@
-"""Confirmations: stop, resume, delete. Enter/y confirms, Escape/n cancels."""
+"""Dialogs: confirmations (stop, resume, delete; Enter/y confirms, Escape/n cancels) and a text viewer."""
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Static
 
@@ -65,3 +66,19 @@ class DeleteScreen(ModalScreen[tuple[bool, bool]]):
 
     def action_cancel(self) -> None:
         self.dismiss((False, False))
+
+
+class TextScreen(ModalScreen[None]):
+    """A title and a scrollable text (a diff of two answers, paired deltas); Esc closes."""
+
+    BINDINGS = [Binding("escape,q", "dismiss", "Close")]
+
+    def __init__(self, title: str, body: Text | str):
+        super().__init__()
+        self.heading, self.body = title, body
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog wide"):
+            yield Static(Text(self.heading, style="bold"))
+            with VerticalScroll():
+                yield Static(self.body if isinstance(self.body, Text) else Text(self.body))

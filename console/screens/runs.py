@@ -41,6 +41,8 @@ class RunsScreen(Screen):
         Binding("O", "sort_reverse", "Reverse sort", show=False),
         Binding("f", "filter_status", "Filter status", show=False),
         Binding("F", "filter_stage", "Filter stage", show=False),
+        Binding("c", "chat", "Chat", show=False),
+        Binding("v", "scores", "Scores", show=False),
         Binding("x", "stop", "Stop"),
         Binding("r", "resume", "Resume"),
         Binding("delete,D", "delete", "Delete", show=False),
@@ -416,7 +418,22 @@ class RunsScreen(Screen):
         a, b = (self.app.runs[i] for i in pair)
         self.app.push_screen(ConfigDiffScreen(a, b))
 
+    def action_chat(self) -> None:
+        """Chat with the selected run's model, beside the last marked run's if one is marked."""
+        if self.selected is None:
+            self.notify("select a run with a model (an SFT or PPO export), then press c", title="chat")
+            return
+        other = next((r for r in reversed(self.marked) if r != self.selected), None)
+        self.app.open_chat(str(self.selected), str(other) if other is not None else None)
+
+    def action_scores(self) -> None:
+        from console.screens.scores import ScoresScreen
+
+        self.app.push_screen(ScoresScreen())
+
     def commands(self) -> Iterable[SystemCommand]:
+        yield SystemCommand("Chat", "Chat with the selected run's model (beside a marked run's)", self.action_chat)
+        yield SystemCommand("Scores", "The BELLE score table of every evaluation run", self.action_scores)
         yield SystemCommand("Stop run", "SIGTERM the selected run's process group", self.action_stop)
         yield SystemCommand("Resume run", "Continue the selected run from its checkpoint", self.action_resume)
         yield SystemCommand("Delete run", "Forget the selected run (files kept unless asked)", self.action_delete)

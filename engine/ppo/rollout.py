@@ -50,6 +50,6 @@ def generate(
         ids, mask = engine.encode(texts[start : start + settings.chunk_size], settings.max_prompt_length)
         seeds = row_seeds(seed, keys[start : start + settings.chunk_size], ids.device)
         parts.append(engine.generate(ids, mask, sampling, seeds))
-    batch = concat(parts, engine.pad)
+    batch = concat(parts, engine.pad_id)
     return Rollout(list(prompts), batch.input_ids, batch.attention_mask, batch.prompt_length, batch.response_mask,
                    engine.decode(batch), batch.logprobs)

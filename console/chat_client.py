@@ -1,0 +1,122 @@
+"""The console's end of a chat generation worker (`python -m engine.chat_worker`): one process per side.
+
+The worker talks over its own stdin/stdout (JSON lines), so no port is opened and no other user of the
+machine can reach it. A reader thread turns each line into a callback (the screen posts it as a message);
+the process's end is reported too, with the end of its stderr, so a pane can say why it died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What answers on one side: a local model folder, or an OpenAI-compatible endpoint."""
+
+    folder: str | None = None
+    endpoint: str | None = None
+    endpoint_model: str | None = None
+    key_env: str = "OPENAI_API_KEY"
+
+    @property
+    def label(self) -> str:
+        return self.folder or f"{self.endpoint_model}@{self.endpoint}"
+
+    def argv(self) -> list[str]:
+        if self.endpoint:
+            return ["--endpoint", self.endpoint, "--endpoint-model", self.endpoint_model or "",
+                    "--key-env", self.key_env]
+        return ["--model", self.folder or ""]
+
+
+def parse_choice(text: str, key_env: str = "OPENAI_API_KEY") -> ModelChoice:
+    """`openai:MODEL@URL` is an endpoint; anything else a model folder (run ids are resolved before)."""
+    text = text.strip()
+    if text.startswith("openai:") and "@" in text:
+        model, url = text[len("openai:") :].split("@", 1)
+        return ModelChoice(endpoint=url, endpoint_model=model, key_env=key_env)
+    return ModelChoice(folder=text)
+
+
+class ChatWorker:
+    def __init__(self, choice: ModelChoice, on_event: Callable[[dict[str, Any]], None], cwd: str | None = None,
+                 share: int = 1):
+        """`share`: how many workers run beside each other; on a CPU they split its cores."""
+        self.choice = choice
+        self.on_event = on_event
+        self._stderr = tempfile.NamedTemporaryFile(prefix="rlhf-chat-", suffix=".log", delete=False)
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.chat_worker", *choice.argv(),
+             "--cpu-threads", str(max(1, (os.cpu_count() or 1) // max(share, 1)))], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self._stderr, text=True, encoding="utf-8", bufsize=1, env=env, cwd=cwd,
+            start_new_session=True,  # a Ctrl-C meant for the console is not the worker's
+        )
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True, name="chat-worker-reader")
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # stray output from a library: not the protocol
+            self.on_event(event)
+        code = self.proc.wait()
+        self.on_event({"event": "exit", "code": code, "stderr": self.stderr_tail()})
+
+    def stderr_tail(self, size: int = 2000) -> str:
+        try:
+            with open(self._stderr.name, "rb") as fh:
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) - size))
+                return fh.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def send(self, request: dict[str, Any]) -> bool:
+        """False if the worker is gone (its exit event tells why)."""
+        with self._lock:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps(request, ensure_ascii=False) + "\n")
+                self.proc.stdin.flush()
+                return True
+            except (BrokenPipeError, OSError, ValueError):
+                return False
+
+    def close(self) -> None:
+        """Ask the worker to quit and make sure it goes, without blocking the caller (the UI thread)."""
+        self.send({"op": "quit"})
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+
+        def reap() -> None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            try:
+                os.unlink(self._stderr.name)
+            except OSError:
+                pass
+
+        threading.Thread(target=reap, daemon=True, name="chat-worker-reaper").start()

@@ -1,0 +1,436 @@
+"""Chat with two checkpoints side by side: same prompt, same sampling settings and seed, streaming.
+
+Each side is a generation worker process of its own (`engine.chat_worker`, over its own pipes); a worker
+that dies shows its error in its pane and the other side goes on. Blind mode hides which model is which
+(sides shuffled, named A and B) until a vote is cast; votes and saved exchanges go to runs.db.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, Footer, Input, Label, Static
+
+from console.chat_client import ChatWorker, ModelChoice, parse_choice
+from console.messages import BelleQuestion, ChatEvent, ChatModelsResolved
+from console.screens.dialogs import TextScreen
+from console.text import terminal_safe
+from console.widgets.chat_pane import ChatPane
+
+SIDES = ("left", "right")
+VOTES = {"1": "A", "2": "B", "3": "tie", "4": "both bad"}
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    seed: int = 0
+    key_env: str = "OPENAI_API_KEY"  # the variable an endpoint's key is read from (the key is never stored)
+
+    def sampling(self, seed: int) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_new_tokens": self.max_new_tokens, "seed": seed}
+
+    def line(self) -> str:
+        return (f"temperature {self.temperature:g} · top_p {self.top_p:g} · top_k {self.top_k} · "
+                f"max {self.max_new_tokens} tokens · seed {self.seed}")
+
+
+def similarity_and_diff(a: str, b: str) -> tuple[float, Text]:
+    """Character-level (so Chinese diffs too): the similarity ratio and `a` turned into `b`, deletions
+    struck through in red, insertions in green."""
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    text = Text()
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op == "equal":
+            text.append(a[i1:i2])
+            continue
+        if op in ("delete", "replace"):
+            text.append(a[i1:i2], style="strike red")
+        if op in ("insert", "replace"):
+            text.append(b[j1:j2], style="bold green")
+    return matcher.ratio(), text
+
+
+class ChatScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape", "leave_input", "Keys", show=False),
+        Binding("i", "focus_input", "Type"),
+        Binding("r,ctrl+r", "regenerate('both')", "Regenerate"),
+        Binding("left_square_bracket", "regenerate('left')", "Regen left", show=False),
+        Binding("right_square_bracket", "regenerate('right')", "Regen right", show=False),
+        Binding("d", "diff", "Diff"),
+        Binding("m", "blind", "Blind"),
+        Binding("1", "vote('1')", "Vote A", show=False),
+        Binding("2", "vote('2')", "Vote B", show=False),
+        Binding("3", "vote('3')", "Tie", show=False),
+        Binding("4", "vote('4')", "Both bad", show=False),
+        Binding("o", "settings", "Settings"),
+        Binding("Q", "belle_question", "BELLE question", show=False),
+        Binding("S,ctrl+s", "save", "Save"),
+        Binding("E", "export", "Export", show=False),
+        Binding("n", "new", "New chat", show=False),
+        Binding("q", "close", "Back"),
+    ]
+
+    def __init__(self, left: str, right: str | None = None, settings: ChatSettings | None = None):
+        super().__init__()
+        self.specs = {"left": left, "right": right}
+        self.settings = settings or ChatSettings()
+        self.choices: dict[str, ModelChoice] = {}
+        self.processes: dict[str, ChatWorker] = {}
+        self.turns: dict[str, list[dict[str, str]]] = {side: [] for side in SIDES}
+        self.questions: list[str] = []
+        self.request: dict[str, int] = {}
+        self._next_id = 0
+        self.regenerations = 0
+        self.blind = False
+        self.shown: dict[str, str] = {"A": "left", "B": "right"}  # display name -> side, blind mode only
+        self.voted: str | None = None
+        self.ready: dict[str, bool] = {}
+        self.item: tuple[int, str, str] | None = None  # the BELLE question being asked (id, category, text)
+        self.panes = {side: ChatPane(side, id=f"pane-{side}") for side in SIDES}
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        return tuple(s for s in SIDES if self.specs[s])
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="chat-panes"):
+            for side in self.sides:
+                yield self.panes[side]
+        yield Static(Text(self.settings.line()), id="chat-settings")
+        yield Input(placeholder="ask both models (Enter); Esc for keys", id="chat-input")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for side in self.sides:
+            self.panes[side].set_title(f"{side}: {self.specs[side]}")
+        self.query_one(Input).focus()
+        self.resolve_models()
+
+    @work(thread=True, exclusive=True, group="chat-resolve", exit_on_error=False)
+    def resolve_models(self) -> None:
+        """Run ids become their export folders (engine code, off the UI thread); then the workers start."""
+        from engine.evaluate import resolve_checkpoint
+
+        choices = {}
+        try:
+            for side in self.sides:
+                spec = self.specs[side] or ""
+                if spec.startswith("openai:"):
+                    choices[side] = parse_choice(spec, self.settings.key_env)
+                else:
+                    choices[side] = ModelChoice(folder=resolve_checkpoint(spec, self.app.db_path))
+        except Exception as err:  # RecipeError, StoreError: shown, the screen stays
+            self.post_message(ChatModelsResolved({}, str(err)))
+            return
+        self.post_message(ChatModelsResolved(choices))
+
+    async def on_chat_models_resolved(self, message: ChatModelsResolved) -> None:
+        if message.error:
+            for side in self.sides:
+                await self.panes[side].fail(message.error, fatal=True)
+            return
+        self.choices = message.choices
+        for side, choice in self.choices.items():
+            self.panes[side].set_title(f"{side}: {choice.label}")
+            post = lambda event, side=side: self.post_message(ChatEvent(side, event))  # noqa: E731
+            self.processes[side] = ChatWorker(choice, post, share=len(self.choices))
+
+    # -- worker events ---------------------------------------------------------------------------------
+    async def on_chat_event(self, message: ChatEvent) -> None:
+        pane, event = self.panes[message.side], message.event
+        kind = event.get("event")
+        if kind == "ready":
+            self.ready[message.side] = True
+            pane.set_stats(f"ready on {event.get('device')} (loaded in {event.get('load_s', 0):.1f} s)")
+            return
+        if kind == "exit":
+            if not pane.dead:
+                tail = terminal_safe(event.get("stderr", "")).strip().splitlines()[-6:]
+                await pane.fail(f"the worker exited (code {event.get('code')})\n" + "\n".join(tail), fatal=True)
+            return
+        if event.get("id") is not None and event.get("id") != self.request.get(message.side):
+            return  # an answer that was cancelled or regenerated
+        if kind == "token":
+            pane.add(event.get("text", ""), event.get("tokens", 0))
+        elif kind == "done":
+            if event.get("finish") != "cancelled":
+                self.turns[message.side].append({"role": "assistant", "content": pane.answer})
+            await pane.finish(event)
+            self._after_answer()
+        elif kind == "error":
+            await pane.fail(event.get("message", "error"), fatal=bool(event.get("fatal")))
+            self._after_answer()
+
+    def _after_answer(self) -> None:
+        if self.blind and not any(self.panes[s].busy for s in self.sides) and self.voted is None:
+            self.query_one("#chat-settings", Static).update(Text(
+                "blind: vote 1 = A better, 2 = B better, 3 = tie, 4 = both bad (Esc, then the key)", style="bold"))
+
+    # -- asking ------------------------------------------------------------------------------------------
+    def _send(self, side: str) -> None:
+        self._next_id += 1
+        self.request[side] = self._next_id
+        seed = self.settings.seed + self.regenerations
+        worker = self.processes.get(side)
+        request = {"op": "generate", "id": self._next_id, "messages": self.turns[side],
+                   "sampling": self.settings.sampling(seed)}
+        if worker is None or not worker.send(request):
+            self.call_later(self.panes[side].fail, "no worker for this side (it did not start or has exited)")
+
+    @on(Input.Submitted, "#chat-input")
+    async def ask(self, event: Input.Submitted) -> None:
+        question = event.value.strip()
+        if not question:
+            return
+        if any(self.panes[s].busy for s in self.sides):
+            self.notify("both answers must finish first (r regenerates, n starts over)", severity="warning")
+            return
+        event.input.value = ""
+        if self.item is not None and (self.questions or question.split() != self.item[2].split()):
+            self.item = None  # a vote is tied to a BELLE item only when that question opens the exchange
+        elif self.item is not None:
+            question = self.item[2]  # as the eval set has it, line breaks included (the input keeps none)
+        self.questions.append(question)
+        self.voted = None
+        for side in self.sides:
+            self.turns[side].append({"role": "user", "content": question})
+            await self.panes[side].begin(question)
+            self._send(side)
+
+    async def action_regenerate(self, which: str) -> None:
+        sides = self.sides if which == "both" else (which,) if which in self.sides else ()
+        if not self.questions or not sides:
+            return
+        self.regenerations += 1
+        for side in sides:
+            pane = self.panes[side]
+            if side in self.request:
+                worker = self.processes.get(side)
+                if worker is not None:
+                    worker.send({"op": "cancel", "id": self.request[side]})
+            if self.turns[side] and self.turns[side][-1]["role"] == "assistant":
+                self.turns[side].pop()
+            await pane.drop_last_answer()
+            await pane.begin(None)
+            self._send(side)
+
+    # -- comparing ---------------------------------------------------------------------------------------
+    def action_diff(self) -> None:
+        if len(self.sides) < 2:
+            self.notify("one model: nothing to compare", severity="warning")
+            return
+        left, right = (self.panes[s].answer for s in SIDES)
+        ratio, text = similarity_and_diff(left, right)
+        names = ("A", "B") if self.blind and self.voted is None else ("left", "right")
+        if self.blind and self.voted is None and self.shown["A"] == "right":
+            ratio, text = similarity_and_diff(right, left)
+        self.app.push_screen(TextScreen(f"{names[0]} → {names[1]}: similarity {ratio:.1%}", text))
+
+    async def action_blind(self) -> None:
+        if len(self.sides) < 2:
+            self.notify("blind mode needs two models", severity="warning")
+            return
+        self.blind = not self.blind
+        await self.action_new()
+        if self.blind:
+            sides = list(SIDES)
+            random.shuffle(sides)
+            self.shown = {"A": sides[0], "B": sides[1]}
+        self._titles()
+        self.notify("blind mode: the models are A and B until you vote" if self.blind else "blind mode off")
+
+    def _titles(self) -> None:
+        for name, side in self.shown.items():
+            label = self.choices[side].label if side in self.choices else self.specs[side]
+            if self.blind and self.voted is None:
+                self.panes[side].set_title(f"{name}")
+            elif self.blind:
+                self.panes[side].set_title(f"{name} = {label}")
+            else:
+                self.panes[side].set_title(f"{side}: {label}")
+        box = self.query_one("#chat-panes")  # A (or left) is drawn on the left
+        box.move_child(self.panes[self.shown["A"] if self.blind else "left"], before=0)
+
+    def action_vote(self, key: str) -> None:
+        if not self.blind or self.voted is not None or not self.questions:
+            return
+        if any(self.panes[s].busy for s in self.sides):
+            self.notify("wait for both answers", severity="warning")
+            return
+        choice = VOTES[key]
+        self.voted = choice
+        winner = self.shown.get(choice, choice)  # A / B -> the real side; tie and both bad stay
+        self._titles()
+        self.query_one("#chat-settings", Static).update(Text(self.settings.line()))
+        self.notify(f"voted {choice}: A was {self.choices[self.shown['A']].label}")
+        self.app.save_chat(self._record(vote=winner))
+
+    def _record(self, vote: str | None = None) -> dict[str, Any]:
+        return {"left": self.choices.get("left", ModelChoice(folder=self.specs["left"])).label,
+                "right": (self.choices["right"].label if "right" in self.choices else (self.specs["right"] or "")),
+                "settings": asdict(self.settings) | {"regenerations": self.regenerations},
+                "transcript": {side: self.turns[side] for side in self.sides},
+                "blind": self.blind, "vote": vote, "a_is": self.shown["A"] if self.blind else None,
+                "item_id": self.item[0] if self.item else None, "category": self.item[1] if self.item else None}
+
+    def action_save(self) -> None:
+        if not self.questions:
+            self.notify("nothing to save yet", severity="warning")
+            return
+        self.app.save_chat(self._record())
+
+    def action_export(self) -> None:
+        self.app.export_chats()
+
+    async def action_new(self) -> None:
+        for side in self.sides:
+            if side in self.request and self.processes.get(side):
+                self.processes[side].send({"op": "cancel", "id": self.request[side]})
+            self.request.pop(side, None)
+            self.turns[side] = []
+            await self.panes[side].clear()
+            self.panes[side].busy = False
+        self.questions, self.voted, self.regenerations, self.item = [], None, 0, None
+
+    @work(thread=True, group="chat-belle", exit_on_error=False)
+    def action_belle_question(self) -> None:
+        """A random question of the eval set the last evaluation run used."""
+        from engine.belle import load_items
+        from engine.store import Store
+
+        with Store(self.app.db_path) as store:
+            evals = [r for r in store.runs() if r["stage"] == "eval"]
+        if not evals:
+            self.post_message(BelleQuestion(None, None, None, "no evaluation run yet: `rlhf eval belle` names the "
+                                                               "eval folder once, and the chat draws from it"))
+            return
+        try:
+            items = load_items(json.loads(evals[-1]["config"])["eval_dir"])
+        except Exception as err:  # BelleError, KeyError, OSError
+            self.post_message(BelleQuestion(None, None, None, f"cannot read the eval set: {err}"))
+            return
+        item = random.choice(items)
+        self.post_message(BelleQuestion(item.id, item.category, item.question))
+
+    def on_belle_question(self, message: BelleQuestion) -> None:
+        if message.error:
+            self.notify(message.error, severity="warning", markup=False)
+            return
+        if self.questions:
+            self.notify("start a new chat (n) to ask a BELLE question", severity="warning")
+            return
+        self.item = (message.item_id, message.category, message.question)
+        box = self.query_one(Input)
+        box.value = message.question or ""
+        box.focus()
+
+    def action_settings(self) -> None:
+        def apply(settings: ChatSettings | None) -> None:
+            if settings is not None:
+                self.settings = settings
+                self.query_one("#chat-settings", Static).update(Text(settings.line()))
+
+        self.app.push_screen(ChatSettingsScreen(self.settings), apply)
+
+    def action_focus_input(self) -> None:
+        self.query_one(Input).focus()
+
+    def action_leave_input(self) -> None:
+        self.set_focus(None)
+
+    def action_close(self) -> None:
+        self.app.pop_screen()
+
+    def on_unmount(self) -> None:
+        for worker in self.processes.values():
+            worker.close()
+
+
+class ChatSettingsScreen(ModalScreen["ChatSettings | None"]):
+    BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
+    FIELDS = ("temperature", "top_p", "top_k", "max_new_tokens", "seed", "key_env")
+
+    def __init__(self, settings: ChatSettings):
+        super().__init__()
+        self.settings = settings
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(Text("Sampling (both sides); Enter applies, Esc cancels", style="bold"))
+            for name in self.FIELDS:
+                with Horizontal(classes="row"):
+                    yield Label(name, classes="field-label")
+                    yield Input(str(getattr(self.settings, name)), id=f"set-{name}")
+            yield Static("", id="settings-error")
+            with Horizontal(classes="buttons"):
+                yield Button("Apply", variant="primary", id="apply")
+
+    def _read(self) -> ChatSettings | None:
+        values: dict[str, Any] = {}
+        for name in self.FIELDS:
+            raw = self.query_one(f"#set-{name}", Input).value.strip()
+            kind = type(getattr(self.settings, name))
+            try:
+                values[name] = kind(raw)
+            except ValueError:
+                self.query_one("#settings-error", Static).update(Text(f"{name}: not a {kind.__name__}: {raw!r}"))
+                return None
+        problems = [n for n, bad in (("temperature", values["temperature"] < 0),
+                                     ("top_p", not 0 < values["top_p"] <= 1), ("top_k", values["top_k"] < 0),
+                                     ("max_new_tokens", values["max_new_tokens"] < 1)) if bad]
+        if problems:
+            self.query_one("#settings-error", Static).update(Text(f"{problems[0]}: out of range"))
+            return None
+        return replace(self.settings, **values)
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#apply")
+    def apply(self) -> None:
+        settings = self._read()
+        if settings is not None:
+            self.dismiss(settings)
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+
+def export_chats(chats: list[dict[str, Any]], folder: Path) -> tuple[Path, Path]:
+    """Every stored exchange as Markdown and as JSON Lines; returns the two files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    md, jsonl = folder / "chats.md", folder / "chats.jsonl"
+    lines = []
+    with open(jsonl, "w", encoding="utf-8") as out:
+        for chat in chats:
+            transcript = json.loads(chat["transcript"])
+            record = {**chat, "transcript": transcript, "settings": json.loads(chat["settings"])}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(chat["created"]))
+            lines.append(f"## chat {chat['id']} ({when})\n")
+            vote = f", vote: {chat['vote']}" if chat["vote"] else ""
+            lines.append(f"left: `{chat['left_model']}`, right: `{chat['right_model']}`"
+                         f"{', blind' if chat['blind'] else ''}{vote}\n")
+            for side, turns in transcript.items():
+                lines.append(f"### {side}\n")
+                for turn in turns:
+                    who = "**user**" if turn["role"] == "user" else "**assistant**"
+                    lines.append(f"{who}: {turn['content']}\n")
+    md.write_text("\n".join(lines), encoding="utf-8")
+    return md, jsonl

@@ -1,0 +1,219 @@
+"""The score table screen: every evaluation run against the published row; a cell opens its items.
+
+Keys: arrows move between cells (the line below shows the cell's 95 % interval, n, unscored and not
+judged); Enter lists the cell's items (question, reference, answer, judge reply, score); space marks a
+row and `p` shows the paired deltas of the highlighted row against it; `e` exports Markdown and CSV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import ModalScreen, Screen
+from textual.widgets import DataTable, Footer, Static
+
+from console.screens.dialogs import TextScreen
+from console.text import terminal_safe
+from console.widgets.score_table import ScoreTable
+
+
+@dataclass
+class ScoresLoaded(Message):
+    rows: list[Any]
+    best: dict[str, set[int]]
+    error: str | None = None
+
+
+@dataclass
+class ItemsLoaded(Message):
+    title: str
+    items: list[dict[str, Any]]
+
+
+@dataclass
+class DeltasLoaded(Message):
+    title: str
+    lines: list[str]
+
+
+class ScoresScreen(Screen[None]):
+    BINDINGS = [
+        Binding("enter", "items", "Items"),
+        Binding("space", "mark", "Mark"),
+        Binding("p", "deltas", "Paired delta"),
+        Binding("e", "export", "Export"),
+        Binding("R", "reload", "Reload", show=False),
+        Binding("q,escape", "close", "Back"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marked: int | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static(Text("BELLE scores · judged per category, 95 % bootstrap intervals · best measured in bold"),
+                     id="scores-title")
+        yield ScoreTable(id="score-table")
+        yield Static("loading…", id="cell-info")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(ScoreTable).focus()
+        self.load()
+
+    @work(thread=True, exclusive=True, group="scores", exit_on_error=False)
+    def load(self) -> None:
+        from engine.eval_cli import eval_rows
+        from engine.scores import best_per_column
+
+        try:
+            rows = eval_rows(self.app.db_path)
+        except Exception as err:  # StoreError, sqlite3.Error
+            self.post_message(ScoresLoaded([], {}, str(err)))
+            return
+        self.post_message(ScoresLoaded(rows, best_per_column(rows)))
+
+    def on_scores_loaded(self, message: ScoresLoaded) -> None:
+        info = self.query_one("#cell-info", Static)
+        if message.error:
+            info.update(Text(message.error, style="red"))
+            return
+        self.query_one(ScoreTable).show(message.rows, message.best)
+        measured = sum(1 for r in message.rows if r.run_id is not None)
+        info.update(Text(f"{measured} evaluation runs · rlhf eval belle CHECKPOINT --eval-dir DIR adds one"
+                         if measured else "no evaluation run yet: rlhf eval belle CHECKPOINT --eval-dir DIR"))
+
+    def on_data_table_cell_highlighted(self, event: DataTable.CellHighlighted) -> None:
+        picked = self.query_one(ScoreTable).cell_at_cursor()
+        if picked is None:
+            return
+        row, column = picked
+        cell = row.cells[column]
+        if row.run_id is None:
+            text = f"{row.name} · {column}: {cell.mean:.3f} (as published)"
+        elif cell.mean is None:
+            text = f"run {row.run_id} · {column}: no score yet ({cell.missing} not judged, {cell.unscored} unscored)"
+        else:
+            text = (f"run {row.run_id} · {column}: {cell.mean:.3f} [{cell.low:.3f}, {cell.high:.3f}] · n {cell.n} · "
+                    f"unscored {cell.unscored} · not judged {cell.missing} · {row.judge}")
+        self.query_one("#cell-info", Static).update(Text(terminal_safe(text), no_wrap=True, overflow="ellipsis"))
+
+    def on_data_table_cell_selected(self, event: DataTable.CellSelected) -> None:
+        self.action_items()  # Enter on a cell: the table takes the key itself and says so
+
+    def action_items(self) -> None:
+        picked = self.query_one(ScoreTable).cell_at_cursor()
+        if picked is None or picked[0].run_id is None:
+            return
+        self.load_items(picked[0].run_id, picked[0].name, picked[1])
+
+    @work(thread=True, group="scores-items", exit_on_error=False)
+    def load_items(self, run_id: int, name: str, column: str) -> None:
+        from engine.store import EvalStore, Store
+
+        with Store(self.app.db_path) as store:
+            items = EvalStore(store).scored_items(run_id)
+        if column not in ("macro", "macro w/o others"):
+            items = [i for i in items if i["category"] == column]
+        elif column == "macro w/o others":
+            items = [i for i in items if i["category"] != "others"]
+        self.post_message(ItemsLoaded(f"run {run_id} {name} · {column} · {len(items)} items", items))
+
+    def on_items_loaded(self, message: ItemsLoaded) -> None:
+        self.app.push_screen(ItemsScreen(message.title, message.items))
+
+    def action_mark(self) -> None:
+        picked = self.query_one(ScoreTable).cell_at_cursor()
+        if picked is not None and picked[0].run_id is not None:
+            self.marked = picked[0].run_id
+            self.notify(f"run {self.marked} marked: p compares another row against it")
+
+    def action_deltas(self) -> None:
+        picked = self.query_one(ScoreTable).cell_at_cursor()
+        if self.marked is None or picked is None or picked[0].run_id in (None, self.marked):
+            self.notify("mark a row with space, move to another, press p", title="paired delta")
+            return
+        self.load_deltas(self.marked, picked[0].run_id)
+
+    @work(thread=True, group="scores-deltas", exit_on_error=False)
+    def load_deltas(self, a: int, b: int) -> None:
+        from engine.scores import paired_deltas
+        from engine.store import EvalStore, Store
+
+        with Store(self.app.db_path) as store:
+            evals = EvalStore(store)
+            deltas = paired_deltas(evals.scored_items(a), evals.scored_items(b))
+        lines = [f"{d.column:>16}: " + ("-" if d.mean is None else f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
+                 + f"  n {d.n}" for d in deltas]
+        self.post_message(DeltasLoaded(f"run {b} minus run {a}, on the items both scored (95 % paired bootstrap)",
+                                       lines))
+
+    def on_deltas_loaded(self, message: DeltasLoaded) -> None:
+        self.app.push_screen(TextScreen(message.title, "\n".join(message.lines)))
+
+    @work(thread=True, group="scores-export", exit_on_error=False)
+    def action_export(self) -> None:
+        from engine.eval_cli import eval_rows
+        from engine.scores import render
+
+        folder = self.app.db_path.parent / "exports"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = eval_rows(self.app.db_path)
+        for fmt in ("md", "csv"):
+            (folder / f"scores.{fmt}").write_text(render(rows, fmt), encoding="utf-8")
+        self.app.call_from_thread(self.notify, f"score table written to {folder}/scores.md and scores.csv",
+                                  markup=False)
+
+    def action_reload(self) -> None:
+        self.load()
+
+    def action_close(self) -> None:
+        self.app.pop_screen()
+
+
+class ItemsScreen(ModalScreen[None]):
+    """A cell's items; the highlighted one in full below (question, reference, answer, judge's reply)."""
+
+    BINDINGS = [Binding("escape,q", "dismiss", "Close")]
+
+    def __init__(self, title: str, items: list[dict[str, Any]]):
+        super().__init__()
+        self.heading, self.items = title, items
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog wide"):
+            yield Static(Text(self.heading, style="bold"))
+            yield DataTable(id="items-table", cursor_type="row", zebra_stripes=True)
+            with VerticalScroll(id="item-detail"):
+                yield Static("", id="item-text")
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_columns("id", "score", "question")
+        for item in self.items:
+            score = "-" if item.get("score") is None else f"{item['score']:.2f}"
+            if item.get("status") == "unscored":
+                score = "unscored"
+            question = " ".join(terminal_safe(item["question"]).split())
+            table.add_row(str(item["item_id"]), score, Text(question[:120], no_wrap=True, overflow="ellipsis"))
+        table.focus()
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.cursor_row >= len(self.items):
+            return
+        item = self.items[event.cursor_row]
+        text = Text()
+        for label, value in (("question", item["question"]), ("reference", item["reference"] or "(none)"),
+                             ("answer", item["answer"] or "(not answered)"),
+                             ("judge", item.get("reply") or item.get("problem") or "(not judged)"),
+                             ("score", "-" if item.get("score") is None else f"{item['score']:.3f}")):
+            text.append(f"{label}: ", style="bold")
+            text.append(terminal_safe(str(value)) + "\n")
+        self.query_one("#item-text", Static).update(text)

@@ -1,0 +1,135 @@
+"""One side of the chat screen: a model's conversation, its answer streaming in, and its live figures.
+
+Chunks are gathered and drawn at most FRAME_S apart, into a StreamText that re-wraps only its last line
+and draws only the lines on screen: the cost of a chunk does not grow with the answer's length, and keys
+stay responsive while both sides stream. A finished answer is shown as Markdown (parsed once). The view
+follows the answer while the user leaves it at the bottom (an anchor that scrolling up releases).
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.timer import Timer
+from textual.widgets import Markdown, Static
+
+from console.text import terminal_safe
+from console.widgets.stream_text import StreamText
+
+FRAME_S = 1 / 30
+
+
+class ChatPane(Vertical):
+    DEFAULT_CSS = """
+    ChatPane { width: 1fr; border-right: solid $primary-background; }
+    ChatPane > .pane-title { height: 1; background: $boost; padding: 0 1; text-style: bold; }
+    ChatPane > .pane-stats { height: 1; padding: 0 1; color: $text-muted; }
+    ChatPane > VerticalScroll { height: 1fr; }
+    ChatPane .user-turn { margin: 1 1 0 1; color: $accent; }
+    ChatPane Markdown, ChatPane StreamText { margin: 0 0 0 1; padding: 0; }
+    ChatPane .pane-error { margin: 1 1 0 1; color: $error; }
+    """
+
+    def __init__(self, side: str, **kwargs: object):
+        super().__init__(**kwargs)
+        self.side = side
+        self.heading = Static("", classes="pane-title")
+        self.stats = Static("loading…", classes="pane-stats")
+        self.body = VerticalScroll()
+        self._text: StreamText | None = None
+        self._pending: list[str] = []
+        self._flush_timer: Timer | None = None
+        self.answer = ""  # the answer in progress, or the last one
+        self.busy = False
+        self.dead = False
+        self._started = 0.0
+        self._first: float | None = None
+        self.tokens = 0
+
+    def compose(self) -> ComposeResult:
+        yield self.heading
+        yield self.stats
+        yield self.body
+
+    def on_mount(self) -> None:
+        self.body.anchor()
+
+    def set_title(self, text: str) -> None:
+        self.heading.update(Text(terminal_safe(text), overflow="ellipsis", no_wrap=True))
+
+    def set_stats(self, text: str) -> None:
+        self.stats.update(Text(text, overflow="ellipsis", no_wrap=True))
+
+    async def clear(self) -> None:
+        self._flush()
+        await self.body.remove_children()
+        self._text, self.answer, self.busy = None, "", False
+
+    async def begin(self, question: str | None) -> None:
+        """A new answer (after the user's `question`, or in place of the last answer when regenerating)."""
+        self._flush()
+        if question is not None:
+            await self.body.mount(Static(Text("> " + terminal_safe(question)), classes="user-turn"))
+        self._text = StreamText(classes="answer")
+        await self.body.mount(self._text)
+        self.answer, self.busy, self.tokens = "", True, 0
+        self._started, self._first = time.perf_counter(), None
+        self.set_stats("waiting for the first token…")
+        self.body.anchor()
+
+    async def drop_last_answer(self) -> None:
+        self._flush()
+        last = self.body.children[-1] if self.body.children else None
+        if last is not None and not isinstance(last, Static):  # the answer (streaming text or Markdown)
+            await last.remove()
+        self._text = None
+
+    def add(self, text: str, tokens: int) -> None:
+        """A chunk of the answer; drawn with the others that arrive within the same frame."""
+        if self._text is None:
+            return
+        if self._first is None:
+            self._first = time.perf_counter() - self._started
+        text = terminal_safe(text)
+        self.answer += text
+        self.tokens = tokens
+        self._pending.append(text)
+        if self._flush_timer is None:
+            self._flush_timer = self.set_timer(FRAME_S, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        if not self._pending or self._text is None:
+            self._pending = []
+            return
+        self._text.append("".join(self._pending))
+        self._pending = []
+        if self.busy and self._first is not None:
+            elapsed = max(time.perf_counter() - self._started - self._first, 1e-9)
+            rate = (self.tokens - 1) / elapsed if self.tokens > 1 else 0.0
+            self.set_stats(f"TTFT {self._first:.2f} s · {rate:.1f} tok/s · {self.tokens} tokens")
+
+    async def finish(self, event: dict) -> None:
+        self._flush()
+        self.busy = False
+        tokens, seconds, ttft = event.get("tokens", 0), event.get("seconds") or 0.0, event.get("ttft_s")
+        decode = max(seconds - (ttft or 0.0), 1e-9)
+        rate = (tokens - 1) / decode if tokens > 1 else 0.0
+        first = f"TTFT {ttft:.2f} s · " if ttft is not None else ""
+        self.set_stats(f"{first}{rate:.1f} tok/s · {tokens} tokens · {event.get('finish', '')}")
+        if self._text is not None:  # the finished answer, formatted once
+            text, self._text = self._text, None
+            await self.body.mount(Markdown(self.answer), after=text)
+            await text.remove()
+
+    async def fail(self, message: str, fatal: bool = False) -> None:
+        self._flush()
+        self.busy = False
+        self.dead = self.dead or fatal
+        self._text = None
+        await self.body.mount(Static(Text(terminal_safe(message)), classes="pane-error"))
+        self.set_stats("worker stopped" if fatal else "error")
+        self.body.anchor()

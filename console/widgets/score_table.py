@@ -1,0 +1,52 @@
+"""The BELLE score table: one row per evaluation run (and the published row), DESIGN.md's columns.
+
+Each column's best measured value is bold; the highlighted cell's interval and counts are shown below
+the table by the screen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.widgets import DataTable
+
+from console.text import terminal_safe
+
+COLUMNS = ("others", "rewrite", "classification", "generation", "summarization", "extract", "open qa",
+           "brainstorming", "closed qa", "macro", "macro w/o others")
+SHORT = {"classification": "classif.", "generation": "gener.", "summarization": "summ.",
+         "brainstorming": "brainst.", "macro w/o others": "macro w/o"}
+
+
+class ScoreTable(DataTable):
+    """Rows are engine.scores.Row objects."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(cursor_type="cell", zebra_stripes=True, **kwargs)
+        self.rows_data: list[Any] = []
+
+    def on_mount(self) -> None:
+        self.add_column("model", key="model", width=22)  # the scores, not the names, must fit 80 columns
+        for column in COLUMNS:
+            self.add_column(SHORT.get(column, column), key=column)
+
+    def show(self, rows: list[Any], best: dict[str, set[int]]) -> None:
+        self.rows_data = list(rows)
+        self.clear()
+        for k, row in enumerate(rows):
+            label = terminal_safe(row.name if row.run_id is None else f"{row.run_id} {row.name}")
+            cells = [Text(label, no_wrap=True, overflow="ellipsis", style="italic" if row.run_id is None else "")]
+            for column in COLUMNS:
+                cell = row.cells[column]
+                text = "-" if cell.mean is None else f"{cell.mean:.3f}"
+                cells.append(Text(text, style="bold reverse" if k in best.get(column, set()) else "",
+                                  justify="right"))
+            self.add_row(*cells, key=str(k))
+
+    def cell_at_cursor(self) -> tuple[Any, str] | None:
+        """(row, column name) under the cursor, if it is a score cell."""
+        coordinate = self.cursor_coordinate
+        if not self.rows_data or coordinate.column == 0 or coordinate.row >= len(self.rows_data):
+            return None
+        return self.rows_data[coordinate.row], COLUMNS[coordinate.column - 1]

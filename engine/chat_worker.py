@@ -1,0 +1,185 @@
+"""A generation worker for the chat pane: one model, loaded once, answering over its own pipes.
+
+    python -m engine.chat_worker --model FOLDER
+    python -m engine.chat_worker --endpoint URL --endpoint-model NAME [--key-env VAR]
+
+It reads JSON lines on stdin and writes JSON lines on stdout; nothing listens on any socket, so only the
+process that started it (the console) can drive it. Requests:
+
+    {"op": "generate", "id": 7, "messages": [{"role": "user", "content": "..."}, ...],
+     "sampling": {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "max_new_tokens": 256, "seed": 0}}
+    {"op": "cancel", "id": 7}
+    {"op": "quit"}
+
+Events: {"event": "ready", "model": ..., "device": ..., "load_s": ...} once; then per request any number of
+{"event": "token", "id": 7, "text": "..."}, and one {"event": "done", "id": 7, "tokens": n, "ttft_s": ...,
+"seconds": ..., "finish": "eos" | "length" | "cancelled"} or {"event": "error", "id": 7, "message": ...}.
+A model that cannot load sends {"event": "error", "fatal": true, "message": ...} and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterator
+
+from engine.template import Turn
+
+_out_lock = threading.Lock()
+
+
+def emit(event: dict[str, Any]) -> None:
+    with _out_lock:
+        sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+
+class LocalModel:
+    """A Hugging Face folder through the generation engine, multi-turn with the chat template."""
+
+    def __init__(self, folder: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from engine.generation import Engine
+        from engine.models import cuda_bf16
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        dtype = torch.bfloat16 if cuda_bf16() else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        self.engine = Engine(model, tokenizer)
+        self.device = device
+        self.label = folder
+
+    def answer(self, turns: list[Turn], sampling: dict[str, Any],
+               cancelled: Callable[[], bool]) -> Iterator[tuple[str, int]]:
+        from engine.generation import Sampling
+        from engine.template import check_conversation, tokenize_conversation
+
+        check_conversation(turns, ends_with="user")
+        ids = tokenize_conversation(self.engine.tokenizer, turns)["input_ids"]  # piecewise, as in training
+        yield from self.engine.stream(ids, Sampling(**sampling), cancelled)
+
+
+class EndpointModel:
+    """An OpenAI-compatible chat-completions endpoint, streamed; its key comes from an environment variable."""
+
+    def __init__(self, url: str, model: str, key_env: str):
+        import openai
+
+        key = os.environ.get(key_env) if key_env else "none"
+        if not key:
+            raise ValueError(f"the environment variable {key_env} (the endpoint's key) is not set")
+        self.client = openai.OpenAI(base_url=url, api_key=key, max_retries=2, timeout=120)
+        self.model = model
+        self.device = "remote"
+        self.label = f"{model}@{url}"
+
+    def answer(self, turns: list[Turn], sampling: dict[str, Any],
+               cancelled: Callable[[], bool]) -> Iterator[tuple[str, int]]:
+        # top_k is not part of the chat-completions protocol; temperature, top_p, seed and the length are.
+        stream = self.client.chat.completions.create(
+            model=self.model, messages=[{"role": t.role, "content": t.content} for t in turns], stream=True,
+            temperature=sampling["temperature"], top_p=sampling["top_p"], max_tokens=sampling["max_new_tokens"],
+            seed=sampling["seed"],
+        )
+        chunks = 0  # a stream chunk is one token for the usual servers: the count tokens/s is read from
+        try:
+            for chunk in stream:
+                if cancelled():
+                    return
+                if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
+                    chunks += 1
+                    yield chunk.choices[0].delta.content, chunks
+        finally:
+            stream.close()
+
+
+def serve(model: Any) -> None:
+    """Answer requests one at a time; a cancel or quit is read while an answer streams."""
+    requests: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    cancelled: set[int] = set()
+
+    def read() -> None:
+        for line in sys.stdin:
+            try:
+                request = json.loads(line)
+            except ValueError:
+                emit({"event": "error", "message": f"not a JSON request: {line[:80]!r}"})
+                continue
+            if request.get("op") == "cancel":
+                cancelled.add(request.get("id"))
+            elif request.get("op") == "quit":
+                break
+            else:
+                requests.put(request)
+        requests.put(None)  # stdin closed: the console is gone
+
+    threading.Thread(target=read, daemon=True).start()
+    while (request := requests.get()) is not None:
+        rid = request.get("id")
+        if rid in cancelled:
+            emit({"event": "done", "id": rid, "tokens": 0, "ttft_s": None, "seconds": 0.0, "finish": "cancelled"})
+            continue
+        try:
+            turns = [Turn(m["role"], m["content"]) for m in request["messages"]]
+            sampling = {k: request["sampling"][k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
+            start = time.perf_counter()
+            first = None
+            tokens = 0
+            for text, tokens in model.answer(turns, sampling, lambda: rid in cancelled):
+                if first is None:
+                    first = time.perf_counter() - start
+                emit({"event": "token", "id": rid, "text": text, "tokens": tokens})
+            seconds = time.perf_counter() - start
+            finish = "cancelled" if rid in cancelled else ("length" if tokens >= sampling["max_new_tokens"] else "eos")
+            emit({"event": "done", "id": rid, "tokens": tokens, "ttft_s": first, "seconds": seconds,
+                  "finish": finish})
+        except Exception as err:  # noqa: BLE001 - reported to the pane, the worker goes on
+            traceback.print_exc(file=sys.stderr)
+            emit({"event": "error", "id": rid, "message": f"{type(err).__name__}: {err}"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.chat_worker")
+    parser.add_argument("--model", help="a Hugging Face model folder")
+    parser.add_argument("--endpoint", help="base URL of an OpenAI-compatible endpoint")
+    parser.add_argument("--endpoint-model", help="the model's name at that endpoint")
+    parser.add_argument("--key-env", default="OPENAI_API_KEY", help="environment variable with the endpoint's key")
+    parser.add_argument("--cpu-threads", type=int, default=None,
+                        help="torch threads on a CPU: workers that share the cores must split them, or their "
+                             "threads spin against each other")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    if args.cpu_threads and args.model:
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(args.cpu_threads)
+    try:
+        if args.endpoint:
+            model: Any = EndpointModel(args.endpoint, args.endpoint_model or "", args.key_env)
+        elif args.model:
+            model = LocalModel(args.model)
+        else:
+            raise ValueError("give --model FOLDER or --endpoint URL --endpoint-model NAME")
+    except Exception as err:  # noqa: BLE001 - the console shows it in the pane
+        traceback.print_exc(file=sys.stderr)
+        emit({"event": "error", "fatal": True, "message": f"cannot load: {type(err).__name__}: {err}"})
+        return 1
+    emit({"event": "ready", "model": model.label, "device": model.device, "load_s": time.perf_counter() - start})
+    serve(model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

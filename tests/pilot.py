@@ -1,0 +1,41 @@
+"""Driving the real console with Textual's pilot: an event loop per test, and waiting on states."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import time
+
+from console.app import RlhfConsole
+from engine.gpu import GpuUnavailable
+from tests.conftest import REPO
+
+CONFIGS = REPO / "configs"
+
+
+def sync(test):
+    """Run an async pilot test on its own event loop (no pytest asyncio plugin needed)."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+
+    return wrapper
+
+
+def no_gpu():
+    raise GpuUnavailable("no NVIDIA driver: NVML Shared Library Not Found")
+
+
+def console(**kwargs) -> RlhfConsole:
+    kwargs.setdefault("gpu_sampler", no_gpu)
+    return RlhfConsole(os.environ["RLHF_DB"], configs_dir=CONFIGS, poll_s=0.1, **kwargs)
+
+
+async def wait_for(pilot, predicate, timeout: float = 120.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await pilot.pause(0.1)

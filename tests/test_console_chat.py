@@ -1,0 +1,206 @@
+"""The chat and score screens, driven by the pilot against real generation workers (two tiny checkpoints,
+each in its own process) and a real runs.db."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+from console.screens.chat import ChatScreen, ChatSettings, similarity_and_diff
+from console.screens.dialogs import TextScreen
+from console.screens.scores import ItemsScreen, ScoresScreen
+from console.widgets.score_table import ScoreTable
+from engine.store import EvalStore, Store
+from tests.pilot import console, sync, wait_for
+
+
+def two_checkpoints(workdir):
+    other = workdir / "other-model"
+    shutil.copytree(workdir / "demo" / "model", other)
+    return str(workdir / "demo" / "model"), str(other)
+
+
+async def open_chat(pilot, app, left, right, settings):
+    app.push_screen(ChatScreen(left, right, settings))
+    await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.query("#chat-input"), 10,
+                   "the chat screen")
+    screen = app.screen
+    await wait_for(pilot, lambda: all(screen.ready.get(s) for s in ("left", "right")), 120, "both workers ready")
+    return screen
+
+
+async def ask(pilot, screen, text):
+    screen.query_one("#chat-input").focus()
+    for ch in text:
+        await pilot.press(ch if ch != " " else "space")
+    await pilot.press("enter")
+
+
+@sync
+async def test_two_panes_stream_and_a_dead_worker_only_stops_its_own(workdir):
+    left, right = two_checkpoints(workdir)
+    app = console()
+    # Greedy on the tiny model never meets eos: each answer runs to its length, long enough to kill mid-way.
+    settings = ChatSettings(temperature=0, max_new_tokens=3000)
+    async with app.run_test(size=(100, 32)) as pilot:
+        screen = await open_chat(pilot, app, left, right, settings)
+        await ask(pilot, screen, "What is 2 plus 3?")
+        panes = screen.panes
+        await wait_for(pilot, lambda: panes["left"].tokens > 5 and panes["right"].tokens > 5, 60, "tokens on both")
+        assert panes["right"].busy
+        os.kill(screen.processes["right"].pid, signal.SIGKILL)  # mid-answer
+        await wait_for(pilot, lambda: panes["right"].dead, 30, "the right pane to show its worker's death")
+        await wait_for(pilot, lambda: not panes["left"].busy, 120, "the left answer to finish")
+        assert panes["left"].tokens == 3000 and not panes["left"].dead
+        assert "3000 tokens" in str(panes["left"].stats.render()) and "tok/s" in str(panes["left"].stats.render())
+        assert "worker exited" in " ".join(str(w.render()) for w in panes["right"].body.query(".pane-error"))
+        assert screen.turns["left"][-1]["role"] == "assistant" and len(screen.turns["left"][-1]["content"]) > 100
+
+
+@sync
+async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
+    left, right = two_checkpoints(workdir)
+    app = console()
+    settings = ChatSettings(temperature=0.8, max_new_tokens=24, seed=5)
+    async with app.run_test(size=(100, 32)) as pilot:
+        screen = await open_chat(pilot, app, left, right, settings)
+        await ask(pilot, screen, "Name a colour.")
+        await wait_for(pilot, lambda: len(screen.turns["right"]) == 2 and len(screen.turns["left"]) == 2, 60,
+                       "both answers")
+        # Same weights, same settings and seed: the same answer on both sides, sampled or not.
+        assert screen.turns["left"][1] == screen.turns["right"][1]
+        await pilot.press("escape", "d")
+        await wait_for(pilot, lambda: isinstance(app.screen, TextScreen), 10, "the diff")
+        assert "similarity 100.0%" in app.screen.heading
+        await pilot.press("escape")
+
+        await pilot.press("m")  # blind mode: a new exchange, sides shuffled and named A and B
+        assert screen.blind and {str(screen.panes[s].heading.render()) for s in ("left", "right")} == {"A", "B"}
+        await ask(pilot, screen, "Say hello.")
+        await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()) and screen.questions, 60,
+                       "the blind answers")
+        await pilot.press("escape", "2")  # B is better
+        assert screen.voted == "B"
+        b_side = screen.shown["B"]
+        await wait_for(pilot, lambda: _chats(), 20, "the vote in runs.db")
+        vote = _chats()[-1]
+        assert vote["blind"] == 1 and vote["vote"] == b_side and vote["a_is"] == screen.shown["A"]
+        assert json.loads(vote["transcript"])["left"][0]["content"] == "Say hello."
+        assert "=" in str(screen.panes[b_side].heading.render())  # revealed after the vote
+
+        await pilot.press("S")
+        await wait_for(pilot, lambda: len(_chats()) == 2, 20, "the saved exchange")
+        await pilot.press("E")
+        exports = workdir / "exports"
+        await wait_for(pilot, lambda: (exports / "chats.jsonl").is_file(), 20, "the export")
+        lines = (exports / "chats.jsonl").read_text(encoding="utf-8").splitlines()
+        assert len(lines) == 2 and json.loads(lines[0])["transcript"]["right"][0]["content"] == "Say hello."
+        assert "Say hello." in (exports / "chats.md").read_text(encoding="utf-8")
+
+
+def _chats():
+    with Store(os.environ["RLHF_DB"]) as store:
+        return EvalStore(store).chats()
+
+
+def test_character_diff_works_for_chinese():
+    ratio, text = similarity_and_diff("今天天气很好", "今天天气不好")
+    assert 0.8 < ratio < 0.9
+    spans = [(text.plain[s.start:s.end], str(s.style)) for s in text.spans]
+    assert ("很", "strike red") in spans and ("不", "bold green") in spans
+
+
+def _fake_eval_run(store, name, scores):
+    run_id = store.create_run(stage="eval", name=name, recipe="", config="{}")
+    evals = EvalStore(store)
+    from engine.belle import CATEGORIES
+    from engine.judge import Verdict
+
+    items = [{"item_id": k, "category": CATEGORIES[k % 9], "class": CATEGORIES[k % 9], "question": f"q{k}",
+              "reference": f"r{k}"} for k in range(36)]
+    evals.add_items(run_id, items)
+    evals.set_answers(run_id, [(k, f"answer {k}", 3, "eos") for k in range(36)])
+    for k in range(36):
+        evals.set_judgment(run_id, k, "judge", Verdict(scores(k), "scored", f"得分: {scores(k)}"))
+    store.update_run(run_id, status="done")
+    return run_id
+
+
+@sync
+async def test_the_score_screen_marks_the_best_and_drills_into_a_cell(workdir):
+    with Store(os.environ["RLHF_DB"]) as store:
+        _fake_eval_run(store, "base", lambda k: 0.5)
+        _fake_eval_run(store, "ppo", lambda k: 0.8 if k % 9 == 1 else 0.4)
+    app = console()
+    async with app.run_test(size=(120, 30)) as pilot:
+        app.push_screen(ScoresScreen())
+        await wait_for(pilot, lambda: isinstance(app.screen, ScoresScreen) and app.screen.query(ScoreTable), 10,
+                       "the score screen")
+        table = app.screen.query_one(ScoreTable)
+        await wait_for(pilot, lambda: table.row_count == 3, 30, "the rows")
+        rewrite = table.get_row_at(2)[2]  # the ppo row's rewrite column: its best
+        assert rewrite.plain == "0.800" and "bold" in str(rewrite.style)
+        assert "bold" not in str(table.get_row_at(1)[2].style)
+        table.move_cursor(row=2, column=2)
+        await pilot.pause(0.2)
+        assert "rewrite: 0.800 [0.800, 0.800] · n 4" in str(app.screen.query_one("#cell-info").render())
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ItemsScreen), 20, "the cell's items")
+        assert len(app.screen.items) == 4 and all(i["category"] == "rewrite" for i in app.screen.items)
+        await pilot.pause(0.2)
+        detail = str(app.screen.query_one("#item-text").render())
+        assert "question: q1" in detail and "judge: 得分: 0.8" in detail
+
+
+def test_streaming_text_rewraps_only_its_last_line():
+    from console.widgets.stream_text import StreamText
+
+    text = StreamText()
+    text._width = 20
+    for k in range(2000):
+        text.append("word " * 3 + ("\n" if k % 50 == 49 else ""))
+    lines = list(text._lines)
+    assert len(lines) > 1000 and all(len(line) <= 20 for line in lines)
+    text.append("tail 一二三四五六七八九十")  # CJK counts two cells a character
+    assert all(a is b for a, b in zip(lines[:-1], text._lines))  # every earlier line untouched, same objects
+    from rich.cells import cell_len
+
+    assert all(cell_len(line) <= 20 for line in text._lines[-3:])
+    assert "".join(text._lines).replace(" ", "") == text.text.replace("\n", "").replace(" ", "")
+
+
+@sync
+async def test_an_endpoint_beside_a_local_model_and_a_blind_vote_on_a_belle_question(workdir, monkeypatch):
+    from tests.judge_server import JudgeServer
+    from tests.test_eval import write_sample
+
+    monkeypatch.setenv("CHAT_KEY", "sk-chat-secret")
+    write_sample(workdir / "belle", per_class=1)
+    with Store(os.environ["RLHF_DB"]) as store:  # an evaluation run names the eval folder the chat draws from
+        run_id = store.create_run(stage="eval", name="e", recipe="",
+                                  config=json.dumps({"eval_dir": str(workdir / "belle")}))
+        store.update_run(run_id, status="done")
+    server = JudgeServer(lambda body, index: ("reply", "你好，世界！这是端点的回答。"))
+    try:
+        app = console()
+        async with app.run_test(size=(100, 32)) as pilot:
+            screen = await open_chat(pilot, app, f"openai:served@{server.url}", str(workdir / "demo" / "model"),
+                                     ChatSettings(temperature=0, max_new_tokens=16, key_env="CHAT_KEY"))
+            await pilot.press("escape", "m", "Q")  # keys, not typing: blind mode, then a BELLE question
+            box = screen.query_one("#chat-input")
+            await wait_for(pilot, lambda: box.value.startswith("What is"), 20, "a BELLE question in the input")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: all(len(screen.turns[s]) == 2 for s in ("left", "right")), 60,
+                           "both answers")
+            assert screen.turns["left"][1]["content"] == "你好，世界！这是端点的回答。"  # streamed in pieces
+            assert server.calls[0]["stream"] is True and server.keys_seen[0] == "Bearer sk-chat-secret"
+            await pilot.press("escape", "3")  # a tie
+            await wait_for(pilot, lambda: _chats(), 20, "the vote")
+            vote = _chats()[-1]
+            assert vote["vote"] == "tie" and vote["item_id"] == screen.item[0] and vote["category"] == screen.item[1]
+            assert vote["left_model"] == f"served@{server.url}"
+    finally:
+        server.close()
+    assert "sk-chat-secret" not in (workdir / "runs.db").read_bytes().decode("latin-1")
