@@ -10,6 +10,8 @@
    with an idle runs.db. Target <= 5 %.
 3. Redraw of a chart with 100,000 points (downsample + plot + canvas render), against 1,000 points and
    against handing all 100,000 points to the plot library undownsampled. Target <= 30 ms.
+4. Opening a runs.db of 10 runs x 100,000 metric rows: CPU seconds until every run's row is filled, and
+   the console's peak memory, against an empty runs.db. Only the selected run's whole history is loaded.
 """
 
 from __future__ import annotations
@@ -151,6 +153,58 @@ def follow_cpu(db: str, runs: int, seconds: float, steps_per_s: float = 1.0, met
     return (cpu1 - cpu0) / (t1 - t0), rows
 
 
+OPEN = textwrap.dedent("""
+    import resource, sys, time
+    sys.path.insert(0, {repo!r})
+    from console.app import RlhfConsole
+    class Opening(RlhfConsole):
+        def on_history_reset(self, message):
+            super().on_history_reset(message)
+            self.check()
+        def on_runs_polled(self, message):
+            super().on_runs_polled(message)
+            self.check()
+        def on_metrics_polled(self, message):
+            super().on_metrics_polled(message)
+            self.check()
+        def check(self):
+            home = self.home
+            selected = getattr(home, "selected", None)
+            shown = self.history.runs.get(selected) if selected is not None else None
+            ready = self.loaded and all(r in self.history.runs for r in self.runs) and (
+                not self.runs or shown is not None and len(shown.series.get("loss", ())) >= self.runs[selected]["step"])
+            if ready and not getattr(self, "reported", False):
+                self.reported = True
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                print(usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, flush=True)
+                self.exit()
+    Opening({db!r}, gpu_sampler=None).run(headless=True, size=(120, 36))
+""")
+
+
+def open_cost(db: str, repo: Path = REPO) -> tuple[float, float]:
+    """(CPU seconds, peak RSS MiB) of a console (of `repo`) opening `db` until every run is shown."""
+    out = subprocess.run([sys.executable, "-c", OPEN.format(repo=str(repo), db=db)], capture_output=True,
+                         text=True, timeout=600)
+    if out.returncode != 0 or not out.stdout.strip():
+        raise RuntimeError(out.stderr[-2000:])
+    cpu, rss = out.stdout.split()
+    return float(cpu), float(rss)
+
+
+def big_db(db: str, runs: int = 10, rows_per_run: int = 100_000, metrics: int = 10) -> None:
+    from engine.store import Store
+
+    with Store(db) as store:
+        for i in range(runs):
+            run_id = store.create_run(stage="sft", name=f"big{i}", recipe="x.yaml", config="{}",
+                                      output_root=str(Path(db).parent / "runs"))
+            store.update_run(run_id, status="done", total_steps=rows_per_run // metrics)
+            for step in range(1, rows_per_run // metrics + 1):
+                store.log_metrics(run_id, step, {("loss" if k == 0 else f"m{k}"): 1.0 / step + k
+                                                 for k in range(metrics)}, wall_time=float(step))
+
+
 def redraw_ms(points: int, downsampled: bool = True, repeats: int = 10) -> float:
     import numpy as np
 
@@ -212,6 +266,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         busy_cpu, busy_rows = follow_cpu(str(Path(tmp) / "busy.db"), 10, args.follow_seconds, 10.0, 10)
 
+    with tempfile.TemporaryDirectory() as tmp:
+        empty_db, full_db = str(Path(tmp) / "empty.db"), str(Path(tmp) / "full.db")
+        Store(empty_db).close()
+        big_db(full_db)
+        empty_cpu, empty_rss = open_cost(empty_db)
+        full_cpu, full_rss = open_cost(full_db)
+
     big = redraw_ms(100_000)
     small = redraw_ms(1_000)
     raw = redraw_ms(100_000, downsampled=False, repeats=3)
@@ -230,6 +291,10 @@ def main() -> None:
           f"| <= 30 ms |")
     print(f"| chart redraw, 100,000 points undownsampled | {raw:.1f} ms | {big:.1f} ms (downsampled) | "
           f"{raw / big:.1f}x | - |")
+    print(f"| opening 1,000,000 metric rows (10 runs): CPU until every run is shown | {full_cpu:.2f} s | "
+          f"{empty_cpu:.2f} s (empty runs.db) | {full_cpu / empty_cpu:.2f}x | - |")
+    print(f"| opening 1,000,000 metric rows (10 runs): peak memory | {full_rss:.0f} MiB | {empty_rss:.0f} MiB "
+          f"(empty runs.db) | +{full_rss - empty_rss:.0f} MiB | - |")
 
 
 if __name__ == "__main__":

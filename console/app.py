@@ -76,6 +76,7 @@ class RlhfConsole(App):
         self.gpu_history: dict[int, dict[str, list[float]]] = {}
         self.gpu_pgids: dict[int, int | None] = {}
         self._wake = threading.Event()  # set to make the store worker poll now (after an action)
+        self._follower = None  # console.follower.StoreFollower, once the store worker has made it
         self._samples_request = 0
 
     @property
@@ -124,6 +125,8 @@ class RlhfConsole(App):
         except (StoreError, OSError) as err:
             self.post_message(StoreFailed(str(err)))
             return
+        self._follower = follower
+        self.call_from_thread(lambda: self.follow(self.history.followed))  # looked at before the follower was
         failing = False
         try:
             while not worker.is_cancelled:
@@ -216,12 +219,38 @@ class RlhfConsole(App):
             self.home.metrics_changed(changed)
 
     def on_history_reset(self, message: HistoryReset) -> None:
-        self.history.replace(message.run_id, message.history_version, message.rows)
+        if not message.full and message.run_id in self.history.followed:
+            return  # a light copy that crossed the request for the whole history on its way
+        self.history.replace(message.run_id, message.history_version, message.rows, message.full,
+                             message.extremes)
         if self.home is not None:
             self.home.metrics_changed({message.run_id})
 
+    def follow(self, run_ids: Iterable[int]) -> None:
+        """The runs being looked at (selected, overlaid): their whole histories are loaded; the others
+        keep only their recent points and extremes."""
+        wanted = set(run_ids)
+        self.history.followed = wanted
+        for run_id, run in self.history.runs.items():
+            if run_id not in wanted and run.full:
+                run.lighten()
+        follower = self._follower
+        if follower is None:
+            return
+        follower.followed = frozenset(wanted)
+        asked = False
+        for run_id in wanted:
+            run = self.history.runs.get(run_id)
+            if run is None or not run.full:
+                follower.requests.put(run_id)
+                asked = True
+        if asked:
+            self._wake.set()
+
     def on_store_failed(self, message: StoreFailed) -> None:
         self.notify(message.reason, title="runs.db", severity="error", timeout=30, markup=False)
+        if self.home is not None and not self.loaded:  # instead of "loading runs.db…" for ever
+            self.home.store_failed(message.reason)
 
     def on_log_read(self, message: LogRead) -> None:
         if self.home is not None:
@@ -310,9 +339,9 @@ class RlhfConsole(App):
             self.post_message(ActionDone("resume", run_id, (
                 f"run {run_id} was started in its own terminal, not launched: resume it the same way, {how}")))
             return
-        overrides = json.loads(run.get("overrides") or "[]")
         try:
-            prepared = prepare(run["stage"], run["recipe"], overrides, accelerate, launch.get("num_processes"),
+            # The recipe recorded in runs.db (overrides applied, paths absolute): from any directory.
+            prepared = prepare(run["stage"], run["recipe"], [], accelerate, launch.get("num_processes"),
                                self.db_path, resume_run=run_id)
             start_detached(prepared)
         except Exception as err:  # RecipeError, DataError, StoreError, OSError: every failure is reported
@@ -350,17 +379,20 @@ class RlhfConsole(App):
         run = self.runs.get(run_id)
         try:  # the store refuses a run that is active now, whatever this console last saw
             with Store(self.db_path) as store:
+                ours = run is not None and store.owns_folder(run)
                 store.delete_run(run_id)
+                store.vacuum_if_worthwhile()
         except StoreError as err:
             self.post_message(ActionDone("delete", run_id, str(err)))
             return
         if delete_files and run is not None and run.get("output_dir"):
             folder = Path(run["output_dir"])
-            if folder.is_absolute():  # older rows hold a path relative to wherever the run was started
+            if ours:  # the folder's marker names this runs.db and this run: nothing else is deleted
                 shutil.rmtree(folder, ignore_errors=True)
             else:
-                self.post_message(ActionDone("delete", run_id, f"run {run_id} is forgotten; its folder "
-                                             f"{folder} is relative to where it ran: delete it there"))
+                self.post_message(ActionDone("delete", run_id, (
+                    f"run {run_id} is forgotten; its folder {folder} was kept: it does not carry this runs.db's "
+                    "marker for the run (another runs.db's run, or a folder from before schema 5)")))
                 return
         self.post_message(ActionDone("delete", run_id))
 

@@ -1,15 +1,23 @@
 """One incremental poll of runs.db: the runs table when it changed, the metric rows after the cursor,
-and a reload of any run whose history a resume rewrote. Cost per poll: the runs table plus the new rows,
-however long the runs are."""
+and whole histories only for the runs being looked at.
+
+At start nothing is read row by row: SQLite aggregates each run's best-metric extremes, and each run
+gets its newest rows (for the ETA); the cursor starts at the newest row. A run that is selected or
+overlaid has its whole history loaded then, on its own. Cost per poll: the runs table plus the new rows,
+however long the runs are; memory: the histories being looked at, not every row of runs.db.
+"""
 
 from __future__ import annotations
 
 import os
+import queue
 from typing import Any
 
 from console.messages import HistoryReset, MetricsPolled, RunsPolled
+from console.series import BEST, LIGHT_POINTS
 
 METRIC_BATCH = 50_000  # rows per poll: a long history loads in slices and the UI stays responsive
+BEST_NAMES = sorted({name for choices in BEST.values() for name, _ in choices})
 
 
 class StoreFollower:
@@ -18,9 +26,23 @@ class StoreFollower:
 
         self.store = Store(db_path)
         self.batch = batch
-        self.cursor = 0
+        self.cursor: int | None = None  # None until the first poll has seeded every run
         self._versions: dict[int, int] = {}
         self._last_runs: list[dict[str, Any]] | None = None
+        self.followed: frozenset[int] = frozenset()  # set by the App: the runs being looked at
+        self._full: set[int] = set()  # runs whose whole history has been sent
+        self.requests: queue.SimpleQueue[int] = queue.SimpleQueue()  # runs to load whole, from the App
+
+    def _light(self, run_id: int, version: int) -> HistoryReset:
+        assert self.cursor is not None
+        return HistoryReset(run_id, version, self.store.recent_metrics(run_id, self.cursor, LIGHT_POINTS * 4),
+                            full=False, extremes=self.store.metric_extremes(BEST_NAMES, self.cursor, run_id)
+                            .get(run_id, {}))
+
+    def _whole(self, run_id: int, version: int) -> HistoryReset:
+        assert self.cursor is not None
+        self._full.add(run_id)
+        return HistoryReset(run_id, version, self.store.metrics_of(run_id, self.cursor), full=True)
 
     def poll(self) -> tuple[list[Any], bool]:
         """Messages for the App, and whether more rows are waiting (poll again at once)."""
@@ -29,12 +51,26 @@ class StoreFollower:
         if runs != self._last_runs:
             self._last_runs = runs
             messages.append(RunsPolled(runs))
+        if self.cursor is None:  # start: a light history per run, then only what is new
+            self.cursor = self.store.max_seq()
+            for run in runs:
+                self._versions[run["id"]] = run["history_version"]
+                messages.append(self._light(run["id"], run["history_version"]))
         for run in runs:
             known = self._versions.get(run["id"])
-            if known is not None and known != run["history_version"]:
-                messages.append(HistoryReset(run["id"], run["history_version"],
-                                             self.store.metrics_of(run["id"], self.cursor)))
+            if known is not None and known != run["history_version"]:  # a resume dropped part of the history
+                whole = run["id"] in self.followed
+                messages.append(self._whole(run["id"], run["history_version"]) if whole
+                                else self._light(run["id"], run["history_version"]))
             self._versions[run["id"]] = run["history_version"]
+        while True:
+            try:
+                run_id = self.requests.get_nowait()
+            except queue.Empty:
+                break
+            if run_id in self._versions and run_id not in self._full:
+                messages.append(self._whole(run_id, self._versions[run_id]))
+        self._full &= set(self.followed)  # a run no longer looked at is light again (the App lightens it)
         rows = self.store.metrics_since(self.cursor, limit=self.batch)
         if rows:
             self.cursor = rows[-1]["seq"]

@@ -7,18 +7,20 @@ line split across two reads is joined, and a log replaced by a shorter one start
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+from console.text import ESCAPES, terminal_safe
+
 TRACEBACK = "Traceback (most recent call last):"
+MAX_LINE_BYTES = 16 * 1024  # longer lines are shown cut: a run that never ends its line costs no memory
 
 
 def clean_line(raw: str) -> str:
-    """What a terminal would finally show of one line: the last `\\r` redraw, without colour codes."""
-    text = ANSI.sub("", raw)
+    """What a terminal would finally show of one line: the last `\\r` redraw, without colour codes or
+    any other escape or control sequence (a log is data: `ESC # 8` must not fill the screen with E)."""
+    text = ESCAPES.sub("", raw)
     parts = [p for p in text.split("\r") if p.strip()]
-    return parts[-1].rstrip() if parts else ""
+    return terminal_safe(parts[-1]).rstrip() if parts else ""
 
 
 def last_traceback(lines: list[str]) -> int | None:
@@ -64,9 +66,18 @@ class LogTail:
         data = self._partial + chunk
         *complete, self._partial = data.split(b"\n")
         self._partial = _last_redraw(self._partial)
-        lines = [clean_line(line.decode("utf-8", errors="replace")) for line in complete]
+        if len(self._partial) > MAX_LINE_BYTES:
+            self._partial = self._partial[-MAX_LINE_BYTES:]  # the end is what a terminal would show
+        lines = [clean_line(_capped(line).decode("utf-8", errors="replace")) for line in complete]
         pending = clean_line(self._partial.decode("utf-8", errors="replace"))
         return lines, pending
+
+
+def _capped(line: bytes) -> bytes:
+    if len(line) <= MAX_LINE_BYTES:
+        return line
+    return line[: MAX_LINE_BYTES // 2] + f" … {len(line) - MAX_LINE_BYTES:,} bytes cut … ".encode() + \
+        line[-MAX_LINE_BYTES // 2 :]
 
 
 def _last_redraw(partial: bytes) -> bytes:

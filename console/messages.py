@@ -20,11 +20,14 @@ class MetricsPolled(Message):
 
 @dataclass
 class HistoryReset(Message):
-    """A resume dropped a run's newer metrics: reload it from these rows."""
+    """A run's history anew: all of it (a run now looked at, or one a resume rewrote), or light (its
+    newest rows and its best-metric extremes, for a run nobody is looking at)."""
 
     run_id: int
     history_version: int
     rows: list[dict[str, Any]]
+    full: bool = True
+    extremes: dict[str, tuple[float | None, float | None]] | None = None
 
 
 @dataclass

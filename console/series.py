@@ -13,6 +13,10 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+# A run nobody is looking at keeps only its recent points (for the ETA) and the extremes of its metrics
+# (for the best column): memory is per looked-at run, not per row of runs.db.
+LIGHT_POINTS = 128
+
 
 class _Column:
     """A float64 array that grows by doubling: appending n rows costs O(n) overall."""
@@ -34,11 +38,17 @@ class _Column:
     def view(self) -> np.ndarray:
         return self._data[: self.size]
 
+    def keep_last(self, n: int) -> None:
+        if self.size > n:
+            self._data[:n] = self._data[self.size - n : self.size]
+            self.size = n
+
 
 class Series:
     """One metric of one run: steps, wall times and values in arrival order (which is step order)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int | None = None) -> None:
+        self.cap = cap  # keep at most about 2 x cap points (the newest), extremes over all of them
         self.steps = _Column()
         self.walls = _Column()
         self.values = _Column()
@@ -54,6 +64,18 @@ class Series:
         self.steps.extend(steps)
         self.walls.extend(walls)
         self.values.extend(values)
+        if self.cap is not None and self.values.size > 2 * self.cap:
+            self.extremes()  # folded in before the oldest points go
+            for column in (self.steps, self.walls, self.values):
+                column.keep_last(self.cap)
+            self._extremes = (self.values.size, *self._extremes[1:])
+            self._smooth_weight = None  # a light series is never drawn; start over if it ever is
+
+    def seed_extremes(self, lo: float | None, hi: float | None) -> None:
+        """Extremes known from runs.db's own aggregate, for points never loaded here."""
+        seen, cur_lo, cur_hi = self._extremes
+        values = [v for v in (lo, hi, cur_lo, cur_hi) if v is not None and not math.isnan(v)]
+        self._extremes = (seen, min(values), max(values)) if values else (seen, math.nan, math.nan)
 
     def extremes(self) -> tuple[float, float]:
         """(min, max) of the finite values, NaN if none; only the points added since the last call are read."""
@@ -97,6 +119,7 @@ class RunHistory:
     history_version: int = 0
     series: dict[str, Series] = field(default_factory=dict)
     rows: int = 0
+    full: bool = True  # every point loaded (a run being looked at); else light: recent points and extremes
 
     def add(self, rows: Iterable[Mapping]) -> None:
         grouped: dict[str, tuple[list, list, list]] = {}
@@ -107,16 +130,26 @@ class RunHistory:
             cols[1].append(float(row["wall_time"]))
             cols[2].append(math.nan if value is None else float(value))
         for name, (steps, walls, values) in grouped.items():
-            self.series.setdefault(name, Series()).extend(steps, walls, values)
+            self.series.setdefault(name, Series(None if self.full else LIGHT_POINTS)).extend(steps, walls, values)
             self.rows += len(values)
+
+    def lighten(self) -> None:
+        """Forget all but the recent points (the run is no longer looked at)."""
+        if self.full:
+            self.full = False
+            for series in self.series.values():
+                series.cap = LIGHT_POINTS
+                series.extend([], [], [])
 
 
 class History:
-    """Every followed run's metrics, fed by `seq > cursor` polls."""
+    """The runs' metrics, fed by `seq > cursor` polls: every point of the runs being looked at
+    (`followed`), recent points and extremes of the others."""
 
     def __init__(self) -> None:
         self.runs: dict[int, RunHistory] = {}
         self.cursor = 0  # highest seq seen
+        self.followed: set[int] = set()
 
     def ingest(self, rows: list[Mapping]) -> set[int]:
         """Append polled rows (seq order); returns the ids of the runs that got new points."""
@@ -127,13 +160,17 @@ class History:
             by_run.setdefault(row["run_id"], []).append(row)
             self.cursor = row["seq"]
         for run_id, run_rows in by_run.items():
-            self.runs.setdefault(run_id, RunHistory(run_id)).add(run_rows)
+            self.runs.setdefault(run_id, RunHistory(run_id, full=run_id in self.followed)).add(run_rows)
         return set(by_run)
 
-    def replace(self, run_id: int, history_version: int, rows: list[Mapping]) -> None:
-        """A resume dropped part of the run's history: start the run over from the rows it has now."""
-        fresh = RunHistory(run_id, history_version)
+    def replace(self, run_id: int, history_version: int, rows: list[Mapping], full: bool = True,
+                extremes: Mapping[str, tuple[float | None, float | None]] | None = None) -> None:
+        """The run's history anew: all of it (a run now looked at, or one whose resume dropped its tail), or
+        light: its recent rows and the extremes runs.db aggregated for it."""
+        fresh = RunHistory(run_id, history_version, full=full)
         fresh.add(rows)
+        for name, (lo, hi) in (extremes or {}).items():
+            fresh.series.setdefault(name, Series(None if full else LIGHT_POINTS)).seed_extremes(lo, hi)
         self.runs[run_id] = fresh
 
     def forget(self, run_id: int) -> None:

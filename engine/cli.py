@@ -103,9 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_runs(db: str | None) -> int:
+    from engine.config import RecipeError
     from engine.store import Store, default_db_path
 
-    with Store(db or default_db_path()) as store:
+    path = db or default_db_path()
+    if not os.path.exists(path):  # a look must not create an empty runs.db where there was none
+        raise RecipeError(f"{path}: no runs database here (run from the folder that has runs.db, or give --db)")
+    with Store(path) as store:
         rows = store.runs()
     print(f"{'id':>4} {'stage':5} {'name':16} {'status':9} {'step':>11} {'started':19}")
     for run in rows:
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_console(args.db, chat=(args.a, args.b))
     from engine.config import RecipeError
     from engine.data.records import DataError
+    from engine.store import StoreError
 
     args = build_parser().parse_args(argv)
     try:
@@ -157,17 +162,20 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_eval_command(args)
         if args.command == "train":
-            from engine.run import RUN_ID_ENV, check_resumable
+            from engine.run import RUN_ID_ENV, check_resumable, recorded_recipe
             from engine.store import default_db_path
             from engine.train import EXIT_STOPPED, configure_logging, run_stage
 
             overrides = list(args.overrides)
+            recipe = args.recipe
             if args.resume_run is not None:
-                check_resumable(args.db or default_db_path(), args.resume_run, args.stage)
+                # The recipe runs.db recorded for the run (overrides applied, paths absolute), not the file
+                # as it is now; --set items given now apply on top.
+                recipe = recorded_recipe(check_resumable(args.db or default_db_path(), args.resume_run, args.stage))
                 os.environ[RUN_ID_ENV] = str(args.resume_run)
                 overrides.append(f"{args.stage}.resume_from_checkpoint=true")
             configure_logging()
-            run_id, status = run_stage(args.stage, args.recipe, overrides, args.db)
+            run_id, status = run_stage(args.stage, recipe, overrides, args.db)
             if status == "stopped":
                 resume = f"rlhf train {args.stage} {args.recipe} --resume-run {run_id}"
                 print(f"run {run_id} stopped; continue it with: {resume}")
@@ -186,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {run.run_id}: logging to {run.log_path}", file=sys.stderr, flush=True)
         code = supervise(run, echo=True)
         print(f"run {run.run_id} exited with code {code}")
-        return code
-    except (RecipeError, DataError) as err:
+        return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
+    except (RecipeError, DataError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

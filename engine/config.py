@@ -298,6 +298,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
         raise RecipeError(f"{path}: recipe file not found") from None
     except OSError as err:
         raise RecipeError(f"{path}: cannot read recipe ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
     try:
         data = yaml.safe_load(text)
         lines = _node_lines(text)
@@ -365,3 +367,36 @@ def _describe(err: ValidationError, source: RecipeSource) -> RecipeError:
 
 def recipe_to_json(recipe: Recipe) -> str:
     return recipe.model_dump_json(indent=None)
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet")
+
+
+def looks_local(path: str) -> bool:
+    """A path that can only mean a local file or folder (a hub id is `name` or `owner/name`)."""
+    return (path.startswith((".", "/", "~")) or path.count("/") > 1
+            or Path(path).suffix.lower() in DATA_SUFFIXES)
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe with every local path made absolute (hub ids stay as they are): what runs.db records,
+    so that the run resumes from any working directory exactly as it was launched."""
+    def fix(path: str) -> str:
+        local = Path(path).expanduser()
+        return str(local.resolve()) if local.exists() or looks_local(path) else path
+
+    data = recipe.model_dump()
+    data["output_root"] = str(Path(data["output_root"] or ".").expanduser().resolve())  # always a local folder
+    for section in [data, *(data[s] for s in STAGES if data.get(s))]:
+        if section.get("model"):
+            section["model"]["path"] = fix(section["model"]["path"])
+        for field in ("data", "prompts"):
+            for source in section.get(field) or []:
+                source["path"] = fix(source["path"])
+        if section.get("reward_model"):
+            section["reward_model"] = fix(section["reward_model"])
+        if isinstance(section.get("resume_from_checkpoint"), str):
+            section["resume_from_checkpoint"] = fix(section["resume_from_checkpoint"])
+    fixed = Recipe.model_validate(data)
+    fixed._source = recipe._source
+    return fixed

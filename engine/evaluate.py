@@ -64,6 +64,7 @@ class EvalConfig(BaseModel):
 
 def resolve_checkpoint(spec: str, db_path: str | Path) -> str:
     """A run id (its export, else its newest checkpoint's model) or a local model folder, as an absolute path."""
+    from engine.run import checkpoints_in
     from engine.store import Store, StoreError
     from engine.train import model_folder_problem
 
@@ -74,8 +75,9 @@ def resolve_checkpoint(spec: str, db_path: str | Path) -> str:
         except StoreError as err:
             raise RecipeError(f"checkpoint {spec}: {err}") from None
         folder = Path(run["output_dir"])
-        candidates = [folder / "final"] + [c / "policy" if (c / "policy").is_dir() else c for c in sorted(
-            folder.glob("checkpoint-*"), key=lambda p: -int(p.name.split("-")[-1]))]
+        saved = [*checkpoints_in(folder, "ppo_state.json"), *checkpoints_in(folder, "trainer_state.json")]
+        newest_first = sorted(saved, key=lambda p: -int(p.name.split("-", 1)[1]))
+        candidates = [folder / "final"] + [c / "policy" if (c / "policy").is_dir() else c for c in newest_first]
         found = next((c for c in candidates if model_folder_problem(str(c)) is None), None)
         if found is None:
             raise RecipeError(f"checkpoint {spec}: run {spec} ({run['stage']}) has no model in {folder}")

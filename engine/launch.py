@@ -28,7 +28,7 @@ import yaml
 
 from engine.config import RecipeError, Stage
 from engine.procs import group_alive, kill_group, process_alive, process_start, run_processes_gone, same_group
-from engine.run import DB_ENV, LAUNCHED_ENV, RUN_ID_ENV, check_resumable, register_run
+from engine.run import DB_ENV, LAUNCHED_ENV, RUN_ID_ENV, check_resumable, recorded_recipe, register_run
 from engine.store import Store, default_db_path
 from engine.train import validate
 
@@ -38,7 +38,8 @@ LAUNCH_NAME = "launch.json"
 # 30 s after a SIGTERM unless told otherwise, far too soon for a 7B model's optimizer state.
 STOP_GRACE_S = 600
 # How long a run's other processes may outlive its launcher when nobody asked it to stop.
-LINGER_S = 60
+LINGER_S = float(os.environ.get("RLHF_LINGER_S", 60))
+EXIT_STOPPED = 143  # 128 + SIGTERM, in runs.db as in the shell, whatever the launcher itself returned
 
 
 def read_accelerate_config(path: str | os.PathLike) -> dict:
@@ -127,7 +128,9 @@ def prepare(
     """
     db = Path(db_path or default_db_path()).resolve()
     if resume_run is not None:
-        check_resumable(db, resume_run, stage)
+        # The recipe as runs.db recorded it (overrides applied, paths absolute), from any directory; the
+        # overrides given now apply on top of it.
+        recipe_path = recorded_recipe(check_resumable(db, resume_run, stage))
         overrides = [*overrides, f"{stage}.resume_from_checkpoint=true"]
     recipe = validate(stage, recipe_path, overrides)
     accelerate = read_accelerate_config(accelerate_config)
@@ -194,7 +197,7 @@ def log_tail(path: Path, max_bytes: int = 4000) -> str:
 
 def record_exit(
     db_path: str | os.PathLike, run_id: int, exit_code: int, stop_requested: bool = False,
-    log_path: Path | None = None, pgid: int | None = None,
+    log_path: Path | None = None, pgid: int | None = None, killed: bool = False,
 ) -> str:
     """Final status from the exit code, unless the trainer already recorded how it ended.
 
@@ -209,15 +212,28 @@ def record_exit(
             return run["status"]
         status = run["status"]
         stop_requested = stop_requested or run.get("stop_requested") is not None
-        if status in ("pending", "running"):
+        error = None
+        if status == "pending":
+            # Stopped before the trainer began: nothing was trained, nothing is lost.
+            status = "done" if exit_code == 0 else "stopped" if stop_requested else "failed"
+        elif status == "running":
+            # The trainer records "stopped" itself once its checkpoint is written; a run still marked
+            # running was cut short, whether or not a stop was asked for.
             if exit_code == 0:
                 status = "done"
             else:
-                status = "stopped" if stop_requested else "failed"
+                status = "failed"
+                if stop_requested:
+                    error = (f"stopped, but its processes ended (exit {exit_code}{', killed' if killed else ''}) "
+                             "before the trainer recorded its checkpoint: the newest complete checkpoint is the "
+                             "last periodic one")
         elif status == "done" and exit_code != 0:
             status = "failed"  # a rank other than 0 failed after rank 0 finished
-        fields = {"status": status, "exit_code": exit_code, "ended": run["ended"] or time.time()}
-        if status == "failed" and not run["error"] and log_path is not None:
+        fields = {"status": status, "exit_code": EXIT_STOPPED if status == "stopped" else exit_code,
+                  "ended": run["ended"] or time.time()}
+        if error:
+            fields["error"] = error
+        elif status == "failed" and not run["error"] and log_path is not None:
             fields["error"] = log_tail(log_path) or f"exited with code {exit_code} before writing to its log"
         store.update_run(run_id, **fields)
     return status
@@ -298,27 +314,42 @@ def supervise(run: Prepared, echo: bool = False) -> int:
             forward(signal.SIGTERM, None)
         # Detached, nobody reads the echo: just wait instead of re-reading the log as it grows.
         exit_code = _echo_until_exit(proc, run.log_path, offset, sys.stdout.buffer) if echo else proc.wait()
-        _wait_for_group(proc.pid, STOP_GRACE_S if (asked or stop_asked) else LINGER_S)
+        # A stop sent to the run's group (the console's, `rlhf stop`) never reached this process, and a
+        # one-process launcher dies at once on it while the trainer under it is still saving: ask runs.db.
+        stopping = bool(asked or stop_asked or (run.registered and _stop_requested(db, run.run_id)))
+        killed = _wait_for_group(proc.pid, STOP_GRACE_S if stopping else LINGER_S)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    status = None
     if run.registered:
-        record_exit(db, run.run_id, exit_code, stop_requested=asked > 0, log_path=run.log_path, pgid=proc.pid)
-    return exit_code
+        status = record_exit(db, run.run_id, exit_code, stop_requested=asked > 0, log_path=run.log_path,
+                             pgid=proc.pid, killed=killed)
+    return EXIT_STOPPED if status == "stopped" else exit_code
 
 
-def _wait_for_group(pgid: int, patience_s: float) -> None:
+def _stop_requested(db: Path, run_id: int) -> bool:
+    try:
+        with Store(db) as store:
+            return store.run(run_id).get("stop_requested") is not None
+    except Exception:  # an unreadable runs.db must not cost the run its grace period
+        return True
+
+
+def _wait_for_group(pgid: int, patience_s: float) -> bool:
     """A signalled `accelerate launch` may die before the trainer under it has saved its checkpoint: the
     run is over only when its whole group is. A group that outlives `patience_s` (a rank hung in a
-    collective, a stray helper) is killed, so the exit is always recorded."""
+    collective, a stray helper) is killed, so the exit is always recorded. Returns whether it was killed."""
     deadline = time.monotonic() + patience_s
     while group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if group_alive(pgid):
-        kill_group(pgid)
-        deadline = time.monotonic() + 10
-        while group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.2)
+    if not group_alive(pgid):
+        return False
+    kill_group(pgid)
+    deadline = time.monotonic() + 10
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return True
 
 
 def start_detached(run: Prepared) -> int:
@@ -332,6 +363,11 @@ def start_detached(run: Prepared) -> int:
     with open(run.log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, close_fds=True)
+    if run.registered:
+        # Until the supervisor records the run's process group, the supervisor is what the row names: a
+        # supervisor that dies before that leaves a run that is seen to be gone, not pending forever.
+        with Store(run.db_path) as store:
+            store.set_supervisor(run.run_id, proc.pid, process_start(proc.pid))
     return proc.pid
 
 
@@ -352,6 +388,9 @@ def request_stop(db_path: str | os.PathLike, run_id: int) -> tuple[int, int | No
         if run_processes_gone(run):
             store.close_orphan(run_id)
             return None
+        foreign = store.foreign_folder(run)
+        if foreign:  # a row of this file naming another file's run: its processes are not ours to signal
+            raise RecipeError(f"run {run_id}: {foreign}; not signalling it")
         pgid, started = store.mark_stop_requested(run_id)
     # Only processes whose start time was recorded and still matches: a number the kernel has since given
     # to another program is never signalled.

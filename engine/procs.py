@@ -70,8 +70,8 @@ def run_processes_gone(run: dict) -> bool:
     """A pending or running row whose processes (on this machine) are certainly gone: its launcher's
     process group for a launched run, its own process for one started in-process (`rlhf train`,
     `rlhf eval`). False where nothing was recorded yet: the run may still be starting."""
-    if run.get("launch"):
-        return bool(run.get("pgid")) and not same_group(run["pgid"], run.get("pgid_started"))
     if run.get("pgid"):
         return not same_group(run["pgid"], run.get("pgid_started"))
+    # No group: an in-process run that is not a group leader, or a launch whose supervisor has not
+    # recorded the group yet: the recorded process (the run's own, or its supervisor) tells.
     return bool(run.get("pid")) and not process_alive(run["pid"], run.get("pgid_started"))

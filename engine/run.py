@@ -6,6 +6,7 @@ in-process registers itself, or continues an earlier run (`rlhf train --resume-r
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -16,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from engine.config import Recipe, RecipeError, Stage, recipe_to_json
+from engine.config import Recipe, RecipeError, Stage, recipe_to_json, with_absolute_paths
 from engine.procs import process_start, run_processes_gone
-from engine.store import Store, StoreError
+from engine.store import ResilientStore, Store, StoreError
 
 RUN_ID_ENV = "RLHF_RUN_ID"
 DB_ENV = "RLHF_DB"
@@ -38,14 +39,28 @@ class RunHandle:
 
 
 def register_run(store: Store, stage: Stage, recipe: Recipe, recipe_path: str, overrides: list[str]) -> int:
+    """A new run in runs.db, its recipe recorded resolved (overrides applied, local paths absolute)."""
+    if isinstance(recipe, Recipe):
+        recipe = with_absolute_paths(recipe)
     return store.create_run(
         stage=stage,
         name=recipe.name,
-        recipe=str(recipe_path),
+        recipe=str(Path(recipe_path).resolve()) if recipe_path else "",
         config=recipe_to_json(recipe),
         overrides=overrides,
         output_root=recipe.output_root,
     )
+
+
+RECORDED_RECIPE = "recipe.resolved.yaml"
+
+
+def recorded_recipe(run: dict[str, Any]) -> str:
+    """The run's recipe as runs.db recorded it, written into its folder: what a resume reads (the file it
+    was launched from may have changed, or be relative to another directory)."""
+    path = Path(run["output_dir"]) / RECORDED_RECIPE
+    path.write_text(json.dumps(json.loads(run["config"]), indent=2), encoding="utf-8")  # JSON is YAML
+    return str(path)
 
 
 def settled(store: Store, run_id: int) -> dict[str, Any]:
@@ -63,24 +78,34 @@ def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> di
     try:
         with Store(db_path) as store:
             run = settled(store, run_id)
+            foreign = store.foreign_folder(run)
     except StoreError as err:
         raise RecipeError(str(err)) from None
+    if foreign:
+        raise RecipeError(f"run {run_id}: {foreign}; not resuming from its checkpoints")
     if run["stage"] != stage:
         raise RecipeError(f"run {run_id} is a {run['stage']} run, not {stage}")
     if run["status"] in ("pending", "running"):
         raise RecipeError(f"run {run_id} is {run['status']} (pid {run['pid']}); stop it before resuming")
     if run.get("launch") and run["exit_code"] is None and run.get("orphaned") is None:
         raise RecipeError(f"run {run_id} is still shutting down (its exit is not recorded yet); try again shortly")
-    if not any((p / "trainer_state.json").is_file() or (p / "ppo_state.json").is_file()
-               for p in Path(run["output_dir"]).glob("checkpoint-*")):
+    if not any(checkpoints_in(Path(run["output_dir"]), marker) for marker in ("trainer_state.json", "ppo_state.json")):
         raise RecipeError(f"run {run_id} has no checkpoint in {run['output_dir']} to resume from")
     return run
 
 
+def checkpoints_in(folder: Path, marker: str) -> list[Path]:
+    """The `checkpoint-N` folders in `folder` that hold `marker` (saves that completed), oldest first;
+    staging folders of a save in progress (`checkpoint-N.partial`) are not among them."""
+    done = [p for p in folder.glob("checkpoint-*")
+            if p.name.split("-", 1)[1].isdigit() and (p / marker).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
 def newest_checkpoint(folder: Path, marker: str) -> Path | None:
-    """The highest-step `checkpoint-N` in `folder` that holds `marker` (a save that completed)."""
-    done = [p for p in folder.glob("checkpoint-*") if (p / marker).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    """The highest-step complete `checkpoint-N` in `folder`."""
+    done = checkpoints_in(folder, marker)
+    return done[-1] if done else None
 
 
 def _raise_stop(signum: int, frame: object) -> None:
@@ -99,14 +124,18 @@ def tracked_run(
     if threading.current_thread() is threading.main_thread():
         # Until the trainer installs its own graceful handler, a stop has nothing to save: end now.
         signal.signal(signal.SIGTERM, _raise_stop)
-    store = Store(db_path) if rank == 0 else None
+    # Rank 0 writes through a store whose failed writes wait and are retried: runs.db trouble never stops
+    # a run (registration above, and the final status, still say so if they fail).
+    store = ResilientStore(Store(db_path)) if rank == 0 else None
     run_id = int(given) if given is not None else register_run(store, stage, recipe, recipe_path, overrides)
     handle = RunHandle(run_id, Path(recipe.output_root) / str(run_id), store)
     if store is not None:
         handle.output_dir.mkdir(parents=True, exist_ok=True)
-        fields: dict[str, Any] = {"status": "running", "started": time.time(), "world_size": world,
-                                  "ended": None, "exit_code": None, "error": None}
+        # A resumed run keeps the time it first started.
+        fields: dict[str, Any] = {"status": "running", "started": store.run(run_id)["started"] or time.time(),
+                                  "world_size": world, "ended": None, "exit_code": None, "error": None}
         if os.environ.get(LAUNCHED_ENV) != "1":
+            fields["launch"] = None  # this stretch runs in this process, whatever started the run before
             fields["pid"] = os.getpid()
             # Only a group leader may be signalled as a group: anything else would hit our parent too.
             fields["pgid"] = os.getpgid(0) if os.getpgid(0) == os.getpid() else None

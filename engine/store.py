@@ -11,6 +11,7 @@ Only light imports here: the console reads the store without loading torch.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -18,13 +19,17 @@ import socket
 import sqlite3
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import sqlite_utils
 
-BUSY_TIMEOUT_S = 60.0
+# How long a write waits for another writer before it fails (a test can make it short).
+log = logging.getLogger(__name__)
+BUSY_TIMEOUT_S = float(os.environ.get("RLHF_DB_BUSY_S", 60.0))
+RUN_MARKER = ".rlhf-run.json"  # in each run folder: which runs.db (db_id) and run it belongs to
 RUN_STATUSES = ("pending", "running", "done", "failed", "stopped", "diverged")
 
 
@@ -111,6 +116,13 @@ def _v5(db: sqlite_utils.Database) -> None:
     # When a pending or running run was found with its processes gone and closed as failed: such a run
     # can be resumed although no exit code was ever recorded for it.
     db["runs"].add_column("orphaned", float)
+    # This file's identity, written into every run folder it hands out (RUN_MARKER): two runs.db files
+    # with the same output_root never share a folder, and one never deletes or resumes the other's.
+    db["meta"].insert({"key": "db_id", "value": random.getrandbits(62)})
+    for run_id, output_dir in db.execute("SELECT id, output_dir FROM runs").fetchall():
+        folder = Path(output_dir) if output_dir else None
+        if folder is not None and folder.is_absolute() and folder.is_dir() and not (folder / RUN_MARKER).exists():
+            _write_marker(folder, db.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()[0], run_id)
     # Judging checkpoints: each eval run's items with the answer it generated, the judge's verdict per item,
     # every judge reply keyed on its full input (a re-run asks nothing twice), pairwise verdicts in both
     # orders, and chat exchanges with their blind votes.
@@ -195,6 +207,20 @@ MIGRATIONS = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def _write_marker(folder: Path, db_id: int, run_id: int) -> None:
+    tmp = folder / f"{RUN_MARKER}.tmp"
+    tmp.write_text(json.dumps({"db_id": db_id, "run_id": run_id}), encoding="utf-8")
+    os.replace(tmp, folder / RUN_MARKER)
+
+
+def folder_owner(folder: str | os.PathLike) -> dict[str, int] | None:
+    """The (db_id, run_id) a run folder's marker names, or None if it has none (or it cannot be read)."""
+    try:
+        return json.loads((Path(folder) / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _locked(err: sqlite3.OperationalError) -> bool:
     return "locked" in str(err) or "busy" in str(err)
 
@@ -239,9 +265,24 @@ class Store:
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = connect(self.path)
-        self._lock = threading.RLock()
-        self._migrate()
+        if not self.path.exists():
+            # For its owner only (SQLite gives its -wal and -shm files the same mode): a shared GPU server's
+            # other users have no business reading runs, chats and judge replies.
+            try:
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            except OSError as err:
+                raise StoreError(f"{self.path}: cannot create runs.db ({err.strerror}); give --db a path you can "
+                                 "write") from None
+        try:
+            self.db = connect(self.path)
+            self._lock = threading.RLock()
+            self._migrate()
+        except sqlite3.DatabaseError as err:  # not a database, truncated, malformed, or its folder is read-only
+            raise StoreError(
+                f"{self.path}: cannot be opened as runs.db ({err}). If the file is damaged, move it aside and "
+                "start a new one (the runs' folders and checkpoints are untouched); if its folder is read-only, "
+                "SQLite cannot create the -wal and -shm files it needs beside it: copy it somewhere writable"
+            ) from None
 
     def close(self) -> None:
         self.db.close()
@@ -292,11 +333,17 @@ class Store:
         overrides: Iterable[str] = (),
         output_root: str = "runs",
     ) -> int:
+        root = Path(output_root).resolve()
         with self._write() as db:
             table = db["runs"]
             last = db.execute("SELECT value FROM meta WHERE key = 'last_run_id'").fetchone()[0]
             top = db.execute("SELECT COALESCE(MAX(id), 0) FROM runs").fetchone()[0]
             run_id = max(last, top) + 1
+            # A folder another runs.db handed out (or anything already there) is skipped, never shared.
+            while (root / str(run_id)).exists():
+                run_id += 1
+            (root / str(run_id)).mkdir(parents=True, mode=0o700)
+            _write_marker(root / str(run_id), self.db_id, run_id)
             db.execute("UPDATE meta SET value = ? WHERE key = 'last_run_id'", [run_id])
             table.insert(
                 {
@@ -312,8 +359,28 @@ class Store:
                 }
             )
             # Absolute: a console started elsewhere must find (and, asked to, delete) the same folder.
-            table.update(run_id, {"output_dir": str(Path(output_root).resolve() / str(run_id))})
+            table.update(run_id, {"output_dir": str(root / str(run_id))})
         return int(run_id)
+
+    @property
+    def db_id(self) -> int:
+        with self._lock:
+            return int(self.db.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()[0])
+
+    def foreign_folder(self, run: Mapping[str, Any]) -> str | None:
+        """Why the run's folder is not this run's (its marker names another runs.db or run), or None. A
+        folder without a marker (older than schema 5) is taken as the run's."""
+        owner = folder_owner(run["output_dir"]) if run.get("output_dir") else None
+        if owner is None or (owner.get("db_id") == self.db_id and owner.get("run_id") == run["id"]):
+            return None
+        return (f"{run['output_dir']} belongs to run {owner.get('run_id')} of another runs.db, not to run "
+                f"{run['id']} of {self.path}")
+
+    def owns_folder(self, run: Mapping[str, Any]) -> bool:
+        """The run's folder carries this runs.db's marker for this run: only then may its files be deleted,
+        its processes signalled or its checkpoints resumed from."""
+        owner = folder_owner(run["output_dir"]) if run.get("output_dir") else None
+        return owner is not None and owner.get("db_id") == self.db_id and owner.get("run_id") == run["id"]
 
     def claim_for_resume(self, run_id: int) -> bool:
         """Make an ended run pending again, in one transaction: of two resumes at once only one wins.
@@ -349,6 +416,12 @@ class Store:
                             [time.time(), run_id])
             pgid, started = db.execute("SELECT pgid, pgid_started FROM runs WHERE id = ?", [run_id]).fetchone()
             return pgid, started
+
+    def set_supervisor(self, run_id: int, pid: int, started: int | None) -> None:
+        """A detached run's supervisor, recorded until it records the run's own process group."""
+        with self._write() as db:
+            db.conn.execute("UPDATE runs SET pid = ?, pgid_started = ? WHERE id = ? AND pgid IS NULL",
+                            [pid, started, run_id])
 
     def set_process(self, run_id: int, pid: int, pgid: int, started: int | None = None) -> bool:
         """Record the run's processes (`started`: the leader's start time); returns whether a stop was
@@ -386,6 +459,25 @@ class Store:
             db.conn.execute("DELETE FROM pairwise WHERE a_run = ? OR b_run = ?", [run_id, run_id])
             if db.conn.execute("DELETE FROM runs WHERE id = ?", [run_id]).rowcount == 0:
                 raise StoreError(f"{self.path}: no run {run_id}")
+
+    def vacuum_if_worthwhile(self, min_free_bytes: int = 32 * 1024 * 1024, min_share: float = 0.25) -> bool:
+        """Give back the space deleted runs left (SQLite keeps free pages otherwise): when at least
+        `min_free_bytes` and `min_share` of the file are free. Skipped, not waited for, while another
+        connection is busy with the file."""
+        with self._lock:
+            free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+            pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+            size = self.db.execute("PRAGMA page_size").fetchone()[0]
+            if free * size < min_free_bytes or free < min_share * max(pages, 1):
+                return False
+            self.db.conn.execute("PRAGMA busy_timeout = 100")
+            try:
+                self.db.conn.execute("VACUUM")
+            except sqlite3.OperationalError:
+                return False
+            finally:
+                self.db.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        return True
 
     def metrics_of(self, run_id: int, up_to_seq: int) -> list[dict[str, Any]]:
         """A run's rows with seq <= `up_to_seq`: what a reader reloads when the run's history changed."""
@@ -451,6 +543,37 @@ class Store:
             cursor = self.db.execute(sql, params)
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def max_seq(self) -> int:
+        with self._lock:
+            return int(self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM metrics").fetchone()[0])
+
+    def metric_extremes(self, names: Iterable[str], up_to_seq: int,
+                        run_id: int | None = None) -> dict[int, dict[str, tuple[float | None, float | None]]]:
+        """run id -> metric -> (min, max) over rows with seq <= `up_to_seq`, computed by SQLite (no row
+        is loaded): the best-metric column of runs nobody is looking at."""
+        names = list(names)
+        if not names:
+            return {}
+        sql = (f"SELECT run_id, name, MIN(value), MAX(value) FROM metrics WHERE name IN "
+               f"({', '.join('?' * len(names))}) AND seq <= ?")
+        params: list[Any] = [*names, up_to_seq]
+        if run_id is not None:
+            sql, params = sql + " AND run_id = ?", [*params, run_id]
+        out: dict[int, dict[str, tuple[float | None, float | None]]] = {}
+        with self._lock:
+            for rid, name, lo, hi in self.db.execute(sql + " GROUP BY run_id, name", params).fetchall():
+                out.setdefault(rid, {})[name] = (lo, hi)
+        return out
+
+    def recent_metrics(self, run_id: int, up_to_seq: int, limit: int) -> list[dict[str, Any]]:
+        """A run's newest `limit` rows with seq <= `up_to_seq`, oldest first."""
+        with self._lock:
+            cursor = self.db.execute(
+                "SELECT seq, run_id, run_seq, step, name, value, wall_time FROM metrics WHERE run_id = ? "
+                "AND seq <= ? ORDER BY seq DESC LIMIT ?", [run_id, up_to_seq, limit])
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in reversed(cursor.fetchall())]
 
     def last_value(self, run_id: int, name: str) -> float | None:
         with self._lock:
@@ -607,6 +730,61 @@ class EvalStore:
 
     def chats(self) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM chats ORDER BY id", [])
+
+
+class ResilientStore:
+    """A run's view of runs.db in which a failed write (locked beyond the busy timeout, a full disk) never
+    stops training: the write waits in an ordered backlog, retried before the next one, and the log says
+    so. Rows keep their order (run_seq stays gapless); only if the backlog outgrows `max_backlog` are its
+    oldest writes dropped, with a count in the log. Reads and everything else go straight to the store."""
+
+    WRITES = ("log_metrics", "add_samples", "add_checkpoint", "prune_checkpoints", "update_run", "drop_history_after")
+
+    def __init__(self, store: Store, max_backlog: int = 100_000):
+        self.store = store
+        self.backlog: deque[tuple[str, tuple, dict]] = deque()
+        self.max_backlog = max_backlog
+        self.dropped = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.WRITES:
+            return lambda *args, **kwargs: self._hold(name, args, kwargs)
+        return getattr(self.store, name)
+
+    def _hold(self, name: str, args: tuple, kwargs: dict) -> Any:
+        self.backlog.append((name, args, kwargs))
+        if len(self.backlog) > self.max_backlog:
+            self.backlog.popleft()
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                log.error("runs.db: %d writes dropped (the backlog is full); training goes on", self.dropped)
+        return self.flush()
+
+    def flush(self) -> Any:
+        """Write the backlog in order; stop at the first failure (it stays for the next try)."""
+        result = None
+        while self.backlog:
+            name, args, kwargs = self.backlog[0]
+            try:
+                result = getattr(self.store, name)(*args, **kwargs)
+            except (StoreError, sqlite3.Error, OSError) as err:
+                held = len(self.backlog)
+                if held in (1, 10, 100) or held % 1000 == 0:
+                    log.warning("runs.db write failed (%s): %d writes held back, training goes on", err, held)
+                return None
+            self.backlog.popleft()
+        return result
+
+    def close(self, patience_s: float = 120.0) -> None:
+        """Write what is held back before the run ends, trying for up to `patience_s`."""
+        deadline = time.monotonic() + patience_s
+        self.flush()
+        while self.backlog and time.monotonic() < deadline:
+            time.sleep(1.0)
+            self.flush()
+        if self.backlog:
+            log.error("runs.db: %d writes could not be made before the run ended", len(self.backlog))
+        self.store.close()
 
 
 def default_db_path() -> Path:

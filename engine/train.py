@@ -12,21 +12,15 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import Recipe, RecipeError, Stage, load_recipe
+from engine.config import Recipe, RecipeError, Stage, load_recipe, looks_local
 from engine.data.records import DataError
 from engine.run import tracked_run
-from engine.store import default_db_path
+from engine.store import StoreError, default_db_path
 
 log = logging.getLogger(__name__)
 RUNNERS = {"sft": "engine.sft:run_sft", "rm": "engine.reward:run_rm", "ppo": "engine.ppo.trainer:run_ppo"}
 EXIT_STOPPED = 143  # 128 + SIGTERM: a stopped run is not a success a script should chain on from
 EXIT_BAD_INPUT = 2
-
-
-def _local_only(path: str) -> bool:
-    """A path that can only mean a local file or folder (a hub id is `name` or `owner/name`)."""
-    data_file = Path(path).suffix.lower() in (".json", ".jsonl", ".ndjson", ".parquet")
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or data_file
 
 
 WEIGHT_FILES = (
@@ -73,7 +67,12 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str]) -> Recipe:
             paths.append((f"{stage}.{field}.{i}.path", source.path, "data"))
     for field, path, kind in paths:
         local = Path(path).expanduser()
-        if _local_only(path) and not local.exists():
+        try:
+            local.exists()
+        except OSError as err:  # a path too long for the file system, say
+            raise RecipeError(f"{recipe.where(field)}: {field}: {path[:80]!r}…: {err.strerror}",
+                              {field: err.strerror or "unusable path"}) from None
+        if looks_local(path) and not local.exists():
             raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} does not exist", {field: "does not exist"})
         if kind != "data" and local.exists():
             problem = model_folder_problem(path, reward_model=kind == "reward model")
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         _, status = run_stage(args.stage, args.recipe, args.overrides, args.db)
-    except (RecipeError, DataError) as err:
+    except (RecipeError, DataError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return EXIT_STOPPED if status == "stopped" else 0

@@ -246,7 +246,7 @@ async def test_config_diff_delete_help_and_palette(workdir):
         b = store.create_run(stage="sft", name="b", recipe="x.yaml", config=json.dumps({"lr": 2, "seed": 0}))
         for run_id in (a, b):
             store.update_run(run_id, status="done")
-    Path(workdir / "runs" / str(a)).mkdir(parents=True)
+    assert (workdir / "runs" / str(a)).is_dir()  # a run's folder is made when it is registered
     app = console()
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for(pilot, lambda: len(app.runs) == 2, 20)

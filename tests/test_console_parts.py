@@ -129,7 +129,8 @@ def _write_steps(db, run_id, steps, per_step=5):
 def test_two_followers_see_two_writers_rows_exactly_once(tmp_path):
     db = tmp_path / "runs.db"
     with Store(db) as store:
-        ids = [store.create_run(stage="sft", name=f"r{i}", recipe="x.yaml", config="{}") for i in range(2)]
+        ids = [store.create_run(stage="sft", name=f"r{i}", recipe="x.yaml", config="{}",
+                                  output_root=str(tmp_path / "runs")) for i in range(2)]
     followers = [StoreFollower(db, batch=37) for _ in range(2)]  # a small batch: polls split the stream
     histories = [History(), History()]
     writers = [threading.Thread(target=_write_steps, args=(db, run_id, 200)) for run_id in ids]
@@ -160,16 +161,55 @@ def test_two_followers_see_two_writers_rows_exactly_once(tmp_path):
 def test_follower_reloads_a_run_whose_history_a_resume_rewrote(tmp_path):
     db = tmp_path / "runs.db"
     with Store(db) as store:
-        run_id = store.create_run(stage="sft", name="r", recipe="x.yaml", config="{}")
+        run_id = store.create_run(stage="sft", name="r", recipe="x.yaml", config="{}",
+                                  output_root=str(tmp_path / "runs"))
     _write_steps(db, run_id, 10, per_step=1)
     follower = StoreFollower(db)
+    follower.followed = frozenset({run_id})
     messages, more = follower.poll()
-    assert isinstance(messages[0], RunsPolled) and isinstance(messages[1], MetricsPolled) and not more
+    assert isinstance(messages[0], RunsPolled) and not more
+    assert isinstance(messages[1], HistoryReset) and not messages[1].full  # seeded light, from SQL
+    follower.requests.put(run_id)
     with Store(db) as store:
         store.drop_history_after(run_id, 6)
     messages, _ = follower.poll()
     reset = [m for m in messages if isinstance(m, HistoryReset)]
-    assert len(reset) == 1 and [r["step"] for r in reset[0].rows] == [1, 2, 3, 4, 5, 6]
+    assert len(reset) == 1 and reset[0].full and [r["step"] for r in reset[0].rows] == [1, 2, 3, 4, 5, 6]
+    follower.close()
+
+
+def test_the_console_holds_every_point_only_of_the_runs_it_shows(tmp_path):
+    """Ten runs of 20,000 rows: at start no row is read one by one; each run keeps its newest points and
+    its best-metric extremes; a run that is looked at gets its whole history, and lets it go after."""
+    from console.series import LIGHT_POINTS, History, best_metric
+
+    db = tmp_path / "runs.db"
+    with Store(db) as store:
+        ids = [store.create_run(stage="sft", name=f"r{i}", recipe="x.yaml", config="{}",
+                                output_root=str(tmp_path / "runs")) for i in range(10)]
+        for run_id in ids:
+            for start in range(0, 20_000, 1000):
+                for step in range(start + 1, start + 1001):
+                    store.log_metrics(run_id, step, {"loss": 100.0 / step + run_id}, wall_time=float(step))
+    follower = StoreFollower(db)
+    history = History()
+    messages, more = follower.poll()
+    assert not more and not any(isinstance(m, MetricsPolled) for m in messages)
+    for m in messages:
+        if isinstance(m, HistoryReset):
+            history.replace(m.run_id, m.history_version, m.rows, m.full, m.extremes)
+    assert all(history.runs[i].rows <= 4 * LIGHT_POINTS for i in ids)
+    assert best_metric("sft", history.runs[ids[3]]) == ("loss", pytest.approx(100.0 / 20_000 + ids[3]))
+    history.followed = {ids[3]}
+    follower.followed = frozenset(history.followed)
+    follower.requests.put(ids[3])
+    messages, _ = follower.poll()
+    (whole,) = [m for m in messages if isinstance(m, HistoryReset)]
+    history.replace(whole.run_id, whole.history_version, whole.rows, whole.full, whole.extremes)
+    assert len(history.runs[ids[3]].series["loss"]) == 20_000
+    history.runs[ids[3]].lighten()  # looked away
+    assert len(history.runs[ids[3]].series["loss"]) <= 2 * LIGHT_POINTS
+    assert best_metric("sft", history.runs[ids[3]])[1] == pytest.approx(100.0 / 20_000 + ids[3])
     follower.close()
 
 

@@ -47,7 +47,7 @@ def snapshot_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                               "losses/policy_loss": -0.01 * math.sin(s), "losses/value_loss": 1 / s})
         store.update_run(ppo, error="Traceback (most recent call last):\nRuntimeError: boom")
         out = Path(store.run(ppo)["output_dir"])
-    out.mkdir(parents=True)
+    assert out.is_dir()  # made when the run was registered
     (out / "train.log").write_text("step 1\n 10%|#  |\r100%|##########|\nTraceback (most recent call last):\n"
                                    '  File "train.py", line 1\nRuntimeError: boom\n')
     return db

@@ -83,6 +83,29 @@ def test_json_array_reports_the_line_of_each_record(tmp_path):
     assert report.examples == [f"{path}:4: missing 'output'"]
 
 
+def test_a_non_utf8_byte_spoils_only_its_line(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    good = json.dumps({"instruction": "q", "output": "a"}).encode()
+    path.write_bytes(good + b"\n" + b'{"instruction": "caf\xe9", "output": "a"}\n' + good + b"\n")
+    items, (report,) = loaded(load_conversations, DataSource(path=str(path)))
+    assert len(items) == 2 and report.malformed == 1
+    assert report.examples == [f"{path}:2: not UTF-8 (byte 0xe9 at column 21)"]
+    array = tmp_path / "latin.json"
+    array.write_bytes(b'[\n {"instruction": "q", "output": "a"},\n {"instruction": "caf\xe9", "output": "a"}\n]')
+    with pytest.raises(DataError, match=rf"{array}:3: not UTF-8 \(byte 0xe9\)"):
+        list(read_records(str(array)))
+
+
+def test_json_arrays_of_every_shape(tmp_path):
+    for text, count in (("[]", 0), ("[ ]\n", 0), ('[{"a": 1}]', 1), ('\ufeff[\n{"a": [1, 2]},\n{"b": "]"}\n]', 2)):
+        path = tmp_path / "x.json"
+        path.write_text(text, encoding="utf-8")
+        assert len(list(read_records(str(path)))) == count, text
+    path.write_text('[{"a": 1}\n {"b": 2}]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"x.json:2: not valid JSON \(expected ','"):
+        list(read_records(str(path)))
+
+
 def test_belle_style_json_lines_named_json(tmp_path):
     path = jsonl(tmp_path / "belle.json", [{"instruction": "q", "input": "", "output": "a"}])
     assert convs(path) == [(Q, A)]

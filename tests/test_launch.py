@@ -231,10 +231,41 @@ def test_stop_is_recorded_before_the_signal_and_refused_for_an_ended_run(workdir
         store.update_run(run_id, status="running")  # no process group: nothing to signal, still recorded
     assert request_stop(os.environ["RLHF_DB"], run_id) is None
     assert run_row(run_id)["stop_requested"] is not None
-    # killed after its grace period (SIGKILL, -9): a stop that was asked for, not a failure
-    assert record_exit(os.environ["RLHF_DB"], run_id, -9) == "stopped"
-    with pytest.raises(RecipeError, match="is stopped: nothing to stop"):
+    # killed after its grace period before the trainer recorded its checkpoint: the stop did not keep a
+    # save, and the record says so instead of "stopped"
+    assert record_exit(os.environ["RLHF_DB"], run_id, -9, killed=True) == "failed"
+    run = run_row(run_id)
+    assert run["exit_code"] == -9 and "before the trainer recorded its checkpoint" in run["error"]
+    with pytest.raises(RecipeError, match="is failed: nothing to stop"):
         request_stop(os.environ["RLHF_DB"], run_id)
+    with Store(os.environ["RLHF_DB"]) as store:  # the trainer saved and recorded its stop; the launcher
+        other = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")  # died of the SIGTERM
+        store.update_run(other, status="stopped")
+    assert record_exit(os.environ["RLHF_DB"], other, -15, stop_requested=True) == "stopped"
+    assert run_row(other)["exit_code"] == 143  # as the README promises, not the launcher's -15
+
+
+def test_a_stop_through_the_consoles_path_waits_for_a_slow_save(workdir, monkeypatch):
+    """One-process launch: accelerate's launcher dies at once on the group's SIGTERM while the trainer
+    under it still has seconds of work before its checkpoint. The supervisor learns of the stop from
+    runs.db and waits the stop's grace, not the short linger for stray processes."""
+    from engine.launch import prepare, request_stop, start_detached
+
+    monkeypatch.setenv("RLHF_LINGER_S", "0.5")  # what a stray process may take; a save takes longer
+    run = prepare("ppo", str(TINY), ["reward_fn=tests.ppo_rewards:slow_share_of_letter_a", "steps=50",
+                                     "rollout_batch_size=4", "max_new_tokens=4", "save_steps=1000"],
+                  str(ACCEL / "cpu.yaml"))
+    start_detached(run)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(metric(run.run_id, "kl_ctl_value")) < 1:
+        time.sleep(0.2)
+    assert request_stop(os.environ["RLHF_DB"], run.run_id) is not None  # as the console's `x` does
+    while time.time() < deadline and run_row(run.run_id)["exit_code"] is None:
+        time.sleep(0.2)
+    row = run_row(run.run_id)
+    assert row["status"] == "stopped" and row["exit_code"] == 143, row
+    step = row["step"]
+    assert (Path(row["output_dir"]) / f"checkpoint-{step}" / "ppo_state.json").is_file()
 
 
 def test_detached_launch_returns_at_once_and_the_supervisor_records_the_exit(workdir):

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -281,3 +282,24 @@ def _steps(run_id: int) -> int:
         return len(metric(run_id, "kl_ctl_value"))
     except Exception:
         return 0
+
+
+def test_a_save_that_never_completed_is_neither_resumed_from_nor_left_behind(workdir):
+    run_id, _ = run_stage("ppo", str(TINY), [*TOY, "steps=2", "save_steps=1", "rollout_batch_size=8"])
+    out = Path(run_row(run_id)["output_dir"])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    # A crash while writing step 3 (no marker yet), and one between the marker and the rename (step 5).
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-3.partial")
+    (out / "checkpoint-3.partial" / "ppo_state.json").unlink()
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-5.partial")
+    os.environ["RLHF_RUN_ID"] = str(run_id)
+    try:
+        _, status = run_stage("ppo", str(TINY), [*TOY, "steps=3", "save_steps=1", "rollout_batch_size=8",
+                                                 "resume_from_checkpoint=true"])
+    finally:
+        del os.environ["RLHF_RUN_ID"]
+    assert status == "done"
+    assert [s for s, _ in metric(run_id, "kl_ctl_value")] == [1, 2, 3]  # from step 2, not from a partial save
+    names = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert names == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert json.loads((out / "checkpoint-3" / "ppo_state.json").read_text())["step"] == 3

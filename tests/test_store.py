@@ -9,7 +9,8 @@ from engine.store import SCHEMA_VERSION, Store, StoreError
 
 
 def new_run(store: Store, stage: str = "sft") -> int:
-    return store.create_run(stage=stage, name="t", recipe="r.yaml", config="{}", output_root="runs")
+    return store.create_run(stage=stage, name="t", recipe="r.yaml", config="{}",
+                            output_root=str(store.path.parent / "runs"))
 
 
 def test_schema_is_created_once_and_wal_is_on(tmp_path):
@@ -21,7 +22,7 @@ def test_schema_is_created_once_and_wal_is_on(tmp_path):
         run_id = new_run(store)
     with Store(path) as store:  # reopening migrates nothing and keeps the data
         assert store.schema_version == SCHEMA_VERSION
-        assert store.run(run_id)["output_dir"] == str(Path("runs").resolve() / str(run_id))
+        assert store.run(run_id)["output_dir"] == str(path.parent.resolve() / "runs" / str(run_id))
 
 
 def test_a_newer_schema_is_refused(tmp_path):
@@ -237,3 +238,29 @@ def test_sixteen_processes_open_a_fresh_database_at_the_same_moment(tmp_path):
     for path in paths:
         with Store(path) as store:
             assert len(store.runs()) == procs // 2
+
+
+def test_a_damaged_or_unwritable_database_is_one_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "runs.db"
+    bad.write_bytes(b"this is not SQLite" * 100)
+    with pytest.raises(StoreError, match=r"cannot be opened as runs.db \(file is not a database\).*move it aside"):
+        Store(bad)
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "runs", "--db", str(bad)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "move it aside" in result.stderr
+    missing = subprocess.run([sys.executable, "-m", "engine.cli", "runs", "--db", str(tmp_path / "none.db")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no runs database here" in missing.stderr
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_runs_db_is_for_its_owner_only(tmp_path):
+    import stat
+
+    with Store(tmp_path / "runs.db") as store:
+        run_id = store.create_run(stage="sft", name="t", recipe="", config="{}", output_root=str(tmp_path / "runs"))
+        assert stat.S_IMODE((tmp_path / "runs.db").stat().st_mode) == 0o600
+        assert stat.S_IMODE(Path(store.run(run_id)["output_dir"]).stat().st_mode) & 0o077 == 0

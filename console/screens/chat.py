@@ -280,7 +280,7 @@ class ChatScreen(Screen[None]):
         winner = self.shown.get(choice, choice)  # A / B -> the real side; tie and both bad stay
         self._titles()
         self.query_one("#chat-settings", Static).update(Text(self.settings.line()))
-        self.notify(f"voted {choice}: A was {self.choices[self.shown['A']].label}")
+        self.notify(f"voted {choice}: A was {self.choices[self.shown['A']].label}", markup=False)
         self.app.save_chat(self._record(vote=winner))
 
     def _record(self, vote: str | None = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
 from console.diff import config_diff
+from console.text import terminal_safe
 
 
 class ConfigDiffScreen(ModalScreen[None]):
@@ -31,7 +32,7 @@ class ConfigDiffScreen(ModalScreen[None]):
             table = DataTable(zebra_stripes=True, cursor_type="row")
             table.add_columns("key", f"run {self.a['id']}", f"run {self.b['id']}")
             for key, left, right in rows + overrides:
-                table.add_row(Text(key), Text(left), Text(right))
+                table.add_row(Text(terminal_safe(key)), Text(terminal_safe(left)), Text(terminal_safe(right)))
             if not rows and not overrides:
                 table.add_row("(identical configs)", "", "")
             yield table

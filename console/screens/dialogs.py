@@ -9,6 +9,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Static
 
+from console.text import terminal_safe
+
 
 class ConfirmScreen(ModalScreen[bool]):
     BINDINGS = [Binding("escape,n", "cancel", "Cancel"), Binding("y", "confirm", "Confirm")]
@@ -19,7 +21,8 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Static(self.question, classes="question")
+            # run names and paths: never markup, never an escape sequence
+            yield Static(Text(terminal_safe(self.question)), classes="question")
             with Horizontal(classes="buttons"):
                 yield Button(f"{self.verb} (y)", variant="error", id="confirm")
                 yield Button("Cancel (n)", id="cancel")
@@ -48,9 +51,9 @@ class DeleteScreen(ModalScreen[tuple[bool, bool]]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Static(f"Delete run {self.run_id} from runs.db (its metrics, samples and checkpoint list)?",
+            yield Static(Text(f"Delete run {self.run_id} from runs.db (its metrics, samples and checkpoint list)?"),
                          classes="question")
-            yield Checkbox(f"also delete its files ({self.output_dir})", False, id="files")
+            yield Checkbox(Text(terminal_safe(f"also delete its files ({self.output_dir})")), False, id="files")
             with Horizontal(classes="buttons"):
                 yield Button("Delete (y)", variant="error", id="confirm")
                 yield Button("Cancel (n)", id="cancel")

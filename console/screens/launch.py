@@ -162,15 +162,16 @@ class LaunchScreen(Screen[int | None]):
         if self.recipe:
             self.load_recipe(self.stage, self.recipe)
 
-    @work(thread=True, exclusive=True, group="launch-form")
+    @work(thread=True, exclusive=True, group="launch-form", exit_on_error=False)
     def load_recipe(self, stage: str, recipe: str) -> None:
         from engine.config import RecipeError, load_recipe
 
         try:
             loaded = load_recipe(recipe)
             section = loaded.stage(stage)
-        except RecipeError as err:
-            self.post_message(RecipeLoaded(stage, recipe, {}, recipe_keys(stage, False), str(err)))
+        except Exception as err:  # RecipeError, and anything else: shown on the form, never the console's end
+            message = str(err) if isinstance(err, RecipeError) else f"{recipe}: {type(err).__name__}: {err}"
+            self.post_message(RecipeLoaded(stage, recipe, {}, recipe_keys(stage, False), message))
             return
         keys = recipe_keys(stage, section.model is not None)
         data = loaded.model_dump()
@@ -188,11 +189,14 @@ class LaunchScreen(Screen[int | None]):
     def on_recipe_loaded(self, message: RecipeLoaded) -> None:
         if (message.stage, message.recipe) != (self.stage, self.recipe):
             return  # an answer for an earlier choice that arrived late
+        previous = self.loaded
         self.loaded, self.keys = message.values, message.keys
         for field in FIELDS:  # a recipe that failed to load leaves no values behind to become overrides
-            if field.name != "processes":
-                self.query_one(f"#field-{field.name}", Input).value = message.values.get(field.name, "")
-        self.query_one("#field-processes", Input).value = ""
+            if field.name == "processes":
+                continue
+            box = self.query_one(f"#field-{field.name}", Input)
+            if box.value.strip() == previous.get(field.name, ""):  # what the user typed meanwhile stays
+                box.value = message.values.get(field.name, "")
         self._error("recipe", message.error or "")
 
     # -- validation ------------------------------------------------------------------------------------
@@ -251,7 +255,7 @@ class LaunchScreen(Screen[int | None]):
                 bad = True
         return bad
 
-    @work(thread=True, exclusive=True, group="launch-validate")
+    @work(thread=True, exclusive=True, group="launch-validate", exit_on_error=False)
     def validate(self, stage: str, recipe: str, overrides: list[str], launch: bool) -> None:
         from engine.config import RecipeError
         from engine.data.records import DataError
@@ -261,6 +265,9 @@ class LaunchScreen(Screen[int | None]):
             validate(stage, recipe, overrides)
         except (RecipeError, DataError) as err:
             self.post_message(Validated(str(err), getattr(err, "fields", {}), launch))
+            return
+        except Exception as err:  # an unexpected failure is the form's to show, not the console's end
+            self.post_message(Validated(f"validation failed: {type(err).__name__}: {err}", {}, launch))
             return
         self.post_message(Validated(None, {}, launch))
 

@@ -18,6 +18,7 @@ from textual.widgets.option_list import Option
 
 from console.colours import run_colour
 from console.messages import LogRead, SamplesLoaded
+from console.text import terminal_safe
 from console.widgets.log_view import LogView
 from console.widgets.run_table import SORTS, RunTable, shown_status
 from console.widgets.samples_view import SamplesView
@@ -117,6 +118,9 @@ class RunsScreen(Screen):
         if not self.app.runs:
             self._set_info(f"no runs yet in {self.app.db_path} — press n to launch one")
 
+    def store_failed(self, reason: str) -> None:
+        self._set_info(f"cannot read runs.db: {reason}")
+
     def metrics_changed(self, run_ids: set[int]) -> None:
         # best and ETA come from the metrics; only cells whose text changed are redrawn
         self.query_one(RunTable).show(self.app.runs, self.app.history, set(self.marked))
@@ -153,6 +157,7 @@ class RunsScreen(Screen):
         if run_id == self.selected:
             return
         self.selected = run_id
+        self.app.follow(self._chart_runs())
         run = self.app.runs.get(run_id) if run_id is not None else None
         self.log_view.clear()
         self.app.log_target = None if run is None else (run_id, Path(run["output_dir"]) / "train.log")
@@ -291,7 +296,8 @@ class RunsScreen(Screen):
     def _set_info(self, text: str) -> None:
         if text != self._info:  # an update re-lays out the screen even when the text is the same
             self._info = text
-            self.query_one("#run-info", Static).update(Text(text))  # run names, errors: not markup
+            # run names, errors: neither markup nor terminal escapes
+            self.query_one("#run-info", Static).update(Text(terminal_safe(text)))
 
     # -- actions -------------------------------------------------------------------------------------------
     def action_mark(self) -> None:
@@ -301,6 +307,7 @@ class RunsScreen(Screen):
             self.marked.remove(self.selected)
         else:
             self.marked.append(self.selected)
+        self.app.follow(self._chart_runs())
         self.query_one(RunTable).show(self.app.runs, self.app.history, set(self.marked))
         self._update_metric_list()
         self.schedule_redraw()

@@ -15,6 +15,7 @@ from rich.text import Text
 from textual.widgets import DataTable
 
 from console.colours import run_colour
+from console.text import terminal_safe
 from engine.procs import same_group
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def cells(run: dict[str, Any], history: History, marked: bool) -> tuple:
     return (
         Text(f"{mark}{run['id']}", style=run_colour(run["id"]) if marked else ""),
         run["stage"],
-        Text(run["name"] or ""),  # a user's text: never read as markup
+        Text(terminal_safe(run["name"] or "")),  # a user's text: never markup, never a terminal escape
         Text(status, style=STATUS_STYLE.get(status, "")),
         step,
         eta,

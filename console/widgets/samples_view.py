@@ -9,9 +9,11 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
+from console.text import terminal_safe
+
 
 def _one_line(text: str, width: int = 200) -> str:
-    flat = " ".join(text.split())
+    flat = " ".join(terminal_safe(text).split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -34,7 +35,7 @@ from engine.ppo import core
 from engine.ppo.hydra import Hydra
 from engine.ppo.rewards import FunctionScorer, RewardModelScorer, Scorer, import_function
 from engine.ppo.rollout import Rollout, generate
-from engine.run import RunHandle, newest_checkpoint
+from engine.run import RunHandle, checkpoints_in, newest_checkpoint
 from engine.track import StopFlag
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,10 @@ class PPOTrainer:
         self.prompts = load_prompts(self.stage.prompts, recipe.seed).train
         self.scorer = _scorer(recipe, self.stage, self.device)
         self.state = PPOState()
+        if self.accelerator.is_main_process and handle.output_dir.is_dir():
+            for left in clean_interrupted_saves(handle.output_dir):
+                log.warning("removed %s: a save that never completed", left)
+        self.accelerator.wait_for_everyone()
         self.resume_dir = self._resume_dir()
 
         # Resuming starts from the saved policy; in LoRA mode from the base model plus the saved adapters.
@@ -171,7 +176,8 @@ class PPOTrainer:
         self.scheduler.load_state_dict(saved["scheduler"])
         if saved["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(saved["scaler"])
-        mine = torch.load(folder / _rank_file(self.rank), map_location="cpu", weights_only=False)
+        # Tensors and plain values only: a checkpoint is data, and unpickling arbitrary objects runs code.
+        mine = torch.load(folder / _rank_file(self.rank), map_location="cpu", weights_only=True)
         random.setstate(mine["python"])
         torch.set_rng_state(mine["torch"])
         if torch.cuda.is_available() and mine.get("cuda") is not None:
@@ -182,37 +188,56 @@ class PPOTrainer:
         log.info("resumed from %s at step %d", folder, self.state.step)
 
     def save(self, folder: Path) -> None:
+        """A full-state checkpoint, made whole before it is visible: every rank writes into
+        `checkpoint-N.partial`, every file is fsync'ed, all ranks meet, rank 0 writes the marker (itself
+        through a rename) and renames the folder into place. A crash at any point leaves the previous
+        checkpoints as they were and at most a `.partial` folder, removed at the next start."""
         self.state.kl = self.kl.state_dict()
         self.state.moments = self.moments.state_dict()
+        staging = folder.with_name(folder.name + ".partial")
+        if self.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.export_policy(folder / "policy", merge=False)
-            torch.save(self.hydra.branch_state(), folder / BRANCHES_FILE)
+            self.export_policy(staging / "policy", merge=False)
+            torch.save(self.hydra.branch_state(), staging / BRANCHES_FILE)
             scaler = self.accelerator.scaler
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None}, folder / OPTIMIZER_FILE)
-        self.accelerator.wait_for_everyone()
+                        "scaler": scaler.state_dict() if scaler is not None else None}, staging / OPTIMIZER_FILE)
         mine = {"python": random.getstate(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "reference_scores": self.reference_scores}
-        torch.save(mine, folder / _rank_file(self.rank))
-        self.accelerator.wait_for_everyone()
+        torch.save(mine, staging / _rank_file(self.rank))
+        _fsync_tree(staging, only=_rank_file(self.rank))
+        self.accelerator.wait_for_everyone()  # every rank's share is on disk before the marker
         if self.accelerator.is_main_process:
-            # Written last: a folder without it is an interrupted save, never resumed from.
-            (folder / STATE_FILE).write_text(json.dumps(asdict(self.state)))
+            _fsync_tree(staging)
+            marker = staging / (STATE_FILE + ".tmp")
+            marker.write_text(json.dumps(asdict(self.state)))
+            _fsync_file(marker)
+            os.replace(marker, staging / STATE_FILE)  # written last: a folder without it is never resumed from
+            if folder.exists():  # a save of the same step (a stop right after a periodic save): replace it
+                old = folder.with_name(folder.name + ".old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(folder, old)
+                os.replace(staging, folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, folder)
+            _fsync_file(folder.parent)
             self._rotate(keep=folder)
             if self.handle.store is not None:
                 self.handle.store.add_checkpoint(self.handle.run_id, self.state.step, str(folder),
                                                  {"best_score": self.state.best_score}, full_state=True)
                 self.handle.store.prune_checkpoints(self.handle.run_id)
+        self.accelerator.wait_for_everyone()
 
     def _rotate(self, keep: Path) -> None:
         limit = self.stage.save_total_limit
         if limit is None:
             return
-        done = sorted((p for p in self.handle.output_dir.glob("checkpoint-*") if (p / STATE_FILE).is_file()),
-                      key=lambda p: int(p.name.split("-")[-1]))
+        done = checkpoints_in(self.handle.output_dir, STATE_FILE)
         for old in [p for p in done if p != keep][: max(len(done) - limit, 0)]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -419,6 +444,31 @@ class PPOTrainer:
         self.accelerator.wait_for_everyone()
         log.info("rank %d trainable weights digest %s", self.rank, weights_digest(self.hydra))
         return final
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path, only: str | None = None) -> None:
+    """fsync every file under `root` (or just the one named `only`) and the folders holding them."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if only is None or name == only:
+                _fsync_file(Path(folder) / name)
+        _fsync_file(Path(folder))
+
+
+def clean_interrupted_saves(output_dir: Path) -> list[Path]:
+    """Remove what saves that never completed left behind (`.partial`, `.old` folders)."""
+    left = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.endswith((".partial", ".old"))]
+    for path in left:
+        shutil.rmtree(path, ignore_errors=True)
+    return left
 
 
 def weights_digest(hydra: Hydra) -> str:

@@ -1,0 +1,122 @@
+"""What a run writes (its name, its log, its samples, its folder) must not hurt the console: no markup is
+read from it, no escape sequence reaches the terminal, an endless log line costs bounded memory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from textual.widgets import Checkbox, DataTable, Static
+
+from console.logtail import MAX_LINE_BYTES, LogTail
+from console.screens.dialogs import ConfirmScreen, DeleteScreen
+from console.widgets.log_view import LogView
+from console.widgets.run_table import RunTable
+from engine.store import Store
+from tests.pilot import console, sync, wait_for
+
+ESC_FILL = "\x1b#8"  # DECALN: fills the whole screen with E
+
+
+def hostile_runs(workdir: Path) -> tuple[int, int]:
+    with Store(os.environ["RLHF_DB"]) as store:
+        running = store.create_run(stage="sft", name="exp [lr=1e-5]", recipe="r.yaml", config="{}")
+        store.update_run(running, status="running", started=1.0)
+        stopped = store.create_run(stage="ppo", name=f"tiny [/] {ESC_FILL}\x1b[2J", recipe="r.yaml", config="{}")
+        folder = workdir / "data" / "runs[old]" / str(stopped)
+        folder.mkdir(parents=True)
+        store.update_run(stopped, status="stopped", exit_code=143, output_dir=str(folder), started=1.0, ended=2.0)
+        store.add_samples(stopped, 1, [(f"prompt {ESC_FILL}", "answer \x1b]0;title\x07 [b]bold?[/b] \x07", 0.5)])
+        store.log_metrics(stopped, 1, {"loss": 1.0})
+        (folder / "train.log").write_bytes(
+            b"x" * (100 * 1024) + b"\nplain line\n" + ESC_FILL.encode() + b"after fill\n\x1b[31mred\x1b[0m\n"
+            + b"w" * (40 * 1024) + b"\n" + b"y" * (60 * 1024))  # then an unfinished line, longer than the cap
+    return running, stopped
+
+
+@sync
+async def test_markup_and_escapes_from_a_run_reach_no_terminal(workdir):
+    running, stopped = hostile_runs(workdir)
+    app = console()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 2, 20, "the runs")
+        home = app.home
+        table = home.query_one(RunTable)
+        names = [str(table.get_row(str(k))[2]) for k in (running, stopped)]
+        assert names[0] == "exp [lr=1e-5]" and names[1].startswith("tiny [/] ") and "\x1b" not in names[1]
+
+        home.select_run(running)
+        await pilot.press("x")  # the stop dialog names the run: it must not parse "[lr=1e-5]" as markup
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the stop dialog")
+        assert "exp [lr=1e-5]" in str(app.screen.query_one(".question", Static).render())
+        await pilot.press("n")
+
+        home.select_run(stopped)
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the resume dialog")
+        question = str(app.screen.query_one(".question", Static).render())
+        assert "tiny [/]" in question and "\x1b" not in question
+        await pilot.press("n")
+        await pilot.press("D")
+        await wait_for(pilot, lambda: isinstance(app.screen, DeleteScreen), 10, "the delete dialog")
+        assert "runs[old]" in str(app.screen.query_one(Checkbox).label)
+        await pilot.press("n")
+
+        await pilot.press("2")  # the log
+        view = home.query_one(LogView)
+        await wait_for(pilot, lambda: any("after fill" in line for line in view.lines), 20, "the log")
+        assert all("\x1b" not in line and len(line.encode()) <= MAX_LINE_BYTES + 100 for line in view.lines)
+        assert "red" in view.lines
+        await pilot.press("3")  # the samples
+        await wait_for(pilot, lambda: home.query_one("#samples-table", DataTable).row_count == 1, 20, "samples")
+        row = [str(c) for c in home.query_one("#samples-table", DataTable).get_row_at(0)]
+        assert not any(ch in cell for cell in row for ch in "\x1b\x07") and "[b]bold?[/b]" in row[2]
+
+
+def test_an_endless_log_line_costs_bounded_memory(tmp_path):
+    log = tmp_path / "train.log"
+    tail = LogTail(log)
+    with open(log, "wb") as fh:
+        for _ in range(64):  # 64 MB that never ends its line
+            fh.write(b"z" * (1024 * 1024))
+            fh.flush()
+            lines, pending = tail.read()
+            assert lines == [] and len(pending) <= MAX_LINE_BYTES
+        fh.write(b"\ndone\n")
+    lines, pending = tail.read()
+    assert lines[-1] == "done" and len(tail._partial) == 0
+
+
+@sync
+async def test_the_launch_form_shows_what_would_have_ended_the_console(workdir):
+    import shutil
+
+    from console.screens.launch import LaunchScreen, RecipeLoaded, recipe_keys
+    from tests.conftest import REPO
+
+    configs = workdir / "configs"
+    shutil.copytree(REPO / "configs", configs)
+    (configs / "latin1.yaml").write_bytes(b"name: caf\xe9\nmodel: {path: demo/model}\n")
+    app = console()
+    app.configs_dir = configs
+    async with app.run_test(size=(100, 40)) as pilot:
+        await wait_for(pilot, lambda: app.loaded, 20, "the runs")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.query("#recipe"), 10, "form")
+        form = app.screen
+        # Typed before the recipe's values arrive: kept, not overwritten by them.
+        form.query_one("#field-lr").value = "7e-4"
+        form.on_recipe_loaded(RecipeLoaded("sft", form.recipe, {"lr": "0.003", "model": "demo/model"},
+                                           recipe_keys("sft", False), None))
+        assert form.query_one("#field-lr").value == "7e-4" and form.query_one("#field-model").value == "demo/model"
+
+        form.query_one("#recipe").value = str(configs / "latin1.yaml")
+        await wait_for(pilot, lambda: "not UTF-8" in str(form.query_one("#error-recipe").render()), 20,
+                       "the recipe's error on the form")
+        form.query_one("#recipe").value = str(configs / "tiny.yaml")
+        await wait_for(pilot, lambda: form.loaded.get("model") == "demo/model", 20, "tiny.yaml's values")
+        form.query_one("#field-model").value = "/" + "x" * 5000  # a long pasted path
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: "name too long" in str(form.query_one("#error-model").render()), 20,
+                       "the path's error under its field")
+        assert app.is_running and isinstance(app.screen, LaunchScreen)

@@ -1,0 +1,159 @@
+"""A run's record never lies: orphans are recognised and become resumable, only recorded processes are
+signalled, a runs.db never touches another one's folders, resume reads the recorded recipe."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.config import RecipeError
+from engine.launch import prepare, request_stop, start_detached
+from engine.procs import process_start
+from engine.run import check_resumable
+from engine.store import RUN_MARKER, Store, folder_owner
+from tests.conftest import REPO, RLHF, TINY
+from tests.helpers import metric, run_row
+
+ACCEL = REPO / "configs" / "accelerate"
+
+
+def wait(predicate, timeout: float = 180.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_two_databases_with_one_output_root_never_share_a_folder(tmp_path):
+    root = tmp_path / "runs"
+    with Store(tmp_path / "a.db") as a, Store(tmp_path / "b.db") as b:
+        first = a.create_run(stage="sft", name="a", recipe="", config="{}", output_root=str(root))
+        second = b.create_run(stage="sft", name="b", recipe="", config="{}", output_root=str(root))
+        assert (first, second) == (1, 2)  # b skips the folder a handed out
+        assert folder_owner(root / "1") == {"db_id": a.db_id, "run_id": 1}
+        assert folder_owner(root / "2") == {"db_id": b.db_id, "run_id": 2}
+        # a row naming another file's folder (a copied runs.db, an edited row) is not trusted with it
+        b.update_run(second, output_dir=str(root / "1"))
+        row = b.run(second)
+        assert not b.owns_folder(row) and "belongs to run 1 of another runs.db" in b.foreign_folder(row)
+        assert a.owns_folder(a.run(first))
+        b.update_run(second, status="running", pid=os.getpid(), pgid_started=process_start(os.getpid()))
+    with pytest.raises(RecipeError, match="not signalling it"):
+        request_stop(tmp_path / "b.db", second)
+
+
+@pytest.mark.parametrize("how", ["supervisor killed", "run killed"])
+def test_a_launched_run_whose_processes_died_becomes_resumable(workdir, how):
+    run = prepare("sft", str(TINY), ["train.max_steps=400", "train.logging_steps=1", "train.save_steps=2"],
+                  str(ACCEL / "cpu.yaml"))
+    supervisor = start_detached(run)
+    wait(lambda: len(metric(run.run_id, "loss")) >= 3)
+    row = run_row(run.run_id)
+    os.kill(supervisor, signal.SIGKILL)  # nothing is left to record how the run ends
+    if how == "run killed":
+        os.killpg(row["pgid"], signal.SIGKILL)
+    else:
+        os.killpg(row["pgid"], signal.SIGKILL)  # a reboot: supervisor and run gone together
+    wait(lambda: subprocess.run(["ps", "-o", "pid=", "-g", str(row["pgid"])], capture_output=True).stdout == b"")
+    assert run_row(run.run_id)["status"] == "running"  # as the kill left it
+    check_resumable(os.environ["RLHF_DB"], run.run_id, "sft")  # recognised as gone: closed, resumable
+    closed = run_row(run.run_id)
+    assert closed["status"] == "failed" and "processes are gone" in closed["error"]
+    resumed = subprocess.run([*RLHF, "launch", "sft", str(TINY), "--accelerate-config", str(ACCEL / "cpu.yaml"),
+                              "--resume-run", str(run.run_id), "--set", "train.max_steps=6"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [s for s, _ in metric(run.run_id, "loss")]
+    assert steps == list(range(1, 7)) and run_row(run.run_id)["status"] == "done"
+
+
+def test_a_pending_run_whose_supervisor_died_has_a_way_out(workdir):
+    run = prepare("sft", str(TINY), [], str(ACCEL / "cpu.yaml"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = process_start(dead.pid)
+    dead.wait()
+    with Store(os.environ["RLHF_DB"]) as store:
+        store.set_supervisor(run.run_id, dead.pid, started)  # as start_detached records it, then it died
+    assert request_stop(os.environ["RLHF_DB"], run.run_id) is None
+    row = run_row(run.run_id)
+    assert row["status"] == "failed" and row["orphaned"] is not None
+    with Store(os.environ["RLHF_DB"]) as store:
+        store.delete_run(run.run_id)  # and it can be deleted
+
+
+def test_a_train_run_from_a_script_is_stopped_through_its_own_pid_and_never_a_stranger(workdir):
+    # Not a process-group leader (a child of this test): the stop reaches its pid, checked by start time.
+    proc = subprocess.Popen([*RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=2000", "--set",
+                             "train.logging_steps=1", "--set", "train.save_steps=1000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait(lambda: os.path.exists("runs.db") and len(metric(1, "loss")) >= 2)
+    row = run_row(1)
+    assert row["pgid"] is None and row["pid"] == proc.pid and row["pgid_started"] == process_start(proc.pid)
+    request_stop(os.environ["RLHF_DB"], 1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert run_row(1)["status"] == "stopped"
+
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        with Store(os.environ["RLHF_DB"]) as store:  # a row naming a live pid that started at another time
+            other = store.create_run(stage="sft", name="t", recipe="", config="{}")
+            store.update_run(other, status="running", pid=stranger.pid, pgid_started=1)
+        request_stop(os.environ["RLHF_DB"], other)
+        time.sleep(0.5)  # give a wrongly sent signal time to land
+        assert stranger.poll() is None  # untouched
+        assert run_row(other)["status"] == "failed"  # and the row is closed: its own process is gone
+    finally:
+        stranger.kill()
+
+
+def test_resume_reads_the_recorded_recipe_from_any_directory(workdir, tmp_path_factory):
+    done = subprocess.run([*RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=2", "--set",
+                           "train.save_steps=2", "--set", "train.logging_steps=1", "--set", "train.lr=0.01"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    recorded = run_row(1)
+    assert Path(recorded["recipe"]).is_absolute()
+    elsewhere = tmp_path_factory.mktemp("elsewhere")  # no demo/ here: the recorded paths are absolute
+    changed = elsewhere / "tiny.yaml"
+    changed.write_text(TINY.read_text().replace("lr: 3.0e-3", "lr: 9.0"))
+    resumed = subprocess.run([*RLHF, "train", "sft", str(changed), "--resume-run", "1", "--set",
+                              "train.max_steps=4", "--db", os.environ["RLHF_DB"]], cwd=elsewhere,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert run_row(1)["status"] == "done" and run_row(1)["started"] == recorded["started"]  # first start kept
+    lrs = [v for _, v in metric(1, "learning_rate")]
+    assert lrs[-1] == pytest.approx(0.01)  # the recorded recipe's rate, not the changed file's
+    assert (Path(recorded["output_dir"]) / RUN_MARKER).is_file()
+
+
+def test_a_runs_db_locked_beyond_its_timeout_never_stops_training(workdir, tmp_path):
+    import sqlite3
+
+    err_file = tmp_path / "stderr.txt"
+    with open(err_file, "w") as err:
+        proc = subprocess.Popen([*RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=24", "--set",
+                                 "train.logging_steps=1", "--set", "train.save_steps=8", "--set", "train.eval_ratio=0"],
+                                stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "RLHF_DB_BUSY_S": "0.3"})
+        wait(lambda: os.path.exists("runs.db") and len(metric(1, "loss")) >= 3)
+        blocker = sqlite3.connect("runs.db", isolation_level=None, timeout=30)
+        blocker.execute("BEGIN EXCLUSIVE")  # another writer holds runs.db far longer than the run's timeout
+        try:
+            wait(lambda: "10 writes held back" in err_file.read_text() or proc.poll() is not None)
+        finally:
+            blocker.execute("COMMIT")
+            blocker.close()
+        assert proc.wait(timeout=300) == 0, err_file.read_text()[-3000:]
+    assert "runs.db write failed (database is locked)" in err_file.read_text()  # it did meet the lock
+    assert [s for s, _ in metric(1, "loss")] == list(range(1, 25))  # nothing lost, nothing twice, in order
+    with Store(os.environ["RLHF_DB"]) as store:
+        rows = store.metrics_since(0, run_id=1)
+        assert sorted(r["run_seq"] for r in rows) == list(range(1, len(rows) + 1))
+        assert store.run(1)["status"] == "done"
+        assert [c["step"] for c in store.checkpoints(1) if c["full_state"]][-1] == 24
