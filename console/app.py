@@ -222,7 +222,7 @@ class RlhfConsole(App):
         if not message.full and message.run_id in self.history.followed:
             return  # a light copy that crossed the request for the whole history on its way
         self.history.replace(message.run_id, message.history_version, message.rows, message.full,
-                             message.extremes)
+                             message.extremes, message.columns)
         if self.home is not None:
             self.home.metrics_changed({message.run_id})
 

@@ -42,7 +42,7 @@ class StoreFollower:
     def _whole(self, run_id: int, version: int) -> HistoryReset:
         assert self.cursor is not None
         self._full.add(run_id)
-        return HistoryReset(run_id, version, self.store.metrics_of(run_id, self.cursor), full=True)
+        return HistoryReset(run_id, version, [], full=True, columns=self.store.metric_columns(run_id, self.cursor))
 
     def poll(self) -> tuple[list[Any], bool]:
         """Messages for the App, and whether more rows are waiting (poll again at once)."""

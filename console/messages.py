@@ -28,6 +28,7 @@ class HistoryReset(Message):
     rows: list[dict[str, Any]]
     full: bool = True
     extremes: dict[str, tuple[float | None, float | None]] | None = None
+    columns: dict[str, tuple[Any, Any, Any]] | None = None  # a whole history, packed: name -> steps, walls, values
 
 
 @dataclass

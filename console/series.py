@@ -164,11 +164,16 @@ class History:
         return set(by_run)
 
     def replace(self, run_id: int, history_version: int, rows: list[Mapping], full: bool = True,
-                extremes: Mapping[str, tuple[float | None, float | None]] | None = None) -> None:
-        """The run's history anew: all of it (a run now looked at, or one whose resume dropped its tail), or
-        light: its recent rows and the extremes runs.db aggregated for it."""
+                extremes: Mapping[str, tuple[float | None, float | None]] | None = None,
+                columns: Mapping[str, tuple] | None = None) -> None:
+        """The run's history anew: all of it (a run now looked at, or one whose resume dropped its tail; as
+        rows or packed columns), or light: its recent rows and the extremes runs.db aggregated for it."""
         fresh = RunHistory(run_id, history_version, full=full)
         fresh.add(rows)
+        for name, (steps, walls, values) in (columns or {}).items():
+            series = fresh.series.setdefault(name, Series(None if full else LIGHT_POINTS))
+            series.extend(*(np.frombuffer(c, dtype=np.float64) for c in (steps, walls, values)))
+            fresh.rows += len(values)
         for name, (lo, hi) in (extremes or {}).items():
             fresh.series.setdefault(name, Series(None if full else LIGHT_POINTS)).seed_extremes(lo, hi)
         self.runs[run_id] = fresh

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval_command(args)
         if args.command == "train":
             from engine.run import RUN_ID_ENV, check_resumable, recorded_recipe
-            from engine.store import default_db_path
+            from engine.store import Store, default_db_path
             from engine.train import EXIT_STOPPED, configure_logging, run_stage
 
             overrides = list(args.overrides)
@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.resume_run is not None:
                 # The recipe runs.db recorded for the run (overrides applied, paths absolute), not the file
                 # as it is now; --set items given now apply on top.
-                recipe = recorded_recipe(check_resumable(args.db or default_db_path(), args.resume_run, args.stage))
+                db = args.db or default_db_path()
+                recipe = recorded_recipe(check_resumable(db, args.resume_run, args.stage))
+                with Store(db) as store:  # as a launch does: one resume wins, the old stop and error are cleared
+                    if not store.claim_for_resume(args.resume_run):
+                        raise RecipeError(f"run {args.resume_run} is being resumed or is still running")
                 os.environ[RUN_ID_ENV] = str(args.resume_run)
                 overrides.append(f"{args.stage}.resume_from_checkpoint=true")
             configure_logging()

@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import threading
 import time
+from array import array
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -365,7 +366,12 @@ class Store:
     @property
     def db_id(self) -> int:
         with self._lock:
-            return int(self.db.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()[0])
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()
+        if row is None:  # a file from a development build of schema 5 that had no identity yet
+            with self._write() as db:
+                db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('db_id', ?)", [random.getrandbits(62)])
+                row = db.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()
+        return int(row[0])
 
     def foreign_folder(self, run: Mapping[str, Any]) -> str | None:
         """Why the run's folder is not this run's (its marker names another runs.db or run), or None. A
@@ -543,6 +549,24 @@ class Store:
             cursor = self.db.execute(sql, params)
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def metric_columns(self, run_id: int, up_to_seq: int) -> dict[str, tuple[array, array, array]]:
+        """A run's rows with seq <= `up_to_seq` as packed columns per metric (steps, wall times, values; a
+        null value is NaN): a million rows cost 24 MB here, not the ~400 MB of one dict per row."""
+        columns: dict[str, tuple[array, array, array]] = {}
+        with self._lock:
+            cursor = self.db.conn.execute(
+                "SELECT name, step, wall_time, value FROM metrics WHERE run_id = ? AND seq <= ? ORDER BY seq",
+                [run_id, up_to_seq])
+            while rows := cursor.fetchmany(10_000):
+                for name, step, wall, value in rows:
+                    cols = columns.get(name)
+                    if cols is None:
+                        cols = columns[name] = (array("d"), array("d"), array("d"))
+                    cols[0].append(step)
+                    cols[1].append(wall)
+                    cols[2].append(math.nan if value is None else value)
+        return columns
 
     def max_seq(self) -> int:
         with self._lock:

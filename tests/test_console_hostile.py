@@ -120,3 +120,13 @@ async def test_the_launch_form_shows_what_would_have_ended_the_console(workdir):
         await wait_for(pilot, lambda: "name too long" in str(form.query_one("#error-model").render()), 20,
                        "the path's error under its field")
         assert app.is_running and isinstance(app.screen, LaunchScreen)
+
+
+@sync
+async def test_a_damaged_runs_db_is_said_in_place_of_the_runs(workdir):
+    Path(os.environ["RLHF_DB"]).write_bytes(b"garbage, not SQLite" * 50)
+    app = console()
+    async with app.run_test(size=(100, 30)) as pilot:
+        info = lambda: str(app.home.query_one("#run-info", Static).render())  # noqa: E731
+        await wait_for(pilot, lambda: "cannot read runs.db" in info(), 20, "the error in the info line")
+        assert "move it aside" in info()

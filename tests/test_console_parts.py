@@ -174,7 +174,7 @@ def test_follower_reloads_a_run_whose_history_a_resume_rewrote(tmp_path):
         store.drop_history_after(run_id, 6)
     messages, _ = follower.poll()
     reset = [m for m in messages if isinstance(m, HistoryReset)]
-    assert len(reset) == 1 and reset[0].full and [r["step"] for r in reset[0].rows] == [1, 2, 3, 4, 5, 6]
+    assert len(reset) == 1 and reset[0].full and list(reset[0].columns["m0"][0]) == [1, 2, 3, 4, 5, 6]
     follower.close()
 
 
@@ -205,7 +205,7 @@ def test_the_console_holds_every_point_only_of_the_runs_it_shows(tmp_path):
     follower.requests.put(ids[3])
     messages, _ = follower.poll()
     (whole,) = [m for m in messages if isinstance(m, HistoryReset)]
-    history.replace(whole.run_id, whole.history_version, whole.rows, whole.full, whole.extremes)
+    history.replace(whole.run_id, whole.history_version, whole.rows, whole.full, whole.extremes, whole.columns)
     assert len(history.runs[ids[3]].series["loss"]) == 20_000
     history.runs[ids[3]].lighten()  # looked away
     assert len(history.runs[ids[3]].series["loss"]) <= 2 * LIGHT_POINTS

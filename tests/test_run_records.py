@@ -157,3 +157,43 @@ def test_a_runs_db_locked_beyond_its_timeout_never_stops_training(workdir, tmp_p
         assert sorted(r["run_seq"] for r in rows) == list(range(1, len(rows) + 1))
         assert store.run(1)["status"] == "done"
         assert [c["step"] for c in store.checkpoints(1) if c["full_state"]][-1] == 24
+
+
+def test_a_launched_run_resumed_in_process_is_its_new_process_not_the_old_group(workdir):
+    from console.widgets.run_table import shown_status
+
+    run = prepare("sft", str(TINY), ["train.max_steps=400", "train.logging_steps=1", "train.save_steps=2"],
+                  str(ACCEL / "cpu.yaml"))
+    start_detached(run)
+    wait(lambda: len(metric(run.run_id, "loss")) >= 3)
+    request_stop(os.environ["RLHF_DB"], run.run_id)
+    wait(lambda: run_row(run.run_id)["exit_code"] is not None)
+    assert run_row(run.run_id)["status"] == "stopped"
+    proc = subprocess.Popen([*RLHF, "train", "sft", str(TINY), "--resume-run", str(run.run_id), "--set",
+                             "train.max_steps=400"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait(lambda: run_row(run.run_id)["status"] == "running" and run_row(run.run_id)["pid"] == proc.pid)
+    row = run_row(run.run_id)
+    assert row["launch"] is None and row["pgid_started"] == process_start(proc.pid)
+    assert shown_status(row) == "running"  # not "lost": the row names the live process, not the old group
+    request_stop(os.environ["RLHF_DB"], run.run_id)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err[-2000:]
+    row = run_row(run.run_id)
+    assert row["status"] == "stopped" and row["error"] is None
+
+
+def test_deleting_runs_gives_the_space_back(tmp_path):
+    db = tmp_path / "runs.db"
+    with Store(db) as store:
+        ids = [store.create_run(stage="sft", name="t", recipe="", config="{}", output_root=str(tmp_path / "runs"))
+               for _ in range(2)]
+        for step in range(1, 3001):
+            store.log_metrics(ids[0], step, {f"m{k}": float(step) for k in range(20)})
+        store.update_run(ids[0], status="done")
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        before = db.stat().st_size
+        store.delete_run(ids[0])
+        assert store.vacuum_if_worthwhile(min_free_bytes=1024)
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert db.stat().st_size < before / 4
+        assert not store.vacuum_if_worthwhile(min_free_bytes=1024)  # nothing left to give back

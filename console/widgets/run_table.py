@@ -16,7 +16,7 @@ from textual.widgets import DataTable
 
 from console.colours import run_colour
 from console.text import terminal_safe
-from engine.procs import same_group
+from engine.procs import run_processes_gone
 
 if TYPE_CHECKING:
     from console.series import History
@@ -34,7 +34,7 @@ def shown_status(run: dict[str, Any]) -> str:
     """The stored status, or what the console can tell beyond it: a stop under way, or a run whose
     processes are gone without anyone recording how it ended (its machine rebooted, say)."""
     if run["status"] in ("pending", "running"):
-        if run.get("host") == HOST and run.get("pgid") and not same_group(run["pgid"], run.get("pgid_started")):
+        if run.get("host") == HOST and run_processes_gone(run):
             return "lost"
         if run.get("stop_requested"):
             return "stopping"
