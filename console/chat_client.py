@@ -52,7 +52,8 @@ class ChatWorker:
         """`share`: how many workers run beside each other; on a CPU they split its cores."""
         self.choice = choice
         self.on_event = on_event
-        self._stderr = tempfile.NamedTemporaryFile(prefix="rlhf-chat-", suffix=".log", delete=False)
+        # Anonymous (unlinked at once): nothing is left in /tmp, whatever becomes of the console.
+        self._stderr = tempfile.TemporaryFile(prefix="rlhf-chat-")
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.proc = subprocess.Popen(
@@ -82,10 +83,10 @@ class ChatWorker:
 
     def stderr_tail(self, size: int = 2000) -> str:
         try:
-            with open(self._stderr.name, "rb") as fh:
-                fh.seek(max(0, fh.seek(0, os.SEEK_END) - size))
-                return fh.read().decode("utf-8", errors="replace")
-        except OSError:
+            with self._lock:
+                end = os.fstat(self._stderr.fileno()).st_size
+                return os.pread(self._stderr.fileno(), size, max(0, end - size)).decode("utf-8", errors="replace")
+        except (OSError, ValueError):
             return ""
 
     def send(self, request: dict[str, Any]) -> bool:
@@ -114,9 +115,7 @@ class ChatWorker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            try:
-                os.unlink(self._stderr.name)
-            except OSError:
-                pass
+            self._reader.join(timeout=5)  # it reads the stderr tail when the process ends
+            self._stderr.close()
 
         threading.Thread(target=reap, daemon=True, name="chat-worker-reaper").start()

@@ -61,7 +61,7 @@ class LocalModel:
         self.label = folder
 
     def answer(self, turns: list[Turn], sampling: dict[str, Any],
-               cancelled: Callable[[], bool]) -> Iterator[tuple[str, int]]:
+               cancelled: Callable[[], bool]) -> Iterator[Any]:
         from engine.generation import Sampling
         from engine.template import check_conversation, tokenize_conversation
 
@@ -85,7 +85,9 @@ class EndpointModel:
         self.label = f"{model}@{url}"
 
     def answer(self, turns: list[Turn], sampling: dict[str, Any],
-               cancelled: Callable[[], bool]) -> Iterator[tuple[str, int]]:
+               cancelled: Callable[[], bool]) -> Iterator[Any]:
+        from engine.generation import Piece
+
         # top_k is not part of the chat-completions protocol; temperature, top_p, seed and the length are.
         stream = self.client.chat.completions.create(
             model=self.model, messages=[{"role": t.role, "content": t.content} for t in turns], stream=True,
@@ -93,15 +95,18 @@ class EndpointModel:
             seed=sampling["seed"],
         )
         chunks = 0  # a stream chunk is one token for the usual servers: the count tokens/s is read from
+        text = []
         try:
             for chunk in stream:
                 if cancelled():
-                    return
+                    break
                 if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
                     chunks += 1
-                    yield chunk.choices[0].delta.content, chunks
+                    text.append(chunk.choices[0].delta.content)
+                    yield Piece(text[-1], chunks)
         finally:
             stream.close()
+        yield Piece("".join(text), chunks, final=True)
 
 
 def serve(model: Any) -> None:
@@ -135,15 +140,20 @@ def serve(model: Any) -> None:
             sampling = {k: request["sampling"][k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
             start = time.perf_counter()
             first = None
-            tokens = 0
-            for text, tokens in model.answer(turns, sampling, lambda: rid in cancelled):
+            tokens, whole = 0, ""
+            for piece in model.answer(turns, sampling, lambda: rid in cancelled):
+                tokens = piece.tokens
+                if piece.final:
+                    whole = piece.text
+                    break
                 if first is None:
                     first = time.perf_counter() - start
-                emit({"event": "token", "id": rid, "text": text, "tokens": tokens})
+                emit({"event": "token", "id": rid, "text": piece.text, "tokens": tokens})
             seconds = time.perf_counter() - start
             finish = "cancelled" if rid in cancelled else ("length" if tokens >= sampling["max_new_tokens"] else "eos")
+            # The whole answer decoded at once: what the transcript keeps and the next turn sends back.
             emit({"event": "done", "id": rid, "tokens": tokens, "ttft_s": first, "seconds": seconds,
-                  "finish": finish})
+                  "finish": finish, "text": whole})
         except Exception as err:  # noqa: BLE001 - reported to the pane, the worker goes on
             traceback.print_exc(file=sys.stderr)
             emit({"event": "error", "id": rid, "message": f"{type(err).__name__}: {err}"})

@@ -173,7 +173,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     configure_logging()
     commands = {"belle": _belle, "table": _table, "pairwise": _pairwise}
-    result = commands[args.eval_command](args)
-    os.environ.pop("RLHF_RUN_ID", None)
-    return result
+    try:
+        return commands[args.eval_command](args)
+    finally:
+        os.environ.pop("RLHF_RUN_ID", None)  # a resumed run's id must not reach the next call in this process
 

@@ -19,6 +19,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from engine.models import head_fp32
+
 _M32 = 0xFFFFFFFF
 
 
@@ -35,6 +37,15 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A stretch of a streamed answer; the last one (`final`) holds the whole answer instead."""
+
+    text: str
+    tokens: int  # generated so far
+    final: bool = False
 
 
 @dataclass
@@ -100,8 +111,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        params = inspect.signature(base.forward).parameters
+        self._lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+        params = inspect.signature(self._lm.base_model.forward).parameters
         self._positions = "position_ids" in params
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
@@ -130,13 +141,22 @@ class Engine:
         return ids, mask
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> Any:
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": True, "logits_to_keep": 1}
+        """The next-token logits in float32, and the cache. The transformer runs as it is (bf16 under
+        autocast); the LM head runs in float32 outside autocast, as PPO's scoring forward does, so a
+        rollout samples from the very distribution PPO scores."""
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": True}
         if cache is not None:
             kwargs[self._cache_arg] = cache
         if self._positions:
             kwargs["position_ids"] = positions
-        out = self.model(**kwargs)
-        return out.logits[:, -1].float(), getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        out = self._lm.base_model(**kwargs)
+        logits = head_fp32(self._lm.get_output_embeddings(), out.last_hidden_state[:, -1])
+        return logits, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+    @torch.no_grad()
+    def next_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the token after each left-padded row: what the first sampling step draws from."""
+        return self._forward(input_ids, attention_mask, _positions(attention_mask), None)[0]
 
     @torch.no_grad()
     def steps(
@@ -147,7 +167,7 @@ class Engine:
         A finished row keeps decoding (its tokens are masked by the caller) so the batch keeps its shape.
         """
         mask = attention_mask
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = _positions(mask)
         logits, cache = self._forward(input_ids, mask, positions, None)
         last = positions[:, -1:]
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -186,31 +206,40 @@ class Engine:
             logprobs=torch.stack(logprobs, dim=1).float() * response_mask,
         )
 
-    def stream(self, prompt: str | Sequence[int], sampling: Sampling,
-               cancelled: Any = None) -> Iterator[tuple[str, int]]:
-        """(text delta, tokens so far) as one answer is decoded (for the chat pane); ends at eos, at the
-        length limit or when `cancelled()` turns true. `prompt`: text, or token ids."""
+    def stream(self, prompt: str | Sequence[int], sampling: Sampling, cancelled: Any = None) -> Iterator[Piece]:
+        """One answer as it is decoded (for the chat pane): a Piece per new stretch of text, then a last
+        Piece (`final`) with the whole answer decoded at once, which is what a transcript keeps. Ends at
+        eos, at the length limit or when `cancelled()` turns true. `prompt`: text, or token ids.
+
+        Each piece decodes only the last few tokens (the window since the last piece), so the cost of a
+        token does not grow with the answer; a piece waits while the window ends in half a character.
+        """
         ids, mask = self.encode([prompt]) if isinstance(prompt, str) else self.left_pad([prompt])
         seeds = row_seeds(sampling.seed, [0])
         produced: list[int] = []
-        shown = ""
+        prefix, read = 0, 0  # the window: tokens [prefix, read) were shown, [read, ...) are new
         for token, _, finished in self.steps(ids, mask, sampling, seeds):
             if int(token[0]) == self.eos or (cancelled is not None and cancelled()):
                 break
             produced.append(int(token[0]))
-            text = self.tokenizer.decode(produced, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
-            if len(text) > len(shown):
-                yield text[len(shown):], len(produced)
-                shown = text
+            before = self.tokenizer.decode(produced[prefix:read], skip_special_tokens=True)
+            after = self.tokenizer.decode(produced[prefix:], skip_special_tokens=True)
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                yield Piece(after[len(before):], len(produced))
+                prefix, read = read, len(produced)
             if bool(finished[0]):
                 break
+        yield Piece(self.tokenizer.decode(produced, skip_special_tokens=True), len(produced), final=True)
 
     def decode(self, generated: Generated) -> list[str]:
         """Answer texts, without the one space the chat template puts before an answer."""
         texts = self.tokenizer.batch_decode(generated.response_ids, skip_special_tokens=True)
         return [t[1:] if t.startswith(" ") else t for t in texts]
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch, as `generate` numbers them (pads get 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def concat(parts: Sequence[Generated], pad_id: int) -> Generated:

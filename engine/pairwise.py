@@ -23,8 +23,11 @@ FIRST, SECOND, TIE = "first", "second", "tie"
 CONSISTENCY_FLAG = 0.6
 MIN_VOTES = 50
 
-_VERDICT = re.compile(r"(?:结论|verdict|winner)\s*[:：]?\s*\**\s*(回答一|回答二|平局|answer\s*1|answer\s*2|tie|A|B)",
-                      re.IGNORECASE)
+_VERDICT = re.compile(
+    r"(?:结论|verdict|winner)\s*[:：]?\s*\**\s*"
+    r"(?:an?\s+)?(回答一|回答二|平局|answer\s*[12AB]\b|\btie\b|(?-i:\b[AB]\b))",
+    re.IGNORECASE,
+)
 
 
 def pairwise_prompt(question: str, reference: str, first: str, second: str) -> str:
@@ -44,8 +47,8 @@ def parse_verdict(reply: str) -> str | None:
     if not found:
         return None
     word = re.sub(r"\s+", "", found[-1]).lower()
-    return {"回答一": FIRST, "answer1": FIRST, "a": FIRST, "回答二": SECOND, "answer2": SECOND, "b": SECOND,
-            "平局": TIE, "tie": TIE}.get(word)
+    return {"回答一": FIRST, "answer1": FIRST, "answera": FIRST, "a": FIRST, "回答二": SECOND, "answer2": SECOND,
+            "answerb": SECOND, "b": SECOND, "平局": TIE, "tie": TIE}.get(word)
 
 
 def outcome(ab: str | None, ba: str | None) -> str | None:

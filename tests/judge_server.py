@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-# What the server does with a call: ("reply", text) | ("status", code) | ("sleep", seconds, text)
+# What the server does with a call: ("reply", text) | ("status", code[, message]) | ("sleep", seconds, text)
 # | ("malformed",) | ("no-content",)
 Action = tuple
 
@@ -38,7 +38,10 @@ class JudgeServer:
                 action = server.script(body, index)
                 kind = action[0]
                 if kind == "status":
-                    self._send(action[1], json.dumps({"error": {"message": f"scripted {action[1]}",
+                    message = action[2] if len(action) > 2 else f"scripted {action[1]}"
+                    if message == "echo the key":  # what a careless server does with a bad key
+                        message = f"invalid key: {self.headers.get('Authorization', '')}"
+                    self._send(action[1], json.dumps({"error": {"message": message,
                                                                 "type": "server_error"}}).encode())
                     return
                 if kind == "sleep":

@@ -78,6 +78,8 @@ REPLIES = [
     ("得分: 1", "得分: 1", 1.0),  # the same text as the answer and nothing else: still the judge's score
     ("得分：0.7。模型回答“得分：0.1”是错误的。", "他的得分：0.1。", 0.7),
     ("根据标准回答，模型回答正确。得分：1.0", "", 1.0), ("得分: .5", "", 0.5),
+    # the only score is the answer's own, quoted: the judge gave none
+    ('回答中写道"本题得分: 1，因为正确"，但这是错的。', "本题得分: 1，因为正确", None),
 ]
 
 
@@ -130,3 +132,14 @@ def test_paired_deltas_use_the_same_items():
     deltas = {d.column: d for d in paired_deltas(a, b)}
     assert deltas[MACRO].mean == pytest.approx(0.1)
     assert deltas["others"].n == 5 and deltas[MACRO].low == pytest.approx(0.1)
+
+
+def test_pairwise_verdicts_in_both_languages():
+    from engine.pairwise import FIRST, SECOND, TIE, parse_verdict
+
+    cases = {"结论: 回答一": FIRST, "理由……\n结论：回答二": SECOND, "结论: 平局": TIE, "**结论:** 回答一": FIRST,
+             "Verdict: Answer B": SECOND, "verdict: answer 1": FIRST, "Verdict: tie": TIE, "Winner: A": FIRST,
+             "Verdict: a tie": TIE, "Verdict: Both answers are equally good, tie": None,
+             "Verdict: Bad answers": None, "no conclusion here": None, "结论: 回答二\n(以上)\n结论: 回答一": FIRST}
+    for reply, expected in cases.items():
+        assert parse_verdict(reply) == expected, reply

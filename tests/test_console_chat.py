@@ -89,14 +89,28 @@ async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
         assert vote["blind"] == 1 and vote["vote"] == b_side and vote["a_is"] == screen.shown["A"]
         assert json.loads(vote["transcript"])["left"][0]["content"] == "Say hello."
         assert "=" in str(screen.panes[b_side].heading.render())  # revealed after the vote
+        await pilot.press("2")
+        assert len(_chats()) == 1  # one vote per exchange
+
+        await ask(pilot, screen, "Say bye.")  # the next exchange is blind again: shuffled anew, names hidden
+        assert {str(screen.panes[s].heading.render()) for s in ("left", "right")} == {"A", "B"}
+        assert screen.turns["left"][0]["content"] == "Say bye."
+        await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()) and
+                       len(screen.turns["right"]) == 2, 60, "the second blind answers")
+        await pilot.press("escape", "1")
+        await wait_for(pilot, lambda: len(_chats()) == 2, 20, "the second vote")
+        second = _chats()[-1]
+        assert second["vote"] == second["a_is"] == screen.shown["A"]
+        assert json.loads(second["transcript"])["right"][0]["content"] == "Say bye."
 
         await pilot.press("S")
-        await wait_for(pilot, lambda: len(_chats()) == 2, 20, "the saved exchange")
+        await wait_for(pilot, lambda: len(_chats()) == 3, 20, "the saved exchange")
         await pilot.press("E")
         exports = workdir / "exports"
         await wait_for(pilot, lambda: (exports / "chats.jsonl").is_file(), 20, "the export")
         lines = (exports / "chats.jsonl").read_text(encoding="utf-8").splitlines()
-        assert len(lines) == 2 and json.loads(lines[0])["transcript"]["right"][0]["content"] == "Say hello."
+        assert len(lines) == 3 and json.loads(lines[0])["transcript"]["right"][0]["content"] == "Say hello."
+        assert (exports / "chats.jsonl").stat().st_mode & 0o077 == 0  # for its owner only
         assert "Say hello." in (exports / "chats.md").read_text(encoding="utf-8")
 
 
@@ -168,6 +182,9 @@ def test_streaming_text_rewraps_only_its_last_line():
     from rich.cells import cell_len
 
     assert all(cell_len(line) <= 20 for line in text._lines[-3:])
+    from console.widgets.stream_text import _split
+
+    assert _split("中文字", 1) == ["中", "文", "字"]  # wider than the line: one a line, never a hang
     assert "".join(text._lines).replace(" ", "") == text.text.replace("\n", "").replace(" ", "")
 
 

@@ -129,10 +129,11 @@ def test_streaming_gives_the_greedy_answer_piece_by_piece(tiny):
     model, tokenizer = tiny
     engine = Engine(model, tokenizer)
     sampling = Sampling(max_new_tokens=12, temperature=0)
-    pieces = [text for text, _ in engine.stream(prompts(1)[0], sampling)]
+    pieces = list(engine.stream(prompts(1)[0], sampling))
     ids, mask = engine.encode(prompts(1))
     whole = engine.decode(engine.generate(ids, mask, sampling))[0]
-    assert len(pieces) > 1 and "".join(pieces).lstrip(" ") == whole
+    assert pieces[-1].final and pieces[-1].text.lstrip(" ") == whole and not any(p.final for p in pieces[:-1])
+    assert len(pieces) > 2 and "".join(p.text for p in pieces[:-1]).lstrip(" ") == whole
 
 
 def test_concat_pads_prompts_left_and_responses_right(tiny):
@@ -146,3 +147,21 @@ def test_concat_pads_prompts_left_and_responses_right(tiny):
     assert both.response_mask.shape == (3, max(a.response_mask.shape[1], b.response_mask.shape[1]))
     assert torch.equal(both.response_ids[:2, : a.response_mask.shape[1]], a.response_ids)
     assert (both.attention_mask.sum(1)[:2] == a.attention_mask.sum(1)).all()
+
+
+def test_under_bf16_rollouts_sample_from_the_float32_distribution_ppo_scores(demo_dir):
+    """A bf16 trunk under bf16 autocast: the sampler draws from float32 logits, the very ones the scoring
+    forward computes (bf16 logits of magnitude ~20 would be off by rounding quanta of up to 0.125)."""
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "model").to(torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "model")
+    hydra = Hydra(model, num_layers_unfrozen=1, value_layers=2).eval()
+    with torch.no_grad():
+        hydra.lm.get_output_embeddings().weight.mul_(40.0)
+    engine = Engine(hydra.policy, tokenizer)
+    ids, mask = engine.encode(prompts())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sampled_from = engine.next_logits(ids, mask)
+        scored = hydra(ids, mask, with_values=False, logits_to_keep=1).logits[:, -1]
+    assert sampled_from.dtype == torch.float32 and sampled_from.abs().max() > 8
+    assert torch.allclose(sampled_from, scored, atol=1e-4)
+    assert (sampled_from - sampled_from.to(torch.bfloat16).float()).abs().max() > 1e-2  # not bf16 values

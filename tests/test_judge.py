@@ -100,3 +100,18 @@ def test_setup_errors_name_the_option(monkeypatch):
         EndpointJudge("http://127.0.0.1:1/v1", "m", "NOPE_KEY")
     with pytest.raises(JudgeSetupError, match="--judge-url"):
         EndpointJudge("", "m", "")
+    with pytest.raises(JudgeSetupError, match="takes the NAME of an environment variable") as err:
+        EndpointJudge("http://127.0.0.1:1/v1", "m", "sk-live-0123456789abcdef")  # a key pasted by mistake
+    assert "sk-live" not in str(err.value)
+
+
+def test_a_key_echoed_back_by_the_server_is_not_recorded(cache, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-echoed-secret-42")
+    server = JudgeServer(lambda body, index: ("status", 401, "echo the key"))
+    try:
+        judge = EndpointJudge(server.url, "m", "JUDGE_KEY", cache=cache, retries=0, backoff_s=0.01)
+        _, verdict = judge.judge("p", "")
+        assert verdict.status == "failed" and "invalid key" in verdict.problem
+        assert "sk-echoed" not in verdict.problem and "***" in verdict.problem
+    finally:
+        server.close()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -171,6 +173,8 @@ class ChatScreen(Screen[None]):
         if kind == "token":
             pane.add(event.get("text", ""), event.get("tokens", 0))
         elif kind == "done":
+            if isinstance(event.get("text"), str):
+                pane.answer = terminal_safe(event["text"]).lstrip(" ")  # decoded whole, not the joined chunks
             if event.get("finish") != "cancelled":
                 self.turns[message.side].append({"role": "assistant", "content": pane.answer})
             await pane.finish(event)
@@ -204,6 +208,11 @@ class ChatScreen(Screen[None]):
             self.notify("both answers must finish first (r regenerates, n starts over)", severity="warning")
             return
         event.input.value = ""
+        if self.blind and self.voted is not None:
+            # The sides were revealed by the vote: a new blind exchange, shuffled and hidden again.
+            item = self.item
+            await self._new_blind_exchange()
+            self.item = item
         if self.item is not None and (self.questions or question.split() != self.item[2].split()):
             self.item = None  # a vote is tied to a BELLE item only when that question opens the exchange
         elif self.item is not None:
@@ -249,13 +258,19 @@ class ChatScreen(Screen[None]):
             self.notify("blind mode needs two models", severity="warning")
             return
         self.blind = not self.blind
-        await self.action_new()
         if self.blind:
-            sides = list(SIDES)
-            random.shuffle(sides)
-            self.shown = {"A": sides[0], "B": sides[1]}
-        self._titles()
+            await self._new_blind_exchange()
+        else:
+            await self.action_new()
+            self._titles()
         self.notify("blind mode: the models are A and B until you vote" if self.blind else "blind mode off")
+
+    async def _new_blind_exchange(self) -> None:
+        await self.action_new()
+        sides = list(SIDES)
+        random.shuffle(sides)
+        self.shown = {"A": sides[0], "B": sides[1]}
+        self._titles()
 
     def _titles(self) -> None:
         for name, side in self.shown.items():
@@ -270,10 +285,13 @@ class ChatScreen(Screen[None]):
         box.move_child(self.panes[self.shown["A"] if self.blind else "left"], before=0)
 
     def action_vote(self, key: str) -> None:
-        if not self.blind or self.voted is not None or not self.questions:
-            return
+        if not self.blind or self.voted is not None or not self.questions or len(self.choices) < 2:
+            return  # one vote per blind exchange, and only between two models that answered
         if any(self.panes[s].busy for s in self.sides):
             self.notify("wait for both answers", severity="warning")
+            return
+        if any(self.panes[s].dead or len(self.turns[s]) != 2 * len(self.questions) for s in self.sides):
+            self.notify("both models must have answered to vote", severity="warning")
             return
         choice = VOTES[key]
         self.voted = choice
@@ -395,7 +413,9 @@ class ChatSettingsScreen(ModalScreen["ChatSettings | None"]):
                 return None
         problems = [n for n, bad in (("temperature", values["temperature"] < 0),
                                      ("top_p", not 0 < values["top_p"] <= 1), ("top_k", values["top_k"] < 0),
-                                     ("max_new_tokens", values["max_new_tokens"] < 1)) if bad]
+                                     ("max_new_tokens", values["max_new_tokens"] < 1),
+                                     ("key_env", bool(values["key_env"]) and not re.fullmatch(
+                                         r"[A-Za-z_][A-Za-z0-9_]*", values["key_env"]))) if bad]
         if problems:
             self.query_one("#settings-error", Static).update(Text(f"{problems[0]}: out of range"))
             return None
@@ -414,8 +434,10 @@ class ChatSettingsScreen(ModalScreen["ChatSettings | None"]):
 
 def export_chats(chats: list[dict[str, Any]], folder: Path) -> tuple[Path, Path]:
     """Every stored exchange as Markdown and as JSON Lines; returns the two files."""
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # for their owner only, as runs.db is
     md, jsonl = folder / "chats.md", folder / "chats.jsonl"
+    for path in (md, jsonl):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     lines = []
     with open(jsonl, "w", encoding="utf-8") as out:
         for chat in chats:

@@ -7,6 +7,7 @@ row and `p` shows the paired deltas of the highlighted row against it; `e` expor
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,10 +165,12 @@ class ScoresScreen(Screen[None]):
         from engine.scores import render
 
         folder = self.app.db_path.parent / "exports"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # for their owner only, as runs.db is
         rows = eval_rows(self.app.db_path)
         for fmt in ("md", "csv"):
-            (folder / f"scores.{fmt}").write_text(render(rows, fmt), encoding="utf-8")
+            path = folder / f"scores.{fmt}"
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            path.write_text(render(rows, fmt), encoding="utf-8")
         self.app.call_from_thread(self.notify, f"score table written to {folder}/scores.md and scores.csv",
                                   markup=False)
 

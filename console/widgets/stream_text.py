@@ -27,9 +27,11 @@ def _split(line: str, width: int) -> list[str]:
         space = line.rfind(" ", 0, cut)
         if space > cut // 2:  # a word break that does not waste half the line
             cut = space + 1
+        cut = max(cut, 1)  # a character wider than the line still goes on a line of its own
         pieces.append(line[:cut])
         line = line[cut:]
-    pieces.append(line)
+    if line or not pieces:
+        pieces.append(line)
     return pieces
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -20,6 +21,10 @@ from engine.judge import FAILED, SCORED, UNSCORED, Verdict, request_key
 from engine.judge.parse import parse_score
 
 log = logging.getLogger(__name__)
+
+
+MAX_WAIT_S = 120.0  # a server's Retry-After is honoured up to this
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class JudgeSetupError(ValueError):
@@ -60,6 +65,10 @@ class EndpointJudge:
             raise JudgeSetupError("--judge-url: the endpoint's base URL is required (e.g. https://api.openai.com/v1)")
         if not model:
             raise JudgeSetupError("--judge-model: the judge model's name is required")
+        if key_env and not ENV_NAME.fullmatch(key_env):
+            # Never echo it: a key pasted here by mistake must not reach a terminal, a log or runs.db.
+            raise JudgeSetupError("--judge-key-env takes the NAME of an environment variable (such as "
+                                  "OPENAI_API_KEY), not a key; put the key in that variable")
         key = os.environ.get(key_env) if key_env else "none"
         if not key:
             raise JudgeSetupError(f"--judge-key-env: the environment variable {key_env} is not set (it holds the "
@@ -75,6 +84,7 @@ class EndpointJudge:
         # body like any other transient failure.
         self._client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=timeout_s, max_retries=0)
         self._openai = openai
+        self._key = key
         self._stop = threading.Event()  # set: calls still running give up instead of retrying
 
     @property
@@ -104,7 +114,7 @@ class EndpointJudge:
             given = float(headers.get("retry-after", ""))
         except ValueError:
             given = 0.0
-        return max(given, self.backoff_s * (2**attempt) * (0.5 + random.random()))
+        return min(max(given, self.backoff_s * (2**attempt) * (0.5 + random.random())), MAX_WAIT_S)
 
     def call(self, request: dict[str, Any], calls: list[int]) -> tuple[str, int, int]:
         """One reply, retrying transient failures; raises CallFailed after the last try or at once for a
@@ -120,17 +130,21 @@ class EndpointJudge:
             try:
                 return self._call_once(request)
             except openai.APIStatusError as err:
-                last = f"HTTP {err.status_code}: {err.message}"
+                last = self._scrub(f"HTTP {err.status_code}: {err.message}")
                 if err.status_code not in (408, 409, 429) and err.status_code < 500:
                     raise CallFailed(last) from None
                 error: Exception = err
             except transient as err:
-                last, error = f"{type(err).__name__}: {err}", err
+                last, error = self._scrub(f"{type(err).__name__}: {err}"), err
             if attempt < self.retries:
                 delay = self._retry_after(error, attempt)
                 log.warning("judge call failed (%s); retry %d of %d in %.1f s", last, attempt + 1, self.retries, delay)
                 self._stop.wait(delay)
         raise CallFailed(f"gave up after {self.retries + 1} tries: {last}")
+
+    def _scrub(self, text: str) -> str:
+        """An error message with the key cut out (a server may echo it back in a 401's body)."""
+        return text.replace(self._key, "***") if self._key and len(self._key) >= 8 else text
 
     def judge(self, prompt: str, answer: str) -> tuple[str, Verdict]:
         """(cache key, verdict) for one judge prompt."""

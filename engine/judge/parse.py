@@ -51,7 +51,9 @@ def parse_score(reply: str, answer: str = "") -> Parsed:
     if not found:
         return Parsed(None, "no score in the reply")
     own = [m for m in found if not (answer and _quoted(reply, m, answer))]
-    match = (own or found)[-1]
+    if not own:  # every score in the reply is one quoted from the answer: the judge gave none
+        return Parsed(None, "only scores quoted from the answer")
+    match = own[-1]
     value = float(match["num"])
     if match["pct"]:
         value /= 100

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from engine.models import decoder_layers
+from engine.models import decoder_layers, head_fp32
 
 _NORM_NAMES = ("ln_f", "norm", "final_layernorm", "final_layer_norm")
 
@@ -311,18 +311,6 @@ class Hydra(nn.Module):
 
 def _keep(hidden: torch.Tensor, last: int) -> torch.Tensor:
     return hidden[:, -last:] if last else hidden
-
-
-def head_fp32(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """A linear head computed in float32, outside autocast.
-
-    Under bf16 autocast a logit of magnitude 16-32 moves in steps of 0.125: per-token log-prob noise of
-    ~0.06 nats, larger than what one small PPO update changes, so ratios, clip fractions, KL and values
-    would move in rounding quanta. A bf16 (frozen) weight is cast for the call only.
-    """
-    with torch.autocast(hidden.device.type, enabled=False):
-        bias = getattr(head, "bias", None)
-        return nn.functional.linear(hidden.float(), head.weight.float(), None if bias is None else bias.float())
 
 
 def _check_uniform_layers(model: nn.Module, first_branch_layer: int) -> None:
