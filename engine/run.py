@@ -108,6 +108,15 @@ def newest_checkpoint(folder: Path, marker: str) -> Path | None:
     return done[-1] if done else None
 
 
+def _caused_by_stop(err: BaseException | None) -> bool:
+    seen = 0
+    while err is not None and seen < 20:
+        if isinstance(err, StopRequested):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 def _raise_stop(signum: int, frame: object) -> None:
     raise StopRequested()
 
@@ -149,6 +158,11 @@ def tracked_run(
             store.update_run(run_id, status="stopped", ended=time.time())
         handle.status = "stopped"
     except BaseException as err:
+        if _caused_by_stop(err):  # the stop landed inside an import that wrapped it (trl's lazy modules)
+            if store is not None:
+                store.update_run(run_id, status="stopped", ended=time.time())
+            handle.status = "stopped"
+            return
         if store is not None:
             status = "stopped" if isinstance(err, KeyboardInterrupt) else "failed"
             tail = "".join(traceback.format_exception(err))[-4000:]

@@ -197,3 +197,16 @@ def test_deleting_runs_gives_the_space_back(tmp_path):
         store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         assert db.stat().st_size < before / 4
         assert not store.vacuum_if_worthwhile(min_free_bytes=1024)  # nothing left to give back
+
+
+def test_a_stop_that_lands_inside_an_import_still_ends_the_run_as_stopped(workdir):
+    """SIGTERM before training raises StopRequested; inside a lazy import (trl's) it arrives wrapped."""
+    from engine.config import load_recipe
+    from engine.run import StopRequested, tracked_run
+
+    with tracked_run(os.environ["RLHF_DB"], "sft", load_recipe(TINY), str(TINY), []) as handle:
+        try:
+            raise StopRequested()
+        except StopRequested as stop:
+            raise RuntimeError("Failed to import trl.trainer.sft_config") from stop
+    assert handle.status == "stopped" and run_row(handle.run_id)["status"] == "stopped"
