@@ -9,11 +9,17 @@ the same answer alone, in a chunk of 8 or in a batch of 128, and both chat panes
 
 Sampling is by inverse CDF over the filtered, tempered distribution: exact, one uniform per row per step.
 Log-probabilities of the sampled tokens are those of the untempered model, in float32 (what PPO scores).
+
+Two decode paths, one semantics: BLOOM models (the recipe's) decode through `engine.bloom_decoder` (a
+static cache and, on CUDA, the whole step replayed as a CUDA graph: `generate`'s per-step overhead was
+~90 % of a 7b1 decode step); any other architecture through the transformers forward with its own cache.
+`RLHF_DECODE=transformers` forces the second path (to compare, or to rule the first out).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -70,9 +76,11 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """One uniform in (0, 1] per row, a function of (row seed, step) only."""
-    key = _hash32((seeds & _M32) ^ _hash32(torch.full_like(seeds, step) * 0x9E3779B1 & _M32))
+def uniforms(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """One uniform in (0, 1] per row, a function of (row seed, step) only. `step`: an int, or a one-element
+    tensor (inside a CUDA graph, where the step lives on the device)."""
+    steps = torch.full_like(seeds, step) if isinstance(step, int) else step.expand_as(seeds)
+    key = _hash32((seeds & _M32) ^ _hash32(steps * 0x9E3779B1 & _M32))
     key = _hash32(key ^ (seeds >> 32) & _M32)
     return (key.double() + 1.0) / 4294967296.0
 
@@ -84,7 +92,7 @@ def row_seeds(base: int, keys: Sequence[int], device: torch.device | str = "cpu"
     return mixed | (_hash32(mixed ^ 0x5BD1E995) & 0x7FFFFFFF) << 32
 
 
-def pick(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor, step: int) -> torch.Tensor:
+def pick(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
     """The next token of each row from float32 logits [B, V]."""
     if sampling.greedy:
         return logits.argmax(-1)
@@ -106,7 +114,15 @@ def pick(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor, step: in
 class Engine:
     """Decode with one causal LM (a Hugging Face model, possibly under a peft wrapper)."""
 
-    def __init__(self, model: Any, tokenizer: Any):
+    def __init__(self, model: Any, tokenizer: Any, fast: bool | None = None, graph: bool | None = None):
+        """`fast`: decode through the BLOOM decoder (default: whenever the model is one and RLHF_DECODE is
+        not `transformers`). `graph`: replay its steps as CUDA graphs (default: on CUDA); on a CPU, True runs
+        the very steps the graphs would replay, eagerly.
+
+        The fast path copies the trainable weights when it first decodes: make a new Engine when they
+        change (once per PPO rollout)."""
+        from engine import bloom_decoder
+
         self.model = model
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id
@@ -115,6 +131,32 @@ class Engine:
         params = inspect.signature(self._lm.base_model.forward).parameters
         self._positions = "position_ids" in params
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        if fast is None:
+            fast = os.environ.get("RLHF_DECODE", "") != "transformers"
+        self.fast = fast and bloom_decoder.supports(self._lm)
+        self.graph = graph
+        self._decoder: Any = None
+
+    def _bloom(self) -> Any:
+        """The BLOOM decoder, built on first use in the compute dtype of that moment (autocast's, if on)."""
+        if self._decoder is None:
+            from engine.bloom_decoder import BloomDecoder
+
+            device = self.device.type
+            on = torch.is_autocast_enabled(device)
+            dtype = torch.get_autocast_dtype(device) if on else self._lm.get_input_embeddings().weight.dtype
+            self._decoder = BloomDecoder(self.model, dtype)
+        return self._decoder
+
+    def _stepper(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling,
+                 seeds: torch.Tensor) -> Any:
+        from engine.bloom_decoder import Stepper
+
+        batch = self._bloom().batch(input_ids, attention_mask, sampling.max_new_tokens)
+        seeds = seeds.to(input_ids.device)
+        static = self.graph if self.graph is not None else input_ids.device.type == "cuda"
+        return Stepper(batch, sampling.max_new_tokens, self.eos, lambda logits, step: pick(logits, sampling, seeds, step),
+                       static)
 
     @property
     def device(self) -> torch.device:
@@ -166,6 +208,15 @@ class Engine:
 
         A finished row keeps decoding (its tokens are masked by the caller) so the batch keeps its shape.
         """
+        if self.fast:
+            with torch.autocast(self.device.type, enabled=False):
+                stepper = self._stepper(input_ids, attention_mask, sampling, seeds)
+                for done in stepper:
+                    column = done - 1
+                    yield stepper.tokens[:, column], stepper.logprobs[:, column], stepper.finished.clone()
+                    if bool(stepper.finished.all()):
+                        return
+            return
         mask = attention_mask
         positions = _positions(mask)
         logits, cache = self._forward(input_ids, mask, positions, None)
@@ -189,13 +240,23 @@ class Engine:
         """Answer a left-padded batch; `seeds` per row (default: derived from `sampling.seed` and the row)."""
         if seeds is None:
             seeds = row_seeds(sampling.seed, range(input_ids.shape[0]))
-        tokens, logprobs = [], []
-        for token, logprob, _ in self.steps(input_ids, attention_mask, sampling, seeds):
-            tokens.append(token)
-            logprobs.append(logprob)
-        response = torch.stack(tokens, dim=1)
+        if self.fast:
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                stepper = self._stepper(input_ids, attention_mask, sampling, seeds)
+                done = stepper.run()
+            response, logprobs = stepper.tokens[:, :done], stepper.logprobs[:, :done]
+        else:
+            tokens, lps = [], []
+            for token, logprob, _ in self.steps(input_ids, attention_mask, sampling, seeds):
+                tokens.append(token)
+                lps.append(logprob)
+            response, logprobs = torch.stack(tokens, dim=1), torch.stack(lps, dim=1).float()
         is_eos = response == self.eos
         after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+        # The fast path notices that every row finished only every few tokens: drop the columns past the
+        # longest answer, so both paths give the same shape.
+        width = int((~after_eos).any(0).nonzero().max()) + 1 if (~after_eos).any() else response.shape[1]
+        response, logprobs, after_eos = response[:, :width], logprobs[:, :width], after_eos[:, :width]
         response = response.masked_fill(after_eos, self.pad_id)
         response_mask = (~after_eos).float()
         return Generated(
@@ -203,7 +264,7 @@ class Engine:
             attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
             prompt_length=input_ids.shape[1],
             response_mask=response_mask,
-            logprobs=torch.stack(logprobs, dim=1).float() * response_mask,
+            logprobs=logprobs * response_mask,
         )
 
     def stream(self, prompt: str | Sequence[int], sampling: Sampling, cancelled: Any = None) -> Iterator[Piece]:

@@ -165,3 +165,90 @@ def test_under_bf16_rollouts_sample_from_the_float32_distribution_ppo_scores(dem
     assert sampled_from.dtype == torch.float32 and sampled_from.abs().max() > 8
     assert torch.allclose(sampled_from, scored, atol=1e-4)
     assert (sampled_from - sampled_from.to(torch.bfloat16).float()).abs().max() > 1e-2  # not bf16 values
+
+
+SAMPLED = Sampling(max_new_tokens=40, temperature=1.3, top_k=40, top_p=0.95, seed=11)
+
+
+def _both_paths(model, tokenizer, sampling, **fast_options):
+    out = []
+    for fast in (True, False):
+        engine = Engine(model, tokenizer, fast=fast, **(fast_options if fast else {}))
+        assert engine.fast is fast
+        out.append(engine.generate(*engine.encode(prompts()), sampling))
+    return out
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_the_bloom_decoder_equals_the_transformers_forward(tiny, monkeypatch, static):
+    """Same tokens and log-probs from the decoder's own step as from the transformers forward with its
+    cache; `static` runs the bucketed steps a CUDA graph replays (small buckets, so answers cross many)."""
+    from engine.bloom_decoder import Stepper
+
+    monkeypatch.setattr(Stepper, "SPAN", 8)
+    model, tokenizer = tiny
+    for sampling in (Sampling(max_new_tokens=40, temperature=0), SAMPLED):
+        fast, slow = _both_paths(model, tokenizer, sampling, graph=static)
+        assert torch.equal(fast.input_ids, slow.input_ids) and fast.response_mask.sum(1).max() > 16
+        assert torch.allclose(fast.logprobs, slow.logprobs, atol=1e-5)
+
+
+def test_the_bloom_decoder_merges_lora_adapters_and_honours_them_switched_off(demo_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "model")
+    plain = Engine(model, tokenizer).generate(*Engine(model, tokenizer).encode(prompts()), SAMPLED)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["query_key_value", "dense_h_to_4h"],
+                                                  init_lora_weights=False))
+    for _, module in peft_model.named_modules():
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.5)
+    fast, slow = _both_paths(peft_model, tokenizer, SAMPLED)
+    assert torch.equal(fast.input_ids, slow.input_ids) and torch.allclose(fast.logprobs, slow.logprobs, atol=1e-5)
+    assert not torch.equal(fast.input_ids, plain.input_ids)  # the adapters do change the answers
+    with peft_model.disable_adapter():
+        off = Engine(peft_model, tokenizer).generate(*Engine(model, tokenizer).encode(prompts()), SAMPLED)
+    assert torch.equal(off.input_ids, plain.input_ids)
+
+
+def test_the_decoder_shares_frozen_weights_and_snapshots_trainable_ones_once(demo_dir):
+    """Under bf16 autocast: the bf16 trunk is used as it is (no copy), the float32 trainable layers are cast
+    once (what autocast would do at every step), the head is float32; sampled log-probs are the scoring
+    forward's up to CPU autocast's bf16 layer norms (a CUDA autocast runs them in float32, as the decoder)."""
+    from engine.bloom_decoder import BloomDecoder
+    from engine.ppo.core import logprobs_of
+
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "model").to(torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "model")
+    hydra = Hydra(model, num_layers_unfrozen=1, value_layers=2).eval()
+    decoder = BloomDecoder(hydra.policy, torch.bfloat16)
+    blocks = hydra.lm.transformer.h
+    assert decoder.layers[0].qkv[0].data_ptr() == blocks[0].self_attention.query_key_value.weight.data_ptr()
+    top = blocks[-1].self_attention.query_key_value.weight
+    assert top.dtype == torch.float32 and decoder.layers[-1].qkv[0].dtype == torch.bfloat16
+    assert decoder.layers[-1].qkv[0].data_ptr() != top.data_ptr() and decoder.head[0].dtype == torch.float32
+    stage = load_recipe(TINY).ppo.model_copy(update={"max_new_tokens": 10, "temperature": 0.7})
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = rollout(hydra.policy, tokenizer, [[Turn("user", q)] for q in QUESTIONS], stage, list(range(8)), 1)
+        out = hydra(batch.input_ids, batch.attention_mask, with_values=False,
+                    logits_to_keep=batch.response_ids.shape[1] + 1)
+    scored = logprobs_of(out.logits[:, :-1], batch.response_ids) * batch.response_mask
+    assert batch.logprobs.dtype == torch.float32
+    assert (scored - batch.logprobs).abs().max() < 0.15
+
+
+def test_a_decode_step_has_no_host_synchronisation(tiny):
+    """What a CUDA graph needs (checkable on a CPU): the whole step, sampler included, traces as one graph
+    with no break (no `.item()`, no branch on a tensor's value, no host copies)."""
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, graph=True)
+    ids, mask = engine.encode(prompts(4))
+    stepper = engine._stepper(ids, mask, SAMPLED, row_seeds(0, range(4)))
+    steps = iter(stepper)
+    next(steps), next(steps)
+    compiled = torch.compile(lambda: stepper._next(stepper.b.length), fullgraph=True, backend="eager")
+    with torch.no_grad():
+        compiled()
+    assert stepper.step.item() == 3 and (stepper.tokens[:, 2] != 0).any()
