@@ -29,7 +29,8 @@ SHAPES = {  # hidden, layers, heads, vocab
 
 
 def rlhf(work: Path, *args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RLHF_DB": str(work / "runs.db"), "PYTHONUNBUFFERED": "1"}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "RLHF_DB": str(work / "runs.db"), "PYTHONUNBUFFERED": "1"}
     done = subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=work, env=env, capture_output=True,
                           text=True)
     if done.returncode != 0:

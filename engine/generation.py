@@ -13,7 +13,8 @@ Log-probabilities of the sampled tokens are those of the untempered model, in fl
 Two decode paths, one semantics: BLOOM models (the recipe's) decode through `engine.bloom_decoder` (a
 static cache and, on CUDA, the whole step replayed as a CUDA graph: `generate`'s per-step overhead was
 ~90 % of a 7b1 decode step); any other architecture through the transformers forward with its own cache.
-`RLHF_DECODE=transformers` forces the second path (to compare, or to rule the first out).
+`RLHF_DECODE=transformers` forces the second path, `RLHF_DECODE=eager` the first without CUDA graphs (to
+compare, or to rule either out).
 """
 
 from __future__ import annotations
@@ -131,8 +132,11 @@ class Engine:
         params = inspect.signature(self._lm.base_model.forward).parameters
         self._positions = "position_ids" in params
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        choice = os.environ.get("RLHF_DECODE", "")
         if fast is None:
-            fast = os.environ.get("RLHF_DECODE", "") != "transformers"
+            fast = choice != "transformers"
+        if graph is None and choice == "eager":
+            graph = False
         self.fast = fast and bloom_decoder.supports(self._lm)
         self.graph = graph
         self._decoder: Any = None
@@ -155,8 +159,10 @@ class Engine:
         batch = self._bloom().batch(input_ids, attention_mask, sampling.max_new_tokens)
         seeds = seeds.to(input_ids.device)
         static = self.graph if self.graph is not None else input_ids.device.type == "cuda"
-        return Stepper(batch, sampling.max_new_tokens, self.eos, lambda logits, step: pick(logits, sampling, seeds, step),
-                       static)
+        def choose(logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+            return pick(logits, sampling, seeds, step)
+
+        return Stepper(batch, sampling.max_new_tokens, self.eos, choose, static)
 
     @property
     def device(self) -> torch.device:

@@ -209,3 +209,38 @@ def test_scoring_is_float32_under_bf16_autocast(kind):
     assert torch.allclose(got.double(), expected, atol=1e-5)
     values = (captured["value_hidden"].double() @ hydra.value_head.weight.double().T).squeeze(-1)
     assert torch.allclose(out.values.double(), values, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,k,k_v,lora", [("bloom", 1, 2, False), ("llama", 2, 2, False), ("bloom", 1, 3, True)])
+def test_a_cached_trunk_gives_the_uncached_forward_and_gradients(kind, k, k_v, lora):
+    """The update forward from the trunk kept by the scoring forward: same logits, values and gradients
+    as the full forward, on rows picked out of the scored batch (as a shuffled minibatch is)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False) if lora else None
+    hydra = Hydra(tiny(kind), num_layers_unfrozen=k, value_layers=k_v, lora=config)
+    train_a_little(hydra)  # branches apart from the trunk's copy
+    ids, mask = batch()
+    with torch.no_grad():
+        kept = hydra(ids, mask, with_ref=True, keep_trunk=True).trunk
+    assert (kept.value is kept.policy) == (k == k_v)
+    rows = torch.tensor([2, 0])
+    grads = []
+    for trunk in (None, kept.rows(rows)):
+        hydra.zero_grad()
+        out = hydra(ids[rows], mask[rows], logits_to_keep=5, trunk=trunk)
+        (out.logits.logsumexp(-1).mean() + out.values.pow(2).mean()).backward()
+        grads.append((out, {n: p.grad.clone() for n, p in hydra.named_parameters() if p.requires_grad}))
+    (full, full_grads), (cached, cached_grads) = grads
+    assert torch.allclose(full.logits, cached.logits, atol=1e-6)
+    assert torch.allclose(full.values, cached.values, atol=1e-6)
+    assert full_grads.keys() == cached_grads.keys()
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, cached_grads[name], atol=1e-6), name
+    assert decoder_layers_intact(hydra)
+
+
+def decoder_layers_intact(hydra: Hydra) -> bool:
+    from engine.models import decoder_layers
+
+    return len(decoder_layers(hydra.lm)) == hydra.num_layers

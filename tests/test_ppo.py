@@ -303,3 +303,24 @@ def test_a_save_that_never_completed_is_neither_resumed_from_nor_left_behind(wor
     names = sorted(p.name for p in out.glob("checkpoint-*"))
     assert names == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert json.loads((out / "checkpoint-3" / "ppo_state.json").read_text())["step"] == 3
+
+
+def test_the_trunk_cached_update_equals_the_uncached_one(workdir, monkeypatch):
+    """Two PPO steps of 4 epochs with the trunk kept from the scoring forward and with the trunk recomputed
+    in every minibatch (RLHF_TRUNK_CACHE=off): the same losses and the same weights, to 1e-6."""
+    runs = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("RLHF_TRUNK_CACHE", mode)
+        run_id, _ = run_stage("ppo", str(TINY), [*TOY, "steps=2", "save_steps=100"])
+        runs[mode] = run_id
+    for name in ("losses/policy_loss", "losses/value_loss", "policy/approx_kl"):
+        on, off = values(runs["on"], name), values(runs["off"], name)
+        assert on == pytest.approx(off, abs=1e-6), name
+    on, off = (load_file(Path(run_row(r)["output_dir"]) / "final" / "model.safetensors") for r in runs.values())
+    assert on.keys() == off.keys()
+    moved = 0
+    base = load_file(workdir / "demo" / "model" / "model.safetensors")
+    for name in on:
+        assert torch.allclose(on[name], off[name], atol=1e-6), name
+        moved += name in base and not torch.equal(on[name], base[name])
+    assert moved > 0

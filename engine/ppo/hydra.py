@@ -10,6 +10,12 @@ layers L-k and L-k_v catch what the model itself passes to them — hidden state
 rotary position embeddings — and the reference and value layers run on exactly those inputs. Nothing
 about an architecture is re-implemented here, so BLOOM (ALiBi) and Llama/Qwen (rotary) work alike.
 
+The trunk once per rollout: the trunk is frozen, so what it hands layers L-k and L-k_v for a rollout never
+changes across PPO epochs and minibatches. The scoring forward keeps those hidden states (`keep_trunk`),
+and every update forward takes them back (`trunk=`): only the embeddings (for the layer's other inputs:
+masks, ALiBi, rotary tables, recomputed by the model itself and cheap), the top k policy layers, the top
+k_v value layers and the heads run. At bloomz-7b1 with k = k_v = 2 that skips 28 of 30 layers per update.
+
 LoRA mode (`lora=`): adapters on the top k layers only, so the trunk stays shared; the policy is the
 model with adapters on, the reference the same layers with adapters off (no copies at all), and the head
 stays frozen. The value branch is as above.
@@ -57,10 +63,34 @@ def check_layers(num_layers: int, k: int, k_v: int) -> None:
 
 
 @dataclass
+class Trunk:
+    """The frozen trunk's output for a batch: the hidden states entering layers L-k (policy) and L-k_v
+    (value), as the model passed them (the same tensor when k = k_v)."""
+
+    policy: torch.Tensor  # [B, T, hidden]
+    value: torch.Tensor  # [B, T, hidden]
+
+    def rows(self, index: torch.Tensor) -> "Trunk":
+        policy = self.policy[index]
+        return Trunk(policy, policy if self.value is self.policy else self.value[index])
+
+    @staticmethod
+    def cat(parts: list["Trunk"]) -> "Trunk":
+        policy = torch.cat([p.policy for p in parts])
+        same = all(p.value is p.policy for p in parts)
+        return Trunk(policy, policy if same else torch.cat([p.value for p in parts]))
+
+
+@dataclass
 class HydraOutput:
     logits: torch.Tensor  # policy, [B, T, V]
     values: torch.Tensor | None  # [B, T]
     ref_logits: torch.Tensor | None  # [B, T, V]
+    trunk: Trunk | None = None  # with keep_trunk
+
+
+class _Stop(Exception):
+    """Ends a forward pass at the first branch layer: its inputs are all that is wanted."""
 
 
 class _Capture:
@@ -110,6 +140,10 @@ class Hydra(nn.Module):
         _check_uniform_layers(model, self.num_layers - value_layers)
         self.takes_position_ids = "position_ids" in inspect.signature(model.base_model.forward).parameters
         self.k, self.k_v = num_layers_unfrozen, value_layers
+        kinds = getattr(model.config.get_text_config(), "layer_types", None)
+        # A cached trunk runs the model with its first branch layer alone in the stack: the model must hand
+        # that layer what it hands it in place (models with per-layer attention types may not).
+        self.trunk_cacheable = not kinds or kinds[0] == kinds[self.num_layers - self.k_v]
         top = list(layers)[self.num_layers - self.k :]
         norm = final_norm(model)
         head = model.get_output_embeddings()
@@ -207,16 +241,25 @@ class Hydra(nn.Module):
         with_values: bool = True,
         with_ref: bool = False,
         logits_to_keep: int = 0,
+        keep_trunk: bool = False,
+        trunk: Trunk | None = None,
     ) -> HydraOutput:
-        """Policy (and reference) logits of the last `logits_to_keep` positions (0 = all), values of all."""
-        layers = self._layers
-        policy_call = _Capture(layers[self.num_layers - self.k]) if with_ref else None
-        value_call = _Capture(layers[self.num_layers - self.k_v]) if with_values else None
+        """Policy (and reference) logits of the last `logits_to_keep` positions (0 = all), values of all.
+
+        `keep_trunk`: also return the trunk's output (detached) for later `trunk=` calls on the same rows,
+        which then skip the frozen layers (no reference branch there: it is computed once, when scoring)."""
         extra = {}
         if attention_mask is not None and self.takes_position_ids:
             # As `generate` numbers a left-padded prompt: rotary models must score at the sampled positions.
             positions = attention_mask.long().cumsum(-1) - 1
             extra["position_ids"] = positions.masked_fill(attention_mask == 0, 1)
+        if trunk is not None:
+            if with_ref:
+                raise ValueError("a cached trunk serves the update forwards; score the reference without one")
+            return self._from_trunk(input_ids, attention_mask, extra, trunk, with_values, logits_to_keep)
+        layers = self._layers
+        policy_call = _Capture(layers[self.num_layers - self.k]) if with_ref or keep_trunk else None
+        value_call = _Capture(layers[self.num_layers - self.k_v]) if with_values or keep_trunk else None
         try:
             # The transformer itself (final norm included), not the causal-LM wrapper: the head runs below,
             # in float32, on the kept positions only.
@@ -234,7 +277,52 @@ class Hydra(nn.Module):
         if with_values:
             hidden = self.value_norm(_run_layers(self.value_layers, captured[1]))
             values = head_fp32(self.value_head, hidden).squeeze(-1)
-        return HydraOutput(logits=logits, values=values, ref_logits=ref_logits)
+        kept = None
+        if keep_trunk:
+            policy_in, value_in = captured[0][0][0].detach(), captured[1][0][0].detach()
+            kept = Trunk(policy_in, policy_in if self.k == self.k_v else value_in)
+        return HydraOutput(logits=logits, values=values, ref_logits=ref_logits, trunk=kept)
+
+    def _from_trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, extra: dict, trunk: Trunk,
+                    with_values: bool, logits_to_keep: int) -> HydraOutput:
+        args, kwargs = self._branch_call(input_ids, attention_mask, extra)
+        top = nn.ModuleList(list(self._layers)[self.num_layers - self.k :])
+        hidden = final_norm(self.lm)(_run_layers(top, ((trunk.policy, *args[1:]), kwargs)))
+        logits = head_fp32(self.lm.get_output_embeddings(), _keep(hidden, logits_to_keep))
+        values = None
+        if with_values:
+            hidden = self.value_norm(_run_layers(self.value_layers, ((trunk.value, *args[1:]), kwargs)))
+            values = head_fp32(self.value_head, hidden).squeeze(-1)
+        return HydraOutput(logits=logits, values=values, ref_logits=None)
+
+    def _branch_call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     extra: dict) -> tuple[tuple, dict]:
+        """The (args, kwargs) the model calls its first branch layer with (hidden state aside): the model
+        runs with that layer alone in its stack and stops as it enters it, so only the embeddings and the
+        mask / position preparation run."""
+        if not self.trunk_cacheable:
+            raise ValueError("this model gives its layers different attention types: the trunk cannot be cached")
+        owner, name = _layer_list_owner(self.lm)
+        stack = getattr(owner, name)
+        first = stack[self.num_layers - self.k_v]
+        seen: list[tuple[tuple, dict]] = []
+
+        def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen.append((args, kwargs))
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(stop, with_kwargs=True)
+        setattr(owner, name, nn.ModuleList([first]))
+        try:
+            self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        except _Stop:
+            pass
+        finally:
+            setattr(owner, name, stack)
+            handle.remove()
+        if not seen:
+            raise RuntimeError("the first branch layer was not called")
+        return seen[0]
 
     @contextmanager
     def _reference_weights(self) -> Iterator[tuple[nn.Module, nn.Module, nn.Module]]:
@@ -319,6 +407,16 @@ def _check_uniform_layers(model: nn.Module, first_branch_layer: int) -> None:
     kinds = getattr(model.config.get_text_config(), "layer_types", None)
     if kinds and len(set(kinds[first_branch_layer:])) > 1:
         raise ValueError(f"the top layers mix attention types {sorted(set(kinds[first_branch_layer:]))}: not supported")
+
+
+def _layer_list_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    """(module, attribute) holding the decoder-layer list."""
+    layers = decoder_layers(model)
+    for module in model.modules():
+        for name, child in module.named_children():
+            if child is layers:
+                return module, name
+    raise ValueError(f"{type(model).__name__}: the decoder layers have no owner")
 
 
 def _layers_attribute(model: nn.Module) -> str:

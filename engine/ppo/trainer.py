@@ -32,7 +32,7 @@ from engine.data import load_prompts
 from engine.lineage import write_lineage
 from engine.models import load_causal_lm, load_exact, load_tokenizer, lora_config, precision_flags
 from engine.ppo import core
-from engine.ppo.hydra import Hydra
+from engine.ppo.hydra import Hydra, Trunk
 from engine.ppo.rewards import FunctionScorer, RewardModelScorer, Scorer, import_function
 from engine.ppo.rollout import Rollout, generate
 from engine.run import RunHandle, checkpoints_in, newest_checkpoint
@@ -282,20 +282,22 @@ class PPOTrainer:
             scores = scores / max(self.state.ref_std, 1e-8)
         return scores.clamp(-self.stage.cliprange_reward, self.stage.cliprange_reward)
 
-    def _forward(self, model: Any, batch: Rollout, with_ref: bool) -> tuple[torch.Tensor, ...]:
-        """Log-probs, reference log-probs and values at the positions that emit each response token.
+    def _forward(self, model: Any, batch: Rollout, with_ref: bool, trunk: Trunk | None = None,
+                 keep_trunk: bool = False) -> tuple[Any, ...]:
+        """Log-probs, reference log-probs and values at the positions that emit each response token, and
+        the trunk's output with `keep_trunk` (for `trunk=` in the update forwards, which skip the trunk).
 
         Only the last R + 1 positions get logits: a prompt's logits would cost [B, P, vocab] for nothing.
         """
         response = batch.response_ids.shape[1]
         with self.accelerator.autocast():
             out = model(batch.input_ids, batch.attention_mask, with_values=True, with_ref=with_ref,
-                        logits_to_keep=response + 1)
+                        logits_to_keep=response + 1, keep_trunk=keep_trunk, trunk=trunk)
         tokens = batch.response_ids
         logprobs = core.logprobs_of(out.logits[:, :-1], tokens)
         ref = core.logprobs_of(out.ref_logits[:, :-1], tokens) if out.ref_logits is not None else None
         values = out.values[:, batch.prompt_length - 1 : -1].float()
-        return logprobs, ref, values
+        return logprobs, ref, values, out.trunk
 
     def _minibatches(self, rollout: Rollout, order: torch.Tensor) -> list[tuple[torch.Tensor, Rollout]]:
         size = self.stage.minibatch_size
@@ -320,10 +322,14 @@ class PPOTrainer:
         t_rollout = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        # The trunk once per rollout (see engine/ppo/hydra.py); RLHF_TRUNK_CACHE=off recomputes it in every
+        # update forward (to compare, or to rule the cache out).
+        cache = unwrapped.trunk_cacheable and os.environ.get("RLHF_TRUNK_CACHE", "on") != "off"
         with torch.no_grad():  # in minibatches: the whole rollout's logits at once would not fit for real models
-            parts = [self._forward(unwrapped, mb, with_ref=True)
+            parts = [self._forward(unwrapped, mb, with_ref=True, keep_trunk=cache)
                      for _, mb in self._minibatches(rollout, torch.arange(len(prompts), device=self.device))]
-            old_logprobs, ref_logprobs, old_values = (torch.cat(p) for p in zip(*parts))
+            old_logprobs, ref_logprobs, old_values = (torch.cat(p) for p in list(zip(*parts))[:3])
+            trunk = Trunk.cat([p[3] for p in parts]) if cache else None
         mask = rollout.response_mask
         log_ratio = (old_logprobs - ref_logprobs) * mask
         kl_k3 = ((torch.exp(-log_ratio) - 1) + log_ratio) * mask
@@ -343,7 +349,8 @@ class PPOTrainer:
         updates = 0
         for _ in range(stage.ppo_epochs):
             for idx, mb in self._minibatches(rollout, torch.randperm(len(prompts), device=mask.device)):
-                logprobs, _, values = self._forward(self.model, mb, with_ref=False)
+                logprobs, _, values, _ = self._forward(self.model, mb, with_ref=False,
+                                                       trunk=trunk.rows(idx) if trunk is not None else None)
                 pg_loss, pg_stats = core.policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb.response_mask,
                                                      stage.cliprange)
                 vf_loss, vf_stats = core.value_loss(values, old_values[idx], returns[idx], mb.response_mask,

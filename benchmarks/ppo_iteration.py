@@ -1,0 +1,255 @@
+"""One whole PPO iteration at a named shape, phase by phase: the new paths against the old ones, same run.
+
+An iteration: sample a response to every prompt (generate), score the rollout with the hydra (policy,
+reference and value in one forward), score it with the reward model (reward), then `--epochs` passes of
+minibatch updates (update: forward + backward; optimizer step timed apart). Random weights at the shape;
+every response is exactly --response-tokens long (no eos), so both paths do the same work.
+
+  new   the engine's decode (engine/generation.py: on CUDA its BLOOM steps replay as CUDA graphs) and the
+        trunk kept from the scoring forward, so each update runs only the top k / k_v layers and the heads
+  old   transformers' `generate` and the trunk recomputed in every update forward
+
+    python benchmarks/ppo_iteration.py                                   # CPU smoke shape
+    python benchmarks/ppo_iteration.py --device cuda --shape bloomz-7b1-mt --prompts 512 --baseline-prompts 64
+
+Where fewer prompts than 1,024 run, the per-1,024 columns are computed from the measured phases (each phase
+is linear in the prompt count: decode chunks, scoring and update minibatches) and are labelled so.
+Decode is also given as a share of the HBM roofline: every decode step must read the decoder layers (bf16),
+the float32 LM head and the KV cache written so far (bf16), once; --bandwidth sets the memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {  # hidden, layers, heads, vocab
+    "cpu-small": (128, 4, 4, 1000),
+    "bloom-560m": (1024, 24, 16, 250880),
+    "bloomz-7b1-mt": (4096, 30, 32, 250880),
+}
+BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s, by a word of the device name
+
+
+def build(args: argparse.Namespace):
+    """(hydra, reward model, optimizer): frozen parts bf16 on CUDA (float32 on a CPU), trainable float32."""
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM, BloomForSequenceClassification
+
+    from engine.ppo.hydra import Hydra
+
+    hidden, layers, heads, vocab = SHAPES[args.shape]
+    frozen = torch.bfloat16 if args.device == "cuda" else torch.float32
+    config = BloomConfig(vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads, pad_token_id=0)
+
+    def make(cls, cfg):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(frozen)
+        try:
+            with torch.device(args.device):
+                return cls(cfg).eval()
+        finally:
+            torch.set_default_dtype(previous)
+
+    reward = make(BloomForSequenceClassification, BloomConfig(**{**config.to_dict(), "num_labels": 1}))
+    reward.requires_grad_(False)
+    hydra = Hydra(make(BloomForCausalLM, config), args.k, args.k_v, train_head=True).eval()
+    value = {id(p) for p in hydra.value_branch_parameters()}
+    trainable = [p for p in hydra.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if id(p) not in value]},
+                                   {"params": [p for p in trainable if id(p) in value]}], lr=1e-7)
+    return hydra, reward, optimizer
+
+
+class Clock:
+    """Seconds per phase, the device synchronised at each boundary."""
+
+    def __init__(self, device: str):
+        self.device, self.seconds = device, {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def generate(hydra, ids, mask, args: argparse.Namespace, new: bool):
+    import torch
+    from transformers import GenerationConfig
+
+    from engine.generation import Engine, Sampling
+
+    sampling = Sampling(max_new_tokens=args.response_tokens, temperature=1.0, seed=1)
+    engine = Engine(hydra.policy, SimpleNamespace(eos_token_id=-1, pad_token_id=0)) if new else None
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.response_tokens,
+                              min_new_tokens=0, eos_token_id=None, pad_token_id=0, repetition_penalty=1.0)
+    parts = []
+    for start in range(0, ids.shape[0], args.chunk):
+        chunk_ids, chunk_mask = ids[start : start + args.chunk], mask[start : start + args.chunk]
+        if new:
+            parts.append(engine.generate(chunk_ids, chunk_mask, sampling).input_ids)
+        else:
+            with torch.no_grad():
+                parts.append(hydra.policy.generate(input_ids=chunk_ids, attention_mask=chunk_mask,
+                                                   generation_config=config))
+    return torch.cat(parts)
+
+
+def iteration(hydra, reward, optimizer, prompts, args: argparse.Namespace, new: bool) -> dict[str, float]:
+    import torch
+
+    from engine.ppo import core
+
+    device = args.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    clock = Clock(device)
+    mask = torch.ones_like(prompts)
+    prompt = prompts.shape[1]
+    with clock.phase("generate"), autocast:
+        ids = generate(hydra, prompts, mask, args, new)
+    full_mask = torch.ones_like(ids)
+    tokens = ids[:, prompt:]
+    rmask = torch.ones_like(tokens, dtype=torch.float32)
+    keep = tokens.shape[1] + 1
+    minibatches = [torch.arange(s, min(s + args.minibatch, len(ids)), device=device)
+                   for s in range(0, len(ids), args.minibatch)]
+    with clock.phase("score"), torch.no_grad(), autocast:
+        parts = []
+        for idx in minibatches:
+            out = hydra(ids[idx], full_mask[idx], with_values=True, with_ref=True, logits_to_keep=keep, keep_trunk=new)
+            parts.append((core.logprobs_of(out.logits[:, :-1], tokens[idx]),
+                          core.logprobs_of(out.ref_logits[:, :-1], tokens[idx]),
+                          out.values[:, prompt - 1 : -1].float(), out.trunk))
+        old_logprobs, ref_logprobs, old_values = (torch.cat(p) for p in list(zip(*parts))[:3])
+        trunk = type(parts[0][3]).cat([p[3] for p in parts]) if new else None
+    with clock.phase("reward"), torch.no_grad(), autocast:
+        scores = torch.cat([reward(input_ids=ids[idx], attention_mask=full_mask[idx]).logits[:, 0].float()
+                            for idx in minibatches])
+    rewards = core.shaped_rewards((old_logprobs - ref_logprobs) * rmask, rmask, scores, 0.05)
+    advantages, returns = core.gae(old_values, rewards, rmask, 1.0, 0.95)
+    advantages = core.whiten(advantages, rmask)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(args.epochs):
+        order = torch.randperm(len(ids), generator=generator).to(device)
+        for idx in order.split(args.minibatch):
+            with clock.phase("update"), autocast:
+                out = hydra(ids[idx], full_mask[idx], with_values=True, logits_to_keep=keep,
+                            trunk=trunk.rows(idx) if trunk is not None else None)
+                logprobs = core.logprobs_of(out.logits[:, :-1], tokens[idx])
+                pg, _ = core.policy_loss(logprobs, old_logprobs[idx], advantages[idx], rmask[idx], 0.2)
+                vf, _ = core.value_loss(out.values[:, prompt - 1 : -1].float(), old_values[idx], returns[idx],
+                                        rmask[idx], 0.2)
+                optimizer.zero_grad(set_to_none=True)
+                (pg + 0.1 * vf).backward()
+            with clock.phase("optimizer step"):
+                torch.nn.utils.clip_grad_norm_([p for p in hydra.parameters() if p.requires_grad], 1.0)
+                optimizer.step()
+    return clock.seconds
+
+
+def roofline_seconds(hydra, rows: int, args: argparse.Namespace) -> float:
+    """The least time a decode of `rows` prompts can take: per step, the decoder layers in bf16, the head
+    in float32 and the KV cache so far in bf16, read once, at the given bandwidth."""
+    from engine.models import decoder_layers
+
+    hidden, layers, _, vocab = SHAPES[args.shape]
+    layer_bytes = sum(p.numel() for p in decoder_layers(hydra.lm).parameters()) * 2 + vocab * hidden * 4
+    total = 0.0
+    for start in range(0, rows, args.chunk):
+        batch = min(args.chunk, rows - start)
+        for step in range(args.response_tokens):
+            total += layer_bytes + 2 * layers * batch * (args.prompt_tokens + step) * hidden * 2
+    return total / args.bandwidth
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
+    parser.add_argument("--prompts", type=int, default=None, help="default: 1024 on CUDA, 16 on a CPU")
+    parser.add_argument("--baseline-prompts", type=int, default=None, help="prompts for the old paths")
+    parser.add_argument("--prompt-tokens", type=int, default=None, help="default: 256 on CUDA, 16 on a CPU")
+    parser.add_argument("--response-tokens", type=int, default=None, help="default: 256 on CUDA, 16 on a CPU")
+    parser.add_argument("--chunk", type=int, default=None, help="prompts per decode batch (default 128 / 8)")
+    parser.add_argument("--minibatch", type=int, default=None, help="sequences per update (default 16 / 4)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--k-v", type=int, default=2)
+    parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s (default: by the GPU's name)")
+    parser.add_argument("--paths", choices=["both", "new", "old"], default="both")
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    for name, gpu, cpu in (("prompts", 1024, 16), ("prompt_tokens", 256, 16), ("response_tokens", 256, 16),
+                           ("chunk", 128, 8), ("minibatch", 16, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, gpu if cuda else cpu)
+    args.baseline_prompts = args.baseline_prompts or args.prompts
+    device_name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    if args.bandwidth is None:
+        args.bandwidth = next((bw for word, bw in BANDWIDTH.items() if word in device_name), 0.1e12)
+
+    torch.manual_seed(0)
+    hydra, reward, optimizer = build(args)
+    vocab = SHAPES[args.shape][3]
+    paths = {"both": ["new", "old"], "new": ["new"], "old": ["old"]}[args.paths]
+    warm = argparse.Namespace(**{**vars(args), "response_tokens": 4, "epochs": 1})
+    results = {}
+    for path in paths:
+        iteration(hydra, reward, optimizer, torch.randint(1, vocab, (2, args.prompt_tokens), device=args.device),
+                  warm, path == "new")  # warm-up: kernels, allocator, optimizer state
+        count = args.prompts if path == "new" else args.baseline_prompts
+        prompts = torch.randint(1, vocab, (count, args.prompt_tokens), device=args.device)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        seconds = iteration(hydra, reward, optimizer, prompts, args, path == "new")
+        peak = torch.cuda.max_memory_allocated() if cuda else None
+        results[path] = (count, seconds, peak)
+
+    print(f"PPO iteration, {args.shape} shape (k={args.k}, k_v={args.k_v}, trainable head) on {device_name}, "
+          f"torch {torch.__version__}: prompts {args.prompt_tokens} + responses {args.response_tokens} tokens, "
+          f"decode batches of {args.chunk}, minibatches of {args.minibatch}, {args.epochs} epochs")
+    print("; ".join(f"{p}: {results[p][0]} prompts measured" for p in paths) + "\n")
+    phases = ["generate", "score", "reward", "update", "optimizer step"]
+    head = " | ".join(f"{p} (s, measured)" for p in paths)
+    per = " | ".join(f"{p} per 1,024 prompts (s{'' if results[p][0] == 1024 else ', computed'})" for p in paths)
+    print(f"| phase | {head} | {per} |" + (" new vs old |" if len(paths) == 2 else ""))
+    print("|---|" + "---:|" * (2 * len(paths) + (len(paths) == 2)))
+    for phase in [*phases, "total"]:
+        cells, scaled = [], []
+        for p in paths:
+            count, seconds, _ = results[p]
+            value = sum(seconds.values()) if phase == "total" else seconds.get(phase, 0.0)
+            cells.append(f"{value:.2f}")
+            scaled.append(value * 1024 / count)
+        line = f"| {phase} | {' | '.join(cells)} | {' | '.join(f'{s:.1f}' for s in scaled)} |"
+        if len(paths) == 2:
+            line += f" {scaled[1] / scaled[0]:.2f}x |" if scaled[0] else " - |"
+        print(line)
+    print()
+    for p in paths:
+        count, seconds, peak = results[p]
+        tokens = count * args.response_tokens
+        roof = roofline_seconds(hydra, count, args)
+        memory = f", peak memory {peak / 2**30:.2f} GiB" if peak is not None else ""
+        print(f"{p}: decode {tokens / seconds['generate']:,.0f} tokens/s = {roof / seconds['generate']:.1%} of the "
+              f"HBM roofline ({roof:.2f} s at {args.bandwidth / 1e12:.2f} TB/s){memory}")
+
+
+if __name__ == "__main__":
+    main()
