@@ -82,7 +82,7 @@ def agreement(policy, scorer, ids, mask, sampling, autocast) -> list[str]:
     return rows
 
 
-def profile_steps(model, batch: int, steps: int, device: str) -> list[str]:
+def profile_steps(model, batch: int, steps: int, device: str, breakdown: list[str]) -> list[str]:
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import GenerationConfig
@@ -109,8 +109,13 @@ def profile_steps(model, batch: int, steps: int, device: str) -> list[str]:
                 run()
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - t0
-        kernels = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages()) / 1e6
+        events = prof.key_averages()
+        kernels = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e6
         rows.append(f"| {name} | {wall / steps * 1e3:.2f} | {kernels / steps * 1e3:.2f} | {kernels / wall:.0%} |")
+        if name == "decoder, eager":
+            top = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0.0), reverse=True)[:10]
+            breakdown.extend(f"| {e.key[:70]} | {e.self_device_time_total / 1e3 / steps:.3f} | "
+                             f"{e.self_device_time_total / 1e6 / kernels:.0%} |" for e in top)
     return rows
 
 
@@ -187,7 +192,11 @@ def main() -> None:
         print(f"\nWhere a decode step's time goes: {args.shape} (bf16), batch {args.batch}, prompts 256 tokens, "
               f"{args.steps} sampled tokens (profiler: kernel time on the GPU)\n")
         print("| path | wall ms per step | GPU kernel ms per step | GPU busy |\n|---|---:|---:|---:|")
-        print("\n".join(profile_steps(big, args.batch, args.steps, device)))
+        breakdown: list[str] = []
+        print("\n".join(profile_steps(big, args.batch, args.steps, device, breakdown)))
+        print("\nThe eager decoder's kernels (what a graph replays), per step\n")
+        print("| kernel | ms per step | share |\n|---|---:|---:|")
+        print("\n".join(breakdown))
         del big
         torch.cuda.empty_cache()
         print("\nLM head products, 4096 x 250,880 (largest logit about 16)\n")

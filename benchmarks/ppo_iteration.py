@@ -57,13 +57,15 @@ def build(args: argparse.Namespace):
         finally:
             torch.set_default_dtype(previous)
 
-    reward = make(BloomForSequenceClassification, BloomConfig(**{**config.to_dict(), "num_labels": 1}))
+    reward = make(BloomForSequenceClassification,
+                  BloomConfig(**{**config.to_dict(), "num_labels": 1, "id2label": {0: "score"}}))
     reward.requires_grad_(False)
     hydra = Hydra(make(BloomForCausalLM, config), args.k, args.k_v, train_head=True).eval()
     value = {id(p) for p in hydra.value_branch_parameters()}
     trainable = [p for p in hydra.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in trainable if id(p) not in value]},
-                                   {"params": [p for p in trainable if id(p) in value]}], lr=1e-7)
+                                   {"params": [p for p in trainable if id(p) in value]}], lr=1e-7,
+                                  fused=args.device == "cuda")  # as the trainer
     return hydra, reward, optimizer
 
 
@@ -200,6 +202,7 @@ def main() -> None:
             setattr(args, name, gpu if cuda else cpu)
     args.baseline_prompts = args.baseline_prompts or args.prompts
     device_name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    bandwidth_given = args.bandwidth is not None
     if args.bandwidth is None:
         args.bandwidth = next((bw for word, bw in BANDWIDTH.items() if word in device_name), 0.1e12)
 
@@ -224,7 +227,11 @@ def main() -> None:
     print(f"PPO iteration, {args.shape} shape (k={args.k}, k_v={args.k_v}, trainable head) on {device_name}, "
           f"torch {torch.__version__}: prompts {args.prompt_tokens} + responses {args.response_tokens} tokens, "
           f"decode batches of {args.chunk}, minibatches of {args.minibatch}, {args.epochs} epochs")
-    print("; ".join(f"{p}: {results[p][0]} prompts measured" for p in paths) + "\n")
+    from engine.head import split_available
+
+    split = cuda and split_available("cuda")
+    print("; ".join(f"{p}: {results[p][0]} prompts measured" for p in paths) + f"; LM heads: "
+          f"{'split bf16 (engine/head.py)' if split else 'float32'}; AdamW {'fused' if cuda else 'foreach'}\n")
     phases = ["generate", "score", "reward", "update", "optimizer step"]
     head = " | ".join(f"{p} (s, measured)" for p in paths)
     per = " | ".join(f"{p} per 1,024 prompts (s{'' if results[p][0] == 1024 else ', computed'})" for p in paths)
@@ -247,8 +254,11 @@ def main() -> None:
         tokens = count * args.response_tokens
         roof = roofline_seconds(hydra, count, args)
         memory = f", peak memory {peak / 2**30:.2f} GiB" if peak is not None else ""
-        print(f"{p}: decode {tokens / seconds['generate']:,.0f} tokens/s = {roof / seconds['generate']:.1%} of the "
-              f"HBM roofline ({roof:.2f} s at {args.bandwidth / 1e12:.2f} TB/s){memory}")
+        line = f"{p}: decode {tokens / seconds['generate']:,.0f} tokens/s"
+        if cuda or bandwidth_given:
+            line += f" = {roof / seconds['generate']:.1%} of the HBM roofline ({roof:.2f} s at " \
+                    f"{args.bandwidth / 1e12:.2f} TB/s)"
+        print(line + memory)
 
 
 if __name__ == "__main__":

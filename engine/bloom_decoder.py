@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.head import split, split_available, split_mm
+
 
 def supports(lm: nn.Module) -> bool:
     """A BLOOM causal LM this decoder reproduces exactly (plain LoRA adapters included)."""
@@ -69,45 +71,23 @@ def _linear(module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
 
 
 class _SplitHead:
-    """The LM head in float32 accuracy on bf16 tensor cores: hidden and weight each split into a bf16 high
-    part and a bf16 remainder, three products accumulated and returned in float32 (the remainder's product
-    with the remainder, ~2^-16 relative, is dropped). A float32 product of a batch of 128 against a 250,880-
-    token head runs on the CUDA cores at ~4 ms per decode step, a bf16 one on the tensor cores in well under
-    a millisecond; bf16 logits themselves would be rounded to steps of 0.125 at magnitude 16-32.
-    """
+    """The decoder's LM head: the weight split once per decoder (see engine/head.py), the hidden state at
+    every step."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.high = weight.to(torch.bfloat16)
-        low = weight - self.high.float()
-        self.low = low.to(torch.bfloat16) if bool(low.any()) else None  # a bf16 head has no remainder
+        high, low = split(weight)
+        self.weight = (high.t(), None if low is None else low.t())
         self.bias = bias
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        high = hidden.to(torch.bfloat16)
-        low = (hidden - high.float()).to(torch.bfloat16)
-        out = _mm32(high, self.high.t()) + _mm32(low, self.high.t())
-        if self.low is not None:
-            out = out + _mm32(high, self.low.t())
+        out = split_mm(split(hidden), self.weight)
         return out if self.bias is None else out + self.bias
 
 
-def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """bf16 x bf16 -> float32. Off CUDA (tests) the same numbers from float32 operands: a product of two
-    bf16 values is exact in float32."""
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
-
-
 def _split_head(head: tuple[torch.Tensor, torch.Tensor | None], compute_dtype: torch.dtype) -> _SplitHead | None:
-    """A split head where it pays and works: bf16 compute on CUDA, with a bf16 x bf16 -> float32 product."""
+    """A split head where it pays and works: bf16 compute on CUDA."""
     weight, bias = head
-    if compute_dtype != torch.bfloat16 or weight.device.type != "cuda":
-        return None
-    try:
-        probe = torch.ones(2, 2, dtype=torch.bfloat16, device=weight.device)
-        torch.mm(probe, probe, out_dtype=torch.float32)
-    except (RuntimeError, TypeError):
+    if compute_dtype != torch.bfloat16 or weight.device.type != "cuda" or not split_available(str(weight.device)):
         return None
     return _SplitHead(weight, bias)
 
@@ -125,6 +105,9 @@ class _Layer:
 def _apply(x: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
     weight, bias = linear
     return F.linear(x.to(weight.dtype), weight, bias)
+
+
+_MASKED = -1e30  # an attention bias no score survives, finite in bf16 and float32
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
@@ -181,9 +164,10 @@ class Batch:
         # mask and ALiBi of the whole answer are known now and never change.
         self.valid = torch.cat([attention_mask.bool(), torch.ones(rows, max_new_tokens, dtype=torch.bool,
                                                                   device=device)], 1)
-        self.alibi = build_alibi_tensor(self.valid.long(), decoder.heads, torch.float32).to(decoder.dtype)
+        alibi = build_alibi_tensor(self.valid.long(), decoder.heads, torch.float32).to(decoder.dtype)
+        self.alibi = alibi.view(rows, decoder.heads, 1, self.length)
         self.key_index = torch.arange(self.length, device=device)
-        shape = (len(decoder.layers), rows * decoder.heads, self.length, decoder.head_dim)
+        shape = (len(decoder.layers), rows, decoder.heads, self.length, decoder.head_dim)
         # Zeros, not garbage: the graph's attention reads the not-yet-written keys too (masked to weight 0,
         # which a NaN bit pattern would turn into NaN).
         self.keys = torch.zeros(shape, dtype=decoder.dtype, device=device)
@@ -197,19 +181,21 @@ class Batch:
         rows, count = ids.shape
         heads, dim = d.heads, d.head_dim
         h = d.embedding_norm(F.embedding(ids, d.embedding))
+        # ALiBi and the causal/padding mask as one additive bias, in the compute dtype (as autocast hands
+        # BLOOM's ALiBi to its attention); a large finite negative, not -inf: a padding row that sees no
+        # key must stay finite, or its NaN would reach the real rows through 0 x NaN.
         allowed = self.valid[:, None, None, :span] & (self.key_index[:span] <= positions[:, None])
-        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=ids.device).masked_fill(
-            ~allowed, torch.finfo(torch.float32).min)
-        alibi = self.alibi[:, :, :span]
+        bias = (self.alibi[:, :, :, :span].float() + torch.where(allowed, 0.0, _MASKED)).to(d.dtype)
         for i, layer in enumerate(d.layers):
             qkv = _apply(layer.ln1(h), layer.qkv).view(rows, count, heads, 3, dim)
-            q, k, v = (qkv[..., j, :].transpose(1, 2).reshape(rows * heads, count, dim) for j in range(3))
-            self.keys[i].index_copy_(1, positions, k)
-            self.values[i].index_copy_(1, positions, v)
-            scores = torch.baddbmm(alibi, q, self.keys[i, :, :span].transpose(1, 2), beta=1.0, alpha=d.scale)
-            weights = torch.softmax(scores.view(rows, heads, count, span).float() + bias, dim=-1)
-            context = torch.bmm(weights.to(d.dtype).view(rows * heads, count, span), self.values[i, :, :span])
-            context = context.view(rows, heads, count, dim).permute(0, 2, 1, 3).reshape(rows, count, heads * dim)
+            q, k, v = (qkv[..., j, :].transpose(1, 2) for j in range(3))  # [B, H, T, D]
+            self.keys[i].index_copy_(2, positions, k)
+            self.values[i].index_copy_(2, positions, v)
+            # One fused kernel reads each key and value once (BLOOM's own attention materialises the
+            # scores three times over).
+            context = F.scaled_dot_product_attention(q, self.keys[i, :, :, :span], self.values[i, :, :, :span],
+                                                     attn_mask=bias, scale=d.scale)
+            context = context.transpose(1, 2).reshape(rows, count, heads * dim)
             h = h + _apply(context, layer.dense)
             h = h + _apply(_gelu(_apply(layer.ln2(h), layer.up)), layer.down)
         return d.final_norm(h[:, -1])

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from engine.models import head_fp32
+from engine.head import head_fp32
 
 _M32 = 0xFFFFFFFF
 

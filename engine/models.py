@@ -104,20 +104,6 @@ def load_exact(model: "torch.nn.Module", folder: Any, names: list[str]) -> None:
                 param.data = saved.get_tensor(name).to(device=param.device, dtype=param.dtype)
 
 
-def head_fp32(head: "torch.nn.Module", hidden: "torch.Tensor") -> "torch.Tensor":
-    """A linear head computed in float32, outside autocast.
-
-    Under bf16 autocast a logit of magnitude 16-32 moves in steps of 0.125: per-token log-prob noise of
-    ~0.06 nats, larger than what one small PPO update changes, so ratios, clip fractions, KL and values
-    would move in rounding quanta. A bf16 (frozen) weight is cast for the call only.
-    """
-    import torch
-
-    with torch.autocast(hidden.device.type, enabled=False):
-        bias = getattr(head, "bias", None)
-        return torch.nn.functional.linear(hidden.float(), head.weight.float(), None if bias is None else bias.float())
-
-
 def decoder_layers(model: "torch.nn.Module") -> "torch.nn.ModuleList":
     """The model's own stack of decoder layers (BLOOM `transformer.h`, Llama `model.layers`, …)."""
     import torch

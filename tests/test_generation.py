@@ -254,16 +254,30 @@ def test_a_decode_step_has_no_host_synchronisation(tiny):
     assert stepper.step.item() == 3 and (stepper.tokens[:, 2] != 0).any()
 
 
-def test_the_split_head_has_float32_accuracy():
-    """The decoder's bf16-tensor-core LM head (CUDA) against the float32 product: far closer than bf16
-    logits (steps of 0.125 at magnitude 16-32), for a float32 head and for a bf16 one."""
+def test_the_split_head_has_float32_accuracy_forward_and_backward():
+    """The split-bf16 head (CUDA under bf16 autocast; the decoder's and training's) against float64: far
+    closer than bf16 logits (steps of 0.125 at magnitude 16-32), for a float32 head and for a bf16 one, and
+    its gradients are the float32 product's. (Off CUDA the bf16 products run on float32 operands: exact.)"""
     from engine.bloom_decoder import _SplitHead
+    from engine.head import _SplitLinear
 
     torch.manual_seed(0)
     hidden = torch.randn(16, 64) * 3
-    for weight in (torch.randn(500, 64), torch.randn(500, 64).to(torch.bfloat16).float()):
+    for weight in (torch.randn(500, 64), torch.randn(500, 64).to(torch.bfloat16)):
         exact = hidden.double() @ weight.double().t()
-        split = _SplitHead(weight, None)(hidden)
-        assert split.dtype == torch.float32 and exact.abs().max() > 16
-        assert (split.double() - exact).abs().max() < 2e-3
-        assert (hidden.bfloat16().float().double() @ weight.double().t() - exact).abs().max() > 2e-2
+        assert exact.abs().max() > 16
+        for split in (_SplitHead(weight, None)(hidden), _SplitLinear.apply(hidden, weight, None)):
+            assert split.dtype == torch.float32 and (split.double() - exact).abs().max() < 2e-3
+        assert (hidden.bfloat16().double() @ weight.double().t() - exact).abs().max() > 2e-2
+
+    x = hidden.clone().requires_grad_(True)
+    w = torch.randn(500, 64, requires_grad=True)
+    b = torch.randn(500, requires_grad=True)
+    upstream = torch.randn(16, 500)
+    (_SplitLinear.apply(x, w, b) * upstream).sum().backward()
+    split_grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    (torch.nn.functional.linear(x, w, b) * upstream).sum().backward()
+    for got, want in zip(split_grads, (x.grad, w.grad, b.grad)):
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-3)

@@ -38,7 +38,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from engine.models import decoder_layers, head_fp32
+from engine.head import head_fp32
+from engine.models import decoder_layers
 
 _NORM_NAMES = ("ln_f", "norm", "final_layernorm", "final_layer_norm")
 

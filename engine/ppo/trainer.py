@@ -140,7 +140,10 @@ class PPOTrainer:
         trainable = [p for p in self.hydra.parameters() if p.requires_grad]
         groups = [{"params": [p for p in trainable if id(p) not in value_params]},  # group 0: the policy
                   {"params": [p for p in trainable if id(p) in value_params]}]
-        optimizer = torch.optim.AdamW(groups, lr=self.stage.lr, weight_decay=self.stage.weight_decay)
+        # Fused on CUDA: one kernel for all parameters (the foreach update took 49 ms a step for the 1.8 B
+        # trainable parameters of a 7b1 hydra on an H200).
+        optimizer = torch.optim.AdamW(groups, lr=self.stage.lr, weight_decay=self.stage.weight_decay,
+                                      fused=self.device.type == "cuda")
         self.model, self.optimizer = self.accelerator.prepare(self.hydra, optimizer)
         self.scheduler = get_scheduler(self.stage.lr_scheduler, self.optimizer, self.stage.warmup_steps,
                                        self.stage.steps)

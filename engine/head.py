@@ -1,0 +1,101 @@
+"""Linear heads (LM and value) computed in float32 accuracy, outside autocast.
+
+Under bf16 autocast a logit of magnitude 16-32 moves in steps of 0.125: per-token log-prob noise of ~0.06
+nats, larger than what one small PPO update changes, so ratios, clip fractions, KL and values would move in
+rounding quanta. So the heads run outside autocast, on a float32 hidden state, giving float32 logits.
+
+On CUDA under bf16 autocast a large head (the LM head: 4096 x 250,880 at bloomz-7b1) is a "split bf16"
+product instead of a float32 one: each operand split into a bf16 high part and a bf16 remainder, the three
+significant products accumulated in float32 on the tensor cores. Measured on an H200 (benchmarks/
+decode_check.py, results_h200.md), for 16 x 257 rows: float32 174 ms, split bf16 45 ms, plain bf16 15 ms;
+largest error against a float64 product 1.1e-4, 1.8e-4 and 9.9e-2. The split product is as accurate as the
+float32 one to within float32's own accumulation error, at a quarter of its time; forward and backward both.
+Elsewhere (CPU, float32 or fp16 training) the head is a plain float32 product.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+SPLIT_MIN_OUTPUTS = 4096  # below this a head is cheap in float32 (the value head has one output)
+
+
+def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bf16 x bf16 -> float32 product. Off CUDA (tests) the same numbers from float32 operands: the product
+    of two bf16 values is exact in float32, and both accumulate in float32."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(high, remainder) in bf16 with high + remainder = x to ~2^-16 relative; no remainder for a bf16 x."""
+    high = x.to(torch.bfloat16)
+    if x.dtype == torch.bfloat16:
+        return high, None
+    return high, (x - high.float()).to(torch.bfloat16)
+
+
+def split_mm(a: tuple[torch.Tensor, torch.Tensor | None], b: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """a @ b in float32 accuracy from split operands (the remainder x remainder term, ~2^-16, dropped)."""
+    out = mm32(a[0], b[0])
+    if a[1] is not None:
+        out = out + mm32(a[1], b[0])
+    if b[1] is not None:
+        out = out + mm32(a[0], b[1])
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def split_available(device: str) -> bool:
+    """Whether this device multiplies bf16 into float32 (torch.mm's out_dtype), transposed operands too."""
+    try:
+        probe = torch.ones(4, 4, dtype=torch.bfloat16, device=device)
+        torch.mm(probe.t(), probe, out_dtype=torch.float32)
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+class _SplitLinear(torch.autograd.Function):
+    """x @ W^T (+ b) as split bf16 products, forward and backward; x float32 [N, in], W [out, in]."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        high, low = split(weight)
+        out = split_mm(split(x), (high.t(), None if low is None else low.t()))
+        return out if bias is None else out + bias.float()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        g = split(grad.float())
+        if ctx.needs_input_grad[0]:
+            grad_x = split_mm(g, split(weight))
+        if ctx.needs_input_grad[1]:
+            gt = (g[0].t(), None if g[1] is None else g[1].t())
+            grad_w = split_mm(gt, split(x)).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.float().sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def head_fp32(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A linear head in float32 accuracy outside autocast (split bf16 on CUDA under bf16 autocast, for a
+    head of at least SPLIT_MIN_OUTPUTS outputs); a bf16 (frozen) weight is widened for the call only."""
+    device = hidden.device.type
+    bias = getattr(head, "bias", None)
+    split_it = (device == "cuda" and torch.is_autocast_enabled(device)
+                and torch.get_autocast_dtype(device) == torch.bfloat16
+                and head.weight.shape[0] >= SPLIT_MIN_OUTPUTS and split_available(str(hidden.device)))
+    with torch.autocast(device, enabled=False):
+        if split_it:
+            flat = hidden.float().reshape(-1, hidden.shape[-1])
+            return _SplitLinear.apply(flat, head.weight, bias).view(*hidden.shape[:-1], -1)
+        return torch.nn.functional.linear(hidden.float(), head.weight.float(), None if bias is None else bias.float())
