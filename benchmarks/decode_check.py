@@ -4,8 +4,9 @@
    through transformers' forward (`RLHF_DECODE=transformers`), the BLOOM decoder stepping eagerly, and the
    BLOOM decoder replaying CUDA graphs: share of identical tokens, largest log-prob difference, and the
    largest difference between the sampled tokens' log-probs and the scoring forward's (what PPO uses).
-2. Where the time goes (the profiler): wall time per decode step and the share of it the GPU spends in
-   kernels, for `generate`, the eager decoder and the graphed decoder, at --shape and --batch.
+2. Where the time goes: per decode step (prefill excluded) for `generate` and each decoder variant
+   (attention sdpa or bmm, CUDA graphs or eager) at --shape and --batch, against the HBM roofline; and the
+   eager decoder's kernels per step (the profiler).
 3. The LM head at bloomz-7b1 shape (4096 x 250,880) for a decode batch (128 rows) and a scoring minibatch
    (16 x 257 rows): float32 (CUDA cores), split bf16 (the decoder's, tensor cores) and plain bf16 (rounded
    logits): time and largest error against a float64 product.
@@ -82,41 +83,79 @@ def agreement(policy, scorer, ids, mask, sampling, autocast) -> list[str]:
     return rows
 
 
-def profile_steps(model, batch: int, steps: int, device: str, breakdown: list[str]) -> list[str]:
+def decode_only(model, batch: int, steps: int, device: str) -> tuple[list[str], list[str]]:
+    """Per decode step (prefill excluded: a decode of `steps` tokens minus a decode of one), for `generate`
+    and the decoder's variants; and the kernels of the eager decoder's steps (the profiler, prefill
+    excluded), for each attention."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import GenerationConfig
 
-    from engine.generation import Engine, Sampling
+    from engine.generation import Engine, Sampling, row_seeds
+
+    def sync() -> None:
+        if device == "cuda":
+            sync()
 
     vocab = model.config.vocab_size
     ids, mask = prompts(batch, vocab, device, width=256)
-    sampling = Sampling(max_new_tokens=steps, temperature=1.0)
-    config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=steps,
-                              min_new_tokens=0, eos_token_id=None, pad_token_id=0)
-    runs = {
-        "generate": lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=config),
-        "decoder, eager": lambda: Engine(model, TOKENIZER, graph=False).generate(ids, mask, sampling),
-        "decoder, CUDA graphs": lambda: Engine(model, TOKENIZER, graph=True).generate(ids, mask, sampling),
-    }
+
+    def plain(n: int):
+        config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=n,
+                                  min_new_tokens=0, eos_token_id=None, pad_token_id=0)
+        return lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+
+    def ours(n: int, **options):
+        return lambda: Engine(model, TOKENIZER, **options).generate(ids, mask, Sampling(max_new_tokens=n))
+
+    variants = {"generate": lambda n: plain(n)}
+    for attention in ("sdpa", "bmm"):
+        for graph in (True, False):
+            label = f"decoder, {attention}, {'CUDA graphs' if graph else 'eager'}"
+            variants[label] = lambda n, a=attention, g=graph: ours(n, attention=a, graph=g)
+    hidden, layers, _, _ = (model.config.hidden_size, model.config.n_layer, None, vocab)
+    weights = sum(p.numel() for p in model.transformer.h.parameters()) * 2 + vocab * hidden * 4
+    kv = sum(2 * layers * batch * (256 + s) * hidden * 2 for s in range(steps)) / steps
+    roof_ms = (weights + kv) / BANDWIDTH / 1e-3
     rows = []
-    for name, run in runs.items():
+    for label, make in variants.items():
+        n = steps if label != "generate" else max(2, steps // 2)
+        times = {}
         with torch.no_grad():
-            run()  # warm-up
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for count in (1, n):
+                run = make(count)
+                run()
+                sync()
                 t0 = time.perf_counter()
                 run()
-                torch.cuda.synchronize()
-                wall = time.perf_counter() - t0
-        events = prof.key_averages()
-        kernels = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e6
-        rows.append(f"| {name} | {wall / steps * 1e3:.2f} | {kernels / steps * 1e3:.2f} | {kernels / wall:.0%} |")
-        if name == "decoder, eager":
-            top = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0.0), reverse=True)[:10]
-            breakdown.extend(f"| {e.key[:70]} | {e.self_device_time_total / 1e3 / steps:.3f} | "
-                             f"{e.self_device_time_total / 1e6 / kernels:.0%} |" for e in top)
-    return rows
+                sync()
+                times[count] = time.perf_counter() - t0
+        per_step = (times[n] - times[1]) / (n - 1)
+        rows.append(f"| {label} | {per_step * 1e3:.2f} | {times[1] * 1e3:.0f} | {roof_ms / (per_step * 1e3):.0%} |")
+
+    breakdown = []
+    field = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    for attention in ("sdpa", "bmm"):
+        engine = Engine(model, TOKENIZER, graph=False, attention=attention)
+        with torch.no_grad():
+            stepper = engine._stepper(ids, mask, Sampling(max_new_tokens=64), row_seeds(0, range(batch)))
+            it = iter(stepper)
+            for _ in range(8):
+                next(it)
+            sync()
+            with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
+                for _ in range(32):
+                    next(it)
+                sync()
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, field, 0.0), reverse=True)
+        total = sum(getattr(e, field, 0.0) for e in events) or 1.0
+        breakdown.append(f"| **{attention}: all kernels** | {total / 1e3 / 32:.3f} | 100% |")
+        breakdown.extend(f"| {e.key[:80]} | {getattr(e, field) / 1e3 / 32:.3f} | {getattr(e, field) / total:.0%} |"
+                         for e in events[:8])
+    return rows, breakdown
+
+
+BANDWIDTH = 4.8e12  # H200; the roofline column assumes it
 
 
 def head_products(device: str) -> list[str]:
@@ -132,7 +171,7 @@ def head_products(device: str) -> list[str]:
         hidden = torch.randn(count, 4096, device=device) * 4
         exact = hidden[:64].double() @ weight.double().t()
         ways = {"float32": lambda: hidden @ weight.t(), "split bf16": lambda: split(hidden),
-                "bf16": lambda: (hidden.bfloat16() @ split.high.t()).float()}
+                "bf16": lambda: (hidden.bfloat16() @ split.weight[0]).float()}
         for name, fn in ways.items():
             fn()
             torch.cuda.synchronize()
@@ -159,6 +198,7 @@ def main() -> None:
     parser.add_argument("--shape", default="bloom-560m", choices=sorted(SHAPES))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="the timing sections off CUDA too (a dry run)")
     args = parser.parse_args()
     device = args.device
     torch.manual_seed(0)
@@ -186,18 +226,21 @@ def main() -> None:
     print("\nbf16 trunk under autocast, float32 trainable top layer and head (a PPO policy), same prompts\n")
     print("\n".join(header + agreement(hydra.policy, hydra_scorer, ids, mask, sampling, autocast)))
 
-    if device == "cuda":
+    if device == "cuda" or args.profile:
         del model, hydra
-        big = model_of(args.shape, device, torch.bfloat16)
-        print(f"\nWhere a decode step's time goes: {args.shape} (bf16), batch {args.batch}, prompts 256 tokens, "
-              f"{args.steps} sampled tokens (profiler: kernel time on the GPU)\n")
-        print("| path | wall ms per step | GPU kernel ms per step | GPU busy |\n|---|---:|---:|---:|")
-        breakdown: list[str] = []
-        print("\n".join(profile_steps(big, args.batch, args.steps, device, breakdown)))
-        print("\nThe eager decoder's kernels (what a graph replays), per step\n")
+        big = model_of(args.shape, device, torch.bfloat16 if device == "cuda" else torch.float32)
+        print(f"\nDecode steps alone (prefill excluded): {args.shape} (bf16, head float32-accurate), batch "
+              f"{args.batch}, prompts 256 tokens, {args.steps} sampled tokens; roofline: decoder layers bf16 + head "
+              f"4 bytes/param + the KV cache so far, at {BANDWIDTH / 1e12:.1f} TB/s\n")
+        print("| path | ms per decode step | prefill + 1 step (ms) | share of the roofline |\n|---|---:|---:|---:|")
+        rows, breakdown = decode_only(big, args.batch, args.steps, device)
+        print("\n".join(rows))
+        print("\nThe eager decoder's kernels per decode step (32 steps profiled after the prefill)\n")
         print("| kernel | ms per step | share |\n|---|---:|---:|")
         print("\n".join(breakdown))
         del big
+        if device != "cuda":
+            return
         torch.cuda.empty_cache()
         print("\nLM head products, 4096 x 250,880 (largest logit about 16)\n")
         print("| rows | product | ms | largest error vs float64 |\n|---:|---|---:|---:|")

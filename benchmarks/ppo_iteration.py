@@ -95,7 +95,8 @@ def generate(hydra, ids, mask, args: argparse.Namespace, new: bool):
     from engine.generation import Engine, Sampling
 
     sampling = Sampling(max_new_tokens=args.response_tokens, temperature=1.0, seed=1)
-    engine = Engine(hydra.policy, SimpleNamespace(eos_token_id=-1, pad_token_id=0)) if new else None
+    engine = Engine(hydra.policy, SimpleNamespace(eos_token_id=-1, pad_token_id=0),
+                    attention=args.attention) if new else None
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.response_tokens,
                               min_new_tokens=0, eos_token_id=None, pad_token_id=0, repetition_penalty=1.0)
     parts = []
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--k-v", type=int, default=2)
     parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s (default: by the GPU's name)")
     parser.add_argument("--paths", choices=["both", "new", "old"], default="both")
+    parser.add_argument("--attention", choices=["sdpa", "bmm"], default="sdpa", help="the BLOOM decoder's")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     for name, gpu, cpu in (("prompts", 1024, 16), ("prompt_tokens", 256, 16), ("response_tokens", 256, 16),
@@ -231,7 +233,8 @@ def main() -> None:
 
     split = cuda and split_available("cuda")
     print("; ".join(f"{p}: {results[p][0]} prompts measured" for p in paths) + f"; LM heads: "
-          f"{'split bf16 (engine/head.py)' if split else 'float32'}; AdamW {'fused' if cuda else 'foreach'}\n")
+          f"{'split bf16 (engine/head.py)' if split else 'float32'}; AdamW {'fused' if cuda else 'foreach'}; "
+          f"decoder attention {args.attention}\n")
     phases = ["generate", "score", "reward", "update", "optimizer step"]
     head = " | ".join(f"{p} (s, measured)" for p in paths)
     per = " | ".join(f"{p} per 1,024 prompts (s{'' if results[p][0] == 1024 else ', computed'})" for p in paths)

@@ -119,7 +119,14 @@ class BloomDecoder:
     """The weights of one BLOOM model, ready to decode. Build it when the weights are final for a while
     (once per PPO rollout): trainable weights are copied at build time."""
 
-    def __init__(self, lm: nn.Module, compute_dtype: torch.dtype):
+    ATTENTION = ("sdpa", "bmm")
+
+    def __init__(self, lm: nn.Module, compute_dtype: torch.dtype, attention: str = "sdpa"):
+        """`attention`: "sdpa" (one fused kernel per layer) or "bmm" (BLOOM's own formulation: scores,
+        softmax, weighted sum); both read each cached key and value once per step."""
+        if attention not in self.ATTENTION:
+            raise ValueError(f"attention: {attention!r} is not one of {self.ATTENTION}")
+        self.attention = attention
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
         body = base.base_model
         self.dtype = compute_dtype
@@ -185,16 +192,28 @@ class Batch:
         # BLOOM's ALiBi to its attention); a large finite negative, not -inf: a padding row that sees no
         # key must stay finite, or its NaN would reach the real rows through 0 x NaN.
         allowed = self.valid[:, None, None, :span] & (self.key_index[:span] <= positions[:, None])
-        bias = (self.alibi[:, :, :, :span].float() + torch.where(allowed, 0.0, _MASKED)).to(d.dtype)
+        masked = torch.where(allowed, 0.0, _MASKED)  # [B, 1, T, span] float32
+        sdpa = d.attention == "sdpa"
+        if sdpa:
+            bias = (self.alibi[:, :, :, :span].float() + masked).to(d.dtype)
+        else:
+            alibi = self.alibi[:, :, :, :span].reshape(rows * heads, 1, span)
         for i, layer in enumerate(d.layers):
             qkv = _apply(layer.ln1(h), layer.qkv).view(rows, count, heads, 3, dim)
             q, k, v = (qkv[..., j, :].transpose(1, 2) for j in range(3))  # [B, H, T, D]
             self.keys[i].index_copy_(2, positions, k)
             self.values[i].index_copy_(2, positions, v)
-            # One fused kernel reads each key and value once (BLOOM's own attention materialises the
-            # scores three times over).
-            context = F.scaled_dot_product_attention(q, self.keys[i, :, :, :span], self.values[i, :, :, :span],
-                                                     attn_mask=bias, scale=d.scale)
+            if sdpa:
+                context = F.scaled_dot_product_attention(q, self.keys[i, :, :, :span], self.values[i, :, :, :span],
+                                                         attn_mask=bias, scale=d.scale)
+            else:  # as BLOOM computes it under autocast: bf16 scores with ALiBi, float32 softmax
+                flat_keys = self.keys[i].view(rows * heads, self.length, dim)[:, :span]
+                flat_values = self.values[i].view(rows * heads, self.length, dim)[:, :span]
+                scores = torch.baddbmm(alibi, q.reshape(rows * heads, count, dim), flat_keys.transpose(1, 2),
+                                       beta=1.0, alpha=d.scale)
+                weights = torch.softmax(scores.view(rows, heads, count, span).float() + masked, dim=-1)
+                context = torch.bmm(weights.to(d.dtype).view(rows * heads, count, span), flat_values)
+                context = context.view(rows, heads, count, dim)
             context = context.transpose(1, 2).reshape(rows, count, heads * dim)
             h = h + _apply(context, layer.dense)
             h = h + _apply(_gelu(_apply(layer.ln2(h), layer.up)), layer.down)

@@ -115,10 +115,11 @@ def pick(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor, step: in
 class Engine:
     """Decode with one causal LM (a Hugging Face model, possibly under a peft wrapper)."""
 
-    def __init__(self, model: Any, tokenizer: Any, fast: bool | None = None, graph: bool | None = None):
+    def __init__(self, model: Any, tokenizer: Any, fast: bool | None = None, graph: bool | None = None,
+                 attention: str = "sdpa"):
         """`fast`: decode through the BLOOM decoder (default: whenever the model is one and RLHF_DECODE is
         not `transformers`). `graph`: replay its steps as CUDA graphs (default: on CUDA); on a CPU, True runs
-        the very steps the graphs would replay, eagerly.
+        the very steps the graphs would replay, eagerly. `attention`: the BLOOM decoder's (see BloomDecoder).
 
         The fast path copies the trainable weights when it first decodes: make a new Engine when they
         change (once per PPO rollout)."""
@@ -139,6 +140,7 @@ class Engine:
             graph = False
         self.fast = fast and bloom_decoder.supports(self._lm)
         self.graph = graph
+        self.attention = attention
         self._decoder: Any = None
 
     def _bloom(self) -> Any:
@@ -149,7 +151,7 @@ class Engine:
             device = self.device.type
             on = torch.is_autocast_enabled(device)
             dtype = torch.get_autocast_dtype(device) if on else self._lm.get_input_embeddings().weight.dtype
-            self._decoder = BloomDecoder(self.model, dtype)
+            self._decoder = BloomDecoder(self.model, dtype, self.attention)
         return self._decoder
 
     def _stepper(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling,

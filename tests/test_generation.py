@@ -179,8 +179,8 @@ def _both_paths(model, tokenizer, sampling, **fast_options):
     return out
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_the_bloom_decoder_equals_the_transformers_forward(tiny, monkeypatch, static):
+@pytest.mark.parametrize("static,attention", [(False, "sdpa"), (True, "sdpa"), (True, "bmm")])
+def test_the_bloom_decoder_equals_the_transformers_forward(tiny, monkeypatch, static, attention):
     """Same tokens and log-probs from the decoder's own step as from the transformers forward with its
     cache; `static` runs the bucketed steps a CUDA graph replays (small buckets, so answers cross many)."""
     from engine.bloom_decoder import Stepper
@@ -188,7 +188,7 @@ def test_the_bloom_decoder_equals_the_transformers_forward(tiny, monkeypatch, st
     monkeypatch.setattr(Stepper, "SPAN", 8)
     model, tokenizer = tiny
     for sampling in (Sampling(max_new_tokens=40, temperature=0), SAMPLED):
-        fast, slow = _both_paths(model, tokenizer, sampling, graph=static)
+        fast, slow = _both_paths(model, tokenizer, sampling, graph=static, attention=attention)
         assert torch.equal(fast.input_ids, slow.input_ids) and fast.response_mask.sum(1).max() > 16
         assert torch.allclose(fast.logprobs, slow.logprobs, atol=1e-5)
 
