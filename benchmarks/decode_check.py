@@ -95,7 +95,7 @@ def decode_only(model, batch: int, steps: int, device: str) -> tuple[list[str], 
 
     def sync() -> None:
         if device == "cuda":
-            sync()
+            torch.cuda.synchronize()
 
     vocab = model.config.vocab_size
     ids, mask = prompts(batch, vocab, device, width=256)

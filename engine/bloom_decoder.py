@@ -122,8 +122,10 @@ class BloomDecoder:
     ATTENTION = ("sdpa", "bmm")
 
     def __init__(self, lm: nn.Module, compute_dtype: torch.dtype, attention: str = "sdpa"):
-        """`attention`: "sdpa" (one fused kernel per layer) or "bmm" (BLOOM's own formulation: scores,
-        softmax, weighted sum); both read each cached key and value once per step."""
+        """`attention`: "sdpa" (one fused kernel per layer, the default) or "bmm" (BLOOM's own formulation:
+        scores, softmax, weighted sum); both read each cached key and value once per step. Measured at
+        bloomz-7b1 shape, batch 128, on an H200 (benchmarks/results_h200.md): 14.4 ms per decode step with
+        SDPA, 15.5 ms with bmm (CUDA graphs both), 51 % and 47 % of the HBM roofline."""
         if attention not in self.ATTENTION:
             raise ValueError(f"attention: {attention!r} is not one of {self.ATTENTION}")
         self.attention = attention
