@@ -45,8 +45,9 @@ class RlhfConsole(App):
     CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere find it too
     TITLE = "rlhf-console"
     BINDINGS = [
-        Binding("q", "quit", "Quit"),
-        Binding("question_mark,f1", "help", "Help", key_display="?"),
+        Binding("q", "quit", "Quit", show=False),  # in help; the footer's 80 columns go to the rest
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("f1", "help", "Help", show=False),
         Binding("g", "gpus", "GPUs"),
         Binding("n", "launch", "New run"),
     ]
@@ -428,10 +429,17 @@ class RlhfConsole(App):
 
     # -- navigation -----------------------------------------------------------------------------------
     def action_help(self) -> None:
+        from console.screens.chat import ChatScreen
+        from console.screens.gpu import GpuScreen
         from console.screens.help import HelpScreen
+        from console.screens.launch import LaunchScreen
+        from console.screens.runs import RunsScreen
+        from console.screens.scores import ScoresScreen
 
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen())
+            self.push_screen(HelpScreen([
+                ("Everywhere", self.BINDINGS), ("Runs", RunsScreen.BINDINGS), ("Launch", LaunchScreen.BINDINGS),
+                ("GPUs", GpuScreen.BINDINGS), ("Chat", ChatScreen.BINDINGS), ("Scores", ScoresScreen.BINDINGS)]))
 
     def action_gpus(self) -> None:
         from console.screens.gpu import GpuScreen
@@ -455,13 +463,15 @@ class RlhfConsole(App):
             self.home.select_run(run_id)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        from console.keys import commands
+
         yield from super().get_system_commands(screen)
-        yield SystemCommand("New run", "Launch a stage from a recipe", self.action_launch)
-        yield SystemCommand("GPUs", "Utilisation, memory, temperature and power per GPU", self.action_gpus)
-        yield SystemCommand("Keys", "Every key binding", self.action_help)
-        home = self.home
-        if home is not None and screen is home:
-            yield from home.commands()
+        # every action of the screen's keys, then the app's (generated: the palette finds what the keys do)
+        own = getattr(screen, "commands", None)
+        if own is not None:
+            yield from own()
+        shown = {b.action.removeprefix("app.") for b in getattr(screen, "BINDINGS", [])}
+        yield from commands(self, self.BINDINGS, skip=shown | {"quit"})
 
 
 def run_console(db: str | None = None, chat: tuple[str, str | None] | None = None) -> int:

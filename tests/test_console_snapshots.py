@@ -142,3 +142,24 @@ def test_score_table(snap_compare, snapshot_db, size):
         await pilot.wait_for_scheduled_animations()
 
     assert snap_compare(app_for(snapshot_db), terminal_size=size, run_before=before)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+def test_twelve_runs_with_the_oldest_highlighted(snap_compare, tmp_path, monkeypatch, size):
+    """Twelve runs: the table scrolls to the highlighted (oldest) run, the status line and the whole
+    footer stay on screen."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "runs.db"
+    with Store(db) as store:
+        for i in range(1, 13):
+            _run(store, "sft", "tiny", {"sft": {"lr": 0.001 * i}}, "done", 20,
+                 lambda s, i=i: {"loss": 4.0 * math.exp(-s / (5 + i)) + 0.1})
+
+    async def before(pilot):
+        await settled(pilot)
+        await pilot.press(*["down"] * 11)
+        await settled(pilot)
+
+    assert snap_compare(app_for(db), terminal_size=size, run_before=before)

@@ -2,41 +2,39 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-
-def _keys(bindings: list[Binding]) -> list[tuple[str, str]]:
-    rows = []
-    for b in bindings:
-        keys = ", ".join(b.key_display or k for k in b.key.split(","))
-        keys = keys.replace("left_square_bracket", "[").replace("right_square_bracket", "]")
-        keys = keys.replace("full_stop", ".").replace("comma", ",").replace("question_mark", "?")
-        rows.append((keys, b.description))
-    return rows
+from console.keys import rows
 
 
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
 
-    def compose(self) -> ComposeResult:
-        from console.app import RlhfConsole
-        from console.screens.gpu import GpuScreen
-        from console.screens.launch import LaunchScreen
-        from console.screens.runs import RunsScreen
+    def __init__(self, sections: list[tuple[str, list[Binding]]]):
+        """`sections`: (title, bindings) per screen, as the app gives them (this module imports no screen)."""
+        super().__init__()
+        self.sections = sections
 
-        sections = [("Everywhere", RlhfConsole.BINDINGS), ("Runs", RunsScreen.BINDINGS),
-                    ("Launch", LaunchScreen.BINDINGS), ("GPUs", GpuScreen.BINDINGS)]
-        lines = []
-        for title, bindings in sections:
-            lines.append(f"[b]{title}[/b]")
-            lines += [f"  [b]{keys:<14}[/b] {description}" for keys, description in _keys(bindings)]
-            lines.append("")
-        lines += ["[b]Also[/b]", "  ctrl+p         command palette (every action by name)",
-                  "  tab, shift+tab move between panes; arrows move in tables and lists", "",
-                  "  Esc closes this screen."]
+    def compose(self) -> ComposeResult:
+        # Text, not markup: keys such as [ and ] would read as markup tags.
+        text = Text()
+        seen: set[str] = set()  # a screen's own key for an app action (n, g, ?) is listed once, under the app
+        for title, bindings in self.sections:
+            fresh = [b for b in bindings if b.action.removeprefix("app.") not in seen]
+            seen.update(b.action.removeprefix("app.") for b in bindings)
+            text.append(f"{title}\n", style="bold")
+            for keys, description in rows(fresh):
+                text.append(f"  {keys:<14}", style="bold")
+                text.append(f" {description}\n")
+            text.append("\n")
+        text.append("Also\n", style="bold")
+        text.append("  ctrl+p         command palette: every action above, by name\n"
+                    "  tab, shift+tab move between panes; arrows move in tables and lists\n\n"
+                    "  Esc closes this screen.")
         with VerticalScroll(classes="dialog wide"):
-            yield Static("\n".join(lines))
+            yield Static(text)

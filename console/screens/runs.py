@@ -33,29 +33,35 @@ REDRAW_S = 1.0  # at most one chart redraw a second, however fast rows arrive
 
 
 class RunsScreen(Screen):
+    # The footer shows these in this order, before the app's own keys, and the palette (^p) at its right
+    # end: at 80 columns that is all that fits, so only these are shown; the rest is in help (?) and the
+    # palette.
     BINDINGS = [
-        Binding("space", "mark", "Overlay"),
-        Binding("s", "smoothing(1)", "Smooth+"),
-        Binding("S", "smoothing(-1)", "Smooth-", show=False),
-        Binding("w", "x_axis", "Step/time"),
+        Binding("n", "app.launch", "New run"),
+        Binding("space", "mark", "Overlay", key_display="␣"),
+        Binding("x", "stop", "Stop"),
+        Binding("r", "resume", "Resume"),
+        Binding("s", "smoothing(1)", "Smooth"),
+        Binding("g", "app.gpus", "GPUs"),
+        Binding("question_mark", "app.help", "Help", key_display="?"),
+        Binding("S", "smoothing(-1)", "Smooth less", show=False),
+        Binding("w", "x_axis", "X axis: step or time", show=False),
         Binding("o", "sort", "Sort", show=False),
         Binding("O", "sort_reverse", "Reverse sort", show=False),
         Binding("f", "filter_status", "Filter status", show=False),
         Binding("F", "filter_stage", "Filter stage", show=False),
-        Binding("c", "chat", "Chat", show=False),
-        Binding("v", "scores", "Scores", show=False),
-        Binding("x", "stop", "Stop"),
-        Binding("r", "resume", "Resume"),
-        Binding("delete,D", "delete", "Delete", show=False),
-        Binding("d", "diff", "Diff", show=False),
-        Binding("t", "traceback", "Traceback", show=False),
-        Binding("e", "follow_log", "Follow log", show=False),
-        Binding("1", "tab('curves')", "Curves", show=False),
-        Binding("2", "tab('log')", "Log", show=False),
-        Binding("3", "tab('samples')", "Samples", show=False),
-        Binding("left_square_bracket", "sample_step(-1)", "Prev samples", show=False),
-        Binding("right_square_bracket", "sample_step(1)", "Next samples", show=False),
-        Binding("comma", "metric(-1)", "Prev metric", show=False),
+        Binding("c", "chat", "Chat with the run's model", show=False),
+        Binding("v", "scores", "Scores (BELLE evaluations)", show=False),
+        Binding("delete,D", "delete", "Delete run", show=False),
+        Binding("d", "diff", "Config diff", show=False),
+        Binding("t", "traceback", "Jump to traceback", show=False),
+        Binding("e", "follow_log", "Follow the log", show=False),
+        Binding("1", "tab('curves')", "Curves tab", show=False),
+        Binding("2", "tab('log')", "Log tab", show=False),
+        Binding("3", "tab('samples')", "Samples tab", show=False),
+        Binding("left_square_bracket", "sample_step(-1)", "Samples: previous step", show=False),
+        Binding("right_square_bracket", "sample_step(1)", "Samples: next step", show=False),
+        Binding("comma", "metric(-1)", "Previous metric", show=False),
         Binding("full_stop", "metric(1)", "Next metric", show=False),
     ]
 
@@ -112,7 +118,9 @@ class RunsScreen(Screen):
         if self._want_selected in self.app.runs:  # a run launched here: selected once the table has it
             self.select_run(self._want_selected)
             self._want_selected = None
-        if self.selected not in self.app.runs:
+        # What x, r and D act on is what is highlighted: a filter that hid the selected run moved the
+        # cursor, and the selection follows it (never the other way round).
+        if table.selected_run() != self.selected:
             self._select(table.selected_run())
         self._update_info()
         if not self.app.runs:
@@ -439,14 +447,10 @@ class RunsScreen(Screen):
         self.app.push_screen(ScoresScreen())
 
     def commands(self) -> Iterable[SystemCommand]:
-        yield SystemCommand("Chat", "Chat with the selected run's model (beside a marked run's)", self.action_chat)
-        yield SystemCommand("Scores", "The BELLE score table of every evaluation run", self.action_scores)
-        yield SystemCommand("Stop run", "SIGTERM the selected run's process group", self.action_stop)
-        yield SystemCommand("Resume run", "Continue the selected run from its checkpoint", self.action_resume)
-        yield SystemCommand("Delete run", "Forget the selected run (files kept unless asked)", self.action_delete)
-        yield SystemCommand("Config diff", "Changed keys between two runs", self.action_diff)
-        yield SystemCommand("Jump to traceback", "The last traceback in the log", self.action_traceback)
-        yield SystemCommand("Toggle x axis", "Step or wall time", self.action_x_axis)
+        """The palette's entries for this screen: one per key binding, named as the footer and help name it."""
+        from console.keys import commands
+
+        yield from commands(self, self.BINDINGS)
 
 
 def _after(choices: tuple, current: object) -> object:

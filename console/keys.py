@@ -1,0 +1,41 @@
+"""Key bindings as people read them: one source for the help screen and the command palette, so that
+neither can drift from the bindings themselves."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from textual.app import SystemCommand
+from textual.binding import Binding
+from textual.dom import DOMNode
+
+_NAMES = {"left_square_bracket": "[", "right_square_bracket": "]", "full_stop": ".", "comma": ",",
+          "question_mark": "?", "space": "space", "delete": "del", "slash": "/"}
+
+
+def key_label(binding: Binding) -> str:
+    """Every key of a binding as typed ("delete,D" -> "del, D")."""
+    keys = [_NAMES.get(k, k) for k in binding.key.split(",")]
+    return ", ".join(dict.fromkeys(keys))
+
+
+def rows(bindings: Iterable[Binding]) -> list[tuple[str, str]]:
+    """(keys, description) per action: two bindings of one action (? and F1) make one row."""
+    merged: dict[tuple[str, str], list[str]] = {}
+    for binding in bindings:
+        merged.setdefault((binding.action, binding.description), []).append(key_label(binding))
+    return [(", ".join(keys), description) for (_, description), keys in merged.items()]
+
+
+def commands(node: DOMNode, bindings: Iterable[Binding], skip: Iterable[str] = ()) -> Iterable[SystemCommand]:
+    """A palette entry per action of `bindings`, run on `node` (what its key would do)."""
+    seen = set(skip)
+    for binding in bindings:
+        if binding.action in seen or not binding.description:
+            continue
+        seen.add(binding.action)
+
+        def run(action: str = binding.action) -> None:
+            node.call_later(node.run_action, action)  # run_action is a coroutine: the loop awaits it
+
+        yield SystemCommand(binding.description, f"key: {key_label(binding)}", run)

@@ -1,0 +1,125 @@
+"""The console as a daily user drives it (issue 11): the acted-on run is the highlighted one, 80x24 with
+many runs, the footer, the log, samples and GPU bars. Pilot tests against a runs.db written here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from textual.widgets import Static
+
+from console.app import RlhfConsole
+from console.screens.dialogs import DeleteScreen
+from console.widgets.run_table import RunTable
+from engine.store import Store
+from tests.conftest import REPO
+from tests.pilot import no_gpu, sync, wait_for
+
+T0 = 1_767_225_600.0
+
+
+@pytest.fixture
+def many_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """12 runs: 11 done SFT runs and run 4 failed, each with a short loss curve."""
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "runs.db"
+    with Store(db) as store:
+        for i in range(1, 13):
+            run_id = store.create_run(stage="sft", name="tiny", recipe="configs/tiny.yaml",
+                                      config=json.dumps({"sft": {"lr": 0.001 * i}}))
+            for step in range(1, 6):
+                store.log_metrics(run_id, step, {"loss": 5.0 / (step + i)}, wall_time=T0 + step)
+            failed = run_id == 4
+            store.update_run(run_id, status="failed" if failed else "done", started=T0, ended=T0 + 5, step=5,
+                             total_steps=5, exit_code=1 if failed else 0,
+                             error="Traceback (most recent call last):\nValueError: bad" if failed else None)
+    return db
+
+
+def app_for(db: Path) -> RlhfConsole:
+    return RlhfConsole(db, configs_dir=REPO / "configs", gpu_sampler=no_gpu, poll_s=0.05)
+
+
+def info(app) -> str:
+    return str(app.home.query_one("#run-info", Static).render())
+
+
+@sync
+async def test_the_acted_on_run_is_always_the_highlighted_one(many_runs):
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        home, table = app.home, app.home.query_one(RunTable)
+        home.select_run(4)
+        await wait_for(pilot, lambda: home.selected == 4, 10, "run 4 selected")
+        while table.status_filter != "done":  # a filter that hides run 4
+            await pilot.press("f")
+            await pilot.pause()
+        assert table.selected_run() not in (None, 4)
+        assert home.selected == table.selected_run() and info(app).startswith(f"run {home.selected} ")
+        while table.status_filter is not None:  # back to every run
+            await pilot.press("f")
+            await pilot.pause()
+        highlighted = table.selected_run()
+        assert home.selected == highlighted and info(app).startswith(f"run {highlighted} ")
+        await pilot.press("D")
+        await wait_for(pilot, lambda: isinstance(app.screen, DeleteScreen), 10, "the delete dialog")
+        assert app.screen.run_id == highlighted
+
+
+@sync
+async def test_80x24_with_12_runs_scrolls_the_table_and_keeps_the_status_line_and_footer(many_runs):
+    from textual.widgets._footer import FooterKey
+
+    app = app_for(many_runs)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        home, table = app.home, app.home.query_one(RunTable)
+        line = home.query_one("#run-info", Static)
+        for _ in range(11):  # to the oldest run, at the bottom
+            await pilot.press("down")
+        await pilot.pause(0.3)
+        assert table.selected_run() == 1 and home.selected == 1
+        # what is on screen at the highlighted row's line is the table, and at the status line's the line
+        row_y = table.region.y + 1 + table.cursor_row - int(table.scroll_offset.y)  # 1: the header
+        assert row_y < 24 and app.screen.get_widget_at(3, row_y)[0] is table
+        assert app.screen.get_widget_at(3, line.region.y)[0] is line and "run 1 " in info(app)
+        await wait_for(pilot, lambda: list(home.query(FooterKey)), 10, "the footer")
+        keys = {k.key_display or k.key: k for k in home.query(FooterKey)}
+        for key in ("n", "g", "?"):
+            assert key in keys and keys[key].region.right <= 80, (key, sorted(keys))
+
+
+@sync
+async def test_the_palette_finds_every_action_and_help_lists_each_once(many_runs):
+    from textual.command import CommandPalette
+
+    from console.screens.help import HelpScreen
+    from console.screens.runs import RunsScreen
+
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        home = app.home
+        titles = {c.title: c for c in app.get_system_commands(home)}
+        for binding in RunsScreen.BINDINGS:  # generated from the bindings: none is missing
+            assert binding.description in titles, binding.description
+        for word in ("smooth", "overlay", "filter", "sort", "metric", "tab", "new run", "gpus"):
+            assert any(word in t.lower() for t in titles), word
+        before = home.smoothing
+        titles["Smooth"].callback()
+        await pilot.pause()
+        assert home.smoothing == before + 1  # an entry does what its key does
+        await pilot.press("ctrl+p")
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), 5, "the palette")
+        await pilot.press(*"filter stage")
+        await wait_for(pilot, lambda: "Filter stage" in str(app.screen.query_one("CommandList").get_option_at_index(0)
+                                                              .prompt), 10, "the match")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: home.query_one(RunTable).stage_filter == "sft", 10, "the filter")
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), 5, "help")
+        text = str(app.screen.query_one(Static).render())
+        assert "?, ?" not in text and "[/b]" not in text and "[, ]" not in text
+        assert "?, f1" in text and "Samples: previous step" in text and text.count("Help") == 1
