@@ -23,12 +23,21 @@ def clean_line(raw: str) -> str:
     return terminal_safe(parts[-1]).rstrip() if parts else ""
 
 
+# A launcher's own traceback about its child having failed: not where the error is.
+_WRAPPER_MARKS = ("CalledProcessError", "accelerate/commands/launch.py", "accelerate/commands/accelerate_cli.py")
+
+
 def last_traceback(lines: list[str]) -> int | None:
-    """Index of the start of the last Python traceback in `lines`, if any."""
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].lstrip().startswith(TRACEBACK):
-            return i
-    return None
+    """Index of the start of the last Python traceback in `lines` that is the program's own: a launcher's
+    traceback about its failed child (accelerate's `CalledProcessError`) is passed over when an earlier
+    one exists."""
+    starts = [i for i, line in enumerate(lines) if line.lstrip().startswith(TRACEBACK)]
+    for n in range(len(starts) - 1, -1, -1):
+        end = starts[n + 1] if n + 1 < len(starts) else len(lines)
+        block = "\n".join(lines[starts[n]:end])
+        if not any(mark in block for mark in _WRAPPER_MARKS):
+            return starts[n]
+    return starts[-1] if starts else None
 
 
 class LogTail:

@@ -123,3 +123,39 @@ async def test_the_palette_finds_every_action_and_help_lists_each_once(many_runs
         text = str(app.screen.query_one(Static).render())
         assert "?, ?" not in text and "[/b]" not in text and "[, ]" not in text
         assert "?, f1" in text and "Samples: previous step" in text and text.count("Help") == 1
+
+
+@sync
+async def test_a_failed_runs_own_error_is_pinned_and_t_finds_the_trainers_traceback(many_runs):
+    """The log of a launched run ends with accelerate's wrapper traceback (CalledProcessError) after the
+    trainer's: `t` goes to the trainer's, and the error runs.db holds stays above the log."""
+    from textual.widgets import Log, TabbedContent
+
+    from console.widgets.log_view import LogView
+
+    with Store(many_runs) as store:
+        out = Path(store.run(4)["output_dir"])
+    trainer = ["Traceback (most recent call last):", '  File "engine/sft.py", line 9, in train',
+               "ValueError: bad"]
+    wrapper = ["Traceback (most recent call last):", '  File "accelerate/commands/launch.py", line 1',
+               "subprocess.CalledProcessError: Command '['python', '-m', 'engine.cli']' returned non-zero exit status 1."]
+    steps = [f"step {i}" for i in range(200)]
+    (out / "train.log").write_text("\n".join([*steps, *trainer, "", *wrapper, *steps[:40]]) + "\n")
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        home = app.home
+        home.select_run(4)
+        await pilot.press("2")
+        view = home.query_one(LogView)
+        await wait_for(pilot, lambda: len(view.lines) >= 247, 20, "the log")
+        pinned = view.query_one("#log-error", Static)
+        assert pinned.display and "ValueError: bad" in str(pinned.render())
+        await pilot.press("t")
+        await pilot.pause(0.2)
+        log = view.query_one(Log)
+        top = int(log.scroll_offset.y)
+        assert log.lines[top] == trainer[0] and log.lines[top + 2] == "ValueError: bad"
+        assert home.query_one(TabbedContent).active == "log"
+        home.select_run(5)  # a run that did not fail: nothing pinned
+        await wait_for(pilot, lambda: not pinned.display, 10, "the pin to go")

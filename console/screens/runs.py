@@ -122,6 +122,7 @@ class RunsScreen(Screen):
         # cursor, and the selection follows it (never the other way round).
         if table.selected_run() != self.selected:
             self._select(table.selected_run())
+        self._pin_error()
         self._update_info()
         if not self.app.runs:
             self._set_info(f"no runs yet in {self.app.db_path} — press n to launch one")
@@ -168,6 +169,7 @@ class RunsScreen(Screen):
         self.app.follow(self._chart_runs())
         run = self.app.runs.get(run_id) if run_id is not None else None
         self.log_view.clear()
+        self._pin_error()
         self.app.log_target = None if run is None else (run_id, Path(run["output_dir"]) / "train.log")
         self.metric = None
         self._update_metric_list()
@@ -176,12 +178,19 @@ class RunsScreen(Screen):
         if run is not None and self.query_one(TabbedContent).active == "samples":
             self.app.load_samples(run_id, None)
 
+    def _pin_error(self) -> None:
+        """A failed run's own error (runs.db holds the trainer's traceback) stays above its log."""
+        run = self.app.runs.get(self.selected) if self.selected is not None else None
+        failed = run is not None and run["status"] in ("failed", "diverged")
+        self.log_view.pin_error(run.get("error") if failed else None)
+
     def _show_error_if_silent(self) -> None:
         run = self.app.runs.get(self.selected)
         if run is None:
             return
         if run.get("error"):
-            self.log_view.append(run["id"], run["error"].splitlines(), "", False, False)
+            if run["status"] not in ("failed", "diverged"):  # else it is pinned above the log already
+                self.log_view.append(run["id"], run["error"].splitlines(), "", False, False)
         elif run.get("output_dir"):
             self.log_view.append(run["id"], [], f"(nothing in {run['output_dir']}/train.log yet; a run "
                                            "started with `rlhf train` logs to its own terminal)", False, False)
