@@ -138,7 +138,8 @@ async def test_a_failed_runs_own_error_is_pinned_and_t_finds_the_trainers_traceb
     trainer = ["Traceback (most recent call last):", '  File "engine/sft.py", line 9, in train',
                "ValueError: bad"]
     wrapper = ["Traceback (most recent call last):", '  File "accelerate/commands/launch.py", line 1',
-               "subprocess.CalledProcessError: Command '['python', '-m', 'engine.cli']' returned non-zero exit status 1."]
+               "subprocess.CalledProcessError: Command '['python', '-m', 'engine.cli']' returned non-zero "
+               "exit status 1."]
     steps = [f"step {i}" for i in range(200)]
     (out / "train.log").write_text("\n".join([*steps, *trainer, "", *wrapper, *steps[:40]]) + "\n")
     app = app_for(many_runs)
