@@ -55,7 +55,8 @@ async def main() -> None:
                     await pilot.pause(0.25)
                 await pilot.pause(0.5)
                 assert app.gpu_unavailable is None, app.gpu_unavailable
-                stats = [str(card.query_one(".stats").render()) for card in app.screen.query("GpuCard")]
+                stats = [f"{card.query_one('.stats').render()}\n{card.query_one('.procs').render()}"
+                         for card in app.screen.query("GpuCard")]
                 print("\n".join(stats))
                 print("utilisation history:", app.gpu_history[0]["util"])
                 on_gpu = [i for i, r in enumerate(app.gpu_readings) if busy.pid in r.pids]

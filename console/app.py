@@ -298,10 +298,13 @@ class RlhfConsole(App):
                 self.home.select_run(message.run_id)
 
     # -- actions on runs (each runs in a thread: they import engine.launch) -----------------------------
-    def runs_using_gpu(self, pids: Iterable[int]) -> list[int]:
-        pgids = {self.gpu_pgids.get(pid) for pid in pids} - {None}
-        return sorted(run_id for run_id, run in self.runs.items()
-                      if run.get("pgid") in pgids and run["status"] in ACTIVE)
+    def run_of_pid(self, pid: int) -> int | None:
+        """The active run whose process group a GPU process belongs to (None: not a run of this console)."""
+        pgid = self.gpu_pgids.get(pid)
+        if pgid is None:
+            return None
+        return next((run_id for run_id, run in self.runs.items()
+                     if run.get("pgid") == pgid and run["status"] in ACTIVE), None)
 
     @work(thread=True, group="actions", exit_on_error=False)
     def launch_run(self, stage: str, recipe: str, overrides: list[str], accelerate_config: str,

@@ -26,6 +26,7 @@ class GpuReading:
     power: float | None  # watts
     power_limit: float | None
     pids: tuple[int, ...] = field(default_factory=tuple)
+    process_memory: tuple[int | None, ...] = field(default_factory=tuple)  # bytes per pid (None: not reported)
 
 
 def process_group(pid: int) -> int | None:
@@ -34,6 +35,12 @@ def process_group(pid: int) -> int | None:
         return os.getpgid(pid)
     except (ProcessLookupError, PermissionError):
         return None
+
+
+def _bytes_or_none(value: int | None) -> int | None:
+    # NVML reports "not available" (under MIG, or without the rights to see another user's process) as a
+    # huge sentinel or None
+    return None if value is None or value >= 2**63 else int(value)
 
 
 class GpuSampler:
@@ -81,6 +88,7 @@ class GpuSampler:
                 power=None if power is None else power / 1000.0,
                 power_limit=None if limit is None else limit / 1000.0,
                 pids=tuple(int(p.pid) for p in procs),
+                process_memory=tuple(_bytes_or_none(getattr(p, "usedGpuMemory", None)) for p in procs),
             ))
         return readings
 

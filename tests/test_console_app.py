@@ -233,9 +233,11 @@ async def test_gpu_panel_shows_each_device_and_the_runs_on_it(workdir):
         await wait_for(pilot, lambda: app.loaded and app.gpu_readings, 20)
         await pilot.press("g")
         await wait_for(pilot, lambda: app.screen.query("GpuCard"), 5)
-        await wait_for(pilot, lambda: f"run {run_id}" in str(app.screen.query_one(".stats", Static).render()), 5)
-        text = str(app.screen.query_one(".stats", Static).render())
-        assert "util 87%" in text and "40.0 / 80.0 GiB" in text and "512 W / 700 W" in text and "71°C" in text
+        await wait_for(pilot, lambda: f"run {run_id}" in str(app.screen.query_one(".procs", Static).render()), 5)
+        head = str(app.screen.query_one(".stats", Static).render())
+        assert "NVIDIA H100" in head and "512 W / 700 W" in head and "71°C" in head
+        assert str(app.screen.query_one("#util-bar").render()).endswith("87%")
+        assert str(app.screen.query_one("#mem-bar").render()).endswith("40.0 / 80.0 GiB")
         await wait_for(pilot, lambda: len(app.gpu_history[0]["util"]) >= 2, 5, "a history")
 
 

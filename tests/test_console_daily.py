@@ -160,3 +160,40 @@ async def test_a_failed_runs_own_error_is_pinned_and_t_finds_the_trainers_traceb
         assert home.query_one(TabbedContent).active == "log"
         home.select_run(5)  # a run that did not fail: nothing pinned
         await wait_for(pilot, lambda: not pinned.display, 10, "the pin to go")
+
+
+@sync
+async def test_gpu_bars_are_0_to_100_and_nothing_wraps_at_80_columns(many_runs):
+    """A GPU at 97-99 % reads as full (nvitop's fixed scale, not the strip's own min and max); each line of
+    a card is one line at 80 columns; each process shows its memory."""
+    from types import SimpleNamespace
+
+    from console.widgets.gpu_panel import History, Meter
+
+    busy = iter([97.0, 99.0, 98.0, 97.0, 99.0] * 100)
+
+    class Sampler:
+        def read(self):
+            return [SimpleNamespace(index=0, name="NVIDIA H100 80GB HBM3", utilization=next(busy),
+                                    memory_used=75 * 2**30, memory_total=80 * 2**30, temperature=81.0,
+                                    power=690.0, power_limit=700.0, pids=(4242, 4343),
+                                    process_memory=(70 * 2**30, None))]
+
+        def close(self):
+            pass
+
+    app = RlhfConsole(many_runs, configs_dir=REPO / "configs", gpu_sampler=Sampler, poll_s=0.05)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and app.gpu_readings, 20, "a reading")
+        await pilot.press("g")
+        await wait_for(pilot, lambda: len(app.gpu_history.get(0, {}).get("util", [])) >= 3, 10, "a history")
+        await pilot.pause(0.2)
+        screen = app.screen
+        strip = str(screen.query_one("#util", History).render()).split(" ")[-1].strip()
+        assert strip and set(strip) <= {"█", "▇"}, strip  # all near the top of a 0-100 scale
+        util = str(screen.query_one("#util-bar", Meter).render())
+        assert util.count("█") >= 0.9 * (util.count("█") + util.count("░"))
+        for widget in (*screen.query(Meter), *screen.query(History), screen.query_one(".stats")):
+            assert widget.region.height == 1 and widget.region.right <= 80
+        procs = str(screen.query_one(".procs", Static).render())
+        assert "pid 4242" in procs and "70.0 GiB" in procs and "pid 4343" in procs

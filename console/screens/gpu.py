@@ -23,4 +23,4 @@ class GpuScreen(Screen):
 
     def refresh_readings(self) -> None:
         app = self.app
-        self.query_one(GpuPanel).show(app.gpu_readings, app.gpu_unavailable, app.gpu_history, app.runs_using_gpu)
+        self.query_one(GpuPanel).show(app.gpu_readings, app.gpu_unavailable, app.gpu_history, app.run_of_pid)
