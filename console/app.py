@@ -55,7 +55,7 @@ class RlhfConsole(App):
     def __init__(
         self,
         db_path: str | os.PathLike = "runs.db",
-        configs_dir: str | os.PathLike = "configs",
+        configs_dir: str | os.PathLike | None = None,
         stop_grace_s: float | None = None,
         gpu_sampler: Callable[[], Any] | None = None,
         poll_s: float = POLL_S,
@@ -64,7 +64,7 @@ class RlhfConsole(App):
         super().__init__()
         self.initial_chat = chat  # `rlhf chat A [B]`: the chat screen opens over the runs
         self.db_path = Path(db_path).resolve()
-        self.configs_dir = Path(configs_dir)
+        self.configs_dir = Path(configs_dir) if configs_dir is not None else default_configs_dir(self.db_path)
         self.stop_grace_s = stop_grace_s
         self.gpu_sampler = gpu_sampler
         self.poll_s = poll_s
@@ -475,6 +475,15 @@ class RlhfConsole(App):
             yield from own()
         shown = {b.action.removeprefix("app.") for b in getattr(screen, "BINDINGS", [])}
         yield from commands(self, self.BINDINGS, skip=shown | {"quit"})
+
+
+def default_configs_dir(db_path: Path) -> Path:
+    """Where the launch form finds recipes: ./configs, else the configs folder beside runs.db (a console
+    started elsewhere with --db still finds the project's recipes), as an absolute path."""
+    for candidate in (Path("configs"), db_path.parent / "configs"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return Path("configs").resolve()
 
 
 def run_console(db: str | None = None, chat: tuple[str, str | None] | None = None) -> int:

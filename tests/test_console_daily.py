@@ -197,3 +197,27 @@ async def test_gpu_bars_are_0_to_100_and_nothing_wraps_at_80_columns(many_runs):
             assert widget.region.height == 1 and widget.region.right <= 80
         procs = str(screen.query_one(".procs", Static).render())
         assert "pid 4242" in procs and "70.0 GiB" in procs and "pid 4343" in procs
+
+
+@sync
+async def test_a_console_started_elsewhere_with_db_finds_the_projects_recipes(many_runs, tmp_path, monkeypatch):
+    """`rlhf console --db project/runs.db` from another directory: the form lists the project's recipes and
+    accelerate configs (from the configs folder beside runs.db), as absolute paths."""
+    import shutil
+
+    from textual.widgets import Select
+
+    from console.screens.launch import LaunchScreen
+
+    shutil.copytree(REPO / "configs", many_runs.parent / "configs")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    app = RlhfConsole(str(many_runs), gpu_sampler=no_gpu, poll_s=0.05)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded, 20, "the runs")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen), 10, "the form")
+        recipe = app.screen.query_one("#recipe", Select).value
+        assert recipe != Select.NULL and Path(str(recipe)).is_absolute() and Path(str(recipe)).is_file()
+        assert str(recipe).startswith(str(many_runs.parent / "configs"))
