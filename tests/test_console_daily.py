@@ -221,3 +221,47 @@ async def test_a_console_started_elsewhere_with_db_finds_the_projects_recipes(ma
         recipe = app.screen.query_one("#recipe", Select).value
         assert recipe != Select.NULL and Path(str(recipe)).is_absolute() and Path(str(recipe)).is_file()
         assert str(recipe).startswith(str(many_runs.parent / "configs"))
+
+
+@sync
+async def test_samples_hide_the_shared_preamble_open_whole_move_a_step_per_press_and_follow(many_runs):
+    from textual.widgets import DataTable
+
+    from console.widgets.samples_view import SampleScreen
+
+    preamble = "SYSTEM: You are a helpful assistant. Answer briefly and truthfully.\nUSER: "
+    with Store(many_runs) as store:
+        run_id = store.create_run(stage="ppo", name="tiny", recipe="configs/tiny.yaml", config="{}")
+        store.update_run(run_id, status="running", started=T0, step=5, total_steps=50)
+        for step in range(1, 6):
+            store.add_samples(run_id, step, [(f"{preamble}question {step}.{i}", f"answer {step}.{i}", 0.1 * i)
+                                             for i in range(3)])
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and run_id in app.runs, 20, "the runs")
+        home = app.home
+        home.select_run(run_id)
+        await pilot.press("3")
+        table = home.query_one("#samples-table", DataTable)
+        await wait_for(pilot, lambda: home.sample_step == 5 and table.row_count == 3, 10, "the newest step")
+        assert str(table.get_row_at(0)[1]) == "…USER: question 5.0"  # the preamble is not repeated on every row
+        head = str(home.query_one("#samples-head").render())
+        assert "following" in head and "shared start" in head
+        await pilot.press("left_square_bracket", "left_square_bracket")  # two quick presses: two steps
+        await wait_for(pilot, lambda: str(table.get_row_at(0)[1]) == "…USER: question 3.0", 10, "step 3")
+        assert home.sample_step == 3 and not home.samples_following
+        await pilot.press("right_square_bracket")
+        await wait_for(pilot, lambda: str(table.get_row_at(0)[1]) == "…USER: question 4.0", 10, "step 4")
+        table.focus()
+        await pilot.press("down", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, SampleScreen), 10, "the whole sample")
+        whole = str(app.screen.query_one(Static).render())
+        assert preamble.strip() in whole and "answer 4.1" in whole
+        await pilot.press("escape")
+        await pilot.press("right_square_bracket")  # back at the newest: following again
+        await wait_for(pilot, lambda: home.sample_step == 5 and home.samples_following, 10, "step 5")
+        with Store(many_runs) as store:  # the live run records a new step
+            store.add_samples(run_id, 6, [(f"{preamble}question 6.{i}", f"answer 6.{i}", 0.0) for i in range(3)])
+            store.log_metrics(run_id, 6, {"loss": 0.1})
+        await wait_for(pilot, lambda: home.sample_step == 6 and str(table.get_row_at(0)[1]) == "…USER: question 6.0",
+                       20, "the new step, followed")

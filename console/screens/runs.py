@@ -77,6 +77,7 @@ class RunsScreen(Screen):
         self._metric_names: list[str] = []
         self.sample_steps: list[int] = []
         self.sample_step: int | None = None
+        self.samples_following = True  # showing the newest step, and moving on with the run
         self.last_draw_points = 0
         self._info = ""
         self._want_selected: int | None = None
@@ -136,6 +137,9 @@ class RunsScreen(Screen):
         if self.selected in run_ids or run_ids & set(self.marked):
             self._update_metric_list()
             self.schedule_redraw(REDRAW_S)
+        if (self.selected in run_ids and self.samples_following
+                and self.query_one(TabbedContent).active == "samples"):
+            self.app.load_samples(self.selected, None)  # the newest step: a live run's new samples
 
     def log_read(self, message: LogRead) -> None:
         if message.run_id == self.selected:
@@ -148,8 +152,10 @@ class RunsScreen(Screen):
         if message.run_id != self.selected:
             return
         self.sample_steps, self.sample_step = message.steps, message.step
+        # At the newest step the view follows the run: new samples are shown as they are recorded.
+        self.samples_following = not message.steps or message.step == message.steps[-1]
         for view in self.query(SamplesView):
-            view.show(message.run_id, message.steps, message.step, message.rows)
+            view.show(message.run_id, message.steps, message.step, message.rows, self.samples_following)
 
     def select_run(self, run_id: int) -> None:
         if self.query_one(RunTable).select(run_id):
@@ -381,7 +387,10 @@ class RunsScreen(Screen):
             return
         i = self.sample_steps.index(self.sample_step) if self.sample_step in self.sample_steps else 0
         i = max(0, min(len(self.sample_steps) - 1, i + direction))
-        self.app.load_samples(self.selected, self.sample_steps[i])
+        # Moved at once, not when the load returns: two quick presses move two recorded steps.
+        self.sample_step = self.sample_steps[i]
+        self.samples_following = i == len(self.sample_steps) - 1
+        self.app.load_samples(self.selected, self.sample_step)
 
     def _selected_run(self) -> dict[str, Any] | None:
         run = self.app.runs.get(self.selected) if self.selected is not None else None

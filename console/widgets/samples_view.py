@@ -1,12 +1,19 @@
-"""A PPO run's recorded rollout samples (prompt, response, score), one step at a time."""
+"""A PPO run's recorded rollout samples (prompt, response, score), one step at a time.
+
+Prompts of a run usually share a long start (a system preamble, the template's first turn): the table
+shows each prompt from where they differ, and Enter opens the whole sample.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Vertical
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
 from console.text import terminal_safe
@@ -17,10 +24,54 @@ def _one_line(text: str, width: int = 200) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+SHARED_MIN = 32  # a shorter shared start ("Question: ") is worth reading, not hiding
+
+
+def shared_start(texts: list[str]) -> int:
+    """Length of the start every text shares (a preamble), cut back to its last line break (or, without
+    one, its last space) so that no word is split; 0 for fewer than two texts or a start shorter than
+    SHARED_MIN."""
+    if len(texts) < 2:
+        return 0
+    common = os.path.commonprefix(texts)
+    if len(common) == min(len(t) for t in texts):  # one prompt is the start of another: nothing to hide
+        return 0
+    # A line break ends a preamble (a system turn, a template's header); else the last whole word.
+    line = common.rfind("\n") + 1
+    cut = line if line >= SHARED_MIN else common.rfind(" ") + 1
+    return cut if cut >= SHARED_MIN else 0
+
+
+class SampleScreen(ModalScreen[None]):
+    """One sample in full: score, prompt, response."""
+
+    BINDINGS = [Binding("escape,q,enter", "dismiss", "Close")]
+
+    def __init__(self, title: str, row: dict[str, Any]):
+        super().__init__()
+        self.title_text, self.row = title, row
+
+    def compose(self) -> ComposeResult:
+        score = "-" if self.row["score"] is None else f"{self.row['score']:.4f}"
+        text = Text()
+        text.append(f"{self.title_text}   score {score}\n\n", style="bold")
+        text.append("prompt\n", style="bold")
+        text.append(terminal_safe(self.row["prompt"]) + "\n\n")
+        text.append("response\n", style="bold")
+        text.append(terminal_safe(self.row["response"]))
+        with VerticalScroll(classes="dialog wide"):
+            yield Static(text)
+
+
 class SamplesView(Vertical):
     DEFAULT_CSS = """
     SamplesView > #samples-head { height: 1; }
     """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.rows: list[dict[str, Any]] = []
+        self.where = ""
 
     def compose(self) -> ComposeResult:
         yield Static("", id="samples-head")
@@ -29,13 +80,28 @@ class SamplesView(Vertical):
     def on_mount(self) -> None:
         self.query_one(DataTable).add_columns("score", "prompt", "response")
 
-    def show(self, run_id: int, steps: list[int], step: int | None, rows: list[dict[str, Any]]) -> None:
+    def show(self, run_id: int, steps: list[int], step: int | None, rows: list[dict[str, Any]],
+             following: bool = False) -> None:
+        self.rows = rows
+        hidden = shared_start([row["prompt"] for row in rows])
         table = self.query_one(DataTable)
+        cursor = table.cursor_row
         table.clear()
         for row in rows:
             score = "-" if row["score"] is None else f"{row['score']:.3f}"
+            prompt = ("…" if hidden else "") + row["prompt"][hidden:]
             # model output is arbitrary text ("[/INST]", say): cells are Text, never markup
-            table.add_row(score, Text(_one_line(row["prompt"])), Text(_one_line(row["response"])))
-        where = (f"step {step} ({steps.index(step) + 1} of {len(steps)})" if step is not None
-                 else "no samples recorded")
-        self.query_one("#samples-head", Static).update(Text(f"run {run_id} samples: {where}   [ ] browse steps"))
+            table.add_row(score, Text(_one_line(prompt)), Text(_one_line(row["response"])))
+        if rows:
+            table.move_cursor(row=min(cursor, len(rows) - 1))
+        self.where = (f"step {step} ({steps.index(step) + 1} of {len(steps)})" if step is not None
+                      else "no samples recorded")
+        head = f"run {run_id} samples: {self.where}{' · following' if following else ''}"
+        if hidden:
+            head += f" · the prompts' shared start ({hidden} characters) hidden"
+        self.query_one("#samples-head", Static).update(Text(f"{head}   [ ] steps · enter: whole sample"))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if event.data_table.id == "samples-table" and 0 <= event.cursor_row < len(self.rows):
+            event.stop()
+            self.app.push_screen(SampleScreen(self.where, self.rows[event.cursor_row]))
