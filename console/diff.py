@@ -22,6 +22,20 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
+STAGE_SECTIONS = ("sft", "rm", "ppo")
+
+
+def run_config(run: dict[str, Any]) -> dict[str, Any]:
+    """What a run actually ran with: its stage, the recipe's shared keys and its own stage's section (a
+    recipe holds every stage; an SFT and a PPO run of one recipe must not compare as identical)."""
+    config = json.loads(run["config"]) if isinstance(run.get("config"), str) else dict(run.get("config") or {})
+    view = {key: value for key, value in config.items() if key not in STAGE_SECTIONS}
+    view["stage"] = run.get("stage")
+    if run.get("stage") in config:
+        view[run["stage"]] = config[run["stage"]]
+    return view
+
+
 def config_diff(a: str | dict | None, b: str | dict | None) -> list[tuple[str, str, str]]:
     """(key, value in a, value in b) for every key whose value differs, sorted by key."""
     left = flatten(json.loads(a) if isinstance(a, str) else (a or {}))

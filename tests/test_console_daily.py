@@ -265,3 +265,27 @@ async def test_samples_hide_the_shared_preamble_open_whole_move_a_step_per_press
             store.log_metrics(run_id, 6, {"loss": 0.1})
         await wait_for(pilot, lambda: home.sample_step == 6 and str(table.get_row_at(0)[1]) == "…USER: question 6.0",
                        20, "the new step, followed")
+
+
+@sync
+async def test_runs_are_told_apart_by_overrides_time_and_a_labelled_best_and_sort_by_best(many_runs):
+    with Store(many_runs) as store:
+        store.update_run(7, overrides=json.dumps(["sft.train.lr=3e-4", "seed=7"]))
+        store.log_metrics(3, 6, {"loss": 0.001}, wall_time=T0 + 6)  # run 3 becomes the best
+    app = app_for(many_runs)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        table = app.home.query_one(RunTable)
+        await wait_for(pilot, lambda: table.row_count == 12, 10, "the rows")
+        row = {name: str(cell) for name, cell in zip(table.columns, table.get_row("7"))}
+        assert row["overrides"] == "train.lr=3e-4 seed=7" and row["time"] != "-"
+        assert row["best"].startswith("loss ")  # the metric is named
+        while table.sort_by != "best":
+            await pilot.press("o")
+            await pilot.pause()
+        await pilot.pause(0.2)
+        order = [int(r.key.value) for r in table.ordered_rows]
+        # run 3 has the lowest loss; then loss 5 / (step + i) is lowest for the highest run id
+        assert order == [3, *[i for i in range(12, 0, -1) if i != 3]]
+        assert str(table.columns["best"].label).startswith("best ")
+        assert table.selected_run() == app.home.selected

@@ -3,6 +3,8 @@ log tail, config diff, store follower, GPU sampler (NVML spoken by a stand-in, a
 
 from __future__ import annotations
 
+import json
+
 import math
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import types
 import numpy as np
 import pytest
 
-from console.diff import config_diff
+from console.diff import config_diff, run_config
 from console.follower import StoreFollower
 from console.logtail import LogTail, clean_line, last_traceback
 from console.messages import HistoryReset, MetricsPolled, RunsPolled
@@ -124,6 +126,16 @@ def _write_steps(db, run_id, steps, per_step=5):
     with Store(db) as store:
         for step in range(1, steps + 1):
             store.log_metrics(run_id, step, {f"m{i}": float(step + i) for i in range(per_step)})
+
+
+def test_an_sft_and_a_ppo_run_of_one_recipe_differ_by_stage_and_their_own_sections():
+    recipe = json.dumps({"name": "tiny", "seed": 0, "sft": {"lr": 1e-3}, "rm": {"lr": 2e-3}, "ppo": {"lr": 1e-6}})
+    sft, ppo = ({"stage": stage, "config": recipe} for stage in ("sft", "ppo"))
+    rows = config_diff(run_config(sft), run_config(ppo))
+    assert ("stage", "sft", "ppo") in rows
+    assert ("sft.lr", "0.001", "—") in rows and ("ppo.lr", "—", "1e-06") in rows
+    assert not any(key.startswith("rm.") for key, _, _ in rows)  # the stage neither ran
+    assert config_diff(run_config(sft), run_config(dict(sft))) == []
 
 
 def test_two_followers_see_two_writers_rows_exactly_once(tmp_path):

@@ -12,7 +12,7 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
-from console.diff import config_diff
+from console.diff import config_diff, run_config
 from console.text import terminal_safe
 
 
@@ -24,7 +24,7 @@ class ConfigDiffScreen(ModalScreen[None]):
         self.a, self.b = a, b
 
     def compose(self) -> ComposeResult:
-        rows = config_diff(self.a["config"], self.b["config"])
+        rows = config_diff(run_config(self.a), run_config(self.b))
         overrides = config_diff({"overrides": json.loads(self.a.get("overrides") or "[]")},
                                 {"overrides": json.loads(self.b.get("overrides") or "[]")})
         with Vertical(classes="dialog wide"):

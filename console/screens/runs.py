@@ -346,6 +346,7 @@ class RunsScreen(Screen):
     def action_sort(self) -> None:
         table = self.query_one(RunTable)
         table.sort_by = _after(SORTS, table.sort_by)
+        table.sort_reverse = table.sort_by in ("id", "started")  # newest first; best and soonest first
         self.runs_changed()
 
     def action_sort_reverse(self) -> None:

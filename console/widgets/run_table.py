@@ -6,6 +6,8 @@ filter are the table's own state.
 
 from __future__ import annotations
 
+import json
+import math
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -21,8 +23,11 @@ from engine.procs import run_processes_gone
 if TYPE_CHECKING:
     from console.series import History
 
-COLUMNS = ("id", "stage", "recipe", "status", "step", "ETA", "best", "started")
-SORTS = ("id", "stage", "status", "started")
+COLUMNS = ("id", "stage", "recipe", "status", "step", "ETA", "time", "best", "overrides", "started")
+SORTS = ("id", "stage", "status", "started", "best", "ETA")
+# The best column names its metric: an SFT run shows eval_loss once it has one, loss before.
+BEST_LABEL = {"eval_loss": "eval", "loss": "loss", "eval_accuracy": "eval acc", "accuracy": "acc",
+              "rollout_scores/mean": "score"}
 STATUS_STYLE = {"running": "bold green", "pending": "yellow", "done": "", "failed": "bold red",
                 "stopped": "magenta", "diverged": "bold red", "lost": "red"}
 
@@ -59,9 +64,27 @@ def cells(run: dict[str, Any], history: History, marked: bool) -> tuple:
         Text(status, style=STATUS_STYLE.get(status, "")),
         step,
         eta,
-        f"{best[1]:.4g}" if best else "-",
+        format_duration(elapsed(run)) if run["started"] else "-",
+        f"{BEST_LABEL.get(best[0], best[0])} {best[1]:.4g}" if best else "-",
+        Text(terminal_safe(overrides_text(run))),
         started,
     )
+
+
+def elapsed(run: dict[str, Any]) -> float:
+    """Seconds the run has been going (to its end, once ended)."""
+    end = run["ended"] if run.get("ended") and run["status"] not in ("pending", "running") else time.time()
+    return max(0.0, end - run["started"])
+
+
+def overrides_text(run: dict[str, Any]) -> str:
+    """The run's --set overrides, short: what tells ten runs of one recipe apart."""
+    try:
+        items = json.loads(run.get("overrides") or "[]")
+    except ValueError:
+        return ""
+    return " ".join(str(item).split(".", 1)[1] if str(item).startswith(f"{run['stage']}.") else str(item)
+                    for item in items)
 
 
 class RunTable(DataTable):
@@ -72,6 +95,8 @@ class RunTable(DataTable):
         self.status_filter: str | None = None
         self.stage_filter: str | None = None
         self._shown: dict[str, tuple] = {}  # row key -> cells as last drawn: only changed cells are redrawn
+        self.history: History | None = None
+        self._sorted_label: tuple[str, bool] | None = None
 
     def on_mount(self) -> None:
         for name in COLUMNS:
@@ -82,10 +107,32 @@ class RunTable(DataTable):
                   if (self.status_filter is None or shown_status(r) == self.status_filter)
                   and (self.stage_filter is None or r["stage"] == self.stage_filter)]
         key = {"id": lambda r: r["id"], "stage": lambda r: (r["stage"], r["id"]),
-               "status": lambda r: (shown_status(r), r["id"]), "started": lambda r: (r["started"] or 0, r["id"])}
+               "status": lambda r: (shown_status(r), r["id"]), "started": lambda r: (r["started"] or 0, r["id"]),
+               "best": lambda r: (self._best_key(r), r["id"]), "ETA": lambda r: (self._eta_key(r), r["id"])}
         return sorted(chosen, key=key[self.sort_by], reverse=self.sort_reverse)
 
+    def _best_key(self, run: dict[str, Any]) -> float:
+        """Better runs sort first when the order is ascending: a loss as it is, a score or accuracy negated;
+        runs without the metric last."""
+        from console.series import BEST, best_metric
+
+        best = best_metric(run["stage"], self.history.runs.get(run["id"])) if self.history is not None else None
+        if best is None:
+            return math.inf
+        higher = dict(BEST.get(run["stage"], ())).get(best[0], False)
+        return -best[1] if higher else best[1]
+
+    def _eta_key(self, run: dict[str, Any]) -> float:
+        from console.series import eta_seconds
+
+        if self.history is None or run["status"] != "running":
+            return math.inf
+        eta = eta_seconds(run["step"], run["total_steps"], self.history.runs.get(run["id"]))
+        return math.inf if eta is None else eta
+
     def show(self, runs: dict[int, dict[str, Any]], history: History, marked: set[int]) -> None:
+        self.history = history
+        self._mark_sorted_column()
         wanted = self.visible(runs)
         wanted_keys = [str(r["id"]) for r in wanted]
         current_keys = [row.key.value for row in self.ordered_rows]
@@ -111,6 +158,21 @@ class RunTable(DataTable):
                     wider = cell_len(str(value)) > self.columns[column].content_width
                     self.update_cell(key, column, value, update_width=wider)
             self._shown[key] = row
+
+    def _mark_sorted_column(self) -> None:
+        """The sorted column's header carries an arrow (and is the only one in bold)."""
+        state = (self.sort_by, self.sort_reverse)
+        if state == self._sorted_label or not self.columns:
+            return
+        self._sorted_label = state
+        for name in COLUMNS:
+            column = self.columns.get(name)
+            if column is None:
+                continue
+            sorted_here = name == self.sort_by
+            column.label = Text(f"{name} {'↓' if self.sort_reverse else '↑'}" if sorted_here else name,
+                                style="bold reverse" if sorted_here else "")
+        self.refresh()
 
     def selected_run(self) -> int | None:
         if not self.row_count:
