@@ -289,3 +289,28 @@ async def test_runs_are_told_apart_by_overrides_time_and_a_labelled_best_and_sor
         assert order == [3, *[i for i in range(12, 0, -1) if i != 3]]
         assert str(table.columns["best"].label).startswith("best ")
         assert table.selected_run() == app.home.selected
+
+
+@sync
+async def test_a_run_without_the_metric_gets_plain_axes_and_no_legend_entry(many_runs):
+    from console.widgets.chart import MetricChart
+
+    with Store(many_runs) as store:
+        empty = store.create_run(stage="sft", name="tiny", recipe="configs/tiny.yaml", config="{}")
+        store.update_run(empty, status="pending")
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and empty in app.runs, 20, "the runs")
+        home = app.home
+        home.select_run(5)
+        await wait_for(pilot, lambda: home.last_draw_points > 0, 10, "run 5's curve")
+        plot = home.query_one(MetricChart).plot
+        assert plot._y_max < 2  # the loss of run 5: about 1
+        await pilot.press("space")  # run 5 overlaid
+        home.select_run(empty)
+        await wait_for(pilot, lambda: home.selected == empty, 10, "the empty run")
+        home.marked.clear()
+        home.redraw_chart()
+        assert home.last_draw_points == 0 and (plot._x_min, plot._x_max, plot._y_min, plot._y_max) == (0, 1, 0, 1)
+        title = str(home.query_one("#chart-title", Static).render())
+        assert f"run {empty}" not in title and "run 5" not in title

@@ -289,7 +289,8 @@ class RunsScreen(Screen):
             lines.append(ChartLine(f"run {run_id}", run_colour(run_id), x, series.values.view,
                                    series.smoothed(weight) if weight else None,
                                    show_raw=not weight or len(chart_runs) <= RAW_BESIDE_SMOOTHED))
-        legend = "  ".join(f"[{run_colour(i)}]■ run {i}[/]" for i in chart_runs if i in self.app.history.runs)
+        with_data = {int(line.label.split()[-1]) for line in lines}
+        legend = "  ".join(f"[{run_colour(i)}]■ run {i}[/]" for i in chart_runs if i in with_data)
         title = f"{self.metric or 'no metrics yet'}   {legend}   smoothing {weight:g}"
         self.last_draw_points = chart.draw(title, lines, "minutes" if self.by_wall_time else "step")
 

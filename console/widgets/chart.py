@@ -84,4 +84,7 @@ class MetricChart(Vertical):
                 xs, ys = downsample(line.x, line.smooth, buckets)
                 plot.plot(xs, ys, line_style=f"bold {line.colour}", hires_mode=HiResMode.BRAILLE)
                 drawn += len(xs)
+        if not drawn:  # nothing to show: plain axes, not the last run's scale
+            plot.set_xlimits(None, None)
+            plot.set_ylimits(None, None)
         return drawn

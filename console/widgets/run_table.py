@@ -172,6 +172,9 @@ class RunTable(DataTable):
             sorted_here = name == self.sort_by
             column.label = Text(f"{name} {'↓' if self.sort_reverse else '↑'}" if sorted_here else name,
                                 style="bold reverse" if sorted_here else "")
+            column.content_width = max(column.content_width, column.label.cell_len)
+        self._require_update_dimensions = True  # the widened header re-measures the columns
+        self._clear_caches()
         self.refresh()
 
     def selected_run(self) -> int | None:
