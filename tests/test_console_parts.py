@@ -4,7 +4,6 @@ log tail, config diff, store follower, GPU sampler (NVML spoken by a stand-in, a
 from __future__ import annotations
 
 import json
-
 import math
 import subprocess
 import sys
