@@ -314,3 +314,33 @@ async def test_a_run_without_the_metric_gets_plain_axes_and_no_legend_entry(many
         assert home.last_draw_points == 0 and (plot._x_min, plot._x_max, plot._y_min, plot._y_max) == (0, 1, 0, 1)
         title = str(home.query_one("#chart-title", Static).render())
         assert f"run {empty}" not in title and "run 5" not in title
+
+
+@sync
+async def test_y_copies_the_runs_command_line_and_z_zooms_the_focused_pane(many_runs):
+    import shlex
+
+    with Store(many_runs) as store:
+        store.update_run(6, overrides=json.dumps(["sft.train.lr=3e-4", "seed=7"]),
+                         launch=json.dumps({"accelerate_config": "/abs/configs/accelerate/cpu.yaml",
+                                            "num_processes": 2}))
+        folder = store.run(6)["output_dir"]
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        home = app.home
+        home.select_run(6)
+        await wait_for(pilot, lambda: home.selected == 6, 10)
+        await pilot.press("y")
+        assert shlex.split(app.clipboard) == ["rlhf", "launch", "sft", "configs/tiny.yaml", "--set", "sft.train.lr=3e-4",
+                                              "--set", "seed=7", "--accelerate-config",
+                                              "/abs/configs/accelerate/cpu.yaml", "--num-processes", "2"]
+        await pilot.press("Y")
+        assert app.clipboard == folder
+        table = home.query_one(RunTable)
+        await pilot.press("z")
+        await pilot.pause()
+        assert home.maximized is table and table.region.height > 20
+        await pilot.press("z")
+        await pilot.pause()
+        assert home.maximized is None

@@ -61,6 +61,9 @@ class RunsScreen(Screen):
         Binding("3", "tab('samples')", "Samples tab", show=False),
         Binding("left_square_bracket", "sample_step(-1)", "Samples: previous step", show=False),
         Binding("right_square_bracket", "sample_step(1)", "Samples: next step", show=False),
+        Binding("y", "copy_command", "Copy the run's command line", show=False),
+        Binding("Y", "copy_folder", "Copy the run's folder", show=False),
+        Binding("z", "zoom", "Zoom the focused pane", show=False),
         Binding("comma", "metric(-1)", "Previous metric", show=False),
         Binding("full_stop", "metric(1)", "Next metric", show=False),
     ]
@@ -453,6 +456,27 @@ class RunsScreen(Screen):
         a, b = (self.app.runs[i] for i in pair)
         self.app.push_screen(ConfigDiffScreen(a, b))
 
+    def action_copy_command(self) -> None:
+        """The command that launches this run again, to the clipboard (OSC 52: it works over SSH)."""
+        run = self._selected_run()
+        if run is not None:
+            command = command_line(run)
+            self.app.copy_to_clipboard(command)
+            self.notify(command, title="copied", markup=False)
+
+    def action_copy_folder(self) -> None:
+        run = self._selected_run()
+        if run is not None and run.get("output_dir"):
+            self.app.copy_to_clipboard(run["output_dir"])
+            self.notify(run["output_dir"], title="copied", markup=False)
+
+    def action_zoom(self) -> None:
+        """The focused pane fills the screen; z again (or escape) puts it back."""
+        if self.maximized is not None:
+            self.minimize()
+        elif self.focused is not None:
+            self.maximize(self.focused)
+
     def action_chat(self) -> None:
         """Chat with the selected run's model, beside the last marked run's if one is marked."""
         if self.selected is None:
@@ -471,6 +495,22 @@ class RunsScreen(Screen):
         from console.keys import commands
 
         yield from commands(self, self.BINDINGS)
+
+
+def command_line(run: dict[str, Any]) -> str:
+    """`rlhf launch ...` with the run's stage, recipe, overrides and accelerate settings, shell-quoted."""
+    import json
+    import shlex
+
+    argv = ["rlhf", "launch", run["stage"], run["recipe"] or "RECIPE"]
+    for item in json.loads(run.get("overrides") or "[]"):
+        argv += ["--set", str(item)]
+    launch = json.loads(run.get("launch") or "{}")
+    if launch.get("accelerate_config"):
+        argv += ["--accelerate-config", launch["accelerate_config"]]
+    if launch.get("num_processes"):
+        argv += ["--num-processes", str(launch["num_processes"])]
+    return shlex.join(argv)
 
 
 def _after(choices: tuple, current: object) -> object:
