@@ -332,9 +332,9 @@ async def test_y_copies_the_runs_command_line_and_z_zooms_the_focused_pane(many_
         home.select_run(6)
         await wait_for(pilot, lambda: home.selected == 6, 10)
         await pilot.press("y")
-        assert shlex.split(app.clipboard) == ["rlhf", "launch", "sft", "configs/tiny.yaml", "--set", "sft.train.lr=3e-4",
-                                              "--set", "seed=7", "--accelerate-config",
-                                              "/abs/configs/accelerate/cpu.yaml", "--num-processes", "2"]
+        assert shlex.split(app.clipboard) == [
+            "rlhf", "launch", "sft", "configs/tiny.yaml", "--set", "sft.train.lr=3e-4", "--set", "seed=7",
+            "--accelerate-config", "/abs/configs/accelerate/cpu.yaml", "--num-processes", "2"]
         await pilot.press("Y")
         assert app.clipboard == folder
         table = home.query_one(RunTable)
