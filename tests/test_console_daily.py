@@ -344,3 +344,42 @@ async def test_y_copies_the_runs_command_line_and_z_zooms_the_focused_pane(many_
         await pilot.press("z")
         await pilot.pause()
         assert home.maximized is None
+
+
+@sync
+async def test_log_search_finds_marks_and_moves_between_hits_and_n_is_new_run_again_after(many_runs):
+    from textual.widgets import Log
+
+    from console.screens.launch import LaunchScreen
+    from console.widgets.log_view import LogView
+
+    with Store(many_runs) as store:
+        out = Path(store.run(8)["output_dir"])
+    lines = [f"step {i} loss {i / 100:.2f}" + (" NEEDLE here" if i in (50, 120, 300) else "") for i in range(400)]
+    (out / "train.log").write_text("\n".join(lines) + "\n")
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        home = app.home
+        home.select_run(8)
+        await pilot.press("2")
+        view = home.query_one(LogView)
+        await wait_for(pilot, lambda: len(view.lines) == 400, 20, "the log")
+        log = view.query_one(Log)
+        log.focus()
+        log.scroll_to(y=0, animate=False)
+        await pilot.press("slash", *"needle", "enter")
+        await pilot.pause()
+        assert view.term == "needle" and int(log.scroll_offset.y) == 50 and app.focused is log
+        marked = [seg for seg in log._render_line_strip(50, log.rich_style) if seg.text == "NEEDLE"]
+        assert marked and marked[0].style.bgcolor.name == "yellow"  # the hit is marked in the line
+        await pilot.press("n")
+        await pilot.pause()
+        assert int(log.scroll_offset.y) == 120
+        await pilot.press("n", "N")
+        await pilot.pause()
+        assert int(log.scroll_offset.y) == 120  # 300, then back to 120
+        await pilot.press("escape")  # search off: n is New run again
+        await pilot.pause()
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen), 10, "the launch form")

@@ -476,6 +476,7 @@ class RunsScreen(Screen):
             self.minimize()
         elif self.focused is not None:
             self.maximize(self.focused)
+        self.query_one(RunTable).fit_height()  # its height is its own (see RunTable.fit_height)
 
     def action_chat(self) -> None:
         """Chat with the selected run's model, beside the last marked run's if one is marked."""

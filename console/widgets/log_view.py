@@ -1,14 +1,17 @@
 """The selected run's log: folded lines from LogTail, the progress line in place, a jump to the last
-traceback, and a failed run's stored error pinned above it."""
+traceback, a failed run's stored error pinned above it, and search (`/`, then n / N between hits)."""
 
 from __future__ import annotations
 
+import re
 from collections import deque
 
+from rich.highlighter import Highlighter
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Vertical
-from textual.widgets import Log, Static
+from textual.widgets import Input, Log, Static
 
 from console.logtail import last_traceback
 from console.text import terminal_safe
@@ -16,12 +19,33 @@ from console.text import terminal_safe
 MAX_LINES = 5000
 
 
+class _Hits(Highlighter):
+    """Marks every occurrence of the search term in the lines the log draws."""
+
+    def __init__(self, term: str):
+        self.pattern = re.compile(re.escape(term), re.IGNORECASE)
+
+    def highlight(self, text: Text) -> None:
+        for match in self.pattern.finditer(text.plain):
+            text.stylize("black on yellow", match.start(), match.end())
+
+
 class LogView(Vertical):
+    # Active while the log (or its search box) has focus, before the screen's keys: the footer shows them
+    # first, and n / N mean next / previous hit here while a search is on (New run elsewhere).
+    BINDINGS = [
+        Binding("slash", "search", "Search"),
+        Binding("n", "hit(1)", "Next hit"),
+        Binding("N", "hit(-1)", "Previous hit"),
+        Binding("e", "follow", "Follow"),
+        Binding("escape", "end_search", "End search", show=False),
+    ]
     DEFAULT_CSS = """
     LogView > Log { height: 1fr; }
     LogView > #log-progress { height: 1; color: $text-muted; }
     LogView > #log-error { height: auto; max-height: 8; color: $error; border-bottom: solid $error;
                            overflow-y: auto; display: none; }
+    LogView > #log-search { height: 1; display: none; }
     """
 
     def __init__(self, **kwargs):
@@ -30,11 +54,14 @@ class LogView(Vertical):
         self.run_id: int | None = None
         self.error: str | None = None
         self.pending = ""
+        self.term = ""
 
     def compose(self) -> ComposeResult:
         yield Static("", id="log-error")
         yield Log(max_lines=MAX_LINES, auto_scroll=True)
         yield Static("", id="log-progress")
+        yield Input(placeholder="search the log (enter: first hit below; n / N: next / previous)", id="log-search",
+                    compact=True)
 
     def on_mount(self) -> None:
         # Lines that arrived before the view was mounted (it mounts lazily) are kept in `lines`.
@@ -92,6 +119,67 @@ class LogView(Vertical):
         log.auto_scroll = False
         log.scroll_to(y=index, animate=False)
         return True
+
+    # -- search ------------------------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action in ("hit", "end_search") and not self.term:
+            return False  # n is New run, escape what the screen makes it, while no search is on
+        return True
+
+    def action_search(self) -> None:
+        box = self.query_one("#log-search", Input)
+        box.display = True
+        box.value = self.term
+        box.focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id != "log-search":
+            return
+        event.stop()
+        self.term = event.value.strip()
+        event.input.display = False
+        log = self.query_one(Log)
+        log.highlighter = _Hits(self.term) if self.term else log.highlighter
+        log.highlight = bool(self.term)
+        log.notify_style_update()  # clears the lines drawn before: they are cached without the marks
+        log.refresh()
+        log.focus()
+        self.refresh_bindings()
+        if self.term:
+            self.action_hit(1, from_top_line=True)
+
+    def hits(self) -> list[int]:
+        """Line numbers (the log widget's own) holding the term."""
+        needle = self.term.lower()
+        return [i for i, line in enumerate(self.query_one(Log).lines) if needle in line.lower()]
+
+    def action_hit(self, direction: int, from_top_line: bool = False) -> None:
+        log = self.query_one(Log)
+        top = int(log.scroll_offset.y)
+        hits = self.hits()
+        if not hits:
+            self.notify(f"no line holds {self.term!r}", title="search")
+            return
+        if direction > 0:
+            after = [i for i in hits if i > top or (from_top_line and i == top)]
+            target = after[0] if after else hits[0]  # wraps round, as less does
+        else:
+            before = [i for i in hits if i < top]
+            target = before[-1] if before else hits[-1]
+        log.auto_scroll = False
+        log.scroll_to(y=target, animate=False)
+        self.current_hit = target
+
+    def action_end_search(self) -> None:
+        self.term = ""
+        log = self.query_one(Log)
+        log.highlight = False
+        log.notify_style_update()
+        log.refresh()
+        self.refresh_bindings()
+
+    def action_follow(self) -> None:
+        self.follow()
 
     def follow(self) -> None:
         if not self.is_mounted:

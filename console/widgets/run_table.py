@@ -148,6 +148,7 @@ class RunTable(DataTable):
                     self._shown[str(run["id"])] = row
                 if selected is not None and str(selected) in wanted_keys:
                     self.move_cursor(row=wanted_keys.index(str(selected)))
+            self.fit_height()
             return
         for run in wanted:
             key = str(run["id"])
@@ -158,6 +159,21 @@ class RunTable(DataTable):
                     wider = cell_len(str(value)) > self.columns[column].content_width
                     self.update_cell(key, column, value, update_width=wider)
             self._shown[key] = row
+
+    SHARE_OF_SCREEN = 0.35
+
+    def fit_height(self) -> None:
+        """As tall as its rows and header, at most SHARE_OF_SCREEN of the screen; beyond that it scrolls."""
+        if self.has_class("-maximized"):  # zoomed (z): the whole screen
+            self.styles.height = "1fr"
+            return
+        cap = max(4, int(self.app.size.height * self.SHARE_OF_SCREEN))
+        height = max(4, min(self.row_count + 1, cap))
+        if self.styles.height is None or self.styles.height.unit.name != "CELLS" or self.styles.height.value != height:
+            self.styles.height = height
+
+    def on_resize(self) -> None:
+        self.fit_height()
 
     def _mark_sorted_column(self) -> None:
         """The sorted column's header carries an arrow (and is the only one in bold)."""
