@@ -375,6 +375,18 @@ class RlhfConsole(App):
             self.post_message(ActionDone("kill", run_id))
 
     @work(thread=True, group="actions", exit_on_error=False)
+    def set_note(self, run_id: int, note: str) -> None:
+        from engine.store import Store, StoreError
+
+        try:
+            with Store(self.db_path) as store:
+                store.update_run(run_id, note=note or None)
+        except StoreError as err:
+            self.post_message(ActionDone("note", run_id, str(err)))
+            return
+        self.post_message(ActionDone("note", run_id, note=f"run {run_id}: {note or 'note removed'}"))
+
+    @work(thread=True, group="actions", exit_on_error=False)
     def delete_run(self, run_id: int, delete_files: bool) -> None:
         import shutil
 

@@ -383,3 +383,22 @@ async def test_log_search_finds_marks_and_moves_between_hits_and_n_is_new_run_ag
         await pilot.pause()
         await pilot.press("n")
         await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen), 10, "the launch form")
+
+
+@sync
+async def test_a_note_tells_a_run_apart_and_is_stored(many_runs):
+    from console.screens.dialogs import NoteScreen
+
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        home = app.home
+        home.select_run(9)
+        await wait_for(pilot, lambda: home.selected == 9, 10)
+        await pilot.press("N")
+        await wait_for(pilot, lambda: isinstance(app.screen, NoteScreen), 10, "the note dialog")
+        await pilot.press(*"lr sweep [b]", "enter")
+        table = home.query_one(RunTable)
+        await wait_for(pilot, lambda: str(table.get_row("9")[2]) == "tiny · lr sweep [b]", 20, "the note shown")
+    with Store(many_runs) as store:
+        assert store.run(9)["note"] == "lr sweep [b]"

@@ -1,4 +1,5 @@
-"""Dialogs: confirmations (stop, resume, delete; Enter/y confirms, Escape/n cancels) and a text viewer."""
+"""Dialogs: confirmations (stop, resume, delete; Enter/y confirms, Escape/n cancels), a run's note, and a
+text viewer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Checkbox, Static
+from textual.widgets import Button, Checkbox, Input, Static
 
 from console.text import terminal_safe
 
@@ -38,6 +39,28 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def action_cancel(self) -> None:
         self.dismiss(False)
+
+
+class NoteScreen(ModalScreen[str | None]):
+    """A run's note: Enter keeps it (empty removes it), Escape leaves it as it was."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, run_id: int, note: str | None):
+        super().__init__()
+        self.run_id, self.note = run_id, note or ""
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(f"A note on run {self.run_id} (shown beside its recipe; Enter keeps it, Esc cancels)",
+                         classes="question")
+            yield Input(self.note, placeholder="e.g. lr sweep, 2e-5", id="note", max_length=80)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(" ".join(event.value.split()))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
 
 
 class DeleteScreen(ModalScreen[tuple[bool, bool]]):

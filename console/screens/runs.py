@@ -61,6 +61,7 @@ class RunsScreen(Screen):
         Binding("3", "tab('samples')", "Samples tab", show=False),
         Binding("left_square_bracket", "sample_step(-1)", "Samples: previous step", show=False),
         Binding("right_square_bracket", "sample_step(1)", "Samples: next step", show=False),
+        Binding("N", "note", "Note on the run", show=False),
         Binding("y", "copy_command", "Copy the run's command line", show=False),
         Binding("Y", "copy_folder", "Copy the run's folder", show=False),
         Binding("z", "zoom", "Zoom the focused pane", show=False),
@@ -455,6 +456,19 @@ class RunsScreen(Screen):
             return
         a, b = (self.app.runs[i] for i in pair)
         self.app.push_screen(ConfigDiffScreen(a, b))
+
+    def action_note(self) -> None:
+        from console.screens.dialogs import NoteScreen
+
+        run = self._selected_run()
+        if run is None:
+            return
+
+        def done(note: str | None) -> None:
+            if note is not None and note != (run.get("note") or ""):
+                self.app.set_note(run["id"], note)
+
+        self.app.push_screen(NoteScreen(run["id"], run.get("note")), done)
 
     def action_copy_command(self) -> None:
         """The command that launches this run again, to the clipboard (OSC 52: it works over SSH)."""

@@ -60,7 +60,8 @@ def cells(run: dict[str, Any], history: History, marked: bool) -> tuple:
     return (
         Text(f"{mark}{run['id']}", style=run_colour(run["id"]) if marked else ""),
         run["stage"],
-        Text(terminal_safe(run["name"] or "")),  # a user's text: never markup, never a terminal escape
+        # a user's text: never markup, never a terminal escape
+        Text(terminal_safe(" · ".join(filter(None, (run["name"], run.get("note")))))),
         Text(status, style=STATUS_STYLE.get(status, "")),
         step,
         eta,
