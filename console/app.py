@@ -471,9 +471,9 @@ class RlhfConsole(App):
         from console.screens.launch import LaunchScreen
 
         if not isinstance(self.screen, LaunchScreen):
-            self.push_screen(LaunchScreen(self.configs_dir), self._launched)
+            self.push_screen(LaunchScreen(self.configs_dir), self.launched)
 
-    def _launched(self, run_id: int | None) -> None:
+    def launched(self, run_id: int | None) -> None:
         if run_id is not None and self.home is not None:
             self.home.select_run(run_id)
 

@@ -402,3 +402,36 @@ async def test_a_note_tells_a_run_apart_and_is_stored(many_runs):
         await wait_for(pilot, lambda: str(table.get_row("9")[2]) == "tiny · lr sweep [b]", 20, "the note shown")
     with Store(many_runs) as store:
         assert store.run(9)["note"] == "lr sweep [b]"
+
+
+@sync
+async def test_l_opens_the_launch_form_filled_from_the_run_keeping_what_no_field_shows(many_runs):
+    import shutil
+
+    from textual.widgets import Input, Select
+
+    from console.screens.launch import LaunchScreen
+
+    shutil.copytree(REPO / "configs", many_runs.parent / "configs")
+    recipe = str(many_runs.parent / "configs" / "tiny.yaml")
+    accel = str(many_runs.parent / "configs" / "accelerate" / "cpu.yaml")
+    with Store(many_runs) as store:
+        store.update_run(7, recipe=recipe, overrides=json.dumps(["train.lr=0.0003", "seed=7"]),
+                         launch=json.dumps({"accelerate_config": accel, "num_processes": 2}))
+    app = RlhfConsole(many_runs, gpu_sampler=no_gpu, poll_s=0.05)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        home = app.home
+        home.select_run(7)
+        await wait_for(pilot, lambda: home.selected == 7, 10)
+        await pilot.press("l")
+        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20, "the form")
+        form = app.screen
+        await wait_for(pilot, lambda: not form._run_pending, 10, "the run's values")
+        assert form.stage == "sft" and form.recipe == recipe
+        assert str(form.query_one("#accelerate", Select).value) == accel
+        assert form.query_one("#field-lr", Input).value == "0.0003"
+        assert form.query_one("#field-processes", Input).value == "2" and form.processes() == 2
+        assert "seed=7" in str(form.query_one("#kept-overrides", Static).render())
+        form.query_one("#field-batch", Input).value = "3"  # the change this relaunch is for
+        assert sorted(form.overrides()) == ["seed=7", "sft.train.batch_size=3", "sft.train.lr=0.0003"]

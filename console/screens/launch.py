@@ -67,6 +67,16 @@ def field_for_error(error_field: str, message: str, keys: dict[str, str]) -> str
     return None
 
 
+def _option_for(options: list[tuple[str, str]], path: str) -> str:
+    """The option for `path` (a recipe or accelerate config a run used), added when the list lacks it."""
+    target = Path(path).resolve()
+    for _, value in options:
+        if Path(value).resolve() == target:
+            return value
+    options.append((Path(path).name, str(target)))
+    return str(target)
+
+
 def _default_recipe(recipes: list[tuple[str, str]]) -> str | object:
     # The tiny recipe is what a first launch on a CPU box can actually run.
     for name, value in recipes:
@@ -95,12 +105,17 @@ class LaunchScreen(Screen[int | None]):
         Binding("ctrl+t", "validate", "Validate"),
     ]
 
-    def __init__(self, configs_dir: Path):
+    def __init__(self, configs_dir: Path, from_run: dict[str, Any] | None = None):
+        """`from_run`: a run to launch again with changes: its stage, recipe, overrides and accelerate
+        settings fill the form; overrides no field shows are kept as they are (listed on the form)."""
         super().__init__()
         self.configs_dir = Path(configs_dir)
         self.loaded: dict[str, str] = {}  # field -> value as in the recipe (unchanged fields add no override)
         self.keys: dict[str, str] = {}
         self._launching = False
+        self.from_run = from_run
+        self._run_pending = from_run is not None  # its overrides go into the fields once the recipe is loaded
+        self.extra: list[str] = []  # the run's overrides that no field shows
 
     def recipes(self) -> list[Path]:
         return sorted(p for p in self.configs_dir.glob("*.yaml"))
@@ -112,15 +127,23 @@ class LaunchScreen(Screen[int | None]):
         recipes = [(p.name, str(p)) for p in self.recipes()]
         accel = [(p.name, str(p)) for p in self.accelerate_configs()]
         default_accel = next((v for n, v in accel if n == "cpu.yaml"), accel[0][1] if accel else Select.NULL)
+        stage, recipe, title = "sft", _default_recipe(recipes), "[b]New run[/b]"
+        run = self.from_run
+        if run is not None:
+            stage, title = run["stage"], f"[b]Launch run {run['id']} again[/b], with changes"
+            recipe = _option_for(recipes, run["recipe"])
+            launch = json.loads(run.get("launch") or "{}")
+            if launch.get("accelerate_config"):
+                default_accel = _option_for(accel, launch["accelerate_config"])
         with VerticalScroll(id="launch-form"):
-            yield Static("[b]New run[/b]   Tab moves between fields · ctrl+t validates · ctrl+s launches · Esc")
+            yield Static(f"{title}   Tab moves between fields · ctrl+t validates · ctrl+s launches · Esc")
             with Horizontal(classes="row"):
                 yield Label("stage", classes="field-label")
-                yield Select([("sft", "sft"), ("rm", "rm"), ("ppo", "ppo")], value="sft", allow_blank=False,
+                yield Select([("sft", "sft"), ("rm", "rm"), ("ppo", "ppo")], value=stage, allow_blank=False,
                              id="stage", compact=True)
             with Horizontal(classes="row"):
                 yield Label("recipe", classes="field-label")
-                yield Select(recipes, value=_default_recipe(recipes), id="recipe", compact=True)
+                yield Select(recipes, value=recipe, id="recipe", compact=True)
             yield Static("", id="error-recipe", classes="field-error -empty")
             for field in FIELDS:
                 validators = {"float": [Number()], "int": [Integer()]}.get(field.kind, [])
@@ -131,6 +154,7 @@ class LaunchScreen(Screen[int | None]):
             with Horizontal(classes="row"):
                 yield Label("accelerate config", classes="field-label")
                 yield Select(accel, value=default_accel, id="accelerate", compact=True)
+            yield Static("", id="kept-overrides", classes="field-error -empty")
             yield Static("", id="error-general", classes="field-error -empty")
             with Horizontal(classes="buttons"):
                 yield Button("Validate (ctrl+t)", id="validate", compact=True)
@@ -198,6 +222,34 @@ class LaunchScreen(Screen[int | None]):
             if box.value.strip() == previous.get(field.name, ""):  # what the user typed meanwhile stays
                 box.value = message.values.get(field.name, "")
         self._error("recipe", message.error or "")
+        if self._run_pending and message.error is None:
+            self._run_pending = False
+            self._fill_from_run()
+
+    def _fill_from_run(self) -> None:
+        """The run's overrides into the fields they belong to; the rest kept as they are."""
+        run = self.from_run
+        assert run is not None
+        by_key = {key: name for name, key in self.keys.items()}
+        self.extra = []
+        for item in json.loads(run.get("overrides") or "[]"):
+            key, _, value = str(item).partition("=")
+            name = by_key.get(key) or by_key.get(f"{run['stage']}.{key}")  # `train.lr` means the stage's
+            if name is None:
+                self.extra.append(str(item))
+                continue
+            try:  # the form wrote text fields as JSON strings
+                parsed = json.loads(value)
+                value = parsed if isinstance(parsed, str) else value
+            except ValueError:
+                pass
+            self.query_one(f"#field-{name}", Input).value = value
+        processes = json.loads(run.get("launch") or "{}").get("num_processes")
+        if processes:
+            self.query_one("#field-processes", Input).value = str(processes)
+        kept = self.query_one("#kept-overrides", Static)
+        kept.update(Text("kept from run {}: {}".format(run["id"], " ".join(self.extra)) if self.extra else ""))
+        kept.set_class(not self.extra, "-empty")
 
     # -- validation ------------------------------------------------------------------------------------
     def overrides(self) -> list[str]:
@@ -208,7 +260,7 @@ class LaunchScreen(Screen[int | None]):
             if value != self.loaded.get(name, ""):
                 # --set values are YAML: a path must stay a string ("run #2.jsonl", "on", "a: b")
                 items.append(f"{key}={json.dumps(value) if kinds[name] == 'text' else value}")
-        return items
+        return items + [item for item in self.extra if item not in items]
 
     def processes(self) -> int | None:
         value = self.query_one("#field-processes", Input).value.strip()

@@ -62,6 +62,7 @@ class RunsScreen(Screen):
         Binding("left_square_bracket", "sample_step(-1)", "Samples: previous step", show=False),
         Binding("right_square_bracket", "sample_step(1)", "Samples: next step", show=False),
         Binding("N", "note", "Note on the run", show=False),
+        Binding("l", "relaunch", "Launch the run again, with changes", show=False),
         Binding("y", "copy_command", "Copy the run's command line", show=False),
         Binding("Y", "copy_folder", "Copy the run's folder", show=False),
         Binding("z", "zoom", "Zoom the focused pane", show=False),
@@ -456,6 +457,13 @@ class RunsScreen(Screen):
             return
         a, b = (self.app.runs[i] for i in pair)
         self.app.push_screen(ConfigDiffScreen(a, b))
+
+    def action_relaunch(self) -> None:
+        from console.screens.launch import LaunchScreen
+
+        run = self._selected_run()
+        if run is not None:
+            self.app.push_screen(LaunchScreen(self.app.configs_dir, from_run=run), self.app.launched)
 
     def action_note(self) -> None:
         from console.screens.dialogs import NoteScreen
