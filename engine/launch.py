@@ -169,7 +169,9 @@ def prepare(
             raise RecipeError(
                 f"--run-id is for the other machines of a multi-node run; {accelerate_config} is machine 0"
             )
-        launch = json.dumps({"accelerate_config": str(accelerate_config), "num_processes": num_processes})
+        # Absolute: a resume from another directory (a console started elsewhere with --db) must find it.
+        launch = json.dumps({"accelerate_config": str(Path(accelerate_config).resolve()),
+                             "num_processes": num_processes})
         with Store(db) as store:
             if resume_run is None:
                 run_id = register_run(store, stage, recipe, recipe_path, overrides)

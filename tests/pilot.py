@@ -33,8 +33,13 @@ def console(**kwargs) -> RlhfConsole:
     return RlhfConsole(os.environ["RLHF_DB"], configs_dir=CONFIGS, poll_s=0.1, **kwargs)
 
 
+# CI runs on a busy machine: a worker thread's first import (pydantic, sqlite-utils) can take many seconds
+# there. A wait ends as soon as its state is reached, so a generous floor costs a passing test nothing.
+MIN_WAIT_S = 60.0
+
+
 async def wait_for(pilot, predicate, timeout: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + max(timeout, MIN_WAIT_S)
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
