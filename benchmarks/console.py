@@ -12,6 +12,9 @@
    against handing all 100,000 points to the plot library undownsampled. Target <= 30 ms.
 4. Opening a runs.db of 10 runs x 100,000 metric rows: CPU seconds until every run's row is filled, and
    the console's peak memory, against an empty runs.db. Only the selected run's whole history is loaded.
+5. Key to frame while 10 runs log (a step a second, 20 metrics each): arrow keys move the highlighted run
+   (info line, chart and log follow it); from the key's delivery until the frame after the selection
+   changed, p50 and p95, against the same keys with no run logging.
 """
 
 from __future__ import annotations
@@ -244,6 +247,53 @@ def redraw_ms(points: int, downsampled: bool = True, repeats: int = 10) -> float
     return statistics.median(result[1:])
 
 
+def key_latency(db: str, runs: int, logging: bool, keys: int = 40) -> tuple[float, float]:
+    """(p50, p95) ms from a key's delivery (as the terminal driver delivers it) to the frame after the
+    highlighted run changed; `logging`: 10 writer processes log meanwhile."""
+    from textual import events
+
+    from console.app import RlhfConsole
+    from engine.store import Store
+
+    with Store(db) as store:
+        ids = [store.create_run(stage="sft", name=f"live{i}", recipe="x.yaml", config="{}") for i in range(runs)]
+        for run_id in ids:
+            store.update_run(run_id, status="running", total_steps=10_000)
+    ctx = mp.get_context("spawn")
+    writers = [ctx.Process(target=_writer, args=(db, run_id, 120, 1.0, 20)) for run_id in ids] if logging else []
+    for w in writers:
+        w.start()
+
+    async def measure() -> list[float]:
+        app = RlhfConsole(db, gpu_sampler=None)
+        latencies = []
+        async with app.run_test(size=(160, 48)) as pilot:
+            while not (app.loaded and len(app.runs) == runs and app.home is not None):
+                await pilot.pause(0.05)
+            await pilot.pause(2.0)  # the first load settles
+            home = app.home
+            for k in range(keys):
+                key = "down" if (k // 5) % 2 == 0 else "up"  # back and forth over five rows
+                before = home.selected
+                frame = asyncio.get_running_loop().create_future()
+                start = time.perf_counter()
+                app.post_message(events.Key(key, None))
+                while home.selected == before:
+                    await asyncio.sleep(0.0005)
+                app.call_after_refresh(lambda: frame.done() or frame.set_result(time.perf_counter()))
+                latencies.append(await frame - start)
+                await asyncio.sleep(0.2)  # a person's pace, not a key repeat
+        return latencies
+
+    try:
+        latencies = asyncio.run(measure())
+    finally:
+        for w in writers:
+            w.terminate()
+            w.join()
+    return 1000 * statistics.median(latencies), 1000 * statistics.quantiles(latencies, n=20)[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--follow-seconds", type=float, default=20.0)
@@ -273,6 +323,11 @@ def main() -> None:
         empty_cpu, empty_rss = open_cost(empty_db)
         full_cpu, full_rss = open_cost(full_db)
 
+    with tempfile.TemporaryDirectory() as tmp:
+        key_live = key_latency(str(Path(tmp) / "keys.db"), 10, True)
+    with tempfile.TemporaryDirectory() as tmp:
+        key_idle = key_latency(str(Path(tmp) / "keys.db"), 10, False)
+
     big = redraw_ms(100_000)
     small = redraw_ms(1_000)
     raw = redraw_ms(100_000, downsampled=False, repeats=3)
@@ -295,6 +350,9 @@ def main() -> None:
           f"{empty_cpu:.2f} s (empty runs.db) | {full_cpu / empty_cpu:.2f}x | - |")
     print(f"| opening 1,000,000 metric rows (10 runs): peak memory | {full_rss:.0f} MiB | {empty_rss:.0f} MiB "
           f"(empty runs.db) | +{full_rss - empty_rss:.0f} MiB | - |")
+    for label, live, idle in (("p50", key_live[0], key_idle[0]), ("p95", key_live[1], key_idle[1])):
+        print(f"| key to frame while 10 runs log, {label} | {live:.1f} ms | {idle:.1f} ms (no run logging) | "
+              f"{live / idle:.2f}x | - |")
 
 
 if __name__ == "__main__":

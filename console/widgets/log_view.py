@@ -63,6 +63,11 @@ class LogView(Vertical):
         yield Input(placeholder="search the log (enter: first hit below; n / N: next / previous)", id="log-search",
                     compact=True)
 
+    @property
+    def _composed(self) -> bool:
+        """Its children are there: the view mounts lazily, and for a moment is mounted without them."""
+        return self.is_mounted and bool(self.query(Log))
+
     def on_mount(self) -> None:
         # Lines that arrived before the view was mounted (it mounts lazily) are kept in `lines`.
         self.query_one(Log).write_lines(list(self.lines))
@@ -75,7 +80,7 @@ class LogView(Vertical):
         if error == self.error:
             return
         self.error = error
-        if self.is_mounted:
+        if self._composed:
             self._show_error()
 
     def _show_error(self) -> None:
@@ -90,13 +95,13 @@ class LogView(Vertical):
         if reset or run_id != self.run_id:
             self.run_id = run_id
             self.lines.clear()
-            if self.is_mounted:
+            if self._composed:
                 self.query_one(Log).clear()
             if skipped_start:
                 lines = ["… (earlier lines of the log skipped)", *lines]
         self.lines.extend(lines)
         self.pending = pending
-        if self.is_mounted:
+        if self._composed:
             if lines:
                 self.query_one(Log).write_lines(lines)
             self.query_one("#log-progress", Static).update(Text(pending))
@@ -105,12 +110,12 @@ class LogView(Vertical):
         self.run_id = None
         self.lines.clear()
         self.pending = note
-        if self.is_mounted:
+        if self._composed:
             self.query_one(Log).clear()
             self.query_one("#log-progress", Static).update(Text(note))
 
     def jump_to_traceback(self) -> bool:
-        if not self.is_mounted:
+        if not self._composed:
             return False
         log = self.query_one(Log)
         index = last_traceback(list(log.lines))  # the widget's own lines: its line numbers are what scrolls
@@ -182,7 +187,7 @@ class LogView(Vertical):
         self.follow()
 
     def follow(self) -> None:
-        if not self.is_mounted:
+        if not self._composed:
             return
         log = self.query_one(Log)
         log.auto_scroll = True
