@@ -451,10 +451,15 @@ class RlhfConsole(App):
         from console.screens.runs import RunsScreen
         from console.screens.scores import ScoresScreen
 
+        from console.widgets.log_view import LogView
+        from console.widgets.samples_view import SamplesView
+
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen([
-                ("Everywhere", self.BINDINGS), ("Runs", RunsScreen.BINDINGS), ("Launch", LaunchScreen.BINDINGS),
-                ("GPUs", GpuScreen.BINDINGS), ("Chat", ChatScreen.BINDINGS), ("Scores", ScoresScreen.BINDINGS)]))
+                ("Everywhere", self.BINDINGS), ("Runs", RunsScreen.BINDINGS),
+                ("Log (when it has focus)", LogView.BINDINGS), ("Samples (when they have focus)", SamplesView.BINDINGS),
+                ("Launch", LaunchScreen.BINDINGS), ("GPUs", GpuScreen.BINDINGS), ("Chat", ChatScreen.BINDINGS),
+                ("Scores", ScoresScreen.BINDINGS)]))
 
     def action_gpus(self) -> None:
         from console.screens.gpu import GpuScreen

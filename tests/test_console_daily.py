@@ -435,3 +435,31 @@ async def test_l_opens_the_launch_form_filled_from_the_run_keeping_what_no_field
         assert "seed=7" in str(form.query_one("#kept-overrides", Static).render())
         form.query_one("#field-batch", Input).value = "3"  # the change this relaunch is for
         assert sorted(form.overrides()) == ["seed=7", "sft.train.batch_size=3", "sft.train.lr=0.0003"]
+
+
+@sync
+async def test_the_footer_shows_the_focused_panes_keys_first(many_runs):
+    from textual.widgets import Log
+    from textual.widgets._footer import FooterKey
+
+    from console.widgets.log_view import LogView
+
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        home = app.home
+
+        async def footer() -> list[str]:
+            await pilot.pause(0.2)
+            return [k.description for k in home.query(FooterKey)]
+
+        assert (await footer())[0] == "New run"
+        await pilot.press("2")
+        await wait_for(pilot, lambda: home.query(LogView) and home.query_one(LogView).query(Log), 20, "the log")
+        home.query_one(LogView).query_one(Log).focus()
+        keys = await footer()
+        assert keys[0] == "Search" and "Next hit" not in keys and "New run" in keys  # no search yet: n is New run
+        await pilot.press("3")
+        await wait_for(pilot, lambda: home.query("#samples-table"), 20, "the samples")
+        home.query_one("#samples-table").focus()
+        assert (await footer())[:2] == ["Prev step", "Next step"]  # enter (whole sample) is the table's own key

@@ -12,6 +12,11 @@ from textual.widgets import Static
 from console.keys import rows
 
 
+def _plain(action: str) -> str:
+    # `app.help` on a screen and `help` on the app, `screen.sample_step(1)` in a pane: the same action
+    return action.removeprefix("app.").removeprefix("screen.")
+
+
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
 
@@ -25,8 +30,8 @@ class HelpScreen(ModalScreen[None]):
         text = Text()
         seen: set[str] = set()  # a screen's own key for an app action (n, g, ?) is listed once, under the app
         for title, bindings in self.sections:
-            fresh = [b for b in bindings if b.action.removeprefix("app.") not in seen]
-            seen.update(b.action.removeprefix("app.") for b in bindings)
+            fresh = [b for b in bindings if _plain(b.action) not in seen]
+            seen.update(_plain(b.action) for b in bindings)
             text.append(f"{title}\n", style="bold")
             for keys, description in rows(fresh):
                 text.append(f"  {keys:<14}", style="bold")

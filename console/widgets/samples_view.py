@@ -64,6 +64,12 @@ class SampleScreen(ModalScreen[None]):
 
 
 class SamplesView(Vertical):
+    # While the samples have focus the footer shows these first (the screen's own [ and ] do the work);
+    # enter, the table's own key, opens the whole sample (the heading says so).
+    BINDINGS = [
+        Binding("left_square_bracket", "screen.sample_step(-1)", "Prev step"),
+        Binding("right_square_bracket", "screen.sample_step(1)", "Next step"),
+    ]
     DEFAULT_CSS = """
     SamplesView > #samples-head { height: 1; }
     """
@@ -102,6 +108,11 @@ class SamplesView(Vertical):
         self.query_one("#samples-head", Static).update(Text(f"{head}   [ ] steps · enter: whole sample"))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        if event.data_table.id == "samples-table" and 0 <= event.cursor_row < len(self.rows):
+        if event.data_table.id == "samples-table":
             event.stop()
-            self.app.push_screen(SampleScreen(self.where, self.rows[event.cursor_row]))
+            self.action_open()
+
+    def action_open(self) -> None:
+        row = self.query_one(DataTable).cursor_row
+        if 0 <= row < len(self.rows):
+            self.app.push_screen(SampleScreen(self.where, self.rows[row]))
