@@ -450,7 +450,6 @@ class RlhfConsole(App):
         from console.screens.launch import LaunchScreen
         from console.screens.runs import RunsScreen
         from console.screens.scores import ScoresScreen
-
         from console.widgets.log_view import LogView
         from console.widgets.samples_view import SamplesView
 
