@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,28 @@ def test_a_console_started_elsewhere_with_db_stops_and_resumes_a_run(workdir, tm
                 os.killpg(run["pgid"], 9)
             except ProcessLookupError:
                 pass
+
+
+def test_the_shell_key_hands_the_terminal_to_a_shell_in_the_runs_folder_and_back(tmp_path):
+    """`!` suspends the console and runs $SHELL in the highlighted run's folder; when it exits the console
+    is back, as it was."""
+    db = tmp_path / "runs.db"
+    with Store(db) as store:
+        run_id = store.create_run(stage="sft", name="tiny", recipe="configs/tiny.yaml", config="{}",
+                                  output_root=str(tmp_path / "runs"))
+        store.update_run(run_id, status="done")
+        folder = store.run(run_id)["output_dir"]
+    shell = tmp_path / "fake-shell"
+    shell.write_text(f"#!/bin/sh\npwd > {tmp_path / 'where'}\necho shell-was-here\nsleep 1\n")
+    shell.chmod(0o755)
+    env = {**os.environ, "TERM": "xterm-256color"}
+    console = Tmux(tmp_path, env)
+    try:  # SHELL for the console only: tmux itself runs the command through $SHELL
+        console.start(f"env SHELL={shell} {sys.executable} -m engine.cli console --db {db}")
+        console.wait_for(lambda s: "done" in _row(s, run_id), 60, "the run")
+        console.keys("!")
+        console.wait_for(lambda s: "shell-was-here" in s, 60, "the shell's output on the terminal")
+        console.wait_for(lambda s: "done" in _row(s, run_id), 60, "the console back after the shell exits")
+        assert (tmp_path / "where").read_text().strip() == str(Path(folder).resolve())
+    finally:
+        console.kill_server()

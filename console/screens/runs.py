@@ -63,6 +63,8 @@ class RunsScreen(Screen):
         Binding("right_square_bracket", "sample_step(1)", "Samples: next step", show=False),
         Binding("N", "note", "Note on the run", show=False),
         Binding("l", "relaunch", "Launch the run again, with changes", show=False),
+        Binding("exclamation_mark", "shell", "Shell in the run's folder", show=False),
+        Binding("E", "edit", "Editor on the run's recipe", show=False),
         Binding("y", "copy_command", "Copy the run's command line", show=False),
         Binding("Y", "copy_folder", "Copy the run's folder", show=False),
         Binding("z", "zoom", "Zoom the focused pane", show=False),
@@ -477,6 +479,48 @@ class RunsScreen(Screen):
                 self.app.set_note(run["id"], note)
 
         self.app.push_screen(NoteScreen(run["id"], run.get("note")), done)
+
+    def action_shell(self) -> None:
+        """$SHELL in the run's folder, the console suspended until it exits (as lazygit's shell key)."""
+        import os
+
+        run = self._selected_run()
+        if run is not None and run.get("output_dir"):
+            self._suspended([os.environ.get("SHELL") or "/bin/sh"], run["output_dir"])
+
+    def action_edit(self) -> None:
+        """$EDITOR (or $VISUAL, else vi) on the recipe the run recorded, in the run's folder."""
+        import os
+        import shlex
+
+        run = self._selected_run()
+        if run is None or not run.get("output_dir"):
+            return
+        folder = Path(run["output_dir"])
+        recorded = folder / "recipe.resolved.yaml"
+        target = recorded if recorded.is_file() else Path(run["recipe"] or folder)
+        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+        self._suspended([*shlex.split(editor), str(target)], str(folder))
+
+    def _suspended(self, argv: list[str], cwd: str) -> None:
+        import subprocess
+
+        from textual.app import SuspendNotSupported
+
+        if not Path(cwd).is_dir():
+            self.notify(f"{cwd} is not there", severity="warning", markup=False)
+            return
+        try:
+            with self.app.suspend():
+                done = subprocess.run(argv, cwd=cwd)
+        except SuspendNotSupported:
+            self.notify("this terminal cannot hand itself over (no suspend here)", severity="warning")
+            return
+        except OSError as err:
+            self.notify(f"{argv[0]}: {err}", severity="error", markup=False)
+            return
+        if done.returncode != 0:
+            self.notify(f"{argv[0]} exited with {done.returncode}", markup=False)
 
     def action_copy_command(self) -> None:
         """The command that launches this run again, to the clipboard (OSC 52: it works over SSH)."""
