@@ -270,7 +270,7 @@ async def test_samples_hide_the_shared_preamble_open_whole_move_a_step_per_press
 @sync
 async def test_runs_are_told_apart_by_overrides_time_and_a_labelled_best_and_sort_by_best(many_runs):
     with Store(many_runs) as store:
-        store.update_run(7, overrides=json.dumps(["sft.train.lr=3e-4", "seed=7"]))
+        store.update_run(7, overrides=json.dumps(["sft.train.lr=3e-4", "seed=7"]), world_size=2)
         store.log_metrics(3, 6, {"loss": 0.001}, wall_time=T0 + 6)  # run 3 becomes the best
     app = app_for(many_runs)
     async with app.run_test(size=(160, 48)) as pilot:
@@ -280,6 +280,7 @@ async def test_runs_are_told_apart_by_overrides_time_and_a_labelled_best_and_sor
         row = {name: str(cell) for name, cell in zip(table.columns, table.get_row("7"))}
         assert row["overrides"] == "train.lr=3e-4 seed=7" and row["time"] != "-"
         assert row["best"].startswith("loss ")  # the metric is named
+        assert row["step"] == "5/5 ×2" and row["trend"] == "█▆▄▂▁"  # 5 / (step + 7), falling
         while table.sort_by != "best":
             await pilot.press("o")
             await pilot.pause()

@@ -71,14 +71,16 @@ class MetricChart(Vertical):
             if not len(line.x):
                 continue
             if line.smooth is None or line.show_raw:
-                x, y = downsample(line.x, line.raw, buckets)
+                # behind a smoothed line the raw one is context: one point per cell is enough, and half
+                # the cost of a braille line at full resolution
+                x, y = downsample(line.x, line.raw, buckets if line.smooth is None else max(4, buckets // 2))
             if line.smooth is None:
                 plot.plot(x, y, line_style=line.colour, hires_mode=HiResMode.BRAILLE)
                 drawn += len(x)
             elif line.show_raw:
-                # Behind a smoothed line the raw one is context: half-block cells draw its envelope at a
-                # quarter of braille's cost (noisy raw lines are most of a redraw's pixels).
-                plot.plot(x, y, line_style=f"dim {line.colour}", hires_mode=HiResMode.HALFBLOCK)
+                # Behind a smoothed line the raw one is context: dim braille, as thin as the smoothed line
+                # (half-block cells drew it heavier than the line it is context for).
+                plot.plot(x, y, line_style=f"dim {line.colour}", hires_mode=HiResMode.BRAILLE)
                 drawn += len(x)
             if line.smooth is not None:
                 xs, ys = downsample(line.x, line.smooth, buckets)

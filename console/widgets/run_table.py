@@ -23,7 +23,9 @@ from engine.procs import run_processes_gone
 if TYPE_CHECKING:
     from console.series import History
 
-COLUMNS = ("id", "stage", "recipe", "status", "step", "ETA", "time", "best", "overrides", "started")
+COLUMNS = ("id", "stage", "recipe", "status", "step", "ETA", "time", "best", "trend", "overrides", "started")
+TREND_POINTS = 8
+_BLOCKS = "▁▂▃▄▅▆▇█"
 SORTS = ("id", "stage", "status", "started", "best", "ETA")
 # The best column names its metric: an SFT run shows eval_loss once it has one, loss before.
 BEST_LABEL = {"eval_loss": "eval", "loss": "loss", "eval_accuracy": "eval acc", "accuracy": "acc",
@@ -51,6 +53,8 @@ def cells(run: dict[str, Any], history: History, marked: bool) -> tuple:
 
     status = shown_status(run)
     step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
+    if (run.get("world_size") or 1) > 1:
+        step += f" ×{run['world_size']}"  # processes
     eta = "-"
     if run["status"] == "running":
         eta = format_duration(eta_seconds(run["step"], run["total_steps"], history.runs.get(run["id"])))
@@ -67,9 +71,27 @@ def cells(run: dict[str, Any], history: History, marked: bool) -> tuple:
         eta,
         format_duration(elapsed(run)) if run["started"] else "-",
         f"{BEST_LABEL.get(best[0], best[0])} {best[1]:.4g}" if best else "-",
+        trend(run, history),
         Text(terminal_safe(overrides_text(run))),
         started,
     )
+
+
+def trend(run: dict[str, Any], history: History) -> str:
+    """The last TREND_POINTS points of the run's main metric as blocks, on their own min-max scale: which
+    way it is going, at a glance."""
+    from console.series import DEFAULT_METRIC
+
+    series = history.runs.get(run["id"])
+    values = series.series.get(DEFAULT_METRIC.get(run["stage"], "")) if series is not None else None
+    if values is None or len(values) < 2:
+        return ""
+    recent = [v for v in values.values.view[-TREND_POINTS:].tolist() if v == v]  # NaN: a diverged step
+    if len(recent) < 2:
+        return ""
+    lo, hi = min(recent), max(recent)
+    span = (hi - lo) or 1.0
+    return "".join(_BLOCKS[round((v - lo) / span * (len(_BLOCKS) - 1))] for v in recent)
 
 
 def elapsed(run: dict[str, Any]) -> float:
