@@ -464,3 +464,23 @@ async def test_the_footer_shows_the_focused_panes_keys_first(many_runs):
         await wait_for(pilot, lambda: home.query("#samples-table"), 20, "the samples")
         home.query_one("#samples-table").focus()
         assert (await footer())[:2] == ["Prev step", "Next step"]  # enter (whole sample) is the table's own key
+
+
+@sync
+async def test_slash_on_the_run_table_finds_runs_by_their_text(many_runs):
+    with Store(many_runs) as store:
+        store.update_run(5, note="lr sweep")
+        store.update_run(9, overrides=json.dumps(["sft.train.lr=9e-4"]))
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        table = app.home.query_one(RunTable)
+        table.focus()
+        await pilot.press("slash", *"LR")
+        await wait_for(pilot, lambda: table.row_count == 2, 10, "two runs")
+        assert {int(r.key.value) for r in table.ordered_rows} == {5, 9}
+        assert app.home.selected == table.selected_run() in (5, 9)  # the highlighted run is still acted on
+        await pilot.press("enter")
+        assert app.focused is table and table.row_count == 2 and "find='lr'" in info(app)
+        await pilot.press("slash", "escape")
+        await wait_for(pilot, lambda: table.row_count == 12, 10, "every run again")

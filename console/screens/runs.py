@@ -13,7 +13,7 @@ from textual.containers import Horizontal, Vertical
 from textual.lazy import Lazy
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import DataTable, Footer, OptionList, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Input, OptionList, Static, TabbedContent, TabPane
 from textual.widgets.option_list import Option
 
 from console.colours import run_colour
@@ -61,6 +61,7 @@ class RunsScreen(Screen):
         Binding("3", "tab('samples')", "Samples tab", show=False),
         Binding("left_square_bracket", "sample_step(-1)", "Samples: previous step", show=False),
         Binding("right_square_bracket", "sample_step(1)", "Samples: next step", show=False),
+        Binding("slash", "find", "Find runs", show=False),
         Binding("N", "note", "Note on the run", show=False),
         Binding("l", "relaunch", "Launch the run again, with changes", show=False),
         Binding("exclamation_mark", "shell", "Shell in the run's folder", show=False),
@@ -95,6 +96,8 @@ class RunsScreen(Screen):
         with Vertical(id="runs-top"):
             yield RunTable(id="run-table")
             yield Static("loading runs.db…", id="run-info")
+            yield Input(placeholder="find runs: id, recipe, note, overrides, stage or status (enter keeps, esc clears)",
+                        id="run-find", compact=True)
         with TabbedContent(id="tabs", initial="curves"):
             with TabPane("Curves", id="curves"):
                 with Horizontal():
@@ -310,6 +313,8 @@ class RunsScreen(Screen):
             filters.append(f"status={table.status_filter}")
         if table.stage_filter:
             filters.append(f"stage={table.stage_filter}")
+        if table.text_filter:
+            filters.append(f"find={table.text_filter!r}")
         sort = f"sort {table.sort_by}{' ↓' if table.sort_reverse else ' ↑'}"
         extra = "  ".join([sort, *filters])
         if run is None:
@@ -466,6 +471,29 @@ class RunsScreen(Screen):
         run = self._selected_run()
         if run is not None:
             self.app.push_screen(LaunchScreen(self.app.configs_dir, from_run=run), self.app.launched)
+
+    def action_find(self) -> None:
+        box = self.query_one("#run-find", Input)
+        box.display = True
+        box.focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "run-find":  # the table narrows as the text is typed
+            self.query_one(RunTable).text_filter = event.value.strip().lower()
+            self.runs_changed()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "run-find":
+            event.input.display = bool(event.value.strip())  # a kept filter stays in sight
+            self.query_one(RunTable).focus()
+
+    def on_key(self, event: Any) -> None:
+        box = self.query_one("#run-find", Input)
+        if event.key == "escape" and self.focused is box:
+            box.value = ""  # Changed clears the filter
+            box.display = False
+            self.query_one(RunTable).focus()
+            event.stop()
 
     def action_note(self) -> None:
         from console.screens.dialogs import NoteScreen

@@ -94,6 +94,12 @@ def trend(run: dict[str, Any], history: History) -> str:
     return "".join(_BLOCKS[round((v - lo) / span * (len(_BLOCKS) - 1))] for v in recent)
 
 
+def searchable(run: dict[str, Any]) -> str:
+    """What `/` matches a run against, lower case."""
+    return " ".join(str(part) for part in (run["id"], run["stage"], run["name"], run.get("note") or "",
+                                           overrides_text(run), shown_status(run))).lower()
+
+
 def elapsed(run: dict[str, Any]) -> float:
     """Seconds the run has been going (to its end, once ended)."""
     end = run["ended"] if run.get("ended") and run["status"] not in ("pending", "running") else time.time()
@@ -116,6 +122,7 @@ class RunTable(DataTable):
         self.sort_by = "id"
         self.sort_reverse = True  # newest first
         self.status_filter: str | None = None
+        self.text_filter = ""  # `/`: rows whose id, recipe, note, overrides, stage or status hold it
         self.stage_filter: str | None = None
         self._shown: dict[str, tuple] = {}  # row key -> cells as last drawn: only changed cells are redrawn
         self.history: History | None = None
@@ -128,7 +135,8 @@ class RunTable(DataTable):
     def visible(self, runs: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
         chosen = [r for r in runs.values()
                   if (self.status_filter is None or shown_status(r) == self.status_filter)
-                  and (self.stage_filter is None or r["stage"] == self.stage_filter)]
+                  and (self.stage_filter is None or r["stage"] == self.stage_filter)
+                  and (not self.text_filter or self.text_filter in searchable(r))]
         key = {"id": lambda r: r["id"], "stage": lambda r: (r["stage"], r["id"]),
                "status": lambda r: (shown_status(r), r["id"]), "started": lambda r: (r["started"] or 0, r["id"]),
                "best": lambda r: (self._best_key(r), r["id"]), "ETA": lambda r: (self._eta_key(r), r["id"])}
