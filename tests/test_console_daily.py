@@ -484,3 +484,22 @@ async def test_slash_on_the_run_table_finds_runs_by_their_text(many_runs):
         assert app.focused is table and table.row_count == 2 and "find='lr'" in info(app)
         await pilot.press("slash", "escape")
         await wait_for(pilot, lambda: table.row_count == 12, 10, "every run again")
+
+
+@sync
+async def test_a_one_point_chart_has_short_readable_axes(many_runs):
+    from console.widgets.chart import MetricChart
+
+    with Store(many_runs) as store:
+        one = store.create_run(stage="sft", name="tiny", recipe="configs/tiny.yaml", config="{}")
+        store.log_metrics(one, 1, {"loss": 2.0}, wall_time=T0)
+        store.update_run(one, status="running", started=T0, step=1, total_steps=10)
+    app = app_for(many_runs)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and one in app.runs, 20, "the runs")
+        home = app.home
+        home.select_run(one)
+        await wait_for(pilot, lambda: home.selected == one and home.last_draw_points > 0, 20, "the point")
+        plot = home.query_one(MetricChart).plot
+        # a span around the one value: ticks like 1.9, 2.0, 2.1, not 1.99999999
+        assert (plot._x_min, plot._x_max) == (0, 2) and (plot._y_min, plot._y_max) == pytest.approx((1.8, 2.2))

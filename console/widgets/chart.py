@@ -89,4 +89,15 @@ class MetricChart(Vertical):
         if not drawn:  # nothing to show: plain axes, not the last run's scale
             plot.set_xlimits(None, None)
             plot.set_ylimits(None, None)
+            return drawn
+        # A single point (or a flat line) has no span: the plot would label its axis with ten-digit ticks
+        # around one value. A span of its own around the value instead; else the plot scales itself.
+        xs = np.concatenate([line.x for line in lines if len(line.x)])
+        ys = np.concatenate([line.raw for line in lines if len(line.x)])
+        ys = ys[np.isfinite(ys)]
+        flat_x = xs.min() == xs.max()
+        flat_y = len(ys) and ys.min() == ys.max()
+        plot.set_xlimits(*((xs.min() - 1, xs.max() + 1) if flat_x else (None, None)))
+        pad = max(abs(float(ys[0])) * 0.1, 1e-3) if flat_y else 0.0
+        plot.set_ylimits(*((float(ys[0]) - pad, float(ys[0]) + pad) if flat_y else (None, None)))
         return drawn
