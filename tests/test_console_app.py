@@ -56,7 +56,7 @@ async def test_launch_from_the_form_runs_to_done_and_draws_its_curve(workdir):
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: len(app.runs) == 1, 60, "the run to be registered")
         run_id = next(iter(app.runs))
-        await wait_for(pilot, lambda: ended(app, run_id, "done"), 180, "the run to finish")
+        await wait_for(pilot, lambda: ended(app, run_id, "done"), 600, "the run to finish")
         home = app.home
         assert app.screen is home and home.selected == run_id
         run = app.runs[run_id]
@@ -108,14 +108,14 @@ async def test_stop_then_resume_continues_the_same_history(workdir):
         await wait_for(pilot, lambda: app.loaded, 20)
         app.launch_run("sft", str(TINY), ["train.max_steps=400", "train.logging_steps=1", "train.save_steps=1000"],
                        CPU, None)
-        await wait_for(pilot, lambda: app.runs and next(iter(app.runs.values()))["status"] == "running", 120)
+        await wait_for(pilot, lambda: app.runs and next(iter(app.runs.values()))["status"] == "running", 600)
         run_id = next(iter(app.runs))
-        await wait_for(pilot, lambda: (app.runs[run_id]["step"] or 0) >= 3, 120, "a few steps")
+        await wait_for(pilot, lambda: (app.runs[run_id]["step"] or 0) >= 3, 600, "a few steps")
         home = app.home
         home.select_run(run_id)
         await pilot.press("x")
         await pilot.press("y")
-        await wait_for(pilot, lambda: ended(app, run_id, "stopped"), 180, "the stop")
+        await wait_for(pilot, lambda: ended(app, run_id, "stopped"), 600, "the stop")
         stopped = app.runs[run_id]
         # 143: the trainer's own exit after saving; -15: `accelerate launch` itself died of the SIGTERM
         assert stopped["exit_code"] in (143, -15) and stopped["stop_requested"] is not None
@@ -127,7 +127,7 @@ async def test_stop_then_resume_continues_the_same_history(workdir):
         await pilot.press("r")
         await pilot.press("y")
         await wait_for(pilot, lambda: app.runs[run_id]["status"] in ("pending", "running"), 60, "the resume")
-        await wait_for(pilot, lambda: ended(app, run_id, "done"), 300, "the resumed run to finish")
+        await wait_for(pilot, lambda: ended(app, run_id, "done"), 900, "the resumed run to finish")
         rows = db_rows(run_id)
         assert [r["run_seq"] for r in rows] == list(range(1, len(rows) + 1))
         assert [r["step"] for r in rows if r["name"] == "loss"] == list(range(1, 401))
@@ -146,7 +146,7 @@ async def test_a_crash_shows_failed_with_exit_code_and_traceback(workdir):
         shutil.copytree(workdir / "demo" / "model", broken)
         (broken / "model.safetensors").write_bytes(b"not safetensors")
         app.launch_run("sft", str(TINY), [f"model.path={broken}"], CPU, None)
-        await wait_for(pilot, lambda: app.runs and ended(app, next(iter(app.runs)), "failed"), 180)
+        await wait_for(pilot, lambda: app.runs and ended(app, next(iter(app.runs)), "failed"), 600)
         run = next(iter(app.runs.values()))
         assert run["exit_code"] not in (None, 0) and "Traceback" in run["error"]
         home = app.home
@@ -168,7 +168,7 @@ async def test_reattach_to_a_run_started_elsewhere(workdir):
     async with app.run_test(size=(100, 32)) as pilot:
         await wait_for(pilot, lambda: len(app.runs) == 1, 30)
         run_id = next(iter(app.runs))
-        await wait_for(pilot, lambda: ended(app, run_id, "done"), 180)
+        await wait_for(pilot, lambda: ended(app, run_id, "done"), 600)
         await wait_for(pilot, lambda: app.history.runs[run_id].rows == len(db_rows(run_id)), 10)
         assert app.home.selected == run_id
 

@@ -27,7 +27,7 @@ async def open_chat(pilot, app, left, right, settings):
     await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.query("#chat-input"), 10,
                    "the chat screen")
     screen = app.screen
-    await wait_for(pilot, lambda: all(screen.ready.get(s) for s in ("left", "right")), 120, "both workers ready")
+    await wait_for(pilot, lambda: all(screen.ready.get(s) for s in ("left", "right")), 600, "both workers ready")
     return screen
 
 
@@ -52,7 +52,7 @@ async def test_two_panes_stream_and_a_dead_worker_only_stops_its_own(workdir):
         assert panes["right"].busy
         os.kill(screen.processes["right"].pid, signal.SIGKILL)  # mid-answer
         await wait_for(pilot, lambda: panes["right"].dead, 30, "the right pane to show its worker's death")
-        await wait_for(pilot, lambda: not panes["left"].busy, 120, "the left answer to finish")
+        await wait_for(pilot, lambda: not panes["left"].busy, 600, "the left answer to finish")
         assert panes["left"].tokens == 3000 and not panes["left"].dead
         assert "3000 tokens" in str(panes["left"].stats.render()) and "tok/s" in str(panes["left"].stats.render())
         assert "worker exited" in " ".join(str(w.render()) for w in panes["right"].body.query(".pane-error"))

@@ -72,8 +72,8 @@ def test_launch_in_tmux_survive_the_terminal_and_reattach(workdir):
         first.keys("n")
         first.wait_for(lambda s: "demo/model" in s, 30, "the form filled from configs/tiny.yaml")
         first.keys("C-s")
-        first.wait_for(lambda s: "running" in _row(s, 1), 120, "run 1 running")
-        screen = first.wait_for(lambda s: any("\u2800" < ch <= "\u28ff" for ch in s), 120, "the loss curve")
+        first.wait_for(lambda s: "running" in _row(s, 1), 600, "run 1 running")
+        screen = first.wait_for(lambda s: any("\u2800" < ch <= "\u28ff" for ch in s), 600, "the loss curve")
         assert "loss" in screen
     finally:
         first.kill_server()  # the terminal goes away mid-run, as an SSH drop would take it
@@ -84,7 +84,7 @@ def test_launch_in_tmux_survive_the_terminal_and_reattach(workdir):
     second = Tmux(workdir, env)
     try:
         second.start(console)
-        screen = second.wait_for(lambda s: "done" in _row(s, 1), 240, "run 1 done in a new console")
+        screen = second.wait_for(lambda s: "done" in _row(s, 1), 600, "run 1 done in a new console")
         assert "84/84" in _row(screen, 1)
         deadline = time.monotonic() + 60
         with Store(workdir / "runs.db") as store:
@@ -133,7 +133,7 @@ def test_a_console_started_elsewhere_with_db_stops_and_resumes_a_run(workdir, tm
     console = Tmux(elsewhere, env)
     try:
         console.start(f"{sys.executable} -m engine.cli console --db {db}")
-        console.wait_for(lambda s: "running" in _row(s, 1), 180, "run 1 running")
+        console.wait_for(lambda s: "running" in _row(s, 1), 600, "run 1 running")
         _wait_run(db, 1, lambda r: (r["step"] or 0) >= 2, 180, "a few steps")
         console.keys("x")
         console.wait_for(lambda s: "Stop run 1" in s, 30, "the stop dialog")
