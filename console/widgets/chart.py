@@ -86,9 +86,10 @@ class MetricChart(Vertical):
                 xs, ys = downsample(line.x, line.smooth, buckets)
                 plot.plot(xs, ys, line_style=f"bold {line.colour}", hires_mode=HiResMode.BRAILLE)
                 drawn += len(xs)
-        if not drawn:  # nothing to show: plain axes, not the last run's scale
-            plot.set_xlimits(None, None)
-            plot.set_ylimits(None, None)
+        if not drawn:  # nothing to show: plain axes, not the last run's scale (autoscale keeps that)
+            self._set_limits = None
+            self._limits((None, None), (None, None))
+            self._set_limits = "empty"  # the next draw with data sets its limits again
             return drawn
         # A single point (or a flat line) has no span: the plot would label its axis with ten-digit ticks
         # around one value. A span of its own around the value instead; else the plot scales itself.
@@ -97,7 +98,16 @@ class MetricChart(Vertical):
         ys = ys[np.isfinite(ys)]
         flat_x = xs.min() == xs.max()
         flat_y = len(ys) and ys.min() == ys.max()
-        plot.set_xlimits(*((xs.min() - 1, xs.max() + 1) if flat_x else (None, None)))
         pad = max(abs(float(ys[0])) * 0.1, 1e-3) if flat_y else 0.0
-        plot.set_ylimits(*((float(ys[0]) - pad, float(ys[0]) + pad) if flat_y else (None, None)))
+        self._limits((float(xs.min()) - 1, float(xs.max()) + 1) if flat_x else (None, None),
+                     (float(ys[0]) - pad, float(ys[0]) + pad) if flat_y else (None, None))
         return drawn
+
+    def _limits(self, x: tuple, y: tuple) -> None:
+        """Axis limits (None: the plot scales itself), set only when they change: each setting re-renders
+        the plot."""
+        if (x, y) == getattr(self, "_set_limits", ((None, None), (None, None))):
+            return
+        self._set_limits = (x, y)
+        self.plot.set_xlimits(*x)
+        self.plot.set_ylimits(*y)

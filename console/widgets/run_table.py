@@ -86,12 +86,20 @@ def trend(run: dict[str, Any], history: History) -> str:
     values = series.series.get(DEFAULT_METRIC.get(run["stage"], "")) if series is not None else None
     if values is None or len(values) < 2:
         return ""
+    key = (run["id"], id(values), len(values), values.values.view[-1].item())
+    if _trend_cache.get(run["id"], (None, ""))[0] == key:  # the table asks at every poll; points come slower
+        return _trend_cache[run["id"]][1]
     recent = [v for v in values.values.view[-TREND_POINTS:].tolist() if v == v]  # NaN: a diverged step
     if len(recent) < 2:
         return ""
     lo, hi = min(recent), max(recent)
     span = (hi - lo) or 1.0
-    return "".join(_BLOCKS[round((v - lo) / span * (len(_BLOCKS) - 1))] for v in recent)
+    text = "".join(_BLOCKS[round((v - lo) / span * (len(_BLOCKS) - 1))] for v in recent)
+    _trend_cache[run["id"]] = (key, text)
+    return text
+
+
+_trend_cache: dict[int, tuple[tuple, str]] = {}
 
 
 def searchable(run: dict[str, Any]) -> str:
