@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     console = sub.add_parser("console", help="open the terminal console (the default with no command)")
     console.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
 
-    check = sub.add_parser("check", help="validate a recipe and print it resolved")
+    check = sub.add_parser("check", help="validate a recipe (its model and data paths too) and print it resolved")
     check.add_argument("recipe")
     check.add_argument("--stage", choices=STAGES, default=None)
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -150,9 +150,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo written to {args.folder}/: " + ", ".join(sorted(paths)))
             return 0
         if args.command == "check":
-            from engine.config import load_recipe
+            from engine.config import STAGES, load_recipe
+            from engine.train import validate
 
             recipe = load_recipe(args.recipe, args.overrides, args.stage)
+            # As `train` checks before it starts: the stage's model, reward model and data paths exist
+            # (each stage the recipe has, unless --stage names one).
+            for stage in [args.stage] if args.stage else [s for s in STAGES if getattr(recipe, s, None)]:
+                validate(stage, args.recipe, args.overrides)
             print(json.dumps(recipe.model_dump(), indent=2, ensure_ascii=False))
             return 0
         if args.command == "runs":

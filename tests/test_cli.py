@@ -106,3 +106,13 @@ def test_demo_loads_through_the_auto_classes(demo_dir):
     for name in ("sft_alpaca.jsonl", "sft_sharegpt.json", "sft_messages.jsonl", "preferences.jsonl",
                  "preferences_hh.jsonl", "prompts.jsonl"):
         assert (demo_dir / "data" / name).stat().st_size > 0
+
+
+def test_check_finds_a_missing_data_file_before_anything_runs(workdir):
+    missing = workdir / "nowhere.jsonl"
+    result = rlhf("check", str(TINY), "--stage", "sft", "--set", f"sft.data=[{{path: {missing}}}]")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "sft.data.0.path" in result.stderr and "does not exist" in result.stderr
+    every_stage = rlhf("check", str(TINY), "--set", f"rm.data=[{{path: {missing}}}]")  # no --stage: each stage
+    assert every_stage.returncode == 2 and "rm.data.0.path" in every_stage.stderr
+    assert rlhf("check", str(TINY)).returncode == 0
