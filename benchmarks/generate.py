@@ -68,15 +68,6 @@ def build(args: argparse.Namespace):
     return model, [[t * spread + 1 for t in row] for row in rows]
 
 
-def left_pad(rows: list[list[int]], device: str):
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
-
-
 def sync(device: str) -> None:
     import torch
 
@@ -84,14 +75,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def plain(model, rows: list[list[int]], args: argparse.Namespace) -> list[list[int]]:
+def plain(model, engine, rows: list[list[int]], args: argparse.Namespace) -> list[list[int]]:
     import torch
     from transformers import GenerationConfig
 
     # Every field explicit and neutral: greedy, no eos (all paths decode the same number of tokens).
     config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, min_new_tokens=0,
                               eos_token_id=None, pad_token_id=0, repetition_penalty=1.0, num_beams=1)
-    ids, mask = left_pad(rows, args.device)
+    ids, mask = engine.left_pad(rows)  # the engine's own padding: both paths see the same batch
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     return out[:, ids.shape[1]:].tolist()
@@ -100,7 +91,7 @@ def plain(model, rows: list[list[int]], args: argparse.Namespace) -> list[list[i
 def engine_answers(engine, rows: list[list[int]], args: argparse.Namespace) -> list[list[int]]:
     from engine.generation import Sampling
 
-    ids, mask = left_pad(rows, args.device)
+    ids, mask = engine.left_pad(rows)
     out = engine.generate(ids, mask, Sampling(max_new_tokens=args.max_new_tokens, temperature=0))
     return out.response_ids.tolist()
 
@@ -137,11 +128,11 @@ def main() -> None:
     batches = [[rows[i] for i in order[s : s + args.batch]] for s in range(0, len(order), args.batch)]
     engine = Engine(model, SimpleNamespace(eos_token_id=-1, pad_token_id=0))  # -1: no token ends an answer
     engine_answers(engine, batches[0], args)  # warm-up (allocator, kernels)
-    plain(model, batches[0][:2], args)
+    plain(model, engine, batches[0][:2], args)
 
     single_rows = [rows[i] for i in order[:: max(1, len(order) // args.single)]][: args.single]
-    t_single, single = timed(lambda b: plain(model, b, args), [[r] for r in single_rows], args.device)
-    t_plain, plain_out = timed(lambda b: plain(model, b, args), batches, args.device)
+    t_single, single = timed(lambda b: plain(model, engine, b, args), [[r] for r in single_rows], args.device)
+    t_plain, plain_out = timed(lambda b: plain(model, engine, b, args), batches, args.device)
     t_engine, engine_out = timed(lambda b: engine_answers(engine, b, args), batches, args.device)
 
     by_row = {id(r): k for k, r in enumerate([r for b in batches for r in b])}

@@ -11,7 +11,7 @@ from textual.widgets import Static
 
 from console.app import RlhfConsole
 from console.screens.dialogs import DeleteScreen
-from console.widgets.run_table import RunTable
+from console.widgets.run_table import COLUMNS, RunTable
 from engine.store import Store
 from tests.conftest import REPO
 from tests.pilot import no_gpu, sync, wait_for
@@ -55,12 +55,12 @@ async def test_the_acted_on_run_is_always_the_highlighted_one(many_runs):
         await wait_for(pilot, lambda: home.selected == 4, 10, "run 4 selected")
         while table.status_filter != "done":  # a filter that hides run 4
             await pilot.press("f")
-            await pilot.pause()
+        await wait_for(pilot, lambda: table.row_count == 11, 10, "run 4 filtered out")
         assert table.selected_run() not in (None, 4)
         assert home.selected == table.selected_run() and info(app).startswith(f"run {home.selected} ")
         while table.status_filter is not None:  # back to every run
             await pilot.press("f")
-            await pilot.pause()
+        await wait_for(pilot, lambda: table.row_count == 12, 10, "every run again")
         highlighted = table.selected_run()
         assert home.selected == highlighted and info(app).startswith(f"run {highlighted} ")
         await pilot.press("D")
@@ -79,7 +79,7 @@ async def test_80x24_with_12_runs_scrolls_the_table_and_keeps_the_status_line_an
         line = home.query_one("#run-info", Static)
         for _ in range(11):  # to the oldest run, at the bottom
             await pilot.press("down")
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: home.selected == 1 and "run 1 " in info(app), 10, "the oldest run")
         assert table.selected_run() == 1 and home.selected == 1
         # what is on screen at the highlighted row's line is the table, and at the status line's the line
         row_y = table.region.y + 1 + table.cursor_row - int(table.scroll_offset.y)  # 1: the header
@@ -109,7 +109,7 @@ async def test_the_palette_finds_every_action_and_help_lists_each_once(many_runs
             assert any(word in t.lower() for t in titles), word
         before = home.smoothing
         titles["Smooth"].callback()
-        await pilot.pause()
+        await wait_for(pilot, lambda: home.smoothing != before, 10, "the smoothing to change")
         assert home.smoothing == before + 1  # an entry does what its key does
         await pilot.press("ctrl+p")
         await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), 5, "the palette")
@@ -153,8 +153,8 @@ async def test_a_failed_runs_own_error_is_pinned_and_t_finds_the_trainers_traceb
         pinned = view.query_one("#log-error", Static)
         assert pinned.display and "ValueError: bad" in str(pinned.render())
         await pilot.press("t")
-        await pilot.pause(0.2)
         log = view.query_one(Log)
+        await wait_for(pilot, lambda: int(log.scroll_offset.y) > 0, 10, "the jump")
         top = int(log.scroll_offset.y)
         assert log.lines[top] == trainer[0] and log.lines[top + 2] == "ValueError: bad"
         assert home.query_one(TabbedContent).active == "log"
@@ -187,8 +187,9 @@ async def test_gpu_bars_are_0_to_100_and_nothing_wraps_at_80_columns(many_runs):
         await wait_for(pilot, lambda: app.loaded and app.gpu_readings, 20, "a reading")
         await pilot.press("g")
         await wait_for(pilot, lambda: len(app.gpu_history.get(0, {}).get("util", [])) >= 3, 10, "a history")
-        await pilot.pause(0.2)
         screen = app.screen
+        await wait_for(pilot, lambda: len(str(screen.query_one("#util", History).render()).split(" ")[-1].strip()) >= 3,
+                       10, "the strip drawn")
         strip = str(screen.query_one("#util", History).render()).split(" ")[-1].strip()
         assert strip and set(strip) <= {"█", "▇"}, strip  # all near the top of a 0-100 scale
         util = str(screen.query_one("#util-bar", Meter).render())
@@ -277,14 +278,15 @@ async def test_runs_are_told_apart_by_overrides_time_and_a_labelled_best_and_sor
         await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
         table = app.home.query_one(RunTable)
         await wait_for(pilot, lambda: table.row_count == 12, 10, "the rows")
+        # best and trend come with the metric history, which arrives after the runs
+        await wait_for(pilot, lambda: str(table.get_row("7")[COLUMNS.index("trend")]) != "", 10, "run 7's metrics")
         row = {name: str(cell) for name, cell in zip(table.columns, table.get_row("7"))}
         assert row["overrides"] == "train.lr=3e-4 seed=7" and row["time"] != "-"
         assert row["best"].startswith("loss ")  # the metric is named
         assert row["step"] == "5/5 ×2" and row["trend"] == "█▆▄▂▁"  # 5 / (step + 7), falling
         while table.sort_by != "best":
             await pilot.press("o")
-            await pilot.pause()
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: int(table.ordered_rows[0].key.value) == 3, 10, "sorted by best")
         order = [int(r.key.value) for r in table.ordered_rows]
         # run 3 has the lowest loss; then loss 5 / (step + i) is lowest for the highest run id
         assert order == [3, *[i for i in range(12, 0, -1) if i != 3]]
@@ -340,10 +342,10 @@ async def test_y_copies_the_runs_command_line_and_z_zooms_the_focused_pane(many_
         assert app.clipboard == folder
         table = home.query_one(RunTable)
         await pilot.press("z")
-        await pilot.pause()
+        await wait_for(pilot, lambda: table.region.height > 20, 10, "the zoom")
         assert home.maximized is table and table.region.height > 20
         await pilot.press("z")
-        await pilot.pause()
+        await wait_for(pilot, lambda: home.maximized is None, 10, "back")
         assert home.maximized is None
 
 
@@ -370,18 +372,18 @@ async def test_log_search_finds_marks_and_moves_between_hits_and_n_is_new_run_ag
         log.focus()
         log.scroll_to(y=0, animate=False)
         await pilot.press("slash", *"needle", "enter")
-        await pilot.pause()
+        await wait_for(pilot, lambda: int(log.scroll_offset.y) == 50, 10, "the first hit")
         assert view.term == "needle" and int(log.scroll_offset.y) == 50 and app.focused is log
         marked = [seg for seg in log._render_line_strip(50, log.rich_style) if seg.text == "NEEDLE"]
         assert marked and marked[0].style.bgcolor.name == "yellow"  # the hit is marked in the line
         await pilot.press("n")
-        await pilot.pause()
-        assert int(log.scroll_offset.y) == 120
-        await pilot.press("n", "N")
-        await pilot.pause()
-        assert int(log.scroll_offset.y) == 120  # 300, then back to 120
+        await wait_for(pilot, lambda: int(log.scroll_offset.y) == 120, 10, "the next hit")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: int(log.scroll_offset.y) == 300, 10, "the hit after")
+        await pilot.press("N")
+        await wait_for(pilot, lambda: int(log.scroll_offset.y) == 120, 10, "the hit before")
         await pilot.press("escape")  # search off: n is New run again
-        await pilot.pause()
+        await wait_for(pilot, lambda: not view.term, 10, "the search to end")
         await pilot.press("n")
         await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen), 10, "the launch form")
 
@@ -450,20 +452,21 @@ async def test_the_footer_shows_the_focused_panes_keys_first(many_runs):
         await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
         home = app.home
 
-        async def footer() -> list[str]:
-            await pilot.pause(0.2)
+        def footer() -> list[str]:
             return [k.description for k in home.query(FooterKey)]
 
-        assert (await footer())[0] == "New run"
+        await wait_for(pilot, lambda: footer()[:1] == ["New run"], 10, "the footer")
         await pilot.press("2")
         await wait_for(pilot, lambda: home.query(LogView) and home.query_one(LogView).query(Log), 20, "the log")
         home.query_one(LogView).query_one(Log).focus()
-        keys = await footer()
+        await wait_for(pilot, lambda: footer()[:1] == ["Search"], 10, "the log's keys")
+        keys = footer()
         assert keys[0] == "Search" and "Next hit" not in keys and "New run" in keys  # no search yet: n is New run
         await pilot.press("3")
         await wait_for(pilot, lambda: home.query("#samples-table"), 20, "the samples")
         home.query_one("#samples-table").focus()
-        assert (await footer())[:2] == ["Prev step", "Next step"]  # enter (whole sample) is the table's own key
+        await wait_for(pilot, lambda: footer()[:2] == ["Prev step", "Next step"], 10, "the samples' keys")
+        assert footer()[:2] == ["Prev step", "Next step"]  # enter (whole sample) is the table's own key
 
 
 @sync

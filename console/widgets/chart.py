@@ -45,6 +45,10 @@ class MetricChart(Vertical):
     MetricChart > PlotWidget { height: 1fr; }
     """
 
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._set_limits: tuple | None = ((None, None), (None, None))  # None: unknown, set them next time
+
     def compose(self) -> ComposeResult:
         yield Static("", id="chart-title")
         yield _BatchedPlot(allow_pan_and_zoom=False)
@@ -86,10 +90,8 @@ class MetricChart(Vertical):
                 xs, ys = downsample(line.x, line.smooth, buckets)
                 plot.plot(xs, ys, line_style=f"bold {line.colour}", hires_mode=HiResMode.BRAILLE)
                 drawn += len(xs)
-        if not drawn:  # nothing to show: plain axes, not the last run's scale (autoscale keeps that)
-            self._set_limits = None
-            self._limits((None, None), (None, None))
-            self._set_limits = "empty"  # the next draw with data sets its limits again
+        if not drawn:  # nothing to show: plain axes, not the last run's scale (autoscale would keep it)
+            self._limits((None, None), (None, None), force=True)
             return drawn
         # A single point (or a flat line) has no span: the plot would label its axis with ten-digit ticks
         # around one value. A span of its own around the value instead; else the plot scales itself.
@@ -103,11 +105,11 @@ class MetricChart(Vertical):
                      (float(ys[0]) - pad, float(ys[0]) + pad) if flat_y else (None, None))
         return drawn
 
-    def _limits(self, x: tuple, y: tuple) -> None:
-        """Axis limits (None: the plot scales itself), set only when they change: each setting re-renders
-        the plot."""
-        if (x, y) == getattr(self, "_set_limits", ((None, None), (None, None))):
+    def _limits(self, x: tuple, y: tuple, force: bool = False) -> None:
+        """Axis limits (None: the plot scales itself), set only when they change (each setting re-renders
+        the plot) or when `force`d: setting autoscale again is what resets the scale of data now gone."""
+        if not force and (x, y) == self._set_limits:
             return
-        self._set_limits = (x, y)
+        self._set_limits = None if force else (x, y)
         self.plot.set_xlimits(*x)
         self.plot.set_ylimits(*y)
