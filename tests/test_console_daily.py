@@ -154,7 +154,7 @@ async def test_a_failed_runs_own_error_is_pinned_and_t_finds_the_trainers_traceb
         assert pinned.display and "ValueError: bad" in str(pinned.render())
         await pilot.press("t")
         log = view.query_one(Log)
-        await wait_for(pilot, lambda: int(log.scroll_offset.y) > 0, 10, "the jump")
+        await wait_for(pilot, lambda: log.lines[int(log.scroll_offset.y)] == trainer[0], 10, "the jump")
         top = int(log.scroll_offset.y)
         assert log.lines[top] == trainer[0] and log.lines[top + 2] == "ValueError: bad"
         assert home.query_one(TabbedContent).active == "log"
