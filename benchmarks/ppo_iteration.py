@@ -127,8 +127,8 @@ def iteration(hydra, reward, optimizer, prompts, args: argparse.Namespace, new: 
     tokens = ids[:, prompt:]
     rmask = torch.ones_like(tokens, dtype=torch.float32)
     keep = tokens.shape[1] + 1
-    minibatches = [torch.arange(s, min(s + args.minibatch, len(ids)), device=device)
-                   for s in range(0, len(ids), args.minibatch)]
+    minibatches = [torch.arange(s, min(s + args.score_batch, len(ids)), device=device)
+                   for s in range(0, len(ids), args.score_batch)]
     with clock.phase("score"), torch.no_grad(), autocast:
         parts = []
         for idx in minibatches:
@@ -190,6 +190,8 @@ def main() -> None:
     parser.add_argument("--response-tokens", type=int, default=None, help="default: 256 on CUDA, 16 on a CPU")
     parser.add_argument("--chunk", type=int, default=None, help="prompts per decode batch (default 128 / 8)")
     parser.add_argument("--minibatch", type=int, default=None, help="sequences per update (default 16 / 4)")
+    parser.add_argument("--score-batch", type=int, default=None,
+                        help="sequences per scoring and reward forward (default: the minibatch)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--k-v", type=int, default=2)
@@ -203,6 +205,7 @@ def main() -> None:
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
     args.baseline_prompts = args.baseline_prompts or args.prompts
+    args.score_batch = args.score_batch or args.minibatch
     device_name = torch.cuda.get_device_name(0) if cuda else "CPU"
     bandwidth_given = args.bandwidth is not None
     if args.bandwidth is None:
@@ -228,7 +231,8 @@ def main() -> None:
 
     print(f"PPO iteration, {args.shape} shape (k={args.k}, k_v={args.k_v}, trainable head) on {device_name}, "
           f"torch {torch.__version__}: prompts {args.prompt_tokens} + responses {args.response_tokens} tokens, "
-          f"decode batches of {args.chunk}, minibatches of {args.minibatch}, {args.epochs} epochs")
+          f"decode batches of {args.chunk}, scoring batches of {args.score_batch}, "
+          f"minibatches of {args.minibatch}, {args.epochs} epochs")
     from engine.head import split_available
 
     split = cuda and split_available("cuda")

@@ -15,6 +15,11 @@ static cache and, on CUDA, the whole step replayed as a CUDA graph: `generate`'s
 ~90 % of a 7b1 decode step); any other architecture through the transformers forward with its own cache.
 `RLHF_DECODE=transformers` forces the second path, `RLHF_DECODE=eager` the first without CUDA graphs (to
 compare, or to rule either out).
+
+transformers' continuous batching (`generate_batch`, a paged cache) was the other candidate. It cannot serve
+BLOOM (transformers 5.24): BLOOM's attention is its own ALiBi `baddbmm`, not an attention-interface function
+the paged cache can replace, and its forward asks the `PagedAttentionCache` for `get_seq_length`, which it
+lacks, so every request fails with no tokens (tests/test_generation.py keeps this checked).
 """
 
 from __future__ import annotations

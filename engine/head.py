@@ -9,7 +9,8 @@ product instead of a float32 one: each operand split into a bf16 high part and a
 significant products accumulated in float32 on the tensor cores. Measured on an H200 (benchmarks/
 decode_check.py, results_h200.md), for 16 x 257 rows: float32 174 ms, split bf16 45 ms, plain bf16 15 ms;
 largest error against a float64 product 1.1e-4, 1.8e-4 and 9.9e-2. The split product is as accurate as the
-float32 one to within float32's own accumulation error, at a quarter of its time; forward and backward both.
+float32 one to within float32's own accumulation error, at a quarter of its time. The backward products are
+plain bf16 ones accumulated in float32, as autocast gives every other trainable layer.
 Elsewhere (CPU, float32 or fp16 training) the head is a plain float32 product.
 """
 
@@ -73,14 +74,17 @@ class _SplitLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # Gradients as every other trainable layer's under bf16 autocast: one bf16 product accumulated in
+        # float32. Only the forward needs float32 accuracy (log-probabilities, ratios, KL); a gradient's
+        # 2^-9 relative rounding is what mixed-precision training always has, and the two split products
+        # more here cost ~15 s of a 7b1 iteration (a third of the update's head).
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
-        g = split(grad.float())
+        g = grad.to(torch.bfloat16)
         if ctx.needs_input_grad[0]:
-            grad_x = split_mm(g, split(weight))
+            grad_x = mm32(g, weight.to(torch.bfloat16))
         if ctx.needs_input_grad[1]:
-            gt = (g[0].t(), None if g[1] is None else g[1].t())
-            grad_w = split_mm(gt, split(x)).to(weight.dtype)
+            grad_w = mm32(g.t(), x.to(torch.bfloat16)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.float().sum(0)
         return grad_x, grad_w, grad_b

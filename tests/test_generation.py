@@ -257,7 +257,8 @@ def test_a_decode_step_has_no_host_synchronisation(tiny):
 def test_the_split_head_has_float32_accuracy_forward_and_backward():
     """The split-bf16 head (CUDA under bf16 autocast; the decoder's and training's) against float64: far
     closer than bf16 logits (steps of 0.125 at magnitude 16-32), for a float32 head and for a bf16 one, and
-    its gradients are the float32 product's. (Off CUDA the bf16 products run on float32 operands: exact.)"""
+    its gradients are bf16 products accumulated in float32, as autocast's for any other trainable layer.
+    (Off CUDA the bf16 x bf16 products run on float32 operands: exact, as on the tensor cores.)"""
     from engine.bloom_decoder import _SplitHead
     from engine.head import _SplitLinear
 
@@ -280,4 +281,27 @@ def test_the_split_head_has_float32_accuracy_forward_and_backward():
         t.grad = None
     (torch.nn.functional.linear(x, w, b) * upstream).sum().backward()
     for got, want in zip(split_grads, (x.grad, w.grad, b.grad)):
-        assert torch.allclose(got, want, rtol=1e-3, atol=1e-3)
+        assert got.dtype == torch.float32
+        assert (got - want).norm() < 1e-2 * want.norm()  # bf16 operands: ~2^-9 each
+    for t in (x, w):  # and they are the bf16 product's, not the float32 one's
+        t.grad = None
+    xb, wb = x.detach().bfloat16().float().requires_grad_(True), w.detach().bfloat16().float().requires_grad_(True)
+    (torch.nn.functional.linear(xb, wb) * upstream.bfloat16().float()).sum().backward()
+    assert torch.allclose(split_grads[0], xb.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(split_grads[1], wb.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_continuous_batching_still_cannot_serve_bloom():
+    """Why the engine has a decoder of its own for BLOOM (engine/generation.py's docstring): transformers'
+    `generate_batch` fails every BLOOM request. Should a transformers upgrade make it work, this fails, and
+    the paged path is to be measured against the engine's (benchmarks/generate.py)."""
+    from transformers import BloomConfig, BloomForCausalLM, GenerationConfig
+
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0)).eval()
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=63)
+    try:
+        outputs = model.generate_batch([[5, 6, 7], [8, 9]], generation_config=config)
+    except Exception as error:  # a refusal up front is the same answer
+        outputs = {"error": error}
+    assert not any(getattr(out, "generated_tokens", None) for out in outputs.values())
