@@ -44,7 +44,10 @@ class RecipeSource:
         while probe and probe not in self.lines:
             probe = probe[:-1]
         line = self.lines.get(probe)
-        return f"{self.path}:{line}" if line else str(self.path)
+        where = f"{self.path}:{line}" if line else str(self.path)
+        # A whole section's problem (two fields that disagree) is also the doing of any --set inside it.
+        inside = [override for key, override in self.origin.items() if field and key.startswith(field + ".")]
+        return ", ".join(inside) + f" ({where})" if inside else where
 
 
 class _Section(BaseModel):
@@ -53,7 +56,7 @@ class _Section(BaseModel):
 
 
 class ModelSpec(_Section):
-    path: str = Field(description="Hub id or local folder of a causal LM (Hugging Face format).")
+    path: str = Field(min_length=1, description="Hub id or local folder of a causal LM (Hugging Face format).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype: auto = bfloat16 on a CUDA device that supports it, else float32."
     )
@@ -61,7 +64,7 @@ class ModelSpec(_Section):
 
 
 class DataSource(_Section):
-    path: str = Field(description="Local .json/.jsonl/.parquet file or folder, or a hub data set id.")
+    path: str = Field(min_length=1, description="Local .json/.jsonl/.parquet file or folder, or a hub data set id.")
     format: Literal[
         "auto", "alpaca", "sharegpt", "messages", "prompt_completion", "preference", "hh", "prompt"
     ] = Field("auto", description="Record format; auto detects it per record from the keys.")
@@ -373,9 +376,11 @@ DATA_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet")
 
 
 def looks_local(path: str) -> bool:
-    """A path that can only mean a local file or folder (a hub id is `name` or `owner/name`)."""
-    return (path.startswith((".", "/", "~")) or path.count("/") > 1
-            or Path(path).suffix.lower() in DATA_SUFFIXES)
+    """A path that can only mean a local file or folder: a hub id is `name` or `owner/name`, so anything
+    else is local, and so is `owner/name` where `owner` is a folder here (`demo/nomodel` beside `demo/`)."""
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).suffix.lower() in DATA_SUFFIXES:
+        return True
+    return "/" in path and Path(path.split("/")[0]).is_dir()
 
 
 def with_absolute_paths(recipe: Recipe) -> Recipe:

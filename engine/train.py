@@ -74,6 +74,12 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str]) -> Recipe:
                               {field: err.strerror or "unusable path"}) from None
         if looks_local(path) and not local.exists():
             raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} does not exist", {field: "does not exist"})
+        if not local.exists():
+            from engine.hub import hub_problem
+
+            problem = hub_problem(path, "dataset" if kind == "data" else "model")
+            if problem is not None:
+                raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} {problem}", {field: problem})
         if kind != "data" and local.exists():
             problem = model_folder_problem(path, reward_model=kind == "reward model")
             if problem is not None:

@@ -1,4 +1,5 @@
 import json
+import os
 import pkgutil
 import subprocess
 import sys
@@ -116,3 +117,28 @@ def test_check_finds_a_missing_data_file_before_anything_runs(workdir):
     every_stage = rlhf("check", str(TINY), "--set", f"rm.data=[{{path: {missing}}}]")  # no --stage: each stage
     assert every_stage.returncode == 2 and "rm.data.0.path" in every_stage.stderr
     assert rlhf("check", str(TINY)).returncode == 0
+
+
+def test_a_missing_local_looking_model_is_a_one_line_error_before_anything(workdir):
+    """`demo/nomodel` sits beside `demo/`: a local path that does not exist, not a hub id to retry for a minute.
+    A name that can only be a hub id is asked of the hub once: without a network, one line says so."""
+    accel = str(REPO / "configs/accelerate/cpu.yaml")
+    result = rlhf("launch", "sft", str(TINY), "--accelerate-config", accel, "--set", "model.path=demo/nomodel")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("error: --set model.path=demo/nomodel: model.path: 'demo/nomodel' does not exist")
+    result = subprocess.run([*RLHF, "launch", "sft", str(TINY), "--accelerate-config", accel,
+                             "--set", "model.path=nobody-has-this-model"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "not in the Hugging Face cache" in result.stderr
+    assert not (workdir / "runs.db").exists()
+
+
+def test_a_section_error_caused_by_a_set_item_names_that_item(workdir):
+    result = rlhf("check", str(TINY), "--set", "ppo.num_layers_unfrozen=3")
+    assert result.returncode == 2
+    assert "--set ppo.num_layers_unfrozen=3 (" in result.stderr and "must be >= num_layers_unfrozen" in result.stderr
+    result = rlhf("check", str(TINY), "--set", "sft.num_layers_unfrozen=1", "--set", "sft.lora.r=4")
+    assert "--set sft.num_layers_unfrozen=1, --set sft.lora.r=4 (" in result.stderr
+    result = rlhf("check", str(TINY), "--set", "sft.data.0.path=")
+    assert result.returncode == 2 and "sft.data.0.path: String should have at least 1 character" in result.stderr

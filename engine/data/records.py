@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from engine.config import looks_local
+
 
 class DataError(ValueError):
     """A source that cannot be used at all (missing, unreadable, or without one usable record)."""
@@ -33,7 +35,7 @@ def read_records(path: str, split: str = "train", limit: int | None = None) -> I
             records = _json(source)
         else:
             raise DataError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl or .parquet)")
-    elif source.is_dir() or _looks_like_hub_id(path):
+    elif source.is_dir() or not looks_local(path):
         records = _datasets(path, split)
     else:
         raise DataError(f"{path}: no such file or folder, and not a hub data set id (owner/name)")
@@ -41,11 +43,6 @@ def read_records(path: str, split: str = "train", limit: int | None = None) -> I
         if limit is not None and n >= limit:
             break
         yield record
-
-
-def _looks_like_hub_id(path: str) -> bool:
-    parts = path.split("/")
-    return len(parts) in (1, 2) and all(p and not p.startswith((".", "~")) for p in parts)
 
 
 def _json(path: Path) -> Iterator[RawRecord]:
