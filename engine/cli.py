@@ -13,12 +13,32 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     from engine.config import STAGES
 
     parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("recipe", help="recipe YAML, e.g. configs/tiny.yaml")
+    parser.add_argument("recipe", nargs="?", help="recipe YAML, e.g. configs/tiny.yaml (not with --resume-run: "
+                        "a resume reads the run's recorded recipe)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a recipe field, e.g. --set sft.train.lr=1e-5 (or train.lr=1e-5 for this stage)",
     )
     parser.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
+    parser.add_argument("--allow-change", action="store_true",
+                        help="with --resume-run: continue the run with the given --set items changed")
+
+
+def _recipe_or_resume(args: argparse.Namespace) -> None:
+    from engine.config import RecipeError
+
+    if args.resume_run is None and args.recipe is None:
+        raise RecipeError(f"rlhf {args.command} {args.stage}: give a recipe file (or --resume-run ID)")
+    if args.resume_run is None and args.allow_change:
+        raise RecipeError("--allow-change is for --resume-run: a new run takes its --set items as they are")
+
+
+def resume_hint(command: str, stage: str, run_id: int, db: str | None) -> str:
+    """The command that continues a stopped run: its recorded recipe is read back, so no file and no --set;
+    the runs database always, absolute, so it works from any directory."""
+    from engine.store import default_db_path
+
+    return f"rlhf {command} {stage} --resume-run {run_id} --db {os.path.abspath(db or default_db_path())}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,35 +187,36 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_eval_command(args)
         if args.command == "train":
-            from engine.run import RUN_ID_ENV, check_resumable, recorded_recipe
+            from engine.run import RUN_ID_ENV, resume_recipe
             from engine.store import Store, default_db_path
             from engine.train import EXIT_STOPPED, configure_logging, run_stage
 
+            _recipe_or_resume(args)
             overrides = list(args.overrides)
             recipe = args.recipe
             if args.resume_run is not None:
                 # The recipe runs.db recorded for the run (overrides applied, paths absolute), not the file
-                # as it is now; --set items given now apply on top.
+                # as it is now.
                 db = args.db or default_db_path()
-                recipe = recorded_recipe(check_resumable(db, args.resume_run, args.stage))
+                recipe, overrides = resume_recipe(db, args.resume_run, args.stage, overrides, args.allow_change)
                 with Store(db) as store:  # as a launch does: one resume wins, the old stop and error are cleared
                     if not store.claim_for_resume(args.resume_run):
                         raise RecipeError(f"run {args.resume_run} is being resumed or is still running")
                 os.environ[RUN_ID_ENV] = str(args.resume_run)
-                overrides.append(f"{args.stage}.resume_from_checkpoint=true")
             configure_logging()
             run_id, status = run_stage(args.stage, recipe, overrides, args.db)
             if status == "stopped":
-                resume = f"rlhf train {args.stage} {args.recipe} --resume-run {run_id}"
-                print(f"run {run_id} stopped; continue it with: {resume}")
+                print(f"run {run_id} stopped; continue it with: {resume_hint('train', args.stage, run_id, args.db)}")
                 return EXIT_STOPPED
             print(f"run {run_id} finished")
             return 0
         assert args.command == "launch"
         from engine.launch import prepare, start_detached, supervise
+        from engine.train import EXIT_STOPPED
 
+        _recipe_or_resume(args)
         run = prepare(args.stage, args.recipe, args.overrides, args.accelerate_config, args.num_processes,
-                      args.db, args.run_id, resume_run=args.resume_run)
+                      args.db, args.run_id, resume_run=args.resume_run, allow_change=args.allow_change)
         if args.detach:
             start_detached(run)
             print(f"run {run.run_id} started; its log: {run.log_path}")
@@ -203,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {run.run_id}: logging to {run.log_path}", file=sys.stderr, flush=True)
         code = supervise(run, echo=True)
         print(f"run {run.run_id} exited with code {code}")
+        if code == EXIT_STOPPED:
+            print(f"continue it with: {resume_hint('launch', args.stage, run.run_id, args.db)} "
+                  f"--accelerate-config {args.accelerate_config}")
         return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
     except (RecipeError, DataError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -28,7 +28,7 @@ import yaml
 
 from engine.config import RecipeError, Stage
 from engine.procs import group_alive, kill_group, process_alive, process_start, run_processes_gone, same_group
-from engine.run import DB_ENV, LAUNCHED_ENV, RUN_ID_ENV, check_resumable, recorded_recipe, register_run
+from engine.run import DB_ENV, LAUNCHED_ENV, RUN_ID_ENV, register_run, resume_recipe
 from engine.store import Store, default_db_path
 from engine.train import validate
 
@@ -56,7 +56,7 @@ def read_accelerate_config(path: str | os.PathLike) -> dict:
 
 def accelerate_argv(
     stage: Stage,
-    recipe_path: str,
+    recipe_path: str | None,
     overrides: list[str],
     accelerate_config: str,
     num_processes: int | None = None,
@@ -112,13 +112,14 @@ class Prepared:
 
 def prepare(
     stage: Stage,
-    recipe_path: str,
+    recipe_path: str | None,
     overrides: list[str],
     accelerate_config: str,
     num_processes: int | None = None,
     db_path: str | os.PathLike | None = None,
     run_id: int | None = None,
     resume_run: int | None = None,
+    allow_change: bool = False,
 ) -> Prepared:
     """Validate everything and register the run; nothing is started yet.
 
@@ -128,10 +129,8 @@ def prepare(
     """
     db = Path(db_path or default_db_path()).resolve()
     if resume_run is not None:
-        # The recipe as runs.db recorded it (overrides applied, paths absolute), from any directory; the
-        # overrides given now apply on top of it.
-        recipe_path = recorded_recipe(check_resumable(db, resume_run, stage))
-        overrides = [*overrides, f"{stage}.resume_from_checkpoint=true"]
+        # The recipe as runs.db recorded it (overrides applied, paths absolute), from any directory.
+        recipe_path, overrides = resume_recipe(db, resume_run, stage, overrides, allow_change)
     recipe = validate(stage, recipe_path, overrides)
     accelerate = read_accelerate_config(accelerate_config)
     if num_processes is not None and num_processes < 1:
@@ -262,7 +261,7 @@ def _echo_until_exit(proc: subprocess.Popen, log_path: Path, offset: int, out: I
 
 def run_foreground(
     stage: Stage,
-    recipe_path: str,
+    recipe_path: str | None,
     overrides: list[str],
     accelerate_config: str,
     num_processes: int | None = None,

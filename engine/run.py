@@ -24,6 +24,7 @@ from engine.store import ResilientStore, Store, StoreError
 RUN_ID_ENV = "RLHF_RUN_ID"
 DB_ENV = "RLHF_DB"
 LAUNCHED_ENV = "RLHF_LAUNCHED"  # set by the launcher, which records the process group it started
+EXIT_STOPPED = 143  # 128 + SIGTERM: a stopped run is not a success a script should chain on from
 
 
 class StopRequested(Exception):
@@ -94,6 +95,58 @@ def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> di
     return run
 
 
+def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrides: list[str],
+                  allow_change: bool = False) -> tuple[str, list[str]]:
+    """(recipe file, overrides) that continue `run_id` exactly as it was configured: its recorded recipe
+    (its own --set items applied, paths absolute), whatever file or directory the resume is started from.
+
+    New --set items change a run in the middle of its curve, so they are refused unless `allow_change`;
+    allowed, they are recorded with the run. A finished run continues only to more steps than it has."""
+    from engine.config import load_recipe
+
+    run = check_resumable(db_path, run_id, stage)
+    path = recorded_recipe(run)
+    recorded = load_recipe(path, [], stage)
+    changed = load_recipe(path, overrides, stage)
+    differ = _differences(recorded.model_dump(), changed.model_dump())
+    if differ and not allow_change:
+        raise RecipeError(
+            f"run {run_id}: a resume continues the run's recorded recipe; the --set items given change "
+            f"{', '.join(differ)} mid-run: add --allow-change to continue with the change")
+    if run["status"] == "done":
+        _check_more_to_train(run, stage, recorded, changed)
+    if differ:
+        with Store(db_path) as store:
+            store.update_run(run_id, config=recipe_to_json(with_absolute_paths(changed)),
+                             overrides=json.dumps([*json.loads(run.get("overrides") or "[]"), *overrides]))
+    return path, [*overrides, f"{stage}.resume_from_checkpoint=true"]
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted fields whose values differ between two dumped recipes."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [prefix.rstrip(".") + f" ({a!r} -> {b!r})"] if a != b else []
+
+
+def _check_more_to_train(run: dict[str, Any], stage: Stage, recorded: Recipe, changed: Recipe) -> None:
+    """A finished run resumed to no more steps would train nothing and export a second `final`."""
+    step = run["step"] or 0
+    if stage == "ppo":
+        more, how = changed.ppo.steps > step, f"--set ppo.steps=N with N > {step}"
+    else:
+        old, new = recorded.stage(stage).train, changed.stage(stage).train
+        if new.max_steps > 0:
+            more = new.max_steps > step
+        else:
+            more = old.max_steps <= 0 and new.epochs > old.epochs
+        how = f"--set {stage}.train.max_steps=N with N > {step} (or more {stage}.train.epochs)"
+    if not more:
+        raise RecipeError(f"run {run['id']} is done at step {step}: resuming it would train nothing; to train it "
+                          f"further give {how} --allow-change")
+
+
 def checkpoints_in(folder: Path, marker: str) -> list[Path]:
     """The `checkpoint-N` folders in `folder` that hold `marker` (saves that completed), oldest first;
     staging folders of a save in progress (`checkpoint-N.partial`) are not among them."""
@@ -151,26 +204,31 @@ def tracked_run(
             # When this process started: a later program given the same pid is never taken for the run.
             fields["pgid_started"] = process_start(os.getpid())
         store.update_run(run_id, **fields)
+    # Launched, the supervisor records the exit code; in this process, it is this process's own, by the
+    # one rule: done 0, stopped 143, failed 1.
+    own = os.environ.get(LAUNCHED_ENV) != "1"
+
+    def end(status: str, **extra: Any) -> None:
+        if store is not None:
+            code = {"done": 0, "stopped": EXIT_STOPPED}.get(status, 1) if own else None
+            store.update_run(run_id, status=status, ended=time.time(), **({"exit_code": code} if own else {}),
+                             **extra)
+
     try:
         yield handle
     except StopRequested:
-        if store is not None:
-            store.update_run(run_id, status="stopped", ended=time.time())
+        end("stopped")
         handle.status = "stopped"
     except BaseException as err:
         if _caused_by_stop(err):  # the stop landed inside an import that wrapped it (trl's lazy modules)
-            if store is not None:
-                store.update_run(run_id, status="stopped", ended=time.time())
+            end("stopped")
             handle.status = "stopped"
             return
-        if store is not None:
-            status = "stopped" if isinstance(err, KeyboardInterrupt) else "failed"
-            tail = "".join(traceback.format_exception(err))[-4000:]
-            store.update_run(run_id, status=status, ended=time.time(), error=tail)
+        end("stopped" if isinstance(err, KeyboardInterrupt) else "failed",
+            error="".join(traceback.format_exception(err))[-4000:])
         raise
     else:
-        if store is not None:
-            store.update_run(run_id, status=handle.status, ended=time.time())
+        end(handle.status)
     finally:
         if store is not None:
             store.close()

@@ -14,12 +14,11 @@ from pathlib import Path
 
 from engine.config import Recipe, RecipeError, Stage, load_recipe, looks_local
 from engine.data.records import DataError
-from engine.run import tracked_run
+from engine.run import EXIT_STOPPED, tracked_run
 from engine.store import StoreError, default_db_path
 
 log = logging.getLogger(__name__)
 RUNNERS = {"sft": "engine.sft:run_sft", "rm": "engine.reward:run_rm", "ppo": "engine.ppo.trainer:run_ppo"}
-EXIT_STOPPED = 143  # 128 + SIGTERM: a stopped run is not a success a script should chain on from
 EXIT_BAD_INPUT = 2
 
 

@@ -105,7 +105,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(workdir):
         (checkpoint,) = store.checkpoints(1)
     assert checkpoint["step"] == stopped_at and Path(checkpoint["path"]).is_dir()
 
-    resumed = subprocess.run([*RLHF, "train", "sft", str(TINY), "--resume-run", "1", "--set",
+    resumed = subprocess.run([*RLHF, "train", "sft", str(TINY), "--resume-run", "1", "--allow-change", "--set",
                               f"train.max_steps={stopped_at + 2}", "--set", "train.logging_steps=1"],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

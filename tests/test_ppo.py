@@ -64,7 +64,7 @@ def test_resume_reproduces_an_uninterrupted_run(workdir):
     state = json.loads((Path(run_row(part)["output_dir"]) / "checkpoint-3" / "ppo_state.json").read_text())
     assert state["step"] == 3 and state["data_position"] == 3 * 32
     assert state["kl"]["value"] == values(part, "kl_ctl_value")[-1]
-    resumed = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", str(part),
+    resumed = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", str(part), "--allow-change",
                               *sum((["--set", o] for o in [*TOY, "steps=6", "save_steps=100"]), [])],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -91,7 +91,7 @@ def test_sigterm_saves_full_state_and_stops(workdir):
     saved_kl = json.loads((folder / "ppo_state.json").read_text())["kl"]["value"]
     assert saved_kl == values(1, "kl_ctl_value")[-1]
 
-    resumed = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", "1",
+    resumed = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", "1", "--allow-change",
                               *sum((["--set", o] for o in [*TOY, f"steps={stopped_at + 2}"]), [])],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -133,7 +133,7 @@ def test_a_bf16_run_stopped_and_resumed_reproduces_the_uninterrupted_weights(wor
     assert proc.returncode == 143, err[-2000:]
     stopped_at = run_row(1)["step"]
     total = stopped_at + 2
-    resumed = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", "1",
+    resumed = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", "1", "--allow-change",
                               *sum((["--set", o] for o in [*bf16, f"steps={total}"]), [])],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -240,7 +240,7 @@ def test_two_ranks_agree_on_the_weights(workdir):
     overrides = sum((["--set", o] for o in [*TOY, "steps=4", "rollout_batch_size=8"]), [])
     resumed = subprocess.run([*RLHF, "launch", "ppo", str(TINY), "--accelerate-config",
                               str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml"), "--resume-run", str(run_id),
-                              *overrides], capture_output=True, text=True, timeout=600)
+                              "--allow-change", *overrides], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = run_row(run_id)
     assert run["status"] == "done" and run["exit_code"] == 0 and run["step"] == 4

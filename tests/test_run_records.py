@@ -66,7 +66,7 @@ def test_a_launched_run_whose_processes_died_becomes_resumable(workdir, how):
     closed = run_row(run.run_id)
     assert closed["status"] == "failed" and "processes are gone" in closed["error"]
     resumed = subprocess.run([*RLHF, "launch", "sft", str(TINY), "--accelerate-config", str(ACCEL / "cpu.yaml"),
-                              "--resume-run", str(run.run_id), "--set", "train.max_steps=6"],
+                              "--resume-run", str(run.run_id), "--allow-change", "--set", "train.max_steps=6"],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [s for s, _ in metric(run.run_id, "loss")]
@@ -123,7 +123,7 @@ def test_resume_reads_the_recorded_recipe_from_any_directory(workdir, tmp_path_f
     elsewhere = tmp_path_factory.mktemp("elsewhere")  # no demo/ here: the recorded paths are absolute
     changed = elsewhere / "tiny.yaml"
     changed.write_text(TINY.read_text().replace("lr: 3.0e-3", "lr: 9.0"))
-    resumed = subprocess.run([*RLHF, "train", "sft", str(changed), "--resume-run", "1", "--set",
+    resumed = subprocess.run([*RLHF, "train", "sft", str(changed), "--resume-run", "1", "--allow-change", "--set",
                               "train.max_steps=4", "--db", os.environ["RLHF_DB"]], cwd=elsewhere,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -210,3 +210,42 @@ def test_a_stop_that_lands_inside_an_import_still_ends_the_run_as_stopped(workdi
         except StopRequested as stop:
             raise RuntimeError("Failed to import trl.trainer.sft_config") from stop
     assert handle.status == "stopped" and run_row(handle.run_id)["status"] == "stopped"
+
+
+def test_resume_follows_its_own_hint_from_anywhere_with_the_recorded_config(workdir, tmp_path_factory):
+    """The printed hint names the database and needs no --set: followed from another directory it goes on
+    to the run's own step count. A --set that changes the recipe is refused without --allow-change, and a
+    finished run is not resumed to no more steps. In-process, runs.db records a stop as 143, as the shell."""
+    db = str(workdir / "elsewhere.db")
+    proc = subprocess.Popen([*RLHF, "train", "sft", str(TINY), "--db", db, "--set", "train.max_steps=150",
+                             "--set", "train.logging_steps=1", "--set", "train.save_steps=1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait(lambda: os.path.exists(db) and len(metric(1, "loss", db)) >= 2)
+    request_stop(db, 1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    row = run_row(1, db)
+    assert row["status"] == "stopped" and row["exit_code"] == 143
+    hint = out.split("continue it with: ")[1].strip()
+    assert hint == f"rlhf train sft --resume-run 1 --db {db}"
+
+    elsewhere = tmp_path_factory.mktemp("elsewhere")  # no recipe, no demo, no runs.db here
+    changed = subprocess.run([*RLHF, *hint.split()[1:], "--set", "train.max_steps=10"], cwd=elsewhere,
+                             capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 2
+    assert "sft.train.max_steps (150 -> 10)" in changed.stderr and "--allow-change" in changed.stderr
+    assert run_row(1, db)["status"] == "stopped"  # untouched
+
+    stopped_at = row["step"]
+    resumed = subprocess.run([*RLHF, *hint.split()[1:], "--allow-change", "--set",
+                              f"train.max_steps={stopped_at + 2}"], cwd=elsewhere, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    row = run_row(1, db)
+    assert row["status"] == "done" and row["step"] == stopped_at + 2 and row["exit_code"] == 0
+    assert f"train.max_steps={stopped_at + 2}" in row["overrides"]  # the change is on the run's record
+
+    again = subprocess.run([*RLHF, *hint.split()[1:]], cwd=elsewhere, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and f"run 1 is done at step {stopped_at + 2}" in again.stderr
+    with Store(db) as store:
+        assert [c["step"] for c in store.checkpoints(1) if Path(c["path"]).name == "final"] == [stopped_at + 2]
