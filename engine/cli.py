@@ -20,6 +20,8 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
         help="override a recipe field, e.g. --set sft.train.lr=1e-5 (or train.lr=1e-5 for this stage)",
     )
     parser.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
+    parser.add_argument("--strict-data", action="store_true",
+                        help="a malformed data record is an error instead of being skipped (strict_data=true)")
     parser.add_argument("--allow-change", action="store_true",
                         help="with --resume-run: continue the run with the given --set items changed")
 
@@ -31,6 +33,8 @@ def _recipe_or_resume(args: argparse.Namespace) -> None:
         raise RecipeError(f"rlhf {args.command} {args.stage}: give a recipe file (or --resume-run ID)")
     if args.resume_run is None and args.allow_change:
         raise RecipeError("--allow-change is for --resume-run: a new run takes its --set items as they are")
+    if args.strict_data:
+        args.overrides.append("strict_data=true")
 
 
 def resume_hint(command: str, stage: str, run_id: int, db: str | None) -> str:

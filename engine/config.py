@@ -215,6 +215,7 @@ class Recipe(_Section):
     name: str = Field(description="Short name shown in the run table.")
     model: ModelSpec = Field(description="Base model of the pipeline.")
     seed: int = Field(42, description="Seed for data mixing, initialisation and sampling.")
+    strict_data: bool = Field(False, description="A malformed data record is an error instead of being skipped.")
     output_root: str = Field("runs", description="Folder under which each run gets runs/<id>/.")
     sft: SFTStage | None = None
     rm: RMStage | None = None

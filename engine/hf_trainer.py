@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.config import ModelSpec, RecipeError, TrainArgs
-from engine.data import Mixture
+from engine.data import DataError, Mixture, lengths
+from engine.data.lengths import Fate
 from engine.models import cuda_available, precision_flags
 from engine.run import RunHandle, newest_checkpoint
 from engine.track import GracefulStop, StoreCallback
@@ -55,11 +56,25 @@ def training_kwargs(
 log = logging.getLogger(__name__)
 
 
-def tokenized_splits(mixture: Mixture, tokenize: Callable[[list], Any], stage: str) -> tuple[Any, Any | None]:
-    """Report each source, then tokenize the training and (if any) held-out records."""
-    for report in mixture.reports:
-        log.info("%s data: %s", stage, report.summary())
-    return tokenize(mixture.train), (tokenize(mixture.eval) if mixture.eval else None)
+def tokenized_splits(mixture: Mixture, row: Callable[[Any], tuple[dict | None, Fate]], field: str, max_length: int,
+                     what: str) -> tuple[Any, Any | None, dict[str, dict[str, int]]]:
+    """Report each source, then tokenize the training and (if any) held-out records: (train, eval, what
+    max_length did to each source's training records). Refuses a stage that would drop most of them."""
+    import datasets
+
+    for source in mixture.reports:
+        log.info("%s data: %s", field.split(".")[0], source.summary())
+    rows, counts = lengths.fit(mixture.train, mixture.train_sources, row)
+    lengths.report(counts, field, max_length, what)
+    held_out = lengths.fit(mixture.eval, mixture.eval_sources, row)[0] if mixture.eval else []
+    if mixture.eval and not held_out:
+        raise DataError(f"{field}={max_length}: every held-out record is dropped")
+    return datasets.Dataset.from_list(rows), datasets.Dataset.from_list(held_out) if held_out else None, counts
+
+
+def record_fates(handle: RunHandle, fates: dict[str, dict[str, int]]) -> None:
+    if handle.store is not None:
+        handle.store.update_run(handle.run_id, data_fates=json.dumps(fates))
 
 
 def resume_target(value: str | bool | None, handle: RunHandle) -> str | None:

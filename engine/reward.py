@@ -8,42 +8,26 @@ the held-out split are logged as `eval_accuracy` / `eval_margin`. The export in 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 from engine import hf_trainer
 from engine.config import Recipe, RMStage
-from engine.data import DataError, load_preferences
+from engine.data import load_preferences
+from engine.data.lengths import rm_row
 from engine.lineage import write_lineage
 from engine.models import freeze_bottom_layers, keep_fp32_masters, load_reward_trunk, load_tokenizer, sharding_of
 from engine.run import RunHandle
-from engine.template import tokenize_pair
-
-log = logging.getLogger(__name__)
 
 
-def _tokenized(tokenizer: Any, pairs: list, max_length: int) -> Any:
-    import datasets
-
-    rows = []
-    for pair in pairs:
-        chosen = tokenize_pair(tokenizer, pair.prompt, pair.chosen)
-        rejected = tokenize_pair(tokenizer, pair.prompt, pair.rejected)
-        if len(chosen) <= max_length and len(rejected) <= max_length:
-            rows.append({"chosen_ids": chosen, "rejected_ids": rejected})
-    if not rows:
-        raise DataError(f"rm.train.max_length={max_length}: every preference pair is longer")
-    if len(rows) < len(pairs):
-        log.warning("rm data: %d pairs longer than max_length=%d dropped", len(pairs) - len(rows), max_length)
-    return datasets.Dataset.from_list(rows)
-
-
-def build_datasets(tokenizer: Any, stage: RMStage, seed: int) -> tuple[Any, Any | None]:
-    """Tokenized (train, eval) sets of `chosen_ids` / `rejected_ids`; eval is None without eval_ratio."""
-    mixture = load_preferences(stage.data, seed, stage.train.eval_ratio)
+def build_datasets(tokenizer: Any, stage: RMStage, seed: int, strict: bool = False
+                   ) -> tuple[Any, Any | None, dict[str, dict[str, int]]]:
+    """Tokenized (train, eval) sets of `chosen_ids` / `rejected_ids`; eval is None without eval_ratio;
+    and per source how many pairs fit max_length."""
+    mixture = load_preferences(stage.data, seed, stage.train.eval_ratio, strict)
     max_length = stage.train.max_length
-    return hf_trainer.tokenized_splits(mixture, lambda items: _tokenized(tokenizer, items, max_length), "rm")
+    return hf_trainer.tokenized_splits(mixture, lambda pair: rm_row(tokenizer, pair, max_length),
+                                       "rm.train.max_length", max_length, "preference pairs")
 
 
 def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
@@ -54,7 +38,9 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
     assert isinstance(stage, RMStage)
     spec = recipe.stage_model("rm")
     tokenizer = load_tokenizer(spec)
-    train_set, eval_set = build_datasets(tokenizer, stage, recipe.seed)  # data errors before the model loads
+    # Data errors before the model loads.
+    train_set, eval_set, fates = build_datasets(tokenizer, stage, recipe.seed, recipe.strict_data)
+    hf_trainer.record_fates(handle, fates)
     resume = hf_trainer.resume_target(stage.resume_from_checkpoint, handle)
 
     # Config before model: see run_sft (distributed set-up and ZeRO-3 sharded loading).

@@ -12,7 +12,8 @@ from typing import Any
 
 from engine import hf_trainer
 from engine.config import Recipe, SFTStage
-from engine.data import DataError, load_conversations
+from engine.data import load_conversations
+from engine.data.lengths import sft_row
 from engine.lineage import write_lineage
 from engine.models import (
     freeze_bottom_layers,
@@ -23,24 +24,16 @@ from engine.models import (
     sharding_of,
 )
 from engine.run import RunHandle
-from engine.template import tokenize_conversation
 
 
-def _tokenized(tokenizer: Any, conversations: list, max_length: int) -> Any:
-    import datasets
-
-    rows = [tokenize_conversation(tokenizer, turns, max_length) for turns in conversations]
-    rows = [r for r in rows if any(r["assistant_masks"])]  # a prompt that fills max_length teaches nothing
-    if not rows:
-        raise DataError(f"sft.train.max_length={max_length}: every conversation is longer before its answer")
-    return datasets.Dataset.from_list(rows)
-
-
-def build_datasets(tokenizer: Any, stage: SFTStage, seed: int) -> tuple[Any, Any | None]:
-    """Tokenized (train, eval) sets: `input_ids` + `assistant_masks`; eval is None without eval_ratio."""
-    mixture = load_conversations(stage.data, seed, stage.train.eval_ratio)
+def build_datasets(tokenizer: Any, stage: SFTStage, seed: int, strict: bool = False
+                   ) -> tuple[Any, Any | None, dict[str, dict[str, int]]]:
+    """Tokenized (train, eval) sets: `input_ids` + `assistant_masks`; eval is None without eval_ratio;
+    and per source how many conversations max_length kept whole, truncated or dropped."""
+    mixture = load_conversations(stage.data, seed, stage.train.eval_ratio, strict)
     max_length = stage.train.max_length
-    return hf_trainer.tokenized_splits(mixture, lambda items: _tokenized(tokenizer, items, max_length), "sft")
+    return hf_trainer.tokenized_splits(mixture, lambda turns: sft_row(tokenizer, turns, max_length),
+                                       "sft.train.max_length", max_length, "conversations")
 
 
 def packing_strategy(model: Any) -> str:
@@ -59,7 +52,9 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
     assert isinstance(stage, SFTStage)
     spec = recipe.stage_model("sft")
     tokenizer = load_tokenizer(spec)
-    train_set, eval_set = build_datasets(tokenizer, stage, recipe.seed)  # data errors before the model loads
+    # Data errors before the model loads.
+    train_set, eval_set, fates = build_datasets(tokenizer, stage, recipe.seed, recipe.strict_data)
+    hf_trainer.record_fates(handle, fates)
     resume = hf_trainer.resume_target(stage.resume_from_checkpoint, handle)
 
     # The config comes first: building it sets up torch.distributed and DeepSpeed's ZeRO-3 context, and

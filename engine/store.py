@@ -208,8 +208,14 @@ def _v6(db: sqlite_utils.Database) -> None:
     db["runs"].add_column("note", str)
 
 
+def _v7(db: sqlite_utils.Database) -> None:
+    # What max_length did to each data source ({path: {kept, truncated, dropped}}), JSON: a run's record
+    # says on what data it trained, not only what its recipe listed.
+    db["runs"].add_column("data_fates", str)
+
+
 # Append only: migration i brings a database from version i to i + 1.
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6]
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

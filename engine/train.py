@@ -83,6 +83,9 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str]) -> Recipe:
             problem = model_folder_problem(path, reward_model=kind == "reward model")
             if problem is not None:
                 raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} {problem}", {field: problem})
+    from engine.data.check import check_stage_data
+
+    check_stage_data(stage, recipe)
     if getattr(section, "init_value_from_rm", False):
         from engine.lineage import check_value_init
 

@@ -7,6 +7,7 @@ import sys
 import yaml
 
 from tests.conftest import REPO, RLHF, TINY
+from tests.helpers import run_row
 
 
 def rlhf(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -55,10 +56,57 @@ def test_missing_data_is_reported_without_a_traceback(workdir):
     empty.write_text('{"instruction": "only"}\n')
     result = rlhf("train", "sft", str(TINY), "--set", f"sft.data=[{{path: {empty}}}]")
     assert result.returncode == 2
-    assert f"{empty}: no usable sft record; first problem: {empty}:1: missing 'output'" in result.stderr
+    assert f"sft.data.0: {empty}: no usable sft record; first problem: {empty}:1: missing 'output'" in result.stderr
     assert "Traceback" not in result.stderr
-    runs = rlhf("runs")
-    assert " failed " in runs.stdout  # the run was registered and says why it ended
+    assert not (workdir / "runs.db").exists()  # found in validation: nothing registered
+
+
+def test_data_that_cannot_train_is_exit_2_before_anything_is_registered(workdir):
+    """Empty file, `[]`, a .csv, a file in another stage's format (one error, not a warning a row), a
+    max_length below most prompts, a malformed row under --strict-data: exit 2 from validation, under
+    `rlhf launch` as under `train`, with the field and the file (and line) named."""
+    (workdir / "empty.jsonl").write_text("")
+    (workdir / "array.json").write_text("[]\n")
+    (workdir / "table.csv").write_text("instruction,output\nq,a\n")
+    bad_row = workdir / "pairs.jsonl"
+    bad_row.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+                       '{"prompt": "你好", "chosen": "a" "rejected": "b"}\n')  # column 32 in characters, 36 in bytes
+    accel = str(REPO / "configs/accelerate/cpu.yaml")
+    cases = [
+        (["sft", "--set", "sft.data=[{path: empty.jsonl}]"],
+         "sft.data.0: empty.jsonl: no usable sft record (the source is empty)"),
+        (["sft", "--set", "sft.data=[{path: array.json}]"], "sft.data.0: array.json: no usable sft record"),
+        (["sft", "--set", "sft.data=[{path: table.csv}]"], "sft.data.0: table.csv: unsupported file type '.csv'"),
+        (["sft", "--set", "sft.data=[{path: demo/data/preferences.jsonl}]"],
+         "sft.data.0: demo/data/preferences.jsonl: none of its first 20 records is a sft record"),
+        (["sft", "--set", "sft.train.max_length=30"],
+         "--set sft.train.max_length=30: sft.train.max_length=30 drops 116 of 116 conversations"),
+        (["rm", "--strict-data", "--set", "rm.data=[{path: pairs.jsonl}]"],
+         "rm.data.0: pairs.jsonl:2: not valid JSON (Expecting ',' delimiter, column 32) (strict data"),
+    ]
+    for args, message in cases:
+        stage, *rest = args
+        result = rlhf("launch", stage, str(TINY), "--accelerate-config", accel, *rest)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1500:])
+        assert result.stderr.count("malformed record skipped") == 0 and "Traceback" not in result.stderr
+    assert not (workdir / "runs.db").exists()
+    result = rlhf("train", "rm", str(TINY), "--set", "rm.data=[{path: pairs.jsonl}]", "--set", "train.max_steps=1",
+                  "--set", "train.eval_ratio=0", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pairs.jsonl:2: not valid JSON" in result.stderr  # not strict: skipped with a warning
+
+
+def test_what_max_length_does_is_reported_per_source_in_the_log_and_runs_db(workdir):
+    result = rlhf("train", "sft", str(TINY), "--set", "train.max_length=40", "--set", "train.max_steps=1",
+                  timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    fates = json.loads(run_row(1)["data_fates"])
+    assert set(fates) == {s["path"] for s in yaml.safe_load(TINY.read_text())["sft"]["data"]}
+    assert all(f["truncated"] > 0 and f["dropped"] > 0 for f in fates.values())
+    for path, f in fates.items():
+        line = f"{path}: {f['truncated'] + f['dropped']} conversations longer than sft.train.max_length=40: " \
+               f"{f['truncated']} truncated, {f['dropped']} dropped ({f['kept']} kept whole)"
+        assert line in result.stderr
 
 
 def test_accelerate_configs_load_with_accelerate():

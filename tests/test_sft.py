@@ -21,7 +21,7 @@ def test_only_assistant_tokens_carry_labels(workdir):
 
     recipe = load_recipe(TINY)
     tokenizer = load_tokenizer(recipe.model)
-    dataset, _ = build_datasets(tokenizer, recipe.sft, seed=0)
+    dataset, _, _ = build_datasets(tokenizer, recipe.sft, seed=0)
     model = AutoModelForCausalLM.from_pretrained(recipe.model.path)
     args = SFTConfig(output_dir=str(workdir / "o"), report_to="none", max_length=192, bf16=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)

@@ -24,12 +24,14 @@ from engine.data.records import DataError, read_records
 from engine.template import Conversation
 
 __all__ = [
-    "DataError", "Mixture", "PreferencePair", "SourceReport", "load_conversations", "load_preferences", "load_prompts",
+    "DataError", "Mixture", "PREFERENCE_FORMATS", "PROMPT_FORMATS", "PreferencePair", "SFT_FORMATS", "SourceReport",
+    "load_conversations", "load_preferences", "load_prompts", "read_source",
 ]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _SHOWN_PER_SOURCE = 5
+_WRONG_FORMAT_AFTER = 20  # malformed records before the first usable one that mean a wrong file
 
 
 @dataclass
@@ -49,9 +51,11 @@ class SourceReport:
         return text + (f", {self.held_out} held out" if self.held_out else "")
 
 
-def _read_source(
-    source: DataSource, kind: str, adapters: dict[str, Callable[[dict], T]]
+def read_source(
+    source: DataSource, kind: str, adapters: dict[str, Callable[[dict], T]], strict: bool = False
 ) -> tuple[list[T], SourceReport]:
+    """A source's usable records, malformed ones counted and skipped (`strict`: the first is an error).
+    A file none of whose first records is usable is in the wrong format: one error, not a warning a row."""
     report = SourceReport(source.path)
     items: list[T] = []
     for raw in read_records(source.path, source.split, source.limit):
@@ -66,16 +70,21 @@ def _read_source(
             items.append(adapters[fmt](raw.value))
             report.used += 1
         except ValueError as err:
+            if strict:
+                raise DataError(f"{raw.where}: {err} (strict data: a malformed record is an error)") from None
             report.malformed += 1
             if len(report.examples) < _SHOWN_PER_SOURCE:
                 report.examples.append(f"{raw.where}: {err}")
+            if not items and report.malformed == _WRONG_FORMAT_AFTER:
+                raise DataError(f"{source.path}: none of its first {_WRONG_FORMAT_AFTER} records is a {kind} "
+                                f"record: is it the right file and format? First problem: {report.examples[0]}")
+    if not items:
+        detail = f"; first problem: {report.examples[0]}" if report.examples else " (the source is empty)"
+        raise DataError(f"{source.path}: no usable {kind} record{detail}")
     for example in report.examples:
         log.warning("malformed record skipped: %s", example)
     if report.malformed > len(report.examples):
         log.warning("%s: %d more malformed records", source.path, report.malformed - len(report.examples))
-    if not items:
-        detail = f"; first problem: {report.examples[0]}" if report.examples else " (the source is empty)"
-        raise DataError(f"{source.path}: no usable {kind} record{detail}")
     return items, report
 
 
@@ -93,6 +102,8 @@ class Mixture(Generic[T]):
     train: list[T]
     eval: list[T]  # held out per source before weighting, so no record is in both
     reports: list[SourceReport]
+    train_sources: list[str] = field(default_factory=list)  # the source path of each training record
+    eval_sources: list[str] = field(default_factory=list)
 
 
 def _mix(
@@ -101,11 +112,12 @@ def _mix(
     kind: str,
     adapters: dict[str, Callable[[dict], T]],
     eval_ratio: float,
+    strict: bool = False,
 ) -> Mixture[T]:
     rng = random.Random(seed)
-    mixture = Mixture([], [], [])
+    mixture: Mixture[T] = Mixture([], [], [])
     for source in sources:
-        items, report = _read_source(source, kind, adapters)
+        items, report = read_source(source, kind, adapters, strict)
         rng.shuffle(items)
         n_eval = round(len(items) * eval_ratio)
         held_out, items = items[:n_eval], items[n_eval:]
@@ -117,24 +129,31 @@ def _mix(
         report.taken = len(taken)
         report.held_out = len(held_out)
         mixture.train.extend(taken)
+        mixture.train_sources.extend([source.path] * len(taken))
         mixture.eval.extend(held_out)
+        mixture.eval_sources.extend([source.path] * len(held_out))
         mixture.reports.append(report)
     if eval_ratio > 0 and not mixture.eval:
         raise DataError(f"eval_ratio={eval_ratio} holds out no record: the sources are too small; raise it or set 0")
-    rng.shuffle(mixture.train)
+    order = list(range(len(mixture.train)))
+    rng.shuffle(order)  # the same permutation shuffling the records themselves would make
+    mixture.train = [mixture.train[i] for i in order]
+    mixture.train_sources = [mixture.train_sources[i] for i in order]
     return mixture
 
 
-def load_conversations(sources: Sequence[DataSource], seed: int = 0, eval_ratio: float = 0.0) -> Mixture[Conversation]:
+def load_conversations(sources: Sequence[DataSource], seed: int = 0, eval_ratio: float = 0.0,
+                       strict: bool = False) -> Mixture[Conversation]:
     """SFT conversations from all sources, mixed by weight and shuffled with `seed`."""
-    return _mix(sources, seed, "sft", SFT_FORMATS, eval_ratio)
+    return _mix(sources, seed, "sft", SFT_FORMATS, eval_ratio, strict)
 
 
-def load_preferences(sources: Sequence[DataSource], seed: int = 0, eval_ratio: float = 0.0) -> Mixture[PreferencePair]:
+def load_preferences(sources: Sequence[DataSource], seed: int = 0, eval_ratio: float = 0.0,
+                     strict: bool = False) -> Mixture[PreferencePair]:
     """Preference pairs from all sources, mixed by weight and shuffled with `seed`."""
-    return _mix(sources, seed, "preference", PREFERENCE_FORMATS, eval_ratio)
+    return _mix(sources, seed, "preference", PREFERENCE_FORMATS, eval_ratio, strict)
 
 
-def load_prompts(sources: Sequence[DataSource], seed: int = 0) -> Mixture[Conversation]:
+def load_prompts(sources: Sequence[DataSource], seed: int = 0, strict: bool = False) -> Mixture[Conversation]:
     """Rollout prompts (conversations ending with the user), mixed by weight and shuffled with `seed`."""
-    return _mix(sources, seed, "prompt", PROMPT_FORMATS, 0.0)
+    return _mix(sources, seed, "prompt", PROMPT_FORMATS, 0.0, strict)

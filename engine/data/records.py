@@ -58,7 +58,8 @@ def _json(path: Path) -> Iterator[RawRecord]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:  # one bad byte spoils its line only
-                yield RawRecord(where, None, f"not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})")
+                column = len(raw[: err.start].decode("utf-8", errors="replace")) + 1  # characters, as editors count
+                yield RawRecord(where, None, f"not UTF-8 (byte 0x{raw[err.start]:02x} at column {column})")
                 continue
             if lineno == 1:
                 line = line.lstrip("\ufeff")

@@ -109,7 +109,7 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(spec)
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"  # keep the end of a long prompt: it is where the answer starts
-        self.prompts = load_prompts(self.stage.prompts, recipe.seed).train
+        self.prompts = load_prompts(self.stage.prompts, recipe.seed, recipe.strict_data).train
         self.scorer = _scorer(recipe, self.stage, self.device)
         self.state = PPOState()
         if self.accelerator.is_main_process and handle.output_dir.is_dir():
