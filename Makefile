@@ -18,11 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# The main job: the console on the embedded tiny demo, with a tiny SFT run already training in it
-# (detached: it goes on if the console quits). Press n to launch more, ? for every key.
+# The main job: the console on the embedded tiny demo, with the whole tiny pipeline running in it (SFT,
+# RM, PPO, then the evaluation judged by the tiny reward model: a few minutes on a laptop CPU; detached, it
+# goes on if the console quits). Press n to launch more, v for the score table, ? for every key.
 demo: setup
-	test -d demo/model || $(BIN)/rlhf demo init demo
-	$(BIN)/rlhf launch sft configs/tiny.yaml --accelerate-config configs/accelerate/cpu.yaml --detach
+	test -d demo/eval || $(BIN)/rlhf demo init demo
+	$(BIN)/rlhf pipeline configs/tiny.yaml --accelerate-config configs/accelerate/cpu.yaml --detach
 	$(BIN)/rlhf console
 
 test: setup

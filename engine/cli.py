@@ -72,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--detach", action="store_true",
                         help="print the run id and return; the run goes on in its own session")
 
+    pipe = sub.add_parser("pipeline", help="SFT, RM, PPO and the BELLE evaluation from one recipe, each stage a run")
+    pipe.add_argument("recipe", nargs="?", help="recipe YAML (not with --resume)")
+    pipe.add_argument("--through", choices=("sft", "rm", "ppo", "eval"), default=None,
+                      help="the last stage to run (default: the recipe's last)")
+    pipe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a recipe field for every stage, e.g. --set ppo.steps=50")
+    pipe.add_argument("--accelerate-config", help="e.g. configs/accelerate/cpu.yaml (each stage's launch)")
+    pipe.add_argument("--num-processes", type=int, default=None)
+    pipe.add_argument("--resume", type=int, metavar="ID", help="continue pipeline ID from its unfinished stage")
+    pipe.add_argument("--detach", action="store_true", help="print the pipeline id and return; it goes on alone")
+    pipe.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
+
     console = sub.add_parser("console", help="open the terminal console (the default with no command)")
     console.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
 
@@ -143,6 +155,37 @@ def _cmd_runs(db: str | None) -> int:
     return 0
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from engine import pipeline
+    from engine.config import RecipeError
+    from engine.store import Store, default_db_path
+
+    db = os.path.abspath(args.db or default_db_path())
+    if args.resume is not None:
+        if args.recipe or args.overrides or args.through:
+            raise RecipeError("--resume continues the pipeline as it was created: no recipe, --set or --through")
+        pipeline.resume(args.resume, db)
+        pipeline_id = args.resume
+    else:
+        if not args.recipe:
+            raise RecipeError("rlhf pipeline: give a recipe file (or --resume ID)")
+        if not args.accelerate_config:
+            raise RecipeError("--accelerate-config: each stage is launched with it (e.g. configs/accelerate/cpu.yaml)")
+        pipeline_id = pipeline.create(args.recipe, args.overrides, args.through, args.accelerate_config,
+                                      args.num_processes, db)
+    if args.detach:
+        with Store(db) as store:
+            root = json.loads(store.pipeline(pipeline_id)["config"])["output_root"]
+        log = pipeline.start_detached(pipeline_id, db, root)
+        print(f"pipeline {pipeline_id} started; its log: {log}")
+        return 0
+    print(f"pipeline {pipeline_id}", file=sys.stderr, flush=True)
+    status = pipeline.run(pipeline_id, db, echo=True)
+    hint = f"; continue it with: rlhf pipeline --resume {pipeline_id} --db {db}" if status != "done" else ""
+    print(f"pipeline {pipeline_id} {status}{hint}")
+    return pipeline.exit_code(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] == "console":
@@ -181,11 +224,13 @@ def main(argv: list[str] | None = None) -> int:
             # As `train` checks before it starts: the stage's model, reward model and data paths exist
             # (each stage the recipe has, unless --stage names one).
             for stage in [args.stage] if args.stage else [s for s in STAGES if getattr(recipe, s, None)]:
-                validate(stage, args.recipe, args.overrides)
+                validate(stage, args.recipe, args.overrides, refs_ok=True)
             print(json.dumps(recipe.model_dump(), indent=2, ensure_ascii=False))
             return 0
         if args.command == "runs":
             return _cmd_runs(args.db)
+        if args.command == "pipeline":
+            return _cmd_pipeline(args)
         if args.command == "eval":
             from engine.eval_cli import run_eval_command
 

@@ -211,6 +211,26 @@ class PPOStage(_Section):
         return self
 
 
+class EvalStage(_Section):
+    """The pipeline's last stage: its checkpoints answer the BELLE questions and a judge scores them."""
+
+    eval_dir: str = Field(min_length=1, description="Folder with BELLE's eval_set.json and eval_prompt.json.")
+    checkpoints: list[Literal["sft", "ppo"]] = Field(
+        ["sft", "ppo"], min_length=1, description="Whose exports answer: the SFT model, the PPO policy, or both.")
+    judge: Literal["rm", "openai"] = Field(
+        "rm", description="rm: the pipeline's own reward model scores offline; openai: an OpenAI-compatible endpoint.")
+    judge_url: str | None = Field(None, description="Base URL of the OpenAI-compatible endpoint (judge: openai).")
+    judge_model: str | None = Field("gpt-3.5-turbo", description="The judge model at that endpoint (BELLE's).")
+    judge_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
+    limit: int | None = Field(None, gt=0, description="Only the first N questions.")
+    max_new_tokens: int = Field(512, gt=0, description="Answer length limit.")
+    batch_size: int = Field(16, gt=0, description="Questions answered per decode batch.")
+
+
+# In a pipeline, a stage's input named by the stage that makes it, never by a run number.
+STAGE_REFS = {"@sft": "sft", "@rm": "rm"}
+
+
 class Recipe(_Section):
     name: str = Field(description="Short name shown in the run table.")
     model: ModelSpec = Field(description="Base model of the pipeline.")
@@ -220,6 +240,7 @@ class Recipe(_Section):
     sft: SFTStage | None = None
     rm: RMStage | None = None
     ppo: PPOStage | None = None
+    eval: EvalStage | None = None
     _source: RecipeSource | None = PrivateAttr(None)
 
     def where(self, field: str) -> str:
@@ -284,7 +305,8 @@ def parse_override(item: str, stage: Stage | None = None) -> tuple[str, Any]:
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"--set {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        # A stage reference (`@sft`) is a string, though YAML would want it quoted.
+        value = raw if raw in STAGE_REFS else yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise RecipeError(f"--set {item!r}: value is not valid YAML ({err})") from None
     # A key that is not a recipe field is taken relative to the stage being run: `train.lr` = `sft.train.lr`.
@@ -401,6 +423,8 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
                 source["path"] = fix(source["path"])
         if section.get("reward_model"):
             section["reward_model"] = fix(section["reward_model"])
+    if data.get("eval"):
+        data["eval"]["eval_dir"] = fix(data["eval"]["eval_dir"])
         if isinstance(section.get("resume_from_checkpoint"), str):
             section["resume_from_checkpoint"] = fix(section["resume_from_checkpoint"])
     fixed = Recipe.model_validate(data)

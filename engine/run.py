@@ -22,6 +22,7 @@ from engine.procs import process_start, run_processes_gone
 from engine.store import ResilientStore, Store, StoreError
 
 RUN_ID_ENV = "RLHF_RUN_ID"
+PIPELINE_ENV = "RLHF_PIPELINE_ID"  # set by `rlhf pipeline`: the runs its stages register belong to it
 DB_ENV = "RLHF_DB"
 LAUNCHED_ENV = "RLHF_LAUNCHED"  # set by the launcher, which records the process group it started
 EXIT_STOPPED = 143  # 128 + SIGTERM: a stopped run is not a success a script should chain on from
@@ -50,6 +51,7 @@ def register_run(store: Store, stage: Stage, recipe: Recipe, recipe_path: str, o
         config=recipe_to_json(recipe),
         overrides=overrides,
         output_root=recipe.output_root,
+        pipeline_id=int(os.environ[PIPELINE_ENV]) if os.environ.get(PIPELINE_ENV) else None,
     )
 
 

@@ -214,8 +214,33 @@ def _v7(db: sqlite_utils.Database) -> None:
     db["runs"].add_column("data_fates", str)
 
 
+def _v8(db: sqlite_utils.Database) -> None:
+    # `rlhf pipeline`: SFT, RM, PPO and the evaluation, each a run of its own that names its pipeline.
+    db["pipelines"].create(
+        {
+            "id": int,
+            "name": str,
+            "recipe": str,  # the recipe file as given, absolute
+            "config": str,  # the recipe resolved at creation (overrides applied, paths absolute), JSON
+            "overrides": str,  # JSON list of --set items, applied to every stage
+            "through": str,  # the last stage: sft, rm, ppo or eval
+            "launch": str,  # JSON: accelerate config (absolute) and process count
+            "status": str,
+            "pid": int,
+            "pid_started": float,
+            "created": float,
+            "ended": float,
+            "error": str,
+        },
+        pk="id",
+        not_null={"status", "created"},
+        defaults={"status": "pending"},
+    )
+    db["runs"].add_column("pipeline_id", int)
+
+
 # Append only: migration i brings a database from version i to i + 1.
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -344,6 +369,7 @@ class Store:
         config: str,
         overrides: Iterable[str] = (),
         output_root: str = "runs",
+        pipeline_id: int | None = None,
     ) -> int:
         root = Path(output_root).resolve()
         with self._write() as db:
@@ -368,6 +394,7 @@ class Store:
                     "status": "pending",
                     "created": time.time(),
                     "host": socket.gethostname(),
+                    "pipeline_id": pipeline_id,
                 }
             )
             # Absolute: a console started elsewhere must find (and, asked to, delete) the same folder.
@@ -464,6 +491,38 @@ class Store:
     def runs(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self.db["runs"].rows_where(order_by="id"))
+
+    # -- pipelines ------------------------------------------------------------------------------------
+    def create_pipeline(self, *, name: str, recipe: str, config: str, overrides: Iterable[str], through: str,
+                        launch: Mapping[str, Any]) -> int:
+        with self._write() as db:
+            return int(db["pipelines"].insert({
+                "name": name, "recipe": recipe, "config": config, "overrides": json.dumps(list(overrides)),
+                "through": through,
+                "launch": json.dumps(dict(launch)), "status": "pending", "created": time.time(),
+            }).last_pk)
+
+    def pipeline(self, pipeline_id: int) -> dict[str, Any]:
+        with self._lock:
+            try:
+                return self.db["pipelines"].get(pipeline_id)
+            except sqlite_utils.db.NotFoundError:
+                raise StoreError(f"{self.path}: no pipeline {pipeline_id}") from None
+
+    def pipelines(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db["pipelines"].rows_where(order_by="id"))
+
+    def update_pipeline(self, pipeline_id: int, **fields: Any) -> None:
+        if "status" in fields and fields["status"] not in RUN_STATUSES:
+            raise StoreError(f"unknown pipeline status {fields['status']!r}")
+        with self._write() as db:
+            db["pipelines"].update(pipeline_id, fields)
+
+    def pipeline_runs(self, pipeline_id: int) -> list[dict[str, Any]]:
+        """The pipeline's runs, oldest first (a stage started over has several; the newest counts)."""
+        with self._lock:
+            return list(self.db["runs"].rows_where("pipeline_id = ?", [pipeline_id], order_by="id"))
 
     def delete_run(self, run_id: int) -> None:
         """Forget a run and everything it logged (its files on disk are the caller's business)."""

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import Recipe, RecipeError, Stage, load_recipe, looks_local
+from engine.config import STAGE_REFS, Recipe, RecipeError, Stage, load_recipe, looks_local
 from engine.data.records import DataError
 from engine.run import EXIT_STOPPED, tracked_run
 from engine.store import StoreError, default_db_path
@@ -51,8 +51,10 @@ def model_folder_problem(path: str, reward_model: bool = False) -> str | None:
     return None
 
 
-def validate(stage: Stage, recipe_path: str, overrides: list[str]) -> Recipe:
-    """Everything that can be checked without loading torch or a model; raises RecipeError."""
+def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool = False) -> Recipe:
+    """Everything that can be checked without loading torch or a model; raises RecipeError.
+
+    `refs_ok`: a stage reference (`@sft`) is what a pipeline will fill in, not an error (`rlhf check`)."""
     if stage not in RUNNERS:
         raise RecipeError(f"stage {stage!r} has no trainer yet (available: {', '.join(RUNNERS)})")
     recipe = load_recipe(recipe_path, overrides, stage)
@@ -65,6 +67,13 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str]) -> Recipe:
         for i, source in enumerate(getattr(section, field, [])):
             paths.append((f"{stage}.{field}.{i}.path", source.path, "data"))
     for field, path, kind in paths:
+        if path in STAGE_REFS and refs_ok:
+            continue
+        if path in STAGE_REFS:
+            raise RecipeError(
+                f"{recipe.where(field)}: {field}: {path!r} is the {STAGE_REFS[path]} stage's export, which only "
+                f"`rlhf pipeline` knows; to run the {stage} stage alone give --set {field}=FOLDER",
+                {field: "a pipeline's stage reference"})
         local = Path(path).expanduser()
         try:
             local.exists()

@@ -11,6 +11,8 @@ Everything is made here from text the project ships and written with `save_pretr
     data/preferences.jsonl prompt / chosen / rejected
     data/preferences_hh.jsonl chosen / rejected as "\\n\\nHuman: … \\n\\nAssistant: …" dialogues
     data/prompts.jsonl     prompt (for PPO rollouts)
+    eval/eval_set.json     24 questions in BELLE's format (JSON Lines), classes math, closed qa, open qa
+    eval/eval_prompt.json  a judge instruction per class, BELLE's format (written for the demo)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from engine.demo.tasks import QA, qa_pairs
+from engine.demo.tasks import QA, eval_items, qa_pairs
 from engine.template import Turn, render
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -77,6 +79,20 @@ def write_data(folder: Path, pairs: list[QA]) -> dict[str, Path]:
     return files
 
 
+RUBRIC = ("You are grading an answer to a {what} question against the reference answer. Score it between "
+          "0 and 1 and reply in the form \"Score: x\".")
+
+
+def write_eval_set(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """The demo's own small eval set, in the layout `rlhf eval belle --eval-dir` reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = eval_items(seed)
+    _write_jsonl(folder / "eval_set.json", [{"question": q, "std_answer": a, "class": c} for q, a, c in items])
+    _write_jsonl(folder / "eval_prompt.json", [{"class": c, "prompt": RUBRIC.format(what=c)}
+                                               for c in sorted({c for _, _, c in items})])
+    return {"eval_set": folder / "eval_set.json", "eval_prompt": folder / "eval_prompt.json"}
+
+
 def train_tokenizer(texts: list[str], folder: Path) -> object:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -129,4 +145,5 @@ def init_demo(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     model_dir = folder / "model"
     tokenizer = train_tokenizer(texts, model_dir)
     build_model(tokenizer, model_dir, seed)
-    return {"model": model_dir, **{name.split(".")[0]: path for name, path in files.items()}}
+    evaluation = write_eval_set(folder / "eval", seed)
+    return {"model": model_dir, **{name.split(".")[0]: path for name, path in files.items()}, **evaluation}

@@ -64,3 +64,12 @@ def qa_pairs(seed: int = 0) -> list[QA]:
     pairs = _arithmetic(rng) + _translation() + _opposites()
     rng.shuffle(pairs)
     return pairs
+
+
+def eval_items(seed: int = 0, per_class: int = 8) -> list[tuple[str, str, str]]:
+    """(question, reference answer, BELLE class) for the demo's own eval set in BELLE's format."""
+    rng = random.Random(seed + 1)
+    kinds = [("math", _arithmetic(rng)), ("closed qa", _translation()), ("open qa", _opposites())]
+    items = [(qa.question, qa.answer, cls) for cls, pairs in kinds for qa in rng.sample(pairs, per_class)]
+    rng.shuffle(items)  # so that the first N (--limit) mix the classes
+    return items

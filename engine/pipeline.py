@@ -1,0 +1,281 @@
+"""`rlhf pipeline`: SFT, then the reward model, then PPO, then the BELLE evaluation, from one recipe.
+
+Each stage is a run of its own in runs.db (watched, stopped and resumed like any other) that names its
+pipeline; the pipeline is a row of its own that says how far it got. Stage inputs are named by stage,
+never by run number: in a pipeline the PPO policy is this pipeline's SFT export, the reward model its RM
+export (a recipe's `@sft` / `@rm` say the same where a stage reads them, e.g. `rm.model.path: "@sft"`),
+and the evaluation judges the SFT and PPO exports with that reward model, offline, unless the recipe names
+an OpenAI-compatible judge.
+
+A stopped or crashed pipeline continues with `rlhf pipeline --resume ID`: finished stages are kept, the
+unfinished one resumes from its newest checkpoint (or starts again when it has none), then the rest run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.config import STAGE_REFS, STAGES, Recipe, RecipeError, load_recipe, recipe_to_json, with_absolute_paths
+from engine.procs import process_alive, process_start
+from engine.run import EXIT_STOPPED, PIPELINE_ENV
+from engine.store import Store, default_db_path
+
+ORDER = (*STAGES, "eval")
+LOG_NAME = "pipeline-{id}.log"
+
+
+def plan(recipe: Recipe, through: str | None) -> list[str]:
+    """The stages to run, in order, up to `through` (default: the last the recipe has)."""
+    present = [s for s in ORDER if getattr(recipe, s, None) is not None]
+    if not present:
+        raise RecipeError(f"{recipe.where('')}: the recipe has no stage (sft, rm, ppo, eval)")
+    through = through or present[-1]
+    if through not in present:
+        raise RecipeError(f"--through {through}: the recipe has no '{through}' section (it has {', '.join(present)})")
+    stages = [s for s in present if ORDER.index(s) <= ORDER.index(through)]
+    if "eval" in stages and not {"sft", "ppo"} & set(stages):
+        raise RecipeError("the evaluation judges this pipeline's SFT or PPO export: the recipe needs one of them")
+    return stages
+
+
+def _check_wiring(recipe: Recipe, stages: list[str]) -> None:
+    """Stage references point at stages this pipeline runs; the PPO inputs are the pipeline's own."""
+    refs = [("rm.model.path", recipe.rm.model.path if recipe.rm and recipe.rm.model else None, "rm"),
+            ("ppo.model.path", recipe.ppo.model.path if recipe.ppo and recipe.ppo.model else None, "ppo"),
+            ("ppo.reward_model", recipe.ppo.reward_model if recipe.ppo else None, "ppo")]
+    for field, value, reader in refs:
+        if reader not in stages or value not in STAGE_REFS:
+            continue
+        if STAGE_REFS[value] not in stages:
+            raise RecipeError(f"{recipe.where(field)}: {field}: {value!r}, but this pipeline runs no "
+                              f"{STAGE_REFS[value]} stage ({', '.join(stages)})", {field: "no such stage here"})
+    if "ppo" in stages and "sft" in stages and recipe.ppo.model is not None and recipe.ppo.model.path != "@sft":
+        raise RecipeError(f"{recipe.where('ppo.model.path')}: ppo.model.path: in a pipeline the PPO policy is its "
+                          "SFT export: remove ppo.model or write @sft", {"ppo.model.path": "not @sft"})
+    if "ppo" in stages and "rm" in stages and recipe.ppo.reward_model not in (None, "@rm"):
+        raise RecipeError(f"{recipe.where('ppo.reward_model')}: ppo.reward_model: in a pipeline the reward model is "
+                          "its RM export: remove it or write @rm", {"ppo.reward_model": "not @rm"})
+    if "eval" in stages and recipe.eval.judge == "rm" and "rm" not in stages:
+        raise RecipeError(f"{recipe.where('eval.judge')}: eval.judge: rm judges with this pipeline's reward model, "
+                          "and it runs no rm stage", {"eval.judge": "no rm stage"})
+
+
+def wiring(stage: str, recipe: Recipe, exports: dict[str, str]) -> list[str]:
+    """--set items that feed `stage` the exports of the stages before it."""
+    items: list[str] = []
+    if stage == "rm" and recipe.rm.model is not None and recipe.rm.model.path in STAGE_REFS:
+        items.append(f"rm.model.path={exports[STAGE_REFS[recipe.rm.model.path]]}")
+    if stage == "ppo":
+        if "sft" in exports:
+            spec = (recipe.ppo.model or recipe.model).model_dump()
+            items.append("ppo.model=" + json.dumps({**spec, "path": exports["sft"]}))  # JSON is YAML
+        if "rm" in exports:
+            items += [f"ppo.reward_model={exports['rm']}", "ppo.reward_fn=null"]
+    return items
+
+
+def create(recipe_path: str, overrides: list[str], through: str | None, accelerate_config: str,
+           num_processes: int | None, db_path: str | os.PathLike) -> int:
+    """Check everything that can be checked before the first stage and register the pipeline."""
+    from engine.launch import read_accelerate_config
+    from engine.train import validate
+
+    recipe = load_recipe(recipe_path, overrides)
+    stages = plan(recipe, through)
+    _check_wiring(recipe, stages)
+    read_accelerate_config(accelerate_config)
+    for stage in stages:  # base models and data of every stage, before hours go into the first one
+        if stage != "eval":
+            validate(stage, recipe_path, overrides, refs_ok=True)
+    if "eval" in stages:
+        from engine.belle import BelleError, load_items
+
+        try:
+            load_items(recipe.eval.eval_dir, limit=1)
+        except (BelleError, OSError) as err:
+            raise RecipeError(f"{recipe.where('eval.eval_dir')}: eval.eval_dir: {err}") from None
+    launch = {"accelerate_config": str(Path(accelerate_config).resolve()), "num_processes": num_processes}
+    with Store(db_path) as store:
+        return store.create_pipeline(name=recipe.name, recipe=str(Path(recipe_path).resolve()),
+                                     config=recipe_to_json(with_absolute_paths(recipe)), overrides=overrides,
+                                     through=stages[-1], launch=launch)
+
+
+def _recorded(row: dict[str, Any]) -> str:
+    """The recipe as the pipeline recorded it, written beside its runs: what every stage reads, so that a
+    resumed pipeline runs its later stages as it would have, whatever became of the file since."""
+    config = json.loads(row["config"])
+    path = Path(config["output_root"]) / f"pipeline-{row['id']}.recipe.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML
+    return str(path)
+
+
+class _Stop:
+    """SIGTERM between stages: finish nothing new. (During a stage the stage's supervisor has it.)"""
+
+    def __init__(self) -> None:
+        self.asked = False
+        signal.signal(signal.SIGTERM, self._ask)
+        signal.signal(signal.SIGINT, self._ask)
+
+    def _ask(self, signum: int, frame: object) -> None:
+        self.asked = True
+
+
+def _final(run: dict[str, Any]) -> str:
+    return str(Path(run["output_dir"]) / "final")
+
+
+def _has_checkpoint(run: dict[str, Any]) -> bool:
+    from engine.run import checkpoints_in
+
+    return any(checkpoints_in(Path(run["output_dir"]), m) for m in ("trainer_state.json", "ppo_state.json"))
+
+
+def run(pipeline_id: int, db_path: str | os.PathLike, echo: bool = False) -> str:
+    """Run (or continue) the pipeline's stages in order; returns its final status."""
+    from engine.launch import prepare, supervise
+
+    db_path = str(Path(db_path).resolve())
+    os.environ[PIPELINE_ENV] = str(pipeline_id)
+    stop = _Stop()
+    with Store(db_path) as store:
+        row = store.pipeline(pipeline_id)
+        store.update_pipeline(pipeline_id, status="running", pid=os.getpid(), pid_started=process_start(os.getpid()),
+                              ended=None, error=None)
+    recipe_path = _recorded(row)
+    launch = json.loads(row["launch"])
+    recipe = load_recipe(recipe_path)
+    exports: dict[str, str] = {}
+
+    def end(status: str, error: str | None = None) -> str:
+        with Store(db_path) as store:
+            store.update_pipeline(pipeline_id, status=status, ended=time.time(), error=error)
+        return status
+
+    for stage in plan(recipe, row["through"]):
+        with Store(db_path) as store:
+            mine = [r for r in store.pipeline_runs(pipeline_id) if r["stage"] == stage]
+        if stage == "eval":
+            status = _evaluate(recipe, exports, mine, db_path, pipeline_id, stop, echo)
+            if status != "done":
+                return end(status, f"evaluation {status}")
+            continue
+        last = mine[-1] if mine else None
+        if last is not None and last["status"] == "done":
+            exports[stage] = _final(last)
+            continue
+        if stop.asked:
+            return end("stopped")
+        if last is not None and last["status"] in ("stopped", "failed") and _has_checkpoint(last):
+            prepared = prepare(stage, None, [], launch["accelerate_config"], launch["num_processes"], db_path,
+                               resume_run=last["id"])
+        else:
+            prepared = prepare(stage, recipe_path, wiring(stage, recipe, exports),
+                               launch["accelerate_config"], launch["num_processes"], db_path)
+        if echo:
+            print(f"pipeline {pipeline_id}: {stage} is run {prepared.run_id}", flush=True)
+        supervise(prepared, echo=echo)
+        signal.signal(signal.SIGTERM, stop._ask)  # the supervisor put back what it found; make sure
+        with Store(db_path) as store:
+            done = store.run(prepared.run_id)
+        if done["status"] != "done":
+            return end("stopped" if done["status"] == "stopped" else "failed",
+                       f"{stage} (run {prepared.run_id}) {done['status']}")
+        exports[stage] = _final(done)
+    return end("done")
+
+
+def _evaluate(recipe: Recipe, exports: dict[str, str], mine: list[dict], db_path: str, pipeline_id: int,
+              stop: _Stop, echo: bool) -> str:
+    """Each checkpoint the recipe names answers the eval set, through `rlhf eval belle` in a process of its
+    own (a run like the others: the console stops it through its own process group)."""
+    settings = recipe.eval
+    for which in settings.checkpoints:
+        if which not in exports:
+            continue
+        label = f"{recipe.name} {which} (pipeline {pipeline_id})"
+        earlier = [r for r in mine if r["name"] == label]
+        if earlier and earlier[-1]["status"] == "done":
+            continue
+        if stop.asked:
+            return "stopped"
+        argv = [sys.executable, "-m", "engine.cli", "eval", "belle", "--db", db_path]
+        if earlier:
+            argv += ["--resume-run", str(earlier[-1]["id"])]
+        else:
+            argv += [exports[which], "--eval-dir", settings.eval_dir, "--name", label, "--judge", settings.judge,
+                     "--max-new-tokens", str(settings.max_new_tokens), "--batch-size", str(settings.batch_size),
+                     "--judge-key-env", settings.judge_key_env]
+            if settings.judge == "rm":
+                argv += ["--reward-model", exports["rm"]]
+            else:
+                argv += ["--judge-url", settings.judge_url or "", "--judge-model", settings.judge_model or ""]
+            if settings.limit:
+                argv += ["--limit", str(settings.limit)]
+        output = None if echo else subprocess.DEVNULL
+        proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=output,
+                                stderr=output)
+
+        def forward(signum: int, frame: object) -> None:
+            stop.asked = True
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        try:
+            code = proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, stop._ask)
+            signal.signal(signal.SIGINT, stop._ask)
+        if code != 0:
+            return "stopped" if code == EXIT_STOPPED else "failed"
+    return "done"
+
+
+def resume(pipeline_id: int, db_path: str | os.PathLike) -> None:
+    """Check that the pipeline can continue: it exists and is not running now."""
+    with Store(db_path) as store:
+        row = store.pipeline(pipeline_id)
+        if row["status"] in ("pending", "running") and process_alive(row["pid"], row["pid_started"]):
+            raise RecipeError(f"pipeline {pipeline_id} is {row['status']} (pid {row['pid']}); stop it first")
+        if row["status"] == "done":
+            raise RecipeError(f"pipeline {pipeline_id} is done: every stage through {row['through']} finished")
+
+
+def start_detached(pipeline_id: int, db_path: str | os.PathLike, output_root: str) -> Path:
+    """The pipeline in a session of its own (it outlives the terminal); returns its log's path."""
+    log_path = Path(output_root).resolve() / LOG_NAME.format(id=pipeline_id)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        subprocess.Popen([sys.executable, "-m", "engine.pipeline", str(pipeline_id), "--db", str(db_path)],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return log_path
+
+
+def exit_code(status: str) -> int:
+    return {"done": 0, "stopped": EXIT_STOPPED}.get(status, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.pipeline", description="run a registered pipeline")
+    parser.add_argument("pipeline_id", type=int)
+    parser.add_argument("--db", default=None)
+    args = parser.parse_args(argv)
+    return exit_code(run(args.pipeline_id, args.db or default_db_path()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""`rlhf pipeline`: every stage a run of its own, wired by stage, resumable where it stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from engine.launch import request_stop
+from engine.store import Store
+from tests.conftest import REPO, RLHF, TINY
+from tests.helpers import metric, run_row
+
+ACCEL = str(REPO / "configs" / "accelerate" / "cpu.yaml")
+SHORT = ["--set", "sft.train.epochs=1", "--set", "rm.train.epochs=1", "--set", "ppo.steps=2",
+         "--set", "ppo.rollout_batch_size=8", "--set", "eval.limit=4"]
+
+
+def rlhf(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*RLHF, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_pipeline_runs_every_stage_wired_by_stage_into_a_score_table(workdir):
+    result = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, *SHORT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pipeline 1 done" in result.stdout
+    with Store(os.environ["RLHF_DB"]) as store:
+        runs = store.pipeline_runs(1)
+        assert store.pipeline(1)["status"] == "done"
+    assert [(r["stage"], r["status"]) for r in runs] == [("sft", "done"), ("rm", "done"), ("ppo", "done"),
+                                                          ("eval", "done"), ("eval", "done")]
+    sft, rm, ppo, eval_sft, eval_ppo = runs
+    ppo_config = json.loads(ppo["config"])["ppo"]
+    # The policy is the SFT export, the reward model the RM export, by stage; the rule reward is gone.
+    assert ppo_config["model"]["path"] == str(Path(sft["output_dir"]) / "final")
+    assert ppo_config["reward_model"] == str(Path(rm["output_dir"]) / "final")
+    assert ppo_config["reward_fn"] is None
+    assert json.loads(eval_sft["config"])["checkpoint"] == str(Path(sft["output_dir"]) / "final")
+    assert json.loads(eval_ppo["config"])["checkpoint"] == str(Path(ppo["output_dir"]) / "final")
+    assert json.loads(eval_ppo["config"])["reward_model"] == str(Path(rm["output_dir"]) / "final")
+    table = rlhf("eval", "table", "--format", "json")
+    rows = {row["name"] for row in json.loads(table.stdout)}
+    assert {"tiny sft (pipeline 1)", "tiny ppo (pipeline 1)"} <= rows, table.stdout
+
+
+def test_a_stopped_pipeline_resumes_in_its_stage_from_the_checkpoint(workdir):
+    proc = subprocess.Popen([*RLHF, "pipeline", str(TINY), "--accelerate-config", ACCEL, "--through", "ppo",
+                             *SHORT, "--set", "ppo.steps=12", "--set", "ppo.save_steps=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = os.environ["RLHF_DB"]
+
+    def ppo_run() -> dict | None:
+        if not os.path.exists(db):
+            return None
+        with Store(db) as store:
+            return next((r for r in store.pipeline_runs(1) if r["stage"] == "ppo"), None) \
+                if store.pipelines() else None
+
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        run = ppo_run()
+        if run is not None and len(metric(run["id"], "kl_ctl_value")) >= 2:
+            break
+        time.sleep(0.2)
+    run = ppo_run()
+    request_stop(db, run["id"])  # as the console's x does, on the stage's row
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert f"continue it with: rlhf pipeline --resume 1 --db {db}" in out
+    stopped = run_row(run["id"])
+    assert stopped["status"] == "stopped"
+    with Store(db) as store:
+        assert store.pipeline(1)["status"] == "stopped"
+
+    again = rlhf("pipeline", "--resume", "1", "--db", db, "--set", "ppo.steps=3")
+    assert again.returncode == 2 and "no recipe, --set or --through" in again.stderr
+    resumed = rlhf("pipeline", "--resume", "1", "--db", db)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with Store(db) as store:
+        runs = store.pipeline_runs(1)
+        assert store.pipeline(1)["status"] == "done"
+    assert [r["stage"] for r in runs] == ["sft", "rm", "ppo"]  # the same ppo run continued, none started anew
+    steps = [s for s, _ in metric(run["id"], "kl_ctl_value")]
+    assert steps == list(range(1, 13))  # continued from its checkpoint: no gap, no repeat
+
+
+def test_stage_references_are_a_pipelines_and_a_reward_model_must_be_one(workdir):
+    alone = rlhf("check", str(REPO / "configs" / "bloomz-7b1-mt.yaml"), "--stage", "ppo")
+    assert "'@sft'" not in alone.stderr  # check accepts references: the pipeline fills them in
+    result = rlhf("train", "ppo", str(TINY), "--set", "ppo.model.path=@sft")
+    assert result.returncode == 2
+    assert "ppo.model.path: '@sft' is the sft stage's export, which only `rlhf pipeline` knows" in result.stderr
+    result = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, "--set", "ppo.model.path=demo/model")
+    assert result.returncode == 2 and "in a pipeline the PPO policy is its SFT export" in result.stderr
+    result = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, "--set", "sft=null", "--set",
+                  "rm.model.path=@sft")
+    assert result.returncode == 2 and "rm.model.path: '@sft', but this pipeline runs no sft stage" in result.stderr
+    result = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, "--set", "eval.eval_dir=demo/nothing")
+    assert result.returncode == 2 and "eval.eval_dir" in result.stderr
+    assert not Path("runs.db").exists() or not Store(os.environ["RLHF_DB"]).pipelines()
+    # A folder that is a model but not a reward model is refused as one (an SFT export where runs/2 was RM).
+    result = rlhf("train", "ppo", str(TINY), "--set", "ppo.reward_model=demo/model", "--set", "ppo.reward_fn=null")
+    assert result.returncode == 2 and "is not a reward model" in result.stderr
