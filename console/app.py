@@ -70,6 +70,7 @@ class RlhfConsole(App):
         self.poll_s = poll_s
         self._history = None
         self.runs: dict[int, dict[str, Any]] = {}
+        self.pipelines: dict[int, dict[str, Any]] = {}  # `rlhf pipeline`s, by id
         self.loaded = False  # the first poll has arrived
         self.log_target: tuple[int, Path] | None = None  # read by the log worker thread
         self.gpu_readings: list[Any] | None = None
@@ -110,7 +111,9 @@ class RlhfConsole(App):
         from console.screens.runs import RunsScreen
 
         for screen in self.screen_stack:
-            if isinstance(screen, RunsScreen):
+            # While the app shuts down the screen is still on the stack with its widgets gone: a poll that
+            # lands then has nothing to update.
+            if isinstance(screen, RunsScreen) and screen.is_attached and not (self._exit or self._closed):
                 return screen
         return None
 
@@ -207,6 +210,7 @@ class RlhfConsole(App):
     # -- handlers: state first, then the widgets --------------------------------------------------------
     def on_runs_polled(self, message: RunsPolled) -> None:
         self.runs = {run["id"]: run for run in message.runs}
+        self.pipelines = {p["id"]: p for p in message.pipelines}
         for run_id in list(self.history.runs):
             if run_id not in self.runs:
                 self.history.forget(run_id)
@@ -333,6 +337,19 @@ class RlhfConsole(App):
         run = self.runs.get(run_id)
         if run is None:
             self.post_message(ActionDone("resume", run_id, f"run {run_id} is gone"))
+            return
+        if run.get("pipeline_id") is not None:
+            # A pipeline's stage resumes with its pipeline, which then runs the stages after it.
+            from engine import pipeline
+
+            try:
+                pipeline.resume(run["pipeline_id"], self.db_path)
+                config = json.loads(self.pipelines[run["pipeline_id"]]["config"])
+                pipeline.start_detached(run["pipeline_id"], self.db_path, config["output_root"])
+            except Exception as err:  # RecipeError, StoreError, OSError
+                self.post_message(ActionDone("resume", run_id, str(err)))
+                return
+            self.post_message(ActionDone("resume", run_id))
             return
         launch = json.loads(run.get("launch") or "null") or {}
         accelerate = launch.get("accelerate_config")

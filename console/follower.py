@@ -28,7 +28,7 @@ class StoreFollower:
         self.batch = batch
         self.cursor: int | None = None  # None until the first poll has seeded every run
         self._versions: dict[int, int] = {}
-        self._last_runs: list[dict[str, Any]] | None = None
+        self._last_runs: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
         self.followed: frozenset[int] = frozenset()  # set by the App: the runs being looked at
         self._full: set[int] = set()  # runs whose whole history has been sent
         self.requests: queue.SimpleQueue[int] = queue.SimpleQueue()  # runs to load whole, from the App
@@ -48,9 +48,10 @@ class StoreFollower:
         """Messages for the App, and whether more rows are waiting (poll again at once)."""
         messages: list[Any] = []
         runs = self.store.runs()
-        if runs != self._last_runs:
-            self._last_runs = runs
-            messages.append(RunsPolled(runs))
+        pipelines = self.store.pipelines()
+        if (runs, pipelines) != self._last_runs:
+            self._last_runs = (runs, pipelines)
+            messages.append(RunsPolled(runs, pipelines))
         if self.cursor is None:  # start: a light history per run, then only what is new
             self.cursor = self.store.max_seq()
             for run in runs:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from textual.message import Message
@@ -11,6 +11,7 @@ from textual.message import Message
 @dataclass
 class RunsPolled(Message):
     runs: list[dict[str, Any]]
+    pipelines: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -8,10 +8,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from console.app import RlhfConsole
+from console.widgets.run_table import RunTable
 from engine.launch import request_stop
 from engine.store import Store
 from tests.conftest import REPO, RLHF, TINY
 from tests.helpers import metric, run_row
+from tests.pilot import no_gpu, sync, wait_for
 
 ACCEL = str(REPO / "configs" / "accelerate" / "cpu.yaml")
 SHORT = ["--set", "sft.train.epochs=1", "--set", "rm.train.epochs=1", "--set", "ppo.steps=2",
@@ -103,3 +106,41 @@ def test_stage_references_are_a_pipelines_and_a_reward_model_must_be_one(workdir
     # A folder that is a model but not a reward model is refused as one (an SFT export where runs/2 was RM).
     result = rlhf("train", "ppo", str(TINY), "--set", "ppo.reward_model=demo/model", "--set", "ppo.reward_fn=null")
     assert result.returncode == 2 and "is not a reward model" in result.stderr
+
+
+@sync
+async def test_the_console_shows_a_pipeline_as_one_row_that_expands_into_its_stages(tmp_path, monkeypatch):
+    """Pilot test on a runs.db written here: a three-stage pipeline beside a run of its own."""
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "runs.db"
+    config = json.dumps({"name": "tiny", "output_root": str(tmp_path / "runs"), "sft": {"x": 1}, "rm": {"x": 1},
+                         "ppo": {"x": 1}, "eval": {"x": 1}})
+    with Store(db) as store:
+        alone = store.create_run(stage="sft", name="alone", recipe="r.yaml", config="{}")
+        store.update_run(alone, status="done")
+        pipeline = store.create_pipeline(name="tiny", recipe="r.yaml", config=config, overrides=[], through="eval",
+                                         launch={})
+        stages = []
+        for stage in ("sft", "rm", "ppo"):
+            run_id = store.create_run(stage=stage, name="tiny", recipe="r.yaml", config="{}", pipeline_id=pipeline)
+            store.update_run(run_id, status="done" if stage != "ppo" else "stopped")
+            stages.append(run_id)
+
+    app = RlhfConsole(db, configs_dir=REPO / "configs", gpu_sampler=no_gpu, poll_s=0.05)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 4 and app.pipelines, 20, "the runs")
+        table = app.home.query_one(RunTable)
+        await wait_for(pilot, lambda: table.row_count == 2, 10, "the pipeline folded into one row")
+        keys = [row.key.value for row in table.ordered_rows]
+        assert keys == [str(stages[-1]), str(alone)]  # the pipeline by its newest run, the stage it is at
+        head = table.get_row(str(stages[-1]))
+        assert str(head[0]).strip() == f"▸{stages[-1]}" and "pipeline 1 3/4" in str(head[2])
+        app.home.select_run(stages[-1])
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: table.row_count == 4, 10, "its stages")
+        assert [row.key.value for row in table.ordered_rows] == [str(stages[-1]), str(stages[0]),
+                                                                  str(stages[1]), str(alone)]
+        assert str(table.get_row(str(stages[0]))[0]).strip() == f"└{stages[0]}"
+        assert str(table.get_row(str(stages[-1]))[0]).strip() == f"▾{stages[-1]}"
+        await pilot.press("plus")
+        await wait_for(pilot, lambda: table.row_count == 2, 10, "folded again")

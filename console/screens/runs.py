@@ -62,6 +62,7 @@ class RunsScreen(Screen):
         Binding("left_square_bracket", "sample_step(-1)", "Samples: previous step", show=False),
         Binding("right_square_bracket", "sample_step(1)", "Samples: next step", show=False),
         Binding("slash", "find", "Find runs", show=False),
+        Binding("plus", "expand", "Pipeline: show its stages or fold them (also enter)", show=False),
         Binding("N", "note", "Note on the run", show=False),
         Binding("l", "relaunch", "Launch the run again, with changes", show=False),
         Binding("exclamation_mark", "shell", "Shell in the run's folder", show=False),
@@ -125,7 +126,7 @@ class RunsScreen(Screen):
     def runs_changed(self) -> None:
         table = self.query_one(RunTable)
         self.marked = [r for r in self.marked if r in self.app.runs]
-        table.show(self.app.runs, self.app.history, set(self.marked))
+        table.show(self.app.runs, self.app.history, set(self.marked), self.app.pipelines)
         if self._want_selected in self.app.runs:  # a run launched here: selected once the table has it
             self.select_run(self._want_selected)
             self._want_selected = None
@@ -143,7 +144,7 @@ class RunsScreen(Screen):
 
     def metrics_changed(self, run_ids: set[int]) -> None:
         # best and ETA come from the metrics; only cells whose text changed are redrawn
-        self.query_one(RunTable).show(self.app.runs, self.app.history, set(self.marked))
+        self.query_one(RunTable).show(self.app.runs, self.app.history, set(self.marked), self.app.pipelines)
         if self.selected in run_ids or run_ids & set(self.marked):
             self._update_metric_list()
             self.schedule_redraw(REDRAW_S)
@@ -174,6 +175,15 @@ class RunsScreen(Screen):
             self._want_selected = run_id
 
     # -- selection --------------------------------------------------------------------------------------
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if event.data_table.id == "run-table":
+            self.action_expand()
+
+    def action_expand(self) -> None:
+        table = self.query_one(RunTable)
+        if self.selected is not None and table.toggle_pipeline(self.selected, self.app.runs):
+            table.show(self.app.runs, self.app.history, set(self.marked), self.app.pipelines)
+
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "run-table" and event.row_key.value is not None:
             self._select(int(event.row_key.value))

@@ -1,7 +1,8 @@
 """The run table: id, stage, recipe, status, step / total, ETA, best metric, started.
 
 Rows are updated in place (no flicker, the cursor stays on its run); sorting and the status/stage
-filter are the table's own state.
+filter are the table's own state. A pipeline's runs are one row, its newest run (the stage it is at, with
+`pipeline N k/n` beside the recipe), until enter expands it into all its stages.
 """
 
 from __future__ import annotations
@@ -48,7 +49,31 @@ def shown_status(run: dict[str, Any]) -> str:
     return run["status"]
 
 
-def cells(run: dict[str, Any], history: History, marked: bool) -> tuple:
+PIPELINE_ORDER = ("sft", "rm", "ppo", "eval")
+
+
+def pipeline_stages(pipeline: dict[str, Any]) -> list[str]:
+    """The stages a pipeline runs, from its recorded recipe (as engine.pipeline.plan, without pydantic)."""
+    try:
+        config = json.loads(pipeline.get("config") or "{}")
+    except ValueError:
+        return []
+    through = pipeline.get("through") or "eval"
+    return [s for s in PIPELINE_ORDER if config.get(s) and PIPELINE_ORDER.index(s) <= PIPELINE_ORDER.index(through)]
+
+
+def pipeline_label(run: dict[str, Any], pipeline: dict[str, Any] | None) -> str:
+    """`pipeline N k/n` for a pipeline's run: where in its pipeline this stage is."""
+    if pipeline is None:
+        return f"pipeline {run['pipeline_id']}"
+    stages = pipeline_stages(pipeline)
+    where = f" {stages.index(run['stage']) + 1}/{len(stages)}" if run["stage"] in stages else ""
+    return f"pipeline {pipeline['id']}{where}"
+
+
+def cells(run: dict[str, Any], history: History, marked: bool, group: str = "",
+          pipeline: dict[str, Any] | None = None) -> tuple:
+    """`group`: "▸" / "▾" on a pipeline's row (collapsed / expanded), "└" on its other stages."""
     from console.series import best_metric, eta_seconds, format_duration  # numpy: not before the first frame
 
     status = shown_status(run)
@@ -61,11 +86,12 @@ def cells(run: dict[str, Any], history: History, marked: bool) -> tuple:
     best = best_metric(run["stage"], history.runs.get(run["id"]))
     started = time.strftime("%m-%d %H:%M", time.localtime(run["started"])) if run["started"] else "-"
     mark = "●" if marked else " "
+    in_pipeline = pipeline_label(run, pipeline) if run.get("pipeline_id") is not None else None
     return (
-        Text(f"{mark}{run['id']}", style=run_colour(run["id"]) if marked else ""),
+        Text(f"{mark}{group}{run['id']}", style=run_colour(run["id"]) if marked else ""),
         run["stage"],
         # a user's text: never markup, never a terminal escape
-        Text(terminal_safe(" · ".join(filter(None, (run["name"], run.get("note")))))),
+        Text(terminal_safe(" · ".join(filter(None, (run["name"], in_pipeline, run.get("note")))))),
         Text(status, style=STATUS_STYLE.get(status, "")),
         step,
         eta,
@@ -104,7 +130,8 @@ _trend_cache: dict[int, tuple[tuple, str]] = {}
 
 def searchable(run: dict[str, Any]) -> str:
     """What `/` matches a run against, lower case."""
-    return " ".join(str(part) for part in (run["id"], run["stage"], run["name"], run.get("note") or "",
+    pipeline = f"pipeline {run['pipeline_id']}" if run.get("pipeline_id") is not None else ""
+    return " ".join(str(part) for part in (run["id"], run["stage"], run["name"], run.get("note") or "", pipeline,
                                            overrides_text(run), shown_status(run))).lower()
 
 
@@ -135,20 +162,59 @@ class RunTable(DataTable):
         self._shown: dict[str, tuple] = {}  # row key -> cells as last drawn: only changed cells are redrawn
         self.history: History | None = None
         self._sorted_label: tuple[str, bool] | None = None
+        self.pipelines: dict[int, dict[str, Any]] = {}
+        self.expanded: set[int] = set()  # pipelines shown stage by stage
 
     def on_mount(self) -> None:
         for name in COLUMNS:
             self.add_column(name, key=name)
 
+    def heads(self, runs: dict[int, dict[str, Any]]) -> dict[int, int]:
+        """Pipeline id -> its newest run: the row that stands for the pipeline."""
+        newest: dict[int, int] = {}
+        for run in runs.values():
+            if run.get("pipeline_id") is not None:
+                newest[run["pipeline_id"]] = max(newest.get(run["pipeline_id"], 0), run["id"])
+        return newest
+
     def visible(self, runs: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows in order: filtered and sorted, a pipeline by its newest run with (expanded) its other runs
+        right below it, oldest first."""
+        heads = self.heads(runs)
+        members: dict[int, list[dict[str, Any]]] = {}
+        for run in runs.values():
+            pipeline = run.get("pipeline_id")
+            if pipeline is not None and heads[pipeline] != run["id"]:
+                members.setdefault(pipeline, []).append(run)
         chosen = [r for r in runs.values()
-                  if (self.status_filter is None or shown_status(r) == self.status_filter)
+                  if (r.get("pipeline_id") is None or heads[r["pipeline_id"]] == r["id"])
+                  and (self.status_filter is None or shown_status(r) == self.status_filter)
                   and (self.stage_filter is None or r["stage"] == self.stage_filter)
                   and (not self.text_filter or self.text_filter in searchable(r))]
         key = {"id": lambda r: r["id"], "stage": lambda r: (r["stage"], r["id"]),
                "status": lambda r: (shown_status(r), r["id"]), "started": lambda r: (r["started"] or 0, r["id"]),
                "best": lambda r: (self._best_key(r), r["id"]), "ETA": lambda r: (self._eta_key(r), r["id"])}
-        return sorted(chosen, key=key[self.sort_by], reverse=self.sort_reverse)
+        rows = []
+        for run in sorted(chosen, key=key[self.sort_by], reverse=self.sort_reverse):
+            rows.append(run)
+            if run.get("pipeline_id") in self.expanded:
+                rows += sorted(members.get(run["pipeline_id"], []), key=lambda r: r["id"])
+        return rows
+
+    def _cells(self, run: dict[str, Any], history: History, marked: set[int], heads: dict[int, int]) -> tuple:
+        pipeline = run.get("pipeline_id")
+        group = ""
+        if pipeline is not None:
+            group = ("▾" if pipeline in self.expanded else "▸") if heads.get(pipeline) == run["id"] else "└"
+        return cells(run, history, run["id"] in marked, group, self.pipelines.get(pipeline))
+
+    def toggle_pipeline(self, run_id: int, runs: dict[int, dict[str, Any]]) -> bool:
+        """Expand or fold the pipeline of `run_id`; False when the run is not a pipeline's."""
+        pipeline = runs.get(run_id, {}).get("pipeline_id")
+        if pipeline is None:
+            return False
+        self.expanded ^= {pipeline}
+        return True
 
     def _best_key(self, run: dict[str, Any]) -> float:
         """Better runs sort first when the order is ascending: a loss as it is, a score or accuracy negated;
@@ -169,9 +235,13 @@ class RunTable(DataTable):
         eta = eta_seconds(run["step"], run["total_steps"], self.history.runs.get(run["id"]))
         return math.inf if eta is None else eta
 
-    def show(self, runs: dict[int, dict[str, Any]], history: History, marked: set[int]) -> None:
+    def show(self, runs: dict[int, dict[str, Any]], history: History, marked: set[int],
+             pipelines: dict[int, dict[str, Any]] | None = None) -> None:
         self.history = history
+        if pipelines is not None:
+            self.pipelines = pipelines
         self._mark_sorted_column()
+        heads = self.heads(runs)
         wanted = self.visible(runs)
         wanted_keys = [str(r["id"]) for r in wanted]
         current_keys = [row.key.value for row in self.ordered_rows]
@@ -182,7 +252,7 @@ class RunTable(DataTable):
                 self.clear()
                 self._shown = {}
                 for run in wanted:
-                    row = cells(run, history, run["id"] in marked)
+                    row = self._cells(run, history, marked, heads)
                     self.add_row(*row, key=str(run["id"]))
                     self._shown[str(run["id"])] = row
                 if selected is not None and str(selected) in wanted_keys:
@@ -191,7 +261,7 @@ class RunTable(DataTable):
             return
         for run in wanted:
             key = str(run["id"])
-            row, before = cells(run, history, run["id"] in marked), self._shown.get(key, ())
+            row, before = self._cells(run, history, marked, heads), self._shown.get(key, ())
             for i, (column, value) in enumerate(zip(COLUMNS, row)):
                 if i >= len(before) or before[i] != value:
                     # Widening a column re-lays out the whole screen: only when the text no longer fits.
