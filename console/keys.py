@@ -10,7 +10,7 @@ from textual.binding import Binding
 from textual.dom import DOMNode
 
 _NAMES = {"left_square_bracket": "[", "right_square_bracket": "]", "full_stop": ".", "comma": ",",
-          "question_mark": "?", "space": "space", "delete": "del", "slash": "/"}
+          "question_mark": "?", "space": "space", "delete": "del", "slash": "/", "plus": "+", "exclamation_mark": "!"}
 
 
 def key_label(binding: Binding) -> str:

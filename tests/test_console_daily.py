@@ -506,3 +506,34 @@ async def test_a_one_point_chart_has_short_readable_axes(many_runs):
         plot = home.query_one(MetricChart).plot
         # a span around the one value: ticks like 1.9, 2.0, 2.1, not 1.99999999
         assert (plot._x_min, plot._x_max) == (0, 2) and (plot._y_min, plot._y_max) == pytest.approx((1.8, 2.2))
+
+
+@sync
+async def test_w_wraps_long_log_lines_at_the_pane_width_and_back(many_runs):
+    from rich.cells import cell_len
+    from textual.widgets import Log
+
+    from console.widgets.log_view import LogView
+
+    with Store(many_runs) as store:
+        out = Path(store.run(8)["output_dir"])
+    long_line = "x" * 150 + " 训练 " + "y" * 100
+    (out / "train.log").write_text("short line\n" + long_line + "\nlast line\n")
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        home = app.home
+        home.select_run(8)
+        await pilot.press("2")
+        view = home.query_one(LogView)
+        await wait_for(pilot, lambda: len(view.lines) == 3, 20, "the log")
+        log = view.query_one(Log)
+        log.focus()
+        assert list(log.lines) == ["short line", long_line, "last line"]
+        await pilot.press("w")
+        await wait_for(pilot, lambda: log.line_count > 3, 10, "the long line wrapped")
+        width = log.scrollable_content_region.width
+        assert all(cell_len(line) <= width for line in log.lines)
+        assert "".join(list(log.lines)[1:-1]) == long_line  # folded, nothing lost
+        await pilot.press("w")
+        await wait_for(pilot, lambda: log.line_count == 3, 10, "unwrapped")

@@ -1,5 +1,6 @@
 """The selected run's log: folded lines from LogTail, the progress line in place, a jump to the last
-traceback, a failed run's stored error pinned above it, and search (`/`, then n / N between hits)."""
+traceback, a failed run's stored error pinned above it, search (`/`, then n / N between hits) and a wrap
+toggle (`w`: long lines folded at the pane's width instead of cut at its edge)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class LogView(Vertical):
         Binding("n", "hit(1)", "Next hit"),
         Binding("N", "hit(-1)", "Previous hit"),
         Binding("e", "follow", "Follow"),
+        Binding("w", "wrap", "Wrap"),
         Binding("escape", "end_search", "End search", show=False),
     ]
     DEFAULT_CSS = """
@@ -55,6 +57,8 @@ class LogView(Vertical):
         self.error: str | None = None
         self.pending = ""
         self.term = ""
+        self.wrap = False
+        self._wrapped_at = 0  # the width the shown lines were folded at
 
     def compose(self) -> ComposeResult:
         yield Static("", id="log-error")
@@ -70,7 +74,7 @@ class LogView(Vertical):
 
     def on_mount(self) -> None:
         # Lines that arrived before the view was mounted (it mounts lazily) are kept in `lines`.
-        self.query_one(Log).write_lines(list(self.lines))
+        self.query_one(Log).write_lines(self._shown(list(self.lines)))
         self.query_one("#log-progress", Static).update(Text(self.pending))
         self._show_error()
 
@@ -103,7 +107,7 @@ class LogView(Vertical):
         self.pending = pending
         if self._composed:
             if lines:
-                self.query_one(Log).write_lines(lines)
+                self.query_one(Log).write_lines(self._shown(lines))
             self.query_one("#log-progress", Static).update(Text(pending))
 
     def clear(self, note: str = "") -> None:
@@ -182,6 +186,39 @@ class LogView(Vertical):
         log.notify_style_update()
         log.refresh()
         self.refresh_bindings()
+
+    # -- wrap --------------------------------------------------------------------------------------------
+    def _width(self) -> int:
+        log = self.query_one(Log)
+        return max(20, log.scrollable_content_region.width or log.size.width or 80)
+
+    def _shown(self, lines: list[str]) -> list[str]:
+        """The lines as the log draws them: folded at the pane's width (in cells) when wrapping."""
+        if not self.wrap:
+            return lines
+        from rich.cells import chop_cells
+
+        width = self._wrapped_at = self._width()
+        return [part for line in lines for part in (chop_cells(line, width) or [""])]
+
+    def _redraw(self) -> None:
+        log = self.query_one(Log)
+        following = log.auto_scroll
+        log.clear()
+        log.write_lines(self._shown(list(self.lines)))
+        if following:
+            log.scroll_end(animate=False)
+
+    def action_wrap(self) -> None:
+        self.wrap = not self.wrap
+        if self._composed:
+            self._redraw()
+        self.notify("long lines wrapped" if self.wrap else "long lines cut at the edge (scroll right)",
+                    title="log")
+
+    def on_resize(self) -> None:
+        if self.wrap and self._composed and self._width() != self._wrapped_at:
+            self._redraw()
 
     def action_follow(self) -> None:
         self.follow()
