@@ -195,8 +195,11 @@ def tracked_run(
     handle = RunHandle(run_id, Path(recipe.output_root) / str(run_id), store)
     if store is not None:
         handle.output_dir.mkdir(parents=True, exist_ok=True)
-        # A resumed run keeps the time it first started.
-        fields: dict[str, Any] = {"status": "running", "started": store.run(run_id)["started"] or time.time(),
+        # A resumed run keeps the time it first started; each stretch goes on its list of segments.
+        row, now = store.run(run_id), time.time()
+        segments = [*json.loads(row.get("segments") or "[]"), [now, None]]
+        fields: dict[str, Any] = {"status": "running", "started": row["started"] or now,
+                                  "segments": json.dumps(segments),
                                   "world_size": world, "ended": None, "exit_code": None, "error": None}
         if os.environ.get(LAUNCHED_ENV) != "1":
             fields["launch"] = None  # this stretch runs in this process, whatever started the run before
@@ -213,8 +216,12 @@ def tracked_run(
     def end(status: str, **extra: Any) -> None:
         if store is not None:
             code = {"done": 0, "stopped": EXIT_STOPPED}.get(status, 1) if own else None
-            store.update_run(run_id, status=status, ended=time.time(), **({"exit_code": code} if own else {}),
-                             **extra)
+            now = time.time()
+            segments = json.loads(store.run(run_id).get("segments") or "[]")
+            if segments and segments[-1][1] is None:
+                segments[-1][1] = now
+            store.update_run(run_id, status=status, ended=now, segments=json.dumps(segments),
+                             **({"exit_code": code} if own else {}), **extra)
 
     try:
         yield handle

@@ -237,6 +237,9 @@ def _v8(db: sqlite_utils.Database) -> None:
         defaults={"status": "pending"},
     )
     db["runs"].add_column("pipeline_id", int)
+    # Each stretch a run trained, [[start, end], ...] as JSON: a resumed run keeps its first start and
+    # shows where it was interrupted.
+    db["runs"].add_column("segments", str)
 
 
 # Append only: migration i brings a database from version i to i + 1.

@@ -3,6 +3,7 @@ signalled, a runs.db never touches another one's folders, resume reads the recor
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -244,6 +245,11 @@ def test_resume_follows_its_own_hint_from_anywhere_with_the_recorded_config(work
     row = run_row(1, db)
     assert row["status"] == "done" and row["step"] == stopped_at + 2 and row["exit_code"] == 0
     assert f"train.max_steps={stopped_at + 2}" in row["overrides"]  # the change is on the run's record
+    (first, first_end), (second, second_end) = json.loads(row["segments"])  # two stretches, both closed
+    assert row["started"] == first < first_end <= second < second_end == row["ended"]
+    from console.screens.runs import segments_text
+
+    assert segments_text(row).startswith(" · 2 segments ") and segments_text(run_row(1, db) | {"segments": "[]"}) == ""
 
     again = subprocess.run([*RLHF, *hint.split()[1:]], cwd=elsewhere, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and f"run 1 is done at step {stopped_at + 2}" in again.stderr

@@ -32,6 +32,24 @@ RAW_BESIDE_SMOOTHED = 3
 REDRAW_S = 1.0  # at most one chart redraw a second, however fast rows arrive
 
 
+def segments_text(run: dict[str, Any]) -> str:
+    """` · 3 segments 05-02 10:00–10:40, 11:02–11:30, 12:15–` for a resumed run; nothing for one stretch."""
+    import json
+
+    try:
+        segments = json.loads(run.get("segments") or "[]")
+    except ValueError:
+        return ""
+    if len(segments) < 2:
+        return ""
+
+    def clock(t: float | None, day: bool = False) -> str:
+        return time.strftime("%m-%d %H:%M" if day else "%H:%M", time.localtime(t)) if t else ""
+
+    spans = [f"{clock(a, day=i == 0)}–{clock(b)}" for i, (a, b) in enumerate(segments)]
+    return f" · {len(segments)} segments {', '.join(spans)}"
+
+
 class RunsScreen(Screen):
     # The footer shows these in this order, before the app's own keys, and the palette (^p) at its right
     # end: at 80 columns that is all that fits, so only these are shown; the rest is in help (?) and the
@@ -334,6 +352,7 @@ class RunsScreen(Screen):
         text = f"run {run['id']} {run['stage']} {run['name']} · {status}"
         if run["exit_code"] is not None:
             text += f" (exit {run['exit_code']})"
+        text += segments_text(run)
         if status in ("failed", "diverged") and run.get("error"):
             last = [line for line in run["error"].splitlines() if line.strip()]
             text += f" · {last[-1][:60] if last else ''}"
