@@ -537,3 +537,50 @@ async def test_w_wraps_long_log_lines_at_the_pane_width_and_back(many_runs):
         assert "".join(list(log.lines)[1:-1]) == long_line  # folded, nothing lost
         await pilot.press("w")
         await wait_for(pilot, lambda: log.line_count == 3, 10, "unwrapped")
+
+
+@sync
+async def test_slash_finds_in_the_focused_pane_metrics_and_samples_too(many_runs):
+    from textual.widgets import DataTable, Input, OptionList
+
+    with Store(many_runs) as store:
+        run_id = store.create_run(stage="ppo", name="tiny", recipe="configs/tiny.yaml", config="{}")
+        store.update_run(run_id, status="done", started=T0, step=2, total_steps=2)
+        for step in (1, 2):
+            store.log_metrics(run_id, step, {"losses/policy_loss": 0.1, "losses/value_loss": 0.2,
+                                             "kl_ctl_value": 0.05, "rollout_scores/mean": 0.3}, wall_time=T0 + step)
+        store.add_samples(run_id, 2, [("what is 2 plus 3?", "5", 1.0), ("opposite of hot?", "cold", 0.5),
+                                      ("what is 4 plus 4?", "8", 0.9)])
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and run_id in app.runs, 20, "the runs")
+        home = app.home
+        home.select_run(run_id)
+        metrics = home.query_one("#metric-list", OptionList)
+
+        def names() -> list[str]:
+            return [metrics.get_option_at_index(i).id for i in range(metrics.option_count)
+                    if not metrics.get_option_at_index(i).disabled]
+
+        await wait_for(pilot, lambda: "losses/value_loss" in names(), 20, "the metrics")
+        metrics.focus()
+        await pilot.press("slash", *"loss")
+        await wait_for(pilot, lambda: set(names()) - {home.metric} == {"losses/policy_loss", "losses/value_loss"}
+                       - {home.metric}, 10, "only the losses")
+        assert "kl_ctl_value" not in names()
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: "kl_ctl_value" in names(), 10, "every metric again")
+        assert not home.query_one("#metric-find", Input).display and app.focused is metrics
+
+        await pilot.press("3")
+        table = home.query_one("#samples-table", DataTable)
+        await wait_for(pilot, lambda: table.row_count == 3, 20, "the samples")
+        table.focus()
+        await pilot.press("slash", *"plus")
+        await wait_for(pilot, lambda: table.row_count == 2, 10, "the two sums")
+        assert "2 of 3 hold 'plus'" in str(home.query_one("#samples-head").render())
+        await pilot.press("enter")  # kept; enter on the table then opens the first match whole
+        await wait_for(pilot, lambda: app.focused is table, 10)
+        await pilot.press("slash")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: table.row_count == 3, 10, "every sample again")

@@ -102,6 +102,7 @@ class RunsScreen(Screen):
         self._redraw_due = 0.0
         self._redraw_timer: Timer | None = None
         self._metric_names: list[str] = []
+        self.metric_filter = ""  # `/` in the metric list
         self.sample_steps: list[int] = []
         self.sample_step: int | None = None
         self.samples_following = True  # showing the newest step, and moving on with the run
@@ -120,7 +121,9 @@ class RunsScreen(Screen):
         with TabbedContent(id="tabs", initial="curves"):
             with TabPane("Curves", id="curves"):
                 with Horizontal():
-                    yield OptionList(id="metric-list")
+                    with Vertical(id="metric-col"):
+                        yield OptionList(id="metric-list")
+                        yield Input(placeholder="find metrics", id="metric-find", compact=True)
                     yield Vertical(id="chart-slot")  # the chart mounts after the first frame (numpy, plot)
             # Hidden at start: mounted just after the first frame, which they would only slow down.
             with TabPane("Log", id="log"):
@@ -260,6 +263,9 @@ class RunsScreen(Screen):
             run = self.app.history.runs.get(run_id)
             if run is not None:
                 names.update(run.series)
+        if self.metric_filter:  # `/` on the list: only the names that hold the text
+            shown = {n for n in names if self.metric_filter in n.lower()}
+            names = shown | ({self.metric} if self.metric in names else set())
         ordered = [n for group in metric_groups(names).values() for n in group]
         if self.metric is None or self.metric not in names:
             stage = self.app.runs.get(self.selected, {}).get("stage", "")
@@ -501,8 +507,17 @@ class RunsScreen(Screen):
         if run is not None:
             self.app.push_screen(LaunchScreen(self.app.configs_dir, from_run=run), self.app.launched)
 
+    # `/` finds in the pane that has focus: runs in the table, metrics in their list, samples in theirs
+    # (the log has its own search). Each box narrows as the text is typed; enter keeps it, escape clears.
+    FINDS = {"run-find": "run-table", "metric-find": "metric-list"}
+
     def action_find(self) -> None:
-        box = self.query_one("#run-find", Input)
+        focused = self.focused
+        if focused is not None and focused.id == "samples-table":
+            self.query_one(SamplesView).action_find()
+            return
+        box = self.query_one("#metric-find" if focused is not None and focused.id == "metric-list" else "#run-find",
+                             Input)
         box.display = True
         box.focus()
 
@@ -510,18 +525,21 @@ class RunsScreen(Screen):
         if event.input.id == "run-find":  # the table narrows as the text is typed
             self.query_one(RunTable).text_filter = event.value.strip().lower()
             self.runs_changed()
+        elif event.input.id == "metric-find":
+            self.metric_filter = event.value.strip().lower()
+            self._update_metric_list()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.input.id == "run-find":
+        if event.input.id in self.FINDS:
             event.input.display = bool(event.value.strip())  # a kept filter stays in sight
-            self.query_one(RunTable).focus()
+            self.query_one(f"#{self.FINDS[event.input.id]}").focus()
 
     def on_key(self, event: Any) -> None:
-        box = self.query_one("#run-find", Input)
-        if event.key == "escape" and self.focused is box:
-            box.value = ""  # Changed clears the filter
-            box.display = False
-            self.query_one(RunTable).focus()
+        focused = self.focused
+        if event.key == "escape" and focused is not None and focused.id in self.FINDS:
+            focused.value = ""  # Changed clears the filter
+            focused.display = False
+            self.query_one(f"#{self.FINDS[focused.id]}").focus()
             event.stop()
 
     def action_note(self) -> None:

@@ -14,7 +14,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Static
+from textual.widgets import DataTable, Input, Static
 
 from console.text import terminal_safe
 
@@ -69,27 +69,62 @@ class SamplesView(Vertical):
     BINDINGS = [
         Binding("left_square_bracket", "screen.sample_step(-1)", "Prev step"),
         Binding("right_square_bracket", "screen.sample_step(1)", "Next step"),
+        Binding("slash", "find", "Find"),
     ]
     DEFAULT_CSS = """
     SamplesView > #samples-head { height: 1; }
+    SamplesView > #samples-find { height: 1; display: none; }
     """
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = []  # the rows shown (those holding the find text)
         self.where = ""
+        self.term = ""  # `/`: only samples whose prompt or response holds it
+        self._shown: tuple = ()
 
     def compose(self) -> ComposeResult:
         yield Static("", id="samples-head")
+        yield Input(placeholder="find in this step's samples (prompt or response)", id="samples-find", compact=True)
         yield DataTable(id="samples-table", cursor_type="row", zebra_stripes=True)
+
+    def action_find(self) -> None:
+        box = self.query_one("#samples-find", Input)
+        box.display = True
+        box.focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "samples-find":
+            event.stop()
+            self.term = event.value.strip().lower()
+            if self._shown:
+                self.show(*self._shown)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "samples-find":
+            event.stop()
+            event.input.display = bool(event.value.strip())
+            self.query_one(DataTable).focus()
+
+    def on_key(self, event: Any) -> None:
+        box = self.query_one("#samples-find", Input)
+        if event.key == "escape" and self.screen.focused is box:
+            event.stop()
+            box.value = ""
+            box.display = False
+            self.query_one(DataTable).focus()
 
     def on_mount(self) -> None:
         self.query_one(DataTable).add_columns("score", "prompt", "response")
 
     def show(self, run_id: int, steps: list[int], step: int | None, rows: list[dict[str, Any]],
              following: bool = False) -> None:
-        self.rows = rows
+        self._shown = (run_id, steps, step, rows, following)
         hidden = shared_start([row["prompt"] for row in rows])
+        every = len(rows)
+        if self.term:
+            rows = [r for r in rows if self.term in r["prompt"].lower() or self.term in r["response"].lower()]
+        self.rows = rows
         table = self.query_one(DataTable)
         cursor = table.cursor_row
         table.clear()
@@ -103,6 +138,8 @@ class SamplesView(Vertical):
         self.where = (f"step {step} ({steps.index(step) + 1} of {len(steps)})" if step is not None
                       else "no samples recorded")
         head = f"run {run_id} samples: {self.where}{' · following' if following else ''}"
+        if self.term:
+            head += f" · {len(rows)} of {every} hold {self.term!r}"
         if hidden:
             head += f" · the prompts' shared start ({hidden} characters) hidden"
         self.query_one("#samples-head", Static).update(Text(f"{head}   [ ] steps · enter: whole sample"))
