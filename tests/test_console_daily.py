@@ -584,3 +584,29 @@ async def test_slash_finds_in_the_focused_pane_metrics_and_samples_too(many_runs
         await pilot.press("slash")
         await pilot.press("escape")
         await wait_for(pilot, lambda: table.row_count == 3, 10, "every sample again")
+
+
+@sync
+async def test_x_tick_labels_are_never_cut_at_the_right_edge_at_80_columns(many_runs):
+    from textual_hires_canvas import Canvas
+
+    from console.widgets.chart import MetricChart
+
+    with Store(many_runs) as store:
+        run = store.create_run(stage="sft", name="tiny", recipe="configs/tiny.yaml", config="{}")
+        for step in range(1, 1002):  # ticks 200 ... 1000, the last one cell from the right edge
+            store.log_metrics(run, step, {"loss": 1.0 / step}, wall_time=T0 + step)
+        store.update_run(run, status="done", started=T0, step=1001, total_steps=1001)
+    app = app_for(many_runs)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and run in app.runs, 20, "the runs")
+        home = app.home
+        home.select_run(run)
+        await wait_for(pilot, lambda: home.selected == run and home.last_draw_points > 0, 20, "the curve")
+        plot = home.query_one(MetricChart).plot
+        await pilot.pause()
+        ticks, labels = plot._x_formatter.get_ticks_and_labels(plot._x_min, plot._x_max)
+        row = plot.query_one("#margin-bottom", Canvas).render_line(0).text
+        shown = row.split()
+        assert shown and all(token in labels for token in shown), (row, labels)  # whole labels only
+        assert shown == [label for label in labels if label in shown]  # in order, none half-drawn

@@ -37,6 +37,25 @@ class _BatchedPlot(PlotWidget):
         with self.query_one("#plot", Canvas).batch_refresh():
             return super().render()
 
+    def _render_x_ticks(self) -> None:
+        # The plot centres each tick label on its tick, so one near the right edge lost its last digits
+        # (at 80 columns, a "1000" read "100"). Ticks whose label would not fit whole are left out.
+        if self._x_ticks is not None:
+            return super()._render_x_ticks()
+        ticks, labels = self._x_formatter.get_ticks_and_labels(self._x_min, self._x_max)
+        width = self.query_one("#margin-bottom", Canvas).size.width
+        fits = []
+        for tick, label in zip(ticks, labels):
+            x = self.get_pixel_from_coordinate(tick, 0.0)[0] + self.margin_left
+            start = x - len(label) // 2 + (len(label) % 2 == 0)  # as the canvas centres a label
+            if tick == self._x_max or start + len(label) <= width:  # the plot right-aligns x_max itself
+                fits.append(tick)
+        self._x_ticks = fits
+        try:
+            super()._render_x_ticks()
+        finally:
+            self._x_ticks = None
+
 
 class MetricChart(Vertical):
     DEFAULT_CSS = """
