@@ -142,10 +142,25 @@ def _has_checkpoint(run: dict[str, Any]) -> bool:
 
 
 def run(pipeline_id: int, db_path: str | os.PathLike, echo: bool = False) -> str:
-    """Run (or continue) the pipeline's stages in order; returns its final status."""
+    """Run (or continue) the pipeline's stages in order; returns its final status. Whatever stops it
+    (a stage that cannot start, runs.db trouble) is recorded on the pipeline before it is raised."""
+    db_path = str(Path(db_path).resolve())
+    try:
+        return _run(pipeline_id, db_path, echo)
+    except BaseException as err:
+        try:
+            with Store(db_path) as store:
+                if store.pipeline(pipeline_id)["status"] in ("pending", "running"):
+                    store.update_pipeline(pipeline_id, status="failed", ended=time.time(),
+                                          error=f"{type(err).__name__}: {err}"[:2000])
+        except Exception:  # the store itself may be what failed: the original error is the one to see
+            pass
+        raise
+
+
+def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
     from engine.launch import prepare, supervise
 
-    db_path = str(Path(db_path).resolve())
     os.environ[PIPELINE_ENV] = str(pipeline_id)
     stop = _Stop()
     with Store(db_path) as store:

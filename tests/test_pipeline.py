@@ -136,6 +136,8 @@ async def test_the_console_shows_a_pipeline_as_one_row_that_expands_into_its_sta
         head = table.get_row(str(stages[-1]))
         assert str(head[0]).strip() == f"▸{stages[-1]}" and "pipeline 1 3/4" in str(head[2])
         app.home.select_run(stages[-1])
+        await wait_for(pilot, lambda: "· pipeline 1 pending" in str(app.home.query_one("#run-info").render()), 10,
+                       "the pipeline's status on the info line")
         await pilot.press("enter")
         await wait_for(pilot, lambda: table.row_count == 4, 10, "its stages")
         assert [row.key.value for row in table.ordered_rows] == [str(stages[-1]), str(stages[0]),

@@ -359,6 +359,11 @@ class RunsScreen(Screen):
         if run["exit_code"] is not None:
             text += f" (exit {run['exit_code']})"
         text += segments_text(run)
+        pipeline = self.app.pipelines.get(run.get("pipeline_id"))
+        if pipeline is not None:
+            text += f" · pipeline {pipeline['id']} {pipeline['status']}"
+            if pipeline.get("error") and pipeline["status"] == "failed":
+                text += f" ({pipeline['error'].splitlines()[-1][:60]})"
         if status in ("failed", "diverged") and run.get("error"):
             last = [line for line in run["error"].splitlines() if line.strip()]
             text += f" · {last[-1][:60] if last else ''}"
