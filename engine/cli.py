@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("recipe")
     check.add_argument("--stage", choices=STAGES, default=None)
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--estimate", action="store_true",
+                       help="print the memory per GPU of each stage instead (from the model config alone)")
+    check.add_argument("--accelerate-config", default=None, help="with --estimate: ZeRO/FSDP sharding and GPU count")
+    check.add_argument("--gpus", type=int, default=None, help="with --estimate: GPUs (default: the config's processes)")
+    check.add_argument("--gpu-memory", default=None, help="with --estimate: memory per GPU (default 80GiB)")
 
     runs = sub.add_parser("runs", help="list the runs in runs.db")
     runs.add_argument("--db", default=None)
@@ -186,6 +191,19 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return pipeline.exit_code(status)
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    """`rlhf check RECIPE --estimate`: memory per GPU of each stage, before anything loads."""
+    from engine.config import load_recipe
+    from engine.estimate import DEFAULT_GPU_MEMORY, estimate_recipe, parse_size, read_accelerate_config, report
+
+    memory = parse_size(args.gpu_memory) if args.gpu_memory else DEFAULT_GPU_MEMORY
+    parallel = read_accelerate_config(args.accelerate_config, args.gpus)
+    recipe = load_recipe(args.recipe, args.overrides, args.stage)
+    estimates = estimate_recipe(recipe, [args.stage] if args.stage else None, parallel, memory)
+    print(report(estimates, args.recipe))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] == "console":
@@ -217,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo written to {args.folder}/: " + ", ".join(sorted(paths)))
             return 0
         if args.command == "check":
+            if args.estimate:
+                return _cmd_estimate(args)
+            if args.accelerate_config or args.gpus is not None or args.gpu_memory:
+                raise RecipeError("--accelerate-config, --gpus and --gpu-memory go with --estimate")
             from engine.config import STAGES, load_recipe
             from engine.train import validate
 

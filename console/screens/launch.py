@@ -92,6 +92,14 @@ class RecipeLoaded(Message):
         self.values, self.keys, self.error = values, keys, error
 
 
+class Estimated(Message):
+    """The memory estimate's line for the form as it was at request `seq`."""
+
+    def __init__(self, seq: int, text: str, fits: bool | None):
+        super().__init__()
+        self.seq, self.text, self.fits = seq, text, fits
+
+
 class Validated(Message):
     def __init__(self, error: str | None, fields: dict[str, str], launch: bool):
         super().__init__()
@@ -99,6 +107,10 @@ class Validated(Message):
 
 
 class LaunchScreen(Screen[int | None]):
+    DEFAULT_CSS = """
+    LaunchScreen #estimate { height: auto; color: $text-muted; padding: 0 1; }
+    LaunchScreen #estimate.-too-big { color: $warning; }
+    """
     BINDINGS = [
         Binding("escape", "cancel", "Back"),
         Binding("ctrl+s", "launch", "Launch"),
@@ -116,6 +128,7 @@ class LaunchScreen(Screen[int | None]):
         self.from_run = from_run
         self._run_pending = from_run is not None  # its overrides go into the fields once the recipe is loaded
         self.extra: list[str] = []  # the run's overrides that no field shows
+        self._estimate_seq = 0  # the newest estimate asked for: older answers are dropped
 
     def recipes(self) -> list[Path]:
         return sorted(p for p in self.configs_dir.glob("*.yaml"))
@@ -154,6 +167,7 @@ class LaunchScreen(Screen[int | None]):
             with Horizontal(classes="row"):
                 yield Label("accelerate config", classes="field-label")
                 yield Select(accel, value=default_accel, id="accelerate", compact=True)
+            yield Static("", id="estimate")
             yield Static("", id="kept-overrides", classes="field-error -empty")
             yield Static("", id="error-general", classes="field-error -empty")
             with Horizontal(classes="buttons"):
@@ -177,6 +191,12 @@ class LaunchScreen(Screen[int | None]):
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id in ("stage", "recipe"):
             self._stage_changed()
+        elif event.select.id == "accelerate":
+            self._refresh_estimate()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if self.loaded:
+            self._refresh_estimate()
 
     def _stage_changed(self) -> None:
         for field in FIELDS:
@@ -225,6 +245,7 @@ class LaunchScreen(Screen[int | None]):
         if self._run_pending and message.error is None:
             self._run_pending = False
             self._fill_from_run()
+        self._refresh_estimate()
 
     def _fill_from_run(self) -> None:
         """The run's overrides into the fields they belong to; the rest kept as they are."""
@@ -250,6 +271,44 @@ class LaunchScreen(Screen[int | None]):
         kept = self.query_one("#kept-overrides", Static)
         kept.update(Text("kept from run {}: {}".format(run["id"], " ".join(self.extra)) if self.extra else ""))
         kept.set_class(not self.extra, "-empty")
+
+    # -- memory estimate -------------------------------------------------------------------------------
+    def _refresh_estimate(self) -> None:
+        """Ask for the estimate of the form as it is now (cheap: the model's config.json, no torch)."""
+        if self.recipe is None:
+            return
+        self._estimate_seq += 1
+        accel = self.query_one("#accelerate", Select).value
+        self.estimate(self._estimate_seq, self.stage, self.recipe, self.overrides(),
+                      None if accel is Select.NULL else str(accel), self.processes())
+
+    @work(thread=True, exclusive=True, group="launch-estimate", exit_on_error=False)
+    def estimate(self, seq: int, stage: str, recipe: str, overrides: list[str], accel: str | None,
+                 processes: int | None) -> None:
+        try:
+            from engine.config import load_recipe
+            from engine.estimate import estimate_recipe, gib, read_accelerate_config
+
+            parallel = read_accelerate_config(accel, processes)
+            (result,) = estimate_recipe(load_recipe(recipe, overrides, stage), [stage], parallel)
+            largest = result.largest
+            if parallel.cpu:
+                text = f"memory: peak {gib(result.peak)} per process on CPU"
+            else:
+                verdict = "fits" if result.fits else "does not fit"
+                text = f"memory: peak {gib(result.peak)} per GPU, {verdict} in {gib(result.gpu_memory)}"
+            text += f" · largest: {largest.name} ({gib(largest.bytes)})"
+            self.post_message(Estimated(seq, text, result.fits))
+        except Exception as err:  # the recipe's own errors show on validation; here a short line, never a crash
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            self.post_message(Estimated(seq, f"memory: no estimate ({first[:100]})", None))
+
+    def on_estimated(self, message: Estimated) -> None:
+        if message.seq != self._estimate_seq:
+            return  # the form changed since this was asked for
+        widget = self.query_one("#estimate", Static)
+        widget.update(Text(message.text))
+        widget.set_class(message.fits is False, "-too-big")
 
     # -- validation ------------------------------------------------------------------------------------
     def overrides(self) -> list[str]:

@@ -1,0 +1,45 @@
+"""The launch form shows the memory estimate of what it would launch, before ctrl+s, and follows the form."""
+
+from __future__ import annotations
+
+from textual.widgets import Input, Select, Static
+
+from console.screens.launch import LaunchScreen
+from tests.pilot import CONFIGS, console, sync, wait_for
+
+
+def estimate_text(form: LaunchScreen) -> str:
+    return str(form.query_one("#estimate", Static).render())
+
+
+@sync
+async def test_the_launch_form_shows_the_memory_estimate_and_follows_the_form(workdir):
+    app = console()
+    async with app.run_test(size=(100, 40)) as pilot:
+        await wait_for(pilot, lambda: app.loaded, 20, "the runs")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20, "the form")
+        form = app.screen
+        # The tiny recipe on the CPU config the form starts with: per process, no GPU verdict.
+        await wait_for(pilot, lambda: "memory: peak" in estimate_text(form), 20, "the estimate line")
+        assert "per process on CPU" in estimate_text(form) and "largest:" in estimate_text(form)
+
+        form.query_one("#accelerate", Select).value = str(CONFIGS / "accelerate" / "gpu.yaml")
+        await wait_for(pilot, lambda: "per GPU, fits in 80.00 GiB" in estimate_text(form), 20, "the GPU estimate")
+
+        # PPO with a bigger batch: the line follows the fields (a larger peak).
+        form.query_one("#stage", Select).value = "ppo"
+        await wait_for(pilot, lambda: form.loaded.get("k") == "1" and "per GPU" in estimate_text(form), 20,
+                       "the ppo form")
+        before = estimate_text(form)
+        form.query_one("#field-batch", Input).value = "512"
+        await wait_for(pilot, lambda: estimate_text(form) not in (before, ""), 20, "a new estimate")
+
+        # A model the estimate cannot read: a short message, and the form goes on working.
+        form.query_one("#field-model", Input).value = "demo/no-such-model"
+        await wait_for(pilot, lambda: "no estimate" in estimate_text(form), 20, "the estimate's message")
+        assert "does not exist" in estimate_text(form) and "\n" not in estimate_text(form).strip()
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: "does not exist" in str(form.query_one("#error-model", Static).render()), 20,
+                       "validation still working")
+        assert app.is_running and app.screen is form and app.runs == {}
