@@ -298,6 +298,24 @@ def test_ppo_iteration_peaks_of_results_h200(chunk, score_batch):
     assert estimate.peak / GIB == pytest.approx(PPO_ITERATION_H200_GIB[chunk, score_batch], rel=0.15)
 
 
+# `rlhf train sft` itself (engine.train.run_stage, trl's SFTTrainer) at the bloom-560m shape: random bf16 weights
+# saved as a model folder with the demo's tokenizer, the demo's SFT data packed into sequences of 512 tokens,
+# batch 4, 3 steps; torch.cuda.max_memory_allocated around run_stage in the same process. NVIDIA H200, torch
+# 2.11.0+cu130, transformers 5.24.0, trl 1.16.0, 2026-11-27. Gradient checkpointing -> peak GiB.
+SFT_H200_GIB = {False: 11.94, True: 9.36}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sft_peaks_measured_on_an_h200(checkpointing):
+    from engine.estimate import TrainSetup
+
+    shape = Shape(name="bloom-560m", arch="bloom", hidden=1024, layers=24, heads=16, vocab=250880)
+    setup = TrainSetup(stage="sft", shape=shape, load_bytes=2, compute="bf16", sequences=4, length=512,
+                       checkpointing=checkpointing)
+    estimate = estimate_setup(setup)
+    assert estimate.peak / GIB == pytest.approx(SFT_H200_GIB[checkpointing], rel=0.15)
+
+
 # -- the recipe's stages ------------------------------------------------------------------------------------
 
 def test_bloomz_recipe_on_a_laptop_without_the_model(no_hub_cache):
