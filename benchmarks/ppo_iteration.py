@@ -95,13 +95,15 @@ def generate(hydra, ids, mask, args: argparse.Namespace, new: bool):
     from engine.generation import Engine, Sampling
 
     sampling = Sampling(max_new_tokens=args.response_tokens, temperature=1.0, seed=1)
-    engine = Engine(hydra.policy, SimpleNamespace(eos_token_id=-1, pad_token_id=0),
-                    attention=args.attention) if new else None
+    engine = Engine(hydra.policy, SimpleNamespace(eos_token_id=-1, pad_token_id=0), attention=args.attention)
+    if args.chunk == "auto":  # as the trainer's rollouts with chunk_size: auto
+        args.chunk_rows = engine.rows_that_fit(ids.shape[1] + args.response_tokens, ids.shape[0])
+    chunk = args.chunk_rows
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.response_tokens,
                               min_new_tokens=0, eos_token_id=None, pad_token_id=0, repetition_penalty=1.0)
     parts = []
-    for start in range(0, ids.shape[0], args.chunk):
-        chunk_ids, chunk_mask = ids[start : start + args.chunk], mask[start : start + args.chunk]
+    for start in range(0, ids.shape[0], chunk):
+        chunk_ids, chunk_mask = ids[start : start + chunk], mask[start : start + chunk]
         if new:
             parts.append(engine.generate(chunk_ids, chunk_mask, sampling).input_ids)
         else:
@@ -138,6 +140,7 @@ def iteration(hydra, reward, optimizer, prompts, args: argparse.Namespace, new: 
                           out.values[:, prompt - 1 : -1].float(), out.trunk))
         old_logprobs, ref_logprobs, old_values = (torch.cat(p) for p in list(zip(*parts))[:3])
         trunk = type(parts[0][3]).cat([p[3] for p in parts]) if new else None
+        del parts, out  # as the trainer: the joined trunk cache only
     with clock.phase("reward"), torch.no_grad(), autocast:
         scores = torch.cat([reward(input_ids=ids[idx], attention_mask=full_mask[idx]).logits[:, 0].float()
                             for idx in minibatches])
@@ -171,8 +174,8 @@ def roofline_seconds(hydra, rows: int, args: argparse.Namespace) -> float:
     hidden, layers, _, vocab = SHAPES[args.shape]
     layer_bytes = sum(p.numel() for p in decoder_layers(hydra.lm).parameters()) * 2 + vocab * hidden * 4
     total = 0.0
-    for start in range(0, rows, args.chunk):
-        batch = min(args.chunk, rows - start)
+    for start in range(0, rows, args.chunk_rows):
+        batch = min(args.chunk_rows, rows - start)
         for step in range(args.response_tokens):
             total += layer_bytes + 2 * layers * batch * (args.prompt_tokens + step) * hidden * 2
     return total / args.bandwidth
@@ -188,7 +191,8 @@ def main() -> None:
     parser.add_argument("--baseline-prompts", type=int, default=None, help="prompts for the old paths")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="default: 256 on CUDA, 16 on a CPU")
     parser.add_argument("--response-tokens", type=int, default=None, help="default: 256 on CUDA, 16 on a CPU")
-    parser.add_argument("--chunk", type=int, default=None, help="prompts per decode batch (default 128 / 8)")
+    parser.add_argument("--chunk", default=None,
+                        help="prompts per decode batch, or auto: as many as free memory holds (default 128 / 8)")
     parser.add_argument("--minibatch", type=int, default=None, help="sequences per update (default 16 / 4)")
     parser.add_argument("--score-batch", type=int, default=None,
                         help="sequences per scoring and reward forward (default: the minibatch)")
@@ -205,6 +209,9 @@ def main() -> None:
         if getattr(args, name) is None:
             setattr(args, name, gpu if cuda else cpu)
     args.baseline_prompts = args.baseline_prompts or args.prompts
+    if args.chunk != "auto":
+        args.chunk = int(args.chunk)
+    args.chunk_rows = args.chunk if args.chunk != "auto" else 1  # auto: chosen at the first decode
     args.score_batch = args.score_batch or args.minibatch
     device_name = torch.cuda.get_device_name(0) if cuda else "CPU"
     bandwidth_given = args.bandwidth is not None
@@ -231,7 +238,8 @@ def main() -> None:
 
     print(f"PPO iteration, {args.shape} shape (k={args.k}, k_v={args.k_v}, trainable head) on {device_name}, "
           f"torch {torch.__version__}: prompts {args.prompt_tokens} + responses {args.response_tokens} tokens, "
-          f"decode batches of {args.chunk}, scoring batches of {args.score_batch}, "
+          f"decode batches of {args.chunk_rows}{' (auto)' if args.chunk == 'auto' else ''}, "
+          f"scoring batches of {args.score_batch}, "
           f"minibatches of {args.minibatch}, {args.epochs} epochs")
     from engine.head import split_available
 

@@ -8,7 +8,7 @@ any model or data set is loaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -184,8 +184,9 @@ class PPOStage(_Section):
     value_warmup_steps: int = Field(0, ge=0, description="First steps train only the value branch.")
     max_prompt_length: int = Field(256, gt=0, description="Prompt tokens kept (from the end).")
     max_new_tokens: int = Field(128, gt=0, description="Tokens generated per response.")
-    chunk_size: int = Field(
-        32, gt=0, description="Prompts per decode batch: bounds a rollout's KV cache (a rollout may be larger)."
+    chunk_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="Prompts per decode batch, bounding a rollout's KV cache; auto: as many as the "
+        "accelerator's free memory holds (a wider batch reads the weights once for more rows)."
     )
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")

@@ -734,6 +734,10 @@ class PPOSetup:
     held_outputs: bool = False  # ppo_bench keeps the scoring output into the first update, the last logits
     # into the optimizer step
     logprobs_in_autocast: bool = False  # ppo_bench takes the scoring log-probs inside its autocast region
+    # The code before 2026-11-27's second session (measured at d1de133): split_mm added its products out of
+    # place (three logits-sized tensors at once) and the trunk cache's per-minibatch parts stayed referenced.
+    split_out_of_place: bool = False
+    trunk_parts_held: bool = False
 
 
 def ppo_counts(s: PPOSetup) -> dict[str, int]:
@@ -790,8 +794,8 @@ def ppo_estimate(s: PPOSetup, gpu_memory: int = DEFAULT_GPU_MEMORY) -> StageEsti
         later = (M_JOIN, M_HEAD, M_FWD, M_BWD, M_STEP)
         items.append(Item("trunk_cache", f"trunk cache: layer inputs of {s.rollout} rollout rows (float32)", trunk,
                           (M_TRUNK, M_POLICY, M_REF, M_LOGPROBS) + later))
-        # Trunk.cat joins the per-minibatch parts into a new tensor; the parts stay referenced to the step's end.
-        items.append(Item("trunk_parts", "trunk cache's per-minibatch parts, still referenced", trunk, later))
+        if s.trunk_parts_held:  # Trunk.cat joins them into a new tensor; they were kept to the step's end
+            items.append(Item("trunk_parts", "trunk cache's per-minibatch parts, still referenced", trunk, later))
     items.append(Item("layer_working", f"one layer's working tensors ({score_rows} x {seq} tokens)",
                       shape.working_set(mode, score_rows, seq), (M_TRUNK,)))
     policy_linear = (0 if s.lora is not None else s.k) * shape.layer_linear
@@ -942,12 +946,15 @@ def _ppo_logits(s: PPOSetup, score_rows: int, keep: int, split: bool, policy_fp3
                 "head": low_u + cast, "update": low_u + 2 * big_u + cast, "backward": low_u + 3 * big_u + cast,
                 "held": 2 * low_s, "held_update": low_u}
     if split:
-        # split_mm: out = hi x hi, then out + lo x hi (+ hi x lo): three logits-sized tensors at once. A
-        # float32 weight is split first (its bf16 high part, that part widened, the difference: 10 bytes a
-        # weight) and its two bf16 parts are held during the products; a bf16 weight is its own high part.
+        # split_mm: out = hi x hi, then out += lo x hi (+= hi x lo): two logits-sized tensors at once (three
+        # when it added out of place). A float32 weight is split first (its bf16 high part, that part widened,
+        # the difference: 10 bytes a weight) and its two bf16 parts are held during the products; a bf16
+        # weight is its own high part.
+        live = 3 if s.split_out_of_place else 2
+
         def forward(rows: int) -> int:
-            return max(10 * head, 4 * head + 3 * rows) if policy_fp32 else 3 * rows
-        policy, ref = forward(big_s), big_s + 3 * big_s
+            return max(10 * head, 4 * head + live * rows) if policy_fp32 else live * rows
+        policy, ref = forward(big_s), big_s + live * big_s
         update_head = forward(big_u)
     else:
         # A float32 product; a weight in another dtype is widened for the call.
@@ -1036,7 +1043,10 @@ def stage_setup(recipe: Recipe, stage: str, parallel: Parallel, cuda: bool = Tru
         k=section.num_layers_unfrozen, k_v=section.value_layers, train_head=section.train_head, lora=section.lora,
         reward=reward, reward_bytes=reward_bytes, rollout=section.rollout_batch_size,
         minibatch=min(section.minibatch_size, section.rollout_batch_size), prompt=section.max_prompt_length,
-        response=section.max_new_tokens, chunk=min(section.chunk_size, section.rollout_batch_size), cuda=cuda,
+        response=section.max_new_tokens,
+        chunk=section.rollout_batch_size if section.chunk_size == "auto" else min(section.chunk_size,
+                                                                                   section.rollout_batch_size),
+        cuda=cuda,
         parallel=ppo_parallel, optimizer="fused" if cuda else "single")
 
 
@@ -1058,7 +1068,13 @@ def estimate_recipe(recipe: Recipe, stages: Iterable[str] | None = None, paralle
         if stage not in STAGES:
             raise EstimateError(f"stage {stage!r}: not one of {', '.join(STAGES)}")
         setup = stage_setup(recipe, stage, parallel, cuda)
+        auto = isinstance(setup, PPOSetup) and recipe.ppo.chunk_size == "auto" and cuda
+        if auto:
+            setup = auto_chunk(setup, gpu_memory)
         estimate = estimate_setup(setup, gpu_memory)
+        if auto:
+            estimate.notes.append(f"ppo.chunk_size auto: {setup.chunk} prompts per decode batch, as many as "
+                                  "the memory left at rollout time holds")
         if isinstance(setup, PPOSetup) and parallel.kind in ("zero", "fsdp"):
             estimate.notes.append(f"the PPO trainer runs under data parallelism only (it refuses {parallel.kind}"
                                   f"): estimated as {setup.parallel.describe()}")
@@ -1066,6 +1082,18 @@ def estimate_recipe(recipe: Recipe, stages: Iterable[str] | None = None, paralle
             estimate.advice = advise(setup, estimate, gpu_memory)
         out.append(estimate)
     return out
+
+
+def auto_chunk(setup: PPOSetup, gpu_memory: int) -> PPOSetup:
+    """The decode batch `chunk_size: auto` would take (engine.generation.Engine.rows_that_fit): the widest,
+    in steps of 8, whose decoding moment still fits, at most the rollout; 1 if none does."""
+    best = 1
+    for chunk in sorted({min(setup.rollout, c) for c in (1, 2, 4, *range(8, setup.rollout + 8, 8))}):
+        total = ppo_estimate(replace(setup, chunk=chunk), gpu_memory).total(M_DECODE)
+        if int(total * (1 + SLACK)) + CONTEXT_BYTES > gpu_memory:
+            break
+        best = chunk
+    return replace(setup, chunk=best)
 
 
 # -- advice: the changes that apply to a stage, each with the peak it would give -----------------------------

@@ -228,7 +228,7 @@ def test_activations_grow_with_batch_and_length_and_checkpointing_lowers_them(wo
 
 # -- (b) peaks measured on an H200 -------------------------------------------------------------------------
 
-def bench_setup(shape_name: str, setup: str, head: str = "fp32") -> PPOSetup:
+def bench_setup(shape_name: str, setup: str, head: str = "fp32", before_d1de133_fixes: bool = False) -> PPOSetup:
     """What benchmarks/ppo_bench.py runs for (shape, set-up) on CUDA, read from its _build and ppo_step: bf16
     frozen parts and a bf16 reward model of the same shape, float32 trainable branches under bf16 autocast,
     k = k_v = 2 (its defaults), the head trained in "hydra" and frozen in "hydra-frozen-head"; the whole batch
@@ -243,7 +243,8 @@ def bench_setup(shape_name: str, setup: str, head: str = "fp32") -> PPOSetup:
     return PPOSetup(shape=shape, load_bytes=2, compute="bf16", k=2, k_v=2, train_head=setup == "hydra",
                     reward=shape, reward_bytes=2, rollout=batch, minibatch=minibatch, score_batch=batch,
                     prompt=prompt, response=response, generate=False, trunk_cache=False, optimizer="foreach",
-                    head=head, held_outputs=True, logprobs_in_autocast=True)
+                    head=head, held_outputs=True, logprobs_in_autocast=True,
+                    split_out_of_place=before_d1de133_fixes)
 
 
 # benchmarks/results_h200.md, first table: peak memory of one PPO step, NVIDIA H200, measured 2026-11-26 at
@@ -256,7 +257,7 @@ RESULTS_H200_GIB = {
     ("bloomz-7b1-mt", "hydra"): 62.88,
     ("bloomz-7b1-mt", "hydra-frozen-head"): 45.65,
 }
-# The same benchmark with the heads of today (engine/head.py: float32 logits, split bf16 products), NVIDIA
+# The same benchmark with the float32 heads (engine/head.py: float32 logits, split bf16 products), NVIDIA
 # H200, torch 2.11.0+cu130, transformers 5.24.0, 2026-11-27, at d1de133: `python benchmarks/ppo_bench.py
 # --device cuda --steps 3`, its peak memory column.
 CURRENT_H200_GIB = {
@@ -274,8 +275,8 @@ def test_ppo_bench_peaks_of_results_h200(case):
 
 
 @pytest.mark.parametrize("case", sorted(CURRENT_H200_GIB))
-def test_ppo_bench_peaks_with_todays_heads(case):
-    estimate = ppo_estimate(bench_setup(*case))
+def test_ppo_bench_peaks_with_the_float32_heads_at_d1de133(case):
+    estimate = ppo_estimate(bench_setup(*case, before_d1de133_fixes=True))
     assert estimate.peak / GIB == pytest.approx(CURRENT_H200_GIB[case], rel=0.15)
 
 
@@ -292,7 +293,7 @@ def test_ppo_iteration_peaks_of_results_h200(chunk, score_batch):
     # last update's output referenced, and takes the scoring log-probs under autocast.
     setup = PPOSetup(shape=shape, load_bytes=2, compute="bf16", k=2, k_v=2, reward=shape, reward_bytes=2,
                      rollout=256, minibatch=16, score_batch=score_batch, prompt=256, response=256, chunk=chunk,
-                     held_outputs=True, logprobs_in_autocast=True)
+                     held_outputs=True, logprobs_in_autocast=True, split_out_of_place=True, trunk_parts_held=True)
     estimate = ppo_estimate(setup)
     assert estimate.peak_moment == "rollout: decoding"
     assert estimate.peak / GIB == pytest.approx(PPO_ITERATION_H200_GIB[chunk, score_batch], rel=0.15)
@@ -322,11 +323,17 @@ def test_bloomz_recipe_on_a_laptop_without_the_model(no_hub_cache):
     estimates = {e.stage: e for e in estimate_recipe(load_recipe(BLOOMZ))}
     assert sorted(estimates) == ["ppo", "rm", "sft"]
     ppo = items(estimates["ppo"])
-    # KV cache of one decode chunk: 32 prompts x (256 + 256) tokens x 30 layers x keys and values, bf16.
-    assert ppo["kv_cache"] == 32 * 512 * 30 * 2 * 4096 * 2
+    # KV cache of one decode chunk: (256 + 256) tokens x 30 layers x keys and values, bf16, a prompt; the
+    # recipe's chunk_size auto takes the widest batch (in steps of 8) the memory left at decoding holds.
+    assert ppo["kv_cache"] == 56 * 512 * 30 * 2 * 4096 * 2
+    assert estimates["ppo"].total("rollout: decoding") * 1.05 + (1 << 30) <= 80 * GIB
+    wider = ppo_estimate(replace(stage_setup(load_recipe(BLOOMZ), "ppo", Parallel()), chunk=64))
+    assert wider.total("rollout: decoding") * 1.05 + (1 << 30) > 80 * GIB  # the next step of 8 would not fit
+    (fixed,) = estimate_recipe(load_recipe(BLOOMZ, ["ppo.chunk_size=32"]), ["ppo"])
+    assert items(fixed)["kv_cache"] == 32 * 512 * 30 * 2 * 4096 * 2
     # Logits of a scoring minibatch: 16 x 257 positions x the vocabulary, float32; the reference head's split
-    # products make three more beside the policy's.
-    assert ppo["logits_ref"] == 4 * 16 * 257 * 250880 * 4
+    # products, added in place, make two more beside the policy's.
+    assert ppo["logits_ref"] == 3 * 16 * 257 * 250880 * 4
     assert ppo["reward_model"] == (7_069_016_064 + 4096) * 2  # the trunk (tied: no LM head) + a scalar head
     sft = estimates["sft"]
     assert not sft.fits and sft.largest.key == "optimizer"
@@ -410,7 +417,7 @@ def test_check_estimate_prints_every_stage_without_torch(no_hub_cache):
     assert done.returncode == 0, done.stderr
     for title in ("sft (SFT)", "rm (reward model)", "ppo (hydra PPO)"):
         assert title in done.stdout
-    assert "KV cache: 32 prompts x 512 tokens x 30 layers" in done.stdout and "built-in table" in done.stdout
+    assert "KV cache: 56 prompts x 512 tokens x 30 layers" in done.stdout and "built-in table" in done.stdout
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -106,6 +106,29 @@ def test_chunked_rollouts_equal_one_chunk(tiny):
     assert torch.allclose(chunked.logprobs, whole.logprobs, atol=1e-5)
     alone = rollout(model, tokenizer, convs[3:4], stage, [103], seed=5)  # a prompt's answer is its own
     assert alone.responses == whole.responses[3:4]
+    auto = rollout(model, tokenizer, convs, stage.model_copy(update={"chunk_size": "auto"}), list(range(100, 112)),
+                   seed=5)  # the recipes' default: off CUDA, the whole rollout at once
+    assert auto.responses == whole.responses
+
+
+def test_auto_chunks_take_what_the_free_memory_holds(tiny):
+    """`chunk_size: auto` on a GPU: rows = 80 % of the free memory over a row's bytes (its KV cache for the
+    whole answer, the sampler's logits, the prefill's activations), in steps of 8, within the rollout."""
+    from engine.generation import Engine
+
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer)
+    config = model.config
+    row = engine.row_bytes(512)
+    kv = 2 * config.num_hidden_layers * config.hidden_size * 512 * 4  # float32 on a CPU
+    assert row == kv + Engine.SAMPLER_COPIES * config.vocab_size * 4 + 4 * config.hidden_size * 512 * 4
+    per_token_part = row - Engine.SAMPLER_COPIES * config.vocab_size * 4
+    assert engine.row_bytes(1024) - row == per_token_part  # twice the tokens, twice the cache
+    assert engine.rows_for(100 * row, 512, limit=1000) == 80
+    assert engine.rows_for(100 * row, 512, limit=64) == 64
+    assert engine.rows_for(int(13.9 * row), 512, limit=64) == 11  # below 16 rows, not rounded to 8
+    assert engine.rows_for(0, 512, limit=64) == 1
+    assert engine.rows_that_fit(512, 37) == 37  # off CUDA: the whole rollout
 
 
 def test_sampled_logprobs_are_those_the_scoring_forward_gives(demo_dir):

@@ -333,6 +333,7 @@ class PPOTrainer:
                      for _, mb in self._minibatches(rollout, torch.arange(len(prompts), device=self.device))]
             old_logprobs, ref_logprobs, old_values = (torch.cat(p) for p in list(zip(*parts))[:3])
             trunk = Trunk.cat([p[3] for p in parts]) if cache else None
+            del parts  # the per-minibatch trunk parts: joined above, a second copy of the cache otherwise
         mask = rollout.response_mask
         log_ratio = (old_logprobs - ref_logprobs) * mask
         kl_k3 = ((torch.exp(-log_ratio) - 1) + log_ratio) * mask
