@@ -97,7 +97,8 @@ def generate(hydra, ids, mask, args: argparse.Namespace, new: bool):
     sampling = Sampling(max_new_tokens=args.response_tokens, temperature=1.0, seed=1)
     engine = Engine(hydra.policy, SimpleNamespace(eos_token_id=-1, pad_token_id=0), attention=args.attention)
     if args.chunk == "auto":  # as the trainer's rollouts with chunk_size: auto
-        args.chunk_rows = engine.rows_that_fit(ids.shape[1] + args.response_tokens, ids.shape[0])
+        args.chunk_rows = engine.rows_that_fit(ids.shape[1], ids.shape[1] + args.response_tokens, ids.shape[0])
+        print(f"chunk auto: {args.chunk_rows} prompts per decode batch", flush=True)
     chunk = args.chunk_rows
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.response_tokens,
                               min_new_tokens=0, eos_token_id=None, pad_token_id=0, repetition_penalty=1.0)

@@ -188,6 +188,20 @@ class Shape:
         return self.layers * 2 * self.kv_heads * self.head_dim * compute_bytes
 
 
+# Of the memory free when a rollout starts decoding, the share its batches are sized to fill: the KV cache is a
+# few huge blocks, and part of what the caching allocator holds free is fragments (an H200 at 7b1 shape ran
+# out of memory at 80 %).
+DECODE_FREE_SHARE = 0.7
+
+
+def bloom_prefill_bytes(rows: int, prompt: int, hidden: int, heads: int, compute_bytes: int) -> int:
+    """The BLOOM decoder's prefill runs a layer over every prompt token at once beside the cache: the float32
+    residual stream, the MLP's 4h-wide output and GELU's temporaries, and the attention bias [rows, heads, P, P]
+    (ALiBi + mask, compute dtype) with its float32 mask [rows, 1, P, P]. (engine.generation sizes its decode
+    batches with this too.)"""
+    return rows * prompt * (8 + 15 * compute_bytes) * hidden + rows * (compute_bytes * heads + 4) * prompt * prompt
+
+
 # The recipe's own models, for a laptop without them or a network: public config.json values.
 KNOWN_SHAPES: dict[str, dict[str, Any]] = {
     "bigscience/bloomz-7b1-mt": {"hidden": 4096, "layers": 30, "heads": 32, "vocab": 250880},
@@ -917,11 +931,7 @@ def _ppo_rollout(s: PPOSetup, split: bool, policy_head_fp32: bool, c: int, mode:
     items.append(Item("decode_logits", "decode step's logits (float32)",
                       s.chunk * shape.vocab * 4 * (3 if split else 1), (M_DECODE,)))
     if bloom:
-        # The prefill runs a layer over every prompt token at once beside the cache: the float32 residual
-        # stream, the MLP's 4h-wide output and GELU's temporaries, and the attention bias [rows, heads, P, P]
-        # (ALiBi + mask, compute dtype) with its float32 mask [rows, 1, P, P].
-        prefill = s.chunk * s.prompt * (8 + 15 * c) * shape.hidden \
-            + s.chunk * (c * shape.heads + 4) * s.prompt * s.prompt
+        prefill = bloom_prefill_bytes(s.chunk, s.prompt, shape.hidden, shape.heads, c)
     else:
         prefill = shape.working_set(mode, s.chunk, s.prompt)
     items.append(Item("prefill", f"prefill: one layer over {s.chunk} x {s.prompt} prompt tokens", prefill,
@@ -1085,15 +1095,14 @@ def estimate_recipe(recipe: Recipe, stages: Iterable[str] | None = None, paralle
 
 
 def auto_chunk(setup: PPOSetup, gpu_memory: int) -> PPOSetup:
-    """The decode batch `chunk_size: auto` would take (engine.generation.Engine.rows_that_fit): the widest,
-    in steps of 8, whose decoding moment still fits, at most the rollout; 1 if none does."""
-    best = 1
-    for chunk in sorted({min(setup.rollout, c) for c in (1, 2, 4, *range(8, setup.rollout + 8, 8))}):
-        total = ppo_estimate(replace(setup, chunk=chunk), gpu_memory).total(M_DECODE)
-        if int(total * (1 + SLACK)) + CONTEXT_BYTES > gpu_memory:
-            break
-        best = chunk
-    return replace(setup, chunk=best)
+    """The decode batch `chunk_size: auto` takes (engine.generation.Engine.rows_that_fit): DECODE_FREE_SHARE
+    of the memory free when decoding starts, over what a row costs, in steps of 8, at most the rollout."""
+    one, two = (ppo_estimate(replace(setup, chunk=n), gpu_memory).total(M_DECODE) for n in (1, 2))
+    per_row = two - one
+    free = gpu_memory - CONTEXT_BYTES - (one - per_row)
+    rows = int(free * DECODE_FREE_SHARE) // per_row if per_row > 0 else setup.rollout
+    rows = rows // 8 * 8 if rows >= 16 else rows
+    return replace(setup, chunk=max(1, min(setup.rollout, rows)))
 
 
 # -- advice: the changes that apply to a stage, each with the peak it would give -----------------------------

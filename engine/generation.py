@@ -177,24 +177,25 @@ class Engine:
 
     # A decode batch holds per row, beside the weights: the keys and values of every layer for the whole
     # answer, one step's float32 logits over the vocabulary with the sampler's working copies of them
-    # (sorted, cumulated, masked), and the prefill's activations (about four hidden-sized tensors a token).
+    # (sorted, cumulated, masked), and the prefill's working tensors (engine.estimate's formula); sized to
+    # fill engine.estimate.DECODE_FREE_SHARE of the free memory.
     SAMPLER_COPIES = 6
-    FREE_SHARE = 0.8  # of the memory free at rollout time: the rest is headroom for the allocator
 
-    def row_bytes(self, total_tokens: int) -> int:
-        """Bytes one more row of a decode batch of `total_tokens` (prompt + answer) costs."""
+    def row_bytes(self, prompt_tokens: int, total_tokens: int) -> int:
+        """Bytes one more row of a decode batch costs (`prompt_tokens` prefilled, `total_tokens` cached)."""
+        from engine.estimate import bloom_prefill_bytes
+
         config = self._lm.config
         layers, hidden = config.num_hidden_layers, config.hidden_size
         heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
-        kv_width = getattr(config, "num_key_value_heads", None) or heads
-        kv_width = kv_width * (hidden // heads)
+        kv_width = (getattr(config, "num_key_value_heads", None) or heads) * (hidden // heads)
         device = self.device.type
         half = torch.is_autocast_enabled(device) or self._lm.get_input_embeddings().weight.dtype != torch.float32
         width = 2 if half else 4
         return (2 * layers * kv_width * total_tokens * width + self.SAMPLER_COPIES * config.vocab_size * 4
-                + 4 * hidden * total_tokens * width)
+                + bloom_prefill_bytes(1, prompt_tokens, hidden, heads, width))
 
-    def rows_that_fit(self, total_tokens: int, limit: int) -> int:
+    def rows_that_fit(self, prompt_tokens: int, total_tokens: int, limit: int) -> int:
         """How many prompts to decode at once: as many as the free accelerator memory holds (the weights of
         a decode step are read once for the whole batch, so a wider batch is nearly free per token), at
         most `limit`; a multiple of 8 when above 8. Off CUDA, `limit`."""
@@ -202,10 +203,12 @@ class Engine:
             return limit
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # cached
-        return self.rows_for(free, total_tokens, limit)
+        return self.rows_for(free, prompt_tokens, total_tokens, limit)
 
-    def rows_for(self, free_bytes: int, total_tokens: int, limit: int) -> int:
-        rows = int(free_bytes * self.FREE_SHARE) // self.row_bytes(total_tokens)
+    def rows_for(self, free_bytes: int, prompt_tokens: int, total_tokens: int, limit: int) -> int:
+        from engine.estimate import DECODE_FREE_SHARE
+
+        rows = int(free_bytes * DECODE_FREE_SHARE) // self.row_bytes(prompt_tokens, total_tokens)
         rows = rows // 8 * 8 if rows >= 16 else rows
         return max(1, min(limit, rows))
 

@@ -112,23 +112,25 @@ def test_chunked_rollouts_equal_one_chunk(tiny):
 
 
 def test_auto_chunks_take_what_the_free_memory_holds(tiny):
-    """`chunk_size: auto` on a GPU: rows = 80 % of the free memory over a row's bytes (its KV cache for the
-    whole answer, the sampler's logits, the prefill's activations), in steps of 8, within the rollout."""
+    """`chunk_size: auto` on a GPU: rows = 70 % of the free memory over a row's bytes (its KV cache for the
+    whole answer, the sampler's logits, the prefill's working tensors), in steps of 8, within the rollout."""
     from engine.generation import Engine
 
     model, tokenizer = tiny
     engine = Engine(model, tokenizer)
+    from engine.estimate import bloom_prefill_bytes
+
     config = model.config
-    row = engine.row_bytes(512)
+    row = engine.row_bytes(256, 512)
     kv = 2 * config.num_hidden_layers * config.hidden_size * 512 * 4  # float32 on a CPU
-    assert row == kv + Engine.SAMPLER_COPIES * config.vocab_size * 4 + 4 * config.hidden_size * 512 * 4
-    per_token_part = row - Engine.SAMPLER_COPIES * config.vocab_size * 4
-    assert engine.row_bytes(1024) - row == per_token_part  # twice the tokens, twice the cache
-    assert engine.rows_for(100 * row, 512, limit=1000) == 80
-    assert engine.rows_for(100 * row, 512, limit=64) == 64
-    assert engine.rows_for(int(13.9 * row), 512, limit=64) == 11  # below 16 rows, not rounded to 8
-    assert engine.rows_for(0, 512, limit=64) == 1
-    assert engine.rows_that_fit(512, 37) == 37  # off CUDA: the whole rollout
+    sampler = Engine.SAMPLER_COPIES * config.vocab_size * 4
+    assert row == kv + sampler + bloom_prefill_bytes(1, 256, config.hidden_size, config.n_head, 4)
+    assert engine.row_bytes(256, 1024) - row == kv  # twice the tokens, twice the cache
+    assert engine.rows_for(100 * row, 256, 512, limit=1000) == 64  # 70 % of the free memory, in steps of 8
+    assert engine.rows_for(100 * row, 256, 512, limit=48) == 48
+    assert engine.rows_for(int(19.9 * row), 256, 512, limit=64) == 13  # below 16 rows, not rounded to 8
+    assert engine.rows_for(0, 256, 512, limit=64) == 1
+    assert engine.rows_that_fit(256, 512, 37) == 37  # off CUDA: the whole rollout
 
 
 def test_sampled_logprobs_are_those_the_scoring_forward_gives(demo_dir):

@@ -52,7 +52,7 @@ def generate(
         longest = max(len(ids) for ids in tokenizer(texts)["input_ids"])
         if settings.max_prompt_length:
             longest = min(longest, settings.max_prompt_length)
-        chunk = engine.rows_that_fit(longest + settings.max_new_tokens, len(texts))
+        chunk = engine.rows_that_fit(longest, longest + settings.max_new_tokens, len(texts))
     parts = []
     for start in range(0, len(texts), chunk):
         ids, mask = engine.encode(texts[start : start + chunk], settings.max_prompt_length)
