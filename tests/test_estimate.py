@@ -280,6 +280,30 @@ def test_ppo_bench_peaks_with_the_float32_heads_at_d1de133(case):
     assert estimate.peak / GIB == pytest.approx(CURRENT_H200_GIB[case], rel=0.15)
 
 
+# After the split products were added in place and the trunk parts freed (9dd5f5b), the same benchmark on the
+# same card (2026-11-27, `ppo_bench.py --one SETUP --shape bloomz-7b1-mt --steps 2`): its peak is elsewhere
+# (the backward's logits), so the hydra's is unchanged; the frozen head's scoring peak fell by 0.25 GiB.
+NOW_H200_GIB = {("bloomz-7b1-mt", "hydra"): 68.39, ("bloomz-7b1-mt", "hydra-frozen-head"): 46.78}
+
+
+@pytest.mark.parametrize("case", sorted(NOW_H200_GIB))
+def test_ppo_bench_peaks_with_the_products_added_in_place(case):
+    estimate = ppo_estimate(bench_setup(*case))
+    assert estimate.peak / GIB == pytest.approx(NOW_H200_GIB[case], rel=0.15)
+
+
+def test_ppo_iteration_with_auto_decode_batches_on_an_h200():
+    """benchmarks/ppo_iteration.py --chunk auto at 9dd5f5b + the 70 % rule (H200, 2026-11-27): 256 prompts,
+    chunk auto took 208 rows, peak 118.52 GiB, no out-of-memory (at 80 % of the free memory it ran out)."""
+    shape = Shape(name="bloomz-7b1-mt", arch="bloom", hidden=4096, layers=30, heads=32, vocab=250880)
+    setup = PPOSetup(shape=shape, load_bytes=2, compute="bf16", k=2, k_v=2, reward=shape, reward_bytes=2,
+                     rollout=256, minibatch=16, score_batch=16, prompt=256, response=256, chunk=208,
+                     held_outputs=True, logprobs_in_autocast=True)
+    estimate = ppo_estimate(setup)
+    assert estimate.peak_moment == "rollout: decoding"
+    assert estimate.peak / GIB == pytest.approx(118.52, rel=0.15)
+
+
 # benchmarks/results_h200.md, fourth pass (the code of today): benchmarks/ppo_iteration.py at the
 # bloomz-7b1-mt shape, 256 prompts of 256 + 256 tokens, minibatches of 16, a rollout decoded and a trunk cache
 # as the trainer does; (decode batch, scoring batch) -> peak GiB.

@@ -126,9 +126,12 @@ def test_auto_chunks_take_what_the_free_memory_holds(tiny):
     sampler = Engine.SAMPLER_COPIES * config.vocab_size * 4
     assert row == kv + sampler + bloom_prefill_bytes(1, 256, config.hidden_size, config.n_head, 4)
     assert engine.row_bytes(256, 1024) - row == kv  # twice the tokens, twice the cache
-    assert engine.rows_for(100 * row, 256, 512, limit=1000) == 64  # 70 % of the free memory, in steps of 8
+    assert engine.rows_for(100 * row, 256, 512, limit=1024) == 64  # 70 % of the free memory, in steps of 8
     assert engine.rows_for(100 * row, 256, 512, limit=48) == 48
+    assert engine.rows_for(100 * row, 256, 512, limit=80) == 40  # 40 + 40, not 64 + 16: batches of even width
+    assert engine.rows_for(100 * row, 256, 512, limit=1000) == 64  # 16 batches of 63 rounded up to 8, if it fits
     assert engine.rows_for(int(19.9 * row), 256, 512, limit=64) == 13  # below 16 rows, not rounded to 8
+    assert engine.rows_for(int(19.9 * row), 256, 512, limit=20) == 10
     assert engine.rows_for(0, 256, 512, limit=64) == 1
     assert engine.rows_that_fit(256, 512, 37) == 37  # off CUDA: the whole rollout
 
