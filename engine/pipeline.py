@@ -25,7 +25,7 @@ from typing import Any
 
 from engine.config import STAGE_REFS, STAGES, Recipe, RecipeError, load_recipe, recipe_to_json, with_absolute_paths
 from engine.procs import process_alive, process_start
-from engine.run import EXIT_STOPPED, PIPELINE_ENV
+from engine.run import EXIT_STOPPED, PIPELINE_ENV, settled
 from engine.store import Store, default_db_path
 
 ORDER = (*STAGES, "eval")
@@ -179,7 +179,12 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
 
     for stage in plan(recipe, row["through"]):
         with Store(db_path) as store:
-            mine = [r for r in store.pipeline_runs(pipeline_id) if r["stage"] == stage]
+            # A stage whose processes died without a word (a crash, a kill -9, a reboot) is closed as failed
+            # here, so that it resumes from its checkpoint instead of being started again.
+            mine = [settled(store, r["id"]) for r in store.pipeline_runs(pipeline_id) if r["stage"] == stage]
+        if mine and mine[-1]["status"] in ("pending", "running"):
+            raise RecipeError(f"pipeline {pipeline_id}: its {stage} stage, run {mine[-1]['id']}, is "
+                              f"{mine[-1]['status']} in another process; stop it first")
         if stage == "eval":
             status = _evaluate(recipe, exports, mine, db_path, pipeline_id, stop, echo)
             if status != "done":

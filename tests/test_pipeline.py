@@ -146,3 +146,49 @@ async def test_the_console_shows_a_pipeline_as_one_row_that_expands_into_its_sta
         assert str(table.get_row(str(stages[-1]))[0]).strip() == f"▾{stages[-1]}"
         await pilot.press("plus")
         await wait_for(pilot, lambda: table.row_count == 2, 10, "folded again")
+
+
+def test_a_crashed_pipeline_resumes_in_its_stage_with_no_step_lost_or_repeated(workdir):
+    """Fault injection: the pipeline's own process and its PPO stage's process group killed with SIGKILL
+    mid-stage (a crash, an OOM kill, a reboot). `rlhf pipeline --resume` recognises both as gone, closes
+    the stage as failed and continues it from its newest checkpoint, under the same run id."""
+    import signal
+
+    from engine.procs import group_alive, process_alive
+
+    db = os.environ["RLHF_DB"]
+    started = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, "--through", "ppo", "--detach", *SHORT,
+                   "--set", "ppo.steps=8", "--set", "ppo.save_steps=1")
+    assert started.returncode == 0, started.stderr[-2000:]
+
+    def ppo_steps() -> int:
+        if not os.path.exists(db):
+            return 0
+        with Store(db) as store:
+            runs = [r for r in store.pipeline_runs(1) if r["stage"] == "ppo"] if store.pipelines() else []
+        return len(metric(runs[0]["id"], "kl_ctl_value")) if runs else 0
+
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and ppo_steps() < 3:
+        time.sleep(0.2)
+    with Store(db) as store:
+        pipeline = store.pipeline(1)
+        (ppo,) = [r for r in store.pipeline_runs(1) if r["stage"] == "ppo"]
+    assert pipeline["status"] == "running" and ppo["status"] == "running"
+    os.kill(pipeline["pid"], signal.SIGKILL)
+    os.killpg(ppo["pgid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (process_alive(pipeline["pid"], pipeline["pid_started"])
+                                           or group_alive(ppo["pgid"])):
+        time.sleep(0.1)
+    assert run_row(ppo["id"])["status"] == "running"  # as the kill left it: nobody recorded the end
+    crashed_at = ppo_steps()
+
+    resumed = rlhf("pipeline", "--resume", "1", "--db", db)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with Store(db) as store:
+        assert store.pipeline(1)["status"] == "done"
+        assert [r["stage"] for r in store.pipeline_runs(1)] == ["sft", "rm", "ppo"]  # continued, not started anew
+    assert run_row(ppo["id"])["status"] == "done"
+    steps = [s for s, _ in metric(ppo["id"], "kl_ctl_value")]
+    assert steps == list(range(1, 9)) and crashed_at >= 3  # the steps after its checkpoint redone once each
