@@ -216,7 +216,7 @@ class RlhfConsole(App):
                 self.history.forget(run_id)
         self.loaded = True
         if self.home is not None:
-            self.home.runs_changed()
+            self.home.runs_changed(polled=True)
 
     def on_metrics_polled(self, message: MetricsPolled) -> None:
         changed = self.history.ingest(message.rows)

@@ -60,9 +60,10 @@ def app_for(db: Path) -> RlhfConsole:
 async def settled(pilot) -> None:
     """Wait for the first poll, the chart and the log to land, then for the screen to be idle."""
     app = pilot.app
-    for _ in range(100):
+    for _ in range(200):
         home = app.home
-        if app.loaded and home is not None and home.last_draw_points and app.gpu_unavailable:
+        if (app.loaded and home is not None and home.last_draw_points and app.gpu_unavailable
+                and not home.query_one("#run-table").pending):  # the live cells drawn (they redraw every 2 s)
             break
         await pilot.pause(0.05)
     await pilot.pause(0.5)

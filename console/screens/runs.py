@@ -144,10 +144,11 @@ class RunsScreen(Screen):
         self.schedule_redraw()
 
     # -- called by the App when its state changed --------------------------------------------------------
-    def runs_changed(self) -> None:
+    def runs_changed(self, polled: bool = False) -> None:
+        """`polled`: new data from runs.db (the table's live cells may wait for their next redraw)."""
         table = self.query_one(RunTable)
         self.marked = [r for r in self.marked if r in self.app.runs]
-        table.show(self.app.runs, self.app.history, set(self.marked), self.app.pipelines)
+        table.show(self.app.runs, self.app.history, set(self.marked), self.app.pipelines, throttle=polled)
         if self._want_selected in self.app.runs:  # a run launched here: selected once the table has it
             self.select_run(self._want_selected)
             self._want_selected = None
@@ -165,7 +166,8 @@ class RunsScreen(Screen):
 
     def metrics_changed(self, run_ids: set[int]) -> None:
         # best and ETA come from the metrics; only cells whose text changed are redrawn
-        self.query_one(RunTable).show(self.app.runs, self.app.history, set(self.marked), self.app.pipelines)
+        self.query_one(RunTable).show(self.app.runs, self.app.history, set(self.marked), self.app.pipelines,
+                                      throttle=True)
         if self.selected in run_ids or run_ids & set(self.marked):
             self._update_metric_list()
             self.schedule_redraw(REDRAW_S)
