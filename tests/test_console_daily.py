@@ -610,3 +610,24 @@ async def test_x_tick_labels_are_never_cut_at_the_right_edge_at_80_columns(many_
         shown = row.split()
         assert shown and all(token in labels for token in shown), (row, labels)  # whole labels only
         assert shown == [label for label in labels if label in shown]  # in order, none half-drawn
+
+
+@sync
+async def test_live_cells_from_polls_redraw_at_most_every_two_seconds_and_user_actions_at_once(many_runs):
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        home, table = app.home, app.home.query_one(RunTable)
+        await wait_for(pilot, lambda: not table.pending, 10, "the first live cells drawn")
+        step = list(COLUMNS).index("step")
+        runs = {k: dict(v) for k, v in app.runs.items()}
+        table.show(runs, app.history, set())  # a draw now
+        runs[3]["step"] = 4
+        table.show(runs, app.history, set(), throttle=True)  # a poll right after it: it waits
+        assert table.pending and str(table.get_row("3")[step]).startswith("5/")
+        await wait_for(pilot, lambda: not table.pending, 10, "the timer's redraw")
+        assert str(table.get_row("3")[step]).startswith("4/")
+        runs[3]["step"] = 3
+        table.show(runs, app.history, {3})  # what the user did (a mark, a note): at once
+        assert not table.pending and str(table.get_row("3")[step]).startswith("3/")
+        assert str(table.get_row("3")[0]).startswith("●")
