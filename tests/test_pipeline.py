@@ -19,6 +19,8 @@ from tests.pilot import no_gpu, sync, wait_for
 ACCEL = str(REPO / "configs" / "accelerate" / "cpu.yaml")
 SHORT = ["--set", "sft.train.epochs=1", "--set", "rm.train.epochs=1", "--set", "ppo.steps=2",
          "--set", "ppo.rollout_batch_size=8", "--set", "eval.limit=4"]
+# A pipeline of the PPO stage alone (base model, rule reward): what stop, crash and resume tests need.
+PPO_ONLY = ["--set", "sft=null", "--set", "rm=null", "--set", "ppo.rollout_batch_size=8"]
 
 
 def rlhf(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -50,7 +52,7 @@ def test_the_pipeline_runs_every_stage_wired_by_stage_into_a_score_table(workdir
 
 def test_a_stopped_pipeline_resumes_in_its_stage_from_the_checkpoint(workdir):
     proc = subprocess.Popen([*RLHF, "pipeline", str(TINY), "--accelerate-config", ACCEL, "--through", "ppo",
-                             *SHORT, "--set", "ppo.steps=12", "--set", "ppo.save_steps=1"],
+                             *PPO_ONLY, "--set", "ppo.steps=12", "--set", "ppo.save_steps=1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     db = os.environ["RLHF_DB"]
 
@@ -84,7 +86,7 @@ def test_a_stopped_pipeline_resumes_in_its_stage_from_the_checkpoint(workdir):
     with Store(db) as store:
         runs = store.pipeline_runs(1)
         assert store.pipeline(1)["status"] == "done"
-    assert [r["stage"] for r in runs] == ["sft", "rm", "ppo"]  # the same ppo run continued, none started anew
+    assert [r["stage"] for r in runs] == ["ppo"]  # the same ppo run continued, none started anew
     steps = [s for s, _ in metric(run["id"], "kl_ctl_value")]
     assert steps == list(range(1, 13))  # continued from its checkpoint: no gap, no repeat
 
@@ -157,7 +159,7 @@ def test_a_crashed_pipeline_resumes_in_its_stage_with_no_step_lost_or_repeated(w
     from engine.procs import group_alive, process_alive
 
     db = os.environ["RLHF_DB"]
-    started = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, "--through", "ppo", "--detach", *SHORT,
+    started = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, "--through", "ppo", "--detach", *PPO_ONLY,
                    "--set", "ppo.steps=8", "--set", "ppo.save_steps=1")
     assert started.returncode == 0, started.stderr[-2000:]
 
@@ -188,7 +190,7 @@ def test_a_crashed_pipeline_resumes_in_its_stage_with_no_step_lost_or_repeated(w
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     with Store(db) as store:
         assert store.pipeline(1)["status"] == "done"
-        assert [r["stage"] for r in store.pipeline_runs(1)] == ["sft", "rm", "ppo"]  # continued, not started anew
+        assert [r["stage"] for r in store.pipeline_runs(1)] == ["ppo"]  # continued, not started anew
     assert run_row(ppo["id"])["status"] == "done"
     steps = [s for s, _ in metric(ppo["id"], "kl_ctl_value")]
     assert steps == list(range(1, 9)) and crashed_at >= 3  # the steps after its checkpoint redone once each
