@@ -617,7 +617,7 @@ async def test_live_cells_from_polls_redraw_at_most_every_two_seconds_and_user_a
     app = app_for(many_runs)
     async with app.run_test(size=(100, 32)) as pilot:
         await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
-        home, table = app.home, app.home.query_one(RunTable)
+        table = app.home.query_one(RunTable)
         await wait_for(pilot, lambda: not table.pending, 10, "the first live cells drawn")
         step = list(COLUMNS).index("step")
         runs = {k: dict(v) for k, v in app.runs.items()}
