@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engine.config import STAGE_REFS, Recipe, RecipeError, Stage, load_recipe, looks_local
 from engine.data.records import DataError
-from engine.run import EXIT_STOPPED, tracked_run
+from engine.run import EXIT_STOPPED, LAUNCHED_ENV, tracked_run
 from engine.store import StoreError, default_db_path
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
     for field in ("data", "prompts"):
         for i, source in enumerate(getattr(section, field, [])):
             paths.append((f"{stage}.{field}.{i}.path", source.path, "data"))
+    # Under `rlhf launch` the launcher asked the hub and read the data moments ago: every rank asking again
+    # would be N more network calls and N more reads for nothing.
+    launched = os.environ.get(LAUNCHED_ENV) == "1"
     for field, path, kind in paths:
         if path in STAGE_REFS and refs_ok:
             continue
@@ -82,7 +85,7 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
                               {field: err.strerror or "unusable path"}) from None
         if looks_local(path) and not local.exists():
             raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} does not exist", {field: "does not exist"})
-        if not local.exists():
+        if not local.exists() and not launched:
             from engine.hub import hub_problem
 
             problem = hub_problem(path, "dataset" if kind == "data" else "model")
@@ -92,9 +95,10 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
             problem = model_folder_problem(path, reward_model=kind == "reward model")
             if problem is not None:
                 raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} {problem}", {field: problem})
-    from engine.data.check import check_stage_data
+    if not launched:
+        from engine.data.check import check_stage_data
 
-    check_stage_data(stage, recipe)
+        check_stage_data(stage, recipe)
     if getattr(section, "init_value_from_rm", False):
         from engine.lineage import check_value_init
 

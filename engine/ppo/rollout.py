@@ -47,15 +47,16 @@ def generate(
     engine = Engine(policy, tokenizer)
     sampling = sampling_of(settings, seed)
     texts = [render_prompt(p) for p in prompts]
+    all_ids, all_mask = engine.encode(texts, settings.max_prompt_length)  # tokenized once, chunked below
     chunk = settings.chunk_size
     if chunk == "auto":
-        longest = max(len(ids) for ids in tokenizer(texts)["input_ids"])
-        if settings.max_prompt_length:
-            longest = min(longest, settings.max_prompt_length)
+        longest = all_ids.shape[1]
         chunk = engine.rows_that_fit(longest, longest + settings.max_new_tokens, len(texts))
     parts = []
     for start in range(0, len(texts), chunk):
-        ids, mask = engine.encode(texts[start : start + chunk], settings.max_prompt_length)
+        mask = all_mask[start : start + chunk]
+        first = int(mask.any(0).nonzero()[0])  # left padding only as wide as this chunk's longest prompt needs
+        ids, mask = all_ids[start : start + chunk, first:], mask[:, first:]
         seeds = row_seeds(seed, keys[start : start + chunk], ids.device)
         parts.append(engine.generate(ids, mask, sampling, seeds))
     batch = concat(parts, engine.pad_id)
