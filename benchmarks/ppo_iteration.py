@@ -5,9 +5,11 @@ reference and value in one forward), score it with the reward model (reward), th
 minibatch updates (update: forward + backward; optimizer step timed apart). Random weights at the shape;
 every response is exactly --response-tokens long (no eos), so both paths do the same work.
 
-  new   the engine's decode (engine/generation.py: on CUDA its BLOOM steps replay as CUDA graphs) and the
-        trunk kept from the scoring forward, so each update runs only the top k / k_v layers and the heads
-  old   transformers' `generate` and the trunk recomputed in every update forward
+  new   the engine's decode (engine/generation.py: on CUDA its BLOOM steps replay as CUDA graphs), the
+        trunk kept from the scoring forward, so each update runs only the top k / k_v layers and the heads,
+        and BLOOM's attention and GELU on fused kernels (engine/bloom_kernels.py; --kernels transformers
+        keeps transformers' own, to measure what the fused ones buy)
+  old   transformers' `generate`, the trunk recomputed in every update forward, transformers' kernels
 
     python benchmarks/ppo_iteration.py                                   # CPU smoke shape
     python benchmarks/ppo_iteration.py --device cuda --shape bloomz-7b1-mt --prompts 512 --baseline-prompts 64
@@ -203,6 +205,8 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, default=None, help="bytes/s (default: by the GPU's name)")
     parser.add_argument("--paths", choices=["both", "new", "old"], default="both")
     parser.add_argument("--attention", choices=["sdpa", "bmm"], default="sdpa", help="the BLOOM decoder's")
+    parser.add_argument("--kernels", choices=["fused", "transformers"], default="fused",
+                        help="the new path's BLOOM attention and GELU in whole-sequence forwards")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     for name, gpu, cpu in (("prompts", 1024, 16), ("prompt_tokens", 256, 16), ("response_tokens", 256, 16),
@@ -219,6 +223,8 @@ def main() -> None:
     if args.bandwidth is None:
         args.bandwidth = next((bw for word, bw in BANDWIDTH.items() if word in device_name), 0.1e12)
 
+    from engine.bloom_kernels import use_fused_kernels
+
     torch.manual_seed(0)
     hydra, reward, optimizer = build(args)
     vocab = SHAPES[args.shape][3]
@@ -226,6 +232,9 @@ def main() -> None:
     warm = argparse.Namespace(**{**vars(args), "response_tokens": 4, "epochs": 1})
     results = {}
     for path in paths:
+        fused = path == "new" and args.kernels == "fused"
+        use_fused_kernels(hydra, fused)
+        use_fused_kernels(reward, fused)
         iteration(hydra, reward, optimizer, torch.randint(1, vocab, (2, args.prompt_tokens), device=args.device),
                   warm, path == "new")  # warm-up: kernels, allocator, optimizer state
         count = args.prompts if path == "new" else args.baseline_prompts
@@ -247,7 +256,7 @@ def main() -> None:
     split = cuda and split_available("cuda")
     print("; ".join(f"{p}: {results[p][0]} prompts measured" for p in paths) + f"; LM heads: "
           f"{'split bf16 (engine/head.py)' if split else 'float32'}; AdamW {'fused' if cuda else 'foreach'}; "
-          f"decoder attention {args.attention}\n")
+          f"decoder attention {args.attention}; new path's BLOOM kernels {args.kernels}\n")
     phases = ["generate", "score", "reward", "update", "optimizer step"]
     head = " | ".join(f"{p} (s, measured)" for p in paths)
     per = " | ".join(f"{p} per 1,024 prompts (s{'' if results[p][0] == 1024 else ', computed'})" for p in paths)

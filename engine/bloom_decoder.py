@@ -10,8 +10,9 @@ outputs are overwritten by the next replay) removes it. Here the step is plain t
 synchronisation, so it is captured once per batch and replayed; the next token, its log-prob and the
 finished flags are written into buffers inside the graph, so the host only replays.
 
-Numerics follow the transformers forward under CUDA autocast: matmuls in the compute dtype, layer norms
-and the residual stream in float32, softmax in float32, the LM head in float32 (as PPO scores). Float32
+Numerics follow the model's whole-sequence forward under CUDA autocast (transformers' BLOOM on the fused
+kernels of engine/bloom_kernels.py): matmuls in the compute dtype, layer norms and the residual stream in
+float32, softmax in float32, GELU as one kernel, the LM head in float32 (as PPO scores). Float32
 trainable linear weights are cast once per decoder to the compute dtype, which is what autocast would cast
 them to at every step, and LoRA adapters are merged into that copy; frozen weights are used as they are.
 """
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.bloom_kernels import gelu
 from engine.head import split, split_available, split_mm
 
 
@@ -108,11 +110,6 @@ def _apply(x: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None]) ->
 
 
 _MASKED = -1e30  # an attention bias no score survives, finite in bf16 and float32
-
-
-def _gelu(x: torch.Tensor) -> torch.Tensor:
-    # BLOOM's own tanh approximation (what its MLP computes at inference)
-    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
 class BloomDecoder:
@@ -218,7 +215,7 @@ class Batch:
                 context = context.view(rows, heads, count, dim)
             context = context.transpose(1, 2).reshape(rows, count, heads * dim)
             h = h + _apply(context, layer.dense)
-            h = h + _apply(_gelu(_apply(layer.ln2(h), layer.up)), layer.down)
+            h = h + _apply(gelu(_apply(layer.ln2(h), layer.up)), layer.down)
         return d.final_norm(h[:, -1])
 
     def logits(self, ids: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:

@@ -45,18 +45,12 @@ class LocalModel:
 
     def __init__(self, folder: str):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from engine.generation import Engine
-        from engine.models import cuda_bf16
+        from engine.models import folder_tokenizer, inference_model
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-        dtype = torch.bfloat16 if cuda_bf16() else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-        self.engine = Engine(model, tokenizer)
+        self.engine = Engine(inference_model(folder, device), folder_tokenizer(folder))
         self.device = device
         self.label = folder
 

@@ -71,6 +71,9 @@ class Shape:
     mlp_bias: bool = False
     dtype: str | None = None  # the dtype the config says the weights were saved in
     source: str = ""
+    # BLOOM's attention through SDPA and its GELU as one kernel (engine/bloom_kernels.py, what the engine loads);
+    # False: transformers' eager attention (the H200 measurements made before those kernels).
+    fused: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kv_heads", self.kv_heads or self.heads)
@@ -152,7 +155,10 @@ class Shape:
         Without autocast: bf16 throughout (32h), float32 throughout (64h). Plus LayerNorm statistics."""
         h = self.hidden
         if self.arch == "bloom":
-            return {"autocast": 36 * h, "half": 32 * h, "fp32": 64 * h}[mode] + 16
+            eager = {"autocast": 36 * h, "half": 32 * h, "fp32": 64 * h}[mode] + 16
+            # SDPA keeps q/k/v as views of the fused QKV output (the bytes of eager's three copies) and its
+            # output (the dense layer's input, as eager's merged context), plus a float32 log-sum-exp per head.
+            return eager + (4 * self.heads if self.fused else 0)
         c = 4 if mode == "fp32" else 2
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         # Approximate: two RMSNorms in float32 (8h each), the linears' inputs, SDPA's q/k/v/output, the
@@ -160,10 +166,13 @@ class Shape:
         return 16 * h + c * (2 * h + 3 * q + 2 * kv + 4 * self.intermediate)
 
     def saved_per_sequence(self, mode: str, length: int) -> int:
-        """Attention's saved [heads, T, T] tensors per sequence: BLOOM's eager softmax output (float32)
-        and its copy in the compute dtype that the weighted sum saves; Llama-style SDPA saves none."""
+        """Attention's saved [heads, T, T] tensors per sequence: BLOOM's additive bias (ALiBi + mask, in the
+        compute dtype), which SDPA keeps for its backward, or eager attention's softmax output (float32) and
+        its copy in the compute dtype that the weighted sum saves; Llama-style SDPA saves none."""
         if self.arch != "bloom":
             return 0
+        if self.fused:
+            return (4 if mode == "fp32" else 2) * self.heads * length * length
         per = 4 if mode == "fp32" else 6
         return per * self.heads * length * length
 
@@ -175,11 +184,15 @@ class Shape:
 
     def working_set(self, mode: str, sequences: int, length: int) -> int:
         """One decoder layer's tensors while it runs (no gradients kept): its intermediate outputs, and
-        for BLOOM's eager attention the scores, masked scores, float32 softmax and probabilities."""
+        BLOOM's [heads, T, T] attention bias (fused) or eager attention's scores, masked scores, float32
+        softmax and probabilities."""
         c = 4 if mode == "fp32" else 2
         tokens = sequences * length
         if self.arch == "bloom":
-            attention = (12 if mode == "fp32" else 10) * self.heads * length * length
+            if self.fused:
+                attention = c * self.heads * length * length
+            else:
+                attention = (12 if mode == "fp32" else 10) * self.heads * length * length
             return tokens * (17 * self.hidden * c + 12 * self.hidden) + sequences * attention
         return tokens * (c * (3 * self.hidden + 2 * self.intermediate) + 8 * self.hidden)
 

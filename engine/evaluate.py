@@ -143,19 +143,14 @@ def _answer(config: EvalConfig, items: list[Item], todo: list[dict], evals: Any,
             progress: Any) -> None:
     """Generate the missing answers in length-sorted batches; store each batch at once."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.generation import Engine, Sampling, row_seeds
-    from engine.models import cuda_bf16
+    from engine.models import folder_tokenizer, inference_model
     from engine.template import Turn, render_prompt
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if cuda_bf16() else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(config.checkpoint, dtype=dtype).to(device).eval()
-    engine = Engine(model, tokenizer)
+    tokenizer = folder_tokenizer(config.checkpoint)
+    engine = Engine(inference_model(config.checkpoint, device), tokenizer)
     sampling = Sampling(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
                         top_p=config.top_p, seed=config.seed)
     by_id = {item.id: item for item in items}

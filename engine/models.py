@@ -46,34 +46,64 @@ def precision_flags(precision: str, spec: ModelSpec | None = None) -> dict[str, 
 
 
 def load_tokenizer(spec: ModelSpec) -> Any:
+    return folder_tokenizer(spec.path, spec.trust_remote_code)
+
+
+def folder_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, with a pad token."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # A distinct pad keeps the reward head's "last real token" well defined; eos is the fallback.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
 
 
+def inference_model(path: str, device: Any, dtype: "torch.dtype | str | None" = None, reward: bool = False) -> Any:
+    """A saved causal LM (or, with `reward`, a scalar-head reward model) frozen for inference on `device`,
+    with fused BLOOM kernels; `dtype` None: bf16 where CUDA supports it, else float32 ("auto": as saved)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from engine.bloom_kernels import use_fused_kernels
+
+    if dtype is None:
+        dtype = torch.bfloat16 if cuda_bf16() else torch.float32
+    cls = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
+    model.requires_grad_(False)
+    use_fused_kernels(model)
+    return model
+
+
 def load_causal_lm(spec: ModelSpec) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
+    from engine.bloom_kernels import use_fused_kernels
+
+    model = AutoModelForCausalLM.from_pretrained(
         spec.path, dtype=torch_dtype(spec), trust_remote_code=spec.trust_remote_code
     )
+    use_fused_kernels(model)
+    return model
 
 
 def load_reward_trunk(spec: ModelSpec, pad_token_id: int) -> Any:
     """A causal-LM trunk with a fresh scalar head (`num_labels=1`), read at the last non-pad token."""
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(
+    from engine.bloom_kernels import use_fused_kernels
+
+    model = AutoModelForSequenceClassification.from_pretrained(
         spec.path,
         num_labels=1,
         pad_token_id=pad_token_id,
         dtype=torch_dtype(spec),
         trust_remote_code=spec.trust_remote_code,
     )
+    use_fused_kernels(model)
+    return model
 
 
 def load_exact(model: "torch.nn.Module", folder: Any, names: list[str]) -> None:

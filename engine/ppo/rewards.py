@@ -18,11 +18,12 @@ class RewardModelScorer:
     """A sequence-classification reward model; pairs are tokenized exactly as in RM training."""
 
     def __init__(self, path: str, device: torch.device, batch_size: int = 16, dtype: torch.dtype | None = None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from engine.models import inference_model
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
-        self.model.requires_grad_(False)
+        self.model = inference_model(path, device, dtype or "auto", reward=True)  # auto: as saved
         self.pad = self.model.config.pad_token_id
         if self.pad is None:
             raise ValueError(f"{path}: the reward model's config has no pad_token_id")

@@ -1,0 +1,98 @@
+"""BLOOM's whole-sequence forward (scoring, the reward model, training) on fused kernels.
+
+transformers' BLOOM (5.24) has no attention interface: every layer computes its attention eagerly (the
+scores in the compute dtype, the mask added, a float32 [batch, heads, T, T] softmax, a cast back, a
+product) and its MLP's GELU as nine elementwise kernels written in Python, each reading and writing the
+[tokens, 4 x hidden] activation. At bloomz-7b1 shape those passes over memory are several seconds of every
+7B forward over a PPO rollout, while the matrix products themselves run near the tensor cores' rate.
+
+`use_fused_kernels` swaps, in place, each BloomAttention for one that computes the same attention with
+`scaled_dot_product_attention` (ALiBi and the mask as one additive bias), and each BloomGelu for torch's
+tanh GELU (one kernel, the same formula; torch computes it in float32 inside, where BLOOM's Python rounds
+nine times in bf16). Weights, state dicts, saved folders and peft adapters are untouched; a model without
+BLOOM layers is left as it is. The engine's own decode step (engine/bloom_decoder.py) uses the same GELU,
+so the rollout's log-probabilities and the scoring forward's are computed alike.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """BLOOM's tanh approximation of GELU, as one kernel."""
+    return F.gelu(x, approximate="tanh")
+
+
+def use_fused_kernels(model: nn.Module, fused: bool = True) -> int:
+    """Give every BLOOM attention and GELU inside `model` (copies and branches included) the fused
+    forward, or with `fused=False` transformers' own back; returns how many modules changed (0 for a model
+    that is not BLOOM, or already as asked)."""
+    from transformers.models.bloom.modeling_bloom import BloomAttention, BloomGelu
+
+    attention, act = _fused_classes()
+    swaps = {BloomAttention: attention, BloomGelu: act}
+    if not fused:
+        swaps = {new: old for old, new in swaps.items()}
+    changed = 0
+    for module in model.modules():
+        fused = swaps.get(type(module))
+        if fused is not None:
+            module.__class__ = fused  # same attributes, same parameters: only forward differs
+            changed += 1
+    return changed
+
+
+@functools.cache
+def _fused_classes() -> tuple[type, type]:
+    """Subclasses built on first use: transformers is imported only by those who load a model."""
+    from transformers.models.bloom.modeling_bloom import BloomAttention, BloomGelu
+
+    class FusedAttention(BloomAttention):
+        def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, alibi: torch.Tensor,
+                    attention_mask: torch.Tensor | None, layer_past=None, use_cache: bool = False,
+                    output_attentions: bool = False, **kwargs):
+            if output_attentions or (self.pretraining_tp > 1 and self.slow_but_exact):
+                return super().forward(hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
+                                       use_cache=use_cache, output_attentions=output_attentions, **kwargs)
+            batch, length, _ = hidden_states.shape
+            query, key, value = self._reshape(self.query_key_value(hidden_states))  # [B, H, T, D] views
+            if layer_past is not None:
+                key, value = layer_past.update(key, value, self.layer_idx)
+            bias = _bias(alibi, attention_mask, batch, self.num_heads, key.shape[2], query.dtype)
+            context = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=bias, scale=self.inv_norm_factor,
+                dropout_p=self.attention_dropout.p if self.training else 0.0,
+            )
+            context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+            output = F.dropout(self.dense(context), p=self.hidden_dropout, training=self.training) + residual
+            return output, None
+
+    class FusedGelu(BloomGelu):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return gelu(x)
+
+    FusedAttention.__name__ = FusedAttention.__qualname__ = "FusedBloomAttention"
+    FusedGelu.__name__ = FusedGelu.__qualname__ = "FusedBloomGelu"
+    return FusedAttention, FusedGelu
+
+
+def _bias(alibi: torch.Tensor, mask: torch.Tensor | None, batch: int, heads: int, keys: int,
+          dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi ([B*H, 1, K]) plus BLOOM's additive causal/padding mask ([B, 1, Q, K]) as one [B, H, Q, K]
+    bias in the query's dtype. A float32 mask's minimum is beyond bf16's range and would become -inf,
+    which turns a fully masked row (a left pad's query) into NaN; it is clamped to the dtype's own
+    minimum, as BLOOM's eager softmax effectively sees it."""
+    bias = alibi.view(batch, heads, 1, keys)
+    if mask is None:
+        return bias.to(dtype)
+    bias = bias + mask
+    lowest = torch.finfo(dtype).min
+    if torch.finfo(bias.dtype).min < lowest:
+        bias = bias.clamp_(min=lowest)
+    return bias.to(dtype)
+
