@@ -765,6 +765,9 @@ class PPOSetup:
     # place (three logits-sized tensors at once) and the trunk cache's per-minibatch parts stayed referenced.
     split_out_of_place: bool = False
     trunk_parts_held: bool = False
+    # Before 2026-11-27's third session: splitting a float32 weight widened its high part again (10 bytes a
+    # weight at once), and the training head's three products were separate (its weight split in two parts).
+    split_three_products: bool = False
 
 
 def ppo_counts(s: PPOSetup) -> dict[str, int]:
@@ -933,10 +936,11 @@ def _ppo_rollout(s: PPOSetup, split: bool, policy_head_fp32: bool, c: int, mode:
                           (M_BUILD, M_DECODE)))
     if bloom and split:
         items.append(Item("decoder_head", "decoder's LM head split in bf16 (high + low parts)", head * 4, (M_DECODE,)))
-        # Splitting holds the high part, its float32 widening and the float32 difference at once (after a
-        # float32 copy of a bf16 head).
+        # Splitting holds the high part, the float32 difference and the remainder being written at once
+        # (after a float32 copy of a bf16 head); before, also the high part widened to float32.
+        build = (10 if policy_head_fp32 else 14) if s.split_three_products else (8 if policy_head_fp32 else 12)
         items.append(Item("decoder_build", "decoder's LM head being split (float32 temporaries)",
-                          head * (10 if policy_head_fp32 else 14), (M_BUILD,)))
+                          head * build, (M_BUILD,)))
     elif bloom and not policy_head_fp32 and s.load_bytes != 4:
         items.append(Item("decoder_head", "decoder's float32 copy of the LM head", head * 4, (M_BUILD, M_DECODE)))
     items.append(Item("kv_cache", f"KV cache: {s.chunk} prompts x {seq} tokens x {shape.layers} layers ({_dt(c)})",
@@ -969,14 +973,19 @@ def _ppo_logits(s: PPOSetup, score_rows: int, keep: int, split: bool, policy_fp3
                 "head": low_u + cast, "update": low_u + 2 * big_u + cast, "backward": low_u + 3 * big_u + cast,
                 "held": 2 * low_s, "held_update": low_u}
     if split:
-        # split_mm: out = hi x hi, then out += lo x hi (+= hi x lo): two logits-sized tensors at once (three
-        # when it added out of place). A float32 weight is split first (its bf16 high part, that part widened,
-        # the difference: 10 bytes a weight) and its two bf16 parts are held during the products; a bf16
-        # weight is its own high part.
+        # A float32 weight: [high | high | remainder] (6 bytes a weight; its remainder taken in row blocks) and
+        # one product into the logits. Before: the weight split first (its bf16 high part, that part widened,
+        # the difference: 10 bytes a weight), its two bf16 parts held during three products. A bf16 weight
+        # is its own high part: split_mm, out = hi x hi then out += lo x hi, two logits-sized tensors at once
+        # (three when it added out of place).
         live = 3 if s.split_out_of_place else 2
 
         def forward(rows: int) -> int:
-            return max(10 * head, 4 * head + live * rows) if policy_fp32 else live * rows
+            if not policy_fp32:
+                return live * rows
+            if s.split_three_products:
+                return max(10 * head, 4 * head + live * rows)
+            return 6 * head + rows
         policy, ref = forward(big_s), big_s + live * big_s
         update_head = forward(big_u)
     else:

@@ -35,3 +35,13 @@ def test_generate_benchmark_answers_as_one_at_a_time_greedy_decoding():
     assert rows.keys() == {"one-at-a-time generate", "batched generate", "engine"}
     for cells in rows.values():
         assert cells.strip().endswith("100.0%")  # greedy answers do not depend on batching
+
+
+def test_kernels_benchmark_compares_both_kernels_on_the_same_model():
+    out = run("benchmarks/kernels.py", "--repeat", "1", "--length", "48")
+    rows = dict(re.findall(r"^\| (transformers|fused) \|(.*)\|$", out, re.M))
+    assert rows.keys() == {"transformers", "fused"}
+    for cells in rows.values():
+        fwd, _, top, error, nan = (c.strip() for c in cells.split("|"))
+        assert float(fwd) > 0 and float(top) > 0 and float(error) < 1e-4 and nan == "no"
+    assert re.search(r"^fused vs transformers: forward [\d.]+x, top layers [\d.]+x$", out, re.M)

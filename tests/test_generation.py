@@ -298,6 +298,10 @@ def test_the_split_head_has_float32_accuracy_forward_and_backward():
         for split in (_SplitHead(weight, None)(hidden), _SplitLinear.apply(hidden, weight, None)):
             assert split.dtype == torch.float32 and (split.double() - exact).abs().max() < 2e-3
         assert (hidden.bfloat16().double() @ weight.double().t() - exact).abs().max() > 2e-2
+    from engine.head import split_weight_cat
+
+    weight = torch.randn(500, 64)
+    assert torch.equal(split_weight_cat(weight, rows=64), split_weight_cat(weight))  # row blocks: the same
 
     x = hidden.clone().requires_grad_(True)
     w = torch.randn(500, 64, requires_grad=True)
