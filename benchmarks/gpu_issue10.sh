@@ -27,6 +27,6 @@ step() {
 "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
 iteration=("$python" benchmarks/ppo_iteration.py --device cuda --shape bloomz-7b1-mt --prompts 256 --paths new)
 step kernels 120 "$python" benchmarks/kernels.py --device cuda --shape bloomz-7b1-mt
-step iteration_256 150 "${iteration[@]}" --chunk 256
+step iteration_256 150 "${iteration[@]}" --chunk 256 || exit 1  # the rest would fail alike
 step iteration_256_transformers_kernels 150 "${iteration[@]}" --chunk 256 --kernels transformers
 step iteration_auto 150 "${iteration[@]}" --chunk auto

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from engine.head import head_fp32
 
@@ -112,9 +113,34 @@ def pick(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor, step: in
         before = ordered.cumsum(-1) - ordered  # mass strictly above each token: keep while it is < top_p
         ordered = ordered.masked_fill(before >= sampling.top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, ordered)
-    cdf = probs.double().cumsum(-1)
-    u = uniforms(seeds, step).to(cdf.device).unsqueeze(-1) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    return inverse_cdf(probs, uniforms(seeds, step).to(probs.device))
+
+
+CDF_BLOCK = 1024
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first token of each row whose cumulative probability reaches u x the row's total ([B, V] -> [B]),
+    in float64. Over a large vocabulary in two levels: the block holding it (block sums), then the token
+    inside that block. A float64 cumulative sum over the whole row (250,880 words at bloomz-7b1) wrote and
+    re-read 8 bytes a word for every row at every decode step (3 % of a decode step on an H200); this
+    reads the probabilities once."""
+    rows, vocab = probs.shape
+    u = u.unsqueeze(-1)
+    if vocab <= CDF_BLOCK:
+        cdf = probs.double().cumsum(-1)
+        return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp(max=vocab - 1)
+    blocks = -(-vocab // CDF_BLOCK)
+    padded = F.pad(probs, (0, blocks * CDF_BLOCK - vocab)).view(rows, blocks, CDF_BLOCK)
+    block_cdf = padded.sum(-1, dtype=torch.float64).cumsum(-1)
+    target = u * block_cdf[:, -1:]
+    block = torch.searchsorted(block_cdf, target).clamp(max=blocks - 1)  # its sum is > 0: target > 0
+    before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)
+    inner = padded.gather(1, block.unsqueeze(-1).expand(rows, 1, CDF_BLOCK)).squeeze(1).double().cumsum(-1)
+    # The block's own cumulative sum may end a rounding below its block sum: never search past it (padding).
+    rest = torch.minimum(target - before, inner[:, -1:])
+    token = block * CDF_BLOCK + torch.searchsorted(inner, rest).clamp(max=CDF_BLOCK - 1)
+    return token.squeeze(-1).clamp(max=vocab - 1)
 
 
 class Engine:

@@ -64,6 +64,28 @@ def test_pick_samples_the_tempered_filtered_distribution():
         assert torch.allclose(counts, expected, atol=0.015), (sampling, counts, expected)
 
 
+def test_the_two_level_inverse_cdf_picks_what_one_cumulative_sum_picks():
+    """Over a vocabulary wider than a block the token is found block first; it is the token a float64
+    cumulative sum over the whole row gives, and never one of probability 0 (top-k cuts, padding)."""
+    from engine.generation import CDF_BLOCK, inverse_cdf, uniforms
+
+    torch.manual_seed(0)
+    vocab = 5 * CDF_BLOCK + 123
+    logits = torch.randn(3000, vocab) * 4
+    logits[:1000, : vocab // 2] = float("-inf")  # half the row impossible
+    logits[1000:2000, vocab - 3 :] = 30.0  # mass at the very end, in the partly padded block
+    logits[2000:] = logits[2000:].masked_fill(torch.rand(1000, vocab) < 0.999, float("-inf"))  # a few tokens
+    logits[2000:, 7] = 0.0  # at least one
+    probs = torch.softmax(logits, -1)
+    u = uniforms(row_seeds(3, range(3000)), 0)
+    u[:10] = 1.0  # the top of the range
+    cdf = probs.double().cumsum(-1)
+    expected = torch.searchsorted(cdf, (u.unsqueeze(-1) * cdf[:, -1:])).squeeze(-1).clamp(max=vocab - 1)
+    got = inverse_cdf(probs, u)
+    assert (got == expected).float().mean() > 0.999  # float64 rounding may differ at a boundary, once in ~1e13
+    assert (probs.gather(-1, got.unsqueeze(-1)) > 0).all()
+
+
 def _with_generation_defaults(src, dst, defaults):
     shutil.copytree(src, dst)
     config = json.loads((dst / "generation_config.json").read_text())
