@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="give the judge the reference answer of the 39 rewrite items that have one")
     belle.add_argument("--answers-from", type=int, metavar="ID", help="judge run ID's answers instead of generating")
     belle.add_argument("--resume-run", type=int, metavar="ID", help="continue evaluation run ID where it stopped")
+    belle.add_argument("--output-root", default="runs", metavar="DIR",
+                       help="folder under which the run gets <id>/ (default: ./runs, as a recipe's output_root)")
     belle.add_argument("--db", default=None)
     table = eval_sub.add_parser("table", help="the score table of every evaluation run")
     table.add_argument("--format", choices=("md", "csv", "json"), default="md")
@@ -194,10 +196,10 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 def _cmd_estimate(args: argparse.Namespace) -> int:
     """`rlhf check RECIPE --estimate`: memory per GPU of each stage, before anything loads."""
     from engine.config import load_recipe
-    from engine.estimate import DEFAULT_GPU_MEMORY, estimate_recipe, parse_size, read_accelerate_config, report
+    from engine.estimate import DEFAULT_GPU_MEMORY, estimate_recipe, parallel_from_config, parse_size, report
 
     memory = parse_size(args.gpu_memory) if args.gpu_memory else DEFAULT_GPU_MEMORY
-    parallel = read_accelerate_config(args.accelerate_config, args.gpus)
+    parallel = parallel_from_config(args.accelerate_config, args.gpus)
     recipe = load_recipe(args.recipe, args.overrides, args.stage)
     estimates = estimate_recipe(recipe, [args.stage] if args.stage else None, parallel, memory)
     print(report(estimates, args.recipe))

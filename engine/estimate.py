@@ -351,7 +351,7 @@ class Parallel:
         return max(self.gpus, 1)
 
 
-def read_accelerate_config(path: str | None, gpus: int | None) -> Parallel:
+def parallel_from_config(path: str | None, gpus: int | None) -> Parallel:
     """Sharding from an accelerate config file (as `rlhf launch --accelerate-config` takes); `gpus`
     overrides its num_processes."""
     if gpus is not None and gpus < 1:
@@ -359,18 +359,13 @@ def read_accelerate_config(path: str | None, gpus: int | None) -> Parallel:
     if path is None:
         n = gpus or 1
         return Parallel("ddp" if n > 1 else "single", n)
-    import yaml
+    from engine.accelerate_file import read_accelerate_config as read_file
 
-    file = Path(path)
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EstimateError(f"--accelerate-config {path}: file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise EstimateError(f"--accelerate-config {path}: cannot read it ({err})") from None
-    if not isinstance(data, dict):
-        raise EstimateError(f"--accelerate-config {path}: not a YAML mapping")
-    kind = str(data.get("distributed_type", "NO")).upper()
+        data = read_file(path)
+    except RecipeError as err:
+        raise EstimateError(str(err)) from None
+    kind = str(data["distributed_type"]).upper()
     processes = data.get("num_processes", 1)
     if not isinstance(processes, int) or processes < 1:
         raise EstimateError(f"{path}: num_processes: expected a positive integer, got {processes!r}")

@@ -56,7 +56,7 @@ def _belle(args: argparse.Namespace) -> int:
                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                 concurrency=args.concurrency, price_per_1k=args.price_per_1k,
                 rewrite_reference=args.rewrite_reference, answers_from=args.answers_from,
-                output_root=str(Path("runs").resolve()),
+                output_root=str(Path(args.output_root).expanduser().resolve()),
             )
         except ValueError as err:
             raise RecipeError(f"invalid evaluation settings: {err}") from None

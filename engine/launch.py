@@ -24,8 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-import yaml
-
+from engine.accelerate_file import read_accelerate_config
 from engine.config import RecipeError, Stage
 from engine.procs import group_alive, kill_group, process_alive, process_start, run_processes_gone, same_group
 from engine.run import DB_ENV, LAUNCHED_ENV, RUN_ID_ENV, register_run, resume_recipe
@@ -40,18 +39,6 @@ STOP_GRACE_S = 600
 # How long a run's other processes may outlive its launcher when nobody asked it to stop.
 LINGER_S = float(os.environ.get("RLHF_LINGER_S", 60))
 EXIT_STOPPED = 143  # 128 + SIGTERM, in runs.db as in the shell, whatever the launcher itself returned
-
-
-def read_accelerate_config(path: str | os.PathLike) -> dict:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: accelerate config not found") from None
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: accelerate config is not valid YAML ({err})") from None
-    if not isinstance(data, dict) or "distributed_type" not in data:
-        raise RecipeError(f"{path}: not an accelerate config (no distributed_type)")
-    return data
 
 
 def accelerate_argv(

@@ -85,7 +85,7 @@ def wiring(stage: str, recipe: Recipe, exports: dict[str, str]) -> list[str]:
 def create(recipe_path: str, overrides: list[str], through: str | None, accelerate_config: str,
            num_processes: int | None, db_path: str | os.PathLike) -> int:
     """Check everything that can be checked before the first stage and register the pipeline."""
-    from engine.launch import read_accelerate_config
+    from engine.accelerate_file import read_accelerate_config
     from engine.train import validate
 
     recipe = load_recipe(recipe_path, overrides)
@@ -235,7 +235,7 @@ def _evaluate(recipe: Recipe, exports: dict[str, str], mine: list[dict], db_path
         else:
             argv += [exports[which], "--eval-dir", settings.eval_dir, "--name", label, "--judge", settings.judge,
                      "--max-new-tokens", str(settings.max_new_tokens), "--batch-size", str(settings.batch_size),
-                     "--judge-key-env", settings.judge_key_env]
+                     "--judge-key-env", settings.judge_key_env, "--output-root", recipe.output_root]
             if settings.judge == "rm":
                 argv += ["--reward-model", exports["rm"]]
             else:

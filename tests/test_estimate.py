@@ -27,9 +27,9 @@ from engine.estimate import (
     estimate_recipe,
     estimate_setup,
     load_shape,
+    parallel_from_config,
     parse_size,
     ppo_estimate,
-    read_accelerate_config,
     shape_from_config,
     stage_setup,
 )
@@ -386,9 +386,9 @@ def test_ppo_advice_is_ppos_own(no_hub_cache):
 def test_zero_and_fsdp_shard_the_training_stages(no_hub_cache):
     recipe = load_recipe(BLOOMZ)
     (single,) = estimate_recipe(recipe, ["sft"])
-    zero2 = read_accelerate_config(str(ACCEL / "zero2.yaml"), None)
-    zero3 = read_accelerate_config(str(ACCEL / "zero3.yaml"), None)
-    fsdp = read_accelerate_config(str(ACCEL / "fsdp.yaml"), 4)
+    zero2 = parallel_from_config(str(ACCEL / "zero2.yaml"), None)
+    zero3 = parallel_from_config(str(ACCEL / "zero3.yaml"), None)
+    fsdp = parallel_from_config(str(ACCEL / "fsdp.yaml"), 4)
     assert (zero2.kind, zero2.zero_stage, zero2.gpus) == ("zero", 2, 8) and fsdp.gpus == 4
     trainable = 7_069_016_064
     (two,) = estimate_recipe(recipe, ["sft"], zero2)
@@ -430,12 +430,12 @@ def test_sizes_and_accelerate_configs():
     for bad in ("lots", "-1GiB", "0", ""):
         with pytest.raises(EstimateError, match="--gpu-memory"):
             parse_size(bad)
-    assert read_accelerate_config(str(ACCEL / "gpu.yaml"), None).kind == "single"
-    assert read_accelerate_config(str(ACCEL / "ddp.yaml"), None).gpus == 8
-    assert read_accelerate_config(str(ACCEL / "cpu.yaml"), None).cpu
-    assert read_accelerate_config(None, 4).kind == "ddp"
+    assert parallel_from_config(str(ACCEL / "gpu.yaml"), None).kind == "single"
+    assert parallel_from_config(str(ACCEL / "ddp.yaml"), None).gpus == 8
+    assert parallel_from_config(str(ACCEL / "cpu.yaml"), None).cpu
+    assert parallel_from_config(None, 4).kind == "ddp"
     with pytest.raises(EstimateError, match="nope.yaml: file not found"):
-        read_accelerate_config("nope.yaml", None)
+        parallel_from_config("nope.yaml", None)
 
 
 # -- the command ------------------------------------------------------------------------------------------

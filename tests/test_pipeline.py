@@ -28,7 +28,7 @@ def rlhf(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_the_pipeline_runs_every_stage_wired_by_stage_into_a_score_table(workdir):
-    result = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, *SHORT)
+    result = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, *SHORT, "--set", "output_root=out")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pipeline 1 done" in result.stdout
     with Store(os.environ["RLHF_DB"]) as store:
@@ -37,6 +37,8 @@ def test_the_pipeline_runs_every_stage_wired_by_stage_into_a_score_table(workdir
     assert [(r["stage"], r["status"]) for r in runs] == [("sft", "done"), ("rm", "done"), ("ppo", "done"),
                                                           ("eval", "done"), ("eval", "done")]
     sft, rm, ppo, eval_sft, eval_ppo = runs
+    out = Path("out").resolve()
+    assert all(Path(r["output_dir"]).parent == out for r in runs), [r["output_dir"] for r in runs]  # eval too
     ppo_config = json.loads(ppo["config"])["ppo"]
     # The policy is the SFT export, the reward model the RM export, by stage; the rule reward is gone.
     assert ppo_config["model"]["path"] == str(Path(sft["output_dir"]) / "final")

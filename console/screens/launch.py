@@ -287,9 +287,9 @@ class LaunchScreen(Screen[int | None]):
                  processes: int | None) -> None:
         try:
             from engine.config import load_recipe
-            from engine.estimate import estimate_recipe, gib, read_accelerate_config
+            from engine.estimate import estimate_recipe, gib, parallel_from_config
 
-            parallel = read_accelerate_config(accel, processes)
+            parallel = parallel_from_config(accel, processes)
             (result,) = estimate_recipe(load_recipe(recipe, overrides, stage), [stage], parallel)
             largest = result.largest
             if parallel.cpu:
