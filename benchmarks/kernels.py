@@ -8,8 +8,9 @@ autocast on CUDA (float32 on a CPU), left-padded rows:
                    autocast (what each PPO update runs over a cached trunk)
 
 Both kernels run in the same process on the same weights and inputs; the table gives ms per batch, the
-matrix products' TFLOP/s, and how far each is from a float32 computation of the same model (largest logit
-difference over the real tokens; pad rows included in the NaN check).
+matrix products' TFLOP/s, and how far each is from a float32 computation of the same model (largest
+difference of the last hidden state over the real tokens); NaN: anywhere in the output or the top layers'
+gradients, pad rows included.
 
     python benchmarks/kernels.py                                    # CPU smoke shape
     python benchmarks/kernels.py --device cuda --shape bloomz-7b1-mt
@@ -87,8 +88,8 @@ def main() -> None:
     real = mask.bool()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
-    # The reference: the same weights in float32 (fused kernels: transformers' eager BLOOM gives NaN in float32
-    # or float64 for left-padded rows, its mask minimum overflowing in the float32 softmax cast).
+    # The reference: the same weights in float32, on the fused kernels (the same function as transformers' in
+    # float32: tests/test_bloom_kernels.py).
     reference = copy.deepcopy(model).float()
     use_fused_kernels(reference)
     with torch.no_grad():
@@ -120,8 +121,10 @@ def main() -> None:
         use_fused_kernels(model, fused)
         use_fused_kernels(top, fused)
         out = forward()
-        nan = bool(torch.isnan(out).any())
         error = float((out.float() - exact.float())[real].abs().max())
+        top.zero_grad(set_to_none=True)
+        top_layers()  # the gradients, pad rows and all, must be numbers too
+        nan = bool(torch.isnan(out).any()) or any(bool(torch.isnan(p.grad).any()) for p in top.parameters())
         rows.append((name, timed(forward, args.device, args.repeat), timed(top_layers, args.device, args.repeat),
                      error, nan))
         top.zero_grad(set_to_none=True)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.bloom_kernels import gelu
+from engine.bloom_kernels import MASKED, gelu
 from engine.head import split, split_available, split_mm
 
 
@@ -109,7 +109,6 @@ def _apply(x: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None]) ->
     return F.linear(x.to(weight.dtype), weight, bias)
 
 
-_MASKED = -1e30  # an attention bias no score survives, finite in bf16 and float32
 
 
 class BloomDecoder:
@@ -191,7 +190,7 @@ class Batch:
         # BLOOM's ALiBi to its attention); a large finite negative, not -inf: a padding row that sees no
         # key must stay finite, or its NaN would reach the real rows through 0 x NaN.
         allowed = self.valid[:, None, None, :span] & (self.key_index[:span] <= positions[:, None])
-        masked = torch.where(allowed, 0.0, _MASKED)  # [B, 1, T, span] float32
+        masked = torch.where(allowed, 0.0, MASKED)  # [B, 1, T, span] float32
         sdpa = d.attention == "sdpa"
         if sdpa:
             bias = (self.alibi[:, :, :, :span].float() + masked).to(d.dtype)

@@ -16,11 +16,18 @@ so the rollout's log-probabilities and the scoring forward's are computed alike.
 
 from __future__ import annotations
 
-import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.bloom.modeling_bloom import BloomAttention, BloomGelu
+
+# What a masked score becomes: finite in bf16 and float32 with room to spare. BLOOM's mask holds the dtype's
+# minimum, which becomes -inf in a narrower dtype, or once a kernel scales scores (CUDA's memory-efficient
+# attention works in base 2), and a row of -inf (a left pad's query sees no key) is NaN there, which the
+# next layer spreads to every row through 0 x NaN.
+MASKED = -1e30
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -32,67 +39,49 @@ def use_fused_kernels(model: nn.Module, fused: bool = True) -> int:
     """Give every BLOOM attention and GELU inside `model` (copies and branches included) the fused
     forward, or with `fused=False` transformers' own back; returns how many modules changed (0 for a model
     that is not BLOOM, or already as asked)."""
-    from transformers.models.bloom.modeling_bloom import BloomAttention, BloomGelu
-
-    attention, act = _fused_classes()
-    swaps = {BloomAttention: attention, BloomGelu: act}
+    swaps = {BloomAttention: FusedBloomAttention, BloomGelu: FusedBloomGelu}
     if not fused:
         swaps = {new: old for old, new in swaps.items()}
     changed = 0
     for module in model.modules():
-        fused = swaps.get(type(module))
-        if fused is not None:
-            module.__class__ = fused  # same attributes, same parameters: only forward differs
+        swap = swaps.get(type(module))
+        if swap is not None:
+            module.__class__ = swap  # same attributes, same parameters: only forward differs
             changed += 1
     return changed
 
 
-@functools.cache
-def _fused_classes() -> tuple[type, type]:
-    """Subclasses built on first use: transformers is imported only by those who load a model."""
-    from transformers.models.bloom.modeling_bloom import BloomAttention, BloomGelu
+class FusedBloomAttention(BloomAttention):
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, alibi: torch.Tensor,
+                attention_mask: torch.Tensor | None, layer_past: Any = None, use_cache: bool = False,
+                output_attentions: bool = False, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if output_attentions or (self.pretraining_tp > 1 and self.slow_but_exact):
+            return super().forward(hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
+                                   use_cache=use_cache, output_attentions=output_attentions, **kwargs)
+        batch, length, _ = hidden_states.shape
+        query, key, value = self._reshape(self.query_key_value(hidden_states))  # [B, H, T, D] views
+        if layer_past is not None:
+            key, value = layer_past.update(key, value, self.layer_idx)
+        bias = _bias(alibi, attention_mask, batch, self.num_heads, key.shape[2], query.dtype)
+        context = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, scale=self.inv_norm_factor,
+            dropout_p=self.attention_dropout.p if self.training else 0.0,
+        )
+        context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        output = F.dropout(self.dense(context), p=self.hidden_dropout, training=self.training) + residual
+        return output, None
 
-    class FusedAttention(BloomAttention):
-        def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, alibi: torch.Tensor,
-                    attention_mask: torch.Tensor | None, layer_past=None, use_cache: bool = False,
-                    output_attentions: bool = False, **kwargs):
-            if output_attentions or (self.pretraining_tp > 1 and self.slow_but_exact):
-                return super().forward(hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
-                                       use_cache=use_cache, output_attentions=output_attentions, **kwargs)
-            batch, length, _ = hidden_states.shape
-            query, key, value = self._reshape(self.query_key_value(hidden_states))  # [B, H, T, D] views
-            if layer_past is not None:
-                key, value = layer_past.update(key, value, self.layer_idx)
-            bias = _bias(alibi, attention_mask, batch, self.num_heads, key.shape[2], query.dtype)
-            context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=bias, scale=self.inv_norm_factor,
-                dropout_p=self.attention_dropout.p if self.training else 0.0,
-            )
-            context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-            output = F.dropout(self.dense(context), p=self.hidden_dropout, training=self.training) + residual
-            return output, None
 
-    class FusedGelu(BloomGelu):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return gelu(x)
-
-    FusedAttention.__name__ = FusedAttention.__qualname__ = "FusedBloomAttention"
-    FusedGelu.__name__ = FusedGelu.__qualname__ = "FusedBloomGelu"
-    return FusedAttention, FusedGelu
+class FusedBloomGelu(BloomGelu):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu(x)
 
 
 def _bias(alibi: torch.Tensor, mask: torch.Tensor | None, batch: int, heads: int, keys: int,
           dtype: torch.dtype) -> torch.Tensor:
-    """ALiBi ([B*H, 1, K]) plus BLOOM's additive causal/padding mask ([B, 1, Q, K]) as one [B, H, Q, K]
-    bias in the query's dtype. A float32 mask's minimum is beyond bf16's range and would become -inf,
-    which turns a fully masked row (a left pad's query) into NaN; it is clamped to the dtype's own
-    minimum, as BLOOM's eager softmax effectively sees it."""
+    """ALiBi ([B*H, 1, K]) plus BLOOM's additive causal/padding mask ([B, 1, Q, K], its masked entries
+    raised to MASKED first, H times fewer than the bias's) as one [B, H, Q, K] bias in the query's dtype."""
     bias = alibi.view(batch, heads, 1, keys)
-    if mask is None:
-        return bias.to(dtype)
-    bias = bias + mask
-    lowest = torch.finfo(dtype).min
-    if torch.finfo(bias.dtype).min < lowest:
-        bias = bias.clamp_(min=lowest)
+    if mask is not None:
+        bias = bias + mask.clamp(min=MASKED)
     return bias.to(dtype)
-

@@ -184,13 +184,14 @@ class Shape:
 
     def working_set(self, mode: str, sequences: int, length: int) -> int:
         """One decoder layer's tensors while it runs (no gradients kept): its intermediate outputs, and
-        BLOOM's [heads, T, T] attention bias (fused) or eager attention's scores, masked scores, float32
-        softmax and probabilities."""
+        BLOOM's [heads, T, T] attention bias (fused; counted as over float32 weights under autocast, 4 bytes
+        more than over bf16 ones) or eager attention's scores, masked scores, float32 softmax and
+        probabilities."""
         c = 4 if mode == "fp32" else 2
         tokens = sequences * length
         if self.arch == "bloom":
-            if self.fused:
-                attention = c * self.heads * length * length
+            if self.fused:  # the bias, in the mask's dtype (float32 under autocast over float32 weights) and cast
+                attention = {"autocast": 6, "half": 2, "fp32": 4}[mode] * self.heads * length * length
             else:
                 attention = (12 if mode == "fp32" else 10) * self.heads * length * length
             return tokens * (17 * self.hidden * c + 12 * self.hidden) + sequences * attention

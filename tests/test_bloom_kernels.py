@@ -138,14 +138,24 @@ def test_the_loaders_give_fused_models(tmp_path):
         assert type(model.transformer.h[0].mlp.gelu_impl).__name__ == "FusedBloomGelu"
 
 
-def test_the_bias_of_a_float32_mask_is_finite_in_bf16():
-    """CPU's SDPA happens to give 0 for a row of -inf; CUDA's kernels need not, so the bias stays finite."""
-    from engine.bloom_kernels import _bias
+def test_the_bias_stays_far_from_overflow_in_bf16():
+    """CPU's SDPA happens to give 0 for a row of -inf; CUDA's kernels need not (and scale the scores first),
+    so a masked entry is MASKED, whatever the mask's dtype, and the rest is ALiBi exactly."""
+    from engine.bloom_kernels import MASKED, _bias
 
     alibi = -torch.rand(2 * 4, 1, 6)
-    mask = torch.zeros(2, 1, 6, 6)
-    mask[0, :, :3] = torch.finfo(torch.float32).min  # three pad queries see nothing
-    bias = _bias(alibi, mask, 2, 4, 6, torch.bfloat16)
-    assert bias.dtype == torch.bfloat16 and bias.shape == (2, 4, 6, 6)
-    assert torch.isfinite(bias).all()
-    assert torch.equal(bias[1], alibi.view(2, 4, 1, 6)[1].expand(4, 6, 6).to(torch.bfloat16))
+    for dtype in (torch.float32, torch.bfloat16):
+        mask = torch.zeros(2, 1, 6, 6, dtype=dtype)
+        mask[0, :, :3] = torch.finfo(dtype).min  # three pad queries see nothing
+        bias = _bias(alibi.to(dtype), mask, 2, 4, 6, torch.bfloat16)
+        assert bias.dtype == torch.bfloat16 and bias.shape == (2, 4, 6, 6)
+        assert torch.isfinite(bias.float() * 2).all() and bias.min() >= MASKED * 1.01
+        assert (bias[0, :, :3] < -1e29).all()
+        assert torch.equal(bias[1], alibi.view(2, 4, 1, 6)[1].expand(4, 6, 6).to(torch.bfloat16))
+
+
+def test_a_fused_model_pickles_whole(tmp_path):
+    _, fused = _pair()
+    torch.save(fused, tmp_path / "whole.pt")
+    again = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert type(again.transformer.h[0].self_attention).__name__ == "FusedBloomAttention"
