@@ -762,8 +762,9 @@ class PPOSetup:
     split_out_of_place: bool = False
     trunk_parts_held: bool = False
     # Before 2026-11-27's third session: splitting a float32 weight widened its high part again (10 bytes a
-    # weight at once), and the training head's three products were separate (its weight split in two parts).
-    split_three_products: bool = False
+    # weight at once), the training head's three products were separate (its weight split in two parts), and
+    # the log-probs' backward went through logsumexp's and gather's own gradients (one more logits-sized one).
+    before_fused_head: bool = False
 
 
 def ppo_counts(s: PPOSetup) -> dict[str, int]:
@@ -934,7 +935,7 @@ def _ppo_rollout(s: PPOSetup, split: bool, policy_head_fp32: bool, c: int, mode:
         items.append(Item("decoder_head", "decoder's LM head split in bf16 (high + low parts)", head * 4, (M_DECODE,)))
         # Splitting holds the high part, the float32 difference and the remainder being written at once
         # (after a float32 copy of a bf16 head); before, also the high part widened to float32.
-        build = (10 if policy_head_fp32 else 14) if s.split_three_products else (8 if policy_head_fp32 else 12)
+        build = (10 if policy_head_fp32 else 14) if s.before_fused_head else (8 if policy_head_fp32 else 12)
         items.append(Item("decoder_build", "decoder's LM head being split (float32 temporaries)",
                           head * build, (M_BUILD,)))
     elif bloom and not policy_head_fp32 and s.load_bytes != 4:
@@ -979,7 +980,7 @@ def _ppo_logits(s: PPOSetup, score_rows: int, keep: int, split: bool, policy_fp3
         def forward(rows: int) -> int:
             if not policy_fp32:
                 return live * rows
-            if s.split_three_products:
+            if s.before_fused_head:
                 return max(10 * head, 4 * head + live * rows)
             return 6 * head + rows
         policy, ref = forward(big_s), big_s + live * big_s
@@ -990,10 +991,10 @@ def _ppo_logits(s: PPOSetup, score_rows: int, keep: int, split: bool, policy_fp3
         policy = big_s + (0 if policy_fp32 else widen)
         ref = big_s + big_s + widen
         update_head = big_u + (0 if policy_fp32 else widen)
-    # Log-probs: logsumexp makes one logits-sized temporary. Backward: the logits, and logsumexp's, gather's
-    # and the slice's logits-sized gradients.
+    # Log-probs: logsumexp makes one logits-sized temporary. Backward: the logits, the log-probs' one gradient
+    # (before: logsumexp's and gather's) and the slice's.
     return {"policy": policy, "ref": ref, "logprobs": 3 * big_s, "head": update_head, "update": 2 * big_u,
-            "backward": 4 * big_u, "held": 2 * big_s, "held_update": big_u}
+            "backward": (4 if s.before_fused_head else 3) * big_u, "held": 2 * big_s, "held_update": big_u}
 
 
 # -- a recipe --------------------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def bench_setup(shape_name: str, setup: str, head: str = "fp32", before_d1de133_
                     reward=shape, reward_bytes=2, rollout=batch, minibatch=minibatch, score_batch=batch,
                     prompt=prompt, response=response, generate=False, trunk_cache=False, optimizer="foreach",
                     head=head, held_outputs=True, logprobs_in_autocast=True,
-                    split_out_of_place=before_d1de133_fixes, split_three_products=True)
+                    split_out_of_place=before_d1de133_fixes, before_fused_head=True)
 
 
 # benchmarks/results_h200.md, first table: peak memory of one PPO step, NVIDIA H200, measured 2026-11-26 at
@@ -301,7 +301,7 @@ def test_ppo_iteration_with_auto_decode_batches_on_an_h200():
                   fused=False)
     setup = PPOSetup(shape=shape, load_bytes=2, compute="bf16", k=2, k_v=2, reward=shape, reward_bytes=2,
                      rollout=256, minibatch=16, score_batch=16, prompt=256, response=256, chunk=208,
-                     held_outputs=True, logprobs_in_autocast=True, split_three_products=True)
+                     held_outputs=True, logprobs_in_autocast=True, before_fused_head=True)
     estimate = ppo_estimate(setup)
     assert estimate.peak_moment == "rollout: decoding"
     assert estimate.peak / GIB == pytest.approx(118.52, rel=0.15)
@@ -322,7 +322,7 @@ def test_ppo_iteration_peaks_of_results_h200(chunk, score_batch):
     setup = PPOSetup(shape=shape, load_bytes=2, compute="bf16", k=2, k_v=2, reward=shape, reward_bytes=2,
                      rollout=256, minibatch=16, score_batch=score_batch, prompt=256, response=256, chunk=chunk,
                      held_outputs=True, logprobs_in_autocast=True, split_out_of_place=True, trunk_parts_held=True,
-                     split_three_products=True)
+                     before_fused_head=True)
     estimate = ppo_estimate(setup)
     assert estimate.peak_moment == "rollout: decoding"
     assert estimate.peak / GIB == pytest.approx(PPO_ITERATION_H200_GIB[chunk, score_batch], rel=0.15)

@@ -86,3 +86,25 @@ def test_running_moments_match_the_whole_sample():
     restored = RunningMoments()
     restored.load_state_dict(moments.state_dict())
     assert restored.std == moments.std
+
+
+def test_token_logprobs_and_their_gradient_are_log_softmaxs():
+    """One [B, T, V] gradient tensor instead of three, the same numbers: against log_softmax + gather, on a
+    sliced (non-contiguous) view as the trainer passes it, and by finite differences in float64."""
+    from engine.ppo.core import _TokenLogprob, logprobs_of
+
+    torch.manual_seed(0)
+    full = (torch.randn(3, 9, 50) * 5).requires_grad_(True)
+    tokens = torch.randint(0, 50, (3, 8))
+    weights = torch.randn(3, 8)
+    (logprobs_of(full[:, :-1], tokens) * weights).sum().backward()
+    got = full.grad.clone()
+    full.grad = None
+    want = full[:, :-1].log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logprobs_of(full[:, :-1], tokens), want, atol=1e-5)
+    (want * weights).sum().backward()
+    assert torch.allclose(got, full.grad, atol=1e-6)
+    assert (got[:, -1] == 0).all()
+    small = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    picked = torch.tensor([[1, 6, 0], [3, 3, 2]])
+    assert torch.autograd.gradcheck(lambda x: _TokenLogprob.apply(x, picked), (small,))
