@@ -138,8 +138,8 @@ def iteration(hydra, reward, optimizer, prompts, args: argparse.Namespace, new: 
         parts = []
         for idx in minibatches:
             out = hydra(ids[idx], full_mask[idx], with_values=True, with_ref=True, logits_to_keep=keep, keep_trunk=new)
-            parts.append((core.logprobs_of(out.logits[:, :-1], tokens[idx]),
-                          core.logprobs_of(out.ref_logits[:, :-1], tokens[idx]),
+            parts.append((core.logprobs_of(out.logits, tokens[idx], drop_last=True),
+                          core.logprobs_of(out.ref_logits, tokens[idx], drop_last=True),
                           out.values[:, prompt - 1 : -1].float(), out.trunk))
         old_logprobs, ref_logprobs, old_values = (torch.cat(p) for p in list(zip(*parts))[:3])
         trunk = type(parts[0][3]).cat([p[3] for p in parts]) if new else None
@@ -157,7 +157,7 @@ def iteration(hydra, reward, optimizer, prompts, args: argparse.Namespace, new: 
             with clock.phase("update"), autocast:
                 out = hydra(ids[idx], full_mask[idx], with_values=True, logits_to_keep=keep,
                             trunk=trunk.rows(idx) if trunk is not None else None)
-                logprobs = core.logprobs_of(out.logits[:, :-1], tokens[idx])
+                logprobs = core.logprobs_of(out.logits, tokens[idx], drop_last=True)
                 pg, _ = core.policy_loss(logprobs, old_logprobs[idx], advantages[idx], rmask[idx], 0.2)
                 vf, _ = core.value_loss(out.values[:, prompt - 1 : -1].float(), old_values[idx], returns[idx],
                                         rmask[idx], 0.2)

@@ -763,7 +763,7 @@ class PPOSetup:
     trunk_parts_held: bool = False
     # Before 2026-11-27's third session: splitting a float32 weight widened its high part again (10 bytes a
     # weight at once), the training head's three products were separate (its weight split in two parts), and
-    # the log-probs' backward went through logsumexp's and gather's own gradients (one more logits-sized one).
+    # the log-probs' backward went through logsumexp's, gather's and a slice's own gradients.
     before_fused_head: bool = False
 
 
@@ -991,10 +991,10 @@ def _ppo_logits(s: PPOSetup, score_rows: int, keep: int, split: bool, policy_fp3
         policy = big_s + (0 if policy_fp32 else widen)
         ref = big_s + big_s + widen
         update_head = big_u + (0 if policy_fp32 else widen)
-    # Log-probs: logsumexp makes one logits-sized temporary. Backward: the logits, the log-probs' one gradient
-    # (before: logsumexp's and gather's) and the slice's.
+    # Log-probs: logsumexp makes one logits-sized temporary. Backward: the logits and the log-probs' one
+    # gradient (before: logsumexp's, gather's and the slice's).
     return {"policy": policy, "ref": ref, "logprobs": 3 * big_s, "head": update_head, "update": 2 * big_u,
-            "backward": (4 if s.before_fused_head else 3) * big_u, "held": 2 * big_s, "held_update": big_u}
+            "backward": (4 if s.before_fused_head else 2) * big_u, "held": 2 * big_s, "held_update": big_u}
 
 
 # -- a recipe --------------------------------------------------------------------------------------------

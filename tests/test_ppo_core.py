@@ -97,14 +97,17 @@ def test_token_logprobs_and_their_gradient_are_log_softmaxs():
     full = (torch.randn(3, 9, 50) * 5).requires_grad_(True)
     tokens = torch.randint(0, 50, (3, 8))
     weights = torch.randn(3, 8)
-    (logprobs_of(full[:, :-1], tokens) * weights).sum().backward()
-    got = full.grad.clone()
-    full.grad = None
     want = full[:, :-1].log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    assert torch.allclose(logprobs_of(full[:, :-1], tokens), want, atol=1e-5)
     (want * weights).sum().backward()
-    assert torch.allclose(got, full.grad, atol=1e-6)
-    assert (got[:, -1] == 0).all()
-    small = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    expected = full.grad.clone()
+    for got in (logprobs_of(full[:, :-1], tokens), logprobs_of(full, tokens, drop_last=True)):
+        full.grad = None
+        assert torch.allclose(got, want, atol=1e-5)
+        (got * weights).sum().backward()
+        assert torch.allclose(full.grad, expected, atol=1e-6)
+        assert (full.grad[:, -1] == 0).all()
+    small = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
     picked = torch.tensor([[1, 6, 0], [3, 3, 2]])
-    assert torch.autograd.gradcheck(lambda x: _TokenLogprob.apply(x, picked), (small,))
+    for drop_last in (False, True):
+        used = picked if drop_last else torch.cat([picked, picked[:, :1]], 1)
+        assert torch.autograd.gradcheck(lambda x: _TokenLogprob.apply(x, used, drop_last), (small,))

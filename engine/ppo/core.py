@@ -110,30 +110,40 @@ def value_loss(
     return loss, stats
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) in float32: the token's logit minus the logsumexp (no [B, T, V] log-softmax copy)."""
-    return _TokenLogprob.apply(logits.float(), tokens)
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, drop_last: bool = False) -> torch.Tensor:
+    """log p(token) in float32: the token's logit minus the logsumexp (no [B, T, V] log-softmax copy).
+    `drop_last`: the logits have one position more than the tokens, the last, which predicts nothing here;
+    its gradient is zero, written in the same tensor as the others' (a slice would pad a second one)."""
+    return _TokenLogprob.apply(logits.float(), tokens, drop_last)
 
 
 class _TokenLogprob(torch.autograd.Function):
     """logit[token] - logsumexp(logits), whose gradient onehot(token) - softmax is made in ONE [B, T, V]
     tensor. Through autograd, logsumexp's and gather's gradients were two such tensors and their sum a
-    third: at bloomz-7b1 shape each is 4 GB of float32 per 16 x 256 response tokens."""
+    third (and slicing off the last position a fourth): at bloomz-7b1 shape each is 4 GB of float32 per
+    16 x 256 response tokens."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        lse = torch.logsumexp(logits, dim=-1)
+    def forward(ctx: Any, logits: torch.Tensor, tokens: torch.Tensor, drop_last: bool) -> torch.Tensor:
+        used = logits[..., :-1, :] if drop_last else logits
+        lse = torch.logsumexp(used, dim=-1)
         ctx.save_for_backward(logits, lse, tokens)
-        return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+        ctx.drop_last = drop_last
+        return used.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         logits, lse, tokens = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None
-        out = torch.sub(logits, lse.unsqueeze(-1)).exp_().mul_(-grad.unsqueeze(-1))
-        out.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
-        return out, None
+            return None, None, None
+        out = torch.empty_like(logits)
+        used, target = (logits[..., :-1, :], out[..., :-1, :]) if ctx.drop_last else (logits, out)
+        torch.sub(used, lse.unsqueeze(-1), out=target)
+        target.exp_().mul_(-grad.unsqueeze(-1))
+        target.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
+        if ctx.drop_last:
+            out[..., -1, :] = 0
+        return out, None, None
 
 
 class KLController:

@@ -297,8 +297,8 @@ class PPOTrainer:
             out = model(batch.input_ids, batch.attention_mask, with_values=True, with_ref=with_ref,
                         logits_to_keep=response + 1, keep_trunk=keep_trunk, trunk=trunk)
         tokens = batch.response_ids
-        logprobs = core.logprobs_of(out.logits[:, :-1], tokens)
-        ref = core.logprobs_of(out.ref_logits[:, :-1], tokens) if out.ref_logits is not None else None
+        logprobs = core.logprobs_of(out.logits, tokens, drop_last=True)
+        ref = core.logprobs_of(out.ref_logits, tokens, drop_last=True) if out.ref_logits is not None else None
         values = out.values[:, batch.prompt_length - 1 : -1].float()
         return logprobs, ref, values, out.trunk
 
