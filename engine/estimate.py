@@ -166,15 +166,20 @@ class Shape:
         return 16 * h + c * (2 * h + 3 * q + 2 * kv + 4 * self.intermediate)
 
     def saved_per_sequence(self, mode: str, length: int) -> int:
-        """Attention's saved [heads, T, T] tensors per sequence: BLOOM's additive bias (ALiBi + mask, in the
-        compute dtype), which SDPA keeps for its backward, or eager attention's softmax output (float32) and
-        its copy in the compute dtype that the weighted sum saves; Llama-style SDPA saves none."""
-        if self.arch != "bloom":
+        """Attention's saved [heads, T, T] tensors per layer and sequence: eager BLOOM's softmax output
+        (float32) and its copy in the compute dtype that the weighted sum saves; Llama-style SDPA and fused
+        BLOOM save none of their own (see shared_per_sequence)."""
+        if self.arch != "bloom" or self.fused:
             return 0
-        if self.fused:
-            return (4 if mode == "fp32" else 2) * self.heads * length * length
         per = 4 if mode == "fp32" else 6
         return per * self.heads * length * length
+
+    def shared_per_sequence(self, mode: str, length: int) -> int:
+        """What all layers of one forward save together, per sequence: fused BLOOM's additive bias (ALiBi +
+        mask, compute dtype, [heads, T, T]), made once and kept by every layer's SDPA for its backward."""
+        if self.arch != "bloom" or not self.fused:
+            return 0
+        return (4 if mode == "fp32" else 2) * self.heads * length * length
 
     def residual_per_token(self, mode: str) -> int:
         """What a checkpointed layer keeps: its input hidden state."""
@@ -650,7 +655,7 @@ def train_estimate(s: TrainSetup, gpu_memory: int = DEFAULT_GPU_MEMORY) -> Stage
     full = tokens * shape.saved_per_token(mode) + s.sequences * shape.saved_per_sequence(mode, s.length)
     if s.lora is not None:  # each adapter keeps its dropped-out input and the dropout mask
         full += tokens * shape.lora_inputs(s.lora.target_modules) * (c + 1)
-    last = tokens * 4 * shape.hidden  # the final norm's input
+    last = tokens * 4 * shape.hidden + s.sequences * shape.shared_per_sequence(mode, s.length)  # + final norm's input
     if s.checkpointing:
         saved = recorded * tokens * shape.residual_per_token(mode) + full + last
         what = f"activations: {recorded} checkpointed layer inputs + 1 layer recomputed"
@@ -677,7 +682,8 @@ def train_estimate(s: TrainSetup, gpu_memory: int = DEFAULT_GPU_MEMORY) -> Stage
     # and, when the embeddings train, their float32 gradient made in full before it is added to the one the
     # tied LM head (or the previous micro-batch) left.
     cast_one = recorded_linear // recorded * 2 if mode == "autocast" and not fsdp and recorded_linear else 0
-    items.append(Item("last_layer", "backward's last layer: its activations", full + cast_one, (bwd,)))
+    items.append(Item("last_layer", "backward's last layer: its activations", full + cast_one
+                      + s.sequences * shape.shared_per_sequence(mode, s.length), (bwd,)))
     if s.lora is None and s.unfrozen < 0 and (shape.tied or s.grad_accum > 1):
         items.append(Item("embedding_grad", "embedding gradient being accumulated",
                           shape.vocab * shape.hidden * (c if zero else 4), (bwd,)))
@@ -851,8 +857,9 @@ def ppo_estimate(s: PPOSetup, gpu_memory: int = DEFAULT_GPU_MEMORY) -> StageEsti
         return layers * (tokens * shape.saved_per_token(mode) + s.minibatch * shape.saved_per_sequence(mode, seq))
 
     lora_saved = s.k * tokens * shape.lora_inputs(s.lora.target_modules) * (c + 1) if s.lora is not None else 0
+    shared = s.minibatch * shape.shared_per_sequence(mode, seq)  # one bias for the policy and value layers
     items.append(Item("activations_policy", f"activations of the {_plural(s.k, 'policy layer')} ({s.minibatch} x "
-                                            f"{seq} tokens)", saved(s.k) + lora_saved, (M_HEAD, M_FWD, M_BWD)))
+                                            f"{seq} tokens)", saved(s.k) + lora_saved + shared, (M_HEAD, M_FWD, M_BWD)))
     items.append(Item("activations_value", f"activations of the {_plural(s.k_v, 'value layer')}", saved(s.k_v),
                       (M_FWD, M_BWD)))
     dims = f"{s.minibatch} x {keep} x {shape.vocab:,}"

@@ -159,3 +159,17 @@ def test_a_fused_model_pickles_whole(tmp_path):
     torch.save(fused, tmp_path / "whole.pt")
     again = torch.load(tmp_path / "whole.pt", weights_only=False)
     assert type(again.transformer.h[0].self_attention).__name__ == "FusedBloomAttention"
+
+
+def test_one_bias_per_forward_that_dies_with_it():
+    import weakref
+
+    from engine.bloom_kernels import shared_bias
+
+    alibi, mask = -torch.rand(2 * 4, 1, 6), torch.zeros(2, 1, 6, 6)
+    first = shared_bias(alibi, mask, 2, 4, 6, torch.float32)
+    assert shared_bias(alibi, mask, 2, 4, 6, torch.float32) is first  # the next layer's
+    assert shared_bias(alibi, mask.clone(), 2, 4, 6, torch.float32) is not first  # another mask: another bias
+    gone = weakref.ref(shared_bias(alibi, mask, 2, 4, 6, torch.float32))
+    del first, alibi
+    assert gone() is None  # at once: no reference cycle waits for the collector while GPU memory is tight

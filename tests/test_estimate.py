@@ -211,9 +211,13 @@ def test_a_trainable_layers_activations_are_what_autograd_saves(workdir):
     ids = torch.randint(4, 1000, (batch, length))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)  # as trl and the hydra
-    expected = batch * length * shape.saved_per_token("fp32") + batch * shape.saved_per_sequence("fp32", length)
+    own = batch * length * shape.saved_per_token("fp32") + batch * shape.saved_per_sequence("fp32", length)
+    shared = batch * shape.shared_per_sequence("fp32", length)
     assert sorted(saved) == [2, 3]  # the frozen bottom layers keep nothing
-    assert [sum(saved[i].values()) for i in (2, 3)] == [expected, expected]
+    assert [sum(saved[i].values()) for i in (2, 3)] == [own + shared, own + shared]
+    # The attention bias is one tensor, made by the first layer, kept by both: counted once.
+    (common,) = set(saved[2]) & set(saved[3])
+    assert shared > 0 and saved[2][common] == shared
 
 
 def test_activations_grow_with_batch_and_length_and_checkpointing_lowers_them(workdir):
