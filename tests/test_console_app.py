@@ -106,7 +106,7 @@ async def test_stop_then_resume_continues_the_same_history(workdir):
     app = console(stop_grace_s=120)
     async with app.run_test(size=(100, 32)) as pilot:
         await wait_for(pilot, lambda: app.loaded, 20)
-        app.launch_run("sft", str(TINY), ["train.max_steps=200", "train.logging_steps=1", "train.save_steps=1000"],
+        app.launch_run("sft", str(TINY), ["train.max_steps=100", "train.logging_steps=1", "train.save_steps=1000"],
                        CPU, None)
         await wait_for(pilot, lambda: app.runs and next(iter(app.runs.values()))["status"] == "running", 600)
         run_id = next(iter(app.runs))
@@ -123,16 +123,16 @@ async def test_stop_then_resume_continues_the_same_history(workdir):
             (checkpoint,) = store.checkpoints(run_id)
         assert checkpoint["step"] == stopped["step"] and Path(checkpoint["path"]).is_dir()
         stopped_at = stopped["step"]
-        assert stopped_at < 200
+        assert stopped_at < 100
         await pilot.press("r")
         await pilot.press("y")
         await wait_for(pilot, lambda: app.runs[run_id]["status"] in ("pending", "running"), 60, "the resume")
         await wait_for(pilot, lambda: ended(app, run_id, "done"), 900, "the resumed run to finish")
         rows = db_rows(run_id)
         assert [r["run_seq"] for r in rows] == list(range(1, len(rows) + 1))
-        assert [r["step"] for r in rows if r["name"] == "loss"] == list(range(1, 201))
+        assert [r["step"] for r in rows if r["name"] == "loss"] == list(range(1, 101))
         await wait_for(pilot, lambda: app.history.runs[run_id].rows == len(rows), 10)
-        assert list(app.history.runs[run_id].series["loss"].steps.view) == list(range(1, 201))
+        assert list(app.history.runs[run_id].series["loss"].steps.view) == list(range(1, 101))
 
 
 @sync
