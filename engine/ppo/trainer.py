@@ -349,7 +349,7 @@ class PPOTrainer:
         warmup = self.state.step < stage.value_warmup_steps
         self.optimizer.param_groups[0]["lr"] = self.scheduler.get_last_lr()[0]
         policy_params = self.optimizer.param_groups[0]["params"]
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         updates = 0
         for _ in range(stage.ppo_epochs):
             for idx, mb in self._minibatches(rollout, torch.randperm(len(prompts), device=mask.device)):
@@ -370,18 +370,24 @@ class PPOTrainer:
                 if stage.max_grad_norm is not None:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), stage.max_grad_norm)
                 self.optimizer.step()
+                # Summed on the device: a float() here would wait for the GPU at every minibatch and leave it
+                # idle while Python prepares the next one.
                 for name, value in {"losses/total_loss": loss, "losses/policy_loss": pg_loss,
                                     "losses/value_loss": vf_loss, **pg_stats, **vf_stats}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                    value = torch.as_tensor(value, device=mask.device).detach().double()
+                    sums[name] = sums[name] + value if name in sums else value
                 updates += 1
         lr_used = 0.0 if warmup else self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
+        if mask.is_cuda:
+            torch.cuda.synchronize(mask.device)  # the updates are queued, not done, until the GPU says so
         t_backward = time.perf_counter() - t0
 
         mean_kl = self._global_mean((log_ratio.sum(1)))
         self.kl.update(mean_kl, n_steps=len(prompts) * self.world)
         tokens = float(self._global_sum(mask.sum()))
-        metrics = {name: total / updates for name, total in sums.items()}
+        totals = torch.stack(list(sums.values())).tolist()  # the one wait for the update's numbers
+        metrics = {name: total / updates for name, total in zip(sums, totals)}
         metrics.update({
             "rollout_scores/mean": self._global_mean(raw_scores),
             "rollout_scores/std": math.sqrt(float(core.masked_mean_var(raw_scores, torch.ones_like(raw_scores),
