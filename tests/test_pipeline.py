@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from console.app import RlhfConsole
+from console.widgets.log_view import LogView
 from console.widgets.run_table import RunTable
 from engine.launch import request_stop
 from engine.store import Store
@@ -150,6 +151,13 @@ async def test_the_console_shows_a_pipeline_as_one_row_that_expands_into_its_sta
         assert str(table.get_row(str(stages[-1]))[0]).strip() == f"▾{stages[-1]}"
         await pilot.press("plus")
         await wait_for(pilot, lambda: table.row_count == 2, 10, "folded again")
+        # A pipeline that failed outside any run's log (a stage that could not start): its error is pinned.
+        view = app.home.query_one(LogView)
+        assert view.error is None
+        with Store(db) as store:
+            store.update_pipeline(pipeline, status="failed", error="Traceback ...\nRecipeError: eval.eval_dir: gone")
+        await wait_for(pilot, lambda: view.error_by == "pipeline 1" and "eval_dir: gone" in (view.error or ""), 10,
+                       "the pipeline's error pinned above the log")
 
 
 def test_a_crashed_pipeline_resumes_in_its_stage_with_no_step_lost_or_repeated(workdir):

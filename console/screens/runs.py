@@ -228,10 +228,18 @@ class RunsScreen(Screen):
             self.app.load_samples(run_id, None)
 
     def _pin_error(self) -> None:
-        """A failed run's own error (runs.db holds the trainer's traceback) stays above its log."""
+        """A failed run's own error (runs.db holds the trainer's traceback) stays above its log; so does the
+        error of the failed pipeline a run belongs to (a stage that could not start, the pipeline's own
+        crash), which no run's log holds."""
         run = self.app.runs.get(self.selected) if self.selected is not None else None
-        failed = run is not None and run["status"] in ("failed", "diverged")
-        self.log_view.pin_error(run.get("error") if failed else None)
+        if run is not None and run["status"] in ("failed", "diverged") and run.get("error"):
+            self.log_view.pin_error(run["error"])
+            return
+        pipeline = self.app.pipelines.get(run.get("pipeline_id")) if run is not None else None
+        if pipeline is not None and pipeline["status"] == "failed" and pipeline.get("error"):
+            self.log_view.pin_error(pipeline["error"], f"pipeline {pipeline['id']}")
+            return
+        self.log_view.pin_error(None)
 
     def _show_error_if_silent(self) -> None:
         run = self.app.runs.get(self.selected)

@@ -55,6 +55,7 @@ class LogView(Vertical):
         self.lines: deque[str] = deque(maxlen=MAX_LINES)
         self.run_id: int | None = None
         self.error: str | None = None
+        self.error_by = "the run"
         self.pending = ""
         self.term = ""
         self.wrap = False
@@ -78,12 +79,12 @@ class LogView(Vertical):
         self.query_one("#log-progress", Static).update(Text(self.pending))
         self._show_error()
 
-    def pin_error(self, error: str | None) -> None:
-        """The trainer's own error as runs.db holds it (a failed run's traceback), above the log; None
-        unpins it."""
-        if error == self.error:
+    def pin_error(self, error: str | None, by: str = "the run") -> None:
+        """The trainer's own error as runs.db holds it (a failed run's traceback, or the pipeline's that it
+        belongs to: `by`), above the log; None unpins it."""
+        if (error, by) == (self.error, self.error_by):
             return
-        self.error = error
+        self.error, self.error_by = error, by
         if self._composed:
             self._show_error()
 
@@ -93,7 +94,7 @@ class LogView(Vertical):
         if self.error:
             lines = [line for line in self.error.splitlines() if line.strip()]
             # the end of a traceback says what happened: keep it when the pane is short
-            pinned.update(Text(terminal_safe("\n".join(["error recorded by the run:", *lines[-12:]]))))
+            pinned.update(Text(terminal_safe("\n".join([f"error recorded by {self.error_by}:", *lines[-12:]]))))
 
     def append(self, run_id: int, lines: list[str], pending: str, reset: bool, skipped_start: bool) -> None:
         if reset or run_id != self.run_id:
