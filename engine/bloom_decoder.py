@@ -179,34 +179,35 @@ class Batch:
         self.values = torch.zeros(shape, dtype=decoder.dtype, device=device)
         self.input_ids = input_ids
 
-    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, span: int, part: slice = slice(None)) -> torch.Tensor:
         """Final-norm hidden state (float32) of the last of `ids` [B, T], placed at `positions` [T];
-        attention reads keys [0, span)."""
+        attention reads keys [0, span). `ids` are the batch's rows `part`."""
         d = self.d
         rows, count = ids.shape
         heads, dim = d.heads, d.head_dim
+        keys, values = self.keys[:, part], self.values[:, part]  # views: writes land in the batch's cache
         h = d.embedding_norm(F.embedding(ids, d.embedding))
         # ALiBi and the causal/padding mask as one additive bias, in the compute dtype (as autocast hands
         # BLOOM's ALiBi to its attention); a large finite negative, not -inf: a padding row that sees no
         # key must stay finite, or its NaN would reach the real rows through 0 x NaN.
-        allowed = self.valid[:, None, None, :span] & (self.key_index[:span] <= positions[:, None])
+        allowed = self.valid[part, None, None, :span] & (self.key_index[:span] <= positions[:, None])
         masked = torch.where(allowed, 0.0, MASKED)  # [B, 1, T, span] float32
         sdpa = d.attention == "sdpa"
         if sdpa:
-            bias = (self.alibi[:, :, :, :span].float() + masked).to(d.dtype)
+            bias = (self.alibi[part, :, :, :span].float() + masked).to(d.dtype)
         else:
-            alibi = self.alibi[:, :, :, :span].reshape(rows * heads, 1, span)
+            alibi = self.alibi[part, :, :, :span].reshape(rows * heads, 1, span)
         for i, layer in enumerate(d.layers):
             qkv = _apply(layer.ln1(h), layer.qkv).view(rows, count, heads, 3, dim)
             q, k, v = (qkv[..., j, :].transpose(1, 2) for j in range(3))  # [B, H, T, D]
-            self.keys[i].index_copy_(2, positions, k)
-            self.values[i].index_copy_(2, positions, v)
+            keys[i].index_copy_(2, positions, k)
+            values[i].index_copy_(2, positions, v)
             if sdpa:
-                context = F.scaled_dot_product_attention(q, self.keys[i, :, :, :span], self.values[i, :, :, :span],
+                context = F.scaled_dot_product_attention(q, keys[i, :, :, :span], values[i, :, :, :span],
                                                          attn_mask=bias, scale=d.scale)
             else:  # as BLOOM computes it under autocast: bf16 scores with ALiBi, float32 softmax
-                flat_keys = self.keys[i].view(rows * heads, self.length, dim)[:, :span]
-                flat_values = self.values[i].view(rows * heads, self.length, dim)[:, :span]
+                flat_keys = keys[i].view(rows * heads, self.length, dim)[:, :span]
+                flat_values = values[i].view(rows * heads, self.length, dim)[:, :span]
                 scores = torch.baddbmm(alibi, q.reshape(rows * heads, count, dim), flat_keys.transpose(1, 2),
                                        beta=1.0, alpha=d.scale)
                 weights = torch.softmax(scores.view(rows, heads, count, span).float() + masked, dim=-1)
@@ -217,16 +218,31 @@ class Batch:
             h = h + _apply(gelu(_apply(layer.ln2(h), layer.up)), layer.down)
         return d.final_norm(h[:, -1])
 
-    def logits(self, ids: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
-        hidden = self.hidden(ids, positions, span)
+    def logits(self, ids: torch.Tensor, positions: torch.Tensor, span: int, part: slice = slice(None)) -> torch.Tensor:
+        hidden = self.hidden(ids, positions, span, part)
         if self.d.split_head is not None:
             return self.d.split_head(hidden)
         return _apply(hidden, self.d.head)
 
-    def prefill(self) -> torch.Tensor:
-        """Logits [B, V] (float32) of the token after each prompt."""
+    def prefill(self, rows: int | None = None) -> torch.Tensor:
+        """Logits [B, V] (float32) of the token after each prompt, `rows` prompts at a time (default:
+        engine.estimate.PREFILL_TOKENS prompt tokens): a layer over a whole wide batch's prompts at once
+        would hold ~11 GB of working tensors at 7b1 shape for 256 prompts of 256 tokens, room the decode
+        batch can have instead."""
+        from engine.estimate import prefill_rows
+
+        rows = rows or prefill_rows(self.rows, self.prompt)
         positions = torch.arange(self.prompt, device=self.input_ids.device)
-        return self.logits(self.input_ids, positions, self.prompt)
+        if rows >= self.rows:
+            return self.logits(self.input_ids, positions, self.prompt)
+        out = None
+        for start in range(0, self.rows, rows):
+            part = slice(start, start + rows)
+            logits = self.logits(self.input_ids[part], positions, self.prompt, part)
+            if out is None:
+                out = logits.new_empty(self.rows, logits.shape[-1])
+            out[part] = logits
+        return out
 
 
 class Stepper:

@@ -208,16 +208,40 @@ class Shape:
 
 
 # Of the memory free when a rollout starts decoding, the share its batches are sized to fill: the KV cache is a
-# few huge blocks, and part of what the caching allocator holds free is fragments (an H200 at 7b1 shape ran
-# out of memory at 80 %).
-DECODE_FREE_SHARE = 0.7
+# few huge blocks, and part of what the caching allocator holds free is fragments. Measured on an H200 at 7b1
+# shape (benchmarks/results_h200.md): 80 % ran out of memory when the prefill ran over the whole batch at once
+# and was under-counted; decode batches of 256 with that whole-batch prefill peaked at 132.41 GiB of 139.8. The
+# prefill now runs in slices of PREFILL_TOKENS (a fixed cost, not a per-row one), and 76 % of the free memory
+# that auto-sizing measured there (84-87 GiB) is 256 rows.
+DECODE_FREE_SHARE = 0.76
+# Prompt tokens the BLOOM decoder prefills at once: 32 prompts of 256 tokens, wide enough that its products
+# run at full speed, and ~1.4 GB of working tensors at 7b1 shape instead of ~11 GB for 256 prompts.
+PREFILL_TOKENS = 8192
+
+
+def prefill_rows(rows: int, prompt: int) -> int:
+    """How many of a decode batch's `rows` prompts of `prompt` tokens the BLOOM decoder prefills at once."""
+    return max(1, min(rows, PREFILL_TOKENS // max(1, prompt)))
+
+
+def decode_rows(budget: int, fixed: int, per_row: int, limit: int) -> int:
+    """The decode batch for `limit` prompts that `budget` bytes hold, beside `fixed` bytes that do not grow
+    with it, at `per_row` bytes a prompt: a multiple of 8 from 16 rows on, and batches of even width."""
+    rows = (budget - fixed) // per_row if per_row > 0 else limit
+    rows = max(1, min(limit, rows // 8 * 8 if rows >= 16 else rows))
+    # Batches of even width: every batch decodes the whole answer length and reads all the weights at each
+    # step, so 256 prompts as 208 + 48 took longer than 128 + 128 (H200, 7b1 shape: 47.0 s against 43.7 s
+    # per 1,024 prompts).
+    batches = -(-limit // rows)
+    even = -(-limit // batches)
+    return min(rows, -(-even // 8) * 8) if even >= 16 else even
 
 
 def bloom_prefill_bytes(rows: int, prompt: int, hidden: int, heads: int, compute_bytes: int) -> int:
-    """The BLOOM decoder's prefill runs a layer over every prompt token at once beside the cache: the float32
-    residual stream, the MLP's 4h-wide output and GELU's temporaries, and the attention bias [rows, heads, P, P]
-    (ALiBi + mask, compute dtype) with its float32 mask [rows, 1, P, P]. (engine.generation sizes its decode
-    batches with this too.)"""
+    """The BLOOM decoder's prefill runs a layer over `rows` prompts' tokens at once beside the cache: the
+    float32 residual stream, the MLP's 4h-wide output and GELU's temporaries, and the attention bias [rows,
+    heads, P, P] (ALiBi + mask, compute dtype) with its float32 mask [rows, 1, P, P]. (engine.generation
+    sizes its decode batches with this too.)"""
     return rows * prompt * (8 + 15 * compute_bytes) * hidden + rows * (compute_bytes * heads + 4) * prompt * prompt
 
 
@@ -952,10 +976,12 @@ def _ppo_rollout(s: PPOSetup, split: bool, policy_head_fp32: bool, c: int, mode:
     items.append(Item("decode_logits", "decode step's logits (float32)",
                       s.chunk * shape.vocab * 4 * (3 if split else 1), (M_DECODE,)))
     if bloom:
-        prefill = bloom_prefill_bytes(s.chunk, s.prompt, shape.hidden, shape.heads, c)
+        prefilled = prefill_rows(s.chunk, s.prompt)  # in slices (engine/bloom_decoder.py)
+        prefill = bloom_prefill_bytes(prefilled, s.prompt, shape.hidden, shape.heads, c)
     else:
+        prefilled = s.chunk
         prefill = shape.working_set(mode, s.chunk, s.prompt)
-    items.append(Item("prefill", f"prefill: one layer over {s.chunk} x {s.prompt} prompt tokens", prefill,
+    items.append(Item("prefill", f"prefill: one layer over {prefilled} x {s.prompt} prompt tokens", prefill,
                       (M_DECODE,)))
     if s.reward is not None:
         rows = min(REWARD_BATCH, s.rollout)
@@ -1122,13 +1148,17 @@ def estimate_recipe(recipe: Recipe, stages: Iterable[str] | None = None, paralle
 
 def auto_chunk(setup: PPOSetup, gpu_memory: int) -> PPOSetup:
     """The decode batch `chunk_size: auto` takes (engine.generation.Engine.rows_that_fit): DECODE_FREE_SHARE
-    of the memory free when decoding starts, over what a row costs, in steps of 8, at most the rollout."""
-    one, two = (ppo_estimate(replace(setup, chunk=n), gpu_memory).total(M_DECODE) for n in (1, 2))
-    per_row = two - one
-    free = gpu_memory - CONTEXT_BYTES - (one - per_row)
-    rows = int(free * DECODE_FREE_SHARE) // per_row if per_row > 0 else setup.rollout
-    rows = rows // 8 * 8 if rows >= 16 else rows
-    return replace(setup, chunk=max(1, min(setup.rollout, rows)))
+    of the memory free when decoding starts, less the prefill's slice, over what a row costs."""
+    # Two batches at least as wide as a prefill slice: their difference is what a row adds (KV cache, logits,
+    # and the prefill's share where it is not sliced); the prefill's part that does not grow is fixed.
+    low = prefill_rows(setup.rollout, setup.prompt)
+    one, two = (ppo_estimate(replace(setup, chunk=n), gpu_memory) for n in (low, low + 8))
+    per_row = (two.total(M_DECODE) - one.total(M_DECODE)) // 8
+    prefill = [e.item("prefill").bytes for e in (one, two)]
+    fixed = prefill[0] - low * (prefill[1] - prefill[0]) // 8
+    free = gpu_memory - CONTEXT_BYTES - (one.total(M_DECODE) - low * per_row - fixed)
+    rows = decode_rows(int(free * DECODE_FREE_SHARE), fixed, per_row, setup.rollout)
+    return replace(setup, chunk=rows)
 
 
 # -- advice: the changes that apply to a stage, each with the peak it would give -----------------------------

@@ -202,24 +202,37 @@ class Engine:
         return next(self.model.parameters()).device
 
     # A decode batch holds per row, beside the weights: the keys and values of every layer for the whole
-    # answer, one step's float32 logits over the vocabulary with the sampler's working copies of them
-    # (sorted, cumulated, masked), and the prefill's working tensors (engine.estimate's formula); sized to
-    # fill engine.estimate.DECODE_FREE_SHARE of the free memory.
+    # answer, and one step's float32 logits over the vocabulary with the sampler's working copies of them;
+    # and the prefill's working tensors (engine.estimate's formula): per row through transformers, for one
+    # slice of rows in the BLOOM decoder. Sized to fill engine.estimate.DECODE_FREE_SHARE of the free memory.
     SAMPLER_COPIES = 6
+
+    def _prefill_bytes(self, rows: int, prompt_tokens: int) -> int:
+        from engine.estimate import bloom_prefill_bytes
+
+        config = self._lm.config
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+        return bloom_prefill_bytes(rows, prompt_tokens, config.hidden_size, heads, self._width())
+
+    def _width(self) -> int:
+        half = (torch.is_autocast_enabled(self.device.type)
+                or self._lm.get_input_embeddings().weight.dtype != torch.float32)
+        return 2 if half else 4
 
     def row_bytes(self, prompt_tokens: int, total_tokens: int) -> int:
         """Bytes one more row of a decode batch costs (`prompt_tokens` prefilled, `total_tokens` cached)."""
-        from engine.estimate import bloom_prefill_bytes
-
         config = self._lm.config
         layers, hidden = config.num_hidden_layers, config.hidden_size
         heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
         kv_width = (getattr(config, "num_key_value_heads", None) or heads) * (hidden // heads)
-        device = self.device.type
-        half = torch.is_autocast_enabled(device) or self._lm.get_input_embeddings().weight.dtype != torch.float32
-        width = 2 if half else 4
-        return (2 * layers * kv_width * total_tokens * width + self.SAMPLER_COPIES * config.vocab_size * 4
-                + bloom_prefill_bytes(1, prompt_tokens, hidden, heads, width))
+        row = 2 * layers * kv_width * total_tokens * self._width() + self.SAMPLER_COPIES * config.vocab_size * 4
+        return row if self.fast else row + self._prefill_bytes(1, prompt_tokens)
+
+    def fixed_bytes(self, prompt_tokens: int, limit: int) -> int:
+        """Bytes a decode batch costs whatever its width: the BLOOM decoder's prefill slice."""
+        from engine.estimate import prefill_rows
+
+        return self._prefill_bytes(prefill_rows(limit, prompt_tokens), prompt_tokens) if self.fast else 0
 
     def rows_that_fit(self, prompt_tokens: int, total_tokens: int, limit: int) -> int:
         """How many prompts to decode at once: as many as the free accelerator memory holds (the weights of
@@ -232,16 +245,10 @@ class Engine:
         return self.rows_for(free, prompt_tokens, total_tokens, limit)
 
     def rows_for(self, free_bytes: int, prompt_tokens: int, total_tokens: int, limit: int) -> int:
-        from engine.estimate import DECODE_FREE_SHARE
+        from engine.estimate import DECODE_FREE_SHARE, decode_rows
 
-        rows = int(free_bytes * DECODE_FREE_SHARE) // self.row_bytes(prompt_tokens, total_tokens)
-        rows = max(1, rows // 8 * 8 if rows >= 16 else rows)
-        # Batches of even width: every batch decodes the whole answer length and reads all the weights at
-        # each step, so 256 prompts as 208 + 48 took longer than 128 + 128 (H200, 7b1 shape: 47.0 s
-        # against 43.7 s per 1,024 prompts).
-        batches = -(-limit // rows)
-        even = -(-limit // batches)
-        return min(rows, -(-even // 8) * 8) if even >= 16 else even
+        return decode_rows(int(free_bytes * DECODE_FREE_SHARE), self.fixed_bytes(prompt_tokens, limit),
+                           self.row_bytes(prompt_tokens, total_tokens), limit)
 
     def encode(self, prompts: Sequence[str], max_prompt_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids and mask; a prompt longer than `max_prompt_length` keeps its end."""

@@ -139,28 +139,39 @@ def test_chunked_rollouts_equal_one_chunk(tiny):
 
 
 def test_auto_chunks_take_what_the_free_memory_holds(tiny):
-    """`chunk_size: auto` on a GPU: rows = 70 % of the free memory over a row's bytes (its KV cache for the
-    whole answer, the sampler's logits, the prefill's working tensors), in steps of 8, within the rollout."""
+    """`chunk_size: auto` on a GPU: rows = (76 % of the free memory - the prefill's slice) over a row's bytes
+    (its KV cache for the whole answer, the sampler's logits), in steps of 8, in batches of even width."""
+    from engine.estimate import DECODE_FREE_SHARE, bloom_prefill_bytes
     from engine.generation import Engine
 
     model, tokenizer = tiny
     engine = Engine(model, tokenizer)
-    from engine.estimate import bloom_prefill_bytes
-
     config = model.config
     row = engine.row_bytes(256, 512)
     kv = 2 * config.num_hidden_layers * config.hidden_size * 512 * 4  # float32 on a CPU
     sampler = Engine.SAMPLER_COPIES * config.vocab_size * 4
-    assert row == kv + sampler + bloom_prefill_bytes(1, 256, config.hidden_size, config.n_head, 4)
+    assert row == kv + sampler
     assert engine.row_bytes(256, 1024) - row == kv  # twice the tokens, twice the cache
-    assert engine.rows_for(100 * row, 256, 512, limit=1024) == 64  # 70 % of the free memory, in steps of 8
-    assert engine.rows_for(100 * row, 256, 512, limit=48) == 48
-    assert engine.rows_for(100 * row, 256, 512, limit=80) == 40  # 40 + 40, not 64 + 16: batches of even width
-    assert engine.rows_for(100 * row, 256, 512, limit=1000) == 64  # 16 batches of 63 rounded up to 8, if it fits
-    assert engine.rows_for(int(19.9 * row), 256, 512, limit=64) == 13  # below 16 rows, not rounded to 8
-    assert engine.rows_for(int(19.9 * row), 256, 512, limit=20) == 10
+    fixed = engine.fixed_bytes(256, 1024)  # the BLOOM decoder prefills 8,192 prompt tokens at a time
+    assert fixed == bloom_prefill_bytes(32, 256, config.hidden_size, config.n_head, 4)
+    assert engine.fixed_bytes(256, 20) == bloom_prefill_bytes(20, 256, config.hidden_size, config.n_head, 4)
+
+    def free_for(rows: float, limit: int = 1024) -> int:
+        return int((rows * row + engine.fixed_bytes(256, limit)) / DECODE_FREE_SHARE) + 1
+
+    assert engine.rows_for(free_for(100), 256, 512, limit=1024) == 96  # in steps of 8
+    assert engine.rows_for(free_for(99.9), 256, 512, limit=1024) == 96
+    assert engine.rows_for(free_for(100, 48), 256, 512, limit=48) == 48
+    assert engine.rows_for(free_for(100), 256, 512, limit=120) == 64  # 60 + 60 (rounded up), not 96 + 24
+    assert engine.rows_for(free_for(100), 256, 512, limit=1000) == 96  # 11 batches of 91 rounded up to 8
+    assert engine.rows_for(free_for(13.5), 256, 512, limit=64) == 13  # below 16 rows, not rounded to 8
+    assert engine.rows_for(free_for(13.5, 20), 256, 512, limit=20) == 10
     assert engine.rows_for(0, 256, 512, limit=64) == 1
     assert engine.rows_that_fit(256, 512, 37) == 37  # off CUDA: the whole rollout
+    # Through transformers the prefill runs over the whole batch: a cost per row, nothing fixed.
+    plain = Engine(model, tokenizer, fast=False)
+    assert plain.fixed_bytes(256, 1024) == 0
+    assert plain.row_bytes(256, 512) == row + bloom_prefill_bytes(1, 256, config.hidden_size, config.n_head, 4)
 
 
 def test_sampled_logprobs_are_those_the_scoring_forward_gives(demo_dir):
@@ -246,6 +257,36 @@ def test_the_bloom_decoder_equals_the_transformers_forward(tiny, monkeypatch, st
         fast, slow = _both_paths(model, tokenizer, sampling, graph=static, attention=attention)
         assert torch.equal(fast.input_ids, slow.input_ids) and fast.response_mask.sum(1).max() > 16
         assert torch.allclose(fast.logprobs, slow.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "bmm"])
+def test_a_prefill_in_slices_of_rows_fills_the_same_cache_and_gives_the_same_answers(tiny, monkeypatch, attention):
+    """The decoder prefills a wide batch a slice of rows at a time (its working tensors are a slice's, not
+    the batch's): the same logits and KV cache as the whole batch at once, and so the same answers."""
+    from engine import estimate
+    from engine.bloom_decoder import BloomDecoder
+
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, fast=True, attention=attention)
+    ids, mask = engine.encode(prompts())
+    decoder = BloomDecoder(model, torch.float32, attention)
+    with torch.no_grad():
+        whole, sliced = decoder.batch(ids, mask, 8), decoder.batch(ids, mask, 8)
+        expected = whole.prefill()
+        got = sliced.prefill(rows=3)  # 3 + 3 + 2 rows, the first slice's prompts are not the longest
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    prompt = ids.shape[1]
+    assert torch.allclose(sliced.keys[:, :, :, :prompt], whole.keys[:, :, :, :prompt], atol=1e-5, rtol=0)
+    assert torch.allclose(sliced.values[:, :, :, :prompt], whole.values[:, :, :, :prompt], atol=1e-5, rtol=0)
+    assert not sliced.keys[:, :, :, prompt:].any()  # nothing written past the prompts
+
+    sampling = Sampling(max_new_tokens=24, temperature=0)
+    at_once = engine.generate(ids, mask, sampling)
+    monkeypatch.setattr(estimate, "PREFILL_TOKENS", 3 * prompt)  # Engine's prefills: 3 rows at a time
+    assert estimate.prefill_rows(len(ids), prompt) == 3
+    in_slices = Engine(model, tokenizer, fast=True, attention=attention).generate(ids, mask, sampling)
+    assert torch.equal(in_slices.input_ids, at_once.input_ids)
+    assert torch.allclose(in_slices.logprobs, at_once.logprobs, atol=1e-5)
 
 
 def test_the_bloom_decoder_merges_lora_adapters_and_honours_them_switched_off(demo_dir):
