@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.bloom_kernels import MASKED, gelu
-from engine.head import split, split_available, split_mm
+from engine.head import mm32, split, split_available
 
 
 def supports(lm: nn.Module) -> bool:
@@ -74,15 +74,26 @@ def _linear(module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
 
 class _SplitHead:
     """The decoder's LM head: the weight split once per decoder (see engine/head.py), the hidden state at
-    every step."""
+    every step. A decode step is bound by the weights it reads: the three significant products (x_high W_high,
+    x_low W_high, x_high W_low) are one product that reads each part of the weight once, 4 bytes a weight
+    instead of 6 as three products (at bloomz-7b1, 2 GB less a step): [x_high | x_high] over [x_low | 0],
+    rows stacked, times [W_high | W_low], the two halves of the result added."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         high, low = split(weight)
-        self.weight = (high.t(), None if low is None else low.t())
+        self.weight = (high if low is None else torch.cat([high, low], 1)).t()  # [in or 2 in, out]
+        self.stacked = low is not None
         self.bias = bias
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = split_mm(split(hidden), self.weight)
+        high, low = split(hidden)
+        x = torch.cat([high, high], 1) if self.stacked else high
+        if low is not None:
+            x = torch.cat([x, torch.cat([low, torch.zeros_like(low)], 1) if self.stacked else low])
+        out = mm32(x, self.weight)
+        if low is not None:
+            rows = hidden.shape[0]
+            out = out[:rows] + out[rows:]
         return out if self.bias is None else out + self.bias
 
 
