@@ -44,12 +44,15 @@ def _build(setup: str, shape: str, device: str, k: int, k_v: int):
 
     On CUDA every set-up trains the way the trainer does: frozen parts bf16, trainable parts float32
     master weights under bf16 autocast (Hydra casts its branches itself; the separate policy and value
-    models are float32 here). On the CPU everything is float32.
+    models are float32 here). On the CPU everything is float32. Every model runs on the fused BLOOM
+    kernels the project's loaders give (engine/bloom_kernels.py); the figures in results_h200.md before
+    2026-11-27 were taken with transformers' own kernels.
     """
     import torch
     from torch import nn
     from transformers import BloomConfig, BloomForCausalLM, BloomForSequenceClassification
 
+    from engine.bloom_kernels import use_fused_kernels
     from engine.ppo.hydra import Hydra
 
     hidden, layers, heads, vocab, *_ = SHAPES[shape]
@@ -62,9 +65,11 @@ def _build(setup: str, shape: str, device: str, k: int, k_v: int):
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                return cls(cfg).eval()
+                model = cls(cfg).eval()
         finally:
             torch.set_default_dtype(previous)
+        use_fused_kernels(model)
+        return model
 
     reward = make(BloomForSequenceClassification, seq_config, frozen_dtype).requires_grad_(False)
     if setup.startswith("hydra"):
