@@ -3,8 +3,10 @@ many runs, the footer, the log, samples and GPU bars. Pilot tests against a runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Any, AsyncIterator
 
 import pytest
 from textual.widgets import Static
@@ -41,15 +43,22 @@ def app_for(db: Path) -> RlhfConsole:
     return RlhfConsole(db, configs_dir=REPO / "configs", gpu_sampler=no_gpu, poll_s=0.05)
 
 
+@contextlib.asynccontextmanager
+async def loaded(db: Path, size: tuple[int, int]) -> AsyncIterator[tuple[RlhfConsole, Any]]:
+    """The console on `db` at `size`, once its 12 runs are shown."""
+    app = app_for(db)
+    async with app.run_test(size=size) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        yield app, pilot
+
+
 def info(app) -> str:
     return str(app.home.query_one("#run-info", Static).render())
 
 
 @sync
 async def test_the_acted_on_run_is_always_the_highlighted_one(many_runs):
-    app = app_for(many_runs)
-    async with app.run_test(size=(100, 32)) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+    async with loaded(many_runs, (100, 32)) as (app, pilot):
         home, table = app.home, app.home.query_one(RunTable)
         home.select_run(4)
         await wait_for(pilot, lambda: home.selected == 4, 10, "run 4 selected")
@@ -72,9 +81,7 @@ async def test_the_acted_on_run_is_always_the_highlighted_one(many_runs):
 async def test_80x24_with_12_runs_scrolls_the_table_and_keeps_the_status_line_and_footer(many_runs):
     from textual.widgets._footer import FooterKey
 
-    app = app_for(many_runs)
-    async with app.run_test(size=(80, 24)) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+    async with loaded(many_runs, (80, 24)) as (app, pilot):
         home, table = app.home, app.home.query_one(RunTable)
         line = home.query_one("#run-info", Static)
         for _ in range(11):  # to the oldest run, at the bottom
@@ -98,9 +105,7 @@ async def test_the_palette_finds_every_action_and_help_lists_each_once(many_runs
     from console.screens.help import HelpScreen
     from console.screens.runs import RunsScreen
 
-    app = app_for(many_runs)
-    async with app.run_test(size=(100, 32)) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+    async with loaded(many_runs, (100, 32)) as (app, pilot):
         home = app.home
         titles = {c.title: c for c in app.get_system_commands(home)}
         for binding in RunsScreen.BINDINGS:  # generated from the bindings: none is missing
@@ -142,9 +147,7 @@ async def test_a_failed_runs_own_error_is_pinned_and_t_finds_the_trainers_traceb
                "exit status 1."]
     steps = [f"step {i}" for i in range(200)]
     (out / "train.log").write_text("\n".join([*steps, *trainer, "", *wrapper, *steps[:40]]) + "\n")
-    app = app_for(many_runs)
-    async with app.run_test(size=(100, 32)) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+    async with loaded(many_runs, (100, 32)) as (app, pilot):
         home = app.home
         home.select_run(4)
         await pilot.press("2")
@@ -273,9 +276,7 @@ async def test_runs_are_told_apart_by_overrides_time_and_a_labelled_best_and_sor
     with Store(many_runs) as store:
         store.update_run(7, overrides=json.dumps(["sft.train.lr=3e-4", "seed=7"]), world_size=2)
         store.log_metrics(3, 6, {"loss": 0.001}, wall_time=T0 + 6)  # run 3 becomes the best
-    app = app_for(many_runs)
-    async with app.run_test(size=(160, 48)) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+    async with loaded(many_runs, (160, 48)) as (app, pilot):
         table = app.home.query_one(RunTable)
         await wait_for(pilot, lambda: table.row_count == 12, 10, "the rows")
         # best and trend come with the metric history, which arrives after the runs
@@ -328,9 +329,7 @@ async def test_y_copies_the_runs_command_line_and_z_zooms_the_focused_pane(many_
                          launch=json.dumps({"accelerate_config": "/abs/configs/accelerate/cpu.yaml",
                                             "num_processes": 2}))
         folder = store.run(6)["output_dir"]
-    app = app_for(many_runs)
-    async with app.run_test(size=(100, 32)) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+    async with loaded(many_runs, (100, 32)) as (app, pilot):
         home = app.home
         home.select_run(6)
         await wait_for(pilot, lambda: home.selected == 6, 10)
@@ -360,9 +359,7 @@ async def test_log_search_finds_marks_and_moves_between_hits_and_n_is_new_run_ag
         out = Path(store.run(8)["output_dir"])
     lines = [f"step {i} loss {i / 100:.2f}" + (" NEEDLE here" if i in (50, 120, 300) else "") for i in range(400)]
     (out / "train.log").write_text("\n".join(lines) + "\n")
-    app = app_for(many_runs)
-    async with app.run_test(size=(100, 32)) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+    async with loaded(many_runs, (100, 32)) as (app, pilot):
         home = app.home
         home.select_run(8)
         await pilot.press("2")
@@ -392,9 +389,7 @@ async def test_log_search_finds_marks_and_moves_between_hits_and_n_is_new_run_ag
 async def test_a_note_tells_a_run_apart_and_is_stored(many_runs):
     from console.screens.dialogs import NoteScreen
 
-    app = app_for(many_runs)
-    async with app.run_test(size=(100, 32)) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+    async with loaded(many_runs, (100, 32)) as (app, pilot):
         home = app.home
         home.select_run(9)
         await wait_for(pilot, lambda: home.selected == 9, 10)
@@ -447,9 +442,7 @@ async def test_the_footer_shows_the_focused_panes_keys_first(many_runs):
 
     from console.widgets.log_view import LogView
 
-    app = app_for(many_runs)
-    async with app.run_test(size=(100, 32)) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+    async with loaded(many_runs, (100, 32)) as (app, pilot):
         home = app.home
 
         def footer() -> list[str]:
@@ -474,9 +467,7 @@ async def test_slash_on_the_run_table_finds_runs_by_their_text(many_runs):
     with Store(many_runs) as store:
         store.update_run(5, note="lr sweep")
         store.update_run(9, overrides=json.dumps(["sft.train.lr=9e-4"]))
-    app = app_for(many_runs)
-    async with app.run_test(size=(100, 32)) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+    async with loaded(many_runs, (100, 32)) as (app, pilot):
         table = app.home.query_one(RunTable)
         table.focus()
         await pilot.press("slash", *"LR")
@@ -519,9 +510,7 @@ async def test_w_wraps_long_log_lines_at_the_pane_width_and_back(many_runs):
         out = Path(store.run(8)["output_dir"])
     long_line = "x" * 150 + " 训练 " + "y" * 100
     (out / "train.log").write_text("short line\n" + long_line + "\nlast line\n")
-    app = app_for(many_runs)
-    async with app.run_test(size=(100, 32)) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+    async with loaded(many_runs, (100, 32)) as (app, pilot):
         home = app.home
         home.select_run(8)
         await pilot.press("2")
@@ -614,9 +603,7 @@ async def test_x_tick_labels_are_never_cut_at_the_right_edge_at_80_columns(many_
 
 @sync
 async def test_live_cells_from_polls_redraw_at_most_every_two_seconds_and_user_actions_at_once(many_runs):
-    app = app_for(many_runs)
-    async with app.run_test(size=(100, 32)) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+    async with loaded(many_runs, (100, 32)) as (app, pilot):
         table = app.home.query_one(RunTable)
         await wait_for(pilot, lambda: not table.pending, 10, "the first live cells drawn")
         step = list(COLUMNS).index("step")

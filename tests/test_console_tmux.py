@@ -59,12 +59,13 @@ def _row(text: str, run_id: int) -> str:
 def test_launch_in_tmux_survive_the_terminal_and_reattach(workdir):
     env = {**os.environ, "TERM": "xterm-256color"}
     console = f"{sys.executable} -m engine.cli console --db {workdir / 'runs.db'}"
-    # The tiny recipe, long enough (84 steps) that the terminal surely dies while the run trains.
+    # The tiny recipe, long enough (42 steps) that the terminal surely dies while the run trains: it dies
+    # as soon as the console shows the run running (the trainer says so before its first step).
     (workdir / "configs").mkdir()
     (workdir / "configs" / "accelerate").symlink_to(REPO / "configs" / "accelerate")
     tiny = (REPO / "configs" / "tiny.yaml").read_text()
     assert "    epochs: 4\n" in tiny
-    (workdir / "configs" / "tiny.yaml").write_text(tiny.replace("    epochs: 4\n", "    epochs: 12\n", 1))
+    (workdir / "configs" / "tiny.yaml").write_text(tiny.replace("    epochs: 4\n", "    epochs: 6\n", 1))
     first = Tmux(workdir, env)
     try:
         first.start(console)
@@ -73,8 +74,6 @@ def test_launch_in_tmux_survive_the_terminal_and_reattach(workdir):
         first.wait_for(lambda s: "demo/model" in s, 30, "the form filled from configs/tiny.yaml")
         first.keys("C-s")
         first.wait_for(lambda s: "running" in _row(s, 1), 600, "run 1 running")
-        screen = first.wait_for(lambda s: any("\u2800" < ch <= "\u28ff" for ch in s), 600, "the loss curve")
-        assert "loss" in screen
     finally:
         first.kill_server()  # the terminal goes away mid-run, as an SSH drop would take it
 
@@ -85,7 +84,7 @@ def test_launch_in_tmux_survive_the_terminal_and_reattach(workdir):
     try:
         second.start(console)
         screen = second.wait_for(lambda s: "done" in _row(s, 1), 600, "run 1 done in a new console")
-        assert "84/84" in _row(screen, 1)
+        assert "42/42" in _row(screen, 1)
         deadline = time.monotonic() + 60
         with Store(workdir / "runs.db") as store:
             while store.run(1)["exit_code"] is None and time.monotonic() < deadline:
@@ -95,8 +94,8 @@ def test_launch_in_tmux_survive_the_terminal_and_reattach(workdir):
         assert run["exit_code"] == 0
         assert [r["run_seq"] for r in rows] == list(range(1, len(rows) + 1))
         loss_steps = [r["step"] for r in rows if r["name"] == "loss"]
-        # logging_steps 2 over 84 steps (and step 1, which transformers always logs): the whole history
-        assert loss_steps == sorted(set(loss_steps)) and set(range(2, 85, 2)) <= set(loss_steps)
+        # logging_steps 2 over 42 steps (and step 1, which transformers always logs): the whole history
+        assert loss_steps == sorted(set(loss_steps)) and set(range(2, 43, 2)) <= set(loss_steps)
         assert any("\u2800" < ch <= "\u28ff" for ch in screen)  # drawn from that history
     finally:
         second.kill_server()
