@@ -3,7 +3,8 @@
 Chunks are gathered and drawn at most FRAME_S apart, into a StreamText that re-wraps only its last line
 and draws only the lines on screen: the cost of a chunk does not grow with the answer's length, and keys
 stay responsive while both sides stream. A finished answer is shown as Markdown (parsed once). The view
-follows the answer while the user leaves it at the bottom (an anchor that scrolling up releases).
+follows the answer while the user leaves it at the bottom (an anchor that scrolling up releases), once
+the conversation is taller than the pane.
 """
 
 from __future__ import annotations
@@ -54,8 +55,24 @@ class ChatPane(Vertical):
         yield self.stats
         yield self.body
 
-    def on_mount(self) -> None:
-        self.body.anchor()
+    def _follow(self) -> None:
+        """Keep the newest text in view: anchor the conversation to the bottom once it is taller than the
+        pane (checked after the layout has the new text). Textual 8.2.8 anchors a shorter one with a negative
+        scroll offset, which it never paints: a first question and answer stayed blank on a real terminal
+        until something else redrew the screen (textual#6652)."""
+        self.body.call_after_refresh(self._anchor_if_taller)
+
+    def _anchor_if_taller(self) -> None:
+        taller = self.body.max_scroll_y > 0
+        if taller and not self.body.is_anchored:
+            self.body.anchor()
+        elif not taller and self.body.is_anchored:
+            self._unanchor()
+
+    def _unanchor(self) -> None:
+        """Before the conversation shrinks (see _follow)."""
+        self.body.anchor(False)
+        self.body.scroll_home(animate=False, immediate=True)
 
     def set_title(self, text: str) -> None:
         self.heading.update(Text(terminal_safe(text), overflow="ellipsis", no_wrap=True))
@@ -65,6 +82,7 @@ class ChatPane(Vertical):
 
     async def clear(self) -> None:
         self._flush()
+        self._unanchor()
         await self.body.remove_children()
         self._text, self.answer, self.busy = None, "", False
 
@@ -78,12 +96,15 @@ class ChatPane(Vertical):
         self.answer, self.busy, self.tokens = "", True, 0
         self._started, self._first = time.perf_counter(), None
         self.set_stats("waiting for the first token…")
-        self.body.anchor()
+        if self.body.is_anchored:
+            self.body.anchor()  # back to the newest text if the user had scrolled up
+        self._follow()
 
     async def drop_last_answer(self) -> None:
         self._flush()
         last = self.body.children[-1] if self.body.children else None
         if last is not None and not isinstance(last, Static):  # the answer (streaming text or Markdown)
+            self._unanchor()
             await last.remove()
         self._text = None
 
@@ -107,6 +128,8 @@ class ChatPane(Vertical):
             return
         self._text.append("".join(self._pending))
         self._pending = []
+        if not self.body.is_anchored:
+            self._follow()
         if self.busy and self._first is not None:
             elapsed = max(time.perf_counter() - self._started - self._first, 1e-9)
             rate = (self.tokens - 1) / elapsed if self.tokens > 1 else 0.0
@@ -124,6 +147,7 @@ class ChatPane(Vertical):
             text, self._text = self._text, None
             await self.body.mount(Markdown(self.answer), after=text)
             await text.remove()
+            self._follow()
 
     async def fail(self, message: str, fatal: bool = False) -> None:
         self._flush()
@@ -132,4 +156,4 @@ class ChatPane(Vertical):
         self._text = None
         await self.body.mount(Static(Text(terminal_safe(message)), classes="pane-error"))
         self.set_stats("worker stopped" if fatal else "error")
-        self.body.anchor()
+        self._follow()
