@@ -472,12 +472,17 @@ class RlhfConsole(App):
         from console.widgets.log_view import LogView
         from console.widgets.samples_view import SamplesView
 
-        if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen([
-                ("Everywhere", self.BINDINGS), ("Runs", RunsScreen.BINDINGS),
-                ("Log (when it has focus)", LogView.BINDINGS), ("Samples (when they have focus)", SamplesView.BINDINGS),
-                ("Launch", LaunchScreen.BINDINGS), ("GPUs", GpuScreen.BINDINGS), ("Chat", ChatScreen.BINDINGS),
-                ("Scores", ScoresScreen.BINDINGS)]))
+        if isinstance(self.screen, HelpScreen):
+            return
+        # (screen, its sections): the screen help is asked on comes first, after the keys that work everywhere.
+        screens = [
+            (RunsScreen, [("Runs", RunsScreen.BINDINGS), ("Log (when it has focus)", LogView.BINDINGS),
+                          ("Samples (when they have focus)", SamplesView.BINDINGS)]),
+            (LaunchScreen, [("Launch", LaunchScreen.BINDINGS)]), (GpuScreen, [("GPUs", GpuScreen.BINDINGS)]),
+            (ChatScreen, [("Chat", ChatScreen.BINDINGS)]), (ScoresScreen, [("Scores", ScoresScreen.BINDINGS)]),
+        ]
+        screens.sort(key=lambda entry: not isinstance(self.screen, entry[0]))  # stable: the rest keep their order
+        self.push_screen(HelpScreen([("Everywhere", self.BINDINGS)] + [s for _, group in screens for s in group]))
 
     def action_gpus(self) -> None:
         from console.screens.gpu import GpuScreen

@@ -102,6 +102,7 @@ async def test_80x24_with_12_runs_scrolls_the_table_and_keeps_the_status_line_an
 async def test_the_palette_finds_every_action_and_help_lists_each_once(many_runs):
     from textual.command import CommandPalette
 
+    from console.screens.gpu import GpuScreen
     from console.screens.help import HelpScreen
     from console.screens.runs import RunsScreen
 
@@ -128,6 +129,14 @@ async def test_the_palette_finds_every_action_and_help_lists_each_once(many_runs
         text = str(app.screen.query_one(Static).render())
         assert "?, ?" not in text and "[/b]" not in text and "[, ]" not in text
         assert "?, f1" in text and "Samples: previous step" in text and text.count("Help") == 1
+        assert text.index("\nRuns\n") < text.index("\nLaunch\n") < text.index("\nGPUs\n")
+        await pilot.press("escape", "g")  # help on another screen lists that screen's keys first
+        await wait_for(pilot, lambda: isinstance(app.screen, GpuScreen), 5, "the GPU screen")
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), 5, "help")
+        text = str(app.screen.query_one(Static).render())
+        assert text.startswith("Everywhere") and text.index("\nGPUs\n") < text.index("\nRuns\n")
+        assert text.count("Samples: previous step") == 1
 
 
 @sync
