@@ -81,8 +81,11 @@ def resolve_checkpoint(spec: str, db_path: str | Path) -> str:
         found = next((c for c in candidates if model_folder_problem(str(c)) is None), None)
         if found is None:
             raise RecipeError(f"checkpoint {spec}: run {spec} ({run['stage']}) has no model in {folder}")
+        problem = model_folder_problem(str(found), "answering model")
+        if problem is not None:
+            raise RecipeError(f"checkpoint {spec}: run {spec} ({run['stage']}): {found} {problem}")
         return str(found.resolve())
-    problem = model_folder_problem(spec)
+    problem = model_folder_problem(spec, "answering model")
     if problem is not None:
         raise RecipeError(f"checkpoint {spec!r} {problem}")
     return str(Path(spec).expanduser().resolve())
@@ -106,7 +109,7 @@ def validate(config: EvalConfig) -> list[Item]:
     elif config.reward_model is None:
         raise RecipeError("--reward-model: the rm judge needs the reward model's folder (an rm run's export)")
     else:
-        problem = model_folder_problem(config.reward_model, reward_model=True)
+        problem = model_folder_problem(config.reward_model, "reward model")
         if problem is not None:
             raise RecipeError(f"--reward-model: {config.reward_model!r} {problem}")
     return items

@@ -27,8 +27,13 @@ WEIGHT_FILES = (
 )
 
 
-def model_folder_problem(path: str, reward_model: bool = False) -> str | None:
-    """Why a local folder cannot be loaded as a model (or as a reward model), or None if it can."""
+# The architectures of a model that writes text (config.json's `architectures`).
+ANSWERING_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def model_folder_problem(path: str, kind: str = "model") -> str | None:
+    """Why a local folder cannot be loaded as a `kind` ("model", "reward model", or "answering model": one
+    that writes answers, for chat and evaluation), or None if it can."""
     import json
 
     folder = Path(path).expanduser()
@@ -39,15 +44,22 @@ def model_folder_problem(path: str, reward_model: bool = False) -> str | None:
         return "holds no model (no config.json)"
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         return f"holds no weights (none of {', '.join(WEIGHT_FILES)})"
-    if reward_model:
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            return f"config.json cannot be read ({err})"
-        heads = [a for a in config.get("architectures") or [] if a.endswith("ForSequenceClassification")]
+    if kind == "model":
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"config.json cannot be read ({err})"
+    architectures = config.get("architectures") or []
+    if kind == "reward model":
+        heads = [a for a in architectures if a.endswith("ForSequenceClassification")]
         labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
         if not heads or labels != 1:
             return "is not a reward model (a sequence-classification model with one label, as the rm stage exports)"
+    elif architectures and not any(a.endswith(ANSWERING_HEADS) for a in architectures):
+        # Loaded as a causal LM, a reward model's trunk would run under an untrained head: fluent-looking noise.
+        return (f"does not write answers (it is a {', '.join(architectures)}; chat and evaluation take a causal "
+                "language model, such as an SFT or PPO export)")
     return None
 
 
@@ -92,7 +104,7 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
             if problem is not None:
                 raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} {problem}", {field: problem})
         if kind != "data" and local.exists():
-            problem = model_folder_problem(path, reward_model=kind == "reward model")
+            problem = model_folder_problem(path, kind)
             if problem is not None:
                 raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} {problem}", {field: problem})
     if not launched:

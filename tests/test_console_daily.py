@@ -627,3 +627,35 @@ async def test_live_cells_from_polls_redraw_at_most_every_two_seconds_and_user_a
         table.show(runs, app.history, {3})  # what the user did (a mark, a note): at once
         assert not table.pending and str(table.get_row("3")[step]).startswith("3/")
         assert str(table.get_row("3")[0]).startswith("●")
+
+
+@sync
+async def test_c_chats_with_a_runs_model_and_says_why_not_for_a_reward_model(many_runs):
+    from textual.widgets._toast import Toast
+
+    from console.screens.chat import ChatScreen
+    from console.screens.runs import RunsScreen
+
+    with Store(many_runs) as store:
+        rm = store.create_run(stage="rm", name="tiny", recipe="configs/tiny.yaml", config="{}")
+        store.update_run(rm, status="done", started=T0, ended=T0 + 5)
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32), notifications=True) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 13, 20, "the runs")
+        home = app.home
+        home.select_run(rm)
+        await wait_for(pilot, lambda: home.selected == rm, 10)
+        await pilot.press("c")
+
+        def toasts() -> str:
+            return " ".join(str(t.render()) for t in app.screen.query(Toast))
+
+        await wait_for(pilot, lambda: "reward model" in toasts(), 10, "why not")
+        assert f"run {rm} is a reward model" in toasts() and isinstance(app.screen, RunsScreen)
+        home.select_run(9)
+        await wait_for(pilot, lambda: home.selected == 9, 10)
+        await pilot.press("c")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the chat screen")
+        # Run 9 has no export on disk here: its pane says so, and nothing else breaks.
+        await wait_for(pilot, lambda: "has no model" in " ".join(
+            str(w.render()) for w in app.screen.query(".pane-error")), 20, "the pane's reason")

@@ -174,3 +174,42 @@ def test_pairwise_with_a_judge_that_always_prefers_the_first_slot(workdir):
     assert "10 items judged in both orders" in text
     assert "| 0.0% [0.0%, 0.0%] | 100.0% [100.0%, 100.0%] | 0.0% [0.0%, 0.0%] | 0.0% | 100.0% |" in text
     assert "below 60 %" in text
+
+
+def _reward_model_export(workdir: Path) -> Path:
+    """What the rm stage exports: the tiny trunk under a one-label sequence-classification head."""
+    folder = workdir / "rm-export"
+    folder.mkdir()
+    for item in (workdir / "demo" / "model").iterdir():
+        if item.is_file():
+            (folder / item.name).write_bytes(item.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["BloomForSequenceClassification"], num_labels=1, id2label={"0": "LABEL_0"},
+                  label2id={"LABEL_0": 0})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_reward_model_is_refused_as_a_model_that_answers(workdir):
+    """Chat and evaluation sample answers: a reward model's export (by folder or by its run's id) is refused
+    with a reason before anything is registered; loaded as a causal LM it would write noise."""
+    from engine.config import RecipeError
+    from engine.evaluate import resolve_checkpoint
+
+    folder = _reward_model_export(workdir)
+    eval_dir = workdir / "belle"
+    write_sample(eval_dir, per_class=1)
+    with Store(os.environ["RLHF_DB"]) as store:
+        run_id = store.create_run(stage="rm", name="tiny", recipe="configs/tiny.yaml", config="{}")
+        (workdir / "runs" / str(run_id) / "final").symlink_to(folder)
+        store.update_run(run_id, status="done", output_dir=str(workdir / "runs" / str(run_id)))
+    for spec in (str(folder), str(run_id)):
+        result = rlhf_eval("belle", spec, "--eval-dir", str(eval_dir), "--judge", "rm", "--reward-model", str(folder))
+        assert result.returncode == 2 and "does not write answers" in result.stderr, result.stderr[-800:]
+        assert "BloomForSequenceClassification" in result.stderr and "Traceback" not in result.stderr
+    assert f"run {run_id} (rm)" in result.stderr
+    with Store(os.environ["RLHF_DB"]) as store:
+        assert [r["id"] for r in store.runs()] == [run_id]  # no evaluation run registered
+    assert resolve_checkpoint(str(workdir / "demo" / "model"), os.environ["RLHF_DB"])  # a causal LM passes
+    with pytest.raises(RecipeError, match="does not write answers"):
+        resolve_checkpoint(str(folder), os.environ["RLHF_DB"])

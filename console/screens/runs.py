@@ -640,6 +640,12 @@ class RunsScreen(Screen):
             self.notify("select a run with a model (an SFT or PPO export), then press c", title="chat")
             return
         other = next((r for r in reversed(self.marked) if r != self.selected), None)
+        for run_id in (self.selected, other):
+            stage = self.app.runs.get(run_id, {}).get("stage") if run_id is not None else None
+            if stage in ("rm", "eval"):  # a reward model scores answers; an evaluation has no model of its own
+                what = "a reward model: it scores answers, it writes none" if stage == "rm" else "an evaluation"
+                self.notify(f"run {run_id} is {what}; chat takes an SFT or PPO run", title="chat")
+                return
         self.app.open_chat(str(self.selected), str(other) if other is not None else None)
 
     def action_scores(self) -> None:
