@@ -23,11 +23,12 @@ class ScoreTable(DataTable):
     """Rows are engine.scores.Row objects."""
 
     def __init__(self, **kwargs: Any):
-        super().__init__(cursor_type="cell", zebra_stripes=True, **kwargs)
+        # The model column stays when the cursor moves right: at 80 columns the macro averages are off screen.
+        super().__init__(cursor_type="cell", zebra_stripes=True, fixed_columns=1, **kwargs)
         self.rows_data: list[Any] = []
 
     def on_mount(self) -> None:
-        self.add_column("model", key="model", width=22)  # the scores, not the names, must fit 80 columns
+        self.add_column("model", key="model", width=22)  # the scores, not the names, take the width
         for column in COLUMNS:
             self.add_column(SHORT.get(column, column), key=column)
 
