@@ -11,7 +11,7 @@ Everything is made here from text the project ships and written with `save_pretr
     data/preferences.jsonl prompt / chosen / rejected
     data/preferences_hh.jsonl chosen / rejected as "\\n\\nHuman: … \\n\\nAssistant: …" dialogues
     data/prompts.jsonl     prompt (for PPO rollouts)
-    eval/eval_set.json     24 questions in BELLE's format (JSON Lines), classes math, closed qa, open qa
+    eval/eval_set.json     30 questions in BELLE's format (JSON Lines), three of each of its ten classes
     eval/eval_prompt.json  a judge instruction per class, BELLE's format (written for the demo)
 """
 

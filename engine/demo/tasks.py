@@ -66,10 +66,50 @@ def qa_pairs(seed: int = 0) -> list[QA]:
     return pairs
 
 
-def eval_items(seed: int = 0, per_class: int = 8) -> list[tuple[str, str, str]]:
-    """(question, reference answer, BELLE class) for the demo's own eval set in BELLE's format."""
+# One small template per BELLE class the other tasks do not cover, for the demo's eval set only: (question,
+# reference) pairs; generation and brainstorming have no reference, as in BELLE's own set.
+REWRITES = [("I walk to school.", "I walked to school."), ("She reads a book.", "She read a book."),
+            ("We drink tea.", "We drank tea."), ("他喝水。", "他喝了水。")]
+KINDS = [("an apple", "a fruit"), ("a cat", "an animal"), ("a school", "a place"), ("bread", "a food"),
+         ("a bird", "an animal"), ("a river", "a place")]
+SUMMARIES = [("The cat sat on the warm mat all afternoon and slept.", "A cat slept on a mat."),
+             ("It rained all day, so the children read books inside.", "Rain kept the children reading inside."),
+             ("小明早上七点起床，吃了面包，然后去学校。", "小明早起吃饭后上学。")]
+EXTRACTS = [("She bought 7 apples at the market.", "7"), ("The river is 12 miles long.", "12"),
+            ("他有3本书。", "3"), ("We met 5 friends by the sea.", "5")]
+
+
+def _class_items(cls: str, rng: random.Random) -> list[tuple[str, str]]:
+    if cls == "math":
+        return [(qa.question, qa.answer) for qa in _arithmetic(rng)]
+    if cls == "code":
+        return [(f"What does Python print for print({a} * {b})?", f"It prints {a * b}.")
+                for a in range(2, 6) for b in range(2, 6)]
+    if cls == "rewrite":
+        return [(f"Rewrite the sentence in the past tense.\n{s}", r) for s, r in REWRITES]
+    if cls == "classification":
+        return [(f"Is {w} a fruit, an animal, a food or a place?", f"{w[0].upper()}{w[1:]} is {k}.") for w, k in KINDS]
+    if cls == "generation":
+        return [(f"Write one sentence about the {en}.", "") for en, _ in WORDS]
+    if cls == "summarization":
+        return [(f"Summarise in one short sentence.\n{text}", short) for text, short in SUMMARIES]
+    if cls == "extract":
+        return [(f"Which number is in the sentence?\n{text}", number) for text, number in EXTRACTS]
+    if cls == "open qa":
+        return [(qa.question, qa.answer) for qa in _opposites()]
+    if cls == "brainstorming":
+        return [(f"Name three things that are {a}.", "") for a, *_ in OPPOSITES]
+    return [(qa.question, qa.answer) for qa in _translation()]  # closed qa
+
+
+EVAL_CLASSES = ("math", "code", "rewrite", "classification", "generation", "summarization", "extract", "open qa",
+                "brainstorming", "closed qa")
+
+
+def eval_items(seed: int = 0, per_class: int = 3) -> list[tuple[str, str, str]]:
+    """(question, reference answer, BELLE class) for the demo's own eval set in BELLE's format: every one of
+    BELLE's ten classes, so that the score table has every column and its macro averages."""
     rng = random.Random(seed + 1)
-    kinds = [("math", _arithmetic(rng)), ("closed qa", _translation()), ("open qa", _opposites())]
-    items = [(qa.question, qa.answer, cls) for cls, pairs in kinds for qa in rng.sample(pairs, per_class)]
+    items = [(q, a, cls) for cls in EVAL_CLASSES for q, a in rng.sample(_class_items(cls, rng), per_class)]
     rng.shuffle(items)  # so that the first N (--limit) mix the classes
     return items
