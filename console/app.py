@@ -290,6 +290,11 @@ class RlhfConsole(App):
             return
         if message.note:
             self.notify(message.note, title=message.verb, markup=False)
+            if message.verb == "launch":
+                from console.screens.launch import LaunchScreen
+
+                if isinstance(self.screen, LaunchScreen):
+                    self.screen.dismiss(None)
             return
         self.notify(f"run {message.run_id}: {message.verb} done" if message.verb != "launch"
                     else f"run {message.run_id} started", title=message.verb)
@@ -329,6 +334,25 @@ class RlhfConsole(App):
         self.post_message(ActionDone("launch", run.run_id))
 
     @work(thread=True, group="actions", exit_on_error=False)
+    def launch_pipeline(self, recipe: str, overrides: list[str], accelerate_config: str,
+                        num_processes: int | None) -> None:
+        from engine import pipeline
+        from engine.config import RecipeError
+        from engine.data.records import DataError
+
+        try:
+            pipeline_id = pipeline.create(recipe, overrides, None, accelerate_config, num_processes, self.db_path)
+            pipeline.start_detached(pipeline_id, self.db_path)
+        except (RecipeError, DataError) as err:
+            self.post_message(ActionDone("launch", None, str(err), getattr(err, "fields", {})))
+            return
+        except Exception as err:  # StoreError, OSError
+            self.post_message(ActionDone("launch", None, f"could not start the pipeline: {err}"))
+            return
+        self.post_message(ActionDone("launch", None, note=f"pipeline {pipeline_id} started: its stages appear as "
+                                                          "they start, as one row that enter expands"))
+
+    @work(thread=True, group="actions", exit_on_error=False)
     def resume_run(self, run_id: int) -> None:
         import json
 
@@ -344,8 +368,7 @@ class RlhfConsole(App):
 
             try:
                 pipeline.resume(run["pipeline_id"], self.db_path)
-                config = json.loads(self.pipelines[run["pipeline_id"]]["config"])
-                pipeline.start_detached(run["pipeline_id"], self.db_path, config["output_root"])
+                pipeline.start_detached(run["pipeline_id"], self.db_path)
             except Exception as err:  # RecipeError, StoreError, OSError
                 self.post_message(ActionDone("resume", run_id, str(err)))
                 return

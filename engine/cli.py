@@ -165,7 +165,7 @@ def _cmd_runs(db: str | None) -> int:
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from engine import pipeline
     from engine.config import RecipeError
-    from engine.store import Store, default_db_path
+    from engine.store import default_db_path
 
     db = os.path.abspath(args.db or default_db_path())
     if args.resume is not None:
@@ -181,9 +181,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         pipeline_id = pipeline.create(args.recipe, args.overrides, args.through, args.accelerate_config,
                                       args.num_processes, db)
     if args.detach:
-        with Store(db) as store:
-            root = json.loads(store.pipeline(pipeline_id)["config"])["output_root"]
-        log = pipeline.start_detached(pipeline_id, db, root)
+        log = pipeline.start_detached(pipeline_id, db)
         print(f"pipeline {pipeline_id} started; its log: {log}")
         return 0
     print(f"pipeline {pipeline_id}", file=sys.stderr, flush=True)

@@ -82,9 +82,10 @@ def wiring(stage: str, recipe: Recipe, exports: dict[str, str]) -> list[str]:
     return items
 
 
-def create(recipe_path: str, overrides: list[str], through: str | None, accelerate_config: str,
-           num_processes: int | None, db_path: str | os.PathLike) -> int:
-    """Check everything that can be checked before the first stage and register the pipeline."""
+def check(recipe_path: str, overrides: list[str], through: str | None,
+          accelerate_config: str) -> tuple[Recipe, list[str]]:
+    """Everything that can be checked before the first stage (base models and data of every stage, the
+    wiring between them, the evaluation's folder), registering nothing; returns the recipe and its stages."""
     from engine.accelerate_file import read_accelerate_config
     from engine.train import validate
 
@@ -92,7 +93,7 @@ def create(recipe_path: str, overrides: list[str], through: str | None, accelera
     stages = plan(recipe, through)
     _check_wiring(recipe, stages)
     read_accelerate_config(accelerate_config)
-    for stage in stages:  # base models and data of every stage, before hours go into the first one
+    for stage in stages:  # before hours go into the first one
         if stage != "eval":
             validate(stage, recipe_path, overrides, refs_ok=True)
     if "eval" in stages:
@@ -101,7 +102,15 @@ def create(recipe_path: str, overrides: list[str], through: str | None, accelera
         try:
             load_items(recipe.eval.eval_dir, limit=1)
         except (BelleError, OSError) as err:
-            raise RecipeError(f"{recipe.where('eval.eval_dir')}: eval.eval_dir: {err}") from None
+            raise RecipeError(f"{recipe.where('eval.eval_dir')}: eval.eval_dir: {err}",
+                              {"eval.eval_dir": str(err)}) from None
+    return recipe, stages
+
+
+def create(recipe_path: str, overrides: list[str], through: str | None, accelerate_config: str,
+           num_processes: int | None, db_path: str | os.PathLike) -> int:
+    """Check the pipeline (see check) and register it."""
+    recipe, stages = check(recipe_path, overrides, through, accelerate_config)
     launch = {"accelerate_config": str(Path(accelerate_config).resolve()), "num_processes": num_processes}
     with Store(db_path) as store:
         return store.create_pipeline(name=recipe.name, recipe=str(Path(recipe_path).resolve()),
@@ -275,8 +284,11 @@ def resume(pipeline_id: int, db_path: str | os.PathLike) -> None:
             raise RecipeError(f"pipeline {pipeline_id} is done: every stage through {row['through']} finished")
 
 
-def start_detached(pipeline_id: int, db_path: str | os.PathLike, output_root: str) -> Path:
-    """The pipeline in a session of its own (it outlives the terminal); returns its log's path."""
+def start_detached(pipeline_id: int, db_path: str | os.PathLike) -> Path:
+    """The pipeline in a session of its own (it outlives the terminal); returns its log's path, in the
+    pipeline's output root."""
+    with Store(db_path) as store:
+        output_root = json.loads(store.pipeline(pipeline_id)["config"])["output_root"]
     log_path = Path(output_root).resolve() / LOG_NAME.format(id=pipeline_id)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:

@@ -303,3 +303,42 @@ async def test_ppo_samples_browse_by_step_and_a_lost_run_is_shown_as_lost(workdi
         await wait_for(pilot, lambda: home.sample_step == 2, 10)
         assert str(samples.get_row_at(0)[1]) == "prompt 2.0"
         assert "step 2 (2 of 3)" in str(home.query_one("#samples-head").render())
+
+
+@sync
+async def test_the_form_launches_the_whole_pipeline_and_x_stops_it_in_its_stage(workdir):
+    """`pipeline` in the stage list: no per-stage field, a memory line per trained stage, the same checks as
+    `rlhf pipeline` before anything is registered; it starts detached and its first stage is a run like any
+    other, which x stops with its pipeline."""
+    from textual.widgets import Select
+
+    app = console()
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded, 20, "the first poll")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20, "the form")
+        form = app.screen
+        form.query_one("#stage", Select).value = "pipeline"
+        estimate = form.query_one("#estimate", Static)
+        await wait_for(pilot, lambda: "sft" in str(estimate.render()) and "ppo" in str(estimate.render()), 20,
+                       "a memory line per trained stage")
+        assert not form.query_one(".field-model").display and form.query_one(".field-processes").display
+        assert form.overrides() == []
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: app.screen is app.home and len(app.pipelines) == 1, 60, "the pipeline")
+        pipeline_id = next(iter(app.pipelines))
+        with Store(os.environ["RLHF_DB"]) as store:
+            row = store.pipeline(pipeline_id)
+        assert row["through"] == "eval" and json.loads(row["launch"])["accelerate_config"] == CPU
+        await wait_for(pilot, lambda: any(r.get("pipeline_id") == pipeline_id and r["status"] == "running"
+                                          for r in app.runs.values()), 300, "its first stage running")
+        (run_id,) = [i for i, r in app.runs.items() if r.get("pipeline_id") == pipeline_id]
+        assert app.runs[run_id]["stage"] == "sft"
+        home = app.home
+        home.select_run(run_id)
+        await wait_for(pilot, lambda: home.selected == run_id, 10)
+        await pilot.press("x")
+        await wait_for(pilot, lambda: app.screen is not home, 10, "the stop dialog")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: ended(app, run_id, "stopped")
+                       and app.pipelines[pipeline_id]["status"] == "stopped", 300, "the stage and its pipeline")

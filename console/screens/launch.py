@@ -1,4 +1,5 @@
-"""Launch: a stage, a recipe from configs/, its main fields in a form, validated before anything starts.
+"""Launch: a stage (or the whole pipeline), a recipe from configs/, its main fields in a form, validated
+before anything starts.
 
 The form only turns the fields you changed into `--set` overrides, so the run's recipe stays the file
 plus a short, readable list. Validation is the engine's own (`engine.train.validate`): an error is shown
@@ -40,12 +41,18 @@ FIELDS = (
     FormField("steps", "steps", ("ppo",), "int"),
     FormField("k", "k (policy layers)", ("ppo",), "int"),
     FormField("k_v", "k_v (value layers)", ("ppo",), "int"),
-    FormField("processes", "processes", ("sft", "rm", "ppo"), "int"),
+    FormField("processes", "processes", ("sft", "rm", "ppo", "pipeline"), "int"),
 )
+
+
+# "pipeline" runs every stage the recipe has (engine/pipeline.py), as the recipe says: no field of its own.
+STAGE_OPTIONS = [("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"), ("pipeline: every stage, then eval", "pipeline")]
 
 
 def recipe_keys(stage: str, has_own_model: bool) -> dict[str, str]:
     """Form field -> dotted recipe key, for a stage."""
+    if stage == "pipeline":
+        return {}
     keys = {"model": f"{stage}.model.path" if has_own_model else "model.path"}
     if stage == "ppo":
         keys.update(data="ppo.prompts.0.path", lr="ppo.lr", batch="ppo.rollout_batch_size", steps="ppo.steps",
@@ -152,8 +159,7 @@ class LaunchScreen(Screen[int | None]):
             yield Static(f"{title}   Tab moves between fields · ctrl+t validates · ctrl+s launches · Esc")
             with Horizontal(classes="row"):
                 yield Label("stage", classes="field-label")
-                yield Select([("sft", "sft"), ("rm", "rm"), ("ppo", "ppo")], value=stage, allow_blank=False,
-                             id="stage", compact=True)
+                yield Select(STAGE_OPTIONS, value=stage, allow_blank=False, id="stage", compact=True)
             with Horizontal(classes="row"):
                 yield Label("recipe", classes="field-label")
                 yield Select(recipes, value=recipe, id="recipe", compact=True)
@@ -195,7 +201,7 @@ class LaunchScreen(Screen[int | None]):
             self._refresh_estimate()
 
     def on_input_changed(self, event: Input.Changed) -> None:
-        if self.loaded:
+        if self.loaded or self.stage == "pipeline":  # a pipeline's form has no recipe values, only processes
             self._refresh_estimate()
 
     def _stage_changed(self) -> None:
@@ -212,6 +218,12 @@ class LaunchScreen(Screen[int | None]):
 
         try:
             loaded = load_recipe(recipe)
+            if stage == "pipeline":
+                from engine.pipeline import plan
+
+                plan(loaded, None)
+                self.post_message(RecipeLoaded(stage, recipe, {}, {}, None))
+                return
             section = loaded.stage(stage)
         except Exception as err:  # RecipeError, and anything else: shown on the form, never the console's end
             message = str(err) if isinstance(err, RecipeError) else f"{recipe}: {type(err).__name__}: {err}"
@@ -290,6 +302,20 @@ class LaunchScreen(Screen[int | None]):
             from engine.estimate import estimate_recipe, gib, parallel_from_config
 
             parallel = parallel_from_config(accel, processes)
+            if stage == "pipeline":
+                from engine.pipeline import plan
+
+                loaded = load_recipe(recipe, overrides)
+                trained = [s for s in plan(loaded, None) if s != "eval"]
+                results = estimate_recipe(loaded, trained, parallel)
+                where = "per process on CPU" if parallel.cpu else "per GPU"
+                text = "memory: " + " · ".join(f"{r.stage} {gib(r.peak)}" for r in results) + f" {where}"
+                too_big = [r.stage for r in results if not r.fits]
+                if not parallel.cpu:
+                    text += (f", {', '.join(too_big)} does not fit" if too_big else ", each fits") + \
+                        f" in {gib(results[0].gpu_memory)}"
+                self.post_message(Estimated(seq, text, not too_big))
+                return
             (result,) = estimate_recipe(load_recipe(recipe, overrides, stage), [stage], parallel)
             largest = result.largest
             if parallel.cpu:
@@ -367,13 +393,20 @@ class LaunchScreen(Screen[int | None]):
         return bad
 
     @work(thread=True, exclusive=True, group="launch-validate", exit_on_error=False)
-    def validate(self, stage: str, recipe: str, overrides: list[str], launch: bool) -> None:
+    def validate(self, stage: str, recipe: str, overrides: list[str], accel: str | None, launch: bool) -> None:
         from engine.config import RecipeError
         from engine.data.records import DataError
         from engine.train import validate
 
         try:
-            validate(stage, recipe, overrides)
+            if stage == "pipeline":
+                from engine.pipeline import check
+
+                if accel is None:
+                    raise RecipeError("choose an accelerate config: each stage is launched with it")
+                check(recipe, overrides, None, accel)
+            else:
+                validate(stage, recipe, overrides)
         except (RecipeError, DataError) as err:
             self.post_message(Validated(str(err), getattr(err, "fields", {}), launch))
             return
@@ -391,7 +424,10 @@ class LaunchScreen(Screen[int | None]):
                 self._launching = False
                 return
             self.query_one("#launch", Button).disabled = True
-            self.app.launch_run(self.stage, self.recipe, self.overrides(), str(accel), self.processes())
+            if self.stage == "pipeline":
+                self.app.launch_pipeline(self.recipe, self.overrides(), str(accel), self.processes())
+            else:
+                self.app.launch_run(self.stage, self.recipe, self.overrides(), str(accel), self.processes())
             return
         self._launching = False
         if message.error is None:
@@ -415,7 +451,8 @@ class LaunchScreen(Screen[int | None]):
         if self._local_errors():
             self._launching = False
             return
-        self.validate(self.stage, self.recipe, self.overrides(), launch)
+        accel = self.query_one("#accelerate", Select).value
+        self.validate(self.stage, self.recipe, self.overrides(), None if accel is Select.NULL else str(accel), launch)
 
     def action_validate(self) -> None:
         self._check(launch=False)
