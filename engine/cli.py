@@ -154,11 +154,14 @@ def _cmd_runs(db: str | None) -> int:
         raise RecipeError(f"{path}: no runs database here (run from the folder that has runs.db, or give --db)")
     with Store(path) as store:
         rows = store.runs()
-    print(f"{'id':>4} {'stage':5} {'name':16} {'status':9} {'step':>11} {'started':19}")
+    width = max([16, *(len(run["name"]) for run in rows)])  # whole names: "tiny sft (pipeline 1)" tells runs apart
+    print(f"{'id':>4} {'stage':5} {'name':{width}} {'status':9} {'step':>11} {'started':19} pipeline")
     for run in rows:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"])) if run["started"] else "-"
         step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
-        print(f"{run['id']:>4} {run['stage']:5} {run['name'][:16]:16} {run['status']:9} {step:>11} {started}")
+        pipeline = "-" if run.get("pipeline_id") is None else str(run["pipeline_id"])
+        print(f"{run['id']:>4} {run['stage']:5} {run['name']:{width}} {run['status']:9} {step:>11} {started:19} "
+              f"{pipeline}")
     return 0
 
 
