@@ -75,3 +75,23 @@ def test_num_layers_unfrozen_freezes_the_trunk_bottom(workdir):
     # so the pairwise loss has no gradient for it.
     assert {n for n in top if n.endswith(".weight")} <= changed
     assert "score.weight" in trained
+
+
+def test_the_ppo_scorer_batches_by_length_and_returns_scores_in_order(workdir):
+    """RewardModelScorer sorts pairs by length into its batches: every score equals that pair scored alone,
+    in the order the pairs came."""
+    from engine.ppo.rewards import RewardModelScorer
+
+    spec = load_recipe(TINY).model
+    tok = load_tokenizer(spec)
+    torch.manual_seed(0)
+    model = load_reward_trunk(spec, tok.pad_token_id)
+    model.save_pretrained(workdir / "rm")
+    tok.save_pretrained(workdir / "rm")
+    prompts = [(Turn("user", q),) for q in ("What is 1 plus 1?", "Say hello.", "Name a colour.", "Hi")] * 3
+    answers = ["2.", "Hello there, how are you today? I am fine.", "Red.", "A much longer answer " * 6] * 3
+    scorer = RewardModelScorer(str(workdir / "rm"), torch.device("cpu"), batch_size=5)
+    together = scorer(prompts, answers)
+    alone = torch.cat([scorer([p], [a]) for p, a in zip(prompts, answers)])
+    assert together.shape == (12,) and torch.allclose(together, alone, atol=1e-5)
+    assert len(set(together.tolist())) >= 4  # the pairs score differently: the order is tested

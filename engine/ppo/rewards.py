@@ -32,15 +32,19 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Conversation], responses: Sequence[str]) -> torch.Tensor:
-        scores = []
-        for start in range(0, len(prompts), self.batch_size):
-            ids = [tokenize_pair(self.tokenizer, p, r) for p, r in
-                   zip(prompts[start : start + self.batch_size], responses[start : start + self.batch_size])]
-            width = max(map(len, ids))
-            batch = torch.tensor([x + [self.pad] * (width - len(x)) for x in ids], device=self.device)
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=self.device)
-            scores.append(self.model(input_ids=batch, attention_mask=mask).logits[:, 0].float())
-        return torch.cat(scores)
+        ids = [tokenize_pair(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        # Batches of similar lengths: each is padded only to its own longest pair, so a rollout of short
+        # and long answers does not pay for the longest one in every batch.
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        scores = torch.empty(len(ids), device=self.device)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            width = len(ids[rows[0]])
+            batch = torch.tensor([ids[i] + [self.pad] * (width - len(ids[i])) for i in rows], device=self.device)
+            mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in rows], device=self.device)
+            scores[torch.tensor(rows, device=self.device)] = self.model(input_ids=batch,
+                                                                        attention_mask=mask).logits[:, 0].float()
+        return scores
 
 
 class FunctionScorer:
