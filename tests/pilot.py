@@ -44,3 +44,13 @@ async def wait_for(pilot, predicate, timeout: float = 120.0, what: str = "condit
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await pilot.pause(0.1)
+
+
+async def open_launch_form(pilot, app):
+    """The launch form (n), once the console has polled runs.db and the form has read its recipe."""
+    from console.screens.launch import LaunchScreen
+
+    await wait_for(pilot, lambda: app.loaded, 20, "the first poll")
+    await pilot.press("n")
+    await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20, "the form")
+    return app.screen

@@ -20,7 +20,7 @@ from console.screens.launch import LaunchScreen
 from console.widgets.log_view import LogView
 from engine.store import Store
 from tests.conftest import REPO, RLHF, TINY
-from tests.pilot import console, sync, wait_for
+from tests.pilot import console, open_launch_form, sync, wait_for
 
 CONFIGS = REPO / "configs"
 CPU = str(CONFIGS / "accelerate" / "cpu.yaml")
@@ -48,10 +48,8 @@ async def type_into(pilot, app, field: str, text: str) -> None:
 async def test_launch_from_the_form_runs_to_done_and_draws_its_curve(workdir):
     app = console()
     async with app.run_test(size=(100, 32)) as pilot:
-        await wait_for(pilot, lambda: app.loaded, 20, "the first poll")
-        await pilot.press("n")
-        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20, "the form")
-        assert app.screen.query_one("#field-model", Input).value == "demo/model"
+        form = await open_launch_form(pilot, app)
+        assert form.query_one("#field-model", Input).value == "demo/model"
         await type_into(pilot, app, "length", "1")
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: len(app.runs) == 1, 60, "the run to be registered")
@@ -78,10 +76,7 @@ async def test_launch_from_the_form_runs_to_done_and_draws_its_curve(workdir):
 async def test_a_bad_field_is_shown_on_the_field_before_anything_starts(workdir):
     app = console()
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_for(pilot, lambda: app.loaded, 20)
-        await pilot.press("n")
-        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20)
-        form = app.screen
+        form = await open_launch_form(pilot, app)
         await type_into(pilot, app, "batch", "0")
         await pilot.press("ctrl+s")
         error = form.query_one("#error-batch", Static)
@@ -314,10 +309,7 @@ async def test_the_form_launches_the_whole_pipeline_and_x_stops_it_in_its_stage(
 
     app = console()
     async with app.run_test(size=(100, 32)) as pilot:
-        await wait_for(pilot, lambda: app.loaded, 20, "the first poll")
-        await pilot.press("n")
-        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20, "the form")
-        form = app.screen
+        form = await open_launch_form(pilot, app)
         form.query_one("#stage", Select).value = "pipeline"
         estimate = form.query_one("#estimate", Static)
         await wait_for(pilot, lambda: "sft" in str(estimate.render()) and "ppo" in str(estimate.render()), 20,

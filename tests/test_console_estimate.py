@@ -5,7 +5,7 @@ from __future__ import annotations
 from textual.widgets import Input, Select, Static
 
 from console.screens.launch import LaunchScreen
-from tests.pilot import CONFIGS, console, sync, wait_for
+from tests.pilot import CONFIGS, console, open_launch_form, sync, wait_for
 
 
 def estimate_text(form: LaunchScreen) -> str:
@@ -16,10 +16,7 @@ def estimate_text(form: LaunchScreen) -> str:
 async def test_the_launch_form_shows_the_memory_estimate_and_follows_the_form(workdir):
     app = console()
     async with app.run_test(size=(100, 40)) as pilot:
-        await wait_for(pilot, lambda: app.loaded, 20, "the runs")
-        await pilot.press("n")
-        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20, "the form")
-        form = app.screen
+        form = await open_launch_form(pilot, app)
         # The tiny recipe on the CPU config the form starts with: per process, no GPU verdict.
         await wait_for(pilot, lambda: "memory: peak" in estimate_text(form), 20, "the estimate line")
         assert "per process on CPU" in estimate_text(form) and "largest:" in estimate_text(form)
