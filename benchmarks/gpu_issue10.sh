@@ -5,7 +5,7 @@
 #   2. ppo_iteration.py, new paths, decode batches of 256 (the 133.2 s row of results_h200.md's fourth pass)
 #   3. the same with transformers' kernels: what the fused ones buy, same run
 #   4. the same with chunk_size auto: what the trainer's default picks and takes (with the prefill in slices
-#      and 76 % of the free memory, expected: one batch of 256, at a lower peak than step 2's hand-set 256)
+#      and 80 % of the memory left after the decoder is built, expected: one batch of 256, at a lower peak than step 2's hand-set 256)
 # ppo_iteration.py now times its phases with CUDA events, without the synchronisation per minibatch that the
 # earlier passes in results_h200.md had (and the trainer no longer has): compare those passes' totals with care.
 # Usage: benchmarks/gpu_issue10.sh

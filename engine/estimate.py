@@ -207,13 +207,14 @@ class Shape:
         return self.layers * 2 * self.kv_heads * self.head_dim * compute_bytes
 
 
-# Of the memory free when a rollout starts decoding, the share its batches are sized to fill: the KV cache is a
-# few huge blocks, and part of what the caching allocator holds free is fragments. Measured on an H200 at 7b1
-# shape (benchmarks/results_h200.md): 80 % ran out of memory when the prefill ran over the whole batch at once
-# and was under-counted; decode batches of 256 with that whole-batch prefill peaked at 132.41 GiB of 139.8. The
-# prefill now runs in slices of PREFILL_TOKENS (a fixed cost, not a per-row one), and 76 % of the free memory
-# that auto-sizing measured there (84-87 GiB) is 256 rows.
-DECODE_FREE_SHARE = 0.76
+# Of the memory free when a rollout starts decoding (the decoder's own copies of the weights already built),
+# the share its batches are sized to fill: the KV cache is a few huge blocks, and part of what the caching
+# allocator holds free is fragments. Measured on an H200 at 7b1 shape (benchmarks/results_h200.md): 80 % ran out
+# of memory when the prefill ran over the whole batch at once, under-counted, and the free memory was read
+# before the decoder's ~4.1 GB were built; decode batches of 256 with that whole-batch prefill peaked at
+# 132.41 GiB of 139.8. The prefill now runs in slices of PREFILL_TOKENS (a fixed cost, not a per-row one), and
+# 80 % of the memory left after the decoder there (~80-83 GiB) is 256 rows.
+DECODE_FREE_SHARE = 0.8
 # Prompt tokens the BLOOM decoder prefills at once: 32 prompts of 256 tokens, wide enough that its products
 # run at full speed, and ~1.4 GB of working tensors at 7b1 shape instead of ~11 GB for 256 prompts.
 PREFILL_TOKENS = 8192
@@ -1156,7 +1157,7 @@ def auto_chunk(setup: PPOSetup, gpu_memory: int) -> PPOSetup:
     per_row = (two.total(M_DECODE) - one.total(M_DECODE)) // 8
     prefill = [e.item("prefill").bytes for e in (one, two)]
     fixed = prefill[0] - low * (prefill[1] - prefill[0]) // 8
-    free = gpu_memory - CONTEXT_BYTES - (one.total(M_DECODE) - low * per_row - fixed)
+    free = gpu_memory - CONTEXT_BYTES - (one.total(M_DECODE) - low * per_row - fixed)  # the decoder built
     rows = decode_rows(int(free * DECODE_FREE_SHARE), fixed, per_row, setup.rollout)
     return replace(setup, chunk=rows)
 

@@ -215,6 +215,9 @@ class Engine:
         return bloom_prefill_bytes(rows, prompt_tokens, config.hidden_size, heads, self._width())
 
     def _width(self) -> int:
+        """Bytes of a cached key or value: the decoder's dtype once built, else what the forward would use."""
+        if self._decoder is not None:
+            return self._decoder.dtype.itemsize
         half = (torch.is_autocast_enabled(self.device.type)
                 or self._lm.get_input_embeddings().weight.dtype != torch.float32)
         return 2 if half else 4
@@ -240,6 +243,9 @@ class Engine:
         most `limit`; a multiple of 8 when above 8. Off CUDA, `limit`."""
         if self.device.type != "cuda":
             return limit
+        if self.fast:  # its copies of the trainable weights and split head (~4 GB at 7b1) are not free memory
+            with torch.autocast(self.device.type, enabled=False):  # as generate builds it
+                self._bloom()
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # cached
         return self.rows_for(free, prompt_tokens, total_tokens, limit)

@@ -290,10 +290,15 @@ def start_detached(pipeline_id: int, db_path: str | os.PathLike) -> Path:
     with Store(db_path) as store:
         output_root = json.loads(store.pipeline(pipeline_id)["config"])["output_root"]
     log_path = Path(output_root).resolve() / LOG_NAME.format(id=pipeline_id)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        subprocess.Popen([sys.executable, "-m", "engine.pipeline", str(pipeline_id), "--db", str(db_path)],
-                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            subprocess.Popen([sys.executable, "-m", "engine.pipeline", str(pipeline_id), "--db", str(db_path)],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as err:  # recorded, so that the pipeline's row says why it never ran (and resume can retry)
+        with Store(db_path) as store:
+            store.update_pipeline(pipeline_id, status="failed", ended=time.time(), error=f"could not start: {err}")
+        raise
     return log_path
 
 

@@ -27,8 +27,8 @@ WEIGHT_FILES = (
 )
 
 
-# The architectures of a model that writes text (config.json's `architectures`).
-ANSWERING_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+# Architectures of models that score or label text and write none (config.json's `architectures`).
+SCORING_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
 
 
 def model_folder_problem(path: str, kind: str = "model") -> str | None:
@@ -56,7 +56,7 @@ def model_folder_problem(path: str, kind: str = "model") -> str | None:
         labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
         if not heads or labels != 1:
             return "is not a reward model (a sequence-classification model with one label, as the rm stage exports)"
-    elif architectures and not any(a.endswith(ANSWERING_HEADS) for a in architectures):
+    elif architectures and all(a.endswith(SCORING_HEADS) for a in architectures):
         # Loaded as a causal LM, a reward model's trunk would run under an untrained head: fluent-looking noise.
         return (f"does not write answers (it is a {', '.join(architectures)}; chat and evaluation take a causal "
                 "language model, such as an SFT or PPO export)")

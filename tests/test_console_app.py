@@ -315,7 +315,21 @@ async def test_the_form_launches_the_whole_pipeline_and_x_stops_it_in_its_stage(
         await wait_for(pilot, lambda: "sft" in str(estimate.render()) and "ppo" in str(estimate.render()), 20,
                        "a memory line per trained stage")
         assert not form.query_one(".field-model").display and form.query_one(".field-processes").display
+        # PPO as the pipeline runs it: scored by the pipeline's RM export, not the recipe's rule reward.
+        from engine.config import load_recipe
+        from engine.estimate import estimate_recipe, gib, parallel_from_config
+
+        wired = load_recipe(TINY, ["ppo.reward_model=@rm", "ppo.reward_fn=null"])
+        (ppo,) = estimate_recipe(wired, ["ppo"], parallel_from_config(CPU, None))
+        (alone,) = estimate_recipe(load_recipe(TINY), ["ppo"], parallel_from_config(CPU, None))
+        assert ppo.peak > alone.peak and f"ppo {gib(ppo.peak)}" in str(estimate.render())
         assert form.overrides() == []
+        # A check's answer about another form (the stage changed while it ran) launches nothing.
+        from console.screens.launch import Validated
+
+        form.post_message(Validated(None, {}, True, ("sft", form.recipe, [], CPU)))
+        await pilot.pause()  # handled: a launch would have disabled the button at once
+        assert not form.query_one("#launch").disabled and app.screen is form and not app.pipelines
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: app.screen is app.home and len(app.pipelines) == 1, 60, "the pipeline")
         pipeline_id = next(iter(app.pipelines))

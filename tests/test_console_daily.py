@@ -630,7 +630,7 @@ async def test_live_cells_from_polls_redraw_at_most_every_two_seconds_and_user_a
 
 
 @sync
-async def test_c_chats_with_a_runs_model_and_says_why_not_for_a_reward_model(many_runs):
+async def test_c_and_l_say_why_not_for_runs_they_cannot_serve(many_runs):
     from textual.widgets._toast import Toast
 
     from console.screens.chat import ChatScreen
@@ -639,9 +639,11 @@ async def test_c_chats_with_a_runs_model_and_says_why_not_for_a_reward_model(man
     with Store(many_runs) as store:
         rm = store.create_run(stage="rm", name="tiny", recipe="configs/tiny.yaml", config="{}")
         store.update_run(rm, status="done", started=T0, ended=T0 + 5)
+        evaluation = store.create_run(stage="eval", name="tiny sft", recipe="", config="{}")
+        store.update_run(evaluation, status="done", started=T0, ended=T0 + 5)
     app = app_for(many_runs)
     async with app.run_test(size=(100, 32), notifications=True) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 13, 20, "the runs")
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 14, 20, "the runs")
         home = app.home
         home.select_run(rm)
         await wait_for(pilot, lambda: home.selected == rm, 10)
@@ -652,6 +654,11 @@ async def test_c_chats_with_a_runs_model_and_says_why_not_for_a_reward_model(man
 
         await wait_for(pilot, lambda: "reward model" in toasts(), 10, "why not")
         assert f"run {rm} is a reward model" in toasts() and isinstance(app.screen, RunsScreen)
+        home.select_run(evaluation)  # l on an evaluation: what launches it again, not a form that cannot hold it
+        await wait_for(pilot, lambda: home.selected == evaluation, 10)
+        await pilot.press("l")
+        await wait_for(pilot, lambda: "--answers-from" in toasts(), 10, "how to run it again")
+        assert isinstance(app.screen, RunsScreen)
         home.select_run(9)
         await wait_for(pilot, lambda: home.selected == 9, 10)
         await pilot.press("c")

@@ -24,6 +24,7 @@ from engine.estimate import (
     Parallel,
     PPOSetup,
     Shape,
+    bloom_prefill_bytes,
     estimate_recipe,
     estimate_setup,
     load_shape,
@@ -358,12 +359,16 @@ def test_bloomz_recipe_on_a_laptop_without_the_model(no_hub_cache):
     assert sorted(estimates) == ["ppo", "rm", "sft"]
     ppo = items(estimates["ppo"])
     # KV cache of one decode chunk: (256 + 256) tokens x 30 layers x keys and values, bf16, a prompt; the
-    # recipe's chunk_size auto takes 70 % of the memory free when decoding starts, in steps of 8.
-    assert ppo["kv_cache"] == 48 * 512 * 30 * 2 * 4096 * 2
-    one, two = (ppo_estimate(replace(stage_setup(load_recipe(BLOOMZ), "ppo", Parallel()), chunk=n))
-                .total("rollout: decoding") for n in (1, 2))
-    free = 80 * GIB - (1 << 30) - (2 * one - two)
-    assert 48 * (two - one) <= 0.7 * free < 56 * (two - one)
+    # recipe's chunk_size auto takes 80 % of the memory free when decoding starts (the decoder built), less
+    # the prefill's slice of 32 prompts, in steps of 8.
+    assert ppo["kv_cache"] == 64 * 512 * 30 * 2 * 4096 * 2
+    assert ppo["prefill"] == bloom_prefill_bytes(32, 256, 4096, 32, 2)
+    setup = stage_setup(load_recipe(BLOOMZ), "ppo", Parallel())
+    at = {n: ppo_estimate(replace(setup, chunk=n)).total("rollout: decoding") for n in (32, 40)}
+    per_row = (at[40] - at[32]) // 8
+    assert per_row == 512 * 30 * 2 * 4096 * 2 + 3 * 250880 * 4  # its KV cache and a step's split logits
+    free = 80 * GIB - (1 << 30) - (at[32] - 32 * per_row - ppo["prefill"])
+    assert 64 * per_row <= 0.8 * free - ppo["prefill"] < 72 * per_row
     (fixed,) = estimate_recipe(load_recipe(BLOOMZ, ["ppo.chunk_size=32"]), ["ppo"])
     assert items(fixed)["kv_cache"] == 32 * 512 * 30 * 2 * 4096 * 2
     # Logits of a scoring minibatch: 16 x 257 positions x the vocabulary, float32; the reference head's split
@@ -452,7 +457,7 @@ def test_check_estimate_prints_every_stage_without_torch(no_hub_cache):
     assert done.returncode == 0, done.stderr
     for title in ("sft (SFT)", "rm (reward model)", "ppo (hydra PPO)"):
         assert title in done.stdout
-    assert "KV cache: 48 prompts x 512 tokens x 30 layers" in done.stdout and "built-in table" in done.stdout
+    assert "KV cache: 64 prompts x 512 tokens x 30 layers" in done.stdout and "built-in table" in done.stdout
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -139,7 +139,7 @@ def test_chunked_rollouts_equal_one_chunk(tiny):
 
 
 def test_auto_chunks_take_what_the_free_memory_holds(tiny):
-    """`chunk_size: auto` on a GPU: rows = (76 % of the free memory - the prefill's slice) over a row's bytes
+    """`chunk_size: auto` on a GPU: rows = (80 % of the free memory - the prefill's slice) over a row's bytes
     (its KV cache for the whole answer, the sampler's logits), in steps of 8, in batches of even width."""
     from engine.estimate import DECODE_FREE_SHARE, bloom_prefill_bytes
     from engine.generation import Engine

@@ -108,9 +108,10 @@ class Estimated(Message):
 
 
 class Validated(Message):
-    def __init__(self, error: str | None, fields: dict[str, str], launch: bool):
+    def __init__(self, error: str | None, fields: dict[str, str], launch: bool, form: tuple):
         super().__init__()
         self.error, self.fields, self.launch = error, fields, launch
+        self.form = form  # (stage, recipe, overrides, accelerate config) as validated
 
 
 class LaunchScreen(Screen[int | None]):
@@ -307,6 +308,9 @@ class LaunchScreen(Screen[int | None]):
 
                 loaded = load_recipe(recipe, overrides)
                 trained = [s for s in plan(loaded, None) if s != "eval"]
+                if {"rm", "ppo"} <= set(trained) and loaded.ppo.reward_model is None:
+                    # The pipeline gives PPO its RM export as the reward model (engine.pipeline.wiring).
+                    loaded = load_recipe(recipe, [*overrides, "ppo.reward_model=@rm", "ppo.reward_fn=null"])
                 results = estimate_recipe(loaded, trained, parallel)
                 where = "per process on CPU" if parallel.cpu else "per GPU"
                 text = "memory: " + " · ".join(f"{r.stage} {gib(r.peak)}" for r in results) + f" {where}"
@@ -398,6 +402,7 @@ class LaunchScreen(Screen[int | None]):
         from engine.data.records import DataError
         from engine.train import validate
 
+        form = (stage, recipe, overrides, accel)
         try:
             if stage == "pipeline":
                 from engine.pipeline import check
@@ -408,14 +413,25 @@ class LaunchScreen(Screen[int | None]):
             else:
                 validate(stage, recipe, overrides)
         except (RecipeError, DataError) as err:
-            self.post_message(Validated(str(err), getattr(err, "fields", {}), launch))
+            self.post_message(Validated(str(err), getattr(err, "fields", {}), launch, form))
             return
         except Exception as err:  # an unexpected failure is the form's to show, not the console's end
-            self.post_message(Validated(f"validation failed: {type(err).__name__}: {err}", {}, launch))
+            self.post_message(Validated(f"validation failed: {type(err).__name__}: {err}", {}, launch, form))
             return
-        self.post_message(Validated(None, {}, launch))
+        self.post_message(Validated(None, {}, launch, form))
+
+    def _form(self) -> tuple:
+        accel = self.query_one("#accelerate", Select).value
+        return self.stage, self.recipe, self.overrides(), None if accel is Select.NULL else str(accel)
 
     def on_validated(self, message: Validated) -> None:
+        if message.form != self._form():
+            # The form changed while this was checked: what it says is about another form, and a launch
+            # waits for the user to press again (never a launch of what was not checked).
+            if message.launch:
+                self._launching = False
+                self.notify("the form changed while it was checked: nothing started; launch again", title="launch")
+            return
         self.show_errors(message.error, message.fields)
         if message.error is None and message.launch:
             accel = self.query_one("#accelerate", Select).value
@@ -429,8 +445,9 @@ class LaunchScreen(Screen[int | None]):
             else:
                 self.app.launch_run(self.stage, self.recipe, self.overrides(), str(accel), self.processes())
             return
-        self._launching = False
-        if message.error is None:
+        if message.launch:  # a check alone that answers late must not release a launch in flight
+            self._launching = False
+        if message.error is None and not message.launch:
             self.notify("the recipe is valid", title="validate")
 
     def launch_failed(self, error: str, fields: dict[str, str]) -> None:
@@ -451,8 +468,8 @@ class LaunchScreen(Screen[int | None]):
         if self._local_errors():
             self._launching = False
             return
-        accel = self.query_one("#accelerate", Select).value
-        self.validate(self.stage, self.recipe, self.overrides(), None if accel is Select.NULL else str(accel), launch)
+        stage, recipe, overrides, accel = self._form()
+        self.validate(stage, recipe, overrides, accel, launch)
 
     def action_validate(self) -> None:
         self._check(launch=False)

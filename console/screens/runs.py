@@ -519,7 +519,10 @@ class RunsScreen(Screen):
         from console.screens.launch import LaunchScreen
 
         run = self._selected_run()
-        if run is not None:
+        if run is not None and run["stage"] not in ("sft", "rm", "ppo"):  # the form launches training stages
+            self.notify(f"run {run['id']} is an evaluation: `rlhf eval belle --answers-from {run['id']}` judges its "
+                        "answers again, `rlhf eval belle CHECKPOINT` answers anew", title="launch again", markup=False)
+        elif run is not None:
             self.app.push_screen(LaunchScreen(self.app.configs_dir, from_run=run), self.app.launched)
 
     # `/` finds in the pane that has focus: runs in the table, metrics in their list, samples in theirs

@@ -62,6 +62,9 @@ class ChatPane(Vertical):
         until something else redrew the screen (textual#6652)."""
         self.body.call_after_refresh(self._anchor_if_taller)
 
+    def on_resize(self) -> None:
+        self._follow()  # a taller terminal can make an anchored conversation shorter than the pane
+
     def _anchor_if_taller(self) -> None:
         taller = self.body.max_scroll_y > 0
         if taller and not self.body.is_anchored:
