@@ -34,6 +34,16 @@ def test_every_one_of_the_1000_questions_meets_its_class_prompt():
     assert prompt.endswith("模型回答：' 我的回答'。请针对模型回答给出得分，顺便给出理由：")
 
 
+def test_the_demo_eval_set_fills_every_column_of_the_score_table(demo_dir):
+    """The demo's own questions, three of each of BELLE's ten classes: every category has items, and those
+    without a reference are the classes BELLE judges without one."""
+    items = load_items(demo_dir / "eval")
+    assert {i.category for i in items} == set(CATEGORIES) and len({i.cls for i in items}) == 10
+    assert all(sum(1 for i in items if i.cls == cls) == 3 for cls in {i.cls for i in items})
+    assert {i.cls for i in items if not i.reference} == {"generation", "brainstorming"}
+    assert len({i.question for i in items}) == len(items)
+
+
 def test_class_names_are_normalised():
     assert normalise_class("closed\xa0qa") == normalise_class("closed QA") == "closed qa"
     assert normalise_class(" Open  QA ") == "open qa"
