@@ -40,3 +40,16 @@ async def test_the_launch_form_shows_the_memory_estimate_and_follows_the_form(wo
         await wait_for(pilot, lambda: "does not exist" in str(form.query_one("#error-model", Static).render()), 20,
                        "validation still working")
         assert app.is_running and app.screen is form and app.runs == {}
+
+
+@sync
+async def test_validating_refreshes_an_estimate_that_could_not_be_made(workdir):
+    """The model appears after the form opened (written by `rlhf demo init`, say): ctrl+t shows the estimate."""
+    (workdir / "demo").rename(workdir / "demo-later")
+    app = console()
+    async with app.run_test(size=(100, 40)) as pilot:
+        form = await open_launch_form(pilot, app)
+        await wait_for(pilot, lambda: "no estimate" in estimate_text(form), 20, "the estimate's message")
+        (workdir / "demo-later").rename(workdir / "demo")
+        await pilot.press("ctrl+t")
+        await wait_for(pilot, lambda: "memory: peak" in estimate_text(form), 20, "the estimate")

@@ -433,6 +433,7 @@ class LaunchScreen(Screen[int | None]):
                 self.notify("the form changed while it was checked: nothing started; launch again", title="launch")
             return
         self.show_errors(message.error, message.fields)
+        self._refresh_estimate()  # what the check found may have changed since the form asked (a model written)
         if message.error is None and message.launch:
             accel = self.query_one("#accelerate", Select).value
             if accel is Select.NULL:
