@@ -663,6 +663,7 @@ async def test_c_and_l_say_why_not_for_runs_they_cannot_serve(many_runs):
         await wait_for(pilot, lambda: home.selected == 9, 10)
         await pilot.press("c")
         await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the chat screen")
+        assert app.screen.query_one("#chat-input").placeholder.startswith("ask the model")  # one side, not "both"
         # Run 9 has no export on disk here: its pane says so, and nothing else breaks.
         await wait_for(pilot, lambda: "has no model" in " ".join(
             str(w.render()) for w in app.screen.query(".pane-error")), 20, "the pane's reason")

@@ -117,7 +117,8 @@ class ChatScreen(Screen[None]):
             for side in self.sides:
                 yield self.panes[side]
         yield Static(Text(self.settings.line()), id="chat-settings")
-        yield Input(placeholder="ask both models (Enter); Esc for keys", id="chat-input")
+        asked = "both models" if len(self.sides) == 2 else "the model"
+        yield Input(placeholder=f"ask {asked} (Enter); Esc for keys", id="chat-input")
         yield Footer()
 
     def on_mount(self) -> None:
