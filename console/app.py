@@ -112,8 +112,10 @@ class RlhfConsole(App):
 
         for screen in self.screen_stack:
             # While the app shuts down the screen is still on the stack with its widgets gone: a poll that
-            # lands then has nothing to update.
-            if isinstance(screen, RunsScreen) and screen.is_attached and not (self._exit or self._closed):
+            # lands then has nothing to update. (`_exit` is set by a quit; a shutdown without one, as the
+            # test pilot's, stops the app running first.)
+            if (isinstance(screen, RunsScreen) and screen.is_attached and self.is_running
+                    and not (self._exit or self._closed)):
                 return screen
         return None
 
