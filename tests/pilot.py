@@ -30,7 +30,8 @@ def no_gpu():
 
 def console(**kwargs) -> RlhfConsole:
     kwargs.setdefault("gpu_sampler", no_gpu)
-    return RlhfConsole(os.environ["RLHF_DB"], configs_dir=CONFIGS, poll_s=0.1, **kwargs)
+    kwargs.setdefault("configs_dir", CONFIGS)
+    return RlhfConsole(os.environ["RLHF_DB"], poll_s=0.1, **kwargs)
 
 
 # CI runs on a busy machine: a worker thread's first import (pydantic, sqlite-utils) can take many seconds

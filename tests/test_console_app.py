@@ -307,9 +307,17 @@ async def test_the_form_launches_the_whole_pipeline_and_x_stops_it_in_its_stage(
     other, which x stops with its pipeline."""
     from textual.widgets import Select
 
-    app = console()
+    # The tiny recipe with an SFT stage long enough that x surely lands while it trains.
+    configs = workdir / "configs"
+    configs.mkdir()
+    (configs / "accelerate").symlink_to(CONFIGS / "accelerate")
+    tiny = TINY.read_text()
+    assert "    epochs: 4\n" in tiny
+    (configs / "tiny.yaml").write_text(tiny.replace("    epochs: 4\n", "    epochs: 400\n", 1))
+    app = console(configs_dir=configs)
     async with app.run_test(size=(100, 32)) as pilot:
         form = await open_launch_form(pilot, app)
+        assert form.recipe == str(configs / "tiny.yaml")
         form.query_one("#stage", Select).value = "pipeline"
         estimate = form.query_one("#estimate", Static)
         await wait_for(pilot, lambda: "sft" in str(estimate.render()) and "ppo" in str(estimate.render()), 20,
