@@ -57,7 +57,8 @@ async def test_two_panes_stream_and_a_dead_worker_only_stops_its_own(workdir):
         assert "3000 tokens" in str(panes["left"].stats.render()) and "tok/s" in str(panes["left"].stats.render())
         assert "worker exited" in " ".join(str(w.render()) for w in panes["right"].body.query(".pane-error"))
         body = panes["left"].body  # taller than its pane: it follows the newest text
-        assert body.max_scroll_y > 0 and body.scroll_y == body.max_scroll_y
+        await wait_for(pilot, lambda: body.max_scroll_y > 0 and body.scroll_y == body.max_scroll_y, 10,
+                       "the view at the newest text")
         assert screen.turns["left"][-1]["role"] == "assistant" and len(screen.turns["left"][-1]["content"]) > 100
 
 
@@ -73,10 +74,11 @@ async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
                        "both answers")
         # Same weights, same settings and seed: the same answer on both sides, sampled or not.
         assert screen.turns["left"][1] == screen.turns["right"][1]
-        await pilot.pause()
-        for pane in screen.panes.values():  # a short conversation reads from the pane's top
+        def from_the_top(pane) -> bool:  # a short conversation reads from the pane's top
             question = pane.body.children[0]
-            assert pane.body.scroll_y == 0 and question.region.y - pane.body.region.y <= 1, question.region
+            return pane.body.scroll_y == 0 and 0 <= question.region.y - pane.body.region.y <= 1
+
+        await wait_for(pilot, lambda: all(from_the_top(p) for p in screen.panes.values()), 10, "the answers in view")
         await pilot.press("escape", "d")
         await wait_for(pilot, lambda: isinstance(app.screen, TextScreen), 10, "the diff")
         assert "similarity 100.0%" in app.screen.heading
