@@ -45,7 +45,9 @@ class StopFlag:
     """SIGTERM sets it; `agreed()` tells every rank at once whether any rank saw it."""
 
     def __init__(self) -> None:
-        self.requested = False
+        from engine.run import stop_seen
+
+        self.requested = stop_seen()  # a stop during set-up whose StopRequested was swallowed still stops
         if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
             signal.signal(signal.SIGTERM, self._on_signal)
 

@@ -255,3 +255,36 @@ def test_resume_follows_its_own_hint_from_anywhere_with_the_recorded_config(work
     assert again.returncode == 2 and f"run 1 is done at step {stopped_at + 2}" in again.stderr
     with Store(db) as store:
         assert [c["step"] for c in store.checkpoints(1) if Path(c["path"]).name == "final"] == [stopped_at + 2]
+
+
+def test_a_stop_whose_exception_python_dropped_still_stops_the_trainer(monkeypatch):
+    """A SIGTERM during a run's set-up raises StopRequested from the signal handler; landing inside a weakref
+    callback (importlib fires one on every import) Python prints and drops it. The stop is remembered, and
+    the trainer's stop flag starts raised."""
+    import weakref
+
+    from engine import run
+    from engine.track import StopFlag
+
+    monkeypatch.setattr(run, "_stop_seen", False)
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
+
+    class Lock:
+        pass
+
+    lock = Lock()
+    ref = weakref.ref(lock, lambda _: run._raise_stop(signal.SIGTERM, None))
+    del lock  # the callback runs here; its exception goes to the unraisable hook, not to this frame
+    assert ref() is None and [type(d.exc_value).__name__ for d in dropped] == ["StopRequested"]
+    assert run.stop_seen()
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert StopFlag().requested  # stops at the end of its first step, with a checkpoint
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    monkeypatch.setattr(run, "_stop_seen", False)
+    try:
+        assert not StopFlag().requested
+    finally:
+        signal.signal(signal.SIGTERM, before)
