@@ -58,8 +58,8 @@ class ChatPane(Vertical):
     def _follow(self) -> None:
         """Keep the newest text in view: anchor the conversation to the bottom once it is taller than the
         pane (checked after the layout has the new text). Textual 8.2.8 anchors a shorter one with a negative
-        scroll offset, which it never paints: a first question and answer stayed blank on a real terminal
-        until something else redrew the screen (textual#6652)."""
+        scroll offset: a first question and answer sat at the bottom of the pane under a blank void
+        (textual#6652)."""
         self.body.call_after_refresh(self._anchor_if_taller)
 
     def on_resize(self) -> None:
