@@ -4,6 +4,7 @@
    through transformers' forward (`RLHF_DECODE=transformers`), the BLOOM decoder stepping eagerly, and the
    BLOOM decoder replaying CUDA graphs: share of identical tokens, largest log-prob difference, and the
    largest difference between the sampled tokens' log-probs and the scoring forward's (what PPO uses).
+   Then the trunk the decoder keeps for the scoring forward against the one that forward computes itself.
 2. Where the time goes: per decode step (prefill excluded) for `generate` and each decoder variant
    (attention sdpa or bmm, CUDA graphs or eager) at --shape and --batch, against the HBM roofline; and the
    eager decoder's kernels per step (the profiler).
@@ -80,6 +81,37 @@ def agreement(policy, scorer, ids, mask, sampling, autocast) -> list[str]:
         cols = torch.arange(g.response_ids.shape[1], device=ids.device)[None, :] < upto[:, None]
         lp_diff = ((g.logprobs - base.logprobs).abs() * cols).max().item()
         rows.append(f"| {name} | {same:.1%} | {lp_diff:.2e} | {(scored - g.logprobs).abs().max().item():.2e} |")
+    return rows
+
+
+def kept_trunk(hydra, ids, mask, sampling, autocast) -> list[str]:
+    """The trunk the decoder keeps while sampling (eager steps and CUDA graphs) against the one the scoring
+    forward computes for the same rows, and what scoring from each gives: log-probs, reference log-probs and
+    values (PPO's old log-probs, KL and advantages come from these)."""
+    import torch
+
+    from engine.generation import Engine
+    from engine.ppo.core import logprobs_of
+
+    rows = []
+    for name, graph in (("eager", False), ("graph", True)):
+        with torch.no_grad(), autocast():
+            g = Engine(hydra.policy, TOKENIZER, fast=True, graph=graph).generate(ids, mask, sampling,
+                                                                                 capture=hydra.trunk_layers)
+            keep = g.response_ids.shape[1] + 1
+            own = hydra(g.input_ids, g.attention_mask, with_ref=True, logits_to_keep=keep, keep_trunk=True)
+            kept = hydra.trunk_from(g.trunk)
+            via = hydra(g.input_ids, g.attention_mask, with_ref=True, logits_to_keep=keep, trunk=kept)
+        fed = g.attention_mask.bool().clone()
+        fed[:, -1] = False  # the last token is never fed
+        scale = own.trunk.policy[fed].abs().max().item()
+        diff = (kept.policy[fed] - own.trunk.policy[fed]).abs().max().item()
+        lp = (logprobs_of(via.logits[:, :-1], g.response_ids) - logprobs_of(own.logits[:, :-1], g.response_ids))
+        ref = (logprobs_of(via.ref_logits[:, :-1], g.response_ids)
+               - logprobs_of(own.ref_logits[:, :-1], g.response_ids))
+        values = (via.values - own.values)[:, g.prompt_length - 1 : -1]
+        rows.append(f"| {name} | {diff:.2e} ({diff / scale:.1e} of the largest) | {lp.abs().max().item():.2e} | "
+                    f"{ref.abs().max().item():.2e} | {values.abs().max().item():.2e} |")
     return rows
 
 
@@ -226,6 +258,10 @@ def main() -> None:
 
     print("\nbf16 trunk under autocast, float32 trainable top layer and head (a PPO policy), same prompts\n")
     print("\n".join(header + agreement(hydra.policy, hydra_scorer, ids, mask, sampling, autocast)))
+    print("\nThe trunk the decoder keeps against the scoring forward's (same rollout, same hydra), and the largest "
+          "differences of what scoring from each gives\n")
+    print("| decoder | trunk (layer L-k input) | log-probs | reference log-probs | values |\n|---|---:|---:|---:|---:|")
+    print("\n".join(kept_trunk(hydra, ids, mask, sampling, autocast)))
 
     if device == "cuda" or args.profile:
         del model, hydra

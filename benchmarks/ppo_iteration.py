@@ -6,7 +6,8 @@ minibatch updates (update: forward + backward; optimizer step timed apart). Rand
 every response is exactly --response-tokens long (no eos), so both paths do the same work.
 
   new   the engine's decode (engine/generation.py: on CUDA its BLOOM steps replay as CUDA graphs), the
-        trunk kept from the scoring forward, so each update runs only the top k / k_v layers and the heads,
+        trunk kept by the decoder as it samples (--trunk score: by the scoring forward), so the scoring
+        forward and each update run only the top k / k_v layers and the heads,
         and BLOOM's attention and GELU on fused kernels (engine/bloom_kernels.py; --kernels transformers
         keeps transformers' own, to measure what the fused ones buy)
   old   transformers' `generate`, the trunk recomputed in every update forward, transformers' kernels
@@ -108,35 +109,40 @@ class Clock:
 
 
 def generate(hydra, ids, mask, args: argparse.Namespace, new: bool):
+    """(the rollout's ids, the trunk the decoder kept or None)."""
     import torch
     from transformers import GenerationConfig
 
-    from engine.generation import Engine, Sampling
+    from engine.generation import Engine, Sampling, row_seeds
 
     sampling = Sampling(max_new_tokens=args.response_tokens, temperature=1.0, seed=1)
     engine = Engine(hydra.policy, SimpleNamespace(eos_token_id=-1, pad_token_id=0), attention=args.attention)
+    capture = hydra.trunk_layers if new and args.trunk == "decoder" else ()
     if args.chunk == "auto":  # as the trainer's rollouts with chunk_size: auto
-        args.chunk_rows = engine.rows_that_fit(ids.shape[1], ids.shape[1] + args.response_tokens, ids.shape[0])
-        print(f"chunk auto: {args.chunk_rows} prompts per decode batch", flush=True)
+        args.chunk_rows, capture = engine.plan(ids.shape[1], ids.shape[1] + args.response_tokens, ids.shape[0],
+                                               capture)
+        print(f"chunk auto: {args.chunk_rows} prompts per decode batch, trunk kept by the "
+              f"{'decoder' if capture else 'scoring forward'}", flush=True)
     chunk = args.chunk_rows
+    if new:  # as engine/ppo/rollout.py
+        out = engine.generate_chunked(ids, mask, sampling, row_seeds(1, range(ids.shape[0]), ids.device), chunk,
+                                      capture)
+        return out.input_ids, out.trunk
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.response_tokens,
                               min_new_tokens=0, eos_token_id=None, pad_token_id=0, repetition_penalty=1.0)
     parts = []
-    for start in range(0, ids.shape[0], chunk):
-        chunk_ids, chunk_mask = ids[start : start + chunk], mask[start : start + chunk]
-        if new:
-            parts.append(engine.generate(chunk_ids, chunk_mask, sampling).input_ids)
-        else:
-            with torch.no_grad():
-                parts.append(hydra.policy.generate(input_ids=chunk_ids, attention_mask=chunk_mask,
-                                                   generation_config=config))
-    return torch.cat(parts)
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], chunk):
+            parts.append(hydra.policy.generate(input_ids=ids[start : start + chunk],
+                                               attention_mask=mask[start : start + chunk], generation_config=config))
+    return torch.cat(parts), None
 
 
 def iteration(hydra, reward, optimizer, prompts, args: argparse.Namespace, new: bool) -> dict[str, float]:
     import torch
 
     from engine.ppo import core
+    from engine.ppo.hydra import Trunk
 
     device = args.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
@@ -144,7 +150,8 @@ def iteration(hydra, reward, optimizer, prompts, args: argparse.Namespace, new: 
     mask = torch.ones_like(prompts)
     prompt = prompts.shape[1]
     with clock.phase("generate"), autocast:
-        ids = generate(hydra, prompts, mask, args, new)
+        ids, kept = generate(hydra, prompts, mask, args, new)
+    decoded = hydra.trunk_from(kept) if kept is not None else None
     full_mask = torch.ones_like(ids)
     tokens = ids[:, prompt:]
     rmask = torch.ones_like(tokens, dtype=torch.float32)
@@ -154,13 +161,14 @@ def iteration(hydra, reward, optimizer, prompts, args: argparse.Namespace, new: 
     with clock.phase("score"), torch.no_grad(), autocast:
         parts = []
         for idx in minibatches:
-            out = hydra(ids[idx], full_mask[idx], with_values=True, with_ref=True, logits_to_keep=keep, keep_trunk=new)
+            out = hydra(ids[idx], full_mask[idx], with_values=True, with_ref=True, logits_to_keep=keep,
+                        keep_trunk=new and decoded is None, trunk=decoded.rows(idx) if decoded is not None else None)
             parts.append((core.logprobs_of(out.logits, tokens[idx], drop_last=True),
                           core.logprobs_of(out.ref_logits, tokens[idx], drop_last=True),
                           out.values[:, prompt - 1 : -1].float(), out.trunk))
         old_logprobs, ref_logprobs, old_values = (torch.cat(p) for p in list(zip(*parts))[:3])
-        trunk = type(parts[0][3]).cat([p[3] for p in parts]) if new else None
-        del parts, out  # as the trainer: the joined trunk cache only
+        trunk = decoded if decoded is not None else Trunk.cat([p[3] for p in parts]) if new else None
+        del parts, out, kept  # as the trainer: the joined trunk cache only
     with clock.phase("reward"), torch.no_grad(), autocast:
         scores = torch.cat([reward(input_ids=ids[idx], attention_mask=full_mask[idx]).logits[:, 0].float()
                             for idx in minibatches])
@@ -224,6 +232,9 @@ def main() -> None:
     parser.add_argument("--attention", choices=["sdpa", "bmm"], default="sdpa", help="the BLOOM decoder's")
     parser.add_argument("--kernels", choices=["fused", "transformers"], default="fused",
                         help="the new path's BLOOM attention and GELU in whole-sequence forwards")
+    parser.add_argument("--trunk", choices=["decoder", "score"], default="decoder",
+                        help="the new path's trunk cache: kept by the decoder as it samples (the trainer's way), "
+                             "or computed and kept by the scoring forward")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     for name, gpu, cpu in (("prompts", 1024, 16), ("prompt_tokens", 256, 16), ("response_tokens", 256, 16),
@@ -273,7 +284,8 @@ def main() -> None:
     split = cuda and split_available("cuda")
     print("; ".join(f"{p}: {results[p][0]} prompts measured" for p in paths) + f"; LM heads: "
           f"{'split bf16 (engine/head.py)' if split else 'float32'}; AdamW {'fused' if cuda else 'foreach'}; "
-          f"decoder attention {args.attention}; new path's BLOOM kernels {args.kernels}\n")
+          f"decoder attention {args.attention}; new path's BLOOM kernels {args.kernels}; new path's trunk "
+          f"kept by the {'decoder' if args.trunk == 'decoder' else 'scoring forward'}\n")
     phases = ["generate", "score", "reward", "update", "optimizer step"]
     head = " | ".join(f"{p} (s, measured)" for p in paths)
     per = " | ".join(f"{p} per 1,024 prompts (s{'' if results[p][0] == 1024 else ', computed'})" for p in paths)

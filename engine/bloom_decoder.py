@@ -161,15 +161,21 @@ class BloomDecoder:
     def device(self) -> torch.device:
         return self.embedding.device
 
-    def batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> "Batch":
-        return Batch(self, input_ids, attention_mask, max_new_tokens)
+    def batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+              capture: tuple[int, ...] = ()) -> "Batch":
+        return Batch(self, input_ids, attention_mask, max_new_tokens, capture)
 
 
 class Batch:
-    """One left-padded batch being decoded: its KV cache, key mask and ALiBi for the whole answer length."""
+    """One left-padded batch being decoded: its KV cache, key mask and ALiBi for the whole answer length.
+
+    `capture`: layer indices whose input (the float32 residual stream, as transformers' BLOOM hands it to
+    the layer under autocast) is kept for every position fed, in `captured[i]` [B, P + R, hidden]. The PPO
+    scoring forward then starts at those layers instead of recomputing the frozen trunk (engine/ppo/hydra.py).
+    The last token chosen is never fed, so its position stays zero, as do those of a decode cut short."""
 
     def __init__(self, decoder: BloomDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int):
+                 max_new_tokens: int, capture: tuple[int, ...] = ()):
         from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
         self.d = decoder
@@ -189,6 +195,9 @@ class Batch:
         self.keys = torch.zeros(shape, dtype=decoder.dtype, device=device)
         self.values = torch.zeros(shape, dtype=decoder.dtype, device=device)
         self.input_ids = input_ids
+        width = decoder.heads * decoder.head_dim
+        self.captured = {i: torch.zeros(rows, self.length, width, dtype=torch.float32, device=device)
+                         for i in sorted(set(capture))}
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor, span: int, part: slice = slice(None)) -> torch.Tensor:
         """Final-norm hidden state (float32) of the last of `ids` [B, T], placed at `positions` [T];
@@ -209,6 +218,8 @@ class Batch:
         else:
             alibi = self.alibi[part, :, :, :span].reshape(rows * heads, 1, span)
         for i, layer in enumerate(d.layers):
+            if i in self.captured:
+                self.captured[i][part].index_copy_(1, positions, h)
             qkv = _apply(layer.ln1(h), layer.qkv).view(rows, count, heads, 3, dim)
             q, k, v = (qkv[..., j, :].transpose(1, 2) for j in range(3))  # [B, H, T, D]
             keys[i].index_copy_(2, positions, k)

@@ -14,7 +14,8 @@ code keeps on the device, item by item. The model follows the code as it is:
 - PPO (engine/ppo): the hydra's frozen trunk, trainable float32 policy top and value branch, frozen
   reference top, the reward model; rollouts decode `chunk_size` prompts at a time with a KV cache of
   (prompt + max_new_tokens) tokens; scoring and updates run in minibatches with float32 logits over the
-  vocabulary for the response positions (engine/head.py); the trunk's output is cached for the updates.
+  vocabulary for the response positions (engine/head.py); the trunk's output is cached for the updates,
+  kept by the BLOOM decoder as it samples where that costs no decode batch, else by the scoring forward.
 
 A stage's memory changes over a step, so each item is alive during some moments (decoding, scoring, the
 update's forward, ...); the peak is the largest moment's total. Figures are what torch's allocator holds
@@ -236,6 +237,14 @@ def decode_rows(budget: int, fixed: int, per_row: int, limit: int) -> int:
     batches = -(-limit // rows)
     even = -(-limit // batches)
     return min(rows, -(-even // 8) * 8) if even >= 16 else even
+
+
+def trunk_costs_a_batch(plain_rows: int, keeping_rows: int, limit: int) -> bool:
+    """Whether keeping the trunk while decoding (8 MiB a row at 7b1 shape, 512 tokens) would split `limit`
+    prompts into more decode batches than without it. Then it does not pay: every batch reads all the weights
+    at each of its steps (at 1,024 prompts a fifth batch cost ~14 s on an H200, about what the kept trunk
+    saves the scoring forward), and the scoring forward computes the trunk instead."""
+    return -(-limit // keeping_rows) > -(-limit // plain_rows)
 
 
 def bloom_prefill_bytes(rows: int, prompt: int, hidden: int, heads: int, compute_bytes: int) -> int:
@@ -782,6 +791,10 @@ class PPOSetup:
     parallel: Parallel = Parallel()
     generate: bool = True  # rollouts decoded here (ppo_bench scores a given batch)
     trunk_cache: bool = True
+    # The BLOOM decoder keeps the trunk while it samples (engine/bloom_decoder.py `capture`): the scoring forward
+    # then runs only the branches. False: the scoring forward computes and keeps it (before 2026-11-27, fifth
+    # session; and every architecture the decoder does not serve).
+    decoder_trunk: bool = True
     score_batch: int | None = None  # sequences per scoring forward (default: minibatch)
     optimizer: str = "fused"  # "fused" (the trainer on CUDA), "foreach", "single" (a loop, CPU)
     head: str = "fp32"  # "autocast": bf16 logits and float32 log_softmax (the heads before commit 176c622)
@@ -821,7 +834,7 @@ def ppo_counts(s: PPOSetup) -> dict[str, int]:
 
 
 M_BUILD, M_DECODE, M_REWARD = "rollout: decoder build", "rollout: decoding", "rollout: reward model"
-M_TRUNK, M_POLICY, M_REF, M_LOGPROBS, M_JOIN = ("scoring: trunk", "scoring: policy head", "scoring: reference head",
+M_TRUNK, M_POLICY, M_REF, M_LOGPROBS, M_JOIN = ("scoring: layers", "scoring: policy head", "scoring: reference head",
                                                "scoring: log-probs", "scoring: trunk cache joined")
 M_HEAD, M_FWD, M_BWD, M_STEP = "update: policy head", "update: log-probs", "update: backward", "update: optimizer step"
 
@@ -840,20 +853,24 @@ def ppo_estimate(s: PPOSetup, gpu_memory: int = DEFAULT_GPU_MEMORY) -> StageEsti
     policy_head_fp32 = s.lora is None and s.train_head
     # engine/head.py: on CUDA under bf16 autocast a large head is a "split bf16" product.
     split = s.cuda and s.compute == "bf16" and s.head == "fp32" and shape.vocab >= SPLIT_MIN_OUTPUTS
+    decoded = decoder_keeps_trunk(s)
     moments = ([M_BUILD, M_DECODE, M_REWARD] if s.generate else []) + [M_TRUNK, M_POLICY, M_REF, M_LOGPROBS] \
-        + ([M_JOIN] if s.trunk_cache else []) + [M_HEAD, M_FWD, M_BWD, M_STEP]
+        + ([M_JOIN] if s.trunk_cache and not decoded else []) + [M_HEAD, M_FWD, M_BWD, M_STEP]
     items = _ppo_weights(s, counts, trainable, moments)
     if s.generate:
         items += _ppo_rollout(s, split, policy_head_fp32, c, mode, seq)
 
-    # Scoring (no gradients), in minibatches; the trunk's output is kept for the updates.
+    # Scoring (no gradients), in minibatches; the trunk's output is kept for the updates (from the decoder,
+    # joined on the GPU once the rollout is decoded, or from the scoring forward).
     if s.trunk_cache:
-        trunk = s.rollout * seq * shape.hidden * 4 * (1 if s.k == s.k_v else 2)  # float32 residual stream
-        later = (M_JOIN, M_HEAD, M_FWD, M_BWD, M_STEP)
+        trunk = s.rollout * seq * shape.hidden * 4 * _trunk_layers(s)  # float32 residual stream
+        later = ((M_REWARD,) if decoded else ()) + (M_TRUNK, M_POLICY, M_REF, M_LOGPROBS) \
+            + (() if decoded else (M_JOIN,)) + (M_HEAD, M_FWD, M_BWD, M_STEP)
         items.append(Item("trunk_cache", f"trunk cache: layer inputs of {s.rollout} rollout rows (float32)", trunk,
-                          (M_TRUNK, M_POLICY, M_REF, M_LOGPROBS) + later))
+                          later))
         if s.trunk_parts_held:  # Trunk.cat joins them into a new tensor; they were kept to the step's end
-            items.append(Item("trunk_parts", "trunk cache's per-minibatch parts, still referenced", trunk, later))
+            items.append(Item("trunk_parts", "trunk cache's per-minibatch parts, still referenced", trunk,
+                              (M_JOIN, M_HEAD, M_FWD, M_BWD, M_STEP)))
     items.append(Item("layer_working", f"one layer's working tensors ({score_rows} x {seq} tokens)",
                       shape.working_set(mode, score_rows, seq), (M_TRUNK,)))
     policy_linear = (0 if s.lora is not None else s.k) * shape.layer_linear
@@ -913,6 +930,16 @@ def ppo_estimate(s: PPOSetup, gpu_memory: int = DEFAULT_GPU_MEMORY) -> StageEsti
     if shape.arch != "bloom":
         estimate.notes.append("activations of a Llama-style layer are approximate")
     return estimate
+
+
+def _trunk_layers(s: PPOSetup) -> int:
+    """How many layers' inputs make the trunk cache: L-k, and L-k_v when it differs."""
+    return 1 if s.k == s.k_v else 2
+
+
+def decoder_keeps_trunk(s: PPOSetup) -> bool:
+    """Whether the rollout's decoder keeps the trunk (engine/ppo/trainer.py: the BLOOM decoder, trunk cache on)."""
+    return s.generate and s.trunk_cache and s.decoder_trunk and s.shape.arch == "bloom"
 
 
 def _ppo_weights(s: PPOSetup, counts: dict[str, int], trainable: int, moments: list[str]) -> list[Item]:
@@ -984,6 +1011,9 @@ def _ppo_rollout(s: PPOSetup, split: bool, policy_head_fp32: bool, c: int, mode:
         prefill = shape.working_set(mode, s.chunk, s.prompt)
     items.append(Item("prefill", f"prefill: one layer over {prefilled} x {s.prompt} prompt tokens", prefill,
                       (M_DECODE,)))
+    if decoder_keeps_trunk(s):  # each decode batch's part goes to host memory once decoded
+        items.append(Item("decode_trunk", f"trunk kept by the decoder: {s.chunk} prompts x {seq} tokens (float32)",
+                          s.chunk * seq * shape.hidden * 4 * _trunk_layers(s), (M_DECODE,)))
     if s.reward is not None:
         rows = min(REWARD_BATCH, s.rollout)
         items.append(Item("reward_forward", f"reward model's forward ({rows} answers, one layer at a time)",
@@ -1136,8 +1166,10 @@ def estimate_recipe(recipe: Recipe, stages: Iterable[str] | None = None, paralle
             setup = auto_chunk(setup, gpu_memory)
         estimate = estimate_setup(setup, gpu_memory)
         if auto:
+            trunk = "the decoder keeps the trunk for the scoring forward" if decoder_keeps_trunk(setup) else (
+                "the scoring forward computes the trunk (keeping it while decoding would cost a decode batch)")
             estimate.notes.append(f"ppo.chunk_size auto: {setup.chunk} prompts per decode batch, as many as "
-                                  "the memory left at rollout time holds")
+                                  f"the memory left at rollout time holds; {trunk}")
         if isinstance(setup, PPOSetup) and parallel.kind in ("zero", "fsdp"):
             estimate.notes.append(f"the PPO trainer runs under data parallelism only (it refuses {parallel.kind}"
                                   f"): estimated as {setup.parallel.describe()}")
@@ -1149,7 +1181,18 @@ def estimate_recipe(recipe: Recipe, stages: Iterable[str] | None = None, paralle
 
 def auto_chunk(setup: PPOSetup, gpu_memory: int) -> PPOSetup:
     """The decode batch `chunk_size: auto` takes (engine.generation.Engine.rows_that_fit): DECODE_FREE_SHARE
-    of the memory free when decoding starts, less the prefill's slice, over what a row costs."""
+    of the memory free when decoding starts, less the prefill's slice, over what a row costs; and whether the
+    decoder keeps the trunk (engine/ppo/rollout.py: only where that costs no decode batch)."""
+    plain = replace(setup, chunk=_auto_rows(replace(setup, decoder_trunk=False), gpu_memory), decoder_trunk=False)
+    if not decoder_keeps_trunk(setup):
+        return plain
+    keeping = _auto_rows(setup, gpu_memory)
+    if trunk_costs_a_batch(plain.chunk, keeping, setup.rollout):
+        return plain
+    return replace(setup, chunk=keeping)
+
+
+def _auto_rows(setup: PPOSetup, gpu_memory: int) -> int:
     # Two batches at least as wide as a prefill slice: their difference is what a row adds (KV cache, logits,
     # and the prefill's share where it is not sliced); the prefill's part that does not grow is fixed.
     low = prefill_rows(setup.rollout, setup.prompt)
@@ -1158,8 +1201,7 @@ def auto_chunk(setup: PPOSetup, gpu_memory: int) -> PPOSetup:
     prefill = [e.item("prefill").bytes for e in (one, two)]
     fixed = prefill[0] - low * (prefill[1] - prefill[0]) // 8
     free = gpu_memory - CONTEXT_BYTES - (one.total(M_DECODE) - low * per_row - fixed)  # the decoder built
-    rows = decode_rows(int(free * DECODE_FREE_SHARE), fixed, per_row, setup.rollout)
-    return replace(setup, chunk=rows)
+    return decode_rows(int(free * DECODE_FREE_SHARE), fixed, per_row, setup.rollout)
 
 
 # -- advice: the changes that apply to a stage, each with the peak it would give -----------------------------

@@ -70,6 +70,9 @@ class Generated:
     prompt_length: int  # P
     response_mask: torch.Tensor  # [B, R] float: 1 on generated tokens up to and including the first eos
     logprobs: torch.Tensor  # [B, R] float32: log p(token) under the untempered model, 0 on padding
+    # With `capture`: layer index -> that layer's input [B, P + R, hidden] float32, zero where nothing was
+    # fed (the last response position, and past a row's end only what it decoded before the batch stopped).
+    trunk: dict[int, torch.Tensor] | None = None
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -186,10 +189,10 @@ class Engine:
         return self._decoder
 
     def _stepper(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling,
-                 seeds: torch.Tensor) -> Any:
+                 seeds: torch.Tensor, capture: tuple[int, ...] = ()) -> Any:
         from engine.bloom_decoder import Stepper
 
-        batch = self._bloom().batch(input_ids, attention_mask, sampling.max_new_tokens)
+        batch = self._bloom().batch(input_ids, attention_mask, sampling.max_new_tokens, capture)
         seeds = seeds.to(input_ids.device)
         static = self.graph if self.graph is not None else input_ids.device.type == "cuda"
         def choose(logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -222,14 +225,17 @@ class Engine:
                 or self._lm.get_input_embeddings().weight.dtype != torch.float32)
         return 2 if half else 4
 
-    def row_bytes(self, prompt_tokens: int, total_tokens: int) -> int:
-        """Bytes one more row of a decode batch costs (`prompt_tokens` prefilled, `total_tokens` cached)."""
+    def row_bytes(self, prompt_tokens: int, total_tokens: int, captured: int = 0) -> int:
+        """Bytes one more row of a decode batch costs (`prompt_tokens` prefilled, `total_tokens` cached),
+        with the inputs of `captured` layers kept (float32, every position; only the BLOOM decoder keeps them)."""
         config = self._lm.config
         layers, hidden = config.num_hidden_layers, config.hidden_size
         heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
         kv_width = (getattr(config, "num_key_value_heads", None) or heads) * (hidden // heads)
         row = 2 * layers * kv_width * total_tokens * self._width() + self.SAMPLER_COPIES * config.vocab_size * 4
-        return row if self.fast else row + self._prefill_bytes(1, prompt_tokens)
+        if not self.fast:
+            return row + self._prefill_bytes(1, prompt_tokens)
+        return row + captured * total_tokens * hidden * 4
 
     def fixed_bytes(self, prompt_tokens: int, limit: int) -> int:
         """Bytes a decode batch costs whatever its width: the BLOOM decoder's prefill slice."""
@@ -237,7 +243,7 @@ class Engine:
 
         return self._prefill_bytes(prefill_rows(limit, prompt_tokens), prompt_tokens) if self.fast else 0
 
-    def rows_that_fit(self, prompt_tokens: int, total_tokens: int, limit: int) -> int:
+    def rows_that_fit(self, prompt_tokens: int, total_tokens: int, limit: int, captured: int = 0) -> int:
         """How many prompts to decode at once: as many as the free accelerator memory holds (the weights of
         a decode step are read once for the whole batch, so a wider batch is nearly free per token), at
         most `limit`; a multiple of 8 when above 8. Off CUDA, `limit`."""
@@ -248,13 +254,25 @@ class Engine:
                 self._bloom()
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # cached
-        return self.rows_for(free, prompt_tokens, total_tokens, limit)
+        return self.rows_for(free, prompt_tokens, total_tokens, limit, captured)
 
-    def rows_for(self, free_bytes: int, prompt_tokens: int, total_tokens: int, limit: int) -> int:
+    def plan(self, prompt_tokens: int, total_tokens: int, limit: int,
+             capture: tuple[int, ...] = ()) -> tuple[int, tuple[int, ...]]:
+        """(decode batch, layers to capture) for `chunk_size: auto`: `rows_that_fit`, and the capture kept
+        only where it costs no decode batch (engine.estimate.trunk_costs_a_batch)."""
+        from engine.estimate import trunk_costs_a_batch
+
+        rows = self.rows_that_fit(prompt_tokens, total_tokens, limit)
+        if not capture or not self.fast:
+            return rows, ()
+        keeping = self.rows_that_fit(prompt_tokens, total_tokens, limit, len(set(capture)))
+        return (rows, ()) if trunk_costs_a_batch(rows, keeping, limit) else (keeping, tuple(capture))
+
+    def rows_for(self, free_bytes: int, prompt_tokens: int, total_tokens: int, limit: int, captured: int = 0) -> int:
         from engine.estimate import DECODE_FREE_SHARE, decode_rows
 
         return decode_rows(int(free_bytes * DECODE_FREE_SHARE), self.fixed_bytes(prompt_tokens, limit),
-                           self.row_bytes(prompt_tokens, total_tokens), limit)
+                           self.row_bytes(prompt_tokens, total_tokens, captured), limit)
 
     def encode(self, prompts: Sequence[str], max_prompt_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids and mask; a prompt longer than `max_prompt_length` keeps its end."""
@@ -329,16 +347,21 @@ class Engine:
 
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling,
-        seeds: torch.Tensor | None = None,
+        seeds: torch.Tensor | None = None, capture: tuple[int, ...] = (),
     ) -> Generated:
-        """Answer a left-padded batch; `seeds` per row (default: derived from `sampling.seed` and the row)."""
+        """Answer a left-padded batch; `seeds` per row (default: derived from `sampling.seed` and the row).
+
+        `capture`: decoder layers whose inputs to keep for every position (`Generated.trunk`), which the
+        BLOOM decoder computes anyway; through transformers nothing is captured (`trunk` stays None)."""
         if seeds is None:
             seeds = row_seeds(sampling.seed, range(input_ids.shape[0]))
+        trunk = None
         if self.fast:
             with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                stepper = self._stepper(input_ids, attention_mask, sampling, seeds)
+                stepper = self._stepper(input_ids, attention_mask, sampling, seeds, tuple(capture))
                 done = stepper.run()
             response, logprobs = stepper.tokens[:, :done], stepper.logprobs[:, :done]
+            trunk = stepper.b.captured or None
         else:
             tokens, lps = [], []
             for token, logprob, _ in self.steps(input_ids, attention_mask, sampling, seeds):
@@ -353,13 +376,35 @@ class Engine:
         response, logprobs, after_eos = response[:, :width], logprobs[:, :width], after_eos[:, :width]
         response = response.masked_fill(after_eos, self.pad_id)
         response_mask = (~after_eos).float()
+        if trunk is not None:
+            trunk = {i: t[:, : input_ids.shape[1] + width] for i, t in trunk.items()}
         return Generated(
             input_ids=torch.cat([input_ids, response], dim=1),
             attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
             prompt_length=input_ids.shape[1],
             response_mask=response_mask,
             logprobs=logprobs * response_mask,
+            trunk=trunk,
         )
+
+    def generate_chunked(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling, seeds: torch.Tensor,
+        chunk: int, capture: tuple[int, ...] = (),
+    ) -> Generated:
+        """`generate` over a left-padded batch `chunk` rows at a time, each chunk's left padding trimmed to its
+        own longest prompt, joined by `concat`. A chunk's captured trunk goes to (pinned) host memory while
+        the next chunks decode: at 7b1 shape it is 8 MiB a row, 8 GiB for 1,024 rows of 512 tokens, room the
+        decode batch would otherwise lose (a quarter of its rows); it comes back when the chunks are joined."""
+        parts = []
+        for start in range(0, input_ids.shape[0], chunk):
+            mask = attention_mask[start : start + chunk]
+            first = int(mask.any(0).nonzero()[0])  # left padding only as wide as this chunk's longest prompt
+            ids, mask = input_ids[start : start + chunk, first:], mask[:, first:]
+            part = self.generate(ids, mask, sampling, seeds[start : start + chunk], capture)
+            if part.trunk is not None and ids.device.type == "cuda":
+                part.trunk = {i: _to_host(t) for i, t in part.trunk.items()}
+            parts.append(part)
+        return concat(parts, self.pad_id)
 
     def stream(self, prompt: str | Sequence[int], sampling: Sampling, cancelled: Any = None) -> Iterator[Piece]:
         """One answer as it is decoded (for the chat pane): a Piece per new stretch of text, then a last
@@ -397,8 +442,34 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A copy in pinned host memory, queued on the current stream (the host does not wait for it)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+def _join_trunks(parts: Sequence[Generated], prompt_len: int, response_len: int,
+                 device: torch.device) -> dict[int, torch.Tensor] | None:
+    """The parts' captured trunks in `concat`'s layout on `device`, zero on the padding it adds."""
+    if not parts or any(p.trunk is None for p in parts):
+        return None
+    joined = {}
+    for i, first in parts[0].trunk.items():
+        out = torch.zeros(sum(p.input_ids.shape[0] for p in parts), prompt_len + response_len, first.shape[-1],
+                          dtype=first.dtype, device=device)
+        row = 0
+        for p in parts:
+            piece = p.trunk[i].to(device, non_blocking=True)  # stream-ordered after the copy out to the host
+            left = prompt_len - p.prompt_length
+            out[row : row + piece.shape[0], left : left + piece.shape[1]] = piece
+            row += piece.shape[0]
+        joined[i] = out
+    return joined
+
+
 def concat(parts: Sequence[Generated], pad_id: int) -> Generated:
-    """One batch from chunks: prompts left-padded to the longest, responses right-padded to the longest."""
+    """One batch from chunks: prompts left-padded to the longest, responses right-padded to the longest
+    (captured trunks too, joined on the device of the answers)."""
     prompt_len = max(p.prompt_length for p in parts)
     response_len = max(p.response_mask.shape[1] for p in parts)
     ids, masks, rmasks, lps = [], [], [], []
@@ -413,4 +484,5 @@ def concat(parts: Sequence[Generated], pad_id: int) -> Generated:
         masks.append(torch.cat([pad(prompt_mask, (left, 0)), rmask.long()], 1))
         rmasks.append(rmask)
         lps.append(pad(p.logprobs, (0, right)))
-    return Generated(torch.cat(ids), torch.cat(masks), prompt_len, torch.cat(rmasks), torch.cat(lps))
+    trunk = _join_trunks(parts, prompt_len, response_len, parts[0].input_ids.device)
+    return Generated(torch.cat(ids), torch.cat(masks), prompt_len, torch.cat(rmasks), torch.cat(lps), trunk)

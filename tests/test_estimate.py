@@ -306,7 +306,7 @@ def test_ppo_iteration_with_auto_decode_batches_on_an_h200():
                   fused=False)
     setup = PPOSetup(shape=shape, load_bytes=2, compute="bf16", k=2, k_v=2, reward=shape, reward_bytes=2,
                      rollout=256, minibatch=16, score_batch=16, prompt=256, response=256, chunk=208,
-                     held_outputs=True, logprobs_in_autocast=True, before_fused_head=True)
+                     held_outputs=True, logprobs_in_autocast=True, before_fused_head=True, decoder_trunk=False)
     estimate = ppo_estimate(setup)
     assert estimate.peak_moment == "rollout: decoding"
     assert estimate.peak / GIB == pytest.approx(118.52, rel=0.15)
@@ -327,7 +327,7 @@ def test_ppo_iteration_peaks_of_results_h200(chunk, score_batch):
     setup = PPOSetup(shape=shape, load_bytes=2, compute="bf16", k=2, k_v=2, reward=shape, reward_bytes=2,
                      rollout=256, minibatch=16, score_batch=score_batch, prompt=256, response=256, chunk=chunk,
                      held_outputs=True, logprobs_in_autocast=True, split_out_of_place=True, trunk_parts_held=True,
-                     before_fused_head=True)
+                     before_fused_head=True, decoder_trunk=False)
     estimate = ppo_estimate(setup)
     assert estimate.peak_moment == "rollout: decoding"
     assert estimate.peak / GIB == pytest.approx(PPO_ITERATION_H200_GIB[chunk, score_batch], rel=0.15)
@@ -364,11 +364,19 @@ def test_bloomz_recipe_on_a_laptop_without_the_model(no_hub_cache):
     assert ppo["kv_cache"] == 64 * 512 * 30 * 2 * 4096 * 2
     assert ppo["prefill"] == bloom_prefill_bytes(32, 256, 4096, 32, 2)
     setup = stage_setup(load_recipe(BLOOMZ), "ppo", Parallel())
-    at = {n: ppo_estimate(replace(setup, chunk=n)).total("rollout: decoding") for n in (32, 40)}
+    plain = replace(setup, decoder_trunk=False)
+    at = {n: ppo_estimate(replace(plain, chunk=n)).total("rollout: decoding") for n in (32, 40)}
     per_row = (at[40] - at[32]) // 8
     assert per_row == 512 * 30 * 2 * 4096 * 2 + 3 * 250880 * 4  # its KV cache and a step's split logits
     free = 80 * GIB - (1 << 30) - (at[32] - 32 * per_row - ppo["prefill"])
     assert 64 * per_row <= 0.8 * free - ppo["prefill"] < 72 * per_row
+    # Keeping the trunk while decoding adds its float32 layer input per row: 60 rows fit, a third batch for
+    # 128 prompts, so the decoder does not keep it and the scoring forward computes it.
+    keeping = ppo_estimate(replace(setup, chunk=40)).total("rollout: decoding") - at[40]
+    assert keeping == 40 * 512 * 4096 * 4
+    assert 0.8 * free - ppo["prefill"] < 64 * (per_row + 512 * 4096 * 4)
+    assert "decode_trunk" not in ppo and any("the scoring forward computes the trunk" in n
+                                             for n in estimates["ppo"].notes)
     (fixed,) = estimate_recipe(load_recipe(BLOOMZ, ["ppo.chunk_size=32"]), ["ppo"])
     assert items(fixed)["kv_cache"] == 32 * 512 * 30 * 2 * 4096 * 2
     # Logits of a scoring minibatch: 16 x 257 positions x the vocabulary, float32; the reference head's split
@@ -496,3 +504,12 @@ def test_lora_of_an_unknown_module_names_the_field(no_hub_cache):
         estimate_recipe(recipe, ["ppo"])
     ok = stage_setup(load_recipe(BLOOMZ), "ppo", Parallel())
     assert estimate_setup(replace(ok, lora=LoraSpec(target_modules=["query_key_value"]))).peak > 0
+
+
+def test_the_decoder_keeps_the_trunk_only_where_it_costs_no_decode_batch():
+    from engine.estimate import trunk_costs_a_batch
+
+    assert not trunk_costs_a_batch(264, 256, 1024)  # 4 batches of 256 either way (the H200 at 1,024 prompts)
+    assert trunk_costs_a_batch(64, 56, 128)  # 2 batches of 64 against 3 (the seed recipe on 80 GiB)
+    assert not trunk_costs_a_batch(64, 64, 64)
+

@@ -152,6 +152,8 @@ def test_auto_chunks_take_what_the_free_memory_holds(tiny):
     sampler = Engine.SAMPLER_COPIES * config.vocab_size * 4
     assert row == kv + sampler
     assert engine.row_bytes(256, 1024) - row == kv  # twice the tokens, twice the cache
+    # The trunk the decoder keeps for the scoring forward: a float32 layer input per position and layer.
+    assert engine.row_bytes(256, 512, captured=2) - row == 2 * 512 * config.hidden_size * 4
     fixed = engine.fixed_bytes(256, 1024)  # the BLOOM decoder prefills 8,192 prompt tokens at a time
     assert fixed == bloom_prefill_bytes(32, 256, config.hidden_size, config.n_head, 4)
     assert engine.fixed_bytes(256, 20) == bloom_prefill_bytes(20, 256, config.hidden_size, config.n_head, 4)
@@ -172,6 +174,9 @@ def test_auto_chunks_take_what_the_free_memory_holds(tiny):
     plain = Engine(model, tokenizer, fast=False)
     assert plain.fixed_bytes(256, 1024) == 0
     assert plain.row_bytes(256, 512) == row + bloom_prefill_bytes(1, 256, config.hidden_size, config.n_head, 4)
+    assert plain.row_bytes(256, 512, captured=2) == plain.row_bytes(256, 512)  # transformers keeps none
+    assert plain.plan(256, 512, 37, capture=(2, 3)) == (37, ())
+    assert engine.plan(256, 512, 37, capture=(2, 3)) == (37, (2, 3))  # off CUDA nothing costs a batch
 
 
 def test_sampled_logprobs_are_those_the_scoring_forward_gives(demo_dir):
@@ -189,6 +194,48 @@ def test_sampled_logprobs_are_those_the_scoring_forward_gives(demo_dir):
     scored = logprobs_of(out.logits[:, :-1], batch.response_ids) * batch.response_mask
     assert scored.dtype == batch.logprobs.dtype == torch.float32
     assert torch.allclose(scored, batch.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_the_decoder_keeps_the_trunk_the_scoring_forward_computes(demo_dir, monkeypatch, static):
+    """The inputs of layers L-k and L-k_v that the BLOOM decoder keeps while it samples a chunked rollout
+    (prefill in slices, static steps across span buckets) are the scoring forward's, at every position that
+    a later position or a scored logit reads: the prompt's real tokens and each answer up to its eos."""
+    from engine.bloom_decoder import Stepper
+
+    monkeypatch.setattr(Stepper, "SPAN", 8)
+    monkeypatch.setattr("engine.estimate.PREFILL_TOKENS", 20)  # slices of a few prompts
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "model")
+    hydra = Hydra(model, num_layers_unfrozen=1, value_layers=2).eval()
+    stage = load_recipe(TINY).ppo.model_copy(update={"max_new_tokens": 24, "temperature": 1.0, "top_k": 6,
+                                                    "chunk_size": 3})
+    convs = [[Turn("user", q)] for q in QUESTIONS]
+    monkeypatch.setenv("RLHF_DECODE", "" if static else "eager")
+    # The untrained demo model seldom says eos: make eos a token that ends answers at different lengths.
+    answers = rollout(hydra.policy, tokenizer, convs, stage, list(range(8)), seed=3).response_ids
+
+    def lengths_if_eos(token: int) -> set[int]:
+        return {int((row == token).nonzero()[0]) + 1 if (row == token).any() else len(row) for row in answers}
+
+    eos = next(t for t in answers[0, 2:].tolist() if len(lengths_if_eos(t)) > 1 and min(lengths_if_eos(t)) > 2)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    batch = rollout(hydra.policy, tokenizer, convs, stage, list(range(8)), seed=3, capture=hydra.trunk_layers)
+    assert sorted(batch.trunk) == list(hydra.trunk_layers) == [model.config.n_layer - 2, model.config.n_layer - 1]
+    decoded = hydra.trunk_from(batch.trunk)
+    with torch.no_grad():
+        scored = hydra(batch.input_ids, batch.attention_mask, with_ref=True, keep_trunk=True).trunk
+    fed = batch.attention_mask.bool().clone()
+    fed[:, -1] = False  # the last token chosen is never fed to the decoder
+    lengths = batch.response_mask.sum(1)
+    assert lengths.min() < lengths.max() == batch.response_ids.shape[1]  # answers that end early, and one that not
+    for got, want in ((decoded.policy, scored.policy), (decoded.value, scored.value)):
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert torch.allclose(got[fed], want[fed], atol=1e-5)
+        assert got.isfinite().all()  # the padding too: a NaN there would reach real rows through 0 x NaN
+    assert (decoded.policy[:, -1] == 0).all()
+    plain = rollout(hydra.policy, tokenizer, convs, stage, list(range(8)), seed=3)
+    assert plain.trunk is None and plain.responses == batch.responses  # keeping it changes no answer
 
 
 def test_streaming_gives_the_greedy_answer_piece_by_piece(tiny):

@@ -237,6 +237,12 @@ def test_a_cached_trunk_gives_the_uncached_forward_and_gradients(kind, k, k_v, l
     assert full_grads.keys() == cached_grads.keys()
     for name, grad in full_grads.items():
         assert torch.allclose(grad, cached_grads[name], atol=1e-6), name
+    # Scoring from a trunk (the decoder's): the reference branch too.
+    with torch.no_grad():
+        full = hydra(ids[rows], mask[rows], with_ref=True, logits_to_keep=5)
+        cached = hydra(ids[rows], mask[rows], with_ref=True, logits_to_keep=5, trunk=kept.rows(rows))
+    assert cached.ref_logits is not None and torch.allclose(full.ref_logits, cached.ref_logits, atol=1e-6)
+    assert not torch.allclose(cached.ref_logits, cached.logits, atol=1e-3)  # the branches apart
     assert decoder_layers_intact(hydra)
 
 

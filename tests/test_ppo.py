@@ -305,22 +305,28 @@ def test_a_save_that_never_completed_is_neither_resumed_from_nor_left_behind(wor
     assert json.loads((out / "checkpoint-3" / "ppo_state.json").read_text())["step"] == 3
 
 
-def test_the_trunk_cached_update_equals_the_uncached_one(workdir, monkeypatch):
-    """Two PPO steps of 4 epochs with the trunk kept from the scoring forward and with the trunk recomputed
-    in every minibatch (RLHF_TRUNK_CACHE=off): the same losses and the same weights, to 1e-6."""
+@pytest.mark.parametrize("kept_by", ["on", "score"])
+def test_the_trunk_cached_update_equals_the_uncached_one(workdir, monkeypatch, kept_by):
+    """Two PPO steps of 4 epochs with the trunk kept (by the decoder as it samples, the default, or by the
+    scoring forward) and with the trunk recomputed in every forward (RLHF_TRUNK_CACHE=off): the same losses,
+    to 1e-6, and the same weights."""
     runs = {}
-    for mode in ("on", "off"):
+    for mode in (kept_by, "off"):
         monkeypatch.setenv("RLHF_TRUNK_CACHE", mode)
         run_id, _ = run_stage("ppo", str(TINY), [*TOY, "steps=2", "save_steps=100"])
         runs[mode] = run_id
-    for name in ("losses/policy_loss", "losses/value_loss", "policy/approx_kl"):
-        on, off = values(runs["on"], name), values(runs["off"], name)
-        assert on == pytest.approx(off, abs=1e-6), name
-    on, off = (load_file(Path(run_row(r)["output_dir"]) / "final" / "model.safetensors") for r in runs.values())
-    assert on.keys() == off.keys()
+    for name in ("losses/policy_loss", "losses/value_loss", "policy/approx_kl", "policy/kl_per_token"):
+        kept, off = values(runs[kept_by], name), values(runs["off"], name)
+        assert kept == pytest.approx(off, abs=1e-6), name
+    kept, off = (load_file(Path(run_row(r)["output_dir"]) / "final" / "model.safetensors") for r in runs.values())
+    assert kept.keys() == off.keys()
     moved = 0
     base = load_file(workdir / "demo" / "model" / "model.safetensors")
-    for name in on:
-        assert torch.allclose(on[name], off[name], atol=1e-6), name
-        moved += name in base and not torch.equal(on[name], base[name])
+    # The decoder computes the trunk in another order (a KV cache, its own attention): float32 rounding apart,
+    # which AdamW's normalised step turns into up to ~3e-6 on the head's rows of tokens the rollouts never
+    # sampled (gradients near zero); the scoring forward's trunk is the very tensors, hence 1e-6.
+    atol = 1e-5 if kept_by == "on" else 1e-6
+    for name in kept:
+        assert torch.allclose(kept[name], off[name], atol=atol), name
+        moved += name in base and not torch.equal(kept[name], base[name])
     assert moved > 0

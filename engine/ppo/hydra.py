@@ -15,6 +15,9 @@ changes across PPO epochs and minibatches. The scoring forward keeps those hidde
 and every update forward takes them back (`trunk=`): only the embeddings (for the layer's other inputs:
 masks, ALiBi, rotary tables, recomputed by the model itself and cheap), the top k policy layers, the top
 k_v value layers and the heads run. At bloomz-7b1 with k = k_v = 2 that skips 28 of 30 layers per update.
+One step earlier still: the BLOOM decoder computes the very same trunk while it samples the rollout, so it
+keeps those inputs (`trunk_layers`, `trunk_from`) and the scoring forward itself runs only the branches,
+the reference's included.
 
 LoRA mode (`lora=`): adapters on the top k layers only, so the trunk stays shared; the policy is the
 model with adapters on, the reference the same layers with adapters off (no copies at all), and the head
@@ -248,16 +251,14 @@ class Hydra(nn.Module):
         """Policy (and reference) logits of the last `logits_to_keep` positions (0 = all), values of all.
 
         `keep_trunk`: also return the trunk's output (detached) for later `trunk=` calls on the same rows,
-        which then skip the frozen layers (no reference branch there: it is computed once, when scoring)."""
+        which then skip the frozen layers; `trunk` may also come from the decoder (`trunk_from`)."""
         extra = {}
         if attention_mask is not None and self.takes_position_ids:
             # As `generate` numbers a left-padded prompt: rotary models must score at the sampled positions.
             positions = attention_mask.long().cumsum(-1) - 1
             extra["position_ids"] = positions.masked_fill(attention_mask == 0, 1)
         if trunk is not None:
-            if with_ref:
-                raise ValueError("a cached trunk serves the update forwards; score the reference without one")
-            return self._from_trunk(input_ids, attention_mask, extra, trunk, with_values, logits_to_keep)
+            return self._from_trunk(input_ids, attention_mask, extra, trunk, with_values, with_ref, logits_to_keep)
         layers = self._layers
         policy_call = _Capture(layers[self.num_layers - self.k]) if with_ref or keep_trunk else None
         value_call = _Capture(layers[self.num_layers - self.k_v]) if with_values or keep_trunk else None
@@ -285,16 +286,34 @@ class Hydra(nn.Module):
         return HydraOutput(logits=logits, values=values, ref_logits=ref_logits, trunk=kept)
 
     def _from_trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, extra: dict, trunk: Trunk,
-                    with_values: bool, logits_to_keep: int) -> HydraOutput:
+                    with_values: bool, with_ref: bool, logits_to_keep: int) -> HydraOutput:
         args, kwargs = self._branch_call(input_ids, attention_mask, extra)
+        # In the dtype the model hands its layers here: a decoder's float32 residual stream (CUDA autocast's)
+        # meets a bf16 one under CPU autocast, whose layer norms do not take float32 inputs with bf16 weights.
+        policy = trunk.policy.to(args[0].dtype)
+        trunk = Trunk(policy, policy if trunk.value is trunk.policy else trunk.value.to(policy.dtype))
         top = nn.ModuleList(list(self._layers)[self.num_layers - self.k :])
         hidden = final_norm(self.lm)(_run_layers(top, ((trunk.policy, *args[1:]), kwargs)))
         logits = head_fp32(self.lm.get_output_embeddings(), _keep(hidden, logits_to_keep))
-        values = None
+        ref_logits = values = None
+        if with_ref:
+            with torch.no_grad(), self._reference_weights() as (ref_layers, ref_norm, ref_head):
+                hidden = _keep(_run_layers(ref_layers, ((trunk.policy, *args[1:]), kwargs)), logits_to_keep)
+                ref_logits = head_fp32(ref_head, ref_norm(hidden))
         if with_values:
             hidden = self.value_norm(_run_layers(self.value_layers, ((trunk.value, *args[1:]), kwargs)))
             values = head_fp32(self.value_head, hidden).squeeze(-1)
-        return HydraOutput(logits=logits, values=values, ref_logits=None)
+        return HydraOutput(logits=logits, values=values, ref_logits=ref_logits)
+
+    @property
+    def trunk_layers(self) -> tuple[int, ...]:
+        """The layers whose inputs make a `Trunk` (to capture while decoding): L-k, and L-k_v when it differs."""
+        return tuple(sorted({self.num_layers - self.k, self.num_layers - self.k_v}))
+
+    def trunk_from(self, captured: dict[int, torch.Tensor]) -> Trunk:
+        """The `Trunk` of inputs captured at `trunk_layers` (by the BLOOM decoder while it sampled the rows)."""
+        policy = captured[self.num_layers - self.k]
+        return Trunk(policy, captured[self.num_layers - self.k_v])
 
     def _branch_call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      extra: dict) -> tuple[tuple, dict]:

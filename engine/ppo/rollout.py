@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from engine.generation import Engine, Sampling, concat, row_seeds
+from engine.generation import Engine, Sampling, row_seeds
 from engine.template import Conversation, render_prompt
 
 
@@ -20,6 +20,7 @@ class Rollout:
     response_mask: torch.Tensor  # [B, R] float: 1 on generated tokens up to and including the first eos
     responses: list[str]
     logprobs: torch.Tensor | None = None  # [B, R] float32: the sampler's log p of each token (untempered)
+    trunk: dict[int, torch.Tensor] | None = None  # with `capture`, where the decoder gave it (Generated.trunk)
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -34,7 +35,8 @@ def sampling_of(settings: Any, seed: int) -> Sampling:
 
 @torch.no_grad()
 def generate(
-    policy: Any, tokenizer: Any, prompts: Sequence[Conversation], settings: Any, keys: Sequence[int], seed: int
+    policy: Any, tokenizer: Any, prompts: Sequence[Conversation], settings: Any, keys: Sequence[int], seed: int,
+    capture: tuple[int, ...] = (),
 ) -> Rollout:
     """Sample one response per prompt, `settings.chunk_size` prompts per decode batch (the KV cache of a
     whole 128-prompt rollout of a 7B model may not fit beside its training state); "auto": as many as
@@ -43,6 +45,8 @@ def generate(
 
     `keys`: a stable number per prompt (its position in the prompt stream): with `seed` it fixes the
     prompt's sampling noise, so the answer does not depend on the chunking or on the other prompts.
+    `capture`: decoder layers whose inputs the rollout keeps (`Engine.generate`); with "auto", only where
+    keeping them costs no decode batch (`Engine.plan`).
     """
     engine = Engine(policy, tokenizer)
     sampling = sampling_of(settings, seed)
@@ -51,14 +55,8 @@ def generate(
     chunk = settings.chunk_size
     if chunk == "auto":
         longest = all_ids.shape[1]
-        chunk = engine.rows_that_fit(longest, longest + settings.max_new_tokens, len(texts))
-    parts = []
-    for start in range(0, len(texts), chunk):
-        mask = all_mask[start : start + chunk]
-        first = int(mask.any(0).nonzero()[0])  # left padding only as wide as this chunk's longest prompt needs
-        ids, mask = all_ids[start : start + chunk, first:], mask[:, first:]
-        seeds = row_seeds(seed, keys[start : start + chunk], ids.device)
-        parts.append(engine.generate(ids, mask, sampling, seeds))
-    batch = concat(parts, engine.pad_id)
+        chunk, capture = engine.plan(longest, longest + settings.max_new_tokens, len(texts), capture)
+    batch = engine.generate_chunked(all_ids, all_mask, sampling, row_seeds(seed, keys, all_ids.device), chunk,
+                                    capture)
     return Rollout(list(prompts), batch.input_ids, batch.attention_mask, batch.prompt_length, batch.response_mask,
-                   engine.decode(batch), batch.logprobs)
+                   engine.decode(batch), batch.logprobs, batch.trunk)

@@ -315,25 +315,32 @@ class PPOTrainer:
         unwrapped = self.accelerator.unwrap_model(self.model)
         unwrapped.eval()  # no dropout anywhere: the first PPO epoch's ratio must start at exactly 1
 
+        # The trunk once per rollout (see engine/ppo/hydra.py): kept by the decoder as it samples (the BLOOM
+        # decoder computes it anyway), else by the scoring forward. RLHF_TRUNK_CACHE=off recomputes it in
+        # every forward (to compare, or to rule the cache out); =score keeps it from the scoring forward.
+        cache = os.environ.get("RLHF_TRUNK_CACHE", "on") if unwrapped.trunk_cacheable else "off"
+        capture = unwrapped.trunk_layers if cache == "on" else ()
+
         t0 = time.perf_counter()
         prompts, keys = self._next_prompts()
         with self.accelerator.autocast():
-            rollout = generate(unwrapped.policy, self.tokenizer, prompts, stage, keys, self.recipe.seed)
+            rollout = generate(unwrapped.policy, self.tokenizer, prompts, stage, keys, self.recipe.seed, capture)
+        decoded = unwrapped.trunk_from(rollout.trunk) if rollout.trunk is not None else None
         raw_scores = self.scorer(rollout.prompts, rollout.responses).float()
         baseline = self._reference_scores(prompts) if stage.score_baseline == "reference" else None
         scores = self._scale(raw_scores - baseline if baseline is not None else raw_scores)
         t_rollout = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        # The trunk once per rollout (see engine/ppo/hydra.py); RLHF_TRUNK_CACHE=off recomputes it in every
-        # update forward (to compare, or to rule the cache out).
-        cache = unwrapped.trunk_cacheable and os.environ.get("RLHF_TRUNK_CACHE", "on") != "off"
+        keep = cache != "off" and decoded is None
         with torch.no_grad():  # in minibatches: the whole rollout's logits at once would not fit for real models
-            parts = [self._forward(unwrapped, mb, with_ref=True, keep_trunk=cache)
-                     for _, mb in self._minibatches(rollout, torch.arange(len(prompts), device=self.device))]
+            parts = [self._forward(unwrapped, mb, with_ref=True, keep_trunk=keep,
+                                   trunk=decoded.rows(idx) if decoded is not None else None)
+                     for idx, mb in self._minibatches(rollout, torch.arange(len(prompts), device=self.device))]
             old_logprobs, ref_logprobs, old_values = (torch.cat(p) for p in list(zip(*parts))[:3])
-            trunk = Trunk.cat([p[3] for p in parts]) if cache else None
+            trunk = Trunk.cat([p[3] for p in parts]) if keep else decoded
             del parts  # the per-minibatch trunk parts: joined above, a second copy of the cache otherwise
+        rollout.trunk = None  # `trunk` holds it (the rollout lives on into the samples)
         mask = rollout.response_mask
         log_ratio = (old_logprobs - ref_logprobs) * mask
         kl_k3 = ((torch.exp(-log_ratio) - 1) + log_ratio) * mask
