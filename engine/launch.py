@@ -215,9 +215,12 @@ def record_exit(
                     error = (f"stopped, but its processes ended (exit {exit_code}{', killed' if killed else ''}) "
                              "before the trainer recorded its checkpoint: the newest complete checkpoint is the "
                              "last periodic one")
-        elif status == "done" and exit_code != 0:
+        elif status == "done" and exit_code != 0 and not stop_requested:
             status = "failed"  # a rank other than 0 failed after rank 0 finished
-        fields = {"status": status, "exit_code": EXIT_STOPPED if status == "stopped" else exit_code,
+        # Done stays done when a stop lands after the trainer recorded it (its export is written): the
+        # signal ended the processes' teardown, not the work.
+        code = {"stopped": EXIT_STOPPED, "done": 0}.get(status, exit_code)
+        fields = {"status": status, "exit_code": code,
                   "ended": run["ended"] or time.time()}
         if error:
             fields["error"] = error

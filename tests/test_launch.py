@@ -243,6 +243,15 @@ def test_stop_is_recorded_before_the_signal_and_refused_for_an_ended_run(workdir
         store.update_run(other, status="stopped")
     assert record_exit(os.environ["RLHF_DB"], other, -15, stop_requested=True) == "stopped"
     assert run_row(other)["exit_code"] == 143  # as the README promises, not the launcher's -15
+    with Store(os.environ["RLHF_DB"]) as store:  # the stop landed after the trainer recorded its end
+        finished = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+        store.update_run(finished, status="done")
+    assert record_exit(os.environ["RLHF_DB"], finished, -15, stop_requested=True) == "done"
+    assert run_row(finished)["exit_code"] == 0 and not run_row(finished)["error"]
+    with Store(os.environ["RLHF_DB"]) as store:  # unasked, a non-zero exit after "done" is a rank's failure
+        crashed = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+        store.update_run(crashed, status="done")
+    assert record_exit(os.environ["RLHF_DB"], crashed, 1) == "failed"
 
 
 def test_a_stop_through_the_consoles_path_waits_for_a_slow_save(workdir, monkeypatch):
