@@ -100,7 +100,7 @@ def kept_trunk(hydra, ids, mask, sampling, autocast) -> list[str]:
                                                                                  capture=hydra.trunk_layers)
             keep = g.response_ids.shape[1] + 1
             own = hydra(g.input_ids, g.attention_mask, with_ref=True, logits_to_keep=keep, keep_trunk=True)
-            kept = hydra.trunk_from(g.trunk)
+            kept = hydra.trunk_from(g.trunk.join(ids.device))
             via = hydra(g.input_ids, g.attention_mask, with_ref=True, logits_to_keep=keep, trunk=kept)
         fed = g.attention_mask.bool().clone()
         fed[:, -1] = False  # the last token is never fed

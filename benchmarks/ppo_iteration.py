@@ -1,7 +1,7 @@
 """One whole PPO iteration at a named shape, phase by phase: the new paths against the old ones, same run.
 
-An iteration: sample a response to every prompt (generate), score the rollout with the hydra (policy,
-reference and value in one forward), score it with the reward model (reward), then `--epochs` passes of
+An iteration: sample a response to every prompt (generate), score it with the reward model (reward), score
+the rollout with the hydra (policy, reference and value in one forward), then `--epochs` passes of
 minibatch updates (update: forward + backward; optimizer step timed apart). Random weights at the shape;
 every response is exactly --response-tokens long (no eos), so both paths do the same work.
 
@@ -151,14 +151,17 @@ def iteration(hydra, reward, optimizer, prompts, args: argparse.Namespace, new: 
     prompt = prompts.shape[1]
     with clock.phase("generate"), autocast:
         ids, kept = generate(hydra, prompts, mask, args, new)
-    decoded = hydra.trunk_from(kept) if kept is not None else None
     full_mask = torch.ones_like(ids)
     tokens = ids[:, prompt:]
     rmask = torch.ones_like(tokens, dtype=torch.float32)
     keep = tokens.shape[1] + 1
     minibatches = [torch.arange(s, min(s + args.score_batch, len(ids)), device=device)
                    for s in range(0, len(ids), args.score_batch)]
-    with clock.phase("score"), torch.no_grad(), autocast:
+    with clock.phase("reward"), torch.no_grad(), autocast:
+        scores = torch.cat([reward(input_ids=ids[idx], attention_mask=full_mask[idx]).logits[:, 0].float()
+                            for idx in minibatches])
+    with clock.phase("score"), torch.no_grad(), autocast:  # after the reward model, as the trainer
+        decoded = hydra.trunk_from(kept.join(device)) if kept is not None else None  # as the trainer
         parts = []
         for idx in minibatches:
             out = hydra(ids[idx], full_mask[idx], with_values=True, with_ref=True, logits_to_keep=keep,
@@ -169,9 +172,6 @@ def iteration(hydra, reward, optimizer, prompts, args: argparse.Namespace, new: 
         old_logprobs, ref_logprobs, old_values = (torch.cat(p) for p in list(zip(*parts))[:3])
         trunk = decoded if decoded is not None else Trunk.cat([p[3] for p in parts]) if new else None
         del parts, out, kept  # as the trainer: the joined trunk cache only
-    with clock.phase("reward"), torch.no_grad(), autocast:
-        scores = torch.cat([reward(input_ids=ids[idx], attention_mask=full_mask[idx]).logits[:, 0].float()
-                            for idx in minibatches])
     rewards = core.shaped_rewards((old_logprobs - ref_logprobs) * rmask, rmask, scores, 0.05)
     advantages, returns = core.gae(old_values, rewards, rmask, 1.0, 0.95)
     advantages = core.whiten(advantages, rmask)
@@ -267,6 +267,14 @@ def main() -> None:
                   warm, path == "new")  # warm-up: kernels, allocator, optimizer state
         count = args.prompts if path == "new" else args.baseline_prompts
         prompts = torch.randint(1, vocab, (count, args.prompt_tokens), device=args.device)
+        if cuda and path == "new" and args.trunk == "decoder":
+            # Pinned host memory for a decode batch's kept trunk, as the trainer has it from its second
+            # iteration on (the host caching allocator keeps freed blocks; pinning 2 GiB anew takes ~1 s).
+            # Sized for a batch of all the prompts, which auto takes where they fit.
+            rows = count if args.chunk == "auto" else min(count, args.chunk_rows)
+            width = args.prompt_tokens + args.response_tokens
+            blocks = [torch.empty(rows, width, SHAPES[args.shape][0], pin_memory=True) for _ in hydra.trunk_layers]
+            del blocks
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

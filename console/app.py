@@ -337,13 +337,13 @@ class RlhfConsole(App):
 
     @work(thread=True, group="actions", exit_on_error=False)
     def launch_pipeline(self, recipe: str, overrides: list[str], accelerate_config: str,
-                        num_processes: int | None) -> None:
+                        num_processes: int | None, through: str | None = None) -> None:
         from engine import pipeline
         from engine.config import RecipeError
         from engine.data.records import DataError
 
         try:
-            pipeline_id = pipeline.create(recipe, overrides, None, accelerate_config, num_processes, self.db_path)
+            pipeline_id = pipeline.create(recipe, overrides, through, accelerate_config, num_processes, self.db_path)
             pipeline.start_detached(pipeline_id, self.db_path)
         except (RecipeError, DataError) as err:
             self.post_message(ActionDone("launch", None, str(err), getattr(err, "fields", {})))

@@ -861,11 +861,11 @@ def ppo_estimate(s: PPOSetup, gpu_memory: int = DEFAULT_GPU_MEMORY) -> StageEsti
         items += _ppo_rollout(s, split, policy_head_fp32, c, mode, seq)
 
     # Scoring (no gradients), in minibatches; the trunk's output is kept for the updates (from the decoder,
-    # joined on the GPU once the rollout is decoded, or from the scoring forward).
+    # back on the GPU from host memory as scoring starts, or from the scoring forward).
     if s.trunk_cache:
         trunk = s.rollout * seq * shape.hidden * 4 * _trunk_layers(s)  # float32 residual stream
-        later = ((M_REWARD,) if decoded else ()) + (M_TRUNK, M_POLICY, M_REF, M_LOGPROBS) \
-            + (() if decoded else (M_JOIN,)) + (M_HEAD, M_FWD, M_BWD, M_STEP)
+        later = (M_TRUNK, M_POLICY, M_REF, M_LOGPROBS) + (() if decoded else (M_JOIN,)) \
+            + (M_HEAD, M_FWD, M_BWD, M_STEP)
         items.append(Item("trunk_cache", f"trunk cache: layer inputs of {s.rollout} rollout rows (float32)", trunk,
                           later))
         if s.trunk_parts_held:  # Trunk.cat joins them into a new tensor; they were kept to the step's end
@@ -1011,7 +1011,7 @@ def _ppo_rollout(s: PPOSetup, split: bool, policy_head_fp32: bool, c: int, mode:
         prefill = shape.working_set(mode, s.chunk, s.prompt)
     items.append(Item("prefill", f"prefill: one layer over {prefilled} x {s.prompt} prompt tokens", prefill,
                       (M_DECODE,)))
-    if decoder_keeps_trunk(s):  # each decode batch's part goes to host memory once decoded
+    if decoder_keeps_trunk(s):  # each decode batch's part waits in host memory once decoded
         items.append(Item("decode_trunk", f"trunk kept by the decoder: {s.chunk} prompts x {seq} tokens (float32)",
                           s.chunk * seq * shape.hidden * 4 * _trunk_layers(s), (M_DECODE,)))
     if s.reward is not None:

@@ -70,13 +70,55 @@ class Generated:
     prompt_length: int  # P
     response_mask: torch.Tensor  # [B, R] float: 1 on generated tokens up to and including the first eos
     logprobs: torch.Tensor  # [B, R] float32: log p(token) under the untempered model, 0 on padding
-    # With `capture`: layer index -> that layer's input [B, P + R, hidden] float32, zero where nothing was
-    # fed (the last response position, and past a row's end only what it decoded before the batch stopped).
-    trunk: dict[int, torch.Tensor] | None = None
+    trunk: "KeptTrunk | None" = None  # with `capture`
+
 
     @property
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_length :]
+
+
+@dataclass
+class KeptTrunk:
+    """The inputs of some decoder layers (float32) at every position of a batch of answers, kept by the BLOOM
+    decoder as it fed them (`Engine.generate`'s `capture`), chunk by chunk, and laid out as `concat` lays
+    out the answers only on `join`: the whole rollout's trunk (8 GiB for 1,024 rows of 512 tokens at 7b1
+    shape) is GPU memory that the next decode batches, the reward model and a baseline's decode can use
+    until the scoring forward needs it. Zero where nothing was fed: the last position of the longest answer,
+    and the padding `concat` adds."""
+
+    # (prompt length P, positions kept P + R, layer -> [rows, >= P + R, hidden]), one per chunk, in row order
+    parts: list[tuple[int, int, dict[int, torch.Tensor]]]
+
+    def join(self, device: torch.device | str) -> dict[int, torch.Tensor]:
+        """Layer -> [B, P + R, hidden] on `device`, as `concat` lays out the chunks' answers."""
+        prompt = max(p for p, _, _ in self.parts)
+        width = prompt + max(n - p for p, n, _ in self.parts)
+        joined = {}
+        for layer, first in self.parts[0][2].items():
+            rows = sum(tensors[layer].shape[0] for _, _, tensors in self.parts)
+            out = torch.zeros(rows, width, first.shape[-1], dtype=first.dtype, device=device)
+            row = 0
+            for p, n, tensors in self.parts:
+                piece = tensors[layer].to(device, non_blocking=True)  # after the copy out, in stream order
+                left = prompt - p
+                out[row : row + piece.shape[0], left : left + n] = piece[:, :n]
+                row += piece.shape[0]
+            joined[layer] = out
+        return joined
+
+    def moved_into(self, store: torch.Tensor, offset: int) -> tuple["KeptTrunk", int]:
+        """The same trunk copied into `store` (flat, pinned host memory) from `offset` on, each tensor whole
+        (contiguous: one copy the host does not wait for); and the offset after it."""
+        parts = []
+        for p, n, tensors in self.parts:
+            moved = {}
+            for layer, t in tensors.items():
+                view = store[offset : offset + t.numel()].view(t.shape)
+                moved[layer] = view.copy_(t, non_blocking=True)
+                offset += t.numel()
+            parts.append((p, n, moved))
+        return KeptTrunk(parts), offset
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -352,16 +394,16 @@ class Engine:
         """Answer a left-padded batch; `seeds` per row (default: derived from `sampling.seed` and the row).
 
         `capture`: decoder layers whose inputs to keep for every position (`Generated.trunk`), which the
-        BLOOM decoder computes anyway; through transformers nothing is captured (`trunk` stays None)."""
+        BLOOM decoder computes anyway; through transformers nothing is kept (`trunk` stays None)."""
         if seeds is None:
             seeds = row_seeds(sampling.seed, range(input_ids.shape[0]))
-        trunk = None
+        captured: dict[int, torch.Tensor] = {}
         if self.fast:
             with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
                 stepper = self._stepper(input_ids, attention_mask, sampling, seeds, tuple(capture))
                 done = stepper.run()
             response, logprobs = stepper.tokens[:, :done], stepper.logprobs[:, :done]
-            trunk = stepper.b.captured or None
+            captured = stepper.b.captured
         else:
             tokens, lps = [], []
             for token, logprob, _ in self.steps(input_ids, attention_mask, sampling, seeds):
@@ -376,8 +418,8 @@ class Engine:
         response, logprobs, after_eos = response[:, :width], logprobs[:, :width], after_eos[:, :width]
         response = response.masked_fill(after_eos, self.pad_id)
         response_mask = (~after_eos).float()
-        if trunk is not None:
-            trunk = {i: t[:, : input_ids.shape[1] + width] for i, t in trunk.items()}
+        prompt = input_ids.shape[1]
+        trunk = KeptTrunk([(prompt, prompt + width, captured)]) if captured else None
         return Generated(
             input_ids=torch.cat([input_ids, response], dim=1),
             attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
@@ -392,17 +434,24 @@ class Engine:
         chunk: int, capture: tuple[int, ...] = (),
     ) -> Generated:
         """`generate` over a left-padded batch `chunk` rows at a time, each chunk's left padding trimmed to its
-        own longest prompt, joined by `concat`. A chunk's captured trunk goes to (pinned) host memory while
-        the next chunks decode: at 7b1 shape it is 8 MiB a row, 8 GiB for 1,024 rows of 512 tokens, room the
-        decode batch would otherwise lose (a quarter of its rows); it comes back when the chunks are joined."""
+        own longest prompt, joined by `concat`. On CUDA each chunk's kept trunk goes to pinned host memory
+        (one block for the rollout, which the host caching allocator keeps for the next one) until `join`:
+        at 7b1 shape it is 8 MiB a row, room the next decode batches would otherwise lose. The copy is
+        queued behind the chunk's decode and not overlapped (~0.1 s per 2 GiB)."""
         parts = []
+        store, used = None, 0
         for start in range(0, input_ids.shape[0], chunk):
             mask = attention_mask[start : start + chunk]
             first = int(mask.any(0).nonzero()[0])  # left padding only as wide as this chunk's longest prompt
             ids, mask = input_ids[start : start + chunk, first:], mask[:, first:]
             part = self.generate(ids, mask, sampling, seeds[start : start + chunk], capture)
             if part.trunk is not None and ids.device.type == "cuda":
-                part.trunk = {i: _to_host(t) for i, t in part.trunk.items()}
+                if store is None:  # room for every row's whole buffer: prompt + max_new_tokens positions
+                    tensors = part.trunk.parts[0][2]
+                    size = len(tensors) * input_ids.shape[0] * (input_ids.shape[1] + sampling.max_new_tokens) \
+                        * next(iter(tensors.values())).shape[-1]
+                    store = torch.empty(size, dtype=torch.float32, pin_memory=True)
+                part.trunk, used = part.trunk.moved_into(store, used)
             parts.append(part)
         return concat(parts, self.pad_id)
 
@@ -442,34 +491,9 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A copy in pinned host memory, queued on the current stream (the host does not wait for it)."""
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
-
-
-def _join_trunks(parts: Sequence[Generated], prompt_len: int, response_len: int,
-                 device: torch.device) -> dict[int, torch.Tensor] | None:
-    """The parts' captured trunks in `concat`'s layout on `device`, zero on the padding it adds."""
-    if not parts or any(p.trunk is None for p in parts):
-        return None
-    joined = {}
-    for i, first in parts[0].trunk.items():
-        out = torch.zeros(sum(p.input_ids.shape[0] for p in parts), prompt_len + response_len, first.shape[-1],
-                          dtype=first.dtype, device=device)
-        row = 0
-        for p in parts:
-            piece = p.trunk[i].to(device, non_blocking=True)  # stream-ordered after the copy out to the host
-            left = prompt_len - p.prompt_length
-            out[row : row + piece.shape[0], left : left + piece.shape[1]] = piece
-            row += piece.shape[0]
-        joined[i] = out
-    return joined
-
-
 def concat(parts: Sequence[Generated], pad_id: int) -> Generated:
-    """One batch from chunks: prompts left-padded to the longest, responses right-padded to the longest
-    (captured trunks too, joined on the device of the answers)."""
+    """One batch from chunks: prompts left-padded to the longest, responses right-padded to the longest (their
+    kept trunks too, on `KeptTrunk.join`)."""
     prompt_len = max(p.prompt_length for p in parts)
     response_len = max(p.response_mask.shape[1] for p in parts)
     ids, masks, rmasks, lps = [], [], [], []
@@ -484,5 +508,5 @@ def concat(parts: Sequence[Generated], pad_id: int) -> Generated:
         masks.append(torch.cat([pad(prompt_mask, (left, 0)), rmask.long()], 1))
         rmasks.append(rmask)
         lps.append(pad(p.logprobs, (0, right)))
-    trunk = _join_trunks(parts, prompt_len, response_len, parts[0].input_ids.device)
+    trunk = KeptTrunk([x for p in parts for x in p.trunk.parts]) if all(p.trunk is not None for p in parts) else None
     return Generated(torch.cat(ids), torch.cat(masks), prompt_len, torch.cat(rmasks), torch.cat(lps), trunk)

@@ -318,11 +318,13 @@ async def test_the_form_launches_the_whole_pipeline_and_x_stops_it_in_its_stage(
     async with app.run_test(size=(100, 32)) as pilot:
         form = await open_launch_form(pilot, app)
         assert form.recipe == str(configs / "tiny.yaml")
+        assert not form.query_one(".field-through").display  # a stage alone has no `through`
         form.query_one("#stage", Select).value = "pipeline"
         estimate = form.query_one("#estimate", Static)
         await wait_for(pilot, lambda: "sft" in str(estimate.render()) and "ppo" in str(estimate.render()), 20,
                        "a memory line per trained stage")
         assert not form.query_one(".field-model").display and form.query_one(".field-processes").display
+        assert form.query_one(".field-through").display
         # PPO as the pipeline runs it: scored by the pipeline's RM export, not the recipe's rule reward.
         from engine.config import load_recipe
         from engine.estimate import estimate_recipe, gib, parallel_from_config
@@ -332,10 +334,14 @@ async def test_the_form_launches_the_whole_pipeline_and_x_stops_it_in_its_stage(
         (alone,) = estimate_recipe(load_recipe(TINY), ["ppo"], parallel_from_config(CPU, None))
         assert ppo.peak > alone.peak and f"ppo {gib(ppo.peak)}" in str(estimate.render())
         assert form.overrides() == []
+        # Through rm (`rlhf pipeline --through rm`): the memory line drops PPO, and the pipeline stops there.
+        form.query_one("#through", Select).value = "rm"
+        await wait_for(pilot, lambda: "rm" in str(estimate.render()) and "ppo" not in str(estimate.render()), 20,
+                       "the memory line through rm")
         # A check's answer about another form (the stage changed while it ran) launches nothing.
         from console.screens.launch import Validated
 
-        form.post_message(Validated(None, {}, True, ("sft", form.recipe, [], CPU)))
+        form.post_message(Validated(None, {}, True, ("pipeline", form.recipe, [], CPU, None)))  # through: all
         await pilot.pause()  # handled: a launch would have disabled the button at once
         assert not form.query_one("#launch").disabled and app.screen is form and not app.pipelines
         await pilot.press("ctrl+s")
@@ -343,7 +349,7 @@ async def test_the_form_launches_the_whole_pipeline_and_x_stops_it_in_its_stage(
         pipeline_id = next(iter(app.pipelines))
         with Store(os.environ["RLHF_DB"]) as store:
             row = store.pipeline(pipeline_id)
-        assert row["through"] == "eval" and json.loads(row["launch"])["accelerate_config"] == CPU
+        assert row["through"] == "rm" and json.loads(row["launch"])["accelerate_config"] == CPU
         await wait_for(pilot, lambda: any(r.get("pipeline_id") == pipeline_id and r["status"] == "running"
                                           for r in app.runs.values()), 300, "its first stage running")
         (run_id,) = [i for i, r in app.runs.items() if r.get("pipeline_id") == pipeline_id]

@@ -221,8 +221,10 @@ def test_the_decoder_keeps_the_trunk_the_scoring_forward_computes(demo_dir, monk
     eos = next(t for t in answers[0, 2:].tolist() if len(lengths_if_eos(t)) > 1 and min(lengths_if_eos(t)) > 2)
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
     batch = rollout(hydra.policy, tokenizer, convs, stage, list(range(8)), seed=3, capture=hydra.trunk_layers)
-    assert sorted(batch.trunk) == list(hydra.trunk_layers) == [model.config.n_layer - 2, model.config.n_layer - 1]
-    decoded = hydra.trunk_from(batch.trunk)
+    kept = batch.trunk.join("cpu")
+    assert sorted(kept) == list(hydra.trunk_layers) == [model.config.n_layer - 2, model.config.n_layer - 1]
+    assert len(batch.trunk.parts) == 3  # a chunk each, laid out as concat lays out the answers only on join
+    decoded = hydra.trunk_from(kept)
     with torch.no_grad():
         scored = hydra(batch.input_ids, batch.attention_mask, with_ref=True, keep_trunk=True).trunk
     fed = batch.attention_mask.bool().clone()

@@ -330,3 +330,16 @@ def test_the_trunk_cached_update_equals_the_uncached_one(workdir, monkeypatch, k
         assert torch.allclose(kept[name], off[name], atol=atol), name
         moved += name in base and not torch.equal(kept[name], base[name])
     assert moved > 0
+
+
+def test_the_trunk_cache_switch_takes_its_three_words_and_refuses_others(monkeypatch):
+    from engine.config import RecipeError
+    from engine.ppo.trainer import trunk_cache_mode
+
+    monkeypatch.delenv("RLHF_TRUNK_CACHE", raising=False)
+    assert trunk_cache_mode() == "on"
+    monkeypatch.setenv("RLHF_TRUNK_CACHE", " Score ")
+    assert trunk_cache_mode() == "score"
+    monkeypatch.setenv("RLHF_TRUNK_CACHE", "false")  # "off" was meant: never taken for on
+    with pytest.raises(RecipeError, match="RLHF_TRUNK_CACHE='false': not one of on, score, off"):
+        trunk_cache_mode()

@@ -45,8 +45,11 @@ FIELDS = (
 )
 
 
-# "pipeline" runs every stage the recipe has (engine/pipeline.py), as the recipe says: no field of its own.
+# "pipeline" runs the stages the recipe has (engine/pipeline.py), as the recipe says, up to the one `through`
+# names (`rlhf pipeline --through`): no field of its own.
 STAGE_OPTIONS = [("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"), ("pipeline: every stage, then eval", "pipeline")]
+THROUGH_OPTIONS = [("every stage the recipe has", "all"), ("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"),
+                   ("eval", "eval")]
 
 
 def recipe_keys(stage: str, has_own_model: bool) -> dict[str, str]:
@@ -111,7 +114,7 @@ class Validated(Message):
     def __init__(self, error: str | None, fields: dict[str, str], launch: bool, form: tuple):
         super().__init__()
         self.error, self.fields, self.launch = error, fields, launch
-        self.form = form  # (stage, recipe, overrides, accelerate config) as validated
+        self.form = form  # (stage, recipe, overrides, accelerate config, through) as validated
 
 
 class LaunchScreen(Screen[int | None]):
@@ -165,6 +168,9 @@ class LaunchScreen(Screen[int | None]):
                 yield Label("recipe", classes="field-label")
                 yield Select(recipes, value=recipe, id="recipe", compact=True)
             yield Static("", id="error-recipe", classes="field-error -empty")
+            with Horizontal(classes="row field-through"):
+                yield Label("through", classes="field-label")
+                yield Select(THROUGH_OPTIONS, value="all", allow_blank=False, id="through", compact=True)
             for field in FIELDS:
                 validators = {"float": [Number()], "int": [Integer()]}.get(field.kind, [])
                 with Horizontal(classes=f"row field-{field.name}"):
@@ -191,6 +197,12 @@ class LaunchScreen(Screen[int | None]):
         return str(self.query_one("#stage", Select).value)
 
     @property
+    def through(self) -> str | None:
+        """The pipeline's last stage; None: every stage the recipe has."""
+        value = str(self.query_one("#through", Select).value)
+        return None if value == "all" else value
+
+    @property
     def recipe(self) -> str | None:
         value = self.query_one("#recipe", Select).value
         return None if value is Select.NULL else str(value)
@@ -198,7 +210,7 @@ class LaunchScreen(Screen[int | None]):
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id in ("stage", "recipe"):
             self._stage_changed()
-        elif event.select.id == "accelerate":
+        elif event.select.id in ("accelerate", "through"):
             self._refresh_estimate()
 
     def on_input_changed(self, event: Input.Changed) -> None:
@@ -209,6 +221,7 @@ class LaunchScreen(Screen[int | None]):
         for field in FIELDS:
             for widget in self.query(f".field-{field.name}"):
                 widget.display = self.stage in field.stages
+        self.query_one(".field-through").display = self.stage == "pipeline"
         self.clear_errors()
         if self.recipe:
             self.load_recipe(self.stage, self.recipe)
@@ -293,11 +306,11 @@ class LaunchScreen(Screen[int | None]):
         self._estimate_seq += 1
         accel = self.query_one("#accelerate", Select).value
         self.estimate(self._estimate_seq, self.stage, self.recipe, self.overrides(),
-                      None if accel is Select.NULL else str(accel), self.processes())
+                      None if accel is Select.NULL else str(accel), self.processes(), self.through)
 
     @work(thread=True, exclusive=True, group="launch-estimate", exit_on_error=False)
     def estimate(self, seq: int, stage: str, recipe: str, overrides: list[str], accel: str | None,
-                 processes: int | None) -> None:
+                 processes: int | None, through: str | None) -> None:
         try:
             from engine.config import load_recipe
             from engine.estimate import estimate_recipe, gib, parallel_from_config
@@ -307,7 +320,7 @@ class LaunchScreen(Screen[int | None]):
                 from engine.pipeline import plan
 
                 loaded = load_recipe(recipe, overrides)
-                trained = [s for s in plan(loaded, None) if s != "eval"]
+                trained = [s for s in plan(loaded, through) if s != "eval"]
                 if {"rm", "ppo"} <= set(trained) and loaded.ppo.reward_model is None:
                     # The pipeline gives PPO its RM export as the reward model (engine.pipeline.wiring).
                     loaded = load_recipe(recipe, [*overrides, "ppo.reward_model=@rm", "ppo.reward_fn=null"])
@@ -397,19 +410,20 @@ class LaunchScreen(Screen[int | None]):
         return bad
 
     @work(thread=True, exclusive=True, group="launch-validate", exit_on_error=False)
-    def validate(self, stage: str, recipe: str, overrides: list[str], accel: str | None, launch: bool) -> None:
+    def validate(self, stage: str, recipe: str, overrides: list[str], accel: str | None, through: str | None,
+                 launch: bool) -> None:
         from engine.config import RecipeError
         from engine.data.records import DataError
         from engine.train import validate
 
-        form = (stage, recipe, overrides, accel)
+        form = (stage, recipe, overrides, accel, through)
         try:
             if stage == "pipeline":
                 from engine.pipeline import check
 
                 if accel is None:
                     raise RecipeError("choose an accelerate config: each stage is launched with it")
-                check(recipe, overrides, None, accel)
+                check(recipe, overrides, through, accel)
             else:
                 validate(stage, recipe, overrides)
         except (RecipeError, DataError) as err:
@@ -422,7 +436,8 @@ class LaunchScreen(Screen[int | None]):
 
     def _form(self) -> tuple:
         accel = self.query_one("#accelerate", Select).value
-        return self.stage, self.recipe, self.overrides(), None if accel is Select.NULL else str(accel)
+        through = self.through if self.stage == "pipeline" else None
+        return self.stage, self.recipe, self.overrides(), None if accel is Select.NULL else str(accel), through
 
     def on_validated(self, message: Validated) -> None:
         if message.form != self._form():
@@ -442,7 +457,7 @@ class LaunchScreen(Screen[int | None]):
                 return
             self.query_one("#launch", Button).disabled = True
             if self.stage == "pipeline":
-                self.app.launch_pipeline(self.recipe, self.overrides(), str(accel), self.processes())
+                self.app.launch_pipeline(self.recipe, self.overrides(), str(accel), self.processes(), self.through)
             else:
                 self.app.launch_run(self.stage, self.recipe, self.overrides(), str(accel), self.processes())
             return
@@ -469,8 +484,8 @@ class LaunchScreen(Screen[int | None]):
         if self._local_errors():
             self._launching = False
             return
-        stage, recipe, overrides, accel = self._form()
-        self.validate(stage, recipe, overrides, accel, launch)
+        stage, recipe, overrides, accel, through = self._form()
+        self.validate(stage, recipe, overrides, accel, through, launch)
 
     def action_validate(self) -> None:
         self._check(launch=False)

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from engine.generation import Engine, Sampling, row_seeds
+from engine.generation import Engine, KeptTrunk, Sampling, row_seeds
 from engine.template import Conversation, render_prompt
 
 
@@ -20,7 +20,7 @@ class Rollout:
     response_mask: torch.Tensor  # [B, R] float: 1 on generated tokens up to and including the first eos
     responses: list[str]
     logprobs: torch.Tensor | None = None  # [B, R] float32: the sampler's log p of each token (untempered)
-    trunk: dict[int, torch.Tensor] | None = None  # with `capture`, where the decoder gave it (Generated.trunk)
+    trunk: KeptTrunk | None = None  # with `capture`, where the decoder kept it (Generated.trunk)
 
     @property
     def response_ids(self) -> torch.Tensor:

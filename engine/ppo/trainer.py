@@ -88,10 +88,25 @@ def _scorer(recipe: Recipe, stage: PPOStage, device: torch.device) -> Scorer:
         raise RecipeError(f"{recipe.where('ppo.reward_fn')}: ppo.{err}") from None
 
 
+TRUNK_CACHE_MODES = ("on", "score", "off")
+
+
+def trunk_cache_mode() -> str:
+    """RLHF_TRUNK_CACHE: on (the default: the trunk once per rollout, kept by the decoder as it samples where it
+    can, else by the scoring forward), score (always by the scoring forward), off (recomputed in every forward:
+    to compare, or to rule the cache out)."""
+    raw = os.environ.get("RLHF_TRUNK_CACHE", "on")
+    mode = raw.strip().lower()
+    if mode not in TRUNK_CACHE_MODES:
+        raise RecipeError(f"RLHF_TRUNK_CACHE={raw!r}: not one of {', '.join(TRUNK_CACHE_MODES)}")
+    return mode
+
+
 class PPOTrainer:
     def __init__(self, recipe: Recipe, handle: RunHandle):
         from accelerate import Accelerator
 
+        self.trunk_cache = trunk_cache_mode()  # before any model is loaded
         self.recipe = recipe
         self.stage: PPOStage = recipe.stage("ppo")  # type: ignore[assignment]
         self.handle = handle
@@ -315,23 +330,24 @@ class PPOTrainer:
         unwrapped = self.accelerator.unwrap_model(self.model)
         unwrapped.eval()  # no dropout anywhere: the first PPO epoch's ratio must start at exactly 1
 
-        # The trunk once per rollout (see engine/ppo/hydra.py): kept by the decoder as it samples (the BLOOM
-        # decoder computes it anyway), else by the scoring forward. RLHF_TRUNK_CACHE=off recomputes it in
-        # every forward (to compare, or to rule the cache out); =score keeps it from the scoring forward.
-        cache = os.environ.get("RLHF_TRUNK_CACHE", "on") if unwrapped.trunk_cacheable else "off"
+        # The trunk once per rollout (see engine/ppo/hydra.py and trunk_cache_mode): the BLOOM decoder computes
+        # it anyway as it samples.
+        cache = self.trunk_cache if unwrapped.trunk_cacheable else "off"
         capture = unwrapped.trunk_layers if cache == "on" else ()
 
         t0 = time.perf_counter()
         prompts, keys = self._next_prompts()
         with self.accelerator.autocast():
             rollout = generate(unwrapped.policy, self.tokenizer, prompts, stage, keys, self.recipe.seed, capture)
-        decoded = unwrapped.trunk_from(rollout.trunk) if rollout.trunk is not None else None
         raw_scores = self.scorer(rollout.prompts, rollout.responses).float()
         baseline = self._reference_scores(prompts) if stage.score_baseline == "reference" else None
         scores = self._scale(raw_scores - baseline if baseline is not None else raw_scores)
         t_rollout = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        # On the GPU only now: until here its memory served the reward model and the baseline's decode.
+        decoded = unwrapped.trunk_from(rollout.trunk.join(self.device)) if rollout.trunk is not None else None
+        rollout.trunk = None  # `decoded` holds it (the rollout lives on into the samples)
         keep = cache != "off" and decoded is None
         with torch.no_grad():  # in minibatches: the whole rollout's logits at once would not fit for real models
             parts = [self._forward(unwrapped, mb, with_ref=True, keep_trunk=keep,
@@ -340,7 +356,6 @@ class PPOTrainer:
             old_logprobs, ref_logprobs, old_values = (torch.cat(p) for p in list(zip(*parts))[:3])
             trunk = Trunk.cat([p[3] for p in parts]) if keep else decoded
             del parts  # the per-minibatch trunk parts: joined above, a second copy of the cache otherwise
-        rollout.trunk = None  # `trunk` holds it (the rollout lives on into the samples)
         mask = rollout.response_mask
         log_ratio = (old_logprobs - ref_logprobs) * mask
         kl_k3 = ((torch.exp(-log_ratio) - 1) + log_ratio) * mask
