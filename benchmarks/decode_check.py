@@ -90,14 +90,17 @@ def kept_trunk(hydra, ids, mask, sampling, autocast) -> list[str]:
     values (PPO's old log-probs, KL and advantages come from these)."""
     import torch
 
-    from engine.generation import Engine
+    from engine.generation import Engine, row_seeds
     from engine.ppo.core import logprobs_of
 
     rows = []
     for name, graph in (("eager", False), ("graph", True)):
         with torch.no_grad(), autocast():
-            g = Engine(hydra.policy, TOKENIZER, fast=True, graph=graph).generate(ids, mask, sampling,
-                                                                                 capture=hydra.trunk_layers)
+            # In chunks of 3 rows (each its own left padding), each chunk's trunk through pinned host memory
+            # on CUDA, joined as the trainer joins them.
+            g = Engine(hydra.policy, TOKENIZER, fast=True, graph=graph).generate_chunked(
+                ids, mask, sampling, row_seeds(sampling.seed, range(ids.shape[0]), ids.device), 3,
+                hydra.trunk_layers)
             keep = g.response_ids.shape[1] + 1
             own = hydra(g.input_ids, g.attention_mask, with_ref=True, logits_to_keep=keep, keep_trunk=True)
             kept = hydra.trunk_from(g.trunk.join(ids.device))
@@ -232,6 +235,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="the timing sections off CUDA too (a dry run)")
+    parser.add_argument("--agreement-only", action="store_true", help="section 1 only, no timing")
     args = parser.parse_args()
     device = args.device
     torch.manual_seed(0)
@@ -258,12 +262,12 @@ def main() -> None:
 
     print("\nbf16 trunk under autocast, float32 trainable top layer and head (a PPO policy), same prompts\n")
     print("\n".join(header + agreement(hydra.policy, hydra_scorer, ids, mask, sampling, autocast)))
-    print("\nThe trunk the decoder keeps against the scoring forward's (same rollout, same hydra), and the largest "
-          "differences of what scoring from each gives\n")
+    print("\nThe trunk the decoder keeps (decode batches of 3 rows) against the scoring forward's (same rollout, "
+          "same hydra), and the largest differences of what scoring from each gives\n")
     print("| decoder | trunk (layer L-k input) | log-probs | reference log-probs | values |\n|---|---:|---:|---:|---:|")
     print("\n".join(kept_trunk(hydra, ids, mask, sampling, autocast)))
 
-    if device == "cuda" or args.profile:
+    if (device == "cuda" or args.profile) and not args.agreement_only:
         del model, hydra
         big = model_of(args.shape, device, torch.bfloat16 if device == "cuda" else torch.float32)
         print(f"\nDecode steps alone (prefill excluded): {args.shape} (bf16, head float32-accurate), batch "

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Issue 10's remaining figures in one pass of about six minutes on one H200 (the 7b1-shaped iteration with
+# Issue 10's remaining figures in one pass of about seven minutes on one H200 (the 7b1-shaped iteration with
 # decode batches of 256 needs ~125 GiB). Each step's output also goes to $OUT/<step>.log when OUT is set.
 #   1. ppo_iteration.py at bloomz-7b1-mt as the trainer runs it: chunk_size auto (expected: one batch of 256
 #      for 256 prompts, the trunk kept by the decoder), fused BLOOM kernels
 #   2. the same with the trunk kept by the scoring forward instead: what keeping the decoder's trunk buys
 #   3. the same with transformers' kernels: what the fused ones buy
 #   4. kernels.py at bloomz-7b1-mt: BLOOM's fused kernels against transformers' (time, error, NaN)
+#   0. first, decode_check.py --agreement-only: the decode paths agree under CUDA graphs and bf16, and the trunk
+#      the decoder keeps (through pinned host memory, in chunks) against the scoring forward's
 # ppo_iteration.py times its phases with CUDA events, without a synchronisation per minibatch (the trainer has
 # none either); its per-1,024 column is computed from 256 prompts measured, labelled so.
 # Usage: benchmarks/gpu_issue10.sh
@@ -28,6 +30,7 @@ step() {
 }
 
 "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
+step agreement 90 "$python" benchmarks/decode_check.py --device cuda --agreement-only
 iteration=("$python" benchmarks/ppo_iteration.py --device cuda --shape bloomz-7b1-mt --prompts 256 --paths new --chunk auto)
 step iteration_auto 150 "${iteration[@]}" || exit 1  # the rest would fail alike
 step iteration_auto_scoring_trunk 130 "${iteration[@]}" --trunk score

@@ -268,13 +268,12 @@ def main() -> None:
         count = args.prompts if path == "new" else args.baseline_prompts
         prompts = torch.randint(1, vocab, (count, args.prompt_tokens), device=args.device)
         if cuda and path == "new" and args.trunk == "decoder":
-            # Pinned host memory for a decode batch's kept trunk, as the trainer has it from its second
-            # iteration on (the host caching allocator keeps freed blocks; pinning 2 GiB anew takes ~1 s).
-            # Sized for a batch of all the prompts, which auto takes where they fit.
-            rows = count if args.chunk == "auto" else min(count, args.chunk_rows)
+            # The pinned host block of the kept trunk (engine.generation.Engine.generate_chunked), as the
+            # trainer has it from its second iteration on: the host caching allocator keeps a freed block,
+            # and pinning 2 GiB anew takes about a second.
             width = args.prompt_tokens + args.response_tokens
-            blocks = [torch.empty(rows, width, SHAPES[args.shape][0], pin_memory=True) for _ in hydra.trunk_layers]
-            del blocks
+            torch.empty(len(hydra.trunk_layers) * count * width * SHAPES[args.shape][0], dtype=torch.float32,
+                        pin_memory=True)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
