@@ -623,6 +623,12 @@ async def test_live_cells_from_polls_redraw_at_most_every_two_seconds_and_user_a
         assert table.pending and str(table.get_row("3")[step]).startswith("5/")
         await wait_for(pilot, lambda: not table.pending, 10, "the timer's redraw")
         assert str(table.get_row("3")[step]).startswith("4/")
+        table.show(runs, app.history, set())  # a draw now
+        runs[3]["step"], runs[3]["status"] = 5, "failed"
+        table.show(runs, app.history, set(), throttle=True)  # a poll with a new status: at once, as below it
+        status = list(COLUMNS).index("status")
+        assert not table.pending and str(table.get_row("3")[status]) == "failed"
+        assert str(table.get_row("3")[step]).startswith("5/")
         runs[3]["step"] = 3
         table.show(runs, app.history, {3})  # what the user did (a mark, a note): at once
         assert not table.pending and str(table.get_row("3")[step]).startswith("3/")

@@ -47,8 +47,8 @@ FIELDS = (
 
 # "pipeline" runs the stages the recipe has (engine/pipeline.py), as the recipe says, up to the one `through`
 # names (`rlhf pipeline --through`): no field of its own.
-STAGE_OPTIONS = [("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"), ("pipeline: every stage, then eval", "pipeline")]
-THROUGH_OPTIONS = [("every stage the recipe has", "all"), ("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"),
+STAGE_OPTIONS = [("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"), ("pipeline: the recipe's stages in order", "pipeline")]
+THROUGH_OPTIONS = [("every stage the recipe has, then eval", "all"), ("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"),
                    ("eval", "eval")]
 
 

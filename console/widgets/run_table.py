@@ -251,7 +251,9 @@ class RunTable(DataTable):
         what the user did show at once."""
         if throttle and self.row_count:
             wait = self._cells_drawn + self.LIVE_CELLS_S - time.monotonic()
-            if wait > 0 and [row.key.value for row in self.ordered_rows] == [str(r["id"]) for r in self.visible(runs)]:
+            visible = self.visible(runs)
+            if wait > 0 and [row.key.value for row in self.ordered_rows] == [str(r["id"]) for r in visible] \
+                    and not self._status_changed(visible):
                 self._pending = (runs, history, marked, pipelines)
                 if self._flush is None:
                     self._flush = self.set_timer(wait, self._draw_pending)
@@ -289,6 +291,16 @@ class RunTable(DataTable):
                     wider = cell_len(str(value)) > self.columns[column].content_width
                     self.update_cell(key, column, value, update_width=wider)
             self._shown[key] = row
+
+    def _status_changed(self, runs: list[dict[str, Any]]) -> bool:
+        """A run's status is not a live cell: the line under the table shows it at once, and so must the row
+        (a run seen running in the table and done in that line, side by side, for up to two seconds)."""
+        column = COLUMNS.index("status")
+        for run in runs:
+            shown = self._shown.get(str(run["id"]))
+            if shown is None or str(shown[column]) != shown_status(run):
+                return True
+        return False
 
     @property
     def pending(self) -> bool:
