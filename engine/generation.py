@@ -25,6 +25,7 @@ lacks, so every request fails with no tokens (tests/test_generation.py keeps thi
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from engine.head import head_fp32
 
 _M32 = 0xFFFFFFFF
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -450,8 +452,18 @@ class Engine:
                     tensors = part.trunk.parts[0][2]
                     size = len(tensors) * input_ids.shape[0] * (input_ids.shape[1] + sampling.max_new_tokens) \
                         * next(iter(tensors.values())).shape[-1]
-                    store = torch.empty(size, dtype=torch.float32, pin_memory=True)
-                part.trunk, used = part.trunk.moved_into(store, used)
+                    try:
+                        store = torch.empty(size, dtype=torch.float32, pin_memory=True)
+                    except RuntimeError as err:  # host memory that cannot be pinned: score the old way
+                        log.warning("no pinned host memory for the decoder's trunk (%.1f GiB): the scoring "
+                                    "forward computes it instead (%s)", size * 4 / 2**30, err)
+                        capture = ()
+                        for earlier in parts:
+                            earlier.trunk = None
+                if capture:
+                    part.trunk, used = part.trunk.moved_into(store, used)
+                else:
+                    part.trunk = None
             parts.append(part)
         return concat(parts, self.pad_id)
 
