@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Issue 10's remaining figures in one pass of about seven minutes on one H200 (the 7b1-shaped iteration with
 # decode batches of 256 needs ~125 GiB). Each step's output also goes to $OUT/<step>.log when OUT is set.
-#   1. ppo_iteration.py at bloomz-7b1-mt as the trainer runs it: chunk_size auto (expected: one batch of 256
-#      for 256 prompts, the trunk kept by the decoder), fused BLOOM kernels
-#   2. the same with the trunk kept by the scoring forward instead: what keeping the decoder's trunk buys
-#   3. the same with transformers' kernels: what the fused ones buy
-#   4. kernels.py at bloomz-7b1-mt: BLOOM's fused kernels against transformers' (time, error, NaN)
-#   0. first, decode_check.py --agreement-only: the decode paths agree under CUDA graphs and bf16, and the trunk
-#      the decoder keeps (through pinned host memory, in chunks) against the scoring forward's
+#   0. decode_check.py --agreement-only: the decode paths agree under CUDA graphs and bf16, and the trunk the
+#      decoder keeps (through pinned host memory, in chunks) against the scoring forward's
+#   1. ppo_iteration.py at bloomz-7b1-mt as the trainer runs it: chunk_size auto, fused BLOOM kernels. Whether
+#      the decoder keeps the trunk there is close: 256 rows with it need 80.9 GiB free after the decoder is
+#      built, 256 without it 78.4 GiB (the line "chunk auto: ..." says what it chose)
+#   2. decode batches of 256 set by hand: the decoder always keeps the trunk (what it buys, at its peak memory)
+#   3. chunk_size auto with the trunk kept by the scoring forward: the comparison
+#   4. the same with transformers' kernels: what the fused ones buy
+#   5. kernels.py at bloomz-7b1-mt: BLOOM's fused kernels against transformers' (time, error, NaN)
 # ppo_iteration.py times its phases with CUDA events, without a synchronisation per minibatch (the trainer has
 # none either); its per-1,024 column is computed from 256 prompts measured, labelled so.
 # Usage: benchmarks/gpu_issue10.sh
@@ -34,7 +36,8 @@ step agreement 90 "$python" benchmarks/decode_check.py --device cuda --agreement
 iteration=("$python" benchmarks/ppo_iteration.py --device cuda --shape bloomz-7b1-mt --prompts 256 --paths new --chunk auto)
 step iteration_auto 150 "${iteration[@]}"
 first=$?
+step iteration_256 120 "${iteration[@]/auto/256}"
 # The trunk kept by the scoring forward: the comparison, and the measurement if the decoder's trunk failed.
-step iteration_auto_scoring_trunk 130 "${iteration[@]}" --trunk score || [ "$first" -eq 0 ] || exit 1
-step iteration_auto_transformers_kernels 130 "${iteration[@]}" --kernels transformers
-step kernels 100 "$python" benchmarks/kernels.py --device cuda --shape bloomz-7b1-mt
+step iteration_auto_scoring_trunk 120 "${iteration[@]}" --trunk score || [ "$first" -eq 0 ] || exit 1
+step iteration_auto_transformers_kernels 120 "${iteration[@]}" --kernels transformers
+step kernels 90 "$python" benchmarks/kernels.py --device cuda --shape bloomz-7b1-mt
