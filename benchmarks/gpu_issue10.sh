@@ -3,10 +3,10 @@
 # decode batches of 256 needs ~125 GiB). Each step's output also goes to $OUT/<step>.log when OUT is set.
 #   0. decode_check.py --agreement-only: the decode paths agree under CUDA graphs and bf16, and the trunk the
 #      decoder keeps (through pinned host memory, in chunks) against the scoring forward's
-#   1. ppo_iteration.py at bloomz-7b1-mt as the trainer runs it: chunk_size auto, fused BLOOM kernels. Whether
-#      the decoder keeps the trunk there is close: 256 rows with it need 80.9 GiB free after the decoder is
-#      built, 256 without it 78.4 GiB (the line "chunk auto: ..." says what it chose)
-#   2. decode batches of 256 set by hand: the decoder always keeps the trunk (what it buys, at its peak memory)
+#   1. ppo_iteration.py at bloomz-7b1-mt as the trainer runs it: chunk_size auto, fused BLOOM kernels; the
+#      decoder keeps the trunk where that costs no decode batch (256 rows: 78.8 GiB free after the decoder is
+#      built, 78.4 without it; the line "chunk auto: ..." says what it chose)
+#   2. decode batches of 256 set by hand: the decoder always keeps the trunk (at its peak memory)
 #   3. chunk_size auto with the trunk kept by the scoring forward: the comparison
 #   4. the same with transformers' kernels: what the fused ones buy
 #   5. kernels.py at bloomz-7b1-mt: BLOOM's fused kernels against transformers' (time, error, NaN)

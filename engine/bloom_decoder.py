@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.bloom_kernels import MASKED, gelu
+from engine.estimate import TRUNK_RING as RING
 from engine.head import mm32, split, split_available
 
 
@@ -162,20 +163,26 @@ class BloomDecoder:
         return self.embedding.device
 
     def batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-              capture: tuple[int, ...] = ()) -> "Batch":
-        return Batch(self, input_ids, attention_mask, max_new_tokens, capture)
+              capture: tuple[int, ...] = (), sink: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> "Batch":
+        return Batch(self, input_ids, attention_mask, max_new_tokens, capture, sink)
 
 
 class Batch:
     """One left-padded batch being decoded: its KV cache, key mask and ALiBi for the whole answer length.
 
     `capture`: layer indices whose input (the float32 residual stream, as transformers' BLOOM hands it to
-    the layer under autocast) is kept for every position fed, in `captured[i]` [B, P + R, hidden]. The PPO
-    scoring forward then starts at those layers instead of recomputing the frozen trunk (engine/ppo/hydra.py).
-    The last token chosen is never fed, so its position stays zero, as do those of a decode cut short."""
+    the layer under autocast) is kept for every position fed; the PPO scoring forward then starts at those
+    layers instead of recomputing the frozen trunk (engine/ppo/hydra.py). `kept[i]` = (the prompt's [B, P,
+    hidden], the answer's in blocks of RING positions [blocks, B, RING, hidden]), in tensors that `sink(shape)`
+    gives (pinned host memory for a rollout on CUDA) or on the device. The prefill copies each slice of rows'
+    prompt out as it goes; a step writes its position into a ring of RING positions on the device, copied
+    out whole when full (`flush`): on the GPU a row costs RING positions, not the whole answer's (8 MiB a
+    row at 7b1 shape, 512 tokens, which would cost the decode batch rows). `fed`: answer positions written.
+    """
 
     def __init__(self, decoder: BloomDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int, capture: tuple[int, ...] = ()):
+                 max_new_tokens: int, capture: tuple[int, ...] = (),
+                 sink: Callable[[tuple[int, ...]], torch.Tensor] | None = None):
         from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
         self.d = decoder
@@ -196,12 +203,28 @@ class Batch:
         self.values = torch.zeros(shape, dtype=decoder.dtype, device=device)
         self.input_ids = input_ids
         width = decoder.heads * decoder.head_dim
-        self.captured = {i: torch.zeros(rows, self.length, width, dtype=torch.float32, device=device)
-                         for i in sorted(set(capture))}
+        blocks = -(-max_new_tokens // RING)
 
-    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, span: int, part: slice = slice(None)) -> torch.Tensor:
+        def on_device(shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float32, device=device)
+
+        take = sink or on_device
+        self.ring = {i: on_device((rows, RING, width)) for i in sorted(set(capture))}
+        self.kept = {i: (take((rows, prompt, width)), take((blocks, rows, RING, width))) for i in self.ring}
+        self.fed = 0
+
+    def flush(self, fed: int) -> None:
+        """`fed` answer positions are written: copy the ring out into their block (after the step that wrote
+        them, in stream order; the next step waits for it). A block's positions past `fed` are stale."""
+        block = (fed - 1) // RING
+        for i, ring in self.ring.items():
+            self.kept[i][1][block].copy_(ring, non_blocking=True)
+        self.fed = fed
+
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, span: int, part: slice = slice(None),
+               prefill: bool = False) -> torch.Tensor:
         """Final-norm hidden state (float32) of the last of `ids` [B, T], placed at `positions` [T];
-        attention reads keys [0, span). `ids` are the batch's rows `part`."""
+        attention reads keys [0, span). `ids` are the batch's rows `part`; `prefill`: they are the prompts."""
         d = self.d
         rows, count = ids.shape
         heads, dim = d.heads, d.head_dim
@@ -218,8 +241,11 @@ class Batch:
         else:
             alibi = self.alibi[part, :, :, :span].reshape(rows * heads, 1, span)
         for i, layer in enumerate(d.layers):
-            if i in self.captured:
-                self.captured[i][part].index_copy_(1, positions, h)
+            if i in self.ring:
+                if prefill:
+                    self.kept[i][0][part].copy_(h, non_blocking=True)
+                else:
+                    self.ring[i][part].index_copy_(1, (positions - self.prompt) % RING, h)
             qkv = _apply(layer.ln1(h), layer.qkv).view(rows, count, heads, 3, dim)
             q, k, v = (qkv[..., j, :].transpose(1, 2) for j in range(3))  # [B, H, T, D]
             keys[i].index_copy_(2, positions, k)
@@ -240,8 +266,9 @@ class Batch:
             h = h + _apply(gelu(_apply(layer.ln2(h), layer.up)), layer.down)
         return d.final_norm(h[:, -1])
 
-    def logits(self, ids: torch.Tensor, positions: torch.Tensor, span: int, part: slice = slice(None)) -> torch.Tensor:
-        hidden = self.hidden(ids, positions, span, part)
+    def logits(self, ids: torch.Tensor, positions: torch.Tensor, span: int, part: slice = slice(None),
+               prefill: bool = False) -> torch.Tensor:
+        hidden = self.hidden(ids, positions, span, part, prefill)
         if self.d.split_head is not None:
             return self.d.split_head(hidden)
         return _apply(hidden, self.d.head)
@@ -256,11 +283,11 @@ class Batch:
         rows = rows or prefill_rows(self.rows, self.prompt)
         positions = torch.arange(self.prompt, device=self.input_ids.device)
         if rows >= self.rows:
-            return self.logits(self.input_ids, positions, self.prompt)
+            return self.logits(self.input_ids, positions, self.prompt, prefill=True)
         out = None
         for start in range(0, self.rows, rows):
             part = slice(start, start + rows)
-            logits = self.logits(self.input_ids[part], positions, self.prompt, part)
+            logits = self.logits(self.input_ids[part], positions, self.prompt, part, prefill=True)
             if out is None:
                 out = logits.new_empty(self.rows, logits.shape[-1])
             out[part] = logits
@@ -313,15 +340,24 @@ class Stepper:
         self._record(b.logits(last, b.prompt + self.step - 1, span))
 
     def _advance(self) -> None:
+        self._step()
+        self.done += 1
+        if self.b.ring and (self.done - 1) % RING == 0:  # answer positions [0, done - 1) fed: a ring's worth
+            self.b.flush(self.done - 1)
+
+    def finish(self) -> None:
+        """Copy out the kept trunk's last, partly written ring (the decode ended)."""
+        if self.b.ring and self.done - 1 > self.b.fed:
+            self.b.flush(self.done - 1)
+
+    def _step(self) -> None:
         need = self.b.prompt + self.done  # keys [0, need) hold the prompt and every token so far
         if not self.static:
             self._next(need)
-            self.done += 1
             return
         span = min(self.b.length, -(-need // self.SPAN) * self.SPAN)
         if not self.use_graphs:
             self._next(span)
-            self.done += 1
             return
         # Warm-up, capture and replay run on a stream of their own (capture cannot use the default one);
         # the caller's stream waits for each step.
@@ -339,7 +375,6 @@ class Stepper:
                 self._next(span)
                 self.warmed.add(span)
         caller.wait_stream(self.stream)
-        self.done += 1
 
     def __iter__(self) -> Iterator[int]:
         """Advance one token at a time; yields the number of tokens chosen (the caller reads the buffers)."""

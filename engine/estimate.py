@@ -219,6 +219,9 @@ DECODE_FREE_SHARE = 0.8
 # Prompt tokens the BLOOM decoder prefills at once: 32 prompts of 256 tokens, wide enough that its products
 # run at full speed, and ~1.4 GB of working tensors at 7b1 shape instead of ~11 GB for 256 prompts.
 PREFILL_TOKENS = 8192
+# Answer positions of the kept trunk the BLOOM decoder holds on the GPU before it copies them out to host
+# memory (engine/bloom_decoder.py Batch): 1 MiB a row at 7b1 shape, instead of 8 MiB for 512 positions.
+TRUNK_RING = 64
 
 
 def prefill_rows(rows: int, prompt: int) -> int:
@@ -240,8 +243,8 @@ def decode_rows(budget: int, fixed: int, per_row: int, limit: int) -> int:
 
 
 def trunk_costs_a_batch(plain_rows: int, keeping_rows: int, limit: int) -> bool:
-    """Whether keeping the trunk while decoding (8 MiB a row at 7b1 shape, 512 tokens) would split `limit`
-    prompts into more decode batches than without it. Then it does not pay: every batch reads all the weights
+    """Whether keeping the trunk while decoding (the decoder's ring: 1 MiB a row at 7b1 shape) would split
+    `limit` prompts into more decode batches than without it. Then it does not pay: every batch reads all the weights
     at each of its steps (at 1,024 prompts a fifth batch cost ~14 s on an H200, about what the kept trunk
     saves the scoring forward), and the scoring forward computes the trunk instead."""
     return -(-limit // keeping_rows) > -(-limit // plain_rows)
@@ -1011,9 +1014,10 @@ def _ppo_rollout(s: PPOSetup, split: bool, policy_head_fp32: bool, c: int, mode:
         prefill = shape.working_set(mode, s.chunk, s.prompt)
     items.append(Item("prefill", f"prefill: one layer over {prefilled} x {s.prompt} prompt tokens", prefill,
                       (M_DECODE,)))
-    if decoder_keeps_trunk(s):  # each decode batch's part waits in host memory once decoded
-        items.append(Item("decode_trunk", f"trunk kept by the decoder: {s.chunk} prompts x {seq} tokens (float32)",
-                          s.chunk * seq * shape.hidden * 4 * _trunk_layers(s), (M_DECODE,)))
+    if decoder_keeps_trunk(s):  # a ring of positions on the GPU; the rest waits in host memory
+        items.append(Item("decode_trunk", f"trunk kept by the decoder: {s.chunk} prompts x a ring of {TRUNK_RING} "
+                          "positions (float32)", s.chunk * TRUNK_RING * shape.hidden * 4 * _trunk_layers(s),
+                          (M_DECODE,)))
     if s.reward is not None:
         rows = min(REWARD_BATCH, s.rollout)
         items.append(Item("reward_forward", f"reward model's forward ({rows} answers, one layer at a time)",

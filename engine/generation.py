@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -83,44 +84,53 @@ class Generated:
 @dataclass
 class KeptTrunk:
     """The inputs of some decoder layers (float32) at every position of a batch of answers, kept by the BLOOM
-    decoder as it fed them (`Engine.generate`'s `capture`), chunk by chunk, and laid out as `concat` lays
-    out the answers only on `join`: the whole rollout's trunk (8 GiB for 1,024 rows of 512 tokens at 7b1
-    shape) is GPU memory that the next decode batches, the reward model and a baseline's decode can use
-    until the scoring forward needs it. Zero where nothing was fed: the last position of the longest answer,
-    and the padding `concat` adds."""
+    decoder as it fed them (`Engine.generate`'s `capture`, engine.bloom_decoder.Batch), chunk by chunk, and
+    laid out as `concat` lays out the answers only on `join`: the whole rollout's trunk (8 GiB for 1,024 rows
+    of 512 tokens at 7b1 shape) waits in host memory after a CUDA decode, GPU memory that the next decode
+    batches, the reward model and a baseline's decode can use until the scoring forward needs it. Zero where
+    nothing was fed: the last position of the longest answer, and the padding `concat` adds."""
 
-    # (prompt length P, positions kept P + R, layer -> [rows, >= P + R, hidden]), one per chunk, in row order
-    parts: list[tuple[int, int, dict[int, torch.Tensor]]]
+    # One per chunk, in row order: (prompt length P, P + answer width, answer positions fed, layer ->
+    # (prompt [rows, P, hidden], answer in blocks [blocks, rows, RING, hidden]))
+    parts: list[tuple[int, int, int, dict[int, tuple[torch.Tensor, torch.Tensor]]]]
 
     def join(self, device: torch.device | str) -> dict[int, torch.Tensor]:
         """Layer -> [B, P + R, hidden] on `device`, as `concat` lays out the chunks' answers."""
-        prompt = max(p for p, _, _ in self.parts)
-        width = prompt + max(n - p for p, n, _ in self.parts)
+        prompt = max(p for p, _, _, _ in self.parts)
+        width = prompt + max(n - p for p, n, _, _ in self.parts)
         joined = {}
-        for layer, first in self.parts[0][2].items():
-            rows = sum(tensors[layer].shape[0] for _, _, tensors in self.parts)
-            out = torch.zeros(rows, width, first.shape[-1], dtype=first.dtype, device=device)
+        for layer in self.parts[0][3]:
+            rows = sum(kept[layer][0].shape[0] for _, _, _, kept in self.parts)
+            out = torch.zeros(rows, width, self.parts[0][3][layer][0].shape[-1], dtype=torch.float32, device=device)
             row = 0
-            for p, n, tensors in self.parts:
-                piece = tensors[layer].to(device, non_blocking=True)  # after the copy out, in stream order
-                left = prompt - p
-                out[row : row + piece.shape[0], left : left + n] = piece[:, :n]
-                row += piece.shape[0]
+            for p, n, fed, kept in self.parts:
+                head, blocks = kept[layer]
+                count = head.shape[0]
+                # Host to device in stream order after the copies out (each a contiguous piece: no wait).
+                out[row : row + count, prompt - p : prompt] = head.to(device, non_blocking=True)
+                answer = min(fed, n - p)
+                if answer > 0:
+                    used = blocks[: -(-answer // blocks.shape[2])].to(device, non_blocking=True)
+                    flat = used.transpose(0, 1).reshape(count, -1, used.shape[-1])
+                    out[row : row + count, prompt : prompt + answer] = flat[:, :answer]
+                row += count
             joined[layer] = out
         return joined
 
-    def moved_into(self, store: torch.Tensor, offset: int) -> tuple["KeptTrunk", int]:
-        """The same trunk copied into `store` (flat, pinned host memory) from `offset` on, each tensor whole
-        (contiguous: one copy the host does not wait for); and the offset after it."""
-        parts = []
-        for p, n, tensors in self.parts:
-            moved = {}
-            for layer, t in tensors.items():
-                view = store[offset : offset + t.numel()].view(t.shape)
-                moved[layer] = view.copy_(t, non_blocking=True)
-                offset += t.numel()
-            parts.append((p, n, moved))
-        return KeptTrunk(parts), offset
+
+class _HostBlock:
+    """One pinned host block handed out in consecutive pieces (a rollout's kept trunk: one allocation, which
+    the host caching allocator keeps for the next rollout, instead of one per chunk in size classes)."""
+
+    def __init__(self, numel: int):
+        self.block = torch.empty(numel, dtype=torch.float32, pin_memory=True)
+        self.used = 0
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        count = math.prod(shape)
+        piece = self.block[self.used : self.used + count].view(shape)
+        self.used += count
+        return piece
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -233,10 +243,10 @@ class Engine:
         return self._decoder
 
     def _stepper(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling,
-                 seeds: torch.Tensor, capture: tuple[int, ...] = ()) -> Any:
+                 seeds: torch.Tensor, capture: tuple[int, ...] = (), sink: Any = None) -> Any:
         from engine.bloom_decoder import Stepper
 
-        batch = self._bloom().batch(input_ids, attention_mask, sampling.max_new_tokens, capture)
+        batch = self._bloom().batch(input_ids, attention_mask, sampling.max_new_tokens, capture, sink)
         seeds = seeds.to(input_ids.device)
         static = self.graph if self.graph is not None else input_ids.device.type == "cuda"
         def choose(logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -271,7 +281,10 @@ class Engine:
 
     def row_bytes(self, prompt_tokens: int, total_tokens: int, captured: int = 0) -> int:
         """Bytes one more row of a decode batch costs (`prompt_tokens` prefilled, `total_tokens` cached),
-        with the inputs of `captured` layers kept (float32, every position; only the BLOOM decoder keeps them)."""
+        keeping the inputs of `captured` layers (the BLOOM decoder's ring of TRUNK_RING float32 positions each;
+        the rest waits in host memory: `generate_chunked`)."""
+        from engine.estimate import TRUNK_RING
+
         config = self._lm.config
         layers, hidden = config.num_hidden_layers, config.hidden_size
         heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
@@ -279,7 +292,7 @@ class Engine:
         row = 2 * layers * kv_width * total_tokens * self._width() + self.SAMPLER_COPIES * config.vocab_size * 4
         if not self.fast:
             return row + self._prefill_bytes(1, prompt_tokens)
-        return row + captured * total_tokens * hidden * 4
+        return row + captured * TRUNK_RING * hidden * 4
 
     def fixed_bytes(self, prompt_tokens: int, limit: int) -> int:
         """Bytes a decode batch costs whatever its width: the BLOOM decoder's prefill slice."""
@@ -391,21 +404,24 @@ class Engine:
 
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling,
-        seeds: torch.Tensor | None = None, capture: tuple[int, ...] = (),
+        seeds: torch.Tensor | None = None, capture: tuple[int, ...] = (), sink: Any = None,
     ) -> Generated:
         """Answer a left-padded batch; `seeds` per row (default: derived from `sampling.seed` and the row).
 
         `capture`: decoder layers whose inputs to keep for every position (`Generated.trunk`), which the
-        BLOOM decoder computes anyway; through transformers nothing is kept (`trunk` stays None)."""
+        BLOOM decoder computes anyway; through transformers nothing is kept (`trunk` stays None). `sink(shape)`:
+        where to keep it (engine.bloom_decoder.Batch; default the device)."""
         if seeds is None:
             seeds = row_seeds(sampling.seed, range(input_ids.shape[0]))
-        captured: dict[int, torch.Tensor] = {}
+        kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        fed = 0
         if self.fast:
             with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                stepper = self._stepper(input_ids, attention_mask, sampling, seeds, tuple(capture))
+                stepper = self._stepper(input_ids, attention_mask, sampling, seeds, tuple(capture), sink)
                 done = stepper.run()
+                stepper.finish()
             response, logprobs = stepper.tokens[:, :done], stepper.logprobs[:, :done]
-            captured = stepper.b.captured
+            kept, fed = stepper.b.kept, stepper.b.fed
         else:
             tokens, lps = [], []
             for token, logprob, _ in self.steps(input_ids, attention_mask, sampling, seeds):
@@ -421,7 +437,7 @@ class Engine:
         response = response.masked_fill(after_eos, self.pad_id)
         response_mask = (~after_eos).float()
         prompt = input_ids.shape[1]
-        trunk = KeptTrunk([(prompt, prompt + width, captured)]) if captured else None
+        trunk = KeptTrunk([(prompt, prompt + width, fed, kept)]) if kept else None
         return Generated(
             input_ids=torch.cat([input_ids, response], dim=1),
             attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
@@ -436,35 +452,27 @@ class Engine:
         chunk: int, capture: tuple[int, ...] = (),
     ) -> Generated:
         """`generate` over a left-padded batch `chunk` rows at a time, each chunk's left padding trimmed to its
-        own longest prompt, joined by `concat`. On CUDA each chunk's kept trunk goes to pinned host memory
-        (one block for the rollout, which the host caching allocator keeps for the next one) until `join`:
-        at 7b1 shape it is 8 MiB a row, room the next decode batches would otherwise lose. The copy is
-        queued behind the chunk's decode and not overlapped (~0.1 s per 2 GiB)."""
+        own longest prompt, joined by `concat`. On CUDA the kept trunk goes to one pinned host block for the
+        whole rollout as it is decoded (`KeptTrunk`)."""
+        sink = None
+        if capture and self.fast and input_ids.device.type == "cuda":
+            from engine.estimate import TRUNK_RING
+
+            config = self._lm.config
+            positions = input_ids.shape[1] + -(-sampling.max_new_tokens // TRUNK_RING) * TRUNK_RING
+            numel = len(set(capture)) * input_ids.shape[0] * positions * config.hidden_size
+            try:
+                sink = _HostBlock(numel).take
+            except RuntimeError as err:  # host memory that cannot be pinned: the scoring forward computes it
+                log.warning("no pinned host memory for the decoder's trunk (%.1f GiB): the scoring forward "
+                            "computes it instead (%s)", numel * 4 / 2**30, err)
+                capture = ()
         parts = []
-        store, used = None, 0
         for start in range(0, input_ids.shape[0], chunk):
             mask = attention_mask[start : start + chunk]
             first = int(mask.any(0).nonzero()[0])  # left padding only as wide as this chunk's longest prompt
             ids, mask = input_ids[start : start + chunk, first:], mask[:, first:]
-            part = self.generate(ids, mask, sampling, seeds[start : start + chunk], capture)
-            if part.trunk is not None and ids.device.type == "cuda":
-                if store is None:  # room for every row's whole buffer: prompt + max_new_tokens positions
-                    tensors = part.trunk.parts[0][2]
-                    size = len(tensors) * input_ids.shape[0] * (input_ids.shape[1] + sampling.max_new_tokens) \
-                        * next(iter(tensors.values())).shape[-1]
-                    try:
-                        store = torch.empty(size, dtype=torch.float32, pin_memory=True)
-                    except RuntimeError as err:  # host memory that cannot be pinned: score the old way
-                        log.warning("no pinned host memory for the decoder's trunk (%.1f GiB): the scoring "
-                                    "forward computes it instead (%s)", size * 4 / 2**30, err)
-                        capture = ()
-                        for earlier in parts:
-                            earlier.trunk = None
-                if capture:
-                    part.trunk, used = part.trunk.moved_into(store, used)
-                else:
-                    part.trunk = None
-            parts.append(part)
+            parts.append(self.generate(ids, mask, sampling, seeds[start : start + chunk], capture, sink))
         return concat(parts, self.pad_id)
 
     def stream(self, prompt: str | Sequence[int], sampling: Sampling, cancelled: Any = None) -> Iterator[Piece]:

@@ -152,8 +152,9 @@ def test_auto_chunks_take_what_the_free_memory_holds(tiny):
     sampler = Engine.SAMPLER_COPIES * config.vocab_size * 4
     assert row == kv + sampler
     assert engine.row_bytes(256, 1024) - row == kv  # twice the tokens, twice the cache
-    # The trunk the decoder keeps for the scoring forward: a float32 layer input per position and layer.
-    assert engine.row_bytes(256, 512, captured=2) - row == 2 * 512 * config.hidden_size * 4
+    # The trunk the decoder keeps for the scoring forward: a ring of float32 layer inputs per layer on the
+    # device (the rest waits in host memory).
+    assert engine.row_bytes(256, 512, captured=2) - row == 2 * 64 * config.hidden_size * 4
     fixed = engine.fixed_bytes(256, 1024)  # the BLOOM decoder prefills 8,192 prompt tokens at a time
     assert fixed == bloom_prefill_bytes(32, 256, config.hidden_size, config.n_head, 4)
     assert engine.fixed_bytes(256, 20) == bloom_prefill_bytes(20, 256, config.hidden_size, config.n_head, 4)
@@ -205,6 +206,7 @@ def test_the_decoder_keeps_the_trunk_the_scoring_forward_computes(demo_dir, monk
 
     monkeypatch.setattr(Stepper, "SPAN", 8)
     monkeypatch.setattr("engine.estimate.PREFILL_TOKENS", 20)  # slices of a few prompts
+    monkeypatch.setattr("engine.bloom_decoder.RING", 5)  # the ring copied out several times, and a part of it
     model = AutoModelForCausalLM.from_pretrained(demo_dir / "model")
     tokenizer = AutoTokenizer.from_pretrained(demo_dir / "model")
     hydra = Hydra(model, num_layers_unfrozen=1, value_layers=2).eval()
