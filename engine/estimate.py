@@ -220,7 +220,7 @@ DECODE_FREE_SHARE = 0.8
 # run at full speed, and ~1.4 GB of working tensors at 7b1 shape instead of ~11 GB for 256 prompts.
 PREFILL_TOKENS = 8192
 # Answer positions of the kept trunk the BLOOM decoder holds on the GPU before it copies them out to host
-# memory (engine/bloom_decoder.py Batch): 1 MiB a row at 7b1 shape, instead of 8 MiB for 512 positions.
+# memory (engine/bloom_decoder.py Batch, as RING): 1 MiB a row at 7b1 shape, instead of 8 MiB for 512 positions.
 TRUNK_RING = 64
 
 

@@ -108,11 +108,11 @@ class KeptTrunk:
                 count = head.shape[0]
                 # Host to device in stream order after the copies out (each a contiguous piece: no wait).
                 out[row : row + count, prompt - p : prompt] = head.to(device, non_blocking=True)
-                answer = min(fed, n - p)
-                if answer > 0:
-                    used = blocks[: -(-answer // blocks.shape[2])].to(device, non_blocking=True)
-                    flat = used.transpose(0, 1).reshape(count, -1, used.shape[-1])
-                    out[row : row + count, prompt : prompt + answer] = flat[:, :answer]
+                answer, ring = min(fed, n - p), blocks.shape[2]
+                for start in range(0, answer, ring):  # a block at a time: one block's temporary on the device
+                    block = blocks[start // ring].to(device, non_blocking=True)
+                    end = min(answer, start + ring)
+                    out[row : row + count, prompt + start : prompt + end] = block[:, : end - start]
                 row += count
             joined[layer] = out
         return joined
@@ -281,9 +281,9 @@ class Engine:
 
     def row_bytes(self, prompt_tokens: int, total_tokens: int, captured: int = 0) -> int:
         """Bytes one more row of a decode batch costs (`prompt_tokens` prefilled, `total_tokens` cached),
-        keeping the inputs of `captured` layers (the BLOOM decoder's ring of TRUNK_RING float32 positions each;
+        keeping the inputs of `captured` layers (the BLOOM decoder's ring of RING float32 positions each;
         the rest waits in host memory: `generate_chunked`)."""
-        from engine.estimate import TRUNK_RING
+        from engine.bloom_decoder import RING
 
         config = self._lm.config
         layers, hidden = config.num_hidden_layers, config.hidden_size
@@ -292,7 +292,7 @@ class Engine:
         row = 2 * layers * kv_width * total_tokens * self._width() + self.SAMPLER_COPIES * config.vocab_size * 4
         if not self.fast:
             return row + self._prefill_bytes(1, prompt_tokens)
-        return row + captured * TRUNK_RING * hidden * 4
+        return row + captured * RING * hidden * 4
 
     def fixed_bytes(self, prompt_tokens: int, limit: int) -> int:
         """Bytes a decode batch costs whatever its width: the BLOOM decoder's prefill slice."""
@@ -410,7 +410,8 @@ class Engine:
 
         `capture`: decoder layers whose inputs to keep for every position (`Generated.trunk`), which the
         BLOOM decoder computes anyway; through transformers nothing is kept (`trunk` stays None). `sink(shape)`:
-        where to keep it (engine.bloom_decoder.Batch; default the device)."""
+        where to keep it (engine.bloom_decoder.Batch). Without one it is all on the device, which `row_bytes`
+        does not count: `generate_chunked` gives a rollout on CUDA pinned host memory."""
         if seeds is None:
             seeds = row_seeds(sampling.seed, range(input_ids.shape[0]))
         kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -456,10 +457,10 @@ class Engine:
         whole rollout as it is decoded (`KeptTrunk`)."""
         sink = None
         if capture and self.fast and input_ids.device.type == "cuda":
-            from engine.estimate import TRUNK_RING
+            from engine.bloom_decoder import RING
 
             config = self._lm.config
-            positions = input_ids.shape[1] + -(-sampling.max_new_tokens // TRUNK_RING) * TRUNK_RING
+            positions = input_ids.shape[1] + -(-sampling.max_new_tokens // RING) * RING
             numel = len(set(capture)) * input_ids.shape[0] * positions * config.hidden_size
             try:
                 sink = _HostBlock(numel).take
