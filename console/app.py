@@ -495,13 +495,15 @@ class RlhfConsole(App):
         from console.screens.runs import RunsScreen
         from console.screens.scores import ScoresScreen
         from console.widgets.log_view import LogView
+        from console.widgets.run_table import RunTable
         from console.widgets.samples_view import SamplesView
 
         if isinstance(self.screen, HelpScreen):
             return
         # (screen, its sections): the screen help is asked on comes first, after the keys that work everywhere.
         screens = [
-            (RunsScreen, [("Runs", RunsScreen.BINDINGS), ("Log (when it has focus)", LogView.BINDINGS),
+            (RunsScreen, [("Runs", RunsScreen.BINDINGS), ("Run table (when it has focus)", RunTable.BINDINGS),
+                          ("Log (when it has focus)", LogView.BINDINGS),
                           ("Samples (when they have focus)", SamplesView.BINDINGS)]),
             (LaunchScreen, [("Launch", LaunchScreen.BINDINGS)]), (GpuScreen, [("GPUs", GpuScreen.BINDINGS)]),
             (ChatScreen, [("Chat", ChatScreen.BINDINGS)]), (ScoresScreen, [("Scores", ScoresScreen.BINDINGS)]),

@@ -84,8 +84,7 @@ async def test_80x24_with_12_runs_scrolls_the_table_and_keeps_the_status_line_an
     async with loaded(many_runs, (80, 24)) as (app, pilot):
         home, table = app.home, app.home.query_one(RunTable)
         line = home.query_one("#run-info", Static)
-        for _ in range(11):  # to the oldest run, at the bottom
-            await pilot.press("down")
+        await pilot.press("end")  # to the oldest run, at the bottom
         await wait_for(pilot, lambda: home.selected == 1 and "run 1 " in info(app), 10, "the oldest run")
         assert table.selected_run() == 1 and home.selected == 1
         # what is on screen at the highlighted row's line is the table, and at the status line's the line
@@ -96,6 +95,8 @@ async def test_80x24_with_12_runs_scrolls_the_table_and_keeps_the_status_line_an
         keys = {k.key_display or k.key: k for k in home.query(FooterKey)}
         for key in ("n", "g", "?"):
             assert key in keys and keys[key].region.right <= 80, (key, sorted(keys))
+        await pilot.press("home")  # and back to the newest, at the top
+        await wait_for(pilot, lambda: home.selected == 12 and table.scroll_offset.y == 0, 10, "the newest run")
 
 
 @sync

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.cells import cell_len
 from rich.text import Text
+from textual.binding import Binding
 from textual.timer import Timer
 from textual.widgets import DataTable
 
@@ -153,6 +154,13 @@ def overrides_text(run: dict[str, Any]) -> str:
 
 
 class RunTable(DataTable):
+    # Home and End go to the first and last run, as in htop or a file manager (a row table's DataTable
+    # scrolls sideways with them; left and right still do).
+    BINDINGS = [
+        Binding("home", "scroll_top", "First run", show=False),
+        Binding("end", "scroll_bottom", "Last run", show=False),
+    ]
+
     def __init__(self, **kwargs: Any):
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.sort_by = "id"
