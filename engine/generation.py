@@ -73,8 +73,7 @@ class Generated:
     prompt_length: int  # P
     response_mask: torch.Tensor  # [B, R] float: 1 on generated tokens up to and including the first eos
     logprobs: torch.Tensor  # [B, R] float32: log p(token) under the untempered model, 0 on padding
-    trunk: "KeptTrunk | None" = None  # with `capture`
-
+    trunk: KeptTrunk | None = None  # with `capture`
 
     @property
     def response_ids(self) -> torch.Tensor:
