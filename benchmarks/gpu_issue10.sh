@@ -13,11 +13,13 @@
 # ppo_iteration.py times its phases with CUDA events, without a synchronisation per minibatch (the trainer has
 # none either); its per-1,024 column is computed from 256 prompts measured, labelled so.
 # The steps' limits add up to 570 s: with the wheels installed first, the pass fits one 600 s device call.
-# Usage: benchmarks/gpu_issue10.sh
+# Usage: benchmarks/gpu_issue10.sh    (DEVICE=cpu SHAPE=cpu-small: the same steps as a dry run on a CPU)
 set -uo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 out="${OUT:-$(mktemp -d)}"
 python="${PYTHON:-python3}"
+device="${DEVICE:-cuda}"
+shape="${SHAPE:-bloomz-7b1-mt}"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cd "$repo"
 
@@ -32,13 +34,13 @@ step() {
   return "$rc"
 }
 
-"$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
-step agreement 50 "$python" benchmarks/decode_check.py --device cuda --agreement-only
-iteration=("$python" benchmarks/ppo_iteration.py --device cuda --shape bloomz-7b1-mt --prompts 256 --paths new --chunk auto)
+"$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU')"
+step agreement 50 "$python" benchmarks/decode_check.py --device "$device" --agreement-only
+iteration=("$python" benchmarks/ppo_iteration.py --device "$device" --shape "$shape" --prompts 256 --paths new --chunk auto)
 step iteration_auto 130 "${iteration[@]}"
 first=$?
 step iteration_256 110 "${iteration[@]/auto/256}"
 # The trunk kept by the scoring forward: the comparison, and the measurement if the decoder's trunk failed.
 step iteration_auto_scoring_trunk 110 "${iteration[@]}" --trunk score || [ "$first" -eq 0 ] || exit 1
 step iteration_auto_transformers_kernels 100 "${iteration[@]}" --kernels transformers
-step kernels 70 "$python" benchmarks/kernels.py --device cuda --shape bloomz-7b1-mt
+step kernels 70 "$python" benchmarks/kernels.py --device "$device" --shape "$shape"
