@@ -271,9 +271,10 @@ def main() -> None:
             # The pinned host block of the kept trunk (engine.generation.Engine.generate_chunked), as the
             # trainer has it from its second iteration on: the host caching allocator keeps a freed block,
             # and pinning 2 GiB anew takes about a second.
-            width = args.prompt_tokens + args.response_tokens
-            torch.empty(len(hydra.trunk_layers) * count * width * SHAPES[args.shape][0], dtype=torch.float32,
-                        pin_memory=True)
+            from engine.generation import kept_trunk_numel
+
+            torch.empty(kept_trunk_numel(len(hydra.trunk_layers), count, args.prompt_tokens, args.response_tokens,
+                                         SHAPES[args.shape][0]), dtype=torch.float32, pin_memory=True)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -117,6 +117,14 @@ class KeptTrunk:
         return joined
 
 
+def kept_trunk_numel(layers: int, rows: int, prompt_tokens: int, max_new_tokens: int, hidden: int) -> int:
+    """Float32 elements of the host block that holds a rollout's kept trunk (`Engine.generate_chunked`): every
+    row's prompt and its answer in whole blocks of the decoder's ring."""
+    from engine.bloom_decoder import RING
+
+    return layers * rows * (prompt_tokens + -(-max_new_tokens // RING) * RING) * hidden
+
+
 class _HostBlock:
     """One pinned host block handed out in consecutive pieces (a rollout's kept trunk: one allocation, which
     the host caching allocator keeps for the next rollout, instead of one per chunk in size classes)."""
@@ -456,11 +464,8 @@ class Engine:
         whole rollout as it is decoded (`KeptTrunk`)."""
         sink = None
         if capture and self.fast and input_ids.device.type == "cuda":
-            from engine.bloom_decoder import RING
-
-            config = self._lm.config
-            positions = input_ids.shape[1] + -(-sampling.max_new_tokens // RING) * RING
-            numel = len(set(capture)) * input_ids.shape[0] * positions * config.hidden_size
+            numel = kept_trunk_numel(len(set(capture)), *input_ids.shape, sampling.max_new_tokens,
+                                     self._lm.config.hidden_size)
             try:
                 sink = _HostBlock(numel).take
             except RuntimeError as err:  # host memory that cannot be pinned: the scoring forward computes it
