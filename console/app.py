@@ -380,10 +380,9 @@ class RlhfConsole(App):
         accelerate = launch.get("accelerate_config")
         if not accelerate:
             # Guessing (a CPU config for a GPU run, say) would be worse than asking.
-            from engine.cli import resume_hint
+            from engine.run import resume_hint
 
-            how = (f"`rlhf eval belle --resume-run {run_id}`" if run["stage"] == "eval" else
-                   f"`{resume_hint('train', run['stage'], run_id, str(self.db_path))}`")
+            how = f"`{resume_hint('train', run['stage'], run_id, self.db_path)}`"
             self.post_message(ActionDone("resume", run_id, (
                 f"run {run_id} was started in its own terminal, not launched: resume it the same way, {how}")))
             return

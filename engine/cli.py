@@ -37,14 +37,6 @@ def _recipe_or_resume(args: argparse.Namespace) -> None:
         args.overrides.append("strict_data=true")
 
 
-def resume_hint(command: str, stage: str, run_id: int, db: str | None) -> str:
-    """The command that continues a stopped run: its recorded recipe is read back, so no file and no --set;
-    the runs database always, absolute, so it works from any directory."""
-    from engine.store import default_db_path
-
-    return f"rlhf {command} {stage} --resume-run {run_id} --db {os.path.abspath(db or default_db_path())}"
-
-
 def build_parser() -> argparse.ArgumentParser:
     from engine.config import STAGES
 
@@ -261,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_eval_command(args)
         if args.command == "train":
-            from engine.run import RUN_ID_ENV, resume_recipe
+            from engine.run import RUN_ID_ENV, resume_hint, resume_recipe
             from engine.store import Store, default_db_path
             from engine.train import EXIT_STOPPED, configure_logging, run_stage
 
@@ -286,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         assert args.command == "launch"
         from engine.launch import prepare, start_detached, supervise
+        from engine.run import resume_hint
         from engine.train import EXIT_STOPPED
 
         _recipe_or_resume(args)

@@ -62,8 +62,9 @@ def _belle(args: argparse.Namespace) -> int:
             raise RecipeError(f"invalid evaluation settings: {err}") from None
         run_id, status = run_eval(config, db)
     if status == "stopped":
-        print(f"evaluation run {run_id} stopped; continue it with: rlhf eval belle --resume-run {run_id}"
-              + (f" --db {args.db}" if args.db else ""))
+        from engine.run import resume_hint
+
+        print(f"evaluation run {run_id} stopped; continue it with: {resume_hint('', 'eval', run_id, args.db)}")
         return EXIT_STOPPED
     print(f"evaluation run {run_id} {status}; the table: rlhf eval table" + (f" --db {args.db}" if args.db else ""))
     return 0

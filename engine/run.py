@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from engine.config import Recipe, RecipeError, Stage, recipe_to_json, with_absolute_paths
 from engine.procs import process_start, run_processes_gone
-from engine.store import ResilientStore, Store, StoreError
+from engine.store import ResilientStore, Store, StoreError, default_db_path
 
 RUN_ID_ENV = "RLHF_RUN_ID"
 PIPELINE_ENV = "RLHF_PIPELINE_ID"  # set by `rlhf pipeline`: the runs its stages register belong to it
@@ -74,6 +74,14 @@ def settled(store: Store, run_id: int) -> dict[str, Any]:
         store.close_orphan(run_id)
         run = store.run(run_id)
     return run
+
+
+def resume_hint(command: str, stage: str, run_id: int, db: str | os.PathLike | None) -> str:
+    """The command that continues a stopped run (`command`: train or launch; an evaluation has its own): its
+    recorded recipe is read back, so no file and no --set; the runs database always, absolute, so it works
+    from any directory."""
+    how = "rlhf eval belle" if stage == "eval" else f"rlhf {command} {stage}"
+    return f"{how} --resume-run {run_id} --db {os.path.abspath(db or default_db_path())}"
 
 
 def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> dict[str, Any]:

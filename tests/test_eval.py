@@ -129,6 +129,47 @@ def test_an_evaluation_killed_midway_resumes_without_gaps_and_reruns_free(workdi
         "open qa": 2, "brainstorming": 2, "closed qa": 2}
 
 
+def test_a_stopped_evaluation_says_how_to_continue_and_that_works_from_anywhere(workdir, tmp_path_factory):
+    n = write_sample(workdir / "belle", per_class=1)
+    release = __import__("threading").Event()
+
+    def script(body, index):
+        if index == 2:
+            release.wait(60)  # the third call hangs while the run is stopped
+        return score_by_answer(body, index)
+
+    server = JudgeServer(script)
+    env = {**os.environ, "THE_JUDGE_KEY": KEY}
+    try:
+        proc = subprocess.Popen([*RLHF, "eval", "belle", "demo/model", "--eval-dir", "belle", *judge_args(server)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 180
+        while len(server.calls) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert len(server.calls) >= 3, proc.communicate()[1][-2000:] if proc.poll() is not None else "no calls"
+        proc.send_signal(signal.SIGTERM)
+        release.set()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, err[-2000:]
+        assert run_row(1)["status"] == "stopped"
+        hint = out.split("continue it with: ")[1].strip()
+        assert hint == f"rlhf eval belle --resume-run 1 --db {os.environ['RLHF_DB']}"
+
+        # From a folder with no runs.db, no demo and no eval files, and no RLHF_DB to point the way.
+        elsewhere = tmp_path_factory.mktemp("elsewhere")
+        env.pop("RLHF_DB")
+        resumed = subprocess.run([*RLHF, *hint.split()[1:]], cwd=elsewhere, env=env, capture_output=True, text=True,
+                                 timeout=300)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert not (elsewhere / "runs.db").exists() and not (elsewhere / "runs").exists()
+        with Store(os.environ["RLHF_DB"]) as store:
+            assert store.run(1)["status"] == "done"
+            assert len(EvalStore(store).judgments(1)) == n
+    finally:
+        release.set()
+        server.close()
+
+
 def test_the_reward_model_judges_offline(workdir):
     rm_run, _ = run_stage("rm", str(TINY), ["train.max_steps=4", "train.eval_ratio=0"])
     rm = Path(run_row(rm_run)["output_dir"]) / "final"
