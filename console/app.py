@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -34,6 +34,10 @@ from console.messages import (
     SamplesLoaded,
     StoreFailed,
 )
+
+if TYPE_CHECKING:  # both import numpy or the runs screen's widgets, which start-up defers
+    from console.screens.runs import RunsScreen
+    from console.series import History
 
 POLL_S = 1.0  # runs.db; a chart redraws at most once a second anyway
 LOG_POLL_S = 0.25
@@ -82,7 +86,7 @@ class RlhfConsole(App):
         self._samples_request = 0
 
     @property
-    def history(self):
+    def history(self) -> History:
         """Every followed run's metrics (console.series.History), made on first use: numpy loads after the
         first frame."""
         if self._history is None:
@@ -107,7 +111,7 @@ class RlhfConsole(App):
         self.sample_gpus()
 
     @property
-    def home(self):
+    def home(self) -> RunsScreen | None:
         from console.screens.runs import RunsScreen
 
         for screen in self.screen_stack:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from textual.app import ComposeResult
+from textual.app import ComposeResult, RenderResult
 from textual.containers import Vertical
 from textual.widgets import Static
 from textual_hires_canvas import Canvas
@@ -33,7 +33,7 @@ class _BatchedPlot(PlotWidget):
     """PlotWidget whose canvas refreshes once per frame: the canvas otherwise refreshes once per cell it
     sets, which costs more than the drawing itself."""
 
-    def render(self):
+    def render(self) -> RenderResult:
         with self.query_one("#plot", Canvas).batch_refresh():
             return super().render()
 
