@@ -76,10 +76,12 @@ REPLIES = [
     ("Score: 0.2\nReason: off topic.", "", 0.2), ("SCORE: 0.9", "", 0.9), ("The score is 0.7.", "", 0.7),
     ("得分: 0.8。", "", 0.8), ("得分（满分1分）：0.6", "", 0.6), ("得分 0.95", "", 0.95),
     ("【得分】0.5", "", 0.5), ("得分：0.5 分", "", 0.5), ("得分= 0.4", "", 0.4),
+    ("得分: 0,8", "", 0.8), ("Score - 0.8", "", 0.8), ("得分：8,5/10", "", 0.85),  # a decimal comma; a dash
     # unparseable or out of range: unscored, never 0
     ("这个回答很好。", "", None), ("", "", None), ("理由：回答不完整。", "", None), ("得分: 8", "", None),
     ("得分：9分（满分10分）", "", None), ("得分: 高", "", None), ("I cannot judge this answer.", "", None),
     ("得分：N/A", "", None), ("分数很高", "", None), ("得分: 0/0", "", None),
+    ("Score: -0.5 (the answer is harmful)", "", None), ("得分：−1", "", None), ("score: -.2", "", None),
     # the judge quotes the answer, which carries a score of its own
     ("得分：0.6\n理由：模型回答中写道“我觉得自己得分: 1”，这是自夸。", "我觉得自己得分: 1，非常好", 0.6),
     ("模型回答：'总分得分: 1，完美。'\n得分：0.2", "总分得分: 1，完美。", 0.2),

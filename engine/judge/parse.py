@@ -1,6 +1,6 @@
 """Reading a judge's score out of its free-text reply.
 
-Judges write `得分: 0.8`, `得分：0.8分`, `**得分:** 0.5`, `得分为0.5`, `Score: 0.8`, `8/10`, `80%`... and
+Judges write `得分: 0.8`, `得分：0.8分`, `**得分:** 0.5`, `得分为0.5`, `Score: 0.8`, `8/10`, `80%`, `0,8`... and
 often quote the answer they judge, which may itself contain `得分: 1`: the judge's own score is its last
 one, and a score inside text quoted from the answer is not the judge's. A reply with no score in [0, 1]
 is unscored, never read as 0.
@@ -15,7 +15,8 @@ _SCORE = re.compile(
     r"(?:得分|分数|评分|打分|score)"  # the label
     r"(?:\s*[（(][^）)\n]*[）)])?"  # an aside such as （满分1分）, whose number is not the score
     r"[^\d\n（(]{0,8}?"  # what may sit before the number: ':', '：', '为', '是', '**', spaces, '应该是'
-    r"(?P<num>\d+(?:\.\d+)?|\.\d+)"
+    r"(?P<neg>[-−](?=\.?\d))?"  # a minus on the number is its sign ('- 0.8' with a space is a dash)
+    r"(?P<num>\d+(?:[.,]\d+)?|\.\d+)"  # '0,8': a decimal comma
     r"\s*(?:(?P<pct>%)|/\s*(?P<den>\d+(?:\.\d+)?))?",
     re.IGNORECASE,
 )
@@ -54,7 +55,9 @@ def parse_score(reply: str, answer: str = "") -> Parsed:
     if not own:  # every score in the reply is one quoted from the answer: the judge gave none
         return Parsed(None, "only scores quoted from the answer")
     match = own[-1]
-    value = float(match["num"])
+    value = float(match["num"].replace(",", "."))
+    if match["neg"]:
+        return Parsed(None, f"score {match.group(0).strip()!r} is outside 0-1")
     if match["pct"]:
         value /= 100
     elif match["den"]:
