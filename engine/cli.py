@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
     belle = eval_sub.add_parser("belle", help="answer the BELLE questions with a checkpoint and judge the answers")
     belle.add_argument("checkpoint", nargs="?", help="a model folder, or a run id (its export)")
-    belle.add_argument("--eval-dir", help="folder with eval_set.json and eval_prompt.json")
+    belle.add_argument("--eval-dir", help="folder with eval_set.json and eval_prompt.json (with --answers-from: that "
+                       "run's by default)")
     belle.add_argument("--judge", choices=("openai", "rm"), default="openai")
     belle.add_argument("--judge-url", help="base URL of an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
     belle.add_argument("--judge-model", default="gpt-3.5-turbo",

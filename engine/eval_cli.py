@@ -36,19 +36,21 @@ def _belle(args: argparse.Namespace) -> int:
     else:
         if not args.checkpoint and args.answers_from is None:
             raise RecipeError("checkpoint: give a model folder or a run id (or --answers-from ID)")
-        if not args.eval_dir:
-            raise RecipeError("--eval-dir: the folder with eval_set.json and eval_prompt.json is required")
+        eval_dir = args.eval_dir
         if args.answers_from is not None:
             source = config_from_run(db, args.answers_from)
             checkpoint = source.checkpoint
+            eval_dir = eval_dir or source.eval_dir  # its answers belong to its questions
         else:
             checkpoint = resolve_checkpoint(args.checkpoint, db)
+        if not eval_dir:
+            raise RecipeError("--eval-dir: the folder with eval_set.json and eval_prompt.json is required")
         try:
             label = args.name or (f"run {args.checkpoint}" if args.checkpoint and args.checkpoint.isdigit()
                                   else "/".join(Path(checkpoint).parts[-2:]))
             config = EvalConfig(
                 name=label,
-                checkpoint=checkpoint, eval_dir=str(Path(args.eval_dir).expanduser().resolve()),
+                checkpoint=checkpoint, eval_dir=str(Path(eval_dir).expanduser().resolve()),
                 judge=args.judge, judge_url=args.judge_url, judge_model=args.judge_model,
                 judge_key_env=args.judge_key_env,
                 reward_model=str(Path(args.reward_model).expanduser().resolve()) if args.reward_model else None,
@@ -86,22 +88,49 @@ def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
     return rows
 
 
+def _eval_run_ids(db: Path, wanted: list[int], option: str) -> None:
+    """Each id names an evaluation run in `db`, or the command stops here, naming the option."""
+    from engine.store import Store
+
+    with Store(db) as store:
+        stages = {r["id"]: r["stage"] for r in store.runs()}
+    for run_id in wanted:
+        if run_id not in stages:
+            raise RecipeError(f"{option}: no run {run_id} in {db}")
+        if stages[run_id] != "eval":
+            raise RecipeError(f"{option}: run {run_id} is a {stages[run_id]} run, not an evaluation "
+                              "(rlhf eval belle makes one)")
+
+
 def _table(args: argparse.Namespace) -> int:
-    from engine.scores import render
+    from engine.scores import DifferentItems, render
 
     db = _db(args)
     if not db.exists():
         raise RecipeError(f"{db}: no runs database here (give --db)")
-    wanted = [int(x) for x in args.runs.split(",")] if args.runs else None
-    print(render(eval_rows(db, wanted), args.format), end="")
+    wanted = None
+    if args.runs:
+        try:
+            wanted = [int(x) for x in args.runs.split(",") if x.strip()]
+        except ValueError:
+            raise RecipeError(f"--runs {args.runs!r}: give run ids separated by commas, e.g. 4,7") from None
+        _eval_run_ids(db, wanted, "--runs")
+    deltas = None
     if args.delta:
         from engine.scores import paired_deltas
         from engine.store import EvalStore, Store
 
         a, b = args.delta
+        _eval_run_ids(db, [a, b], "--delta")
         with Store(db) as store:
             evals = EvalStore(store)
-            deltas = paired_deltas(evals.scored_items(a), evals.scored_items(b))
+            try:
+                deltas = paired_deltas(evals.scored_items(a), evals.scored_items(b), f"run {a}", f"run {b}")
+            except DifferentItems as err:
+                raise RecipeError(f"--delta: {err}") from None
+    print(render(eval_rows(db, wanted), args.format), end="")
+    if deltas is not None:
+        a, b = args.delta
         print(f"\npaired deltas, run {b} minus run {a} (same items, 95 % bootstrap interval):")
         for d in deltas:
             value = "-" if d.mean is None else f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
@@ -133,15 +162,21 @@ def _pairwise(args: argparse.Namespace) -> int:
     from engine.evaluate import config_from_run
     from engine.judge.endpoint import EndpointJudge, JudgeSetupError
     from engine.pairwise import judge_pairs, pairwise_prompt, render, report
+    from engine.scores import DifferentItems, shared_items
     from engine.store import EvalStore, Store
 
     db = _db(args)
+    _eval_run_ids(db, [args.a, args.b], "pairwise")
     a_config, b_config = config_from_run(db, args.a), config_from_run(db, args.b)
     with Store(db) as store:
         evals = EvalStore(store)
         a_items = {i["item_id"]: i for i in evals.items(args.a) if i["answer"] is not None}
         b_items = {i["item_id"]: i for i in evals.items(args.b) if i["answer"] is not None}
-        shared = sorted(set(a_items) & set(b_items))
+        try:  # before a call is paid for
+            shared = sorted(shared_items(list(a_items.values()), list(b_items.values()), f"run {args.a}",
+                                         f"run {args.b}"))
+        except DifferentItems as err:
+            raise RecipeError(str(err)) from None
         if not shared:
             raise RecipeError(f"runs {args.a} and {args.b} have no answered question in common")
         try:

@@ -215,6 +215,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
     from engine.store import EvalStore
 
     items = validate(config)
+    if config.answers_from is not None and resume_run is None:
+        _check_answers_from(db_path, config.answers_from, items)
     print(coverage(items), flush=True)
     if resume_run is not None:
         os.environ[RUN_ID_ENV] = str(resume_run)
@@ -275,6 +277,23 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                   f"{failed} failed calls" + (f" (resume with --resume-run {run_id} to retry them)" if failed else ""),
                   flush=True)
     return handle.run_id, handle.status
+
+
+def _check_answers_from(db_path: str | Path, source: int, items: list[Item]) -> None:
+    """The source run answered these questions: an answer is copied by item id, and an id of another eval
+    set is another question."""
+    from engine.scores import DifferentItems, shared_items
+    from engine.store import EvalStore, Store
+
+    with Store(db_path) as store:
+        theirs = EvalStore(store).items(source)
+    mine = [{"item_id": i.id, "question": i.question, "category": i.category} for i in items]
+    try:
+        shared = shared_items(theirs, mine, f"run {source}", "--eval-dir")
+    except DifferentItems as err:
+        raise RecipeError(f"--answers-from {source}: {err}; leave out --eval-dir to use the run's own") from None
+    if not any(t["answer"] is not None for t in theirs if t["item_id"] in set(shared)):
+        raise RecipeError(f"--answers-from {source}: run {source} has no answer to any of these questions")
 
 
 def config_from_run(db_path: str | Path, run_id: int) -> EvalConfig:

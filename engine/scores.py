@@ -123,15 +123,46 @@ class Delta:
     n: int
 
 
-def paired_deltas(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], seed: int = 0) -> list[Delta]:
-    """B − A per column on the items both scored (same questions), with a paired bootstrap interval."""
-    import numpy as np
+class DifferentItems(ValueError):
+    """Two evaluation runs hold different questions under one item id: they used different eval sets."""
 
-    b_by_id = {i["item_id"]: i for i in b if i.get("score") is not None}
-    pairs: dict[str, list[float]] = {c: [] for c in CATEGORIES}
+
+def shared_items(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], a_name: str = "A", b_name: str = "B"
+                 ) -> list[int]:
+    """The item ids both runs hold. Items are numbered by their line in the eval set, so the same id in runs
+    of two eval sets is two questions: pairing them would compare answers to different questions. Runs of
+    one eval set may hold different subsets of it (`--limit`); the shared ids are the common part."""
+    b_by_id = {i["item_id"]: i for i in b}
+    shared = []
     for item in a:
         other = b_by_id.get(item["item_id"])
-        if item.get("score") is not None and other is not None:
+        if other is None:
+            continue
+        if (other["question"], other["category"]) != (item["question"], item["category"]):
+            raise DifferentItems(
+                f"{a_name} and {b_name} hold different questions (item {item['item_id']}: "
+                f"{_clip(item['question'])!r} against {_clip(other['question'])!r}): they come from different "
+                "eval sets, and only answers to the same questions can be paired")
+        shared.append(item["item_id"])
+    return shared
+
+
+def _clip(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def paired_deltas(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], a_name: str = "A", b_name: str = "B",
+                  seed: int = 0) -> list[Delta]:
+    """B − A per column on the items both scored (same questions), with a paired bootstrap interval. Raises
+    DifferentItems for runs of two eval sets."""
+    import numpy as np
+
+    a_by_id = {i["item_id"]: i for i in a}
+    b_by_id = {i["item_id"]: i for i in b}
+    pairs: dict[str, list[float]] = {c: [] for c in CATEGORIES}
+    for item_id in shared_items(a, b, a_name, b_name):
+        item, other = a_by_id[item_id], b_by_id[item_id]
+        if item.get("score") is not None and other.get("score") is not None:
             pairs[item["category"]].append(float(other["score"]) - float(item["score"]))
     boot = _bootstrap(pairs, seed)
     deltas = []

@@ -758,7 +758,8 @@ class EvalStore:
             return db.conn.execute(
                 "UPDATE eval_items AS t SET answer = s.answer, answer_tokens = s.answer_tokens, "
                 "finished = s.finished, answered = s.answered FROM eval_items AS s WHERE t.run_id = ? "
-                "AND s.run_id = ? AND s.item_id = t.item_id AND s.answer IS NOT NULL AND t.answer IS NULL",
+                "AND s.run_id = ? AND s.item_id = t.item_id AND s.question = t.question AND s.answer IS NOT NULL "
+                "AND t.answer IS NULL",
                 [run_id, source_run]).rowcount
 
     def items(self, run_id: int) -> list[dict[str, Any]]:

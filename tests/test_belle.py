@@ -115,7 +115,7 @@ def _items(scores_by_category, start=0):
     items, k = [], start
     for category, scores in scores_by_category.items():
         for s in scores:
-            items.append({"item_id": k, "category": category, "score": s,
+            items.append({"item_id": k, "question": f"question {k}", "category": category, "score": s,
                           "status": "unscored" if s is None else "scored"})
             k += 1
     return items
@@ -144,6 +144,23 @@ def test_paired_deltas_use_the_same_items():
     deltas = {d.column: d for d in paired_deltas(a, b)}
     assert deltas[MACRO].mean == pytest.approx(0.1)
     assert deltas["others"].n == 5 and deltas[MACRO].low == pytest.approx(0.1)
+
+    subset = b[:8]  # a run of the first 8 items of the same eval set (--limit 8): paired where both have them
+    deltas = {d.column: d for d in paired_deltas(a, subset)}
+    assert deltas[MACRO].n == 7 and deltas["others"].n == 5 and deltas[MACRO].mean is None  # 2 categories only
+
+
+def test_runs_of_two_eval_sets_are_never_paired():
+    from engine.scores import DifferentItems
+
+    a = _items({c: [0.5] * 2 for c in CATEGORIES})
+    other_set = [dict(i, question=f"another {i['item_id']}") for i in a]
+    with pytest.raises(DifferentItems, match=r"run 4 and run 8 hold different questions \(item 0: "
+                                             r"'question 0' against 'another 0'\)"):
+        paired_deltas(a, other_set, "run 4", "run 8")
+    moved = [dict(i, category="rewrite" if i["category"] != "rewrite" else "extract") for i in a]
+    with pytest.raises(DifferentItems):
+        paired_deltas(a, moved)
 
 
 def test_pairwise_verdicts_in_both_languages():

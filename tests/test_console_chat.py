@@ -134,13 +134,13 @@ def test_character_diff_works_for_chinese():
     assert ("很", "strike red") in spans and ("不", "bold green") in spans
 
 
-def _fake_eval_run(store, name, scores):
+def _fake_eval_run(store, name, scores, ask="q"):
     run_id = store.create_run(stage="eval", name=name, recipe="", config="{}")
     evals = EvalStore(store)
     from engine.belle import CATEGORIES
     from engine.judge import Verdict
 
-    items = [{"item_id": k, "category": CATEGORIES[k % 9], "class": CATEGORIES[k % 9], "question": f"q{k}",
+    items = [{"item_id": k, "category": CATEGORIES[k % 9], "class": CATEGORIES[k % 9], "question": f"{ask}{k}",
               "reference": f"r{k}"} for k in range(36)]
     evals.add_items(run_id, items)
     evals.set_answers(run_id, [(k, f"answer {k}", 3, "eos") for k in range(36)])
@@ -155,13 +155,14 @@ async def test_the_score_screen_marks_the_best_and_drills_into_a_cell(workdir):
     with Store(os.environ["RLHF_DB"]) as store:
         _fake_eval_run(store, "base", lambda k: 0.5)
         _fake_eval_run(store, "ppo", lambda k: 0.8 if k % 9 == 1 else 0.4)
+        _fake_eval_run(store, "another eval set", lambda k: 0.1, ask="other question ")
     app = console()
     async with app.run_test(size=(120, 30)) as pilot:
         app.push_screen(ScoresScreen())
         await wait_for(pilot, lambda: isinstance(app.screen, ScoresScreen) and app.screen.query(ScoreTable), 10,
                        "the score screen")
         table = app.screen.query_one(ScoreTable)
-        await wait_for(pilot, lambda: table.row_count == 3, 30, "the rows")
+        await wait_for(pilot, lambda: table.row_count == 4, 30, "the rows")
         rewrite = table.get_row_at(2)[2]  # the ppo row's rewrite column: its best
         assert rewrite.plain == "0.800" and "bold" in str(rewrite.style)
         assert "bold" not in str(table.get_row_at(1)[2].style)
@@ -174,6 +175,30 @@ async def test_the_score_screen_marks_the_best_and_drills_into_a_cell(workdir):
         await pilot.pause(0.2)
         detail = str(app.screen.query_one("#item-text").render())
         assert "question: q1" in detail and "judge: 得分: 0.8" in detail
+
+        await pilot.press("escape")  # paired deltas: ppo against base, then against a run of other questions
+        await wait_for(pilot, lambda: isinstance(app.screen, ScoresScreen), 10, "the score screen again")
+        table.move_cursor(row=1, column=0)  # the name column marks the row too
+        await pilot.press("space")
+        assert table.get_row_at(1)[0].plain.startswith("▸ 1 base")
+        table.move_cursor(row=2, column=0)
+        await pilot.press("p")
+        await wait_for(pilot, lambda: isinstance(app.screen, TextScreen), 20, "the paired deltas")
+        assert app.screen.heading.startswith("run 2 minus run 1")
+        assert "macro: -0.056" in str(app.screen.body) and "n 36" in str(app.screen.body)
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: isinstance(app.screen, ScoresScreen), 10, "the score screen again")
+        table.move_cursor(row=3, column=0)
+        await pilot.press("p")
+        await wait_for(pilot, lambda: any("hold different questions" in str(n.message) for n in app._notifications),
+                       20, "the refusal")
+        assert isinstance(app.screen, ScoresScreen)
+
+        with Store(os.environ["RLHF_DB"]) as store:  # an evaluation ends meanwhile: the table shows it unasked
+            _fake_eval_run(store, "late", lambda k: 0.2)
+        await wait_for(pilot, lambda: table.row_count == 5, 30, "the new run's row")
+        assert table.get_row_at(1)[0].plain.startswith("▸ 1 base")  # the mark stays
+        assert table.cursor_coordinate.row == 3  # and the cursor on its run
 
 
 def test_streaming_text_rewraps_only_its_last_line():

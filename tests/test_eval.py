@@ -27,7 +27,7 @@ CLASSES = {  # a class name as the data spells it -> one as the prompt file does
 }
 
 
-def write_sample(folder: Path, per_class: int = 2) -> int:
+def write_sample(folder: Path, per_class: int = 2, ask: str = "What is {k} plus {n}?") -> int:
     """A small eval folder in BELLE's format (JSON Lines named .json), with its quirks."""
     folder.mkdir()
     with open(folder / "eval_prompt.json", "w", encoding="utf-8") as out:
@@ -38,7 +38,7 @@ def write_sample(folder: Path, per_class: int = 2) -> int:
     for cls in CLASSES:
         for k in range(per_class):
             no_ref = cls in ("generation", "brainstorming") or (cls == "rewrite" and k == 0)
-            rows.append({"question": f"What is {k} plus {len(cls)}?", "std_answer": "" if no_ref else f"{k + len(cls)}",
+            rows.append({"question": ask.format(k=k, n=len(cls)), "std_answer": "" if no_ref else f"{k + len(cls)}",
                          "class": cls})
     (folder / "eval_set.json").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows),
                                           encoding="utf-8")  # no newline at the end, as BELLE's
@@ -215,6 +215,50 @@ def test_pairwise_with_a_judge_that_always_prefers_the_first_slot(workdir):
     assert "10 items judged in both orders" in text
     assert "| 0.0% [0.0%, 0.0%] | 100.0% [100.0%, 100.0%] | 0.0% [0.0%, 0.0%] | 0.0% | 100.0% |" in text
     assert "below 60 %" in text
+
+
+def test_runs_of_two_eval_sets_are_never_paired_and_answers_stay_with_their_questions(workdir):
+    n = write_sample(workdir / "belle", per_class=1)
+    write_sample(workdir / "other", per_class=1, ask="Name {k} animals with {n} legs.")  # same ids, other questions
+    server = JudgeServer(score_by_answer)
+    env = {"THE_JUDGE_KEY": KEY}
+    try:
+        for folder in ("belle", "other"):
+            done = rlhf_eval("belle", "demo/model", "--eval-dir", folder, *judge_args(server), env=env)
+            assert done.returncode == 0, done.stderr
+        calls = len(server.calls)
+
+        refused = {
+            "delta": rlhf_eval("table", "--delta", "1", "2"),
+            "pairwise": rlhf_eval("pairwise", "1", "2", "--judge-url", server.url, "--judge-model", "pj",
+                                  "--judge-key-env", "THE_JUDGE_KEY", env=env),
+            "answers": rlhf_eval("belle", "--answers-from", "1", "--eval-dir", "other", *judge_args(server), env=env),
+        }
+        for what, result in refused.items():
+            assert result.returncode == 2, (what, result.stdout, result.stderr)
+            assert "hold different questions (item 1: 'What is 0 plus 4?' against 'Name 0 animals with 4 legs.')" \
+                in result.stderr, (what, result.stderr)
+            assert "Traceback" not in result.stderr
+        assert "leave out --eval-dir" in refused["answers"].stderr
+        assert len(server.calls) == calls  # nothing was paid for
+        with Store(os.environ["RLHF_DB"]) as store:
+            assert [r["id"] for r in store.runs()] == [1, 2]  # nothing registered
+
+        # --answers-from without --eval-dir: the source run's own questions.
+        again = rlhf_eval("belle", "--answers-from", "2", *judge_args(server), env=env)
+        assert again.returncode == 0, again.stderr
+        assert f"answers: {n} taken from run 2" in again.stdout
+        with Store(os.environ["RLHF_DB"]) as store:
+            evals = EvalStore(store)
+            assert [(i["question"], i["answer"]) for i in evals.items(3)] == \
+                [(i["question"], i["answer"]) for i in evals.items(2)]
+    finally:
+        server.close()
+
+    for args, message in ((["--runs", "1,x"], "--runs '1,x': give run ids separated by commas"),
+                          (["--runs", "9"], "--runs: no run 9"), (["--delta", "1", "9"], "--delta: no run 9")):
+        result = rlhf_eval("table", *args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
 
 
 def _reward_model_export(workdir: Path) -> Path:

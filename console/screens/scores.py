@@ -2,12 +2,14 @@
 
 Keys: arrows move between cells (the line below shows the cell's 95 % interval, n, unscored and not
 judged); Enter lists the cell's items (question, reference, answer, judge reply, score); space marks a
-row and `p` shows the paired deltas of the highlighted row against it; `e` exports Markdown and CSV.
+row (▸ by its name; space again unmarks) and `p` shows the paired deltas of the highlighted row against it;
+`e` exports Markdown and CSV. The table follows runs.db: an evaluation run added or ended shows at once.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,7 @@ class ItemsLoaded(Message):
 class DeltasLoaded(Message):
     title: str
     lines: list[str]
+    problem: str = ""  # why there are none
 
 
 class ScoresScreen(Screen[None]):
@@ -56,7 +59,8 @@ class ScoresScreen(Screen[None]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.marked: int | None = None
+        self._seen: tuple = ()  # the evaluation runs as the table last showed them
+        self._loaded_at = 0.0
 
     def compose(self) -> ComposeResult:
         yield Static(Text("BELLE scores · judged per category, 95 % bootstrap intervals · best measured in bold"),
@@ -67,13 +71,30 @@ class ScoresScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.query_one(ScoreTable).focus()
+        self._seen = self._evaluations()
         self.load()
+        self.set_interval(1.0, self._reload_if_changed)
+
+    def _evaluations(self) -> tuple:
+        return tuple((r["id"], r["status"], r.get("step")) for r in self.app.runs.values() if r["stage"] == "eval")
+
+    def _reload_if_changed(self) -> None:
+        """An evaluation run added, ended or deleted reloads the table at once; one still judging, every
+        10 s (a reload recomputes every run's intervals)."""
+        now = self._evaluations()
+        if now == self._seen:
+            return
+        ended = {(i, s) for i, s, _ in now} != {(i, s) for i, s, _ in self._seen}
+        if ended or time.monotonic() - self._loaded_at >= 10:
+            self._seen = now
+            self.load()
 
     @work(thread=True, exclusive=True, group="scores", exit_on_error=False)
     def load(self) -> None:
         from engine.eval_cli import eval_rows
         from engine.scores import best_per_column
 
+        self._loaded_at = time.monotonic()
         try:
             rows = eval_rows(self.app.db_path)
         except Exception as err:  # StoreError, sqlite3.Error
@@ -131,32 +152,45 @@ class ScoresScreen(Screen[None]):
         self.app.push_screen(ItemsScreen(message.title, message.items))
 
     def action_mark(self) -> None:
-        picked = self.query_one(ScoreTable).cell_at_cursor()
-        if picked is not None and picked[0].run_id is not None:
-            self.marked = picked[0].run_id
-            self.notify(f"run {self.marked} marked: p compares another row against it")
+        table = self.query_one(ScoreTable)
+        row = table.row_at_cursor()
+        if row is None or row.run_id is None:
+            return
+        if table.marked == row.run_id:  # space again: unmarked
+            table.mark(None)
+            return
+        table.mark(row.run_id)
+        self.notify(f"run {row.run_id} marked: p compares another row against it")
 
     def action_deltas(self) -> None:
-        picked = self.query_one(ScoreTable).cell_at_cursor()
-        if self.marked is None or picked is None or picked[0].run_id in (None, self.marked):
+        table = self.query_one(ScoreTable)
+        row = table.row_at_cursor()
+        if table.marked is None or row is None or row.run_id in (None, table.marked):
             self.notify("mark a row with space, move to another, press p", title="paired delta")
             return
-        self.load_deltas(self.marked, picked[0].run_id)
+        self.load_deltas(table.marked, row.run_id)
 
     @work(thread=True, group="scores-deltas", exit_on_error=False)
     def load_deltas(self, a: int, b: int) -> None:
-        from engine.scores import paired_deltas
+        from engine.scores import DifferentItems, paired_deltas
         from engine.store import EvalStore, Store
 
         with Store(self.app.db_path) as store:
             evals = EvalStore(store)
-            deltas = paired_deltas(evals.scored_items(a), evals.scored_items(b))
+            try:
+                deltas = paired_deltas(evals.scored_items(a), evals.scored_items(b), f"run {a}", f"run {b}")
+            except DifferentItems as err:
+                self.post_message(DeltasLoaded("", [], str(err)))
+                return
         lines = [f"{d.column:>16}: " + ("-" if d.mean is None else f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
                  + f"  n {d.n}" for d in deltas]
         self.post_message(DeltasLoaded(f"run {b} minus run {a}, on the items both scored (95 % paired bootstrap)",
                                        lines))
 
     def on_deltas_loaded(self, message: DeltasLoaded) -> None:
+        if message.problem:
+            self.notify(message.problem, title="no paired deltas", severity="error", markup=False)
+            return
         self.app.push_screen(TextScreen(message.title, "\n".join(message.lines)))
 
     @work(thread=True, group="scores-export", exit_on_error=False)

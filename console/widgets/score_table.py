@@ -26,6 +26,7 @@ class ScoreTable(DataTable):
         # The model column stays when the cursor moves right: at 80 columns the macro averages are off screen.
         super().__init__(cursor_type="cell", zebra_stripes=True, fixed_columns=1, **kwargs)
         self.rows_data: list[Any] = []
+        self.marked: int | None = None  # the run paired deltas compare against
 
     def on_mount(self) -> None:
         self.add_column("model", key="model", width=22)  # the scores, not the names, take the width
@@ -33,17 +34,39 @@ class ScoreTable(DataTable):
             self.add_column(SHORT.get(column, column), key=column)
 
     def show(self, rows: list[Any], best: dict[str, set[int]]) -> None:
+        """Every row anew (a reload), the cursor kept on the same run and column."""
+        here = self.row_at_cursor()
+        at_column = self.cursor_coordinate.column
         self.rows_data = list(rows)
         self.clear()
         for k, row in enumerate(rows):
-            label = terminal_safe(row.name if row.run_id is None else f"{row.run_id} {row.name}")
-            cells = [Text(label, no_wrap=True, overflow="ellipsis", style="italic" if row.run_id is None else "")]
+            cells = [self._label(row)]
             for column in COLUMNS:
                 cell = row.cells[column]
                 text = "-" if cell.mean is None else f"{cell.mean:.3f}"
                 cells.append(Text(text, style="bold reverse" if k in best.get(column, set()) else "",
                                   justify="right"))
             self.add_row(*cells, key=str(k))
+        if here is not None:
+            k = next((k for k, row in enumerate(rows) if row.run_id == here.run_id), 0)
+            self.move_cursor(row=k, column=at_column, animate=False)
+
+    def _label(self, row: Any) -> Text:
+        label = terminal_safe(row.name if row.run_id is None else f"{row.run_id} {row.name}")
+        if row.run_id is not None and row.run_id == self.marked:
+            return Text("▸ " + label, no_wrap=True, overflow="ellipsis", style="bold")
+        return Text(label, no_wrap=True, overflow="ellipsis", style="italic" if row.run_id is None else "")
+
+    def mark(self, run_id: int | None) -> None:
+        """Mark one run (None: none), shown by its name."""
+        self.marked = run_id
+        for k, row in enumerate(self.rows_data):
+            self.update_cell(str(k), "model", self._label(row))
+
+    def row_at_cursor(self) -> Any | None:
+        """The row under the cursor, whichever its column."""
+        row = self.cursor_coordinate.row
+        return self.rows_data[row] if row < len(self.rows_data) else None
 
     def cell_at_cursor(self) -> tuple[Any, str] | None:
         """(row, column name) under the cursor, if it is a score cell."""
