@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: the run's record says so already
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -130,12 +129,13 @@ def plan_line(config: EvalConfig, to_call: list[str], cached: int) -> str:
 
 
 class _Stop:
-    """SIGTERM (a stop from the console or `rlhf stop`) ends the run after the work in hand."""
+    """SIGTERM (a stop from the console) or Ctrl-C ends the run after the work in hand."""
 
     def __init__(self) -> None:
+        from engine.run import catch_stops
+
         self.event = threading.Event()
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+        catch_stops(self.event.set, "stopping after the batch in hand (every stored answer and verdict stays)")
 
     @property
     def requested(self) -> bool:

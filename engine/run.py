@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from engine.config import Recipe, RecipeError, Stage, recipe_to_json, with_absolute_paths
 from engine.procs import process_start, run_processes_gone
@@ -192,10 +193,29 @@ def stop_seen() -> bool:
     return _stop_seen
 
 
-def _raise_stop(signum: int, frame: object) -> None:
+def _raise_stop() -> None:
     global _stop_seen
     _stop_seen = True
     raise StopRequested()
+
+
+def catch_stops(on_stop: Callable[[], None], what: str) -> None:
+    """Route a stop to `on_stop`: SIGTERM always, and Ctrl-C in a run that is this process's own (`rlhf
+    train`, `rlhf eval` in a terminal; a launched run's Ctrl-C goes to its launcher). The first Ctrl-C asks
+    for the graceful stop (`what` says what it does); a second one interrupts at once, as under `rlhf
+    launch`. Python only lets the main thread set handlers: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, lambda signum, frame: on_stop())
+    if os.environ.get(LAUNCHED_ENV) == "1":
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"\nCtrl-C: {what}; Ctrl-C again to end it at once, unsaved", file=sys.stderr, flush=True)
+        on_stop()
+
+    signal.signal(signal.SIGINT, interrupt)
 
 
 @contextmanager
@@ -207,11 +227,13 @@ def tracked_run(
     given = os.environ.get(RUN_ID_ENV)
     if given is None and world > 1:
         raise RuntimeError(f"a run with {world} processes needs {RUN_ID_ENV}: start it with `rlhf launch`")
-    if threading.current_thread() is threading.main_thread():
-        # Until the trainer installs its own graceful handler, a stop has nothing to save: end now.
+    main_thread = threading.current_thread() is threading.main_thread()
+    interrupt_before = signal.getsignal(signal.SIGINT) if main_thread else None
+    if main_thread:
         global _stop_seen
         _stop_seen = False  # this run's own stops only (tests run several in one process)
-        signal.signal(signal.SIGTERM, _raise_stop)
+    # Until the trainer installs its own graceful handler, a stop has nothing to save: end now.
+    catch_stops(_raise_stop, "stopping before training starts")
     # Rank 0 writes through a store whose failed writes wait and are retried: runs.db trouble never stops
     # a run (registration above, and the final status, still say so if they fail).
     store = ResilientStore(Store(db_path)) if rank == 0 else None
@@ -257,11 +279,15 @@ def tracked_run(
             end("stopped")
             handle.status = "stopped"
             return
-        end("stopped" if isinstance(err, KeyboardInterrupt) else "failed",
-            error="".join(traceback.format_exception(err))[-4000:])
+        # A second Ctrl-C (or one in a run started without a handler) cut the run short, unsaved: as a kill.
+        error = ("interrupted by a second Ctrl-C before the stop could save; resume from the last checkpoint"
+                 if isinstance(err, KeyboardInterrupt) else "".join(traceback.format_exception(err))[-4000:])
+        end("failed", error=error)
         raise
     else:
         end(handle.status)
     finally:
         if store is not None:
             store.close()
+        if interrupt_before is not None:
+            signal.signal(signal.SIGINT, interrupt_before)

@@ -7,8 +7,6 @@ step, so a stop never loses more than the step in flight.
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +43,12 @@ class StopFlag:
     """SIGTERM sets it; `agreed()` tells every rank at once whether any rank saw it."""
 
     def __init__(self) -> None:
-        from engine.run import stop_seen
+        from engine.run import catch_stops, stop_seen
 
         self.requested = stop_seen()  # a stop during set-up whose StopRequested was swallowed still stops
-        if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
-            signal.signal(signal.SIGTERM, self._on_signal)
+        catch_stops(self._on_signal, "stopping after this step, with a checkpoint")
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def _on_signal(self) -> None:
         self.requested = True
 
     def agreed(self) -> bool:

@@ -129,7 +129,8 @@ def test_an_evaluation_killed_midway_resumes_without_gaps_and_reruns_free(workdi
         "open qa": 2, "brainstorming": 2, "closed qa": 2}
 
 
-def test_a_stopped_evaluation_says_how_to_continue_and_that_works_from_anywhere(workdir, tmp_path_factory):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["console-stop", "ctrl-c"])
+def test_a_stopped_evaluation_says_how_to_continue_and_that_works_from_anywhere(workdir, tmp_path_factory, stop):
     n = write_sample(workdir / "belle", per_class=1)
     release = __import__("threading").Event()
 
@@ -147,10 +148,12 @@ def test_a_stopped_evaluation_says_how_to_continue_and_that_works_from_anywhere(
         while len(server.calls) < 3 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
         assert len(server.calls) >= 3, proc.communicate()[1][-2000:] if proc.poll() is not None else "no calls"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)
         release.set()
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 143, err[-2000:]
+        assert "Traceback" not in err
+        assert ("Ctrl-C: stopping after the batch in hand" in err) == (stop == signal.SIGINT)
         assert run_row(1)["status"] == "stopped"
         hint = out.split("continue it with: ")[1].strip()
         assert hint == f"rlhf eval belle --resume-run 1 --db {os.environ['RLHF_DB']}"

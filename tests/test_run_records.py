@@ -213,6 +213,25 @@ def test_a_stop_that_lands_inside_an_import_still_ends_the_run_as_stopped(workdi
     assert handle.status == "stopped" and run_row(handle.run_id)["status"] == "stopped"
 
 
+def test_ctrl_c_on_a_run_in_its_own_terminal_saves_a_checkpoint_and_stops(workdir):
+    """As a terminal sends it to the foreground process: the first Ctrl-C is the graceful stop (a checkpoint,
+    `stopped`, 143), not a KeyboardInterrupt that records `stopped` with nothing saved."""
+    proc = subprocess.Popen([*RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=400",
+                             "--set", "train.logging_steps=1", "--set", "train.save_steps=1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait(lambda: os.path.exists(os.environ["RLHF_DB"]) and len(metric(1, "loss")) >= 2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Ctrl-C: stopping after this step, with a checkpoint" in err and "KeyboardInterrupt" not in err
+    row = run_row(1)
+    assert row["status"] == "stopped" and row["exit_code"] == 143 and row["error"] is None
+    with Store(os.environ["RLHF_DB"]) as store:
+        saved = store.checkpoints(1)
+    assert saved and saved[-1]["step"] == row["step"] < 400
+    assert "continue it with: rlhf train sft --resume-run 1" in out
+
+
 def test_resume_follows_its_own_hint_from_anywhere_with_the_recorded_config(workdir, tmp_path_factory):
     """The printed hint names the database and needs no --set: followed from another directory it goes on
     to the run's own step count. A --set that changes the recipe is refused without --allow-change, and a
@@ -274,17 +293,15 @@ def test_a_stop_whose_exception_python_dropped_still_stops_the_trainer(monkeypat
         pass
 
     lock = Lock()
-    ref = weakref.ref(lock, lambda _: run._raise_stop(signal.SIGTERM, None))
+    ref = weakref.ref(lock, lambda _: run._raise_stop())
     del lock  # the callback runs here; its exception goes to the unraisable hook, not to this frame
     assert ref() is None and [type(d.exc_value).__name__ for d in dropped] == ["StopRequested"]
     assert run.stop_seen()
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         assert StopFlag().requested  # stops at the end of its first step, with a checkpoint
-    finally:
-        signal.signal(signal.SIGTERM, before)
-    monkeypatch.setattr(run, "_stop_seen", False)
-    try:
+        monkeypatch.setattr(run, "_stop_seen", False)
         assert not StopFlag().requested
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
