@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import queue
+import sqlite3
+import time
 from typing import Any
 
 from console.messages import HistoryReset, MetricsPolled, RunsPolled
 from console.series import BEST, LIGHT_POINTS
 
+SETTLE_S = 5.0  # how often the runs that claim to be running have their processes looked at
 METRIC_BATCH = 50_000  # rows per poll: a long history loads in slices and the UI stays responsive
 BEST_NAMES = sorted({name for choices in BEST.values() for name, _ in choices})
 
@@ -32,6 +35,17 @@ class StoreFollower:
         self.followed: frozenset[int] = frozenset()  # set by the App: the runs being looked at
         self._full: set[int] = set()  # runs whose whole history has been sent
         self.requests: queue.SimpleQueue[int] = queue.SimpleQueue()  # runs to load whole, from the App
+        self._settled_at = 0.0
+
+    def _settle(self) -> None:
+        """A run whose processes died unrecorded (a kill -9, an OOM) is closed as failed, as `rlhf runs` and
+        a resume close it: the table never says running for nothing, and `r` can resume it at once."""
+        from engine.run import settle_active
+
+        try:
+            settle_active(self.store)
+        except sqlite3.Error:  # a runs.db this user may only read: the table shows such a run as lost
+            pass
 
     def _light(self, run_id: int, version: int) -> HistoryReset:
         assert self.cursor is not None
@@ -47,6 +61,9 @@ class StoreFollower:
     def poll(self) -> tuple[list[Any], bool]:
         """Messages for the App, and whether more rows are waiting (poll again at once)."""
         messages: list[Any] = []
+        if time.monotonic() - self._settled_at >= SETTLE_S:
+            self._settled_at = time.monotonic()
+            self._settle()
         runs = self.store.runs()
         pipelines = self.store.pipelines()
         if (runs, pipelines) != self._last_runs:

@@ -145,7 +145,10 @@ def _cmd_runs(db: str | None) -> int:
     path = db or default_db_path()
     if not os.path.exists(path):  # a look must not create an empty runs.db where there was none
         raise RecipeError(f"{path}: no runs database here (run from the folder that has runs.db, or give --db)")
+    from engine.run import settle_active
+
     with Store(path) as store:
+        settle_active(store)  # a run whose processes are gone is failed, not running
         rows = store.runs()
     width = max([16, *(len(run["name"]) for run in rows)])  # whole names: "tiny sft (pipeline 1)" tells runs apart
     print(f"{'id':>4} {'stage':5} {'name':{width}} {'status':9} {'step':>11} {'started':19} pipeline")

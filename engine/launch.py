@@ -377,7 +377,7 @@ def request_stop(db_path: str | os.PathLike, run_id: int) -> tuple[int, int | No
         if run["host"] and run["host"] != socket.gethostname():
             raise RecipeError(f"run {run_id} runs on {run['host']}: stop it there")
         if run_processes_gone(run):
-            store.close_orphan(run_id)
+            store.close_orphan(run_id, run)
             return None
         foreign = store.foreign_folder(run)
         if foreign:  # a row of this file naming another file's run: its processes are not ours to signal

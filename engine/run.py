@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -71,10 +72,21 @@ def settled(store: Store, run_id: int) -> dict[str, Any]:
     """The run's row, closed as failed first if it claims to be pending or running but its processes
     died without recording how (a kill -9, an OOM, a reboot): such a run can then be resumed."""
     run = store.run(run_id)
-    if run["status"] in ("pending", "running") and run_processes_gone(run):
-        store.close_orphan(run_id)
+    if _orphaned(run) and store.close_orphan(run_id, run):
         run = store.run(run_id)
     return run
+
+
+def settle_active(store: Store) -> list[int]:
+    """`settled` for every pending or running run: what a look at the run table does, so that no row says
+    running for processes that are gone. Returns the runs it closed."""
+    return [run["id"] for run in store.runs() if _orphaned(run) and store.close_orphan(run["id"], run)]
+
+
+def _orphaned(run: dict[str, Any]) -> bool:
+    # Only this machine's processes can be looked at: a run of another node of a shared runs.db is not ours.
+    return (run["status"] in ("pending", "running") and run.get("host") in (None, "", socket.gethostname())
+            and run_processes_gone(run))
 
 
 def resume_hint(command: str, stage: str, run_id: int, db: str | os.PathLike | None) -> str:

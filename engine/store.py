@@ -444,13 +444,20 @@ class Store:
                 [run_id]).rowcount
         return changed == 1
 
-    def close_orphan(self, run_id: int) -> bool:
-        """Record that a pending or running run's processes are gone without an exit on record."""
+    def close_orphan(self, run_id: int, seen: Mapping[str, Any] | None = None) -> bool:
+        """Record that a pending or running run's processes are gone without an exit on record. `seen`: the
+        row whose processes were found gone; if the run has other processes by now (it was closed and
+        resumed meanwhile), it is left alone."""
+        same = ""
+        params: list[Any] = [time.time(), time.time(), run_id]
+        if seen is not None:
+            same = " AND pid IS ? AND pgid IS ? AND pgid_started IS ?"
+            params += [seen.get("pid"), seen.get("pgid"), seen.get("pgid_started")]
         with self._write() as db:
             changed = db.conn.execute(
                 "UPDATE runs SET status = 'failed', ended = ?, orphaned = ?, "
                 "error = COALESCE(error, 'its processes are gone and nothing recorded how it ended') "
-                "WHERE id = ? AND status IN ('pending', 'running')", [time.time(), time.time(), run_id]).rowcount
+                "WHERE id = ? AND status IN ('pending', 'running')" + same, params).rowcount
         return changed == 1
 
     def mark_stop_requested(self, run_id: int) -> tuple[int | None, int | None]:

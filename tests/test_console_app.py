@@ -20,6 +20,7 @@ from console.screens.launch import LaunchScreen
 from console.widgets.log_view import LogView
 from engine.store import Store
 from tests.conftest import REPO, RLHF, TINY
+from tests.helpers import run_row
 from tests.pilot import console, open_launch_form, sync, wait_for
 
 CONFIGS = REPO / "configs"
@@ -273,7 +274,7 @@ async def test_config_diff_delete_help_and_palette(workdir):
 
 
 @sync
-async def test_ppo_samples_browse_by_step_and_a_lost_run_is_shown_as_lost(workdir):
+async def test_ppo_samples_browse_by_step_and_a_lost_run_is_closed_as_failed(workdir):
     gone = subprocess.Popen(["true"], start_new_session=True)
     gone.wait()
     with Store(os.environ["RLHF_DB"]) as store:
@@ -289,7 +290,9 @@ async def test_ppo_samples_browse_by_step_and_a_lost_run_is_shown_as_lost(workdi
         await wait_for(pilot, lambda: app.loaded, 20)
         home = app.home
         table = home.query_one("RunTable")
-        assert "lost" in str(table.get_row(str(run_id))[3])
+        # Closed by the console's look, as `rlhf runs` or a resume would: not "running", and resumable.
+        await wait_for(pilot, lambda: "failed" in str(table.get_row(str(run_id))[3]), 20, "the run closed")
+        assert run_row(run_id)["orphaned"] is not None and "processes are gone" in run_row(run_id)["error"]
         await pilot.press("3")
         samples = home.query_one("#samples-table")
         await wait_for(pilot, lambda: home.sample_step == 3 and samples.row_count == 2, 10, "the newest step")

@@ -88,6 +88,32 @@ def test_a_pending_run_whose_supervisor_died_has_a_way_out(workdir):
         store.delete_run(run.run_id)  # and it can be deleted
 
 
+def test_a_look_closes_runs_whose_processes_died_but_never_one_resumed_meanwhile(workdir):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = process_start(dead.pid)
+    dead.wait()
+    with Store(os.environ["RLHF_DB"]) as store:
+        gone = store.create_run(stage="sft", name="killed", recipe="", config="{}")
+        store.update_run(gone, status="running", pid=dead.pid, pgid_started=started)  # as a kill -9 left it
+        live = store.create_run(stage="sft", name="alive", recipe="", config="{}")
+        store.update_run(live, status="running", pid=os.getpid(), pgid_started=process_start(os.getpid()))
+        elsewhere = store.create_run(stage="sft", name="other-node", recipe="", config="{}")
+        store.update_run(elsewhere, status="running", pid=dead.pid, pgid_started=started, host="another-node")
+        stale = store.run(gone)
+
+    listed = subprocess.run([*RLHF, "runs"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    status = {int(line.split()[0]): line.split()[3] for line in listed.stdout.splitlines()[1:]}
+    assert status == {gone: "failed", live: "running", elsewhere: "running"}  # another node's: not ours to judge
+    assert "processes are gone" in run_row(gone)["error"]
+
+    with Store(os.environ["RLHF_DB"]) as store:  # resumed by someone else between a look and its write
+        assert store.claim_for_resume(gone)
+        store.update_run(gone, pid=os.getpid(), pgid_started=process_start(os.getpid()))
+        assert not store.close_orphan(gone, stale)
+        assert store.run(gone)["status"] == "pending"
+
+
 def test_a_train_run_from_a_script_is_stopped_through_its_own_pid_and_never_a_stranger(workdir):
     # Not a process-group leader (a child of this test): the stop reaches its pid, checked by start time.
     proc = subprocess.Popen([*RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=2000", "--set",
