@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from engine.config import RecipeError
@@ -208,9 +209,14 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from engine.train import configure_logging
 
     configure_logging()
+    from engine.judge.endpoint import JudgeRefused
+
     commands = {"belle": _belle, "table": _table, "pairwise": _pairwise}
     try:
         return commands[args.eval_command](args)
+    except JudgeRefused as err:  # recorded on the run (failed) already; the shell gets the reason, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         os.environ.pop("RLHF_RUN_ID", None)  # a resumed run's id must not reach the next call in this process
 

@@ -268,14 +268,22 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
             print(f"answer: {len(todo)} questions to answer with {config.checkpoint}", flush=True)
             _answer(config, items, todo, evals, run_id, stop, progress)
         if not stop.requested:
-            _judge(config, items, evals, run_id, stop, progress)
+            from engine.judge.endpoint import JudgeRefused
+            from engine.run import resume_hint
+
+            try:
+                _judge(config, items, evals, run_id, stop, progress)
+            except JudgeRefused as err:  # the run fails with the reason; every stored answer and verdict stays
+                raise JudgeRefused(f"{err}; then continue it: {resume_hint('', 'eval', run_id, db_path)}") from None
         if stop.requested:
             handle.status = "stopped"
         else:
+            from engine.run import resume_hint
+
             failed = counts["failed"]
             print(f"judged {counts['judged']} of {n}: {counts['scored']} scored, {counts['unscored']} unscored, "
-                  f"{failed} failed calls" + (f" (resume with --resume-run {run_id} to retry them)" if failed else ""),
-                  flush=True)
+                  f"{failed} failed calls" + (f" (to retry them: {resume_hint('', 'eval', run_id, db_path)})"
+                                              if failed else ""), flush=True)
     return handle.run_id, handle.status
 
 

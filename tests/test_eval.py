@@ -173,6 +173,25 @@ def test_a_stopped_evaluation_says_how_to_continue_and_that_works_from_anywhere(
         server.close()
 
 
+def test_a_judge_that_refuses_every_call_fails_the_run_at_once_with_the_reason(workdir):
+    write_sample(workdir / "belle", per_class=1)
+    server = JudgeServer(lambda body, index: ("status", 401, "echo the key"))
+    try:
+        result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server),
+                           env={"THE_JUDGE_KEY": KEY})
+    finally:
+        server.close()
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and KEY not in result.stderr
+    assert "refused the call (HTTP 401: " in result.stderr and "check --judge-key-env" in result.stderr
+    assert f"then continue it: rlhf eval belle --resume-run 1 --db {os.environ['RLHF_DB']}" in result.stderr
+    assert len(server.calls) <= 2  # the calls in flight (concurrency 2), not one per item
+    row = run_row(1)
+    assert row["status"] == "failed" and "refused the call" in row["error"] and KEY not in row["error"]
+    with Store(os.environ["RLHF_DB"]) as store:
+        assert all(i["answer"] is not None for i in EvalStore(store).items(1))  # the answers stay for the resume
+
+
 def test_the_reward_model_judges_offline(workdir):
     rm_run, _ = run_stage("rm", str(TINY), ["train.max_steps=4", "train.eval_ratio=0"])
     rm = Path(run_row(rm_run)["output_dir"]) / "final"

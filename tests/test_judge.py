@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from engine.judge import FAILED, SCORED, UNSCORED
-from engine.judge.endpoint import EndpointJudge, JudgeSetupError
+from engine.judge.endpoint import EndpointJudge, JudgeRefused, JudgeSetupError
 from engine.store import EvalStore, Store
 from tests.judge_server import JudgeServer
 
@@ -60,11 +60,25 @@ def test_transient_failures_are_retried_and_every_outcome_recorded(cache, monkey
 
 def test_a_refusal_that_will_not_change_is_not_retried(cache, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "k")
-    server = JudgeServer(lambda body, index: ("status", 401))
+    server = JudgeServer(lambda body, index: ("status", 400, "this prompt is too long"))
     try:
         judge = EndpointJudge(server.url, "m", "JUDGE_KEY", cache=cache, retries=5, backoff_s=0.01)
         _, verdict = judge.judge("p", "")
-        assert verdict.status == FAILED and verdict.calls == 1 and "401" in verdict.problem
+        assert verdict.status == FAILED and verdict.calls == 1 and "400" in verdict.problem
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("code", [401, 403, 404])
+def test_a_refusal_of_every_call_stops_judging_at_once(cache, monkeypatch, code):
+    """A bad key, no access, an unknown model: each of 1,000 items would fail the same way."""
+    monkeypatch.setenv("JUDGE_KEY", "k")
+    server = JudgeServer(lambda body, index: ("status", code))
+    try:
+        judge = EndpointJudge(server.url, "m", "JUDGE_KEY", cache=cache, concurrency=2, retries=5, backoff_s=0.01)
+        with pytest.raises(JudgeRefused, match=f"refused the call \\(HTTP {code}"):
+            list(judge.judge_many((i, f"p{i}", "") for i in range(50)))
+        assert len(server.calls) <= 3  # what was in flight, not 50
     finally:
         server.close()
 
@@ -110,8 +124,9 @@ def test_a_key_echoed_back_by_the_server_is_not_recorded(cache, monkeypatch):
     server = JudgeServer(lambda body, index: ("status", 401, "echo the key"))
     try:
         judge = EndpointJudge(server.url, "m", "JUDGE_KEY", cache=cache, retries=0, backoff_s=0.01)
-        _, verdict = judge.judge("p", "")
-        assert verdict.status == "failed" and "invalid key" in verdict.problem
-        assert "sk-echoed" not in verdict.problem and "***" in verdict.problem
+        with pytest.raises(JudgeRefused) as refused:
+            judge.judge("p", "")
+        assert "invalid key" in str(refused.value)
+        assert "sk-echoed" not in str(refused.value) and "***" in str(refused.value)
     finally:
         server.close()

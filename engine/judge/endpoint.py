@@ -41,6 +41,14 @@ class CallFailed(RuntimeError):
     pass
 
 
+class JudgeRefused(RuntimeError):
+    """The endpoint refuses calls for a reason no retry and no other prompt changes (a bad key, no access,
+    an unknown model or URL): judging stops at once rather than pay for, or wait on, every item failing."""
+
+
+REFUSING = (401, 403, 404)  # the key, the permission, the model or the URL: the same for every call
+
+
 class EndpointJudge:
     """Scores prompts (a judge prompt and the answer it quotes) through a chat-completions endpoint."""
 
@@ -118,7 +126,7 @@ class EndpointJudge:
 
     def call(self, request: dict[str, Any], calls: list[int]) -> tuple[str, int, int]:
         """One reply, retrying transient failures; raises CallFailed after the last try or at once for a
-        refusal that will not change (a bad key, an unknown model)."""
+        refusal of this call, JudgeRefused for one of every call (a bad key, an unknown model)."""
         openai = self._openai
         transient = (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError,
                      CallFailed, ValueError)
@@ -131,6 +139,9 @@ class EndpointJudge:
                 return self._call_once(request)
             except openai.APIStatusError as err:
                 last = self._scrub(f"HTTP {err.status_code}: {err.message}")
+                if err.status_code in REFUSING:
+                    raise JudgeRefused(f"the judge at {self.base_url} refused the call ({last}): check "
+                                       "--judge-key-env, --judge-model and --judge-url") from None
                 if err.status_code not in (408, 409, 429) and err.status_code < 500:
                     raise CallFailed(last) from None
                 error: Exception = err
