@@ -185,7 +185,8 @@ def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop:
         from engine.judge.reward import RewardJudge
 
         judge = RewardJudge(config.reward_model)
-        judge.calibrate(items)
+        # On the whole set's references, whatever --limit took: a subset's scores stay the full run's.
+        judge.calibrate(load_items(config.eval_dir) if config.limit else items)
         print(plan_line(config, list(prompts.values()), 0), flush=True)
         for start in range(0, len(todo), config.batch_size):
             if stop.requested:

@@ -213,6 +213,17 @@ def test_the_reward_model_judges_offline(workdir):
     r_answer, r_ref = judge._rewards([items[with_ref["item_id"]]] * 2, [with_ref["answer"], with_ref["reference"]])
     assert with_ref["score"] == pytest.approx(1 / (1 + math.exp(-(r_answer - r_ref))), abs=1e-5)
 
+    # The first 6 questions hold 4 of the 7 references: an answer without a reference is still scored
+    # against the whole eval set's, so a subset's scores are the full run's.
+    part = rlhf_eval("belle", "--answers-from", "2", "--limit", "6", "--judge", "rm", "--reward-model", str(rm))
+    assert part.returncode == 0, part.stderr
+    with Store(os.environ["RLHF_DB"]) as store:
+        subset = EvalStore(store).scored_items(3)
+    no_reference = [r for r in subset if not r["reference"]]
+    assert len(subset) == 6 and len(no_reference) == 2
+    full = {r["item_id"]: r["score"] for r in rows}
+    assert all(r["score"] == pytest.approx(full[r["item_id"]], abs=1e-6) for r in no_reference)
+
 
 def test_pairwise_with_a_judge_that_always_prefers_the_first_slot(workdir):
     write_sample(workdir / "belle", per_class=1)
