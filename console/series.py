@@ -231,12 +231,17 @@ def best_metric(stage: str, run: RunHistory | None) -> tuple[str, float] | None:
     return None
 
 
-def eta_seconds(step: int | None, total: int | None, run: RunHistory | None, window: int = 64) -> float | None:
-    """Seconds to go, from the step rate over the last `window` logged points of the densest metric."""
+def eta_seconds(step: int | None, total: int | None, run: RunHistory | None, window: int = 64,
+                since: float | None = None) -> float | None:
+    """Seconds to go, from the step rate over the last `window` logged points of the densest metric;
+    `since`: only points logged from then on (a resumed run's own stretch, not the pause before it)."""
     if not step or not total or run is None or step >= total or not run.series:
         return None
     series = max(run.series.values(), key=len)
     steps, walls = series.steps.view[-window:], series.walls.view[-window:]
+    if since is not None:
+        keep = walls >= since
+        steps, walls = steps[keep], walls[keep]
     if len(steps) < 2 or walls[-1] <= walls[0] or steps[-1] <= steps[0]:
         return None
     rate = (steps[-1] - steps[0]) / (walls[-1] - walls[0])

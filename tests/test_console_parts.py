@@ -79,6 +79,25 @@ def test_groups_best_and_eta():
     assert eta_seconds(10, 10, history.runs[1]) is None
 
 
+def test_eta_and_time_leave_out_the_pause_between_a_stop_and_its_resume():
+    from console.widgets.run_table import current_start, elapsed
+
+    history = History()
+    # 10 steps a second apart, stopped for an hour, resumed: 5 more steps a second apart
+    walls = [100.0 + i for i in range(10)] + [3700.0 + i for i in range(5)]
+    history.ingest([{"seq": i + 1, "run_id": 1, "step": i + 1, "name": "loss", "value": 1.0, "wall_time": w}
+                    for i, w in enumerate(walls)])
+    run = {"status": "running", "started": 99.5, "ended": None, "segments": json.dumps([[99.5, 109.5], [3699.5, None]])}
+    assert current_start(run) == 3699.5
+    assert eta_seconds(15, 100, history.runs[1], since=current_start(run)) == pytest.approx(85.0)  # one step a second
+    assert eta_seconds(15, 100, history.runs[1]) > 85.0 * 50  # across the pause: the hour counted as training
+    ended = dict(run, status="done", ended=3710.0, segments=json.dumps([[99.5, 109.5], [3699.5, 3710.0]]))
+    assert elapsed(ended) == pytest.approx(10.0 + 10.5)
+    killed = dict(ended, status="failed", segments=json.dumps([[99.5, None], [3699.5, 3710.0]]))  # cut by a kill
+    assert elapsed(killed) == pytest.approx(10.5)
+    assert elapsed({"status": "done", "started": 100.0, "ended": 160.0}) == 60.0  # a row without segments
+
+
 def test_log_lines_fold_progress_bars_and_strip_colour(tmp_path):
     assert clean_line("\x1b[32mgreen\x1b[0m text") == "green text"
     assert clean_line(" 10%|█  |\r 50%|█████|\r100%|██████████|") == "100%|██████████|"

@@ -20,7 +20,7 @@ from console.colours import run_colour
 from console.messages import LogRead, SamplesLoaded
 from console.text import terminal_safe
 from console.widgets.log_view import LogView
-from console.widgets.run_table import SORTS, RunTable, shown_status
+from console.widgets.run_table import SORTS, RunTable, run_segments, shown_status
 from console.widgets.samples_view import SamplesView
 
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
@@ -34,12 +34,7 @@ REDRAW_S = 1.0  # at most one chart redraw a second, however fast rows arrive
 
 def segments_text(run: dict[str, Any]) -> str:
     """` · 3 segments 05-02 10:00–10:40, 11:02–11:30, 12:15–` for a resumed run; nothing for one stretch."""
-    import json
-
-    try:
-        segments = json.loads(run.get("segments") or "[]")
-    except ValueError:
-        return ""
+    segments = run_segments(run)
     if len(segments) < 2:
         return ""
 

@@ -84,7 +84,8 @@ def cells(run: dict[str, Any], history: History, marked: bool, group: str = "",
         step += f" ×{run['world_size']}"  # processes
     eta = "-"
     if run["status"] == "running":
-        eta = format_duration(eta_seconds(run["step"], run["total_steps"], history.runs.get(run["id"])))
+        eta = format_duration(eta_seconds(run["step"], run["total_steps"], history.runs.get(run["id"]),
+                                          since=current_start(run)))
     best = best_metric(run["stage"], history.runs.get(run["id"]))
     started = time.strftime("%m-%d %H:%M", time.localtime(run["started"])) if run["started"] else "-"
     mark = "●" if marked else " "
@@ -137,10 +138,34 @@ def searchable(run: dict[str, Any]) -> str:
                                            overrides_text(run), shown_status(run))).lower()
 
 
+def run_segments(run: dict[str, Any]) -> list[list[float | None]]:
+    """The stretches the run ran, [start, end] each (end None: the one going on, or one a kill cut short)."""
+    try:
+        segments = json.loads(run.get("segments") or "[]")
+    except ValueError:
+        return []
+    return [list(s) for s in segments if isinstance(s, list) and len(s) == 2 and s[0]]
+
+
 def elapsed(run: dict[str, Any]) -> float:
-    """Seconds the run has been going (to its end, once ended)."""
-    end = run["ended"] if run.get("ended") and run["status"] not in ("pending", "running") else time.time()
-    return max(0.0, end - run["started"])
+    """Seconds the run has spent running (to its end, once ended): the time it sat stopped between a stop
+    and its resume does not count."""
+    active = run["status"] in ("pending", "running")
+    end = run["ended"] if run.get("ended") and not active else time.time()
+    segments = run_segments(run)
+    if not segments:  # a row from before segments were recorded
+        return max(0.0, end - run["started"])
+    total = 0.0
+    for k, (start, stop) in enumerate(segments):
+        last = k == len(segments) - 1
+        total += max(0.0, (stop if stop else end if last else start) - start)
+    return total
+
+
+def current_start(run: dict[str, Any]) -> float | None:
+    """When the run's current stretch began (its last resume), for a rate that leaves the pause out."""
+    segments = run_segments(run)
+    return segments[-1][0] if segments else None
 
 
 def overrides_text(run: dict[str, Any]) -> str:
@@ -244,7 +269,7 @@ class RunTable(DataTable):
 
         if self.history is None or run["status"] != "running":
             return math.inf
-        eta = eta_seconds(run["step"], run["total_steps"], self.history.runs.get(run["id"]))
+        eta = eta_seconds(run["step"], run["total_steps"], self.history.runs.get(run["id"]), since=current_start(run))
         return math.inf if eta is None else eta
 
     # Live cells (step, ETA, time, best, trend) redraw at most this often: any changed cell makes the table
