@@ -93,8 +93,10 @@ class LogView(Vertical):
         pinned.display = bool(self.error)
         if self.error:
             lines = [line for line in self.error.splitlines() if line.strip()]
-            # the end of a traceback says what happened: keep it when the pane is short
-            pinned.update(Text(terminal_safe("\n".join([f"error recorded by {self.error_by}:", *lines[-12:]]))))
+            # What happened (a traceback's last line) goes first, on the heading: the box shows 7 lines, and a
+            # traceback's tail below it scrolls.
+            head = f"error recorded by {self.error_by}: {lines[-1].strip() if lines else ''}"
+            pinned.update(Text(terminal_safe("\n".join([head, *lines[-12:-1]]))))
 
     def append(self, run_id: int, lines: list[str], pending: str, reset: bool, skipped_start: bool) -> None:
         if reset or run_id != self.run_id:
