@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from textual.app import ComposeResult, RenderResult
+from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import Static
 from textual_hires_canvas import Canvas
@@ -29,9 +30,13 @@ class ChartLine:
     show_raw: bool = True  # with smoothing on: draw the raw line faintly behind the smoothed one
 
 
-class _BatchedPlot(PlotWidget):
+class _BatchedPlot(PlotWidget, inherit_bindings=False):
     """PlotWidget whose canvas refreshes once per frame: the canvas otherwise refreshes once per cell it
-    sets, which costs more than the drawing itself."""
+    sets, which costs more than the drawing itself. Its scale reset moves from `r` to `0`: focus lands on
+    the chart easily, and `r` there must stay the console's resume."""
+
+    BINDINGS = [*(b for b in PlotWidget.BINDINGS if not (isinstance(b, tuple) and b[0] == "r")),
+                Binding("0", "reset_scales", "Reset scales")]
 
     def render(self) -> RenderResult:
         with self.query_one("#plot", Canvas).batch_refresh():
