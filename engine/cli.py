@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: the run's record says so already
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rlhf runs | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail too
+        return 141
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 import json
 import os
 import pkgutil
+import shlex
 import subprocess
 import sys
 
@@ -190,3 +191,14 @@ def test_a_section_error_caused_by_a_set_item_names_that_item(workdir):
     assert "--set sft.num_layers_unfrozen=1, --set sft.lora.r=4 (" in result.stderr
     result = rlhf("check", str(TINY), "--set", "sft.data.0.path=")
     assert result.returncode == 2 and "sft.data.0.path: String should have at least 1 character" in result.stderr
+
+
+def test_a_listing_piped_into_head_ends_quietly(workdir):
+    from engine.store import Store
+
+    with Store(os.environ["RLHF_DB"]) as store:
+        for k in range(3000):  # more than a pipe's buffer: the writer meets the closed end
+            store.create_run(stage="sft", name=f"run {k}", recipe="", config="{}")
+    listed = subprocess.run(" ".join([*map(shlex.quote, RLHF), "runs"]) + " | head -1", shell=True,
+                            capture_output=True, text=True, timeout=120, executable="/bin/bash")
+    assert listed.stdout.startswith("  id stage") and listed.stderr == ""
