@@ -27,11 +27,10 @@ from typing import IO
 from engine.accelerate_file import read_accelerate_config
 from engine.config import RecipeError, Stage
 from engine.procs import group_alive, kill_group, process_alive, process_start, run_processes_gone, same_group
-from engine.run import DB_ENV, LAUNCHED_ENV, RUN_ID_ENV, register_run, resume_recipe
+from engine.run import DB_ENV, LAUNCHED_ENV, LOG_NAME, RUN_ID_ENV, register_run, resume_recipe
 from engine.store import Store, default_db_path
 from engine.train import validate
 
-LOG_NAME = "train.log"
 LAUNCH_NAME = "launch.json"
 # How long a stopped run may take to write its checkpoint before it is killed. torchrun kills its ranks
 # 30 s after a SIGTERM unless told otherwise, far too soon for a 7B model's optimizer state.

@@ -195,7 +195,7 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
             raise RecipeError(f"pipeline {pipeline_id}: its {stage} stage, run {mine[-1]['id']}, is "
                               f"{mine[-1]['status']} in another process; stop it first")
         if stage == "eval":
-            status = _evaluate(recipe, exports, mine, db_path, pipeline_id, stop, echo)
+            status = _evaluate(recipe, exports, mine, db_path, pipeline_id, stop)
             if status != "done":
                 return end(status, f"evaluation {status}")
             continue
@@ -211,8 +211,8 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
         else:
             prepared = prepare(stage, recipe_path, wiring(stage, recipe, exports),
                                launch["accelerate_config"], launch["num_processes"], db_path)
-        if echo:
-            print(f"pipeline {pipeline_id}: {stage} is run {prepared.run_id}", flush=True)
+        # In a terminal, or in the pipeline's own log when detached; the run's output goes to its train.log.
+        print(f"pipeline {pipeline_id}: {stage} is run {prepared.run_id}", flush=True)
         supervise(prepared, echo=echo)
         signal.signal(signal.SIGTERM, stop._ask)  # the supervisor put back what it found; make sure
         with Store(db_path) as store:
@@ -225,9 +225,11 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
 
 
 def _evaluate(recipe: Recipe, exports: dict[str, str], mine: list[dict], db_path: str, pipeline_id: int,
-              stop: _Stop, echo: bool) -> str:
+              stop: _Stop) -> str:
     """Each checkpoint the recipe names answers the eval set, through `rlhf eval belle` in a process of its
     own (a run like the others: the console stops it through its own process group)."""
+    print(f"pipeline {pipeline_id}: eval of {', '.join(w for w in recipe.eval.checkpoints if w in exports)}",
+          flush=True)
     settings = recipe.eval
     for which in settings.checkpoints:
         if which not in exports:
@@ -251,9 +253,8 @@ def _evaluate(recipe: Recipe, exports: dict[str, str], mine: list[dict], db_path
                 argv += ["--judge-url", settings.judge_url or "", "--judge-model", settings.judge_model or ""]
             if settings.limit:
                 argv += ["--limit", str(settings.limit)]
-        output = None if echo else subprocess.DEVNULL
-        proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=output,
-                                stderr=output)
+        # Its output: the terminal, or the pipeline's log when detached; and its own train.log either way.
+        proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
 
         def forward(signum: int, frame: object) -> None:
             stop.asked = True

@@ -7,6 +7,7 @@ in-process registers itself, or continues an earlier run (`rlhf train --resume-r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,6 +27,7 @@ from engine.store import ResilientStore, Store, StoreError, default_db_path
 RUN_ID_ENV = "RLHF_RUN_ID"
 PIPELINE_ENV = "RLHF_PIPELINE_ID"  # set by `rlhf pipeline`: the runs its stages register belong to it
 DB_ENV = "RLHF_DB"
+LOG_NAME = "train.log"  # a run's log, in its folder (the console tails it)
 LAUNCHED_ENV = "RLHF_LAUNCHED"  # set by the launcher, which records the process group it started
 EXIT_STOPPED = 143  # 128 + SIGTERM: a stopped run is not a success a script should chain on from
 
@@ -230,6 +232,53 @@ def catch_stops(on_stop: Callable[[], None], what: str) -> None:
     signal.signal(signal.SIGINT, interrupt)
 
 
+class _Tee:
+    """A stream that also writes to the run's log (what a terminal shows, the log keeps)."""
+
+    def __init__(self, stream: Any, log: Any):
+        self._stream, self._log = stream, log
+
+    def write(self, text: str) -> int:
+        try:
+            self._log.write(text)
+        except (OSError, ValueError):  # a full disk or a closed log must not stop the run
+            pass
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        try:
+            self._log.flush()
+        except (OSError, ValueError):
+            pass
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding...: the terminal's
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def _log_copy(path: Path) -> Iterator[None]:
+    """What this process prints goes to `path` too: a run of `rlhf train` or `rlhf eval` (a pipeline's
+    evaluation too) has its train.log in its folder, as a launched run does, for the console's log pane."""
+    try:
+        log = open(path, "a", encoding="utf-8", errors="replace", buffering=1)
+    except OSError:
+        yield
+        return
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (out, err)]
+    streams = [h.setStream(_Tee(h.stream, log)) for h in handlers]
+    try:
+        yield
+    finally:
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)
+        sys.stdout, sys.stderr = out, err
+        log.close()
+
+
 @contextmanager
 def tracked_run(
     db_path: str | os.PathLike, stage: Stage, recipe: Recipe, recipe_path: str, overrides: list[str]
@@ -282,7 +331,8 @@ def tracked_run(
                              **({"exit_code": code} if own else {}), **extra)
 
     try:
-        yield handle
+        with _log_copy(handle.output_dir / LOG_NAME) if store is not None and own else nullcontext():
+            yield handle
     except StopRequested:
         end("stopped")
         handle.status = "stopped"

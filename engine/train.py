@@ -138,7 +138,7 @@ def configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
     )
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "httpx2", "urllib3", "filelock"):  # a line per judge call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -40,6 +40,9 @@ def test_the_pipeline_runs_every_stage_wired_by_stage_into_a_score_table(workdir
     sft, rm, ppo, eval_sft, eval_ppo = runs
     out = Path("out").resolve()
     assert all(Path(r["output_dir"]).parent == out for r in runs), [r["output_dir"] for r in runs]  # eval too
+    for evaluation in (eval_sft, eval_ppo):  # an evaluation's output is in its own log too, for the console
+        log = (Path(evaluation["output_dir"]) / "train.log").read_text(encoding="utf-8")
+        assert "judge: the reward model scores" in log and "judged " in log
     ppo_config = json.loads(ppo["config"])["ppo"]
     # The policy is the SFT export, the reward model the RM export, by stage; the rule reward is gone.
     assert ppo_config["model"]["path"] == str(Path(sft["output_dir"]) / "final")
@@ -207,3 +210,5 @@ def test_a_crashed_pipeline_resumes_in_its_stage_with_no_step_lost_or_repeated(w
     assert run_row(ppo["id"])["status"] == "done"
     steps = [s for s, _ in metric(ppo["id"], "kl_ctl_value")]
     assert steps == list(range(1, 9)) and crashed_at >= 3  # the steps after its checkpoint redone once each
+    detached_log = (Path(json.loads(pipeline["config"])["output_root"]) / "pipeline-1.log").read_text()
+    assert f"pipeline 1: ppo is run {ppo['id']}" in detached_log

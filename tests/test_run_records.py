@@ -256,6 +256,8 @@ def test_ctrl_c_on_a_run_in_its_own_terminal_saves_a_checkpoint_and_stops(workdi
         saved = store.checkpoints(1)
     assert saved and saved[-1]["step"] == row["step"] < 400
     assert "continue it with: rlhf train sft --resume-run 1" in out
+    log = (Path(row["output_dir"]) / "train.log").read_text(encoding="utf-8")  # what the terminal showed
+    assert "Ctrl-C: stopping after this step" in log and "'loss'" in log
 
 
 def test_resume_follows_its_own_hint_from_anywhere_with_the_recorded_config(workdir, tmp_path_factory):

@@ -244,8 +244,7 @@ class RunsScreen(Screen):
             if run["status"] not in ("failed", "diverged"):  # else it is pinned above the log already
                 self.log_view.append(run["id"], run["error"].splitlines(), "", False, False)
         elif run.get("output_dir"):
-            self.log_view.append(run["id"], [], f"(nothing in {run['output_dir']}/train.log yet; a run "
-                                           "started with `rlhf train` logs to its own terminal)", False, False)
+            self.log_view.append(run["id"], [], f"(nothing in {run['output_dir']}/train.log yet)", False, False)
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         if event.pane.id == "samples" and self.selected is not None:
