@@ -63,10 +63,10 @@ class RlhfConsole(App):
         stop_grace_s: float | None = None,
         gpu_sampler: Callable[[], Any] | None = None,
         poll_s: float = POLL_S,
-        chat: tuple[str, str | None] | None = None,
+        chat: tuple[str, str | None, str] | None = None,
     ):
         super().__init__()
-        self.initial_chat = chat  # `rlhf chat A [B]`: the chat screen opens over the runs
+        self.initial_chat = chat  # `rlhf chat A [B] [--key-env VAR]`: the chat screen opens over the runs
         self.db_path = Path(db_path).resolve()
         self.configs_dir = Path(configs_dir) if configs_dir is not None else default_configs_dir(self.db_path)
         self.stop_grace_s = stop_grace_s
@@ -520,10 +520,10 @@ class RlhfConsole(App):
         if not isinstance(self.screen, GpuScreen):
             self.push_screen(GpuScreen())
 
-    def open_chat(self, left: str, right: str | None = None) -> None:
-        from console.screens.chat import ChatScreen
+    def open_chat(self, left: str, right: str | None = None, key_env: str | None = None) -> None:
+        from console.screens.chat import ChatScreen, ChatSettings
 
-        self.push_screen(ChatScreen(left, right))
+        self.push_screen(ChatScreen(left, right, None if key_env is None else ChatSettings(key_env=key_env)))
 
     def action_launch(self) -> None:
         from console.screens.launch import LaunchScreen
@@ -556,7 +556,7 @@ def default_configs_dir(db_path: Path) -> Path:
     return Path("configs").resolve()
 
 
-def run_console(db: str | None = None, chat: tuple[str, str | None] | None = None) -> int:
+def run_console(db: str | None = None, chat: tuple[str, str | None, str] | None = None) -> int:
     """Entry point of `rlhf console` (and of `rlhf` with no command)."""
     import sys
 

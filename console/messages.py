@@ -95,4 +95,4 @@ class ChatModelsResolved(Message):
     """The chat screen's model specs, resolved to folders or endpoints (or why they cannot be)."""
 
     choices: dict[str, Any]  # side -> console.chat_client.ModelChoice
-    error: str | None = None
+    errors: dict[str, str] = field(default_factory=dict)  # side -> why it has no model

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     console = sub.add_parser("console", help="open the terminal console (the default with no command)")
     console.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
+    # Listed for --help; main() opens the console on it before this parser is built (`rlhf chat --help` too).
+    sub.add_parser("chat", help="chat with two checkpoints side by side: rlhf chat A [B] (folders, run ids or "
+                                "openai:MODEL@URL)")
 
     check = sub.add_parser("check", help="validate a recipe (its model and data paths too) and print it resolved")
     check.add_argument("recipe")
@@ -218,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         chat = argparse.ArgumentParser(prog="rlhf chat", description="two checkpoints side by side in the console")
         chat.add_argument("a", help="a model folder, a run id (its export), or openai:MODEL@BASE_URL")
         chat.add_argument("b", nargs="?", help="the second model, the same ways")
+        chat.add_argument("--key-env", default="OPENAI_API_KEY", metavar="VAR",
+                          help="environment variable with an endpoint's key ('' for an endpoint without one)")
         chat.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
         args = chat.parse_args(argv[1:])
-        return run_console(args.db, chat=(args.a, args.b))
+        return run_console(args.db, chat=(args.a, args.b, args.key_env))
     from engine.config import RecipeError
     from engine.data.records import DataError
     from engine.store import StoreError

@@ -100,7 +100,9 @@ async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
         await pilot.press("2")
         assert len(_chats()) == 1  # one vote per exchange
 
-        await ask(pilot, screen, "Say bye.")  # the next exchange is blind again: shuffled anew, names hidden
+        await pilot.press("n")  # a new chat in blind mode: shuffled anew, names hidden again
+        assert {str(screen.panes[s].heading.render()) for s in ("left", "right")} == {"A", "B"}
+        await ask(pilot, screen, "Say bye.")  # the next exchange is blind: names hidden
         assert {str(screen.panes[s].heading.render()) for s in ("left", "right")} == {"A", "B"}
         assert screen.turns["left"][0]["content"] == "Say bye."
         await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()) and
@@ -120,6 +122,46 @@ async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
         assert len(lines) == 3 and json.loads(lines[0])["transcript"]["right"][0]["content"] == "Say hello."
         assert (exports / "chats.jsonl").stat().st_mode & 0o077 == 0  # for its owner only
         assert "Say hello." in (exports / "chats.md").read_text(encoding="utf-8")
+
+
+@sync
+async def test_a_side_that_cannot_start_fails_alone_and_a_new_key_variable_restarts_an_endpoint(workdir,
+                                                                                               monkeypatch):
+    from tests.judge_server import JudgeServer
+
+    monkeypatch.delenv("UNSET_KEY", raising=False)
+    server = JudgeServer(lambda body, index: ("reply", "endpoint answer"))
+    try:
+        app = console()
+        async with app.run_test(size=(100, 32)) as pilot:
+            app.push_screen(ChatScreen("/nope/model", str(workdir / "demo" / "model"), ChatSettings(
+                temperature=0, max_new_tokens=8)))
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the chat screen")
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.ready.get("right"), 600, "the right worker, alone")
+            assert screen.panes["left"].dead
+            errors = " ".join(str(w.render()) for w in screen.panes["left"].body.query(".pane-error"))
+            assert "is not a folder" in errors
+            await ask(pilot, screen, "Hello?")
+            await wait_for(pilot, lambda: len(screen.turns["right"]) == 2, 60, "the right side's answer")
+            app.pop_screen()
+
+            app.push_screen(ChatScreen(f"openai:served@{server.url}", None, ChatSettings(key_env="UNSET_KEY")))
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the endpoint chat")
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.panes["left"].dead, 60, "the missing key")
+            assert "UNSET_KEY" in " ".join(str(w.render()) for w in screen.panes["left"].body.query(".pane-error"))
+            await pilot.press("escape", "o")
+            await wait_for(pilot, lambda: app.screen.query("#set-key_env"), 10, "the settings")
+            app.screen.query_one("#set-key_env").value = ""  # a local endpoint without a key
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: screen.ready.get("left") and not screen.panes["left"].dead, 60,
+                           "the endpoint worker started again")
+            await ask(pilot, screen, "Hello?")
+            await wait_for(pilot, lambda: len(screen.turns["left"]) == 2, 60, "the endpoint's answer")
+            assert screen.turns["left"][1]["content"] == "endpoint answer"
+    finally:
+        server.close()
 
 
 def _chats():

@@ -91,11 +91,14 @@ class ChatScreen(Screen[None]):
     ]
 
     def __init__(self, left: str, right: str | None = None, settings: ChatSettings | None = None):
+        """`left`, `right`: a model folder, a run id (its export) or `openai:MODEL@URL`."""
         super().__init__()
         self.specs = {"left": left, "right": right}
         self.settings = settings or ChatSettings()
         self.choices: dict[str, ModelChoice] = {}
         self.processes: dict[str, ChatWorker] = {}
+        self._workers_started = 0
+        self._worker_of: dict[str, int] = {}  # side -> the number of the worker that speaks for it now
         self.turns: dict[str, list[dict[str, str]]] = {side: [] for side in SIDES}
         self.questions: list[str] = []
         self.request: dict[str, int] = {}
@@ -129,32 +132,53 @@ class ChatScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, group="chat-resolve", exit_on_error=False)
     def resolve_models(self) -> None:
-        """Run ids become their export folders (engine code, off the UI thread); then the workers start."""
+        """Run ids become their export folders (engine code, off the UI thread); then the workers start. Each
+        side on its own: a spec that cannot be used fails its own pane, and the other side still answers."""
         from engine.evaluate import resolve_checkpoint
 
-        choices = {}
-        try:
-            for side in self.sides:
-                spec = self.specs[side] or ""
+        choices, errors = {}, {}
+        for side in self.sides:
+            spec = self.specs[side] or ""
+            try:
                 if spec.startswith("openai:"):
                     choices[side] = parse_choice(spec, self.settings.key_env)
                 else:
                     choices[side] = ModelChoice(folder=resolve_checkpoint(spec, self.app.db_path))
-        except Exception as err:  # RecipeError, StoreError: shown, the screen stays
-            self.post_message(ChatModelsResolved({}, str(err)))
-            return
-        self.post_message(ChatModelsResolved(choices))
+            except Exception as err:  # RecipeError, StoreError: shown in that side's pane
+                errors[side] = str(err)
+        self.post_message(ChatModelsResolved(choices, errors))
 
     async def on_chat_models_resolved(self, message: ChatModelsResolved) -> None:
-        if message.error:
-            for side in self.sides:
-                await self.panes[side].fail(message.error, fatal=True)
-            return
+        for side, error in message.errors.items():
+            await self.panes[side].fail(error, fatal=True)
         self.choices = message.choices
         for side, choice in self.choices.items():
             self.panes[side].set_title(f"{side}: {choice.label}")
-            post = lambda event, side=side: self.post_message(ChatEvent(side, event))  # noqa: E731
-            self.processes[side] = ChatWorker(choice, post, share=len(self.choices))
+            self._start_worker(side, choice)
+
+    def _start_worker(self, side: str, choice: ModelChoice) -> None:
+        self._workers_started += 1
+        started = self._workers_started  # its events carry it: a replaced worker's late events are dropped
+
+        def post(event: dict[str, Any]) -> None:
+            self.post_message(ChatEvent(side, {**event, "worker": started}))
+
+        self.processes[side] = ChatWorker(choice, post, share=len(self.sides))
+        self._worker_of[side] = started
+
+    async def _restart_endpoints(self) -> None:
+        """A new key variable reaches the endpoint sides: their workers start again with it (the key is read
+        from the environment when a worker starts)."""
+        for side, choice in list(self.choices.items()):
+            if not choice.endpoint or choice.key_env == self.settings.key_env:
+                continue
+            old = self.processes.pop(side, None)
+            if old is not None:
+                old.close()
+            self.choices[side] = replace(choice, key_env=self.settings.key_env)
+            await self.panes[side].revive(f"starting again with the key in ${self.settings.key_env}"
+                                          if self.settings.key_env else "starting again without a key")
+            self._start_worker(side, self.choices[side])
 
     # -- worker events ---------------------------------------------------------------------------------
     async def on_chat_event(self, message: ChatEvent) -> None:
@@ -164,6 +188,8 @@ class ChatScreen(Screen[None]):
             self.ready[message.side] = True
             pane.set_stats(f"ready on {event.get('device')} (loaded in {event.get('load_s', 0):.1f} s)")
             return
+        if event.get("worker") != self._worker_of.get(message.side):
+            return  # from a worker replaced on purpose (new settings)
         if kind == "exit":
             if not pane.dead:
                 tail = terminal_safe(event.get("stderr", "")).strip().splitlines()[-6:]
@@ -267,7 +293,7 @@ class ChatScreen(Screen[None]):
         self.notify("blind mode: the models are A and B until you vote" if self.blind else "blind mode off")
 
     async def _new_blind_exchange(self) -> None:
-        await self.action_new()
+        await self._start_over()
         sides = list(SIDES)
         random.shuffle(sides)
         self.shown = {"A": sides[0], "B": sides[1]}
@@ -320,6 +346,14 @@ class ChatScreen(Screen[None]):
         self.app.export_chats()
 
     async def action_new(self) -> None:
+        """n: a new chat; in blind mode a new blind exchange, shuffled and hidden again (a vote is blind only
+        while the names are hidden)."""
+        if self.blind:
+            await self._new_blind_exchange()
+        else:
+            await self._start_over()
+
+    async def _start_over(self) -> None:
         for side in self.sides:
             if side in self.request and self.processes.get(side):
                 self.processes[side].send({"op": "cancel", "id": self.request[side]})
@@ -362,10 +396,11 @@ class ChatScreen(Screen[None]):
         box.focus()
 
     def action_settings(self) -> None:
-        def apply(settings: ChatSettings | None) -> None:
+        async def apply(settings: ChatSettings | None) -> None:
             if settings is not None:
                 self.settings = settings
                 self.query_one("#chat-settings", Static).update(Text(settings.line()))
+                await self._restart_endpoints()
 
         self.app.push_screen(ChatSettingsScreen(self.settings), apply)
 

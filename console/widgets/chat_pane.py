@@ -32,6 +32,7 @@ class ChatPane(Vertical):
     ChatPane .user-turn { margin: 1 1 0 1; color: $accent; }
     ChatPane Markdown, ChatPane StreamText { margin: 0 0 0 1; padding: 0; }
     ChatPane .pane-error { margin: 1 1 0 1; color: $error; }
+    ChatPane .pane-note { margin: 1 1 0 1; color: $text-muted; }
     """
 
     def __init__(self, side: str, **kwargs: object):
@@ -151,6 +152,13 @@ class ChatPane(Vertical):
             await self.body.mount(Markdown(self.answer), after=text)
             await text.remove()
             self._follow()
+
+    async def revive(self, note: str) -> None:
+        """A new worker speaks for this side: it answers again."""
+        self.dead = False
+        await self.body.mount(Static(Text(terminal_safe(note)), classes="pane-note"))
+        self.set_stats("starting")
+        self._follow()
 
     async def fail(self, message: str, fatal: bool = False) -> None:
         self._flush()
