@@ -448,6 +448,27 @@ async def test_l_opens_the_launch_form_filled_from_the_run_keeping_what_no_field
         form.query_one("#field-batch", Input).value = "3"  # the change this relaunch is for
         assert sorted(form.overrides()) == ["seed=7", "sft.train.batch_size=3", "sft.train.lr=0.0003"]
 
+        # A pipeline's PPO stage: its model came in as a whole section (the SFT export), not as the recipe's.
+        wired = {"path": "/exports/sft-final", "dtype": "float32", "trust_remote_code": False}
+        with Store(many_runs) as store:
+            store.update_run(8, stage="ppo", recipe=recipe, launch=json.dumps({"accelerate_config": accel}),
+                             overrides=json.dumps(["ppo.model=" + json.dumps(wired),
+                                                   "ppo.reward_model=/exports/rm-final", "ppo.reward_fn=null"]))
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.screen is not form and app.runs[8]["stage"] == "ppo", 20, "run 8 as ppo")
+        home.select_run(8)
+        await wait_for(pilot, lambda: home.selected == 8, 10)
+        await pilot.press("l")
+        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20, "the form")
+        form = app.screen
+        await wait_for(pilot, lambda: not form._run_pending, 10, "the run's values")
+        assert form.query_one("#field-model", Input).value == "/exports/sft-final"  # the model the run used
+        form.query_one("#field-model", Input).value = "/exports/other"
+        from engine.config import load_recipe
+
+        relaunched = load_recipe(recipe, form.overrides(), "ppo")
+        assert relaunched.ppo.model.path == "/exports/other" and relaunched.ppo.model.dtype == "float32"
+
 
 @sync
 async def test_the_footer_shows_the_focused_panes_keys_first(many_runs):

@@ -117,6 +117,23 @@ class Validated(Message):
         self.form = form  # (stage, recipe, overrides, accelerate config, through) as validated
 
 
+def _flattened(items: list[str]) -> list[str]:
+    """`--set` items with a mapping for a value (`ppo.model={"path": ..., "dtype": ...}`) as one item per key
+    (`ppo.model.path=...`), so that each can land in its field; values stay YAML (JSON is YAML)."""
+    flat = []
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and parsed:
+            flat += [f"{key}.{sub}={json.dumps(v)}" for sub, v in parsed.items()]
+        else:
+            flat.append(item)
+    return flat
+
+
 class LaunchScreen(Screen[int | None]):
     DEFAULT_CSS = """
     LaunchScreen #estimate { height: auto; color: $text-muted; padding: 0 1; }
@@ -138,6 +155,7 @@ class LaunchScreen(Screen[int | None]):
         self._launching = False
         self.from_run = from_run
         self._run_pending = from_run is not None  # its overrides go into the fields once the recipe is loaded
+        self.own_model: str | None = None  # `stage.model.path` where the run gave its stage its own model
         self.extra: list[str] = []  # the run's overrides that no field shows
         self._estimate_seq = 0  # the newest estimate asked for: older answers are dropped
 
@@ -261,6 +279,8 @@ class LaunchScreen(Screen[int | None]):
             return  # an answer for an earlier choice that arrived late
         previous = self.loaded
         self.loaded, self.keys = message.values, message.keys
+        if self.own_model is not None and self.own_model.startswith(f"{message.stage}."):
+            self._edit_own_model(self.own_model)
         for field in FIELDS:  # a recipe that failed to load leaves no values behind to become overrides
             if field.name == "processes":
                 continue
@@ -273,14 +293,24 @@ class LaunchScreen(Screen[int | None]):
             self._fill_from_run()
         self._refresh_estimate()
 
+    def _edit_own_model(self, key: str) -> None:
+        """The run gave its stage a model of its own (a pipeline wires the SFT export into ppo.model): the
+        model field edits that one, and always says it, since the recipe's model is not the run's."""
+        self.keys["model"], self.loaded["model"] = key, ""
+
     def _fill_from_run(self) -> None:
         """The run's overrides into the fields they belong to; the rest kept as they are."""
         run = self.from_run
         assert run is not None
+        items = _flattened([str(item) for item in json.loads(run.get("overrides") or "[]")])
+        own_model = f"{run['stage']}.model.path"
+        if self.keys.get("model") != own_model and any(i.startswith(own_model + "=") for i in items):
+            self.own_model = own_model
+            self._edit_own_model(own_model)
         by_key = {key: name for name, key in self.keys.items()}
         self.extra = []
-        for item in json.loads(run.get("overrides") or "[]"):
-            key, _, value = str(item).partition("=")
+        for item in items:
+            key, _, value = item.partition("=")
             name = by_key.get(key) or by_key.get(f"{run['stage']}.{key}")  # `train.lr` means the stage's
             if name is None:
                 self.extra.append(str(item))
