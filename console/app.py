@@ -380,6 +380,16 @@ class RlhfConsole(App):
                 return
             self.post_message(ActionDone("resume", run_id))
             return
+        if run["stage"] == "eval":  # one process, no accelerate: it goes on where it stopped, detached
+            from engine.evaluate import start_detached_resume
+
+            try:
+                start_detached_resume(run_id, self.db_path)
+            except Exception as err:  # RecipeError (its eval folder or judge is gone), StoreError, OSError
+                self.post_message(ActionDone("resume", run_id, str(err)))
+                return
+            self.post_message(ActionDone("resume", run_id))
+            return
         launch = json.loads(run.get("launch") or "null") or {}
         accelerate = launch.get("accelerate_config")
         if not accelerate:

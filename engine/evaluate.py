@@ -305,6 +305,28 @@ def _check_answers_from(db_path: str | Path, source: int, items: list[Item]) -> 
         raise RecipeError(f"--answers-from {source}: run {source} has no answer to any of these questions")
 
 
+def start_detached_resume(run_id: int, db_path: str | Path) -> None:
+    """`rlhf eval belle --resume-run` in a session of its own (the console's `r`): it outlives the console,
+    writes its runs/<id>/train.log, and is stopped through its own group. What would make it fail at once
+    (the run is not an evaluation or is running; its eval folder, judge or reward model is gone) is raised
+    here instead, where the caller can show it."""
+    import subprocess
+    import sys
+
+    from engine.run import settled
+    from engine.store import Store
+
+    config = config_from_run(db_path, run_id)
+    with Store(db_path) as store:
+        status = settled(store, run_id)["status"]
+    if status in ("pending", "running"):
+        raise RecipeError(f"run {run_id} is {status}")
+    validate(config)
+    subprocess.Popen([sys.executable, "-m", "engine.cli", "eval", "belle", "--resume-run", str(run_id), "--db",
+                      str(Path(db_path).resolve())], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def config_from_run(db_path: str | Path, run_id: int) -> EvalConfig:
     """The resolved settings an evaluation run was started with (what a resume continues)."""
     from engine.store import Store

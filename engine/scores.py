@@ -198,7 +198,7 @@ def _fmt(cell: Cell, intervals: bool) -> str:
         return "-"
     text = f"{cell.mean:.3f}"
     if intervals and cell.low is not None:
-        text += f" [{cell.low:.2f}, {cell.high:.2f}]"
+        text += f" [{cell.low:.3f}, {cell.high:.3f}]"
     return text
 
 
@@ -212,13 +212,14 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(["name", "run_id", "judge", *[f"{c} {part}" for c in COLUMNS
-                                                      for part in ("mean", "low", "high", "n", "unscored", "best")]])
+        parts = ("mean", "low", "high", "n", "unscored", "not judged", "best")
+        writer.writerow(["name", "run_id", "judge", *[f"{c} {part}" for c in COLUMNS for part in parts]])
         for k, r in enumerate(rows):
             cells = []
             for c in COLUMNS:
                 cell = r.cells[c]
-                cells += [cell.mean, cell.low, cell.high, cell.n, cell.unscored, int(k in best.get(c, set()))]
+                cells += [cell.mean, cell.low, cell.high, cell.n, cell.unscored, cell.missing,
+                          int(k in best.get(c, set()))]
             writer.writerow([r.name, r.run_id or "", r.judge, *["" if v is None else v for v in cells]])
         return out.getvalue()
     header = "| model | " + " | ".join(COLUMNS) + " |"

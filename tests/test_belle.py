@@ -135,6 +135,8 @@ def test_summaries_count_unscored_apart_and_intervals_bracket_the_mean():
     as_json = json.loads(render([row], "json"))
     assert as_json[0]["columns"]["others"]["unscored"] == 1
     assert "others unscored" in render([row], "csv").splitlines()[0]
+    assert "others not judged" in render([row], "csv").splitlines()[0]
+    assert f"{row.cells['others'].mean:.3f} [{row.cells['others'].low:.3f}, " in table  # as many decimals
 
 
 def test_paired_deltas_use_the_same_items():

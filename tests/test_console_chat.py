@@ -296,3 +296,60 @@ async def test_an_endpoint_beside_a_local_model_and_a_blind_vote_on_a_belle_ques
     finally:
         server.close()
     assert "sk-chat-secret" not in (workdir / "runs.db").read_bytes().decode("latin-1")
+
+
+@sync
+async def test_an_evaluation_stopped_from_the_console_resumes_from_it(workdir):
+    """x then r on an evaluation run: it stops after the work in hand and goes on, detached, where it
+    stopped; its log is in its folder."""
+    import subprocess
+    import threading
+
+    from console.screens.dialogs import ConfirmScreen
+    from tests.conftest import RLHF
+    from tests.judge_server import JudgeServer, score_by_answer
+    from tests.test_eval import KEY, judge_args, write_sample
+
+    n = write_sample(workdir / "belle", per_class=1)
+    release = threading.Event()
+
+    def script(body, index):
+        if index == 2:
+            release.wait(60)  # the third call hangs while the run is stopped
+        return score_by_answer(body, index)
+
+    server = JudgeServer(script)
+    env = {**os.environ, "THE_JUDGE_KEY": KEY}
+    proc = subprocess.Popen([*RLHF, "eval", "belle", "demo/model", "--eval-dir", "belle", *judge_args(server)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        os.environ["THE_JUDGE_KEY"] = KEY  # the console's environment is what a resumed run inherits
+        app = console()
+        async with app.run_test(size=(100, 32)) as pilot:
+            await wait_for(pilot, lambda: len(server.calls) >= 3 and app.runs.get(1, {}).get("status") == "running",
+                           180, "the evaluation judging")
+            home = app.home
+            home.select_run(1)
+            await pilot.press("x")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the stop dialog")
+            assert "every stored answer and verdict kept" in str(app.screen.query_one(".question").render())
+            await pilot.press("y")
+            release.set()
+            await wait_for(pilot, lambda: app.runs[1]["status"] == "stopped", 120, "the stop")
+            assert proc.wait(timeout=60) == 143
+            await pilot.press("r")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the resume dialog")
+            await pilot.press("y")
+            await wait_for(pilot, lambda: app.runs[1]["status"] == "done", 180, "the resumed evaluation")
+        with Store(os.environ["RLHF_DB"]) as store:
+            assert len(EvalStore(store).judgments(1)) == n
+            run = store.run(1)
+        log = (workdir / "runs" / "1" / "train.log").read_text(encoding="utf-8")
+        assert log.count("judge: ") == 2  # the first stretch's plan and the resumed one's
+    finally:
+        os.environ.pop("THE_JUDGE_KEY", None)
+        release.set()
+        server.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert run["exit_code"] == 0

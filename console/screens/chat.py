@@ -213,7 +213,7 @@ class ChatScreen(Screen[None]):
     def _after_answer(self) -> None:
         if self.blind and not any(self.panes[s].busy for s in self.sides) and self.voted is None:
             self.query_one("#chat-settings", Static).update(Text(
-                "blind: vote 1 = A better, 2 = B better, 3 = tie, 4 = both bad (Esc, then the key)", style="bold"))
+                "blind: Esc, then 1 = A better · 2 = B better · 3 = tie · 4 = both bad", style="bold"))
 
     # -- asking ------------------------------------------------------------------------------------------
     def _send(self, side: str) -> None:

@@ -28,7 +28,8 @@ class ConfigDiffScreen(ModalScreen[None]):
         overrides = config_diff({"overrides": json.loads(self.a.get("overrides") or "[]")},
                                 {"overrides": json.loads(self.b.get("overrides") or "[]")})
         with Vertical(classes="dialog wide"):
-            yield Static(f"run {self.a['id']} vs run {self.b['id']}: {len(rows)} changed keys   (Esc closes)")
+            noun = "changed key" if len(rows) == 1 else "changed keys"
+            yield Static(f"run {self.a['id']} vs run {self.b['id']}: {len(rows)} {noun}   (Esc closes)")
             table = DataTable(zebra_stripes=True, cursor_type="row")
             table.add_columns("key", f"run {self.a['id']}", f"run {self.b['id']}")
             for key, left, right in rows + overrides:

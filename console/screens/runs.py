@@ -465,8 +465,10 @@ class RunsScreen(Screen):
         if run["status"] not in ("pending", "running"):
             self.notify(f"run {run['id']} is {run['status']}: nothing to stop")
             return
-        question = (f"Stop run {run['id']} ({run['stage']} {run['name']})?\n\nIt gets SIGTERM, saves a "
-                    "checkpoint and exits; it is killed if it is still there after the grace period.")
+        what = ("ends after the batch in hand, every stored answer and verdict kept" if run["stage"] == "eval" else
+                "saves a checkpoint and exits")
+        question = (f"Stop run {run['id']} ({run['stage']} {run['name']})?\n\nIt gets SIGTERM, {what}; it is "
+                    "killed if it is still there after the grace period.")
         self.app.push_screen(ConfirmScreen(question, "Stop"),
                              lambda ok: self.app.stop_run(run["id"]) if ok else None)
 
@@ -479,7 +481,9 @@ class RunsScreen(Screen):
         if run["status"] in ("pending", "running"):
             self.notify(f"run {run['id']} is {run['status']}")
             return
-        question = f"Resume run {run['id']} ({run['stage']} {run['name']}) from its last full-state checkpoint?"
+        question = (f"Resume evaluation run {run['id']} ({run['name']})? It answers and judges what it has not yet."
+                    if run["stage"] == "eval" else
+                    f"Resume run {run['id']} ({run['stage']} {run['name']}) from its last full-state checkpoint?")
         self.app.push_screen(ConfirmScreen(question, "Resume"),
                              lambda ok: self.app.resume_run(run["id"]) if ok else None)
 

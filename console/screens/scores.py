@@ -63,7 +63,7 @@ class ScoresScreen(Screen[None]):
         self._loaded_at = 0.0
 
     def compose(self) -> ComposeResult:
-        yield Static(Text("BELLE scores · judged per category, 95 % bootstrap intervals · best measured in bold"),
+        yield Static(Text("BELLE scores per category · best measured in bold · a cell's interval below"),
                      id="scores-title")
         yield ScoreTable(id="score-table")
         yield Static("loading…", id="cell-info")

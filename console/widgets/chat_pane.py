@@ -137,7 +137,7 @@ class ChatPane(Vertical):
         if self.busy and self._first is not None:
             elapsed = max(time.perf_counter() - self._started - self._first, 1e-9)
             rate = (self.tokens - 1) / elapsed if self.tokens > 1 else 0.0
-            self.set_stats(f"TTFT {self._first:.2f} s · {rate:.1f} tok/s · {self.tokens} tokens")
+            self.set_stats(f"{rate:.1f} tok/s · {self.tokens} tokens · TTFT {self._first:.2f} s")
 
     async def finish(self, event: dict) -> None:
         self._flush()
@@ -145,8 +145,9 @@ class ChatPane(Vertical):
         tokens, seconds, ttft = event.get("tokens", 0), event.get("seconds") or 0.0, event.get("ttft_s")
         decode = max(seconds - (ttft or 0.0), 1e-9)
         rate = (tokens - 1) / decode if tokens > 1 else 0.0
-        first = f"TTFT {ttft:.2f} s · " if ttft is not None else ""
-        self.set_stats(f"{first}{rate:.1f} tok/s · {tokens} tokens · {event.get('finish', '')}")
+        # The rate, the count and why it ended first: at 80 columns a pane is ~38 wide, and TTFT is cut first.
+        first = f" · TTFT {ttft:.2f} s" if ttft is not None else ""
+        self.set_stats(f"{rate:.1f} tok/s · {tokens} tokens · {event.get('finish', '')}{first}")
         if self._text is not None:  # the finished answer, formatted once
             text, self._text = self._text, None
             await self.body.mount(Markdown(self.answer), after=text)
