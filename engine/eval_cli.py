@@ -61,8 +61,9 @@ def _belle(args: argparse.Namespace) -> int:
                 rewrite_reference=args.rewrite_reference, answers_from=args.answers_from,
                 output_root=str(Path(args.output_root).expanduser().resolve()),
             )
-        except ValueError as err:
-            raise RecipeError(f"invalid evaluation settings: {err}") from None
+        except ValueError as err:  # pydantic's ValidationError: each field by its option's name
+            problems = [f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in getattr(err, "errors", list)()]
+            raise RecipeError("; ".join(problems) or f"invalid evaluation settings: {err}") from None
         run_id, status = run_eval(config, db)
     if status == "stopped":
         from engine.run import resume_hint

@@ -292,6 +292,10 @@ def test_runs_of_two_eval_sets_are_never_paired_and_answers_stay_with_their_ques
                           (["--runs", "9"], "--runs: no run 9"), (["--delta", "1", "9"], "--delta: no run 9")):
         result = rlhf_eval("table", *args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+    bad = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", "--judge", "rm", "--reward-model", "demo/model",
+                    "--limit", "0", "--temperature", "-1")
+    assert bad.returncode == 2 and "error: --limit: Input should be greater than 0; --temperature: " in bad.stderr
+    assert "pydantic.dev" not in bad.stderr
 
 
 def _reward_model_export(workdir: Path) -> Path:
