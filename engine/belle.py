@@ -92,8 +92,10 @@ def load_rubrics(folder: str | Path) -> dict[str, str]:
     return rubrics
 
 
-def load_items(folder: str | Path, limit: int | None = None) -> list[Item]:
-    """Every question with its class prompt; a question whose class has no prompt is an error."""
+def load_items(folder: str | Path, limit: int | None = None, per_class: int | None = None) -> list[Item]:
+    """Every question with its class prompt; a question whose class has no prompt is an error. `limit`:
+    the first N; `per_class`: the first N of each class (a subset that still has every score-table column,
+    which BELLE's order, grouped by class, does not give the first N)."""
     folder = Path(folder)
     rubrics = load_rubrics(folder)
     path = folder / SET_FILE
@@ -109,6 +111,8 @@ def load_items(folder: str | Path, limit: int | None = None) -> list[Item]:
         category = category_of(cls)
         if category not in CATEGORIES:
             raise BelleError(f"{path}:{number}: class {row['class']!r} is not one of the score table's categories")
+        if per_class is not None and sum(1 for i in items if i.cls == cls) >= per_class:
+            continue
         items.append(Item(number, row["question"], row["std_answer"], cls, category, rubrics[cls]))
         if limit is not None and len(items) >= limit:
             break

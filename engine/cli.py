@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="environment variable that holds the endpoint's key (never stored)")
     belle.add_argument("--reward-model", help="reward model folder for --judge rm")
     belle.add_argument("--limit", type=int, help="only the first N questions")
+    belle.add_argument("--per-class", type=int, metavar="N",
+                       help="only the first N questions of each class (every score-table column, on a budget)")
     belle.add_argument("--name", help="the checkpoint's label in the score table")
     belle.add_argument("--max-new-tokens", type=int, default=512)
     belle.add_argument("--batch-size", type=int, default=16)

@@ -224,6 +224,7 @@ class EvalStage(_Section):
     judge_model: str | None = Field("gpt-3.5-turbo", description="The judge model at that endpoint (BELLE's).")
     judge_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
     limit: int | None = Field(None, gt=0, description="Only the first N questions.")
+    per_class: int | None = Field(None, gt=0, description="Only the first N questions of each class.")
     max_new_tokens: int = Field(512, gt=0, description="Answer length limit.")
     batch_size: int = Field(16, gt=0, description="Questions answered per decode batch.")
 

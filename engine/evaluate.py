@@ -49,6 +49,7 @@ class EvalConfig(BaseModel):
     judge_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
     reward_model: str | None = Field(None, description="Reward model folder for the rm judge (absolute).")
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N questions.")
+    per_class: int | None = Field(None, gt=0, description="Evaluate only the first N questions of each class.")
     max_new_tokens: int = Field(512, gt=0, description="Answer length limit.")
     batch_size: int = Field(16, gt=0, description="Questions answered per decode batch.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy.")
@@ -95,7 +96,7 @@ def validate(config: EvalConfig) -> list[Item]:
     from engine.train import model_folder_problem
 
     try:
-        items = load_items(config.eval_dir, config.limit)
+        items = load_items(config.eval_dir, config.limit, config.per_class)
     except BelleError as err:
         raise RecipeError(f"--eval-dir: {err}") from None
     if config.judge == "openai":
@@ -185,8 +186,9 @@ def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop:
         from engine.judge.reward import RewardJudge
 
         judge = RewardJudge(config.reward_model)
-        # On the whole set's references, whatever --limit took: a subset's scores stay the full run's.
-        judge.calibrate(load_items(config.eval_dir) if config.limit else items)
+        # On the whole set's references, whatever --limit or --per-class took: a subset's scores stay the
+        # full run's.
+        judge.calibrate(load_items(config.eval_dir) if config.limit or config.per_class else items)
         print(plan_line(config, list(prompts.values()), 0), flush=True)
         for start in range(0, len(todo), config.batch_size):
             if stop.requested:

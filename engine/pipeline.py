@@ -253,6 +253,8 @@ def _evaluate(recipe: Recipe, exports: dict[str, str], mine: list[dict], db_path
                 argv += ["--judge-url", settings.judge_url or "", "--judge-model", settings.judge_model or ""]
             if settings.limit:
                 argv += ["--limit", str(settings.limit)]
+            if settings.per_class:
+                argv += ["--per-class", str(settings.per_class)]
         # Its output: the terminal, or the pipeline's log when detached; and its own train.log either way.
         proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
 

@@ -33,6 +33,13 @@ def test_every_one_of_the_1000_questions_meets_its_class_prompt():
     assert prompt.startswith(closed.rubric) and closed.question in prompt and closed.reference in prompt
     assert prompt.endswith("模型回答：' 我的回答'。请针对模型回答给出得分，顺便给出理由：")
 
+    # BELLE's file is grouped by class: its first 40 questions miss columns, 4 per class fill every one.
+    assert {i.category for i in load_items(BELLE, limit=40)} != set(CATEGORIES)
+    sample = load_items(BELLE, per_class=4)
+    assert len(sample) == 40 and {i.category for i in sample} == set(CATEGORIES)
+    for cls in {i.cls for i in items}:  # each class's first four, by their line in the file
+        assert [i.id for i in sample if i.cls == cls] == [i.id for i in items if i.cls == cls][:4]
+
 
 def test_the_demo_eval_set_fills_every_column_of_the_score_table(demo_dir):
     """The demo's own questions, three of each of BELLE's ten classes: every category has items, and those
