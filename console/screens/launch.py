@@ -156,6 +156,7 @@ class LaunchScreen(Screen[int | None]):
         self.from_run = from_run
         self._run_pending = from_run is not None  # its overrides go into the fields once the recipe is loaded
         self.own_model: str | None = None  # `stage.model.path` where the run gave its stage its own model
+        self._skipped: frozenset[str] = frozenset()  # fields of the last check that were not even of their type
         self.extra: list[str] = []  # the run's overrides that no field shows
         self._estimate_seq = 0  # the newest estimate asked for: older answers are dropped
 
@@ -384,10 +385,13 @@ class LaunchScreen(Screen[int | None]):
         widget.set_class(message.fits is False, "-too-big")
 
     # -- validation ------------------------------------------------------------------------------------
-    def overrides(self) -> list[str]:
+    def overrides(self, skip: frozenset[str] = frozenset()) -> list[str]:
+        """The form as --set items; `skip`: fields left out (their values are not even of their type)."""
         kinds = {field.name: field.kind for field in FIELDS}
         items = []
         for name, key in self.keys.items():
+            if name in skip:
+                continue
             value = self.query_one(f"#field-{name}", Input).value.strip()
             if value != self.loaded.get(name, ""):
                 # --set values are YAML: a path must stay a string ("run #2.jsonl", "on", "a: b")
@@ -425,9 +429,9 @@ class LaunchScreen(Screen[int | None]):
         if unplaced:
             self._error("general", error)
 
-    def _local_errors(self) -> bool:
-        """Type errors the inputs' own validators found (a letter in the learning rate, say)."""
-        bad = False
+    def _local_errors(self) -> frozenset[str]:
+        """The fields whose inputs' own validators fail (a letter in the learning rate, say), marked."""
+        bad = set()
         for field in FIELDS:
             widget = self.query_one(f"#field-{field.name}", Input)
             if self.stage not in field.stages or not widget.value:
@@ -436,8 +440,8 @@ class LaunchScreen(Screen[int | None]):
             if result is not None and not result.is_valid:
                 self._error(field.name, f"↑ not a valid {field.kind}")
                 widget.add_class("-invalid-field")
-                bad = True
-        return bad
+                bad.add(field.name)
+        return frozenset(bad)
 
     @work(thread=True, exclusive=True, group="launch-validate", exit_on_error=False)
     def validate(self, stage: str, recipe: str, overrides: list[str], accel: str | None, through: str | None,
@@ -464,13 +468,14 @@ class LaunchScreen(Screen[int | None]):
             return
         self.post_message(Validated(None, {}, launch, form))
 
-    def _form(self) -> tuple:
+    def _form(self, skip: frozenset[str] = frozenset()) -> tuple:
         accel = self.query_one("#accelerate", Select).value
         through = self.through if self.stage == "pipeline" else None
-        return self.stage, self.recipe, self.overrides(), None if accel is Select.NULL else str(accel), through
+        return (self.stage, self.recipe, self.overrides(skip), None if accel is Select.NULL else str(accel),
+                through)
 
     def on_validated(self, message: Validated) -> None:
-        if message.form != self._form():
+        if message.form != self._form(self._skipped):
             # The form changed while this was checked: what it says is about another form, and a launch
             # waits for the user to press again (never a launch of what was not checked).
             if message.launch:
@@ -478,6 +483,9 @@ class LaunchScreen(Screen[int | None]):
                 self.notify("the form changed while it was checked: nothing started; launch again", title="launch")
             return
         self.show_errors(message.error, message.fields)
+        if self._skipped:  # every problem at once: the type errors found here, and the recipe's about the rest
+            self._local_errors()
+            return
         self._refresh_estimate()  # what the check found may have changed since the form asked (a model written)
         if message.error is None and message.launch:
             accel = self.query_one("#accelerate", Select).value
@@ -511,10 +519,10 @@ class LaunchScreen(Screen[int | None]):
             self._error("recipe", "no recipe in " + str(self.configs_dir))
             self._launching = False
             return
-        if self._local_errors():
-            self._launching = False
-            return
-        stage, recipe, overrides, accel, through = self._form()
+        self._skipped = self._local_errors()
+        if self._skipped:  # never launched, but the rest of the form is still checked
+            self._launching = launch = False
+        stage, recipe, overrides, accel, through = self._form(self._skipped)
         self.validate(stage, recipe, overrides, accel, through, launch)
 
     def action_validate(self) -> None:
