@@ -157,6 +157,11 @@ async def test_the_console_shows_a_pipeline_as_one_row_that_expands_into_its_sta
         assert str(table.get_row(str(stages[-1]))[0]).strip() == f"▾{stages[-1]}"
         await pilot.press("plus")
         await wait_for(pilot, lambda: table.row_count == 2, 10, "folded again")
+        await pilot.press("F", "F")  # stage rm: the pipeline's rm stage is a row of its own, folded or not
+        await wait_for(pilot, lambda: table.stage_filter == "rm" and table.row_count == 1, 10, "the rm stage")
+        assert [row.key.value for row in table.ordered_rows] == [str(stages[1])]
+        await pilot.press("F", "F")  # ppo, then none
+        await wait_for(pilot, lambda: table.stage_filter is None and table.row_count == 2, 10, "no filter")
         # A pipeline that failed outside any run's log (a stage that could not start): its error is pinned.
         view = app.home.query_one(LogView)
         assert view.error is None

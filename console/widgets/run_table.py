@@ -223,8 +223,11 @@ class RunTable(DataTable):
             pipeline = run.get("pipeline_id")
             if pipeline is not None and heads[pipeline] != run["id"]:
                 members.setdefault(pipeline, []).append(run)
+        # Filtered, every run that matches is a row of its own: an rm stage folded under its pipeline's newest
+        # run would otherwise never match "rm".
+        folded = self.status_filter is None and self.stage_filter is None and not self.text_filter
         chosen = [r for r in runs.values()
-                  if (r.get("pipeline_id") is None or heads[r["pipeline_id"]] == r["id"])
+                  if (not folded or r.get("pipeline_id") is None or heads[r["pipeline_id"]] == r["id"])
                   and (self.status_filter is None or shown_status(r) == self.status_filter)
                   and (self.stage_filter is None or r["stage"] == self.stage_filter)
                   and (not self.text_filter or self.text_filter in searchable(r))]
@@ -234,7 +237,7 @@ class RunTable(DataTable):
         rows = []
         for run in sorted(chosen, key=key[self.sort_by], reverse=self.sort_reverse):
             rows.append(run)
-            if run.get("pipeline_id") in self.expanded:
+            if folded and run.get("pipeline_id") in self.expanded:
                 rows += sorted(members.get(run["pipeline_id"], []), key=lambda r: r["id"])
         return rows
 
