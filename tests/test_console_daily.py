@@ -587,6 +587,13 @@ async def test_slash_finds_in_the_focused_pane_metrics_and_samples_too(many_runs
                     if not metrics.get_option_at_index(i).disabled]
 
         await wait_for(pilot, lambda: "losses/value_loss" in names(), 20, "the metrics")
+        runs = home.query_one(RunTable)
+        runs.focus()
+        await pilot.press("slash", *"ppo", "enter")  # a find kept in the table...
+        await wait_for(pilot, lambda: runs.row_count == 1 and app.focused is runs, 10, "the ppo run alone")
+        await pilot.press("escape")  # ...ends with escape there too
+        await wait_for(pilot, lambda: runs.row_count == 13, 10, "every run again")
+        assert not home.query_one("#run-find", Input).display
         metrics.focus()
         await pilot.press("slash", *"loss")
         await wait_for(pilot, lambda: set(names()) - {home.metric} == {"losses/policy_loss", "losses/value_loss"}

@@ -557,6 +557,12 @@ class RunsScreen(Screen):
             focused.display = False
             self.query_one(f"#{self.FINDS[focused.id]}").focus()
             event.stop()
+        elif event.key == "escape" and focused is not None and focused.id == "run-table" and \
+                self.query_one(RunTable).text_filter:
+            box = self.query_one("#run-find", Input)  # a kept find: escape in the table ends it too
+            box.value = ""
+            box.display = False
+            event.stop()
 
     def action_note(self) -> None:
         from console.screens.dialogs import NoteScreen
