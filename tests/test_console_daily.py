@@ -72,9 +72,16 @@ async def test_the_acted_on_run_is_always_the_highlighted_one(many_runs):
         await wait_for(pilot, lambda: table.row_count == 12, 10, "every run again")
         highlighted = table.selected_run()
         assert home.selected == highlighted and info(app).startswith(f"run {highlighted} ")
+        table.move_cursor(row=5)  # the middle of the table
+        await wait_for(pilot, lambda: home.selected == table.selected_run() == int(table.ordered_rows[5].key.value),
+                       10, "the sixth row")
+        highlighted, below = table.selected_run(), int(table.ordered_rows[6].key.value)
         await pilot.press("D")
         await wait_for(pilot, lambda: isinstance(app.screen, DeleteScreen), 10, "the delete dialog")
         assert app.screen.run_id == highlighted
+        await pilot.press("y")
+        await wait_for(pilot, lambda: highlighted not in app.runs and table.row_count == 11, 20, "the delete")
+        assert table.cursor_row == 5 and home.selected == below  # its neighbour, not the top row
 
 
 @sync

@@ -305,6 +305,7 @@ class RunTable(DataTable):
         wanted_keys = [str(r["id"]) for r in wanted]
         current_keys = [row.key.value for row in self.ordered_rows]
         selected = self.selected_run()
+        at = self.cursor_row
         if current_keys != wanted_keys:
             # Refilling moves the cursor through row 0: the selection must not follow it there.
             with self.prevent(DataTable.RowHighlighted):
@@ -316,6 +317,8 @@ class RunTable(DataTable):
                     self._shown[str(run["id"])] = row
                 if selected is not None and str(selected) in wanted_keys:
                     self.move_cursor(row=wanted_keys.index(str(selected)))
+                elif wanted_keys and selected is not None:  # it was deleted: its neighbour, not the top row
+                    self.move_cursor(row=min(at, len(wanted_keys) - 1))
             self.fit_height()
             return
         for run in wanted:
