@@ -417,8 +417,16 @@ class RlhfConsole(App):
 
         try:
             group = request_stop(self.db_path, run_id)
+            from engine.store import Store
+
+            with Store(self.db_path) as store:
+                orphaned = store.run(run_id).get("orphaned") is not None
         except Exception as err:  # RecipeError, StoreError, OSError
             self.post_message(ActionDone("stop", run_id, str(err)))
+            return
+        if orphaned:  # nothing was there to stop: say so rather than "stop done"
+            self.post_message(ActionDone("stop", run_id, note=f"run {run_id}: its processes were already gone; "
+                                                             "closed as failed (r resumes it)"))
             return
         self.post_message(ActionDone("stop", run_id))
         # The grace period runs in this worker, so it survives screen changes (not a console restart:
