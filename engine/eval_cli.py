@@ -40,15 +40,18 @@ def _belle(args: argparse.Namespace) -> int:
         eval_dir = args.eval_dir
         if args.answers_from is not None:
             source = config_from_run(db, args.answers_from)
-            checkpoint = source.checkpoint
+            checkpoint, label = source.checkpoint, source.name  # the same model's answers, judged again
             eval_dir = eval_dir or source.eval_dir  # its answers belong to its questions
         else:
             checkpoint = resolve_checkpoint(args.checkpoint, db)
+            label = "/".join(Path(checkpoint).parts[-2:])
+            if args.checkpoint.isdigit():  # the score table names what answered: "ppo run 3", not "run 3"
+                with Store(db) as store:
+                    label = f"{store.run(int(args.checkpoint))['stage']} run {args.checkpoint}"
         if not eval_dir:
             raise RecipeError("--eval-dir: the folder with eval_set.json and eval_prompt.json is required")
         try:
-            label = args.name or (f"run {args.checkpoint}" if args.checkpoint and args.checkpoint.isdigit()
-                                  else "/".join(Path(checkpoint).parts[-2:]))
+            label = args.name or label
             config = EvalConfig(
                 name=label,
                 checkpoint=checkpoint, eval_dir=str(Path(eval_dir).expanduser().resolve()),

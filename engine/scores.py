@@ -229,8 +229,8 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
         for c in COLUMNS:
             text = _fmt(r.cells[c], intervals=r.run_id is not None)
             cells.append(f"**{text}**" if k in best.get(c, set()) else text)
-        label = r.name if r.run_id is None else f"{r.name} (run {r.run_id})"
+        label = r.name if r.run_id is None else f"{r.name} (evaluation run {r.run_id})"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    notes = [f"run {r.run_id}: judged by {r.judge}; n / unscored / not judged per column: " + ", ".join(
+    notes = [f"evaluation run {r.run_id}: judged by {r.judge}; n / unscored / not judged per column: " + ", ".join(
         f"{c} {r.cells[c].n}/{r.cells[c].unscored}/{r.cells[c].missing}" for c in COLUMNS) for r in rows if r.run_id]
     return "\n".join(lines + [""] + notes) + "\n"

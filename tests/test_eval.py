@@ -285,6 +285,7 @@ def test_runs_of_two_eval_sets_are_never_paired_and_answers_stay_with_their_ques
             evals = EvalStore(store)
             assert [(i["question"], i["answer"]) for i in evals.items(3)] == \
                 [(i["question"], i["answer"]) for i in evals.items(2)]
+            assert store.run(3)["name"] == store.run(2)["name"]  # the same model's label
     finally:
         server.close()
 

@@ -146,7 +146,7 @@ class ScoresScreen(Screen[None]):
             items = [i for i in items if i["category"] == column]
         elif column == "macro w/o others":
             items = [i for i in items if i["category"] != "others"]
-        self.post_message(ItemsLoaded(f"run {run_id} {name} · {column} · {len(items)} items", items))
+        self.post_message(ItemsLoaded(f"{name} (evaluation run {run_id}) · {column} · {len(items)} items", items))
 
     def on_items_loaded(self, message: ItemsLoaded) -> None:
         self.app.push_screen(ItemsScreen(message.title, message.items))
