@@ -198,6 +198,13 @@ def record_exit(
         if pgid is not None and run["pgid"] != pgid:
             return run["status"]
         status = run["status"]
+        if run.get("orphaned") is not None and pgid is not None:
+            # A look (the console, `rlhf runs`) saw the group gone before this supervisor recorded its exit
+            # and closed the row: the exit code is the truth, not that guess. The row was running if its
+            # stretch was still open, else pending.
+            segments = json.loads(run.get("segments") or "[]")
+            status = "running" if segments and segments[-1][1] is None else "pending"
+            run = {**run, "error": None, "ended": None}
         stop_requested = stop_requested or run.get("stop_requested") is not None
         error = None
         if status == "pending":
@@ -219,12 +226,14 @@ def record_exit(
         # Done stays done when a stop lands after the trainer recorded it (its export is written): the
         # signal ended the processes' teardown, not the work.
         code = {"stopped": EXIT_STOPPED, "done": 0}.get(status, exit_code)
-        fields = {"status": status, "exit_code": code,
+        fields = {"status": status, "exit_code": code, "orphaned": None,
                   "ended": run["ended"] or time.time()}
         if error:
             fields["error"] = error
         elif status == "failed" and not run["error"] and log_path is not None:
             fields["error"] = log_tail(log_path) or f"exited with code {exit_code} before writing to its log"
+        elif status != "failed":
+            fields["error"] = run["error"]  # none where a look's guess is replaced
         store.update_run(run_id, **fields)
     return status
 

@@ -315,6 +315,7 @@ def tracked_run(
             fields["pgid"] = os.getpgid(0) if os.getpgid(0) == os.getpid() else None
             # When this process started: a later program given the same pid is never taken for the run.
             fields["pgid_started"] = process_start(os.getpid())
+            fields["host"] = socket.gethostname()  # where these processes are: a resume may run elsewhere
         store.update_run(run_id, **fields)
     # Launched, the supervisor records the exit code; in this process, it is this process's own, by the
     # one rule: done 0, stopped 143, failed 1.

@@ -451,8 +451,8 @@ class Store:
         same = ""
         params: list[Any] = [time.time(), time.time(), run_id]
         if seen is not None:
-            same = " AND pid IS ? AND pgid IS ? AND pgid_started IS ?"
-            params += [seen.get("pid"), seen.get("pgid"), seen.get("pgid_started")]
+            same = " AND pid IS ? AND pgid IS ? AND pgid_started IS ? AND host IS ?"
+            params += [seen.get("pid"), seen.get("pgid"), seen.get("pgid_started"), seen.get("host")]
         with self._write() as db:
             changed = db.conn.execute(
                 "UPDATE runs SET status = 'failed', ended = ?, orphaned = ?, "
@@ -474,15 +474,17 @@ class Store:
     def set_supervisor(self, run_id: int, pid: int, started: int | None) -> None:
         """A detached run's supervisor, recorded until it records the run's own process group."""
         with self._write() as db:
-            db.conn.execute("UPDATE runs SET pid = ?, pgid_started = ? WHERE id = ? AND pgid IS NULL",
-                            [pid, started, run_id])
+            db.conn.execute("UPDATE runs SET pid = ?, pgid_started = ?, host = ? WHERE id = ? AND pgid IS NULL",
+                            [pid, started, socket.gethostname(), run_id])
 
     def set_process(self, run_id: int, pid: int, pgid: int, started: int | None = None) -> bool:
         """Record the run's processes (`started`: the leader's start time); returns whether a stop was
         asked for before they existed."""
         with self._write() as db:
-            db.conn.execute("UPDATE runs SET pid = ?, pgid = ?, pgid_started = ? WHERE id = ?",
-                            [pid, pgid, started, run_id])
+            # The machine too: a run resumed on another node than the one that registered it is looked at
+            # (and stopped) there, never judged gone by this one.
+            db.conn.execute("UPDATE runs SET pid = ?, pgid = ?, pgid_started = ?, host = ? WHERE id = ?",
+                            [pid, pgid, started, socket.gethostname(), run_id])
             return db.execute("SELECT stop_requested FROM runs WHERE id = ?", [run_id]).fetchone()[0] is not None
 
     def update_run(self, run_id: int, **fields: Any) -> None:

@@ -112,6 +112,37 @@ def test_a_look_closes_runs_whose_processes_died_but_never_one_resumed_meanwhile
         store.update_run(gone, pid=os.getpid(), pgid_started=process_start(os.getpid()))
         assert not store.close_orphan(gone, stale)
         assert store.run(gone)["status"] == "pending"
+        # Registered on another node and resumed here: the row names this machine now, and only it judges.
+        store.update_run(elsewhere, status="pending")
+        store.set_process(elsewhere, os.getpid(), os.getpid(), process_start(os.getpid()))
+        assert store.run(elsewhere)["host"] == __import__("socket").gethostname()
+
+
+def test_a_look_that_closed_a_launched_run_before_its_supervisor_did_gives_way_to_the_exit_code(workdir):
+    """The group is gone a moment before the supervisor records the exit: a look in between closes the row as
+    failed with a guess. The supervisor's record (the exit code, the log's last lines) replaces the guess."""
+    from engine.launch import record_exit
+    from engine.run import settle_active
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    started = process_start(dead.pid)
+    dead.wait()
+    log = workdir / "train.log"
+    log.write_text("Traceback (most recent call last):\nValueError: the real reason\n")
+    with Store(os.environ["RLHF_DB"]) as store:
+        crashed = store.create_run(stage="sft", name="crashed", recipe="", config="{}")
+        store.update_run(crashed, status="running", segments=json.dumps([[time.time(), None]]))
+        store.set_process(crashed, dead.pid, dead.pid, started)
+        waiting = store.create_run(stage="sft", name="stopped while pending", recipe="", config="{}")
+        store.set_process(waiting, dead.pid, dead.pid, started)
+        store.mark_stop_requested(waiting)
+        assert sorted(settle_active(store)) == [crashed, waiting]  # the look's guess
+    assert record_exit(os.environ["RLHF_DB"], crashed, 1, log_path=log, pgid=dead.pid) == "failed"
+    row = run_row(crashed)
+    assert "ValueError: the real reason" in row["error"] and row["orphaned"] is None and row["exit_code"] == 1
+    assert record_exit(os.environ["RLHF_DB"], waiting, 143, log_path=log, pgid=dead.pid) == "stopped"
+    row = run_row(waiting)
+    assert row["status"] == "stopped" and row["error"] is None and row["exit_code"] == 143
 
 
 def test_a_train_run_from_a_script_is_stopped_through_its_own_pid_and_never_a_stranger(workdir):
