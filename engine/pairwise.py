@@ -235,7 +235,7 @@ def judge_pairs(judge: Any, jobs: Iterable[tuple[tuple[int, str], str]], stop: t
 
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from engine.judge.endpoint import CallFailed
+    from engine.judge.endpoint import CallFailed, JudgeRefused
 
     with ThreadPoolExecutor(max_workers=judge.concurrency, thread_name_prefix="pairwise") as pool:
         futures = {}
@@ -252,4 +252,7 @@ def judge_pairs(judge: Any, jobs: Iterable[tuple[tuple[int, str], str]], stop: t
             except CallFailed as err:
                 yield futures[future], "", None, f"failed: {err}"
                 continue
+            except JudgeRefused:  # every queued call would be refused too: none of them is made
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
             yield futures[future], key, verdict, reply

@@ -130,3 +130,17 @@ def test_a_key_echoed_back_by_the_server_is_not_recorded(cache, monkeypatch):
         assert "sk-echoed" not in str(refused.value) and "***" in str(refused.value)
     finally:
         server.close()
+
+
+def test_pairwise_stops_at_a_refusal_of_every_call_too(cache, monkeypatch):
+    from engine.pairwise import judge_pairs
+
+    monkeypatch.setenv("JUDGE_KEY", "k")
+    server = JudgeServer(lambda body, index: ("status", 403))
+    try:
+        judge = EndpointJudge(server.url, "m", "JUDGE_KEY", cache=cache, concurrency=2, retries=5, backoff_s=0.01)
+        with pytest.raises(JudgeRefused, match="HTTP 403"):
+            list(judge_pairs(judge, (((i, "a"), f"p{i}") for i in range(100))))
+        assert len(server.calls) <= 4  # the calls in flight, not 100
+    finally:
+        server.close()
