@@ -312,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: the run's record says so already
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `rlhf runs | head`: the reader has what it wanted
+    except BrokenPipeError:
+        if args.command != "runs" and getattr(args, "eval_command", None) != "table":
+            raise  # a pipe of a run's own (a subprocess, a socket): a failure to see
+        # `rlhf runs | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail too
         return 141
 
