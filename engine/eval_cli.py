@@ -25,8 +25,10 @@ def _belle(args: argparse.Namespace) -> int:
     db = _db(args)
     if args.resume_run is not None:
         config = config_from_run(db, args.resume_run)
+        from engine.evaluate import validate
         from engine.run import settled
 
+        validate(config)  # before the claim: a resume that cannot start leaves the run as it was
         with Store(db) as store:
             run = settled(store, args.resume_run)
             if run["status"] in ("pending", "running"):

@@ -161,6 +161,12 @@ def test_a_stopped_evaluation_says_how_to_continue_and_that_works_from_anywhere(
         # From a folder with no runs.db, no demo and no eval files, and no RLHF_DB to point the way.
         elsewhere = tmp_path_factory.mktemp("elsewhere")
         env.pop("RLHF_DB")
+        (workdir / "belle").rename(workdir / "moved")  # a resume that cannot start leaves the run as it was
+        refused = subprocess.run([*RLHF, *hint.split()[1:]], cwd=elsewhere, env=env, capture_output=True, text=True,
+                                 timeout=300)
+        assert refused.returncode == 2 and "--eval-dir" in refused.stderr, refused.stderr[-1000:]
+        assert run_row(1)["status"] == "stopped"
+        (workdir / "moved").rename(workdir / "belle")
         resumed = subprocess.run([*RLHF, *hint.split()[1:]], cwd=elsewhere, env=env, capture_output=True, text=True,
                                  timeout=300)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
