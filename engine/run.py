@@ -226,7 +226,12 @@ def catch_stops(on_stop: Callable[[], None], what: str) -> None:
 
     def interrupt(signum: int, frame: object) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print(f"\nCtrl-C: {what}; Ctrl-C again to end it at once, unsaved", file=sys.stderr, flush=True)
+        line = f"\nCtrl-C: {what}; Ctrl-C again to end it at once, unsaved\n"
+        try:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        except RuntimeError:  # the signal came in the middle of a write to stderr: past its buffer, then
+            os.write(2, line.encode())
         on_stop()
 
     signal.signal(signal.SIGINT, interrupt)
@@ -283,14 +288,29 @@ def _log_copy(path: Path) -> Iterator[None]:
 def tracked_run(
     db_path: str | os.PathLike, stage: Stage, recipe: Recipe, recipe_path: str, overrides: list[str]
 ) -> Iterator[RunHandle]:
+    """The run registered (or continued), its status kept in runs.db to its end. While it lasts, SIGTERM
+    and Ctrl-C are its stops; the handlers found before are put back however it ends."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = [(s, signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT)] if main_thread else []
+    try:
+        with _tracked_run(db_path, stage, recipe, recipe_path, overrides) as handle:
+            yield handle
+    finally:
+        for signum, handler in before:
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(signum, handler)
+
+
+@contextmanager
+def _tracked_run(
+    db_path: str | os.PathLike, stage: Stage, recipe: Recipe, recipe_path: str, overrides: list[str]
+) -> Iterator[RunHandle]:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     given = os.environ.get(RUN_ID_ENV)
     if given is None and world > 1:
         raise RuntimeError(f"a run with {world} processes needs {RUN_ID_ENV}: start it with `rlhf launch`")
-    main_thread = threading.current_thread() is threading.main_thread()
-    interrupt_before = signal.getsignal(signal.SIGINT) if main_thread else None
-    if main_thread:
+    if threading.current_thread() is threading.main_thread():
         global _stop_seen
         _stop_seen = False  # this run's own stops only (tests run several in one process)
     # Until the trainer installs its own graceful handler, a stop has nothing to save: end now.
@@ -352,5 +372,3 @@ def tracked_run(
     finally:
         if store is not None:
             store.close()
-        if interrupt_before is not None:
-            signal.signal(signal.SIGINT, interrupt_before)

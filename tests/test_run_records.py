@@ -364,3 +364,22 @@ def test_a_stop_whose_exception_python_dropped_still_stops_the_trainer(monkeypat
     finally:
         signal.signal(signal.SIGTERM, before[0])
         signal.signal(signal.SIGINT, before[1])
+
+
+def test_a_run_in_this_process_puts_back_the_signal_handlers_it_found(workdir):
+    from engine.config import load_recipe
+    from engine.run import StopRequested, tracked_run
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    for ending in ("done", "stopped", "failed"):
+        try:
+            with tracked_run(os.environ["RLHF_DB"], "sft", load_recipe(TINY), str(TINY), []) as handle:
+                assert signal.getsignal(signal.SIGINT) is not before[1]  # Ctrl-C is the run's stop meanwhile
+                if ending == "stopped":
+                    raise StopRequested()
+                if ending == "failed":
+                    raise ValueError("boom")
+        except ValueError:
+            pass
+        assert run_row(handle.run_id)["status"] == ending
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

@@ -176,20 +176,24 @@ class ChatScreen(Screen[None]):
             if old is not None:
                 old.close()
             self.choices[side] = replace(choice, key_env=self.settings.key_env)
+            self.ready[side] = False
             await self.panes[side].revive(f"starting again with the key in ${self.settings.key_env}"
                                           if self.settings.key_env else "starting again without a key")
             self._start_worker(side, self.choices[side])
+            if self.turns[side] and self.turns[side][-1]["role"] == "user":  # cut off with the old worker
+                await self.panes[side].begin(None)
+                self._send(side)
 
     # -- worker events ---------------------------------------------------------------------------------
     async def on_chat_event(self, message: ChatEvent) -> None:
         pane, event = self.panes[message.side], message.event
         kind = event.get("event")
+        if event.get("worker") != self._worker_of.get(message.side):
+            return  # from a worker replaced on purpose (new settings)
         if kind == "ready":
             self.ready[message.side] = True
             pane.set_stats(f"ready on {event.get('device')} (loaded in {event.get('load_s', 0):.1f} s)")
             return
-        if event.get("worker") != self._worker_of.get(message.side):
-            return  # from a worker replaced on purpose (new settings)
         if kind == "exit":
             if not pane.dead:
                 tail = terminal_safe(event.get("stderr", "")).strip().splitlines()[-6:]

@@ -155,8 +155,9 @@ class ChatPane(Vertical):
             self._follow()
 
     async def revive(self, note: str) -> None:
-        """A new worker speaks for this side: it answers again."""
-        self.dead = False
+        """A new worker speaks for this side: it answers again (an answer the old one was writing is gone)."""
+        self._flush()
+        self.dead, self.busy, self._text = False, False, None
         await self.body.mount(Static(Text(terminal_safe(note)), classes="pane-note"))
         self.set_stats("starting")
         self._follow()
