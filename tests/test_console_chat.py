@@ -299,7 +299,7 @@ async def test_an_endpoint_beside_a_local_model_and_a_blind_vote_on_a_belle_ques
 
 
 @sync
-async def test_an_evaluation_stopped_from_the_console_resumes_from_it(workdir):
+async def test_an_evaluation_stopped_from_the_console_resumes_from_it(workdir, monkeypatch):
     """x then r on an evaluation run: it stops after the work in hand and goes on, detached, where it
     stopped; its log is in its folder."""
     import subprocess
@@ -323,7 +323,7 @@ async def test_an_evaluation_stopped_from_the_console_resumes_from_it(workdir):
     proc = subprocess.Popen([*RLHF, "eval", "belle", "demo/model", "--eval-dir", "belle", *judge_args(server)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        os.environ["THE_JUDGE_KEY"] = KEY  # the console's environment is what a resumed run inherits
+        monkeypatch.setenv("THE_JUDGE_KEY", KEY)  # the console's environment is what a resumed run inherits
         app = console()
         async with app.run_test(size=(100, 32)) as pilot:
             await wait_for(pilot, lambda: len(server.calls) >= 3 and app.runs.get(1, {}).get("status") == "running",
@@ -347,9 +347,15 @@ async def test_an_evaluation_stopped_from_the_console_resumes_from_it(workdir):
         log = (workdir / "runs" / "1" / "train.log").read_text(encoding="utf-8")
         assert log.count("judge: ") == 2  # the first stretch's plan and the resumed one's
     finally:
-        os.environ.pop("THE_JUDGE_KEY", None)
         release.set()
         server.close()
         if proc.poll() is None:
             proc.kill()
+        with Store(os.environ["RLHF_DB"]) as store:  # the resumed run, detached: never left behind
+            row = store.run(1) if store.runs() else {}
+        if row.get("status") in ("pending", "running") and row.get("pid"):
+            try:
+                os.kill(row["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert run["exit_code"] == 0
