@@ -396,7 +396,7 @@ class RlhfConsole(App):
             # Guessing (a CPU config for a GPU run, say) would be worse than asking.
             from engine.run import resume_hint
 
-            how = f"`{resume_hint('train', run['stage'], run_id, self.db_path)}`"
+            how = f"`{resume_hint(run['stage'], run_id, self.db_path)}`"
             self.post_message(ActionDone("resume", run_id, (
                 f"run {run_id} was started in its own terminal, not launched: resume it the same way, {how}")))
             return

@@ -37,15 +37,16 @@ class StoreFollower:
         self.requests: queue.SimpleQueue[int] = queue.SimpleQueue()  # runs to load whole, from the App
         self._settled_at = 0.0
 
-    def _settle(self) -> None:
+    def _settle(self, runs: list[dict[str, Any]]) -> bool:
         """A run whose processes died unrecorded (a kill -9, an OOM) is closed as failed, as `rlhf runs` and
-        a resume close it: the table never says running for nothing, and `r` can resume it at once."""
+        a resume close it: the table never says running for nothing, and `r` can resume it at once. Whether
+        any was closed."""
         from engine.run import settle_active
 
         try:
-            settle_active(self.store)
+            return bool(settle_active(self.store, runs))
         except sqlite3.Error:  # a runs.db this user may only read: the table shows such a run as lost
-            pass
+            return False
 
     def _light(self, run_id: int, version: int) -> HistoryReset:
         assert self.cursor is not None
@@ -61,10 +62,11 @@ class StoreFollower:
     def poll(self) -> tuple[list[Any], bool]:
         """Messages for the App, and whether more rows are waiting (poll again at once)."""
         messages: list[Any] = []
+        runs = self.store.runs()
         if time.monotonic() - self._settled_at >= SETTLE_S:
             self._settled_at = time.monotonic()
-            self._settle()
-        runs = self.store.runs()
+            if self._settle(runs):
+                runs = self.store.runs()  # as closed
         pipelines = self.store.pipelines()
         if (runs, pipelines) != self._last_runs:
             self._last_runs = (runs, pipelines)

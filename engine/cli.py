@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging()
             run_id, status = run_stage(args.stage, recipe, overrides, args.db)
             if status == "stopped":
-                print(f"run {run_id} stopped; continue it with: {resume_hint('train', args.stage, run_id, args.db)}")
+                print(f"run {run_id} stopped; continue it with: {resume_hint(args.stage, run_id, args.db)}")
                 return EXIT_STOPPED
             print(f"run {run_id} finished")
             return 0
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         code = supervise(run, echo=True)
         print(f"run {run.run_id} exited with code {code}")
         if code == EXIT_STOPPED:
-            print(f"continue it with: {resume_hint('launch', args.stage, run.run_id, args.db)} "
+            print(f"continue it with: {resume_hint(args.stage, run.run_id, args.db, 'launch')} "
                   f"--accelerate-config {args.accelerate_config}")
         return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
     except (RecipeError, DataError, StoreError) as err:

@@ -74,7 +74,7 @@ def _belle(args: argparse.Namespace) -> int:
     if status == "stopped":
         from engine.run import resume_hint
 
-        print(f"evaluation run {run_id} stopped; continue it with: {resume_hint('', 'eval', run_id, args.db)}")
+        print(f"evaluation run {run_id} stopped; continue it with: {resume_hint('eval', run_id, args.db)}")
         return EXIT_STOPPED
     print(f"evaluation run {run_id} {status}; the table: rlhf eval table" + (f" --db {args.db}" if args.db else ""))
     return 0

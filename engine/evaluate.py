@@ -277,7 +277,7 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
             try:
                 _judge(config, items, evals, run_id, stop, progress)
             except JudgeRefused as err:  # the run fails with the reason; every stored answer and verdict stays
-                raise JudgeRefused(f"{err}; then continue it: {resume_hint('', 'eval', run_id, db_path)}") from None
+                raise JudgeRefused(f"{err}; then continue it: {resume_hint('eval', run_id, db_path)}") from None
         if stop.requested:
             handle.status = "stopped"
         else:
@@ -285,7 +285,7 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
 
             failed = counts["failed"]
             print(f"judged {counts['judged']} of {n}: {counts['scored']} scored, {counts['unscored']} unscored, "
-                  f"{failed} failed calls" + (f" (to retry them: {resume_hint('', 'eval', run_id, db_path)})"
+                  f"{failed} failed calls" + (f" (to retry them: {resume_hint('eval', run_id, db_path)})"
                                               if failed else ""), flush=True)
     return handle.run_id, handle.status
 

@@ -79,10 +79,12 @@ def settled(store: Store, run_id: int) -> dict[str, Any]:
     return run
 
 
-def settle_active(store: Store) -> list[int]:
-    """`settled` for every pending or running run: what a look at the run table does, so that no row says
-    running for processes that are gone. Returns the runs it closed."""
-    return [run["id"] for run in store.runs() if _orphaned(run) and store.close_orphan(run["id"], run)]
+def settle_active(store: Store, runs: list[dict[str, Any]] | None = None) -> list[int]:
+    """`settled` for every pending or running run (of `runs`, rows just read, or else runs.db's): what a look
+    at the run table does, so that no row says running for processes that are gone. Returns the runs it
+    closed."""
+    rows = store.runs() if runs is None else runs
+    return [run["id"] for run in rows if _orphaned(run) and store.close_orphan(run["id"], run)]
 
 
 def _orphaned(run: dict[str, Any]) -> bool:
@@ -91,7 +93,7 @@ def _orphaned(run: dict[str, Any]) -> bool:
             and run_processes_gone(run))
 
 
-def resume_hint(command: str, stage: str, run_id: int, db: str | os.PathLike | None) -> str:
+def resume_hint(stage: str, run_id: int, db: str | os.PathLike | None, command: str = "train") -> str:
     """The command that continues a stopped run (`command`: train or launch; an evaluation has its own): its
     recorded recipe is read back, so no file and no --set; the runs database always, absolute, so it works
     from any directory."""

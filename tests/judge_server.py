@@ -114,3 +114,15 @@ def score_by_answer(body: dict[str, Any], index: int) -> Action:
 def first_slot(body: dict[str, Any], index: int) -> Action:
     """A pairwise judge that always prefers whatever comes first."""
     return ("reply", "两个回答各有优点，但第一个更完整。\n结论: 回答一")
+
+
+def hanging_at(call: int, release: threading.Event) -> Callable[[dict[str, Any], int], Action]:
+    """`score_by_answer`, except that call number `call` (from 0) waits for `release` first (at most 60 s):
+    a run can be stopped or killed while it waits."""
+
+    def script(body: dict[str, Any], index: int) -> Action:
+        if index == call:
+            release.wait(60)
+        return score_by_answer(body, index)
+
+    return script

@@ -307,18 +307,12 @@ async def test_an_evaluation_stopped_from_the_console_resumes_from_it(workdir, m
 
     from console.screens.dialogs import ConfirmScreen
     from tests.conftest import RLHF
-    from tests.judge_server import JudgeServer, score_by_answer
+    from tests.judge_server import JudgeServer, hanging_at
     from tests.test_eval import KEY, judge_args, write_sample
 
     n = write_sample(workdir / "belle", per_class=1)
     release = threading.Event()
-
-    def script(body, index):
-        if index == 2:
-            release.wait(60)  # the third call hangs while the run is stopped
-        return score_by_answer(body, index)
-
-    server = JudgeServer(script)
+    server = JudgeServer(hanging_at(2, release))  # the third call hangs while the run is stopped
     env = {**os.environ, "THE_JUDGE_KEY": KEY}
     proc = subprocess.Popen([*RLHF, "eval", "belle", "demo/model", "--eval-dir", "belle", *judge_args(server)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -441,12 +441,17 @@ async def test_l_opens_the_launch_form_filled_from_the_run_keeping_what_no_field
     async with app.run_test(size=(100, 40)) as pilot:
         await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
         home = app.home
-        home.select_run(7)
-        await wait_for(pilot, lambda: home.selected == 7, 10)
-        await pilot.press("l")
-        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20, "the form")
-        form = app.screen
-        await wait_for(pilot, lambda: not form._run_pending, 10, "the run's values")
+
+        async def form_from(run_id: int) -> LaunchScreen:
+            """`l` on the run, once the form holds its values."""
+            home.select_run(run_id)
+            await wait_for(pilot, lambda: home.selected == run_id, 10)
+            await pilot.press("l")
+            await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20, "the form")
+            await wait_for(pilot, lambda: not app.screen._run_pending, 10, "the run's values")
+            return app.screen
+
+        form = await form_from(7)
         assert form.stage == "sft" and form.recipe == recipe
         assert str(form.query_one("#accelerate", Select).value) == accel
         assert form.query_one("#field-lr", Input).value == "0.0003"
@@ -463,12 +468,7 @@ async def test_l_opens_the_launch_form_filled_from_the_run_keeping_what_no_field
                                                    "ppo.reward_model=/exports/rm-final", "ppo.reward_fn=null"]))
         await pilot.press("escape")
         await wait_for(pilot, lambda: app.screen is not form and app.runs[8]["stage"] == "ppo", 20, "run 8 as ppo")
-        home.select_run(8)
-        await wait_for(pilot, lambda: home.selected == 8, 10)
-        await pilot.press("l")
-        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20, "the form")
-        form = app.screen
-        await wait_for(pilot, lambda: not form._run_pending, 10, "the run's values")
+        form = await form_from(8)
         assert form.query_one("#field-model", Input).value == "/exports/sft-final"  # the model the run used
         form.query_one("#field-model", Input).value = "/exports/other"
         from engine.config import load_recipe

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from engine.store import EvalStore, Store
 from engine.train import run_stage
 from tests.conftest import RLHF, TINY
 from tests.helpers import run_row
-from tests.judge_server import JudgeServer, first_slot, score_by_answer
+from tests.judge_server import JudgeServer, first_slot, hanging_at, score_by_answer
 
 KEY = "sk-never-on-disk-7f3a9c"
 CLASSES = {  # a class name as the data spells it -> one as the prompt file does (BELLE's mismatches)
@@ -57,14 +58,8 @@ def judge_args(server: JudgeServer) -> list[str]:
 
 def test_an_evaluation_killed_midway_resumes_without_gaps_and_reruns_free(workdir):
     n = write_sample(workdir / "belle")
-    release = __import__("threading").Event()
-
-    def script(body, index):
-        if index == 6:
-            release.wait(60)  # the seventh call hangs: the run is killed while it waits
-        return score_by_answer(body, index)
-
-    server = JudgeServer(script)
+    release = threading.Event()
+    server = JudgeServer(hanging_at(6, release))  # the seventh call hangs: the run is killed while it waits
     env = {"THE_JUDGE_KEY": KEY}
     try:
         proc = subprocess.Popen([*RLHF, "eval", "belle", "demo/model", "--eval-dir", "belle", *judge_args(server),
@@ -132,14 +127,8 @@ def test_an_evaluation_killed_midway_resumes_without_gaps_and_reruns_free(workdi
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["console-stop", "ctrl-c"])
 def test_a_stopped_evaluation_says_how_to_continue_and_that_works_from_anywhere(workdir, tmp_path_factory, stop):
     n = write_sample(workdir / "belle", per_class=1)
-    release = __import__("threading").Event()
-
-    def script(body, index):
-        if index == 2:
-            release.wait(60)  # the third call hangs while the run is stopped
-        return score_by_answer(body, index)
-
-    server = JudgeServer(script)
+    release = threading.Event()
+    server = JudgeServer(hanging_at(2, release))  # the third call hangs while the run is stopped
     env = {**os.environ, "THE_JUDGE_KEY": KEY}
     try:
         proc = subprocess.Popen([*RLHF, "eval", "belle", "demo/model", "--eval-dir", "belle", *judge_args(server)],

@@ -7,6 +7,7 @@ filter are the table's own state. A pipeline's runs are one row, its newest run 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import socket
@@ -138,13 +139,19 @@ def searchable(run: dict[str, Any]) -> str:
                                            overrides_text(run), shown_status(run))).lower()
 
 
-def run_segments(run: dict[str, Any]) -> list[list[float | None]]:
-    """The stretches the run ran, [start, end] each (end None: the one going on, or one a kill cut short)."""
+def run_segments(run: dict[str, Any]) -> tuple[tuple[float, float | None], ...]:
+    """The stretches the run ran, (start, end) each (end None: the one going on, or one a kill cut short)."""
+    return _segments(run.get("segments") or "[]")
+
+
+@functools.lru_cache(maxsize=4096)
+def _segments(text: str) -> tuple[tuple[float, float | None], ...]:
+    # Parsed once per distinct text: every redraw of the table asks for each row's time and ETA.
     try:
-        segments = json.loads(run.get("segments") or "[]")
+        segments = json.loads(text)
     except ValueError:
-        return []
-    return [list(s) for s in segments if isinstance(s, list) and len(s) == 2 and s[0]]
+        return ()
+    return tuple((s[0], s[1]) for s in segments if isinstance(s, list) and len(s) == 2 and s[0])
 
 
 def elapsed(run: dict[str, Any]) -> float:

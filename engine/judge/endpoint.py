@@ -196,7 +196,9 @@ class EndpointJudge:
         `concurrency` calls in flight. Once `stop` is set nothing new is started; what is in flight is
         dropped (its result is simply not yielded)."""
         jobs = iter(jobs)
-        self._stop = stop if stop is not None else threading.Event()
+        # Set when this ends early (a stop, a refusal of every call): the calls still in flight give up instead
+        # of retrying on in the background. Not the caller's `stop`, which would read as a stop of the run.
+        self._stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge")
         running: dict[Future, Any] = {}
 
@@ -223,7 +225,8 @@ class EndpointJudge:
                     yield job_id, key, verdict
                     submit()
         finally:
-            if running:  # stopped: drop the calls in flight instead of waiting out their timeouts
+            if running:  # ended early: drop the calls in flight instead of waiting out their timeouts
+                self._stop.set()
                 pool.shutdown(wait=False, cancel_futures=True)
                 self._client.close()
                 self._client = self._openai.OpenAI(base_url=self.base_url, api_key=self._client.api_key,
