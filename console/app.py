@@ -301,6 +301,8 @@ class RlhfConsole(App):
 
                 if isinstance(self.screen, LaunchScreen):
                     self.screen.dismiss(None)
+            if message.pipeline_id is not None and self.home is not None:
+                self.home.select_pipeline(message.pipeline_id)
             return
         self.notify(f"run {message.run_id}: {message.verb} done" if message.verb != "launch"
                     else f"run {message.run_id} started", title=message.verb)
@@ -356,7 +358,8 @@ class RlhfConsole(App):
             self.post_message(ActionDone("launch", None, f"could not start the pipeline: {err}"))
             return
         self.post_message(ActionDone("launch", None, note=f"pipeline {pipeline_id} started: its stages appear as "
-                                                          "they start, as one row that enter expands"))
+                                                          "they start, as one row that enter expands",
+                                     pipeline_id=pipeline_id))
 
     @work(thread=True, group="actions", exit_on_error=False)
     def resume_run(self, run_id: int) -> None:

@@ -70,6 +70,7 @@ class ActionDone(Message):
     error: str | None = None
     fields: dict[str, str] | None = None
     note: str | None = None  # what to tell the user when the action is not about one run
+    pipeline_id: int | None = None  # a pipeline launched: its first run is selected once it appears
 
 
 @dataclass

@@ -133,9 +133,11 @@ class _Stop:
     """SIGTERM (a stop from the console) or Ctrl-C ends the run after the work in hand."""
 
     def __init__(self) -> None:
-        from engine.run import catch_stops
+        from engine.run import catch_stops, stop_seen
 
         self.event = threading.Event()
+        if stop_seen():  # a stop while the run was registering
+            self.event.set()
         catch_stops(self.event.set, "stopping after the batch in hand (every stored answer and verdict stays)")
 
     @property
@@ -315,18 +317,22 @@ def start_detached_resume(run_id: int, db_path: str | Path) -> None:
     import subprocess
     import sys
 
-    from engine.run import settled
+    from engine.run import LOG_NAME, settled
     from engine.store import Store
 
     config = config_from_run(db_path, run_id)
     with Store(db_path) as store:
-        status = settled(store, run_id)["status"]
-    if status in ("pending", "running"):
-        raise RecipeError(f"run {run_id} is {status}")
+        run = settled(store, run_id)
+    if run["status"] in ("pending", "running"):
+        raise RecipeError(f"run {run_id} is {run['status']}")
     validate(config)
-    subprocess.Popen([sys.executable, "-m", "engine.cli", "eval", "belle", "--resume-run", str(run_id), "--db",
-                      str(Path(db_path).resolve())], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True)
+    folder = Path(run["output_dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    # Into its log from its first line (what fails before the run takes its log over is seen there too).
+    with open(folder / LOG_NAME, "ab") as log:
+        subprocess.Popen([sys.executable, "-m", "engine.cli", "eval", "belle", "--resume-run", str(run_id), "--db",
+                          str(Path(db_path).resolve())], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                         start_new_session=True)
 
 
 def config_from_run(db_path: str | Path, run_id: int) -> EvalConfig:

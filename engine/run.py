@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -74,7 +74,7 @@ def settled(store: Store, run_id: int) -> dict[str, Any]:
     """The run's row, closed as failed first if it claims to be pending or running but its processes
     died without recording how (a kill -9, an OOM, a reboot): such a run can then be resumed."""
     run = store.run(run_id)
-    if _orphaned(run) and store.close_orphan(run_id, run):
+    if _orphaned(run) and store.close_orphan(run_id, run, last_alive(store, run)):
         run = store.run(run_id)
     return run
 
@@ -84,7 +84,23 @@ def settle_active(store: Store, runs: list[dict[str, Any]] | None = None) -> lis
     at the run table does, so that no row says running for processes that are gone. Returns the runs it
     closed."""
     rows = store.runs() if runs is None else runs
-    return [run["id"] for run in rows if _orphaned(run) and store.close_orphan(run["id"], run)]
+    return [run["id"] for run in rows
+            if _orphaned(run) and store.close_orphan(run["id"], run, last_alive(store, run))]
+
+
+def last_alive(store: Store, run: dict[str, Any]) -> float:
+    """When a run whose processes died unrecorded last showed life: its newest metric or log line, or the
+    start of its stretch. Its end, rather than the moment a look noticed (maybe days later): its time
+    column and its ETA's rate would count the gap as work."""
+    segments = json.loads(run.get("segments") or "[]")
+    times = [segments[-1][0] if segments else run.get("started") or run["created"],
+             store.last_metric_time(run["id"]) or 0.0]
+    if run.get("output_dir"):
+        try:
+            times.append((Path(run["output_dir"]) / LOG_NAME).stat().st_mtime)
+        except OSError:
+            pass
+    return min(time.time(), max(times))
 
 
 def _orphaned(run: dict[str, Any]) -> bool:
@@ -263,6 +279,13 @@ class _Tee:
         return getattr(self._stream, name)
 
 
+def _same_file(stream: Any, log: Any) -> bool:
+    try:
+        return os.path.samestat(os.fstat(stream.fileno()), os.fstat(log.fileno()))
+    except (AttributeError, OSError, ValueError):  # a stream with no file (a test's capture)
+        return False
+
+
 @contextmanager
 def _log_copy(path: Path) -> Iterator[None]:
     """What this process prints goes to `path` too: a run of `rlhf train` or `rlhf eval` (a pipeline's
@@ -272,6 +295,10 @@ def _log_copy(path: Path) -> Iterator[None]:
     except OSError:
         yield
         return
+    if _same_file(sys.stdout, log) or _same_file(sys.stderr, log):  # started with its output there already
+        log.close()
+        yield
+        return
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
     handlers = [h for h in logging.getLogger().handlers
@@ -279,6 +306,14 @@ def _log_copy(path: Path) -> Iterator[None]:
     streams = [h.setStream(_Tee(h.stream, log)) for h in handlers]
     try:
         yield
+    except BaseException as failure:
+        if not isinstance(failure, KeyboardInterrupt) and not _caused_by_stop(failure):
+            # What the terminal gets once this propagates: the log's reader must see why the run died too.
+            try:
+                log.write("".join(traceback.format_exception(failure)))
+            except (OSError, ValueError):
+                pass
+        raise
     finally:
         for handler, stream in zip(handlers, streams):
             handler.setStream(stream)
@@ -303,6 +338,53 @@ def tracked_run(
                 signal.signal(signum, handler)
 
 
+def _hold_stops() -> dict[int, Any] | None:
+    """Hold SIGTERM and Ctrl-C back: noted now, handled by `_release_stops` (main thread only, where Python
+    runs handlers). Noted in Python rather than masked: a signal masked in one thread goes to another."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    held: dict[int, Any] = {"seen": []}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        held[signum] = signal.signal(signum, lambda number, frame: held["seen"].append(number))
+    return held
+
+
+def _release_stops(held: dict[int, Any] | None) -> None:
+    """The handlers back, and the stops that came meanwhile handled by them, here."""
+    if held is None:
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, held[signum])
+    for signum in held["seen"]:
+        if callable(held[signum]):
+            held[signum](signum, None)
+
+
+def _start_stretch(store: Store | None, run_id: int, handle: RunHandle, world: int) -> None:
+    """Mark the run running, on a new stretch of its segments, with the processes it runs in."""
+    if store is None:
+        return
+    handle.output_dir.mkdir(parents=True, exist_ok=True)
+    # A resumed run keeps the time it first started; each stretch goes on its list of segments.
+    row, now = store.run(run_id), time.time()
+    segments = json.loads(row.get("segments") or "[]")
+    if segments and segments[-1][1] is None:  # a stretch a kill cut short: it lasted to the row's end
+        segments[-1][1] = max(segments[-1][0], row["ended"] or segments[-1][0])
+    segments.append([now, None])
+    fields: dict[str, Any] = {"status": "running", "started": row["started"] or now,
+                              "segments": json.dumps(segments),
+                              "world_size": world, "ended": None, "exit_code": None, "error": None}
+    if os.environ.get(LAUNCHED_ENV) != "1":
+        fields["launch"] = None  # this stretch runs in this process, whatever started the run before
+        fields["pid"] = os.getpid()
+        # Only a group leader may be signalled as a group: anything else would hit our parent too.
+        fields["pgid"] = os.getpgid(0) if os.getpgid(0) == os.getpid() else None
+        # When this process started: a later program given the same pid is never taken for the run.
+        fields["pgid_started"] = process_start(os.getpid())
+        fields["host"] = socket.gethostname()  # where these processes are: a resume may run elsewhere
+    store.update_run(run_id, **fields)
+
+
 @contextmanager
 def _tracked_run(
     db_path: str | os.PathLike, stage: Stage, recipe: Recipe, recipe_path: str, overrides: list[str]
@@ -320,25 +402,17 @@ def _tracked_run(
     # Rank 0 writes through a store whose failed writes wait and are retried: runs.db trouble never stops
     # a run (registration above, and the final status, still say so if they fail).
     store = ResilientStore(Store(db_path)) if rank == 0 else None
-    run_id = int(given) if given is not None else register_run(store, stage, recipe, recipe_path, overrides)
-    handle = RunHandle(run_id, Path(recipe.output_root) / str(run_id), store)
-    if store is not None:
-        handle.output_dir.mkdir(parents=True, exist_ok=True)
-        # A resumed run keeps the time it first started; each stretch goes on its list of segments.
-        row, now = store.run(run_id), time.time()
-        segments = [*json.loads(row.get("segments") or "[]"), [now, None]]
-        fields: dict[str, Any] = {"status": "running", "started": row["started"] or now,
-                                  "segments": json.dumps(segments),
-                                  "world_size": world, "ended": None, "exit_code": None, "error": None}
-        if os.environ.get(LAUNCHED_ENV) != "1":
-            fields["launch"] = None  # this stretch runs in this process, whatever started the run before
-            fields["pid"] = os.getpid()
-            # Only a group leader may be signalled as a group: anything else would hit our parent too.
-            fields["pgid"] = os.getpgid(0) if os.getpgid(0) == os.getpid() else None
-            # When this process started: a later program given the same pid is never taken for the run.
-            fields["pgid_started"] = process_start(os.getpid())
-            fields["host"] = socket.gethostname()  # where these processes are: a resume may run elsewhere
-        store.update_run(run_id, **fields)
+    # A stop in the middle of registering would leave a pending row no look can close (no process on it
+    # yet): held until the row is complete, then taken as a stop during set-up.
+    held = _hold_stops()
+    try:
+        run_id = int(given) if given is not None else register_run(store, stage, recipe, recipe_path, overrides)
+        handle = RunHandle(run_id, Path(recipe.output_root) / str(run_id), store)
+        _start_stretch(store, run_id, handle, world)
+    except BaseException:
+        with suppress(StopRequested):  # the registration's own failure is the one to tell
+            _release_stops(held)
+        raise
     # Launched, the supervisor records the exit code; in this process, it is this process's own, by the
     # one rule: done 0, stopped 143, failed 1.
     own = os.environ.get(LAUNCHED_ENV) != "1"
@@ -354,6 +428,10 @@ def _tracked_run(
                              **({"exit_code": code} if own else {}), **extra)
 
     try:
+        try:
+            _release_stops(held)
+        except StopRequested:  # remembered (stop_seen): the trainer stops after its first step, with a checkpoint
+            pass
         with _log_copy(handle.output_dir / LOG_NAME) if store is not None and own else nullcontext():
             yield handle
     except StopRequested:

@@ -444,12 +444,13 @@ class Store:
                 [run_id]).rowcount
         return changed == 1
 
-    def close_orphan(self, run_id: int, seen: Mapping[str, Any] | None = None) -> bool:
+    def close_orphan(self, run_id: int, seen: Mapping[str, Any] | None = None, ended: float | None = None) -> bool:
         """Record that a pending or running run's processes are gone without an exit on record. `seen`: the
         row whose processes were found gone; if the run has other processes by now (it was closed and
-        resumed meanwhile), it is left alone."""
+        resumed meanwhile), it is left alone. `ended`: its last sign of life (else now)."""
         same = ""
-        params: list[Any] = [time.time(), time.time(), run_id]
+        now = time.time()
+        params: list[Any] = [now if ended is None else ended, now, run_id]
         if seen is not None:
             same = " AND pid IS ? AND pgid IS ? AND pgid_started IS ? AND host IS ?"
             params += [seen.get("pid"), seen.get("pgid"), seen.get("pgid_started"), seen.get("host")]
@@ -680,6 +681,11 @@ class Store:
                 "AND seq <= ? ORDER BY seq DESC LIMIT ?", [run_id, up_to_seq, limit])
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row)) for row in reversed(cursor.fetchall())]
+
+    def last_metric_time(self, run_id: int) -> float | None:
+        """When the run last logged a metric."""
+        with self._lock:
+            return self.db.execute("SELECT MAX(wall_time) FROM metrics WHERE run_id = ?", [run_id]).fetchone()[0]
 
     def last_value(self, run_id: int, name: str) -> float | None:
         with self._lock:

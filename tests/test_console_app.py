@@ -323,8 +323,12 @@ async def test_the_form_launches_the_whole_pipeline_and_x_stops_it_in_its_stage(
     tiny = TINY.read_text()
     assert "    epochs: 4\n" in tiny
     (configs / "tiny.yaml").write_text(tiny.replace("    epochs: 4\n", "    epochs: 400\n", 1))
+    with Store(os.environ["RLHF_DB"]) as store:  # selected when the form opens; the new pipeline's run after
+        earlier = store.create_run(stage="sft", name="earlier", recipe="", config="{}")
+        store.update_run(earlier, status="done")
     app = console(configs_dir=configs)
     async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.home.selected == earlier, 10)
         form = await open_launch_form(pilot, app)
         assert form.recipe == str(configs / "tiny.yaml")
         assert not form.query_one(".field-through").display  # a stage alone has no `through`
@@ -365,10 +369,9 @@ async def test_the_form_launches_the_whole_pipeline_and_x_stops_it_in_its_stage(
         assert app.runs[run_id]["stage"] == "sft"
         # Stopped once it trains, as the stop-and-resume test does. (Pressed the moment the stage showed
         # running, in one full-suite run, the stop did not end it within 300 s; not reproduced alone.)
-        await wait_for(pilot, lambda: (app.runs[run_id]["step"] or 0) >= 2, 300, "a few steps")
         home = app.home
-        home.select_run(run_id)
-        await wait_for(pilot, lambda: home.selected == run_id, 10)
+        await wait_for(pilot, lambda: home.selected == run_id, 10, "the pipeline's run selected")
+        await wait_for(pilot, lambda: (app.runs[run_id]["step"] or 0) >= 2, 300, "a few steps")
         await pilot.press("x")
         await wait_for(pilot, lambda: app.screen is not home, 10, "the stop dialog")
         await pilot.press("y")

@@ -340,6 +340,9 @@ async def test_an_evaluation_stopped_from_the_console_resumes_from_it(workdir, m
             run = store.run(1)
         log = (workdir / "runs" / "1" / "train.log").read_text(encoding="utf-8")
         assert log.count("judge: ") == 2  # the first stretch's plan and the resumed one's
+        # The resumed process's output is in the log from its first line, before its run takes the log over
+        # (and once: never both written there and copied there).
+        assert log.count("items scorable") == 1
     finally:
         release.set()
         server.close()

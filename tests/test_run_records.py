@@ -382,4 +382,60 @@ def test_a_run_in_this_process_puts_back_the_signal_handlers_it_found(workdir):
         except ValueError:
             pass
         assert run_row(handle.run_id)["status"] == ending
+        if ending == "failed":  # the reason in the log too, not only on the terminal that showed it
+            log = (Path(run_row(handle.run_id)["output_dir"]) / "train.log").read_text(encoding="utf-8")
+            assert "ValueError: boom" in log
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_stop_while_a_run_registers_leaves_no_pending_row_and_still_stops_its_trainer(workdir, monkeypatch):
+    """A Ctrl-C between the row's insert and its processes being recorded left a pending row that no look
+    could ever close (nothing on it to find gone). It is held until the row is complete, then taken as a stop
+    during set-up: the trainer stops after its first step, with a checkpoint."""
+    from engine import run
+    from engine.config import load_recipe
+    from engine.track import StopFlag
+
+    real = run.register_run
+
+    def register_then_ctrl_c(*args):
+        run_id = real(*args)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # Python runs a handler between two bytecodes of this thread: this lets one in
+        return run_id
+
+    monkeypatch.setattr(run, "register_run", register_then_ctrl_c)
+    with run.tracked_run(os.environ["RLHF_DB"], "sft", load_recipe(TINY), str(TINY), []) as handle:
+        row = run_row(handle.run_id)
+        assert row["status"] == "running" and row["pid"] == os.getpid()
+        assert StopFlag().requested
+        handle.status = "stopped"  # as the trainer ends it
+    assert run_row(handle.run_id)["status"] == "stopped"
+
+
+def test_a_killed_stretch_counts_to_its_last_sign_of_life_not_to_when_a_look_noticed(workdir):
+    """A run killed -9 and noticed days later: its record ends at its last metric, and on resume that
+    stretch keeps its length (before: the time column counted the days, then zero once resumed)."""
+    from engine.config import load_recipe
+    from engine.run import RUN_ID_ENV, settle_active, tracked_run
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = process_start(dead.pid)
+    dead.wait()
+    t0 = time.time() - 3 * 86400
+    with Store(os.environ["RLHF_DB"]) as store:
+        run_id = store.create_run(stage="sft", name="killed", recipe="", config="{}")
+        store.update_run(run_id, status="running", started=t0, segments=json.dumps([[t0, None]]),
+                         pid=dead.pid, pgid_started=started)
+        store.log_metrics(run_id, 5, {"loss": 1.0}, wall_time=t0 + 600)
+        assert settle_active(store) == [run_id]
+        row = store.run(run_id)
+    assert row["status"] == "failed" and row["ended"] == pytest.approx(t0 + 600)
+
+    os.environ[RUN_ID_ENV] = str(run_id)  # continued in this process, as --resume-run does
+    try:
+        with tracked_run(os.environ["RLHF_DB"], "sft", load_recipe(TINY), str(TINY), []):
+            segments = json.loads(run_row(run_id)["segments"])
+    finally:
+        del os.environ[RUN_ID_ENV]
+    assert segments[0] == [t0, pytest.approx(t0 + 600)] and segments[1][1] is None

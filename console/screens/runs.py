@@ -104,6 +104,7 @@ class RunsScreen(Screen):
         self.last_draw_points = 0
         self._info = ""
         self._want_selected: int | None = None
+        self._want_pipeline: int | None = None  # launched here: its first run is selected once it appears
         self._chart_ready = False
         self.log_view = LogView(id="log-view")  # held: it is mounted lazily, and log lines may come first
 
@@ -147,6 +148,8 @@ class RunsScreen(Screen):
         if self._want_selected in self.app.runs:  # a run launched here: selected once the table has it
             self.select_run(self._want_selected)
             self._want_selected = None
+        if self._want_pipeline is not None:
+            self.select_pipeline(self._want_pipeline)
         # What x, r and D act on is what is highlighted: a filter that hid the selected run moved the
         # cursor, and the selection follows it (never the other way round).
         if table.selected_run() != self.selected:
@@ -191,6 +194,13 @@ class RunsScreen(Screen):
             self._select(run_id)
         else:
             self._want_selected = run_id
+
+    def select_pipeline(self, pipeline_id: int) -> None:
+        """Its newest run (the stage it is at), or, until it has one, as soon as it does."""
+        stages = [run_id for run_id, run in self.app.runs.items() if run.get("pipeline_id") == pipeline_id]
+        self._want_pipeline = None if stages else pipeline_id
+        if stages:
+            self.select_run(max(stages))
 
     # -- selection --------------------------------------------------------------------------------------
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
