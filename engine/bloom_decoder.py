@@ -60,17 +60,32 @@ def _norm(module: nn.Module) -> _Norm:
     return _Norm(module.weight.detach().float(), module.bias.detach().float(), module.eps)
 
 
-def _linear(module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) in `dtype`: the tensors themselves when they already are, else a copy. A peft LoRA
-    layer with its adapters on contributes its merged weight."""
+Adapter = tuple[torch.Tensor, torch.Tensor, float]  # LoRA's A [r, in] and B [out, r], and its scale
+Linear = tuple[torch.Tensor, torch.Tensor | None, tuple[Adapter, ...]]
+
+
+def _linear(module: nn.Module, dtype: torch.dtype, merge: bool = False) -> Linear:
+    """(weight, bias, adapters) in `dtype`: the tensors themselves when they already are, else a copy.
+
+    A peft LoRA layer with its adapters on keeps them beside its weight, computed as its own forward does
+    (x A^T B^T, scaled, added to x W^T). Merged into a bf16 weight, every update smaller than half the
+    weight's rounding step (most of an early PPO update: ~6e-5 at |W| ~ 0.02) would round away, and the
+    rollouts would come from a policy that PPO's scoring forward never computes. `merge`: into the weight
+    (the head, applied once a step), as are adapters that are not a plain product (DoRA)."""
     base = getattr(module, "base_layer", module)
     weight = base.weight.detach()
+    adapters: list[Adapter] = []
     if base is not module and not getattr(module, "disable_adapters", False) and not getattr(module, "merged", False):
         for name in module.active_adapters:
-            if name in module.lora_A:
+            if name not in module.lora_A:
+                continue
+            if merge or module.use_dora.get(name) or getattr(module, "fan_in_fan_out", False):
                 weight = weight + module.get_delta_weight(name).detach().to(weight.dtype)
+            else:
+                adapters.append((module.lora_A[name].weight.detach().to(dtype),
+                                 module.lora_B[name].weight.detach().to(dtype), float(module.scaling[name])))
     bias = None if base.bias is None else base.bias.detach().to(dtype)
-    return weight.to(dtype), bias
+    return weight.to(dtype), bias, tuple(adapters)
 
 
 class _SplitHead:
@@ -98,27 +113,36 @@ class _SplitHead:
         return out if self.bias is None else out + self.bias
 
 
-def _split_head(head: tuple[torch.Tensor, torch.Tensor | None], compute_dtype: torch.dtype) -> _SplitHead | None:
+def _split_head(head: Linear, compute_dtype: torch.dtype) -> _SplitHead | None:
     """A split head where it pays and works: bf16 compute on CUDA."""
-    weight, bias = head
-    if compute_dtype != torch.bfloat16 or weight.device.type != "cuda" or not split_available(str(weight.device)):
+    weight, bias, _ = head
+    if compute_dtype != torch.bfloat16 or not _split_pays(weight.device):
         return None
-    return _SplitHead(weight, bias)
+    return _SplitHead(weight, None if bias is None else bias.float())
+
+
+def _split_pays(device: torch.device) -> bool:
+    # Off CUDA the bf16 x bf16 -> float32 products run on float32 operands: a float32 head is as exact there.
+    return device.type == "cuda" and split_available(str(device))
 
 
 @dataclass
 class _Layer:
     ln1: _Norm
-    qkv: tuple[torch.Tensor, torch.Tensor | None]
-    dense: tuple[torch.Tensor, torch.Tensor | None]
+    qkv: Linear
+    dense: Linear
     ln2: _Norm
-    up: tuple[torch.Tensor, torch.Tensor | None]
-    down: tuple[torch.Tensor, torch.Tensor | None]
+    up: Linear
+    down: Linear
 
 
-def _apply(x: torch.Tensor, linear: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    weight, bias = linear
-    return F.linear(x.to(weight.dtype), weight, bias)
+def _apply(x: torch.Tensor, linear: Linear) -> torch.Tensor:
+    weight, bias, adapters = linear
+    x = x.to(weight.dtype)
+    out = F.linear(x, weight, bias)
+    for a, b, scale in adapters:
+        out = out + F.linear(F.linear(x, a), b) * scale
+    return out
 
 
 
@@ -153,10 +177,11 @@ class BloomDecoder:
         self.final_norm = _norm(body.ln_f)
         head = base.get_output_embeddings()
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.head = _linear(head, torch.float32)
-        self.split_head = _split_head(self.head, compute_dtype)
-        if self.split_head is not None:
-            self.head = None  # the split halves replace it: no float32 copy of a bf16 head stays around
+        # Split from the head as it is: a bf16 head is its own high part (no remainder to read at every
+        # step, and no float32 copy of it made); the float32 copy only where the head is a float32 product.
+        own = getattr(head, "base_layer", head).weight.dtype
+        self.split_head = _split_head(_linear(head, own, merge=True), compute_dtype)
+        self.head = _linear(head, torch.float32, merge=True) if self.split_head is None else None
 
     @property
     def device(self) -> torch.device:

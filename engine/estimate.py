@@ -985,24 +985,25 @@ def _ppo_rollout(s: PPOSetup, split: bool, policy_head_fp32: bool, c: int, mode:
     head = shape.head
     bloom = shape.arch == "bloom"
     if bloom and c == 2:
-        # The decoder holds the policy's weights in the compute dtype: copies of the float32 ones (and
-        # LoRA's merged weights).
+        # The decoder holds the policy's weights in the compute dtype: copies of the float32 ones (LoRA's
+        # adapters, beside the frozen weights it reads as they are).
         if s.lora is not None:
-            targeted = [n for n in shape.linears() if s.lora.target_modules == "all-linear"
-                        or n in s.lora.target_modules]
-            copies = s.k * sum(shape.linears()[n][0] * shape.linears()[n][1] for n in targeted) * s.load_bytes
+            copies = s.k * shape.lora_layer(s.lora.r, s.lora.target_modules, "ppo.lora.target_modules") * c
         else:
             copies = s.k * shape.layer_linear * c
         items.append(Item("decoder_copies", "decoder's bf16 copies of the policy's top layers", copies,
                           (M_BUILD, M_DECODE)))
-    if bloom and split:
+    # A bf16 head is its own high part: the decoder reads the model's and holds nothing more. (The
+    # historical setups, `before_fused_head`, measured it widened to float32 and split like a float32 one.)
+    float32_head = policy_head_fp32 or s.load_bytes == 4 or s.before_fused_head
+    if bloom and split and float32_head:
         items.append(Item("decoder_head", "decoder's LM head split in bf16 (high + low parts)", head * 4, (M_DECODE,)))
         # Splitting holds the high part, the float32 difference and the remainder being written at once
         # (after a float32 copy of a bf16 head); before, also the high part widened to float32.
-        build = (10 if policy_head_fp32 else 14) if s.before_fused_head else (8 if policy_head_fp32 else 12)
+        build = (10 if policy_head_fp32 else 14) if s.before_fused_head else 8
         items.append(Item("decoder_build", "decoder's LM head being split (float32 temporaries)",
                           head * build, (M_BUILD,)))
-    elif bloom and not policy_head_fp32 and s.load_bytes != 4:
+    elif bloom and not split and not policy_head_fp32 and s.load_bytes != 4:
         items.append(Item("decoder_head", "decoder's float32 copy of the LM head", head * 4, (M_BUILD, M_DECODE)))
     items.append(Item("kv_cache", f"KV cache: {s.chunk} prompts x {seq} tokens x {shape.layers} layers ({_dt(c)})",
                       s.chunk * seq * shape.kv_per_token(c), (M_DECODE,)))

@@ -28,6 +28,7 @@ import inspect
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -238,6 +239,15 @@ class Engine:
         self.attention = attention
         self._decoder: Any = None
 
+    @contextmanager
+    def _decoding(self) -> Iterator[None]:
+        """Autocast off for the BLOOM decoder, which casts for itself: built first, in the compute dtype of
+        autocast as the caller set it (a float32 model sampled under bf16 autocast decodes in bf16, as PPO
+        scores it)."""
+        self._bloom()
+        with torch.autocast(self.device.type, enabled=False):
+            yield
+
     def _bloom(self) -> Any:
         """The BLOOM decoder, built on first use in the compute dtype of that moment (autocast's, if on)."""
         if self._decoder is None:
@@ -314,8 +324,7 @@ class Engine:
         if self.device.type != "cuda":
             return limit
         if self.fast:  # its copies of the trainable weights and split head (~4 GB at 7b1) are not free memory
-            with torch.autocast(self.device.type, enabled=False):  # as generate builds it
-                self._bloom()
+            self._bloom()  # as generate builds it, in the caller's autocast dtype
         free, _ = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # cached
         return self.rows_for(free, prompt_tokens, total_tokens, limit, captured)
@@ -385,7 +394,7 @@ class Engine:
         A finished row keeps decoding (its tokens are masked by the caller) so the batch keeps its shape.
         """
         if self.fast:
-            with torch.autocast(self.device.type, enabled=False):
+            with self._decoding():
                 stepper = self._stepper(input_ids, attention_mask, sampling, seeds)
                 for done in stepper:
                     column = done - 1
@@ -424,7 +433,7 @@ class Engine:
         kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         fed = 0
         if self.fast:
-            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            with torch.no_grad(), self._decoding():
                 stepper = self._stepper(input_ids, attention_mask, sampling, seeds, tuple(capture), sink)
                 done = stepper.run()
                 stepper.finish()

@@ -71,7 +71,14 @@ def inference_model(path: str, device: Any, dtype: "torch.dtype | str | None" = 
     if dtype is None:
         dtype = torch.bfloat16 if cuda_bf16() else torch.float32
     cls = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
-    model = cls.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = cls.from_pretrained(path, dtype=dtype)
+    if dtype == "auto":
+        # from_pretrained casts every tensor to the config's one dtype (bf16 for a model whose frozen trunk
+        # is bf16): the float32 parts a stage trained come back as they were stored.
+        params = dict(model.named_parameters())
+        load_exact(model, path, [name for name in stored_float32(path)
+                                 if name in params and params[name].dtype != torch.float32], as_stored=True)
+    model = model.to(device).eval()
     model.requires_grad_(False)
     use_fused_kernels(model)
     return model
@@ -106,20 +113,42 @@ def load_reward_trunk(spec: ModelSpec, pad_token_id: int) -> Any:
     return model
 
 
-def load_exact(model: "torch.nn.Module", folder: Any, names: list[str]) -> None:
-    """Copy the named parameters from a saved folder's safetensors as they were stored.
-
-    `from_pretrained` casts every tensor to one dtype; a model saved with float32 trainable parts over a
-    bf16 frozen trunk must get those parts back bit for bit, or a resumed run departs from the original.
-    """
+def _weight_map(folder: Any) -> dict[str, str]:
+    """Tensor name -> the safetensors file of a saved folder that holds it (one file: an empty map)."""
     import json
+    from pathlib import Path
+
+    index = Path(folder) / "model.safetensors.index.json"
+    return json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+
+
+def stored_float32(folder: Any) -> list[str]:
+    """The tensors a saved folder stores in float32."""
     from pathlib import Path
 
     from safetensors import safe_open
 
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    where = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+    found = []
+    for file in sorted(set(_weight_map(folder).values()) or {"model.safetensors"}):
+        with safe_open(str(folder / file), framework="pt") as saved:
+            found += [name for name in saved.keys() if saved.get_slice(name).get_dtype() == "F32"]
+    return found
+
+
+def load_exact(model: "torch.nn.Module", folder: Any, names: list[str], as_stored: bool = False) -> None:
+    """Copy the named parameters from a saved folder's safetensors as they were stored (`as_stored`: in
+    their stored dtype too, else in the parameter's).
+
+    `from_pretrained` casts every tensor to one dtype; a model saved with float32 trainable parts over a
+    bf16 frozen trunk must get those parts back bit for bit, or a resumed run departs from the original.
+    """
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    where = _weight_map(folder)
     params = dict(model.named_parameters())
     by_file: dict[str, list[str]] = {}
     for name in names:
@@ -131,7 +160,8 @@ def load_exact(model: "torch.nn.Module", folder: Any, names: list[str]) -> None:
                 if name not in stored:
                     raise KeyError(f"{folder / file}: no tensor {name}")
                 param = params[name]
-                param.data = saved.get_tensor(name).to(device=param.device, dtype=param.dtype)
+                param.data = saved.get_tensor(name).to(device=param.device,
+                                                       dtype=None if as_stored else param.dtype)
 
 
 def decoder_layers(model: "torch.nn.Module") -> "torch.nn.ModuleList":

@@ -2,7 +2,8 @@
 
 The head reads the last non-pad token; the loss is -log σ(r_chosen − r_rejected). Pairs are rendered
 with the chat template (prompt, then `" " + answer + "</s>"`) and tokenized here. Accuracy and margin on
-the held-out split are logged as `eval_accuracy` / `eval_margin`. The export in `<run>/final` loads with
+the held-out split are logged as `eval_accuracy` / `eval_margin`. The scalar head computes in float32
+accuracy (engine.head.float32_head), here and wherever the model scores. The export in `<run>/final` loads with
 `AutoModelForSequenceClassification`.
 """
 
@@ -34,6 +35,8 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
     """Train, export `<run>/final`, return its path."""
     from trl import RewardConfig, RewardTrainer
 
+    from engine.head import float32_head
+
     stage = recipe.stage("rm")
     assert isinstance(stage, RMStage)
     spec = recipe.stage_model("rm")
@@ -48,6 +51,7 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
         **hf_trainer.training_kwargs(stage.train, handle.output_dir, recipe.seed, eval_set is not None, spec),
     )
     model = load_reward_trunk(spec, tokenizer.pad_token_id)
+    float32_head(model.score)  # rewards, their differences and the loss free of bf16's rounding quanta
     freeze_bottom_layers(model, stage.num_layers_unfrozen)
     keep_fp32_masters(model, sharding_of(args))
     callbacks, stop = hf_trainer.callbacks(handle)

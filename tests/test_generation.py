@@ -456,3 +456,71 @@ def test_continuous_batching_still_cannot_serve_bloom():
     except Exception as error:  # a refusal up front is the same answer
         outputs = {"error": error}
     assert not any(getattr(out, "generated_tokens", None) for out in outputs.values())
+
+
+def test_the_decoder_splits_a_bf16_head_as_it_is_and_a_float32_one_in_two(demo_dir, monkeypatch):
+    """A bf16 head (chat, evaluation, the reference's decode) is its own high part: the decoder reads 2
+    bytes a weight at every step, and no float32 copy of it is made. Before, the head was widened to float32
+    first and split into [high | zeros]: twice the head's memory and traffic (2 GB a step at bloomz-7b1).
+    The split is CUDA's; here the same code runs on float32 products."""
+    from engine import bloom_decoder
+    from engine.bloom_decoder import BloomDecoder
+
+    monkeypatch.setattr(bloom_decoder, "_split_pays", lambda device: True)
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "model").to(torch.bfloat16).eval()
+    head = model.get_output_embeddings().weight
+    decoder = BloomDecoder(model, torch.bfloat16)
+    assert decoder.head is None and not decoder.split_head.stacked
+    assert decoder.split_head.weight.dtype == torch.bfloat16 and decoder.split_head.weight.numel() == head.numel()
+    hidden = torch.randn(4, head.shape[1]) * 3
+    exact = hidden.double() @ head.double().t()
+    assert (decoder.split_head(hidden).double() - exact).abs().max() < 2e-3 * exact.abs().max()
+
+    hydra = Hydra(AutoModelForCausalLM.from_pretrained(demo_dir / "model").to(torch.bfloat16), num_layers_unfrozen=1,
+                  value_layers=2, train_head=True)  # a trained head: float32, split into high and remainder
+    trained = BloomDecoder(hydra.policy, torch.bfloat16)
+    assert trained.split_head.stacked and trained.split_head.weight.shape == (head.shape[1] * 2, head.shape[0])
+
+
+def test_a_float32_model_sampled_under_bf16_autocast_decodes_in_bf16(tiny):
+    """`precision: bf16` over a float32 model: PPO scores under bf16 autocast, so the decoder samples in
+    bf16 too (and keeps a bf16 cache). Before, it was built inside its own autocast-off region and always
+    took the weights' float32."""
+    model, tokenizer = tiny
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        engine = Engine(model, tokenizer)
+        engine.generate(*engine.encode(prompts(2)), Sampling(max_new_tokens=3))
+    assert engine.fast and engine._decoder.dtype == torch.bfloat16
+    plain = Engine(model, tokenizer)
+    plain.generate(*plain.encode(prompts(2)), Sampling(max_new_tokens=3))
+    assert plain._decoder.dtype == torch.float32
+
+
+def test_the_decoder_computes_each_lora_layer_as_the_scoring_forward_does(demo_dir):
+    """LoRA over a bf16 model, adapters as small as early PPO makes them (|ΔW| ~ 3e-5, under half of bf16's
+    step at |W| ~ 0.02): each adapted linear of the decoder gives, bit for bit, what peft's forward gives
+    under bf16 autocast (the base product, then the adapter's added). Merged into the bf16 weight (before),
+    the rounding of W + ΔW changed a third of the outputs: the rollouts came from another policy than the
+    one PPO scores."""
+    from peft import LoraConfig
+
+    from engine.bloom_decoder import BloomDecoder, _apply, _linear
+
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "model", dtype=torch.bfloat16)
+    hydra = Hydra(model, 2, 2, lora=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).eval()
+    torch.manual_seed(0)
+    adapted = [m for m in hydra.modules() if hasattr(m, "lora_B") and "default" in m.lora_B]
+    for module in adapted:
+        torch.nn.init.normal_(module.lora_B["default"].weight, std=5e-5)
+    decoder = BloomDecoder(hydra.policy, torch.bfloat16)
+    linears = [lin for layer in decoder.layers for lin in (layer.qkv, layer.dense, layer.up, layer.down)]
+    assert sum(len(lin[2]) for lin in linears) == len(adapted) == 8  # the top 2 layers' four linears
+    merged_differ = 0
+    for module in adapted:
+        x = torch.randn(16, module.base_layer.in_features)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            want = module(x)
+        with torch.no_grad():
+            assert torch.equal(_apply(x, _linear(module, torch.bfloat16)), want)
+            merged_differ += (_apply(x, _linear(module, torch.bfloat16, merge=True)) != want).float().mean().item()
+    assert merged_differ / len(adapted) > 0.1

@@ -63,3 +63,59 @@ def test_auto_precision_follows_a_half_model():
     recipe = load_recipe(TINY, ["model.dtype=bfloat16"])
     assert precision_flags("auto", recipe.model) == {"bf16": True, "fp16": False}
     assert precision_flags("auto", recipe.model.model_copy(update={"dtype": "float32"}))["bf16"] is False
+
+
+def test_ppo_scores_with_the_reward_model_as_it_was_trained(workdir):
+    """A bf16-trunk RM saved with float32 top layers and head (as the bloomz recipe trains it): PPO's scorer
+    (and the RM judge) loads each tensor as stored and runs it under bf16 autocast as the RM stage did, its
+    head in float32. Before, the config's one dtype cast the whole model to bf16 (the trained float32 layers
+    rounded, no autocast), and every reward landed on bf16's grid."""
+    from engine.ppo.rewards import RewardModelScorer
+    from engine.template import Turn
+
+    run_id = _train("rm", BF16)
+    final = Path(run_row(run_id)["output_dir"]) / "final"
+    saved = load_file(final / "model.safetensors")
+    scorer = RewardModelScorer(str(final), torch.device("cpu"))
+    params = dict(scorer.model.named_parameters())
+    for name, tensor in saved.items():
+        if name in params:
+            assert params[name].dtype == tensor.dtype and torch.equal(params[name], tensor), name
+    assert params["score.weight"].dtype == torch.float32
+    assert params["transformer.h.0.self_attention.dense.weight"].dtype == torch.bfloat16
+
+    questions = ["What is the capital of France?", "Write a short poem about rain.", "2 + 2 = ?", "Say hi."]
+    answers = ["Paris.", "Rain falls softly on the quiet town.", "4", "Hello there, nice to meet you!"]
+    prompts = [(Turn("user", q),) for q in questions]
+    scores = scorer(prompts, answers)
+    assert scores.dtype == torch.float32 and (scores != scores.bfloat16().float()).any()  # not on bf16's grid
+    from engine.template import tokenize_pair
+
+    # One at a time, unpadded: the same, up to the bf16 trunk's rounding in kernels of other shapes.
+    for prompt, answer, score in zip(prompts, answers, scores.tolist()):
+        ids = torch.tensor([tokenize_pair(scorer.tokenizer, prompt, answer)])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            own = scorer.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0].item()
+        assert score == pytest.approx(own, abs=2e-3 * max(1.0, abs(own)))
+
+
+def test_a_float32_head_under_bf16_autocast_keeps_its_names_and_float32_accuracy():
+    """The reward model's scalar head (RM training, PPO's scorer): float32 output accurate to float32 under
+    bf16 autocast, gradients to its weight and its input, and the same state dict (saves and loads as is)."""
+    from engine.head import float32_head
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 1, bias=False)
+    keys = list(head.state_dict())
+    float32_head(head)
+    assert list(head.state_dict()) == keys
+    hidden = (torch.randn(8, 64) * 4).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(hidden)
+    exact = hidden.double() @ head.weight.double().t()
+    assert out.dtype == torch.float32 and (out.double() - exact).abs().max() < 1e-5
+    assert (out - out.bfloat16().float()).abs().max() > 0  # not bf16 values
+    out.sum().backward()
+    assert head.weight.grad is not None and hidden.grad is not None
+    with pytest.raises(TypeError, match="a plain Linear"):
+        float32_head(torch.nn.Embedding(4, 4))

@@ -20,15 +20,21 @@ class RewardModelScorer:
     def __init__(self, path: str, device: torch.device, batch_size: int = 16, dtype: torch.dtype | None = None):
         from transformers import AutoTokenizer
 
+        from engine.head import float32_head
         from engine.models import inference_model
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = inference_model(path, device, dtype or "auto", reward=True)  # auto: as saved
+        # "auto": each tensor as saved, the RM stage's float32 top layers and head over its bf16 trunk
+        self.model = inference_model(path, device, dtype or "auto", reward=True)
         self.pad = self.model.config.pad_token_id
         if self.pad is None:
             raise ValueError(f"{path}: the reward model's config has no pad_token_id")
         self.device = device
         self.batch_size = batch_size
+        # As the RM stage trained it: a bf16 trunk under bf16 autocast (the float32 layers above it compute
+        # under autocast too, never cast to bf16 as a whole), the head in float32 accuracy.
+        self.autocast = any(p.dtype == torch.bfloat16 for p in self.model.parameters())
+        float32_head(self.model.score)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Conversation], responses: Sequence[str]) -> torch.Tensor:
@@ -42,8 +48,9 @@ class RewardModelScorer:
             width = len(ids[rows[0]])
             batch = torch.tensor([ids[i] + [self.pad] * (width - len(ids[i])) for i in rows], device=self.device)
             mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in rows], device=self.device)
-            scores[torch.tensor(rows, device=self.device)] = self.model(input_ids=batch,
-                                                                        attention_mask=mask).logits[:, 0].float()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(input_ids=batch, attention_mask=mask).logits
+            scores[torch.tensor(rows, device=self.device)] = logits[:, 0].float()
         return scores
 
 
