@@ -74,6 +74,11 @@ class GracefulStop(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.flag.agreed():
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                # The stop came with the last step: the work is done, and the run ends as done, its export
+                # written. Stopped here, its resume would train a step past max_steps (the trainer always
+                # takes one before it checks).
+                return
             self.stopped = True
             control.should_save = True
             control.should_training_stop = True

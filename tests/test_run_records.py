@@ -439,3 +439,42 @@ def test_a_killed_stretch_counts_to_its_last_sign_of_life_not_to_when_a_look_not
     finally:
         del os.environ[RUN_ID_ENV]
     assert segments[0] == [t0, pytest.approx(t0 + 600)] and segments[1][1] is None
+
+
+def test_a_stop_that_comes_with_the_last_step_ends_the_run_as_done():
+    """Stopped on its last step, a run had a checkpoint at max_steps and no export; its resume then trained
+    one step past max_steps (the trainer takes a step before it checks): 4/3. The stop now lets it finish."""
+    from transformers import TrainerControl, TrainerState
+
+    from engine.track import GracefulStop
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        stop = GracefulStop()
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+    stop.flag.requested = True
+    last, control = TrainerState(global_step=3, max_steps=3), TrainerControl()
+    stop.on_step_end(None, last, control)
+    assert not stop.stopped and not control.should_training_stop and not control.should_save
+    stop.on_step_end(None, TrainerState(global_step=2, max_steps=3), control)
+    assert stop.stopped and control.should_training_stop and control.should_save
+
+
+def test_a_run_left_stopped_at_its_last_step_is_not_resumed_past_it(workdir):
+    """As a stop on the last step left a run before: `stopped` with its newest checkpoint at max_steps.
+    Its resume is refused with what to use instead, unless more steps are asked for."""
+    done = subprocess.run([*RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=3", "--set",
+                           "train.save_steps=1", "--set", "train.eval_ratio=0"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with Store(os.environ["RLHF_DB"]) as store:
+        store.update_run(1, status="stopped", exit_code=143)
+    again = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "run 1 stopped at its last step (3 of 3)" in again.stderr
+    assert "checkpoint-3 holds its weights" in again.stderr and run_row(1)["status"] == "stopped"
+    more = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1", "--set", "train.max_steps=4",
+                           "--allow-change"], capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert run_row(1)["status"] == "done" and run_row(1)["step"] == 4
