@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     belle.add_argument("--top-k", type=int, default=0)
     belle.add_argument("--seed", type=int, default=0)
     belle.add_argument("--concurrency", type=int, default=8, help="judge calls in flight")
+    belle.add_argument("--judge-retries", type=int, default=5, metavar="N",
+                       help="tries after a judge call's first failure (a timeout, a 429 or 5xx), with backoff")
     belle.add_argument("--price-per-1k", type=float, help="judge price per 1,000 tokens, for the cost estimate")
     belle.add_argument("--rewrite-reference", action="store_true",
                        help="give the judge the reference answer of the 39 rewrite items that have one")
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--judge-model")
     pair.add_argument("--judge-key-env", default="OPENAI_API_KEY")
     pair.add_argument("--concurrency", type=int, default=8)
+    pair.add_argument("--judge-retries", type=int, default=5, metavar="N")
     pair.add_argument("--db", default=None)
     return parser
 

@@ -7,11 +7,12 @@ any model or data set is loaded.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 STAGES = ("sft", "rm", "ppo")
 Stage = Literal["sft", "rm", "ppo"]
@@ -84,10 +85,17 @@ class LoraSpec(_Section):
     )
 
 
+def _not_zero(value: int) -> int:
+    if value == 0:
+        raise ValueError("0 would train nothing: give a number of steps, or -1 to derive them from epochs")
+    return value
+
+
 class TrainArgs(_Section):
     lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training set (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Optimizer steps to run; -1 = derive from epochs.")
+    max_steps: Annotated[int, Field(ge=-1), AfterValidator(_not_zero)] = Field(
+        -1, description="Optimizer steps to run; -1 = derive from epochs.")
     batch_size: int = Field(8, gt=0, description="Sequences per device per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
@@ -388,6 +396,8 @@ def _describe(err: ValidationError, source: RecipeSource) -> RecipeError:
             message = "unknown field (check the spelling)"
         elif e["type"] == "missing":
             message = "required field is missing"
+        elif e["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, "
+            message = str(e["ctx"]["error"]) if "error" in e.get("ctx", {}) else message
         problems.append(f"{source.locate(field)}: {field or '(top level)'}: {message}")
         fields.setdefault(field, message)
     return RecipeError("invalid recipe\n  " + "\n  ".join(problems), fields)
@@ -425,10 +435,24 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
                 source["path"] = fix(source["path"])
         if section.get("reward_model"):
             section["reward_model"] = fix(section["reward_model"])
-    if data.get("eval"):
-        data["eval"]["eval_dir"] = fix(data["eval"]["eval_dir"])
         if isinstance(section.get("resume_from_checkpoint"), str):
             section["resume_from_checkpoint"] = fix(section["resume_from_checkpoint"])
+    if data.get("eval"):
+        data["eval"]["eval_dir"] = fix(data["eval"]["eval_dir"])
     fixed = Recipe.model_validate(data)
     fixed._source = recipe._source
     return fixed
+
+
+def import_function(spec: str) -> Callable[..., Any]:
+    """`package.module:function` -> the function."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"reward_fn {spec!r}: expected module:function")
+    try:
+        function = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward_fn {spec!r}: {err}") from None
+    if not callable(function):
+        raise ValueError(f"reward_fn {spec!r}: {module}.{name} is a {type(function).__name__}, not a function")
+    return function

@@ -63,7 +63,7 @@ def _belle(args: argparse.Namespace) -> int:
                 limit=args.limit, per_class=args.per_class, max_new_tokens=args.max_new_tokens,
                 batch_size=args.batch_size,
                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                concurrency=args.concurrency, price_per_1k=args.price_per_1k,
+                concurrency=args.concurrency, judge_retries=args.judge_retries, price_per_1k=args.price_per_1k,
                 rewrite_reference=args.rewrite_reference, answers_from=args.answers_from,
                 output_root=str(Path(args.output_root).expanduser().resolve()),
             )
@@ -188,8 +188,10 @@ def _pairwise(args: argparse.Namespace) -> int:
         if not shared:
             raise RecipeError(f"runs {args.a} and {args.b} have no answered question in common")
         try:
+            if args.judge_retries < 0:
+                raise RecipeError("--judge-retries: must be 0 or more")
             judge = EndpointJudge(args.judge_url or "", args.judge_model or "", args.judge_key_env, cache=evals,
-                                  concurrency=args.concurrency)
+                                  concurrency=args.concurrency, retries=args.judge_retries)
         except JudgeSetupError as err:
             raise RecipeError(str(err)) from None
         done = {(r["item_id"], r["first"]) for r in evals.pairwise(args.a, args.b, judge.label)

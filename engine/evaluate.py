@@ -57,6 +57,7 @@ class EvalConfig(BaseModel):
     top_k: int = Field(0, ge=0, description="Top-k sampling when temperature > 0 (0 = off).")
     seed: int = Field(0, description="Sampling seed (each question's noise is its own).")
     concurrency: int = Field(8, gt=0, description="Judge calls in flight.")
+    judge_retries: int = Field(5, ge=0, description="Tries after a judge call's first failure.")
     price_per_1k: float | None = Field(None, ge=0, description="Judge price per 1,000 tokens, for the estimate.")
     rewrite_reference: bool = Field(False, description="Give the judge the reference of the 39 rewrite items.")
     answers_from: int | None = Field(None, description="Judge this run's answers instead of generating.")
@@ -204,7 +205,7 @@ def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop:
     from engine.judge.endpoint import EndpointJudge
 
     judge = EndpointJudge(config.judge_url or "", config.judge_model or "", config.judge_key_env, cache=evals,
-                          concurrency=config.concurrency)
+                          concurrency=config.concurrency, retries=config.judge_retries)
     to_call = [p for p in prompts.values() if not judge.cached(p)]
     print(plan_line(config, to_call, len(prompts) - len(to_call)), flush=True)
     answers = {row["item_id"]: row["answer"] for row in todo}
@@ -238,6 +239,7 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
         n = len(items)
         store.update_run(run_id, total_steps=2 * n)
         counts = {"answered": 0, "judged": 0, "unscored": 0, "failed": 0, "tokens": 0, "score_sum": 0.0, "scored": 0}
+        problems: list[str] = []  # of this stretch's failed calls
         rows = evals.items(run_id)
         counts["answered"] = sum(1 for r in rows if r["answer"] is not None)
         for j in evals.judgments(run_id):
@@ -256,6 +258,7 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
             for verdict in judged or []:
                 if verdict.status == "failed":
                     counts["failed"] += 1
+                    problems.append(verdict.problem or "no reply")
                     continue
                 counts["judged"] += 1
                 counts["unscored"] += verdict.status == "unscored"
@@ -280,6 +283,12 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                 _judge(config, items, evals, run_id, stop, progress)
             except JudgeRefused as err:  # the run fails with the reason; every stored answer and verdict stays
                 raise JudgeRefused(f"{err}; then continue it: {resume_hint('eval', run_id, db_path)}") from None
+            if problems and counts["judged"] == 0 and not stop.requested:
+                # Not one verdict (an endpoint that is down, a wrong URL): a failed run, not a done one with
+                # nothing in it that a script would carry on from.
+                raise JudgeRefused(f"every judge call failed ({len(problems)} items), the first: "
+                                   f"{problems[0]}; every answer is kept: once the judge answers, continue it: "
+                                   f"{resume_hint('eval', run_id, db_path)}")
         if stop.requested:
             handle.status = "stopped"
         else:

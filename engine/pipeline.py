@@ -29,7 +29,7 @@ from engine.run import EXIT_STOPPED, PIPELINE_ENV, settled
 from engine.store import Store, default_db_path
 
 ORDER = (*STAGES, "eval")
-LOG_NAME = "pipeline-{id}.log"
+LOG_NAME = "pipeline-{id}.{db}.log"  # `db`: the runs.db's identity, as a run folder's marker holds it
 
 
 def plan(recipe: Recipe, through: str | None) -> list[str]:
@@ -118,11 +118,17 @@ def create(recipe_path: str, overrides: list[str], through: str | None, accelera
                                      through=stages[-1], launch=launch)
 
 
-def _recorded(row: dict[str, Any]) -> str:
+def db_tag(store: Store) -> str:
+    """A runs.db's identity, short, for the names of its pipelines' files: two runs.db files with one
+    output_root each have a pipeline 1, and never share (or overwrite) its recipe or its log."""
+    return f"{store.db_id:016x}"[:8]
+
+
+def _recorded(row: dict[str, Any], tag: str) -> str:
     """The recipe as the pipeline recorded it, written beside its runs: what every stage reads, so that a
     resumed pipeline runs its later stages as it would have, whatever became of the file since."""
     config = json.loads(row["config"])
-    path = Path(config["output_root"]) / f"pipeline-{row['id']}.recipe.json"
+    path = Path(config["output_root"]) / f"pipeline-{row['id']}.{tag}.recipe.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML
     return str(path)
@@ -176,7 +182,8 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
         row = store.pipeline(pipeline_id)
         store.update_pipeline(pipeline_id, status="running", pid=os.getpid(), pid_started=process_start(os.getpid()),
                               ended=None, error=None)
-    recipe_path = _recorded(row)
+        tag = db_tag(store)
+    recipe_path = _recorded(row, tag)
     launch = json.loads(row["launch"])
     recipe = load_recipe(recipe_path)
     exports: dict[str, str] = {}
@@ -292,7 +299,8 @@ def start_detached(pipeline_id: int, db_path: str | os.PathLike) -> Path:
     pipeline's output root."""
     with Store(db_path) as store:
         output_root = json.loads(store.pipeline(pipeline_id)["config"])["output_root"]
-    log_path = Path(output_root).resolve() / LOG_NAME.format(id=pipeline_id)
+        tag = db_tag(store)
+    log_path = Path(output_root).resolve() / LOG_NAME.format(id=pipeline_id, db=tag)
     try:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import STAGE_REFS, Recipe, RecipeError, Stage, load_recipe, looks_local
+from engine.config import STAGE_REFS, Recipe, RecipeError, Stage, import_function, load_recipe, looks_local
 from engine.data.records import DataError
 from engine.run import EXIT_STOPPED, LAUNCHED_ENV, tracked_run
 from engine.store import StoreError, default_db_path
@@ -58,8 +58,8 @@ def model_folder_problem(path: str, kind: str = "model") -> str | None:
             return "is not a reward model (a sequence-classification model with one label, as the rm stage exports)"
     elif architectures and all(a.endswith(SCORING_HEADS) for a in architectures):
         # Loaded as a causal LM, a reward model's trunk would run under an untrained head: fluent-looking noise.
-        return (f"does not write answers (it is a {', '.join(architectures)}; chat and evaluation take a causal "
-                "language model, such as an SFT or PPO export)")
+        return (f"does not write answers (it is a {', '.join(architectures)}; this takes a causal language model, "
+                "such as an SFT or PPO export)")
     return None
 
 
@@ -104,13 +104,21 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
             if problem is not None:
                 raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} {problem}", {field: problem})
         if kind != "data" and local.exists():
-            problem = model_folder_problem(path, kind)
+            # The policy and the SFT model write answers: a reward model's trunk would train under a fresh head.
+            answering = kind == "model" and stage in ("sft", "ppo")
+            problem = model_folder_problem(path, "answering model" if answering else kind)
             if problem is not None:
                 raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} {problem}", {field: problem})
     if not launched:
         from engine.data.check import check_stage_data
 
         check_stage_data(stage, recipe)
+    if getattr(section, "reward_fn", None):
+        try:
+            import_function(section.reward_fn)
+        except ValueError as err:
+            field = f"{stage}.reward_fn"
+            raise RecipeError(f"{recipe.where(field)}: {field}: {err}", {field: "cannot be imported"}) from None
     if getattr(section, "init_value_from_rm", False):
         from engine.lineage import check_value_init
 

@@ -84,7 +84,20 @@ def test_data_that_cannot_train_is_exit_2_before_anything_is_registered(workdir)
          "--set sft.train.max_length=30: sft.train.max_length=30 drops 116 of 116 conversations"),
         (["rm", "--strict-data", "--set", "rm.data=[{path: pairs.jsonl}]"],
          "rm.data.0: pairs.jsonl:2: not valid JSON (Expecting ',' delimiter, column 32) (strict data"),
+        # A folder (read through `datasets`) is checked as a file is.
+        (["sft", "--set", "sft.data=[{path: folder}]"], "sft.data.0: folder: none of its first 20 records is a sft"),
+        (["ppo", "--set", "ppo.reward_fn=nosuch.module:score"],
+         "ppo.reward_fn: reward_fn 'nosuch.module:score': No module named 'nosuch'"),
+        (["ppo", "--set", "ppo.reward_fn=engine.demo.rewards:nosuchfn"], "ppo.reward_fn: reward_fn "),
+        (["ppo", "--set", "ppo.model.path=scorer"], "ppo.model.path: 'scorer' does not write answers (it is a "
+                                                    "BloomForSequenceClassification"),
+        (["sft", "--set", "sft.train.max_steps=0"], "sft.train.max_steps: 0 would train nothing"),
     ]
+    (workdir / "folder").mkdir()
+    (workdir / "folder" / "train.jsonl").write_text('{"question": "q", "answer": "a"}\n' * 30)
+    (workdir / "scorer").mkdir()  # an RM export as the policy: a trunk under a fresh LM head
+    (workdir / "scorer" / "config.json").write_text('{"architectures": ["BloomForSequenceClassification"]}')
+    (workdir / "scorer" / "model.safetensors").write_bytes(b"")
     for args, message in cases:
         stage, *rest = args
         result = rlhf("launch", stage, str(TINY), "--accelerate-config", accel, *rest)

@@ -65,10 +65,11 @@ def test_malformed_lines_are_counted_and_reported_with_line_numbers(tmp_path, ca
         {"instruction": "q", "output": "a"},
         {"instruction": "q"},
         {"messages": [{"role": "assistant", "content": "a"}]},
+        *[{"instruction": "q", "output": "a"}] * 3,
     ], raw_lines={1: "{not json"})
     with caplog.at_level(logging.WARNING):
         items, (report,) = loaded(load_conversations, DataSource(path=path))
-    assert len(items) == 1 and report.used == 1 and report.malformed == 3
+    assert len(items) == 4 and report.used == 4 and report.malformed == 3
     assert report.examples[0].startswith(f"{path}:2: not valid JSON")
     assert report.examples[1].startswith(f"{path}:3: ")
     assert report.examples[2] == f"{path}:4: turn 1 is from assistant, expected user (turns must alternate)"
@@ -122,6 +123,61 @@ def test_parquet_and_datasets_folder(tmp_path):
     folder.mkdir()
     jsonl(folder / "train.jsonl", [{"instruction": "q", "output": "a"}] * 2)
     assert convs(str(folder)) == [(Q, A)] * 2
+
+
+def test_a_source_mostly_of_other_records_is_an_error(tmp_path):
+    """Two usable records among 72 of another format (`prompt/response`): the wrong file, not noise to skip;
+    refused as a max_length that drops most records is. Fewer than half malformed are skipped."""
+    path = jsonl(tmp_path / "mostly.jsonl",
+                 [{"instruction": "q", "output": "a"}] * 2 + [{"prompt": "q", "response": "a"}] * 72)
+    with pytest.raises(DataError, match=r"mostly.jsonl: 72 of its 74 records are not usable sft records, more than "
+                                        r"half: is it the right file and format\? First problem: .*mostly.jsonl:3: "):
+        convs(path)
+    assert len(convs(jsonl(tmp_path / "some.jsonl", [{"instruction": "q", "output": "a"}] * 3
+                           + [{"prompt": "q", "response": "a"}] * 3))) == 3
+
+
+def test_a_pair_of_one_answer_twice_is_skipped(tmp_path):
+    """chosen == rejected: a zero gradient and a tie in accuracy, in every format."""
+    path = jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "q", "chosen": "good", "rejected": "bad"},
+        {"prompt": "q", "chosen": "same", "rejected": "same "},
+        {"chosen": "\n\nHuman: q\n\nAssistant: same", "rejected": "\n\nHuman: q\n\nAssistant: same"},
+        *[{"prompt": "q", "chosen": "good", "rejected": "bad"}] * 2,
+    ])
+    pairs, (report,) = loaded(load_preferences, DataSource(path=path))
+    assert len(pairs) == 3 and report.malformed == 2
+    assert all("chosen and rejected are the same answer" in e for e in report.examples)
+    same = jsonl(tmp_path / "same.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}] * 36)
+    with pytest.raises(DataError, match="none of its first 20 records is a preference record.*the same answer"):
+        load_preferences([DataSource(path=same)])
+
+
+def test_a_folder_saved_by_datasets_is_read_back_and_checked_before_training(tmp_path, workdir):
+    """`save_to_disk` folders (a Dataset, or a DatasetDict by split) load as they were saved; a folder is
+    read (streamed, a sample) by the check before anything is registered, as a file is."""
+    import datasets
+
+    from engine.config import load_recipe
+    from engine.data.check import check_stage_data
+    from tests.conftest import TINY
+
+    datasets.Dataset.from_list([{"instruction": "q", "output": "a"}] * 3).save_to_disk(tmp_path / "one")
+    assert convs(str(tmp_path / "one")) == [(Q, A)] * 3
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"instruction": "q", "output": "a"}] * 2),
+                          "test": datasets.Dataset.from_list([{"instruction": "q", "output": "a"}])}
+                         ).save_to_disk(tmp_path / "split")
+    assert convs(str(tmp_path / "split")) == [(Q, A)] * 2 and convs(str(tmp_path / "split"), split="test") == [(Q, A)]
+    with pytest.raises(DataError, match="no split 'dev' \\(it has train, test\\)"):
+        convs(str(tmp_path / "split"), split="dev")
+
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    jsonl(wrong / "train.jsonl", [{"question": "q", "answer": "a"}] * 30)
+    recipe = load_recipe(TINY, [f"sft.data=[{{path: {wrong}}}]"])
+    with pytest.raises(DataError, match=r"sft.data.0: .*wrong: none of its first"):
+        check_stage_data("sft", recipe)
+    check_stage_data("sft", load_recipe(TINY, [f"sft.data=[{{path: {tmp_path / 'one'}}}]"]))
 
 
 def test_a_source_without_usable_records_is_an_error(tmp_path):

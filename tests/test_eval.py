@@ -187,6 +187,27 @@ def test_a_judge_that_refuses_every_call_fails_the_run_at_once_with_the_reason(w
         assert all(i["answer"] is not None for i in EvalStore(store).items(1))  # the answers stay for the resume
 
 
+def test_an_evaluation_whose_every_judge_call_failed_is_a_failed_run(workdir):
+    """A judge that is down (nothing listens at its URL): not one verdict, so the run fails with the
+    reason and the resume command, exit 1 (it used to end `done`, exit 0, with nothing in it)."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    write_sample(workdir / "belle", per_class=1)
+    result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", "--judge", "openai", "--judge-url",
+                       f"http://127.0.0.1:{port}/v1", "--judge-model", "m", "--judge-key-env", "THE_JUDGE_KEY",
+                       "--max-new-tokens", "4", "--limit", "3", "--judge-retries", "0", env={"THE_JUDGE_KEY": KEY})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "every judge call failed (3 items), the first: " in result.stderr and "Traceback" not in result.stderr
+    assert f"continue it: rlhf eval belle --resume-run 1 --db {os.environ['RLHF_DB']}" in result.stderr
+    row = run_row(1)
+    assert row["status"] == "failed" and "every judge call failed" in row["error"]
+    with Store(os.environ["RLHF_DB"]) as store:
+        assert all(i["answer"] is not None for i in EvalStore(store).items(1))  # kept for the resume
+
+
 def test_the_reward_model_judges_offline(workdir):
     rm_run, _ = run_stage("rm", str(TINY), ["train.max_steps=4", "train.eval_ratio=0"])
     rm = Path(run_row(rm_run)["output_dir"]) / "final"

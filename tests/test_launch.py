@@ -79,7 +79,8 @@ def test_argv_has_no_shell_and_carries_overrides():
 
 def test_a_crashing_run_is_recorded_as_failed_with_its_exit_code(workdir):
     (workdir / "broken").mkdir()
-    (workdir / "broken" / "config.json").write_text("{not json")  # looks like a model to validation; is not one
+    # Looks like a model to validation; is not one that transformers can load.
+    (workdir / "broken" / "config.json").write_text('{"model_type": "no-such-architecture"}')
     (workdir / "broken" / "model.safetensors").write_bytes(b"")
     run_id, code = run_foreground("sft", str(TINY), ["model.path=broken"], str(ACCEL / "cpu.yaml"), echo=False)
     assert code != 0

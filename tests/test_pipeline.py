@@ -215,5 +215,25 @@ def test_a_crashed_pipeline_resumes_in_its_stage_with_no_step_lost_or_repeated(w
     assert run_row(ppo["id"])["status"] == "done"
     steps = [s for s, _ in metric(ppo["id"], "kl_ctl_value")]
     assert steps == list(range(1, 9)) and crashed_at >= 3  # the steps after its checkpoint redone once each
-    detached_log = (Path(json.loads(pipeline["config"])["output_root"]) / "pipeline-1.log").read_text()
+    from engine.pipeline import db_tag
+
+    with Store(db) as store:
+        tag = db_tag(store)
+    detached_log = (Path(json.loads(pipeline["config"])["output_root"]) / f"pipeline-1.{tag}.log").read_text()
     assert f"pipeline 1: ppo is run {ppo['id']}" in detached_log
+
+
+def test_two_runs_dbs_with_one_output_root_keep_their_pipelines_files_apart(workdir):
+    """Each has a pipeline 1: its recorded recipe (what its stages run, what the console's l and E open)
+    and its log are its own. Before, the second pipeline overwrote the first one's recipe file."""
+    from engine import pipeline
+    from engine.pipeline import _recorded, db_tag
+
+    paths = []
+    for db, name in ((workdir / "a.db", "first"), (workdir / "b.db", "second")):
+        pipeline_id = pipeline.create(str(TINY), [f"name={name}"], "sft", ACCEL, None, db)
+        with Store(db) as store:
+            paths.append(_recorded(store.pipeline(pipeline_id), db_tag(store)))
+    assert paths[0] != paths[1]
+    assert [json.loads(Path(p).read_text())["name"] for p in paths] == ["first", "second"]
+

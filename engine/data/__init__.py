@@ -81,6 +81,10 @@ def read_source(
     if not items:
         detail = f"; first problem: {report.examples[0]}" if report.examples else " (the source is empty)"
         raise DataError(f"{source.path}: no usable {kind} record{detail}")
+    if report.malformed > report.used:  # as a max_length that drops most records: a wrong file, not noise
+        raise DataError(f"{source.path}: {report.malformed} of its {report.malformed + report.used} records are "
+                        f"not usable {kind} records, more than half: is it the right file and format? First "
+                        f"problem: {report.examples[0]}")
     for example in report.examples:
         log.warning("malformed record skipped: %s", example)
     if report.malformed > len(report.examples):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.config import Recipe, Stage
+from engine.config import Recipe, Stage, looks_local
 from engine.data import PREFERENCE_FORMATS, PROMPT_FORMATS, SFT_FORMATS, lengths, read_source
 from engine.data.records import DataError
 
@@ -47,9 +47,8 @@ def check_stage_data(stage: Stage, recipe: Recipe) -> None:
     items: list[Any] = []
     sources: list[str] = []
     for i, source in enumerate(getattr(section, field)):
-        local = Path(source.path).expanduser()
-        if not local.is_file():
-            continue  # a hub id or a data set folder: read through `datasets` at training
+        if not Path(source.path).expanduser().exists() and not looks_local(source.path):
+            continue  # a hub id: read through `datasets` at training
         sample = source.model_copy(update={"limit": min(source.limit or SAMPLE, SAMPLE)})
         try:
             read, _ = read_source(sample, kind, adapters, recipe.strict_data)

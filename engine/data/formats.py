@@ -30,6 +30,12 @@ class PreferencePair:
     chosen: str
     rejected: str
 
+    def __post_init__(self) -> None:
+        # Every format's pairs are made here: a pair of one answer twice has a zero loss gradient (r_c - r_r
+        # is 0 whatever the model) and drags accuracy down as a tie.
+        if self.chosen.strip() == self.rejected.strip():
+            raise ValueError("chosen and rejected are the same answer: the pair teaches nothing")
+
 
 def _text(record: dict, key: str, *, required: bool = True) -> str:
     value = record.get(key)

@@ -36,7 +36,7 @@ def read_records(path: str, split: str = "train", limit: int | None = None) -> I
         else:
             raise DataError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl or .parquet)")
     elif source.is_dir() or not looks_local(path):
-        records = _datasets(path, split)
+        records = _datasets(path, split, sample=limit is not None)
     else:
         raise DataError(f"{path}: no such file or folder, and not a hub data set id (owner/name)")
     for n, record in enumerate(records):
@@ -119,11 +119,23 @@ def _parquet(path: Path) -> Iterator[RawRecord]:
         yield RawRecord(f"{path} row {row}", item)
 
 
-def _datasets(path: str, split: str) -> Iterator[RawRecord]:
+def _datasets(path: str, split: str, sample: bool = False) -> Iterator[RawRecord]:
+    """A hub id or a folder: one `save_to_disk` wrote (read back as it is), or of data files. `sample`: the
+    first records only are wanted, streamed (a check before training converts nothing)."""
     import datasets
 
+    folder = Path(path)
     try:
-        ds = datasets.load_dataset(path, split=split)
+        if (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{path}: no split {split!r} (it has {', '.join(ds)})")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(path, split=split, streaming=sample)
+    except DataError:
+        raise
     except Exception as err:  # datasets raises many types; the user needs the source and the reason
         raise DataError(f"{path}: could not load through datasets ({type(err).__name__}: {err})") from None
     for row, item in enumerate(ds, start=1):

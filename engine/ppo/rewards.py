@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -66,14 +65,3 @@ class FunctionScorer:
         if len(scores) != len(responses):
             raise ValueError(f"reward_fn returned {len(scores)} scores for {len(responses)} responses")
         return torch.tensor([float(s) for s in scores], device=self.device)
-
-
-def import_function(spec: str) -> Callable[..., Any]:
-    """`package.module:function` -> the function."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"reward_fn {spec!r}: expected module:function")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"reward_fn {spec!r}: {err}") from None

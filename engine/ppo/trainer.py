@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
-from engine.config import PPOStage, Recipe, RecipeError
+from engine.config import PPOStage, Recipe, RecipeError, import_function
 from engine.data import load_prompts
 from engine.lineage import write_lineage
 from engine.models import load_causal_lm, load_exact, load_tokenizer, lora_config, precision_flags
 from engine.ppo import core
 from engine.ppo.hydra import Hydra, Trunk
-from engine.ppo.rewards import FunctionScorer, RewardModelScorer, Scorer, import_function
+from engine.ppo.rewards import FunctionScorer, RewardModelScorer, Scorer
 from engine.ppo.rollout import Rollout, generate
 from engine.run import RunHandle, checkpoints_in, newest_checkpoint
 from engine.track import StopFlag
