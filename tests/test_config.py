@@ -67,3 +67,17 @@ def test_structural_errors(tmp_path):
         load_recipe(TINY, ["ppo.num_layers_unfrozen=2", "ppo.value_layers=1"])
     with pytest.raises(RecipeError, match="lora and num_layers_unfrozen cannot be combined"):
         load_recipe(TINY, ["sft.lora={r: 4}", "sft.num_layers_unfrozen=1"])
+
+
+def test_every_local_path_is_recorded_absolute_resume_from_checkpoint_too(tmp_path, monkeypatch):
+    """What runs.db records must work from any directory: a relative resume_from_checkpoint of any stage
+    was left relative (the loop fixed only the last stage's, and only when an eval section was there)."""
+    from engine.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "3" / "checkpoint-8").mkdir(parents=True)
+    recipe = load_recipe(TINY, ["sft.resume_from_checkpoint=runs/3/checkpoint-8",
+                                "rm.resume_from_checkpoint=runs/3/checkpoint-8"])
+    fixed = with_absolute_paths(recipe)
+    for stage in ("sft", "rm"):
+        assert fixed.stage(stage).resume_from_checkpoint == str(tmp_path / "runs" / "3" / "checkpoint-8")
