@@ -104,9 +104,10 @@ def evaluated_at(trainer: Any, step: int) -> bool:
     return any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history)
 
 
-def callbacks(handle: RunHandle) -> tuple[list[Any], GracefulStop]:
+def callbacks(handle: RunHandle, stage: str, start: str) -> tuple[list[Any], GracefulStop]:
+    """The metric sink (and checkpoints' lineage: `stage` trained from `start`) and the graceful stop."""
     stop = GracefulStop()
-    return [StoreCallback(handle.store, handle.run_id), stop], stop
+    return [StoreCallback(handle.store, handle.run_id, (stage, start)), stop], stop
 
 
 def finish(trainer: Any, handle: RunHandle, stop: GracefulStop, final_dir: Path) -> None:

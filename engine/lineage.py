@@ -31,11 +31,12 @@ def read_lineage(folder: str) -> dict[str, Any] | None:
         return None
 
 
-def write_lineage(folder: Path, stage: str, run_id: int, start: str) -> None:
-    """Record that `folder` is `stage`'s export of run `run_id`, trained from `start`."""
+def write_lineage(folder: Path, stage: str, run_id: int, start: str, **more: Any) -> None:
+    """Record that `folder` is `stage`'s export (or checkpoint) of run `run_id`, trained from `start`; `more`:
+    what else it came from (PPO's reward)."""
     parent = read_lineage(start)
     record = {"stage": stage, "run_id": run_id, "start": model_id(start),
-              "base": parent["base"] if parent else model_id(start)}
+              "base": parent["base"] if parent else model_id(start), **more}
     (Path(folder) / LINEAGE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 

@@ -54,7 +54,7 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
     float32_head(model.score)  # rewards, their differences and the loss free of bf16's rounding quanta
     freeze_bottom_layers(model, stage.num_layers_unfrozen)
     keep_fp32_masters(model, sharding_of(args))
-    callbacks, stop = hf_trainer.callbacks(handle)
+    callbacks, stop = hf_trainer.callbacks(handle, "rm", spec.path)
     trainer = RewardTrainer(
         model=model,
         args=args,

@@ -68,7 +68,7 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
     freeze_bottom_layers(model, stage.num_layers_unfrozen)
     if stage.lora is None:  # peft keeps LoRA adapters in float32 by itself
         keep_fp32_masters(model, sharding_of(args))
-    callbacks, stop = hf_trainer.callbacks(handle)
+    callbacks, stop = hf_trainer.callbacks(handle, "sft", spec.path)
     trainer = SFTTrainer(
         model=model,
         args=args,

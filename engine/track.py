@@ -16,9 +16,13 @@ from engine.store import Store
 
 
 class StoreCallback(TrainerCallback):
-    def __init__(self, store: Store | None, run_id: int):
+    """`lineage`: (stage, the model it trains from), written into every checkpoint as into the export, so
+    that a checkpoint used as a model (PPO's policy, the RM's start) is checked as the export is."""
+
+    def __init__(self, store: Store | None, run_id: int, lineage: tuple[str, str] | None = None):
         self.store = store
         self.run_id = run_id
+        self.lineage = lineage
         self.last_logs: dict[str, float] = {}
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -35,6 +39,10 @@ class StoreCallback(TrainerCallback):
         if self.store is None or not state.is_world_process_zero:
             return
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.lineage is not None and path.is_dir():
+            from engine.lineage import write_lineage
+
+            write_lineage(path, self.lineage[0], self.run_id, self.lineage[1])
         self.store.add_checkpoint(self.run_id, state.global_step, str(path), self.last_logs, full_state=True)
         self.store.prune_checkpoints(self.run_id)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import RecipeError
+from engine.config import RecipeError, load_recipe
 from engine.lineage import LINEAGE_FILE, check_value_init, read_lineage, write_lineage
 from engine.train import run_stage, validate
 from tests.conftest import TINY
@@ -14,10 +14,13 @@ from tests.helpers import run_row
 
 
 def test_exports_record_their_start_and_ppo_checks_the_reward_models(workdir, caplog):
-    sft, _ = run_stage("sft", str(TINY), ["train.max_steps=2", "train.eval_ratio=0"])
+    sft, _ = run_stage("sft", str(TINY), ["train.max_steps=2", "train.eval_ratio=0", "train.save_steps=1"])
     sft_final = Path(run_row(sft)["output_dir"]) / "final"
     base = str((workdir / "demo" / "model").resolve())
     assert read_lineage(str(sft_final)) == {"stage": "sft", "run_id": sft, "start": base, "base": base}
+    # A checkpoint is a model too (a policy, a start): it carries the same lineage as the export.
+    checkpoint = Path(run_row(sft)["output_dir"]) / "checkpoint-1"
+    assert read_lineage(str(checkpoint)) == read_lineage(str(sft_final))
 
     rm_from_base, _ = run_stage("rm", str(TINY), ["train.max_steps=2", "train.eval_ratio=0"])
     rm_from_sft, _ = run_stage("rm", str(TINY), ["train.max_steps=2", "train.eval_ratio=0",
@@ -33,6 +36,17 @@ def test_exports_record_their_start_and_ppo_checks_the_reward_models(workdir, ca
         validate("ppo", str(TINY), [*ppo, f"reward_model={exports[rm_from_base]}"])
     assert any("features they never saw" in r.getMessage() and "rm.model.path" in r.getMessage()
                for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the SFT run's checkpoint as the policy: checked as its export
+        validate("ppo", str(TINY), [f"ppo.model={{path: {checkpoint}}}", "reward_fn=null", "init_value_from_rm=true",
+                                    f"reward_model={exports[rm_from_base]}"])
+    assert any("features they never saw" in r.getMessage() for r in caplog.records)
+
+    ppo_run, _ = run_stage("ppo", str(TINY), ["steps=1", "rollout_batch_size=4", "max_new_tokens=4", "save_steps=1"])
+    folder = Path(run_row(ppo_run)["output_dir"])
+    final, policy = read_lineage(str(folder / "final")), read_lineage(str(folder / "checkpoint-1" / "policy"))
+    assert final == policy and final["stage"] == "ppo" and final["run_id"] == ppo_run
+    assert final["reward_fn"] == load_recipe(TINY).ppo.reward_fn  # what it was rewarded by
 
 
 def test_a_reward_model_of_another_base_is_refused(tmp_path):

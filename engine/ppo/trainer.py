@@ -29,7 +29,7 @@ import torch
 
 from engine.config import PPOStage, Recipe, RecipeError, import_function
 from engine.data import load_prompts
-from engine.lineage import write_lineage
+from engine.lineage import model_id, write_lineage
 from engine.models import load_causal_lm, load_exact, load_tokenizer, lora_config, precision_flags
 from engine.ppo import core
 from engine.ppo.hydra import Hydra, Trunk
@@ -260,8 +260,12 @@ class PPOTrainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def export_policy(self, folder: Path, merge: bool = True) -> None:
+        """The policy as a model folder (a checkpoint's too: usable as a model, with its lineage)."""
         self.hydra.export(folder, merge)
         self.tokenizer.save_pretrained(folder)
+        reward = ({"reward_model": model_id(self.stage.reward_model)} if self.stage.reward_model
+                  else {"reward_fn": self.stage.reward_fn})
+        write_lineage(folder, "ppo", self.handle.run_id, self.recipe.stage_model("ppo").path, **reward)
 
     # -- one step ---------------------------------------------------------------------------------------
     def _next_prompts(self) -> tuple[list, list[int]]:
@@ -477,7 +481,6 @@ class PPOTrainer:
         final = handle.output_dir / "final"
         if self.accelerator.is_main_process:
             self.export_policy(final)
-            write_lineage(final, "ppo", handle.run_id, self.recipe.stage_model("ppo").path)
             if store is not None:
                 store.add_checkpoint(handle.run_id, self.state.step, str(final), {"best_score": self.state.best_score})
         self.accelerator.wait_for_everyone()
