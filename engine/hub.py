@@ -20,7 +20,7 @@ def hub_problem(repo_id: str, kind: str = "model") -> str | None:
     if isinstance(try_to_load_from_cache(repo_id, probe, repo_type=kind), str):
         return None  # cached: loads without the network
     if constants.HF_HUB_OFFLINE:
-        return "is not a local path and not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+        return f"{_not_here()} and not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
     api = HfApi()
     info = api.model_info if kind == "model" else api.dataset_info
     try:
@@ -28,8 +28,15 @@ def hub_problem(repo_id: str, kind: str = "model") -> str | None:
     except GatedRepoError:
         return None  # exists; the token decides, and from_pretrained says so clearly
     except RepositoryNotFoundError:
-        return f"is not a local path, and the hub has no {kind} {repo_id!r} (or it is private)"
+        return f"{_not_here()}, and the hub has no {kind} {repo_id!r} (or it is private)"
     except Exception as err:  # connection errors come from several HTTP libraries
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        return f"is not a local path, and the Hugging Face hub cannot be reached ({reason})"
+        return f"{_not_here()}, and the Hugging Face hub cannot be reached ({reason})"
     return None
+
+
+def _not_here() -> str:
+    # A recipe copied elsewhere keeps paths that were relative to where it was first run.
+    from pathlib import Path
+
+    return f"is no folder under {Path.cwd()} (recipe paths are relative to the current directory)"

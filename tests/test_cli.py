@@ -193,6 +193,8 @@ def test_a_missing_local_looking_model_is_a_one_line_error_before_anything(workd
                             timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "not in the Hugging Face cache" in result.stderr
+    # Where it looked: a recipe copied elsewhere keeps paths relative to where it was first run.
+    assert f"is no folder under {workdir} (recipe paths are relative to the current directory)" in result.stderr
     assert not (workdir / "runs.db").exists()
 
 
