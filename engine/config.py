@@ -268,6 +268,12 @@ class Recipe(_Section):
         return section.model or self.model
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line = line
+
+
 def _node_lines(text: str) -> dict[tuple[str, ...], int]:
     """Map every key path of a YAML document to its 1-based line, so errors can point at it."""
     lines: dict[tuple[str, ...], int] = {}
@@ -275,9 +281,13 @@ def _node_lines(text: str) -> dict[tuple[str, ...], int]:
     def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for key, value in node.value:
                 child = (*path, str(key.value))
-                lines[child] = key.start_mark.line + 1
+                line = key.start_mark.line + 1
+                if child[-1] in seen:  # YAML lets the last one win, silently: a tuned value lost unseen
+                    raise _DuplicateKey(line, f"{'.'.join(child)}: given twice (first at line {seen[child[-1]]})")
+                seen[child[-1]] = lines[child] = line
                 walk(value, child)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
@@ -343,6 +353,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), s
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise RecipeError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    except _DuplicateKey as err:
+        raise RecipeError(f"{path}:{err.line}: {err}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping (name, model, sft, rm, ppo)")
 

@@ -67,6 +67,10 @@ def test_structural_errors(tmp_path):
         load_recipe(TINY, ["ppo.num_layers_unfrozen=2", "ppo.value_layers=1"])
     with pytest.raises(RecipeError, match="lora and num_layers_unfrozen cannot be combined"):
         load_recipe(TINY, ["sft.lora={r: 4}", "sft.num_layers_unfrozen=1"])
+    # A key given twice: YAML keeps the last one silently, and a tuned value is lost unseen.
+    twice = "name: x\nmodel: {path: m}\nsft:\n  train:\n    lr: 3.0e-3\n    epochs: 1\n    lr: 1.0e-5\n"
+    with pytest.raises(RecipeError, match=r"recipe.yaml:7: sft.train.lr: given twice \(first at line 5\)"):
+        load_recipe(write(tmp_path, twice))
 
 
 def test_every_local_path_is_recorded_absolute_resume_from_checkpoint_too(tmp_path, monkeypatch):
