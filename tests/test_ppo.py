@@ -235,6 +235,11 @@ def test_two_ranks_agree_on_the_weights(workdir):
     digests = dict(re.findall(r"rank (\d) trainable weights digest (\w+)", log))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
     assert len(values(run_id, "rollout_scores/mean")) == 2  # rank 0 alone writes
+    # A line a step in the log (from rank 0 alone), with the numbers runs.db has.
+    steps = re.findall(r"step (\d+)/2: score (-?[\d.]+), kl/token", log)
+    assert [int(s) for s, _ in steps] == [1, 2]
+    assert [float(v) for _, v in steps] == pytest.approx(values(run_id, "rollout_scores/mean"),
+                                                         abs=1e-4)
 
     # Both ranks resume from the full-state checkpoint of step 2 and still agree after two more steps.
     overrides = sum((["--set", o] for o in [*TOY, "steps=4", "rollout_batch_size=8"]), [])

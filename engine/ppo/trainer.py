@@ -125,6 +125,8 @@ class PPOTrainer:
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"  # keep the end of a long prompt: it is where the answer starts
         self.prompts = load_prompts(self.stage.prompts, recipe.seed, recipe.strict_data).train
+        if self.accelerator.is_main_process:
+            self._report_long_prompts(recipe)
         self.scorer = _scorer(recipe, self.stage, self.device)
         self.state = PPOState()
         if self.accelerator.is_main_process and handle.output_dir.is_dir():
@@ -266,6 +268,19 @@ class PPOTrainer:
         reward = ({"reward_model": model_id(self.stage.reward_model)} if self.stage.reward_model
                   else {"reward_fn": self.stage.reward_fn})
         write_lineage(folder, "ppo", self.handle.run_id, self.recipe.stage_model("ppo").path, **reward)
+
+    def _report_long_prompts(self, recipe: Recipe) -> None:
+        """How many prompts `max_prompt_length` cuts (to their end), said once as SFT and RM say what their
+        max_length truncates: a prompt cut at its start may have lost the question itself."""
+        from engine.template import render_prompt
+
+        limit = self.stage.max_prompt_length
+        lengths = [len(ids) for ids in self.tokenizer([render_prompt(p) for p in self.prompts])["input_ids"]]
+        cut = sum(n > limit for n in lengths)
+        if cut:
+            log.warning("%s: ppo.max_prompt_length=%d: %d of %d prompts are longer (the longest %d tokens) and "
+                        "keep their last %d tokens", recipe.where("ppo.max_prompt_length"), limit, cut, len(lengths),
+                        max(lengths), limit)
 
     # -- one step ---------------------------------------------------------------------------------------
     def _next_prompts(self) -> tuple[list, list[int]]:
@@ -465,6 +480,11 @@ class PPOTrainer:
             score = metrics["rollout_scores/mean"]
             if self.state.best_score is None or score > self.state.best_score:
                 self.state.best_score = score
+            if self.accelerator.is_main_process:  # what the terminal (and train.log) shows of each step
+                log.info("step %d/%d: score %.4f, kl/token %.4f, response length %.1f, %.1f s",
+                         self.state.step, stage.steps, score, metrics["policy/kl_per_token"],
+                         metrics["response_length/mean"],
+                         metrics["time/rollout"] + metrics["time/forward"] + metrics["time/backward"])
             if store is not None:
                 store.log_metrics(handle.run_id, self.state.step, metrics)
                 kept = self._samples[: stage.samples_per_step]
