@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="list the runs in runs.db")
     runs.add_argument("--db", default=None)
+    stop = sub.add_parser("stop", help="stop a run: it saves a checkpoint and ends (as x in the console)")
+    stop.add_argument("run_id", type=int)
+    stop.add_argument("--wait", action="store_true", help="return once the run has ended (its status printed)")
+    stop.add_argument("--db", default=None)
 
     evaluate = sub.add_parser("eval", help="judge checkpoints: BELLE evaluation, score table, pairwise")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
@@ -144,6 +148,31 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--judge-retries", type=int, default=5, metavar="N")
     pair.add_argument("--db", default=None)
     return parser
+
+
+def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
+    """SIGTERM to the run's processes (its checkpoint, then `stopped`); a pipeline's stage ends its pipeline
+    too. Exit 0 once asked (with --wait: once it is stopped), 1 if it ended otherwise."""
+    from engine.launch import request_stop
+    from engine.run import settled
+    from engine.store import Store, default_db_path
+
+    db_path = db or default_db_path()
+    request_stop(db_path, run_id)
+    with Store(db_path) as store:
+        if store.run(run_id).get("orphaned") is not None:
+            print(f"run {run_id}: its processes were already gone; closed as failed (resume it from its checkpoint)")
+            return 1
+    print(f"run {run_id}: stop asked; it saves a checkpoint and ends", flush=True)
+    if not wait:
+        return 0
+    while True:
+        with Store(db_path) as store:
+            run = settled(store, run_id)
+        if run["status"] not in ("pending", "running") and (not run.get("launch") or run["exit_code"] is not None):
+            print(f"run {run_id}: {run['status']}" + (f" ({run['error'].splitlines()[0]})" if run["error"] else ""))
+            return 0 if run["status"] == "stopped" else 1
+        time.sleep(0.5)
 
 
 def _cmd_runs(db: str | None) -> int:
@@ -260,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "runs":
             return _cmd_runs(args.db)
+        if args.command == "stop":
+            return _cmd_stop(args.run_id, args.db, args.wait)
         if args.command == "pipeline":
             return _cmd_pipeline(args)
         if args.command == "eval":

@@ -478,3 +478,23 @@ def test_a_run_left_stopped_at_its_last_step_is_not_resumed_past_it(workdir):
                            "--allow-change"], capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-2000:]
     assert run_row(1)["status"] == "done" and run_row(1)["step"] == 4
+
+
+def test_rlhf_stop_stops_a_run_from_another_terminal(workdir):
+    """`rlhf stop ID --wait`: as x in the console, from a script: the run saves its checkpoint, ends
+    stopped, and the command returns once it has; a run that has ended has nothing to stop."""
+    proc = subprocess.Popen([*RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=400", "--set",
+                             "train.logging_steps=1", "--set", "train.save_steps=1000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait(lambda: os.path.exists(os.environ["RLHF_DB"]) and len(metric(1, "loss")) >= 2)
+        stopped = subprocess.run([*RLHF, "stop", "1", "--wait"], capture_output=True, text=True, timeout=300)
+        assert stopped.returncode == 0, stopped.stderr[-2000:]
+        assert "run 1: stop asked" in stopped.stdout and stopped.stdout.strip().endswith("run 1: stopped")
+        assert proc.wait(timeout=60) == 143
+        with Store(os.environ["RLHF_DB"]) as store:
+            assert store.checkpoints(1)[-1]["step"] == run_row(1)["step"]
+    finally:
+        proc.kill()
+    again = subprocess.run([*RLHF, "stop", "1"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "run 1 is stopped: nothing to stop" in again.stderr
