@@ -131,3 +131,27 @@ async def test_a_damaged_runs_db_is_said_in_place_of_the_runs(workdir):
         info = lambda: str(app.home.query_one("#run-info", Static).render())  # noqa: E731
         await wait_for(pilot, lambda: "cannot read runs.db" in info(), 20, "the error in the info line")
         assert "move it aside" in info()
+
+
+@sync
+async def test_end_and_page_down_on_a_table_without_rows_do_nothing(workdir):
+    """On an empty runs.db, and on a find that matches nothing, End and PageDown highlight no row: they
+    ended the console (a highlight event without a row key)."""
+    with Store(os.environ["RLHF_DB"]) as store:
+        store.create_run(stage="sft", name="tiny", recipe="r.yaml", config="{}")
+    app = console()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and app.runs, 20, "the runs")
+        table = app.home.query_one(RunTable)
+        await pilot.press("slash", *"nomatch", "enter")
+        await wait_for(pilot, lambda: table.row_count == 0, 10, "a find without a match")
+        await pilot.press("end", "pagedown", "home")
+        await pilot.pause()
+        assert app.is_running and app.screen is app.home
+    os.remove(os.environ["RLHF_DB"])
+    app = console()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.loaded, 20, "an empty runs.db")
+        await pilot.press("end", "pagedown")
+        await pilot.pause()
+        assert app.is_running and app.home.selected is None

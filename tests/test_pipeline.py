@@ -155,12 +155,15 @@ async def test_the_console_shows_a_pipeline_as_one_row_that_expands_into_its_sta
                                                                   str(stages[1]), str(alone)]
         assert str(table.get_row(str(stages[0]))[0]).strip() == f"└{stages[0]}"
         assert str(table.get_row(str(stages[-1]))[0]).strip() == f"▾{stages[-1]}"
+        await pilot.press("down")  # folded from one of its stages: the selection lands on the row that stays,
+        await wait_for(pilot, lambda: app.home.selected == stages[0], 10)  # never on a run that slid in
         await pilot.press("plus")
         await wait_for(pilot, lambda: table.row_count == 2, 10, "folded again")
+        assert app.home.selected == stages[-1] and table.selected_run() == stages[-1]
         await pilot.press("F", "F")  # stage rm: the pipeline's rm stage is a row of its own, folded or not
         await wait_for(pilot, lambda: table.stage_filter == "rm" and table.row_count == 1, 10, "the rm stage")
         assert [row.key.value for row in table.ordered_rows] == [str(stages[1])]
-        await pilot.press("F", "F")  # ppo, then none
+        await pilot.press("F", "F", "F")  # ppo, eval (evaluation runs are a stage of the table too), then none
         await wait_for(pilot, lambda: table.stage_filter is None and table.row_count == 2, 10, "no filter")
         # A pipeline that failed outside any run's log (a stage that could not start): its error is pinned.
         view = app.home.query_one(LogView)

@@ -25,7 +25,7 @@ from console.widgets.samples_view import SamplesView
 
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
 STATUSES = (None, "running", "pending", "stopping", "done", "failed", "stopped", "diverged", "lost")
-STAGES = (None, "sft", "rm", "ppo")
+STAGES = (None, "sft", "rm", "ppo", "eval")
 # Beyond this many overlaid runs, smoothed lines are drawn without their raw ones: ten faint raw lines
 # are noise on noise, and the raw lines are most of a redraw's cost.
 RAW_BESIDE_SMOOTHED = 3
@@ -210,10 +210,14 @@ class RunsScreen(Screen):
     def action_expand(self) -> None:
         table = self.query_one(RunTable)
         if self.selected is not None and table.toggle_pipeline(self.selected, self.app.runs):
+            pipeline = self.app.runs[self.selected]["pipeline_id"]
             table.show(self.app.runs, self.app.history, set(self.marked), self.app.pipelines)
+            if pipeline not in table.expanded:  # folded from one of its stages: onto the row that stays
+                self.select_pipeline(pipeline)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.data_table.id == "run-table" and event.row_key.value is not None:
+        # No row key: the table has no rows (an empty runs.db, a find without a match) and End was pressed.
+        if event.data_table.id == "run-table" and event.row_key is not None and event.row_key.value is not None:
             self._select(int(event.row_key.value))
 
     def _select(self, run_id: int | None) -> None:
