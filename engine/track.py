@@ -24,16 +24,31 @@ class StoreCallback(TrainerCallback):
         self.run_id = run_id
         self.lineage = lineage
         self.last_logs: dict[str, float] = {}
+        self.tokens_before: float | None = None  # a resumed run's num_tokens at its checkpoint, until its first log
+        self.token_offset = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.store is not None and state.is_world_process_zero:
             self.store.update_run(self.run_id, total_steps=state.max_steps)
+            if state.global_step > 0:  # resumed: its history after the checkpoint was dropped
+                self.tokens_before = self.store.last_value(self.run_id, "num_tokens")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if self.store is None or not state.is_world_process_zero or not logs:
             return
+        logs = self._continued(logs)
         self.store.log_metrics(self.run_id, state.global_step, logs)
         self.last_logs.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+
+    def _continued(self, logs: dict) -> dict:
+        # trl counts the tokens trained on from 0 in each process, not in the checkpoint: a resumed run's
+        # curve fell to 0 and climbed again. Its count carries on from the checkpoint's.
+        if "num_tokens" not in logs:
+            return logs
+        if self.tokens_before is not None:  # the first count after a resume decides: restarted, or restored
+            self.token_offset = self.tokens_before if logs["num_tokens"] < self.tokens_before else 0.0
+            self.tokens_before = None
+        return {**logs, "num_tokens": logs["num_tokens"] + self.token_offset} if self.token_offset else logs
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.store is None or not state.is_world_process_zero:

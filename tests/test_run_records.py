@@ -322,6 +322,8 @@ def test_resume_follows_its_own_hint_from_anywhere_with_the_recorded_config(work
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     row = run_row(1, db)
     assert row["status"] == "done" and row["step"] == stopped_at + 2 and row["exit_code"] == 0
+    tokens = [v for _, v in metric(1, "num_tokens", db)]  # trl counts from 0 in each process: carried on
+    assert len(tokens) == stopped_at + 2 and all(a < b for a, b in zip(tokens, tokens[1:])), tokens
     assert f"train.max_steps={stopped_at + 2}" in row["overrides"]  # the change is on the run's record
     (first, first_end), (second, second_end) = json.loads(row["segments"])  # two stretches, both closed
     assert row["started"] == first < first_end <= second < second_end == row["ended"]
