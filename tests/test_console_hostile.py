@@ -24,7 +24,7 @@ def hostile_runs(workdir: Path) -> tuple[int, int]:
         store.update_run(running, status="running", started=1.0)
         stopped = store.create_run(stage="ppo", name=f"tiny [/] {ESC_FILL}\x1b[2J", recipe="r.yaml", config="{}")
         folder = workdir / "data" / "runs[old]" / str(stopped)
-        folder.mkdir(parents=True)
+        (folder / "checkpoint-1").mkdir(parents=True)
         store.update_run(stopped, status="stopped", exit_code=143, output_dir=str(folder), started=1.0, ended=2.0)
         store.add_samples(stopped, 1, [(f"prompt {ESC_FILL}", "answer \x1b]0;title\x07 [b]bold?[/b] \x07", 0.5)])
         store.log_metrics(stopped, 1, {"loss": 1.0})
@@ -155,3 +155,25 @@ async def test_end_and_page_down_on_a_table_without_rows_do_nothing(workdir):
         await pilot.press("end", "pagedown")
         await pilot.pause()
         assert app.is_running and app.home.selected is None
+
+
+@sync
+async def test_r_on_a_run_without_a_checkpoint_says_so_before_asking(workdir):
+    """Nothing to resume from: said at once, instead of a question whose yes then fails."""
+    with Store(os.environ["RLHF_DB"]) as store:
+        run_id = store.create_run(stage="sft", name="tiny", recipe="r.yaml", config="{}")
+        store.update_run(run_id, status="failed", exit_code=1)
+        folder = Path(store.run(run_id)["output_dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "checkpoint-3.partial").mkdir()  # a save that never completed is not one
+    app = console()
+    async with app.run_test(size=(100, 30), notifications=True) as pilot:
+        await wait_for(pilot, lambda: app.loaded and app.home.selected == run_id, 20, "the run")
+        await pilot.press("r")
+        await wait_for(pilot, lambda: any(f"run {run_id} has no checkpoint in {folder}" in str(n.message)
+                                          for n in app._notifications), 10, "the reason")
+        assert not isinstance(app.screen, ConfirmScreen)
+        (folder / "checkpoint-2").mkdir()
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the resume dialog")
+
