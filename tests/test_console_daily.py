@@ -419,8 +419,16 @@ async def test_a_note_tells_a_run_apart_and_is_stored(many_runs):
         await pilot.press(*"lr sweep [b]", "enter")
         table = home.query_one(RunTable)
         await wait_for(pilot, lambda: str(table.get_row("9")[2]) == "tiny · lr sweep [b]", 20, "the note shown")
+        # A long note is cut in the table (status, step and ETA stay on an 80-column screen), whole below it.
+        long = "the lr sweep that diverged at step 40 when warmup was off, kept for the comparison"
+        await pilot.press("N")
+        await wait_for(pilot, lambda: isinstance(app.screen, NoteScreen), 10, "the note dialog")
+        await pilot.press("ctrl+u", *long, "enter")
+        await wait_for(pilot, lambda: str(table.get_row("9")[2]).endswith("…"), 20, "the long note, cut")
+        assert table.columns[table.ordered_columns[2].key].content_width <= 36
+        await wait_for(pilot, lambda: f"({long[:80]})" in str(home.query_one("#run-info").render()), 10)
     with Store(many_runs) as store:
-        assert store.run(9)["note"] == "lr sweep [b]"
+        assert store.run(9)["note"] == long[:80]
 
 
 @sync

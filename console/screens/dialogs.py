@@ -52,8 +52,8 @@ class NoteScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Static(f"A note on run {self.run_id} (shown beside its recipe; Enter keeps it, Esc cancels)",
-                         classes="question")
+            yield Static(f"A note on run {self.run_id}, up to 80 characters (shown beside its recipe; Enter keeps "
+                         "it, Esc cancels)", classes="question")
             yield Input(self.note, placeholder="e.g. lr sweep, 2e-5", id="note", max_length=80)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:

@@ -381,7 +381,8 @@ class RunsScreen(Screen):
             self._set_info(extra)
             return
         status = shown_status(run)
-        text = f"run {run['id']} {run['stage']} {run['name']} · {status}"
+        note = f" ({run['note']})" if run.get("note") else ""  # whole here: the table's cell may be cut
+        text = f"run {run['id']} {run['stage']} {run['name']}{note} · {status}"
         if run["exit_code"] is not None:
             text += f" (exit {run['exit_code']})"
         text += segments_text(run)

@@ -94,8 +94,9 @@ def cells(run: dict[str, Any], history: History, marked: bool, group: str = "",
     return (
         Text(f"{mark}{group}{run['id']}", style=run_colour(run["id"]) if marked else ""),
         run["stage"],
-        # a user's text: never markup, never a terminal escape
-        Text(terminal_safe(" · ".join(filter(None, (run["name"], in_pipeline, run.get("note")))))),
+        # a user's text: never markup, never a terminal escape; cut, so that one long note never pushes status,
+        # step and ETA off an 80-column screen (a column only widens), the whole on the line under the table
+        _cut(Text(terminal_safe(" · ".join(filter(None, (run["name"], in_pipeline, run.get("note"))))))),
         Text(status, style=STATUS_STYLE.get(status, "")),
         step,
         eta,
@@ -173,6 +174,14 @@ def current_start(run: dict[str, Any]) -> float | None:
     """When the run's current stretch began (its last resume), for a rate that leaves the pause out."""
     segments = run_segments(run)
     return segments[-1][0] if segments else None
+
+
+RECIPE_CELLS = 36  # the recipe column's widest text
+
+
+def _cut(text: Text) -> Text:
+    text.truncate(RECIPE_CELLS, overflow="ellipsis")
+    return text
 
 
 def overrides_text(run: dict[str, Any]) -> str:
