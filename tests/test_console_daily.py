@@ -387,7 +387,7 @@ async def test_log_search_finds_marks_and_moves_between_hits_and_n_is_new_run_ag
         view = home.query_one(LogView)
         await wait_for(pilot, lambda: len(view.lines) == 400, 20, "the log")
         log = view.query_one(Log)
-        log.focus()
+        await wait_for(pilot, lambda: app.focused is log, 10, "the log focused: its keys at once")
         log.scroll_to(y=0, animate=False)
         await pilot.press("slash", *"needle", "enter")
         await wait_for(pilot, lambda: int(log.scroll_offset.y) == 50, 10, "the first hit")
@@ -400,6 +400,14 @@ async def test_log_search_finds_marks_and_moves_between_hits_and_n_is_new_run_ag
         await wait_for(pilot, lambda: int(log.scroll_offset.y) == 300, 10, "the hit after")
         await pilot.press("N")
         await wait_for(pilot, lambda: int(log.scroll_offset.y) == 120, 10, "the hit before")
+        # Lines that come meanwhile land below, unseen: the line under the log says so until e follows.
+        with open(out / "train.log", "a") as more:
+            more.write("".join(f"step {i}\n" for i in range(400, 405)))
+        progress = view.query_one("#log-progress", Static)
+        await wait_for(pilot, lambda: "↓ 5 new lines below (e follows)" in str(progress.render()), 20, "the note")
+        assert int(log.scroll_offset.y) == 120  # the view stayed where the reader is
+        await pilot.press("e")
+        await wait_for(pilot, lambda: log.is_vertical_scroll_end and "new lines" not in str(progress.render()), 10)
         await pilot.press("escape")  # search off: n is New run again
         await wait_for(pilot, lambda: not view.term, 10, "the search to end")
         await pilot.press("n")

@@ -60,6 +60,7 @@ class LogView(Vertical):
         self.term = ""
         self.wrap = False
         self._wrapped_at = 0  # the width the shown lines were folded at
+        self.unseen = 0  # lines that came while the view was not at the end (a search, a scroll up)
 
     def compose(self) -> ComposeResult:
         yield Static("", id="log-error")
@@ -99,27 +100,40 @@ class LogView(Vertical):
             pinned.update(Text(terminal_safe("\n".join([head, *lines[-12:-1]]))))
 
     def append(self, run_id: int, lines: list[str], pending: str, reset: bool, skipped_start: bool) -> None:
-        if reset or run_id != self.run_id:
+        fresh = reset or run_id != self.run_id
+        if fresh:
             self.run_id = run_id
             self.lines.clear()
+            self.unseen = 0
             if self._composed:
                 self.query_one(Log).clear()
+                self.query_one(Log).auto_scroll = True  # a log opens at its end, following
             if skipped_start:
                 lines = ["… (earlier lines of the log skipped)", *lines]
         self.lines.extend(lines)
         self.pending = pending
         if self._composed:
             if lines:
-                self.query_one(Log).write_lines(self._shown(lines))
-            self.query_one("#log-progress", Static).update(Text(pending))
+                log = self.query_one(Log)
+                following = log.auto_scroll and log.is_vertical_scroll_end
+                log.write_lines(self._shown(lines))
+                self.unseen = 0 if following else self.unseen + len(lines)
+            self._progress()
+
+    def _progress(self) -> None:
+        # The log's last, unfinished line (a progress bar); and, while the view is not at the end, that it is
+        # not following: new lines land below unseen.
+        held = f"↓ {self.unseen:,} new lines below (e follows)  " if self.unseen else ""
+        self.query_one("#log-progress", Static).update(Text(held + self.pending))
 
     def clear(self, note: str = "") -> None:
         self.run_id = None
         self.lines.clear()
         self.pending = note
+        self.unseen = 0
         if self._composed:
             self.query_one(Log).clear()
-            self.query_one("#log-progress", Static).update(Text(note))
+            self._progress()
 
     def jump_to_traceback(self) -> bool:
         if not self._composed:
@@ -232,3 +246,5 @@ class LogView(Vertical):
         log = self.query_one(Log)
         log.auto_scroll = True
         log.scroll_end(animate=False)
+        self.unseen = 0
+        self._progress()
