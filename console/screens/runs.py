@@ -550,6 +550,8 @@ class RunsScreen(Screen):
             self.notify("mark a run with space, select another, then press d", title="config diff")
             return
         a, b = (self.app.runs[i] for i in pair)
+        if len(self.marked) > 2:  # which two, of the marked runs
+            self.notify(f"runs {pair[0]} and {pair[1]}: the last two marked", title="config diff")
         self.app.push_screen(ConfigDiffScreen(a, b))
 
     def action_relaunch(self) -> None:
