@@ -27,7 +27,7 @@ from typing import IO
 from engine.accelerate_file import read_accelerate_config
 from engine.config import RecipeError, Stage
 from engine.procs import group_alive, kill_group, process_alive, process_start, run_processes_gone, same_group
-from engine.run import DB_ENV, LAUNCHED_ENV, LOG_NAME, RUN_ID_ENV, register_run, resume_recipe
+from engine.run import DB_ENV, LAUNCHED_ENV, LOG_NAME, RUN_ID_ENV, last_alive, register_run, resume_recipe
 from engine.store import Store, default_db_path
 from engine.train import validate
 
@@ -385,7 +385,7 @@ def request_stop(db_path: str | os.PathLike, run_id: int) -> tuple[int, int | No
         if run["host"] and run["host"] != socket.gethostname():
             raise RecipeError(f"run {run_id} runs on {run['host']}: stop it there")
         if run_processes_gone(run):
-            store.close_orphan(run_id, run)
+            store.close_orphan(run_id, run, last_alive(store, run))
             return None
         foreign = store.foreign_folder(run)
         if foreign:  # a row of this file naming another file's run: its processes are not ours to signal

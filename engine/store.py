@@ -457,6 +457,12 @@ class Store:
         writes "stopped" before its processes are gone), or once it was found with its processes gone
         (`close_orphan`)."""
         with self._write() as db:
+            # A stretch a kill cut short (never closed) lasted to the run's recorded end, which the claim clears.
+            db.conn.execute(
+                "UPDATE runs SET segments = json_set(segments, '$[#-1][1]', ended) WHERE id = ? AND ended IS NOT NULL "
+                "AND json_valid(segments) AND json_array_length(segments) > 0 "
+                "AND json_type(segments, '$[#-1][1]') = 'null' AND status NOT IN ('pending', 'running') "
+                "AND (launch IS NULL OR exit_code IS NOT NULL OR orphaned IS NOT NULL)", [run_id])
             changed = db.conn.execute(
                 "UPDATE runs SET status = 'pending', exit_code = NULL, error = NULL, ended = NULL, orphaned = NULL, "
                 "stop_requested = NULL, pid = NULL, pgid = NULL, pgid_started = NULL WHERE id = ? "
