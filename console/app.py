@@ -415,19 +415,16 @@ class RlhfConsole(App):
 
     @work(thread=True, group="actions", exit_on_error=False)
     def stop_run(self, run_id: int) -> None:
-        from engine.launch import STOP_GRACE_S, request_stop
+        from engine.launch import STOP_GRACE_S, stop_run
         from engine.procs import kill_group, same_group
 
         try:
-            group = request_stop(self.db_path, run_id)
-            from engine.store import Store
-
-            with Store(self.db_path) as store:
-                orphaned = store.run(run_id).get("orphaned") is not None
+            asked = stop_run(self.db_path, run_id)
         except Exception as err:  # RecipeError, StoreError, OSError
             self.post_message(ActionDone("stop", run_id, str(err)))
             return
-        if orphaned:  # nothing was there to stop: say so rather than "stop done"
+        group = asked.group
+        if asked.was_dead:  # nothing was there to stop: say so rather than "stop done"
             self.post_message(ActionDone("stop", run_id, note=f"run {run_id}: its processes were already gone; "
                                                              "closed as failed (r resumes it)"))
             return

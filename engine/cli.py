@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -152,26 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
     """SIGTERM to the run's processes (its checkpoint, then `stopped`); a pipeline's stage ends its pipeline
-    too. Exit 0 once asked (with --wait: once it is stopped), 1 if it ended otherwise."""
-    from engine.launch import request_stop
-    from engine.run import settled
+    too. With --wait, as x in the console: once its record is final, or after the grace period its group is
+    killed. Exit 0 once asked (with --wait: once it ended stopped or done), 1 otherwise."""
+    from engine.launch import STOP_GRACE_S, stop_run
+    from engine.procs import kill_group, same_group
+    from engine.run import ended_for_good, settled
     from engine.store import Store, default_db_path
 
     db_path = db or default_db_path()
-    request_stop(db_path, run_id)
-    with Store(db_path) as store:
-        if store.run(run_id).get("orphaned") is not None:
-            print(f"run {run_id}: its processes were already gone; closed as failed (resume it from its checkpoint)")
-            return 1
+    asked = stop_run(db_path, run_id)
+    if asked.was_dead:
+        print(f"run {run_id}: its processes were already gone; closed as failed (resume it from its checkpoint)")
+        return 1
     print(f"run {run_id}: stop asked; it saves a checkpoint and ends", flush=True)
     if not wait:
         return 0
+    deadline = time.monotonic() + STOP_GRACE_S
     while True:
         with Store(db_path) as store:
             run = settled(store, run_id)
-        if run["status"] not in ("pending", "running") and (not run.get("launch") or run["exit_code"] is not None):
+        if ended_for_good(run):
             print(f"run {run_id}: {run['status']}" + (f" ({run['error'].splitlines()[0]})" if run["error"] else ""))
-            return 0 if run["status"] == "stopped" else 1
+            return 0 if run["status"] in ("stopped", "done") else 1
+        if time.monotonic() > deadline and asked.group and same_group(*asked.group):
+            kill_group(asked.group[0])
+            print(f"run {run_id}: still running {STOP_GRACE_S} s after the stop: killed", flush=True)
+            asked = dataclasses.replace(asked, group=None)
         time.sleep(0.5)
 
 

@@ -65,7 +65,7 @@ class EvalConfig(BaseModel):
 
 def resolve_checkpoint(spec: str, db_path: str | Path) -> str:
     """A run id (its export, else its newest checkpoint's model) or a local model folder, as an absolute path."""
-    from engine.run import checkpoints_in
+    from engine.run import CHECKPOINT_MARKERS, checkpoints_in
     from engine.store import Store, StoreError
     from engine.train import model_folder_problem
 
@@ -76,7 +76,7 @@ def resolve_checkpoint(spec: str, db_path: str | Path) -> str:
         except StoreError as err:
             raise RecipeError(f"checkpoint {spec}: {err}") from None
         folder = Path(run["output_dir"])
-        saved = [*checkpoints_in(folder, "ppo_state.json"), *checkpoints_in(folder, "trainer_state.json")]
+        saved = [c for marker in CHECKPOINT_MARKERS for c in checkpoints_in(folder, marker)]
         newest_first = sorted(saved, key=lambda p: -int(p.name.split("-", 1)[1]))
         candidates = [folder / "final"] + [c / "policy" if (c / "policy").is_dir() else c for c in newest_first]
         found = next((c for c in candidates if model_folder_problem(str(c)) is None), None)

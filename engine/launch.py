@@ -370,6 +370,22 @@ def start_detached(run: Prepared) -> int:
     return proc.pid
 
 
+@dataclass
+class StopAsked:
+    """What a stop found: the group signalled (and its leader's start), or that the run was already dead."""
+
+    group: tuple[int, int | None] | None
+    was_dead: bool
+
+
+def stop_run(db_path: str | os.PathLike, run_id: int) -> StopAsked:
+    """`request_stop`, and whether the run turned out dead (closed as failed, nothing to signal): what x
+    in the console and `rlhf stop` both tell their user."""
+    group = request_stop(db_path, run_id)
+    with Store(db_path) as store:
+        return StopAsked(group, store.run(run_id).get("orphaned") is not None)
+
+
 def request_stop(db_path: str | os.PathLike, run_id: int) -> tuple[int, int | None] | None:
     """SIGTERM to the run's process group (the trainer saves a checkpoint and exits); returns the group
     and its leader's start time (what a later SIGKILL must check), or None if there is no group yet.

@@ -25,7 +25,7 @@ from typing import Any
 
 from engine.config import STAGE_REFS, STAGES, Recipe, RecipeError, load_recipe, recipe_to_json, with_absolute_paths
 from engine.procs import process_alive, process_start
-from engine.run import EXIT_STOPPED, PIPELINE_ENV, settled
+from engine.run import EXIT_STOPPED, PIPELINE_ENV, has_checkpoint, settled
 from engine.store import Store, default_db_path
 
 ORDER = (*STAGES, "eval")
@@ -150,12 +150,6 @@ def _final(run: dict[str, Any]) -> str:
     return str(Path(run["output_dir"]) / "final")
 
 
-def _has_checkpoint(run: dict[str, Any]) -> bool:
-    from engine.run import checkpoints_in
-
-    return any(checkpoints_in(Path(run["output_dir"]), m) for m in ("trainer_state.json", "ppo_state.json"))
-
-
 def run(pipeline_id: int, db_path: str | os.PathLike, echo: bool = False) -> str:
     """Run (or continue) the pipeline's stages in order; returns its final status. Whatever stops it
     (a stage that cannot start, runs.db trouble) is recorded on the pipeline before it is raised."""
@@ -212,7 +206,7 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
             continue
         if stop.asked:
             return end("stopped")
-        if last is not None and last["status"] in ("stopped", "failed") and _has_checkpoint(last):
+        if last is not None and last["status"] in ("stopped", "failed") and has_checkpoint(last):
             prepared = prepare(stage, None, [], launch["accelerate_config"], launch["num_processes"], db_path,
                                resume_run=last["id"])
         else:

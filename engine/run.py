@@ -131,11 +131,27 @@ def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> di
         raise RecipeError(f"run {run_id} is a {run['stage']} run, not {stage}")
     if run["status"] in ("pending", "running"):
         raise RecipeError(f"run {run_id} is {run['status']} (pid {run['pid']}); stop it before resuming")
-    if run.get("launch") and run["exit_code"] is None and run.get("orphaned") is None:
+    if not ended_for_good(run):
         raise RecipeError(f"run {run_id} is still shutting down (its exit is not recorded yet); try again shortly")
-    if not any(checkpoints_in(Path(run["output_dir"]), marker) for marker in ("trainer_state.json", "ppo_state.json")):
+    if not has_checkpoint(run):
         raise RecipeError(f"run {run_id} has no checkpoint in {run['output_dir']} to resume from")
     return run
+
+
+def ended_for_good(run: dict[str, Any]) -> bool:
+    """A run whose record is final: ended, and for a launched run its exit recorded by its supervisor (its
+    trainer writes "stopped" before its processes are gone) or its processes found gone."""
+    return (run["status"] not in ("pending", "running")
+            and (not run.get("launch") or run["exit_code"] is not None or run.get("orphaned") is not None))
+
+
+CHECKPOINT_MARKERS = ("trainer_state.json", "ppo_state.json")  # the trainer's (SFT, RM) and PPO's, written last
+
+
+def has_checkpoint(run: dict[str, Any]) -> bool:
+    """A complete checkpoint in the run's folder (a save in progress is not one)."""
+    return bool(run.get("output_dir")) and any(checkpoints_in(Path(run["output_dir"]), marker)
+                                               for marker in CHECKPOINT_MARKERS)
 
 
 def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrides: list[str],

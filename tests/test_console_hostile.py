@@ -165,7 +165,8 @@ async def test_r_on_a_run_without_a_checkpoint_says_so_before_asking(workdir):
         store.update_run(run_id, status="failed", exit_code=1)
         folder = Path(store.run(run_id)["output_dir"])
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "checkpoint-3.partial").mkdir()  # a save that never completed is not one
+    (folder / "checkpoint-3.partial").mkdir()  # saves that never completed are not ones
+    (folder / "checkpoint-4").mkdir()  # (no trainer_state.json: the trainer writes it last)
     app = console()
     async with app.run_test(size=(100, 30), notifications=True) as pilot:
         await wait_for(pilot, lambda: app.loaded and app.home.selected == run_id, 20, "the run")
@@ -174,6 +175,7 @@ async def test_r_on_a_run_without_a_checkpoint_says_so_before_asking(workdir):
                                           for n in app._notifications), 10, "the reason")
         assert not isinstance(app.screen, ConfirmScreen)
         (folder / "checkpoint-2").mkdir()
+        (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
         await pilot.press("r")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the resume dialog")
 

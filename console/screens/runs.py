@@ -32,14 +32,6 @@ RAW_BESIDE_SMOOTHED = 3
 REDRAW_S = 1.0  # at most one chart redraw a second, however fast rows arrive
 
 
-def _has_checkpoint(run: dict[str, Any]) -> bool:
-    """A `checkpoint-N` folder in the run's folder (a save in progress, `.partial`, is not one)."""
-    try:
-        return any(p.name.split("-", 1)[1].isdigit() for p in Path(run["output_dir"] or "").glob("checkpoint-*"))
-    except OSError:
-        return True  # unreadable here: the resume itself says what it finds
-
-
 def segments_text(run: dict[str, Any]) -> str:
     """` · 3 segments 05-02 10:00–10:40, 11:02–11:30, 12:15–` for a resumed run; nothing for one stretch."""
     segments = run_segments(run)
@@ -515,7 +507,9 @@ class RunsScreen(Screen):
         if run["status"] in ("pending", "running"):
             self.notify(f"run {run['id']} is {run['status']}")
             return
-        if run["stage"] != "eval" and run.get("pipeline_id") is None and not _has_checkpoint(run):
+        from engine.run import has_checkpoint
+
+        if run["stage"] != "eval" and run.get("pipeline_id") is None and not has_checkpoint(run):
             # Said before the question, not after a yes (a pipeline's stage without one starts again).
             self.notify(f"run {run['id']} has no checkpoint in {run['output_dir']}: nothing to resume from "
                         "(l launches it again)", severity="warning")
