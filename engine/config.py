@@ -456,6 +456,30 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     return fixed
 
 
+def function_spec_problem(spec: str) -> str | None:
+    """Why `module:function` cannot be found, without running the module (validation runs in the console's
+    process too, which must not import what a reward module imports); None if its module is there. The
+    current directory is searched as the trainer (`python -m engine.train`) searches it."""
+    import importlib.util
+    import os
+    import sys
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        return f"reward_fn {spec!r}: expected module:function"
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.append(os.getcwd())
+    try:
+        found = importlib.util.find_spec(module)
+    except Exception as err:  # a parent package that fails to import, a malformed name
+        return f"reward_fn {spec!r}: {type(err).__name__}: {err}"
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    return None if found is not None else f"reward_fn {spec!r}: no module named {module!r}"
+
+
 def import_function(spec: str) -> Callable[..., Any]:
     """`package.module:function` -> the function."""
     module, _, name = spec.partition(":")

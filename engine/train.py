@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import STAGE_REFS, Recipe, RecipeError, Stage, import_function, load_recipe, looks_local
+from engine.config import STAGE_REFS, Recipe, RecipeError, Stage, function_spec_problem, load_recipe, looks_local
 from engine.data.records import DataError
 from engine.run import EXIT_STOPPED, LAUNCHED_ENV, tracked_run
 from engine.store import StoreError, default_db_path
@@ -113,12 +113,10 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
         from engine.data.check import check_stage_data
 
         check_stage_data(stage, recipe)
-    if getattr(section, "reward_fn", None):
-        try:
-            import_function(section.reward_fn)
-        except ValueError as err:
-            field = f"{stage}.reward_fn"
-            raise RecipeError(f"{recipe.where(field)}: {field}: {err}", {field: "cannot be imported"}) from None
+    problem = function_spec_problem(section.reward_fn) if getattr(section, "reward_fn", None) else None
+    if problem:
+        field = f"{stage}.reward_fn"
+        raise RecipeError(f"{recipe.where(field)}: {field}: {problem}", {field: "cannot be found"})
     if getattr(section, "init_value_from_rm", False):
         from engine.lineage import check_value_init
 

@@ -88,8 +88,11 @@ def test_data_that_cannot_train_is_exit_2_before_anything_is_registered(workdir)
         # A folder (read through `datasets`) is checked as a file is.
         (["sft", "--set", "sft.data=[{path: folder}]"], "sft.data.0: folder: none of its first 20 records is a sft"),
         (["ppo", "--set", "ppo.reward_fn=nosuch.module:score"],
-         "ppo.reward_fn: reward_fn 'nosuch.module:score': No module named 'nosuch'"),
-        (["ppo", "--set", "ppo.reward_fn=engine.demo.rewards:nosuchfn"], "ppo.reward_fn: reward_fn "),
+         "ppo.reward_fn: reward_fn 'nosuch.module:score': ModuleNotFoundError: No module named 'nosuch'"),
+        (["ppo", "--set", "ppo.reward_fn=engine.demo.nosuch:score"],
+         "ppo.reward_fn: reward_fn 'engine.demo.nosuch:score': no module named 'engine.demo.nosuch'"),
+        (["ppo", "--set", "ppo.reward_fn=engine.demo.rewards"], "ppo.reward_fn: reward_fn 'engine.demo.rewards': "
+                                                                 "expected module:function"),
         (["ppo", "--set", "ppo.model.path=scorer"], "ppo.model.path: 'scorer' does not write answers (it is a "
                                                     "BloomForSequenceClassification"),
         (["sft", "--set", "sft.train.max_steps=0"], "sft.train.max_steps: 0 would train nothing"),

@@ -85,3 +85,17 @@ def test_every_local_path_is_recorded_absolute_resume_from_checkpoint_too(tmp_pa
     fixed = with_absolute_paths(recipe)
     for stage in ("sft", "rm"):
         assert fixed.stage(stage).resume_from_checkpoint == str(tmp_path / "runs" / "3" / "checkpoint-8")
+
+
+def test_a_reward_fn_is_found_without_running_its_module(tmp_path, monkeypatch):
+    """Validation (in the console's process too) finds the module where the trainer will import it, the
+    current directory included, and runs none of it."""
+    import sys
+
+    from engine.config import function_spec_problem
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards_here.py").write_text("raise SystemExit('imported at validation')\n")
+    assert function_spec_problem("my_rewards_here:score") is None
+    assert "my_rewards_here" not in sys.modules and str(tmp_path) not in sys.path
+    assert "no module named 'not_here_at_all'" in function_spec_problem("not_here_at_all:score")
