@@ -52,13 +52,14 @@ class SourceReport:
 
 
 def read_source(
-    source: DataSource, kind: str, adapters: dict[str, Callable[[dict], T]], strict: bool = False
+    source: DataSource, kind: str, adapters: dict[str, Callable[[dict], T]], strict: bool = False,
+    sample: bool = False,
 ) -> tuple[list[T], SourceReport]:
     """A source's usable records, malformed ones counted and skipped (`strict`: the first is an error).
     A file none of whose first records is usable is in the wrong format: one error, not a warning a row."""
     report = SourceReport(source.path)
     items: list[T] = []
-    for raw in read_records(source.path, source.split, source.limit):
+    for raw in read_records(source.path, source.split, source.limit, sample):
         try:
             if raw.error:
                 raise ValueError(raw.error)

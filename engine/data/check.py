@@ -51,7 +51,7 @@ def check_stage_data(stage: Stage, recipe: Recipe) -> None:
             continue  # a hub id: read through `datasets` at training
         sample = source.model_copy(update={"limit": min(source.limit or SAMPLE, SAMPLE)})
         try:
-            read, _ = read_source(sample, kind, adapters, recipe.strict_data)
+            read, _ = read_source(sample, kind, adapters, recipe.strict_data, sample=True)
         except DataError as err:
             raise DataError(f"{stage}.{field}.{i}: {err}") from None
         items += read

@@ -25,7 +25,10 @@ class RawRecord:
     error: str | None = None
 
 
-def read_records(path: str, split: str = "train", limit: int | None = None) -> Iterator[RawRecord]:
+def read_records(path: str, split: str = "train", limit: int | None = None,
+                 sample: bool = False) -> Iterator[RawRecord]:
+    """`sample`: a check reads the first records only (a data set through `datasets` is streamed, nothing
+    converted or cached); training reads for good."""
     source = Path(path)
     if source.is_file():
         suffix = source.suffix.lower()
@@ -36,7 +39,7 @@ def read_records(path: str, split: str = "train", limit: int | None = None) -> I
         else:
             raise DataError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl or .parquet)")
     elif source.is_dir() or not looks_local(path):
-        records = _datasets(path, split, sample=limit is not None)
+        records = _datasets(path, split, sample)
     else:
         raise DataError(f"{path}: no such file or folder, and not a hub data set id (owner/name)")
     for n, record in enumerate(records):
@@ -119,9 +122,8 @@ def _parquet(path: Path) -> Iterator[RawRecord]:
         yield RawRecord(f"{path} row {row}", item)
 
 
-def _datasets(path: str, split: str, sample: bool = False) -> Iterator[RawRecord]:
-    """A hub id or a folder: one `save_to_disk` wrote (read back as it is), or of data files. `sample`: the
-    first records only are wanted, streamed (a check before training converts nothing)."""
+def _datasets(path: str, split: str, sample: bool) -> Iterator[RawRecord]:
+    """A hub id or a folder: one `save_to_disk` wrote (read back as it is), or of data files."""
     import datasets
 
     folder = Path(path)
