@@ -134,11 +134,9 @@ class _Stop:
     """SIGTERM (a stop from the console) or Ctrl-C ends the run after the work in hand."""
 
     def __init__(self) -> None:
-        from engine.run import catch_stops, stop_seen
+        from engine.run import catch_stops
 
         self.event = threading.Event()
-        if stop_seen():  # a stop while the run was registering
-            self.event.set()
         catch_stops(self.event.set, "stopping after the batch in hand (every stored answer and verdict stays)")
 
     @property
@@ -217,7 +215,7 @@ def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop:
 
 def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = None) -> tuple[int, str]:
     """Validate, register (or reclaim), answer, judge. Returns (run id, final status)."""
-    from engine.run import RUN_ID_ENV, tracked_run
+    from engine.run import RUN_ID_ENV, StopRequested, stop_seen, tracked_run
     from engine.store import EvalStore
 
     items = validate(config)
@@ -227,6 +225,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
     if resume_run is not None:
         os.environ[RUN_ID_ENV] = str(resume_run)
     with tracked_run(db_path, "eval", config, "", []) as handle:
+        if stop_seen():  # a stop while the run registered: it ends here, before anything loads
+            raise StopRequested()
         stop = _Stop()  # from here a stop ends the run after the work in hand (before: at once, as stopped)
         store = handle.store
         evals = EvalStore(store)

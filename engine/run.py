@@ -378,6 +378,8 @@ def _hold_stops() -> dict[int, Any] | None:
         return None
     held: dict[int, Any] = {"seen": []}
     for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) is signal.default_int_handler:
+            continue  # Ctrl-C is not this run's stop (a launched rank's): it interrupts as ever
         held[signum] = signal.signal(signum, lambda number, frame: held["seen"].append(number))
     return held
 
@@ -387,7 +389,8 @@ def _release_stops(held: dict[int, Any] | None) -> None:
     if held is None:
         return
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, held[signum])
+        if signum in held:
+            signal.signal(signum, held[signum])
     for signum in held["seen"]:
         if callable(held[signum]):
             held[signum](signum, None)
@@ -436,7 +439,7 @@ def _tracked_run(
     # a run (registration above, and the final status, still say so if they fail).
     store = ResilientStore(Store(db_path)) if rank == 0 else None
     # A stop in the middle of registering would leave a pending row no look can close (no process on it
-    # yet): held until the row is complete, then taken as a stop during set-up.
+    # yet): held until the row is complete, then taken as a stop during set-up (stopped, nothing loaded).
     held = _hold_stops()
     try:
         run_id = int(given) if given is not None else register_run(store, stage, recipe, recipe_path, overrides)
@@ -463,7 +466,7 @@ def _tracked_run(
     try:
         try:
             _release_stops(held)
-        except StopRequested:  # remembered (stop_seen): the trainer stops after its first step, with a checkpoint
+        except StopRequested:  # remembered (stop_seen): the run's body ends it before anything loads
             pass
         with _log_copy(handle.output_dir / LOG_NAME) if store is not None and own else nullcontext():
             yield handle

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engine.config import STAGE_REFS, Recipe, RecipeError, Stage, function_spec_problem, load_recipe, looks_local
 from engine.data.records import DataError
-from engine.run import EXIT_STOPPED, LAUNCHED_ENV, tracked_run
+from engine.run import EXIT_STOPPED, LAUNCHED_ENV, StopRequested, stop_seen, tracked_run
 from engine.store import StoreError, default_db_path
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ def run_stage(stage: Stage, recipe_path: str, overrides: list[str], db_path: str
     from transformers import set_seed
 
     with tracked_run(db_path or default_db_path(), stage, recipe, recipe_path, overrides) as handle:
+        if stop_seen():  # a stop while the run registered: it ends here, before anything loads
+            raise StopRequested()
         set_seed(recipe.seed)
         runner(recipe, handle)
     return handle.run_id, handle.status

@@ -390,13 +390,13 @@ def test_a_run_in_this_process_puts_back_the_signal_handlers_it_found(workdir):
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
-def test_a_stop_while_a_run_registers_leaves_no_pending_row_and_still_stops_its_trainer(workdir, monkeypatch):
+def test_a_stop_while_a_run_registers_leaves_no_pending_row_and_ends_it_before_anything_loads(workdir,
+                                                                                              monkeypatch):
     """A Ctrl-C between the row's insert and its processes being recorded left a pending row that no look
     could ever close (nothing on it to find gone). It is held until the row is complete, then taken as a stop
-    during set-up: the trainer stops after its first step, with a checkpoint."""
+    during set-up: the run ends stopped before its model loads."""
     from engine import run
-    from engine.config import load_recipe
-    from engine.track import StopFlag
+    from engine.train import run_stage
 
     real = run.register_run
 
@@ -406,12 +406,14 @@ def test_a_stop_while_a_run_registers_leaves_no_pending_row_and_still_stops_its_
         return run_id
 
     monkeypatch.setattr(run, "register_run", register_then_ctrl_c)
-    with run.tracked_run(os.environ["RLHF_DB"], "sft", load_recipe(TINY), str(TINY), []) as handle:
-        row = run_row(handle.run_id)
-        assert row["status"] == "running" and row["pid"] == os.getpid()
-        assert StopFlag().requested
-        handle.status = "stopped"  # as the trainer ends it
-    assert run_row(handle.run_id)["status"] == "stopped"
+    loaded = []
+    monkeypatch.setattr("engine.sft.load_causal_lm", lambda spec: loaded.append(spec))  # never reached
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    run_id, status = run_stage("sft", str(TINY), ["train.max_steps=2"])
+    assert status == "stopped" and not loaded
+    row = run_row(run_id)
+    assert row["status"] == "stopped" and row["exit_code"] == 143 and row["pid"] == os.getpid()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_a_killed_stretch_counts_to_its_last_sign_of_life_not_to_when_a_look_noticed(workdir):
