@@ -986,13 +986,14 @@ def _ppo_rollout(s: PPOSetup, split: bool, policy_head_fp32: bool, c: int, mode:
     bloom = shape.arch == "bloom"
     if bloom and c == 2:
         # The decoder holds the policy's weights in the compute dtype: copies of the float32 ones (LoRA's
-        # adapters, beside the frozen weights it reads as they are).
+        # adapters, beside the frozen weights it reads as they are; every layer of a float32 model).
+        frozen = shape.layers * shape.layer_linear * c if s.load_bytes == 4 else 0
         if s.lora is not None:
-            copies = s.k * shape.lora_layer(s.lora.r, s.lora.target_modules, "ppo.lora.target_modules") * c
+            copies = frozen + s.k * shape.lora_layer(s.lora.r, s.lora.target_modules, "ppo.lora.target_modules") * c
         else:
-            copies = s.k * shape.layer_linear * c
-        items.append(Item("decoder_copies", "decoder's bf16 copies of the policy's top layers", copies,
-                          (M_BUILD, M_DECODE)))
+            copies = frozen or s.k * shape.layer_linear * c
+        what = "every layer" if frozen else "the policy's top layers"
+        items.append(Item("decoder_copies", f"decoder's bf16 copies of {what}", copies, (M_BUILD, M_DECODE)))
     # A bf16 head is its own high part: the decoder reads the model's and holds nothing more. (The
     # historical setups, `before_fused_head`, measured it widened to float32 and split like a float32 one.)
     float32_head = policy_head_fp32 or s.load_bytes == 4 or s.before_fused_head

@@ -141,17 +141,21 @@ def test_ppo_items_are_the_hydras_bytes(workdir, dtype, head):
     assert real["frozen"] == estimate["params_frozen"] + estimate.get("reference", 0)
     assert real["grads"] == estimate["grads"]
     assert real["optimizer"] == estimate["optimizer"]
-    if dtype == "bfloat16":  # the decoder's own copies (the trainable top layers', or LoRA's adapters)
-        import torch
+    # The decoder's own copies in bf16 (the trainable top layers', LoRA's adapters; of a float32 model
+    # sampled under bf16 autocast, every layer's)
+    if dtype == "float32":
+        estimate = items(estimate_setup(stage_setup(load_recipe(TINY, [*sets, "ppo.precision=bf16"]), "ppo",
+                                                    Parallel(cpu=True), cuda=False)))
+    import torch
 
-        from engine.bloom_decoder import BloomDecoder
+    from engine.bloom_decoder import BloomDecoder
 
-        decoder = BloomDecoder(hydra.policy, torch.bfloat16)
-        shared = {p.data_ptr() for p in hydra.parameters()}
-        tensors = [t for layer in decoder.layers for lin in (layer.qkv, layer.dense, layer.up, layer.down)
-                   for t in (lin[0], lin[1], *[x for adapter in lin[2] for x in adapter[:2]]) if t is not None]
-        copied = sum(t.numel() * t.element_size() for t in tensors if t.data_ptr() not in shared)
-        assert copied == estimate["decoder_copies"]
+    decoder = BloomDecoder(hydra.policy, torch.bfloat16)
+    shared = {p.data_ptr() for p in hydra.parameters()}
+    tensors = [t for layer in decoder.layers for lin in (layer.qkv, layer.dense, layer.up, layer.down)
+               for t in (lin[0], lin[1], *[x for adapter in lin[2] for x in adapter[:2]]) if t is not None]
+    copied = sum(t.numel() * t.element_size() for t in tensors if t.data_ptr() not in shared)
+    assert copied == estimate["decoder_copies"]
 
 
 @pytest.mark.parametrize("dtype, unfrozen, lora", [
