@@ -72,7 +72,7 @@ def inference_model(path: str, device: Any, dtype: "torch.dtype | str | None" = 
         dtype = torch.bfloat16 if cuda_bf16() else torch.float32
     cls = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     model = cls.from_pretrained(path, dtype=dtype)
-    if dtype == "auto":
+    if dtype == "auto" and _safetensors_folder(path):
         # from_pretrained casts every tensor to the config's one dtype (bf16 for a model whose frozen trunk
         # is bf16): the float32 parts a stage trained come back as they were stored.
         params = dict(model.named_parameters())
@@ -111,6 +111,15 @@ def load_reward_trunk(spec: ModelSpec, pad_token_id: int) -> Any:
     )
     use_fused_kernels(model)
     return model
+
+
+def _safetensors_folder(path: str) -> bool:
+    """A local folder of safetensors weights (what every stage saves; a hub id or .bin weights load as
+    from_pretrained gives them)."""
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
 
 
 def _weight_map(folder: Any) -> dict[str, str]:

@@ -175,7 +175,7 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
     if run["status"] == "done":
         _check_more_to_train(run, stage, recorded, changed)
     elif stage != "ppo":
-        _check_not_past_the_end(run, stage, changed)
+        _check_not_past_the_end(run, stage, recorded, changed)
     if differ:
         with Store(db_path) as store:
             store.update_run(run_id, config=recipe_to_json(with_absolute_paths(changed)),
@@ -208,19 +208,23 @@ def _check_more_to_train(run: dict[str, Any], stage: Stage, recorded: Recipe, ch
                           f"further give {how} --allow-change")
 
 
-def _check_not_past_the_end(run: dict[str, Any], stage: Stage, changed: Recipe) -> None:
-    """A run stopped with its last step (before a stop there meant done) has nothing left to train, and the
-    trainer, resumed, would take one step past max_steps before it checks."""
+def _check_not_past_the_end(run: dict[str, Any], stage: Stage, recorded: Recipe, changed: Recipe) -> None:
+    """A run whose newest checkpoint is at its last step (one stopped there before a stop there meant done,
+    or one that failed while exporting) has nothing left to train, and the trainer, resumed, would take one
+    step past max_steps before it checks."""
     newest = newest_checkpoint(Path(run["output_dir"]), "trainer_state.json")
     if newest is None:
         return
     state = json.loads((newest / "trainer_state.json").read_text(encoding="utf-8"))
-    wanted = changed.stage(stage).train.max_steps
-    end = wanted if wanted > 0 else state.get("max_steps", 0)
+    old, new = recorded.stage(stage).train, changed.stage(stage).train
+    if new.max_steps <= 0 and new.epochs > old.epochs:
+        return  # more epochs asked for: the trainer's own count of steps grows with them
+    end = new.max_steps if new.max_steps > 0 else state.get("max_steps", 0)
     if end > 0 and state.get("global_step", 0) >= end:
-        raise RecipeError(f"run {run['id']} stopped at its last step ({state['global_step']} of {end}): nothing is "
-                          f"left to train, and {newest} holds its weights (a model folder); to train it further "
-                          f"give --set {stage}.train.max_steps=N with N > {state['global_step']} --allow-change")
+        raise RecipeError(f"run {run['id']} ({run['status']}) has its newest checkpoint at its last step "
+                          f"({state['global_step']} of {end}): nothing is left to train, and {newest} holds its "
+                          f"weights (a model folder); to train it further give --set {stage}.train.max_steps=N "
+                          f"with N > {state['global_step']} (or more {stage}.train.epochs) --allow-change")
 
 
 def checkpoints_in(folder: Path, marker: str) -> list[Path]:

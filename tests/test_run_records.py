@@ -477,7 +477,8 @@ def test_a_run_left_stopped_at_its_last_step_is_not_resumed_past_it(workdir):
     with Store(os.environ["RLHF_DB"]) as store:
         store.update_run(1, status="stopped", exit_code=143)
     again = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1"], capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "run 1 stopped at its last step (3 of 3)" in again.stderr
+    assert again.returncode == 2
+    assert "run 1 (stopped) has its newest checkpoint at its last step (3 of 3)" in again.stderr
     assert "checkpoint-3 holds its weights" in again.stderr and run_row(1)["status"] == "stopped"
     more = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1", "--set", "train.max_steps=4",
                            "--allow-change"], capture_output=True, text=True, timeout=300)

@@ -33,7 +33,9 @@ class RewardModelScorer:
         # As the RM stage trained it: a bf16 trunk under bf16 autocast (the float32 layers above it compute
         # under autocast too, never cast to bf16 as a whole), the head in float32 accuracy.
         self.autocast = any(p.dtype == torch.bfloat16 for p in self.model.parameters())
-        float32_head(self.model.score)
+        head = getattr(self.model, "score", None)
+        if type(head) is torch.nn.Linear:  # another architecture's head, or a wrapped one, computes as it is
+            float32_head(head)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Conversation], responses: Sequence[str]) -> torch.Tensor:
