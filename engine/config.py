@@ -281,13 +281,14 @@ def _node_lines(text: str) -> dict[tuple[str, ...], int]:
     def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
+            seen: dict[tuple[str, str], int] = {}
             for key, value in node.value:
                 child = (*path, str(key.value))
                 line = key.start_mark.line + 1
-                if child[-1] in seen:  # YAML lets the last one win, silently: a tuned value lost unseen
-                    raise _DuplicateKey(line, f"{'.'.join(child)}: given twice (first at line {seen[child[-1]]})")
-                seen[child[-1]] = lines[child] = line
+                same = (key.tag, str(key.value))  # `1` and "1" are two keys
+                if same in seen:  # YAML lets the last one win, silently: a tuned value lost unseen
+                    raise _DuplicateKey(line, f"{'.'.join(child)}: given twice (first at line {seen[same]})")
+                seen[same] = lines[child] = line
                 walk(value, child)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from engine.config import Recipe, RecipeError, Stage, recipe_to_json, with_absolute_paths
+from engine.data.records import DataError
 from engine.procs import process_start, run_processes_gone
 from engine.store import ResilientStore, Store, StoreError, default_db_path
 
@@ -344,10 +345,13 @@ def _log_copy(path: Path) -> Iterator[None]:
     try:
         yield
     except BaseException as failure:
-        if not isinstance(failure, KeyboardInterrupt) and not _caused_by_stop(failure):
-            # What the terminal gets once this propagates: the log's reader must see why the run died too.
+        if not isinstance(failure, (KeyboardInterrupt, SystemExit)) and not _caused_by_stop(failure):
+            # What the terminal gets once this propagates: the log's reader must see why the run died too
+            # (bad input as the one line the terminal shows, anything else as its traceback).
+            said = (f"error: {failure}\n" if isinstance(failure, (RecipeError, StoreError, DataError))
+                    else "".join(traceback.format_exception(failure)))
             try:
-                log.write("".join(traceback.format_exception(failure)))
+                log.write(said)
             except (OSError, ValueError):
                 pass
         raise

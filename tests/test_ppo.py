@@ -348,3 +348,22 @@ def test_the_trunk_cache_switch_takes_its_three_words_and_refuses_others(monkeyp
     monkeypatch.setenv("RLHF_TRUNK_CACHE", "false")  # "off" was meant: never taken for on
     with pytest.raises(RecipeError, match="RLHF_TRUNK_CACHE='false': not one of on, score, off"):
         trunk_cache_mode()
+
+
+def test_a_stop_that_comes_with_the_last_step_lets_ppo_finish(workdir, monkeypatch):
+    """As the SFT and RM stages: stopped on its last step, PPO had a checkpoint and no export, and nothing
+    left to resume. A stop asked at every step: the last one exports and ends done; an earlier one stops."""
+    from engine.ppo import trainer
+
+    class AlwaysAsked:
+        requested = True
+
+        def agreed(self) -> bool:
+            return True
+
+    monkeypatch.setattr(trainer, "StopFlag", AlwaysAsked)
+    small = ["rollout_batch_size=4", "max_new_tokens=4"]
+    run_id, status = run_stage("ppo", str(TINY), [*small, "steps=1"])
+    assert status == "done" and (Path(run_row(run_id)["output_dir"]) / "final").is_dir()
+    run_id, status = run_stage("ppo", str(TINY), [*small, "steps=2"])
+    assert status == "stopped" and run_row(run_id)["step"] == 1

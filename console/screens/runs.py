@@ -218,6 +218,7 @@ class RunsScreen(Screen):
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         # No row key: the table has no rows (an empty runs.db, a find without a match) and End was pressed.
         if event.data_table.id == "run-table" and event.row_key is not None and event.row_key.value is not None:
+            self._want_pipeline = None  # the user moved on: a pipeline's first run must not pull them back
             self._select(int(event.row_key.value))
 
     def _select(self, run_id: int | None) -> None:

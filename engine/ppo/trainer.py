@@ -492,7 +492,9 @@ class PPOTrainer:
             if any_bad:  # every rank stops together, or the others would wait for it forever
                 what = f"{', '.join(bad)} became {metrics[bad[0]]}" if bad else "another rank's metrics became NaN/inf"
                 raise Diverged(f"{what} at step {self.state.step}")
-            stopping = stop.agreed()
+            # A stop that comes with the last step lets the run finish: its export, done (stopped there, a
+            # resume would have nothing left to train).
+            stopping = stop.agreed() and self.state.step < stage.steps
             if stopping or self.state.step % stage.save_steps == 0 or self.state.step == stage.steps:
                 self.save(handle.output_dir / f"checkpoint-{self.state.step}")
             if stopping:
