@@ -407,6 +407,10 @@ def _describe(err: ValidationError, source: RecipeSource) -> RecipeError:
         message = e["msg"]
         if e["type"] == "extra_forbidden":
             message = "unknown field (check the spelling)"
+            owners = [stage for stage, section in (("sft", SFTStage), ("rm", RMStage), ("ppo", PPOStage))
+                      if len(e["loc"]) == 1 and e["loc"][0] in section.model_fields]
+            if owners:  # `--set train.lr=…` on a whole recipe (a pipeline, a check without --stage)
+                message = f"unknown field here; a stage's: {' or '.join(f'{o}.{field}' for o in owners)}"
         elif e["type"] == "missing":
             message = "required field is missing"
         elif e["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, "

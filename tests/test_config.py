@@ -99,3 +99,10 @@ def test_a_reward_fn_is_found_without_running_its_module(tmp_path, monkeypatch):
     assert function_spec_problem("my_rewards_here:score") is None
     assert "my_rewards_here" not in sys.modules and str(tmp_path) not in sys.path
     assert "no module named 'not_here_at_all'" in function_spec_problem("not_here_at_all:score")
+
+
+def test_a_stage_field_given_for_the_whole_recipe_names_the_stages_that_have_it():
+    """`--set train.lr=…` on a pipeline (no stage to take it relative to): the error says where it goes."""
+    with pytest.raises(RecipeError, match=r"train: unknown field here; a stage's: sft.train or rm.train"):
+        load_recipe(TINY, ["train.lr=1e-4"])
+
