@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the judge model's name at that endpoint (default: BELLE's own, gpt-3.5-turbo)")
     belle.add_argument("--judge-key-env", default="OPENAI_API_KEY",
                        help="environment variable that holds the endpoint's key (never stored)")
-    belle.add_argument("--reward-model", help="reward model folder for --judge rm")
+    belle.add_argument("--reward-model", help="reward model for --judge rm: a folder, or an rm run's id")
     belle.add_argument("--limit", type=int, help="only the first N questions")
     belle.add_argument("--per-class", type=int, metavar="N",
                        help="only the first N questions of each class (every score-table column, on a budget)")

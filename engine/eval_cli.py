@@ -59,7 +59,7 @@ def _belle(args: argparse.Namespace) -> int:
                 checkpoint=checkpoint, eval_dir=str(Path(eval_dir).expanduser().resolve()),
                 judge=args.judge, judge_url=args.judge_url, judge_model=args.judge_model,
                 judge_key_env=args.judge_key_env,
-                reward_model=str(Path(args.reward_model).expanduser().resolve()) if args.reward_model else None,
+                reward_model=_reward_model(args.reward_model, db),
                 limit=args.limit, per_class=args.per_class, max_new_tokens=args.max_new_tokens,
                 batch_size=args.batch_size,
                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -212,6 +212,15 @@ def _pairwise(args: argparse.Namespace) -> int:
     rep = report(a_config.name, b_config.name, list(a_items.values()), list(b_items.values()), rows, votes)
     print(render(rep), end="")
     return 0
+
+
+def _reward_model(spec: str | None, db: str) -> str | None:
+    """--reward-model: an rm run's id (its export) or a folder (checked with the other settings)."""
+    from engine.evaluate import resolve_checkpoint
+
+    if spec is None or not spec.isdigit():
+        return str(Path(spec).expanduser().resolve()) if spec else None
+    return resolve_checkpoint(spec, db, "reward model", "--reward-model")
 
 
 def run_eval_command(args: argparse.Namespace) -> int:

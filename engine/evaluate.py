@@ -63,8 +63,10 @@ class EvalConfig(BaseModel):
     answers_from: int | None = Field(None, description="Judge this run's answers instead of generating.")
 
 
-def resolve_checkpoint(spec: str, db_path: str | Path) -> str:
-    """A run id (its export, else its newest checkpoint's model) or a local model folder, as an absolute path."""
+def resolve_checkpoint(spec: str, db_path: str | Path, kind: str = "answering model",
+                       what: str = "checkpoint") -> str:
+    """A run id (its export, else its newest checkpoint's model) or a local model folder, as an absolute path;
+    `kind`: the model it must be (engine.train.model_folder_problem), `what`: its name in errors."""
     from engine.run import CHECKPOINT_MARKERS, checkpoints_in
     from engine.store import Store, StoreError
     from engine.train import model_folder_problem
@@ -74,21 +76,21 @@ def resolve_checkpoint(spec: str, db_path: str | Path) -> str:
             with Store(db_path) as store:
                 run = store.run(int(spec))
         except StoreError as err:
-            raise RecipeError(f"checkpoint {spec}: {err}") from None
+            raise RecipeError(f"{what} {spec}: {err}") from None
         folder = Path(run["output_dir"])
         saved = [c for marker in CHECKPOINT_MARKERS for c in checkpoints_in(folder, marker)]
         newest_first = sorted(saved, key=lambda p: -int(p.name.split("-", 1)[1]))
         candidates = [folder / "final"] + [c / "policy" if (c / "policy").is_dir() else c for c in newest_first]
         found = next((c for c in candidates if model_folder_problem(str(c)) is None), None)
         if found is None:
-            raise RecipeError(f"checkpoint {spec}: run {spec} ({run['stage']}) has no model in {folder}")
-        problem = model_folder_problem(str(found), "answering model")
+            raise RecipeError(f"{what} {spec}: run {spec} ({run['stage']}) has no model in {folder}")
+        problem = model_folder_problem(str(found), kind)
         if problem is not None:
-            raise RecipeError(f"checkpoint {spec}: run {spec} ({run['stage']}): {found} {problem}")
+            raise RecipeError(f"{what} {spec}: run {spec} ({run['stage']}): {found} {problem}")
         return str(found.resolve())
-    problem = model_folder_problem(spec, "answering model")
+    problem = model_folder_problem(spec, kind)
     if problem is not None:
-        raise RecipeError(f"checkpoint {spec!r} {problem}")
+        raise RecipeError(f"{what} {spec!r} {problem}")
     return str(Path(spec).expanduser().resolve())
 
 

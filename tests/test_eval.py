@@ -231,7 +231,8 @@ def test_the_reward_model_judges_offline(workdir):
 
     # The first 6 questions hold 4 of the 7 references: an answer without a reference is still scored
     # against the whole eval set's, so a subset's scores are the full run's.
-    part = rlhf_eval("belle", "--answers-from", "2", "--limit", "6", "--judge", "rm", "--reward-model", str(rm))
+    # (an rm run's id names its export, as a checkpoint's does)
+    part = rlhf_eval("belle", "--answers-from", "2", "--limit", "6", "--judge", "rm", "--reward-model", str(rm_run))
     assert part.returncode == 0, part.stderr
     with Store(os.environ["RLHF_DB"]) as store:
         subset = EvalStore(store).scored_items(3)
