@@ -275,7 +275,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
 
         todo = [r for r in rows if r["answer"] is None]
         if todo:
-            print(f"answer: {len(todo)} questions to answer with {config.checkpoint}", flush=True)
+            print(f"answer: {len(todo)} question{'s' if len(todo) != 1 else ''} to answer with {config.checkpoint}",
+                  flush=True)
             _answer(config, items, todo, evals, run_id, stop, progress)
         if not stop.requested:
             from engine.judge.endpoint import JudgeRefused
