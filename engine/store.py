@@ -268,6 +268,19 @@ MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def _closed_at(segments: str | None, ended: float | None) -> str | None:
+    """The run's segments with a stretch a kill cut short (never closed) ending at the run's recorded end,
+    which a claim for resume clears; None when there is nothing to close."""
+    try:
+        spans = json.loads(segments or "[]")
+    except ValueError:
+        return None
+    if ended is None or not spans or not isinstance(spans[-1], list) or len(spans[-1]) != 2 or spans[-1][1] is not None:
+        return None
+    spans[-1][1] = max(ended, spans[-1][0] or ended)
+    return json.dumps(spans)
+
+
 def _write_marker(folder: Path, db_id: int, run_id: int) -> None:
     tmp = folder / f"{RUN_MARKER}.tmp"
     tmp.write_text(json.dumps({"db_id": db_id, "run_id": run_id}), encoding="utf-8")
@@ -457,18 +470,15 @@ class Store:
         writes "stopped" before its processes are gone), or once it was found with its processes gone
         (`close_orphan`)."""
         with self._write() as db:
-            # A stretch a kill cut short (never closed) lasted to the run's recorded end, which the claim clears.
-            db.conn.execute(
-                "UPDATE runs SET segments = json_set(segments, '$[#-1][1]', ended) WHERE id = ? AND ended IS NOT NULL "
-                "AND json_valid(segments) AND json_array_length(segments) > 0 "
-                "AND json_type(segments, '$[#-1][1]') = 'null' AND status NOT IN ('pending', 'running') "
-                "AND (launch IS NULL OR exit_code IS NOT NULL OR orphaned IS NOT NULL)", [run_id])
+            row = db.conn.execute("SELECT segments, ended FROM runs WHERE id = ?", [run_id]).fetchone()
+            segments = _closed_at(row[0], row[1]) if row is not None else None
             changed = db.conn.execute(
                 "UPDATE runs SET status = 'pending', exit_code = NULL, error = NULL, ended = NULL, orphaned = NULL, "
-                "stop_requested = NULL, pid = NULL, pgid = NULL, pgid_started = NULL WHERE id = ? "
+                "stop_requested = NULL, pid = NULL, pgid = NULL, pgid_started = NULL, "
+                "segments = COALESCE(?, segments) WHERE id = ? "
                 "AND status NOT IN ('pending', 'running') "
                 "AND (launch IS NULL OR exit_code IS NOT NULL OR orphaned IS NOT NULL)",
-                [run_id]).rowcount
+                [segments, run_id]).rowcount
         return changed == 1
 
     def close_orphan(self, run_id: int, seen: Mapping[str, Any] | None = None, ended: float | None = None) -> bool:
