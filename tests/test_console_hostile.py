@@ -25,6 +25,7 @@ def hostile_runs(workdir: Path) -> tuple[int, int]:
         stopped = store.create_run(stage="ppo", name=f"tiny [/] {ESC_FILL}\x1b[2J", recipe="r.yaml", config="{}")
         folder = workdir / "data" / "runs[old]" / str(stopped)
         (folder / "checkpoint-1").mkdir(parents=True)
+        (folder / "checkpoint-1" / "trainer_state.json").write_text("{}")  # complete: r asks to resume
         store.update_run(stopped, status="stopped", exit_code=143, output_dir=str(folder), started=1.0, ended=2.0)
         store.add_samples(stopped, 1, [(f"prompt {ESC_FILL}", "answer \x1b]0;title\x07 [b]bold?[/b] \x07", 0.5)])
         store.log_metrics(stopped, 1, {"loss": 1.0})
