@@ -29,7 +29,8 @@ from typing import Any, Iterable, Iterator, Mapping
 def _light_sqlite_utils() -> Any:
     """sqlite_utils without pandas and numpy: it imports them when they are installed (transformers brings
     them) for features this store never uses, ~0.45 s of every `rlhf runs` and console start. They stay
-    importable for everything else: only this import sees them missing."""
+    importable for everything else: only this import sees them missing. (It runs once, when engine.store is
+    first imported, before any thread of ours that could import numpy meanwhile.)"""
     import sys
 
     if "sqlite_utils" in sys.modules:
