@@ -373,7 +373,7 @@ def test_a_run_in_this_process_puts_back_the_signal_handlers_it_found(workdir):
     from engine.run import StopRequested, tracked_run
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    for ending in ("done", "stopped", "failed"):
+    for ending in ("done", "stopped", "failed", "bad input"):
         try:
             with tracked_run(os.environ["RLHF_DB"], "sft", load_recipe(TINY), str(TINY), []) as handle:
                 assert signal.getsignal(signal.SIGINT) is not before[1]  # Ctrl-C is the run's stop meanwhile
@@ -381,12 +381,18 @@ def test_a_run_in_this_process_puts_back_the_signal_handlers_it_found(workdir):
                     raise StopRequested()
                 if ending == "failed":
                     raise ValueError("boom")
-        except ValueError:
+                if ending == "bad input":
+                    raise RecipeError("sft.data.0: x.jsonl: no usable sft record")
+        except ValueError:  # RecipeError is one too
             pass
-        assert run_row(handle.run_id)["status"] == ending
-        if ending == "failed":  # the reason in the log too, not only on the terminal that showed it
-            log = (Path(run_row(handle.run_id)["output_dir"]) / "train.log").read_text(encoding="utf-8")
-            assert "ValueError: boom" in log
+        assert run_row(handle.run_id)["status"] == ("failed" if ending == "bad input" else ending)
+        # The reason in the log too, not only on the terminal that showed it: bad input as the one line the
+        # terminal shows, anything else with its traceback.
+        log = (Path(run_row(handle.run_id)["output_dir"]) / "train.log").read_text(encoding="utf-8")
+        if ending == "failed":
+            assert "Traceback" in log and "ValueError: boom" in log
+        if ending == "bad input":
+            assert log == "error: sft.data.0: x.jsonl: no usable sft record\n"
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
@@ -504,3 +510,13 @@ def test_rlhf_stop_stops_a_run_from_another_terminal(workdir):
         proc.kill()
     again = subprocess.run([*RLHF, "stop", "1"], capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "run 1 is stopped: nothing to stop" in again.stderr
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # a run whose processes died unrecorded
+    started = process_start(dead.pid)
+    dead.wait()
+    with Store(os.environ["RLHF_DB"]) as store:
+        gone = store.create_run(stage="sft", name="killed", recipe="", config="{}")
+        store.update_run(gone, status="running", pid=dead.pid, pgid_started=started)
+    found = subprocess.run([*RLHF, "stop", str(gone), "--wait"], capture_output=True, text=True, timeout=60)
+    assert found.returncode == 1 and f"run {gone}: its processes were already gone" in found.stdout
+    assert run_row(gone)["status"] == "failed" and run_row(gone)["orphaned"] is not None
