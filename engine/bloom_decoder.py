@@ -113,11 +113,13 @@ class _SplitHead:
         return out if self.bias is None else out + self.bias
 
 
-def _split_head(head: Linear, compute_dtype: torch.dtype) -> _SplitHead | None:
-    """A split head where it pays and works: bf16 compute on CUDA."""
-    weight, bias, _ = head
-    if compute_dtype != torch.bfloat16 or not _split_pays(weight.device):
+def _split_head(head: nn.Module, compute_dtype: torch.dtype) -> _SplitHead | None:
+    """A split head where it pays and works: bf16 compute on CUDA. Split from the head as it is: a bf16 head
+    is its own high part (no remainder to read at every step, and no float32 copy of it made)."""
+    own = getattr(head, "base_layer", head).weight
+    if compute_dtype != torch.bfloat16 or not _split_pays(own.device):
         return None
+    weight, bias, _ = _linear(head, own.dtype, merge=True)
     return _SplitHead(weight, None if bias is None else bias.float())
 
 
@@ -177,10 +179,8 @@ class BloomDecoder:
         self.final_norm = _norm(body.ln_f)
         head = base.get_output_embeddings()
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        # Split from the head as it is: a bf16 head is its own high part (no remainder to read at every
-        # step, and no float32 copy of it made); the float32 copy only where the head is a float32 product.
-        own = getattr(head, "base_layer", head).weight.dtype
-        self.split_head = _split_head(_linear(head, own, merge=True), compute_dtype)
+        self.split_head = _split_head(head, compute_dtype)
+        # the float32 copy only where the head is a float32 product
         self.head = _linear(head, torch.float32, merge=True) if self.split_head is None else None
 
     @property
