@@ -41,10 +41,11 @@ class StoreFollower:
         """A run whose processes died unrecorded (a kill -9, an OOM) is closed as failed, as `rlhf runs` and
         a resume close it: the table never says running for nothing, and `r` can resume it at once. Whether
         any was closed."""
+        from engine.pipeline import settle_pipelines
         from engine.run import settle_active
 
-        try:
-            return bool(settle_active(self.store, runs))
+        try:  # and a pipeline whose own process died: its row would say running for ever
+            return bool(settle_active(self.store, runs)) | settle_pipelines(self.store, self.store.pipelines())
         except sqlite3.Error:  # a runs.db this user may only read: the table shows such a run as lost
             return False
 

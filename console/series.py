@@ -246,14 +246,3 @@ def eta_seconds(step: int | None, total: int | None, run: RunHistory | None, win
         return None
     rate = (steps[-1] - steps[0]) / (walls[-1] - walls[0])
     return (total - step) / rate
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="list the runs in runs.db")
     runs.add_argument("--db", default=None)
+    runs.add_argument("--pipeline", type=int, default=None, metavar="ID",
+                      help="only this pipeline's runs, after a line on the pipeline itself")
+    runs.add_argument("--json", action="store_true",
+                      help="one JSON object per line (every column but the resolved recipe, plus elapsed_s), "
+                           "for scripts")
     stop = sub.add_parser("stop", help="stop a run: it saves a checkpoint and ends (as x in the console)")
     stop.add_argument("run_id", type=int)
     stop.add_argument("--wait", action="store_true", help="return once the run has ended (its status printed)")
@@ -182,26 +187,56 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
         time.sleep(0.5)
 
 
-def _cmd_runs(db: str | None) -> int:
+def _last_line(error: str | None) -> str:
+    """What a recorded error says happened: a traceback's last line."""
+    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = False) -> int:
     from engine.config import RecipeError
+    from engine.run_times import elapsed, format_duration
     from engine.store import Store, default_db_path
 
     path = db or default_db_path()
     if not os.path.exists(path):  # a look must not create an empty runs.db where there was none
         raise RecipeError(f"{path}: no runs database here (run from the folder that has runs.db, or give --db)")
+    from engine.pipeline import settled_pipeline
     from engine.run import settle_active
 
     with Store(path) as store:
         settle_active(store)  # a run whose processes are gone is failed, not running
         rows = store.runs()
+        pipeline = settled_pipeline(store, pipeline_id) if pipeline_id is not None else None
+    if pipeline is not None:
+        rows = [run for run in rows if run.get("pipeline_id") == pipeline_id]
+    if as_json:
+        if pipeline is not None:
+            print(json.dumps({"pipeline": {k: v for k, v in pipeline.items() if k != "config"}},
+                             ensure_ascii=False))
+        for run in rows:
+            shown = {k: v for k, v in run.items() if k != "config"}
+            shown["elapsed_s"] = round(elapsed(run), 3) if run["started"] else None
+            print(json.dumps(shown, ensure_ascii=False))
+        return 0
+    if pipeline is not None:
+        ended = (" · ended " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(pipeline["ended"]))
+                 if pipeline["ended"] and pipeline["status"] not in ("pending", "running") else "")
+        why = f" · {_last_line(pipeline['error'])}" if pipeline["error"] else ""
+        print(f"pipeline {pipeline['id']} {pipeline['name']} (through {pipeline['through']}): "
+              f"{pipeline['status']}{ended}{why}")
     width = max([16, *(len(run["name"]) for run in rows)])  # whole names: "tiny sft (pipeline 1)" tells runs apart
-    print(f"{'id':>4} {'stage':5} {'name':{width}} {'status':9} {'step':>11} {'started':19} pipeline")
+    print(f"{'id':>4} {'stage':5} {'name':{width}} {'status':9} {'step':>11} {'time':>7} {'started':19} "
+          f"{'pipeline':8} error")
     for run in rows:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"])) if run["started"] else "-"
         step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
-        pipeline = "-" if run.get("pipeline_id") is None else str(run["pipeline_id"])
-        print(f"{run['id']:>4} {run['stage']:5} {run['name']:{width}} {run['status']:9} {step:>11} {started:19} "
-              f"{pipeline}")
+        took = format_duration(elapsed(run)) if run["started"] else "-"
+        in_pipeline = "-" if run.get("pipeline_id") is None else str(run["pipeline_id"])
+        # A stopped run's recorded error is the stop's own traceback: only a failure's says what went wrong.
+        why = _last_line(run["error"]) if run["status"] in ("failed", "diverged") else ""
+        print(f"{run['id']:>4} {run['stage']:5} {run['name']:{width}} {run['status']:9} {step:>11} {took:>7} "
+              f"{started:19} {in_pipeline:8} {why}".rstrip())
     return 0
 
 
@@ -295,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(recipe.model_dump(), indent=2, ensure_ascii=False))
             return 0
         if args.command == "runs":
-            return _cmd_runs(args.db)
+            return _cmd_runs(args.db, args.pipeline, args.json)
         if args.command == "stop":
             return _cmd_stop(args.run_id, args.db, args.wait)
         if args.command == "pipeline":

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -175,7 +176,7 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
     with Store(db_path) as store:
         row = store.pipeline(pipeline_id)
         store.update_pipeline(pipeline_id, status="running", pid=os.getpid(), pid_started=process_start(os.getpid()),
-                              ended=None, error=None)
+                              host=socket.gethostname(), ended=None, error=None)
         tag = db_tag(store)
     recipe_path = _recorded(row, tag)
     launch = json.loads(row["launch"])
@@ -278,10 +279,32 @@ def _evaluate(recipe: Recipe, exports: dict[str, str], mine: list[dict], db_path
     return "done"
 
 
+def _orphaned(row: dict[str, Any]) -> bool:
+    # No pid yet: created and about to start (or start_detached's child not yet up): not judged. Another
+    # machine's process (a shared runs.db) is not ours to judge.
+    return (row["status"] in ("pending", "running") and bool(row["pid"])
+            and row.get("host") in (None, "", socket.gethostname())
+            and not process_alive(row["pid"], row["pid_started"]))
+
+
+def settled_pipeline(store: Store, pipeline_id: int) -> dict[str, Any]:
+    """The pipeline's row, closed as failed first if it says pending or running but its process died
+    without recording how (a kill -9, a reboot): as `settled` does for a run."""
+    row = store.pipeline(pipeline_id)
+    if _orphaned(row) and store.close_orphan_pipeline(pipeline_id, row):
+        row = store.pipeline(pipeline_id)
+    return row
+
+
+def settle_pipelines(store: Store, rows: list[dict[str, Any]]) -> bool:
+    """`settled_pipeline` for each of `rows` (just read) that claims to be active; whether any was closed."""
+    return any([store.close_orphan_pipeline(row["id"], row) for row in rows if _orphaned(row)])
+
+
 def resume(pipeline_id: int, db_path: str | os.PathLike) -> None:
     """Check that the pipeline can continue: it exists and is not running now."""
     with Store(db_path) as store:
-        row = store.pipeline(pipeline_id)
+        row = settled_pipeline(store, pipeline_id)
         if row["status"] in ("pending", "running") and process_alive(row["pid"], row["pid_started"]):
             raise RecipeError(f"pipeline {pipeline_id} is {row['status']} (pid {row['pid']}); stop it first")
         if row["status"] == "done":

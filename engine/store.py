@@ -264,8 +264,13 @@ def _v8(db: sqlite_utils.Database) -> None:
     db["runs"].add_column("segments", str)
 
 
+def _v9(db: sqlite_utils.Database) -> None:
+    # The machine a pipeline's process runs on: only that machine can tell that it died (as a run's host).
+    db["pipelines"].add_column("host", str)
+
+
 # Append only: migration i brings a database from version i to i + 1.
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -569,6 +574,17 @@ class Store:
             raise StoreError(f"unknown pipeline status {fields['status']!r}")
         with self._write() as db:
             db["pipelines"].update(pipeline_id, fields)
+
+    def close_orphan_pipeline(self, pipeline_id: int, seen: Mapping[str, Any]) -> bool:
+        """Record that a pending or running pipeline's process is gone without an end on record. `seen`: the
+        row whose process was found gone; a pipeline resumed meanwhile (another process) is left alone."""
+        with self._write() as db:
+            changed = db.conn.execute(
+                "UPDATE pipelines SET status = 'failed', ended = ?, error = COALESCE(error, ?) "
+                "WHERE id = ? AND status IN ('pending', 'running') AND pid IS ? AND pid_started IS ? AND host IS ?",
+                [time.time(), f"its process (pid {seen.get('pid')}) is gone and nothing recorded how it ended",
+                 pipeline_id, seen.get("pid"), seen.get("pid_started"), seen.get("host")]).rowcount
+        return changed == 1
 
     def pipeline_runs(self, pipeline_id: int) -> list[dict[str, Any]]:
         """The pipeline's runs, oldest first (a stage started over has several; the newest counts)."""

@@ -55,7 +55,7 @@ def test_the_pipeline_runs_every_stage_wired_by_stage_into_a_score_table(workdir
     rows = {row["name"] for row in json.loads(table.stdout)}
     assert {"tiny sft (pipeline 1)", "tiny ppo (pipeline 1)"} <= rows, table.stdout
     listed = rlhf("runs").stdout.splitlines()  # whole names, and the pipeline each stage belongs to
-    assert listed[0].split()[-1] == "pipeline" and len(listed) == 6
+    assert listed[0].split()[-2:] == ["pipeline", "error"] and len(listed) == 6
     assert all(line.split()[-1] == "1" for line in listed[1:]) and "tiny ppo (pipeline 1)" in listed[5]
 
 

@@ -118,6 +118,54 @@ def test_a_look_closes_runs_whose_processes_died_but_never_one_resumed_meanwhile
         assert store.run(elsewhere)["host"] == __import__("socket").gethostname()
 
 
+def test_rlhf_runs_says_how_long_and_why_and_where_a_pipeline_stands_to_people_and_to_scripts(workdir):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = process_start(dead.pid)
+    dead.wait()
+    host = __import__("socket").gethostname()
+    with Store(os.environ["RLHF_DB"]) as store:
+        pipelines = [store.create_pipeline(name=f"p{i}", recipe="r.yaml", config="{}", overrides=[], through="eval",
+                                           launch={}) for i in range(3)]
+        # Killed (-9) while running; the same on another node (not ours to judge); created, not yet started.
+        store.update_pipeline(pipelines[0], status="running", pid=dead.pid, pid_started=started, host=host)
+        store.update_pipeline(pipelines[1], status="running", pid=dead.pid, pid_started=started, host="another-node")
+        stale = store.pipeline(pipelines[0])
+        failed = store.create_run(stage="sft", name="broken", recipe="", config="{}")
+        store.update_run(failed, status="failed", started=100.0, ended=110.0, pipeline_id=pipelines[0],
+                         error='Traceback (most recent call last):\n  File "x.py", line 1\nValueError: bad batch\n')
+        resumed = store.create_run(stage="rm", name="twice", recipe="", config="{}")
+        store.update_run(resumed, status="done", started=100.0, ended=230.0, segments="[[100, 160], [200, 230]]")
+
+    listed = subprocess.run([*RLHF, "runs"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[-3:] == ["started", "pipeline", "error"] and " time " in header
+    line = {int(row.split()[0]): row for row in rows}
+    assert line[failed].endswith(" ValueError: bad batch") and " 10s " in line[failed]
+    assert " 1m30s " in line[resumed]  # two stretches; the 40 s it sat stopped do not count
+
+    only = subprocess.run([*RLHF, "runs", "--pipeline", str(pipelines[0])], capture_output=True, text=True,
+                          timeout=60)
+    assert only.returncode == 0, only.stderr
+    first, _, *its = only.stdout.splitlines()
+    assert first.startswith(f"pipeline {pipelines[0]} p0 (through eval): failed") and f"pid {dead.pid}" in first
+    assert [int(row.split()[0]) for row in its] == [failed]
+    with Store(os.environ["RLHF_DB"]) as store:
+        assert [store.pipeline(p)["status"] for p in pipelines] == ["failed", "running", "pending"]
+        # Resumed by another process between a look and its write: left as it is.
+        store.update_pipeline(pipelines[0], status="running", pid=os.getpid(),
+                              pid_started=process_start(os.getpid()), host=host, error=None)
+        assert not store.close_orphan_pipeline(pipelines[0], stale)
+        assert store.pipeline(pipelines[0])["status"] == "running"
+
+    scripted = subprocess.run([*RLHF, "runs", "--json"], capture_output=True, text=True, timeout=60)
+    assert scripted.returncode == 0, scripted.stderr
+    objects = {row["id"]: row for row in map(json.loads, scripted.stdout.splitlines())}
+    assert set(objects) == {failed, resumed} and "config" not in objects[failed]
+    assert objects[resumed]["elapsed_s"] == 90.0 and objects[failed]["status"] == "failed"
+    assert objects[failed]["error"].endswith("ValueError: bad batch\n") and objects[failed]["pipeline_id"] == 1
+
+
 def test_a_look_that_closed_a_launched_run_before_its_supervisor_did_gives_way_to_the_exit_code(workdir):
     """The group is gone a moment before the supervisor records the exit: a look in between closes the row as
     failed with a guess. The supervisor's record (the exit code, the log's last lines) replaces the guess."""

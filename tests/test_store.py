@@ -139,7 +139,7 @@ def test_a_version_1_database_migrates_forward_with_its_runs(tmp_path):
     db.conn.commit()
     db.close()
     with Store(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 8
+        assert store.schema_version == SCHEMA_VERSION == 9
         run = store.run(1)
         assert run["name"] == "old" and run["launch"] is None and run["stop_requested"] is None
         assert run["note"] is None and run["data_fates"] is None and run["segments"] is None

@@ -20,8 +20,9 @@ from console.colours import run_colour
 from console.messages import LogRead, SamplesLoaded
 from console.text import terminal_safe
 from console.widgets.log_view import LogView
-from console.widgets.run_table import SORTS, RunTable, run_segments, shown_status
+from console.widgets.run_table import SORTS, RunTable, shown_status
 from console.widgets.samples_view import SamplesView
+from engine.run_times import run_segments
 
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
 STATUSES = (None, "running", "pending", "stopping", "done", "failed", "stopped", "diverged", "lost")

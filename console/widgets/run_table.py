@@ -7,7 +7,6 @@ filter are the table's own state. A pipeline's runs are one row, its newest run 
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import socket
@@ -23,6 +22,7 @@ from textual.widgets import DataTable
 from console.colours import run_colour
 from console.text import terminal_safe
 from engine.procs import run_processes_gone
+from engine.run_times import current_start, elapsed, format_duration
 
 if TYPE_CHECKING:
     from console.series import History
@@ -77,7 +77,7 @@ def pipeline_label(run: dict[str, Any], pipeline: dict[str, Any] | None) -> str:
 def cells(run: dict[str, Any], history: History, marked: bool, group: str = "",
           pipeline: dict[str, Any] | None = None) -> tuple:
     """`group`: "▸" / "▾" on a pipeline's row (collapsed / expanded), "└" on its other stages."""
-    from console.series import best_metric, eta_seconds, format_duration  # numpy: not before the first frame
+    from console.series import best_metric, eta_seconds  # numpy: not before the first frame
 
     status = shown_status(run)
     step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
@@ -138,42 +138,6 @@ def searchable(run: dict[str, Any]) -> str:
     pipeline = f"pipeline {run['pipeline_id']}" if run.get("pipeline_id") is not None else ""
     return " ".join(str(part) for part in (run["id"], run["stage"], run["name"], run.get("note") or "", pipeline,
                                            overrides_text(run), shown_status(run))).lower()
-
-
-def run_segments(run: dict[str, Any]) -> tuple[tuple[float, float | None], ...]:
-    """The stretches the run ran, (start, end) each (end None: the one going on, or one a kill cut short)."""
-    return _segments(run.get("segments") or "[]")
-
-
-@functools.lru_cache(maxsize=4096)
-def _segments(text: str) -> tuple[tuple[float, float | None], ...]:
-    # Parsed once per distinct text: every redraw of the table asks for each row's time and ETA.
-    try:
-        segments = json.loads(text)
-    except ValueError:
-        return ()
-    return tuple((s[0], s[1]) for s in segments if isinstance(s, list) and len(s) == 2 and s[0])
-
-
-def elapsed(run: dict[str, Any]) -> float:
-    """Seconds the run has spent running (to its end, once ended): the time it sat stopped between a stop
-    and its resume does not count."""
-    active = run["status"] in ("pending", "running")
-    end = run["ended"] if run.get("ended") and not active else time.time()
-    segments = run_segments(run)
-    if not segments:  # a row from before segments were recorded
-        return max(0.0, end - run["started"])
-    total = 0.0
-    for k, (start, stop) in enumerate(segments):
-        last = k == len(segments) - 1
-        total += max(0.0, (stop if stop else end if last else start) - start)
-    return total
-
-
-def current_start(run: dict[str, Any]) -> float | None:
-    """When the run's current stretch began (its last resume), for a rate that leaves the pause out."""
-    segments = run_segments(run)
-    return segments[-1][0] if segments else None
 
 
 RECIPE_CELLS = 36  # the recipe column's widest text

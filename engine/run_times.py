@@ -1,0 +1,58 @@
+"""How long a run ran: its stretches (a stop and a resume make two) as runs.db records them, and the
+short `1h05m` form the console and `rlhf runs` print. No heavy imports: the console's table asks on every
+redraw."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from typing import Any
+
+
+def run_segments(run: dict[str, Any]) -> tuple[tuple[float, float | None], ...]:
+    """The stretches the run ran, (start, end) each (end None: the one going on, or one a kill cut short)."""
+    return _segments(run.get("segments") or "[]")
+
+
+@functools.lru_cache(maxsize=4096)
+def _segments(text: str) -> tuple[tuple[float, float | None], ...]:
+    # Parsed once per distinct text: every redraw of the table asks for each row's time and ETA.
+    try:
+        segments = json.loads(text)
+    except ValueError:
+        return ()
+    return tuple((s[0], s[1]) for s in segments if isinstance(s, list) and len(s) == 2 and s[0])
+
+
+def elapsed(run: dict[str, Any]) -> float:
+    """Seconds the run has spent running (to its end, once ended): the time it sat stopped between a stop
+    and its resume does not count."""
+    active = run["status"] in ("pending", "running")
+    end = run["ended"] if run.get("ended") and not active else time.time()
+    segments = run_segments(run)
+    if not segments:  # a row from before segments were recorded
+        return max(0.0, end - run["started"])
+    total = 0.0
+    for k, (start, stop) in enumerate(segments):
+        last = k == len(segments) - 1
+        total += max(0.0, (stop if stop else end if last else start) - start)
+    return total
+
+
+def current_start(run: dict[str, Any]) -> float | None:
+    """When the run's current stretch began (its last resume), for a rate that leaves the pause out."""
+    segments = run_segments(run)
+    return segments[-1][0] if segments else None
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
