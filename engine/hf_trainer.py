@@ -100,6 +100,23 @@ def resume_target(value: str | bool | None, handle: RunHandle) -> str | None:
     return target
 
 
+def resume_knows_tied_keys(model: Any) -> None:
+    """A checkpoint holds a tied head once (safetensors keeps no aliases), so the Trainer's resume finds
+    `lm_head.weight` missing and warns as if weights were lost, unless the model lists it among the keys it
+    does not save (then it ties it again, silently). Listed only where the tie holds: an untied head is saved,
+    and a checkpoint without it must still be reported."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    keys = set()
+    for name, source in tied.items():
+        try:
+            if model.get_parameter(name) is model.get_parameter(source):
+                keys.add(name)
+        except AttributeError:
+            continue
+    if keys:
+        model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | keys
+
+
 def evaluated_at(trainer: Any, step: int) -> bool:
     return any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history)
 

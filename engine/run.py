@@ -339,8 +339,12 @@ def _log_copy(path: Path) -> Iterator[None]:
         return
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
-    handlers = [h for h in logging.getLogger().handlers
-                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (out, err)]
+    # The root's handlers and a library's own (transformers logs through a handler of its own, made on its
+    # import with the stderr of that moment, and does not propagate): their warnings belong in the log too.
+    loggers = [logging.getLogger(), *(logger for logger in list(logging.Logger.manager.loggerDict.values())
+                                      if isinstance(logger, logging.Logger))]
+    handlers = list({id(h): h for logger in loggers for h in logger.handlers
+                     if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (out, err)}.values())
     streams = [h.setStream(_Tee(h.stream, log)) for h in handlers]
     try:
         yield

@@ -66,6 +66,7 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
     model = load_causal_lm(spec)
     args.packing_strategy = packing_strategy(model)
     freeze_bottom_layers(model, stage.num_layers_unfrozen)
+    hf_trainer.resume_knows_tied_keys(model)
     if stage.lora is None:  # peft keeps LoRA adapters in float32 by itself
         keep_fp32_masters(model, sharding_of(args))
     callbacks, stop = hf_trainer.callbacks(handle, "sft", spec.path)

@@ -568,3 +568,23 @@ def test_rlhf_stop_stops_a_run_from_another_terminal(workdir):
     found = subprocess.run([*RLHF, "stop", str(gone), "--wait"], capture_output=True, text=True, timeout=60)
     assert found.returncode == 1 and f"run {gone}: its processes were already gone" in found.stdout
     assert run_row(gone)["status"] == "failed" and run_row(gone)["orphaned"] is not None
+
+
+def test_a_runs_log_copy_holds_a_librarys_own_warnings_too(tmp_path):
+    """transformers logs through a handler of its own, made at its import with the stderr of that moment,
+    that does not propagate: an in-process run's train.log must hold its warnings as a launched run's does."""
+    import logging
+
+    from engine.run import _log_copy
+
+    library = logging.getLogger("some_library_of_its_own")
+    library.propagate = False
+    own = logging.StreamHandler(sys.stderr)
+    library.addHandler(own)
+    try:
+        with _log_copy(tmp_path / "train.log"):
+            library.warning("There were missing keys in the checkpoint")
+    finally:
+        library.removeHandler(own)
+    assert own.stream is sys.stderr  # put back as it was
+    assert "There were missing keys in the checkpoint" in (tmp_path / "train.log").read_text(encoding="utf-8")

@@ -1,3 +1,4 @@
+import logging
 import shutil
 from pathlib import Path
 
@@ -96,6 +97,15 @@ def test_gradient_checkpointing_trains(workdir):
     assert run_row(run_id)["status"] == "done" and len(metric(run_id, "loss")) == 2
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_resume_after_a_hard_kill_redoes_the_lost_steps_once(workdir):
     """Steps logged after the newest checkpoint (a SIGKILL, an OOM) are redone on resume, not doubled."""
     import os
@@ -106,12 +116,18 @@ def test_resume_after_a_hard_kill_redoes_the_lost_steps_once(workdir):
     # As if killed after logging step 4 but before its checkpoint landed.
     shutil.rmtree(workdir / "runs" / str(run_id) / "checkpoint-4")
     os.environ["RLHF_RUN_ID"] = str(run_id)
+    heard = _Records()
+    trainer_log = logging.getLogger("transformers.trainer")
+    trainer_log.addHandler(heard)
     try:
         again, status = run_stage("sft", str(TINY), ["train.max_steps=6", "train.logging_steps=1",
                                                      "train.save_steps=3", "resume_from_checkpoint=true"])
     finally:
         del os.environ["RLHF_RUN_ID"]
+        trainer_log.removeHandler(heard)
     assert (again, status) == (run_id, "done")
+    # The checkpoint holds the tied head once: the resume ties it again, without a warning of lost weights.
+    assert not [m for m in heard.messages if "missing keys" in m], heard.messages
     assert [s for s, _ in metric(run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     with Store(os.environ["RLHF_DB"]) as store:
         rows = store.metrics_since(0, run_id=run_id)
