@@ -117,6 +117,29 @@ def resume_knows_tied_keys(model: Any) -> None:
         model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | keys
 
 
+def own_model_card(trainer: Any, handle: RunHandle, stage: str, start: str) -> None:
+    """trl writes a Hub model card into the run's folder at each save; for a local base model it reads
+    "a fine-tuned version of [None](https://huggingface.co/None)" and loads `model="None"`. The run's card
+    says instead what the run is, from what it trained and where its weights lie."""
+    head = "AutoModelForSequenceClassification" if stage == "rm" else "AutoModelForCausalLM"
+    final = (handle.output_dir / "final").resolve()
+    start = str(Path(start).resolve()) if Path(start).is_dir() else start  # a Hub name stays one
+
+    def write(model_name: str | None = None, dataset_name: str | None = None, tags: Any = None) -> None:
+        if not trainer.is_world_process_zero():
+            return
+        text = (f"# rlhf-console run {handle.run_id}: {stage}\n\n"
+                f"Trained ({stage}) from `{start}` by rlhf-console, run {handle.run_id} of its runs.db.\n\n"
+                f"- `final/`: the model, once the run has finished; its `rlhf_lineage.json` names every run it "
+                f"comes from. Load it with `transformers.{head}.from_pretrained(\"{final}\")`.\n"
+                f"- `checkpoint-N/`: the saves a resume continues from (`rlhf train {stage} --resume-run "
+                f"{handle.run_id}`).\n"
+                f"- `train.log`: what the run printed.\n")
+        (handle.output_dir / "README.md").write_text(text, encoding="utf-8")
+
+    trainer.create_model_card = write
+
+
 def evaluated_at(trainer: Any, step: int) -> bool:
     return any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history)
 

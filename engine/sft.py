@@ -79,6 +79,7 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
         peft_config=lora_config(stage.lora) if stage.lora is not None else None,
         callbacks=callbacks,
     )
+    hf_trainer.own_model_card(trainer, handle, "sft", spec.path)
     trainer.train(resume_from_checkpoint=resume)
 
     final = handle.output_dir / "final"

@@ -50,6 +50,8 @@ def test_sft_loss_falls_and_the_export_reloads_and_generates(workdir):
 
     final = Path(run["output_dir"]) / "final"
     assert (final / "model.safetensors").is_file() and (workdir / "runs" / str(run_id) / "checkpoint-12").is_dir()
+    card = (final.parent / "README.md").read_text(encoding="utf-8")  # the run's own card, not trl's Hub card
+    assert f"run {run_id}: sft" in card and str((workdir / "demo" / "model").resolve()) in card and "None" not in card
     model = AutoModelForCausalLM.from_pretrained(final)
     tok = AutoTokenizer.from_pretrained(final)
     prompt = tok(render_prompt([Turn("user", "What is 2 plus 3?")]), return_tensors="pt")
