@@ -15,6 +15,12 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 STAGES = ("sft", "rm", "ppo")
+
+
+def a_run_of(stage: str) -> str:
+    """`an SFT run`, `a PPO run`, `an evaluation run`: a stage as a message names it."""
+    return {"sft": "an SFT run", "rm": "an RM run", "ppo": "a PPO run", "eval": "an evaluation run"}.get(
+        stage, f"a {stage} run")
 Stage = Literal["sft", "rm", "ppo"]
 
 

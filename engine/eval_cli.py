@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import RecipeError
+from engine.config import RecipeError, a_run_of
 
 EXIT_STOPPED = 143
 
@@ -106,7 +106,7 @@ def _eval_run_ids(db: Path, wanted: list[int], option: str) -> None:
         if run_id not in stages:
             raise RecipeError(f"{option}: no run {run_id} in {db}")
         if stages[run_id] != "eval":
-            raise RecipeError(f"{option}: run {run_id} is a {stages[run_id]} run, not an evaluation "
+            raise RecipeError(f"{option}: run {run_id} is {a_run_of(stages[run_id])}, not an evaluation "
                               "(rlhf eval belle makes one)")
 
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.belle import BelleError, Item, coverage, judge_prompt, load_items
-from engine.config import RecipeError
+from engine.config import RecipeError, a_run_of
 from engine.judge import estimate_tokens
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,6 @@ def config_from_run(db_path: str | Path, run_id: int) -> EvalConfig:
     with Store(db_path) as store:
         run = store.run(run_id)
     if run["stage"] != "eval":
-        raise RecipeError(f"run {run_id} is a {run['stage']} run, not an evaluation")
+        raise RecipeError(f"run {run_id} is {a_run_of(run['stage'])}, not an evaluation")
     return EvalConfig.model_validate(json.loads(run["config"]))
 

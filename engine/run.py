@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from engine.config import Recipe, RecipeError, Stage, recipe_to_json, with_absolute_paths
+from engine.config import Recipe, RecipeError, Stage, a_run_of, recipe_to_json, with_absolute_paths
 from engine.data.records import DataError
 from engine.procs import process_start, run_processes_gone
 from engine.store import ResilientStore, Store, StoreError, default_db_path
@@ -129,7 +129,7 @@ def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> di
     if foreign:
         raise RecipeError(f"run {run_id}: {foreign}; not resuming from its checkpoints")
     if run["stage"] != stage:
-        raise RecipeError(f"run {run_id} is a {run['stage']} run, not {stage}")
+        raise RecipeError(f"run {run_id} is {a_run_of(run['stage'])}, not {a_run_of(stage)}")
     if run["status"] in ("pending", "running"):
         raise RecipeError(f"run {run_id} is {run['status']} (pid {run['pid']}); stop it before resuming")
     if not ended_for_good(run):

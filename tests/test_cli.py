@@ -58,7 +58,7 @@ def test_missing_data_is_reported_without_a_traceback(workdir):
     empty.write_text('{"instruction": "only"}\n')
     result = rlhf("train", "sft", str(TINY), "--set", f"sft.data=[{{path: {empty}}}]")
     assert result.returncode == 2
-    assert f"sft.data.0: {empty}: no usable sft record; first problem: {empty}:1: missing 'output'" in result.stderr
+    assert f"sft.data.0: {empty}: no usable SFT record; first problem: {empty}:1: missing 'output'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (workdir / "runs.db").exists()  # found in validation: nothing registered
 
@@ -76,17 +76,17 @@ def test_data_that_cannot_train_is_exit_2_before_anything_is_registered(workdir)
     accel = str(REPO / "configs/accelerate/cpu.yaml")
     cases = [
         (["sft", "--set", "sft.data=[{path: empty.jsonl}]"],
-         "sft.data.0: empty.jsonl: no usable sft record (the source is empty)"),
-        (["sft", "--set", "sft.data=[{path: array.json}]"], "sft.data.0: array.json: no usable sft record"),
+         "sft.data.0: empty.jsonl: no usable SFT record (the source is empty)"),
+        (["sft", "--set", "sft.data=[{path: array.json}]"], "sft.data.0: array.json: no usable SFT record"),
         (["sft", "--set", "sft.data=[{path: table.csv}]"], "sft.data.0: table.csv: unsupported file type '.csv'"),
         (["sft", "--set", "sft.data=[{path: demo/data/preferences.jsonl}]"],
-         "sft.data.0: demo/data/preferences.jsonl: none of its first 20 records is a sft record"),
+         "sft.data.0: demo/data/preferences.jsonl: none of its first 20 records is an SFT record"),
         (["sft", "--set", "sft.train.max_length=30"],
          "--set sft.train.max_length=30: sft.train.max_length=30 drops 116 of 116 conversations"),
         (["rm", "--strict-data", "--set", "rm.data=[{path: pairs.jsonl}]"],
          "rm.data.0: pairs.jsonl:2: not valid JSON (Expecting ',' delimiter, column 32) (strict data"),
         # A folder (read through `datasets`) is checked as a file is.
-        (["sft", "--set", "sft.data=[{path: folder}]"], "sft.data.0: folder: none of its first 20 records is a sft"),
+        (["sft", "--set", "sft.data=[{path: folder}]"], "sft.data.0: folder: none of its first 20 records is an SFT"),
         (["ppo", "--set", "ppo.reward_fn=nosuch.module:score"],
          "ppo.reward_fn: reward_fn 'nosuch.module:score': ModuleNotFoundError: No module named 'nosuch'"),
         (["ppo", "--set", "ppo.reward_fn=engine.demo.nosuch:score"],

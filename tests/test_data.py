@@ -130,7 +130,7 @@ def test_a_source_mostly_of_other_records_is_an_error(tmp_path):
     refused as a max_length that drops most records is. Fewer than half malformed are skipped."""
     path = jsonl(tmp_path / "mostly.jsonl",
                  [{"instruction": "q", "output": "a"}] * 2 + [{"prompt": "q", "response": "a"}] * 72)
-    with pytest.raises(DataError, match=r"mostly.jsonl: 72 of its 74 records are not usable sft records, more than "
+    with pytest.raises(DataError, match=r"mostly.jsonl: 72 of its 74 records are not usable SFT records, more than "
                                         r"half: is it the right file and format\? First problem: .*mostly.jsonl:3: "):
         convs(path)
     assert len(convs(jsonl(tmp_path / "some.jsonl", [{"instruction": "q", "output": "a"}] * 3
@@ -181,7 +181,7 @@ def test_a_folder_saved_by_datasets_is_read_back_and_checked_before_training(tmp
 
 
 def test_a_source_without_usable_records_is_an_error(tmp_path):
-    with pytest.raises(DataError, match="no usable sft record; first problem: .*:1: missing 'output'"):
+    with pytest.raises(DataError, match="no usable SFT record; first problem: .*:1: missing 'output'"):
         convs(jsonl(tmp_path / "bad.jsonl", [{"instruction": "q"}]))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n", encoding="utf-8")

@@ -148,7 +148,7 @@ def test_resume_refuses_what_cannot_be_resumed(workdir):
     run_id, _ = run_foreground("sft", str(TINY), ["train.max_steps=1", "train.save_steps=1000"],
                                str(ACCEL / "cpu.yaml"), echo=False)
     result = resume("rm", run_id)
-    assert result.returncode == 2 and f"run {run_id} is a sft run, not rm" in result.stderr
+    assert result.returncode == 2 and f"run {run_id} is an SFT run, not an RM run" in result.stderr
     for folder in Path(run_row(run_id)["output_dir"]).glob("checkpoint-*"):
         import shutil
 

@@ -51,6 +51,15 @@ class SourceReport:
         return text + (f", {self.held_out} held out" if self.held_out else "")
 
 
+def _noun(kind: str) -> str:
+    """SFT, preference, prompt: the kind of record a message names."""
+    return "SFT" if kind == "sft" else kind
+
+
+def _a(kind: str) -> str:
+    return f"an {_noun(kind)}" if kind == "sft" else f"a {_noun(kind)}"
+
+
 def read_source(
     source: DataSource, kind: str, adapters: dict[str, Callable[[dict], T]], strict: bool = False,
     sample: bool = False,
@@ -67,7 +76,7 @@ def read_source(
                 raise ValueError(f"record is a {type(raw.value).__name__}, not an object")
             fmt = detect_format(raw.value, kind) if source.format == "auto" else source.format
             if fmt not in adapters:
-                raise ValueError(f"format {fmt!r} is not a {kind} format ({', '.join(adapters)})")
+                raise ValueError(f"format {fmt!r} is not {_a(kind)} format ({', '.join(adapters)})")
             items.append(adapters[fmt](raw.value))
             report.used += 1
         except ValueError as err:
@@ -77,14 +86,14 @@ def read_source(
             if len(report.examples) < _SHOWN_PER_SOURCE:
                 report.examples.append(f"{raw.where}: {err}")
             if not items and report.malformed == _WRONG_FORMAT_AFTER:
-                raise DataError(f"{source.path}: none of its first {_WRONG_FORMAT_AFTER} records is a {kind} "
+                raise DataError(f"{source.path}: none of its first {_WRONG_FORMAT_AFTER} records is {_a(kind)} "
                                 f"record: is it the right file and format? First problem: {report.examples[0]}")
     if not items:
         detail = f"; first problem: {report.examples[0]}" if report.examples else " (the source is empty)"
-        raise DataError(f"{source.path}: no usable {kind} record{detail}")
+        raise DataError(f"{source.path}: no usable {_noun(kind)} record{detail}")
     if report.malformed > report.used:  # as a max_length that drops most records: a wrong file, not noise
         raise DataError(f"{source.path}: {report.malformed} of its {report.malformed + report.used} records are "
-                        f"not usable {kind} records, more than half: is it the right file and format? First "
+                        f"not usable {_noun(kind)} records, more than half: is it the right file and format? First "
                         f"problem: {report.examples[0]}")
     for example in report.examples:
         log.warning("malformed record skipped: %s", example)
