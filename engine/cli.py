@@ -183,6 +183,11 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
         if time.monotonic() > deadline and asked.group and same_group(*asked.group):
             kill_group(asked.group[0])
             print(f"run {run_id}: still running {STOP_GRACE_S} s after the stop: killed", flush=True)
+            if not run.get("launch"):  # no supervisor to record the kill: the row says what happened
+                killed = (f"killed by rlhf stop: still running {STOP_GRACE_S} s after its stop, before its "
+                          "checkpoint was recorded; resume it from its newest complete checkpoint")
+                with Store(db_path) as store:  # SIGKILL is not refused: nothing of the run writes again
+                    store.close_orphan(run_id, run, why=killed)
             asked = dataclasses.replace(asked, group=None)
         time.sleep(0.5)
 

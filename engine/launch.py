@@ -33,8 +33,17 @@ from engine.train import validate
 
 LAUNCH_NAME = "launch.json"
 # How long a stopped run may take to write its checkpoint before it is killed. torchrun kills its ranks
-# 30 s after a SIGTERM unless told otherwise, far too soon for a 7B model's optimizer state.
-STOP_GRACE_S = 600
+# 30 s after a SIGTERM unless told otherwise, far too soon for a 7B model's optimizer state; slow shared
+# storage may need more than the default (RLHF_STOP_GRACE_S, seconds).
+def _grace_s() -> int:
+    text = os.environ.get("RLHF_STOP_GRACE_S", "600")
+    try:
+        return max(1, int(float(text)))  # whole seconds: torchrun reads its timeout as an int
+    except ValueError:
+        raise RecipeError(f"RLHF_STOP_GRACE_S={text!r}: give the seconds a stopped run may take to save") from None
+
+
+STOP_GRACE_S = _grace_s()
 # How long a run's other processes may outlive its launcher when nobody asked it to stop.
 LINGER_S = float(os.environ.get("RLHF_LINGER_S", 60))
 EXIT_STOPPED = 143  # 128 + SIGTERM, in runs.db as in the shell, whatever the launcher itself returned

@@ -487,20 +487,22 @@ class Store:
                 [segments, run_id]).rowcount
         return changed == 1
 
-    def close_orphan(self, run_id: int, seen: Mapping[str, Any] | None = None, ended: float | None = None) -> bool:
+    def close_orphan(self, run_id: int, seen: Mapping[str, Any] | None = None, ended: float | None = None,
+                     why: str = "its processes are gone and nothing recorded how it ended") -> bool:
         """Record that a pending or running run's processes are gone without an exit on record. `seen`: the
         row whose processes were found gone; if the run has other processes by now (it was closed and
-        resumed meanwhile), it is left alone. `ended`: its last sign of life (else now)."""
+        resumed meanwhile), it is left alone. `ended`: its last sign of life (else now). `why`: its error,
+        unless one is recorded."""
         same = ""
         now = time.time()
-        params: list[Any] = [now if ended is None else ended, now, run_id]
+        params: list[Any] = [now if ended is None else ended, now, why, run_id]
         if seen is not None:
             same = " AND pid IS ? AND pgid IS ? AND pgid_started IS ? AND host IS ?"
             params += [seen.get("pid"), seen.get("pgid"), seen.get("pgid_started"), seen.get("host")]
         with self._write() as db:
             changed = db.conn.execute(
                 "UPDATE runs SET status = 'failed', ended = ?, orphaned = ?, "
-                "error = COALESCE(error, 'its processes are gone and nothing recorded how it ended') "
+                "error = COALESCE(error, ?) "
                 "WHERE id = ? AND status IN ('pending', 'running')" + same, params).rowcount
         return changed == 1
 

@@ -588,3 +588,34 @@ def test_a_runs_log_copy_holds_a_librarys_own_warnings_too(tmp_path):
         library.removeHandler(own)
     assert own.stream is sys.stderr  # put back as it was
     assert "There were missing keys in the checkpoint" in (tmp_path / "train.log").read_text(encoding="utf-8")
+
+
+def test_rlhf_stop_wait_kills_a_run_that_does_not_end_within_the_grace_period_and_says_so(workdir):
+    """A run that takes the stop but never ends (hung in a collective, a save that never returns): after
+    RLHF_STOP_GRACE_S its group is killed, and the row says it was killed before its checkpoint."""
+    import threading
+
+    ignores = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+                                "time.sleep(600)"], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    assert ignores.stdout.readline() == "ready\n"
+    reaper = threading.Thread(target=ignores.wait, daemon=True)  # as the shell that started it would
+    reaper.start()
+    with Store(os.environ["RLHF_DB"]) as store:
+        run_id = store.create_run(stage="sft", name="hung", recipe="", config="{}")
+        store.update_run(run_id, status="running", started=time.time(), segments=json.dumps([[time.time(), None]]))
+        store.set_process(run_id, ignores.pid, ignores.pid, process_start(ignores.pid))
+    try:
+        stopped = subprocess.run([*RLHF, "stop", str(run_id), "--wait"], capture_output=True, text=True, timeout=120,
+                                 env={**os.environ, "RLHF_STOP_GRACE_S": "1"})
+        reaper.join(timeout=30)
+        assert ignores.returncode == -signal.SIGKILL  # killed by the command (the clean-up below comes later)
+    finally:
+        ignores.kill()
+    assert stopped.returncode == 1, stopped.stderr[-2000:]
+    assert f"run {run_id}: still running 1 s after the stop: killed" in stopped.stdout
+    row = run_row(run_id)
+    assert row["status"] == "failed" and row["error"].startswith("killed by rlhf stop") and row["stop_requested"]
+    assert stopped.stdout.strip().endswith(f"run {run_id}: failed (killed by rlhf stop: still running 1 s after "
+                                           "its stop, before its checkpoint was recorded; resume it from its "
+                                           "newest complete checkpoint)")
