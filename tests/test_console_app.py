@@ -248,12 +248,13 @@ async def test_config_diff_delete_help_and_palette(workdir):
     with Store(os.environ["RLHF_DB"]) as store:
         a = store.create_run(stage="sft", name="a", recipe="x.yaml", config=json.dumps({"lr": 1, "seed": 0}))
         b = store.create_run(stage="sft", name="b", recipe="x.yaml", config=json.dumps({"lr": 2, "seed": 0}))
-        for run_id in (a, b):
+        c = store.create_run(stage="sft", name="c", recipe="x.yaml", config=json.dumps({"lr": 3, "seed": 0}))
+        for run_id in (a, b, c):
             store.update_run(run_id, status="done")
     assert (workdir / "runs" / str(a)).is_dir()  # a run's folder is made when it is registered
     app = console()
     async with app.run_test(size=(80, 24)) as pilot:
-        await wait_for(pilot, lambda: len(app.runs) == 2, 20)
+        await wait_for(pilot, lambda: len(app.runs) == 3, 20)
         home = app.home
         home.select_run(a)
         await pilot.press("space")
@@ -262,6 +263,16 @@ async def test_config_diff_delete_help_and_palette(workdir):
         assert isinstance(app.screen, ConfigDiffScreen)
         table = app.screen.query_one("DataTable")
         assert table.row_count == 1 and [str(c) for c in table.get_row_at(0)] == ["lr", "1", "2"]
+        await pilot.press("escape")
+        home.select_run(b)  # three marked: the last two, and the console says which
+        await pilot.press("space")
+        home.select_run(c)
+        await pilot.press("space")
+        await pilot.press("d")
+        assert isinstance(app.screen, ConfigDiffScreen)
+        table = app.screen.query_one("DataTable")
+        assert [str(cell) for cell in table.get_row_at(0)] == ["lr", "2", "3"]
+        assert any(f"runs {b} and {c}: the last two marked" in str(n.message) for n in app._notifications)
         await pilot.press("escape")
         home.select_run(a)
         await pilot.press("D")
