@@ -1,6 +1,7 @@
 """The precision policy: a bf16 model trains with float32 master weights (SFT and RM, through the real
 command), and a recipe that cannot train that way is refused before anything is registered."""
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -97,6 +98,18 @@ def test_ppo_scores_with_the_reward_model_as_it_was_trained(workdir):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             own = scorer.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0].item()
         assert score == pytest.approx(own, abs=2e-3 * max(1.0, abs(own)))
+
+    # Weights that are not safetensors (a .bin export, a Hub model) load as from_pretrained gives them: the
+    # config's one dtype, nothing restored on top; the scorer still runs them under autocast, head in float32.
+    binary = final.parent / "as-bin"
+    shutil.copytree(final, binary)
+    (binary / "model.safetensors").unlink()
+    torch.save(saved, binary / "pytorch_model.bin")
+    fallback = RewardModelScorer(str(binary), torch.device("cpu"))
+    assert {p.dtype for p in fallback.model.parameters()} == {torch.bfloat16} and fallback.autocast
+    again = fallback(prompts, answers)
+    assert again.dtype == torch.float32 and torch.isfinite(again).all()
+    assert torch.allclose(again, scores, atol=0.05 * max(1.0, scores.abs().max().item()))  # bf16-rounded layers
 
 
 def test_a_float32_head_under_bf16_autocast_keeps_its_names_and_float32_accuracy():
