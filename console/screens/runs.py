@@ -13,7 +13,7 @@ from textual.containers import Horizontal, Vertical
 from textual.lazy import Lazy
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import DataTable, Footer, Input, Log, OptionList, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Input, OptionList, Static, TabbedContent, TabPane
 from textual.widgets.option_list import Option
 
 from console.colours import run_colour
@@ -263,6 +263,8 @@ class RunsScreen(Screen):
             self.log_view.append(run["id"], [], f"(nothing in {run['output_dir']}/train.log yet)", False, False)
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if event.pane.id != "log":
+            self.log_view.wants_focus = False  # a log that mounts later, unseen, must not take the keys
         if event.pane.id == "samples" and self.selected is not None:
             self.app.load_samples(self.selected, self.sample_step)
         if event.pane.id == "curves":
@@ -440,17 +442,8 @@ class RunsScreen(Screen):
 
     def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
-        if tab == "log":  # its keys (search, follow, wrap) at once, not after two Tabs
-            self.call_after_refresh(self._focus_log)
-
-    def _focus_log(self, tries: int = 40) -> None:
-        if self.query_one(TabbedContent).active != "log":
-            return
-        logs = self.log_view.query(Log)
-        if logs:
-            logs.first().focus()
-        elif tries:  # the view mounts lazily: once it has its log
-            self.set_timer(0.05, lambda: self._focus_log(tries - 1))
+        if tab == "log":  # its keys (search, follow, wrap) at once, not after two Tabs (once its pane shows)
+            self.call_after_refresh(self.log_view.take_focus)
 
     def action_traceback(self) -> None:
         self.action_tab("log")

@@ -61,6 +61,7 @@ class LogView(Vertical):
         self.wrap = False
         self._wrapped_at = 0  # the width the shown lines were folded at
         self.unseen = 0  # lines that came while the view was not at the end (a search, a scroll up)
+        self.wants_focus = False  # asked for focus before it had mounted its log
 
     def compose(self) -> ComposeResult:
         yield Static("", id="log-error")
@@ -79,6 +80,14 @@ class LogView(Vertical):
         self.query_one(Log).write_lines(self._shown(list(self.lines)))
         self.query_one("#log-progress", Static).update(Text(self.pending))
         self._show_error()
+        if self.wants_focus:
+            self.take_focus()
+
+    def take_focus(self) -> None:
+        """Focus the log (its keys at once); if it is not mounted yet, as soon as it is."""
+        self.wants_focus = not self._composed
+        if not self.wants_focus:
+            self.query_one(Log).focus()
 
     def pin_error(self, error: str | None, by: str = "the run") -> None:
         """The trainer's own error as runs.db holds it (a failed run's traceback, or the pipeline's that it
