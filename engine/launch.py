@@ -191,6 +191,23 @@ def log_tail(path: Path, max_bytes: int = 4000) -> str:
         return ""
 
 
+def killed_by(exit_code: int, tail: str) -> str | None:
+    """What killed the run, where its exit code or its launcher's last words say (the kernel's OOM killer
+    sends SIGKILL and leaves no Python traceback): the last line of its recorded error, where the console
+    and `rlhf runs` read what happened."""
+    if exit_code < 0 or exit_code > 128:
+        number = -exit_code if exit_code < 0 else exit_code - 128
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"its launcher was killed by {name}" + (" (the kernel's OOM killer, or kill -9)"
+                                                        if number == signal.SIGKILL else "")
+    if "SIGKILL" in tail or "exitcode  : -9" in tail:
+        return "a process of the run was killed by SIGKILL (the kernel's OOM killer, or kill -9)"
+    return None
+
+
 def record_exit(
     db_path: str | os.PathLike, run_id: int, exit_code: int, stop_requested: bool = False,
     log_path: Path | None = None, pgid: int | None = None, killed: bool = False,
@@ -230,8 +247,10 @@ def record_exit(
                     error = (f"stopped, but its processes ended (exit {exit_code}{', killed' if killed else ''}) "
                              "before the trainer recorded its checkpoint: the newest complete checkpoint is the "
                              "last periodic one")
-        elif status == "done" and exit_code != 0 and not stop_requested:
+        elif status == "done" and exit_code > 0 and not stop_requested:
             status = "failed"  # a rank other than 0 failed after rank 0 finished
+        # A launcher killed by a signal (kill -9 of `accelerate launch` alone) says nothing of the ranks: the
+        # trainer recorded done after every rank reached the end, and its export is written.
         # Done stays done when a stop lands after the trainer recorded it (its export is written): the
         # signal ended the processes' teardown, not the work.
         code = {"stopped": EXIT_STOPPED, "done": 0}.get(status, exit_code)
@@ -240,7 +259,11 @@ def record_exit(
         if error:
             fields["error"] = error
         elif status == "failed" and not run["error"] and log_path is not None:
-            fields["error"] = log_tail(log_path) or f"exited with code {exit_code} before writing to its log"
+            tail = log_tail(log_path)
+            killer = killed_by(exit_code, tail)
+            if killer and tail:
+                tail = tail if tail.endswith("\n") else tail + "\n"
+            fields["error"] = (tail + (killer or "")) or f"exited with code {exit_code} before writing to its log"
         elif status != "failed":
             fields["error"] = run["error"]  # none where a look's guess is replaced
         store.update_run(run_id, **fields)
@@ -303,7 +326,8 @@ def supervise(run: Prepared, echo: bool = False) -> int:
     stop_asked = False
     if run.registered:
         with Store(db) as store:
-            stop_asked = store.set_process(run.run_id, proc.pid, proc.pid, process_start(proc.pid))
+            stop_asked = store.set_process(run.run_id, proc.pid, proc.pid, process_start(proc.pid),
+                                           supervisor=(os.getpid(), process_start(os.getpid())))
 
     asked = 0
 

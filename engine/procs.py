@@ -62,8 +62,18 @@ def process_alive(pid: int | None, started: int | None) -> bool:
         return False
     except PermissionError:
         pass
+    if _zombie(pid):  # dead, its exit not yet collected by its parent (a console that started it, say)
+        return False
     now = process_start(pid)
     return started is None or now is None or now == started
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def run_processes_gone(run: dict) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 from engine.config import Recipe, RecipeError, Stage, a_run_of, recipe_to_json, with_absolute_paths
 from engine.data.records import DataError
-from engine.procs import process_start, run_processes_gone
+from engine.procs import process_alive, process_start, run_processes_gone
 from engine.store import ResilientStore, Store, StoreError, default_db_path
 
 RUN_ID_ENV = "RLHF_RUN_ID"
@@ -77,6 +77,8 @@ def settled(store: Store, run_id: int) -> dict[str, Any]:
     run = store.run(run_id)
     if _orphaned(run) and store.close_orphan(run_id, run, last_alive(store, run)):
         run = store.run(run_id)
+    elif _exit_unrecorded(run) and store.close_unrecorded_exit(run_id, run):
+        run = store.run(run_id)
     return run
 
 
@@ -85,8 +87,10 @@ def settle_active(store: Store, runs: list[dict[str, Any]] | None = None) -> lis
     at the run table does, so that no row says running for processes that are gone. Returns the runs it
     closed."""
     rows = store.runs() if runs is None else runs
-    return [run["id"] for run in rows
-            if _orphaned(run) and store.close_orphan(run["id"], run, last_alive(store, run))]
+    closed = [run["id"] for run in rows
+              if _orphaned(run) and store.close_orphan(run["id"], run, last_alive(store, run))]
+    return closed + [run["id"] for run in rows
+                     if _exit_unrecorded(run) and store.close_unrecorded_exit(run["id"], run)]
 
 
 def last_alive(store: Store, run: dict[str, Any]) -> float:
@@ -102,6 +106,23 @@ def last_alive(store: Store, run: dict[str, Any]) -> float:
         except OSError:
             pass
     return min(time.time(), max(times))
+
+
+# A row from before supervisors were recorded: its exit counts as never to be recorded this long after its
+# trainer's end with its processes gone (a supervisor records within a second of the group's end).
+UNRECORDED_AFTER_S = 120.0
+
+
+def _exit_unrecorded(run: dict[str, Any]) -> bool:
+    """A launched run ended by its trainer (stopped, done, failed) whose exit nobody will record: its
+    processes and its supervisor are gone (a kill -9 of the supervisor, a pipeline's process killed)."""
+    if (run["status"] in ("pending", "running") or not run.get("launch") or run["exit_code"] is not None
+            or run.get("orphaned") is not None or run.get("host") not in (None, "", socket.gethostname())
+            or not run_processes_gone(run)):
+        return False
+    if run.get("supervisor_pid"):
+        return not process_alive(run["supervisor_pid"], run.get("supervisor_started"))
+    return time.time() - (run.get("ended") or 0.0) > UNRECORDED_AFTER_S
 
 
 def _orphaned(run: dict[str, Any]) -> bool:

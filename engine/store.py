@@ -267,6 +267,10 @@ def _v8(db: sqlite_utils.Database) -> None:
 def _v9(db: sqlite_utils.Database) -> None:
     # The machine a pipeline's process runs on: only that machine can tell that it died (as a run's host).
     db["pipelines"].add_column("host", str)
+    # A launched run's supervisor (the process that records its exit): a look can tell that it died, and
+    # that an exit it never recorded never will be.
+    db["runs"].add_column("supervisor_pid", int)
+    db["runs"].add_column("supervisor_started", float)
 
 
 # Append only: migration i brings a database from version i to i + 1.
@@ -506,6 +510,17 @@ class Store:
                 "WHERE id = ? AND status IN ('pending', 'running')" + same, params).rowcount
         return changed == 1
 
+    def close_unrecorded_exit(self, run_id: int, seen: Mapping[str, Any]) -> bool:
+        """A launched run whose trainer recorded its end (stopped, done, failed) but whose supervisor died
+        before recording the exit: its record is final as it stands (`orphaned`: when a look found that).
+        `seen`: the row found so; a run resumed meanwhile is left alone."""
+        with self._write() as db:
+            changed = db.conn.execute(
+                "UPDATE runs SET orphaned = ? WHERE id = ? AND status NOT IN ('pending', 'running') "
+                "AND exit_code IS NULL AND orphaned IS NULL AND pgid IS ? AND pgid_started IS ?",
+                [time.time(), run_id, seen.get("pgid"), seen.get("pgid_started")]).rowcount
+        return changed == 1
+
     def mark_stop_requested(self, run_id: int) -> tuple[int | None, int | None]:
         """Write down a stop and return the run's (process group, its start), in one transaction with
         `set_process`'s:
@@ -523,14 +538,16 @@ class Store:
             db.conn.execute("UPDATE runs SET pid = ?, pgid_started = ?, host = ? WHERE id = ? AND pgid IS NULL",
                             [pid, started, socket.gethostname(), run_id])
 
-    def set_process(self, run_id: int, pid: int, pgid: int, started: int | None = None) -> bool:
-        """Record the run's processes (`started`: the leader's start time); returns whether a stop was
-        asked for before they existed."""
+    def set_process(self, run_id: int, pid: int, pgid: int, started: int | None = None,
+                    supervisor: tuple[int, int | None] | None = None) -> bool:
+        """Record the run's processes (`started`: the leader's start time; `supervisor`: the pid and start
+        of the process that records its exit); returns whether a stop was asked for before they existed."""
         with self._write() as db:
             # The machine too: a run resumed on another node than the one that registered it is looked at
             # (and stopped) there, never judged gone by this one.
-            db.conn.execute("UPDATE runs SET pid = ?, pgid = ?, pgid_started = ?, host = ? WHERE id = ?",
-                            [pid, pgid, started, socket.gethostname(), run_id])
+            db.conn.execute("UPDATE runs SET pid = ?, pgid = ?, pgid_started = ?, host = ?, supervisor_pid = ?, "
+                            "supervisor_started = ? WHERE id = ?",
+                            [pid, pgid, started, socket.gethostname(), *(supervisor or (None, None)), run_id])
             return db.execute("SELECT stop_requested FROM runs WHERE id = ?", [run_id]).fetchone()[0] is not None
 
     def update_run(self, run_id: int, **fields: Any) -> None:

@@ -253,6 +253,36 @@ def test_stop_is_recorded_before_the_signal_and_refused_for_an_ended_run(workdir
         crashed = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
         store.update_run(crashed, status="done")
     assert record_exit(os.environ["RLHF_DB"], crashed, 1) == "failed"
+    with Store(os.environ["RLHF_DB"]) as store:  # unasked, `accelerate launch` alone killed after "done"
+        survived = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+        store.update_run(survived, status="done")
+    assert record_exit(os.environ["RLHF_DB"], survived, -9) == "done"  # its code says nothing of the ranks
+    assert run_row(survived)["exit_code"] == 0
+
+
+def test_a_run_killed_by_sigkill_says_so_on_the_last_line_of_its_error(workdir):
+    """The OOM killer leaves no traceback: the recorded error's last line (what the console pins and
+    `rlhf runs` prints) names the signal, whether it hit the launcher or a rank under it."""
+    from engine.launch import record_exit
+
+    with Store(os.environ["RLHF_DB"]) as store:
+        launcher, rank, plain = (store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+                                 for _ in range(3))
+        for run_id in (launcher, rank, plain):
+            store.update_run(run_id, status="running")
+    log = workdir / "train.log"
+    log.write_text("step 40\n")
+    assert record_exit(os.environ["RLHF_DB"], launcher, -9, log_path=log) == "failed"
+    assert run_row(launcher)["error"] == ("step 40\nits launcher was killed by SIGKILL (the kernel's OOM killer, "
+                                          "or kill -9)")
+    log.write_text("step 41\nsubprocess.CalledProcessError: Command '['python', '-m', 'engine.train']' died "
+                   "with <Signals.SIGKILL: 9>.")
+    assert record_exit(os.environ["RLHF_DB"], rank, 1, log_path=log) == "failed"
+    assert run_row(rank)["error"].splitlines()[-1] == ("a process of the run was killed by SIGKILL (the kernel's "
+                                                       "OOM killer, or kill -9)")
+    log.write_text("ValueError: bad\n")
+    assert record_exit(os.environ["RLHF_DB"], plain, 1, log_path=log) == "failed"
+    assert run_row(plain)["error"] == "ValueError: bad\n"  # an error of its own: nothing added
 
 
 def test_a_stop_through_the_consoles_path_waits_for_a_slow_save(workdir, monkeypatch):

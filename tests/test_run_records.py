@@ -619,3 +619,39 @@ def test_rlhf_stop_wait_kills_a_run_that_does_not_end_within_the_grace_period_an
     assert stopped.stdout.strip().endswith(f"run {run_id}: failed (killed by rlhf stop: still running 1 s after "
                                            "its stop, before its checkpoint was recorded; resume it from its "
                                            "newest complete checkpoint)")
+
+
+def test_a_run_whose_supervisor_was_killed_stops_ends_for_good_and_resumes(workdir):
+    """kill -9 of the supervisor alone (or of a pipeline's process): the run trains on, and a stop must
+    still end it for good: its trainer records stopped, nobody records the exit, a look sees both gone."""
+    run = prepare("sft", str(TINY), ["train.max_steps=400", "train.logging_steps=1", "train.save_steps=1000"],
+                  str(ACCEL / "cpu.yaml"))
+    supervisor = start_detached(run)
+    wait(lambda: len(metric(run.run_id, "loss")) >= 2)
+    assert run_row(run.run_id)["supervisor_pid"] == supervisor
+    os.kill(supervisor, signal.SIGKILL)  # not collected by this test: a zombie, dead all the same
+    stopped = subprocess.run([*RLHF, "stop", str(run.run_id), "--wait"], capture_output=True, text=True,
+                             timeout=300)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr[-2000:]
+    assert stopped.stdout.strip().endswith(f"run {run.run_id}: stopped")
+    row = run_row(run.run_id)
+    assert row["status"] == "stopped" and row["exit_code"] is None and row["orphaned"] is not None
+    check_resumable(os.environ["RLHF_DB"], run.run_id, "sft")  # not "still shutting down", for ever
+
+
+def test_an_ended_run_keeps_waiting_for_a_live_supervisor_or_a_recent_end(workdir):
+    """Its exit is left to its supervisor while it lives; a row from before supervisors were recorded is
+    left alone for a while after its end, then closed."""
+    from engine.run import UNRECORDED_AFTER_S, settle_active
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with Store(os.environ["RLHF_DB"]) as store:
+        ids = [store.create_run(stage="sft", name=name, recipe="", config="{}") for name in ("alive", "old", "older")]
+        for run_id in ids:
+            store.update_run(run_id, status="stopped", launch="{}", pgid=gone.pid, ended=time.time())
+        store.update_run(ids[0], supervisor_pid=os.getpid(), supervisor_started=process_start(os.getpid()))
+        store.update_run(ids[2], ended=time.time() - UNRECORDED_AFTER_S - 1)
+        assert settle_active(store) == [ids[2]]
+        assert [store.run(run_id)["orphaned"] is not None for run_id in ids] == [False, False, True]
+        assert [store.run(run_id)["status"] for run_id in ids] == ["stopped"] * 3  # the trainer's record stands
