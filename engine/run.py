@@ -476,7 +476,8 @@ def _tracked_run(
     held = _hold_stops()
     try:
         run_id = int(given) if given is not None else register_run(store, stage, recipe, recipe_path, overrides)
-        handle = RunHandle(run_id, Path(recipe.output_root) / str(run_id), store)
+        # Absolute, as the row's: checkpoint paths recorded from it must hold from any directory.
+        handle = RunHandle(run_id, Path(recipe.output_root).resolve() / str(run_id), store)
         _start_stretch(store, run_id, handle, world)
     except BaseException:
         with suppress(StopRequested):  # the registration's own failure is the one to tell

@@ -56,6 +56,13 @@ RUN_MARKER = ".rlhf-run.json"  # in each run folder: which runs.db (db_id) and r
 RUN_STATUSES = ("pending", "running", "done", "failed", "stopped", "diverged")
 
 
+def _checkpoint_folder(path: str, output_dir: str | None) -> Path:
+    """A checkpoint row's folder. Rows written before paths were absolute hold them relative to the
+    directory the run was started from; a checkpoint always lies in its run's folder."""
+    folder = Path(path)
+    return folder if folder.is_absolute() or not output_dir else Path(output_dir) / folder.name
+
+
 class StoreError(RuntimeError):
     pass
 
@@ -677,13 +684,15 @@ class Store:
         return len(rows)
 
     def drop_history_after(self, run_id: int, step: int) -> int:
-        """Forget a run's metrics and samples logged after `step`: on resume from that step's checkpoint
-        they describe training that is about to be redone. The tail goes, so run_seq stays gapless;
-        `history_version` goes up so that a reader that already drew those rows knows to reload the run.
-        Returns the number of metric rows dropped."""
+        """Forget a run's metrics, samples and checkpoint rows after `step`: on resume from that step's
+        checkpoint they describe training that is about to be redone (a checkpoint row past it would name
+        a step twice, with the old metrics). The tail goes, so run_seq stays gapless; `history_version`
+        goes up so that a reader that already drew those rows knows to reload the run. Returns the number
+        of metric rows dropped."""
         with self._write() as db:
             deleted = db.conn.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", [run_id, step]).rowcount
             db.conn.execute("DELETE FROM samples WHERE run_id = ? AND step > ?", [run_id, step])
+            db.conn.execute("DELETE FROM checkpoints WHERE run_id = ? AND step > ?", [run_id, step])
             db.conn.execute(
                 "UPDATE runs SET step = ?, history_version = history_version + ? WHERE id = ?",
                 [step, int(deleted > 0), run_id],
@@ -786,8 +795,10 @@ class Store:
     def prune_checkpoints(self, run_id: int) -> int:
         """Forget full-state checkpoints whose folder is gone (rotated out by save_total_limit)."""
         with self._write() as db:
+            output_dir = db.execute("SELECT output_dir FROM runs WHERE id = ?", [run_id]).fetchone()
             rows = db.execute("SELECT id, path FROM checkpoints WHERE run_id = ? AND full_state = 1", [run_id])
-            gone = [(row_id,) for row_id, path in rows.fetchall() if not Path(path).exists()]
+            gone = [(row_id,) for row_id, path in rows.fetchall()
+                    if not _checkpoint_folder(path, output_dir[0] if output_dir else None).exists()]
             db.conn.executemany("DELETE FROM checkpoints WHERE id = ?", gone)
         return len(gone)
 

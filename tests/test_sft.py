@@ -133,7 +133,12 @@ def test_resume_after_a_hard_kill_redoes_the_lost_steps_once(workdir):
     assert [s for s, _ in metric(run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     with Store(os.environ["RLHF_DB"]) as store:
         rows = store.metrics_since(0, run_id=run_id)
+        saved = store.checkpoints(run_id)
     assert sorted(r["run_seq"] for r in rows) == list(range(1, len(rows) + 1))
+    # The step-4 rows (its checkpoint and its export) described the lost steps: gone with them; every path
+    # is absolute, so a resume from another directory keeps them (it prunes rows whose folder is gone).
+    assert 4 not in [c["step"] for c in saved] and {c["step"] for c in saved} == {3, 6}
+    assert all(Path(c["path"]).is_absolute() and Path(c["path"]).exists() for c in saved), saved
     assert run_row(run_id)["status"] == "done" and run_row(run_id)["step"] == 6
 
 

@@ -265,3 +265,18 @@ def test_runs_db_is_for_its_owner_only(tmp_path):
         run_id = store.create_run(stage="sft", name="t", recipe="", config="{}", output_root=str(tmp_path / "runs"))
         assert stat.S_IMODE((tmp_path / "runs.db").stat().st_mode) == 0o600
         assert stat.S_IMODE(Path(store.run(run_id)["output_dir"]).stat().st_mode) & 0o077 == 0
+
+
+def test_pruning_finds_checkpoints_recorded_relative_to_another_directory(tmp_path, monkeypatch):
+    """Rows from before paths were absolute name folders relative to where the run started; a resume from
+    another directory must not take them for rotated out."""
+    with Store(tmp_path / "runs.db") as store:
+        run_id = store.create_run(stage="sft", name="t", recipe="", config="{}", output_root=str(tmp_path / "runs"))
+        folder = Path(store.run(run_id)["output_dir"])
+        (folder / "checkpoint-3").mkdir()
+        store.add_checkpoint(run_id, 3, f"runs/{run_id}/checkpoint-3", full_state=True)  # kept: it is there
+        store.add_checkpoint(run_id, 4, f"runs/{run_id}/checkpoint-4", full_state=True)  # rotated out
+        store.add_checkpoint(run_id, 5, str(folder / "checkpoint-5"), full_state=True)  # rotated out
+        monkeypatch.chdir(tmp_path.parent)  # not where the run started
+        assert store.prune_checkpoints(run_id) == 2
+        assert [c["step"] for c in store.checkpoints(run_id)] == [3]
