@@ -175,6 +175,7 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
     stop = _Stop()
     with Store(db_path) as store:
         row = store.pipeline(pipeline_id)
+        _no_stage_alive(store, pipeline_id)  # before the row says running: it stays as it was
         store.update_pipeline(pipeline_id, status="running", pid=os.getpid(), pid_started=process_start(os.getpid()),
                               host=socket.gethostname(), ended=None, error=None)
         tag = db_tag(store)
@@ -301,14 +302,26 @@ def settle_pipelines(store: Store, rows: list[dict[str, Any]]) -> bool:
     return any([store.close_orphan_pipeline(row["id"], row) for row in rows if _orphaned(row)])
 
 
+def _no_stage_alive(store: Store, pipeline_id: int) -> None:
+    """A stage still running in another process (the pipeline's own process was killed, the stage was
+    resumed by hand) must end before the pipeline continues: else two processes would train one run."""
+    for run in store.pipeline_runs(pipeline_id):
+        run = settled(store, run["id"])
+        if run["status"] in ("pending", "running"):
+            raise RecipeError(f"pipeline {pipeline_id}: its {run['stage']} stage, run {run['id']}, is "
+                              f"{run['status']} in another process; stop it first (rlhf stop {run['id']})")
+
+
 def resume(pipeline_id: int, db_path: str | os.PathLike) -> None:
-    """Check that the pipeline can continue: it exists and is not running now."""
+    """Check that the pipeline can continue: it exists, is not running now, nor is any of its stages (a
+    detached resume must say so here, not in its log after it has returned)."""
     with Store(db_path) as store:
         row = settled_pipeline(store, pipeline_id)
         if row["status"] in ("pending", "running") and process_alive(row["pid"], row["pid_started"]):
             raise RecipeError(f"pipeline {pipeline_id} is {row['status']} (pid {row['pid']}); stop it first")
         if row["status"] == "done":
             raise RecipeError(f"pipeline {pipeline_id} is done: every stage through {row['through']} finished")
+        _no_stage_alive(store, pipeline_id)
 
 
 def start_detached(pipeline_id: int, db_path: str | os.PathLike) -> Path:

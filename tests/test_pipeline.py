@@ -240,3 +240,41 @@ def test_two_runs_dbs_with_one_output_root_keep_their_pipelines_files_apart(work
     assert paths[0] != paths[1]
     assert [json.loads(Path(p).read_text())["name"] for p in paths] == ["first", "second"]
 
+
+
+def test_a_pipeline_killed_alone_leaves_its_stage_running_and_resumes_only_once_it_ends(workdir):
+    """kill -9 of the pipeline's process alone: its stage trains on, and its supervisor (in that process) is
+    gone. A detached resume must refuse at once (not return 0 and fail in its log); the stage's stop must
+    end it for good; then the pipeline continues the stage from its checkpoint."""
+    import signal
+
+    from engine.procs import process_alive
+
+    db = os.environ["RLHF_DB"]
+    started = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, "--through", "sft", "--detach",
+                   "--set", "sft.train.save_steps=1")
+    assert started.returncode == 0, started.stderr[-2000:]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (os.path.exists(db) and len(metric(1, "loss")) >= 2):
+        time.sleep(0.2)
+    with Store(db) as store:
+        pipeline = store.pipeline(1)
+    os.kill(pipeline["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process_alive(pipeline["pid"], pipeline["pid_started"]):
+        time.sleep(0.1)
+
+    refused = rlhf("pipeline", "--resume", "1", "--db", db, "--detach")
+    assert refused.returncode == 2 and "its sft stage, run 1, is running in another process" in refused.stderr
+    with Store(db) as store:
+        assert store.pipeline(1)["status"] == "failed"  # its process found gone; not the resume's doing
+        assert "is gone" in store.pipeline(1)["error"]
+    stopped = rlhf("stop", "1", "--wait", "--db", db)
+    assert stopped.returncode == 0 and stopped.stdout.strip().endswith("run 1: stopped"), stopped.stdout
+    at = run_row(1)["step"]
+    resumed = rlhf("pipeline", "--resume", "1", "--db", db)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with Store(db) as store:
+        assert store.pipeline(1)["status"] == "done" and [r["id"] for r in store.pipeline_runs(1)] == [1]
+    steps = [s for s, _ in metric(1, "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == run_row(1)["total_steps"] and at >= 2
