@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sqlite3
 import sys
 import time
 
@@ -389,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
     except (RecipeError, DataError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as err:  # a runs.db this user cannot write, a full disk, a damaged file
+        from engine.store import default_db_path
+
+        print(f"error: {getattr(args, 'db', None) or default_db_path()}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: the run's record says so already
         print("interrupted", file=sys.stderr)

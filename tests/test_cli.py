@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.conftest import REPO, RLHF, TINY
@@ -235,3 +236,32 @@ def test_a_listing_piped_into_head_ends_quietly(workdir):
     listed = subprocess.run(" ".join([*map(shlex.quote, RLHF), "runs"]) + " | head -1", shell=True,
                             capture_output=True, text=True, timeout=120, executable="/bin/bash")
     assert listed.stdout.startswith("  id stage") and listed.stderr == ""
+
+
+def test_a_runs_db_that_cannot_be_written_is_one_clear_error(workdir):
+    """`rlhf stop` writes the stop down first: on a runs.db this user may only read, one line naming the
+    file, exit 2, not sqlite's traceback."""
+    from engine.store import Store
+
+    db = workdir / "ro" / "runs.db"
+    db.parent.mkdir()
+    with Store(db) as store:
+        run_id = store.create_run(stage="sft", name="t", recipe="", config="{}", output_root=str(workdir / "runs"))
+        store.update_run(run_id, status="running")  # no processes recorded: nothing would be signalled
+    for leftover in db.parent.glob("runs.db-*"):
+        leftover.unlink()
+    if os.geteuid() == 0:  # root writes through file modes: an immutable file is read-only even to root
+        if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+            pytest.skip("root, and no chattr on this file system: no way to make a file read-only")
+        undo = ["chattr", "-i", str(db)]
+    else:
+        db.chmod(0o444)
+        db.parent.chmod(0o555)
+        undo = ["chmod", "-R", "u+w", str(db.parent)]
+    try:
+        result = subprocess.run([*RLHF, "stop", str(run_id), "--db", str(db)], capture_output=True, text=True,
+                                timeout=60)
+    finally:
+        subprocess.run(undo, check=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"error: {db}: attempt to write a readonly database", result.stderr
