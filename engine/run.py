@@ -487,9 +487,9 @@ def _tracked_run(
     # one rule: done 0, stopped 143, failed 1.
     own = os.environ.get(LAUNCHED_ENV) != "1"
 
-    def end(status: str, **extra: Any) -> None:
+    def end(status: str, exit_code: int = 1, **extra: Any) -> None:
         if store is not None:
-            code = {"done": 0, "stopped": EXIT_STOPPED}.get(status, 1) if own else None
+            code = {"done": 0, "stopped": EXIT_STOPPED}.get(status, exit_code) if own else None
             now = time.time()
             segments = json.loads(store.run(run_id).get("segments") or "[]")
             if segments and segments[-1][1] is None:
@@ -515,7 +515,8 @@ def _tracked_run(
         # A second Ctrl-C (or one in a run started without a handler) cut the run short, unsaved: as a kill.
         error = ("interrupted by a second Ctrl-C before the stop could save; resume from the last checkpoint"
                  if isinstance(err, KeyboardInterrupt) else "".join(traceback.format_exception(err))[-4000:])
-        end("failed", error=error)
+        # A second Ctrl-C ends the process as the shell reports it: 130, the same in runs.db.
+        end("failed", exit_code=130 if isinstance(err, KeyboardInterrupt) else 1, error=error)
         raise
     else:
         end(handle.status)

@@ -421,7 +421,7 @@ def test_a_run_in_this_process_puts_back_the_signal_handlers_it_found(workdir):
     from engine.run import StopRequested, tracked_run
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    for ending in ("done", "stopped", "failed", "bad input"):
+    for ending in ("done", "stopped", "failed", "bad input", "second Ctrl-C"):
         try:
             with tracked_run(os.environ["RLHF_DB"], "sft", load_recipe(TINY), str(TINY), []) as handle:
                 assert signal.getsignal(signal.SIGINT) is not before[1]  # Ctrl-C is the run's stop meanwhile
@@ -430,17 +430,22 @@ def test_a_run_in_this_process_puts_back_the_signal_handlers_it_found(workdir):
                 if ending == "failed":
                     raise ValueError("boom")
                 if ending == "bad input":
-                    raise RecipeError("sft.data.0: x.jsonl: no usable sft record")
-        except ValueError:  # RecipeError is one too
+                    raise RecipeError("sft.data.0: x.jsonl: no usable SFT record")
+                if ending == "second Ctrl-C":
+                    raise KeyboardInterrupt()
+        except (ValueError, KeyboardInterrupt):  # RecipeError is a ValueError too
             pass
-        assert run_row(handle.run_id)["status"] == ("failed" if ending == "bad input" else ending)
+        row = run_row(handle.run_id)
+        assert row["status"] == ("failed" if ending in ("bad input", "second Ctrl-C") else ending)
+        # The exit code as the shell saw it: Python ends on a KeyboardInterrupt with 130.
+        assert row["exit_code"] == {"done": 0, "stopped": 143, "second Ctrl-C": 130}.get(ending, 1)
         # The reason in the log too, not only on the terminal that showed it: bad input as the one line the
         # terminal shows, anything else with its traceback.
         log = (Path(run_row(handle.run_id)["output_dir"]) / "train.log").read_text(encoding="utf-8")
         if ending == "failed":
             assert "Traceback" in log and "ValueError: boom" in log
         if ending == "bad input":
-            assert log == "error: sft.data.0: x.jsonl: no usable sft record\n"
+            assert log == "error: sft.data.0: x.jsonl: no usable SFT record\n"
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
