@@ -68,6 +68,7 @@ class RlhfConsole(App):
         super().__init__()
         self.initial_chat = chat  # `rlhf chat A [B] [--key-env VAR]`: the chat screen opens over the runs
         self.db_path = Path(db_path).resolve()
+        self.db_is_new = not self.db_path.exists()  # made by this console: a mistyped --db shows as such
         self.configs_dir = Path(configs_dir) if configs_dir is not None else default_configs_dir(self.db_path)
         self.stop_grace_s = stop_grace_s
         self.gpu_sampler = gpu_sampler

@@ -160,18 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
     """SIGTERM to the run's processes (its checkpoint, then `stopped`); a pipeline's stage ends its pipeline
     too. With --wait, as x in the console: once its record is final, or after the grace period its group is
-    killed. Exit 0 once asked (with --wait: once it ended stopped or done), 1 otherwise."""
+    killed. Exit 0 once asked, or if it had ended already (with --wait: once it ended stopped or done), 1
+    otherwise."""
     from engine.launch import STOP_GRACE_S, stop_run
     from engine.procs import kill_group, same_group
     from engine.run import ended_for_good, settled
     from engine.store import Store, default_db_path
 
     db_path = db or default_db_path()
+    with Store(db_path) as store:
+        status = store.run(run_id)["status"]
+    if status not in ("pending", "running"):  # what a stop wants holds already: a script's stop is no failure
+        print(f"run {run_id} is {status}: nothing to stop")
+        return 0
     asked = stop_run(db_path, run_id)
     if asked.was_dead:
         print(f"run {run_id}: its processes were already gone; closed as failed (resume it from its checkpoint)")
         return 1
-    print(f"run {run_id}: stop asked; it saves a checkpoint and ends", flush=True)
+    print(f"run {run_id}: stop asked; it saves a checkpoint and ends (before training has begun, it just ends)",
+          flush=True)
     if not wait:
         return 0
     deadline = time.monotonic() + STOP_GRACE_S
@@ -268,7 +275,6 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         log = pipeline.start_detached(pipeline_id, db)
         print(f"pipeline {pipeline_id} started; its log: {log}")
         return 0
-    print(f"pipeline {pipeline_id}", file=sys.stderr, flush=True)
     status = pipeline.run(pipeline_id, db, echo=True)
     hint = f"; continue it with: rlhf pipeline --resume {pipeline_id} --db {db}" if status != "done" else ""
     print(f"pipeline {pipeline_id} {status}{hint}")

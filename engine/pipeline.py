@@ -187,9 +187,15 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
     def end(status: str, error: str | None = None) -> str:
         with Store(db_path) as store:
             store.update_pipeline(pipeline_id, status=status, ended=time.time(), error=error)
+        if not echo:  # the detached pipeline's log says how it ended (a terminal gets the command's own line)
+            print(f"pipeline {pipeline_id}: {status}" + (f" ({error})" if error else ""), flush=True)
         return status
 
-    for stage in plan(recipe, row["through"]):
+    stages = plan(recipe, row["through"])
+    print(f"pipeline {pipeline_id}: {'resumed' if row['status'] != 'pending' else 'started'}, "
+          f"{' → '.join(stages)}", flush=True)
+
+    for stage in stages:
         with Store(db_path) as store:
             # A stage whose processes died without a word (a crash, a kill -9, a reboot) is closed as failed
             # here, so that it resumes from its checkpoint instead of being started again.

@@ -132,6 +132,26 @@ async def test_a_damaged_runs_db_is_said_in_place_of_the_runs(workdir):
         info = lambda: str(app.home.query_one("#run-info", Static).render())  # noqa: E731
         await wait_for(pilot, lambda: "cannot read runs.db" in info(), 20, "the error in the info line")
         assert "move it aside" in info()
+        await pilot.pause()
+        # All of it on screen, what to do at its end included: not one line cut at the pane's width.
+        assert app.home.query_one("#run-info", Static).region.height >= 3
+
+
+@sync
+async def test_a_runs_db_that_was_not_there_is_said_to_be_new(workdir):
+    """`rlhf console --db` with a mistyped path makes an empty runs.db: the console says it is new, so an
+    empty table is not taken for a project whose runs are gone."""
+    assert not Path(os.environ["RLHF_DB"]).exists()
+    app = console()
+    async with app.run_test(size=(140, 30)) as pilot:
+        info = lambda: str(app.home.query_one("#run-info", Static).render())  # noqa: E731
+        await wait_for(pilot, lambda: "no runs yet" in info(), 20, "the empty table's line")
+        assert "a new runs database: there was none" in info()
+    again = console()  # the same file, now there: an empty project, not a new file
+    async with again.run_test(size=(140, 30)) as pilot:
+        info = lambda: str(again.home.query_one("#run-info", Static).render())  # noqa: E731
+        await wait_for(pilot, lambda: "no runs yet" in info(), 20, "the empty table's line")
+        assert "new runs database" not in info()
 
 
 @sync

@@ -156,11 +156,15 @@ class RunsScreen(Screen):
         if table.selected_run() != self.selected:
             self._select(table.selected_run())
         self._pin_error()
+        self.query_one("#run-info").remove_class("whole")
         self._update_info()
         if not self.app.runs:
-            self._set_info(f"no runs yet in {self.app.db_path} — press n to launch one")
+            new = " (a new runs database: there was none)" if self.app.db_is_new else ""
+            self._set_info(f"no runs yet in {self.app.db_path}{new} — press n to launch one")
 
     def store_failed(self, reason: str) -> None:
+        # Whole, not cut at the pane's width: what to do about it comes at the end of the reason.
+        self.query_one("#run-info").add_class("whole")
         self._set_info(f"cannot read runs.db: {reason}")
 
     def metrics_changed(self, run_ids: set[int]) -> None:
