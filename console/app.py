@@ -416,10 +416,11 @@ class RlhfConsole(App):
 
     @work(thread=True, group="actions", exit_on_error=False)
     def stop_run(self, run_id: int) -> None:
-        from engine.launch import STOP_GRACE_S, stop_run
+        from engine.launch import stop_grace_s, stop_run
         from engine.procs import kill_group, same_group
 
         try:
+            grace_s = self.stop_grace_s if self.stop_grace_s is not None else stop_grace_s()
             asked = stop_run(self.db_path, run_id)
         except Exception as err:  # RecipeError, StoreError, OSError
             self.post_message(ActionDone("stop", run_id, str(err)))
@@ -432,7 +433,7 @@ class RlhfConsole(App):
         self.post_message(ActionDone("stop", run_id))
         # The grace period runs in this worker, so it survives screen changes (not a console restart:
         # then the run only got its SIGTERM, which is what lets it save).
-        deadline = time.monotonic() + (self.stop_grace_s if self.stop_grace_s is not None else STOP_GRACE_S)
+        deadline = time.monotonic() + grace_s
         worker = get_current_worker()
         while group and same_group(*group) and time.monotonic() < deadline and not worker.is_cancelled:
             time.sleep(0.2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sqlite3
@@ -157,70 +156,90 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# After `rlhf stop --wait` killed a run's group, how long its record may take to become final (its supervisor
+# records the exit within a second; a look closes a row whose processes are gone) before the command gives up.
+KILLED_RECORD_S = 60.0
+
+
 def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
     """SIGTERM to the run's processes (its checkpoint, then `stopped`); a pipeline's stage ends its pipeline
     too. With --wait, as x in the console: once its record is final, or after the grace period its group is
     killed. Exit 0 once asked, or if it had ended already (with --wait: once it ended stopped or done), 1
     otherwise."""
-    from engine.launch import STOP_GRACE_S, stop_run
+    from engine.config import RecipeError
+    from engine.launch import stop_grace_s, stop_run
     from engine.procs import kill_group, same_group
     from engine.run import ended_for_good, settled
+    from engine.run_facts import error_summary
     from engine.store import Store, default_db_path
 
     db_path = db or default_db_path()
+    grace_s = stop_grace_s()  # a bad RLHF_STOP_GRACE_S is said before anything is signalled
     with Store(db_path) as store:
-        status = store.run(run_id)["status"]
-    if status not in ("pending", "running"):  # what a stop wants holds already: a script's stop is no failure
-        print(f"run {run_id} is {status}: nothing to stop")
-        return 0
-    asked = stop_run(db_path, run_id)
-    if asked.was_dead:
+        run = store.run(run_id)
+    asked = None
+    if run["status"] in ("pending", "running"):
+        try:
+            asked = stop_run(db_path, run_id)
+        except RecipeError:
+            with Store(db_path) as store:
+                run = store.run(run_id)
+            if run["status"] in ("pending", "running"):
+                raise
+            # it ended between the look and the stop: as if it had ended before
+    if asked is not None and asked.was_dead:
         print(f"run {run_id}: its processes were already gone; closed as failed (resume it from its checkpoint)")
         return 1
-    print(f"run {run_id}: stop asked; it saves a checkpoint and ends (before training has begun, it just ends)",
-          flush=True)
+    if asked is None:  # what a stop wants holds already: a script's stop is no failure
+        print(f"run {run_id} is {run['status']}: nothing to stop", flush=True)
+        # Its processes may still be finishing (a trainer that recorded its stop, still writing): --wait
+        # waits for them as for a stop of its own.
+        group = (run["pgid"], run["pgid_started"]) if run.get("pgid") else None
+    else:
+        print(f"run {run_id}: stop asked; it saves a checkpoint and ends (before training has begun, it just "
+              "ends)", flush=True)
+        group = asked.group
     if not wait:
         return 0
-    deadline = time.monotonic() + STOP_GRACE_S
+    deadline, killed_at = time.monotonic() + grace_s, None
     while True:
         with Store(db_path) as store:
             run = settled(store, run_id)
         if ended_for_good(run):
-            print(f"run {run_id}: {run['status']}" + (f" ({run['error'].splitlines()[0]})" if run["error"] else ""))
+            why = error_summary(run["error"]) if run["status"] not in ("done", "stopped") else ""
+            print(f"run {run_id}: {run['status']}" + (f" ({why})" if why else ""))
             return 0 if run["status"] in ("stopped", "done") else 1
-        if time.monotonic() > deadline and asked.group and same_group(*asked.group):
-            kill_group(asked.group[0])
-            print(f"run {run_id}: still running {STOP_GRACE_S} s after the stop: killed", flush=True)
+        if killed_at is None and time.monotonic() > deadline and group and same_group(*group):
+            kill_group(group[0])
+            killed_at = time.monotonic()
+            print(f"run {run_id}: still running {grace_s} s after the stop: killed", flush=True)
             if not run.get("launch"):  # no supervisor to record the kill: the row says what happened
-                killed = (f"killed by rlhf stop: still running {STOP_GRACE_S} s after its stop, before its "
+                killed = (f"killed by rlhf stop: still running {grace_s} s after its stop, before its "
                           "checkpoint was recorded; resume it from its newest complete checkpoint")
                 with Store(db_path) as store:  # SIGKILL is not refused: nothing of the run writes again
                     store.close_orphan(run_id, run, why=killed)
-            asked = dataclasses.replace(asked, group=None)
+        if killed_at is not None and time.monotonic() - killed_at > KILLED_RECORD_S:
+            print(f"run {run_id}: killed, but its record is not final yet (`rlhf runs` shows it)", flush=True)
+            return 1
         time.sleep(0.5)
-
-
-def _last_line(error: str | None) -> str:
-    """What a recorded error says happened: a traceback's last line."""
-    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = False) -> int:
     from engine.config import RecipeError
-    from engine.run_times import elapsed, format_duration
+    from engine.run_facts import elapsed, error_summary, format_duration
     from engine.store import Store, default_db_path
 
     path = db or default_db_path()
     if not os.path.exists(path):  # a look must not create an empty runs.db where there was none
         raise RecipeError(f"{path}: no runs database here (run from the folder that has runs.db, or give --db)")
-    from engine.pipeline import settled_pipeline
+    from engine.pipeline import settle_pipelines
     from engine.run import settle_active
 
     with Store(path) as store:
-        settle_active(store)  # a run whose processes are gone is failed, not running
+        settle_active(store)  # a run (or pipeline) whose processes are gone is failed, not running
+        settle_pipelines(store, store.pipelines())
         rows = store.runs()
-        pipeline = settled_pipeline(store, pipeline_id) if pipeline_id is not None else None
+        pipeline = store.pipeline(pipeline_id) if pipeline_id is not None else None
     if pipeline is not None:
         rows = [run for run in rows if run.get("pipeline_id") == pipeline_id]
     if as_json:
@@ -235,7 +254,7 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
     if pipeline is not None:
         ended = (" · ended " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(pipeline["ended"]))
                  if pipeline["ended"] and pipeline["status"] not in ("pending", "running") else "")
-        why = f" · {_last_line(pipeline['error'])}" if pipeline["error"] else ""
+        why = f" · {error_summary(pipeline['error'])}" if pipeline["error"] else ""
         print(f"pipeline {pipeline['id']} {pipeline['name']} (through {pipeline['through']}): "
               f"{pipeline['status']}{ended}{why}")
     width = max([16, *(len(run["name"]) for run in rows)])  # whole names: "tiny sft (pipeline 1)" tells runs apart
@@ -247,7 +266,7 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
         took = format_duration(elapsed(run)) if run["started"] else "-"
         in_pipeline = "-" if run.get("pipeline_id") is None else str(run["pipeline_id"])
         # A stopped run's recorded error is the stop's own traceback: only a failure's says what went wrong.
-        why = _last_line(run["error"]) if run["status"] in ("failed", "diverged") else ""
+        why = error_summary(run["error"]) if run["status"] in ("failed", "diverged") else ""
         print(f"{run['id']:>4} {run['stage']:5} {run['name']:{width}} {run['status']:9} {step:>11} {took:>7} "
               f"{started:19} {in_pipeline:8} {why}".rstrip())
     return 0

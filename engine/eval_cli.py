@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from engine.config import RecipeError, a_run_of
-
-EXIT_STOPPED = 143
+from engine.run import EXIT_STOPPED
 
 
 def _db(args: argparse.Namespace) -> Path:

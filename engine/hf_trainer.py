@@ -125,7 +125,7 @@ def own_model_card(trainer: Any, handle: RunHandle, stage: str, start: str) -> N
     final = (handle.output_dir / "final").resolve()
     start = str(Path(start).resolve()) if Path(start).is_dir() else start  # a Hub name stays one
 
-    def write(model_name: str | None = None, dataset_name: str | None = None, tags: Any = None) -> None:
+    def write(*_: Any, **__: Any) -> None:  # trl's and push_to_hub's arguments: the card needs none of them
         if not trainer.is_world_process_zero():
             return
         text = (f"# rlhf-console run {handle.run_id}: {stage}\n\n"

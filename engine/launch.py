@@ -27,7 +27,7 @@ from typing import IO
 from engine.accelerate_file import read_accelerate_config
 from engine.config import RecipeError, Stage
 from engine.procs import group_alive, kill_group, process_alive, process_start, run_processes_gone, same_group
-from engine.run import DB_ENV, LAUNCHED_ENV, LOG_NAME, RUN_ID_ENV, last_alive, register_run, resume_recipe
+from engine.run import DB_ENV, EXIT_STOPPED, LAUNCHED_ENV, LOG_NAME, RUN_ID_ENV, last_alive, register_run, resume_recipe
 from engine.store import Store, default_db_path
 from engine.train import validate
 
@@ -35,18 +35,16 @@ LAUNCH_NAME = "launch.json"
 # How long a stopped run may take to write its checkpoint before it is killed. torchrun kills its ranks
 # 30 s after a SIGTERM unless told otherwise, far too soon for a 7B model's optimizer state; slow shared
 # storage may need more than the default (RLHF_STOP_GRACE_S, seconds).
-def _grace_s() -> int:
+def stop_grace_s() -> int:
+    """RLHF_STOP_GRACE_S, or 600: read when a run starts or is stopped (importing this module never fails)."""
     text = os.environ.get("RLHF_STOP_GRACE_S", "600")
     try:
         return max(1, int(float(text)))  # whole seconds: torchrun reads its timeout as an int
-    except ValueError:
-        raise RecipeError(f"RLHF_STOP_GRACE_S={text!r}: give the seconds a stopped run may take to save") from None
-
-
-STOP_GRACE_S = _grace_s()
+    except (ValueError, OverflowError):
+        raise RecipeError(f"RLHF_STOP_GRACE_S={text!r}: give the seconds a stopped run may take to save, "
+                          "a whole number") from None
 # How long a run's other processes may outlive its launcher when nobody asked it to stop.
 LINGER_S = float(os.environ.get("RLHF_LINGER_S", 60))
-EXIT_STOPPED = 143  # 128 + SIGTERM, in runs.db as in the shell, whatever the launcher itself returned
 
 
 def accelerate_argv(
@@ -76,7 +74,7 @@ def launch_env(accelerate: dict, run_id: int, db_path: Path) -> dict[str, str]:
     env[DB_ENV] = str(db_path)
     env[LAUNCHED_ENV] = "1"
     env["PYTHONUNBUFFERED"] = os.environ.get("PYTHONUNBUFFERED", "1")
-    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_S))
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(stop_grace_s()))
     if accelerate.get("use_cpu"):
         # accelerate only starts several CPU ranks (gloo, through torchrun) for MULTI_GPU with this set.
         env["ACCELERATE_USE_CPU"] = "true"
@@ -181,11 +179,12 @@ def prepare(
     return Prepared(run_id, argv, env, output_dir / LOG_NAME, machine_rank == 0, db)
 
 
-def log_tail(path: Path, max_bytes: int = 4000) -> str:
-    """The end of a log, for a run that died before it could say why itself."""
+def log_tail(path: Path, max_bytes: int = 4000, start: int = 0) -> str:
+    """The end of a log, for a run that died before it could say why itself; none of it before `start`
+    (where this stretch began: a resumed run appends to the log of its earlier ones)."""
     try:
         with open(path, "rb") as fh:
-            fh.seek(max(0, fh.seek(0, os.SEEK_END) - max_bytes))
+            fh.seek(max(start, fh.seek(0, os.SEEK_END) - max_bytes))
             return fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
@@ -210,14 +209,14 @@ def killed_by(exit_code: int, tail: str) -> str | None:
 
 def record_exit(
     db_path: str | os.PathLike, run_id: int, exit_code: int, stop_requested: bool = False,
-    log_path: Path | None = None, pgid: int | None = None, killed: bool = False,
+    log_path: Path | None = None, pgid: int | None = None, killed: bool = False, log_start: int = 0,
 ) -> str:
     """Final status from the exit code, unless the trainer already recorded how it ended.
 
     A run killed without being asked to stop (the OOM killer's SIGKILL, say) has failed; a failure the
     trainer could not describe (it died before its first line of Python) gets the end of its log.
     `pgid`: the group this supervisor started; if the row names another one, a resume has taken the run
-    over and this exit is not its to record.
+    over and this exit is not its to record. `log_start`: where this stretch's output begins in the log.
     """
     with Store(db_path) as store:
         run = store.run(run_id)
@@ -259,7 +258,7 @@ def record_exit(
         if error:
             fields["error"] = error
         elif status == "failed" and not run["error"] and log_path is not None:
-            tail = log_tail(log_path)
+            tail = log_tail(log_path, start=log_start)
             killer = killed_by(exit_code, tail)
             if killer and tail:
                 tail = tail if tail.endswith("\n") else tail + "\n"
@@ -349,14 +348,14 @@ def supervise(run: Prepared, echo: bool = False) -> int:
         # A stop sent to the run's group (the console's, `rlhf stop`) never reached this process, and a
         # one-process launcher dies at once on it while the trainer under it is still saving: ask runs.db.
         stopping = bool(asked or stop_asked or (run.registered and _stop_requested(db, run.run_id)))
-        killed = _wait_for_group(proc.pid, STOP_GRACE_S if stopping else LINGER_S)
+        killed = _wait_for_group(proc.pid, stop_grace_s() if stopping else LINGER_S)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     status = None
     if run.registered:
         status = record_exit(db, run.run_id, exit_code, stop_requested=asked > 0, log_path=run.log_path,
-                             pgid=proc.pid, killed=killed)
+                             pgid=proc.pid, killed=killed, log_start=offset)
     return EXIT_STOPPED if status == "stopped" else exit_code
 
 

@@ -30,6 +30,8 @@ from engine.run import EXIT_STOPPED, PIPELINE_ENV, has_checkpoint, settled
 from engine.store import Store, default_db_path
 
 ORDER = (*STAGES, "eval")
+# A pending pipeline with no process this long after its creation never started (its creator died first).
+NEVER_STARTED_S = 120.0
 LOG_NAME = "pipeline-{id}.{db}.log"  # `db`: the runs.db's identity, as a run folder's marker holds it
 
 
@@ -323,8 +325,13 @@ def resume(pipeline_id: int, db_path: str | os.PathLike) -> None:
     detached resume must say so here, not in its log after it has returned)."""
     with Store(db_path) as store:
         row = settled_pipeline(store, pipeline_id)
-        if row["status"] in ("pending", "running") and process_alive(row["pid"], row["pid_started"]):
-            raise RecipeError(f"pipeline {pipeline_id} is {row['status']} (pid {row['pid']}); stop it first")
+        # Still active after the look: alive here, on another machine (not ours to judge), or a detached
+        # start whose process has not recorded itself yet; a row that never got a process is let go.
+        never_started = not row["pid"] and time.time() - row["created"] > NEVER_STARTED_S
+        if row["status"] in ("pending", "running") and not never_started:
+            where = f" on {row['host']}" if row.get("host") and row["host"] != socket.gethostname() else ""
+            process = f"pid {row['pid']}{where}" if row["pid"] else "its process is starting"
+            raise RecipeError(f"pipeline {pipeline_id} is {row['status']} ({process}); stop it first")
         if row["status"] == "done":
             raise RecipeError(f"pipeline {pipeline_id} is done: every stage through {row['through']} finished")
         _no_stage_alive(store, pipeline_id)

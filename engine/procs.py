@@ -31,7 +31,7 @@ def same_group(pgid: int | None, started: int | None) -> bool:
 
 
 def group_alive(pgid: int | None) -> bool:
-    """Whether any process of the group is still there (on this machine)."""
+    """Whether any process of the group is still there (on this machine), zombies not counted."""
     if not pgid:
         return False
     try:
@@ -40,7 +40,28 @@ def group_alive(pgid: int | None) -> bool:
         return False
     except PermissionError:
         return True  # someone else's process: alive, not ours to signal
-    return True
+    return _live_member(pgid)
+
+
+def _live_member(pgid: int) -> bool:
+    """A member of the group that is not a zombie. The kernel's signal check counts zombies: a run whose
+    parent never collects its exit (the console that started it, an init that does not reap) would look
+    alive for ever."""
+    def member(pid: str) -> bool | None:  # None: not of the group, or gone meanwhile
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return fields[0] != b"Z" if int(fields[2]) == pgid else None
+
+    if member(str(pgid)):  # the leader itself, alive: the usual case, one file read
+        return True
+    try:
+        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:  # no /proc (not Linux): the kernel's word stands
+        return True
+    return any(member(pid) for pid in pids)
 
 
 def kill_group(pgid: int) -> bool:

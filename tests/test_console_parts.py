@@ -80,7 +80,7 @@ def test_groups_best_and_eta():
 
 
 def test_eta_and_time_leave_out_the_pause_between_a_stop_and_its_resume():
-    from engine.run_times import current_start, elapsed
+    from engine.run_facts import current_start, elapsed
 
     history = History()
     # 10 steps a second apart, stopped for an hour, resumed: 5 more steps a second apart

@@ -280,9 +280,11 @@ def test_a_run_killed_by_sigkill_says_so_on_the_last_line_of_its_error(workdir):
     assert record_exit(os.environ["RLHF_DB"], rank, 1, log_path=log) == "failed"
     assert run_row(rank)["error"].splitlines()[-1] == ("a process of the run was killed by SIGKILL (the kernel's "
                                                        "OOM killer, or kill -9)")
-    log.write_text("ValueError: bad\n")
-    assert record_exit(os.environ["RLHF_DB"], plain, 1, log_path=log) == "failed"
-    assert run_row(plain)["error"] == "ValueError: bad\n"  # an error of its own: nothing added
+    # An error of its own: nothing added, though an earlier stretch in the same log was killed.
+    earlier = "step 3\nsubprocess.CalledProcessError: ... died with <Signals.SIGKILL: 9>.\n"
+    log.write_text(earlier + "ValueError: bad\n")
+    assert record_exit(os.environ["RLHF_DB"], plain, 1, log_path=log, log_start=len(earlier)) == "failed"
+    assert run_row(plain)["error"] == "ValueError: bad\n"
 
 
 def test_a_stop_through_the_consoles_path_waits_for_a_slow_save(workdir, monkeypatch):

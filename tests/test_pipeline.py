@@ -259,6 +259,9 @@ def test_a_pipeline_killed_alone_leaves_its_stage_running_and_resumes_only_once_
         time.sleep(0.2)
     with Store(db) as store:
         pipeline = store.pipeline(1)
+    stage = run_row(1)
+    # The stage held still (SIGSTOP) while the test looks: it must not reach its end first on a fast machine.
+    os.killpg(stage["pgid"], signal.SIGSTOP)
     os.kill(pipeline["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process_alive(pipeline["pid"], pipeline["pid_started"]):
@@ -269,8 +272,13 @@ def test_a_pipeline_killed_alone_leaves_its_stage_running_and_resumes_only_once_
     with Store(db) as store:
         assert store.pipeline(1)["status"] == "failed"  # its process found gone; not the resume's doing
         assert "is gone" in store.pipeline(1)["error"]
-    stopped = rlhf("stop", "1", "--wait", "--db", db)
-    assert stopped.returncode == 0 and stopped.stdout.strip().endswith("run 1: stopped"), stopped.stdout
+    stopping = subprocess.Popen([*RLHF, "stop", "1", "--wait", "--db", db], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run_row(1)["stop_requested"] is None:
+        time.sleep(0.1)
+    os.killpg(stage["pgid"], signal.SIGCONT)  # the stop is asked: the stage takes it as it goes on
+    out, _ = stopping.communicate(timeout=300)
+    assert stopping.returncode == 0 and out.strip().endswith("run 1: stopped"), out
     at = run_row(1)["step"]
     resumed = rlhf("pipeline", "--resume", "1", "--db", db)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -143,6 +143,8 @@ def test_rlhf_runs_says_how_long_and_why_and_where_a_pipeline_stands_to_people_a
     line = {int(row.split()[0]): row for row in rows}
     assert line[failed].endswith(" ValueError: bad batch") and " 10s " in line[failed]
     assert " 1m30s " in line[resumed]  # two stretches; the 40 s it sat stopped do not count
+    with Store(os.environ["RLHF_DB"]) as store:  # a plain look closes a dead pipeline too
+        assert store.pipeline(pipelines[0])["status"] == "failed"
 
     only = subprocess.run([*RLHF, "runs", "--pipeline", str(pipelines[0])], capture_output=True, text=True,
                           timeout=60)
@@ -150,6 +152,11 @@ def test_rlhf_runs_says_how_long_and_why_and_where_a_pipeline_stands_to_people_a
     first, _, *its = only.stdout.splitlines()
     assert first.startswith(f"pipeline {pipelines[0]} p0 (through eval): failed") and f"pid {dead.pid}" in first
     assert [int(row.split()[0]) for row in its] == [failed]
+    for other, said in ((pipelines[1], f"is running (pid {dead.pid} on another-node); stop it first"),
+                        (pipelines[2], "is pending (its process is starting); stop it first")):
+        again = subprocess.run([*RLHF, "pipeline", "--resume", str(other)], capture_output=True, text=True,
+                               timeout=60)
+        assert again.returncode == 2 and said in again.stderr, again.stderr
     with Store(os.environ["RLHF_DB"]) as store:
         assert [store.pipeline(p)["status"] for p in pipelines] == ["failed", "running", "pending"]
         # Resumed by another process between a look and its write: left as it is.
@@ -640,7 +647,7 @@ def test_a_run_whose_supervisor_was_killed_stops_ends_for_good_and_resumes(workd
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr[-2000:]
     assert stopped.stdout.strip().endswith(f"run {run.run_id}: stopped")
     row = run_row(run.run_id)
-    assert row["status"] == "stopped" and row["exit_code"] is None and row["orphaned"] is not None
+    assert row["status"] == "stopped" and row["exit_code"] == 143 and row["orphaned"] is None
     check_resumable(os.environ["RLHF_DB"], run.run_id, "sft")  # not "still shutting down", for ever
 
 
@@ -649,14 +656,80 @@ def test_an_ended_run_keeps_waiting_for_a_live_supervisor_or_a_recent_end(workdi
     left alone for a while after its end, then closed."""
     from engine.run import UNRECORDED_AFTER_S, settle_active
 
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    started = process_start(gone.pid)
     gone.wait()
     with Store(os.environ["RLHF_DB"]) as store:
         ids = [store.create_run(stage="sft", name=name, recipe="", config="{}") for name in ("alive", "old", "older")]
-        for run_id in ids:
-            store.update_run(run_id, status="stopped", launch="{}", pgid=gone.pid, ended=time.time())
+        for run_id in ids:  # its start recorded: a later process given the pid is not taken for it
+            store.update_run(run_id, status="stopped", launch="{}", pgid=gone.pid, pgid_started=started,
+                             ended=time.time())
         store.update_run(ids[0], supervisor_pid=os.getpid(), supervisor_started=process_start(os.getpid()))
         store.update_run(ids[2], ended=time.time() - UNRECORDED_AFTER_S - 1)
         assert settle_active(store) == [ids[2]]
-        assert [store.run(run_id)["orphaned"] is not None for run_id in ids] == [False, False, True]
+        assert [store.run(run_id)["exit_code"] for run_id in ids] == [None, None, 143]
         assert [store.run(run_id)["status"] for run_id in ids] == ["stopped"] * 3  # the trainer's record stands
+
+
+def test_a_group_whose_only_process_is_a_zombie_is_gone():
+    """Dead, its exit not collected by its parent (a console that started it, an init that does not
+    reap): the kernel still answers for the group, but nothing of the run is alive."""
+    from engine.procs import group_alive, process_alive, run_processes_gone, same_group
+
+    zombie = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    started = process_start(zombie.pid)
+    try:
+        assert group_alive(zombie.pid) and same_group(zombie.pid, started)
+        os.kill(zombie.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _state(zombie.pid) != "Z":
+            time.sleep(0.05)
+        assert _state(zombie.pid) == "Z"
+        assert not group_alive(zombie.pid) and not same_group(zombie.pid, started)
+        assert not process_alive(zombie.pid, started)
+        assert run_processes_gone({"pgid": zombie.pid, "pgid_started": started})
+    finally:
+        zombie.kill()
+        zombie.wait()
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        return fh.read().rsplit(b")", 1)[1].split()[0].decode()
+
+
+def test_rlhf_stop_wait_on_a_run_that_recorded_its_end_waits_for_its_processes(workdir):
+    """Its trainer recorded `stopped` but its processes are still there (still writing, or hung): `nothing to
+    stop`, and --wait returns only once its record is final (here: killed after the grace period, its
+    supervisor long gone). A failed run: nothing to stop, and --wait says how it failed (exit 1)."""
+    import threading
+
+    lingering = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    threading.Thread(target=lingering.wait, daemon=True).start()  # reaped as its shell would
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_started = process_start(dead.pid)
+    dead.wait()
+    with Store(os.environ["RLHF_DB"]) as store:
+        stopped = store.create_run(stage="sft", name="stopped", recipe="", config="{}")
+        store.update_run(stopped, status="stopped", launch="{}", ended=time.time(), pgid=lingering.pid,
+                         pgid_started=process_start(lingering.pid), supervisor_pid=dead.pid,
+                         supervisor_started=dead_started)
+        failed = store.create_run(stage="sft", name="failed", recipe="", config="{}")
+        store.update_run(failed, status="failed", error="Traceback\n  ...\nValueError: bad batch\n")
+    env = {**os.environ, "RLHF_STOP_GRACE_S": "1"}
+    try:
+        waited = subprocess.run([*RLHF, "stop", str(stopped), "--wait"], capture_output=True, text=True,
+                                timeout=120, env=env)
+    finally:
+        lingering.kill()
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert waited.stdout.splitlines() == [f"run {stopped} is stopped: nothing to stop",
+                                          f"run {stopped}: still running 1 s after the stop: killed",
+                                          f"run {stopped}: stopped"]
+    row = run_row(stopped)
+    assert row["status"] == "stopped" and row["exit_code"] == 143  # final: a resume may take it
+
+    plain = subprocess.run([*RLHF, "stop", str(failed)], capture_output=True, text=True, timeout=60)
+    assert (plain.returncode, plain.stdout) == (0, f"run {failed} is failed: nothing to stop\n")
+    waited = subprocess.run([*RLHF, "stop", str(failed), "--wait"], capture_output=True, text=True, timeout=60)
+    assert waited.returncode == 1 and waited.stdout.splitlines()[-1] == f"run {failed}: failed (ValueError: bad batch)"

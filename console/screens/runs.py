@@ -22,7 +22,7 @@ from console.text import terminal_safe
 from console.widgets.log_view import LogView
 from console.widgets.run_table import SORTS, RunTable, shown_status
 from console.widgets.samples_view import SamplesView
-from engine.run_times import run_segments
+from engine.run_facts import error_summary, run_segments
 
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
 STATUSES = (None, "running", "pending", "stopping", "done", "failed", "stopped", "diverged", "lost")
@@ -390,10 +390,9 @@ class RunsScreen(Screen):
         if pipeline is not None:
             text += f" · pipeline {pipeline['id']} {pipeline['status']}"
             if pipeline.get("error") and pipeline["status"] == "failed":
-                text += f" ({pipeline['error'].splitlines()[-1][:60]})"
+                text += f" ({error_summary(pipeline['error'])[:60]})"
         if status in ("failed", "diverged") and run.get("error"):
-            last = [line for line in run["error"].splitlines() if line.strip()]
-            text += f" · {last[-1][:60] if last else ''}"
+            text += f" · {error_summary(run['error'])[:60]}"
         self._set_info(f"{text}   {extra}")
 
     def _set_info(self, text: str) -> None:
@@ -447,7 +446,11 @@ class RunsScreen(Screen):
     def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
         if tab == "log":  # its keys (search, follow, wrap) at once, not after two Tabs (once its pane shows)
-            self.call_after_refresh(self.log_view.take_focus)
+            self.call_after_refresh(self._focus_log)
+
+    def _focus_log(self) -> None:
+        if self.query_one(TabbedContent).active == "log":  # another tab since: a hidden log keeps no keys
+            self.log_view.take_focus()
 
     def action_traceback(self) -> None:
         self.action_tab("log")

@@ -16,6 +16,7 @@ from textual.widgets import Input, Log, Static
 
 from console.logtail import last_traceback
 from console.text import terminal_safe
+from engine.run_facts import error_summary
 
 MAX_LINES = 5000
 
@@ -105,7 +106,7 @@ class LogView(Vertical):
             lines = [line for line in self.error.splitlines() if line.strip()]
             # What happened (a traceback's last line) goes first, on the heading: the box shows 7 lines, and a
             # traceback's tail below it scrolls.
-            head = f"error recorded by {self.error_by}: {lines[-1].strip() if lines else ''}"
+            head = f"error recorded by {self.error_by}: {error_summary(self.error)}"
             pinned.update(Text(terminal_safe("\n".join([head, *lines[-12:-1]]))))
 
     def append(self, run_id: int, lines: list[str], pending: str, reset: bool, skipped_start: bool) -> None:

@@ -22,7 +22,7 @@ from textual.widgets import DataTable
 from console.colours import run_colour
 from console.text import terminal_safe
 from engine.procs import run_processes_gone
-from engine.run_times import current_start, elapsed, format_duration
+from engine.run_facts import current_start, elapsed, format_duration
 
 if TYPE_CHECKING:
     from console.series import History

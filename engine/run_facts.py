@@ -1,6 +1,6 @@
-"""How long a run ran: its stretches (a stop and a resume make two) as runs.db records them, and the
-short `1h05m` form the console and `rlhf runs` print. No heavy imports: the console's table asks on every
-redraw."""
+"""What a run's row says, in the words the console and `rlhf runs` print: how long it ran (its stretches,
+a stop and a resume making two; the short `1h05m` form) and what its recorded error says happened. No heavy
+imports: the console's table asks on every redraw."""
 
 from __future__ import annotations
 
@@ -56,3 +56,10 @@ def format_duration(seconds: float | None) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def error_summary(error: str | None) -> str:
+    """What a recorded error says happened: its last non-blank line (a traceback's exception; the line a
+    supervisor adds about a kill)."""
+    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
