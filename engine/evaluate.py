@@ -181,7 +181,8 @@ def _answer(config: EvalConfig, items: list[Item], todo: list[dict], evals: Any,
 
 def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop: _Stop, progress: Any) -> None:
     by_id = {item.id: item for item in items}
-    done = {j["item_id"] for j in evals.judgments(run_id) if j["status"] != "failed"}
+    # A verdict without a score is asked for again (a judge fixed since, a resume): only scores are kept.
+    done = {j["item_id"] for j in evals.judgments(run_id) if j["status"] == "scored"}
     todo = [row for row in evals.items(run_id) if row["answer"] is not None and row["item_id"] not in done]
     prompts = {row["item_id"]: judge_prompt(by_id[row["item_id"]], row["answer"], config.rewrite_reference)
                for row in todo}
@@ -221,8 +222,13 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
     from engine.store import EvalStore
 
     items = validate(config)
-    if config.answers_from is not None and resume_run is None:
-        _check_answers_from(db_path, config.answers_from, items)
+    if config.answers_from is not None:
+        if resume_run is None:
+            _check_answers_from(db_path, config.answers_from, items)
+        # Its questions are the ones the source run answered: judging again never generates (another
+        # model's settings, hours of it), whatever more the eval folder, --limit or --per-class would take.
+        answered = _answered_items(db_path, config.answers_from)
+        items = [item for item in items if item.id in answered]
     print(coverage(items), flush=True)
     if resume_run is not None:
         os.environ[RUN_ID_ENV] = str(resume_run)
@@ -237,7 +243,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                                   "reference": i.reference} for i in items])
         if config.answers_from is not None:
             copied = evals.copy_answers(config.answers_from, run_id)
-            print(f"answers: {copied} taken from run {config.answers_from}", flush=True)
+            if copied or resume_run is None:
+                print(f"answers: {copied} taken from run {config.answers_from}", flush=True)
         n = len(items)
         store.update_run(run_id, total_steps=2 * n)
         counts = {"answered": 0, "judged": 0, "unscored": 0, "failed": 0, "tokens": 0, "score_sum": 0.0, "scored": 0}
@@ -245,12 +252,11 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
         rows = evals.items(run_id)
         counts["answered"] = sum(1 for r in rows if r["answer"] is not None)
         for j in evals.judgments(run_id):
-            if j["status"] != "failed":
+            if j["status"] == "scored":  # the others are judged again in this stretch
                 counts["judged"] += 1
-                counts["unscored"] += j["status"] == "unscored"
-                if j["score"] is not None:
-                    counts["score_sum"] += j["score"]
-                    counts["scored"] += 1
+                counts["score_sum"] += j["score"]
+                counts["scored"] += 1
+        unscored_replies: list[str] = []  # of this stretch
 
         def progress(answered: int = 0, tokens: int = 0, seconds: float = 0.0, judged: list | None = None) -> None:
             metrics: dict[str, float] = {}
@@ -264,6 +270,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                     continue
                 counts["judged"] += 1
                 counts["unscored"] += verdict.status == "unscored"
+                if verdict.status == "unscored":
+                    unscored_replies.append(verdict.reply)
                 if verdict.score is not None:
                     counts["score_sum"] += verdict.score
                     counts["scored"] += 1
@@ -274,7 +282,7 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
             store.log_metrics(run_id, counts["answered"] + counts["judged"], metrics)
 
         todo = [r for r in rows if r["answer"] is None]
-        if todo:
+        if todo and config.answers_from is None:
             print(f"answer: {len(todo)} question{'s' if len(todo) != 1 else ''} to answer with {config.checkpoint}",
                   flush=True)
             _answer(config, items, todo, evals, run_id, stop, progress)
@@ -286,6 +294,12 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                 _judge(config, items, evals, run_id, stop, progress)
             except JudgeRefused as err:  # the run fails with the reason; every stored answer and verdict stays
                 raise JudgeRefused(f"{err}; then continue it: {resume_hint('eval', run_id, db_path)}") from None
+            if unscored_replies and counts["scored"] == 0 and not stop.requested:
+                # Replies, not one score in them: the judge's model or prompt is wrong for this, not noise.
+                raise JudgeRefused(f"the judge replied {len(unscored_replies)} times without a score it could "
+                                   f"read, the first: {unscored_replies[0][:200]!r}; is --judge-model right for "
+                                   f"a 0-1 score? every answer is kept: continue it (the unscored are asked "
+                                   f"again): {resume_hint('eval', run_id, db_path)}")
             if problems and counts["judged"] == 0 and not stop.requested:
                 # Not one verdict (an endpoint that is down, a wrong URL): a failed run, not a done one with
                 # nothing in it that a script would carry on from.
@@ -302,6 +316,13 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                   f"{failed} failed calls" + (f" (to retry them: {resume_hint('eval', run_id, db_path)})"
                                               if failed else ""), flush=True)
     return handle.run_id, handle.status
+
+
+def _answered_items(db_path: str | Path, source: int) -> set[int]:
+    from engine.store import EvalStore, Store
+
+    with Store(db_path) as store:
+        return {row["item_id"] for row in EvalStore(store).items(source) if row["answer"] is not None}
 
 
 def _check_answers_from(db_path: str | Path, source: int, items: list[Item]) -> None:

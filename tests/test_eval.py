@@ -208,6 +208,32 @@ def test_an_evaluation_whose_every_judge_call_failed_is_a_failed_run(workdir):
         assert all(i["answer"] is not None for i in EvalStore(store).items(1))  # kept for the resume
 
 
+def test_a_judge_that_never_gives_a_score_fails_the_run_and_is_asked_again_once_fixed(workdir):
+    """Replies without a score (a wrong judge model or prompt, a proxy's page): not a `done` run with
+    nothing in it, and nothing cached for good: once the judge is right, the resume asks again."""
+    write_sample(workdir / "belle", per_class=1)
+    fixed = threading.Event()
+    server = JudgeServer(lambda body, index: score_by_answer(body, index) if fixed.is_set()
+                         else ("reply", "I am sorry, I cannot grade this."))
+    env = {"THE_JUDGE_KEY": KEY}
+    try:
+        result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server), "--limit", "3",
+                           env=env)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "the judge replied 3 times without a score it could read, the first: 'I am sorry" in result.stderr
+        assert run_row(1)["status"] == "failed"
+        asked = len(server.calls)
+        fixed.set()
+        resumed = rlhf_eval("belle", "--resume-run", "1", env=env)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert "judged 3 of 3: 3 scored, 0 unscored" in resumed.stdout
+        assert len(server.calls) == asked + 3  # not answered from a cache of the replies without a score
+    finally:
+        server.close()
+    with Store(os.environ["RLHF_DB"]) as store:
+        assert [j["status"] for j in EvalStore(store).judgments(1)] == ["scored"] * 3
+
+
 def test_the_reward_model_judges_offline(workdir):
     rm_run, _ = run_stage("rm", str(TINY), ["train.max_steps=4", "train.eval_ratio=0"])
     rm = Path(run_row(rm_run)["output_dir"]) / "final"
@@ -240,6 +266,14 @@ def test_the_reward_model_judges_offline(workdir):
     assert len(subset) == 6 and len(no_reference) == 2
     full = {r["item_id"]: r["score"] for r in rows}
     assert all(r["score"] == pytest.approx(full[r["item_id"]], abs=1e-6) for r in no_reference)
+
+    # Judged again from run 3, which answered 6 of the 10: its 6 questions, and nothing generated for the
+    # other 4 (another model's settings, hours of it on the real set).
+    again = rlhf_eval("belle", "--answers-from", "3", "--judge", "rm", "--reward-model", str(rm_run))
+    assert again.returncode == 0, again.stderr
+    assert "answers: 6 taken from run 3" in again.stdout and "to answer with" not in again.stdout
+    with Store(os.environ["RLHF_DB"]) as store:
+        assert sorted(i["item_id"] for i in EvalStore(store).items(4)) == sorted(r["item_id"] for r in subset)
 
 
 def test_pairwise_with_a_judge_that_always_prefers_the_first_slot(workdir):

@@ -2,9 +2,10 @@
 
 Temperature 0; a bounded number of calls in flight; 429s, 5xx, timeouts, dropped connections and
 malformed bodies retried with jittered exponential back-off (a 429's Retry-After honoured); a reply
-without a score asked again once, then recorded as unscored. Every reply is cached in runs.db on the
-call's full input, so an unchanged re-run makes no call. The key is read from the environment variable
-the user names and is never written anywhere.
+without a score asked again once, then recorded as unscored. Every reply with a score is cached in
+runs.db on the call's full input, so an unchanged re-run makes no call; one without (a wrong prompt or
+model, a refusal, a proxy's page) is asked again next time rather than kept for good. The key is read
+from the environment variable the user names and is never written anywhere.
 """
 
 from __future__ import annotations
@@ -175,9 +176,10 @@ class EndpointJudge:
                     break
         except CallFailed as err:
             return key, Verdict(None, FAILED, "", str(err), tokens[0], tokens[1], calls[0])
-        if self.cache is not None:
+        verdict = self._verdict(reply, answer, tokens[0], tokens[1], calls[0])
+        if self.cache is not None and verdict.status == SCORED:
             self.cache.put(key, self.label, request, reply, (tokens[0], tokens[1]))
-        return key, self._verdict(reply, answer, tokens[0], tokens[1], calls[0])
+        return key, verdict
 
     @staticmethod
     def _verdict(reply: str, answer: str, prompt_tokens: int, completion_tokens: int, calls: int) -> Verdict:
