@@ -28,14 +28,16 @@ from typing import Any, Iterable, Iterator, Mapping
 
 def _light_sqlite_utils() -> Any:
     """sqlite_utils without pandas and numpy: it imports them when they are installed (transformers brings
-    them) for features this store never uses, ~0.45 s of every `rlhf runs` and console start. They stay
-    importable for everything else: only this import sees them missing. (It runs once, when engine.store is
-    first imported, before any thread of ours that could import numpy meanwhile.)"""
+    them) for features this store never uses, ~0.45 s of every `rlhf runs`. They stay importable for
+    everything else: only this import sees them missing. Only while this is the process's one thread: the
+    hiding is seen by every thread, and the console (which imports this in a worker) imports numpy for its
+    chart at the same time; it needs numpy anyway."""
     import sys
 
     if "sqlite_utils" in sys.modules:
         return sys.modules["sqlite_utils"]
-    hidden = [name for name in ("pandas", "numpy") if name not in sys.modules]
+    alone = threading.active_count() == 1
+    hidden = [name for name in ("pandas", "numpy") if name not in sys.modules] if alone else []
     for name in hidden:
         sys.modules[name] = None  # type: ignore[assignment]  # `import name` raises ImportError
     try:

@@ -172,6 +172,11 @@ def test_import_hygiene():
     code = ("import sys\nimport engine.store\nassert 'pandas' not in sys.modules and 'numpy' not in sys.modules\n"
             "import pandas, numpy, datasets\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    # Not while another thread runs (the console imports the store in a worker while its chart imports numpy):
+    # what this import hides, every thread would see missing.
+    code = ("import sys, threading\nheld = threading.Event()\nthreading.Thread(target=held.wait).start()\n"
+            "import engine.store\nheld.set()\nassert 'numpy' in sys.modules and sys.modules['numpy'] is not None\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_demo_loads_through_the_auto_classes(demo_dir):
