@@ -173,6 +173,8 @@ def _pairwise(args: argparse.Namespace) -> int:
     from engine.store import EvalStore, Store
 
     db = _db(args)
+    if args.a == args.b:
+        raise RecipeError(f"pairwise: run {args.a} against itself; give two evaluation runs")
     _eval_run_ids(db, [args.a, args.b], "pairwise")
     a_config, b_config = config_from_run(db, args.a), config_from_run(db, args.b)
     with Store(db) as store:
@@ -204,13 +206,25 @@ def _pairwise(args: argparse.Namespace) -> int:
         calls = sum(1 for _, p in jobs if not judge.cached(p))
         print(f"pairwise: {len(shared)} questions in both orders; {calls} calls to make "
               f"({len(jobs) - calls} answered by the cache)", flush=True)
+        failures, silent = [], []  # of this command's calls: failed ones, and replies without a conclusion
         for (item_id, first), key, verdict, reply in judge_pairs(judge, jobs):
             evals.add_pairwise(args.a, args.b, item_id, first, judge.label, verdict, reply, key or None)
+            if not key:
+                failures.append(reply)
+            elif verdict is None:
+                silent.append(reply)
         rows = evals.pairwise(args.a, args.b, judge.label)
         votes = chat_votes(store, a_config.checkpoint, b_config.checkpoint)
     rep = report(a_config.name, b_config.name, list(a_items.values()), list(b_items.values()), rows, votes)
     print(render(rep), end="")
-    return 0
+    if failures:
+        print(f"{len(failures)} judge calls failed, the first: {failures[0]}; the same command asks again",
+              file=sys.stderr)
+    if silent:
+        print(f"{len(silent)} replies named no winner, the first: {silent[0][:200]!r}; the same command asks again",
+              file=sys.stderr)
+    # Not one item judged in both orders: nothing in the table is a result (a judge down, or the wrong model).
+    return 1 if rep.items == 0 else 0
 
 
 def _reward_model(spec: str | None, db: str) -> str | None:

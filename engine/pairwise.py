@@ -229,7 +229,7 @@ def judge_pairs(judge: Any, jobs: Iterable[tuple[tuple[int, str], str]], stop: t
             reply, p, c = judge.call(request, calls)
             if parse_verdict(reply) is not None:
                 break
-        if judge.cache is not None:
+        if judge.cache is not None and parse_verdict(reply) is not None:  # no conclusion: asked again next time
             judge.cache.put(key, judge.label, request, reply, (p, c))
         return key, parse_verdict(reply), reply
 

@@ -297,6 +297,18 @@ def test_pairwise_with_a_judge_that_always_prefers_the_first_slot(workdir):
         biased.close()
     text = out.stdout
     assert "10 items judged in both orders" in text
+    itself = rlhf_eval("pairwise", "1", "1", "--judge-url", biased.url, "--judge-model", "biased",
+                       "--judge-key-env", "THE_JUDGE_KEY", env=env)
+    assert itself.returncode == 2 and "run 1 against itself" in itself.stderr
+    # A judge that is down (HTTP 500 on every call): no table of zeros with exit 0, but the reason, exit 1.
+    down = JudgeServer(lambda body, index: ("status", 500, "upstream overloaded"))
+    try:
+        failed = rlhf_eval("pairwise", "1", "2", "--judge-url", down.url, "--judge-model", "other",
+                           "--judge-key-env", "THE_JUDGE_KEY", "--judge-retries", "0", env=env)
+    finally:
+        down.close()
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "20 judge calls failed, the first: " in failed.stderr and "500" in failed.stderr
     assert "| 0.0% [0.0%, 0.0%] | 100.0% [100.0%, 100.0%] | 0.0% [0.0%, 0.0%] | 0.0% | 100.0% |" in text
     assert "below 60 %" in text
 
