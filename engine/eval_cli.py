@@ -110,7 +110,7 @@ def _eval_run_ids(db: Path, wanted: list[int], option: str) -> None:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from engine.scores import DifferentItems, render
+    from engine.scores import NotComparable, render
 
     db = _db(args)
     if not db.exists():
@@ -133,7 +133,7 @@ def _table(args: argparse.Namespace) -> int:
             evals = EvalStore(store)
             try:
                 deltas = paired_deltas(evals.scored_items(a), evals.scored_items(b), f"run {a}", f"run {b}")
-            except DifferentItems as err:
+            except NotComparable as err:
                 raise RecipeError(f"--delta: {err}") from None
     print(render(eval_rows(db, wanted), args.format), end="")
     if deltas is not None:

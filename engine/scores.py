@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -123,8 +122,21 @@ class Delta:
     n: int
 
 
-class DifferentItems(ValueError):
+class NotComparable(ValueError):
+    """Two evaluation runs whose scores cannot be set against each other."""
+
+
+class DifferentItems(NotComparable):
     """Two evaluation runs hold different questions under one item id: they used different eval sets."""
+
+
+class DifferentJudges(NotComparable):
+    """Two evaluation runs scored by different judges (an LLM's rubric, a reward model's sigmoid): their
+    scores are on different scales."""
+
+
+def judges_of(items: Sequence[dict[str, Any]]) -> set[str]:
+    return {i["judge"] for i in items if i.get("judge") and i.get("score") is not None}
 
 
 def shared_items(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], a_name: str = "A", b_name: str = "B"
@@ -157,6 +169,10 @@ def paired_deltas(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], a_na
     DifferentItems for runs of two eval sets."""
     import numpy as np
 
+    if judges_of(a) and judges_of(b) and judges_of(a) != judges_of(b):
+        raise DifferentJudges(f"{a_name} was judged by {', '.join(sorted(judges_of(a)))} and {b_name} by "
+                              f"{', '.join(sorted(judges_of(b)))}: their scores are on different scales, and "
+                              "only runs of one judge can be paired")
     a_by_id = {i["item_id"]: i for i in a}
     b_by_id = {i["item_id"]: i for i in b}
     pairs: dict[str, list[float]] = {c: [] for c in CATEGORIES}
@@ -180,16 +196,24 @@ def paired_deltas(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], a_na
     return deltas
 
 
+def comparable(rows: Sequence[Row]) -> bool:
+    """The measured rows were scored by one judge (their means are on one scale)."""
+    return len({r.judge for r in rows if r.run_id is not None and r.judge}) <= 1
+
+
 def best_per_column(rows: Sequence[Row]) -> dict[str, set[int]]:
-    """Indices of the measured rows holding each column's highest mean (ties all marked); the published
-    reference row is there to compare with, not to compete."""
+    """Indices of the measured rows holding each column's highest mean as shown (three decimals: two rows
+    that read the same are both best, not one by float noise); the published reference row is there to
+    compare with, not to compete. None at all where the rows were scored by different judges."""
     best: dict[str, set[int]] = {}
+    if not comparable(rows):
+        return best
     for column in COLUMNS:
-        values = [(r.cells[column].mean, k) for k, r in enumerate(rows) if r.run_id is not None
+        values = [(round(r.cells[column].mean, 3), k) for k, r in enumerate(rows) if r.run_id is not None
                   and r.cells.get(column) and r.cells[column].mean is not None]
         if values:
             top = max(v for v, _ in values)
-            best[column] = {k for v, k in values if math.isclose(v, top, abs_tol=1e-12)}
+            best[column] = {k for v, k in values if v == top}
     return best
 
 
@@ -231,6 +255,10 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
             cells.append(f"**{text}**" if k in best.get(c, set()) else text)
         label = r.name if r.run_id is None else f"{r.name} (evaluation run {r.run_id})"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    notes = [f"evaluation run {r.run_id}: judged by {r.judge}; n / unscored / not judged per column: " + ", ".join(
-        f"{c} {r.cells[c].n}/{r.cells[c].unscored}/{r.cells[c].missing}" for c in COLUMNS) for r in rows if r.run_id]
+    notes = [f"evaluation run {r.run_id}: {f'judged by {r.judge}' if r.judge else 'not judged yet'}; n / unscored "
+             "/ not judged per column: " + ", ".join(
+                 f"{c} {r.cells[c].n}/{r.cells[c].unscored}/{r.cells[c].missing}" for c in COLUMNS)
+             for r in rows if r.run_id]
+    if not comparable(rows):
+        notes.append("these runs were scored by different judges: no best is marked (give --runs of one judge)")
     return "\n".join(lines + [""] + notes) + "\n"

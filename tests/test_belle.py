@@ -172,6 +172,25 @@ def test_runs_of_two_eval_sets_are_never_paired():
         paired_deltas(a, moved)
 
 
+def test_runs_of_two_judges_are_never_paired_nor_ranked_and_a_tie_as_shown_is_a_tie():
+    from engine.scores import DifferentJudges, best_per_column
+
+    llm = [dict(i, judge="openai:gpt-4o") for i in _items({c: [0.8] * 2 for c in CATEGORIES})]
+    rm = [dict(i, judge="rm:runs/2/final", score=0.5) for i in llm]
+    with pytest.raises(DifferentJudges, match=r"run 7 was judged by openai:gpt-4o and run 23 by rm:runs/2/final"):
+        paired_deltas(llm, rm, "run 7", "run 23")
+    rows = [reference_row(), summarize("a", llm, 7, "openai:gpt-4o"), summarize("b", rm, 23, "rm:runs/2/final")]
+    assert best_per_column(rows) == {}
+    table = render(rows)
+    assert "**" not in table and "scored by different judges: no best is marked" in table
+    # One judge, means that differ in the eighth decimal (same answers, float noise): both best, as shown.
+    close = [summarize(name, [dict(i, score=i["score"] + eps) for i in llm], k, "openai:gpt-4o")
+             for k, (name, eps) in enumerate((("a", 0.0), ("b", 1e-8)), start=1)]
+    assert best_per_column([reference_row(), *close])[MACRO] == {1, 2}
+    waiting = summarize("c", [dict(i, score=None, status=None, judge=None) for i in llm], 3)
+    assert "evaluation run 3: not judged yet;" in render([waiting])
+
+
 def test_pairwise_verdicts_in_both_languages():
     from engine.pairwise import FIRST, SECOND, TIE, parse_verdict
 

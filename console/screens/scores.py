@@ -108,8 +108,11 @@ class ScoresScreen(Screen[None]):
             info.update(Text(message.error, style="red"))
             return
         self.query_one(ScoreTable).show(message.rows, message.best)
+        from engine.scores import comparable
+
         measured = sum(1 for r in message.rows if r.run_id is not None)
-        info.update(Text(f"{measured} evaluation runs · rlhf eval belle CHECKPOINT --eval-dir DIR adds one"
+        mixed = "" if comparable(message.rows) else " · scored by different judges: no best is marked"
+        info.update(Text(f"{measured} evaluation runs{mixed} · rlhf eval belle CHECKPOINT --eval-dir DIR adds one"
                          if measured else "no evaluation run yet: rlhf eval belle CHECKPOINT --eval-dir DIR"))
 
     def on_data_table_cell_highlighted(self, event: DataTable.CellHighlighted) -> None:
@@ -172,14 +175,14 @@ class ScoresScreen(Screen[None]):
 
     @work(thread=True, group="scores-deltas", exit_on_error=False)
     def load_deltas(self, a: int, b: int) -> None:
-        from engine.scores import DifferentItems, paired_deltas
+        from engine.scores import NotComparable, paired_deltas
         from engine.store import EvalStore, Store
 
         with Store(self.app.db_path) as store:
             evals = EvalStore(store)
             try:
                 deltas = paired_deltas(evals.scored_items(a), evals.scored_items(b), f"run {a}", f"run {b}")
-            except DifferentItems as err:
+            except NotComparable as err:
                 self.post_message(DeltasLoaded("", [], str(err)))
                 return
         lines = [f"{d.column:>16}: " + ("-" if d.mean is None else f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
