@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_eval_command(args)
         if args.command == "train":
-            from engine.run import RUN_ID_ENV, resume_hint, resume_recipe
+            from engine.run import RUN_ID_ENV, resume_hint, resume_recipe, say
             from engine.store import Store, default_db_path
             from engine.train import EXIT_STOPPED, configure_logging, run_stage
 
@@ -390,13 +390,13 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging()
             run_id, status = run_stage(args.stage, recipe, overrides, args.db)
             if status == "stopped":
-                print(f"run {run_id} stopped; continue it with: {resume_hint(args.stage, run_id, args.db)}")
+                say(f"run {run_id} stopped; continue it with: {resume_hint(args.stage, run_id, args.db)}")
                 return EXIT_STOPPED
-            print(f"run {run_id} finished")
+            say(f"run {run_id} finished")
             return 0
         assert args.command == "launch"
         from engine.launch import prepare, start_detached, supervise
-        from engine.run import resume_hint
+        from engine.run import resume_hint, say
         from engine.train import EXIT_STOPPED
 
         _recipe_or_resume(args)
@@ -408,9 +408,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"run {run.run_id}: logging to {run.log_path}", file=sys.stderr, flush=True)
         code = supervise(run, echo=True)
-        print(f"run {run.run_id} exited with code {code}")
+        say(f"run {run.run_id} exited with code {code}")
         if code == EXIT_STOPPED:
-            print(f"continue it with: {resume_hint(args.stage, run.run_id, args.db, 'launch')} "
+            say(f"continue it with: {resume_hint(args.stage, run.run_id, args.db, 'launch')} "
                   f"--accelerate-config {args.accelerate_config}")
         return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
     except (RecipeError, DataError, StoreError) as err:

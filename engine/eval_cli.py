@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from engine.config import RecipeError, a_run_of
-from engine.run import EXIT_STOPPED
+from engine.run import EXIT_STOPPED, say
 
 
 def _db(args: argparse.Namespace) -> Path:
@@ -73,9 +73,9 @@ def _belle(args: argparse.Namespace) -> int:
     if status == "stopped":
         from engine.run import resume_hint
 
-        print(f"evaluation run {run_id} stopped; continue it with: {resume_hint('eval', run_id, args.db)}")
+        say(f"evaluation run {run_id} stopped; continue it with: {resume_hint('eval', run_id, args.db)}")
         return EXIT_STOPPED
-    print(f"evaluation run {run_id} {status}; the table: rlhf eval table" + (f" --db {args.db}" if args.db else ""))
+    say(f"evaluation run {run_id} {status}; the table: rlhf eval table" + (f" --db {args.db}" if args.db else ""))
     return 0
 
 

@@ -290,6 +290,9 @@ def _raise_stop() -> None:
     raise StopRequested()
 
 
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what a run of this process takes as its stop
+
+
 def catch_stops(on_stop: Callable[[], None], what: str) -> None:
     """Route a stop to `on_stop`: SIGTERM always, and Ctrl-C in a run that is this process's own (`rlhf
     train`, `rlhf eval` in a terminal; a launched run's Ctrl-C goes to its launcher). The first Ctrl-C asks
@@ -300,6 +303,9 @@ def catch_stops(on_stop: Callable[[], None], what: str) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: on_stop())
     if os.environ.get(LAUNCHED_ENV) == "1":
         return
+    # Its terminal closed (a dropped SSH): stopped as by Ctrl-C, with its checkpoint, rather than killed by
+    # the hang-up with nothing saved; `rlhf launch` or the console make a run that outlives its terminal.
+    signal.signal(signal.SIGHUP, lambda signum, frame: on_stop())
 
     def interrupt(signum: int, frame: object) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -308,7 +314,12 @@ def catch_stops(on_stop: Callable[[], None], what: str) -> None:
             sys.stderr.write(line)
             sys.stderr.flush()
         except RuntimeError:  # the signal came in the middle of a write to stderr: past its buffer, then
-            os.write(2, line.encode())
+            try:
+                os.write(2, line.encode())
+            except OSError:
+                pass
+        except OSError:  # no terminal any more (a closed pipe): the stop is what matters
+            pass
         on_stop()
 
     signal.signal(signal.SIGINT, interrupt)
@@ -319,23 +330,43 @@ class _Tee:
 
     def __init__(self, stream: Any, log: Any):
         self._stream, self._log = stream, log
+        self._gone = False  # the terminal went away (a closed pipe, a dropped SSH): the log alone goes on
 
     def write(self, text: str) -> int:
         try:
             self._log.write(text)
         except (OSError, ValueError):  # a full disk or a closed log must not stop the run
             pass
-        return self._stream.write(text)
+        if not self._gone:
+            try:
+                self._stream.write(text)
+            except (OSError, ValueError):  # `| head` has read enough; a hung-up terminal gives EIO
+                self._gone = True
+        return len(text)
 
     def flush(self) -> None:
         try:
             self._log.flush()
         except (OSError, ValueError):
             pass
-        self._stream.flush()
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._gone = True
 
     def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding...: the terminal's
         return getattr(self._stream, name)
+
+
+def say(text: str) -> None:
+    """A line for the terminal after a run's end (how it ended, how to continue it): the run's record is
+    written already, and a terminal that went away meanwhile (`| head`, a dropped SSH) must not turn that
+    into a failure."""
+    try:
+        print(text, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _same_file(stream: Any, log: Any) -> bool:
@@ -394,7 +425,7 @@ def tracked_run(
     """The run registered (or continued), its status kept in runs.db to its end. While it lasts, SIGTERM
     and Ctrl-C are its stops; the handlers found before are put back however it ends."""
     main_thread = threading.current_thread() is threading.main_thread()
-    before = [(s, signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT)] if main_thread else []
+    before = [(s, signal.getsignal(s)) for s in STOPS] if main_thread else []
     try:
         with _tracked_run(db_path, stage, recipe, recipe_path, overrides) as handle:
             yield handle
@@ -410,9 +441,9 @@ def _hold_stops() -> dict[int, Any] | None:
     if threading.current_thread() is not threading.main_thread():
         return None
     held: dict[int, Any] = {"seen": []}
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(signum) is signal.default_int_handler:
-            continue  # Ctrl-C is not this run's stop (a launched rank's): it interrupts as ever
+    for signum in STOPS:
+        if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
+            continue  # not this run's stop (a launched rank's Ctrl-C and hang-up): as ever
         held[signum] = signal.signal(signum, lambda number, frame: held["seen"].append(number))
     return held
 
@@ -421,7 +452,7 @@ def _release_stops(held: dict[int, Any] | None) -> None:
     """The handlers back, and the stops that came meanwhile handled by them, here."""
     if held is None:
         return
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOPS:
         if signum in held:
             signal.signal(signum, held[signum])
     for signum in held["seen"]:

@@ -733,3 +733,31 @@ def test_rlhf_stop_wait_on_a_run_that_recorded_its_end_waits_for_its_processes(w
     assert (plain.returncode, plain.stdout) == (0, f"run {failed} is failed: nothing to stop\n")
     waited = subprocess.run([*RLHF, "stop", str(failed), "--wait"], capture_output=True, text=True, timeout=60)
     assert waited.returncode == 1 and waited.stdout.splitlines()[-1] == f"run {failed}: failed (ValueError: bad batch)"
+
+
+def test_a_run_in_a_terminal_that_goes_away_keeps_training_or_stops_with_its_checkpoint(workdir):
+    """`rlhf train ... | head -1` has read all it wanted: the run goes on to its end, its log whole. A hang-up
+    (the SSH connection dropped) stops it as Ctrl-C does: a checkpoint, then `stopped`, not killed unsaved."""
+    piped = subprocess.Popen([*RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=4", "--set",
+                              "train.logging_steps=1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    piped.stdout.readline()
+    piped.stdout.close()  # as `head -1` exits
+    piped.stderr.close()
+    assert piped.wait(timeout=300) == 0
+    row = run_row(1)
+    assert row["status"] == "done" and row["step"] == 4
+    assert (Path(row["output_dir"]) / "train.log").read_text(encoding="utf-8").count("'loss'") == 4  # all of it
+
+    hung = subprocess.Popen([*RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=400", "--set",
+                             "train.logging_steps=1", "--set", "train.save_steps=1000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait(lambda: len(metric(2, "loss")) >= 2)
+        hung.send_signal(signal.SIGHUP)
+        assert hung.wait(timeout=120) == 143
+    finally:
+        hung.kill()
+    row = run_row(2)
+    assert row["status"] == "stopped" and row["exit_code"] == 143
+    with Store(os.environ["RLHF_DB"]) as store:
+        assert store.checkpoints(2)[-1]["step"] == row["step"] < 400
