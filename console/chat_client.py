@@ -16,6 +16,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from engine.chat_worker import PARENT_ENV
+
 
 @dataclass(frozen=True)
 class ModelChoice:
@@ -56,6 +58,7 @@ class ChatWorker:
         self._stderr = tempfile.TemporaryFile(prefix="rlhf-chat-")
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env[PARENT_ENV] = str(os.getpid())  # the worker ends with this process, however it ends
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.chat_worker", *choice.argv(),
              "--cpu-threads", str(max(1, (os.cpu_count() or 1) // max(share, 1)))], stdin=subprocess.PIPE,

@@ -153,6 +153,30 @@ def serve(model: Any) -> None:
             emit({"event": "error", "id": rid, "message": f"{type(err).__name__}: {err}"})
 
 
+# A worker ends with the console that started it. A console that quits asks its workers to, but one blocked
+# in a slow endpoint call hears that only when the call returns (minutes, with retries), and a console that
+# crashes or is killed asks nothing: the kernel ends the worker with its parent instead.
+PARENT_ENV = "RLHF_CHAT_PARENT"  # the console's pid, set for the worker it starts
+_PR_SET_PDEATHSIG = 1
+
+
+def end_with_parent() -> None:
+    """SIGTERM to this process when its parent ends (Linux: strictly, when the parent's thread that started
+    it ends; the console starts its workers from its UI thread); ended at once if the parent has gone."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it ended before the request above: nothing would signal it now
+        sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.chat_worker")
     parser.add_argument("--model", help="a Hugging Face model folder")
@@ -163,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads on a CPU: workers that share the cores must split them, or their "
                              "threads spin against each other")
     args = parser.parse_args(argv)
+    end_with_parent()
     start = time.perf_counter()
     if args.cpu_threads and args.model:
         import torch

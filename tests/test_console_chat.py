@@ -356,3 +356,46 @@ async def test_an_evaluation_stopped_from_the_console_resumes_from_it(workdir, m
             except ProcessLookupError:
                 pass
     assert run["exit_code"] == 0
+
+
+def test_a_chat_worker_ends_with_the_console_that_started_it_even_killed():
+    """A console killed with -9 asks its workers nothing, and a worker blocked in a slow endpoint call would
+    not hear it anyway: the kernel ends the worker with its parent. Here the worker's stdin stays open (the
+    test holds its other end), so only that can end it."""
+    import subprocess
+    import sys
+    import time
+
+    from engine.chat_worker import PARENT_ENV
+
+    read, write = os.pipe()
+    starter = ("import os, subprocess, sys, time\n"
+               f"env = dict(os.environ, {PARENT_ENV}=str(os.getpid()))\n"
+               "worker = subprocess.Popen([sys.executable, '-m', 'engine.chat_worker', '--endpoint',\n"
+               "                           'http://127.0.0.1:9/v1', '--endpoint-model', 'm', '--key-env', ''],\n"
+               f"                          stdin={read}, stdout=subprocess.PIPE, env=env)\n"
+               "print(worker.pid, flush=True)\nprint(worker.stdout.readline().decode(), end='', flush=True)\n"
+               "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True, pass_fds=[read])
+    os.close(read)
+    try:
+        worker = int(parent.stdout.readline())
+        assert '"event": "ready"' in parent.stdout.readline()  # serving, its stdin open
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _alive(worker):
+            time.sleep(0.05)
+        assert not _alive(worker)
+    finally:
+        os.close(write)
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
