@@ -29,6 +29,38 @@ WEIGHT_FILES = (
 
 # Architectures of models that score or label text and write none (config.json's `architectures`).
 SCORING_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _safetensors_problem(folder: Path) -> str | None:
+    """A safetensors file cut short (a copy or a save that did not finish) fails deep inside loading with
+    "incomplete metadata": its header says how long it is, and that is checked here, without reading the
+    tensors."""
+    import json
+    import struct
+
+    index = folder / "model.safetensors.index.json"
+    try:
+        files = (sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+                 if index.is_file() else ["model.safetensors"] if (folder / "model.safetensors").is_file() else [])
+    except (OSError, ValueError, KeyError) as err:
+        return f"has an unreadable model.safetensors.index.json ({err})"
+    for name in files:
+        path = folder / name
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length)) if 8 + length <= size else None
+        except (OSError, ValueError, struct.error):
+            header = None
+        if header is None:
+            return f"has a damaged weights file ({name}: no complete header; a copy or save cut short?)"
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + length + end > size:
+            return (f"has a damaged weights file ({name}: {size:,} bytes of the {8 + length + end:,} its header "
+                    "names; a copy or save cut short?)")
+    return None
 
 
 def model_folder_problem(path: str, kind: str = "model") -> str | None:
@@ -44,6 +76,11 @@ def model_folder_problem(path: str, kind: str = "model") -> str | None:
         return "holds no model (no config.json)"
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         return f"holds no weights (none of {', '.join(WEIGHT_FILES)})"
+    damaged = _safetensors_problem(folder)
+    if damaged is not None:
+        return damaged
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return "holds no tokenizer (none of tokenizer.json, tokenizer_config.json: save it beside the model)"
     if kind == "model":
         return None
     try:

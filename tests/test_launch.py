@@ -183,6 +183,22 @@ def test_launches_that_would_not_run_as_asked_are_refused_before_anything_is_reg
     (empty / "config.json").write_text("{}")
     with pytest.raises(RecipeError, match=r"holds no weights"):
         prepare("sft", str(TINY), [f"model.path={empty}"], str(ACCEL / "cpu.yaml"))
+    # A model folder copied without its tokenizer, and one whose weights were cut short (a copy or save
+    # that did not finish): said before anything loads, not as a tokenizer library's or a header's error.
+    import shutil
+
+    untokenized, cut = workdir / "untokenized", workdir / "cut"
+    shutil.copytree(workdir / "demo" / "model", untokenized)
+    for tokenizer_file in untokenized.glob("tokenizer*"):
+        tokenizer_file.unlink()
+    with pytest.raises(RecipeError, match=r"'.*untokenized' holds no tokenizer"):
+        prepare("sft", str(TINY), [f"model.path={untokenized}"], str(ACCEL / "cpu.yaml"))
+    shutil.copytree(workdir / "demo" / "model", cut)
+    weights = cut / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(weights.stat().st_size // 2)
+    with pytest.raises(RecipeError, match=r"'.*cut' has a damaged weights file \(model.safetensors: .* bytes of the "):
+        prepare("sft", str(TINY), [f"model.path={cut}"], str(ACCEL / "cpu.yaml"))
     with pytest.raises(RecipeError, match=r"ppo.reward_model: 'demo/model' is not a reward model"):
         prepare("ppo", str(TINY), ["reward_model=demo/model", "reward_fn=null"], str(ACCEL / "cpu.yaml"))
     assert not (workdir / "runs.db").exists()
