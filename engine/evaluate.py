@@ -192,7 +192,11 @@ def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop:
         judge = RewardJudge(config.reward_model)
         # On the whole set's references, whatever --limit or --per-class took: a subset's scores stay the
         # full run's.
-        judge.calibrate(load_items(config.eval_dir) if config.limit or config.per_class else items)
+        references = load_items(config.eval_dir) if config.limit or config.per_class else items
+        print(f"judge: the reward model scores the eval set's {sum(1 for i in references if i.reference.strip())} "
+              "reference answers first (what an answer without a reference is set against)", flush=True)
+        if not judge.calibrate(references, lambda: stop.requested):
+            return
         print(plan_line(config, list(prompts.values()), 0), flush=True)
         for start in range(0, len(todo), config.batch_size):
             if stop.requested:

@@ -234,7 +234,7 @@ def test_a_judge_that_never_gives_a_score_fails_the_run_and_is_asked_again_once_
         assert [j["status"] for j in EvalStore(store).judgments(1)] == ["scored"] * 3
 
 
-def test_the_reward_model_judges_offline(workdir):
+def test_the_reward_model_judges_offline(workdir, monkeypatch):
     rm_run, _ = run_stage("rm", str(TINY), ["train.max_steps=4", "train.eval_ratio=0"])
     rm = Path(run_row(rm_run)["output_dir"]) / "final"
     write_sample(workdir / "belle", per_class=1)
@@ -245,6 +245,13 @@ def test_the_reward_model_judges_offline(workdir):
     from engine.judge.reward import RewardJudge
 
     judge = RewardJudge(str(rm), "cpu")
+    import engine.judge.reward
+    from engine.belle import load_items as all_items
+
+    monkeypatch.setattr(engine.judge.reward, "CALIBRATION_CHUNK", 4)  # several chunks of this small set
+    asked = []  # a stop during the references' scoring is taken between chunks, not after all of them
+    assert not judge.calibrate(all_items(workdir / "belle"), lambda: asked.append(1) or len(asked) > 1)
+    assert len(asked) == 2 and (judge.mu, judge.sigma) == (0.0, 1.0)
     with Store(os.environ["RLHF_DB"]) as store:
         rows = EvalStore(store).scored_items(2)
     assert len(rows) == 10 and all(0 < r["score"] < 1 for r in rows)

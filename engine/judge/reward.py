@@ -9,11 +9,13 @@ reference scores 0.5 there too). No call leaves the machine; nothing is cached (
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 from engine.belle import Item
 from engine.judge import SCORED, Verdict
 from engine.template import Turn
+
+CALIBRATION_CHUNK = 64  # references scored between two looks for a stop
 
 
 class RewardJudge:
@@ -37,14 +39,21 @@ class RewardJudge:
         prompts = [(Turn("user", item.question),) for item in items]
         return self.scorer(prompts, list(answers)).tolist() if items else []
 
-    def calibrate(self, items: Sequence[Item]) -> None:
-        """μ and s from the rewards of the references of `items` (those that have one)."""
+    def calibrate(self, items: Sequence[Item], stopped: Callable[[], bool] = lambda: False) -> bool:
+        """μ and s from the rewards of the references of `items` (those that have one); False if `stopped`
+        said so first (checked between chunks: the whole eval set's references take minutes on a CPU)."""
         with_ref = [i for i in items if i.reference.strip()]
-        rewards = self._rewards(with_ref, [i.reference for i in with_ref])
+        rewards: list[float] = []
+        for start in range(0, len(with_ref), CALIBRATION_CHUNK):
+            if stopped():
+                return False
+            chunk = with_ref[start : start + CALIBRATION_CHUNK]
+            rewards += self._rewards(chunk, [i.reference for i in chunk])
         if len(rewards) >= 2:
             self.mu = sum(rewards) / len(rewards)
             var = sum((r - self.mu) ** 2 for r in rewards) / (len(rewards) - 1)
             self.sigma = max(math.sqrt(var), 1e-6)
+        return True
 
     def judge(self, items: Sequence[Item], answers: Sequence[str]) -> list[Verdict]:
         rewards = self._rewards(items, answers)
