@@ -220,6 +220,9 @@ def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop:
         progress(judged=[verdict])
 
 
+PROGRESS_EVERY_S = 30.0  # between two progress lines of an evaluation
+
+
 def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = None) -> tuple[int, str]:
     """Validate, register (or reclaim), answer, judge. Returns (run id, final status)."""
     from engine.run import RUN_ID_ENV, StopRequested, stop_seen, tracked_run
@@ -261,6 +264,15 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                 counts["score_sum"] += j["score"]
                 counts["scored"] += 1
         unscored_replies: list[str] = []  # of this stretch
+        said = {"at": None}  # when progress was last printed (the first batch's at once)
+
+        def say_progress(done: bool) -> None:
+            now = time.monotonic()
+            if said["at"] is not None and now - said["at"] < PROGRESS_EVERY_S and not done:
+                return
+            said["at"] = now
+            judged = f", {counts['judged']} judged ({counts['scored']} scored)" if counts["judged"] else ""
+            print(f"{time.strftime('%H:%M:%S')} {counts['answered']} of {n} answered{judged}", flush=True)
 
         def progress(answered: int = 0, tokens: int = 0, seconds: float = 0.0, judged: list | None = None) -> None:
             metrics: dict[str, float] = {}
@@ -284,6 +296,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                                 "eval/failed": counts["failed"],
                                 "eval/score_mean": counts["score_sum"] / max(counts["scored"], 1)})
             store.log_metrics(run_id, counts["answered"] + counts["judged"], metrics)
+            # A terminal (and the run's log) hears how far it got, not only the console's progress bar.
+            say_progress(counts["answered"] + counts["judged"] + counts["failed"] >= 2 * n)
 
         todo = [r for r in rows if r["answer"] is None]
         if todo and config.answers_from is None:

@@ -329,6 +329,10 @@ def test_runs_of_two_eval_sets_are_never_paired_and_answers_stay_with_their_ques
         for folder in ("belle", "other"):
             done = rlhf_eval("belle", "demo/model", "--eval-dir", folder, *judge_args(server), env=env)
             assert done.returncode == 0, done.stderr
+            # How far it got, on the terminal and in its log: the first batch at once, the end always.
+            assert re.search(rf"^\d\d:\d\d:\d\d 4 of {n} answered$", done.stdout, re.M), done.stdout
+            assert re.search(rf"^\d\d:\d\d:\d\d {n} of {n} answered, {n} judged \({n} scored\)$", done.stdout,
+                             re.M), done.stdout
         calls = len(server.calls)
 
         refused = {
