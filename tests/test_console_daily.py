@@ -138,6 +138,9 @@ async def test_the_palette_finds_every_action_and_help_lists_each_once(many_runs
         assert "?, ?" not in text and "[/b]" not in text and "[, ]" not in text
         assert "?, f1" in text and "Samples: previous step" in text and text.count("Help") == 1
         assert text.index("\nRuns\n") < text.index("\nLaunch\n") < text.index("\nGPUs\n")
+        # One action name on two screens (runs' space marks for the overlay, scores' space for deltas): both.
+        scores = text.split("\nScores\n", 1)[1].split("\n\n", 1)[0]
+        assert "Mark" in scores and "Export" in scores and "Paired delta" in scores, scores
         await pilot.press("escape", "g")  # help on another screen lists that screen's keys first
         await wait_for(pilot, lambda: isinstance(app.screen, GpuScreen), 5, "the GPU screen")
         await pilot.press("question_mark")

@@ -28,10 +28,12 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         # Text, not markup: keys such as [ and ] would read as markup tags.
         text = Text()
-        seen: set[str] = set()  # a screen's own key for an app action (n, g, ?) is listed once, under the app
-        for title, bindings in self.sections:
-            fresh = [b for b in bindings if _plain(b.action) not in seen]
-            seen.update(_plain(b.action) for b in bindings)
+        # A screen's own key for an app action (n, g, ?) is listed once, under the app (the first section);
+        # two screens' actions of one name (each its `mark`, its `export`) are each listed under their screen.
+        app_actions = {_plain(b.action) for b in self.sections[0][1]} if self.sections else set()
+        for k, (title, bindings) in enumerate(self.sections):
+            fresh = bindings if k == 0 else [b for b in bindings if not b.action.startswith("app.")
+                                             and _plain(b.action) not in app_actions]
             text.append(f"{title}\n", style="bold")
             for keys, description in rows(fresh):
                 text.append(f"  {keys:<14}", style="bold")
