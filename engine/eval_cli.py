@@ -80,7 +80,8 @@ def _belle(args: argparse.Namespace) -> int:
 
 
 def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
-    """A score-table row per evaluation run (every one, or those named), the published row first."""
+    """A score-table row per evaluation run (every one that has a score or may yet, or those named), the
+    published row first."""
     from engine.scores import reference_row, summarize
     from engine.store import EvalStore, Store
 
@@ -90,6 +91,8 @@ def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
         rows = [reference_row()]
         for run in runs:
             items = evals.scored_items(run["id"])
+            if run_ids is None and run["status"] == "failed" and all(i.get("score") is None for i in items):
+                continue  # a run that failed before any score (a bad checkpoint, a judge down): a row of dashes
             judge = next((i["judge"] for i in items if i.get("judge")), "")
             rows.append(summarize(run["name"], items, run["id"], judge))
     return rows

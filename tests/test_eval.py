@@ -185,6 +185,10 @@ def test_a_judge_that_refuses_every_call_fails_the_run_at_once_with_the_reason(w
     assert row["status"] == "failed" and "refused the call" in row["error"] and KEY not in row["error"]
     with Store(os.environ["RLHF_DB"]) as store:
         assert all(i["answer"] is not None for i in EvalStore(store).items(1))  # the answers stay for the resume
+    # Failed before any score: no row of dashes in the table, unless asked for by id.
+    listed = [r["run_id"] for r in json.loads(rlhf_eval("table", "--format", "json").stdout)]
+    named = [r["run_id"] for r in json.loads(rlhf_eval("table", "--format", "json", "--runs", "1").stdout)]
+    assert (listed, named) == ([None], [None, 1])
 
 
 def test_an_evaluation_whose_every_judge_call_failed_is_a_failed_run(workdir):
