@@ -706,9 +706,12 @@ async def test_c_and_l_say_why_not_for_runs_they_cannot_serve(many_runs):
         store.update_run(rm, status="done", started=T0, ended=T0 + 5)
         evaluation = store.create_run(stage="eval", name="tiny sft", recipe="", config="{}")
         store.update_run(evaluation, status="done", started=T0, ended=T0 + 5)
+        judged = store.create_run(stage="eval", name="tiny ppo", recipe="",
+                                  config=json.dumps({"checkpoint": "/models/ppo-final"}))
+        store.update_run(judged, status="done", started=T0, ended=T0 + 5)
     app = app_for(many_runs)
     async with app.run_test(size=(100, 32), notifications=True) as pilot:
-        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 14, 20, "the runs")
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 15, 20, "the runs")
         home = app.home
         home.select_run(rm)
         await wait_for(pilot, lambda: home.selected == rm, 10)
@@ -724,6 +727,15 @@ async def test_c_and_l_say_why_not_for_runs_they_cannot_serve(many_runs):
         await pilot.press("l")
         await wait_for(pilot, lambda: "--answers-from" in toasts(), 10, "how to run it again")
         assert isinstance(app.screen, RunsScreen)
+        await pilot.press("c")
+        await wait_for(pilot, lambda: "names no checkpoint" in toasts(), 10, "why not")
+        home.select_run(judged)  # c on an evaluation: the model it evaluated
+        await wait_for(pilot, lambda: home.selected == judged, 10)
+        await pilot.press("c")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the chat screen")
+        assert app.screen.specs == {"left": "/models/ppo-final", "right": None}
+        app.pop_screen()
+        await wait_for(pilot, lambda: isinstance(app.screen, RunsScreen), 10, "back")
         home.select_run(9)
         await wait_for(pilot, lambda: home.selected == 9, 10)
         await pilot.press("c")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -684,13 +685,22 @@ class RunsScreen(Screen):
             self.notify("select a run with a model (an SFT or PPO export), then press c", title="chat")
             return
         other = next((r for r in reversed(self.marked) if r != self.selected), None)
+        specs: list[str | None] = []
         for run_id in (self.selected, other):
-            stage = self.app.runs.get(run_id, {}).get("stage") if run_id is not None else None
-            if stage in ("rm", "eval"):  # a reward model scores answers; an evaluation has no model of its own
-                what = "a reward model: it scores answers, it writes none" if stage == "rm" else "an evaluation"
-                self.notify(f"run {run_id} is {what}; chat takes an SFT or PPO run", title="chat")
+            run = self.app.runs.get(run_id, {}) if run_id is not None else {}
+            if run.get("stage") == "rm":  # a reward model scores answers
+                self.notify(f"run {run_id} is a reward model: it scores answers, it writes none; chat takes an "
+                            "SFT or PPO run", title="chat")
                 return
-        self.app.open_chat(str(self.selected), str(other) if other is not None else None)
+            if run.get("stage") == "eval":  # the model it evaluated
+                try:
+                    specs.append(json.loads(run.get("config") or "{}")["checkpoint"])
+                except (ValueError, KeyError, TypeError):
+                    self.notify(f"run {run_id} is an evaluation that names no checkpoint", title="chat")
+                    return
+            else:
+                specs.append(str(run_id) if run_id is not None else None)
+        self.app.open_chat(specs[0], specs[1])
 
     def action_scores(self) -> None:
         from console.screens.scores import ScoresScreen
