@@ -97,6 +97,8 @@ def load_items(folder: str | Path, limit: int | None = None, per_class: int | No
     the first N; `per_class`: the first N of each class (a subset that still has every score-table column,
     which BELLE's order, grouped by class, does not give the first N)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise BelleError(f"{folder}: no such folder (an eval folder holds {SET_FILE} and {PROMPT_FILE})")
     rubrics = load_rubrics(folder)
     path = folder / SET_FILE
     items = []

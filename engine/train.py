@@ -73,6 +73,8 @@ def model_folder_problem(path: str, kind: str = "model") -> str | None:
         return "is not a folder"
     config_file = folder / "config.json"
     if not config_file.is_file():
+        if (folder / "policy" / "config.json").is_file():  # a PPO checkpoint: policy and value apart
+            return f"holds no model itself (no config.json): a PPO checkpoint's policy is in {folder / 'policy'}"
         return "holds no model (no config.json)"
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         return f"holds no weights (none of {', '.join(WEIGHT_FILES)})"

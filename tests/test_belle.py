@@ -67,6 +67,8 @@ def test_a_bad_eval_folder_names_file_and_line(tmp_path):
     (tmp_path / "eval_set.json").write_text('{"question": "q"\n', encoding="utf-8")
     with pytest.raises(BelleError, match=r"eval_set.json:1: not valid JSON"):
         load_items(tmp_path)
+    with pytest.raises(BelleError, match=r"nodir: no such folder \(an eval folder holds eval_set.json and "):
+        load_items(tmp_path / "nodir")
 
 
 # (reply, the answer it judged, expected score or None)

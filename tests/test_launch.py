@@ -180,6 +180,11 @@ def test_launches_that_would_not_run_as_asked_are_refused_before_anything_is_reg
     empty.mkdir()
     with pytest.raises(RecipeError, match=r"model.path: '.*nomodel' holds no model \(no config.json\)"):
         prepare("sft", str(TINY), [f"model.path={empty}"], str(ACCEL / "cpu.yaml"))
+    (empty / "policy").mkdir()  # a PPO checkpoint given whole: where its policy is
+    (empty / "policy" / "config.json").write_text("{}")
+    with pytest.raises(RecipeError, match=r"holds no model itself \(no config.json\): a PPO checkpoint's policy "
+                                          r"is in .*nomodel/policy"):
+        prepare("sft", str(TINY), [f"model.path={empty}"], str(ACCEL / "cpu.yaml"))
     (empty / "config.json").write_text("{}")
     with pytest.raises(RecipeError, match=r"holds no weights"):
         prepare("sft", str(TINY), [f"model.path={empty}"], str(ACCEL / "cpu.yaml"))
