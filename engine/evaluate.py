@@ -333,7 +333,32 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
             print(f"judged {counts['judged']} of {n}: {counts['scored']} scored, {counts['unscored']} unscored, "
                   f"{failed} failed calls" + (f" (to retry them: {resume_hint('eval', run_id, db_path)})"
                                               if failed else ""), flush=True)
+            try:
+                written = write_results(evals, run_id, config, handle.output_dir)
+                print(f"results: {', '.join(str(p) for p in written)}", flush=True)
+            except OSError as err:  # runs.db holds them all the same: a full disk here fails nothing
+                print(f"results: not written to {handle.output_dir} ({err}); rlhf eval table has them", flush=True)
     return handle.run_id, handle.status
+
+
+RESULT_FILES = ("answers.jsonl", "scores.md")
+
+
+def write_results(evals: Any, run_id: int, config: EvalConfig, folder: Path) -> list[Path]:
+    """The run's answers and verdicts (one JSON line per question) and its score-table row, in its folder:
+    what a user keeps, greps or hands on without opening runs.db. Rewritten whole at each end."""
+    from engine.scores import reference_row, render, summarize
+
+    rows = evals.scored_items(run_id)
+    answers, table = folder / RESULT_FILES[0], folder / RESULT_FILES[1]
+    with open(answers, "w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps({key: row.get(key) for key in (
+                "item_id", "category", "class", "question", "reference", "answer", "answer_tokens", "finished",
+                "judge", "score", "status", "problem", "reply")}, ensure_ascii=False) + "\n")
+    judge = next((r["judge"] for r in rows if r.get("judge")), "")
+    table.write_text(render([reference_row(), summarize(config.name, rows, run_id, judge)]), encoding="utf-8")
+    return [answers, table]
 
 
 def _answered_items(db_path: str | Path, source: int) -> set[int]:

@@ -330,13 +330,19 @@ def test_runs_of_two_eval_sets_are_never_paired_and_answers_stay_with_their_ques
     server = JudgeServer(score_by_answer)
     env = {"THE_JUDGE_KEY": KEY}
     try:
-        for folder in ("belle", "other"):
+        for run_id, folder in enumerate(("belle", "other"), start=1):
             done = rlhf_eval("belle", "demo/model", "--eval-dir", folder, *judge_args(server), env=env)
             assert done.returncode == 0, done.stderr
             # How far it got, on the terminal and in its log: the first batch at once, the end always.
             assert re.search(rf"^\d\d:\d\d:\d\d 4 of {n} answered$", done.stdout, re.M), done.stdout
             assert re.search(rf"^\d\d:\d\d:\d\d {n} of {n} answered, {n} judged \({n} scored\)$", done.stdout,
                              re.M), done.stdout
+            # Its results in its folder too: every answer with its verdict, and its row of the table.
+            results = Path(run_row(run_id)["output_dir"])
+            lines = [json.loads(line) for line in (results / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
+            assert len(lines) == n and all(r["answer"] is not None and r["status"] == "scored" for r in lines)
+            assert f"(evaluation run {run_id})" in (results / "scores.md").read_text(encoding="utf-8")
+            assert f"results: {results / 'answers.jsonl'}, {results / 'scores.md'}" in done.stdout
         calls = len(server.calls)
 
         refused = {
