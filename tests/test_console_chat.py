@@ -399,3 +399,13 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+def test_an_exported_chat_with_one_model_names_it_alone(tmp_path):
+    from console.screens.chat import export_chats
+
+    chat = {"id": 1, "created": 0.0, "left_model": "runs/1/final", "right_model": "", "blind": 0, "vote": None,
+            "settings": "{}", "transcript": json.dumps({"left": [{"role": "user", "content": "hi"}]})}
+    md, _ = export_chats([chat], tmp_path)
+    text = md.read_text(encoding="utf-8")
+    assert "model: `runs/1/final`" in text and "right:" not in text

@@ -487,8 +487,9 @@ def export_chats(chats: list[dict[str, Any]], folder: Path) -> tuple[Path, Path]
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(chat["created"]))
             lines.append(f"## chat {chat['id']} ({when})\n")
             vote = f", vote: {chat['vote']}" if chat["vote"] else ""
-            lines.append(f"left: `{chat['left_model']}`, right: `{chat['right_model']}`"
-                         f"{', blind' if chat['blind'] else ''}{vote}\n")
+            models = (f"left: `{chat['left_model']}`, right: `{chat['right_model']}`" if chat["right_model"]
+                      else f"model: `{chat['left_model']}`")  # a chat with one model has no right side
+            lines.append(f"{models}{', blind' if chat['blind'] else ''}{vote}\n")
             for side, turns in transcript.items():
                 lines.append(f"### {side}\n")
                 for turn in turns:
