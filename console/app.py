@@ -26,6 +26,7 @@ from textual.worker import get_current_worker
 
 from console.messages import (
     ActionDone,
+    ChatSettingsChosen,
     GpuRead,
     HistoryReset,
     LogRead,
@@ -67,6 +68,7 @@ class RlhfConsole(App):
     ):
         super().__init__()
         self.initial_chat = chat  # `rlhf chat A [B] [--key-env VAR]`: the chat screen opens over the runs
+        self.chat_settings: Any = None  # the last ones set in a chat (a ChatSettings), for the next chat
         self.db_path = Path(db_path).resolve()
         self.db_is_new = not self.db_path.exists()  # made by this console: a mistyped --db shows as such
         self.configs_dir = Path(configs_dir) if configs_dir is not None else default_configs_dir(self.db_path)
@@ -543,7 +545,11 @@ class RlhfConsole(App):
     def open_chat(self, left: str, right: str | None = None, key_env: str | None = None) -> None:
         from console.screens.chat import ChatScreen, ChatSettings
 
-        self.push_screen(ChatScreen(left, right, None if key_env is None else ChatSettings(key_env=key_env)))
+        settings = self.chat_settings if key_env is None else ChatSettings(key_env=key_env)
+        self.push_screen(ChatScreen(left, right, settings))
+
+    def on_chat_settings_chosen(self, message: ChatSettingsChosen) -> None:
+        self.chat_settings = message.settings  # a chat opened later starts from them, not from the defaults
 
     def action_launch(self) -> None:
         from console.screens.launch import LaunchScreen

@@ -97,3 +97,10 @@ class ChatModelsResolved(Message):
 
     choices: dict[str, Any]  # side -> console.chat_client.ModelChoice
     errors: dict[str, str] = field(default_factory=dict)  # side -> why it has no model
+
+
+@dataclass
+class ChatSettingsChosen(Message):
+    """The chat's sampling settings as the user set them (`o`): the next chat opens with them too."""
+
+    settings: Any  # console.screens.chat.ChatSettings

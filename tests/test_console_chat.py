@@ -409,3 +409,27 @@ def test_an_exported_chat_with_one_model_names_it_alone(tmp_path):
     md, _ = export_chats([chat], tmp_path)
     text = md.read_text(encoding="utf-8")
     assert "model: `runs/1/final`" in text and "right:" not in text
+
+
+@sync
+async def test_a_new_chat_starts_from_the_sampling_settings_set_in_the_last(workdir):
+    from console.screens.chat import ChatSettingsScreen
+    from console.screens.runs import RunsScreen
+
+    app = console()
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded, 20, "the runs")
+        app.open_chat(str(workdir / "no-model-here"))
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the chat")
+        await pilot.press("escape", "o")  # out of the question box: the screen's keys
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatSettingsScreen), 10, "the settings")
+        app.screen.query_one("#set-temperature").value = "0.2"
+        app.screen.query_one("#set-max_new_tokens").value = "64"
+        app.screen.apply()
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.settings.temperature == 0.2,
+                       10, "the settings applied")
+        app.pop_screen()
+        await wait_for(pilot, lambda: isinstance(app.screen, RunsScreen), 10, "back")
+        app.open_chat(str(workdir / "no-model-here"))
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the next chat")
+        assert (app.screen.settings.temperature, app.screen.settings.max_new_tokens) == (0.2, 64)

@@ -26,7 +26,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, Input, Label, Static
 
 from console.chat_client import ChatWorker, ModelChoice, parse_choice
-from console.messages import BelleQuestion, ChatEvent, ChatModelsResolved
+from console.messages import BelleQuestion, ChatEvent, ChatModelsResolved, ChatSettingsChosen
 from console.screens.dialogs import TextScreen
 from console.text import terminal_safe
 from console.widgets.chat_pane import ChatPane
@@ -404,6 +404,7 @@ class ChatScreen(Screen[None]):
             if settings is not None:
                 self.settings = settings
                 self.query_one("#chat-settings", Static).update(Text(settings.line()))
+                self.post_message(ChatSettingsChosen(settings))
                 await self._restart_endpoints()
 
         self.app.push_screen(ChatSettingsScreen(self.settings), apply)
