@@ -171,7 +171,7 @@ def chat_votes(store: object, a_checkpoint: str, b_checkpoint: str) -> list[dict
 def _pairwise(args: argparse.Namespace) -> int:
     from engine.evaluate import config_from_run
     from engine.judge.endpoint import EndpointJudge, JudgeSetupError
-    from engine.pairwise import judge_pairs, pairwise_prompt, render, report
+    from engine.pairwise import cached_verdict, judge_pairs, pairwise_prompt, render, report
     from engine.scores import DifferentItems, shared_items
     from engine.store import EvalStore, Store
 
@@ -206,7 +206,7 @@ def _pairwise(args: argparse.Namespace) -> int:
             for first, (x, y) in (("a", (a["answer"], b["answer"])), ("b", (b["answer"], a["answer"]))):
                 if (item_id, first) not in done:
                     jobs.append(((item_id, first), pairwise_prompt(a["question"], a["reference"], x, y)))
-        calls = sum(1 for _, p in jobs if not judge.cached(p))
+        calls = sum(1 for _, p in jobs if cached_verdict(judge, p) is None)
         print(f"pairwise: {len(shared)} questions in both orders; {calls} calls to make "
               f"({len(jobs) - calls} answered by the cache)", flush=True)
         failures, silent = [], []  # of this command's calls: failed ones, and replies without a conclusion

@@ -190,9 +190,9 @@ def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop:
         from engine.judge.reward import RewardJudge
 
         judge = RewardJudge(config.reward_model)
-        # On the whole set's references, whatever --limit or --per-class took: a subset's scores stay the
-        # full run's.
-        references = load_items(config.eval_dir) if config.limit or config.per_class else items
+        # The whole set's references, whatever part of it this run judges (--limit, --per-class, the
+        # questions an --answers-from run answered): a subset's scores are the full run's.
+        references = load_items(config.eval_dir)
         print(f"judge: the reward model scores the eval set's {sum(1 for i in references if i.reference.strip())} "
               "reference answers first (what an answer without a reference is set against)", flush=True)
         if not judge.calibrate(references, lambda: stop.requested):
@@ -211,9 +211,9 @@ def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop:
 
     judge = EndpointJudge(config.judge_url or "", config.judge_model or "", config.judge_key_env, cache=evals,
                           concurrency=config.concurrency, retries=config.judge_retries)
-    to_call = [p for p in prompts.values() if not judge.cached(p)]
-    print(plan_line(config, to_call, len(prompts) - len(to_call)), flush=True)
     answers = {row["item_id"]: row["answer"] for row in todo}
+    to_call = [p for item_id, p in prompts.items() if not judge.cached(p, answers[item_id])]
+    print(plan_line(config, to_call, len(prompts) - len(to_call)), flush=True)
     jobs = ((item_id, prompt, answers[item_id]) for item_id, prompt in prompts.items())
     for item_id, key, verdict in judge.judge_many(jobs, stop.event):
         evals.set_judgment(run_id, item_id, judge.label, verdict, key, prompts[item_id])

@@ -211,6 +211,15 @@ def render(rep: PairwiseReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cached_verdict(judge: Any, prompt: str) -> dict[str, Any] | None:
+    """The cached reply to a pairwise prompt, if it names a winner: one that does not (cached before such
+    replies stopped being kept) is asked again."""
+    from engine.judge import request_key
+
+    cached = judge.cache.get(request_key(judge.request(prompt))) if judge.cache is not None else None
+    return cached if cached is not None and parse_verdict(cached["reply"]) is not None else None
+
+
 def judge_pairs(judge: Any, jobs: Iterable[tuple[tuple[int, str], str]], stop: threading.Event | None = None
                 ) -> Iterable[tuple[tuple[int, str], str, str | None, str]]:
     """(job, cache key, verdict, reply) per (job, prompt) through an endpoint judge: its retries and cache,
@@ -220,7 +229,7 @@ def judge_pairs(judge: Any, jobs: Iterable[tuple[tuple[int, str], str]], stop: t
     def one(prompt: str) -> tuple[str, str | None, str]:
         request = judge.request(prompt)
         key = request_key(request)
-        cached = judge.cache.get(key) if judge.cache is not None else None
+        cached = cached_verdict(judge, prompt)
         if cached is not None:
             return key, parse_verdict(cached["reply"]), cached["reply"]
         calls = [0]

@@ -305,7 +305,9 @@ def catch_stops(on_stop: Callable[[], None], what: str) -> None:
         return
     # Its terminal closed (a dropped SSH): stopped as by Ctrl-C, with its checkpoint, rather than killed by
     # the hang-up with nothing saved; `rlhf launch` or the console make a run that outlives its terminal.
-    signal.signal(signal.SIGHUP, lambda signum, frame: on_stop())
+    # A hang-up already ignored (`nohup rlhf train ... &`) was meant to be outlived: it stays ignored.
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda signum, frame: on_stop())
 
     def interrupt(signum: int, frame: object) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -201,16 +201,22 @@ def comparable(rows: Sequence[Row]) -> bool:
     return len({r.judge for r in rows if r.run_id is not None and r.judge}) <= 1
 
 
+def ranked_judge(rows: Sequence[Row]) -> str:
+    """The judge whose runs are ranked against each other: the one that scored most of them (the first to
+    appear, on a tie). Another judge's means are on another scale: they are shown, not ranked."""
+    judges = [r.judge for r in rows if r.run_id is not None and r.judge]
+    return max(dict.fromkeys(judges), key=judges.count) if judges else ""
+
+
 def best_per_column(rows: Sequence[Row]) -> dict[str, set[int]]:
     """Indices of the measured rows holding each column's highest mean as shown (three decimals: two rows
-    that read the same are both best, not one by float noise); the published reference row is there to
-    compare with, not to compete. None at all where the rows were scored by different judges."""
+    that read the same are both best, not one by float noise), among the runs of `ranked_judge`; the
+    published reference row is there to compare with, not to compete."""
     best: dict[str, set[int]] = {}
-    if not comparable(rows):
-        return best
+    judge = ranked_judge(rows)
     for column in COLUMNS:
         values = [(round(r.cells[column].mean, 3), k) for k, r in enumerate(rows) if r.run_id is not None
-                  and r.cells.get(column) and r.cells[column].mean is not None]
+                  and r.judge == judge and r.cells.get(column) and r.cells[column].mean is not None]
         if values:
             top = max(v for v, _ in values)
             best[column] = {k for v, k in values if v == top}
@@ -260,5 +266,6 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
                  f"{c} {r.cells[c].n}/{r.cells[c].unscored}/{r.cells[c].missing}" for c in COLUMNS)
              for r in rows if r.run_id]
     if not comparable(rows):
-        notes.append("these runs were scored by different judges: no best is marked (give --runs of one judge)")
+        notes.append(f"these runs were scored by different judges: best is marked among those judged by "
+                     f"{ranked_judge(rows)} only (another judge's scores are on another scale)")
     return "\n".join(lines + [""] + notes) + "\n"

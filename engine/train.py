@@ -29,7 +29,9 @@ WEIGHT_FILES = (
 
 # Architectures of models that score or label text and write none (config.json's `architectures`).
 SCORING_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Any of these: a fast tokenizer, a config naming one, or a slow tokenizer's own vocabulary files.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
 
 
 def _safetensors_problem(folder: Path) -> str | None:
@@ -41,12 +43,17 @@ def _safetensors_problem(folder: Path) -> str | None:
 
     index = folder / "model.safetensors.index.json"
     try:
-        files = (sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-                 if index.is_file() else ["model.safetensors"] if (folder / "model.safetensors").is_file() else [])
+        # One file first, as transformers reads it (a folder saved whole over a sharded save keeps the old
+        # index beside it).
+        files = (["model.safetensors"] if (folder / "model.safetensors").is_file()
+                 else sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+                 if index.is_file() else [])
     except (OSError, ValueError, KeyError) as err:
         return f"has an unreadable model.safetensors.index.json ({err})"
     for name in files:
         path = folder / name
+        if not path.is_file():
+            return f"is missing a weights file its model.safetensors.index.json names ({name})"
         try:
             size = path.stat().st_size
             with open(path, "rb") as fh:
@@ -82,7 +89,7 @@ def model_folder_problem(path: str, kind: str = "model") -> str | None:
     if damaged is not None:
         return damaged
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        return "holds no tokenizer (none of tokenizer.json, tokenizer_config.json: save it beside the model)"
+        return f"holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside the model"
     if kind == "model":
         return None
     try:

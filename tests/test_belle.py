@@ -181,10 +181,12 @@ def test_runs_of_two_judges_are_never_paired_nor_ranked_and_a_tie_as_shown_is_a_
     rm = [dict(i, judge="rm:runs/2/final", score=0.5) for i in llm]
     with pytest.raises(DifferentJudges, match=r"run 7 was judged by openai:gpt-4o and run 23 by rm:runs/2/final"):
         paired_deltas(llm, rm, "run 7", "run 23")
-    rows = [reference_row(), summarize("a", llm, 7, "openai:gpt-4o"), summarize("b", rm, 23, "rm:runs/2/final")]
-    assert best_per_column(rows) == {}
+    rows = [reference_row(), summarize("a", llm, 7, "openai:gpt-4o"), summarize("b", rm, 23, "rm:runs/2/final"),
+            summarize("c", [dict(i, score=0.9) for i in rm], 24, "rm:runs/2/final")]
+    # Ranked among the judge of most runs (the RM's, here); the other judge's run is shown, not ranked.
+    assert best_per_column(rows)[MACRO] == {3} and all(1 not in best for best in best_per_column(rows).values())
     table = render(rows)
-    assert "**" not in table and "scored by different judges: no best is marked" in table
+    assert "best is marked among those judged by rm:runs/2/final only" in table
     # One judge, means that differ in the eighth decimal (same answers, float noise): both best, as shown.
     close = [summarize(name, [dict(i, score=i["score"] + eps) for i in llm], k, "openai:gpt-4o")
              for k, (name, eps) in enumerate((("a", 0.0), ("b", 1e-8)), start=1)]

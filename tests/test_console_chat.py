@@ -367,6 +367,7 @@ def test_a_chat_worker_ends_with_the_console_that_started_it_even_killed():
     import time
 
     from engine.chat_worker import PARENT_ENV
+    from engine.procs import process_alive
 
     read, write = os.pipe()
     starter = ("import os, subprocess, sys, time\n"
@@ -378,27 +379,21 @@ def test_a_chat_worker_ends_with_the_console_that_started_it_even_killed():
                "time.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True, pass_fds=[read])
     os.close(read)
+    worker = None
     try:
         worker = int(parent.stdout.readline())
         assert '"event": "ready"' in parent.stdout.readline()  # serving, its stdin open
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and _alive(worker):
+        while time.monotonic() < deadline and process_alive(worker, None):
             time.sleep(0.05)
-        assert not _alive(worker)
+        assert not process_alive(worker, None)
     finally:
         os.close(write)
-        if _alive(worker):
+        parent.kill()
+        if worker is not None and process_alive(worker, None):
             os.kill(worker, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def test_an_exported_chat_with_one_model_names_it_alone(tmp_path):

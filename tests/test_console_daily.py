@@ -141,6 +141,9 @@ async def test_the_palette_finds_every_action_and_help_lists_each_once(many_runs
         # One action name on two screens (runs' space marks for the overlay, scores' space for deltas): both.
         scores = text.split("\nScores\n", 1)[1].split("\n\n", 1)[0]
         assert "Mark" in scores and "Export" in scores and "Paired delta" in scores, scores
+        gpus = text.split("\nGPUs\n", 1)[1].split("\n\n", 1)[0]
+        launch = text.split("\nLaunch\n", 1)[1].split("\n\n", 1)[0]
+        assert "Back to runs" in gpus and "ctrl+s" in launch, (gpus, launch)
         await pilot.press("escape", "g")  # help on another screen lists that screen's keys first
         await wait_for(pilot, lambda: isinstance(app.screen, GpuScreen), 5, "the GPU screen")
         await pilot.press("question_mark")

@@ -285,6 +285,9 @@ def test_the_reward_model_judges_offline(workdir, monkeypatch):
     assert "answers: 6 taken from run 3" in again.stdout and "to answer with" not in again.stdout
     with Store(os.environ["RLHF_DB"]) as store:
         assert sorted(i["item_id"] for i in EvalStore(store).items(4)) == sorted(r["item_id"] for r in subset)
+        judged_again = EvalStore(store).scored_items(4)
+    # Set against the whole set's references as run 2 was, not those of the 6 questions it took.
+    assert all(r["score"] == pytest.approx(full[r["item_id"]], abs=1e-6) for r in judged_again if not r["reference"])
 
 
 def test_pairwise_with_a_judge_that_always_prefers_the_first_slot(workdir):

@@ -48,10 +48,11 @@ def test_transient_failures_are_retried_and_every_outcome_recorded(cache, monkey
 
         before = len(server.calls)
         again = {job: v for job, _, v in judge.judge_many((p, p, "") for p in prompts)}
-        # Replies are cached on the call's full input; only the call that never got a reply is made again.
-        assert len(server.calls) - before == 7
+        # Replies with a score are cached on the call's full input; the call that never got a reply and the
+        # reply without a score (a wrong prompt or model, not noise) are made again.
+        assert len(server.calls) - before == 7 + 2
         assert again["question one"].calls == 0 and again["question one"].score == pytest.approx(0.2)
-        assert again["rambles"].status == UNSCORED and again["rambles"].calls == 0
+        assert again["rambles"].status == UNSCORED and again["rambles"].calls == 2
     finally:
         server.close()
     row = cache.get(results["question one"][0])
@@ -142,5 +143,28 @@ def test_pairwise_stops_at_a_refusal_of_every_call_too(cache, monkeypatch):
         with pytest.raises(JudgeRefused, match="HTTP 403"):
             list(judge_pairs(judge, (((i, "a"), f"p{i}") for i in range(100))))
         assert len(server.calls) <= 4  # the calls in flight, not 100
+    finally:
+        server.close()
+
+
+def test_a_cached_reply_without_a_score_or_a_winner_is_asked_again(cache, monkeypatch):
+    """A runs.db from before such replies stopped being cached holds some: read back, they would make a
+    resume "re-judge" an unscored item from the cache, for ever."""
+    from engine.judge import request_key
+    from engine.pairwise import cached_verdict, judge_pairs
+
+    monkeypatch.setenv("JUDGE_KEY", "k")
+    server = JudgeServer(lambda body, index: ("reply", "得分: 0.9\n结论: 回答一"))
+    try:
+        judge = EndpointJudge(server.url, "m", "JUDGE_KEY", cache=cache, retries=0, backoff_s=0.01)
+        for prompt in ("grade this", "which is better"):
+            request = judge.request(prompt)
+            cache.put(request_key(request), judge.label, request, "I cannot grade this.", (3, 4))
+        assert not judge.cached("grade this") and cached_verdict(judge, "which is better") is None
+        _, verdict = judge.judge("grade this", "")
+        assert verdict.status == SCORED and verdict.score == 0.9 and len(server.calls) == 1
+        [(_, _, winner, _)] = list(judge_pairs(judge, [((1, "a"), "which is better")]))
+        assert winner is not None and len(server.calls) == 2
+        assert judge.cached("grade this") and cached_verdict(judge, "which is better") is not None  # now kept
     finally:
         server.close()

@@ -761,3 +761,14 @@ def test_a_run_in_a_terminal_that_goes_away_keeps_training_or_stops_with_its_che
     assert row["status"] == "stopped" and row["exit_code"] == 143
     with Store(os.environ["RLHF_DB"]) as store:
         assert store.checkpoints(2)[-1]["step"] == row["step"] < 400
+
+    # Under nohup the hang-up was meant to be outlived: the run goes on to its end.
+    kept = subprocess.Popen(["nohup", *RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=40", "--set",
+                             "train.logging_steps=1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait(lambda: len(metric(3, "loss")) >= 2)
+        kept.send_signal(signal.SIGHUP)
+        assert kept.wait(timeout=300) == 0
+    finally:
+        kept.kill()
+    assert run_row(3)["status"] == "done" and run_row(3)["step"] == 40

@@ -28,12 +28,12 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         # Text, not markup: keys such as [ and ] would read as markup tags.
         text = Text()
-        # A screen's own key for an app action (n, g, ?) is listed once, under the app (the first section);
-        # two screens' actions of one name (each its `mark`, its `export`) are each listed under their screen.
-        app_actions = {_plain(b.action) for b in self.sections[0][1]} if self.sections else set()
+        # A screen's own key for an app key (its n, g, ?: the same key, the same action) is listed once, under
+        # the app (the first section); two screens' actions of one name (each its `mark`, its `export`) are
+        # each listed under their screen, and so is a screen's own key for an action the app has too.
+        app_keys = {(b.key, _plain(b.action)) for b in self.sections[0][1]} if self.sections else set()
         for k, (title, bindings) in enumerate(self.sections):
-            fresh = bindings if k == 0 else [b for b in bindings if not b.action.startswith("app.")
-                                             and _plain(b.action) not in app_actions]
+            fresh = bindings if k == 0 else [b for b in bindings if (b.key, _plain(b.action)) not in app_keys]
             text.append(f"{title}\n", style="bold")
             for keys, description in rows(fresh):
                 text.append(f"  {keys:<14}", style="bold")

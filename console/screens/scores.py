@@ -108,10 +108,11 @@ class ScoresScreen(Screen[None]):
             info.update(Text(message.error, style="red"))
             return
         self.query_one(ScoreTable).show(message.rows, message.best)
-        from engine.scores import comparable
+        from engine.scores import comparable, ranked_judge
 
         measured = sum(1 for r in message.rows if r.run_id is not None)
-        mixed = "" if comparable(message.rows) else " · scored by different judges: no best is marked"
+        mixed = ("" if comparable(message.rows)
+                 else f" · several judges: best among those of {ranked_judge(message.rows)} only")
         info.update(Text(f"{measured} evaluation runs{mixed} · rlhf eval belle CHECKPOINT --eval-dir DIR adds one"
                          if measured else "no evaluation run yet: rlhf eval belle CHECKPOINT --eval-dir DIR"))
 

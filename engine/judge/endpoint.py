@@ -162,7 +162,7 @@ class EndpointJudge:
         """(cache key, verdict) for one judge prompt."""
         request = self.request(prompt)
         key = request_key(request)
-        cached = self.cache.get(key) if self.cache is not None else None
+        cached = self._cached_scored(key, answer)
         if cached is not None:
             return key, self._verdict(cached["reply"], answer, cached["prompt_tokens"], cached["completion_tokens"], 0)
         calls = [0]
@@ -187,8 +187,14 @@ class EndpointJudge:
         status = SCORED if parsed.score is not None else UNSCORED
         return Verdict(parsed.score, status, reply, parsed.problem, prompt_tokens, completion_tokens, calls)
 
-    def cached(self, prompt: str) -> bool:
-        return self.cache is not None and self.cache.get(request_key(self.request(prompt))) is not None
+    def _cached_scored(self, key: str, answer: str) -> dict[str, Any] | None:
+        """The cached reply, if it holds a score: one without (cached before such replies stopped being
+        kept) is asked again, as a fresh one would be."""
+        cached = self.cache.get(key) if self.cache is not None else None
+        return cached if cached is not None and parse_score(cached["reply"], answer).score is not None else None
+
+    def cached(self, prompt: str, answer: str = "") -> bool:
+        return self._cached_scored(request_key(self.request(prompt)), answer) is not None
 
     def judge_many(
         self, jobs: Iterable[tuple[Any, str, str]], stop: threading.Event | None = None,
