@@ -275,6 +275,7 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from engine import pipeline
     from engine.config import RecipeError
+    from engine.run import say
     from engine.store import default_db_path
 
     db = os.path.abspath(args.db or default_db_path())
@@ -296,7 +297,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         return 0
     status = pipeline.run(pipeline_id, db, echo=True)
     hint = f"; continue it with: rlhf pipeline --resume {pipeline_id} --db {db}" if status != "done" else ""
-    print(f"pipeline {pipeline_id} {status}{hint}")
+    say(f"pipeline {pipeline_id} {status}{hint}")
     return pipeline.exit_code(status)
 
 

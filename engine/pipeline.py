@@ -26,7 +26,7 @@ from typing import Any
 
 from engine.config import STAGE_REFS, STAGES, Recipe, RecipeError, load_recipe, recipe_to_json, with_absolute_paths
 from engine.procs import process_alive, process_start
-from engine.run import EXIT_STOPPED, PIPELINE_ENV, has_checkpoint, settled
+from engine.run import EXIT_STOPPED, PIPELINE_ENV, has_checkpoint, say, settled
 from engine.store import Store, default_db_path
 
 ORDER = (*STAGES, "eval")
@@ -174,6 +174,9 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
     from engine.launch import prepare, supervise
 
     os.environ[PIPELINE_ENV] = str(pipeline_id)
+    # Its stages run in sessions of their own and outlive a dropped terminal; so does the pipeline that
+    # chains them (what it prints then is lost, each stage's train.log has it all).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stop = _Stop()
     with Store(db_path) as store:
         row = store.pipeline(pipeline_id)
@@ -190,12 +193,11 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
         with Store(db_path) as store:
             store.update_pipeline(pipeline_id, status=status, ended=time.time(), error=error)
         if not echo:  # the detached pipeline's log says how it ended (a terminal gets the command's own line)
-            print(f"pipeline {pipeline_id}: {status}" + (f" ({error})" if error else ""), flush=True)
+            say(f"pipeline {pipeline_id}: {status}" + (f" ({error})" if error else ""))
         return status
 
     stages = plan(recipe, row["through"])
-    print(f"pipeline {pipeline_id}: {'resumed' if row['status'] != 'pending' else 'started'}, "
-          f"{' → '.join(stages)}", flush=True)
+    say(f"pipeline {pipeline_id}: {'resumed' if row['status'] != 'pending' else 'started'}, {' → '.join(stages)}")
 
     for stage in stages:
         with Store(db_path) as store:
@@ -223,7 +225,7 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
             prepared = prepare(stage, recipe_path, wiring(stage, recipe, exports),
                                launch["accelerate_config"], launch["num_processes"], db_path)
         # In a terminal, or in the pipeline's own log when detached; the run's output goes to its train.log.
-        print(f"pipeline {pipeline_id}: {stage} is run {prepared.run_id}", flush=True)
+        say(f"pipeline {pipeline_id}: {stage} is run {prepared.run_id}")
         supervise(prepared, echo=echo)
         signal.signal(signal.SIGTERM, stop._ask)  # the supervisor put back what it found; make sure
         with Store(db_path) as store:
@@ -239,8 +241,7 @@ def _evaluate(recipe: Recipe, exports: dict[str, str], mine: list[dict], db_path
               stop: _Stop) -> str:
     """Each checkpoint the recipe names answers the eval set, through `rlhf eval belle` in a process of its
     own (a run like the others: the console stops it through its own process group)."""
-    print(f"pipeline {pipeline_id}: eval of {', '.join(w for w in recipe.eval.checkpoints if w in exports)}",
-          flush=True)
+    say(f"pipeline {pipeline_id}: eval of {', '.join(w for w in recipe.eval.checkpoints if w in exports)}")
     settings = recipe.eval
     for which in settings.checkpoints:
         if which not in exports:

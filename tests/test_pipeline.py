@@ -286,3 +286,20 @@ def test_a_pipeline_killed_alone_leaves_its_stage_running_and_resumes_only_once_
         assert store.pipeline(1)["status"] == "done" and [r["id"] for r in store.pipeline_runs(1)] == [1]
     steps = [s for s, _ in metric(1, "loss")]
     assert steps == sorted(set(steps)) and steps[-1] == run_row(1)["total_steps"] and at >= 2
+
+
+def test_a_pipeline_in_a_terminal_that_goes_away_carries_on_to_its_end(workdir):
+    """A dropped SSH hangs up the pipeline's terminal: its stages have sessions of their own, and the
+    pipeline that chains them goes on as well (what it prints is lost, every stage's train.log has it)."""
+    import signal
+
+    proc = subprocess.Popen([*RLHF, "pipeline", str(TINY), "--accelerate-config", ACCEL, "--through", "rm", *SHORT],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("pipeline 1: started, sft → rm")
+    proc.stdout.close()  # the terminal is gone: nobody reads any more
+    proc.stderr.close()
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=600) == 0
+    with Store(os.environ["RLHF_DB"]) as store:
+        assert store.pipeline(1)["status"] == "done"
+        assert [(r["stage"], r["status"]) for r in store.pipeline_runs(1)] == [("sft", "done"), ("rm", "done")]
