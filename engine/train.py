@@ -73,8 +73,6 @@ def _safetensors_problem(folder: Path) -> str | None:
 def model_folder_problem(path: str, kind: str = "model") -> str | None:
     """Why a local folder cannot be loaded as a `kind` ("model", "reward model", or "answering model": one
     that writes answers, for chat and evaluation), or None if it can."""
-    import json
-
     folder = Path(path).expanduser()
     if not folder.is_dir():
         return "is not a folder"
@@ -85,13 +83,22 @@ def model_folder_problem(path: str, kind: str = "model") -> str | None:
         return "holds no model (no config.json)"
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         return f"holds no weights (none of {', '.join(WEIGHT_FILES)})"
+    # What the model is comes first (the wrong kind of model is the mistake to name), then whether its files
+    # are whole.
+    wrong_kind = _kind_problem(config_file, kind) if kind != "model" else None
+    if wrong_kind is not None:
+        return wrong_kind
     damaged = _safetensors_problem(folder)
     if damaged is not None:
         return damaged
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return f"holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside the model"
-    if kind == "model":
-        return None
+    return None
+
+
+def _kind_problem(config_file: Path, kind: str) -> str | None:
+    import json
+
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:

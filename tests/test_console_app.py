@@ -142,11 +142,11 @@ async def test_a_crash_shows_failed_with_exit_code_and_traceback(workdir):
     app = console()
     async with app.run_test(size=(100, 32)) as pilot:
         await wait_for(pilot, lambda: app.loaded, 20)
-        # a model folder that passes validation (config and a weights file) but whose weights are garbage:
-        # loading them fails inside the run
+        # a model folder that passes validation (a config, whole weights, a tokenizer) but that no class
+        # loads: loading it fails inside the run
         broken = workdir / "broken-model"
         shutil.copytree(workdir / "demo" / "model", broken)
-        (broken / "model.safetensors").write_bytes(b"not safetensors")
+        (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
         app.launch_run("sft", str(TINY), [f"model.path={broken}"], CPU, None)
         await wait_for(pilot, lambda: app.runs and ended(app, next(iter(app.runs)), "failed"), 600)
         run = next(iter(app.runs.values()))

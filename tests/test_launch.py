@@ -1,6 +1,7 @@
 """Runs through the real `accelerate launch`: one CPU process, and two gloo ranks through torchrun."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,7 +82,8 @@ def test_a_crashing_run_is_recorded_as_failed_with_its_exit_code(workdir):
     (workdir / "broken").mkdir()
     # Looks like a model to validation; is not one that transformers can load.
     (workdir / "broken" / "config.json").write_text('{"model_type": "no-such-architecture"}')
-    (workdir / "broken" / "model.safetensors").write_bytes(b"")
+    (workdir / "broken" / "model.safetensors").write_bytes(b"\x02" + b"\x00" * 7 + b"{}")  # whole, and empty
+    shutil.copy(workdir / "demo" / "model" / "tokenizer.json", workdir / "broken")
     run_id, code = run_foreground("sft", str(TINY), ["model.path=broken"], str(ACCEL / "cpu.yaml"), echo=False)
     assert code != 0
     run = run_row(run_id)
