@@ -37,7 +37,7 @@ class StoreFollower:
         self.requests: queue.SimpleQueue[int] = queue.SimpleQueue()  # runs to load whole, from the App
         self._settled_at = 0.0
 
-    def _settle(self, runs: list[dict[str, Any]]) -> bool:
+    def _settle(self, runs: list[dict[str, Any]], pipelines: list[dict[str, Any]]) -> bool:
         """A run whose processes died unrecorded (a kill -9, an OOM) is closed as failed, as `rlhf runs` and
         a resume close it: the table never says running for nothing, and `r` can resume it at once. Whether
         any was closed."""
@@ -45,7 +45,7 @@ class StoreFollower:
         from engine.run import settle_active
 
         try:  # and a pipeline whose own process died: its row would say running for ever
-            return bool(settle_active(self.store, runs)) | settle_pipelines(self.store, self.store.pipelines())
+            return bool(settle_active(self.store, runs)) | settle_pipelines(self.store, pipelines)
         except sqlite3.Error:  # a runs.db this user may only read: the table shows such a run as lost
             return False
 
@@ -63,12 +63,11 @@ class StoreFollower:
     def poll(self) -> tuple[list[Any], bool]:
         """Messages for the App, and whether more rows are waiting (poll again at once)."""
         messages: list[Any] = []
-        runs = self.store.runs()
+        runs, pipelines = self.store.runs(), self.store.pipelines()
         if time.monotonic() - self._settled_at >= SETTLE_S:
             self._settled_at = time.monotonic()
-            if self._settle(runs):
-                runs = self.store.runs()  # as closed
-        pipelines = self.store.pipelines()
+            if self._settle(runs, pipelines):
+                runs, pipelines = self.store.runs(), self.store.pipelines()  # as closed
         if (runs, pipelines) != self._last_runs:
             self._last_runs = (runs, pipelines)
             messages.append(RunsPolled(runs, pipelines))

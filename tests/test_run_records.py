@@ -748,27 +748,25 @@ def test_a_run_in_a_terminal_that_goes_away_keeps_training_or_stops_with_its_che
     assert row["status"] == "done" and row["step"] == 4
     assert (Path(row["output_dir"]) / "train.log").read_text(encoding="utf-8").count("'loss'") == 4  # all of it
 
-    hung = subprocess.Popen([*RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=400", "--set",
-                             "train.logging_steps=1", "--set", "train.save_steps=1000"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait(lambda: len(metric(2, "loss")) >= 2)
-        hung.send_signal(signal.SIGHUP)
-        assert hung.wait(timeout=120) == 143
-    finally:
-        hung.kill()
+    assert _hung_up(2, [], ["train.max_steps=400", "train.save_steps=1000"]) == 143
     row = run_row(2)
     assert row["status"] == "stopped" and row["exit_code"] == 143
     with Store(os.environ["RLHF_DB"]) as store:
         assert store.checkpoints(2)[-1]["step"] == row["step"] < 400
 
     # Under nohup the hang-up was meant to be outlived: the run goes on to its end.
-    kept = subprocess.Popen(["nohup", *RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=40", "--set",
-                             "train.logging_steps=1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait(lambda: len(metric(3, "loss")) >= 2)
-        kept.send_signal(signal.SIGHUP)
-        assert kept.wait(timeout=300) == 0
-    finally:
-        kept.kill()
+    assert _hung_up(3, ["nohup"], ["train.max_steps=40"]) == 0
     assert run_row(3)["status"] == "done" and run_row(3)["step"] == 40
+
+
+def _hung_up(run_id: int, before: list[str], overrides: list[str]) -> int:
+    """`rlhf train sft` (after `before`, e.g. nohup) sent a hang-up once it has logged two steps; its exit code."""
+    sets = [arg for item in ["train.logging_steps=1", *overrides] for arg in ("--set", item)]
+    proc = subprocess.Popen([*before, *RLHF, "train", "sft", str(TINY), *sets], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait(lambda: len(metric(run_id, "loss")) >= 2)
+        proc.send_signal(signal.SIGHUP)
+        return proc.wait(timeout=300)
+    finally:
+        proc.kill()
