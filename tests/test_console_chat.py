@@ -243,6 +243,30 @@ async def test_the_score_screen_marks_the_best_and_drills_into_a_cell(workdir):
         assert table.cursor_coordinate.row == 3  # and the cursor on its run
 
 
+@sync
+async def test_a_long_run_name_takes_the_width_the_scores_leave(workdir):
+    name = "ppo-from-sft-lr1e-6-kl0.02-hydra-k2-seed3"
+    with Store(os.environ["RLHF_DB"]) as store:
+        _fake_eval_run(store, name, lambda k: 0.5)
+    app = console()
+    async with app.run_test(size=(200, 30)) as pilot:
+        app.push_screen(ScoresScreen())
+        await wait_for(pilot, lambda: isinstance(app.screen, ScoresScreen) and app.screen.query(ScoreTable), 10,
+                       "the score screen")
+        table = app.screen.query_one(ScoreTable)
+        await wait_for(pilot, lambda: table.row_count == 2, 30, "the rows")
+
+        def shown(row: int) -> str:
+            return "".join(segment.text for segment in table.render_line(row + 1))  # below the header
+
+        await wait_for(pilot, lambda: f"1 {name}" in shown(1), 10, "the whole name at 200 columns")
+        assert "0.500" in shown(1)
+        await pilot.resize_terminal(100, 30)  # no room: the scores keep theirs and the name is cut
+        await wait_for(pilot, lambda: table.columns[ScoreTable.model_key].width == 22, 10, "the narrow column")
+        await pilot.pause(0.2)
+        assert f"1 {name}" not in shown(1) and "1 ppo-from-sft" in shown(1)
+
+
 def test_streaming_text_rewraps_only_its_last_line():
     from console.widgets.stream_text import StreamText
 

@@ -10,17 +10,22 @@ from typing import Any
 
 from rich.text import Text
 from textual.widgets import DataTable
+from textual.widgets.data_table import ColumnKey
 
 from console.text import terminal_safe
 
 COLUMNS = ("others", "rewrite", "classification", "generation", "summarization", "extract", "open qa",
            "brainstorming", "closed qa", "macro", "macro w/o others")
+# The scores take the width first; a name longer than this gets what the scores leave over.
+MODEL_WIDTH = 22
 SHORT = {"classification": "classif.", "generation": "gener.", "summarization": "summ.",
          "brainstorming": "brainst.", "macro w/o others": "macro w/o"}
 
 
 class ScoreTable(DataTable):
     """Rows are engine.scores.Row objects."""
+
+    model_key = ColumnKey("model")
 
     def __init__(self, **kwargs: Any):
         # The model column stays when the cursor moves right: at 80 columns the macro averages are off screen.
@@ -29,7 +34,7 @@ class ScoreTable(DataTable):
         self.marked: int | None = None  # the run paired deltas compare against
 
     def on_mount(self) -> None:
-        self.add_column("model", key="model", width=22)  # the scores, not the names, take the width
+        self.add_column("model", key=self.model_key.value, width=MODEL_WIDTH)
         for column in COLUMNS:
             self.add_column(SHORT.get(column, column), key=column)
 
@@ -47,9 +52,27 @@ class ScoreTable(DataTable):
                 cells.append(Text(text, style="bold reverse" if k in best.get(column, set()) else "",
                                   justify="right"))
             self.add_row(*cells, key=str(k))
+        self._fit_model_column()
         if here is not None:
             k = next((k for k, row in enumerate(rows) if row.run_id == here.run_id), 0)
             self.move_cursor(row=k, column=at_column, animate=False)
+
+    def on_resize(self) -> None:
+        self._fit_model_column()
+
+    def _fit_model_column(self) -> None:
+        column = self.columns.get(self.model_key)
+        if column is None or not self.size.width:
+            return
+        longest = max((self._label(row).cell_len for row in self.rows_data), default=0)
+        scores = sum(c.get_render_width(self) for c in self.columns.values() if c is not column)
+        left = self.size.width - scores - 2 * self.cell_padding - self.styles.scrollbar_size_vertical
+        width = max(MODEL_WIDTH, min(longest, left))
+        if width != column.width:
+            column.width = width
+            self._require_update_dimensions = True
+            self._clear_caches()
+            self.refresh()
 
     def _label(self, row: Any) -> Text:
         label = terminal_safe(row.name if row.run_id is None else f"{row.run_id} {row.name}")
