@@ -77,30 +77,49 @@ class EndpointModel:
         self.model = model
         self.device = "remote"
         self.label = f"{model}@{url}"
+        self.usage = True  # ask for the usage chunk until the server refuses it
 
     def answer(self, turns: list[Turn], sampling: dict[str, Any],
                cancelled: Callable[[], bool]) -> Iterator[Any]:
+        import openai
+
         from engine.generation import Piece
 
         # top_k is not part of the chat-completions protocol; temperature, top_p, seed and the length are.
-        stream = self.client.chat.completions.create(
-            model=self.model, messages=[{"role": t.role, "content": t.content} for t in turns], stream=True,
-            temperature=sampling["temperature"], top_p=sampling["top_p"], max_tokens=sampling["max_new_tokens"],
-            seed=sampling["seed"],
-        )
-        chunks = 0  # a stream chunk is one token for the usual servers: the count tokens/s is read from
+        request = dict(model=self.model, messages=[{"role": t.role, "content": t.content} for t in turns],
+                       stream=True, temperature=sampling["temperature"], top_p=sampling["top_p"],
+                       max_tokens=sampling["max_new_tokens"], seed=sampling["seed"])
+        stream = None
+        if self.usage:  # the true token count, in a last chunk of its own; servers that predate it refuse it
+            try:
+                stream = self.client.chat.completions.create(**request, stream_options={"include_usage": True})
+            except openai.BadRequestError as err:
+                if "stream_options" not in str(err):
+                    raise
+                self.usage = False
+        if stream is None:
+            stream = self.client.chat.completions.create(**request)
+        # Until the usage chunk says otherwise, a stream chunk counts as one token, as it is for most servers.
+        chunks, tokens, finish = 0, None, None
         text = []
         try:
             for chunk in stream:
                 if cancelled():
                     break
-                if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
+                if getattr(chunk, "usage", None) and chunk.usage.completion_tokens is not None:
+                    tokens = chunk.usage.completion_tokens
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                if choice.finish_reason:
+                    finish = "length" if choice.finish_reason == "length" else "eos"
+                if choice.delta and choice.delta.content:
                     chunks += 1
-                    text.append(chunk.choices[0].delta.content)
+                    text.append(choice.delta.content)
                     yield Piece(text[-1], chunks)
         finally:
             stream.close()
-        yield Piece("".join(text), chunks, final=True)
+        yield Piece("".join(text), chunks if tokens is None else tokens, final=True, finish=finish)
 
 
 def serve(model: Any) -> None:
@@ -134,17 +153,18 @@ def serve(model: Any) -> None:
             sampling = {k: request["sampling"][k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
             start = time.perf_counter()
             first = None
-            tokens, whole = 0, ""
+            tokens, whole, said = 0, "", None
             for piece in model.answer(turns, sampling, lambda: rid in cancelled):
                 tokens = piece.tokens
                 if piece.final:
-                    whole = piece.text
+                    whole, said = piece.text, piece.finish
                     break
                 if first is None:
                     first = time.perf_counter() - start
                 emit({"event": "token", "id": rid, "text": piece.text, "tokens": tokens})
             seconds = time.perf_counter() - start
-            finish = "cancelled" if rid in cancelled else ("length" if tokens >= sampling["max_new_tokens"] else "eos")
+            finish = "cancelled" if rid in cancelled else (
+                said or ("length" if tokens >= sampling["max_new_tokens"] else "eos"))
             # The whole answer decoded at once: what the transcript keeps and the next turn sends back.
             emit({"event": "done", "id": rid, "tokens": tokens, "ttft_s": first, "seconds": seconds,
                   "finish": finish, "text": whole})

@@ -63,6 +63,7 @@ class Piece:
     text: str
     tokens: int  # generated so far
     final: bool = False
+    finish: str | None = None  # on the final piece, where the source says why it stopped ("eos", "length")
 
 
 @dataclass
@@ -501,8 +502,13 @@ class Engine:
         seeds = row_seeds(sampling.seed, [0])
         produced: list[int] = []
         prefix, read = 0, 0  # the window: tokens [prefix, read) were shown, [read, ...) are new
+        finish = "length"
         for token, _, finished in self.steps(ids, mask, sampling, seeds):
-            if int(token[0]) == self.eos or (cancelled is not None and cancelled()):
+            if int(token[0]) == self.eos:
+                finish = "eos"
+                break
+            if cancelled is not None and cancelled():
+                finish = "cancelled"
                 break
             produced.append(int(token[0]))
             before = self.tokenizer.decode(produced[prefix:read], skip_special_tokens=True)
@@ -512,7 +518,8 @@ class Engine:
                 prefix, read = read, len(produced)
             if bool(finished[0]):
                 break
-        yield Piece(self.tokenizer.decode(produced, skip_special_tokens=True), len(produced), final=True)
+        yield Piece(self.tokenizer.decode(produced, skip_special_tokens=True), len(produced), final=True,
+                    finish=finish)
 
     def decode(self, generated: Generated) -> list[str]:
         """Answer texts, without the one space the chat template puts before an answer."""

@@ -19,6 +19,7 @@ Action = tuple
 @dataclass
 class JudgeServer:
     script: Callable[[dict[str, Any], int], Action]
+    refuses_stream_options: bool = False  # as servers that predate `stream_options` do
     calls: list[dict[str, Any]] = field(default_factory=list)
     keys_seen: list[str] = field(default_factory=list)
 
@@ -55,6 +56,10 @@ class JudgeServer:
                                                 "model": body["model"], "choices": []}).encode())
                     return
                 text = action[1]
+                if body.get("stream") and "stream_options" in body and server.refuses_stream_options:
+                    self._send(400, json.dumps({"error": {"message": "unknown field: stream_options",
+                                                          "type": "invalid_request_error"}}).encode())
+                    return
                 if body.get("stream"):
                     self._stream(body, text)
                     return
@@ -76,17 +81,28 @@ class JudgeServer:
                 self.wfile.write(payload)
 
             def _stream(self, body: dict[str, Any], text: str) -> None:
+                """Three characters a chunk; a character is a token (what `usage` counts)."""
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
+                finish = "stop"
+                if body.get("max_tokens") is not None and len(text) > body["max_tokens"]:
+                    text, finish = text[: body["max_tokens"]], "length"
                 for k in range(0, len(text), 3):
                     chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
                              "choices": [{"index": 0, "delta": {"content": text[k : k + 3]}, "finish_reason": None}]}
                     self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
                     self.wfile.flush()
                 done = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-                self.wfile.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
+                        "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+                self.wfile.write(f"data: {json.dumps(done)}\n\n".encode())
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    prompt = len(body["messages"][-1]["content"])
+                    usage = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                             "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": len(text),
+                                                      "total_tokens": prompt + len(text)}}
+                    self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
 
         self._lock = threading.Lock()

@@ -8,6 +8,8 @@ import os
 import shutil
 import signal
 
+import pytest
+
 from console.screens.chat import ChatScreen, ChatSettings, similarity_and_diff
 from console.screens.dialogs import TextScreen
 from console.screens.scores import ItemsScreen, ScoresScreen
@@ -420,6 +422,44 @@ def test_a_chat_worker_ends_with_the_console_that_started_it_even_killed():
             os.kill(worker, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("refuses_usage", [False, True])
+def test_an_endpoint_answer_counts_the_tokens_and_the_finish_its_server_reports(refuses_usage):
+    """The usage chunk gives the true count (the server streams three tokens a chunk); a server that refuses
+    `stream_options` is asked again without it and its chunks are counted. Why it stopped is the server's."""
+    import subprocess
+    import sys
+
+    from tests.judge_server import JudgeServer
+
+    server = JudgeServer(lambda body, index: ("reply", "abcdefghij"), refuses_stream_options=refuses_usage)
+    worker = subprocess.Popen([sys.executable, "-m", "engine.chat_worker", "--endpoint", server.url,
+                               "--endpoint-model", "m", "--key-env", ""],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(worker.stdout.readline())["event"] == "ready"
+        done = {}
+        for rid, length in ((1, 64), (2, 4)):
+            worker.stdin.write(json.dumps({"op": "generate", "id": rid,
+                                           "messages": [{"role": "user", "content": "hi"}],
+                                           "sampling": {"temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                                                        "max_new_tokens": length, "seed": 0}}) + "\n")
+            worker.stdin.flush()
+            while (event := json.loads(worker.stdout.readline()))["event"] == "token":
+                pass
+            done[rid] = event
+    finally:
+        worker.stdin.close()
+        worker.wait(30)
+        server.close()
+    assert done[1]["text"] == "abcdefghij" and done[1]["finish"] == "eos"
+    assert done[2]["text"] == "abcd" and done[2]["finish"] == "length"
+    if refuses_usage:
+        assert (done[1]["tokens"], done[2]["tokens"]) == (4, 2)  # chunks: all the worker can count
+        assert [("stream_options" in call) for call in server.calls] == [True, False, False]  # asked once
+    else:
+        assert (done[1]["tokens"], done[2]["tokens"]) == (10, 4)
+
+
 def test_an_exported_chat_with_one_model_names_it_alone(tmp_path):
     from console.screens.chat import export_chats
 
@@ -439,7 +479,9 @@ async def test_a_new_chat_starts_from_the_sampling_settings_set_in_the_last(work
     async with app.run_test(size=(100, 32)) as pilot:
         await wait_for(pilot, lambda: app.loaded, 20, "the runs")
         app.open_chat(str(workdir / "no-model-here"))
-        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the chat")
+        # Until the screen's mount has focused its question box, "o" would be typed into the box.
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.focused is not None
+                       and app.focused.id == "chat-input", 10, "the chat, its question box focused")
         await pilot.press("escape", "o")  # out of the question box: the screen's keys
         await wait_for(pilot, lambda: isinstance(app.screen, ChatSettingsScreen), 10, "the settings")
         app.screen.query_one("#set-temperature").value = "0.2"

@@ -112,6 +112,11 @@ class ChatScreen(Screen[None]):
         self.panes = {side: ChatPane(side, id=f"pane-{side}") for side in SIDES}
 
     @property
+    def closed(self) -> bool:
+        """Popped, or the console quits: its widgets are being taken down (mounting into them fails)."""
+        return self not in self.app.screen_stack or not all(self.panes[s].body.is_attached for s in self.sides)
+
+    @property
     def sides(self) -> tuple[str, ...]:
         return tuple(s for s in SIDES if self.specs[s])
 
@@ -149,6 +154,8 @@ class ChatScreen(Screen[None]):
         self.post_message(ChatModelsResolved(choices, errors))
 
     async def on_chat_models_resolved(self, message: ChatModelsResolved) -> None:
+        if self.closed:  # left before its models were found: nothing to show, no worker to start
+            return
         for side, error in message.errors.items():
             await self.panes[side].fail(error, fatal=True)
         self.choices = message.choices
@@ -186,6 +193,8 @@ class ChatScreen(Screen[None]):
 
     # -- worker events ---------------------------------------------------------------------------------
     async def on_chat_event(self, message: ChatEvent) -> None:
+        if self.closed:  # a closed screen's workers' last words
+            return
         pane, event = self.panes[message.side], message.event
         kind = event.get("event")
         if event.get("worker") != self._worker_of.get(message.side):
