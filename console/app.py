@@ -73,6 +73,7 @@ class RlhfConsole(App):
         self.db_is_new = not self.db_path.exists()  # made by this console: a mistyped --db shows as such
         self.configs_dir = Path(configs_dir) if configs_dir is not None else default_configs_dir(self.db_path)
         self.stop_grace_s = stop_grace_s
+        self._styled_filters: dict[int, Any] = {}
         self.gpu_sampler = gpu_sampler
         self.poll_s = poll_s
         self._history = None
@@ -99,6 +100,15 @@ class RlhfConsole(App):
         return self._history
 
     # -- start-up -------------------------------------------------------------------------------------
+    def get_line_filters(self) -> list[Any]:
+        from console.filters import StyledSegments
+
+        filters = super().get_line_filters()
+        for line_filter in filters:
+            if id(line_filter) not in self._styled_filters:
+                self._styled_filters[id(line_filter)] = StyledSegments(line_filter)
+        return [self._styled_filters[id(line_filter)] for line_filter in filters]
+
     def on_mount(self) -> None:
         from console.screens.runs import RunsScreen
 
@@ -590,5 +600,6 @@ def run_console(db: str | None = None, chat: tuple[str, str | None, str] | None 
     # the console never does: it starts without it.
     sys.modules.setdefault("pandas", None)
     db_path = db or os.environ.get("RLHF_DB", "runs.db")
-    RlhfConsole(db_path, chat=chat).run()
-    return 0
+    app = RlhfConsole(db_path, chat=chat)
+    app.run()
+    return app.return_code or 0  # 1 when it ended on an error (its traceback is printed)

@@ -747,3 +747,15 @@ async def test_c_and_l_say_why_not_for_runs_they_cannot_serve(many_runs):
         # Run 9 has no export on disk here: its pane says so, and nothing else breaks.
         await wait_for(pilot, lambda: "has no model" in " ".join(
             str(w.render()) for w in app.screen.query(".pane-error")), 20, "the pane's reason")
+
+
+@sync
+async def test_with_no_color_the_console_draws_its_charts_without_colour(many_runs, monkeypatch):
+    """NO_COLOR (set, even empty) turns the screen monochrome: the charts' canvas must survive it (its
+    empty lines carry no style, which Textual's monochrome filter did not expect: the console crashed)."""
+    monkeypatch.setenv("NO_COLOR", "")
+    async with loaded(many_runs, (100, 32)) as (app, pilot):
+        assert app.no_color
+        home = app.home
+        await wait_for(pilot, lambda: home.last_draw_points > 0, 20, "a curve")
+        await pilot.pause(0.3)  # drawn through the filters: a crash would end the app, and run_test raise it
