@@ -26,7 +26,7 @@ from typing import IO
 
 from engine.accelerate_file import read_accelerate_config
 from engine.config import RecipeError, Stage
-from engine.procs import group_alive, kill_group, process_alive, process_start, run_processes_gone, same_group
+from engine.procs import group_alive, kill_group, not_ours, process_alive, process_start, run_processes_gone, same_group
 from engine.run import DB_ENV, EXIT_STOPPED, LAUNCHED_ENV, LOG_NAME, RUN_ID_ENV, last_alive, register_run, resume_recipe
 from engine.store import Store, default_db_path
 from engine.train import validate
@@ -438,6 +438,12 @@ def request_stop(db_path: str | os.PathLike, run_id: int) -> tuple[int, int | No
         foreign = store.foreign_folder(run)
         if foreign:  # a row of this file naming another file's run: its processes are not ours to signal
             raise RecipeError(f"run {run_id}: {foreign}; not signalling it")
+        # Another user's run on a shared runs.db: a stop written down that no one can deliver would show
+        # the run as stopping in every console while it trains on.
+        owner = (not_ours(run["pgid"], group=True) if run["pgid"] else None) or \
+            (not_ours(run["pid"], group=False) if run["pid"] else None)
+        if owner:
+            raise RecipeError(f"run {run_id} is {owner}'s: only they (or root) can stop it")
         pgid, started = store.mark_stop_requested(run_id)
     # Only processes whose start time was recorded and still matches: a number the kernel has since given
     # to another program is never signalled.

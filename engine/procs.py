@@ -64,6 +64,28 @@ def _live_member(pgid: int) -> bool:
     return any(member(pid) for pid in pids)
 
 
+def not_ours(pid: int, group: bool) -> str | None:
+    """Who owns a live process (or group) this one may not signal, as a user name; None if it may (its
+    own, or any as root) or the process is gone."""
+    try:
+        os.killpg(pid, 0) if group else os.kill(pid, 0)
+        return None
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return "another user"
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def kill_group(pgid: int) -> bool:
     """SIGKILL a run's group after its grace period; False if it had already gone."""
     try:
