@@ -22,7 +22,7 @@ from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.worker import get_current_worker
+from textual.worker import Worker, WorkerState, get_current_worker
 
 from console.messages import (
     ActionDone,
@@ -44,6 +44,12 @@ POLL_S = 1.0  # runs.db; a chart redraws at most once a second anyway
 LOG_POLL_S = 0.25
 GPU_POLL_S = 1.0
 ACTIVE = ("pending", "running")
+
+
+# What a finished action did, where "done" would say too much: a resumed or launched run has only started.
+DONE_SAYS = {"launch": "started", "resume": "resuming (its row follows it)",
+             "stop": "asked to stop: it saves a checkpoint, then ends", "kill": "killed after the grace period",
+             "delete": "deleted"}
 
 
 class RlhfConsole(App):
@@ -299,6 +305,13 @@ class RlhfConsole(App):
         if self.screen_stack and isinstance(self.screen, GpuScreen):  # none while the app shuts down
             self.screen.refresh_readings()
 
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """The last word on an action's worker that failed where it did not expect to: said, not lost."""
+        if event.state == WorkerState.ERROR:
+            error = event.worker.error
+            self.notify(f"{type(error).__name__}: {error}", title=f"{event.worker.name} failed",
+                        severity="error", timeout=15, markup=False)
+
     def on_action_done(self, message: ActionDone) -> None:
         self._wake.set()
         if message.error:
@@ -317,8 +330,8 @@ class RlhfConsole(App):
             if message.pipeline_id is not None and self.home is not None:
                 self.home.select_pipeline(message.pipeline_id)
             return
-        self.notify(f"run {message.run_id}: {message.verb} done" if message.verb != "launch"
-                    else f"run {message.run_id} started", title=message.verb)
+        self.notify(f"run {message.run_id}: {DONE_SAYS.get(message.verb, message.verb + ' done')}",
+                    title=message.verb)
         if message.verb in ("launch", "resume"):
             from console.screens.launch import LaunchScreen
 
@@ -460,7 +473,7 @@ class RlhfConsole(App):
         try:
             with Store(self.db_path) as store:
                 store.update_run(run_id, note=note or None)
-        except StoreError as err:
+        except (StoreError, sqlite3.Error, OSError) as err:  # a runs.db this user may read and not write
             self.post_message(ActionDone("note", run_id, str(err)))
             return
         self.post_message(ActionDone("note", run_id, note=f"run {run_id}: {note or 'note removed'}"))
@@ -477,7 +490,7 @@ class RlhfConsole(App):
                 ours = run is not None and store.owns_folder(run)
                 store.delete_run(run_id)
                 store.vacuum_if_worthwhile()
-        except StoreError as err:
+        except (StoreError, sqlite3.Error, OSError) as err:  # a runs.db this user may read and not write
             self.post_message(ActionDone("delete", run_id, str(err)))
             return
         if delete_files and run is not None and run.get("output_dir"):

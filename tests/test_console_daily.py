@@ -759,3 +759,47 @@ async def test_with_no_color_the_console_draws_its_charts_without_colour(many_ru
         home = app.home
         await wait_for(pilot, lambda: home.last_draw_points > 0, 20, "a curve")
         await pilot.pause(0.3)  # drawn through the filters: a crash would end the app, and run_test raise it
+
+
+@sync
+async def test_a_note_or_a_delete_on_a_runs_db_this_user_cannot_write_says_why(many_runs):
+    """Read access only (a teammate's runs.db): the console shows the runs, and a note or a delete says why
+    it failed (both vanished without a word)."""
+    import os
+    import subprocess
+
+    from console.screens.dialogs import DeleteScreen, NoteScreen
+
+    for leftover in many_runs.parent.glob("runs.db-*"):
+        leftover.unlink()
+    if os.geteuid() == 0:  # root writes through file modes: an immutable file is read-only even to root
+        if subprocess.run(["chattr", "+i", str(many_runs)], capture_output=True).returncode != 0:
+            pytest.skip("root, and no chattr on this file system: no way to make a file read-only")
+        undo = ["chattr", "-i", str(many_runs)]
+    else:
+        many_runs.chmod(0o444)
+        many_runs.parent.chmod(0o555)
+        undo = ["chmod", "-R", "u+w", str(many_runs.parent)]
+    try:
+        async with loaded(many_runs, (100, 32)) as (app, pilot):
+            home = app.home
+            home.select_run(9)
+            await wait_for(pilot, lambda: home.selected == 9, 10)
+
+            def said(title: str) -> str:
+                return " ".join(str(n.message) for n in app._notifications if n.title == title)
+
+            await pilot.press("N")
+            await wait_for(pilot, lambda: isinstance(app.screen, NoteScreen), 10, "the note dialog")
+            await pilot.press(*"sweep", "enter")
+            await wait_for(pilot, lambda: said("note failed"), 20, "the note's failure")
+            assert "readonly" in said("note failed")
+            await pilot.press("D")
+            await wait_for(pilot, lambda: isinstance(app.screen, DeleteScreen), 10, "the delete dialog")
+            await pilot.press("y")
+            await wait_for(pilot, lambda: said("delete failed"), 20, "the delete's failure")
+            assert "readonly" in said("delete failed") and 9 in app.runs
+    finally:
+        subprocess.run(undo, check=True)
+    with Store(many_runs) as store:
+        assert store.run(9)["note"] is None
