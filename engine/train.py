@@ -162,6 +162,8 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
             problem = model_folder_problem(path, "answering model" if answering else kind)
             if problem is not None:
                 raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} {problem}", {field: problem})
+    if stage == "ppo":
+        _check_hydra_fits(recipe, refs_ok)
     if not launched:
         from engine.data.check import check_stage_data
 
@@ -178,6 +180,27 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
         if warning and os.environ.get("RANK", "0") == "0":
             log.warning(warning)
     return recipe
+
+
+def _check_hydra_fits(recipe: Recipe, refs_ok: bool) -> None:
+    """k and k_v below the policy's layer count, read from its config.json: the hydra would refuse them only
+    once the model has loaded, after the run was registered."""
+    from engine.estimate import EstimateError, load_shape
+
+    section = recipe.stage("ppo")
+    path = recipe.stage_model("ppo").path
+    if path in STAGE_REFS and refs_ok:
+        return
+    try:
+        layers = load_shape(path, "ppo.model.path").layers
+    except EstimateError:  # no config to read (a hub model not cached): the hydra checks it when it loads
+        return
+    for field, value in (("ppo.value_layers", section.value_layers),
+                         ("ppo.num_layers_unfrozen", section.num_layers_unfrozen)):
+        if value >= layers:
+            raise RecipeError(f"{recipe.where(field)}: {field}: {value}, but the model {path!r} has {layers} layers "
+                              f"(the hydra shares a frozen trunk below its top k and k_v layers: k <= k_v < "
+                              f"{layers})", {field: f"must be below the model's {layers} layers"})
 
 
 def run_stage(stage: Stage, recipe_path: str, overrides: list[str], db_path: str | None = None) -> tuple[int, str]:

@@ -222,6 +222,23 @@ def test_a_missing_local_looking_model_is_a_one_line_error_before_anything(workd
     assert not (workdir / "runs.db").exists()
 
 
+def test_a_hydra_taller_than_the_model_is_refused_before_anything_is_registered(workdir):
+    """The tiny model has 4 layers: k_v = 4 leaves no trunk. Said by `rlhf check` and before a launch
+    registers anything (it failed once the model had loaded, as a registered run)."""
+    accel = str(REPO / "configs/accelerate/cpu.yaml")
+    tall = ["--set", "ppo.value_layers=4"]
+    result = rlhf("check", str(TINY), "--stage", "ppo", *tall)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == ("error: --set ppo.value_layers=4: ppo.value_layers: 4, but the model "
+                                     "'demo/model' has 4 layers (the hydra shares a frozen trunk below its top k "
+                                     "and k_v layers: k <= k_v < 4)")
+    result = rlhf("launch", "ppo", str(TINY), "--accelerate-config", accel, *tall,
+                  "--set", "ppo.num_layers_unfrozen=4")
+    assert result.returncode == 2 and "ppo.value_layers: 4, but the model" in result.stderr, result.stderr
+    assert not (workdir / "runs.db").exists()
+    assert rlhf("check", str(TINY), "--stage", "ppo", "--set", "ppo.value_layers=3").returncode == 0
+
+
 def test_a_section_error_caused_by_a_set_item_names_that_item(workdir):
     result = rlhf("check", str(TINY), "--set", "ppo.num_layers_unfrozen=3")
     assert result.returncode == 2
