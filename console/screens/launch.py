@@ -29,7 +29,7 @@ class FormField:
     name: str
     label: str
     stages: tuple[str, ...]
-    kind: str  # "text", "float", "int"
+    kind: str  # "text", "float", "int", "count" (a whole number, at least 1)
 
 
 FIELDS = (
@@ -41,7 +41,7 @@ FIELDS = (
     FormField("steps", "steps", ("ppo",), "int"),
     FormField("k", "k (policy layers)", ("ppo",), "int"),
     FormField("k_v", "k_v (value layers)", ("ppo",), "int"),
-    FormField("processes", "processes", ("sft", "rm", "ppo", "pipeline"), "int"),
+    FormField("processes", "processes", ("sft", "rm", "ppo", "pipeline"), "count"),
 )
 
 
@@ -191,7 +191,8 @@ class LaunchScreen(Screen[int | None]):
                 yield Label("through", classes="field-label")
                 yield Select(THROUGH_OPTIONS, value="all", allow_blank=False, id="through", compact=True)
             for field in FIELDS:
-                validators = {"float": [Number()], "int": [Integer()]}.get(field.kind, [])
+                validators = {"float": [Number()], "int": [Integer()],
+                              "count": [Integer(minimum=1)]}.get(field.kind, [])
                 with Horizontal(classes=f"row field-{field.name}"):
                     yield Label(field.label, classes="field-label")
                     yield Input(id=f"field-{field.name}", validators=validators, valid_empty=True, compact=True)
@@ -438,7 +439,8 @@ class LaunchScreen(Screen[int | None]):
                 continue
             result = widget.validate(widget.value)
             if result is not None and not result.is_valid:
-                self._error(field.name, f"↑ not a valid {field.kind}")
+                self._error(field.name, "↑ a whole number, at least 1" if field.kind == "count"
+                            else f"↑ not a valid {field.kind}")
                 widget.add_class("-invalid-field")
                 bad.add(field.name)
         return frozenset(bad)
