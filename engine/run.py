@@ -156,6 +156,11 @@ def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> di
     if not ended_for_good(run):
         raise RecipeError(f"run {run_id} is still shutting down (its exit is not recorded yet); try again shortly")
     if not has_checkpoint(run):
+        folder = Path(run["output_dir"] or ".")
+        if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK,
+                                             effective_ids=os.access in os.supports_effective_ids):
+            raise RecipeError(f"run {run_id}: its folder {folder} cannot be read by this user (permission denied): "
+                              "resume it as its owner")
         raise RecipeError(f"run {run_id} has no checkpoint in {run['output_dir']} to resume from")
     return run
 

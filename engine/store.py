@@ -351,6 +351,23 @@ def connect(path: str | os.PathLike) -> sqlite_utils.Database:
     return db
 
 
+def _access_denied(path: Path) -> str | None:
+    """Why this user may not read `path` (or the -shm and -wal files beside it), or None."""
+    for file in (path, path.with_name(path.name + "-shm"), path.with_name(path.name + "-wal")):
+        if file.exists() and not os.access(file, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
+            import pwd
+
+            info = file.stat()
+            try:
+                owner = pwd.getpwuid(info.st_uid).pw_name
+            except KeyError:
+                owner = f"uid {info.st_uid}"
+            return (f"permission denied: {file.name} is {owner}'s (mode {info.st_mode & 0o777:o}); to share "
+                    "runs.db, its owner can give your group read and write access to it, its -wal and -shm "
+                    "files and its folder")
+    return None
+
+
 class Store:
     """A connection to runs.db. Safe to share between threads (calls are serialised by a lock)."""
 
@@ -371,6 +388,9 @@ class Store:
             self._lock = threading.RLock()
             self._migrate()
         except sqlite3.DatabaseError as err:  # not a database, truncated, malformed, or its folder is read-only
+            denied = _access_denied(self.path)
+            if denied:  # a teammate's runs.db: damage is the wrong thing to suggest (moving it aside loses it)
+                raise StoreError(f"{self.path}: {denied}") from None
             raise StoreError(
                 f"{self.path}: cannot be opened as runs.db ({err}). If the file is damaged, move it aside and "
                 "start a new one (the runs' folders and checkpoints are untouched); if its folder is read-only, "

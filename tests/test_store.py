@@ -1,4 +1,5 @@
 import multiprocessing as mp
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -280,3 +281,28 @@ def test_pruning_finds_checkpoints_recorded_relative_to_another_directory(tmp_pa
         monkeypatch.chdir(tmp_path.parent)  # not where the run started
         assert store.prune_checkpoints(run_id) == 2
         assert [c["step"] for c in store.checkpoints(run_id)] == [3]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to be another user for a moment")
+def test_a_runs_db_this_user_may_not_read_is_said_to_be_so_not_damaged():
+    """A teammate's runs.db (mode 600): "damaged, move it aside" would have someone lose the team's runs."""
+    import shutil
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="rlhf-shared-"))  # pytest's own folders are root's alone
+    shared.chmod(0o777)
+    db = shared / "runs.db"
+    try:
+        with Store(db) as store:
+            store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+        os.seteuid(65534)
+        try:
+            with pytest.raises(StoreError) as raised:
+                Store(db)
+        finally:
+            os.seteuid(0)
+        assert str(raised.value) == (
+            f"{db}: permission denied: runs.db is root's (mode 600); to share runs.db, its owner can give your "
+            "group read and write access to it, its -wal and -shm files and its folder")
+    finally:
+        shutil.rmtree(shared)
