@@ -9,6 +9,8 @@ import sqlite3
 import sys
 import time
 
+DB_HELP = "runs database (default: $RLHF_DB or ./runs.db)"
+
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     from engine.config import STAGES
@@ -20,7 +22,7 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a recipe field, e.g. --set sft.train.lr=1e-5 (or train.lr=1e-5 for this stage)",
     )
-    parser.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
+    parser.add_argument("--db", default=None, help=DB_HELP)
     parser.add_argument("--strict-data", action="store_true",
                         help="a malformed data record is an error instead of being skipped (strict_data=true)")
     parser.add_argument("--allow-change", action="store_true",
@@ -75,10 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--num-processes", type=int, default=None)
     pipe.add_argument("--resume", type=int, metavar="ID", help="continue pipeline ID from its unfinished stage")
     pipe.add_argument("--detach", action="store_true", help="print the pipeline id and return; it goes on alone")
-    pipe.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
+    pipe.add_argument("--db", default=None, help=DB_HELP)
 
     console = sub.add_parser("console", help="open the terminal console (the default with no command)")
-    console.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
+    console.add_argument("--db", default=None, help=DB_HELP)
     # Listed for --help; main() opens the console on it before this parser is built (`rlhf chat --help` too).
     sub.add_parser("chat", help="chat with two checkpoints side by side: rlhf chat A [B] (folders, run ids or "
                                 "openai:MODEL@URL)")
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--gpu-memory", default=None, help="with --estimate: memory per GPU (default 80GiB)")
 
     runs = sub.add_parser("runs", help="list the runs in runs.db")
-    runs.add_argument("--db", default=None)
+    runs.add_argument("--db", default=None, help=DB_HELP)
     runs.add_argument("--pipeline", type=int, default=None, metavar="ID",
                       help="only this pipeline's runs, after a line on the pipeline itself")
     runs.add_argument("--json", action="store_true",
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("stop", help="stop a run: it saves a checkpoint and ends (as x in the console)")
     stop.add_argument("run_id", type=int)
     stop.add_argument("--wait", action="store_true", help="return once the run has ended (its status printed)")
-    stop.add_argument("--db", default=None)
+    stop.add_argument("--db", default=None, help=DB_HELP)
 
     evaluate = sub.add_parser("eval", help="judge checkpoints: BELLE evaluation, score table, pairwise")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
@@ -138,12 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     belle.add_argument("--resume-run", type=int, metavar="ID", help="continue evaluation run ID where it stopped")
     belle.add_argument("--output-root", default="runs", metavar="DIR",
                        help="folder under which the run gets <id>/ (default: ./runs, as a recipe's output_root)")
-    belle.add_argument("--db", default=None)
+    belle.add_argument("--db", default=None, help=DB_HELP)
     table = eval_sub.add_parser("table", help="the score table of every evaluation run")
     table.add_argument("--format", choices=("md", "csv", "json"), default="md")
     table.add_argument("--runs", help="comma-separated run ids (default: every evaluation run)")
     table.add_argument("--delta", nargs=2, type=int, metavar=("A", "B"), help="paired deltas of run B against run A")
-    table.add_argument("--db", default=None)
+    table.add_argument("--db", default=None, help=DB_HELP)
     pair = eval_sub.add_parser("pairwise", help="a judge compares two evaluation runs' answers in both orders")
     pair.add_argument("a", type=int, help="evaluation run A")
     pair.add_argument("b", type=int, help="evaluation run B")
@@ -152,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--judge-key-env", default="OPENAI_API_KEY")
     pair.add_argument("--concurrency", type=int, default=8)
     pair.add_argument("--judge-retries", type=int, default=5, metavar="N")
-    pair.add_argument("--db", default=None)
+    pair.add_argument("--db", default=None, help=DB_HELP)
     return parser
 
 
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         from console.app import run_console
 
         console = argparse.ArgumentParser(prog="rlhf console")
-        console.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
+        console.add_argument("--db", default=None, help=DB_HELP)
         return run_console(console.parse_args(argv[1:]).db)
     if argv[0] == "chat":
         from console.app import run_console
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         chat.add_argument("b", nargs="?", help="the second model, the same ways")
         chat.add_argument("--key-env", default="OPENAI_API_KEY", metavar="VAR",
                           help="environment variable with an endpoint's key ('' for an endpoint without one)")
-        chat.add_argument("--db", default=None, help="runs database (default: $RLHF_DB or ./runs.db)")
+        chat.add_argument("--db", default=None, help=DB_HELP)
         args = chat.parse_args(argv[1:])
         return run_console(args.db, chat=(args.a, args.b, args.key_env))
     from engine.config import RecipeError

@@ -361,9 +361,10 @@ async def test_y_copies_the_runs_command_line_and_z_zooms_the_focused_pane(many_
         home.select_run(6)
         await wait_for(pilot, lambda: home.selected == 6, 10)
         await pilot.press("y")
-        assert shlex.split(app.clipboard) == [
+        assert shlex.split(app.clipboard) == [  # the runs.db too: pasted elsewhere, the run lands beside its own
             "rlhf", "launch", "sft", "configs/tiny.yaml", "--set", "sft.train.lr=3e-4", "--set", "seed=7",
-            "--accelerate-config", "/abs/configs/accelerate/cpu.yaml", "--num-processes", "2"]
+            "--accelerate-config", "/abs/configs/accelerate/cpu.yaml", "--num-processes", "2",
+            "--db", str(many_runs.resolve())]
         await pilot.press("Y")
         assert app.clipboard == folder
         table = home.query_one(RunTable)
@@ -803,3 +804,25 @@ async def test_a_note_or_a_delete_on_a_runs_db_this_user_cannot_write_says_why(m
         subprocess.run(undo, check=True)
     with Store(many_runs) as store:
         assert store.run(9)["note"] is None
+
+
+def test_an_evaluations_command_line_is_rlhf_eval_belle_with_what_differs_from_the_defaults(tmp_path):
+    import shlex
+
+    from console.screens.runs import EVAL_DEFAULTS, command_line
+    from engine.evaluate import EvalConfig
+
+    assert EVAL_DEFAULTS == {k: f.default for k, f in EvalConfig.model_fields.items() if k in EVAL_DEFAULTS}
+    config = EvalConfig(name="sft export", checkpoint="/m/final", eval_dir="/belle", judge="rm",
+                        reward_model="/rm/final", per_class=2, judge_model="gpt-3.5-turbo", rewrite_reference=True)
+    run = {"stage": "eval", "config": config.model_dump_json(), "recipe": ""}
+    assert shlex.split(command_line(run, tmp_path / "runs.db")) == [
+        "rlhf", "eval", "belle", "/m/final", "--name", "sft export", "--eval-dir", "/belle", "--judge", "rm",
+        "--reward-model", "/rm/final", "--per-class", "2", "--rewrite-reference", "--db", str(tmp_path / "runs.db")]
+    from engine.cli import build_parser
+
+    parsed = build_parser().parse_args(shlex.split(command_line(run, tmp_path / "runs.db"))[1:])  # as the CLI reads it
+    assert (parsed.checkpoint, parsed.judge, parsed.per_class, parsed.rewrite_reference) == ("/m/final", "rm", 2, True)
+    judged_again = EvalConfig(name="again", checkpoint="/m/final", eval_dir="/belle", answers_from=7)
+    assert shlex.split(command_line({"stage": "eval", "config": judged_again.model_dump_json()}, "/r/runs.db")) == [
+        "rlhf", "eval", "belle", "--name", "again", "--eval-dir", "/belle", "--answers-from", "7", "--db", "/r/runs.db"]

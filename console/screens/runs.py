@@ -661,7 +661,7 @@ class RunsScreen(Screen):
         """The command that launches this run again, to the clipboard (OSC 52: it works over SSH)."""
         run = self._selected_run()
         if run is not None:
-            command = command_line(run)
+            command = command_line(run, self.app.db_path)
             self.app.copy_to_clipboard(command)
             self.notify(command, title="copied", markup=False)
 
@@ -714,20 +714,40 @@ class RunsScreen(Screen):
         yield from commands(self, self.BINDINGS)
 
 
-def command_line(run: dict[str, Any]) -> str:
-    """`rlhf launch ...` with the run's stage, recipe, overrides and accelerate settings, shell-quoted."""
+def command_line(run: dict[str, Any], db_path: str | Path) -> str:
+    """The command that starts this run again, shell-quoted, with the runs.db it is recorded in: `rlhf launch`
+    with the run's stage, recipe, overrides and accelerate settings, or for an evaluation `rlhf eval belle`
+    with the settings that differ from the defaults."""
     import json
     import shlex
 
-    argv = ["rlhf", "launch", run["stage"], run["recipe"] or "RECIPE"]
-    for item in json.loads(run.get("overrides") or "[]"):
-        argv += ["--set", str(item)]
-    launch = json.loads(run.get("launch") or "{}")
-    if launch.get("accelerate_config"):
-        argv += ["--accelerate-config", launch["accelerate_config"]]
-    if launch.get("num_processes"):
-        argv += ["--num-processes", str(launch["num_processes"])]
-    return shlex.join(argv)
+    if run["stage"] == "eval":
+        config = json.loads(run.get("config") or "{}")
+        argv = ["rlhf", "eval", "belle"]
+        if config.get("answers_from") is None and config.get("checkpoint"):
+            argv.append(config["checkpoint"])
+        for key, value in config.items():
+            if key == "checkpoint" or value is None or value is False or EVAL_DEFAULTS.get(key, ...) == value:
+                continue
+            flag = "--" + key.replace("_", "-")
+            argv += [flag] if value is True else [flag, str(value)]
+    else:
+        argv = ["rlhf", "launch", run["stage"], run["recipe"] or "RECIPE"]
+        for item in json.loads(run.get("overrides") or "[]"):
+            argv += ["--set", str(item)]
+        launch = json.loads(run.get("launch") or "{}")
+        if launch.get("accelerate_config"):
+            argv += ["--accelerate-config", launch["accelerate_config"]]
+        if launch.get("num_processes"):
+            argv += ["--num-processes", str(launch["num_processes"])]
+    return shlex.join(argv + ["--db", str(Path(db_path).resolve())])
+
+
+# `rlhf eval belle`'s defaults (engine.evaluate.EvalConfig's; not imported: the console stays light).
+EVAL_DEFAULTS: dict[str, Any] = {
+    "output_root": "runs", "judge": "openai", "judge_model": "gpt-3.5-turbo", "judge_key_env": "OPENAI_API_KEY",
+    "max_new_tokens": 512, "batch_size": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0,
+    "concurrency": 8, "judge_retries": 5}
 
 
 def _after(choices: tuple, current: object) -> object:
