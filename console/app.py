@@ -612,7 +612,15 @@ def run_console(db: str | None = None, chat: tuple[str, str | None, str] | None 
     # sqlite-utils imports pandas if it can (0.3 s here) only to convert pandas values on insert, which
     # the console never does: it starts without it.
     sys.modules.setdefault("pandas", None)
-    db_path = db or os.environ.get("RLHF_DB", "runs.db")
+    db_path = Path(db or os.environ.get("RLHF_DB", "runs.db")).resolve()
+    project = db_path.parent
+    if not Path("configs").is_dir() and (project / "configs").is_dir() and project != Path.cwd():
+        # Started elsewhere with --db: the project's recipes name their model and data relative to the project
+        # folder, so that is where the console works from (the launch form's checks and its launches).
+        if chat is not None:  # model folders named relative to where the command was typed
+            left, right, key_env = chat
+            chat = (*(str(Path(m).resolve()) if m and Path(m).exists() else m for m in (left, right)), key_env)
+        os.chdir(project)
     app = RlhfConsole(db_path, chat=chat)
     app.run()
     return app.return_code or 0  # 1 when it ended on an error (its traceback is printed)

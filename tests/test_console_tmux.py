@@ -133,6 +133,13 @@ def test_a_console_started_elsewhere_with_db_stops_and_resumes_a_run(workdir, tm
     try:
         console.start(f"{sys.executable} -m engine.cli console --db {db}")
         console.wait_for(lambda s: "running" in _row(s, 1), 600, "run 1 running")
+        # The form checks the project's recipe as from the project folder (its paths are relative to it).
+        console.keys("n")
+        console.wait_for(lambda s: "Validate" in s or "validate" in s, 60, "the launch form")
+        console.keys("C-t")
+        console.wait_for(lambda s: "the recipe is valid" in s, 120, "the recipe checked from the project folder")
+        console.keys("Escape")
+        console.wait_for(lambda s: "running" in _row(s, 1) or "stopped" in _row(s, 1), 60, "the run table again")
         _wait_run(db, 1, lambda r: (r["step"] or 0) >= 2, 180, "a few steps")
         console.keys("x")
         console.wait_for(lambda s: "Stop run 1" in s, 30, "the stop dialog")
