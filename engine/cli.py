@@ -376,22 +376,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from engine.run import RUN_ID_ENV, resume_hint, resume_recipe, say
             from engine.store import Store, default_db_path
-            from engine.train import EXIT_STOPPED, configure_logging, run_stage
+            from engine.train import EXIT_STOPPED, configure_logging, run_stage, validate
 
             _recipe_or_resume(args)
             overrides = list(args.overrides)
             recipe = args.recipe
+            checked = None
             if args.resume_run is not None:
                 # The recipe runs.db recorded for the run (overrides applied, paths absolute), not the file
                 # as it is now.
                 db = args.db or default_db_path()
-                recipe, overrides = resume_recipe(db, args.resume_run, args.stage, overrides, args.allow_change)
+                recipe, overrides, change = resume_recipe(db, args.resume_run, args.stage, overrides,
+                                                          args.allow_change)
+                # Checked before the claim, as a launch does: a resume refused leaves the run as it was (a
+                # claimed run that never starts would stay pending, with no process for any look to judge).
+                checked = validate(args.stage, recipe, overrides)
                 with Store(db) as store:  # as a launch does: one resume wins, the old stop and error are cleared
-                    if not store.claim_for_resume(args.resume_run):
+                    if not store.claim_for_resume(args.resume_run, change):
                         raise RecipeError(f"run {args.resume_run} is being resumed or is still running")
                 os.environ[RUN_ID_ENV] = str(args.resume_run)
             configure_logging()
-            run_id, status = run_stage(args.stage, recipe, overrides, args.db)
+            run_id, status = run_stage(args.stage, recipe, overrides, args.db, checked=checked)
             if status == "stopped":
                 say(f"run {run_id} stopped; continue it with: {resume_hint(args.stage, run_id, args.db)}")
                 return EXIT_STOPPED

@@ -121,9 +121,10 @@ def prepare(
     full-state checkpoint, under its own id.
     """
     db = Path(db_path or default_db_path()).resolve()
+    change = None
     if resume_run is not None:
         # The recipe as runs.db recorded it (overrides applied, paths absolute), from any directory.
-        recipe_path, overrides = resume_recipe(db, resume_run, stage, overrides, allow_change)
+        recipe_path, overrides, change = resume_recipe(db, resume_run, stage, overrides, allow_change)
     recipe = validate(stage, recipe_path, overrides)
     accelerate = read_accelerate_config(accelerate_config)
     if num_processes is not None and num_processes < 1:
@@ -169,7 +170,7 @@ def prepare(
                 run_id = register_run(store, stage, recipe, recipe_path, overrides)
             else:
                 run_id = resume_run
-                if not store.claim_for_resume(run_id):
+                if not store.claim_for_resume(run_id, change):
                     raise RecipeError(f"run {run_id} is being resumed or is still running")
             store.update_run(run_id, launch=launch)
             output_dir = Path(store.run(run_id)["output_dir"])

@@ -182,8 +182,9 @@ def has_checkpoint(run: dict[str, Any]) -> bool:
 
 
 def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrides: list[str],
-                  allow_change: bool = False) -> tuple[str, list[str]]:
-    """(recipe file, overrides) that continue `run_id` exactly as it was configured: its recorded recipe
+                  allow_change: bool = False) -> tuple[str, list[str], dict[str, str] | None]:
+    """(recipe file, overrides, the change to record) that continue `run_id` exactly as it was configured
+    (`change`: the run's new config and overrides where allowed --set items change it): its recorded recipe
     (its own --set items applied, paths absolute), whatever file or directory the resume is started from.
 
     New --set items change a run in the middle of its curve, so they are refused unless `allow_change`;
@@ -203,11 +204,11 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
         _check_more_to_train(run, stage, recorded, changed)
     elif stage != "ppo":
         _check_not_past_the_end(run, stage, recorded, changed)
-    if differ:
-        with Store(db_path) as store:
-            store.update_run(run_id, config=recipe_to_json(with_absolute_paths(changed)),
-                             overrides=json.dumps([*json.loads(run.get("overrides") or "[]"), *overrides]))
-    return path, [*overrides, f"{stage}.resume_from_checkpoint=true"]
+    change = None
+    if differ:  # recorded by the claim (`Store.claim_for_resume`): only a resume that starts changes the run
+        change = {"config": recipe_to_json(with_absolute_paths(changed)),
+                  "overrides": json.dumps([*json.loads(run.get("overrides") or "[]"), *overrides])}
+    return path, [*overrides, f"{stage}.resume_from_checkpoint=true"], change
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -502,8 +502,9 @@ class Store:
         owner = folder_owner(run["output_dir"]) if run.get("output_dir") else None
         return owner is not None and owner.get("db_id") == self.db_id and owner.get("run_id") == run["id"]
 
-    def claim_for_resume(self, run_id: int) -> bool:
+    def claim_for_resume(self, run_id: int, change: Mapping[str, Any] | None = None) -> bool:
         """Make an ended run pending again, in one transaction: of two resumes at once only one wins.
+        `change`: fields the resume changes (an allowed --set: its config and overrides), written with it.
 
         A launched run counts as ended only once its supervisor has recorded the exit code (its trainer
         writes "stopped" before its processes are gone), or once it was found with its processes gone
@@ -518,6 +519,9 @@ class Store:
                 "AND status NOT IN ('pending', 'running') "
                 "AND (launch IS NULL OR exit_code IS NOT NULL OR orphaned IS NOT NULL)",
                 [segments, run_id]).rowcount
+            if changed == 1 and change:
+                db.conn.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in change)} WHERE id = ?",
+                                [*change.values(), run_id])
         return changed == 1
 
     def close_orphan(self, run_id: int, seen: Mapping[str, Any] | None = None, ended: float | None = None,

@@ -203,9 +203,11 @@ def _check_hydra_fits(recipe: Recipe, refs_ok: bool) -> None:
                               f"{layers})", {field: f"must be below the model's {layers} layers"})
 
 
-def run_stage(stage: Stage, recipe_path: str, overrides: list[str], db_path: str | None = None) -> tuple[int, str]:
-    """Validate, register (unless a launcher did), train. Returns (run id, final status)."""
-    recipe = validate(stage, recipe_path, overrides)
+def run_stage(stage: Stage, recipe_path: str, overrides: list[str], db_path: str | None = None,
+              checked: Recipe | None = None) -> tuple[int, str]:
+    """Validate (unless `checked`, what `validate` already returned), register (unless a launcher did),
+    train. Returns (run id, final status)."""
+    recipe = checked if checked is not None else validate(stage, recipe_path, overrides)
     module, name = RUNNERS[stage].split(":")
     runner = getattr(importlib.import_module(module), name)
     from transformers import set_seed

@@ -233,6 +233,12 @@ def test_resume_reads_the_recorded_recipe_from_any_directory(workdir, tmp_path_f
     assert done.returncode == 0, done.stderr[-2000:]
     recorded = run_row(1)
     assert Path(recorded["recipe"]).is_absolute()
+    refused = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1", "--allow-change", "--set",
+                              "train.max_steps=4", "--set", "sft.data.0.path=nope.jsonl"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "'nope.jsonl' does not exist" in refused.stderr, refused.stderr
+    # Refused before it claimed the run: left as it was (it stayed pending, for good, with no process).
+    assert {k: run_row(1)[k] for k in recorded} == recorded
     elsewhere = tmp_path_factory.mktemp("elsewhere")  # no demo/ here: the recorded paths are absolute
     changed = elsewhere / "tiny.yaml"
     changed.write_text(TINY.read_text().replace("lr: 3.0e-3", "lr: 9.0"))
