@@ -374,9 +374,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_eval_command(args)
         if args.command == "train":
-            from engine.run import RUN_ID_ENV, resume_hint, resume_recipe, say
+            from engine.run import EXIT_STOPPED, RUN_ID_ENV, exit_code_of, resume_hint, resume_recipe, say
             from engine.store import Store, default_db_path
-            from engine.train import EXIT_STOPPED, configure_logging, run_stage, validate
+            from engine.train import configure_logging, run_stage, validate
 
             _recipe_or_resume(args)
             overrides = list(args.overrides)
@@ -400,12 +400,14 @@ def main(argv: list[str] | None = None) -> int:
             if status == "stopped":
                 say(f"run {run_id} stopped; continue it with: {resume_hint(args.stage, run_id, args.db)}")
                 return EXIT_STOPPED
+            if status == "diverged":
+                say(f"run {run_id} diverged (rlhf runs shows its error); its last good checkpoint is kept")
+                return exit_code_of(status)
             say(f"run {run_id} finished")
             return 0
         assert args.command == "launch"
         from engine.launch import prepare, start_detached, supervise
-        from engine.run import resume_hint, say
-        from engine.train import EXIT_STOPPED
+        from engine.run import EXIT_STOPPED, resume_hint, say
 
         _recipe_or_resume(args)
         run = prepare(args.stage, args.recipe, args.overrides, args.accelerate_config, args.num_processes,

@@ -33,6 +33,11 @@ LAUNCHED_ENV = "RLHF_LAUNCHED"  # set by the launcher, which records the process
 EXIT_STOPPED = 143  # 128 + SIGTERM: a stopped run is not a success a script should chain on from
 
 
+def exit_code_of(status: str) -> int:
+    """A run's process exit code, by its end: done 0, stopped 143, anything else (failed, diverged) 1."""
+    return {"done": 0, "stopped": EXIT_STOPPED}.get(status, 1)
+
+
 class StopRequested(Exception):
     """SIGTERM before training started: nothing to checkpoint yet, the run just ends as stopped."""
 
@@ -528,7 +533,7 @@ def _tracked_run(
 
     def end(status: str, exit_code: int = 1, **extra: Any) -> None:
         if store is not None:
-            code = {"done": 0, "stopped": EXIT_STOPPED}.get(status, exit_code) if own else None
+            code = (exit_code if status == "failed" else exit_code_of(status)) if own else None
             now = time.time()
             segments = json.loads(store.run(run_id).get("segments") or "[]")
             if segments and segments[-1][1] is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engine.config import STAGE_REFS, Recipe, RecipeError, Stage, function_spec_problem, load_recipe, looks_local
 from engine.data.records import DataError
-from engine.run import EXIT_STOPPED, LAUNCHED_ENV, StopRequested, stop_seen, tracked_run
+from engine.run import LAUNCHED_ENV, StopRequested, exit_code_of, stop_seen, tracked_run
 from engine.store import StoreError, default_db_path
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return EXIT_STOPPED if status == "stopped" else 0
+    return exit_code_of(status)  # a diverged run too is no success to chain on from
 
 
 if __name__ == "__main__":

@@ -217,12 +217,22 @@ def test_rewards_from_the_reward_model_stage(workdir):
     assert again.item() == pytest.approx(samples[0]["score"], abs=1e-4)
 
 
-def test_divergence_stops_the_run_and_names_the_metric(workdir):
-    run_id, status = run_stage("ppo", str(TINY), ["reward_fn=tests.ppo_rewards:always_nan", "steps=5",
-                                                  "rollout_batch_size=4", "max_new_tokens=4"])
-    assert status == "diverged"
-    run = run_row(run_id)
-    assert run["status"] == "diverged" and "rollout_scores/mean" in run["error"] and "at step 1" in run["error"]
+def test_divergence_stops_the_run_names_the_metric_and_is_no_success_to_a_script(workdir):
+    """`rlhf train ppo … && rlhf eval belle …` must not go on to evaluate a NaN model: a diverged run exits 1,
+    in its own terminal and launched, and its record says 1 as well."""
+    nan = ["--set", "ppo.reward_fn=tests.ppo_rewards:always_nan", "--set", "ppo.steps=5", "--set",
+           "ppo.rollout_batch_size=4", "--set", "ppo.max_new_tokens=4"]
+    own = subprocess.run([*RLHF, "train", "ppo", str(TINY), *nan], capture_output=True, text=True, timeout=600)
+    assert own.returncode == 1, own.stderr[-2000:]
+    assert "run 1 diverged" in own.stdout and "finished" not in own.stdout
+    launched = subprocess.run([*RLHF, "launch", "ppo", str(TINY), *nan, "--accelerate-config",
+                               str(REPO / "configs" / "accelerate" / "cpu.yaml")],
+                              capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 1, launched.stderr[-2000:]
+    for run_id in (1, 2):
+        run = run_row(run_id)
+        assert (run["status"], run["exit_code"]) == ("diverged", 1)
+        assert "rollout_scores/mean" in run["error"] and "at step 1" in run["error"]
 
 
 def test_two_ranks_agree_on_the_weights(workdir):
