@@ -250,3 +250,39 @@ def decoder_layers_intact(hydra: Hydra) -> bool:
     from engine.models import decoder_layers
 
     return len(decoder_layers(hydra.lm)) == hydra.num_layers
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_bf16_hydras_export_loads_plainly_with_its_small_update(tmp_path, lora):
+    """A bf16 trunk, float32 trained parts: moved by less than bf16's step (a PPO update is small), the
+    export loaded with a plain `from_pretrained` still holds the move (its config names float32; LoRA merges
+    into float32). Named bf16 and merged in bf16, the load rounded it away."""
+    import json
+
+    from peft import LoraConfig
+
+    model = tiny("bloom").to(torch.bfloat16)
+    base = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    hydra = Hydra(model, num_layers_unfrozen=1, value_layers=2,
+                  lora=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None)
+    target = "transformer.h.3.self_attention.query_key_value.weight"
+    with torch.no_grad():
+        if lora:
+            module = next(m for n, m in hydra.policy.named_modules()
+                          if n.endswith("h.3.self_attention.query_key_value"))
+            module.lora_B["default"].weight.normal_(0, 1e-4)
+            delta = module.get_delta_weight("default").float()
+        else:
+            trained = dict(hydra.policy.named_parameters())[target]
+            assert trained.dtype == torch.float32
+            delta = torch.full_like(trained, 1e-5)
+            trained.add_(delta)
+    rounded = (base[target] + delta).bfloat16().float()
+    assert delta.abs().max() < 1e-3 and (rounded == base[target]).float().mean() > 0.5  # mostly lost in bf16
+    hydra.export(tmp_path / "policy")
+    assert json.loads((tmp_path / "policy" / "config.json").read_text())["dtype"] == "float32"
+    loaded = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "policy").named_parameters())
+    assert loaded[target].dtype == torch.float32
+    assert torch.allclose(loaded[target] - base[target], delta, atol=1e-7, rtol=1e-3)
+    trunk = "transformer.h.0.self_attention.query_key_value.weight"
+    assert torch.equal(loaded[trunk], base[trunk])  # the frozen trunk as it was

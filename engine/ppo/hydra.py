@@ -214,11 +214,24 @@ class Hydra(nn.Module):
 
     def export(self, folder: Any, merge: bool = True) -> None:
         """The policy as a plain Hugging Face folder. In LoRA mode a merged copy (training goes on), or
-        with `merge=False` only the adapters (cheap, for checkpoints)."""
+        with `merge=False` only the adapters (cheap, for checkpoints).
+
+        What trained is stored in float32 and the frozen trunk as it is (bf16 for the seed recipe); the
+        config then names float32, so that a plain `from_pretrained(folder)` gives the trained weights. Named
+        bf16, it would round them to bf16, whose step near a weight of 0.02 is 6e-5: most of a PPO run's
+        update, which is small by design (the KL penalty). Serving in bf16 stays a choice (`dtype=`)."""
         if self.lora and merge:
-            copy.deepcopy(self.policy).merge_and_unload().save_pretrained(folder)
+            merged = copy.deepcopy(self.policy)
+            from peft.tuners.lora import LoraLayer
+
+            for module in merged.modules():  # merged into float32: the adapters' update is not rounded away
+                if isinstance(module, LoraLayer):
+                    module.get_base_layer().float()
+            merged.merge_and_unload().save_pretrained(folder)
         else:
             self.policy.save_pretrained(folder)
+        if merge or not self.lora:
+            _config_names_float32(folder)
 
     def value_branch_parameters(self) -> list[nn.Parameter]:
         return [*self.value_layers.parameters(), *self.value_norm.parameters(), *self.value_head.parameters()]
@@ -459,3 +472,18 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     clone = copy.deepcopy(module)
     clone.requires_grad_(False)
     return clone
+
+
+def _config_names_float32(folder: Any) -> None:
+    """A saved folder whose weights are partly float32: its config.json names float32 (see `Hydra.export`)."""
+    import json
+    from pathlib import Path
+
+    from engine.models import stored_float32
+
+    config = Path(folder) / "config.json"
+    data = json.loads(config.read_text(encoding="utf-8"))
+    if data.get("dtype") in (None, "float32") or not stored_float32(folder):
+        return
+    data["dtype"] = "float32"
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
