@@ -96,7 +96,10 @@ def resolve_checkpoint(spec: str, db_path: str | Path, kind: str = "answering mo
 
 def validate(config: EvalConfig) -> list[Item]:
     """Everything checkable before a model loads or a run is registered; returns the items."""
+    from engine.knobs import decode_path
     from engine.train import model_folder_problem
+
+    decode_path()  # the answers' decode path: a mistyped switch is an error, never ignored
 
     try:
         items = load_items(config.eval_dir, config.limit, config.per_class)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.head import head_fp32
+from engine.knobs import decode_path
 
 _M32 = 0xFFFFFFFF
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class Engine:
         params = inspect.signature(self._lm.base_model.forward).parameters
         self._positions = "position_ids" in params
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        choice = os.environ.get("RLHF_DECODE", "")
+        choice = decode_path()
         if fast is None:
             fast = choice != "transformers"
         if graph is None and choice == "eager":

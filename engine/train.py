@@ -163,6 +163,9 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
             if problem is not None:
                 raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} {problem}", {field: problem})
     if stage == "ppo":
+        from engine.knobs import check_knobs
+
+        check_knobs()
         _check_hydra_fits(recipe, refs_ok)
     if not launched:
         from engine.data.check import check_stage_data

@@ -347,17 +347,25 @@ def test_the_trunk_cached_update_equals_the_uncached_one(workdir, monkeypatch, k
     assert moved > 0
 
 
-def test_the_trunk_cache_switch_takes_its_three_words_and_refuses_others(monkeypatch):
+def test_the_path_switches_take_their_words_and_refuse_others_before_a_run_is_registered(workdir, monkeypatch):
     from engine.config import RecipeError
-    from engine.ppo.trainer import trunk_cache_mode
+    from engine.knobs import decode_path, trunk_cache_mode
 
     monkeypatch.delenv("RLHF_TRUNK_CACHE", raising=False)
-    assert trunk_cache_mode() == "on"
+    monkeypatch.delenv("RLHF_DECODE", raising=False)
+    assert (trunk_cache_mode(), decode_path()) == ("on", "")
     monkeypatch.setenv("RLHF_TRUNK_CACHE", " Score ")
-    assert trunk_cache_mode() == "score"
+    monkeypatch.setenv("RLHF_DECODE", "Eager")
+    assert (trunk_cache_mode(), decode_path()) == ("score", "eager")
     monkeypatch.setenv("RLHF_TRUNK_CACHE", "false")  # "off" was meant: never taken for on
     with pytest.raises(RecipeError, match="RLHF_TRUNK_CACHE='false': not one of on, score, off"):
         trunk_cache_mode()
+    for name, value in (("RLHF_TRUNK_CACHE", "bogus"), ("RLHF_DECODE", "fast")):  # a failed run, or ignored
+        env = {**os.environ, "RLHF_TRUNK_CACHE": "on", "RLHF_DECODE": "", name: value}
+        result = subprocess.run([*RLHF, "train", "ppo", str(TINY)], capture_output=True, text=True, timeout=120,
+                                env=env)
+        assert result.returncode == 2 and f"error: {name}={value!r}: not one of" in result.stderr, result.stderr
+    assert not Path(os.environ["RLHF_DB"]).exists()
 
 
 def test_a_stop_that_comes_with_the_last_step_lets_ppo_finish(workdir, monkeypatch):

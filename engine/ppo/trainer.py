@@ -29,6 +29,7 @@ import torch
 
 from engine.config import PPOStage, Recipe, RecipeError, import_function
 from engine.data import load_prompts
+from engine.knobs import trunk_cache_mode
 from engine.lineage import model_id, write_lineage
 from engine.models import load_causal_lm, load_exact, load_tokenizer, lora_config, precision_flags
 from engine.ppo import core
@@ -86,20 +87,6 @@ def _scorer(recipe: Recipe, stage: PPOStage, device: torch.device) -> Scorer:
         return FunctionScorer(import_function(stage.reward_fn), device)
     except ValueError as err:
         raise RecipeError(f"{recipe.where('ppo.reward_fn')}: ppo.{err}") from None
-
-
-TRUNK_CACHE_MODES = ("on", "score", "off")
-
-
-def trunk_cache_mode() -> str:
-    """RLHF_TRUNK_CACHE: on (the default: the trunk once per rollout, kept by the decoder as it samples where it
-    can, else by the scoring forward), score (always by the scoring forward), off (recomputed in every forward:
-    to compare, or to rule the cache out)."""
-    raw = os.environ.get("RLHF_TRUNK_CACHE", "on")
-    mode = raw.strip().lower()
-    if mode not in TRUNK_CACHE_MODES:
-        raise RecipeError(f"RLHF_TRUNK_CACHE={raw!r}: not one of {', '.join(TRUNK_CACHE_MODES)}")
-    return mode
 
 
 class PPOTrainer:
