@@ -198,8 +198,9 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
         # waits for them as for a stop of its own.
         group = (run["pgid"], run["pgid_started"]) if run.get("pgid") else None
     else:
-        print(f"run {run_id}: stop asked; it saves a checkpoint and ends (before training has begun, it just "
-              "ends)", flush=True)
+        started = run["status"] == "running"
+        print(f"run {run_id}: stop asked; " + ("it saves a checkpoint and ends" if started else
+                                              "it has not begun training: it just ends"), flush=True)
         group = asked.group
     if not wait:
         return 0
