@@ -227,6 +227,14 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
         time.sleep(0.5)
 
 
+# Columns runs.db holds as JSON text: a script reads them as JSON values, not as strings to decode again.
+JSON_COLUMNS = ("overrides", "launch", "segments", "data_fates")
+
+
+def _decoded(row: dict) -> dict:
+    return {k: json.loads(v) if k in JSON_COLUMNS and isinstance(v, str) else v for k, v in row.items()}
+
+
 def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = False) -> int:
     from engine.config import RecipeError
     from engine.run_facts import elapsed, error_summary, format_duration
@@ -247,10 +255,10 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
         rows = [run for run in rows if run.get("pipeline_id") == pipeline_id]
     if as_json:
         if pipeline is not None:
-            print(json.dumps({"pipeline": {k: v for k, v in pipeline.items() if k != "config"}},
+            print(json.dumps({"pipeline": _decoded({k: v for k, v in pipeline.items() if k != "config"})},
                              ensure_ascii=False))
         for run in rows:
-            shown = {k: v for k, v in run.items() if k != "config"}
+            shown = _decoded({k: v for k, v in run.items() if k != "config"})
             shown["elapsed_s"] = round(elapsed(run), 3) if run["started"] else None
             print(json.dumps(shown, ensure_ascii=False))
         return 0

@@ -171,6 +171,8 @@ def test_rlhf_runs_says_how_long_and_why_and_where_a_pipeline_stands_to_people_a
     assert set(objects) == {failed, resumed} and "config" not in objects[failed]
     assert objects[resumed]["elapsed_s"] == 90.0 and objects[failed]["status"] == "failed"
     assert objects[failed]["error"].endswith("ValueError: bad batch\n") and objects[failed]["pipeline_id"] == 1
+    assert isinstance(objects[resumed]["segments"], list)  # JSON values, not strings of JSON
+    assert isinstance(objects[failed]["overrides"], list)
 
 
 def test_a_look_that_closed_a_launched_run_before_its_supervisor_did_gives_way_to_the_exit_code(workdir):
