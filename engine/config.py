@@ -9,10 +9,20 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 STAGES = ("sft", "rm", "ppo")
 
@@ -57,9 +67,26 @@ class RecipeSource:
         return ", ".join(inside) + f" ({where})" if inside else where
 
 
+def _types_in(annotation: Any) -> set[Any]:
+    """The classes an annotation admits (through unions, Optional, Annotated; not Literal's values)."""
+    if isinstance(annotation, type):
+        return {annotation}
+    return {t for arg in get_args(annotation) if not isinstance(arg, (str, int, float)) for t in _types_in(arg)}
+
+
 class _Section(BaseModel):
     # extra="forbid": a misspelt key is an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic takes true for 1 in a number field: `--set ppo.steps=true` trained one step.
+        if isinstance(value, bool) and info.field_name:
+            admits = _types_in(cls.model_fields[info.field_name].annotation)
+            if bool not in admits and admits & {int, float}:
+                raise ValueError(f"{str(value).lower()} is not a number")
+        return value
 
 
 class ModelSpec(_Section):

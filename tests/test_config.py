@@ -67,6 +67,12 @@ def test_structural_errors(tmp_path):
         load_recipe(TINY, ["ppo.num_layers_unfrozen=2", "ppo.value_layers=1"])
     with pytest.raises(RecipeError, match="lora and num_layers_unfrozen cannot be combined"):
         load_recipe(TINY, ["sft.lora={r: 4}", "sft.num_layers_unfrozen=1"])
+    # YAML's true is 1 to pydantic: `--set ppo.steps=true` trained one step
+    with pytest.raises(RecipeError, match="--set ppo.steps=true: ppo.steps: true is not a number"):
+        load_recipe(TINY, ["ppo.steps=true"])
+    with pytest.raises(RecipeError, match="ppo.max_grad_norm: false is not a number"):
+        load_recipe(TINY, ["ppo.max_grad_norm=false"])
+    assert load_recipe(TINY, ["ppo.resume_from_checkpoint=true"]).ppo.resume_from_checkpoint is True
     # A key given twice: YAML keeps the last one silently, and a tuned value is lost unseen.
     twice = "name: x\nmodel: {path: m}\nsft:\n  train:\n    lr: 3.0e-3\n    epochs: 1\n    lr: 1.0e-5\n"
     with pytest.raises(RecipeError, match=r"recipe.yaml:7: sft.train.lr: given twice \(first at line 5\)"):

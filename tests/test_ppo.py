@@ -188,6 +188,8 @@ def test_lora_mode_trains_exports_and_resumes(workdir):
     run_id, status = run_stage("ppo", str(TINY), [*lora, "steps=2"])
     assert status == "done" and values(run_id, "policy/kl_per_token")[0] == 0.0
     assert values(run_id, "policy/kl_per_token")[1] != 0.0  # the adapters moved the policy
+    used = values(run_id, "kl_ctl_value")  # the coefficient each step's rewards paid, as trlx logs it
+    assert used[0] == 0.05 and used[1] < 0.05  # tiny.yaml's init_kl_coef, then moved by the adaptive controller
     final = Path(run_row(run_id)["output_dir"]) / "final"
     assert not (final / "adapter_config.json").exists()
     AutoModelForCausalLM.from_pretrained(final)

@@ -114,6 +114,9 @@ class PPOTrainer:
         self.prompts = load_prompts(self.stage.prompts, recipe.seed, recipe.strict_data).train
         if self.accelerator.is_main_process:
             self._report_long_prompts(recipe)
+            if self.stage.minibatch_size > self.stage.rollout_batch_size:
+                log.warning("ppo.minibatch_size %d is more than ppo.rollout_batch_size %d: each minibatch is the "
+                            "whole rollout", self.stage.minibatch_size, self.stage.rollout_batch_size)
         self.scorer = _scorer(recipe, self.stage, self.device)
         self.state = PPOState()
         if self.accelerator.is_main_process and handle.output_dir.is_dir():
@@ -365,7 +368,8 @@ class PPOTrainer:
         mask = rollout.response_mask
         log_ratio = (old_logprobs - ref_logprobs) * mask
         kl_k3 = ((torch.exp(-log_ratio) - 1) + log_ratio) * mask
-        rewards = core.shaped_rewards(log_ratio, mask, scores, self.kl.value)
+        kl_coef = self.kl.value  # what this step's rewards pay; the controller moves it for the next step
+        rewards = core.shaped_rewards(log_ratio, mask, scores, kl_coef)
         advantages, returns = core.gae(old_values, rewards, mask, stage.gamma, stage.lam)
         advantages = core.whiten(advantages, mask, distributed=self.world > 1)
         t_forward = time.perf_counter() - t0
@@ -424,7 +428,7 @@ class PPOTrainer:
             "policy/kl_per_token": self._global_masked_mean(log_ratio, mask),
             "policy/kl_k3_per_token": self._global_masked_mean(kl_k3, mask),
             "policy/sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
-            "kl_ctl_value": self.kl.value,
+            "kl_ctl_value": kl_coef,
             "values/mean": self._global_masked_mean(old_values, mask),
             "returns/mean": self._global_masked_mean(returns, mask),
             "padding_percentage": 1.0 - self._global_mean(mask),
