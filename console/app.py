@@ -542,6 +542,7 @@ class RlhfConsole(App):
         from console.screens.launch import LaunchScreen
         from console.screens.runs import RunsScreen
         from console.screens.scores import ScoresScreen
+        from console.widgets.chart import CHART_KEYS
         from console.widgets.log_view import LogView
         from console.widgets.run_table import RunTable
         from console.widgets.samples_view import SamplesView
@@ -551,7 +552,7 @@ class RlhfConsole(App):
         # (screen, its sections): the screen help is asked on comes first, after the keys that work everywhere.
         screens = [
             (RunsScreen, [("Runs", RunsScreen.BINDINGS), ("Run table (when it has focus)", RunTable.BINDINGS),
-                          ("Log (when it has focus)", LogView.BINDINGS),
+                          ("Chart (when it has focus)", CHART_KEYS), ("Log (when it has focus)", LogView.BINDINGS),
                           ("Samples (when they have focus)", SamplesView.BINDINGS)]),
             (LaunchScreen, [("Launch", LaunchScreen.BINDINGS)]), (GpuScreen, [("GPUs", GpuScreen.BINDINGS)]),
             (ChatScreen, [("Chat", ChatScreen.BINDINGS)]), (ScoresScreen, [("Scores", ScoresScreen.BINDINGS)]),

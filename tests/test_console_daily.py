@@ -144,6 +144,8 @@ async def test_the_palette_finds_every_action_and_help_lists_each_once(many_runs
         gpus = text.split("\nGPUs\n", 1)[1].split("\n\n", 1)[0]
         launch = text.split("\nLaunch\n", 1)[1].split("\n\n", 1)[0]
         assert "Back to runs" in gpus and "ctrl+s" in launch, (gpus, launch)
+        chart = text.split("\nChart (when it has focus)\n", 1)[1].split("\n\n", 1)[0]  # its zoom was footer-only
+        assert "Zoom in" in chart and "Pan left" in chart and "Reset scales" in chart, chart
         await pilot.press("escape", "g")  # help on another screen lists that screen's keys first
         await wait_for(pilot, lambda: isinstance(app.screen, GpuScreen), 5, "the GPU screen")
         await pilot.press("question_mark")

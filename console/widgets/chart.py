@@ -62,6 +62,9 @@ class _BatchedPlot(PlotWidget, inherit_bindings=False):
             self._x_ticks = None
 
 
+CHART_KEYS = _BatchedPlot.BINDINGS  # the focused chart's own keys, for the help screen
+
+
 class MetricChart(Vertical):
     DEFAULT_CSS = """
     MetricChart { height: 1fr; }
