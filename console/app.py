@@ -47,9 +47,8 @@ ACTIVE = ("pending", "running")
 
 
 # What a finished action did, where "done" would say too much: a resumed or launched run has only started.
-DONE_SAYS = {"launch": "started", "resume": "resuming (its row follows it)",
-             "stop": "asked to stop: it saves a checkpoint, then ends", "kill": "killed after the grace period",
-             "delete": "deleted"}
+DONE_SAYS = {"launch": "started", "resume": "resuming", "stop": "asked to stop",
+             "kill": "killed after the grace period", "delete": "deleted"}
 
 
 class RlhfConsole(App):
@@ -330,8 +329,12 @@ class RlhfConsole(App):
             if message.pipeline_id is not None and self.home is not None:
                 self.home.select_pipeline(message.pipeline_id)
             return
-        self.notify(f"run {message.run_id}: {DONE_SAYS.get(message.verb, message.verb + ' done')}",
-                    title=message.verb)
+        said = DONE_SAYS.get(message.verb, message.verb + " done")
+        if message.verb == "stop" and message.run_id in self.runs:
+            from engine.run_facts import stop_outcome
+
+            said = f"asked to stop: {stop_outcome(self.runs[message.run_id])}"
+        self.notify(f"run {message.run_id}: {said}", title=message.verb)
         if message.verb in ("launch", "resume"):
             from console.screens.launch import LaunchScreen
 
@@ -620,7 +623,8 @@ def run_console(db: str | None = None, chat: tuple[str, str | None, str] | None 
         # folder, so that is where the console works from (the launch form's checks and its launches).
         if chat is not None:  # model folders named relative to where the command was typed
             left, right, key_env = chat
-            chat = (*(str(Path(m).resolve()) if m and Path(m).exists() else m for m in (left, right)), key_env)
+            chat = (*(str(Path(m).resolve()) if m and not m.isdigit() and Path(m).exists() else m  # a run id stays
+                      for m in (left, right)), key_env)
         os.chdir(project)
     app = RlhfConsole(db_path, chat=chat)
     app.run()

@@ -172,7 +172,7 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
     from engine.launch import stop_grace_s, stop_run
     from engine.procs import kill_group, same_group
     from engine.run import ended_for_good, settled
-    from engine.run_facts import error_summary
+    from engine.run_facts import error_summary, stop_outcome
     from engine.store import Store, default_db_path
 
     db_path = db or default_db_path()
@@ -198,9 +198,7 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
         # waits for them as for a stop of its own.
         group = (run["pgid"], run["pgid_started"]) if run.get("pgid") else None
     else:
-        started = run["status"] == "running"
-        print(f"run {run_id}: stop asked; " + ("it saves a checkpoint and ends" if started else
-                                              "it has not begun training: it just ends"), flush=True)
+        print(f"run {run_id}: stop asked; {stop_outcome(run)}", flush=True)
         group = asked.group
     if not wait:
         return 0
@@ -410,7 +408,11 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"run {run_id} stopped; continue it with: {resume_hint(args.stage, run_id, args.db)}")
                 return EXIT_STOPPED
             if status == "diverged":
-                say(f"run {run_id} diverged (rlhf runs shows its error); its last good checkpoint is kept")
+                with Store(args.db or default_db_path()) as store:
+                    kept = store.checkpoints(run_id)
+                say(f"run {run_id} diverged (rlhf runs shows its error); " +
+                    (f"its checkpoint of step {kept[-1]['step']} is from before" if kept else
+                     "no checkpoint was saved before it"))
                 return exit_code_of(status)
             say(f"run {run_id} finished")
             return 0

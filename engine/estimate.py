@@ -1084,6 +1084,11 @@ def _resolve(recipe: Recipe, path: str, seen: tuple[str, ...] = ()) -> tuple[str
     return inner, spec.dtype if spec.dtype != "auto" else dtype
 
 
+def resolve_reference(recipe: Recipe, path: str) -> str:
+    """The model folder or hub id behind a stage reference (`@sft`): its export has that model's shape."""
+    return _resolve(recipe, path)[0]
+
+
 def _model_of(recipe: Recipe, stage: str) -> tuple[Shape, str]:
     section = recipe.stage(stage)  # type: ignore[arg-type]
     field_name = f"{stage}.model.path" if section.model is not None else "model.path"

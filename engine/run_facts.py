@@ -63,3 +63,12 @@ def error_summary(error: str | None) -> str:
     supervisor adds about a kill)."""
     lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def stop_outcome(run: dict[str, Any]) -> str:
+    """What a stop asked of this run will leave, for the one who asked."""
+    if run.get("stage") == "eval":
+        return "it ends after the batch in hand (a resume goes on from there)"
+    if (run.get("step") or 0) > 0:
+        return "it saves a checkpoint and ends"
+    return "it has not trained a step yet: it just ends (nothing to save)"

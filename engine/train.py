@@ -188,12 +188,16 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
 def _check_hydra_fits(recipe: Recipe, refs_ok: bool) -> None:
     """k and k_v below the policy's layer count, read from its config.json: the hydra would refuse them only
     once the model has loaded, after the run was registered."""
-    from engine.estimate import EstimateError, load_shape
+    from engine.estimate import EstimateError, load_shape, resolve_reference
 
     section = recipe.stage("ppo")
     path = recipe.stage_model("ppo").path
-    if path in STAGE_REFS and refs_ok:
-        return
+    if path in STAGE_REFS:  # a pipeline's own export (`@sft`): the shape of the model that stage starts from
+        if not refs_ok:
+            return
+        path = resolve_reference(recipe, path)
+        if path in STAGE_REFS:
+            return
     try:
         layers = load_shape(path, "ppo.model.path").layers
     except EstimateError:  # no config to read (a hub model not cached): the hydra checks it when it loads

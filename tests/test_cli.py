@@ -237,6 +237,9 @@ def test_a_hydra_taller_than_the_model_is_refused_before_anything_is_registered(
     assert result.returncode == 2 and "ppo.value_layers: 4, but the model" in result.stderr, result.stderr
     assert not (workdir / "runs.db").exists()
     assert rlhf("check", str(TINY), "--stage", "ppo", "--set", "ppo.value_layers=3").returncode == 0
+    # A pipeline's policy is its SFT export (`@sft`), of the SFT stage's model's shape: refused before SFT trains.
+    piped = rlhf("check", str(TINY), "--stage", "ppo", "--set", "ppo.model.path=@sft", *tall)
+    assert piped.returncode == 2 and "ppo.value_layers: 4, but the model 'demo/model' has 4 layers" in piped.stderr
 
 
 def test_a_section_error_caused_by_a_set_item_names_that_item(workdir):

@@ -264,9 +264,13 @@ async def test_a_long_run_name_takes_the_width_the_scores_leave(workdir):
         await wait_for(pilot, lambda: f"1 {name}" in shown(1), 10, "the whole name at 200 columns")
         assert "0.500" in shown(1)
         await pilot.resize_terminal(100, 30)  # no room: the scores keep theirs and the name is cut
-        await wait_for(pilot, lambda: table.columns[ScoreTable.model_key].width == 22, 10, "the narrow column")
-        await pilot.pause(0.2)
-        assert f"1 {name}" not in shown(1) and "1 ppo-from-sft" in shown(1)
+        await wait_for(pilot, lambda: table.columns[ScoreTable.model_key].width == 22 and f"1 {name}" not in shown(1),
+                       10, "the narrow column")
+        assert "1 ppo-from-sft" in shown(1)
+        table.move_cursor(row=1, column=0)
+        await pilot.press("space")  # marked: "▸ " before the name, which fits still at 200 columns
+        await pilot.resize_terminal(200, 30)
+        await wait_for(pilot, lambda: f"▸ 1 {name}" in shown(1), 10, "the whole marked name")
 
 
 def test_streaming_text_rewraps_only_its_last_line():

@@ -363,7 +363,8 @@ async def test_y_copies_the_runs_command_line_and_z_zooms_the_focused_pane(many_
         home.select_run(6)
         await wait_for(pilot, lambda: home.selected == 6, 10)
         await pilot.press("y")
-        assert shlex.split(app.clipboard) == [  # the runs.db too: pasted elsewhere, the run lands beside its own
+        # From the folder its recipe's relative paths are resolved in, into its own runs.db: pasted anywhere.
+        assert shlex.split(app.clipboard) == ["cd", str(Path.cwd()), "&&",
             "rlhf", "launch", "sft", "configs/tiny.yaml", "--set", "sft.train.lr=3e-4", "--set", "seed=7",
             "--accelerate-config", "/abs/configs/accelerate/cpu.yaml", "--num-processes", "2",
             "--db", str(many_runs.resolve())]
@@ -760,8 +761,9 @@ async def test_with_no_color_the_console_draws_its_charts_without_colour(many_ru
     async with loaded(many_runs, (100, 32)) as (app, pilot):
         assert app.no_color
         home = app.home
+        # Drawn through the filters by now (the runs and a curve on screen): a crash ends the app, and run_test
+        # raises it.
         await wait_for(pilot, lambda: home.last_draw_points > 0, 20, "a curve")
-        await pilot.pause(0.3)  # drawn through the filters: a crash would end the app, and run_test raise it
 
 
 @sync
@@ -818,13 +820,13 @@ def test_an_evaluations_command_line_is_rlhf_eval_belle_with_what_differs_from_t
     config = EvalConfig(name="sft export", checkpoint="/m/final", eval_dir="/belle", judge="rm",
                         reward_model="/rm/final", per_class=2, judge_model="gpt-3.5-turbo", rewrite_reference=True)
     run = {"stage": "eval", "config": config.model_dump_json(), "recipe": ""}
-    assert shlex.split(command_line(run, tmp_path / "runs.db")) == [
+    assert shlex.split(command_line(run, tmp_path / "runs.db"))[3:] == [
         "rlhf", "eval", "belle", "/m/final", "--name", "sft export", "--eval-dir", "/belle", "--judge", "rm",
         "--reward-model", "/rm/final", "--per-class", "2", "--rewrite-reference", "--db", str(tmp_path / "runs.db")]
     from engine.cli import build_parser
 
-    parsed = build_parser().parse_args(shlex.split(command_line(run, tmp_path / "runs.db"))[1:])  # as the CLI reads it
+    parsed = build_parser().parse_args(shlex.split(command_line(run, tmp_path / "runs.db"))[4:])  # as the CLI reads it
     assert (parsed.checkpoint, parsed.judge, parsed.per_class, parsed.rewrite_reference) == ("/m/final", "rm", 2, True)
     judged_again = EvalConfig(name="again", checkpoint="/m/final", eval_dir="/belle", answers_from=7)
-    assert shlex.split(command_line({"stage": "eval", "config": judged_again.model_dump_json()}, "/r/runs.db")) == [
+    assert shlex.split(command_line({"stage": "eval", "config": judged_again.model_dump_json()}, "/r/runs.db"))[3:] == [
         "rlhf", "eval", "belle", "--name", "again", "--eval-dir", "/belle", "--answers-from", "7", "--db", "/r/runs.db"]

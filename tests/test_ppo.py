@@ -227,6 +227,7 @@ def test_divergence_stops_the_run_names_the_metric_and_is_no_success_to_a_script
     own = subprocess.run([*RLHF, "train", "ppo", str(TINY), *nan], capture_output=True, text=True, timeout=600)
     assert own.returncode == 1, own.stderr[-2000:]
     assert "run 1 diverged" in own.stdout and "finished" not in own.stdout
+    assert "no checkpoint was saved before it" in own.stdout  # it diverged at step 1: none claimed
     launched = subprocess.run([*RLHF, "launch", "ppo", str(TINY), *nan, "--accelerate-config",
                                str(REPO / "configs" / "accelerate" / "cpu.yaml")],
                               capture_output=True, text=True, timeout=600)

@@ -560,6 +560,15 @@ def test_a_run_left_stopped_at_its_last_step_is_not_resumed_past_it(workdir):
     assert run_row(1)["status"] == "done" and run_row(1)["step"] == 4
 
 
+def test_a_stop_says_what_it_will_leave_for_the_run_it_is_asked_of():
+    from engine.run_facts import stop_outcome
+
+    assert stop_outcome({"stage": "sft", "step": 12}) == "it saves a checkpoint and ends"
+    # Still loading its model, or pending: a stop ends it with nothing saved ("r" would find no checkpoint).
+    assert stop_outcome({"stage": "ppo", "step": None}).startswith("it has not trained a step yet")
+    assert stop_outcome({"stage": "eval", "step": 30}).startswith("it ends after the batch in hand")
+
+
 def test_rlhf_stop_stops_a_run_from_another_terminal(workdir):
     """`rlhf stop ID --wait`: as x in the console, from a script: the run saves its checkpoint, ends
     stopped, and the command returns once it has; a run that has ended has nothing to stop."""

@@ -715,7 +715,8 @@ class RunsScreen(Screen):
 
 
 def command_line(run: dict[str, Any], db_path: str | Path) -> str:
-    """The command that starts this run again, shell-quoted, with the runs.db it is recorded in: `rlhf launch`
+    """The command that starts this run again, shell-quoted, from the console's folder and with the runs.db it
+    is recorded in: `rlhf launch`
     with the run's stage, recipe, overrides and accelerate settings, or for an evaluation `rlhf eval belle`
     with the settings that differ from the defaults."""
     import json
@@ -740,7 +741,8 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
             argv += ["--accelerate-config", launch["accelerate_config"]]
         if launch.get("num_processes"):
             argv += ["--num-processes", str(launch["num_processes"])]
-    return shlex.join(argv + ["--db", str(Path(db_path).resolve())])
+    # From the folder the console resolves recipes in (a recipe's model and data paths are relative to it).
+    return f"cd {shlex.quote(str(Path.cwd()))} && " + shlex.join(argv + ["--db", str(Path(db_path).resolve())])
 
 
 # `rlhf eval belle`'s defaults (engine.evaluate.EvalConfig's; not imported: the console stays light).

@@ -85,6 +85,7 @@ class ScoreTable(DataTable):
         self.marked = run_id
         for k, row in enumerate(self.rows_data):
             self.update_cell(str(k), "model", self._label(row))
+        self._fit_model_column()  # the mark's two cells
 
     def row_at_cursor(self) -> Any | None:
         """The row under the cursor, whichever its column."""
