@@ -44,7 +44,8 @@ def test_reward_rises_and_the_kl_controller_follows_its_target(workdir):
         assert [s for s, _ in metric(run_id, name)] == list(range(1, 25)), name
     assert values(run_id, "policy/kl_per_token")[0] == 0.0  # step 0: the policy is the reference
     # Adaptive control: the coefficient moves up when the KL is above target and down when below.
-    coef = [0.05] + values(run_id, "kl_ctl_value")
+    coef = values(run_id, "kl_ctl_value")  # the coefficient each step's rewards paid: step 1's is the initial one
+    assert coef[0] == 0.05
     kl = [v * v for v in values(run_id, "policy/sqrt_kl")]
     for before, after, current in zip(coef, coef[1:], kl):
         assert (after > before) == (current > 1.0), (before, after, current)
@@ -63,12 +64,12 @@ def test_resume_reproduces_an_uninterrupted_run(workdir):
     part, _ = run_stage("ppo", str(TINY), [*TOY, "steps=3", "save_steps=100"])
     state = json.loads((Path(run_row(part)["output_dir"]) / "checkpoint-3" / "ppo_state.json").read_text())
     assert state["step"] == 3 and state["data_position"] == 3 * 32
-    assert state["kl"]["value"] == values(part, "kl_ctl_value")[-1]
     resumed = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", str(part), "--allow-change",
                               *sum((["--set", o] for o in [*TOY, "steps=6", "save_steps=100"]), [])],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [s for s, _ in metric(part, "kl_ctl_value")] == list(range(1, 7))
+    assert values(part, "kl_ctl_value")[3] == state["kl"]["value"]  # the saved controller sets step 4's coefficient
     for name in ("rollout_scores/mean", "kl_ctl_value", "losses/total_loss", "values/mean"):
         assert values(part, name) == pytest.approx(values(whole, name), rel=1e-5, abs=1e-7), name
 
@@ -89,13 +90,13 @@ def test_sigterm_saves_full_state_and_stops(workdir):
     for name in ("ppo_state.json", "branches.pt", "optimizer.pt", "rank_0.pt", "policy/model.safetensors"):
         assert (folder / name).is_file(), name
     saved_kl = json.loads((folder / "ppo_state.json").read_text())["kl"]["value"]
-    assert saved_kl == values(1, "kl_ctl_value")[-1]
 
     resumed = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", "1", "--allow-change",
                               *sum((["--set", o] for o in [*TOY, f"steps={stopped_at + 2}"]), [])],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [s for s, _ in metric(1, "kl_ctl_value")] == list(range(1, stopped_at + 3))
+    assert values(1, "kl_ctl_value")[stopped_at] == saved_kl  # the saved controller set the next step's coefficient
     assert run_row(1)["status"] == "done"
 
 
