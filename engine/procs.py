@@ -75,15 +75,24 @@ def not_ours(pid: int, group: bool) -> str | None:
     except PermissionError:
         pass
     try:
-        uid = os.stat(f"/proc/{pid}").st_uid
+        return user_name(os.stat(f"/proc/{pid}").st_uid)
     except OSError:
         return "another user"
+
+
+def user_name(uid: int) -> str:
+    """A user's login name, or `uid N` where the system has none for it."""
     import pwd
 
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid {uid}"
+
+
+def may_access(path: str | os.PathLike, mode: int) -> bool:
+    """`os.access` as this process's effective user (a set-uid or seteuid process), where the OS can tell."""
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
 
 
 def kill_group(pgid: int) -> bool:

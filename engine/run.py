@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 from engine.config import Recipe, RecipeError, Stage, a_run_of, recipe_to_json, with_absolute_paths
 from engine.data.records import DataError
-from engine.procs import process_alive, process_start, run_processes_gone
+from engine.procs import may_access, process_alive, process_start, run_processes_gone
 from engine.store import ResilientStore, Store, StoreError, default_db_path
 
 RUN_ID_ENV = "RLHF_RUN_ID"
@@ -162,8 +162,7 @@ def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> di
         raise RecipeError(f"run {run_id} is still shutting down (its exit is not recorded yet); try again shortly")
     if not has_checkpoint(run):
         folder = Path(run["output_dir"] or ".")
-        if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK,
-                                             effective_ids=os.access in os.supports_effective_ids):
+        if folder.is_dir() and not may_access(folder, os.R_OK | os.X_OK):
             raise RecipeError(f"run {run_id}: its folder {folder} cannot be read by this user (permission denied): "
                               "resume it as its owner")
         raise RecipeError(f"run {run_id} has no checkpoint in {run['output_dir']} to resume from")

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from engine.procs import may_access, user_name
+
 
 def _light_sqlite_utils() -> Any:
     """sqlite_utils without pandas and numpy: it imports them when they are installed (transformers brings
@@ -354,17 +356,11 @@ def connect(path: str | os.PathLike) -> sqlite_utils.Database:
 def _access_denied(path: Path) -> str | None:
     """Why this user may not read `path` (or the -shm and -wal files beside it), or None."""
     for file in (path, path.with_name(path.name + "-shm"), path.with_name(path.name + "-wal")):
-        if file.exists() and not os.access(file, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
-            import pwd
-
+        if file.exists() and not may_access(file, os.R_OK):
             info = file.stat()
-            try:
-                owner = pwd.getpwuid(info.st_uid).pw_name
-            except KeyError:
-                owner = f"uid {info.st_uid}"
-            return (f"permission denied: {file.name} is {owner}'s (mode {info.st_mode & 0o777:o}); to share "
-                    "runs.db, its owner can give your group read and write access to it, its -wal and -shm "
-                    "files and its folder")
+            return (f"permission denied: {file.name} is {user_name(info.st_uid)}'s (mode {info.st_mode & 0o777:o}); "
+                    "to share runs.db, its owner can give your group read and write access to it, its -wal and "
+                    "-shm files and its folder")
     return None
 
 

@@ -166,7 +166,7 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
         from engine.knobs import check_knobs
 
         check_knobs()
-        _check_hydra_fits(recipe, refs_ok)
+        _check_hydra_fits(recipe)
     if not launched:
         from engine.data.check import check_stage_data
 
@@ -185,18 +185,16 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
     return recipe
 
 
-def _check_hydra_fits(recipe: Recipe, refs_ok: bool) -> None:
+def _check_hydra_fits(recipe: Recipe) -> None:
     """k and k_v below the policy's layer count, read from its config.json: the hydra would refuse them only
     once the model has loaded, after the run was registered."""
     from engine.estimate import EstimateError, load_shape, resolve_reference
 
     section = recipe.stage("ppo")
     path = recipe.stage_model("ppo").path
-    if path in STAGE_REFS:  # a pipeline's own export (`@sft`): the shape of the model that stage starts from
-        if not refs_ok:
-            return
+    if path in STAGE_REFS:  # a pipeline's own export (`@sft`, `validate` let it through): that stage's model's shape
         path = resolve_reference(recipe, path)
-        if path in STAGE_REFS:
+        if path in STAGE_REFS:  # references that go round in a circle: the pipeline's own check names them
             return
     try:
         layers = load_shape(path, "ppo.model.path").layers

@@ -6,11 +6,10 @@ import shlex
 import subprocess
 import sys
 
-import pytest
 import yaml
 
 from tests.conftest import REPO, RLHF, TINY
-from tests.helpers import run_row
+from tests.helpers import read_only, run_row
 
 
 def rlhf(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -273,20 +272,8 @@ def test_a_runs_db_that_cannot_be_written_is_one_clear_error(workdir):
     with Store(db) as store:
         run_id = store.create_run(stage="sft", name="t", recipe="", config="{}", output_root=str(workdir / "runs"))
         store.update_run(run_id, status="running")  # no processes recorded: nothing would be signalled
-    for leftover in db.parent.glob("runs.db-*"):
-        leftover.unlink()
-    if os.geteuid() == 0:  # root writes through file modes: an immutable file is read-only even to root
-        if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
-            pytest.skip("root, and no chattr on this file system: no way to make a file read-only")
-        undo = ["chattr", "-i", str(db)]
-    else:
-        db.chmod(0o444)
-        db.parent.chmod(0o555)
-        undo = ["chmod", "-R", "u+w", str(db.parent)]
-    try:
+    with read_only(db):
         result = subprocess.run([*RLHF, "stop", str(run_id), "--db", str(db)], capture_output=True, text=True,
                                 timeout=60)
-    finally:
-        subprocess.run(undo, check=True)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == f"error: {db}: attempt to write a readonly database", result.stderr

@@ -194,6 +194,16 @@ def _fake_eval_run(store, name, scores, ask="q"):
     return run_id
 
 
+async def open_scores(pilot, app, rows: int) -> ScoreTable:
+    """The score screen over the runs, once its table has `rows` rows (the published one counted)."""
+    app.push_screen(ScoresScreen())
+    await wait_for(pilot, lambda: isinstance(app.screen, ScoresScreen) and app.screen.query(ScoreTable), 10,
+                   "the score screen")
+    table = app.screen.query_one(ScoreTable)
+    await wait_for(pilot, lambda: table.row_count == rows, 30, "the rows")
+    return table
+
+
 @sync
 async def test_the_score_screen_marks_the_best_and_drills_into_a_cell(workdir):
     with Store(os.environ["RLHF_DB"]) as store:
@@ -202,11 +212,7 @@ async def test_the_score_screen_marks_the_best_and_drills_into_a_cell(workdir):
         _fake_eval_run(store, "another eval set", lambda k: 0.1, ask="other question ")
     app = console()
     async with app.run_test(size=(120, 30)) as pilot:
-        app.push_screen(ScoresScreen())
-        await wait_for(pilot, lambda: isinstance(app.screen, ScoresScreen) and app.screen.query(ScoreTable), 10,
-                       "the score screen")
-        table = app.screen.query_one(ScoreTable)
-        await wait_for(pilot, lambda: table.row_count == 4, 30, "the rows")
+        table = await open_scores(pilot, app, rows=4)
         rewrite = table.get_row_at(2)[2]  # the ppo row's rewrite column: its best
         assert rewrite.plain == "0.800" and "bold" in str(rewrite.style)
         assert "bold" not in str(table.get_row_at(1)[2].style)
@@ -252,11 +258,7 @@ async def test_a_long_run_name_takes_the_width_the_scores_leave(workdir):
         _fake_eval_run(store, name, lambda k: 0.5)
     app = console()
     async with app.run_test(size=(200, 30)) as pilot:
-        app.push_screen(ScoresScreen())
-        await wait_for(pilot, lambda: isinstance(app.screen, ScoresScreen) and app.screen.query(ScoreTable), 10,
-                       "the score screen")
-        table = app.screen.query_one(ScoreTable)
-        await wait_for(pilot, lambda: table.row_count == 2, 30, "the rows")
+        table = await open_scores(pilot, app, rows=2)
 
         def shown(row: int) -> str:
             return "".join(segment.text for segment in table.render_line(row + 1))  # below the header

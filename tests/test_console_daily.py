@@ -770,22 +770,10 @@ async def test_with_no_color_the_console_draws_its_charts_without_colour(many_ru
 async def test_a_note_or_a_delete_on_a_runs_db_this_user_cannot_write_says_why(many_runs):
     """Read access only (a teammate's runs.db): the console shows the runs, and a note or a delete says why
     it failed (both vanished without a word)."""
-    import os
-    import subprocess
-
     from console.screens.dialogs import DeleteScreen, NoteScreen
+    from tests.helpers import read_only
 
-    for leftover in many_runs.parent.glob("runs.db-*"):
-        leftover.unlink()
-    if os.geteuid() == 0:  # root writes through file modes: an immutable file is read-only even to root
-        if subprocess.run(["chattr", "+i", str(many_runs)], capture_output=True).returncode != 0:
-            pytest.skip("root, and no chattr on this file system: no way to make a file read-only")
-        undo = ["chattr", "-i", str(many_runs)]
-    else:
-        many_runs.chmod(0o444)
-        many_runs.parent.chmod(0o555)
-        undo = ["chmod", "-R", "u+w", str(many_runs.parent)]
-    try:
+    with read_only(many_runs):
         async with loaded(many_runs, (100, 32)) as (app, pilot):
             home = app.home
             home.select_run(9)
@@ -804,8 +792,6 @@ async def test_a_note_or_a_delete_on_a_runs_db_this_user_cannot_write_says_why(m
             await pilot.press("y")
             await wait_for(pilot, lambda: said("delete failed"), 20, "the delete's failure")
             assert "readonly" in said("delete failed") and 9 in app.runs
-    finally:
-        subprocess.run(undo, check=True)
     with Store(many_runs) as store:
         assert store.run(9)["note"] is None
 
@@ -813,10 +799,9 @@ async def test_a_note_or_a_delete_on_a_runs_db_this_user_cannot_write_says_why(m
 def test_an_evaluations_command_line_is_rlhf_eval_belle_with_what_differs_from_the_defaults(tmp_path):
     import shlex
 
-    from console.screens.runs import EVAL_DEFAULTS, command_line
+    from console.screens.runs import command_line
     from engine.evaluate import EvalConfig
 
-    assert EVAL_DEFAULTS == {k: f.default for k, f in EvalConfig.model_fields.items() if k in EVAL_DEFAULTS}
     config = EvalConfig(name="sft export", checkpoint="/m/final", eval_dir="/belle", judge="rm",
                         reward_model="/rm/final", per_class=2, judge_model="gpt-3.5-turbo", rewrite_reference=True)
     run = {"stage": "eval", "config": config.model_dump_json(), "recipe": ""}

@@ -288,37 +288,32 @@ def test_a_stop_of_another_users_run_is_refused_before_it_is_written_down(tmp_pa
     """A shared runs.db: user B's stop of user A's run can reach none of its processes. Written down, it
     would show the run as stopping in every console while it trains on; it is refused, naming the owner."""
     import pwd
-    import tempfile
 
     from engine.config import RecipeError
     from engine.launch import request_stop
     from engine.procs import process_start
+    from tests.helpers import as_user, shared_folder
 
     owner, stopper = 65534, 65533  # nobody, and a user with no name
-    shared = Path(tempfile.mkdtemp(prefix="rlhf-shared-"))  # pytest's own folders are root's alone
-    shared.chmod(0o777)
-    db = shared / "runs.db"
     sleeper = subprocess.Popen(["sleep", "120"], start_new_session=True, user=owner)
     try:
-        with Store(db) as store:
-            run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
-            store.update_run(run_id, status="running", pid=sleeper.pid, pgid=sleeper.pid,
-                             pgid_started=process_start(sleeper.pid))
-        db.chmod(0o666)
-        os.seteuid(stopper)
-        try:
-            with pytest.raises(RecipeError, match=f"run {run_id} is {pwd.getpwuid(owner).pw_name}'s: only they"):
+        with shared_folder() as shared:
+            db = shared / "runs.db"
+            with Store(db) as store:
+                run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+                store.update_run(run_id, status="running", pid=sleeper.pid, pgid=sleeper.pid,
+                                 pgid_started=process_start(sleeper.pid))
+            db.chmod(0o666)
+            with as_user(stopper), pytest.raises(RecipeError,
+                                                 match=f"run {run_id} is {pwd.getpwuid(owner).pw_name}'s: only they"):
                 request_stop(db, run_id)
-        finally:
-            os.seteuid(0)
-        assert sleeper.poll() is None
-        with Store(db) as store:
-            assert store.run(run_id)["stop_requested"] is None
-        assert request_stop(db, run_id) == (sleeper.pid, process_start(sleeper.pid))  # root may
-        assert sleeper.wait(30) == -signal.SIGTERM
+            assert sleeper.poll() is None
+            with Store(db) as store:
+                assert store.run(run_id)["stop_requested"] is None
+            assert request_stop(db, run_id) == (sleeper.pid, process_start(sleeper.pid))  # root may
+            assert sleeper.wait(30) == -signal.SIGTERM
     finally:
         sleeper.kill()
-        shutil.rmtree(shared)
 
 
 def test_a_run_killed_by_sigkill_says_so_on_the_last_line_of_its_error(workdir):

@@ -794,30 +794,21 @@ def _hung_up(run_id: int, before: list[str], overrides: list[str]) -> int:
 def test_a_resume_of_a_run_whose_folder_this_user_cannot_read_says_so():
     """A teammate's run on a shared runs.db: its checkpoint is there, in a folder only its owner reads
     ("has no checkpoint" sent the teammate looking for a save that exists)."""
-    import shutil
-    import tempfile
+    from tests.helpers import as_user, shared_folder
 
-    shared = Path(tempfile.mkdtemp(prefix="rlhf-shared-"))  # pytest's own folders are root's alone
-    shared.chmod(0o777)
-    db = shared / "runs.db"
-    folder = shared / "runs" / "1"
-    (folder / "checkpoint-4").mkdir(parents=True)
-    (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
-    folder.chmod(0o700)
-    try:
+    with shared_folder() as shared:
+        db = shared / "runs.db"
+        folder = shared / "runs" / "1"
+        (folder / "checkpoint-4").mkdir(parents=True)
+        (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
+        folder.chmod(0o700)
         with Store(db) as store:
             run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
             store.update_run(run_id, status="stopped", exit_code=143, output_dir=str(folder))
         for file in shared.glob("runs.db*"):
             file.chmod(0o666)
         check_resumable(db, run_id, "sft")  # its owner may
-        os.seteuid(65534)
-        try:
-            with pytest.raises(RecipeError) as raised:
-                check_resumable(db, run_id, "sft")
-        finally:
-            os.seteuid(0)
+        with as_user(65534), pytest.raises(RecipeError) as raised:
+            check_resumable(db, run_id, "sft")
         assert str(raised.value) == (f"run {run_id}: its folder {folder} cannot be read by this user (permission "
                                      "denied): resume it as its owner")
-    finally:
-        shutil.rmtree(shared)

@@ -286,23 +286,14 @@ def test_pruning_finds_checkpoints_recorded_relative_to_another_directory(tmp_pa
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to be another user for a moment")
 def test_a_runs_db_this_user_may_not_read_is_said_to_be_so_not_damaged():
     """A teammate's runs.db (mode 600): "damaged, move it aside" would have someone lose the team's runs."""
-    import shutil
-    import tempfile
+    from tests.helpers import as_user, shared_folder
 
-    shared = Path(tempfile.mkdtemp(prefix="rlhf-shared-"))  # pytest's own folders are root's alone
-    shared.chmod(0o777)
-    db = shared / "runs.db"
-    try:
+    with shared_folder() as shared:
+        db = shared / "runs.db"
         with Store(db) as store:
             store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
-        os.seteuid(65534)
-        try:
-            with pytest.raises(StoreError) as raised:
-                Store(db)
-        finally:
-            os.seteuid(0)
+        with as_user(65534), pytest.raises(StoreError) as raised:
+            Store(db)
         assert str(raised.value) == (
             f"{db}: permission denied: runs.db is root's (mode 600); to share runs.db, its owner can give your "
             "group read and write access to it, its -wal and -shm files and its folder")
-    finally:
-        shutil.rmtree(shared)

@@ -716,19 +716,21 @@ class RunsScreen(Screen):
 
 def command_line(run: dict[str, Any], db_path: str | Path) -> str:
     """The command that starts this run again, shell-quoted, from the console's folder and with the runs.db it
-    is recorded in: `rlhf launch`
-    with the run's stage, recipe, overrides and accelerate settings, or for an evaluation `rlhf eval belle`
-    with the settings that differ from the defaults."""
+    is recorded in: `rlhf launch` with the run's stage, recipe, overrides and accelerate settings, or for an
+    evaluation `rlhf eval belle` with the settings that differ from the defaults."""
     import json
     import shlex
 
     if run["stage"] == "eval":
+        from engine.evaluate import EvalConfig  # no torch: pydantic and the BELLE readers
+
+        defaults = {key: field.default for key, field in EvalConfig.model_fields.items()}
         config = json.loads(run.get("config") or "{}")
         argv = ["rlhf", "eval", "belle"]
         if config.get("answers_from") is None and config.get("checkpoint"):
             argv.append(config["checkpoint"])
         for key, value in config.items():
-            if key == "checkpoint" or value is None or value is False or EVAL_DEFAULTS.get(key, ...) == value:
+            if key == "checkpoint" or value is None or value is False or defaults.get(key, ...) == value:
                 continue
             flag = "--" + key.replace("_", "-")
             argv += [flag] if value is True else [flag, str(value)]
@@ -743,13 +745,6 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
             argv += ["--num-processes", str(launch["num_processes"])]
     # From the folder the console resolves recipes in (a recipe's model and data paths are relative to it).
     return f"cd {shlex.quote(str(Path.cwd()))} && " + shlex.join(argv + ["--db", str(Path(db_path).resolve())])
-
-
-# `rlhf eval belle`'s defaults (engine.evaluate.EvalConfig's; not imported: the console stays light).
-EVAL_DEFAULTS: dict[str, Any] = {
-    "output_root": "runs", "judge": "openai", "judge_model": "gpt-3.5-turbo", "judge_key_env": "OPENAI_API_KEY",
-    "max_new_tokens": 512, "batch_size": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0,
-    "concurrency": 8, "judge_retries": 5}
 
 
 def _after(choices: tuple, current: object) -> object:
