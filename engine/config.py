@@ -192,8 +192,9 @@ class PPOStage(_Section):
     num_layers_unfrozen: int = Field(2, ge=1, description="k: top layers trained in the policy branch.")
     value_layers: int = Field(2, ge=1, description="k_v: top layers copied into the value branch.")
     init_value_from_rm: bool = Field(False, description="Start the value branch from the reward model's top layers.")
-    train_head: bool = Field(
-        True, description="Train the policy's LM head (a tied one is untied); false keeps it frozen and shared."
+    train_head: bool | None = Field(
+        None, description="Train the policy's LM head (a tied one is untied); false keeps it frozen and shared. "
+        "Default: true, and false with lora (adapters only: the head stays frozen)."
     )
     lora: LoraSpec | None = Field(
         None, description="LoRA on the top k layers: policy = adapters on, reference = off; the head is frozen."
@@ -250,7 +251,15 @@ class PPOStage(_Section):
             raise ValueError("give exactly one of reward_model and reward_fn")
         if self.init_value_from_rm and self.reward_model is None:
             raise ValueError("init_value_from_rm needs reward_model")
+        if self.lora is not None and self.train_head:
+            raise ValueError("train_head: true cannot be combined with lora: LoRA trains its adapters only and the "
+                             "head stays frozen; drop train_head (or train the full top layers without lora)")
         return self
+
+    @property
+    def trains_head(self) -> bool:
+        """Whether the policy's LM head trains: as set, else unless LoRA is on."""
+        return self.train_head if self.train_head is not None else self.lora is None
 
 
 class EvalStage(_Section):

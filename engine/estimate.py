@@ -1146,7 +1146,7 @@ def stage_setup(recipe: Recipe, stage: str, parallel: Parallel, cuda: bool = Tru
         ppo_parallel = Parallel("ddp" if parallel.gpus > 1 else "single", parallel.gpus, source=parallel.source)
     return PPOSetup(
         shape=shape, load_bytes=load, compute=_compute(section.precision, dtype, cuda),
-        k=section.num_layers_unfrozen, k_v=section.value_layers, train_head=section.train_head, lora=section.lora,
+        k=section.num_layers_unfrozen, k_v=section.value_layers, train_head=section.trains_head, lora=section.lora,
         reward=reward, reward_bytes=reward_bytes, rollout=section.rollout_batch_size,
         minibatch=min(section.minibatch_size, section.rollout_batch_size), prompt=section.max_prompt_length,
         response=section.max_new_tokens,

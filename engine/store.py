@@ -284,8 +284,21 @@ def _v9(db: sqlite_utils.Database) -> None:
     db["runs"].add_column("supervisor_started", float)
 
 
+def _v10(db: sqlite_utils.Database) -> None:
+    # ppo.train_head became optional (its default follows lora), and true with lora is refused: records
+    # made before wrote true beside lora, a head that never trained. Say what those runs did, so that they
+    # still resume.
+    for table in ("runs", "pipelines"):
+        for row in db.execute(f"SELECT id, config FROM {table} WHERE config LIKE '%train_head%'").fetchall():
+            config = json.loads(row[1])
+            ppo = config.get("ppo") if isinstance(config, dict) else None
+            if isinstance(ppo, dict) and ppo.get("lora") is not None and ppo.get("train_head") is True:
+                ppo["train_head"] = None
+                db.execute(f"UPDATE {table} SET config = ? WHERE id = ?", [json.dumps(config), row[0]])
+
+
 # Append only: migration i brings a database from version i to i + 1.
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -67,6 +67,14 @@ def test_structural_errors(tmp_path):
         load_recipe(TINY, ["ppo.num_layers_unfrozen=2", "ppo.value_layers=1"])
     with pytest.raises(RecipeError, match="lora and num_layers_unfrozen cannot be combined"):
         load_recipe(TINY, ["sft.lora={r: 4}", "sft.num_layers_unfrozen=1"])
+    # LoRA freezes the head: an explicit train_head true beside it trained nothing and said nothing
+    with pytest.raises(RecipeError, match=r"--set ppo.train_head=true \(.*tiny.yaml:\d+\): ppo: "
+                                          r"train_head: true cannot be combined with lora"):
+        load_recipe(TINY, ["ppo.lora={r: 4}", "ppo.train_head=true"])
+    assert load_recipe(TINY, ["ppo.lora={r: 4}"]).ppo.trains_head is False
+    assert load_recipe(TINY, ["ppo.lora={r: 4}", "ppo.train_head=false"]).ppo.trains_head is False
+    assert load_recipe(TINY).ppo.trains_head is True
+    assert load_recipe(TINY, ["ppo.train_head=false"]).ppo.trains_head is False
     # YAML's true is 1 to pydantic: `--set ppo.steps=true` trained one step
     with pytest.raises(RecipeError, match="--set ppo.steps=true: ppo.steps: true is not a number"):
         load_recipe(TINY, ["ppo.steps=true"])

@@ -125,16 +125,15 @@ def test_ppo_items_are_the_hydras_bytes(workdir, dtype, head):
     from engine.models import load_causal_lm, lora_config
     from engine.ppo.hydra import Hydra
 
-    sets = [f"model.dtype={dtype}", f"ppo.train_head={'false' if head == 'frozen_head' else 'true'}"]
-    if head == "lora":
-        sets.append("ppo.lora={r: 4}")
+    head_set = {"train_head": "ppo.train_head=true", "frozen_head": "ppo.train_head=false", "lora": "ppo.lora={r: 4}"}
+    sets = [f"model.dtype={dtype}", head_set[head]]
     recipe = load_recipe(TINY, sets)
     setup = stage_setup(recipe, "ppo", Parallel(cpu=True), cuda=False)
     estimate = items(estimate_setup(setup))
     stage = recipe.stage("ppo")
     # As engine/ppo/trainer.py builds it.
     hydra = Hydra(load_causal_lm(recipe.stage_model("ppo")), stage.num_layers_unfrozen, stage.value_layers,
-                  stage.train_head, lora_config(stage.lora) if stage.lora is not None else None)
+                  stage.trains_head, lora_config(stage.lora) if stage.lora is not None else None)
     trainable = [p for p in hydra.parameters() if p.requires_grad]
     real = _real_bytes(hydra, _step(hydra, trainable, dtype == "bfloat16", with_values=True, logits_to_keep=5))
     assert real["trainable"] == estimate["params_policy"] + estimate["params_value"]

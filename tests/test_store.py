@@ -140,7 +140,7 @@ def test_a_version_1_database_migrates_forward_with_its_runs(tmp_path):
     db.conn.commit()
     db.close()
     with Store(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 9
+        assert store.schema_version == SCHEMA_VERSION == 10
         run = store.run(1)
         assert run["name"] == "old" and run["launch"] is None and run["stop_requested"] is None
         assert run["note"] is None and run["data_fates"] is None and run["segments"] is None
@@ -297,3 +297,37 @@ def test_a_runs_db_this_user_may_not_read_is_said_to_be_so_not_damaged():
         assert str(raised.value) == (
             f"{db}: permission denied: runs.db is root's (mode 600); to share runs.db, its owner can give your "
             "group read and write access to it, its -wal and -shm files and its folder")
+
+
+def test_version_9_records_of_lora_runs_say_the_head_they_did_not_train(tmp_path):
+    """Before version 10 a LoRA run recorded train_head true (a head LoRA never trained); that pair is now
+    refused, so the records say what the run did and still load for a resume."""
+    import json
+
+    from engine.config import load_recipe
+    from engine.store import MIGRATIONS, connect
+    from tests.conftest import TINY
+
+    path = tmp_path / "runs.db"
+    db = connect(path)
+    for migration in MIGRATIONS[:9]:
+        migration(db)
+    db.execute("PRAGMA user_version = 9")
+    lora = load_recipe(TINY, ["ppo.lora={r: 4}"]).model_dump()
+    lora["ppo"]["train_head"] = True
+    full = load_recipe(TINY).model_dump()
+    full["ppo"]["train_head"] = True
+    for config in (lora, full):
+        db["runs"].insert({"stage": "ppo", "name": "old", "status": "stopped", "created": 1.0,
+                           "config": json.dumps(config)})
+    db["pipelines"].insert({"name": "old", "status": "stopped", "created": 1.0, "config": json.dumps(lora)})
+    db.conn.commit()
+    db.close()
+    with Store(path) as store:
+        migrated, untouched = (json.loads(store.run(i)["config"]) for i in (1, 2))
+        assert migrated["ppo"]["train_head"] is None and migrated["ppo"]["lora"]["r"] == 4
+        assert untouched == full
+        assert json.loads(store.db["pipelines"].get(1)["config"])["ppo"]["train_head"] is None
+    recorded = tmp_path / "recorded.yaml"
+    recorded.write_text(json.dumps(migrated), encoding="utf-8")
+    assert load_recipe(recorded, [], "ppo").ppo.trains_head is False

@@ -129,7 +129,7 @@ class PPOTrainer:
         from_saved = self.resume_dir is not None and self.stage.lora is None
         saved = spec.model_copy(update={"path": str(self.resume_dir / "policy")}) if from_saved else spec
         model = load_causal_lm(saved)
-        self.hydra = Hydra(model, self.stage.num_layers_unfrozen, self.stage.value_layers, self.stage.train_head,
+        self.hydra = Hydra(model, self.stage.num_layers_unfrozen, self.stage.value_layers, self.stage.trains_head,
                            lora_config(self.stage.lora) if self.stage.lora is not None else None)
         if self.resume_dir is not None:
             self.hydra.load_branch_state(torch.load(self.resume_dir / BRANCHES_FILE, map_location="cpu"))
