@@ -256,6 +256,15 @@ class PPOStage(_Section):
                              "head stays frozen; drop train_head (or train the full top layers without lora)")
         return self
 
+    def too_deep_for(self, layers: int, model: str) -> tuple[str, str] | None:
+        """(field, why) where k or k_v reaches `model`'s `layers` layers: the hydra shares a frozen trunk
+        below its top k and k_v layers, so k <= k_v < layers (validation alone cannot know the model's depth)."""
+        for field, value in (("value_layers", self.value_layers), ("num_layers_unfrozen", self.num_layers_unfrozen)):
+            if value >= layers:
+                return field, (f"{value}, but the model {model!r} has {layers} layers (the hydra shares a frozen "
+                               f"trunk below its top k and k_v layers: k <= k_v < {layers})")
+        return None
+
     @property
     def trains_head(self) -> bool:
         """Whether the policy's LM head trains: as set, else unless LoRA is on."""

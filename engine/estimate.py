@@ -1137,10 +1137,10 @@ def stage_setup(recipe: Recipe, stage: str, parallel: Parallel, cuda: bool = Tru
         # The scorer loads with the saved dtype (transformers' "auto").
         saved = rm_dtype if rm_dtype != "auto" else (reward.dtype if reward.dtype in DTYPE_BYTES else "auto")
         reward_bytes = _bytes_of(saved, cuda)
-    if shape.layers <= section.value_layers:
-        raise EstimateError(f"{recipe.where('ppo.value_layers')}: ppo.value_layers: {section.value_layers} but the "
-                            f"model has {shape.layers} layers (the hydra needs k_v < layers)",
-                            {"ppo.value_layers": "not below the model's layer count"})
+    problem = section.too_deep_for(shape.layers, shape.name)
+    if problem:
+        field, why = f"ppo.{problem[0]}", problem[1]
+        raise EstimateError(f"{recipe.where(field)}: {field}: {why}", {field: "not below the model's layer count"})
     ppo_parallel = parallel
     if parallel.kind in ("zero", "fsdp"):
         ppo_parallel = Parallel("ddp" if parallel.gpus > 1 else "single", parallel.gpus, source=parallel.source)

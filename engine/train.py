@@ -200,12 +200,11 @@ def _check_hydra_fits(recipe: Recipe) -> None:
         layers = load_shape(path, "ppo.model.path").layers
     except EstimateError:  # no config to read (a hub model not cached): the hydra checks it when it loads
         return
-    for field, value in (("ppo.value_layers", section.value_layers),
-                         ("ppo.num_layers_unfrozen", section.num_layers_unfrozen)):
-        if value >= layers:
-            raise RecipeError(f"{recipe.where(field)}: {field}: {value}, but the model {path!r} has {layers} layers "
-                              f"(the hydra shares a frozen trunk below its top k and k_v layers: k <= k_v < "
-                              f"{layers})", {field: f"must be below the model's {layers} layers"})
+    problem = section.too_deep_for(layers, path)
+    if problem:
+        field, why = f"ppo.{problem[0]}", problem[1]
+        raise RecipeError(f"{recipe.where(field)}: {field}: {why}",
+                          {field: f"must be below the model's {layers} layers"})
 
 
 def run_stage(stage: Stage, recipe_path: str, overrides: list[str], db_path: str | None = None,
