@@ -325,13 +325,13 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] == "console":
+    if not argv or argv[0] == "console" or argv[0].split("=")[0] == "--db":  # `rlhf --db x` is `rlhf console --db x`
         # The console's start-up must stay fast: it needs none of the parser's imports.
         from console.app import run_console
 
         console = argparse.ArgumentParser(prog="rlhf console")
         console.add_argument("--db", default=None, help=DB_HELP)
-        return run_console(console.parse_args(argv[1:]).db)
+        return run_console(console.parse_args(argv[1:] if argv and argv[0] == "console" else argv).db)
     if argv[0] == "chat":
         from console.app import run_console
 

@@ -114,7 +114,8 @@ def _wait_run(db, run_id: int, predicate, timeout: float, what: str) -> dict:
 
 def test_a_console_started_elsewhere_with_db_stops_and_resumes_a_run(workdir, tmp_path):
     """The console in another directory, given --db: it stops a run launched from the project directory
-    and resumes it (the recorded recipe and accelerate config, not paths relative to the console's cwd)."""
+    and resumes it (the recorded recipe and accelerate config, not paths relative to the console's cwd).
+    `rlhf --db X` is `rlhf console --db X`, as `rlhf` alone is the console."""
     env = {**os.environ, "TERM": "xterm-256color"}
     db = workdir / "runs.db"
     # launched as a user does, from the project directory with relative paths
@@ -131,7 +132,7 @@ def test_a_console_started_elsewhere_with_db_stops_and_resumes_a_run(workdir, tm
     elsewhere.mkdir()
     console = Tmux(elsewhere, env)
     try:
-        console.start(f"{sys.executable} -m engine.cli console --db {db}")
+        console.start(f"{sys.executable} -m engine.cli --db={db}")
         console.wait_for(lambda s: "running" in _row(s, 1), 600, "run 1 running")
         # The form checks the project's recipe as from the project folder (its paths are relative to it).
         console.keys("n")
