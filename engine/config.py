@@ -8,6 +8,7 @@ any model or data set is loaded.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, get_args
 
@@ -109,6 +110,22 @@ class DataSource(_Section):
     limit: int | None = Field(None, gt=0, description="Read at most this many records from the source.")
 
 
+def _distinct_sources(sources: list[DataSource]) -> list[DataSource]:
+    # The same file listed twice trains on its records twice, as a weight of 2 does on purpose: mostly a
+    # source added again by hand (or through the launch form's data field) without noticing.
+    seen: dict[tuple[str, str], int] = {}
+    for i, source in enumerate(sources):
+        key = (os.path.normpath(os.path.expanduser(source.path)), source.split)
+        if key in seen:
+            raise ValueError(f"source {i}'s path {source.path} is source {seen[key]}'s too: its records would "
+                             f"train twice; to count a source more, give it a weight (2 = every record twice)")
+        seen[key] = i
+    return sources
+
+
+Sources = Annotated[list[DataSource], AfterValidator(_distinct_sources)]
+
+
 class LoraSpec(_Section):
     r: int = Field(8, gt=0, description="Adapter rank.")
     alpha: int = Field(16, gt=0, description="Adapter scaling numerator (lora_alpha).")
@@ -152,7 +169,7 @@ class TrainArgs(_Section):
 
 class SFTStage(_Section):
     model: ModelSpec | None = Field(None, description="Model to fine-tune; default: the recipe's model.")
-    data: list[DataSource] = Field(min_length=1, description="Instruction/chat sources, mixed by weight.")
+    data: Sources = Field(min_length=1, description="Instruction/chat sources, mixed by weight.")
     train: TrainArgs = Field(default_factory=TrainArgs, description="Optimisation settings.")
     packing: bool = Field(False, description="Pack several conversations into each max_length sequence.")
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of the full model.")
@@ -170,7 +187,7 @@ class SFTStage(_Section):
 
 class RMStage(_Section):
     model: ModelSpec | None = Field(None, description="Trunk to train as reward model; default: the recipe's model.")
-    data: list[DataSource] = Field(min_length=1, description="Preference sources (prompt/chosen/rejected or HH).")
+    data: Sources = Field(min_length=1, description="Preference sources (prompt/chosen/rejected or HH).")
     train: TrainArgs = Field(
         default_factory=lambda: TrainArgs(eval_ratio=0.1), description="Optimisation settings."
     )
@@ -188,7 +205,7 @@ class PPOStage(_Section):
     reward_fn: str | None = Field(
         None, description="Instead of a reward model: `module:function(prompts, responses) -> scores`."
     )
-    prompts: list[DataSource] = Field(min_length=1, description="Prompt sources for rollouts.")
+    prompts: Sources = Field(min_length=1, description="Prompt sources for rollouts.")
     num_layers_unfrozen: int = Field(2, ge=1, description="k: top layers trained in the policy branch.")
     value_layers: int = Field(2, ge=1, description="k_v: top layers copied into the value branch.")
     init_value_from_rm: bool = Field(False, description="Start the value branch from the reward model's top layers.")
