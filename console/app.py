@@ -22,7 +22,7 @@ from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.worker import Worker, WorkerState, get_current_worker
+from textual.worker import get_current_worker
 
 from console.messages import (
     ActionDone,
@@ -35,6 +35,7 @@ from console.messages import (
     SamplesLoaded,
     StoreFailed,
 )
+from console.worker_failures import SaysWorkerFailures
 
 if TYPE_CHECKING:  # both import numpy or the runs screen's widgets, which start-up defers
     from console.screens.runs import RunsScreen
@@ -51,7 +52,7 @@ DONE_SAYS = {"launch": "started", "resume": "resuming", "stop": "asked to stop",
              "kill": "killed after the grace period", "delete": "deleted"}
 
 
-class RlhfConsole(App):
+class RlhfConsole(SaysWorkerFailures, App):
     CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses elsewhere find it too
     TITLE = "rlhf-console"
     BINDINGS = [
@@ -304,13 +305,6 @@ class RlhfConsole(App):
         if self.screen_stack and isinstance(self.screen, GpuScreen):  # none while the app shuts down
             self.screen.refresh_readings()
 
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        """The last word on an action's worker that failed where it did not expect to: said, not lost."""
-        if event.state == WorkerState.ERROR:
-            error = event.worker.error
-            self.notify(f"{type(error).__name__}: {error}", title=f"{event.worker.name} failed",
-                        severity="error", timeout=15, markup=False)
-
     def on_action_done(self, message: ActionDone) -> None:
         self._wake.set()
         if message.error:
@@ -524,8 +518,19 @@ class RlhfConsole(App):
         self.post_message(ActionDone("save chat", None, note=f"{what} saved as chat {chat_id} in {self.db_path}"))
 
     @work(thread=True, group="actions", exit_on_error=False)
+    def export_scores(self) -> None:
+        from console.exports import export_scores
+
+        try:
+            md, csv = export_scores(self.db_path, self.db_path.parent / "exports")
+        except Exception as err:  # StoreError, sqlite3.Error, OSError
+            self.post_message(ActionDone("export scores", None, str(err)))
+            return
+        self.post_message(ActionDone("export scores", None, note=f"score table written to {md} and {csv}"))
+
+    @work(thread=True, group="actions", exit_on_error=False)
     def export_chats(self) -> None:
-        from console.screens.chat import export_chats
+        from console.exports import export_chats
         from engine.store import EvalStore, Store
 
         try:

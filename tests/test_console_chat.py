@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 
 import pytest
 
@@ -275,6 +276,60 @@ async def test_a_long_run_name_takes_the_width_the_scores_leave(workdir):
         await wait_for(pilot, lambda: f"▸ 1 {name}" in shown(1), 10, "the whole marked name")
 
 
+@sync
+async def test_the_score_table_exports_and_says_why_it_cannot(workdir):
+    """`e` writes scores.md and scores.csv beside runs.db for their owner; where it cannot (here `exports`
+    is a file) it says so: the export failed silently in a screen worker whose error nobody heard."""
+    with Store(os.environ["RLHF_DB"]) as store:
+        _fake_eval_run(store, "base", lambda k: 0.5)
+    exports = workdir / "exports"
+    exports.write_text("not a folder")
+    app = console()
+    async with app.run_test(size=(120, 30)) as pilot:
+        await open_scores(pilot, app, rows=2)
+        await pilot.press("e")
+        await wait_for(pilot, lambda: any(n.title == "export scores failed" for n in app._notifications), 20,
+                       "the failure said")
+        failure = next(n for n in app._notifications if n.title == "export scores failed")
+        assert str(failure.message) == f"cannot export into {exports}: it is a file, not a folder"
+        assert exports.read_text() == "not a folder"
+        exports.unlink()
+        await pilot.press("e")
+        await wait_for(pilot, lambda: (exports / "scores.csv").is_file(), 20, "the export")
+        assert "| base (evaluation run 1) | **0.500" in (exports / "scores.md").read_text(encoding="utf-8")
+        assert (exports / "scores.csv").stat().st_mode & 0o077 == 0  # for its owner only
+
+
+@sync
+async def test_a_screen_workers_unexpected_failure_is_said():
+    """Textual tells a worker's failure only to the screen that started it: a screen of the console says it
+    (the app's own handler never heard a screen's workers)."""
+    from textual import work
+    from textual.app import App
+    from textual.screen import Screen
+
+    from console.worker_failures import SaysWorkerFailures
+
+    class Failing(SaysWorkerFailures, Screen):
+        def on_mount(self) -> None:
+            self.fail()
+
+        @work(thread=True, exit_on_error=False, name="scores")
+        def fail(self) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    class Host(App):
+        def on_mount(self) -> None:
+            self.push_screen(Failing())
+
+    app = Host()
+    async with app.run_test() as pilot:
+        await wait_for(pilot, lambda: app._notifications, 10, "the failure said")
+        [said] = list(app._notifications)
+        assert said.title == "scores failed" and str(said.message) == "OperationalError: disk I/O error"
+        assert app.is_running
+
+
 def test_streaming_text_rewraps_only_its_last_line():
     from console.widgets.stream_text import StreamText
 
@@ -467,7 +522,7 @@ def test_an_endpoint_answer_counts_the_tokens_and_the_finish_its_server_reports(
 
 
 def test_an_exported_chat_with_one_model_names_it_alone(tmp_path):
-    from console.screens.chat import export_chats
+    from console.exports import export_chats
 
     chat = {"id": 1, "created": 0.0, "left_model": "runs/1/final", "right_model": "", "blind": 0, "vote": None,
             "settings": "{}", "transcript": json.dumps({"left": [{"role": "user", "content": "hi"}]})}

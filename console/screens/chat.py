@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import random
 import re
-import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -30,6 +27,7 @@ from console.messages import BelleQuestion, ChatEvent, ChatModelsResolved, ChatS
 from console.screens.dialogs import TextScreen
 from console.text import terminal_safe
 from console.widgets.chat_pane import ChatPane
+from console.worker_failures import SaysWorkerFailures
 
 SIDES = ("left", "right")
 VOTES = {"1": "A", "2": "B", "3": "tie", "4": "both bad"}
@@ -69,7 +67,7 @@ def similarity_and_diff(a: str, b: str) -> tuple[float, Text]:
     return matcher.ratio(), text
 
 
-class ChatScreen(Screen[None]):
+class ChatScreen(SaysWorkerFailures, Screen[None]):
     BINDINGS = [
         Binding("escape", "leave_input", "Keys", show=False),
         Binding("i", "focus_input", "Type"),
@@ -480,30 +478,3 @@ class ChatSettingsScreen(ModalScreen["ChatSettings | None"]):
 
     def action_dismiss_none(self) -> None:
         self.dismiss(None)
-
-
-def export_chats(chats: list[dict[str, Any]], folder: Path) -> tuple[Path, Path]:
-    """Every stored exchange as Markdown and as JSON Lines; returns the two files."""
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # for their owner only, as runs.db is
-    md, jsonl = folder / "chats.md", folder / "chats.jsonl"
-    for path in (md, jsonl):
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    lines = []
-    with open(jsonl, "w", encoding="utf-8") as out:
-        for chat in chats:
-            transcript = json.loads(chat["transcript"])
-            record = {**chat, "transcript": transcript, "settings": json.loads(chat["settings"])}
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(chat["created"]))
-            lines.append(f"## chat {chat['id']} ({when})\n")
-            vote = f", vote: {chat['vote']}" if chat["vote"] else ""
-            models = (f"left: `{chat['left_model']}`, right: `{chat['right_model']}`" if chat["right_model"]
-                      else f"model: `{chat['left_model']}`")  # a chat with one model has no right side
-            lines.append(f"{models}{', blind' if chat['blind'] else ''}{vote}\n")
-            for side, turns in transcript.items():
-                lines.append(f"### {side}\n")
-                for turn in turns:
-                    who = "**user**" if turn["role"] == "user" else "**assistant**"
-                    lines.append(f"{who}: {turn['content']}\n")
-    md.write_text("\n".join(lines), encoding="utf-8")
-    return md, jsonl

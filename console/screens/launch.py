@@ -23,6 +23,8 @@ from textual.screen import Screen
 from textual.validation import Integer, Number
 from textual.widgets import Button, Footer, Input, Label, Select, Static
 
+from console.worker_failures import SaysWorkerFailures
+
 
 @dataclass(frozen=True)
 class FormField:
@@ -134,7 +136,7 @@ def _flattened(items: list[str]) -> list[str]:
     return flat
 
 
-class LaunchScreen(Screen[int | None]):
+class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
     DEFAULT_CSS = """
     LaunchScreen #estimate { height: auto; color: $text-muted; padding: 0 1; }
     LaunchScreen #estimate.-too-big { color: $warning; }

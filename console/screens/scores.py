@@ -8,7 +8,6 @@ row (▸ by its name; space again unmarks) and `p` shows the paired deltas of th
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +24,7 @@ from textual.widgets import DataTable, Footer, Static
 from console.screens.dialogs import TextScreen
 from console.text import terminal_safe
 from console.widgets.score_table import ScoreTable
+from console.worker_failures import SaysWorkerFailures
 
 
 @dataclass
@@ -47,7 +47,7 @@ class DeltasLoaded(Message):
     problem: str = ""  # why there are none
 
 
-class ScoresScreen(Screen[None]):
+class ScoresScreen(SaysWorkerFailures, Screen[None]):
     BINDINGS = [
         Binding("enter", "items", "Items"),
         Binding("space", "mark", "Mark"),
@@ -197,20 +197,8 @@ class ScoresScreen(Screen[None]):
             return
         self.app.push_screen(TextScreen(message.title, "\n".join(message.lines)))
 
-    @work(thread=True, group="scores-export", exit_on_error=False)
     def action_export(self) -> None:
-        from engine.eval_cli import eval_rows
-        from engine.scores import render
-
-        folder = self.app.db_path.parent / "exports"
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # for their owner only, as runs.db is
-        rows = eval_rows(self.app.db_path)
-        for fmt in ("md", "csv"):
-            path = folder / f"scores.{fmt}"
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            path.write_text(render(rows, fmt), encoding="utf-8")
-        self.app.call_from_thread(self.notify, f"score table written to {folder}/scores.md and scores.csv",
-                                  markup=False)
+        self.app.export_scores()
 
     def action_reload(self) -> None:
         self.load()
