@@ -1,8 +1,9 @@
 """Reading a judge's score out of its free-text reply.
 
-Judges write `得分: 0.8`, `得分：0.8分`, `**得分:** 0.5`, `得分为0.5`, `Score: 0.8`, `8/10`, `80%`, `0,8`... and
-often quote the answer they judge, which may itself contain `得分: 1`: the judge's own score is its last
-one, and a score inside text quoted from the answer is not the judge's. A reply with no score in [0, 1]
+Judges write `得分: 0.8`, `得分：0.8分`, `**得分:** 0.5`, `得分为0.5`, `Score: 0.8`, `得分: 8/10`, `得分：80%`,
+`得分: 0,8`... (a number is read only after a label), restate the rubric (`分数范围0-1`: a range, no score),
+and often quote the answer they judge, which may itself contain `得分: 1`: the judge's own score is its
+last one, and a score inside text quoted from the answer is not the judge's. A reply with no score in [0, 1]
 is unscored, never read as 0.
 """
 
@@ -17,7 +18,9 @@ _SCORE = re.compile(
     r"[^\d\n（(]{0,8}?"  # what may sit before the number: ':', '：', '为', '是', '**', spaces, '应该是'
     r"(?P<neg>[-−](?=\.?\d))?"  # a minus on the number is its sign ('- 0.8' with a space is a dash)
     r"(?P<num>\d+(?:[.,]\d+)?|\.\d+)"  # '0,8': a decimal comma
-    r"\s*(?:(?P<pct>%)|/\s*(?P<den>\d+(?:\.\d+)?))?",
+    r"\s*(?:(?P<pct>%)|/\s*(?P<den>\d+(?:\.\d+)?))?"
+    # the start of a range is no score: judges restate the rubric ('分数范围0-1', '分数在0到1之间')
+    r"(?!\s*(?:[-~～–—至到]|to\b|and\b)\s*\.?\d)",
     re.IGNORECASE,
 )
 
