@@ -13,7 +13,7 @@ process that started it (the console) can drive it. Requests:
 
 Events: {"event": "ready", "model": ..., "device": ..., "load_s": ...} once; then per request any number of
 {"event": "token", "id": 7, "text": "..."}, and one {"event": "done", "id": 7, "tokens": n, "ttft_s": ...,
-"seconds": ..., "finish": "eos" | "length" | "cancelled"} or {"event": "error", "id": 7, "message": ...}.
+"seconds": ..., "finish": "eos" | "length" | "cancelled" | "cut"} or {"event": "error", "id": 7, "message": ...}.
 A model that cannot load sends {"event": "error", "fatal": true, "message": ...} and exits 1.
 """
 
@@ -83,7 +83,7 @@ class EndpointModel:
                cancelled: Callable[[], bool]) -> Iterator[Any]:
         import openai
 
-        from engine.generation import Piece
+        from engine.pieces import Piece
 
         # top_k is not part of the chat-completions protocol; temperature, top_p, seed and the length are.
         request = dict(model=self.model, messages=[{"role": t.role, "content": t.content} for t in turns],
@@ -119,6 +119,8 @@ class EndpointModel:
                     yield Piece(text[-1], chunks)
         finally:
             stream.close()
+        if finish is None and not cancelled():
+            finish = "cut"  # the stream ended (a dropped connection, a proxy's timeout) before the answer did
         yield Piece("".join(text), chunks if tokens is None else tokens, final=True, finish=finish)
 
 

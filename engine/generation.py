@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from engine.head import head_fp32
 from engine.knobs import decode_path
+from engine.pieces import Piece
 
 _M32 = 0xFFFFFFFF
 log = logging.getLogger(__name__)
@@ -54,16 +55,6 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A stretch of a streamed answer; the last one (`final`) holds the whole answer instead."""
-
-    text: str
-    tokens: int  # generated so far
-    final: bool = False
-    finish: str | None = None  # on the final piece, where the source says why it stopped ("eos", "length")
 
 
 @dataclass

@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 # What the server does with a call: ("reply", text) | ("status", code[, message]) | ("sleep", seconds, text)
-# | ("malformed",) | ("no-content",)
+# | ("malformed",) | ("no-content",) | ("cut", text): streamed, then the connection closes with no finish
+# reason and no [DONE] (a dropped connection, a proxy's timeout)
 Action = tuple
 
 
@@ -61,7 +62,7 @@ class JudgeServer:
                                                           "type": "invalid_request_error"}}).encode())
                     return
                 if body.get("stream"):
-                    self._stream(body, text)
+                    self._stream(body, text, cut=kind == "cut")
                     return
                 reply = {
                     "id": f"chatcmpl-{index}", "object": "chat.completion", "created": int(time.time()),
@@ -80,7 +81,7 @@ class JudgeServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            def _stream(self, body: dict[str, Any], text: str) -> None:
+            def _stream(self, body: dict[str, Any], text: str, cut: bool = False) -> None:
                 """Three characters a chunk; a character is a token (what `usage` counts)."""
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -93,6 +94,8 @@ class JudgeServer:
                              "choices": [{"index": 0, "delta": {"content": text[k : k + 3]}, "finish_reason": None}]}
                     self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
                     self.wfile.flush()
+                if cut:
+                    return  # HTTP/1.0: the connection closes here
                 done = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
                         "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
                 self.wfile.write(f"data: {json.dumps(done)}\n\n".encode())

@@ -386,6 +386,47 @@ async def test_an_endpoint_beside_a_local_model_and_a_blind_vote_on_a_belle_ques
 
 
 @sync
+async def test_a_cut_stream_is_not_an_answer_and_each_answer_keeps_its_sampling(workdir):
+    """An endpoint that closes the stream mid-answer (no finish reason, no [DONE]) is said, and its text is
+    not sent back as an answer (it showed as a finished answer, "eos"); the unanswered question is not sent
+    again with the next one; a saved chat records the sampling each answer was made with (it recorded the
+    settings in force at the save)."""
+    from dataclasses import replace
+
+    from tests.judge_server import JudgeServer
+
+    cutting = JudgeServer(lambda body, index: ("cut", "半句话") if index == 0 else ("reply", f"answer {index}"))
+    steady = JudgeServer(lambda body, index: ("reply", f"steady {index}"))
+    try:
+        app = console()
+        async with app.run_test(size=(120, 32)) as pilot:
+            screen = await open_chat(pilot, app, f"openai:cut@{cutting.url}", f"openai:ok@{steady.url}",
+                                     ChatSettings(temperature=0, max_new_tokens=64, key_env=""))
+            left = screen.panes["left"]
+            await ask(pilot, screen, "first")
+            await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()), 30, "both ends")
+            assert "· cut" in str(left.query_one(".pane-stats").render())
+            assert any("ended the stream before the answer did" in str(n.render()) for n in left.query(".pane-note"))
+            assert screen.turns["left"] == [{"role": "user", "content": "first"}]
+            assert screen.turns["right"][-1]["content"] == "steady 0"
+
+            screen.settings = replace(screen.settings, temperature=0.5)
+            await ask(pilot, screen, "second")
+            await wait_for(pilot, lambda: len(screen.turns["left"]) == 2 and len(screen.turns["right"]) == 4, 30,
+                           "the second answers")
+            assert cutting.calls[1]["messages"] == [{"role": "user", "content": "second"}]
+            assert [m["content"] for m in steady.calls[1]["messages"]] == ["first", "steady 0", "second"]
+            await pilot.press("escape", "S")
+            await wait_for(pilot, lambda: _chats(), 20, "the saved chat")
+        transcript = json.loads(_chats()[-1]["transcript"])
+        assert [t["sampling"]["temperature"] for t in transcript["right"] if t["role"] == "assistant"] == [0, 0.5]
+        assert [t["content"] for t in transcript["left"]] == ["second", "answer 1"]
+    finally:
+        cutting.close()
+        steady.close()
+
+
+@sync
 async def test_an_evaluation_stopped_from_the_console_resumes_from_it(workdir, monkeypatch):
     """x then r on an evaluation run: it stops after the work in hand and goes on, detached, where it
     stopped; its log is in its folder."""
@@ -519,6 +560,28 @@ def test_an_endpoint_answer_counts_the_tokens_and_the_finish_its_server_reports(
         assert [("stream_options" in call) for call in server.calls] == [True, False, False]  # asked once
     else:
         assert (done[1]["tokens"], done[2]["tokens"]) == (10, 4)
+
+
+def test_an_endpoints_worker_never_imports_torch():
+    """An endpoint's answer needs no torch: importing it with the first answer was that answer's time to
+    first token (2-3 s against 0.05 s), and a stream cut short says so."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.judge_server import JudgeServer
+
+    server = JudgeServer(lambda body, index: ("cut", "abcdefg"))
+    code = ("import sys\nfrom engine.chat_worker import EndpointModel\n"
+            f"model = EndpointModel({server.url!r}, 'm', '')\n"
+            "sampling = dict(temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0)\n"
+            "pieces = list(model.answer([], sampling, lambda: False))\n"
+            "print(pieces[-1].text, pieces[-1].finish, 'torch' in sys.modules)")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    finally:
+        server.close()
+    assert done.stdout.split() == ["abcdefg", "cut", "False"], done.stderr
 
 
 def test_an_exported_chat_with_one_model_names_it_alone(tmp_path):

@@ -97,7 +97,9 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         self.processes: dict[str, ChatWorker] = {}
         self._workers_started = 0
         self._worker_of: dict[str, int] = {}  # side -> the number of the worker that speaks for it now
-        self.turns: dict[str, list[dict[str, str]]] = {side: [] for side in SIDES}
+        # Each side's conversation as its worker is sent it; an answer carries the sampling it was made with.
+        self.turns: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+        self.sampling_sent: dict[str, dict[str, Any]] = {}
         self.questions: list[str] = []
         self.request: dict[str, int] = {}
         self._next_id = 0
@@ -213,9 +215,13 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         elif kind == "done":
             if isinstance(event.get("text"), str):
                 pane.answer = terminal_safe(event["text"]).lstrip(" ")  # decoded whole, not the joined chunks
-            if event.get("finish") != "cancelled":
-                self.turns[message.side].append({"role": "assistant", "content": pane.answer})
+            if event.get("finish") not in ("cancelled", "cut"):
+                self.turns[message.side].append({"role": "assistant", "content": pane.answer,
+                                                 "sampling": self.sampling_sent.get(message.side)})
             await pane.finish(event)
+            if event.get("finish") == "cut":
+                await pane.note("the endpoint ended the stream before the answer did (no finish reason): not "
+                                "kept in the conversation; r asks again")
             self._after_answer()
         elif kind == "error":
             await pane.fail(event.get("message", "error"), fatal=bool(event.get("fatal")))
@@ -232,8 +238,9 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         self.request[side] = self._next_id
         seed = self.settings.seed + self.regenerations
         worker = self.processes.get(side)
+        self.sampling_sent[side] = self.settings.sampling(seed)
         request = {"op": "generate", "id": self._next_id, "messages": self.turns[side],
-                   "sampling": self.settings.sampling(seed)}
+                   "sampling": self.sampling_sent[side]}
         if worker is None or not worker.send(request):
             self.call_later(self.panes[side].fail, "no worker for this side (it did not start or has exited)")
 
@@ -258,6 +265,8 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         self.questions.append(question)
         self.voted = None
         for side in self.sides:
+            if self.turns[side] and self.turns[side][-1]["role"] == "user":
+                self.turns[side].pop()  # a question its side never answered (an error, a cut stream): not sent on
             self.turns[side].append({"role": "user", "content": question})
             await self.panes[side].begin(question)
             self._send(side)
@@ -328,7 +337,8 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         if any(self.panes[s].busy for s in self.sides):
             self.notify("wait for both answers", severity="warning")
             return
-        if any(self.panes[s].dead or len(self.turns[s]) != 2 * len(self.questions) for s in self.sides):
+        if any(self.panes[s].dead or not self.turns[s] or self.turns[s][-1]["role"] != "assistant"
+               for s in self.sides):
             self.notify("both models must have answered to vote", severity="warning")
             return
         choice = VOTES[key]

@@ -158,8 +158,12 @@ class ChatPane(Vertical):
         """A new worker speaks for this side: it answers again (an answer the old one was writing is gone)."""
         self._flush()
         self.dead, self.busy, self._text = False, False, None
-        await self.body.mount(Static(Text(terminal_safe(note)), classes="pane-note"))
+        await self.note(note)
         self.set_stats("starting")
+
+    async def note(self, text: str) -> None:
+        """A line about the conversation (not part of it), below what is shown."""
+        await self.body.mount(Static(Text(terminal_safe(text)), classes="pane-note"))
         self._follow()
 
     async def fail(self, message: str, fatal: bool = False) -> None:
