@@ -17,13 +17,81 @@ def _db(args: argparse.Namespace) -> Path:
     return Path(args.db or default_db_path())
 
 
+# How a resumed evaluation reaches its judge, and its label: not what its answers and scores are.
+RESUME_MAY_CHANGE = ("judge_url", "judge_key_env", "concurrency", "judge_retries", "price_per_1k", "batch_size",
+                     "name")
+
+
+def _given(args: argparse.Namespace, db: Path) -> dict:
+    """EvalConfig's fields that options on the command line set, resolved as the config stores them."""
+    from engine.evaluate import EvalConfig
+
+    values = {field: getattr(args, field) for field in EvalConfig.model_fields
+              if field != "checkpoint" and getattr(args, field, None) is not None}
+    for field in ("eval_dir", "output_root"):
+        if field in values:
+            values[field] = str(Path(values[field]).expanduser().resolve())
+    if "reward_model" in values:
+        values["reward_model"] = _reward_model(values["reward_model"], db)
+    return values
+
+
+def _config(values: dict):
+    """The evaluation's settings, or an error naming each bad one by its option."""
+    from engine.evaluate import EvalConfig
+
+    try:
+        return EvalConfig(**values)
+    except ValueError as err:  # pydantic's ValidationError: each field by its option's name
+        problems = [f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in getattr(err, "errors", list)()]
+        raise RecipeError("; ".join(problems) or f"invalid evaluation settings: {err}") from None
+
+
+def _resumed_config(args: argparse.Namespace, db: Path) -> tuple:
+    """(settings, the change to record or None): the run's recorded settings, with what a resume may
+    change; any other option that differs is refused (it was ignored: the run went on as it was, the
+    change that its own error message asked for, such as a new --judge-url, included)."""
+    from engine.evaluate import config_from_run, resolve_checkpoint
+    from engine.judge import SCORED, UNSCORED
+    from engine.store import EvalStore, Store
+
+    run_id = args.resume_run
+    recorded = config_from_run(db, run_id)
+    given = _given(args, db)
+    if args.checkpoint and resolve_checkpoint(args.checkpoint, db) != recorded.checkpoint:
+        raise RecipeError(f"checkpoint {args.checkpoint}: run {run_id} evaluates {recorded.checkpoint}; a resume "
+                          "continues it (drop the checkpoint, or start a new evaluation)")
+    differ = {field: value for field, value in given.items() if value != getattr(recorded, field)}
+    if "judge_model" in differ:
+        with Store(db) as store:
+            items = EvalStore(store).scored_items(run_id)
+        judged = sum(1 for item in items if item.get("status") in (SCORED, UNSCORED))
+        if judged:
+            raise RecipeError(f"--judge-model {differ['judge_model']}: run {run_id} has {judged} answers judged by "
+                              f"{recorded.judge_model}; one run has one judge (judge its answers anew: rlhf eval "
+                              f"belle --answers-from {run_id} --judge-model {differ['judge_model']} …)")
+    refused = [f"--{field.replace('_', '-')} {value} (run {run_id}: {getattr(recorded, field)})"
+               for field, value in differ.items() if field not in (*RESUME_MAY_CHANGE, "judge_model")]
+    if refused:
+        raise RecipeError(f"run {run_id}: a resume continues the evaluation as it was started, and "
+                          f"{'; '.join(refused)} would change its answers or scores; start a new evaluation "
+                          f"for that (--answers-from {run_id} judges the same answers anew); a resume may change "
+                          f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)} (and --judge-model "
+                          "while nothing is judged)")
+    if not differ:
+        return recorded, None
+    config = _config({**recorded.model_dump(), **differ})
+    say(f"run {run_id} resumes with " + ", ".join(f"--{f.replace('_', '-')} {v}" for f, v in differ.items()))
+    return config, {"config": config.model_dump_json()}
+
+
 def _belle(args: argparse.Namespace) -> int:
-    from engine.evaluate import EvalConfig, config_from_run, resolve_checkpoint, run_eval
+    from engine.evaluate import config_from_run, resolve_checkpoint, run_eval
     from engine.store import Store
 
     db = _db(args)
     if args.resume_run is not None:
-        config = config_from_run(db, args.resume_run)
+        config, change = _resumed_config(args, db)
         from engine.evaluate import validate
         from engine.run import settled
 
@@ -32,43 +100,27 @@ def _belle(args: argparse.Namespace) -> int:
             run = settled(store, args.resume_run)
             if run["status"] in ("pending", "running"):
                 raise RecipeError(f"run {args.resume_run} is {run['status']}; stop it before resuming")
-            if not store.claim_for_resume(args.resume_run):
+            if not store.claim_for_resume(args.resume_run, change):
                 raise RecipeError(f"run {args.resume_run} is being resumed elsewhere")
         run_id, status = run_eval(config, db, resume_run=args.resume_run)
     else:
         if not args.checkpoint and args.answers_from is None:
             raise RecipeError("checkpoint: give a model folder or a run id (or --answers-from ID)")
-        eval_dir = args.eval_dir
+        given = _given(args, db)
         if args.answers_from is not None:
             source = config_from_run(db, args.answers_from)
             checkpoint, label = source.checkpoint, source.name  # the same model's answers, judged again
-            eval_dir = eval_dir or source.eval_dir  # its answers belong to its questions
+            given.setdefault("eval_dir", source.eval_dir)  # its answers belong to its questions
         else:
             checkpoint = resolve_checkpoint(args.checkpoint, db)
             label = "/".join(Path(checkpoint).parts[-2:])
             if args.checkpoint.isdigit():  # the score table names what answered: "ppo run 3", not "run 3"
                 with Store(db) as store:
                     label = f"{store.run(int(args.checkpoint))['stage']} run {args.checkpoint}"
-        if not eval_dir:
+        if not given.get("eval_dir"):
             raise RecipeError("--eval-dir: the folder with eval_set.json and eval_prompt.json is required")
-        try:
-            label = args.name or label
-            config = EvalConfig(
-                name=label,
-                checkpoint=checkpoint, eval_dir=str(Path(eval_dir).expanduser().resolve()),
-                judge=args.judge, judge_url=args.judge_url, judge_model=args.judge_model,
-                judge_key_env=args.judge_key_env,
-                reward_model=_reward_model(args.reward_model, db),
-                limit=args.limit, per_class=args.per_class, max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                concurrency=args.concurrency, judge_retries=args.judge_retries, price_per_1k=args.price_per_1k,
-                rewrite_reference=args.rewrite_reference, answers_from=args.answers_from,
-                output_root=str(Path(args.output_root).expanduser().resolve()),
-            )
-        except ValueError as err:  # pydantic's ValidationError: each field by its option's name
-            problems = [f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in getattr(err, "errors", list)()]
-            raise RecipeError("; ".join(problems) or f"invalid evaluation settings: {err}") from None
+        config = _config({"name": label, "checkpoint": checkpoint,
+                          "output_root": str(Path("runs").resolve()), **given})
         run_id, status = run_eval(config, db)
     if status == "stopped":
         from engine.run import resume_hint

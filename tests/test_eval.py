@@ -212,6 +212,44 @@ def test_an_evaluation_whose_every_judge_call_failed_is_a_failed_run(workdir):
         assert all(i["answer"] is not None for i in EvalStore(store).items(1))  # kept for the resume
 
 
+def test_a_resume_takes_a_new_judge_url_and_refuses_what_would_change_the_run(workdir):
+    """The failed run's message says to check --judge-url and resume: the resume takes the new URL (it
+    ignored every option and called the old one again), records it, and refuses options that would change
+    the answers or the scores, before it claims the run."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on: the URL given first was wrong
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    write_sample(workdir / "belle", per_class=1)
+    env = {"THE_JUDGE_KEY": KEY}
+    result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", "--judge-url", f"http://127.0.0.1:{port}/v1",
+                       "--judge-model", "m", "--judge-key-env", "THE_JUDGE_KEY", "--max-new-tokens", "4",
+                       "--limit", "3", "--judge-retries", "0", env=env)
+    assert result.returncode == 1 and run_row(1)["status"] == "failed", result.stderr[-2000:]
+    server = JudgeServer(score_by_answer)
+    try:
+        refused = rlhf_eval("belle", "--resume-run", "1", "--judge-url", server.url, "--temperature", "0.7",
+                            "--limit", "5", "--max-new-tokens", "4", env=env)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert ("run 1: a resume continues the evaluation as it was started, and --limit 5 (run 1: 3); "
+                "--temperature 0.7 (run 1: 0.0) would change its answers or scores") in refused.stderr
+        other = rlhf_eval("belle", "2", "--resume-run", "1", env=env)
+        assert other.returncode == 2 and "checkpoint 2: " in other.stderr
+        assert run_row(1)["status"] == "failed" and server.calls == []  # nothing claimed, nothing called
+        resumed = rlhf_eval("belle", "--resume-run", "1", "--judge-url", server.url, "--judge-model", "tiny-judge",
+                            "--limit", "3", env=env)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert f"run 1 resumes with --judge-url {server.url}, --judge-model tiny-judge" in resumed.stdout
+        assert len(server.calls) == 3 and {c["model"] for c in server.calls} == {"tiny-judge"}
+        recorded = json.loads(run_row(1)["config"])
+        assert (recorded["judge_url"], recorded["judge_model"], recorded["limit"]) == (server.url, "tiny-judge", 3)
+        judged = rlhf_eval("belle", "--resume-run", "1", "--judge-model", "another", env=env)
+        assert judged.returncode == 2 and "run 1 has 3 answers judged by tiny-judge" in judged.stderr
+    finally:
+        server.close()
+
+
 def test_a_judge_that_never_gives_a_score_fails_the_run_and_is_asked_again_once_fixed(workdir):
     """Replies without a score (a wrong judge model or prompt, a proxy's page): not a `done` run with
     nothing in it, and nothing cached for good: once the judge is right, the resume asks again."""
