@@ -191,6 +191,30 @@ def test_a_judge_that_refuses_every_call_fails_the_run_at_once_with_the_reason(w
     assert (listed, named) == ([None], [None, 1])
 
 
+def test_calls_dropped_when_a_refusal_ends_the_run_are_not_retried_or_warned_about(workdir):
+    """One call refused (HTTP 401) ends the run while another is in flight: that one is dropped, not
+    retried, and no 'judge call failed ... retry' warning about it precedes the refusal's own error."""
+    write_sample(workdir / "belle", per_class=1)
+    release = threading.Event()
+
+    def script(body: dict, index: int) -> tuple:
+        if index == 0:
+            release.wait(60)
+            return score_by_answer(body, index)
+        return ("status", 401, "bad key")
+
+    server = JudgeServer(script)
+    try:
+        result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server), "--limit", "3",
+                           env={"THE_JUDGE_KEY": KEY})
+    finally:
+        release.set()
+        server.close()
+    assert result.returncode == 1 and "refused the call (HTTP 401: bad key)" in result.stderr, result.stderr[-2000:]
+    assert "judge call failed" not in result.stderr
+    assert len(server.calls) == 2
+
+
 def test_an_evaluation_whose_every_judge_call_failed_is_a_failed_run(workdir):
     """A judge that is down (nothing listens at its URL): not one verdict, so the run fails with the
     reason and the resume command, exit 1 (it used to end `done`, exit 0, with nothing in it)."""

@@ -139,7 +139,8 @@ class EndpointJudge:
             try:
                 return self._call_once(request)
             except openai.APIStatusError as err:
-                last = self._scrub(f"HTTP {err.status_code}: {err.message}")
+                said = err.body.get("message") if isinstance(err.body, dict) else None
+                last = self._scrub(f"HTTP {err.status_code}: {said if isinstance(said, str) else err.message}")
                 if err.status_code in REFUSING:
                     raise JudgeRefused(f"the judge at {self.base_url} refused the call ({last}): check "
                                        "--judge-key-env, --judge-model and --judge-url") from None
@@ -148,6 +149,8 @@ class EndpointJudge:
                 error: Exception = err
             except transient as err:
                 last, error = self._scrub(f"{type(err).__name__}: {err}"), err
+            if self._stop.is_set():  # dropped on purpose (the run stopped, or its judge refused every call)
+                raise CallFailed(f"stopped ({last})")
             if attempt < self.retries:
                 delay = self._retry_after(error, attempt)
                 log.warning("judge call failed (%s); retry %d of %d in %.1f s", last, attempt + 1, self.retries, delay)
