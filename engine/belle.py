@@ -95,7 +95,7 @@ def load_rubrics(folder: str | Path) -> dict[str, str]:
 def load_items(folder: str | Path, limit: int | None = None, per_class: int | None = None) -> list[Item]:
     """Every question with its class prompt; a question whose class has no prompt is an error. `limit`:
     the first N; `per_class`: the first N of each class (a subset that still has every score-table column,
-    which BELLE's order, grouped by class, does not give the first N)."""
+    which the first N of BELLE's unevenly mixed order does not give)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BelleError(f"{folder}: no such folder (an eval folder holds {SET_FILE} and {PROMPT_FILE})")
@@ -132,12 +132,14 @@ def judge_prompt(item: Item, answer: str, rewrite_reference: bool = False) -> st
     return f"{item.rubric} {item.question}  模型回答： '{answer}'{ask}"
 
 
-def coverage(items: list[Item]) -> str:
+def coverage(items: list[Item], rewrite_reference: bool = False) -> str:
     """One line saying how many items are scorable and how they split."""
     by_category = {c: sum(1 for i in items if i.category == c) for c in CATEGORIES}
-    no_ref = sum(1 for i in items if not i.judged_with_reference)
     rewrite_with_ref = sum(1 for i in items if i.cls == "rewrite" and i.reference.strip())
+    no_ref = sum(1 for i in items if not i.judged_with_reference) - (rewrite_with_ref if rewrite_reference else 0)
     parts = ", ".join(f"{c} {n}" for c, n in by_category.items() if n)
+    rewrites = (f"the {rewrite_with_ref} rewrite items that have one are given it (--rewrite-reference)"
+                if rewrite_reference else
+                f"{rewrite_with_ref} of them rewrite items that have one (--rewrite-reference includes it)")
     return (f"{len(items)} of {len(items)} items scorable (every class matched to its prompt): {parts}; "
-            f"{no_ref} judged without the reference (BELLE's rule), {rewrite_with_ref} of them rewrite items that "
-            "have one (--rewrite-reference includes it)")
+            f"{no_ref} judged without the reference (BELLE's rule), {rewrites}")

@@ -239,7 +239,7 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
         # model's settings, hours of it), whatever more the eval folder, --limit or --per-class would take.
         answered = _answered_items(db_path, config.answers_from)
         items = [item for item in items if item.id in answered]
-    print(coverage(items), flush=True)
+    print(coverage(items, config.rewrite_reference), flush=True)
     if resume_run is not None:
         os.environ[RUN_ID_ENV] = str(resume_run)
     with tracked_run(db_path, "eval", config, "", []) as handle:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.belle import CATEGORIES, BelleError, judge_prompt, load_items, normalise_class
+from engine.belle import CATEGORIES, BelleError, coverage, judge_prompt, load_items, normalise_class
 from engine.judge.parse import parse_score
 from engine.scores import MACRO, MACRO_WO, paired_deltas, reference_row, render, summarize
 
@@ -28,12 +28,16 @@ def test_every_one_of_the_1000_questions_meets_its_class_prompt():
     item = with_ref[0]
     assert item.reference not in judge_prompt(item, "答")
     assert item.reference in judge_prompt(item, "答", rewrite_reference=True)
+    assert "; 408 judged without the reference (BELLE's rule), 39 of them rewrite items" in coverage(items)
+    assert ("; 369 judged without the reference (BELLE's rule), the 39 rewrite items that have one are given it"
+            in coverage(items, rewrite_reference=True))  # it said 408 with the flag too
     closed = next(i for i in items if i.category == "closed qa")
     prompt = judge_prompt(closed, "我的回答")
     assert prompt.startswith(closed.rubric) and closed.question in prompt and closed.reference in prompt
     assert prompt.endswith("模型回答：' 我的回答'。请针对模型回答给出得分，顺便给出理由：")
 
-    # BELLE's file is grouped by class: its first 40 questions miss columns, 4 per class fill every one.
+    # BELLE's file interleaves its classes unevenly: its first 40 questions miss columns; 4 per class fill
+    # every one.
     assert {i.category for i in load_items(BELLE, limit=40)} != set(CATEGORIES)
     sample = load_items(BELLE, per_class=4)
     assert len(sample) == 40 and {i.category for i in sample} == set(CATEGORIES)
