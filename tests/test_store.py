@@ -331,3 +331,22 @@ def test_version_9_records_of_lora_runs_say_the_head_they_did_not_train(tmp_path
     recorded = tmp_path / "recorded.yaml"
     recorded.write_text(json.dumps(migrated), encoding="utf-8")
     assert load_recipe(recorded, [], "ppo").ppo.trains_head is False
+
+
+def test_the_readme_names_every_column_of_runs_db(tmp_path):
+    """README's runs.db table is what a user reads before querying the file: every table and column of a
+    new runs.db is named there (it listed a `tokens` column that never existed and no `pipelines`)."""
+    import re
+
+    from tests.conftest import REPO
+
+    rows = {}
+    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+        found = re.match(r"\| `(\w+)` \| (.*) \|$", line)
+        if found:
+            rows[found[1]] = found[2]
+    with Store(tmp_path / "runs.db") as store:
+        tables = {t: [c.name for c in store.db[t].columns] for t in store.db.table_names() if t != "sqlite_sequence"}
+    missing = [f"{t}.{c}" for t, columns in tables.items() for c in columns
+               if t not in rows or not re.search(rf"(?<![\w`]){c}(?!\w)", rows[t].replace("/", ", "))]
+    assert missing == []
