@@ -82,7 +82,7 @@ def _resumed_config(args: argparse.Namespace, db: Path) -> tuple:
         return recorded, None
     config = _config({**recorded.model_dump(), **differ})
     say(f"run {run_id} resumes with " + ", ".join(f"--{f.replace('_', '-')} {v}" for f, v in differ.items()))
-    return config, {"config": config.model_dump_json()}
+    return config, {"config": config.model_dump_json(), "name": config.name}
 
 
 def _belle(args: argparse.Namespace) -> int:
@@ -146,8 +146,20 @@ def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
             if run_ids is None and run["status"] == "failed" and all(i.get("score") is None for i in items):
                 continue  # a run that failed before any score (a bad checkpoint, a judge down): a row of dashes
             judge = next((i["judge"] for i in items if i.get("judge")), "")
-            rows.append(summarize(run["name"], items, run["id"], judge))
+            rows.append(summarize(_shown_name(run), items, run["id"], judge))
     return rows
+
+
+def _shown_name(run: dict) -> str:
+    """The run's label with what sets its settings apart (its record predating a field: the label alone)."""
+    from pydantic import ValidationError
+
+    from engine.evaluate import EvalConfig
+
+    try:
+        return EvalConfig.model_validate_json(run["config"] or "{}").shown_name()
+    except ValidationError:
+        return run["name"]
 
 
 def _eval_run_ids(db: Path, wanted: list[int], option: str) -> None:
@@ -270,7 +282,8 @@ def _pairwise(args: argparse.Namespace) -> int:
                 silent.append(reply)
         rows = evals.pairwise(args.a, args.b, judge.label)
         votes = chat_votes(store, a_config.checkpoint, b_config.checkpoint)
-    rep = report(a_config.name, b_config.name, list(a_items.values()), list(b_items.values()), rows, votes)
+    rep = report(f"{a_config.shown_name()} (run {args.a})", f"{b_config.shown_name()} (run {args.b})",
+                 list(a_items.values()), list(b_items.values()), rows, votes)
     print(render(rep), end="")
     if failures:
         print(f"{len(failures)} judge calls failed, the first: {failures[0]}; the same command asks again",

@@ -62,6 +62,31 @@ class EvalConfig(BaseModel):
     rewrite_reference: bool = Field(False, description="Give the judge the reference of the 39 rewrite items.")
     answers_from: int | None = Field(None, description="Judge this run's answers instead of generating.")
 
+    def variant(self) -> str:
+        """What sets this run's answers and scores apart from the defaults, in a few words ('' for none):
+        two evaluations of one checkpoint, told apart in the score table and the pairwise report."""
+        default = {name: field.default for name, field in type(self).model_fields.items()}
+        parts = []
+        if self.temperature > 0:
+            parts.append(f"temperature {self.temperature:g}"
+                         + (f" top_p {self.top_p:g}" if self.top_p != default["top_p"] else "")
+                         + (f" top_k {self.top_k}" if self.top_k != default["top_k"] else "") + f" seed {self.seed}")
+        if self.max_new_tokens != default["max_new_tokens"]:
+            parts.append(f"max {self.max_new_tokens} tokens")
+        if self.limit:
+            parts.append(f"first {self.limit}")
+        if self.per_class:
+            parts.append(f"{self.per_class} per class")
+        if self.rewrite_reference:
+            parts.append("rewrite references")
+        if self.answers_from is not None:
+            parts.append(f"answers of run {self.answers_from}")
+        return ", ".join(parts)
+
+    def shown_name(self) -> str:
+        variant = self.variant()
+        return f"{self.name} [{variant}]" if variant else self.name
+
 
 def resolve_checkpoint(spec: str, db_path: str | Path, kind: str = "answering model",
                        what: str = "checkpoint") -> str:

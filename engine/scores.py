@@ -9,6 +9,7 @@ category (stratified), so a category's interval reflects its own size.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -37,6 +38,13 @@ class Row:
     run_id: int | None
     cells: dict[str, Cell] = field(default_factory=dict)
     judge: str = ""
+    questions: str = ""  # which questions the run holds (a digest): only runs of the same ones are ranked
+    size: int = 0  # how many
+
+
+def _questions_key(items: Sequence[dict[str, Any]]) -> str:
+    text = "\n".join(f"{i['item_id']}\t{i.get('question', '')}" for i in sorted(items, key=lambda i: i["item_id"]))
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
 def macro(means: dict[str, float | None], with_others: bool = True) -> float | None:
@@ -92,7 +100,7 @@ def summarize(name: str, items: Sequence[dict[str, Any]], run_id: int | None = N
     means = {c: (sum(v) / len(v) if v else None) for c, v in scores.items()}
     means[MACRO], means[MACRO_WO] = macro(means), macro(means, with_others=False)
     boot = _bootstrap(scores, seed)
-    row = Row(name, run_id, judge=judge)
+    row = Row(name, run_id, judge=judge, questions=_questions_key(items) if items else "", size=len(items))
     for column in COLUMNS:
         members = [i for i in items if column in (MACRO, MACRO_WO) or i["category"] == column]
         if column == MACRO_WO:
@@ -196,27 +204,45 @@ def paired_deltas(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], a_na
     return deltas
 
 
-def comparable(rows: Sequence[Row]) -> bool:
-    """The measured rows were scored by one judge (their means are on one scale)."""
-    return len({r.judge for r in rows if r.run_id is not None and r.judge}) <= 1
+def _scored(row: Row) -> bool:
+    return row.run_id is not None and any(cell.mean is not None for cell in row.cells.values())
 
 
-def ranked_judge(rows: Sequence[Row]) -> str:
-    """The judge whose runs are ranked against each other: the one that scored most of them (the first to
-    appear, on a tie). Another judge's means are on another scale: they are shown, not ranked."""
-    judges = [r.judge for r in rows if r.run_id is not None and r.judge]
-    return max(dict.fromkeys(judges), key=judges.count) if judges else ""
+def ranked_group(rows: Sequence[Row]) -> tuple[str, str]:
+    """(judge, questions) of the runs ranked against each other: the judge that scored most runs, then the
+    set of questions most of its runs hold (the first to appear, on a tie). Another judge's means are on
+    another scale, and another subset's are means over other questions: they are shown, not ranked. A run
+    without a single score (a judge that was down) counts for neither."""
+    judges = [r.judge for r in rows if _scored(r) and r.judge]
+    judge = max(dict.fromkeys(judges), key=judges.count) if judges else ""
+    sets = [r.questions for r in rows if _scored(r) and r.judge == judge]
+    return judge, (max(dict.fromkeys(sets), key=sets.count) if sets else "")
+
+
+def ranking_note(rows: Sequence[Row]) -> str | None:
+    """What the bold best leaves out, where the scored runs are not all of one judge and one question set."""
+    judge, questions = ranked_group(rows)
+    scored = [r for r in rows if _scored(r)]
+    if all(r.judge == judge and r.questions == questions for r in scored):
+        return None
+    size = next(r.size for r in scored if r.judge == judge and r.questions == questions)
+    why = [reason for differs, reason in (
+        (any(r.judge != judge for r in scored), "another judge's scores are on another scale"),
+        (any(r.questions != questions for r in scored), "a run of other questions averages other questions"),
+    ) if differs]
+    return f"best is marked among the runs judged by {judge} on the same {size} questions only ({'; '.join(why)})"
 
 
 def best_per_column(rows: Sequence[Row]) -> dict[str, set[int]]:
     """Indices of the measured rows holding each column's highest mean as shown (three decimals: two rows
-    that read the same are both best, not one by float noise), among the runs of `ranked_judge`; the
+    that read the same are both best, not one by float noise), among the runs of `ranked_group`; the
     published reference row is there to compare with, not to compete."""
     best: dict[str, set[int]] = {}
-    judge = ranked_judge(rows)
+    judge, questions = ranked_group(rows)
     for column in COLUMNS:
         values = [(round(r.cells[column].mean, 3), k) for k, r in enumerate(rows) if r.run_id is not None
-                  and r.judge == judge and r.cells.get(column) and r.cells[column].mean is not None]
+                  and r.judge == judge and r.questions == questions and r.cells.get(column)
+                  and r.cells[column].mean is not None]
         if values:
             top = max(v for v, _ in values)
             best[column] = {k for v, k in values if v == top}
@@ -265,7 +291,7 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
              "/ not judged per column: " + ", ".join(
                  f"{c} {r.cells[c].n}/{r.cells[c].unscored}/{r.cells[c].missing}" for c in COLUMNS)
              for r in rows if r.run_id]
-    if not comparable(rows):
-        notes.append(f"these runs were scored by different judges: best is marked among those judged by "
-                     f"{ranked_judge(rows)} only (another judge's scores are on another scale)")
+    note = ranking_note(rows)
+    if note:
+        notes.append(note)
     return "\n".join(lines + [""] + notes) + "\n"

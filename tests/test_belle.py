@@ -195,7 +195,20 @@ def test_runs_of_two_judges_are_never_paired_nor_ranked_and_a_tie_as_shown_is_a_
     # Ranked among the judge of most runs (the RM's, here); the other judge's run is shown, not ranked.
     assert best_per_column(rows)[MACRO] == {3} and all(1 not in best for best in best_per_column(rows).values())
     table = render(rows)
-    assert "best is marked among those judged by rm:runs/2/final only" in table
+    assert ("best is marked among the runs judged by rm:runs/2/final on the same 18 questions only (another "
+            "judge's scores are on another scale)") in table
+    # A judge that never scored (down for every call) ranks nothing: its failed run left every column plain.
+    down = summarize("d", [dict(i, score=None, status="failed", judge="openai:down") for i in llm], 25, "openai:down")
+    downs = [reference_row(), down, down, summarize("a", llm, 7, "openai:gpt-4o")]
+    assert best_per_column(downs)[MACRO] == {3}
+    # A run of 7 of the questions is not the best of the 18-question runs for having done well on 7.
+    subset = summarize("s", [dict(i, score=0.95) for i in llm[:7]], 26, "openai:gpt-4o")
+    mixed = [reference_row(), summarize("a", llm, 7, "openai:gpt-4o"), subset,
+             summarize("e", [dict(i, score=0.7) for i in llm], 8, "openai:gpt-4o")]
+    best = best_per_column(mixed)
+    assert all(2 not in marked for marked in best.values()) and best[llm[0]["category"]] == {1}
+    assert ("best is marked among the runs judged by openai:gpt-4o on the same 18 questions only (a run of other "
+            "questions averages other questions)") in render(mixed)
     # One judge, means that differ in the eighth decimal (same answers, float noise): both best, as shown.
     close = [summarize(name, [dict(i, score=i["score"] + eps) for i in llm], k, "openai:gpt-4o")
              for k, (name, eps) in enumerate((("a", 0.0), ("b", 1e-8)), start=1)]

@@ -485,3 +485,28 @@ def test_a_reward_model_is_refused_as_a_model_that_answers(workdir):
     assert resolve_checkpoint(str(workdir / "demo" / "model"), os.environ["RLHF_DB"])  # a causal LM passes
     with pytest.raises(RecipeError, match="does not write answers"):
         resolve_checkpoint(str(folder), os.environ["RLHF_DB"])
+
+
+def test_evaluations_of_one_checkpoint_are_told_apart_by_their_settings(tmp_path):
+    """Greedy against sampled, a subset, the rewrite references: each row says what sets it apart (nine
+    runs of one checkpoint all read 'ppo run 3' in the table, the console and the CSV)."""
+    from engine.eval_cli import eval_rows
+    from engine.evaluate import EvalConfig
+    from engine.judge import Verdict
+
+    base = dict(name="ppo run 3", checkpoint="/m", eval_dir="/e")
+    settings = [{}, {"temperature": 0.9, "seed": 2}, {"limit": 20, "max_new_tokens": 64},
+                {"per_class": 1, "rewrite_reference": True}, {"answers_from": 1, "temperature": 0.7, "top_p": 0.9}]
+    with Store(tmp_path / "runs.db") as store:
+        for extra in settings:
+            run_id = store.create_run(stage="eval", name="ppo run 3", recipe="",
+                                      config=EvalConfig(**base, **extra).model_dump_json())
+            EvalStore(store).add_items(run_id, [{"item_id": 0, "category": "rewrite", "class": "rewrite",
+                                                 "question": "q", "reference": ""}])
+            EvalStore(store).set_answers(run_id, [(0, "a", 1, "eos")])
+            EvalStore(store).set_judgment(run_id, 0, "judge", Verdict(0.5, "scored", "得分: 0.5"))
+        store.create_run(stage="eval", name="old record", recipe="", config='{"name": "old record"}')
+    names = [row.name for row in eval_rows(tmp_path / "runs.db")[1:]]
+    assert names == ["ppo run 3", "ppo run 3 [temperature 0.9 seed 2]", "ppo run 3 [max 64 tokens, first 20]",
+                     "ppo run 3 [1 per class, rewrite references]",
+                     "ppo run 3 [temperature 0.7 top_p 0.9 seed 0, answers of run 1]", "old record"]

@@ -108,11 +108,11 @@ class ScoresScreen(SaysWorkerFailures, Screen[None]):
             info.update(Text(message.error, style="red"))
             return
         self.query_one(ScoreTable).show(message.rows, message.best)
-        from engine.scores import comparable, ranked_judge
+        from engine.scores import ranking_note
 
         measured = sum(1 for r in message.rows if r.run_id is not None)
-        mixed = ("" if comparable(message.rows)
-                 else f" · several judges: best among those of {ranked_judge(message.rows)} only")
+        note = ranking_note(message.rows)
+        mixed = f" · {note}" if note else ""
         info.update(Text(f"{measured} evaluation runs{mixed} · rlhf eval belle CHECKPOINT --eval-dir DIR adds one"
                          if measured else "no evaluation run yet: rlhf eval belle CHECKPOINT --eval-dir DIR"))
 
