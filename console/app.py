@@ -120,7 +120,7 @@ class RlhfConsole(SaysWorkerFailures, App):
 
         self.push_screen(RunsScreen())
         if self.initial_chat is not None:
-            self.open_chat(*self.initial_chat)
+            self.open_chat(*self.initial_chat, standalone=True)
         # After the first frame: the workers' imports (sqlite-utils, NVML) would compete with it for the GIL.
         self.call_after_refresh(self._start_workers)
 
@@ -566,7 +566,12 @@ class RlhfConsole(SaysWorkerFailures, App):
             (ChatScreen, [("Chat", ChatScreen.BINDINGS)]), (ScoresScreen, [("Scores", ScoresScreen.BINDINGS)]),
         ]
         screens.sort(key=lambda entry: not isinstance(self.screen, entry[0]))  # stable: the rest keep their order
-        self.push_screen(HelpScreen([("Everywhere", self.BINDINGS)] + [s for _, group in screens for s in group]))
+        # The app's keys that this screen takes for something else (the chat's q and n) are not "everywhere" here.
+        taken = {key.strip(): b.action.removeprefix("app.") for b in getattr(self.screen, "BINDINGS", [])
+                 for key in b.key.split(",")}
+        everywhere = [b for b in self.BINDINGS
+                      if all(taken.get(key.strip(), b.action) == b.action for key in b.key.split(","))]
+        self.push_screen(HelpScreen([("Everywhere", everywhere)] + [s for _, group in screens for s in group]))
 
     def action_gpus(self) -> None:
         from console.screens.gpu import GpuScreen
@@ -574,11 +579,13 @@ class RlhfConsole(SaysWorkerFailures, App):
         if not isinstance(self.screen, GpuScreen):
             self.push_screen(GpuScreen())
 
-    def open_chat(self, left: str, right: str | None = None, key_env: str | None = None) -> None:
+    def open_chat(self, left: str, right: str | None = None, key_env: str | None = None,
+                  standalone: bool = False) -> None:
+        """`standalone`: the chat `rlhf chat` opened, whose q ends the console (back to the shell it came from)."""
         from console.screens.chat import ChatScreen, ChatSettings
 
         settings = self.chat_settings if key_env is None else ChatSettings(key_env=key_env)
-        self.push_screen(ChatScreen(left, right, settings))
+        self.push_screen(ChatScreen(left, right, settings, standalone=standalone))
 
     def on_chat_settings_chosen(self, message: ChatSettingsChosen) -> None:
         self.chat_settings = message.settings  # a chat opened later starts from them, not from the defaults

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from engine.chat_worker import PARENT_ENV
@@ -39,10 +40,26 @@ class ModelChoice:
         return ["--model", self.folder or ""]
 
 
+def spec_problem(text: str) -> str | None:
+    """Why `text` names no model a chat can open (checked before the console starts); None if it may."""
+    text = text.strip()
+    if text.startswith("openai:"):
+        model, _, url = text[len("openai:") :].partition("@")
+        if not model or not url.startswith(("http://", "https://")):
+            return f"{text!r}: an endpoint is openai:MODEL@BASE_URL, e.g. openai:gpt-4o@https://api.openai.com/v1"
+        return None
+    if not text.isdigit() and not Path(text).expanduser().is_dir():
+        return f"{text!r}: no such folder (a model folder, a run id, or openai:MODEL@BASE_URL)"
+    return None
+
+
 def parse_choice(text: str, key_env: str = "OPENAI_API_KEY") -> ModelChoice:
     """`openai:MODEL@URL` is an endpoint; anything else a model folder (run ids are resolved before)."""
     text = text.strip()
-    if text.startswith("openai:") and "@" in text:
+    if text.startswith("openai:"):
+        problem = spec_problem(text)
+        if problem:
+            raise ValueError(problem)
         model, url = text[len("openai:") :].split("@", 1)
         return ModelChoice(endpoint=url, endpoint_model=model, key_env=key_env)
     return ModelChoice(folder=text)

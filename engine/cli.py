@@ -348,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
                           help="environment variable with an endpoint's key ('' for an endpoint without one)")
         chat.add_argument("--db", default=None, help=DB_HELP)
         args = chat.parse_args(argv[1:])
+        from console.chat_client import spec_problem
+
+        for spec in (args.a, args.b):
+            problem = spec_problem(spec) if spec is not None else None
+            if problem:  # before the console opens on two dead panes
+                print(f"error: {problem}", file=sys.stderr)
+                return 2
         return run_console(args.db, chat=(args.a, args.b, args.key_env))
     from engine.config import RecipeError
     from engine.data.records import DataError

@@ -90,8 +90,9 @@ class EvalConfig(BaseModel):
 
 def resolve_checkpoint(spec: str, db_path: str | Path, kind: str = "answering model",
                        what: str = "checkpoint") -> str:
-    """A run id (its export, else its newest checkpoint's model) or a local model folder, as an absolute path;
-    `kind`: the model it must be (engine.train.model_folder_problem), `what`: its name in errors."""
+    """A run id (its export, else its newest checkpoint's model; an evaluation run's: the model it evaluated)
+    or a local model folder, as an absolute path; `kind`: the model it must be
+    (engine.train.model_folder_problem), `what`: its name in errors."""
     from engine.run import CHECKPOINT_MARKERS, checkpoints_in
     from engine.store import Store, StoreError
     from engine.train import model_folder_problem
@@ -102,6 +103,14 @@ def resolve_checkpoint(spec: str, db_path: str | Path, kind: str = "answering mo
                 run = store.run(int(spec))
         except StoreError as err:
             raise RecipeError(f"{what} {spec}: {err}") from None
+        if run["stage"] == "eval":
+            evaluated = json.loads(run["config"] or "{}").get("checkpoint")
+            if not evaluated:
+                raise RecipeError(f"{what} {spec}: run {spec} is an evaluation that names no checkpoint")
+            problem = model_folder_problem(evaluated, kind)
+            if problem is not None:
+                raise RecipeError(f"{what} {spec}: run {spec} evaluated {evaluated}, which {problem}")
+            return evaluated
         folder = Path(run["output_dir"])
         saved = [c for marker in CHECKPOINT_MARKERS for c in checkpoints_in(folder, marker)]
         newest_first = sorted(saved, key=lambda p: -int(p.name.split("-", 1)[1]))

@@ -277,3 +277,14 @@ def test_a_runs_db_that_cannot_be_written_is_one_clear_error(workdir):
                                 timeout=60)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == f"error: {db}: attempt to write a readonly database", result.stderr
+
+
+def test_rlhf_chat_refuses_a_spec_that_names_no_model_before_the_console_opens(workdir):
+    """`openai:gpt` without @URL, or a mistyped folder: said at the prompt, exit 2 (the console opened on
+    two dead panes, one saying a hub repo id must use alphanumeric chars)."""
+    bad_endpoint = rlhf("chat", "demo/model", "openai:gpt")
+    assert bad_endpoint.returncode == 2
+    assert bad_endpoint.stderr.strip() == ("error: 'openai:gpt': an endpoint is openai:MODEL@BASE_URL, e.g. "
+                                           "openai:gpt-4o@https://api.openai.com/v1")
+    typo = rlhf("chat", "demo/modle")
+    assert typo.returncode == 2 and "'demo/modle': no such folder" in typo.stderr

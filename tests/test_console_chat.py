@@ -330,6 +330,27 @@ async def test_a_screen_workers_unexpected_failure_is_said():
         assert app.is_running
 
 
+@sync
+async def test_rlhf_chats_q_goes_back_to_the_shell_and_its_help_lists_no_shadowed_key(workdir):
+    """`rlhf chat` opens the chat over the console: q ends it (it went to the run table, a second q to quit);
+    help on the chat does not list the app's q and n as working everywhere (the chat takes both)."""
+    from console.screens.help import HelpScreen
+
+    app = console(chat=("openai:m@http://127.0.0.1:9/v1", None, ""))
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 20, "the chat")
+        await pilot.press("escape", "question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), 10, "help")
+        text = str(app.screen.query_one("Static").render())
+        everywhere = text.split("\n\n", 1)[0]
+        assert everywhere.startswith("Everywhere") and "Quit" not in everywhere and "New run" not in everywhere
+        assert "Help" in everywhere
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the chat again")
+        await pilot.press("q")
+        await wait_for(pilot, lambda: not app.is_running, 20, "the console to end")
+
+
 def test_streaming_text_rewraps_only_its_last_line():
     from console.widgets.stream_text import StreamText
 

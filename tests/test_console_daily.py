@@ -734,13 +734,21 @@ async def test_c_and_l_say_why_not_for_runs_they_cannot_serve(many_runs):
         await pilot.press("l")
         await wait_for(pilot, lambda: "--answers-from" in toasts(), 10, "how to run it again")
         assert isinstance(app.screen, RunsScreen)
-        await pilot.press("c")
-        await wait_for(pilot, lambda: "names no checkpoint" in toasts(), 10, "why not")
-        home.select_run(judged)  # c on an evaluation: the model it evaluated
+        home.select_run(judged)  # c on an evaluation: the model it evaluated (rlhf chat ID finds it the same way)
         await wait_for(pilot, lambda: home.selected == judged, 10)
         await pilot.press("c")
         await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the chat screen")
-        assert app.screen.specs == {"left": "/models/ppo-final", "right": None}
+        assert app.screen.specs == {"left": str(judged), "right": None}
+        await wait_for(pilot, lambda: f"run {judged} evaluated /models/ppo-final, which" in " ".join(
+            str(w.render()) for w in app.screen.query(".pane-error")), 20, "the pane's reason")
+        app.pop_screen()
+        await wait_for(pilot, lambda: isinstance(app.screen, RunsScreen), 10, "back")
+        home.select_run(evaluation)
+        await wait_for(pilot, lambda: home.selected == evaluation, 10)
+        await pilot.press("c")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the chat screen")
+        await wait_for(pilot, lambda: "is an evaluation that names no checkpoint" in " ".join(
+            str(w.render()) for w in app.screen.query(".pane-error")), 20, "the pane's reason")
         app.pop_screen()
         await wait_for(pilot, lambda: isinstance(app.screen, RunsScreen), 10, "back")
         home.select_run(9)

@@ -88,9 +88,12 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         Binding("q", "close", "Back"),
     ]
 
-    def __init__(self, left: str, right: str | None = None, settings: ChatSettings | None = None):
-        """`left`, `right`: a model folder, a run id (its export) or `openai:MODEL@URL`."""
+    def __init__(self, left: str, right: str | None = None, settings: ChatSettings | None = None,
+                 standalone: bool = False):
+        """`left`, `right`: a model folder, a run id (its export) or `openai:MODEL@URL`; `standalone`: opened
+        by `rlhf chat`, so closing it ends the console."""
         super().__init__()
+        self.standalone = standalone
         self.specs = {"left": left, "right": right}
         self.settings = settings or ChatSettings()
         self.choices: dict[str, ModelChoice] = {}
@@ -433,7 +436,10 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         self.set_focus(None)
 
     def action_close(self) -> None:
-        self.app.pop_screen()
+        if self.standalone:
+            self.app.exit()
+        else:
+            self.app.pop_screen()
 
     def on_unmount(self) -> None:
         for worker in self.processes.values():

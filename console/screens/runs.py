@@ -692,14 +692,7 @@ class RunsScreen(Screen):
                 self.notify(f"run {run_id} is a reward model: it scores answers, it writes none; chat takes an "
                             "SFT or PPO run", title="chat")
                 return
-            if run.get("stage") == "eval":  # the model it evaluated
-                try:
-                    specs.append(json.loads(run.get("config") or "{}")["checkpoint"])
-                except (ValueError, KeyError, TypeError):
-                    self.notify(f"run {run_id} is an evaluation that names no checkpoint", title="chat")
-                    return
-            else:
-                specs.append(str(run_id) if run_id is not None else None)
+            specs.append(str(run_id) if run_id is not None else None)  # an evaluation's: the model it evaluated
         self.app.open_chat(specs[0], specs[1])
 
     def action_scores(self) -> None:
@@ -718,7 +711,6 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
     """The command that starts this run again, shell-quoted, from the console's folder and with the runs.db it
     is recorded in: `rlhf launch` with the run's stage, recipe, overrides and accelerate settings, or for an
     evaluation `rlhf eval belle` with the settings that differ from the defaults."""
-    import json
     import shlex
 
     if run["stage"] == "eval":
