@@ -473,7 +473,8 @@ class ChatSettingsScreen(ModalScreen["ChatSettings | None"]):
             try:
                 values[name] = kind(raw)
             except ValueError:
-                self.query_one("#settings-error", Static).update(Text(f"{name}: not a {kind.__name__}: {raw!r}"))
+                what = "a whole number" if kind is int else "a number"
+                self.query_one("#settings-error", Static).update(Text(f"{name}: not {what}: {raw!r}"))
                 return None
         problems = [n for n, bad in (("temperature", values["temperature"] < 0),
                                      ("top_p", not 0 < values["top_p"] <= 1), ("top_k", values["top_k"] < 0),
