@@ -26,8 +26,12 @@ FRAME_S = 1 / 30
 class ChatPane(Vertical):
     DEFAULT_CSS = """
     ChatPane { width: 1fr; border-right: solid $primary-background; }
-    ChatPane > .pane-title { height: 1; background: $boost; padding: 0 1; text-style: bold; }
-    ChatPane > .pane-stats { height: 1; padding: 0 1; color: $text-muted; }
+    /* One line, cut at its end: Textual wraps a Text at its spaces whatever its no_wrap says, and the
+       label on the second line was hidden ("right:" alone at 80 columns). */
+    ChatPane > .pane-title { height: 1; background: $boost; padding: 0 1; text-style: bold; text-wrap: nowrap;
+                             text-overflow: ellipsis; }
+    ChatPane > .pane-stats { height: 1; padding: 0 1; color: $text-muted; text-wrap: nowrap;
+                             text-overflow: ellipsis; }
     ChatPane > VerticalScroll { height: 1fr; }
     ChatPane .user-turn { margin: 1 1 0 1; color: $accent; }
     ChatPane Markdown, ChatPane StreamText { margin: 0 0 0 1; padding: 0; }
