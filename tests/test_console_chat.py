@@ -351,6 +351,29 @@ async def test_rlhf_chats_q_goes_back_to_the_shell_and_its_help_lists_no_shadowe
         await wait_for(pilot, lambda: not app.is_running, 20, "the console to end")
 
 
+@sync
+async def test_a_panes_long_title_is_cut_at_its_end_not_wrapped_away():
+    """At 80 columns a pane is ~40 wide: its title showed 'right:' alone (the label wrapped to a hidden line)."""
+    from textual.app import App
+
+    from console.widgets.chat_pane import ChatPane
+
+    class Host(App):
+        def compose(self):
+            yield ChatPane("right")
+
+    app = Host()
+    async with app.run_test(size=(40, 10)) as pilot:
+        pane = app.query_one(ChatPane)
+        pane.set_title("right: served@http://127.0.0.1:18080/v1/a/long/path")
+        pane.set_stats("12.0 tok/s · 100 tokens · eos · TTFT 0.05 s and more words")
+        await pilot.pause()
+        title = "".join(segment.text for segment in pane.heading.render_line(0))
+        stats = "".join(segment.text for segment in pane.stats.render_line(0))
+    assert title.strip().startswith("right: served@http://127.0.0.1") and title.strip().endswith("…")
+    assert stats.strip().startswith("12.0 tok/s · 100 tokens") and stats.strip().endswith("…")
+
+
 def test_streaming_text_rewraps_only_its_last_line():
     from console.widgets.stream_text import StreamText
 
