@@ -233,11 +233,17 @@ def best_metric(stage: str, run: RunHistory | None) -> tuple[str, float] | None:
 
 def eta_seconds(step: int | None, total: int | None, run: RunHistory | None, window: int = 64,
                 since: float | None = None) -> float | None:
-    """Seconds to go, from the step rate over the last `window` logged points of the densest metric;
-    `since`: only points logged from then on (a resumed run's own stretch, not the pause before it)."""
+    """Seconds to go, from the step rate over the last `window` logged points of the densest metric among
+    those logged up to the newest step (an evaluation answers, then judges: its answering metrics stop where
+    judging starts, and their rate is not the judge's); `since`: only points logged from then on (a resumed
+    run's own stretch, not the pause before it)."""
     if not step or not total or run is None or step >= total or not run.series:
         return None
-    series = max(run.series.values(), key=len)
+    logged = [s for s in run.series.values() if len(s)]
+    if not logged:
+        return None
+    newest = max(s.steps.view[-1] for s in logged)
+    series = max((s for s in logged if s.steps.view[-1] == newest), key=len)
     steps, walls = series.steps.view[-window:], series.walls.view[-window:]
     if since is not None:
         keep = walls >= since

@@ -77,6 +77,13 @@ def test_groups_best_and_eta():
     # three points one second apart, steps 1..3: one step a second, 7 steps to go of 10
     assert eta_seconds(3, 10, history.runs[1]) == pytest.approx(7.0)
     assert eta_seconds(10, 10, history.runs[1]) is None
+    # An evaluation: 10 answers a second for 100 steps, then one judgment every 2 s: the ETA is the judge's.
+    evaluation = History()
+    evaluation.ingest([{"seq": i, "run_id": 2, "step": i, "name": "eval/answered", "value": i, "wall_time": i / 10}
+                       for i in range(1, 101)])
+    evaluation.ingest([{"seq": 100 + i, "run_id": 2, "step": 100 + i, "name": "eval/judged", "value": i,
+                        "wall_time": 10 + 2 * i} for i in range(1, 21)])
+    assert eta_seconds(120, 200, evaluation.runs[2]) == pytest.approx(160.0)  # it said 8 s
 
 
 def test_eta_and_time_leave_out_the_pause_between_a_stop_and_its_resume():
