@@ -110,20 +110,18 @@ class DataSource(_Section):
     limit: int | None = Field(None, gt=0, description="Read at most this many records from the source.")
 
 
-def _distinct_sources(sources: list[DataSource]) -> list[DataSource]:
-    # The same file listed twice trains on its records twice, as a weight of 2 does on purpose: mostly a
-    # source added again by hand (or through the launch form's data field) without noticing.
+def repeated_source(sources: list[DataSource]) -> tuple[int, int] | None:
+    """(i, j) where source j reads the records source i reads (the same local file, or the same hub data
+    set and split), else None. Listed twice, a source trains twice, as a weight of 2 does on purpose: mostly
+    a source added again by hand, or through the launch form's data field, without noticing."""
     seen: dict[tuple[str, str], int] = {}
-    for i, source in enumerate(sources):
-        key = (os.path.normpath(os.path.expanduser(source.path)), source.split)
+    for j, source in enumerate(sources):
+        path = os.path.normpath(os.path.expanduser(source.path))
+        key = (path, "" if looks_local(source.path) or Path(path).exists() else source.split)  # a file has no splits
         if key in seen:
-            raise ValueError(f"source {i}'s path {source.path} is source {seen[key]}'s too: its records would "
-                             f"train twice; to count a source more, give it a weight (2 = every record twice)")
-        seen[key] = i
-    return sources
-
-
-Sources = Annotated[list[DataSource], AfterValidator(_distinct_sources)]
+            return seen[key], j
+        seen[key] = j
+    return None
 
 
 class LoraSpec(_Section):
@@ -169,7 +167,7 @@ class TrainArgs(_Section):
 
 class SFTStage(_Section):
     model: ModelSpec | None = Field(None, description="Model to fine-tune; default: the recipe's model.")
-    data: Sources = Field(min_length=1, description="Instruction/chat sources, mixed by weight.")
+    data: list[DataSource] = Field(min_length=1, description="Instruction/chat sources, mixed by weight.")
     train: TrainArgs = Field(default_factory=TrainArgs, description="Optimisation settings.")
     packing: bool = Field(False, description="Pack several conversations into each max_length sequence.")
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of the full model.")
@@ -187,7 +185,7 @@ class SFTStage(_Section):
 
 class RMStage(_Section):
     model: ModelSpec | None = Field(None, description="Trunk to train as reward model; default: the recipe's model.")
-    data: Sources = Field(min_length=1, description="Preference sources (prompt/chosen/rejected or HH).")
+    data: list[DataSource] = Field(min_length=1, description="Preference sources (prompt/chosen/rejected or HH).")
     train: TrainArgs = Field(
         default_factory=lambda: TrainArgs(eval_ratio=0.1), description="Optimisation settings."
     )
@@ -205,7 +203,7 @@ class PPOStage(_Section):
     reward_fn: str | None = Field(
         None, description="Instead of a reward model: `module:function(prompts, responses) -> scores`."
     )
-    prompts: Sources = Field(min_length=1, description="Prompt sources for rollouts.")
+    prompts: list[DataSource] = Field(min_length=1, description="Prompt sources for rollouts.")
     num_layers_unfrozen: int = Field(2, ge=1, description="k: top layers trained in the policy branch.")
     value_layers: int = Field(2, ge=1, description="k_v: top layers copied into the value branch.")
     init_value_from_rm: bool = Field(False, description="Start the value branch from the reward model's top layers.")

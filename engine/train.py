@@ -12,7 +12,16 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import STAGE_REFS, Recipe, RecipeError, Stage, function_spec_problem, load_recipe, looks_local
+from engine.config import (
+    STAGE_REFS,
+    Recipe,
+    RecipeError,
+    Stage,
+    function_spec_problem,
+    load_recipe,
+    looks_local,
+    repeated_source,
+)
 from engine.data.records import DataError
 from engine.run import LAUNCHED_ENV, StopRequested, exit_code_of, stop_seen, tracked_run
 from engine.store import StoreError, default_db_path
@@ -124,6 +133,7 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
         raise RecipeError(f"stage {stage!r} has no trainer yet (available: {', '.join(RUNNERS)})")
     recipe = load_recipe(recipe_path, overrides, stage)
     section = recipe.stage(stage)
+    _check_sources_distinct(recipe, stage)
     model_field = f"{stage}.model.path" if section.model is not None else "model.path"
     paths = [(model_field, recipe.stage_model(stage).path, "model")]
     if getattr(section, "reward_model", None) is not None:
@@ -183,6 +193,22 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
         if warning and os.environ.get("RANK", "0") == "0":
             log.warning(warning)
     return recipe
+
+
+def _check_sources_distinct(recipe: Recipe, stage: Stage) -> None:
+    """A source listed twice is refused for a new run; a resume continues the run as it was recorded."""
+    section = recipe.stage(stage)
+    if section.resume_from_checkpoint:
+        return
+    field = f"{stage}.{'prompts' if stage == 'ppo' else 'data'}"
+    sources = getattr(section, field.split(".")[1])
+    repeated = repeated_source(sources)
+    if repeated is not None:
+        i, j = repeated
+        raise RecipeError(f"{recipe.where(f'{field}.{j}.path')}: {field}.{j}.path: {sources[j].path} is "
+                          f"{field}.{i}'s source too: its records would train twice; to count a source more, give "
+                          f"it a weight (2 = every record twice)",
+                          {f"{field}.{i}.path": "listed twice", f"{field}.{j}.path": "listed twice"})
 
 
 def _check_hydra_fits(recipe: Recipe) -> None:

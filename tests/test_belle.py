@@ -93,7 +93,9 @@ REPLIES = [
     # the rubric restated after the score: a range is no score (it was read as 0)
     ("模型回答较好。得分: 0.71\n\n注：分数范围0-1", "", 0.71), ("得分：0.6（分数在0到1之间）", "", 0.6),
     ("Score: 0.8 (score range 0 to 1)", "", 0.8), ("得分: 0.3。评分标准：分数为0~1。", "", 0.3),
-    ("Score: 0.9; the score is between 0 and 1", "", 0.9),
+    ("Score: 0.9; the score is between 0 and 1", "", 0.9), ("得分: 0.71\n(分数范围0.0-1.0)", "", 0.71),
+    ("得分: 0.8\n- 1. 准确", "", 0.8), ("Score: 0.75 and 2 issues", "", 0.75), ("得分：0.6（分数在0和1之间）", "", 0.6),
+    ("得分：0.6-0.8", "", None), ("Score: 0.9 – 1. Accuracy", "", None), ("分数范围10-100", "", None),
     ("分数在0到1之间，我给0.8分。", "", None), ("评分区间：0 – 1", "", None),  # the range alone
     # unparseable or out of range: unscored, never 0
     ("这个回答很好。", "", None), ("", "", None), ("理由：回答不完整。", "", None), ("得分: 8", "", None),

@@ -288,3 +288,25 @@ def test_rlhf_chat_refuses_a_spec_that_names_no_model_before_the_console_opens(w
                                            "openai:gpt-4o@https://api.openai.com/v1")
     typo = rlhf("chat", "demo/modle")
     assert typo.returncode == 2 and "'demo/modle': no such folder" in typo.stderr
+
+
+def test_a_source_listed_twice_is_refused_for_a_new_run_and_not_for_a_resume(workdir):
+    """The same file twice trains its records twice (the launch form's data field set to a source the recipe
+    lists already, say): refused before anything is registered, naming both; a file has no splits, so another
+    split of it is the same records. A resume continues a run as recorded, whatever it listed."""
+    from engine.train import validate
+
+    twice = rlhf("check", str(TINY), "--stage", "sft", "--set", "sft.data.0.path=./demo/data/sft_messages.jsonl")
+    assert twice.returncode == 2
+    assert ("sft.data.2.path: demo/data/sft_messages.jsonl is sft.data.0's source too: its records would train "
+            "twice; to count a source more, give it a weight") in twice.stderr, twice.stderr
+    prompts = "    - {path: demo/data/prompts.jsonl}\n"
+    recipe = workdir / "split.yaml"
+    other_split = prompts + "    - {path: demo/data/prompts.jsonl, split: test}\n"
+    recipe.write_text(TINY.read_text().replace(prompts, other_split))
+    split = rlhf("check", str(recipe), "--stage", "ppo")
+    assert split.returncode == 2
+    assert "ppo.prompts.1.path: demo/data/prompts.jsonl is ppo.prompts.0's source" in split.stderr
+    assert not (workdir / "runs.db").exists()
+    resumed = validate("ppo", str(recipe), ["ppo.resume_from_checkpoint=true"])
+    assert len(resumed.ppo.prompts) == 2

@@ -67,19 +67,6 @@ def test_structural_errors(tmp_path):
         load_recipe(TINY, ["ppo.num_layers_unfrozen=2", "ppo.value_layers=1"])
     with pytest.raises(RecipeError, match="lora and num_layers_unfrozen cannot be combined"):
         load_recipe(TINY, ["sft.lora={r: 4}", "sft.num_layers_unfrozen=1"])
-    # One file listed twice (by hand, or the launch form's data field set to another listed source) trains
-    # its records twice; weight says that on purpose.
-    with pytest.raises(RecipeError, match=r"sft.data: source 2's path demo/data/sft_messages.jsonl is source 0's too"):
-        load_recipe(TINY, ["sft.data.0.path=./demo/data/sft_messages.jsonl"])
-    prompts = "    - {path: demo/data/prompts.jsonl}\n"
-    assert prompts in TINY.read_text()
-    again = prompts + "    - {path: demo/data/prompts.jsonl, limit: 3}\n"
-    twice = write(tmp_path, TINY.read_text().replace(prompts, again))
-    with pytest.raises(RecipeError, match=r"recipe.yaml:\d+: ppo.prompts: source 1's path .* is source 0's too"):
-        load_recipe(twice)
-    other_split = write(tmp_path, TINY.read_text().replace(prompts, prompts + "    - {path: demo/data/prompts.jsonl, "
-                                                                            "split: test}\n"))
-    assert len(load_recipe(other_split).ppo.prompts) == 2
     # LoRA freezes the head: an explicit train_head true beside it trained nothing and said nothing
     with pytest.raises(RecipeError, match=r"--set ppo.train_head=true \(.*tiny.yaml:\d+\): ppo: "
                                           r"train_head: true cannot be combined with lora"):
