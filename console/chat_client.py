@@ -43,6 +43,8 @@ class ModelChoice:
 def spec_problem(text: str) -> str | None:
     """Why `text` names no model a chat can open (checked before the console starts); None if it may."""
     text = text.strip()
+    if not text:
+        return "an empty model: give a model folder, a run id, or openai:MODEL@BASE_URL"
     if text.startswith("openai:"):
         model, _, url = text[len("openai:") :].partition("@")
         if not model or not url.startswith(("http://", "https://")):

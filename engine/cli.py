@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     belle.add_argument("--resume-run", type=int, metavar="ID",
                        help="continue evaluation run ID where it stopped, as it was started; how it reaches its "
                        "judge may change: --judge-url, --judge-key-env, --concurrency, --judge-retries, "
-                       "--price-per-1k, --batch-size (and --judge-model while nothing is judged)")
+                       "--price-per-1k, --name (and --judge-model while nothing is judged)")
     belle.add_argument("--output-root", metavar="DIR",
                        help="folder under which the run gets <id>/ (default: ./runs, as a recipe's output_root)")
     belle.add_argument("--db", default=None, help=DB_HELP)

@@ -18,8 +18,7 @@ def _db(args: argparse.Namespace) -> Path:
 
 
 # How a resumed evaluation reaches its judge, and its label: not what its answers and scores are.
-RESUME_MAY_CHANGE = ("judge_url", "judge_key_env", "concurrency", "judge_retries", "price_per_1k", "batch_size",
-                     "name")
+RESUME_MAY_CHANGE = ("judge_url", "judge_key_env", "concurrency", "judge_retries", "price_per_1k", "name")
 
 
 def _given(args: argparse.Namespace, db: Path) -> dict:
@@ -62,6 +61,14 @@ def _resumed_config(args: argparse.Namespace, db: Path) -> tuple:
         raise RecipeError(f"checkpoint {args.checkpoint}: run {run_id} evaluates {recorded.checkpoint}; a resume "
                           "continues it (drop the checkpoint, or start a new evaluation)")
     differ = {field: value for field, value in given.items() if value != getattr(recorded, field)}
+    if recorded.judge == "rm" and "judge" not in differ:
+        differ.pop("judge_model", None)  # a reward model judges: there is no judge model to change
+    if "name" in differ:
+        with Store(db) as store:
+            pipeline = store.run(run_id).get("pipeline_id")
+        if pipeline is not None:  # the pipeline finds its evaluation by its label
+            raise RecipeError(f"--name: run {run_id} is pipeline {pipeline}'s evaluation, found by its name "
+                              f"{recorded.name!r}; it keeps it")
     if "judge_model" in differ:
         with Store(db) as store:
             items = EvalStore(store).scored_items(run_id)
@@ -116,7 +123,9 @@ def _belle(args: argparse.Namespace) -> int:
             label = "/".join(Path(checkpoint).parts[-2:])
             if args.checkpoint.isdigit():  # the score table names what answered: "ppo run 3", not "run 3"
                 with Store(db) as store:
-                    label = f"{store.run(int(args.checkpoint))['stage']} run {args.checkpoint}"
+                    named = store.run(int(args.checkpoint))
+                label = (config_from_run(db, named["id"]).name if named["stage"] == "eval"  # the model it evaluated
+                         else f"{named['stage']} run {args.checkpoint}")
         if not given.get("eval_dir"):
             raise RecipeError("--eval-dir: the folder with eval_set.json and eval_prompt.json is required")
         config = _config({"name": label, "checkpoint": checkpoint,

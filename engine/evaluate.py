@@ -81,6 +81,10 @@ class EvalConfig(BaseModel):
             parts.append("rewrite references")
         if self.answers_from is not None:
             parts.append(f"answers of run {self.answers_from}")
+        if self.judge == "rm":
+            parts.append("judged by the reward model")
+        elif self.judge_model != default["judge_model"]:
+            parts.append(f"judged by {self.judge_model}")
         return ", ".join(parts)
 
     def shown_name(self) -> str:

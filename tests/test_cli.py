@@ -288,6 +288,8 @@ def test_rlhf_chat_refuses_a_spec_that_names_no_model_before_the_console_opens(w
                                            "openai:gpt-4o@https://api.openai.com/v1")
     typo = rlhf("chat", "demo/modle")
     assert typo.returncode == 2 and "'demo/modle': no such folder" in typo.stderr
+    empty = rlhf("chat", "demo/model", "")
+    assert empty.returncode == 2 and "an empty model" in empty.stderr
 
 
 def test_a_source_listed_twice_is_refused_for_a_new_run_and_not_for_a_resume(workdir):

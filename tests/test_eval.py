@@ -201,6 +201,7 @@ def test_calls_dropped_when_a_refusal_ends_the_run_are_not_retried_or_warned_abo
         if index == 0:
             release.wait(60)
             return score_by_answer(body, index)
+        threading.Timer(2.0, release.set).start()  # the hung call ends soon after (the process waits for it)
         return ("status", 401, "bad key")
 
     server = JudgeServer(script)
@@ -496,7 +497,8 @@ def test_evaluations_of_one_checkpoint_are_told_apart_by_their_settings(tmp_path
 
     base = dict(name="ppo run 3", checkpoint="/m", eval_dir="/e")
     settings = [{}, {"temperature": 0.9, "seed": 2}, {"limit": 20, "max_new_tokens": 64},
-                {"per_class": 1, "rewrite_reference": True}, {"answers_from": 1, "temperature": 0.7, "top_p": 0.9}]
+                {"per_class": 1, "rewrite_reference": True}, {"answers_from": 1, "temperature": 0.7, "top_p": 0.9},
+                {"judge_model": "gpt-4o"}, {"judge": "rm", "reward_model": "/rm"}]
     with Store(tmp_path / "runs.db") as store:
         for extra in settings:
             run_id = store.create_run(stage="eval", name="ppo run 3", recipe="",
@@ -509,4 +511,5 @@ def test_evaluations_of_one_checkpoint_are_told_apart_by_their_settings(tmp_path
     names = [row.name for row in eval_rows(tmp_path / "runs.db")[1:]]
     assert names == ["ppo run 3", "ppo run 3 [temperature 0.9 seed 2]", "ppo run 3 [max 64 tokens, first 20]",
                      "ppo run 3 [1 per class, rewrite references]",
-                     "ppo run 3 [temperature 0.7 top_p 0.9 seed 0, answers of run 1]", "old record"]
+                     "ppo run 3 [temperature 0.7 top_p 0.9 seed 0, answers of run 1]", "ppo run 3 [judged by gpt-4o]",
+                     "ppo run 3 [judged by the reward model]", "old record"]
