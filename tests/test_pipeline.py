@@ -53,7 +53,8 @@ def test_the_pipeline_runs_every_stage_wired_by_stage_into_a_score_table(workdir
     assert json.loads(eval_ppo["config"])["reward_model"] == str(Path(rm["output_dir"]) / "final")
     table = rlhf("eval", "table", "--format", "json")
     rows = {row["name"] for row in json.loads(table.stdout)}
-    assert {"tiny sft (pipeline 1)", "tiny ppo (pipeline 1)"} <= rows, table.stdout
+    settings = " [max 24 tokens, first 4, judged by the reward model]"  # what sets the two apart from the defaults
+    assert {f"tiny sft (pipeline 1){settings}", f"tiny ppo (pipeline 1){settings}"} <= rows, table.stdout
     listed = rlhf("runs").stdout.splitlines()  # whole names, and the pipeline each stage belongs to
     assert listed[0].split()[-2:] == ["pipeline", "error"] and len(listed) == 6
     assert all(line.split()[-1] == "1" for line in listed[1:]) and "tiny ppo (pipeline 1)" in listed[5]
