@@ -114,39 +114,45 @@ def build_parser() -> argparse.ArgumentParser:
     belle.add_argument("--eval-dir", help="folder with eval_set.json and eval_prompt.json (with --answers-from: that "
                        "run's by default)")
     # Defaults are EvalConfig's, filled in there: None here means "not given", which a resume needs to know.
-    belle.add_argument("--judge", choices=("openai", "rm"), help="who scores the answers (default: openai)")
+    from engine.eval_cli import RESUME_MAY_CHANGE
+    from engine.evaluate import EvalConfig
+
+    belle.add_argument("--judge", choices=("openai", "rm"), help="who scores the answers")
     belle.add_argument("--judge-url", help="base URL of an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
     belle.add_argument("--judge-model",
-                       help="the judge model's name at that endpoint (default: BELLE's own, gpt-3.5-turbo)")
+                       help="the judge model's name at that endpoint (BELLE's own by default)")
     belle.add_argument("--judge-key-env",
-                       help="environment variable that holds the endpoint's key (never stored; default: "
-                       "OPENAI_API_KEY)")
+                       help="environment variable that holds the endpoint's key (never stored)")
     belle.add_argument("--reward-model", help="reward model for --judge rm: a folder, or an rm run's id")
     belle.add_argument("--limit", type=int, help="only the first N questions")
     belle.add_argument("--per-class", type=int, metavar="N",
                        help="only the first N questions of each class (every score-table column, on a budget)")
     belle.add_argument("--name", help="the checkpoint's label in the score table")
-    belle.add_argument("--max-new-tokens", type=int, help="answer length limit (default: 512)")
-    belle.add_argument("--batch-size", type=int, help="questions answered per decode batch (default: 16)")
-    belle.add_argument("--temperature", type=float, help="0 = greedy (the default)")
-    belle.add_argument("--top-p", type=float, help="nucleus sampling when temperature > 0 (default: 1.0)")
-    belle.add_argument("--top-k", type=int, help="top-k sampling when temperature > 0 (default: 0 = off)")
-    belle.add_argument("--seed", type=int, help="sampling seed (default: 0)")
-    belle.add_argument("--concurrency", type=int, help="judge calls in flight (default: 8)")
+    belle.add_argument("--max-new-tokens", type=int, help="answer length limit")
+    belle.add_argument("--batch-size", type=int, help="questions answered per decode batch")
+    belle.add_argument("--temperature", type=float, help="0 = greedy")
+    belle.add_argument("--top-p", type=float, help="nucleus sampling when temperature > 0")
+    belle.add_argument("--top-k", type=int, help="top-k sampling when temperature > 0 (0 = off)")
+    belle.add_argument("--seed", type=int, help="sampling seed")
+    belle.add_argument("--concurrency", type=int, help="judge calls in flight")
     belle.add_argument("--judge-retries", type=int, metavar="N",
-                       help="tries after a judge call's first failure (a timeout, a 429 or 5xx), with backoff "
-                       "(default: 5)")
+                       help="tries after a judge call's first failure (a timeout, a 429 or 5xx), with backoff")
     belle.add_argument("--price-per-1k", type=float, help="judge price per 1,000 tokens, for the cost estimate")
     belle.add_argument("--rewrite-reference", action="store_true", default=None,
                        help="give the judge the reference answer of the 39 rewrite items that have one")
     belle.add_argument("--answers-from", type=int, metavar="ID", help="judge run ID's answers instead of generating")
     belle.add_argument("--resume-run", type=int, metavar="ID",
                        help="continue evaluation run ID where it stopped, as it was started; how it reaches its "
-                       "judge may change: --judge-url, --judge-key-env, --concurrency, --judge-retries, "
-                       "--price-per-1k, --name (and --judge-model while nothing is judged)")
+                       f"judge may change: {', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)} (and "
+                       "--judge-model while nothing is judged)")
     belle.add_argument("--output-root", metavar="DIR",
-                       help="folder under which the run gets <id>/ (default: ./runs, as a recipe's output_root)")
+                       help="folder under which the run gets <id>/ (as a recipe's output_root)")
     belle.add_argument("--db", default=None, help=DB_HELP)
+    for action in belle._actions:  # each option's default, said once: EvalConfig's
+        field = EvalConfig.model_fields.get(action.dest)
+        if field is not None and not field.is_required() and field.default is not None and field.default is not False \
+                and action.help:
+            action.help += f" (default: {field.default})"
     table = eval_sub.add_parser("table", help="the score table of every evaluation run")
     table.add_argument("--format", choices=("md", "csv", "json"), default="md")
     table.add_argument("--runs", help="comma-separated run ids (default: every evaluation run)")
