@@ -41,7 +41,7 @@ def export_chats(chats: list[dict[str, Any]], folder: Path) -> tuple[Path, Path]
             lines.append(f"### {side}\n")
             for turn in turns:
                 who = "**user**" if turn["role"] == "user" else "**assistant**"
-                lines.append(f"{who}: {turn['content']}\n")
+                lines.append(f"{who}: {turn['content']}{' *(stopped)*' if turn.get('stopped') else ''}\n")
     md, jsonl = write_private(folder, {"chats.md": "\n".join(lines), "chats.jsonl": "".join(records)})
     return md, jsonl
 

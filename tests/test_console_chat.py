@@ -66,6 +66,45 @@ async def test_two_panes_stream_and_a_dead_worker_only_stops_its_own(workdir):
 
 
 @sync
+async def test_x_stops_both_answers_where_they_are_and_the_conversation_goes_on_from_them(workdir, tmp_path):
+    """x ends the answers being written (the local engine hears it between two tokens); what each side wrote
+    stays in its conversation, marked stopped, and the next question follows it."""
+    from dataclasses import replace
+
+    from console.exports import export_chats
+
+    left, right = two_checkpoints(workdir)
+    app = console()
+    async with app.run_test(size=(100, 32)) as pilot:
+        # Greedy on the tiny model never meets eos: left alone, each answer would run 3000 tokens.
+        screen = await open_chat(pilot, app, left, right, ChatSettings(temperature=0, max_new_tokens=3000))
+        await ask(pilot, screen, "Tell me a long story.")
+        panes = screen.panes
+        await wait_for(pilot, lambda: panes["left"].tokens > 5 and panes["right"].tokens > 5, 60, "tokens on both")
+        await pilot.press("escape", "x")
+        await wait_for(pilot, lambda: not any(p.busy for p in panes.values()), 60, "both answers to stop")
+        for side in ("left", "right"):
+            stats = str(panes[side].stats.render())
+            assert "· stopped" in stats and "3000 tokens" not in stats
+            last = screen.turns[side][-1]
+            assert last["role"] == "assistant" and last["stopped"] and last["content"] == panes[side].answer != ""
+            assert any("stopped: the answer so far is kept" in str(n.render()) for n in panes[side].query(".pane-note"))
+        await pilot.press("x")  # nothing is being written: nothing changes
+        assert [len(screen.turns[s]) for s in ("left", "right")] == [2, 2]
+
+        screen.settings = replace(screen.settings, max_new_tokens=4)
+        await ask(pilot, screen, "Shorter, please.")
+        await wait_for(pilot, lambda: all(len(screen.turns[s]) == 4 for s in ("left", "right")), 60,
+                       "the next answers")
+        assert [t["role"] for t in screen.turns["left"]] == ["user", "assistant", "user", "assistant"]
+        assert "stopped" not in screen.turns["left"][-1]
+        await pilot.press("escape", "S")
+        await wait_for(pilot, lambda: _chats(), 20, "the saved chat")
+    markdown, _ = export_chats(_chats(), tmp_path / "exports")
+    assert markdown.read_text(encoding="utf-8").count("*(stopped)*") == 2
+
+
+@sync
 async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
     left, right = two_checkpoints(workdir)
     app = console()

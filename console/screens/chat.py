@@ -72,6 +72,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         Binding("escape", "leave_input", "Keys", show=False),
         Binding("i", "focus_input", "Type"),
         Binding("r,ctrl+r", "regenerate('both')", "Regenerate"),
+        Binding("x", "stop", "Stop answers"),
         Binding("left_square_bracket", "regenerate('left')", "Regen left", show=False),
         Binding("right_square_bracket", "regenerate('right')", "Regen right", show=False),
         Binding("d", "diff", "Diff"),
@@ -218,13 +219,20 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         elif kind == "done":
             if isinstance(event.get("text"), str):
                 pane.answer = terminal_safe(event["text"]).lstrip(" ")  # decoded whole, not the joined chunks
-            if event.get("finish") not in ("cancelled", "cut"):
-                self.turns[message.side].append({"role": "assistant", "content": pane.answer,
-                                                 "sampling": self.sampling_sent.get(message.side)})
+            finish = event.get("finish")
+            if finish == "cancelled":  # this request's own cancel: x stopped it (a regenerate changed the id)
+                event = {**event, "finish": "stopped"}
+            if finish != "cut" and (finish != "cancelled" or pane.answer):
+                # A stopped answer stays as far as it got: the next question follows what the user read.
+                turn = {"role": "assistant", "content": pane.answer, "sampling": self.sampling_sent.get(message.side)}
+                self.turns[message.side].append(turn | ({"stopped": True} if finish == "cancelled" else {}))
             await pane.finish(event)
-            if event.get("finish") == "cut":
+            if finish == "cut":
                 await pane.note("the endpoint ended the stream before the answer did (no finish reason): not "
                                 "kept in the conversation; r asks again")
+            elif finish == "cancelled":
+                await pane.note("stopped: the answer so far is kept in the conversation; r asks again"
+                                if pane.answer else "stopped before its first token; r asks again")
             self._after_answer()
         elif kind == "error":
             await pane.fail(event.get("message", "error"), fatal=bool(event.get("fatal")))
@@ -253,7 +261,8 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         if not question:
             return
         if any(self.panes[s].busy for s in self.sides):
-            self.notify("both answers must finish first (r regenerates, n starts over)", severity="warning")
+            self.notify("both answers must finish first (Esc, then x stops them, r regenerates, n starts over)",
+                        severity="warning")
             return
         event.input.value = ""
         if self.blind and self.voted is not None:
@@ -290,6 +299,17 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
             await pane.drop_last_answer()
             await pane.begin(None)
             self._send(side)
+
+    def action_stop(self) -> None:
+        """x: the answers being written end where they are (each worker hears it between two tokens)."""
+        busy = [side for side in self.sides if self.panes[side].busy and side in self.request]
+        if not busy:
+            self.notify("no answer is being written", severity="information")
+            return
+        for side in busy:
+            worker = self.processes.get(side)
+            if worker is not None:
+                worker.send({"op": "cancel", "id": self.request[side]})
 
     # -- comparing ---------------------------------------------------------------------------------------
     def action_diff(self) -> None:
