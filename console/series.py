@@ -213,7 +213,10 @@ BEST = {
     "sft": (("eval_loss", False), ("loss", False)),
     "rm": (("eval_accuracy", True), ("accuracy", True)),
     "ppo": (("rollout_scores/mean", True),),
+    "eval": (("eval/score_mean", True),),
 }
+# Running means (each point is the mean so far): a run's figure is its newest point, not its largest.
+RUNNING = {"eval/score_mean"}
 
 # Which metrics a run's chart opens on.
 DEFAULT_METRIC = {"sft": "loss", "rm": "loss", "ppo": "rollout_scores/mean"}
@@ -224,7 +227,11 @@ def best_metric(stage: str, run: RunHistory | None) -> tuple[str, float] | None:
         return None
     for name, higher in BEST.get(stage, ()):
         series = run.series.get(name)
-        if series is not None and len(series):
+        if series is not None and len(series) and name in RUNNING:
+            finite = series.values.view[np.isfinite(series.values.view)]
+            if len(finite):
+                return name, float(finite[-1])
+        elif series is not None and len(series):
             lo, hi = series.extremes()
             if not math.isnan(lo):
                 return name, hi if higher else lo

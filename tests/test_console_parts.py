@@ -74,6 +74,9 @@ def test_groups_best_and_eta():
     history.ingest(rows(1, 4, [3.0, 1.0], name="loss"))
     assert best_metric("rm", history.runs[1]) == ("eval_accuracy", 0.9)
     assert best_metric("sft", history.runs[1]) == ("loss", 1.0)
+    # An evaluation's score mean is a running mean: its figure is the newest point (it was "-").
+    history.ingest(rows(2, 100, [0.9, 0.4, float("nan"), 0.6, float("nan")], name="eval/score_mean"))
+    assert best_metric("eval", history.runs[2]) == ("eval/score_mean", 0.6)
     # three points one second apart, steps 1..3: one step a second, 7 steps to go of 10
     assert eta_seconds(3, 10, history.runs[1]) == pytest.approx(7.0)
     assert eta_seconds(10, 10, history.runs[1]) is None
