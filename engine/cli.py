@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     belle.add_argument("--judge", choices=("openai", "rm"), help="who scores the answers")
     belle.add_argument("--judge-url", help="base URL of an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
     belle.add_argument("--judge-model",
-                       help="the judge model's name at that endpoint (BELLE's own by default)")
+                       help="the judge model's name at that endpoint (BELLE's own scorer used the default)")
     belle.add_argument("--judge-key-env",
                        help="environment variable that holds the endpoint's key (never stored)")
     belle.add_argument("--reward-model", help="reward model for --judge rm: a folder, or an rm run's id")

@@ -367,6 +367,9 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                                    f"{resume_hint('eval', run_id, db_path)}")
         if stop.requested:
             handle.status = "stopped"
+            # In the run's log too (the line after the run's end reaches the terminal only).
+            print(f"stopped: {counts['answered']} of {n} answered, {counts['judged']} judged; every answer and "
+                  f"verdict so far is kept", flush=True)
         else:
             from engine.run import resume_hint
 

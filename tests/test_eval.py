@@ -144,6 +144,8 @@ def test_a_stopped_evaluation_says_how_to_continue_and_that_works_from_anywhere(
         assert "Traceback" not in err
         assert ("Ctrl-C: stopping after the batch in hand" in err) == (stop == signal.SIGINT)
         assert run_row(1)["status"] == "stopped"
+        log = (Path(run_row(1)["output_dir"]) / "train.log").read_text(encoding="utf-8")
+        assert f"stopped: {n} of {n} answered, " in log and "every answer and verdict so far is kept" in log
         hint = out.split("continue it with: ")[1].strip()
         assert hint == f"rlhf eval belle --resume-run 1 --db {os.environ['RLHF_DB']}"
 
