@@ -330,6 +330,13 @@ def test_the_reward_model_judges_offline(workdir, monkeypatch):
     with_ref = next(r for r in rows if r["reference"])
     r_answer, r_ref = judge._rewards([items[with_ref["item_id"]]] * 2, [with_ref["answer"], with_ref["reference"]])
     assert with_ref["score"] == pytest.approx(1 / (1 + math.exp(-(r_answer - r_ref))), abs=1e-5)
+    # Once calibrated, judging scores the answers alone: each reference's reward is calibration's.
+    assert judge.calibrate(all_items(workdir / "belle"))
+    scored_texts = []
+    rewards = judge._rewards
+    monkeypatch.setattr(judge, "_rewards", lambda its, texts: scored_texts.extend(texts) or rewards(its, texts))
+    verdicts = judge.judge([items[r["item_id"]] for r in rows], [r["answer"] for r in rows])
+    assert sorted(scored_texts) == sorted(r["answer"] for r in rows) and len(verdicts) == len(rows)
 
     # The first 6 questions hold 4 of the 7 references: an answer without a reference is still scored
     # against the whole eval set's, so a subset's scores are the full run's.

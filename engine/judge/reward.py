@@ -3,7 +3,8 @@
 Score of an answer: σ(r(answer) − r(reference)) where the item has a reference answer — 0.5 means as good
 as the reference, toward 1 better — and σ((r(answer) − μ) / s) where it has none, μ and s being the mean
 and standard deviation of the reward model's rewards of the eval set's reference answers (so a typical
-reference scores 0.5 there too). No call leaves the machine; nothing is cached (it is cheap to redo).
+reference scores 0.5 there too). No call leaves the machine. Within a run each reference is scored once
+(calibration's figure serves its item's verdict); nothing is kept between runs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class RewardJudge:
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.scorer = RewardModelScorer(path, target, batch_size=batch_size)
         self.mu, self.sigma = 0.0, 1.0
+        self.reference_rewards: dict[int, float] = {}  # item id -> its reference's reward, from calibrate
 
     @property
     def label(self) -> str:
@@ -48,7 +50,9 @@ class RewardJudge:
             if stopped():
                 return False
             chunk = with_ref[start : start + CALIBRATION_CHUNK]
-            rewards += self._rewards(chunk, [i.reference for i in chunk])
+            scored = self._rewards(chunk, [i.reference for i in chunk])
+            self.reference_rewards.update(zip((i.id for i in chunk), scored))
+            rewards += scored
         if len(rewards) >= 2:
             self.mu = sum(rewards) / len(rewards)
             var = sum((r - self.mu) ** 2 for r in rewards) / (len(rewards) - 1)
@@ -58,7 +62,11 @@ class RewardJudge:
     def judge(self, items: Sequence[Item], answers: Sequence[str]) -> list[Verdict]:
         rewards = self._rewards(items, answers)
         with_ref = [k for k, item in enumerate(items) if item.reference.strip()]
-        refs = dict(zip(with_ref, self._rewards([items[k] for k in with_ref], [items[k].reference for k in with_ref])))
+        # Calibration scored these references already: the same figure, not a second forward of each.
+        unknown = [items[k] for k in with_ref if items[k].id not in self.reference_rewards]
+        scored = self._rewards(unknown, [i.reference for i in unknown])
+        self.reference_rewards.update(zip((i.id for i in unknown), scored))
+        refs = {k: self.reference_rewards[items[k].id] for k in with_ref}
         verdicts = []
         for k, reward in enumerate(rewards):
             if k in refs:
