@@ -242,26 +242,14 @@ def judge_pairs(judge: Any, jobs: Iterable[tuple[tuple[int, str], str]], stop: t
             judge.cache.put(key, judge.label, request, reply, (p, c))
         return key, parse_verdict(reply), reply
 
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    from engine.judge.endpoint import CallFailed, as_completed_calls
 
-    from engine.judge.endpoint import CallFailed, JudgeRefused
-
-    with ThreadPoolExecutor(max_workers=judge.concurrency, thread_name_prefix="pairwise") as pool:
-        futures = {}
-        for job, prompt in jobs:
-            if stop is not None and stop.is_set():
-                break
-            futures[pool.submit(one, prompt)] = job
-        for future in as_completed(futures):
-            if stop is not None and stop.is_set():
-                pool.shutdown(wait=False, cancel_futures=True)
-                return
-            try:
-                key, verdict, reply = future.result()
-            except CallFailed as err:
-                yield futures[future], "", None, f"failed: {err}"
-                continue
-            except JudgeRefused:  # every queued call would be refused too: none of them is made
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-            yield futures[future], key, verdict, reply
+    # A refusal (JudgeRefused) ends this at once: every queued call would be refused too, none is made.
+    calls = ((job, (prompt,)) for job, prompt in jobs)
+    for job, future in as_completed_calls(one, calls, judge.concurrency, stop, judge.drop_in_flight):
+        try:
+            key, verdict, reply = future.result()
+        except CallFailed as err:
+            yield job, "", None, f"failed: {err}"
+            continue
+        yield job, key, verdict, reply

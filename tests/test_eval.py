@@ -194,25 +194,30 @@ def test_a_judge_that_refuses_every_call_fails_the_run_at_once_with_the_reason(w
 
 
 def test_calls_dropped_when_a_refusal_ends_the_run_are_not_retried_or_warned_about(workdir):
-    """One call refused (HTTP 401) ends the run while another is in flight: that one is dropped, not
-    retried, and no 'judge call failed ... retry' warning about it precedes the refusal's own error."""
+    """One call refused (HTTP 401) ends the run while another hangs: the process ends at once all the same
+    (it waited out the hung call, up to the client's 120 s timeout), the hung call is not retried, and no
+    'judge call failed ... retry' warning about it precedes the refusal's own error."""
     write_sample(workdir / "belle", per_class=1)
     release = threading.Event()
+    hung_since = []
 
     def script(body: dict, index: int) -> tuple:
         if index == 0:
-            release.wait(60)
+            hung_since.append(time.monotonic())
+            release.wait(600)  # hangs until the test ends
             return score_by_answer(body, index)
-        threading.Timer(2.0, release.set).start()  # the hung call ends soon after (the process waits for it)
         return ("status", 401, "bad key")
 
     server = JudgeServer(script)
     try:
         result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server), "--limit", "3",
                            env={"THE_JUDGE_KEY": KEY})
+        ended = time.monotonic()
     finally:
         release.set()
         server.close()
+    # Waiting for the hung call, the process could not have ended before its client's 120 s timeout.
+    assert ended - hung_since[0] < 110, ended - hung_since[0]
     assert result.returncode == 1 and "refused the call (HTTP 401: bad key)" in result.stderr, result.stderr[-2000:]
     assert "judge call failed" not in result.stderr
     assert len(server.calls) == 2

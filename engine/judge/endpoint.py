@@ -15,8 +15,8 @@ import os
 import random
 import re
 import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
 
 from engine.judge import FAILED, SCORED, UNSCORED, Verdict, request_key
 from engine.judge.parse import parse_score
@@ -94,7 +94,7 @@ class EndpointJudge:
         self._client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=timeout_s, max_retries=0)
         self._openai = openai
         self._key = key
-        self._stop = threading.Event()  # set: calls still running give up instead of retrying
+        self._stop = threading.Event()  # set by drop_in_flight: calls still running give up, not retry
 
     @property
     def label(self) -> str:
@@ -129,11 +129,12 @@ class EndpointJudge:
         """One reply, retrying transient failures; raises CallFailed after the last try or at once for a
         refusal of this call, JudgeRefused for one of every call (a bad key, an unknown model)."""
         openai = self._openai
+        dropped = self._stop  # this call's: drop_in_flight sets it, and gives later calls a new one
         transient = (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError,
                      CallFailed, ValueError)
         last = ""
         for attempt in range(self.retries + 1):
-            if self._stop.is_set():
+            if dropped.is_set():
                 raise CallFailed(f"stopped ({last or 'before the first try'})")
             calls[0] += 1
             try:
@@ -149,12 +150,12 @@ class EndpointJudge:
                 error: Exception = err
             except transient as err:
                 last, error = self._scrub(f"{type(err).__name__}: {err}"), err
-            if self._stop.is_set():  # dropped on purpose (the run stopped, or its judge refused every call)
+            if dropped.is_set():  # dropped on purpose (the run stopped, or its judge refused every call)
                 raise CallFailed(f"stopped ({last})")
             if attempt < self.retries:
                 delay = self._retry_after(error, attempt)
                 log.warning("judge call failed (%s); retry %d of %d in %.1f s", last, attempt + 1, self.retries, delay)
-                self._stop.wait(delay)
+                dropped.wait(delay)
         raise CallFailed(f"gave up after {self.retries + 1} tries: {last}")
 
     def _scrub(self, text: str) -> str:
@@ -201,46 +202,69 @@ class EndpointJudge:
 
     def judge_many(
         self, jobs: Iterable[tuple[Any, str, str]], stop: threading.Event | None = None,
-        on_result: Callable[[Any, str, Verdict], None] | None = None,
     ) -> Iterator[tuple[Any, str, Verdict]]:
         """(job id, cache key, verdict) for each (job id, prompt, answer), as they complete, at most
         `concurrency` calls in flight. Once `stop` is set nothing new is started; what is in flight is
         dropped (its result is simply not yielded)."""
-        jobs = iter(jobs)
-        # Set when this ends early (a stop, a refusal of every call): the calls still in flight give up instead
-        # of retrying on in the background. Not the caller's `stop`, which would read as a stop of the run.
-        self._stop = threading.Event()
-        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge")
-        running: dict[Future, Any] = {}
+        calls = ((job_id, (prompt, answer)) for job_id, prompt, answer in jobs)
+        for job_id, future in as_completed_calls(self.judge, calls, self.concurrency, stop, self.drop_in_flight):
+            key, verdict = future.result()
+            yield job_id, key, verdict
 
-        def submit() -> bool:
+    def drop_in_flight(self) -> None:
+        """The calls still running are dropped (their caller ended early: a stop, a refusal of every call):
+        they give up instead of retrying on, and the next calls get a fresh client."""
+        self._stop.set()
+        self._client.close()
+        self._client = self._openai.OpenAI(base_url=self.base_url, api_key=self._client.api_key,
+                                           timeout=self._client.timeout, max_retries=0)
+        self._stop = threading.Event()  # the next calls'; each call holds the one it started with
+
+
+T = TypeVar("T")
+
+
+def as_completed_calls(call: Callable[..., T], jobs: Iterable[tuple[Any, tuple]], concurrency: int,
+                       stop: threading.Event | None = None,
+                       abandon: Callable[[], None] | None = None) -> Iterator[tuple[Any, Future[T]]]:
+    """(job id, its finished Future) for each (job id, args) of `jobs` as `call(*args)` completes, at most
+    `concurrency` in flight. Once `stop` is set nothing new starts and nothing more is yielded. Each call
+    runs in a daemon thread: one hung on a judge that never answers cannot keep the process alive after
+    its run has ended (a pool's threads are joined at exit, for up to the client's timeout). Ended early
+    (a stop, or the caller's own end) with calls still running: `abandon()`, and their results are dropped."""
+    jobs = iter(jobs)
+    running: dict[Future[T], Any] = {}
+
+    def submit() -> bool:
+        if stop is not None and stop.is_set():
+            return False
+        job = next(jobs, None)
+        if job is None:
+            return False
+        job_id, args = job
+        future: Future[T] = Future()
+
+        def run() -> None:
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(call(*args))
+            except BaseException as err:  # noqa: BLE001 - handed to whoever reads the future
+                future.set_exception(err)
+
+        threading.Thread(target=run, daemon=True, name="judge-call").start()
+        running[future] = job_id
+        return True
+
+    try:
+        while len(running) < concurrency and submit():
+            pass
+        while running:
+            done, _ = wait(list(running), timeout=0.2, return_when=FIRST_COMPLETED)
             if stop is not None and stop.is_set():
-                return False
-            job = next(jobs, None)
-            if job is None:
-                return False
-            job_id, prompt, answer = job
-            running[pool.submit(self.judge, prompt, answer)] = job_id
-            return True
-
-        try:
-            while len(running) < self.concurrency and submit():
-                pass
-            while running:
-                done, _ = wait(list(running), timeout=0.2, return_when=FIRST_COMPLETED)
-                if stop is not None and stop.is_set():
-                    return
-                for future in done:
-                    job_id = running.pop(future)
-                    key, verdict = future.result()
-                    yield job_id, key, verdict
-                    submit()
-        finally:
-            if running:  # ended early: drop the calls in flight instead of waiting out their timeouts
-                self._stop.set()
-                pool.shutdown(wait=False, cancel_futures=True)
-                self._client.close()
-                self._client = self._openai.OpenAI(base_url=self.base_url, api_key=self._client.api_key,
-                                                   timeout=self._client.timeout, max_retries=0)
-            else:
-                pool.shutdown(wait=True)
+                return
+            for future in done:
+                yield running.pop(future), future
+                submit()
+    finally:
+        if running and abandon is not None:
+            abandon()
