@@ -294,8 +294,10 @@ def test_a_pipeline_in_a_terminal_that_goes_away_carries_on_to_its_end(workdir):
     pipeline that chains them goes on as well (what it prints is lost, every stage's train.log has it)."""
     import signal
 
+    # The hang-up's default action, as from a login shell (a suite run under nohup would ignore it).
     proc = subprocess.Popen([*RLHF, "pipeline", str(TINY), "--accelerate-config", ACCEL, "--through", "rm", *SHORT],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     assert proc.stdout.readline().startswith("pipeline 1: started, sft → rm")
     proc.stdout.close()  # the terminal is gone: nobody reads any more
     proc.stderr.close()

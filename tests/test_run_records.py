@@ -780,8 +780,10 @@ def test_a_run_in_a_terminal_that_goes_away_keeps_training_or_stops_with_its_che
 def _hung_up(run_id: int, before: list[str], overrides: list[str]) -> int:
     """`rlhf train sft` (after `before`, e.g. nohup) sent a hang-up once it has logged two steps; its exit code."""
     sets = [arg for item in ["train.logging_steps=1", *overrides] for arg in ("--set", item)]
+    # As from a login shell: a hang-up's default action, whatever this suite inherited (under nohup, the
+    # run would take an ignored hang-up as meant to be outlived, and train to its end).
     proc = subprocess.Popen([*before, *RLHF, "train", "sft", str(TINY), *sets], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         wait(lambda: len(metric(run_id, "loss")) >= 2)
         proc.send_signal(signal.SIGHUP)
