@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = sub.add_parser("launch", help="run a stage through `accelerate launch`")
     _add_recipe_args(launch)
-    launch.add_argument("--accelerate-config", required=True, help="e.g. configs/accelerate/cpu.yaml")
+    launch.add_argument("--accelerate-config",
+                        help="e.g. configs/accelerate/cpu.yaml (with --resume-run: the run's own by default)")
     launch.add_argument("--num-processes", type=int, default=None)
     launch.add_argument("--run-id", type=int, default=None,
                         help="multi-node: on machines with machine_rank > 0, the run id machine 0 printed")
@@ -450,8 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         code = supervise(run, echo=True)
         say(f"run {run.run_id} exited with code {code}")
         if code == EXIT_STOPPED:
-            say(f"continue it with: {resume_hint(args.stage, run.run_id, args.db, 'launch')} "
-                  f"--accelerate-config {args.accelerate_config}")
+            say(f"continue it with: {resume_hint(args.stage, run.run_id, args.db, 'launch')}")
         return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
     except (RecipeError, DataError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)

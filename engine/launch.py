@@ -107,7 +107,7 @@ def prepare(
     stage: Stage,
     recipe_path: str | None,
     overrides: list[str],
-    accelerate_config: str,
+    accelerate_config: str | None,
     num_processes: int | None = None,
     db_path: str | os.PathLike | None = None,
     run_id: int | None = None,
@@ -118,19 +118,25 @@ def prepare(
 
     On a machine with `machine_rank > 0` nothing is registered: pass the run id the first machine got,
     so every machine writes into the same runs/<id>. `resume_run` continues that run from its newest
-    full-state checkpoint, under its own id.
+    full-state checkpoint, under its own id, with the accelerate config and process count it was launched
+    with unless others are given (another process count only with `allow_change`).
     """
     db = Path(db_path or default_db_path()).resolve()
     change = None
     if resume_run is not None:
         # The recipe as runs.db recorded it (overrides applied, paths absolute), from any directory.
         recipe_path, overrides, change = resume_recipe(db, resume_run, stage, overrides, allow_change)
+        accelerate_config, num_processes = _resumed_launch(db, resume_run, accelerate_config, num_processes)
+    if not accelerate_config:
+        raise RecipeError("--accelerate-config: the run is launched with it (e.g. configs/accelerate/cpu.yaml)")
     recipe = validate(stage, recipe_path, overrides)
     accelerate = read_accelerate_config(accelerate_config)
     if num_processes is not None and num_processes < 1:
         raise RecipeError(f"--num-processes must be at least 1, got {num_processes}")
     zero_stage = (accelerate.get("deepspeed_config") or {}).get("zero_stage")
     kind = accelerate["distributed_type"]
+    if resume_run is not None and not allow_change:
+        _check_same_world(db, resume_run, accelerate_config, num_processes, accelerate)
     sharded = kind == "FSDP" or (kind == "DEEPSPEED" and zero_stage == 3)
     if num_processes is not None and num_processes > 1 and kind == "NO":
         raise RecipeError(
@@ -178,6 +184,37 @@ def prepare(
     argv = accelerate_argv(stage, recipe_path, overrides, accelerate_config, num_processes, str(db))
     env = launch_env(accelerate, run_id, db)
     return Prepared(run_id, argv, env, output_dir / LOG_NAME, machine_rank == 0, db)
+
+
+def _resumed_launch(db: Path, run_id: int, accelerate_config: str | None,
+                    num_processes: int | None) -> tuple[str | None, int | None]:
+    """The accelerate config and process count a resume runs with: those given, else the run's own."""
+    if accelerate_config:
+        return accelerate_config, num_processes
+    with Store(db) as store:
+        launch = json.loads(store.run(run_id).get("launch") or "null") or {}
+    if not launch.get("accelerate_config"):
+        raise RecipeError(f"--accelerate-config: run {run_id} was started in its own terminal (rlhf train), not "
+                          "launched, so none is recorded: give the one to launch it with")
+    return launch["accelerate_config"], num_processes if num_processes is not None else launch.get("num_processes")
+
+
+def _check_same_world(db: Path, run_id: int, accelerate_config: str, num_processes: int | None,
+                      accelerate: dict) -> None:
+    """Another number of processes changes a run mid-curve (its global batch, which records each rank
+    reads): refused unless the resume allows changes, as another --set is."""
+    with Store(db) as store:
+        before = store.run(run_id).get("world_size")
+    if accelerate["distributed_type"] == "NO":
+        now = 1
+    else:
+        now = num_processes or int(accelerate.get("num_processes") or 1)
+    if before and now != before:
+        given = accelerate_config + (f" --num-processes {num_processes}" if num_processes else "")
+        raise RecipeError(
+            f"run {run_id} trained with {before} process{'es' if before != 1 else ''}; {given} runs {now}: its "
+            "global batch and the records each process reads would change mid-run. Resume it without "
+            "--accelerate-config (it takes the run's own), or add --allow-change to continue it so")
 
 
 def log_tail(path: Path, max_bytes: int = 4000, start: int = 0) -> str:
@@ -264,6 +301,12 @@ def record_exit(
             if killer and tail:
                 tail = tail if tail.endswith("\n") else tail + "\n"
             fields["error"] = (tail + (killer or "")) or f"exited with code {exit_code} before writing to its log"
+        elif status == "failed" and log_path is not None:
+            # Another rank killed (kill -9, the OOM killer) shows in rank 0 as a broken collective: the
+            # trainer's own error says "connection closed by peer"; its last line should say why.
+            killer = killed_by(exit_code, log_tail(log_path, start=log_start))
+            if killer and killer not in run["error"]:
+                fields["error"] = run["error"].rstrip("\n") + "\n" + killer
         elif status != "failed":
             fields["error"] = run["error"]  # none where a look's guess is replaced
         store.update_run(run_id, **fields)

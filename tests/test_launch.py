@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.launch import accelerate_argv, run_foreground
+from engine.launch import accelerate_argv, prepare, run_foreground
 from engine.store import Store
 from tests.conftest import REPO, RLHF, TINY
 from tests.helpers import metric, run_row
@@ -138,6 +138,15 @@ def test_sigterm_through_launch_stops_both_ranks_at_the_same_step(workdir):
     log = (Path(run["output_dir"]) / "train.log").read_text()
     frames = [line for line in log.splitlines() if line.strip().startswith('File "')]
     assert not [f for f in frames if "/engine/" in f]
+
+    # A resume on one process would halve its global batch mid-run: refused, the run left as it was.
+    refused = subprocess.run([*RLHF, "launch", "sft", "--resume-run", "1", "--accelerate-config",
+                              str(ACCEL / "cpu.yaml")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "run 1 trained with 2 processes; " in refused.stderr, refused.stderr[-2000:]
+    assert "--allow-change" in refused.stderr and run_row(1)["status"] == "stopped"
+    # Without --accelerate-config, the run's own (the console's r does the same).
+    again = prepare("sft", None, [], None, resume_run=1)
+    assert str(ACCEL / "cpu_ddp.yaml") in again.argv and run_row(1)["status"] == "pending"
 
 
 def test_resume_refuses_what_cannot_be_resumed(workdir):
@@ -322,10 +331,12 @@ def test_a_run_killed_by_sigkill_says_so_on_the_last_line_of_its_error(workdir):
     from engine.launch import record_exit
 
     with Store(os.environ["RLHF_DB"]) as store:
-        launcher, rank, plain = (store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
-                                 for _ in range(3))
+        launcher, rank, plain, peer = (store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+                                       for _ in range(4))
         for run_id in (launcher, rank, plain):
             store.update_run(run_id, status="running")
+        # Rank 1 killed: rank 0's trainer recorded the broken collective it saw, as its own failure.
+        store.update_run(peer, status="failed", error="RuntimeError: [gloo] Connection closed by peer\n")
     log = workdir / "train.log"
     log.write_text("step 40\n")
     assert record_exit(os.environ["RLHF_DB"], launcher, -9, log_path=log) == "failed"
@@ -341,6 +352,10 @@ def test_a_run_killed_by_sigkill_says_so_on_the_last_line_of_its_error(workdir):
     log.write_text(earlier + "ValueError: bad\n")
     assert record_exit(os.environ["RLHF_DB"], plain, 1, log_path=log, log_start=len(earlier)) == "failed"
     assert run_row(plain)["error"] == "ValueError: bad\n"
+    log.write_text("step 7\n[rank1]: ...\n  exitcode  : -9 (pid: 4242)\n  error_file: <N/A>\n")
+    assert record_exit(os.environ["RLHF_DB"], peer, 1, log_path=log) == "failed"
+    assert run_row(peer)["error"] == ("RuntimeError: [gloo] Connection closed by peer\na process of the run was "
+                                      "killed by SIGKILL (the kernel's OOM killer, or kill -9)")
 
 
 def test_a_stop_through_the_consoles_path_waits_for_a_slow_save(workdir, monkeypatch):
