@@ -22,10 +22,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from engine.accelerate_file import read_accelerate_config
-from engine.config import RecipeError, Stage
+from engine.config import Recipe, RecipeError, Stage
 from engine.procs import group_alive, kill_group, not_ours, process_alive, process_start, run_processes_gone, same_group
 from engine.run import DB_ENV, EXIT_STOPPED, LAUNCHED_ENV, LOG_NAME, RUN_ID_ENV, last_alive, register_run, resume_recipe
 from engine.store import Store, default_db_path
@@ -130,31 +130,9 @@ def prepare(
     if not accelerate_config:
         raise RecipeError("--accelerate-config: the run is launched with it (e.g. configs/accelerate/cpu.yaml)")
     recipe = validate(stage, recipe_path, overrides)
-    accelerate = read_accelerate_config(accelerate_config)
-    if num_processes is not None and num_processes < 1:
-        raise RecipeError(f"--num-processes must be at least 1, got {num_processes}")
-    zero_stage = (accelerate.get("deepspeed_config") or {}).get("zero_stage")
-    kind = accelerate["distributed_type"]
+    accelerate = check_launch(stage, recipe, accelerate_config, num_processes)
     if resume_run is not None and not allow_change:
         _check_same_world(db, resume_run, accelerate_config, num_processes, accelerate)
-    sharded = kind == "FSDP" or (kind == "DEEPSPEED" and zero_stage == 3)
-    if num_processes is not None and num_processes > 1 and kind == "NO":
-        raise RecipeError(
-            f"--num-processes {num_processes}: {accelerate_config} runs one process (distributed_type: NO); "
-            "for several use a data-parallel config (configs/accelerate/cpu_ddp.yaml on CPUs, ddp.yaml on GPUs)"
-        )
-    if stage == "ppo" and kind in ("DEEPSPEED", "FSDP"):
-        raise RecipeError(
-            f"{accelerate_config}: PPO runs under plain data parallelism only (distributed_type NO or MULTI_GPU), "
-            f"not {kind}: the hydra copies whole layers and rank 0 saves the optimizer, which parameter or "
-            "optimizer sharding would break; use configs/accelerate/gpu.yaml or ddp.yaml (the hydra's frozen "
-            "trunk and shared layers already fit a 7B policy on one 80 GB GPU)"
-        )
-    if stage == "sft" and recipe.sft.lora is not None and sharded:
-        raise RecipeError(
-            f"{recipe.where('sft.lora')}: sft.lora: merging adapters is not supported with parameter sharding "
-            f"({accelerate_config}); use zero2.yaml or ddp.yaml"
-        )
     machine_rank = int(accelerate.get("machine_rank") or 0)
     if machine_rank > 0:
         if run_id is None:
@@ -184,6 +162,60 @@ def prepare(
     argv = accelerate_argv(stage, recipe_path, overrides, accelerate_config, num_processes, str(db))
     env = launch_env(accelerate, run_id, db)
     return Prepared(run_id, argv, env, output_dir / LOG_NAME, machine_rank == 0, db)
+
+
+def check_launch(stage: Stage, recipe: Recipe, accelerate_config: str, num_processes: int | None = None
+                 ) -> dict[str, Any]:
+    """Whether `stage` of `recipe` can run as `accelerate_config` (and `num_processes`) would start it;
+    raises RecipeError, registers nothing. Returns the accelerate config, read. A pipeline asks it of every
+    stage before its first: a PPO that sharding would refuse must not wait for hours of SFT and RM."""
+    accelerate = read_accelerate_config(accelerate_config)
+    if num_processes is not None and num_processes < 1:
+        raise RecipeError(f"--num-processes must be at least 1, got {num_processes}")
+    zero_stage = (accelerate.get("deepspeed_config") or {}).get("zero_stage")
+    kind = accelerate["distributed_type"]
+    sharded = kind == "FSDP" or (kind == "DEEPSPEED" and zero_stage == 3)
+    if num_processes is not None and num_processes > 1 and kind == "NO":
+        raise RecipeError(
+            f"--num-processes {num_processes}: {accelerate_config} runs one process (distributed_type: NO); "
+            "for several use a data-parallel config (configs/accelerate/cpu_ddp.yaml on CPUs, ddp.yaml on GPUs)"
+        )
+    if stage == "ppo" and kind in ("DEEPSPEED", "FSDP"):
+        raise RecipeError(
+            f"{accelerate_config}: PPO runs under plain data parallelism only (distributed_type NO or MULTI_GPU), "
+            f"not {kind}: the hydra copies whole layers and rank 0 saves the optimizer, which parameter or "
+            "optimizer sharding would break; use configs/accelerate/gpu.yaml or ddp.yaml (the hydra's frozen "
+            "trunk and shared layers already fit a 7B policy on one 80 GB GPU)"
+        )
+    if stage == "sft" and recipe.sft.lora is not None and sharded:
+        raise RecipeError(
+            f"{recipe.where('sft.lora')}: sft.lora: merging adapters is not supported with parameter sharding "
+            f"({accelerate_config}); use zero2.yaml or ddp.yaml"
+        )
+    no_gpu = _no_gpu_for(accelerate)
+    if no_gpu:
+        raise RecipeError(
+            f"{accelerate_config} runs on GPUs and this machine has none ({no_gpu}): its processes would train "
+            "on the CPU; for CPU processes use configs/accelerate/cpu.yaml or cpu_ddp.yaml")
+    return accelerate
+
+
+def _no_gpu_for(accelerate: dict) -> str | None:
+    """Why a GPU config cannot have its GPUs here (None: a CPU config, or GPUs found). Asked of NVML, not
+    torch (the console launches too, and never loads torch); a ROCm machine, which NVML cannot see, passes."""
+    kind = accelerate["distributed_type"]
+    gpus = kind in ("MULTI_GPU", "FSDP", "DEEPSPEED") or (kind == "NO" and accelerate.get("gpu_ids"))
+    if accelerate.get("use_cpu") or not gpus:
+        return None
+    if os.path.exists("/dev/kfd"):
+        return None
+    from engine.gpu import GpuSampler, GpuUnavailable
+
+    try:
+        GpuSampler().close()
+    except GpuUnavailable as err:
+        return str(err)
+    return None
 
 
 def _resumed_launch(db: Path, run_id: int, accelerate_config: str | None,

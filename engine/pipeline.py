@@ -85,20 +85,21 @@ def wiring(stage: str, recipe: Recipe, exports: dict[str, str]) -> list[str]:
     return items
 
 
-def check(recipe_path: str, overrides: list[str], through: str | None,
-          accelerate_config: str) -> tuple[Recipe, list[str]]:
+def check(recipe_path: str, overrides: list[str], through: str | None, accelerate_config: str,
+          num_processes: int | None = None) -> tuple[Recipe, list[str]]:
     """Everything that can be checked before the first stage (base models and data of every stage, the
-    wiring between them, the evaluation's folder), registering nothing; returns the recipe and its stages."""
-    from engine.accelerate_file import read_accelerate_config
+    wiring between them, the evaluation's folder, whether the accelerate config can launch each stage),
+    registering nothing; returns the recipe and its stages."""
+    from engine.launch import check_launch
     from engine.train import validate
 
     recipe = load_recipe(recipe_path, overrides)
     stages = plan(recipe, through)
     _check_wiring(recipe, stages)
-    read_accelerate_config(accelerate_config)
     for stage in stages:  # before hours go into the first one
         if stage != "eval":
-            validate(stage, recipe_path, overrides, refs_ok=True)
+            check_launch(stage, validate(stage, recipe_path, overrides, refs_ok=True), accelerate_config,
+                         num_processes)
     if "eval" in stages:
         from engine.belle import BelleError, load_items
 
@@ -113,7 +114,7 @@ def check(recipe_path: str, overrides: list[str], through: str | None,
 def create(recipe_path: str, overrides: list[str], through: str | None, accelerate_config: str,
            num_processes: int | None, db_path: str | os.PathLike) -> int:
     """Check the pipeline (see check) and register it."""
-    recipe, stages = check(recipe_path, overrides, through, accelerate_config)
+    recipe, stages = check(recipe_path, overrides, through, accelerate_config, num_processes)
     launch = {"accelerate_config": str(Path(accelerate_config).resolve()), "num_processes": num_processes}
     with Store(db_path) as store:
         return store.create_pipeline(name=recipe.name, recipe=str(Path(recipe_path).resolve()),

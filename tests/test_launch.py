@@ -178,9 +178,25 @@ def test_lora_with_parameter_sharding_is_refused_before_launch(workdir):
     assert not (workdir / "runs.db").exists()
 
 
+def _gpus_here() -> bool:
+    from engine.gpu import GpuSampler, GpuUnavailable
+
+    try:
+        GpuSampler().close()
+        return True
+    except GpuUnavailable:
+        return False
+
+
 def test_launches_that_would_not_run_as_asked_are_refused_before_anything_is_registered(workdir):
     from engine.config import RecipeError
     from engine.launch import prepare
+
+    if not _gpus_here():  # a GPU config here would start its 8 processes on the CPU
+        for config in ("gpu.yaml", "ddp.yaml", "zero2.yaml", "multinode.yaml"):
+            with pytest.raises(RecipeError, match=rf"{config} runs on GPUs and this machine has none \(.+\): .*"
+                                                  r"cpu.yaml or cpu_ddp.yaml"):
+                prepare("sft", str(TINY), [], str(ACCEL / config))
 
     with pytest.raises(RecipeError, match=r"--num-processes 12: .*cpu.yaml runs one process .*cpu_ddp.yaml"):
         prepare("sft", str(TINY), [], str(ACCEL / "cpu.yaml"), num_processes=12)

@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from console.app import RlhfConsole
 from console.widgets.log_view import LogView
 from console.widgets.run_table import RunTable
@@ -114,10 +116,31 @@ def test_stage_references_are_a_pipelines_and_a_reward_model_must_be_one(workdir
     assert result.returncode == 2 and "rm.model.path: '@sft', but this pipeline runs no sft stage" in result.stderr
     result = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, "--set", "eval.eval_dir=demo/nothing")
     assert result.returncode == 2 and "eval.eval_dir" in result.stderr
+    # Each stage's launch is checked before the first: a PPO that ZeRO-3 refuses (or, on a machine with no
+    # GPU, every stage of a GPU config) never waits for hours of SFT and RM to be refused.
+    zero3 = str(Path(ACCEL).parent / "zero3.yaml")
+    result = rlhf("pipeline", str(TINY), "--accelerate-config", zero3)
+    assert result.returncode == 2 and "zero3.yaml" in result.stderr, result.stderr
+    result = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, "--num-processes", "2")
+    assert result.returncode == 2 and "--num-processes 2: " in result.stderr
     assert not Path("runs.db").exists() or not Store(os.environ["RLHF_DB"]).pipelines()
     # A folder that is a model but not a reward model is refused as one (an SFT export where runs/2 was RM).
     result = rlhf("train", "ppo", str(TINY), "--set", "ppo.reward_model=demo/model", "--set", "ppo.reward_fn=null")
     assert result.returncode == 2 and "is not a reward model" in result.stderr
+
+
+def test_a_pipeline_whose_ppo_sharding_would_refuse_is_refused_before_its_first_stage(workdir, monkeypatch):
+    """On a GPU machine (NVML's answer stood in for: there is no driver here), ZeRO-3 passes SFT and RM;
+    its PPO launch would be refused after both had trained. The pipeline's check asks it first."""
+    import engine.launch
+    from engine.config import RecipeError
+    from engine.pipeline import check
+
+    monkeypatch.setattr(engine.launch, "_no_gpu_for", lambda accelerate: None)
+    with pytest.raises(RecipeError, match="zero3.yaml: PPO runs under plain data parallelism only"):
+        check(str(TINY), [], None, str(Path(ACCEL).parent / "zero3.yaml"))
+    recipe, stages = check(str(TINY), [], "rm", str(Path(ACCEL).parent / "zero3.yaml"))  # no PPO: fine
+    assert stages == ["sft", "rm"]
 
 
 @sync

@@ -116,7 +116,7 @@ class Validated(Message):
     def __init__(self, error: str | None, fields: dict[str, str], launch: bool, form: tuple):
         super().__init__()
         self.error, self.fields, self.launch = error, fields, launch
-        self.form = form  # (stage, recipe, overrides, accelerate config, through) as validated
+        self.form = form  # (stage, recipe, overrides, accelerate config, through, processes) as validated
 
 
 def _flattened(items: list[str]) -> list[str]:
@@ -449,21 +449,26 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
 
     @work(thread=True, exclusive=True, group="launch-validate", exit_on_error=False)
     def validate(self, stage: str, recipe: str, overrides: list[str], accel: str | None, through: str | None,
-                 launch: bool) -> None:
+                 processes: int | None, launch: bool) -> None:
+        """The checks the launch makes before it registers anything (so a valid form launches)."""
         from engine.config import RecipeError
         from engine.data.records import DataError
         from engine.train import validate
 
-        form = (stage, recipe, overrides, accel, through)
+        form = (stage, recipe, overrides, accel, through, processes)
         try:
             if stage == "pipeline":
                 from engine.pipeline import check
 
                 if accel is None:
                     raise RecipeError("choose an accelerate config: each stage is launched with it")
-                check(recipe, overrides, through, accel)
+                check(recipe, overrides, through, accel, processes)
             else:
-                validate(stage, recipe, overrides)
+                checked = validate(stage, recipe, overrides)
+                if accel is not None:
+                    from engine.launch import check_launch
+
+                    check_launch(stage, checked, accel, processes)
         except (RecipeError, DataError) as err:
             self.post_message(Validated(str(err), getattr(err, "fields", {}), launch, form))
             return
@@ -476,7 +481,7 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
         accel = self.query_one("#accelerate", Select).value
         through = self.through if self.stage == "pipeline" else None
         return (self.stage, self.recipe, self.overrides(skip), None if accel is Select.NULL else str(accel),
-                through)
+                through, self.processes())
 
     def on_validated(self, message: Validated) -> None:
         if message.form != self._form(self._skipped):
@@ -526,8 +531,7 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
         self._skipped = self._local_errors()
         if self._skipped:  # never launched, but the rest of the form is still checked
             self._launching = launch = False
-        stage, recipe, overrides, accel, through = self._form(self._skipped)
-        self.validate(stage, recipe, overrides, accel, through, launch)
+        self.validate(*self._form(self._skipped), launch)
 
     def action_validate(self) -> None:
         self._check(launch=False)
