@@ -523,6 +523,12 @@ async def test_the_footer_shows_the_focused_panes_keys_first(many_runs):
         await wait_for(pilot, lambda: footer()[:1] == ["Search"], 10, "the log's keys")
         keys = footer()
         assert keys[0] == "Search" and "Next hit" not in keys and "New run" in keys  # no search yet: n is New run
+        # Back to the curves: the hidden log gives its keys back to the table (they went to nothing)
+        await pilot.press("1")
+        await wait_for(pilot, lambda: app.focused is home.query_one(RunTable), 10, "the table's focus")
+        row = home.selected
+        await pilot.press("down")
+        await wait_for(pilot, lambda: home.selected != row, 10, "the selection to move")
         await pilot.press("3")
         await wait_for(pilot, lambda: home.query("#samples-table"), 20, "the samples")
         home.query_one("#samples-table").focus()

@@ -448,6 +448,9 @@ class RunsScreen(Screen):
         self.query_one(TabbedContent).active = tab
         if tab == "log":  # its keys (search, follow, wrap) at once, not after two Tabs (once its pane shows)
             self.call_after_refresh(self._focus_log)
+        elif self.focused is not None and self.log_view in (self.focused, *self.focused.ancestors):
+            # The log it held is hidden now: the keys go back to the table, not to nothing.
+            self.query_one(RunTable).focus()
 
     def _focus_log(self) -> None:
         if self.query_one(TabbedContent).active == "log":  # another tab since: a hidden log keeps no keys
