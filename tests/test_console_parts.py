@@ -343,3 +343,18 @@ def test_console_imports_no_torch():
             "bad = [m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_pipelines_evaluation_is_not_named_for_its_pipeline_twice(tmp_path):
+    """Its name carries "(pipeline N)" for the score table; in the run table its pipeline label says that,
+    with where it is (`tiny ppo (pipeline 1) · pipeline 1 4/4` lost the 4/4 off the column's end)."""
+    from console.widgets.run_table import cells
+
+    config = json.dumps({"name": "tiny", **{stage: {"x": 1} for stage in ("sft", "rm", "ppo", "eval")}})
+    with Store(tmp_path / "runs.db") as store:
+        pipeline_id = store.create_pipeline(name="tiny", recipe="r.yaml", config=config, overrides=[],
+                                            through="eval", launch={})
+        run_id = store.create_run(stage="eval", name="tiny ppo (pipeline 1)", recipe="", config="{}",
+                                  pipeline_id=pipeline_id)
+        run, pipeline = store.run(run_id), store.pipeline(pipeline_id)
+    assert str(cells(run, History(), False, pipeline=pipeline)[2]) == "tiny ppo · pipeline 1 4/4"

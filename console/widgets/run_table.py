@@ -91,12 +91,16 @@ def cells(run: dict[str, Any], history: History, marked: bool, group: str = "",
     started = time.strftime("%m-%d %H:%M", time.localtime(run["started"])) if run["started"] else "-"
     mark = "●" if marked else " "
     in_pipeline = pipeline_label(run, pipeline) if run.get("pipeline_id") is not None else None
+    name = run["name"]
+    if in_pipeline and name.endswith(f" (pipeline {run['pipeline_id']})"):
+        # A pipeline's evaluation is named for the score table; here its pipeline label says it, with k/n.
+        name = name[: -len(f" (pipeline {run['pipeline_id']})")]
     return (
         Text(f"{mark}{group}{run['id']}", style=run_colour(run["id"]) if marked else ""),
         run["stage"],
         # a user's text: never markup, never a terminal escape; cut, so that one long note never pushes status,
         # step and ETA off an 80-column screen (a column only widens), the whole on the line under the table
-        _cut(Text(terminal_safe(" · ".join(filter(None, (run["name"], in_pipeline, run.get("note"))))))),
+        _cut(Text(terminal_safe(" · ".join(filter(None, (name, in_pipeline, run.get("note"))))))),
         Text(status, style=STATUS_STYLE.get(status, "")),
         step,
         eta,
