@@ -328,6 +328,9 @@ class RlhfConsole(SaysWorkerFailures, App):
             from engine.run_facts import stop_outcome
 
             said = f"asked to stop: {stop_outcome(self.runs[message.run_id])}"
+        pipeline = (self.runs.get(message.run_id) or {}).get("pipeline_id")
+        if message.verb == "resume" and pipeline is not None:
+            said = f"resuming pipeline {pipeline}"
         self.notify(f"run {message.run_id}: {said}", title=message.verb)
         if message.verb in ("launch", "resume"):
             from console.screens.launch import LaunchScreen

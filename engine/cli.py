@@ -315,7 +315,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
                                       args.num_processes, db)
     if args.detach:
         log = pipeline.start_detached(pipeline_id, db)
-        print(f"pipeline {pipeline_id} started; its log: {log}")
+        print(f"pipeline {pipeline_id} {'resumed' if args.resume is not None else 'started'}; its log: {log}")
         return 0
     status = pipeline.run(pipeline_id, db, echo=True)
     hint = f"; continue it with: rlhf pipeline --resume {pipeline_id} --db {db}" if status != "done" else ""
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.db, args.run_id, resume_run=args.resume_run, allow_change=args.allow_change)
         if args.detach:
             start_detached(run)
-            print(f"run {run.run_id} started; its log: {run.log_path}")
+            print(f"run {run.run_id} {'started' if args.resume_run is None else 'resumed'}; its log: {run.log_path}")
             return 0
         print(f"run {run.run_id}: logging to {run.log_path}", file=sys.stderr, flush=True)
         code = supervise(run, echo=True)

@@ -398,18 +398,29 @@ def test_a_stop_through_the_consoles_path_waits_for_a_slow_save(workdir, monkeyp
 
 
 def test_detached_launch_returns_at_once_and_the_supervisor_records_the_exit(workdir):
-    started = time.monotonic()
     result = subprocess.run([*RLHF, "launch", "sft", str(TINY), "--accelerate-config", str(ACCEL / "cpu.yaml"),
-                             "--detach", "--set", "train.max_steps=2"], capture_output=True, text=True, check=True)
-    assert time.monotonic() - started < 20 and "run 1 started" in result.stdout
+                             "--detach", "--set", "train.max_steps=5000", "--set", "train.logging_steps=1"],
+                            capture_output=True, text=True, check=True)
+    assert "run 1 started" in result.stdout
+    assert run_row(1)["exit_code"] is None  # returned with minutes of training ahead: it did not wait for them
     launch_file = Path("runs/1/launch.json").read_text()
     assert "RLHF_RUN_ID" in launch_file and "PATH" not in launch_file  # only the run's own variables
     deadline = time.monotonic() + 180
-    while run_row(1)["exit_code"] is None and time.monotonic() < deadline:
+    while _logged_steps(1) < 2 and time.monotonic() < deadline:
         time.sleep(0.3)
+    stopped = subprocess.run([*RLHF, "stop", "1", "--wait"], capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     run = run_row(1)
-    assert run["status"] == "done" and run["exit_code"] == 0 and run["step"] == 2
-    assert "[rlhf] run 1 exited with code 0" in Path("runs/1/train.log").read_text()
+    assert run["status"] == "stopped" and run["exit_code"] == 143  # the supervisor's record
+    assert "[rlhf] run 1 exited with code 143" in Path("runs/1/train.log").read_text()
+
+    resumed = subprocess.run([*RLHF, "launch", "sft", "--resume-run", "1", "--detach", "--allow-change", "--set",
+                              f"train.max_steps={run['step'] + 2}"], capture_output=True, text=True, check=True)
+    assert "run 1 resumed" in resumed.stdout  # it said "started"
+    deadline = time.monotonic() + 180
+    while run_row(1)["exit_code"] in (None, 143) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert run_row(1)["status"] == "done" and run_row(1)["exit_code"] == 0 and run_row(1)["step"] == run["step"] + 2
 
 
 def test_stopping_a_run_whose_processes_vanished_closes_it_as_failed(workdir):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from console.app import RlhfConsole
+from console.screens.dialogs import ConfirmScreen
 from console.widgets.log_view import LogView
 from console.widgets.run_table import RunTable
 from engine.launch import request_stop
@@ -189,6 +190,12 @@ async def test_the_console_shows_a_pipeline_as_one_row_that_expands_into_its_sta
         assert [row.key.value for row in table.ordered_rows] == [str(stages[1])]
         await pilot.press("F", "F", "F")  # ppo, eval (evaluation runs are a stage of the table too), then none
         await wait_for(pilot, lambda: table.stage_filter is None and table.row_count == 2, 10, "no filter")
+        app.home.select_run(stages[-1])
+        await pilot.press("r")  # a pipeline's stage: what resumes is the pipeline, and the question says so
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the question")
+        assert app.screen.question.startswith(f"Resume pipeline 1? Its run {stages[-1]} (ppo) goes on where")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: not isinstance(app.screen, ConfirmScreen), 10, "no resume")
         # A pipeline that failed outside any run's log (a stage that could not start): its error is pinned.
         view = app.home.query_one(LogView)
         assert view.error is None

@@ -501,6 +501,9 @@ class RunsScreen(Screen):
                 "saves a checkpoint and exits")
         question = (f"Stop run {run['id']} ({run['stage']} {run['name']})?\n\nIt gets SIGTERM, {what}; it is "
                     "killed if it is still there after the grace period.")
+        if run.get("pipeline_id") is not None:
+            question += (f"\n\nIt is a stage of pipeline {run['pipeline_id']}: the pipeline stops with it, and r "
+                         "resumes the pipeline from this stage.")
         self.app.push_screen(ConfirmScreen(question, "Stop"),
                              lambda ok: self.app.stop_run(run["id"]) if ok else None)
 
@@ -523,6 +526,9 @@ class RunsScreen(Screen):
         question = (f"Resume evaluation run {run['id']} ({run['name']})? It answers and judges what it has not yet."
                     if run["stage"] == "eval" else
                     f"Resume run {run['id']} ({run['stage']} {run['name']}) from its last full-state checkpoint?")
+        if run.get("pipeline_id") is not None:
+            question = (f"Resume pipeline {run['pipeline_id']}? Its run {run['id']} ({run['stage']}) goes on where "
+                        "it stopped, then the pipeline's later stages.")
         self.app.push_screen(ConfirmScreen(question, "Resume"),
                              lambda ok: self.app.resume_run(run["id"]) if ok else None)
 
