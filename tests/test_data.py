@@ -66,14 +66,17 @@ def test_malformed_lines_are_counted_and_reported_with_line_numbers(tmp_path, ca
         {"instruction": "q"},
         {"messages": [{"role": "assistant", "content": "a"}]},
         *[{"instruction": "q", "output": "a"}] * 3,
-    ], raw_lines={1: "{not json"})
+    ], raw_lines={1: "{not json", 4: '{"instruction": "q", "output": "a line cut sh'})
     with caplog.at_level(logging.WARNING):
         items, (report,) = loaded(load_conversations, DataSource(path=path))
-    assert len(items) == 4 and report.used == 4 and report.malformed == 3
+    assert len(items) == 4 and report.used == 4 and report.malformed == 4
     assert report.examples[0].startswith(f"{path}:2: not valid JSON")
     assert report.examples[1].startswith(f"{path}:3: ")
     assert report.examples[2] == f"{path}:4: turn 1 is from assistant, expected user (turns must alternate)"
     assert f"{path}:2" in caplog.text
+    # A line cut short inside a string: it says so, and where the string starts (it said "Invalid control
+    # character at, column 56": the line break)
+    assert f"{path}:5: not valid JSON (Unterminated string starting at column 32)" in caplog.text
 
 
 def test_json_array_reports_the_line_of_each_record(tmp_path):

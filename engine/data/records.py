@@ -69,9 +69,12 @@ def _json(path: Path) -> Iterator[RawRecord]:
             if not line.strip():
                 continue
             try:
-                yield RawRecord(where, json.loads(line))
+                # Without its line break, which a line cut short would have inside its last string (json
+                # would call it a control character instead of saying the string is unterminated).
+                yield RawRecord(where, json.loads(line.rstrip("\r\n")))
             except json.JSONDecodeError as err:
-                yield RawRecord(where, None, f"not valid JSON ({err.msg}, column {err.colno})")
+                joint = " " if err.msg.endswith(" at") else ", "  # "Unterminated string starting at column 51"
+                yield RawRecord(where, None, f"not valid JSON ({err.msg}{joint}column {err.colno})")
 
 
 def _json_array(path: Path) -> Iterator[RawRecord]:
