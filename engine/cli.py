@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     check.add_argument("--estimate", action="store_true",
                        help="print the memory per GPU of each stage instead (from the model config alone)")
-    check.add_argument("--accelerate-config", default=None, help="with --estimate: ZeRO/FSDP sharding and GPU count")
+    check.add_argument("--strict-data", action="store_true",
+                       help="a malformed data record is an error instead of being skipped (strict_data=true)")
+    check.add_argument("--accelerate-config", default=None,
+                       help="whether it can launch each stage; with --estimate: ZeRO/FSDP sharding and GPU count")
     check.add_argument("--gpus", type=int, default=None, help="with --estimate: GPUs (default: the config's processes)")
     check.add_argument("--gpu-memory", default=None, help="with --estimate: memory per GPU (default 80GiB)")
 
@@ -378,16 +381,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             if args.estimate:
                 return _cmd_estimate(args)
-            if args.accelerate_config or args.gpus is not None or args.gpu_memory:
-                raise RecipeError("--accelerate-config, --gpus and --gpu-memory go with --estimate")
+            if args.gpus is not None or args.gpu_memory:
+                raise RecipeError("--gpus and --gpu-memory go with --estimate")
             from engine.config import STAGES, load_recipe
             from engine.train import validate
 
+            if args.strict_data:
+                args.overrides.append("strict_data=true")
             recipe = load_recipe(args.recipe, args.overrides, args.stage)
             # As `train` checks before it starts: the stage's model, reward model and data paths exist
-            # (each stage the recipe has, unless --stage names one).
+            # (each stage the recipe has, unless --stage names one); as `launch` does, with a config.
             for stage in [args.stage] if args.stage else [s for s in STAGES if getattr(recipe, s, None)]:
-                validate(stage, args.recipe, args.overrides, refs_ok=True)
+                checked = validate(stage, args.recipe, args.overrides, refs_ok=True)
+                if args.accelerate_config:
+                    from engine.launch import check_launch
+
+                    check_launch(stage, checked, args.accelerate_config)
             print(json.dumps(recipe.model_dump(), indent=2, ensure_ascii=False))
             return 0
         if args.command == "runs":

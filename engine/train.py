@@ -158,14 +158,18 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
         except OSError as err:  # a path too long for the file system, say
             raise RecipeError(f"{recipe.where(field)}: {field}: {path[:80]!r}…: {err.strerror}",
                               {field: err.strerror or "unusable path"}) from None
+        # The shipped tiny recipe reads the demo's files: where they are missing, say what writes them.
+        demo = ("; `rlhf demo init demo` writes the tiny demo's model and data there"
+                if local.parts[:1] == ("demo",) and not Path("demo").exists() else "")
         if looks_local(path) and not local.exists():
-            raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} does not exist", {field: "does not exist"})
+            raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} does not exist{demo}",
+                              {field: "does not exist"})
         if not local.exists() and not launched:
             from engine.hub import hub_problem
 
             problem = hub_problem(path, "dataset" if kind == "data" else "model")
             if problem is not None:
-                raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} {problem}", {field: problem})
+                raise RecipeError(f"{recipe.where(field)}: {field}: {path!r} {problem}{demo}", {field: problem})
         if kind != "data" and local.exists():
             # The policy and the SFT model write answers: a reward model's trunk would train under a fresh head.
             answering = kind == "model" and stage in ("sft", "ppo")

@@ -108,6 +108,13 @@ def test_data_that_cannot_train_is_exit_2_before_anything_is_registered(workdir)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1500:])
         assert result.stderr.count("malformed record skipped") == 0 and "Traceback" not in result.stderr
     assert not (workdir / "runs.db").exists()
+    # rlhf check says the same, --strict-data and the accelerate config's launch checks included
+    checked = rlhf("check", str(TINY), "--stage", "rm", "--strict-data", "--set", "rm.data=[{path: pairs.jsonl}]")
+    assert checked.returncode == 2 and "pairs.jsonl:2: not valid JSON (Expecting ',' delimiter" in checked.stderr
+    checked = rlhf("check", str(TINY), "--stage", "sft", "--accelerate-config", accel)
+    assert checked.returncode == 0, checked.stderr[-1500:]
+    checked = rlhf("check", str(TINY), "--accelerate-config", str(REPO / "configs/accelerate/zero3.yaml"))
+    assert checked.returncode == 2 and "zero3.yaml" in checked.stderr, checked.stderr[-1500:]
     result = rlhf("train", "rm", str(TINY), "--set", "rm.data=[{path: pairs.jsonl}]", "--set", "train.max_steps=1",
                   "--set", "train.eval_ratio=0", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -219,6 +226,12 @@ def test_a_missing_local_looking_model_is_a_one_line_error_before_anything(workd
     # Where it looked: a recipe copied elsewhere keeps paths relative to where it was first run.
     assert f"is no folder under {workdir} (recipe paths are relative to the current directory)" in result.stderr
     assert not (workdir / "runs.db").exists()
+    # The shipped tiny recipe where no demo was written: what writes it is said
+    (workdir / "demo").unlink()
+    result = subprocess.run([*RLHF, "check", str(TINY), "--stage", "sft"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "model.path: 'demo/model' is no folder" in result.stderr, result.stderr
+    assert result.stderr.strip().endswith("; `rlhf demo init demo` writes the tiny demo's model and data there")
 
 
 def test_a_hydra_taller_than_the_model_is_refused_before_anything_is_registered(workdir):
