@@ -283,16 +283,18 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
         print(f"pipeline {pipeline['id']} {pipeline['name']} (through {pipeline['through']}): "
               f"{pipeline['status']}{ended}{why}")
     width = max([16, *(len(run["name"]) for run in rows)])  # whole names: "tiny sft (pipeline 1)" tells runs apart
-    print(f"{'id':>4} {'stage':5} {'name':{width}} {'status':9} {'step':>11} {'time':>7} {'started':19} "
+    print(f"{'id':>4} {'stage':5} {'name':{width}} {'status':9} {'step':>14} {'time':>7} {'started':19} "
           f"{'pipeline':8} error")
     for run in rows:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"])) if run["started"] else "-"
         step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
+        if (run.get("world_size") or 1) > 1:
+            step += f" ×{run['world_size']}"  # processes, as the console shows them
         took = format_duration(elapsed(run)) if run["started"] else "-"
         in_pipeline = "-" if run.get("pipeline_id") is None else str(run["pipeline_id"])
         # A stopped run's recorded error is the stop's own traceback: only a failure's says what went wrong.
         why = error_summary(run["error"]) if run["status"] in ("failed", "diverged") else ""
-        print(f"{run['id']:>4} {run['stage']:5} {run['name']:{width}} {run['status']:9} {step:>11} {took:>7} "
+        print(f"{run['id']:>4} {run['stage']:5} {run['name']:{width}} {run['status']:9} {step:>14} {took:>7} "
               f"{started:19} {in_pipeline:8} {why}".rstrip())
     return 0
 

@@ -134,7 +134,8 @@ def test_rlhf_runs_says_how_long_and_why_and_where_a_pipeline_stands_to_people_a
         store.update_run(failed, status="failed", started=100.0, ended=110.0, pipeline_id=pipelines[0],
                          error='Traceback (most recent call last):\n  File "x.py", line 1\nValueError: bad batch\n')
         resumed = store.create_run(stage="rm", name="twice", recipe="", config="{}")
-        store.update_run(resumed, status="done", started=100.0, ended=230.0, segments="[[100, 160], [200, 230]]")
+        store.update_run(resumed, status="done", started=100.0, ended=230.0, segments="[[100, 160], [200, 230]]",
+                         world_size=2, step=40, total_steps=40)
 
     listed = subprocess.run([*RLHF, "runs"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
@@ -143,6 +144,7 @@ def test_rlhf_runs_says_how_long_and_why_and_where_a_pipeline_stands_to_people_a
     line = {int(row.split()[0]): row for row in rows}
     assert line[failed].endswith(" ValueError: bad batch") and " 10s " in line[failed]
     assert " 1m30s " in line[resumed]  # two stretches; the 40 s it sat stopped do not count
+    assert " 40/40 ×2 " in line[resumed]  # its processes, as the console's table says
     with Store(os.environ["RLHF_DB"]) as store:  # a plain look closes a dead pipeline too
         assert store.pipeline(pipelines[0])["status"] == "failed"
 
