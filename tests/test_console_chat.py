@@ -266,6 +266,13 @@ async def test_the_score_screen_marks_the_best_and_drills_into_a_cell(workdir):
         detail = str(app.screen.query_one("#item-text").render())
         assert "question: q1" in detail and "judge: 得分: 0.8" in detail
 
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: isinstance(app.screen, ScoresScreen), 10, "the score screen again")
+        table.move_cursor(row=2, column=0)  # on the model's name: every item of its run (it did nothing)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ItemsScreen), 20, "the run's items")
+        assert len(app.screen.items) == 36 and "every class · 36 items" in app.screen.heading
+
         await pilot.press("escape")  # paired deltas: ppo against base, then against a run of other questions
         await wait_for(pilot, lambda: isinstance(app.screen, ScoresScreen), 10, "the score screen again")
         table.move_cursor(row=1, column=0)  # the name column marks the row too

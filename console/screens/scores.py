@@ -135,8 +135,15 @@ class ScoresScreen(SaysWorkerFailures, Screen[None]):
         self.action_items()  # Enter on a cell: the table takes the key itself and says so
 
     def action_items(self) -> None:
-        picked = self.query_one(ScoreTable).cell_at_cursor()
-        if picked is None or picked[0].run_id is None:
+        table = self.query_one(ScoreTable)
+        picked = table.cell_at_cursor()
+        if picked is None:  # on the model's name: every item of its run
+            row = table.row_at_cursor()
+            picked = (row, "every class") if row is not None else None
+        if picked is None:
+            return
+        if picked[0].run_id is None:
+            self.notify("the published row is BELLE's own figures: it has no answers here", severity="warning")
             return
         self.load_items(picked[0].run_id, picked[0].name, picked[1])
 
@@ -146,7 +153,7 @@ class ScoresScreen(SaysWorkerFailures, Screen[None]):
 
         with Store(self.app.db_path) as store:
             items = EvalStore(store).scored_items(run_id)
-        if column not in ("macro", "macro w/o others"):
+        if column not in ("macro", "macro w/o others", "every class"):
             items = [i for i in items if i["category"] == column]
         elif column == "macro w/o others":
             items = [i for i in items if i["category"] != "others"]
