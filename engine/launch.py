@@ -209,6 +209,10 @@ def _no_gpu_for(accelerate: dict) -> str | None:
         return None
     if os.path.exists("/dev/kfd"):
         return None
+    try:
+        import pynvml  # noqa: F401 - without it nothing can be said: the launch goes ahead
+    except ImportError:
+        return None
     from engine.gpu import GpuSampler, GpuUnavailable
 
     try:
