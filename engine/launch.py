@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -201,25 +202,36 @@ def check_launch(stage: Stage, recipe: Recipe, accelerate_config: str, num_proce
 
 
 def _no_gpu_for(accelerate: dict) -> str | None:
-    """Why a GPU config cannot have its GPUs here (None: a CPU config, or GPUs found). Asked of NVML, not
-    torch (the console launches too, and never loads torch); a ROCm machine, which NVML cannot see, passes."""
+    """Why a GPU config cannot have its GPUs here (None: a CPU config, GPUs found, or nothing known). Asked
+    of NVML, not torch (the console launches too, and never loads torch); only a clear "none" refuses: a
+    ROCm machine, which NVML cannot see, passes, and RLHF_GPU_CHECK=0 skips the question."""
     kind = accelerate["distributed_type"]
     gpus = kind in ("MULTI_GPU", "FSDP", "DEEPSPEED") or (kind == "NO" and accelerate.get("gpu_ids"))
     if accelerate.get("use_cpu") or not gpus:
         return None
-    if os.path.exists("/dev/kfd"):
+    if os.environ.get("RLHF_GPU_CHECK") == "0" or os.path.exists("/dev/kfd"):
+        return None
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return "CUDA_VISIBLE_DEVICES hides every GPU"
+    try:
+        import pynvml
+    except ImportError:  # nothing can be said: the launch goes ahead
         return None
     try:
-        import pynvml  # noqa: F401 - without it nothing can be said: the launch goes ahead
-    except ImportError:
-        return None
-    from engine.gpu import GpuSampler, GpuUnavailable
-
+        pynvml.nvmlInit()
+    except pynvml.NVMLError_LibraryNotFound:
+        # A container given CUDA without NVML's library still has the GPUs' device files.
+        return None if any(Path("/dev").glob("nvidia[0-9]*")) else "no NVIDIA driver and no /dev/nvidia* device"
+    except pynvml.NVMLError_DriverNotLoaded:
+        return "the NVIDIA driver is not loaded"
+    except pynvml.NVMLError:
+        return None  # another failure says nothing of the GPUs: the launch goes ahead
     try:
-        GpuSampler().close()
-    except GpuUnavailable as err:
-        return str(err)
-    return None
+        return None if pynvml.nvmlDeviceGetCount() > 0 else "the NVIDIA driver reports no GPU"
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def _resumed_launch(db: Path, run_id: int, accelerate_config: str | None,
@@ -228,11 +240,19 @@ def _resumed_launch(db: Path, run_id: int, accelerate_config: str | None,
     if accelerate_config:
         return accelerate_config, num_processes
     with Store(db) as store:
-        launch = json.loads(store.run(run_id).get("launch") or "null") or {}
+        run = store.run(run_id)
+    launch = json.loads(run.get("launch") or "null") or {}
     if not launch.get("accelerate_config"):
-        raise RecipeError(f"--accelerate-config: run {run_id} was started in its own terminal (rlhf train), not "
+        raise RecipeError(f"--accelerate-config: run {run_id} last ran in a terminal of its own (rlhf train), not "
                           "launched, so none is recorded: give the one to launch it with")
-    return launch["accelerate_config"], num_processes if num_processes is not None else launch.get("num_processes")
+    if int(read_accelerate_config(launch["accelerate_config"]).get("num_machines") or 1) > 1:
+        raise RecipeError(f"--accelerate-config: run {run_id} ran on several machines; each resumes with its own "
+                          "config (its machine_rank), as it was launched")
+    if num_processes is None:
+        # As many processes as it trained with: the config file may have been edited since.
+        world = run.get("world_size") or 0
+        num_processes = launch.get("num_processes") or (world if world > 1 else None)
+    return launch["accelerate_config"], num_processes
 
 
 def _check_same_world(db: Path, run_id: int, accelerate_config: str, num_processes: int | None,
@@ -337,11 +357,12 @@ def record_exit(
             if killer and tail:
                 tail = tail if tail.endswith("\n") else tail + "\n"
             fields["error"] = (tail + (killer or "")) or f"exited with code {exit_code} before writing to its log"
-        elif status == "failed" and log_path is not None:
-            # Another rank killed (kill -9, the OOM killer) shows in rank 0 as a broken collective: the
-            # trainer's own error says "connection closed by peer"; its last line should say why.
-            killer = killed_by(exit_code, log_tail(log_path, start=log_start))
-            if killer and killer not in run["error"]:
+        elif status == "failed" and log_path is not None and not killed and \
+                re.search(r"exitcode\s*:\s*-9\b", log_tail(log_path, start=log_start)):
+            # Another rank killed (kill -9, the OOM killer: torchrun's report gives its exit code as -9) shows
+            # in rank 0 as a broken collective, "connection closed by peer": its last line should say why.
+            killer = "a process of the run was killed by SIGKILL (the kernel's OOM killer, or kill -9)"
+            if killer not in run["error"]:
                 fields["error"] = run["error"].rstrip("\n") + "\n" + killer
         elif status != "failed":
             fields["error"] = run["error"]  # none where a look's guess is replaced

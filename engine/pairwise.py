@@ -226,7 +226,7 @@ def judge_pairs(judge: Any, jobs: Iterable[tuple[tuple[int, str], str]], stop: t
     a reply without a conclusion asked again once."""
     from engine.judge import request_key
 
-    def one(prompt: str) -> tuple[str, str | None, str]:
+    def one(prompt: str, dropped: threading.Event) -> tuple[str, str | None, str]:
         request = judge.request(prompt)
         key = request_key(request)
         cached = cached_verdict(judge, prompt)
@@ -235,7 +235,7 @@ def judge_pairs(judge: Any, jobs: Iterable[tuple[tuple[int, str], str]], stop: t
         calls = [0]
         reply = ""
         for _ in range(2):
-            reply, p, c = judge.call(request, calls)
+            reply, p, c = judge.call(request, calls, dropped)
             if parse_verdict(reply) is not None:
                 break
         if judge.cache is not None and parse_verdict(reply) is not None:  # no conclusion: asked again next time
@@ -245,7 +245,7 @@ def judge_pairs(judge: Any, jobs: Iterable[tuple[tuple[int, str], str]], stop: t
     from engine.judge.endpoint import CallFailed, as_completed_calls
 
     # A refusal (JudgeRefused) ends this at once: every queued call would be refused too, none is made.
-    calls = ((job, (prompt,)) for job, prompt in jobs)
+    calls = ((job, (prompt, judge.batch_event)) for job, prompt in jobs)  # as each call starts
     for job, future in as_completed_calls(one, calls, judge.concurrency, stop, judge.drop_in_flight):
         try:
             key, verdict, reply = future.result()

@@ -144,9 +144,13 @@ def test_sigterm_through_launch_stops_both_ranks_at_the_same_step(workdir):
                               str(ACCEL / "cpu.yaml")], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "run 1 trained with 2 processes; " in refused.stderr, refused.stderr[-2000:]
     assert "--allow-change" in refused.stderr and run_row(1)["status"] == "stopped"
-    # Without --accelerate-config, the run's own (the console's r does the same).
+    alone = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1"], capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 2 and "trained with 2 processes; rlhf train runs one" in alone.stderr, alone.stderr
+    # Without --accelerate-config, the run's own, with as many processes as it trained with (the console's r
+    # does the same), whatever its config file says by now.
     again = prepare("sft", None, [], None, resume_run=1)
     assert str(ACCEL / "cpu_ddp.yaml") in again.argv and run_row(1)["status"] == "pending"
+    assert again.argv[again.argv.index("--num_processes") + 1] == "2"
 
 
 def test_resume_refuses_what_cannot_be_resumed(workdir):
@@ -178,25 +182,23 @@ def test_lora_with_parameter_sharding_is_refused_before_launch(workdir):
     assert not (workdir / "runs.db").exists()
 
 
-def _gpus_here() -> bool:
-    from engine.gpu import GpuSampler, GpuUnavailable
+def test_launches_that_would_not_run_as_asked_are_refused_before_anything_is_registered(workdir, monkeypatch):
+    from engine.config import RecipeError, load_recipe
+    from engine.launch import check_launch, prepare
 
-    try:
-        GpuSampler().close()
-        return True
-    except GpuUnavailable:
-        return False
-
-
-def test_launches_that_would_not_run_as_asked_are_refused_before_anything_is_registered(workdir):
-    from engine.config import RecipeError
-    from engine.launch import prepare
-
-    if not _gpus_here():  # a GPU config here would start its 8 processes on the CPU
+    if not any(Path("/dev").glob("nvidia[0-9]*")) and not Path("/dev/kfd").exists():
+        # No GPU here: a GPU config would start its (8) processes on the CPU
         for config in ("gpu.yaml", "ddp.yaml", "zero2.yaml", "multinode.yaml"):
             with pytest.raises(RecipeError, match=rf"{config} runs on GPUs and this machine has none \(.+\): .*"
                                                   r"cpu.yaml or cpu_ddp.yaml"):
                 prepare("sft", str(TINY), [], str(ACCEL / config))
+        monkeypatch.setenv("RLHF_GPU_CHECK", "0")  # the way past the question, for a machine it misjudges
+        check_launch("sft", load_recipe(str(TINY), [], "sft"), str(ACCEL / "ddp.yaml"))
+        monkeypatch.delenv("RLHF_GPU_CHECK")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # whatever the machine has, none is to be used
+    with pytest.raises(RecipeError, match=r"ddp.yaml runs on GPUs and this machine has none \(CUDA_VISIBLE_DEVICES"):
+        prepare("sft", str(TINY), [], str(ACCEL / "ddp.yaml"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
 
     with pytest.raises(RecipeError, match=r"--num-processes 12: .*cpu.yaml runs one process .*cpu_ddp.yaml"):
         prepare("sft", str(TINY), [], str(ACCEL / "cpu.yaml"), num_processes=12)

@@ -125,11 +125,13 @@ class EndpointJudge:
             given = 0.0
         return min(max(given, self.backoff_s * (2**attempt) * (0.5 + random.random())), MAX_WAIT_S)
 
-    def call(self, request: dict[str, Any], calls: list[int]) -> tuple[str, int, int]:
+    def call(self, request: dict[str, Any], calls: list[int],
+             dropped: threading.Event | None = None) -> tuple[str, int, int]:
         """One reply, retrying transient failures; raises CallFailed after the last try or at once for a
-        refusal of this call, JudgeRefused for one of every call (a bad key, an unknown model)."""
+        refusal of this call, JudgeRefused for one of every call (a bad key, an unknown model). `dropped`:
+        the event of the batch it belongs to (drop_in_flight sets it); by default the judge's current one."""
         openai = self._openai
-        dropped = self._stop  # this call's: drop_in_flight sets it, and gives later calls a new one
+        dropped = dropped or self._stop
         transient = (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError,
                      CallFailed, ValueError)
         last = ""
@@ -162,8 +164,8 @@ class EndpointJudge:
         """An error message with the key cut out (a server may echo it back in a 401's body)."""
         return text.replace(self._key, "***") if self._key and len(self._key) >= 8 else text
 
-    def judge(self, prompt: str, answer: str) -> tuple[str, Verdict]:
-        """(cache key, verdict) for one judge prompt."""
+    def judge(self, prompt: str, answer: str, dropped: threading.Event | None = None) -> tuple[str, Verdict]:
+        """(cache key, verdict) for one judge prompt (`dropped`: as `call`'s)."""
         request = self.request(prompt)
         key = request_key(request)
         cached = self._cached_scored(key, answer)
@@ -174,7 +176,7 @@ class EndpointJudge:
         try:
             reply = ""
             for _ in range(2):  # a reply without a score is asked again once
-                reply, p, c = self.call(request, calls)
+                reply, p, c = self.call(request, calls, dropped)
                 tokens = [tokens[0] + p, tokens[1] + c]
                 if parse_score(reply, answer).score is not None:
                     break
@@ -206,10 +208,16 @@ class EndpointJudge:
         """(job id, cache key, verdict) for each (job id, prompt, answer), as they complete, at most
         `concurrency` calls in flight. Once `stop` is set nothing new is started; what is in flight is
         dropped (its result is simply not yielded)."""
-        calls = ((job_id, (prompt, answer)) for job_id, prompt, answer in jobs)
+        # Each call holds the event of when it was started: one started just before a drop sees it set.
+        calls = ((job_id, (prompt, answer, self.batch_event)) for job_id, prompt, answer in jobs)
         for job_id, future in as_completed_calls(self.judge, calls, self.concurrency, stop, self.drop_in_flight):
             key, verdict = future.result()
             yield job_id, key, verdict
+
+    @property
+    def batch_event(self) -> threading.Event:
+        """The event that drop_in_flight sets for the calls started until then: each call is handed it."""
+        return self._stop
 
     def drop_in_flight(self) -> None:
         """The calls still running are dropped (their caller ended early: a stop, a refusal of every call):
