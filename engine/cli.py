@@ -429,13 +429,12 @@ def main(argv: list[str] | None = None) -> int:
                 # Checked before the claim, as a launch does: a resume refused leaves the run as it was (a
                 # claimed run that never starts would stay pending, with no process for any look to judge).
                 checked = validate(args.stage, recipe, overrides)
-                with Store(db) as store:
-                    world = store.run(args.resume_run).get("world_size") or 1
-                if world > 1 and not args.allow_change:  # as a launch refuses another count: its global batch
-                    raise RecipeError(f"run {args.resume_run} trained with {world} processes; rlhf train runs one: "
-                                      f"resume it with rlhf launch {args.stage} --resume-run {args.resume_run}, or "
-                                      "add --allow-change to continue it on one")
                 with Store(db) as store:  # as a launch does: one resume wins, the old stop and error are cleared
+                    world = store.run(args.resume_run).get("world_size") or 1
+                    if world > 1 and not args.allow_change:  # as a launch refuses another count: its global batch
+                        raise RecipeError(f"run {args.resume_run} trained with {world} processes; rlhf train runs "
+                                          f"one: resume it with rlhf launch {args.stage} --resume-run "
+                                          f"{args.resume_run}, or add --allow-change to continue it on one")
                     if not store.claim_for_resume(args.resume_run, change):
                         raise RecipeError(f"run {args.resume_run} is being resumed or is still running")
                 os.environ[RUN_ID_ENV] = str(args.resume_run)

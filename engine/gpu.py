@@ -7,6 +7,7 @@ driver's own reason, and the caller shows that instead of a panel.
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass, field
 
@@ -41,6 +42,35 @@ def _bytes_or_none(value: int | None) -> int | None:
     # NVML reports "not available" (under MIG, or without the rights to see another user's process) as a
     # huge sentinel or None
     return None if value is None or value >= 2**63 else int(value)
+
+
+def no_gpu_here() -> str | None:
+    """Why this machine has no GPU for a run, or None where it has one or nothing is known. Asked of NVML,
+    not torch (the console launches too, and never loads torch). Only a clear "none" answers: a ROCm
+    machine, which NVML cannot see, passes, and RLHF_GPU_CHECK=0 skips the question."""
+    if os.environ.get("RLHF_GPU_CHECK") == "0" or os.path.exists("/dev/kfd"):
+        return None
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return "CUDA_VISIBLE_DEVICES hides every GPU"
+    try:
+        import pynvml
+    except ImportError:  # nothing can be said: the launch goes ahead
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError_LibraryNotFound:
+        # A container given CUDA without NVML's library still has the GPUs' device files.
+        return None if glob.glob("/dev/nvidia[0-9]*") else "no NVIDIA driver and no /dev/nvidia* device"
+    except pynvml.NVMLError_DriverNotLoaded:
+        return "the NVIDIA driver is not loaded"
+    except pynvml.NVMLError:
+        return None  # another failure says nothing of the GPUs
+    try:
+        return None if pynvml.nvmlDeviceGetCount() > 0 else "the NVIDIA driver reports no GPU"
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
 
 
 class GpuSampler:

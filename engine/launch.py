@@ -127,13 +127,15 @@ def prepare(
     if resume_run is not None:
         # The recipe as runs.db recorded it (overrides applied, paths absolute), from any directory.
         recipe_path, overrides, change = resume_recipe(db, resume_run, stage, overrides, allow_change)
-        accelerate_config, num_processes = _resumed_launch(db, resume_run, accelerate_config, num_processes)
+        with Store(db) as store:
+            resumed = store.run(resume_run)
+        accelerate_config, num_processes = _resumed_launch(resumed, accelerate_config, num_processes)
     if not accelerate_config:
         raise RecipeError("--accelerate-config: the run is launched with it (e.g. configs/accelerate/cpu.yaml)")
     recipe = validate(stage, recipe_path, overrides)
     accelerate = check_launch(stage, recipe, accelerate_config, num_processes)
     if resume_run is not None and not allow_change:
-        _check_same_world(db, resume_run, accelerate_config, num_processes, accelerate)
+        _check_same_world(resumed, accelerate_config, num_processes, accelerate)
     machine_rank = int(accelerate.get("machine_rank") or 0)
     if machine_rank > 0:
         if run_id is None:
@@ -202,45 +204,22 @@ def check_launch(stage: Stage, recipe: Recipe, accelerate_config: str, num_proce
 
 
 def _no_gpu_for(accelerate: dict) -> str | None:
-    """Why a GPU config cannot have its GPUs here (None: a CPU config, GPUs found, or nothing known). Asked
-    of NVML, not torch (the console launches too, and never loads torch); only a clear "none" refuses: a
-    ROCm machine, which NVML cannot see, passes, and RLHF_GPU_CHECK=0 skips the question."""
+    """Why a GPU config cannot have its GPUs here (None: a CPU config, or see `no_gpu_here`)."""
     kind = accelerate["distributed_type"]
     gpus = kind in ("MULTI_GPU", "FSDP", "DEEPSPEED") or (kind == "NO" and accelerate.get("gpu_ids"))
     if accelerate.get("use_cpu") or not gpus:
         return None
-    if os.environ.get("RLHF_GPU_CHECK") == "0" or os.path.exists("/dev/kfd"):
-        return None
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return "CUDA_VISIBLE_DEVICES hides every GPU"
-    try:
-        import pynvml
-    except ImportError:  # nothing can be said: the launch goes ahead
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError_LibraryNotFound:
-        # A container given CUDA without NVML's library still has the GPUs' device files.
-        return None if any(Path("/dev").glob("nvidia[0-9]*")) else "no NVIDIA driver and no /dev/nvidia* device"
-    except pynvml.NVMLError_DriverNotLoaded:
-        return "the NVIDIA driver is not loaded"
-    except pynvml.NVMLError:
-        return None  # another failure says nothing of the GPUs: the launch goes ahead
-    try:
-        return None if pynvml.nvmlDeviceGetCount() > 0 else "the NVIDIA driver reports no GPU"
-    except pynvml.NVMLError:
-        return None
-    finally:
-        pynvml.nvmlShutdown()
+    from engine.gpu import no_gpu_here
+
+    return no_gpu_here()
 
 
-def _resumed_launch(db: Path, run_id: int, accelerate_config: str | None,
+def _resumed_launch(run: dict[str, Any], accelerate_config: str | None,
                     num_processes: int | None) -> tuple[str | None, int | None]:
-    """The accelerate config and process count a resume runs with: those given, else the run's own."""
+    """The accelerate config and process count a resume of `run` runs with: those given, else the run's own."""
     if accelerate_config:
         return accelerate_config, num_processes
-    with Store(db) as store:
-        run = store.run(run_id)
+    run_id = run["id"]
     launch = json.loads(run.get("launch") or "null") or {}
     if not launch.get("accelerate_config"):
         raise RecipeError(f"--accelerate-config: run {run_id} last ran in a terminal of its own (rlhf train), not "
@@ -255,12 +234,11 @@ def _resumed_launch(db: Path, run_id: int, accelerate_config: str | None,
     return launch["accelerate_config"], num_processes
 
 
-def _check_same_world(db: Path, run_id: int, accelerate_config: str, num_processes: int | None,
+def _check_same_world(run: dict[str, Any], accelerate_config: str, num_processes: int | None,
                       accelerate: dict) -> None:
     """Another number of processes changes a run mid-curve (its global batch, which records each rank
     reads): refused unless the resume allows changes, as another --set is."""
-    with Store(db) as store:
-        before = store.run(run_id).get("world_size")
+    run_id, before = run["id"], run.get("world_size")
     if accelerate["distributed_type"] == "NO":
         now = 1
     else:
