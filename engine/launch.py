@@ -217,10 +217,13 @@ def _no_gpu_for(accelerate: dict) -> str | None:
 def _resumed_launch(run: dict[str, Any], accelerate_config: str | None,
                     num_processes: int | None) -> tuple[str | None, int | None]:
     """The accelerate config and process count a resume of `run` runs with: those given, else the run's own."""
+    launch = json.loads(run.get("launch") or "null") or {}
     if accelerate_config:
+        if num_processes is None and launch.get("accelerate_config") == str(Path(accelerate_config).resolve()):
+            # The config it was launched with, given again: with the process count it was launched with too.
+            num_processes = launch.get("num_processes")
         return accelerate_config, num_processes
     run_id = run["id"]
-    launch = json.loads(run.get("launch") or "null") or {}
     if not launch.get("accelerate_config"):
         raise RecipeError(f"--accelerate-config: run {run_id} last ran in a terminal of its own (rlhf train), not "
                           "launched, so none is recorded: give the one to launch it with")

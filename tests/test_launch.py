@@ -119,7 +119,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(workdir):
 
 def test_sigterm_through_launch_stops_both_ranks_at_the_same_step(workdir):
     """The stop reaches every rank; they agree on the step (an all-reduce) and save one checkpoint."""
-    args = [*RLHF, "launch", "sft", str(TINY), "--accelerate-config", str(ACCEL / "cpu_ddp.yaml"),
+    # A config that says 4 processes, launched with 2: what the run trained with is what --num-processes said.
+    four = Path("ddp4.yaml")
+    four.write_text((ACCEL / "cpu_ddp.yaml").read_text().replace("num_processes: 2", "num_processes: 4"))
+    args = [*RLHF, "launch", "sft", str(TINY), "--accelerate-config", str(four), "--num-processes", "2",
             "--set", "train.max_steps=2000", "--set", "train.logging_steps=1", "--set", "train.save_steps=1000"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
@@ -149,8 +152,13 @@ def test_sigterm_through_launch_stops_both_ranks_at_the_same_step(workdir):
     # Without --accelerate-config, the run's own, with as many processes as it trained with (the console's r
     # does the same), whatever its config file says by now.
     again = prepare("sft", None, [], None, resume_run=1)
-    assert str(ACCEL / "cpu_ddp.yaml") in again.argv and run_row(1)["status"] == "pending"
+    assert str(four.resolve()) in again.argv and run_row(1)["status"] == "pending"
     assert again.argv[again.argv.index("--num_processes") + 1] == "2"
+    with Store(os.environ["RLHF_DB"]) as store:  # as if that resume had ended at once
+        store.update_run(1, status="stopped", exit_code=0)
+    # Its own config given again: with the process count it was launched with too, not the file's 4.
+    same = prepare("sft", None, [], str(four), resume_run=1)
+    assert same.argv[same.argv.index("--num_processes") + 1] == "2"
 
 
 def test_resume_refuses_what_cannot_be_resumed(workdir):
