@@ -43,6 +43,9 @@ def test_reward_rises_and_the_kl_controller_follows_its_target(workdir):
     for name in TRLX_NAMES:
         assert [s for s, _ in metric(run_id, name)] == list(range(1, 25)), name
     assert values(run_id, "policy/kl_per_token")[0] == 0.0  # step 0: the policy is the reference
+    # The toy reward asks for one letter: the policy's answers narrow, its sampled entropy falls.
+    entropy = values(run_id, "policy/entropy_per_token")
+    assert len(entropy) == 24 and min(entropy) > 0 and sum(entropy[-4:]) < sum(entropy[:4])
     # Adaptive control: the coefficient moves up when the KL is above target and down when below.
     coef = values(run_id, "kl_ctl_value")  # the coefficient each step's rewards paid: step 1's is the initial one
     assert coef[0] == 0.05

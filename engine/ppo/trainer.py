@@ -427,6 +427,10 @@ class PPOTrainer:
             "rollout_scores/scaled_mean": self._global_mean(scores),
             "policy/kl_per_token": self._global_masked_mean(log_ratio, mask),
             "policy/kl_k3_per_token": self._global_masked_mean(kl_k3, mask),
+            # −log p of the tokens sampled: the policy's entropy per token, estimated from its own samples
+            # (exactly so under plain sampling; with temperature or top-k/p, a cross-entropy). It falls as
+            # the policy collapses onto a few answers, before the reward or the KL shows it.
+            "policy/entropy_per_token": -self._global_masked_mean(old_logprobs, mask),
             "policy/sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
             "kl_ctl_value": kl_coef,
             "values/mean": self._global_masked_mean(old_values, mask),
