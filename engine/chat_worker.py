@@ -81,30 +81,32 @@ class EndpointModel:
 
     def answer(self, turns: list[Turn], sampling: dict[str, Any],
                cancelled: Callable[[], bool]) -> Iterator[Any]:
-        import openai
-
         from engine.pieces import Piece
 
         # top_k is not part of the chat-completions protocol; temperature, top_p, seed and the length are.
         request = dict(model=self.model, messages=[{"role": t.role, "content": t.content} for t in turns],
                        stream=True, temperature=sampling["temperature"], top_p=sampling["top_p"],
                        max_tokens=sampling["max_new_tokens"], seed=sampling["seed"])
-        stream = None
-        if self.usage:  # the true token count, in a last chunk of its own; servers that predate it refuse it
-            try:
-                stream = self.client.chat.completions.create(**request, stream_options={"include_usage": True})
-            except openai.BadRequestError as err:
-                if "stream_options" not in str(err):
-                    raise
-                self.usage = False
-        if stream is None:
-            stream = self.client.chat.completions.create(**request)
+        # The call runs in a thread of its own: a stop must end the answer at once, also while the server
+        # has sent nothing yet (a queue before the first token can take minutes), not at its next chunk.
+        # Left behind, the thread ends with its call.
+        chunks_in: queue.Queue[tuple[str, Any]] = queue.Queue()
+        left = threading.Event()
+        threading.Thread(target=self._pump, args=(request, chunks_in, left), daemon=True).start()
         # Until the usage chunk says otherwise, a stream chunk counts as one token, as it is for most servers.
         chunks, tokens, finish = 0, None, None
         text = []
         try:
-            for chunk in stream:
-                if cancelled():
+            while True:
+                try:
+                    kind, chunk = chunks_in.get(timeout=0.05)
+                except queue.Empty:
+                    if cancelled():
+                        break
+                    continue
+                if kind == "error":
+                    raise chunk
+                if kind == "end" or cancelled():
                     break
                 if getattr(chunk, "usage", None) and chunk.usage.completion_tokens is not None:
                     tokens = chunk.usage.completion_tokens
@@ -118,10 +120,35 @@ class EndpointModel:
                     text.append(choice.delta.content)
                     yield Piece(text[-1], chunks)
         finally:
-            stream.close()
+            left.set()
         if finish is None and not cancelled():
             finish = "cut"  # the stream ended (a dropped connection, a proxy's timeout) before the answer did
         yield Piece("".join(text), chunks if tokens is None else tokens, final=True, finish=finish)
+
+    def _pump(self, request: dict[str, Any], out: queue.Queue, left: threading.Event) -> None:
+        """Stream one answer's chunks into `out`, then ("end", None), or ("error", exception); it stops reading
+        once the answer is `left`."""
+        import openai
+
+        try:
+            stream = None
+            if self.usage:  # the true token count, in a last chunk of its own; servers that predate it refuse it
+                try:
+                    stream = self.client.chat.completions.create(**request, stream_options={"include_usage": True})
+                except openai.BadRequestError as err:
+                    if "stream_options" not in str(err):
+                        raise
+                    self.usage = False
+            if stream is None:
+                stream = self.client.chat.completions.create(**request)
+            with stream:
+                for chunk in stream:
+                    if left.is_set():
+                        return
+                    out.put(("chunk", chunk))
+            out.put(("end", None))
+        except Exception as err:  # noqa: BLE001 - raised again in the answer's own thread
+            out.put(("error", err))
 
 
 def serve(model: Any) -> None:

@@ -8,6 +8,8 @@ import os
 import shutil
 import signal
 import sqlite3
+import threading
+import time
 
 import pytest
 
@@ -650,6 +652,54 @@ def test_an_endpoint_answer_counts_the_tokens_and_the_finish_its_server_reports(
         assert [("stream_options" in call) for call in server.calls] == [True, False, False]  # asked once
     else:
         assert (done[1]["tokens"], done[2]["tokens"]) == (10, 4)
+
+
+def test_a_stop_ends_an_endpoint_answer_before_its_server_sends_anything():
+    """A server that sends nothing for minutes (a queue before the first token): the cancel ends the answer
+    while the server still holds the call, and the next question is answered."""
+    import subprocess
+    import sys
+
+    from tests.judge_server import JudgeServer
+
+    release, waits = threading.Event(), []
+
+    def script(body: dict, index: int) -> tuple:
+        if index == 0:
+            waits.append(release.wait(120))  # False: the cancel waited for the server
+        return ("reply", "abcdef")
+
+    server = JudgeServer(script)
+    worker = subprocess.Popen([sys.executable, "-m", "engine.chat_worker", "--endpoint", server.url,
+                               "--endpoint-model", "m", "--key-env", ""],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(rid: int) -> None:
+        worker.stdin.write(json.dumps({"op": "generate", "id": rid, "messages": [{"role": "user", "content": "hi"}],
+                                       "sampling": {"temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                                                    "max_new_tokens": 64, "seed": 0}}) + "\n")
+        worker.stdin.flush()
+
+    try:
+        assert json.loads(worker.stdout.readline())["event"] == "ready"
+        ask(1)
+        while len(server.calls) < 1:  # the call is at the server, which holds it
+            time.sleep(0.02)
+        worker.stdin.write(json.dumps({"op": "cancel", "id": 1}) + "\n")
+        worker.stdin.flush()
+        stopped = json.loads(worker.stdout.readline())
+        release.set()
+        assert (stopped["event"], stopped["id"], stopped["finish"], stopped["text"]) == ("done", 1, "cancelled", "")
+        ask(2)
+        while (event := json.loads(worker.stdout.readline()))["event"] == "token":
+            pass
+        assert (event["id"], event["text"], event["finish"]) == (2, "abcdef", "eos")
+    finally:
+        release.set()
+        worker.stdin.close()
+        worker.wait(30)
+        server.close()
+    assert waits == [True]
 
 
 def test_an_endpoints_worker_never_imports_torch():
