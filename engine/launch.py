@@ -28,7 +28,17 @@ from typing import IO, Any
 from engine.accelerate_file import read_accelerate_config
 from engine.config import Recipe, RecipeError, Stage
 from engine.procs import group_alive, kill_group, not_ours, process_alive, process_start, run_processes_gone, same_group
-from engine.run import DB_ENV, EXIT_STOPPED, LAUNCHED_ENV, LOG_NAME, RUN_ID_ENV, last_alive, register_run, resume_recipe
+from engine.run import (
+    DB_ENV,
+    EXIT_STOPPED,
+    LAUNCHED_ENV,
+    LOG_NAME,
+    RUN_ID_ENV,
+    Presses,
+    last_alive,
+    register_run,
+    resume_recipe,
+)
 from engine.store import Store, default_db_path
 from engine.train import validate
 
@@ -410,13 +420,13 @@ def supervise(run: Prepared, echo: bool = False) -> int:
             stop_asked = store.set_process(run.run_id, proc.pid, proc.pid, process_start(proc.pid),
                                            supervisor=(os.getpid(), process_start(os.getpid())))
 
-    asked = 0
+    presses = Presses()
 
     def forward(signum: int, frame: object) -> None:
-        nonlocal asked
-        asked += 1
+        if not presses.press():
+            return
         try:
-            os.killpg(proc.pid, signal.SIGTERM if asked == 1 else signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGTERM if presses.count == 1 else signal.SIGKILL)
         except ProcessLookupError:
             pass
 
@@ -429,14 +439,14 @@ def supervise(run: Prepared, echo: bool = False) -> int:
         exit_code = _echo_until_exit(proc, run.log_path, offset, sys.stdout.buffer) if echo else proc.wait()
         # A stop sent to the run's group (the console's, `rlhf stop`) never reached this process, and a
         # one-process launcher dies at once on it while the trainer under it is still saving: ask runs.db.
-        stopping = bool(asked or stop_asked or (run.registered and _stop_requested(db, run.run_id)))
+        stopping = bool(presses.count or stop_asked or (run.registered and _stop_requested(db, run.run_id)))
         killed = _wait_for_group(proc.pid, stop_grace_s() if stopping else LINGER_S)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     status = None
     if run.registered:
-        status = record_exit(db, run.run_id, exit_code, stop_requested=asked > 0, log_path=run.log_path,
+        status = record_exit(db, run.run_id, exit_code, stop_requested=presses.count > 0, log_path=run.log_path,
                              pgid=proc.pid, killed=killed, log_start=offset)
     return EXIT_STOPPED if status == "stopped" else exit_code
 

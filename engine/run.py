@@ -300,6 +300,31 @@ def _raise_stop() -> None:
     raise StopRequested()
 
 
+_clock = time.monotonic  # the clock Presses read (a test sets its own)
+
+
+class Presses:
+    """A user's stop signals, counted: the second one means "now". One press can arrive twice, though: a
+    wrapper that passes its own Ctrl-C on (`timeout --foreground`) delivers it right after the terminal did,
+    and a second press taken from that would end a run unsaved. A signal within `SAME_S` of the first is
+    that first one again."""
+
+    SAME_S = 0.2
+
+    def __init__(self) -> None:
+        self.clock = _clock
+        self.count = 0
+        self.first = 0.0
+
+    def press(self) -> bool:
+        """Count a signal; False when it was the first one delivered again (nothing to do)."""
+        now = self.clock()
+        if self.count and now - self.first < self.SAME_S:
+            return False
+        self.count += 1
+        self.first = self.first or now
+        return True
+
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what a run of this process takes as its stop
 
 
@@ -319,8 +344,14 @@ def catch_stops(on_stop: Callable[[], None], what: str) -> None:
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, lambda signum, frame: on_stop())
 
+    presses = Presses()
+
     def interrupt(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not presses.press():
+            return
+        if presses.count > 1:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         line = f"\nCtrl-C: {what}; Ctrl-C again to end it at once, unsaved\n"
         try:
             sys.stderr.write(line)

@@ -433,6 +433,37 @@ def test_a_stop_whose_exception_python_dropped_still_stops_the_trainer(monkeypat
         signal.signal(signal.SIGINT, before[1])
 
 
+def test_one_ctrl_c_delivered_twice_is_one_stop_and_a_second_press_ends_the_run(monkeypatch):
+    """`timeout --foreground rlhf train ...`: the terminal's Ctrl-C reaches the run, and timeout passes its own
+    copy on right after. Taken as a second press, it ended the run unsaved (failed, 130)."""
+    from engine import run
+
+    now = [100.0]
+    monkeypatch.setattr(run, "_clock", lambda: now[0])
+    monkeypatch.delenv(run.LAUNCHED_ENV, raising=False)
+    stops = []
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGHUP)
+    try:
+        run.catch_stops(lambda: stops.append(now[0]), "stopping after this step, with a checkpoint")
+        signal.raise_signal(signal.SIGINT)
+        assert stops == [100.0]
+        now[0] += 0.01
+        signal.raise_signal(signal.SIGINT)  # the same Ctrl-C, passed on by the wrapper
+        assert stops == [100.0]
+        now[0] += 1.0
+        with pytest.raises(KeyboardInterrupt):  # a press of its own: at once, unsaved
+            signal.raise_signal(signal.SIGINT)
+        assert stops == [100.0]
+    finally:
+        for signum, handler in zip((signal.SIGTERM, signal.SIGINT, signal.SIGHUP), before):
+            signal.signal(signum, handler)
+    # `rlhf launch` counts its signals so (the second kills the run's processes): the same rule.
+    presses = run.Presses()
+    assert [presses.press() for _ in range(2)] == [True, False] and presses.count == 1
+    now[0] += 1.0
+    assert presses.press() and presses.count == 2
+
+
 def test_a_run_in_this_process_puts_back_the_signal_handlers_it_found(workdir):
     from engine.config import load_recipe
     from engine.run import StopRequested, tracked_run
