@@ -334,8 +334,9 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                     counts["scored"] += 1
             if judged:
                 metrics.update({"eval/judged": counts["judged"], "eval/unscored": counts["unscored"],
-                                "eval/failed": counts["failed"],
-                                "eval/score_mean": counts["score_sum"] / max(counts["scored"], 1)})
+                                "eval/failed": counts["failed"]})
+                if counts["scored"]:  # not one score yet: no mean, not a mean of 0
+                    metrics["eval/score_mean"] = counts["score_sum"] / counts["scored"]
             store.log_metrics(run_id, counts["answered"] + counts["judged"], metrics)
             # A terminal (and the run's log) hears how far it got, not only the console's progress bar.
             say_progress(counts["answered"] + counts["judged"] + counts["failed"] >= 2 * n)
@@ -375,13 +376,19 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
 
             failed = counts["failed"]
             print(f"judged {counts['judged']} of {n}: {counts['scored']} scored, {counts['unscored']} unscored, "
-                  f"{failed} failed calls" + (f" (to retry them: {resume_hint('eval', run_id, db_path)})"
-                                              if failed else ""), flush=True)
+                  f"{failed} failed calls", flush=True)
             try:
                 written = write_results(evals, run_id, config, handle.output_dir)
                 print(f"results: {', '.join(str(p) for p in written)}", flush=True)
             except OSError as err:  # runs.db holds them all the same: a full disk here fails nothing
                 print(f"results: not written to {handle.output_dir} ({err}); rlhf eval table has them", flush=True)
+            if failed:
+                from engine.judge.endpoint import JudgeRefused
+
+                # Done means every question has its verdict: means over the others are not this run's result
+                # (the score table shows them, unranked), and a script must not carry on from them.
+                raise JudgeRefused(f"{failed} of {n} judge calls failed, the first: {problems[0]}; the other "
+                                   f"verdicts are kept; to ask those again: {resume_hint('eval', run_id, db_path)}")
     return handle.run_id, handle.status
 
 
@@ -401,7 +408,7 @@ def write_results(evals: Any, run_id: int, config: EvalConfig, folder: Path) -> 
                 "item_id", "category", "class", "question", "reference", "answer", "answer_tokens", "finished",
                 "judge", "score", "status", "problem", "reply")}, ensure_ascii=False) + "\n")
     judge = next((r["judge"] for r in rows if r.get("judge")), "")
-    table.write_text(render([reference_row(), summarize(config.name, rows, run_id, judge)]), encoding="utf-8")
+    table.write_text(render([reference_row(), summarize(config.shown_name(), rows, run_id, judge)]), encoding="utf-8")
     return [answers, table]
 
 

@@ -208,42 +208,58 @@ def _scored(row: Row) -> bool:
     return row.run_id is not None and any(cell.mean is not None for cell in row.cells.values())
 
 
+def _whole(row: Row) -> bool:
+    """Every question of the run judged: one with failed or pending calls averages fewer questions."""
+    return row.cells[MACRO].missing == 0 if MACRO in row.cells else True
+
+
 def ranked_group(rows: Sequence[Row]) -> tuple[str, str]:
     """(judge, questions) of the runs ranked against each other: the judge that scored most runs, then the
     set of questions most of its runs hold (the first to appear, on a tie). Another judge's means are on
     another scale, and another subset's are means over other questions: they are shown, not ranked. A run
-    without a single score (a judge that was down) counts for neither."""
-    judges = [r.judge for r in rows if _scored(r) and r.judge]
+    without a single score (a judge that was down), or with questions not judged, counts for neither."""
+    ranked = [r for r in rows if _scored(r) and _whole(r)]
+    judges = [r.judge for r in ranked if r.judge]
     judge = max(dict.fromkeys(judges), key=judges.count) if judges else ""
-    sets = [r.questions for r in rows if _scored(r) and r.judge == judge]
+    sets = [r.questions for r in ranked if r.judge == judge]
     return judge, (max(dict.fromkeys(sets), key=sets.count) if sets else "")
 
 
 def ranking_note(rows: Sequence[Row]) -> str | None:
-    """What the bold best leaves out, where the scored runs are not all of one judge and one question set."""
+    """What the bold best leaves out, where the scored runs are not all of one judge and one question set,
+    all of it judged."""
     judge, questions = ranked_group(rows)
     scored = [r for r in rows if _scored(r)]
-    if all(r.judge == judge and r.questions == questions for r in scored):
+    ranked = [r for r in scored if r.judge == judge and r.questions == questions and _whole(r)]
+    if len(ranked) == len(scored):
         return None
-    size = next(r.size for r in scored if r.judge == judge and r.questions == questions)
+    partial = [r for r in scored if not _whole(r)]
+    if partial:
+        where = ", ".join(f"run {r.run_id} ({r.cells[MACRO].missing} of {r.size})" for r in partial)
+        unjudged = f"questions not judged, their means over fewer questions: {where}"
+    if not ranked:
+        return f"no run is marked best: every scored run has {unjudged}; resume them to judge the rest"
     why = [reason for differs, reason in (
         (any(r.judge != judge for r in scored), "another judge's scores are on another scale"),
-        (any(r.questions != questions for r in scored), "a run of other questions averages other questions"),
+        (any(r.questions != questions for r in scored if _whole(r)),
+         "a run of other questions averages other questions"),
+        (bool(partial), unjudged if partial else ""),
     ) if differs]
-    return f"best is marked among the runs judged by {judge} on the same {size} questions only ({'; '.join(why)})"
+    return (f"best is marked among the runs judged by {judge} on the same {ranked[0].size} questions only "
+            f"({'; '.join(why)})")
 
 
 def best_per_column(rows: Sequence[Row]) -> dict[str, set[int]]:
     """Indices of the measured rows holding each column's highest mean as shown (three decimals: two rows
     that read the same are both best, not one by float noise), among the runs of `ranked_group`; the
-    published reference row is there to compare with, not to compete."""
+    published reference row is there to compare with, not to compete. A column of one run has no best."""
     best: dict[str, set[int]] = {}
     judge, questions = ranked_group(rows)
     for column in COLUMNS:
         values = [(round(r.cells[column].mean, 3), k) for k, r in enumerate(rows) if r.run_id is not None
-                  and r.judge == judge and r.questions == questions and r.cells.get(column)
+                  and r.judge == judge and r.questions == questions and _whole(r) and r.cells.get(column)
                   and r.cells[column].mean is not None]
-        if values:
+        if len(values) > 1:  # the best of one run says nothing
             top = max(v for v, _ in values)
             best[column] = {k for v, k in values if v == top}
     return best

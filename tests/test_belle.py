@@ -151,7 +151,11 @@ def test_summaries_count_unscored_apart_and_intervals_bracket_the_mean():
     for cell in row.cells.values():
         assert cell.low <= cell.mean <= cell.high
     table = render([reference_row(), row])
-    assert "**1.000" in table and "0.728" in table  # best marked among measured rows; published row shown
+    assert "**" not in table and "0.728" in table  # the best of one run says nothing; published row shown
+    lower = summarize("b", [dict(i, score=0.5) if i["category"] == "others" and i["score"] is not None else i
+                            for i in _items(base)], run_id=2)
+    table = render([reference_row(), row, lower])
+    assert "| a (evaluation run 1) | **1.000" in table and "| b (evaluation run 2) | 0.500" in table  # ties: both
     as_json = json.loads(render([row], "json"))
     assert as_json[0]["columns"]["others"]["unscored"] == 1
     assert "others unscored" in render([row], "csv").splitlines()[0]
@@ -201,7 +205,8 @@ def test_runs_of_two_judges_are_never_paired_nor_ranked_and_a_tie_as_shown_is_a_
             "judge's scores are on another scale)") in table
     # A judge that never scored (down for every call) ranks nothing: its failed run left every column plain.
     down = summarize("d", [dict(i, score=None, status="failed", judge="openai:down") for i in llm], 25, "openai:down")
-    downs = [reference_row(), down, down, summarize("a", llm, 7, "openai:gpt-4o")]
+    downs = [reference_row(), down, down, summarize("a", llm, 7, "openai:gpt-4o"),
+             summarize("e", [dict(i, score=0.7) for i in llm], 8, "openai:gpt-4o")]
     assert best_per_column(downs)[MACRO] == {3}
     # A run of 7 of the questions is not the best of the 18-question runs for having done well on 7.
     subset = summarize("s", [dict(i, score=0.95) for i in llm[:7]], 26, "openai:gpt-4o")
@@ -211,6 +216,18 @@ def test_runs_of_two_judges_are_never_paired_nor_ranked_and_a_tie_as_shown_is_a_
     assert all(2 not in marked for marked in best.values()) and best[llm[0]["category"]] == {1}
     assert ("best is marked among the runs judged by openai:gpt-4o on the same 18 questions only (a run of other "
             "questions averages other questions)") in render(mixed)
+    # A run whose calls failed on 6 of the 18 questions averages the other 12: shown, not the best for it.
+    failed = [dict(i, score=None, status="failed") if k % 3 == 0 else dict(i, score=0.99) for k, i in enumerate(llm)]
+    partial = [reference_row(), summarize("a", llm, 7, "openai:gpt-4o"), summarize("p", failed, 9, "openai:gpt-4o"),
+               summarize("e", [dict(i, score=0.7) for i in llm], 8, "openai:gpt-4o")]
+    best = best_per_column(partial)
+    assert best[MACRO] == {1} and all(2 not in marked for marked in best.values())
+    assert ("best is marked among the runs judged by openai:gpt-4o on the same 18 questions only (questions not "
+            "judged, their means over fewer questions: run 9 (6 of 18))") in render(partial)
+    only_partial = [reference_row(), partial[2], partial[2]]
+    assert ("no run is marked best: every scored run has questions not judged, their means over fewer questions: "
+            "run 9 (6 of 18), run 9 (6 of 18); resume them to judge the rest") in render(only_partial)
+    assert not best_per_column(only_partial)
     # One judge, means that differ in the eighth decimal (same answers, float noise): both best, as shown.
     close = [summarize(name, [dict(i, score=i["score"] + eps) for i in llm], k, "openai:gpt-4o")
              for k, (name, eps) in enumerate((("a", 0.0), ("b", 1e-8)), start=1)]

@@ -344,7 +344,7 @@ async def test_the_score_table_exports_and_says_why_it_cannot(workdir):
         exports.unlink()
         await pilot.press("e")
         await wait_for(pilot, lambda: (exports / "scores.csv").is_file(), 20, "the export")
-        assert "| base (evaluation run 1) | **0.500" in (exports / "scores.md").read_text(encoding="utf-8")
+        assert "| base (evaluation run 1) | 0.500" in (exports / "scores.md").read_text(encoding="utf-8")
         assert (exports / "scores.csv").stat().st_mode & 0o077 == 0  # for its owner only
 
 

@@ -17,7 +17,7 @@ from engine.belle import CATEGORIES
 from engine.store import EvalStore, Store
 from engine.train import run_stage
 from tests.conftest import RLHF, TINY
-from tests.helpers import run_row
+from tests.helpers import metric, run_row
 from tests.judge_server import JudgeServer, first_slot, hanging_at, score_by_answer
 
 KEY = "sk-never-on-disk-7f3a9c"
@@ -296,12 +296,40 @@ def test_a_judge_that_never_gives_a_score_fails_the_run_and_is_asked_again_once_
         assert result.returncode == 1, result.stderr[-2000:]
         assert "the judge replied 3 times without a score it could read, the first: 'I am sorry" in result.stderr
         assert run_row(1)["status"] == "failed"
+        assert metric(1, "eval/score_mean") == [] and metric(1, "eval/unscored")  # no mean, not a mean of 0
         asked = len(server.calls)
         fixed.set()
         resumed = rlhf_eval("belle", "--resume-run", "1", env=env)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert "judged 3 of 3: 3 scored, 0 unscored" in resumed.stdout
         assert len(server.calls) == asked + 3  # not answered from a cache of the replies without a score
+    finally:
+        server.close()
+    with Store(os.environ["RLHF_DB"]) as store:
+        assert [j["status"] for j in EvalStore(store).judgments(1)] == ["scored"] * 3
+
+
+def test_an_evaluation_with_some_failed_judge_calls_is_not_done_and_its_resume_asks_only_those(workdir):
+    """Done means every question has its verdict: with one call failed (after its retries), the run fails,
+    its other verdicts and its results files kept, and its resume asks that one question again."""
+    write_sample(workdir / "belle", per_class=1)
+    server = JudgeServer(lambda body, index: ("status", 500, "upstream overloaded") if index == 0
+                         else score_by_answer(body, index))
+    env = {"THE_JUDGE_KEY": KEY}
+    try:
+        result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server), "--limit", "3",
+                           "--judge-retries", "0", env=env)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "judged 2 of 3: 2 scored, 0 unscored, 1 failed calls" in result.stdout
+        assert "error: 1 of 3 judge calls failed, the first: " in result.stderr
+        assert f"to ask those again: rlhf eval belle --resume-run 1 --db {os.environ['RLHF_DB']}" in result.stderr
+        row = run_row(1)
+        assert row["status"] == "failed" and "1 of 3 judge calls failed" in row["error"]
+        answers = (Path(row["output_dir"]) / "answers.jsonl").read_text(encoding="utf-8").splitlines()
+        assert len(answers) == 3 and sum(json.loads(a)["score"] is not None for a in answers) == 2
+        resumed = rlhf_eval("belle", "--resume-run", "1", env=env)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert len(server.calls) == 4 and run_row(1)["status"] == "done"
     finally:
         server.close()
     with Store(os.environ["RLHF_DB"]) as store:
