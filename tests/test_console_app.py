@@ -217,10 +217,13 @@ async def test_gpu_panel_without_a_driver_and_the_rest_still_works(workdir):
         assert isinstance(app.screen, GpuScreen)
         status = str(app.screen.query_one("#gpu-status", Static).render())
         assert "No GPU panel" in status and "NVML Shared Library Not Found" in status
-        await pilot.press("escape")
-        assert app.screen is app.home
+        await pilot.press("q")  # back, as on every screen but the runs one; it quit the console
+        assert app.screen is app.home and app.is_running
         await pilot.press("n")
         assert isinstance(app.screen, LaunchScreen)
+        assert not isinstance(app.focused, Input)  # the stage select: q reaches the screen
+        await pilot.press("q")
+        assert app.screen is app.home and app.is_running
 
 
 @sync

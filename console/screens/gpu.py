@@ -11,7 +11,7 @@ from console.widgets.gpu_panel import GpuPanel
 
 
 class GpuScreen(Screen):
-    BINDINGS = [Binding("escape,g", "app.pop_screen", "Back to runs")]
+    BINDINGS = [Binding("escape,g,q", "app.pop_screen", "Back to runs")]
 
     def compose(self) -> ComposeResult:
         yield Static("[b]GPUs[/b]  sampled every second", id="gpu-title")

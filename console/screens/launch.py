@@ -142,7 +142,8 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
     LaunchScreen #estimate.-too-big { color: $warning; }
     """
     BINDINGS = [
-        Binding("escape", "cancel", "Back"),
+        # q backs out, as on every screen but the runs one (a field being typed in keeps its q).
+        Binding("escape,q", "cancel", "Back"),
         Binding("ctrl+s", "launch", "Launch"),
         Binding("ctrl+t", "validate", "Validate"),
     ]
