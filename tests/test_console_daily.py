@@ -257,6 +257,29 @@ async def test_a_console_started_elsewhere_with_db_finds_the_projects_recipes(ma
 
 
 @sync
+async def test_a_running_runs_time_moves_on_while_it_writes_nothing(many_runs):
+    """A 7B PPO step writes nothing for minutes: its time cell went on with the clock only at its next write."""
+    import time
+
+    with Store(many_runs) as store:
+        run_id = store.create_run(stage="ppo", name="tiny", recipe="configs/tiny.yaml", config="{}")
+        store.update_run(run_id, status="running", started=time.time() - 30, step=5, total_steps=50)
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and run_id in app.runs, 20, "the runs")
+        table = app.home.query_one(RunTable)
+        column = COLUMNS.index("time")
+
+        def shown() -> str:
+            return str(table.get_row(str(run_id))[column])
+
+        seen = {shown()}  # a first redraw with the first metrics read, then the clock's own
+        assert all(text.endswith("s") for text in seen)
+        await wait_for(pilot, lambda: seen.add(shown()) or len(seen) >= 3, 30,
+                       "the time cell to move on, twice")
+
+
+@sync
 async def test_samples_hide_the_shared_preamble_open_whole_move_a_step_per_press_and_follow(many_runs):
     from textual.widgets import DataTable
 

@@ -133,6 +133,14 @@ class RunsScreen(Screen):
     def on_mount(self) -> None:
         self.query_one(RunTable).focus()
         self.call_after_refresh(self._mount_chart)
+        # A live run's time and ETA move on with the clock, not only when it writes: a 7B PPO step writes
+        # nothing for minutes, and its time cell stood still all along.
+        self.set_interval(RunTable.LIVE_CELLS_S, self._clock_ticked)
+
+    def _clock_ticked(self) -> None:
+        if any(run["status"] == "running" for run in self.app.runs.values()):
+            self.query_one(RunTable).show(self.app.runs, self.app.history, set(self.marked), self.app.pipelines,
+                                          throttle=True)
 
     async def _mount_chart(self) -> None:
         from console.widgets.chart import MetricChart
