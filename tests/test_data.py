@@ -246,3 +246,22 @@ def test_eval_is_held_out_per_source_before_weighting(tmp_path):
     assert [(r.taken, r.held_out) for r in mixture.reports] == [(54, 2), (9, 1)]
     with pytest.raises(DataError, match="holds out no record"):
         load_conversations([DataSource(path=b)], eval_ratio=0.01)
+
+
+def test_an_eval_ratio_that_leaves_nothing_to_train_is_refused_by_the_check(tmp_path):
+    """As the trainer would find it, but before the run is registered (it was registered, then failed)."""
+    from engine.config import load_recipe
+    from engine.data.check import check_stage_data
+    from tests.conftest import TINY
+
+    b = jsonl(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "x"} for i in range(10)])
+    source = f"sft.data=[{{path: {b}}}]"
+    with pytest.raises(DataError, match=r"--set sft.train.eval_ratio=0.99: sft.train.eval_ratio=0.99 holds out "
+                                        r"every record of .*b.jsonl \(10\): none is left to train on"):
+        check_stage_data("sft", load_recipe(TINY, [source, "sft.train.eval_ratio=0.99"]))
+    with pytest.raises(DataError, match=r"sft.train.eval_ratio=0.01 holds out no record of 10"):
+        check_stage_data("sft", load_recipe(TINY, [source, "sft.train.eval_ratio=0.01"]))
+    check_stage_data("sft", load_recipe(TINY, [source, "sft.train.eval_ratio=0.1"]))
+    # More records than the check reads: it cannot know, and says nothing (the trainer still does).
+    big = jsonl(tmp_path / "big.jsonl", [{"instruction": f"c{i}", "output": "x"} for i in range(300)])
+    check_stage_data("sft", load_recipe(TINY, [f"sft.data=[{{path: {big}}}]", "sft.train.eval_ratio=0.001"]))

@@ -46,16 +46,26 @@ def check_stage_data(stage: Stage, recipe: Recipe) -> None:
                              "ppo": ("prompts", "prompt", PROMPT_FORMATS)}[stage]
     items: list[Any] = []
     sources: list[str] = []
+    whole: list[int] = []  # the record counts of the sources read to their end (-1: more than was read)
+    ratio = section.train.eval_ratio if stage != "ppo" else 0.0
     for i, source in enumerate(getattr(section, field)):
         if not Path(source.path).expanduser().exists() and not looks_local(source.path):
+            whole.append(-1)
             continue  # a hub id: read through `datasets` at training
         sample = source.model_copy(update={"limit": min(source.limit or SAMPLE, SAMPLE)})
         try:
-            read, _ = read_source(sample, kind, adapters, recipe.strict_data, sample=True)
+            read, report = read_source(sample, kind, adapters, recipe.strict_data, sample=True)
         except DataError as err:
             raise DataError(f"{stage}.{field}.{i}: {err}") from None
         items += read
         sources += [source.path] * len(read)
+        whole.append(report.used if report.used + report.malformed < sample.limit else -1)
+        if ratio and whole[-1] > 0 and whole[-1] - round(whole[-1] * ratio) <= 0:
+            raise DataError(f"{recipe.where(f'{stage}.train.eval_ratio')}: {stage}.train.eval_ratio={ratio} holds "
+                            f"out every record of {source.path} ({whole[-1]}): none is left to train on")
+    if ratio and whole and all(n >= 0 for n in whole) and not any(round(n * ratio) for n in whole):
+        raise DataError(f"{recipe.where(f'{stage}.train.eval_ratio')}: {stage}.train.eval_ratio={ratio} holds out "
+                        f"no record of {sum(whole)}: the sources are too small; raise it or set 0")
     if stage == "ppo" or not items:
         return
     tokenizer = _tokenizer(recipe.stage_model(stage).path)
