@@ -180,7 +180,7 @@ def test_a_folder_saved_by_datasets_is_read_back_and_checked_before_training(tmp
     recipe = load_recipe(TINY, [f"sft.data=[{{path: {wrong}}}]"])
     with pytest.raises(DataError, match=r"sft.data.0: .*wrong: none of its first"):
         check_stage_data("sft", recipe)
-    check_stage_data("sft", load_recipe(TINY, [f"sft.data=[{{path: {tmp_path / 'one'}}}]"]))
+    check_stage_data("sft", load_recipe(TINY, [f"sft.data=[{{path: {tmp_path / 'one'}}}]", "sft.train.eval_ratio=0"]))
 
 
 def test_a_source_without_usable_records_is_an_error(tmp_path):
