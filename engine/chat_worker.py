@@ -81,6 +81,8 @@ class EndpointModel:
 
     def answer(self, turns: list[Turn], sampling: dict[str, Any],
                cancelled: Callable[[], bool]) -> Iterator[Any]:
+        import openai
+
         from engine.pieces import Piece
 
         # top_k is not part of the chat-completions protocol; temperature, top_p, seed and the length are.
@@ -92,7 +94,11 @@ class EndpointModel:
         # Left behind, the thread ends with its call.
         chunks_in: queue.Queue[tuple[str, Any]] = queue.Queue()
         left = threading.Event()
-        threading.Thread(target=self._pump, args=(request, chunks_in, left), daemon=True).start()
+        # A connection of its own, closed on a stop: the call ends there, and is not sent again by the
+        # client's retries (a stopped question asked again at the server, and paid for).
+        http = openai.DefaultHttpxClient()
+        client = self.client.with_options(http_client=http)
+        threading.Thread(target=self._pump, args=(client, request, chunks_in, left), daemon=True).start()
         # Until the usage chunk says otherwise, a stream chunk counts as one token, as it is for most servers.
         chunks, tokens, finish = 0, None, None
         text = []
@@ -121,11 +127,12 @@ class EndpointModel:
                     yield Piece(text[-1], chunks)
         finally:
             left.set()
+            http.close()
         if finish is None and not cancelled():
             finish = "cut"  # the stream ended (a dropped connection, a proxy's timeout) before the answer did
         yield Piece("".join(text), chunks if tokens is None else tokens, final=True, finish=finish)
 
-    def _pump(self, request: dict[str, Any], out: queue.Queue, left: threading.Event) -> None:
+    def _pump(self, client: Any, request: dict[str, Any], out: queue.Queue, left: threading.Event) -> None:
         """Stream one answer's chunks into `out`, then ("end", None), or ("error", exception); it stops reading
         once the answer is `left`."""
         import openai
@@ -134,13 +141,13 @@ class EndpointModel:
             stream = None
             if self.usage:  # the true token count, in a last chunk of its own; servers that predate it refuse it
                 try:
-                    stream = self.client.chat.completions.create(**request, stream_options={"include_usage": True})
+                    stream = client.chat.completions.create(**request, stream_options={"include_usage": True})
                 except openai.BadRequestError as err:
                     if "stream_options" not in str(err):
                         raise
                     self.usage = False
             if stream is None:
-                stream = self.client.chat.completions.create(**request)
+                stream = client.chat.completions.create(**request)
             with stream:
                 for chunk in stream:
                     if left.is_set():
