@@ -295,7 +295,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                 print(f"answers: {copied} taken from run {config.answers_from}", flush=True)
         n = len(items)
         store.update_run(run_id, total_steps=2 * n)
-        counts = {"answered": 0, "judged": 0, "unscored": 0, "failed": 0, "tokens": 0, "score_sum": 0.0, "scored": 0}
+        counts = {"answered": 0, "judged": 0, "unscored": 0, "failed": 0, "tokens": 0, "score_sum": 0.0, "scored": 0,
+                  "calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "no_usage": 0}  # the last four: spent here
         problems: list[str] = []  # of this stretch's failed calls
         rows = evals.items(run_id)
         counts["answered"] = sum(1 for r in rows if r["answer"] is not None)
@@ -321,6 +322,12 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                 counts["answered"] += answered
                 metrics.update({"eval/answered": counts["answered"], "eval/tokens_per_s": tokens / max(seconds, 1e-9)})
             for verdict in judged or []:
+                counts["calls"] += verdict.calls
+                if verdict.calls and (verdict.prompt_tokens is None or verdict.completion_tokens is None):
+                    counts["no_usage"] += 1
+                else:
+                    counts["prompt_tokens"] += verdict.prompt_tokens or 0
+                    counts["completion_tokens"] += verdict.completion_tokens or 0
                 if verdict.status == "failed":
                     counts["failed"] += 1
                     problems.append(verdict.problem or "no reply")
@@ -377,6 +384,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
             failed = counts["failed"]
             print(f"judged {counts['judged']} of {n}: {counts['scored']} scored, {counts['unscored']} unscored, "
                   f"{failed} failed calls", flush=True)
+            if counts["calls"]:
+                print(spent_line(counts, config.price_per_1k), flush=True)
             try:
                 written = write_results(evals, run_id, config, handle.output_dir)
                 print(f"results: {', '.join(str(p) for p in written)}", flush=True)
@@ -390,6 +399,20 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                 raise JudgeRefused(f"{failed} of {n} judge calls failed, the first: {problems[0]}; the other "
                                    f"verdicts are kept; to ask those again: {resume_hint('eval', run_id, db_path)}")
     return handle.run_id, handle.status
+
+
+def spent_line(counts: dict[str, Any], price_per_1k: float | None) -> str:
+    """What the judge's calls of this stretch cost, as its endpoint reported it (the estimate before it is
+    a guess: the replies' length is not known until they come)."""
+    tokens = counts["prompt_tokens"] + counts["completion_tokens"]
+    line = (f"judge spent: {counts['calls']} calls, {counts['prompt_tokens']:,} prompt + "
+            f"{counts['completion_tokens']:,} completion tokens")
+    if price_per_1k:
+        line += f", ${tokens / 1000 * price_per_1k:,.2f}"
+    if counts["no_usage"]:
+        line += (f" (and {counts['no_usage']} answers' calls whose usage the endpoint did not report: "
+                 "not counted)")
+    return line
 
 
 RESULT_FILES = ("answers.jsonl", "scores.md")

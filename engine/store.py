@@ -929,7 +929,8 @@ class EvalStore:
         rows = self._rows("SELECT * FROM judge_cache WHERE key = ?", [key])
         return rows[0] if rows else None
 
-    def put(self, key: str, judge: str, request: Mapping[str, Any], reply: str, usage: tuple[int, int]) -> None:
+    def put(self, key: str, judge: str, request: Mapping[str, Any], reply: str,
+            usage: tuple[int | None, int | None]) -> None:
         with self.store._write() as db:
             db.conn.execute(
                 "INSERT OR REPLACE INTO judge_cache (key, judge, request, reply, prompt_tokens, completion_tokens, "

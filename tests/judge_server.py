@@ -12,8 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 # What the server does with a call: ("reply", text) | ("status", code[, message]) | ("sleep", seconds, text)
-# | ("malformed",) | ("no-content",) | ("cut", text): streamed, then the connection closes with no finish
-# reason and no [DONE] (a dropped connection, a proxy's timeout)
+# | ("malformed",) | ("no-content",) | ("no-usage", text): a reply that does not report its tokens
+# | ("cut", text): streamed, then the connection closes with no finish reason and no [DONE] (a dropped
+# connection, a proxy's timeout)
 Action = tuple
 
 
@@ -72,6 +73,8 @@ class JudgeServer:
                     "usage": {"prompt_tokens": len(body["messages"][-1]["content"]), "completion_tokens": len(text),
                               "total_tokens": len(body["messages"][-1]["content"]) + len(text)},
                 }
+                if kind == "no-usage":
+                    del reply["usage"]
                 self._send(200, json.dumps(reply, ensure_ascii=False).encode())
 
             def _send(self, code: int, payload: bytes) -> None:

@@ -104,6 +104,9 @@ def test_an_evaluation_killed_midway_resumes_without_gaps_and_reruns_free(workdi
         assert again.returncode == 0, again.stderr
         assert len(server.calls) == calls  # an unchanged re-run asks the judge nothing
         assert f"judge: 0 calls to make ({n} answered by the cache)" in again.stdout
+        assert "judge spent" not in again.stdout
+        with Store(os.environ["RLHF_DB"]) as store:  # and spends nothing: the first run paid
+            assert {(j["calls"], j["prompt_tokens"]) for j in EvalStore(store).judgments(2)} == {(0, 0)}
 
         table = subprocess.run([*RLHF, "eval", "table", "--format", "csv"], capture_output=True, text=True)
         assert table.returncode == 0 and "tiny again" in table.stdout
@@ -313,14 +316,23 @@ def test_an_evaluation_with_some_failed_judge_calls_is_not_done_and_its_resume_a
     """Done means every question has its verdict: with one call failed (after its retries), the run fails,
     its other verdicts and its results files kept, and its resume asks that one question again."""
     write_sample(workdir / "belle", per_class=1)
-    server = JudgeServer(lambda body, index: ("status", 500, "upstream overloaded") if index == 0
-                         else score_by_answer(body, index))
+    def script(body: dict, index: int) -> tuple:
+        if index == 0:
+            return ("status", 500, "upstream overloaded")
+        reply = score_by_answer(body, index)
+        return ("no-usage", reply[1]) if index == 3 else reply  # the resume's call: a server that keeps it
+
+    server = JudgeServer(script)
     env = {"THE_JUDGE_KEY": KEY}
     try:
         result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server), "--limit", "3",
                            "--judge-retries", "0", env=env)
         assert result.returncode == 1, result.stderr[-2000:]
         assert "judged 2 of 3: 2 scored, 0 unscored, 1 failed calls" in result.stdout
+        # What the calls cost as the server reported it (a character a token): the failed one reported nothing.
+        prompt = sum(len(call["messages"][-1]["content"]) for call in server.calls[1:])
+        completion = sum(len(score_by_answer(call, k)[1]) for k, call in enumerate(server.calls) if k)
+        assert f"judge spent: 3 calls, {prompt:,} prompt + {completion:,} completion tokens\n" in result.stdout
         assert "error: 1 of 3 judge calls failed, the first: " in result.stderr
         assert f"to ask those again: rlhf eval belle --resume-run 1 --db {os.environ['RLHF_DB']}" in result.stderr
         row = run_row(1)
@@ -330,6 +342,10 @@ def test_an_evaluation_with_some_failed_judge_calls_is_not_done_and_its_resume_a
         resumed = rlhf_eval("belle", "--resume-run", "1", env=env)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert len(server.calls) == 4 and run_row(1)["status"] == "done"
+        assert ("judge spent: 1 calls, 0 prompt + 0 completion tokens (and 1 answers' calls whose usage the "
+                "endpoint did not report: not counted)") in resumed.stdout
+        with Store(os.environ["RLHF_DB"]) as store:  # unknown, not 0
+            assert sorted(str(j["prompt_tokens"]) for j in EvalStore(store).judgments(1)).count("None") == 1
     finally:
         server.close()
     with Store(os.environ["RLHF_DB"]) as store:

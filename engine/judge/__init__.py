@@ -20,8 +20,8 @@ class Verdict:
     status: str  # scored; unscored (a reply with no score, after one retry); failed (no reply, after retries)
     reply: str = ""  # verbatim
     problem: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: int | None = 0  # spent on it by this run, as the endpoint reported (None: it did not)
+    completion_tokens: int | None = 0
     calls: int = 0  # calls made for it (0: from the cache)
 
 

@@ -105,7 +105,7 @@ class EndpointJudge:
         return {"base_url": self.base_url, "model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens,
                 "messages": [{"role": "user", "content": prompt}]}
 
-    def _call_once(self, request: dict[str, Any]) -> tuple[str, int, int]:
+    def _call_once(self, request: dict[str, Any]) -> tuple[str, int | None, int | None]:
         body = {k: v for k, v in request.items() if k != "base_url"}
         response = self._client.chat.completions.create(**body)
         try:
@@ -114,8 +114,9 @@ class EndpointJudge:
             content = None
         if not isinstance(content, str):
             raise CallFailed("malformed reply: no choices[0].message.content")
-        usage = getattr(response, "usage", None)
-        return content, int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0)
+        usage = getattr(response, "usage", None)  # None where the server does not report it: unknown, not 0
+        prompt, completion = getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None)
+        return content, None if prompt is None else int(prompt), None if completion is None else int(completion)
 
     def _retry_after(self, err: Exception, attempt: int) -> float:
         headers = getattr(getattr(err, "response", None), "headers", None) or {}
@@ -126,7 +127,7 @@ class EndpointJudge:
         return min(max(given, self.backoff_s * (2**attempt) * (0.5 + random.random())), MAX_WAIT_S)
 
     def call(self, request: dict[str, Any], calls: list[int],
-             dropped: threading.Event | None = None) -> tuple[str, int, int]:
+             dropped: threading.Event | None = None) -> tuple[str, int | None, int | None]:
         """One reply, retrying transient failures; raises CallFailed after the last try or at once for a
         refusal of this call, JudgeRefused for one of every call (a bad key, an unknown model). `dropped`:
         the event of the batch it belongs to (drop_in_flight sets it); by default the judge's current one."""
@@ -169,15 +170,15 @@ class EndpointJudge:
         request = self.request(prompt)
         key = request_key(request)
         cached = self._cached_scored(key, answer)
-        if cached is not None:
-            return key, self._verdict(cached["reply"], answer, cached["prompt_tokens"], cached["completion_tokens"], 0)
+        if cached is not None:  # nothing spent for it here (the run that asked first paid)
+            return key, self._verdict(cached["reply"], answer, 0, 0, 0)
         calls = [0]
-        tokens = [0, 0]
+        tokens: list[int | None] = [0, 0]
         try:
             reply = ""
             for _ in range(2):  # a reply without a score is asked again once
                 reply, p, c = self.call(request, calls, dropped)
-                tokens = [tokens[0] + p, tokens[1] + c]
+                tokens = [None if t is None or u is None else t + u for t, u in zip(tokens, (p, c))]
                 if parse_score(reply, answer).score is not None:
                     break
         except CallFailed as err:
@@ -188,7 +189,8 @@ class EndpointJudge:
         return key, verdict
 
     @staticmethod
-    def _verdict(reply: str, answer: str, prompt_tokens: int, completion_tokens: int, calls: int) -> Verdict:
+    def _verdict(reply: str, answer: str, prompt_tokens: int | None, completion_tokens: int | None,
+                 calls: int) -> Verdict:
         parsed = parse_score(reply, answer)
         status = SCORED if parsed.score is not None else UNSCORED
         return Verdict(parsed.score, status, reply, parsed.problem, prompt_tokens, completion_tokens, calls)
