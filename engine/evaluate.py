@@ -289,6 +289,7 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
         run_id = handle.run_id
         evals.add_items(run_id, [{"item_id": i.id, "category": i.category, "class": i.cls, "question": i.question,
                                   "reference": i.reference} for i in items])
+        copied = 0
         if config.answers_from is not None:
             copied = evals.copy_answers(config.answers_from, run_id)
             if copied or resume_run is None:
@@ -305,6 +306,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                 counts["judged"] += 1
                 counts["score_sum"] += j["score"]
                 counts["scored"] += 1
+        if copied:  # answered already: the run's progress says so before its first verdict
+            store.log_metrics(run_id, counts["answered"] + counts["judged"], {"eval/answered": counts["answered"]})
         unscored_replies: list[str] = []  # of this stretch
         said = {"at": None}  # when progress was last printed (the first batch's at once)
 

@@ -29,7 +29,7 @@ class Cell:
     high: float | None = None
     n: int = 0  # scored items
     unscored: int = 0  # judged, no score in the reply
-    missing: int = 0  # not judged (yet), or the call failed
+    not_judged: int = 0  # not judged (yet), or the call failed
 
 
 @dataclass
@@ -110,7 +110,7 @@ def summarize(name: str, items: Sequence[dict[str, Any]], run_id: int | None = N
             means[column], low, high,
             n=sum(1 for i in members if i.get("score") is not None),
             unscored=sum(1 for i in members if i.get("status") == "unscored"),
-            missing=sum(1 for i in members if i.get("status") in (None, "failed")),
+            not_judged=sum(1 for i in members if i.get("status") in (None, "failed")),
         )
     return row
 
@@ -210,7 +210,7 @@ def _scored(row: Row) -> bool:
 
 def _whole(row: Row) -> bool:
     """Every question of the run judged: one with failed or pending calls averages fewer questions."""
-    return row.cells[MACRO].missing == 0 if MACRO in row.cells else True
+    return row.cells[MACRO].not_judged == 0 if MACRO in row.cells else True
 
 
 def ranked_group(rows: Sequence[Row]) -> tuple[str, str]:
@@ -235,7 +235,7 @@ def ranking_note(rows: Sequence[Row]) -> str | None:
         return None
     partial = [r for r in scored if not _whole(r)]
     if partial:
-        where = ", ".join(f"run {r.run_id} ({r.cells[MACRO].missing} of {r.size})" for r in partial)
+        where = ", ".join(f"run {r.run_id} ({r.cells[MACRO].not_judged} of {r.size})" for r in partial)
         unjudged = f"questions not judged, their means over fewer questions: {where}"
     if not ranked:
         return f"no run is marked best: every scored run has {unjudged}; resume them to judge the rest"
@@ -290,7 +290,7 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
             cells = []
             for c in COLUMNS:
                 cell = r.cells[c]
-                cells += [cell.mean, cell.low, cell.high, cell.n, cell.unscored, cell.missing,
+                cells += [cell.mean, cell.low, cell.high, cell.n, cell.unscored, cell.not_judged,
                           int(k in best.get(c, set()))]
             writer.writerow([r.name, r.run_id or "", r.judge, *["" if v is None else v for v in cells]])
         return out.getvalue()
@@ -305,7 +305,7 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     notes = [f"evaluation run {r.run_id}: {f'judged by {r.judge}' if r.judge else 'not judged yet'}; n / unscored "
              "/ not judged per column: " + ", ".join(
-                 f"{c} {r.cells[c].n}/{r.cells[c].unscored}/{r.cells[c].missing}" for c in COLUMNS)
+                 f"{c} {r.cells[c].n}/{r.cells[c].unscored}/{r.cells[c].not_judged}" for c in COLUMNS)
              for r in rows if r.run_id]
     note = ranking_note(rows)
     if note:

@@ -396,6 +396,7 @@ def test_the_reward_model_judges_offline(workdir, monkeypatch):
         subset = EvalStore(store).scored_items(3)
     no_reference = [r for r in subset if not r["reference"]]
     assert len(subset) == 6 and len(no_reference) == 2
+    assert metric(3, "eval/answered")[0] == (6, 6.0)  # copied: answered before its first verdict, as it shows
     full = {r["item_id"]: r["score"] for r in rows}
     assert all(r["score"] == pytest.approx(full[r["item_id"]], abs=1e-6) for r in no_reference)
 

@@ -125,10 +125,10 @@ class ScoresScreen(SaysWorkerFailures, Screen[None]):
         if row.run_id is None:
             text = f"{row.name} · {column}: {cell.mean:.3f} (as published)"
         elif cell.mean is None:
-            text = f"run {row.run_id} · {column}: no score yet ({cell.missing} not judged, {cell.unscored} unscored)"
+            text = f"run {row.run_id} · {column}: no score yet ({cell.not_judged} not judged, {cell.unscored} unscored)"
         else:
             text = (f"run {row.run_id} · {column}: {cell.mean:.3f} [{cell.low:.3f}, {cell.high:.3f}] · n {cell.n} · "
-                    f"unscored {cell.unscored} · not judged {cell.missing} · {row.judge}")
+                    f"unscored {cell.unscored} · not judged {cell.not_judged} · {row.judge}")
         self.query_one("#cell-info", Static).update(Text(terminal_safe(text), no_wrap=True, overflow="ellipsis"))
 
     def on_data_table_cell_selected(self, event: DataTable.CellSelected) -> None:
