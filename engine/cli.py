@@ -158,18 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
                 and action.help:
             action.help += f" (default: {field.default})"
     table = eval_sub.add_parser("table", help="the score table of every evaluation run")
-    table.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    table.add_argument("--format", choices=("md", "csv", "json"), default="md",
+                       help="Markdown (best in bold), CSV (a best flag per cell) or JSON (default: md)")
     table.add_argument("--runs", help="comma-separated run ids (default: every evaluation run)")
     table.add_argument("--delta", nargs=2, type=int, metavar=("A", "B"), help="paired deltas of run B against run A")
     table.add_argument("--db", default=None, help=DB_HELP)
     pair = eval_sub.add_parser("pairwise", help="a judge compares two evaluation runs' answers in both orders")
     pair.add_argument("a", type=int, help="evaluation run A")
     pair.add_argument("b", type=int, help="evaluation run B")
-    pair.add_argument("--judge-url")
-    pair.add_argument("--judge-model")
-    pair.add_argument("--judge-key-env", default="OPENAI_API_KEY")
-    pair.add_argument("--concurrency", type=int, default=8)
-    pair.add_argument("--judge-retries", type=int, default=5, metavar="N")
+    pair.add_argument("--judge-url", help="base URL of an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1")
+    pair.add_argument("--judge-model", help="the judge model's name at that endpoint (required: no default "
+                      "model is a fair referee of two others)")
+    pair.add_argument("--judge-key-env", default="OPENAI_API_KEY",
+                      help="environment variable that holds the endpoint's key, never stored (default: OPENAI_API_KEY)")
+    pair.add_argument("--concurrency", type=int, default=8, help="judge calls in flight (default: 8)")
+    pair.add_argument("--judge-retries", type=int, default=5, metavar="N",
+                      help="tries after a judge call's first failure (a timeout, a 429 or 5xx), with backoff "
+                      "(default: 5)")
     pair.add_argument("--db", default=None, help=DB_HELP)
     return parser
 
