@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import time
 from typing import Any
 
@@ -62,7 +63,12 @@ def error_summary(error: str | None) -> str:
     """What a recorded error says happened: its last non-blank line (a traceback's exception; the line a
     supervisor adds about a kill)."""
     lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    # An exception's module path takes the room the reason needs (a status line is cut at 80 columns):
+    # "engine.data.records.DataError: x" reads as "DataError: x".
+    return _MODULE_PATH.sub("", lines[-1]) if lines else ""
+
+
+_MODULE_PATH = re.compile(r"^(?:[a-z_][\w]*\.)+(?=[A-Z]\w*: )")
 
 
 def stop_outcome(run: dict[str, Any]) -> str:

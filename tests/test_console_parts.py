@@ -358,3 +358,15 @@ def test_a_pipelines_evaluation_is_not_named_for_its_pipeline_twice(tmp_path):
                                   pipeline_id=pipeline_id)
         run, pipeline = store.run(run_id), store.pipeline(pipeline_id)
     assert str(cells(run, History(), False, pipeline=pipeline)[2]) == "tiny ppo · pipeline 1 4/4"
+
+
+def test_an_errors_summary_is_its_last_line_without_the_exceptions_module_path():
+    from engine.run_facts import error_summary
+
+    trace = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+             "engine.data.records.DataError: a.jsonl: no record\n")
+    assert error_summary(trace) == "DataError: a.jsonl: no record"
+    assert error_summary("step 40\nits launcher was killed by SIGKILL (the kernel's OOM killer, or kill -9)\n") == (
+        "its launcher was killed by SIGKILL (the kernel's OOM killer, or kill -9)")
+    assert error_summary("RuntimeError: CUDA out of memory. Tried to allocate") == (
+        "RuntimeError: CUDA out of memory. Tried to allocate")

@@ -385,9 +385,10 @@ class RunsScreen(Screen):
         if table.text_filter:
             filters.append(f"find={table.text_filter!r}")
         sort = f"sort {table.sort_by}{' ↓' if table.sort_reverse else ' ↑'}"
-        extra = "  ".join([sort, *filters])
+        # A filter first, where 80 columns never cut it off: a table that hides runs must say so.
+        shown = f"[{'  '.join(filters)}] " if filters else ""
         if run is None:
-            self._set_info(extra)
+            self._set_info(f"{shown}{sort}")
             return
         status = shown_status(run)
         note = f" ({run['note']})" if run.get("note") else ""  # whole here: the table's cell may be cut
@@ -402,7 +403,7 @@ class RunsScreen(Screen):
                 text += f" ({error_summary(pipeline['error'])[:60]})"
         if status in ("failed", "diverged") and run.get("error"):
             text += f" · {error_summary(run['error'])[:60]}"
-        self._set_info(f"{text}   {extra}")
+        self._set_info(f"{shown}{text}   {sort}")
 
     def _set_info(self, text: str) -> None:
         if text != self._info:  # an update re-lays out the screen even when the text is the same
