@@ -443,6 +443,9 @@ async def test_log_search_finds_marks_and_moves_between_hits_and_n_is_new_run_ag
         await wait_for(pilot, lambda: log.is_vertical_scroll_end and "new lines" not in str(progress.render()), 10)
         await pilot.press("escape")  # search off: n is New run again
         await wait_for(pilot, lambda: not view.term, 10, "the search to end")
+        assert app.focused is log
+        await pilot.press("escape")  # and back to the runs: up and down move the selection again
+        await wait_for(pilot, lambda: app.focused is home.query_one(RunTable), 10, "the table's focus")
         await pilot.press("n")
         await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen), 10, "the launch form")
 

@@ -619,6 +619,13 @@ class RunsScreen(Screen):
             box.value = ""
             box.display = False
             event.stop()
+        elif event.key == "escape" and focused is not None and self.maximized is None and \
+                not isinstance(focused, Input) and not self.log_view.term and \
+                self.query_one(TabbedContent) in focused.ancestors:
+            # Back from the log, the samples or the metric list to the runs, whose keys then work again (as
+            # 1 and 3 give them back; with the log, up and down had scrolled a pane one could not see focused).
+            self.query_one(RunTable).focus()
+            event.stop()
 
     def action_note(self) -> None:
         from console.screens.dialogs import NoteScreen

@@ -133,7 +133,7 @@ class LogView(Vertical):
     def _progress(self) -> None:
         # The log's last, unfinished line (a progress bar); and, while the view is not at the end, that it is
         # not following: new lines land below unseen.
-        held = f"↓ {self.unseen:,} new lines below (e follows)  " if self.unseen else ""
+        held = f"↓ {self.unseen:,} new line{'s' if self.unseen != 1 else ''} below (e follows)  " if self.unseen else ""
         self.query_one("#log-progress", Static).update(Text(held + self.pending))
 
     def clear(self, note: str = "") -> None:
