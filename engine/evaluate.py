@@ -467,9 +467,9 @@ def start_detached_resume(run_id: int, db_path: str | Path) -> None:
     writes its runs/<id>/train.log, and is stopped through its own group. What would make it fail at once
     (the run is not an evaluation or is running; its eval folder, judge or reward model is gone) is raised
     here instead, where the caller can show it."""
-    import subprocess
     import sys
 
+    from engine.procs import spawn_detached
     from engine.run import LOG_NAME, settled
     from engine.store import Store
 
@@ -483,9 +483,8 @@ def start_detached_resume(run_id: int, db_path: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     # Into its log from its first line (what fails before the run takes its log over is seen there too).
     with open(folder / LOG_NAME, "ab") as log:
-        subprocess.Popen([sys.executable, "-m", "engine.cli", "eval", "belle", "--resume-run", str(run_id), "--db",
-                          str(Path(db_path).resolve())], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                         start_new_session=True)
+        spawn_detached([sys.executable, "-m", "engine.cli", "eval", "belle", "--resume-run", str(run_id), "--db",
+                        str(Path(db_path).resolve())], log)
 
 
 def config_from_run(db_path: str | Path, run_id: int) -> EvalConfig:

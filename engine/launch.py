@@ -27,7 +27,16 @@ from typing import IO, Any
 
 from engine.accelerate_file import read_accelerate_config
 from engine.config import Recipe, RecipeError, Stage
-from engine.procs import group_alive, kill_group, not_ours, process_alive, process_start, run_processes_gone, same_group
+from engine.procs import (
+    group_alive,
+    kill_group,
+    not_ours,
+    process_alive,
+    process_start,
+    run_processes_gone,
+    same_group,
+    spawn_detached,
+)
 from engine.run import (
     DB_ENV,
     EXIT_STOPPED,
@@ -484,8 +493,7 @@ def start_detached(run: Prepared) -> int:
     launch_file = run.save()
     argv = [sys.executable, "-m", "engine.launch", "supervise", str(launch_file)]
     with open(run.log_path, "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True)
+        proc = spawn_detached(argv, log)
     if run.registered:
         # Until the supervisor records the run's process group, the supervisor is what the row names: a
         # supervisor that dies before that leaves a run that is seen to be gone, not pending forever.

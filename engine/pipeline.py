@@ -349,8 +349,9 @@ def start_detached(pipeline_id: int, db_path: str | os.PathLike) -> Path:
     try:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
-            subprocess.Popen([sys.executable, "-m", "engine.pipeline", str(pipeline_id), "--db", str(db_path)],
-                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            from engine.procs import spawn_detached
+
+            spawn_detached([sys.executable, "-m", "engine.pipeline", str(pipeline_id), "--db", str(db_path)], log)
     except OSError as err:  # recorded, so that the pipeline's row says why it never ran (and resume can retry)
         with Store(db_path) as store:
             store.update_pipeline(pipeline_id, status="failed", ended=time.time(), error=f"could not start: {err}")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import threading
+from typing import IO, Sequence
 
 
 def process_start(pid: int) -> int | None:
@@ -137,3 +140,13 @@ def run_processes_gone(run: dict) -> bool:
     # No group: an in-process run that is not a group leader, or a launch whose supervisor has not
     # recorded the group yet: the recorded process (the run's own, or its supervisor) tells.
     return bool(run.get("pid")) and not process_alive(run["pid"], run.get("pgid_started"))
+
+
+def spawn_detached(argv: Sequence[str], log: IO[bytes]) -> subprocess.Popen:
+    """Start `argv` in a session of its own (it outlives its caller and the caller's terminal), stdin closed,
+    its output into `log`. A thread waits for its end: a caller that lives on (the console) keeps no zombie
+    of every run it started."""
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, close_fds=True)
+    threading.Thread(target=proc.wait, name=f"reap {proc.pid}", daemon=True).start()
+    return proc

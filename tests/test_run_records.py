@@ -847,3 +847,15 @@ def test_a_resume_of_a_run_whose_folder_this_user_cannot_read_says_so():
             check_resumable(db, run_id, "sft")
         assert str(raised.value) == (f"run {run_id}: its folder {folder} cannot be read by this user (permission "
                                      "denied): resume it as its owner")
+
+
+def test_a_detached_process_leaves_no_zombie_in_the_process_that_started_it(tmp_path):
+    """The console starts runs, pipelines and evaluation resumes detached and lives on for days: each one
+    that ended stayed in its process table as <defunct> until the next start."""
+    from engine.procs import spawn_detached
+
+    with open(tmp_path / "out.log", "ab") as log:
+        proc = spawn_detached([sys.executable, "-c", "print('done')"], log)
+    assert os.getsid(proc.pid) == proc.pid  # a session of its own
+    wait(lambda: not os.path.exists(f"/proc/{proc.pid}"), 60)  # reaped, not <defunct>
+    assert (tmp_path / "out.log").read_text() == "done\n"
