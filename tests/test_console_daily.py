@@ -66,7 +66,7 @@ async def test_the_acted_on_run_is_always_the_highlighted_one(many_runs):
             await pilot.press("f")
         await wait_for(pilot, lambda: table.row_count == 11, 10, "run 4 filtered out")
         assert table.selected_run() not in (None, 4)
-        assert home.selected == table.selected_run() and info(app).startswith(f"run {home.selected} ")
+        assert home.selected == table.selected_run() and info(app).startswith(f"[status=done] run {home.selected} ")
         while table.status_filter is not None:  # back to every run
             await pilot.press("f")
         await wait_for(pilot, lambda: table.row_count == 12, 10, "every run again")
