@@ -94,8 +94,9 @@ class EndpointModel:
         # Left behind, the thread ends with its call.
         chunks_in: queue.Queue[tuple[str, Any]] = queue.Queue()
         left = threading.Event()
-        # A connection of its own, closed on a stop: the call ends there, and is not sent again by the
-        # client's retries (a stopped question asked again at the server, and paid for).
+        # A connection of its own, closed on a stop: the client's retries then fail at once instead of
+        # sending the stopped question again (asked again at the server, and paid for). A read already
+        # waiting on the socket may still wait for the server's next bytes; nobody reads them.
         http = openai.DefaultHttpxClient()
         client = self.client.with_options(http_client=http)
         threading.Thread(target=self._pump, args=(client, request, chunks_in, left), daemon=True).start()

@@ -356,51 +356,53 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
             print(f"answer: {len(todo)} question{'s' if len(todo) != 1 else ''} to answer with {config.checkpoint}",
                   flush=True)
             _answer(config, items, todo, evals, run_id, stop, progress)
-        if not stop.requested:
-            from engine.judge.endpoint import JudgeRefused
-            from engine.run import resume_hint
+        try:
+            if not stop.requested:
+                from engine.judge.endpoint import JudgeRefused
+                from engine.run import resume_hint
 
-            try:
-                _judge(config, items, evals, run_id, stop, progress)
-            except JudgeRefused as err:  # the run fails with the reason; every stored answer and verdict stays
-                raise JudgeRefused(f"{err}; then continue it: {resume_hint('eval', run_id, db_path)}") from None
-            if unscored_replies and counts["scored"] == 0 and not stop.requested:
-                # Replies, not one score in them: the judge's model or prompt is wrong for this, not noise.
-                raise JudgeRefused(f"the judge replied {len(unscored_replies)} times without a score it could "
-                                   f"read, the first: {unscored_replies[0][:200]!r}; is --judge-model right for "
-                                   f"a 0-1 score? every answer is kept: continue it (the unscored are asked "
-                                   f"again): {resume_hint('eval', run_id, db_path)}")
-            if problems and counts["judged"] == 0 and not stop.requested:
-                # Not one verdict (an endpoint that is down, a wrong URL): a failed run, not a done one with
-                # nothing in it that a script would carry on from.
-                raise JudgeRefused(f"every judge call failed ({len(problems)} items), the first: "
-                                   f"{problems[0]}; every answer is kept: once the judge answers, continue it: "
-                                   f"{resume_hint('eval', run_id, db_path)}")
-        if stop.requested:
-            handle.status = "stopped"
-            # In the run's log too (the line after the run's end reaches the terminal only).
-            print(f"stopped: {counts['answered']} of {n} answered, {counts['judged']} judged; every answer and "
-                  f"verdict so far is kept", flush=True)
-        else:
-            from engine.run import resume_hint
+                try:
+                    _judge(config, items, evals, run_id, stop, progress)
+                except JudgeRefused as err:  # the run fails with the reason; every stored answer and verdict stays
+                    raise JudgeRefused(f"{err}; then continue it: {resume_hint('eval', run_id, db_path)}") from None
+                if unscored_replies and counts["scored"] == 0 and not stop.requested:
+                    # Replies, not one score in them: the judge's model or prompt is wrong for this, not noise.
+                    raise JudgeRefused(f"the judge replied {len(unscored_replies)} times without a score it could "
+                                       f"read, the first: {unscored_replies[0][:200]!r}; is --judge-model right for "
+                                       f"a 0-1 score? every answer is kept: continue it (the unscored are asked "
+                                       f"again): {resume_hint('eval', run_id, db_path)}")
+                if problems and counts["judged"] == 0 and not stop.requested:
+                    # Not one verdict (an endpoint that is down, a wrong URL): a failed run, not a done one with
+                    # nothing in it that a script would carry on from.
+                    raise JudgeRefused(f"every judge call failed ({len(problems)} items), the first: "
+                                       f"{problems[0]}; every answer is kept: once the judge answers, continue it: "
+                                       f"{resume_hint('eval', run_id, db_path)}")
+            if stop.requested:
+                handle.status = "stopped"
+                # In the run's log too (the line after the run's end reaches the terminal only).
+                print(f"stopped: {counts['answered']} of {n} answered, {counts['judged']} judged; every answer and "
+                      f"verdict so far is kept", flush=True)
+            else:
+                from engine.run import resume_hint
 
-            failed = counts["failed"]
-            print(f"judged {counts['judged']} of {n}: {counts['scored']} scored, {counts['unscored']} unscored, "
-                  f"{failed} failed calls", flush=True)
+                failed = counts["failed"]
+                print(f"judged {counts['judged']} of {n}: {counts['scored']} scored, {counts['unscored']} unscored, "
+                      f"{failed} failed calls", flush=True)
+                try:
+                    written = write_results(evals, run_id, config, handle.output_dir)
+                    print(f"results: {', '.join(str(p) for p in written)}", flush=True)
+                except OSError as err:  # runs.db holds them all the same: a full disk here fails nothing
+                    print(f"results: not written to {handle.output_dir} ({err}); rlhf eval table has them", flush=True)
+                if failed:
+                    from engine.judge.endpoint import JudgeRefused
+
+                    # Done means every question has its verdict: means over the others are not this run's result
+                    # (the score table shows them, unranked), and a script must not carry on from them.
+                    raise JudgeRefused(f"{failed} of {n} judge calls failed, the first: {problems[0]}; the other "
+                                       f"verdicts are kept; to ask those again: {resume_hint('eval', run_id, db_path)}")
+        finally:  # every end says what was paid: a failed or stopped run's calls cost as much
             if counts["calls"]:
                 print(spent_line(counts, config.price_per_1k), flush=True)
-            try:
-                written = write_results(evals, run_id, config, handle.output_dir)
-                print(f"results: {', '.join(str(p) for p in written)}", flush=True)
-            except OSError as err:  # runs.db holds them all the same: a full disk here fails nothing
-                print(f"results: not written to {handle.output_dir} ({err}); rlhf eval table has them", flush=True)
-            if failed:
-                from engine.judge.endpoint import JudgeRefused
-
-                # Done means every question has its verdict: means over the others are not this run's result
-                # (the score table shows them, unranked), and a script must not carry on from them.
-                raise JudgeRefused(f"{failed} of {n} judge calls failed, the first: {problems[0]}; the other "
-                                   f"verdicts are kept; to ask those again: {resume_hint('eval', run_id, db_path)}")
     return handle.run_id, handle.status
 
 
@@ -408,13 +410,14 @@ def spent_line(counts: dict[str, Any], price_per_1k: float | None) -> str:
     """What the judge's calls of this stretch cost, as its endpoint reported it (the estimate before it is
     a guess: the replies' length is not known until they come)."""
     tokens = counts["prompt_tokens"] + counts["completion_tokens"]
-    line = (f"judge spent: {counts['calls']} calls, {counts['prompt_tokens']:,} prompt + "
+    calls, unreported = counts["calls"], counts["no_usage"]
+    line = (f"judge spent: {calls} call{'s' if calls != 1 else ''}, {counts['prompt_tokens']:,} prompt + "
             f"{counts['completion_tokens']:,} completion tokens")
-    if price_per_1k:
+    if price_per_1k is not None:
         line += f", ${tokens / 1000 * price_per_1k:,.2f}"
-    if counts["no_usage"]:
-        line += (f" (and {counts['no_usage']} answers' calls whose usage the endpoint did not report: "
-                 "not counted)")
+    if unreported:
+        line += (f" (and the calls of {unreported} answer{'s' if unreported != 1 else ''} whose usage the endpoint "
+                 "did not report: not counted)")
     return line
 
 

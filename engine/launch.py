@@ -237,10 +237,12 @@ def _resumed_launch(run: dict[str, Any], accelerate_config: str | None,
                     num_processes: int | None) -> tuple[str | None, int | None]:
     """The accelerate config and process count a resume of `run` runs with: those given, else the run's own."""
     launch = json.loads(run.get("launch") or "null") or {}
+    # As many processes as it trained with: the config file may have been edited since.
+    world = run.get("world_size") or 0
+    own = launch.get("num_processes") or (world if world > 1 else None)
     if accelerate_config:
         if num_processes is None and launch.get("accelerate_config") == str(Path(accelerate_config).resolve()):
-            # The config it was launched with, given again: with the process count it was launched with too.
-            num_processes = launch.get("num_processes")
+            num_processes = own  # the config it was launched with, given again: so is its process count
         return accelerate_config, num_processes
     run_id = run["id"]
     if not launch.get("accelerate_config"):
@@ -249,11 +251,7 @@ def _resumed_launch(run: dict[str, Any], accelerate_config: str | None,
     if int(read_accelerate_config(launch["accelerate_config"]).get("num_machines") or 1) > 1:
         raise RecipeError(f"--accelerate-config: run {run_id} ran on several machines; each resumes with its own "
                           "config (its machine_rank), as it was launched")
-    if num_processes is None:
-        # As many processes as it trained with: the config file may have been edited since.
-        world = run.get("world_size") or 0
-        num_processes = launch.get("num_processes") or (world if world > 1 else None)
-    return launch["accelerate_config"], num_processes
+    return launch["accelerate_config"], own if num_processes is None else num_processes
 
 
 def _check_same_world(run: dict[str, Any], accelerate_config: str, num_processes: int | None,
@@ -493,13 +491,13 @@ def start_detached(run: Prepared) -> int:
     launch_file = run.save()
     argv = [sys.executable, "-m", "engine.launch", "supervise", str(launch_file)]
     with open(run.log_path, "ab") as log:
-        proc = spawn_detached(argv, log)
+        pid, started = spawn_detached(argv, log)
     if run.registered:
         # Until the supervisor records the run's process group, the supervisor is what the row names: a
         # supervisor that dies before that leaves a run that is seen to be gone, not pending forever.
         with Store(run.db_path) as store:
-            store.set_supervisor(run.run_id, proc.pid, process_start(proc.pid))
-    return proc.pid
+            store.set_supervisor(run.run_id, pid, started)
+    return pid
 
 
 @dataclass

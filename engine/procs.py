@@ -142,11 +142,13 @@ def run_processes_gone(run: dict) -> bool:
     return bool(run.get("pid")) and not process_alive(run["pid"], run.get("pgid_started"))
 
 
-def spawn_detached(argv: Sequence[str], log: IO[bytes]) -> subprocess.Popen:
+def spawn_detached(argv: Sequence[str], log: IO[bytes]) -> tuple[int, int | None]:
     """Start `argv` in a session of its own (it outlives its caller and the caller's terminal), stdin closed,
-    its output into `log`. A thread waits for its end: a caller that lives on (the console) keeps no zombie
-    of every run it started."""
+    its output into `log`; returns its pid and start time (read before it can be reaped: a pid alone may be
+    another process's by the time anyone checks). A thread waits for its end: a caller that lives on (the
+    console) keeps no zombie of every run it started."""
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, close_fds=True)
+    started = process_start(proc.pid)
     threading.Thread(target=proc.wait, name=f"reap {proc.pid}", daemon=True).start()
-    return proc
+    return proc.pid, started

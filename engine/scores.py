@@ -239,6 +239,9 @@ def ranking_note(rows: Sequence[Row]) -> str | None:
         unjudged = f"questions not judged, their means over fewer questions: {where}"
     if not ranked:
         return f"no run is marked best: every scored run has {unjudged}; resume them to judge the rest"
+    if len(ranked) < 2:  # one run is nobody's best (best_per_column): nothing is bold to explain
+        return (f"no run is marked best: no two runs were judged by one judge on the same questions, each of them "
+                f"judged{f' ({unjudged})' if partial else ''}")
     why = [reason for differs, reason in (
         (any(r.judge != judge for r in scored), "another judge's scores are on another scale"),
         (any(r.questions != questions for r in scored if _whole(r)),

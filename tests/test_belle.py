@@ -224,6 +224,10 @@ def test_runs_of_two_judges_are_never_paired_nor_ranked_and_a_tie_as_shown_is_a_
     assert best[MACRO] == {1} and all(2 not in marked for marked in best.values())
     assert ("best is marked among the runs judged by openai:gpt-4o on the same 18 questions only (questions not "
             "judged, their means over fewer questions: run 9 (6 of 18))") in render(partial)
+    one_whole = [reference_row(), partial[1], partial[2]]  # nothing bold, and the note does not say otherwise
+    assert not best_per_column(one_whole)
+    assert ("no run is marked best: no two runs were judged by one judge on the same questions, each of them judged "
+            "(questions not judged") in render(one_whole)
     only_partial = [reference_row(), partial[2], partial[2]]
     assert ("no run is marked best: every scored run has questions not judged, their means over fewer questions: "
             "run 9 (6 of 18), run 9 (6 of 18); resume them to judge the rest") in render(only_partial)

@@ -440,7 +440,7 @@ async def test_log_search_finds_marks_and_moves_between_hits_and_n_is_new_run_ag
         await wait_for(pilot, lambda: "↓ 5 new lines below (e follows)" in str(progress.render()), 20, "the note")
         assert int(log.scroll_offset.y) == 120  # the view stayed where the reader is
         await pilot.press("e")
-        await wait_for(pilot, lambda: log.is_vertical_scroll_end and "new lines" not in str(progress.render()), 10)
+        await wait_for(pilot, lambda: log.is_vertical_scroll_end and "new line" not in str(progress.render()), 10)
         await pilot.press("escape")  # search off: n is New run again
         await wait_for(pilot, lambda: not view.term, 10, "the search to end")
         assert app.focused is log

@@ -298,7 +298,7 @@ def test_a_judge_that_never_gives_a_score_fails_the_run_and_is_asked_again_once_
                            env=env)
         assert result.returncode == 1, result.stderr[-2000:]
         assert "the judge replied 3 times without a score it could read, the first: 'I am sorry" in result.stderr
-        assert run_row(1)["status"] == "failed"
+        assert run_row(1)["status"] == "failed" and "judge spent: 6 calls, " in result.stdout  # paid all the same
         assert metric(1, "eval/score_mean") == [] and metric(1, "eval/unscored")  # no mean, not a mean of 0
         asked = len(server.calls)
         fixed.set()
@@ -342,7 +342,7 @@ def test_an_evaluation_with_some_failed_judge_calls_is_not_done_and_its_resume_a
         resumed = rlhf_eval("belle", "--resume-run", "1", env=env)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert len(server.calls) == 4 and run_row(1)["status"] == "done"
-        assert ("judge spent: 1 calls, 0 prompt + 0 completion tokens (and 1 answers' calls whose usage the "
+        assert ("judge spent: 1 call, 0 prompt + 0 completion tokens (and the calls of 1 answer whose usage the "
                 "endpoint did not report: not counted)") in resumed.stdout
         with Store(os.environ["RLHF_DB"]) as store:  # unknown, not 0
             assert sorted(str(j["prompt_tokens"]) for j in EvalStore(store).judgments(1)).count("None") == 1

@@ -855,7 +855,7 @@ def test_a_detached_process_leaves_no_zombie_in_the_process_that_started_it(tmp_
     from engine.procs import spawn_detached
 
     with open(tmp_path / "out.log", "ab") as log:
-        proc = spawn_detached([sys.executable, "-c", "print('done')"], log)
-    assert os.getsid(proc.pid) == proc.pid  # a session of its own
-    wait(lambda: not os.path.exists(f"/proc/{proc.pid}"), 60)  # reaped, not <defunct>
+        pid, started = spawn_detached([sys.executable, "-c", "import time; time.sleep(0.5); print('done')"], log)
+    assert started is not None and os.getsid(pid) == pid  # a session of its own
+    wait(lambda: process_start(pid) != started, 60)  # reaped, not <defunct> (nor its pid taken by another)
     assert (tmp_path / "out.log").read_text() == "done\n"

@@ -620,8 +620,8 @@ class RunsScreen(Screen):
             box.display = False
             event.stop()
         elif event.key == "escape" and focused is not None and self.maximized is None and \
-                not isinstance(focused, Input) and not self.log_view.term and \
-                self.query_one(TabbedContent) in focused.ancestors:
+                not isinstance(focused, Input) and self.query_one(TabbedContent) in focused.ancestors and \
+                not (self.log_view.term and self.log_view in focused.ancestors_with_self):  # that ends the search
             # Back from the log, the samples or the metric list to the runs, whose keys then work again (as
             # 1 and 3 give them back; with the log, up and down had scrolled a pane one could not see focused).
             self.query_one(RunTable).focus()
