@@ -683,7 +683,9 @@ def test_a_stop_ends_an_endpoint_answer_before_its_server_sends_anything():
     try:
         assert json.loads(worker.stdout.readline())["event"] == "ready"
         ask(1)
-        while len(server.calls) < 1:  # the call is at the server, which holds it
+        deadline = time.monotonic() + 60
+        while not server.calls:  # the call is at the server, which holds it
+            assert time.monotonic() < deadline, "the call never reached the server"
             time.sleep(0.02)
         worker.stdin.write(json.dumps({"op": "cancel", "id": 1}) + "\n")
         worker.stdin.flush()

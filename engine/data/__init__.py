@@ -120,6 +120,27 @@ class Mixture(Generic[T]):
     eval_sources: list[str] = field(default_factory=list)
 
 
+def held_out_count(n: int, eval_ratio: float) -> int:
+    """How many of a source's `n` records evaluation holds out; the rest train."""
+    return round(n * eval_ratio)
+
+
+def nothing_left(path: str, n: int, eval_ratio: float) -> str | None:
+    """Why a source of `n` records cannot train with `eval_ratio` held out (None: it can). The trainer and
+    the check before a run registers ask the same question."""
+    if n - held_out_count(n, eval_ratio) <= 0:
+        return f"eval_ratio={eval_ratio} holds out every record of {path} ({n}): none is left to train on"
+    return None
+
+
+def nothing_held(counts: dict[str, int], eval_ratio: float) -> str | None:
+    """Why sources of these record counts (by path) give evaluation no record at all (None: they do)."""
+    if eval_ratio > 0 and not any(held_out_count(n, eval_ratio) for n in counts.values()):
+        return (f"eval_ratio={eval_ratio} holds out no record of {sum(counts.values())}: the sources are too "
+                "small; raise it or set 0")
+    return None
+
+
 def _mix(
     sources: Sequence[DataSource],
     seed: int,
@@ -133,10 +154,11 @@ def _mix(
     for source in sources:
         items, report = read_source(source, kind, adapters, strict)
         rng.shuffle(items)
-        n_eval = round(len(items) * eval_ratio)
+        problem = nothing_left(source.path, len(items), eval_ratio)
+        if problem:
+            raise DataError(problem)
+        n_eval = held_out_count(len(items), eval_ratio)
         held_out, items = items[:n_eval], items[n_eval:]
-        if not items:
-            raise DataError(f"{source.path}: eval_ratio={eval_ratio} leaves no training record of {report.used}")
         taken = _weighted(items, source.weight, rng)
         if not taken:
             raise DataError(f"{source.path}: weight {source.weight} selects no record of {len(items)}")
@@ -147,8 +169,9 @@ def _mix(
         mixture.eval.extend(held_out)
         mixture.eval_sources.extend([source.path] * len(held_out))
         mixture.reports.append(report)
-    if eval_ratio > 0 and not mixture.eval:
-        raise DataError(f"eval_ratio={eval_ratio} holds out no record: the sources are too small; raise it or set 0")
+    problem = nothing_held({r.path: r.used for r in mixture.reports}, eval_ratio)
+    if problem:
+        raise DataError(problem)
     order = list(range(len(mixture.train)))
     rng.shuffle(order)  # the same permutation shuffling the records themselves would make
     mixture.train = [mixture.train[i] for i in order]

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import Recipe, Stage, looks_local
-from engine.data import PREFERENCE_FORMATS, PROMPT_FORMATS, SFT_FORMATS, lengths, read_source
+from engine.data import (
+    PREFERENCE_FORMATS,
+    PROMPT_FORMATS,
+    SFT_FORMATS,
+    lengths,
+    nothing_held,
+    nothing_left,
+    read_source,
+)
 from engine.data.records import DataError
 
 SAMPLE = 200  # records read per source
@@ -46,11 +54,12 @@ def check_stage_data(stage: Stage, recipe: Recipe) -> None:
                              "ppo": ("prompts", "prompt", PROMPT_FORMATS)}[stage]
     items: list[Any] = []
     sources: list[str] = []
-    whole: list[int] = []  # the record counts of the sources read to their end (-1: more than was read)
+    whole: dict[str, int] = {}  # the record counts of the sources read to their end
+    partly = False  # a source not read to its end (or not read: a hub id): what the whole holds out is unknown
     ratio = section.train.eval_ratio if stage != "ppo" else 0.0
     for i, source in enumerate(getattr(section, field)):
         if not Path(source.path).expanduser().exists() and not looks_local(source.path):
-            whole.append(-1)
+            partly = True
             continue  # a hub id: read through `datasets` at training
         sample = source.model_copy(update={"limit": min(source.limit or SAMPLE, SAMPLE)})
         try:
@@ -59,13 +68,16 @@ def check_stage_data(stage: Stage, recipe: Recipe) -> None:
             raise DataError(f"{stage}.{field}.{i}: {err}") from None
         items += read
         sources += [source.path] * len(read)
-        whole.append(report.used if report.used + report.malformed < sample.limit else -1)
-        if ratio and whole[-1] > 0 and whole[-1] - round(whole[-1] * ratio) <= 0:
-            raise DataError(f"{recipe.where(f'{stage}.train.eval_ratio')}: {stage}.train.eval_ratio={ratio} holds "
-                            f"out every record of {source.path} ({whole[-1]}): none is left to train on")
-    if ratio and whole and all(n >= 0 for n in whole) and not any(round(n * ratio) for n in whole):
-        raise DataError(f"{recipe.where(f'{stage}.train.eval_ratio')}: {stage}.train.eval_ratio={ratio} holds out "
-                        f"no record of {sum(whole)}: the sources are too small; raise it or set 0")
+        if report.used + report.malformed < sample.limit:  # read to its end: its count is the trainer's
+            whole[source.path] = report.used
+            problem = nothing_left(source.path, report.used, ratio)
+            if problem:
+                raise DataError(f"{recipe.where(f'{stage}.train.eval_ratio')}: {stage}.train.{problem}")
+        else:
+            partly = True
+    problem = None if partly else nothing_held(whole, ratio)
+    if problem:
+        raise DataError(f"{recipe.where(f'{stage}.train.eval_ratio')}: {stage}.train.{problem}")
     if stage == "ppo" or not items:
         return
     tokenizer = _tokenizer(recipe.stage_model(stage).path)
