@@ -8,14 +8,12 @@ from typing import Iterable
 from textual.app import SystemCommand
 from textual.binding import Binding
 from textual.dom import DOMNode
-
-_NAMES = {"left_square_bracket": "[", "right_square_bracket": "]", "full_stop": ".", "comma": ",",
-          "question_mark": "?", "space": "space", "delete": "del", "slash": "/", "plus": "+", "exclamation_mark": "!"}
+from textual.keys import format_key
 
 
 def key_label(binding: Binding) -> str:
-    """Every key of a binding as typed ("delete,D" -> "del, D")."""
-    keys = [_NAMES.get(k, k) for k in binding.key.split(",")]
+    """Every key of a binding as typed ("delete,D" -> "del, D"; "ctrl+equals_sign" -> "ctrl+=")."""
+    keys = ["+".join(format_key(part) for part in k.strip().split("+")) for k in binding.key.split(",")]
     return ", ".join(dict.fromkeys(keys))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import os
 import time
 
@@ -45,6 +46,16 @@ async def wait_for(pilot, predicate, timeout: float = 120.0, what: str = "condit
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await pilot.pause(0.1)
+
+
+def help_text(app) -> str:
+    """What the open help screen says, as plain text at the width its dialog has."""
+    from rich.console import Console
+
+    static = app.screen.query_one("Static")
+    out = Console(width=static.content_region.width or 100, color_system=None, record=True, file=io.StringIO())
+    out.print(static.content)
+    return "\n".join(line.rstrip() for line in out.export_text().splitlines())
 
 
 async def open_launch_form(pilot, app):

@@ -21,7 +21,7 @@ from console.widgets.log_view import LogView
 from engine.store import Store
 from tests.conftest import REPO, RLHF, TINY
 from tests.helpers import run_row
-from tests.pilot import console, open_launch_form, sync, wait_for
+from tests.pilot import console, help_text, open_launch_form, sync, wait_for
 
 CONFIGS = REPO / "configs"
 CPU = str(CONFIGS / "accelerate" / "cpu.yaml")
@@ -227,6 +227,33 @@ async def test_gpu_panel_without_a_driver_and_the_rest_still_works(workdir):
 
 
 @sync
+async def test_help_at_80_columns_keeps_each_description_beside_its_keys(workdir):
+    """At 80x24 a long entry wrapped to a flush-left "enter)", chart keys read "ctrl+shift+equals_sign", and
+    the footer under the help listed the run table's keys, none of which work there."""
+    from textual.widgets._footer import FooterKey
+
+    app = console()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.loaded, 20, "the first poll")
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen) and list(app.screen.query(FooterKey)),
+                       10, "help and its footer")
+        lines = help_text(app).splitlines()
+        titles = {title for title, _ in app.screen.sections} | {"Also", "Esc closes this screen."}
+        assert [line for line in lines if line and line not in titles and not line.startswith("  ")] == []
+        entry = next(k for k, line in enumerate(lines) if "Pipeline: show its stages" in line)
+        assert lines[entry + 1].strip() and not lines[entry + 1].lstrip().startswith("+"), lines[entry:entry + 2]
+        # the rest of the description goes on under the description, not under the keys
+        column = lines[entry].index("Pipeline")
+        assert len(lines[entry + 1]) - len(lines[entry + 1].lstrip()) == column, lines[entry:entry + 2]
+        text = "\n".join(lines)
+        assert "ctrl+shift+=" in text and "equals_sign" not in text and "escape" not in text
+        assert [k.description for k in app.screen.query(FooterKey)] == ["Close"]
+        await pilot.press("escape")
+        assert app.screen is app.home
+
+
+@sync
 async def test_gpu_panel_shows_each_device_and_the_runs_on_it(workdir):
     with Store(os.environ["RLHF_DB"]) as store:
         run_id = store.create_run(stage="ppo", name="on-gpu", recipe="x.yaml", config="{}")
@@ -293,8 +320,8 @@ async def test_config_diff_delete_help_and_palette(workdir):
         assert (workdir / "runs" / str(a)).is_dir()  # files kept unless asked
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
-        help_text = str(app.screen.query_one(Static).render())
-        assert "Stop" in help_text and "Resume" in help_text and "ctrl+p" in help_text
+        shown = help_text(app)
+        assert "Stop" in shown and "Resume" in shown and "ctrl+p" in shown
         await pilot.press("escape")
         await pilot.press("ctrl+p")
         from textual.command import CommandPalette

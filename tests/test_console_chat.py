@@ -18,7 +18,7 @@ from console.screens.dialogs import TextScreen
 from console.screens.scores import ItemsScreen, ScoresScreen
 from console.widgets.score_table import ScoreTable
 from engine.store import EvalStore, Store
-from tests.pilot import console, sync, wait_for
+from tests.pilot import console, help_text, sync, wait_for
 
 
 def two_checkpoints(workdir):
@@ -389,7 +389,7 @@ async def test_rlhf_chats_q_goes_back_to_the_shell_and_its_help_lists_no_shadowe
         await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 20, "the chat")
         await pilot.press("escape", "question_mark")
         await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), 10, "help")
-        text = str(app.screen.query_one("Static").render())
+        text = help_text(app)
         everywhere = text.split("\n\n", 1)[0]
         assert everywhere.startswith("Everywhere") and "Quit" not in everywhere and "New run" not in everywhere
         assert "Help" in everywhere

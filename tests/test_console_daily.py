@@ -16,7 +16,7 @@ from console.screens.dialogs import DeleteScreen
 from console.widgets.run_table import COLUMNS, RunTable
 from engine.store import Store
 from tests.conftest import REPO
-from tests.pilot import no_gpu, sync, wait_for
+from tests.pilot import help_text, no_gpu, sync, wait_for
 
 T0 = 1_767_225_600.0
 
@@ -134,7 +134,7 @@ async def test_the_palette_finds_every_action_and_help_lists_each_once(many_runs
         await wait_for(pilot, lambda: home.query_one(RunTable).stage_filter == "sft", 10, "the filter")
         await pilot.press("question_mark")
         await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), 5, "help")
-        text = str(app.screen.query_one(Static).render())
+        text = help_text(app)
         assert "?, ?" not in text and "[/b]" not in text and "[, ]" not in text
         assert "?, f1" in text and "Samples: previous step" in text and text.count("Help") == 1
         assert text.index("\nRuns\n") < text.index("\nLaunch\n") < text.index("\nGPUs\n")
@@ -150,7 +150,7 @@ async def test_the_palette_finds_every_action_and_help_lists_each_once(many_runs
         await wait_for(pilot, lambda: isinstance(app.screen, GpuScreen), 5, "the GPU screen")
         await pilot.press("question_mark")
         await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), 5, "help")
-        text = str(app.screen.query_one(Static).render())
+        text = help_text(app)
         assert text.startswith("Everywhere") and text.index("\nGPUs\n") < text.index("\nRuns\n")
         assert text.count("Samples: previous step") == 1
 
