@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
+from rich.cells import cell_len
 from textual.widgets import Static
 
 from console.app import RlhfConsole
@@ -473,6 +474,36 @@ async def test_a_note_tells_a_run_apart_and_is_stored(many_runs):
         await wait_for(pilot, lambda: f"({long[:80]})" in str(home.query_one("#run-info").render()), 10)
     with Store(many_runs) as store:
         assert store.run(9)["note"] == long[:80]
+
+
+@sync
+async def test_at_80_columns_the_columns_up_to_best_stay_in_view_and_a_column_narrows_again(many_runs):
+    """A note, or sorting by stage once, pushed `time` and `best` off an 80-column screen for good: a
+    DataTable column only ever widens. The recipe column now gives up what the terminal lacks."""
+    with Store(many_runs) as store:
+        store.update_run(9, note="the lr sweep that diverged at step 40 when warmup was off")
+    async with loaded(many_runs, (80, 24)) as (app, pilot):
+        table = app.home.query_one(RunTable)
+
+        def width(name: str) -> int:
+            return table.columns[name].get_render_width(table)
+
+        def best_in_view() -> bool:
+            return sum(width(name) for name in COLUMNS[: COLUMNS.index("best") + 1]) \
+                <= table.scrollable_content_region.width
+
+        await wait_for(pilot, lambda: "the lr sweep" in str(table.get_row("9")[2]) and best_in_view()
+                       and str(table.get_row("9")[COLUMNS.index("best")]).startswith("loss"), 10, "best in view")
+        narrow, stage = width("recipe"), width("stage")
+        assert narrow - 2 < cell_len(str(table.get_row("9")[2])), narrow  # the note is cut to make room
+        await pilot.press("o")  # sorted by stage: its header carries the arrow
+        await wait_for(pilot, lambda: table.sort_by == "stage" and width("stage") > stage and best_in_view(), 10)
+        while table.sort_by != "id":
+            await pilot.press("o")
+        await wait_for(pilot, lambda: width("stage") == stage and width("recipe") == narrow, 10, "the old widths")
+        await pilot.resize_terminal(140, 30)  # room again: the recipe column takes it
+        await wait_for(pilot, lambda: width("recipe") - 2 == cell_len(str(table.get_row("9")[2])), 10, "room")
+        assert best_in_view()
 
 
 @sync

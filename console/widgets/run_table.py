@@ -145,10 +145,13 @@ def searchable(run: dict[str, Any]) -> str:
 
 
 RECIPE_CELLS = 36  # the recipe column's widest text
+RECIPE_CELLS_MIN = 12  # and its narrowest, on a terminal too narrow for the rest
+IN_VIEW = COLUMNS[: COLUMNS.index("best") + 1]  # what the recipe column gives up its width to keep on screen
 
 
 def _cut(text: Text) -> Text:
     text.truncate(RECIPE_CELLS, overflow="ellipsis")
+    text.no_wrap, text.overflow = True, "ellipsis"  # narrower still where the terminal is: the column's width
     return text
 
 
@@ -304,7 +307,9 @@ class RunTable(DataTable):
                 elif wanted_keys and selected is not None:  # it was deleted: its neighbour, not the top row
                     self.move_cursor(row=min(at, len(wanted_keys) - 1))
             self.fit_height()
+            self.fit_columns()
             return
+        widened = False
         for run in wanted:
             key = str(run["id"])
             row, before = self._cells(run, history, marked, heads), self._shown.get(key, ())
@@ -313,7 +318,10 @@ class RunTable(DataTable):
                     # Widening a column re-lays out the whole screen: only when the text no longer fits.
                     wider = cell_len(str(value)) > self.columns[column].content_width
                     self.update_cell(key, column, value, update_width=wider)
+                    widened = widened or wider
             self._shown[key] = row
+        if widened:
+            self.fit_columns()
 
     def _status_changed(self, runs: list[dict[str, Any]]) -> bool:
         """A run's status is not a live cell: the line under the table shows it at once, and so must the row
@@ -349,6 +357,27 @@ class RunTable(DataTable):
 
     def on_resize(self) -> None:
         self.fit_height()
+        self.fit_columns()
+
+    def fit_columns(self) -> None:
+        """Each column as wide as what it shows now (a DataTable column only ever widens: a note since
+        removed, a sort arrow since moved, kept `time` and `best` off an 80-column screen), and the recipe
+        column as wide as the terminal leaves it once the columns up to `best` are in view."""
+        if not self.columns:
+            return
+        widths = {}
+        for k, name in enumerate(COLUMNS):
+            column = self.columns[name]
+            widths[name] = max([column.label.cell_len, *(cell_len(str(row[k])) for row in self._shown.values())])
+            column.content_width = widths[name]
+        pad = 2 * self.cell_padding
+        room = self.scrollable_content_region.width - sum(widths[n] + pad for n in IN_VIEW if n != "recipe") - pad
+        recipe = self.columns["recipe"]
+        recipe.auto_width = False  # its width is this one, not the widest cell's
+        recipe.width = max(min(widths["recipe"], room), min(widths["recipe"], RECIPE_CELLS_MIN))
+        self._require_update_dimensions = True
+        self._clear_caches()
+        self.refresh()
 
     def _mark_sorted_column(self) -> None:
         """The sorted column's header carries an arrow (and is the only one in bold)."""
@@ -363,10 +392,7 @@ class RunTable(DataTable):
             sorted_here = name == self.sort_by
             column.label = Text(f"{name} {'↓' if self.sort_reverse else '↑'}" if sorted_here else name,
                                 style="bold reverse" if sorted_here else "")
-            column.content_width = max(column.content_width, column.label.cell_len)
-        self._require_update_dimensions = True  # the widened header re-measures the columns
-        self._clear_caches()
-        self.refresh()
+        self.fit_columns()  # the arrow widens its header, and the header it left is narrow again
 
     def selected_run(self) -> int | None:
         if not self.row_count:
