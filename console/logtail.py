@@ -27,11 +27,15 @@ def clean_line(raw: str) -> str:
 _WRAPPER_MARKS = ("CalledProcessError", "accelerate/commands/launch.py", "accelerate/commands/accelerate_cli.py")
 
 
+# How a run says it failed on bad input (engine.run.BAD_INPUT): one line, no traceback.
+BAD_INPUT = "error: "
+
+
 def last_traceback(lines: list[str]) -> int | None:
-    """Index of the start of the last Python traceback in `lines` that is the program's own: a launcher's
-    traceback about its failed child (accelerate's `CalledProcessError`) is passed over when an earlier
-    one exists."""
-    starts = [i for i, line in enumerate(lines) if line.lstrip().startswith(TRACEBACK)]
+    """Index of the start of the last Python traceback in `lines` that is the program's own, or of the
+    last `error: ...` line a run ends with on bad input: a launcher's traceback about its failed child
+    (accelerate's `CalledProcessError`) is passed over when an earlier one exists."""
+    starts = [i for i, line in enumerate(lines) if line.lstrip().startswith(TRACEBACK) or line.startswith(BAD_INPUT)]
     for n in range(len(starts) - 1, -1, -1):
         end = starts[n + 1] if n + 1 < len(starts) else len(lines)
         block = "\n".join(lines[starts[n]:end])

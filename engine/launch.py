@@ -344,7 +344,8 @@ def record_exit(
         # trainer recorded done after every rank reached the end, and its export is written.
         # Done stays done when a stop lands after the trainer recorded it (its export is written): the
         # signal ended the processes' teardown, not the work.
-        code = {"stopped": EXIT_STOPPED, "done": 0}.get(status, exit_code)
+        # A trainer that failed on bad input meant 2; its launcher says 1 of any failure.
+        code = {"stopped": EXIT_STOPPED, "done": 0}.get(status, run.get("failure_code") or exit_code)
         fields = {"status": status, "exit_code": code, "orphaned": None,
                   "ended": run["ended"] or time.time()}
         if error:
@@ -451,11 +452,13 @@ def supervise(run: Prepared, echo: bool = False) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    status = None
-    if run.registered:
-        status = record_exit(db, run.run_id, exit_code, stop_requested=presses.count > 0, log_path=run.log_path,
-                             pgid=proc.pid, killed=killed, log_start=offset)
-    return EXIT_STOPPED if status == "stopped" else exit_code
+    if not run.registered:
+        return exit_code
+    record_exit(db, run.run_id, exit_code, stop_requested=presses.count > 0, log_path=run.log_path,
+                pgid=proc.pid, killed=killed, log_start=offset)
+    with Store(db) as store:  # what was recorded: the trainer's own code where it said one
+        recorded = store.run(run.run_id)
+    return recorded["exit_code"] if recorded["exit_code"] is not None else exit_code
 
 
 def _stop_requested(db: Path, run_id: int) -> bool:

@@ -31,6 +31,8 @@ DB_ENV = "RLHF_DB"
 LOG_NAME = "train.log"  # a run's log, in its folder (the console tails it)
 LAUNCHED_ENV = "RLHF_LAUNCHED"  # set by the launcher, which records the process group it started
 EXIT_STOPPED = 143  # 128 + SIGTERM: a stopped run is not a success a script should chain on from
+EXIT_BAD_INPUT = 2  # a recipe, data or runs.db the run could not use: fixing the input, not a retry, helps
+BAD_INPUT = (RecipeError, DataError, StoreError)  # said as one line, `error: ...`, and ended with EXIT_BAD_INPUT
 
 
 def exit_code_of(status: str) -> int:
@@ -447,7 +449,7 @@ def _log_copy(path: Path) -> Iterator[None]:
         if not isinstance(failure, (KeyboardInterrupt, SystemExit)) and not _caused_by_stop(failure):
             # What the terminal gets once this propagates: the log's reader must see why the run died too
             # (bad input as the one line the terminal shows, anything else as its traceback).
-            said = (f"error: {failure}\n" if isinstance(failure, (RecipeError, StoreError, DataError))
+            said = (f"error: {failure}\n" if isinstance(failure, BAD_INPUT)
                     else "".join(traceback.format_exception(failure)))
             try:
                 log.write(said)
@@ -563,13 +565,16 @@ def _tracked_run(
 
     def end(status: str, exit_code: int = 1, **extra: Any) -> None:
         if store is not None:
-            code = (exit_code if status == "failed" else exit_code_of(status)) if own else None
+            code = exit_code if status == "failed" else exit_code_of(status)
             now = time.time()
             segments = json.loads(store.run(run_id).get("segments") or "[]")
             if segments and segments[-1][1] is None:
                 segments[-1][1] = now
+            # Launched, the exit code is the supervisor's to record (it says the processes are gone); the
+            # code this process meant goes beside it, for the supervisor to take over its launcher's 1.
             store.update_run(run_id, status=status, ended=now, segments=json.dumps(segments),
-                             **({"exit_code": code} if own else {}), **extra)
+                             **({"exit_code": code} if own else {"failure_code": code} if code == EXIT_BAD_INPUT
+                                else {}), **extra)
 
     try:
         try:
@@ -587,10 +592,15 @@ def _tracked_run(
             handle.status = "stopped"
             return
         # A second Ctrl-C (or one in a run started without a handler) cut the run short, unsaved: as a kill.
+        # Input the run could not use (data found bad once read whole) is said as the command line says it,
+        # without a traceback through the trainer: the fix is in the input.
+        bad_input = isinstance(err, BAD_INPUT)
         error = ("interrupted by a second Ctrl-C before the stop could save; resume from the last checkpoint"
-                 if isinstance(err, KeyboardInterrupt) else "".join(traceback.format_exception(err))[-4000:])
+                 if isinstance(err, KeyboardInterrupt) else f"error: {err}" if bad_input
+                 else "".join(traceback.format_exception(err))[-4000:])
         # A second Ctrl-C ends the process as the shell reports it: 130, the same in runs.db.
-        end("failed", exit_code=130 if isinstance(err, KeyboardInterrupt) else 1, error=error)
+        end("failed", exit_code=130 if isinstance(err, KeyboardInterrupt) else EXIT_BAD_INPUT if bad_input else 1,
+            error=error)
         raise
     else:
         end(handle.status)

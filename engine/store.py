@@ -297,8 +297,14 @@ def _v10(db: sqlite_utils.Database) -> None:
                 db.execute(f"UPDATE {table} SET config = ? WHERE id = ?", [json.dumps(config), row[0]])
 
 
+def _v11(db: sqlite_utils.Database) -> None:
+    # The exit code a launched trainer meant when it failed (2: its input was bad): `accelerate launch`
+    # above it ends 1 whatever its child's code, and the supervisor records what it sees.
+    db["runs"].add_column("failure_code", int)
+
+
 # Append only: migration i brings a database from version i to i + 1.
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -522,8 +528,8 @@ class Store:
             row = db.conn.execute("SELECT segments, ended FROM runs WHERE id = ?", [run_id]).fetchone()
             segments = _closed_at(row[0], row[1]) if row is not None else None
             changed = db.conn.execute(
-                "UPDATE runs SET status = 'pending', exit_code = NULL, error = NULL, ended = NULL, orphaned = NULL, "
-                "stop_requested = NULL, pid = NULL, pgid = NULL, pgid_started = NULL, "
+                "UPDATE runs SET status = 'pending', exit_code = NULL, failure_code = NULL, error = NULL, "
+                "ended = NULL, orphaned = NULL, stop_requested = NULL, pid = NULL, pgid = NULL, pgid_started = NULL, "
                 "segments = COALESCE(?, segments) WHERE id = ? "
                 "AND status NOT IN ('pending', 'running') "
                 "AND (launch IS NULL OR exit_code IS NOT NULL OR orphaned IS NOT NULL)",

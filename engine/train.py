@@ -22,13 +22,11 @@ from engine.config import (
     looks_local,
     repeated_source,
 )
-from engine.data.records import DataError
-from engine.run import LAUNCHED_ENV, StopRequested, exit_code_of, stop_seen, tracked_run
-from engine.store import StoreError, default_db_path
+from engine.run import BAD_INPUT, EXIT_BAD_INPUT, LAUNCHED_ENV, StopRequested, exit_code_of, stop_seen, tracked_run
+from engine.store import default_db_path
 
 log = logging.getLogger(__name__)
 RUNNERS = {"sft": "engine.sft:run_sft", "rm": "engine.reward:run_rm", "ppo": "engine.ppo.trainer:run_ppo"}
-EXIT_BAD_INPUT = 2
 
 
 WEIGHT_FILES = (
@@ -272,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         _, status = run_stage(args.stage, args.recipe, args.overrides, args.db)
-    except (RecipeError, DataError, StoreError) as err:
+    except BAD_INPUT as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return exit_code_of(status)  # a diverged run too is no success to chain on from

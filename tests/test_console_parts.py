@@ -140,6 +140,9 @@ def test_log_opens_at_its_end_and_finds_the_last_traceback(tmp_path):
     assert tail.truncated_start and lines[-1] == "line 99999" and len(lines) < 200
     text = ["ok", "Traceback (most recent call last):", "  x", "E: one", "Traceback (most recent call last):", "E"]
     assert last_traceback(text) == 4 and last_traceback(["fine"]) is None
+    # bad input says itself in one line, and accelerate's traceback about its child follows
+    wrapper = ["Traceback (most recent call last):", '  File "accelerate/commands/launch.py"', "CalledProcessError"]
+    assert last_traceback(["ok", "error: a.jsonl:3: not valid JSON", *wrapper]) == 1
 
 
 def test_config_diff_lists_changed_keys_only():

@@ -91,6 +91,25 @@ def test_a_crashing_run_is_recorded_as_failed_with_its_exit_code(workdir):
     assert "Traceback" in (Path(run["output_dir"]) / "train.log").read_text()
 
 
+def test_bad_input_found_after_registering_is_exit_2_in_the_record_and_on_the_command_line(workdir):
+    """A malformed row past what the check before registering reads (its first 200 records), under
+    --strict-data: `accelerate launch` ends 1 whatever its child's code; the trainer meant 2 (bad input), and
+    its one-line error, not a traceback through the trainer, is what runs.db and the log's jump give."""
+    from console.logtail import last_traceback
+
+    rows = [f'{{"prompt": "q{i}", "chosen": "a", "rejected": "b"}}' for i in range(300)]
+    (workdir / "pairs.jsonl").write_text("\n".join([*rows, '{"prompt": "x", "chosen": "a" "rejected": "b"}']) + "\n")
+    result = subprocess.run([*RLHF, "launch", "rm", str(TINY), "--accelerate-config", str(ACCEL / "cpu.yaml"),
+                             "--strict-data", "--set", "rm.data=[{path: pairs.jsonl}]", "--set", "train.max_steps=1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-2000:]
+    run = run_row(1)
+    assert run["status"] == "failed" and run["exit_code"] == 2, run
+    assert run["error"].startswith("error: pairs.jsonl:301: not valid JSON") and "Traceback" not in run["error"]
+    lines = (Path(run["output_dir"]) / "train.log").read_text().splitlines()
+    assert lines[last_traceback(lines)].startswith("error: pairs.jsonl:301"), lines[-12:]
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_continues(workdir):
     args = [*RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=2000", "--set", "train.logging_steps=1",
             "--set", "train.save_steps=1000"]
