@@ -12,7 +12,7 @@ from textual.keys import format_key
 
 
 def key_label(binding: Binding) -> str:
-    """Every key of a binding as typed ("delete,D" -> "del, D"; "ctrl+equals_sign" -> "ctrl+=")."""
+    """Every key of a binding as the footer shows it ("delete,D" -> "del, D"; "ctrl+equals_sign" -> "ctrl+=")."""
     keys = ["+".join(format_key(part) for part in k.strip().split("+")) for k in binding.key.split(",")]
     return ", ".join(dict.fromkeys(keys))
 

@@ -374,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         return run_console(args.db, chat=(args.a, args.b, args.key_env))
     from engine.config import RecipeError
-    from engine.data.records import DataError
-    from engine.store import StoreError
+    from engine.run import BAD_INPUT, EXIT_BAD_INPUT
 
     args = build_parser().parse_args(argv)
     try:
@@ -474,9 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         if code == EXIT_STOPPED:
             say(f"continue it with: {resume_hint(args.stage, run.run_id, args.db, 'launch')}")
         return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
-    except (RecipeError, DataError, StoreError) as err:
+    except BAD_INPUT as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except sqlite3.Error as err:  # a runs.db this user cannot write, a full disk, a damaged file
         from engine.store import default_db_path
 

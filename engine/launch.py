@@ -452,13 +452,16 @@ def supervise(run: Prepared, echo: bool = False) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if not run.registered:
-        return exit_code
-    record_exit(db, run.run_id, exit_code, stop_requested=presses.count > 0, log_path=run.log_path,
-                pgid=proc.pid, killed=killed, log_start=offset)
-    with Store(db) as store:  # what was recorded: the trainer's own code where it said one
-        recorded = store.run(run.run_id)
-    return recorded["exit_code"] if recorded["exit_code"] is not None else exit_code
+    status = None
+    if run.registered:
+        status = record_exit(db, run.run_id, exit_code, stop_requested=presses.count > 0, log_path=run.log_path,
+                             pgid=proc.pid, killed=killed, log_start=offset)
+    if status == "failed":
+        with Store(db) as store:  # a trainer that failed on bad input meant 2; its launcher says 1
+            row = store.run(run.run_id)
+        if row["pgid"] == proc.pid and row.get("failure_code"):
+            return row["failure_code"]
+    return EXIT_STOPPED if status == "stopped" else exit_code
 
 
 def _stop_requested(db: Path, run_id: int) -> bool:

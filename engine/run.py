@@ -518,7 +518,8 @@ def _start_stretch(store: Store | None, run_id: int, handle: RunHandle, world: i
     segments.append([now, None])
     fields: dict[str, Any] = {"status": "running", "started": row["started"] or now,
                               "segments": json.dumps(segments),
-                              "world_size": world, "ended": None, "exit_code": None, "error": None}
+                              "world_size": world, "ended": None, "exit_code": None, "failure_code": None,
+                              "error": None}
     if os.environ.get(LAUNCHED_ENV) != "1":
         fields["launch"] = None  # this stretch runs in this process, whatever started the run before
         fields["pid"] = os.getpid()
@@ -560,7 +561,7 @@ def _tracked_run(
             _release_stops(held)
         raise
     # Launched, the supervisor records the exit code; in this process, it is this process's own, by the
-    # one rule: done 0, stopped 143, failed 1.
+    # one rule: done 0, stopped 143, failed 1 (2 on bad input, 130 on a second Ctrl-C).
     own = os.environ.get(LAUNCHED_ENV) != "1"
 
     def end(status: str, exit_code: int = 1, **extra: Any) -> None:

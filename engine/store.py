@@ -561,12 +561,14 @@ class Store:
     def close_unrecorded_exit(self, run_id: int, seen: Mapping[str, Any]) -> bool:
         """A launched run whose trainer recorded its end (stopped, done, failed) but whose supervisor died
         before recording the exit: its record is final as it stands, with the exit code its trainer's end
-        means (as a run in its own process records it: done 0, stopped 143, failed 1). Not `orphaned`: that
+        means (as a run in its own process records it: done 0, stopped 143, failed 1, or 2 where its input
+        was bad: the code it meant, `failure_code`). Not `orphaned`: that
         marks a look's guess at a status, which a late supervisor replaces. `seen`: the row found so; a run
         resumed meanwhile is left alone."""
         with self._write() as db:
             changed = db.conn.execute(
-                "UPDATE runs SET exit_code = CASE status WHEN 'done' THEN 0 WHEN 'stopped' THEN 143 ELSE 1 END "
+                "UPDATE runs SET exit_code = CASE status WHEN 'done' THEN 0 WHEN 'stopped' THEN 143 "
+                "ELSE COALESCE(failure_code, 1) END "
                 "WHERE id = ? AND status NOT IN ('pending', 'running') AND exit_code IS NULL AND orphaned IS NULL "
                 "AND pgid IS ? AND pgid_started IS ?",
                 [run_id, seen.get("pgid"), seen.get("pgid_started")]).rowcount

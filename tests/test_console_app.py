@@ -236,8 +236,8 @@ async def test_help_at_80_columns_keeps_each_description_beside_its_keys(workdir
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for(pilot, lambda: app.loaded, 20, "the first poll")
         await pilot.press("question_mark")
-        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen) and list(app.screen.query(FooterKey)),
-                       10, "help and its footer")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen) and list(app.screen.query(FooterKey))
+                       and app.screen.query_one(Static).content_region.width > 0, 10, "help, laid out, and its footer")
         lines = help_text(app).splitlines()
         titles = {title for title, _ in app.screen.sections} | {"Also", "Esc closes this screen."}
         assert [line for line in lines if line and line not in titles and not line.startswith("  ")] == []

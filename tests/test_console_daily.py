@@ -504,6 +504,10 @@ async def test_at_80_columns_the_columns_up_to_best_stay_in_view_and_a_column_na
         await pilot.resize_terminal(140, 30)  # room again: the recipe column takes it
         await wait_for(pilot, lambda: width("recipe") - 2 == cell_len(str(table.get_row("9")[2])), 10, "room")
         assert best_in_view()
+        with Store(many_runs) as store:  # the note goes: its width goes with it
+            store.update_run(9, note=None)
+        await wait_for(pilot, lambda: str(table.get_row("9")[2]) == "tiny", 10, "the note gone")
+        await wait_for(pilot, lambda: width("recipe") - 2 == len("recipe"), 10, "the column as wide as its header")
 
 
 @sync

@@ -711,15 +711,19 @@ def test_an_ended_run_keeps_waiting_for_a_live_supervisor_or_a_recent_end(workdi
     started = process_start(gone.pid)
     gone.wait()
     with Store(os.environ["RLHF_DB"]) as store:
-        ids = [store.create_run(stage="sft", name=name, recipe="", config="{}") for name in ("alive", "old", "older")]
+        ids = [store.create_run(stage="sft", name=name, recipe="", config="{}")
+               for name in ("alive", "old", "older", "bad input")]
         for run_id in ids:  # its start recorded: a later process given the pid is not taken for it
             store.update_run(run_id, status="stopped", launch="{}", pgid=gone.pid, pgid_started=started,
                              ended=time.time())
         store.update_run(ids[0], supervisor_pid=os.getpid(), supervisor_started=process_start(os.getpid()))
         store.update_run(ids[2], ended=time.time() - UNRECORDED_AFTER_S - 1)
-        assert settle_active(store) == [ids[2]]
-        assert [store.run(run_id)["exit_code"] for run_id in ids] == [None, None, 143]
-        assert [store.run(run_id)["status"] for run_id in ids] == ["stopped"] * 3  # the trainer's record stands
+        # a trainer that failed on bad input meant 2, whoever records its exit
+        store.update_run(ids[3], status="failed", failure_code=2, ended=time.time() - UNRECORDED_AFTER_S - 1)
+        assert settle_active(store) == ids[2:]
+        assert [store.run(run_id)["exit_code"] for run_id in ids] == [None, None, 143, 2]
+        # the trainer's record stands
+        assert [store.run(run_id)["status"] for run_id in ids] == ["stopped"] * 3 + ["failed"]
 
 
 def test_a_group_whose_only_process_is_a_zombie_is_gone():

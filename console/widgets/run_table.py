@@ -309,7 +309,7 @@ class RunTable(DataTable):
             self.fit_height()
             self.fit_columns()
             return
-        widened = False
+        resized = False
         for run in wanted:
             key = str(run["id"])
             row, before = self._cells(run, history, marked, heads), self._shown.get(key, ())
@@ -318,9 +318,10 @@ class RunTable(DataTable):
                     # Widening a column re-lays out the whole screen: only when the text no longer fits.
                     wider = cell_len(str(value)) > self.columns[column].content_width
                     self.update_cell(key, column, value, update_width=wider)
-                    widened = widened or wider
+                    # a note removed, an ETA from 10m to 9m: the column may narrow
+                    resized = resized or i >= len(before) or cell_len(str(value)) != cell_len(str(before[i]))
             self._shown[key] = row
-        if widened:
+        if resized:
             self.fit_columns()
 
     def _status_changed(self, runs: list[dict[str, Any]]) -> bool:
@@ -363,21 +364,26 @@ class RunTable(DataTable):
         """Each column as wide as what it shows now (a DataTable column only ever widens: a note since
         removed, a sort arrow since moved, kept `time` and `best` off an 80-column screen), and the recipe
         column as wide as the terminal leaves it once the columns up to `best` are in view."""
-        if not self.columns:
+        if not self.columns or not self.size.width:  # not laid out yet: its first Resize comes back here
             return
         widths = {}
+        before = [(c.content_width, c.width, c.auto_width) for c in self.columns.values()]
         for k, name in enumerate(COLUMNS):
             column = self.columns[name]
             widths[name] = max([column.label.cell_len, *(cell_len(str(row[k])) for row in self._shown.values())])
             column.content_width = widths[name]
         pad = 2 * self.cell_padding
-        room = self.scrollable_content_region.width - sum(widths[n] + pad for n in IN_VIEW if n != "recipe") - pad
+        # The scrollbar's room is kept whether or not it shows: one more run can bring it without a Resize.
+        # `size`, not the region: a table hidden behind a zoomed pane keeps its size, and has no region.
+        width = self.size.width - self.styles.scrollbar_size_vertical
+        room = width - sum(widths[n] + pad for n in IN_VIEW if n != "recipe") - pad
         recipe = self.columns["recipe"]
         recipe.auto_width = False  # its width is this one, not the widest cell's
         recipe.width = max(min(widths["recipe"], room), min(widths["recipe"], RECIPE_CELLS_MIN))
-        self._require_update_dimensions = True
-        self._clear_caches()
-        self.refresh()
+        if [(c.content_width, c.width, c.auto_width) for c in self.columns.values()] != before:
+            self._require_update_dimensions = True
+            self._clear_caches()
+            self.refresh()
 
     def _mark_sorted_column(self) -> None:
         """The sorted column's header carries an arrow (and is the only one in bold)."""
@@ -393,6 +399,8 @@ class RunTable(DataTable):
             column.label = Text(f"{name} {'↓' if self.sort_reverse else '↑'}" if sorted_here else name,
                                 style="bold reverse" if sorted_here else "")
         self.fit_columns()  # the arrow widens its header, and the header it left is narrow again
+        self._clear_caches()  # the headers' text changed, whatever their widths did
+        self.refresh()
 
     def selected_run(self) -> int | None:
         if not self.row_count:
