@@ -485,15 +485,16 @@ def test_a_run_in_this_process_puts_back_the_signal_handlers_it_found(workdir):
             pass
         row = run_row(handle.run_id)
         assert row["status"] == ("failed" if ending in ("bad input", "second Ctrl-C") else ending)
-        # The exit code as the shell saw it: Python ends on a KeyboardInterrupt with 130.
-        assert row["exit_code"] == {"done": 0, "stopped": 143, "second Ctrl-C": 130}.get(ending, 1)
+        # The exit code as the shell saw it: Python ends on a KeyboardInterrupt with 130, the CLI on bad input
+        # with 2.
+        assert row["exit_code"] == {"done": 0, "stopped": 143, "second Ctrl-C": 130, "bad input": 2}.get(ending, 1)
         # The reason in the log too, not only on the terminal that showed it: bad input as the one line the
         # terminal shows, anything else with its traceback.
         log = (Path(run_row(handle.run_id)["output_dir"]) / "train.log").read_text(encoding="utf-8")
         if ending == "failed":
             assert "Traceback" in log and "ValueError: boom" in log
-        if ending == "bad input":
-            assert log == "error: sft.data.0: x.jsonl: no usable SFT record\n"
+        if ending == "bad input":  # and in runs.db, where the console shows it
+            assert log == "error: sft.data.0: x.jsonl: no usable SFT record\n" == row["error"] + "\n"
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
