@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -251,6 +252,38 @@ async def test_help_at_80_columns_keeps_each_description_beside_its_keys(workdir
         assert [k.description for k in app.screen.query(FooterKey)] == ["Close"]
         await pilot.press("escape")
         assert app.screen is app.home
+
+
+@sync
+async def test_stopping_a_pipelines_stage_says_whether_the_pipeline_stops_with_it(workdir):
+    """A stage resumed on its own (rlhf launch --resume-run) runs without its pipeline: the stop dialog said
+    the pipeline stops with it."""
+    from console.screens.dialogs import ConfirmScreen
+
+    with Store(os.environ["RLHF_DB"]) as store:
+        stages = {}
+        for status in ("running", "stopped"):
+            pipeline = store.create_pipeline(name="tiny", recipe="", config="{}", overrides=[], through="ppo",
+                                             launch={})
+            store.update_pipeline(pipeline, status=status)
+            stages[status] = store.create_run(stage="sft", name="tiny", recipe="", config="{}", pipeline_id=pipeline)
+            # another machine's run: no look here judges its processes
+            store.update_run(stages[status], status="running", host="elsewhere", started=time.time())
+    app = console()
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.pipelines) == 2, 20, "the runs")
+        questions = {}
+        for status, run_id in stages.items():
+            app.home.select_run(run_id)
+            await wait_for(pilot, lambda: app.home.selected == run_id, 10, "the stage selected")
+            await pilot.press("x")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the stop dialog")
+            questions[status] = app.screen.question
+            await pilot.press("n")
+            await wait_for(pilot, lambda: app.screen is app.home, 10, "back")
+    assert "the pipeline stops with it" in questions["running"]
+    assert "the pipeline stops with it" not in questions["stopped"]
+    assert "running on its own: the pipeline is stopped" in questions["stopped"]
 
 
 @sync
