@@ -548,7 +548,43 @@ def function_spec_problem(spec: str) -> str | None:
     finally:
         if added:
             sys.path.remove(os.getcwd())
-    return None if found is not None else f"reward_fn {spec!r}: no module named {module!r}"
+    if found is None:
+        return f"reward_fn {spec!r}: no module named {module!r}"
+    if name not in _top_level_names(found.origin):
+        return f"reward_fn {spec!r}: {module} ({found.origin}) defines no {name!r}"
+    return None
+
+
+def _top_level_names(origin: str | None) -> set[str] | _Anything:
+    """The names a Python source file binds (anywhere in it: more than its top level, never fewer), read
+    without running it; anything, where that cannot be told (no source, `import *`, a module that makes names
+    through globals(), setattr or a module __getattr__)."""
+    import ast
+
+    if not origin or not origin.endswith(".py"):
+        return _Anything()
+    try:
+        tree = ast.parse(Path(origin).read_bytes(), filename=origin)
+    except (OSError, SyntaxError, ValueError):  # the trainer's import will say what is wrong
+        return _Anything()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any(alias.name == "*" for alias in node.names):
+                return _Anything()
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Name) and node.id in ("globals", "setattr"):
+            return _Anything()
+    return _Anything() if "__getattr__" in names else names
+
+
+class _Anything:
+    def __contains__(self, name: object) -> bool:
+        return True
 
 
 def import_function(spec: str) -> Callable[..., Any]:

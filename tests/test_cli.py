@@ -91,6 +91,9 @@ def test_data_that_cannot_train_is_exit_2_before_anything_is_registered(workdir)
          "ppo.reward_fn: reward_fn 'nosuch.module:score': ModuleNotFoundError: No module named 'nosuch'"),
         (["ppo", "--set", "ppo.reward_fn=engine.demo.nosuch:score"],
          "ppo.reward_fn: reward_fn 'engine.demo.nosuch:score': no module named 'engine.demo.nosuch'"),
+        # read from the module's source, not imported: the console validates in its own process
+        (["ppo", "--set", "ppo.reward_fn=engine.demo.rewards:nope"], "reward_fn 'engine.demo.rewards:nope': "
+                                                                      "engine.demo.rewards ("),
         (["ppo", "--set", "ppo.reward_fn=engine.demo.rewards"], "ppo.reward_fn: reward_fn 'engine.demo.rewards': "
                                                                  "expected module:function"),
         (["ppo", "--set", "ppo.model.path=scorer"], "ppo.model.path: 'scorer' does not write answers (it is a "

@@ -109,10 +109,20 @@ def test_a_reward_fn_is_found_without_running_its_module(tmp_path, monkeypatch):
     from engine.config import function_spec_problem
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "my_rewards_here.py").write_text("raise SystemExit('imported at validation')\n")
+    (tmp_path / "my_rewards_here.py").write_text("raise SystemExit('imported at validation')\n"
+                                                 "def score(prompts, responses):\n    return [0.0] * len(prompts)\n"
+                                                 "scaled = make_scorer(2.0)\n")
     assert function_spec_problem("my_rewards_here:score") is None
+    assert function_spec_problem("my_rewards_here:scaled") is None  # any name the file binds
     assert "my_rewards_here" not in sys.modules and str(tmp_path) not in sys.path
     assert "no module named 'not_here_at_all'" in function_spec_problem("not_here_at_all:score")
+    # A name the file never binds is refused before a run registers (the trainer's import failed after).
+    assert "my_rewards_here (" in function_spec_problem("my_rewards_here:scroe") and \
+        "defines no 'scroe'" in function_spec_problem("my_rewards_here:scroe")
+    # Where the source cannot tell, the trainer's import will.
+    (tmp_path / "star.py").write_text("from my_rewards_here import *\n")
+    (tmp_path / "lazy.py").write_text("def __getattr__(name):\n    return len\n")
+    assert function_spec_problem("star:score") is None and function_spec_problem("lazy:anything") is None
 
 
 def test_a_stage_field_given_for_the_whole_recipe_names_the_stages_that_have_it():
