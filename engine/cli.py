@@ -485,9 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        if args.command != "runs" and getattr(args, "eval_command", None) != "table":
+        if args.command not in ("runs", "check") and getattr(args, "eval_command", None) != "table":
             raise  # a pipe of a run's own (a subprocess, a socket): a failure to see
-        # `rlhf runs | head`: the reader has what it wanted
+        # `rlhf runs | head`, `rlhf check ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail too
         return 141
 

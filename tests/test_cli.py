@@ -276,6 +276,11 @@ def test_a_listing_piped_into_head_ends_quietly(workdir):
     listed = subprocess.run(" ".join([*map(shlex.quote, RLHF), "runs"]) + " | head -1", shell=True,
                             capture_output=True, text=True, timeout=120, executable="/bin/bash")
     assert listed.stdout.startswith("  id stage") and listed.stderr == ""
+    # The resolved recipe that `rlhf check` prints, to a reader that is gone before the check has loaded
+    # the tokenizer it measures the data with.
+    checked = subprocess.run(" ".join([*map(shlex.quote, RLHF), "check", str(TINY)]) + " | true", shell=True,
+                             capture_output=True, text=True, timeout=120, executable="/bin/bash")
+    assert checked.stderr == ""
 
 
 def test_a_runs_db_that_cannot_be_written_is_one_clear_error(workdir):
