@@ -265,3 +265,16 @@ def test_an_eval_ratio_that_leaves_nothing_to_train_is_refused_by_the_check(tmp_
     # More records than the check reads: it cannot know, and says nothing (the trainer still does).
     big = jsonl(tmp_path / "big.jsonl", [{"instruction": f"c{i}", "output": "x"} for i in range(300)])
     check_stage_data("sft", load_recipe(TINY, [f"sft.data=[{{path: {big}}}]", "sft.train.eval_ratio=0.001"]))
+
+
+def test_a_max_length_that_drops_most_records_says_what_would_be_left():
+    """"the run would train on what little is left" was said of a max_length that left nothing."""
+    from engine.data.lengths import report
+
+    fates = {"a.jsonl": {"kept": 0, "truncated": 0, "dropped": 4}}
+    with pytest.raises(DataError, match=r"drops 4 of 4 conversations .*; nothing would be left to train on$"):
+        report(fates, "sft.train.max_length", 12, "conversations")
+    fates["b.jsonl"] = {"kept": 1, "truncated": 0, "dropped": 0}  # 4 of 5: still most
+    with pytest.raises(DataError, match=r"drops 4 of 5 conversations .*; the run would train on the 1 left$"):
+        report(fates, "sft.train.max_length", 12, "conversations")
+    report({"a.jsonl": {"kept": 3, "truncated": 1, "dropped": 1}}, "sft.train.max_length", 12)  # most kept

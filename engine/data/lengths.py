@@ -63,5 +63,7 @@ def report(counts: dict[str, dict[str, int]], field: str, max_length: int, what:
     dropped = sum(t["dropped"] for t in counts.values())
     if total and dropped > MOST * total:
         worst = max(counts, key=lambda p: counts[p]["dropped"])
+        left = ("nothing would be left to train on" if dropped == total else
+                f"the run would train on the {total - dropped} left")
         raise DataError(f"{field}={max_length} drops {dropped} of {total} {what} (most from {worst}): raise "
-                        f"{field} or shorten the data; the run would train on what little is left")
+                        f"{field} or shorten the data; {left}")
