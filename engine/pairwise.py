@@ -189,7 +189,8 @@ def render(rep: PairwiseReport) -> str:
         return "-" if x is None else f"{x:.1%}"
 
     def rate(r: tuple[float, float, float]) -> str:
-        return f"{r[0]:.1%} [{r[1]:.1%}, {r[2]:.1%}]"
+        # of no item: no rate, not a measured 0 % with an interval of no width
+        return f"{r[0]:.1%} [{r[1]:.1%}, {r[2]:.1%}]" if rep.items else "-"
 
     lines = [f"B = {rep.b} against A = {rep.a}: {rep.items} items judged in both orders"
              + (f" ({rep.missing} still missing a verdict)" if rep.missing else ""),

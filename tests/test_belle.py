@@ -249,3 +249,13 @@ def test_pairwise_verdicts_in_both_languages():
              "Verdict: Bad answers": None, "no conclusion here": None, "结论: 回答二\n(以上)\n结论: 回答一": FIRST}
     for reply, expected in cases.items():
         assert parse_verdict(reply) == expected, reply
+
+
+def test_a_pairwise_report_of_no_judged_item_shows_no_rate():
+    """Every judge call failed: "0.0% [0.0%, 0.0%]" three times read as a measured result."""
+    from engine.pairwise import render, report
+
+    items = [{"item_id": 1, "category": "open_qa", "answer": "x"}]
+    text = render(report("run 1", "run 2", items, items, []))
+    assert "0 items judged in both orders" in text and "0.0%" not in text
+    assert "| - | - | - | - | - | - |" in text

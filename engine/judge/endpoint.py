@@ -159,7 +159,8 @@ class EndpointJudge:
                 delay = self._retry_after(error, attempt)
                 log.warning("judge call failed (%s); retry %d of %d in %.1f s", last, attempt + 1, self.retries, delay)
                 dropped.wait(delay)
-        raise CallFailed(f"gave up after {self.retries + 1} tries: {last}")
+        tries = self.retries + 1
+        raise CallFailed(f"gave up after {tries} {'try' if tries == 1 else 'tries'}: {last}")
 
     def _scrub(self, text: str) -> str:
         """An error message with the key cut out (a server may echo it back in a 401's body)."""
