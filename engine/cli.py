@@ -403,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                     from engine.launch import check_launch
 
                     check_launch(stage, checked, args.accelerate_config)
-            print(json.dumps(recipe.model_dump(), indent=2, ensure_ascii=False))
+            # flushed here: a reader gone by now is met inside main, not in Python's flush at exit
+            print(json.dumps(recipe.model_dump(), indent=2, ensure_ascii=False), flush=True)
             return 0
         if args.command == "runs":
             return _cmd_runs(args.db, args.pipeline, args.json)

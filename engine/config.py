@@ -529,8 +529,9 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
 
 def function_spec_problem(spec: str) -> str | None:
     """Why `module:function` cannot be found, without running the module (validation runs in the console's
-    process too, which must not import what a reward module imports); None if its module is there. The
-    current directory is searched as the trainer (`python -m engine.train`) searches it."""
+    process too, which must not import what a reward module imports); None if its module is there and its
+    source binds the name (or cannot tell). The current directory is searched first, as the trainer
+    (`python -m engine.train`) searches it."""
     import importlib.util
     import os
     import sys
@@ -539,8 +540,8 @@ def function_spec_problem(spec: str) -> str | None:
     if not module or not name:
         return f"reward_fn {spec!r}: expected module:function"
     added = os.getcwd() not in sys.path
-    if added:
-        sys.path.append(os.getcwd())
+    if added:  # first, as `python -m` puts it: a local file of an installed module's name is the one imported
+        sys.path.insert(0, os.getcwd())
     try:
         found = importlib.util.find_spec(module)
     except Exception as err:  # a parent package that fails to import, a malformed name
@@ -556,16 +557,16 @@ def function_spec_problem(spec: str) -> str | None:
 
 
 def _top_level_names(origin: str | None) -> set[str] | _Anything:
-    """The names a Python source file binds (anywhere in it: more than its top level, never fewer), read
-    without running it; anything, where that cannot be told (no source, `import *`, a module that makes names
-    through globals(), setattr or a module __getattr__)."""
+    """The names a Python source file binds anywhere in it (more than its top level), read without running
+    it; anything, where that cannot be told: no source, `import *`, a module __getattr__, names made through
+    globals(), vars(), locals(), setattr, exec, eval, a __dict__ or sys.modules."""
     import ast
 
     if not origin or not origin.endswith(".py"):
         return _Anything()
     try:
         tree = ast.parse(Path(origin).read_bytes(), filename=origin)
-    except (OSError, SyntaxError, ValueError):  # the trainer's import will say what is wrong
+    except (OSError, SyntaxError, ValueError, RecursionError, MemoryError):  # the trainer's import will say
         return _Anything()
     names: set[str] = set()
     for node in ast.walk(tree):
@@ -577,7 +578,13 @@ def _top_level_names(origin: str | None) -> set[str] | _Anything:
             names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             names.add(node.id)
-        elif isinstance(node, ast.Name) and node.id in ("globals", "setattr"):
+        elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+            names.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            names.add(node.rest)
+        elif isinstance(node, ast.Name) and node.id in ("globals", "vars", "locals", "setattr", "exec", "eval"):
+            return _Anything()
+        elif isinstance(node, ast.Attribute) and node.attr in ("__dict__", "modules"):
             return _Anything()
     return _Anything() if "__getattr__" in names else names
 

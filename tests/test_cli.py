@@ -278,9 +278,11 @@ def test_a_listing_piped_into_head_ends_quietly(workdir):
     assert listed.stdout.startswith("  id stage") and listed.stderr == ""
     # The resolved recipe that `rlhf check` prints, to a reader that is gone before the check has loaded
     # the tokenizer it measures the data with.
-    checked = subprocess.run(" ".join([*map(shlex.quote, RLHF), "check", str(TINY)]) + " | true", shell=True,
-                             capture_output=True, text=True, timeout=120, executable="/bin/bash")
-    assert checked.stderr == ""
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a plain shell has it
+    checked = subprocess.run(" ".join([*map(shlex.quote, RLHF), "check", str(TINY)]) + " | true; exit "
+                             "${PIPESTATUS[0]}", shell=True, capture_output=True, text=True, timeout=120,
+                             executable="/bin/bash", env=buffered)
+    assert (checked.returncode, checked.stderr) == (141, "")
 
 
 def test_a_runs_db_that_cannot_be_written_is_one_clear_error(workdir):

@@ -122,7 +122,13 @@ def test_a_reward_fn_is_found_without_running_its_module(tmp_path, monkeypatch):
     # Where the source cannot tell, the trainer's import will.
     (tmp_path / "star.py").write_text("from my_rewards_here import *\n")
     (tmp_path / "lazy.py").write_text("def __getattr__(name):\n    return len\n")
+    (tmp_path / "made.py").write_text("import sys\nsys.modules[__name__].score = len\n")
     assert function_spec_problem("star:score") is None and function_spec_problem("lazy:anything") is None
+    assert function_spec_problem("made:score") is None
+    # the trainer imports a local file before an installed module of its name (the standard library's `this`,
+    # which nothing imports); so does the check
+    (tmp_path / "this.py").write_text("def score(prompts, responses):\n    return [0.0] * len(prompts)\n")
+    assert function_spec_problem("this:score") is None
 
 
 def test_a_stage_field_given_for_the_whole_recipe_names_the_stages_that_have_it():

@@ -283,7 +283,7 @@ async def test_stopping_a_pipelines_stage_says_whether_the_pipeline_stops_with_i
             await wait_for(pilot, lambda: app.screen is app.home, 10, "back")
     assert "the pipeline stops with it" in questions["running"]
     assert "the pipeline stops with it" not in questions["stopped"]
-    assert "running on its own: the pipeline is stopped" in questions["stopped"]
+    assert "running on its own: the pipeline is stopped, and nothing waits" in questions["stopped"]
 
 
 @sync

@@ -275,6 +275,6 @@ def test_a_max_length_that_drops_most_records_says_what_would_be_left():
     with pytest.raises(DataError, match=r"drops 4 of 4 conversations .*; nothing would be left to train on$"):
         report(fates, "sft.train.max_length", 12, "conversations")
     fates["b.jsonl"] = {"kept": 1, "truncated": 0, "dropped": 0}  # 4 of 5: still most
-    with pytest.raises(DataError, match=r"drops 4 of 5 conversations .*; the run would train on the 1 left$"):
+    with pytest.raises(DataError, match=r"drops 4 of 5 conversations .*; only 1 of 5 would be left$"):
         report(fates, "sft.train.max_length", 12, "conversations")
     report({"a.jsonl": {"kept": 3, "truncated": 1, "dropped": 1}}, "sft.train.max_length", 12)  # most kept

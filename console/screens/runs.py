@@ -511,13 +511,13 @@ class RunsScreen(Screen):
         question = (f"Stop run {run['id']} ({run['stage']} {run['name']})?\n\nIt gets SIGTERM, {what}; it is "
                     "killed if it is still there after the grace period.")
         if run.get("pipeline_id") is not None:
-            pipeline = self.app.pipelines.get(run["pipeline_id"]) or {}
-            if pipeline.get("status") in ("pending", "running"):
+            status = (self.app.pipelines.get(run["pipeline_id"]) or {}).get("status")
+            if status in ("done", "stopped", "failed"):  # resumed on its own (rlhf launch --resume-run)
+                question += (f"\n\nIt is a stage of pipeline {run['pipeline_id']}, running on its own: the pipeline "
+                             f"is {status}, and nothing waits on this stage.")
+            else:
                 question += (f"\n\nIt is a stage of pipeline {run['pipeline_id']}: the pipeline stops with it, and "
                              "r resumes the pipeline from this stage.")
-            else:  # resumed on its own (rlhf launch --resume-run): no pipeline waits on it
-                question += (f"\n\nIt is a stage of pipeline {run['pipeline_id']}, running on its own: the pipeline "
-                             f"is {pipeline.get('status', 'gone')}. r resumes the pipeline from this stage.")
         self.app.push_screen(ConfirmScreen(question, "Stop"),
                              lambda ok: self.app.stop_run(run["id"]) if ok else None)
 

@@ -63,7 +63,8 @@ def report(counts: dict[str, dict[str, int]], field: str, max_length: int, what:
     dropped = sum(t["dropped"] for t in counts.values())
     if total and dropped > MOST * total:
         worst = max(counts, key=lambda p: counts[p]["dropped"])
+        # of what was measured: the check before a run measures a source's first records only
         left = ("nothing would be left to train on" if dropped == total else
-                f"the run would train on the {total - dropped} left")
+                f"only {total - dropped} of {total} would be left")
         raise DataError(f"{field}={max_length} drops {dropped} of {total} {what} (most from {worst}): raise "
                         f"{field} or shorten the data; {left}")
