@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a recipe (its model and data paths too) and print it resolved")
     check.add_argument("recipe")
-    check.add_argument("--stage", choices=STAGES, default=None)
+    check.add_argument("--stage", choices=STAGES, default=None,
+                       help="check this stage only (its model, data and paths; --set keys relative to it); "
+                            "default: every stage the recipe has. The whole resolved recipe is printed either way")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     check.add_argument("--estimate", action="store_true",
                        help="print the memory per GPU of each stage instead (from the model config alone)")
