@@ -22,12 +22,14 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-STAGE_SECTIONS = ("sft", "rm", "ppo")
+# A recipe's sections of one stage each; `eval` is what a pipeline evaluates with, which no training run uses
+STAGE_SECTIONS = ("sft", "rm", "ppo", "eval")
 
 
 def run_config(run: dict[str, Any]) -> dict[str, Any]:
     """What a run actually ran with: its stage, the recipe's shared keys and its own stage's section (a
-    recipe holds every stage; an SFT and a PPO run of one recipe must not compare as identical)."""
+    recipe holds every stage; an SFT and a PPO run of one recipe must not compare as identical). An
+    evaluation run's config is its own settings, kept whole."""
     config = json.loads(run["config"]) if isinstance(run.get("config"), str) else dict(run.get("config") or {})
     view = {key: value for key, value in config.items() if key not in STAGE_SECTIONS}
     view["stage"] = run.get("stage")

@@ -160,13 +160,20 @@ def _write_steps(db, run_id, steps, per_step=5):
 
 
 def test_an_sft_and_a_ppo_run_of_one_recipe_differ_by_stage_and_their_own_sections():
-    recipe = json.dumps({"name": "tiny", "seed": 0, "sft": {"lr": 1e-3}, "rm": {"lr": 2e-3}, "ppo": {"lr": 1e-6}})
+    recipe = json.dumps({"name": "tiny", "seed": 0, "sft": {"lr": 1e-3}, "rm": {"lr": 2e-3}, "ppo": {"lr": 1e-6},
+                         "eval": {"limit": 8}})
     sft, ppo = ({"stage": stage, "config": recipe} for stage in ("sft", "ppo"))
     rows = config_diff(run_config(sft), run_config(ppo))
     assert ("stage", "sft", "ppo") in rows
     assert ("sft.lr", "0.001", "—") in rows and ("ppo.lr", "—", "1e-06") in rows
     assert not any(key.startswith("rm.") for key, _, _ in rows)  # the stage neither ran
     assert config_diff(run_config(sft), run_config(dict(sft))) == []
+    # a pipeline's evaluation settings are no training run's: not in the diff of two SFT runs
+    plain = {"stage": "sft", "config": json.dumps({"name": "tiny", "seed": 0, "sft": {"lr": 1e-3}})}
+    assert config_diff(run_config(sft), run_config(plain)) == []
+    # an evaluation run's settings are its whole config
+    evals = [{"stage": "eval", "config": json.dumps({"checkpoint": c, "limit": 8})} for c in ("a", "b")]
+    assert config_diff(run_config(evals[0]), run_config(evals[1])) == [("checkpoint", "a", "b")]
 
 
 def test_two_followers_see_two_writers_rows_exactly_once(tmp_path):
