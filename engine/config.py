@@ -551,30 +551,31 @@ def function_spec_problem(spec: str) -> str | None:
             sys.path.remove(os.getcwd())
     if found is None:
         return f"reward_fn {spec!r}: no module named {module!r}"
-    if name not in _top_level_names(found.origin):
+    names = _bound_names(found.origin)
+    if names is not None and name not in names:
         return f"reward_fn {spec!r}: {module} ({found.origin}) defines no {name!r}"
     return None
 
 
-def _top_level_names(origin: str | None) -> set[str] | _Anything:
+def _bound_names(origin: str | None) -> set[str] | None:
     """The names a Python source file binds anywhere in it (more than its top level), read without running
-    it; anything, where that cannot be told: no source, `import *`, a module __getattr__, names made through
+    it; None where that cannot be told: no source, `import *`, a module __getattr__, names made through
     globals(), vars(), locals(), setattr, exec, eval, a __dict__ or sys.modules."""
     import ast
 
     if not origin or not origin.endswith(".py"):
-        return _Anything()
+        return None
     try:
         tree = ast.parse(Path(origin).read_bytes(), filename=origin)
     except (OSError, SyntaxError, ValueError, RecursionError, MemoryError):  # the trainer's import will say
-        return _Anything()
+        return None
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             if any(alias.name == "*" for alias in node.names):
-                return _Anything()
+                return None
             names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             names.add(node.id)
@@ -583,15 +584,10 @@ def _top_level_names(origin: str | None) -> set[str] | _Anything:
         elif isinstance(node, ast.MatchMapping) and node.rest:
             names.add(node.rest)
         elif isinstance(node, ast.Name) and node.id in ("globals", "vars", "locals", "setattr", "exec", "eval"):
-            return _Anything()
+            return None
         elif isinstance(node, ast.Attribute) and node.attr in ("__dict__", "modules"):
-            return _Anything()
-    return _Anything() if "__getattr__" in names else names
-
-
-class _Anything:
-    def __contains__(self, name: object) -> bool:
-        return True
+            return None
+    return None if "__getattr__" in names else names
 
 
 def import_function(spec: str) -> Callable[..., Any]:

@@ -276,12 +276,16 @@ def test_a_listing_piped_into_head_ends_quietly(workdir):
     listed = subprocess.run(" ".join([*map(shlex.quote, RLHF), "runs"]) + " | head -1", shell=True,
                             capture_output=True, text=True, timeout=120, executable="/bin/bash")
     assert listed.stdout.startswith("  id stage") and listed.stderr == ""
-    # The resolved recipe that `rlhf check` prints, to a reader that is gone before the check has loaded
-    # the tokenizer it measures the data with.
-    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a plain shell has it
-    checked = subprocess.run(" ".join([*map(shlex.quote, RLHF), "check", str(TINY)]) + " | true; exit "
-                             "${PIPESTATUS[0]}", shell=True, capture_output=True, text=True, timeout=120,
-                             executable="/bin/bash", env=buffered)
+    # The resolved recipe that `rlhf check` prints, into a pipe whose reader is gone before it starts (closed
+    # here first, not raced against), with stdout buffered as a plain shell has it.
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        checked = subprocess.run([*RLHF, "check", str(TINY)], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                 timeout=120, env=buffered)
+    finally:
+        os.close(write_end)
     assert (checked.returncode, checked.stderr) == (141, "")
 
 
