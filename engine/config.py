@@ -7,6 +7,7 @@ any model or data set is loaded.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 from pathlib import Path
@@ -465,6 +466,31 @@ def _check_precision(recipe: Recipe) -> None:
             )
 
 
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names of the section that `loc` (a pydantic error location) points into; [] where the
+    path leaves the recipe's models."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):  # an item of a list: the list's own type was already unwrapped below
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _section_type(annotation: Any) -> Any:
+    """The model class inside `X | None`, `list[X]` or `Annotated[X, …]`, or the annotation itself."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _section_type(arg)
+        if isinstance(found, type) and issubclass(found, BaseModel):
+            return found
+    return annotation
+
+
 def _describe(err: ValidationError, source: RecipeSource) -> RecipeError:
     problems = []
     fields: dict[str, str] = {}
@@ -472,7 +498,8 @@ def _describe(err: ValidationError, source: RecipeSource) -> RecipeError:
         field = ".".join(str(p) for p in e["loc"])
         message = e["msg"]
         if e["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling)"
+            near = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(e["loc"][:-1]), n=1)
+            message = f"unknown field; did you mean {near[0]!r}?" if near else "unknown field (check the spelling)"
             owners = [stage for stage, section in (("sft", SFTStage), ("rm", RMStage), ("ppo", PPOStage))
                       if len(e["loc"]) == 1 and e["loc"][0] in section.model_fields]
             if owners:  # `--set train.lr=…` on a whole recipe (a pipeline, a check without --stage)
