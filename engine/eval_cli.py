@@ -216,8 +216,7 @@ def _table(args: argparse.Namespace) -> int:
         a, b = args.delta
         print(f"\npaired deltas, run {b} minus run {a} (same items, 95 % bootstrap interval):")
         for d in deltas:
-            value = "-" if d.mean is None else f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
-            print(f"  {d.column}: {value} (n {d.n})")
+            print(f"  {d.column}: {d.shown()}, n {d.n}")
     return 0
 
 

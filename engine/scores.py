@@ -64,14 +64,15 @@ def _by_category(items: Iterable[dict[str, Any]]) -> dict[str, list[float]]:
 
 
 def _bootstrap(scores: dict[str, list[float]], seed: int, reps: int = BOOTSTRAP) -> dict[str, "Any"]:
-    """Resampled category means [reps] per category and both macro averages, stratified by category."""
+    """Resampled category means [reps] per category and both macro averages, stratified by category; None
+    for a category of fewer than two scores, and for a macro average over such a category."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {}
     for cat in CATEGORIES:
         values = np.asarray(scores[cat], dtype=float)
-        if len(values) == 0:
+        if len(values) < 2:  # one score resamples to itself: an interval of no width would claim certainty
             out[cat] = None
             continue
         picks = rng.integers(0, len(values), size=(reps, len(values)))
@@ -128,6 +129,25 @@ class Delta:
     low: float | None
     high: float | None
     n: int
+    unpaired: tuple[str, ...] = ()  # the column's categories without one pair (why a macro has no mean)
+
+    def shown(self) -> str:
+        """The delta as every view prints it: signed, with its interval or why there is none."""
+        if self.mean is None:
+            why = f"no pair in {', '.join(self.unpaired)}" if self.unpaired else "no pair"
+            return f"- ({why})"
+        return shown(self.mean, self.low, self.high, signed=True)
+
+
+def shown(mean: float | None, low: float | None, high: float | None, signed: bool = False) -> str:
+    """A mean with its 95 % interval, `-` without a mean; a mean of too few scores (fewer than two in a
+    category) has no interval to show, and says so rather than print one of no width."""
+    if mean is None:
+        return "-"
+    spec = "+.3f" if signed else ".3f"
+    if low is None or high is None:
+        return f"{mean:{spec}} (too few for an interval)"
+    return f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]"
 
 
 class NotComparable(ValueError):
@@ -197,10 +217,11 @@ def paired_deltas(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], a_na
             mean = None if any(m is None for m in means) else float(np.mean(means))
             n = sum(len(pairs[c]) for c in cats)
         else:
+            cats = [column]
             mean = float(np.mean(pairs[column])) if pairs[column] else None
             n = len(pairs[column])
         low, high = _interval(boot[column])
-        deltas.append(Delta(column, mean, low, high, n))
+        deltas.append(Delta(column, mean, low, high, n, tuple(c for c in cats if not pairs[c])))
     return deltas
 
 
@@ -269,12 +290,9 @@ def best_per_column(rows: Sequence[Row]) -> dict[str, set[int]]:
 
 
 def _fmt(cell: Cell, intervals: bool) -> str:
-    if cell.mean is None:
-        return "-"
-    text = f"{cell.mean:.3f}"
-    if intervals and cell.low is not None:
-        text += f" [{cell.low:.3f}, {cell.high:.3f}]"
-    return text
+    if not intervals or cell.mean is None:
+        return "-" if cell.mean is None else f"{cell.mean:.3f}"
+    return shown(cell.mean, cell.low, cell.high)
 
 
 def render(rows: Sequence[Row], fmt: str = "md") -> str:

@@ -174,6 +174,23 @@ def test_paired_deltas_use_the_same_items():
     subset = b[:8]  # a run of the first 8 items of the same eval set (--limit 8): paired where both have them
     deltas = {d.column: d for d in paired_deltas(a, subset)}
     assert deltas[MACRO].n == 7 and deltas["others"].n == 5 and deltas[MACRO].mean is None  # 2 categories only
+    assert deltas[MACRO].shown().startswith("- (no pair in ") and "others" not in deltas[MACRO].shown()
+    deltas = {d.column: d for d in paired_deltas(a, b[:7])}  # one pair in the second category
+    assert deltas[CATEGORIES[1]].n == 1 and deltas[CATEGORIES[1]].shown() == "+0.100 (too few for an interval)"
+
+
+def test_a_category_of_one_score_has_no_interval_nor_has_a_macro_over_it():
+    scores = {c: [0.2, 0.6] for c in CATEGORIES}
+    row = summarize("a", _items(scores), run_id=1)
+    assert all(cell.low < cell.mean < cell.high for cell in row.cells.values())
+    scores[CATEGORIES[0]] = [0.5]  # one score resamples to itself: an interval of no width
+    row = summarize("a", _items(scores), run_id=1)
+    first, other = row.cells[CATEGORIES[0]], row.cells[CATEGORIES[1]]
+    assert first.mean == 0.5 and first.low is None and first.high is None
+    assert other.low < other.mean < other.high  # the other categories keep theirs
+    assert row.cells[MACRO].mean is not None and row.cells[MACRO].low is None
+    table = render([row])
+    assert "0.500 (too few for an interval)" in table and "[0.500, 0.500]" not in table
 
 
 def test_runs_of_two_eval_sets_are_never_paired():

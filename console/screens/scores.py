@@ -117,6 +117,8 @@ class ScoresScreen(SaysWorkerFailures, Screen[None]):
                          if measured else "no evaluation run yet: rlhf eval belle CHECKPOINT --eval-dir DIR"))
 
     def on_data_table_cell_highlighted(self, event: DataTable.CellHighlighted) -> None:
+        from engine.scores import shown
+
         picked = self.query_one(ScoreTable).cell_at_cursor()
         if picked is None:
             return
@@ -127,7 +129,7 @@ class ScoresScreen(SaysWorkerFailures, Screen[None]):
         elif cell.mean is None:
             text = f"run {row.run_id} · {column}: no score yet ({cell.not_judged} not judged, {cell.unscored} unscored)"
         else:
-            text = (f"run {row.run_id} · {column}: {cell.mean:.3f} [{cell.low:.3f}, {cell.high:.3f}] · n {cell.n} · "
+            text = (f"run {row.run_id} · {column}: {shown(cell.mean, cell.low, cell.high)} · n {cell.n} · "
                     f"unscored {cell.unscored} · not judged {cell.not_judged} · {row.judge}")
         self.query_one("#cell-info", Static).update(Text(terminal_safe(text), no_wrap=True, overflow="ellipsis"))
 
@@ -193,8 +195,7 @@ class ScoresScreen(SaysWorkerFailures, Screen[None]):
             except NotComparable as err:
                 self.post_message(DeltasLoaded("", [], str(err)))
                 return
-        lines = [f"{d.column:>16}: " + ("-" if d.mean is None else f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
-                 + f"  n {d.n}" for d in deltas]
+        lines = [f"{d.column:>16}: {d.shown()}  n {d.n}" for d in deltas]
         self.post_message(DeltasLoaded(f"run {b} minus run {a}, on the items both scored (95 % paired bootstrap)",
                                        lines))
 
