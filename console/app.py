@@ -455,7 +455,11 @@ class RlhfConsole(SaysWorkerFailures, App):
             self.post_message(ActionDone("stop", run_id, note=f"run {run_id}: its processes were already gone; "
                                                              "closed as failed (r resumes it)"))
             return
-        self.post_message(ActionDone("stop", run_id))
+        if asked.unrecorded:  # signalled, but the record cannot say so until runs.db takes writes again
+            self.post_message(ActionDone("stop", run_id, note=f"run {run_id}: stop signalled, but runs.db could "
+                                                             f"not record it ({asked.unrecorded})"))
+        else:
+            self.post_message(ActionDone("stop", run_id))
         # The grace period runs in this worker, so it survives screen changes (not a console restart:
         # then the run only got its SIGTERM, which is what lets it save).
         deadline = time.monotonic() + grace_s

@@ -222,6 +222,9 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
         group = (run["pgid"], run["pgid_started"]) if run.get("pgid") else None
     else:
         print(f"run {run_id}: stop asked; {stop_outcome(run)}", flush=True)
+        if asked.unrecorded:
+            print(f"run {run_id}: the stop was signalled, but runs.db could not record it ({asked.unrecorded}); "
+                  "the trainer records its stop once runs.db takes writes again", file=sys.stderr, flush=True)
         group = asked.group
     if not wait:
         return 0
@@ -419,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_eval_command(args)
         if args.command == "train":
-            from engine.run import EXIT_STOPPED, RUN_ID_ENV, exit_code_of, resume_hint, resume_recipe, say
+            from engine.run import EXIT_STOPPED, RUN_ID_ENV, after_stop, exit_code_of, resume_recipe, say
             from engine.store import Store, default_db_path
             from engine.train import configure_logging, run_stage, validate
 
@@ -448,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             configure_logging()
             run_id, status = run_stage(args.stage, recipe, overrides, args.db, checked=checked)
             if status == "stopped":
-                say(f"run {run_id} stopped; continue it with: {resume_hint(args.stage, run_id, args.db)}")
+                say(f"run {run_id} stopped; {after_stop(args.stage, run_id, args.db)}")
                 return EXIT_STOPPED
             if status == "diverged":
                 with Store(args.db or default_db_path()) as store:
@@ -461,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         assert args.command == "launch"
         from engine.launch import prepare, start_detached, supervise
-        from engine.run import EXIT_STOPPED, resume_hint, say
+        from engine.run import EXIT_STOPPED, after_stop, say
 
         _recipe_or_resume(args)
         run = prepare(args.stage, args.recipe, args.overrides, args.accelerate_config, args.num_processes,
@@ -474,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         code = supervise(run, echo=True)
         say(f"run {run.run_id} exited with code {code}")
         if code == EXIT_STOPPED:
-            say(f"continue it with: {resume_hint(args.stage, run.run_id, args.db, 'launch')}")
+            say(after_stop(args.stage, run.run_id, args.db, "launch"))
         return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
     except BAD_INPUT as err:
         print(f"error: {err}", file=sys.stderr)

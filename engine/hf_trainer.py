@@ -7,11 +7,11 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.config import ModelSpec, RecipeError, TrainArgs
+from engine.config import ModelSpec, TrainArgs
 from engine.data import DataError, Mixture, lengths
 from engine.data.lengths import Fate
 from engine.models import cuda_available, precision_flags
-from engine.run import RunHandle, newest_checkpoint
+from engine.run import RunHandle, resume_from
 from engine.track import GracefulStop, StoreCallback
 
 
@@ -83,17 +83,8 @@ def resume_target(value: str | bool | None, handle: RunHandle) -> str | None:
     Metrics this run logged after that checkpoint are dropped: that stretch of training is redone, and
     keeping both would show each of its steps twice.
     """
-    target: str | None = None
-    if value is True:
-        newest = newest_checkpoint(handle.output_dir, "trainer_state.json")
-        if newest is None:
-            # Starting over under the same run id would write every step twice into its history.
-            raise RecipeError(f"resume_from_checkpoint: {handle.output_dir} has no checkpoint to resume from")
-        target = str(newest)
-    elif isinstance(value, str):
-        if not (Path(value) / "trainer_state.json").is_file():
-            raise RecipeError(f"resume_from_checkpoint: {value} is not a checkpoint folder (no trainer_state.json)")
-        target = value
+    picked = resume_from(value, handle.output_dir, "trainer_state.json")
+    target = None if picked is None else str(picked)
     if target is not None and handle.store is not None:
         step = json.loads((Path(target) / "trainer_state.json").read_text())["global_step"]
         handle.store.drop_history_after(handle.run_id, step)

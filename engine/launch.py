@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -512,23 +513,28 @@ class StopAsked:
 
     group: tuple[int, int | None] | None
     was_dead: bool
+    unrecorded: str | None = None  # why runs.db could not write the stop down (it was signalled anyway)
 
 
 def stop_run(db_path: str | os.PathLike, run_id: int) -> StopAsked:
     """`request_stop`, and whether the run turned out dead (closed as failed, nothing to signal): what x
     in the console and `rlhf stop` both tell their user."""
-    group = request_stop(db_path, run_id)
+    unrecorded: list[str] = []
+    group = request_stop(db_path, run_id, unrecorded)
     with Store(db_path) as store:
-        return StopAsked(group, store.run(run_id).get("orphaned") is not None)
+        return StopAsked(group, store.run(run_id).get("orphaned") is not None, unrecorded[0] if unrecorded else None)
 
 
-def request_stop(db_path: str | os.PathLike, run_id: int) -> tuple[int, int | None] | None:
+def request_stop(db_path: str | os.PathLike, run_id: int,
+                 unrecorded: list[str] | None = None) -> tuple[int, int | None] | None:
     """SIGTERM to the run's process group (the trainer saves a checkpoint and exits); returns the group
     and its leader's start time (what a later SIGKILL must check), or None if there is no group yet.
 
     The request is written down first: a run that must then be killed still counts as stopped, and a
     run whose group does not exist yet gets the signal from its supervisor once it does. A run whose
-    processes are gone without an exit on record (its machine rebooted) is closed as failed.
+    processes are gone without an exit on record (its machine rebooted) is closed as failed. A runs.db
+    that cannot take the write (a full disk) does not keep the signal from the group it recorded: the
+    reason goes into `unrecorded`, or is raised after the signal where no list is given.
     """
     with Store(db_path) as store:
         run = store.run(run_id)
@@ -548,7 +554,20 @@ def request_stop(db_path: str | os.PathLike, run_id: int) -> tuple[int, int | No
             (not_ours(run["pid"], group=False) if run["pid"] else None)
         if owner:
             raise RecipeError(f"run {run_id} is {owner}'s: only they (or root) can stop it")
-        pgid, started = store.mark_stop_requested(run_id)
+        try:
+            pgid, started = store.mark_stop_requested(run_id)
+            problem = None
+        except sqlite3.Error as err:  # the moment a clean stop matters most: the group still gets it
+            pgid, started, problem = run["pgid"], run["pgid_started"], f"{db_path}: {err}"
+    if problem is not None:
+        if unrecorded is None:
+            _signal_stop(run, pgid, started)
+            raise RecipeError(f"run {run_id}: stop signalled, but runs.db could not record it ({problem})")
+        unrecorded.append(problem)
+    return _signal_stop(run, pgid, started)
+
+
+def _signal_stop(run: dict[str, Any], pgid: int | None, started: int | None) -> tuple[int, int | None] | None:
     # Only processes whose start time was recorded and still matches: a number the kernel has since given
     # to another program is never signalled.
     if pgid and started is not None and same_group(pgid, started):

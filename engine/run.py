@@ -25,6 +25,8 @@ from engine.data.records import DataError
 from engine.procs import may_access, process_alive, process_start, run_processes_gone
 from engine.store import ResilientStore, Store, StoreError, default_db_path
 
+log = logging.getLogger(__name__)
+
 RUN_ID_ENV = "RLHF_RUN_ID"
 PIPELINE_ENV = "RLHF_PIPELINE_ID"  # set by `rlhf pipeline`: the runs its stages register belong to it
 DB_ENV = "RLHF_DB"
@@ -146,6 +148,17 @@ def resume_hint(stage: str, run_id: int, db: str | os.PathLike | None, command: 
     return f"{how} --resume-run {run_id} --db {os.path.abspath(db or default_db_path())}"
 
 
+def after_stop(stage: str, run_id: int, db: str | os.PathLike | None, command: str = "train") -> str:
+    """What a stopped run's command says to do next: the resume, or, stopped before its first checkpoint,
+    that there is nothing to resume (a resume would be refused)."""
+    with Store(db or default_db_path()) as store:
+        run = store.run(run_id)
+    if stage == "eval" or has_checkpoint(run):
+        return f"continue it with: {resume_hint(stage, run_id, db, command)}"
+    return (f"it stopped before its first checkpoint: nothing trained is kept and nothing can be resumed; "
+            f"start it again with rlhf {command} {stage} RECIPE")
+
+
 def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> dict[str, Any]:
     """The run to continue, or a RecipeError saying why it cannot be."""
     try:
@@ -158,13 +171,18 @@ def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> di
         raise RecipeError(f"run {run_id}: {foreign}; not resuming from its checkpoints")
     if run["stage"] != stage:
         raise RecipeError(f"run {run_id} is {a_run_of(run['stage'])}, not {a_run_of(stage)}")
+    if run["status"] == "pending" and run["pid"] is None:  # claimed: another command is starting it
+        raise RecipeError(f"run {run_id} is being started or resumed by another command")
     if run["status"] in ("pending", "running"):
         raise RecipeError(f"run {run_id} is {run['status']} (pid {run['pid']}); stop it before resuming")
     if not ended_for_good(run):
         raise RecipeError(f"run {run_id} is still shutting down (its exit is not recorded yet); try again shortly")
     if not has_checkpoint(run):
         folder = Path(run["output_dir"] or ".")
-        if folder.is_dir() and not may_access(folder, os.R_OK | os.X_OK):
+        if not folder.is_dir():
+            raise RecipeError(f"run {run_id}: its folder {folder} does not exist (moved or deleted?): a run "
+                              "resumes only from the checkpoints in its own folder")
+        if not may_access(folder, os.R_OK | os.X_OK):
             raise RecipeError(f"run {run_id}: its folder {folder} cannot be read by this user (permission denied): "
                               "resume it as its owner")
         raise RecipeError(f"run {run_id} has no checkpoint in {run['output_dir']} to resume from")
@@ -179,6 +197,7 @@ def ended_for_good(run: dict[str, Any]) -> bool:
 
 
 CHECKPOINT_MARKERS = ("trainer_state.json", "ppo_state.json")  # the trainer's (SFT, RM) and PPO's, written last
+STATE_MARKERS = {"sft": CHECKPOINT_MARKERS[0], "rm": CHECKPOINT_MARKERS[0], "ppo": CHECKPOINT_MARKERS[1]}
 
 
 def has_checkpoint(run: dict[str, Any]) -> bool:
@@ -195,10 +214,23 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
 
     New --set items change a run in the middle of its curve, so they are refused unless `allow_change`;
     allowed, they are recorded with the run. A finished run continues only to more steps than it has."""
-    from engine.config import load_recipe
+    from engine.config import load_recipe, parse_override
 
     run = check_resumable(db_path, run_id, stage)
     path = recorded_recipe(run)
+    # Which checkpoint to continue from is not a change to the run: an older one, past a damaged newest
+    # one, is taken as given, without --allow-change and without entering the run's recipe.
+    field = f"{stage}.resume_from_checkpoint"
+    chosen = [item for item in overrides if parse_override(item, stage)[0] == field]
+    overrides = [item for item in overrides if item not in chosen]
+    picked = parse_override(chosen[-1], stage)[1] if chosen else True
+    if picked is not True:
+        if not isinstance(picked, str) or not picked:
+            raise RecipeError(f"--set {chosen[-1]!r}: a resume continues from a checkpoint: give its folder, "
+                              "or leave the item out for the newest whole one")
+        picked = str(Path(picked).expanduser().resolve())
+    # Before the run is claimed: a checkpoint that cannot be loaded fails here, not as the run's failure.
+    resume_from(picked, Path(run["output_dir"]), STATE_MARKERS[stage])
     recorded = load_recipe(path, [], stage)
     changed = load_recipe(path, overrides, stage)
     differ = _differences(recorded.model_dump(), changed.model_dump())
@@ -214,7 +246,7 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
     if differ:  # recorded by the claim (`Store.claim_for_resume`): only a resume that starts changes the run
         change = {"config": recipe_to_json(with_absolute_paths(changed)),
                   "overrides": json.dumps([*json.loads(run.get("overrides") or "[]"), *overrides])}
-    return path, [*overrides, f"{stage}.resume_from_checkpoint=true"], change
+    return path, [*overrides, f"{field}={'true' if picked is True else json.dumps(picked)}"], change
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -273,6 +305,61 @@ def newest_checkpoint(folder: Path, marker: str) -> Path | None:
     """The highest-step complete `checkpoint-N` in `folder`."""
     done = checkpoints_in(folder, marker)
     return done[-1] if done else None
+
+
+def damage(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be loaded, read from its files' framing without loading them (None if it
+    looks whole): a save cut by a power loss can leave its marker written and a weight file short, since
+    nothing forces the data to disk in order. safetensors files are checked against the sizes their header
+    declares; torch's zip files against their central directory (written at the end)."""
+    import zipfile
+
+    for path in sorted(checkpoint.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                with path.open("rb") as f:
+                    length = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(length)) if 0 < length <= 100_000_000 else None
+                if not isinstance(header, dict):
+                    return f"{path.name} has no readable header"
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                if path.stat().st_size != 8 + length + end:
+                    return f"{path.name} holds {path.stat().st_size} bytes, its header says {8 + length + end}"
+            elif path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
+                return f"{path.name} is not a whole torch file (no zip directory at its end)"
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            return f"{path.name} cannot be read ({err})"
+    return None
+
+
+def resume_from(value: str | bool | None, folder: Path, marker: str) -> Path | None:
+    """The checkpoint a stage's `resume_from_checkpoint` names: `True` is the newest whole one in the run's
+    folder (a newer damaged one is passed over, said in the log and kept on disk: the user decides what
+    becomes of it); a path must hold `marker` and whole files. Raises RecipeError naming the file."""
+    if value is None or value is False:
+        return None
+    if value is not True:
+        path = Path(value)
+        if not (path / marker).is_file():
+            raise RecipeError(f"resume_from_checkpoint: {value} is not a checkpoint folder (no {marker})")
+        why = damage(path)
+        if why is not None:
+            raise RecipeError(f"resume_from_checkpoint: {value} is damaged: {why}")
+        return path
+    saved = checkpoints_in(folder, marker)
+    if not saved:
+        # Starting over under the same run id would write every step twice into its history.
+        raise RecipeError(f"resume_from_checkpoint: {folder} has no checkpoint to resume from")
+    for checkpoint in reversed(saved):
+        why = damage(checkpoint)
+        if why is None:
+            return checkpoint
+        if os.environ.get("RANK", "0") == "0":
+            log.warning("%s is damaged (%s): resuming from the checkpoint before it", checkpoint, why)
+    raise RecipeError(f"resume_from_checkpoint: every checkpoint in {folder} is damaged (the newest, "
+                      f"{saved[-1].name}: {damage(saved[-1])})")
 
 
 def _caused_by_stop(err: BaseException | None) -> bool:

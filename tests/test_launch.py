@@ -339,6 +339,37 @@ def test_stop_is_recorded_before_the_signal_and_refused_for_an_ended_run(workdir
     assert run_row(survived)["exit_code"] == 0
 
 
+def test_a_stop_reaches_the_run_when_runs_db_cannot_take_the_write(tmp_path):
+    """runs.db on a full disk: the moment a clean stop matters most. `rlhf stop` still signals the group the
+    row recorded, and says the stop could not be written down. The disk is made full for the stopper alone:
+    no file of its may grow (RLIMIT_FSIZE 0), so every SQLite write fails as it does on a full disk."""
+    import resource
+
+    from engine.procs import process_start
+
+    db = tmp_path / "runs.db"
+    sleeper = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        with Store(db) as store:
+            run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+            store.update_run(run_id, status="running", pid=sleeper.pid, pgid=sleeper.pid,
+                             pgid_started=process_start(sleeper.pid))
+
+        def full_disk() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+        with Store(db):  # open meanwhile, as a console would be: the stopper need not create the WAL index
+            stop = subprocess.run([sys.executable, "-m", "engine.cli", "stop", str(run_id), "--db", str(db)],
+                                  cwd=REPO, preexec_fn=full_disk, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stderr
+        assert "the stop was signalled, but runs.db could not record it" in stop.stderr
+        assert sleeper.wait(60) == -signal.SIGTERM
+        assert run_row(run_id, str(db))["stop_requested"] is None  # nothing claims a write that did not happen
+    finally:
+        sleeper.kill()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run a process as another user")
 def test_a_stop_of_another_users_run_is_refused_before_it_is_written_down(tmp_path):
     """A shared runs.db: user B's stop of user A's run can reach none of its processes. Written down, it

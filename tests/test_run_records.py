@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -864,3 +865,35 @@ def test_a_detached_process_leaves_no_zombie_in_the_process_that_started_it(tmp_
     assert started is not None and os.getsid(pid) == pid  # a session of its own
     wait(lambda: process_start(pid) != started, 60)  # reaped, not <defunct> (nor its pid taken by another)
     assert (tmp_path / "out.log").read_text() == "done\n"
+
+
+def test_why_a_run_cannot_resume_is_said_as_it_is(tmp_path):
+    """Each refusal names its own cause: a run stopped before its first checkpoint is not offered a resume,
+    a folder that is gone says so (not "no checkpoint in" it), and a run another command has just claimed
+    is being resumed, not "pending (pid None)"."""
+    from engine.run import after_stop, check_resumable
+
+    db = tmp_path / "runs.db"
+    with Store(db) as store:
+        early = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
+                                 output_root=str(tmp_path / "runs"))
+        store.update_run(early, status="stopped", ended=1.0)
+        moved = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
+                                 output_root=str(tmp_path / "runs"))
+        store.update_run(moved, status="failed", ended=1.0)
+        claimed = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
+                                   output_root=str(tmp_path / "runs"))
+    said = after_stop("sft", early, db)
+    assert "before its first checkpoint" in said and "--resume-run" not in said
+    with pytest.raises(RecipeError, match=f"run {early} has no checkpoint in "):
+        check_resumable(db, early, "sft")
+    (tmp_path / "runs" / str(early) / "checkpoint-2").mkdir()
+    (tmp_path / "runs" / str(early) / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert after_stop("sft", early, db, "launch") == f"continue it with: rlhf launch sft --resume-run {early} --db {db}"
+
+    shutil.rmtree(tmp_path / "runs" / str(moved))
+    gone = rf"run {moved}: its folder .*/runs/{moved} does not exist \(moved or deleted\?\)"
+    with pytest.raises(RecipeError, match=gone):
+        check_resumable(db, moved, "sft")
+    with pytest.raises(RecipeError, match=f"run {claimed} is being started or resumed by another command"):
+        check_resumable(db, claimed, "sft")  # pending, no process yet: as a claim leaves it

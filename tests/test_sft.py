@@ -1,3 +1,4 @@
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -146,3 +147,41 @@ def test_a_bad_resume_path_fails_the_run(workdir):
     with pytest.raises(RecipeError, match="not a checkpoint folder"):
         run_stage("sft", str(TINY), ["resume_from_checkpoint=nowhere"])
     assert run_row(1)["status"] == "failed" and "not a checkpoint folder" in run_row(1)["error"]
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_and_an_older_one_can_be_named(workdir, capsys):
+    """A power loss can leave a checkpoint with its marker written and a weight file short. The resume
+    continues from the newest whole checkpoint, and a checkpoint named with --set is taken as given: it is
+    where to continue from, not a change to the run."""
+    import os
+
+    from engine.cli import main
+    from engine.run import damage, resume_recipe
+
+    run_id, _ = run_stage("sft", str(TINY), ["train.max_steps=6", "train.logging_steps=1", "train.save_steps=3"])
+    folder = workdir / "runs" / str(run_id)
+    older, newest = folder / "checkpoint-3", folder / "checkpoint-6"
+    assert damage(older) is None and damage(newest) is None
+    weights = newest / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    assert "model.safetensors holds" in damage(newest)
+    cut = workdir / "cut"
+    shutil.copytree(older, cut)
+    with (cut / "optimizer.pt").open("r+b") as f:
+        f.truncate(1000)
+    assert "optimizer.pt" in damage(cut)
+
+    db = os.environ["RLHF_DB"]
+    with pytest.raises(RecipeError, match=r"checkpoint-6 is damaged: model.safetensors holds \d+ bytes"):
+        resume_recipe(db, run_id, "sft", [f"sft.resume_from_checkpoint={newest}", "train.max_steps=8"], True)
+    _, overrides, change = resume_recipe(db, run_id, "sft", [f"resume_from_checkpoint={older}", "train.max_steps=8"],
+                                         allow_change=True)
+    assert overrides[-1] == f'sft.resume_from_checkpoint="{older}"'
+    assert "resume_from_checkpoint" not in change["overrides"]
+    assert json.loads(change["config"])["sft"]["resume_from_checkpoint"] is None
+
+    assert main(["train", "sft", "--resume-run", str(run_id), "--set", "train.max_steps=8", "--allow-change"]) == 0
+    assert "checkpoint-6 is damaged (model.safetensors holds" in capsys.readouterr().err
+    assert [s for s, _ in metric(run_id, "loss")] == [1, 2, 3, 4, 5, 6, 7, 8]  # 4-6 redone from step 3, once
+    assert run_row(run_id)["status"] == "done" and run_row(run_id)["step"] == 8

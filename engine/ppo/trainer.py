@@ -36,7 +36,7 @@ from engine.ppo import core
 from engine.ppo.hydra import Hydra, Trunk
 from engine.ppo.rewards import FunctionScorer, RewardModelScorer, Scorer
 from engine.ppo.rollout import Rollout, generate
-from engine.run import RunHandle, checkpoints_in, newest_checkpoint
+from engine.run import RunHandle, checkpoints_in, resume_from
 from engine.track import StopFlag
 
 log = logging.getLogger(__name__)
@@ -164,18 +164,7 @@ class PPOTrainer:
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _resume_dir(self) -> Path | None:
-        value = self.stage.resume_from_checkpoint
-        if value is None or value is False:
-            return None
-        if value is True:
-            newest = newest_checkpoint(self.handle.output_dir, STATE_FILE)
-            if newest is None:
-                raise RecipeError(f"resume_from_checkpoint: {self.handle.output_dir} has no checkpoint to resume from")
-            return newest
-        path = Path(value)
-        if not (path / STATE_FILE).is_file():
-            raise RecipeError(f"resume_from_checkpoint: {value} is not a PPO checkpoint (no {STATE_FILE})")
-        return path
+        return resume_from(self.stage.resume_from_checkpoint, self.handle.output_dir, STATE_FILE)
 
     def _load_state(self, folder: Path) -> None:
         self.state = PPOState(**json.loads((folder / STATE_FILE).read_text()))
