@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 # How long a write waits for another writer before it fails (a test can make it short).
 BUSY_TIMEOUT_S = float(os.environ.get("RLHF_DB_BUSY_S", 60.0))
 RUN_MARKER = ".rlhf-run.json"  # in each run folder: which runs.db (db_id) and run it belongs to
+# What an orphaned run's error says, and what to do: where its checkpoints are, it continues from them.
+ORPHANED = ("its processes are gone and nothing recorded how it ended (a crash, kill -9 or a reboot): resume "
+            "it to continue from its newest checkpoint")
 RUN_STATUSES = ("pending", "running", "done", "failed", "stopped", "diverged")
 
 
@@ -540,7 +543,7 @@ class Store:
         return changed == 1
 
     def close_orphan(self, run_id: int, seen: Mapping[str, Any] | None = None, ended: float | None = None,
-                     why: str = "its processes are gone and nothing recorded how it ended") -> bool:
+                     why: str = ORPHANED) -> bool:
         """Record that a pending or running run's processes are gone without an exit on record. `seen`: the
         row whose processes were found gone; if the run has other processes by now (it was closed and
         resumed meanwhile), it is left alone. `ended`: its last sign of life (else now). `why`: its error,
@@ -654,7 +657,8 @@ class Store:
             changed = db.conn.execute(
                 "UPDATE pipelines SET status = 'failed', ended = ?, error = COALESCE(error, ?) "
                 "WHERE id = ? AND status IN ('pending', 'running') AND pid IS ? AND pid_started IS ? AND host IS ?",
-                [time.time(), f"its process (pid {seen.get('pid')}) is gone and nothing recorded how it ended",
+                [time.time(), f"its process (pid {seen.get('pid')}) is gone and nothing recorded how it ended: "
+                              f"rlhf pipeline --resume {pipeline_id} continues it",
                  pipeline_id, seen.get("pid"), seen.get("pid_started"), seen.get("host")]).rowcount
         return changed == 1
 

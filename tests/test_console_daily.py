@@ -193,6 +193,14 @@ async def test_a_failed_runs_own_error_is_pinned_and_t_finds_the_trainers_traceb
         assert home.query_one(TabbedContent).active == "log"
         home.select_run(5)  # a run that did not fail: nothing pinned
         await wait_for(pilot, lambda: not pinned.display, 10, "the pin to go")
+        # A launcher killed mid-progress-bar leaves the bar's redraws in the recorded error: shown as a
+        # terminal would show them, its last state only.
+        view.pin_error("Loading:  10%|#  | 1/9\r Loading:  90%|## | 8/9\x1b[A\nW1128 rank 0 killed\n"
+                       "its launcher was killed by SIGKILL")
+        await wait_for(pilot, lambda: pinned.display, 10, "the pin")
+        shown = str(pinned.render()).splitlines()
+        assert shown == ["error recorded by the run: its launcher was killed by SIGKILL",
+                         " Loading:  90%|## | 8/9", "W1128 rank 0 killed"], shown
 
 
 @sync

@@ -302,7 +302,7 @@ def test_a_pipeline_killed_alone_leaves_its_stage_running_and_resumes_only_once_
     assert refused.returncode == 2 and "its sft stage, run 1, is running in another process" in refused.stderr
     with Store(db) as store:
         assert store.pipeline(1)["status"] == "failed"  # its process found gone; not the resume's doing
-        assert "is gone" in store.pipeline(1)["error"]
+        assert "is gone" in store.pipeline(1)["error"] and "rlhf pipeline --resume 1" in store.pipeline(1)["error"]
     stopping = subprocess.Popen([*RLHF, "stop", "1", "--wait", "--db", db], stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and run_row(1)["stop_requested"] is None:

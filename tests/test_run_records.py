@@ -66,7 +66,7 @@ def test_a_launched_run_whose_processes_died_becomes_resumable(workdir, how):
     assert run_row(run.run_id)["status"] == "running"  # as the kill left it
     check_resumable(os.environ["RLHF_DB"], run.run_id, "sft")  # recognised as gone: closed, resumable
     closed = run_row(run.run_id)
-    assert closed["status"] == "failed" and "processes are gone" in closed["error"]
+    assert closed["status"] == "failed" and "processes are gone" in closed["error"] and "resume it" in closed["error"]
     resumed = subprocess.run([*RLHF, "launch", "sft", str(TINY), "--accelerate-config", str(ACCEL / "cpu.yaml"),
                               "--resume-run", str(run.run_id), "--allow-change", "--set", "train.max_steps=6"],
                              capture_output=True, text=True, timeout=300)

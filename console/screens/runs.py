@@ -18,6 +18,7 @@ from textual.widgets import DataTable, Footer, Input, OptionList, Static, Tabbed
 from textual.widgets.option_list import Option
 
 from console.colours import run_colour
+from console.logtail import clean_line
 from console.messages import LogRead, SamplesLoaded
 from console.text import terminal_safe
 from console.widgets.log_view import LogView
@@ -271,7 +272,8 @@ class RunsScreen(Screen):
             return
         if run.get("error"):
             if run["status"] not in ("failed", "diverged"):  # else it is pinned above the log already
-                self.log_view.append(run["id"], run["error"].splitlines(), "", False, False)
+                self.log_view.append(run["id"], [clean_line(line) for line in run["error"].split("\n")], "", False,
+                                     False)
         elif run.get("output_dir"):
             self.log_view.append(run["id"], [], f"(nothing in {run['output_dir']}/train.log yet)", False, False)
 

@@ -14,7 +14,7 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import Input, Log, Static
 
-from console.logtail import last_traceback
+from console.logtail import clean_line, last_traceback
 from console.text import terminal_safe
 from engine.run_facts import error_summary
 
@@ -103,7 +103,8 @@ class LogView(Vertical):
         pinned = self.query_one("#log-error", Static)
         pinned.display = bool(self.error)
         if self.error:
-            lines = [line for line in self.error.splitlines() if line.strip()]
+            # As the log shows it: a launcher killed mid-progress-bar leaves its redraws in the recorded error.
+            lines = [line for line in map(clean_line, self.error.split("\n")) if line.strip()]
             # What happened (a traceback's last line) goes first, on the heading: the box shows 7 lines, and a
             # traceback's tail below it scrolls.
             head = f"error recorded by {self.error_by}: {error_summary(self.error)}"
