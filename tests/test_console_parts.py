@@ -380,3 +380,34 @@ def test_an_errors_summary_is_its_last_line_without_the_exceptions_module_path()
         "its launcher was killed by SIGKILL (the kernel's OOM killer, or kill -9)")
     assert error_summary("RuntimeError: CUDA out of memory. Tried to allocate") == (
         "RuntimeError: CUDA out of memory. Tried to allocate")
+
+
+def test_a_running_run_that_logs_nothing_far_past_its_pace_reads_silent(tmp_path):
+    """A hung rank or a stopped process keeps "running" and a ticking clock: the ETA cell says how long
+    nothing has arrived, once that is far past the run's own pace, and only then."""
+    import time
+
+    from console.series import silent_seconds
+    from console.widgets.run_table import cells
+
+    now = time.time()
+    history = History()
+    history.ingest([{"seq": i, "run_id": 1, "step": i, "name": "loss", "value": 1.0, "wall_time": now - 1000 + 2 * i}
+                    for i in range(1, 51)])  # a step every 2 s, the newest 900 s ago
+    assert silent_seconds(history.runs[1], now) == pytest.approx(900.0)
+    assert silent_seconds(history.runs[1], now - 850) is None  # 50 s quiet: under five minutes
+    assert silent_seconds(history.runs[1], now, since=now - 10) is None  # resumed since: nothing logged yet
+    slow = History()  # PPO at scale: a step every 2 minutes; 15 minutes between two is within its pace
+    slow.ingest([{"seq": i, "run_id": 2, "step": i, "name": "loss", "value": 1.0,
+                  "wall_time": now - 900 - 120 * (9 - i)} for i in range(1, 10)])
+    assert silent_seconds(slow.runs[2], now) is None
+    assert silent_seconds(slow.runs[2], now + 400) == pytest.approx(1300.0)
+
+    with Store(tmp_path / "runs.db") as store:
+        run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+        store.update_run(run_id, status="running", started=now - 1100, total_steps=500, step=50)
+        run = store.run(run_id)
+    history.runs[run_id] = history.runs.pop(1)
+    assert str(cells(run, history, False)[5]) == "silent 15m00s"
+    history.runs[run_id].series["loss"].extend([51.0], [now - 1.0], [1.0])
+    assert not str(cells(run, history, False)[5]).startswith("silent")  # a point arrived: the ETA again

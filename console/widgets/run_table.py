@@ -77,16 +77,19 @@ def pipeline_label(run: dict[str, Any], pipeline: dict[str, Any] | None) -> str:
 def cells(run: dict[str, Any], history: History, marked: bool, group: str = "",
           pipeline: dict[str, Any] | None = None) -> tuple:
     """`group`: "▸" / "▾" on a pipeline's row (collapsed / expanded), "└" on its other stages."""
-    from console.series import best_metric, eta_seconds  # numpy: not before the first frame
+    from console.series import best_metric, eta_seconds, silent_seconds  # numpy: not before the first frame
 
     status = shown_status(run)
     step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
     if (run.get("world_size") or 1) > 1:
         step += f" ×{run['world_size']}"  # processes
-    eta = "-"
+    eta: str | Text = "-"
     if run["status"] == "running":
-        eta = format_duration(eta_seconds(run["step"], run["total_steps"], history.runs.get(run["id"]),
-                                          since=current_start(run)))
+        silent = silent_seconds(history.runs.get(run["id"]), time.time(), since=current_start(run))
+        eta = (Text(f"silent {format_duration(silent)}", style="bold yellow") if silent is not None and
+               status == "running" else
+               format_duration(eta_seconds(run["step"], run["total_steps"], history.runs.get(run["id"]),
+                                           since=current_start(run))))
     best = best_metric(run["stage"], history.runs.get(run["id"]))
     started = time.strftime("%m-%d %H:%M", time.localtime(run["started"])) if run["started"] else "-"
     mark = "●" if marked else " "
