@@ -11,7 +11,7 @@ from engine.config import ModelSpec, TrainArgs
 from engine.data import DataError, Mixture, lengths
 from engine.data.lengths import Fate
 from engine.models import cuda_available, precision_flags
-from engine.run import RunHandle, resume_from
+from engine.run import RunHandle, resume_from, warn_if_unrecorded
 from engine.track import GracefulStop, StoreCallback
 
 
@@ -87,6 +87,7 @@ def resume_target(value: str | bool | None, handle: RunHandle) -> str | None:
     target = None if picked is None else str(picked)
     if target is not None and handle.store is not None:
         step = json.loads((Path(target) / "trainer_state.json").read_text())["global_step"]
+        warn_if_unrecorded(handle, Path(target), step)
         handle.store.drop_history_after(handle.run_id, step)
     return target
 

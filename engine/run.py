@@ -54,6 +54,24 @@ class RunHandle:
     status: str = "done"  # what the run ends as when its body returns normally
 
 
+def warn_if_unrecorded(handle: RunHandle, checkpoint: Path, step: int) -> None:
+    """Say so when the checkpoint a resume starts from is past everything runs.db recorded of the run: its
+    later steps were trained without this runs.db writing them (a copy of the file resumed the run into
+    the same folder, or the writes were lost with a full disk). Continuing from it is still right, but the
+    run's history will have a gap there, and the user should know why."""
+    if handle.store is None:
+        return
+    recorded = {Path(c["path"]).resolve() for c in handle.store.checkpoints(handle.run_id)}
+    newest = handle.store.run(handle.run_id).get("step") or 0
+    if checkpoint.resolve() in recorded or step <= newest:
+        return
+    log.warning("%s (step %d) is not in runs.db's record of run %d, whose newest recorded step is %d: steps %d-%d "
+                "were trained without this runs.db recording them (another copy of runs.db resumed the run, or "
+                "its writes were lost); its history will have a gap there. To continue from a recorded "
+                "checkpoint instead: --set resume_from_checkpoint=DIR", checkpoint, step, handle.run_id, newest,
+                newest + 1, step)
+
+
 def register_run(store: Store, stage: Stage, recipe: Recipe, recipe_path: str, overrides: list[str]) -> int:
     """A new run in runs.db, its recipe recorded resolved (overrides applied, local paths absolute)."""
     if isinstance(recipe, Recipe):
@@ -230,7 +248,7 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
                               "or leave the item out for the newest whole one")
         picked = str(Path(picked).expanduser().resolve())
     # Before the run is claimed: a checkpoint that cannot be loaded fails here, not as the run's failure.
-    resume_from(picked, Path(run["output_dir"]), STATE_MARKERS[stage])
+    resume_from(picked, Path(run["output_dir"]), STATE_MARKERS[stage], say=False)  # the trainer's log says it
     recorded = load_recipe(path, [], stage)
     changed = load_recipe(path, overrides, stage)
     differ = _differences(recorded.model_dump(), changed.model_dump())
@@ -334,10 +352,11 @@ def damage(checkpoint: Path) -> str | None:
     return None
 
 
-def resume_from(value: str | bool | None, folder: Path, marker: str) -> Path | None:
+def resume_from(value: str | bool | None, folder: Path, marker: str, say: bool = True) -> Path | None:
     """The checkpoint a stage's `resume_from_checkpoint` names: `True` is the newest whole one in the run's
     folder (a newer damaged one is passed over, said in the log and kept on disk: the user decides what
-    becomes of it); a path must hold `marker` and whole files. Raises RecipeError naming the file."""
+    becomes of it; `say` False: a check before the trainer, which says it); a path must hold `marker` and
+    whole files. Raises RecipeError naming the file."""
     if value is None or value is False:
         return None
     if value is not True:
@@ -356,7 +375,7 @@ def resume_from(value: str | bool | None, folder: Path, marker: str) -> Path | N
         why = damage(checkpoint)
         if why is None:
             return checkpoint
-        if os.environ.get("RANK", "0") == "0":
+        if say and os.environ.get("RANK", "0") == "0":
             log.warning("%s is damaged (%s): resuming from the checkpoint before it", checkpoint, why)
     raise RecipeError(f"resume_from_checkpoint: every checkpoint in {folder} is damaged (the newest, "
                       f"{saved[-1].name}: {damage(saved[-1])})")

@@ -897,3 +897,27 @@ def test_why_a_run_cannot_resume_is_said_as_it_is(tmp_path):
         check_resumable(db, moved, "sft")
     with pytest.raises(RecipeError, match=f"run {claimed} is being started or resumed by another command"):
         check_resumable(db, claimed, "sft")  # pending, no process yet: as a claim leaves it
+
+
+def test_a_resume_from_a_checkpoint_runs_db_never_recorded_says_the_history_has_a_gap(tmp_path, caplog):
+    """A copy of runs.db resumed the run into the same folder (or the writes were lost): the newest
+    checkpoint is past everything this runs.db recorded. Continuing from it is right; the gap is said."""
+    from engine.run import RunHandle, warn_if_unrecorded
+
+    with Store(tmp_path / "runs.db") as store:
+        run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
+                                  output_root=str(tmp_path / "runs"))
+        folder = Path(store.run(run_id)["output_dir"])
+        store.update_run(run_id, status="stopped", step=85)
+        store.add_checkpoint(run_id, 85, str(folder / "checkpoint-85"))
+        handle = RunHandle(run_id, folder, store)
+        with caplog.at_level("WARNING", logger="engine.run"):
+            warn_if_unrecorded(handle, folder / "checkpoint-85", 85)  # recorded
+            warn_if_unrecorded(handle, folder / "checkpoint-80", 80)  # older than the record: nothing lost
+            assert not caplog.records
+            warn_if_unrecorded(handle, folder / "checkpoint-333", 333)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{folder}/checkpoint-333 (step 333) is not in runs.db's record of run {run_id}, whose newest recorded step "
+        "is 85: steps 86-333 were trained without this runs.db recording them (another copy of runs.db resumed "
+        "the run, or its writes were lost); its history will have a gap there. To continue from a recorded "
+        "checkpoint instead: --set resume_from_checkpoint=DIR"]

@@ -36,7 +36,7 @@ from engine.ppo import core
 from engine.ppo.hydra import Hydra, Trunk
 from engine.ppo.rewards import FunctionScorer, RewardModelScorer, Scorer
 from engine.ppo.rollout import Rollout, generate
-from engine.run import RunHandle, checkpoints_in, resume_from
+from engine.run import RunHandle, checkpoints_in, resume_from, warn_if_unrecorded
 from engine.track import StopFlag
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ class PPOTrainer:
             torch.cuda.set_rng_state_all(mine["cuda"])
         self.reference_scores = mine["reference_scores"]
         if self.handle.store is not None:
+            warn_if_unrecorded(self.handle, folder, self.state.step)
             self.handle.store.drop_history_after(self.handle.run_id, self.state.step)
         log.info("resumed from %s at step %d", folder, self.state.step)
 
