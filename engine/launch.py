@@ -570,12 +570,16 @@ def request_stop(db_path: str | os.PathLike, run_id: int,
 def _signal_stop(run: dict[str, Any], pgid: int | None, started: int | None) -> tuple[int, int | None] | None:
     # Only processes whose start time was recorded and still matches: a number the kernel has since given
     # to another program is never signalled.
+    # SIGCONT after it, as a shell's kill does for a stopped job: a trainer paused with SIGSTOP (or ctrl+z)
+    # would hold the SIGTERM unhandled until the grace period ran out and the kill lost its checkpoint.
     if pgid and started is not None and same_group(pgid, started):
         os.killpg(pgid, signal.SIGTERM)
+        os.killpg(pgid, signal.SIGCONT)
         return pgid, started
     if not pgid and run["pid"] and started is not None and not run.get("launch") and \
             process_alive(run["pid"], started):
         os.kill(run["pid"], signal.SIGTERM)  # `rlhf train` or `rlhf eval` run from a script: not a group leader
+        os.kill(run["pid"], signal.SIGCONT)
     return None
 
 

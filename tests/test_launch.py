@@ -370,6 +370,26 @@ def test_a_stop_reaches_the_run_when_runs_db_cannot_take_the_write(tmp_path):
         sleeper.kill()
 
 
+def test_a_stop_reaches_a_run_paused_with_sigstop(tmp_path):
+    """A paused process holds a SIGTERM until it is continued: the stop continues it, as a shell's kill does
+    for a stopped job, so that it saves and ends instead of waiting out the grace period to be killed."""
+    from engine.launch import request_stop
+    from engine.procs import process_start
+
+    db = tmp_path / "runs.db"
+    sleeper = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        with Store(db) as store:
+            run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+            store.update_run(run_id, status="running", pid=sleeper.pid, pgid=sleeper.pid,
+                             pgid_started=process_start(sleeper.pid))
+        os.killpg(sleeper.pid, signal.SIGSTOP)
+        assert request_stop(db, run_id) == (sleeper.pid, process_start(sleeper.pid))
+        assert sleeper.wait(60) == -signal.SIGTERM
+    finally:
+        sleeper.kill()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run a process as another user")
 def test_a_stop_of_another_users_run_is_refused_before_it_is_written_down(tmp_path):
     """A shared runs.db: user B's stop of user A's run can reach none of its processes. Written down, it
