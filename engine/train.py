@@ -256,7 +256,8 @@ def configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
     )
-    for noisy in ("httpx", "httpx2", "urllib3", "filelock"):  # a line per judge call otherwise
+    # A line per judge call otherwise; torch's INFO is its compiler's internals (FakeTensor cache stats at exit).
+    for noisy in ("httpx", "httpx2", "urllib3", "filelock", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
