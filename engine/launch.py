@@ -554,20 +554,26 @@ def request_stop(db_path: str | os.PathLike, run_id: int,
             (not_ours(run["pid"], group=False) if run["pid"] else None)
         if owner:
             raise RecipeError(f"run {run_id} is {owner}'s: only they (or root) can stop it")
+        failed: sqlite3.Error | None = None
         try:
             pgid, started = store.mark_stop_requested(run_id)
-            problem = None
         except sqlite3.Error as err:  # the moment a clean stop matters most: the group still gets it
-            pgid, started, problem = run["pgid"], run["pgid_started"], f"{db_path}: {err}"
-    if problem is not None:
+            pgid, started, failed = run["pgid"], run["pgid_started"], err
+    group, signalled = _signal_stop(run, pgid, started)
+    if failed is not None:
+        if not signalled:  # nothing was reached and nothing written: the write's own error says it all
+            raise failed
+        problem = f"{db_path}: {failed}"
         if unrecorded is None:
-            _signal_stop(run, pgid, started)
             raise RecipeError(f"run {run_id}: stop signalled, but runs.db could not record it ({problem})")
         unrecorded.append(problem)
-    return _signal_stop(run, pgid, started)
+    return group
 
 
-def _signal_stop(run: dict[str, Any], pgid: int | None, started: int | None) -> tuple[int, int | None] | None:
+def _signal_stop(run: dict[str, Any], pgid: int | None,
+                 started: int | None) -> tuple[tuple[int, int | None] | None, bool]:
+    """SIGTERM to the run's group (or to an in-process run's own process); returns the group signalled
+    and whether anything was."""
     # Only processes whose start time was recorded and still matches: a number the kernel has since given
     # to another program is never signalled.
     # SIGCONT after it, as a shell's kill does for a stopped job: a trainer paused with SIGSTOP (or ctrl+z)
@@ -575,12 +581,13 @@ def _signal_stop(run: dict[str, Any], pgid: int | None, started: int | None) -> 
     if pgid and started is not None and same_group(pgid, started):
         os.killpg(pgid, signal.SIGTERM)
         os.killpg(pgid, signal.SIGCONT)
-        return pgid, started
+        return (pgid, started), True
     if not pgid and run["pid"] and started is not None and not run.get("launch") and \
             process_alive(run["pid"], started):
         os.kill(run["pid"], signal.SIGTERM)  # `rlhf train` or `rlhf eval` run from a script: not a group leader
         os.kill(run["pid"], signal.SIGCONT)
-    return None
+        return None, True
+    return None, False
 
 
 def main(argv: list[str] | None = None) -> int:
