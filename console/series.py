@@ -261,28 +261,19 @@ def eta_seconds(step: int | None, total: int | None, run: RunHistory | None, win
     return (total - step) / rate
 
 
-STALL_MIN_S = 300.0  # a pause shorter than this is a save, an evaluation pass, a slow first step
-STALL_PACE = 10  # ... and so is one shorter than this many of the run's own recent intervals
-
-
 def silent_seconds(run: RunHistory | None, now: float, since: float | None = None) -> float | None:
-    """How long a running run has logged nothing, where that is far past its own pace (ten of its recent
-    intervals between logged points, and five minutes at least); else None. A hung rank, a process
-    stopped with SIGSTOP, a runs.db that takes no writes: each keeps the status "running" and the clock
-    ticking while nothing arrives. `since`: the run's current stretch (a resumed run's points before it
-    say nothing of its pace now); a stretch with nothing logged yet is still starting."""
+    """`silent_for` on the points this history holds of the run: the moments it logged at since `since`
+    (its current stretch's start)."""
     import numpy as np
+
+    from engine.run_facts import STALL_WINDOW, silent_for
 
     if run is None:
         return None
-    walls = [s.walls.view for s in run.series.values() if len(s)]
-    if since is not None:
-        walls = [w[w >= since] for w in walls]
-    walls = [w for w in walls if len(w)]
-    if not walls:
+    recent = [s.walls.view[-STALL_WINDOW:] for s in run.series.values() if len(s)]
+    if not recent:
         return None
-    newest = max(float(w[-1]) for w in walls)
-    quiet = now - newest
-    densest = max(walls, key=len)[-64:]
-    pace = float(np.median(np.diff(densest))) if len(densest) > 1 else 0.0
-    return quiet if quiet > max(STALL_MIN_S, STALL_PACE * pace) else None
+    walls = np.unique(np.concatenate(recent))  # one logged step writes every metric with one wall time
+    if since is not None:
+        walls = walls[walls >= since]
+    return silent_for(walls.tolist(), now)

@@ -261,7 +261,7 @@ def _decoded(row: dict) -> dict:
 
 def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = False) -> int:
     from engine.config import RecipeError
-    from engine.run_facts import elapsed, error_summary, format_duration
+    from engine.run_facts import STALL_WINDOW, current_start, elapsed, error_summary, format_duration, silent_for
     from engine.store import Store, default_db_path
 
     path = db or default_db_path()
@@ -275,8 +275,11 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
         settle_pipelines(store, store.pipelines())
         rows = store.runs()
         pipeline = store.pipeline(pipeline_id) if pipeline_id is not None else None
-    if pipeline is not None:
-        rows = [run for run in rows if run.get("pipeline_id") == pipeline_id]
+        if pipeline is not None:
+            rows = [run for run in rows if run.get("pipeline_id") == pipeline_id]
+        now = time.time()
+        silent = {run["id"]: silent_for(store.logged_times(run["id"], current_start(run), STALL_WINDOW), now)
+                  for run in rows if run["status"] == "running"}
     if as_json:
         if pipeline is not None:
             print(json.dumps({"pipeline": _decoded({k: v for k, v in pipeline.items() if k != "config"})},
@@ -284,6 +287,8 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
         for run in rows:
             shown = _decoded({k: v for k, v in run.items() if k != "config"})
             shown["elapsed_s"] = round(elapsed(run), 3) if run["started"] else None
+            quiet = silent.get(run["id"])
+            shown["silent_s"] = round(quiet, 3) if quiet is not None else None
             print(json.dumps(shown, ensure_ascii=False))
         return 0
     if pipeline is not None:
@@ -304,6 +309,8 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
         in_pipeline = "-" if run.get("pipeline_id") is None else str(run["pipeline_id"])
         # A stopped run's recorded error is the stop's own traceback: only a failure's says what went wrong.
         why = error_summary(run["error"]) if run["status"] in ("failed", "diverged") else ""
+        if silent.get(run["id"]) is not None:  # running by its row, yet nothing arrives: a hung rank, a SIGSTOP
+            why = f"silent {format_duration(silent[run['id']])}: nothing logged, far past its own pace"
         print(f"{run['id']:>4} {run['stage']:5} {run['name']:{width}} {run['status']:9} {step:>14} {took:>7} "
               f"{started:19} {in_pipeline:8} {why}".rstrip())
     return 0

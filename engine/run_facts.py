@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import re
+import statistics
 import time
 from typing import Any
 
@@ -46,6 +47,26 @@ def current_start(run: dict[str, Any]) -> float | None:
     """When the run's current stretch began (its last resume), for a rate that leaves the pause out."""
     segments = run_segments(run)
     return segments[-1][0] if segments else None
+
+
+STALL_MIN_S = 300.0  # a pause shorter than this is a save, an evaluation pass, a slow first step
+STALL_PACE = 10  # ... and so is one shorter than this many of the run's own recent intervals
+STALL_WINDOW = 64  # the recent logged moments its pace is judged on
+
+
+def silent_for(walls: list[float], now: float) -> float | None:
+    """How long a running run has logged nothing, where that is far past its own pace (ten of its recent
+    intervals between logged moments, and five minutes at least); else None. `walls`: the distinct times
+    it logged at in its current stretch, oldest first (a resumed run's earlier points say nothing of its
+    pace now; a stretch with nothing logged yet is still starting). A hung rank, a process stopped with
+    SIGSTOP, a runs.db that takes no writes: each keeps the status "running" and the clock ticking while
+    nothing arrives."""
+    if not walls:
+        return None
+    recent = walls[-STALL_WINDOW:]
+    quiet = now - recent[-1]
+    pace = statistics.median(b - a for a, b in zip(recent, recent[1:])) if len(recent) > 1 else 0.0
+    return quiet if quiet > max(STALL_MIN_S, STALL_PACE * pace) else None
 
 
 def format_duration(seconds: float | None) -> str:

@@ -819,6 +819,16 @@ class Store:
         with self._lock:
             return self.db.execute("SELECT MAX(wall_time) FROM metrics WHERE run_id = ?", [run_id]).fetchone()[0]
 
+    def logged_times(self, run_id: int, since: float | None, limit: int) -> list[float]:
+        """Up to `limit` of the newest distinct moments the run logged metrics at, from `since` on, oldest
+        first. Read along the run's own sequence (its index): a week-long run's million rows are not
+        sorted for a look at its last minutes."""
+        with self._lock:
+            rows = self.db.execute("SELECT wall_time FROM metrics WHERE run_id = ? ORDER BY run_seq DESC LIMIT ?",
+                                   [run_id, 64 * limit]).fetchall()  # a logged step writes many metrics at once
+        times = sorted({row[0] for row in rows if since is None or row[0] >= since})
+        return times[-limit:]
+
     def last_value(self, run_id: int, name: str) -> float | None:
         with self._lock:
             row = self.db.execute(

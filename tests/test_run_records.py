@@ -178,6 +178,34 @@ def test_rlhf_runs_says_how_long_and_why_and_where_a_pipeline_stands_to_people_a
     assert isinstance(objects[failed]["overrides"], list)
 
 
+def test_rlhf_runs_names_a_running_run_that_has_logged_nothing_far_past_its_own_pace(workdir):
+    """A hung rank or a SIGSTOPped trainer keeps its processes, so a look leaves it running: the list says
+    how long nothing has arrived, judged as the console's table judges it, on the run's current stretch."""
+    now = time.time()
+    alive = {"pid": os.getpid(), "pgid_started": process_start(os.getpid())}
+    with Store(os.environ["RLHF_DB"]) as store:
+        runs = {}
+        for name, quiet, resumed in (("hung", 900.0, False), ("busy", 4.0, False), ("resumed", 900.0, True)):
+            runs[name] = store.create_run(stage="sft", name=name, recipe="", config="{}")
+            stretch = [[now - 1100, now - 20], [now - 10, None]] if resumed else [[now - 1100, None]]
+            store.update_run(runs[name], status="running", started=now - 1100, segments=json.dumps(stretch),
+                             step=50, total_steps=500, **alive)
+            for step in range(1, 51):  # a step every 2 s, each with two metrics, the newest `quiet` ago
+                store.log_metrics(runs[name], step, {"loss": 1.0, "lr": 1e-4},
+                                  wall_time=now - quiet - 2 * (50 - step))
+
+    listed = subprocess.run([*RLHF, "runs"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    line = {int(row.split()[0]): row for row in listed.stdout.splitlines()[1:]}
+    assert " running " in line[runs["hung"]] and "silent 15m" in line[runs["hung"]], listed.stdout
+    assert "silent" not in line[runs["busy"]]
+    assert "silent" not in line[runs["resumed"]]  # its 15 quiet minutes were a stop: resumed 10 s ago
+    scripted = subprocess.run([*RLHF, "runs", "--json"], capture_output=True, text=True, timeout=60)
+    objects = {row["id"]: row for row in map(json.loads, scripted.stdout.splitlines())}
+    assert objects[runs["hung"]]["silent_s"] == pytest.approx(900.0, abs=60)
+    assert objects[runs["busy"]]["silent_s"] is None and objects[runs["resumed"]]["silent_s"] is None
+
+
 def test_a_look_that_closed_a_launched_run_before_its_supervisor_did_gives_way_to_the_exit_code(workdir):
     """The group is gone a moment before the supervisor records the exit: a look in between closes the row as
     failed with a guess. The supervisor's record (the exit code, the log's last lines) replaces the guess."""
