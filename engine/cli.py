@@ -224,11 +224,12 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
         print(f"run {run_id}: stop asked; {stop_outcome(run)}", flush=True)
         if asked.unrecorded:
             print(f"run {run_id}: the stop was signalled, but runs.db could not record it ({asked.unrecorded}); "
-                  "the trainer records its stop once runs.db takes writes again", file=sys.stderr, flush=True)
+                  "the run still saves and ends, but its record says so only if runs.db takes writes again "
+                  "within about two minutes (free some space)", file=sys.stderr, flush=True)
         group = asked.group
     if not wait:
         return 0
-    deadline, killed_at = time.monotonic() + grace_s, None
+    deadline, killed_at, gone_at = time.monotonic() + grace_s, None, None
     while True:
         with Store(db_path) as store:
             run = settled(store, run_id)
@@ -247,6 +248,14 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
                     store.close_orphan(run_id, run, why=killed)
         if killed_at is not None and time.monotonic() - killed_at > KILLED_RECORD_S:
             print(f"run {run_id}: killed, but its record is not final yet (`rlhf runs` shows it)", flush=True)
+            return 1
+        if group and gone_at is None and not same_group(*group):
+            gone_at = time.monotonic()
+        if gone_at is not None and killed_at is None and time.monotonic() - gone_at > KILLED_RECORD_S:
+            # Its processes ended, and whatever records their exit (its supervisor) has not: a supervisor held
+            # stopped, say. Waiting on would be waiting forever.
+            print(f"run {run_id}: its processes have ended, but nothing has recorded their exit for "
+                  f"{KILLED_RECORD_S:.0f} s (`rlhf runs` shows its record)", flush=True)
             return 1
         time.sleep(0.5)
 

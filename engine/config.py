@@ -466,18 +466,32 @@ def _check_precision(recipe: Recipe) -> None:
             )
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    """The field names of the section that `loc` (a pydantic error location) points into; [] where the
-    path leaves the recipe's models."""
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The section model that `loc` (a pydantic error location) points into; None where the path leaves the
+    recipe's models."""
     model: Any = Recipe
     for part in loc:
         if isinstance(part, int):  # an item of a list: the list's own type was already unwrapped below
             continue
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
-            return []
+            return None
         model = _section_type(field.annotation)
-    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _nearest_field(loc: tuple, name: str) -> str | None:
+    """What an unknown field `name` at `loc` most likely meant: the same name one section down
+    (`sft.lr` for `sft.train.lr`), else the closest spelling among the section's own fields."""
+    model = _model_at(loc)
+    if model is None:
+        return None
+    for field, info in model.model_fields.items():
+        inner = _section_type(info.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel) and name in inner.model_fields:
+            return f"{field}.{name}"
+    near = difflib.get_close_matches(name, list(model.model_fields), n=1)
+    return near[0] if near else None
 
 
 def _section_type(annotation: Any) -> Any:
@@ -498,8 +512,8 @@ def _describe(err: ValidationError, source: RecipeSource) -> RecipeError:
         field = ".".join(str(p) for p in e["loc"])
         message = e["msg"]
         if e["type"] == "extra_forbidden":
-            near = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(e["loc"][:-1]), n=1)
-            message = f"unknown field; did you mean {near[0]!r}?" if near else "unknown field (check the spelling)"
+            near = _nearest_field(e["loc"][:-1], str(e["loc"][-1]))
+            message = f"unknown field; did you mean {near!r}?" if near else "unknown field (check the spelling)"
             owners = [stage for stage, section in (("sft", SFTStage), ("rm", RMStage), ("ppo", PPOStage))
                       if len(e["loc"]) == 1 and e["loc"][0] in section.model_fields]
             if owners:  # `--set train.lr=…` on a whole recipe (a pipeline, a check without --stage)

@@ -11,7 +11,7 @@ from engine.config import ModelSpec, TrainArgs
 from engine.data import DataError, Mixture, lengths
 from engine.data.lengths import Fate
 from engine.models import cuda_available, precision_flags
-from engine.run import RunHandle, resume_from, warn_if_unrecorded
+from engine.run import RunHandle, continue_from, resume_from
 from engine.track import GracefulStop, StoreCallback
 
 
@@ -85,10 +85,8 @@ def resume_target(value: str | bool | None, handle: RunHandle) -> str | None:
     """
     picked = resume_from(value, handle.output_dir, "trainer_state.json")
     target = None if picked is None else str(picked)
-    if target is not None and handle.store is not None:
-        step = json.loads((Path(target) / "trainer_state.json").read_text())["global_step"]
-        warn_if_unrecorded(handle, Path(target), step)
-        handle.store.drop_history_after(handle.run_id, step)
+    if target is not None:
+        continue_from(handle, picked, json.loads((picked / "trainer_state.json").read_text())["global_step"])
     return target
 
 

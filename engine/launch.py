@@ -22,6 +22,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -447,8 +448,10 @@ def supervise(run: Prepared, echo: bool = False) -> int:
         # Detached, nobody reads the echo: just wait instead of re-reading the log as it grows.
         exit_code = _echo_until_exit(proc, run.log_path, offset, sys.stdout.buffer) if echo else proc.wait()
         # A stop sent to the run's group (the console's, `rlhf stop`) never reached this process, and a
-        # one-process launcher dies at once on it while the trainer under it is still saving: ask runs.db.
-        stopping = bool(presses.count or stop_asked or (run.registered and _stop_requested(db, run.run_id)))
+        # one-process launcher dies at once on it while the trainer under it is still saving: ask runs.db,
+        # and take the launcher's own death by SIGTERM for one (a stop runs.db could not write down).
+        stopping = bool(presses.count or stop_asked or exit_code == -signal.SIGTERM
+                        or (run.registered and _stop_requested(db, run.run_id)))
         killed = _wait_for_group(proc.pid, stop_grace_s() if stopping else LINGER_S)
     finally:
         for s, handler in previous.items():
@@ -578,14 +581,23 @@ def _signal_stop(run: dict[str, Any], pgid: int | None,
     # to another program is never signalled.
     # SIGCONT after it, as a shell's kill does for a stopped job: a trainer paused with SIGSTOP (or ctrl+z)
     # would hold the SIGTERM unhandled until the grace period ran out and the kill lost its checkpoint.
+    # The supervisor of `rlhf launch` in a terminal is stopped by ctrl+z while the run's own session trains
+    # on: continued too, or the run's exit would never be recorded.
+    supervisor = run.get("supervisor_pid")
+    if supervisor and run.get("supervisor_started") is not None and \
+            process_alive(supervisor, run["supervisor_started"]):
+        with suppress(ProcessLookupError):
+            os.kill(supervisor, signal.SIGCONT)
     if pgid and started is not None and same_group(pgid, started):
         os.killpg(pgid, signal.SIGTERM)
-        os.killpg(pgid, signal.SIGCONT)
+        with suppress(ProcessLookupError):  # a group that ended on the SIGTERM has nothing to continue
+            os.killpg(pgid, signal.SIGCONT)
         return (pgid, started), True
     if not pgid and run["pid"] and started is not None and not run.get("launch") and \
             process_alive(run["pid"], started):
         os.kill(run["pid"], signal.SIGTERM)  # `rlhf train` or `rlhf eval` run from a script: not a group leader
-        os.kill(run["pid"], signal.SIGCONT)
+        with suppress(ProcessLookupError):
+            os.kill(run["pid"], signal.SIGCONT)
         return None, True
     return None, False
 

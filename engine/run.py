@@ -54,6 +54,44 @@ class RunHandle:
     status: str = "done"  # what the run ends as when its body returns normally
 
 
+def continue_from(handle: RunHandle, checkpoint: Path, step: int) -> None:
+    """What a resume does to the run's record and folder before it trains from `checkpoint` (at `step`):
+    a gap in runs.db's history is said (`warn_if_unrecorded`), checkpoint folders past it are set aside
+    (`set_aside_after`), and the metrics logged after it are dropped: that stretch is trained again, and
+    keeping both would show each of its steps twice."""
+    if os.environ.get("RANK", "0") == "0":
+        set_aside_after(handle.output_dir, checkpoint, step)
+    if handle.store is not None:
+        warn_if_unrecorded(handle, checkpoint, step)
+        handle.store.drop_history_after(handle.run_id, step)
+
+
+ABANDONED_PREFIX = "abandoned-"
+
+
+def set_aside_after(folder: Path, checkpoint: Path, step: int) -> list[Path]:
+    """Rename the run's `checkpoint-N` folders with N past `step` (damaged ones a resume passed over, a save
+    cut short, newer ones the user chose not to continue from) to `abandoned-checkpoint-N`: kept, but out
+    of the way. Left as they were, a later resume would go back to them (the newest by number) from the
+    stretch that continues here, and the trainer's rotation would count them among the checkpoints it
+    keeps (transformers, where file times cannot be trusted, by number: ahead of the ones this stretch
+    saves). Returns the new names."""
+    moved = []
+    for old in sorted(folder.glob("checkpoint-*")):
+        number = old.name.split("-", 1)[1]
+        if not number.isdigit() or int(number) <= step or old.resolve() == checkpoint.resolve():
+            continue
+        new, n = folder / f"{ABANDONED_PREFIX}{old.name}", 1
+        while new.exists():
+            n += 1
+            new = folder / f"{ABANDONED_PREFIX}{old.name}.{n}"
+        os.replace(old, new)
+        moved.append(new)
+        log.warning("%s is past %s, which this resume continues from: set aside as %s (delete it once you no "
+                    "longer need it)", old, checkpoint.name, new.name)
+    return moved
+
+
 def warn_if_unrecorded(handle: RunHandle, checkpoint: Path, step: int) -> None:
     """Say so when the checkpoint a resume starts from is past everything runs.db recorded of the run: its
     later steps were trained without this runs.db writing them (a copy of the file resumed the run into
@@ -189,8 +227,9 @@ def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> di
         raise RecipeError(f"run {run_id}: {foreign}; not resuming from its checkpoints")
     if run["stage"] != stage:
         raise RecipeError(f"run {run_id} is {a_run_of(run['stage'])}, not {a_run_of(stage)}")
-    if run["status"] == "pending" and run["pid"] is None:  # claimed: another command is starting it
-        raise RecipeError(f"run {run_id} is being started or resumed by another command")
+    if run["status"] == "pending" and run["pgid"] is None:  # registered or claimed: a command is starting it
+        by = f" (pid {run['pid']})" if run["pid"] else ""
+        raise RecipeError(f"run {run_id} is being started or resumed by another command{by}")
     if run["status"] in ("pending", "running"):
         raise RecipeError(f"run {run_id} is {run['status']} (pid {run['pid']}); stop it before resuming")
     if not ended_for_good(run):
@@ -216,6 +255,10 @@ def ended_for_good(run: dict[str, Any]) -> bool:
 
 CHECKPOINT_MARKERS = ("trainer_state.json", "ppo_state.json")  # the trainer's (SFT, RM) and PPO's, written last
 STATE_MARKERS = {"sft": CHECKPOINT_MARKERS[0], "rm": CHECKPOINT_MARKERS[0], "ppo": CHECKPOINT_MARKERS[1]}
+# A PPO checkpoint's state beside its policy folder: the value and reference branches, the optimizer (with
+# its scheduler and grad scaler), and rank 0's RNG states and score cache (each rank writes its own).
+PPO_BRANCHES_FILE, PPO_OPTIMIZER_FILE = "branches.pt", "optimizer.pt"
+PPO_NEEDS = (PPO_BRANCHES_FILE, PPO_OPTIMIZER_FILE, "rank_0.pt", "policy")
 
 
 def has_checkpoint(run: dict[str, Any]) -> bool:
@@ -247,8 +290,11 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
             raise RecipeError(f"--set {chosen[-1]!r}: a resume continues from a checkpoint: give its folder, "
                               "or leave the item out for the newest whole one")
         picked = str(Path(picked).expanduser().resolve())
+        if Path(picked).parent != Path(run["output_dir"]).resolve():
+            raise RecipeError(f"--set {chosen[-1]!r}: run {run_id} resumes only from the checkpoints in its own "
+                              f"folder {run['output_dir']}; to train on from other weights, start a new run")
     # Before the run is claimed: a checkpoint that cannot be loaded fails here, not as the run's failure.
-    resume_from(picked, Path(run["output_dir"]), STATE_MARKERS[stage], say=False)  # the trainer's log says it
+    target = resume_from(picked, Path(run["output_dir"]), STATE_MARKERS[stage], say=False)  # the trainer says it
     recorded = load_recipe(path, [], stage)
     changed = load_recipe(path, overrides, stage)
     differ = _differences(recorded.model_dump(), changed.model_dump())
@@ -259,7 +305,7 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
     if run["status"] == "done":
         _check_more_to_train(run, stage, recorded, changed)
     elif stage != "ppo":
-        _check_not_past_the_end(run, stage, recorded, changed)
+        _check_not_past_the_end(run, stage, recorded, changed, target)
     change = None
     if differ:  # recorded by the claim (`Store.claim_for_resume`): only a resume that starts changes the run
         change = {"config": recipe_to_json(with_absolute_paths(changed)),
@@ -292,20 +338,18 @@ def _check_more_to_train(run: dict[str, Any], stage: Stage, recorded: Recipe, ch
                           f"further give {how} --allow-change")
 
 
-def _check_not_past_the_end(run: dict[str, Any], stage: Stage, recorded: Recipe, changed: Recipe) -> None:
-    """A run whose newest checkpoint is at its last step (one stopped there before a stop there meant done,
-    or one that failed while exporting) has nothing left to train, and the trainer, resumed, would take one
-    step past max_steps before it checks."""
-    newest = newest_checkpoint(Path(run["output_dir"]), "trainer_state.json")
-    if newest is None:
-        return
+def _check_not_past_the_end(run: dict[str, Any], stage: Stage, recorded: Recipe, changed: Recipe,
+                            newest: Path) -> None:
+    """A run whose checkpoint to resume from (`newest`) is at its last step (one stopped there before a stop
+    there meant done, or one that failed while exporting) has nothing left to train, and the trainer,
+    resumed, would take one step past max_steps before it checks."""
     state = json.loads((newest / "trainer_state.json").read_text(encoding="utf-8"))
     old, new = recorded.stage(stage).train, changed.stage(stage).train
     if new.max_steps <= 0 and new.epochs > old.epochs:
         return  # more epochs asked for: the trainer's own count of steps grows with them
     end = new.max_steps if new.max_steps > 0 else state.get("max_steps", 0)
     if end > 0 and state.get("global_step", 0) >= end:
-        raise RecipeError(f"run {run['id']} ({run['status']}) has its newest checkpoint at its last step "
+        raise RecipeError(f"run {run['id']} ({run['status']}) would resume from a checkpoint at its last step "
                           f"({state['global_step']} of {end}): nothing is left to train, and {newest} holds its "
                           f"weights (a model folder); to train it further give --set {stage}.train.max_steps=N "
                           f"with N > {state['global_step']} (or more {stage}.train.epochs) --allow-change")
@@ -319,43 +363,32 @@ def checkpoints_in(folder: Path, marker: str) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
-def newest_checkpoint(folder: Path, marker: str) -> Path | None:
-    """The highest-step complete `checkpoint-N` in `folder`."""
-    done = checkpoints_in(folder, marker)
-    return done[-1] if done else None
-
-
 def damage(checkpoint: Path) -> str | None:
     """Why a checkpoint cannot be loaded, read from its files' framing without loading them (None if it
-    looks whole): a save cut by a power loss can leave its marker written and a weight file short, since
-    nothing forces the data to disk in order. safetensors files are checked against the sizes their header
-    declares; torch's zip files against their central directory (written at the end)."""
-    import zipfile
+    looks whole): a save cut by a power loss can leave its marker written and a weight file short or
+    missing (see engine.framing)."""
+    from engine.framing import ADAPTER_FILES, INDEX_SUFFIX, WEIGHT_FILES, file_damage, missing_shards
 
+    if (checkpoint / STATE_MARKERS["ppo"]).is_file():
+        lacking = [name for name in PPO_NEEDS if not (checkpoint / name).exists()]
+    elif not any((checkpoint / name).is_file() for name in (*WEIGHT_FILES, *ADAPTER_FILES)):
+        lacking = ["its weights"]
+    else:
+        lacking = []
+    if lacking:
+        return f"{lacking[0]} is missing"
     for path in sorted(checkpoint.rglob("*")):
-        if not path.is_file():
-            continue
-        try:
-            if path.suffix == ".safetensors":
-                with path.open("rb") as f:
-                    length = int.from_bytes(f.read(8), "little")
-                    header = json.loads(f.read(length)) if 0 < length <= 100_000_000 else None
-                if not isinstance(header, dict):
-                    return f"{path.name} has no readable header"
-                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-                if path.stat().st_size != 8 + length + end:
-                    return f"{path.name} holds {path.stat().st_size} bytes, its header says {8 + length + end}"
-            elif path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
-                return f"{path.name} is not a whole torch file (no zip directory at its end)"
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
-            return f"{path.name} cannot be read ({err})"
+        why = (missing_shards(path) if path.name.endswith(INDEX_SUFFIX) else file_damage(path)) \
+            if path.is_file() else None
+        if why is not None:
+            return why
     return None
 
 
 def resume_from(value: str | bool | None, folder: Path, marker: str, say: bool = True) -> Path | None:
     """The checkpoint a stage's `resume_from_checkpoint` names: `True` is the newest whole one in the run's
-    folder (a newer damaged one is passed over, said in the log and kept on disk: the user decides what
-    becomes of it; `say` False: a check before the trainer, which says it); a path must hold `marker` and
+    folder (a newer damaged one is passed over and said in the log; `say` False: a check before the
+    trainer, which says it; the resume sets it aside, see `set_aside_after`); a path must hold `marker` and
     whole files. Raises RecipeError naming the file."""
     if value is None or value is False:
         return None

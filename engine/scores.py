@@ -77,11 +77,9 @@ def _bootstrap(scores: dict[str, list[float]], seed: int, reps: int = BOOTSTRAP)
             continue
         picks = rng.integers(0, len(values), size=(reps, len(values)))
         out[cat] = values[picks].mean(axis=1)
-    if all(out[c] is not None for c in CATEGORIES):
-        out[MACRO] = np.mean([out[c] for c in CATEGORIES], axis=0)
-        out[MACRO_WO] = np.mean([out[c] for c in CATEGORIES if c != "others"], axis=0)
-    else:
-        out[MACRO] = out[MACRO_WO] = None
+    for column, with_others in ((MACRO, True), (MACRO_WO, False)):
+        parts = [out[c] for c in CATEGORIES if with_others or c != "others"]
+        out[column] = None if any(p is None for p in parts) else np.mean(parts, axis=0)
     return out
 
 

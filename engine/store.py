@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from engine.procs import may_access, user_name
+from engine.procs import may_access, process_start, user_name
 
 
 def _light_sqlite_utils() -> Any:
@@ -58,8 +58,8 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_S = float(os.environ.get("RLHF_DB_BUSY_S", 60.0))
 RUN_MARKER = ".rlhf-run.json"  # in each run folder: which runs.db (db_id) and run it belongs to
 # What an orphaned run's error says, and what to do: where its checkpoints are, it continues from them.
-ORPHANED = ("its processes are gone and nothing recorded how it ended (a crash, kill -9 or a reboot): resume "
-            "it to continue from its newest checkpoint")
+ORPHANED = ("its processes are gone and nothing recorded how it ended (a crash, kill -9 or a reboot): a "
+            "resume continues it from its newest checkpoint, where it saved one")
 RUN_STATUSES = ("pending", "running", "done", "failed", "stopped", "diverged")
 
 
@@ -527,16 +527,19 @@ class Store:
         A launched run counts as ended only once its supervisor has recorded the exit code (its trainer
         writes "stopped" before its processes are gone), or once it was found with its processes gone
         (`close_orphan`)."""
+        # The claiming process is the run's until it starts one (its supervisor, its own trainer): a claimer
+        # that dies before then leaves a row any look closes, not one pending for good.
+        me = os.getpid()
         with self._write() as db:
             row = db.conn.execute("SELECT segments, ended FROM runs WHERE id = ?", [run_id]).fetchone()
             segments = _closed_at(row[0], row[1]) if row is not None else None
             changed = db.conn.execute(
                 "UPDATE runs SET status = 'pending', exit_code = NULL, failure_code = NULL, error = NULL, "
-                "ended = NULL, orphaned = NULL, stop_requested = NULL, pid = NULL, pgid = NULL, pgid_started = NULL, "
-                "segments = COALESCE(?, segments) WHERE id = ? "
+                "ended = NULL, orphaned = NULL, stop_requested = NULL, pid = ?, pgid = NULL, pgid_started = ?, "
+                "host = ?, segments = COALESCE(?, segments) WHERE id = ? "
                 "AND status NOT IN ('pending', 'running') "
                 "AND (launch IS NULL OR exit_code IS NOT NULL OR orphaned IS NOT NULL)",
-                [segments, run_id]).rowcount
+                [me, process_start(me), socket.gethostname(), segments, run_id]).rowcount
             if changed == 1 and change:
                 db.conn.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in change)} WHERE id = ?",
                                 [*change.values(), run_id])
@@ -658,7 +661,7 @@ class Store:
                 "UPDATE pipelines SET status = 'failed', ended = ?, error = COALESCE(error, ?) "
                 "WHERE id = ? AND status IN ('pending', 'running') AND pid IS ? AND pid_started IS ? AND host IS ?",
                 [time.time(), f"its process (pid {seen.get('pid')}) is gone and nothing recorded how it ended: "
-                              f"rlhf pipeline --resume {pipeline_id} continues it",
+                              f"rlhf pipeline --resume {pipeline_id} --db {Path(self.path).resolve()} continues it",
                  pipeline_id, seen.get("pid"), seen.get("pid_started"), seen.get("host")]).rowcount
         return changed == 1
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -22,16 +23,12 @@ from engine.config import (
     looks_local,
     repeated_source,
 )
+from engine.framing import WEIGHT_FILES
 from engine.run import BAD_INPUT, EXIT_BAD_INPUT, LAUNCHED_ENV, StopRequested, exit_code_of, stop_seen, tracked_run
 from engine.store import default_db_path
 
 log = logging.getLogger(__name__)
 RUNNERS = {"sft": "engine.sft:run_sft", "rm": "engine.reward:run_rm", "ppo": "engine.ppo.trainer:run_ppo"}
-
-
-WEIGHT_FILES = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-)
 
 
 # Architectures of models that score or label text and write none (config.json's `architectures`).
@@ -41,39 +38,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model", "merges.txt")
 
 
-def _safetensors_problem(folder: Path) -> str | None:
-    """A safetensors file cut short (a copy or a save that did not finish) fails deep inside loading with
-    "incomplete metadata": its header says how long it is, and that is checked here, without reading the
-    tensors."""
-    import json
-    import struct
+def _weights_problem(folder: Path) -> str | None:
+    """A weights file cut short (a copy or a save that did not finish) fails deep inside loading with
+    "incomplete metadata": said here from its framing, naming it."""
+    from engine.framing import missing_shards, safetensors_damage
 
+    # One file first, as transformers reads it (a folder saved whole over a sharded save keeps the old index
+    # beside it).
     index = folder / "model.safetensors.index.json"
-    try:
-        # One file first, as transformers reads it (a folder saved whole over a sharded save keeps the old
-        # index beside it).
-        files = (["model.safetensors"] if (folder / "model.safetensors").is_file()
-                 else sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-                 if index.is_file() else [])
-    except (OSError, ValueError, KeyError) as err:
-        return f"has an unreadable model.safetensors.index.json ({err})"
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            return f"is missing a weights file its model.safetensors.index.json names ({name})"
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as fh:
-                (length,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(length)) if 8 + length <= size else None
-        except (OSError, ValueError, struct.error):
-            header = None
-        if header is None:
-            return f"has a damaged weights file ({name}: no complete header; a copy or save cut short?)"
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        if 8 + length + end > size:
-            return (f"has a damaged weights file ({name}: {size:,} bytes of the {8 + length + end:,} its header "
-                    "names; a copy or save cut short?)")
+    if (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    elif index.is_file():
+        gone = missing_shards(index)
+        if gone is not None:
+            return f"has a damaged weights file ({gone})"
+        files = sorted({folder / name for name in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+    else:
+        files = []
+    for path in files:
+        why = safetensors_damage(path)
+        if why is not None:
+            return f"has a damaged weights file ({why}; a copy or save cut short?)"
     return None
 
 
@@ -95,7 +80,7 @@ def model_folder_problem(path: str, kind: str = "model") -> str | None:
     wrong_kind = _kind_problem(config_file, kind) if kind != "model" else None
     if wrong_kind is not None:
         return wrong_kind
-    damaged = _safetensors_problem(folder)
+    damaged = _weights_problem(folder)
     if damaged is not None:
         return damaged
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):

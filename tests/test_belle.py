@@ -189,8 +189,11 @@ def test_a_category_of_one_score_has_no_interval_nor_has_a_macro_over_it():
     assert first.mean == 0.5 and first.low is None and first.high is None
     assert other.low < other.mean < other.high  # the other categories keep theirs
     assert row.cells[MACRO].mean is not None and row.cells[MACRO].low is None
+    assert CATEGORIES[0] == "others" and row.cells[MACRO_WO].low < row.cells[MACRO_WO].mean  # it leaves others out
     table = render([row])
     assert "0.500 (too few for an interval)" in table and "[0.500, 0.500]" not in table
+    scores[CATEGORIES[1]] = [0.5]  # a category of its own: neither macro average has an interval
+    assert summarize("a", _items(scores), run_id=1).cells[MACRO_WO].low is None
 
 
 def test_runs_of_two_eval_sets_are_never_paired():

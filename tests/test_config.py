@@ -40,8 +40,9 @@ def test_unknown_field_is_named_with_file_and_line(tmp_path):
 def test_an_unknown_field_names_the_nearest_field_of_its_own_section(tmp_path):
     path = write(tmp_path, "name: x\nmodel:\n  path: m\nsft:\n  data:\n    - {path: d.jsonl, wieght: 2}\n")
     with pytest.raises(RecipeError) as err:
-        load_recipe(path, ["sft.train.max_step=3", "sft.zzz=1"])
+        load_recipe(path, ["sft.train.max_step=3", "sft.zzz=1", "sft.lr=1e-5"])
     message = str(err.value)
+    assert "sft.lr: unknown field; did you mean 'train.lr'?" in message  # a section down, not 'lora'
     assert "sft.data.0.wieght: unknown field; did you mean 'weight'?" in message  # inside a list item
     assert "sft.train.max_step: unknown field; did you mean 'max_steps'?" in message  # from --set
     assert "sft.zzz: unknown field (check the spelling)" in message  # nothing near: no guess

@@ -258,7 +258,8 @@ def test_launches_that_would_not_run_as_asked_are_refused_before_anything_is_reg
     weights = cut / "model.safetensors"
     with open(weights, "r+b") as fh:
         fh.truncate(weights.stat().st_size // 2)
-    with pytest.raises(RecipeError, match=r"'.*cut' has a damaged weights file \(model.safetensors: .* bytes of the "):
+    with pytest.raises(RecipeError,
+                       match=r"'.*cut' has a damaged weights file \(model.safetensors holds .* bytes, its header says"):
         prepare("sft", str(TINY), [f"model.path={cut}"], str(ACCEL / "cpu.yaml"))
     with pytest.raises(RecipeError, match=r"ppo.reward_model: 'demo/model' is not a reward model"):
         prepare("ppo", str(TINY), ["reward_model=demo/model", "reward_fn=null"], str(ACCEL / "cpu.yaml"))
@@ -368,6 +369,94 @@ def test_a_stop_reaches_the_run_when_runs_db_cannot_take_the_write(tmp_path):
         assert run_row(run_id, str(db))["stop_requested"] is None  # nothing claims a write that did not happen
     finally:
         sleeper.kill()
+
+
+# A one-process launcher over a trainer, as `accelerate launch` is: the launcher dies at once on the group's
+# SIGTERM; the trainer records its stop in runs.db (where it can) and saves, and ends only when the test
+# lets it (the file `release`), so a kill before then is seen.
+FAKE_TRAINER = """
+import pathlib, signal, sqlite3, sys, time
+folder, db, run_id = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+def stop(*_):
+    (folder / "saving").touch()
+    while not (folder / "release").exists():
+        time.sleep(0.05)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET status = 'stopped' WHERE id = ?", [run_id])
+    (folder / "saved").touch()
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+(folder / "ready").touch()
+while True:
+    signal.pause()
+"""
+FAKE_LAUNCHER = "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1], *sys.argv[2:]])"
+
+
+def _supervised_fake_run(tmp_path: Path) -> tuple[Path, int, subprocess.Popen]:
+    """A registered run of FAKE_TRAINER under FAKE_LAUNCHER, its supervisor started as `rlhf launch` starts it
+    (engine.launch supervise), once the trainer is ready and its group recorded."""
+    from engine.launch import Prepared
+
+    db = tmp_path / "runs.db"
+    with Store(db) as store:
+        run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+        store.update_run(run_id, status="running", output_dir=str(tmp_path), launch="{}")  # a launched run
+    run = Prepared(run_id, [sys.executable, "-c", FAKE_LAUNCHER, FAKE_TRAINER, str(tmp_path), str(db), str(run_id)],
+                   {}, tmp_path / "train.log", True, db)
+    supervisor = subprocess.Popen([sys.executable, "-m", "engine.launch", "supervise", str(run.save())], cwd=REPO,
+                                  env={**os.environ, "RLHF_LINGER_S": "0"})  # a stray process gets no time at all
+    deadline = time.monotonic() + 120
+    while not ((tmp_path / "ready").exists() and run_row(run_id, str(db))["pgid"]):
+        assert time.monotonic() < deadline and supervisor.poll() is None
+        time.sleep(0.05)
+    return db, run_id, supervisor
+
+
+def test_a_stop_runs_db_cannot_record_still_gets_the_grace_period_for_the_save(tmp_path):
+    """The stop was not written down (a full disk), and the one-process launcher died on it at once: its
+    supervisor takes the launcher's death by SIGTERM for the stop it is, and waits for the trainer's save
+    instead of killing the group as it would stray processes."""
+    import resource
+
+    db, run_id, supervisor = _supervised_fake_run(tmp_path)
+    try:
+        def full_disk() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+        with Store(db):  # open meanwhile, as a console would be: the stopper need not create the WAL index
+            stop = subprocess.run([sys.executable, "-m", "engine.cli", "stop", str(run_id), "--db", str(db)],
+                                  cwd=REPO, preexec_fn=full_disk, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0 and "runs.db could not record it" in stop.stderr, stop.stderr
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "saving").exists():  # killed instead, it never gets here
+            assert time.monotonic() < deadline, (tmp_path / "train.log").read_text()
+            time.sleep(0.05)
+        (tmp_path / "release").touch()
+        supervisor.wait(120)
+        assert (tmp_path / "saved").exists()
+        assert run_row(run_id, str(db))["status"] == "stopped"
+    finally:
+        supervisor.kill()
+
+
+def test_a_stop_continues_the_supervisor_of_a_launch_paused_with_ctrl_z(tmp_path):
+    """ctrl+z on `rlhf launch` stops its supervisor; the run trains on in its own session. A stop ends the
+    run, and continues the supervisor too, so that the exit is recorded and `rlhf stop --wait` returns."""
+    db, run_id, supervisor = _supervised_fake_run(tmp_path)
+    try:
+        (tmp_path / "release").touch()  # the save is quick
+        os.kill(supervisor.pid, signal.SIGSTOP)
+        stop = subprocess.run([sys.executable, "-m", "engine.cli", "stop", str(run_id), "--db", str(db), "--wait"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert f"run {run_id}: stopped" in stop.stdout
+        row = run_row(run_id, str(db))
+        assert row["status"] == "stopped" and row["exit_code"] is not None  # the supervisor's record
+        assert supervisor.wait(60) is not None
+    finally:
+        supervisor.kill()
 
 
 def test_a_stop_reaches_a_run_paused_with_sigstop(tmp_path):

@@ -615,7 +615,7 @@ def test_a_run_left_stopped_at_its_last_step_is_not_resumed_past_it(workdir):
         store.update_run(1, status="stopped", exit_code=143)
     again = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 2
-    assert "run 1 (stopped) has its newest checkpoint at its last step (3 of 3)" in again.stderr
+    assert "run 1 (stopped) would resume from a checkpoint at its last step (3 of 3)" in again.stderr
     assert "checkpoint-3 holds its weights" in again.stderr and run_row(1)["status"] == "stopped"
     more = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1", "--set", "train.max_steps=4",
                            "--allow-change"], capture_output=True, text=True, timeout=300)
@@ -924,7 +924,17 @@ def test_why_a_run_cannot_resume_is_said_as_it_is(tmp_path):
     with pytest.raises(RecipeError, match=gone):
         check_resumable(db, moved, "sft")
     with pytest.raises(RecipeError, match=f"run {claimed} is being started or resumed by another command"):
-        check_resumable(db, claimed, "sft")  # pending, no process yet: as a claim leaves it
+        check_resumable(db, claimed, "sft")  # pending, no process yet: as a registration leaves it
+    # A resume's claim names the claiming command until it starts the run: one that died before then (a
+    # ctrl+c while the model loads) leaves a row the next look closes, not one pending for good.
+    from engine.run import settle_active
+
+    claim = f"from engine.store import Store; assert Store({str(db)!r}).claim_for_resume({early})"
+    subprocess.run([sys.executable, "-c", claim], cwd=REPO, check=True, timeout=60)
+    with Store(db) as store:
+        assert store.run(early)["status"] == "pending"
+        assert settle_active(store) == [early] and store.run(early)["status"] == "failed"
+    assert check_resumable(db, early, "sft")["id"] == early
 
 
 def test_a_resume_from_a_checkpoint_runs_db_never_recorded_says_the_history_has_a_gap(tmp_path, caplog):

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from engine.config import RecipeError, load_recipe
 from engine.models import load_tokenizer
 from engine.sft import build_datasets
+from engine.store import Store
 from engine.template import Turn, render_prompt
 from engine.train import run_stage
 from tests.conftest import TINY
@@ -173,7 +174,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_an_older_one_can_be_name
     assert "optimizer.pt" in damage(cut)
 
     db = os.environ["RLHF_DB"]
-    with pytest.raises(RecipeError, match=r"checkpoint-6 is damaged: model.safetensors holds \d+ bytes"):
+    with pytest.raises(RecipeError, match=r"checkpoint-6 is damaged: model.safetensors holds [\d,]+ bytes"):
         resume_recipe(db, run_id, "sft", [f"sft.resume_from_checkpoint={newest}", "train.max_steps=8"], True)
     _, overrides, change = resume_recipe(db, run_id, "sft", [f"resume_from_checkpoint={older}", "train.max_steps=8"],
                                          allow_change=True)
@@ -181,7 +182,48 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_an_older_one_can_be_name
     assert "resume_from_checkpoint" not in change["overrides"]
     assert json.loads(change["config"])["sft"]["resume_from_checkpoint"] is None
 
+    elsewhere = workdir / "elsewhere" / "checkpoint-3"
+    shutil.copytree(older, elsewhere)
+    with pytest.raises(RecipeError, match=r"resumes only from the checkpoints in its own folder"):
+        resume_recipe(db, run_id, "sft", [f"resume_from_checkpoint={elsewhere}", "train.max_steps=8"], True)
+    with Store(db) as store:  # as if it had failed at its end: what is left to train is judged from step 3
+        store.update_run(run_id, status="failed")
+    resume_recipe(db, run_id, "sft", [], allow_change=False)  # not "nothing is left": checkpoint-6 is damaged
+    with Store(db) as store:
+        store.update_run(run_id, status="done")
+
     assert main(["train", "sft", "--resume-run", str(run_id), "--set", "train.max_steps=8", "--allow-change"]) == 0
-    assert capsys.readouterr().err.count("checkpoint-6 is damaged (model.safetensors holds") == 1
+    said = capsys.readouterr().err
+    assert said.count("checkpoint-6 is damaged (model.safetensors holds") == 1
+    assert "set aside as abandoned-checkpoint-6" in said
     assert [s for s, _ in metric(run_id, "loss")] == [1, 2, 3, 4, 5, 6, 7, 8]  # 4-6 redone from step 3, once
     assert run_row(run_id)["status"] == "done" and run_row(run_id)["step"] == 8
+    assert damage(folder / "abandoned-checkpoint-6") is not None and damage(folder / "checkpoint-6") is None
+
+
+def test_a_resume_sets_aside_the_checkpoints_past_its_own_so_that_the_next_resume_continues_this_stretch(workdir):
+    """Resumed from checkpoint-4 with a newer checkpoint-6 and a save cut short at checkpoint-10 in the
+    folder, the run stops at step 5. Left in place, checkpoint-6 (of the stretch given up) is what the next
+    resume picks, the newest by number: it would skip step 6 of this stretch and train on weights it
+    abandoned. They are renamed aside instead, kept whole, and the next resume continues from step 5."""
+    import os
+
+    from engine.cli import main
+    from engine.run import checkpoints_in
+
+    run_id, _ = run_stage("sft", str(TINY), ["train.max_steps=6", "train.logging_steps=1", "train.save_steps=2"])
+    folder = workdir / "runs" / str(run_id)
+    cut = folder / "checkpoint-10"
+    cut.mkdir()
+    (cut / "config.json").write_text("{}")  # the save died before its weights and its trainer_state.json
+    with Store(os.environ["RLHF_DB"]) as store:
+        store.update_run(run_id, status="stopped")  # stopped after step 6, say, to go on from step 4
+
+    assert main(["train", "sft", "--resume-run", str(run_id), "--set", f"resume_from_checkpoint={folder}/checkpoint-4",
+                 "--set", "train.max_steps=5", "--set", "train.save_steps=1", "--allow-change"]) == 0
+    assert sorted(p.name for p in folder.glob("abandoned-*")) == ["abandoned-checkpoint-10", "abandoned-checkpoint-6"]
+    assert (folder / "abandoned-checkpoint-6" / "trainer_state.json").is_file()  # kept whole: nothing deleted
+    assert checkpoints_in(folder, "trainer_state.json")[-1].name == "checkpoint-5"
+
+    assert main(["train", "sft", "--resume-run", str(run_id), "--set", "train.max_steps=7", "--allow-change"]) == 0
+    assert [s for s, _ in metric(run_id, "loss")] == [1, 2, 3, 4, 5, 6, 7]  # 5 trained once, then 6 and 7 from it

@@ -179,7 +179,8 @@ def test_only_one_resume_claims_an_ended_run(tmp_path):
         run = store.run(run_id)
         assert run["status"] == "pending" and run["pgid"] is None and run["stop_requested"] is None
         assert not store.claim_for_resume(run_id)  # a second resume of the same run loses
-        assert store.mark_stop_requested(run_id) == (None, None)  # no process group yet…
+        assert run["pid"] == os.getpid()  # the claiming process, until it starts the run's own
+        assert store.mark_stop_requested(run_id)[0] is None  # no process group yet…
         assert store.set_process(run_id, 456, 456)  # …so the supervisor learns of the stop itself
 
 

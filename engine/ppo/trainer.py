@@ -36,13 +36,13 @@ from engine.ppo import core
 from engine.ppo.hydra import Hydra, Trunk
 from engine.ppo.rewards import FunctionScorer, RewardModelScorer, Scorer
 from engine.ppo.rollout import Rollout, generate
-from engine.run import RunHandle, checkpoints_in, resume_from, warn_if_unrecorded
+from engine.run import PPO_BRANCHES_FILE as BRANCHES_FILE
+from engine.run import PPO_OPTIMIZER_FILE as OPTIMIZER_FILE
+from engine.run import STATE_MARKERS, RunHandle, checkpoints_in, continue_from, resume_from
 from engine.track import StopFlag
 
 log = logging.getLogger(__name__)
-STATE_FILE = "ppo_state.json"
-BRANCHES_FILE = "branches.pt"
-OPTIMIZER_FILE = "optimizer.pt"  # optimizer, scheduler and fp16 grad-scaler state
+STATE_FILE = STATE_MARKERS["ppo"]
 
 
 def _rank_file(rank: int) -> str:
@@ -182,9 +182,7 @@ class PPOTrainer:
         if torch.cuda.is_available() and mine.get("cuda") is not None:
             torch.cuda.set_rng_state_all(mine["cuda"])
         self.reference_scores = mine["reference_scores"]
-        if self.handle.store is not None:
-            warn_if_unrecorded(self.handle, folder, self.state.step)
-            self.handle.store.drop_history_after(self.handle.run_id, self.state.step)
+        continue_from(self.handle, folder, self.state.step)
         log.info("resumed from %s at step %d", folder, self.state.step)
 
     def save(self, folder: Path) -> None:
