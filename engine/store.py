@@ -58,8 +58,8 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_S = float(os.environ.get("RLHF_DB_BUSY_S", 60.0))
 RUN_MARKER = ".rlhf-run.json"  # in each run folder: which runs.db (db_id) and run it belongs to
 # What an orphaned run's error says, and what to do: where its checkpoints are, it continues from them.
-ORPHANED = ("its processes are gone and nothing recorded how it ended (a crash, kill -9 or a reboot): a "
-            "resume continues it from its newest checkpoint, where it saved one")
+ORPHANED = ("its processes are gone and nothing recorded how it ended (a crash, kill -9 or a reboot): resume "
+            "it to continue from its newest checkpoint, where it saved one")
 RUN_STATUSES = ("pending", "running", "done", "failed", "stopped", "diverged")
 
 
