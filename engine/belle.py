@@ -62,18 +62,23 @@ class Item:
 
 def _json_lines(path: Path) -> list[tuple[int, dict]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (an editor's) is no part of line 1
     except FileNotFoundError:
         raise BelleError(f"{path}: not found (an eval folder holds {SET_FILE} and {PROMPT_FILE})") from None
     except UnicodeDecodeError as err:
         raise BelleError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: splitlines() would also cut a question at a U+2028 or a form feed, which JSON
+    # strings may hold as they are.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except ValueError as err:
+            if not rows and line.lstrip().startswith("["):
+                raise BelleError(f"{path}:{number}: a JSON array; the eval set is JSON Lines, one object per line "
+                                 "(its line numbers are the questions' ids)") from None
             raise BelleError(f"{path}:{number}: not valid JSON ({err})") from None
         if not isinstance(row, dict):
             raise BelleError(f"{path}:{number}: expected a JSON object")
@@ -113,11 +118,11 @@ def load_items(folder: str | Path, limit: int | None = None, per_class: int | No
         category = category_of(cls)
         if category not in CATEGORIES:
             raise BelleError(f"{path}:{number}: class {row['class']!r} is not one of the score table's categories")
+        # Every record is checked, past the part taken too: the reward-model judge reads the whole set.
         if per_class is not None and sum(1 for i in items if i.cls == cls) >= per_class:
             continue
-        items.append(Item(number, row["question"], row["std_answer"], cls, category, rubrics[cls]))
-        if limit is not None and len(items) >= limit:
-            break
+        if limit is None or len(items) < limit:
+            items.append(Item(number, row["question"], row["std_answer"], cls, category, rubrics[cls]))
     if not items:
         raise BelleError(f"{path}: no questions")
     return items

@@ -99,10 +99,10 @@ def _belle(args: argparse.Namespace) -> int:
     db = _db(args)
     if args.resume_run is not None:
         config, change = _resumed_config(args, db)
-        from engine.evaluate import validate
+        from engine.evaluate import validate_resume
         from engine.run import settled
 
-        validate(config)  # before the claim: a resume that cannot start leaves the run as it was
+        validate_resume(config, db, args.resume_run)  # before the claim: one that cannot start leaves the run as it was
         with Store(db) as store:
             run = settled(store, args.resume_run)
             if run["status"] in ("pending", "running"):

@@ -159,6 +159,30 @@ def validate(config: EvalConfig) -> list[Item]:
     return items
 
 
+def validate_resume(config: EvalConfig, db_path: str | Path, run_id: int) -> list[Item]:
+    """`validate` for a resume, and the eval set still the one the run began on: its items are numbered by
+    line, so a question inserted or edited since would pair answers and scores with other questions."""
+    from engine.scores import DifferentItems, shared_items
+    from engine.store import EvalStore, Store
+
+    items = validate(config)
+    with Store(db_path) as store:
+        stored = EvalStore(store).items(run_id)
+    if not stored:  # stopped before it registered its questions
+        return items
+    where = Path(config.eval_dir) / "eval_set.json"
+    now = [{"item_id": i.id, "question": i.question, "category": i.category} for i in items]
+    try:
+        shared = set(shared_items(stored, now, f"run {run_id}", str(where)))
+    except DifferentItems as err:
+        raise RecipeError(f"{where} changed since run {run_id} began: {err}; start a new evaluation") from None
+    added = [i for i in now if i["item_id"] not in shared]
+    if len(shared) < len(stored) or (added and config.answers_from is None):
+        raise RecipeError(f"{where} changed since run {run_id} began: it now holds {len(now)} of the questions "
+                          f"the run's settings take, the run {len(stored)}; start a new evaluation")
+    return items
+
+
 def plan_line(config: EvalConfig, to_call: list[str], cached: int) -> str:
     """What judging will cost: calls, tokens, money (`to_call`: the prompts the cache cannot answer)."""
     calls = len(to_call)
@@ -481,7 +505,7 @@ def start_detached_resume(run_id: int, db_path: str | Path) -> None:
         run = settled(store, run_id)
     if run["status"] in ("pending", "running"):
         raise RecipeError(f"run {run_id} is {run['status']}")
-    validate(config)
+    validate_resume(config, db_path, run_id)
     folder = Path(run["output_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     # Into its log from its first line (what fails before the run takes its log over is seen there too).

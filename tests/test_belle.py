@@ -68,9 +68,19 @@ def test_a_bad_eval_folder_names_file_and_line(tmp_path):
         encoding="utf-8")
     with pytest.raises(BelleError, match=r"eval_set.json:2: class 'poetry' has no prompt"):
         load_items(tmp_path)
+    with pytest.raises(BelleError, match=r"eval_set.json:2: class 'poetry' has no prompt"):
+        load_items(tmp_path, limit=1)  # past the part taken too: the reward-model judge reads the whole set
     (tmp_path / "eval_set.json").write_text('{"question": "q"\n', encoding="utf-8")
     with pytest.raises(BelleError, match=r"eval_set.json:1: not valid JSON"):
         load_items(tmp_path)
+    (tmp_path / "eval_set.json").write_text('[{"question": "q", "std_answer": "a", "class": "math"},\n]\n',
+                                            encoding="utf-8")
+    with pytest.raises(BelleError, match=r"eval_set.json:1: a JSON array; the eval set is JSON Lines"):
+        load_items(tmp_path)
+    # An editor's byte-order mark, and a line separator inside a question: one question, whole.
+    (tmp_path / "eval_set.json").write_text('\ufeff{"question": "a\u2028b", "std_answer": "a", "class": "math"}\n',
+                                            encoding="utf-8")
+    assert [(i.id, i.question) for i in load_items(tmp_path)] == [(1, "a\u2028b")]
     with pytest.raises(BelleError, match=r"nodir: no such folder \(an eval folder holds eval_set.json and "):
         load_items(tmp_path / "nodir")
 

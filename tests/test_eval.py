@@ -271,6 +271,14 @@ def test_a_resume_takes_a_new_judge_url_and_refuses_what_would_change_the_run(wo
                 "--temperature 0.7 (run 1: 0.0) would change its answers or scores") in refused.stderr
         other = rlhf_eval("belle", "2", "--resume-run", "1", env=env)
         assert other.returncode == 2 and "checkpoint 2: " in other.stderr
+        # A question inserted at the top since: every id (a line number) is another question now.
+        eval_set = workdir / "belle" / "eval_set.json"
+        original = eval_set.read_text(encoding="utf-8")
+        eval_set.write_text('{"question": "新插入的问题", "std_answer": "2", "class": "math"}\n' + original,
+                            encoding="utf-8")
+        moved = rlhf_eval("belle", "--resume-run", "1", "--judge-url", server.url, env=env)
+        assert moved.returncode == 2 and f"{eval_set} changed since run 1 began" in moved.stderr, moved.stderr
+        eval_set.write_text(original, encoding="utf-8")
         assert run_row(1)["status"] == "failed" and server.calls == []  # nothing claimed, nothing called
         resumed = rlhf_eval("belle", "--resume-run", "1", "--judge-url", server.url, "--judge-model", "tiny-judge",
                             "--limit", "3", env=env)
