@@ -18,7 +18,8 @@ def _db(args: argparse.Namespace) -> Path:
 
 
 # How a resumed evaluation reaches its judge, and its label: not what its answers and scores are.
-RESUME_MAY_CHANGE = ("judge_url", "judge_key_env", "concurrency", "judge_retries", "price_per_1k", "name")
+RESUME_MAY_CHANGE = ("judge_key_env", "concurrency", "judge_retries", "price_per_1k", "name")
+JUDGE_FIELDS = ("judge_url", "judge_model")  # which judge: changed only while nothing is judged
 
 
 def _given(args: argparse.Namespace, db: Path) -> dict:
@@ -46,6 +47,10 @@ def _config(values: dict):
         raise RecipeError("; ".join(problems) or f"invalid evaluation settings: {err}") from None
 
 
+def _setting(value: object) -> str:
+    return "not set" if value is None else str(value)
+
+
 def _resumed_config(args: argparse.Namespace, db: Path) -> tuple:
     """(settings, the change to record or None): the run's recorded settings, with what a resume may
     change; any other option that differs is refused (it was ignored: the run went on as it was, the
@@ -69,22 +74,24 @@ def _resumed_config(args: argparse.Namespace, db: Path) -> tuple:
         if pipeline is not None:  # the pipeline finds its evaluation by its label
             raise RecipeError(f"--name: run {run_id} is pipeline {pipeline}'s evaluation, found by its name "
                               f"{recorded.name!r}; it keeps it")
-    if "judge_model" in differ:
+    # The judge is its model at its endpoint (the label its scores carry): one run has one.
+    for field in [f for f in JUDGE_FIELDS if f in differ and recorded.judge != "rm"]:
         with Store(db) as store:
             items = EvalStore(store).scored_items(run_id)
         judged = sum(1 for item in items if item.get("status") in (SCORED, UNSCORED))
         if judged:
-            raise RecipeError(f"--judge-model {differ['judge_model']}: run {run_id} has {judged} answers judged by "
-                              f"{recorded.judge_model}; one run has one judge (judge its answers anew: rlhf eval "
-                              f"belle --answers-from {run_id} --judge-model {differ['judge_model']} …)")
-    refused = [f"--{field.replace('_', '-')} {value} (run {run_id}: {getattr(recorded, field)})"
-               for field, value in differ.items() if field not in (*RESUME_MAY_CHANGE, "judge_model")]
+            option = f"--{field.replace('_', '-')} {differ[field]}"
+            raise RecipeError(f"{option}: run {run_id} has {judged} answers judged by {recorded.judge_model} at "
+                              f"{recorded.judge_url}; one run has one judge, and its scores would be split between "
+                              f"two (judge its answers anew: rlhf eval belle --answers-from {run_id} {option} …)")
+    refused = [f"--{field.replace('_', '-')} {value} (run {run_id}: {_setting(getattr(recorded, field))})"
+               for field, value in differ.items() if field not in (*RESUME_MAY_CHANGE, *JUDGE_FIELDS)]
     if refused:
         raise RecipeError(f"run {run_id}: a resume continues the evaluation as it was started, and "
                           f"{'; '.join(refused)} would change its answers or scores; start a new evaluation "
                           f"for that (--answers-from {run_id} judges the same answers anew); a resume may change "
-                          f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)} (and --judge-model "
-                          "while nothing is judged)")
+                          f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)} (and --judge-url, "
+                          "--judge-model while nothing is judged)")
     if not differ:
         return recorded, None
     config = _config({**recorded.model_dump(), **differ})
@@ -155,18 +162,18 @@ def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
             if run_ids is None and run["status"] == "failed" and all(i.get("score") is None for i in items):
                 continue  # a run that failed before any score (a bad checkpoint, a judge down): a row of dashes
             judge = next((i["judge"] for i in items if i.get("judge")), "")
-            rows.append(summarize(_shown_name(run), items, run["id"], judge))
+            rows.append(summarize(_shown_name(run, len(items) or None), items, run["id"], judge))
     return rows
 
 
-def _shown_name(run: dict) -> str:
+def _shown_name(run: dict, size: int | None = None) -> str:
     """The run's label with what sets its settings apart (its record predating a field: the label alone)."""
     from pydantic import ValidationError
 
     from engine.evaluate import EvalConfig
 
     try:
-        return EvalConfig.model_validate_json(run["config"] or "{}").shown_name()
+        return EvalConfig.model_validate_json(run["config"] or "{}").shown_name(size)
     except ValidationError:
         return run["name"]
 
@@ -204,6 +211,8 @@ def _table(args: argparse.Namespace) -> int:
         from engine.store import EvalStore, Store
 
         a, b = args.delta
+        if a == b:  # as pairwise refuses it: a run against itself is no comparison
+            raise RecipeError(f"--delta: run {a} against itself; give two evaluation runs")
         _eval_run_ids(db, [a, b], "--delta")
         with Store(db) as store:
             evals = EvalStore(store)
@@ -266,6 +275,8 @@ def _pairwise(args: argparse.Namespace) -> int:
         try:
             if args.judge_retries < 0:
                 raise RecipeError("--judge-retries: must be 0 or more")
+            if args.concurrency < 1:  # as rlhf eval belle says it
+                raise RecipeError("--concurrency: must be 1 or more")
             judge = EndpointJudge(args.judge_url or "", args.judge_model or "", args.judge_key_env, cache=evals,
                                   concurrency=args.concurrency, retries=args.judge_retries)
         except JudgeSetupError as err:

@@ -62,9 +62,10 @@ class EvalConfig(BaseModel):
     rewrite_reference: bool = Field(False, description="Give the judge the reference of the 39 rewrite items.")
     answers_from: int | None = Field(None, description="Judge this run's answers instead of generating.")
 
-    def variant(self) -> str:
+    def variant(self, size: int | None = None) -> str:
         """What sets this run's answers and scores apart from the defaults, in a few words ('' for none):
-        two evaluations of one checkpoint, told apart in the score table and the pairwise report."""
+        two evaluations of one checkpoint, told apart in the score table and the pairwise report. `size`:
+        how many questions the run holds (a --limit past the end of the set took them all)."""
         default = {name: field.default for name, field in type(self).model_fields.items()}
         parts = []
         if self.temperature > 0:
@@ -73,7 +74,7 @@ class EvalConfig(BaseModel):
                          + (f" top_k {self.top_k}" if self.top_k != default["top_k"] else "") + f" seed {self.seed}")
         if self.max_new_tokens != default["max_new_tokens"]:
             parts.append(f"max {self.max_new_tokens} tokens")
-        if self.limit:
+        if self.limit and (size is None or size >= self.limit):
             parts.append(f"first {self.limit}")
         if self.per_class:
             parts.append(f"{self.per_class} per class")
@@ -87,8 +88,8 @@ class EvalConfig(BaseModel):
             parts.append(f"judged by {self.judge_model}")
         return ", ".join(parts)
 
-    def shown_name(self) -> str:
-        variant = self.variant()
+    def shown_name(self, size: int | None = None) -> str:
+        variant = self.variant(size)
         return f"{self.name} [{variant}]" if variant else self.name
 
 
@@ -190,7 +191,8 @@ def plan_line(config: EvalConfig, to_call: list[str], cached: int) -> str:
         return f"judge: the reward model scores {calls} answers on this machine (no calls)"
     prompt_tokens = sum(estimate_tokens(p) for p in to_call)
     completion_tokens = calls * COMPLETION_TOKENS_PER_CALL
-    line = (f"judge: {calls} calls to make ({cached} answered by the cache), about {prompt_tokens:,} prompt + "
+    line = (f"judge: {calls} call{'s' if calls != 1 else ''} to make ({cached} answered by the cache), about "
+            f"{prompt_tokens:,} prompt + "
             f"{completion_tokens:,} completion tokens")
     if config.price_per_1k is not None:
         line += f", about ${(prompt_tokens + completion_tokens) / 1000 * config.price_per_1k:,.2f}"
@@ -332,7 +334,7 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                 counts["scored"] += 1
         if copied:  # answered already: the run's progress says so before its first verdict
             store.log_metrics(run_id, counts["answered"] + counts["judged"], {"eval/answered": counts["answered"]})
-        unscored_replies: list[str] = []  # of this stretch
+        unscored_replies: list[tuple[str, str | None, int]] = []  # of this stretch: reply, why no score, calls
         said = {"at": None}  # when progress was last printed (the first batch's at once)
 
         def say_progress(done: bool) -> None:
@@ -362,7 +364,7 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                 counts["judged"] += 1
                 counts["unscored"] += verdict.status == "unscored"
                 if verdict.status == "unscored":
-                    unscored_replies.append(verdict.reply)
+                    unscored_replies.append((verdict.reply, verdict.problem, verdict.calls))
                 if verdict.score is not None:
                     counts["score_sum"] += verdict.score
                     counts["scored"] += 1
@@ -391,10 +393,12 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                     raise JudgeRefused(f"{err}; then continue it: {resume_hint('eval', run_id, db_path)}") from None
                 if unscored_replies and counts["scored"] == 0 and not stop.requested:
                     # Replies, not one score in them: the judge's model or prompt is wrong for this, not noise.
-                    raise JudgeRefused(f"the judge replied {len(unscored_replies)} times without a score it could "
-                                       f"read, the first: {unscored_replies[0][:200]!r}; is --judge-model right for "
-                                       f"a 0-1 score? every answer is kept: continue it (the unscored are asked "
-                                       f"again): {resume_hint('eval', run_id, db_path)}")
+                    reply, why, _ = unscored_replies[0]
+                    calls = sum(c for _, _, c in unscored_replies)
+                    raise JudgeRefused(f"the judge gave no usable score for {len(unscored_replies)} answers "
+                                       f"({calls} calls), the first: {reply[:200]!r} ({why or 'no score'}); is "
+                                       f"--judge-model right for a 0-1 score? every answer is kept: continue it "
+                                       f"(the unscored are asked again): {resume_hint('eval', run_id, db_path)}")
                 if problems and counts["judged"] == 0 and not stop.requested:
                     # Not one verdict (an endpoint that is down, a wrong URL): a failed run, not a done one with
                     # nothing in it that a script would carry on from.
@@ -461,7 +465,8 @@ def write_results(evals: Any, run_id: int, config: EvalConfig, folder: Path) -> 
                 "item_id", "category", "class", "question", "reference", "answer", "answer_tokens", "finished",
                 "judge", "score", "status", "problem", "reply")}, ensure_ascii=False) + "\n")
     judge = next((r["judge"] for r in rows if r.get("judge")), "")
-    table.write_text(render([reference_row(), summarize(config.shown_name(), rows, run_id, judge)]), encoding="utf-8")
+    row = summarize(config.shown_name(len(rows)), rows, run_id, judge)
+    table.write_text(render([reference_row(), row]), encoding="utf-8")
     return [answers, table]
 
 

@@ -85,7 +85,7 @@ def test_an_evaluation_killed_midway_resumes_without_gaps_and_reruns_free(workdi
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         # Every item not judged before the kill is judged now: by a call, or by the cache when its reply
         # had arrived (and was cached) but the kill came before its verdict was stored.
-        plan = re.search(r"judge: (\d+) calls to make \((\d+) answered by the cache\)", resumed.stdout)
+        plan = re.search(r"judge: (\d+) calls? to make \((\d+) answered by the cache\)", resumed.stdout)
         assert plan and int(plan.group(1)) + int(plan.group(2)) == n - len(judged_before), resumed.stdout
         with Store(os.environ["RLHF_DB"]) as store:
             evals = EvalStore(store)
@@ -289,6 +289,9 @@ def test_a_resume_takes_a_new_judge_url_and_refuses_what_would_change_the_run(wo
         assert (recorded["judge_url"], recorded["judge_model"], recorded["limit"]) == (server.url, "tiny-judge", 3)
         judged = rlhf_eval("belle", "--resume-run", "1", "--judge-model", "another", env=env)
         assert judged.returncode == 2 and "run 1 has 3 answers judged by tiny-judge" in judged.stderr
+        elsewhere = rlhf_eval("belle", "--resume-run", "1", "--judge-url", server.url.replace("127.0.0.1", "localhost"),
+                              env=env)  # the same server by another name: its scores would carry another label
+        assert elsewhere.returncode == 2 and "one run has one judge" in elsewhere.stderr, elsewhere.stderr
     finally:
         server.close()
 
@@ -305,7 +308,8 @@ def test_a_judge_that_never_gives_a_score_fails_the_run_and_is_asked_again_once_
         result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server), "--limit", "3",
                            env=env)
         assert result.returncode == 1, result.stderr[-2000:]
-        assert "the judge replied 3 times without a score it could read, the first: 'I am sorry" in result.stderr
+        assert ("the judge gave no usable score for 3 answers (6 calls), the first: 'I am sorry, I cannot grade "
+                "this.' (no score in the reply)") in result.stderr
         assert run_row(1)["status"] == "failed" and "judge spent: 6 calls, " in result.stdout  # paid all the same
         assert metric(1, "eval/score_mean") == [] and metric(1, "eval/unscored")  # no mean, not a mean of 0
         asked = len(server.calls)
@@ -576,7 +580,11 @@ def test_evaluations_of_one_checkpoint_are_told_apart_by_their_settings(tmp_path
             EvalStore(store).set_judgment(run_id, 0, "judge", Verdict(0.5, "scored", "得分: 0.5"))
         store.create_run(stage="eval", name="old record", recipe="", config='{"name": "old record"}')
     names = [row.name for row in eval_rows(tmp_path / "runs.db")[1:]]
-    assert names == ["ppo run 3", "ppo run 3 [temperature 0.9 seed 2]", "ppo run 3 [max 64 tokens, first 20]",
+    # The --limit 20 run holds the one question there is: "first 20" would be a claim about a part of a set.
+    assert names == ["ppo run 3", "ppo run 3 [temperature 0.9 seed 2]", "ppo run 3 [max 64 tokens]",
                      "ppo run 3 [1 per class, rewrite references]",
                      "ppo run 3 [temperature 0.7 top_p 0.9 seed 0, answers of run 1]", "ppo run 3 [judged by gpt-4o]",
                      "ppo run 3 [judged by the reward model]", "old record"]
+    limited = EvalConfig(**base, limit=20)
+    assert (limited.shown_name(20), limited.shown_name(5), limited.shown_name()) == (
+        "ppo run 3 [first 20]", "ppo run 3", "ppo run 3 [first 20]")
