@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -133,8 +134,9 @@ def resolve_checkpoint(spec: str, db_path: str | Path, kind: str = "answering mo
     return str(Path(spec).expanduser().resolve())
 
 
-def validate(config: EvalConfig) -> list[Item]:
-    """Everything checkable before a model loads or a run is registered; returns the items."""
+def validate(config: EvalConfig, preflight: bool = True) -> list[Item]:
+    """Everything checkable before a model loads or a run is registered; returns the items. `preflight`:
+    look at the judge's endpoint too (once per command: a resume looked before its claim)."""
     from engine.knobs import decode_path
     from engine.train import model_folder_problem
 
@@ -148,9 +150,12 @@ def validate(config: EvalConfig) -> list[Item]:
         from engine.judge.endpoint import EndpointJudge, JudgeSetupError
 
         try:
-            EndpointJudge(config.judge_url or "", config.judge_model or "", config.judge_key_env)
+            judge = EndpointJudge(config.judge_url or "", config.judge_model or "", config.judge_key_env)
+            warning = judge.preflight() if preflight else None
         except JudgeSetupError as err:
             raise RecipeError(str(err)) from None
+        if warning:
+            print(f"judge: {warning}; its calls may fail", file=sys.stderr, flush=True)
     elif config.reward_model is None:
         raise RecipeError("--reward-model: the rm judge needs the reward model's folder (an rm run's export)")
     else:
@@ -295,7 +300,7 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
     from engine.run import RUN_ID_ENV, StopRequested, stop_seen, tracked_run
     from engine.store import EvalStore
 
-    items = validate(config)
+    items = validate(config, preflight=resume_run is None)  # a resume looked before its claim
     if config.answers_from is not None:
         if resume_run is None:
             _check_answers_from(db_path, config.answers_from, items)
@@ -499,8 +504,6 @@ def start_detached_resume(run_id: int, db_path: str | Path) -> None:
     writes its runs/<id>/train.log, and is stopped through its own group. What would make it fail at once
     (the run is not an evaluation or is running; its eval folder, judge or reward model is gone) is raised
     here instead, where the caller can show it."""
-    import sys
-
     from engine.procs import spawn_detached
     from engine.run import LOG_NAME, settled
     from engine.store import Store

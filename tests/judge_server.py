@@ -22,6 +22,7 @@ Action = tuple
 class JudgeServer:
     script: Callable[[dict[str, Any], int], Action]
     refuses_stream_options: bool = False  # as servers that predate `stream_options` do
+    models: list[str] | None = None  # what GET /v1/models lists; None: no such route (404), as on some servers
     calls: list[dict[str, Any]] = field(default_factory=list)
     keys_seen: list[str] = field(default_factory=list)
 
@@ -31,6 +32,15 @@ class JudgeServer:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
                 pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path.rstrip("/").endswith("/models") and server.models is not None:
+                    listed = [{"id": name, "object": "model", "created": 0, "owned_by": "test"}
+                              for name in server.models]
+                    self._send(200, json.dumps({"object": "list", "data": listed}).encode())
+                else:
+                    self._send(404, json.dumps({"error": {"message": f"no route {self.path}",
+                                                          "type": "not_found"}}).encode())
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -253,15 +253,25 @@ def test_a_resume_takes_a_new_judge_url_and_refuses_what_would_change_the_run(wo
     the answers or the scores, before it claims the run."""
     import socket
 
-    with socket.socket() as probe:  # a port nothing listens on: the URL given first was wrong
+    with socket.socket() as probe:  # a port nothing listens on: a wrong URL
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     write_sample(workdir / "belle", per_class=1)
     env = {"THE_JUDGE_KEY": KEY}
-    result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", "--judge-url", f"http://127.0.0.1:{port}/v1",
-                       "--judge-model", "m", "--judge-key-env", "THE_JUDGE_KEY", "--max-new-tokens", "4",
-                       "--limit", "3", "--judge-retries", "0", env=env)
+    args = ["--judge-model", "m", "--judge-key-env", "THE_JUDGE_KEY", "--max-new-tokens", "4", "--limit", "3",
+            "--judge-retries", "0"]
+    nowhere = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", "--judge-url", f"http://127.0.0.1:{port}/v1",
+                        *args, env=env)  # said before an answer is generated for it, and nothing registered
+    assert nowhere.returncode == 2 and f"--judge-url http://127.0.0.1:{port}/v1: nothing answers there" in \
+        nowhere.stderr and "answer:" not in nowhere.stdout, nowhere.stderr[-2000:]
+    if Path(os.environ["RLHF_DB"]).exists():
+        with Store(os.environ["RLHF_DB"]) as store:
+            assert store.runs() == []
+    down = JudgeServer(lambda body, index: ("status", 503), models=["m"])  # up, listing it, failing every call
+    result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", "--judge-url", down.url, *args, env=env)
+    down.close()
     assert result.returncode == 1 and run_row(1)["status"] == "failed", result.stderr[-2000:]
+    assert "does not list it" not in result.stderr
     server = JudgeServer(score_by_answer)
     try:
         refused = rlhf_eval("belle", "--resume-run", "1", "--judge-url", server.url, "--temperature", "0.7",
@@ -302,12 +312,15 @@ def test_a_judge_that_never_gives_a_score_fails_the_run_and_is_asked_again_once_
     write_sample(workdir / "belle", per_class=1)
     fixed = threading.Event()
     server = JudgeServer(lambda body, index: score_by_answer(body, index) if fixed.is_set()
-                         else ("reply", "I am sorry, I cannot grade this."))
+                         else ("reply", "I am sorry, I cannot grade this."), models=["gpt-4o", "tiny-judge-v2"])
     env = {"THE_JUDGE_KEY": KEY}
     try:
         result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server), "--limit", "3",
                            env=env)
         assert result.returncode == 1, result.stderr[-2000:]
+        # A model the endpoint does not list: said before the answers (a proxy may list only some: a warning)
+        assert (f"judge: --judge-model tiny-judge: {server.url} does not list it (it lists gpt-4o, tiny-judge-v2)"
+                in result.stderr)
         assert ("the judge gave no usable score for 3 answers (6 calls), the first: 'I am sorry, I cannot grade "
                 "this.' (no score in the reply)") in result.stderr
         assert run_row(1)["status"] == "failed" and "judge spent: 6 calls, " in result.stdout  # paid all the same

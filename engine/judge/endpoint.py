@@ -96,6 +96,30 @@ class EndpointJudge:
         self._key = key
         self._stop = threading.Event()  # set by drop_in_flight: calls still running give up, not retry
 
+    def preflight(self, timeout_s: float = 10.0) -> str | None:
+        """One cheap look at the endpoint (its model list) before anything is generated for it to judge: a
+        URL where nothing answers, or a refused key, raises JudgeSetupError (hours of answers would wait on
+        a judge that cannot be reached); a model the endpoint does not list is returned as a warning (proxies
+        list partly). A slow endpoint, or one without a model list, passes: its calls will tell."""
+        openai = self._openai
+        try:
+            names = [m.id for m in self._client.with_options(timeout=timeout_s).models.list().data]
+        except openai.APITimeoutError:
+            return None
+        except openai.APIConnectionError as err:  # refused, no such host, TLS: the URL, not the moment
+            raise JudgeSetupError(f"--judge-url {self.base_url}: nothing answers there "
+                                  f"({err.__cause__ or err})") from None
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+            # Its status only: a careless server's message may quote the key back.
+            raise JudgeSetupError(f"--judge-key-env: {self.base_url} refuses the key (HTTP {err.status_code})"
+                                  ) from None
+        except (openai.APIError, AttributeError, TypeError):
+            return None
+        if names and self.model not in names:
+            shown = ", ".join(sorted(names)[:8]) + (", …" if len(names) > 8 else "")
+            return f"--judge-model {self.model}: {self.base_url} does not list it (it lists {shown})"
+        return None
+
     @property
     def label(self) -> str:
         return f"openai:{self.model}@{self.base_url}"
