@@ -115,6 +115,18 @@ class EndpointModel:
                     raise chunk
                 if kind == "end" or cancelled():
                     break
+                if kind == "whole":
+                    choice = chunk.choices[0] if chunk.choices else None
+                    content = (choice.message.content or "") if choice is not None else ""
+                    if choice is not None and choice.finish_reason:
+                        finish = "length" if choice.finish_reason == "length" else "eos"
+                    if chunk.usage is not None and chunk.usage.completion_tokens is not None:
+                        tokens = chunk.usage.completion_tokens
+                    if content:
+                        chunks += 1
+                        text.append(content)
+                        yield Piece(content, chunks)
+                    continue
                 if getattr(chunk, "usage", None) and chunk.usage.completion_tokens is not None:
                     tokens = chunk.usage.completion_tokens
                 if not chunk.choices:
@@ -150,10 +162,15 @@ class EndpointModel:
             if stream is None:
                 stream = client.chat.completions.create(**request)
             with stream:
-                for chunk in stream:
-                    if left.is_set():
-                        return
-                    out.put(("chunk", chunk))
+                if stream.response.headers.get("content-type", "").startswith("application/json"):
+                    # A server (or a proxy before it) that answers a stream with the whole reply at once: the
+                    # stream's parser finds no event in it, and a complete answer would read as cut.
+                    out.put(("whole", openai.types.chat.ChatCompletion.model_validate_json(stream.response.read())))
+                else:
+                    for chunk in stream:
+                        if left.is_set():
+                            return
+                        out.put(("chunk", chunk))
             out.put(("end", None))
         except Exception as err:  # noqa: BLE001 - raised again in the answer's own thread
             out.put(("error", err))

@@ -14,7 +14,8 @@ from typing import Any, Callable
 # What the server does with a call: ("reply", text) | ("status", code[, message]) | ("sleep", seconds, text)
 # | ("malformed",) | ("no-content",) | ("no-usage", text): a reply that does not report its tokens
 # | ("cut", text): streamed, then the connection closes with no finish reason and no [DONE] (a dropped
-# connection, a proxy's timeout)
+# connection, a proxy's timeout) | ("whole", text): a stream asked for, the whole reply sent as one JSON body
+# (a server or proxy that does not stream)
 Action = tuple
 
 
@@ -72,7 +73,7 @@ class JudgeServer:
                     self._send(400, json.dumps({"error": {"message": "unknown field: stream_options",
                                                           "type": "invalid_request_error"}}).encode())
                     return
-                if body.get("stream"):
+                if body.get("stream") and kind != "whole":
                     self._stream(body, text, cut=kind == "cut")
                     return
                 reply = {

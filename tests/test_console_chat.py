@@ -726,6 +726,25 @@ def test_an_endpoints_worker_never_imports_torch():
     assert done.stdout.split() == ["abcdefg", "cut", "False"], done.stderr
 
 
+def test_an_endpoint_that_answers_a_stream_with_one_whole_reply_gives_that_answer():
+    """Some servers and proxies ignore stream=true and send the whole completion as JSON: the answer is
+    complete (its finish reason and token count are in it), not a stream cut before it began."""
+    from engine.chat_worker import EndpointModel
+    from engine.template import Turn
+    from tests.judge_server import JudgeServer
+
+    server = JudgeServer(lambda body, index: ("whole", "整个回答，一次给出。"))
+    try:
+        model = EndpointModel(server.url, "m", "")
+        pieces = list(model.answer([Turn("user", "你好")], dict(temperature=0.0, top_p=1.0, max_new_tokens=64, seed=0),
+                                   lambda: False))
+    finally:
+        server.close()
+    assert server.calls[-1]["stream"] is True
+    last = pieces[-1]
+    assert (last.text, last.finish, last.tokens) == ("整个回答，一次给出。", "eos", len("整个回答，一次给出。"))
+
+
 def test_an_exported_chat_with_one_model_names_it_alone(tmp_path):
     from console.exports import export_chats
 
