@@ -232,58 +232,65 @@ def _whole(row: Row) -> bool:
     return row.cells[MACRO].not_judged == 0 if MACRO in row.cells else True
 
 
-def ranked_group(rows: Sequence[Row]) -> tuple[str, str]:
-    """(judge, questions) of the runs ranked against each other: the judge that scored most runs, then the
-    set of questions most of its runs hold (the first to appear, on a tie). Another judge's means are on
-    another scale, and another subset's are means over other questions: they are shown, not ranked. A run
-    without a single score (a judge that was down), or with questions not judged, counts for neither."""
-    ranked = [r for r in rows if _scored(r) and _whole(r)]
-    judges = [r.judge for r in ranked if r.judge]
-    judge = max(dict.fromkeys(judges), key=judges.count) if judges else ""
-    sets = [r.questions for r in ranked if r.judge == judge]
-    return judge, (max(dict.fromkeys(sets), key=sets.count) if sets else "")
+def ranked_groups(rows: Sequence[Row]) -> list[list[int]]:
+    """Indices of the rows ranked against each other, a list per group: the runs one judge scored on the same
+    questions, two or more of them. Another judge's means are on another scale, and another subset's are
+    means over other questions: each group is ranked on its own (a run added to one leaves the others' best
+    as it was). A run without a single score (a judge that was down), or with questions not judged, is in
+    none."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for k, r in enumerate(rows):
+        if _scored(r) and _whole(r):
+            groups.setdefault((r.judge, r.questions), []).append(k)
+    return [members for members in groups.values() if len(members) > 1]
 
 
 def ranking_note(rows: Sequence[Row]) -> str | None:
-    """What the bold best leaves out, where the scored runs are not all of one judge and one question set,
-    all of it judged."""
-    judge, questions = ranked_group(rows)
-    scored = [r for r in rows if _scored(r)]
-    ranked = [r for r in scored if r.judge == judge and r.questions == questions and _whole(r)]
-    if len(ranked) == len(scored):
+    """What the bold best leaves out, or how it is grouped, where the scored runs are not all of one judge
+    and one question set, all of it judged."""
+    groups = ranked_groups(rows)
+    scored = [k for k, r in enumerate(rows) if _scored(r)]
+    grouped = {k for members in groups for k in members}
+    if not scored or (len(groups) == 1 and len(grouped) == len(scored)):
         return None
-    partial = [r for r in scored if not _whole(r)]
+    partial = [rows[k] for k in scored if not _whole(rows[k])]
     if partial:
         where = ", ".join(f"run {r.run_id} ({r.cells[MACRO].not_judged} of {r.size})" for r in partial)
         unjudged = f"questions not judged, their means over fewer questions: {where}"
-    if not ranked:
-        return f"no run is marked best: every scored run has {unjudged}; resume them to judge the rest"
-    if len(ranked) < 2:  # one run is nobody's best (best_per_column): nothing is bold to explain
+    if not grouped:
+        if len(partial) == len(scored):
+            return f"no run is marked best: every scored run has {unjudged}; resume them to judge the rest"
         return (f"no run is marked best: no two runs were judged by one judge on the same questions, each of them "
                 f"judged{f' ({unjudged})' if partial else ''}")
+    outside = [rows[k] for k in scored if k not in grouped]
+    whole = [rows[k] for k in scored if _whole(rows[k])]
     why = [reason for differs, reason in (
-        (any(r.judge != judge for r in scored), "another judge's scores are on another scale"),
-        (any(r.questions != questions for r in scored if _whole(r)),
-         "a run of other questions averages other questions"),
+        (len({r.judge for r in whole}) > 1 or any(r.judge != rows[groups[0][0]].judge for r in outside),
+         "another judge's scores are on another scale"),
+        (len({r.questions for r in whole}) > 1, "a run of other questions averages other questions"),
         (bool(partial), unjudged if partial else ""),
     ) if differs]
-    return (f"best is marked among the runs judged by {judge} on the same {ranked[0].size} questions only "
-            f"({'; '.join(why)})")
+    if len(groups) == 1:
+        first = rows[groups[0][0]]
+        return (f"best is marked among the runs judged by {first.judge} on the same {first.size} questions only "
+                f"({'; '.join(why)})")
+    each = "; ".join(f"runs {', '.join(str(rows[k].run_id) for k in members)} ({rows[members[0]].judge}, "
+                     f"{rows[members[0]].size} questions)" for members in groups)
+    return f"best is marked within each group of runs judged alike on the same questions: {each} ({'; '.join(why)})"
 
 
 def best_per_column(rows: Sequence[Row]) -> dict[str, set[int]]:
     """Indices of the measured rows holding each column's highest mean as shown (three decimals: two rows
-    that read the same are both best, not one by float noise), among the runs of `ranked_group`; the
+    that read the same are both best, not one by float noise), within each of `ranked_groups`; the
     published reference row is there to compare with, not to compete. A column of one run has no best."""
     best: dict[str, set[int]] = {}
-    judge, questions = ranked_group(rows)
-    for column in COLUMNS:
-        values = [(round(r.cells[column].mean, 3), k) for k, r in enumerate(rows) if r.run_id is not None
-                  and r.judge == judge and r.questions == questions and _whole(r) and r.cells.get(column)
-                  and r.cells[column].mean is not None]
-        if len(values) > 1:  # the best of one run says nothing
-            top = max(v for v, _ in values)
-            best[column] = {k for v, k in values if v == top}
+    for members in ranked_groups(rows):
+        for column in COLUMNS:
+            values = [(round(rows[k].cells[column].mean, 3), k) for k in members
+                      if rows[k].cells.get(column) and rows[k].cells[column].mean is not None]
+            if len(values) > 1:  # the best of one run says nothing
+                top = max(v for v, _ in values)
+                best.setdefault(column, set()).update(k for v, k in values if v == top)
     return best
 
 

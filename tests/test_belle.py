@@ -233,6 +233,15 @@ def test_runs_of_two_judges_are_never_paired_nor_ranked_and_a_tie_as_shown_is_a_
     table = render(rows)
     assert ("best is marked among the runs judged by rm:runs/2/final on the same 18 questions only (another "
             "judge's scores are on another scale)") in table
+    # Two runs of each judge: each pair is ranked on its own, and a run added to one pair leaves the other's
+    # best as it was (the bold used to follow whichever judge had the most runs).
+    pairs = [*rows, summarize("a2", [dict(i, score=0.9) for i in llm], 8, "openai:gpt-4o")]
+    assert best_per_column(pairs)[MACRO] == {3, 4}
+    more = [*pairs, summarize("f", [dict(i, score=0.6) for i in rm], 25, "rm:runs/2/final")]
+    assert best_per_column(more)[MACRO] == {3, 4}
+    assert ("best is marked within each group of runs judged alike on the same questions: runs 7, 8 "
+            "(openai:gpt-4o, 18 questions); runs 23, 24, 25 (rm:runs/2/final, 18 questions) (another judge's scores "
+            "are on another scale)") in render(more)
     # A judge that never scored (down for every call) ranks nothing: its failed run left every column plain.
     down = summarize("d", [dict(i, score=None, status="failed", judge="openai:down") for i in llm], 25, "openai:down")
     downs = [reference_row(), down, down, summarize("a", llm, 7, "openai:gpt-4o"),
