@@ -252,7 +252,7 @@ def chat_votes(store: object, a_checkpoint: str, b_checkpoint: str) -> list[dict
 def _pairwise(args: argparse.Namespace) -> int:
     from engine.evaluate import config_from_run
     from engine.judge.endpoint import EndpointJudge, JudgeSetupError
-    from engine.pairwise import cached_verdict, judge_pairs, pairwise_prompt, render, report
+    from engine.pairwise import IDENTICAL, TIE, cached_verdict, judge_pairs, pairwise_prompt, render, report
     from engine.scores import DifferentItems, shared_items
     from engine.store import EvalStore, Store
 
@@ -279,19 +279,29 @@ def _pairwise(args: argparse.Namespace) -> int:
                 raise RecipeError("--concurrency: must be 1 or more")
             judge = EndpointJudge(args.judge_url or "", args.judge_model or "", args.judge_key_env, cache=evals,
                                   concurrency=args.concurrency, retries=args.judge_retries)
+            warning = judge.preflight()  # a URL where nothing answers: said now, not after every call's retries
         except JudgeSetupError as err:
             raise RecipeError(str(err)) from None
+        if warning:
+            print(f"judge: {warning}; its calls may fail", file=sys.stderr, flush=True)
         done = {(r["item_id"], r["first"]) for r in evals.pairwise(args.a, args.b, judge.label)
                 if r["verdict"] is not None}
-        jobs = []
+        jobs, identical = [], 0
         for item_id in shared:
             a, b = a_items[item_id], b_items[item_id]
+            if a["answer"] == b["answer"]:  # a tie whatever a judge says (a flip between orders is one): no call
+                identical += 1
+                for first in ("a", "b"):
+                    if (item_id, first) not in done:
+                        evals.add_pairwise(args.a, args.b, item_id, first, judge.label, TIE, IDENTICAL, None)
+                continue
             for first, (x, y) in (("a", (a["answer"], b["answer"])), ("b", (b["answer"], a["answer"]))):
                 if (item_id, first) not in done:
                     jobs.append(((item_id, first), pairwise_prompt(a["question"], a["reference"], x, y)))
         calls = sum(1 for _, p in jobs if cached_verdict(judge, p) is None)
-        print(f"pairwise: {len(shared)} questions in both orders; {calls} calls to make "
-              f"({len(jobs) - calls} answered by the cache)", flush=True)
+        same = f"{identical} with identical answers are ties without a call; " if identical else ""
+        print(f"pairwise: {len(shared)} questions in both orders; {same}{calls} call{'s' if calls != 1 else ''} to "
+              f"make ({len(jobs) - calls} answered by the cache)", flush=True)
         failures, silent = [], []  # of this command's calls: failed ones, and replies without a conclusion
         for (item_id, first), key, verdict, reply in judge_pairs(judge, jobs):
             evals.add_pairwise(args.a, args.b, item_id, first, judge.label, verdict, reply, key or None)

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Sequence
 from engine.belle import CATEGORIES
 
 FIRST, SECOND, TIE = "first", "second", "tie"
+# The reply stored for an item whose two answers are the same text: a tie, no judge asked.
+IDENTICAL = "identical answers: a tie without a call"
 CONSISTENCY_FLAG = 0.6
 MIN_VOTES = 50
 
@@ -126,24 +128,28 @@ def report(a_name: str, b_name: str, a_items: Sequence[dict], b_items: Sequence[
     b_by_id = {i["item_id"]: i for i in b_items}
     rep = PairwiseReport(a_name, b_name)
     outcomes, wins, la, lb, cats = [], [], [], [], []
-    consistent = decisive = first_chosen = 0
-    per_cat: dict[str, list[int]] = {c: [0, 0] for c in CATEGORIES}  # consistent, total
+    consistent = decisive = first_chosen = asked = 0
+    per_cat: dict[str, list[int]] = {c: [0, 0, 0] for c in CATEGORIES}  # consistent, judged by a judge, total
     for item_id, pair in sorted(by_item.items()):
         result = outcome(pair.get("a"), pair.get("b"))
         if result is None:
             rep.missing += 1
             continue
         outcomes.append(result)
-        same = (pair["a"] == TIE and pair["b"] == TIE) or (pair["a"] != TIE and pair["b"] != TIE and
-                                                         pair["a"] != pair["b"])
-        consistent += same
-        for verdict in (pair["a"], pair["b"]):
-            if verdict != TIE:
-                decisive += 1
-                first_chosen += verdict == FIRST
         category = a_by_id[item_id]["category"]
-        per_cat[category][0] += same
-        per_cat[category][1] += 1
+        per_cat[category][2] += 1
+        # Identical answers are a tie without a judge: they say nothing of its position bias.
+        if a_by_id[item_id]["answer"] != b_by_id[item_id]["answer"]:
+            same = (pair["a"] == TIE and pair["b"] == TIE) or (pair["a"] != TIE and pair["b"] != TIE and
+                                                             pair["a"] != pair["b"])
+            consistent += same
+            asked += 1
+            for verdict in (pair["a"], pair["b"]):
+                if verdict != TIE:
+                    decisive += 1
+                    first_chosen += verdict == FIRST
+            per_cat[category][0] += same
+            per_cat[category][1] += 1
         wins.append({"win": 1.0, "tie": 0.5, "loss": 0.0}[result])
         la.append(len(a_by_id[item_id]["answer"] or ""))
         lb.append(len(b_by_id[item_id]["answer"] or ""))
@@ -151,16 +157,16 @@ def report(a_name: str, b_name: str, a_items: Sequence[dict], b_items: Sequence[
     rep.items = len(outcomes)
     rates = _rates(outcomes, seed)
     rep.win, rep.tie, rep.loss = rates["win"], rates["tie"], rates["loss"]
-    rep.consistency = consistent / len(outcomes) if outcomes else None
+    rep.consistency = consistent / asked if asked else None
     rep.first_slot = first_chosen / decisive if decisive else None
     rep.length_controlled = length_controlled_win_rate(wins, la, lb)
-    for cat, (ok, total) in per_cat.items():
+    for cat, (ok, judged, total) in per_cat.items():
         if total:
             cat_outcomes = [o for o, c in zip(outcomes, cats) if c == cat]
-            rep.per_category[cat] = {"items": total, "consistency": ok / total,
+            rep.per_category[cat] = {"items": total, "consistency": ok / judged if judged else None,
                                      "win": cat_outcomes.count("win") / total, "tie": cat_outcomes.count("tie") / total,
                                      "loss": cat_outcomes.count("loss") / total}
-            if ok / total < CONSISTENCY_FLAG:
+            if judged and ok / judged < CONSISTENCY_FLAG:
                 rep.flagged.append(cat)
     _add_votes(rep, votes, {i: o for i, o in zip(sorted(k for k in by_item if outcome(
         by_item[k].get("a"), by_item[k].get("b")) is not None), outcomes)})

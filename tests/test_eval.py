@@ -461,6 +461,23 @@ def test_pairwise_with_a_judge_that_always_prefers_the_first_slot(workdir):
     itself = rlhf_eval("pairwise", "1", "1", "--judge-url", biased.url, "--judge-model", "biased",
                        "--judge-key-env", "THE_JUDGE_KEY", env=env)
     assert itself.returncode == 2 and "run 1 against itself" in itself.stderr
+    # Run 1's answers judged anew (run 3): the same text on both sides is a tie without a call, and says
+    # nothing of the judge's position bias.
+    again = JudgeServer(score_by_answer)
+    biased = JudgeServer(first_slot)
+    try:
+        judged = rlhf_eval("belle", "--answers-from", "1", *judge_args(again), env=env)
+        assert judged.returncode == 0, judged.stderr
+        same = rlhf_eval("pairwise", "1", "3", "--judge-url", biased.url, "--judge-model", "biased",
+                         "--judge-key-env", "THE_JUDGE_KEY", env=env)
+        assert same.returncode == 0, same.stderr
+        assert biased.calls == []
+        assert "10 with identical answers are ties without a call; 0 calls to make" in same.stdout
+    finally:
+        again.close()
+        biased.close()
+    assert "10 items judged in both orders" in same.stdout
+    assert "| 0.0% [0.0%, 0.0%] | 100.0% [100.0%, 100.0%] | 0.0% [0.0%, 0.0%] | - | - |" in same.stdout
     # A judge that is down (HTTP 500 on every call): no table of zeros with exit 0, but the reason, exit 1.
     down = JudgeServer(lambda body, index: ("status", 500, "upstream overloaded"))
     try:
