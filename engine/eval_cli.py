@@ -105,6 +105,11 @@ def _belle(args: argparse.Namespace) -> int:
 
     db = _db(args)
     if args.resume_run is not None:
+        with Store(db) as store:
+            status = store.run(args.resume_run)["status"]
+        if status == "done":  # before the judge's key and endpoint are looked at for nothing
+            raise RecipeError(f"run {args.resume_run} is done: every question has its verdict (rlhf eval table shows "
+                              f"it); to judge its answers anew: rlhf eval belle --answers-from {args.resume_run} …")
         config, change = _resumed_config(args, db)
         from engine.evaluate import validate_resume
         from engine.run import settled

@@ -387,6 +387,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
             print(f"answer: {len(todo)} question{'s' if len(todo) != 1 else ''} to answer with {config.checkpoint}",
                   flush=True)
             _answer(config, items, todo, evals, run_id, stop, progress)
+            if not stop.requested:
+                say_progress(True)  # "N of N answered" before the judge's lines, not the last 30 s mark
         try:
             if not stop.requested:
                 from engine.judge.endpoint import JudgeRefused

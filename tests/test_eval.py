@@ -98,12 +98,16 @@ def test_an_evaluation_killed_midway_resumes_without_gaps_and_reruns_free(workdi
                     assert j["score"] == judged_before[j["item_id"]]
             assert store.run(1)["status"] == "done"
 
+        finished = rlhf_eval("belle", "--resume-run", "1")  # without the judge's key: nothing is left to judge
+        assert finished.returncode == 2 and "run 1 is done: every question has its verdict" in finished.stderr
+
         calls = len(server.calls)
         again = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server), "--name", "tiny again",
                           env=env)
         assert again.returncode == 0, again.stderr
         assert len(server.calls) == calls  # an unchanged re-run asks the judge nothing
         assert f"judge: 0 calls to make ({n} answered by the cache)" in again.stdout
+        assert f"{n} of {n} answered\njudge: 0 calls" in again.stdout  # the answers' last count, then the judge
         assert "judge spent" not in again.stdout
         with Store(os.environ["RLHF_DB"]) as store:  # and spends nothing: the first run paid
             assert {(j["calls"], j["prompt_tokens"]) for j in EvalStore(store).judgments(2)} == {(0, 0)}
