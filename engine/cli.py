@@ -232,7 +232,14 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
     deadline, killed_at, gone_at = time.monotonic() + grace_s, None, None
     while True:
         with Store(db_path) as store:
-            run = settled(store, run_id)
+            try:
+                run = settled(store, run_id)
+            except sqlite3.Error as err:  # its processes ended; closing the row is a write a full disk refuses
+                if group and same_group(*group):
+                    raise
+                print(f"run {run_id}: its processes have ended, but runs.db cannot record how ({err}); `rlhf runs` "
+                      "closes it once runs.db takes writes again", flush=True)
+                return 1
         if ended_for_good(run):
             why = error_summary(run["error"]) if run["status"] not in ("done", "stopped") else ""
             print(f"run {run_id}: {run['status']}" + (f" ({why})" if why else ""))

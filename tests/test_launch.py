@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -457,6 +458,37 @@ def test_a_stop_continues_the_supervisor_of_a_launch_paused_with_ctrl_z(tmp_path
         assert supervisor.wait(60) is not None
     finally:
         supervisor.kill()
+
+
+def test_stop_wait_on_a_full_disk_says_the_run_ended_unrecorded_instead_of_failing(tmp_path):
+    """`rlhf stop --wait` with runs.db on a full disk: the run ends on the signal, and closing its row is a
+    write the disk refuses. The command says so (exit 1), not a database error (exit 2) after a stop that
+    worked."""
+    import resource
+
+    from engine.procs import process_start, spawn_detached
+
+    db = tmp_path / "runs.db"
+    with open(tmp_path / "out.log", "ab") as log:
+        pid, started = spawn_detached(["sleep", "120"], log)  # reaped by its own thread: no zombie to wait for
+    try:
+        with Store(db) as store:
+            run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+            store.update_run(run_id, status="running", pid=pid, pgid=pid, pgid_started=started)
+
+        def full_disk() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+        with Store(db):
+            stop = subprocess.run([sys.executable, "-m", "engine.cli", "stop", str(run_id), "--db", str(db), "--wait"],
+                                  cwd=REPO, preexec_fn=full_disk, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 1, stop.stdout + stop.stderr
+        assert f"run {run_id}: its processes have ended, but runs.db cannot record how" in stop.stdout
+        assert process_start(pid) != started  # it did end on the stop
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_stop_reaches_a_run_paused_with_sigstop(tmp_path):
