@@ -68,9 +68,9 @@ def _json_lines(path: Path) -> list[tuple[int, dict]]:
     except UnicodeDecodeError as err:
         raise BelleError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
     rows = []
-    # Lines end at "\n" only: splitlines() would also cut a question at a U+2028 or a form feed, which JSON
-    # strings may hold as they are.
-    for number, line in enumerate(text.split("\n"), start=1):
+    # Lines end at a newline (LF, CRLF or a lone CR, which a JSON string cannot hold unescaped): splitlines()
+    # would also cut a question at a U+2028 or a form feed, which JSON strings may hold as they are.
+    for number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
         if not line.strip():
             continue
         try:

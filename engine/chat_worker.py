@@ -40,6 +40,32 @@ def emit(event: dict[str, Any]) -> None:
         sys.stdout.flush()
 
 
+def whole_reply(body: bytes) -> tuple[str, str | None, int | None]:
+    """(text, finish, completion tokens) of a reply sent whole to a request for a stream, read as leniently
+    as the client reads a plain completion (servers that do not stream are seldom strict about the rest):
+    a chat completion's JSON (whole by being sent whole: its finish is "eos" unless it says "length"), or
+    server-sent events under a wrong content type (then a missing finish reason is a cut stream)."""
+    text = body.decode("utf-8", errors="replace")
+    if text.lstrip().startswith("{"):
+        reply = json.loads(text)
+        choice = (reply.get("choices") or [{}])[0]
+        content = (choice.get("message") or {}).get("content") or ""
+        tokens = (reply.get("usage") or {}).get("completion_tokens")
+        return content, "length" if choice.get("finish_reason") == "length" else "eos", tokens
+    parts, finish, tokens = [], None, None
+    for line in text.splitlines():
+        data = line[5:].strip() if line.startswith("data:") else ""
+        if not data or data == "[DONE]":
+            continue
+        event = json.loads(data)
+        tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+        for choice in event.get("choices") or []:
+            parts.append((choice.get("delta") or {}).get("content") or "")
+            if choice.get("finish_reason"):
+                finish = "length" if choice["finish_reason"] == "length" else "eos"
+    return "".join(parts), finish, tokens
+
+
 class LocalModel:
     """A Hugging Face folder through the generation engine, multi-turn with the chat template."""
 
@@ -116,12 +142,7 @@ class EndpointModel:
                 if kind == "end" or cancelled():
                     break
                 if kind == "whole":
-                    choice = chunk.choices[0] if chunk.choices else None
-                    content = (choice.message.content or "") if choice is not None else ""
-                    if choice is not None and choice.finish_reason:
-                        finish = "length" if choice.finish_reason == "length" else "eos"
-                    if chunk.usage is not None and chunk.usage.completion_tokens is not None:
-                        tokens = chunk.usage.completion_tokens
+                    content, finish, tokens = chunk
                     if content:
                         chunks += 1
                         text.append(content)
@@ -165,7 +186,7 @@ class EndpointModel:
                 if stream.response.headers.get("content-type", "").startswith("application/json"):
                     # A server (or a proxy before it) that answers a stream with the whole reply at once: the
                     # stream's parser finds no event in it, and a complete answer would read as cut.
-                    out.put(("whole", openai.types.chat.ChatCompletion.model_validate_json(stream.response.read())))
+                    out.put(("whole", whole_reply(stream.response.read())))
                 else:
                     for chunk in stream:
                         if left.is_set():

@@ -193,7 +193,7 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
     otherwise."""
     from engine.config import RecipeError
     from engine.launch import stop_grace_s, stop_run
-    from engine.procs import kill_group, same_group
+    from engine.procs import kill_group, process_alive, same_group
     from engine.run import ended_for_good, settled
     from engine.run_facts import error_summary, stop_outcome
     from engine.store import Store, default_db_path
@@ -231,15 +231,16 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
         return 0
     deadline, killed_at, gone_at = time.monotonic() + grace_s, None, None
     while True:
-        with Store(db_path) as store:
-            try:
+        try:
+            with Store(db_path) as store:
                 run = settled(store, run_id)
-            except sqlite3.Error as err:  # its processes ended; closing the row is a write a full disk refuses
-                if group and same_group(*group):
-                    raise
-                print(f"run {run_id}: its processes have ended, but runs.db cannot record how ({err}); `rlhf runs` "
-                      "closes it once runs.db takes writes again", flush=True)
-                return 1
+        except sqlite3.Error as err:  # its processes ended, and closing its row is a write a full disk refuses
+            alive = same_group(*group) if group else process_alive(run["pid"], run["pgid_started"])
+            if alive:
+                raise
+            print(f"run {run_id}: its processes have ended, but runs.db cannot record how ({err}); `rlhf runs` "
+                  "closes it once runs.db takes writes again", flush=True)
+            return 1
         if ended_for_good(run):
             why = error_summary(run["error"]) if run["status"] not in ("done", "stopped") else ""
             print(f"run {run_id}: {run['status']}" + (f" ({why})" if why else ""))

@@ -65,7 +65,13 @@ def _resumed_config(args: argparse.Namespace, db: Path) -> tuple:
     if args.checkpoint and resolve_checkpoint(args.checkpoint, db) != recorded.checkpoint:
         raise RecipeError(f"checkpoint {args.checkpoint}: run {run_id} evaluates {recorded.checkpoint}; a resume "
                           "continues it (drop the checkpoint, or start a new evaluation)")
-    differ = {field: value for field, value in given.items() if value != getattr(recorded, field)}
+    def same(field: str, value: object) -> bool:
+        old = getattr(recorded, field)
+        if field == "judge_url" and isinstance(value, str) and isinstance(old, str):
+            return value.rstrip("/") == old.rstrip("/")  # as the judge's label has it: one endpoint
+        return value == old
+
+    differ = {field: value for field, value in given.items() if not same(field, value)}
     if recorded.judge == "rm" and "judge" not in differ:
         differ.pop("judge_model", None)  # a reward model judges: there is no judge model to change
     if "name" in differ:
@@ -284,11 +290,8 @@ def _pairwise(args: argparse.Namespace) -> int:
                 raise RecipeError("--concurrency: must be 1 or more")
             judge = EndpointJudge(args.judge_url or "", args.judge_model or "", args.judge_key_env, cache=evals,
                                   concurrency=args.concurrency, retries=args.judge_retries)
-            warning = judge.preflight()  # a URL where nothing answers: said now, not after every call's retries
         except JudgeSetupError as err:
             raise RecipeError(str(err)) from None
-        if warning:
-            print(f"judge: {warning}; its calls may fail", file=sys.stderr, flush=True)
         done = {(r["item_id"], r["first"]) for r in evals.pairwise(args.a, args.b, judge.label)
                 if r["verdict"] is not None}
         jobs, identical = [], 0
@@ -304,6 +307,13 @@ def _pairwise(args: argparse.Namespace) -> int:
                 if (item_id, first) not in done:
                     jobs.append(((item_id, first), pairwise_prompt(a["question"], a["reference"], x, y)))
         calls = sum(1 for _, p in jobs if cached_verdict(judge, p) is None)
+        if calls:  # an endpoint that cannot be reached: said now, not after every call's retries
+            try:
+                warning = judge.preflight()
+            except JudgeSetupError as err:
+                raise RecipeError(str(err)) from None
+            if warning:
+                print(f"judge: {warning}; its calls may fail", file=sys.stderr, flush=True)
         same = f"{identical} with identical answers are ties without a call; " if identical else ""
         print(f"pairwise: {len(shared)} questions in both orders; {same}{calls} call{'s' if calls != 1 else ''} to "
               f"make ({len(jobs) - calls} answered by the cache)", flush=True)

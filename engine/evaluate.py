@@ -182,6 +182,15 @@ def validate_resume(config: EvalConfig, db_path: str | Path, run_id: int) -> lis
         shared = set(shared_items(stored, now, f"run {run_id}", str(where)))
     except DifferentItems as err:
         raise RecipeError(f"{where} changed since run {run_id} began: {err}; start a new evaluation") from None
+    # The judge's prompt is built from the file as it is now: its reference and class rubric must be the
+    # ones the run's first verdicts were given too.
+    by_id = {i.id: i for i in items}
+    for row in stored:
+        item = by_id.get(row["item_id"])
+        if item is not None and (row.get("reference"), row.get("class")) != (item.reference, item.cls):
+            field = "std_answer" if row.get("reference") != item.reference else "class"
+            raise RecipeError(f"{where}:{item.id}: its {field} changed since run {run_id} began (its verdicts so far "
+                              "were given against the old one); start a new evaluation")
     added = [i for i in now if i["item_id"] not in shared]
     if len(shared) < len(stored) or (added and config.answers_from is None):
         raise RecipeError(f"{where} changed since run {run_id} began: it now holds {len(now)} of the questions "

@@ -67,6 +67,7 @@ def stop_grace_s() -> int:
                           "a whole number") from None
 # How long a run's other processes may outlive its launcher when nobody asked it to stop.
 LINGER_S = float(os.environ.get("RLHF_LINGER_S", 60))
+STOP_TOLD = signal.SIGUSR1  # to a supervisor: its run's group was sent a stop that runs.db could not record
 
 
 def accelerate_argv(
@@ -431,6 +432,10 @@ def supervise(run: Prepared, echo: bool = False) -> int:
                                            supervisor=(os.getpid(), process_start(os.getpid())))
 
     presses = Presses()
+    told: list[int] = []  # STOP_TOLD: a stop sent to the run's group that runs.db could not record
+
+    def stop_told(signum: int, frame: object) -> None:
+        told.append(signum)
 
     def forward(signum: int, frame: object) -> None:
         if not presses.press():
@@ -440,8 +445,9 @@ def supervise(run: Prepared, echo: bool = False) -> int:
         except ProcessLookupError:
             pass
 
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, forward if s != signal.SIGHUP else signal.SIG_IGN) for s in handled}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, STOP_TOLD)
+    previous = {s: signal.signal(s, stop_told if s == STOP_TOLD else forward if s != signal.SIGHUP else signal.SIG_IGN)
+                for s in handled}
     try:
         if stop_asked:  # a stop came while the run had no process group yet: pass it on now
             forward(signal.SIGTERM, None)
@@ -450,7 +456,7 @@ def supervise(run: Prepared, echo: bool = False) -> int:
         # A stop sent to the run's group (the console's, `rlhf stop`) never reached this process, and a
         # one-process launcher dies at once on it while the trainer under it is still saving: ask runs.db,
         # and take the launcher's own death by SIGTERM for one (a stop runs.db could not write down).
-        stopping = bool(presses.count or stop_asked or exit_code == -signal.SIGTERM
+        stopping = bool(presses.count or stop_asked or told or exit_code == -signal.SIGTERM
                         or (run.registered and _stop_requested(db, run.run_id)))
         killed = _wait_for_group(proc.pid, stop_grace_s() if stopping else LINGER_S)
     finally:
@@ -566,6 +572,12 @@ def request_stop(db_path: str | os.PathLike, run_id: int,
     if failed is not None:
         if not signalled:  # nothing was reached and nothing written: the write's own error says it all
             raise failed
+        # Its supervisor learns of a stop from runs.db, which has none: told directly instead, or it would
+        # give the trainer's save the short linger for stray processes once the launcher ends.
+        supervisor = run.get("supervisor_pid")
+        if supervisor and process_alive(supervisor, run.get("supervisor_started")):
+            with suppress(ProcessLookupError):
+                os.kill(supervisor, STOP_TOLD)
         problem = f"{db_path}: {failed}"
         if unrecorded is None:
             raise RecipeError(f"run {run_id}: stop signalled, but runs.db could not record it ({problem})")

@@ -369,12 +369,19 @@ def damage(checkpoint: Path) -> str | None:
     missing (see engine.framing)."""
     from engine.framing import ADAPTER_FILES, INDEX_SUFFIX, WEIGHT_FILES, file_damage, missing_shards
 
+    def has_weights(folder: Path) -> bool:
+        # DeepSpeed ZeRO-3 without a gathered 16-bit copy, and FSDP's sharded state, keep theirs in folders.
+        return any((folder / name).is_file() for name in (*WEIGHT_FILES, *ADAPTER_FILES)) or any(
+            folder.glob("global_step*")) or any(folder.glob("pytorch_model_fsdp_*"))
+
+    if not checkpoint.is_dir():
+        return "it is not there (moved aside meanwhile?)"
     if (checkpoint / STATE_MARKERS["ppo"]).is_file():
         lacking = [name for name in PPO_NEEDS if not (checkpoint / name).exists()]
-    elif not any((checkpoint / name).is_file() for name in (*WEIGHT_FILES, *ADAPTER_FILES)):
-        lacking = ["its weights"]
+        if not lacking and not has_weights(checkpoint / "policy"):
+            lacking = ["policy's weights"]
     else:
-        lacking = []
+        lacking = [] if has_weights(checkpoint) else ["its weights"]
     if lacking:
         return f"{lacking[0]} is missing"
     for path in sorted(checkpoint.rglob("*")):
@@ -382,7 +389,9 @@ def damage(checkpoint: Path) -> str | None:
             if path.is_file() else None
         if why is not None:
             return why
-    return None
+    # Another rank's resume may set it aside while this one reads it (`set_aside_after`): a folder gone
+    # under the scan is not whole.
+    return None if checkpoint.is_dir() else "it is not there (moved aside meanwhile?)"
 
 
 def resume_from(value: str | bool | None, folder: Path, marker: str, say: bool = True) -> Path | None:

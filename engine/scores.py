@@ -258,6 +258,8 @@ def ranking_note(rows: Sequence[Row]) -> str | None:
         where = ", ".join(f"run {r.run_id} ({r.cells[MACRO].not_judged} of {r.size})" for r in partial)
         unjudged = f"questions not judged, their means over fewer questions: {where}"
     if not grouped:
+        if len(scored) < 2 and not partial:  # one run: nothing to rank, nothing to explain
+            return None
         if len(partial) == len(scored):
             return f"no run is marked best: every scored run has {unjudged}; resume them to judge the rest"
         return (f"no run is marked best: no two runs were judged by one judge on the same questions, each of them "

@@ -24,6 +24,7 @@ class JudgeServer:
     script: Callable[[dict[str, Any], int], Action]
     refuses_stream_options: bool = False  # as servers that predate `stream_options` do
     models: list[str] | None = None  # what GET /v1/models lists; None: no such route (404), as on some servers
+    models_refused: bool = False  # GET /v1/models answers 401, as for a key allowed chat alone
     calls: list[dict[str, Any]] = field(default_factory=list)
     keys_seen: list[str] = field(default_factory=list)
 
@@ -35,7 +36,10 @@ class JudgeServer:
                 pass
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path.rstrip("/").endswith("/models") and server.models is not None:
+                if self.path.rstrip("/").endswith("/models") and server.models_refused:
+                    self._send(401, json.dumps({"error": {"message": "missing scope: api.model.read",
+                                                          "type": "invalid_request_error"}}).encode())
+                elif self.path.rstrip("/").endswith("/models") and server.models is not None:
                     listed = [{"id": name, "object": "model", "created": 0, "owned_by": "test"}
                               for name in server.models]
                     self._send(200, json.dumps({"object": "list", "data": listed}).encode())

@@ -81,6 +81,9 @@ def test_a_bad_eval_folder_names_file_and_line(tmp_path):
     (tmp_path / "eval_set.json").write_text('\ufeff{"question": "a\u2028b", "std_answer": "a", "class": "math"}\n',
                                             encoding="utf-8")
     assert [(i.id, i.question) for i in load_items(tmp_path)] == [(1, "a\u2028b")]
+    (tmp_path / "eval_set.json").write_bytes(b'{"question": "q1", "std_answer": "a", "class": "math"}\r'
+                                             b'{"question": "q2", "std_answer": "a", "class": "math"}\r')
+    assert [(i.id, i.question) for i in load_items(tmp_path)] == [(1, "q1"), (2, "q2")]  # an old Mac's line ends
     with pytest.raises(BelleError, match=r"nodir: no such folder \(an eval folder holds eval_set.json and "):
         load_items(tmp_path / "nodir")
 
@@ -263,6 +266,8 @@ def test_runs_of_two_judges_are_never_paired_nor_ranked_and_a_tie_as_shown_is_a_
     assert best[MACRO] == {1} and all(2 not in marked for marked in best.values())
     assert ("best is marked among the runs judged by openai:gpt-4o on the same 18 questions only (questions not "
             "judged, their means over fewer questions: run 9 (6 of 18))") in render(partial)
+    alone = render([reference_row(), partial[1]])  # one run (its own results.md): nothing to rank or explain
+    assert "no run is marked best" not in alone and "best is marked" not in alone
     one_whole = [reference_row(), partial[1], partial[2]]  # nothing bold, and the note does not say otherwise
     assert not best_per_column(one_whole)
     assert ("no run is marked best: no two runs were judged by one judge on the same questions, each of them judged "

@@ -743,6 +743,16 @@ def test_an_endpoint_that_answers_a_stream_with_one_whole_reply_gives_that_answe
     assert server.calls[-1]["stream"] is True
     last = pieces[-1]
     assert (last.text, last.finish, last.tokens) == ("整个回答，一次给出。", "eos", len("整个回答，一次给出。"))
+    # Read as leniently as a plain completion: such servers are seldom strict about the rest of the body.
+    from engine.chat_worker import whole_reply
+
+    assert whole_reply(b'{"choices": [{"message": {"content": "ok"}, "finish_reason": null}]}') == ("ok", "eos", None)
+    assert whole_reply(b'{"choices": [{"message": {"content": "ok"}, "finish_reason": "length"}], '
+                       b'"usage": {"completion_tokens": 7}}') == ("ok", "length", 7)
+    events = b'data: {"choices": [{"delta": {"content": "a"}}]}\n\ndata: {"choices": [{"delta": {"content": "b"}}]}\n\n'
+    assert whole_reply(events) == ("ab", None, None)  # events under a wrong content type, ended before a finish
+    assert whole_reply(events + b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+                       ) == ("ab", "eos", None)
 
 
 def test_an_exported_chat_with_one_model_names_it_alone(tmp_path):

@@ -56,6 +56,34 @@ def judge_args(server: JudgeServer) -> list[str]:
             "THE_JUDGE_KEY", "--max-new-tokens", "12", "--batch-size", "4", "--concurrency", "2"]
 
 
+def test_the_judge_preflight_refuses_only_an_endpoint_that_cannot_be_reached(monkeypatch):
+    """The look at the model list before hours of answers: only a URL that cannot be reached stops the
+    command. A model list refused to the key (a key allowed chat alone), one without the model (a proxy's
+    partial list) or no model list at all are what the calls will tell."""
+    import socket
+
+    from engine.judge.endpoint import EndpointJudge, JudgeSetupError
+
+    monkeypatch.setenv("THE_JUDGE_KEY", KEY)
+    said = {}
+    for name, server in (("no list", JudgeServer(score_by_answer)),
+                         ("listed", JudgeServer(score_by_answer, models=["tiny-judge"])),
+                         ("other", JudgeServer(score_by_answer, models=["gpt-4o"])),
+                         ("refused", JudgeServer(score_by_answer, models_refused=True))):
+        try:
+            said[name] = EndpointJudge(server.url, "tiny-judge", "THE_JUDGE_KEY").preflight()
+        finally:
+            server.close()
+    assert said["no list"] is None and said["listed"] is None
+    assert "--judge-model tiny-judge: " in said["other"] and "does not list it (it lists gpt-4o)" in said["other"]
+    assert "refuses the key for its model list (HTTP 401" in said["refused"] and KEY not in said["refused"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(JudgeSetupError, match=rf"--judge-url http://127.0.0.1:{port}/v1: cannot be reached"):
+        EndpointJudge(f"http://127.0.0.1:{port}/v1", "tiny-judge", "THE_JUDGE_KEY").preflight()
+
+
 def test_an_evaluation_killed_midway_resumes_without_gaps_and_reruns_free(workdir):
     n = write_sample(workdir / "belle")
     release = threading.Event()
@@ -266,7 +294,7 @@ def test_a_resume_takes_a_new_judge_url_and_refuses_what_would_change_the_run(wo
             "--judge-retries", "0"]
     nowhere = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", "--judge-url", f"http://127.0.0.1:{port}/v1",
                         *args, env=env)  # said before an answer is generated for it, and nothing registered
-    assert nowhere.returncode == 2 and f"--judge-url http://127.0.0.1:{port}/v1: nothing answers there" in \
+    assert nowhere.returncode == 2 and f"--judge-url http://127.0.0.1:{port}/v1: cannot be reached" in \
         nowhere.stderr and "answer:" not in nowhere.stdout, nowhere.stderr[-2000:]
     if Path(os.environ["RLHF_DB"]).exists():
         with Store(os.environ["RLHF_DB"]) as store:
@@ -292,6 +320,12 @@ def test_a_resume_takes_a_new_judge_url_and_refuses_what_would_change_the_run(wo
                             encoding="utf-8")
         moved = rlhf_eval("belle", "--resume-run", "1", "--judge-url", server.url, env=env)
         assert moved.returncode == 2 and f"{eval_set} changed since run 1 began" in moved.stderr, moved.stderr
+        first, rest = original.split("\n", 1)
+        edited = json.loads(first)
+        edited["std_answer"] += " (edited)"  # the same question, another reference for the judge
+        eval_set.write_text(json.dumps(edited, ensure_ascii=False) + "\n" + rest, encoding="utf-8")
+        moved = rlhf_eval("belle", "--resume-run", "1", "--judge-url", server.url, env=env)
+        assert moved.returncode == 2 and f"{eval_set}:1: its std_answer changed since run 1 began" in moved.stderr
         eval_set.write_text(original, encoding="utf-8")
         assert run_row(1)["status"] == "failed" and server.calls == []  # nothing claimed, nothing called
         resumed = rlhf_eval("belle", "--resume-run", "1", "--judge-url", server.url, "--judge-model", "tiny-judge",
@@ -301,6 +335,14 @@ def test_a_resume_takes_a_new_judge_url_and_refuses_what_would_change_the_run(wo
         assert len(server.calls) == 3 and {c["model"] for c in server.calls} == {"tiny-judge"}
         recorded = json.loads(run_row(1)["config"])
         assert (recorded["judge_url"], recorded["judge_model"], recorded["limit"]) == (server.url, "tiny-judge", 3)
+        done = rlhf_eval("belle", "--resume-run", "1", "--judge-model", "another", env=env)
+        assert done.returncode == 2 and "run 1 is done: every question has its verdict" in done.stderr
+        with Store(os.environ["RLHF_DB"]) as store:  # as if a call had failed: judged answers, one to go
+            store.update_run(1, status="failed")
+        slash = rlhf_eval("belle", "--resume-run", "1", "--judge-url", server.url + "/", env=env)
+        assert slash.returncode == 0 and "resumes with" not in slash.stdout, slash.stderr  # the same endpoint
+        with Store(os.environ["RLHF_DB"]) as store:
+            store.update_run(1, status="failed")
         judged = rlhf_eval("belle", "--resume-run", "1", "--judge-model", "another", env=env)
         assert judged.returncode == 2 and "run 1 has 3 answers judged by tiny-judge" in judged.stderr
         elsewhere = rlhf_eval("belle", "--resume-run", "1", "--judge-url", server.url.replace("127.0.0.1", "localhost"),

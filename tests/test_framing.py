@@ -56,6 +56,11 @@ def test_a_checkpoint_missing_its_weights_or_a_shard_or_a_state_file_is_damaged(
     (lora / "trainer_state.json").write_text("{}")
     save_file({"w": torch.ones(2)}, str(lora / "adapter_model.safetensors"))
     assert damage(lora) is None  # a LoRA run's checkpoint holds its adapter only
+    zero3 = tmp_path / "checkpoint-7"
+    (zero3 / "global_step7").mkdir(parents=True)
+    (zero3 / "trainer_state.json").write_text("{}")
+    assert damage(zero3) is None  # DeepSpeed ZeRO-3 without a gathered copy: its weights in global_step7/
+    assert damage(tmp_path / "checkpoint-9") == "it is not there (moved aside meanwhile?)"
 
     ppo = tmp_path / "checkpoint-6"
     (ppo / "policy").mkdir(parents=True)
@@ -64,8 +69,9 @@ def test_a_checkpoint_missing_its_weights_or_a_shard_or_a_state_file_is_damaged(
         torch.save({}, ppo / name)
     assert damage(ppo) == "rank_0.pt is missing"
     torch.save({}, ppo / "rank_0.pt")
-    assert damage(ppo) is None
+    assert damage(ppo) == "policy's weights is missing"
     save_file({"w": torch.ones(2)}, str(ppo / "policy" / "model.safetensors"))
+    assert damage(ppo) is None
     size = (ppo / "policy" / "model.safetensors").stat().st_size
     with (ppo / "policy" / "model.safetensors").open("r+b") as f:
         f.truncate(size - 4)

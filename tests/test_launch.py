@@ -392,9 +392,12 @@ while True:
     signal.pause()
 """
 FAKE_LAUNCHER = "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1], *sys.argv[2:]])"
+# As torchrun's agent in a multi-process `accelerate launch`: it catches the SIGTERM and exits 1.
+FAKE_AGENT = ("import os, signal, subprocess, sys; signal.signal(signal.SIGTERM, lambda *_: os._exit(1)); "
+              "subprocess.Popen([sys.executable, '-c', sys.argv[1], *sys.argv[2:]]).wait()")
 
 
-def _supervised_fake_run(tmp_path: Path) -> tuple[Path, int, subprocess.Popen]:
+def _supervised_fake_run(tmp_path: Path, launcher: str = FAKE_LAUNCHER) -> tuple[Path, int, subprocess.Popen]:
     """A registered run of FAKE_TRAINER under FAKE_LAUNCHER, its supervisor started as `rlhf launch` starts it
     (engine.launch supervise), once the trainer is ready and its group recorded."""
     from engine.launch import Prepared
@@ -403,7 +406,7 @@ def _supervised_fake_run(tmp_path: Path) -> tuple[Path, int, subprocess.Popen]:
     with Store(db) as store:
         run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
         store.update_run(run_id, status="running", output_dir=str(tmp_path), launch="{}")  # a launched run
-    run = Prepared(run_id, [sys.executable, "-c", FAKE_LAUNCHER, FAKE_TRAINER, str(tmp_path), str(db), str(run_id)],
+    run = Prepared(run_id, [sys.executable, "-c", launcher, FAKE_TRAINER, str(tmp_path), str(db), str(run_id)],
                    {}, tmp_path / "train.log", True, db)
     supervisor = subprocess.Popen([sys.executable, "-m", "engine.launch", "supervise", str(run.save())], cwd=REPO,
                                   env={**os.environ, "RLHF_LINGER_S": "0"})  # a stray process gets no time at all
@@ -414,13 +417,14 @@ def _supervised_fake_run(tmp_path: Path) -> tuple[Path, int, subprocess.Popen]:
     return db, run_id, supervisor
 
 
-def test_a_stop_runs_db_cannot_record_still_gets_the_grace_period_for_the_save(tmp_path):
-    """The stop was not written down (a full disk), and the one-process launcher died on it at once: its
-    supervisor takes the launcher's death by SIGTERM for the stop it is, and waits for the trainer's save
-    instead of killing the group as it would stray processes."""
+@pytest.mark.parametrize("launcher", [FAKE_LAUNCHER, FAKE_AGENT], ids=["launcher dies of it", "agent exits 1"])
+def test_a_stop_runs_db_cannot_record_still_gets_the_grace_period_for_the_save(tmp_path, launcher):
+    """The stop was not written down (a full disk), and the launcher ended on it at once (one process: it
+    dies of the SIGTERM; torchrun's agent: it exits 1): the stopper tells the supervisor (SIGUSR1), which
+    then waits for the trainer's save instead of killing the group as it would stray processes."""
     import resource
 
-    db, run_id, supervisor = _supervised_fake_run(tmp_path)
+    db, run_id, supervisor = _supervised_fake_run(tmp_path, launcher)
     try:
         def full_disk() -> None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -98,23 +98,27 @@ class EndpointJudge:
 
     def preflight(self, timeout_s: float = 10.0) -> str | None:
         """One cheap look at the endpoint (its model list) before anything is generated for it to judge: a
-        URL where nothing answers, or a refused key, raises JudgeSetupError (hours of answers would wait on
-        a judge that cannot be reached); a model the endpoint does not list is returned as a warning (proxies
-        list partly). A slow endpoint, or one without a model list, passes: its calls will tell."""
+        URL that cannot be reached, twice, raises JudgeSetupError (hours of answers would wait on a judge
+        that cannot be reached). What the model list says otherwise is only a warning: a key may be allowed
+        chat and not the list (a restricted key, a gateway that routes chat alone), and proxies list partly.
+        A slow endpoint, or one without a model list, passes: its calls will tell."""
         openai = self._openai
-        try:
-            names = [m.id for m in self._client.with_options(timeout=timeout_s).models.list().data]
-        except openai.APITimeoutError:
-            return None
-        except openai.APIConnectionError as err:  # refused, no such host, TLS: the URL, not the moment
-            raise JudgeSetupError(f"--judge-url {self.base_url}: nothing answers there "
-                                  f"({err.__cause__ or err})") from None
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
-            # Its status only: a careless server's message may quote the key back.
-            raise JudgeSetupError(f"--judge-key-env: {self.base_url} refuses the key (HTTP {err.status_code})"
-                                  ) from None
-        except (openai.APIError, AttributeError, TypeError):
-            return None
+        for attempt in range(2):  # one connection reset or DNS blip is not a wrong URL
+            try:
+                names = [m.id for m in self._client.with_options(timeout=timeout_s).models.list().data]
+                break
+            except openai.APITimeoutError:
+                return None
+            except openai.APIConnectionError as err:  # refused, no such host, TLS
+                if attempt:
+                    raise JudgeSetupError(f"--judge-url {self.base_url}: cannot be reached "
+                                          f"({err.__cause__ or err})") from None
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+                # Its status only: a careless server's message may quote the key back.
+                return (f"--judge-key-env: {self.base_url} refuses the key for its model list (HTTP "
+                        f"{err.status_code}; a key allowed chat alone is refused it too)")
+            except (openai.APIError, AttributeError, TypeError):
+                return None
         if names and self.model not in names:
             shown = ", ".join(sorted(names)[:8]) + (", …" if len(names) > 8 else "")
             return f"--judge-model {self.model}: {self.base_url} does not list it (it lists {shown})"
