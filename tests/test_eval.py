@@ -259,17 +259,17 @@ def test_calls_dropped_when_a_refusal_ends_the_run_are_not_retried_or_warned_abo
 
 
 def test_an_evaluation_whose_every_judge_call_failed_is_a_failed_run(workdir):
-    """A judge that is down (nothing listens at its URL): not one verdict, so the run fails with the
-    reason and the resume command, exit 1 (it used to end `done`, exit 0, with nothing in it)."""
-    import socket
-
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    """A judge that is down once the answers are made (it answered the look at its model list before,
+    then fails every call): not one verdict, so the run fails with the reason and the resume command,
+    exit 1 (it used to end `done`, exit 0, with nothing in it)."""
     write_sample(workdir / "belle", per_class=1)
-    result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", "--judge", "openai", "--judge-url",
-                       f"http://127.0.0.1:{port}/v1", "--judge-model", "m", "--judge-key-env", "THE_JUDGE_KEY",
-                       "--max-new-tokens", "4", "--limit", "3", "--judge-retries", "0", env={"THE_JUDGE_KEY": KEY})
+    down = JudgeServer(lambda body, index: ("status", 503, "upstream down"), models=["m"])
+    try:
+        result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", "--judge", "openai", "--judge-url",
+                           down.url, "--judge-model", "m", "--judge-key-env", "THE_JUDGE_KEY", "--max-new-tokens",
+                           "4", "--limit", "3", "--judge-retries", "0", env={"THE_JUDGE_KEY": KEY})
+    finally:
+        down.close()
     assert result.returncode == 1, result.stderr[-2000:]
     assert "every judge call failed (3 items), the first: " in result.stderr and "Traceback" not in result.stderr
     assert f"continue it: rlhf eval belle --resume-run 1 --db {os.environ['RLHF_DB']}" in result.stderr
