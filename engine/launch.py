@@ -25,7 +25,7 @@ import time
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from engine.accelerate_file import read_accelerate_config
 from engine.config import Recipe, RecipeError, Stage
@@ -458,10 +458,13 @@ def supervise(run: Prepared, echo: bool = False) -> int:
         # and take the launcher's own death by SIGTERM for one (a stop runs.db could not write down).
         stopping = bool(presses.count or stop_asked or told or exit_code == -signal.SIGTERM
                         or (run.registered and _stop_requested(db, run.run_id)))
-        killed = _wait_for_group(proc.pid, stop_grace_s() if stopping else LINGER_S)
+        killed = _wait_for_group(proc.pid, stop_grace_s() if stopping else LINGER_S,
+                                 lambda: stop_grace_s() if told else None)
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            # A stopper that read the run as running may tell its supervisor just after the run ended: that
+            # late SIGUSR1 must not kill the process that goes on (a pipeline, by default it would).
+            signal.signal(s, signal.SIG_IGN if s == STOP_TOLD and handler in (signal.SIG_DFL, None) else handler)
     status = None
     if run.registered:
         status = record_exit(db, run.run_id, exit_code, stop_requested=presses.count > 0, log_path=run.log_path,
@@ -482,12 +485,17 @@ def _stop_requested(db: Path, run_id: int) -> bool:
         return True
 
 
-def _wait_for_group(pgid: int, patience_s: float) -> bool:
+def _wait_for_group(pgid: int, patience_s: float, longer: Callable[[], float | None] = lambda: None) -> bool:
     """A signalled `accelerate launch` may die before the trainer under it has saved its checkpoint: the
     run is over only when its whole group is. A group that outlives `patience_s` (a rank hung in a
-    collective, a stray helper) is killed, so the exit is always recorded. Returns whether it was killed."""
-    deadline = time.monotonic() + patience_s
+    collective, a stray helper) is killed, so the exit is always recorded. `longer`: a patience that
+    replaces it once it says one (a stop learnt of while waiting). Returns whether it was killed."""
+    start = time.monotonic()
+    deadline = start + patience_s
     while group_alive(pgid) and time.monotonic() < deadline:
+        extended = longer()
+        if extended is not None:
+            deadline = max(deadline, start + extended)
         time.sleep(0.2)
     if not group_alive(pgid):
         return False
@@ -568,16 +576,18 @@ def request_stop(db_path: str | os.PathLike, run_id: int,
             pgid, started = store.mark_stop_requested(run_id)
         except sqlite3.Error as err:  # the moment a clean stop matters most: the group still gets it
             pgid, started, failed = run["pgid"], run["pgid_started"], err
-    group, signalled = _signal_stop(run, pgid, started)
     if failed is not None:
-        if not signalled:  # nothing was reached and nothing written: the write's own error says it all
-            raise failed
-        # Its supervisor learns of a stop from runs.db, which has none: told directly instead, or it would
-        # give the trainer's save the short linger for stray processes once the launcher ends.
+        # Its supervisor learns of a stop from runs.db, which has none: told directly instead (before the
+        # group hears it: a launcher that ends at once on it must not find the supervisor unaware), or it
+        # would give the trainer's save the short linger for stray processes.
         supervisor = run.get("supervisor_pid")
         if supervisor and process_alive(supervisor, run.get("supervisor_started")):
             with suppress(ProcessLookupError):
                 os.kill(supervisor, STOP_TOLD)
+    group, signalled = _signal_stop(run, pgid, started)
+    if failed is not None:
+        if not signalled:  # nothing was reached and nothing written: the write's own error says it all
+            raise failed
         problem = f"{db_path}: {failed}"
         if unrecorded is None:
             raise RecipeError(f"run {run_id}: stop signalled, but runs.db could not record it ({problem})")
