@@ -417,6 +417,16 @@ def _supervised_fake_run(tmp_path: Path, launcher: str = FAKE_LAUNCHER) -> tuple
     return db, run_id, supervisor
 
 
+def _kill_group_of(run_id: int, db: Path) -> None:
+    """A failed test leaves no fake run behind: its group has a session of its own."""
+    from engine.procs import same_group
+
+    row = run_row(run_id, str(db))
+    if row["pgid"] and same_group(row["pgid"], row["pgid_started"]):  # never a number since given to another
+        with suppress(ProcessLookupError):
+            os.killpg(row["pgid"], signal.SIGKILL)
+
+
 @pytest.mark.parametrize("launcher", [FAKE_LAUNCHER, FAKE_AGENT], ids=["launcher dies of it", "agent exits 1"])
 def test_a_stop_runs_db_cannot_record_still_gets_the_grace_period_for_the_save(tmp_path, launcher):
     """The stop was not written down (a full disk), and the launcher ended on it at once (one process: it
@@ -444,6 +454,7 @@ def test_a_stop_runs_db_cannot_record_still_gets_the_grace_period_for_the_save(t
         assert run_row(run_id, str(db))["status"] == "stopped"
     finally:
         supervisor.kill()
+        _kill_group_of(run_id, db)
 
 
 def test_a_stop_continues_the_supervisor_of_a_launch_paused_with_ctrl_z(tmp_path):
@@ -462,6 +473,7 @@ def test_a_stop_continues_the_supervisor_of_a_launch_paused_with_ctrl_z(tmp_path
         assert supervisor.wait(60) is not None
     finally:
         supervisor.kill()
+        _kill_group_of(run_id, db)
 
 
 def test_stop_wait_on_a_full_disk_says_the_run_ended_unrecorded_instead_of_failing(tmp_path):
