@@ -81,12 +81,13 @@ def _resumed_config(args: argparse.Namespace, db: Path) -> tuple:
             raise RecipeError(f"--name: run {run_id} is pipeline {pipeline}'s evaluation, found by its name "
                               f"{recorded.name!r}; it keeps it")
     # The judge is its model at its endpoint (the label its scores carry): one run has one.
-    for field in [f for f in JUDGE_FIELDS if f in differ and recorded.judge != "rm"]:
+    changed = [f for f in JUDGE_FIELDS if f in differ and recorded.judge != "rm"]
+    if changed:
         with Store(db) as store:
             items = EvalStore(store).scored_items(run_id)
         judged = sum(1 for item in items if item.get("status") in (SCORED, UNSCORED))
         if judged:
-            option = f"--{field.replace('_', '-')} {differ[field]}"
+            option = f"--{changed[0].replace('_', '-')} {differ[changed[0]]}"
             raise RecipeError(f"{option}: run {run_id} has {judged} answers judged by {recorded.judge_model} at "
                               f"{recorded.judge_url}; one run has one judge, and its scores would be split between "
                               f"two (judge its answers anew: rlhf eval belle --answers-from {run_id} {option} …)")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.belle import BelleError, Item, coverage, judge_prompt, load_items
+from engine.belle import SET_FILE, BelleError, Item, coverage, judge_prompt, load_items
 from engine.config import RecipeError, a_run_of
 from engine.judge import estimate_tokens
 
@@ -176,7 +176,7 @@ def validate_resume(config: EvalConfig, db_path: str | Path, run_id: int) -> lis
         stored = EvalStore(store).items(run_id)
     if not stored:  # stopped before it registered its questions
         return items
-    where = Path(config.eval_dir) / "eval_set.json"
+    where = Path(config.eval_dir) / SET_FILE
     now = [{"item_id": i.id, "question": i.question, "category": i.category} for i in items]
     try:
         shared = set(shared_items(stored, now, f"run {run_id}", str(where)))

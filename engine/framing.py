@@ -64,11 +64,18 @@ def file_damage(path: Path) -> str | None:
     return None
 
 
-def missing_shards(index: Path) -> str | None:
-    """Why a sharded model's index cannot be followed: unreadable, or naming a shard that is not beside it."""
+def index_shards(index: Path) -> tuple[list[Path], str | None]:
+    """The shard files a sharded model's index names, and why it cannot be followed (unreadable, or naming a
+    shard that is not beside it), else None."""
     try:
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        return f"{index.name} cannot be read ({err})"
-    gone = [name for name in shards if not (index.parent / name).is_file()]
-    return f"{index.name} names {gone[0]}, which is not there" if gone else None
+        return [], f"{index.name} cannot be read ({err})"
+    gone = [name for name in names if not (index.parent / name).is_file()]
+    why = f"{index.name} names {gone[0]}, which is not there" if gone else None
+    return [index.parent / name for name in names], why
+
+
+def missing_shards(index: Path) -> str | None:
+    """Why a sharded model's index cannot be followed (see `index_shards`), or None."""
+    return index_shards(index)[1]

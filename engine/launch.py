@@ -456,10 +456,10 @@ def supervise(run: Prepared, echo: bool = False) -> int:
         # A stop sent to the run's group (the console's, `rlhf stop`) never reached this process, and a
         # one-process launcher dies at once on it while the trainer under it is still saving: ask runs.db,
         # and take the launcher's own death by SIGTERM for one (a stop runs.db could not write down).
-        stopping = bool(presses.count or stop_asked or told or exit_code == -signal.SIGTERM
+        stopping = bool(presses.count or stop_asked or exit_code == -signal.SIGTERM
                         or (run.registered and _stop_requested(db, run.run_id)))
-        killed = _wait_for_group(proc.pid, stop_grace_s() if stopping else LINGER_S,
-                                 lambda: stop_grace_s() if told else None)
+        grace = stop_grace_s()
+        killed = _wait_for_group(proc.pid, grace if stopping else LINGER_S, lambda: grace if told else None)
     finally:
         for s, handler in previous.items():
             # A stopper that read the run as running may tell its supervisor just after the run ended: that
@@ -492,10 +492,12 @@ def _wait_for_group(pgid: int, patience_s: float, longer: Callable[[], float | N
     replaces it once it says one (a stop learnt of while waiting). Returns whether it was killed."""
     start = time.monotonic()
     deadline = start + patience_s
-    while group_alive(pgid) and time.monotonic() < deadline:
+    while group_alive(pgid):
         extended = longer()
         if extended is not None:
             deadline = max(deadline, start + extended)
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.2)
     if not group_alive(pgid):
         return False
@@ -580,10 +582,7 @@ def request_stop(db_path: str | os.PathLike, run_id: int,
         # Its supervisor learns of a stop from runs.db, which has none: told directly instead (before the
         # group hears it: a launcher that ends at once on it must not find the supervisor unaware), or it
         # would give the trainer's save the short linger for stray processes.
-        supervisor = run.get("supervisor_pid")
-        if supervisor and process_alive(supervisor, run.get("supervisor_started")):
-            with suppress(ProcessLookupError):
-                os.kill(supervisor, STOP_TOLD)
+        _signal_supervisor(run, STOP_TOLD)
     group, signalled = _signal_stop(run, pgid, started)
     if failed is not None:
         if not signalled:  # nothing was reached and nothing written: the write's own error says it all
@@ -593,6 +592,15 @@ def request_stop(db_path: str | os.PathLike, run_id: int,
             raise RecipeError(f"run {run_id}: stop signalled, but runs.db could not record it ({problem})")
         unrecorded.append(problem)
     return group
+
+
+def _signal_supervisor(run: dict[str, Any], signum: int) -> None:
+    """`signum` to the run's recorded supervisor, if it is still the process recorded."""
+    supervisor = run.get("supervisor_pid")
+    if supervisor and run.get("supervisor_started") is not None and \
+            process_alive(supervisor, run["supervisor_started"]):
+        with suppress(ProcessLookupError):
+            os.kill(supervisor, signum)
 
 
 def _signal_stop(run: dict[str, Any], pgid: int | None,
@@ -605,11 +613,7 @@ def _signal_stop(run: dict[str, Any], pgid: int | None,
     # would hold the SIGTERM unhandled until the grace period ran out and the kill lost its checkpoint.
     # The supervisor of `rlhf launch` in a terminal is stopped by ctrl+z while the run's own session trains
     # on: continued too, or the run's exit would never be recorded.
-    supervisor = run.get("supervisor_pid")
-    if supervisor and run.get("supervisor_started") is not None and \
-            process_alive(supervisor, run["supervisor_started"]):
-        with suppress(ProcessLookupError):
-            os.kill(supervisor, signal.SIGCONT)
+    _signal_supervisor(run, signal.SIGCONT)
     if pgid and started is not None and same_group(pgid, started):
         os.killpg(pgid, signal.SIGTERM)
         with suppress(ProcessLookupError):  # a group that ended on the SIGTERM has nothing to continue

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
@@ -41,20 +40,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def _weights_problem(folder: Path) -> str | None:
     """A weights file cut short (a copy or a save that did not finish) fails deep inside loading with
     "incomplete metadata": said here from its framing, naming it."""
-    from engine.framing import missing_shards, safetensors_damage
+    from engine.framing import index_shards, safetensors_damage
 
     # One file first, as transformers reads it (a folder saved whole over a sharded save keeps the old index
     # beside it).
     index = folder / "model.safetensors.index.json"
+    files: list[Path] = []
     if (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
     elif index.is_file():
-        gone = missing_shards(index)
+        files, gone = index_shards(index)
         if gone is not None:
             return f"has a damaged weights file ({gone})"
-        files = sorted({folder / name for name in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
-    else:
-        files = []
     for path in files:
         why = safetensors_damage(path)
         if why is not None:
