@@ -22,10 +22,10 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 from engine.accelerate_file import read_accelerate_config
 from engine.config import Recipe, RecipeError, Stage
@@ -175,13 +175,14 @@ def prepare(
         launch = json.dumps({"accelerate_config": str(Path(accelerate_config).resolve()),
                              "num_processes": num_processes})
         with Store(db) as store:
+            # How it starts goes in with the registration (or the claim): a stop of a pending row with a
+            # pid and no launch signals that pid, which here is this command's (a console's) own.
             if resume_run is None:
-                run_id = register_run(store, stage, recipe, recipe_path, overrides)
+                run_id = register_run(store, stage, recipe, recipe_path, overrides, launch)
             else:
                 run_id = resume_run
-                if not store.claim_for_resume(run_id, change):
+                if not store.claim_for_resume(run_id, {**(change or {}), "launch": launch}):
                     raise RecipeError(f"run {run_id} is being resumed or is still running")
-            store.update_run(run_id, launch=launch)
             output_dir = Path(store.run(run_id)["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
     argv = accelerate_argv(stage, recipe_path, overrides, accelerate_config, num_processes, str(db))
@@ -419,7 +420,7 @@ def supervise(run: Prepared, echo: bool = False) -> int:
     leaves the run going.
     """
     db = run.db_path
-    with open(run.log_path, "ab") as log:
+    with _closed_if_not_started(run), open(run.log_path, "ab") as log:
         offset = log.tell()
         proc = subprocess.Popen(
             run.argv, env={**os.environ, **run.env}, stdin=subprocess.DEVNULL, stdout=log,
@@ -508,16 +509,32 @@ def _wait_for_group(pgid: int, patience_s: float, longer: Callable[[], float | N
     return True
 
 
+@contextmanager
+def _closed_if_not_started(run: Prepared) -> Iterator[None]:
+    """A registered (or claimed) run whose processes could not be started is failed, with why: its row would
+    otherwise say pending for as long as the process that registered it lives (a console: for days)."""
+    try:
+        yield
+    except BaseException as err:
+        if run.registered:
+            why = f"{type(err).__name__}: {err}" if str(err) else f"interrupted ({type(err).__name__})"
+            with suppress(Exception), Store(run.db_path) as store:  # the first error is the one to report
+                store.update_run(run.run_id, status="failed", ended=time.time(), exit_code=1,
+                                 error=f"its processes could not be started: {why}")
+        raise
+
+
 def start_detached(run: Prepared) -> int:
     """Start the run's supervisor in a session of its own and return its pid at once.
 
     Nothing ties it to the caller: no shared process group, stdin closed, output to the run's log. The
     caller (the console) may exit or lose its terminal; the run and its bookkeeping carry on.
     """
-    launch_file = run.save()
-    argv = [sys.executable, "-m", "engine.launch", "supervise", str(launch_file)]
-    with open(run.log_path, "ab") as log:
-        pid, started = spawn_detached(argv, log)
+    with _closed_if_not_started(run):
+        launch_file = run.save()
+        argv = [sys.executable, "-m", "engine.launch", "supervise", str(launch_file)]
+        with open(run.log_path, "ab") as log:
+            pid, started = spawn_detached(argv, log)
     if run.registered:
         # Until the supervisor records the run's process group, the supervisor is what the row names: a
         # supervisor that dies before that leaves a run that is seen to be gone, not pending forever.

@@ -110,8 +110,10 @@ def warn_if_unrecorded(handle: RunHandle, checkpoint: Path, step: int) -> None:
                 newest + 1, step)
 
 
-def register_run(store: Store, stage: Stage, recipe: Recipe, recipe_path: str, overrides: list[str]) -> int:
-    """A new run in runs.db, its recipe recorded resolved (overrides applied, local paths absolute)."""
+def register_run(store: Store, stage: Stage, recipe: Recipe, recipe_path: str, overrides: list[str],
+                 launch: str | None = None) -> int:
+    """A new run in runs.db, its recipe recorded resolved (overrides applied, local paths absolute).
+    `launch`: how a launched run starts (JSON), recorded with it."""
     if isinstance(recipe, Recipe):
         recipe = with_absolute_paths(recipe)
     return store.create_run(
@@ -122,6 +124,7 @@ def register_run(store: Store, stage: Stage, recipe: Recipe, recipe_path: str, o
         overrides=overrides,
         output_root=recipe.output_root,
         pipeline_id=int(os.environ[PIPELINE_ENV]) if os.environ.get(PIPELINE_ENV) else None,
+        launch=launch,
     )
 
 

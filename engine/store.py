@@ -464,8 +464,14 @@ class Store:
         overrides: Iterable[str] = (),
         output_root: str = "runs",
         pipeline_id: int | None = None,
+        launch: str | None = None,
     ) -> int:
         root = Path(output_root).resolve()
+        # The registering process is the run's until it starts one (its supervisor, its own trainer), as a
+        # resume's claimer is: one killed in between leaves a row any look closes, not one pending for good.
+        # `launch` in the same write: a row with a pid and none is an in-process run, which a stop signals,
+        # and the registering process may be a console.
+        me = os.getpid()
         with self._write() as db:
             table = db["runs"]
             last = db.execute("SELECT value FROM meta WHERE key = 'last_run_id'").fetchone()[0]
@@ -488,7 +494,10 @@ class Store:
                     "status": "pending",
                     "created": time.time(),
                     "host": socket.gethostname(),
+                    "pid": me,
+                    "pgid_started": process_start(me),
                     "pipeline_id": pipeline_id,
+                    "launch": launch,
                 }
             )
             # Absolute: a console started elsewhere must find (and, asked to, delete) the same folder.

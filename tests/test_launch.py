@@ -673,3 +673,41 @@ def test_a_group_number_taken_by_another_program_is_never_signalled(workdir):
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_run_whose_processes_never_started_is_not_left_pending(workdir):
+    """A command killed between registering a run and starting it leaves a row the next look closes; a start
+    that fails (here: the log cannot be opened) fails the run at once, with why. Either way its row said
+    pending for as long as the registering process lived: for a console, days."""
+    import dataclasses
+
+    from engine.launch import start_detached, stop_run, supervise
+    from engine.run import settle_active
+
+    cpu = str(ACCEL / "cpu.yaml")
+    code = (f"import os, signal\nfrom engine.launch import prepare\nprepare('rm', {str(TINY)!r}, [], {cpu!r})\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == -signal.SIGKILL
+    with Store(os.environ["RLHF_DB"]) as store:
+        assert store.run(1)["status"] == "pending"
+        assert settle_active(store) == [1] and store.run(1)["status"] == "failed"
+
+    # A stop in between is written down for the supervisor to pass on; the registering process (a console)
+    # is the row's pid meanwhile and must not be what the stop signals.
+    run = prepare("rm", str(TINY), [], cpu)
+    heard: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))
+    try:
+        asked = stop_run(os.environ["RLHF_DB"], run.run_id)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert asked.group is None and not asked.was_dead and not heard
+    assert run_row(run.run_id)["stop_requested"] is not None
+
+    for start in (start_detached, supervise):
+        run = prepare("rm", str(TINY), [], cpu)
+        with pytest.raises(FileNotFoundError):
+            start(dataclasses.replace(run, log_path=workdir / "gone" / "train.log"))
+        row = run_row(run.run_id)
+        assert row["status"] == "failed" and row["exit_code"] == 1 and row["ended"] is not None
+        assert row["error"].startswith("its processes could not be started: FileNotFoundError: "), row["error"]
