@@ -287,11 +287,19 @@ async def test_the_score_screen_marks_the_best_and_drills_into_a_cell(workdir):
         assert "macro: -0.056" in str(app.screen.body) and "n 36" in str(app.screen.body)
         await pilot.press("escape")
         await wait_for(pilot, lambda: isinstance(app.screen, ScoresScreen), 10, "the score screen again")
+        # Two rows marked (as the run table's diff takes them): p compares them wherever the cursor is; a
+        # second mark used to move the first away, and p then asked for what had just been done.
         table.move_cursor(row=3, column=0)
+        await pilot.press("space")
+        assert table.get_row_at(1)[0].plain.startswith("▸ 1 base") and table.get_row_at(3)[0].plain.startswith("▸ ")
+        table.move_cursor(row=0, column=0)  # the published row
         await pilot.press("p")
         await wait_for(pilot, lambda: any("hold different questions" in str(n.message) for n in app._notifications),
                        20, "the refusal")
         assert isinstance(app.screen, ScoresScreen)
+        table.move_cursor(row=3, column=0)
+        await pilot.press("space")  # unmarked again: one mark, the cursor's row against it
+        assert table.marked == [1]
 
         with Store(os.environ["RLHF_DB"]) as store:  # an evaluation ends meanwhile: the table shows it unasked
             _fake_eval_run(store, "late", lambda k: 0.2)

@@ -2,7 +2,8 @@
 
 Keys: arrows move between cells (the line below shows the cell's 95 % interval, n, unscored and not
 judged); Enter lists the cell's items (question, reference, answer, judge reply, score); space marks a
-row (▸ by its name; space again unmarks) and `p` shows the paired deltas of the highlighted row against it;
+row (▸ by its name; space again unmarks) and `p` shows the paired deltas of the second marked row (or the
+highlighted one) against the first;
 `e` exports Markdown and CSV. The table follows runs.db: an evaluation run added or ended shows at once.
 """
 
@@ -169,19 +170,31 @@ class ScoresScreen(SaysWorkerFailures, Screen[None]):
         row = table.row_at_cursor()
         if row is None or row.run_id is None:
             return
-        if table.marked == row.run_id:  # space again: unmarked
-            table.mark(None)
+        if row.run_id in table.marked:  # space again: unmarked
+            table.mark([r for r in table.marked if r != row.run_id])
             return
-        table.mark(row.run_id)
-        self.notify(f"run {row.run_id} marked: p compares another row against it")
+        # Two marks, as the run table's diff takes them: a third mark lets go of the first.
+        marked = [*table.marked, row.run_id]
+        table.mark(marked[-2:])
+        if len(marked) == 1:
+            self.notify(f"run {row.run_id} marked: p compares the row under the cursor against it (or mark a "
+                        "second run)", markup=False)
+            return
+        dropped = f"run {marked[0]} unmarked; " if len(marked) > 2 else ""
+        self.notify(f"{dropped}runs {marked[-2]} and {marked[-1]} marked: p shows run {marked[-1]} minus run "
+                    f"{marked[-2]}", markup=False)
 
     def action_deltas(self) -> None:
         table = self.query_one(ScoreTable)
         row = table.row_at_cursor()
-        if table.marked is None or row is None or row.run_id in (None, table.marked):
-            self.notify("mark a row with space, move to another, press p", title="paired delta")
+        if len(table.marked) == 2:
+            self.load_deltas(*table.marked)
             return
-        self.load_deltas(table.marked, row.run_id)
+        if not table.marked or row is None or row.run_id in (None, *table.marked):
+            self.notify("mark two runs with space (or one, and put the cursor on another), then press p",
+                        title="paired delta")
+            return
+        self.load_deltas(table.marked[0], row.run_id)
 
     @work(thread=True, group="scores-deltas", exit_on_error=False)
     def load_deltas(self, a: int, b: int) -> None:

@@ -31,7 +31,7 @@ class ScoreTable(DataTable):
         # The model column stays when the cursor moves right: at 80 columns the macro averages are off screen.
         super().__init__(cursor_type="cell", zebra_stripes=True, fixed_columns=1, **kwargs)
         self.rows_data: list[Any] = []
-        self.marked: int | None = None  # the run paired deltas compare against
+        self.marked: list[int] = []  # the runs paired deltas compare, in the order marked (two at most)
 
     def on_mount(self) -> None:
         self.add_column("model", key=self.model_key.value, width=MODEL_WIDTH)
@@ -76,13 +76,13 @@ class ScoreTable(DataTable):
 
     def _label(self, row: Any) -> Text:
         label = terminal_safe(row.name if row.run_id is None else f"{row.run_id} {row.name}")
-        if row.run_id is not None and row.run_id == self.marked:
+        if row.run_id is not None and row.run_id in self.marked:
             return Text("▸ " + label, no_wrap=True, overflow="ellipsis", style="bold")
         return Text(label, no_wrap=True, overflow="ellipsis", style="italic" if row.run_id is None else "")
 
-    def mark(self, run_id: int | None) -> None:
-        """Mark one run (None: none), shown by its name."""
-        self.marked = run_id
+    def mark(self, run_ids: list[int]) -> None:
+        """Mark these runs (none: an empty list), shown by their names."""
+        self.marked = list(run_ids)
         for k, row in enumerate(self.rows_data):
             self.update_cell(str(k), "model", self._label(row))
         self._fit_model_column()  # the mark's two cells
