@@ -98,9 +98,12 @@ class EndpointModel:
 
         key = os.environ.get(key_env) if key_env else "none"
         if not key:
-            raise ValueError(f"the environment variable {key_env} (the endpoint's key) is not set")
+            raise ValueError(f"the environment variable {key_env} (the endpoint's key) is not set: export it, or "
+                             "name another variable in key_env (o in the chat, --key-env of rlhf chat; empty "
+                             "for an endpoint that takes no key)")
         self.client = openai.OpenAI(base_url=url, api_key=key, max_retries=2, timeout=120)
         self.model = model
+        self.url = url
         self.device = "remote"
         self.label = f"{model}@{url}"
         self.usage = True  # ask for the usage chunk until the server refuses it
@@ -138,6 +141,8 @@ class EndpointModel:
                         break
                     continue
                 if kind == "error":
+                    if isinstance(chunk, openai.APIConnectionError):  # "Connection error." names nothing
+                        raise ConnectionError(f"no answer from {self.url}: {chunk}") from chunk
                     raise chunk
                 if kind == "end" or cancelled():
                     break

@@ -99,3 +99,23 @@ def stop_outcome(run: dict[str, Any]) -> str:
     if (run.get("step") or 0) > 0:
         return "it saves a checkpoint and ends"
     return "it has not trained a step yet: it just ends (nothing to save)"
+
+
+# The --set keys a pipeline gives a stage to feed it the exports of the stages before it (engine.pipeline's
+# wiring): the same for every run of a pipeline, so not what tells its runs apart.
+PIPELINE_WIRING = ("rm.model.path", "ppo.model", "ppo.reward_model", "ppo.reward_fn")
+
+
+def user_overrides(run: dict[str, Any], pipeline: dict[str, Any] | None = None) -> list[str]:
+    """The --set items a user gave the run: its own, and for a pipeline's stage its pipeline's (baked into the
+    recipe the stage reads, so not among the stage's), without the pipeline's wiring."""
+    def items(row: dict[str, Any] | None) -> list[str]:
+        try:
+            return [str(item) for item in json.loads((row or {}).get("overrides") or "[]")]
+        except ValueError:
+            return []
+
+    own = items(run)
+    if run.get("pipeline_id") is None:
+        return own
+    return items(pipeline) + [item for item in own if item.split("=", 1)[0] not in PIPELINE_WIRING]

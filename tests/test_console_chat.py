@@ -14,7 +14,7 @@ import time
 import pytest
 
 from console.screens.chat import ChatScreen, ChatSettings, similarity_and_diff
-from console.screens.dialogs import TextScreen
+from console.screens.dialogs import ConfirmScreen, TextScreen
 from console.screens.scores import ItemsScreen, ScoresScreen
 from console.widgets.score_table import ScoreTable
 from engine.store import EvalStore, Store
@@ -102,6 +102,24 @@ async def test_x_stops_both_answers_where_they_are_and_the_conversation_goes_on_
         assert "stopped" not in screen.turns["left"][-1]
         await pilot.press("escape", "S")
         await wait_for(pilot, lambda: _chats(), 20, "the saved chat")
+
+        # r after a stop: the stopped answer goes, and so does what was said of it; the pane shows what the
+        # conversation holds (the stopped answer and its note stayed above the new one).
+        screen.settings = replace(screen.settings, max_new_tokens=3000)
+        await ask(pilot, screen, "Another long one.")
+        await wait_for(pilot, lambda: panes["left"].tokens > 5 and panes["right"].tokens > 5, 60, "tokens on both")
+        await pilot.press("escape", "x")
+        await wait_for(pilot, lambda: not any(p.busy for p in panes.values()), 60, "both answers to stop")
+        screen.settings = replace(screen.settings, max_new_tokens=4)
+        await pilot.press("r")
+        await wait_for(pilot, lambda: not any(p.busy for p in panes.values()) and
+                       all("stopped" not in screen.turns[s][-1] for s in ("left", "right")), 60, "the new answers")
+        for side in ("left", "right"):
+            shown = list(panes[side].body.children)
+            last_question = max(k for k, w in enumerate(shown) if w.has_class("user-turn"))
+            below = shown[last_question + 1:]
+            assert len(below) == 1 and not below[0].has_class("pane-note"), [type(w).__name__ for w in below]
+            assert len(screen.turns[side]) == 6
     markdown, _ = export_chats(_chats(), tmp_path / "exports")
     assert markdown.read_text(encoding="utf-8").count("*(stopped)*") == 2
 
@@ -128,7 +146,21 @@ async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
         assert "similarity 100.0%" in app.screen.heading
         await pilot.press("escape")
 
-        await pilot.press("m")  # blind mode: a new exchange, sides shuffled and named A and B
+        # Blind mode starts a new exchange: what is unsaved of this one is not thrown away unasked.
+        await pilot.press("m")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the question")
+        assert "this conversation (1 question) is not saved" in str(app.screen.question)
+        await pilot.press("n")  # kept
+        await wait_for(pilot, lambda: app.screen is screen, 10, "the chat again")
+        assert not screen.blind and screen.questions == ["Name a colour."]
+        await pilot.press("S")
+        await wait_for(pilot, lambda: len(_chats()) == 1, 20, "the saved exchange")
+        stats = {s: str(screen.panes[s].stats.render()) for s in ("left", "right")}
+        assert all("tok/s" in line for line in stats.values())
+        await pilot.press("m")  # saved: no question; a new exchange, sides shuffled and named A and B
+        await wait_for(pilot, lambda: screen.blind, 10, "blind mode")
+        # The last answer's figures go with it: they could tell the hidden models apart.
+        assert all(str(screen.panes[s].stats.render()).startswith("ready on ") for s in ("left", "right"))
         assert screen.blind and {str(screen.panes[s].heading.render()) for s in ("left", "right")} == {"A", "B"}
         await ask(pilot, screen, "Say hello.")
         await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()) and screen.questions, 60,
@@ -136,13 +168,13 @@ async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
         await pilot.press("escape", "2")  # B is better
         assert screen.voted == "B"
         b_side = screen.shown["B"]
-        await wait_for(pilot, lambda: _chats(), 20, "the vote in runs.db")
+        await wait_for(pilot, lambda: len(_chats()) == 2, 20, "the vote in runs.db")
         vote = _chats()[-1]
         assert vote["blind"] == 1 and vote["vote"] == b_side and vote["a_is"] == screen.shown["A"]
         assert json.loads(vote["transcript"])["left"][0]["content"] == "Say hello."
         assert "=" in str(screen.panes[b_side].heading.render())  # revealed after the vote
-        await pilot.press("2")
-        assert len(_chats()) == 1  # one vote per exchange
+        await pilot.press("2", "S")
+        assert len(_chats()) == 2  # one vote per exchange, and the vote saved it (S said so: no second row)
 
         await pilot.press("n")  # a new chat in blind mode: shuffled anew, names hidden again
         assert {str(screen.panes[s].heading.render()) for s in ("left", "right")} == {"A", "B"}
@@ -152,18 +184,22 @@ async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
         await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()) and
                        len(screen.turns["right"]) == 2, 60, "the second blind answers")
         await pilot.press("escape", "1")
-        await wait_for(pilot, lambda: len(_chats()) == 2, 20, "the second vote")
+        await wait_for(pilot, lambda: len(_chats()) == 3, 20, "the second vote")
         second = _chats()[-1]
         assert second["vote"] == second["a_is"] == screen.shown["A"]
         assert json.loads(second["transcript"])["right"][0]["content"] == "Say bye."
 
-        await pilot.press("S")
-        await wait_for(pilot, lambda: len(_chats()) == 3, 20, "the saved exchange")
+        await ask(pilot, screen, "And again?")  # after a vote: a new blind exchange, unsaved until S
+        await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()) and
+                       len(screen.turns["right"]) == 2, 60, "the answers after the vote")
+        assert screen.turns["right"][0]["content"] == "And again?"
+        await pilot.press("escape", "S")
+        await wait_for(pilot, lambda: len(_chats()) == 4, 20, "the saved exchange")
         await pilot.press("E")
         exports = workdir / "exports"
         await wait_for(pilot, lambda: (exports / "chats.jsonl").is_file(), 20, "the export")
         lines = (exports / "chats.jsonl").read_text(encoding="utf-8").splitlines()
-        assert len(lines) == 3 and json.loads(lines[0])["transcript"]["right"][0]["content"] == "Say hello."
+        assert len(lines) == 4 and json.loads(lines[1])["transcript"]["right"][0]["content"] == "Say hello."
         assert (exports / "chats.jsonl").stat().st_mode & 0o077 == 0  # for its owner only
         assert "Say hello." in (exports / "chats.md").read_text(encoding="utf-8")
 
@@ -469,7 +505,7 @@ async def test_an_endpoint_beside_a_local_model_and_a_blind_vote_on_a_belle_ques
                                      ChatSettings(temperature=0, max_new_tokens=16, key_env="CHAT_KEY"))
             await pilot.press("escape", "m", "Q")  # keys, not typing: blind mode, then a BELLE question
             box = screen.query_one("#chat-input")
-            await wait_for(pilot, lambda: box.value.startswith("What is"), 20, "a BELLE question in the input")
+            await wait_for(pilot, lambda: box.text.startswith("What is"), 20, "a BELLE question in the input")
             await pilot.press("enter")
             await wait_for(pilot, lambda: all(len(screen.turns[s]) == 2 for s in ("left", "right")), 60,
                            "both answers")
@@ -788,6 +824,11 @@ async def test_a_new_chat_starts_from_the_sampling_settings_set_in_the_last(work
         await pilot.press("escape", "o")  # out of the question box: the screen's keys
         await wait_for(pilot, lambda: isinstance(app.screen, ChatSettingsScreen), 10, "the settings")
         app.screen.query_one("#set-temperature").value = "0.2"
+        app.screen.query_one("#set-top_p").value = "1.5"  # refused, with the range it must be in
+        app.screen.apply()
+        assert isinstance(app.screen, ChatSettingsScreen)
+        assert str(app.screen.query_one("#settings-error").render()) == "top_p: above 0 and at most 1, not 1.5"
+        app.screen.query_one("#set-top_p").value = "1"
         app.screen.query_one("#set-max_new_tokens").value = "64"
         app.screen.apply()
         await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.settings.temperature == 0.2,
@@ -797,3 +838,73 @@ async def test_a_new_chat_starts_from_the_sampling_settings_set_in_the_last(work
         app.open_chat(str(workdir / "no-model-here"))
         await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the next chat")
         assert (app.screen.settings.temperature, app.screen.settings.max_new_tokens) == (0.2, 64)
+
+
+@sync
+async def test_a_pasted_prompt_keeps_its_lines_and_an_unreachable_endpoint_is_named(workdir, monkeypatch):
+    """A paste of several lines was cut to its first, silently (Textual's Input holds one line): the whole
+    text goes to the model, and ctrl+j adds a line by hand. A connection that fails names the URL."""
+    from textual import events
+
+    from tests.judge_server import JudgeServer
+
+    server = JudgeServer(lambda body, index: ("reply", "ok"))
+    try:
+        app = console()
+        async with app.run_test(size=(100, 32)) as pilot:
+            app.push_screen(ChatScreen(f"openai:served@{server.url}", settings=ChatSettings(key_env="")))
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.ready.get("left"), 60,
+                           "the endpoint side")
+            screen = app.screen
+            box = screen.query_one("#chat-input")
+            assert app.focused is box
+            pasted = "Line one of the paste\nLine two 第二行\n\nLine four after a blank"
+            app.post_message(events.Paste(pasted))  # as the terminal driver delivers a bracketed paste
+            await wait_for(pilot, lambda: box.text == pasted, 10, "the paste, whole")
+            await pilot.press("ctrl+j", "o", "k", "?", "enter")
+            await wait_for(pilot, lambda: len(screen.turns["left"]) == 2, 30, "the answer")
+            assert server.calls[0]["messages"][-1]["content"] == pasted + "\nok?"
+            assert box.text == ""
+            question = screen.panes["left"].body.query(".user-turn").first()
+            assert str(question.render()) == "> " + pasted + "\nok?"
+
+            server.close()  # the endpoint goes away: the error says which one
+            await pilot.press("escape", "r")
+            await wait_for(pilot, lambda: screen.panes["left"].query(".pane-error"), 120, "the error")
+            error = str(screen.panes["left"].query(".pane-error").first().render())
+            assert f"no answer from {server.url}" in error, error
+    finally:
+        server.close()
+
+
+@sync
+async def test_a_conversation_reads_from_the_top_again_after_the_terminal_shrinks_and_grows(workdir):
+    """Shrunk, the conversation is taller than its pane and follows its newest line; grown back, it read from
+    the pane's bottom under a void as tall as the pane (Textual kept a negative scroll offset it would not
+    scroll away from, as nothing was left to scroll)."""
+    from tests.judge_server import JudgeServer
+
+    server = JudgeServer(lambda body, index: ("reply", "A longer answer, " * 20))
+    try:
+        app = console()
+        async with app.run_test(size=(160, 48)) as pilot:
+            app.push_screen(ChatScreen(f"openai:served@{server.url}", settings=ChatSettings(key_env="")))
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.ready.get("left"), 60,
+                           "the endpoint side")
+            screen = app.screen
+            await ask(pilot, screen, "Is an apple red?")
+            await wait_for(pilot, lambda: len(screen.turns["left"]) == 2, 30, "the answer")
+            body = screen.panes["left"].body
+
+            def question_row() -> int:
+                return body.children[0].region.y - body.region.y
+
+            await wait_for(pilot, lambda: question_row() == 1 and body.scroll_y == 0, 10, "the exchange at the top")
+            await pilot.resize_terminal(40, 12)
+            await wait_for(pilot, lambda: body.max_scroll_y > 0 and body.scroll_y == body.max_scroll_y, 10,
+                           "the newest line in view")
+            await pilot.resize_terminal(160, 48)
+            await wait_for(pilot, lambda: body.max_scroll_y == 0 and question_row() == 1 and body.scroll_y == 0, 10,
+                           "the exchange at the top again")
+    finally:
+        server.close()

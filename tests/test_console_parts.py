@@ -411,3 +411,40 @@ def test_a_running_run_that_logs_nothing_far_past_its_pace_reads_silent(tmp_path
     assert str(cells(run, history, False)[5]) == "silent 15m00s"
     history.runs[run_id].series["loss"].extend([51.0], [now - 1.0], [1.0])
     assert not str(cells(run, history, False)[5]).startswith("silent")  # a point arrived: the ETA again
+
+
+def test_resume_and_delete_of_an_active_run_say_what_the_table_shows():
+    """r on a run whose stop is under way said "run 6 is running", while its row read "stopping"."""
+    import os
+    import socket
+
+    from console.screens.runs import _still_active
+    from engine.procs import process_start
+
+    me = {"id": 6, "status": "running", "host": socket.gethostname(), "pid": os.getpid(), "pgid": None,
+          "pgid_started": process_start(os.getpid()), "stop_requested": None}
+    assert _still_active(me, "resume") == "run 6 is running: stop it first (x)"
+    stopping = _still_active({**me, "stop_requested": 1.0}, "resume")
+    assert stopping == "run 6 is stopping (writing its checkpoint): resume it once it has stopped"
+    gone = {**me, "pid": 2 ** 22 + 1, "pgid_started": 1}  # no such process
+    assert _still_active(gone, "delete").startswith("run 6's processes are gone")
+
+
+def test_a_pipeline_stage_shows_its_pipeline_overrides_not_its_wiring():
+    """A PPO stage's overrides cell read `model={"path": "/…/runs/1/final", "dtype": "auto", …` (the wiring
+    every pipeline run has) and never the user's own --set, which the pipeline baked into its recipe."""
+    from console.widgets.run_table import overrides_text
+    from engine.config import load_recipe
+    from engine.pipeline import wiring
+    from engine.run_facts import PIPELINE_WIRING
+    from tests.conftest import TINY
+
+    recipe = load_recipe(str(TINY))
+    wired = wiring("ppo", recipe, {"sft": "/r/1/final", "rm": "/r/2/final"}) + \
+        wiring("rm", load_recipe(str(TINY), ["rm.model.path=@sft"]), {"sft": "/r/1/final"})
+    assert {item.split("=", 1)[0] for item in wired} == set(PIPELINE_WIRING)
+    pipeline = {"id": 3, "overrides": json.dumps(["ppo.kl_coef=0.05", "train.lr=1e-5"])}
+    stage = {"id": 9, "stage": "ppo", "pipeline_id": 3, "overrides": json.dumps(wired + ["ppo.steps=7"])}
+    assert overrides_text(stage, pipeline) == "kl_coef=0.05 train.lr=1e-5 steps=7"
+    alone = {"id": 10, "stage": "sft", "pipeline_id": None, "overrides": json.dumps(["sft.train.lr=1e-4"])}
+    assert overrides_text(alone) == "train.lr=1e-4"

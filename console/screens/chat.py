@@ -12,7 +12,7 @@ import json
 import random
 import re
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from rich.text import Text
 from textual import on, work
@@ -24,9 +24,10 @@ from textual.widgets import Button, Footer, Input, Label, Static
 
 from console.chat_client import ChatWorker, ModelChoice, parse_choice
 from console.messages import BelleQuestion, ChatEvent, ChatModelsResolved, ChatSettingsChosen
-from console.screens.dialogs import TextScreen
+from console.screens.dialogs import ConfirmScreen, TextScreen
 from console.text import terminal_safe
 from console.widgets.chat_pane import ChatPane
+from console.widgets.prompt_box import PromptBox
 from console.worker_failures import SaysWorkerFailures
 
 SIDES = ("left", "right")
@@ -111,6 +112,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         self.blind = False
         self.shown: dict[str, str] = {"A": "left", "B": "right"}  # display name -> side, blind mode only
         self.voted: str | None = None
+        self.saved: str | None = None  # the transcript as last saved (S or a vote), to tell what is unsaved
         self.ready: dict[str, bool] = {}
         self.item: tuple[int, str, str] | None = None  # the BELLE question being asked (id, category, text)
         self.panes = {side: ChatPane(side, id=f"pane-{side}") for side in SIDES}
@@ -130,13 +132,13 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
                 yield self.panes[side]
         yield Static(Text(self.settings.line()), id="chat-settings")
         asked = "both models" if len(self.sides) == 2 else "the model"
-        yield Input(placeholder=f"ask {asked} (Enter); Esc for keys", id="chat-input")
+        yield PromptBox(placeholder=f"ask {asked} (Enter; ctrl+j: a new line); Esc for keys", id="chat-input")
         yield Footer()
 
     def on_mount(self) -> None:
         for side in self.sides:
             self.panes[side].set_title(f"{side}: {self.specs[side]}")
-        self.query_one(Input).focus()
+        self.query_one(PromptBox).focus()
         self.resolve_models()
 
     @work(thread=True, exclusive=True, group="chat-resolve", exit_on_error=False)
@@ -205,7 +207,11 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
             return  # from a worker replaced on purpose (new settings)
         if kind == "ready":
             self.ready[message.side] = True
-            pane.set_stats(f"ready on {event.get('device')} (loaded in {event.get('load_s', 0):.1f} s)")
+            device = event.get("device")
+            pane.idle = ("ready (an endpoint: nothing to load)" if device == "remote" else
+                         f"ready on {device} (loaded in {event.get('load_s', 0):.1f} s)")
+            if not pane.busy:
+                pane.set_stats(pane.idle)
             return
         if kind == "exit":
             if not pane.dead:
@@ -255,8 +261,8 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         if worker is None or not worker.send(request):
             self.call_later(self.panes[side].fail, "no worker for this side (it did not start or has exited)")
 
-    @on(Input.Submitted, "#chat-input")
-    async def ask(self, event: Input.Submitted) -> None:
+    @on(PromptBox.Submitted, "#chat-input")
+    async def ask(self, event: PromptBox.Submitted) -> None:
         question = event.value.strip()
         if not question:
             return
@@ -264,7 +270,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
             self.notify("both answers must finish first (Esc, then x stops them, r regenerates, n starts over)",
                         severity="warning")
             return
-        event.input.value = ""
+        event.box.clear()
         if self.blind and self.voted is not None:
             # The sides were revealed by the vote: a new blind exchange, shuffled and hidden again.
             item = self.item
@@ -273,7 +279,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         if self.item is not None and (self.questions or question.split() != self.item[2].split()):
             self.item = None  # a vote is tied to a BELLE item only when that question opens the exchange
         elif self.item is not None:
-            question = self.item[2]  # as the eval set has it, line breaks included (the input keeps none)
+            question = self.item[2]  # as the eval set has it, whatever spaces were edited in the box
         self.questions.append(question)
         self.voted = None
         for side in self.sides:
@@ -327,6 +333,9 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         if len(self.sides) < 2:
             self.notify("blind mode needs two models", severity="warning")
             return
+        if self._keep_conversation(f"blind mode {'off' if self.blind else 'on'} starts a new chat",
+                                   self.action_blind):
+            return
         self.blind = not self.blind
         if self.blind:
             await self._new_blind_exchange()
@@ -370,7 +379,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         self._titles()
         self.query_one("#chat-settings", Static).update(Text(self.settings.line()))
         self.notify(f"voted {choice}: A was {self.choices[self.shown['A']].label}", markup=False)
-        self.app.save_chat(self._record(vote=winner))
+        self._save(self._record(vote=winner))
 
     def _record(self, vote: str | None = None) -> dict[str, Any]:
         return {"left": self.choices.get("left", ModelChoice(folder=self.specs["left"])).label,
@@ -380,11 +389,26 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
                 "blind": self.blind, "vote": vote, "a_is": self.shown["A"] if self.blind else None,
                 "item_id": self.item[0] if self.item else None, "category": self.item[1] if self.item else None}
 
+    def _transcript(self) -> str:
+        return json.dumps({side: self.turns[side] for side in self.sides}, sort_keys=True)
+
+    def _save(self, record: dict[str, Any]) -> None:
+        self.saved = self._transcript()
+        self.app.save_chat(record)
+
+    @property
+    def unsaved(self) -> bool:
+        """Questions asked since the conversation was last saved (S, or the vote that saves it)."""
+        return bool(self.questions) and self._transcript() != self.saved
+
     def action_save(self) -> None:
         if not self.questions:
             self.notify("nothing to save yet", severity="warning")
             return
-        self.app.save_chat(self._record())
+        if not self.unsaved:  # a second row of the same exchange (after its vote, say) would count it twice
+            self.notify("this conversation is saved already (with its vote, if it had one)")
+            return
+        self._save(self._record())
 
     def action_export(self) -> None:
         self.app.export_chats()
@@ -392,10 +416,32 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
     async def action_new(self) -> None:
         """n: a new chat; in blind mode a new blind exchange, shuffled and hidden again (a vote is blind only
         while the names are hidden)."""
+        if self._keep_conversation("a new chat", self._new):
+            return
+        await self._new()
+
+    async def _new(self) -> None:
         if self.blind:
             await self._new_blind_exchange()
         else:
             await self._start_over()
+
+    def _keep_conversation(self, what: str, then: Callable[[], Awaitable[None]]) -> bool:
+        """Whether the conversation stays because something of it is unsaved: the user is asked whether `what`
+        may start over, and `then` does it after a yes."""
+        if not self.unsaved:
+            return False
+        asked = len(self.questions)
+
+        async def answered(yes: bool | None) -> None:
+            if yes:
+                self.saved = self._transcript()  # given up: `then` must not ask again
+                await then()
+
+        self.app.push_screen(ConfirmScreen(
+            f"{what}: this conversation ({asked} question{'s' if asked != 1 else ''}) is not saved and would be "
+            "gone. Start over? (n, then S saves it first)", "Start over"), answered)
+        return True
 
     async def _start_over(self) -> None:
         for side in self.sides:
@@ -435,8 +481,8 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
             self.notify("start a new chat (n) to ask a BELLE question", severity="warning")
             return
         self.item = (message.item_id, message.category, message.question)
-        box = self.query_one(Input)
-        box.value = message.question or ""
+        box = self.query_one(PromptBox)
+        box.set_text(message.question or "")
         box.focus()
 
     def action_settings(self) -> None:
@@ -450,7 +496,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         self.app.push_screen(ChatSettingsScreen(self.settings), apply)
 
     def action_focus_input(self) -> None:
-        self.query_one(Input).focus()
+        self.query_one(PromptBox).focus()
 
     def action_leave_input(self) -> None:
         self.set_focus(None)
@@ -496,13 +542,16 @@ class ChatSettingsScreen(ModalScreen["ChatSettings | None"]):
                 what = "a whole number" if kind is int else "a number"
                 self.query_one("#settings-error", Static).update(Text(f"{name}: not {what}: {raw!r}"))
                 return None
-        problems = [n for n, bad in (("temperature", values["temperature"] < 0),
-                                     ("top_p", not 0 < values["top_p"] <= 1), ("top_k", values["top_k"] < 0),
-                                     ("max_new_tokens", values["max_new_tokens"] < 1),
-                                     ("key_env", bool(values["key_env"]) and not re.fullmatch(
-                                         r"[A-Za-z_][A-Za-z0-9_]*", values["key_env"]))) if bad]
+        problems = [f"{n}: {want}, not {values[n]!r}" for n, bad, want in (
+            ("temperature", values["temperature"] < 0, "0 or more (0: greedy)"),
+            ("top_p", not 0 < values["top_p"] <= 1, "above 0 and at most 1"),
+            ("top_k", values["top_k"] < 0, "0 or more (0: no limit)"),
+            ("max_new_tokens", values["max_new_tokens"] < 1, "at least 1"),
+            ("key_env", bool(values["key_env"]) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", values["key_env"]),
+             "an environment variable's name (letters, digits, _), or empty for no key"))
+            if bad]
         if problems:
-            self.query_one("#settings-error", Static).update(Text(f"{problems[0]}: out of range"))
+            self.query_one("#settings-error", Static).update(Text(problems[0]))
             return None
         return replace(self.settings, **values)
 

@@ -530,7 +530,7 @@ class RunsScreen(Screen):
         if run is None:
             return
         if run["status"] in ("pending", "running"):
-            self.notify(f"run {run['id']} is {run['status']}")
+            self.notify(_still_active(run, "resume"), severity="warning")
             return
         from engine.run import has_checkpoint
 
@@ -555,7 +555,7 @@ class RunsScreen(Screen):
         if run is None:
             return
         if run["status"] in ("pending", "running"):
-            self.notify(f"run {run['id']} is {run['status']}: stop it first", severity="warning")
+            self.notify(_still_active(run, "delete"), severity="warning")
             return
 
         def done(choice: tuple[bool, bool] | None) -> None:
@@ -774,3 +774,13 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
 def _after(choices: tuple, current: object) -> object:
     """The choice after `current`, wrapping round: how the sort and filter keys cycle."""
     return choices[(choices.index(current) + 1) % len(choices)]
+
+
+def _still_active(run: dict[str, Any], what: str) -> str:
+    """Why `what` (resume, delete) waits: the run as the table shows it (a stop under way is no "running")."""
+    status = shown_status(run)
+    if status == "stopping":
+        return f"run {run['id']} is stopping (writing its checkpoint): {what} it once it has stopped"
+    if status == "lost":
+        return f"run {run['id']}'s processes are gone: its record is being closed, {what} it then"
+    return f"run {run['id']} is {status}: stop it first (x)"

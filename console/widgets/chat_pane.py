@@ -43,12 +43,14 @@ class ChatPane(Vertical):
         super().__init__(**kwargs)
         self.side = side
         self.heading = Static("", classes="pane-title")
-        self.stats = Static("loading…", classes="pane-stats")
+        self.idle = "loading…"  # the figures line of an empty pane: the model's state, not a past answer's figures
+        self.stats = Static(self.idle, classes="pane-stats")
         self.body = VerticalScroll()
         self._text: StreamText | None = None
         self._pending: list[str] = []
         self._flush_timer: Timer | None = None
         self.answer = ""  # the answer in progress, or the last one
+        self._question: Static | None = None  # the last question shown: what follows it is its answer
         self.busy = False
         self.dead = False
         self._started = 0.0
@@ -80,7 +82,8 @@ class ChatPane(Vertical):
     def _unanchor(self) -> None:
         """Before the conversation shrinks (see _follow)."""
         self.body.anchor(False)
-        self.body.scroll_home(animate=False, immediate=True)
+        # force: with nothing to scroll Textual ignores a scroll, and the negative offset (above) would stay
+        self.body.scroll_home(animate=False, immediate=True, force=True)
 
     def set_title(self, text: str) -> None:
         self.heading.update(Text(terminal_safe(text), overflow="ellipsis", no_wrap=True))
@@ -92,13 +95,16 @@ class ChatPane(Vertical):
         self._flush()
         self._unanchor()
         await self.body.remove_children()
-        self._text, self.answer, self.busy = None, "", False
+        self._text, self.answer, self.busy, self._question = None, "", False, None
+        if not self.dead:
+            self.set_stats(self.idle)
 
     async def begin(self, question: str | None) -> None:
         """A new answer (after the user's `question`, or in place of the last answer when regenerating)."""
         self._flush()
         if question is not None:
-            await self.body.mount(Static(Text("> " + terminal_safe(question)), classes="user-turn"))
+            self._question = Static(Text("> " + terminal_safe(question)), classes="user-turn")
+            await self.body.mount(self._question)
         self._text = StreamText(classes="answer")
         await self.body.mount(self._text)
         self.answer, self.busy, self.tokens = "", True, 0
@@ -109,11 +115,14 @@ class ChatPane(Vertical):
         self._follow()
 
     async def drop_last_answer(self) -> None:
+        """Everything below the last question: its answer and whatever was said of it (stopped, cut, an
+        error), so that the pane shows what the conversation holds."""
         self._flush()
-        last = self.body.children[-1] if self.body.children else None
-        if last is not None and not isinstance(last, Static):  # the answer (streaming text or Markdown)
+        children = list(self.body.children)
+        after = children[children.index(self._question) + 1:] if self._question in children else []
+        if after:
             self._unanchor()
-            await last.remove()
+            await self.body.remove_children(after)
         self._text = None
 
     def add(self, text: str, tokens: int) -> None:

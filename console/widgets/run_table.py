@@ -22,7 +22,7 @@ from textual.widgets import DataTable
 from console.colours import run_colour
 from console.text import terminal_safe
 from engine.procs import run_processes_gone
-from engine.run_facts import current_start, elapsed, format_duration
+from engine.run_facts import current_start, elapsed, format_duration, user_overrides
 
 if TYPE_CHECKING:
     from console.series import History
@@ -110,7 +110,7 @@ def cells(run: dict[str, Any], history: History, marked: bool, group: str = "",
         format_duration(elapsed(run)) if run["started"] else "-",
         f"{BEST_LABEL.get(best[0], best[0])} {best[1]:.4g}" if best else "-",
         trend(run, history),
-        Text(terminal_safe(overrides_text(run))),
+        Text(terminal_safe(overrides_text(run, pipeline))),
         started,
     )
 
@@ -140,11 +140,11 @@ def trend(run: dict[str, Any], history: History) -> str:
 _trend_cache: dict[int, tuple[tuple, str]] = {}
 
 
-def searchable(run: dict[str, Any]) -> str:
+def searchable(run: dict[str, Any], pipeline: dict[str, Any] | None = None) -> str:
     """What `/` matches a run against, lower case."""
-    pipeline = f"pipeline {run['pipeline_id']}" if run.get("pipeline_id") is not None else ""
-    return " ".join(str(part) for part in (run["id"], run["stage"], run["name"], run.get("note") or "", pipeline,
-                                           overrides_text(run), shown_status(run))).lower()
+    label = f"pipeline {run['pipeline_id']}" if run.get("pipeline_id") is not None else ""
+    return " ".join(str(part) for part in (run["id"], run["stage"], run["name"], run.get("note") or "", label,
+                                           overrides_text(run, pipeline), shown_status(run))).lower()
 
 
 RECIPE_CELLS = 36  # the recipe column's widest text
@@ -158,14 +158,11 @@ def _cut(text: Text) -> Text:
     return text
 
 
-def overrides_text(run: dict[str, Any]) -> str:
-    """The run's --set overrides, short: what tells ten runs of one recipe apart."""
-    try:
-        items = json.loads(run.get("overrides") or "[]")
-    except ValueError:
-        return ""
-    return " ".join(str(item).split(".", 1)[1] if str(item).startswith(f"{run['stage']}.") else str(item)
-                    for item in items)
+def overrides_text(run: dict[str, Any], pipeline: dict[str, Any] | None = None) -> str:
+    """The run's --set overrides, short: what tells ten runs of one recipe apart (a pipeline's stage: its
+    pipeline's, not the wiring every stage of it has)."""
+    return " ".join(item.split(".", 1)[1] if item.startswith(f"{run['stage']}.") else item
+                    for item in user_overrides(run, pipeline))
 
 
 class RunTable(DataTable):
@@ -220,7 +217,8 @@ class RunTable(DataTable):
                   if (not folded or r.get("pipeline_id") is None or heads[r["pipeline_id"]] == r["id"])
                   and (self.status_filter is None or shown_status(r) == self.status_filter)
                   and (self.stage_filter is None or r["stage"] == self.stage_filter)
-                  and (not self.text_filter or self.text_filter in searchable(r))]
+                  and (not self.text_filter or
+                       self.text_filter in searchable(r, self.pipelines.get(r.get("pipeline_id"))))]
         key = {"id": lambda r: r["id"], "stage": lambda r: (r["stage"], r["id"]),
                "status": lambda r: (shown_status(r), r["id"]), "started": lambda r: (r["started"] or 0, r["id"]),
                "best": lambda r: (self._best_key(r), r["id"]), "ETA": lambda r: (self._eta_key(r), r["id"])}
