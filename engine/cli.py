@@ -316,7 +316,7 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
               f"{pipeline['status']}{ended}{why}")
     width = max([16, *(len(run["name"]) for run in rows)])  # whole names: "tiny sft (pipeline 1)" tells runs apart
     print(f"{'id':>4} {'stage':5} {'name':{width}} {'status':9} {'step':>14} {'time':>7} {'started':19} "
-          f"{'pipeline':8} error")
+          f"{'pipeline':8} note · error")
     for run in rows:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["started"])) if run["started"] else "-"
         step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
@@ -328,8 +328,10 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
         why = error_summary(run["error"]) if run["status"] in ("failed", "diverged") else ""
         if silent.get(run["id"]) is not None:  # running by its row, yet nothing arrives: a hung rank, a SIGSTOP
             why = f"silent {format_duration(silent[run['id']])}: nothing logged, far past its own pace"
+        # The user's note first (the console shows it by the name), on one line.
+        said = " · ".join(filter(None, (" ".join((run.get("note") or "").split()), why)))
         print(f"{run['id']:>4} {run['stage']:5} {run['name']:{width}} {run['status']:9} {step:>14} {took:>7} "
-              f"{started:19} {in_pipeline:8} {why}".rstrip())
+              f"{started:19} {in_pipeline:8} {said}".rstrip())
     return 0
 
 

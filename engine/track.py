@@ -36,6 +36,10 @@ class StoreCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if self.store is None or not state.is_world_process_zero or not logs:
             return
+        if "train_runtime" in logs:
+            # The trainer's end-of-stretch summary (runtime, samples/s, the stretch's mean loss): train.log
+            # prints it; as metrics it made one-point "curves" in the console's list after every stop or end.
+            return
         logs = self._continued(logs)
         self.store.log_metrics(self.run_id, state.global_step, logs)
         self.last_logs.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})

@@ -193,12 +193,13 @@ def test_rlhf_runs_names_a_running_run_that_has_logged_nothing_far_past_its_own_
             for step in range(1, 51):  # a step every 2 s, each with two metrics, the newest `quiet` ago
                 store.log_metrics(runs[name], step, {"loss": 1.0, "lr": 1e-4},
                                   wall_time=now - quiet - 2 * (50 - step))
+        store.update_run(runs["busy"], note="lr sweep,\nwarmup off")  # the console's n: shown here too
 
     listed = subprocess.run([*RLHF, "runs"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
     line = {int(row.split()[0]): row for row in listed.stdout.splitlines()[1:]}
     assert " running " in line[runs["hung"]] and "silent 15m" in line[runs["hung"]], listed.stdout
-    assert "silent" not in line[runs["busy"]]
+    assert "silent" not in line[runs["busy"]] and line[runs["busy"]].endswith(" lr sweep, warmup off")
     assert "silent" not in line[runs["resumed"]]  # its 15 quiet minutes were a stop: resumed 10 s ago
     scripted = subprocess.run([*RLHF, "runs", "--json"], capture_output=True, text=True, timeout=60)
     objects = {row["id"]: row for row in map(json.loads, scripted.stdout.splitlines())}

@@ -49,6 +49,8 @@ def test_sft_loss_falls_and_the_export_reloads_and_generates(workdir):
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4
     assert [s for s, _ in metric(run_id, "mean_token_accuracy")] == list(range(1, 25))
+    assert not metric(run_id, "train_runtime") and not metric(run_id, "train_loss")  # the summary: train.log's
+    assert "'train_runtime'" in (Path(run["output_dir"]) / "train.log").read_text(encoding="utf-8")
 
     final = Path(run["output_dir"]) / "final"
     assert (final / "model.safetensors").is_file() and (workdir / "runs" / str(run_id) / "checkpoint-12").is_dir()

@@ -74,6 +74,9 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         Binding("i", "focus_input", "Type"),
         Binding("r,ctrl+r", "regenerate('both')", "Regenerate"),
         Binding("x", "stop", "Stop answers"),
+        # The key a terminal user presses to stop output: the answers, while any is written (the box's copy
+        # of a selection comes first; with none it passes the key on); else the console's quit hint.
+        Binding("ctrl+c", "interrupt", "Stop answers", show=False),
         Binding("left_square_bracket", "regenerate('left')", "Regen left", show=False),
         Binding("right_square_bracket", "regenerate('right')", "Regen right", show=False),
         Binding("d", "diff", "Diff"),
@@ -305,6 +308,12 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
             await pane.drop_last_answer()
             await pane.begin(None)
             self._send(side)
+
+    def action_interrupt(self) -> None:
+        if any(self.panes[side].busy for side in self.sides):
+            self.action_stop()
+        else:
+            self.app.action_help_quit()
 
     def action_stop(self) -> None:
         """x: the answers being written end where they are (each worker hears it between two tokens)."""
