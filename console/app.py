@@ -313,6 +313,8 @@ class RlhfConsole(SaysWorkerFailures, App):
                 return
             self.notify(message.error, title=f"{message.verb} failed", severity="error", timeout=15, markup=False)
             return
+        if message.warning:
+            self.notify(message.warning, title=message.verb, severity="warning", timeout=15, markup=False)
         if message.note:
             self.notify(message.note, title=message.verb, markup=False)
             if message.verb == "launch":
@@ -413,11 +415,11 @@ class RlhfConsole(SaysWorkerFailures, App):
             from engine.evaluate import start_detached_resume
 
             try:
-                start_detached_resume(run_id, self.db_path)
+                warnings = start_detached_resume(run_id, self.db_path)
             except Exception as err:  # RecipeError (its eval folder or judge is gone), StoreError, OSError
                 self.post_message(ActionDone("resume", run_id, str(err)))
                 return
-            self.post_message(ActionDone("resume", run_id))
+            self.post_message(ActionDone("resume", run_id, warning="\n".join(warnings) or None))
             return
         launch = json.loads(run.get("launch") or "null") or {}
         accelerate = launch.get("accelerate_config")

@@ -71,6 +71,7 @@ class ActionDone(Message):
     fields: dict[str, str] | None = None
     note: str | None = None  # what to tell the user when the action is not about one run
     pipeline_id: int | None = None  # a pipeline launched: its first run is selected once it appears
+    warning: str | None = None  # said beside a success (a judge whose model list lacks its model, say)
 
 
 @dataclass

@@ -134,9 +134,10 @@ def resolve_checkpoint(spec: str, db_path: str | Path, kind: str = "answering mo
     return str(Path(spec).expanduser().resolve())
 
 
-def validate(config: EvalConfig, preflight: bool = True) -> list[Item]:
+def validate(config: EvalConfig, preflight: bool = True, warnings: list[str] | None = None) -> list[Item]:
     """Everything checkable before a model loads or a run is registered; returns the items. `preflight`:
-    look at the judge's endpoint too (once per command: a resume looked before its claim)."""
+    look at the judge's endpoint too (once per command: a resume looked before its claim). `warnings`: where
+    what is worth saying but no error goes (else standard error): a console has no terminal to print to."""
     from engine.knobs import decode_path
     from engine.train import model_folder_problem
 
@@ -154,7 +155,9 @@ def validate(config: EvalConfig, preflight: bool = True) -> list[Item]:
             warning = judge.preflight() if preflight else None
         except JudgeSetupError as err:
             raise RecipeError(str(err)) from None
-        if warning:
+        if warning and warnings is not None:
+            warnings.append(f"judge: {warning}; its calls may fail")
+        elif warning:
             print(f"judge: {warning}; its calls may fail", file=sys.stderr, flush=True)
     elif config.reward_model is None:
         raise RecipeError("--reward-model: the rm judge needs the reward model's folder (an rm run's export)")
@@ -165,13 +168,14 @@ def validate(config: EvalConfig, preflight: bool = True) -> list[Item]:
     return items
 
 
-def validate_resume(config: EvalConfig, db_path: str | Path, run_id: int) -> list[Item]:
+def validate_resume(config: EvalConfig, db_path: str | Path, run_id: int,
+                    warnings: list[str] | None = None) -> list[Item]:
     """`validate` for a resume, and the eval set still the one the run began on: its items are numbered by
     line, so a question inserted or edited since would pair answers and scores with other questions."""
     from engine.scores import DifferentItems, shared_items
     from engine.store import EvalStore, Store
 
-    items = validate(config)
+    items = validate(config, warnings=warnings)
     with Store(db_path) as store:
         stored = EvalStore(store).items(run_id)
     if not stored:  # stopped before it registered its questions
@@ -510,11 +514,11 @@ def _check_answers_from(db_path: str | Path, source: int, items: list[Item]) -> 
         raise RecipeError(f"--answers-from {source}: run {source} has no answer to any of these questions")
 
 
-def start_detached_resume(run_id: int, db_path: str | Path) -> None:
+def start_detached_resume(run_id: int, db_path: str | Path) -> list[str]:
     """`rlhf eval belle --resume-run` in a session of its own (the console's `r`): it outlives the console,
     writes its runs/<id>/train.log, and is stopped through its own group. What would make it fail at once
     (the run is not an evaluation or is running; its eval folder, judge or reward model is gone) is raised
-    here instead, where the caller can show it."""
+    here instead, where the caller can show it; what is only worth a warning is returned."""
     from engine.procs import spawn_detached
     from engine.run import LOG_NAME, settled
     from engine.store import Store
@@ -524,13 +528,15 @@ def start_detached_resume(run_id: int, db_path: str | Path) -> None:
         run = settled(store, run_id)
     if run["status"] in ("pending", "running"):
         raise RecipeError(f"run {run_id} is {run['status']}")
-    validate_resume(config, db_path, run_id)
+    warnings: list[str] = []
+    validate_resume(config, db_path, run_id, warnings)
     folder = Path(run["output_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     # Into its log from its first line (what fails before the run takes its log over is seen there too).
     with open(folder / LOG_NAME, "ab") as log:
         spawn_detached([sys.executable, "-m", "engine.cli", "eval", "belle", "--resume-run", str(run_id), "--db",
                         str(Path(db_path).resolve())], log)
+    return warnings
 
 
 def config_from_run(db_path: str | Path, run_id: int) -> EvalConfig:

@@ -595,15 +595,19 @@ async def test_an_evaluation_stopped_from_the_console_resumes_from_it(workdir, m
             release.set()
             await wait_for(pilot, lambda: app.runs[1]["status"] == "stopped", 120, "the stop")
             assert proc.wait(timeout=60) == 143
+            server.models = ["gpt-4o"]  # its list lacks the judge's model now: a warning, which the console says
             await pilot.press("r")
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the resume dialog")
             await pilot.press("y")
+            await wait_for(pilot, lambda: any("does not list it" in str(note.message) and note.severity == "warning"
+                                              for note in app._notifications), 60, "the judge's warning")
             await wait_for(pilot, lambda: app.runs[1]["status"] == "done", 180, "the resumed evaluation")
         with Store(os.environ["RLHF_DB"]) as store:
             assert len(EvalStore(store).judgments(1)) == n
             run = store.run(1)
         log = (workdir / "runs" / "1" / "train.log").read_text(encoding="utf-8")
-        assert log.count("judge: ") == 2  # the first stretch's plan and the resumed one's
+        assert log.count("calls to make") == 2  # the first stretch's plan and the resumed one's
+        assert log.count("its calls may fail") == 1  # the resumed process's own look, in its log
         # The resumed process's output is in the log from its first line, before its run takes the log over
         # (and once: never both written there and copied there).
         assert log.count("items scorable") == 1
