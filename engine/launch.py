@@ -184,9 +184,10 @@ def prepare(
                 if not store.claim_for_resume(run_id, {**(change or {}), "launch": launch}):
                     raise RecipeError(f"run {run_id} is being resumed or is still running")
             output_dir = Path(store.run(run_id)["output_dir"])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    argv = accelerate_argv(stage, recipe_path, overrides, accelerate_config, num_processes, str(db))
-    env = launch_env(accelerate, run_id, db)
+    with _closed_if_not_started(db, run_id if machine_rank == 0 else None):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        argv = accelerate_argv(stage, recipe_path, overrides, accelerate_config, num_processes, str(db))
+        env = launch_env(accelerate, run_id, db)
     return Prepared(run_id, argv, env, output_dir / LOG_NAME, machine_rank == 0, db)
 
 
@@ -420,7 +421,7 @@ def supervise(run: Prepared, echo: bool = False) -> int:
     leaves the run going.
     """
     db = run.db_path
-    with _closed_if_not_started(run), open(run.log_path, "ab") as log:
+    with _closed_if_not_started(db, run.run_id if run.registered else None), open(run.log_path, "ab") as log:
         offset = log.tell()
         proc = subprocess.Popen(
             run.argv, env={**os.environ, **run.env}, stdin=subprocess.DEVNULL, stdout=log,
@@ -510,16 +511,17 @@ def _wait_for_group(pgid: int, patience_s: float, longer: Callable[[], float | N
 
 
 @contextmanager
-def _closed_if_not_started(run: Prepared) -> Iterator[None]:
-    """A registered (or claimed) run whose processes could not be started is failed, with why: its row would
-    otherwise say pending for as long as the process that registered it lives (a console: for days)."""
+def _closed_if_not_started(db_path: Path, run_id: int | None) -> Iterator[None]:
+    """A run registered (or claimed) in `db_path` whose processes could not be started is failed, with why:
+    its row would otherwise say pending for as long as the process that registered it lives (a console: for
+    days). None: a run another machine registered."""
     try:
         yield
     except BaseException as err:
-        if run.registered:
+        if run_id is not None:
             why = f"{type(err).__name__}: {err}" if str(err) else f"interrupted ({type(err).__name__})"
-            with suppress(Exception), Store(run.db_path) as store:  # the first error is the one to report
-                store.update_run(run.run_id, status="failed", ended=time.time(), exit_code=1,
+            with suppress(Exception), Store(db_path) as store:  # the first error is the one to report
+                store.update_run(run_id, status="failed", ended=time.time(), exit_code=1,
                                  error=f"its processes could not be started: {why}")
         raise
 
@@ -530,7 +532,7 @@ def start_detached(run: Prepared) -> int:
     Nothing ties it to the caller: no shared process group, stdin closed, output to the run's log. The
     caller (the console) may exit or lose its terminal; the run and its bookkeeping carry on.
     """
-    with _closed_if_not_started(run):
+    with _closed_if_not_started(run.db_path, run.run_id if run.registered else None):
         launch_file = run.save()
         argv = [sys.executable, "-m", "engine.launch", "supervise", str(launch_file)]
         with open(run.log_path, "ab") as log:

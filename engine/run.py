@@ -125,6 +125,7 @@ def register_run(store: Store, stage: Stage, recipe: Recipe, recipe_path: str, o
         output_root=recipe.output_root,
         pipeline_id=int(os.environ[PIPELINE_ENV]) if os.environ.get(PIPELINE_ENV) else None,
         launch=launch,
+        registrar=os.getpid(),
     )
 
 

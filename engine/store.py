@@ -465,13 +465,13 @@ class Store:
         output_root: str = "runs",
         pipeline_id: int | None = None,
         launch: str | None = None,
+        registrar: int | None = None,
     ) -> int:
+        """`registrar`: the process that registers the run, the run's until it starts one (its supervisor,
+        its own trainer), as a resume's claimer is: one killed in between leaves a row any look closes, not
+        one pending for good. `launch` goes in the same write: a stop signals the pid of a row with none (an
+        in-process run), and the registrar of a launched run may be a console."""
         root = Path(output_root).resolve()
-        # The registering process is the run's until it starts one (its supervisor, its own trainer), as a
-        # resume's claimer is: one killed in between leaves a row any look closes, not one pending for good.
-        # `launch` in the same write: a row with a pid and none is an in-process run, which a stop signals,
-        # and the registering process may be a console.
-        me = os.getpid()
         with self._write() as db:
             table = db["runs"]
             last = db.execute("SELECT value FROM meta WHERE key = 'last_run_id'").fetchone()[0]
@@ -494,8 +494,8 @@ class Store:
                     "status": "pending",
                     "created": time.time(),
                     "host": socket.gethostname(),
-                    "pid": me,
-                    "pgid_started": process_start(me),
+                    "pid": registrar,
+                    "pgid_started": process_start(registrar) if registrar else None,
                     "pipeline_id": pipeline_id,
                     "launch": launch,
                 }

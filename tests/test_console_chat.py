@@ -160,7 +160,7 @@ async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
         await pilot.press("m")  # saved: no question; a new exchange, sides shuffled and named A and B
         await wait_for(pilot, lambda: screen.blind, 10, "blind mode")
         # The last answer's figures go with it: they could tell the hidden models apart.
-        assert all(str(screen.panes[s].stats.render()).startswith("ready on ") for s in ("left", "right"))
+        assert all(str(screen.panes[s].stats.render()) == "ready" for s in ("left", "right"))
         assert screen.blind and {str(screen.panes[s].heading.render()) for s in ("left", "right")} == {"A", "B"}
         await ask(pilot, screen, "Say hello.")
         await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()) and screen.questions, 60,
@@ -174,7 +174,9 @@ async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
         assert json.loads(vote["transcript"])["left"][0]["content"] == "Say hello."
         assert "=" in str(screen.panes[b_side].heading.render())  # revealed after the vote
         await pilot.press("2", "S")
-        assert len(_chats()) == 2  # one vote per exchange, and the vote saved it (S said so: no second row)
+        await wait_for(pilot, lambda: any("saved already" in str(note.message) for note in app._notifications), 10,
+                       "S refused")
+        assert len(_chats()) == 2  # one vote per exchange, and the vote saved it: no second row
 
         await pilot.press("n")  # a new chat in blind mode: shuffled anew, names hidden again
         assert {str(screen.panes[s].heading.render()) for s in ("left", "right")} == {"A", "B"}
@@ -552,6 +554,9 @@ async def test_a_cut_stream_is_not_an_answer_and_each_answer_keeps_its_sampling(
                            "the second answers")
             assert cutting.calls[1]["messages"] == [{"role": "user", "content": "second"}]
             assert [m["content"] for m in steady.calls[1]["messages"]] == ["first", "steady 0", "second"]
+            # The two conversations parted there: said when it happened, not found in the saved transcript.
+            assert any(str(note.message).startswith("left has no answer to the last question")
+                       for note in app._notifications)
             await pilot.press("escape", "S")
             await wait_for(pilot, lambda: _chats(), 20, "the saved chat")
         transcript = json.loads(_chats()[-1]["transcript"])
@@ -871,6 +876,11 @@ async def test_a_pasted_prompt_keeps_its_lines_and_an_unreachable_endpoint_is_na
             assert box.text == ""
             question = screen.panes["left"].body.query(".user-turn").first()
             assert str(question.render()) == "> " + pasted + "\nok?"
+            await pilot.press("escape", "q")  # leaving would lose the unsaved conversation: asked first
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the question")
+            assert str(app.screen.question).startswith("leaving the chat: this conversation (1 question)")
+            await pilot.press("n")
+            await wait_for(pilot, lambda: app.screen is screen, 10, "the chat, kept")
 
             server.close()  # the endpoint goes away: the error says which one
             await pilot.press("escape", "r")

@@ -283,6 +283,13 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
             self.item = None  # a vote is tied to a BELLE item only when that question opens the exchange
         elif self.item is not None:
             question = self.item[2]  # as the eval set has it, whatever spaces were edited in the box
+        unanswered = [side for side in self.sides if self.turns[side] and self.turns[side][-1]["role"] == "user"]
+        if unanswered and len(unanswered) < len(self.sides):
+            # The two conversations part here: one side goes on without the last exchange the other has.
+            name = self._side_name(unanswered[0])
+            self.notify(f"{name} has no answer to the last question: its conversation goes on without that exchange, "
+                        "the other's with it (r, before asking, would have asked it again)", severity="warning",
+                        markup=False)
         self.questions.append(question)
         self.voted = None
         for side in self.sides:
@@ -355,10 +362,19 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
 
     async def _new_blind_exchange(self) -> None:
         await self._start_over()
+        for side in self.sides:  # where each model runs (an endpoint, a GPU, its load time) would name it
+            if self.ready.get(side) and not self.panes[side].dead:
+                self.panes[side].set_stats("ready")
         sides = list(SIDES)
         random.shuffle(sides)
         self.shown = {"A": sides[0], "B": sides[1]}
         self._titles()
+
+    def _side_name(self, side: str) -> str:
+        """How the user knows a side now: A or B while a blind exchange is hidden, else left or right."""
+        if self.blind and self.voted is None:
+            return next(name for name, shown in self.shown.items() if shown == side)
+        return side
 
     def _titles(self) -> None:
         for name, side in self.shown.items():
@@ -461,6 +477,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
             await self.panes[side].clear()
             self.panes[side].busy = False
         self.questions, self.voted, self.regenerations, self.item = [], None, 0, None
+        self.saved = None  # the same questions asked again are a conversation of their own, not saved yet
 
     @work(thread=True, group="chat-belle", exit_on_error=False)
     def action_belle_question(self) -> None:
@@ -510,7 +527,13 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
     def action_leave_input(self) -> None:
         self.set_focus(None)
 
-    def action_close(self) -> None:
+    async def action_close(self) -> None:
+        what = "quitting" if self.standalone else "leaving the chat"
+        if self._keep_conversation(what, self._close):
+            return
+        await self._close()
+
+    async def _close(self) -> None:
         if self.standalone:
             self.app.exit()
         else:

@@ -172,7 +172,8 @@ class ChatPane(Vertical):
         self._flush()
         self.dead, self.busy, self._text = False, False, None
         await self.note(note)
-        self.set_stats("starting")
+        self.idle = "starting"
+        self.set_stats(self.idle)
 
     async def note(self, text: str) -> None:
         """A line about the conversation (not part of it), below what is shown."""
