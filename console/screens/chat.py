@@ -76,7 +76,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         Binding("x", "stop", "Stop answers"),
         # The key a terminal user presses to stop output: the answers, while any is written (the box's copy
         # of a selection comes first; with none it passes the key on); else the console's quit hint.
-        Binding("ctrl+c", "interrupt", "Stop answers", show=False),
+        Binding("ctrl+c", "interrupt", "Stop answers, from the question box too", show=False),
         Binding("left_square_bracket", "regenerate('left')", "Regen left", show=False),
         Binding("right_square_bracket", "regenerate('right')", "Regen right", show=False),
         Binding("d", "diff", "Diff"),
