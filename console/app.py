@@ -11,6 +11,7 @@ the first frame.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -26,6 +27,7 @@ from textual.worker import get_current_worker
 
 from console.messages import (
     ActionDone,
+    ChatSaved,
     ChatSettingsChosen,
     GpuRead,
     HistoryReset,
@@ -511,20 +513,25 @@ class RlhfConsole(SaysWorkerFailures, App):
         self.post_message(ActionDone("delete", run_id))
 
     @work(thread=True, group="actions", exit_on_error=False)
-    def save_chat(self, record: dict[str, Any]) -> None:
-        """A chat exchange (and its blind vote, if any) into runs.db."""
+    def save_chat(self, record: dict[str, Any], screen: Screen | None = None) -> None:
+        """A chat exchange (and its blind vote, if any) into runs.db (over the row `record["replaces"]` names,
+        if any); `screen` hears its id."""
         from engine.store import EvalStore, Store
 
         try:
             with Store(self.db_path) as store:
                 chat_id = EvalStore(store).add_chat(
                     record["left"], record["right"], record["settings"], record["transcript"], record["blind"],
-                    record["vote"], record["a_is"], record.get("item_id"), record.get("category"))
+                    record["vote"], record["a_is"], record.get("item_id"), record.get("category"),
+                    record.get("replaces"))
         except Exception as err:  # StoreError, sqlite3.Error, OSError
             self.post_message(ActionDone("save chat", None, str(err)))
             return
+        if screen is not None:
+            screen.post_message(ChatSaved(chat_id, json.dumps(record["transcript"], sort_keys=True)))
         what = "vote" if record["vote"] else "exchange"
-        self.post_message(ActionDone("save chat", None, note=f"{what} saved as chat {chat_id} in {self.db_path}"))
+        verb = "added to" if record.get("replaces") == chat_id else "saved as"
+        self.post_message(ActionDone("save chat", None, note=f"{what} {verb} chat {chat_id} in {self.db_path}"))
 
     @work(thread=True, group="actions", exit_on_error=False)
     def export_scores(self) -> None:

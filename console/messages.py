@@ -93,6 +93,14 @@ class BelleQuestion(Message):
 
 
 @dataclass
+class ChatSaved(Message):
+    """A chat exchange is in runs.db as chat `chat_id`, with this transcript (JSON, as the screen compares it)."""
+
+    chat_id: int
+    transcript: str
+
+
+@dataclass
 class ChatModelsResolved(Message):
     """The chat screen's model specs, resolved to folders or endpoints (or why they cannot be)."""
 

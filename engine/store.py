@@ -989,13 +989,19 @@ class EvalStore:
     # -- chats ----------------------------------------------------------------------------------------------
     def add_chat(self, left: str, right: str, settings: Mapping[str, Any], transcript: Any, blind: bool = False,
                  vote: str | None = None, a_is: str | None = None, item_id: int | None = None,
-                 category: str | None = None) -> int:
+                 category: str | None = None, replaces: int | None = None) -> int:
+        """A chat exchange; `replaces`: the id of the row this one supersedes (the same exchange saved before
+        its vote), rewritten in place so that an exchange is one row."""
+        values = [left, right, json.dumps(dict(settings)), json.dumps(transcript, ensure_ascii=False), int(blind),
+                  vote, a_is, item_id, category]
         with self.store._write() as db:
+            if replaces is not None and db.conn.execute(
+                    "UPDATE chats SET left_model = ?, right_model = ?, settings = ?, transcript = ?, blind = ?, "
+                    "vote = ?, a_is = ?, item_id = ?, category = ? WHERE id = ?", [*values, replaces]).rowcount:
+                return replaces
             cursor = db.conn.execute(
                 "INSERT INTO chats (created, left_model, right_model, settings, transcript, blind, vote, a_is, "
-                "item_id, category) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [time.time(), left, right, json.dumps(dict(settings)), json.dumps(transcript, ensure_ascii=False),
-                 int(blind), vote, a_is, item_id, category])
+                "item_id, category) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [time.time(), *values])
             return int(cursor.lastrowid)
 
     def chats(self) -> list[dict[str, Any]]:

@@ -165,10 +165,13 @@ async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
         await ask(pilot, screen, "Say hello.")
         await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()) and screen.questions, 60,
                        "the blind answers")
-        await pilot.press("escape", "2")  # B is better
+        await pilot.press("escape", "S")  # saved before the vote: the vote then completes that row
+        await wait_for(pilot, lambda: len(_chats()) == 2 and screen.saved_as is not None, 20, "the saved exchange")
+        await pilot.press("2")  # B is better
         assert screen.voted == "B"
         b_side = screen.shown["B"]
-        await wait_for(pilot, lambda: len(_chats()) == 2, 20, "the vote in runs.db")
+        await wait_for(pilot, lambda: _chats()[-1]["vote"] is not None, 20, "the vote in runs.db")
+        assert len(_chats()) == 2  # one exchange, one row
         vote = _chats()[-1]
         assert vote["blind"] == 1 and vote["vote"] == b_side and vote["a_is"] == screen.shown["A"]
         assert json.loads(vote["transcript"])["left"][0]["content"] == "Say hello."

@@ -23,7 +23,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, Input, Label, Static
 
 from console.chat_client import ChatWorker, ModelChoice, parse_choice
-from console.messages import BelleQuestion, ChatEvent, ChatModelsResolved, ChatSettingsChosen
+from console.messages import BelleQuestion, ChatEvent, ChatModelsResolved, ChatSaved, ChatSettingsChosen
 from console.screens.dialogs import ConfirmScreen, TextScreen
 from console.text import terminal_safe
 from console.widgets.chat_pane import ChatPane
@@ -116,6 +116,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         self.shown: dict[str, str] = {"A": "left", "B": "right"}  # display name -> side, blind mode only
         self.voted: str | None = None
         self.saved: str | None = None  # the transcript as last saved (S or a vote), to tell what is unsaved
+        self.saved_as: tuple[int, str] | None = None  # runs.db's row for it: (chat id, its transcript)
         self.ready: dict[str, bool] = {}
         self.item: tuple[int, str, str] | None = None  # the BELLE question being asked (id, category, text)
         self.panes = {side: ChatPane(side, id=f"pane-{side}") for side in SIDES}
@@ -419,7 +420,12 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
 
     def _save(self, record: dict[str, Any]) -> None:
         self.saved = self._transcript()
-        self.app.save_chat(record)
+        if self.saved_as is not None and self.saved_as[1] == self.saved:
+            record["replaces"] = self.saved_as[0]  # S, then the vote: one exchange, one row (with its vote)
+        self.app.save_chat(record, self)
+
+    def on_chat_saved(self, message: ChatSaved) -> None:
+        self.saved_as = (message.chat_id, message.transcript)
 
     @property
     def unsaved(self) -> bool:
@@ -477,7 +483,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
             await self.panes[side].clear()
             self.panes[side].busy = False
         self.questions, self.voted, self.regenerations, self.item = [], None, 0, None
-        self.saved = None  # the same questions asked again are a conversation of their own, not saved yet
+        self.saved = self.saved_as = None  # the same questions asked again are a new conversation, not saved
 
     @work(thread=True, group="chat-belle", exit_on_error=False)
     def action_belle_question(self) -> None:
