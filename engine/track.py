@@ -28,6 +28,9 @@ class StoreCallback(TrainerCallback):
         self.token_offset = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # A resume loads the intervals from the checkpoint's trainer_state.json, over the recipe's: a
+        # --set train.save_steps the resume allowed (and recorded) went unused, and no checkpoint came.
+        state.compute_steps(args, state.max_steps)
         if self.store is not None and state.is_world_process_zero:
             self.store.update_run(self.run_id, total_steps=state.max_steps)
             if state.global_step > 0:  # resumed: its history after the checkpoint was dropped

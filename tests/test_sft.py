@@ -229,3 +229,16 @@ def test_a_resume_sets_aside_the_checkpoints_past_its_own_so_that_the_next_resum
 
     assert main(["train", "sft", "--resume-run", str(run_id), "--set", "train.max_steps=7", "--allow-change"]) == 0
     assert [s for s, _ in metric(run_id, "loss")] == [1, 2, 3, 4, 5, 6, 7]  # 5 trained once, then 6 and 7 from it
+
+
+def test_a_resume_saves_logs_and_evaluates_at_the_intervals_it_was_given(workdir):
+    """`--allow-change --set train.save_steps=1` on a resume was recorded and ignored: the trainer took its
+    intervals from the checkpoint's trainer_state.json, and the run saved no checkpoint where it was told."""
+    from engine.cli import main
+
+    run_id, _ = run_stage("sft", str(TINY), ["train.max_steps=2", "train.logging_steps=2", "train.save_steps=2"])
+    folder = workdir / "runs" / str(run_id)
+    assert main(["train", "sft", "--resume-run", str(run_id), "--set", "train.max_steps=5", "--set",
+                 "train.save_steps=1", "--set", "train.logging_steps=1", "--allow-change"]) == 0
+    assert sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*")) == [3, 4, 5]  # the newest 3 kept
+    assert [s for s, _ in metric(run_id, "loss")][-3:] == [3, 4, 5]
