@@ -200,7 +200,7 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
 
     db_path = db or default_db_path()
     grace_s = stop_grace_s()  # a bad RLHF_STOP_GRACE_S is said before anything is signalled
-    with Store(db_path) as store:
+    with Store(db_path, create=False) as store:
         run = store.run(run_id)
     asked = None
     if run["status"] in ("pending", "running"):
@@ -277,17 +277,14 @@ def _decoded(row: dict) -> dict:
 
 
 def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = False) -> int:
-    from engine.config import RecipeError
     from engine.run_facts import STALL_WINDOW, current_start, elapsed, error_summary, format_duration, silent_for
     from engine.store import Store, default_db_path
 
     path = db or default_db_path()
-    if not os.path.exists(path):  # a look must not create an empty runs.db where there was none
-        raise RecipeError(f"{path}: no runs database here (run from the folder that has runs.db, or give --db)")
     from engine.pipeline import settle_pipelines
     from engine.run import settle_active
 
-    with Store(path) as store:
+    with Store(path, create=False) as store:  # a look must not create an empty runs.db where there was none
         settle_active(store)  # a run (or pipeline) whose processes are gone is failed, not running
         settle_pipelines(store, store.pipelines())
         rows = store.runs()

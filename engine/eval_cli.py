@@ -112,8 +112,9 @@ def _belle(args: argparse.Namespace) -> int:
 
     db = _db(args)
     if args.resume_run is not None:
-        with Store(db) as store:
-            status = store.run(args.resume_run)["status"]
+        with Store(db, create=False) as store:
+            row = store.run(args.resume_run)
+        status = row["status"] if row["stage"] == "eval" else None  # another stage: config_from_run says so
         if status == "done":  # before the judge's key and endpoint are looked at for nothing
             raise RecipeError(f"run {args.resume_run} is done: every question has its verdict (rlhf eval table shows "
                               f"it); to judge its answers anew: rlhf eval belle --answers-from {args.resume_run} …")
@@ -194,7 +195,7 @@ def _eval_run_ids(db: Path, wanted: list[int], option: str) -> None:
     """Each id names an evaluation run in `db`, or the command stops here, naming the option."""
     from engine.store import Store
 
-    with Store(db) as store:
+    with Store(db, create=False) as store:
         stages = {r["id"]: r["stage"] for r in store.runs()}
     for run_id in wanted:
         if run_id not in stages:
@@ -206,10 +207,11 @@ def _eval_run_ids(db: Path, wanted: list[int], option: str) -> None:
 
 def _table(args: argparse.Namespace) -> int:
     from engine.scores import NotComparable, render
+    from engine.store import Store
 
     db = _db(args)
-    if not db.exists():
-        raise RecipeError(f"{db}: no runs database here (give --db)")
+    with Store(db, create=False):  # a look must not create an empty runs.db where there was none
+        pass
     wanted = None
     if args.runs:
         try:

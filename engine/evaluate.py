@@ -105,7 +105,7 @@ def resolve_checkpoint(spec: str, db_path: str | Path, kind: str = "answering mo
 
     if spec.isdigit():
         try:
-            with Store(db_path) as store:
+            with Store(db_path, create=False) as store:
                 run = store.run(int(spec))
         except StoreError as err:
             raise RecipeError(f"{what} {spec}: {err}") from None
@@ -543,7 +543,7 @@ def config_from_run(db_path: str | Path, run_id: int) -> EvalConfig:
     """The resolved settings an evaluation run was started with (what a resume continues)."""
     from engine.store import Store
 
-    with Store(db_path) as store:
+    with Store(db_path, create=False) as store:
         run = store.run(run_id)
     if run["stage"] != "eval":
         raise RecipeError(f"run {run_id} is {a_run_of(run['stage'])}, not an evaluation")

@@ -325,7 +325,7 @@ def _no_stage_alive(store: Store, pipeline_id: int) -> None:
 def resume(pipeline_id: int, db_path: str | os.PathLike) -> None:
     """Check that the pipeline can continue: it exists, is not running now, nor is any of its stages (a
     detached resume must say so here, not in its log after it has returned)."""
-    with Store(db_path) as store:
+    with Store(db_path, create=False) as store:
         row = settled_pipeline(store, pipeline_id)
         # Still active after the look: alive here, on another machine (not ours to judge), or a detached
         # start whose process has not recorded itself yet; a row that never got a process is let go.

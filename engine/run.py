@@ -222,7 +222,7 @@ def after_stop(stage: str, run_id: int, db: str | os.PathLike | None, command: s
 def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> dict[str, Any]:
     """The run to continue, or a RecipeError saying why it cannot be."""
     try:
-        with Store(db_path) as store:
+        with Store(db_path, create=False) as store:
             run = settled(store, run_id)
             foreign = store.foreign_folder(run)
     except StoreError as err:

@@ -389,8 +389,13 @@ def _access_denied(path: Path) -> str | None:
 class Store:
     """A connection to runs.db. Safe to share between threads (calls are serialised by a lock)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, create: bool = True):
+        """`create`: make an empty runs.db where there is none. A command about a run that exists (a resume,
+        a stop) passes False: in the wrong folder it made a stray empty runs.db and said only "no run 6"."""
         self.path = Path(path)
+        if not create and not self.path.exists():
+            raise StoreError(f"{self.path}: no runs database here (run from the folder that has runs.db, or give "
+                             "--db or set RLHF_DB)")
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():

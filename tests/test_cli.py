@@ -339,3 +339,34 @@ def test_a_source_listed_twice_is_refused_for_a_new_run_and_not_for_a_resume(wor
     assert not (workdir / "runs.db").exists()
     resumed = validate("ppo", str(recipe), ["ppo.resume_from_checkpoint=true"])
     assert len(resumed.ppo.prompts) == 2
+
+
+def test_a_command_about_a_run_in_a_folder_without_runs_db_says_so_and_makes_none(workdir, tmp_path):
+    """From the wrong folder, a resume, a stop, a chat or an evaluation's resume made an empty runs.db there
+    (which every later command in that folder then read) and said only "no run 6"."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ}
+    env.pop("RLHF_DB", None)
+    commands = [["train", "sft", "--resume-run", "6"], ["stop", "6"], ["eval", "belle", "--resume-run", "6"],
+                ["pipeline", "--resume", "1"], ["eval", "table"], ["runs"]]
+    for command in commands:
+        result = subprocess.run([*RLHF, *command], cwd=elsewhere, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "runs.db: no runs database here (run from the folder that has runs.db, or give --db or set RLHF_DB)" \
+            in result.stderr, (command, result.stderr)
+        assert not (elsewhere / "runs.db").exists(), command
+
+
+def test_an_evaluation_resume_of_a_training_run_says_it_is_no_evaluation(workdir):
+    """A done PPO run given to `rlhf eval belle --resume-run` was told to use --answers-from, which then
+    refused it as no evaluation."""
+    from engine.store import Store
+
+    with Store(workdir / "runs.db") as store:
+        run_id = store.create_run(stage="ppo", name="t", recipe="", config="{}", output_root=str(workdir / "runs"))
+        store.update_run(run_id, status="done")
+    result = rlhf("eval", "belle", "--resume-run", str(run_id))
+    assert result.returncode == 2 and f"run {run_id} is a PPO run, not an evaluation" in result.stderr, result.stderr
+    assert "--answers-from" not in result.stderr
