@@ -353,15 +353,18 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
         if copied:  # answered already: the run's progress says so before its first verdict
             store.log_metrics(run_id, counts["answered"] + counts["judged"], {"eval/answered": counts["answered"]})
         unscored_replies: list[tuple[str, str | None, int]] = []  # of this stretch: reply, why no score, calls
-        said = {"at": None}  # when progress was last printed (the first batch's at once)
+        said: dict[str, Any] = {"at": None, "line": None}  # when progress was last printed, and what it said
 
         def say_progress(done: bool) -> None:
             now = time.monotonic()
             if said["at"] is not None and now - said["at"] < PROGRESS_EVERY_S and not done:
                 return
-            said["at"] = now
             judged = f", {counts['judged']} judged ({counts['scored']} scored)" if counts["judged"] else ""
-            print(f"{time.strftime('%H:%M:%S')} {counts['answered']} of {n} answered{judged}", flush=True)
+            line = f"{counts['answered']} of {n} answered{judged}"
+            if line == said["line"]:  # the last batch's line already said it
+                return
+            said["at"], said["line"] = now, line
+            print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
 
         def progress(answered: int = 0, tokens: int = 0, seconds: float = 0.0, judged: list | None = None) -> None:
             metrics: dict[str, float] = {}

@@ -868,6 +868,9 @@ class Store:
                     "created": time.time(),
                 }
             )
+            # Its step is trained, logged or not: a stop between two logging steps read "stopped 62/3000"
+            # beside its checkpoint-63.
+            db.conn.execute("UPDATE runs SET step = MAX(COALESCE(step, 0), ?) WHERE id = ?", [step, run_id])
 
     def prune_checkpoints(self, run_id: int) -> int:
         """Forget full-state checkpoints whose folder is gone (rotated out by save_total_limit)."""

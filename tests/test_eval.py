@@ -254,6 +254,8 @@ def test_calls_dropped_when_a_refusal_ends_the_run_are_not_retried_or_warned_abo
     # Waiting for the hung call, the process could not have ended before its client's 120 s timeout.
     assert ended - hung_since[0] < 110, ended - hung_since[0]
     assert result.returncode == 1 and "refused the call (HTTP 401: bad key)" in result.stderr, result.stderr[-2000:]
+    # One batch of answers: its line is the last one too, said once (it was printed again before the judge's)
+    assert len(re.findall(r" 3 of 3 answered$", result.stdout, re.M)) == 1, result.stdout
     assert "judge call failed" not in result.stderr
     assert len(server.calls) == 2
 
@@ -550,6 +552,7 @@ def test_runs_of_two_eval_sets_are_never_paired_and_answers_stay_with_their_ques
             assert re.search(rf"^\d\d:\d\d:\d\d 4 of {n} answered$", done.stdout, re.M), done.stdout
             assert re.search(rf"^\d\d:\d\d:\d\d {n} of {n} answered, {n} judged \({n} scored\)$", done.stdout,
                              re.M), done.stdout
+            assert len(re.findall(rf" {n} of {n} answered$", done.stdout, re.M)) == 1  # said once, not twice
             # Its results in its folder too: every answer with its verdict, and its row of the table.
             results = Path(run_row(run_id)["output_dir"])
             lines = [json.loads(line) for line in (results / "answers.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -352,3 +352,14 @@ def test_the_readme_names_every_column_of_runs_db(tmp_path):
     missing = [f"{t}.{c}" for t, columns in tables.items() for c in columns
                if t not in rows or not re.search(rf"(?<![\w`]){c}(?!\w)", rows[t].replace("/", ", "))]
     assert missing == []
+
+
+def test_a_checkpoint_counts_its_step_as_trained(tmp_path):
+    """A stop between two logging steps saved checkpoint-63 while the row still read step 62."""
+    with Store(tmp_path / "runs.db") as store:
+        run_id = store.create_run(stage="sft", name="t", recipe="", config="{}", output_root=str(tmp_path / "runs"))
+        store.log_metrics(run_id, 62, {"loss": 1.0})
+        store.add_checkpoint(run_id, 63, str(tmp_path / "runs" / str(run_id) / "checkpoint-63"), full_state=True)
+        assert store.run(run_id)["step"] == 63
+        store.add_checkpoint(run_id, 40, "older")  # never back
+        assert store.run(run_id)["step"] == 63
