@@ -102,6 +102,9 @@ def load_items(folder: str | Path, limit: int | None = None, per_class: int | No
     the first N; `per_class`: the first N of each class (a subset that still has every score-table column,
     which the first N of BELLE's unevenly mixed order does not give)."""
     folder = Path(folder)
+    if folder.is_file():  # the set itself, given for its folder
+        raise BelleError(f"{folder}: a file; give the folder that holds it ({folder.parent}), with {SET_FILE} "
+                         f"and {PROMPT_FILE}")
     if not folder.is_dir():
         raise BelleError(f"{folder}: no such folder (an eval folder holds {SET_FILE} and {PROMPT_FILE})")
     rubrics = load_rubrics(folder)

@@ -224,6 +224,12 @@ def check_launch(stage: Stage, recipe: Recipe, accelerate_config: str, num_proce
         raise RecipeError(
             f"{accelerate_config} runs on GPUs and this machine has none ({no_gpu}): its processes would train "
             "on the CPU; for CPU processes use configs/accelerate/cpu.yaml or cpu_ddp.yaml")
+    if kind == "DEEPSPEED":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:  # else every rank dies of the ImportError, registered
+            raise RecipeError(f"{accelerate_config}: distributed_type DEEPSPEED, and DeepSpeed is not installed "
+                              "here (pip install deepspeed); without it: ddp.yaml, or fsdp.yaml to shard")
     return accelerate
 
 

@@ -86,6 +86,8 @@ def test_a_bad_eval_folder_names_file_and_line(tmp_path):
     assert [(i.id, i.question) for i in load_items(tmp_path)] == [(1, "q1"), (2, "q2")]  # an old Mac's line ends
     with pytest.raises(BelleError, match=r"nodir: no such folder \(an eval folder holds eval_set.json and "):
         load_items(tmp_path / "nodir")
+    with pytest.raises(BelleError, match=rf"eval_set.json: a file; give the folder that holds it \({tmp_path}\)"):
+        load_items(tmp_path / "eval_set.json")  # the set itself, not its folder
 
 
 # (reply, the answer it judged, expected score or None)

@@ -222,6 +222,12 @@ def test_launches_that_would_not_run_as_asked_are_refused_before_anything_is_reg
                 prepare("sft", str(TINY), [], str(ACCEL / config))
         monkeypatch.setenv("RLHF_GPU_CHECK", "0")  # the way past the question, for a machine it misjudges
         check_launch("sft", load_recipe(str(TINY), [], "sft"), str(ACCEL / "ddp.yaml"))
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:  # a ZeRO launch died of its ImportError, registered
+            with pytest.raises(RecipeError, match=r"zero2.yaml: distributed_type DEEPSPEED, and DeepSpeed is not "
+                                                  r"installed here"):
+                prepare("sft", str(TINY), [], str(ACCEL / "zero2.yaml"))
         monkeypatch.delenv("RLHF_GPU_CHECK")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # whatever the machine has, none is to be used
     with pytest.raises(RecipeError, match=r"ddp.yaml runs on GPUs and this machine has none \(CUDA_VISIBLE_DEVICES"):
