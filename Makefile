@@ -21,12 +21,10 @@ $(STAMP): pyproject.toml
 # The main job: the console on the embedded tiny demo, with the whole tiny pipeline running in it (SFT,
 # RM, PPO, then the evaluation judged by the tiny reward model: a few minutes on a laptop CPU; detached, it
 # goes on if the console quits). Press n to launch more, v for the score table, ? for every key. Again, it
-# opens the console on the runs it made (the pipeline runs with the demo's first start; make clean resets).
+# opens the console on the runs it has (the pipeline starts only where there is no runs.db yet).
 demo: setup
-	if [ ! -d demo/eval ]; then \
-	  $(BIN)/rlhf demo init demo && \
-	  $(BIN)/rlhf pipeline configs/tiny.yaml --accelerate-config configs/accelerate/cpu.yaml --detach; \
-	fi
+	test -d demo/eval || $(BIN)/rlhf demo init demo
+	test -e runs.db || $(BIN)/rlhf pipeline configs/tiny.yaml --accelerate-config configs/accelerate/cpu.yaml --detach
 	$(BIN)/rlhf console
 
 test: setup

@@ -11,7 +11,6 @@ the first frame.
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
@@ -528,7 +527,7 @@ class RlhfConsole(SaysWorkerFailures, App):
             self.post_message(ActionDone("save chat", None, str(err)))
             return
         if screen is not None:
-            screen.post_message(ChatSaved(chat_id, json.dumps(record["transcript"], sort_keys=True)))
+            screen.post_message(ChatSaved(chat_id, record.get("token")))
         what = "vote" if record["vote"] else "exchange"
         verb = "added to" if record.get("replaces") == chat_id else "saved as"
         self.post_message(ActionDone("save chat", None, note=f"{what} {verb} chat {chat_id} in {self.db_path}"))

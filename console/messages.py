@@ -94,10 +94,11 @@ class BelleQuestion(Message):
 
 @dataclass
 class ChatSaved(Message):
-    """A chat exchange is in runs.db as chat `chat_id`, with this transcript (JSON, as the screen compares it)."""
+    """A chat exchange is in runs.db as chat `chat_id`; `token`: what the screen gave with it (which
+    conversation, and its transcript as the screen compares it)."""
 
     chat_id: int
-    transcript: str
+    token: Any
 
 
 @dataclass

@@ -349,7 +349,7 @@ def test_a_command_about_a_run_in_a_folder_without_runs_db_says_so_and_makes_non
     env = {**os.environ}
     env.pop("RLHF_DB", None)
     commands = [["train", "sft", "--resume-run", "6"], ["stop", "6"], ["eval", "belle", "--resume-run", "6"],
-                ["pipeline", "--resume", "1"], ["eval", "table"], ["runs"]]
+                ["pipeline", "--resume", "1"], ["eval", "table"], ["runs"], ["chat", "6"]]
     for command in commands:
         result = subprocess.run([*RLHF, *command], cwd=elsewhere, env=env, capture_output=True, text=True,
                                 timeout=120)

@@ -186,6 +186,7 @@ def test_resume_refuses_what_cannot_be_resumed(workdir):
         return subprocess.run([*RLHF, "train", stage, str(TINY), "--resume-run", str(run_id)],
                               capture_output=True, text=True, timeout=120)
 
+    Store(os.environ["RLHF_DB"]).close()  # a runs.db without that run (none at all is said as that)
     result = resume("sft", 7)
     assert result.returncode == 2 and "no run 7" in result.stderr
     run_id, _ = run_foreground("sft", str(TINY), ["train.max_steps=1", "train.save_steps=1000"],

@@ -117,6 +117,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         self.voted: str | None = None
         self.saved: str | None = None  # the transcript as last saved (S or a vote), to tell what is unsaved
         self.saved_as: tuple[int, str] | None = None  # runs.db's row for it: (chat id, its transcript)
+        self.conversation = 0  # counts start-overs: a save's late answer must not name a row for the next one
         self.ready: dict[str, bool] = {}
         self.item: tuple[int, str, str] | None = None  # the BELLE question being asked (id, category, text)
         self.panes = {side: ChatPane(side, id=f"pane-{side}") for side in SIDES}
@@ -422,10 +423,13 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         self.saved = self._transcript()
         if self.saved_as is not None and self.saved_as[1] == self.saved:
             record["replaces"] = self.saved_as[0]  # S, then the vote: one exchange, one row (with its vote)
+        record["token"] = (self.conversation, self.saved)
         self.app.save_chat(record, self)
 
     def on_chat_saved(self, message: ChatSaved) -> None:
-        self.saved_as = (message.chat_id, message.transcript)
+        conversation, transcript = message.token
+        if conversation == self.conversation:
+            self.saved_as = (message.chat_id, transcript)
 
     @property
     def unsaved(self) -> bool:
@@ -484,6 +488,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
             self.panes[side].busy = False
         self.questions, self.voted, self.regenerations, self.item = [], None, 0, None
         self.saved = self.saved_as = None  # the same questions asked again are a new conversation, not saved
+        self.conversation += 1
 
     @work(thread=True, group="chat-belle", exit_on_error=False)
     def action_belle_question(self) -> None:
