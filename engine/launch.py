@@ -223,7 +223,8 @@ def check_launch(stage: Stage, recipe: Recipe, accelerate_config: str, num_proce
     if no_gpu:
         raise RecipeError(
             f"{accelerate_config} runs on GPUs and this machine has none ({no_gpu}): its processes would train "
-            "on the CPU; for CPU processes use configs/accelerate/cpu.yaml or cpu_ddp.yaml")
+            "on the CPU; for CPU processes use configs/accelerate/cpu.yaml or cpu_ddp.yaml (RLHF_GPU_CHECK=0 skips "
+            "this check where it misjudges the machine)")
     if kind == "DEEPSPEED":
         import importlib.util
 

@@ -219,7 +219,7 @@ def test_launches_that_would_not_run_as_asked_are_refused_before_anything_is_reg
         # No GPU here: a GPU config would start its (8) processes on the CPU
         for config in ("gpu.yaml", "ddp.yaml", "zero2.yaml", "multinode.yaml"):
             with pytest.raises(RecipeError, match=rf"{config} runs on GPUs and this machine has none \(.+\): .*"
-                                                  r"cpu.yaml or cpu_ddp.yaml"):
+                                                  r"cpu.yaml or cpu_ddp.yaml \(RLHF_GPU_CHECK=0 skips"):
                 prepare("sft", str(TINY), [], str(ACCEL / config))
         monkeypatch.setenv("RLHF_GPU_CHECK", "0")  # the way past the question, for a machine it misjudges
         check_launch("sft", load_recipe(str(TINY), [], "sft"), str(ACCEL / "ddp.yaml"))
