@@ -32,7 +32,7 @@ async def open_chat(pilot, app, left, right, settings):
     await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.query("#chat-input"), 10,
                    "the chat screen")
     screen = app.screen
-    await wait_for(pilot, lambda: all(screen.ready.get(s) for s in ("left", "right")), 600, "both workers ready")
+    await wait_for(pilot, lambda: all(screen.ready.get(s) for s in screen.sides), 600, "its workers ready")
     return screen
 
 
@@ -864,10 +864,7 @@ async def test_a_pasted_prompt_keeps_its_lines_and_an_unreachable_endpoint_is_na
     try:
         app = console()
         async with app.run_test(size=(100, 32)) as pilot:
-            app.push_screen(ChatScreen(f"openai:served@{server.url}", settings=ChatSettings(key_env="")))
-            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.ready.get("left"), 60,
-                           "the endpoint side")
-            screen = app.screen
+            screen = await open_chat(pilot, app, f"openai:served@{server.url}", None, ChatSettings(key_env=""))
             box = screen.query_one("#chat-input")
             assert app.focused is box
             pasted = "Line one of the paste\nLine two 第二行\n\nLine four after a blank"
@@ -905,10 +902,7 @@ async def test_a_conversation_reads_from_the_top_again_after_the_terminal_shrink
     try:
         app = console()
         async with app.run_test(size=(160, 48)) as pilot:
-            app.push_screen(ChatScreen(f"openai:served@{server.url}", settings=ChatSettings(key_env="")))
-            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.ready.get("left"), 60,
-                           "the endpoint side")
-            screen = app.screen
+            screen = await open_chat(pilot, app, f"openai:served@{server.url}", None, ChatSettings(key_env=""))
             await ask(pilot, screen, "Is an apple red?")
             await wait_for(pilot, lambda: len(screen.turns["left"]) == 2, 30, "the answer")
             body = screen.panes["left"].body
