@@ -48,7 +48,7 @@ class PromptBox(TextArea):
             event.prevent_default()
             self.insert("\n")
             return
-        await super()._on_key(event)
+        # Anything else: TextArea._on_key, which Textual calls next on its own (it walks the classes)
 
     def set_text(self, text: str) -> None:
         """Replace the text, the cursor at its end (ready to add to it or send it)."""
