@@ -225,13 +225,19 @@ def check_launch(stage: Stage, recipe: Recipe, accelerate_config: str, num_proce
             f"{accelerate_config} runs on GPUs and this machine has none ({no_gpu}): its processes would train "
             "on the CPU; for CPU processes use configs/accelerate/cpu.yaml or cpu_ddp.yaml (RLHF_GPU_CHECK=0 skips "
             "this check where it misjudges the machine)")
-    if kind == "DEEPSPEED":
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:  # else every rank dies of the ImportError, registered
-            raise RecipeError(f"{accelerate_config}: distributed_type DEEPSPEED, and DeepSpeed is not installed "
-                              "here (pip install deepspeed); without it: ddp.yaml, or fsdp.yaml to shard")
+    if _missing_package(accelerate):  # else every rank dies of the ImportError, after the run registered
+        raise RecipeError(f"{accelerate_config}: distributed_type DEEPSPEED, and DeepSpeed is not installed "
+                          "here (pip install deepspeed); without it: ddp.yaml, or fsdp.yaml to shard")
     return accelerate
+
+
+def _missing_package(accelerate: dict) -> str | None:
+    """The package the config's distributed type needs and this Python lacks (DeepSpeed), or None."""
+    import importlib.util
+
+    if accelerate["distributed_type"] == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed"
+    return None
 
 
 def _no_gpu_for(accelerate: dict) -> str | None:

@@ -59,7 +59,7 @@ def test_the_pipeline_runs_every_stage_wired_by_stage_into_a_score_table(workdir
     settings = " [max 24 tokens, first 4, judged by the reward model]"  # what sets the two apart from the defaults
     assert {f"tiny sft (pipeline 1){settings}", f"tiny ppo (pipeline 1){settings}"} <= rows, table.stdout
     listed = rlhf("runs").stdout.splitlines()  # whole names, and the pipeline each stage belongs to
-    assert listed[0].split()[-2:] == ["pipeline", "error"] and len(listed) == 6
+    assert listed[0].split()[-4:] == ["pipeline", "note", "·", "error"] and len(listed) == 6
     assert all(line.split()[-1] == "1" for line in listed[1:]) and "tiny ppo (pipeline 1)" in listed[5]
 
 
@@ -138,6 +138,7 @@ def test_a_pipeline_whose_ppo_sharding_would_refuse_is_refused_before_its_first_
     from engine.pipeline import check
 
     monkeypatch.setattr(engine.launch, "_no_gpu_for", lambda accelerate: None)
+    monkeypatch.setattr(engine.launch, "_missing_package", lambda accelerate: None)  # DeepSpeed, there
     with pytest.raises(RecipeError, match="zero3.yaml: PPO runs under plain data parallelism only"):
         check(str(TINY), [], None, str(Path(ACCEL).parent / "zero3.yaml"))
     recipe, stages = check(str(TINY), [], "rm", str(Path(ACCEL).parent / "zero3.yaml"))  # no PPO: fine
