@@ -141,7 +141,7 @@ def test_rlhf_runs_says_how_long_and_why_and_where_a_pipeline_stands_to_people_a
     listed = subprocess.run([*RLHF, "runs"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
-    assert header.split()[-3:] == ["started", "pipeline", "error"] and " time " in header
+    assert header.split()[-5:] == ["started", "pipeline", "note", "·", "error"] and " time " in header
     line = {int(row.split()[0]): row for row in rows}
     assert line[failed].endswith(" ValueError: bad batch") and " 10s " in line[failed]
     assert " 1m30s " in line[resumed]  # two stretches; the 40 s it sat stopped do not count
