@@ -400,13 +400,12 @@ def main(argv: list[str] | None = None) -> int:
             if problem:  # before the console opens on two dead panes
                 print(f"error: {problem}", file=sys.stderr)
                 return 2
-        from engine.store import default_db_path
+        from engine.store import default_db_path, no_database_here
 
         db = args.db or default_db_path()
         ids = [spec for spec in (args.a, args.b) if spec is not None and spec.isdigit()]
         if ids and not os.path.exists(db):  # the console would make an empty runs.db here, then find no run in it
-            print(f"error: run {ids[0]}: {db}: no runs database here (run from the folder that has runs.db, or give "
-                  "--db or set RLHF_DB)", file=sys.stderr)
+            print(f"error: run {ids[0]}: {no_database_here(db)}", file=sys.stderr)
             return 2
         return run_console(args.db, chat=(args.a, args.b, args.key_env))
     from engine.config import RecipeError

@@ -394,8 +394,7 @@ class Store:
         a stop) passes False: in the wrong folder it made a stray empty runs.db and said only "no run 6"."""
         self.path = Path(path)
         if not create and not self.path.exists():
-            raise StoreError(f"{self.path}: no runs database here (run from the folder that has runs.db, or give "
-                             "--db or set RLHF_DB)")
+            raise StoreError(no_database_here(self.path))
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
@@ -1069,6 +1068,11 @@ class ResilientStore:
         if self.backlog:
             log.error("runs.db: %d writes could not be made before the run ended", len(self.backlog))
         self.store.close()
+
+
+def no_database_here(path: str | os.PathLike) -> str:
+    """What a command about runs says where it finds no runs.db."""
+    return f"{path}: no runs database here (run from the folder that has runs.db, or give --db or set RLHF_DB)"
 
 
 def default_db_path() -> Path:
