@@ -15,7 +15,7 @@ import time
 import pytest
 
 from console.screens.chat import ChatScreen, ChatSettings, similarity_and_diff
-from console.screens.dialogs import ConfirmScreen, TextScreen
+from console.screens.dialogs import ConfirmScreen, SideBySideScreen, TextScreen
 from console.screens.scores import ItemsScreen, ScoresScreen
 from console.widgets.score_table import ScoreTable
 from engine.store import EvalStore, Store
@@ -143,8 +143,10 @@ async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
 
         await wait_for(pilot, lambda: all(from_the_top(p) for p in screen.panes.values()), 10, "the answers in view")
         await pilot.press("escape", "d")
-        await wait_for(pilot, lambda: isinstance(app.screen, TextScreen), 10, "the diff")
-        assert "similarity 100.0%" in app.screen.heading
+        await wait_for(pilot, lambda: isinstance(app.screen, SideBySideScreen), 10, "the diff")
+        assert "left and right: similarity 100.0%" in app.screen.heading
+        assert [(name, text.plain) for name, text in app.screen.columns] == [
+            ("left", screen.turns["left"][1]["content"]), ("right", screen.turns["right"][1]["content"])]
         await pilot.press("escape")
 
         # Blind mode starts a new exchange: what is unsaved of this one is not thrown away unasked.
@@ -166,7 +168,14 @@ async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
         await ask(pilot, screen, "Say hello.")
         await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()) and screen.questions, 60,
                        "the blind answers")
-        await pilot.press("escape", "S")  # saved before the vote: the vote then completes that row
+        await pilot.press("escape", "d")  # before the vote the diff names them A and B, A first
+        await wait_for(pilot, lambda: isinstance(app.screen, SideBySideScreen), 10, "the blind diff")
+        assert [(name, text.plain) for name, text in app.screen.columns] == [
+            (name, screen.panes[screen.shown[name]].answer) for name in ("A", "B")]
+        assert "left" not in app.screen.heading and "right" not in app.screen.heading
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.screen is screen, 10, "the chat again")
+        await pilot.press("S")  # saved before the vote: the vote then completes that row
         await wait_for(pilot, lambda: len(_chats()) == 2 and screen.saved_as is not None, 20, "the saved exchange")
         await pilot.press("2")  # B is better
         assert screen.voted == "B"
@@ -256,10 +265,12 @@ def _chats():
 
 
 def test_character_diff_works_for_chinese():
-    ratio, text = similarity_and_diff("今天天气很好", "今天天气不好")
-    assert 0.8 < ratio < 0.9
-    spans = [(text.plain[s.start:s.end], str(s.style)) for s in text.spans]
-    assert ("很", "strike red") in spans and ("不", "bold green") in spans
+    ratio, left, right = similarity_and_diff("今天天气很好\n第二行", "今天天气不好\n第二行")
+    assert 0.8 < ratio < 0.95
+    # Each side reads as it was written, line breaks kept; what only it says is marked on it alone.
+    assert (left.plain, right.plain) == ("今天天气很好\n第二行", "今天天气不好\n第二行")
+    assert [(left.plain[s.start:s.end], str(s.style)) for s in left.spans] == [("很", "strike red")]
+    assert [(right.plain[s.start:s.end], str(s.style)) for s in right.spans] == [("不", "underline bold green")]
 
 
 def _fake_eval_run(store, name, scores, ask="q"):

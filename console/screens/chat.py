@@ -24,7 +24,7 @@ from textual.widgets import Button, Footer, Input, Label, Static
 
 from console.chat_client import ChatWorker, ModelChoice, parse_choice
 from console.messages import BelleQuestion, ChatEvent, ChatModelsResolved, ChatSaved, ChatSettingsChosen
-from console.screens.dialogs import ConfirmScreen, TextScreen
+from console.screens.dialogs import ConfirmScreen, SideBySideScreen
 from console.text import terminal_safe
 from console.widgets.chat_pane import ChatPane
 from console.widgets.prompt_box import PromptBox
@@ -52,20 +52,20 @@ class ChatSettings:
                 f"max {self.max_new_tokens} tokens · seed {self.seed}")
 
 
-def similarity_and_diff(a: str, b: str) -> tuple[float, Text]:
-    """Character-level (so Chinese diffs too): the similarity ratio and `a` turned into `b`, deletions
-    struck through in red, insertions in green."""
+def similarity_and_diff(a: str, b: str) -> tuple[float, Text, Text]:
+    """Character-level (so Chinese diffs too): the similarity ratio, and the two answers each as it was
+    written, with what only it says marked: struck through in red on `a`'s side, underlined in green on
+    `b`'s (strike-through and underline still tell them apart on a terminal without colour)."""
     matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
-    text = Text()
+    left, right = Text(), Text()
     for op, i1, i2, j1, j2 in matcher.get_opcodes():
         if op == "equal":
-            text.append(a[i1:i2])
+            left.append(a[i1:i2])
+            right.append(b[j1:j2])
             continue
-        if op in ("delete", "replace"):
-            text.append(a[i1:i2], style="strike red")
-        if op in ("insert", "replace"):
-            text.append(b[j1:j2], style="bold green")
-    return matcher.ratio(), text
+        left.append(a[i1:i2], style="strike red")
+        right.append(b[j1:j2], style="underline bold green")
+    return matcher.ratio(), left, right
 
 
 class ChatScreen(SaysWorkerFailures, Screen[None]):
@@ -340,12 +340,16 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         if len(self.sides) < 2:
             self.notify("one model: nothing to compare", severity="warning")
             return
-        left, right = (self.panes[s].answer for s in SIDES)
-        ratio, text = similarity_and_diff(left, right)
-        names = ("A", "B") if self.blind and self.voted is None else ("left", "right")
-        if self.blind and self.voted is None and self.shown["A"] == "right":
-            ratio, text = similarity_and_diff(right, left)
-        self.app.push_screen(TextScreen(f"{names[0]} → {names[1]}: similarity {ratio:.1%}", text))
+        answers = {side: self.panes[side].answer for side in SIDES}
+        order = ["left", "right"]
+        names = ["left", "right"]
+        if self.blind and self.voted is None:  # in the order the user knows them by: A, then B
+            order = [self.shown["A"], self.shown["B"]]
+            names = ["A", "B"]
+        ratio, first, second = similarity_and_diff(answers[order[0]], answers[order[1]])
+        self.app.push_screen(SideBySideScreen(
+            f"{names[0]} and {names[1]}: similarity {ratio:.1%} (struck through: only in {names[0]}; underlined: "
+            f"only in {names[1]})", (names[0], first), (names[1], second)))
 
     async def action_blind(self) -> None:
         if len(self.sides) < 2:

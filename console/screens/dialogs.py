@@ -1,5 +1,5 @@
-"""Dialogs: confirmations (stop, resume, delete; Enter/y confirms, Escape/n cancels), a run's note, and a
-text viewer."""
+"""Dialogs: confirmations (stop, resume, delete; Enter/y confirms, Escape/n cancels), a run's note, a text
+viewer and two texts side by side."""
 
 from __future__ import annotations
 
@@ -108,3 +108,23 @@ class TextScreen(ModalScreen[None]):
             yield Static(Text(self.heading, style="bold"))
             with VerticalScroll():
                 yield Static(self.body if isinstance(self.body, Text) else Text(self.body))
+
+
+class SideBySideScreen(ModalScreen[None]):
+    """Two texts in columns of their own, each under its name (two answers to one question, their
+    differences marked): each keeps its own lines, which one text merged from both could not."""
+
+    BINDINGS = [Binding("escape,q", "dismiss", "Close")]
+
+    def __init__(self, title: str, left: tuple[str, Text], right: tuple[str, Text]):
+        super().__init__()
+        self.heading, self.columns = title, (left, right)
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog wide"):
+            yield Static(Text(self.heading, style="bold"), classes="question")
+            with Horizontal(classes="side-by-side"):
+                for name, text in self.columns:
+                    with VerticalScroll(classes="column"):
+                        yield Static(Text(name, style="bold underline"))
+                        yield Static(text)
