@@ -838,6 +838,48 @@ async def test_c_and_l_say_why_not_for_runs_they_cannot_serve(many_runs):
 
 
 @sync
+async def test_shift_c_opens_a_chat_with_what_is_typed_on_each_side_an_endpoint_too(many_runs):
+    """c takes runs only; C asks what each side runs, starting from the runs c would take, so an
+    OpenAI-compatible endpoint can sit beside a run without leaving the console."""
+    from console.screens.chat import ChatScreen, ChatSidesScreen
+
+    with Store(many_runs) as store:
+        rm = store.create_run(stage="rm", name="tiny", recipe="configs/tiny.yaml", config="{}")
+        store.update_run(rm, status="done", started=T0, ended=T0 + 5)
+    app = app_for(many_runs)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and rm in app.runs, 20, "the runs")
+        home = app.home
+        home.select_run(9)
+        await wait_for(pilot, lambda: home.selected == 9, 10)
+        await pilot.press("C")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatSidesScreen), 10, "the sides dialog")
+        dialog = app.screen
+        left, right = dialog.query_one("#side-left"), dialog.query_one("#side-right")
+        assert (left.value, right.value) == ("9", "") and right.has_focus
+
+        def error() -> str:
+            return str(dialog.query_one("#sides-error").render())
+
+        for typed, why in ((f"{rm}", f"run {rm} is a reward model"), ("openai:served", "openai:MODEL@BASE_URL"),
+                           ("/no/such/model", "no such folder"), ("999", "no run 999")):
+            right.value = typed
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: why in error(), 10, f"why not {typed}")
+            assert app.screen is dialog  # nothing opened
+        right.value = "openai:served@http://127.0.0.1:9/v1"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the chat")
+        assert app.screen.specs == {"left": "9", "right": "openai:served@http://127.0.0.1:9/v1"}
+        app.pop_screen()
+        await wait_for(pilot, lambda: app.screen is home, 10, "back")
+        await pilot.press("C")  # Esc leaves without a chat
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatSidesScreen), 10, "the sides dialog")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.screen is home, 10, "back, no chat")
+
+
+@sync
 async def test_with_no_color_the_console_draws_its_charts_without_colour(many_runs, monkeypatch):
     """NO_COLOR (set, even empty) turns the screen monochrome: the charts' canvas must survive it (its
     empty lines carry no style, which Textual's monochrome filter did not expect: the console crashed)."""

@@ -611,3 +611,46 @@ class ChatSettingsScreen(ModalScreen["ChatSettings | None"]):
 
     def action_dismiss_none(self) -> None:
         self.dismiss(None)
+
+
+class ChatSidesScreen(ModalScreen["tuple[str, str | None] | None"]):
+    """What each side of a chat runs, typed: a run id, a model folder or an OpenAI-compatible endpoint
+    (`openai:MODEL@BASE_URL`). Starts from the runs `c` would take; Enter opens the chat, Esc cancels."""
+
+    BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
+    HINT = "a run id, a model folder, or openai:MODEL@BASE_URL"
+
+    def __init__(self, left: str | None, right: str | None, problem: Callable[[str], str | None]):
+        """`problem(spec)`: why a side cannot be opened, or None."""
+        super().__init__()
+        self.start, self.problem = (left or "", right or ""), problem
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(Text("Chat with (Enter opens, Esc cancels; right may stay empty)", style="bold"),
+                         classes="question")
+            for side, value in zip(SIDES, self.start):
+                with Horizontal(classes="row"):
+                    yield Label(side, classes="field-label")
+                    yield Input(value, placeholder=self.HINT, id=f"side-{side}")
+            yield Static("", id="sides-error")
+
+    def on_mount(self) -> None:
+        # where the typing starts: the side still to be given
+        self.query_one("#side-left" if not self.start[0] else "#side-right", Input).focus()
+
+    @on(Input.Submitted)
+    def open(self) -> None:
+        left, right = (self.query_one(f"#side-{side}", Input).value.strip() for side in SIDES)
+        for side, spec in (("left", left), ("right", right)):
+            if side == "right" and not spec:
+                continue
+            problem = self.problem(spec)
+            if problem:
+                self.query_one("#sides-error", Static).update(Text(f"{side}: {problem}"))
+                self.query_one(f"#side-{side}", Input).focus()
+                return
+        self.dismiss((left, right or None))
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)

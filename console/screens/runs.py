@@ -67,6 +67,7 @@ class RunsScreen(Screen):
         Binding("f", "filter_status", "Filter status", show=False),
         Binding("F", "filter_stage", "Filter stage", show=False),
         Binding("c", "chat", "Chat with the run's model", show=False),
+        Binding("C", "chat_with", "Chat with any model or endpoint", show=False),
         Binding("v", "scores", "Scores (BELLE evaluations)", show=False),
         Binding("delete,D", "delete", "Delete run", show=False),
         Binding("d", "diff", "Config diff", show=False),
@@ -714,18 +715,46 @@ class RunsScreen(Screen):
     def action_chat(self) -> None:
         """Chat with the selected run's model, beside the last marked run's if one is marked."""
         if self.selected is None:
-            self.notify("select a run with a model (an SFT or PPO export), then press c", title="chat")
+            self.notify("select a run with a model (an SFT or PPO export), then press c (C: any model or an "
+                        "endpoint)", title="chat")
             return
-        other = next((r for r in reversed(self.marked) if r != self.selected), None)
-        specs: list[str | None] = []
-        for run_id in (self.selected, other):
-            run = self.app.runs.get(run_id, {}) if run_id is not None else {}
-            if run.get("stage") == "rm":  # a reward model scores answers
-                self.notify(f"run {run_id} is a reward model: it scores answers, it writes none; chat takes an "
-                            "SFT or PPO run", title="chat")
+        specs = [str(run_id) for run_id in self._chat_runs() if run_id is not None]
+        for spec in specs:
+            problem = self._chat_problem(spec)
+            if problem:
+                self.notify(problem, title="chat", markup=False)
                 return
-            specs.append(str(run_id) if run_id is not None else None)  # an evaluation's: the model it evaluated
-        self.app.open_chat(specs[0], specs[1])
+        self.app.open_chat(specs[0], specs[1] if len(specs) > 1 else None)
+
+    def action_chat_with(self) -> None:
+        """Chat with what the user types on each side: a run, a model folder or an OpenAI-compatible endpoint."""
+        from console.screens.chat import ChatSidesScreen
+
+        def chosen(sides: tuple[str, str | None] | None) -> None:
+            if sides is not None:
+                self.app.open_chat(*sides)
+
+        selected, other = self._chat_runs()
+        self.app.push_screen(ChatSidesScreen(None if selected is None else str(selected),
+                                             None if other is None else str(other), self._chat_problem), chosen)
+
+    def _chat_runs(self) -> tuple[int | None, int | None]:
+        """The selected run, and the last marked other than it."""
+        return self.selected, next((r for r in reversed(self.marked) if r != self.selected), None)
+
+    def _chat_problem(self, spec: str) -> str | None:
+        """Why a chat side cannot be `spec` (checked before the chat opens), or None: a reward model scores
+        answers and writes none (an evaluation's run id stands for the model it evaluated)."""
+        from console.chat_client import spec_problem
+
+        if spec.isdigit():
+            run = self.app.runs.get(int(spec))
+            if run is None:
+                return f"no run {spec} in this runs.db"
+            if run.get("stage") == "rm":
+                return f"run {spec} is a reward model: it scores answers, it writes none; chat takes an SFT or PPO run"
+            return None
+        return spec_problem(spec)
 
     def action_scores(self) -> None:
         from console.screens.scores import ScoresScreen
