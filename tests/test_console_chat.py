@@ -204,7 +204,19 @@ async def test_same_seed_same_answer_diff_blind_vote_save_and_export(workdir):
         assert second["vote"] == second["a_is"] == screen.shown["A"]
         assert json.loads(second["transcript"])["right"][0]["content"] == "Say bye."
 
-        await ask(pilot, screen, "And again?")  # after a vote: a new blind exchange, unsaved until S
+        await pilot.press("r")  # answers made again after the vote are in no saved row
+        await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()) and
+                       len(screen.turns["right"]) == 2 and screen.unsaved, 60, "the answers made again")
+        await ask(pilot, screen, "And again?")  # a new blind exchange would lose them: asked first
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the question")
+        assert "a new question after the vote starts a new blind exchange" in str(app.screen.question)
+        await pilot.press("n")  # kept: the question waits in the box
+        await wait_for(pilot, lambda: app.screen is screen, 10, "the chat again")
+        assert screen.questions == ["Say bye."] and screen.query_one("#chat-input").text == "And again?"
+        screen.query_one("#chat-input").focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the question again")
+        await pilot.press("y")  # after a vote: a new blind exchange, unsaved until S
         await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()) and
                        len(screen.turns["right"]) == 2, 60, "the answers after the vote")
         assert screen.turns["right"][0]["content"] == "And again?"

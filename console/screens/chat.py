@@ -268,14 +268,20 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
 
     @on(PromptBox.Submitted, "#chat-input")
     async def ask(self, event: PromptBox.Submitted) -> None:
-        question = event.value.strip()
+        await self._ask(event.value.strip(), event.box)
+
+    async def _ask(self, question: str, box: PromptBox) -> None:
         if not question:
             return
         if any(self.panes[s].busy for s in self.sides):
             self.notify("both answers must finish first (Esc, then x stops them, r regenerates, n starts over)",
                         severity="warning")
             return
-        event.box.clear()
+        # What came after the vote (r's answers) is in no saved row: the new exchange would throw it away.
+        if self.blind and self.voted is not None and self._keep_conversation(
+                "a new question after the vote starts a new blind exchange", lambda: self._ask(question, box)):
+            return  # the question stays in the box
+        box.clear()
         if self.blind and self.voted is not None:
             # The sides were revealed by the vote: a new blind exchange, shuffled and hidden again.
             item = self.item
