@@ -88,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a recipe (its model and data paths too) and print it resolved")
     check.add_argument("recipe")
-    check.add_argument("--stage", choices=STAGES, default=None,
-                       help="check this stage only (its model, data and paths; --set keys relative to it); "
-                            "default: every stage the recipe has. The whole resolved recipe is printed either way")
+    check.add_argument("--stage", choices=(*STAGES, "eval"), default=None,
+                       help="check this stage only (its model, data and paths; eval: the pipeline's evaluation, its "
+                            "judge and eval set; --set keys relative to it); default: every stage the recipe has, "
+                            "each problem said. The whole resolved recipe is printed either way")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     check.add_argument("--estimate", action="store_true",
                        help="print the memory per GPU of each stage instead (from the model config alone)")
@@ -361,11 +362,51 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return pipeline.exit_code(status)
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    """`rlhf check RECIPE`: as `train` checks before it starts (the stage's model, reward model and data
+    paths), and as `launch` does with an accelerate config, each stage the recipe has (or the one --stage
+    names; `eval`: the pipeline's evaluation); every stage's problem is said, not only the first one's."""
+    from engine.config import load_recipe
+    from engine.pipeline import ORDER, check_eval_section
+    from engine.run import BAD_INPUT
+    from engine.train import validate
+
+    if args.strict_data:
+        args.overrides.append("strict_data=true")
+    recipe = load_recipe(args.recipe, args.overrides, args.stage)  # a stage it has not: said there
+    stages = [args.stage] if args.stage else [s for s in ORDER if getattr(recipe, s, None) is not None]
+    problems = []
+    for stage in stages:
+        try:
+            if stage == "eval":  # judged as the pipeline runs it: with the recipe's stages before it
+                check_eval_section(recipe, [s for s in ORDER if getattr(recipe, s, None) is not None])
+                continue
+            checked = validate(stage, args.recipe, args.overrides, refs_ok=True)
+            if args.accelerate_config:
+                from engine.launch import check_launch
+
+                check_launch(stage, checked, args.accelerate_config)
+        except BAD_INPUT as err:
+            problems.append((stage, err))
+    if len(problems) == 1:
+        raise problems[0][1]
+    if problems:
+        for stage, err in problems:
+            print(f"error: {stage}: {err}", file=sys.stderr)
+        return 2
+    # flushed here: a reader gone by now is met inside main, not in Python's flush at exit
+    print(json.dumps(recipe.model_dump(), indent=2, ensure_ascii=False), flush=True)
+    return 0
+
+
 def _cmd_estimate(args: argparse.Namespace) -> int:
     """`rlhf check RECIPE --estimate`: memory per GPU of each stage, before anything loads."""
-    from engine.config import load_recipe
+    from engine.config import RecipeError, load_recipe
     from engine.estimate import DEFAULT_GPU_MEMORY, estimate_recipe, parallel_from_config, parse_size, report
 
+    if args.stage == "eval":
+        raise RecipeError("--estimate --stage eval: the estimate covers the training stages (sft, rm, ppo), not "
+                          "the evaluation")
     memory = parse_size(args.gpu_memory) if args.gpu_memory else DEFAULT_GPU_MEMORY
     parallel = parallel_from_config(args.accelerate_config, args.gpus)
     recipe = load_recipe(args.recipe, args.overrides, args.stage)
@@ -424,23 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _cmd_estimate(args)
             if args.gpus is not None or args.gpu_memory:
                 raise RecipeError("--gpus and --gpu-memory go with --estimate")
-            from engine.config import STAGES, load_recipe
-            from engine.train import validate
-
-            if args.strict_data:
-                args.overrides.append("strict_data=true")
-            recipe = load_recipe(args.recipe, args.overrides, args.stage)
-            # As `train` checks before it starts: the stage's model, reward model and data paths exist
-            # (each stage the recipe has, unless --stage names one); as `launch` does, with a config.
-            for stage in [args.stage] if args.stage else [s for s in STAGES if getattr(recipe, s, None)]:
-                checked = validate(stage, args.recipe, args.overrides, refs_ok=True)
-                if args.accelerate_config:
-                    from engine.launch import check_launch
-
-                    check_launch(stage, checked, args.accelerate_config)
-            # flushed here: a reader gone by now is met inside main, not in Python's flush at exit
-            print(json.dumps(recipe.model_dump(), indent=2, ensure_ascii=False), flush=True)
-            return 0
+            return _cmd_check(args)
         if args.command == "runs":
             return _cmd_runs(args.db, args.pipeline, args.json)
         if args.command == "stop":

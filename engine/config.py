@@ -397,10 +397,29 @@ def parse_override(item: str, stage: Stage | None = None) -> tuple[str, Any]:
         value = raw if raw in STAGE_REFS else yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise RecipeError(f"--set {item!r}: value is not valid YAML ({err})") from None
+    glued = _glued_key(value)
+    if glued is not None:
+        name, rest = glued.split(":", 1)
+        raise RecipeError(f"--set {item!r}: {glued!r} reads as one key with no value: in YAML's {{...}} a key needs "
+                          f"a space after its colon ({name}: {rest})")
     # A key that is not a recipe field is taken relative to the stage being run: `train.lr` = `sft.train.lr`.
     if stage is not None and key.split(".")[0] not in Recipe.model_fields:
         key = f"{stage}.{key}"
     return key, value
+
+
+def _glued_key(value: Any) -> str | None:
+    """A mapping key that holds a colon and has no value: `{path:x.jsonl}` is YAML for {"path:x.jsonl": None}."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if item is None and isinstance(key, str) and ":" in key.strip(":"):
+                return key
+            found = _glued_key(item)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        return next((key for key in map(_glued_key, value) if key is not None), None)
+    return None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), stage: Stage | None = None) -> Recipe:

@@ -66,9 +66,20 @@ def _check_wiring(recipe: Recipe, stages: list[str]) -> None:
     if "ppo" in stages and "rm" in stages and recipe.ppo.reward_model not in (None, "@rm"):
         raise RecipeError(f"{recipe.where('ppo.reward_model')}: ppo.reward_model: in a pipeline the reward model is "
                           "its RM export: remove it or write @rm", {"ppo.reward_model": "not @rm"})
-    if "eval" in stages and recipe.eval.judge == "rm" and "rm" not in stages:
+
+
+def check_eval_section(recipe: Recipe, stages: list[str]) -> None:
+    """The recipe's evaluation, as a pipeline of `stages` runs it: its judge and its eval set's folder."""
+    if recipe.eval.judge == "rm" and "rm" not in stages:
         raise RecipeError(f"{recipe.where('eval.judge')}: eval.judge: rm judges with this pipeline's reward model, "
                           "and it runs no rm stage", {"eval.judge": "no rm stage"})
+    from engine.belle import BelleError, load_items
+
+    try:
+        load_items(recipe.eval.eval_dir, limit=1)
+    except (BelleError, OSError) as err:
+        raise RecipeError(f"{recipe.where('eval.eval_dir')}: eval.eval_dir: {err}",
+                          {"eval.eval_dir": str(err)}) from None
 
 
 def wiring(stage: str, recipe: Recipe, exports: dict[str, str]) -> list[str]:
@@ -101,13 +112,7 @@ def check(recipe_path: str, overrides: list[str], through: str | None, accelerat
             check_launch(stage, validate(stage, recipe_path, overrides, refs_ok=True), accelerate_config,
                          num_processes)
     if "eval" in stages:
-        from engine.belle import BelleError, load_items
-
-        try:
-            load_items(recipe.eval.eval_dir, limit=1)
-        except (BelleError, OSError) as err:
-            raise RecipeError(f"{recipe.where('eval.eval_dir')}: eval.eval_dir: {err}",
-                              {"eval.eval_dir": str(err)}) from None
+        check_eval_section(recipe, stages)
     return recipe, stages
 
 

@@ -212,6 +212,27 @@ def test_check_finds_a_missing_data_file_before_anything_runs(workdir):
     every_stage = rlhf("check", str(TINY), "--set", f"rm.data=[{{path: {missing}}}]")  # no --stage: each stage
     assert every_stage.returncode == 2 and "rm.data.0.path" in every_stage.stderr
     assert rlhf("check", str(TINY)).returncode == 0
+    # Each stage's problem is said, the evaluation's too: one run of check, not one per fix.
+    every_problem = rlhf("check", str(TINY), "--set", f"sft.data=[{{path: {missing}}}]", "--set",
+                         f"ppo.prompts=[{{path: {missing}}}]", "--set", "eval.eval_dir=/no/belle")
+    assert every_problem.returncode == 2 and every_problem.stdout == ""
+    lines = every_problem.stderr.strip().splitlines()
+    assert [line.split(":")[:2] for line in lines] == [["error", " sft"], ["error", " ppo"], ["error", " eval"]]
+    assert "sft.data.0.path" in lines[0] and "ppo.prompts.0.path" in lines[1] and "eval.eval_dir: /no/belle" in lines[2]
+    # The pipeline's evaluation alone (--set keys relative to it), as the pipeline checks it
+    assert rlhf("check", str(TINY), "--stage", "eval").returncode == 0
+    evaluation = rlhf("check", str(TINY), "--stage", "eval", "--set", "eval_dir=/no/belle")
+    assert evaluation.returncode == 2 and evaluation.stderr.startswith("error: --set eval_dir=/no/belle: eval.eval_dir")
+    without_rm = rlhf("check", str(TINY), "--stage", "eval", "--set", "rm=null", "--set", "ppo.reward_fn=x:y")
+    assert without_rm.returncode == 2 and "eval.judge: rm judges with this pipeline's reward model" in without_rm.stderr
+
+
+def test_a_yaml_mapping_key_glued_to_its_value_is_explained():
+    result = rlhf("check", str(TINY), "--set", "sft.data=[{path:demo/data/sft_alpaca.jsonl}]")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --set 'sft.data=[{path:demo/data/sft_alpaca.jsonl}]': "
+                                     "'path:demo/data/sft_alpaca.jsonl' reads as one key with no value: in YAML's "
+                                     "{...} a key needs a space after its colon (path: demo/data/sft_alpaca.jsonl)")
 
 
 def test_a_missing_local_looking_model_is_a_one_line_error_before_anything(workdir):
