@@ -86,14 +86,18 @@ def _json_lines(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def load_rubrics(folder: str | Path) -> dict[str, str]:
-    """Normalised class -> judge prompt."""
+def load_rubrics(folder: str | Path, lines: dict[str, int] | None = None) -> dict[str, str]:
+    """Normalised class -> judge prompt; `lines`, when given, gets each class's line in the file."""
     path = Path(folder) / PROMPT_FILE
     rubrics = {}
     for number, row in _json_lines(path):
         if not isinstance(row.get("class"), str) or not isinstance(row.get("prompt"), str):
             raise BelleError(f"{path}:{number}: expected string fields 'class' and 'prompt'")
         rubrics[normalise_class(row["class"])] = row["prompt"]
+        if lines is not None:
+            lines[normalise_class(row["class"])] = number
+    if not rubrics:
+        raise BelleError(f"{path}: holds no class prompt (one JSON object a line, with 'class' and 'prompt')")
     return rubrics
 
 

@@ -99,8 +99,8 @@ class EndpointModel:
         key = os.environ.get(key_env) if key_env else "none"
         if not key:
             raise ValueError(f"the environment variable {key_env} (the endpoint's key) is not set: export it, or "
-                             "name another variable in key_env (o in the chat, --key-env of rlhf chat; empty "
-                             "for an endpoint that takes no key)")
+                             "give the variable that holds the key: key_env in the chat's settings (o), or rlhf "
+                             "chat --key-env VAR; leave it empty for an endpoint that takes no key")
         self.client = openai.OpenAI(base_url=url, api_key=key, max_retries=2, timeout=120)
         self.model = model
         self.url = url

@@ -56,7 +56,7 @@ def _resumed_config(args: argparse.Namespace, db: Path) -> tuple:
     change; any other option that differs is refused (it was ignored: the run went on as it was, the
     change that its own error message asked for, such as a new --judge-url, included)."""
     from engine.evaluate import config_from_run, resolve_checkpoint
-    from engine.judge import SCORED, UNSCORED
+    from engine.judge import SCORED
     from engine.store import EvalStore, Store
 
     run_id = args.resume_run
@@ -85,25 +85,40 @@ def _resumed_config(args: argparse.Namespace, db: Path) -> tuple:
     if changed:
         with Store(db) as store:
             items = EvalStore(store).scored_items(run_id)
-        judged = sum(1 for item in items if item.get("status") in (SCORED, UNSCORED))
+        judged = sum(1 for item in items if item.get("status") == SCORED)  # the unscored are asked again
         if judged:
             option = f"--{changed[0].replace('_', '-')} {differ[changed[0]]}"
             raise RecipeError(f"{option}: run {run_id} has {judged} answers judged by {recorded.judge_model} at "
                               f"{recorded.judge_url}; one run has one judge, and its scores would be split between "
                               f"two (judge its answers anew: rlhf eval belle --answers-from {run_id} {option} …)")
+    # The eval set's files moved: validate_resume holds the new folder to the run's questions, references and
+    # class prompts, item by item.
+    if "eval_dir" not in differ and not Path(recorded.eval_dir).is_dir():
+        raise RecipeError(f"--eval-dir: run {run_id}'s eval folder {recorded.eval_dir} is no folder any more; if its "
+                          "files moved, give their folder: --eval-dir NEW (they must hold the same questions)")
     refused = [f"--{field.replace('_', '-')} {value} (run {run_id}: {_setting(getattr(recorded, field))})"
-               for field, value in differ.items() if field not in (*RESUME_MAY_CHANGE, *JUDGE_FIELDS)]
+               for field, value in differ.items() if field not in (*RESUME_MAY_CHANGE, *JUDGE_FIELDS, "eval_dir")]
     if refused:
         raise RecipeError(f"run {run_id}: a resume continues the evaluation as it was started, and "
                           f"{'; '.join(refused)} would change its answers or scores; start a new evaluation "
                           f"for that (--answers-from {run_id} judges the same answers anew); a resume may change "
                           f"{', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)} (and --judge-url, "
-                          "--judge-model while nothing is judged)")
+                          "--judge-model while nothing is judged, --eval-dir to the same files moved)")
     if not differ:
         return recorded, None
     config = _config({**recorded.model_dump(), **differ})
     say(f"run {run_id} resumes with " + ", ".join(f"--{f.replace('_', '-')} {v}" for f, v in differ.items()))
     return config, {"config": config.model_dump_json(), "name": config.name}
+
+
+def _unscored(db: Path, run_id: int) -> int:
+    """The run's answers whose verdict has no score (a reply without one): a resume asks them again."""
+    from engine.judge import SCORED
+    from engine.store import EvalStore, Store
+
+    with Store(db) as store:
+        items = EvalStore(store).scored_items(run_id)
+    return sum(1 for item in items if item["answer"] is not None and item.get("status") != SCORED)
 
 
 def _belle(args: argparse.Namespace) -> int:
@@ -115,7 +130,7 @@ def _belle(args: argparse.Namespace) -> int:
         with Store(db, create=False) as store:
             row = store.run(args.resume_run)
         status = row["status"] if row["stage"] == "eval" else None  # another stage: config_from_run says so
-        if status == "done":  # before the judge's key and endpoint are looked at for nothing
+        if status == "done" and not _unscored(db, args.resume_run):  # said before the judge is looked at
             raise RecipeError(f"run {args.resume_run} is done: every question has its verdict (rlhf eval table shows "
                               f"it); to judge its answers anew: rlhf eval belle --answers-from {args.resume_run} …")
         config, change = _resumed_config(args, db)
@@ -355,12 +370,12 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from engine.train import configure_logging
 
     configure_logging()
-    from engine.judge.endpoint import JudgeRefused
+    from engine.run import RunFailed
 
     commands = {"belle": _belle, "table": _table, "pairwise": _pairwise}
     try:
         return commands[args.eval_command](args)
-    except JudgeRefused as err:  # recorded on the run (failed) already; the shell gets the reason, not a traceback
+    except RunFailed as err:  # recorded on the run (failed) already; the shell gets the reason, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

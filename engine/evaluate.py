@@ -30,9 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.belle import SET_FILE, BelleError, Item, coverage, judge_prompt, load_items
 from engine.config import RecipeError, a_run_of
 from engine.judge import estimate_tokens
+from engine.run import RunFailed
 
 log = logging.getLogger(__name__)
 COMPLETION_TOKENS_PER_CALL = 150  # for the plan: BELLE judges answer with a score and a short reason
+
+
+class JudgingFailed(RunFailed):
+    """Judging ended without every answer's verdict (calls that failed, replies without a score)."""
 
 
 class EvalConfig(BaseModel):
@@ -174,10 +179,17 @@ def validate_resume(config: EvalConfig, db_path: str | Path, run_id: int,
     line, so a question inserted or edited since would pair answers and scores with other questions."""
     from engine.scores import DifferentItems, shared_items
     from engine.store import EvalStore, Store
+    from engine.train import model_folder_problem
 
     items = validate(config, warnings=warnings)
     with Store(db_path) as store:
         stored = EvalStore(store).items(run_id)
+    if config.answers_from is None and (not stored or any(row["answer"] is None for row in stored)):
+        problem = model_folder_problem(config.checkpoint, "answering model")
+        if problem is not None:  # found before the claim, not as a hub error from the loader after it
+            raise RecipeError(f"checkpoint {config.checkpoint!r} {problem}: run {run_id} has questions still to "
+                              "answer with it (its answers so far are kept: rlhf eval belle --answers-from "
+                              f"{run_id} judges them alone)")
     if not stored:  # stopped before it registered its questions
         return items
     where = Path(config.eval_dir) / SET_FILE
@@ -195,6 +207,21 @@ def validate_resume(config: EvalConfig, db_path: str | Path, run_id: int,
             field = "std_answer" if row.get("reference") != item.reference else "class"
             raise RecipeError(f"{where}:{item.id}: its {field} changed since run {run_id} began (its verdicts so far "
                               "were given against the old one); start a new evaluation")
+    if config.judge != "rm":  # an LLM judge reads the class prompt: the run's verdicts were given with it
+        from engine.belle import PROMPT_FILE, load_rubrics
+        from engine.scores import rubric
+
+        with Store(db_path) as store:
+            judged = EvalStore(store).scored_items(run_id)
+        for row in judged:
+            item, given = by_id.get(row["item_id"]), rubric(row)
+            if item is not None and given is not None and given != item.rubric:
+                lines: dict[str, int] = {}
+                load_rubrics(config.eval_dir, lines)
+                raise RecipeError(f"{Path(config.eval_dir) / PROMPT_FILE}:{lines.get(item.cls, '?')}: the prompt of "
+                                  f"class {item.cls!r} changed since run {run_id} began (its verdicts so far were "
+                                  "given with the old one, and one run is on one scale); start a new evaluation "
+                                  f"(rlhf eval belle --answers-from {run_id} judges its answers with the new prompts)")
     added = [i for i in now if i["item_id"] not in shared]
     if len(shared) < len(stored) or (added and config.answers_from is None):
         raise RecipeError(f"{where} changed since run {run_id} began: it now holds {len(now)} of the questions "
@@ -418,14 +445,14 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                     # Replies, not one score in them: the judge's model or prompt is wrong for this, not noise.
                     reply, why, _ = unscored_replies[0]
                     calls = sum(c for _, _, c in unscored_replies)
-                    raise JudgeRefused(f"the judge gave no usable score for {len(unscored_replies)} answers "
+                    raise JudgingFailed(f"the judge gave no usable score for {len(unscored_replies)} answers "
                                        f"({calls} calls), the first: {reply[:200]!r} ({why or 'no score'}); is "
                                        f"--judge-model right for a 0-1 score? every answer is kept: continue it "
                                        f"(the unscored are asked again): {resume_hint('eval', run_id, db_path)}")
                 if problems and counts["judged"] == 0 and not stop.requested:
                     # Not one verdict (an endpoint that is down, a wrong URL): a failed run, not a done one with
                     # nothing in it that a script would carry on from.
-                    raise JudgeRefused(f"every judge call failed ({len(problems)} items), the first: "
+                    raise JudgingFailed(f"every judge call failed ({len(problems)} items), the first: "
                                        f"{problems[0]}; every answer is kept: once the judge answers, continue it: "
                                        f"{resume_hint('eval', run_id, db_path)}")
             if stop.requested:
@@ -445,11 +472,9 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                 except OSError as err:  # runs.db holds them all the same: a full disk here fails nothing
                     print(f"results: not written to {handle.output_dir} ({err}); rlhf eval table has them", flush=True)
                 if failed:
-                    from engine.judge.endpoint import JudgeRefused
-
                     # Done means every question has its verdict: means over the others are not this run's result
                     # (the score table shows them, unranked), and a script must not carry on from them.
-                    raise JudgeRefused(f"{failed} of {n} judge calls failed, the first: {problems[0]}; the other "
+                    raise JudgingFailed(f"{failed} of {n} judge calls failed, the first: {problems[0]}; the other "
                                        f"verdicts are kept; to ask those again: {resume_hint('eval', run_id, db_path)}")
         finally:  # every end says what was paid: a failed or stopped run's calls cost as much
             if counts["calls"]:

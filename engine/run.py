@@ -37,6 +37,11 @@ EXIT_BAD_INPUT = 2  # a recipe, data or runs.db the run could not use: fixing th
 BAD_INPUT = (RecipeError, DataError, StoreError)  # said as one line, `error: ...`, and ended with EXIT_BAD_INPUT
 
 
+class RunFailed(RuntimeError):
+    """A run that ends failed for a reason its message says whole (a judge that refuses its calls, calls
+    that failed): recorded as that line, as bad input is, not as a traceback with nothing in the code to see."""
+
+
 def exit_code_of(status: str) -> int:
     """A run's process exit code, by its end: done 0, stopped 143, anything else (failed, diverged) 1."""
     return {"done": 0, "stopped": EXIT_STOPPED}.get(status, 1)
@@ -749,7 +754,7 @@ def _tracked_run(
         # without a traceback through the trainer: the fix is in the input.
         bad_input = isinstance(err, BAD_INPUT)
         error = ("interrupted by a second Ctrl-C before the stop could save; resume from the last checkpoint"
-                 if isinstance(err, KeyboardInterrupt) else f"error: {err}" if bad_input
+                 if isinstance(err, KeyboardInterrupt) else f"error: {err}" if isinstance(err, (*BAD_INPUT, RunFailed))
                  else "".join(traceback.format_exception(err))[-4000:])
         # A second Ctrl-C ends the process as the shell reports it: 130, the same in runs.db.
         end("failed", exit_code=130 if isinstance(err, KeyboardInterrupt) else EXIT_BAD_INPUT if bad_input else 1,

@@ -40,10 +40,34 @@ class Row:
     judge: str = ""
     questions: str = ""  # which questions the run holds (a digest): only runs of the same ones are ranked
     size: int = 0  # how many
+    rubrics: str = ""  # which class prompts an LLM judge was given (a digest): another prompt, another scale
 
 
 def _questions_key(items: Sequence[dict[str, Any]]) -> str:
     text = "\n".join(f"{i['item_id']}\t{i.get('question', '')}" for i in sorted(items, key=lambda i: i["item_id"]))
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def rubric(item: dict[str, Any]) -> str | None:
+    """The class prompt an LLM judge was given with this item's answer (engine.belle.judge_prompt: the
+    prompt, then the question); None for a reward model's verdict (it reads no prompt) or no verdict."""
+    prompt, question = item.get("judge_prompt"), item.get("question")
+    if not prompt or not question or item.get("score") is None or str(item.get("judge", "")).startswith("rm:"):
+        return None
+    cut = prompt.find(f" {question}")
+    return prompt[:cut] if cut >= 0 else prompt
+
+
+def rubrics_of(items: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Class -> the prompt its scored items were judged with (a run judged under two has the later one)."""
+    return {item["class"]: found for item in items if (found := rubric(item)) is not None}
+
+
+def _rubrics_key(items: Sequence[dict[str, Any]]) -> str:
+    rubrics = rubrics_of(items)
+    if not rubrics:
+        return ""
+    text = "\n".join(f"{cls}\t{prompt}" for cls, prompt in sorted(rubrics.items()))
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
@@ -99,7 +123,8 @@ def summarize(name: str, items: Sequence[dict[str, Any]], run_id: int | None = N
     means = {c: (sum(v) / len(v) if v else None) for c, v in scores.items()}
     means[MACRO], means[MACRO_WO] = macro(means), macro(means, with_others=False)
     boot = _bootstrap(scores, seed)
-    row = Row(name, run_id, judge=judge, questions=_questions_key(items) if items else "", size=len(items))
+    row = Row(name, run_id, judge=judge, questions=_questions_key(items) if items else "", size=len(items),
+              rubrics=_rubrics_key(items))
     for column in COLUMNS:
         members = [i for i in items if column in (MACRO, MACRO_WO) or i["category"] == column]
         if column == MACRO_WO:
@@ -199,6 +224,12 @@ def paired_deltas(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], a_na
         raise DifferentJudges(f"{a_name} was judged by {', '.join(sorted(judges_of(a)))} and {b_name} by "
                               f"{', '.join(sorted(judges_of(b)))}: their scores are on different scales, and "
                               "only runs of one judge can be paired")
+    a_rubrics, b_rubrics = rubrics_of(a), rubrics_of(b)
+    changed = sorted(cls for cls in a_rubrics.keys() & b_rubrics.keys() if a_rubrics[cls] != b_rubrics[cls])
+    if changed:
+        raise DifferentJudges(f"{a_name} and {b_name} were judged with different prompts for class {changed[0]!r} "
+                              f"({_clip(a_rubrics[changed[0]])!r} against {_clip(b_rubrics[changed[0]])!r}: "
+                              "eval_prompt.json changed between them): their scores are on different scales")
     a_by_id = {i["item_id"]: i for i in a}
     b_by_id = {i["item_id"]: i for i in b}
     pairs: dict[str, list[float]] = {c: [] for c in CATEGORIES}
@@ -238,10 +269,10 @@ def ranked_groups(rows: Sequence[Row]) -> list[list[int]]:
     means over other questions: each group is ranked on its own (a run added to one leaves the others' best
     as it was). A run without a single score (a judge that was down), or with questions not judged, is in
     none."""
-    groups: dict[tuple[str, str], list[int]] = {}
+    groups: dict[tuple[str, str, str], list[int]] = {}
     for k, r in enumerate(rows):
         if _scored(r) and _whole(r):
-            groups.setdefault((r.judge, r.questions), []).append(k)
+            groups.setdefault((r.judge, r.rubrics, r.questions), []).append(k)
     return [members for members in groups.values() if len(members) > 1]
 
 
@@ -262,14 +293,18 @@ def ranking_note(rows: Sequence[Row]) -> str | None:
             return None
         if len(partial) == len(scored):
             return f"no run is marked best: every scored run has {unjudged}; resume them to judge the rest"
-        return (f"no run is marked best: no two runs were judged by one judge on the same questions, each of them "
-                f"judged{f' ({unjudged})' if partial else ''}")
+        prompts = " with the same class prompts" if len({(rows[k].judge, rows[k].rubrics) for k in scored}) > len(
+            {rows[k].judge for k in scored}) else ""
+        return (f"no run is marked best: no two runs were judged by one judge{prompts} on the same questions, each "
+                f"of them judged{f' ({unjudged})' if partial else ''}")
     outside = [rows[k] for k in scored if k not in grouped]
     whole = [rows[k] for k in scored if _whole(rows[k])]
     why = [reason for differs, reason in (
         (len({r.judge for r in whole}) > 1 or any(r.judge != rows[groups[0][0]].judge for r in outside),
          "another judge's scores are on another scale"),
         (len({r.questions for r in whole}) > 1, "a run of other questions averages other questions"),
+        (len({(r.judge, r.rubrics) for r in whole}) > len({r.judge for r in whole}),
+         "a run judged with other class prompts (eval_prompt.json) is on another scale"),
         (bool(partial), unjudged if partial else ""),
     ) if differs]
     if len(groups) == 1:

@@ -60,6 +60,8 @@ RUN_MARKER = ".rlhf-run.json"  # in each run folder: which runs.db (db_id) and r
 # What an orphaned run's error says, and what to do: where its checkpoints are, it continues from them.
 ORPHANED = ("its processes are gone and nothing recorded how it ended (a crash, kill -9 or a reboot): resume "
             "it to continue from its newest checkpoint, where it saved one")
+ORPHANED_EVAL = ("its processes are gone and nothing recorded how it ended (a crash, kill -9 or a reboot): resume "
+                 "it to continue where it stopped (its answers and verdicts so far are kept)")
 RUN_STATUSES = ("pending", "running", "done", "failed", "stopped", "diverged")
 
 
@@ -566,14 +568,16 @@ class Store:
         unless one is recorded."""
         same = ""
         now = time.time()
-        params: list[Any] = [now if ended is None else ended, now, why, run_id]
+        # An evaluation has no checkpoints: what it keeps is its answers and verdicts.
+        params: list[Any] = [now if ended is None else ended, now, ORPHANED_EVAL if why == ORPHANED else why, why,
+                             run_id]
         if seen is not None:
             same = " AND pid IS ? AND pgid IS ? AND pgid_started IS ? AND host IS ?"
             params += [seen.get("pid"), seen.get("pgid"), seen.get("pgid_started"), seen.get("host")]
         with self._write() as db:
             changed = db.conn.execute(
                 "UPDATE runs SET status = 'failed', ended = ?, orphaned = ?, "
-                "error = COALESCE(error, ?) "
+                "error = COALESCE(error, CASE WHEN stage = 'eval' THEN ? ELSE ? END) "
                 "WHERE id = ? AND status IN ('pending', 'running')" + same, params).rowcount
         return changed == 1
 

@@ -286,6 +286,29 @@ def test_runs_of_two_judges_are_never_paired_nor_ranked_and_a_tie_as_shown_is_a_
     assert "evaluation run 3: not judged yet;" in render([waiting])
 
 
+def test_runs_judged_with_other_class_prompts_are_never_paired_nor_ranked_together():
+    """One judge, but eval_prompt.json edited between two runs: the judge was asked another question, so the
+    scores are on another scale (the prompt is read off the stored judge prompt: the rubric, then the
+    question); a reward model's verdicts read no prompt."""
+    from engine.scores import DifferentJudges, best_per_column, rubrics_of
+
+    def judged(rubric, score):
+        return [dict(i, judge="openai:gpt-4o", score=score, **{"class": i["category"]},
+                     judge_prompt=f"{rubric} {i['question']}  模型回答： 'x'") for i in _items(
+            {c: [0.5] * 2 for c in CATEGORIES})]
+
+    a, b, edited = judged("请打分。", 0.8), judged("请打分。", 0.7), judged("严格地请打分。", 0.9)
+    assert set(rubrics_of(a).values()) == {"请打分。"}
+    assert rubrics_of([dict(i, judge="rm:runs/2/final") for i in a]) == {}
+    assert paired_deltas(a, b)[0].n == 2
+    with pytest.raises(DifferentJudges, match="were judged with different prompts for class 'brainstorming'"):
+        paired_deltas(a, edited, "run 1", "run 3")
+    rows = [reference_row(), summarize("a", a, 1, "openai:gpt-4o"), summarize("b", b, 2, "openai:gpt-4o"),
+            summarize("e", edited, 3, "openai:gpt-4o")]
+    assert best_per_column(rows)[MACRO] == {1}  # the edited run's higher mean is on another scale
+    assert "a run judged with other class prompts (eval_prompt.json) is on another scale" in render(rows)
+
+
 def test_pairwise_verdicts_in_both_languages():
     from engine.pairwise import FIRST, SECOND, TIE, parse_verdict
 

@@ -108,6 +108,11 @@ def test_an_evaluation_killed_midway_resumes_without_gaps_and_reruns_free(workdi
             judged_before = {j["item_id"]: j["score"] for j in evals.judgments(1)}
         assert 0 < len(judged_before) < n
         release.set()
+        looked = subprocess.run([*RLHF, "runs", "--json"], capture_output=True, text=True, timeout=120)
+        closed = next(r for r in map(json.loads, looked.stdout.splitlines()) if r["id"] == 1)  # processes gone
+        assert closed["status"] == "failed" and "checkpoint" not in closed["error"], closed  # it has none
+        assert closed["error"].endswith("resume it to continue where it stopped (its answers and verdicts so far are "
+                                        "kept)"), closed
 
         resumed = rlhf_eval("belle", "--resume-run", "1", env=env)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -375,14 +380,43 @@ def test_a_judge_that_never_gives_a_score_fails_the_run_and_is_asked_again_once_
         assert metric(1, "eval/score_mean") == [] and metric(1, "eval/unscored")  # no mean, not a mean of 0
         asked = len(server.calls)
         fixed.set()
-        resumed = rlhf_eval("belle", "--resume-run", "1", env=env)
+        # The message asks whether --judge-model is right: a resume may change it, since nothing has a score
+        # (the unscored are asked again; it was refused as "3 answers judged by tiny-judge").
+        resumed = rlhf_eval("belle", "--resume-run", "1", "--judge-model", "tiny-judge-v2", env=env)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert "run 1 resumes with --judge-model tiny-judge-v2" in resumed.stdout
         assert "judged 3 of 3: 3 scored, 0 unscored" in resumed.stdout
         assert len(server.calls) == asked + 3  # not answered from a cache of the replies without a score
+        assert {call["model"] for call in server.calls[asked:]} == {"tiny-judge-v2"}
     finally:
         server.close()
     with Store(os.environ["RLHF_DB"]) as store:
         assert [j["status"] for j in EvalStore(store).judgments(1)] == ["scored"] * 3
+        assert {j["judge"] for j in EvalStore(store).judgments(1)} == {f"openai:tiny-judge-v2@{server.url}"}
+
+
+def test_a_done_evaluation_with_an_unscored_reply_resumes_to_ask_it_again(workdir):
+    """Done: every answer has a verdict, one of them a reply without a score. A resume asks that one again
+    (it was refused: 'every question has its verdict'); a run with every answer scored is still refused."""
+    write_sample(workdir / "belle", per_class=1)
+    fixed = threading.Event()
+    server = JudgeServer(lambda body, index: ("reply", "no idea") if "请给math类" in body["messages"][-1]["content"]
+                         and not fixed.is_set() else score_by_answer(body, index))
+    env = {"THE_JUDGE_KEY": KEY}
+    try:
+        done = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server), "--limit", "3", env=env)
+        assert done.returncode == 0 and run_row(1)["status"] == "done", done.stderr[-2000:]
+        assert "judged 3 of 3: 2 scored, 1 unscored" in done.stdout
+        asked = len(server.calls)
+        fixed.set()
+        again = rlhf_eval("belle", "--resume-run", "1", env=env)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert len(server.calls) == asked + 1 and run_row(1)["status"] == "done"
+        assert "judged 3 of 3: 3 scored, 0 unscored" in again.stdout, again.stdout
+        refused = rlhf_eval("belle", "--resume-run", "1", env=env)
+        assert refused.returncode == 2 and "run 1 is done: every question has its verdict" in refused.stderr
+    finally:
+        server.close()
 
 
 def test_an_evaluation_with_some_failed_judge_calls_is_not_done_and_its_resume_asks_only_those(workdir):
@@ -408,8 +442,8 @@ def test_an_evaluation_with_some_failed_judge_calls_is_not_done_and_its_resume_a
         assert f"judge spent: 3 calls, {prompt:,} prompt + {completion:,} completion tokens\n" in result.stdout
         assert "error: 1 of 3 judge calls failed, the first: " in result.stderr
         assert f"to ask those again: rlhf eval belle --resume-run 1 --db {os.environ['RLHF_DB']}" in result.stderr
-        row = run_row(1)
-        assert row["status"] == "failed" and "1 of 3 judge calls failed" in row["error"]
+        row = run_row(1)  # the reason, as the terminal said it: not a traceback ending in a class name
+        assert row["status"] == "failed" and row["error"].startswith("error: 1 of 3 judge calls failed, the first: ")
         answers = (Path(row["output_dir"]) / "answers.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(answers) == 3 and sum(json.loads(a)["score"] is not None for a in answers) == 2
         resumed = rlhf_eval("belle", "--resume-run", "1", env=env)
@@ -667,3 +701,84 @@ def test_evaluations_of_one_checkpoint_are_told_apart_by_their_settings(tmp_path
     limited = EvalConfig(**base, limit=20)
     assert (limited.shown_name(20), limited.shown_name(5), limited.shown_name()) == (
         "ppo run 3 [first 20]", "ppo run 3", "ppo run 3 [first 20]")
+
+
+def test_a_changed_class_prompt_is_refused_on_resume_and_keeps_runs_apart_in_the_table(workdir):
+    """An LLM judge reads the class prompt (eval_prompt.json): a resume after it was edited would judge one
+    run on two scales (it went on, silently), and two runs judged with different prompts are not set
+    against each other in the table (they were paired and ranked as one judge's)."""
+    write_sample(workdir / "belle", per_class=1)
+    server = JudgeServer(lambda body, index: ("status", 500, "down") if index == 2 else score_by_answer(body, index))
+    env = {"THE_JUDGE_KEY": KEY}
+    prompts = workdir / "belle" / "eval_prompt.json"
+    try:
+        first = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server), "--limit", "3",
+                          "--concurrency", "1", "--judge-retries", "0", env=env)
+        assert first.returncode == 1 and "1 of 3 judge calls failed" in first.stderr, first.stderr[-2000:]
+        original = prompts.read_text(encoding="utf-8")
+        prompts.write_text(original.replace("请给math类", "严格地请给math类"), encoding="utf-8")  # line 1
+        refused = rlhf_eval("belle", "--resume-run", "1", env=env)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert (f"{prompts}:1: the prompt of class 'math' changed since run 1 began" in refused.stderr and
+                "--answers-from 1 judges its answers with the new prompts" in refused.stderr), refused.stderr
+        assert run_row(1)["status"] == "failed" and len(server.calls) == 3  # nothing claimed, nothing asked
+        prompts.write_text(original, encoding="utf-8")
+        resumed = rlhf_eval("belle", "--resume-run", "1", env=env)
+        assert resumed.returncode == 0 and run_row(1)["status"] == "done", resumed.stderr[-2000:]
+        prompts.write_text(original.replace("请给math类", "严格地请给math类"), encoding="utf-8")
+        anew = rlhf_eval("belle", "--answers-from", "1", *judge_args(server), env=env)  # the same answers, new prompt
+        assert anew.returncode == 0 and run_row(2)["status"] == "done", anew.stderr[-2000:]
+    finally:
+        server.close()
+    delta = rlhf_eval("table", "--delta", "1", "2")
+    assert delta.returncode == 2 and "were judged with different prompts for class 'math'" in delta.stderr, \
+        delta.stderr
+    table = rlhf_eval("table")
+    assert table.returncode == 0, table.stderr
+    assert ("no run is marked best: no two runs were judged by one judge with the same class prompts on the same "
+            "questions") in table.stdout, table.stdout
+
+
+def test_a_resume_follows_moved_eval_files_and_checks_its_checkpoint_before_the_claim(workdir):
+    """The eval set's folder moved: the resume takes the new folder (held to the same questions), where it
+    refused the option as one that 'would change its answers or scores'. A checkpoint gone while questions
+    are left to answer is said before the run is claimed (it was claimed, then failed with a hub error)."""
+    import shutil
+
+    write_sample(workdir / "belle", per_class=1)
+    model = workdir / "model-copy"
+    shutil.copytree(workdir / "demo" / "model", model)
+    server = JudgeServer(lambda body, index: ("status", 500, "down") if index == 0 else score_by_answer(body, index))
+    env = {"THE_JUDGE_KEY": KEY}
+    try:
+        first = rlhf_eval("belle", str(model), "--eval-dir", "belle", *judge_args(server), "--limit", "3",
+                          "--concurrency", "1", "--judge-retries", "0", env=env)
+        assert first.returncode == 1 and run_row(1)["status"] == "failed", first.stderr[-2000:]
+        (workdir / "belle").rename(workdir / "moved")
+        gone = rlhf_eval("belle", "--resume-run", "1", env=env)
+        assert gone.returncode == 2, gone.stderr
+        assert (f"--eval-dir: run 1's eval folder {workdir / 'belle'} is no folder any more; if its files moved, "
+                "give their folder: --eval-dir NEW") in gone.stderr
+        write_sample(workdir / "other", per_class=1, ask="Name {k} animals with {n} legs.")
+        other = rlhf_eval("belle", "--resume-run", "1", "--eval-dir", "other", env=env)
+        assert other.returncode == 2 and "changed since run 1 began" in other.stderr, other.stderr
+        segments = run_row(1)["segments"]
+        import sqlite3
+
+        with sqlite3.connect(os.environ["RLHF_DB"]) as conn:  # as a stop in the middle of answering leaves it
+            conn.execute("UPDATE eval_items SET answer = NULL WHERE run_id = 1 AND item_id = 3")
+        shutil.rmtree(model)
+        missing = rlhf_eval("belle", "--resume-run", "1", "--eval-dir", "moved", env=env)
+        assert missing.returncode == 2, missing.stderr[-2000:]
+        assert missing.stderr.strip().startswith(f"error: checkpoint '{model}' is not a folder: run 1 has questions "
+                                                 "still to answer with it"), missing.stderr
+        assert "Traceback" not in missing.stderr
+        row = run_row(1)
+        assert (row["status"], row["segments"]) == ("failed", segments)  # not claimed
+        shutil.copytree(workdir / "demo" / "model", model)
+        resumed = rlhf_eval("belle", "--resume-run", "1", "--eval-dir", "moved", env=env)
+        assert resumed.returncode == 0 and run_row(1)["status"] == "done", resumed.stderr[-2000:]
+        assert f"run 1 resumes with --eval-dir {workdir / 'moved'}" in resumed.stdout
+        assert json.loads(run_row(1)["config"])["eval_dir"] == str(workdir / "moved")
+    finally:
+        server.close()

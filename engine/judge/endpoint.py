@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
 
 from engine.judge import FAILED, SCORED, UNSCORED, Verdict, request_key
 from engine.judge.parse import parse_score
+from engine.run import RunFailed
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class CallFailed(RuntimeError):
     pass
 
 
-class JudgeRefused(RuntimeError):
+class JudgeRefused(RunFailed):
     """The endpoint refuses calls for a reason no retry and no other prompt changes (a bad key, no access,
     an unknown model or URL): judging stops at once rather than pay for, or wait on, every item failing."""
 
