@@ -447,6 +447,7 @@ def supervise(run: Prepared, echo: bool = False) -> int:
                                            supervisor=(os.getpid(), process_start(os.getpid())))
 
     presses = Presses()
+    passed_on = False  # a stop this supervisor gave the group for its launcher, killed alone
     told: list[int] = []  # STOP_TOLD: a stop sent to the run's group that runs.db could not record
 
     def stop_told(signum: int, frame: object) -> None:
@@ -471,8 +472,16 @@ def supervise(run: Prepared, echo: bool = False) -> int:
         # A stop sent to the run's group (the console's, `rlhf stop`) never reached this process, and a
         # one-process launcher dies at once on it while the trainer under it is still saving: ask runs.db,
         # and take the launcher's own death by SIGTERM for one (a stop runs.db could not write down).
-        stopping = bool(presses.count or stop_asked or exit_code == -signal.SIGTERM
-                        or (run.registered and _stop_requested(db, run.run_id)))
+        asked = bool(presses.count or stop_asked or told or (run.registered and _stop_requested(db, run.run_id)))
+        # The launcher killed alone (kill PID, kill -9 of `accelerate launch`: the pid runs.db names): its
+        # trainer trains on under nobody, to be killed unsaved once the patience below runs out. A stop
+        # nobody recorded: the group is asked to save and end, as a stop asks it (a trainer that had the
+        # signal already takes a second one as the same stop).
+        passed_on = exit_code < 0 and not asked and group_alive(proc.pid)
+        if passed_on:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        stopping = asked or passed_on or exit_code == -signal.SIGTERM
         grace = stop_grace_s()
         killed = _wait_for_group(proc.pid, grace if stopping else LINGER_S, lambda: grace if told else None)
     finally:
@@ -482,7 +491,8 @@ def supervise(run: Prepared, echo: bool = False) -> int:
             signal.signal(s, signal.SIG_IGN if s == STOP_TOLD and handler in (signal.SIG_DFL, None) else handler)
     status = None
     if run.registered:
-        status = record_exit(db, run.run_id, exit_code, stop_requested=presses.count > 0, log_path=run.log_path,
+        status = record_exit(db, run.run_id, exit_code, stop_requested=presses.count > 0 or passed_on,
+                             log_path=run.log_path,
                              pgid=proc.pid, killed=killed, log_start=offset)
     if status == "failed":
         with Store(db) as store:  # a trainer that failed on bad input meant 2; its launcher says 1

@@ -455,6 +455,8 @@ def stop_seen() -> bool:
 
 def _raise_stop() -> None:
     global _stop_seen
+    if _stop_seen:  # the same stop again (a supervisor passing on its launcher's death): already under way
+        return
     _stop_seen = True
     raise StopRequested()
 

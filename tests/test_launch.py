@@ -649,6 +649,38 @@ def test_detached_launch_returns_at_once_and_the_supervisor_records_the_exit(wor
     assert run_row(1)["status"] == "done" and run_row(1)["exit_code"] == 0 and run_row(1)["step"] == run["step"] + 2
 
 
+@pytest.mark.parametrize("to, sig", [(os.kill, signal.SIGTERM), (os.kill, signal.SIGKILL), (os.killpg, signal.SIGTERM)],
+                         ids=["sigterm", "sigkill", "sigterm-to-the-group"])
+def test_a_signal_to_the_launcher_alone_stops_the_run_with_its_checkpoint(workdir, monkeypatch, to, sig):
+    """`kill PID` of the pid runs.db names (a one-process launch: accelerate's launcher, the trainer its
+    child): the launcher died at once, and its trainer trained on under nobody until the grace period (or,
+    after a kill -9, the linger) ran out and it was killed unsaved: a failed run without a checkpoint. The
+    supervisor passes the stop on to the group (where the group had it already, its trainer takes the
+    second as the same stop)."""
+    from engine.procs import group_alive
+
+    monkeypatch.setenv("RLHF_STOP_GRACE_S", "120")  # a save takes seconds
+    monkeypatch.setenv("RLHF_LINGER_S", "5")  # what a stray process may take: far less than a save
+    subprocess.run([*RLHF, "launch", "sft", str(TINY), "--accelerate-config", str(ACCEL / "cpu.yaml"), "--detach",
+                    "--set", "train.max_steps=5000", "--set", "train.logging_steps=1", "--set",
+                    "train.save_steps=1000"], capture_output=True, text=True, check=True)
+    deadline = time.monotonic() + 180
+    while _logged_steps(1) < 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    launcher = run_row(1)
+    assert launcher["pid"] == launcher["pgid"] and launcher["status"] == "running"
+    to(launcher["pid"], sig)  # os.kill: the launcher alone, not its group
+    deadline = time.monotonic() + 300
+    while run_row(1)["exit_code"] is None and time.monotonic() < deadline:
+        time.sleep(0.3)
+    run = run_row(1)
+    assert (run["status"], run["exit_code"]) == ("stopped", 143), run["error"]
+    with Store(os.environ["RLHF_DB"]) as store:
+        (checkpoint,) = store.checkpoints(1)
+    assert checkpoint["step"] == run["step"] < 5000 and Path(checkpoint["path"]).is_dir()
+    assert not group_alive(launcher["pgid"])
+
+
 def test_stopping_a_run_whose_processes_vanished_closes_it_as_failed(workdir):
     from engine.launch import request_stop
 
