@@ -311,15 +311,32 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
         raise RecipeError(
             f"run {run_id}: a resume continues the run's recorded recipe; the --set items given change "
             f"{', '.join(differ)} mid-run: add --allow-change to continue with the change")
+    reshaped = [d for d in differ if d.split(" ", 1)[0].startswith(_shape_fields(stage))]
+    if reshaped:  # refused before the claim records it: a recorded change every later resume would fail on
+        raise RecipeError(f"run {run_id}: {reshaped[0]}: its checkpoints hold what was trained as it was (which "
+                          "layers, which adapters, of which model), and a resume loads them as they are; "
+                          "start a new run for that")
     if run["status"] == "done":
         _check_more_to_train(run, stage, recorded, changed)
     elif stage != "ppo":
         _check_not_past_the_end(run, stage, recorded, changed, target)
+    else:
+        trained = json.loads((target / STATE_MARKERS["ppo"]).read_text(encoding="utf-8")).get("step", 0)
+        if changed.ppo.steps < trained:
+            raise RecipeError(f"run {run_id}: ppo.steps {changed.ppo.steps}: its checkpoint {target.name} has trained "
+                              f"{trained} steps; a resume goes on to more steps, not back to fewer")
     change = None
     if differ:  # recorded by the claim (`Store.claim_for_resume`): only a resume that starts changes the run
         change = {"config": recipe_to_json(with_absolute_paths(changed)),
                   "overrides": json.dumps([*json.loads(run.get("overrides") or "[]"), *overrides])}
     return path, [*overrides, f"{field}={'true' if picked is True else json.dumps(picked)}"], change
+
+
+def _shape_fields(stage: Stage) -> tuple[str, ...]:
+    """Dotted fields (prefixes) that change what a stage's checkpoint holds: loading it into a run changed so
+    fails (LoRA adapters of another rank, another set of trained layers and their optimizer state)."""
+    return ("model.path", f"{stage}.model.path", f"{stage}.lora", f"{stage}.num_layers_unfrozen",
+            *(("ppo.value_layers", "ppo.train_head") if stage == "ppo" else ()))
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -93,6 +93,15 @@ def test_sigterm_saves_full_state_and_stops(workdir):
     for name in ("ppo_state.json", "branches.pt", "optimizer.pt", "rank_0.pt", "policy/model.safetensors"):
         assert (folder / name).is_file(), name
     saved_kl = json.loads((folder / "ppo_state.json").read_text())["kl"]["value"]
+    # Refused before the claim: fewer steps than trained (it ended "done 134/100"), and a change of what the
+    # checkpoint holds (recorded, it failed to load, and so did every later resume, the plain one too).
+    for change, why in ((f"ppo.steps={stopped_at - 1}", f"has trained {stopped_at} steps; a resume goes on to "
+                         "more steps, not back to fewer"),
+                        ("ppo.lora.r=4", "ppo.lora (None -> {"), ("ppo.value_layers=3", "ppo.value_layers (2 -> 3)")):
+        refused = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", "1", "--allow-change", "--set",
+                                  change], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and why in refused.stderr, (change, refused.stderr[-2000:])
+        assert run_row(1)["status"] == "stopped" and run_row(1)["config"] == run["config"]  # as it was
 
     resumed = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", "1", "--allow-change",
                               *sum((["--set", o] for o in [*TOY, f"steps={stopped_at + 2}"]), [])],
