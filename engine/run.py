@@ -201,8 +201,14 @@ def _exit_unrecorded(run: dict[str, Any]) -> bool:
 
 def _orphaned(run: dict[str, Any]) -> bool:
     # Only this machine's processes can be looked at: a run of another node of a shared runs.db is not ours.
-    return (run["status"] in ("pending", "running") and run.get("host") in (None, "", socket.gethostname())
-            and run_processes_gone(run))
+    if not (run["status"] in ("pending", "running") and run.get("host") in (None, "", socket.gethostname())
+            and run_processes_gone(run)):
+        return False
+    # A supervisor alive records the exit itself once it has seen the group end: a look's guess before that
+    # (a stage stopped during its set-up) said failed, and `rlhf stop --wait` printed it, of a run about to
+    # be recorded stopped.
+    supervisor = run.get("supervisor_pid")
+    return not (supervisor and process_alive(supervisor, run.get("supervisor_started")))
 
 
 def resume_hint(stage: str, run_id: int, db: str | os.PathLike | None, command: str = "train") -> str:

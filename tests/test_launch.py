@@ -694,6 +694,26 @@ def test_stopping_a_run_whose_processes_vanished_closes_it_as_failed(workdir):
     assert run["status"] == "failed" and "processes are gone" in run["error"]
 
 
+def test_a_run_whose_group_ended_is_left_to_its_live_supervisor_to_record(workdir):
+    """Its group gone, a run whose supervisor lives is about to be recorded by it (stopped, say): a look
+    closing it as failed first made `rlhf stop --wait` print that guess. Once the supervisor is gone too, a
+    look closes it."""
+    from engine.procs import process_start
+    from engine.run import settled
+
+    gone = subprocess.Popen(["true"], start_new_session=True)
+    gone.wait()
+    supervisor = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    with Store(os.environ["RLHF_DB"]) as store:
+        run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+        store.update_run(run_id, status="running", launch="{}")
+        store.set_process(run_id, gone.pid, gone.pid, None,
+                          supervisor=(supervisor.pid, process_start(supervisor.pid)))
+        assert settled(store, run_id)["status"] == "running"
+        supervisor.communicate(b"", timeout=60)  # it ends without recording anything
+        assert settled(store, run_id)["status"] == "failed"
+
+
 def test_a_group_number_taken_by_another_program_is_never_signalled(workdir):
     from engine.launch import request_stop
     from engine.procs import process_start, same_group
