@@ -353,7 +353,16 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         pipeline_id = pipeline.create(args.recipe, args.overrides, args.through, args.accelerate_config,
                                       args.num_processes, db)
     if args.detach:
-        log = pipeline.start_detached(pipeline_id, db)
+        log, pid, started = pipeline.start_detached(pipeline_id, db)
+        if args.resume is not None:  # said once its process has the pipeline: two resumes at once, one wins
+            row = pipeline.taken_by(pipeline_id, db, pid, started)
+            if row["pid"] != pid and row["status"] in ("pending", "running"):
+                raise RecipeError(f"pipeline {pipeline_id} was resumed by another command (pid {row['pid']}) "
+                                  "first; this resume ended")
+            if row["pid"] != pid or row["status"] not in ("running", "done", "stopped"):
+                why = row["error"] if row["pid"] == pid and row["error"] else "its process ended at once"
+                print(f"error: pipeline {pipeline_id} did not resume: {why}; its log: {log}", file=sys.stderr)
+                return 1
         print(f"pipeline {pipeline_id} {'resumed' if args.resume is not None else 'started'}; its log: {log}")
         return 0
     status = pipeline.run(pipeline_id, db, echo=True)

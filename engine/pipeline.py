@@ -168,7 +168,9 @@ def run(pipeline_id: int, db_path: str | os.PathLike, echo: bool = False) -> str
     except BaseException as err:
         try:
             with Store(db_path) as store:
-                if store.pipeline(pipeline_id)["status"] in ("pending", "running"):
+                row = store.pipeline(pipeline_id)
+                # Not a row another process runs (two resumes at once: the one that lost must not fail it)
+                if row["status"] in ("pending", "running") and row["pid"] in (None, os.getpid()):
                     store.update_pipeline(pipeline_id, status="failed", ended=time.time(),
                                           error=f"{type(err).__name__}: {err}"[:2000])
         except Exception:  # the store itself may be what failed: the original error is the one to see
@@ -187,8 +189,9 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
     with Store(db_path) as store:
         row = store.pipeline(pipeline_id)
         _no_stage_alive(store, pipeline_id)  # before the row says running: it stays as it was
-        store.update_pipeline(pipeline_id, status="running", pid=os.getpid(), pid_started=process_start(os.getpid()),
-                              host=socket.gethostname(), ended=None, error=None)
+        if not store.claim_pipeline(pipeline_id, os.getpid(), process_start(os.getpid())):
+            raise RecipeError(f"pipeline {pipeline_id} is running in another process (pid "
+                              f"{store.pipeline(pipeline_id)['pid']}): resumed twice at once")
         tag = db_tag(store)
     recipe_path = _recorded(row, tag)
     launch = json.loads(row["launch"])
@@ -344,9 +347,9 @@ def resume(pipeline_id: int, db_path: str | os.PathLike) -> None:
         _no_stage_alive(store, pipeline_id)
 
 
-def start_detached(pipeline_id: int, db_path: str | os.PathLike) -> Path:
+def start_detached(pipeline_id: int, db_path: str | os.PathLike) -> tuple[Path, int, int | None]:
     """The pipeline in a session of its own (it outlives the terminal); returns its log's path, in the
-    pipeline's output root."""
+    pipeline's output root, and its process (pid, start time)."""
     with Store(db_path) as store:
         output_root = json.loads(store.pipeline(pipeline_id)["config"])["output_root"]
         tag = db_tag(store)
@@ -356,12 +359,28 @@ def start_detached(pipeline_id: int, db_path: str | os.PathLike) -> Path:
         with open(log_path, "ab") as log:
             from engine.procs import spawn_detached
 
-            spawn_detached([sys.executable, "-m", "engine.pipeline", str(pipeline_id), "--db", str(db_path)], log)
+            pid, started = spawn_detached([sys.executable, "-m", "engine.pipeline", str(pipeline_id), "--db",
+                                           str(db_path)], log)
     except OSError as err:  # recorded, so that the pipeline's row says why it never ran (and resume can retry)
         with Store(db_path) as store:
             store.update_pipeline(pipeline_id, status="failed", ended=time.time(), error=f"could not start: {err}")
         raise
-    return log_path
+    return log_path, pid, started
+
+
+def taken_by(pipeline_id: int, db_path: str | os.PathLike, pid: int, started: int | None,
+             patience_s: float = 300.0) -> dict[str, Any]:
+    """The pipeline's row once process `pid` has taken it (running in it) or has ended without (another
+    process took it first, or it failed at once): what a detached resume says, rather than 'resumed' of a
+    process that lost the race."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        with Store(db_path) as store:
+            row = store.pipeline(pipeline_id)
+        if (row["status"] == "running" and row["pid"] == pid) or not process_alive(pid, started) \
+                or time.monotonic() > deadline:
+            return row
+        time.sleep(0.2)
 
 
 def exit_code(status: str) -> int:

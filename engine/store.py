@@ -670,6 +670,16 @@ class Store:
         with self._write() as db:
             db["pipelines"].update(pipeline_id, fields)
 
+    def claim_pipeline(self, pipeline_id: int, pid: int, started: int | None) -> bool:
+        """Mark the pipeline running in process `pid`, in one transaction: of two processes resuming it at
+        once, only one does; the other finds it running in the first (False)."""
+        with self._write() as db:
+            changed = db.conn.execute(
+                "UPDATE pipelines SET status = 'running', pid = ?, pid_started = ?, host = ?, ended = NULL, "
+                "error = NULL WHERE id = ? AND (status NOT IN ('pending', 'running') OR pid IS NULL OR pid = ?)",
+                [pid, started, socket.gethostname(), pipeline_id, pid]).rowcount
+        return changed == 1
+
     def close_orphan_pipeline(self, pipeline_id: int, seen: Mapping[str, Any]) -> bool:
         """Record that a pending or running pipeline's process is gone without an end on record. `seen`: the
         row whose process was found gone; a pipeline resumed meanwhile (another process) is left alone."""

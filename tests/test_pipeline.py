@@ -320,6 +320,47 @@ def test_a_pipeline_killed_alone_leaves_its_stage_running_and_resumes_only_once_
     assert steps == sorted(set(steps)) and steps[-1] == run_row(1)["total_steps"] and at >= 2
 
 
+def test_two_resumes_of_a_pipeline_at_once_one_resumes_it_and_the_other_says_so(workdir):
+    """Both said "resumed", and the one that lost marked the pipeline failed while the other ran it."""
+    db = os.environ["RLHF_DB"]
+    started = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, "--through", "sft", "--detach",
+                   "--set", "sft.train.save_steps=1")
+    assert started.returncode == 0, started.stderr[-2000:]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (os.path.exists(db) and len(metric(1, "loss")) >= 2):
+        time.sleep(0.2)
+    stopped = rlhf("stop", "1", "--wait", "--db", db)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    def pipeline_status() -> str:
+        with Store(db) as store:
+            return store.pipeline(1)["status"]
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and pipeline_status() != "stopped":
+        time.sleep(0.2)
+    assert pipeline_status() == "stopped"
+
+    both = [subprocess.Popen([*RLHF, "pipeline", "--resume", "1", "--db", db, "--detach"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    said = [proc.communicate(timeout=600) for proc in both]
+    codes = [proc.returncode for proc in both]
+    assert sorted(codes) == [0, 2], said
+    out, err = said[codes.index(2)]
+    assert "was resumed by another command" in err or "pipeline 1 is running" in err, err
+    assert "pipeline 1 resumed" in said[codes.index(0)][0]
+    seen = set()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = pipeline_status()
+        seen.add(status)
+        if status not in ("pending", "running"):
+            break
+        time.sleep(0.2)
+    with Store(db) as store:
+        assert status == "done" and "failed" not in seen, (seen, store.pipeline(1)["error"])
+        assert [r["id"] for r in store.pipeline_runs(1)] == [1]  # one stage run, continued once
+
+
 def test_a_pipeline_in_a_terminal_that_goes_away_carries_on_to_its_end(workdir):
     """A dropped SSH hangs up the pipeline's terminal: its stages have sessions of their own, and the
     pipeline that chains them goes on as well (what it prints is lost, every stage's train.log has it)."""
