@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.config import ModelSpec, TrainArgs
+from engine.config import ModelSpec, RecipeError, TrainArgs
 from engine.data import DataError, Mixture, lengths
 from engine.data.lengths import Fate
 from engine.models import cuda_available, precision_flags
@@ -128,6 +128,37 @@ def own_model_card(trainer: Any, handle: RunHandle, stage: str, start: str) -> N
         (handle.output_dir / "README.md").write_text(text, encoding="utf-8")
 
     trainer.create_model_card = write
+
+
+def at_the_end(resume: str | None, args: Any) -> bool:
+    """Whether the checkpoint to resume from is at the run's last step (a run stopped there, or one that died
+    while it exported): the trainer, resumed, would take a step past the end before it checks."""
+    if resume is None:
+        return False
+    state = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))
+    if args.max_steps > 0:
+        end = args.max_steps
+    elif args.num_train_epochs > state.get("num_train_epochs", 0):
+        return False  # more epochs asked for: steps are left
+    else:
+        end = state.get("max_steps", 0)
+    return end > 0 and state.get("global_step", 0) >= end
+
+
+def load_the_end(trainer: Any, resume: str) -> None:
+    """The trainer as `resume` (at the run's last step) left it, without a training step: its weights (the
+    adapters alone under LoRA) and its state, for the export the run did not finish."""
+    from transformers import TrainerState
+
+    from engine.models import sharding_of
+
+    if sharding_of(trainer.args):
+        raise RecipeError(f"{resume} is at the run's last step, and a run sharded with {sharding_of(trainer.args)} "
+                          "is not exported from a checkpoint without training: load that folder, or resume with more "
+                          "steps (--allow-change --set train.max_steps=N)")
+    # Trainer's own loader (what train() calls for a resume): full weights, or a PEFT model's adapters.
+    trainer._load_from_checkpoint(resume)
+    trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
 
 
 def evaluated_at(trainer: Any, step: int) -> bool:

@@ -64,7 +64,10 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
         callbacks=callbacks,
     )
     hf_trainer.own_model_card(trainer, handle, "rm", spec.path)
-    trainer.train(resume_from_checkpoint=resume)
+    if hf_trainer.at_the_end(resume, args):
+        hf_trainer.load_the_end(trainer, resume)  # its export is what is left
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     if eval_set is not None and not stop.stopped and not hf_trainer.evaluated_at(trainer, trainer.state.global_step):
         trainer.evaluate()  # the held-out accuracy and margin of the final weights, logged like the others
 

@@ -372,19 +372,17 @@ def _check_more_to_train(run: dict[str, Any], stage: Stage, recorded: Recipe, ch
 
 def _check_not_past_the_end(run: dict[str, Any], stage: Stage, recorded: Recipe, changed: Recipe,
                             newest: Path) -> None:
-    """A run whose checkpoint to resume from (`newest`) is at its last step (one stopped there before a stop
-    there meant done, or one that failed while exporting) has nothing left to train, and the trainer,
-    resumed, would take one step past max_steps before it checks."""
+    """A run whose checkpoint to resume from (`newest`) is past the steps asked for has trained more than
+    that already. One at its last step (stopped there, or failed while it exported) resumes to its export
+    alone (engine.hf_trainer.at_the_end)."""
     state = json.loads((newest / "trainer_state.json").read_text(encoding="utf-8"))
     old, new = recorded.stage(stage).train, changed.stage(stage).train
     if new.max_steps <= 0 and new.epochs > old.epochs:
         return  # more epochs asked for: the trainer's own count of steps grows with them
     end = new.max_steps if new.max_steps > 0 else state.get("max_steps", 0)
-    if end > 0 and state.get("global_step", 0) >= end:
-        raise RecipeError(f"run {run['id']} ({run['status']}) would resume from a checkpoint at its last step "
-                          f"({state['global_step']} of {end}): nothing is left to train, and {newest} holds its "
-                          f"weights (a model folder); to train it further give --set {stage}.train.max_steps=N "
-                          f"with N > {state['global_step']} (or more {stage}.train.epochs) --allow-change")
+    if end > 0 and state.get("global_step", 0) > end:
+        raise RecipeError(f"run {run['id']}: {stage}.train.max_steps {end}: its checkpoint {newest.name} has trained "
+                          f"{state['global_step']} steps; a resume goes on to more steps, not back to fewer")
 
 
 def checkpoints_in(folder: Path, marker: str) -> list[Path]:

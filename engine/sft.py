@@ -80,7 +80,10 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
         callbacks=callbacks,
     )
     hf_trainer.own_model_card(trainer, handle, "sft", spec.path)
-    trainer.train(resume_from_checkpoint=resume)
+    if hf_trainer.at_the_end(resume, args):
+        hf_trainer.load_the_end(trainer, resume)  # its export is what is left
+    else:
+        trainer.train(resume_from_checkpoint=resume)
 
     final = handle.output_dir / "final"
     if not stop.stopped:

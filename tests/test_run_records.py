@@ -605,23 +605,36 @@ def test_a_stop_that_comes_with_the_last_step_ends_the_run_as_done():
     assert stop.stopped and control.should_training_stop and control.should_save
 
 
-def test_a_run_left_stopped_at_its_last_step_is_not_resumed_past_it(workdir):
-    """As a stop on the last step left a run before: `stopped` with its newest checkpoint at max_steps.
-    Its resume is refused with what to use instead, unless more steps are asked for."""
+def test_a_run_left_at_its_last_step_resumes_to_its_export_alone(workdir):
+    """Stopped on its last step (as a stop there left a run before), or killed while it exported `final`
+    (its folder half written): a checkpoint at max_steps and no export. Its resume was refused ("nothing is
+    left to train"), for good, and its pipeline's with it; it exports now, without a training step (the
+    trainer, resumed, takes one past the end before it checks). Fewer steps than trained are refused."""
+    from transformers import AutoModelForCausalLM
+
     done = subprocess.run([*RLHF, "train", "sft", str(TINY), "--set", "train.max_steps=3", "--set",
                            "train.save_steps=1", "--set", "train.eval_ratio=0"], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    with Store(os.environ["RLHF_DB"]) as store:
-        store.update_run(1, status="stopped", exit_code=143)
-    again = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1"], capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2
-    assert "run 1 (stopped) would resume from a checkpoint at its last step (3 of 3)" in again.stderr
-    assert "checkpoint-3 holds its weights" in again.stderr and run_row(1)["status"] == "stopped"
-    more = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1", "--set", "train.max_steps=4",
-                           "--allow-change"], capture_output=True, text=True, timeout=300)
-    assert more.returncode == 0, more.stderr[-2000:]
-    assert run_row(1)["status"] == "done" and run_row(1)["step"] == 4
+    final = Path(run_row(1)["output_dir"]) / "final"
+    for cut_short in ("stopped", "failed"):
+        shutil.rmtree(final)
+        final.mkdir()
+        (final / "config.json").write_text((Path(run_row(1)["output_dir"]) / "checkpoint-3" / "config.json")
+                                           .read_text())  # what an export killed after its first file leaves
+        with Store(os.environ["RLHF_DB"]) as store:
+            store.update_run(1, status=cut_short, exit_code=143 if cut_short == "stopped" else -9)
+        fewer = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1", "--set", "train.max_steps=2",
+                                "--allow-change"], capture_output=True, text=True, timeout=120)
+        assert fewer.returncode == 2 and "has trained 3 steps; a resume goes on to more steps" in fewer.stderr
+        again = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1"], capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert (run_row(1)["status"], run_row(1)["step"]) == ("done", 3)  # not 4/3
+        assert max(s for s, _ in metric(1, "loss")) <= 3  # no step trained past the end
+        AutoModelForCausalLM.from_pretrained(final)  # whole
+        with Store(os.environ["RLHF_DB"]) as store:
+            assert any(c["path"] == str(final) and c["step"] == 3 for c in store.checkpoints(1))
 
 
 def test_a_stop_says_what_it_will_leave_for_the_run_it_is_asked_of():
