@@ -517,7 +517,15 @@ def catch_stops(on_stop: Callable[[], None], what: str) -> None:
     launch`. Python only lets the main thread set handlers: elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         return
-    signal.signal(signal.SIGTERM, lambda signum, frame: on_stop())
+    told: list[int] = []
+
+    def terminate(signum: int, frame: object) -> None:
+        if not told:  # in the run's log: a launched run's stop said nothing there of why it ended
+            told.append(signum)
+            _say_now(f"\nSIGTERM: {what}\n")
+        on_stop()
+
+    signal.signal(signal.SIGTERM, terminate)
     if os.environ.get(LAUNCHED_ENV) == "1":
         return
     # Its terminal closed (a dropped SSH): stopped as by Ctrl-C, with its checkpoint, rather than killed by
@@ -534,20 +542,24 @@ def catch_stops(on_stop: Callable[[], None], what: str) -> None:
         if presses.count > 1:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        line = f"\nCtrl-C: {what}; Ctrl-C again to end it at once, unsaved\n"
-        try:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-        except RuntimeError:  # the signal came in the middle of a write to stderr: past its buffer, then
-            try:
-                os.write(2, line.encode())
-            except OSError:
-                pass
-        except OSError:  # no terminal any more (a closed pipe): the stop is what matters
-            pass
+        _say_now(f"\nCtrl-C: {what}; Ctrl-C again to end it at once, unsaved\n")
         on_stop()
 
     signal.signal(signal.SIGINT, interrupt)
+
+
+def _say_now(line: str) -> None:
+    """`line` to standard error from a signal handler."""
+    try:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    except RuntimeError:  # the signal came in the middle of a write to stderr: past its buffer, then
+        try:
+            os.write(2, line.encode())
+        except OSError:
+            pass
+    except OSError:  # no terminal any more (a closed pipe): the stop is what matters
+        pass
 
 
 class _Tee:

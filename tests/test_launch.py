@@ -679,6 +679,8 @@ def test_a_signal_to_the_launcher_alone_stops_the_run_with_its_checkpoint(workdi
         (checkpoint,) = store.checkpoints(1)
     assert checkpoint["step"] == run["step"] < 5000 and Path(checkpoint["path"]).is_dir()
     assert not group_alive(launcher["pgid"])
+    # Why it ended, in its log: the trainer says what the stop does
+    assert "SIGTERM: stopping after this step, with a checkpoint" in Path("runs/1/train.log").read_text()
 
 
 def test_stopping_a_run_whose_processes_vanished_closes_it_as_failed(workdir):
