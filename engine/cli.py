@@ -356,6 +356,11 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         log, pid, started = pipeline.start_detached(pipeline_id, db)
         if args.resume is not None:  # said once its process has the pipeline: two resumes at once, one wins
             row = pipeline.taken_by(pipeline_id, db, pid, started)
+            from engine.procs import process_alive
+
+            if row["pid"] != pid and process_alive(pid, started):  # still starting after minutes
+                print(f"pipeline {pipeline_id}: its process (pid {pid}) is still starting; its log: {log}")
+                return 0
             if row["pid"] != pid and row["status"] in ("pending", "running"):
                 raise RecipeError(f"pipeline {pipeline_id} was resumed by another command (pid {row['pid']}) "
                                   "first; this resume ended")

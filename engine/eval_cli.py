@@ -344,8 +344,11 @@ def _pairwise(args: argparse.Namespace) -> int:
                 silent.append(reply)
         rows = evals.pairwise(args.a, args.b, judge.label)
         votes = chat_votes(store, a_config.checkpoint, b_config.checkpoint)
-    rep = report(f"{a_config.shown_name()} (run {args.a})", f"{b_config.shown_name()} (run {args.b})",
-                 list(a_items.values()), list(b_items.values()), rows, votes)
+    # Each side by what answered and how; its own evaluation's judge is not the one comparing them here.
+    rep = report(f"{a_config.shown_name(judge=False)} (run {args.a})",
+                 f"{b_config.shown_name(judge=False)} (run {args.b})", list(a_items.values()),
+                 list(b_items.values()), rows, votes)
+    print(f"pairwise judge: {judge.label}")
     print(render(rep), end="")
     if failures:
         print(f"{len(failures)} judge calls failed, the first: {failures[0]}; the same command asks again",

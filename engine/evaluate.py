@@ -68,10 +68,11 @@ class EvalConfig(BaseModel):
     rewrite_reference: bool = Field(False, description="Give the judge the reference of the 39 rewrite items.")
     answers_from: int | None = Field(None, description="Judge this run's answers instead of generating.")
 
-    def variant(self, size: int | None = None) -> str:
+    def variant(self, size: int | None = None, judge: bool = True) -> str:
         """What sets this run's answers and scores apart from the defaults, in a few words ('' for none):
         two evaluations of one checkpoint, told apart in the score table and the pairwise report. `size`:
-        how many questions the run holds (a --limit past the end of the set took them all)."""
+        how many questions the run holds (a --limit past the end of the set took them all); `judge`: whether
+        its judge is named (not where another judge compares its answers)."""
         default = {name: field.default for name, field in type(self).model_fields.items()}
         parts = []
         if self.temperature > 0:
@@ -88,14 +89,16 @@ class EvalConfig(BaseModel):
             parts.append("rewrite references")
         if self.answers_from is not None:
             parts.append(f"answers of run {self.answers_from}")
-        if self.judge == "rm":
+        if not judge:
+            pass
+        elif self.judge == "rm":
             parts.append("judged by the reward model")
         elif self.judge_model != default["judge_model"]:
             parts.append(f"judged by {self.judge_model}")
         return ", ".join(parts)
 
-    def shown_name(self, size: int | None = None) -> str:
-        variant = self.variant(size)
+    def shown_name(self, size: int | None = None, judge: bool = True) -> str:
+        variant = self.variant(size, judge)
         return f"{self.name} [{variant}]" if variant else self.name
 
 
@@ -214,8 +217,9 @@ def validate_resume(config: EvalConfig, db_path: str | Path, run_id: int,
         with Store(db_path) as store:
             judged = EvalStore(store).scored_items(run_id)
         for row in judged:
-            item, given = by_id.get(row["item_id"]), rubric(row)
-            if item is not None and given is not None and given != item.rubric:
+            item = by_id.get(row["item_id"])
+            if item is not None and rubric(row) is not None and \
+                    not row["judge_prompt"].startswith(f"{item.rubric} {item.question}"):
                 lines: dict[str, int] = {}
                 load_rubrics(config.eval_dir, lines)
                 raise RecipeError(f"{Path(config.eval_dir) / PROMPT_FILE}:{lines.get(item.cls, '?')}: the prompt of "
@@ -441,7 +445,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                     _judge(config, items, evals, run_id, stop, progress)
                 except JudgeRefused as err:  # the run fails with the reason; every stored answer and verdict stays
                     raise JudgeRefused(f"{err}; then continue it: {resume_hint('eval', run_id, db_path)}") from None
-                if unscored_replies and counts["scored"] == 0 and not stop.requested:
+                if unscored_replies and counts["scored"] == 0 and not stop.requested and not any(
+                        j["status"] == "scored" for j in evals.judgments(run_id)):  # none in this stretch, nor before
                     # Replies, not one score in them: the judge's model or prompt is wrong for this, not noise.
                     reply, why, _ = unscored_replies[0]
                     calls = sum(c for _, _, c in unscored_replies)

@@ -138,8 +138,8 @@ def at_the_end(resume: str | None, args: Any) -> bool:
     state = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))
     if args.max_steps > 0:
         end = args.max_steps
-    elif args.num_train_epochs > state.get("num_train_epochs", 0):
-        return False  # more epochs asked for: steps are left
+    elif args.num_train_epochs > state.get("epoch", 0) + 1e-6:
+        return False  # more epochs asked for than it has trained (fractional ones too): steps are left
     else:
         end = state.get("max_steps", 0)
     return end > 0 and state.get("global_step", 0) >= end

@@ -49,6 +49,7 @@ from engine.run import (
     last_alive,
     register_run,
     resume_recipe,
+    supervisor_alive,
 )
 from engine.store import Store, default_db_path
 from engine.train import validate
@@ -481,6 +482,8 @@ def supervise(run: Prepared, echo: bool = False) -> int:
         if passed_on:
             with suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
+            with suppress(OSError), open(run.log_path, "ab") as log:
+                log.write(f"[rlhf] {_launcher_killed(exit_code)}\n".encode())
         stopping = asked or passed_on or exit_code == -signal.SIGTERM
         grace = stop_grace_s()
         killed = _wait_for_group(proc.pid, grace if stopping else LINGER_S, lambda: grace if told else None)
@@ -494,12 +497,23 @@ def supervise(run: Prepared, echo: bool = False) -> int:
         status = record_exit(db, run.run_id, exit_code, stop_requested=presses.count > 0 or passed_on,
                              log_path=run.log_path,
                              pgid=proc.pid, killed=killed, log_start=offset)
+    if passed_on and status == "stopped":  # why a run nobody stopped through rlhf ended stopped
+        with suppress(Exception), Store(db) as store:
+            store.update_run(run.run_id, error=_launcher_killed(exit_code))
     if status == "failed":
         with Store(db) as store:  # a trainer that failed on bad input meant 2; its launcher says 1
             row = store.run(run.run_id)
         if row["pgid"] == proc.pid and row.get("failure_code"):
             return row["failure_code"]
     return EXIT_STOPPED if status == "stopped" else exit_code
+
+
+def _launcher_killed(exit_code: int) -> str:
+    try:
+        name = signal.Signals(-exit_code).name
+    except ValueError:
+        name = f"signal {-exit_code}"
+    return f"its launcher was killed by {name} (kill of its pid, or the OOM killer): the stop was passed on to the run"
 
 
 def _stop_requested(db: Path, run_id: int) -> bool:
@@ -604,7 +618,10 @@ def request_stop(db_path: str | os.PathLike, run_id: int,
         if run["host"] and run["host"] != socket.gethostname():
             raise RecipeError(f"run {run_id} runs on {run['host']}: stop it there")
         if run_processes_gone(run):
-            store.close_orphan(run_id, run, last_alive(store, run))
+            if supervisor_alive(run):  # ending: its supervisor records how, a stop asked now counting as one
+                store.mark_stop_requested(run_id)
+            else:
+                store.close_orphan(run_id, run, last_alive(store, run))
             return None
         foreign = store.foreign_folder(run)
         if foreign:  # a row of this file naming another file's run: its processes are not ours to signal

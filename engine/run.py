@@ -207,8 +207,13 @@ def _orphaned(run: dict[str, Any]) -> bool:
     # A supervisor alive records the exit itself once it has seen the group end: a look's guess before that
     # (a stage stopped during its set-up) said failed, and `rlhf stop --wait` printed it, of a run about to
     # be recorded stopped.
+    return not supervisor_alive(run)
+
+
+def supervisor_alive(run: dict[str, Any]) -> bool:
+    """The run's recorded supervisor is alive (it will record the run's exit)."""
     supervisor = run.get("supervisor_pid")
-    return not (supervisor and process_alive(supervisor, run.get("supervisor_started")))
+    return bool(supervisor) and process_alive(supervisor, run.get("supervisor_started"))
 
 
 def resume_hint(stage: str, run_id: int, db: str | os.PathLike | None, command: str = "train") -> str:
@@ -317,9 +322,9 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
         raise RecipeError(
             f"run {run_id}: a resume continues the run's recorded recipe; the --set items given change "
             f"{', '.join(differ)} mid-run: add --allow-change to continue with the change")
-    reshaped = [d for d in differ if d.split(" ", 1)[0].startswith(_shape_fields(stage))]
+    reshaped = _reshaped(stage, recorded, changed)
     if reshaped:  # refused before the claim records it: a recorded change every later resume would fail on
-        raise RecipeError(f"run {run_id}: {reshaped[0]}: its checkpoints hold what was trained as it was (which "
+        raise RecipeError(f"run {run_id}: {reshaped}: its checkpoints hold what was trained as it was (which "
                           "layers, which adapters, of which model), and a resume loads them as they are; "
                           "start a new run for that")
     if run["status"] == "done":
@@ -338,11 +343,34 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
     return path, [*overrides, f"{field}={'true' if picked is True else json.dumps(picked)}"], change
 
 
-def _shape_fields(stage: Stage) -> tuple[str, ...]:
-    """Dotted fields (prefixes) that change what a stage's checkpoint holds: loading it into a run changed so
-    fails (LoRA adapters of another rank, another set of trained layers and their optimizer state)."""
-    return ("model.path", f"{stage}.model.path", f"{stage}.lora", f"{stage}.num_layers_unfrozen",
-            *(("ppo.value_layers", "ppo.train_head") if stage == "ppo" else ()))
+def _reshaped(stage: Stage, recorded: Recipe, changed: Recipe) -> str | None:
+    """What of a change alters what the stage's checkpoints hold, so that loading them fails (adapters of
+    another rank or on other modules, another set of trained layers and their optimizer state, another
+    model), or None. A model folder that moved, holding the same model (its config.json), is the same."""
+    old, new = recorded.stage_model(stage), changed.stage_model(stage)
+    if old.path != new.path and not _same_model(old.path, new.path):
+        return f"the model {old.path} -> {new.path}"
+    before, after = recorded.stage(stage), changed.stage(stage)
+    lora = (getattr(before, "lora", None), getattr(after, "lora", None))
+    if (lora[0] is None) != (lora[1] is None):
+        return f"{stage}.lora {'on' if lora[1] is not None else 'off'}"
+    if lora[0] is not None and lora[1] is not None:
+        for field in ("r", "target_modules"):
+            if getattr(lora[0], field) != getattr(lora[1], field):
+                return f"{stage}.lora.{field} {getattr(lora[0], field)!r} -> {getattr(lora[1], field)!r}"
+    fields = ["num_layers_unfrozen", *(("value_layers", "train_head") if stage == "ppo" else ())]
+    for field in fields:
+        if getattr(before, field) != getattr(after, field):
+            return f"{stage}.{field} {getattr(before, field)!r} -> {getattr(after, field)!r}"
+    return None
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two local model folders holding one model (the same config.json): a folder moved or linked."""
+    try:
+        return (Path(a) / "config.json").read_bytes() == (Path(b) / "config.json").read_bytes()
+    except OSError:
+        return False
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -379,6 +407,9 @@ def _check_not_past_the_end(run: dict[str, Any], stage: Stage, recorded: Recipe,
     old, new = recorded.stage(stage).train, changed.stage(stage).train
     if new.max_steps <= 0 and new.epochs > old.epochs:
         return  # more epochs asked for: the trainer's own count of steps grows with them
+    if new.max_steps <= 0 and new.epochs < state.get("epoch", 0) - 1e-6:
+        raise RecipeError(f"run {run['id']}: {stage}.train.epochs {new.epochs:g}: its checkpoint {newest.name} has "
+                          f"trained {state['epoch']:.3g} epochs; a resume goes on to more, not back to fewer")
     end = new.max_steps if new.max_steps > 0 else state.get("max_steps", 0)
     if end > 0 and state.get("global_step", 0) > end:
         raise RecipeError(f"run {run['id']}: {stage}.train.max_steps {end}: its checkpoint {newest.name} has trained "

@@ -54,8 +54,13 @@ def rubric(item: dict[str, Any]) -> str | None:
     prompt, question = item.get("judge_prompt"), item.get("question")
     if not prompt or not question or item.get("score") is None or str(item.get("judge", "")).startswith("rm:"):
         return None
-    cut = prompt.find(f" {question}")
-    return prompt[:cut] if cut >= 0 else prompt
+    # What follows the question (engine.belle.judge_prompt): the reference, or the answer. The question alone
+    # could also stand inside the prompt.
+    for after in (f" {question} 标准回答:", f" {question}  模型回答：", f" {question}"):
+        cut = prompt.find(after)
+        if cut >= 0:
+            return prompt[:cut]
+    return prompt
 
 
 def rubrics_of(items: Sequence[dict[str, Any]]) -> dict[str, str]:

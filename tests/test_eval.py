@@ -407,6 +407,10 @@ def test_a_done_evaluation_with_an_unscored_reply_resumes_to_ask_it_again(workdi
         done = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server), "--limit", "3", env=env)
         assert done.returncode == 0 and run_row(1)["status"] == "done", done.stderr[-2000:]
         assert "judged 3 of 3: 2 scored, 1 unscored" in done.stdout
+        # Asked again and still without a score: the run stays done (its other answers are scored), not
+        # failed as a judge that gave no score at all
+        still = rlhf_eval("belle", "--resume-run", "1", env=env)
+        assert still.returncode == 0 and run_row(1)["status"] == "done", still.stderr[-2000:]
         asked = len(server.calls)
         fixed.set()
         again = rlhf_eval("belle", "--resume-run", "1", env=env)
@@ -540,6 +544,9 @@ def test_pairwise_with_a_judge_that_always_prefers_the_first_slot(workdir):
         biased.close()
     text = out.stdout
     assert "10 items judged in both orders" in text
+    # The sides by what answered them; the judge is the pairwise one (each run's own, tiny-judge, is not)
+    assert f"pairwise judge: openai:biased@{biased.url}" in text and "tiny-judge" not in text, text
+    assert "B = b [temperature 2 seed 1, max 12 tokens] (run 2) against A = a [max 12 tokens] (run 1)" in text, text
     itself = rlhf_eval("pairwise", "1", "1", "--judge-url", biased.url, "--judge-model", "biased",
                        "--judge-key-env", "THE_JUDGE_KEY", env=env)
     assert itself.returncode == 2 and "run 1 against itself" in itself.stderr

@@ -680,7 +680,11 @@ def test_a_signal_to_the_launcher_alone_stops_the_run_with_its_checkpoint(workdi
     assert checkpoint["step"] == run["step"] < 5000 and Path(checkpoint["path"]).is_dir()
     assert not group_alive(launcher["pgid"])
     # Why it ended, in its log: the trainer says what the stop does
-    assert "SIGTERM: stopping after this step, with a checkpoint" in Path("runs/1/train.log").read_text()
+    log = Path("runs/1/train.log").read_text()
+    assert "SIGTERM: stopping after this step, with a checkpoint" in log
+    if to is os.kill:  # said where it ended: not a stop through rlhf, which a pipeline would read as one
+        said = f"its launcher was killed by {signal.Signals(sig).name} (kill of its pid, or the OOM killer)"
+        assert said in log and run["error"].startswith(said), run["error"]
 
 
 def test_stopping_a_run_whose_processes_vanished_closes_it_as_failed(workdir):
@@ -712,6 +716,12 @@ def test_a_run_whose_group_ended_is_left_to_its_live_supervisor_to_record(workdi
         store.set_process(run_id, gone.pid, gone.pid, None,
                           supervisor=(supervisor.pid, process_start(supervisor.pid)))
         assert settled(store, run_id)["status"] == "running"
+    from engine.launch import request_stop  # a stop then: written down for the supervisor's record, no guess
+
+    assert request_stop(os.environ["RLHF_DB"], run_id) is None
+    assert (run_row(run_id)["status"], run_row(run_id)["orphaned"]) == ("running", None)
+    assert run_row(run_id)["stop_requested"] is not None
+    with Store(os.environ["RLHF_DB"]) as store:
         supervisor.communicate(b"", timeout=60)  # it ends without recording anything
         assert settled(store, run_id)["status"] == "failed"
 
@@ -772,3 +782,21 @@ def test_a_run_whose_processes_never_started_is_not_left_pending(workdir):
         row = run_row(run.run_id)
         assert row["status"] == "failed" and row["exit_code"] == 1 and row["ended"] is not None
         assert row["error"].startswith("its processes could not be started: FileNotFoundError: "), row["error"]
+
+
+def test_a_second_sigterm_during_set_up_is_the_same_stop():
+    """A supervisor passes a stop on when its launcher dies of a signal; the group may have had it already.
+    During set-up the first SIGTERM raises StopRequested; a second one raised again inside its handling
+    would cut the stop's own record short."""
+    import engine.run as run_module
+    from engine.run import StopRequested
+
+    before = run_module._stop_seen
+    run_module._stop_seen = False
+    try:
+        with pytest.raises(StopRequested):
+            run_module._raise_stop()
+        run_module._raise_stop()  # the same stop again: nothing raised
+        assert run_module.stop_seen()
+    finally:
+        run_module._stop_seen = before

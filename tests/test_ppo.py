@@ -95,9 +95,14 @@ def test_sigterm_saves_full_state_and_stops(workdir):
     saved_kl = json.loads((folder / "ppo_state.json").read_text())["kl"]["value"]
     # Refused before the claim: fewer steps than trained (it ended "done 134/100"), and a change of what the
     # checkpoint holds (recorded, it failed to load, and so did every later resume, the plain one too).
+    other = Path("other-model")  # another model: its config differs (a folder that only moved is the same model)
+    shutil.copytree("demo/model", other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "n_layer": config["n_layer"] + 1}))
     for change, why in ((f"ppo.steps={stopped_at - 1}", f"has trained {stopped_at} steps; a resume goes on to "
                          "more steps, not back to fewer"),
-                        ("ppo.lora.r=4", "ppo.lora (None -> {"), ("ppo.value_layers=3", "ppo.value_layers (2 -> 3)")):
+                        ("ppo.lora.r=4", "ppo.lora on"), ("ppo.value_layers=3", "ppo.value_layers 2 -> 3"),
+                        (f"ppo.model={{path: {other.resolve()}}}", f"-> {other.resolve()}: its checkpoints hold")):
         refused = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", "1", "--allow-change", "--set",
                                   change], capture_output=True, text=True, timeout=300)
         assert refused.returncode == 2 and why in refused.stderr, (change, refused.stderr[-2000:])
