@@ -445,8 +445,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                     _judge(config, items, evals, run_id, stop, progress)
                 except JudgeRefused as err:  # the run fails with the reason; every stored answer and verdict stays
                     raise JudgeRefused(f"{err}; then continue it: {resume_hint('eval', run_id, db_path)}") from None
-                if unscored_replies and counts["scored"] == 0 and not stop.requested and not any(
-                        j["status"] == "scored" for j in evals.judgments(run_id)):  # none in this stretch, nor before
+                # counts: the run's, stored verdicts included (a done run asked again about one reply is not this)
+                if unscored_replies and counts["scored"] == 0 and not stop.requested:
                     # Replies, not one score in them: the judge's model or prompt is wrong for this, not noise.
                     reply, why, _ = unscored_replies[0]
                     calls = sum(c for _, _, c in unscored_replies)
