@@ -274,6 +274,16 @@ def test_two_runs_dbs_with_one_output_root_keep_their_pipelines_files_apart(work
 
 
 
+def _sft_pipeline_training(db: str) -> None:
+    """Pipeline 1, through SFT, detached, once its stage (run 1) has logged two steps (a checkpoint each)."""
+    started = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, "--through", "sft", "--detach",
+                   "--set", "sft.train.save_steps=1")
+    assert started.returncode == 0, started.stderr[-2000:]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (os.path.exists(db) and len(metric(1, "loss")) >= 2):
+        time.sleep(0.2)
+
+
 def test_a_pipeline_killed_alone_leaves_its_stage_running_and_resumes_only_once_it_ends(workdir):
     """kill -9 of the pipeline's process alone: its stage trains on, and its supervisor (in that process) is
     gone. A detached resume must refuse at once (not return 0 and fail in its log); the stage's stop must
@@ -283,12 +293,7 @@ def test_a_pipeline_killed_alone_leaves_its_stage_running_and_resumes_only_once_
     from engine.procs import process_alive
 
     db = os.environ["RLHF_DB"]
-    started = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, "--through", "sft", "--detach",
-                   "--set", "sft.train.save_steps=1")
-    assert started.returncode == 0, started.stderr[-2000:]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (os.path.exists(db) and len(metric(1, "loss")) >= 2):
-        time.sleep(0.2)
+    _sft_pipeline_training(db)
     with Store(db) as store:
         pipeline = store.pipeline(1)
     stage = run_row(1)
@@ -323,12 +328,7 @@ def test_a_pipeline_killed_alone_leaves_its_stage_running_and_resumes_only_once_
 def test_two_resumes_of_a_pipeline_at_once_one_resumes_it_and_the_other_says_so(workdir):
     """Both said "resumed", and the one that lost marked the pipeline failed while the other ran it."""
     db = os.environ["RLHF_DB"]
-    started = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, "--through", "sft", "--detach",
-                   "--set", "sft.train.save_steps=1")
-    assert started.returncode == 0, started.stderr[-2000:]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (os.path.exists(db) and len(metric(1, "loss")) >= 2):
-        time.sleep(0.2)
+    _sft_pipeline_training(db)
     stopped = rlhf("stop", "1", "--wait", "--db", db)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     def pipeline_status() -> str:
