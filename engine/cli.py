@@ -388,12 +388,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.strict_data:
         args.overrides.append("strict_data=true")
     recipe = load_recipe(args.recipe, args.overrides, args.stage)  # a stage it has not: said there
-    stages = [args.stage] if args.stage else [s for s in ORDER if getattr(recipe, s, None) is not None]
+    present = [s for s in ORDER if getattr(recipe, s, None) is not None]
     problems = []
-    for stage in stages:
+    for stage in [args.stage] if args.stage else present:
         try:
             if stage == "eval":  # judged as the pipeline runs it: with the recipe's stages before it
-                check_eval_section(recipe, [s for s in ORDER if getattr(recipe, s, None) is not None])
+                check_eval_section(recipe, present)
                 continue
             checked = validate(stage, args.recipe, args.overrides, refs_ok=True)
             if args.accelerate_config:

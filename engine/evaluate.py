@@ -89,11 +89,9 @@ class EvalConfig(BaseModel):
             parts.append("rewrite references")
         if self.answers_from is not None:
             parts.append(f"answers of run {self.answers_from}")
-        if not judge:
-            pass
-        elif self.judge == "rm":
+        if judge and self.judge == "rm":
             parts.append("judged by the reward model")
-        elif self.judge_model != default["judge_model"]:
+        elif judge and self.judge != "rm" and self.judge_model != default["judge_model"]:
             parts.append(f"judged by {self.judge_model}")
         return ", ".join(parts)
 
