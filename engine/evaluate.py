@@ -184,7 +184,7 @@ def validate_resume(config: EvalConfig, db_path: str | Path, run_id: int,
 
     items = validate(config, warnings=warnings)
     with Store(db_path) as store:
-        stored = EvalStore(store).items(run_id)
+        stored = EvalStore(store).scored_items(run_id)  # each question with its answer and verdict
     if config.answers_from is None and (not stored or any(row["answer"] is None for row in stored)):
         problem = model_folder_problem(config.checkpoint, "answering model")
         if problem is not None:  # found before the claim, not as a hub error from the loader after it
@@ -212,9 +212,7 @@ def validate_resume(config: EvalConfig, db_path: str | Path, run_id: int,
         from engine.belle import PROMPT_FILE, load_rubrics
         from engine.scores import rubric
 
-        with Store(db_path) as store:
-            judged = EvalStore(store).scored_items(run_id)
-        for row in judged:
+        for row in stored:
             item = by_id.get(row["item_id"])
             if item is not None and rubric(row) is not None and \
                     not row["judge_prompt"].startswith(f"{item.rubric} {item.question}"):
