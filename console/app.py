@@ -333,7 +333,7 @@ class RlhfConsole(SaysWorkerFailures, App):
             said = f"asked to stop: {stop_outcome(self.runs[message.run_id])}"
         pipeline = (self.runs.get(message.run_id) or {}).get("pipeline_id")
         if message.verb == "resume" and pipeline is not None:
-            said = f"resuming pipeline {pipeline}"
+            said = f"pipeline {pipeline} resumed"
         self.notify(f"run {message.run_id}: {said}", title=message.verb)
         if message.verb in ("launch", "resume"):
             from console.screens.launch import LaunchScreen
@@ -404,13 +404,13 @@ class RlhfConsole(SaysWorkerFailures, App):
             # A pipeline's stage resumes with its pipeline, which then runs the stages after it.
             from engine import pipeline
 
-            try:
-                pipeline.resume(run["pipeline_id"], self.db_path)
-                pipeline.start_detached(run["pipeline_id"], self.db_path)
-            except Exception as err:  # RecipeError, StoreError, OSError
+            try:  # said once its process has the pipeline (or why it has not)
+                log, taken = pipeline.resume_detached(run["pipeline_id"], self.db_path)
+            except Exception as err:  # RecipeError, RunFailed, StoreError, OSError
                 self.post_message(ActionDone("resume", run_id, str(err)))
                 return
-            self.post_message(ActionDone("resume", run_id))
+            still = None if taken else f"pipeline {run['pipeline_id']}: its process is still starting; its log: {log}"
+            self.post_message(ActionDone("resume", run_id, note=still))
             return
         if run["stage"] == "eval":  # one process, no accelerate: it goes on where it stopped, detached
             from engine.evaluate import start_detached_resume

@@ -336,13 +336,22 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from engine import pipeline
     from engine.config import RecipeError
-    from engine.run import say
+    from engine.run import RunFailed, say
     from engine.store import default_db_path
 
     db = os.path.abspath(args.db or default_db_path())
     if args.resume is not None:
         if args.recipe or args.overrides or args.through:
             raise RecipeError("--resume continues the pipeline as it was created: no recipe, --set or --through")
+        if args.detach:  # said once its process has the pipeline: of two resumes at once, one wins
+            try:
+                log, taken = pipeline.resume_detached(args.resume, db)
+            except RunFailed as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+            state = "resumed" if taken else "resuming: its process is still starting"
+            print(f"pipeline {args.resume} {state}; its log: {log}")
+            return 0
         pipeline.resume(args.resume, db)
         pipeline_id = args.resume
     else:
@@ -352,24 +361,10 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             raise RecipeError("--accelerate-config: each stage is launched with it (e.g. configs/accelerate/cpu.yaml)")
         pipeline_id = pipeline.create(args.recipe, args.overrides, args.through, args.accelerate_config,
                                       args.num_processes, db)
-    if args.detach:
-        log, pid, started = pipeline.start_detached(pipeline_id, db)
-        if args.resume is not None:  # said once its process has the pipeline: two resumes at once, one wins
-            row = pipeline.taken_by(pipeline_id, db, pid, started)
-            from engine.procs import process_alive
-
-            if row["pid"] != pid and process_alive(pid, started):  # still starting after minutes
-                print(f"pipeline {pipeline_id}: its process (pid {pid}) is still starting; its log: {log}")
-                return 0
-            if row["pid"] != pid and row["status"] in ("pending", "running"):
-                raise RecipeError(f"pipeline {pipeline_id} was resumed by another command (pid {row['pid']}) "
-                                  "first; this resume ended")
-            if row["pid"] != pid or row["status"] not in ("running", "done", "stopped"):
-                why = row["error"] if row["pid"] == pid and row["error"] else "its process ended at once"
-                print(f"error: pipeline {pipeline_id} did not resume: {why}; its log: {log}", file=sys.stderr)
-                return 1
-        print(f"pipeline {pipeline_id} {'resumed' if args.resume is not None else 'started'}; its log: {log}")
-        return 0
+        if args.detach:
+            log, _, _ = pipeline.start_detached(pipeline_id, db)
+            print(f"pipeline {pipeline_id} started; its log: {log}")
+            return 0
     status = pipeline.run(pipeline_id, db, echo=True)
     hint = f"; continue it with: rlhf pipeline --resume {pipeline_id} --db {db}" if status != "done" else ""
     say(f"pipeline {pipeline_id} {status}{hint}")

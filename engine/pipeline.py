@@ -26,7 +26,7 @@ from typing import Any
 
 from engine.config import STAGE_REFS, STAGES, Recipe, RecipeError, load_recipe, recipe_to_json, with_absolute_paths
 from engine.procs import process_alive, process_start
-from engine.run import EXIT_STOPPED, PIPELINE_ENV, has_checkpoint, say, settled
+from engine.run import EXIT_STOPPED, PIPELINE_ENV, RunFailed, has_checkpoint, say, settled
 from engine.store import Store, default_db_path
 
 ORDER = (*STAGES, "eval")
@@ -381,6 +381,24 @@ def taken_by(pipeline_id: int, db_path: str | os.PathLike, pid: int, started: in
                 or time.monotonic() > deadline:
             return row
         time.sleep(0.2)
+
+
+def resume_detached(pipeline_id: int, db_path: str | os.PathLike) -> tuple[Path, bool]:
+    """Resume the pipeline in a session of its own and learn whether its process took it: its log and True
+    once it has, False while it is still starting after minutes. Raises RecipeError when it cannot resume
+    or another command resumed it first, RunFailed when its process ended without it (the row's why)."""
+    resume(pipeline_id, db_path)
+    log, pid, started = start_detached(pipeline_id, db_path)
+    row = taken_by(pipeline_id, db_path, pid, started)
+    if row["pid"] == pid and row["status"] in ("running", "done", "stopped"):
+        return log, True
+    if row["pid"] != pid and process_alive(pid, started):
+        return log, False
+    if row["pid"] != pid and row["status"] in ("pending", "running"):
+        raise RecipeError(f"pipeline {pipeline_id} was resumed by another command (pid {row['pid']}) first; "
+                          "this resume ended")
+    why = row["error"] if row["pid"] == pid and row["error"] else "its process ended at once"
+    raise RunFailed(f"pipeline {pipeline_id} did not resume: {why}; its log: {log}")
 
 
 def exit_code(status: str) -> int:

@@ -204,6 +204,16 @@ async def test_the_console_shows_a_pipeline_as_one_row_that_expands_into_its_sta
             store.update_pipeline(pipeline, status="failed", error="Traceback ...\nRecipeError: eval.eval_dir: gone")
         await wait_for(pilot, lambda: view.error_by == "pipeline 1" and "eval_dir: gone" in (view.error or ""), 10,
                        "the pipeline's error pinned above the log")
+        # Yes: its process cannot run this made-up recipe, and the console says so once that process has
+        # ended (it said "resuming" of a pipeline no process took).
+        app.clear_notifications()
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the question")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: any(n.title.startswith("resume") for n in app._notifications), 120,
+                       "what the resume came to")
+        [said] = [n for n in app._notifications if n.title.startswith("resume")]
+        assert said.severity == "error" and "pipeline 1 did not resume" in str(said.message), said.message
 
 
 def test_a_crashed_pipeline_resumes_in_its_stage_with_no_step_lost_or_repeated(workdir):
