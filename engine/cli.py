@@ -278,7 +278,15 @@ def _decoded(row: dict) -> dict:
 
 
 def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = False) -> int:
-    from engine.run_facts import STALL_WINDOW, current_start, elapsed, error_summary, format_duration, silent_for
+    from engine.run_facts import (
+        STALL_WINDOW,
+        current_start,
+        elapsed,
+        error_summary,
+        format_duration,
+        pipeline_waits_for,
+        silent_for,
+    )
     from engine.store import Store, default_db_path
 
     path = db or default_db_path()
@@ -310,6 +318,8 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
         ended = (" · ended " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(pipeline["ended"]))
                  if pipeline["ended"] and pipeline["status"] not in ("pending", "running") else "")
         why = f" · {error_summary(pipeline['error'])}" if pipeline["error"] else ""
+        if waits := pipeline_waits_for(pipeline, rows):  # its error says to resume: refused while that runs
+            why += f" · {waits}"
         print(f"pipeline {pipeline['id']} {pipeline['name']} (through {pipeline['through']}): "
               f"{pipeline['status']}{ended}{why}")
     width = max([16, *(len(run["name"]) for run in rows)])  # whole names: "tiny sft (pipeline 1)" tells runs apart

@@ -92,6 +92,16 @@ def error_summary(error: str | None) -> str:
 _MODULE_PATH = re.compile(r"^(?:[a-z_][\w]*\.)+(?=[A-Z]\w*: )")
 
 
+def pipeline_waits_for(pipeline: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """What an ended pipeline whose stage still runs (its own process was killed alone) waits for before
+    a resume can continue it: its recorded error says to resume, which is refused until that stage ends."""
+    if pipeline["status"] in ("pending", "running"):
+        return ""
+    live = [run for run in runs if run.get("pipeline_id") == pipeline["id"] and run["status"] in ("pending", "running")]
+    return (f"its {live[-1]['stage']} stage, run {live[-1]['id']}, still runs on its own: the pipeline resumes once "
+            "that run ends" if live else "")
+
+
 def stop_outcome(run: dict[str, Any]) -> str:
     """What a stop asked of this run will leave, for the one who asked."""
     if run.get("stage") == "eval":

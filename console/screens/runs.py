@@ -24,7 +24,7 @@ from console.text import terminal_safe
 from console.widgets.log_view import LogView
 from console.widgets.run_table import SORTS, RunTable, shown_status
 from console.widgets.samples_view import SamplesView
-from engine.run_facts import error_summary, run_segments
+from engine.run_facts import error_summary, pipeline_waits_for, run_segments
 
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
 STATUSES = (None, "running", "pending", "stopping", "done", "failed", "stopped", "diverged", "lost")
@@ -402,7 +402,10 @@ class RunsScreen(Screen):
         pipeline = self.app.pipelines.get(run.get("pipeline_id"))
         if pipeline is not None:
             text += f" · pipeline {pipeline['id']} {pipeline['status']}"
-            if pipeline.get("error") and pipeline["status"] == "failed":
+            waits = pipeline_waits_for(pipeline, list(self.app.runs.values()))
+            if waits:  # not its error's "resume it": a resume is refused while that stage runs
+                text += f" ({waits})"
+            elif pipeline.get("error") and pipeline["status"] == "failed":
                 text += f" ({error_summary(pipeline['error'])[:60]})"
         if status in ("failed", "diverged") and run.get("error"):
             text += f" · {error_summary(run['error'])[:60]}"
