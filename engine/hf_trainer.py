@@ -7,11 +7,11 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.config import ModelSpec, RecipeError, TrainArgs
+from engine.config import ModelSpec, TrainArgs
 from engine.data import DataError, Mixture, lengths
 from engine.data.lengths import Fate
 from engine.models import cuda_available, precision_flags
-from engine.run import RunHandle, continue_from, resume_from
+from engine.run import RunHandle, at_last_step, continue_from, no_sharded_export, resume_from
 from engine.track import GracefulStop, StoreCallback
 
 
@@ -133,16 +133,7 @@ def own_model_card(trainer: Any, handle: RunHandle, stage: str, start: str) -> N
 def at_the_end(resume: str | None, args: Any) -> bool:
     """Whether the checkpoint to resume from is at the run's last step (a run stopped there, or one that died
     while it exported): the trainer, resumed, would take a step past the end before it checks."""
-    if resume is None:
-        return False
-    state = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))
-    if args.max_steps > 0:
-        end = args.max_steps
-    elif args.num_train_epochs > state.get("epoch", 0) + 1e-6:
-        return False  # more epochs asked for than it has trained (fractional ones too): steps are left
-    else:
-        end = state.get("max_steps", 0)
-    return end > 0 and state.get("global_step", 0) >= end
+    return resume is not None and at_last_step(Path(resume), args.max_steps, args.num_train_epochs)
 
 
 def load_the_end(trainer: Any, resume: str) -> None:
@@ -152,10 +143,8 @@ def load_the_end(trainer: Any, resume: str) -> None:
 
     from engine.models import sharding_of
 
-    if sharding_of(trainer.args):
-        raise RecipeError(f"{resume} is at the run's last step, and a run sharded with {sharding_of(trainer.args)} "
-                          "is not exported from a checkpoint without training: load that folder, or resume with more "
-                          "steps (--allow-change --set train.max_steps=N)")
+    if sharding_of(trainer.args):  # the launch refuses it before the claim (engine.launch.prepare)
+        raise no_sharded_export(Path(resume), sharding_of(trainer.args))
     # Trainer's own loader (what train() calls for a resume): full weights, or a PEFT model's adapters.
     trainer._load_from_checkpoint(resume)
     trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))

@@ -45,9 +45,13 @@ from engine.run import (
     LAUNCHED_ENV,
     LOG_NAME,
     RUN_ID_ENV,
+    STATE_MARKERS,
     Presses,
+    at_last_step,
     last_alive,
+    no_sharded_export,
     register_run,
+    resume_from,
     resume_recipe,
     supervisor_alive,
 )
@@ -159,6 +163,13 @@ def prepare(
     accelerate = check_launch(stage, recipe, accelerate_config, num_processes)
     if resume_run is not None and not allow_change:
         _check_same_world(resumed, accelerate_config, num_processes, accelerate)
+    if resume_run is not None and stage != "ppo" and accelerate["distributed_type"] in ("DEEPSPEED", "FSDP"):
+        # Refused before the claim: the trainer would refuse it only after loading the model.
+        train = recipe.stage(stage).train
+        target = resume_from(recipe.stage(stage).resume_from_checkpoint, Path(resumed["output_dir"]),
+                             STATE_MARKERS[stage], say=False)
+        if target is not None and at_last_step(target, train.max_steps, train.epochs):
+            raise no_sharded_export(target, accelerate["distributed_type"].lower())
     machine_rank = int(accelerate.get("machine_rank") or 0)
     if machine_rank > 0:
         if run_id is None:

@@ -416,6 +416,27 @@ def _check_not_past_the_end(run: dict[str, Any], stage: Stage, recorded: Recipe,
                           f"{state['global_step']} steps; a resume goes on to more steps, not back to fewer")
 
 
+def at_last_step(checkpoint: Path, max_steps: int, epochs: float) -> bool:
+    """Whether an SFT or RM checkpoint (`trainer_state.json`) is at the run's last step, by the run's
+    `max_steps` (> 0) or else its `epochs`: a resume from it has nothing left to train, only its export."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    if max_steps > 0:
+        end = max_steps
+    elif epochs > state.get("epoch", 0) + 1e-6:
+        return False  # more epochs asked for than it has trained (fractional ones too): steps are left
+    else:
+        end = state.get("max_steps", 0)
+    return end > 0 and state.get("global_step", 0) >= end
+
+
+def no_sharded_export(checkpoint: Path, sharding: str) -> RecipeError:
+    """The refusal of an export from a checkpoint at the last step under DeepSpeed or FSDP: the trainer
+    loads such a checkpoint only as part of training (its engine's own loader), and there is no step left."""
+    return RecipeError(f"{checkpoint} is at the run's last step, and a run sharded with {sharding} is not exported "
+                       "from a checkpoint without training: load that folder, or resume with more steps "
+                       "(--allow-change --set train.max_steps=N)")
+
+
 def checkpoints_in(folder: Path, marker: str) -> list[Path]:
     """The `checkpoint-N` folders in `folder` that hold `marker` (saves that completed), oldest first;
     staging folders of a save in progress (`checkpoint-N.partial`) are not among them."""

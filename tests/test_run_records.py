@@ -627,6 +627,14 @@ def test_a_run_left_at_its_last_step_resumes_to_its_export_alone(workdir):
         fewer = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1", "--set", "train.max_steps=2",
                                 "--allow-change"], capture_output=True, text=True, timeout=120)
         assert fewer.returncode == 2 and "has trained 3 steps; a resume goes on to more steps" in fewer.stderr
+        # Sharded, its checkpoint loads only as part of training: refused before the claim (it was refused
+        # inside the trainer, after the run was claimed and its model loaded).
+        sharded = subprocess.run([*RLHF, "launch", "sft", "--resume-run", "1", "--allow-change",
+                                  "--accelerate-config", str(REPO / "configs" / "accelerate" / "fsdp.yaml")],
+                                 capture_output=True, text=True, timeout=120, env={**os.environ, "RLHF_GPU_CHECK": "0"})
+        assert sharded.returncode == 2 and "checkpoint-3 is at the run's last step, and a run sharded with fsdp" \
+            in sharded.stderr, sharded.stderr[-2000:]
+        assert run_row(1)["status"] == cut_short
         again = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1"], capture_output=True, text=True,
                                timeout=300)
         assert again.returncode == 0, again.stderr[-2000:]
