@@ -324,14 +324,14 @@ async def test_the_score_screen_marks_the_best_and_drills_into_a_cell(workdir):
         assert rewrite.plain == "0.800" and "bold" in str(rewrite.style)
         assert "bold" not in str(table.get_row_at(1)[2].style)
         table.move_cursor(row=2, column=2)
-        await pilot.pause(0.2)
-        assert "rewrite: 0.800 [0.800, 0.800] · n 4" in str(app.screen.query_one("#cell-info").render())
+        await wait_for(pilot, lambda: "rewrite: 0.800 [0.800, 0.800] · n 4" in
+                       str(app.screen.query_one("#cell-info").render()), 20, "the cell's line")
         await pilot.press("enter")
         await wait_for(pilot, lambda: isinstance(app.screen, ItemsScreen), 20, "the cell's items")
         assert len(app.screen.items) == 4 and all(i["category"] == "rewrite" for i in app.screen.items)
-        await pilot.pause(0.2)
-        detail = str(app.screen.query_one("#item-text").render())
-        assert "question: q1" in detail and "judge: 得分: 0.8" in detail
+        await wait_for(pilot, lambda: "question: q1" in str(app.screen.query_one("#item-text").render()), 20,
+                       "the first item")
+        assert "judge: 得分: 0.8" in str(app.screen.query_one("#item-text").render())
 
         await pilot.press("escape")
         await wait_for(pilot, lambda: isinstance(app.screen, ScoresScreen), 10, "the score screen again")

@@ -16,7 +16,7 @@ import pytest
 from console.app import RlhfConsole
 from engine.store import Store
 from tests.conftest import REPO
-from tests.pilot import no_gpu
+from tests.pilot import no_gpu, wait_for
 
 T0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
 
@@ -57,17 +57,19 @@ def app_for(db: Path) -> RlhfConsole:
     return RlhfConsole(db, configs_dir=REPO / "configs", gpu_sampler=no_gpu, poll_s=0.05)
 
 
-async def settled(pilot) -> None:
-    """Wait for the first poll, the chart and the log to land, then for the screen to be idle."""
+async def settled(pilot, chart: bool = True) -> None:
+    """Wait for the first poll, the chart (`chart`: the run selected has curves) and the log to land, then
+    for the screen to be idle."""
     app = pilot.app
-    for _ in range(200):
+
+    def drawn() -> bool:
         home = app.home
-        if (app.loaded and home is not None and home.last_draw_points and app.gpu_unavailable
-                and not home.query_one("#run-table").pending):  # the live cells drawn (they redraw every 2 s)
-            break
-        await pilot.pause(0.05)
-    await pilot.pause(0.5)
+        return bool(app.loaded and home is not None and (home.last_draw_points or not chart) and app.gpu_unavailable
+                    and not home.query_one("#run-table").pending)  # the live cells drawn (they redraw every 2 s)
+
+    await wait_for(pilot, drawn, 20, "the first poll, chart and log")
     await pilot.wait_for_scheduled_animations()
+    await pilot.pause()
 
 
 @pytest.mark.parametrize("size", [(80, 24), (160, 48)])
@@ -90,9 +92,13 @@ def test_runs_screen_overlay_of_two_runs(snap_compare, snapshot_db):
 def test_failed_run_log_at_its_traceback(snap_compare, snapshot_db):
     async def before(pilot):
         await settled(pilot)
+        home = pilot.app.home
         await pilot.press("2")
-        await pilot.pause(1.0)
+        await wait_for(pilot, lambda: home.query_one("TabbedContent").active == "log"
+                       and any("RuntimeError" in line for line in home.query_one("LogView Log").lines), 20,
+                       "the failed run's log")
         await pilot.press("t")
+        await wait_for(pilot, lambda: not home.query_one("LogView Log").auto_scroll, 20, "the jump to its traceback")
         await settled(pilot)
 
     assert snap_compare(app_for(snapshot_db), terminal_size=(80, 24), run_before=before)
@@ -103,8 +109,10 @@ def test_other_screens(snap_compare, snapshot_db, key):
     async def before(pilot):
         await settled(pilot)
         await pilot.press(key)
-        await pilot.pause(1.0)
+        await wait_for(pilot, lambda: pilot.app.screen is not pilot.app.home and pilot.app.screen.is_mounted, 20,
+                       "the screen")
         await pilot.wait_for_scheduled_animations()
+        await pilot.pause()
 
     assert snap_compare(app_for(snapshot_db), terminal_size=(80, 24), run_before=before)
 
@@ -131,16 +139,16 @@ def test_score_table(snap_compare, snapshot_db, size):
             store.update_run(run_id, status="done", started=T0, ended=T0 + 60)
 
     async def before(pilot):
-        await settled(pilot)
+        await settled(pilot, chart=False)  # an evaluation selected: no curve
         await pilot.press("v")
-        for _ in range(100):
-            table = pilot.app.screen.query("ScoreTable")
-            if table and table.first().row_count == 3:
-                break
-            await pilot.pause(0.05)
+        await wait_for(pilot, lambda: pilot.app.screen.query("ScoreTable")
+                       and pilot.app.screen.query_one("ScoreTable").row_count == 3, 20, "the score table")
         await pilot.press("right", "down")
-        await pilot.pause(0.3)
+        table = pilot.app.screen.query_one("ScoreTable")
+        await wait_for(pilot, lambda: tuple(table.cursor_coordinate) == (1, 1) and "evaluation runs" not in
+                       str(pilot.app.screen.query_one("#cell-info").render()), 20, "the cell's line")
         await pilot.wait_for_scheduled_animations()
+        await pilot.pause()
 
     assert snap_compare(app_for(snapshot_db), terminal_size=size, run_before=before)
 
@@ -171,10 +179,11 @@ async def settled_on(pilot, run_id: int) -> None:
     first draw may use the light history that came first)."""
     app = pilot.app
     home = app.home
-    for _ in range(200):
+
+    def whole() -> bool:
         run = app.history.runs.get(run_id)
-        if home.selected == run_id and run is not None and run.full and home._redraw_timer is None:
-            break
-        await pilot.pause(0.05)
+        return home.selected == run_id and run is not None and run.full and home._redraw_timer is None
+
+    await wait_for(pilot, whole, 20, f"run {run_id}'s whole history")
     home.redraw_chart()
     await settled(pilot)
