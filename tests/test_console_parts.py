@@ -448,3 +448,6 @@ def test_a_pipeline_stage_shows_its_pipeline_overrides_not_its_wiring():
     assert overrides_text(stage, pipeline) == "kl_coef=0.05 train.lr=1e-5 steps=7"
     alone = {"id": 10, "stage": "sft", "pipeline_id": None, "overrides": json.dumps(["sft.train.lr=1e-4"])}
     assert overrides_text(alone) == "train.lr=1e-4"
+    # Resumed twice with --allow-change: the step count in effect, not each one it had.
+    alone["overrides"] = json.dumps(["sft.train.lr=1e-4", "train.max_steps=900", "sft.train.max_steps=1200"])
+    assert overrides_text(alone) == "train.lr=1e-4 train.max_steps=1200"

@@ -160,9 +160,15 @@ def _cut(text: Text) -> Text:
 
 def overrides_text(run: dict[str, Any], pipeline: dict[str, Any] | None = None) -> str:
     """The run's --set overrides, short: what tells ten runs of one recipe apart (a pipeline's stage: its
-    pipeline's, not the wiring every stage of it has)."""
-    return " ".join(item.split(".", 1)[1] if item.startswith(f"{run['stage']}.") else item
-                    for item in user_overrides(run, pipeline))
+    pipeline's, not the wiring every stage of it has). A key set again (a resume's --allow-change) shows
+    its newest value alone, where it was last set: the settings in effect, not their history."""
+    newest: dict[str, str] = {}
+    for item in user_overrides(run, pipeline):
+        short = item.split(".", 1)[1] if item.startswith(f"{run['stage']}.") else item
+        key = short.split("=", 1)[0]
+        newest.pop(key, None)
+        newest[key] = short
+    return " ".join(newest.values())
 
 
 class RunTable(DataTable):
