@@ -410,7 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pipeline_id", type=int)
     parser.add_argument("--db", default=None)
     args = parser.parse_args(argv)
-    return exit_code(run(args.pipeline_id, args.db or default_db_path()))
+    try:
+        return exit_code(run(args.pipeline_id, args.db or default_db_path()))
+    except RecipeError as err:  # in its log, one line (resumed twice at once, a stage that cannot start)
+        say(f"error: {err}")
+        return 2
 
 
 if __name__ == "__main__":

@@ -317,7 +317,8 @@ async def test_samples_hide_the_shared_preamble_open_whole_move_a_step_per_press
         assert home.sample_step == 3 and not home.samples_following
         await pilot.press("right_square_bracket")
         await wait_for(pilot, lambda: str(table.get_row_at(0)[1]) == "…USER: question 4.0", 10, "step 4")
-        table.focus()
+        # 3 gave the samples the keys (enter went to the run table, and folded a pipeline there).
+        await wait_for(pilot, lambda: app.focused is table, 10, "the samples focused")
         await pilot.press("down", "enter")
         await wait_for(pilot, lambda: isinstance(app.screen, SampleScreen), 10, "the whole sample")
         whole = str(app.screen.query_one(Static).render())

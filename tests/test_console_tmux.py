@@ -4,6 +4,7 @@ with its whole history."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -171,26 +172,37 @@ def test_a_console_started_elsewhere_with_db_stops_and_resumes_a_run(workdir, tm
                 pass
 
 
-def test_the_shell_key_hands_the_terminal_to_a_shell_in_the_runs_folder_and_back(tmp_path):
+def test_the_shell_and_edit_keys_hand_the_terminal_over_in_the_runs_folder_and_back(tmp_path):
     """`!` suspends the console and runs $SHELL in the highlighted run's folder; when it exits the console
-    is back, as it was."""
+    is back, as it was. `E` opens $EDITOR on the recipe as runs.db recorded it (it opened the file the run
+    was launched from, which may have changed since, or the run's folder where it had no such file)."""
     db = tmp_path / "runs.db"
+    launched_from = tmp_path / "mytiny.yaml"
+    launched_from.write_text("name: tiny\nsft:\n  train:\n    lr: 9.9e-3\n")  # edited after the launch
+    recorded = {"name": "tiny", "sft": {"train": {"lr": 0.003, "epochs": 1.0}}}
     with Store(db) as store:
-        run_id = store.create_run(stage="sft", name="tiny", recipe="configs/tiny.yaml", config="{}",
+        run_id = store.create_run(stage="sft", name="tiny", recipe=str(launched_from), config=json.dumps(recorded),
                                   output_root=str(tmp_path / "runs"))
         store.update_run(run_id, status="done")
         folder = store.run(run_id)["output_dir"]
     shell = tmp_path / "fake-shell"
     shell.write_text(f"#!/bin/sh\npwd > {tmp_path / 'where'}\necho shell-was-here\nsleep 1\n")
-    shell.chmod(0o755)
-    env = {**os.environ, "TERM": "xterm-256color"}
+    editor = tmp_path / "fake-editor"
+    editor.write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path / 'edited'}\necho editor-was-here\nsleep 1\n")
+    for script in (shell, editor):
+        script.chmod(0o755)
+    env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(REPO)}  # this checkout's console
     console = Tmux(tmp_path, env)
     try:  # SHELL for the console only: tmux itself runs the command through $SHELL
-        console.start(f"env SHELL={shell} {sys.executable} -m engine.cli console --db {db}")
+        console.start(f"env SHELL={shell} EDITOR={editor} {sys.executable} -m engine.cli console --db {db}")
         console.wait_for(lambda s: "done" in _row(s, run_id), 60, "the run")
         console.keys("!")
         console.wait_for(lambda s: "shell-was-here" in s, 60, "the shell's output on the terminal")
         console.wait_for(lambda s: "done" in _row(s, run_id), 60, "the console back after the shell exits")
         assert (tmp_path / "where").read_text().strip() == str(Path(folder).resolve())
+        console.keys("E")
+        console.wait_for(lambda s: "editor-was-here" in s, 60, "the editor's output on the terminal")
+        console.wait_for(lambda s: "done" in _row(s, run_id), 60, "the console back after the editor exits")
+        assert json.loads((tmp_path / "edited").read_text()) == recorded
     finally:
         console.kill_server()

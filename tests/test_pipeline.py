@@ -372,6 +372,9 @@ def test_two_resumes_of_a_pipeline_at_once_one_resumes_it_and_the_other_says_so(
     with Store(db) as store:
         assert status == "done" and "failed" not in seen, (seen, store.pipeline(1)["error"])
         assert [r["id"] for r in store.pipeline_runs(1)] == [1]  # one stage run, continued once
+    # The loser's process, where it started, says why in the pipeline's log in one line, not a traceback.
+    log = Path(said[codes.index(0)][0].split("its log: ", 1)[1].strip())
+    assert "Traceback" not in log.read_text(encoding="utf-8")
 
 
 def test_a_pipeline_in_a_terminal_that_goes_away_carries_on_to_its_end(workdir):

@@ -461,15 +461,26 @@ class RunsScreen(Screen):
 
     def action_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
-        if tab == "log":  # its keys (search, follow, wrap) at once, not after two Tabs (once its pane shows)
-            self.call_after_refresh(self._focus_log)
-        elif self.focused is not None and self.log_view in (self.focused, *self.focused.ancestors):
-            # The log it held is hidden now: the keys go back to the table, not to nothing.
+        if tab in ("log", "samples"):
+            # Its keys at once (the log's search, follow, wrap; enter on a sample), not after two Tabs:
+            # enter went to the run table and folded a pipeline. Once its pane shows.
+            self.call_after_refresh(self._focus_pane, tab)
+        elif self.focused is not None and any(pane in (self.focused, *self.focused.ancestors)
+                                              for pane in (self.log_view, *self.query(SamplesView))):
+            # What it held is hidden now: the keys go back to the table, not to nothing.
             self.query_one(RunTable).focus()
 
-    def _focus_log(self) -> None:
-        if self.query_one(TabbedContent).active == "log":  # another tab since: a hidden log keeps no keys
+    def _focus_pane(self, tab: str, tries: int = 3) -> None:
+        if self.query_one(TabbedContent).active != tab:  # another tab since: a hidden pane keeps no keys
+            return
+        if tab == "log":
             self.log_view.take_focus()
+            return
+        table = self.query("#samples-table")
+        if table:
+            table.first().focus()
+        elif tries:  # Lazy: mounted once its pane shows
+            self.call_after_refresh(self._focus_pane, tab, tries - 1)
 
     def action_traceback(self) -> None:
         self.action_tab("log")
@@ -664,14 +675,30 @@ class RunsScreen(Screen):
         import os
         import shlex
 
+        from engine.run import recorded_recipe
+
         run = self._selected_run()
         if run is None or not run.get("output_dir"):
             return
         folder = Path(run["output_dir"])
-        recorded = folder / "recipe.resolved.yaml"
-        target = recorded if recorded.is_file() else Path(run["recipe"] or folder)
+        try:
+            settings = json.loads(run.get("config") or "null")
+        except ValueError:
+            settings = None
+        if not settings:
+            self.notify(f"run {run['id']} recorded no recipe or settings", severity="warning")
+            return
+        if not folder.is_dir():
+            self.notify(f"{folder} is not there", severity="warning", markup=False)
+            return
+        # Written from runs.db: the file it was launched from may have changed since (or be another's).
+        try:
+            target = recorded_recipe(run)
+        except OSError as err:
+            self.notify(f"cannot write the recorded recipe: {err}", severity="error", markup=False)
+            return
         editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
-        self._suspended([*shlex.split(editor), str(target)], str(folder))
+        self._suspended([*shlex.split(editor), target], str(folder))
 
     def _suspended(self, argv: list[str], cwd: str) -> None:
         import subprocess
