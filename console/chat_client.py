@@ -40,11 +40,20 @@ class ModelChoice:
         return ["--model", self.folder or ""]
 
 
-def spec_problem(text: str) -> str | None:
-    """Why `text` names no model a chat can open (checked before the console starts); None if it may."""
+def spec_problem(text: str, run_of: Callable[[int], dict[str, Any] | None] | None = None) -> str | None:
+    """Why `text` names no model a chat can open (checked before the chat opens); None if it may. `run_of`:
+    the runs.db row of a run id (None where it has none), when the run ids are to be checked too: a reward
+    model scores answers and writes none (an evaluation's run id stands for the model it evaluated)."""
     text = text.strip()
     if not text:
         return "an empty model: give a model folder, a run id, or openai:MODEL@BASE_URL"
+    if text.isdigit() and run_of is not None:
+        run = run_of(int(text))
+        if run is None:
+            return f"no run {text} in this runs.db"
+        if run.get("stage") == "rm":
+            return f"run {text} is a reward model: it scores answers, it writes none; chat takes an SFT or PPO run"
+        return None
     if text.startswith("openai:"):
         model, _, url = text[len("openai:") :].partition("@")
         if not model or not url.startswith(("http://", "https://")):

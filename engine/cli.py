@@ -454,19 +454,23 @@ def main(argv: list[str] | None = None) -> int:
         chat.add_argument("--db", default=None, help=DB_HELP)
         args = chat.parse_args(argv[1:])
         from console.chat_client import spec_problem
-
-        for spec in (args.a, args.b):
-            problem = spec_problem(spec) if spec is not None else None
-            if problem:  # before the console opens on two dead panes
-                print(f"error: {problem}", file=sys.stderr)
-                return 2
-        from engine.store import default_db_path, no_database_here
+        from engine.store import Store, default_db_path, no_database_here
 
         db = args.db or default_db_path()
-        ids = [spec for spec in (args.a, args.b) if spec is not None and spec.isdigit()]
+        specs = [spec for spec in (args.a, args.b) if spec is not None]
+        ids = [spec for spec in specs if spec.strip().isdigit()]
         if ids and not os.path.exists(db):  # the console would make an empty runs.db here, then find no run in it
             print(f"error: run {ids[0]}: {no_database_here(db)}", file=sys.stderr)
             return 2
+        runs: dict[int, dict] = {}
+        if ids:
+            with Store(db, create=False) as store:
+                runs = {run["id"]: run for run in store.runs()}
+        for spec in specs:
+            problem = spec_problem(spec, runs.get)
+            if problem:  # before the console opens on two dead panes (or loads a model to fail in its pane)
+                print(f"error: {problem}", file=sys.stderr)
+                return 2
         return run_console(args.db, chat=(args.a, args.b, args.key_env))
     from engine.config import RecipeError
     from engine.run import BAD_INPUT, EXIT_BAD_INPUT

@@ -330,6 +330,8 @@ def test_a_runs_db_that_cannot_be_written_is_one_clear_error(workdir):
 def test_rlhf_chat_refuses_a_spec_that_names_no_model_before_the_console_opens(workdir):
     """`openai:gpt` without @URL, or a mistyped folder: said at the prompt, exit 2 (the console opened on
     two dead panes, one saying a hub repo id must use alphanumeric chars)."""
+    from engine.store import Store
+
     bad_endpoint = rlhf("chat", "demo/model", "openai:gpt")
     assert bad_endpoint.returncode == 2
     assert bad_endpoint.stderr.strip() == ("error: 'openai:gpt': an endpoint is openai:MODEL@BASE_URL, e.g. "
@@ -338,6 +340,15 @@ def test_rlhf_chat_refuses_a_spec_that_names_no_model_before_the_console_opens(w
     assert typo.returncode == 2 and "'demo/modle': no such folder" in typo.stderr
     empty = rlhf("chat", "demo/model", "")
     assert empty.returncode == 2 and "an empty model" in empty.stderr
+    # A run id that runs.db lacks, or a reward model's: as the console's C says (the chat opened, exit 0,
+    # and said it in a pane, or loaded the reward model first).
+    with Store(os.environ["RLHF_DB"]) as store:
+        sft = store.create_run(stage="sft", name="tiny", recipe="", config="{}")
+        rm = store.create_run(stage="rm", name="tiny", recipe="", config="{}")
+    missing = rlhf("chat", str(sft), "99")
+    assert missing.returncode == 2 and missing.stderr.strip() == "error: no run 99 in this runs.db"
+    scorer = rlhf("chat", str(rm))
+    assert scorer.returncode == 2 and f"run {rm} is a reward model: it scores answers" in scorer.stderr
 
 
 def test_a_source_listed_twice_is_refused_for_a_new_run_and_not_for_a_resume(workdir):

@@ -773,18 +773,10 @@ class RunsScreen(Screen):
         return self.selected, next((r for r in reversed(self.marked) if r != self.selected), None)
 
     def _chat_problem(self, spec: str) -> str | None:
-        """Why a chat side cannot be `spec` (checked before the chat opens), or None: a reward model scores
-        answers and writes none (an evaluation's run id stands for the model it evaluated)."""
+        """Why a chat side cannot be `spec` (checked before the chat opens), or None."""
         from console.chat_client import spec_problem
 
-        if spec.isdigit():
-            run = self.app.runs.get(int(spec))
-            if run is None:
-                return f"no run {spec} in this runs.db"
-            if run.get("stage") == "rm":
-                return f"run {spec} is a reward model: it scores answers, it writes none; chat takes an SFT or PPO run"
-            return None
-        return spec_problem(spec)
+        return spec_problem(spec, self.app.runs.get)
 
     def action_scores(self) -> None:
         from console.screens.scores import ScoresScreen
