@@ -7,6 +7,7 @@ any model or data set is loaded.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import os
@@ -611,24 +612,60 @@ def function_spec_problem(spec: str) -> str | None:
             sys.path.remove(os.getcwd())
     if found is None:
         return f"reward_fn {spec!r}: no module named {module!r}"
-    names = _bound_names(found.origin)
+    if not found.origin or not found.origin.endswith(".py"):
+        return None
+    try:
+        tree = ast.parse(Path(found.origin).read_bytes(), filename=found.origin)
+    except SyntaxError as err:  # the trainer's import would fail on it after the run registered
+        return f"reward_fn {spec!r}: {found.origin}:{err.lineno}: SyntaxError: {err.msg}"
+    except (OSError, ValueError, RecursionError, MemoryError):  # the trainer's import will say
+        return None
+    names = _bound_names(tree)
     if names is not None and name not in names:
         return f"reward_fn {spec!r}: {module} ({found.origin}) defines no {name!r}"
+    return _not_a_scorer(tree, name, f"reward_fn {spec!r}: {found.origin}")
+
+
+def _not_a_scorer(tree: ast.Module, name: str, where: str) -> str | None:
+    """Why the module's `name`, as its source binds it at its top level once and plainly, cannot be called
+    as `name(prompts, responses)`: a value that is no function (`score = 3`), or a function that takes
+    another number of arguments (found after a whole rollout, as a TypeError). None where the source
+    cannot tell (decorated, bound twice, made by a call)."""
+    bound = [node for node in tree.body if name in _top_level_names(node)]
+    if len(bound) != 1:
+        return None
+    node = bound[0]
+    if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+        return f"{where}:{node.lineno}: {name} is a {type(node.value.value).__name__}, not a function"
+    if not isinstance(node, ast.FunctionDef) or node.decorator_list:
+        return None
+    args = node.args
+    positional = len(args.posonlyargs) + len(args.args)
+    required = positional - len(args.defaults)
+    keyword_only = [a.arg for a, default in zip(args.kwonlyargs, args.kw_defaults) if default is None]
+    if required > 2 or (positional < 2 and args.vararg is None) or keyword_only:
+        return (f"{where}:{node.lineno}: {name}({ast.unparse(args)}) cannot be called as {name}(prompts, responses): a "
+                "reward function takes the rendered prompts and the responses, and returns one score each")
     return None
 
 
-def _bound_names(origin: str | None) -> set[str] | None:
-    """The names a Python source file binds anywhere in it (more than its top level), read without running
-    it; None where that cannot be told: no source, `import *`, a module __getattr__, names made through
-    globals(), vars(), locals(), setattr, exec, eval, a __dict__ or sys.modules."""
-    import ast
+def _top_level_names(node: ast.stmt) -> set[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    # Anything else (if, for, try, with, ...) may bind it too: counted as a binding the check cannot read.
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} | {
+        n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
 
-    if not origin or not origin.endswith(".py"):
-        return None
-    try:
-        tree = ast.parse(Path(origin).read_bytes(), filename=origin)
-    except (OSError, SyntaxError, ValueError, RecursionError, MemoryError):  # the trainer's import will say
-        return None
+
+def _bound_names(tree: ast.Module) -> set[str] | None:
+    """The names a Python source file binds anywhere in it (more than its top level), read without running
+    it; None where that cannot be told: `import *`, a module __getattr__, names made through
+    globals(), vars(), locals(), setattr, exec, eval, a __dict__ or sys.modules."""
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):

@@ -140,6 +140,24 @@ def test_a_reward_fn_is_found_without_running_its_module(tmp_path, monkeypatch):
     # which nothing imports); so does the check
     (tmp_path / "this.py").write_text("def score(prompts, responses):\n    return [0.0] * len(prompts)\n")
     assert function_spec_problem("this:score") is None
+    # What the source shows cannot score, said before a run registers (each failed its run after the model
+    # loaded, one only after a whole rollout): a syntax error, a value, a function of other arguments.
+    (tmp_path / "bad.py").write_text("notcallable = 3\n\ndef one(responses):\n    return []\n\n"
+                                     "def three(prompts, responses, judge):\n    return []\n\n"
+                                     "def fine(prompts, responses, weight=1.0, **extra):\n    return []\n\n"
+                                     "def spread(*args):\n    return []\n\n"
+                                     "if True:\n    guarded = 3\nelse:\n    def guarded(p, r):\n        return []\n")
+    bad = tmp_path / "bad.py"
+    assert function_spec_problem("bad:notcallable") == f"reward_fn 'bad:notcallable': {bad}:1: notcallable is a " \
+        "int, not a function"
+    assert function_spec_problem("bad:one").startswith(f"reward_fn 'bad:one': {bad}:3: one(responses) cannot be "
+                                                       "called as one(prompts, responses)")
+    assert f"{bad}:6: three(prompts, responses, judge) cannot be called" in function_spec_problem("bad:three")
+    assert function_spec_problem("bad:fine") is None and function_spec_problem("bad:spread") is None
+    assert function_spec_problem("bad:guarded") is None  # bound under an if: the import will tell
+    (tmp_path / "broken.py").write_text("def score(prompts, responses)\n    return []\n")
+    assert function_spec_problem("broken:score") == \
+        f"reward_fn 'broken:score': {tmp_path / 'broken.py'}:1: SyntaxError: expected ':'"
 
 
 def test_a_stage_field_given_for_the_whole_recipe_names_the_stages_that_have_it():

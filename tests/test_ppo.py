@@ -254,6 +254,25 @@ def test_divergence_stops_the_run_names_the_metric_and_is_no_success_to_a_script
         run = run_row(run_id)
         assert (run["status"], run["exit_code"]) == ("diverged", 1)
         assert "rollout_scores/mean" in run["error"] and "at step 1" in run["error"]
+        assert run["error"].startswith("the rollouts' scores became nan: the reward_fn tests.ppo_rewards:always_nan "
+                                       "gave a score that is no finite number"), run["error"]
+
+
+def test_a_reward_fn_that_returns_no_score_per_response_fails_its_run_naming_it():
+    """A traceback from the trainer sent the reader to the PPO code; the run's error names the function."""
+    from engine.ppo.rewards import FunctionScorer
+    from engine.run import RunFailed
+    from engine.template import Turn
+
+    prompts = [(Turn("user", "q"),)] * 3
+    short = FunctionScorer(lambda p, r: [1.0, 2.0], torch.device("cpu"), "mine:short")
+    with pytest.raises(RunFailed, match=r"^reward_fn mine:short returned 2 scores for 3 responses$"):
+        short(prompts, ["a", "b", "c"])
+    nothing = FunctionScorer(lambda p, r: None, torch.device("cpu"), "mine:nothing")
+    with pytest.raises(RunFailed, match=r"^reward_fn mine:nothing returned NoneType where a number per response"):
+        nothing(prompts, ["a", "b", "c"])
+    fine = FunctionScorer(lambda p, r: [len(x) for x in r], torch.device("cpu"), "mine:fine")
+    assert fine(prompts, ["a", "bb", "ccc"]).tolist() == [1.0, 2.0, 3.0]
 
 
 def test_two_ranks_agree_on_the_weights(workdir):

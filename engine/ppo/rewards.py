@@ -56,14 +56,26 @@ class RewardModelScorer:
 
 
 class FunctionScorer:
-    """`fn(prompts, responses) -> list[float]` on rendered prompt texts, e.g. a rule or a judge client."""
+    """`fn(prompts, responses) -> list[float]` on rendered prompt texts, e.g. a rule or a judge client.
+    `name`: its `module:function`, for what a score that cannot be used says."""
 
-    def __init__(self, fn: Callable[[list[str], list[str]], Sequence[float]], device: torch.device):
+    def __init__(self, fn: Callable[[list[str], list[str]], Sequence[float]], device: torch.device,
+                 name: str = "reward_fn"):
         self.fn = fn
         self.device = device
+        self.name = name
 
     def __call__(self, prompts: Sequence[Conversation], responses: Sequence[str]) -> torch.Tensor:
-        scores = list(self.fn([render_prompt(p) for p in prompts], list(responses)))
+        from engine.run import RunFailed
+
+        # The user's function's own mistakes end the run with a line that names it (a traceback from the
+        # trainer sent the reader to the PPO code).
+        scores = self.fn([render_prompt(p) for p in prompts], list(responses))
+        try:
+            scores = [float(s) for s in scores]
+        except (TypeError, ValueError) as err:
+            raise RunFailed(f"reward_fn {self.name} returned {type(scores).__name__} where a number per response "
+                            f"was expected: {err}") from None
         if len(scores) != len(responses):
-            raise ValueError(f"reward_fn returned {len(scores)} scores for {len(responses)} responses")
-        return torch.tensor([float(s) for s in scores], device=self.device)
+            raise RunFailed(f"reward_fn {self.name} returned {len(scores)} scores for {len(responses)} responses")
+        return torch.tensor(scores, device=self.device)  # a nan or inf: the divergence guard names the reward

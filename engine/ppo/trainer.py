@@ -84,7 +84,7 @@ def _scorer(recipe: Recipe, stage: PPOStage, device: torch.device) -> Scorer:
     if stage.reward_model is not None:
         return RewardModelScorer(stage.reward_model, device)
     try:
-        return FunctionScorer(import_function(stage.reward_fn), device)
+        return FunctionScorer(import_function(stage.reward_fn), device, stage.reward_fn)
     except ValueError as err:
         raise RecipeError(f"{recipe.where('ppo.reward_fn')}: ppo.{err}") from None
 
@@ -474,6 +474,10 @@ class PPOTrainer:
                 store.add_samples(handle.run_id, self.state.step, [(render_prompt(p), r, s) for p, r, s in kept])
             if any_bad:  # every rank stops together, or the others would wait for it forever
                 what = f"{', '.join(bad)} became {metrics[bad[0]]}" if bad else "another rank's metrics became NaN/inf"
+                if "rollout_scores/mean" in bad:  # the scores came so: the reward is the cause, not the update
+                    source = f"reward_fn {stage.reward_fn}" if stage.reward_fn else f"reward model {stage.reward_model}"
+                    what = (f"the rollouts' scores became {score}: the {source} gave a score that is no finite "
+                            f"number; then {what}")
                 raise Diverged(f"{what} at step {self.state.step}")
             # A stop that comes with the last step lets the run finish: its export, done (stopped there, a
             # resume would have nothing left to train).
