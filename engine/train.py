@@ -160,7 +160,7 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
         from engine.knobs import check_knobs
 
         check_knobs()
-        _check_hydra_fits(recipe)
+    _check_depth(stage, recipe)
     if not launched:
         from engine.data.check import check_stage_data
 
@@ -195,26 +195,33 @@ def _check_sources_distinct(recipe: Recipe, stage: Stage) -> None:
                           {f"{field}.{i}.path": "listed twice", f"{field}.{j}.path": "listed twice"})
 
 
-def _check_hydra_fits(recipe: Recipe) -> None:
-    """k and k_v below the policy's layer count, read from its config.json: the hydra would refuse them only
-    once the model has loaded, after the run was registered."""
+def _check_depth(stage: Stage, recipe: Recipe) -> None:
+    """The layers a stage trains against its model's layer count, read from its config.json: the model
+    refuses them only once it has loaded, after the run was registered (PPO: k and k_v below it)."""
     from engine.estimate import EstimateError, load_shape, resolve_reference
 
-    section = recipe.stage("ppo")
-    path = recipe.stage_model("ppo").path
+    section = recipe.stage(stage)
+    path = recipe.stage_model(stage).path
     if path in STAGE_REFS:  # a pipeline's own export (`@sft`, `validate` let it through): that stage's model's shape
         path = resolve_reference(recipe, path)
         if path in STAGE_REFS:  # references that go round in a circle: the pipeline's own check names them
             return
     try:
-        layers = load_shape(path, "ppo.model.path").layers
-    except EstimateError:  # no config to read (a hub model not cached): the hydra checks it when it loads
+        layers = load_shape(path, f"{stage}.model.path").layers
+    except EstimateError:  # no config to read (a hub model not cached): the model checks it when it loads
         return
-    problem = section.too_deep_for(layers, path)
+    if stage == "ppo":
+        problem = section.too_deep_for(layers, path)
+    elif section.num_layers_unfrozen > layers:
+        problem = ("num_layers_unfrozen", f"{section.num_layers_unfrozen}, but the model {path!r} has {layers} "
+                                          "layers (-1 trains them all)")
+    else:
+        problem = None
     if problem:
-        field, why = f"ppo.{problem[0]}", problem[1]
+        field, why = f"{stage}.{problem[0]}", problem[1]
+        limit = "below" if stage == "ppo" else "at most"
         raise RecipeError(f"{recipe.where(field)}: {field}: {why}",
-                          {field: f"must be below the model's {layers} layers"})
+                          {field: f"must be {limit} the model's {layers} layers"})
 
 
 def run_stage(stage: Stage, recipe_path: str, overrides: list[str], db_path: str | None = None,

@@ -276,6 +276,12 @@ def test_a_hydra_taller_than_the_model_is_refused_before_anything_is_registered(
     # A pipeline's policy is its SFT export (`@sft`), of the SFT stage's model's shape: refused before SFT trains.
     piped = rlhf("check", str(TINY), "--stage", "ppo", "--set", "ppo.model.path=@sft", *tall)
     assert piped.returncode == 2 and "ppo.value_layers: 4, but the model 'demo/model' has 4 layers" in piped.stderr
+    # SFT and RM train their top N layers: more than the model has failed the run once it had loaded.
+    deep = rlhf("launch", "rm", str(TINY), "--accelerate-config", accel, "--set", "rm.num_layers_unfrozen=10")
+    assert deep.returncode == 2 and "rm.num_layers_unfrozen: 10, but the model 'demo/model' has 4 layers (-1 " \
+        "trains them all)" in deep.stderr, deep.stderr
+    assert rlhf("check", str(TINY), "--stage", "sft", "--set", "sft.num_layers_unfrozen=4").returncode == 0
+    assert not (workdir / "runs.db").exists()
 
 
 def test_a_section_error_caused_by_a_set_item_names_that_item(workdir):
