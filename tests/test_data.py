@@ -265,6 +265,16 @@ def test_an_eval_ratio_that_leaves_nothing_to_train_is_refused_by_the_check(tmp_
     # More records than the check reads: it cannot know, and says nothing (the trainer still does).
     big = jsonl(tmp_path / "big.jsonl", [{"instruction": f"c{i}", "output": "x"} for i in range(300)])
     check_stage_data("sft", load_recipe(TINY, [f"sft.data=[{{path: {big}}}]", "sft.train.eval_ratio=0.001"]))
+    # ... unless the source's own limit stops the trainer within what the check reads (it passed, and the run
+    # registered, then failed).
+    with pytest.raises(DataError, match=r"sft.train.eval_ratio=0.1 holds out no record of 4"):
+        check_stage_data("sft", load_recipe(TINY, [f"sft.data=[{{path: {big}, limit: 4}}]"]))
+    # A weight that draws no record of a source: the trainer's own refusal, before the run registers.
+    with pytest.raises(DataError, match=r": sft.data.1.weight: weight 0.005 selects no record of .*b.jsonl's 9: "
+                                        r"raise it"):
+        check_stage_data("sft", load_recipe(TINY, [f"sft.data=[{{path: {big}}}, {{path: {b}, weight: 0.005}}]"]))
+    with pytest.raises(DataError, match=r"weight 0.005 selects no record of .*b.jsonl's 9"):
+        load_conversations([DataSource(path=b, weight=0.005)], eval_ratio=0.1)
 
 
 def test_a_max_length_that_drops_most_records_says_what_would_be_left():

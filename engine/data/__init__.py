@@ -103,12 +103,26 @@ def read_source(
 
 
 def _weighted(items: list[T], weight: float, rng: random.Random) -> list[T]:
-    whole, frac = divmod(weight, 1.0)
-    taken = items * int(whole)
-    extra = round(frac * len(items))
+    copies, extra = _weight_parts(len(items), weight)
+    taken = items * copies
     if extra:
         taken += rng.sample(items, extra)
     return taken
+
+
+def _weight_parts(n: int, weight: float) -> tuple[int, int]:
+    """A weight over `n` records: whole copies of them all, and how many more are drawn once each."""
+    whole, frac = divmod(weight, 1.0)
+    return int(whole), round(frac * n)
+
+
+def nothing_taken(path: str, n: int, weight: float) -> str | None:
+    """Why a source's `n` training records weighted `weight` give training none (None: they give some). The
+    trainer and the check before a run registers ask the same question."""
+    copies, extra = _weight_parts(n, weight)
+    if n and not copies and not extra:
+        return f"weight {weight} selects no record of {path}'s {n}: raise it (or drop the source)"
+    return None
 
 
 @dataclass
@@ -159,9 +173,10 @@ def _mix(
             raise DataError(problem)
         n_eval = held_out_count(len(items), eval_ratio)
         held_out, items = items[:n_eval], items[n_eval:]
+        problem = nothing_taken(source.path, len(items), source.weight)
+        if problem:
+            raise DataError(problem)
         taken = _weighted(items, source.weight, rng)
-        if not taken:
-            raise DataError(f"{source.path}: weight {source.weight} selects no record of {len(items)}")
         report.taken = len(taken)
         report.held_out = len(held_out)
         mixture.train.extend(taken)

@@ -17,9 +17,11 @@ from engine.data import (
     PREFERENCE_FORMATS,
     PROMPT_FORMATS,
     SFT_FORMATS,
+    held_out_count,
     lengths,
     nothing_held,
     nothing_left,
+    nothing_taken,
     read_source,
 )
 from engine.data.records import DataError
@@ -68,11 +70,16 @@ def check_stage_data(stage: Stage, recipe: Recipe) -> None:
             raise DataError(f"{stage}.{field}.{i}: {err}") from None
         items += read
         sources += [source.path] * len(read)
-        if report.used + report.malformed < sample.limit:  # read to its end: its count is the trainer's
+        # Read to its end, or to the source's own limit (the trainer stops there too): its count is the trainer's.
+        if report.used + report.malformed < sample.limit or (source.limit or SAMPLE + 1) <= SAMPLE:
             whole[source.path] = report.used
             problem = nothing_left(source.path, report.used, ratio)
             if problem:
                 raise DataError(f"{recipe.where(f'{stage}.train.eval_ratio')}: {stage}.train.{problem}")
+            problem = nothing_taken(source.path, report.used - held_out_count(report.used, ratio), source.weight)
+            if problem:
+                weight = f"{stage}.{field}.{i}.weight"
+                raise DataError(f"{recipe.where(weight)}: {weight}: {problem}")
         else:
             partly = True
     problem = None if partly else nothing_held(whole, ratio)
