@@ -371,7 +371,13 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             raise RecipeError("--accelerate-config: each stage is launched with it (e.g. configs/accelerate/cpu.yaml)")
         pipeline_id = pipeline.create(args.recipe, args.overrides, args.through, args.accelerate_config,
                                       args.num_processes, db)
-        if args.detach:
+        if args.detach:  # attached, the pipeline's first lines say it
+            from engine.config import load_recipe
+
+            recipe = load_recipe(args.recipe, args.overrides)
+            note = pipeline.reward_note(recipe, pipeline.plan(recipe, args.through))
+            if note:
+                print(f"note: {note}", file=sys.stderr)
             log, _, _ = pipeline.start_detached(pipeline_id, db)
             print(f"pipeline {pipeline_id} started; its log: {log}")
             return 0
@@ -386,7 +392,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     paths), and as `launch` does with an accelerate config, each stage the recipe has (or the one --stage
     names; `eval`: the pipeline's evaluation); every stage's problem is said, not only the first one's."""
     from engine.config import load_recipe
-    from engine.pipeline import ORDER, check_eval_section
+    from engine.pipeline import ORDER, check_eval_section, reward_note
     from engine.run import BAD_INPUT
     from engine.train import validate
 
@@ -413,6 +419,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         for stage, err in problems:
             print(f"error: {stage}: {err}", file=sys.stderr)
         return 2
+    note = reward_note(recipe, present) if not args.stage else None
+    if note:  # as the whole recipe would run: a pipeline
+        print(f"note: {note}", file=sys.stderr)
     # flushed here: a reader gone by now is met inside main, not in Python's flush at exit
     print(json.dumps(recipe.model_dump(), indent=2, ensure_ascii=False), flush=True)
     return 0

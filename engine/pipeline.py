@@ -68,6 +68,16 @@ def _check_wiring(recipe: Recipe, stages: list[str]) -> None:
                           "its RM export: remove it or write @rm", {"ppo.reward_model": "not @rm"})
 
 
+def reward_note(recipe: Recipe, stages: list[str]) -> str | None:
+    """What a pipeline of `stages` does with the recipe's `ppo.reward_fn`: with an rm stage, PPO scores with
+    that stage's export instead (the wiring sets reward_fn null), which the user is told rather than left to
+    find in the PPO run's overrides."""
+    if not {"rm", "ppo"} <= set(stages) or not recipe.ppo.reward_fn:
+        return None
+    return (f"ppo.reward_fn {recipe.ppo.reward_fn} is the reward of a PPO run alone: in this pipeline PPO scores "
+            "with its rm stage's export (`rlhf train ppo` runs PPO with the function)")
+
+
 def check_eval_section(recipe: Recipe, stages: list[str]) -> None:
     """The recipe's evaluation, as a pipeline of `stages` runs it: its judge and its eval set's folder."""
     if recipe.eval.judge == "rm" and "rm" not in stages:
@@ -207,6 +217,8 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
 
     stages = plan(recipe, row["through"])
     say(f"pipeline {pipeline_id}: {'resumed' if row['status'] != 'pending' else 'started'}, {' → '.join(stages)}")
+    if reward_note(recipe, stages):
+        say(f"pipeline {pipeline_id}: note: {reward_note(recipe, stages)}")
 
     for stage in stages:
         with Store(db_path) as store:

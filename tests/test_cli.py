@@ -211,7 +211,14 @@ def test_check_finds_a_missing_data_file_before_anything_runs(workdir):
     assert "sft.data.0.path" in result.stderr and "does not exist" in result.stderr
     every_stage = rlhf("check", str(TINY), "--set", f"rm.data=[{{path: {missing}}}]")  # no --stage: each stage
     assert every_stage.returncode == 2 and "rm.data.0.path" in every_stage.stderr
-    assert rlhf("check", str(TINY)).returncode == 0
+    whole = rlhf("check", str(TINY))
+    assert whole.returncode == 0
+    # A pipeline scores PPO with its RM export: the recipe's rule reward is for PPO alone, and the user is told
+    # (the PPO run's overrides alone said `ppo.reward_fn=null`).
+    assert whole.stderr.strip() == ("note: ppo.reward_fn engine.demo.rewards:correct_answer is the reward of a PPO "
+                                    "run alone: in this pipeline PPO scores with its rm stage's export (`rlhf train "
+                                    "ppo` runs PPO with the function)")
+    assert rlhf("check", str(TINY), "--stage", "ppo").stderr == ""
     # Each stage's problem is said, the evaluation's too: one run of check, not one per fix.
     every_problem = rlhf("check", str(TINY), "--set", f"sft.data=[{{path: {missing}}}]", "--set",
                          f"ppo.prompts=[{{path: {missing}}}]", "--set", "eval.eval_dir=/no/belle")

@@ -35,6 +35,8 @@ def test_the_pipeline_runs_every_stage_wired_by_stage_into_a_score_table(workdir
     result = rlhf("pipeline", str(TINY), "--accelerate-config", ACCEL, *SHORT, "--set", "output_root=out")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pipeline 1 done" in result.stdout
+    assert "pipeline 1: note: ppo.reward_fn engine.demo.rewards:correct_answer is the reward of a PPO run alone" \
+        in result.stdout
     with Store(os.environ["RLHF_DB"]) as store:
         runs = store.pipeline_runs(1)
         assert store.pipeline(1)["status"] == "done"
