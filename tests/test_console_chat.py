@@ -904,6 +904,7 @@ async def test_a_pasted_prompt_keeps_its_lines_and_an_unreachable_endpoint_is_na
             await pilot.press("escape", "q")  # leaving would lose the unsaved conversation: asked first
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the question")
             assert str(app.screen.question).startswith("leaving the chat: this conversation (1 question)")
+            assert str(app.screen.question).endswith("Leave? (n, then S saves it first)")  # not "Start over?"
             await pilot.press("n")
             await wait_for(pilot, lambda: app.screen is screen, 10, "the chat, kept")
 

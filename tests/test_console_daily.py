@@ -183,7 +183,7 @@ async def test_a_failed_runs_own_error_is_pinned_and_t_finds_the_trainers_traceb
         pinned = view.query_one("#log-error", Static)
         assert pinned.display
         # the exception is on the first line, whatever the box shows of the traceback's tail below it
-        assert str(pinned.render()).splitlines()[0].startswith("error recorded by the run: ")
+        assert str(pinned.render()).splitlines()[0].startswith("error on record: ")
         assert str(pinned.render()).splitlines()[0].endswith(run_error.splitlines()[-1].strip())
         await pilot.press("t")
         log = view.query_one(Log)
@@ -199,7 +199,7 @@ async def test_a_failed_runs_own_error_is_pinned_and_t_finds_the_trainers_traceb
                        "its launcher was killed by SIGKILL")
         await wait_for(pilot, lambda: pinned.display, 10, "the pin")
         shown = str(pinned.render()).splitlines()
-        assert shown == ["error recorded by the run: its launcher was killed by SIGKILL",
+        assert shown == ["error on record: its launcher was killed by SIGKILL",
                          " Loading:  90%|## | 8/9", "W1128 rank 0 killed"], shown
 
 
@@ -331,6 +331,12 @@ async def test_samples_hide_the_shared_preamble_open_whole_move_a_step_per_press
             store.log_metrics(run_id, 6, {"loss": 0.1})
         await wait_for(pilot, lambda: home.sample_step == 6 and str(table.get_row_at(0)[1]) == "…USER: question 6.0",
                        20, "the new step, followed")
+        assert "· following" in str(home.query_one("#samples-head").render())
+        with Store(many_runs) as store:  # it ends: nothing more comes, and the heading stops saying it follows
+            store.update_run(run_id, status="done", ended=T0 + 60)
+        await wait_for(pilot, lambda: "following" not in str(home.query_one("#samples-head").render()), 20,
+                       "the heading of an ended run")
+        assert "step 6 (6 of 6)" in str(home.query_one("#samples-head").render())
 
 
 @sync

@@ -279,7 +279,8 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
             return
         # What came after the vote (r's answers) is in no saved row: the new exchange would throw it away.
         if self.blind and self.voted is not None and self._keep_conversation(
-                "a new question after the vote starts a new blind exchange", lambda: self._ask(question, box)):
+                "a new question after the vote starts a new blind exchange", lambda: self._ask(question, box),
+                "Ask it"):
             return  # the question stays in the box
         box.clear()
         if self.blind and self.voted is not None:
@@ -471,9 +472,9 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         else:
             await self._start_over()
 
-    def _keep_conversation(self, what: str, then: Callable[[], Awaitable[None]]) -> bool:
+    def _keep_conversation(self, what: str, then: Callable[[], Awaitable[None]], go: str = "Start over") -> bool:
         """Whether the conversation stays because something of it is unsaved: the user is asked whether `what`
-        may start over, and `then` does it after a yes."""
+        may go on (`go`: the question's verb and its button), and `then` does it after a yes."""
         if not self.unsaved:
             return False
         asked = len(self.questions)
@@ -485,7 +486,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
 
         self.app.push_screen(ConfirmScreen(
             f"{what}: this conversation ({asked} question{'s' if asked != 1 else ''}) is not saved and would be "
-            "gone. Start over? (n, then S saves it first)", "Start over"), answered)
+            f"gone. {go}? (n, then S saves it first)", go), answered)
         return True
 
     async def _start_over(self) -> None:
@@ -549,8 +550,8 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         self.set_focus(None)
 
     async def action_close(self) -> None:
-        what = "quitting" if self.standalone else "leaving the chat"
-        if self._keep_conversation(what, self._close):
+        what, go = ("quitting", "Quit") if self.standalone else ("leaving the chat", "Leave")
+        if self._keep_conversation(what, self._close, go):
             return
         await self._close()
 

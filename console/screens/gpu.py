@@ -23,4 +23,7 @@ class GpuScreen(Screen):
 
     def refresh_readings(self) -> None:
         app = self.app
+        # No GPU to sample (no driver, say): the panel says why; the title claims no sampling.
+        title = "[b]GPUs[/b]  none to sample" if app.gpu_unavailable else "[b]GPUs[/b]  sampled every second"
+        self.query_one("#gpu-title", Static).update(title)
         self.query_one(GpuPanel).show(app.gpu_readings, app.gpu_unavailable, app.gpu_history, app.run_of_pid)

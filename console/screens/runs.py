@@ -167,6 +167,8 @@ class RunsScreen(Screen):
         if table.selected_run() != self.selected:
             self._select(table.selected_run())
         self._pin_error()
+        for view in self.query(SamplesView):
+            view.set_following(self._samples_come())
         self.query_one("#run-info").remove_class("whole")
         self._update_info()
         if not self.app.runs:
@@ -203,7 +205,13 @@ class RunsScreen(Screen):
         # At the newest step the view follows the run: new samples are shown as they are recorded.
         self.samples_following = not message.steps or message.step == message.steps[-1]
         for view in self.query(SamplesView):
-            view.show(message.run_id, message.steps, message.step, message.rows, self.samples_following)
+            view.show(message.run_id, message.steps, message.step, message.rows, self._samples_come())
+
+    def _samples_come(self) -> bool:
+        """Whether the samples shown follow the selected run: its newest step, of a PPO run still going (an
+        SFT run, or one that ended, records no more)."""
+        run = self.app.runs.get(self.selected) or {}
+        return self.samples_following and run.get("stage") == "ppo" and run.get("status") in ("pending", "running")
 
     def select_run(self, run_id: int) -> None:
         if self.query_one(RunTable).select(run_id):

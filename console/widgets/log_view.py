@@ -56,7 +56,7 @@ class LogView(Vertical):
         self.lines: deque[str] = deque(maxlen=MAX_LINES)
         self.run_id: int | None = None
         self.error: str | None = None
-        self.error_by = "the run"
+        self.error_by: str | None = None
         self.pending = ""
         self.term = ""
         self.wrap = False
@@ -90,9 +90,10 @@ class LogView(Vertical):
         if not self.wants_focus:
             self.query_one(Log).focus()
 
-    def pin_error(self, error: str | None, by: str = "the run") -> None:
-        """The trainer's own error as runs.db holds it (a failed run's traceback, or the pipeline's that it
-        belongs to: `by`), above the log; None unpins it."""
+    def pin_error(self, error: str | None, by: str | None = None) -> None:
+        """The run's error as runs.db holds it (the trainer's traceback, or what its supervisor or a look at
+        its gone processes wrote; or the error of the pipeline it belongs to: `by`), above the log; None
+        unpins it."""
         if (error, by) == (self.error, self.error_by):
             return
         self.error, self.error_by = error, by
@@ -107,7 +108,8 @@ class LogView(Vertical):
             lines = [line for line in map(clean_line, self.error.split("\n")) if line.strip()]
             # What happened (a traceback's last line) goes first, on the heading: the box shows 7 lines, and a
             # traceback's tail below it scrolls.
-            head = f"error recorded by {self.error_by}: {error_summary(self.error)}"
+            source = f"error recorded by {self.error_by}" if self.error_by else "error on record"
+            head = f"{source}: {error_summary(self.error)}"
             pinned.update(Text(terminal_safe("\n".join([head, *lines[-12:-1]]))))
 
     def append(self, run_id: int, lines: list[str], pending: str, reset: bool, skipped_start: bool) -> None:

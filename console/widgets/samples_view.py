@@ -117,6 +117,11 @@ class SamplesView(Vertical):
     def on_mount(self) -> None:
         self.query_one(DataTable).add_columns("score", "prompt", "response")
 
+    def set_following(self, following: bool) -> None:
+        """Whether the heading says the view follows the run (it ended meanwhile: no more samples come)."""
+        if self._shown and self._shown[4] != following:
+            self.show(*self._shown[:4], following)
+
     def show(self, run_id: int, steps: list[int], step: int | None, rows: list[dict[str, Any]],
              following: bool = False) -> None:
         self._shown = (run_id, steps, step, rows, following)
