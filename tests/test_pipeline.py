@@ -191,7 +191,12 @@ async def test_the_console_shows_a_pipeline_as_one_row_that_expands_into_its_sta
         await pilot.press("F", "F")  # stage rm: the pipeline's rm stage is a row of its own, folded or not
         await wait_for(pilot, lambda: table.stage_filter == "rm" and table.row_count == 1, 10, "the rm stage")
         assert [row.key.value for row in table.ordered_rows] == [str(stages[1])]
-        await pilot.press("F", "F", "F")  # ppo, eval (evaluation runs are a stage of the table too), then none
+        await pilot.press("F", "F")  # ppo, eval (evaluation runs are a stage of the table too): none here
+        info = app.home.query_one("#run-info")
+        await wait_for(pilot, lambda: table.stage_filter == "eval" and table.row_count == 0, 10, "the eval stage")
+        await wait_for(pilot, lambda: "no run of 4 matches: f, F or / changes the filter" in str(info.render()), 10,
+                       "an empty table that says why")
+        await pilot.press("F")  # then none
         await wait_for(pilot, lambda: table.stage_filter is None and table.row_count == 2, 10, "no filter")
         app.home.select_run(stages[-1])
         await pilot.press("r")  # a pipeline's stage: what resumes is the pipeline, and the question says so

@@ -399,7 +399,9 @@ class RunsScreen(Screen):
         # A filter first, where 80 columns never cut it off: a table that hides runs must say so.
         shown = f"[{'  '.join(filters)}] " if filters else ""
         if run is None:
-            self._set_info(f"{shown}{sort}")
+            hidden = f"no run of {len(self.app.runs)} matches: f, F or / changes the filter · " \
+                if filters and not table.row_count and self.app.runs else ""
+            self._set_info(f"{shown}{hidden}{sort}")
             return
         status = shown_status(run)
         note = f" ({run['note']})" if run.get("note") else ""  # whole here: the table's cell may be cut
