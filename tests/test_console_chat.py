@@ -860,6 +860,11 @@ async def test_a_new_chat_starts_from_the_sampling_settings_set_in_the_last(work
                        and app.focused.id == "chat-input", 10, "the chat, its question box focused")
         await pilot.press("escape", "o")  # out of the question box: the screen's keys
         await wait_for(pilot, lambda: isinstance(app.screen, ChatSettingsScreen), 10, "the settings")
+        await pilot.resize_terminal(80, 24)  # every field and the button on an 80x24 terminal (key_env was below)
+        await wait_for(pilot, lambda: app.screen.query_one("#apply").region.bottom <= 24
+                       and app.screen.query_one("#apply").region.height > 0, 10, "the dialog laid out at 80x24")
+        assert all(0 < field.region.bottom <= 24 for field in app.screen.query("Input"))
+        await pilot.resize_terminal(100, 32)
         app.screen.query_one("#set-temperature").value = "0.2"
         app.screen.query_one("#set-top_p").value = "1.5"  # refused, with the range it must be in
         app.screen.apply()

@@ -577,10 +577,10 @@ class ChatSettingsScreen(ModalScreen["ChatSettings | None"]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Static(Text("Sampling (both sides); Enter applies, Esc cancels", style="bold"))
-            for name in self.FIELDS:
-                with Horizontal(classes="row"):
+            for name in self.FIELDS:  # a line each: six bordered fields ran off an 80x24 terminal
+                with Horizontal(classes="row compact"):
                     yield Label(name, classes="field-label")
-                    yield Input(str(getattr(self.settings, name)), id=f"set-{name}")
+                    yield Input(str(getattr(self.settings, name)), id=f"set-{name}", compact=True)
             yield Static("", id="settings-error")
             with Horizontal(classes="buttons"):
                 yield Button("Apply", variant="primary", id="apply")
