@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.config import LoraSpec, ModelSpec
@@ -93,6 +94,15 @@ def load_causal_lm(spec: ModelSpec) -> Any:
         spec.path, dtype=torch_dtype(spec), trust_remote_code=spec.trust_remote_code
     )
     use_fused_kernels(model)
+    return _named_absolutely(model, spec.path)
+
+
+def _named_absolutely(model: Any, path: str) -> Any:
+    """The model named by its folder's absolute path where it is local: a LoRA checkpoint's adapter_config.json
+    records that name as its base model, and a relative one (`demo/model`) loads from no other directory."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        model.name_or_path = model.config.name_or_path = str(local.resolve())
     return model
 
 
@@ -110,7 +120,7 @@ def load_reward_trunk(spec: ModelSpec, pad_token_id: int) -> Any:
         trust_remote_code=spec.trust_remote_code,
     )
     use_fused_kernels(model)
-    return model
+    return _named_absolutely(model, spec.path)
 
 
 def _safetensors_folder(path: str) -> bool:

@@ -85,6 +85,11 @@ def test_lora_exports_a_plain_merged_model(workdir):
     changed = [k for k in base if not torch.equal(trained[k], base[k])]
     assert changed and all(".h." in k for k in changed)
     AutoModelForCausalLM.from_pretrained(final)
+    # Its checkpoints' adapters name their base model absolutely: `demo/model` loaded from no other directory.
+    adapters = list(Path(run_row(run_id)["output_dir"]).glob("checkpoint-*/adapter_config.json"))
+    base_model = str((workdir / "demo" / "model").resolve())
+    assert adapters and all(json.loads(a.read_text())["base_model_name_or_path"] == base_model
+                            for a in adapters), [a.read_text() for a in adapters]
 
 
 def test_packing_fills_each_sequence(workdir):
