@@ -108,6 +108,8 @@ def stop_outcome(run: dict[str, Any]) -> str:
         return "it ends after the batch in hand (a resume goes on from there)"
     if (run.get("step") or 0) > 0:
         return "it saves a checkpoint and ends"
+    if run.get("status") == "running":  # no step recorded yet: the first may be under way
+        return "in its first step, it saves a checkpoint after it and ends; still setting up, it just ends"
     return "it has not trained a step yet: it just ends (nothing to save)"
 
 

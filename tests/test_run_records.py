@@ -651,6 +651,9 @@ def test_a_stop_says_what_it_will_leave_for_the_run_it_is_asked_of():
     assert stop_outcome({"stage": "sft", "step": 12}) == "it saves a checkpoint and ends"
     # Still loading its model, or pending: a stop ends it with nothing saved ("r" would find no checkpoint).
     assert stop_outcome({"stage": "ppo", "step": None}).startswith("it has not trained a step yet")
+    # Running at step 0: its first step may be under way, and a stop then saves it ("just ends" was wrong).
+    assert stop_outcome({"stage": "sft", "step": 0, "status": "running"}).startswith(
+        "in its first step, it saves a checkpoint after it and ends")
     assert stop_outcome({"stage": "eval", "step": 30}).startswith("it ends after the batch in hand")
 
 
