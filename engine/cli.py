@@ -322,7 +322,9 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
             why += f" · {waits}"
         print(f"pipeline {pipeline['id']} {pipeline['name']} (through {pipeline['through']}): "
               f"{pipeline['status']}{ended}{why}")
-    width = max([16, *(len(run["name"]) for run in rows)])  # whole names: "tiny sft (pipeline 1)" tells runs apart
+    from rich.cells import cell_len, set_cell_size  # columns, not characters: a Chinese name takes two a character
+
+    width = max([16, *(cell_len(run["name"]) for run in rows)])  # whole: "tiny sft (pipeline 1)" tells runs apart
     print(f"{'id':>4} {'stage':5} {'name':{width}} {'status':9} {'step':>14} {'time':>7} {'started':19} "
           f"{'pipeline':8} note · error")
     for run in rows:
@@ -338,7 +340,8 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
             why = f"silent {format_duration(silent[run['id']])}: nothing logged, far past its own pace"
         # The user's note first (the console shows it by the name), on one line.
         said = " · ".join(filter(None, (" ".join((run.get("note") or "").split()), why)))
-        print(f"{run['id']:>4} {run['stage']:5} {run['name']:{width}} {run['status']:9} {step:>14} {took:>7} "
+        name = set_cell_size(run["name"], width)
+        print(f"{run['id']:>4} {run['stage']:5} {name} {run['status']:9} {step:>14} {took:>7} "
               f"{started:19} {in_pipeline:8} {said}".rstrip())
     return 0
 

@@ -194,10 +194,17 @@ def test_rlhf_runs_names_a_running_run_that_has_logged_nothing_far_past_its_own_
                 store.log_metrics(runs[name], step, {"loss": 1.0, "lr": 1e-4},
                                   wall_time=now - quiet - 2 * (50 - step))
         store.update_run(runs["busy"], note="lr sweep,\nwarmup off")  # the console's n: shown here too
+        wide = store.create_run(stage="sft", name="中文配方测试", recipe="", config="{}")
+        store.update_run(wide, status="done")
 
     listed = subprocess.run([*RLHF, "runs"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
     line = {int(row.split()[0]): row for row in listed.stdout.splitlines()[1:]}
+    # A Chinese name takes two columns a character: the columns after it stay in line (len() padded it short).
+    from rich.cells import cell_len
+
+    status_at = {cell_len(row[: row.index(" running " if " running " in row else " done ")]) for row in line.values()}
+    assert len(status_at) == 1, listed.stdout
     assert " running " in line[runs["hung"]] and "silent 15m" in line[runs["hung"]], listed.stdout
     assert "silent" not in line[runs["busy"]] and line[runs["busy"]].endswith(" lr sweep, warmup off")
     assert "silent" not in line[runs["resumed"]]  # its 15 quiet minutes were a stop: resumed 10 s ago
