@@ -598,7 +598,8 @@ def gib(n: float) -> str:
 
 
 def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'s' * (n != 1)}"
+    suffix = "es" if word.endswith(("s", "sh", "ch", "x")) else "s"  # processes, not processs
+    return f"{n} {word}{suffix * (n != 1)}"
 
 
 # -- SFT and reward model -----------------------------------------------------------------------------------
@@ -711,8 +712,8 @@ def train_estimate(s: TrainSetup, gpu_memory: int = DEFAULT_GPU_MEMORY) -> Stage
         rows = min(tokens, FUSED_TOKENS)
         head = rows * min(shape.vocab, FUSED_VOCAB) * c + min(shape.vocab, FUSED_VOCAB) * shape.hidden * c \
             + tokens * shape.hidden * (c + 4)  # the tile, a cast slice of the head, the kept and grad hidden
-        items.append(Item("logits", f"logits: trl's fused head, tiles of {FUSED_TOKENS:,} tokens x {FUSED_VOCAB:,} "
-                                    "vocab", head, (fwd,)))
+        items.append(Item("logits", f"logits: trl's fused head, tiles of {rows:,} tokens x "
+                                    f"{min(shape.vocab, FUSED_VOCAB):,} vocab", head, (fwd,)))
         head_trainable = s.lora is None and (s.unfrozen < 0 or not shape.tied)
         if head_trainable:  # the fused head's backward accumulates the weight's gradient in float32 first
             items.append(Item("head_grad", "LM head weight gradient being accumulated (float32)",

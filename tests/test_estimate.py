@@ -464,6 +464,7 @@ def test_sizes_and_accelerate_configs():
     assert parallel_from_config(str(ACCEL / "gpu.yaml"), None).kind == "single"
     assert parallel_from_config(str(ACCEL / "ddp.yaml"), None).gpus == 8
     assert parallel_from_config(str(ACCEL / "cpu.yaml"), None).cpu
+    assert parallel_from_config(str(ACCEL / "cpu_ddp.yaml"), None).describe() == "CPU, 2 processes"  # not processs
     assert parallel_from_config(None, 4).kind == "ddp"
     with pytest.raises(EstimateError, match="nope.yaml: file not found"):
         parallel_from_config("nope.yaml", None)
