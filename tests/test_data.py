@@ -49,6 +49,10 @@ def test_sharegpt_multi_turn(tmp_path, assistant):
     ]}
     (conv,) = convs(jsonl(tmp_path / "s.jsonl", [record]))
     assert conv == (Turn("user", "q1"), Turn("assistant", "a1"), Turn("user", "q2"), Turn("assistant", "a2"))
+    from engine.data.formats import from_sharegpt
+
+    with pytest.raises(ValueError, match="^no assistant answer: the conversation is a question alone$"):
+        from_sharegpt({"conversations": [{"from": "human", "value": "q"}]})  # it said "has no turns"
 
 
 def test_messages_and_prompt_completion(tmp_path):

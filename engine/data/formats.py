@@ -72,6 +72,8 @@ def _turns(items: Any, key: str, role_key: str, text_key: str) -> list[Turn]:
 def _dialogue(turns: list[Turn]) -> Conversation:
     if turns and turns[-1].role == "user":
         turns = turns[:-1]  # an unanswered last question teaches nothing
+        if not turns:  # "has no turns" of a record that had one read as an empty record
+            raise ValueError("no assistant answer: the conversation is a question alone")
     check_conversation(turns, ends_with="assistant")
     return tuple(turns)
 
