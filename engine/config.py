@@ -538,6 +538,11 @@ def _describe(err: ValidationError, source: RecipeSource) -> RecipeError:
                       if len(e["loc"]) == 1 and e["loc"][0] in section.model_fields]
             if owners:  # `--set train.lr=…` on a whole recipe (a pipeline, a check without --stage)
                 message = f"unknown field here; a stage's: {' or '.join(f'{o}.{field}' for o in owners)}"
+            stages = {"sft": SFTStage, "rm": RMStage, "ppo": PPOStage}
+            if len(e["loc"]) == 2 and e["loc"][0] in stages and not near:  # `rm.lora`: another stage's setting
+                others = [s for s, section in stages.items() if e["loc"][1] in section.model_fields]
+                if others:
+                    message = f"the {e['loc'][0]} stage has no such setting ({' and '.join(others)} have it)"
         elif e["type"] == "missing":
             message = "required field is missing"
         elif e["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, "

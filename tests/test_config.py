@@ -164,4 +164,7 @@ def test_a_stage_field_given_for_the_whole_recipe_names_the_stages_that_have_it(
     """`--set train.lr=…` on a pipeline (no stage to take it relative to): the error says where it goes."""
     with pytest.raises(RecipeError, match=r"train: unknown field here; a stage's: sft.train or rm.train"):
         load_recipe(TINY, ["train.lr=1e-4"])
+    # Another stage's setting: said so (it said "check the spelling" of a name spelt right).
+    with pytest.raises(RecipeError, match=r"rm.lora: the rm stage has no such setting \(sft and ppo have it\)"):
+        load_recipe(TINY, ["rm.lora.r=4"])
 
