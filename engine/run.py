@@ -262,7 +262,9 @@ def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> di
         if not may_access(folder, os.R_OK | os.X_OK):
             raise RecipeError(f"run {run_id}: its folder {folder} cannot be read by this user (permission denied): "
                               "resume it as its owner")
-        raise RecipeError(f"run {run_id} has no checkpoint in {run['output_dir']} to resume from")
+        again = ("; it ended before it trained a step: launch it again instead (l in the console; the command "
+                 "y copies)" if not run.get("step") else "")
+        raise RecipeError(f"run {run_id} has no checkpoint in {run['output_dir']} to resume from{again}")
     return run
 
 

@@ -945,7 +945,8 @@ def test_why_a_run_cannot_resume_is_said_as_it_is(tmp_path):
                                    output_root=str(tmp_path / "runs"))
     said = after_stop("sft", early, db)
     assert "before its first checkpoint" in said and "--resume-run" not in said
-    with pytest.raises(RecipeError, match=f"run {early} has no checkpoint in "):
+    with pytest.raises(RecipeError, match=f"run {early} has no checkpoint in .*; it ended before it trained a "
+                                          "step: launch it again instead"):
         check_resumable(db, early, "sft")
     (tmp_path / "runs" / str(early) / "checkpoint-2").mkdir()
     (tmp_path / "runs" / str(early) / "checkpoint-2" / "trainer_state.json").write_text("{}")
