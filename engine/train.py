@@ -69,6 +69,9 @@ def model_folder_problem(path: str, kind: str = "model") -> str | None:
     if not config_file.is_file():
         if (folder / "policy" / "config.json").is_file():  # a PPO checkpoint: policy and value apart
             return f"holds no model itself (no config.json): a PPO checkpoint's policy is in {folder / 'policy'}"
+        if (folder / "adapter_config.json").is_file() or (folder / "policy" / "adapter_config.json").is_file():
+            return ("holds LoRA adapters, not a model (no config.json): a LoRA run's checkpoints keep its adapters "
+                    "alone; its final folder is the merged model")
         return "holds no model (no config.json)"
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         return f"holds no weights (none of {', '.join(WEIGHT_FILES)})"

@@ -249,6 +249,12 @@ def test_launches_that_would_not_run_as_asked_are_refused_before_anything_is_reg
     with pytest.raises(RecipeError, match=r"holds no model itself \(no config.json\): a PPO checkpoint's policy "
                                           r"is in .*nomodel/policy"):
         prepare("sft", str(TINY), [f"model.path={empty}"], str(ACCEL / "cpu.yaml"))
+    adapters = workdir / "adapters"  # a LoRA run's checkpoint: adapters alone ("holds no model" said no more)
+    adapters.mkdir()
+    (adapters / "adapter_config.json").write_text("{}")
+    with pytest.raises(RecipeError, match=r"holds LoRA adapters, not a model \(no config.json\): .* its final folder "
+                                          r"is the merged model"):
+        prepare("sft", str(TINY), [f"model.path={adapters}"], str(ACCEL / "cpu.yaml"))
     (empty / "config.json").write_text("{}")
     with pytest.raises(RecipeError, match=r"holds no weights"):
         prepare("sft", str(TINY), [f"model.path={empty}"], str(ACCEL / "cpu.yaml"))
