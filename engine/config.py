@@ -203,7 +203,8 @@ class PPOStage(_Section):
     model: ModelSpec | None = Field(None, description="Policy to start from (the SFT output); default: the recipe's.")
     reward_model: str | None = Field(None, description="Reward model folder (the RM output).")
     reward_fn: str | None = Field(
-        None, description="Instead of a reward model: `module:function(prompts, responses) -> scores`."
+        None, description="Instead of a reward model: `module:function(prompts, responses) -> scores` (or "
+        "`path/to/module.py:function`; a run records a module of its launch folder so)."
     )
     prompts: list[DataSource] = Field(min_length=1, description="Prompt sources for rollouts.")
     num_layers_unfrozen: int = Field(2, ge=1, description="k: top layers trained in the policy branch.")
@@ -584,6 +585,8 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
                 source["path"] = fix(source["path"])
         if section.get("reward_model"):
             section["reward_model"] = fix(section["reward_model"])
+        if section.get("reward_fn"):
+            section["reward_fn"] = local_function_spec(section["reward_fn"])
         if isinstance(section.get("resume_from_checkpoint"), str):
             section["resume_from_checkpoint"] = fix(section["resume_from_checkpoint"])
     if data.get("eval"):
@@ -602,33 +605,49 @@ def function_spec_problem(spec: str) -> str | None:
     import os
     import sys
 
-    module, _, name = spec.partition(":")
+    module, _, name = spec.rpartition(":")
     if not module or not name:
         return f"reward_fn {spec!r}: expected module:function"
-    added = os.getcwd() not in sys.path
-    if added:  # first, as `python -m` puts it: a local file of an installed module's name is the one imported
-        sys.path.insert(0, os.getcwd())
-    try:
-        found = importlib.util.find_spec(module)
-    except Exception as err:  # a parent package that fails to import, a malformed name
-        return f"reward_fn {spec!r}: {type(err).__name__}: {err}"
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())
-    if found is None:
-        return f"reward_fn {spec!r}: no module named {module!r}"
-    if not found.origin or not found.origin.endswith(".py"):
+    if module.endswith(".py"):  # a module file named by its path (as a run's recorded recipe names a local one)
+        origin: str | None = str(Path(module).expanduser())
+        if not Path(origin).is_file():
+            return f"reward_fn {spec!r}: no such file {module}"
+    else:
+        added = os.getcwd() not in sys.path
+        if added:  # first, as `python -m` puts it: a local file of an installed module's name is the one imported
+            sys.path.insert(0, os.getcwd())
+        try:
+            found = importlib.util.find_spec(module)
+        except Exception as err:  # a parent package that fails to import, a malformed name
+            return f"reward_fn {spec!r}: {type(err).__name__}: {err}"
+        finally:
+            if added:
+                sys.path.remove(os.getcwd())
+        if found is None:
+            return f"reward_fn {spec!r}: no module named {module!r}"
+        origin = found.origin
+    if not origin or not origin.endswith(".py"):
         return None
     try:
-        tree = ast.parse(Path(found.origin).read_bytes(), filename=found.origin)
+        tree = ast.parse(Path(origin).read_bytes(), filename=origin)
     except SyntaxError as err:  # the trainer's import would fail on it after the run registered
-        return f"reward_fn {spec!r}: {found.origin}:{err.lineno}: SyntaxError: {err.msg}"
+        return f"reward_fn {spec!r}: {origin}:{err.lineno}: SyntaxError: {err.msg}"
     except (OSError, ValueError, RecursionError, MemoryError):  # the trainer's import will say
         return None
     names = _bound_names(tree)
     if names is not None and name not in names:
-        return f"reward_fn {spec!r}: {module} ({found.origin}) defines no {name!r}"
-    return _not_a_scorer(tree, name, f"reward_fn {spec!r}: {found.origin}")
+        return f"reward_fn {spec!r}: {module} ({origin}) defines no {name!r}"
+    return _not_a_scorer(tree, name, f"reward_fn {spec!r}: {origin}")
+
+
+def local_function_spec(spec: str) -> str:
+    """`module:function` of a module file in the current directory, named by the file's absolute path (what
+    a run records: its resume, started from another directory, finds the file); any other spec as it is."""
+    module, _, name = spec.rpartition(":")
+    local = Path(f"{module}.py")
+    if module and name and module.isidentifier() and local.is_file():
+        return f"{local.resolve()}:{name}"
+    return spec
 
 
 def _not_a_scorer(tree: ast.Module, name: str, where: str) -> str | None:
@@ -693,14 +712,34 @@ def _bound_names(tree: ast.Module) -> set[str] | None:
 
 
 def import_function(spec: str) -> Callable[..., Any]:
-    """`package.module:function` -> the function."""
-    module, _, name = spec.partition(":")
+    """`package.module:function` (or `/path/to/module.py:function`) -> the function."""
+    module, _, name = spec.rpartition(":")
     if not module or not name:
         raise ValueError(f"reward_fn {spec!r}: expected module:function")
     try:
-        function = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
+        function = getattr(_module_file(module) if module.endswith(".py") else importlib.import_module(module), name)
+    except (ImportError, AttributeError, OSError) as err:
         raise ValueError(f"reward_fn {spec!r}: {err}") from None
     if not callable(function):
         raise ValueError(f"reward_fn {spec!r}: {module}.{name} is a {type(function).__name__}, not a function")
     return function
+
+
+def _module_file(path: str) -> Any:
+    """The module a file holds, imported as its own name with its folder first on sys.path: as it was when
+    the run started in that folder (its imports of files beside it resolve the same)."""
+    import importlib.util
+    import sys
+
+    file = Path(path).expanduser().resolve()
+    if str(file.parent) not in sys.path:
+        sys.path.insert(0, str(file.parent))
+    if file.stem in sys.modules and getattr(sys.modules[file.stem], "__file__", None) == str(file):
+        return sys.modules[file.stem]
+    found = importlib.util.spec_from_file_location(file.stem, file)
+    if found is None or found.loader is None:
+        raise ImportError(f"cannot import {file}")
+    module = importlib.util.module_from_spec(found)
+    sys.modules[file.stem] = module
+    found.loader.exec_module(module)
+    return module

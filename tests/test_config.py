@@ -160,6 +160,28 @@ def test_a_reward_fn_is_found_without_running_its_module(tmp_path, monkeypatch):
         f"reward_fn 'broken:score': {tmp_path / 'broken.py'}:1: SyntaxError: expected ':'"
 
 
+def test_a_reward_module_in_the_launch_folder_is_recorded_by_its_path(tmp_path, monkeypatch):
+    """A run launched beside its rw_mod.py recorded `rw_mod:score`, and its resume from another folder failed
+    ("no module named 'rw_mod'"): the recorded recipe names the file, which loads from anywhere, with the
+    files beside it importable as they were."""
+    from engine.config import function_spec_problem, import_function, with_absolute_paths
+
+    launched = tmp_path / "launched"
+    launched.mkdir()
+    (launched / "rw_helpers.py").write_text("BONUS = 2.0\n")
+    (launched / "rw_mod.py").write_text("from rw_helpers import BONUS\n\n"
+                                        "def score(prompts, responses):\n    return [BONUS] * len(responses)\n")
+    monkeypatch.chdir(launched)
+    recipe = load_recipe(TINY, ["ppo.reward_fn=rw_mod:score"], "ppo")
+    recorded = with_absolute_paths(recipe).ppo.reward_fn
+    assert recorded == f"{launched / 'rw_mod.py'}:score"
+    assert with_absolute_paths(load_recipe(TINY, [], "ppo")).ppo.reward_fn == "engine.demo.rewards:correct_answer"
+    monkeypatch.chdir(tmp_path)  # the resume, elsewhere
+    assert function_spec_problem(recorded) is None
+    assert import_function(recorded)(["p"], ["r", "s"]) == [2.0, 2.0]
+    assert "no such file" in function_spec_problem(f"{tmp_path / 'gone.py'}:score")
+
+
 def test_a_stage_field_given_for_the_whole_recipe_names_the_stages_that_have_it():
     """`--set train.lr=…` on a pipeline (no stage to take it relative to): the error says where it goes."""
     with pytest.raises(RecipeError, match=r"train: unknown field here; a stage's: sft.train or rm.train"):
