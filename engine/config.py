@@ -535,15 +535,16 @@ def _describe(err: ValidationError, source: RecipeSource) -> RecipeError:
         if e["type"] == "extra_forbidden":
             near = _nearest_field(e["loc"][:-1], str(e["loc"][-1]))
             message = f"unknown field; did you mean {near!r}?" if near else "unknown field (check the spelling)"
-            owners = [stage for stage, section in (("sft", SFTStage), ("rm", RMStage), ("ppo", PPOStage))
+            stages = {"sft": SFTStage, "rm": RMStage, "ppo": PPOStage}
+            owners = [stage for stage, section in stages.items()
                       if len(e["loc"]) == 1 and e["loc"][0] in section.model_fields]
             if owners:  # `--set train.lr=…` on a whole recipe (a pipeline, a check without --stage)
                 message = f"unknown field here; a stage's: {' or '.join(f'{o}.{field}' for o in owners)}"
-            stages = {"sft": SFTStage, "rm": RMStage, "ppo": PPOStage}
             if len(e["loc"]) == 2 and e["loc"][0] in stages and not near:  # `rm.lora`: another stage's setting
                 others = [s for s, section in stages.items() if e["loc"][1] in section.model_fields]
                 if others:
-                    message = f"the {e['loc'][0]} stage has no such setting ({' and '.join(others)} have it)"
+                    have = "has" if len(others) == 1 else "have"
+                    message = f"the {e['loc'][0]} stage has no such setting ({' and '.join(others)} {have} it)"
         elif e["type"] == "missing":
             message = "required field is missing"
         elif e["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, "
@@ -635,7 +636,9 @@ def function_spec_problem(spec: str) -> str | None:
     except (OSError, ValueError, RecursionError, MemoryError):  # the trainer's import will say
         return None
     names = _bound_names(tree)
-    if names is not None and name not in names:
+    if names is None:  # bound in ways the source cannot show: the trainer's import will tell
+        return None
+    if name not in names:
         return f"reward_fn {spec!r}: {module} ({origin}) defines no {name!r}"
     return _not_a_scorer(tree, name, f"reward_fn {spec!r}: {origin}")
 
@@ -656,11 +659,13 @@ def _not_a_scorer(tree: ast.Module, name: str, where: str) -> str | None:
     another number of arguments (found after a whole rollout, as a TypeError). None where the source
     cannot tell (decorated, bound twice, made by a call)."""
     bound = [node for node in tree.body if name in _top_level_names(node)]
-    if len(bound) != 1:
+    rebound = any(isinstance(node, ast.Global) and name in node.names for node in ast.walk(tree))
+    if len(bound) != 1 or rebound:  # a function's `global score` may bind it anew when it runs
         return None
     node = bound[0]
     if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
-        return f"{where}:{node.lineno}: {name} is a {type(node.value.value).__name__}, not a function"
+        kind = type(node.value.value).__name__
+        return f"{where}:{node.lineno}: {name} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a function"
     if not isinstance(node, ast.FunctionDef) or node.decorator_list:
         return None
     args = node.args

@@ -98,8 +98,8 @@ def pipeline_waits_for(pipeline: dict[str, Any], runs: list[dict[str, Any]]) -> 
     if pipeline["status"] in ("pending", "running"):
         return ""
     live = [run for run in runs if run.get("pipeline_id") == pipeline["id"] and run["status"] in ("pending", "running")]
-    return (f"its {live[-1]['stage']} stage, run {live[-1]['id']}, still runs on its own: the pipeline resumes once "
-            "that run ends" if live else "")
+    return (f"its {live[-1]['stage']} stage, run {live[-1]['id']}, still runs on its own: resume the pipeline once "
+            f"that run ends (or stop it: rlhf stop {live[-1]['id']})" if live else "")
 
 
 def stop_outcome(run: dict[str, Any]) -> str:
@@ -112,6 +112,10 @@ def stop_outcome(run: dict[str, Any]) -> str:
         return "in its first step, it saves a checkpoint after it and ends; still setting up, it just ends"
     return "it has not trained a step yet: it just ends (nothing to save)"
 
+
+# The one field a stage has that the recipe has too (engine.config.Recipe: `model.path` is the recipe's, not
+# a stage's): a stage's own keeps its stage's name when shown short.
+SHARED_FIELDS = ("model",)
 
 # The --set keys a pipeline gives a stage to feed it the exports of the stages before it (engine.pipeline's
 # wiring): the same for every run of a pipeline, so not what tells its runs apart.

@@ -148,13 +148,18 @@ def test_a_reward_fn_is_found_without_running_its_module(tmp_path, monkeypatch):
                                      "def spread(*args):\n    return []\n\n"
                                      "if True:\n    guarded = 3\nelse:\n    def guarded(p, r):\n        return []\n")
     bad = tmp_path / "bad.py"
-    assert function_spec_problem("bad:notcallable") == f"reward_fn 'bad:notcallable': {bad}:1: notcallable is a " \
+    assert function_spec_problem("bad:notcallable") == f"reward_fn 'bad:notcallable': {bad}:1: notcallable is an " \
         "int, not a function"
     assert function_spec_problem("bad:one").startswith(f"reward_fn 'bad:one': {bad}:3: one(responses) cannot be "
                                                        "called as one(prompts, responses)")
     assert f"{bad}:6: three(prompts, responses, judge) cannot be called" in function_spec_problem("bad:three")
     assert function_spec_problem("bad:fine") is None and function_spec_problem("bad:spread") is None
     assert function_spec_problem("bad:guarded") is None  # bound under an if: the import will tell
+    # A placeholder a set-up function (`global`) or a star import replaces: the source cannot tell.
+    (tmp_path / "later.py").write_text("score = None\n\ndef _setup():\n    global score\n    score = len\n\n"
+                                       "_setup()\n")
+    (tmp_path / "starred.py").write_text("score = None\nfrom my_rewards_here import *\n")
+    assert function_spec_problem("later:score") is None and function_spec_problem("starred:score") is None
     (tmp_path / "broken.py").write_text("def score(prompts, responses)\n    return []\n")
     assert function_spec_problem("broken:score") == \
         f"reward_fn 'broken:score': {tmp_path / 'broken.py'}:1: SyntaxError: expected ':'"
@@ -189,4 +194,6 @@ def test_a_stage_field_given_for_the_whole_recipe_names_the_stages_that_have_it(
     # Another stage's setting: said so (it said "check the spelling" of a name spelt right).
     with pytest.raises(RecipeError, match=r"rm.lora: the rm stage has no such setting \(sft and ppo have it\)"):
         load_recipe(TINY, ["rm.lora.r=4"])
+    with pytest.raises(RecipeError, match=r"sft.reward_fn: the sft stage has no such setting \(ppo has it\)"):
+        load_recipe(TINY, ["sft.reward_fn=x:y"])
 

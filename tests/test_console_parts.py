@@ -451,3 +451,11 @@ def test_a_pipeline_stage_shows_its_pipeline_overrides_not_its_wiring():
     # Resumed twice with --allow-change: the step count in effect, not each one it had.
     alone["overrides"] = json.dumps(["sft.train.lr=1e-4", "train.max_steps=900", "sft.train.max_steps=1200"])
     assert overrides_text(alone) == "train.lr=1e-4 train.max_steps=1200"
+    # The stage's model is not the recipe's: kept apart, and named as such.
+    alone["overrides"] = json.dumps(["model.path=/base", "sft.model.path=/other"])
+    assert overrides_text(alone) == "model.path=/base sft.model.path=/other"
+    from engine.config import PPOStage, Recipe, RMStage, SFTStage
+    from engine.run_facts import SHARED_FIELDS
+
+    assert set(SHARED_FIELDS) == set(Recipe.model_fields) & (set(SFTStage.model_fields) | set(RMStage.model_fields)
+                                                             | set(PPOStage.model_fields))

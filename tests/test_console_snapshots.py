@@ -58,8 +58,8 @@ def app_for(db: Path) -> RlhfConsole:
 
 
 async def settled(pilot, chart: bool = True) -> None:
-    """Wait for the first poll, the chart (`chart`: the run selected has curves) and the log to land, then
-    for the screen to be idle."""
+    """Wait for the first poll, the chart (`chart`: the run selected has curves) and the table's live cells,
+    then for the screen to be idle."""
     app = pilot.app
 
     def drawn() -> bool:
@@ -67,7 +67,7 @@ async def settled(pilot, chart: bool = True) -> None:
         return bool(app.loaded and home is not None and (home.last_draw_points or not chart) and app.gpu_unavailable
                     and not home.query_one("#run-table").pending)  # the live cells drawn (they redraw every 2 s)
 
-    await wait_for(pilot, drawn, 20, "the first poll, chart and log")
+    await wait_for(pilot, drawn, 20, "the first poll, the chart and the live cells")
     await pilot.wait_for_scheduled_animations()
     await pilot.pause()
 
@@ -111,6 +111,9 @@ def test_other_screens(snap_compare, snapshot_db, key):
         await pilot.press(key)
         await wait_for(pilot, lambda: pilot.app.screen is not pilot.app.home and pilot.app.screen.is_mounted, 20,
                        "the screen")
+        if key == "n":  # the form fills from two workers: the recipe's values, then the memory line
+            await wait_for(pilot, lambda: pilot.app.screen.loaded
+                           and str(pilot.app.screen.query_one("#estimate").render()).strip(), 20, "the filled form")
         await pilot.wait_for_scheduled_animations()
         await pilot.pause()
 

@@ -174,8 +174,8 @@ def test_a_console_started_elsewhere_with_db_stops_and_resumes_a_run(workdir, tm
 
 def test_the_shell_and_edit_keys_hand_the_terminal_over_in_the_runs_folder_and_back(tmp_path):
     """`!` suspends the console and runs $SHELL in the highlighted run's folder; when it exits the console
-    is back, as it was. `E` opens $EDITOR on the recipe as runs.db recorded it (it opened the file the run
-    was launched from, which may have changed since, or the run's folder where it had no such file)."""
+    is back, as it was. `E` opens $EDITOR on the recipe as runs.db recorded it, read-only (it opened the file
+    the run was launched from, which may have changed since, or the run's folder where it had no such file)."""
     db = tmp_path / "runs.db"
     launched_from = tmp_path / "mytiny.yaml"
     launched_from.write_text("name: tiny\nsft:\n  train:\n    lr: 9.9e-3\n")  # edited after the launch
@@ -188,7 +188,8 @@ def test_the_shell_and_edit_keys_hand_the_terminal_over_in_the_runs_folder_and_b
     shell = tmp_path / "fake-shell"
     shell.write_text(f"#!/bin/sh\npwd > {tmp_path / 'where'}\necho shell-was-here\nsleep 1\n")
     editor = tmp_path / "fake-editor"
-    editor.write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path / 'edited'}\necho editor-was-here\nsleep 1\n")
+    editor.write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path / 'edited'}\n"
+                      "[ \"$(stat -c %a \"$1\")\" = 444 ] && echo read-only-view\necho editor-was-here\nsleep 1\n")
     for script in (shell, editor):
         script.chmod(0o755)
     env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(REPO)}  # this checkout's console
@@ -201,7 +202,8 @@ def test_the_shell_and_edit_keys_hand_the_terminal_over_in_the_runs_folder_and_b
         console.wait_for(lambda s: "done" in _row(s, run_id), 60, "the console back after the shell exits")
         assert (tmp_path / "where").read_text().strip() == str(Path(folder).resolve())
         console.keys("E")
-        console.wait_for(lambda s: "editor-was-here" in s, 60, "the editor's output on the terminal")
+        console.wait_for(lambda s: "editor-was-here" in s and "read-only-view" in s, 60,
+                         "the editor's output on the terminal")
         console.wait_for(lambda s: "done" in _row(s, run_id), 60, "the console back after the editor exits")
         assert json.loads((tmp_path / "edited").read_text()) == recorded
     finally:

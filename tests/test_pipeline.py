@@ -211,16 +211,19 @@ async def test_the_console_shows_a_pipeline_as_one_row_that_expands_into_its_sta
             store.update_pipeline(pipeline, status="failed", error="Traceback ...\nRecipeError: eval.eval_dir: gone")
         await wait_for(pilot, lambda: view.error_by == "pipeline 1" and "eval_dir: gone" in (view.error or ""), 10,
                        "the pipeline's error pinned above the log")
-        # Yes: its process cannot run this made-up recipe, and the console says so once that process has
-        # ended (it said "resuming" of a pipeline no process took).
+        # Yes, and its process dies before it takes the pipeline (its Python cannot start): the console says
+        # so once that process has ended (it said "resuming" of a pipeline no process took).
         app.clear_notifications()
         await pilot.press("r")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the question")
+        monkeypatch.setenv("PYTHONHOME", "/nonexistent")  # what the console's worker starts inherits it
         await pilot.press("y")
         await wait_for(pilot, lambda: any(n.title.startswith("resume") for n in app._notifications), 120,
                        "what the resume came to")
+        monkeypatch.delenv("PYTHONHOME")
         [said] = [n for n in app._notifications if n.title.startswith("resume")]
-        assert said.severity == "error" and "pipeline 1 did not resume" in str(said.message), said.message
+        assert said.severity == "error" and "pipeline 1 did not resume: its process ended at once" in \
+            str(said.message), said.message
 
 
 def test_a_crashed_pipeline_resumes_in_its_stage_with_no_step_lost_or_repeated(workdir):
@@ -327,7 +330,8 @@ def test_a_pipeline_killed_alone_leaves_its_stage_running_and_resumes_only_once_
         assert store.pipeline(1)["status"] == "failed"  # its process found gone; not the resume's doing
         assert "is gone" in store.pipeline(1)["error"] and "rlhf pipeline --resume 1" in store.pipeline(1)["error"]
     shown = rlhf("runs", "--pipeline", "1", "--db", db)  # and the table says what the resume waits for
-    assert "its sft stage, run 1, still runs on its own: the pipeline resumes once that run ends" in \
+    assert "its sft stage, run 1, still runs on its own: resume the pipeline once that run ends (or stop it: " \
+        "rlhf stop 1)" in \
         shown.stdout.splitlines()[0], shown.stdout
     stopping = subprocess.Popen([*RLHF, "stop", "1", "--wait", "--db", db], stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

@@ -255,7 +255,7 @@ def test_divergence_stops_the_run_names_the_metric_and_is_no_success_to_a_script
         assert (run["status"], run["exit_code"]) == ("diverged", 1)
         assert "rollout_scores/mean" in run["error"] and "at step 1" in run["error"]
         assert run["error"].startswith("the rollouts' scores became nan: the reward_fn tests.ppo_rewards:always_nan "
-                                       "gave a score that is no finite number"), run["error"]
+                                       "gave a score that is not a finite number"), run["error"]
 
 
 def test_a_reward_fn_that_returns_no_score_per_response_fails_its_run_naming_it():

@@ -681,11 +681,11 @@ class RunsScreen(Screen):
             self._suspended([os.environ.get("SHELL") or "/bin/sh"], run["output_dir"])
 
     def action_edit(self) -> None:
-        """$EDITOR (or $VISUAL, else vi) on the recipe the run recorded, in the run's folder."""
+        """$EDITOR (or $VISUAL, else vi) on the recipe the run recorded, read-only, in the run's folder: a
+        view (runs.db holds the recipe; a resume rewrites the run's copy, so edits would be lost silently)."""
         import os
         import shlex
-
-        from engine.run import recorded_recipe
+        import tempfile
 
         run = self._selected_run()
         if run is None or not run.get("output_dir"):
@@ -701,14 +701,19 @@ class RunsScreen(Screen):
         if not folder.is_dir():
             self.notify(f"{folder} is not there", severity="warning", markup=False)
             return
-        # Written from runs.db: the file it was launched from may have changed since (or be another's).
+        # From runs.db: the file it was launched from may have changed since (or be another's).
+        target = Path(tempfile.gettempdir()) / f"rlhf-run-{run['id']}-{os.getuid()}.recipe.yaml"
         try:
-            target = recorded_recipe(run)
+            target.unlink(missing_ok=True)
+            target.write_text(json.dumps(settings, indent=2, ensure_ascii=False), encoding="utf-8")  # JSON is YAML
+            target.chmod(0o444)
         except OSError as err:
             self.notify(f"cannot write the recorded recipe: {err}", severity="error", markup=False)
             return
         editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
-        self._suspended([*shlex.split(editor), target], str(folder))
+        self._suspended([*shlex.split(editor), str(target)], str(folder))
+        self.notify(f"run {run['id']}'s recipe as recorded, read-only: l launches it again with changes",
+                    markup=False)
 
     def _suspended(self, argv: list[str], cwd: str) -> None:
         import subprocess

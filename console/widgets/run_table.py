@@ -22,7 +22,7 @@ from textual.widgets import DataTable
 from console.colours import run_colour
 from console.text import terminal_safe
 from engine.procs import run_processes_gone
-from engine.run_facts import current_start, elapsed, format_duration, user_overrides
+from engine.run_facts import SHARED_FIELDS, current_start, elapsed, format_duration, user_overrides
 
 if TYPE_CHECKING:
     from console.series import History
@@ -164,7 +164,8 @@ def overrides_text(run: dict[str, Any], pipeline: dict[str, Any] | None = None) 
     its newest value alone, where it was last set: the settings in effect, not their history."""
     newest: dict[str, str] = {}
     for item in user_overrides(run, pipeline):
-        short = item.split(".", 1)[1] if item.startswith(f"{run['stage']}.") else item
+        own = item.split(".", 1)[1] if item.startswith(f"{run['stage']}.") else None
+        short = own if own is not None and own.split(".", 1)[0].split("=", 1)[0] not in SHARED_FIELDS else item
         key = short.split("=", 1)[0]
         newest.pop(key, None)
         newest[key] = short

@@ -476,8 +476,8 @@ class PPOTrainer:
                 what = f"{', '.join(bad)} became {metrics[bad[0]]}" if bad else "another rank's metrics became NaN/inf"
                 if "rollout_scores/mean" in bad:  # the scores came so: the reward is the cause, not the update
                     source = f"reward_fn {stage.reward_fn}" if stage.reward_fn else f"reward model {stage.reward_model}"
-                    what = (f"the rollouts' scores became {score}: the {source} gave a score that is no finite "
-                            f"number; then {what}")
+                    what = (f"the rollouts' scores became {score}: the {source} gave a score that is not a "
+                            f"finite number; then {what}")
                 raise Diverged(f"{what} at step {self.state.step}")
             # A stop that comes with the last step lets the run finish: its export, done (stopped there, a
             # resume would have nothing left to train).
