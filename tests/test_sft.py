@@ -127,16 +127,23 @@ def test_resume_after_a_hard_kill_redoes_the_lost_steps_once(workdir):
     # As if killed after logging step 4 but before its checkpoint landed.
     shutil.rmtree(workdir / "runs" / str(run_id) / "checkpoint-4")
     os.environ["RLHF_RUN_ID"] = str(run_id)
-    heard = _Records()
+    heard, ours = _Records(), _Records()
     trainer_log = logging.getLogger("transformers.trainer")
     trainer_log.addHandler(heard)
+    logging.getLogger("engine.hf_trainer").addHandler(ours)
+    level = logging.getLogger("engine.hf_trainer").level
+    logging.getLogger("engine.hf_trainer").setLevel(logging.INFO)
     try:
         again, status = run_stage("sft", str(TINY), ["train.max_steps=6", "train.logging_steps=1",
                                                      "train.save_steps=3", "resume_from_checkpoint=true"])
     finally:
         del os.environ["RLHF_RUN_ID"]
         trainer_log.removeHandler(heard)
+        logging.getLogger("engine.hf_trainer").removeHandler(ours)
+        logging.getLogger("engine.hf_trainer").setLevel(level)
     assert (again, status) == (run_id, "done")
+    # Which checkpoint it took is said, as PPO says it.
+    assert f"resumed from {workdir / 'runs' / str(run_id) / 'checkpoint-3'} at step 3" in ours.messages, ours.messages
     # The checkpoint holds the tied head once: the resume ties it again, without a warning of lost weights.
     assert not [m for m in heard.messages if "missing keys" in m], heard.messages
     assert [s for s, _ in metric(run_id, "loss")] == [1, 2, 3, 4, 5, 6]
