@@ -316,8 +316,9 @@ def test_a_listing_piped_into_head_ends_quietly(workdir):
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        checked = subprocess.run([*RLHF, "check", str(TINY)], stdout=write_end, stderr=subprocess.PIPE, text=True,
-                                 timeout=120, env=buffered)
+        # (one stage: the whole recipe's check also notes, on stderr, what a pipeline does with its reward_fn)
+        checked = subprocess.run([*RLHF, "check", str(TINY), "--stage", "sft"], stdout=write_end,
+                                 stderr=subprocess.PIPE, text=True, timeout=120, env=buffered)
     finally:
         os.close(write_end)
     assert (checked.returncode, checked.stderr) == (141, "")
