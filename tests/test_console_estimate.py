@@ -22,7 +22,18 @@ async def test_the_launch_form_shows_the_memory_estimate_and_follows_the_form(wo
         assert "per process on CPU" in estimate_text(form) and "largest:" in estimate_text(form)
 
         form.query_one("#accelerate", Select).value = str(CONFIGS / "accelerate" / "gpu.yaml")
-        await wait_for(pilot, lambda: "per GPU, fits in 80.00 GiB" in estimate_text(form), 20, "the GPU estimate")
+        # No GPU here: the size judged against is an assumption, and the line says so (it read as this machine's).
+        await wait_for(pilot, lambda: "per GPU, fits in 80.00 GiB (assumed: no GPU seen here)" in estimate_text(form),
+                       20, "the GPU estimate")
+        # A machine with GPUs: judged against its smallest one.
+        from engine.gpu import GpuReading
+
+        app.gpu_readings = [GpuReading(index=0, name="small", utilization=0, memory_used=0, memory_total=2 * 2**30,
+                                       temperature=30, power=50.0, power_limit=300.0)]
+        form._refresh_estimate()
+        await wait_for(pilot, lambda: "in 2.00 GiB" in estimate_text(form) and "assumed" not in estimate_text(form),
+                       20, "the estimate against this machine's GPU")
+        app.gpu_readings = None
 
         # PPO with a bigger batch: the line follows the fields (a larger peak).
         form.query_one("#stage", Select).value = "ppo"

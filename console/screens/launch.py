@@ -340,17 +340,22 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
             return
         self._estimate_seq += 1
         accel = self.query_one("#accelerate", Select).value
+        # Judged against this machine's smallest GPU where the sampler sees them; else a size assumed, and said.
+        readings = getattr(self.app, "gpu_readings", None) or []
+        memory = min((reading.memory_total for reading in readings), default=None)
         self.estimate(self._estimate_seq, self.stage, self.recipe, self.overrides(),
-                      None if accel is Select.NULL else str(accel), self.processes(), self.through)
+                      None if accel is Select.NULL else str(accel), self.processes(), self.through, memory)
 
     @work(thread=True, exclusive=True, group="launch-estimate", exit_on_error=False)
     def estimate(self, seq: int, stage: str, recipe: str, overrides: list[str], accel: str | None,
-                 processes: int | None, through: str | None) -> None:
+                 processes: int | None, through: str | None, gpu_memory: int | None = None) -> None:
         try:
             from engine.config import load_recipe
-            from engine.estimate import estimate_recipe, gib, parallel_from_config
+            from engine.estimate import DEFAULT_GPU_MEMORY, estimate_recipe, gib, parallel_from_config
 
             parallel = parallel_from_config(accel, processes)
+            assumed = " (assumed: no GPU seen here)" if gpu_memory is None else ""
+            gpu_memory = gpu_memory or DEFAULT_GPU_MEMORY
             if stage == "pipeline":
                 from engine.pipeline import plan
 
@@ -359,22 +364,22 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
                 if {"rm", "ppo"} <= set(trained) and loaded.ppo.reward_model is None:
                     # The pipeline gives PPO its RM export as the reward model (engine.pipeline.wiring).
                     loaded = load_recipe(recipe, [*overrides, "ppo.reward_model=@rm", "ppo.reward_fn=null"])
-                results = estimate_recipe(loaded, trained, parallel)
+                results = estimate_recipe(loaded, trained, parallel, gpu_memory)
                 where = "per process on CPU" if parallel.cpu else "per GPU"
                 text = "memory: " + " · ".join(f"{r.stage} {gib(r.peak)}" for r in results) + f" {where}"
                 too_big = [r.stage for r in results if not r.fits]
                 if not parallel.cpu:
                     text += (f", {', '.join(too_big)} does not fit" if too_big else ", each fits") + \
-                        f" in {gib(results[0].gpu_memory)}"
+                        f" in {gib(results[0].gpu_memory)}{assumed}"
                 self.post_message(Estimated(seq, text, not too_big))
                 return
-            (result,) = estimate_recipe(load_recipe(recipe, overrides, stage), [stage], parallel)
+            (result,) = estimate_recipe(load_recipe(recipe, overrides, stage), [stage], parallel, gpu_memory)
             largest = result.largest
             if parallel.cpu:
                 text = f"memory: peak {gib(result.peak)} per process on CPU"
             else:
                 verdict = "fits" if result.fits else "does not fit"
-                text = f"memory: peak {gib(result.peak)} per GPU, {verdict} in {gib(result.gpu_memory)}"
+                text = f"memory: peak {gib(result.peak)} per GPU, {verdict} in {gib(result.gpu_memory)}{assumed}"
             text += f" · largest: {largest.name} ({gib(largest.bytes)})"
             self.post_message(Estimated(seq, text, result.fits))
         except Exception as err:  # the recipe's own errors show on validation; here a short line, never a crash
