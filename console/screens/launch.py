@@ -182,7 +182,7 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
             if launch.get("accelerate_config"):
                 default_accel = _option_for(accel, launch["accelerate_config"])
         with VerticalScroll(id="launch-form"):
-            yield Static(f"{title}   Tab moves between fields · ctrl+t validates · ctrl+s launches · Esc")
+            yield Static(f"{title}   Tab moves between fields · ctrl+t validates · ctrl+s launches · Esc closes")
             with Horizontal(classes="row"):
                 yield Label("stage", classes="field-label")
                 yield Select(STAGE_OPTIONS, value=stage, allow_blank=False, id="stage", compact=True)
