@@ -318,7 +318,7 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
         ended = (" · ended " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(pipeline["ended"]))
                  if pipeline["ended"] and pipeline["status"] not in ("pending", "running") else "")
         why = f" · {error_summary(pipeline['error'])}" if pipeline["error"] else ""
-        if waits := pipeline_waits_for(pipeline, rows):  # its error says to resume: refused while that runs
+        if waits := pipeline_waits_for(pipeline, rows, db):  # its error says to resume: refused while that runs
             why += f" · {waits}"
         print(f"pipeline {pipeline['id']} {pipeline['name']} (through {pipeline['through']}): "
               f"{pipeline['status']}{ended}{why}")

@@ -665,7 +665,8 @@ def _not_a_scorer(tree: ast.Module, name: str, where: str) -> str | None:
     node = bound[0]
     if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
         kind = type(node.value.value).__name__
-        return f"{where}:{node.lineno}: {name} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a function"
+        what = "None" if node.value.value is None else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+        return f"{where}:{node.lineno}: {name} is {what}, not a function"
     if not isinstance(node, ast.FunctionDef) or node.decorator_list:
         return None
     args = node.args

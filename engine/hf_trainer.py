@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,10 +86,7 @@ def resume_target(value: str | bool | None, handle: RunHandle) -> str | None:
     picked = resume_from(value, handle.output_dir, "trainer_state.json")
     target = None if picked is None else str(picked)
     if target is not None:
-        step = json.loads((picked / "trainer_state.json").read_text())["global_step"]
-        continue_from(handle, picked, step)
-        if os.environ.get("RANK", "0") == "0":  # as PPO says it: which checkpoint a resume took
-            log.info("resumed from %s at step %d", picked, step)
+        continue_from(handle, picked, json.loads((picked / "trainer_state.json").read_text())["global_step"])
     return target
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from engine.config import STAGE_REFS, STAGES, Recipe, RecipeError, load_recipe, recipe_to_json, with_absolute_paths
 from engine.procs import process_alive, process_start
-from engine.run import BAD_INPUT, EXIT_STOPPED, PIPELINE_ENV, RunFailed, has_checkpoint, say, settled
+from engine.run import BAD_INPUT, EXIT_BAD_INPUT, EXIT_STOPPED, PIPELINE_ENV, RunFailed, has_checkpoint, say, settled
 from engine.store import Store, default_db_path
 
 ORDER = (*STAGES, "eval")
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code(run(args.pipeline_id, args.db or default_db_path()))
     except BAD_INPUT as err:  # in its log, one line (resumed twice at once, a stage that cannot start)
         say(f"error: {err}")
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

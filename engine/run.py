@@ -66,6 +66,7 @@ def continue_from(handle: RunHandle, checkpoint: Path, step: int) -> None:
     keeping both would show each of its steps twice."""
     if os.environ.get("RANK", "0") == "0":
         set_aside_after(handle.output_dir, checkpoint, step)
+        log.info("resumed from %s at step %d", checkpoint, step)  # which checkpoint a resume took, once
     if handle.store is not None:
         warn_if_unrecorded(handle, checkpoint, step)
         handle.store.drop_history_after(handle.run_id, step)
@@ -141,8 +142,13 @@ def recorded_recipe(run: dict[str, Any]) -> str:
     """The run's recipe as runs.db recorded it, written into its folder: what a resume reads (the file it
     was launched from may have changed, or be relative to another directory)."""
     path = Path(run["output_dir"]) / RECORDED_RECIPE
-    path.write_text(json.dumps(json.loads(run["config"]), indent=2), encoding="utf-8")  # JSON is YAML
+    path.write_text(recipe_text(run), encoding="utf-8")
     return str(path)
+
+
+def recipe_text(run: dict[str, Any]) -> str:
+    """The run's recorded recipe (or an evaluation's settings) as a YAML file holds it (JSON is YAML)."""
+    return json.dumps(json.loads(run["config"]), indent=2, ensure_ascii=False)
 
 
 def settled(store: Store, run_id: int) -> dict[str, Any]:

@@ -92,14 +92,18 @@ def error_summary(error: str | None) -> str:
 _MODULE_PATH = re.compile(r"^(?:[a-z_][\w]*\.)+(?=[A-Z]\w*: )")
 
 
-def pipeline_waits_for(pipeline: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+def pipeline_waits_for(pipeline: dict[str, Any], runs: list[dict[str, Any]], db: str | None = None) -> str:
     """What an ended pipeline whose stage still runs (its own process was killed alone) waits for before
-    a resume can continue it: its recorded error says to resume, which is refused until that stage ends."""
+    a resume can continue it: its recorded error says to resume, which is refused until that stage ends.
+    `db`: the runs.db the hint's command names (None: the default one)."""
     if pipeline["status"] in ("pending", "running"):
         return ""
     live = [run for run in runs if run.get("pipeline_id") == pipeline["id"] and run["status"] in ("pending", "running")]
+    if not live:
+        return ""
+    where = f" --db {db}" if db else ""
     return (f"its {live[-1]['stage']} stage, run {live[-1]['id']}, still runs on its own: resume the pipeline once "
-            f"that run ends (or stop it: rlhf stop {live[-1]['id']})" if live else "")
+            f"that run ends (or stop that run: rlhf stop {live[-1]['id']}{where})")
 
 
 def stop_outcome(run: dict[str, Any]) -> str:

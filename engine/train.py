@@ -171,7 +171,8 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
     problem = function_spec_problem(section.reward_fn) if getattr(section, "reward_fn", None) else None
     if problem:
         field = f"{stage}.reward_fn"
-        raise RecipeError(f"{recipe.where(field)}: {field}: {problem}", {field: problem.split(": ", 1)[-1]})
+        # The field's own line (the form's): the reason, without the module's path
+        raise RecipeError(f"{recipe.where(field)}: {field}: {problem}", {field: problem.rsplit(": ", 1)[-1]})
     if getattr(section, "init_value_from_rm", False):
         from engine.lineage import check_value_init
 

@@ -155,6 +155,8 @@ def test_a_reward_fn_is_found_without_running_its_module(tmp_path, monkeypatch):
     assert f"{bad}:6: three(prompts, responses, judge) cannot be called" in function_spec_problem("bad:three")
     assert function_spec_problem("bad:fine") is None and function_spec_problem("bad:spread") is None
     assert function_spec_problem("bad:guarded") is None  # bound under an if: the import will tell
+    (tmp_path / "unset.py").write_text("score = None\n")
+    assert function_spec_problem("unset:score").endswith("unset.py:1: score is None, not a function")
     # A placeholder a set-up function (`global`) or a star import replaces: the source cannot tell.
     (tmp_path / "later.py").write_text("score = None\n\ndef _setup():\n    global score\n    score = len\n\n"
                                        "_setup()\n")

@@ -28,12 +28,13 @@ async def test_the_launch_form_shows_the_memory_estimate_and_follows_the_form(wo
         # A machine with GPUs: judged against its smallest one.
         from engine.gpu import GpuReading
 
+        before_readings = app.gpu_readings
         app.gpu_readings = [GpuReading(index=0, name="small", utilization=0, memory_used=0, memory_total=2 * 2**30,
                                        temperature=30, power=50.0, power_limit=300.0)]
         form._refresh_estimate()
         await wait_for(pilot, lambda: "in 2.00 GiB" in estimate_text(form) and "assumed" not in estimate_text(form),
                        20, "the estimate against this machine's GPU")
-        app.gpu_readings = None
+        app.gpu_readings = before_readings
 
         # PPO with a bigger batch: the line follows the fields (a larger peak).
         form.query_one("#stage", Select).value = "ppo"

@@ -188,8 +188,8 @@ def test_the_shell_and_edit_keys_hand_the_terminal_over_in_the_runs_folder_and_b
     shell = tmp_path / "fake-shell"
     shell.write_text(f"#!/bin/sh\npwd > {tmp_path / 'where'}\necho shell-was-here\nsleep 1\n")
     editor = tmp_path / "fake-editor"
-    editor.write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path / 'edited'}\n"
-                      "[ \"$(stat -c %a \"$1\")\" = 444 ] && echo read-only-view\necho editor-was-here\nsleep 1\n")
+    editor.write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path / 'edited'}\necho \"$1\" > {tmp_path / 'viewed'}\n"
+                      "[ \"$(stat -c %a \"$1\")\" = 400 ] && echo read-only-view\necho editor-was-here\nsleep 1\n")
     for script in (shell, editor):
         script.chmod(0o755)
     env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(REPO)}  # this checkout's console
@@ -206,5 +206,10 @@ def test_the_shell_and_edit_keys_hand_the_terminal_over_in_the_runs_folder_and_b
                          "the editor's output on the terminal")
         console.wait_for(lambda s: "done" in _row(s, run_id), 60, "the console back after the editor exits")
         assert json.loads((tmp_path / "edited").read_text()) == recorded
+        view = Path((tmp_path / "viewed").read_text().strip())
+        deadline = time.monotonic() + 60
+        while view.exists() and time.monotonic() < deadline:  # removed once the editor has returned
+            time.sleep(0.1)
+        assert not view.exists()
     finally:
         console.kill_server()

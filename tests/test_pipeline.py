@@ -330,8 +330,8 @@ def test_a_pipeline_killed_alone_leaves_its_stage_running_and_resumes_only_once_
         assert store.pipeline(1)["status"] == "failed"  # its process found gone; not the resume's doing
         assert "is gone" in store.pipeline(1)["error"] and "rlhf pipeline --resume 1" in store.pipeline(1)["error"]
     shown = rlhf("runs", "--pipeline", "1", "--db", db)  # and the table says what the resume waits for
-    assert "its sft stage, run 1, still runs on its own: resume the pipeline once that run ends (or stop it: " \
-        "rlhf stop 1)" in \
+    assert f"its sft stage, run 1, still runs on its own: resume the pipeline once that run ends (or stop that " \
+        f"run: rlhf stop 1 --db {db})" in \
         shown.stdout.splitlines()[0], shown.stdout
     stopping = subprocess.Popen([*RLHF, "stop", "1", "--wait", "--db", db], stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

@@ -130,17 +130,17 @@ def test_resume_after_a_hard_kill_redoes_the_lost_steps_once(workdir):
     heard, ours = _Records(), _Records()
     trainer_log = logging.getLogger("transformers.trainer")
     trainer_log.addHandler(heard)
-    logging.getLogger("engine.hf_trainer").addHandler(ours)
-    level = logging.getLogger("engine.hf_trainer").level
-    logging.getLogger("engine.hf_trainer").setLevel(logging.INFO)
+    logging.getLogger("engine.run").addHandler(ours)
+    level = logging.getLogger("engine.run").level
+    logging.getLogger("engine.run").setLevel(logging.INFO)
     try:
         again, status = run_stage("sft", str(TINY), ["train.max_steps=6", "train.logging_steps=1",
                                                      "train.save_steps=3", "resume_from_checkpoint=true"])
     finally:
         del os.environ["RLHF_RUN_ID"]
         trainer_log.removeHandler(heard)
-        logging.getLogger("engine.hf_trainer").removeHandler(ours)
-        logging.getLogger("engine.hf_trainer").setLevel(level)
+        logging.getLogger("engine.run").removeHandler(ours)
+        logging.getLogger("engine.run").setLevel(level)
     assert (again, status) == (run_id, "done")
     # Which checkpoint it took is said, as PPO says it.
     assert f"resumed from {workdir / 'runs' / str(run_id) / 'checkpoint-3'} at step 3" in ours.messages, ours.messages

@@ -182,7 +182,7 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
             if launch.get("accelerate_config"):
                 default_accel = _option_for(accel, launch["accelerate_config"])
         with VerticalScroll(id="launch-form"):
-            yield Static(f"{title}   Tab moves between fields · ctrl+t validates · ctrl+s launches · Esc closes")
+            yield Static(f"{title}   Tab: next field · ctrl+t validates · ctrl+s launches · Esc closes")
             with Horizontal(classes="row"):
                 yield Label("stage", classes="field-label")
                 yield Select(STAGE_OPTIONS, value=stage, allow_blank=False, id="stage", compact=True)
@@ -343,18 +343,20 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
         # Judged against this machine's smallest GPU where the sampler sees them; else a size assumed, and said.
         readings = getattr(self.app, "gpu_readings", None) or []
         memory = min((reading.memory_total for reading in readings), default=None)
+        none_here = bool(getattr(self.app, "gpu_unavailable", None))  # before the first sample: not yet known
         self.estimate(self._estimate_seq, self.stage, self.recipe, self.overrides(),
-                      None if accel is Select.NULL else str(accel), self.processes(), self.through, memory)
+                      None if accel is Select.NULL else str(accel), self.processes(), self.through, memory, none_here)
 
     @work(thread=True, exclusive=True, group="launch-estimate", exit_on_error=False)
     def estimate(self, seq: int, stage: str, recipe: str, overrides: list[str], accel: str | None,
-                 processes: int | None, through: str | None, gpu_memory: int | None = None) -> None:
+                 processes: int | None, through: str | None, gpu_memory: int | None = None,
+                 none_here: bool = False) -> None:
         try:
             from engine.config import load_recipe
             from engine.estimate import DEFAULT_GPU_MEMORY, estimate_recipe, gib, parallel_from_config
 
             parallel = parallel_from_config(accel, processes)
-            assumed = " (assumed: no GPU seen here)" if gpu_memory is None else ""
+            assumed = " (assumed: no GPU seen here)" if gpu_memory is None and none_here else ""
             gpu_memory = gpu_memory or DEFAULT_GPU_MEMORY
             if stage == "pipeline":
                 from engine.pipeline import plan

@@ -412,7 +412,7 @@ class RunsScreen(Screen):
         pipeline = self.app.pipelines.get(run.get("pipeline_id"))
         if pipeline is not None:
             text += f" · pipeline {pipeline['id']} {pipeline['status']}"
-            waits = pipeline_waits_for(pipeline, list(self.app.runs.values()))
+            waits = pipeline_waits_for(pipeline, list(self.app.runs.values()), str(self.app.db_path))
             if waits:  # not its error's "resume it": a resume is refused while that stage runs
                 text += f" ({waits})"
             elif pipeline.get("error") and pipeline["status"] == "failed":
@@ -701,39 +701,53 @@ class RunsScreen(Screen):
         if not folder.is_dir():
             self.notify(f"{folder} is not there", severity="warning", markup=False)
             return
-        # From runs.db: the file it was launched from may have changed since (or be another's).
-        target = Path(tempfile.gettempdir()) / f"rlhf-run-{run['id']}-{os.getuid()}.recipe.yaml"
+        # From runs.db: the file it was launched from may have changed since (or be another's). A file of its
+        # own, for this user alone, gone once the editor returns.
+        from engine.run import recipe_text
+
+        text = recipe_text(run)
         try:
-            target.unlink(missing_ok=True)
-            target.write_text(json.dumps(settings, indent=2, ensure_ascii=False), encoding="utf-8")  # JSON is YAML
-            target.chmod(0o444)
+            handle, name = tempfile.mkstemp(prefix=f"rlhf-run-{run['id']}-", suffix=".recipe.yaml")
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(text)
+            os.chmod(name, 0o400)
         except OSError as err:
             self.notify(f"cannot write the recorded recipe: {err}", severity="error", markup=False)
             return
-        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
-        self._suspended([*shlex.split(editor), str(target)], str(folder))
-        self.notify(f"run {run['id']}'s recipe as recorded, read-only: l launches it again with changes",
-                    markup=False)
+        try:
+            editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+            if not self._suspended([*shlex.split(editor), name], str(folder)):
+                return
+            changed = Path(name).read_text(encoding="utf-8") != text  # root saves a read-only file regardless
+        except OSError:
+            changed = False
+        finally:
+            Path(name).unlink(missing_ok=True)
+        said = "edits to that view are not kept" if changed else "a read-only view"
+        self.notify(f"run {run['id']}'s recipe as recorded ({said}): l launches it again with changes",
+                    severity="warning" if changed else "information", markup=False)
 
-    def _suspended(self, argv: list[str], cwd: str) -> None:
+    def _suspended(self, argv: list[str], cwd: str) -> bool:
+        """Run `argv` in `cwd` with the terminal handed over; whether it ran (its failure is said)."""
         import subprocess
 
         from textual.app import SuspendNotSupported
 
         if not Path(cwd).is_dir():
             self.notify(f"{cwd} is not there", severity="warning", markup=False)
-            return
+            return False
         try:
             with self.app.suspend():
                 done = subprocess.run(argv, cwd=cwd)
         except SuspendNotSupported:
             self.notify("this terminal cannot hand itself over (no suspend here)", severity="warning")
-            return
+            return False
         except OSError as err:
             self.notify(f"{argv[0]}: {err}", severity="error", markup=False)
-            return
+            return False
         if done.returncode != 0:
             self.notify(f"{argv[0]} exited with {done.returncode}", markup=False)
+        return True
 
     def action_copy_command(self) -> None:
         """The command that launches this run again, to the clipboard (OSC 52: it works over SSH)."""

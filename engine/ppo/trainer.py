@@ -183,7 +183,6 @@ class PPOTrainer:
             torch.cuda.set_rng_state_all(mine["cuda"])
         self.reference_scores = mine["reference_scores"]
         continue_from(self.handle, folder, self.state.step)
-        log.info("resumed from %s at step %d", folder, self.state.step)
 
     def save(self, folder: Path) -> None:
         """A full-state checkpoint, made whole before it is visible: every rank writes into
