@@ -378,7 +378,8 @@ class RlhfConsole(SaysWorkerFailures, App):
         from engine.data.records import DataError
 
         try:
-            pipeline_id = pipeline.create(recipe, overrides, through, accelerate_config, num_processes, self.db_path)
+            pipeline_id, note = pipeline.create(recipe, overrides, through, accelerate_config, num_processes,
+                                                self.db_path)
             pipeline.start_detached(pipeline_id, self.db_path)
         except (RecipeError, DataError) as err:
             self.post_message(ActionDone("launch", None, str(err), getattr(err, "fields", {})))
@@ -386,8 +387,8 @@ class RlhfConsole(SaysWorkerFailures, App):
         except Exception as err:  # StoreError, OSError
             self.post_message(ActionDone("launch", None, f"could not start the pipeline: {err}"))
             return
-        self.post_message(ActionDone("launch", None, note=f"pipeline {pipeline_id} started: its stages appear as "
-                                                          "they start, as one row that enter expands",
+        said = f"pipeline {pipeline_id} started: its stages appear as they start, as one row that enter expands"
+        self.post_message(ActionDone("launch", None, note=said + (f"\nnote: {note}" if note else ""),
                                      pipeline_id=pipeline_id))
 
     @work(thread=True, group="actions", exit_on_error=False)

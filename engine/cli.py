@@ -372,13 +372,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             raise RecipeError("rlhf pipeline: give a recipe file (or --resume ID)")
         if not args.accelerate_config:
             raise RecipeError("--accelerate-config: each stage is launched with it (e.g. configs/accelerate/cpu.yaml)")
-        pipeline_id = pipeline.create(args.recipe, args.overrides, args.through, args.accelerate_config,
-                                      args.num_processes, db)
+        pipeline_id, note = pipeline.create(args.recipe, args.overrides, args.through, args.accelerate_config,
+                                            args.num_processes, db)
         if args.detach:  # attached, the pipeline's first lines say it
-            from engine.config import load_recipe
-
-            recipe = load_recipe(args.recipe, args.overrides)
-            note = pipeline.reward_note(recipe, pipeline.plan(recipe, args.through))
             if note:
                 print(f"note: {note}", file=sys.stderr)
             log, _, _ = pipeline.start_detached(pipeline_id, db)
@@ -466,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         chat.add_argument("--db", default=None, help=DB_HELP)
         args = chat.parse_args(argv[1:])
         from console.chat_client import spec_problem
-        from engine.store import Store, default_db_path, no_database_here
+        from engine.store import Store, StoreError, default_db_path, no_database_here
 
         db = args.db or default_db_path()
         specs = [spec for spec in (args.a, args.b) if spec is not None]
@@ -474,10 +470,14 @@ def main(argv: list[str] | None = None) -> int:
         if ids and not os.path.exists(db):  # the console would make an empty runs.db here, then find no run in it
             print(f"error: run {ids[0]}: {no_database_here(db)}", file=sys.stderr)
             return 2
-        runs: dict[int, dict] = {}
+        runs: dict[int, dict | None] = {}
         if ids:
             with Store(db, create=False) as store:
-                runs = {run["id"]: run for run in store.runs()}
+                for run_id in map(int, ids):
+                    try:
+                        runs[run_id] = store.run(run_id)
+                    except StoreError:  # no such run: spec_problem says so
+                        runs[run_id] = None
         for spec in specs:
             problem = spec_problem(spec, runs.get)
             if problem:  # before the console opens on two dead panes (or loads a model to fail in its pane)

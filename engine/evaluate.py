@@ -91,7 +91,7 @@ class EvalConfig(BaseModel):
             parts.append(f"answers of run {self.answers_from}")
         if judge and self.judge == "rm":
             parts.append("judged by the reward model")
-        elif judge and self.judge != "rm" and self.judge_model != default["judge_model"]:
+        elif judge and self.judge_model != default["judge_model"]:
             parts.append(f"judged by {self.judge_model}")
         return ", ".join(parts)
 

@@ -127,14 +127,16 @@ def check(recipe_path: str, overrides: list[str], through: str | None, accelerat
 
 
 def create(recipe_path: str, overrides: list[str], through: str | None, accelerate_config: str,
-           num_processes: int | None, db_path: str | os.PathLike) -> int:
-    """Check the pipeline (see check) and register it."""
+           num_processes: int | None, db_path: str | os.PathLike) -> tuple[int, str | None]:
+    """Check the pipeline (see check) and register it; its id, and what it does with the recipe's reward
+    function (`reward_note`) for the one who started it."""
     recipe, stages = check(recipe_path, overrides, through, accelerate_config, num_processes)
     launch = {"accelerate_config": str(Path(accelerate_config).resolve()), "num_processes": num_processes}
     with Store(db_path) as store:
-        return store.create_pipeline(name=recipe.name, recipe=str(Path(recipe_path).resolve()),
-                                     config=recipe_to_json(with_absolute_paths(recipe)), overrides=overrides,
-                                     through=stages[-1], launch=launch)
+        pipeline_id = store.create_pipeline(name=recipe.name, recipe=str(Path(recipe_path).resolve()),
+                                            config=recipe_to_json(with_absolute_paths(recipe)), overrides=overrides,
+                                            through=stages[-1], launch=launch)
+    return pipeline_id, reward_note(recipe, stages)
 
 
 def db_tag(store: Store) -> str:
@@ -217,8 +219,8 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
 
     stages = plan(recipe, row["through"])
     say(f"pipeline {pipeline_id}: {'resumed' if row['status'] != 'pending' else 'started'}, {' → '.join(stages)}")
-    if reward_note(recipe, stages):
-        say(f"pipeline {pipeline_id}: note: {reward_note(recipe, stages)}")
+    if note := reward_note(recipe, stages):
+        say(f"pipeline {pipeline_id}: note: {note}")
 
     for stage in stages:
         with Store(db_path) as store:

@@ -286,11 +286,15 @@ def test_two_runs_dbs_with_one_output_root_keep_their_pipelines_files_apart(work
 
     paths = []
     for db, name in ((workdir / "a.db", "first"), (workdir / "b.db", "second")):
-        pipeline_id = pipeline.create(str(TINY), [f"name={name}"], "sft", ACCEL, None, db)
+        pipeline_id, note = pipeline.create(str(TINY), [f"name={name}"], "sft", ACCEL, None, db)
+        assert note is None  # through sft: no PPO whose reward the pipeline would replace
         with Store(db) as store:
             paths.append(_recorded(store.pipeline(pipeline_id), db_tag(store)))
     assert paths[0] != paths[1]
     assert [json.loads(Path(p).read_text())["name"] for p in paths] == ["first", "second"]
+    # The whole recipe: what its creator is told (a detached start prints it, the console's launch shows it).
+    _, note = pipeline.create(str(TINY), [], None, ACCEL, None, workdir / "c.db")
+    assert note.startswith("ppo.reward_fn engine.demo.rewards:correct_answer is the reward of a PPO run alone")
 
 
 
