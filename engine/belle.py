@@ -62,11 +62,16 @@ class Item:
 
 def _json_lines(path: Path) -> list[tuple[int, dict]]:
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (an editor's) is no part of line 1
+        data = path.read_bytes()
     except FileNotFoundError:
         raise BelleError(f"{path}: not found (an eval folder holds {SET_FILE} and {PROMPT_FILE})") from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark (an editor's) is no part of line 1
     except UnicodeDecodeError as err:
-        raise BelleError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+        from engine.data.records import not_utf8
+
+        line = data.count(b"\n", 0, err.start) + 1
+        raise BelleError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x}): {not_utf8(data)}") from None
     rows = []
     # Lines end at a newline (LF, CRLF or a lone CR, which a JSON string cannot hold unescaped): splitlines()
     # would also cut a question at a U+2028 or a form feed, which JSON strings may hold as they are.

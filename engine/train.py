@@ -164,6 +164,7 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
 
         check_knobs()
     _check_depth(stage, recipe)
+    _check_epochs_count(stage, recipe, overrides)
     if not launched:
         from engine.data.check import check_stage_data
 
@@ -181,6 +182,21 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
         if warning and os.environ.get("RANK", "0") == "0":
             log.warning(warning)
     return recipe
+
+
+def _check_epochs_count(stage: Stage, recipe: Recipe, overrides: list[str]) -> None:
+    """Epochs given on the command line (or the launch form) where the recipe's max_steps decides the length:
+    ignored without a word, the run would train as long as before."""
+    train = getattr(recipe.stage(stage), "train", None)
+    if train is None or train.max_steps <= 0:
+        return
+    for item in overrides:
+        if item.partition("=")[0].strip() in ("train.epochs", f"{stage}.train.epochs"):
+            field = f"{stage}.train.epochs"
+            raise RecipeError(f"--set {item}: {field} counts for nothing while {stage}.train.max_steps is "
+                              f"{train.max_steps} ({recipe.where(f'{stage}.train.max_steps')}): steps decide the "
+                              f"run's length; add --set {stage}.train.max_steps=-1 to train by epochs",
+                              {field: f"ignored while max_steps is {train.max_steps}"})
 
 
 def _check_sources_distinct(recipe: Recipe, stage: Stage) -> None:

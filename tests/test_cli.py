@@ -99,6 +99,9 @@ def test_data_that_cannot_train_is_exit_2_before_anything_is_registered(workdir)
         (["ppo", "--set", "ppo.model.path=scorer"], "ppo.model.path: 'scorer' does not write answers (it is a "
                                                     "BloomForSequenceClassification"),
         (["sft", "--set", "sft.train.max_steps=0"], "sft.train.max_steps: 0 would train nothing"),
+        # epochs asked for where steps decide the length: the run would train as long as without them
+        (["sft", "--set", "train.max_steps=20", "--set", "train.epochs=3"],
+         "--set train.epochs=3: sft.train.epochs counts for nothing while sft.train.max_steps is 20"),
     ]
     (workdir / "folder").mkdir()
     (workdir / "folder" / "train.jsonl").write_text('{"question": "q", "answer": "a"}\n' * 30)

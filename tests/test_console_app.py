@@ -109,6 +109,13 @@ async def test_a_bad_field_is_shown_on_the_field_before_anything_starts(workdir)
         await pilot.press("ctrl+t")
         await wait_for(pilot, lambda: "does not exist" in str(form.query_one("#error-data", Static).render()), 20)
         assert 'sft.data.0.path="demo/data/run #2.jsonl"' in form.overrides()
+        # An emptied field is the recipe's value, which its placeholder shows (as the empty processes field's
+        # default): not an override of null
+        await type_into(pilot, app, "lr", "")
+        assert not [item for item in form.overrides() if item.startswith("sft.train.lr")]
+        from engine.config import load_recipe
+
+        assert form.query_one("#field-lr", Input).placeholder == str(load_recipe(TINY).sft.train.lr)
         assert app.screen is form and app.runs == {}
     assert not Path(os.environ["RLHF_DB"]).exists() or Store(os.environ["RLHF_DB"]).runs() == []
 

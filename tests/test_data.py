@@ -104,6 +104,26 @@ def test_a_non_utf8_byte_spoils_only_its_line(tmp_path):
         list(read_records(str(array)))
 
 
+def test_a_file_in_another_encoding_is_refused_not_half_read(tmp_path):
+    """Saved as GBK, a Chinese data set's ASCII records would pass and every other one be skipped."""
+    rows = [{"instruction": f"question {i}", "output": "answer"} if i % 2 else
+            {"instruction": f"问题 {i}", "output": "好的答案"} for i in range(10)]
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    gbk = tmp_path / "gbk.jsonl"
+    gbk.write_bytes(text.encode("gb18030"))
+    with pytest.raises(DataError, match=rf"{gbk}:3: not UTF-8, nor is line 1.*reads as GB18030; convert it to "
+                                        r"UTF-8 first \(iconv -f GB18030 -t UTF-8\)"):
+        loaded(load_conversations, DataSource(path=str(gbk)))
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes(text.encode("utf-16"))
+    with pytest.raises(DataError, match=rf"{utf16}:1: not UTF-8: it reads as UTF-16"):
+        list(read_records(str(utf16)))
+    # A UTF-8 file with a damaged line beyond ASCII further on keeps its other records.
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_bytes(text.encode("utf-8") + "问题".encode("gb18030") + b"\n" + "问".encode("gb18030") + b"\n")
+    assert sum(raw.error is not None for raw in read_records(str(damaged))) == 2
+
+
 def test_json_arrays_of_every_shape(tmp_path):
     for text, count in (("[]", 0), ("[ ]\n", 0), ('[{"a": 1}]', 1), ('\ufeff[\n{"a": [1, 2]},\n{"b": "]"}\n]', 2)):
         path = tmp_path / "x.json"

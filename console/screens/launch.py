@@ -292,6 +292,7 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
             box = self.query_one(f"#field-{field.name}", Input)
             if box.value.strip() == previous.get(field.name, ""):  # what the user typed meanwhile stays
                 box.value = message.values.get(field.name, "")
+            box.placeholder = message.values.get(field.name, "")
         self._error("recipe", message.error or "")
         if self._run_pending and message.error is None:
             self._run_pending = False
@@ -404,7 +405,8 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
             if name in skip:
                 continue
             value = self.query_one(f"#field-{name}", Input).value.strip()
-            if value != self.loaded.get(name, ""):
+            # Empty: the recipe's value (its placeholder shows it), as an empty processes field is the default
+            if value and value != self.loaded.get(name, ""):
                 # --set values are YAML: a path must stay a string ("run #2.jsonl", "on", "a: b")
                 items.append(f"{key}={json.dumps(value) if kinds[name] == 'text' else value}")
         return items + [item for item in self.extra if item not in items]

@@ -51,19 +51,31 @@ def read_records(path: str, split: str = "train", limit: int | None = None,
 def _json(path: Path) -> Iterator[RawRecord]:
     """JSON Lines, or one JSON array; BELLE ships JSON Lines named .json, so the content decides."""
     with path.open("rb") as fh:
-        head = fh.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+        head_bytes = fh.read(4096)
+    if encoding_guess(head_bytes[:2]) == "UTF-16":  # its lines would split inside characters
+        raise DataError(f"{path}:1: not UTF-8: {not_utf8(head_bytes)}")
+    head = head_bytes.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
     if head.startswith("["):
         yield from _json_array(path)
         return
+    undecodable: list[int] = []
+    utf8_seen = False  # a line of characters beyond ASCII that decoded: the file is UTF-8
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:  # one bad byte spoils its line only
+                undecodable.append(lineno)
+                if len(undecodable) > 1 and not utf8_seen:
+                    # A file in another encoding (GBK, say) would lose every line beyond ASCII, and its ASCII
+                    # ones would pass: half a data set, silently. A damaged line in a UTF-8 file stays a record.
+                    raise DataError(f"{where}: not UTF-8, nor is line {undecodable[0]}, and no line before holds "
+                                    f"UTF-8 beyond ASCII: {not_utf8(raw)}") from None
                 column = len(raw[: err.start].decode("utf-8", errors="replace")) + 1  # characters, as editors count
                 yield RawRecord(where, None, f"not UTF-8 (byte 0x{raw[err.start]:02x} at column {column})")
                 continue
+            utf8_seen = utf8_seen or not raw.isascii()
             if lineno == 1:
                 line = line.lstrip("\ufeff")
             if not line.strip():
@@ -77,6 +89,26 @@ def _json(path: Path) -> Iterator[RawRecord]:
                 yield RawRecord(where, None, f"not valid JSON ({err.msg}{joint}column {err.colno})")
 
 
+def encoding_guess(raw: bytes) -> str | None:
+    """The encoding bytes that are not UTF-8 are likely in, where one is a likely guess."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    try:
+        text = raw.decode("gb18030")
+    except UnicodeDecodeError:
+        return None
+    # Chinese characters: BELLE-like data saved by a tool that writes GBK
+    return "GB18030" if any("\u4e00" <= char <= "\u9fff" for char in text) else None
+
+
+def not_utf8(raw: bytes) -> str:
+    """How to say that a file is not UTF-8, with the conversion that fixes it."""
+    guess = encoding_guess(raw)
+    if guess is None:
+        return "the file is in another encoding; convert it to UTF-8 first"
+    return f"it reads as {guess}; convert it to UTF-8 first (iconv -f {guess} -t UTF-8)"
+
+
 def _json_array(path: Path) -> Iterator[RawRecord]:
     """One element at a time, each with its line: linear in the file's size (counting lines from the
     start for every element made a 50k-record file take minutes)."""
@@ -85,8 +117,8 @@ def _json_array(path: Path) -> Iterator[RawRecord]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x}); a JSON array cannot skip one "
-                        "element, fix or remove the byte") from None
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x}): {not_utf8(data)} (a JSON array "
+                        "cannot skip one element; a single bad byte: fix or remove it)") from None
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     line, counted = 1, 0
