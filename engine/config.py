@@ -111,6 +111,13 @@ class DataSource(_Section):
     split: str = Field("train", description="Split to read when the source goes through `datasets`.")
     limit: int | None = Field(None, gt=0, description="Read at most this many records from the source.")
 
+    @field_validator("format", mode="before")
+    @classmethod
+    def _belle_is_alpaca(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "belle":  # the data set, not a format
+            raise ValueError("BELLE's records (instruction, input, output) are in the alpaca format: write alpaca")
+        return value
+
     @field_validator("split")
     @classmethod
     def _file_has_no_split(cls, split: str, info: ValidationInfo) -> str:

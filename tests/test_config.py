@@ -65,6 +65,8 @@ def test_a_split_on_a_file_is_refused(tmp_path):
         load_recipe(path)
     assert f"{path}:7: sft.data.0.split: d.jsonl is a file, read whole: a file has no splits" in str(err.value)
     assert "sft.data.1" not in str(err.value)  # a hub data set has splits
+    with pytest.raises(RecipeError, match="sft.data.0.format: BELLE's records .* are in the alpaca format"):
+        load_recipe(path, ["sft.data=[{path: d.jsonl, format: belle}]"])
 
 
 def test_missing_field_and_bad_override_are_named(tmp_path):
