@@ -386,6 +386,17 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return pipeline.exit_code(status)
 
 
+def _how_started(resume_run: int | None, db: str | os.PathLike) -> str:
+    """'started', 'resumed', or 'started over' (a resume of a run that never trained a step)."""
+    if resume_run is None:
+        return "started"
+    from engine.run import never_trained
+    from engine.store import Store
+
+    with Store(db) as store:
+        return "started over" if never_trained(store.run(resume_run)) else "resumed"
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     """`rlhf check RECIPE`: as `train` checks before it starts (the stage's model, reward model and data
     paths), and as `launch` does with an accelerate config, each stage the recipe has (or the one --stage
@@ -538,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
                     if not store.claim_for_resume(args.resume_run, change):
                         raise RecipeError(f"run {args.resume_run} is being resumed or is still running")
                 os.environ[RUN_ID_ENV] = str(args.resume_run)
+                if _how_started(args.resume_run, db) == "started over":  # a resume's own line is the trainer's
+                    say(f"run {args.resume_run} started over: it ended before its first step")
             configure_logging()
             run_id, status = run_stage(args.stage, recipe, overrides, args.db, checked=checked)
             if status == "stopped":
@@ -561,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.db, args.run_id, resume_run=args.resume_run, allow_change=args.allow_change)
         if args.detach:
             start_detached(run)
-            print(f"run {run.run_id} {'started' if args.resume_run is None else 'resumed'}; its log: {run.log_path}")
+            print(f"run {run.run_id} {_how_started(args.resume_run, run.db)}; its log: {run.log_path}")
             return 0
         print(f"run {run.run_id}: logging to {run.log_path}", file=sys.stderr, flush=True)
         code = supervise(run, echo=True)

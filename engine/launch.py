@@ -49,6 +49,7 @@ from engine.run import (
     Presses,
     at_last_step,
     last_alive,
+    never_trained,
     no_sharded_export,
     register_run,
     resume_from,
@@ -163,7 +164,8 @@ def prepare(
     accelerate = check_launch(stage, recipe, accelerate_config, num_processes)
     if resume_run is not None and not allow_change:
         _check_same_world(resumed, accelerate_config, num_processes, accelerate)
-    if resume_run is not None and stage != "ppo" and accelerate["distributed_type"] in ("DEEPSPEED", "FSDP"):
+    if resume_run is not None and stage != "ppo" and accelerate["distributed_type"] in ("DEEPSPEED", "FSDP") \
+            and not never_trained(resumed):
         # Refused before the claim: the trainer would refuse it only after loading the model.
         train = recipe.stage(stage).train
         target = resume_from(recipe.stage(stage).resume_from_checkpoint, Path(resumed["output_dir"]),

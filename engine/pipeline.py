@@ -8,7 +8,8 @@ and the evaluation judges the SFT and PPO exports with that reward model, offlin
 an OpenAI-compatible judge.
 
 A stopped or crashed pipeline continues with `rlhf pipeline --resume ID`: finished stages are kept, the
-unfinished one resumes from its newest checkpoint (or starts again when it has none), then the rest run.
+unfinished one resumes from its newest checkpoint (or over from its first step where it trained none), then
+the rest run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,17 @@ from typing import Any
 
 from engine.config import STAGE_REFS, STAGES, Recipe, RecipeError, load_recipe, recipe_to_json, with_absolute_paths
 from engine.procs import process_alive, process_start
-from engine.run import BAD_INPUT, EXIT_BAD_INPUT, EXIT_STOPPED, PIPELINE_ENV, RunFailed, has_checkpoint, say, settled
+from engine.run import (
+    BAD_INPUT,
+    EXIT_BAD_INPUT,
+    EXIT_STOPPED,
+    PIPELINE_ENV,
+    RunFailed,
+    has_checkpoint,
+    never_trained,
+    say,
+    settled,
+)
 from engine.store import Store, default_db_path
 
 ORDER = (*STAGES, "eval")
@@ -241,7 +252,10 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
             continue
         if stop.asked:
             return end("stopped")
-        if last is not None and last["status"] in ("stopped", "failed") and has_checkpoint(last):
+        # Its run goes on (from its checkpoint, or over from its first step where it trained none: one row,
+        # not one more a resume); a run that trained steps and kept no checkpoint is started anew.
+        if last is not None and last["status"] in ("stopped", "failed") and (has_checkpoint(last)
+                                                                            or never_trained(last)):
             prepared = prepare(stage, None, [], launch["accelerate_config"], launch["num_processes"], db_path,
                                resume_run=last["id"])
         else:

@@ -237,8 +237,17 @@ def after_stop(stage: str, run_id: int, db: str | os.PathLike | None, command: s
         run = store.run(run_id)
     if stage == "eval" or has_checkpoint(run):
         return f"continue it with: {resume_hint(stage, run_id, db, command)}"
+    if never_trained(run):
+        return f"it stopped before its first step: nothing was trained; start it over with: " \
+               f"{resume_hint(stage, run_id, db, command)}"
     return (f"it stopped before its first checkpoint: nothing trained is kept and nothing can be resumed; "
             f"start it again with rlhf {command} {stage} RECIPE")
+
+
+def never_trained(run: dict[str, Any]) -> bool:
+    """A training run that ended before its first step (stopped or failed in its set-up): with nothing
+    trained to lose, a resume starts it over, in its own row and folder, from its recorded recipe."""
+    return run["stage"] != "eval" and not run.get("step") and not has_checkpoint(run)
 
 
 def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> dict[str, Any]:
@@ -262,15 +271,15 @@ def check_resumable(db_path: str | os.PathLike, run_id: int, stage: Stage) -> di
         raise RecipeError(f"run {run_id} is still shutting down (its exit is not recorded yet); try again shortly")
     if not has_checkpoint(run):
         folder = Path(run["output_dir"] or ".")
+        if never_trained(run) and (not folder.exists() or may_access(folder, os.R_OK | os.W_OK | os.X_OK)):
+            return run  # started over (resume_recipe)
         if not folder.is_dir():
             raise RecipeError(f"run {run_id}: its folder {folder} does not exist (moved or deleted?): a run "
                               "resumes only from the checkpoints in its own folder")
         if not may_access(folder, os.R_OK | os.X_OK):
             raise RecipeError(f"run {run_id}: its folder {folder} cannot be read by this user (permission denied): "
                               "resume it as its owner")
-        again = ("; it ended before it trained a step: launch it again instead (l in the console; the command "
-                 "y copies)" if not run.get("step") else "")
-        raise RecipeError(f"run {run_id} has no checkpoint in {run['output_dir']} to resume from{again}")
+        raise RecipeError(f"run {run_id} has no checkpoint in {run['output_dir']} to resume from")
     return run
 
 
@@ -302,7 +311,8 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
     (its own --set items applied, paths absolute), whatever file or directory the resume is started from.
 
     New --set items change a run in the middle of its curve, so they are refused unless `allow_change`;
-    allowed, they are recorded with the run. A finished run continues only to more steps than it has."""
+    allowed, they are recorded with the run. A finished run continues only to more steps than it has. A run
+    that ended before its first step starts over (`never_trained`)."""
     from engine.config import load_recipe, parse_override
 
     run = check_resumable(db_path, run_id, stage)
@@ -313,6 +323,10 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
     chosen = [item for item in overrides if parse_override(item, stage)[0] == field]
     overrides = [item for item in overrides if item not in chosen]
     picked = parse_override(chosen[-1], stage)[1] if chosen else True
+    over = never_trained(run)  # started over: no checkpoint to load, nothing trained to reshape or go past
+    if over and picked is not True:
+        raise RecipeError(f"--set {chosen[-1]!r}: run {run_id} has no checkpoint (it ended before its first "
+                          "step); leave the item out to start it over")
     if picked is not True:
         if not isinstance(picked, str) or not picked:
             raise RecipeError(f"--set {chosen[-1]!r}: a resume continues from a checkpoint: give its folder, "
@@ -322,19 +336,34 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
             raise RecipeError(f"--set {chosen[-1]!r}: run {run_id} resumes only from the checkpoints in its own "
                               f"folder {run['output_dir']}; to train on from other weights, start a new run")
     # Before the run is claimed: a checkpoint that cannot be loaded fails here, not as the run's failure.
-    target = resume_from(picked, Path(run["output_dir"]), STATE_MARKERS[stage], say=False)  # the trainer says it
+    target = None if over else resume_from(picked, Path(run["output_dir"]), STATE_MARKERS[stage], say=False)
     recorded = load_recipe(path, [], stage)
     changed = load_recipe(path, overrides, stage)
     differ = _differences(recorded.model_dump(), changed.model_dump())
     if differ and not allow_change:
+        how = "start it over" if over else "continue"
         raise RecipeError(
-            f"run {run_id}: a resume continues the run's recorded recipe; the --set items given change "
-            f"{', '.join(differ)} mid-run: add --allow-change to continue with the change")
-    reshaped = _reshaped(stage, recorded, changed)
+            f"run {run_id}: a resume {'runs' if over else 'continues'} the run's recorded recipe; the --set items "
+            f"given change {', '.join(differ)}{'' if over else ' mid-run'}: add --allow-change to {how} with the "
+            "change")
+    reshaped = None if over else _reshaped(stage, recorded, changed)
     if reshaped:  # refused before the claim records it: a recorded change every later resume would fail on
         raise RecipeError(f"run {run_id}: {reshaped}: its checkpoints hold what was trained as it was (which "
                           "layers, which adapters, of which model), and a resume loads them as they are; "
                           "start a new run for that")
+    if target is not None:
+        _check_steps(run, stage, recorded, changed, target)
+    change = None
+    if differ:  # recorded by the claim (`Store.claim_for_resume`): only a resume that starts changes the run
+        change = {"config": recipe_to_json(with_absolute_paths(changed)),
+                  "overrides": json.dumps([*json.loads(run.get("overrides") or "[]"), *overrides])}
+    where = "false" if over else "true" if picked is True else json.dumps(picked)
+    return path, [*overrides, f"{field}={where}"], change
+
+
+def _check_steps(run: dict[str, Any], stage: Stage, recorded: Recipe, changed: Recipe, target: Path) -> None:
+    """The steps asked for go on from checkpoint `target`: more than a finished run has, not fewer than the
+    checkpoint has trained."""
     if run["status"] == "done":
         _check_more_to_train(run, stage, recorded, changed)
     elif stage != "ppo":
@@ -342,13 +371,8 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
     else:
         trained = json.loads((target / STATE_MARKERS["ppo"]).read_text(encoding="utf-8")).get("step", 0)
         if changed.ppo.steps < trained:
-            raise RecipeError(f"run {run_id}: ppo.steps {changed.ppo.steps}: its checkpoint {target.name} has trained "
-                              f"{trained} steps; a resume goes on to more steps, not back to fewer")
-    change = None
-    if differ:  # recorded by the claim (`Store.claim_for_resume`): only a resume that starts changes the run
-        change = {"config": recipe_to_json(with_absolute_paths(changed)),
-                  "overrides": json.dumps([*json.loads(run.get("overrides") or "[]"), *overrides])}
-    return path, [*overrides, f"{field}={'true' if picked is True else json.dumps(picked)}"], change
+            raise RecipeError(f"run {run['id']}: ppo.steps {changed.ppo.steps}: its checkpoint {target.name} has "
+                              f"trained {trained} steps; a resume goes on to more steps, not back to fewer")
 
 
 def _reshaped(stage: Stage, recorded: Recipe, changed: Recipe) -> str | None:

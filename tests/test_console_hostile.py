@@ -180,17 +180,26 @@ async def test_end_and_page_down_on_a_table_without_rows_do_nothing(workdir):
 
 @sync
 async def test_r_on_a_run_without_a_checkpoint_says_so_before_asking(workdir):
-    """Nothing to resume from: said at once, instead of a question whose yes then fails."""
+    """Nothing to resume from (steps trained, no save completed): said at once, instead of a question whose
+    yes then fails. One that ended before its first step is offered a start over."""
     with Store(os.environ["RLHF_DB"]) as store:
         run_id = store.create_run(stage="sft", name="tiny", recipe="r.yaml", config="{}")
-        store.update_run(run_id, status="failed", exit_code=1)
+        store.update_run(run_id, status="failed", exit_code=1, step=4)
+        unstarted = store.create_run(stage="sft", name="tiny", recipe="r.yaml", config="{}")
+        store.update_run(unstarted, status="stopped", exit_code=143)
         folder = Path(store.run(run_id)["output_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "checkpoint-3.partial").mkdir()  # saves that never completed are not ones
     (folder / "checkpoint-4").mkdir()  # (no trainer_state.json: the trainer writes it last)
     app = console()
     async with app.run_test(size=(100, 30), notifications=True) as pilot:
-        await wait_for(pilot, lambda: app.loaded and app.home.selected == run_id, 20, "the run")
+        await wait_for(pilot, lambda: app.loaded and unstarted in app.runs, 20, "the runs")
+        app.home.select_run(unstarted)
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the start-over question")
+        assert app.screen.question.startswith(f"Start run {unstarted} (sft tiny) over? It ended before its first step")
+        await pilot.press("n")
+        app.home.select_run(run_id)
         await pilot.press("r")
         await wait_for(pilot, lambda: any(f"run {run_id} has no checkpoint in {folder}" in str(n.message)
                                           for n in app._notifications), 10, "the reason")

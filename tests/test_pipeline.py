@@ -106,6 +106,42 @@ def test_a_stopped_pipeline_resumes_in_its_stage_from_the_checkpoint(workdir):
     assert steps == list(range(1, 13))  # continued from its checkpoint: no gap, no repeat
 
 
+def test_a_pipeline_stopped_in_its_first_stages_set_up_starts_that_run_over_in_its_own_row(workdir):
+    """Stopped before its first step, a stage has trained nothing and has no checkpoint: the resume runs it
+    from its first step in the same row (before, each such resume added a run and left a stopped one)."""
+    from engine.run import has_checkpoint
+
+    db = os.environ["RLHF_DB"]
+    proc = subprocess.Popen([*RLHF, "pipeline", str(TINY), "--accelerate-config", ACCEL, "--through", "sft",
+                             "--set", "sft.train.max_steps=2", "--set", "sft.train.logging_steps=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def sft_run() -> dict | None:
+        if not os.path.exists(db):
+            return None
+        with Store(db) as store:
+            return next(iter(store.pipeline_runs(1)), None) if store.pipelines() else None
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and sft_run() is None:
+        time.sleep(0.02)
+    run = sft_run()
+    request_stop(db, run["id"])  # registered, its processes starting: seconds of imports before any step
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    stopped = run_row(run["id"])
+    assert stopped["status"] == "stopped" and not stopped["step"] and not has_checkpoint(stopped)
+
+    resumed = rlhf("pipeline", "--resume", "1", "--db", db)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with Store(db) as store:
+        assert store.pipeline(1)["status"] == "done"
+        assert [r["id"] for r in store.pipeline_runs(1)] == [run["id"]]  # one row: started over in it
+    done = run_row(run["id"])
+    assert done["status"] == "done" and done["step"] == 2
+    assert [s for s, _ in metric(run["id"], "loss")] == [1, 2]
+
+
 def test_stage_references_are_a_pipelines_and_a_reward_model_must_be_one(workdir):
     checked = rlhf("check", str(TINY), "--stage", "rm", "--set", "rm.model.path=@sft")
     assert checked.returncode == 0, checked.stderr  # check accepts references: the pipeline fills them in

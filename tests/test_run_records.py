@@ -928,26 +928,41 @@ def test_a_detached_process_leaves_no_zombie_in_the_process_that_started_it(tmp_
 
 
 def test_why_a_run_cannot_resume_is_said_as_it_is(tmp_path):
-    """Each refusal names its own cause: a run stopped before its first checkpoint is not offered a resume,
-    a folder that is gone says so (not "no checkpoint in" it), and a run another command has just claimed
-    is being resumed, not "pending (pid None)"."""
-    from engine.run import after_stop, check_resumable
+    """Each refusal names its own cause: a run stopped after steps but before its first checkpoint (its save
+    cut short) is not offered a resume, one stopped before its first step starts over, a folder that is
+    gone says so (not "no checkpoint in" it), and a run another command has just claimed is being resumed,
+    not "pending (pid None)"."""
+    from engine.config import load_recipe
+    from engine.run import after_stop, check_resumable, resume_recipe
 
     db = tmp_path / "runs.db"
     with Store(db) as store:
         early = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
                                  output_root=str(tmp_path / "runs"))
-        store.update_run(early, status="stopped", ended=1.0)
+        store.update_run(early, status="stopped", ended=1.0, step=3)
         moved = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
                                  output_root=str(tmp_path / "runs"))
-        store.update_run(moved, status="failed", ended=1.0)
+        store.update_run(moved, status="failed", ended=1.0, step=1)
         claimed = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
                                    output_root=str(tmp_path / "runs"))
+        config = load_recipe(TINY).model_dump_json()
+        unstarted = store.create_run(stage="sft", name="t", recipe=str(TINY), config=config,
+                                     output_root=str(tmp_path / "runs"))
+        store.update_run(unstarted, status="stopped", ended=1.0)
     said = after_stop("sft", early, db)
     assert "before its first checkpoint" in said and "--resume-run" not in said
-    with pytest.raises(RecipeError, match=f"run {early} has no checkpoint in .*; it ended before it trained a "
-                                          "step: launch it again instead"):
+    with pytest.raises(RecipeError, match=f"run {early} has no checkpoint in .* to resume from"):
         check_resumable(db, early, "sft")
+    # Nothing trained: started over from its recorded recipe, in its own row.
+    said = after_stop("sft", unstarted, db)
+    assert said == f"it stopped before its first step: nothing was trained; start it over with: rlhf train sft " \
+                   f"--resume-run {unstarted} --db {db}"
+    _, overrides, change = resume_recipe(db, unstarted, "sft", [])
+    assert overrides == ["sft.resume_from_checkpoint=false"] and change is None
+    with pytest.raises(RecipeError, match="add --allow-change to start it over with the change"):
+        resume_recipe(db, unstarted, "sft", ["sft.train.lr=0.5"])
+    with pytest.raises(RecipeError, match="has no checkpoint \\(it ended before its first step\\); leave the item"):
+        resume_recipe(db, unstarted, "sft", [f"sft.resume_from_checkpoint={tmp_path}/runs/{unstarted}/checkpoint-1"])
     (tmp_path / "runs" / str(early) / "checkpoint-2").mkdir()
     (tmp_path / "runs" / str(early) / "checkpoint-2" / "trainer_state.json").write_text("{}")
     assert after_stop("sft", early, db, "launch") == f"continue it with: rlhf launch sft --resume-run {early} --db {db}"

@@ -557,15 +557,18 @@ class RunsScreen(Screen):
         if run["status"] in ("pending", "running"):
             self.notify(_still_active(run, "resume"), severity="warning")
             return
-        from engine.run import has_checkpoint
+        from engine.run import has_checkpoint, never_trained
 
-        if run["stage"] != "eval" and run.get("pipeline_id") is None and not has_checkpoint(run):
+        over = never_trained(run)
+        if run["stage"] != "eval" and run.get("pipeline_id") is None and not has_checkpoint(run) and not over:
             # Said before the question, not after a yes (a pipeline's stage without one starts again).
             self.notify(f"run {run['id']} has no checkpoint in {run['output_dir']}: nothing to resume from "
                         "(l launches it again)", severity="warning")
             return
         question = (f"Resume evaluation run {run['id']} ({run['name']})? It answers and judges what it has not yet."
                     if run["stage"] == "eval" else
+                    f"Start run {run['id']} ({run['stage']} {run['name']}) over? It ended before its first step: "
+                    "nothing was trained, and it runs again as recorded." if over else
                     f"Resume run {run['id']} ({run['stage']} {run['name']}) from its last full-state checkpoint?")
         if run.get("pipeline_id") is not None:
             question = (f"Resume pipeline {run['pipeline_id']}? Its run {run['id']} ({run['stage']}) goes on where "
