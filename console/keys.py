@@ -17,11 +17,16 @@ def key_label(binding: Binding) -> str:
     return ", ".join(dict.fromkeys(keys))
 
 
+def described(binding: Binding) -> str:
+    return binding.tooltip or binding.description
+
+
 def rows(bindings: Iterable[Binding]) -> list[tuple[str, str]]:
-    """(keys, description) per action: two bindings of one action (? and F1) make one row."""
+    """(keys, description) per action: two bindings of one action (? and F1) make one row. A binding's
+    tooltip, where it has one, is its description in full (the footer shows the short one)."""
     merged: dict[tuple[str, str], list[str]] = {}
     for binding in bindings:
-        merged.setdefault((binding.action, binding.description), []).append(key_label(binding))
+        merged.setdefault((binding.action, described(binding)), []).append(key_label(binding))
     return [(", ".join(keys), description) for (_, description), keys in merged.items()]
 
 
@@ -36,4 +41,4 @@ def commands(node: DOMNode, bindings: Iterable[Binding], skip: Iterable[str] = (
         def run(action: str = binding.action) -> None:
             node.call_later(node.run_action, action)  # run_action is a coroutine: the loop awaits it
 
-        yield SystemCommand(binding.description, f"key: {key_label(binding)}", run)
+        yield SystemCommand(described(binding), f"key: {key_label(binding)}", run)

@@ -473,6 +473,32 @@ async def test_rlhf_chats_q_goes_back_to_the_shell_and_its_help_lists_no_shadowe
 
 
 @sync
+async def test_the_chats_footer_fits_80_columns_and_help_has_the_full_words(workdir):
+    """At 80 columns the footer cut Save and Back (and Help) off: its keys fit before the palette's, and the
+    keys it leaves out, and the short words it uses, are in help in full."""
+    from textual.widgets._footer import FooterKey
+
+    from console.screens.help import HelpScreen
+
+    app = console(chat=("openai:m@http://127.0.0.1:9/v1", None, ""))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 20, "the chat")
+        await pilot.press("escape")  # out of the question box: the screen's keys
+        keys = app.screen.query(FooterKey)
+        await wait_for(pilot, lambda: keys.first().region.width > 0, 10, "the footer drawn")
+        palette = [k for k in keys if k.has_class("-command-palette")]
+        edge = palette[0].region.x if palette else 80
+        shown = {k.description for k in keys if not k.has_class("-command-palette")}
+        assert {"Regen", "Stop", "Save", "Back", "Help"} <= shown
+        assert all(k.region.right <= edge for k in keys if not k.has_class("-command-palette"))
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), 10, "help")
+        text = help_text(app)
+        for words in ("Regenerate", "Stop answers", "Diff", "Type", "GPUs"):
+            assert words in text
+
+
+@sync
 async def test_a_panes_long_title_is_cut_at_its_end_not_wrapped_away():
     """At 80 columns a pane is ~40 wide: its title showed 'right:' alone (the label wrapped to a hidden line)."""
     from textual.app import App

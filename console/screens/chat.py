@@ -71,15 +71,17 @@ def similarity_and_diff(a: str, b: str) -> tuple[float, Text, Text]:
 class ChatScreen(SaysWorkerFailures, Screen[None]):
     BINDINGS = [
         Binding("escape", "leave_input", "Keys", show=False),
-        Binding("i", "focus_input", "Type"),
-        Binding("r,ctrl+r", "regenerate('both')", "Regenerate"),
-        Binding("x", "stop", "Stop answers"),
+        # The footer's 80 columns hold Regen to Back and the app's Help; the rest is in help (tooltip: the
+        # words there and in the palette, where the footer's are short).
+        Binding("i", "focus_input", "Type", show=False),
+        Binding("r,ctrl+r", "regenerate('both')", "Regen", tooltip="Regenerate"),
+        Binding("x", "stop", "Stop", tooltip="Stop answers"),
         # The key a terminal user presses to stop output: the answers, while any is written (the box's copy
         # of a selection comes first; with none it passes the key on); else the console's quit hint.
         Binding("ctrl+c", "interrupt", "Stop answers, from the question box too", show=False),
         Binding("left_square_bracket", "regenerate('left')", "Regen left", show=False),
         Binding("right_square_bracket", "regenerate('right')", "Regen right", show=False),
-        Binding("d", "diff", "Diff"),
+        Binding("d", "diff", "Diff", show=False),
         Binding("m", "blind", "Blind"),
         Binding("1", "vote('1')", "Vote A", show=False),
         Binding("2", "vote('2')", "Vote B", show=False),
@@ -91,6 +93,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
         Binding("E", "export", "Export", show=False),
         Binding("n", "new", "New chat", show=False),
         Binding("q", "close", "Back"),
+        Binding("g", "app.gpus", "GPUs", show=False),
     ]
 
     def __init__(self, left: str, right: str | None = None, settings: ChatSettings | None = None,
