@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.db, args.run_id, resume_run=args.resume_run, allow_change=args.allow_change)
         if args.detach:
             start_detached(run)
-            print(f"run {run.run_id} {_how_started(args.resume_run, run.db)}; its log: {run.log_path}")
+            print(f"run {run.run_id} {_how_started(args.resume_run, run.db_path)}; its log: {run.log_path}")
             return 0
         print(f"run {run.run_id}: logging to {run.log_path}", file=sys.stderr, flush=True)
         code = supervise(run, echo=True)

@@ -985,6 +985,23 @@ def test_why_a_run_cannot_resume_is_said_as_it_is(tmp_path):
     assert check_resumable(db, early, "sft")["id"] == early
 
 
+def test_a_launched_run_stopped_in_its_set_up_starts_over_in_its_own_row(workdir):
+    """Registered and stopped before its processes trained a step (as a stop during set-up leaves it): the
+    resume runs it from its first step, under its id, from its recorded recipe, and says so."""
+    run = prepare("sft", str(TINY), ["train.max_steps=2", "train.logging_steps=1"], str(ACCEL / "cpu.yaml"))
+    with Store(os.environ["RLHF_DB"]) as store:
+        store.update_run(run.run_id, status="stopped", exit_code=143, ended=time.time())
+    resumed = subprocess.run([*RLHF, "launch", "sft", "--resume-run", str(run.run_id), "--detach"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.startswith(f"run {run.run_id} started over; its log: ")
+    wait(lambda: run_row(run.run_id)["status"] not in ("pending", "running"), 300)
+    row = run_row(run.run_id)
+    assert (row["status"], row["step"]) == ("done", 2) and [s for s, _ in metric(run.run_id, "loss")] == [1, 2]
+    with Store(os.environ["RLHF_DB"]) as store:
+        assert [r["id"] for r in store.runs()] == [run.run_id]
+
+
 def test_a_resume_from_a_checkpoint_runs_db_never_recorded_says_the_history_has_a_gap(tmp_path, caplog):
     """A copy of runs.db resumed the run into the same folder (or the writes were lost): the newest
     checkpoint is past everything this runs.db recorded. Continuing from it is right; the gap is said."""
