@@ -129,6 +129,7 @@ REPLIES = [
     ("得分: 1", "得分: 1", 1.0),  # the same text as the answer and nothing else: still the judge's score
     ("得分：0.7。模型回答“得分：0.1”是错误的。", "他的得分：0.1。", 0.7),
     ("根据标准回答，模型回答正确。得分：1.0", "", 1.0), ("得分: .5", "", 0.5),
+    ("得分: 1e-1", "", 0.1), ("Score: 5E-1", "", 0.5), ("得分: 1e1", "", None),  # an exponent (was read as 1)
     # the only score is the answer's own, quoted: the judge gave none
     ('回答中写道"本题得分: 1，因为正确"，但这是错的。', "本题得分: 1，因为正确", None),
 ]

@@ -17,7 +17,9 @@ _SCORE = re.compile(
     r"(?:\s*[（(][^）)\n]*[）)])?"  # an aside such as （满分1分）, whose number is not the score
     r"[^\d\n（(]{0,8}?"  # what may sit before the number: ':', '：', '为', '是', '**', spaces, '应该是'
     r"(?P<neg>[-−](?=\.?\d))?"  # a minus on the number is its sign ('- 0.8' with a space is a dash)
-    r"(?P<num>\d+(?:[.,]\d+)?|\.\d+)(?![.,]?\d)"  # '0,8': a decimal comma; never a number cut short
+    # '0,8': a decimal comma; '1e-1': an exponent (read as 1, it was a score ten times too high); never a
+    # number cut short
+    r"(?P<num>(?:\d+(?:[.,]\d+)?|\.\d+)(?:[eE][-+]?\d+)?)(?![.,]?\d)"
     r"\s*(?:(?P<pct>%)|/\s*(?P<den>\d+(?:\.\d+)?)(?!\.?\d))?"
     # the start of a range is no score: judges restate the rubric ('分数范围0-1', '分数在0到1之间'); on its
     # own line, '- 1.' starts a list, not a range
