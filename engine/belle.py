@@ -85,6 +85,9 @@ def _json_lines(path: Path) -> list[tuple[int, dict]]:
                 raise BelleError(f"{path}:{number}: a JSON array; the eval set is JSON Lines, one object per line "
                                  "(its line numbers are the questions' ids)") from None
             raise BelleError(f"{path}:{number}: not valid JSON ({err})") from None
+        if isinstance(row, list):  # the whole set as one array on one line
+            raise BelleError(f"{path}:{number}: a JSON array; the eval set is JSON Lines, one object per line "
+                             "(its line numbers are the questions' ids)")
         if not isinstance(row, dict):
             raise BelleError(f"{path}:{number}: expected a JSON object")
         rows.append((number, row))

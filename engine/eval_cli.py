@@ -111,6 +111,33 @@ def _resumed_config(args: argparse.Namespace, db: Path) -> tuple:
     return config, {"config": config.model_dump_json(), "name": config.name}
 
 
+def _no_contradiction(args: argparse.Namespace, given: dict) -> None:
+    """Options a new evaluation would ignore, refused rather than recorded as if they had counted."""
+    from engine.evaluate import ANSWERED_BY
+
+    def option(field: str) -> str:
+        return "--" + field.replace("_", "-")
+
+    if args.answers_from is not None:
+        if args.checkpoint:
+            raise RecipeError(f"checkpoint {args.checkpoint}: --answers-from {args.answers_from} judges that run's "
+                              "answers, of the model it evaluated; give one or the other")
+        made = [option(f) for f in ANSWERED_BY if f in given]
+        if made:
+            raise RecipeError(f"{', '.join(made)}: --answers-from {args.answers_from} generates nothing: its answers "
+                              "are that run's, made with its settings (which the new run records)")
+    if "limit" in given and "per_class" in given:
+        raise RecipeError("--limit and --per-class: give one (the first N questions, or the first N of each class)")
+    if given.get("judge") == "rm":
+        ignored = [option(f) for f in ("judge_url", "judge_model", "price_per_1k") if f in given]
+        if ignored:
+            raise RecipeError(f"{', '.join(ignored)}: --judge rm scores with the reward model, offline: no endpoint, "
+                              "no judge model, nothing paid")
+    elif "reward_model" in given:
+        raise RecipeError(f"--reward-model: the judge is an endpoint (--judge {given.get('judge', 'openai')}); "
+                          "add --judge rm to score with a reward model")
+
+
 def _unscored(db: Path, run_id: int) -> int:
     """The run's answers whose verdict has no score (a reply without one): a resume asks them again."""
     from engine.judge import SCORED
@@ -122,7 +149,7 @@ def _unscored(db: Path, run_id: int) -> int:
 
 
 def _belle(args: argparse.Namespace) -> int:
-    from engine.evaluate import config_from_run, resolve_checkpoint, run_eval
+    from engine.evaluate import ANSWERED_BY, SUBSET, config_from_run, resolve_checkpoint, run_eval
     from engine.store import Store
 
     db = _db(args)
@@ -149,10 +176,15 @@ def _belle(args: argparse.Namespace) -> int:
         if not args.checkpoint and args.answers_from is None:
             raise RecipeError("checkpoint: give a model folder or a run id (or --answers-from ID)")
         given = _given(args, db)
+        _no_contradiction(args, given)
         if args.answers_from is not None:
             source = config_from_run(db, args.answers_from)
             checkpoint, label = source.checkpoint, source.name  # the same model's answers, judged again
             given.setdefault("eval_dir", source.eval_dir)  # its answers belong to its questions
+            # What made the answers is the source's, in the record and the label (the defaults said greedy
+            # and 512 tokens of answers sampled to 32); its subset too, unless a smaller one is given.
+            for field in (*ANSWERED_BY, *(() if "limit" in given or "per_class" in given else SUBSET)):
+                given[field] = getattr(source, field)
         else:
             checkpoint = resolve_checkpoint(args.checkpoint, db)
             label = "/".join(Path(checkpoint).parts[-2:])
@@ -190,8 +222,21 @@ def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
             if run_ids is None and run["status"] == "failed" and all(i.get("score") is None for i in items):
                 continue  # a run that failed before any score (a bad checkpoint, a judge down): a row of dashes
             judge = next((i["judge"] for i in items if i.get("judge")), "")
-            rows.append(summarize(_shown_name(run, len(items) or None), items, run["id"], judge))
+            row = summarize(_shown_name(run, len(items) or None), items, run["id"], judge)
+            row.settings = _settings(run)
+            rows.append(row)
     return rows
+
+
+def _settings(run: dict) -> dict:
+    """The evaluation's recorded settings, for an export (none of a record that is not one)."""
+    import json
+
+    try:
+        settings = json.loads(run["config"] or "{}")
+    except ValueError:
+        return {}
+    return settings if isinstance(settings, dict) and "checkpoint" in settings else {}
 
 
 def _shown_name(run: dict, size: int | None = None) -> str:
@@ -258,8 +303,11 @@ def _table(args: argparse.Namespace) -> int:
     return 0
 
 
-def chat_votes(store: object, a_checkpoint: str, b_checkpoint: str) -> list[dict]:
-    """Blind votes between two checkpoints, as B's result (win / tie / loss / both bad)."""
+def chat_votes(store: object, a_checkpoint: str, b_checkpoint: str, questions: dict[int, str]) -> list[dict]:
+    """Blind votes between two checkpoints, as B's result (win / tie / loss / both bad), each with the eval
+    item it was asked on (`questions`: the compared runs' questions by item id), or None where it was none
+    of them: another eval set's question of that number, or one edited before it was asked (matched by
+    number alone, a vote was set against the judge's verdict on another question)."""
     from engine.store import EvalStore
 
     votes = []
@@ -274,8 +322,21 @@ def chat_votes(store: object, a_checkpoint: str, b_checkpoint: str) -> list[dict
             result = winner
         else:
             result = "win" if sides.get(b_checkpoint) == winner else "loss"
-        votes.append({"result": result, "item_id": chat["item_id"]})
+        item_id = chat["item_id"]
+        on_item = item_id is not None and item_id in questions and questions[item_id] == _asked(chat)
+        votes.append({"result": result, "item_id": item_id if on_item else None})
     return votes
+
+
+def _asked(chat: dict) -> str | None:
+    """The first question of a saved chat, as it was sent."""
+    import json
+
+    try:
+        turns = next(iter(json.loads(chat["transcript"]).values()), [])
+    except (ValueError, AttributeError):
+        return None
+    return next((t.get("content") for t in turns if isinstance(t, dict) and t.get("role") == "user"), None)
 
 
 def _pairwise(args: argparse.Namespace) -> int:
@@ -343,7 +404,8 @@ def _pairwise(args: argparse.Namespace) -> int:
             elif verdict is None:
                 silent.append(reply)
         rows = evals.pairwise(args.a, args.b, judge.label)
-        votes = chat_votes(store, a_config.checkpoint, b_config.checkpoint)
+        votes = chat_votes(store, a_config.checkpoint, b_config.checkpoint,
+                           {item_id: item["question"] for item_id, item in a_items.items()})
     # Each side by what answered and how; its own evaluation's judge is not the one comparing them here.
     rep = report(f"{a_config.shown_name(judge=False)} (run {args.a})",
                  f"{b_config.shown_name(judge=False)} (run {args.b})", list(a_items.values()),

@@ -9,7 +9,8 @@ An evaluation is a run in runs.db (stage `eval`): visible, stoppable and resumab
     plan:   calls, tokens (and cost) still to spend; the judge cache already answers unchanged calls
     judge:  concurrently; each verdict stored as it arrives
 
-A stop (SIGTERM, the console's `x`) ends the run after the batch in hand, dropping judge calls in flight;
+A stop (SIGTERM, the console's `x`) ends the run after the batch in hand, waiting up to a minute for the
+judge calls in flight (paid for: their verdicts are kept) without retrying them;
 `--resume-run ID` continues it: stored answers are not generated again, stored verdicts not judged again.
 `--answers-from ID` judges another run's answers again (a second judge) without generating.
 """
@@ -38,6 +39,11 @@ COMPLETION_TOKENS_PER_CALL = 150  # for the plan: BELLE judges answer with a sco
 
 class JudgingFailed(RunFailed):
     """Judging ended without every answer's verdict (calls that failed, replies without a score)."""
+
+
+# The settings that make the answers, and the questions' subset: an --answers-from run takes its source's.
+ANSWERED_BY = ("max_new_tokens", "batch_size", "temperature", "top_p", "top_k", "seed")
+SUBSET = ("limit", "per_class")
 
 
 class EvalConfig(BaseModel):
@@ -453,7 +459,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                 if problems and counts["judged"] == 0 and not stop.requested:
                     # Not one verdict (an endpoint that is down, a wrong URL): a failed run, not a done one with
                     # nothing in it that a script would carry on from.
-                    raise JudgingFailed(f"every judge call failed ({len(problems)} items), the first: "
+                    items_word = "item" if len(problems) == 1 else "items"
+                    raise JudgingFailed(f"every judge call failed ({len(problems)} {items_word}), the first: "
                                        f"{problems[0]}; every answer is kept: once the judge answers, continue it: "
                                        f"{resume_hint('eval', run_id, db_path)}")
             if stop.requested:
@@ -515,6 +522,7 @@ def write_results(evals: Any, run_id: int, config: EvalConfig, folder: Path) -> 
                 "judge", "score", "status", "problem", "reply")}, ensure_ascii=False) + "\n")
     judge = next((r["judge"] for r in rows if r.get("judge")), "")
     row = summarize(config.shown_name(len(rows)), rows, run_id, judge)
+    row.settings = config.model_dump()
     table.write_text(render([reference_row(), row]), encoding="utf-8")
     return [answers, table]
 

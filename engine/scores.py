@@ -41,6 +41,9 @@ class Row:
     questions: str = ""  # which questions the run holds (a digest): only runs of the same ones are ranked
     size: int = 0  # how many
     rubrics: str = ""  # which class prompts an LLM judge was given (a digest): another prompt, another scale
+    # The run's recorded settings (checkpoint, eval folder, sampling, judge): what made these numbers, in an
+    # export, whatever its label says (a --name hides the checkpoint)
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def _questions_key(items: Sequence[dict[str, Any]]) -> str:
@@ -342,25 +345,42 @@ def _fmt(cell: Cell, intervals: bool) -> str:
     return shown(cell.mean, cell.low, cell.high)
 
 
+def _rounded(value: Any) -> Any:
+    # Six decimals: what a score means; the binary float's 0.44999999999999996 is noise
+    return round(value, 6) if isinstance(value, float) else value
+
+
+def _made_by(row: Row) -> str:
+    """'CHECKPOINT answering N questions of EVAL_DIR, ' where the row's settings are known."""
+    checkpoint, eval_dir = row.settings.get("checkpoint"), row.settings.get("eval_dir")
+    if not checkpoint or not eval_dir:
+        return ""
+    return f"{checkpoint} answering {row.size} question{'s' if row.size != 1 else ''} of {eval_dir}, "
+
+
 def render(rows: Sequence[Row], fmt: str = "md") -> str:
     """The table as Markdown (best per column in bold), CSV (a `best` flag per cell) or JSON."""
     best = best_per_column(rows)
     if fmt == "json":
-        return json.dumps([{"name": r.name, "run_id": r.run_id, "judge": r.judge,
-                            "columns": {c: {**vars(r.cells[c]), "best": k in best.get(c, set())} for c in COLUMNS}}
+        return json.dumps([{"name": r.name, "run_id": r.run_id, "judge": r.judge, "questions": r.size or None,
+                            "settings": r.settings or None,
+                            "columns": {c: {**{key: _rounded(v) for key, v in vars(r.cells[c]).items()},
+                                            "best": k in best.get(c, set())} for c in COLUMNS}}
                            for k, r in enumerate(rows)], indent=2, ensure_ascii=False)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)
         parts = ("mean", "low", "high", "n", "unscored", "not judged", "best")
-        writer.writerow(["name", "run_id", "judge", *[f"{c} {part}" for c in COLUMNS for part in parts]])
+        writer.writerow(["name", "run_id", "judge", "checkpoint", "eval_dir", "questions",
+                         *[f"{c} {part}" for c in COLUMNS for part in parts]])
         for k, r in enumerate(rows):
             cells = []
             for c in COLUMNS:
                 cell = r.cells[c]
-                cells += [cell.mean, cell.low, cell.high, cell.n, cell.unscored, cell.not_judged,
-                          int(k in best.get(c, set()))]
-            writer.writerow([r.name, r.run_id or "", r.judge, *["" if v is None else v for v in cells]])
+                cells += [_rounded(cell.mean), _rounded(cell.low), _rounded(cell.high), cell.n, cell.unscored,
+                          cell.not_judged, int(k in best.get(c, set()))]
+            writer.writerow([r.name, r.run_id or "", r.judge, r.settings.get("checkpoint", ""),
+                             r.settings.get("eval_dir", ""), r.size or "", *["" if v is None else v for v in cells]])
         return out.getvalue()
     header = "| model | " + " | ".join(COLUMNS) + " |"
     lines = [header, "|---|" + "---:|" * len(COLUMNS)]
@@ -371,8 +391,8 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
             cells.append(f"**{text}**" if k in best.get(c, set()) else text)
         label = r.name if r.run_id is None else f"{r.name} (evaluation run {r.run_id})"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    notes = [f"evaluation run {r.run_id}: {f'judged by {r.judge}' if r.judge else 'not judged yet'}; n / unscored "
-             "/ not judged per column: " + ", ".join(
+    notes = [f"evaluation run {r.run_id}: {_made_by(r)}{f'judged by {r.judge}' if r.judge else 'not judged yet'}; "
+             "n / unscored / not judged per column: " + ", ".join(
                  f"{c} {r.cells[c].n}/{r.cells[c].unscored}/{r.cells[c].not_judged}" for c in COLUMNS)
              for r in rows if r.run_id]
     note = ranking_note(rows)

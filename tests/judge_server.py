@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 # What the server does with a call: ("reply", text) | ("status", code[, message]) | ("sleep", seconds, text)
-# | ("malformed",) | ("no-content",) | ("no-usage", text): a reply that does not report its tokens
+# | ("malformed",) | ("html",): a web page | ("no-content",) | ("no-usage", text): a reply that does not
+# report its tokens
 # | ("cut", text): streamed, then the connection closes with no finish reason and no [DONE] (a dropped
 # connection, a proxy's timeout) | ("whole", text): a stream asked for, the whole reply sent as one JSON body
 # (a server or proxy that does not stream)
@@ -65,6 +66,9 @@ class JudgeServer:
                 if kind == "sleep":
                     time.sleep(action[1])
                     action = ("reply", action[2])
+                if kind == "html":  # a web page where the API was meant: a --judge-url without its /v1
+                    self._send(200, b"<!DOCTYPE html>\n<html><body>Welcome</body></html>", "text/html")
+                    return
                 if kind == "malformed":
                     self._send(200, b'{"id": "x", "choices": [{"index": 0, "mess')
                     return
@@ -92,9 +96,9 @@ class JudgeServer:
                     del reply["usage"]
                 self._send(200, json.dumps(reply, ensure_ascii=False).encode())
 
-            def _send(self, code: int, payload: bytes) -> None:
+            def _send(self, code: int, payload: bytes, content_type: str = "application/json") -> None:
                 self.send_response(code)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)

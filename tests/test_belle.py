@@ -77,6 +77,10 @@ def test_a_bad_eval_folder_names_file_and_line(tmp_path):
                                             encoding="utf-8")
     with pytest.raises(BelleError, match=r"eval_set.json:1: a JSON array; the eval set is JSON Lines"):
         load_items(tmp_path)
+    (tmp_path / "eval_set.json").write_text('[{"question": "q", "std_answer": "a", "class": "math"}]\n',
+                                            encoding="utf-8")  # on one line, it parses: still not JSON Lines
+    with pytest.raises(BelleError, match=r"eval_set.json:1: a JSON array; the eval set is JSON Lines"):
+        load_items(tmp_path)
     # An editor's byte-order mark, and a line separator inside a question: one question, whole.
     (tmp_path / "eval_set.json").write_text('\ufeff{"question": "a\u2028b", "std_answer": "a", "class": "math"}\n',
                                             encoding="utf-8")

@@ -945,6 +945,7 @@ def test_an_evaluations_command_line_is_rlhf_eval_belle_with_what_differs_from_t
 
     parsed = build_parser().parse_args(shlex.split(command_line(run, tmp_path / "runs.db"))[4:])  # as the CLI reads it
     assert (parsed.checkpoint, parsed.judge, parsed.per_class, parsed.rewrite_reference) == ("/m/final", "rm", 2, True)
-    judged_again = EvalConfig(name="again", checkpoint="/m/final", eval_dir="/belle", answers_from=7)
+    judged_again = EvalConfig(name="again", checkpoint="/m/final", eval_dir="/belle", answers_from=7,
+                              max_new_tokens=32)  # its source's, which it records and is not given
     assert shlex.split(command_line({"stage": "eval", "config": judged_again.model_dump_json()}, "/r/runs.db"))[3:] == [
         "rlhf", "eval", "belle", "--name", "again", "--eval-dir", "/belle", "--answers-from", "7", "--db", "/r/runs.db"]

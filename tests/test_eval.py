@@ -51,9 +51,11 @@ def rlhf_eval(*args: str, env: dict | None = None, timeout: int = 300) -> subpro
                           env={**os.environ, **(env or {})})
 
 
-def judge_args(server: JudgeServer) -> list[str]:
+def judge_args(server: JudgeServer, answering: bool = True) -> list[str]:
+    """`answering`: with the generation's settings (an --answers-from run takes its source's)."""
     return ["--judge", "openai", "--judge-url", server.url, "--judge-model", "tiny-judge", "--judge-key-env",
-            "THE_JUDGE_KEY", "--max-new-tokens", "12", "--batch-size", "4", "--concurrency", "2"]
+            "THE_JUDGE_KEY", "--concurrency", "2", *(["--max-new-tokens", "12", "--batch-size", "4"] if answering
+                                                     else [])]
 
 
 def test_the_judge_preflight_refuses_only_an_endpoint_that_cannot_be_reached(monkeypatch):
@@ -186,6 +188,10 @@ def test_a_stopped_evaluation_says_how_to_continue_and_that_works_from_anywhere(
         assert run_row(1)["status"] == "stopped"
         log = (Path(run_row(1)["output_dir"]) / "train.log").read_text(encoding="utf-8")
         assert f"stopped: {n} of {n} answered, " in log and "every answer and verdict so far is kept" in log
+        # The calls in flight at the stop were paid for: awaited, and their verdicts kept (they were dropped,
+        # and the resume paid for them again)
+        with Store(os.environ["RLHF_DB"]) as store:
+            assert len(EvalStore(store).judgments(1)) == len(server.calls)
         hint = out.split("continue it with: ")[1].strip()
         assert hint == f"rlhf eval belle --resume-run 1 --db {os.environ['RLHF_DB']}"
 
@@ -205,6 +211,7 @@ def test_a_stopped_evaluation_says_how_to_continue_and_that_works_from_anywhere(
         with Store(os.environ["RLHF_DB"]) as store:
             assert store.run(1)["status"] == "done"
             assert len(EvalStore(store).judgments(1)) == n
+        assert len(server.calls) == n  # one paid call per question, the stop and the resume included
     finally:
         release.set()
         server.close()
@@ -503,6 +510,13 @@ def test_the_reward_model_judges_offline(workdir, monkeypatch):
     # (an rm run's id names its export, as a checkpoint's does)
     part = rlhf_eval("belle", "--answers-from", "2", "--limit", "6", "--judge", "rm", "--reward-model", str(rm_run))
     assert part.returncode == 0, part.stderr
+    from engine.eval_cli import eval_rows
+    from engine.evaluate import config_from_run
+
+    # Its answers were made with run 2's 8 tokens: so its record and its label (they said 512, the default)
+    assert config_from_run(os.environ["RLHF_DB"], 3).max_new_tokens == 8
+    assert eval_rows(Path(os.environ["RLHF_DB"]), [3])[1].name.endswith(
+        "[max 8 tokens, first 6, answers of run 2, judged by the reward model]")
     with Store(os.environ["RLHF_DB"]) as store:
         subset = EvalStore(store).scored_items(3)
     no_reference = [r for r in subset if not r["reference"]]
@@ -521,6 +535,24 @@ def test_the_reward_model_judges_offline(workdir, monkeypatch):
         judged_again = EvalStore(store).scored_items(4)
     # Set against the whole set's references as run 2 was, not those of the 6 questions it took.
     assert all(r["score"] == pytest.approx(full[r["item_id"]], abs=1e-6) for r in judged_again if not r["reference"])
+
+
+def test_a_blind_vote_meets_the_judge_only_on_the_question_it_was_asked(tmp_path):
+    """Votes were matched to a report's items by number alone: a vote on the demo set's question 20 was set
+    against the BELLE item 20's verdict."""
+    from engine.eval_cli import chat_votes
+
+    with Store(tmp_path / "runs.db") as store:
+        evals = EvalStore(store)
+        for item_id, asked in ((20, "“热”的反义词是什么？"), (21, "What is 2 plus 2?"), (None, "hello")):
+            transcript = {side: [{"role": "user", "content": asked}, {"role": "assistant", "content": "x"}]
+                          for side in ("left", "right")}
+            evals.add_chat("/a", "/b", {}, transcript, blind=True, vote="right", a_is="left", item_id=item_id,
+                           category="open qa" if item_id else None)
+        evals.add_chat("/a", "/other", {}, {"left": [], "right": []}, blind=True, vote="left", a_is="left")
+        votes = chat_votes(store, "/a", "/b", {20: "BELLE's question 20", 21: "What is 2 plus 2?"})
+    assert votes == [{"result": "win", "item_id": None}, {"result": "win", "item_id": 21},
+                     {"result": "win", "item_id": None}]  # the other pair's vote is not theirs
 
 
 def test_pairwise_with_a_judge_that_always_prefers_the_first_slot(workdir):
@@ -555,7 +587,7 @@ def test_pairwise_with_a_judge_that_always_prefers_the_first_slot(workdir):
     again = JudgeServer(score_by_answer)
     biased = JudgeServer(first_slot)
     try:
-        judged = rlhf_eval("belle", "--answers-from", "1", *judge_args(again), env=env)
+        judged = rlhf_eval("belle", "--answers-from", "1", *judge_args(again, answering=False), env=env)
         assert judged.returncode == 0, judged.stderr
         same = rlhf_eval("pairwise", "1", "3", "--judge-url", biased.url, "--judge-model", "biased",
                          "--judge-key-env", "THE_JUDGE_KEY", env=env)
@@ -606,7 +638,8 @@ def test_runs_of_two_eval_sets_are_never_paired_and_answers_stay_with_their_ques
             "delta": rlhf_eval("table", "--delta", "1", "2"),
             "pairwise": rlhf_eval("pairwise", "1", "2", "--judge-url", server.url, "--judge-model", "pj",
                                   "--judge-key-env", "THE_JUDGE_KEY", env=env),
-            "answers": rlhf_eval("belle", "--answers-from", "1", "--eval-dir", "other", *judge_args(server), env=env),
+            "answers": rlhf_eval("belle", "--answers-from", "1", "--eval-dir", "other",
+                                 *judge_args(server, answering=False), env=env),
         }
         for what, result in refused.items():
             assert result.returncode == 2, (what, result.stdout, result.stderr)
@@ -619,7 +652,7 @@ def test_runs_of_two_eval_sets_are_never_paired_and_answers_stay_with_their_ques
             assert [r["id"] for r in store.runs()] == [1, 2]  # nothing registered
 
         # --answers-from without --eval-dir: the source run's own questions.
-        again = rlhf_eval("belle", "--answers-from", "2", *judge_args(server), env=env)
+        again = rlhf_eval("belle", "--answers-from", "2", *judge_args(server, answering=False), env=env)
         assert again.returncode == 0, again.stderr
         assert f"answers: {n} taken from run 2" in again.stdout
         with Store(os.environ["RLHF_DB"]) as store:
@@ -652,6 +685,25 @@ def _reward_model_export(workdir: Path) -> Path:
                   label2id={"LABEL_0": 0})
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def test_options_an_evaluation_would_ignore_are_refused_before_anything_is_registered(workdir):
+    """Each was taken and recorded as if it had counted: a label then claimed settings the run never had."""
+    write_sample(workdir / "belle", per_class=1)
+    cases = [
+        (["demo/model", "--limit", "2", "--per-class", "1"], "--limit and --per-class: give one"),
+        (["demo/model", "--judge", "rm", "--reward-model", "demo/model", "--judge-url", "http://127.0.0.1:9/v1",
+          "--price-per-1k", "0.5"], "--judge-url, --price-per-1k: --judge rm scores with the reward model, offline"),
+        (["demo/model", "--judge-url", "http://127.0.0.1:9/v1", "--reward-model", "demo/model"],
+         "--reward-model: the judge is an endpoint (--judge openai); add --judge rm"),
+        (["demo/model", "--answers-from", "1"], "checkpoint demo/model: --answers-from 1 judges that run's answers"),
+        (["--answers-from", "1", "--max-new-tokens", "16", "--temperature", "0.7"],
+         "--max-new-tokens, --temperature: --answers-from 1 generates nothing"),
+    ]
+    for args, message in cases:
+        result = rlhf_eval("belle", *args, "--eval-dir", "belle")
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-800:])
+    assert not Path(os.environ["RLHF_DB"]).exists()
 
 
 def test_a_reward_model_is_refused_as_a_model_that_answers(workdir):
@@ -705,6 +757,19 @@ def test_evaluations_of_one_checkpoint_are_told_apart_by_their_settings(tmp_path
                      "ppo run 3 [1 per class, rewrite references]",
                      "ppo run 3 [temperature 0.7 top_p 0.9 seed 0, answers of run 1]", "ppo run 3 [judged by gpt-4o]",
                      "ppo run 3 [judged by the reward model]", "old record"]
+    # What made each row's numbers is in the exports, whatever its label (a --name hides the checkpoint)
+    import csv
+    import io
+
+    from engine.scores import render
+
+    rows = eval_rows(tmp_path / "runs.db")
+    exported = json.loads(render(rows, "json"))
+    assert exported[1]["settings"]["checkpoint"] == "/m" and exported[1]["settings"]["eval_dir"] == "/e"
+    assert exported[1]["questions"] == 1 and exported[-1]["settings"] is None  # the old record's are unknown
+    as_csv = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
+    assert (as_csv[1]["checkpoint"], as_csv[1]["eval_dir"], as_csv[1]["questions"]) == ("/m", "/e", "1")
+    assert f"evaluation run {rows[1].run_id}: /m answering 1 question of /e, judged by judge;" in render(rows)
     limited = EvalConfig(**base, limit=20)
     assert (limited.shown_name(20), limited.shown_name(5), limited.shown_name()) == (
         "ppo run 3 [first 20]", "ppo run 3", "ppo run 3 [first 20]")
@@ -733,7 +798,8 @@ def test_a_changed_class_prompt_is_refused_on_resume_and_keeps_runs_apart_in_the
         resumed = rlhf_eval("belle", "--resume-run", "1", env=env)
         assert resumed.returncode == 0 and run_row(1)["status"] == "done", resumed.stderr[-2000:]
         prompts.write_text(original.replace("请给math类", "严格地请给math类"), encoding="utf-8")
-        anew = rlhf_eval("belle", "--answers-from", "1", *judge_args(server), env=env)  # the same answers, new prompt
+        # the same answers, new prompt
+        anew = rlhf_eval("belle", "--answers-from", "1", *judge_args(server, answering=False), env=env)
         assert anew.returncode == 0 and run_row(2)["status"] == "done", anew.stderr[-2000:]
     finally:
         server.close()

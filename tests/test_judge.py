@@ -17,6 +17,19 @@ def cache(tmp_path):
         yield EvalStore(store)
 
 
+def test_a_web_page_for_a_reply_is_named_as_one(cache, monkeypatch):
+    """A --judge-url without its /v1 reaches a site's page: 'no choices[0].message.content' did not say so."""
+    monkeypatch.setenv("JUDGE_KEY", "sk-test-secret")
+    server = JudgeServer(lambda body, index: ("html",))
+    try:
+        judge = EndpointJudge(server.url, "judge-1", "JUDGE_KEY", cache=cache, concurrency=1, retries=0)
+        ((_, _, verdict),) = list(judge.judge_many([("q", "q", "")]))
+    finally:
+        server.close()
+    assert verdict.status == FAILED
+    assert "malformed reply: not JSON (it begins '<!DOCTYPE html> <html><body>Welcome" in verdict.problem
+
+
 def test_transient_failures_are_retried_and_every_outcome_recorded(cache, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "sk-test-secret")
 

@@ -829,15 +829,17 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
     import shlex
 
     if run["stage"] == "eval":
-        from engine.evaluate import EvalConfig  # no torch: pydantic and the BELLE readers
+        from engine.evaluate import ANSWERED_BY, EvalConfig  # no torch: pydantic and the BELLE readers
 
         defaults = {key: field.default for key, field in EvalConfig.model_fields.items()}
         config = json.loads(run.get("config") or "{}")
         argv = ["rlhf", "eval", "belle"]
-        if config.get("answers_from") is None and config.get("checkpoint"):
+        judged_again = config.get("answers_from") is not None  # its answers' settings are its source's
+        if not judged_again and config.get("checkpoint"):
             argv.append(config["checkpoint"])
         for key, value in config.items():
-            if key == "checkpoint" or value is None or value is False or defaults.get(key, ...) == value:
+            if key == "checkpoint" or value is None or value is False or defaults.get(key, ...) == value \
+                    or (judged_again and key in ANSWERED_BY):
                 continue
             flag = "--" + key.replace("_", "-")
             argv += [flag] if value is True else [flag, str(value)]

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
 
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 
 MAX_WAIT_S = 120.0  # a server's Retry-After is honoured up to this
+# How long a stopped evaluation waits for the judge calls in flight: each is paid for, and its verdict kept
+# (and cached) is one a resume does not pay for again.
+DRAIN_S = 60.0
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -137,6 +141,10 @@ class EndpointJudge:
     def _call_once(self, request: dict[str, Any]) -> tuple[str, int | None, int | None]:
         body = {k: v for k, v in request.items() if k != "base_url"}
         response = self._client.chat.completions.create(**body)
+        if isinstance(response, str):  # a body that is not JSON: the client hands over its text
+            first = " ".join(response.split())[:60]
+            raise CallFailed(f"malformed reply: not JSON (it begins {first!r}; is --judge-url the API's base URL, "
+                             "such as https://host/v1?)")
         try:
             content = response.choices[0].message.content
         except (AttributeError, IndexError, TypeError):
@@ -238,18 +246,26 @@ class EndpointJudge:
         self, jobs: Iterable[tuple[Any, str, str]], stop: threading.Event | None = None,
     ) -> Iterator[tuple[Any, str, Verdict]]:
         """(job id, cache key, verdict) for each (job id, prompt, answer), as they complete, at most
-        `concurrency` calls in flight. Once `stop` is set nothing new is started; what is in flight is
-        dropped (its result is simply not yielded)."""
+        `concurrency` calls in flight. Once `stop` is set nothing new is started, and the calls in flight
+        (paid for) are awaited for up to DRAIN_S, without retries; what is still running then is dropped."""
         # Each call holds the event of when it was started: one started just before a drop sees it set.
         calls = ((job_id, (prompt, answer, self.batch_event)) for job_id, prompt, answer in jobs)
-        for job_id, future in as_completed_calls(self.judge, calls, self.concurrency, stop, self.drop_in_flight):
+        for job_id, future in as_completed_calls(self.judge, calls, self.concurrency, stop, self.drop_in_flight,
+                                                 settle=self.no_more_tries, drain_s=DRAIN_S):
             key, verdict = future.result()
+            if verdict.status == FAILED and stop is not None and stop.is_set():
+                continue  # a call the stop cut short (no retry): not the judge's verdict; a resume asks it
             yield job_id, key, verdict
 
     @property
     def batch_event(self) -> threading.Event:
         """The event that drop_in_flight sets for the calls started until then: each call is handed it."""
         return self._stop
+
+    def no_more_tries(self) -> None:
+        """The calls in flight may finish, but neither retry nor ask again (their run is stopping)."""
+        self._stop.set()
+        self._stop = threading.Event()  # the next calls'; each call holds the one it started with
 
     def drop_in_flight(self) -> None:
         """The calls still running are dropped (their caller ended early: a stop, a refusal of every call):
@@ -265,10 +281,12 @@ T = TypeVar("T")
 
 
 def as_completed_calls(call: Callable[..., T], jobs: Iterable[tuple[Any, tuple]], concurrency: int,
-                       stop: threading.Event | None = None,
-                       abandon: Callable[[], None] | None = None) -> Iterator[tuple[Any, Future[T]]]:
+                       stop: threading.Event | None = None, abandon: Callable[[], None] | None = None,
+                       settle: Callable[[], None] | None = None,
+                       drain_s: float = 0.0) -> Iterator[tuple[Any, Future[T]]]:
     """(job id, its finished Future) for each (job id, args) of `jobs` as `call(*args)` completes, at most
-    `concurrency` in flight. Once `stop` is set nothing new starts and nothing more is yielded. Each call
+    `concurrency` in flight. Once `stop` is set nothing new starts; the calls in flight are still yielded
+    as they finish for up to `drain_s` seconds (`settle()` first: they are ending), none after. Each call
     runs in a daemon thread: one hung on a judge that never answers cannot keep the process alive after
     its run has ended (a pool's threads are joined at exit, for up to the client's timeout). Ended early
     (a stop, or the caller's own end) with calls still running: `abandon()`, and their results are dropped."""
@@ -298,13 +316,20 @@ def as_completed_calls(call: Callable[..., T], jobs: Iterable[tuple[Any, tuple]]
     try:
         while len(running) < concurrency and submit():
             pass
+        deadline = None  # of the drain, once a stop is seen
         while running:
             done, _ = wait(list(running), timeout=0.2, return_when=FIRST_COMPLETED)
-            if stop is not None and stop.is_set():
-                return
+            if stop is not None and stop.is_set() and deadline is None:
+                if not drain_s:
+                    return
+                deadline = time.monotonic() + drain_s
+                if settle is not None:
+                    settle()
             for future in done:
                 yield running.pop(future), future
-                submit()
+                submit()  # nothing, once stopped
+            if deadline is not None and time.monotonic() > deadline:
+                return
     finally:
         if running and abandon is not None:
             abandon()
