@@ -118,16 +118,6 @@ class DataSource(_Section):
             raise ValueError("BELLE's records (instruction, input, output) are in the alpaca format: write alpaca")
         return value
 
-    @field_validator("split")
-    @classmethod
-    def _file_has_no_split(cls, split: str, info: ValidationInfo) -> str:
-        path = info.data.get("path") or ""
-        if split != "train" and Path(path).suffix.lower() in DATA_SUFFIXES:
-            # Read whole whatever it says: a `split: test` meant to hold records out would train on them
-            raise ValueError(f"{path} is a file, read whole: a file has no splits (split names one of a hub data "
-                             "set or a data set folder; SFT and RM hold records out by train.eval_ratio)")
-        return split
-
 
 def repeated_source(sources: list[DataSource]) -> tuple[int, int] | None:
     """(i, j) where source j reads the records source i reads (the same local file, or the same hub data

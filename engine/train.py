@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from engine.config import (
+    DATA_SUFFIXES,
     STAGE_REFS,
     Recipe,
     RecipeError,
@@ -200,12 +201,20 @@ def _check_epochs_count(stage: Stage, recipe: Recipe, overrides: list[str]) -> N
 
 
 def _check_sources_distinct(recipe: Recipe, stage: Stage) -> None:
-    """A source listed twice is refused for a new run; a resume continues the run as it was recorded."""
+    """A source listed twice, or a split asked of a file, is refused for a new run; a resume continues the
+    run as it was recorded."""
     section = recipe.stage(stage)
     if section.resume_from_checkpoint:
         return
     field = f"{stage}.{'prompts' if stage == 'ppo' else 'data'}"
     sources = getattr(section, field.split(".")[1])
+    for i, source in enumerate(sources):
+        if source.split != "train" and Path(source.path).suffix.lower() in DATA_SUFFIXES:
+            # Read whole whatever it says: a `split: test` meant to hold records out would train on them
+            where = f"{field}.{i}.split"
+            raise RecipeError(f"{recipe.where(where)}: {where}: {source.path} is a file, read whole: a file has no "
+                              "splits (split names one of a hub data set or a data set folder; SFT and RM hold "
+                              "records out by train.eval_ratio)", {where: "a file has no splits"})
     repeated = repeated_source(sources)
     if repeated is not None:
         i, j = repeated

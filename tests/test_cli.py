@@ -370,8 +370,9 @@ def test_rlhf_chat_refuses_a_spec_that_names_no_model_before_the_console_opens(w
 
 def test_a_source_listed_twice_is_refused_for_a_new_run_and_not_for_a_resume(workdir):
     """The same file twice trains its records twice (the launch form's data field set to a source the recipe
-    lists already, say): refused before anything is registered, naming both; a file has no splits, so another
-    split of it is the same records. A resume continues a run as recorded, whatever it listed."""
+    lists already, say): refused before anything is registered, naming both; a file has no splits, so a
+    split asked of it is refused (`split: test` meant to hold out records it would train on). A resume
+    continues a run as recorded, whatever it listed."""
     from engine.train import validate
 
     twice = rlhf("check", str(TINY), "--stage", "sft", "--set", "sft.data.0.path=./demo/data/sft_messages.jsonl")
@@ -384,7 +385,8 @@ def test_a_source_listed_twice_is_refused_for_a_new_run_and_not_for_a_resume(wor
     recipe.write_text(TINY.read_text().replace(prompts, other_split))
     split = rlhf("check", str(recipe), "--stage", "ppo")
     assert split.returncode == 2
-    assert "ppo.prompts.1.path: demo/data/prompts.jsonl is ppo.prompts.0's source" in split.stderr
+    assert (f"{recipe}:45: ppo.prompts.1.split: demo/data/prompts.jsonl is a file, read whole: a file has no "
+            "splits") in split.stderr, split.stderr
     assert not (workdir / "runs.db").exists()
     resumed = validate("ppo", str(recipe), ["ppo.resume_from_checkpoint=true"])
     assert len(resumed.ppo.prompts) == 2

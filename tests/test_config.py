@@ -57,14 +57,8 @@ def test_wrong_value_is_named_with_file_and_line(tmp_path):
     assert err.value.fields == {"sft.data.0.weight": "Input should be greater than 0"}  # for a form's field
 
 
-def test_a_split_on_a_file_is_refused(tmp_path):
-    """A file is read whole: `split: test` would have trained on the records it meant to hold out."""
-    path = write(tmp_path, "name: x\nmodel:\n  path: m\nsft:\n  data:\n    - path: d.jsonl\n      split: test\n"
-                           "    - {path: owner/set, split: test}\n")
-    with pytest.raises(RecipeError) as err:
-        load_recipe(path)
-    assert f"{path}:7: sft.data.0.split: d.jsonl is a file, read whole: a file has no splits" in str(err.value)
-    assert "sft.data.1" not in str(err.value)  # a hub data set has splits
+def test_belle_is_no_format_name(tmp_path):
+    path = write(tmp_path, "name: x\nmodel:\n  path: m\nsft:\n  data:\n    - path: d.jsonl\n")
     with pytest.raises(RecipeError, match="sft.data.0.format: BELLE's records .* are in the alpaca format"):
         load_recipe(path, ["sft.data=[{path: d.jsonl, format: belle}]"])
 
