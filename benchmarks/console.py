@@ -146,7 +146,8 @@ def follow_cpu(db: str, runs: int, seconds: float, steps_per_s: float = 1.0, met
     from engine.store import Store
 
     with Store(db) as store:
-        ids = [store.create_run(stage="ppo", name=f"live{i}", recipe="x.yaml", config="{}") for i in range(runs)]
+        ids = [store.create_run(stage="ppo", name=f"live{i}", recipe="x.yaml", config="{}",
+                                output_root=str(Path(db).parent / "runs")) for i in range(runs)]
         for run_id in ids:
             store.update_run(run_id, status="running", total_steps=10_000)
     proc = subprocess.Popen([sys.executable, "-c", FOLLOW.format(repo=str(REPO), db=db)],
@@ -269,7 +270,8 @@ def key_latency(db: str, runs: int, logging: bool, keys: int = 40) -> tuple[floa
     from engine.store import Store
 
     with Store(db) as store:
-        ids = [store.create_run(stage="sft", name=f"live{i}", recipe="x.yaml", config="{}") for i in range(runs)]
+        ids = [store.create_run(stage="sft", name=f"live{i}", recipe="x.yaml", config="{}",
+                                output_root=str(Path(db).parent / "runs")) for i in range(runs)]
         for run_id in ids:
             store.update_run(run_id, status="running", total_steps=10_000)
     ctx = mp.get_context("spawn")

@@ -44,7 +44,8 @@ async def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             db = Path(tmp) / "runs.db"
             with Store(db) as store:
-                run_id = store.create_run(stage="ppo", name="gpu-busy", recipe="x.yaml", config="{}")
+                run_id = store.create_run(stage="ppo", name="gpu-busy", recipe="x.yaml", config="{}",
+                                          output_root=str(Path(tmp) / "runs"))
                 store.update_run(run_id, status="running", pgid=busy.pid, pid=busy.pid)
             app = RlhfConsole(db)
             async with app.run_test(size=(100, 30)) as pilot:

@@ -41,7 +41,9 @@ def measure(writers: int, steps: int, metrics: int, per_row: bool = False) -> di
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "runs.db")
         with Store(path) as store:
-            runs = [store.create_run(stage="sft", name="bench", recipe="-", config="{}") for _ in range(writers)]
+            # Their folders in the temporary one: under ./runs they took run ids from the user's runs.db
+            runs = [store.create_run(stage="sft", name="bench", recipe="-", config="{}",
+                                     output_root=str(Path(tmp) / "runs")) for _ in range(writers)]
         ctx = mp.get_context("spawn")
         start = ctx.Event()
         procs = [ctx.Process(target=_writer, args=(path, r, steps, metrics, per_row, start)) for r in runs]

@@ -656,4 +656,19 @@ def run_console(db: str | None = None, chat: tuple[str, str | None, str] | None 
         os.chdir(project)
     app = RlhfConsole(db_path, chat=chat)
     app.run()
+    said = still_going(app.runs, db_path) if chat is None and not app.return_code else None
+    if said:
+        print(said)
     return app.return_code or 0  # 1 when it ended on an error (its traceback is printed)
+
+
+def still_going(runs: dict[int, dict], db_path: Path) -> str | None:
+    """What a quit leaves running, said as the console ends (they run on in processes of their own: a newcomer
+    who quit with a run going was told nothing), or None."""
+    going = [run for run in runs.values() if run["status"] in ("pending", "running")]
+    if not going:
+        return None
+    which = ", ".join(f"{run['id']} ({run['stage']})" for run in sorted(going, key=lambda r: r["id"]))
+    db = "" if db_path == Path("runs.db").resolve() else f" --db {db_path}"
+    return (f"run{'s' if len(going) > 1 else ''} {which} still going, in {'their' if len(going) > 1 else 'its'} own "
+            f"process{'es' if len(going) > 1 else ''}: rlhf runs{db} shows them, rlhf console{db} watches them again")

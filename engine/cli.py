@@ -36,6 +36,11 @@ def _recipe_or_resume(args: argparse.Namespace) -> None:
         raise RecipeError(f"rlhf {args.command} {args.stage}: give a recipe file (or --resume-run ID)")
     if args.resume_run is None and args.allow_change:
         raise RecipeError("--allow-change is for --resume-run: a new run takes its --set items as they are")
+    if args.resume_run is not None and args.recipe is not None:
+        # Not refused (scripts pass the recipe they started with); said, so that an edit to the file is not
+        # believed applied.
+        print(f"note: {args.recipe} is not read: a resume continues run {args.resume_run}'s recorded recipe "
+              "(--allow-change --set KEY=VALUE changes it)", file=sys.stderr)
     if args.strict_data:
         args.overrides.append("strict_data=true")
 
@@ -59,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch = sub.add_parser("launch", help="run a stage through `accelerate launch`")
     _add_recipe_args(launch)
     launch.add_argument("--accelerate-config",
-                        help="e.g. configs/accelerate/cpu.yaml (with --resume-run: the run's own by default)")
+                        help="required for a new run, e.g. configs/accelerate/cpu.yaml (with --resume-run: the run's "
+                             "own by default)")
     launch.add_argument("--num-processes", type=int, default=None)
     launch.add_argument("--run-id", type=int, default=None,
                         help="multi-node: on machines with machine_rank > 0, the run id machine 0 printed")
@@ -74,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the last stage to run (default: the recipe's last)")
     pipe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a recipe field for every stage, e.g. --set ppo.steps=50")
-    pipe.add_argument("--accelerate-config", help="e.g. configs/accelerate/cpu.yaml (each stage's launch)")
+    pipe.add_argument("--accelerate-config", help="required for a new pipeline, e.g. configs/accelerate/cpu.yaml "
+                                                  "(each stage's launch)")
     pipe.add_argument("--num-processes", type=int, default=None)
     pipe.add_argument("--resume", type=int, metavar="ID", help="continue pipeline ID from its unfinished stage")
     pipe.add_argument("--detach", action="store_true", help="print the pipeline id and return; it goes on alone")
@@ -92,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check this stage only (its model, data and paths; eval: the pipeline's evaluation, its "
                             "judge and eval set; --set keys relative to it); default: every stage the recipe has, "
                             "each problem said. The whole resolved recipe is printed either way")
-    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe field, e.g. --set sft.train.lr=1e-5, as a launch would take it")
     check.add_argument("--estimate", action="store_true",
                        help="print the memory per GPU of each stage instead (from the model config alone)")
     check.add_argument("--strict-data", action="store_true",
@@ -151,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     belle.add_argument("--resume-run", type=int, metavar="ID",
                        help="continue evaluation run ID where it stopped, as it was started; how it reaches its "
                        f"judge may change: {', '.join('--' + f.replace('_', '-') for f in RESUME_MAY_CHANGE)} (and "
-                       "--judge-model while nothing is judged)")
+                       "--judge-url, --judge-model while nothing is judged)")
     belle.add_argument("--output-root", metavar="DIR",
                        help="folder under which the run gets <id>/ (as a recipe's output_root)")
     belle.add_argument("--db", default=None, help=DB_HELP)

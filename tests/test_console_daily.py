@@ -933,6 +933,16 @@ def test_an_evaluations_command_line_is_rlhf_eval_belle_with_what_differs_from_t
     import shlex
 
     from console.screens.runs import command_line
+
+    # A training run: launched, with its accelerate config; started by `rlhf train`, by that (it copied an
+    # `rlhf launch` without an accelerate config, which is refused)
+    trained = {"stage": "sft", "recipe": "/c/tiny.yaml", "overrides": '["train.lr=1e-3"]', "launch": None}
+    assert shlex.split(command_line(trained, "/r/runs.db"))[3:] == [
+        "rlhf", "train", "sft", "/c/tiny.yaml", "--set", "train.lr=1e-3", "--db", "/r/runs.db"]
+    launched = {**trained, "launch": '{"accelerate_config": "/c/cpu.yaml", "num_processes": null}'}
+    assert shlex.split(command_line(launched, "/r/runs.db"))[3:] == [
+        "rlhf", "launch", "sft", "/c/tiny.yaml", "--set", "train.lr=1e-3", "--accelerate-config", "/c/cpu.yaml",
+        "--db", "/r/runs.db"]
     from engine.evaluate import EvalConfig
 
     config = EvalConfig(name="sft export", checkpoint="/m/final", eval_dir="/belle", judge="rm",

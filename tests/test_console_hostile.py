@@ -187,13 +187,20 @@ async def test_r_on_a_run_without_a_checkpoint_says_so_before_asking(workdir):
         store.update_run(run_id, status="failed", exit_code=1, step=4)
         unstarted = store.create_run(stage="sft", name="tiny", recipe="r.yaml", config="{}")
         store.update_run(unstarted, status="stopped", exit_code=143)
+        done = store.create_run(stage="ppo", name="tiny", recipe="r.yaml", config="{}")
+        store.update_run(done, status="done", exit_code=0, step=20)
         folder = Path(store.run(run_id)["output_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "checkpoint-3.partial").mkdir()  # saves that never completed are not ones
     (folder / "checkpoint-4").mkdir()  # (no trainer_state.json: the trainer writes it last)
     app = console()
     async with app.run_test(size=(100, 30), notifications=True) as pilot:
-        await wait_for(pilot, lambda: app.loaded and unstarted in app.runs, 20, "the runs")
+        await wait_for(pilot, lambda: app.loaded and done in app.runs, 20, "the runs")
+        app.home.select_run(done)  # a resume would train nothing: said, not asked and then refused
+        await pilot.press("r")
+        await wait_for(pilot, lambda: any(f"run {done} is done at step 20: a resume would train nothing" in
+                                          str(n.message) for n in app._notifications), 10, "why not")
+        assert not isinstance(app.screen, ConfirmScreen)
         app.home.select_run(unstarted)
         await pilot.press("r")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the start-over question")

@@ -459,3 +459,15 @@ def test_a_pipeline_stage_shows_its_pipeline_overrides_not_its_wiring():
 
     assert set(SHARED_FIELDS) == set(Recipe.model_fields) & (set(SFTStage.model_fields) | set(RMStage.model_fields)
                                                              | set(PPOStage.model_fields))
+
+
+def test_a_quit_says_which_runs_it_leaves_going(tmp_path):
+    """Runs outlive the console (their own processes); a newcomer who quit with one going was told nothing."""
+    from console.app import still_going
+
+    db = tmp_path / "runs.db"
+    runs = {1: {"id": 1, "stage": "sft", "status": "done"}, 3: {"id": 3, "stage": "ppo", "status": "running"},
+            2: {"id": 2, "stage": "rm", "status": "pending"}}
+    assert still_going(runs, db) == (f"runs 2 (rm), 3 (ppo) still going, in their own processes: rlhf runs --db {db} "
+                                     f"shows them, rlhf console --db {db} watches them again")
+    assert still_going({1: runs[1]}, db) is None

@@ -199,6 +199,8 @@ def test_resume_refuses_what_cannot_be_resumed(workdir):
         shutil.rmtree(folder)
     result = resume("sft", run_id)
     assert result.returncode == 2 and "has no checkpoint" in result.stderr
+    # The recipe given beside --resume-run is not what resumes: said, so that an edit to it is not believed applied
+    assert f"note: {TINY} is not read: a resume continues run {run_id}'s recorded recipe" in result.stderr
     assert run_row(run_id)["status"] == "done"  # a refused resume leaves the run as it was
 
 

@@ -557,6 +557,16 @@ class RunsScreen(Screen):
         if run["status"] in ("pending", "running"):
             self.notify(_still_active(run, "resume"), severity="warning")
             return
+        pipeline = self.app.pipelines.get(run["pipeline_id"]) if run.get("pipeline_id") is not None else None
+        if pipeline is not None and pipeline["status"] == "done":  # said before the question, not after a yes
+            self.notify(f"pipeline {pipeline['id']} is done: every stage through {pipeline['through']} finished",
+                        severity="warning")
+            return
+        if pipeline is None and run["stage"] != "eval" and run["status"] == "done":
+            self.notify(f"run {run['id']} is done at step {run['step']}: a resume would train nothing; to train it "
+                        f"further: rlhf launch {run['stage']} --resume-run {run['id']} --allow-change --set (more "
+                        "steps)", severity="warning")
+            return
         from engine.run import has_checkpoint, never_trained
 
         over = never_trained(run)
@@ -844,10 +854,12 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
             flag = "--" + key.replace("_", "-")
             argv += [flag] if value is True else [flag, str(value)]
     else:
-        argv = ["rlhf", "launch", run["stage"], run["recipe"] or "RECIPE"]
+        launch = json.loads(run.get("launch") or "{}")
+        # A run started in its own terminal (`rlhf train`) has no accelerate config to launch it with
+        argv = ["rlhf", "launch" if launch.get("accelerate_config") else "train", run["stage"],
+                run["recipe"] or "RECIPE"]
         for item in json.loads(run.get("overrides") or "[]"):
             argv += ["--set", str(item)]
-        launch = json.loads(run.get("launch") or "{}")
         if launch.get("accelerate_config"):
             argv += ["--accelerate-config", launch["accelerate_config"]]
         if launch.get("num_processes"):
