@@ -308,13 +308,15 @@ def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop:
         from engine.judge.reward import RewardJudge
 
         judge = RewardJudge(config.reward_model)
-        # The whole set's references, whatever part of it this run judges (--limit, --per-class, the
-        # questions an --answers-from run answered): a subset's scores are the full run's.
-        references = load_items(config.eval_dir)
-        print(f"judge: the reward model scores the eval set's {sum(1 for i in references if i.reference.strip())} "
-              "reference answers first (what an answer without a reference is set against)", flush=True)
-        if not judge.calibrate(references, lambda: stop.requested):
-            return
+        if any(not by_id[row["item_id"]].reference.strip() for row in todo):
+            # The whole set's references, whatever part of it this run judges (--limit, --per-class, the
+            # questions an --answers-from run answered): a subset's scores are the full run's.
+            references = load_items(config.eval_dir)
+            print(f"judge: the reward model scores the eval set's {sum(1 for i in references if i.reference.strip())}"
+                  " reference answers first (what an answer without a reference is set against)", flush=True)
+            if not judge.calibrate(references, lambda: stop.requested):
+                return
+        # else every answer is set against its own reference: the set's mean is not needed (minutes on a CPU)
         print(plan_line(config, list(prompts.values()), 0), flush=True)
         for start in range(0, len(todo), config.batch_size):
             if stop.requested:
@@ -565,6 +567,13 @@ def start_detached_resume(run_id: int, db_path: str | Path) -> list[str]:
         run = settled(store, run_id)
     if run["status"] in ("pending", "running"):
         raise RecipeError(f"run {run_id} is {run['status']}")
+    if config.judge == "openai" and config.judge_key_env and not os.environ.get(config.judge_key_env):
+        from engine.run import resume_hint
+
+        # The resume inherits the console's environment, which a key set in another shell is not in.
+        raise RecipeError(f"run {run_id}'s judge reads its key from ${config.judge_key_env}, which the console's "
+                          f"environment lacks: start the console with it set, or resume from a shell that has "
+                          f"it: {resume_hint('eval', run_id, db_path)}")
     warnings: list[str] = []
     validate_resume(config, db_path, run_id, warnings)
     folder = Path(run["output_dir"])

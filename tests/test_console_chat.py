@@ -653,6 +653,15 @@ async def test_an_evaluation_stopped_from_the_console_resumes_from_it(workdir, m
             release.set()
             await wait_for(pilot, lambda: app.runs[1]["status"] == "stopped", 120, "the stop")
             assert proc.wait(timeout=60) == 143
+            monkeypatch.delenv("THE_JUDGE_KEY")  # set in another shell, not the console's: said, nothing started
+            await pilot.press("r")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the resume dialog")
+            await pilot.press("y")
+            await wait_for(pilot, lambda: any("reads its key from $THE_JUDGE_KEY, which the console's environment "
+                                              "lacks" in str(note.message) for note in app._notifications), 30,
+                           "why it cannot resume from here")
+            assert app.runs[1]["status"] == "stopped"
+            monkeypatch.setenv("THE_JUDGE_KEY", KEY)
             server.models = ["gpt-4o"]  # its list lacks the judge's model now: a warning, which the console says
             await pilot.press("r")
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the resume dialog")

@@ -535,6 +535,14 @@ def test_the_reward_model_judges_offline(workdir, monkeypatch):
         judged_again = EvalStore(store).scored_items(4)
     # Set against the whole set's references as run 2 was, not those of the 6 questions it took.
     assert all(r["score"] == pytest.approx(full[r["item_id"]], abs=1e-6) for r in judged_again if not r["reference"])
+    # Two questions that each have a reference: nothing needs the set's mean, so the references are not all
+    # scored first (minutes on the real set, for a two-question check); the scores are the full run's.
+    pair = rlhf_eval("belle", "--answers-from", "2", "--limit", "2", "--judge", "rm", "--reward-model", str(rm_run))
+    assert pair.returncode == 0, pair.stderr
+    assert "reference answers first" not in pair.stdout and "reference answers first" in part.stdout
+    with Store(os.environ["RLHF_DB"]) as store:
+        two = EvalStore(store).scored_items(5)
+    assert len(two) == 2 and all(r["score"] == pytest.approx(full[r["item_id"]], abs=1e-6) for r in two)
 
 
 def test_a_blind_vote_meets_the_judge_only_on_the_question_it_was_asked(tmp_path):
