@@ -312,6 +312,14 @@ class EvalStage(_Section):
     max_new_tokens: int = Field(512, gt=0, description="Answer length limit.")
     batch_size: int = Field(16, gt=0, description="Questions answered per decode batch.")
 
+    @field_validator("per_class")
+    @classmethod
+    def _one_subset(cls, per_class: int | None, info: ValidationInfo) -> int | None:
+        if per_class is not None and info.data.get("limit") is not None:  # `rlhf eval belle` refuses the pair
+            raise ValueError("give limit or per_class, not both (the first N questions, or the first N of each "
+                             "class)")
+        return per_class
+
 
 # In a pipeline, a stage's input named by the stage that makes it, never by a run number.
 STAGE_REFS = {"@sft": "sft", "@rm": "rm"}

@@ -57,10 +57,13 @@ def test_wrong_value_is_named_with_file_and_line(tmp_path):
     assert err.value.fields == {"sft.data.0.weight": "Input should be greater than 0"}  # for a form's field
 
 
-def test_belle_is_no_format_name(tmp_path):
+def test_belle_is_no_format_name_and_an_evaluation_takes_one_subset(tmp_path):
     path = write(tmp_path, "name: x\nmodel:\n  path: m\nsft:\n  data:\n    - path: d.jsonl\n")
     with pytest.raises(RecipeError, match="sft.data.0.format: BELLE's records .* are in the alpaca format"):
         load_recipe(path, ["sft.data=[{path: d.jsonl, format: belle}]"])
+    # Refused by the pipeline's evaluation after hours of training: here, before its first stage
+    with pytest.raises(RecipeError, match="eval.per_class: give limit or per_class, not both"):
+        load_recipe(path, ["eval={eval_dir: e, limit: 5, per_class: 2}"])
 
 
 def test_missing_field_and_bad_override_are_named(tmp_path):
