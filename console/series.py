@@ -213,10 +213,12 @@ BEST = {
     "sft": (("eval_loss", False), ("loss", False)),
     "rm": (("eval_accuracy", True), ("accuracy", True)),
     "ppo": (("rollout_scores/mean", True),),
-    "eval": (("eval/score_mean", True),),
+    # The score table's headline (a macro over the categories), once every category has a score; the mean of
+    # the items before (another figure than the table's, where categories differ in size and score)
+    "eval": (("eval/score_macro", True), ("eval/score_mean", True)),
 }
 # Running means (each point is the mean so far): a run's figure is its newest point, not its largest.
-RUNNING = {"eval/score_mean"}
+RUNNING = {"eval/score_mean", "eval/score_macro"}
 
 # Which metrics a run's chart opens on.
 DEFAULT_METRIC = {"sft": "loss", "rm": "loss", "ppo": "rollout_scores/mean"}

@@ -325,7 +325,7 @@ def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop:
             verdicts = judge.judge([by_id[r["item_id"]] for r in batch], [r["answer"] for r in batch])
             for row, verdict in zip(batch, verdicts):
                 evals.set_judgment(run_id, row["item_id"], judge.label, verdict, None, prompts[row["item_id"]])
-            progress(judged=verdicts)
+            progress(judged=[(by_id[row["item_id"]].category, verdict) for row, verdict in zip(batch, verdicts)])
         return
     from engine.judge.endpoint import EndpointJudge
 
@@ -337,7 +337,7 @@ def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop:
     jobs = ((item_id, prompt, answers[item_id]) for item_id, prompt in prompts.items())
     for item_id, key, verdict in judge.judge_many(jobs, stop.event):
         evals.set_judgment(run_id, item_id, judge.label, verdict, key, prompts[item_id])
-        progress(judged=[verdict])
+        progress(judged=[(by_id[item_id].category, verdict)])
 
 
 PROGRESS_EVERY_S = 30.0  # between two progress lines of an evaluation
@@ -346,6 +346,7 @@ PROGRESS_EVERY_S = 30.0  # between two progress lines of an evaluation
 def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = None) -> tuple[int, str]:
     """Validate, register (or reclaim), answer, judge. Returns (run id, final status)."""
     from engine.run import RUN_ID_ENV, StopRequested, stop_seen, tracked_run
+    from engine.scores import macro
     from engine.store import EvalStore
 
     items = validate(config, preflight=resume_run is None)  # a resume looked before its claim
@@ -380,11 +381,15 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
         problems: list[str] = []  # of this stretch's failed calls
         rows = evals.items(run_id)
         counts["answered"] = sum(1 for r in rows if r["answer"] is not None)
+        # Scores by category, for the macro average the score table heads with (the run table's figure)
+        category_of = {r["item_id"]: r["category"] for r in rows}
+        by_category: dict[str, list[float]] = {}
         for j in evals.judgments(run_id):
             if j["status"] == "scored":  # the others are judged again in this stretch
                 counts["judged"] += 1
                 counts["score_sum"] += j["score"]
                 counts["scored"] += 1
+                by_category.setdefault(category_of[j["item_id"]], []).append(j["score"])
         if copied:  # answered already: the run's progress says so before its first verdict
             store.log_metrics(run_id, counts["answered"] + counts["judged"], {"eval/answered": counts["answered"]})
         unscored_replies: list[tuple[str, str | None, int]] = []  # of this stretch: reply, why no score, calls
@@ -406,7 +411,7 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
             if answered:
                 counts["answered"] += answered
                 metrics.update({"eval/answered": counts["answered"], "eval/tokens_per_s": tokens / max(seconds, 1e-9)})
-            for verdict in judged or []:
+            for category, verdict in judged or []:
                 counts["calls"] += verdict.calls
                 if verdict.calls and (verdict.prompt_tokens is None or verdict.completion_tokens is None):
                     counts["no_usage"] += 1
@@ -424,11 +429,15 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                 if verdict.score is not None:
                     counts["score_sum"] += verdict.score
                     counts["scored"] += 1
+                    by_category.setdefault(category, []).append(verdict.score)
             if judged:
                 metrics.update({"eval/judged": counts["judged"], "eval/unscored": counts["unscored"],
                                 "eval/failed": counts["failed"]})
                 if counts["scored"]:  # not one score yet: no mean, not a mean of 0
                     metrics["eval/score_mean"] = counts["score_sum"] / counts["scored"]
+                macro_so_far = macro({c: sum(v) / len(v) for c, v in by_category.items()})
+                if macro_so_far is not None:  # once every category has a score, as the table's macro column
+                    metrics["eval/score_macro"] = macro_so_far
             store.log_metrics(run_id, counts["answered"] + counts["judged"], metrics)
             # A terminal (and the run's log) hears how far it got, not only the console's progress bar.
             say_progress(counts["answered"] + counts["judged"] + counts["failed"] >= 2 * n)

@@ -77,6 +77,9 @@ def test_groups_best_and_eta():
     # An evaluation's score mean is a running mean: its figure is the newest point (it was "-").
     history.ingest(rows(2, 100, [0.9, 0.4, float("nan"), 0.6, float("nan")], name="eval/score_mean"))
     assert best_metric("eval", history.runs[2]) == ("eval/score_mean", 0.6)
+    # Once every category has a score, the score table's own headline: the macro average
+    history.ingest(rows(2, 300, [0.55, 0.52], name="eval/score_macro"))
+    assert best_metric("eval", history.runs[2]) == ("eval/score_macro", 0.52)
     # three points one second apart, steps 1..3: one step a second, 7 steps to go of 10
     assert eta_seconds(3, 10, history.runs[1]) == pytest.approx(7.0)
     assert eta_seconds(10, 10, history.runs[1]) is None

@@ -164,6 +164,8 @@ def test_an_evaluation_killed_midway_resumes_without_gaps_and_reruns_free(workdi
     assert {c: mine["columns"][c]["n"] for c in CATEGORIES} == {
         "others": 4, "rewrite": 2, "classification": 2, "generation": 2, "summarization": 2, "extract": 2,
         "open qa": 2, "brainstorming": 2, "closed qa": 2}
+    # The run's last macro (the run table's figure), killed and resumed between, is the table's macro
+    assert metric(1, "eval/score_macro")[-1][1] == pytest.approx(mine["columns"]["macro"]["mean"], abs=1e-6)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["console-stop", "ctrl-c"])

@@ -33,7 +33,7 @@ _BLOCKS = "▁▂▃▄▅▆▇█"
 SORTS = ("id", "stage", "status", "started", "best", "ETA")
 # The best column names its metric: an SFT run shows eval_loss once it has one, loss before.
 BEST_LABEL = {"eval_loss": "eval", "loss": "loss", "eval_accuracy": "eval acc", "accuracy": "acc",
-              "rollout_scores/mean": "score", "eval/score_mean": "mean"}
+              "rollout_scores/mean": "score", "eval/score_mean": "item mean", "eval/score_macro": "macro"}
 STATUS_STYLE = {"running": "bold green", "pending": "yellow", "done": "", "failed": "bold red",
                 "stopped": "magenta", "diverged": "bold red", "lost": "red"}
 
