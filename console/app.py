@@ -424,15 +424,7 @@ class RlhfConsole(SaysWorkerFailures, App):
             self.post_message(ActionDone("resume", run_id, warning="\n".join(warnings) or None))
             return
         launch = json.loads(run.get("launch") or "null") or {}
-        accelerate = launch.get("accelerate_config")
-        if not accelerate:
-            # Guessing (a CPU config for a GPU run, say) would be worse than asking.
-            from engine.run import resume_hint
-
-            how = f"`{resume_hint(run['stage'], run_id, self.db_path)}`"
-            self.post_message(ActionDone("resume", run_id, (
-                f"run {run_id} was started in its own terminal, not launched: resume it the same way, {how}")))
-            return
+        accelerate = launch.get("accelerate_config")  # one: the home screen says so of a run without, not asks
         try:
             # The recipe recorded in runs.db (overrides applied, paths absolute): from any directory.
             prepared = prepare(run["stage"], run["recipe"], [], accelerate, launch.get("num_processes"),
@@ -645,6 +637,7 @@ def run_console(db: str | None = None, chat: tuple[str, str | None, str] | None 
     # the console never does: it starts without it.
     sys.modules.setdefault("pandas", None)
     db_path = Path(db or os.environ.get("RLHF_DB", "runs.db")).resolve()
+    here = Path("runs.db").resolve()  # what `rlhf runs` reads in the shell the console was started from
     project = db_path.parent
     if not Path("configs").is_dir() and (project / "configs").is_dir() and project != Path.cwd():
         # Started elsewhere with --db: the project's recipes name their model and data relative to the project
@@ -656,19 +649,20 @@ def run_console(db: str | None = None, chat: tuple[str, str | None, str] | None 
         os.chdir(project)
     app = RlhfConsole(db_path, chat=chat)
     app.run()
-    said = still_going(app.runs, db_path) if chat is None and not app.return_code else None
+    said = still_going(app.runs, db_path, here) if chat is None and not app.return_code else None
     if said:
         print(said)
     return app.return_code or 0  # 1 when it ended on an error (its traceback is printed)
 
 
-def still_going(runs: dict[int, dict], db_path: Path) -> str | None:
+def still_going(runs: dict[int, dict], db_path: Path, default_db: Path) -> str | None:
     """What a quit leaves running, said as the console ends (they run on in processes of their own: a newcomer
-    who quit with a run going was told nothing), or None."""
+    who quit with a run going was told nothing), or None. `default_db`: the runs.db a command typed in the
+    console's shell reads without --db."""
     going = [run for run in runs.values() if run["status"] in ("pending", "running")]
     if not going:
         return None
     which = ", ".join(f"{run['id']} ({run['stage']})" for run in sorted(going, key=lambda r: r["id"]))
-    db = "" if db_path == Path("runs.db").resolve() else f" --db {db_path}"
+    db = "" if db_path == default_db else f" --db {db_path}"
     return (f"run{'s' if len(going) > 1 else ''} {which} still going, in {'their' if len(going) > 1 else 'its'} own "
             f"process{'es' if len(going) > 1 else ''}: rlhf runs{db} shows them, rlhf console{db} watches them again")

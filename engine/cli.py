@@ -554,10 +554,12 @@ def main(argv: list[str] | None = None) -> int:
                         raise RecipeError(f"run {args.resume_run} trained with {world} processes; rlhf train runs "
                                           f"one: resume it with rlhf launch {args.stage} --resume-run "
                                           f"{args.resume_run}, or add --allow-change to continue it on one")
-                    if not store.claim_for_resume(args.resume_run, change):
-                        raise RecipeError(f"run {args.resume_run} is being resumed or is still running")
+                    over = _how_started(args.resume_run, db) == "started over"
+                    if not store.claim_for_resume(args.resume_run, change, untrained=over):
+                        raise RecipeError(f"run {args.resume_run} is being resumed or is still running (or trained "
+                                          "since)")
                 os.environ[RUN_ID_ENV] = str(args.resume_run)
-                if _how_started(args.resume_run, db) == "started over":  # a resume's own line is the trainer's
+                if over:  # a resume's own line is the trainer's
                     say(f"run {args.resume_run} started over: it ended before its first step")
             configure_logging()
             run_id, status = run_stage(args.stage, recipe, overrides, args.db, checked=checked)
@@ -581,8 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         run = prepare(args.stage, args.recipe, args.overrides, args.accelerate_config, args.num_processes,
                       args.db, args.run_id, resume_run=args.resume_run, allow_change=args.allow_change)
         if args.detach:
+            how = _how_started(args.resume_run, run.db_path)  # before its trainer logs a step
             start_detached(run)
-            print(f"run {run.run_id} {_how_started(args.resume_run, run.db_path)}; its log: {run.log_path}")
+            print(f"run {run.run_id} {how}; its log: {run.log_path}")
             return 0
         print(f"run {run.run_id}: logging to {run.log_path}", file=sys.stderr, flush=True)
         code = supervise(run, echo=True)

@@ -182,8 +182,8 @@ class SFTStage(_Section):
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of the full model.")
     num_layers_unfrozen: int = Field(-1, ge=-1, description="Train only the top N decoder layers; -1 = all.")
     resume_from_checkpoint: str | bool | None = Field(
-        None, description="A checkpoint folder, or true for the newest one in this run's folder."
-    )
+        None, description="A checkpoint folder, or true for the newest one in this run's folder (false: a "
+                          "recorded run started over from its first step; a resume sets it).")
 
     @model_validator(mode="after")
     def _lora_or_freeze(self) -> SFTStage:
@@ -200,8 +200,8 @@ class RMStage(_Section):
     )
     num_layers_unfrozen: int = Field(-1, ge=-1, description="Train only the top N decoder layers (+ head); -1 = all.")
     resume_from_checkpoint: str | bool | None = Field(
-        None, description="A checkpoint folder, or true for the newest one in this run's folder."
-    )
+        None, description="A checkpoint folder, or true for the newest one in this run's folder (false: a "
+                          "recorded run started over from its first step; a resume sets it).")
 
 
 class PPOStage(_Section):
@@ -263,8 +263,8 @@ class PPOStage(_Section):
     save_total_limit: int | None = Field(3, gt=0, description="Keep at most this many checkpoints.")
     samples_per_step: int = Field(4, ge=0, description="Rollout samples kept in runs.db each step.")
     resume_from_checkpoint: str | bool | None = Field(
-        None, description="A checkpoint folder, or true for the newest one in this run's folder."
-    )
+        None, description="A checkpoint folder, or true for the newest one in this run's folder (false: a "
+                          "recorded run started over from its first step; a resume sets it).")
 
     @model_validator(mode="after")
     def _check(self) -> PPOStage:

@@ -323,7 +323,8 @@ def chat_votes(store: object, a_checkpoint: str, b_checkpoint: str, questions: d
         else:
             result = "win" if sides.get(b_checkpoint) == winner else "loss"
         item_id = chat["item_id"]
-        on_item = item_id is not None and item_id in questions and questions[item_id] == _asked(chat)
+        # as the chat sends a question: its spaces and line ends at either end left out
+        on_item = item_id is not None and item_id in questions and questions[item_id].strip() == _asked(chat)
         votes.append({"result": result, "item_id": item_id if on_item else None})
     return votes
 
@@ -336,7 +337,8 @@ def _asked(chat: dict) -> str | None:
         turns = next(iter(json.loads(chat["transcript"]).values()), [])
     except (ValueError, AttributeError):
         return None
-    return next((t.get("content") for t in turns if isinstance(t, dict) and t.get("role") == "user"), None)
+    asked = next((t.get("content") for t in turns if isinstance(t, dict) and t.get("role") == "user"), None)
+    return asked.strip() if isinstance(asked, str) else None
 
 
 def _pairwise(args: argparse.Namespace) -> int:

@@ -142,6 +142,7 @@ def recorded_recipe(run: dict[str, Any]) -> str:
     """The run's recipe as runs.db recorded it, written into its folder: what a resume reads (the file it
     was launched from may have changed, or be relative to another directory)."""
     path = Path(run["output_dir"]) / RECORDED_RECIPE
+    path.parent.mkdir(parents=True, exist_ok=True)  # gone with nothing in it: a run started over makes it again
     path.write_text(recipe_text(run), encoding="utf-8")
     return str(path)
 
@@ -831,6 +832,12 @@ def _tracked_run(
         run_id = int(given) if given is not None else register_run(store, stage, recipe, recipe_path, overrides)
         # Absolute, as the row's: checkpoint paths recorded from it must hold from any directory.
         handle = RunHandle(run_id, Path(recipe.output_root).resolve() / str(run_id), store)
+        if given is not None and stage != "eval" and recipe.stage(stage).resume_from_checkpoint is False \
+                and has_checkpoint({"output_dir": str(handle.output_dir)}):
+            # Started over as never trained, yet it holds a checkpoint now (resumed and trained meanwhile):
+            # training from the first step would write over it.
+            raise RecipeError(f"run {run_id} holds a checkpoint in {handle.output_dir}: it trained since it was "
+                              "started over; resume it instead")
         _start_stretch(store, run_id, handle, world)
     except BaseException:
         with suppress(StopRequested):  # the registration's own failure is the one to tell

@@ -535,9 +535,12 @@ class Store:
         owner = folder_owner(run["output_dir"]) if run.get("output_dir") else None
         return owner is not None and owner.get("db_id") == self.db_id and owner.get("run_id") == run["id"]
 
-    def claim_for_resume(self, run_id: int, change: Mapping[str, Any] | None = None) -> bool:
+    def claim_for_resume(self, run_id: int, change: Mapping[str, Any] | None = None,
+                         untrained: bool = False) -> bool:
         """Make an ended run pending again, in one transaction: of two resumes at once only one wins.
         `change`: fields the resume changes (an allowed --set: its config and overrides), written with it.
+        `untrained`: a start over, only if the run has still trained no step (another resume may have since
+        it was looked at: then starting over would train its steps again over its checkpoints).
 
         A launched run counts as ended only once its supervisor has recorded the exit code (its trainer
         writes "stopped" before its processes are gone), or once it was found with its processes gone
@@ -553,7 +556,8 @@ class Store:
                 "ended = NULL, orphaned = NULL, stop_requested = NULL, pid = ?, pgid = NULL, pgid_started = ?, "
                 "host = ?, segments = COALESCE(?, segments) WHERE id = ? "
                 "AND status NOT IN ('pending', 'running') "
-                "AND (launch IS NULL OR exit_code IS NOT NULL OR orphaned IS NOT NULL)",
+                "AND (launch IS NULL OR exit_code IS NOT NULL OR orphaned IS NOT NULL)"
+                + (" AND COALESCE(step, 0) = 0" if untrained else ""),
                 [me, process_start(me), socket.gethostname(), segments, run_id]).rowcount
             if changed == 1 and change:
                 db.conn.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in change)} WHERE id = ?",

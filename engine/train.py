@@ -204,7 +204,7 @@ def _check_sources_distinct(recipe: Recipe, stage: Stage) -> None:
     """A source listed twice, or a split asked of a file, is refused for a new run; a resume continues the
     run as it was recorded."""
     section = recipe.stage(stage)
-    if section.resume_from_checkpoint:
+    if section.resume_from_checkpoint is not None:  # a recorded run: resumed, or (false) started over
         return
     field = f"{stage}.{'prompts' if stage == 'ppo' else 'data'}"
     sources = getattr(section, field.split(".")[1])

@@ -90,7 +90,8 @@ def test_a_bad_eval_folder_names_file_and_line(tmp_path):
     assert [(i.id, i.question) for i in load_items(tmp_path)] == [(1, "q1"), (2, "q2")]  # an old Mac's line ends
     (tmp_path / "eval_set.json").write_bytes('{"question": "q1", "std_answer": "a", "class": "math"}\n'
                                              '{"question": "问题", "std_answer": "a", "class": "math"}\n'.encode("gbk"))
-    with pytest.raises(BelleError, match=r"eval_set.json:2: not UTF-8 \(byte 0xce\): it reads as GB18030; convert"):
+    with pytest.raises(BelleError, match=r"eval_set.json:2: not UTF-8 \(byte 0xce\): it reads as GB18030 \(or the "
+                                         r"file is damaged there\); convert"):
         load_items(tmp_path)
     with pytest.raises(BelleError, match=r"nodir: no such folder \(an eval folder holds eval_set.json and "):
         load_items(tmp_path / "nodir")

@@ -484,8 +484,9 @@ async def test_the_chats_footer_fits_80_columns_and_help_has_the_full_words(work
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 20, "the chat")
         await pilot.press("escape")  # out of the question box: the screen's keys
-        keys = app.screen.query(FooterKey)
-        await wait_for(pilot, lambda: keys.first().region.width > 0, 10, "the footer drawn")
+        await wait_for(pilot, lambda: any(k.region.width > 0 and k.description == "Back"
+                                          for k in app.screen.query(FooterKey)), 10, "the footer drawn")
+        keys = list(app.screen.query(FooterKey))
         palette = [k for k in keys if k.has_class("-command-palette")]
         edge = palette[0].region.x if palette else 80
         shown = {k.description for k in keys if not k.has_class("-command-palette")}

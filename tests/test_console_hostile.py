@@ -3,6 +3,7 @@ read from it, no escape sequence reaches the terminal, an endless log line costs
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -182,13 +183,16 @@ async def test_end_and_page_down_on_a_table_without_rows_do_nothing(workdir):
 async def test_r_on_a_run_without_a_checkpoint_says_so_before_asking(workdir):
     """Nothing to resume from (steps trained, no save completed): said at once, instead of a question whose
     yes then fails. One that ended before its first step is offered a start over."""
+    launched = json.dumps({"accelerate_config": "/c/cpu.yaml", "num_processes": None})
     with Store(os.environ["RLHF_DB"]) as store:
-        run_id = store.create_run(stage="sft", name="tiny", recipe="r.yaml", config="{}")
+        run_id = store.create_run(stage="sft", name="tiny", recipe="r.yaml", config="{}", launch=launched)
         store.update_run(run_id, status="failed", exit_code=1, step=4)
-        unstarted = store.create_run(stage="sft", name="tiny", recipe="r.yaml", config="{}")
+        unstarted = store.create_run(stage="sft", name="tiny", recipe="r.yaml", config="{}", launch=launched)
         store.update_run(unstarted, status="stopped", exit_code=143)
-        done = store.create_run(stage="ppo", name="tiny", recipe="r.yaml", config="{}")
+        done = store.create_run(stage="ppo", name="tiny", recipe="r.yaml", config="{}", launch=launched)
         store.update_run(done, status="done", exit_code=0, step=20)
+        alone = store.create_run(stage="sft", name="tiny", recipe="r.yaml", config="{}")  # by `rlhf train`
+        store.update_run(alone, status="stopped", exit_code=143, step=3)
         folder = Path(store.run(run_id)["output_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "checkpoint-3.partial").mkdir()  # saves that never completed are not ones
@@ -200,6 +204,14 @@ async def test_r_on_a_run_without_a_checkpoint_says_so_before_asking(workdir):
         await pilot.press("r")
         await wait_for(pilot, lambda: any(f"run {done} is done at step 20: a resume would train nothing" in
                                           str(n.message) for n in app._notifications), 10, "why not")
+        assert not isinstance(app.screen, ConfirmScreen)
+        assert f"rlhf launch ppo --resume-run {done} --db " in next(
+            str(n.message) for n in app._notifications if "is done at step" in str(n.message))
+        app.home.select_run(alone)  # no accelerate config to launch it with: said before, not after, the question
+        await pilot.press("r")
+        await wait_for(pilot, lambda: any(f"run {alone} was started in its own terminal, not launched: resume it the "
+                                          f"same way, `rlhf train sft --resume-run {alone}" in str(n.message)
+                                          for n in app._notifications), 10, "how to resume it")
         assert not isinstance(app.screen, ConfirmScreen)
         app.home.select_run(unstarted)
         await pilot.press("r")

@@ -471,6 +471,9 @@ def test_a_quit_says_which_runs_it_leaves_going(tmp_path):
     db = tmp_path / "runs.db"
     runs = {1: {"id": 1, "stage": "sft", "status": "done"}, 3: {"id": 3, "stage": "ppo", "status": "running"},
             2: {"id": 2, "stage": "rm", "status": "pending"}}
-    assert still_going(runs, db) == (f"runs 2 (rm), 3 (ppo) still going, in their own processes: rlhf runs --db {db} "
-                                     f"shows them, rlhf console --db {db} watches them again")
-    assert still_going({1: runs[1]}, db) is None
+    assert still_going(runs, db, tmp_path / "elsewhere" / "runs.db") == (
+        f"runs 2 (rm), 3 (ppo) still going, in their own processes: rlhf runs --db {db} shows them, rlhf console "
+        f"--db {db} watches them again")
+    assert still_going({3: runs[3]}, db, db) == ("run 3 (ppo) still going, in its own process: rlhf runs shows "
+                                                 "them, rlhf console watches them again")
+    assert still_going({1: runs[1]}, db, db) is None

@@ -111,9 +111,15 @@ def test_a_file_in_another_encoding_is_refused_not_half_read(tmp_path):
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     gbk = tmp_path / "gbk.jsonl"
     gbk.write_bytes(text.encode("gb18030"))
-    with pytest.raises(DataError, match=rf"{gbk}:3: not UTF-8, nor is line 1.*reads as GB18030; convert it to "
+    with pytest.raises(DataError, match=rf"{gbk}:3: not UTF-8, nor is line 1.*reads as GB18030 .*; convert it to "
                                         r"UTF-8 first \(iconv -f GB18030 -t UTF-8\)"):
         loaded(load_conversations, DataSource(path=str(gbk)))
+    # Accented Latin letters decode as GB18030 too (one with the letter after it): not called Chinese
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes("".join(json.dumps({"instruction": f"naïve Übersetzung {i}", "output": "größer"},
+                                         ensure_ascii=False) + "\n" for i in range(5)).encode("cp1252"))
+    with pytest.raises(DataError, match=r"reads as CP1252 .*\(iconv -f CP1252 -t UTF-8\)"):
+        loaded(load_conversations, DataSource(path=str(latin)))
     utf16 = tmp_path / "utf16.jsonl"
     utf16.write_bytes(text.encode("utf-16"))
     with pytest.raises(DataError, match=rf"{utf16}:1: not UTF-8: it reads as UTF-16"):

@@ -953,10 +953,13 @@ def test_why_a_run_cannot_resume_is_said_as_it_is(tmp_path):
     assert "before its first checkpoint" in said and "--resume-run" not in said
     with pytest.raises(RecipeError, match=f"run {early} has no checkpoint in .* to resume from"):
         check_resumable(db, early, "sft")
+    with Store(db) as store:  # a start over decided before it trained: its claim then fails
+        assert not store.claim_for_resume(early, untrained=True) and store.run(early)["status"] == "stopped"
     # Nothing trained: started over from its recorded recipe, in its own row.
     said = after_stop("sft", unstarted, db)
     assert said == f"it stopped before its first step: nothing was trained; start it over with: rlhf train sft " \
                    f"--resume-run {unstarted} --db {db}"
+    shutil.rmtree(tmp_path / "runs" / str(unstarted))  # nothing in it to lose: made again
     _, overrides, change = resume_recipe(db, unstarted, "sft", [])
     assert overrides == ["sft.resume_from_checkpoint=false"] and change is None
     with pytest.raises(RecipeError, match="add --allow-change to start it over with the change"):

@@ -562,12 +562,20 @@ class RunsScreen(Screen):
             self.notify(f"pipeline {pipeline['id']} is done: every stage through {pipeline['through']} finished",
                         severity="warning")
             return
+        from engine.run import has_checkpoint, never_trained, resume_hint
+
+        launched = bool((json.loads(run.get("launch") or "null") or {}).get("accelerate_config"))
         if pipeline is None and run["stage"] != "eval" and run["status"] == "done":
-            self.notify(f"run {run['id']} is done at step {run['step']}: a resume would train nothing; to train it "
-                        f"further: rlhf launch {run['stage']} --resume-run {run['id']} --allow-change --set (more "
-                        "steps)", severity="warning")
+            more = "ppo.steps=N" if run["stage"] == "ppo" else f"{run['stage']}.train.max_steps=N"
+            command = resume_hint(run["stage"], run["id"], self.app.db_path, "launch" if launched else "train")
+            self.notify(f"run {run['id']} is done at step {run['step'] or 0}: a resume would train nothing; to train "
+                        f"it further: {command} --allow-change --set {more} (N past its step)", severity="warning")
             return
-        from engine.run import has_checkpoint, never_trained
+        if pipeline is None and run["stage"] != "eval" and not launched:
+            # Guessing its accelerate config (a CPU config for a GPU run, say) would be worse than asking.
+            self.notify(f"run {run['id']} was started in its own terminal, not launched: resume it the same way, "
+                        f"`{resume_hint(run['stage'], run['id'], self.app.db_path)}`", severity="warning")
+            return
 
         over = never_trained(run)
         if run["stage"] != "eval" and run.get("pipeline_id") is None and not has_checkpoint(run) and not over:
@@ -847,9 +855,14 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
         judged_again = config.get("answers_from") is not None  # its answers' settings are its source's
         if not judged_again and config.get("checkpoint"):
             argv.append(config["checkpoint"])
+        # What the command refuses as ignored (an older record may hold it): an endpoint's settings beside the
+        # reward model's judge, a second subset
+        ignored = {"judge_url", "judge_model", "price_per_1k"} if config.get("judge") == "rm" else set()
+        if config.get("limit") is not None:
+            ignored.add("per_class")
         for key, value in config.items():
             if key == "checkpoint" or value is None or value is False or defaults.get(key, ...) == value \
-                    or (judged_again and key in ANSWERED_BY):
+                    or (judged_again and key in ANSWERED_BY) or key in ignored:
                 continue
             flag = "--" + key.replace("_", "-")
             argv += [flag] if value is True else [flag, str(value)]

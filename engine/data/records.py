@@ -93,20 +93,31 @@ def encoding_guess(raw: bytes) -> str | None:
     """The encoding bytes that are not UTF-8 are likely in, where one is a likely guess."""
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         return "UTF-16"
-    try:
-        text = raw.decode("gb18030")
-    except UnicodeDecodeError:
+    high = [i for i, byte in enumerate(raw) if byte >= 0x80]
+    if not high:
         return None
-    # Chinese characters: BELLE-like data saved by a tool that writes GBK
-    return "GB18030" if any("\u4e00" <= char <= "\u9fff" for char in text) else None
+    # A GBK Chinese character is two bytes above ASCII; an accented Latin letter one byte between ASCII
+    # ones. GB18030 decodes both (an accent and the letter after it make a CJK character), so the pairing
+    # decides: converting a German file "from GB18030" would make Chinese of it.
+    paired = sum(1 for i in high if (i + 1 < len(raw) and raw[i + 1] >= 0x80) or (i > 0 and raw[i - 1] >= 0x80))
+    candidates = ("gb18030", "cp1252") if paired >= 0.8 * len(high) else ("cp1252",)
+    for encoding in candidates:
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if encoding == "cp1252" or any("\u4e00" <= char <= "\u9fff" for char in text):
+            return encoding.upper()
+    return None
 
 
 def not_utf8(raw: bytes) -> str:
-    """How to say that a file is not UTF-8, with the conversion that fixes it."""
+    """How to say that bytes are not UTF-8, with the conversion that fixes them where one is likely."""
     guess = encoding_guess(raw)
     if guess is None:
-        return "the file is in another encoding; convert it to UTF-8 first"
-    return f"it reads as {guess}; convert it to UTF-8 first (iconv -f {guess} -t UTF-8)"
+        return "the file is in another encoding, or damaged there; convert it to UTF-8, or fix those bytes"
+    return (f"it reads as {guess} (or the file is damaged there); convert it to UTF-8 first "
+            f"(iconv -f {guess} -t UTF-8)")
 
 
 def _json_array(path: Path) -> Iterator[RawRecord]:

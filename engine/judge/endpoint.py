@@ -212,15 +212,17 @@ class EndpointJudge:
             return key, self._verdict(cached["reply"], answer, 0, 0, 0)
         calls = [0]
         tokens: list[int | None] = [0, 0]
+        reply = ""
         try:
-            reply = ""
             for _ in range(2):  # a reply without a score is asked again once
                 reply, p, c = self.call(request, calls, dropped)
                 tokens = [None if t is None or u is None else t + u for t, u in zip(tokens, (p, c))]
                 if parse_score(reply, answer).score is not None:
                     break
         except CallFailed as err:
-            return key, Verdict(None, FAILED, "", str(err), tokens[0], tokens[1], calls[0])
+            if not reply:
+                return key, Verdict(None, FAILED, "", str(err), tokens[0], tokens[1], calls[0])
+            # The second ask failed (or a stop cut it): the first reply, paid for, is the verdict (unscored)
         verdict = self._verdict(reply, answer, tokens[0], tokens[1], calls[0])
         if self.cache is not None and verdict.status == SCORED:
             self.cache.put(key, self.label, request, reply, (tokens[0], tokens[1]))
@@ -252,8 +254,14 @@ class EndpointJudge:
         calls = ((job_id, (prompt, answer, self.batch_event)) for job_id, prompt, answer in jobs)
         for job_id, future in as_completed_calls(self.judge, calls, self.concurrency, stop, self.drop_in_flight,
                                                  settle=self.no_more_tries, drain_s=DRAIN_S):
-            key, verdict = future.result()
-            if verdict.status == FAILED and stop is not None and stop.is_set():
+            stopping = stop is not None and stop.is_set()
+            try:
+                key, verdict = future.result()
+            except JudgeRefused:
+                if stopping:  # the run ends stopped; its resume meets the refusal first thing
+                    continue
+                raise
+            if verdict.status == FAILED and stopping:
                 continue  # a call the stop cut short (no retry): not the judge's verdict; a resume asks it
             yield job_id, key, verdict
 
