@@ -377,8 +377,10 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
             cells = []
             for c in COLUMNS:
                 cell = r.cells[c]
-                cells += [_rounded(cell.mean), _rounded(cell.low), _rounded(cell.high), cell.n, cell.unscored,
-                          cell.not_judged, int(k in best.get(c, set()))]
+                counted = r.run_id is not None  # the published row has means only, no items to count
+                cells += [_rounded(cell.mean), _rounded(cell.low), _rounded(cell.high),
+                          *((cell.n, cell.unscored, cell.not_judged) if counted else (None, None, None)),
+                          int(k in best.get(c, set()))]
             writer.writerow([r.name, r.run_id or "", r.judge, r.settings.get("checkpoint", ""),
                              r.settings.get("eval_dir", ""), r.size or "", *["" if v is None else v for v in cells]])
         return out.getvalue()

@@ -779,6 +779,7 @@ def test_evaluations_of_one_checkpoint_are_told_apart_by_their_settings(tmp_path
     assert exported[1]["questions"] == 1 and exported[-1]["settings"] is None  # the old record's are unknown
     as_csv = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
     assert (as_csv[1]["checkpoint"], as_csv[1]["eval_dir"], as_csv[1]["questions"]) == ("/m", "/e", "1")
+    assert as_csv[0]["rewrite n"] == "" and as_csv[1]["rewrite n"] == "1"  # the published row counts no items
     assert f"evaluation run {rows[1].run_id}: /m answering 1 question of /e, judged by judge;" in render(rows)
     limited = EvalConfig(**base, limit=20)
     assert (limited.shown_name(20), limited.shown_name(5), limited.shown_name()) == (
