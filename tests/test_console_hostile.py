@@ -23,7 +23,8 @@ def hostile_runs(workdir: Path) -> tuple[int, int]:
     with Store(os.environ["RLHF_DB"]) as store:
         running = store.create_run(stage="sft", name="exp [lr=1e-5]", recipe="r.yaml", config="{}")
         store.update_run(running, status="running", started=1.0)
-        stopped = store.create_run(stage="ppo", name=f"tiny [/] {ESC_FILL}\x1b[2J", recipe="r.yaml", config="{}")
+        stopped = store.create_run(stage="ppo", name=f"tiny [/] {ESC_FILL}\x1b[2J", recipe="r.yaml", config="{}",
+                                   launch=json.dumps({"accelerate_config": "/c/cpu.yaml"}))  # r asks
         folder = workdir / "data" / "runs[old]" / str(stopped)
         (folder / "checkpoint-1").mkdir(parents=True)
         (folder / "checkpoint-1" / "trainer_state.json").write_text("{}")  # complete: r asks to resume
