@@ -808,6 +808,16 @@ def _start_stretch(store: Store | None, run_id: int, handle: RunHandle, world: i
     store.update_run(run_id, **fields)
 
 
+def _cut_short(handle: RunHandle, store: Any) -> str:
+    """The error of a run a second Ctrl-C ended before its stop could save: what a resume will do with it."""
+    said = "interrupted by a second Ctrl-C before the stop could save; "
+    if has_checkpoint({"output_dir": str(handle.output_dir)}):
+        return said + "resume from the last checkpoint"
+    trained = store is not None and bool(store.run(handle.run_id).get("step"))
+    return said + ("no checkpoint was saved: launch it again" if trained
+                   else "it trained no step: a resume starts it over")
+
+
 @contextmanager
 def _tracked_run(
     db_path: str | os.PathLike, stage: Stage, recipe: Recipe, recipe_path: str, overrides: list[str]
@@ -879,8 +889,8 @@ def _tracked_run(
         # Input the run could not use (data found bad once read whole) is said as the command line says it,
         # without a traceback through the trainer: the fix is in the input.
         bad_input = isinstance(err, BAD_INPUT)
-        error = ("interrupted by a second Ctrl-C before the stop could save; resume from the last checkpoint"
-                 if isinstance(err, KeyboardInterrupt) else f"error: {err}" if isinstance(err, (*BAD_INPUT, RunFailed))
+        error = (_cut_short(handle, store) if isinstance(err, KeyboardInterrupt)
+                 else f"error: {err}" if isinstance(err, (*BAD_INPUT, RunFailed))
                  else "".join(traceback.format_exception(err))[-4000:])
         # A second Ctrl-C ends the process as the shell reports it: 130, the same in runs.db.
         end("failed", exit_code=130 if isinstance(err, KeyboardInterrupt) else EXIT_BAD_INPUT if bad_input else 1,

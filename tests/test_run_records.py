@@ -532,6 +532,9 @@ def test_a_run_in_this_process_puts_back_the_signal_handlers_it_found(workdir):
             assert "Traceback" in log and "ValueError: boom" in log
         if ending == "bad input":  # and in runs.db, where the console shows it
             assert log == "error: sft.data.0: x.jsonl: no usable SFT record\n" == row["error"] + "\n"
+        if ending == "second Ctrl-C":  # what its resume does: nothing trained, no checkpoint (it said "resume
+            # from the last checkpoint", and the resume found none)
+            assert row["error"].endswith("it trained no step: a resume starts it over")
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
