@@ -562,6 +562,10 @@ def _describe(err: ValidationError, source: RecipeSource) -> RecipeError:
                     message = f"the {e['loc'][0]} stage has no such setting ({' and '.join(others)} {have} it)"
         elif e["type"] == "missing":
             message = "required field is missing"
+        elif e["type"] == "model_type" and isinstance(e.get("input"), str):
+            # `model: runs/2/final`, `--set ppo.model=PATH`: a section given as one value
+            message = f"a section, not a value: its fields go below it, e.g. {field}.path={e['input']}" \
+                if field.endswith("model") else "a section, not a value: its fields go below it"
         elif e["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, "
             message = str(e["ctx"]["error"]) if "error" in e.get("ctx", {}) else message
         problems.append(f"{source.locate(field)}: {field or '(top level)'}: {message}")

@@ -208,3 +208,10 @@ def test_a_stage_field_given_for_the_whole_recipe_names_the_stages_that_have_it(
     with pytest.raises(RecipeError, match=r"sft.reward_fn: the sft stage has no such setting \(ppo has it\)"):
         load_recipe(TINY, ["sft.reward_fn=x:y"])
 
+
+
+def test_a_section_given_as_one_value_says_where_its_fields_go(tmp_path):
+    """`--set ppo.model=runs/2/final` got pydantic's 'a valid dictionary or instance of ModelSpec'."""
+    with pytest.raises(RecipeError, match="ppo.model: a section, not a value: its fields go below it, e.g. "
+                                          "ppo.model.path=runs/2/final"):
+        load_recipe(TINY, ["ppo.model=runs/2/final"])
