@@ -440,6 +440,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     note = reward_note(recipe, present) if not args.stage else None
     if note:  # as the whole recipe would run: a pipeline
         print(f"note: {note}", file=sys.stderr)
+    launched = [s for s in ([args.stage] if args.stage else present) if s != "eval"]
+    if args.accelerate_config and launched:  # the launch's own checks passed too: said, not left to be inferred
+        them = "it" if len(launched) == 1 else "them"
+        print(f"ok: {', '.join(launched)} can launch as {args.accelerate_config} starts {them}", file=sys.stderr)
     # flushed here: a reader gone by now is met inside main, not in Python's flush at exit
     print(json.dumps(recipe.model_dump(), indent=2, ensure_ascii=False), flush=True)
     return 0

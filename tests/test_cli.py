@@ -119,6 +119,7 @@ def test_data_that_cannot_train_is_exit_2_before_anything_is_registered(workdir)
     assert checked.returncode == 2 and "pairs.jsonl:2: not valid JSON (Expecting ',' delimiter" in checked.stderr
     checked = rlhf("check", str(TINY), "--stage", "sft", "--accelerate-config", accel)
     assert checked.returncode == 0, checked.stderr[-1500:]
+    assert f"ok: sft can launch as {accel} starts it" in checked.stderr  # said, not left to be inferred
     checked = rlhf("check", str(TINY), "--accelerate-config", str(REPO / "configs/accelerate/zero3.yaml"))
     assert checked.returncode == 2 and "zero3.yaml" in checked.stderr, checked.stderr[-1500:]
     result = rlhf("train", "rm", str(TINY), "--set", "rm.data=[{path: pairs.jsonl}]", "--set", "train.max_steps=1",
