@@ -105,7 +105,7 @@ class TextScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide"):
-            yield Static(Text(self.heading, style="bold"))
+            yield Static(Text(self.heading, style="bold") + Text("   Esc closes", style="dim"))
             with VerticalScroll():
                 yield Static(self.body if isinstance(self.body, Text) else Text(self.body))
 
@@ -122,7 +122,7 @@ class SideBySideScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide"):
-            yield Static(Text(self.heading, style="bold"), classes="question")
+            yield Static(Text(self.heading, style="bold") + Text("   Esc closes", style="dim"), classes="question")
             with Horizontal(classes="side-by-side"):
                 for name, text in self.columns:
                     with VerticalScroll(classes="column"):

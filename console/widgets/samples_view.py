@@ -54,7 +54,8 @@ class SampleScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         score = "-" if self.row["score"] is None else f"{self.row['score']:.4f}"
         text = Text()
-        text.append(f"{self.title_text}   score {score}\n\n", style="bold")
+        text.append(f"{self.title_text}   score {score}", style="bold")
+        text.append("   Esc closes\n\n", style="dim")
         text.append("prompt\n", style="bold")
         text.append(terminal_safe(self.row["prompt"]) + "\n\n")
         text.append("response\n", style="bold")
