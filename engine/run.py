@@ -813,9 +813,12 @@ def _cut_short(handle: RunHandle, store: Any) -> str:
     said = "interrupted by a second Ctrl-C before the stop could save; "
     if has_checkpoint({"output_dir": str(handle.output_dir)}):
         return said + "resume from the last checkpoint"
-    trained = store is not None and bool(store.run(handle.run_id).get("step"))
-    return said + ("no checkpoint was saved: launch it again" if trained
-                   else "it trained no step: a resume starts it over")
+    try:
+        trained = store is None or bool(store.run(handle.run_id).get("step"))
+    except Exception:  # runs.db unreadable now (what the resilient store rides out): not known, said so
+        trained = True
+    return said + ("no checkpoint was saved: launch it again (a resume starts over only a run that trained no "
+                   "step)" if trained else "it trained no step: a resume starts it over")
 
 
 @contextmanager
