@@ -637,7 +637,9 @@ def run_console(db: str | None = None, chat: tuple[str, str | None, str] | None 
     # the console never does: it starts without it.
     sys.modules.setdefault("pandas", None)
     db_path = Path(db or os.environ.get("RLHF_DB", "runs.db")).resolve()
-    here = Path("runs.db").resolve()  # what `rlhf runs` reads in the shell the console was started from
+    from engine.store import default_db_path
+
+    here = Path(default_db_path()).resolve()  # what `rlhf runs` reads in the shell the console was started from
     project = db_path.parent
     if not Path("configs").is_dir() and (project / "configs").is_dir() and project != Path.cwd():
         # Started elsewhere with --db: the project's recipes name their model and data relative to the project

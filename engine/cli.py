@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                         raise RecipeError(f"run {args.resume_run} trained with {world} processes; rlhf train runs "
                                           f"one: resume it with rlhf launch {args.stage} --resume-run "
                                           f"{args.resume_run}, or add --allow-change to continue it on one")
-                    over = _how_started(args.resume_run, db) == "started over"
+                    over = overrides[-1] == f"{args.stage}.resume_from_checkpoint=false"  # resume_recipe's decision
                     if not store.claim_for_resume(args.resume_run, change, untrained=over):
                         raise RecipeError(f"run {args.resume_run} is being resumed or is still running (or trained "
                                           "since)")

@@ -195,8 +195,9 @@ def prepare(
                 run_id = register_run(store, stage, recipe, recipe_path, overrides, launch)
             else:
                 run_id = resume_run
-                if not store.claim_for_resume(run_id, {**(change or {}), "launch": launch},
-                                              untrained=never_trained(resumed)):
+                # As resume_recipe decided, not as the row reads now: another resume may have trained since
+                over = overrides[-1] == f"{stage}.resume_from_checkpoint=false"
+                if not store.claim_for_resume(run_id, {**(change or {}), "launch": launch}, untrained=over):
                     raise RecipeError(f"run {run_id} is being resumed or is still running (or trained since)")
             output_dir = Path(store.run(run_id)["output_dir"])
     with _closed_if_not_started(db, run_id if machine_rank == 0 else None):

@@ -94,8 +94,8 @@ def encoding_guess(raw: bytes) -> str | None:
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         return "UTF-16"
     high = [i for i, byte in enumerate(raw) if byte >= 0x80]
-    if not high:
-        return None
+    if not high or 4 * raw.decode("utf-8", errors="replace").count("\ufffd") < len(high):
+        return None  # none, or UTF-8 with a few bad bytes among many good ones: damaged, not converted
     # A GBK Chinese character is two bytes above ASCII; an accented Latin letter one byte between ASCII
     # ones. GB18030 decodes both (an accent and the letter after it make a CJK character), so the pairing
     # decides: converting a German file "from GB18030" would make Chinese of it.
@@ -106,8 +106,12 @@ def encoding_guess(raw: bytes) -> str | None:
             text = raw.decode(encoding)
         except UnicodeDecodeError:
             continue
-        if encoding == "cp1252" or any("\u4e00" <= char <= "\u9fff" for char in text):
-            return encoding.upper()
+        beyond = [char for char in text if ord(char) >= 0x80]
+        if encoding == "gb18030" and any("\u4e00" <= char <= "\u9fff" for char in beyond):
+            return "GB18030"
+        # Latin letters with accents; UTF-8 read as CP1252 would show Ã and â€ pairs instead
+        if encoding == "cp1252" and sum("\u00c0" <= c <= "\u00ff" and c not in "ÃÂâ" for c in beyond) * 2 > len(beyond):
+            return "CP1252"
     return None
 
 
