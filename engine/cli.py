@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_eval_command(args)
         if args.command == "train":
-            from engine.run import EXIT_STOPPED, RUN_ID_ENV, after_stop, exit_code_of, resume_recipe, say
+            from engine.run import EXIT_STOPPED, RUN_ID_ENV, after_stop, exit_code_of, resume_recipe, say, started_over
             from engine.store import Store, default_db_path
             from engine.train import configure_logging, run_stage, validate
 
@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                         raise RecipeError(f"run {args.resume_run} trained with {world} processes; rlhf train runs "
                                           f"one: resume it with rlhf launch {args.stage} --resume-run "
                                           f"{args.resume_run}, or add --allow-change to continue it on one")
-                    over = overrides[-1] == f"{args.stage}.resume_from_checkpoint=false"  # resume_recipe's decision
+                    over = started_over(overrides, args.stage)
                     if not store.claim_for_resume(args.resume_run, change, untrained=over):
                         raise RecipeError(f"run {args.resume_run} is being resumed or is still running (or trained "
                                           "since)")

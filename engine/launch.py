@@ -54,6 +54,7 @@ from engine.run import (
     register_run,
     resume_from,
     resume_recipe,
+    started_over,
     supervisor_alive,
 )
 from engine.store import Store, default_db_path
@@ -196,8 +197,8 @@ def prepare(
             else:
                 run_id = resume_run
                 # As resume_recipe decided, not as the row reads now: another resume may have trained since
-                over = overrides[-1] == f"{stage}.resume_from_checkpoint=false"
-                if not store.claim_for_resume(run_id, {**(change or {}), "launch": launch}, untrained=over):
+                if not store.claim_for_resume(run_id, {**(change or {}), "launch": launch},
+                                              untrained=started_over(overrides, stage)):
                     raise RecipeError(f"run {run_id} is being resumed or is still running (or trained since)")
             output_dir = Path(store.run(run_id)["output_dir"])
     with _closed_if_not_started(db, run_id if machine_rank == 0 else None):

@@ -362,6 +362,12 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
     return path, [*overrides, f"{field}={where}"], change
 
 
+def started_over(overrides: list[str], stage: Stage) -> bool:
+    """Whether the overrides resume_recipe gave start the run over (its decision, read back where the run
+    is claimed: the row may read otherwise by then)."""
+    return bool(overrides) and overrides[-1] == f"{stage}.resume_from_checkpoint=false"
+
+
 def _check_steps(run: dict[str, Any], stage: Stage, recorded: Recipe, changed: Recipe, target: Path) -> None:
     """The steps asked for go on from checkpoint `target`: more than a finished run has, not fewer than the
     checkpoint has trained."""
