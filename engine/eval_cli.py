@@ -222,8 +222,10 @@ def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
             if run_ids is None and run["status"] == "failed" and all(i.get("score") is None for i in items):
                 continue  # a run that failed before any score (a bad checkpoint, a judge down): a row of dashes
             judge = next((i["judge"] for i in items if i.get("judge")), "")
-            row = summarize(_shown_name(run, len(items) or None), items, run["id"], judge)
-            row.settings = _settings(run)
+            config = _recorded(run)
+            row = summarize(config.shown_name(len(items) or None) if config else run["name"], items, run["id"],
+                            judge)
+            row.settings = config.model_dump() if config else {}
             rows.append(row)
     return rows
 
@@ -239,16 +241,17 @@ def _settings(run: dict) -> dict:
     return settings if isinstance(settings, dict) and "checkpoint" in settings else {}
 
 
-def _shown_name(run: dict, size: int | None = None) -> str:
-    """The run's label with what sets its settings apart (its record predating a field: the label alone)."""
+def _recorded(run: dict):
+    """The evaluation's recorded settings (EvalConfig), read once for its label and its export; None of a
+    record that predates a field (its label alone, no settings)."""
     from pydantic import ValidationError
 
     from engine.evaluate import EvalConfig
 
     try:
-        return EvalConfig.model_validate_json(run["config"] or "{}").shown_name(size)
+        return EvalConfig.model_validate_json(run["config"] or "{}")
     except ValidationError:
-        return run["name"]
+        return None
 
 
 def _eval_run_ids(db: Path, wanted: list[int], option: str) -> None:
