@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.belle import SET_FILE, BelleError, Item, coverage, judge_prompt, load_items
 from engine.config import RecipeError, a_run_of
-from engine.judge import estimate_tokens
+from engine.judge import REFUSED, estimate_tokens
 from engine.run import RunFailed
 
 log = logging.getLogger(__name__)
@@ -463,9 +463,10 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                     # Replies, not one score in them: the judge's model or prompt is wrong for this, not noise.
                     reply, why, _ = unscored_replies[0]
                     calls = sum(c for _, _, c in unscored_replies)
+                    first = f"{reply[:200]!r} ({why or 'no score'}); is --judge-model right for a 0-1 score?" \
+                        if reply else f"{why}; does the endpoint take --judge-model's requests?"
                     raise JudgingFailed(f"the judge gave no usable score for {len(unscored_replies)} answers "
-                                       f"({calls} calls), the first: {reply[:200]!r} ({why or 'no score'}); is "
-                                       f"--judge-model right for a 0-1 score? every answer is kept: continue it "
+                                       f"({calls} calls), the first: {first} every answer is kept: continue it "
                                        f"(the unscored are asked again): {resume_hint('eval', run_id, db_path)}")
                 if problems and counts["judged"] == 0 and not stop.requested:
                     # Not one verdict (an endpoint that is down, a wrong URL): a failed run, not a done one with
@@ -483,8 +484,13 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                 from engine.run import resume_hint
 
                 failed = counts["failed"]
-                print(f"judged {counts['judged']} of {n}: {counts['scored']} scored, {counts['unscored']} unscored, "
-                      f"{failed} failed calls", flush=True)
+                # Refused items stay unscored with this judge (a resume asks them again, in vain): the user
+                # hears why, not only a count.
+                refused = [why for _, why, _ in unscored_replies if why and why.startswith(REFUSED)]
+                refusals = f" ({len(refused)} refused by the judge, the first: {refused[0][len(REFUSED):]})" \
+                    if refused else ""
+                print(f"judged {counts['judged']} of {n}: {counts['scored']} scored, {counts['unscored']} unscored"
+                      f"{refusals}, {failed} failed calls", flush=True)
                 try:
                     written = write_results(evals, run_id, config, handle.output_dir)
                     print(f"results: {', '.join(str(p) for p in written)}", flush=True)

@@ -404,6 +404,42 @@ def test_a_judge_that_never_gives_a_score_fails_the_run_and_is_asked_again_once_
         assert {j["judge"] for j in EvalStore(store).judgments(1)} == {f"openai:tiny-judge-v2@{server.url}"}
 
 
+def test_an_item_the_judge_refuses_is_unscored_with_the_reason_and_a_judge_refusing_all_fails(workdir):
+    """An HTTP 400 for one item (its prompt over the judge's context) kept the run failed, and every
+    resume asked it again in vain: it is that item's verdict, unscored, and the run is done. A judge that
+    refuses every call (a request its model does not take) gives no score: the run fails, saying why."""
+    write_sample(workdir / "belle", per_class=1)
+    fixed = threading.Event()
+
+    def script(body: dict, index: int) -> tuple:
+        if not fixed.is_set() or "请给math类" in body["messages"][-1]["content"]:
+            return ("status", 400, "This model's maximum context length is 8 tokens")
+        return score_by_answer(body, index)
+
+    server = JudgeServer(script)
+    env = {"THE_JUDGE_KEY": KEY}
+    try:
+        result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server), "--limit", "3",
+                           env=env)
+        assert result.returncode == 1 and run_row(1)["status"] == "failed", result.stderr[-2000:]
+        assert ("the judge gave no usable score for 3 answers (3 calls), the first: the judge refused it: "
+                "HTTP 400: This model's maximum context length is 8 tokens; does the endpoint take "
+                "--judge-model's requests?") in result.stderr
+        assert len(server.calls) == 3  # refusals are not retried
+        fixed.set()
+        resumed = rlhf_eval("belle", "--resume-run", "1", env=env)
+        assert resumed.returncode == 0 and run_row(1)["status"] == "done", resumed.stderr[-2000:]
+        assert ("judged 3 of 3: 2 scored, 1 unscored (1 refused by the judge, the first: HTTP 400: This model's "
+                "maximum context length is 8 tokens), 0 failed calls") in resumed.stdout
+    finally:
+        server.close()
+    with Store(os.environ["RLHF_DB"]) as store:
+        judged = {j["class"]: j for j in EvalStore(store).scored_items(1)}
+    assert judged["math"]["status"] == "unscored" and judged["math"]["score"] is None
+    assert judged["math"]["problem"].startswith("the judge refused it: HTTP 400")
+    assert sorted(j["status"] for j in judged.values()) == ["scored", "scored", "unscored"]
+
+
 def test_a_done_evaluation_with_an_unscored_reply_resumes_to_ask_it_again(workdir):
     """Done: every answer has a verdict, one of them a reply without a score. A resume asks that one again
     (it was refused: 'every question has its verdict'); a run with every answer scored is still refused."""

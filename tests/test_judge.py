@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from engine.judge import FAILED, SCORED, UNSCORED
+from engine.judge import FAILED, REFUSED, SCORED, UNSCORED
 from engine.judge.endpoint import EndpointJudge, JudgeRefused, JudgeSetupError
 from engine.store import EvalStore, Store
 from tests.judge_server import JudgeServer
@@ -73,13 +73,18 @@ def test_transient_failures_are_retried_and_every_outcome_recorded(cache, monkey
     assert row["reply"] == "得分: 0.2" and "sk-test-secret" not in row["request"]
 
 
-def test_a_refusal_that_will_not_change_is_not_retried(cache, monkeypatch):
+@pytest.mark.parametrize("code", [400, 413, 422])
+def test_a_refusal_of_one_item_is_its_verdict_not_retried(cache, monkeypatch, code):
+    """A prompt too long for the judge, a content filter: no retry or resume changes it, so the item is
+    unscored with the refusal as its reason (a failed call kept its run from ever ending), nothing cached."""
     monkeypatch.setenv("JUDGE_KEY", "k")
-    server = JudgeServer(lambda body, index: ("status", 400, "this prompt is too long"))
+    server = JudgeServer(lambda body, index: ("status", code, "this prompt is too long"))
     try:
         judge = EndpointJudge(server.url, "m", "JUDGE_KEY", cache=cache, retries=5, backoff_s=0.01)
-        _, verdict = judge.judge("p", "")
-        assert verdict.status == FAILED and verdict.calls == 1 and "400" in verdict.problem
+        key, verdict = judge.judge("p", "")
+        assert verdict.status == UNSCORED and verdict.calls == 1 and verdict.reply == ""
+        assert verdict.problem == f"{REFUSED}HTTP {code}: this prompt is too long"
+        assert cache.get(key) is None
     finally:
         server.close()
 

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 SCORED, UNSCORED, FAILED = "scored", "unscored", "failed"
+# An unscored verdict's reason when the endpoint refused the call for what it holds (a prompt too long for
+# the judge, a content filter): the item's answer for good, where a reply without a score may be noise.
+REFUSED = "the judge refused it: "
 
 
 @dataclass

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
 
-from engine.judge import FAILED, SCORED, UNSCORED, Verdict, request_key
+from engine.judge import FAILED, REFUSED, SCORED, UNSCORED, Verdict, request_key
 from engine.judge.parse import parse_score
 from engine.run import RunFailed
 
@@ -45,6 +45,12 @@ class Cache(Protocol):
 
 class CallFailed(RuntimeError):
     pass
+
+
+class CallRefused(CallFailed):
+    """The endpoint refused this call for what it holds (HTTP 400, 413, 422: a prompt over the judge's
+    context, a content filter): no retry and no resume changes that, so it is the item's verdict (unscored,
+    with the refusal as its reason), not a failure that keeps the run from ending."""
 
 
 class JudgeRefused(RunFailed):
@@ -186,7 +192,7 @@ class EndpointJudge:
                     raise JudgeRefused(f"the judge at {self.base_url} refused the call ({last}): check "
                                        "--judge-key-env, --judge-model and --judge-url") from None
                 if err.status_code not in (408, 409, 429) and err.status_code < 500:
-                    raise CallFailed(last) from None
+                    raise CallRefused(last) from None
                 error: Exception = err
             except transient as err:
                 last, error = self._scrub(f"{type(err).__name__}: {err}"), err
@@ -219,6 +225,9 @@ class EndpointJudge:
                 tokens = [None if t is None or u is None else t + u for t, u in zip(tokens, (p, c))]
                 if parse_score(reply, answer).score is not None:
                     break
+        except CallRefused as err:
+            if not reply:
+                return key, Verdict(None, UNSCORED, "", f"{REFUSED}{err}", tokens[0], tokens[1], calls[0])
         except CallFailed as err:
             if not reply:
                 return key, Verdict(None, FAILED, "", str(err), tokens[0], tokens[1], calls[0])
