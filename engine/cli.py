@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     belle.add_argument("--concurrency", type=int, help="judge calls in flight")
     belle.add_argument("--judge-retries", type=int, metavar="N",
                        help="tries after a judge call's first failure (a timeout, a 429 or 5xx), with backoff")
+    belle.add_argument("--judge-timeout", type=float, metavar="SECONDS",
+                       help="how long one judge call may take before it counts as failed (a reasoning model's "
+                       "replies take minutes)")
     belle.add_argument("--price-per-1k", type=float, help="judge price per 1,000 tokens, for the cost estimate")
     belle.add_argument("--rewrite-reference", action="store_true", default=None,
                        help="give the judge the reference answer of the 39 rewrite items that have one")
@@ -186,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--judge-retries", type=int, default=5, metavar="N",
                       help="tries after a judge call's first failure (a timeout, a 429 or 5xx), with backoff "
                       "(default: 5)")
+    pair.add_argument("--judge-timeout", type=float, default=120.0, metavar="SECONDS",
+                      help="how long one judge call may take before it counts as failed (default: 120)")
     pair.add_argument("--db", default=None, help=DB_HELP)
     return parser
 

@@ -18,7 +18,7 @@ def _db(args: argparse.Namespace) -> Path:
 
 
 # How a resumed evaluation reaches its judge, and its label: not what its answers and scores are.
-RESUME_MAY_CHANGE = ("judge_key_env", "concurrency", "judge_retries", "price_per_1k", "name")
+RESUME_MAY_CHANGE = ("judge_key_env", "concurrency", "judge_retries", "judge_timeout", "price_per_1k", "name")
 JUDGE_FIELDS = ("judge_url", "judge_model")  # which judge: changed only while nothing is judged
 
 
@@ -129,7 +129,8 @@ def _no_contradiction(args: argparse.Namespace, given: dict) -> None:
     if "limit" in given and "per_class" in given:
         raise RecipeError("--limit and --per-class: give one (the first N questions, or the first N of each class)")
     if given.get("judge") == "rm":
-        ignored = [option(f) for f in ("judge_url", "judge_model", "price_per_1k") if f in given]
+        ignored = [option(f) for f in ("judge_url", "judge_model", "judge_key_env", "concurrency", "judge_retries",
+                                       "judge_timeout", "price_per_1k") if f in given]
         if ignored:
             raise RecipeError(f"{', '.join(ignored)}: --judge rm scores with the reward model, offline: no endpoint, "
                               "no judge model, nothing paid")
@@ -372,8 +373,11 @@ def _pairwise(args: argparse.Namespace) -> int:
                 raise RecipeError("--judge-retries: must be 0 or more")
             if args.concurrency < 1:  # as rlhf eval belle says it
                 raise RecipeError("--concurrency: must be 1 or more")
+            if not args.judge_timeout > 0:
+                raise RecipeError("--judge-timeout: must be more than 0 seconds")
             judge = EndpointJudge(args.judge_url or "", args.judge_model or "", args.judge_key_env, cache=evals,
-                                  concurrency=args.concurrency, retries=args.judge_retries)
+                                  concurrency=args.concurrency, retries=args.judge_retries,
+                                  timeout_s=args.judge_timeout)
         except JudgeSetupError as err:
             raise RecipeError(str(err)) from None
         done = {(r["item_id"], r["first"]) for r in evals.pairwise(args.a, args.b, judge.label)

@@ -70,6 +70,7 @@ class EvalConfig(BaseModel):
     seed: int = Field(0, description="Sampling seed (each question's noise is its own).")
     concurrency: int = Field(8, gt=0, description="Judge calls in flight.")
     judge_retries: int = Field(5, ge=0, description="Tries after a judge call's first failure.")
+    judge_timeout: float = Field(120.0, gt=0, description="Seconds one judge call may take before it is retried.")
     price_per_1k: float | None = Field(None, ge=0, description="Judge price per 1,000 tokens, for the estimate.")
     rewrite_reference: bool = Field(False, description="Give the judge the reference of the 39 rewrite items.")
     answers_from: int | None = Field(None, description="Judge this run's answers instead of generating.")
@@ -330,7 +331,8 @@ def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop:
     from engine.judge.endpoint import EndpointJudge
 
     judge = EndpointJudge(config.judge_url or "", config.judge_model or "", config.judge_key_env, cache=evals,
-                          concurrency=config.concurrency, retries=config.judge_retries)
+                          concurrency=config.concurrency, retries=config.judge_retries,
+                          timeout_s=config.judge_timeout)
     answers = {row["item_id"]: row["answer"] for row in todo}
     to_call = [p for item_id, p in prompts.items() if not judge.cached(p, answers[item_id])]
     print(plan_line(config, to_call, len(prompts) - len(to_call)), flush=True)

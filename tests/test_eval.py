@@ -472,8 +472,11 @@ def test_an_evaluation_with_some_failed_judge_calls_is_not_done_and_its_resume_a
     """Done means every question has its verdict: with one call failed (after its retries), the run fails,
     its other verdicts and its results files kept, and its resume asks that one question again."""
     write_sample(workdir / "belle", per_class=1)
+    release = threading.Event()
+
     def script(body: dict, index: int) -> tuple:
-        if index == 0:
+        if index == 0:  # a call past --judge-timeout
+            release.wait(60)
             return ("status", 500, "upstream overloaded")
         reply = score_by_answer(body, index)
         return ("no-usage", reply[1]) if index == 3 else reply  # the resume's call: a server that keeps it
@@ -482,9 +485,11 @@ def test_an_evaluation_with_some_failed_judge_calls_is_not_done_and_its_resume_a
     env = {"THE_JUDGE_KEY": KEY}
     try:
         result = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", *judge_args(server), "--limit", "3",
-                           "--judge-retries", "0", env=env)
+                           "--judge-retries", "0", "--judge-timeout", "8", env=env)
+        release.set()
         assert result.returncode == 1, result.stderr[-2000:]
         assert "judged 2 of 3: 2 scored, 0 unscored, 1 failed calls" in result.stdout
+        assert "judge calls failed, the first: gave up after 1 try: APITimeoutError" in result.stderr
         # What the calls cost as the server reported it (a character a token): the failed one reported nothing.
         prompt = sum(len(call["messages"][-1]["content"]) for call in server.calls[1:])
         completion = sum(len(score_by_answer(call, k)[1]) for k, call in enumerate(server.calls) if k)
@@ -628,6 +633,12 @@ def test_pairwise_with_a_judge_that_always_prefers_the_first_slot(workdir):
     itself = rlhf_eval("pairwise", "1", "1", "--judge-url", biased.url, "--judge-model", "biased",
                        "--judge-key-env", "THE_JUDGE_KEY", env=env)
     assert itself.returncode == 2 and "run 1 against itself" in itself.stderr
+    for option, value, message in (("--judge-timeout", "0", "--judge-timeout: must be more than 0 seconds"),
+                                   ("--concurrency", "0", "--concurrency: must be 1 or more"),
+                                   ("--judge-retries", "-1", "--judge-retries: must be 0 or more")):
+        bad = rlhf_eval("pairwise", "1", "2", "--judge-url", biased.url, "--judge-model", "biased",
+                        "--judge-key-env", "THE_JUDGE_KEY", option, value, env=env)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-800:]
     # Run 1's answers judged anew (run 3): the same text on both sides is a tie without a call, and says
     # nothing of the judge's position bias.
     again = JudgeServer(score_by_answer)
@@ -739,7 +750,9 @@ def test_options_an_evaluation_would_ignore_are_refused_before_anything_is_regis
     cases = [
         (["demo/model", "--limit", "2", "--per-class", "1"], "--limit and --per-class: give one"),
         (["demo/model", "--judge", "rm", "--reward-model", "demo/model", "--judge-url", "http://127.0.0.1:9/v1",
-          "--price-per-1k", "0.5"], "--judge-url, --price-per-1k: --judge rm scores with the reward model, offline"),
+          "--price-per-1k", "0.5", "--judge-timeout", "300"],
+         "--judge-url, --judge-timeout, --price-per-1k: --judge rm scores with the reward model, offline"),
+        (["demo/model", "--judge-timeout", "0"], "--judge-timeout: Input should be greater than 0"),
         (["demo/model", "--judge-url", "http://127.0.0.1:9/v1", "--reward-model", "demo/model"],
          "--reward-model: the judge is an endpoint (--judge openai); add --judge rm"),
         (["demo/model", "--answers-from", "1"], "checkpoint demo/model: --answers-from 1 judges that run's answers"),
