@@ -622,6 +622,30 @@ async def test_a_cut_stream_is_not_an_answer_and_each_answer_keeps_its_sampling(
 
 
 @sync
+async def test_an_empty_answer_is_said_not_left_a_blank_pane(workdir):
+    """A model that ends its answer at once (its end-of-text first) left a blank pane: a display fault or an
+    answer still coming, to the eye. The pane says it; the empty answer is the conversation's all the same."""
+    from tests.judge_server import JudgeServer
+
+    mute = JudgeServer(lambda body, index: ("reply", ""))
+    talks = JudgeServer(lambda body, index: ("reply", "something"))
+    try:
+        app = console()
+        async with app.run_test(size=(120, 32)) as pilot:
+            screen = await open_chat(pilot, app, f"openai:mute@{mute.url}", f"openai:talks@{talks.url}",
+                                     ChatSettings(temperature=0, max_new_tokens=16, key_env=""))
+            await ask(pilot, screen, "hello")
+            await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()), 30, "both ends")
+            notes = {side: [str(n.render()) for n in pane.query(".pane-note")] for side, pane in screen.panes.items()}
+            assert notes["left"] == ["an empty answer: the model ended it at once (its end-of-text first)"]
+            assert notes["right"] == []
+            assert screen.turns["left"][-1]["content"] == "" and screen.turns["right"][-1]["content"] == "something"
+    finally:
+        mute.close()
+        talks.close()
+
+
+@sync
 async def test_an_evaluation_stopped_from_the_console_resumes_from_it(workdir, monkeypatch):
     """x then r on an evaluation run: it stops after the work in hand and goes on, detached, where it
     stopped; its log is in its folder."""

@@ -247,6 +247,9 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
             elif finish == "cancelled":
                 await pane.note("stopped: the answer so far is kept in the conversation; r asks again"
                                 if pane.answer else "stopped before its first token; r asks again")
+            elif not pane.answer.strip():  # a blank pane read as a display fault, or as an answer still coming
+                await pane.note("an empty answer: the model ended it at once"
+                                + (" (its end-of-text first)" if finish == "eos" else ""))
             self._after_answer()
         elif kind == "error":
             await pane.fail(event.get("message", "error"), fatal=bool(event.get("fatal")))
