@@ -468,6 +468,8 @@ async def test_log_search_finds_marks_and_moves_between_hits_and_n_is_new_run_ag
 
 @sync
 async def test_a_note_tells_a_run_apart_and_is_stored(many_runs):
+    from textual import events
+
     from console.screens.dialogs import NoteScreen
 
     async with loaded(many_runs, (100, 32)) as (app, pilot):
@@ -487,8 +489,16 @@ async def test_a_note_tells_a_run_apart_and_is_stored(many_runs):
         await wait_for(pilot, lambda: str(table.get_row("9")[2]).endswith("…"), 20, "the long note, cut")
         assert table.columns[table.ordered_columns[2].key].content_width <= 36
         await wait_for(pilot, lambda: f"({long[:80]})" in str(home.query_one("#run-info").render()), 10)
+        # A note pasted from several lines is kept whole, on one line (the Input kept the first line alone).
+        await pilot.press("N")
+        await wait_for(pilot, lambda: isinstance(app.screen, NoteScreen), 10, "the note dialog")
+        await pilot.press("ctrl+u")
+        app.screen.query_one("#note").post_message(events.Paste("lr 2e-5\nkl 0.05\n\nwarmup off\n"))
+        await wait_for(pilot, lambda: app.screen.query_one("#note").value == "lr 2e-5 kl 0.05 warmup off", 10)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "(lr 2e-5 kl 0.05 warmup off)" in str(home.query_one("#run-info").render()), 10)
     with Store(many_runs) as store:
-        assert store.run(9)["note"] == long[:80]
+        assert store.run(9)["note"] == "lr 2e-5 kl 0.05 warmup off"
 
 
 @sync

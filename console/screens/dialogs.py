@@ -4,6 +4,7 @@ viewer and two texts side by side."""
 from __future__ import annotations
 
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -41,6 +42,15 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(False)
 
 
+class _OneLineInput(Input):
+    """An Input that keeps a multi-line paste whole, its lines joined by spaces (Input keeps its first line:
+    a note pasted from a notebook lost all but its first line, unseen)."""
+
+    def _on_paste(self, event: events.Paste) -> None:
+        # Textual calls each class's handler in turn, this one first: Input's then inserts the joined text.
+        event.text = " ".join(event.text.split())
+
+
 class NoteScreen(ModalScreen[str | None]):
     """A run's note: Enter keeps it (empty removes it), Escape leaves it as it was."""
 
@@ -54,7 +64,7 @@ class NoteScreen(ModalScreen[str | None]):
         with Vertical(classes="dialog"):
             yield Static(f"A note on run {self.run_id}, up to 80 characters (shown beside its recipe; Enter keeps "
                          "it, Esc cancels)", classes="question")
-            yield Input(self.note, placeholder="e.g. lr sweep, 2e-5", id="note", max_length=80)
+            yield _OneLineInput(self.note, placeholder="e.g. lr sweep, 2e-5", id="note", max_length=80)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(" ".join(event.value.split()))
