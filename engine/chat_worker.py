@@ -13,7 +13,8 @@ process that started it (the console) can drive it. Requests:
 
 Events: {"event": "ready", "model": ..., "device": ..., "load_s": ...} once; then per request any number of
 {"event": "token", "id": 7, "text": "..."}, and one {"event": "done", "id": 7, "tokens": n, "ttft_s": ...,
-"seconds": ..., "finish": "eos" | "length" | "cancelled" | "cut"} or {"event": "error", "id": 7, "message": ...}.
+"seconds": ..., "pieces": the token events that carried it, "finish": "eos" | "length" | "cancelled" | "cut"}
+or {"event": "error", "id": 7, "message": ...}.
 A model that cannot load sends {"event": "error", "fatal": true, "message": ...} and exits 1.
 """
 
@@ -233,7 +234,7 @@ def serve(model: Any) -> None:
             sampling = {k: request["sampling"][k] for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
             start = time.perf_counter()
             first = None
-            tokens, whole, said = 0, "", None
+            tokens, pieces, whole, said = 0, 0, "", None
             for piece in model.answer(turns, sampling, lambda: rid in cancelled):
                 tokens = piece.tokens
                 if piece.final:
@@ -241,13 +242,14 @@ def serve(model: Any) -> None:
                     break
                 if first is None:
                     first = time.perf_counter() - start
+                pieces += 1
                 emit({"event": "token", "id": rid, "text": piece.text, "tokens": tokens})
             seconds = time.perf_counter() - start
             finish = "cancelled" if rid in cancelled else (
                 said or ("length" if tokens >= sampling["max_new_tokens"] else "eos"))
             # The whole answer decoded at once: what the transcript keeps and the next turn sends back.
-            emit({"event": "done", "id": rid, "tokens": tokens, "ttft_s": first, "seconds": seconds,
-                  "finish": finish, "text": whole})
+            emit({"event": "done", "id": rid, "tokens": tokens, "pieces": pieces, "ttft_s": first,
+                  "seconds": seconds, "finish": finish, "text": whole})
         except Exception as err:  # noqa: BLE001 - reported to the pane, the worker goes on
             traceback.print_exc(file=sys.stderr)
             emit({"event": "error", "id": rid, "message": f"{type(err).__name__}: {err}"})

@@ -622,13 +622,14 @@ async def test_a_cut_stream_is_not_an_answer_and_each_answer_keeps_its_sampling(
 
 
 @sync
-async def test_an_empty_answer_is_said_not_left_a_blank_pane(workdir):
+async def test_an_empty_answer_is_said_and_an_answer_sent_whole_shows_no_rate(workdir):
     """A model that ends its answer at once (its end-of-text first) left a blank pane: a display fault or an
-    answer still coming, to the eye. The pane says it; the empty answer is the conversation's all the same."""
+    answer still coming, to the eye. The pane says it; the empty answer is the conversation's all the same.
+    An endpoint that sends a streamed answer whole showed a decode rate of its arrival (thousands of tok/s)."""
     from tests.judge_server import JudgeServer
 
     mute = JudgeServer(lambda body, index: ("reply", ""))
-    talks = JudgeServer(lambda body, index: ("reply", "something"))
+    talks = JudgeServer(lambda body, index: ("whole", "something"))
     try:
         app = console()
         async with app.run_test(size=(120, 32)) as pilot:
@@ -640,6 +641,9 @@ async def test_an_empty_answer_is_said_not_left_a_blank_pane(workdir):
             assert notes["left"] == ["an empty answer: the model ended it at once (its end-of-text first)"]
             assert notes["right"] == []
             assert screen.turns["left"][-1]["content"] == "" and screen.turns["right"][-1]["content"] == "something"
+            stats = str(screen.panes["right"].stats.render())
+            assert re.match(r"one piece in \d+\.\d\d s · 9 tokens · eos", stats.strip()), stats
+            assert "tok/s" not in stats
     finally:
         mute.close()
         talks.close()

@@ -160,7 +160,10 @@ class ChatPane(Vertical):
         rate = (tokens - 1) / decode if tokens > 1 else 0.0
         # The rate, the count and why it ended first: at 80 columns a pane is ~38 wide, and TTFT is cut first.
         first = f" · TTFT {ttft:.2f} s" if ttft is not None else ""
-        self.set_stats(f"{rate:.1f} tok/s · {tokens} tokens · {event.get('finish', '')}{first}")
+        if event.get("pieces") == 1:  # an endpoint that sent it whole (or one token): no decode rate to read
+            self.set_stats(f"one piece in {seconds:.2f} s · {tokens} tokens · {event.get('finish', '')}")
+        else:
+            self.set_stats(f"{rate:.1f} tok/s · {tokens} tokens · {event.get('finish', '')}{first}")
         if self._text is not None:  # the finished answer, formatted once
             text, self._text = self._text, None
             await self.body.mount(Markdown(self.answer), after=text)
