@@ -89,6 +89,21 @@ def test_a_refusal_of_one_item_is_its_verdict_not_retried(cache, monkeypatch, co
         server.close()
 
 
+def test_a_try_that_never_connected_is_not_counted_as_a_call(cache, monkeypatch):
+    """An endpoint gone mid-run (a refused connection): nothing was sent, so nothing was paid; the spent line
+    summed every try as a call. A try that reached the server counts (test above)."""
+    import socket
+
+    monkeypatch.setenv("JUDGE_KEY", "k")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    judge = EndpointJudge(f"http://127.0.0.1:{port}/v1", "m", "JUDGE_KEY", cache=cache, retries=2, backoff_s=0.01)
+    _, verdict = judge.judge("p", "")
+    assert verdict.status == FAILED and verdict.calls == 0
+    assert verdict.problem == "gave up after 3 tries: APIConnectionError: Connection error."
+
+
 @pytest.mark.parametrize("code", [401, 403, 404])
 def test_a_refusal_of_every_call_stops_judging_at_once(cache, monkeypatch, code):
     """A bad key, no access, an unknown model: each of 1,000 items would fail the same way."""

@@ -196,6 +196,10 @@ class EndpointJudge:
                 error: Exception = err
             except transient as err:
                 last, error = self._scrub(f"{type(err).__name__}: {err}"), err
+                # No connection, nothing sent: not a call the spent line may count as paid. (By name: the
+                # client's transport module is httpx in some openai releases, httpx2 in others.)
+                if type(err.__cause__).__name__ == "ConnectError":
+                    calls[0] -= 1
             if dropped.is_set():  # dropped on purpose (the run stopped, or its judge refused every call)
                 raise CallFailed(f"stopped ({last})")
             if attempt < self.retries:
