@@ -274,6 +274,26 @@ def _run(pipeline_id: int, db_path: str, echo: bool) -> str:
     return end("done")
 
 
+def eval_options(recipe: Recipe, exports: dict[str, str], which: str, label: str) -> list[str]:
+    """`rlhf eval belle`'s arguments for the evaluation of the `which` export, from the recipe's eval section."""
+    settings = recipe.eval
+    assert settings is not None
+    argv = [exports[which], "--eval-dir", settings.eval_dir, "--name", label, "--judge", settings.judge,
+            "--max-new-tokens", str(settings.max_new_tokens), "--batch-size", str(settings.batch_size),
+            "--output-root", recipe.output_root]
+    if settings.judge == "rm":  # offline: the endpoint's options are refused with it
+        argv += ["--reward-model", exports["rm"]]
+    else:
+        argv += ["--judge-url", settings.judge_url or "", "--judge-model", settings.judge_model or "",
+                 "--judge-key-env", settings.judge_key_env, "--concurrency", str(settings.concurrency),
+                 "--judge-retries", str(settings.judge_retries), "--judge-timeout", str(settings.judge_timeout)]
+    if settings.limit:
+        argv += ["--limit", str(settings.limit)]
+    if settings.per_class:
+        argv += ["--per-class", str(settings.per_class)]
+    return argv
+
+
 def _evaluate(recipe: Recipe, exports: dict[str, str], mine: list[dict], db_path: str, pipeline_id: int,
               stop: _Stop) -> str:
     """Each checkpoint the recipe names answers the eval set, through `rlhf eval belle` in a process of its
@@ -293,17 +313,7 @@ def _evaluate(recipe: Recipe, exports: dict[str, str], mine: list[dict], db_path
         if earlier:
             argv += ["--resume-run", str(earlier[-1]["id"])]
         else:
-            argv += [exports[which], "--eval-dir", settings.eval_dir, "--name", label, "--judge", settings.judge,
-                     "--max-new-tokens", str(settings.max_new_tokens), "--batch-size", str(settings.batch_size),
-                     "--judge-key-env", settings.judge_key_env, "--output-root", recipe.output_root]
-            if settings.judge == "rm":
-                argv += ["--reward-model", exports["rm"]]
-            else:
-                argv += ["--judge-url", settings.judge_url or "", "--judge-model", settings.judge_model or ""]
-            if settings.limit:
-                argv += ["--limit", str(settings.limit)]
-            if settings.per_class:
-                argv += ["--per-class", str(settings.per_class)]
+            argv += eval_options(recipe, exports, which, label)
         # Its output: the terminal, or the pipeline's log when detached; and its own train.log either way.
         proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
 

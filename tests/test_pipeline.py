@@ -142,6 +142,34 @@ def test_a_pipeline_stopped_in_its_first_stages_set_up_starts_that_run_over_in_i
     assert [s for s, _ in metric(run["id"], "loss")] == [1, 2]
 
 
+@pytest.mark.parametrize("judge", ["rm", "openai"])
+def test_the_eval_stage_asks_rlhf_eval_for_what_its_recipe_says_and_nothing_it_refuses(judge):
+    """`--judge rm` refuses the endpoint's options (they would be ignored); the stage passed --judge-key-env
+    to it all the same. An endpoint judge gets the recipe's concurrency, retries and timeout."""
+    from engine.cli import build_parser
+    from engine.config import load_recipe
+    from engine.eval_cli import _config, _given, _no_contradiction
+    from engine.pipeline import eval_options
+
+    sets = ["--set", f"eval.judge={judge}"]
+    if judge == "openai":
+        sets += ["--set", "eval.judge_url=http://127.0.0.1:9/v1", "--set", "eval.judge_model=gpt-4o", "--set",
+                 "eval.concurrency=2", "--set", "eval.judge_retries=9", "--set", "eval.judge_timeout=600"]
+    recipe = load_recipe(TINY, sets[1::2])
+    exports = {"sft": str(REPO), "rm": str(REPO / "engine")}  # any folders: nothing is loaded here
+    args = build_parser().parse_args(["eval", "belle", *eval_options(recipe, exports, "sft", "tiny sft")])
+    given = _given(args, Path("runs.db"))
+    _no_contradiction(args, given)
+    config = _config({"checkpoint": exports["sft"], "output_root": "/r", **given})
+    assert (config.judge, config.name, config.max_new_tokens, config.batch_size) == \
+        (judge, "tiny sft", recipe.eval.max_new_tokens, recipe.eval.batch_size)
+    if judge == "rm":
+        assert config.reward_model == exports["rm"]
+    else:
+        assert (config.judge_url, config.judge_model, config.concurrency, config.judge_retries,
+                config.judge_timeout) == ("http://127.0.0.1:9/v1", "gpt-4o", 2, 9, 600.0)
+
+
 def test_stage_references_are_a_pipelines_and_a_reward_model_must_be_one(workdir):
     checked = rlhf("check", str(TINY), "--stage", "rm", "--set", "rm.model.path=@sft")
     assert checked.returncode == 0, checked.stderr  # check accepts references: the pipeline fills them in
