@@ -602,7 +602,12 @@ class RlhfConsole(SaysWorkerFailures, App):
         from console.screens.launch import LaunchScreen
 
         if not isinstance(self.screen, LaunchScreen):
-            self.push_screen(LaunchScreen(self.configs_dir), self.launched)
+            self.push_screen(LaunchScreen(self.configs_dir, used=self.recipes_used()), self.launched)
+
+    def recipes_used(self) -> list[str]:
+        """The recipes of the runs shown, newest run first, each once: the launch form lists them too."""
+        used = [run["recipe"] for _, run in sorted(self.runs.items(), reverse=True) if run.get("recipe")]
+        return list(dict.fromkeys(used))
 
     def launched(self, run_id: int | None) -> None:
         if run_id is not None and self.home is not None:

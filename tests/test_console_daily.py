@@ -590,6 +590,36 @@ async def test_l_opens_the_launch_form_filled_from_the_run_keeping_what_no_field
 
 
 @sync
+async def test_the_launch_form_lists_the_recipes_runs_were_launched_from(many_runs):
+    """A user's recipes live in their project, not in the console's configs folder: the form listed those
+    alone, so launching again from one's own recipe meant the command line."""
+    import shutil
+
+    from textual.widgets import Select
+    from textual.widgets._select import InvalidSelectValueError
+
+    from console.screens.launch import LaunchScreen
+
+    shutil.copytree(REPO / "configs", many_runs.parent / "configs")
+    mine = many_runs.parent / "project" / "sweep-kl.yaml"
+    mine.parent.mkdir()
+    shutil.copy(REPO / "configs" / "tiny.yaml", mine)
+    with Store(many_runs) as store:
+        store.update_run(5, recipe=str(mine))
+        store.update_run(6, recipe=str(many_runs.parent / "project" / "deleted.yaml"))
+    app = RlhfConsole(many_runs, gpu_sampler=no_gpu, poll_s=0.05, configs_dir=many_runs.parent / "configs")
+    async with app.run_test(size=(100, 40)) as pilot:
+        await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, LaunchScreen) and app.screen.loaded, 20, "the form")
+        recipe = app.screen.query_one("#recipe", Select)
+        recipe.value = str(mine.resolve())  # an option now (a value no option has is refused)
+        await wait_for(pilot, lambda: app.screen.recipe == str(mine.resolve()), 10, "the project's recipe chosen")
+        with pytest.raises(InvalidSelectValueError):  # a recipe file since deleted is not offered
+            recipe.value = str((many_runs.parent / "project" / "deleted.yaml").resolve())
+
+
+@sync
 async def test_the_footer_shows_the_focused_panes_keys_first(many_runs):
     from textual.widgets import Log
     from textual.widgets._footer import FooterKey

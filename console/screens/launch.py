@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rich.text import Text
 from textual import work
@@ -89,6 +89,17 @@ def _option_for(options: list[tuple[str, str]], path: str) -> str:
     return str(target)
 
 
+MAX_RECIPES = 40  # in the recipe list: the configs folder's, then those of the newest runs
+
+
+def _shown_path(path: Path) -> str:
+    """A recipe outside the configs folder, as a user would type it: from here, or from ~."""
+    for base, shown in ((Path.cwd(), ""), (Path.home(), "~/")):
+        if path.is_relative_to(base):
+            return shown + str(path.relative_to(base))
+    return str(path)
+
+
 def _default_recipe(recipes: list[tuple[str, str]]) -> str | object:
     # The tiny recipe is what a first launch on a CPU box can actually run.
     for name, value in recipes:
@@ -148,11 +159,13 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
         Binding("ctrl+t", "validate", "Validate"),
     ]
 
-    def __init__(self, configs_dir: Path, from_run: dict[str, Any] | None = None):
+    def __init__(self, configs_dir: Path, from_run: dict[str, Any] | None = None, used: Sequence[str] = ()):
         """`from_run`: a run to launch again with changes: its stage, recipe, overrides and accelerate
-        settings fill the form; overrides no field shows are kept as they are (listed on the form)."""
+        settings fill the form; overrides no field shows are kept as they are (listed on the form). `used`:
+        the recipes runs were launched from, newest first: listed after the configs folder's own."""
         super().__init__()
         self.configs_dir = Path(configs_dir)
+        self.used = list(used)
         self.loaded: dict[str, str] = {}  # field -> value as in the recipe (unchanged fields add no override)
         self.keys: dict[str, str] = {}
         self._launching = False
@@ -171,6 +184,12 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
 
     def compose(self) -> ComposeResult:
         recipes = [(p.name, str(p)) for p in self.recipes()]
+        listed = {Path(value).resolve() for _, value in recipes}
+        for path in self.used:  # a user's own recipes live in their project, not in the console's configs/
+            resolved = Path(path).resolve()
+            if resolved not in listed and len(listed) < MAX_RECIPES and resolved.is_file():
+                listed.add(resolved)
+                recipes.append((_shown_path(resolved), str(resolved)))
         accel = [(p.name, str(p)) for p in self.accelerate_configs()]
         default_accel = next((v for n, v in accel if n == "cpu.yaml"), accel[0][1] if accel else Select.NULL)
         stage, recipe, title = "sft", _default_recipe(recipes), "[b]New run[/b]"

@@ -630,7 +630,8 @@ class RunsScreen(Screen):
             self.notify(f"run {run['id']} is an evaluation: `rlhf eval belle --answers-from {run['id']}` judges its "
                         "answers again, `rlhf eval belle CHECKPOINT` answers anew", title="launch again", markup=False)
         elif run is not None:
-            self.app.push_screen(LaunchScreen(self.app.configs_dir, from_run=run), self.app.launched)
+            self.app.push_screen(LaunchScreen(self.app.configs_dir, from_run=run, used=self.app.recipes_used()),
+                                 self.app.launched)
 
     # `/` finds in the pane that has focus: runs in the table, metrics in their list, samples in theirs
     # (the log has its own search). Each box narrows as the text is typed; enter keeps it, escape clears.
