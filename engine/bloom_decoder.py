@@ -321,7 +321,7 @@ class Batch:
 
 class Stepper:
     """Runs the decode loop of one batch: the first token from the prefill, then one step per token, each
-    step `choose(logits, step) -> token` then log-prob, written into [B, R] buffers.
+    step `choose(logits, step) -> (token, its log-prob)`, written into [B, R] buffers.
 
     With `static`, attention reads the keys up to the end of the current span bucket (SPAN tokens; the
     not-yet-written ones masked), so a step's shapes change once per bucket; on CUDA each step is then a
@@ -334,7 +334,7 @@ class Stepper:
     SPAN = 64
 
     def __init__(self, batch: Batch, max_new_tokens: int, eos: int,
-                 choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], static: bool):
+                 choose: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], static: bool):
         self.b, self.total, self.eos, self.choose = batch, max_new_tokens, eos, choose
         device = batch.input_ids.device
         self.tokens = torch.zeros(batch.rows, max_new_tokens, dtype=torch.long, device=device)
@@ -351,8 +351,7 @@ class Stepper:
         self.done = 0  # tokens chosen so far
 
     def _record(self, logits: torch.Tensor) -> None:
-        token = self.choose(logits, self.step)
-        logprob = logits.gather(-1, token.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        token, logprob = self.choose(logits, self.step)
         self.tokens.index_copy_(1, self.step, token.unsqueeze(1))
         self.logprobs.index_copy_(1, self.step, logprob.unsqueeze(1))
         self.finished |= token == self.eos

@@ -8,7 +8,8 @@ batched: each row draws its uniforms from a counter-based hash of (its own seed,
 the same answer alone, in a chunk of 8 or in a batch of 128, and both chat panes see the same noise.
 
 Sampling is by inverse CDF over the filtered, tempered distribution: exact, one uniform per row per step.
-Log-probabilities of the sampled tokens are those of the untempered model, in float32 (what PPO scores).
+Log-probabilities of the sampled tokens are those of the model at the sampling temperature, in float32 (what
+PPO scores).
 
 Two decode paths, one semantics: BLOOM models (the recipe's) decode through `engine.bloom_decoder` (a
 static cache and, on CUDA, the whole step replayed as a CUDA graph: `generate`'s per-step overhead was
@@ -65,7 +66,7 @@ class Generated:
     attention_mask: torch.Tensor  # [B, P + R]
     prompt_length: int  # P
     response_mask: torch.Tensor  # [B, R] float: 1 on generated tokens up to and including the first eos
-    logprobs: torch.Tensor  # [B, R] float32: log p(token) under the untempered model, 0 on padding
+    logprobs: torch.Tensor  # [B, R] float32: log p(token) at the sampling temperature, 0 on padding
     trunk: KeptTrunk | None = None  # with `capture`
 
     @property
@@ -173,6 +174,13 @@ def pick(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor, step: in
     return inverse_cdf(probs, uniforms(seeds, step).to(probs.device))
 
 
+def token_logprob(logits: torch.Tensor, token: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """log p of each row's token ([B, V] float32 logits, [B] tokens) at the sampling temperature: the
+    distribution it was drawn from (top-k/p's cut aside), as PPO's scoring forward computes it."""
+    scores = logits if sampling.greedy or sampling.temperature == 1 else logits / sampling.temperature
+    return scores.gather(-1, token.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scores, -1)
+
+
 CDF_BLOCK = 1024
 
 
@@ -258,8 +266,9 @@ class Engine:
         batch = self._bloom().batch(input_ids, attention_mask, sampling.max_new_tokens, capture, sink)
         seeds = seeds.to(input_ids.device)
         static = self.graph if self.graph is not None else input_ids.device.type == "cuda"
-        def choose(logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-            return pick(logits, sampling, seeds, step)
+        def choose(logits: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            token = pick(logits, sampling, seeds, step)
+            return token, token_logprob(logits, token, sampling)
 
         return Stepper(batch, sampling.max_new_tokens, self.eos, choose, static)
 
@@ -401,7 +410,7 @@ class Engine:
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for step in range(sampling.max_new_tokens):
             token = pick(logits, sampling, seeds, step)
-            logprob = logits.gather(-1, token.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+            logprob = token_logprob(logits, token, sampling)
             finished = finished | (token == self.eos)
             yield token, logprob, finished
             if bool(finished.all()) or step + 1 == sampling.max_new_tokens:

@@ -192,9 +192,37 @@ def test_sampled_logprobs_are_those_the_scoring_forward_gives(demo_dir):
                     logits_to_keep=batch.response_ids.shape[1] + 1)
     from engine.ppo.core import logprobs_of
 
-    scored = logprobs_of(out.logits[:, :-1], batch.response_ids) * batch.response_mask
+    scored = logprobs_of(out.logits[:, :-1], batch.response_ids, temperature=0.7) * batch.response_mask
     assert scored.dtype == batch.logprobs.dtype == torch.float32
     assert torch.allclose(scored, batch.logprobs, atol=1e-5)
+
+
+def test_ppo_scores_rollouts_at_the_temperature_they_were_sampled_at(demo_dir):
+    """The trainer's log-probs (the ratio's old ones, the reference's for the KL) are of the distribution the
+    rollouts were drawn from. Scored untempered, tokens sampled at 0.7 by a policy that had spread made the
+    KL estimate log p - log p_ref negative at every step: the KL penalty became a bonus for moving away."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from engine.ppo.trainer import PPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "model")
+    hydra = Hydra(model, num_layers_unfrozen=1, value_layers=2).eval()
+    stage = load_recipe(TINY).ppo.model_copy(update={"max_new_tokens": 10, "temperature": 0.7})
+    batch = rollout(hydra.policy, tokenizer, [[Turn("user", q)] for q in QUESTIONS], stage, list(range(8)), seed=1)
+    trainer = SimpleNamespace(stage=stage, accelerator=Accelerator(cpu=True))  # what _forward reads of its trainer
+    with torch.no_grad():
+        logprobs, ref, _, _ = PPOTrainer._forward(trainer, hydra, batch, with_ref=True)
+    mask = batch.response_mask
+    assert torch.allclose(logprobs * mask, batch.logprobs, atol=1e-5)
+    assert torch.allclose(ref * mask, logprobs * mask, atol=1e-6)  # the policy is the reference yet: KL 0
+    untempered = hydra(batch.input_ids, batch.attention_mask, with_values=False,
+                       logits_to_keep=batch.response_ids.shape[1] + 1).logits.detach()
+    from engine.ppo.core import logprobs_of
+
+    assert not torch.allclose(logprobs_of(untempered[:, :-1], batch.response_ids) * mask, logprobs * mask, atol=1e-3)
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -381,7 +409,7 @@ def test_the_decoder_shares_frozen_weights_and_snapshots_trainable_ones_once(dem
         batch = rollout(hydra.policy, tokenizer, [[Turn("user", q)] for q in QUESTIONS], stage, list(range(8)), 1)
         out = hydra(batch.input_ids, batch.attention_mask, with_values=False,
                     logits_to_keep=batch.response_ids.shape[1] + 1)
-    scored = logprobs_of(out.logits[:, :-1], batch.response_ids) * batch.response_mask
+    scored = logprobs_of(out.logits[:, :-1], batch.response_ids, temperature=0.7) * batch.response_mask
     assert batch.logprobs.dtype == torch.float32
     assert (scored - batch.logprobs).abs().max() < 0.15
 

@@ -110,4 +110,23 @@ def test_token_logprobs_and_their_gradient_are_log_softmaxs():
     picked = torch.tensor([[1, 6, 0], [3, 3, 2]])
     for drop_last in (False, True):
         used = picked if drop_last else torch.cat([picked, picked[:, :1]], 1)
-        assert torch.autograd.gradcheck(lambda x: _TokenLogprob.apply(x, used, drop_last), (small,))
+        for t in (1.0, 0.7, 1.6):
+            assert torch.autograd.gradcheck(lambda x: _TokenLogprob.apply(x, used, drop_last, t), (small,))
+
+
+@pytest.mark.parametrize("t", [0.7, 1.3])
+def test_token_logprobs_at_a_temperature_are_those_of_the_tempered_softmax(t):
+    """What rollouts sampled at temperature t are drawn from: log_softmax(logits / t), its gradient too."""
+    from engine.ppo.core import logprobs_of
+
+    torch.manual_seed(1)
+    full = (torch.randn(3, 9, 50) * 5).requires_grad_(True)
+    tokens = torch.randint(0, 50, (3, 8))
+    weights = torch.randn(3, 8)
+    want = (full[:, :-1] / t).log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (want * weights).sum().backward()
+    expected, full.grad = full.grad.clone(), None
+    got = logprobs_of(full, tokens, drop_last=True, temperature=t)
+    assert torch.allclose(got, want, atol=1e-5)
+    (got * weights).sum().backward()
+    assert torch.allclose(full.grad, expected, atol=1e-6)

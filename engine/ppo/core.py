@@ -110,11 +110,15 @@ def value_loss(
     return loss, stats
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, drop_last: bool = False) -> torch.Tensor:
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, drop_last: bool = False,
+                temperature: float = 1.0) -> torch.Tensor:
     """log p(token) in float32: the token's logit minus the logsumexp (no [B, T, V] log-softmax copy).
     `drop_last`: the logits have one position more than the tokens, the last, which predicts nothing here;
-    its gradient is zero, written in the same tensor as the others' (a slice would pad a second one)."""
-    return _TokenLogprob.apply(logits.float(), tokens, drop_last)
+    its gradient is zero, written in the same tensor as the others' (a slice would pad a second one).
+    `temperature`: of softmax(logits / temperature), the distribution rollouts are sampled from. Scored
+    untempered, tokens drawn at 0.7 made the KL estimate log p - log p_ref negative as the policy spread
+    (its samples are the tempered distribution's): the KL penalty paid the policy to move away."""
+    return _TokenLogprob.apply(logits.float(), tokens, drop_last, float(temperature))
 
 
 class _TokenLogprob(torch.autograd.Function):
@@ -124,26 +128,36 @@ class _TokenLogprob(torch.autograd.Function):
     16 x 256 response tokens."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, tokens: torch.Tensor, drop_last: bool) -> torch.Tensor:
+    def forward(ctx: Any, logits: torch.Tensor, tokens: torch.Tensor, drop_last: bool,
+                temperature: float) -> torch.Tensor:
         used = logits[..., :-1, :] if drop_last else logits
-        lse = torch.logsumexp(used, dim=-1)
+        if temperature == 1.0:
+            lse = torch.logsumexp(used, dim=-1)
+        else:  # row by row: logits / temperature whole would be a second [B, T, V] tensor
+            lse = torch.stack([torch.logsumexp(row / temperature, dim=-1) for row in used.unbind(0)])
         ctx.save_for_backward(logits, lse, tokens)
-        ctx.drop_last = drop_last
-        return used.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+        ctx.drop_last, ctx.temperature = drop_last, temperature
+        return used.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) / temperature - lse
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         logits, lse, tokens = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
         out = torch.empty_like(logits)
         used, target = (logits[..., :-1, :], out[..., :-1, :]) if ctx.drop_last else (logits, out)
-        torch.sub(used, lse.unsqueeze(-1), out=target)
+        # d/dlogits of logit[token] / t - logsumexp(logits / t): (onehot(token) - softmax(logits / t)) / t
+        grad = grad / ctx.temperature
+        if ctx.temperature == 1.0:
+            torch.sub(used, lse.unsqueeze(-1), out=target)
+        else:
+            torch.div(used, ctx.temperature, out=target)
+            target.sub_(lse.unsqueeze(-1))
         target.exp_().mul_(-grad.unsqueeze(-1))
         target.scatter_add_(-1, tokens.unsqueeze(-1), grad.unsqueeze(-1))
         if ctx.drop_last:
             out[..., -1, :] = 0
-        return out, None, None
+        return out, None, None, None
 
 
 class KLController:

@@ -19,7 +19,7 @@ class Rollout:
     prompt_length: int  # P
     response_mask: torch.Tensor  # [B, R] float: 1 on generated tokens up to and including the first eos
     responses: list[str]
-    logprobs: torch.Tensor | None = None  # [B, R] float32: the sampler's log p of each token (untempered)
+    logprobs: torch.Tensor | None = None  # [B, R] float32: the sampler's log p of each token (tempered)
     trunk: KeptTrunk | None = None  # with `capture`, where the decoder kept it (Generated.trunk)
 
     @property

@@ -308,8 +308,11 @@ class PPOTrainer:
             out = model(batch.input_ids, batch.attention_mask, with_values=True, with_ref=with_ref,
                         logits_to_keep=response + 1, keep_trunk=keep_trunk, trunk=trunk)
         tokens = batch.response_ids
-        logprobs = core.logprobs_of(out.logits, tokens, drop_last=True)
-        ref = core.logprobs_of(out.ref_logits, tokens, drop_last=True) if out.ref_logits is not None else None
+        # At the rollouts' temperature: the policy whose samples these are (the ratio's, the KL's, the entropy's)
+        t = self.stage.temperature
+        logprobs = core.logprobs_of(out.logits, tokens, drop_last=True, temperature=t)
+        ref = core.logprobs_of(out.ref_logits, tokens, drop_last=True, temperature=t) \
+            if out.ref_logits is not None else None
         values = out.values[:, batch.prompt_length - 1 : -1].float()
         return logprobs, ref, values, out.trunk
 
@@ -414,8 +417,8 @@ class PPOTrainer:
             "rollout_scores/scaled_mean": self._global_mean(scores),
             "policy/kl_per_token": self._global_masked_mean(log_ratio, mask),
             "policy/kl_k3_per_token": self._global_masked_mean(kl_k3, mask),
-            # −log p of the tokens sampled: the policy's entropy per token, estimated from its own samples
-            # (exactly so under plain sampling; with temperature or top-k/p, a cross-entropy). It falls as
+            # −log p of the tokens sampled: the policy's entropy per token (at its sampling temperature),
+            # estimated from its own samples (exactly so without top-k/p; with them, a cross-entropy). It falls as
             # the policy collapses onto a few answers, before the reward or the KL shows it.
             "policy/entropy_per_token": -self._global_masked_mean(old_logprobs, mask),
             "policy/sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
