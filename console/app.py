@@ -605,8 +605,10 @@ class RlhfConsole(SaysWorkerFailures, App):
             self.push_screen(LaunchScreen(self.configs_dir, used=self.recipes_used()), self.launched)
 
     def recipes_used(self) -> list[str]:
-        """The recipes of the runs shown, newest run first, each once: the launch form lists them too."""
-        used = [run["recipe"] for _, run in sorted(self.runs.items(), reverse=True) if run.get("recipe")]
+        """The recipes of the runs shown, newest run first, each once: the launch form lists them too. Not a
+        pipeline stage's (its recipe is the pipeline's copy, with `@sft` wiring only a pipeline takes)."""
+        used = [run["recipe"] for _, run in sorted(self.runs.items(), reverse=True)
+                if run.get("recipe") and run.get("pipeline_id") is None]
         return list(dict.fromkeys(used))
 
     def launched(self, run_id: int | None) -> None:

@@ -113,7 +113,7 @@ def _resumed_config(args: argparse.Namespace, db: Path) -> tuple:
 
 def _no_contradiction(args: argparse.Namespace, given: dict) -> None:
     """Options a new evaluation would ignore, refused rather than recorded as if they had counted."""
-    from engine.evaluate import ANSWERED_BY
+    from engine.evaluate import ANSWERED_BY, ENDPOINT_ONLY
 
     def option(field: str) -> str:
         return "--" + field.replace("_", "-")
@@ -129,8 +129,7 @@ def _no_contradiction(args: argparse.Namespace, given: dict) -> None:
     if "limit" in given and "per_class" in given:
         raise RecipeError("--limit and --per-class: give one (the first N questions, or the first N of each class)")
     if given.get("judge") == "rm":
-        ignored = [option(f) for f in ("judge_url", "judge_model", "judge_key_env", "concurrency", "judge_retries",
-                                       "judge_timeout", "price_per_1k") if f in given]
+        ignored = [option(f) for f in ENDPOINT_ONLY if f in given]
         if ignored:
             raise RecipeError(f"{', '.join(ignored)}: --judge rm scores with the reward model, offline: no endpoint, "
                               "no judge model, nothing paid")

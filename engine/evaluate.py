@@ -44,6 +44,9 @@ class JudgingFailed(RunFailed):
 # The settings that make the answers, and the questions' subset: an --answers-from run takes its source's.
 ANSWERED_BY = ("max_new_tokens", "batch_size", "temperature", "top_p", "top_k", "seed")
 SUBSET = ("limit", "per_class")
+# How an endpoint judge is reached and paid: nothing a reward model judging offline uses.
+ENDPOINT_ONLY = ("judge_url", "judge_model", "judge_key_env", "concurrency", "judge_retries", "judge_timeout",
+                 "price_per_1k")
 
 
 class EvalConfig(BaseModel):
@@ -70,7 +73,8 @@ class EvalConfig(BaseModel):
     seed: int = Field(0, description="Sampling seed (each question's noise is its own).")
     concurrency: int = Field(8, gt=0, description="Judge calls in flight.")
     judge_retries: int = Field(5, ge=0, description="Tries after a judge call's first failure.")
-    judge_timeout: float = Field(120.0, gt=0, description="Seconds one judge call may take before it is retried.")
+    judge_timeout: float = Field(120.0, gt=0, description="Seconds one judge call may take before it fails (and "
+                                 "is retried).")
     price_per_1k: float | None = Field(None, ge=0, description="Judge price per 1,000 tokens, for the estimate.")
     rewrite_reference: bool = Field(False, description="Give the judge the reference of the 39 rewrite items.")
     answers_from: int | None = Field(None, description="Judge this run's answers instead of generating.")
@@ -465,11 +469,14 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
                     # Replies, not one score in them: the judge's model or prompt is wrong for this, not noise.
                     reply, why, _ = unscored_replies[0]
                     calls = sum(c for _, _, c in unscored_replies)
-                    first = f"{reply[:200]!r} ({why or 'no score'}); is --judge-model right for a 0-1 score?" \
-                        if reply else f"{why}; does the endpoint take --judge-model's requests?"
+                    first = f"{why}; does the endpoint take --judge-model's requests?" \
+                        if why and why.startswith(REFUSED) else \
+                        f"{reply[:200]!r} ({why or 'no score'}); is --judge-model right for a 0-1 score?"
+                    failed_too = f" {len(problems)} more calls failed, the first: {problems[0]};" if problems else ""
                     raise JudgingFailed(f"the judge gave no usable score for {len(unscored_replies)} answers "
-                                       f"({calls} calls), the first: {first} every answer is kept: continue it "
-                                       f"(the unscored are asked again): {resume_hint('eval', run_id, db_path)}")
+                                       f"({calls} calls), the first: {first}{failed_too} every answer is kept: "
+                                       f"continue it (the unscored are asked again): "
+                                       f"{resume_hint('eval', run_id, db_path)}")
                 if problems and counts["judged"] == 0 and not stop.requested:
                     # Not one verdict (an endpoint that is down, a wrong URL): a failed run, not a done one with
                     # nothing in it that a script would carry on from.

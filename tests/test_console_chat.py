@@ -638,7 +638,7 @@ async def test_an_empty_answer_is_said_and_an_answer_sent_whole_shows_no_rate(wo
             await ask(pilot, screen, "hello")
             await wait_for(pilot, lambda: not any(p.busy for p in screen.panes.values()), 30, "both ends")
             notes = {side: [str(n.render()) for n in pane.query(".pane-note")] for side, pane in screen.panes.items()}
-            assert notes["left"] == ["an empty answer: the model ended it at once (its end-of-text first)"]
+            assert notes["left"] == ["an empty answer: the model ended it at once"]
             assert notes["right"] == []
             assert screen.turns["left"][-1]["content"] == "" and screen.turns["right"][-1]["content"] == "something"
             stats = str(screen.panes["right"].stats.render())

@@ -497,8 +497,17 @@ async def test_a_note_tells_a_run_apart_and_is_stored(many_runs):
         await wait_for(pilot, lambda: app.screen.query_one("#note").value == "lr 2e-5 kl 0.05 warmup off", 10)
         await pilot.press("enter")
         await wait_for(pilot, lambda: "(lr 2e-5 kl 0.05 warmup off)" in str(home.query_one("#run-info").render()), 10)
-    with Store(many_runs) as store:
-        assert store.run(9)["note"] == "lr 2e-5 kl 0.05 warmup off"
+        with Store(many_runs) as store:
+            assert store.run(9)["note"] == "lr 2e-5 kl 0.05 warmup off"
+        # Longer than the note's 80 characters once joined: cut to them (Input dropped it whole)
+        await pilot.press("N")
+        await wait_for(pilot, lambda: isinstance(app.screen, NoteScreen), 10, "the note dialog")
+        await pilot.press("ctrl+u")
+        pasted = "lr sweep over 1e-5 2e-5 5e-5,\nwarmup 3% of the steps,\nkl target 6 with horizon 10000 as trlx"
+        app.screen.query_one("#note").post_message(events.Paste(pasted))
+        joined = " ".join(pasted.split())
+        assert len(joined) > 80
+        await wait_for(pilot, lambda: app.screen.query_one("#note").value == joined[:80], 10, "the paste, cut")
 
 
 @sync
@@ -604,9 +613,13 @@ async def test_the_launch_form_lists_the_recipes_runs_were_launched_from(many_ru
     mine = many_runs.parent / "project" / "sweep-kl.yaml"
     mine.parent.mkdir()
     shutil.copy(REPO / "configs" / "tiny.yaml", mine)
+    staged = many_runs.parent / "project" / "pipeline-3.abc.recipe.json"  # a pipeline's copy, its stages'
+    staged.write_text("{}")
     with Store(many_runs) as store:
         store.update_run(5, recipe=str(mine))
         store.update_run(6, recipe=str(many_runs.parent / "project" / "deleted.yaml"))
+        store.update_run(4, recipe=str(staged), pipeline_id=store.create_pipeline(
+            name="tiny", recipe=str(mine), config="{}", overrides=[], through="all", launch={}))
     app = RlhfConsole(many_runs, gpu_sampler=no_gpu, poll_s=0.05, configs_dir=many_runs.parent / "configs")
     async with app.run_test(size=(100, 40)) as pilot:
         await wait_for(pilot, lambda: app.loaded and len(app.runs) == 12, 20, "the runs")
@@ -617,6 +630,8 @@ async def test_the_launch_form_lists_the_recipes_runs_were_launched_from(many_ru
         await wait_for(pilot, lambda: app.screen.recipe == str(mine.resolve()), 10, "the project's recipe chosen")
         with pytest.raises(InvalidSelectValueError):  # a recipe file since deleted is not offered
             recipe.value = str((many_runs.parent / "project" / "deleted.yaml").resolve())
+        with pytest.raises(InvalidSelectValueError):  # nor a pipeline's own copy
+            recipe.value = str(staged.resolve())
 
 
 @sync
@@ -985,8 +1000,11 @@ def test_an_evaluations_command_line_is_rlhf_eval_belle_with_what_differs_from_t
         "--db", "/r/runs.db"]
     from engine.evaluate import EvalConfig
 
+    # An older record of a reward-model judge holds endpoint settings (the pipeline passed --judge-key-env):
+    # the command leaves them out, as rlhf eval belle refuses them beside --judge rm
     config = EvalConfig(name="sft export", checkpoint="/m/final", eval_dir="/belle", judge="rm",
-                        reward_model="/rm/final", per_class=2, judge_model="gpt-3.5-turbo", rewrite_reference=True)
+                        reward_model="/rm/final", per_class=2, judge_model="gpt-3.5-turbo", rewrite_reference=True,
+                        judge_key_env="MY_KEY", concurrency=4, judge_timeout=300)
     run = {"stage": "eval", "config": config.model_dump_json(), "recipe": ""}
     assert shlex.split(command_line(run, tmp_path / "runs.db"))[3:] == [
         "rlhf", "eval", "belle", "/m/final", "--name", "sft export", "--eval-dir", "/belle", "--judge", "rm",
@@ -995,6 +1013,9 @@ def test_an_evaluations_command_line_is_rlhf_eval_belle_with_what_differs_from_t
 
     parsed = build_parser().parse_args(shlex.split(command_line(run, tmp_path / "runs.db"))[4:])  # as the CLI reads it
     assert (parsed.checkpoint, parsed.judge, parsed.per_class, parsed.rewrite_reference) == ("/m/final", "rm", 2, True)
+    from engine.eval_cli import _given, _no_contradiction
+
+    _no_contradiction(parsed, _given(parsed, tmp_path / "runs.db"))  # not refused
     judged_again = EvalConfig(name="again", checkpoint="/m/final", eval_dir="/belle", answers_from=7,
                               max_new_tokens=32)  # its source's, which it records and is not given
     assert shlex.split(command_line({"stage": "eval", "config": judged_again.model_dump_json()}, "/r/runs.db"))[3:] == [

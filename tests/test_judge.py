@@ -89,17 +89,33 @@ def test_a_refusal_of_one_item_is_its_verdict_not_retried(cache, monkeypatch, co
         server.close()
 
 
+@pytest.mark.parametrize("code", [402, 405])
+def test_a_refusal_of_the_account_or_the_request_form_is_a_failed_call_not_an_items_verdict(cache, monkeypatch, code):
+    """402 (no credit left midway) is of every call from then on: counted as the item's verdict (unscored),
+    it would end the run done with a mean over the items judged before the money ran out."""
+    monkeypatch.setenv("JUDGE_KEY", "k")
+    server = JudgeServer(lambda body, index: ("status", code, "Insufficient Balance"))
+    try:
+        judge = EndpointJudge(server.url, "m", "JUDGE_KEY", cache=cache, retries=5, backoff_s=0.01)
+        _, verdict = judge.judge("p", "")
+        assert verdict.status == FAILED and verdict.calls == 1  # not retried: it would not change
+        assert verdict.problem == f"HTTP {code}: Insufficient Balance"
+    finally:
+        server.close()
+
+
 def test_a_try_that_never_connected_is_not_counted_as_a_call(cache, monkeypatch):
     """An endpoint gone mid-run (a refused connection): nothing was sent, so nothing was paid; the spent line
     summed every try as a call. A try that reached the server counts (test above)."""
     import socket
 
     monkeypatch.setenv("JUDGE_KEY", "k")
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    judge = EndpointJudge(f"http://127.0.0.1:{port}/v1", "m", "JUDGE_KEY", cache=cache, retries=2, backoff_s=0.01)
-    _, verdict = judge.judge("p", "")
+    with socket.socket() as bound:  # bound, never listening: connections to it are refused, the port kept
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        judge = EndpointJudge(f"http://127.0.0.1:{port}/v1", "m", "JUDGE_KEY", cache=cache, retries=2,
+                              backoff_s=0.01)
+        _, verdict = judge.judge("p", "")
     assert verdict.status == FAILED and verdict.calls == 0
     assert verdict.problem == "gave up after 3 tries: APIConnectionError: Connection error."
 

@@ -248,8 +248,11 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
                 await pane.note("stopped: the answer so far is kept in the conversation; r asks again"
                                 if pane.answer else "stopped before its first token; r asks again")
             elif not pane.answer.strip():  # a blank pane read as a display fault, or as an answer still coming
-                await pane.note("an empty answer: the model ended it at once"
-                                + (" (its end-of-text first)" if finish == "eos" else ""))
+                tokens = event.get("tokens") or 0
+                await pane.note("an empty answer: the model ended it at once" if not tokens else
+                                f"an answer of whitespace only ({tokens} tokens)" if pane.answer else
+                                f"{tokens} tokens, none of them text"
+                                + (" (the length limit ended it)" if finish == "length" else ""))
             self._after_answer()
         elif kind == "error":
             await pane.fail(event.get("message", "error"), fatal=bool(event.get("fatal")))

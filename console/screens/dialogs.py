@@ -43,12 +43,17 @@ class ConfirmScreen(ModalScreen[bool]):
 
 
 class _OneLineInput(Input):
-    """An Input that keeps a multi-line paste whole, its lines joined by spaces (Input keeps its first line:
-    a note pasted from a notebook lost all but its first line, unseen)."""
+    """An Input that keeps a multi-line paste, its lines joined by spaces (Input keeps its first line: a note
+    pasted from a notebook lost all but its first line, unseen), cut to the room left (Input drops a paste
+    that does not fit whole)."""
 
     def _on_paste(self, event: events.Paste) -> None:
         # Textual calls each class's handler in turn, this one first: Input's then inserts the joined text.
-        event.text = " ".join(event.text.split())
+        text = " ".join(event.text.split())
+        if self.max_length:
+            start, end = self.selection
+            text = text[: max(self.max_length - len(self.value) + abs(end - start), 0)]
+        event.text = text
 
 
 class NoteScreen(ModalScreen[str | None]):

@@ -186,10 +186,18 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
         recipes = [(p.name, str(p)) for p in self.recipes()]
         listed = {Path(value).resolve() for _, value in recipes}
         for path in self.used:  # a user's own recipes live in their project, not in the console's configs/
-            resolved = Path(path).resolve()
-            if resolved not in listed and len(listed) < MAX_RECIPES and resolved.is_file():
-                listed.add(resolved)
-                recipes.append((_shown_path(resolved), str(resolved)))
+            if len(listed) >= MAX_RECIPES:
+                break
+            if not Path(path).is_absolute():  # recorded relative (older runs): to a folder no longer known
+                continue
+            try:
+                resolved = Path(path).resolve()
+                if resolved in listed or not resolved.is_file():
+                    continue
+            except (OSError, RuntimeError):  # another user's folder in a shared runs.db, a symlink loop
+                continue
+            listed.add(resolved)
+            recipes.append((_shown_path(resolved), str(resolved)))
         accel = [(p.name, str(p)) for p in self.accelerate_configs()]
         default_accel = next((v for n, v in accel if n == "cpu.yaml"), accel[0][1] if accel else Select.NULL)
         stage, recipe, title = "sft", _default_recipe(recipes), "[b]New run[/b]"

@@ -848,7 +848,7 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
     import shlex
 
     if run["stage"] == "eval":
-        from engine.evaluate import ANSWERED_BY, EvalConfig  # no torch: pydantic and the BELLE readers
+        from engine.evaluate import ANSWERED_BY, ENDPOINT_ONLY, EvalConfig  # no torch: pydantic, the BELLE readers
 
         defaults = {key: field.default for key, field in EvalConfig.model_fields.items()}
         config = json.loads(run.get("config") or "{}")
@@ -858,7 +858,7 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
             argv.append(config["checkpoint"])
         # What the command refuses as ignored (an older record may hold it): an endpoint's settings beside the
         # reward model's judge, a second subset
-        ignored = {"judge_url", "judge_model", "price_per_1k"} if config.get("judge") == "rm" else set()
+        ignored = set(ENDPOINT_ONLY) if config.get("judge") == "rm" else set()
         if config.get("limit") is not None:
             ignored.add("per_class")
         for key, value in config.items():

@@ -59,6 +59,7 @@ class JudgeRefused(RunFailed):
 
 
 REFUSING = (401, 403, 404)  # the key, the permission, the model or the URL: the same for every call
+ITEM_REFUSALS = (400, 413, 422)  # what one call holds (too long for the judge's context, a content filter)
 
 
 class EndpointJudge:
@@ -191,14 +192,18 @@ class EndpointJudge:
                 if err.status_code in REFUSING:
                     raise JudgeRefused(f"the judge at {self.base_url} refused the call ({last}): check "
                                        "--judge-key-env, --judge-model and --judge-url") from None
-                if err.status_code not in (408, 409, 429) and err.status_code < 500:
+                if err.status_code in ITEM_REFUSALS:
                     raise CallRefused(last) from None
+                if err.status_code not in (408, 409, 429) and err.status_code < 500:
+                    # 402 (no credit left), 405, 415...: of the account or the request's form, not of this
+                    # item: a failed call, which keeps the run from ending done
+                    raise CallFailed(last) from None
                 error: Exception = err
             except transient as err:
                 last, error = self._scrub(f"{type(err).__name__}: {err}"), err
                 # No connection, nothing sent: not a call the spent line may count as paid. (By name: the
                 # client's transport module is httpx in some openai releases, httpx2 in others.)
-                if type(err.__cause__).__name__ == "ConnectError":
+                if type(err.__cause__).__name__ in ("ConnectError", "ConnectTimeout"):
                     calls[0] -= 1
             if dropped.is_set():  # dropped on purpose (the run stopped, or its judge refused every call)
                 raise CallFailed(f"stopped ({last})")
