@@ -258,25 +258,15 @@ def serve(model: Any) -> None:
 # A worker ends with the console that started it. A console that quits asks its workers to, but one blocked
 # in a slow endpoint call hears that only when the call returns (minutes, with retries), and a console that
 # crashes or is killed asks nothing: the kernel ends the worker with its parent instead.
-PARENT_ENV = "RLHF_CHAT_PARENT"  # the console's pid, set for the worker it starts
-_PR_SET_PDEATHSIG = 1
+PARENT_ENV = "RLHF_CHAT_PARENT"  # the console's pid, set for the worker it starts (from its UI thread)
 
 
-def end_with_parent() -> None:
-    """SIGTERM to this process when its parent ends (Linux: strictly, when the parent's thread that started
-    it ends; the console starts its workers from its UI thread); ended at once if the parent has gone."""
+def end_with_console() -> None:
+    from engine.procs import end_with_parent
+
     parent = os.environ.get(PARENT_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(parent):  # it ended before the request above: nothing would signal it now
-        sys.exit(0)
+    if parent:
+        end_with_parent(int(parent))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads on a CPU: workers that share the cores must split them, or their "
                              "threads spin against each other")
     args = parser.parse_args(argv)
-    end_with_parent()
+    end_with_console()
     start = time.perf_counter()
     if args.cpu_threads and args.model:
         import torch

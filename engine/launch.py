@@ -30,11 +30,14 @@ from typing import IO, Any, Callable, Iterator
 from engine.accelerate_file import read_accelerate_config
 from engine.config import Recipe, RecipeError, Stage
 from engine.procs import (
+    RANKS_ENV,
+    forget_ranks,
     group_alive,
     kill_group,
     not_ours,
     process_alive,
     process_start,
+    rank_groups,
     run_processes_gone,
     same_group,
     spawn_detached,
@@ -451,10 +454,11 @@ def supervise(run: Prepared, echo: bool = False) -> int:
     leaves the run going.
     """
     db = run.db_path
+    ranks = run.log_path.parent / ".ranks"  # where torchrun's ranks, each in a session of its own, say so
     with _closed_if_not_started(db, run.run_id if run.registered else None), open(run.log_path, "ab") as log:
         offset = log.tell()
         proc = subprocess.Popen(
-            run.argv, env={**os.environ, **run.env}, stdin=subprocess.DEVNULL, stdout=log,
+            run.argv, env={**os.environ, **run.env, RANKS_ENV: str(ranks)}, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
     stop_asked = False
@@ -494,15 +498,20 @@ def supervise(run: Prepared, echo: bool = False) -> int:
         # trainer trains on under nobody, to be killed unsaved once the patience below runs out. A stop
         # nobody recorded: the group is asked to save and end, as a stop asks it (a trainer that had the
         # signal already takes a second one as the same stop).
-        passed_on = exit_code < 0 and not asked and group_alive(proc.pid)
+        # Its ranks (torchrun's, each in a session of its own) are the run's too: ended with their launcher,
+        # they save and stop; the run ends when they have.
+        groups = [proc.pid, *rank_groups(ranks, proc.pid)]
+        passed_on = exit_code < 0 and not asked and any(group_alive(g) for g in groups)
         if passed_on:
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+            for group in groups:
+                with suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGTERM)
             with suppress(OSError), open(run.log_path, "ab") as log:
                 log.write(f"[rlhf] {_launcher_killed(exit_code)}\n".encode())
         stopping = asked or passed_on or exit_code == -signal.SIGTERM
         grace = stop_grace_s()
-        killed = _wait_for_group(proc.pid, grace if stopping else LINGER_S, lambda: grace if told else None)
+        killed = _wait_for_groups(groups, grace if stopping else LINGER_S, lambda: grace if told else None)
+        forget_ranks(ranks, proc.pid)
     finally:
         for s, handler in previous.items():
             # A stopper that read the run as running may tell its supervisor just after the run ended: that
@@ -540,25 +549,31 @@ def _stop_requested(db: Path, run_id: int) -> bool:
         return True
 
 
-def _wait_for_group(pgid: int, patience_s: float, longer: Callable[[], float | None] = lambda: None) -> bool:
+def _wait_for_groups(groups: list[int], patience_s: float, longer: Callable[[], float | None] = lambda: None) -> bool:
     """A signalled `accelerate launch` may die before the trainer under it has saved its checkpoint: the
-    run is over only when its whole group is. A group that outlives `patience_s` (a rank hung in a
-    collective, a stray helper) is killed, so the exit is always recorded. `longer`: a patience that
-    replaces it once it says one (a stop learnt of while waiting). Returns whether it was killed."""
+    run is over only when its whole group is (and its ranks' groups). A group that outlives `patience_s` (a
+    rank hung in a collective, a stray helper) is killed, so the exit is always recorded. `longer`: a
+    patience that replaces it once it says one (a stop learnt of while waiting). Returns whether one was
+    killed."""
+    def alive() -> list[int]:
+        return [g for g in groups if group_alive(g)]
+
     start = time.monotonic()
     deadline = start + patience_s
-    while group_alive(pgid):
+    while alive():
         extended = longer()
         if extended is not None:
             deadline = max(deadline, start + extended)
         if time.monotonic() >= deadline:
             break
         time.sleep(0.2)
-    if not group_alive(pgid):
+    left = alive()
+    if not left:
         return False
-    kill_group(pgid)
+    for group in left:
+        kill_group(group)
     deadline = time.monotonic() + 10
-    while group_alive(pgid) and time.monotonic() < deadline:
+    while alive() and time.monotonic() < deadline:
         time.sleep(0.2)
     return True
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 from typing import IO, Sequence
 
@@ -152,3 +153,71 @@ def spawn_detached(argv: Sequence[str], log: IO[bytes]) -> tuple[int, int | None
     started = process_start(proc.pid)
     threading.Thread(target=proc.wait, name=f"reap {proc.pid}", daemon=True).start()
     return proc.pid, started
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def end_with_parent(parent: int) -> None:
+    """SIGTERM to this process when its parent ends (Linux: strictly, when the parent's thread that started
+    it ends); ended at once if `parent` has gone already (before the request could be made)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+# torchrun starts each rank in a session of its own: its launcher's process group does not hold it. A
+# launcher killed alone (kill -9 of `accelerate launch`, the OOM killer) left its ranks training under
+# nobody, the run recorded failed, and a resume trained a second copy into the same folder. Each rank
+# ends with its launcher (SIGTERM: its stop, with a checkpoint) and leaves its group's id in the folder
+# this variable names, where its supervisor waits for it before it records the run's end.
+RANKS_ENV = "RLHF_RANKS_DIR"
+
+
+def register_rank() -> None:
+    """Called first thing in a launched trainer: a no-op unless torchrun gave it a session of its own."""
+    folder = os.environ.get(RANKS_ENV)
+    if not folder or os.getsid(0) != os.getpid():
+        return
+    launcher = os.getppid()
+    end_with_parent(launcher)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{launcher}.{os.getpid()}"), "w") as fh:
+            fh.write(f"{os.getpid()} {process_start(os.getpid()) or ''}")
+    except OSError:  # a full disk: the rank still ends with its launcher, unseen by the supervisor
+        pass
+
+
+def rank_groups(folder: str | os.PathLike, launcher: int) -> list[int]:
+    """The live process groups of the ranks `launcher` started (as register_rank left them)."""
+    groups = []
+    try:
+        names = [name for name in os.listdir(folder) if name.startswith(f"{launcher}.")]
+    except OSError:
+        return []
+    for name in names:
+        try:
+            with open(os.path.join(folder, name)) as fh:
+                pgid, _, started = fh.read().partition(" ")
+            if same_group(int(pgid), int(started) if started.strip() else None):
+                groups.append(int(pgid))
+        except (OSError, ValueError):
+            continue
+    return groups
+
+
+def forget_ranks(folder: str | os.PathLike, launcher: int) -> None:
+    try:
+        for name in os.listdir(folder):
+            if name.startswith(f"{launcher}."):
+                os.unlink(os.path.join(folder, name))
+    except OSError:
+        pass

@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--db", default=None)
     args = parser.parse_args(argv)
+    from engine.procs import register_rank
+
+    register_rank()
     configure_logging()
     try:
         _, status = run_stage(args.stage, args.recipe, args.overrides, args.db)

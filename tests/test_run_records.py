@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 
 from engine.config import RecipeError
 from engine.launch import prepare, request_stop, start_detached
-from engine.procs import process_start
+from engine.procs import process_alive, process_start
 from engine.run import check_resumable
 from engine.store import RUN_MARKER, Store, folder_owner
 from tests.conftest import REPO, RLHF, TINY
@@ -73,6 +74,35 @@ def test_a_launched_run_whose_processes_died_becomes_resumable(workdir, how):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [s for s, _ in metric(run.run_id, "loss")]
     assert steps == list(range(1, 7)) and run_row(run.run_id)["status"] == "done"
+
+
+def test_ranks_whose_launcher_was_killed_alone_save_stop_and_are_waited_for(workdir):
+    """torchrun starts each rank in a session of its own: kill -9 of `accelerate launch` alone (the OOM
+    killer's choice) left both ranks training under nobody while the run read failed, and its resume
+    trained a second copy into the same folder. The ranks end with their launcher, as a stop (a
+    checkpoint), and the run's end is recorded once they are gone."""
+    run = prepare("sft", str(TINY), ["train.max_steps=400", "train.logging_steps=1", "train.save_steps=50"],
+                  str(ACCEL / "cpu_ddp.yaml"))
+    start_detached(run)
+    wait(lambda: len(metric(run.run_id, "loss")) >= 3, timeout=300)
+    launcher = run_row(run.run_id)["pgid"]
+    ranks = [int(name.split(".")[1]) for name in os.listdir(Path(run.log_path).parent / ".ranks")
+             if name.startswith(f"{launcher}.")]
+    assert len(ranks) == 2 and all(os.getsid(pid) == pid for pid in ranks)  # sessions of their own
+    os.kill(launcher, signal.SIGKILL)
+    try:
+        wait(lambda: run_row(run.run_id)["exit_code"] is not None, timeout=300)
+        row = run_row(run.run_id)
+        assert not [pid for pid in ranks if process_alive(pid, None)]  # no rank outlives the record
+    finally:  # a failure leaves no rank training
+        for pid in ranks:
+            with suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    assert row["status"] == "stopped" and row["exit_code"] == 143, row
+    assert "its launcher was killed by SIGKILL" in row["error"]
+    step = row["step"]
+    assert step and (Path(row["output_dir"]) / f"checkpoint-{step}").is_dir()  # saved where it stopped
+    assert not list((Path(row["output_dir"]) / ".ranks").iterdir())
 
 
 def test_a_pending_run_whose_supervisor_died_has_a_way_out(workdir):
