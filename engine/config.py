@@ -11,6 +11,7 @@ import ast
 import difflib
 import importlib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, get_args
 
@@ -56,7 +57,7 @@ class RecipeSource:
         self.lines = lines
         self.origin = origin  # dotted key -> "--set key=value"
 
-    def locate(self, field: str) -> str:
+    def locate(self, field: str, message: str = "") -> str:
         for key, override in self.origin.items():
             if field == key or field.startswith(key + "."):
                 return override
@@ -65,9 +66,13 @@ class RecipeSource:
             probe = probe[:-1]
         line = self.lines.get(probe)
         where = f"{self.path}:{line}" if line else str(self.path)
-        # A whole section's problem (two fields that disagree) is also the doing of any --set inside it.
-        inside = [override for key, override in self.origin.items() if field and key.startswith(field + ".")]
-        return ", ".join(inside) + f" ({where})" if inside else where
+        # A whole section's problem (two fields that disagree) is also the doing of any --set inside it: of
+        # those its message names, where it names any (not every --set of the section).
+        inside = [(key, override) for key, override in self.origin.items() if field and key.startswith(field + ".")]
+        named = [override for key, override in inside
+                 if any(re.search(rf"\b{re.escape(part)}\b", message) for part in key[len(field) + 1:].split("."))]
+        blamed = named or [override for _, override in inside]
+        return ", ".join(blamed) + f" ({where})" if blamed else where
 
 
 def _types_in(annotation: Any) -> set[Any]:
@@ -226,7 +231,7 @@ class PPOStage(_Section):
     )
     steps: int = Field(100, gt=0, description="PPO steps (one rollout + its optimisation each).")
     rollout_batch_size: int = Field(64, gt=0, description="Prompts per rollout, per process.")
-    minibatch_size: int = Field(8, gt=0, description="Sequences per PPO minibatch.")
+    minibatch_size: int = Field(8, gt=0, description="Sequences per PPO minibatch (it divides rollout_batch_size).")
     ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout.")
     lr: float = Field(1e-6, gt=0, description="Learning rate of the policy and value branches.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Schedule over `steps`.")
@@ -576,7 +581,7 @@ def _describe(err: ValidationError, source: RecipeSource) -> RecipeError:
                 if field.endswith("model") else "a section, not a value: its fields go below it"
         elif e["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, "
             message = str(e["ctx"]["error"]) if "error" in e.get("ctx", {}) else message
-        problems.append(f"{source.locate(field)}: {field or '(top level)'}: {message}")
+        problems.append(f"{source.locate(field, message)}: {field or '(top level)'}: {message}")
         fields.setdefault(field, message)
     return RecipeError("invalid recipe\n  " + "\n  ".join(problems), fields)
 

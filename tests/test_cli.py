@@ -130,7 +130,8 @@ def test_data_that_cannot_train_is_exit_2_before_anything_is_registered(workdir)
 
 def test_what_max_prompt_length_cuts_is_said_once(workdir):
     result = rlhf("train", "ppo", str(TINY), "--set", "ppo.max_prompt_length=8", "--set", "ppo.steps=1", "--set",
-                  "ppo.rollout_batch_size=4", "--set", "ppo.max_new_tokens=4", timeout=300)
+                  "ppo.rollout_batch_size=4", "--set", "ppo.minibatch_size=4", "--set", "ppo.max_new_tokens=4",
+                  timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"ppo.max_prompt_length=8: (\d+) of \1 prompts are longer \(the longest \d+ tokens\) and "
                      r"keep their last 8 tokens", result.stderr), result.stderr[-2000:]

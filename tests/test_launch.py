@@ -616,7 +616,8 @@ def test_a_stop_through_the_consoles_path_waits_for_a_slow_save(workdir, monkeyp
 
     monkeypatch.setenv("RLHF_LINGER_S", "0.5")  # what a stray process may take; a save takes longer
     run = prepare("ppo", str(TINY), ["reward_fn=tests.ppo_rewards:slow_share_of_letter_a", "steps=50",
-                                     "rollout_batch_size=4", "max_new_tokens=4", "save_steps=1000"],
+                                     "rollout_batch_size=4", "minibatch_size=4", "max_new_tokens=4",
+                                     "save_steps=1000"],
                   str(ACCEL / "cpu.yaml"))
     start_detached(run)
     deadline = time.time() + 180

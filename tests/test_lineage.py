@@ -42,7 +42,8 @@ def test_exports_record_their_start_and_ppo_checks_the_reward_models(workdir, ca
                                     f"reward_model={exports[rm_from_base]}"])
     assert any("features they never saw" in r.getMessage() for r in caplog.records)
 
-    ppo_run, _ = run_stage("ppo", str(TINY), ["steps=1", "rollout_batch_size=4", "max_new_tokens=4", "save_steps=1"])
+    ppo_run, _ = run_stage("ppo", str(TINY), ["steps=1", "rollout_batch_size=4", "minibatch_size=4", "max_new_tokens=4",
+                                               "save_steps=1"])
     folder = Path(run_row(ppo_run)["output_dir"])
     final, policy = read_lineage(str(folder / "final")), read_lineage(str(folder / "checkpoint-1" / "policy"))
     assert final == policy and final["stage"] == "ppo" and final["run_id"] == ppo_run

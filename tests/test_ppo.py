@@ -241,7 +241,7 @@ def test_divergence_stops_the_run_names_the_metric_and_is_no_success_to_a_script
     """`rlhf train ppo … && rlhf eval belle …` must not go on to evaluate a NaN model: a diverged run exits 1,
     in its own terminal and launched, and its record says 1 as well."""
     nan = ["--set", "ppo.reward_fn=tests.ppo_rewards:always_nan", "--set", "ppo.steps=5", "--set",
-           "ppo.rollout_batch_size=4", "--set", "ppo.max_new_tokens=4"]
+           "ppo.rollout_batch_size=4", "--set", "ppo.minibatch_size=4", "--set", "ppo.max_new_tokens=4"]
     own = subprocess.run([*RLHF, "train", "ppo", str(TINY), *nan], capture_output=True, text=True, timeout=600)
     assert own.returncode == 1, own.stderr[-2000:]
     assert "run 1 diverged" in own.stdout and "finished" not in own.stdout
@@ -420,7 +420,7 @@ def test_a_stop_that_comes_with_the_last_step_lets_ppo_finish(workdir, monkeypat
             return True
 
     monkeypatch.setattr(trainer, "StopFlag", AlwaysAsked)
-    small = ["rollout_batch_size=4", "max_new_tokens=4"]
+    small = ["rollout_batch_size=4", "minibatch_size=4", "max_new_tokens=4"]
     run_id, status = run_stage("ppo", str(TINY), [*small, "steps=1"])
     assert status == "done" and (Path(run_row(run_id)["output_dir"]) / "final").is_dir()
     run_id, status = run_stage("ppo", str(TINY), [*small, "steps=2"])
