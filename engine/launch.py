@@ -31,6 +31,7 @@ from engine.accelerate_file import read_accelerate_config
 from engine.config import Recipe, RecipeError, Stage
 from engine.procs import (
     RANKS_ENV,
+    RANKS_FOLDER,
     forget_ranks,
     group_alive,
     kill_group,
@@ -454,7 +455,7 @@ def supervise(run: Prepared, echo: bool = False) -> int:
     leaves the run going.
     """
     db = run.db_path
-    ranks = run.log_path.parent / ".ranks"  # where torchrun's ranks, each in a session of its own, say so
+    ranks = run.log_path.parent / RANKS_FOLDER  # where torchrun's ranks, each in a session of its own, say so
     with _closed_if_not_started(db, run.run_id if run.registered else None), open(run.log_path, "ab") as log:
         offset = log.tell()
         proc = subprocess.Popen(
@@ -708,6 +709,10 @@ def _signal_stop(run: dict[str, Any], pgid: int | None,
         os.killpg(pgid, signal.SIGTERM)
         with suppress(ProcessLookupError):  # a group that ended on the SIGTERM has nothing to continue
             os.killpg(pgid, signal.SIGCONT)
+        if run.get("output_dir"):  # torchrun's ranks, each in a session of its own: their launcher passes
+            for group in rank_groups(Path(run["output_dir"]) / RANKS_FOLDER, pgid):  # the SIGTERM on, not a SIGCONT
+                with suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGCONT)
         return (pgid, started), True
     if not pgid and run["pid"] and started is not None and not run.get("launch") and \
             process_alive(run["pid"], started):

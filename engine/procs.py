@@ -179,6 +179,7 @@ def end_with_parent(parent: int) -> None:
 # ends with its launcher (SIGTERM: its stop, with a checkpoint) and leaves its group's id in the folder
 # this variable names, where its supervisor waits for it before it records the run's end.
 RANKS_ENV = "RLHF_RANKS_DIR"
+RANKS_FOLDER = ".ranks"  # in the run's folder
 
 
 def register_rank() -> None:

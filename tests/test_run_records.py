@@ -105,6 +105,28 @@ def test_ranks_whose_launcher_was_killed_alone_save_stop_and_are_waited_for(work
     assert not list((Path(row["output_dir"]) / ".ranks").iterdir())
 
 
+def test_a_stop_continues_a_rank_paused_with_sigstop(workdir):
+    """The stop's SIGCONT went to the launcher's group alone: a rank paused in its own session held the
+    SIGTERM its launcher passed on until the grace period ran out (10 minutes), and the kill lost the save."""
+    run = prepare("sft", str(TINY), ["train.max_steps=400", "train.logging_steps=1", "train.save_steps=50"],
+                  str(ACCEL / "cpu_ddp.yaml"))
+    start_detached(run)
+    wait(lambda: len(metric(run.run_id, "loss")) >= 3, timeout=300)
+    launcher = run_row(run.run_id)["pgid"]
+    ranks = [int(name.split(".")[1]) for name in os.listdir(Path(run.log_path).parent / ".ranks")
+             if name.startswith(f"{launcher}.")]
+    os.kill(ranks[-1], signal.SIGSTOP)
+    try:
+        request_stop(os.environ["RLHF_DB"], run.run_id)
+        wait(lambda: run_row(run.run_id)["exit_code"] is not None, timeout=300)  # the grace is 600 s
+    finally:
+        for pid in ranks:
+            with suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    row = run_row(run.run_id)
+    assert row["status"] == "stopped" and (Path(row["output_dir"]) / f"checkpoint-{row['step']}").is_dir(), row
+
+
 def test_a_pending_run_whose_supervisor_died_has_a_way_out(workdir):
     run = prepare("sft", str(TINY), [], str(ACCEL / "cpu.yaml"))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
