@@ -70,6 +70,13 @@ def continue_from(handle: RunHandle, checkpoint: Path, step: int) -> None:
     if handle.store is not None:
         warn_if_unrecorded(handle, checkpoint, step)
         handle.store.drop_history_after(handle.run_id, step)
+        changes = json.loads(handle.store.run(handle.run_id).get("changes") or "[]")
+        new = [change for change in changes if change.get("step") is None]  # a resume that never trained too
+        for change in new:  # the change this resume brings: from this step on
+            change["step"] = step
+            log.info("changed from step %d on: %s", step, ", ".join(change["fields"]))
+        if new:
+            handle.store.update_run(handle.run_id, changes=json.dumps(changes))
 
 
 ABANDONED_PREFIX = "abandoned-"
@@ -356,8 +363,11 @@ def resume_recipe(db_path: str | os.PathLike, run_id: int, stage: Stage, overrid
         _check_steps(run, stage, recorded, changed, target)
     change = None
     if differ:  # recorded by the claim (`Store.claim_for_resume`): only a resume that starts changes the run
+        # Which step it applies from: the checkpoint's, filled in when the trainer takes it (continue_from)
+        made = {"step": 0 if over else None, "at": time.time(), "set": overrides, "fields": differ}
         change = {"config": recipe_to_json(with_absolute_paths(changed)),
-                  "overrides": json.dumps([*json.loads(run.get("overrides") or "[]"), *overrides])}
+                  "overrides": json.dumps([*json.loads(run.get("overrides") or "[]"), *overrides]),
+                  "changes": json.dumps([*json.loads(run.get("changes") or "[]"), made])}
     where = "false" if over else "true" if picked is True else json.dumps(picked)
     return path, [*overrides, f"{field}={where}"], change
 

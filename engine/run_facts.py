@@ -139,3 +139,20 @@ def user_overrides(run: dict[str, Any], pipeline: dict[str, Any] | None = None) 
     if run.get("pipeline_id") is None:
         return own
     return items(pipeline) + [item for item in own if item.split("=", 1)[0] not in PIPELINE_WIRING]
+
+
+def run_changes(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """What each resume with --allow-change changed, oldest first (runs.changes), [] for none."""
+    try:
+        changes = json.loads(run.get("changes") or "[]")
+    except ValueError:
+        return []
+    return [c for c in changes if isinstance(c, dict)] if isinstance(changes, list) else []
+
+
+def changes_text(run: dict[str, Any]) -> str:
+    """` · changed at step 14: ppo.target_kl (None -> 2.0)` for a run resumed with a change: its recorded
+    config and overrides are its latest, and read as if from its first step."""
+    parts = [(f"at step {c['step']}" if c.get("step") is not None else "at its next resume") + ": "
+             + ", ".join(c.get("fields") or []) for c in run_changes(run)]
+    return f" · changed {'; '.join(parts)}" if parts else ""

@@ -308,8 +308,14 @@ def _v11(db: sqlite_utils.Database) -> None:
     db["runs"].add_column("failure_code", int)
 
 
+def _v12(db: sqlite_utils.Database) -> None:
+    # What each resume with --allow-change changed, and from which step: [{"step", "at", "set", "fields"}]
+    # as JSON. The run's config and overrides are its latest: without this they read as if from step 1.
+    db["runs"].add_column("changes", str)
+
+
 # Append only: migration i brings a database from version i to i + 1.
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11]
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

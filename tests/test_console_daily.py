@@ -998,6 +998,20 @@ def test_an_evaluations_command_line_is_rlhf_eval_belle_with_what_differs_from_t
     assert shlex.split(command_line(launched, "/r/runs.db"))[3:] == [
         "rlhf", "launch", "sft", "/c/tiny.yaml", "--set", "train.lr=1e-3", "--accelerate-config", "/c/cpu.yaml",
         "--db", "/r/runs.db"]
+    # Changed by a resume at step 14: the command that started it, then the change and its step (its
+    # overrides whole would train the latest settings from step 1)
+    changed = {**launched, "overrides": '["train.lr=1e-3", "train.epochs=4", "train.lr=5e-4"]',
+               "changes": json.dumps([{"step": 14, "at": 0, "set": ["train.epochs=4", "train.lr=5e-4"],
+                                       "fields": ["sft.train.epochs (2 -> 4)", "sft.train.lr (0.001 -> 0.0005)"]}])}
+    line = command_line(changed, "/r/runs.db")
+    assert shlex.split(line, comments=True)[3:] == [
+        "rlhf", "launch", "sft", "/c/tiny.yaml", "--set", "train.lr=1e-3", "--accelerate-config", "/c/cpu.yaml",
+        "--db", "/r/runs.db"]
+    assert line.endswith("  # then resumed with --allow-change from step 14: --set train.epochs=4 --set train.lr=5e-4")
+    from engine.run_facts import changes_text
+
+    assert changes_text(changed) == " · changed at step 14: sft.train.epochs (2 -> 4), sft.train.lr (0.001 -> 0.0005)"
+    assert changes_text(launched) == ""
     from engine.evaluate import EvalConfig
 
     # An older record of a reward-model judge holds endpoint settings (the pipeline passed --judge-key-env):

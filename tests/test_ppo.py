@@ -71,6 +71,10 @@ def test_resume_reproduces_an_uninterrupted_run(workdir):
                               *sum((["--set", o] for o in [*TOY, "steps=6", "save_steps=100"]), [])],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The change is recorded from the step it applies from (the run's config reads as its latest)
+    changes = json.loads(run_row(part)["changes"])
+    assert [(c["step"], c["fields"]) for c in changes] == [(3, ["ppo.steps (3 -> 6)"])]
+    assert "changed from step 3 on: ppo.steps (3 -> 6)" in resumed.stderr
     assert [s for s, _ in metric(part, "kl_ctl_value")] == list(range(1, 7))
     assert values(part, "kl_ctl_value")[3] == state["kl"]["value"]  # the saved controller sets step 4's coefficient
     for name in ("rollout_scores/mean", "kl_ctl_value", "losses/total_loss", "values/mean"):

@@ -140,11 +140,11 @@ def test_a_version_1_database_migrates_forward_with_its_runs(tmp_path):
     db.conn.commit()
     db.close()
     with Store(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 11
+        assert store.schema_version == SCHEMA_VERSION == 12
         run = store.run(1)
         assert run["name"] == "old" and run["launch"] is None and run["stop_requested"] is None
         assert run["note"] is None and run["data_fates"] is None and run["segments"] is None
-        assert run["failure_code"] is None
+        assert run["failure_code"] is None and run["changes"] is None
         store.update_run(1, launch='{"accelerate_config": "cpu.yaml"}', stop_requested=2.0)
         assert new_run(store) == 2
 

@@ -24,7 +24,7 @@ from console.text import terminal_safe
 from console.widgets.log_view import LogView
 from console.widgets.run_table import SORTS, RunTable, shown_status
 from console.widgets.samples_view import SamplesView
-from engine.run_facts import error_summary, pipeline_waits_for, run_segments
+from engine.run_facts import changes_text, error_summary, pipeline_waits_for, run_changes, run_segments
 
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
 STATUSES = (None, "running", "pending", "stopping", "done", "failed", "stopped", "diverged", "lost")
@@ -408,7 +408,7 @@ class RunsScreen(Screen):
         text = f"run {run['id']} {run['stage']} {run['name']}{note} · {status}"
         if run["exit_code"] is not None:
             text += f" (exit {run['exit_code']})"
-        text += segments_text(run)
+        text += segments_text(run) + changes_text(run)
         pipeline = self.app.pipelines.get(run.get("pipeline_id"))
         if pipeline is not None:
             text += f" · pipeline {pipeline['id']} {pipeline['status']}"
@@ -847,6 +847,7 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
     evaluation `rlhf eval belle` with the settings that differ from the defaults."""
     import shlex
 
+    note = ""
     if run["stage"] == "eval":
         from engine.evaluate import ANSWERED_BY, ENDPOINT_ONLY, EvalConfig  # no torch: pydantic, the BELLE readers
 
@@ -872,14 +873,23 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
         # A run started in its own terminal (`rlhf train`) has no accelerate config to launch it with
         argv = ["rlhf", "launch" if launch.get("accelerate_config") else "train", run["stage"],
                 run["recipe"] or "RECIPE"]
-        for item in json.loads(run.get("overrides") or "[]"):
-            argv += ["--set", str(item)]
+        overrides = [str(item) for item in json.loads(run.get("overrides") or "[]")]
+        # A run changed mid-way by a resume: the command that started it, and what changed from which step
+        # (its overrides whole would train the latest settings from step 1, another run)
+        changes = run_changes(run)
+        later = sum(len(change.get("set") or []) for change in changes)
+        for item in overrides[: len(overrides) - later]:
+            argv += ["--set", item]
         if launch.get("accelerate_config"):
             argv += ["--accelerate-config", launch["accelerate_config"]]
         if launch.get("num_processes"):
             argv += ["--num-processes", str(launch["num_processes"])]
+        if changes:
+            then = "; ".join((f"from step {c['step']}" if c.get("step") is not None else "next") + ": "
+                             + " ".join(f"--set {item}" for item in c.get("set") or []) for c in changes)
+            note = f"  # then resumed with --allow-change {then}"
     # From the folder the console resolves recipes in (a recipe's model and data paths are relative to it).
-    return f"cd {shlex.quote(str(Path.cwd()))} && " + shlex.join(argv + ["--db", str(Path(db_path).resolve())])
+    return f"cd {shlex.quote(str(Path.cwd()))} && " + shlex.join(argv + ["--db", str(Path(db_path).resolve())]) + note
 
 
 def _after(choices: tuple, current: object) -> object:
