@@ -226,8 +226,24 @@ def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
             row = summarize(config.shown_name(len(items) or None) if config else run["name"], items, run["id"],
                             judge)
             row.settings = config.model_dump() if config else {}
+            if config and _rewritten_since(config.checkpoint, run["created"]):
+                # A run extended since (its `final` exported again), weights copied over: the row's scores
+                # are of the model that answered, no longer in that folder
+                row.name += " [its checkpoint was written again after it answered]"
             rows.append(row)
     return rows
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin")
+
+
+def _rewritten_since(checkpoint: str, since: float) -> bool:
+    """Whether a model folder's weights were written after `since` (an evaluation's start)."""
+    folder = Path(checkpoint)
+    try:
+        return any(path.stat().st_mtime > since for pattern in WEIGHT_FILES for path in folder.glob(pattern))
+    except OSError:
+        return False
 
 
 def _settings(run: dict) -> dict:
