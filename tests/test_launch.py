@@ -69,6 +69,9 @@ def test_two_ranks_split_the_data(workdir):
     two, _ = run_foreground("sft", str(TINY), data, str(ACCEL / "cpu_ddp.yaml"), echo=False)
     assert (run_row(one)["total_steps"], run_row(two)["total_steps"]) == (4, 2)
     assert (run_row(one)["world_size"], run_row(two)["world_size"]) == (1, 2)
+    # Its card says how to resume it as it was started (`rlhf train` refuses a run of two processes)
+    card = (Path(run_row(two)["output_dir"]) / "README.md").read_text(encoding="utf-8")
+    assert f"`rlhf launch sft --resume-run {two} --db {Path(os.environ['RLHF_DB']).resolve()}`" in card
 
 
 def test_argv_has_no_shell_and_carries_overrides():

@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def test_sft_loss_falls_and_the_export_reloads_and_generates(workdir):
     assert (final / "model.safetensors").is_file() and (workdir / "runs" / str(run_id) / "checkpoint-12").is_dir()
     card = (final.parent / "README.md").read_text(encoding="utf-8")  # the run's own card, not trl's Hub card
     assert f"run {run_id}: sft" in card and str((workdir / "demo" / "model").resolve()) in card and "None" not in card
+    assert f"`rlhf train sft --resume-run {run_id} --db {Path(os.environ['RLHF_DB']).resolve()}`" in card
     model = AutoModelForCausalLM.from_pretrained(final)
     tok = AutoTokenizer.from_pretrained(final)
     prompt = tok(render_prompt([Turn("user", "What is 2 plus 3?")]), return_tensors="pt")
