@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--accelerate-config",
                         help="required for a new run, e.g. configs/accelerate/cpu.yaml (with --resume-run: the run's "
                              "own by default)")
-    launch.add_argument("--num-processes", type=int, default=None)
+    # accelerate's own spelling too: habits carried over from `accelerate launch --num_processes`
+    launch.add_argument("--num-processes", "--num_processes", type=int, default=None, dest="num_processes",
+                        help="processes to start (default: the accelerate config's num_processes)")
     launch.add_argument("--run-id", type=int, default=None,
                         help="multi-node: on machines with machine_rank > 0, the run id machine 0 printed")
     launch.add_argument("--resume-run", type=int, default=None, metavar="ID",
@@ -82,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a recipe field for every stage, e.g. --set ppo.steps=50")
     pipe.add_argument("--accelerate-config", help="required for a new pipeline, e.g. configs/accelerate/cpu.yaml "
                                                   "(each stage's launch)")
-    pipe.add_argument("--num-processes", type=int, default=None)
+    pipe.add_argument("--num-processes", "--num_processes", type=int, default=None, dest="num_processes",
+                      help="processes each stage starts (default: the accelerate config's num_processes)")
     pipe.add_argument("--resume", type=int, metavar="ID", help="continue pipeline ID from its unfinished stage")
     pipe.add_argument("--detach", action="store_true", help="print the pipeline id and return; it goes on alone")
     pipe.add_argument("--db", default=None, help=DB_HELP)

@@ -152,6 +152,10 @@ def _belle(args: argparse.Namespace) -> int:
     from engine.evaluate import ANSWERED_BY, SUBSET, config_from_run, resolve_checkpoint, run_eval
     from engine.store import Store
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # under `accelerate launch`: each process would answer and judge the whole run
+        raise RecipeError(f"an evaluation runs in one process ({world} were started): run `rlhf eval belle` "
+                          "without accelerate launch (it decodes its answers in batches on one GPU)")
     db = _db(args)
     if args.resume_run is not None:
         with Store(db, create=False) as store:

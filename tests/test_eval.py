@@ -762,6 +762,12 @@ def test_options_an_evaluation_would_ignore_are_refused_before_anything_is_regis
     for args, message in cases:
         result = rlhf_eval("belle", *args, "--eval-dir", "belle")
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-800:])
+    # Started by `accelerate launch` with two processes: said so (it was a traceback asking for rlhf launch,
+    # which launches training stages only)
+    ranked = rlhf_eval("belle", "demo/model", "--eval-dir", "belle", "--judge", "rm", "--reward-model", "demo/model",
+                       env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert ranked.returncode == 2 and "Traceback" not in ranked.stderr, ranked.stderr[-800:]
+    assert "error: an evaluation runs in one process (2 were started)" in ranked.stderr
     assert not Path(os.environ["RLHF_DB"]).exists()
 
 

@@ -74,6 +74,14 @@ def test_two_ranks_split_the_data(workdir):
     assert f"`rlhf launch sft --resume-run {two} --db {Path(os.environ['RLHF_DB']).resolve()}`" in card
 
 
+def test_the_process_count_takes_accelerates_spelling_too():
+    from engine.cli import build_parser
+
+    for spelling in ("--num-processes", "--num_processes"):
+        for command in (["launch", "sft", "r.yaml"], ["pipeline", "r.yaml"]):
+            assert build_parser().parse_args([*command, spelling, "3"]).num_processes == 3
+
+
 def test_argv_has_no_shell_and_carries_overrides():
     argv = accelerate_argv("rm", "r.yaml", ["train.lr=1e-5", "name=a b"], "c.yaml", 2, "x.db")
     assert argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
