@@ -10,7 +10,7 @@ import math
 import re
 import statistics
 import time
-from typing import Any
+from typing import Any, Iterable
 
 
 def run_segments(run: dict[str, Any]) -> tuple[tuple[float, float | None], ...]:
@@ -156,3 +156,15 @@ def changes_text(run: dict[str, Any]) -> str:
     parts = [(f"at step {c['step']}" if c.get("step") is not None else "at its next resume") + ": "
              + ", ".join(c.get("fields") or []) for c in run_changes(run)]
     return f" · changed {'; '.join(parts)}" if parts else ""
+
+
+def runs_using(run: dict[str, Any], runs: Iterable[dict[str, Any]]) -> list[int]:
+    """The other runs whose recorded settings name a path in `run`'s folder: trained from its export, scored
+    by it as a reward model, evaluating or judging with it. Its files deleted, their resumes and score rows
+    lose a model."""
+    folder = str(run.get("output_dir") or "").rstrip("/")
+    if not folder:
+        return []
+    marks = (folder + "/", folder + '"')  # in a recorded JSON config: a path under the folder, or the folder
+    return sorted(other["id"] for other in runs
+                  if other["id"] != run["id"] and any(mark in (other.get("config") or "") for mark in marks))

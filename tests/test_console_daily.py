@@ -77,9 +77,15 @@ async def test_the_acted_on_run_is_always_the_highlighted_one(many_runs):
         await wait_for(pilot, lambda: home.selected == table.selected_run() == int(table.ordered_rows[5].key.value),
                        10, "the sixth row")
         highlighted, below = table.selected_run(), int(table.ordered_rows[6].key.value)
+        # Another run trained from its export: the dialog says so before its files can go
+        folder = app.runs[highlighted]["output_dir"]
+        with Store(many_runs) as store:
+            store.update_run(below, config=json.dumps({"ppo": {"model": {"path": f"{folder}/final"}}}))
+        await wait_for(pilot, lambda: folder in (app.runs[below].get("config") or ""), 20, "the new config read")
         await pilot.press("D")
         await wait_for(pilot, lambda: isinstance(app.screen, DeleteScreen), 10, "the delete dialog")
         assert app.screen.run_id == highlighted
+        assert str(app.screen.query_one("#used-by").render()).startswith(f"run {below} uses its files")
         await pilot.press("y")
         await wait_for(pilot, lambda: highlighted not in app.runs and table.row_count == 11, 20, "the delete")
         assert table.cursor_row == 5 and home.selected == below  # its neighbour, not the top row

@@ -477,3 +477,16 @@ def test_a_quit_says_which_runs_it_leaves_going(tmp_path):
     assert still_going({3: runs[3]}, db, db) == ("run 3 (ppo) still going, in its own process: rlhf runs shows "
                                                  "them, rlhf console watches them again")
     assert still_going({1: runs[1]}, db, db) is None
+
+
+def test_the_runs_that_use_a_runs_files_are_those_naming_a_path_in_its_folder():
+    from engine.run_facts import runs_using
+
+    one = {"id": 1, "output_dir": "/r/runs/1", "config": '{"output_root": "/r/runs"}'}
+    runs = [one,
+            {"id": 2, "config": '{"ppo": {"model": {"path": "/r/runs/1/final"}}}'},  # trained from its export
+            {"id": 3, "config": '{"checkpoint": "/r/runs/1"}'},  # the folder itself
+            {"id": 4, "config": '{"checkpoint": "/r/runs/10/final"}'},  # run 10's, not run 1's
+            {"id": 5, "config": '{"output_root": "/r/runs"}'}, {"id": 6, "config": None}]
+    assert runs_using(one, runs) == [2, 3]
+    assert runs_using({"id": 7, "output_dir": None}, runs) == []

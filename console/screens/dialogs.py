@@ -83,14 +83,21 @@ class DeleteScreen(ModalScreen[tuple[bool, bool]]):
 
     BINDINGS = [Binding("escape,n", "cancel", "Cancel"), Binding("y", "confirm", "Delete")]
 
-    def __init__(self, run_id: int, output_dir: str | None):
+    def __init__(self, run_id: int, output_dir: str | None, used_by: list[int] | None = None):
+        """`used_by`: the runs whose settings name its files (engine.run_facts.runs_using)."""
         super().__init__()
-        self.run_id, self.output_dir = run_id, output_dir
+        self.run_id, self.output_dir, self.used_by = run_id, output_dir, used_by or []
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Static(Text(f"Delete run {self.run_id} from runs.db (its metrics, samples and checkpoint list)?"),
                          classes="question")
+            if self.used_by:
+                many = len(self.used_by) > 1
+                runs = ", ".join(str(i) for i in self.used_by)
+                yield Static(Text(f"run{'s' if many else ''} {runs} use{'' if many else 's'} its files (trained "
+                                  "from its export, scored by it, or evaluated it): without them their resumes fail "
+                                  "and their score rows name a model that is gone", style="bold"), id="used-by")
             yield Checkbox(Text(terminal_safe(f"also delete its files ({self.output_dir})")), False, id="files")
             with Horizontal(classes="buttons"):
                 yield Button("Delete (y)", variant="error", id="confirm")

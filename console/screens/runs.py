@@ -24,7 +24,14 @@ from console.text import terminal_safe
 from console.widgets.log_view import LogView
 from console.widgets.run_table import SORTS, RunTable, shown_status
 from console.widgets.samples_view import SamplesView
-from engine.run_facts import changes_text, error_summary, pipeline_waits_for, run_changes, run_segments
+from engine.run_facts import (
+    changes_text,
+    error_summary,
+    pipeline_waits_for,
+    run_changes,
+    run_segments,
+    runs_using,
+)
 
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)
 STATUSES = (None, "running", "pending", "stopping", "done", "failed", "stopped", "diverged", "lost")
@@ -608,7 +615,8 @@ class RunsScreen(Screen):
             if choice and choice[0]:
                 self.app.delete_run(run["id"], choice[1])
 
-        self.app.push_screen(DeleteScreen(run["id"], run["output_dir"]), done)
+        used_by = runs_using(run, self.app.runs.values())
+        self.app.push_screen(DeleteScreen(run["id"], run["output_dir"], used_by), done)
 
     def action_diff(self) -> None:
         from console.screens.config_diff import ConfigDiffScreen
