@@ -73,6 +73,22 @@ def tokenized_splits(mixture: Mixture, row: Callable[[Any], tuple[dict | None, F
     return datasets.Dataset.from_list(rows), datasets.Dataset.from_list(held_out) if held_out else None, counts
 
 
+def note_even_batches(trainer: Any, stage: str) -> None:
+    """Say what accelerate's even batches add: with several processes, the last step of an epoch is filled
+    up with records from the epoch's start (every process must take a batch), so a small set is partly
+    trained twice an epoch (3 records at 4 a process on 2 processes: 8 a step, 5 of them repeats)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2 or not trainer.is_world_process_zero():
+        return
+    rows, batch = len(trainer.train_dataset), trainer.args.per_device_train_batch_size
+    step = world * batch
+    if rows % step:
+        repeats = step - rows % step
+        log.warning("%s: %d training rows in steps of %d (%d processes x %d): the last step of each epoch repeats "
+                    "%d of them (accelerate gives every process a whole batch), %.0f %% more rows an epoch", stage,
+                    rows, step, world, batch, repeats, 100 * repeats / rows)
+
+
 def record_fates(handle: RunHandle, fates: dict[str, dict[str, int]]) -> None:
     if handle.store is not None:
         handle.store.update_run(handle.run_id, data_fates=json.dumps(fates))

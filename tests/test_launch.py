@@ -62,13 +62,18 @@ def test_accelerate_launch_writes_every_metric_once(workdir, config, world):
 
 
 def test_two_ranks_split_the_data(workdir):
-    """One epoch of 64 conversations at 16 per rank: 4 steps on one rank, 2 on two."""
-    data = ["sft.data=[{path: demo/data/sft_alpaca.jsonl, limit: 32, weight: 2}]",
+    """One epoch of 60 conversations at 16 per rank: 4 steps on one rank, 2 on two (the last of them
+    filled up with 4 repeats, which the log says)."""
+    data = ["sft.data=[{path: demo/data/sft_alpaca.jsonl, limit: 30, weight: 2}]",
             "train.eval_ratio=0", "train.epochs=1"]
     one, _ = run_foreground("sft", str(TINY), data, str(ACCEL / "cpu.yaml"), echo=False)
     two, _ = run_foreground("sft", str(TINY), data, str(ACCEL / "cpu_ddp.yaml"), echo=False)
     assert (run_row(one)["total_steps"], run_row(two)["total_steps"]) == (4, 2)
     assert (run_row(one)["world_size"], run_row(two)["world_size"]) == (1, 2)
+    logs = [(Path(run_row(r)["output_dir"]) / "train.log").read_text(encoding="utf-8") for r in (one, two)]
+    said = ("sft: 60 training rows in steps of 32 (2 processes x 16): the last step of each epoch repeats 4 of "
+            "them (accelerate gives every process a whole batch), 7 % more rows an epoch")
+    assert said not in logs[0] and logs[1].count(said) == 1  # rank 0's
     # Its card says how to resume it as it was started (`rlhf train` refuses a run of two processes)
     card = (Path(run_row(two)["output_dir"]) / "README.md").read_text(encoding="utf-8")
     assert f"`rlhf launch sft --resume-run {two} --db {Path(os.environ['RLHF_DB']).resolve()}`" in card
