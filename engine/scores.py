@@ -41,6 +41,7 @@ class Row:
     questions: str = ""  # which questions the run holds (a digest): only runs of the same ones are ranked
     size: int = 0  # how many
     rubrics: str = ""  # which class prompts an LLM judge was given (a digest): another prompt, another scale
+    answers: str = ""  # what the run answered, every question (a digest; "" with a question unanswered)
     # The run's recorded settings (checkpoint, eval folder, sampling, judge): what made these numbers, in an
     # export, whatever its label says (a --name hides the checkpoint)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -132,7 +133,7 @@ def summarize(name: str, items: Sequence[dict[str, Any]], run_id: int | None = N
     means[MACRO], means[MACRO_WO] = macro(means), macro(means, with_others=False)
     boot = _bootstrap(scores, seed)
     row = Row(name, run_id, judge=judge, questions=_questions_key(items) if items else "", size=len(items),
-              rubrics=_rubrics_key(items))
+              rubrics=_rubrics_key(items), answers=_answers_key(items))
     for column in COLUMNS:
         members = [i for i in items if column in (MACRO, MACRO_WO) or i["category"] == column]
         if column == MACRO_WO:
@@ -145,6 +146,27 @@ def summarize(name: str, items: Sequence[dict[str, Any]], run_id: int | None = N
             not_judged=sum(1 for i in members if i.get("status") in (None, "failed")),
         )
     return row
+
+
+def _answers_key(items: Sequence[dict[str, Any]]) -> str:
+    if not items or any(i.get("answer") is None for i in items):
+        return ""
+    text = "\n".join(f"{i['item_id']}\t{i['answer']}" for i in sorted(items, key=lambda i: i["item_id"]))
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def same_answers_note(rows: Sequence[Row]) -> str | None:
+    """Runs that answered every question word for word alike (two checkpoints one PPO run did not move, a
+    model that repeats itself): their scores differ by the judge alone, not by the models."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for r in rows:
+        if r.run_id is not None and r.answers:
+            groups.setdefault((r.questions, r.answers), []).append(r.run_id)
+    alike = [ids for ids in groups.values() if len(ids) > 1]
+    if not alike:
+        return None
+    return "the same answer to every question: " + "; ".join(
+        "runs " + ", ".join(str(i) for i in ids) for ids in alike) + " (their scores differ by the judge alone)"
 
 
 def reference_row() -> Row:
@@ -397,7 +419,5 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
              "n / unscored / not judged per column: " + ", ".join(
                  f"{c} {r.cells[c].n}/{r.cells[c].unscored}/{r.cells[c].not_judged}" for c in COLUMNS)
              for r in rows if r.run_id]
-    note = ranking_note(rows)
-    if note:
-        notes.append(note)
+    notes += [note for note in (ranking_note(rows), same_answers_note(rows)) if note]
     return "\n".join(lines + [""] + notes) + "\n"

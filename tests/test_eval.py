@@ -836,6 +836,18 @@ def test_evaluations_of_one_checkpoint_are_told_apart_by_their_settings(tmp_path
     assert (as_csv[1]["checkpoint"], as_csv[1]["eval_dir"], as_csv[1]["questions"]) == ("/m", "/e", "1")
     assert as_csv[0]["rewrite n"] == "" and as_csv[1]["rewrite n"] == "1"  # the published row counts no items
     assert f"evaluation run {rows[1].run_id}: /m answering 1 question of /e, judged by judge;" in render(rows)
+    # Each answered its one question "a": alike word for word, said under the table (the old record has no
+    # answers to compare)
+    alike = ", ".join(str(r.run_id) for r in rows[1:-1])
+    assert (f"the same answer to every question: runs {alike} (their scores differ by the judge alone)"
+            in render(rows))
+    with Store(tmp_path / "runs.db") as store:
+        EvalStore(store).set_answers(rows[1].run_id, [(0, "b", 1, "eos")])
+    from engine.scores import same_answers_note
+
+    assert same_answers_note(eval_rows(tmp_path / "runs.db")) == \
+        f"the same answer to every question: runs {', '.join(str(r.run_id) for r in rows[2:-1])} (their scores " \
+        "differ by the judge alone)"
     limited = EvalConfig(**base, limit=20)
     assert (limited.shown_name(20), limited.shown_name(5), limited.shown_name()) == (
         "ppo run 3 [first 20]", "ppo run 3", "ppo run 3 [first 20]")

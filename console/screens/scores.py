@@ -109,11 +109,11 @@ class ScoresScreen(SaysWorkerFailures, Screen[None]):
             info.update(Text(message.error, style="red"))
             return
         self.query_one(ScoreTable).show(message.rows, message.best)
-        from engine.scores import ranking_note
+        from engine.scores import ranking_note, same_answers_note
 
         measured = sum(1 for r in message.rows if r.run_id is not None)
-        note = ranking_note(message.rows)
-        mixed = f" · {note}" if note else ""
+        notes = [note for note in (ranking_note(message.rows), same_answers_note(message.rows)) if note]
+        mixed = "".join(f" · {note}" for note in notes)
         info.update(Text(f"{measured} evaluation runs{mixed} · rlhf eval belle CHECKPOINT --eval-dir DIR adds one"
                          if measured else "no evaluation run yet: rlhf eval belle CHECKPOINT --eval-dir DIR"))
 
