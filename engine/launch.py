@@ -162,13 +162,15 @@ def prepare(
         recipe_path, overrides, change = resume_recipe(db, resume_run, stage, overrides, allow_change)
         with Store(db) as store:
             resumed = store.run(resume_run)
+        given = [option for option, value in (("--accelerate-config", accelerate_config),
+                                               ("--num-processes", num_processes)) if value]
         accelerate_config, num_processes = _resumed_launch(resumed, accelerate_config, num_processes)
     if not accelerate_config:
         raise RecipeError("--accelerate-config: the run is launched with it (e.g. configs/accelerate/cpu.yaml)")
     recipe = validate(stage, recipe_path, overrides)
     accelerate = check_launch(stage, recipe, accelerate_config, num_processes)
     if resume_run is not None and not allow_change:
-        _check_same_world(resumed, accelerate_config, num_processes, accelerate)
+        _check_same_world(resumed, accelerate_config, num_processes, accelerate, given)
     if resume_run is not None and stage != "ppo" and accelerate["distributed_type"] in ("DEEPSPEED", "FSDP") \
             and not never_trained(resumed):
         # Refused before the claim: the trainer would refuse it only after loading the model.
@@ -294,20 +296,22 @@ def _resumed_launch(run: dict[str, Any], accelerate_config: str | None,
 
 
 def _check_same_world(run: dict[str, Any], accelerate_config: str, num_processes: int | None,
-                      accelerate: dict) -> None:
+                      accelerate: dict, given: list[str]) -> None:
     """Another number of processes changes a run mid-curve (its global batch, which records each rank
-    reads): refused unless the resume allows changes, as another --set is."""
+    reads): refused unless the resume allows changes, as another --set is. `given`: the options the resume
+    was given that set it (the advice names them, not one it was not given)."""
     run_id, before = run["id"], run.get("world_size")
     if accelerate["distributed_type"] == "NO":
         now = 1
     else:
         now = num_processes or int(accelerate.get("num_processes") or 1)
     if before and now != before:
-        given = accelerate_config + (f" --num-processes {num_processes}" if num_processes else "")
+        how = accelerate_config + (f" --num-processes {num_processes}" if num_processes else "")
         raise RecipeError(
-            f"run {run_id} trained with {before} process{'es' if before != 1 else ''}; {given} runs {now}: its "
-            "global batch and the records each process reads would change mid-run. Resume it without "
-            "--accelerate-config (it takes the run's own), or add --allow-change to continue it so")
+            f"run {run_id} trained with {before} process{'es' if before != 1 else ''}; {how} runs {now}: its "
+            f"global batch and the records each process reads would change mid-run. Resume it without "
+            f"{' and '.join(given) or '--accelerate-config'} (it takes the run's own), or add --allow-change to "
+            "continue it so")
 
 
 def log_tail(path: Path, max_bytes: int = 4000, start: int = 0) -> str:

@@ -183,6 +183,13 @@ def test_sigterm_through_launch_stops_both_ranks_at_the_same_step(workdir):
                               str(ACCEL / "cpu.yaml")], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "run 1 trained with 2 processes; " in refused.stderr, refused.stderr[-2000:]
     assert "--allow-change" in refused.stderr and run_row(1)["status"] == "stopped"
+    assert "Resume it without --accelerate-config (it takes the run's own)" in refused.stderr
+    # Only --num-processes given: the advice names that option (it named --accelerate-config, not given)
+    from engine.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"Resume it without --num-processes \(it takes the run's own\)"):
+        prepare("sft", None, [], None, num_processes=1, resume_run=1)
+    assert run_row(1)["status"] == "stopped"
     alone = subprocess.run([*RLHF, "train", "sft", "--resume-run", "1"], capture_output=True, text=True, timeout=120)
     assert alone.returncode == 2 and "trained with 2 processes; rlhf train runs one" in alone.stderr, alone.stderr
     # Without --accelerate-config, the run's own, with as many processes as it trained with (the console's r
