@@ -301,6 +301,7 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
         error_summary,
         format_duration,
         pipeline_waits_for,
+        shown_status,
         silent_for,
     )
     from engine.store import Store, default_db_path
@@ -357,7 +358,7 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
         # The user's note first (the console shows it by the name), on one line.
         said = " · ".join(filter(None, (" ".join((run.get("note") or "").split()), why)))
         name = set_cell_size(run["name"], width)
-        print(f"{run['id']:>4} {run['stage']:5} {name} {run['status']:9} {step:>14} {took:>7} "
+        print(f"{run['id']:>4} {run['stage']:5} {name} {shown_status(run):9} {step:>14} {took:>7} "
               f"{started:19} {in_pipeline:8} {said}".rstrip())
     return 0
 

@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import re
+import socket
 import statistics
 import time
 from typing import Any, Iterable
@@ -168,3 +169,16 @@ def runs_using(run: dict[str, Any], runs: Iterable[dict[str, Any]]) -> list[int]
     marks = (folder + "/", folder + '"')  # in a recorded JSON config: a path under the folder, or the folder
     return sorted(other["id"] for other in runs
                   if other["id"] != run["id"] and any(mark in (other.get("config") or "") for mark in marks))
+
+
+def shown_status(run: dict[str, Any]) -> str:
+    """The stored status, or what can be told beyond it: a stop under way, or a run whose processes are gone
+    without anyone recording how it ended (its machine rebooted, say)."""
+    from engine.procs import run_processes_gone
+
+    if run["status"] in ("pending", "running"):
+        if run.get("host") == socket.gethostname() and run_processes_gone(run):
+            return "lost"
+        if run.get("stop_requested"):
+            return "stopping"
+    return run["status"]

@@ -189,6 +189,10 @@ def test_rlhf_runs_says_how_long_and_why_and_where_a_pipeline_stands_to_people_a
         resumed = store.create_run(stage="rm", name="twice", recipe="", config="{}")
         store.update_run(resumed, status="done", started=100.0, ended=230.0, segments="[[100, 160], [200, 230]]",
                          world_size=2, step=40, total_steps=40)
+        # Asked to stop, its checkpoint not yet written: stopping, as the console says (it read running)
+        stopping = store.create_run(stage="sft", name="halting", recipe="", config="{}")
+        store.set_process(stopping, os.getpid(), None, process_start(os.getpid()))
+        store.update_run(stopping, status="running", started=100.0, stop_requested=time.time())
 
     listed = subprocess.run([*RLHF, "runs"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
@@ -198,6 +202,7 @@ def test_rlhf_runs_says_how_long_and_why_and_where_a_pipeline_stands_to_people_a
     assert line[failed].endswith(" ValueError: bad batch") and " 10s " in line[failed]
     assert " 1m30s " in line[resumed]  # two stretches; the 40 s it sat stopped do not count
     assert " 40/40 ×2 " in line[resumed]  # its processes, as the console's table says
+    assert line[stopping].split()[3] == "stopping", line[stopping]
     with Store(os.environ["RLHF_DB"]) as store:  # a plain look closes a dead pipeline too
         assert store.pipeline(pipelines[0])["status"] == "failed"
 
@@ -223,7 +228,7 @@ def test_rlhf_runs_says_how_long_and_why_and_where_a_pipeline_stands_to_people_a
     scripted = subprocess.run([*RLHF, "runs", "--json"], capture_output=True, text=True, timeout=60)
     assert scripted.returncode == 0, scripted.stderr
     objects = {row["id"]: row for row in map(json.loads, scripted.stdout.splitlines())}
-    assert set(objects) == {failed, resumed} and "config" not in objects[failed]
+    assert set(objects) == {failed, resumed, stopping} and "config" not in objects[failed]
     assert objects[resumed]["elapsed_s"] == 90.0 and objects[failed]["status"] == "failed"
     assert objects[failed]["error"].endswith("ValueError: bad batch\n") and objects[failed]["pipeline_id"] == 1
     assert isinstance(objects[resumed]["segments"], list)  # JSON values, not strings of JSON
@@ -372,7 +377,7 @@ def test_a_runs_db_locked_beyond_its_timeout_never_stops_training(workdir, tmp_p
 
 
 def test_a_launched_run_resumed_in_process_is_its_new_process_not_the_old_group(workdir):
-    from console.widgets.run_table import shown_status
+    from engine.run_facts import shown_status
 
     run = prepare("sft", str(TINY), ["train.max_steps=400", "train.logging_steps=1", "train.save_steps=2"],
                   str(ACCEL / "cpu.yaml"))

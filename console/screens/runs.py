@@ -22,7 +22,7 @@ from console.logtail import clean_line
 from console.messages import LogRead, SamplesLoaded
 from console.text import terminal_safe
 from console.widgets.log_view import LogView
-from console.widgets.run_table import SORTS, RunTable, shown_status
+from console.widgets.run_table import SORTS, RunTable
 from console.widgets.samples_view import SamplesView
 from engine.run_facts import (
     changes_text,
@@ -31,6 +31,7 @@ from engine.run_facts import (
     run_changes,
     run_segments,
     runs_using,
+    shown_status,
 )
 
 SMOOTHING = (0.0, 0.6, 0.8, 0.9, 0.95, 0.99)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +20,7 @@ from textual.widgets import DataTable
 
 from console.colours import run_colour
 from console.text import terminal_safe
-from engine.procs import run_processes_gone
-from engine.run_facts import SHARED_FIELDS, current_start, elapsed, format_duration, user_overrides
+from engine.run_facts import SHARED_FIELDS, current_start, elapsed, format_duration, shown_status, user_overrides
 
 if TYPE_CHECKING:
     from console.series import History
@@ -36,20 +34,6 @@ BEST_LABEL = {"eval_loss": "eval", "loss": "loss", "eval_accuracy": "eval acc", 
               "rollout_scores/mean": "score", "eval/score_mean": "item mean", "eval/score_macro": "macro"}
 STATUS_STYLE = {"running": "bold green", "pending": "yellow", "done": "", "failed": "bold red",
                 "stopped": "magenta", "diverged": "bold red", "lost": "red"}
-
-
-HOST = socket.gethostname()
-
-
-def shown_status(run: dict[str, Any]) -> str:
-    """The stored status, or what the console can tell beyond it: a stop under way, or a run whose
-    processes are gone without anyone recording how it ended (its machine rebooted, say)."""
-    if run["status"] in ("pending", "running"):
-        if run.get("host") == HOST and run_processes_gone(run):
-            return "lost"
-        if run.get("stop_requested"):
-            return "stopping"
-    return run["status"]
 
 
 PIPELINE_ORDER = ("sft", "rm", "ppo", "eval")
