@@ -247,7 +247,8 @@ async def test_help_at_80_columns_keeps_each_description_beside_its_keys(workdir
         await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen) and list(app.screen.query(FooterKey))
                        and app.screen.query_one(Static).content_region.width > 0, 10, "help, laid out, and its footer")
         lines = help_text(app).splitlines()
-        titles = {title for title, _ in app.screen.sections} | {"Also", "Esc closes this screen."}
+        titles = {title for title, _ in app.screen.sections} | {"Also", "Esc closes this screen.",
+                                                                 "Metrics (the curves the runs log)"}
         assert [line for line in lines if line and line not in titles and not line.startswith("  ")] == []
         entry = next(k for k, line in enumerate(lines) if "Pipeline: show its stages" in line)
         assert lines[entry + 1].strip() and not lines[entry + 1].lstrip().startswith("+"), lines[entry:entry + 2]
@@ -256,6 +257,8 @@ async def test_help_at_80_columns_keeps_each_description_beside_its_keys(workdir
         assert len(lines[entry + 1]) - len(lines[entry + 1].lstrip()) == column, lines[entry:entry + 2]
         text = "\n".join(lines)
         assert "ctrl+shift+=" in text and "equals_sign" not in text and "escape" not in text
+        flowing = " ".join(text.split())  # descriptions wrap at 80 columns
+        assert "policy/kl_per_token" in text and "what the KL penalty charges" in flowing  # what a curve means
         assert [k.description for k in app.screen.query(FooterKey)] == ["Close"]
         await pilot.press("escape")
         assert app.screen is app.home

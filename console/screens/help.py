@@ -12,6 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
 from console.keys import rows
+from console.metric_meanings import MEANINGS
 
 # Not bindings of any screen: what Textual itself does with these keys.
 ALSO = [("ctrl+p", "command palette: every action above, by name"),
@@ -54,6 +55,9 @@ class HelpScreen(ModalScreen[None]):
         parts: list[Text | Table] = []
         for title, entries in listed:
             parts += _section(title, [(f"  {keys}", description) for keys, description in entries], key_width)
+        parts += _section("Metrics (the curves the runs log)", [(f"  {name}", meaning)
+                                                               for name, meaning in MEANINGS.items()],
+                          2 + max(len(name) for name in MEANINGS))
         parts.append(Text("Esc closes this screen."))
         with VerticalScroll(classes="dialog wide"):
             yield Static(Group(*parts))
