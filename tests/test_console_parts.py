@@ -490,3 +490,24 @@ def test_the_runs_that_use_a_runs_files_are_those_naming_a_path_in_its_folder():
             {"id": 5, "config": '{"output_root": "/r/runs"}'}, {"id": 6, "config": None}]
     assert runs_using(one, runs) == [2, 3]
     assert runs_using({"id": 7, "output_dir": None}, runs) == []
+
+
+def test_what_tells_runs_of_one_recipe_apart_comes_first_in_their_overrides():
+    """Five PPO runs from one SFT and RM: the wiring they all share filled the cell, and the setting each
+    changed was cut off at its end."""
+    from console.widgets.run_table import overrides_text, shared_overrides
+
+    wiring = ["ppo.reward_fn=null", "ppo.reward_model=runs/2/final", "ppo.model.path=runs/1/final"]
+    runs = [{"id": i, "stage": "ppo", "recipe": "/c/tiny.yaml", "pipeline_id": None,
+             "overrides": json.dumps(wiring + own)}
+            for i, own in ((3, []), (4, ["ppo.init_kl_coef=0.2"]), (5, ["ppo.lr=1e-3", "ppo.ppo_epochs=1"]))]
+    runs.append({"id": 6, "stage": "ppo", "recipe": "/c/other.yaml", "pipeline_id": None,
+                 "overrides": json.dumps(["ppo.lr=1e-3"])})  # alone of its recipe: nothing to share
+    shared = shared_overrides(runs, {})
+    assert shared == {("ppo", "/c/tiny.yaml"): frozenset({"reward_fn=null", "reward_model=runs/2/final",
+                                                          "ppo.model.path=runs/1/final"})}
+    key = ("ppo", "/c/tiny.yaml")
+    assert overrides_text(runs[1], None, shared[key]) == \
+        "init_kl_coef=0.2 reward_fn=null reward_model=runs/2/final ppo.model.path=runs/1/final"
+    assert overrides_text(runs[2], None, shared[key]).startswith("lr=1e-3 ppo_epochs=1 reward_fn=null")
+    assert overrides_text(runs[3], None, shared.get(("ppo", "/c/other.yaml"), frozenset())) == "lr=1e-3"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from rich.cells import cell_len
 from rich.text import Text
@@ -59,8 +59,9 @@ def pipeline_label(run: dict[str, Any], pipeline: dict[str, Any] | None) -> str:
 
 
 def cells(run: dict[str, Any], history: History, marked: bool, group: str = "",
-          pipeline: dict[str, Any] | None = None) -> tuple:
-    """`group`: "▸" / "▾" on a pipeline's row (collapsed / expanded), "└" on its other stages."""
+          pipeline: dict[str, Any] | None = None, shared: frozenset[str] = frozenset()) -> tuple:
+    """`group`: "▸" / "▾" on a pipeline's row (collapsed / expanded), "└" on its other stages; `shared`:
+    the overrides every run of its stage and recipe has (shown after its own)."""
     from console.series import best_metric, eta_seconds, silent_seconds  # numpy: not before the first frame
 
     status = shown_status(run)
@@ -94,7 +95,7 @@ def cells(run: dict[str, Any], history: History, marked: bool, group: str = "",
         format_duration(elapsed(run)) if run["started"] else "-",
         f"{BEST_LABEL.get(best[0], best[0])} {best[1]:.4g}" if best else "-",
         trend(run, history),
-        Text(terminal_safe(overrides_text(run, pipeline))),
+        Text(terminal_safe(overrides_text(run, pipeline, shared))),
         started,
     )
 
@@ -142,10 +143,10 @@ def _cut(text: Text) -> Text:
     return text
 
 
-def overrides_text(run: dict[str, Any], pipeline: dict[str, Any] | None = None) -> str:
-    """The run's --set overrides, short: what tells ten runs of one recipe apart (a pipeline's stage: its
-    pipeline's, not the wiring every stage of it has). A key set again (a resume's --allow-change) shows
-    its newest value alone, where it was last set: the settings in effect, not their history."""
+def override_items(run: dict[str, Any], pipeline: dict[str, Any] | None = None) -> list[str]:
+    """The run's --set overrides, short (a pipeline's stage: its pipeline's, not the wiring every stage of it
+    has). A key set again (a resume's --allow-change) shows its newest value alone, where it was last set:
+    the settings in effect, not their history."""
     newest: dict[str, str] = {}
     for item in user_overrides(run, pipeline):
         own = item.split(".", 1)[1] if item.startswith(f"{run['stage']}.") else None
@@ -153,7 +154,25 @@ def overrides_text(run: dict[str, Any], pipeline: dict[str, Any] | None = None) 
         key = short.split("=", 1)[0]
         newest.pop(key, None)
         newest[key] = short
-    return " ".join(newest.values())
+    return list(newest.values())
+
+
+def overrides_text(run: dict[str, Any], pipeline: dict[str, Any] | None = None,
+                   shared: frozenset[str] = frozenset()) -> str:
+    """What tells ten runs of one recipe apart: the overrides, those every run of its stage and recipe has
+    (`shared`) last. First, they filled the cell and cut off the one that differed."""
+    items = override_items(run, pipeline)
+    return " ".join([i for i in items if i not in shared] + [i for i in items if i in shared])
+
+
+def shared_overrides(runs: Iterable[dict[str, Any]], pipelines: dict[int, dict[str, Any]]
+                     ) -> dict[tuple[str, str], frozenset[str]]:
+    """Per (stage, recipe) of two runs or more, the overrides all of them have."""
+    groups: dict[tuple[str, str], list[set[str]]] = {}
+    for run in runs:
+        items = set(override_items(run, pipelines.get(run.get("pipeline_id"))))
+        groups.setdefault((run["stage"], run.get("recipe") or ""), []).append(items)
+    return {key: frozenset(set.intersection(*sets)) for key, sets in groups.items() if len(sets) > 1}
 
 
 class RunTable(DataTable):
@@ -172,6 +191,7 @@ class RunTable(DataTable):
         self.text_filter = ""  # `/`: rows whose id, recipe, note, overrides, stage or status hold it
         self.stage_filter: str | None = None
         self._shown: dict[str, tuple] = {}  # row key -> cells as last drawn: only changed cells are redrawn
+        self._shared: dict[tuple[str, str], frozenset[str]] = {}  # shared_overrides of the runs shown
         self.history: History | None = None
         self._sorted_label: tuple[str, bool] | None = None
         self.pipelines: dict[int, dict[str, Any]] = {}
@@ -225,7 +245,8 @@ class RunTable(DataTable):
         group = ""
         if pipeline is not None:
             group = ("▾" if pipeline in self.expanded else "▸") if heads.get(pipeline) == run["id"] else "└"
-        return cells(run, history, run["id"] in marked, group, self.pipelines.get(pipeline))
+        return cells(run, history, run["id"] in marked, group, self.pipelines.get(pipeline),
+                     self._shared.get((run["stage"], run.get("recipe") or ""), frozenset()))
 
     def toggle_pipeline(self, run_id: int, runs: dict[int, dict[str, Any]]) -> bool:
         """Expand or fold the pipeline of `run_id`; False when the run is not a pipeline's."""
@@ -278,6 +299,7 @@ class RunTable(DataTable):
         self.history = history
         if pipelines is not None:
             self.pipelines = pipelines
+        self._shared = shared_overrides(runs.values(), self.pipelines)
         self._mark_sorted_column()
         heads = self.heads(runs)
         wanted = self.visible(runs)
