@@ -277,11 +277,6 @@ class PPOStage(_Section):
             raise ValueError(
                 f"value_layers ({self.value_layers}) must be >= num_layers_unfrozen ({self.num_layers_unfrozen})"
             )
-        if self.minibatch_size > self.rollout_batch_size or self.rollout_batch_size % self.minibatch_size:
-            # Each epoch splits a rollout into minibatches: a larger one trained on the rollout whole under a
-            # size it never had, and a remainder was a minibatch of its own, an optimiser step on a few rows.
-            raise ValueError(f"minibatch_size ({self.minibatch_size}) must divide rollout_batch_size "
-                             f"({self.rollout_batch_size}): each PPO epoch splits a rollout into minibatches")
         if (self.reward_model is None) == (self.reward_fn is None):
             raise ValueError("give exactly one of reward_model and reward_fn")
         if self.init_value_from_rm and self.reward_model is None:

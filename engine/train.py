@@ -109,6 +109,21 @@ def _kind_problem(config_file: Path, kind: str) -> str | None:
     return None
 
 
+def _check_minibatches(recipe: Recipe, stage: Stage) -> None:
+    """A new PPO run's minibatches divide its rollout: each epoch splits a rollout into them, and a larger one
+    trained on the rollout whole under a size it never had, a remainder was an optimiser step on a few rows.
+    Not for a resume (resume_from_checkpoint set): a run recorded before this check continues as it was."""
+    section = recipe.ppo
+    if stage != "ppo" or section is None or section.resume_from_checkpoint is not None:
+        return
+    minibatch, rollout = section.minibatch_size, section.rollout_batch_size
+    if minibatch > rollout or rollout % minibatch:
+        where = ", ".join(dict.fromkeys(recipe.where(f"ppo.{f}") for f in ("minibatch_size", "rollout_batch_size")))
+        raise RecipeError(f"{where}: ppo.minibatch_size ({minibatch}) must divide "
+                          f"ppo.rollout_batch_size ({rollout}): each PPO epoch splits a rollout into minibatches",
+                          {"ppo.rollout_batch_size": f"minibatch_size {minibatch} must divide it"})
+
+
 def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool = False) -> Recipe:
     """Everything that can be checked without loading torch or a model; raises RecipeError.
 
@@ -118,6 +133,7 @@ def validate(stage: Stage, recipe_path: str, overrides: list[str], refs_ok: bool
     recipe = load_recipe(recipe_path, overrides, stage)
     section = recipe.stage(stage)
     _check_sources_distinct(recipe, stage)
+    _check_minibatches(recipe, stage)
     model_field = f"{stage}.model.path" if section.model is not None else "model.path"
     paths = [(model_field, recipe.stage_model(stage).path, "model")]
     if getattr(section, "reward_model", None) is not None:
@@ -271,8 +287,14 @@ def run_stage(stage: Stage, recipe_path: str, overrides: list[str], db_path: str
 
 
 def configure_logging() -> None:
+    # Every rank writes to the one train.log: the others' lines say which they are, and their dataset
+    # progress bars (drawn on one line with rank 0's) are left out.
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+        level=logging.INFO, format=f"%(asctime)s {f'[rank {rank}] ' if rank else ''}%(levelname)s %(name)s: "
+        "%(message)s", stream=sys.stderr, force=True
     )
     # A line per judge call otherwise; torch's INFO is its compiler's internals (FakeTensor cache stats at exit).
     for noisy in ("httpx", "httpx2", "urllib3", "filelock", "torch"):

@@ -296,6 +296,26 @@ def test_a_hydra_taller_than_the_model_is_refused_before_anything_is_registered(
     assert not (workdir / "runs.db").exists()
 
 
+def test_a_new_ppo_runs_minibatches_divide_its_rollout_and_a_run_recorded_before_still_resumes(workdir):
+    """Each PPO epoch splits a rollout into minibatches: one larger than the rollout trained on it whole
+    under a size it never had, a remainder was an optimiser step on a few rows. Refused for a new run; a
+    run recorded before the check continues as it was."""
+    for sets, where in ((["ppo.rollout_batch_size=12"], "--set ppo.rollout_batch_size=12"),
+                        (["ppo.minibatch_size=32"], "--set ppo.minibatch_size=32")):
+        refused = rlhf("check", str(TINY), "--stage", "ppo", *sum((["--set", s] for s in sets), []))
+        assert refused.returncode == 2 and where in refused.stderr, refused.stderr
+        assert "ppo.minibatch_size (" in refused.stderr and "must divide ppo.rollout_batch_size (" in refused.stderr
+    from engine.config import load_recipe
+
+    old = ["rollout_batch_size=4", "max_new_tokens=4", "steps=1", "save_steps=1"]  # minibatches of 8, as before
+    from engine.train import run_stage
+
+    run_id, status = run_stage("ppo", str(TINY), old, checked=load_recipe(TINY, old, "ppo"))
+    assert status == "done"
+    resumed = rlhf("train", "ppo", "--resume-run", str(run_id), "--allow-change", "--set", "ppo.steps=2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
 def test_a_section_error_caused_by_a_set_item_names_that_item(workdir):
     result = rlhf("check", str(TINY), "--set", "ppo.num_layers_unfrozen=3")
     assert result.returncode == 2

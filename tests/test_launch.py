@@ -74,6 +74,8 @@ def test_two_ranks_split_the_data(workdir):
     said = ("sft: 60 training rows in steps of 32 (2 processes x 16): the last step of each epoch repeats 4 of "
             "them (accelerate gives every process a whole batch), 7 % more rows an epoch")
     assert said not in logs[0] and logs[1].count(said) == 1  # rank 0's
+    # The other rank's lines say which they are (both wrote the same lines, unprefixed, into one log)
+    assert "[rank 1] INFO engine.hf_trainer: sft data: " in logs[1] and "[rank 1]" not in logs[0]
     # Its card says how to resume it as it was started (`rlhf train` refuses a run of two processes)
     card = (Path(run_row(two)["output_dir"]) / "README.md").read_text(encoding="utf-8")
     assert f"`rlhf launch sft --resume-run {two} --db {Path(os.environ['RLHF_DB']).resolve()}`" in card
