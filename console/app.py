@@ -438,7 +438,7 @@ class RlhfConsole(SaysWorkerFailures, App):
     @work(thread=True, group="actions", exit_on_error=False)
     def stop_run(self, run_id: int) -> None:
         from engine.launch import stop_grace_s, stop_run
-        from engine.procs import kill_group, same_group
+        from engine.procs import kill_run_groups, same_group
 
         try:
             grace_s = self.stop_grace_s if self.stop_grace_s is not None else stop_grace_s()
@@ -463,7 +463,7 @@ class RlhfConsole(SaysWorkerFailures, App):
         while group and same_group(*group) and time.monotonic() < deadline and not worker.is_cancelled:
             time.sleep(0.2)
         if group and same_group(*group) and not worker.is_cancelled:
-            kill_group(group[0])
+            kill_run_groups(group[0], self.runs.get(run_id, {}).get("output_dir"))
             self.post_message(ActionDone("kill", run_id))
 
     @work(thread=True, group="actions", exit_on_error=False)

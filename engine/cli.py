@@ -210,7 +210,7 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
     otherwise."""
     from engine.config import RecipeError
     from engine.launch import stop_grace_s, stop_run
-    from engine.procs import kill_group, process_alive, same_group
+    from engine.procs import kill_run_groups, process_alive, same_group
     from engine.run import ended_for_good, settled
     from engine.run_facts import error_summary, stop_outcome
     from engine.store import Store, default_db_path
@@ -263,7 +263,7 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
             print(f"run {run_id}: {run['status']}" + (f" ({why})" if why else ""))
             return 0 if run["status"] in ("stopped", "done") else 1
         if killed_at is None and time.monotonic() > deadline and group and same_group(*group):
-            kill_group(group[0])
+            kill_run_groups(group[0], run.get("output_dir"))
             killed_at = time.monotonic()
             print(f"run {run_id}: still running {grace_s} s after the stop: killed", flush=True)
             if not run.get("launch"):  # no supervisor to record the kill: the row says what happened

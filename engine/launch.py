@@ -32,9 +32,11 @@ from engine.config import Recipe, RecipeError, Stage
 from engine.procs import (
     RANKS_ENV,
     RANKS_FOLDER,
+    SUPERVISOR_ENV,
     forget_ranks,
     group_alive,
     kill_group,
+    kill_run_groups,
     not_ours,
     process_alive,
     process_start,
@@ -463,7 +465,8 @@ def supervise(run: Prepared, echo: bool = False) -> int:
     with _closed_if_not_started(db, run.run_id if run.registered else None), open(run.log_path, "ab") as log:
         offset = log.tell()
         proc = subprocess.Popen(
-            run.argv, env={**os.environ, **run.env, RANKS_ENV: str(ranks)}, stdin=subprocess.DEVNULL, stdout=log,
+            run.argv, env={**os.environ, **run.env, RANKS_ENV: str(ranks), SUPERVISOR_ENV: str(os.getpid())},
+            stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
     stop_asked = False
@@ -482,8 +485,11 @@ def supervise(run: Prepared, echo: bool = False) -> int:
     def forward(signum: int, frame: object) -> None:
         if not presses.press():
             return
+        if presses.count > 1:  # a kill: of the ranks too, or they take their launcher's death for a stop
+            kill_run_groups(proc.pid, run.log_path.parent)
+            return
         try:
-            os.killpg(proc.pid, signal.SIGTERM if presses.count == 1 else signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
 

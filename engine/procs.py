@@ -180,6 +180,7 @@ def end_with_parent(parent: int) -> None:
 # this variable names, where its supervisor waits for it before it records the run's end.
 RANKS_ENV = "RLHF_RANKS_DIR"
 RANKS_FOLDER = ".ranks"  # in the run's folder
+SUPERVISOR_ENV = "RLHF_SUPERVISOR_PID"  # the launcher's parent: a rank whose parent is not its child is orphaned
 
 
 def register_rank() -> None:
@@ -188,6 +189,11 @@ def register_rank() -> None:
     if not folder or os.getsid(0) != os.getpid():
         return
     launcher = os.getppid()
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if supervisor and _parent_of(launcher) != int(supervisor):
+        # Its launcher died while it started (its parent now the reaper): nothing would signal it, nor wait
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     end_with_parent(launcher)
     try:
         os.makedirs(folder, exist_ok=True)
@@ -195,6 +201,14 @@ def register_rank() -> None:
             fh.write(f"{os.getpid()} {process_start(os.getpid()) or ''}")
     except OSError:  # a full disk: the rank still ends with its launcher, unseen by the supervisor
         pass
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return int(fh.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def rank_groups(folder: str | os.PathLike, launcher: int) -> list[int]:
@@ -213,6 +227,17 @@ def rank_groups(folder: str | os.PathLike, launcher: int) -> list[int]:
         except (OSError, ValueError):
             continue
     return groups
+
+
+def kill_run_groups(pgid: int, output_dir: str | os.PathLike | None) -> bool:
+    """SIGKILL a launched run: its launcher's group and its ranks' (each in a session of its own: killed with
+    the launcher alone, they would take its death for a stop and save, a grace period more). False if all
+    had gone."""
+    ranks = rank_groups(os.path.join(output_dir, RANKS_FOLDER), pgid) if output_dir else []
+    killed = kill_group(pgid)
+    for group in ranks:
+        killed = kill_group(group) or killed
+    return killed
 
 
 def forget_ranks(folder: str | os.PathLike, launcher: int) -> None:

@@ -71,8 +71,10 @@ def continue_from(handle: RunHandle, checkpoint: Path, step: int) -> None:
         warn_if_unrecorded(handle, checkpoint, step)
         handle.store.drop_history_after(handle.run_id, step)
         changes = json.loads(handle.store.run(handle.run_id).get("changes") or "[]")
-        new = [change for change in changes if change.get("step") is None]  # a resume that never trained too
-        for change in new:  # the change this resume brings: from this step on
+        # The change this resume brings, one whose resume never trained, and one recorded later than the
+        # checkpoint it now goes on from (its settings train those steps again): in effect from this step on
+        new = [change for change in changes if change.get("step") is None or change["step"] > step]
+        for change in new:
             change["step"] = step
             log.info("changed from step %d on: %s", step, ", ".join(change["fields"]))
         if new:

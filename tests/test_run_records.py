@@ -127,6 +127,31 @@ def test_a_stop_continues_a_rank_paused_with_sigstop(workdir):
     assert row["status"] == "stopped" and (Path(row["output_dir"]) / f"checkpoint-{row['step']}").is_dir(), row
 
 
+def test_a_second_ctrl_c_kills_the_ranks_too_not_a_stop_more(workdir):
+    """The second Ctrl-C means now: it killed the launcher's group alone, and its ranks (sessions of their
+    own, ending with their launcher as at a stop) took that for a stop, a grace period more (600 s): here a
+    rank paused with SIGSTOP, which a stop waits for, would have held it that long."""
+    run = prepare("sft", str(TINY), ["train.max_steps=400", "train.logging_steps=1", "train.save_steps=50"],
+                  str(ACCEL / "cpu_ddp.yaml"))
+    supervisor = start_detached(run)
+    wait(lambda: len(metric(run.run_id, "loss")) >= 3, timeout=300)
+    launcher = run_row(run.run_id)["pgid"]
+    ranks = [int(name.split(".")[1]) for name in os.listdir(Path(run.log_path).parent / ".ranks")
+             if name.startswith(f"{launcher}.")]
+    os.kill(ranks[-1], signal.SIGSTOP)
+    try:
+        os.kill(supervisor, signal.SIGINT)  # the stop, passed on to the ranks: the running one says so
+        wait(lambda: "SIGTERM: stopping after this step" in Path(run.log_path).read_text(errors="replace"), 60)
+        time.sleep(0.5)  # past Presses.SAME_S: a second press, not the first one delivered twice
+        os.kill(supervisor, signal.SIGINT)
+        wait(lambda: run_row(run.run_id)["exit_code"] is not None, timeout=120)
+        assert not [pid for pid in ranks if process_alive(pid, None)]
+    finally:
+        for pid in ranks:
+            with suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
 def test_a_pending_run_whose_supervisor_died_has_a_way_out(workdir):
     run = prepare("sft", str(TINY), [], str(ACCEL / "cpu.yaml"))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -1087,3 +1112,48 @@ def test_a_resume_from_a_checkpoint_runs_db_never_recorded_says_the_history_has_
         "is 85: steps 86-333 were trained without this runs.db recording them (another copy of runs.db resumed "
         "the run, or its writes were lost); its history will have a gap there. To continue from a recorded "
         "checkpoint instead: --set resume_from_checkpoint=DIR"]
+
+
+def test_a_change_takes_the_step_its_resume_goes_on_from(tmp_path):
+    """A change recorded at step 14, then a resume from checkpoint-10 (a damaged newest one passed over):
+    steps 11-14 train again with the changed settings, so the change is from step 10 (it said 14)."""
+    from engine.run import RunHandle, continue_from
+
+    with Store(tmp_path / "runs.db") as store:
+        run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
+                                  output_root=str(tmp_path / "runs"))
+        folder = Path(store.run(run_id)["output_dir"])
+        store.update_run(run_id, status="stopped", step=14, changes=json.dumps([
+            {"step": 14, "at": 1.0, "set": ["train.lr=5e-4"], "fields": ["sft.train.lr (0.001 -> 0.0005)"]},
+            {"step": None, "at": 2.0, "set": ["train.epochs=4"], "fields": ["sft.train.epochs (2 -> 4)"]}]))
+        continue_from(RunHandle(run_id, folder, store), folder / "checkpoint-10", 10)
+        assert [c["step"] for c in json.loads(store.run(run_id)["changes"])] == [10, 10]
+        continue_from(RunHandle(run_id, folder, store), folder / "checkpoint-12", 12)  # later: left as it is
+        assert [c["step"] for c in json.loads(store.run(run_id)["changes"])] == [10, 10]
+
+
+def test_a_rank_whose_launcher_died_while_it_started_ends_itself(tmp_path):
+    """The launcher killed while its ranks import (seconds on a shared filesystem): a rank then has the
+    reaper for a parent, and asking to end with it would never fire: it registered under pid 1, unseen by
+    the supervisor, and trained on. It ends itself instead, before it registers."""
+    from engine.procs import RANKS_ENV, SUPERVISOR_ENV
+
+    rank = ("import os, pathlib, sys, time\n"
+            "folder = pathlib.Path(sys.argv[1])\n"
+            "while os.getppid() == int(sys.argv[2]):\n"  # its slow start: until the launcher is gone
+            "    time.sleep(0.01)\n"
+            "from engine.procs import register_rank\n"
+            "register_rank()\n"
+            "(folder / 'survived').touch()\n")
+    launcher = ("import subprocess, sys, os\n"
+                "subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2], str(os.getpid())],"
+                " start_new_session=True)\n")  # and ends at once, as a launcher killed
+    env = {**os.environ, RANKS_ENV: str(tmp_path / ".ranks"), SUPERVISOR_ENV: str(os.getpid()),
+           "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", launcher, rank, str(tmp_path)], env=env, check=True, timeout=60)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "survived").exists() and subprocess.run(
+            ["pgrep", "-f", f"{tmp_path}"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not (tmp_path / "survived").exists() and not (tmp_path / ".ranks").exists()
