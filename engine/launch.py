@@ -173,6 +173,14 @@ def prepare(
     accelerate = check_launch(stage, recipe, accelerate_config, num_processes)
     if resume_run is not None and not allow_change:
         _check_same_world(resumed, accelerate_config, num_processes, accelerate, given)
+    elif resume_run is not None and resumed.get("world_size") and \
+            _world(accelerate, num_processes) != resumed["world_size"]:
+        # Allowed, and recorded as a change of the run (from the step it goes on from), with the launch it had
+        # before: the run's `launch` becomes this one, which it did not start with.
+        entry = {"step": None, "at": time.time(), "set": [], "launch": resumed.get("launch"),
+                 "fields": [f"processes ({resumed['world_size']} -> {_world(accelerate, num_processes)})"]}
+        change = {**(change or {})}
+        change["changes"] = json.dumps([*json.loads(change.get("changes") or resumed.get("changes") or "[]"), entry])
     if resume_run is not None and stage != "ppo" and accelerate["distributed_type"] in ("DEEPSPEED", "FSDP") \
             and not never_trained(resumed):
         # Refused before the claim: the trainer would refuse it only after loading the model.
@@ -297,16 +305,19 @@ def _resumed_launch(run: dict[str, Any], accelerate_config: str | None,
     return launch["accelerate_config"], own if num_processes is None else num_processes
 
 
+def _world(accelerate: dict, num_processes: int | None) -> int:
+    """How many processes a launch with this accelerate config (and --num-processes) starts."""
+    if accelerate["distributed_type"] == "NO":
+        return 1
+    return num_processes or int(accelerate.get("num_processes") or 1)
+
+
 def _check_same_world(run: dict[str, Any], accelerate_config: str, num_processes: int | None,
                       accelerate: dict, given: list[str]) -> None:
     """Another number of processes changes a run mid-curve (its global batch, which records each rank
     reads): refused unless the resume allows changes, as another --set is. `given`: the options the resume
     was given that set it (the advice names them, not one it was not given)."""
-    run_id, before = run["id"], run.get("world_size")
-    if accelerate["distributed_type"] == "NO":
-        now = 1
-    else:
-        now = num_processes or int(accelerate.get("num_processes") or 1)
+    run_id, before, now = run["id"], run.get("world_size"), _world(accelerate, num_processes)
     if before and now != before:
         how = accelerate_config + (f" --num-processes {num_processes}" if num_processes else "")
         raise RecipeError(

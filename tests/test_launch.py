@@ -1,5 +1,6 @@
 """Runs through the real `accelerate launch`: one CPU process, and two gloo ranks through torchrun."""
 
+import json
 import os
 import shutil
 import signal
@@ -204,6 +205,20 @@ def test_sigterm_through_launch_stops_both_ranks_at_the_same_step(workdir):
     # Its own config given again: with the process count it was launched with too, not the file's 4.
     same = prepare("sft", None, [], str(four), resume_run=1)
     assert same.argv[same.argv.index("--num_processes") + 1] == "2"
+    # On one process, allowed: recorded as a change of the run, with the launch it started with (its row's
+    # launch becomes the resume's), which y's command keeps
+    with Store(os.environ["RLHF_DB"]) as store:
+        store.update_run(1, status="stopped", exit_code=0)
+    prepare("sft", None, [], None, num_processes=1, resume_run=1, allow_change=True)
+    row = run_row(1)
+    (entry,) = json.loads(row["changes"])
+    assert entry["fields"] == ["processes (2 -> 1)"] and json.loads(entry["launch"])["num_processes"] == 2
+    assert json.loads(row["launch"])["num_processes"] == 1
+    from console.screens.runs import command_line
+
+    line = command_line(row, os.environ["RLHF_DB"])
+    assert "--num-processes 2 --db " in line and line.endswith("# then resumed with --allow-change next: processes "
+                                                               "(2 -> 1)")
 
 
 def test_resume_refuses_what_cannot_be_resumed(workdir):

@@ -878,14 +878,16 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
             flag = "--" + key.replace("_", "-")
             argv += [flag] if value is True else [flag, str(value)]
     else:
-        launch = json.loads(run.get("launch") or "{}")
+        # A run changed mid-way by a resume: the command that started it, and what changed from which step
+        # (its overrides whole would train the latest settings from step 1, another run; its launch is the
+        # latest resume's, which may run another number of processes)
+        changes = run_changes(run)
+        started = next((c["launch"] for c in changes if c.get("launch")), None)
+        launch = json.loads(started or run.get("launch") or "{}")
         # A run started in its own terminal (`rlhf train`) has no accelerate config to launch it with
         argv = ["rlhf", "launch" if launch.get("accelerate_config") else "train", run["stage"],
                 run["recipe"] or "RECIPE"]
         overrides = [str(item) for item in json.loads(run.get("overrides") or "[]")]
-        # A run changed mid-way by a resume: the command that started it, and what changed from which step
-        # (its overrides whole would train the latest settings from step 1, another run)
-        changes = run_changes(run)
         later = sum(len(change.get("set") or []) for change in changes)
         for item in overrides[: len(overrides) - later]:
             argv += ["--set", item]
@@ -895,7 +897,8 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
             argv += ["--num-processes", str(launch["num_processes"])]
         if changes:
             then = "; ".join((f"from step {c['step']}" if c.get("step") is not None else "next") + ": "
-                             + " ".join(f"--set {item}" for item in c.get("set") or []) for c in changes)
+                             + (" ".join(f"--set {item}" for item in c.get("set") or [])
+                                or ", ".join(c.get("fields") or [])) for c in changes)
             note = f"  # then resumed with --allow-change {then}"
     # From the folder the console resolves recipes in (a recipe's model and data paths are relative to it).
     return f"cd {shlex.quote(str(Path.cwd()))} && " + shlex.join(argv + ["--db", str(Path(db_path).resolve())]) + note
