@@ -189,6 +189,7 @@ def _belle(args: argparse.Namespace) -> int:
             # and 512 tokens of answers sampled to 32); its subset too, unless a smaller one is given.
             for field in (*ANSWERED_BY, *(() if "limit" in given or "per_class" in given else SUBSET)):
                 given[field] = getattr(source, field)
+            given["checkpoint_written"] = source.checkpoint_written  # the export that answered
         else:
             checkpoint = resolve_checkpoint(args.checkpoint, db)
             label = "/".join(Path(checkpoint).parts[-2:])
@@ -230,7 +231,7 @@ def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
             row = summarize(config.shown_name(len(items) or None) if config else run["name"], items, run["id"],
                             judge)
             row.settings = config.model_dump() if config else {}
-            if config and _rewritten_since(config.checkpoint, run["created"]):
+            if config and _rewritten_since(config):
                 # A run extended since (its `final` exported again), weights copied over: the row's scores
                 # are of the model that answered, no longer in that folder
                 row.name += " [its checkpoint was written again after it answered]"
@@ -238,16 +239,14 @@ def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
     return rows
 
 
-WEIGHT_FILES = ("*.safetensors", "*.bin")
+def _rewritten_since(config) -> bool:
+    """Whether the folder an evaluation's answers came from holds another export by now (its lineage's
+    `written` is not the one recorded when the evaluation began; a copy of the folder keeps it)."""
+    from engine.lineage import read_lineage
 
-
-def _rewritten_since(checkpoint: str, since: float) -> bool:
-    """Whether a model folder's weights were written after `since` (an evaluation's start)."""
-    folder = Path(checkpoint)
-    try:
-        return any(path.stat().st_mtime > since for pattern in WEIGHT_FILES for path in folder.glob(pattern))
-    except OSError:
+    if config.checkpoint_written is None:  # not the project's export, or recorded before it was kept
         return False
+    return (read_lineage(config.checkpoint) or {}).get("written") != config.checkpoint_written
 
 
 def _settings(run: dict) -> dict:

@@ -78,6 +78,9 @@ class EvalConfig(BaseModel):
     price_per_1k: float | None = Field(None, ge=0, description="Judge price per 1,000 tokens, for the estimate.")
     rewrite_reference: bool = Field(False, description="Give the judge the reference of the 39 rewrite items.")
     answers_from: int | None = Field(None, description="Judge this run's answers instead of generating.")
+    # Set when the run starts, from the checkpoint's rlhf_lineage.json: a later export into the folder (a run
+    # extended since) is told from the model that answered
+    checkpoint_written: float | None = Field(None, description="When the checkpoint evaluated was exported.")
 
     def variant(self, size: int | None = None, judge: bool = True) -> str:
         """What sets this run's answers and scores apart from the defaults, in a few words ('' for none):
@@ -366,6 +369,11 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
     print(coverage(items, config.rewrite_reference), flush=True)
     if resume_run is not None:
         os.environ[RUN_ID_ENV] = str(resume_run)
+    elif config.answers_from is None:
+        from engine.lineage import read_lineage
+
+        written = (read_lineage(config.checkpoint) or {}).get("written")
+        config = config.model_copy(update={"checkpoint_written": written})
     with tracked_run(db_path, "eval", config, "", []) as handle:
         if stop_seen():  # a stop while the run registered: it ends here, before anything loads
             raise StopRequested()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,10 @@ def write_lineage(folder: Path, stage: str, run_id: int, start: str, **more: Any
     """Record that `folder` is `stage`'s export (or checkpoint) of run `run_id`, trained from `start`; `more`:
     what else it came from (PPO's reward)."""
     parent = read_lineage(start)
+    # `written`: when, so that what was evaluated from this folder can tell a later export into it (a run
+    # extended since) from a copy of the folder
     record = {"stage": stage, "run_id": run_id, "start": model_id(start),
-              "base": parent["base"] if parent else model_id(start), **more}
+              "base": parent["base"] if parent else model_id(start), "written": time.time(), **more}
     (Path(folder) / LINEAGE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 

@@ -855,20 +855,21 @@ def test_evaluations_of_one_checkpoint_are_told_apart_by_their_settings(tmp_path
 
 def test_a_row_whose_checkpoint_was_written_again_after_it_answered_says_so(tmp_path):
     """A PPO run extended after its evaluation exports `final` again: the row named that folder and showed
-    the old model's scores as the folder's, with nothing to tell."""
+    the old model's scores as the folder's, with nothing to tell. Told by the export's lineage stamp, which
+    a copy of the folder keeps (file times do not)."""
     from engine.eval_cli import eval_rows
     from engine.evaluate import EvalConfig
+    from engine.lineage import LINEAGE_FILE
 
     final = tmp_path / "runs" / "7" / "final"
     final.mkdir(parents=True)
-    (final / "model.safetensors").write_bytes(b"weights at step 30")
+    (final / LINEAGE_FILE).write_text(json.dumps({"stage": "ppo", "run_id": 7, "written": 2000.0}))
     with Store(tmp_path / "runs.db") as store:
-        before, after = (store.create_run(stage="eval", name="ppo run 7", recipe="", config=EvalConfig(
-            name="ppo run 7", checkpoint=str(final), eval_dir="/e").model_dump_json()) for _ in range(2))
-        store.update_run(before, created=time.time() - 60)  # it evaluated the model before it was written again
-        store.update_run(after, created=time.time() + 60)  # the model as it is now
-    names = [row.name for row in eval_rows(tmp_path / "runs.db", [before, after])[1:]]
-    assert names == ["ppo run 7 [its checkpoint was written again after it answered]", "ppo run 7"]
+        ids = [store.create_run(stage="eval", name="ppo run 7", recipe="", config=EvalConfig(
+            name="ppo run 7", checkpoint=str(final), eval_dir="/e", checkpoint_written=written).model_dump_json())
+            for written in (1000.0, 2000.0, None)]  # before the export now there; of it; recorded before stamps
+    names = [row.name for row in eval_rows(tmp_path / "runs.db", ids)[1:]]
+    assert names == ["ppo run 7 [its checkpoint was written again after it answered]", "ppo run 7", "ppo run 7"]
 
 
 def test_a_changed_class_prompt_is_refused_on_resume_and_keeps_runs_apart_in_the_table(workdir):

@@ -56,6 +56,11 @@ def test_the_pipeline_runs_every_stage_wired_by_stage_into_a_score_table(workdir
     assert json.loads(eval_sft["config"])["checkpoint"] == str(Path(sft["output_dir"]) / "final")
     assert json.loads(eval_ppo["config"])["checkpoint"] == str(Path(ppo["output_dir"]) / "final")
     assert json.loads(eval_ppo["config"])["reward_model"] == str(Path(rm["output_dir"]) / "final")
+    # Which export answered: its lineage stamp, so that a later export into the folder is told from it
+    from engine.lineage import read_lineage
+
+    written = read_lineage(str(Path(ppo["output_dir"]) / "final"))["written"]
+    assert json.loads(eval_ppo["config"])["checkpoint_written"] == written
     table = rlhf("eval", "table", "--format", "json")
     rows = {row["name"] for row in json.loads(table.stdout)}
     settings = " [max 24 tokens, first 4, judged by the reward model]"  # what sets the two apart from the defaults

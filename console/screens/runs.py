@@ -868,7 +868,8 @@ def command_line(run: dict[str, Any], db_path: str | Path) -> str:
             argv.append(config["checkpoint"])
         # What the command refuses as ignored (an older record may hold it): an endpoint's settings beside the
         # reward model's judge, a second subset
-        ignored = set(ENDPOINT_ONLY) if config.get("judge") == "rm" else set()
+        # (checkpoint_written is recorded when the run starts, not an option)
+        ignored = {*ENDPOINT_ONLY, "checkpoint_written"} if config.get("judge") == "rm" else {"checkpoint_written"}
         if config.get("limit") is not None:
             ignored.add("per_class")
         for key, value in config.items():
