@@ -141,7 +141,7 @@ def test_a_second_ctrl_c_kills_the_ranks_too_not_a_stop_more(workdir):
     os.kill(ranks[-1], signal.SIGSTOP)
     try:
         os.kill(supervisor, signal.SIGINT)  # the stop, passed on to the ranks: the running one says so
-        wait(lambda: "SIGTERM: stopping after this step" in Path(run.log_path).read_text(errors="replace"), 60)
+        wait(lambda: "SIGTERM: stopping after this step" in Path(run.log_path).read_text(errors="replace"), 120)
         time.sleep(0.5)  # past Presses.SAME_S: a second press, not the first one delivered twice
         os.kill(supervisor, signal.SIGINT)
         wait(lambda: run_row(run.run_id)["exit_code"] is not None, timeout=120)
