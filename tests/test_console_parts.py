@@ -511,3 +511,33 @@ def test_what_tells_runs_of_one_recipe_apart_comes_first_in_their_overrides():
         "init_kl_coef=0.2 reward_fn=null reward_model=runs/2/final ppo.model.path=runs/1/final"
     assert overrides_text(runs[2], None, shared[key]).startswith("lr=1e-3 ppo_epochs=1 reward_fn=null")
     assert overrides_text(runs[3], None, shared.get(("ppo", "/c/other.yaml"), frozenset())) == "lr=1e-3"
+
+
+def test_a_curve_of_one_point_is_drawn_as_a_point():
+    """An evaluation's metrics are one point each: a line through one point drew nothing, and its chart
+    showed empty axes."""
+    import asyncio
+
+    from textual.app import App
+    from textual.geometry import Region
+
+    from console.widgets.chart import POINT, ChartLine, MetricChart
+
+    class Charted(App):
+        def compose(self):
+            yield MetricChart()
+
+    async def drawn(x: list[float], y: list[float]) -> str:
+        app = Charted()
+        async with app.run_test(size=(80, 24)) as pilot:
+            chart = app.query_one(MetricChart)
+            await pilot.pause()
+            chart.draw("eval/score_mean", [ChartLine("run 7", "red", np.array(x), np.array(y), None, True)], "step")
+            await pilot.pause()
+            await pilot.pause()
+            return "".join(strip.text for widget in chart.plot.walk_children()
+                           for strip in widget.render_lines(Region(0, 0, widget.size.width, widget.size.height)))
+
+    assert POINT in asyncio.run(drawn([20.0], [0.6215]))
+    several = asyncio.run(drawn([1.0, 2.0, 3.0], [0.1, 0.5, 0.3]))
+    assert POINT not in several and any("\u2800" < c <= "\u28ff" for c in several)  # a braille line

@@ -65,6 +65,9 @@ class _BatchedPlot(PlotWidget, inherit_bindings=False):
 CHART_KEYS = _BatchedPlot.BINDINGS  # the focused chart's own keys, for the help screen
 
 
+POINT = "●"
+
+
 class MetricChart(Vertical):
     DEFAULT_CSS = """
     MetricChart { height: 1fr; }
@@ -117,6 +120,8 @@ class MetricChart(Vertical):
                 xs, ys = downsample(line.x, line.smooth, buckets)
                 plot.plot(xs, ys, line_style=f"bold {line.colour}", hires_mode=HiResMode.BRAILLE)
                 drawn += len(xs)
+            if len(line.x) == 1:  # a line of one point draws nothing: an evaluation's metrics are one point
+                plot.scatter(line.x, line.raw, marker=POINT, marker_style=f"bold {line.colour}")
         if not drawn:  # nothing to show: plain axes, not the last run's scale (autoscale would keep it)
             self._limits((None, None), (None, None), force=True)
             return drawn
