@@ -38,6 +38,16 @@ MEANINGS: dict[str, str] = {
     "mean_token_accuracy": "SFT: share of answer tokens the model predicts as its top choice",
     "eval_accuracy": "RM: share of held-out pairs whose chosen answer scores above the rejected",
     "eval_margin": "RM: mean reward of chosen minus rejected on the held-out pairs",
+    "entropy": "SFT: the model's mean entropy over answer tokens (its uncertainty; falling as it fits)",
+    "accuracy": "RM: share of the step's pairs whose chosen answer scores above the rejected",
+    "margin": "RM: mean reward of chosen minus rejected in the step",
+    "mean_reward": "RM: mean reward the model gives the step's answers (chosen and rejected)",
+    "min_reward": "RM: the lowest of them",
+    "max_reward": "RM: the highest of them",
+    "eval_runtime": "seconds the held-out evaluation took",
+    "eval_samples_per_second": "held-out records evaluated per second",
+    "eval_steps_per_second": "held-out batches evaluated per second",
+    "eval_<name>": "<name> on the held-out records (eval_ratio), at each evaluation",
     "grad_norm": "the gradient's norm before clipping (max_grad_norm)",
     "epoch": "passes over the training records so far",
     "num_tokens": "training tokens seen so far",
@@ -50,3 +60,12 @@ MEANINGS: dict[str, str] = {
     "eval/failed": "evaluation: judge calls that failed (after their retries)",
     "eval/tokens_per_s": "evaluation: answer tokens generated per second",
 }
+
+
+def meaning(name: str) -> str | None:
+    """What a logged metric is: its own entry, or an evaluation's of the held-out records (eval_X)."""
+    if name in MEANINGS:
+        return MEANINGS[name]
+    if name.startswith("eval_") and name[len("eval_"):] in MEANINGS:
+        return f"{MEANINGS[name[len('eval_'):]]}, on the held-out records"
+    return None

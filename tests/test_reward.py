@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import torch
@@ -24,6 +25,12 @@ def test_reward_model_learns_a_separable_preference_and_exports(workdir):
     assert sum(losses[-5:]) < sum(losses[:5])
     for name in ("accuracy", "margin", "mean_reward", "learning_rate", "grad_norm"):
         assert len(metric(run_id, name)) == 20, name
+    from console.metric_meanings import meaning
+    from engine.store import Store
+
+    with Store(os.environ["RLHF_DB"]) as store:  # the help screen says what each logged curve means
+        logged = {row["name"] for row in store.metrics_since(0, run_id)}
+    assert [name for name in logged if meaning(name) is None] == []
 
     # The export is a plain sequence-classification folder; score pairs with it independently.
     final = Path(run["output_dir"]) / "final"

@@ -52,6 +52,12 @@ def test_sft_loss_falls_and_the_export_reloads_and_generates(workdir):
     assert [s for s, _ in metric(run_id, "mean_token_accuracy")] == list(range(1, 25))
     assert not metric(run_id, "train_runtime") and not metric(run_id, "train_loss")  # the summary: train.log's
     assert "'train_runtime'" in (Path(run["output_dir"]) / "train.log").read_text(encoding="utf-8")
+    from console.metric_meanings import meaning
+    from engine.store import Store
+
+    with Store(os.environ["RLHF_DB"]) as store:  # the help screen says what each logged curve means
+        logged = {row["name"] for row in store.metrics_since(0, run_id)}
+    assert [name for name in logged if meaning(name) is None] == []
 
     final = Path(run["output_dir"]) / "final"
     assert (final / "model.safetensors").is_file() and (workdir / "runs" / str(run_id) / "checkpoint-12").is_dir()

@@ -95,9 +95,11 @@ class DeleteScreen(ModalScreen[tuple[bool, bool]]):
             if self.used_by:
                 many = len(self.used_by) > 1
                 runs = ", ".join(str(i) for i in self.used_by)
+                their = "their" if many else "its"
                 yield Static(Text(f"run{'s' if many else ''} {runs} use{'' if many else 's'} its files (trained "
-                                  "from its export, scored by it, or evaluated it): without them their resumes fail "
-                                  "and their score rows name a model that is gone", style="bold"), id="used-by")
+                                  f"from its export, scored by it, or evaluated it): without them {their} resume "
+                                  f"fails and {their} score rows name a model that is gone", style="bold"),
+                             id="used-by")
             yield Checkbox(Text(terminal_safe(f"also delete its files ({self.output_dir})")), False, id="files")
             with Horizontal(classes="buttons"):
                 yield Button("Delete (y)", variant="error", id="confirm")

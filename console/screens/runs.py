@@ -416,7 +416,7 @@ class RunsScreen(Screen):
         text = f"run {run['id']} {run['stage']} {run['name']}{note} · {status}"
         if run["exit_code"] is not None:
             text += f" (exit {run['exit_code']})"
-        text += segments_text(run) + changes_text(run)
+        text += changes_text(run) + segments_text(run)  # a change first: at 80 columns the times are cut
         pipeline = self.app.pipelines.get(run.get("pipeline_id"))
         if pipeline is not None:
             text += f" · pipeline {pipeline['id']} {pipeline['status']}"

@@ -69,7 +69,7 @@ def cells(run: dict[str, Any], history: History, marked: bool, group: str = "",
     if (run.get("world_size") or 1) > 1:
         step += f" ×{run['world_size']}"  # processes
     eta: str | Text = "-"
-    if run["status"] == "running":
+    if status == "running":  # not a run stopping: it ends at its next step, not at its last
         silent = silent_seconds(history.runs.get(run["id"]), time.time(), since=current_start(run))
         eta = (Text(f"silent {format_duration(silent)}", style="bold yellow") if silent is not None and
                status == "running" else
