@@ -557,12 +557,14 @@ async def test_l_opens_the_launch_form_filled_from_the_run_keeping_what_no_field
     from textual.widgets import Input, Select
 
     from console.screens.launch import LaunchScreen
+    from engine.config import load_recipe, recipe_to_json, with_absolute_paths
 
     shutil.copytree(REPO / "configs", many_runs.parent / "configs")
     recipe = str(many_runs.parent / "configs" / "tiny.yaml")
     accel = str(many_runs.parent / "configs" / "accelerate" / "cpu.yaml")
+    ran = recipe_to_json(with_absolute_paths(load_recipe(recipe, ["train.lr=0.0003", "seed=7"], "sft")))
     with Store(many_runs) as store:
-        store.update_run(7, recipe=recipe, overrides=json.dumps(["train.lr=0.0003", "seed=7"]),
+        store.update_run(7, recipe=recipe, overrides=json.dumps(["train.lr=0.0003", "seed=7"]), config=ran,
                          launch=json.dumps({"accelerate_config": accel, "num_processes": 2}))
     app = RlhfConsole(many_runs, gpu_sampler=no_gpu, poll_s=0.05)
     async with app.run_test(size=(100, 40)) as pilot:
@@ -580,6 +582,7 @@ async def test_l_opens_the_launch_form_filled_from_the_run_keeping_what_no_field
 
         form = await form_from(7)
         assert form.stage == "sft" and form.recipe == recipe
+        assert str(form.query_one("#recipe-changed", Static).render()) == ""  # the file as the run had it
         assert str(form.query_one("#accelerate", Select).value) == accel
         assert form.query_one("#field-lr", Input).value == "0.0003"
         assert form.query_one("#field-processes", Input).value == "2" and form.processes() == 2
@@ -602,6 +605,16 @@ async def test_l_opens_the_launch_form_filled_from_the_run_keeping_what_no_field
 
         relaunched = load_recipe(recipe, form.overrides(), "ppo")
         assert relaunched.ppo.model.path == "/exports/other" and relaunched.ppo.model.dtype == "float32"
+
+        # The recipe file edited since run 7 ran: the form starts from the file, and says what differs
+        text = Path(recipe).read_text(encoding="utf-8")
+        Path(recipe).write_text(text.replace("max_length: 192", "max_length: 96", 1), encoding="utf-8")
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.screen is not form, 20, "the form closed")
+        form = await form_from(7)
+        await wait_for(pilot, lambda: "changed since run 7" in str(form.query_one("#recipe-changed").render()), 20)
+        assert "sft.train.max_length 192 -> 96 (the launch takes the file as it is now)" in \
+            str(form.query_one("#recipe-changed").render())
 
 
 @sync

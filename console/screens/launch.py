@@ -109,10 +109,12 @@ def _default_recipe(recipes: list[tuple[str, str]]) -> str | object:
 
 
 class RecipeLoaded(Message):
-    def __init__(self, stage: str, recipe: str, values: dict[str, str], keys: dict[str, str], error: str | None):
+    def __init__(self, stage: str, recipe: str, values: dict[str, str], keys: dict[str, str], error: str | None,
+                 changed: str = ""):
+        """`changed`: how the recipe file differs now from what the run launched again ran with."""
         super().__init__()
         self.stage, self.recipe = stage, recipe
-        self.values, self.keys, self.error = values, keys, error
+        self.values, self.keys, self.error, self.changed = values, keys, error, changed
 
 
 class Estimated(Message):
@@ -217,6 +219,7 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
                 yield Label("recipe", classes="field-label")
                 yield Select(recipes, value=recipe, id="recipe", compact=True)
             yield Static("", id="error-recipe", classes="field-error -empty")
+            yield Static("", id="recipe-changed", classes="field-error -empty")
             with Horizontal(classes="row field-through"):
                 yield Label("through", classes="field-label")
                 yield Select(THROUGH_OPTIONS, value="all", allow_blank=False, id="through", compact=True)
@@ -304,7 +307,32 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
                 if node is None:
                     break
             values[name] = "" if node is None else str(node)
-        self.post_message(RecipeLoaded(stage, recipe, values, keys, None))
+        self.post_message(RecipeLoaded(stage, recipe, values, keys, None, self._changed_since_run(stage, recipe)))
+
+    def _changed_since_run(self, stage: str, recipe: str) -> str:
+        """What of the run launched again its recipe file no longer says (edited since): the form starts
+        from the file, so the relaunch would differ from the run where nothing on the form shows it."""
+        from console.diff import config_diff, run_config
+        from engine.config import load_recipe, recipe_to_json, with_absolute_paths
+
+        run = self.from_run
+        if run is None or stage != run["stage"] or not run.get("config") or not run.get("recipe") or \
+                Path(recipe).resolve() != Path(run["recipe"]).resolve():
+            return ""
+        try:
+            now = recipe_to_json(with_absolute_paths(load_recipe(recipe, json.loads(run.get("overrides") or "[]"),
+                                                                 stage)))
+        except Exception:  # noqa: BLE001 - a file that no longer takes the run's overrides: the form says why
+            return ""
+        rows = [(key, old, new) for key, old, new in config_diff(run_config({"stage": stage, "config": run["config"]}),
+                                                                 run_config({"stage": stage, "config": now}))
+                if not key.endswith("resume_from_checkpoint")]
+        if not rows:
+            return ""
+        shown = "; ".join(f"{key} {old} -> {new}" for key, old, new in rows[:4])
+        more = f" and {len(rows) - 4} more" if len(rows) > 4 else ""
+        return (f"{Path(recipe).name} changed since run {run['id']}: {shown}{more} (the launch takes the file as "
+                "it is now)")
 
     def on_recipe_loaded(self, message: RecipeLoaded) -> None:
         if (message.stage, message.recipe) != (self.stage, self.recipe):
@@ -321,6 +349,9 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
                 box.value = message.values.get(field.name, "")
             box.placeholder = message.values.get(field.name, "")
         self._error("recipe", message.error or "")
+        changed = self.query_one("#recipe-changed", Static)
+        changed.update(Text(message.changed))
+        changed.set_class(not message.changed, "-empty")
         if self._run_pending and message.error is None:
             self._run_pending = False
             self._fill_from_run()
