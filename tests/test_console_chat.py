@@ -285,17 +285,17 @@ def test_character_diff_works_for_chinese():
     assert [(right.plain[s.start:s.end], str(s.style)) for s in right.spans] == [("不", "underline bold green")]
 
 
-def _fake_eval_run(store, name, scores, ask="q"):
+def _fake_eval_run(store, name, scores, ask="q", n=36):
     run_id = store.create_run(stage="eval", name=name, recipe="", config="{}")
     evals = EvalStore(store)
     from engine.belle import CATEGORIES
     from engine.judge import Verdict
 
     items = [{"item_id": k, "category": CATEGORIES[k % 9], "class": CATEGORIES[k % 9], "question": f"{ask}{k}",
-              "reference": f"r{k}"} for k in range(36)]
+              "reference": f"r{k}"} for k in range(n)]
     evals.add_items(run_id, items)
-    evals.set_answers(run_id, [(k, f"answer {k}", 3, "eos") for k in range(36)])
-    for k in range(36):
+    evals.set_answers(run_id, [(k, f"answer {k}", 3, "eos") for k in range(n)])
+    for k in range(n):
         evals.set_judgment(run_id, k, "judge", Verdict(scores(k), "scored", f"得分: {scores(k)}"))
     store.update_run(run_id, status="done")
     return run_id
@@ -317,15 +317,28 @@ async def test_the_score_screen_marks_the_best_and_drills_into_a_cell(workdir):
         _fake_eval_run(store, "base", lambda k: 0.5)
         _fake_eval_run(store, "ppo", lambda k: 0.8 if k % 9 == 1 else 0.4)
         _fake_eval_run(store, "another eval set", lambda k: 0.1, ask="other question ")
+        _fake_eval_run(store, "three questions", lambda k: 0.3, ask="few ", n=3)  # of 3 categories of 9
     app = console()
     async with app.run_test(size=(120, 30)) as pilot:
-        table = await open_scores(pilot, app, rows=4)
+        table = await open_scores(pilot, app, rows=5)
         rewrite = table.get_row_at(2)[2]  # the ppo row's rewrite column: its best
         assert rewrite.plain == "0.800" and "bold" in str(rewrite.style)
         assert "bold" not in str(table.get_row_at(1)[2].style)
         table.move_cursor(row=2, column=2)
         await wait_for(pilot, lambda: "rewrite: 0.800 [0.800, 0.800] · n 4" in
                        str(app.screen.query_one("#cell-info").render()), 20, "the cell's line")
+        # Back on the model column: the row's line, not the cell last visited's
+        table.move_cursor(row=1, column=0)
+        await wait_for(pilot, lambda: str(app.screen.query_one("#cell-info").render()).startswith(
+            f"run {table.rows_data[1].run_id} · base"), 20, "the row's line")
+        # A macro over categories a run's questions leave out: no score will come, not "no score yet"
+        from engine.scores import COLUMNS, MACRO
+
+        table.move_cursor(row=4, column=COLUMNS.index(MACRO) + 1)
+        await wait_for(pilot, lambda: f"{MACRO}: none (a macro needs a score in every category" in
+                       str(app.screen.query_one("#cell-info").render()), 20, "why the macro has none")
+        table.move_cursor(row=2, column=2)
+        await wait_for(pilot, lambda: "rewrite: 0.800" in str(app.screen.query_one("#cell-info").render()), 20)
         await pilot.press("enter")
         await wait_for(pilot, lambda: isinstance(app.screen, ItemsScreen), 20, "the cell's items")
         assert len(app.screen.items) == 4 and all(i["category"] == "rewrite" for i in app.screen.items)

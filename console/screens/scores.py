@@ -120,13 +120,24 @@ class ScoresScreen(SaysWorkerFailures, Screen[None]):
     def on_data_table_cell_highlighted(self, event: DataTable.CellHighlighted) -> None:
         from engine.scores import shown
 
-        picked = self.query_one(ScoreTable).cell_at_cursor()
-        if picked is None:
+        table = self.query_one(ScoreTable)
+        picked = table.cell_at_cursor()
+        if picked is None:  # the model column: the row, not the cell last visited
+            row = table.row_at_cursor()
+            text = "" if row is None else row.name if row.run_id is None else \
+                f"run {row.run_id} · {row.name} · {row.size} questions · {row.judge or 'not judged yet'}"
+            self.query_one("#cell-info", Static).update(Text(terminal_safe(text), no_wrap=True, overflow="ellipsis"))
             return
         row, column = picked
         cell = row.cells[column]
         if row.run_id is None:
             text = f"{row.name} · {column}: {cell.mean:.3f} (as published)"
+        elif cell.mean is None and not cell.not_judged:  # every answer judged: no score will come
+            from engine.scores import MACRO, MACRO_WO
+
+            why = ("a macro needs a score in every category it averages, and this run's questions leave some "
+                   "without one") if column in (MACRO, MACRO_WO) else "no question of it has a score"
+            text = f"run {row.run_id} · {column}: none ({why}; {cell.unscored} unscored)"
         elif cell.mean is None:
             text = f"run {row.run_id} · {column}: no score yet ({cell.not_judged} not judged, {cell.unscored} unscored)"
         else:
