@@ -228,4 +228,7 @@ async def test_r_on_a_run_without_a_checkpoint_says_so_before_asking(workdir):
         (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
         await pilot.press("r")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), 10, "the resume dialog")
+        # Where it ended, which the answer depends on
+        assert app.screen.question == (f"Resume run {run_id} (sft tiny) from its last full-state checkpoint? It "
+                                       "ended at step 4/?.")
 

@@ -595,7 +595,10 @@ class RunsScreen(Screen):
                     if run["stage"] == "eval" else
                     f"Start run {run['id']} ({run['stage']} {run['name']}) over? It ended before its first step: "
                     "nothing was trained, and it runs again as recorded." if over else
-                    f"Resume run {run['id']} ({run['stage']} {run['name']}) from its last full-state checkpoint?")
+                    f"Resume run {run['id']} ({run['stage']} {run['name']}) from its last full-state checkpoint? "
+                    f"It ended at step {run['step'] or 0}/{run['total_steps'] or '?'}"
+                    + (f", on {run['world_size']} processes (as many again)" if (run.get("world_size") or 1) > 1
+                       else "") + ".")
         if run.get("pipeline_id") is not None:
             question = (f"Resume pipeline {run['pipeline_id']}? Its run {run['id']} ({run['stage']}) goes on where "
                         "it stopped, then the pipeline's later stages.")
