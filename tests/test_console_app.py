@@ -333,6 +333,10 @@ async def test_config_diff_delete_help_and_palette(workdir):
         c = store.create_run(stage="sft", name="c", recipe="x.yaml", config=json.dumps({"lr": 3, "seed": 0}))
         for run_id in (a, b, c):
             store.update_run(run_id, status="done")
+        # --set items: the wiring both share is left out, the ones each has alone shown
+        wiring = ["model.path=runs/1/final", "train.max_steps=6"]
+        store.update_run(b, overrides=json.dumps(wiring + ["train.lr=2"]))
+        store.update_run(c, overrides=json.dumps(wiring + ["train.lr=3", "seed=5"]))
     assert (workdir / "runs" / str(a)).is_dir()  # a run's folder is made when it is registered
     app = console()
     async with app.run_test(size=(80, 24)) as pilot:
@@ -344,7 +348,9 @@ async def test_config_diff_delete_help_and_palette(workdir):
         await pilot.press("d")
         assert isinstance(app.screen, ConfigDiffScreen)
         table = app.screen.query_one("DataTable")
-        assert table.row_count == 1 and [str(c) for c in table.get_row_at(0)] == ["lr", "1", "2"]
+        assert table.row_count == 2 and [str(c) for c in table.get_row_at(0)] == ["lr", "1", "2"]
+        assert [str(c) for c in table.get_row_at(1)] == ["--set (not in both)", "—",
+                                                         "model.path=runs/1/final train.max_steps=6 train.lr=2"]
         await pilot.press("escape")
         home.select_run(b)  # three marked: the last two, and the console says which
         await pilot.press("space")
@@ -354,6 +360,9 @@ async def test_config_diff_delete_help_and_palette(workdir):
         assert isinstance(app.screen, ConfigDiffScreen)
         table = app.screen.query_one("DataTable")
         assert [str(cell) for cell in table.get_row_at(0)] == ["lr", "2", "3"]
+        assert [str(cell) for cell in table.get_row_at(1)] == ["--set (not in both)", "train.lr=2",
+                                                                 "train.lr=3 seed=5"]
+        assert "1 changed key, and --set items not in both" in str(app.screen.query_one(Static).render())
         assert any(f"runs {b} and {c}: the last two marked" in str(n.message) for n in app._notifications)
         await pilot.press("escape")
         home.select_run(a)

@@ -25,11 +25,15 @@ class ConfigDiffScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         rows = config_diff(run_config(self.a), run_config(self.b))
-        overrides = config_diff({"overrides": json.loads(self.a.get("overrides") or "[]")},
-                                {"overrides": json.loads(self.b.get("overrides") or "[]")})
+        # The --set items one run has and the other has not: the whole lists, one JSON string each, pushed
+        # the second run's column off the screen with the items both share
+        items = [[str(i) for i in json.loads(run.get("overrides") or "[]")] for run in (self.a, self.b)]
+        own = [[i for i in mine if i not in theirs] for mine, theirs in (items, items[::-1])]
+        overrides = [("--set (not in both)", " ".join(own[0]) or "—", " ".join(own[1]) or "—")] if any(own) else []
         with Vertical(classes="dialog wide"):
             noun = "changed key" if len(rows) == 1 else "changed keys"
-            yield Static(f"run {self.a['id']} vs run {self.b['id']}: {len(rows)} {noun}   (Esc closes)")
+            sets = ", and --set items not in both" if overrides else ""
+            yield Static(f"run {self.a['id']} vs run {self.b['id']}: {len(rows)} {noun}{sets}   (Esc closes)")
             table = DataTable(zebra_stripes=True, cursor_type="row")
             table.add_columns("key", f"run {self.a['id']}", f"run {self.b['id']}")
             for key, left, right in rows + overrides:
