@@ -25,6 +25,8 @@ MEANINGS: dict[str, str] = {
     "values/values_error": "PPO: its squared error against the returns",
     "values/clipfrac": "PPO: share of values the value clip (cliprange_value) cut",
     "returns/mean": "PPO: the GAE returns the value branch is trained toward",
+    "values/explained_variance": "PPO: 1 - Var(returns - values) / Var(returns): 1 the value branch predicts the "
+                                 "returns, 0 no better than their mean, below 0 worse",
     "response_length/mean": "PPO: response tokens per answer (max_new_tokens: none stopped early)",
     "padding_percentage": "PPO: share of the response batch that is padding",
     "time/rollout": "PPO: seconds generating the step's answers",

@@ -47,6 +47,11 @@ def test_reward_rises_and_the_kl_controller_follows_its_target(workdir):
     with Store(os.environ["RLHF_DB"]) as store:  # the help screen says what each logged curve means
         logged = {row["name"] for row in store.metrics_since(0, run_id)}
     assert [name for name in logged if meaning(name) is None] == []
+    # What a tuner reads beside the losses: the update's gradient norm (before clipping) and how much of the
+    # returns the value branch predicts (at most 1; the value head learns the toy reward's returns)
+    assert all(v > 0 for v in values(run_id, "grad_norm")) and len(values(run_id, "grad_norm")) == 24
+    explained = values(run_id, "values/explained_variance")
+    assert len(explained) == 24 and max(explained) <= 1.0 and max(explained[-6:]) > min(explained[:3])
     assert values(run_id, "policy/kl_per_token")[0] == 0.0  # step 0: the policy is the reference
     # The toy reward asks for one letter: the policy's answers narrow, its sampled entropy falls.
     entropy = values(run_id, "policy/entropy_per_token")

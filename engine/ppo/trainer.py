@@ -389,13 +389,15 @@ class PPOTrainer:
                 if warmup:
                     for param in policy_params:
                         param.grad = None  # AdamW skips a parameter without a gradient entirely
-                if stage.max_grad_norm is not None:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), stage.max_grad_norm)
+                norm = None
+                if stage.max_grad_norm is not None:  # the norm before clipping (None under DeepSpeed's own)
+                    norm = self.accelerator.clip_grad_norm_(self.model.parameters(), stage.max_grad_norm)
                 self.optimizer.step()
                 # Summed on the device: a float() here would wait for the GPU at every minibatch and leave it
                 # idle while Python prepares the next one.
                 for name, value in {"losses/total_loss": loss, "losses/policy_loss": pg_loss,
-                                    "losses/value_loss": vf_loss, **pg_stats, **vf_stats}.items():
+                                    "losses/value_loss": vf_loss, **pg_stats, **vf_stats,
+                                    **({"grad_norm": norm} if norm is not None else {})}.items():
                     value = torch.as_tensor(value, device=mask.device).detach().double()
                     sums[name] = sums[name] + value if name in sums else value
                 updates += 1
@@ -409,6 +411,9 @@ class PPOTrainer:
         self.kl.update(mean_kl, n_steps=len(prompts) * self.world)
         tokens = float(self._global_sum(mask.sum()))
         totals = torch.stack(list(sums.values())).tolist()  # the one wait for the update's numbers
+        # How much of the returns the value branch predicted: 1 all, 0 no better than their mean, < 0 worse
+        residual_var = float(core.masked_mean_var(returns - old_values, mask, self.world > 1)[1])
+        returns_var = float(core.masked_mean_var(returns, mask, self.world > 1)[1])
         metrics = {name: total / updates for name, total in zip(sums, totals)}
         metrics.update({
             "rollout_scores/mean": self._global_mean(raw_scores),
@@ -424,6 +429,7 @@ class PPOTrainer:
             "policy/sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
             "kl_ctl_value": kl_coef,
             "values/mean": self._global_masked_mean(old_values, mask),
+            "values/explained_variance": 1.0 - residual_var / max(returns_var, 1e-12),
             "returns/mean": self._global_masked_mean(returns, mask),
             "padding_percentage": 1.0 - self._global_mean(mask),
             "response_length/mean": self._global_mean(mask.sum(1)),
