@@ -952,6 +952,11 @@ async def test_shift_c_opens_a_chat_with_what_is_typed_on_each_side_an_endpoint_
         await pilot.press("enter")
         await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the chat")
         assert app.screen.specs == {"left": "9", "right": "openai:served@http://127.0.0.1:9/v1"}
+        # A run by its id and stage, not by its folder's path (what the user picked it by)
+        chat = app.screen
+        run9 = app.runs[9]
+        await wait_for(pilot, lambda: str(chat.panes["left"].heading.render()) ==
+                       f"left: {run9['stage']} run 9 {run9['name']}", 20, "the left pane's title")
         app.pop_screen()
         await wait_for(pilot, lambda: app.screen is home, 10, "back")
         await pilot.press("C")  # Esc leaves without a chat

@@ -145,7 +145,7 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
 
     def on_mount(self) -> None:
         for side in self.sides:
-            self.panes[side].set_title(f"{side}: {self.specs[side]}")
+            self.panes[side].set_title(f"{side}: {self._label(side)}")
         self.query_one(PromptBox).focus()
         self.resolve_models()
 
@@ -398,9 +398,21 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
             return next(name for name, shown in self.shown.items() if shown == side)
         return side
 
+    def _label(self, side: str) -> str:
+        """What answers on a side, as the user named it: a run by its id and stage (its folder's path named
+        nothing a user picks by), an evaluation run by its checkpoint too; a folder or an endpoint as it is."""
+        label = self.choices[side].label if side in self.choices else self.specs[side]
+        spec = self.specs[side] or ""
+        run = self.app.runs.get(int(spec)) if spec.isdigit() else None
+        if run is None:
+            return label
+        if run["stage"] == "eval":  # an evaluation answers nothing itself: the model it evaluated does
+            return f"eval run {spec}'s checkpoint {label}"
+        return f"{run['stage']} run {spec} {run['name']}"
+
     def _titles(self) -> None:
         for name, side in self.shown.items():
-            label = self.choices[side].label if side in self.choices else self.specs[side]
+            label = self._label(side)
             if self.blind and self.voted is None:
                 self.panes[side].set_title(f"{name}")
             elif self.blind:
