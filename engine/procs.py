@@ -190,7 +190,7 @@ def register_rank() -> None:
         return
     launcher = os.getppid()
     supervisor = os.environ.get(SUPERVISOR_ENV)
-    if supervisor and _parent_of(launcher) != int(supervisor):
+    if supervisor and not _descends_from(launcher, int(supervisor)):
         # Its launcher died while it started (its parent now the reaper): nothing would signal it, nor wait
         os.kill(os.getpid(), signal.SIGTERM)
         return
@@ -209,6 +209,18 @@ def _parent_of(pid: int) -> int | None:
             return int(fh.read().rsplit(b")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _descends_from(pid: int, ancestor: int, depth: int = 8) -> bool:
+    """Whether `ancestor` is `pid` or above it (a launcher may start its ranks through a launcher of its own)."""
+    for _ in range(depth):
+        if pid == ancestor:
+            return True
+        parent = _parent_of(pid)
+        if not parent or parent == pid:
+            return False
+        pid = parent
+    return False
 
 
 def rank_groups(folder: str | os.PathLike, launcher: int) -> list[int]:
