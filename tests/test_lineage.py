@@ -17,10 +17,12 @@ def test_exports_record_their_start_and_ppo_checks_the_reward_models(workdir, ca
     sft, _ = run_stage("sft", str(TINY), ["train.max_steps=2", "train.eval_ratio=0", "train.save_steps=1"])
     sft_final = Path(run_row(sft)["output_dir"]) / "final"
     base = str((workdir / "demo" / "model").resolve())
-    assert read_lineage(str(sft_final)) == {"stage": "sft", "run_id": sft, "start": base, "base": base}
+    lineage = read_lineage(str(sft_final))
+    assert isinstance(lineage.pop("written"), float)  # when: what an evaluation of the folder records
+    assert lineage == {"stage": "sft", "run_id": sft, "start": base, "base": base}
     # A checkpoint is a model too (a policy, a start): it carries the same lineage as the export.
     checkpoint = Path(run_row(sft)["output_dir"]) / "checkpoint-1"
-    assert read_lineage(str(checkpoint)) == read_lineage(str(sft_final))
+    assert {**read_lineage(str(checkpoint)), "written": 0} == {**read_lineage(str(sft_final)), "written": 0}
 
     rm_from_base, _ = run_stage("rm", str(TINY), ["train.max_steps=2", "train.eval_ratio=0"])
     rm_from_sft, _ = run_stage("rm", str(TINY), ["train.max_steps=2", "train.eval_ratio=0",
@@ -46,7 +48,8 @@ def test_exports_record_their_start_and_ppo_checks_the_reward_models(workdir, ca
                                                "save_steps=1"])
     folder = Path(run_row(ppo_run)["output_dir"])
     final, policy = read_lineage(str(folder / "final")), read_lineage(str(folder / "checkpoint-1" / "policy"))
-    assert final == policy and final["stage"] == "ppo" and final["run_id"] == ppo_run
+    assert {**final, "written": 0} == {**policy, "written": 0}  # the same lineage, written at each save
+    assert final["stage"] == "ppo" and final["run_id"] == ppo_run
     assert final["reward_fn"] == load_recipe(TINY).ppo.reward_fn  # what it was rewarded by
 
 
