@@ -76,18 +76,25 @@ def test_a_launched_run_whose_processes_died_becomes_resumable(workdir, how):
     assert steps == list(range(1, 7)) and run_row(run.run_id)["status"] == "done"
 
 
+def _training_on_two_ranks() -> tuple:
+    """(prepared run, its supervisor's pid, its launcher's pid, its ranks' pids) of a detached SFT run on
+    two CPU processes, once it has logged three steps."""
+    run = prepare("sft", str(TINY), ["train.max_steps=400", "train.logging_steps=1", "train.save_steps=50"],
+                  str(ACCEL / "cpu_ddp.yaml"))
+    supervisor = start_detached(run)
+    wait(lambda: len(metric(run.run_id, "loss")) >= 3, timeout=300)
+    launcher = run_row(run.run_id)["pgid"]
+    ranks = [int(name.split(".")[1]) for name in os.listdir(Path(run.log_path).parent / ".ranks")
+             if name.startswith(f"{launcher}.")]
+    return run, supervisor, launcher, ranks
+
+
 def test_ranks_whose_launcher_was_killed_alone_save_stop_and_are_waited_for(workdir):
     """torchrun starts each rank in a session of its own: kill -9 of `accelerate launch` alone (the OOM
     killer's choice) left both ranks training under nobody while the run read failed, and its resume
     trained a second copy into the same folder. The ranks end with their launcher, as a stop (a
     checkpoint), and the run's end is recorded once they are gone."""
-    run = prepare("sft", str(TINY), ["train.max_steps=400", "train.logging_steps=1", "train.save_steps=50"],
-                  str(ACCEL / "cpu_ddp.yaml"))
-    start_detached(run)
-    wait(lambda: len(metric(run.run_id, "loss")) >= 3, timeout=300)
-    launcher = run_row(run.run_id)["pgid"]
-    ranks = [int(name.split(".")[1]) for name in os.listdir(Path(run.log_path).parent / ".ranks")
-             if name.startswith(f"{launcher}.")]
+    run, _, launcher, ranks = _training_on_two_ranks()
     assert len(ranks) == 2 and all(os.getsid(pid) == pid for pid in ranks)  # sessions of their own
     os.kill(launcher, signal.SIGKILL)
     try:
@@ -108,13 +115,7 @@ def test_ranks_whose_launcher_was_killed_alone_save_stop_and_are_waited_for(work
 def test_a_stop_continues_a_rank_paused_with_sigstop(workdir):
     """The stop's SIGCONT went to the launcher's group alone: a rank paused in its own session held the
     SIGTERM its launcher passed on until the grace period ran out (10 minutes), and the kill lost the save."""
-    run = prepare("sft", str(TINY), ["train.max_steps=400", "train.logging_steps=1", "train.save_steps=50"],
-                  str(ACCEL / "cpu_ddp.yaml"))
-    start_detached(run)
-    wait(lambda: len(metric(run.run_id, "loss")) >= 3, timeout=300)
-    launcher = run_row(run.run_id)["pgid"]
-    ranks = [int(name.split(".")[1]) for name in os.listdir(Path(run.log_path).parent / ".ranks")
-             if name.startswith(f"{launcher}.")]
+    run, _, _, ranks = _training_on_two_ranks()
     os.kill(ranks[-1], signal.SIGSTOP)
     try:
         request_stop(os.environ["RLHF_DB"], run.run_id)
@@ -137,13 +138,7 @@ def test_a_second_ctrl_c_kills_the_ranks_too_not_a_stop_more(workdir):
     """The second Ctrl-C means now: it killed the launcher's group alone, and its ranks (sessions of their
     own, ending with their launcher as at a stop) took that for a stop, a grace period more (600 s): here a
     rank paused with SIGSTOP, which a stop waits for, would have held it that long."""
-    run = prepare("sft", str(TINY), ["train.max_steps=400", "train.logging_steps=1", "train.save_steps=50"],
-                  str(ACCEL / "cpu_ddp.yaml"))
-    supervisor = start_detached(run)
-    wait(lambda: len(metric(run.run_id, "loss")) >= 3, timeout=300)
-    launcher = run_row(run.run_id)["pgid"]
-    ranks = [int(name.split(".")[1]) for name in os.listdir(Path(run.log_path).parent / ".ranks")
-             if name.startswith(f"{launcher}.")]
+    run, supervisor, _, ranks = _training_on_two_ranks()
     os.kill(ranks[-1], signal.SIGSTOP)
     try:
         os.kill(supervisor, signal.SIGINT)  # the stop, passed on to the ranks: pending at the paused one
