@@ -171,13 +171,16 @@ def runs_using(run: dict[str, Any], runs: Iterable[dict[str, Any]]) -> list[int]
                   if other["id"] != run["id"] and any(mark in (other.get("config") or "") for mark in marks))
 
 
+HOST = socket.gethostname()  # once: shown_status runs for every row at every redraw of the run table
+
+
 def shown_status(run: dict[str, Any]) -> str:
     """The stored status, or what can be told beyond it: a stop under way, or a run whose processes are gone
     without anyone recording how it ended (its machine rebooted, say)."""
     from engine.procs import run_processes_gone
 
     if run["status"] in ("pending", "running"):
-        if run.get("host") == socket.gethostname() and run_processes_gone(run):
+        if run.get("host") == HOST and run_processes_gone(run):
             return "lost"
         if run.get("stop_requested"):
             return "stopping"
