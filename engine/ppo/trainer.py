@@ -114,6 +114,13 @@ class PPOTrainer:
         self.prompts = load_prompts(self.stage.prompts, recipe.seed, recipe.strict_data).train
         if self.accelerator.is_main_process:
             self._report_long_prompts(recipe)
+            rollout = self.stage.rollout_batch_size * self.world
+            if len(self.prompts) < rollout:
+                # Not an error (sampled apart, a prompt's answers differ), but the rollout's "batch" is then
+                # a few prompts' answers, and a tuner who meant a larger prompt set should hear it.
+                log.warning("%s: %d prompts for a rollout of %d (ppo.rollout_batch_size %d x %d processes): "
+                            "each rollout answers some prompts more than once", recipe.where("ppo.prompts"),
+                            len(self.prompts), rollout, self.stage.rollout_batch_size, self.world)
             if self.stage.minibatch_size > self.stage.rollout_batch_size:
                 log.warning("ppo.minibatch_size %d is more than ppo.rollout_batch_size %d: each minibatch is the "
                             "whole rollout", self.stage.minibatch_size, self.stage.rollout_batch_size)
