@@ -73,20 +73,26 @@ def tokenized_splits(mixture: Mixture, row: Callable[[Any], tuple[dict | None, F
     return datasets.Dataset.from_list(rows), datasets.Dataset.from_list(held_out) if held_out else None, counts
 
 
-def note_even_batches(trainer: Any, stage: str) -> None:
-    """Say what accelerate's even batches add: with several processes, the last step of an epoch is filled
-    up with records from the epoch's start (every process must take a batch), so a small set is partly
-    trained twice an epoch (3 records at 4 a process on 2 processes: 8 a step, 5 of them repeats)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 2 or not trainer.is_world_process_zero():
+def note_batches(trainer: Any, stage: str) -> None:
+    """Say, once, how many rows an optimiser step takes across processes and accumulation (the global batch
+    a recipe's learning rate goes with), and what accelerate's even batches add: with several processes the
+    last batch of an epoch is filled up with records from the epoch's start (every process must take a
+    batch), so a small set is partly trained twice an epoch (3 records at 4 a process on 2 processes: a
+    batch of 8, 5 of them repeats)."""
+    if not trainer.is_world_process_zero():
         return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     rows, batch = len(trainer.train_dataset), trainer.args.per_device_train_batch_size
-    step = world * batch
-    if rows % step:
-        repeats = step - rows % step
-        log.warning("%s: %d training rows in steps of %d (%d processes x %d): the last step of each epoch repeats "
-                    "%d of them (accelerate gives every process a whole batch), %.0f %% more rows an epoch", stage,
-                    rows, step, world, batch, repeats, 100 * repeats / rows)
+    accumulation = trainer.args.gradient_accumulation_steps
+    log.info("%s: %d training rows; an optimiser step takes %d (%d process%s x train.batch_size %d x "
+             "train.grad_accum %d)", stage, rows, world * batch * accumulation, world, "" if world == 1 else "es",
+             batch, accumulation)
+    together = world * batch
+    if world > 1 and rows % together:
+        repeats = together - rows % together
+        log.warning("%s: %d training rows in batches of %d (%d processes x %d): the last batch of each epoch "
+                    "repeats %d of them (accelerate gives every process a whole batch), %.0f %% more rows an "
+                    "epoch", stage, rows, together, world, batch, repeats, 100 * repeats / rows)
 
 
 def record_fates(handle: RunHandle, fates: dict[str, dict[str, int]]) -> None:

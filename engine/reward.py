@@ -64,7 +64,7 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
         callbacks=callbacks,
     )
     hf_trainer.own_model_card(trainer, handle, "rm", spec.path)
-    hf_trainer.note_even_batches(trainer, "rm")
+    hf_trainer.note_batches(trainer, "rm")
     if hf_trainer.at_the_end(resume, args):
         hf_trainer.load_the_end(trainer, resume)  # its export is what is left
     else:

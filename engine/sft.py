@@ -80,7 +80,7 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
         callbacks=callbacks,
     )
     hf_trainer.own_model_card(trainer, handle, "sft", spec.path)
-    hf_trainer.note_even_batches(trainer, "sft")
+    hf_trainer.note_batches(trainer, "sft")
     if hf_trainer.at_the_end(resume, args):
         hf_trainer.load_the_end(trainer, resume)  # its export is what is left
     else:

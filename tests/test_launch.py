@@ -72,9 +72,14 @@ def test_two_ranks_split_the_data(workdir):
     assert (run_row(one)["total_steps"], run_row(two)["total_steps"]) == (4, 2)
     assert (run_row(one)["world_size"], run_row(two)["world_size"]) == (1, 2)
     logs = [(Path(run_row(r)["output_dir"]) / "train.log").read_text(encoding="utf-8") for r in (one, two)]
-    said = ("sft: 60 training rows in steps of 32 (2 processes x 16): the last step of each epoch repeats 4 of "
-            "them (accelerate gives every process a whole batch), 7 % more rows an epoch")
+    said = ("sft: 60 training rows in batches of 32 (2 processes x 16): the last batch of each epoch repeats 4 "
+            "of them (accelerate gives every process a whole batch), 7 % more rows an epoch")
     assert said not in logs[0] and logs[1].count(said) == 1  # rank 0's
+    # The global batch a learning rate goes with, said once
+    assert logs[0].count("sft: 60 training rows; an optimiser step takes 16 (1 process x train.batch_size 16 x "
+                         "train.grad_accum 1)") == 1
+    assert logs[1].count("sft: 60 training rows; an optimiser step takes 32 (2 processes x train.batch_size 16 x "
+                         "train.grad_accum 1)") == 1
     # The other rank's lines say which they are (both wrote the same lines, unprefixed, into one log)
     assert "[rank 1] INFO engine.hf_trainer: sft data: " in logs[1] and "[rank 1]" not in logs[0]
     # Its card says how to resume it as it was started (`rlhf train` refuses a run of two processes)
