@@ -91,8 +91,9 @@ def accelerate_argv(
     num_processes: int | None = None,
     db_path: str | None = None,
 ) -> list[str]:
-    """`python -m accelerate.commands.launch … -m engine.train STAGE RECIPE --set …` as a list."""
-    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
+    """`python -m engine.accelerate_launcher … -m engine.train STAGE RECIPE --set …` (`accelerate launch`,
+    see there) as a list."""
+    argv = [sys.executable, "-m", "engine.accelerate_launcher", "--config_file", str(accelerate_config)]
     if num_processes is not None:
         argv += ["--num_processes", str(num_processes)]
     argv += ["-m", "engine.train", stage, str(recipe_path)]

@@ -97,7 +97,7 @@ def test_the_process_count_takes_accelerates_spelling_too():
 
 def test_argv_has_no_shell_and_carries_overrides():
     argv = accelerate_argv("rm", "r.yaml", ["train.lr=1e-5", "name=a b"], "c.yaml", 2, "x.db")
-    assert argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert argv[:3] == [sys.executable, "-m", "engine.accelerate_launcher"]
     assert argv[argv.index("--num_processes") + 1] == "2"
     assert argv[argv.index("-m", 3):][:4] == ["-m", "engine.train", "rm", "r.yaml"]
     assert "name=a b" in argv and argv[-2:] == ["--db", "x.db"]

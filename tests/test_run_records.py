@@ -126,6 +126,11 @@ def test_a_stop_continues_a_rank_paused_with_sigstop(workdir):
                 os.killpg(pid, signal.SIGKILL)
     row = run_row(run.run_id)
     assert row["status"] == "stopped" and (Path(row["output_dir"]) / f"checkpoint-{row['step']}").is_dir(), row
+    # torchrun's answer to the stop (SignalException, once the ranks have ended) is a line, not a traceback
+    # at the end of the log
+    log = Path(run.log_path).read_text(encoding="utf-8")
+    assert "Traceback" not in log and "SignalException" not in log, log[-3000:]
+    assert "[rlhf] launcher: SIGTERM passed on to the ranks, which have ended" in log
 
 
 def _pending(pid: int) -> int:
