@@ -480,29 +480,15 @@ class RlhfConsole(SaysWorkerFailures, App):
 
     @work(thread=True, group="actions", exit_on_error=False)
     def delete_run(self, run_id: int, delete_files: bool) -> None:
-        import shutil
+        from engine.delete import delete_run
+        from engine.store import StoreError
 
-        from engine.store import Store, StoreError
-
-        run = self.runs.get(run_id)
         try:  # the store refuses a run that is active now, whatever this console last saw
-            with Store(self.db_path) as store:
-                ours = run is not None and store.owns_folder(run)
-                store.delete_run(run_id)
-                store.vacuum_if_worthwhile()
+            kept = delete_run(self.db_path, run_id, delete_files)
         except (StoreError, sqlite3.Error, OSError) as err:  # a runs.db this user may read and not write
             self.post_message(ActionDone("delete", run_id, str(err)))
             return
-        if delete_files and run is not None and run.get("output_dir"):
-            folder = Path(run["output_dir"])
-            if ours:  # the folder's marker names this runs.db and this run: nothing else is deleted
-                shutil.rmtree(folder, ignore_errors=True)
-            else:
-                self.post_message(ActionDone("delete", run_id, (
-                    f"run {run_id} is forgotten; its folder {folder} was kept: it does not carry this runs.db's "
-                    "marker for the run (another runs.db's run, or a folder from before schema 5)")))
-                return
-        self.post_message(ActionDone("delete", run_id))
+        self.post_message(ActionDone("delete", run_id, warning=kept))  # forgotten, its folder kept: said beside
 
     @work(thread=True, group="actions", exit_on_error=False)
     def save_chat(self, record: dict[str, Any], screen: Screen | None = None) -> None:

@@ -8,6 +8,7 @@ import os
 import sqlite3
 import sys
 import time
+from pathlib import Path
 
 DB_HELP = "runs database (default: $RLHF_DB or ./runs.db)"
 
@@ -124,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("run_id", type=int)
     stop.add_argument("--wait", action="store_true", help="return once the run has ended (its status printed)")
     stop.add_argument("--db", default=None, help=DB_HELP)
+
+    delete = sub.add_parser("delete", help="forget ended runs and what they logged (as D in the console)")
+    delete.add_argument("run_ids", type=int, nargs="+", metavar="ID")
+    delete.add_argument("--files", action="store_true",
+                        help="delete each run's folder too (checkpoints, exports, log): only a folder that carries "
+                             "this runs.db's marker for the run")
+    delete.add_argument("--force", action="store_true",
+                        help="with --files: even where other runs use them (trained from its export, scored by "
+                             "it, evaluating it)")
+    delete.add_argument("--db", default=None, help=DB_HELP)
 
     evaluate = sub.add_parser("eval", help="judge checkpoints: BELLE evaluation, score table, pairwise")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
@@ -283,6 +294,40 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
                   f"{KILLED_RECORD_S:.0f} s (`rlhf runs` shows its record)", flush=True)
             return 1
         time.sleep(0.5)
+
+
+def _cmd_delete(run_ids: list[int], files: bool, force: bool, db: str | None) -> int:
+    """Every run is checked before any is deleted: one active, unknown or (with --files) used by a run kept
+    is exit 2 with nothing deleted. Exit 1 where a folder asked for was kept."""
+    from engine.delete import check_deletable, delete_run
+    from engine.run_facts import runs_using
+    from engine.store import Store, StoreError, default_db_path
+
+    db_path = db or default_db_path()
+    ids = list(dict.fromkeys(run_ids))
+    with Store(db_path, create=False) as store:
+        runs = {run["id"]: run for run in store.runs()}
+        for run_id in ids:
+            if run_id not in runs:
+                raise StoreError(f"{db_path}: no run {run_id}")
+            check_deletable(store, runs[run_id])
+            users = [i for i in runs_using(runs[run_id], runs.values()) if i not in ids]
+            if files and users and not force:
+                many = len(users) > 1
+                raise StoreError(f"run{'s' if many else ''} {', '.join(map(str, users))} use{'' if many else 's'} "
+                                 f"run {run_id}'s files (trained from its export, scored by it or evaluating "
+                                 f"it): {'their' if many else 'its'} resumes and score rows would lose a model; "
+                                 "add --force to delete them anyway, or leave out --files")
+    code = 0
+    for run_id in ids:
+        kept = delete_run(db_path, run_id, files)
+        folder = runs[run_id].get("output_dir")
+        gone = files and folder and not kept and not Path(folder).exists()
+        print(f"run {run_id} deleted" + (f", and its folder {folder}" if gone else ""), flush=True)
+        if kept:
+            print(f"warning: {kept}", file=sys.stderr, flush=True)
+            code = 1
+    return code
 
 
 # Columns runs.db holds as JSON text: a script reads them as JSON values, not as strings to decode again.
@@ -537,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_runs(args.db, args.pipeline, args.json)
         if args.command == "stop":
             return _cmd_stop(args.run_id, args.db, args.wait)
+        if args.command == "delete":
+            return _cmd_delete(args.run_ids, args.files, args.force, args.db)
         if args.command == "pipeline":
             return _cmd_pipeline(args)
         if args.command == "eval":

@@ -443,3 +443,58 @@ def test_an_evaluation_resume_of_a_training_run_says_it_is_no_evaluation(workdir
     result = rlhf("eval", "belle", "--resume-run", str(run_id))
     assert result.returncode == 2 and f"run {run_id} is a PPO run, not an evaluation" in result.stderr, result.stderr
     assert "--answers-from" not in result.stderr
+
+
+def test_delete_forgets_ended_runs_and_their_folders_checking_every_run_first(workdir):
+    from engine.procs import process_start
+    from engine.store import Store
+
+    with Store(workdir / "runs.db") as store, Store(workdir / "other.db") as other:
+        def made(stage: str, status: str = "done", **fields) -> int:
+            run_id = store.create_run(stage=stage, name=stage, recipe="", config="{}")
+            store.update_run(run_id, status=status, **fields)
+            (workdir / "runs" / str(run_id) / "final").mkdir(parents=True)
+            return run_id
+
+        sft = made("sft")
+        ppo = made("ppo", config=json.dumps({"ppo": {"model": {"path": f"{workdir}/runs/{sft}/final"}}}))
+        running = made("rm", "running", pid=os.getpid(), pgid_started=process_start(os.getpid()))
+        foreign = other.create_run(stage="sft", name="theirs", recipe="", config="{}",
+                                   output_root=str(workdir / "elsewhere"))
+        copied = made("sft", output_dir=str(workdir / "elsewhere" / str(foreign)))  # a row naming their folder
+        pipeline = store.create_pipeline(name="p", recipe="", config="{}", overrides=[], through="ppo", launch={})
+        stage = made("sft", pipeline_id=pipeline)
+    ids = lambda: {run["id"] for run in Store(workdir / "runs.db").runs()}  # noqa: E731
+    every = ids()
+
+    # Refused, with nothing deleted: a run another run uses (with --files), an active one, an unknown one,
+    # a stage of a pipeline still going
+    result = rlhf("delete", str(sft), "--files")
+    assert result.returncode == 2
+    assert f"run {ppo} uses run {sft}'s files (trained from its export" in result.stderr
+    assert "add --force" in result.stderr
+    result = rlhf("delete", str(sft), str(running))
+    assert result.returncode == 2 and f"run {running} is running: stop it before deleting it" in result.stderr
+    result = rlhf("delete", str(sft), "999")
+    assert result.returncode == 2 and "no run 999" in result.stderr
+    result = rlhf("delete", str(stage))
+    assert result.returncode == 2 and f"is a stage of pipeline {pipeline}, which is pending" in result.stderr
+    assert ids() == every and (workdir / "runs" / str(sft)).is_dir()
+
+    # Both together: the user goes too, so nothing is left without its model
+    result = rlhf("delete", str(sft), str(ppo), "--files")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"run {sft} deleted, and its folder {workdir}/runs/{sft}",
+                                          f"run {ppo} deleted, and its folder {workdir}/runs/{ppo}"]
+    assert ids() == every - {sft, ppo}
+    assert not (workdir / "runs" / str(sft)).exists() and not (workdir / "runs" / str(ppo)).exists()
+
+    # A folder without this runs.db's marker for the run is kept, and the exit says the files were not deleted
+    result = rlhf("delete", str(copied), "--files")
+    assert result.returncode == 1 and "its folder" in result.stderr and "was kept" in result.stderr
+    assert copied not in ids() and (workdir / "elsewhere" / str(foreign)).is_dir()
+    # Without --files the folder stays
+    with Store(workdir / "runs.db") as store:
+        store.update_pipeline(pipeline, status="done")
+    assert rlhf("delete", str(stage)).returncode == 0
+    assert stage not in ids() and (workdir / "runs" / str(stage)).is_dir()

@@ -1,0 +1,51 @@
+"""Deleting a run: its rows in runs.db and, if asked, its folder. The console's delete dialog and `rlhf
+delete` both come here. A folder is removed only where it carries this runs.db's marker for the run: a folder
+another runs.db's run writes into, or a path from before the marker, is kept."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from engine.store import Store, StoreError
+
+
+def check_deletable(store: Store, run: dict) -> None:
+    """StoreError for a run that must not be deleted now: active, or a stage of a pipeline still going (its
+    next stage reads this one's export and record)."""
+    if run["status"] in ("pending", "running"):
+        raise StoreError(f"run {run['id']} is {run['status']}: stop it before deleting it (rlhf stop "
+                         f"{run['id']} --wait)")
+    if run.get("pipeline_id"):
+        pipeline = store.pipeline(run["pipeline_id"])
+        if pipeline["status"] in ("pending", "running"):
+            raise StoreError(f"run {run['id']} is a stage of pipeline {pipeline['id']}, which is "
+                             f"{pipeline['status']}: its next stages use it; stop the pipeline first")
+
+
+def delete_run(db_path: str | os.PathLike, run_id: int, files: bool) -> str | None:
+    """Forget run `run_id` (StoreError if it is active or unknown) and, with `files`, delete its folder.
+    Returns what became of a folder that was not deleted whole, or None."""
+    with Store(db_path, create=False) as store:
+        run = store.run(run_id)
+        check_deletable(store, run)
+        ours = store.owns_folder(run)
+        store.delete_run(run_id)  # refuses, in its own transaction, a run that became active since
+        store.vacuum_if_worthwhile()
+    folder = run.get("output_dir")
+    if not files or not folder or not Path(folder).exists():
+        return None
+    if not ours:
+        return (f"run {run_id} is forgotten; its folder {folder} was kept: it does not carry this runs.db's "
+                "marker for the run (another runs.db's run, or a folder from before schema 5)")
+    failed: list[str] = []
+    if sys.version_info >= (3, 12):  # onerror is deprecated there
+        shutil.rmtree(folder, onexc=lambda _f, path, err: failed.append(f"{path}: {err}"))
+    else:
+        shutil.rmtree(folder, onerror=lambda _f, path, info: failed.append(f"{path}: {info[1]}"))
+    if failed:
+        return (f"run {run_id} is forgotten; {len(failed)} file(s) of its folder could not be deleted "
+                f"(first: {failed[0]})")
+    return None
