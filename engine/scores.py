@@ -33,6 +33,22 @@ class Cell:
 
 
 @dataclass
+class AnswerLengths:
+    """What a run's answers were like beside their scores: a judge (a reward model above all) may favour
+    long answers, and a policy learns to write them; answers the token limit cut were judged unfinished."""
+
+    count: int = 0  # answered questions (with a token count)
+    mean_tokens: float | None = None
+    cut: int = 0  # stopped by max_new_tokens, not by the end-of-text token
+
+    def shown(self) -> str:
+        if not self.count or self.mean_tokens is None:
+            return "no answer yet"
+        return (f"answers {self.mean_tokens:.0f} tokens on average, {self.cut} of {self.count} cut at the token "
+                "limit")
+
+
+@dataclass
 class Row:
     name: str
     run_id: int | None
@@ -42,6 +58,7 @@ class Row:
     size: int = 0  # how many
     rubrics: str = ""  # which class prompts an LLM judge was given (a digest): another prompt, another scale
     answers: str = ""  # what the run answered, every question (a digest; "" with a question unanswered)
+    answer_lengths: AnswerLengths = field(default_factory=AnswerLengths)
     # The run's recorded settings (checkpoint, eval folder, sampling, judge): what made these numbers, in an
     # export, whatever its label says (a --name hides the checkpoint)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -145,6 +162,10 @@ def summarize(name: str, items: Sequence[dict[str, Any]], run_id: int | None = N
             unscored=sum(1 for i in members if i.get("status") == "unscored"),
             not_judged=sum(1 for i in members if i.get("status") in (None, "failed")),
         )
+    counted = [i for i in items if i.get("answer_tokens") is not None]
+    if counted:
+        row.answer_lengths = AnswerLengths(len(counted), sum(i["answer_tokens"] for i in counted) / len(counted),
+                                           sum(1 for i in counted if i.get("finished") == "length"))
     return row
 
 
@@ -386,6 +407,9 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
     if fmt == "json":
         return json.dumps([{"name": r.name, "run_id": r.run_id, "judge": r.judge, "questions": r.size or None,
                             "settings": r.settings or None,
+                            "answers": {"count": r.answer_lengths.count,
+                                        "mean_tokens": _rounded(r.answer_lengths.mean_tokens),
+                                        "cut": r.answer_lengths.cut} if r.run_id is not None else None,
                             "columns": {c: {**{key: _rounded(v) for key, v in vars(r.cells[c]).items()},
                                             "best": k in best.get(c, set())} for c in COLUMNS}}
                            for k, r in enumerate(rows)], indent=2, ensure_ascii=False)
@@ -393,8 +417,8 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
         out = io.StringIO()
         writer = csv.writer(out)
         parts = ("mean", "low", "high", "n", "unscored", "not judged", "best")
-        writer.writerow(["name", "run_id", "judge", "checkpoint", "eval_dir", "questions",
-                         *[f"{c} {part}" for c in COLUMNS for part in parts]])
+        writer.writerow(["name", "run_id", "judge", "checkpoint", "eval_dir", "questions", "answers",
+                         "answer tokens mean", "answers cut", *[f"{c} {part}" for c in COLUMNS for part in parts]])
         for k, r in enumerate(rows):
             cells = []
             for c in COLUMNS:
@@ -403,8 +427,12 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
                 cells += [_rounded(cell.mean), _rounded(cell.low), _rounded(cell.high),
                           *((cell.n, cell.unscored, cell.not_judged) if counted else (None, None, None)),
                           int(k in best.get(c, set()))]
+            lengths = r.answer_lengths
+            answers = ((lengths.count, _rounded(lengths.mean_tokens), lengths.cut) if r.run_id is not None
+                       else (None, None, None))
             writer.writerow([r.name, r.run_id or "", r.judge, r.settings.get("checkpoint", ""),
-                             r.settings.get("eval_dir", ""), r.size or "", *["" if v is None else v for v in cells]])
+                             r.settings.get("eval_dir", ""), r.size or "",
+                             *["" if v is None else v for v in (*answers, *cells)]])
         return out.getvalue()
     header = "| model | " + " | ".join(COLUMNS) + " |"
     lines = [header, "|---|" + "---:|" * len(COLUMNS)]
@@ -416,7 +444,7 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
         label = r.name if r.run_id is None else f"{r.name} (evaluation run {r.run_id})"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     notes = [f"evaluation run {r.run_id}: {_made_by(r)}{f'judged by {r.judge}' if r.judge else 'not judged yet'}; "
-             "n / unscored / not judged per column: " + ", ".join(
+             f"{r.answer_lengths.shown()}; n / unscored / not judged per column: " + ", ".join(
                  f"{c} {r.cells[c].n}/{r.cells[c].unscored}/{r.cells[c].not_judged}" for c in COLUMNS)
              for r in rows if r.run_id]
     notes += [note for note in (ranking_note(rows), same_answers_note(rows)) if note]

@@ -188,6 +188,33 @@ def test_summaries_count_unscored_apart_and_intervals_bracket_the_mean():
     assert f"{row.cells['others'].mean:.3f} [{row.cells['others'].low:.3f}, " in table  # as many decimals
 
 
+def test_the_table_says_how_long_the_answers_were_and_how_many_the_limit_cut():
+    """A judge may favour long answers and a policy learns to write them: the length beside the scores.
+    Answers not there yet (None) do not count."""
+    import csv
+    import io
+
+    items = _items({c: [0.5, 0.7] for c in CATEGORIES})
+    for k, item in enumerate(items):
+        item.update(answer_tokens=[10, 30][k % 2], finished=["eos", "length"][k % 2])
+    items[0].update(answer_tokens=None, finished=None, score=None, status=None)
+    row = summarize("a", items, run_id=4)
+    lengths = row.answer_lengths
+    assert (lengths.count, lengths.cut) == (17, 9) and lengths.mean_tokens == pytest.approx((8 * 10 + 9 * 30) / 17)
+    shown = "answers 21 tokens on average, 9 of 17 cut at the token limit"
+    assert lengths.shown() == shown and f"judged; {shown}; n / unscored" not in render([row])
+    assert f"evaluation run 4: not judged yet; {shown}; n / unscored / not judged per column" in render([row])
+    exported = json.loads(render([reference_row(), row], "json"))
+    assert exported[0]["answers"] is None  # the published row: scores only
+    assert exported[1]["answers"] == {"count": 17, "mean_tokens": pytest.approx(20.588235, abs=1e-6), "cut": 9}
+    as_csv = list(csv.DictReader(io.StringIO(render([reference_row(), row], "csv"))))
+    assert as_csv[0]["answers"] == as_csv[0]["answers cut"] == ""  # and the columns after them in their place:
+    assert float(as_csv[0]["others mean"]) == pytest.approx(reference_row().cells["others"].mean, abs=1e-6)
+    assert [as_csv[1]["answers"], as_csv[1]["answer tokens mean"], as_csv[1]["answers cut"]] == \
+        ["17", "20.588235", "9"]
+    assert summarize("b", _items({"others": [None]}), run_id=5).answer_lengths.shown() == "no answer yet"
+
+
 def test_paired_deltas_use_the_same_items():
     a = _items({c: [0.5] * 6 for c in CATEGORIES})
     b = [dict(i, score=i["score"] + 0.1) for i in a]

@@ -331,6 +331,9 @@ async def test_the_score_screen_marks_the_best_and_drills_into_a_cell(workdir):
         table.move_cursor(row=1, column=0)
         await wait_for(pilot, lambda: str(app.screen.query_one("#cell-info").render()).startswith(
             f"run {table.rows_data[1].run_id} · base"), 20, "the row's line")
+        # with how long its answers were, and how many the token limit cut
+        assert str(app.screen.query_one("#cell-info").render()).endswith(
+            "· judge · answers 3 tokens on average, 0 of 36 cut at the token limit")
         # A macro over categories a run's questions leave out: no score will come, not "no score yet"
         from engine.scores import COLUMNS, MACRO
 

@@ -125,7 +125,8 @@ class ScoresScreen(SaysWorkerFailures, Screen[None]):
         if picked is None:  # the model column: the row, not the cell last visited
             row = table.row_at_cursor()
             text = "" if row is None else row.name if row.run_id is None else \
-                f"run {row.run_id} · {row.name} · {row.size} questions · {row.judge or 'not judged yet'}"
+                (f"run {row.run_id} · {row.name} · {row.size} questions · {row.judge or 'not judged yet'} · "
+                 f"{row.answer_lengths.shown()}")
             self.query_one("#cell-info", Static).update(Text(terminal_safe(text), no_wrap=True, overflow="ellipsis"))
             return
         row, column = picked
