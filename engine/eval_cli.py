@@ -228,8 +228,8 @@ def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
                 continue  # a run that failed before any score (a bad checkpoint, a judge down): a row of dashes
             judge = next((i["judge"] for i in items if i.get("judge")), "")
             config = _recorded(run)
-            row = summarize(config.shown_name(len(items) or None) if config else run["name"], items, run["id"],
-                            judge)
+            row = summarize(config.shown_name(len(items) or None, rm_trained_against=config.rm_trained_against())
+                            if config else run["name"], items, run["id"], judge)
             row.settings = config.model_dump() if config else {}
             if config and _rewritten_since(config):
                 # A run extended since (its `final` exported again), weights copied over: the row's scores

@@ -82,11 +82,12 @@ class EvalConfig(BaseModel):
     # extended since) is told from the model that answered
     checkpoint_written: float | None = Field(None, description="When the checkpoint evaluated was exported.")
 
-    def variant(self, size: int | None = None, judge: bool = True) -> str:
+    def variant(self, size: int | None = None, judge: bool = True, rm_trained_against: bool = False) -> str:
         """What sets this run's answers and scores apart from the defaults, in a few words ('' for none):
         two evaluations of one checkpoint, told apart in the score table and the pairwise report. `size`:
         how many questions the run holds (a --limit past the end of the set took them all); `judge`: whether
-        its judge is named (not where another judge compares its answers)."""
+        its judge is named (not where another judge compares its answers); `rm_trained_against`: its reward
+        model judge is the one the checkpoint was trained to please (engine.lineage.trained_against)."""
         default = {name: field.default for name, field in type(self).model_fields.items()}
         parts = []
         if self.temperature > 0:
@@ -104,13 +105,22 @@ class EvalConfig(BaseModel):
         if self.answers_from is not None:
             parts.append(f"answers of run {self.answers_from}")
         if judge and self.judge == "rm":
-            parts.append("judged by the reward model")
+            parts.append("judged by the reward model it was trained against" if rm_trained_against
+                         else "judged by the reward model")
         elif judge and self.judge_model != default["judge_model"]:
             parts.append(f"judged by {self.judge_model}")
         return ", ".join(parts)
 
-    def shown_name(self, size: int | None = None, judge: bool = True) -> str:
-        variant = self.variant(size, judge)
+    def rm_trained_against(self) -> bool:
+        """Whether its judge is the reward model its checkpoint was trained to please (read from the
+        checkpoint's lineage)."""
+        from engine.lineage import trained_against
+
+        return self.judge == "rm" and self.reward_model is not None and \
+            trained_against(self.checkpoint, self.reward_model)
+
+    def shown_name(self, size: int | None = None, judge: bool = True, rm_trained_against: bool = False) -> str:
+        variant = self.variant(size, judge, rm_trained_against)
         return f"{self.name} [{variant}]" if variant else self.name
 
 
@@ -185,6 +195,16 @@ def validate(config: EvalConfig, preflight: bool = True, warnings: list[str] | N
         problem = model_folder_problem(config.reward_model, "reward model")
         if problem is not None:
             raise RecipeError(f"--reward-model: {config.reward_model!r} {problem}")
+        if preflight and config.rm_trained_against():  # once per command, as the endpoint's look
+            # Not refused (how far PPO pushed its own reward is worth a look), but no measure of quality: a
+            # policy that learnt the reward model's blind spots scores high on them.
+            warning = (f"--reward-model {config.reward_model}: {config.checkpoint} is a PPO policy trained "
+                       "against this reward model (its rlhf_lineage.json): its scores say how well it learnt to "
+                       "please it, not how good its answers are; judge it with another reward model or an LLM")
+            if warnings is not None:
+                warnings.append(warning)
+            else:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
     return items
 
 
@@ -358,7 +378,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
     from engine.scores import macro
     from engine.store import EvalStore
 
-    items = validate(config, preflight=resume_run is None)  # a resume looked before its claim
+    warnings: list[str] = []  # said once the run is registered: in its train.log too, not only on a terminal
+    items = validate(config, preflight=resume_run is None, warnings=warnings)  # a resume looked before its claim
     if config.answers_from is not None:
         if resume_run is None:
             _check_answers_from(db_path, config.answers_from, items)
@@ -378,6 +399,8 @@ def run_eval(config: EvalConfig, db_path: str | Path, resume_run: int | None = N
         if stop_seen():  # a stop while the run registered: it ends here, before anything loads
             raise StopRequested()
         stop = _Stop()  # from here a stop ends the run after the work in hand (before: at once, as stopped)
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         store = handle.store
         evals = EvalStore(store)
         run_id = handle.run_id
@@ -555,7 +578,8 @@ def write_results(evals: Any, run_id: int, config: EvalConfig, folder: Path) -> 
                 "item_id", "category", "class", "question", "reference", "answer", "answer_tokens", "finished",
                 "judge", "score", "status", "problem", "reply")}, ensure_ascii=False) + "\n")
     judge = next((r["judge"] for r in rows if r.get("judge")), "")
-    row = summarize(config.shown_name(len(rows)), rows, run_id, judge)
+    row = summarize(config.shown_name(len(rows), rm_trained_against=config.rm_trained_against()), rows, run_id,
+                    judge)
     row.settings = config.model_dump()
     table.write_text(render([reference_row(), row]), encoding="utf-8")
     return [answers, table]

@@ -43,6 +43,12 @@ def write_lineage(folder: Path, stage: str, run_id: int, start: str, **more: Any
     (Path(folder) / LINEAGE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
+def trained_against(policy: str, reward_model: str) -> bool:
+    """Whether `policy` is a PPO policy (an export or checkpoint) trained to please `reward_model`."""
+    rewarded_by = (read_lineage(policy) or {}).get("reward_model")
+    return rewarded_by is not None and rewarded_by == model_id(reward_model)
+
+
 def check_value_init(policy: str, reward_model: str, where: str) -> str | None:
     """Refuse a reward model of another base than the policy's; return a warning when the reward model
     was trained from the base while the policy is a fine-tune of it (None when consistent)."""

@@ -63,8 +63,13 @@ def test_the_pipeline_runs_every_stage_wired_by_stage_into_a_score_table(workdir
     assert json.loads(eval_ppo["config"])["checkpoint_written"] == written
     table = rlhf("eval", "table", "--format", "json")
     rows = {row["name"] for row in json.loads(table.stdout)}
-    settings = " [max 24 tokens, first 4, judged by the reward model]"  # what sets the two apart from the defaults
-    assert {f"tiny sft (pipeline 1){settings}", f"tiny ppo (pipeline 1){settings}"} <= rows, table.stdout
+    settings = " [max 24 tokens, first 4, judged by the reward model"  # what sets the two apart from the defaults
+    # The PPO policy is judged by the reward model it was trained to please: said in its label and its log
+    assert {f"tiny sft (pipeline 1){settings}]", f"tiny ppo (pipeline 1){settings} it was trained against]"} <= rows, \
+        table.stdout
+    warned = "is a PPO policy trained against this reward model (its rlhf_lineage.json)"
+    logs = [(Path(r["output_dir"]) / "train.log").read_text(encoding="utf-8") for r in (eval_sft, eval_ppo)]
+    assert warned not in logs[0] and warned in logs[1], logs
     listed = rlhf("runs").stdout.splitlines()  # whole names, and the pipeline each stage belongs to
     assert listed[0].split()[-4:] == ["pipeline", "note", "·", "error"] and len(listed) == 6
     assert all(line.split()[-1] == "1" for line in listed[1:]) and "tiny ppo (pipeline 1)" in listed[5]
