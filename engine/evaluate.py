@@ -137,8 +137,11 @@ def resolve_checkpoint(spec: str, db_path: str | Path, kind: str = "answering mo
         try:
             with Store(db_path, create=False) as store:
                 run = store.run(int(spec))
+                foreign = store.foreign_folder(run) if run["stage"] != "eval" else None
         except StoreError as err:
             raise RecipeError(f"{what} {spec}: {err}") from None
+        if foreign:  # its model may be another than the one this record describes (trained on since, there)
+            raise RecipeError(f"{what} {spec}: {foreign}; give the model's folder itself to use it")
         if run["stage"] == "eval":
             evaluated = json.loads(run["config"] or "{}").get("checkpoint")
             if not evaluated:

@@ -332,9 +332,13 @@ def _closed_at(segments: str | None, ended: float | None) -> str | None:
     return json.dumps(spans)
 
 
-def _write_marker(folder: Path, db_id: int, run_id: int) -> None:
+def _write_marker(folder: Path, db_id: int, run_id: int, db_path: Path | None = None) -> None:
+    """`db_path`: the file that handed the folder out, so that a copy of it (same db_id) is told apart."""
     tmp = folder / f"{RUN_MARKER}.tmp"
-    tmp.write_text(json.dumps({"db_id": db_id, "run_id": run_id}), encoding="utf-8")
+    mark: dict[str, Any] = {"db_id": db_id, "run_id": run_id}
+    if db_path is not None:
+        mark["db"] = str(db_path.resolve())
+    tmp.write_text(json.dumps(mark), encoding="utf-8")
     os.replace(tmp, folder / RUN_MARKER)
 
 
@@ -493,7 +497,7 @@ class Store:
             while (root / str(run_id)).exists():
                 run_id += 1
             (root / str(run_id)).mkdir(parents=True, mode=0o700)
-            _write_marker(root / str(run_id), self.db_id, run_id)
+            _write_marker(root / str(run_id), self.db_id, run_id, self.path)
             db.execute("UPDATE meta SET value = ? WHERE key = 'last_run_id'", [run_id])
             table.insert(
                 {
@@ -530,7 +534,13 @@ class Store:
         """Why the run's folder is not this run's (its marker names another runs.db or run), or None. A
         folder without a marker (older than schema 5) is taken as the run's."""
         owner = folder_owner(run["output_dir"]) if run.get("output_dir") else None
-        if owner is None or (owner.get("db_id") == self.db_id and owner.get("run_id") == run["id"]):
+        if owner is None:
+            return None
+        original = self._copied_from(owner)
+        if original is not None:
+            return (f"{run['output_dir']} belongs to run {owner.get('run_id')} of {original}, of which {self.path} "
+                    "is a copy (a copied workspace's runs.db still names the original's folders)")
+        if owner.get("db_id") == self.db_id and owner.get("run_id") == run["id"]:
             return None
         return (f"{run['output_dir']} belongs to run {owner.get('run_id')} of another runs.db, not to run "
                 f"{run['id']} of {self.path}")
@@ -539,7 +549,21 @@ class Store:
         """The run's folder carries this runs.db's marker for this run: only then may its files be deleted,
         its processes signalled or its checkpoints resumed from."""
         owner = folder_owner(run["output_dir"]) if run.get("output_dir") else None
-        return owner is not None and owner.get("db_id") == self.db_id and owner.get("run_id") == run["id"]
+        return (owner is not None and owner.get("db_id") == self.db_id and owner.get("run_id") == run["id"]
+                and self._copied_from(owner) is None)
+
+    def _copied_from(self, owner: Mapping[str, Any]) -> str | None:
+        """The runs.db a folder's marker names where it is another file than this one with this one's identity:
+        this file is a copy of it (`cp -a` of a workspace), and the folder is the original's. None where the
+        named file is this one, is gone (moved), or is not on this machine's paths (a shared disk mounted
+        elsewhere): nothing tells a copy then."""
+        named = owner.get("db")
+        if not named or owner.get("db_id") != self.db_id:
+            return None
+        try:
+            return None if os.path.samefile(named, self.path) else str(named)
+        except OSError:
+            return None
 
     def claim_for_resume(self, run_id: int, change: Mapping[str, Any] | None = None,
                          untrained: bool = False) -> bool:

@@ -39,8 +39,8 @@ def test_two_databases_with_one_output_root_never_share_a_folder(tmp_path):
         first = a.create_run(stage="sft", name="a", recipe="", config="{}", output_root=str(root))
         second = b.create_run(stage="sft", name="b", recipe="", config="{}", output_root=str(root))
         assert (first, second) == (1, 2)  # b skips the folder a handed out
-        assert folder_owner(root / "1") == {"db_id": a.db_id, "run_id": 1}
-        assert folder_owner(root / "2") == {"db_id": b.db_id, "run_id": 2}
+        assert folder_owner(root / "1") == {"db_id": a.db_id, "run_id": 1, "db": str(tmp_path / "a.db")}
+        assert folder_owner(root / "2") == {"db_id": b.db_id, "run_id": 2, "db": str(tmp_path / "b.db")}
         # a row naming another file's folder (a copied runs.db, an edited row) is not trusted with it
         b.update_run(second, output_dir=str(root / "1"))
         row = b.run(second)
@@ -49,6 +49,44 @@ def test_two_databases_with_one_output_root_never_share_a_folder(tmp_path):
         b.update_run(second, status="running", pid=os.getpid(), pgid_started=process_start(os.getpid()))
     with pytest.raises(RecipeError, match="not signalling it"):
         request_stop(tmp_path / "b.db", second)
+
+
+def test_a_copied_workspace_never_resumes_into_or_deletes_from_the_originals_folders(tmp_path):
+    """`cp -a` of a workspace: the copy's runs.db (same identity) names the original's folders by their
+    absolute paths. A resume from the copy wrote into the original's folder and its checkpoint rotation
+    deleted the original's checkpoints."""
+    original, copy = tmp_path / "ws", tmp_path / "ws-copy"
+    original.mkdir()
+    with Store(original / "runs.db") as store:
+        run_id = store.create_run(stage="sft", name="a", recipe="", config="{}", output_root=str(original / "runs"))
+        store.update_run(run_id, status="stopped", step=3, exit_code=143)
+    (original / "runs" / str(run_id) / "checkpoint-3").mkdir()
+    (original / "runs" / str(run_id) / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    shutil.copytree(original, copy)
+    with Store(copy / "runs.db") as store:
+        row = store.run(run_id)
+        assert row["output_dir"] == str(original / "runs" / str(run_id))  # the original's folder
+        assert not store.owns_folder(row)
+        assert store.foreign_folder(row) == (f"{row['output_dir']} belongs to run {run_id} of {original / 'runs.db'}, "
+                                             f"of which {copy / 'runs.db'} is a copy (a copied workspace's runs.db "
+                                             "still names the original's folders)")
+    with pytest.raises(RecipeError, match=f"run {run_id}: .* of which .* is a copy .*; not resuming from its "):
+        check_resumable(copy / "runs.db", run_id, "sft")
+    from engine.evaluate import resolve_checkpoint  # its model by the run's id: perhaps not the one recorded
+
+    with pytest.raises(RecipeError, match=f"checkpoint {run_id}: .* is a copy .*; give the model's folder itself"):
+        resolve_checkpoint(str(run_id), copy / "runs.db")
+    result = subprocess.run([*RLHF, "delete", str(run_id), "--files", "--db", str(copy / "runs.db")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "was kept" in result.stderr, result.stderr
+    assert (original / "runs" / str(run_id) / "checkpoint-3").is_dir()
+    # The original is still its folders' owner; and so is a runs.db moved away from where it was (nothing to
+    # tell it from the original then)
+    with Store(original / "runs.db") as store:
+        assert store.owns_folder(store.run(run_id)) and store.foreign_folder(store.run(run_id)) is None
+    (original / "runs.db").rename(original / "moved.db")
+    with Store(original / "moved.db") as store:
+        assert store.owns_folder(store.run(run_id))
 
 
 @pytest.mark.parametrize("how", ["supervisor killed", "run killed"])
