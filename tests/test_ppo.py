@@ -68,6 +68,14 @@ def test_reward_rises_and_the_kl_controller_follows_its_target(workdir):
         assert all(s["prompt"].endswith("\nASSISTANT:") for s in samples)
     final = Path(run_row(run_id)["output_dir"]) / "final"
     AutoModelForCausalLM.from_pretrained(final)  # the policy is a plain Hugging Face folder
+    # with the model's tokenizer as it was, not the left padding and truncation PPO's rollouts use
+    from transformers import AutoTokenizer
+
+    exported, base = AutoTokenizer.from_pretrained(final), AutoTokenizer.from_pretrained("demo/model")
+    assert (exported.padding_side, exported.truncation_side) == (base.padding_side, base.truncation_side) == \
+        ("right", "right")
+    backend = json.loads((final / "tokenizer.json").read_text(encoding="utf-8"))
+    assert backend["truncation"] is None and backend["padding"] is None
 
 
 def test_resume_reproduces_an_uninterrupted_run(workdir):

@@ -108,6 +108,9 @@ class PPOTrainer:
         self.rank = self.accelerator.process_index
 
         spec = recipe.stage_model("ppo")
+        # The one its exports carry, as the model has it: this one's left padding and truncation (and the
+        # prompt length the fast tokenizer's backend keeps once it has truncated) would go with them.
+        self.export_tokenizer = load_tokenizer(spec)
         self.tokenizer = load_tokenizer(spec)
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"  # keep the end of a long prompt: it is where the answer starts
@@ -248,7 +251,7 @@ class PPOTrainer:
     def export_policy(self, folder: Path, merge: bool = True) -> None:
         """The policy as a model folder (a checkpoint's too: usable as a model, with its lineage)."""
         self.hydra.export(folder, merge)
-        self.tokenizer.save_pretrained(folder)
+        self.export_tokenizer.save_pretrained(folder)
         reward = ({"reward_model": model_id(self.stage.reward_model)} if self.stage.reward_model
                   else {"reward_fn": self.stage.reward_fn})
         write_lineage(folder, "ppo", self.handle.run_id, self.recipe.stage_model("ppo").path, **reward)
