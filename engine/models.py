@@ -155,6 +155,21 @@ def stored_float32(folder: Any) -> list[str]:
     return found
 
 
+def config_names_float32(folder: Any) -> None:
+    """A saved folder whose weights are partly float32 (trained parts over a bf16 frozen trunk): its
+    config.json names float32, so that a plain `from_pretrained(folder)` gives the trained weights; naming
+    bf16, it rounded them all (an update is small next to a bf16 step). Serving in bf16 stays a choice."""
+    import json
+    from pathlib import Path
+
+    config = Path(folder) / "config.json"
+    data = json.loads(config.read_text(encoding="utf-8"))
+    if data.get("dtype") in (None, "float32") or not stored_float32(folder):
+        return
+    data["dtype"] = "float32"
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def load_exact(model: "torch.nn.Module", folder: Any, names: list[str], as_stored: bool = False) -> None:
     """Copy the named parameters from a saved folder's safetensors as they were stored (`as_stored`: in
     their stored dtype too, else in the parameter's).

@@ -17,7 +17,14 @@ from engine.config import Recipe, RMStage
 from engine.data import load_preferences
 from engine.data.lengths import rm_row
 from engine.lineage import write_lineage
-from engine.models import freeze_bottom_layers, keep_fp32_masters, load_reward_trunk, load_tokenizer, sharding_of
+from engine.models import (
+    config_names_float32,
+    freeze_bottom_layers,
+    keep_fp32_masters,
+    load_reward_trunk,
+    load_tokenizer,
+    sharding_of,
+)
 from engine.run import RunHandle
 
 
@@ -76,6 +83,7 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
     if not stop.stopped:
         trainer.save_model(str(final))  # every rank: sharded or ZeRO-3 weights are gathered for it
         if trainer.is_world_process_zero():
+            config_names_float32(final)
             tokenizer.save_pretrained(final)
             write_lineage(final, "rm", handle.run_id, spec.path)
     trainer.accelerator.wait_for_everyone()

@@ -16,6 +16,7 @@ from engine.data import load_conversations
 from engine.data.lengths import sft_row
 from engine.lineage import write_lineage
 from engine.models import (
+    config_names_float32,
     freeze_bottom_layers,
     keep_fp32_masters,
     load_causal_lm,
@@ -94,6 +95,7 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
             # Downstream stages load a plain model, so the adapters are merged into the base weights.
             trainer.model.merge_and_unload().save_pretrained(final)
         if trainer.is_world_process_zero():
+            config_names_float32(final)
             tokenizer.save_pretrained(final)
             write_lineage(final, "sft", handle.run_id, spec.path)
     trainer.accelerator.wait_for_everyone()

@@ -1,6 +1,7 @@
 """The precision policy: a bf16 model trains with float32 master weights (SFT and RM, through the real
 command), and a recipe that cannot train that way is refused before anything is registered."""
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -48,6 +49,14 @@ def test_a_bf16_model_moves_every_trainable_weight(workdir, stage):
     assert moved / total > 0.99, moved / total
     for name in [k for k in trained if k.startswith(("transformer.h.0.", "transformer.h.1."))]:
         assert trained[name].dtype == torch.bfloat16 and torch.equal(trained[name], base[name]), name
+    # Its config names float32: a plain from_pretrained gives the trained weights, not them rounded to bf16
+    final = Path(run_row(run_id)["output_dir"]) / "final"
+    assert json.loads((final / "config.json").read_text())["dtype"] == "float32"
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if stage == "sft" else AutoModelForSequenceClassification
+    loaded = dict(auto.from_pretrained(final).named_parameters())
+    assert all(torch.equal(loaded[name], trained[name]) for name in trainable)
 
 
 def test_fp32_precision_with_a_half_model_is_refused():

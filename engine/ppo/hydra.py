@@ -231,7 +231,9 @@ class Hydra(nn.Module):
         else:
             self.policy.save_pretrained(folder)
         if merge or not self.lora:
-            _config_names_float32(folder)
+            from engine.models import config_names_float32
+
+            config_names_float32(folder)
 
     def value_branch_parameters(self) -> list[nn.Parameter]:
         return [*self.value_layers.parameters(), *self.value_norm.parameters(), *self.value_head.parameters()]
@@ -472,18 +474,3 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     clone = copy.deepcopy(module)
     clone.requires_grad_(False)
     return clone
-
-
-def _config_names_float32(folder: Any) -> None:
-    """A saved folder whose weights are partly float32: its config.json names float32 (see `Hydra.export`)."""
-    import json
-    from pathlib import Path
-
-    from engine.models import stored_float32
-
-    config = Path(folder) / "config.json"
-    data = json.loads(config.read_text(encoding="utf-8"))
-    if data.get("dtype") in (None, "float32") or not stored_float32(folder):
-        return
-    data["dtype"] = "float32"
-    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
