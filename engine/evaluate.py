@@ -245,6 +245,17 @@ def validate_resume(config: EvalConfig, db_path: str | Path, run_id: int,
             field = "std_answer" if row.get("reference") != item.reference else "class"
             raise RecipeError(f"{where}:{item.id}: its {field} changed since run {run_id} began (its verdicts so far "
                               "were given against the old one); start a new evaluation")
+    if config.judge == "rm" and config.reward_model is not None:
+        from engine.judge.reward import rm_judge_label
+
+        given = next((row["judge"] for row in stored if row.get("judge")), None)
+        now_label = rm_judge_label(config.reward_model)
+        # A name without the export's time: recorded before it was kept; nothing tells whether it changed
+        if given is not None and given != now_label and given != f"rm:{config.reward_model}":
+            raise RecipeError(f"--reward-model {config.reward_model}: run {run_id}'s verdicts so far are of "
+                              f"{given}, the folder holds another export now ({now_label}): one run is one "
+                              f"judge's; start a new evaluation (rlhf eval belle --answers-from {run_id} judges its "
+                              "answers with the new one)")
     if config.judge != "rm":  # an LLM judge reads the class prompt: the run's verdicts were given with it
         from engine.belle import PROMPT_FILE, load_rubrics
         from engine.scores import rubric
@@ -338,7 +349,8 @@ def _judge(config: EvalConfig, items: list[Item], evals: Any, run_id: int, stop:
     if config.judge == "rm":
         from engine.judge.reward import RewardJudge
 
-        judge = RewardJudge(config.reward_model)
+        given = next((j["judge"] for j in evals.judgments(run_id) if j.get("judge")), None)
+        judge = RewardJudge(config.reward_model, label=given)  # a resume's verdicts: the name its first ones have
         if any(not by_id[row["item_id"]].reference.strip() for row in todo):
             # The whole set's references, whatever part of it this run judges (--limit, --per-class, the
             # questions an --answers-from run answered): a subset's scores are the full run's.

@@ -587,6 +587,25 @@ def test_the_reward_model_judges_offline(workdir, monkeypatch):
         two = EvalStore(store).scored_items(5)
     assert len(two) == 2 and all(r["score"] == pytest.approx(full[r["item_id"]], abs=1e-6) for r in two)
 
+    # The judge's name carries when its model was exported: a folder exported again (a resumed RM run) is
+    # another judge, whose scores are neither paired nor ranked with the first one's as if one judge's.
+    from engine.config import RecipeError
+    from engine.evaluate import validate_resume
+    from engine.judge.reward import rm_judge_label
+    from engine.lineage import read_lineage
+
+    first_label = rm_judge_label(str(rm))
+    assert re.fullmatch(rf"rm:{re.escape(str(rm))} \(exported \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC\)", first_label)
+    assert {r["judge"] for r in two} == {first_label}
+    lineage = read_lineage(str(rm))
+    (rm / "rlhf_lineage.json").write_text(json.dumps({**lineage, "written": lineage["written"] + 3600}))
+    with pytest.raises(RecipeError, match=r"run 5's verdicts so far are of .* the folder holds another export now"):
+        validate_resume(config_from_run(os.environ["RLHF_DB"], 5), os.environ["RLHF_DB"], 5)
+    anew = rlhf_eval("belle", "--answers-from", "2", "--limit", "2", "--judge", "rm", "--reward-model", str(rm_run))
+    assert anew.returncode == 0, anew.stderr
+    delta = rlhf_eval("table", "--delta", "5", "6")
+    assert delta.returncode == 2 and "their scores are on different scales" in delta.stderr, delta.stderr
+
 
 def test_a_blind_vote_meets_the_judge_only_on_the_question_it_was_asked(tmp_path):
     """Votes were matched to a report's items by number alone: a vote on the demo set's question 20 was set

@@ -19,23 +19,36 @@ from engine.template import Turn
 CALIBRATION_CHUNK = 64  # references scored between two looks for a stop
 
 
+def rm_judge_label(path: str) -> str:
+    """The reward model judge's name in verdicts: its folder, and when the model in it was exported (its
+    lineage's `written`). A folder exported again (a resumed RM run) holds another judge: its scores are not
+    to be ranked or paired with the earlier model's as if one judge gave both."""
+    import datetime
+
+    from engine.lineage import read_lineage
+
+    written = (read_lineage(path) or {}).get("written")
+    if not isinstance(written, (int, float)):
+        return f"rm:{path}"
+    stamp = datetime.datetime.fromtimestamp(written, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"rm:{path} (exported {stamp})"
+
+
 class RewardJudge:
     name = "rm"
 
-    def __init__(self, path: str, device: str | None = None, batch_size: int = 16):
+    def __init__(self, path: str, device: str | None = None, batch_size: int = 16, label: str | None = None):
+        """`label`: the name a resumed run's verdicts carry already (one run, one judge's name)."""
         import torch
 
         from engine.ppo.rewards import RewardModelScorer
 
         self.path = path
+        self.label = label or rm_judge_label(path)
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.scorer = RewardModelScorer(path, target, batch_size=batch_size)
         self.mu, self.sigma = 0.0, 1.0
         self.reference_rewards: dict[int, float] = {}  # item id -> its reference's reward, from calibrate
-
-    @property
-    def label(self) -> str:
-        return f"rm:{self.path}"
 
     def _rewards(self, items: Sequence[Item], answers: Sequence[str]) -> list[float]:
         prompts = [(Turn("user", item.question),) for item in items]
