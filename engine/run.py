@@ -870,6 +870,11 @@ def _tracked_run(
             raise RecipeError(f"run {run_id} holds a checkpoint in {handle.output_dir}: it trained since it was "
                               "started over; resume it instead")
         _start_stretch(store, run_id, handle, world)
+        if store is not None:
+            # The recipe this stretch runs on (a change a resume allowed applied): a run folder copied or
+            # handed on carries its settings, not those of its first start or none at all.
+            with suppress(OSError):
+                recorded_recipe(store.run(run_id))
     except BaseException:
         with suppress(StopRequested):  # the registration's own failure is the one to tell
             _release_stops(held)

@@ -85,6 +85,8 @@ def test_resume_reproduces_an_uninterrupted_run(workdir):
     part, _ = run_stage("ppo", str(TINY), [*TOY, "steps=3", "save_steps=100"])
     state = json.loads((Path(run_row(part)["output_dir"]) / "checkpoint-3" / "ppo_state.json").read_text())
     assert state["step"] == 3 and state["data_position"] == 3 * 32
+    recorded = Path(run_row(part)["output_dir"]) / "recipe.resolved.yaml"  # in the folder from its start
+    assert json.loads(recorded.read_text())["ppo"]["steps"] == 3
     resumed = subprocess.run([*RLHF, "train", "ppo", str(TINY), "--resume-run", str(part), "--allow-change",
                               *sum((["--set", o] for o in [*TOY, "steps=6", "save_steps=100"]), [])],
                              capture_output=True, text=True, timeout=300)
@@ -93,6 +95,7 @@ def test_resume_reproduces_an_uninterrupted_run(workdir):
     changes = json.loads(run_row(part)["changes"])
     assert [(c["step"], c["fields"]) for c in changes] == [(3, ["ppo.steps (3 -> 6)"])]
     assert "changed from step 3 on: ppo.steps (3 -> 6)" in resumed.stderr
+    assert json.loads(recorded.read_text())["ppo"]["steps"] == 6  # the recipe it ran on, the change applied
     assert [s for s, _ in metric(part, "kl_ctl_value")] == list(range(1, 7))
     assert values(part, "kl_ctl_value")[3] == state["kl"]["value"]  # the saved controller sets step 4's coefficient
     for name in ("rollout_scores/mean", "kl_ctl_value", "losses/total_loss", "values/mean"):
