@@ -955,7 +955,8 @@ async def test_a_new_chat_starts_from_the_sampling_settings_set_in_the_last(work
         app.screen.apply()
         await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.settings.temperature == 0.2,
                        10, "the settings applied")
-        app.pop_screen()
+        app.pop_screen()  # at once: the settings reach the app all the same (they were lost with the screen)
+        await wait_for(pilot, lambda: getattr(app.chat_settings, "temperature", None) == 0.2, 10, "kept by the app")
         await wait_for(pilot, lambda: isinstance(app.screen, RunsScreen), 10, "back")
         app.open_chat(str(workdir / "no-model-here"))
         await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen), 10, "the next chat")

@@ -559,7 +559,8 @@ class ChatScreen(SaysWorkerFailures, Screen[None]):
             if settings is not None:
                 self.settings = settings
                 self.query_one("#chat-settings", Static).update(Text(settings.line()))
-                self.post_message(ChatSettingsChosen(settings))
+                # To the app itself: bubbled from this screen, it was lost when the screen closed first
+                self.app.post_message(ChatSettingsChosen(settings))
                 await self._restart_endpoints()
 
         self.app.push_screen(ChatSettingsScreen(self.settings), apply)
