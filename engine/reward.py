@@ -26,6 +26,7 @@ from engine.models import (
     sharding_of,
 )
 from engine.run import RunHandle
+from engine.template import with_chat_template
 
 
 def build_datasets(tokenizer: Any, stage: RMStage, seed: int, strict: bool = False
@@ -84,7 +85,7 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
         trainer.save_model(str(final))  # every rank: sharded or ZeRO-3 weights are gathered for it
         if trainer.is_world_process_zero():
             config_names_float32(final)
-            tokenizer.save_pretrained(final)
+            with_chat_template(tokenizer).save_pretrained(final)
             write_lineage(final, "rm", handle.run_id, spec.path)
     trainer.accelerator.wait_for_everyone()
     hf_trainer.finish(trainer, handle, stop, final)

@@ -25,6 +25,7 @@ from engine.models import (
     sharding_of,
 )
 from engine.run import RunHandle
+from engine.template import with_chat_template
 
 
 def build_datasets(tokenizer: Any, stage: SFTStage, seed: int, strict: bool = False
@@ -96,7 +97,7 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
             trainer.model.merge_and_unload().save_pretrained(final)
         if trainer.is_world_process_zero():
             config_names_float32(final)
-            tokenizer.save_pretrained(final)
+            with_chat_template(tokenizer).save_pretrained(final)
             write_lineage(final, "sft", handle.run_id, spec.path)
     trainer.accelerator.wait_for_everyone()
     hf_trainer.finish(trainer, handle, stop, final)

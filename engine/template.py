@@ -64,6 +64,29 @@ def render_prompt(turns: Sequence[Turn]) -> str:
     return render(turns)
 
 
+# The template as a Jinja chat template, for the tokenizer every export carries: `apply_chat_template` (and
+# the servers that read it) renders a conversation as `render` does, the format the model was trained on.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- (" + repr(SYSTEM + " ") + " if loop.first else '') ~ 'USER: ' ~ message['content'] ~ '\\nASSISTANT:' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- ' ' ~ message['content'] ~ '" + END_OF_TURN + "' -}}"
+    "{%- else -%}"
+    "{{- raise_exception('the recipe\\'s chat template has user and assistant turns only (its system line is "
+    "fixed), not ' ~ message['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def with_chat_template(tokenizer: Any) -> Any:
+    """The tokenizer, its chat template the recipe's (whatever the base model's was): what an export's
+    tokenizer must render for whoever serves it."""
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def tokenize_conversation(tokenizer: Any, turns: Sequence[Turn], max_length: int | None = None) -> dict[str, list[int]]:
     """Token ids of the rendered conversation and a mask that is 1 exactly on assistant tokens.
 

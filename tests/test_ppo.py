@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from engine.launch import run_foreground
 from engine.ppo.hydra import Hydra
 from engine.store import Store
+from engine.template import Turn, render_prompt
 from engine.train import run_stage
 from tests.conftest import REPO, RLHF, TINY
 from tests.helpers import metric, run_row
@@ -74,6 +75,8 @@ def test_reward_rises_and_the_kl_controller_follows_its_target(workdir):
     exported, base = AutoTokenizer.from_pretrained(final), AutoTokenizer.from_pretrained("demo/model")
     assert (exported.padding_side, exported.truncation_side) == (base.padding_side, base.truncation_side) == \
         ("right", "right")
+    assert exported.chat_template is not None and exported.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False) == render_prompt([Turn("user", "hi")])
     backend = json.loads((final / "tokenizer.json").read_text(encoding="utf-8"))
     assert backend["truncation"] is None and backend["padding"] is None
 

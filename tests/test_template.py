@@ -55,6 +55,27 @@ def test_assistant_mask_covers_exactly_the_answers(demo_dir):
     assert ids[: len(prompt_ids)] == prompt_ids and not any(mask[: len(prompt_ids)])
 
 
+def test_the_chat_template_exports_carry_renders_as_the_recipe_does(demo_dir):
+    from jinja2.exceptions import TemplateError
+    from transformers import AutoTokenizer
+
+    from engine.template import with_chat_template
+
+    tok = with_chat_template(AutoTokenizer.from_pretrained(demo_dir / "model"))
+    turns = [Turn("user", "What's \"2 plus 3\"?\nSay it."), Turn("assistant", "2 plus 3 is 5."),
+             Turn("user", "再加一呢？"), Turn("assistant", "等于六。")]
+    messages = [{"role": t.role, "content": t.content} for t in turns]
+    assert tok.apply_chat_template(messages, tokenize=False) == render(turns)
+    for end in (1, 3):  # a prompt: it ends with "ASSISTANT:" already, generation prompt or not
+        for generation in (True, False):
+            assert tok.apply_chat_template(messages[:end], tokenize=False, add_generation_prompt=generation) == \
+                render_prompt(turns[:end])
+    assert list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]) == \
+        tokenize_conversation(tok, turns)["input_ids"]
+    with pytest.raises(TemplateError, match="user and assistant turns only .* not system"):
+        tok.apply_chat_template([{"role": "system", "content": "x"}, *messages[:1]], tokenize=False)
+
+
 def test_truncation_keeps_ids_and_mask_aligned(demo_dir):
     from transformers import AutoTokenizer
 

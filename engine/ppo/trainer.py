@@ -39,6 +39,7 @@ from engine.ppo.rollout import Rollout, generate
 from engine.run import PPO_BRANCHES_FILE as BRANCHES_FILE
 from engine.run import PPO_OPTIMIZER_FILE as OPTIMIZER_FILE
 from engine.run import STATE_MARKERS, RunHandle, checkpoints_in, continue_from, resume_from
+from engine.template import with_chat_template
 from engine.track import StopFlag
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class PPOTrainer:
         spec = recipe.stage_model("ppo")
         # The one its exports carry, as the model has it: this one's left padding and truncation (and the
         # prompt length the fast tokenizer's backend keeps once it has truncated) would go with them.
-        self.export_tokenizer = load_tokenizer(spec)
+        self.export_tokenizer = with_chat_template(load_tokenizer(spec))
         self.tokenizer = load_tokenizer(spec)
         self.tokenizer.padding_side = "left"
         self.tokenizer.truncation_side = "left"  # keep the end of a long prompt: it is where the answer starts
