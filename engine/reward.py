@@ -59,6 +59,7 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
         **hf_trainer.training_kwargs(stage.train, handle.output_dir, recipe.seed, eval_set is not None, spec),
     )
     model = load_reward_trunk(spec, tokenizer.pad_token_id)
+    use_cache = model.config.use_cache  # the Trainer sets its own (off) into the config, which the export saved
     float32_head(model.score)  # rewards, their differences and the loss free of bf16's rounding quanta
     freeze_bottom_layers(model, stage.num_layers_unfrozen)
     keep_fp32_masters(model, sharding_of(args))
@@ -82,6 +83,7 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
 
     final = handle.output_dir / "final"
     if not stop.stopped:
+        model.config.use_cache = use_cache
         trainer.save_model(str(final))  # every rank: sharded or ZeRO-3 weights are gathered for it
         if trainer.is_world_process_zero():
             config_names_float32(final)

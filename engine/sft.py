@@ -66,6 +66,7 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
         packing=stage.packing,
     )
     model = load_causal_lm(spec)
+    use_cache = model.config.use_cache  # the Trainer sets its own (off) into the config, which the export saved
     args.packing_strategy = packing_strategy(model)
     freeze_bottom_layers(model, stage.num_layers_unfrozen)
     hf_trainer.resume_knows_tied_keys(model)
@@ -90,6 +91,7 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
 
     final = handle.output_dir / "final"
     if not stop.stopped:
+        model.config.use_cache = use_cache  # the model's own: its export generates with a cache
         if stage.lora is None:
             trainer.save_model(str(final))  # every rank: sharded or ZeRO-3 weights are gathered for it
         elif trainer.is_world_process_zero():

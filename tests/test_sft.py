@@ -65,6 +65,7 @@ def test_sft_loss_falls_and_the_export_reloads_and_generates(workdir):
     assert f"run {run_id}: sft" in card and str((workdir / "demo" / "model").resolve()) in card and "None" not in card
     assert f"`rlhf train sft --resume-run {run_id} --db {Path(os.environ['RLHF_DB']).resolve()}`" in card
     model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.config.use_cache  # as the base model's: the Trainer's training setting stayed out of it
     tok = AutoTokenizer.from_pretrained(final)
     # Its chat template is the one it trained on: a server reading it renders the recipe's prompt
     question = [{"role": "user", "content": "What is 2 plus 3?"}]
