@@ -12,7 +12,7 @@ from engine.config import ModelSpec, TrainArgs
 from engine.data import DataError, Mixture, lengths
 from engine.data.lengths import Fate
 from engine.models import cuda_available, precision_flags
-from engine.run import LAUNCHED_ENV, RunHandle, at_last_step, continue_from, no_sharded_export, resume_from, resume_hint
+from engine.run import RunHandle, at_last_step, continue_from, no_sharded_export, resume_from, write_run_card
 from engine.track import GracefulStop, StoreCallback
 
 
@@ -136,22 +136,13 @@ def own_model_card(trainer: Any, handle: RunHandle, stage: str, start: str) -> N
     says instead what the run is, from what it trained and where its weights lie."""
     head = "AutoModelForSequenceClassification" if stage == "rm" else "AutoModelForCausalLM"
     final = (handle.output_dir / "final").resolve()
-    start = str(Path(start).resolve()) if Path(start).is_dir() else start  # a Hub name stays one
-
-    # As the run was started: a launched run resumes through `rlhf launch` (`rlhf train` runs one process)
-    command = "launch" if os.environ.get(LAUNCHED_ENV) == "1" else "train"
-    resume = resume_hint(stage, handle.run_id, handle.store.path if handle.store is not None else None, command)
 
     def write(*_: Any, **__: Any) -> None:  # trl's and push_to_hub's arguments: the card needs none of them
-        if not trainer.is_world_process_zero():
-            return
-        text = (f"# rlhf-console run {handle.run_id}: {stage}\n\n"
-                f"Trained ({stage}) from `{start}` by rlhf-console, run {handle.run_id} of its runs.db.\n\n"
-                f"- `final/`: the model, once the run has finished; its `rlhf_lineage.json` names every run it "
-                f"comes from. Load it with `transformers.{head}.from_pretrained(\"{final}\")`.\n"
-                f"- `checkpoint-N/`: the saves a resume continues from (`{resume}`).\n"
-                f"- `train.log`: what the run printed.\n")
-        (handle.output_dir / "README.md").write_text(text, encoding="utf-8")
+        if trainer.is_world_process_zero():
+            write_run_card(handle, stage, start,
+                           f"the model, once the run has finished; its `rlhf_lineage.json` names every run it "
+                           f"comes from. Load it with `transformers.{head}.from_pretrained(\"{final}\")`.",
+                           "the saves a resume continues from")
 
     trainer.create_model_card = write
 

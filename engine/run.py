@@ -240,6 +240,21 @@ def resume_hint(stage: str, run_id: int, db: str | os.PathLike | None, command: 
     return f"{how} --resume-run {run_id} --db {os.path.abspath(db or default_db_path())}"
 
 
+def write_run_card(handle: RunHandle, stage: str, start: str, final_line: str, checkpoint_line: str) -> None:
+    """The run folder's README.md: what the run is, from what it trained, where its weights lie and the
+    command that resumes it (as it was started: a launched run through `rlhf launch`)."""
+    start = str(Path(start).resolve()) if Path(start).is_dir() else start  # a Hub name stays one
+    command = "launch" if os.environ.get(LAUNCHED_ENV) == "1" else "train"
+    resume = resume_hint(stage, handle.run_id, handle.store.path if handle.store is not None else None, command)
+    text = (f"# rlhf-console run {handle.run_id}: {stage}\n\n"
+            f"Trained ({stage}) from `{start}` by rlhf-console, run {handle.run_id} of its runs.db.\n\n"
+            f"- `final/`: {final_line}\n"
+            f"- `checkpoint-N/`: {checkpoint_line} (`{resume}`).\n"
+            f"- `recipe.resolved.yaml`: the recipe the run last started on, as runs.db records it.\n"
+            f"- `train.log`: what the run printed.\n")
+    (handle.output_dir / "README.md").write_text(text, encoding="utf-8")
+
+
 def after_stop(stage: str, run_id: int, db: str | os.PathLike | None, command: str = "train") -> str:
     """What a stopped run's command says to do next: the resume, or, stopped before its first checkpoint,
     that there is nothing to resume (a resume would be refused)."""

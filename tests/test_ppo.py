@@ -77,6 +77,9 @@ def test_reward_rises_and_the_kl_controller_follows_its_target(workdir):
         ("right", "right")
     assert exported.chat_template is not None and exported.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False) == render_prompt([Turn("user", "hi")])
+    card = (final.parent / "README.md").read_text(encoding="utf-8")  # the run folder says what it holds
+    assert f"run {run_id}: ppo" in card and "the value branch is not in it" in card and "`branches.pt`" in card
+    assert f"`rlhf train ppo --resume-run {run_id} --db {Path(os.environ['RLHF_DB']).resolve()}`" in card
     backend = json.loads((final / "tokenizer.json").read_text(encoding="utf-8"))
     assert backend["truncation"] is None and backend["padding"] is None
 

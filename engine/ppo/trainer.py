@@ -38,7 +38,7 @@ from engine.ppo.rewards import FunctionScorer, RewardModelScorer, Scorer
 from engine.ppo.rollout import Rollout, generate
 from engine.run import PPO_BRANCHES_FILE as BRANCHES_FILE
 from engine.run import PPO_OPTIMIZER_FILE as OPTIMIZER_FILE
-from engine.run import STATE_MARKERS, RunHandle, checkpoints_in, continue_from, resume_from
+from engine.run import STATE_MARKERS, RunHandle, checkpoints_in, continue_from, resume_from, write_run_card
 from engine.template import with_chat_template
 from engine.track import StopFlag
 
@@ -474,6 +474,15 @@ class PPOTrainer:
         stop = StopFlag()
         if store is not None:
             store.update_run(handle.run_id, total_steps=stage.steps)
+        if self.accelerator.is_main_process:
+            final = (handle.output_dir / "final").resolve()
+            write_run_card(handle, "ppo", self.recipe.stage_model("ppo").path,
+                           f"the policy, once the run has finished (the value branch is not in it); its "
+                           f"`rlhf_lineage.json` names every run it comes from and its reward. Load it with "
+                           f"`transformers.AutoModelForCausalLM.from_pretrained(\"{final}\")`.",
+                           "the full-state saves a resume continues from: `policy/` (a model folder), "
+                           "`branches.pt` (reference and value branches), the optimizer, each rank's RNG and the "
+                           "PPO state")
         while self.state.step < stage.steps:
             metrics = self.step()
             self.state.step += 1
