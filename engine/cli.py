@@ -519,15 +519,29 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_terminal(what: str) -> bool:
+    """Say so where the console would open with no terminal to draw on or read keys from (a pipe, a script,
+    a job's log): it ran on unseen, drawing escape codes into a file, until killed."""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return False
+    print(f"error: {what} needs a terminal (its input and output here are not one): run it in a terminal, or over "
+          "ssh with -t; for scripts, `rlhf runs`, `rlhf eval table` and `rlhf eval belle` print what it shows",
+          file=sys.stderr)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] == "console" or argv[0].split("=")[0] == "--db":  # `rlhf --db x` is `rlhf console --db x`
         # The console's start-up must stay fast: it needs none of the parser's imports.
-        from console.app import run_console
-
         console = argparse.ArgumentParser(prog="rlhf console")
         console.add_argument("--db", default=None, help=DB_HELP)
-        return run_console(console.parse_args(argv[1:] if argv and argv[0] == "console" else argv).db)
+        db = console.parse_args(argv[1:] if argv and argv[0] == "console" else argv).db
+        if _no_terminal("the console"):
+            return 2
+        from console.app import run_console
+
+        return run_console(db)
     if argv[0] == "chat":
         from console.app import run_console
 
@@ -560,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
             if problem:  # before the console opens on two dead panes (or loads a model to fail in its pane)
                 print(f"error: {problem}", file=sys.stderr)
                 return 2
+        if _no_terminal("rlhf chat"):
+            return 2
         return run_console(args.db, chat=(args.a, args.b, args.key_env))
     from engine.config import RecipeError
     from engine.run import BAD_INPUT, EXIT_BAD_INPUT

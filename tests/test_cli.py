@@ -498,3 +498,17 @@ def test_delete_forgets_ended_runs_and_their_folders_checking_every_run_first(wo
         store.update_pipeline(pipeline, status="done")
     assert rlhf("delete", str(stage)).returncode == 0
     assert stage not in ids() and (workdir / "runs" / str(stage)).is_dir()
+
+
+def test_the_console_and_chat_without_a_terminal_say_so_and_exit(workdir):
+    """Piped or in a script, the console ran on unseen (5 minutes of CPU drawing escape codes into a pipe
+    until killed); it says it needs a terminal instead, after what is wrong with its arguments."""
+    for command in (["console"], [], ["chat", "demo/model"]):
+        result = subprocess.run([*RLHF, *command], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "needs a terminal (its input and output here are not one)" in result.stderr, (command, result.stderr)
+        assert "\x1b" not in result.stdout + result.stderr
+    typo = subprocess.run([*RLHF, "chat", "demo/modle"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=120)
+    assert typo.returncode == 2 and "'demo/modle': no such folder" in typo.stderr
