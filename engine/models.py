@@ -72,10 +72,15 @@ def inference_model(path: str, device: Any, dtype: "torch.dtype | str | None" = 
     if dtype is None:
         dtype = torch.bfloat16 if cuda_bf16() else torch.float32
     cls = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    as_saved = dtype == "auto" and _safetensors_folder(path)
+    if as_saved:
+        # Each tensor as stored: from_pretrained casts all of them to one dtype, so the model loads in the
+        # half type its frozen trunk is stored in (an export's config names float32 where it holds float32
+        # trained parts: loaded so, a 7B reward model took twice the memory) and its float32 parts come
+        # back below as they were stored.
+        dtype = stored_half(path) or "auto"
     model = cls.from_pretrained(path, dtype=dtype)
-    if dtype == "auto" and _safetensors_folder(path):
-        # from_pretrained casts every tensor to the config's one dtype (bf16 for a model whose frozen trunk
-        # is bf16): the float32 parts a stage trained come back as they were stored.
+    if as_saved:
         params = dict(model.named_parameters())
         load_exact(model, path, [name for name in stored_float32(path)
                                  if name in params and params[name].dtype != torch.float32], as_stored=True)
@@ -139,6 +144,19 @@ def _weight_map(folder: Any) -> dict[str, str]:
 
     index = Path(folder) / "model.safetensors.index.json"
     return json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+
+
+def stored_half(folder: Any) -> "torch.dtype | None":
+    """The half-precision type a saved folder stores tensors in (bf16 before fp16), or None for none."""
+    import torch
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    found = set()
+    for file in sorted(set(_weight_map(folder).values()) or {"model.safetensors"}):
+        with safe_open(str(folder / file), framework="pt") as saved:
+            found |= {saved.get_slice(name).get_dtype() for name in saved.keys()}
+    return torch.bfloat16 if "BF16" in found else torch.float16 if "F16" in found else None
 
 
 def stored_float32(folder: Any) -> list[str]:

@@ -109,13 +109,13 @@ def test_ppo_scores_with_the_reward_model_as_it_was_trained(workdir):
         assert score == pytest.approx(own, abs=2e-3 * max(1.0, abs(own)))
 
     # Weights that are not safetensors (a .bin export, a Hub model) load as from_pretrained gives them: the
-    # config's one dtype, nothing restored on top; the scorer still runs them under autocast, head in float32.
+    # config's one dtype (float32: the export names it for its float32 parts), nothing restored on top.
     binary = final.parent / "as-bin"
     shutil.copytree(final, binary)
     (binary / "model.safetensors").unlink()
     torch.save(saved, binary / "pytorch_model.bin")
     fallback = RewardModelScorer(str(binary), torch.device("cpu"))
-    assert {p.dtype for p in fallback.model.parameters()} == {torch.bfloat16} and fallback.autocast
+    assert {p.dtype for p in fallback.model.parameters()} == {torch.float32} and not fallback.autocast
     again = fallback(prompts, answers)
     assert again.dtype == torch.float32 and torch.isfinite(again).all()
     assert torch.allclose(again, scores, atol=0.05 * max(1.0, scores.abs().max().item()))  # bf16-rounded layers
