@@ -561,9 +561,21 @@ class Store:
         if not named or owner.get("db_id") != self.db_id:
             return None
         try:
-            return None if os.path.samefile(named, self.path) else str(named)
+            if os.path.samefile(named, self.path):
+                return None
         except OSError:
             return None
+        # Another file there: the original only if it has this identity (a runs.db moved away, and a new one
+        # made where it was, is not the folder's owner; this one, moved, still is)
+        try:
+            conn = sqlite3.connect(f"{Path(named).as_uri()}?mode=ro", uri=True, timeout=1.0)
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()
+            finally:
+                conn.close()
+        except (sqlite3.Error, ValueError):
+            return None
+        return str(named) if row is not None and int(row[0]) == self.db_id else None
 
     def claim_for_resume(self, run_id: int, change: Mapping[str, Any] | None = None,
                          untrained: bool = False) -> bool:

@@ -87,6 +87,10 @@ def test_a_copied_workspace_never_resumes_into_or_deletes_from_the_originals_fol
     (original / "runs.db").rename(original / "moved.db")
     with Store(original / "moved.db") as store:
         assert store.owns_folder(store.run(run_id))
+    with Store(original / "runs.db"):  # a new runs.db where it was: another identity, not the original
+        pass
+    with Store(original / "moved.db") as store:
+        assert store.owns_folder(store.run(run_id)) and store.foreign_folder(store.run(run_id)) is None
 
 
 @pytest.mark.parametrize("how", ["supervisor killed", "run killed"])
