@@ -82,8 +82,12 @@ CHAT_TEMPLATE = (
 
 def with_chat_template(tokenizer: Any) -> Any:
     """The tokenizer, its chat template the recipe's (whatever the base model's was): what an export's
-    tokenizer must render for whoever serves it."""
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer must render for whoever serves it. A tokenizer that starts a text with BOS got it at training
+    (`tokenize_conversation`'s first piece); `apply_chat_template` and servers tokenize the rendered text
+    without special tokens, so the template writes it."""
+    bos = tokenizer.bos_token_id
+    starts_with_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
+    tokenizer.chat_template = ("{{- bos_token -}}" if starts_with_bos else "") + CHAT_TEMPLATE
     return tokenizer
 
 

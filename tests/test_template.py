@@ -74,6 +74,17 @@ def test_the_chat_template_exports_carry_renders_as_the_recipe_does(demo_dir):
         tokenize_conversation(tok, turns)["input_ids"]
     with pytest.raises(TemplateError, match="user and assistant turns only .* not system"):
         tok.apply_chat_template([{"role": "system", "content": "x"}, *messages[:1]], tokenize=False)
+    # A tokenizer that starts a text with BOS (Llama's): training's first piece had it, so the template writes
+    # it (apply_chat_template and servers tokenize the text without special tokens)
+    from tokenizers.processors import TemplateProcessing
+
+    bos = AutoTokenizer.from_pretrained(demo_dir / "model")
+    bos._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos.bos_token_id)])
+    with_chat_template(bos)
+    trained = tokenize_conversation(bos, turns)["input_ids"]
+    assert trained[0] == bos.bos_token_id and trained.count(bos.bos_token_id) == 1
+    assert list(bos.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]) == trained
+    assert bos.apply_chat_template(messages, tokenize=False) == "<s>" + render(turns)
 
 
 def test_truncation_keeps_ids_and_mask_aligned(demo_dir):
