@@ -320,9 +320,10 @@ def _cmd_delete(run_ids: list[int], files: bool, force: bool, db: str | None) ->
                                  "add --force to delete them anyway, or leave out --files")
     code = 0
     for run_id in ids:
-        kept = delete_run(db_path, run_id, files)
         folder = runs[run_id].get("output_dir")
-        gone = files and folder and not kept and not Path(folder).exists()
+        existed = bool(folder) and Path(folder).exists()
+        kept = delete_run(db_path, run_id, files)
+        gone = files and existed and not kept and not Path(folder).exists()
         print(f"run {run_id} deleted" + (f", and its folder {folder}" if gone else ""), flush=True)
         if kept:
             print(f"warning: {kept}", file=sys.stderr, flush=True)

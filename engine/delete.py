@@ -15,11 +15,18 @@ from engine.store import Store, StoreError
 def check_deletable(store: Store, run: dict) -> None:
     """StoreError for a run that must not be deleted now: active, or a stage of a pipeline still going (its
     next stage reads this one's export and record)."""
+    from engine.pipeline import settled_pipeline
+    from engine.run import settled
+
+    # As a look at the run table would find them: a row that says running for processes that are gone is
+    # closed first (else neither a stop, which finds nothing to stop, nor this would ever clear it)
+    if run["status"] in ("pending", "running"):
+        run = settled(store, run["id"])
     if run["status"] in ("pending", "running"):
         raise StoreError(f"run {run['id']} is {run['status']}: stop it before deleting it (rlhf stop "
                          f"{run['id']} --wait)")
     if run.get("pipeline_id"):
-        pipeline = store.pipeline(run["pipeline_id"])
+        pipeline = settled_pipeline(store, run["pipeline_id"])
         if pipeline["status"] in ("pending", "running"):
             raise StoreError(f"run {run['id']} is a stage of pipeline {pipeline['id']}, which is "
                              f"{pipeline['status']}: its next stages use it; stop the pipeline first")
@@ -32,14 +39,16 @@ def delete_run(db_path: str | os.PathLike, run_id: int, files: bool) -> str | No
         run = store.run(run_id)
         check_deletable(store, run)
         ours = store.owns_folder(run)
+        foreign = store.foreign_folder(run) if not ours else None
         store.delete_run(run_id)  # refuses, in its own transaction, a run that became active since
         store.vacuum_if_worthwhile()
     folder = run.get("output_dir")
     if not files or not folder or not Path(folder).exists():
         return None
     if not ours:
-        return (f"run {run_id} is forgotten; its folder {folder} was kept: it does not carry this runs.db's "
-                "marker for the run (another runs.db's run, or a folder from before schema 5)")
+        why = foreign or ("it does not carry this runs.db's marker for the run (another runs.db's run, or a "
+                          "folder from before schema 5)")
+        return f"run {run_id} is forgotten; its folder {folder} was kept: {why}"
     failed: list[str] = []
     if sys.version_info >= (3, 12):  # onerror is deprecated there
         shutil.rmtree(folder, onexc=lambda _f, path, err: failed.append(f"{path}: {err}"))

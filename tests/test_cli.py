@@ -493,11 +493,22 @@ def test_delete_forgets_ended_runs_and_their_folders_checking_every_run_first(wo
     result = rlhf("delete", str(copied), "--files")
     assert result.returncode == 1 and "its folder" in result.stderr and "was kept" in result.stderr
     assert copied not in ids() and (workdir / "elsewhere" / str(foreign)).is_dir()
-    # Without --files the folder stays
+    # A pipeline that reads running with its process gone (killed -9) is closed first, as a look would:
+    # neither a stop (nothing to stop) nor a delete would ever clear it otherwise. Without --files the
+    # folder stays.
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = process_start(dead.pid)
+    dead.wait()
     with Store(workdir / "runs.db") as store:
-        store.update_pipeline(pipeline, status="done")
-    assert rlhf("delete", str(stage)).returncode == 0
+        store.update_pipeline(pipeline, status="running", pid=dead.pid, pid_started=started,
+                              host=socket.gethostname())
+    result = rlhf("delete", str(stage))
+    assert result.returncode == 0, result.stderr
     assert stage not in ids() and (workdir / "runs" / str(stage)).is_dir()
+    with Store(workdir / "runs.db") as store:
+        assert store.pipeline(pipeline)["status"] == "failed"
 
 
 def test_the_console_and_chat_without_a_terminal_say_so_and_exit(workdir):
