@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -152,7 +153,16 @@ def recorded_recipe(run: dict[str, Any]) -> str:
     was launched from may have changed, or be relative to another directory)."""
     path = Path(run["output_dir"]) / RECORDED_RECIPE
     path.parent.mkdir(parents=True, exist_ok=True)  # gone with nothing in it: a run started over makes it again
-    path.write_text(recipe_text(run), encoding="utf-8")
+    text = recipe_text(run)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return str(path)
+    except (OSError, UnicodeDecodeError):
+        pass
+    # Whole or not at all: the ranks of a launched resume read this file while rank 0 writes it at its start
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
     return str(path)
 
 
@@ -888,7 +898,7 @@ def _tracked_run(
         if store is not None:
             # The recipe this stretch runs on (a change a resume allowed applied): a run folder copied or
             # handed on carries its settings, not those of its first start or none at all.
-            with suppress(OSError):
+            with suppress(OSError, sqlite3.Error, StoreError):  # a note for the folder, never the run's end
                 recorded_recipe(store.run(run_id))
     except BaseException:
         with suppress(StopRequested):  # the registration's own failure is the one to tell
