@@ -417,8 +417,10 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
         out = io.StringIO()
         writer = csv.writer(out)
         parts = ("mean", "low", "high", "n", "unscored", "not judged", "best")
-        writer.writerow(["name", "run_id", "judge", "checkpoint", "eval_dir", "questions", "answers",
-                         "answer tokens mean", "answers cut", *[f"{c} {part}" for c in COLUMNS for part in parts]])
+        # The answer columns last: a script reading the category columns by position finds them where they were
+        writer.writerow(["name", "run_id", "judge", "checkpoint", "eval_dir", "questions",
+                         *[f"{c} {part}" for c in COLUMNS for part in parts], "answers", "answer tokens mean",
+                         "answers cut"])
         for k, r in enumerate(rows):
             cells = []
             for c in COLUMNS:
@@ -432,7 +434,7 @@ def render(rows: Sequence[Row], fmt: str = "md") -> str:
                        else (None, None, None))
             writer.writerow([r.name, r.run_id or "", r.judge, r.settings.get("checkpoint", ""),
                              r.settings.get("eval_dir", ""), r.size or "",
-                             *["" if v is None else v for v in (*answers, *cells)]])
+                             *["" if v is None else v for v in (*cells, *answers)]])
         return out.getvalue()
     header = "| model | " + " | ".join(COLUMNS) + " |"
     lines = [header, "|---|" + "---:|" * len(COLUMNS)]

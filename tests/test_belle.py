@@ -207,6 +207,8 @@ def test_the_table_says_how_long_the_answers_were_and_how_many_the_limit_cut():
     exported = json.loads(render([reference_row(), row], "json"))
     assert exported[0]["answers"] is None  # the published row: scores only
     assert exported[1]["answers"] == {"count": 17, "mean_tokens": pytest.approx(20.588235, abs=1e-6), "cut": 9}
+    header = render([row], "csv").splitlines()[0].split(",")
+    assert header[-3:] == ["answers", "answer tokens mean", "answers cut"]  # the category columns where they were
     as_csv = list(csv.DictReader(io.StringIO(render([reference_row(), row], "csv"))))
     assert as_csv[0]["answers"] == as_csv[0]["answers cut"] == ""  # and the columns after them in their place:
     assert float(as_csv[0]["others mean"]) == pytest.approx(reference_row().cells["others"].mean, abs=1e-6)
