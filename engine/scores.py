@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -265,6 +266,11 @@ def _clip(text: str, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _without_export_time(judge: str) -> str:
+    """A reward model judge's name without its export's time (engine.judge.reward.rm_judge_label)."""
+    return re.sub(r" \(exported [^)]*\)$", "", judge)
+
+
 def paired_deltas(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], a_name: str = "A", b_name: str = "B",
                   seed: int = 0) -> list[Delta]:
     """B − A per column on the items both scored (same questions), with a paired bootstrap interval. Raises
@@ -272,9 +278,13 @@ def paired_deltas(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], a_na
     import numpy as np
 
     if judges_of(a) and judges_of(b) and judges_of(a) != judges_of(b):
+        unstamped = {_without_export_time(j) for j in judges_of(a) | judges_of(b)}
+        why = ("; a reward model's verdicts recorded before its judge's name gave the export's time cannot be told "
+               "from another export's: judge those answers again (rlhf eval belle --answers-from RUN)"
+               if len(unstamped) == 1 else "")
         raise DifferentJudges(f"{a_name} was judged by {', '.join(sorted(judges_of(a)))} and {b_name} by "
                               f"{', '.join(sorted(judges_of(b)))}: their scores are on different scales, and "
-                              "only runs of one judge can be paired")
+                              f"only runs of one judge can be paired{why}")
     a_rubrics, b_rubrics = rubrics_of(a), rubrics_of(b)
     changed = sorted(cls for cls in a_rubrics.keys() & b_rubrics.keys() if a_rubrics[cls] != b_rubrics[cls])
     if changed:

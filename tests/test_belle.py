@@ -268,6 +268,9 @@ def test_runs_of_two_judges_are_never_paired_nor_ranked_and_a_tie_as_shown_is_a_
 
     llm = [dict(i, judge="openai:gpt-4o") for i in _items({c: [0.8] * 2 for c in CATEGORIES})]
     rm = [dict(i, judge="rm:runs/2/final", score=0.5) for i in llm]
+    stamped = [dict(i, judge="rm:runs/2/final (exported 2026-11-29 20:00:00 UTC)") for i in rm]
+    with pytest.raises(DifferentJudges, match=r"recorded before its judge's name gave the export's time"):
+        paired_deltas(rm, stamped, "run 23", "run 24")
     with pytest.raises(DifferentJudges, match=r"run 7 was judged by openai:gpt-4o and run 23 by rm:runs/2/final"):
         paired_deltas(llm, rm, "run 7", "run 23")
     rows = [reference_row(), summarize("a", llm, 7, "openai:gpt-4o"), summarize("b", rm, 23, "rm:runs/2/final"),
