@@ -349,8 +349,10 @@ def killed_by(exit_code: int, tail: str) -> str | None:
             name = signal.Signals(number).name
         except ValueError:
             name = f"signal {number}"
-        return f"its launcher was killed by {name}" + (" (the kernel's OOM killer, or kill -9)"
-                                                        if number == signal.SIGKILL else "")
+        oom = " (the kernel's OOM killer, or kill -9)" if number == signal.SIGKILL else ""
+        if exit_code > 128:  # it ended itself on the signal (torchrun, having passed it on to the ranks)
+            return f"its launcher ended on {name} (exit {exit_code}){oom}"
+        return f"its launcher was killed by {name}{oom}"
     if "SIGKILL" in tail or "exitcode  : -9" in tail:
         return "a process of the run was killed by SIGKILL (the kernel's OOM killer, or kill -9)"
     return None

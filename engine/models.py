@@ -182,7 +182,8 @@ def config_names_float32(folder: Any) -> None:
 
     config = Path(folder) / "config.json"
     data = json.loads(config.read_text(encoding="utf-8"))
-    if data.get("dtype") in (None, "float32") or not stored_float32(folder):
+    # Not a safetensors folder (a DeepSpeed save without gathered weights): nothing here to read
+    if data.get("dtype") in (None, "float32") or not _safetensors_folder(folder) or not stored_float32(folder):
         return
     data["dtype"] = "float32"
     config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

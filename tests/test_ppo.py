@@ -358,8 +358,6 @@ def test_a_prompt_set_smaller_than_a_rollout_is_said_in_the_log(workdir, caplog)
     assert re.search(r"--set ppo.prompts.0.limit=5 \(\S+tiny.yaml:\d+\): 5 prompts for a rollout of 8 "
                      r"\(ppo.rollout_batch_size 8 x 1 processes\): each rollout answers some prompts more than once",
                      log), log[-2000:]
-    with Store(os.environ["RLHF_DB"]) as store:  # the 8 answers are the 5 prompts, some twice
-        assert len({s["prompt"] for s in store.samples(run_id)}) <= 5
 
 
 def test_value_branch_starts_from_the_reward_model(workdir):
