@@ -215,6 +215,7 @@ def _belle(args: argparse.Namespace) -> int:
 def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
     """A score-table row per evaluation run (every one that has a score or may yet, or those named), the
     published row first."""
+    from engine.lineage import read_lineage
     from engine.scores import reference_row, summarize
     from engine.store import EvalStore, Store
 
@@ -228,10 +229,11 @@ def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
                 continue  # a run that failed before any score (a bad checkpoint, a judge down): a row of dashes
             judge = next((i["judge"] for i in items if i.get("judge")), "")
             config = _recorded(run)
-            row = summarize(config.shown_name(len(items) or None, rm_trained_against=config.rm_trained_against())
+            lineage = (read_lineage(config.checkpoint) or {}) if config else {}  # once a row: two questions ask it
+            row = summarize(config.shown_name(len(items) or None, rm_trained_against=config.rm_trained_against(lineage))
                             if config else run["name"], items, run["id"], judge)
             row.settings = config.model_dump() if config else {}
-            if config and _rewritten_since(config):
+            if config and _rewritten_since(config, lineage):
                 # A run extended since (its `final` exported again), weights copied over: the row's scores
                 # are of the model that answered, no longer in that folder
                 row.name += " [its checkpoint was written again after it answered]"
@@ -239,14 +241,12 @@ def eval_rows(db: Path, run_ids: list[int] | None = None) -> list:
     return rows
 
 
-def _rewritten_since(config) -> bool:
-    """Whether the folder an evaluation's answers came from holds another export by now (its lineage's
+def _rewritten_since(config, lineage: dict) -> bool:
+    """Whether the folder an evaluation's answers came from holds another export by now (its `lineage`'s
     `written` is not the one recorded when the evaluation began; a copy of the folder keeps it)."""
-    from engine.lineage import read_lineage
-
     if config.checkpoint_written is None:  # not the project's export, or recorded before it was kept
         return False
-    return (read_lineage(config.checkpoint) or {}).get("written") != config.checkpoint_written
+    return lineage.get("written") != config.checkpoint_written
 
 
 def _settings(run: dict) -> dict:

@@ -111,13 +111,14 @@ class EvalConfig(BaseModel):
             parts.append(f"judged by {self.judge_model}")
         return ", ".join(parts)
 
-    def rm_trained_against(self) -> bool:
-        """Whether its judge is the reward model its checkpoint was trained to please (read from the
-        checkpoint's lineage)."""
-        from engine.lineage import trained_against
+    def rm_trained_against(self, lineage: dict[str, Any] | None = None) -> bool:
+        """Whether its judge is the reward model its checkpoint was trained to please (from the checkpoint's
+        lineage: `lineage`, where read already)."""
+        from engine.lineage import read_lineage, trained_against
 
-        return self.judge == "rm" and self.reward_model is not None and \
-            trained_against(self.checkpoint, self.reward_model)
+        if self.judge != "rm" or self.reward_model is None:
+            return False
+        return trained_against(lineage if lineage is not None else read_lineage(self.checkpoint), self.reward_model)
 
     def shown_name(self, size: int | None = None, judge: bool = True, rm_trained_against: bool = False) -> str:
         variant = self.variant(size, judge, rm_trained_against)

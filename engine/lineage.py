@@ -43,9 +43,9 @@ def write_lineage(folder: Path, stage: str, run_id: int, start: str, **more: Any
     (Path(folder) / LINEAGE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
-def trained_against(policy: str, reward_model: str) -> bool:
-    """Whether `policy` is a PPO policy (an export or checkpoint) trained to please `reward_model`."""
-    rewarded_by = (read_lineage(policy) or {}).get("reward_model")
+def trained_against(lineage: dict[str, Any] | None, reward_model: str) -> bool:
+    """Whether the model of this lineage (read_lineage) is a PPO policy trained to please `reward_model`."""
+    rewarded_by = (lineage or {}).get("reward_model")
     return rewarded_by is not None and rewarded_by == model_id(reward_model)
 
 

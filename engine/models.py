@@ -78,11 +78,12 @@ def inference_model(path: str, device: Any, dtype: "torch.dtype | str | None" = 
         # half type its frozen trunk is stored in (an export's config names float32 where it holds float32
         # trained parts: loaded so, a 7B reward model took twice the memory) and its float32 parts come
         # back below as they were stored.
-        dtype = stored_half(path) or "auto"
+        stored = stored_dtypes(path)
+        dtype = stored_half(stored) or "auto"
     model = cls.from_pretrained(path, dtype=dtype)
     if as_saved:
         params = dict(model.named_parameters())
-        load_exact(model, path, [name for name in stored_float32(path)
+        load_exact(model, path, [name for name in stored_float32(path, stored)
                                  if name in params and params[name].dtype != torch.float32], as_stored=True)
     model = model.to(device).eval()
     model.requires_grad_(False)
@@ -146,31 +147,30 @@ def _weight_map(folder: Any) -> dict[str, str]:
     return json.loads(index.read_text())["weight_map"] if index.is_file() else {}
 
 
-def stored_half(folder: Any) -> "torch.dtype | None":
-    """The half-precision type a saved folder stores tensors in (bf16 before fp16), or None for none."""
-    import torch
+def stored_dtypes(folder: Any) -> dict[str, str]:
+    """Each tensor of a saved folder and the type its safetensors store it in ("BF16", "F32", ...), read from
+    the files' headers alone."""
     from safetensors import safe_open
 
     folder = Path(folder)
-    found = set()
+    found: dict[str, str] = {}
     for file in sorted(set(_weight_map(folder).values()) or {"model.safetensors"}):
         with safe_open(str(folder / file), framework="pt") as saved:
-            found |= {saved.get_slice(name).get_dtype() for name in saved.keys()}
-    return torch.bfloat16 if "BF16" in found else torch.float16 if "F16" in found else None
-
-
-def stored_float32(folder: Any) -> list[str]:
-    """The tensors a saved folder stores in float32."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    found = []
-    for file in sorted(set(_weight_map(folder).values()) or {"model.safetensors"}):
-        with safe_open(str(folder / file), framework="pt") as saved:
-            found += [name for name in saved.keys() if saved.get_slice(name).get_dtype() == "F32"]
+            found.update({name: saved.get_slice(name).get_dtype() for name in saved.keys()})
     return found
+
+
+def stored_float32(folder: Any, stored: dict[str, str] | None = None) -> list[str]:
+    """The tensors a saved folder stores in float32 (`stored`: its stored_dtypes, where read already)."""
+    return [name for name, kind in (stored if stored is not None else stored_dtypes(folder)).items() if kind == "F32"]
+
+
+def stored_half(stored: dict[str, str]) -> "torch.dtype | None":
+    """The half-precision type a folder's tensors (its stored_dtypes) are stored in, bf16 before fp16."""
+    import torch
+
+    kinds = set(stored.values())
+    return torch.bfloat16 if "BF16" in kinds else torch.float16 if "F16" in kinds else None
 
 
 def config_names_float32(folder: Any) -> None:

@@ -464,7 +464,10 @@ def test_delete_forgets_ended_runs_and_their_folders_checking_every_run_first(wo
         copied = made("sft", output_dir=str(workdir / "elsewhere" / str(foreign)))  # a row naming their folder
         pipeline = store.create_pipeline(name="p", recipe="", config="{}", overrides=[], through="ppo", launch={})
         stage = made("sft", pipeline_id=pipeline)
-    ids = lambda: {run["id"] for run in Store(workdir / "runs.db").runs()}  # noqa: E731
+    def ids() -> set[int]:
+        with Store(workdir / "runs.db") as store:
+            return {run["id"] for run in store.runs()}
+
     every = ids()
 
     # Refused, with nothing deleted: a run another run uses (with --files), an active one, an unknown one,

@@ -620,6 +620,16 @@ def test_a_stop_of_another_users_run_is_refused_before_it_is_written_down(tmp_pa
         sleeper.kill()
 
 
+def test_a_launcher_killed_by_a_signal_is_told_from_one_that_ended_on_it():
+    """torchrun passes a stop's SIGTERM on to the ranks and then exits 143 itself: not killed by it."""
+    from engine.launch import killed_by
+
+    assert killed_by(-signal.SIGKILL, "") == "its launcher was killed by SIGKILL (the kernel's OOM killer, or kill -9)"
+    assert killed_by(-signal.SIGTERM, "") == "its launcher was killed by SIGTERM"
+    assert killed_by(143, "") == "its launcher ended on SIGTERM (exit 143)"
+    assert killed_by(1, "") is None
+
+
 def test_a_run_killed_by_sigkill_says_so_on_the_last_line_of_its_error(workdir):
     """The OOM killer leaves no traceback: the recorded error's last line (what the console pins and
     `rlhf runs` prints) names the signal, whether it hit the launcher or a rank under it."""
