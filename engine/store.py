@@ -744,11 +744,18 @@ class Store:
             return list(self.db["runs"].rows_where("pipeline_id = ?", [pipeline_id], order_by="id"))
 
     def delete_run(self, run_id: int) -> None:
-        """Forget a run and everything it logged (its files on disk are the caller's business)."""
+        """Forget a run and everything it logged (its files on disk are the caller's business). Refused, in the
+        same transaction, for a run or its pipeline that is active."""
         with self._write() as db:
-            row = db.execute("SELECT status FROM runs WHERE id = ?", [run_id]).fetchone()
+            row = db.execute("SELECT status, pipeline_id FROM runs WHERE id = ?", [run_id]).fetchone()
             if row is not None and row[0] in ("pending", "running"):
                 raise StoreError(f"run {run_id} is {row[0]}: stop it before deleting it")
+            # A pipeline resumed since the caller looked would read this stage's record and export
+            pipeline = row is not None and row[1] is not None and db.execute(
+                "SELECT status FROM pipelines WHERE id = ?", [row[1]]).fetchone()
+            if pipeline and pipeline[0] in ("pending", "running"):
+                raise StoreError(f"run {run_id} is a stage of pipeline {row[1]}, which is {pipeline[0]}: its "
+                                 f"next stages use it; stop the pipeline first")
             for table in ("metrics", "samples", "checkpoints", "eval_items", "judgments"):
                 db.conn.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
             db.conn.execute("DELETE FROM pairwise WHERE a_run = ? OR b_run = ?", [run_id, run_id])

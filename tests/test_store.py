@@ -169,6 +169,21 @@ def test_delete_run_forgets_everything_it_logged(tmp_path):
             store.delete_run(keep)
 
 
+def test_a_stage_of_a_pipeline_resumed_since_the_check_is_not_deleted(tmp_path):
+    with Store(tmp_path / "runs.db") as store:
+        pipeline = store.create_pipeline(name="p", recipe="r.yaml", config="{}", overrides=[], through="ppo",
+                                         launch={})
+        stage = new_run(store)
+        store.update_run(stage, status="done", pipeline_id=pipeline)
+        store.update_pipeline(pipeline, status="running")  # resumed between the caller's look and the delete
+        with pytest.raises(StoreError, match=f"stage of pipeline {pipeline}, which is running"):
+            store.delete_run(stage)
+        assert store.run(stage)["status"] == "done"
+        store.update_pipeline(pipeline, status="failed")
+        store.delete_run(stage)
+        assert store.runs() == []
+
+
 def test_only_one_resume_claims_an_ended_run(tmp_path):
     with Store(tmp_path / "runs.db") as store:
         run_id = new_run(store)
