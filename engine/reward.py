@@ -69,7 +69,8 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        processing_class=tokenizer,
+        # Checkpoints save it as exports do: each one is a model folder a server can render chats with
+        processing_class=with_chat_template(tokenizer),
         callbacks=callbacks,
     )
     hf_trainer.own_model_card(trainer, handle, "rm", spec.path)
@@ -87,7 +88,7 @@ def run_rm(recipe: Recipe, handle: RunHandle) -> Path:
         trainer.save_model(str(final))  # every rank: sharded or ZeRO-3 weights are gathered for it
         if trainer.is_world_process_zero():
             config_names_float32(final)
-            with_chat_template(tokenizer).save_pretrained(final)
+            tokenizer.save_pretrained(final)
             write_lineage(final, "rm", handle.run_id, spec.path)
     trainer.accelerator.wait_for_everyone()
     hf_trainer.finish(trainer, handle, stop, final)

@@ -78,7 +78,8 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        processing_class=tokenizer,
+        # Checkpoints save it as exports do: each one is a model folder a server can render chats with
+        processing_class=with_chat_template(tokenizer),
         peft_config=lora_config(stage.lora) if stage.lora is not None else None,
         callbacks=callbacks,
     )
@@ -99,7 +100,7 @@ def run_sft(recipe: Recipe, handle: RunHandle) -> Path:
             trainer.model.merge_and_unload().save_pretrained(final)
         if trainer.is_world_process_zero():
             config_names_float32(final)
-            with_chat_template(tokenizer).save_pretrained(final)
+            tokenizer.save_pretrained(final)
             write_lineage(final, "sft", handle.run_id, spec.path)
     trainer.accelerator.wait_for_everyone()
     hf_trainer.finish(trainer, handle, stop, final)

@@ -14,6 +14,17 @@ TINY = REPO / "configs" / "tiny.yaml"
 RLHF = [sys.executable, "-m", "engine.cli"]
 
 
+@pytest.fixture(autouse=True)
+def _the_checkouts_runs_folder_stays_untouched():
+    """A run registered without an output root gets a folder under cwd's `runs/`: a test that forgets its
+    own working folder would leave folders in the checkout (and find the developer's)."""
+    runs = REPO / "runs"
+    before = set(os.listdir(runs)) if runs.is_dir() else set()
+    yield
+    after = set(os.listdir(runs)) if runs.is_dir() else set()
+    assert after <= before, f"the test wrote into {runs}: {sorted(after - before)[:5]}"
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.demo import init_demo

@@ -815,9 +815,10 @@ def test_a_reward_model_is_refused_as_a_model_that_answers(workdir):
         resolve_checkpoint(str(folder), os.environ["RLHF_DB"])
 
 
-def test_evaluations_of_one_checkpoint_are_told_apart_by_their_settings(tmp_path):
+def test_evaluations_of_one_checkpoint_are_told_apart_by_their_settings(tmp_path, monkeypatch):
     """Greedy against sampled, a subset, the rewrite references: each row says what sets it apart (nine
     runs of one checkpoint all read 'ppo run 3' in the table, the console and the CSV)."""
+    monkeypatch.chdir(tmp_path)  # run folders go under cwd
     from engine.eval_cli import eval_rows
     from engine.evaluate import EvalConfig
     from engine.judge import Verdict
@@ -872,10 +873,11 @@ def test_evaluations_of_one_checkpoint_are_told_apart_by_their_settings(tmp_path
         "ppo run 3 [first 20]", "ppo run 3", "ppo run 3 [first 20]")
 
 
-def test_a_row_whose_checkpoint_was_written_again_after_it_answered_says_so(tmp_path):
+def test_a_row_whose_checkpoint_was_written_again_after_it_answered_says_so(tmp_path, monkeypatch):
     """A PPO run extended after its evaluation exports `final` again: the row named that folder and showed
     the old model's scores as the folder's, with nothing to tell. Told by the export's lineage stamp, which
     a copy of the folder keeps (file times do not)."""
+    monkeypatch.chdir(tmp_path)  # run folders go under cwd
     from engine.eval_cli import eval_rows
     from engine.evaluate import EvalConfig
     from engine.lineage import LINEAGE_FILE

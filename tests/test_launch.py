@@ -464,7 +464,8 @@ def _supervised_fake_run(tmp_path: Path, launcher: str = FAKE_LAUNCHER) -> tuple
 
     db = tmp_path / "runs.db"
     with Store(db) as store:
-        run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+        run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
+                                  output_root=str(tmp_path / "runs"))
         store.update_run(run_id, status="running", output_dir=str(tmp_path), launch="{}")  # a launched run
     run = Prepared(run_id, [sys.executable, "-c", launcher, FAKE_TRAINER, str(tmp_path), str(db), str(run_id)],
                    {}, tmp_path / "train.log", True, db)

@@ -8,14 +8,15 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from engine.config import load_recipe
 from engine.data import load_preferences
 from engine.models import load_reward_trunk, load_tokenizer
-from engine.template import Turn, tokenize_pair
+from engine.template import Turn, render_prompt, tokenize_pair
 from engine.train import run_stage
 from tests.conftest import TINY
 from tests.helpers import metric, run_row
 
 
 def test_reward_model_learns_a_separable_preference_and_exports(workdir):
-    run_id, _ = run_stage("rm", str(TINY), ["train.max_steps=20", "train.logging_steps=1", "train.eval_steps=10"])
+    run_id, _ = run_stage("rm", str(TINY), ["train.max_steps=20", "train.logging_steps=1", "train.eval_steps=10",
+                                            "train.save_steps=10"])
     run = run_row(run_id)
     assert run["status"] == "done"
     accuracy = metric(run_id, "eval_accuracy")
@@ -37,6 +38,10 @@ def test_reward_model_learns_a_separable_preference_and_exports(workdir):
     model = AutoModelForSequenceClassification.from_pretrained(final).eval()
     tok = AutoTokenizer.from_pretrained(final)
     assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
+    question = [{"role": "user", "content": "What is 2 plus 3?"}]  # a model folder a server can render chats for
+    for folder in (final.parent / "checkpoint-10", final):
+        assert AutoTokenizer.from_pretrained(folder).apply_chat_template(
+            question, tokenize=False, add_generation_prompt=True) == render_prompt([Turn("user", "What is 2 plus 3?")])
     recipe = load_recipe(TINY)
     pairs = load_preferences(recipe.rm.data, recipe.seed, recipe.rm.train.eval_ratio).eval  # never trained on
     assert len(pairs) >= 10

@@ -66,11 +66,13 @@ def test_sft_loss_falls_and_the_export_reloads_and_generates(workdir):
     assert f"`rlhf train sft --resume-run {run_id} --db {Path(os.environ['RLHF_DB']).resolve()}`" in card
     model = AutoModelForCausalLM.from_pretrained(final)
     assert model.config.use_cache  # as the base model's: the Trainer's training setting stayed out of it
-    tok = AutoTokenizer.from_pretrained(final)
-    # Its chat template is the one it trained on: a server reading it renders the recipe's prompt
+    # Its chat template is the one it trained on: a server reading it renders the recipe's prompt; so does
+    # a checkpoint's, which is a model folder too
     question = [{"role": "user", "content": "What is 2 plus 3?"}]
-    assert tok.apply_chat_template(question, tokenize=False, add_generation_prompt=True) == \
-        render_prompt([Turn("user", "What is 2 plus 3?")])
+    for folder in (final.parent / "checkpoint-12", final):
+        tok = AutoTokenizer.from_pretrained(folder)
+        assert tok.apply_chat_template(question, tokenize=False, add_generation_prompt=True) == \
+            render_prompt([Turn("user", "What is 2 plus 3?")]), folder
     prompt = tok(render_prompt([Turn("user", "What is 2 plus 3?")]), return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
