@@ -299,7 +299,7 @@ def _cmd_stop(run_id: int, db: str | None, wait: bool) -> int:
 def _cmd_delete(run_ids: list[int], files: bool, force: bool, db: str | None) -> int:
     """Every run is checked before any is deleted: one active, unknown or (with --files) used by a run kept
     is exit 2 with nothing deleted. Exit 1 where a folder asked for was kept."""
-    from engine.delete import check_deletable, delete_run
+    from engine.delete import check_deletable, delete_folder, forget_runs
     from engine.run_facts import runs_using
     from engine.store import Store, StoreError, default_db_path
 
@@ -318,13 +318,14 @@ def _cmd_delete(run_ids: list[int], files: bool, force: bool, db: str | None) ->
                                  f"run {run_id}'s files (trained from its export, scored by it or evaluating "
                                  f"it): {'their' if many else 'its'} resumes and score rows would lose a model; "
                                  "add --force to delete them anyway, or leave out --files")
+    forgotten = forget_runs(db_path, ids)  # all or none: a run resumed since the look above keeps them all
     code = 0
-    for run_id in ids:
-        folder = runs[run_id].get("output_dir")
+    for gone in forgotten:
+        folder = gone.run.get("output_dir")
         existed = bool(folder) and Path(folder).exists()
-        kept = delete_run(db_path, run_id, files)
-        gone = files and existed and not kept and not Path(folder).exists()
-        print(f"run {run_id} deleted" + (f", and its folder {folder}" if gone else ""), flush=True)
+        kept = delete_folder(gone) if files else None
+        deleted = files and existed and not kept and not Path(folder).exists()
+        print(f"run {gone.run['id']} deleted" + (f", and its folder {folder}" if deleted else ""), flush=True)
         if kept:
             print(f"warning: {kept}", file=sys.stderr, flush=True)
             code = 1

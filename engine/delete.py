@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from engine.store import Store, StoreError
 
@@ -32,22 +34,45 @@ def check_deletable(store: Store, run: dict) -> None:
                              f"{pipeline['status']}: its next stages use it; stop the pipeline first")
 
 
-def delete_run(db_path: str | os.PathLike, run_id: int, files: bool) -> str | None:
-    """Forget run `run_id` (StoreError if it is active or unknown) and, with `files`, delete its folder.
-    Returns what became of a folder that was not deleted whole, or None."""
+@dataclass(frozen=True)
+class Forgotten:
+    """A run whose rows are gone, and what decides the fate of its folder."""
+
+    run: dict
+    ours: bool  # the folder carries this runs.db's marker for the run
+    foreign: str | None  # why it is another's, where it is not ours
+
+
+def forget_runs(db_path: str | os.PathLike, run_ids: Sequence[int]) -> list[Forgotten]:
+    """Forget the runs and what they logged, all or none (StoreError if one is active or unknown)."""
     with Store(db_path, create=False) as store:
-        run = store.run(run_id)
-        check_deletable(store, run)
-        ours = store.owns_folder(run)
-        foreign = store.foreign_folder(run) if not ours else None
-        store.delete_run(run_id)  # refuses, in its own transaction, a run that became active since
+        runs = [store.run(run_id) for run_id in run_ids]
+        forgotten = []
+        for run in runs:
+            check_deletable(store, run)
+            ours = store.owns_folder(run)
+            forgotten.append(Forgotten(run, ours, store.foreign_folder(run) if not ours else None))
+        store.delete_runs(run_ids)  # refuses them all, in its own transaction, where one became active since
         store.vacuum_if_worthwhile()
-    folder = run.get("output_dir")
-    if not files or not folder or not Path(folder).exists():
+    return forgotten
+
+
+def delete_run(db_path: str | os.PathLike, run_id: int, files: bool) -> str | None:
+    """Forget run `run_id` and, with `files`, delete its folder. Returns what became of a folder that was
+    not deleted whole, or None."""
+    [gone] = forget_runs(db_path, [run_id])
+    return delete_folder(gone) if files else None
+
+
+def delete_folder(gone: Forgotten) -> str | None:
+    """Delete a forgotten run's folder where it is ours; else, or where files would not go, say what became
+    of it."""
+    run_id, folder = gone.run["id"], gone.run.get("output_dir")
+    if not folder or not Path(folder).exists():
         return None
-    if not ours:
-        why = foreign or ("it does not carry this runs.db's marker for the run (another runs.db's run, or a "
-                          "folder from before schema 5)")
+    if not gone.ours:
+        why = gone.foreign or ("it does not carry this runs.db's marker for the run (another runs.db's run, or "
+                               "a folder from before schema 5)")
         return f"run {run_id} is forgotten; its folder {folder} was kept: {why}"
     failed: list[str] = []
     if sys.version_info >= (3, 12):  # onerror is deprecated there

@@ -23,7 +23,7 @@ from array import array
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from engine.procs import may_access, process_start, user_name
 
@@ -744,23 +744,30 @@ class Store:
             return list(self.db["runs"].rows_where("pipeline_id = ?", [pipeline_id], order_by="id"))
 
     def delete_run(self, run_id: int) -> None:
-        """Forget a run and everything it logged (its files on disk are the caller's business). Refused, in the
-        same transaction, for a run or its pipeline that is active."""
+        """Forget a run and everything it logged (its files on disk are the caller's business)."""
+        self.delete_runs([run_id])
+
+    def delete_runs(self, run_ids: Sequence[int]) -> None:
+        """Forget runs and everything they logged, all or none: refused, in the same transaction, where one
+        is unknown or it or its pipeline is active (resumed since the caller looked)."""
         with self._write() as db:
-            row = db.execute("SELECT status, pipeline_id FROM runs WHERE id = ?", [run_id]).fetchone()
-            if row is not None and row[0] in ("pending", "running"):
-                raise StoreError(f"run {run_id} is {row[0]}: stop it before deleting it")
-            # A pipeline resumed since the caller looked would read this stage's record and export
-            pipeline = row is not None and row[1] is not None and db.execute(
-                "SELECT status FROM pipelines WHERE id = ?", [row[1]]).fetchone()
-            if pipeline and pipeline[0] in ("pending", "running"):
-                raise StoreError(f"run {run_id} is a stage of pipeline {row[1]}, which is {pipeline[0]}: its "
-                                 f"next stages use it; stop the pipeline first")
-            for table in ("metrics", "samples", "checkpoints", "eval_items", "judgments"):
-                db.conn.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
-            db.conn.execute("DELETE FROM pairwise WHERE a_run = ? OR b_run = ?", [run_id, run_id])
-            if db.conn.execute("DELETE FROM runs WHERE id = ?", [run_id]).rowcount == 0:
-                raise StoreError(f"{self.path}: no run {run_id}")
+            for run_id in run_ids:
+                row = db.execute("SELECT status, pipeline_id FROM runs WHERE id = ?", [run_id]).fetchone()
+                if row is None:
+                    raise StoreError(f"{self.path}: no run {run_id}")
+                if row[0] in ("pending", "running"):
+                    raise StoreError(f"run {run_id} is {row[0]}: stop it before deleting it")
+                # A pipeline resumed since would read this stage's record and export
+                pipeline = row[1] is not None and db.execute(
+                    "SELECT status FROM pipelines WHERE id = ?", [row[1]]).fetchone()
+                if pipeline and pipeline[0] in ("pending", "running"):
+                    raise StoreError(f"run {run_id} is a stage of pipeline {row[1]}, which is {pipeline[0]}: its "
+                                     f"next stages use it; stop the pipeline first")
+            for run_id in run_ids:
+                for table in ("metrics", "samples", "checkpoints", "eval_items", "judgments"):
+                    db.conn.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+                db.conn.execute("DELETE FROM pairwise WHERE a_run = ? OR b_run = ?", [run_id, run_id])
+                db.conn.execute("DELETE FROM runs WHERE id = ?", [run_id])
 
     def vacuum_if_worthwhile(self, min_free_bytes: int = 32 * 1024 * 1024, min_share: float = 0.25) -> bool:
         """Give back the space deleted runs left (SQLite keeps free pages otherwise): when at least

@@ -184,6 +184,23 @@ def test_a_stage_of_a_pipeline_resumed_since_the_check_is_not_deleted(tmp_path):
         assert store.runs() == []
 
 
+def test_runs_deleted_together_go_all_or_none(tmp_path):
+    with Store(tmp_path / "runs.db") as store:
+        first, resumed = new_run(store), new_run(store)
+        for run_id in (first, resumed):
+            store.update_run(run_id, status="done")
+            store.log_metrics(run_id, 1, {"loss": 1.0})
+        store.update_run(resumed, status="pending")  # resumed after `rlhf delete` checked both
+        with pytest.raises(StoreError, match=f"run {resumed} is pending"):
+            store.delete_runs([first, resumed])
+        with pytest.raises(StoreError, match="no run 99"):
+            store.delete_runs([first, 99])
+        assert [r["id"] for r in store.runs()] == [first, resumed] and len(store.metrics_since(0)) == 2
+        store.update_run(resumed, status="stopped")
+        store.delete_runs([first, resumed])
+        assert store.runs() == [] and store.metrics_since(0) == []
+
+
 def test_only_one_resume_claims_an_ended_run(tmp_path):
     with Store(tmp_path / "runs.db") as store:
         run_id = new_run(store)
