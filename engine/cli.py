@@ -506,8 +506,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    """`rlhf check RECIPE --estimate`: memory per GPU of each stage, before anything loads."""
+    """`rlhf check RECIPE --estimate`: memory per GPU of each stage and the disk its runs fill, before anything
+    loads."""
     from engine.config import RecipeError, load_recipe
+    from engine.disk_estimate import disk_lines, estimate_disk
     from engine.estimate import DEFAULT_GPU_MEMORY, estimate_recipe, parallel_from_config, parse_size, report
 
     if args.stage == "eval":
@@ -516,8 +518,10 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     memory = parse_size(args.gpu_memory) if args.gpu_memory else DEFAULT_GPU_MEMORY
     parallel = parallel_from_config(args.accelerate_config, args.gpus)
     recipe = load_recipe(args.recipe, args.overrides, args.stage)
-    estimates = estimate_recipe(recipe, [args.stage] if args.stage else None, parallel, memory)
+    stages = [args.stage] if args.stage else None
+    estimates = estimate_recipe(recipe, stages, parallel, memory)
     print(report(estimates, args.recipe))
+    print("\n" + "\n".join(disk_lines(estimate_disk(recipe, stages, parallel), recipe.output_root)))
     return 0
 
 

@@ -621,7 +621,7 @@ class TrainSetup:
     parallel: Parallel = Parallel()
 
 
-def _train_counts(s: TrainSetup) -> tuple[int, int, int, int]:
+def train_counts(s: TrainSetup) -> tuple[int, int, int, int]:
     """(trainable parameters, frozen parameters, trainable linear weights in recorded layers, recorded
     layers): recorded = layers whose activations are kept for backward (those at or above the lowest
     trainable one)."""
@@ -647,7 +647,7 @@ def _train_counts(s: TrainSetup) -> tuple[int, int, int, int]:
 
 def train_estimate(s: TrainSetup, gpu_memory: int = DEFAULT_GPU_MEMORY) -> StageEstimate:
     shape, par = s.shape, s.parallel
-    trainable, frozen, recorded_linear, recorded = _train_counts(s)
+    trainable, frozen, recorded_linear, recorded = train_counts(s)
     half = s.compute in ("bf16", "fp16")
     n = par.shards
     zero, fsdp = par.kind == "zero", par.kind == "fsdp"

@@ -281,9 +281,26 @@ def run_stage(stage: Stage, recipe_path: str, overrides: list[str], db_path: str
     with tracked_run(db_path or default_db_path(), stage, recipe, recipe_path, overrides) as handle:
         if stop_seen():  # a stop while the run registered: it ends here, before anything loads
             raise StopRequested()
+        if os.environ.get("RANK", "0") == "0":
+            _warn_if_disk_short(recipe, stage, handle.output_dir)
         set_seed(recipe.seed)
         runner(recipe, handle)
     return handle.run_id, handle.status
+
+
+def _warn_if_disk_short(recipe: Recipe, stage: Stage, folder: Path) -> None:
+    """Said at the start, not found at a save days in."""
+    import torch
+
+    from engine.disk_estimate import disk_warning
+    from engine.estimate import Parallel
+
+    kind = ("zero" if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else
+            "fsdp" if os.environ.get("ACCELERATE_USE_FSDP") == "true" else "single")
+    parallel = Parallel(kind, int(os.environ.get("WORLD_SIZE", "1")))
+    line = disk_warning(recipe, stage, folder, parallel, torch.cuda.is_available())
+    if line:
+        log.warning(line)
 
 
 def configure_logging() -> None:

@@ -65,3 +65,22 @@ def read_only(db: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(undo, check=True)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def assert_disk_estimate(stage: str, overrides: list[str], checkpoint: Path, final: Path) -> None:
+    """The disk estimate of the recipe's stage against what the run wrote: a checkpoint and the export, each
+    within 2 % and the small files' allowance."""
+    from engine.config import load_recipe
+    from engine.disk_estimate import estimate_disk
+    from engine.estimate import Parallel
+    from tests.conftest import TINY
+
+    [disk] = estimate_disk(load_recipe(TINY, overrides, stage), [stage], Parallel(cpu=True), cuda=False)
+    for what, estimated, folder in (("checkpoint", disk.checkpoint_bytes, checkpoint), ("export", disk.export, final)):
+        real = folder_bytes(folder)
+        assert abs(real - estimated) <= 0.02 * estimated + 64 * 1024, (what, real, estimated, disk.checkpoint)
+

@@ -20,6 +20,7 @@ async def test_the_launch_form_shows_the_memory_estimate_and_follows_the_form(wo
         # The tiny recipe on the CPU config the form starts with: per process, no GPU verdict.
         await wait_for(pilot, lambda: "memory: peak" in estimate_text(form), 20, "the estimate line")
         assert "per process on CPU" in estimate_text(form) and "largest:" in estimate_text(form)
+        assert "disk: up to" in estimate_text(form) and "free" not in estimate_text(form)  # it fits: no more said
 
         form.query_one("#accelerate", Select).value = str(CONFIGS / "accelerate" / "gpu.yaml")
         # No GPU here: the size judged against is an assumption, and the line says so (it read as this machine's).
@@ -43,6 +44,13 @@ async def test_the_launch_form_shows_the_memory_estimate_and_follows_the_form(wo
         before = estimate_text(form)
         form.query_one("#field-batch", Input).value = "512"
         await wait_for(pilot, lambda: estimate_text(form) not in (before, ""), 20, "a new estimate")
+        # Every one of a trillion saves kept: more than any disk holds, said where they would go
+        form.extra = ["ppo.steps=1000000000000", "ppo.save_steps=1", "ppo.save_total_limit=null"]
+        form._refresh_estimate()
+        await wait_for(pilot, lambda: "exports, and " in estimate_text(form) and " free" in estimate_text(form), 20,
+                       "the disk warning")
+        assert form.query_one("#estimate", Static).has_class("-too-big")
+        form.extra = []
 
         # A model the estimate cannot read: a short message, and the form goes on working.
         form.query_one("#field-model", Input).value = "demo/no-such-model"

@@ -20,7 +20,7 @@ from engine.store import Store
 from engine.template import Turn, render_prompt
 from engine.train import run_stage
 from tests.conftest import REPO, RLHF, TINY
-from tests.helpers import metric, run_row
+from tests.helpers import assert_disk_estimate, metric, run_row
 
 TOY = ["reward_fn=tests.ppo_rewards:share_of_letter_a", "lr=3e-3", "rollout_batch_size=32", "max_new_tokens=8"]
 TRLX_NAMES = [
@@ -206,6 +206,7 @@ def test_a_bf16_run_stopped_and_resumed_reproduces_the_uninterrupted_weights(wor
         for key in flat_a:
             assert torch.equal(flat_a[key], flat_b[key]), (file, key)
     assert values(1, "losses/total_loss") == values(whole, "losses/total_loss")
+    assert_disk_estimate("ppo", [*bf16, f"steps={total}"], b, b.parent / "final")
 
 
 def _tensors(tree, prefix=""):
@@ -248,6 +249,7 @@ def test_lora_mode_trains_exports_and_resumes(workdir):
     finally:
         del os.environ["RLHF_RUN_ID"]
     assert status == "done" and [s for s, _ in metric(run_id, "kl_ctl_value")] == [1, 2, 3]
+    assert_disk_estimate("ppo", [*lora, "steps=3"], final.parent / "checkpoint-3", final)
 
 
 def test_rewards_from_the_reward_model_stage(workdir):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from engine.config import RecipeError, load_recipe
 from tests.conftest import RLHF, TINY
-from tests.helpers import metric, run_row
+from tests.helpers import assert_disk_estimate, metric, run_row
 
 # bf16 weights, lr 1e-5: a bf16 weight of ~0.02 moves in steps of ~6e-5, so a pure-bf16 AdamW update of
 # ~1e-5 rounds away; with float32 masters every weight with a gradient moves.
@@ -30,8 +30,11 @@ def _train(stage: str, overrides: list[str]) -> int:
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_a_bf16_model_moves_every_trainable_weight(workdir, stage):
-    run_id = _train(stage, BF16)
+    run_id = _train(stage, [*BF16, "train.save_steps=3"])
     assert run_row(run_id)["status"] == "done" and len(metric(run_id, "loss")) == 3
+    # The disk estimate's float32 trained and bf16 frozen weights are what the checkpoint and export hold
+    folder = Path(run_row(run_id)["output_dir"])
+    assert_disk_estimate(stage, [*BF16, "train.save_steps=3"], folder / "checkpoint-3", folder / "final")
     trained = load_file(Path(run_row(run_id)["output_dir"]) / "final" / "model.safetensors")
     base = {k: v.to(torch.bfloat16) for k, v in load_file(workdir / "demo" / "model" / "model.safetensors").items()}
     trainable = [k for k in trained if k.startswith(("transformer.h.2.", "transformer.h.3.", "transformer.ln_f"))]

@@ -16,7 +16,7 @@ from engine.store import Store
 from engine.template import Turn, render_prompt
 from engine.train import run_stage
 from tests.conftest import TINY
-from tests.helpers import metric, run_row
+from tests.helpers import assert_disk_estimate, metric, run_row
 
 
 def test_only_assistant_tokens_carry_labels(workdir):
@@ -100,6 +100,8 @@ def test_lora_exports_a_plain_merged_model(workdir):
     changed = [k for k in base if not torch.equal(trained[k], base[k])]
     assert changed and all(".h." in k for k in changed)
     AutoModelForCausalLM.from_pretrained(final)
+    assert_disk_estimate("sft", ["train.max_steps=3", "lora={r: 4, alpha: 8}", "train.lr=0.05"],
+                         final.parent / "checkpoint-3", final)
     # Its checkpoints' adapters name their base model absolutely: `demo/model` loaded from no other directory.
     adapters = list(Path(run_row(run_id)["output_dir"]).glob("checkpoint-*/adapter_config.json"))
     base_model = str((workdir / "demo" / "model").resolve())

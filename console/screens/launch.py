@@ -132,6 +132,20 @@ class Validated(Message):
         self.form = form  # (stage, recipe, overrides, accelerate config, through, processes) as validated
 
 
+def _disk_line(recipe: Any, stages: list[str], parallel: Any) -> tuple[str, bool]:
+    """What the stages' checkpoints and exports fill at most, and whether that fits where they go."""
+    from engine.disk_estimate import estimate_disk, free_bytes, pipeline_peak
+    from engine.estimate import gib
+
+    peak = pipeline_peak(estimate_disk(recipe, stages, parallel))
+    if peak is None:
+        return "disk: not known (no save_total_limit, and the steps come from epochs)", True
+    folder, free = free_bytes(recipe.output_root)
+    if peak <= free:
+        return f"disk: up to {gib(peak)} of checkpoints and exports", True
+    return f"disk: up to {gib(peak)} of checkpoints and exports, and {folder} has {gib(free)} free", False
+
+
 def _flattened(items: list[str]) -> list[str]:
     """`--set` items with a mapping for a value (`ppo.model={"path": ..., "dtype": ...}`) as one item per key
     (`ppo.model.path=...`), so that each can land in its field; values stay YAML (JSON is YAML)."""
@@ -432,9 +446,11 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
                 if not parallel.cpu:
                     text += (f", {', '.join(too_big)} does not fit" if too_big else ", each fits") + \
                         f" in {gib(results[0].gpu_memory)}{assumed}"
-                self.post_message(Estimated(seq, text, not too_big))
+                disk, disk_fits = _disk_line(loaded, trained, parallel)
+                self.post_message(Estimated(seq, f"{text}\n{disk}", not too_big and disk_fits))
                 return
-            (result,) = estimate_recipe(load_recipe(recipe, overrides, stage), [stage], parallel, gpu_memory)
+            loaded = load_recipe(recipe, overrides, stage)
+            (result,) = estimate_recipe(loaded, [stage], parallel, gpu_memory)
             largest = result.largest
             if parallel.cpu:
                 text = f"memory: peak {gib(result.peak)} per process on CPU"
@@ -442,7 +458,8 @@ class LaunchScreen(SaysWorkerFailures, Screen[int | None]):
                 verdict = "fits" if result.fits else "does not fit"
                 text = f"memory: peak {gib(result.peak)} per GPU, {verdict} in {gib(result.gpu_memory)}{assumed}"
             text += f" · largest: {largest.name} ({gib(largest.bytes)})"
-            self.post_message(Estimated(seq, text, result.fits))
+            disk, disk_fits = _disk_line(loaded, [stage], parallel)
+            self.post_message(Estimated(seq, f"{text}\n{disk}", result.fits and disk_fits))
         except Exception as err:  # the recipe's own errors show on validation; here a short line, never a crash
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             self.post_message(Estimated(seq, f"memory: no estimate ({first[:100]})", None))
