@@ -217,3 +217,24 @@ def disk_warning(recipe: Recipe, stage: str, folder: str | os.PathLike, parallel
     return (f"{stage}'s checkpoints and export need up to {gib(disk.peak)} (a checkpoint is "
             f"{gib(disk.checkpoint_bytes)}, at most {disk.kept} kept) and {where} has {gib(free)} free: a save "
             f"will fail when the disk is full; free space, or lower {limit}")
+
+
+def after_save(checkpoint: str | os.PathLike, step: int, save_steps: int, limit_field: str,
+               last: bool = False) -> str | None:
+    """A line where the disk that took checkpoint `checkpoint` has less free than it took: the next save
+    writes a whole one before the oldest goes, and would fail. None where it fits, cannot be measured, or
+    was the `last` one (the export that follows is smaller than a checkpoint)."""
+    if last:
+        return None
+    folder = Path(checkpoint)
+    try:
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free >= size:
+        return None
+    return (f"{folder.parent} has {gib(free)} free and checkpoint-{step} took {gib(size)}: the next save (step "
+            f"{step + save_steps}) will not fit (it is written whole before the oldest beyond {limit_field} goes); "
+            f"free space before then")
+

@@ -7,12 +7,15 @@ step, so a stop never loses more than the step in flight.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
 from engine.store import Store
+
+log = logging.getLogger(__name__)
 
 
 class StoreCallback(TrainerCallback):
@@ -67,6 +70,12 @@ class StoreCallback(TrainerCallback):
             write_lineage(path, self.lineage[0], self.run_id, self.lineage[1])
         self.store.add_checkpoint(self.run_id, state.global_step, str(path), self.last_logs, full_state=True)
         self.store.prune_checkpoints(self.run_id)
+        from engine.disk_estimate import after_save
+
+        limit = f"{self.lineage[0]}.train.save_total_limit" if self.lineage else "train.save_total_limit"
+        short = after_save(path, state.global_step, args.save_steps, limit, last=state.global_step >= state.max_steps)
+        if short:  # said a save ahead, not found at it
+            log.warning(short)
 
 
 class StopFlag:

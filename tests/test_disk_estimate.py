@@ -89,3 +89,19 @@ def test_a_run_whose_files_would_not_fit_is_warned_at_its_start(workdir, caplog)
         _warn_if_disk_short(load_recipe(TINY, [], "ppo"), "ppo", workdir)
         _warn_if_disk_short(load_recipe(TINY, ["sft.train.save_total_limit=null"], "sft"), "sft", workdir)
     assert caplog.records == []  # fits; and a count not known here is not guessed at
+
+
+def test_a_save_that_leaves_less_free_than_it_took_warns_of_the_next(tmp_path):
+    from engine.disk_estimate import after_save
+
+    checkpoint = tmp_path / "checkpoint-50"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"x" * 1000)
+    assert after_save(checkpoint, 50, 50, "ppo.save_total_limit") is None
+    with open(checkpoint / "optimizer.pt", "wb") as fh:  # 8 TiB of holes: larger than any disk here, on none
+        fh.truncate(2 ** 43)
+    line = after_save(checkpoint, 50, 50, "ppo.save_total_limit")
+    assert line is not None and f"{tmp_path} has" in line and "checkpoint-50 took 8192.00 GiB" in line
+    assert "the next save (step 100) will not fit" in line
+    assert after_save(checkpoint, 50, 50, "ppo.save_total_limit", last=True) is None  # the export is smaller
+

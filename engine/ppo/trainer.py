@@ -29,6 +29,7 @@ import torch
 
 from engine.config import PPOStage, Recipe, RecipeError, import_function
 from engine.data import load_prompts
+from engine.disk_estimate import after_save
 from engine.knobs import trunk_cache_mode
 from engine.lineage import model_id, write_lineage
 from engine.models import load_causal_lm, load_exact, load_tokenizer, lora_config, precision_flags
@@ -235,6 +236,10 @@ class PPOTrainer:
                 os.replace(staging, folder)
             _fsync_file(folder.parent)
             self._rotate(keep=folder)
+            short = after_save(folder, self.state.step, self.stage.save_steps, "ppo.save_total_limit",
+                               last=self.state.step >= self.stage.steps)
+            if short:  # said a save ahead, not found at it
+                log.warning(short)
             if self.handle.store is not None:
                 self.handle.store.add_checkpoint(self.handle.run_id, self.state.step, str(folder),
                                                  {"best_score": self.state.best_score}, full_state=True)
