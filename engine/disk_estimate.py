@@ -80,9 +80,12 @@ def side_files(recipe: Recipe, stage: str) -> int:
             return 0
         folder = cached.parent
     total = 0
-    for entry in folder.iterdir():
-        if entry.is_file() and not entry.name.endswith(WEIGHT_SUFFIXES):
-            total += entry.stat().st_size  # the hub cache's links resolve to the blobs
+    try:
+        for entry in folder.iterdir():
+            if entry.is_file() and not entry.name.endswith(WEIGHT_SUFFIXES):
+                total += entry.stat().st_size  # the hub cache's links resolve to the blobs
+    except OSError:  # a folder this user cannot list: its small files are left out of the figure
+        return 0
     return total
 
 
@@ -206,11 +209,11 @@ def disk_warning(recipe: Recipe, stage: str, folder: str | os.PathLike, parallel
     the model's shape is not known here)."""
     try:
         [disk] = estimate_disk(recipe, [stage], parallel, cuda)
-    except RecipeError:  # its own checks said what was wrong with the recipe; the estimate has nothing to add
+        where, free = free_bytes(folder)
+    except (RecipeError, OSError, ValueError, KeyError):  # advice only: a shape it cannot read fails no run
         return None
     if disk.peak is None:
         return None
-    where, free = free_bytes(folder)
     if disk.peak <= free:
         return None
     limit = f"{stage}.save_total_limit" if stage == "ppo" else f"{stage}.train.save_total_limit"
