@@ -12,6 +12,7 @@ import difflib
 import importlib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, get_args
 
@@ -178,6 +179,13 @@ class TrainArgs(_Section):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
 
+    @model_validator(mode="after")
+    def _warmup_has_a_schedule(self) -> TrainArgs:
+        if self.warmup_ratio > 0 and self.lr_scheduler == "constant":
+            raise ValueError(f"warmup_ratio {self.warmup_ratio} with lr_scheduler constant: a constant schedule "
+                             "has no warm-up (the peak rate from the first step); use constant_with_warmup")
+        return self
+
 
 class SFTStage(_Section):
     model: ModelSpec | None = Field(None, description="Model to fine-tune; default: the recipe's model.")
@@ -234,8 +242,9 @@ class PPOStage(_Section):
     minibatch_size: int = Field(8, gt=0, description="Sequences per PPO minibatch (it divides rollout_batch_size).")
     ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout.")
     lr: float = Field(1e-6, gt=0, description="Learning rate of the policy and value branches.")
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Schedule over `steps`.")
-    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="Schedule over `steps`.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up (not with constant).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
     init_kl_coef: float = Field(0.05, ge=0, description="Initial KL penalty coefficient.")
@@ -281,6 +290,13 @@ class PPOStage(_Section):
             raise ValueError("give exactly one of reward_model and reward_fn")
         if self.init_value_from_rm and self.reward_model is None:
             raise ValueError("init_value_from_rm needs reward_model")
+        if self.init_kl_coef == 0 and self.target_kl is not None:
+            raise ValueError(f"init_kl_coef 0 with target_kl {self.target_kl}: the adaptive controller scales the "
+                             "coefficient, which stays 0; set target_kl: null for no KL penalty, or a positive "
+                             "init_kl_coef")
+        if self.warmup_steps > 0 and self.lr_scheduler == "constant":
+            raise ValueError(f"warmup_steps {self.warmup_steps} with lr_scheduler constant: a constant schedule has "
+                             "no warm-up (the peak rate from the first step); use constant_with_warmup")
         if self.lora is not None and self.train_head:
             raise ValueError("train_head: true cannot be combined with lora: LoRA trains its adapters only and the "
                              "head stays frozen; drop train_head (or train the full top layers without lora)")
@@ -630,8 +646,6 @@ def function_spec_problem(spec: str) -> str | None:
     source binds the name (or cannot tell). The current directory is searched first, as the trainer
     (`python -m engine.train`) searches it."""
     import importlib.util
-    import os
-    import sys
 
     module, _, name = spec.rpartition(":")
     if not module or not name:
@@ -749,6 +763,10 @@ def import_function(spec: str) -> Callable[..., Any]:
     module, _, name = spec.rpartition(":")
     if not module or not name:
         raise ValueError(f"reward_fn {spec!r}: expected module:function")
+    if not module.endswith(".py") and os.getcwd() not in sys.path:
+        # The current directory first, as validation found it and as `python -m` has it: the `rlhf` script's
+        # own folder is first on its path instead, and a module beside the recipe was not found there.
+        sys.path.insert(0, os.getcwd())
     try:
         function = getattr(_module_file(module) if module.endswith(".py") else importlib.import_module(module), name)
     except (ImportError, AttributeError, OSError) as err:
@@ -762,7 +780,6 @@ def _module_file(path: str) -> Any:
     """The module a file holds, imported as its own name with its folder first on sys.path: as it was when
     the run started in that folder (its imports of files beside it resolve the same)."""
     import importlib.util
-    import sys
 
     file = Path(path).expanduser().resolve()
     if str(file.parent) not in sys.path:

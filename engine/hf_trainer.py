@@ -13,7 +13,7 @@ from engine.data import DataError, Mixture, lengths
 from engine.data.lengths import Fate
 from engine.models import cuda_available, precision_flags
 from engine.run import RunHandle, at_last_step, continue_from, no_sharded_export, resume_from, write_run_card
-from engine.track import GracefulStop, StoreCallback
+from engine.track import GracefulStop, RecipeRates, StoreCallback
 
 
 def training_kwargs(
@@ -174,7 +174,7 @@ def evaluated_at(trainer: Any, step: int) -> bool:
 def callbacks(handle: RunHandle, stage: str, start: str) -> tuple[list[Any], GracefulStop]:
     """The metric sink (and checkpoints' lineage: `stage` trained from `start`) and the graceful stop."""
     stop = GracefulStop()
-    return [StoreCallback(handle.store, handle.run_id, (stage, start)), stop], stop
+    return [StoreCallback(handle.store, handle.run_id, (stage, start)), RecipeRates(), stop], stop
 
 
 def finish(trainer: Any, handle: RunHandle, stop: GracefulStop, final_dir: Path) -> None:

@@ -78,6 +78,19 @@ class StoreCallback(TrainerCallback):
             log.warning(short)
 
 
+class RecipeRates(TrainerCallback):
+    """A resumed run trains at its recipe's learning rate and weight decay, not at its checkpoint's (an
+    `--allow-change` resume that lowered them)."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None,
+                       **kwargs: Any) -> None:
+        if state.global_step > 0 and optimizer is not None and lr_scheduler is not None:
+            from engine.resumed_rates import apply_recipe_rates
+
+            # The Trainer's group 0 decays; group 1 (biases and norms) never does
+            apply_recipe_rates(optimizer, lr_scheduler, args.learning_rate, args.weight_decay, decay_groups=[0])
+
+
 class StopFlag:
     """SIGTERM sets it; `agreed()` tells every rank at once whether any rank saw it."""
 

@@ -203,6 +203,21 @@ def test_a_reward_module_in_the_launch_folder_is_recorded_by_its_path(tmp_path, 
     assert "no such file" in function_spec_problem(f"{tmp_path / 'gone.py'}:score")
 
 
+def test_a_reward_module_in_the_current_folder_imports_under_the_rlhf_script(tmp_path, monkeypatch):
+    """`rlhf train` (a console script: its own folder first on sys.path, not the current one) registered the
+    run and then failed "No module named 'rw_here'", which `rlhf check` had found."""
+    import sys
+
+    from engine.config import function_spec_problem, import_function
+
+    (tmp_path / "rw_here.py").write_text("def score(prompts, responses):\n    return [1.5] * len(responses)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "rw_here", raising=False)
+    assert function_spec_problem("rw_here:score") is None
+    assert import_function("rw_here:score")(["p"], ["r"]) == [1.5]
+
+
 def test_a_stage_field_given_for_the_whole_recipe_names_the_stages_that_have_it():
     """`--set train.lr=…` on a pipeline (no stage to take it relative to): the error says where it goes."""
     with pytest.raises(RecipeError, match=r"train: unknown field here; a stage's: sft.train or rm.train"):
@@ -220,3 +235,22 @@ def test_a_section_given_as_one_value_says_where_its_fields_go(tmp_path):
     with pytest.raises(RecipeError, match="ppo.model: a section, not a value: its fields go below it, e.g. "
                                           "ppo.model.path=runs/2/final"):
         load_recipe(TINY, ["ppo.model=runs/2/final"])
+
+
+def test_a_warm_up_on_a_constant_schedule_is_refused_where_it_is_set():
+    """transformers' constant schedule reads no warm-up: the rate was the peak from the first step."""
+    with pytest.raises(RecipeError, match=r"--set ppo.warmup_steps=3 \(.*tiny.yaml:\d+\): ppo: warmup_steps 3 with "
+                                          r"lr_scheduler constant.*use constant_with_warmup"):
+        load_recipe(TINY, ["ppo.warmup_steps=3"])
+    with pytest.raises(RecipeError, match=r"sft.train: warmup_ratio 0.1 with lr_scheduler constant"):
+        load_recipe(TINY, ["sft.train.warmup_ratio=0.1"])
+    recipe = load_recipe(TINY, ["ppo.warmup_steps=3", "ppo.lr_scheduler=constant_with_warmup",
+                                "sft.train.warmup_ratio=0.1", "sft.train.lr_scheduler=constant_with_warmup"])
+    assert recipe.ppo.warmup_steps == 3 and recipe.sft.train.warmup_ratio == 0.1
+
+
+def test_a_kl_target_with_no_coefficient_to_adapt_is_refused():
+    with pytest.raises(RecipeError, match=r"init_kl_coef 0 with target_kl 1.0: .*stays 0"):
+        load_recipe(TINY, ["ppo.init_kl_coef=0"])
+    assert load_recipe(TINY, ["ppo.init_kl_coef=0", "ppo.target_kl=null"]).ppo.init_kl_coef == 0
+

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from engine.launch import run_foreground
+from engine.models import decoder_layers
 from engine.ppo.hydra import Hydra
 from engine.store import Store
 from engine.template import Turn, render_prompt
@@ -252,6 +253,26 @@ def test_lora_mode_trains_exports_and_resumes(workdir):
     assert_disk_estimate("ppo", [*lora, "steps=3"], final.parent / "checkpoint-3", final)
 
 
+def test_a_resume_that_changes_the_rate_the_decay_or_the_kl_coefficient_trains_with_them(workdir):
+    """`--allow-change --set ppo.lr=...` (a spiking run's usual fix): the optimizer's, the scheduler's and the
+    KL controller's saved state carried the old values over the recipe's, while the record said changed."""
+    fixed = [*TOY, "target_kl=null", "save_steps=2"]
+    run_id, status = run_stage("ppo", str(TINY), [*fixed, "steps=2"])
+    assert status == "done" and values(run_id, "learning_rate") == [3e-3, 3e-3]
+    assert values(run_id, "kl_ctl_value") == [0.05, 0.05]
+    os.environ["RLHF_RUN_ID"] = str(run_id)
+    try:
+        _, status = run_stage("ppo", str(TINY), [*fixed, "steps=3", "resume_from_checkpoint=true", "lr=1e-4",
+                                                 "weight_decay=0.25", "init_kl_coef=0.2"])
+    finally:
+        del os.environ["RLHF_RUN_ID"]
+    assert status == "done"
+    assert values(run_id, "learning_rate") == [3e-3, 3e-3, 1e-4] and values(run_id, "kl_ctl_value")[2] == 0.2
+    saved = torch.load(Path(run_row(run_id)["output_dir"]) / "checkpoint-3" / "optimizer.pt", weights_only=False)
+    assert [(g["lr"], g["initial_lr"], g["weight_decay"]) for g in saved["optimizer"]["param_groups"]] == \
+        [(1e-4, 1e-4, 0.25)] * 2
+
+
 def test_rewards_from_the_reward_model_stage(workdir):
     rm_run, _ = run_stage("rm", str(TINY), ["train.max_steps=4", "train.eval_ratio=0"])
     rm_path = Path(run_row(rm_run)["output_dir"]) / "final"
@@ -373,6 +394,22 @@ def test_value_branch_starts_from_the_reward_model(workdir):
     with torch.no_grad():
         out = hydra(ids, torch.ones_like(ids))
         assert torch.allclose(out.values[:, -1], rm(input_ids=ids).logits[:, 0], atol=1e-5)
+    assert hydra.trunk_differs_from(rm) == []  # the trunk it sits on is the one the RM's layers saw
+
+    # An RM that trained layer 1 too (more layers than value_layers): the copied branch sits on the policy's
+    # layer 1, and its value is no longer the RM's score; the trainer says so (ppo.init_value_from_rm)
+    with torch.no_grad():
+        trained = decoder_layers(rm)[1].mlp.dense_4h_to_h.weight
+        trained.add_(0.05 * torch.randn_like(trained))  # (a constant shift would vanish in the next norm)
+    hydra.init_value_from(rm)
+    assert hydra.trunk_differs_from(rm) == [1]
+    with torch.no_grad():
+        assert not torch.allclose(hydra(ids, torch.ones_like(ids)).values[:, -1], rm(input_ids=ids).logits[:, 0],
+                                  atol=1e-5)
+        decoder_layers(rm)[3].mlp.dense_4h_to_h.weight.add_(0.05)  # inside the copied branch: no matter
+        assert hydra.trunk_differs_from(rm) == [1]
+        rm.get_input_embeddings().weight.add_(0.01)  # trained from another model, or its embeddings trained
+    assert hydra.trunk_differs_from(rm) is None
 
 
 def _steps(run_id: int) -> int:

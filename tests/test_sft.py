@@ -81,6 +81,24 @@ def test_sft_loss_falls_and_the_export_reloads_and_generates(workdir):
     assert any(not torch.equal(trained[k], base[k]) for k in base)
 
 
+def test_a_resume_that_changes_the_rate_and_the_decay_trains_with_them(workdir):
+    """The optimizer's and scheduler's saved state carried the old rate and decay over an `--allow-change`
+    resume's (the record said changed, every step ran at the old rate)."""
+    start = ["train.max_steps=2", "train.save_steps=2", "train.logging_steps=1", "train.lr=1e-3",
+             "train.lr_scheduler=constant"]
+    run_id, _ = run_stage("sft", str(TINY), start)
+    os.environ["RLHF_RUN_ID"] = str(run_id)
+    try:
+        run_stage("sft", str(TINY), [*start, "train.max_steps=4", "train.lr=1e-5", "train.weight_decay=0.25",
+                                     "resume_from_checkpoint=true"])
+    finally:
+        del os.environ["RLHF_RUN_ID"]
+    assert [v for _, v in metric(run_id, "learning_rate")] == [1e-3, 1e-3, 1e-5, 1e-5]
+    saved = torch.load(Path(run_row(run_id)["output_dir"]) / "checkpoint-4" / "optimizer.pt", weights_only=False)
+    # group 0 decays; group 1 (biases and norms) never does
+    assert [(g["lr"], g["weight_decay"]) for g in saved["param_groups"]] == [(1e-5, 0.25), (1e-5, 0.0)]
+
+
 def test_frozen_bottom_layers_do_not_change(workdir):
     run_id, _ = run_stage("sft", str(TINY), ["train.max_steps=3", "num_layers_unfrozen=1"])
     trained = load_file(Path(run_row(run_id)["output_dir"]) / "final" / "model.safetensors")

@@ -165,6 +165,7 @@ class KLController:
 
     def __init__(self, init: float, target: float | None = None, horizon: int = 10000):
         self.value = init
+        self.init = init
         self.target = target
         self.horizon = horizon
 
@@ -175,9 +176,13 @@ class KLController:
         self.value *= 1.0 + error * n_steps / self.horizon
 
     def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
+        return {"value": self.value, "init": self.init}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        """The saved coefficient, unless the recipe's `init_kl_coef` changed since (a resume that set it
+        starts from it; a checkpoint from before `init` was saved keeps its coefficient)."""
+        if "init" in state and float(state["init"]) != self.init:
+            return
         self.value = float(state["value"])
 
 

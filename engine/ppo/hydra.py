@@ -252,6 +252,22 @@ class Hydra(nn.Module):
             raise ValueError("the reward model has no scalar `score` head of the value head's shape")
         self.value_head.load_state_dict({"weight": score.weight.detach().clone()})
 
+    def trunk_differs_from(self, reward_model: nn.Module) -> list[int] | None:
+        """The layers below the value branch (the trunk it sits on) whose weights differ between the reward
+        model and the policy, or None where even the input embeddings do (another base model). Empty: a
+        value branch copied from the reward model computes its scores."""
+        mine = self.policy.get_input_embeddings().weight
+        theirs = reward_model.get_input_embeddings().weight
+        if mine.shape != theirs.shape or not torch.equal(mine, theirs.to(mine.device, mine.dtype)):
+            return None
+        differ = []
+        policy_layers, rm_layers = decoder_layers(self.policy), decoder_layers(reward_model)
+        for index in range(self.num_layers - self.k_v):
+            a, b = dict(policy_layers[index].named_parameters()), dict(rm_layers[index].named_parameters())
+            if a.keys() != b.keys() or any(not torch.equal(a[n], b[n].to(a[n].device, a[n].dtype)) for n in a):
+                differ.append(index)
+        return differ
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -37,6 +37,7 @@ from engine.ppo import core
 from engine.ppo.hydra import Hydra, Trunk
 from engine.ppo.rewards import FunctionScorer, RewardModelScorer, Scorer
 from engine.ppo.rollout import Rollout, generate
+from engine.resumed_rates import apply_recipe_rates
 from engine.run import PPO_BRANCHES_FILE as BRANCHES_FILE
 from engine.run import PPO_OPTIMIZER_FILE as OPTIMIZER_FILE
 from engine.run import STATE_MARKERS, RunHandle, checkpoints_in, continue_from, resume_from, write_run_card
@@ -150,6 +151,7 @@ class PPOTrainer:
                            [n for n, p in self.hydra.policy.named_parameters() if p.requires_grad])
         elif self.stage.init_value_from_rm:
             self.hydra.init_value_from(self.scorer.model)  # type: ignore[attr-defined]
+            self._say_if_value_is_not_the_rm(self.scorer.model)  # type: ignore[attr-defined]
         if self.accelerator.mixed_precision == "no" and any(p.dtype != torch.float32 for p in model.parameters()):
             raise RecipeError(f"{recipe.where('ppo.precision')}: ppo.precision: a {model.dtype} model needs bf16 "
                               "or fp16 precision (its trainable branches train in float32 under autocast)")
@@ -185,6 +187,7 @@ class PPOTrainer:
         saved = torch.load(folder / OPTIMIZER_FILE, map_location="cpu")
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        apply_recipe_rates(self.optimizer, self.scheduler, self.stage.lr, self.stage.weight_decay)
         if saved["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(saved["scaler"])
         # Tensors and plain values only: a checkpoint is data, and unpickling arbitrary objects runs code.
@@ -261,6 +264,24 @@ class PPOTrainer:
         reward = ({"reward_model": model_id(self.stage.reward_model)} if self.stage.reward_model
                   else {"reward_fn": self.stage.reward_fn})
         write_lineage(folder, "ppo", self.handle.run_id, self.recipe.stage_model("ppo").path, **reward)
+
+    def _say_if_value_is_not_the_rm(self, reward_model: Any) -> None:
+        """The copied value branch gives the reward model's scores only on the trunk it was trained on: an RM
+        that trained more layers than value_layers (or from another model) starts it on other features."""
+        differ = self.hydra.trunk_differs_from(reward_model)
+        if not differ and differ is not None:
+            return
+        where = self.recipe.where("ppo.init_value_from_rm")
+        if differ is None:
+            log.warning("%s: ppo.init_value_from_rm: the reward model's input embeddings differ from the policy's "
+                        "(it trained them, or from another model): the copied value branch sits on other features "
+                        "than it learned on, so its first values are not the reward model's scores", where)
+            return
+        needed = self.hydra.num_layers - differ[0]
+        log.warning("%s: ppo.init_value_from_rm: the reward model's layers %d-%d differ from the policy's (it "
+                    "trained them): the value branch copies its top %d layers onto the policy's, so its first values "
+                    "are not the reward model's scores (ppo.value_layers: %d would copy every layer it trained)",
+                    where, differ[0], differ[-1], self.hydra.k_v, needed)
 
     def _report_long_prompts(self, recipe: Recipe) -> None:
         """How many prompts `max_prompt_length` cuts (to their end), said once as SFT and RM say what their
