@@ -28,6 +28,8 @@ MEANINGS: dict[str, str] = {
     "values/explained_variance": "PPO: 1 - Var(returns - values) / Var(returns): 1 the value branch predicts the "
                                  "returns, 0 no better than their mean, below 0 worse",
     "response_length/mean": "PPO: response tokens per answer (max_new_tokens: none stopped early)",
+    "response_length/cut_share": "PPO: share of answers max_new_tokens cut before their EOS (rising: the policy "
+                                 "learns length; missing_eos_penalty punishes it)",
     "padding_percentage": "PPO: share of the response batch that is padding",
     "time/rollout": "PPO: seconds generating the step's answers",
     "time/forward": "PPO: seconds scoring them (policy, reference and values)",

@@ -262,6 +262,9 @@ class PPOStage(_Section):
         "running", description="Divide scores by their running std, or by the std of the first rollout."
     )
     cliprange_reward: float = Field(10.0, gt=0, description="Clip scaled scores to ± this.")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtracted from the score of an answer max_new_tokens cut before its end (scored "
+        "as if finished otherwise: the reward reads the text as given); null = none.")
     value_warmup_steps: int = Field(0, ge=0, description="First steps train only the value branch.")
     max_prompt_length: int = Field(256, gt=0, description="Prompt tokens kept (from the end).")
     max_new_tokens: int = Field(128, gt=0, description="Tokens generated per response.")

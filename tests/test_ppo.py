@@ -273,6 +273,25 @@ def test_a_resume_that_changes_the_rate_the_decay_or_the_kl_coefficient_trains_w
         [(1e-4, 1e-4, 0.25)] * 2
 
 
+def test_an_answer_cut_at_the_token_limit_pays_the_missing_eos_penalty(workdir):
+    """The reward reads a cut answer as if it had ended (a reward model sees it closed by its </s>): the
+    penalty is what tells the policy apart from one that learned to stop, and the cut share is logged."""
+    run_id, status = run_stage("ppo", str(TINY), [*TOY, "steps=2", "rollout_batch_size=8", "max_new_tokens=3",
+                                                  "scale_reward=null", "missing_eos_penalty=0.5"])
+    assert status == "done"
+    cut = values(run_id, "response_length/cut_share")
+    assert len(cut) == 2 and all(0 <= c <= 1 for c in cut) and max(cut) > 0  # 3 tokens: few answers end
+    for raw, scaled, share in zip(values(run_id, "rollout_scores/mean"), values(run_id, "rollout_scores/scaled_mean"),
+                                  cut):
+        assert scaled == pytest.approx(raw - 0.5 * share, abs=1e-6)
+    from tests.ppo_rewards import share_of_letter_a
+
+    with Store(os.environ["RLHF_DB"]) as store:  # the samples keep the reward's own score
+        rows = store.samples(run_id, step=1)
+    assert rows and [r["score"] for r in rows] == pytest.approx(
+        share_of_letter_a([r["prompt"] for r in rows], [r["response"] for r in rows]), abs=1e-6)
+
+
 def test_rewards_from_the_reward_model_stage(workdir):
     rm_run, _ = run_stage("rm", str(TINY), ["train.max_steps=4", "train.eval_ratio=0"])
     rm_path = Path(run_row(rm_run)["output_dir"]) / "final"

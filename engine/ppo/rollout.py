@@ -26,6 +26,11 @@ class Rollout:
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_length :]
 
+    def cut_short(self, eos_token_id: int) -> torch.Tensor:
+        """[B] float: 1 where max_new_tokens ended the answer before its EOS."""
+        ended = ((self.response_ids == eos_token_id) & (self.response_mask > 0)).any(dim=1)
+        return (~ended).float()
+
 
 def sampling_of(settings: Any, seed: int) -> Sampling:
     """The recipe's sampling settings (a PPOStage), every field explicit."""

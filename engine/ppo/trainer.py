@@ -376,8 +376,10 @@ class PPOTrainer:
         with self.accelerator.autocast():
             rollout = generate(unwrapped.policy, self.tokenizer, prompts, stage, keys, self.recipe.seed, capture)
         raw_scores = self.scorer(rollout.prompts, rollout.responses).float()
+        cut = rollout.cut_short(self.tokenizer.eos_token_id)
+        rewarded = raw_scores - stage.missing_eos_penalty * cut if stage.missing_eos_penalty else raw_scores
         baseline = self._reference_scores(prompts) if stage.score_baseline == "reference" else None
-        scores = self._scale(raw_scores - baseline if baseline is not None else raw_scores)
+        scores = self._scale(rewarded - baseline if baseline is not None else rewarded)
         t_rollout = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -470,6 +472,7 @@ class PPOTrainer:
             "returns/mean": self._global_masked_mean(returns, mask),
             "padding_percentage": 1.0 - self._global_mean(mask),
             "response_length/mean": self._global_mean(mask.sum(1)),
+            "response_length/cut_share": self._global_mean(cut),
             "time/rollout": t_rollout,
             "time/forward": t_forward,
             "time/backward": t_backward,
