@@ -92,6 +92,35 @@ def test_an_endless_log_line_costs_bounded_memory(tmp_path):
 
 
 @sync
+async def test_a_log_past_the_views_line_cap_keeps_showing_its_newest_lines():
+    """Once the view holds MAX_LINES, Textual's Log drops the oldest and repaints only rows past the old end,
+    at the same scroll offset: the screen stood still at its 5,000th line while the run wrote on."""
+    import re
+
+    from textual.app import App
+
+    from console.widgets.log_view import MAX_LINES
+
+    class Bare(App):
+        def compose(self):
+            yield LogView()
+
+    def newest_on_screen(app) -> int:
+        return max(int(n) for n in re.findall(r"line&#160;(\d+)", app.export_screenshot()))
+
+    app = Bare()
+    async with app.run_test(size=(100, 20)) as pilot:
+        view = app.query_one(LogView)
+        view.append(1, [f"line {n}" for n in range(MAX_LINES)], "", True, False)
+        await pilot.pause()
+        assert newest_on_screen(app) == MAX_LINES - 1
+        for first in range(MAX_LINES, MAX_LINES + 300, 100):  # the run writes on, in bursts
+            view.append(1, [f"line {n}" for n in range(first, first + 100)], "", False, False)
+            await pilot.pause()
+            assert newest_on_screen(app) == first + 99
+
+
+@sync
 async def test_the_launch_form_shows_what_would_have_ended_the_console(workdir):
     import shutil
 

@@ -129,7 +129,12 @@ class LogView(Vertical):
             if lines:
                 log = self.query_one(Log)
                 following = log.auto_scroll and log.is_vertical_scroll_end
+                full = log.line_count + len(lines) > MAX_LINES
                 log.write_lines(self._shown(lines))
+                if full:
+                    # Log drops its oldest lines but repaints only rows past its old end, at the same scroll
+                    # offset: every row moved, so all of them are drawn again (the view stood still otherwise)
+                    log.refresh()
                 self.unseen = 0 if following else self.unseen + len(lines)
             self._progress()
 
