@@ -29,6 +29,7 @@ from console.messages import (
     ChatSaved,
     ChatSettingsChosen,
     GpuRead,
+    HistoryLoading,
     HistoryReset,
     LogRead,
     MetricsPolled,
@@ -256,6 +257,13 @@ class RlhfConsole(SaysWorkerFailures, App):
                              message.extremes, message.columns)
         if self.home is not None:
             self.home.metrics_changed({message.run_id})
+
+    def on_history_loading(self, message: HistoryLoading) -> None:
+        run = self.history.runs.get(message.run_id)
+        if run is not None and not run.full and message.run_id in self.history.followed:
+            run.loading = message.rows
+            if self.home is not None:
+                self.home.metrics_changed({message.run_id})
 
     def follow(self, run_ids: Iterable[int]) -> None:
         """The runs being looked at (selected, overlaid): their whole histories are loaded; the others

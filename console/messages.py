@@ -33,6 +33,14 @@ class HistoryReset(Message):
 
 
 @dataclass
+class HistoryLoading(Message):
+    """A whole history that takes more than one poll to read: how many of its rows have been read."""
+
+    run_id: int
+    rows: int
+
+
+@dataclass
 class StoreFailed(Message):
     reason: str
 

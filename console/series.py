@@ -120,6 +120,7 @@ class RunHistory:
     series: dict[str, Series] = field(default_factory=dict)
     rows: int = 0
     full: bool = True  # every point loaded (a run being looked at); else light: recent points and extremes
+    loading: int = 0  # rows of its whole history read so far, while that takes more than one poll
 
     def add(self, rows: Iterable[Mapping]) -> None:
         grouped: dict[str, tuple[list, list, list]] = {}

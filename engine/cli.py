@@ -358,8 +358,12 @@ def _cmd_runs(db: str | None, pipeline_id: int | None = None, as_json: bool = Fa
     from engine.run import settle_active
 
     with Store(path, create=False) as store:  # a look must not create an empty runs.db where there was none
-        settle_active(store)  # a run (or pipeline) whose processes are gone is failed, not running
-        settle_pipelines(store, store.pipelines())
+        try:  # a run (or pipeline) whose processes are gone is failed, not running
+            settle_active(store)
+            settle_pipelines(store, store.pipelines())
+        except sqlite3.Error as err:  # a full disk, a runs.db this user may only read: the rows as they are
+            print(f"warning: {path}: could not close the rows of ended runs ({err}): a run listed as running "
+                  "may have ended", file=sys.stderr, flush=True)
         rows = store.runs()
         pipeline = store.pipeline(pipeline_id) if pipeline_id is not None else None
         if pipeline is not None:

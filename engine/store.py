@@ -853,25 +853,32 @@ class Store:
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]
 
-    def metric_columns(self, run_id: int, up_to_seq: int) -> dict[str, tuple[array, array, array]]:
-        """A run's rows with seq <= `up_to_seq` as packed columns per metric (steps, wall times, values; a
-        null value is NaN): a million rows cost 24 MB here, not the ~400 MB of one dict per row."""
-        columns: dict[str, tuple[array, array, array]] = {}
+    def metric_columns(self, run_id: int, up_to_seq: int, after_run_seq: int = 0, limit: int | None = None,
+                       into: dict[str, tuple[array, array, array]] | None = None
+                       ) -> tuple[dict[str, tuple[array, array, array]], int]:
+        """A run's rows with seq <= `up_to_seq` and run_seq > `after_run_seq` (at most `limit` of them), in
+        order, as packed columns per metric (steps, wall times, values; a null value is NaN), appended to
+        `into`'s: a million rows cost 24 MB here, not the ~400 MB of one dict per row. Returns the columns and
+        the last run_seq read (`after_run_seq` if none), from which a next slice goes on."""
+        columns = {} if into is None else into
+        last = after_run_seq
         with self._lock:
             cursor = self.db.conn.execute(
                 # run_seq grows with seq within a run, and (run_id, run_seq) is indexed: ORDER BY seq sorted
                 # every row of the run first (16 s for a run of 3 million rows)
-                "SELECT name, step, wall_time, value FROM metrics WHERE run_id = ? AND seq <= ? ORDER BY run_seq",
-                [run_id, up_to_seq])
+                "SELECT name, step, wall_time, value, run_seq FROM metrics WHERE run_id = ? AND run_seq > ? "
+                "AND seq <= ? ORDER BY run_seq LIMIT ?",
+                [run_id, after_run_seq, up_to_seq, -1 if limit is None else limit])
             while rows := cursor.fetchmany(10_000):
-                for name, step, wall, value in rows:
+                for name, step, wall, value, run_seq in rows:
                     cols = columns.get(name)
                     if cols is None:
                         cols = columns[name] = (array("d"), array("d"), array("d"))
                     cols[0].append(step)
                     cols[1].append(wall)
                     cols[2].append(math.nan if value is None else value)
-        return columns
+                last = rows[-1][4]
+        return columns, last
 
     def max_seq(self) -> int:
         with self._lock:
@@ -1105,6 +1112,7 @@ class ResilientStore:
         self.backlog: deque[tuple[str, tuple, dict]] = deque()
         self.max_backlog = max_backlog
         self.dropped = 0
+        self._warned_at = 0  # the backlog's size when the log last said so (each retry finds the same one)
 
     def __getattr__(self, name: str) -> Any:
         if name in self.WRITES:
@@ -1129,10 +1137,14 @@ class ResilientStore:
                 result = getattr(self.store, name)(*args, **kwargs)
             except (StoreError, sqlite3.Error, OSError) as err:
                 held = len(self.backlog)
-                if held in (1, 10, 100) or held % 1000 == 0:
+                if held != self._warned_at and (held in (1, 10, 100) or held % 1000 == 0):
+                    self._warned_at = held
                     log.warning("runs.db write failed (%s): %d writes held back, training goes on", err, held)
                 return None
             self.backlog.popleft()
+        if self._warned_at:
+            self._warned_at = 0
+            log.warning("runs.db takes writes again: the ones held back are written")
         return result
 
     def close(self, patience_s: float = 120.0) -> None:

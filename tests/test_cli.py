@@ -359,11 +359,20 @@ def test_a_runs_db_that_cannot_be_written_is_one_clear_error(workdir):
     with Store(db) as store:
         run_id = store.create_run(stage="sft", name="t", recipe="", config="{}", output_root=str(workdir / "runs"))
         store.update_run(run_id, status="running")  # no processes recorded: nothing would be signalled
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        gone = store.create_run(stage="sft", name="t", recipe="", config="{}", output_root=str(workdir / "runs"))
+        store.update_run(gone, status="running", pid=ended.pid)  # its process ended: a look closes its row
     with read_only(db):
         result = subprocess.run([*RLHF, "stop", str(run_id), "--db", str(db)], capture_output=True, text=True,
                                 timeout=60)
+        # A look still lists the runs (it would close the row of a run whose processes are gone: it says it
+        # could not); on a full disk it printed one error and nothing else
+        listed = subprocess.run([*RLHF, "runs", "--db", str(db)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == f"error: {db}: attempt to write a readonly database", result.stderr
+    assert listed.returncode == 0 and f"\n{gone:>4} sft" in "\n" + listed.stdout, listed.stdout + listed.stderr
+    assert "could not close the rows of ended runs (attempt to write a readonly database)" in listed.stderr
 
 
 def test_rlhf_chat_refuses_a_spec_that_names_no_model_before_the_console_opens(workdir):

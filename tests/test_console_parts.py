@@ -16,7 +16,7 @@ import pytest
 from console.diff import config_diff, run_config
 from console.follower import StoreFollower
 from console.logtail import LogTail, clean_line, last_traceback
-from console.messages import HistoryReset, MetricsPolled, RunsPolled
+from console.messages import HistoryLoading, HistoryReset, MetricsPolled, RunsPolled
 from console.series import History, Series, best_metric, downsample, eta_seconds, metric_groups
 from engine.store import Store
 
@@ -236,6 +236,56 @@ def test_follower_reloads_a_run_whose_history_a_resume_rewrote(tmp_path):
     follower.close()
 
 
+def test_a_long_history_loads_in_slices_while_every_other_run_moves_on(tmp_path):
+    """A run of millions of rows was read in one call of seconds to tens of seconds inside a poll, and every
+    other run's figures stood still meanwhile. Its history now comes a slice per poll, sent once whole, with
+    what the run writes meanwhile neither lost nor doubled."""
+    db = tmp_path / "runs.db"
+    with Store(db) as store:
+        long_run, live = (store.create_run(stage="sft", name=n, recipe="x.yaml", config="{}",
+                                           output_root=str(tmp_path / "runs")) for n in ("long", "live"))
+    _write_steps(db, long_run, 1000)  # 5,000 rows
+    follower = StoreFollower(db, batch=400)
+    history = History()
+
+    progress = []
+
+    def apply(messages) -> list:
+        for m in messages:
+            if isinstance(m, HistoryLoading):
+                progress.append(m.rows)
+            elif isinstance(m, MetricsPolled):
+                history.ingest(m.rows)
+            elif isinstance(m, HistoryReset) and (m.full or m.run_id not in history.followed):
+                history.replace(m.run_id, m.history_version, m.rows, m.full, m.extremes, m.columns)
+        return messages
+
+    apply(follower.poll()[0])
+    history.followed = {long_run}
+    follower.followed = frozenset(history.followed)
+    follower.requests.put(long_run)
+    polls, live_seen, step = 0, [], 1000
+    with Store(db) as store:
+        while not history.runs[long_run].full:
+            step += 1
+            store.log_metrics(long_run, step, {f"m{i}": float(step + i) for i in range(5)})  # it trains on
+            store.log_metrics(live, step - 1000, {"m0": float(step)})
+            messages, more = follower.poll()
+            apply(messages)
+            polls += 1
+            live_seen.append(len(history.runs[live].series["m0"]) if live in history.runs else 0)
+            assert more or history.runs[long_run].full
+            assert polls < 100
+    assert polls >= 5000 // 400  # a slice a poll, each said (the chart's title shows it)
+    assert progress == [400 * k for k in range(1, len(progress) + 1)] and len(progress) == polls - 1
+    assert live_seen == sorted(live_seen) and live_seen[-2] > live_seen[0]  # the other run moved on meanwhile
+    for _ in range(3):
+        apply(follower.poll()[0])
+    whole = history.runs[long_run].series["m0"]
+    assert list(whole.steps.view) == list(range(1, step + 1))  # every step once, in order
+    follower.close()
+
+
 def test_the_console_holds_every_point_only_of_the_runs_it_shows(tmp_path):
     """Ten runs of 20,000 rows: at start no row is read one by one; each run keeps its newest points and
     its best-metric extremes; a run that is looked at gets its whole history, and lets it go after."""
@@ -368,7 +418,7 @@ def test_a_pipelines_evaluation_is_not_named_for_its_pipeline_twice(tmp_path):
         pipeline_id = store.create_pipeline(name="tiny", recipe="r.yaml", config=config, overrides=[],
                                             through="eval", launch={})
         run_id = store.create_run(stage="eval", name="tiny ppo (pipeline 1)", recipe="", config="{}",
-                                  pipeline_id=pipeline_id)
+                                  pipeline_id=pipeline_id, output_root=str(tmp_path / "runs"))
         run, pipeline = store.run(run_id), store.pipeline(pipeline_id)
     assert str(cells(run, History(), False, pipeline=pipeline)[2]) == "tiny ppo · pipeline 1 4/4"
 
@@ -407,7 +457,8 @@ def test_a_running_run_that_logs_nothing_far_past_its_pace_reads_silent(tmp_path
     assert silent_seconds(slow.runs[2], now + 400) == pytest.approx(1300.0)
 
     with Store(tmp_path / "runs.db") as store:
-        run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+        run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
+                                  output_root=str(tmp_path / "runs"))
         store.update_run(run_id, status="running", started=now - 1100, total_steps=500, step=50)
         run = store.run(run_id)
     history.runs[run_id] = history.runs.pop(1)

@@ -413,7 +413,8 @@ def test_a_stop_reaches_the_run_when_runs_db_cannot_take_the_write(tmp_path):
     sleeper = subprocess.Popen(["sleep", "120"], start_new_session=True)
     try:
         with Store(db) as store:
-            run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+            run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
+                                      output_root=str(tmp_path / "runs"))
             store.update_run(run_id, status="running", pid=sleeper.pid, pgid=sleeper.pid,
                              pgid_started=process_start(sleeper.pid))
 
@@ -550,7 +551,8 @@ def test_stop_wait_on_a_full_disk_says_the_run_ended_unrecorded_instead_of_faili
         pid, started = spawn_detached(["sleep", "120"], log)  # reaped by its own thread: no zombie to wait for
     try:
         with Store(db) as store:
-            run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+            run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
+                                      output_root=str(tmp_path / "runs"))
             store.update_run(run_id, status="running", pid=pid, pgid=pid, pgid_started=started)
 
         def full_disk() -> None:
@@ -578,7 +580,8 @@ def test_a_stop_reaches_a_run_paused_with_sigstop(tmp_path):
     sleeper = subprocess.Popen(["sleep", "120"], start_new_session=True)
     try:
         with Store(db) as store:
-            run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+            run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
+                                      output_root=str(tmp_path / "runs"))
             store.update_run(run_id, status="running", pid=sleeper.pid, pgid=sleeper.pid,
                              pgid_started=process_start(sleeper.pid))
         os.killpg(sleeper.pid, signal.SIGSTOP)
@@ -605,7 +608,8 @@ def test_a_stop_of_another_users_run_is_refused_before_it_is_written_down(tmp_pa
         with shared_folder() as shared:
             db = shared / "runs.db"
             with Store(db) as store:
-                run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+                run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
+                                          output_root=str(shared / "runs"))
                 store.update_run(run_id, status="running", pid=sleeper.pid, pgid=sleeper.pid,
                                  pgid_started=process_start(sleeper.pid))
             db.chmod(0o666)

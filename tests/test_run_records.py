@@ -1041,7 +1041,8 @@ def test_a_resume_of_a_run_whose_folder_this_user_cannot_read_says_so():
         (folder / "checkpoint-4" / "trainer_state.json").write_text("{}")
         folder.chmod(0o700)
         with Store(db) as store:
-            run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+            run_id = store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
+                                      output_root=str(shared / "registered"))
             store.update_run(run_id, status="stopped", exit_code=143, output_dir=str(folder))
         for file in shared.glob("runs.db*"):
             file.chmod(0o666)

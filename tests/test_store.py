@@ -325,7 +325,8 @@ def test_a_runs_db_this_user_may_not_read_is_said_to_be_so_not_damaged():
     with shared_folder() as shared:
         db = shared / "runs.db"
         with Store(db) as store:
-            store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}")
+            store.create_run(stage="sft", name="t", recipe="r.yaml", config="{}",
+                             output_root=str(shared / "runs"))
         with as_user(65534), pytest.raises(StoreError) as raised:
             Store(db)
         assert str(raised.value) == (
@@ -409,7 +410,7 @@ def test_a_long_runs_history_is_read_along_its_index_never_sorted(tmp_path):
         store.db.conn.set_trace_callback(seen.append)
         top = store.max_seq()
         recent = store.recent_metrics(runs[0], top, 10)
-        columns = store.metric_columns(runs[0], top)
+        columns, _ = store.metric_columns(runs[0], top)
         last = store.last_metric_time(runs[0])
         store.db.conn.set_trace_callback(None)
         assert [r["step"] for r in recent] == [35, 35, 36, 36, 37, 37, 38, 38, 39, 39]
@@ -420,3 +421,25 @@ def test_a_long_runs_history_is_read_along_its_index_never_sorted(tmp_path):
             plan = " ".join(str(row[-1]) for row in store.db.conn.execute("EXPLAIN QUERY PLAN " + sql))
             assert "TEMP B-TREE" not in plan and "SCAN metrics" not in plan, (sql, plan)
 
+
+
+def test_a_write_held_back_is_said_once_not_at_every_retry(tmp_path, caplog):
+    """A full disk: the run's one held write was retried every second and the log said so 122 times."""
+    import logging
+
+    from engine.store import ResilientStore
+
+    with Store(tmp_path / "runs.db") as store:
+        run_id = new_run(store)
+        resilient = ResilientStore(store)
+        store.db.execute("PRAGMA query_only = 1")  # every write fails, as on a full disk
+        with caplog.at_level(logging.WARNING, logger="engine.store"):
+            resilient.log_metrics(run_id, 1, {"loss": 1.0})
+            for _ in range(5):
+                resilient.flush()
+            held = [r.getMessage() for r in caplog.records]
+            assert len(held) == 1 and "1 writes held back" in held[0]
+            store.db.execute("PRAGMA query_only = 0")
+            resilient.log_metrics(run_id, 2, {"loss": 0.5})
+        assert [r["step"] for r in store.metrics_since(0)] == [1, 2]  # in order, none lost
+        assert "takes writes again" in caplog.records[-1].getMessage() and len(caplog.records) == 2

@@ -390,6 +390,10 @@ class RunsScreen(Screen):
         with_data = {int(line.label.split()[-1]) for line in lines}
         legend = "  ".join(f"[{run_colour(i)}]■ run {i}[/]" for i in chart_runs if i in with_data)
         title = f"{self.metric or 'no metrics yet'}   {legend}   smoothing {weight:g}"
+        loading = {i: run.loading for i in chart_runs if (run := self.app.history.runs.get(i)) is not None
+                   and not run.full and run.loading}
+        for run_id, rows in loading.items():  # its newest points until the whole history has been read
+            title += f"   run {run_id}: its newest points; {rows:,} rows of the rest read…"
         self.last_draw_points = chart.draw(title, lines, "minutes" if self.by_wall_time else "step")
 
     # -- the info line -------------------------------------------------------------------------------------
