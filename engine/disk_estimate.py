@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from engine.config import Recipe, RecipeError
+from engine.config import Recipe
 from engine.estimate import (
     Parallel,
     PPOSetup,
@@ -63,10 +63,12 @@ class StageDisk:
 
     @property
     def peak(self) -> int | None:
-        """The most on disk during the run: a save beside the kept ones, or the export beside them."""
+        """The most on disk during the run: a save beside the kept ones (where rotation has one to drop),
+        or the export beside them."""
         if self.kept is None:
             return None
-        return self.kept * self.checkpoint_bytes + max(self.checkpoint_bytes, self.export)
+        beside = self.checkpoint_bytes if self.saves is None or self.saves > self.kept else 0
+        return self.kept * self.checkpoint_bytes + max(beside, self.export)
 
 
 def side_files(recipe: Recipe, stage: str) -> int:
@@ -103,12 +105,18 @@ def train_disk(s: TrainSetup, save_steps: int, limit: int | None, max_steps: int
         # The base stays in the load dtype (keep_fp32_masters is skipped); the export merges into it
         checkpoint = {"adapters (float32)": trainable * 4, "AdamW's 2 moments (float32)": trainable * 8}
         export = frozen * s.load_bytes
-    elif par.kind in ("zero", "fsdp"):
+    elif par.kind == "zero":
         c = 2 if s.compute in ("bf16", "fp16") else 4
-        p = 4 if par.kind == "fsdp" else c  # FSDP keeps the whole model float32 (engine/models.py)
-        checkpoint = {"weights": (trainable + frozen) * p, "optimizer: masters and AdamW's 2 moments": trainable * 12}
-        export = (trainable + frozen) * p
-        notes.append(f"approximate: {'DeepSpeed' if par.kind == 'zero' else 'FSDP'} writes its own checkpoint format")
+        checkpoint = {"weights": (trainable + frozen) * c, "optimizer: masters and AdamW's 2 moments": trainable * 12}
+        export = (trainable + frozen) * c
+        notes.append("approximate: DeepSpeed writes its own checkpoint format")
+    elif par.kind == "fsdp":
+        # The whole model trains float32 under FSDP (engine/models.py), and its checkpoint holds the model
+        # twice: the Trainer's model.safetensors and FSDP's own state dict
+        weights = (trainable + frozen) * 4
+        checkpoint = {"weights, twice (float32)": 2 * weights, "AdamW's 2 moments (float32)": trainable * 8}
+        export = weights
+        notes.append("approximate: FSDP writes its own checkpoint format")
     else:
         weights = trainable * 4 + frozen * s.load_bytes
         checkpoint = {"weights (trained float32)": weights, "AdamW's 2 moments (float32)": trainable * 8}
@@ -131,7 +139,9 @@ def ppo_disk(s: PPOSetup, save_steps: int, limit: int | None, steps: int, other:
         # merged into float32 where the adapters are: the targeted linears of the top k layers
         linears = s.shape.linears()
         targets = linears if s.lora.target_modules == "all-linear" else s.lora.target_modules
-        adapted = s.k * sum(linears[n][0] * linears[n][1] for n in targets if n in linears)
+        bias = s.shape.arch == "bloom"  # BLOOM's linears have biases, cast with their weights
+        adapted = s.k * sum(linears[n][0] * linears[n][1] + (linears[n][1] if bias else 0)
+                            for n in targets if n in linears)
         export = counts["trunk"] * w + adapted * (4 - w)
     else:
         policy = counts["trunk"] * w + counts["policy"] * 4
@@ -175,11 +185,22 @@ def pipeline_peak(stages: list[StageDisk]) -> int | None:
 
 
 def free_bytes(path: str | os.PathLike) -> tuple[Path, int]:
-    """The free space where `path` will be (its nearest existing folder), and that folder."""
+    """The nearest existing folder of `path` (where it will be) and the free space there. OSError where none
+    can be looked at."""
     folder = Path(path).expanduser().resolve()
-    while not folder.exists() and folder != folder.parent:
+    while folder != folder.parent:
+        try:
+            if folder.exists():
+                break
+        except OSError:  # a folder above this user may not look into
+            pass
         folder = folder.parent
     return folder, shutil.disk_usage(folder).free
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the files under `folder` (0 where it is missing)."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def disk_lines(stages: list[StageDisk], output_root: str) -> list[str]:
@@ -210,11 +231,11 @@ def disk_warning(recipe: Recipe, stage: str, folder: str | os.PathLike, parallel
     try:
         [disk] = estimate_disk(recipe, [stage], parallel, cuda)
         where, free = free_bytes(folder)
-    except (RecipeError, OSError, ValueError, KeyError):  # advice only: a shape it cannot read fails no run
+        # A resumed run's checkpoints are on disk already, out of the free space
+        already = folder_bytes(folder)
+    except Exception:  # advice only: a config it cannot reckon with (any shape of error) fails no run
         return None
-    if disk.peak is None:
-        return None
-    if disk.peak <= free:
+    if disk.peak is None or disk.peak - already <= free:
         return None
     limit = f"{stage}.save_total_limit" if stage == "ppo" else f"{stage}.train.save_total_limit"
     return (f"{stage}'s checkpoints and export need up to {gib(disk.peak)} (a checkpoint is "
@@ -226,12 +247,12 @@ def after_save(checkpoint: str | os.PathLike, step: int, save_steps: int, limit_
                last: bool = False) -> str | None:
     """A line where the disk that took checkpoint `checkpoint` has less free than it took: the next save
     writes a whole one before the oldest goes, and would fail. None where it fits, cannot be measured, or
-    was the `last` one (the export that follows is smaller than a checkpoint)."""
+    is the `last` one (a stop's, or the run's end: no next save; the export was in the run's start warning)."""
     if last:
         return None
     folder = Path(checkpoint)
     try:
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        size = folder_bytes(folder)
         free = shutil.disk_usage(folder).free
     except OSError:
         return None

@@ -8,7 +8,10 @@ the scheduler built for the recipe; only its peak rate and the groups' weight de
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
 
 
 def apply_recipe_rates(optimizer: Any, scheduler: Any, lr: float, weight_decay: float,
@@ -17,7 +20,10 @@ def apply_recipe_rates(optimizer: Any, scheduler: Any, lr: float, weight_decay: 
     restored to, and `weight_decay` on `decay_groups` (None: every group; the HF Trainer's second group is
     biases and norms, which never decay). The same numbers as the saved state where nothing changed."""
     lambdas = getattr(scheduler, "lr_lambdas", None)
-    if lambdas is None:  # not a LambdaLR (every schedule a recipe names is one)
+    if lambdas is None:  # not a LambdaLR (a DeepSpeed config's own scheduler): its rates are its own
+        if any(group.get("initial_lr", lr) != lr for group in optimizer.param_groups):
+            log.warning("the learning rate scheduler (%s) is not one a resume can set: it goes on at the "
+                        "checkpoint's rate, not lr %g", type(scheduler).__name__, lr)
         return
     groups = optimizer.param_groups
     rates = [lr * fn(scheduler.last_epoch) for fn in lambdas]  # LambdaLR's own product, in its order

@@ -315,8 +315,37 @@ def _v12(db: sqlite_utils.Database) -> None:
     db["runs"].add_column("changes", str)
 
 
+def _v13(db: sqlite_utils.Database) -> None:
+    # A warm-up on a constant schedule (transformers' reads none) and a KL target for a coefficient of 0 (the
+    # controller scales it) became refused: records made before say what those runs did, so they still resume.
+    for table in ("runs", "pipelines"):
+        for row_id, text in db.execute(f"SELECT id, config FROM {table} WHERE config IS NOT NULL").fetchall():
+            try:
+                config = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(config, dict) and _as_trained(config):
+                db.execute(f"UPDATE {table} SET config = ? WHERE id = ?", [json.dumps(config), row_id])
+
+
+def _as_trained(config: dict[str, Any]) -> bool:
+    """Rewrite, in place, the settings of a recorded recipe that had no effect as what took effect; whether any."""
+    changed = False
+    stages = [config[stage] for stage in ("sft", "rm") if isinstance(config.get(stage), dict)]
+    for train in [s["train"] for s in stages if isinstance(s.get("train"), dict)]:
+        if train.get("lr_scheduler", "cosine") == "constant" and (train.get("warmup_ratio") or 0) > 0:
+            train["warmup_ratio"], changed = 0.0, True
+    ppo = config.get("ppo")
+    if isinstance(ppo, dict):
+        if ppo.get("lr_scheduler", "constant") == "constant" and (ppo.get("warmup_steps") or 0) > 0:
+            ppo["warmup_steps"], changed = 0, True
+        if ppo.get("init_kl_coef", 0.05) == 0 and ppo.get("target_kl", 6.0) is not None:
+            ppo["target_kl"], changed = None, True
+    return changed
+
+
 # Append only: migration i brings a database from version i to i + 1.
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12]
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -73,8 +73,10 @@ class StoreCallback(TrainerCallback):
         from engine.disk_estimate import after_save
 
         limit = f"{self.lineage[0]}.train.save_total_limit" if self.lineage else "train.save_total_limit"
-        short = after_save(path, state.global_step, args.save_steps, limit, last=state.global_step >= state.max_steps)
-        if short:  # said a save ahead, not found at it
+        # A stop's save and the last step's have no next save (should_training_stop is set before both)
+        short = after_save(path, state.global_step, args.save_steps, limit, last=control.should_training_stop
+                           or state.global_step >= state.max_steps)
+        if short:  # a save ahead of the one that would fail
             log.warning(short)
 
 

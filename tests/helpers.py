@@ -67,15 +67,11 @@ def read_only(db: Path) -> Iterator[None]:
         subprocess.run(undo, check=True)
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
-
-
 def assert_disk_estimate(stage: str, overrides: list[str], checkpoint: Path, final: Path) -> None:
     """The disk estimate of the recipe's stage against what the run wrote: a checkpoint and the export, each
     within 2 % and the small files' allowance."""
     from engine.config import load_recipe
-    from engine.disk_estimate import estimate_disk
+    from engine.disk_estimate import estimate_disk, folder_bytes
     from engine.estimate import Parallel
     from tests.conftest import TINY
 

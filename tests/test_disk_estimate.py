@@ -38,18 +38,17 @@ def test_a_checkpoint_holds_what_trains_and_its_optimizer(no_hub_cache):
     assert lora["ppo"].checkpoint_bytes < 0.2 * full["ppo"].checkpoint_bytes
     # The RM trains its top 8 layers: a bf16 frozen bottom, so a checkpoint far under SFT's
     assert full["rm"].checkpoint_bytes < 0.4 * full["sft"].checkpoint_bytes
-    # PPO saves at every save_steps and at its last step; save_total_limit keeps 3
-    ppo_section = load_recipe(BLOOMZ).ppo
-    assert full["ppo"].saves == -(-ppo_section.steps // ppo_section.save_steps) and full["ppo"].kept == 3
-    assert full["ppo"].peak == 3 * full["ppo"].checkpoint_bytes + max(full["ppo"].checkpoint_bytes,
-                                                                       full["ppo"].export)
+    assert full["ppo"].kept == 3  # save_total_limit
 
 
 def test_the_kept_count_follows_the_limit_and_the_saves(workdir):
     few = by_stage(load_recipe(TINY, ["sft.train.max_steps=5", "sft.train.save_steps=2"]), ["sft"])["sft"]
     assert (few.saves, few.kept) == (3, 3)  # steps 2, 4 and the last
+    # three saves under a limit of 3: never a fourth beside them, only the export after
+    assert few.peak == 3 * few.checkpoint_bytes + few.export
     capped = by_stage(load_recipe(TINY, ["sft.train.max_steps=50", "sft.train.save_steps=2"]), ["sft"])["sft"]
     assert (capped.saves, capped.kept) == (25, 3)
+    assert capped.peak == 4 * capped.checkpoint_bytes  # the next one is written before the oldest goes
     unknown = by_stage(load_recipe(TINY, ["sft.train.save_total_limit=null"]), ["sft"])["sft"]
     assert unknown.kept is None and unknown.peak is None and "every save is kept" in unknown.notes[0]
     assert pipeline_peak([few, unknown]) is None
@@ -57,7 +56,7 @@ def test_the_kept_count_follows_the_limit_and_the_saves(workdir):
 
 def test_the_pipeline_peak_counts_what_earlier_stages_left():
     def stage(name: str, checkpoint: int, export: int, kept: int) -> StageDisk:
-        return StageDisk(name, {"weights": checkpoint}, export, kept, kept)
+        return StageDisk(name, {"weights": checkpoint}, export, kept, kept + 1)  # more saves than kept
 
     big_first = [stage("sft", 100, 40, 2), stage("rm", 10, 5, 2)]
     # during SFT: 2 kept + 1 being written; during the RM: SFT's 240 left + 2 kept + 1 being written
@@ -89,6 +88,31 @@ def test_a_run_whose_files_would_not_fit_is_warned_at_its_start(workdir, caplog)
         _warn_if_disk_short(load_recipe(TINY, [], "ppo"), "ppo", workdir)
         _warn_if_disk_short(load_recipe(TINY, ["sft.train.save_total_limit=null"], "sft"), "sft", workdir)
     assert caplog.records == []  # fits; and a count not known here is not guessed at
+
+
+def test_a_resumed_runs_checkpoints_on_disk_are_not_asked_for_again(workdir, caplog):
+    """The start warning compared the whole peak with the free space, which a resumed run's own checkpoints
+    already took: it warned of room the run had."""
+    import shutil
+
+    from engine.disk_estimate import estimate_disk
+    from engine.train import _warn_if_disk_short
+
+    free = shutil.disk_usage(workdir).free
+    one = estimate_disk(load_recipe(TINY, [], "ppo"), ["ppo"])[0].checkpoint_bytes
+    steps = (free + 2 ** 41) // one + 1  # every save kept: 2 TiB more than the disk has
+    many = [f"ppo.steps={steps}", "ppo.save_steps=1", "ppo.save_total_limit=null"]
+    folder = workdir / "runs" / "7"
+    folder.mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="engine.train"):
+        _warn_if_disk_short(load_recipe(TINY, many, "ppo"), "ppo", folder)
+    assert len(caplog.records) == 1
+    caplog.clear()
+    with open(folder / "optimizer.pt", "wb") as fh:  # 4 TiB of holes: what the run wrote before its stop
+        fh.truncate(2 ** 42)
+    with caplog.at_level(logging.WARNING, logger="engine.train"):
+        _warn_if_disk_short(load_recipe(TINY, many, "ppo"), "ppo", folder)
+    assert caplog.records == []
 
 
 def test_a_save_that_leaves_less_free_than_it_took_warns_of_the_next(tmp_path):

@@ -1,5 +1,6 @@
 """The PPO stage end to end on the tiny demo, with rule rewards (tests/ppo_rewards.py)."""
 
+import copy
 import json
 import os
 import re
@@ -414,6 +415,7 @@ def test_value_branch_starts_from_the_reward_model(workdir):
         out = hydra(ids, torch.ones_like(ids))
         assert torch.allclose(out.values[:, -1], rm(input_ids=ids).logits[:, 0], atol=1e-5)
     assert hydra.trunk_differs_from(rm) == []  # the trunk it sits on is the one the RM's layers saw
+    assert hydra.trunk_differs_from(copy.deepcopy(rm).to(torch.bfloat16)) == []  # the same weights, narrower
 
     # An RM that trained layer 1 too (more layers than value_layers): the copied branch sits on the policy's
     # layer 1, and its value is no longer the RM's score; the trainer says so (ppo.init_value_from_rm)

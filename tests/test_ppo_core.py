@@ -75,6 +75,24 @@ def test_adaptive_kl_moves_toward_its_target_and_fixed_does_not():
     assert fixed.value == 0.1
 
 
+def test_a_resumed_kl_coefficient_is_the_recipes_where_it_changed():
+    adapted = KLController(0.05, target=6.0)
+    adapted.update(current_kl=12.0, n_steps=100)
+    saved = adapted.state_dict()
+    same = KLController(0.05, target=6.0)
+    same.load_state_dict(saved)
+    assert same.value == adapted.value != 0.05  # it goes on where it was
+    changed = KLController(0.2, target=6.0)
+    changed.load_state_dict(saved)
+    assert changed.value == 0.2  # an --allow-change resume set a new start
+    old = KLController(0.2, target=6.0)
+    old.load_state_dict({"value": adapted.value})  # a checkpoint from before `init` was saved
+    assert old.value == adapted.value
+    fixed = KLController(0.2)
+    fixed.load_state_dict({"value": 0.05})  # fixed: the recipe's, whatever was saved
+    assert fixed.value == 0.2
+
+
 def test_running_moments_match_the_whole_sample():
     torch.manual_seed(0)
     xs = torch.randn(300) * 3 + 2

@@ -1,3 +1,4 @@
+import json
 import multiprocessing as mp
 import os
 import sqlite3
@@ -129,6 +130,35 @@ def test_polling_reader_sees_every_row_once_under_concurrent_writers(tmp_path):
         assert sorted(r["run_seq"] for r in seen if r["run_id"] == run_id) == list(range(1, 901))
 
 
+def test_runs_recorded_with_settings_now_refused_still_resume_as_they_trained(tmp_path):
+    """A warm-up on a constant schedule (it had none) and a KL target for a coefficient of 0 (it stayed 0):
+    refused since; the records say what those runs did, and resume."""
+    from engine.config import Recipe, load_recipe
+    from engine.store import MIGRATIONS, connect
+    from tests.conftest import TINY
+
+    recipe = load_recipe(TINY).model_dump()
+    recipe["ppo"].update(warmup_steps=3, init_kl_coef=0.0)
+    recipe["sft"]["train"]["warmup_ratio"] = 0.1
+    kept = load_recipe(TINY, ["sft.train.lr_scheduler=cosine", "sft.train.warmup_ratio=0.1"]).model_dump()
+    path = tmp_path / "runs.db"
+    db = connect(path)
+    for migrate in MIGRATIONS[:12]:
+        migrate(db)
+    db.execute("PRAGMA user_version = 12")
+    for config in (recipe, kept):
+        db["runs"].insert({"stage": "ppo", "name": "old", "status": "stopped", "created": 1.0,
+                           "config": json.dumps(config)})
+    db.conn.commit()
+    db.close()
+    with Store(path) as store:
+        then, fine = (json.loads(store.run(i)["config"]) for i in (1, 2))
+    assert then["ppo"]["warmup_steps"] == 0 and then["ppo"]["target_kl"] is None
+    assert then["sft"]["train"]["warmup_ratio"] == 0.0 and then["ppo"]["init_kl_coef"] == 0.0
+    Recipe.model_validate(then)  # loads as a resume loads it
+    assert fine == kept  # a warm-up its schedule reads stays
+
+
 def test_a_version_1_database_migrates_forward_with_its_runs(tmp_path):
     from engine.store import MIGRATIONS, connect
 
@@ -140,7 +170,7 @@ def test_a_version_1_database_migrates_forward_with_its_runs(tmp_path):
     db.conn.commit()
     db.close()
     with Store(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 12
+        assert store.schema_version == SCHEMA_VERSION == 13
         run = store.run(1)
         assert run["name"] == "old" and run["launch"] is None and run["stop_requested"] is None
         assert run["note"] is None and run["data_fates"] is None and run["segments"] is None

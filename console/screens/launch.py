@@ -140,7 +140,10 @@ def _disk_line(recipe: Any, stages: list[str], parallel: Any) -> tuple[str, bool
     peak = pipeline_peak(estimate_disk(recipe, stages, parallel))
     if peak is None:
         return "disk: not known (no save_total_limit, and the steps come from epochs)", True
-    folder, free = free_bytes(recipe.output_root)
+    try:
+        folder, free = free_bytes(recipe.output_root)
+    except OSError as err:  # the memory line stands on its own
+        return f"disk: up to {gib(peak)} of checkpoints and exports (free space not known: {err})", True
     if peak <= free:
         return f"disk: up to {gib(peak)} of checkpoints and exports", True
     return f"disk: up to {gib(peak)} of checkpoints and exports, and {folder} has {gib(free)} free", False

@@ -180,8 +180,9 @@ class KLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         """The saved coefficient, unless the recipe's `init_kl_coef` changed since (a resume that set it
-        starts from it; a checkpoint from before `init` was saved keeps its coefficient)."""
-        if "init" in state and float(state["init"]) != self.init:
+        starts from it). A fixed coefficient is the recipe's always; an adaptive one saved before `init` was
+        keeps its value (what it started from is not known)."""
+        if self.target is None or ("init" in state and float(state["init"]) != self.init):
             return
         self.value = float(state["value"])
 

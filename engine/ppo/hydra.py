@@ -256,15 +256,18 @@ class Hydra(nn.Module):
         """The layers below the value branch (the trunk it sits on) whose weights differ between the reward
         model and the policy, or None where even the input embeddings do (another base model). Empty: a
         value branch copied from the reward model computes its scores."""
-        mine = self.policy.get_input_embeddings().weight
-        theirs = reward_model.get_input_embeddings().weight
-        if mine.shape != theirs.shape or not torch.equal(mine, theirs.to(mine.device, mine.dtype)):
+        def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+            # In the narrower dtype: a float32 policy over a bf16 reward model of the same weights is the same
+            narrow = a.dtype if a.element_size() <= b.element_size() else b.dtype
+            return a.shape == b.shape and torch.equal(a.to(narrow), b.to(a.device, narrow))
+
+        if not same(self.policy.get_input_embeddings().weight, reward_model.get_input_embeddings().weight):
             return None
         differ = []
         policy_layers, rm_layers = decoder_layers(self.policy), decoder_layers(reward_model)
         for index in range(self.num_layers - self.k_v):
             a, b = dict(policy_layers[index].named_parameters()), dict(rm_layers[index].named_parameters())
-            if a.keys() != b.keys() or any(not torch.equal(a[n], b[n].to(a[n].device, a[n].dtype)) for n in a):
+            if a.keys() != b.keys() or not all(same(a[n], b[n]) for n in a):
                 differ.append(index)
         return differ
 

@@ -151,7 +151,8 @@ class PPOTrainer:
                            [n for n, p in self.hydra.policy.named_parameters() if p.requires_grad])
         elif self.stage.init_value_from_rm:
             self.hydra.init_value_from(self.scorer.model)  # type: ignore[attr-defined]
-            self._say_if_value_is_not_the_rm(self.scorer.model)  # type: ignore[attr-defined]
+            if self.accelerator.is_main_process:
+                self._say_if_value_is_not_the_rm(self.scorer.model)  # type: ignore[attr-defined]
         if self.accelerator.mixed_precision == "no" and any(p.dtype != torch.float32 for p in model.parameters()):
             raise RecipeError(f"{recipe.where('ppo.precision')}: ppo.precision: a {model.dtype} model needs bf16 "
                               "or fp16 precision (its trainable branches train in float32 under autocast)")
@@ -199,7 +200,7 @@ class PPOTrainer:
         self.reference_scores = mine["reference_scores"]
         continue_from(self.handle, folder, self.state.step)
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, last: bool = False) -> None:
         """A full-state checkpoint, made whole before it is visible: every rank writes into
         `checkpoint-N.partial`, every file is fsync'ed, all ranks meet, rank 0 writes the marker (itself
         through a rename) and renames the folder into place. A crash at any point leaves the previous
@@ -239,9 +240,8 @@ class PPOTrainer:
                 os.replace(staging, folder)
             _fsync_file(folder.parent)
             self._rotate(keep=folder)
-            short = after_save(folder, self.state.step, self.stage.save_steps, "ppo.save_total_limit",
-                               last=self.state.step >= self.stage.steps)
-            if short:  # said a save ahead, not found at it
+            short = after_save(folder, self.state.step, self.stage.save_steps, "ppo.save_total_limit", last=last)
+            if short:  # a save ahead of the one that would fail
                 log.warning(short)
             if self.handle.store is not None:
                 self.handle.store.add_checkpoint(self.handle.run_id, self.state.step, str(folder),
@@ -540,7 +540,8 @@ class PPOTrainer:
             # resume would have nothing left to train).
             stopping = stop.agreed() and self.state.step < stage.steps
             if stopping or self.state.step % stage.save_steps == 0 or self.state.step == stage.steps:
-                self.save(handle.output_dir / f"checkpoint-{self.state.step}")
+                self.save(handle.output_dir / f"checkpoint-{self.state.step}",
+                          last=stopping or self.state.step == stage.steps)
             if stopping:
                 handle.status = "stopped"
                 return handle.output_dir / f"checkpoint-{self.state.step}"
