@@ -19,6 +19,7 @@ DeepSpeed and FSDP write their own formats (their figure is approximate, and sai
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import textwrap
 from dataclasses import dataclass, field
@@ -212,9 +213,14 @@ def disk_lines(stages: list[StageDisk], output_root: str) -> list[str]:
         parts = ", ".join(f"{name} {gib(n)}" for name, n in s.checkpoint.items())
         kept = (f"at most {s.kept} kept" if s.kept is not None else "how many are kept is not known")
         saves = f" of {s.saves} saves" if s.saves is not None else ""
-        line = (f"{s.stage}: a checkpoint {gib(s.checkpoint_bytes)} ({parts}); {kept}{saves}, one more while a "
-                f"save is written; export {gib(s.export)}" + (f"; up to {gib(s.peak)} at once" if s.peak else ""))
-        lines += textwrap.wrap(line, 116, initial_indent="  ", subsequent_indent="    ")
+        rotates = s.saves is None or s.kept is None or s.saves > s.kept
+        line = (f"{s.stage}: a checkpoint {gib(s.checkpoint_bytes)} ({parts}); {kept}{saves}"
+                + (", one more while a save is written" if rotates else "") + f"; export {gib(s.export)}"
+                + (f"; up to {gib(s.peak)} at once" if s.peak else ""))
+        # a figure and its unit stay on one line
+        wrapped = textwrap.wrap(re.sub(r"(\d) (GiB|MiB|KiB)", "\\1\0\\2", line), 116, initial_indent="  ",
+                                subsequent_indent="    ")
+        lines += [part.replace("\0", " ") for part in wrapped]
         lines += [f"    note: {n}" for n in s.notes]
     peak = pipeline_peak(stages)
     if peak is not None:
