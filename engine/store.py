@@ -776,13 +776,10 @@ class Store:
         with self._lock:
             return list(self.db["runs"].rows_where("pipeline_id = ?", [pipeline_id], order_by="id"))
 
-    def delete_run(self, run_id: int) -> None:
-        """Forget a run and everything it logged (its files on disk are the caller's business)."""
-        self.delete_runs([run_id])
-
     def delete_runs(self, run_ids: Sequence[int]) -> None:
-        """Forget runs and everything they logged, all or none: refused, in the same transaction, where one
-        is unknown or it or its pipeline is active (resumed since the caller looked)."""
+        """Forget runs and everything they logged (their files on disk are the caller's business), all or none:
+        refused, in the same transaction, where one is unknown or it or its pipeline is active (resumed since
+        the caller looked)."""
         with self._write() as db:
             for run_id in run_ids:
                 row = db.execute("SELECT status, pipeline_id FROM runs WHERE id = ?", [run_id]).fetchone()

@@ -211,7 +211,7 @@ def test_a_pending_run_whose_supervisor_died_has_a_way_out(workdir):
     row = run_row(run.run_id)
     assert row["status"] == "failed" and row["orphaned"] is not None
     with Store(os.environ["RLHF_DB"]) as store:
-        store.delete_run(run.run_id)  # and it can be deleted
+        store.delete_runs([run.run_id])  # and it can be deleted
 
 
 def test_a_look_closes_runs_whose_processes_died_but_never_one_resumed_meanwhile(workdir):
@@ -482,7 +482,7 @@ def test_deleting_runs_gives_the_space_back(tmp_path):
         store.update_run(ids[0], status="done")
         store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         before = db.stat().st_size
-        store.delete_run(ids[0])
+        store.delete_runs([ids[0]])
         with Store(db) as console:  # another connection open (a console), idle between its polls
             console.runs()
             assert store.vacuum_if_worthwhile(min_free_bytes=1024)

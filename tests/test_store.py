@@ -187,16 +187,16 @@ def test_delete_run_forgets_everything_it_logged(tmp_path):
             store.log_metrics(run_id, 1, {"loss": 1.0})
             store.add_samples(run_id, 1, [("p", "r", 0.5)])
             store.add_checkpoint(run_id, 1, "runs/x")
-        store.delete_run(gone)
+        store.delete_runs([gone])
         assert [r["id"] for r in store.runs()] == [keep]
         assert {r["run_id"] for r in store.metrics_since(0)} == {keep}
         assert store.samples(gone) == [] and store.checkpoints(gone) == [] and len(store.samples(keep)) == 1
         with pytest.raises(StoreError, match=f"no run {gone}"):
-            store.delete_run(gone)
+            store.delete_runs([gone])
         assert new_run(store) == gone + 1  # a deleted run's id (and folder) is never handed out again
         store.update_run(keep, status="running")
         with pytest.raises(StoreError, match="is running: stop it before deleting it"):
-            store.delete_run(keep)
+            store.delete_runs([keep])
 
 
 def test_a_stage_of_a_pipeline_resumed_since_the_check_is_not_deleted(tmp_path):
@@ -207,10 +207,10 @@ def test_a_stage_of_a_pipeline_resumed_since_the_check_is_not_deleted(tmp_path):
         store.update_run(stage, status="done", pipeline_id=pipeline)
         store.update_pipeline(pipeline, status="running")  # resumed between the caller's look and the delete
         with pytest.raises(StoreError, match=f"stage of pipeline {pipeline}, which is running"):
-            store.delete_run(stage)
+            store.delete_runs([stage])
         assert store.run(stage)["status"] == "done"
         store.update_pipeline(pipeline, status="failed")
-        store.delete_run(stage)
+        store.delete_runs([stage])
         assert store.runs() == []
 
 
